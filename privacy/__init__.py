@@ -1,0 +1,1 @@
+"""Differential privacy: DP-SGD, DP aggregation, accounting and the privacy ledger (not built yet)."""

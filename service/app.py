@@ -1,0 +1,222 @@
+"""The FastAPI app: predict, corrections, model info, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from flywheel.events import CorrectionEvent, new_id, prediction_payload, utcnow
+from flywheel.service.errors import BadRequest, BodySizeLimit, install_error_handlers
+from flywheel.service.event_log import EventLog
+from flywheel.service.metrics import ServiceMetrics
+from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
+from flywheel.service.schemas import (
+    CorrectionsAccepted, CorrectionsRequest, ErrorBody, ModelInfo, PredictRequest,
+    PredictResponse,
+)
+from flywheel.service.spool import Record
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+BAD_INPUT = {400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody},
+             503: {"model": ErrorBody}}
+ROUTES = {"/v1/predict", "/v1/corrections", "/v1/model", "/healthz", "/readyz", "/metrics"}
+
+
+class _RequestMetrics:
+    """Counts and times every request by route and status, in plain ASGI (cheap)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def capture(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+class _EventLogCollector:
+    def __init__(self, event_log: Callable[[], EventLog | None]) -> None:
+        self._event_log = event_log
+
+    def collect(self):
+        el = self._event_log()
+        stats = el.stats if el else None
+        for name, doc, attr in (
+            ("flywheel_log_delivered", "Records acknowledged by Kafka", "delivered"),
+            ("flywheel_log_spooled", "Records written to the spool", "spooled"),
+            ("flywheel_log_replayed", "Spooled records replayed to Kafka", "replayed"),
+            ("flywheel_log_send_failures", "Batches Kafka did not acknowledge", "send_failures"),
+        ):
+            yield CounterMetricFamily(name, doc, value=getattr(stats, attr, 0) if stats else 0)
+
+
+def create_app(
+    settings: Settings, *, holder: ModelHolder | None = None,
+    event_log: EventLog | None = None,
+    load_model: Callable[[Settings], ServedModel] | None = None,
+    build_event_log: Callable[[Settings], EventLog] | None = None,
+) -> FastAPI:
+    """Build the app. Missing parts (model, event log) are created at startup from settings."""
+    holder = holder or ModelHolder()
+    metrics = ServiceMetrics.create()
+    state: dict[str, EventLog | None] = {"event_log": event_log}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not holder.ready:
+            if load_model is None:
+                from flywheel.service.loading import load_champion
+                model = load_champion(settings)
+            else:
+                model = load_model(settings)
+            holder.swap(model)
+            log.info("serving %s v%s", model.name, model.version)
+        if state["event_log"] is None:
+            if build_event_log is None:
+                from flywheel.service.logging_setup import kafka_event_log
+                state["event_log"] = kafka_event_log(settings)
+            else:
+                state["event_log"] = build_event_log(settings)
+        el = state["event_log"]
+        if not el.running:
+            el.start()
+        try:
+            yield
+        finally:
+            el.close()
+            log.info("event log closed: %s", el.stats)
+
+    # strict_content_type=False: a JSON body is read as JSON whatever Content-Type says
+    app = FastAPI(title="Flywheel", version="1", lifespan=lifespan, strict_content_type=False,
+                  summary="Online-learning inference service with a feedback loop.")
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+    metrics.queue_depth.set_function(lambda: state["event_log"].queue_depth
+                                     if state["event_log"] else 0)
+    metrics.spooled.set_function(lambda: state["event_log"].spool.pending
+                                 if state["event_log"] else 0)
+    metrics.registry.register(_EventLogCollector(lambda: state["event_log"]))
+    app.state.holder, app.state.metrics, app.state.event_log = holder, metrics, state
+
+    def served() -> ServedModel:
+        try:
+            return holder.current()
+        except ModelNotReady as exc:
+            raise BadRequest("no model loaded yet; retry shortly", 503) from exc
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=BAD_INPUT)
+    async def predict(body: PredictRequest) -> dict:
+        """Predict a label per instance; every returned id is logged to Kafka."""
+        start = time.perf_counter()
+        model = served()
+        rows = body.instances
+        if len(rows) > settings.max_batch:
+            raise BadRequest(f"batch of {len(rows)} instances exceeds the limit of "
+                             f"{settings.max_batch} (FLYWHEEL_MAX_BATCH)", 413)
+        width = model.spec.input_dim
+        for i, row in enumerate(rows):
+            if len(row) != width:
+                raise BadRequest(f"instances[{i}] has {len(row)} features; model {model.name} "
+                                 f"v{model.version} expects {width}")
+        x = np.asarray(rows, dtype=np.float32)
+        if not np.isfinite(x).all():
+            i, j = np.argwhere(~np.isfinite(x))[0]
+            raise BadRequest(f"instances[{i}][{j}]: {rows[i][j]!r} is outside float32 range")
+        probs = model.predict_proba(x)
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        now, labels, topic = utcnow(), model.spec.labels, settings.topic_predictions
+        predictions, records = [], []
+        for row, p in zip(rows, probs.tolist(), strict=True):
+            pid = new_id()
+            probabilities = dict(zip(labels, p, strict=True))
+            label = labels[max(range(len(p)), key=p.__getitem__)]
+            predictions.append({"id": pid, "label": label, "probabilities": probabilities})
+            records.append(Record(topic, pid.encode(), prediction_payload(
+                id=pid, model_name=model.name, model_version=model.version, features=row,
+                probabilities=probabilities, label=label, timestamp=now, latency_ms=latency_ms)))
+        state["event_log"].log_many(records)  # type: ignore[union-attr]
+        metrics.predictions.labels(model.version).inc(len(rows))
+        return {"model": {"name": model.name, "version": model.version},
+                "predictions": predictions}
+
+    @app.post("/v1/corrections", status_code=202, response_model=CorrectionsAccepted,
+              responses=BAD_INPUT)
+    async def corrections(body: CorrectionsRequest) -> JSONResponse:
+        """Accept true labels for earlier predictions; all or none of a call is accepted."""
+        items = body.corrections
+        if len(items) > settings.max_corrections:
+            raise BadRequest(f"{len(items)} corrections exceed the limit of "
+                             f"{settings.max_corrections} (FLYWHEEL_MAX_CORRECTIONS)", 413)
+        known = set(served().spec.labels)
+        for i, c in enumerate(items):
+            if c.label not in known:
+                raise BadRequest(f"corrections[{i}].label: unknown label {c.label!r}; "
+                                 f"known labels: {sorted(known)}")
+        now, topic = utcnow(), settings.topic_corrections
+        records = [
+            Record(topic, c.prediction_id.encode(), CorrectionEvent(
+                id=new_id(), prediction_id=c.prediction_id, label=c.label, source=c.source,
+                timestamp=now).to_json())
+            for c in items
+        ]
+        state["event_log"].log_many(records)  # type: ignore[union-attr]
+        metrics.corrections.inc(len(records))
+        return JSONResponse({"accepted": len(records)}, status_code=202)
+
+    @app.get("/v1/model", response_model=ModelInfo, responses={503: {"model": ErrorBody}})
+    async def model_info() -> dict:
+        m = served()
+        return {"name": m.name, "version": m.version, "loaded_at": m.loaded_at,
+                "input_dim": m.spec.input_dim, "labels": m.spec.labels}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        el = state["event_log"]
+        ready = holder.ready and el is not None and el.running
+        body = {
+            "ready": ready,
+            "model_version": holder.current().version if holder.ready else None,
+            "kafka_connected": bool(el and el.connected),
+            "spooled_records": el.spool.pending if el else 0,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        m = holder.current() if holder.ready else None
+        if m is not None:
+            metrics.model_version.clear()
+            metrics.model_version.labels(m.name, m.version).set(1)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,64 @@
+"""HTTP request and response bodies (the public contract in ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel.events import Identifier, LabelName
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=False)]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: list[list[FiniteFloat]] = Field(
+        min_length=1, description="Feature vectors, each exactly the model's input width."
+    )
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    id: str
+    label: str
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction]
+
+
+class CorrectionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prediction_id: Identifier
+    label: LabelName
+    source: Identifier | None = Field(None, description="Client or site id, for per-source limits.")
+
+
+class CorrectionsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corrections: list[CorrectionIn] = Field(min_length=1)
+
+
+class CorrectionsAccepted(BaseModel):
+    accepted: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    loaded_at: datetime
+    input_dim: int
+    labels: list[str]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    errors: list[dict] | None = None
