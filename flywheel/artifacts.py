@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ def load_model(folder: Path) -> tuple[ModelSpec, nn.Module]:
     module = build_model(spec)
     try:
         module.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    except pickle.UnpicklingError as exc:
+        raise ArtifactError(f"{weights}: holds more than tensors; refused ({exc})") from exc
     except (RuntimeError, KeyError) as exc:
         raise ArtifactError(f"{weights}: does not fit the spec ({exc})") from exc
     module.eval()

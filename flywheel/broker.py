@@ -110,6 +110,7 @@ class EmbeddedBroker:
               timeout_s: float = 20.0) -> EmbeddedBroker:
         if self.running:
             return self
+        self._check_port_free()
         url = f"tcp://{self.host}:{self.port}"
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
@@ -132,6 +133,15 @@ class EmbeddedBroker:
             raise
         log.info("embedded broker ready at %s (pid %s)", self.bootstrap, self._proc.pid)
         return self
+
+    def _check_port_free(self) -> None:
+        """Fail fast: otherwise our readiness probe could reach whatever holds the port."""
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.host, self.port))
+            except OSError as exc:
+                raise BrokerError(f"port {self.port} on {self.host} is taken ({exc})") from exc
 
     def _wait_listening(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

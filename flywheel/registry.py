@@ -62,7 +62,7 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version_by_alias(self.name, CHAMPION_ALIAS).version
+            return str(self.client.get_model_version_by_alias(self.name, CHAMPION_ALIAS).version)
         except MlflowException:
             return None
 

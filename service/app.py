@@ -144,7 +144,8 @@ def create_app(
             if len(row) != width:
                 raise BadRequest(f"instances[{i}] has {len(row)} features; model {model.name} "
                                  f"v{model.version} expects {width}")
-        x = np.asarray(rows, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            x = np.asarray(rows, dtype=np.float32)
         if not np.isfinite(x).all():
             i, j = np.argwhere(~np.isfinite(x))[0]
             raise BadRequest(f"instances[{i}][{j}]: {rows[i][j]!r} is outside float32 range")

@@ -46,7 +46,12 @@ def describe_validation(exc: RequestValidationError) -> tuple[int, str, list[dic
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if content_type and "json" not in content_type.lower() and isinstance(exc.body, bytes):
+            return JSONResponse(
+                {"detail": f"send the body as JSON with Content-Type: application/json "
+                           f"(got {content_type!r})"}, status_code=415)
         status, message, errors = describe_validation(exc)
         return JSONResponse({"detail": message, "errors": errors or None}, status_code=status)
 

@@ -51,7 +51,10 @@ class KafkaSink:
         return [f.is_done and f.succeeded() for f in futures]
 
     def close(self) -> None:
-        self._producer.close(timeout=0)
+        try:  # abandons unacknowledged records: the event log has spooled them already
+            self._producer.close(timeout=0)
+        except Exception as exc:
+            log.debug("producer close: %s", exc)
 
 
 @dataclass
@@ -155,17 +158,22 @@ class EventLog:
         while True:
             stopping = self._stop.is_set()
             batch = self._drain(self._batch_size, wait_s=0 if stopping else 0.05)
+            handled = not batch
             try:
                 if self.spool.pending:
                     if batch:
                         self.spool.append(batch)
                         self.stats.spooled += len(batch)
+                        handled = True
                     if time.monotonic() >= self._next_retry or stopping:
                         self._replay()
                 elif batch:
                     self._deliver(batch)
-            except Exception:  # never let the sender die; what failed is already on disk
+                    handled = True
+            except Exception:  # never let the sender die, never drop: a duplicate beats a loss
                 log.exception("event log sender error")
+                if not handled:
+                    self._spool_safely(batch)
                 time.sleep(self._retry_s)
             finally:
                 for _ in batch:
@@ -194,11 +202,19 @@ class EventLog:
         """Drop the producer: a fresh one re-reads metadata and gets a new producer id."""
         self.connected = False
         self._next_retry = time.monotonic() + self._retry_s
-        if self._sink is not None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
             try:
-                self._sink.close()
-            finally:
-                self._sink = None
+                sink.close()
+            except Exception as exc:
+                log.debug("closing the sink failed: %s", exc)
+
+    def _spool_safely(self, records: list[Record]) -> None:
+        try:
+            self.spool.append(records)
+            self.stats.spooled += len(records)
+        except Exception:
+            log.exception("could not spool %d record(s)", len(records))
 
     def _deliver(self, batch: list[Record]) -> None:
         outcome = self._send(batch)

@@ -1,0 +1,132 @@
+"""`flywheel db`: migrate and inspect the training store's schema.
+
+Processes refuse a store whose schema is not current (`open_store`), so these commands
+are how an operator gets past that refusal, and `check` is the same test for scripts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
+
+import typer
+
+from flywheel.cli import app, settings_or_exit
+
+db_app = typer.Typer(
+    name="db", no_args_is_help=True, help="Migrate and inspect the training-store schema."
+)
+app.add_typer(db_app, name="db")
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _one_line_errors(shown: str) -> Iterator[None]:
+    """Turn database and migration failures into `error: ...` and exit 1, no traceback."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from flywheel.feedback.store import SchemaNotCurrent
+
+    try:
+        yield
+    except (SchemaNotCurrent, CommandError) as exc:  # these already say what to do
+        _fail(str(exc))
+    except SQLAlchemyError as exc:
+        # The DBAPI error says what went wrong; SQLAlchemy's wrapper adds SQL and a link.
+        _fail(f"database at {shown}: {getattr(exc, 'orig', None) or exc}")
+    except (ImportError, OSError, ValueError) as exc:
+        _fail(f"database at {shown}: {exc}")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(1)
+
+
+def _store_call(fn: Callable[[str], T]) -> tuple[str, T]:
+    """Run `fn(url)` for the configured database; return its printable URL and the result."""
+    from sqlalchemy.exc import ArgumentError
+
+    from flywheel.feedback.store import display_url
+
+    url = settings_or_exit().resolved_database_url
+    try:
+        shown = display_url(url)
+    except ArgumentError as exc:  # the URL itself may hold a password: do not echo it
+        _fail(f"FLYWHEEL_DATABASE_URL: {exc}")
+    with _one_line_errors(shown):
+        return shown, fn(url)
+    raise AssertionError("unreachable")  # _one_line_errors exits on every failure
+
+
+@db_app.command()
+def upgrade(
+    revision: str = typer.Option("head", "--revision", "-r", help="Target revision."),
+) -> None:
+    """Migrate the database forward (creating the schema on an empty database)."""
+    from flywheel.feedback import store
+
+    def run(url: str) -> tuple[str | None, str | None]:
+        before = store.current(url)
+        store.upgrade(url, revision)
+        return before, store.current(url)
+
+    shown, (before, after) = _store_call(run)
+    if before == after:
+        typer.echo(f"{shown}: already at {after}")
+    else:
+        typer.echo(f"{shown}: upgraded {before or 'empty'} -> {after}")
+
+
+@db_app.command(context_settings={"ignore_unknown_options": True})
+def downgrade(
+    revision: str = typer.Argument(..., help="Target revision: an id, `-1`, or `base`."),
+) -> None:
+    """Migrate the database back; `base` drops every Flywheel table and its data."""
+    from flywheel.feedback import store
+
+    def run(url: str) -> tuple[str | None, str | None]:
+        before = store.current(url)
+        store.downgrade(url, revision)
+        return before, store.current(url)
+
+    shown, (before, after) = _store_call(run)
+    if before == after:
+        typer.echo(f"{shown}: already at {after or 'base'}")
+    else:
+        typer.echo(f"{shown}: downgraded {before} -> {after or 'base'}")
+
+
+@db_app.command()
+def current() -> None:
+    """Print the database's revision and whether it is the one this code expects."""
+    from flywheel.feedback import store
+
+    shown, (revision, expected) = _store_call(lambda url: (store.current(url), store.head()))
+    if revision is None:
+        typer.echo(f"{shown}: no Flywheel schema (head is {expected})")
+    elif revision == expected:
+        typer.echo(f"{shown}: {revision} (head)")
+    elif revision in store.known_revisions():
+        typer.echo(f"{shown}: {revision} (behind head {expected}: run `flywheel db upgrade`)")
+    else:
+        typer.echo(f"{shown}: {revision} (unknown here, newest known {expected}: newer Flywheel?)")
+
+
+@db_app.command()
+def check() -> None:
+    """Exit 0 if the schema is current, else print why and exit 1 (for scripts and probes)."""
+    from flywheel.feedback import store
+
+    def run(url: str) -> str:
+        engine = store.make_engine(url)
+        try:
+            return store.check_schema(engine)
+        finally:
+            engine.dispose()
+
+    shown, revision = _store_call(run)
+    typer.echo(f"{shown}: {revision} (head)")

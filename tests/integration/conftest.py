@@ -1,0 +1,79 @@
+"""Real parts for integration tests: the embedded Kafka-protocol broker and MLflow stores.
+
+The broker fixture uses the same `EmbeddedBroker` code as `flywheel broker`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flywheel.broker import EmbeddedBroker, ensure_topics
+from flywheel.settings import Settings, prepare_home
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("broker") / "broker.log"
+    with EmbeddedBroker(log_file=log) as b:
+        yield b
+
+
+@pytest.fixture()
+def topics_suffix() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Settings:
+    """Settings on a fresh home, the session broker and topics of this test only."""
+    s = Settings(
+        home=tmp_path / "home", kafka_bootstrap=broker.bootstrap,
+        topic_predictions=f"predictions-{topics_suffix}",
+        topic_corrections=f"corrections-{topics_suffix}",
+        topic_model_events=f"model-events-{topics_suffix}",
+        topic_deadletter=f"deadletter-{topics_suffix}",
+        seed_examples=1000, kafka_timeout_s=2.0, spool_retry_s=0.2, spool_fsync=False,
+    )
+    prepare_home(s)
+    ensure_topics(broker.bootstrap, s.topics, s.topic_partitions)
+    return s
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0,
+            grace_s: float = 1.0) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) on `topic` from the beginning: waits for `expected`, then a grace
+    period so that extra (duplicate) records would be seen too."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=500)
+    try:
+        deadline = time.monotonic() + timeout_s
+        parts = None
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                time.sleep(0.1)
+        assert parts, f"topic {topic} does not exist"
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out: list[tuple[bytes, bytes]] = []
+        settle: float | None = None
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend((r.key, r.value) for r in records)
+            if len(out) >= expected:
+                settle = settle or time.monotonic() + grace_s
+                if time.monotonic() >= settle:
+                    break
+        return out
+    finally:
+        consumer.close()

@@ -1,0 +1,47 @@
+"""The registry contract on a real MLflow store (SQLite, no server)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flywheel.learner import ensure_champion, seed_data
+from flywheel.registry import Registry
+from flywheel.settings import Settings, prepare_home
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def reg_settings(tmp_path) -> Settings:
+    s = Settings(home=tmp_path / "home", seed_examples=1000)
+    prepare_home(s)
+    return s
+
+
+def test_empty_registry_bootstraps_one_champion_and_only_once(reg_settings):
+    registry = Registry(reg_settings)
+    assert registry.champion_version() is None
+    version = ensure_champion(reg_settings, registry)
+    assert ensure_champion(reg_settings, registry) == version
+    versions = registry.client.search_model_versions(f"name='{reg_settings.model_name}'")
+    assert [str(v.version) for v in versions] == [version]
+    loaded = registry.load(version)
+    for tag in ("parent_version", "source", "examples", "epsilon", "delta", "gate"):
+        assert tag in loaded.tags
+    assert loaded.tags["source"] == "manual"
+    _, _, x_ho, y_ho = seed_data(reg_settings)
+    with torch.inference_mode():
+        acc = (loaded.module(torch.from_numpy(x_ho)).argmax(1).numpy() == y_ho).mean()
+    assert acc > 0.8, "the initial model should have learned the seed concept"
+    # artifacts live under FLYWHEEL_HOME, not the working directory
+    assert list(reg_settings.mlflow_artifacts_dir.rglob("weights.pt"))
+
+
+def test_publish_refuses_missing_tags(reg_settings):
+    from flywheel.learner import default_spec
+    from flywheel.modelspec import build_model
+
+    spec = default_spec()
+    with pytest.raises(ValueError, match="needs tags"):
+        Registry(reg_settings).publish(spec, build_model(spec), tags={"source": "online"})

@@ -1,0 +1,107 @@
+"""The service on the real broker: every prediction id reaches the topic exactly once, and
+records survive a broker outage through the spool."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from flywheel.broker import EmbeddedBroker
+from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.service import create_app
+from flywheel.settings import Settings
+
+from .conftest import consume
+
+pytestmark = pytest.mark.integration
+ROW = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def spooled_records(client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("flywheel_log_spooled_records "):
+            return float(line.split()[1])
+    raise AssertionError("metric flywheel_log_spooled_records missing")
+
+
+def predict(client, n_rows: int = 1) -> list[str]:
+    r = client.post("/v1/predict", json={"instances": [ROW] * n_rows})
+    assert r.status_code == 200, r.text
+    return [p["id"] for p in r.json()["predictions"]]
+
+
+def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Settings):
+    with TestClient(create_app(settings)) as client:
+        ids = []
+        for i in range(60):
+            ids += predict(client, n_rows=1 + i % 5)
+        version = client.get("/v1/model").json()["version"]
+        assert client.app.state.event_log["event_log"].wait_idle(30)
+    records = consume(settings.kafka_bootstrap, settings.topic_predictions, len(ids))
+    assert len(records) == len(ids)
+    assert sorted(k.decode() for k, _ in records) == sorted(ids)
+    for key, value in records:
+        event = PredictionEvent.model_validate_json(value)
+        assert event.id == key.decode() and event.model_version == version
+        assert event.features == pytest.approx(ROW) and event.latency_ms >= 0
+        assert event.label == max(event.probabilities, key=event.probabilities.get)
+
+
+def test_corrections_land_on_their_topic(settings: Settings):
+    with TestClient(create_app(settings)) as client:
+        ids = predict(client, 3)
+        r = client.post("/v1/corrections", json={"corrections": [
+            {"prediction_id": pid, "label": "class_1", "source": "site-7"} for pid in ids]})
+        assert r.status_code == 202
+        assert client.app.state.event_log["event_log"].wait_idle(30)
+    records = consume(settings.kafka_bootstrap, settings.topic_corrections, 3)
+    assert sorted(k.decode() for k, _ in records) == sorted(ids)
+    events = [CorrectionEvent.model_validate_json(v) for _, v in records]
+    assert {(e.prediction_id, e.label, e.source) for e in events} == {
+        (pid, "class_1", "site-7") for pid in ids}
+    assert consume(settings.kafka_bootstrap, settings.topic_predictions, 3, grace_s=0.5)
+
+
+@pytest.mark.slow
+def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, tmp_path):
+    """The memory broker forgets everything on restart, so the test reads what was delivered
+    before the outage first, then checks the restarted broker got every spooled record."""
+    outage_broker = EmbeddedBroker(log_file=tmp_path / "outage.log")
+    outage_broker.start(topics=settings.topics, partitions=settings.topic_partitions)
+    s = settings.model_copy(update={"kafka_bootstrap": outage_broker.bootstrap})
+    try:
+        with TestClient(create_app(s)) as client:
+            event_log = client.app.state.event_log["event_log"]
+            before = [pid for _ in range(20) for pid in predict(client, 2)]
+            assert event_log.wait_idle(30)
+            delivered = consume(s.kafka_bootstrap, s.topic_predictions, len(before))
+            assert sorted(k.decode() for k, _ in delivered) == sorted(before)
+
+            outage_broker.stop()
+            during = [pid for _ in range(25) for pid in predict(client, 2)]
+            corr = client.post("/v1/corrections", json={"corrections": [
+                {"prediction_id": during[0], "label": "class_0"}]})
+            assert corr.status_code == 202  # accepted while the broker is down
+            ready = client.get("/readyz").json()
+            assert ready["ready"] is True
+            deadline = time.monotonic() + 20  # in flight until the delivery timeout
+            while spooled_records(client) < len(during) + 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert spooled_records(client) == len(during) + 1, (event_log.queue_depth, event_log.stats)
+
+            outage_broker.start(topics=s.topics, partitions=s.topic_partitions)
+            after = [pid for _ in range(10) for pid in predict(client, 2)]
+            assert event_log.wait_idle(60), f"spool not drained: {event_log.spool.pending}"
+            assert event_log.stats.replayed >= 1
+        records = consume(s.kafka_bootstrap, s.topic_predictions, len(during) + len(after))
+        keys = [k.decode() for k, _ in records]
+        assert sorted(keys) == sorted(during + after), "lost or duplicated records"
+        values = [orjson.loads(v) for _, v in records]
+        assert all(v["schema_version"] == 1 for v in values)
+        corrections = consume(s.kafka_bootstrap, s.topic_corrections, 1)
+        assert [k.decode() for k, _ in corrections] == [during[0]]
+    finally:
+        outage_broker.stop()

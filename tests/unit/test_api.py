@@ -1,0 +1,213 @@
+"""The HTTP contract and every bad-input case, on an in-process app with a fake sink."""
+
+import json
+import threading
+
+import orjson
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.modelspec import ModelSpec, build_model
+from flywheel.service import EventLog, ModelHolder, ServedModel, Spool, create_app
+from flywheel.settings import Settings
+
+SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["cat", "dog"])
+
+
+class ListSink:
+    def __init__(self, out):
+        self.out = out
+
+    def send(self, records, timeout_s):
+        self.out.extend(records)
+        return [True] * len(records)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture()
+def client(tmp_path):
+    torch.manual_seed(0)
+    settings = Settings(home=tmp_path, max_batch=4, max_body_bytes=2048, max_corrections=3)
+    holder = ModelHolder()
+    holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
+    sent = []
+    log = EventLog(lambda: ListSink(sent), Spool(tmp_path / "spool", fsync=False))
+    app = create_app(settings, holder=holder, event_log=log)
+    with TestClient(app) as c:
+        c.sent = sent
+        c.event_log = log
+        yield c
+
+
+def flush(client):
+    assert client.event_log.wait_idle(5)
+    return client.sent
+
+
+def test_predict_returns_ids_that_are_all_logged(client):
+    r = client.post("/v1/predict", json={"instances": [[1, 2, 3], [0.5, -1, 2], [0, 0, 0]]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == {"name": "m", "version": "7"}
+    ids = [p["id"] for p in body["predictions"]]
+    assert len(set(ids)) == 3
+    for p in body["predictions"]:
+        assert p["label"] in ("cat", "dog")
+        assert set(p["probabilities"]) == {"cat", "dog"}
+        assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+    events = [PredictionEvent.model_validate_json(r.value) for r in flush(client)]
+    assert [e.id for e in events] == ids
+    assert all(r.topic == "flywheel.predictions" for r in client.sent)
+    assert [r.key.decode() for r in client.sent] == ids
+    assert events[1].features == [0.5, -1, 2] and events[1].model_version == "7"
+
+
+def test_corrections_are_logged_keyed_by_prediction(client):
+    r = client.post("/v1/corrections", json={"corrections": [
+        {"prediction_id": "p1", "label": "dog"}, {"prediction_id": "p2", "label": "cat",
+                                                  "source": "site-a"}]})
+    assert r.status_code == 202 and r.json() == {"accepted": 2}
+    sent = flush(client)
+    events = [CorrectionEvent.model_validate_json(r.value) for r in sent]
+    assert [(e.prediction_id, e.label, e.source) for e in events] == [
+        ("p1", "dog", None), ("p2", "cat", "site-a")]
+    assert [r.key for r in sent] == [b"p1", b"p2"]
+    assert all(r.topic == "flywheel.corrections" for r in sent)
+
+
+BAD_PREDICTS = [
+    ({"instances": [[1, 2]]}, 422, "instances[0] has 2 features; model m v7 expects 3"),
+    ({"instances": [[1, 2, 3], [1, 2, 3, 4]]}, 422, "instances[1] has 4 features"),
+    ({"instances": []}, 422, "instances: List should have at least 1 item"),
+    ({"instances": [[1, 2, 3]] * 5}, 413, "batch of 5 instances exceeds the limit of 4"),
+    ({"instances": [[1, "x", 3]]}, 422, "instances[0][1]"),
+    ({"instances": [[1, 1e39, 3]]}, 422, "outside float32 range"),
+    ({"instance": [[1, 2, 3]]}, 422, "instances: field required"),
+    ({"instances": [[1, 2, 3]], "extra": 1}, 422, "extra: Extra inputs are not permitted"),
+    ([1, 2, 3], 422, "valid dictionary"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_PREDICTS)
+def test_bad_predict_input_says_what_is_wrong(client, body, status, message):
+    r = client.post("/v1/predict", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert flush(client) == []
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(client, literal):
+    raw = '{"instances": [[1, %s, 3]]}' % literal
+    r = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "instances[0][1]: Input should be a finite number" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("raw", ['{"instances": [[1, 2', "", "not json", '{"instances": [[1,2,3]],}'])
+def test_malformed_json_is_a_400(client, raw):
+    r = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert r.status_code == 400 or "field required" in r.json()["detail"] or raw == ""
+    assert r.json()["detail"]
+
+
+def test_malformed_json_message(client):
+    r = client.post("/v1/predict", content='{"instances": [[1, 2',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"].startswith("malformed JSON")
+
+
+def test_content_type(client):
+    body = json.dumps({"instances": [[1, 2, 3]]})
+    r = client.post("/v1/predict", content=body,
+                    headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"]
+    r = client.post("/v1/predict", content=body.encode(), headers={"content-type": ""})
+    assert r.status_code == 200  # no Content-Type at all: read as JSON
+
+
+def test_oversized_body_is_a_413_by_header_and_by_stream(client):
+    big = orjson.dumps({"instances": [[1.0, 2.0, 3.0]] * 200})
+    r = client.post("/v1/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit of 2048 bytes" in r.json()["detail"]
+
+    def chunks():
+        for i in range(0, len(big), 512):
+            yield big[i:i + 512]
+
+    r = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit of 2048 bytes" in r.json()["detail"]
+    assert flush(client) == []
+
+
+BAD_CORRECTIONS = [
+    ({"corrections": [{"prediction_id": "p", "label": "cow"}]}, 422,
+     "corrections[0].label: unknown label 'cow'; known labels: ['cat', 'dog']"),
+    ({"corrections": [{"prediction_id": "p", "label": "cat"},
+                      {"prediction_id": "q", "label": "bird"}]}, 422, "corrections[1].label"),
+    ({"corrections": []}, 422, "at least 1 item"),
+    ({"corrections": [{"prediction_id": "bad id!", "label": "cat"}]}, 422,
+     "corrections[0].prediction_id"),
+    ({"corrections": [{"label": "cat"}]}, 422, "corrections[0].prediction_id: field required"),
+    ({"corrections": [{"prediction_id": "p", "label": "cat"}] * 4}, 413,
+     "4 corrections exceed the limit of 3"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_CORRECTIONS)
+def test_bad_corrections_are_refused_whole(client, body, status, message):
+    r = client.post("/v1/corrections", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert flush(client) == []  # all or nothing: the valid one in a bad call is not logged
+
+
+def test_model_health_ready_metrics_openapi(client):
+    m = client.get("/v1/model").json()
+    assert (m["name"], m["version"], m["input_dim"], m["labels"]) == ("m", "7", 3, ["cat", "dog"])
+    assert "loaded_at" in m
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model_version"] == "7"
+    client.post("/v1/predict", json={"instances": [[1, 2, 3]]})
+    client.post("/v1/predict", json={"instances": [[1, 2]]})
+    text = client.get("/metrics").text
+    assert 'flywheel_http_requests_total{route="/v1/predict",status="200"} 1.0' in text
+    assert 'flywheel_http_requests_total{route="/v1/predict",status="422"} 1.0' in text
+    assert 'flywheel_predictions_total{model_version="7"} 1.0' in text
+    for name in ("flywheel_http_request_duration_seconds_bucket", "flywheel_log_queue_depth",
+                 "flywheel_log_spooled_records", 'flywheel_model_info{name="m",version="7"}'):
+        assert name in text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/corrections", "/v1/model"} <= set(paths)
+
+
+def test_concurrent_requests_each_get_their_own_ids(client):
+    results = []
+
+    def worker():
+        for _ in range(20):
+            r = client.post("/v1/predict", json={"instances": [[1, 2, 3], [3, 2, 1]]})
+            results.extend(p["id"] for p in r.json()["predictions"])
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == len(set(results)) == 160
+    assert sorted(r.key.decode() for r in flush(client)) == sorted(results)
+
+
+def test_not_ready_without_a_model(tmp_path):
+    app = create_app(Settings(home=tmp_path), holder=ModelHolder(),
+                     event_log=EventLog(lambda: ListSink([]), Spool(tmp_path / "s", fsync=False)),
+                     load_model=lambda s: (_ for _ in ()).throw(RuntimeError("registry down")))
+    with pytest.raises(RuntimeError, match="registry down"), TestClient(app):
+        pass
