@@ -129,9 +129,7 @@ class EventLog:
         if leftover:  # the thread did not finish in time: keep them on disk
             self.spool.append(leftover)
             self.stats.spooled += len(leftover)
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
+        self._disconnect()
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """True once the queue is empty, nothing is in flight and the spool is empty."""
