@@ -6,6 +6,7 @@ speaking the Kafka protocol (memory storage), not a fake: clients are kafka-pyth
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
 import os
@@ -79,10 +80,8 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[st
     try:
         missing = [t for t in topics if t not in set(admin.list_topics())]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently
                 admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
-            except TopicAlreadyExistsError:
-                pass
         return missing
     finally:
         admin.close()

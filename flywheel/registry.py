@@ -87,7 +87,8 @@ class Registry:
             raise ValueError(f"a model version needs tags {missing}")
         if tags["source"] not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {tags['source']!r}")
-        run = self.client.create_run(self._experiment_id(), tags={"flywheel.source": tags["source"]})
+        run = self.client.create_run(self._experiment_id(),
+                                     tags={"flywheel.source": tags["source"]})
         run_id = run.info.run_id
         try:
             for k, v in (params or {}).items():

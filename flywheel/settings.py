@@ -32,24 +32,26 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home.")
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite in home.")
 
-    topic_predictions: str = "flywheel.predictions"
-    topic_corrections: str = "flywheel.corrections"
-    topic_model_events: str = "flywheel.model-events"
-    topic_deadletter: str = "flywheel.deadletter"
+    topic_predictions: str = Field("flywheel.predictions", description="Every served prediction.")
+    topic_corrections: str = Field("flywheel.corrections", description="True labels from apps.")
+    topic_model_events: str = Field("flywheel.model-events", description="Promotions, rollbacks.")
+    topic_deadletter: str = Field("flywheel.deadletter", description="Unusable messages + reason.")
     topic_partitions: int = Field(3, ge=1, le=1024, description="For topics Flywheel creates.")
 
-    model_name: str = Field("flywheel", min_length=1, max_length=200)
+    model_name: str = Field("flywheel", min_length=1, max_length=200,
+                            description="The MLflow registered model of this deployment.")
     seed: int = Field(7, description="Seed for seed data and the initial model.")
-    seed_examples: int = Field(3000, ge=100, le=1_000_000)
+    seed_examples: int = Field(3000, ge=100, le=1_000_000,
+                               description="Seed data size (80 % train, 20 % trusted holdout).")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Interface `flywheel serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `flywheel serve` binds.")
     max_batch: int = Field(256, ge=1, le=100_000, description="Instances per predict call.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     max_corrections: int = Field(10_000, ge=1, description="Corrections per call.")
 
     log_queue_size: int = Field(50_000, ge=1, description="Bounded in-memory logging queue.")
-    log_batch_size: int = Field(500, ge=1, le=100_000)
+    log_batch_size: int = Field(500, ge=1, le=100_000, description="Records per Kafka flush.")
     kafka_timeout_s: float = Field(5.0, gt=0, description="Delivery timeout before spooling.")
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")

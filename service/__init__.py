@@ -5,9 +5,10 @@ from flywheel.service.event_log import EventLog, KafkaSink
 from flywheel.service.loading import load_champion
 from flywheel.service.logging_setup import kafka_event_log
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
+from flywheel.service.server import GracefulServer, run_server
 from flywheel.service.spool import Record, Spool
 
 __all__ = [
-    "EventLog", "KafkaSink", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "Spool",
-    "create_app", "kafka_event_log", "load_champion",
+    "EventLog", "GracefulServer", "KafkaSink", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "Spool",
+    "create_app", "kafka_event_log", "load_champion", "run_server",
 ]

@@ -20,7 +20,11 @@ from flywheel.service.event_log import EventLog
 from flywheel.service.metrics import ServiceMetrics
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
 from flywheel.service.schemas import (
-    CorrectionsAccepted, CorrectionsRequest, ErrorBody, ModelInfo, PredictRequest,
+    CorrectionsAccepted,
+    CorrectionsRequest,
+    ErrorBody,
+    ModelInfo,
+    PredictRequest,
     PredictResponse,
 )
 from flywheel.service.spool import Record

@@ -88,8 +88,8 @@ class Spool:
     def _recover(self) -> int:
         """Count pending frames and cut off a torn tail so later appends stay readable."""
         count, end = 0, self._offset
-        for _, end in self._frames(self._offset):
-            count += 1
+        for _, next_offset in self._frames(self._offset):
+            count, end = count + 1, next_offset
         if self.path.exists() and self.path.stat().st_size > end:
             with open(self.path, "r+b") as f:
                 f.truncate(end)

@@ -17,8 +17,6 @@ def serve(
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
     """Serve predictions; with FLYWHEEL_KAFKA_BOOTSTRAP unset, start an embedded broker."""
-    import uvicorn
-
     settings = settings_or_exit()
     overrides = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
     settings = settings.model_copy(update=overrides)
@@ -35,7 +33,6 @@ def serve(
             ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
             typer.echo(f"embedded broker at {broker.bootstrap}", err=True)
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
-        from flywheel.service import create_app
+        from flywheel.service import create_app, run_server
 
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    log_level="info", access_log=access_log, workers=1)
+        run_server(create_app(settings), settings.host, settings.port, access_log)

@@ -28,7 +28,8 @@ def tansu_pids(port: int) -> list[int]:
                 cmd = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(b"tansu" in c for c in cmd[:1]) and f"127.0.0.1:{port}".encode() in b" ".join(cmd):
+            listen = f"127.0.0.1:{port}".encode()
+            if any(b"tansu" in c for c in cmd[:1]) and listen in b" ".join(cmd):
                 pids.append(int(entry.name))
     return pids
 
@@ -56,7 +57,7 @@ def test_cli_broker_prints_address_creates_topics_and_stops_on_sigterm(tmp_path)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()
-        assert line == f"127.0.0.1:{port}", proc.stderr.read() if not line else line
+        assert line == f"127.0.0.1:{port}", line or proc.stderr.read()
         admin = KafkaAdminClient(bootstrap_servers=line)
         assert {"p-topic", "flywheel.corrections", "flywheel.model-events",
                 "flywheel.deadletter"} <= set(admin.list_topics())

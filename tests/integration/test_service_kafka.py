@@ -90,7 +90,7 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
             deadline = time.monotonic() + 20  # in flight until the delivery timeout
             while spooled_records(client) < len(during) + 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert spooled_records(client) == len(during) + 1, (event_log.queue_depth, event_log.stats)
+            assert spooled_records(client) == len(during) + 1, event_log.stats
 
             outage_broker.start(topics=s.topics, partitions=s.topic_partitions)
             after = [pid for _ in range(10) for pid in predict(client, 2)]

@@ -1,0 +1,99 @@
+"""`flywheel serve` as a real process: starts, serves, logs to Kafka, stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel.broker import free_port
+
+from .conftest import consume
+from .test_broker import tansu_pids
+
+pytestmark = pytest.mark.integration
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+ROW = [0.5] * 8
+
+
+def start_serve(env: dict, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([FLYWHEEL, "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited early: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("serve did not become ready")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_serve_against_an_external_broker(settings, tmp_path):
+    port = free_port()
+    env = {**os.environ, "FLYWHEEL_HOME": str(settings.home_dir),
+           "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+           "FLYWHEEL_TOPIC_PREDICTIONS": settings.topic_predictions,
+           "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
+           "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
+           "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+           "FLYWHEEL_SEED_EXAMPLES": "1000"}
+    proc = start_serve(env, port)
+    try:
+        ids = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(10):
+                r = client.post("/v1/predict", json={"instances": [ROW, ROW]})
+                assert r.status_code == 200
+                ids += [p["id"] for p in r.json()["predictions"]]
+            assert client.post("/v1/predict", json={"instances": [[1.0]]}).status_code == 422
+            assert client.get("/v1/model").json()["version"] == "1"
+    finally:
+        out = stop(proc)
+    assert "Traceback" not in out
+    records = consume(settings.kafka_bootstrap, settings.topic_predictions, len(ids))
+    assert sorted(k.decode() for k, _ in records) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_serve_with_embedded_broker_leaves_no_orphan(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env |= {"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_SEED_EXAMPLES": "1000"}
+    proc = start_serve(env, port)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"instances": [ROW]})
+        assert r.status_code == 200
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
+        assert ready["kafka_connected"] is True
+    finally:
+        out = stop(proc)
+    broker_line = [line for line in out.splitlines() if "embedded broker at" in line]
+    assert broker_line, out
+    broker_port = int(broker_line[0].rsplit(":", 1)[1])
+    assert tansu_pids(broker_port) == []
+
+
+def test_bad_configuration_is_one_clear_line(tmp_path):
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_MAX_BATCH": "-1"}
+    r = subprocess.run([FLYWHEEL, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: invalid configuration: FLYWHEEL_MAX_BATCH")
+    assert "Traceback" not in r.stderr
