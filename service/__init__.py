@@ -6,9 +6,9 @@ from flywheel.service.loading import load_champion
 from flywheel.service.logging_setup import kafka_event_log
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
 from flywheel.service.server import GracefulServer, run_server
-from flywheel.service.spool import Record, Spool
+from flywheel.service.spool import Record, Spool, SpoolCorrupt, SpoolLocked
 
 __all__ = [
-    "EventLog", "GracefulServer", "KafkaSink", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "Spool",
+    "EventLog", "GracefulServer", "KafkaSink", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "Spool", "SpoolCorrupt", "SpoolLocked",
     "create_app", "kafka_event_log", "load_champion", "run_server",
 ]

@@ -130,6 +130,7 @@ class EventLog:
             self.spool.append(leftover)
             self.stats.spooled += len(leftover)
         self._disconnect()
+        self.spool.close()
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """True once the queue is empty, nothing is in flight and the spool is empty."""

@@ -7,6 +7,7 @@ far replay has been acknowledged; a restart resumes from there (at-least-once).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import threading
@@ -28,6 +29,10 @@ class SpoolCorrupt(RuntimeError):
     """The spool has a bad frame before its end: refuse to guess what it held."""
 
 
+class SpoolLocked(RuntimeError):
+    """Another process already owns this spool; two writers would interleave frames."""
+
+
 class Spool:
     """Thread-safe: the request path may append when the queue is full."""
 
@@ -37,8 +42,22 @@ class Spool:
         self.fsync = fsync
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise SpoolLocked(
+                f"{path} is in use by another process; give each service replica its own "
+                "FLYWHEEL_HOME") from None
         self._offset = self._read_checkpoint()
         self._pending = self._recover()
+
+    def close(self) -> None:
+        """Release the spool for another process (what is pending stays on disk)."""
+        if not self._lock_file.closed:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
 
     @property
     def pending(self) -> int:

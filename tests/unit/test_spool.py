@@ -24,6 +24,7 @@ def test_survives_a_restart_at_the_checkpoint(tmp_path):
     spool.append(recs(4))
     _, end = spool.peek(1)
     spool.commit(end, 1)
+    spool.close()  # as a process exit would
     reopened = Spool(tmp_path / "s", fsync=False)
     assert reopened.pending == 3
     assert [r.key for r in reopened.peek(10)[0]] == [b"k1", b"k2", b"k3"]
@@ -34,6 +35,7 @@ def test_torn_tail_is_dropped_and_later_appends_stay_readable(tmp_path):
     spool.append(recs(2))
     with open(spool.path, "ab") as f:
         f.write(b"\x00\x01\x00")  # a crash mid-append
+    spool.close()  # as a process exit would
     reopened = Spool(tmp_path / "s", fsync=False)
     assert reopened.pending == 2
     reopened.append(recs(1, start=2))
@@ -46,5 +48,16 @@ def test_corruption_in_the_middle_is_not_guessed_around(tmp_path):
     data = bytearray(spool.path.read_bytes())
     data[20] ^= 0xFF
     spool.path.write_bytes(bytes(data))
+    spool.close()
     with pytest.raises(SpoolCorrupt):
         Spool(tmp_path / "s", fsync=False)
+
+
+def test_one_process_per_spool(tmp_path):
+    from flywheel.service.spool import SpoolLocked
+
+    first = Spool(tmp_path / "s", fsync=False)
+    with pytest.raises(SpoolLocked, match="its own FLYWHEEL_HOME"):
+        Spool(tmp_path / "s", fsync=False)
+    first.close()
+    Spool(tmp_path / "s", fsync=False).close()
