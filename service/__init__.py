@@ -9,6 +9,7 @@ from flywheel.service.server import GracefulServer, run_server
 from flywheel.service.spool import Record, Spool, SpoolCorrupt, SpoolLocked
 
 __all__ = [
-    "EventLog", "GracefulServer", "KafkaSink", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "Spool", "SpoolCorrupt", "SpoolLocked",
-    "create_app", "kafka_event_log", "load_champion", "run_server",
+    "EventLog", "GracefulServer", "KafkaSink", "ModelHolder", "ModelNotReady", "Record",
+    "ServedModel", "Spool", "SpoolCorrupt", "SpoolLocked", "create_app", "kafka_event_log",
+    "load_champion", "run_server",
 ]

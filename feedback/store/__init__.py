@@ -1,0 +1,49 @@
+"""The training store: predictions, corrections, examples and learner cursors.
+
+Open it with `open_store(url)`, which refuses a database whose schema is not the one
+this code expects; change the schema only through `upgrade`/`downgrade` (Alembic).
+"""
+
+from flywheel.feedback.store.database import (
+    SchemaNotCurrent,
+    SchemaTooNew,
+    check_schema,
+    display_url,
+    insert_ignoring_duplicates,
+    make_engine,
+    normalize_url,
+    open_store,
+    schema_revision,
+    session_factory,
+)
+from flywheel.feedback.store.migrate import (
+    alembic_config,
+    current,
+    downgrade,
+    head,
+    known_revisions,
+    upgrade,
+)
+from flywheel.feedback.store.models import (
+    CORRECTION_STATUSES,
+    ERROR_TYPES,
+    ORIGINS,
+    SPLITS,
+    Base,
+    Correction,
+    CorrectionStatus,
+    ErrorType,
+    Example,
+    LearnerState,
+    Origin,
+    Prediction,
+    Split,
+)
+
+__all__ = [
+    "CORRECTION_STATUSES", "ERROR_TYPES", "ORIGINS", "SPLITS", "Base", "Correction",
+    "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin", "Prediction",
+    "SchemaNotCurrent", "SchemaTooNew", "Split", "alembic_config", "check_schema", "current",
+    "display_url", "downgrade", "head", "insert_ignoring_duplicates", "known_revisions",
+    "make_engine", "normalize_url", "open_store", "schema_revision", "session_factory", "upgrade",
+]

@@ -1,0 +1,219 @@
+"""The training store's tables: what the feedback loop keeps and the learner consumes.
+
+The same models run on PostgreSQL and SQLite, so types are portable (JSON becomes
+JSONB on PostgreSQL) and enumerated strings are CHECK constraints rather than
+native enums, which SQLite lacks and which are painful to migrate on PostgreSQL.
+Constraint and index names come from one naming convention so Alembic sees the
+same names on both databases and can alter them later.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Origin(StrEnum):
+    """How an example entered the store."""
+
+    SEED = "seed"
+    CORRECTION = "correction"
+    COUNTEREXAMPLE = "counterexample"
+    MANUAL = "manual"
+
+
+class Split(StrEnum):
+    """Which use an example is reserved for; quarantine is never trained on."""
+
+    TRAIN = "train"
+    HOLDOUT = "holdout"
+    QUARANTINE = "quarantine"
+
+
+class ErrorType(StrEnum):
+    """Why a corrected prediction was wrong, for examples born from corrections."""
+
+    CONFIDENT = "confident"
+    BOUNDARY = "boundary"
+    NOVEL = "novel"
+    SUSPECT = "suspect"
+
+
+class CorrectionStatus(StrEnum):
+    """A correction waits (pending) until its prediction arrives (joined) or times out."""
+
+    PENDING = "pending"
+    JOINED = "joined"
+    EXPIRED = "expired"
+
+
+ORIGINS: tuple[str, ...] = tuple(m.value for m in Origin)
+SPLITS: tuple[str, ...] = tuple(m.value for m in Split)
+ERROR_TYPES: tuple[str, ...] = tuple(m.value for m in ErrorType)
+CORRECTION_STATUSES: tuple[str, ...] = tuple(m.value for m in CorrectionStatus)
+
+ID_LENGTH = 64  # flywheel.events.Identifier
+NAME_LENGTH = 200  # flywheel.events.LabelName and Settings.model_name
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    """SQL for a CHECK that a string column holds one of `values` (NULL passes)."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """`DateTime(timezone=True)` that always returns aware UTC datetimes.
+
+    SQLite has no time zone type and hands back naive values; normalising here means
+    code comparing timestamps behaves the same on both databases. Naive inputs are
+    rejected because guessing their zone silently shifts data.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the training store needs aware times")
+        value = value.astimezone(UTC)
+        # SQLite stores the text form; dropping the offset keeps values sortable as text.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only autoincrements an INTEGER PRIMARY KEY, not BIGINT.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Prediction(Base):
+    """One served prediction, as logged on `flywheel.predictions`."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (Index(None, "model_name", "model_version"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    model_version: Mapped[str] = mapped_column(String(ID_LENGTH))
+    features: Mapped[list[float]] = mapped_column(JSONType)
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSONType)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    latency_ms: Mapped[float] = mapped_column(Float)
+    stored_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+
+
+class Correction(Base):
+    """A true label for a prediction; its id is the event id so redelivery is a no-op.
+
+    `prediction_id` is deliberately not a foreign key: corrections can arrive before
+    the prediction they refer to, and wait as `pending` until it does.
+    """
+
+    __tablename__ = "corrections"
+    __table_args__ = (CheckConstraint(_one_of("status", CORRECTION_STATUSES), name="status"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    source: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(
+        String(16), index=True, default=CorrectionStatus.PENDING.value,
+        server_default=CorrectionStatus.PENDING.value,
+    )
+    joined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Example(Base):
+    """A labelled training example; the learner reads them in id order.
+
+    `dedup_key` is unique so whoever writes an example can simply write it again after
+    a crash. `id` only grows (AUTOINCREMENT on SQLite) because learners keep a cursor.
+    """
+
+    __tablename__ = "examples"
+    __table_args__ = (
+        CheckConstraint(_one_of("origin", ORIGINS), name="origin"),
+        CheckConstraint(_one_of("split", SPLITS), name="split"),
+        CheckConstraint(_one_of("error_type", ERROR_TYPES), name="error_type"),
+        CheckConstraint("weight > 0", name="weight_positive"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    dedup_key: Mapped[str] = mapped_column(String(200), unique=True)
+    origin: Mapped[str] = mapped_column(String(32))
+    error_type: Mapped[str | None] = mapped_column(String(32))
+    parent_prediction_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
+    features: Mapped[list[float]] = mapped_column(JSONType)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default=text("1.0"))
+    split: Mapped[str] = mapped_column(String(16), index=True)
+    source: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now()
+    )
+
+
+class LearnerState(Base):
+    """Where one learner lineage has read up to, plus whatever state it checkpoints."""
+
+    __tablename__ = "learner_state"
+
+    lineage: Mapped[str] = mapped_column(String(200), primary_key=True)
+    cursor: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    state: Mapped[dict[str, Any]] = mapped_column(
+        JSONType, default=dict, server_default=text("'{}'")
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, server_default=func.now()
+    )
+
+
+__all__ = [
+    "CORRECTION_STATUSES", "ERROR_TYPES", "NAMING_CONVENTION", "ORIGINS", "SPLITS", "Base",
+    "Correction", "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin",
+    "Prediction", "Split", "UTCDateTime", "utcnow",
+]

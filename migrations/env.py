@@ -1,0 +1,71 @@
+"""Alembic environment for the training store; the URL comes from the Config object.
+
+`flywheel.feedback.store.migrate.alembic_config` builds that Config in code, so no
+alembic.ini is needed at the cwd. A caller may also pass an open connection as
+`config.attributes["connection"]` to migrate inside its own transaction.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import pool, text
+from sqlalchemy.engine import Connection
+
+from flywheel.feedback.store.database import make_engine, normalize_url
+from flywheel.feedback.store.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no sqlalchemy.url in the Alembic config; use alembic_config(url)")
+    return url
+
+
+def _configure(**kwargs: object) -> None:
+    context.configure(
+        target_metadata=target_metadata,
+        compare_type=True,
+        # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
+        render_as_batch=kwargs.pop("dialect_name", None) == "sqlite",
+        **kwargs,
+    )
+
+
+def run_offline() -> None:
+    url = normalize_url(_url())
+    _configure(url=url, dialect_name=url.get_backend_name(), literal_binds=True,
+               dialect_opts={"paramstyle": "named"})
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+# Any constant works; it only has to be the same for every Flywheel process.
+PG_MIGRATION_LOCK = 0x666C7977  # "flyw"
+
+
+def run_online(connection: Connection) -> None:
+    _configure(connection=connection, dialect_name=connection.dialect.name)
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Processes that upgrade at start-up must not race: the second one waits here,
+            # then finds the database already at head (alembic reads it after this).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": PG_MIGRATION_LOCK})
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_offline()
+elif (given := config.attributes.get("connection")) is not None:
+    run_online(given)
+else:
+    engine = make_engine(_url(), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            run_online(conn)
+    finally:
+        engine.dispose()

@@ -1,0 +1,88 @@
+"""Shared fixtures: throwaway databases for tests that need a real training store.
+
+PostgreSQL is expected at 127.0.0.1:5432 (trust auth, user `postgres`, database
+`test`; override with PG_ADMIN_URL). Without it, PostgreSQL tests skip locally but
+fail under CI=true, so a broken CI service can never turn into a green run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+PG_ADMIN_URL = os.environ.get("PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def _pg_admin_url() -> URL:
+    url = make_url(PG_ADMIN_URL)
+    return url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url
+
+
+def _pg_engine(url: URL) -> Engine:
+    return create_engine(
+        url, isolation_level="AUTOCOMMIT", poolclass=NullPool,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_session_url() -> Iterator[str]:
+    """A PostgreSQL database created for this test session and dropped (FORCE) after it."""
+    admin_url = _pg_admin_url()
+    name = f"fw_test_{secrets.token_hex(6)}"
+    admin = _pg_engine(admin_url)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except SQLAlchemyError as exc:
+        admin.dispose()
+        reason = (f"PostgreSQL at {admin_url.render_as_string(hide_password=True)} is unusable: "
+                  f"{' '.join(str(getattr(exc, 'orig', None) or exc).split())}")
+        if _in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_session_url: str) -> str:
+    """The session's PostgreSQL database, emptied first so each test starts from nothing.
+
+    Connections a previous test leaked are terminated, so a forgotten engine cannot
+    make the reset (or this test) hang on a lock.
+    """
+    engine = _pg_engine(make_url(pg_session_url))
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+            conn.exec_driver_sql("CREATE SCHEMA public")
+    finally:
+        engine.dispose()
+    return pg_session_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database file in this test's tmp dir (created on first connect)."""
+    return f"sqlite:///{tmp_path / 'flywheel.db'}"
