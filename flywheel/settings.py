@@ -52,6 +52,8 @@ class Settings(BaseSettings):
 
     log_queue_size: int = Field(50_000, ge=1, description="Bounded in-memory logging queue.")
     log_batch_size: int = Field(500, ge=1, le=100_000, description="Records per Kafka flush.")
+    log_linger_ms: float = Field(50.0, ge=0, le=1000,
+                                 description="Sender waits this long to batch records.")
     kafka_timeout_s: float = Field(5.0, gt=0, description="Delivery timeout before spooling.")
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")

@@ -72,7 +72,7 @@ class EventLog:
 
     def __init__(
         self, sink_factory, spool: Spool, *, queue_size: int = 50_000, batch_size: int = 500,
-        send_timeout_s: float = 5.0, retry_s: float = 1.0,
+        send_timeout_s: float = 5.0, retry_s: float = 1.0, linger_s: float = 0.0,
     ) -> None:
         self._sink_factory = sink_factory
         self._sink: Sink | None = None
@@ -81,6 +81,7 @@ class EventLog:
         self._batch_size = batch_size
         self._timeout_s = send_timeout_s
         self._retry_s = retry_s
+        self._linger_s = linger_s
         self._next_retry = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flywheel-event-log", daemon=True)
@@ -143,10 +144,17 @@ class EventLog:
 
     # -- sender thread ------------------------------------------------------------------
     def _drain(self, limit: int | None, wait_s: float = 0.0) -> list[Record]:
+        """Wait up to `wait_s` for a first record, linger so more can join, take the rest.
+
+        Lingering makes batches instead of one Kafka round trip per request, and keeps the
+        sender from waking (and taking the GIL from the request loop) on every record.
+        """
         batch: list[Record] = []
         try:
             if wait_s:
                 batch.append(self._queue.get(timeout=wait_s))
+                if self._linger_s and (limit is None or self._queue.qsize() < limit):
+                    self._stop.wait(self._linger_s)
             while limit is None or len(batch) < limit:
                 batch.append(self._queue.get_nowait())
         except queue.Empty:

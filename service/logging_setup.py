@@ -18,4 +18,5 @@ def kafka_event_log(settings: Settings) -> EventLog:
         Spool(settings.spool_path, fsync=settings.spool_fsync),
         queue_size=settings.log_queue_size, batch_size=settings.log_batch_size,
         send_timeout_s=settings.kafka_timeout_s, retry_s=settings.spool_retry_s,
+        linger_s=settings.log_linger_ms / 1000.0,
     )
