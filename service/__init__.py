@@ -1,7 +1,8 @@
 """Service: the HTTP API, the served model and its hot swap, and prediction logging."""
 
 from flywheel.service.app import create_app
-from flywheel.service.event_log import EventLog, KafkaSink
+from flywheel.service.event_log import EventLog
+from flywheel.service.kafka_sink import KafkaSink
 from flywheel.service.loading import load_champion
 from flywheel.service.logging_setup import kafka_event_log
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from flywheel.service.spool import Record, Spool
 
@@ -26,35 +26,6 @@ class Sink(Protocol):
 
     def send(self, records: list[Record], timeout_s: float) -> list[bool]: ...
     def close(self) -> None: ...
-
-
-class KafkaSink:
-    """A kafka-python producer (acks=all) that sends a batch and reports each outcome."""
-
-    def __init__(self, bootstrap: str, timeout_s: float, **config: Any) -> None:
-        from kafka import KafkaProducer
-
-        timeout_ms = int(timeout_s * 1000)
-        self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=2,
-            request_timeout_ms=max(1000, timeout_ms // 2), delivery_timeout_ms=timeout_ms,
-            max_block_ms=timeout_ms, bootstrap_timeout_ms=min(timeout_ms, 5000),
-            reconnect_backoff_max_ms=1000, **config,
-        )
-
-    def send(self, records: list[Record], timeout_s: float) -> list[bool]:
-        futures = [self._producer.send(r.topic, key=r.key, value=r.value) for r in records]
-        try:
-            self._producer.flush(timeout=timeout_s)
-        except Exception as exc:  # flush timeout: look at each future below
-            log.debug("flush did not complete: %s", exc)
-        return [f.is_done and f.succeeded() for f in futures]
-
-    def close(self) -> None:
-        try:  # abandons unacknowledged records: the event log has spooled them already
-            self._producer.close(timeout=0)
-        except Exception as exc:
-            log.debug("producer close: %s", exc)
 
 
 @dataclass

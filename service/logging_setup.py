@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from flywheel.service.event_log import EventLog, KafkaSink
+from flywheel.service.event_log import EventLog
+from flywheel.service.kafka_sink import KafkaSink
 from flywheel.service.spool import Spool
 from flywheel.settings import Settings
 

