@@ -1,0 +1,27 @@
+"""The serve benchmark keeps working (figures are not asserted: they belong to docs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_serve_runs_both_modes_and_verifies_logging():
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "serve", "--duration", "1", "--warmup", "0.5",
+         "--rounds", "1", "--concurrency", "4", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert [run["mode"] for run in doc["runs"]] == ["off", "on"]
+    summary = doc["summary"]
+    assert summary["events_match"] and summary["events_logged"] > 0
+    assert summary["median"]["on"]["errors"] == summary["median"]["off"]["errors"] == 0
+    assert 0 < summary["throughput_ratio"] and 0 < summary["p99_ratio"]
