@@ -190,34 +190,13 @@ def run_loadgen(port: int, duration: float, warmup: float, concurrency: int,
 
 def count_events(bootstrap: str, topic: str, timeout_s: float = 60.0) -> tuple[int, int]:
     """(records, distinct keys) on every partition of `topic`, read from the beginning."""
-    from kafka import KafkaConsumer, TopicPartition
+    from flywheel.broker import BrokerError, read_topic
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             group_id=None, max_poll_records=5000)
     try:
-        deadline = time.monotonic() + timeout_s
-        parts = consumer.partitions_for_topic(topic)
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.1)
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise BenchError(f"topic {topic} not found on {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        count, keys = 0, set()
-        while time.monotonic() < deadline:
-            if all(consumer.position(tp) >= end[tp] for tp in tps):
-                break
-            for records in consumer.poll(timeout_ms=200).values():
-                count += len(records)
-                keys.update(r.key for r in records)
-        else:
-            raise BenchError(f"could not read {topic} to its end within {timeout_s:.0f}s")
-        return count, len(keys)
-    finally:
-        consumer.close()
+        records = read_topic(bootstrap, topic, timeout_s=timeout_s)
+    except BrokerError as exc:
+        raise BenchError(str(exc)) from exc
+    return len(records), len({r.key for r in records})
 
 
 # -- setup -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,44 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[st
         return missing
     finally:
         admin.close()
+
+
+def read_topic(bootstrap: str, topic: str, *, at_least: int = 0,
+               timeout_s: float = 30.0) -> list[Any]:
+    """Every record on every partition of `topic`, from the beginning to its end offsets.
+
+    If that is fewer than `at_least` (records still in flight), keep reading until there
+    are enough or `timeout_s` passes. Reading to the end offsets, rather than stopping at a
+    count, is what lets a caller see duplicates. Returns kafka-python ConsumerRecords.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    deadline = time.monotonic() + timeout_s
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             group_id=None, max_poll_records=5000)
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise BrokerError(f"topic {topic} not found on {bootstrap}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        while True:
+            end = consumer.end_offsets(tps)
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"could not read {topic} to its end in {timeout_s:.0f}s")
+                for batch in consumer.poll(timeout_ms=200).values():
+                    records.extend(batch)
+            if len(records) >= at_least or time.monotonic() > deadline:
+                return records
+            time.sleep(0.1)
+    finally:
+        consumer.close()
 
 
 class EmbeddedBroker:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from flywheel.broker import EmbeddedBroker, ensure_topics
+from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings
 from flywheel.streams import Concept, seed_concept
 
@@ -149,20 +149,5 @@ def _send_due(client: httpx.Client, pending: deque, now: float) -> int:
 
 
 def count_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> int:
-    """Records on `topic` from the beginning, waiting up to `timeout_s` for `expected`."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        seen, deadline = 0, time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            seen += sum(len(v) for v in consumer.poll(timeout_ms=200).values())
-            if seen >= expected:
-                seen += sum(len(v) for v in consumer.poll(timeout_ms=500).values())
-                break
-        return seen
-    finally:
-        consumer.close()
+    """Records on `topic`, waiting up to `timeout_s` for `expected` to arrive."""
+    return len(read_topic(bootstrap, topic, at_least=expected, timeout_s=timeout_s))

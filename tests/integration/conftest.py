@@ -5,14 +5,13 @@ The broker fixture uses the same `EmbeddedBroker` code as `flywheel broker`.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flywheel.broker import EmbeddedBroker, ensure_topics
+from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings, prepare_home
 
 pytestmark = pytest.mark.integration
@@ -46,34 +45,8 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
     return s
 
 
-def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0,
-            grace_s: float = 1.0) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) on `topic` from the beginning: waits for `expected`, then a grace
-    period so that extra (duplicate) records would be seen too."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             consumer_timeout_ms=500)
-    try:
-        deadline = time.monotonic() + timeout_s
-        parts = None
-        while not parts and time.monotonic() < deadline:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                time.sleep(0.1)
-        assert parts, f"topic {topic} does not exist"
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out: list[tuple[bytes, bytes]] = []
-        settle: float | None = None
-        while time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                out.extend((r.key, r.value) for r in records)
-            if len(out) >= expected:
-                settle = settle or time.monotonic() + grace_s
-                if time.monotonic() >= settle:
-                    break
-        return out
-    finally:
-        consumer.close()
+def consume(bootstrap: str, topic: str, expected: int,
+            timeout_s: float = 30.0) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every record on `topic`, waiting up to `timeout_s` for `expected`."""
+    return [(r.key, r.value)
+            for r in read_topic(bootstrap, topic, at_least=expected, timeout_s=timeout_s)]
