@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, Response
@@ -63,6 +64,13 @@ class _RequestMetrics:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
+@dataclass
+class _Runtime:
+    """What the app creates at startup and its handlers share."""
+
+    event_log: EventLog | None = None
+
+
 class _EventLogCollector:
     def __init__(self, event_log: Callable[[], EventLog | None]) -> None:
         self._event_log = event_log
@@ -83,12 +91,12 @@ def create_app(
     settings: Settings, *, holder: ModelHolder | None = None,
     event_log: EventLog | None = None,
     load_model: Callable[[Settings], ServedModel] | None = None,
-    build_event_log: Callable[[Settings], EventLog] | None = None,
 ) -> FastAPI:
-    """Build the app. Missing parts (model, event log) are created at startup from settings."""
+    """Build the app. Missing parts (model, event log) are created at startup from settings;
+    `load_model` replaces loading the registry champion (tests, benchmarks)."""
     holder = holder or ModelHolder()
     metrics = ServiceMetrics.create()
-    state: dict[str, EventLog | None] = {"event_log": event_log}
+    runtime = _Runtime(event_log)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -100,13 +108,10 @@ def create_app(
                 model = load_model(settings)
             holder.swap(model)
             log.info("serving %s v%s", model.name, model.version)
-        if state["event_log"] is None:
-            if build_event_log is None:
-                from flywheel.service.logging_setup import kafka_event_log
-                state["event_log"] = kafka_event_log(settings)
-            else:
-                state["event_log"] = build_event_log(settings)
-        el = state["event_log"]
+        if runtime.event_log is None:
+            from flywheel.service.logging_setup import kafka_event_log
+            runtime.event_log = kafka_event_log(settings)
+        el = runtime.event_log
         if not el.running:
             el.start()
         try:
@@ -115,18 +120,18 @@ def create_app(
             el.close()
             log.info("event log closed: %s", el.stats)
 
-    # strict_content_type=False: a JSON body is read as JSON whatever Content-Type says
+    # strict_content_type=False: a body sent without any Content-Type is read as JSON
     app = FastAPI(title="Flywheel", version="1", lifespan=lifespan, strict_content_type=False,
                   summary="Online-learning inference service with a feedback loop.")
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_RequestMetrics, metrics=metrics)
-    metrics.queue_depth.set_function(lambda: state["event_log"].queue_depth
-                                     if state["event_log"] else 0)
-    metrics.spooled.set_function(lambda: state["event_log"].spool.pending
-                                 if state["event_log"] else 0)
-    metrics.registry.register(_EventLogCollector(lambda: state["event_log"]))
-    app.state.holder, app.state.metrics, app.state.event_log = holder, metrics, state
+    metrics.queue_depth.set_function(lambda: runtime.event_log.queue_depth
+                                     if runtime.event_log else 0)
+    metrics.spooled.set_function(lambda: runtime.event_log.spool.pending
+                                 if runtime.event_log else 0)
+    metrics.registry.register(_EventLogCollector(lambda: runtime.event_log))
+    app.state.holder, app.state.metrics, app.state.runtime = holder, metrics, runtime
 
     def served() -> ServedModel:
         try:
@@ -165,7 +170,7 @@ def create_app(
             records.append(Record(topic, pid.encode(), prediction_payload(
                 id=pid, model_name=model.name, model_version=model.version, features=row,
                 probabilities=probabilities, label=label, timestamp=now, latency_ms=latency_ms)))
-        state["event_log"].log_many(records)  # type: ignore[union-attr]
+        runtime.event_log.log_many(records)  # type: ignore[union-attr]
         metrics.predictions.labels(model.version).inc(len(rows))
         return {"model": {"name": model.name, "version": model.version},
                 "predictions": predictions}
@@ -190,7 +195,7 @@ def create_app(
                 timestamp=now).to_json())
             for c in items
         ]
-        state["event_log"].log_many(records)  # type: ignore[union-attr]
+        runtime.event_log.log_many(records)  # type: ignore[union-attr]
         metrics.corrections.inc(len(records))
         return JSONResponse({"accepted": len(records)}, status_code=202)
 
@@ -206,7 +211,7 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        el = state["event_log"]
+        el = runtime.event_log
         ready = holder.ready and el is not None and el.running
         body = {
             "ready": ready,

@@ -39,7 +39,7 @@ def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Setting
         for i in range(60):
             ids += predict(client, n_rows=1 + i % 5)
         version = client.get("/v1/model").json()["version"]
-        assert client.app.state.event_log["event_log"].wait_idle(30)
+        assert client.app.state.runtime.event_log.wait_idle(30)
     records = consume(settings.kafka_bootstrap, settings.topic_predictions, len(ids))
     assert len(records) == len(ids)
     assert sorted(k.decode() for k, _ in records) == sorted(ids)
@@ -56,7 +56,7 @@ def test_corrections_land_on_their_topic(settings: Settings):
         r = client.post("/v1/corrections", json={"corrections": [
             {"prediction_id": pid, "label": "class_1", "source": "site-7"} for pid in ids]})
         assert r.status_code == 202
-        assert client.app.state.event_log["event_log"].wait_idle(30)
+        assert client.app.state.runtime.event_log.wait_idle(30)
     records = consume(settings.kafka_bootstrap, settings.topic_corrections, 3)
     assert sorted(k.decode() for k, _ in records) == sorted(ids)
     events = [CorrectionEvent.model_validate_json(v) for _, v in records]
@@ -74,7 +74,7 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
     s = settings.model_copy(update={"kafka_bootstrap": outage_broker.bootstrap})
     try:
         with TestClient(create_app(s)) as client:
-            event_log = client.app.state.event_log["event_log"]
+            event_log = client.app.state.runtime.event_log
             before = [pid for _ in range(20) for pid in predict(client, 2)]
             assert event_log.wait_idle(30)
             delivered = consume(s.kafka_bootstrap, s.topic_predictions, len(before))
