@@ -29,6 +29,9 @@ class KafkaSink:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
+            # Java's (and kafka-python's) partitioner: a correction keyed by a prediction id
+            # lands on that prediction's partition whichever client produced it
+            "partitioner": "murmur2_random",
             "message.timeout.ms": timeout_ms,
             "socket.timeout.ms": max(1000, timeout_ms // 2),
             "reconnect.backoff.max.ms": 1000,

@@ -105,3 +105,34 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
         assert [k.decode() for k, _ in corrections] == [during[0]]
     finally:
         outage_broker.stop()
+
+
+def test_a_correction_lands_on_its_predictions_partition_as_any_java_client_would(
+        settings: Settings):
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.partitioner.default import murmur2
+
+    with TestClient(create_app(settings)) as client:
+        ids = predict(client, 40)
+        client.post("/v1/corrections", json={"corrections": [
+            {"prediction_id": pid, "label": "class_0"} for pid in ids]})
+        assert client.app.state.runtime.event_log.wait_idle(30)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    try:
+        seen: dict[str, dict[bytes, int]] = {}
+        for topic in (settings.topic_predictions, settings.topic_corrections):
+            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            seen[topic] = {}
+            while len(seen[topic]) < len(ids):
+                for tp, recs in consumer.poll(timeout_ms=1000).items():
+                    seen[topic].update((r.key, tp.partition) for r in recs)
+    finally:
+        consumer.close()
+    for pid in ids:
+        key = pid.encode()
+        expected = (murmur2(key) & 0x7FFFFFFF) % settings.topic_partitions  # Java's formula
+        assert seen[settings.topic_predictions][key] == expected
+        assert seen[settings.topic_corrections][key] == expected
+    assert len(set(seen[settings.topic_predictions].values())) > 1  # really spread out
