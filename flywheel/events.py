@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -54,9 +61,17 @@ class PredictionEvent(_Event):
     @field_validator("features")
     @classmethod
     def _finite(cls, value: list[float]) -> list[float]:
-        if not all(math.isfinite(v) for v in value):
-            raise ValueError("features must be finite numbers")
+        if not value or not all(math.isfinite(v) for v in value):
+            raise ValueError("features must be a non-empty list of finite numbers")
         return value
+
+    @model_validator(mode="after")
+    def _label_is_a_class(self) -> PredictionEvent:
+        if self.label not in self.probabilities:
+            raise ValueError(f"label {self.label!r} is not one of the probabilities' labels")
+        if not all(math.isfinite(p) and 0 <= p <= 1 for p in self.probabilities.values()):
+            raise ValueError("probabilities must be numbers in [0, 1]")
+        return self
 
 
 class CorrectionEvent(_Event):

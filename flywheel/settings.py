@@ -58,6 +58,18 @@ class Settings(BaseSettings):
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")
 
+    feedback_group: str = Field("flywheel-feedback", min_length=1,
+                                description="Consumer group the feedback workers share.")
+    feedback_session_timeout_ms: int = Field(
+        10_000, ge=1000, le=300_000,
+        description="Consumer session timeout; Tansu completes a join after about half.")
+    feedback_max_records: int = Field(2000, ge=1, le=100_000,
+                                      description="Records per poll, one store transaction.")
+    correction_expiry_s: float = Field(7 * 24 * 3600.0, gt=0,
+                                       description="Unmatched corrections expire after this.")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1,
+                                    description="Share of corrections kept out of training.")
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _check_bootstrap(cls, value: str | None) -> str | None:

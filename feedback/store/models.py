@@ -212,8 +212,42 @@ class LearnerState(Base):
     )
 
 
+class ReferenceStats(Base):
+    """The training distribution a lineage's novelty scores are measured against."""
+
+    __tablename__ = "reference_stats"
+
+    model_name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    example_count: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, server_default=func.now()
+    )
+
+
+class ErrorCount(Base):
+    """Joined corrections per model version, hour, (predicted, true) pair and outcome.
+
+    Counters, not rows per event: a rolling report is a sum over recent hours, and two
+    workers add to the same row with an atomic upsert.
+    """
+
+    __tablename__ = "error_counts"
+    __table_args__ = (
+        CheckConstraint(_one_of("outcome", ("correct", *ERROR_TYPES)), name="outcome"),
+    )
+
+    model_name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    predicted: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    actual: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
 __all__ = [
     "CORRECTION_STATUSES", "ERROR_TYPES", "NAMING_CONVENTION", "ORIGINS", "SPLITS", "Base",
-    "Correction", "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin",
-    "Prediction", "Split", "UTCDateTime", "utcnow",
+    "Correction", "CorrectionStatus", "ErrorCount", "ErrorType", "Example", "LearnerState",
+    "Origin", "Prediction", "ReferenceStats", "Split", "UTCDateTime", "utcnow",
 ]
