@@ -1,8 +1,15 @@
 """Feedback: turns logged predictions and corrections into training examples.
 
-Its training store (`flywheel.feedback.store`) is the hand-off to the learner.
+Its training store (`flywheel.feedback.store`) is the hand-off to the learner; the worker
+(`flywheel feedback`) joins, analyzes and writes examples; `error_report` summarizes.
 """
 
+from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
+from flywheel.feedback.counterexamples import Counterexample, CounterexampleConfig
+from flywheel.feedback.counterexamples import generate as generate_counterexamples
+from flywheel.feedback.reference import ReferenceStats
+from flywheel.feedback.report import error_report
+from flywheel.feedback.runner import build_worker
 from flywheel.feedback.store import (
     CORRECTION_STATUSES,
     ERROR_TYPES,
@@ -29,8 +36,12 @@ from flywheel.feedback.store import (
     session_factory,
     upgrade,
 )
+from flywheel.feedback.worker import FeedbackWorker, WorkerStats
 
 __all__ = [
+    "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackWorker",
+    "ReferenceStats", "Verdict", "WorkerStats", "analyze", "assign_split", "build_worker",
+    "error_report", "generate_counterexamples",
     "CORRECTION_STATUSES", "ERROR_TYPES", "ORIGINS", "SPLITS", "Base", "Correction",
     "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin", "Prediction",
     "SchemaNotCurrent", "SchemaTooNew", "Split", "check_schema", "current", "downgrade", "head",

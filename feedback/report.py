@@ -1,0 +1,42 @@
+"""Rolling error reports per model version, summed from the store's error counters."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from flywheel.events import utcnow
+from flywheel.feedback.store.models import ErrorCount
+
+
+def error_report(session: Session, model_name: str, hours: float = 24.0,
+                 now: datetime | None = None, top_pairs: int = 5) -> dict[str, Any]:
+    """Error rate, error-type mix and the most frequent confusions, per version."""
+    since = (now or utcnow()) - timedelta(hours=hours)
+    rows = session.execute(
+        select(ErrorCount.model_version, ErrorCount.predicted, ErrorCount.actual,
+               ErrorCount.outcome, ErrorCount.count)
+        .where(ErrorCount.model_name == model_name, ErrorCount.hour >= since)).all()
+    versions: dict[str, dict[str, Counter]] = defaultdict(
+        lambda: {"outcomes": Counter(), "pairs": Counter()})
+    for version, predicted, actual, outcome, count in rows:
+        versions[version]["outcomes"][outcome] += count
+        if outcome != "correct":
+            versions[version]["pairs"][(predicted, actual)] += count
+    report = []
+    for version in sorted(versions, key=lambda v: (len(v), v)):
+        outcomes, pairs = versions[version]["outcomes"], versions[version]["pairs"]
+        total = sum(outcomes.values())
+        errors = total - outcomes["correct"]
+        report.append({
+            "model_version": version, "corrections": total, "errors": errors,
+            "error_rate": errors / total if total else 0.0,
+            "error_types": {k: v for k, v in sorted(outcomes.items()) if k != "correct"},
+            "confusions": [{"predicted": p, "actual": a, "count": n}
+                           for (p, a), n in pairs.most_common(top_pairs)],
+        })
+    return {"model_name": model_name, "window_hours": hours, "versions": report}

@@ -1,0 +1,178 @@
+"""`flywheel feedback`: one worker of the consumer group that feeds the training store.
+
+Per poll: validate every record (refused ones go to the dead-letter topic), write the
+valid ones and the joins they complete in ONE store transaction, publish the dead
+letters, and only then commit the Kafka offsets. A crash anywhere replays the batch,
+and every write is idempotent, so the store ends up as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from flywheel.events import CorrectionEvent, PredictionEvent, utcnow
+from flywheel.feedback.deadletter import DeadLetterWriter
+from flywheel.feedback.join import JoinedPair, claim_joins, expire_corrections, store_events
+from flywheel.feedback.messages import Rejected, decode
+from flywheel.feedback.store import Example, insert_ignoring_duplicates, session_factory
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+ExamplesFor = Callable[[Session, list[JoinedPair]], list[dict]]
+RETRIES = 5
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    records: int = 0
+    predictions: int = 0
+    corrections: int = 0
+    joined: int = 0
+    examples: int = 0
+    dead_letters: int = 0
+    expired: int = 0
+    retries: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class FeedbackWorker:
+    def __init__(self, settings: Settings, engine: Engine, examples_for: ExamplesFor,
+                 *, sweep_every_s: float = 5.0, client_id: str | None = None) -> None:
+        if not settings.kafka_bootstrap:
+            raise ValueError("the feedback worker needs FLYWHEEL_KAFKA_BOOTSTRAP")
+        self.settings = settings
+        self._sessions = session_factory(engine)
+        self._examples_for = examples_for
+        self._sweep_every_s = sweep_every_s
+        self._next_sweep = 0.0
+        self._client_id = client_id
+        self._kinds = {settings.topic_predictions: "prediction",
+                       settings.topic_corrections: "correction"}
+        self.stats = WorkerStats()
+        self._consumer = None
+        self._dead_letters: DeadLetterWriter | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _connect(self) -> None:
+        from kafka import KafkaConsumer
+
+        s = self.settings
+        self._consumer = KafkaConsumer(
+            *self._kinds, bootstrap_servers=s.kafka_bootstrap, group_id=s.feedback_group,
+            client_id=self._client_id or "flywheel-feedback", enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=s.feedback_session_timeout_ms,
+            heartbeat_interval_ms=max(300, s.feedback_session_timeout_ms // 4),
+            max_poll_records=s.feedback_max_records,
+        )
+        self._dead_letters = DeadLetterWriter(s.kafka_bootstrap, s.topic_deadletter)
+
+    def run(self, stop: threading.Event, on_batch: Callable[[WorkerStats], None] | None = None
+            ) -> WorkerStats:
+        """Consume until `stop` is set; leaves the group cleanly so partitions move on."""
+        self._connect()
+        assert self._consumer is not None
+        try:
+            while not stop.is_set():
+                polled = self._consumer.poll(timeout_ms=500)
+                if polled:
+                    self.process(polled)
+                    self._consumer.commit({tp: _offset(recs[-1].offset + 1)
+                                           for tp, recs in polled.items()})
+                    if on_batch:
+                        on_batch(self.stats)
+                if time.monotonic() >= self._next_sweep:
+                    self.sweep()
+        finally:
+            self._consumer.close()
+            if self._dead_letters:
+                self._dead_letters.close()
+        return self.stats
+
+    # -- one batch ----------------------------------------------------------------------
+    def process(self, polled: dict) -> None:
+        predictions: list[PredictionEvent] = []
+        corrections: list[CorrectionEvent] = []
+        rejected: list[Rejected] = []
+        for tp, records in polled.items():
+            kind = self._kinds[tp.topic]
+            for r in records:
+                event = decode(kind, tp.topic, tp.partition, r.offset, r.key, r.value)
+                if isinstance(event, Rejected):
+                    rejected.append(event)
+                elif isinstance(event, PredictionEvent):
+                    predictions.append(event)
+                else:
+                    corrections.append(event)
+        touched = {e.id for e in predictions} | {e.prediction_id for e in corrections}
+        new_p, new_c, joined, examples = self._in_transaction(
+            lambda session: self._write(session, predictions, corrections, touched))
+        self.stats.predictions += new_p
+        self.stats.corrections += new_c
+        self.stats.joined += joined
+        self.stats.examples += examples
+        if rejected:
+            assert self._dead_letters is not None
+            self._dead_letters.publish(rejected)
+            self.stats.dead_letters += len(rejected)
+            for r in rejected:
+                reason = r.reason.split(":", 1)[0]
+                self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        self.stats.batches += 1
+        self.stats.records += sum(len(records) for records in polled.values())
+
+    def _write(self, session: Session, predictions: list[PredictionEvent],
+               corrections: list[CorrectionEvent], touched: set[str]
+               ) -> tuple[int, int, int, int]:
+        new_p, new_c = store_events(session, predictions, corrections)
+        joined = claim_joins(session, touched, utcnow()) if touched else []
+        examples = insert_ignoring_duplicates(session, Example,
+                                              self._examples_for(session, joined))
+        return new_p, new_c, len(joined), examples
+
+    def sweep(self) -> None:
+        """Join what a concurrent worker's transaction hid from ours; expire the hopeless."""
+        self._next_sweep = time.monotonic() + self._sweep_every_s
+        cutoff = utcnow() - timedelta(seconds=self.settings.correction_expiry_s)
+
+        def work(session: Session) -> tuple[int, int, int]:
+            joined = claim_joins(session, None, utcnow())
+            examples = insert_ignoring_duplicates(
+                session, Example, self._examples_for(session, joined)) if joined else 0
+            return len(joined), examples, expire_corrections(session, cutoff)
+
+        joined, examples, expired = self._in_transaction(work)
+        self.stats.joined += joined
+        self.stats.examples += examples
+        self.stats.expired += expired
+
+    def _in_transaction(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one transaction; retry when the database says try again."""
+        for attempt in range(1, RETRIES + 1):
+            try:
+                with self._sessions.begin() as session:
+                    return work(session)
+            except OperationalError as exc:  # SQLite busy, PostgreSQL serialization, ...
+                if attempt == RETRIES:
+                    raise
+                self.stats.retries += 1
+                log.warning("store busy (%s); retry %d", exc.orig, attempt)
+                time.sleep(0.05 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+
+def _offset(position: int) -> object:
+    from kafka.structs import OffsetAndMetadata
+
+    return OffsetAndMetadata(position, "", -1)

@@ -1,0 +1,79 @@
+"""`flywheel feedback`: run a feedback worker; `flywheel feedback report`: error reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+
+import typer
+
+from flywheel.cli import app, settings_or_exit
+
+feedback_app = typer.Typer(no_args_is_help=False, help=__doc__)
+app.add_typer(feedback_app, name="feedback")
+log = logging.getLogger("flywheel.feedback")
+
+
+@feedback_app.callback(invoke_without_command=True)
+def run(ctx: typer.Context) -> None:
+    """Join corrections to predictions, analyze errors, write examples (one group member)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from flywheel.feedback.runner import build_worker
+    from flywheel.feedback.store import SchemaNotCurrent
+
+    settings = settings_or_exit()
+    if not settings.kafka_bootstrap:
+        typer.echo("error: set FLYWHEEL_KAFKA_BOOTSTRAP (start one with `flywheel broker`)",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        worker = build_worker(settings)
+    except SchemaNotCurrent as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("feedback worker in group %s on %s", settings.feedback_group,
+             settings.kafka_bootstrap)
+    stats = worker.run(stop)
+    log.info("stopped: %s", stats)
+
+
+@feedback_app.command()
+def report(
+    hours: float = typer.Option(24.0, min=0.01, help="Rolling window."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Error rate, error-type mix and top confusions per model version."""
+    from flywheel.feedback.report import error_report
+    from flywheel.feedback.store import SchemaNotCurrent, open_store, session_factory
+
+    settings = settings_or_exit()
+    try:
+        engine = open_store(settings.resolved_database_url)
+    except SchemaNotCurrent as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    with session_factory(engine)() as session:
+        doc = error_report(session, settings.model_name, hours)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{doc['model_name']}: last {hours:g} h of corrections")
+    for col in ("version", "corrections", "errors", "error rate", "error types",
+                "top confusions (predicted→actual)"):
+        table.add_column(col)
+    for v in doc["versions"]:
+        table.add_row(v["model_version"], str(v["corrections"]), str(v["errors"]),
+                      f"{v['error_rate']:.1%}",
+                      ", ".join(f"{k} {n}" for k, n in v["error_types"].items()),
+                      ", ".join(f"{c['predicted']}→{c['actual']} {c['count']}"
+                                for c in v["confusions"]))
+    Console().print(table)
