@@ -1,0 +1,147 @@
+"""A feedback worker SIGKILLed mid-run and restarted leaves the store exactly as an
+uninterrupted run over the same records does (the CLI process, real broker, both DBs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from flywheel.feedback.store import (
+    Correction,
+    Example,
+    Prediction,
+    make_engine,
+    session_factory,
+    upgrade,
+)
+from flywheel.feedback.store.models import ErrorCount
+from flywheel.learner import ensure_champion
+from flywheel.settings import Settings
+
+from .test_feedback_worker import Traffic
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+
+
+def env_for(s: Settings, url: str, group: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env |= {
+        "FLYWHEEL_HOME": str(s.home_dir), "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+        "FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_FEEDBACK_GROUP": group,
+        "FLYWHEEL_TOPIC_PREDICTIONS": s.topic_predictions,
+        "FLYWHEEL_TOPIC_CORRECTIONS": s.topic_corrections,
+        "FLYWHEEL_TOPIC_MODEL_EVENTS": s.topic_model_events,
+        "FLYWHEEL_TOPIC_DEADLETTER": s.topic_deadletter,
+        "FLYWHEEL_SEED_EXAMPLES": str(s.seed_examples),
+        "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
+        "FLYWHEEL_FEEDBACK_MAX_RECORDS": "40",  # many small transactions to die inside
+    }
+    return env
+
+
+def second_schema(pg_url: str, name: str) -> str:
+    """A fresh schema in the test database, as its own store (via search_path)."""
+    from sqlalchemy import text
+
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS store_{name} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA store_{name}"))
+    engine.dispose()
+    return f"{pg_url}?options=-csearch_path%3Dstore_{name}"
+
+
+def joined(url: str) -> int:
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            return session.scalar(select(func.count()).select_from(Correction)
+                                  .where(Correction.status == "joined"))
+    finally:
+        engine.dispose()
+
+
+def wait_joined(url: str, n: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while joined(url) < n:
+        assert proc.poll() is None, f"worker exited: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"only {joined(url)} of {n} joined"
+        time.sleep(0.1)
+
+
+def snapshot(url: str) -> dict[str, list]:
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            return {
+                "predictions": sorted(session.scalars(select(Prediction.id))),
+                "corrections": sorted(session.execute(
+                    select(Correction.id, Correction.status)).all()),
+                "examples": sorted(session.execute(select(
+                    Example.dedup_key, Example.origin, Example.label, Example.split,
+                    Example.error_type, Example.parent_prediction_id, Example.features,
+                    Example.weight)).all()),
+                "error_counts": sorted(session.execute(select(
+                    ErrorCount.model_version, ErrorCount.hour, ErrorCount.predicted,
+                    ErrorCount.actual, ErrorCount.outcome, ErrorCount.count)).all()),
+            }
+    finally:
+        engine.dispose()
+
+
+def run_worker(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([FLYWHEEL, "feedback"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, settings,
+                                                                  tmp_path):
+    if db == "sqlite":
+        urls = [f"sqlite:///{tmp_path / f'store{i}.db'}" for i in range(2)]
+    else:
+        urls = [second_schema(request.getfixturevalue("pg_url"), name) for name in ("a", "b")]
+    for url in urls:
+        upgrade(url)
+    ensure_champion(settings)
+    traffic = Traffic(settings)
+    events = traffic.predictions(400, seed=11) + traffic.predictions(200, drifted=True, seed=12)
+    traffic.send_corrections(events[:150])  # some corrections before their predictions
+    traffic.send_predictions(events)
+    traffic.send_corrections(events[150:])
+
+    crashed, clean = urls
+    group = f"crash-{uuid.uuid4().hex[:6]}"
+    proc = run_worker(env_for(settings, crashed, group))
+    wait_joined(crashed, 150, proc)
+    proc.send_signal(signal.SIGKILL)  # no shutdown, no offset commit, maybe mid-transaction
+    proc.wait(10)
+    assert joined(crashed) < 600, "the crash should interrupt the run"
+    proc = run_worker(env_for(settings, crashed, group))  # resumes at the committed offsets
+    wait_joined(crashed, 600, proc)
+    time.sleep(2)  # let any duplicate work surface before comparing
+    stop(proc)
+
+    proc = run_worker(env_for(settings, clean, f"clean-{uuid.uuid4().hex[:6]}"))
+    wait_joined(clean, 600, proc)
+    time.sleep(2)
+    stop(proc)
+    a, b = snapshot(crashed), snapshot(clean)
+    assert len(a["predictions"]) == 600 and len(a["corrections"]) == 600
+    for table in a:
+        assert a[table] == b[table], f"{table} differs after the crash"
