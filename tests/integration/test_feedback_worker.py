@@ -245,3 +245,65 @@ def test_replayed_batches_change_nothing(fb_settings):
         engine.dispose()
     assert snapshots[0] == snapshots[1]
     assert np.isfinite(np.asarray([r.features for r in snapshots[0]], dtype=float)).all()
+
+
+def test_error_report_from_the_store_and_the_cli(fb_settings):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flywheel.feedback import error_report
+
+    s = fb_settings
+    traffic = Traffic(s)
+    events = traffic.predictions(60, seed=7) + traffic.predictions(60, drifted=True, seed=8)
+    worker, stop, thread = start(s)
+    try:
+        traffic.send_predictions(events)
+        traffic.send_corrections(events)
+        wait_for(lambda: joined(s) == 120, what="joins")
+    finally:
+        stop.set()
+        thread.join(30)
+    truth_wrong = sum(1 for e, t in events if e.label != t)
+    engine = make_engine(s.resolved_database_url)
+    with session_factory(engine)() as session:
+        report = error_report(session, s.model_name)
+        by_type = dict(session.execute(
+            select(Example.error_type, func.count()).where(Example.origin == "correction")
+            .group_by(Example.error_type)).all())
+    engine.dispose()
+    [version] = report["versions"]
+    assert version["corrections"] == 120 and version["errors"] == truth_wrong
+    assert version["error_rate"] == pytest.approx(truth_wrong / 120)
+    assert version["error_types"] == {k: v for k, v in by_type.items() if k is not None}
+    assert sum(c["count"] for c in version["confusions"]) <= truth_wrong
+    assert version["confusions"][0]["predicted"] != version["confusions"][0]["actual"]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env |= {"FLYWHEEL_HOME": str(s.home_dir), "FLYWHEEL_DATABASE_URL": s.database_url}
+    out = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "feedback", "report",
+                          "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["versions"] == report["versions"]
+
+
+@pytest.mark.parametrize("revision", [None, "0001"])
+def test_worker_refuses_an_unmigrated_or_older_store(settings, tmp_path, revision):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    if revision:
+        upgrade(url, revision)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env |= {"FLYWHEEL_HOME": str(settings.home_dir), "FLYWHEEL_DATABASE_URL": url,
+            "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+    out = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "feedback"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "run `flywheel db upgrade`" in out.stderr and "Traceback" not in out.stderr
