@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flywheel.feedback.corroboration import release_corroborated
 from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.reference_data import LabelledPool, ensure_reference
 from flywheel.feedback.store import open_store, session_factory
@@ -29,4 +30,7 @@ def build_worker(settings: Settings, client_id: str | None = None) -> FeedbackWo
         reference = ensure_reference(session, settings)
         pool = LabelledPool.load(session, reference)
     builder = ExampleBuilder(settings, pool, registry_model_loader(settings))
-    return FeedbackWorker(settings, engine, builder, client_id=client_id)
+    return FeedbackWorker(
+        settings, engine, builder, client_id=client_id,
+        release=lambda session: release_corroborated(session, reference,
+                                                     settings.holdout_fraction))

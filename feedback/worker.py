@@ -43,18 +43,21 @@ class WorkerStats:
     examples: int = 0
     dead_letters: int = 0
     expired: int = 0
+    released: int = 0
     retries: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class FeedbackWorker:
     def __init__(self, settings: Settings, engine: Engine, examples_for: ExamplesFor,
-                 *, sweep_every_s: float = 5.0, client_id: str | None = None) -> None:
+                 *, sweep_every_s: float = 5.0, client_id: str | None = None,
+                 release: Callable[[Session], int] | None = None) -> None:
         if not settings.kafka_bootstrap:
             raise ValueError("the feedback worker needs FLYWHEEL_KAFKA_BOOTSTRAP")
         self.settings = settings
         self._sessions = session_factory(engine)
         self._examples_for = examples_for
+        self._release = release
         self._sweep_every_s = sweep_every_s
         self._next_sweep = 0.0
         self._client_id = client_id
@@ -96,6 +99,7 @@ class FeedbackWorker:
                     self.sweep()
         finally:
             self._consumer.close()
+            self.sweep()  # a stopped worker leaves no join or release for later
             if self._dead_letters:
                 self._dead_letters.close()
         return self.stats
@@ -142,19 +146,22 @@ class FeedbackWorker:
         return new_p, new_c, len(joined), examples
 
     def sweep(self) -> None:
-        """Join what a concurrent worker's transaction hid from ours; expire the hopeless."""
+        """Join what a concurrent worker's transaction hid from ours, release corroborated
+        quarantine, expire the hopeless."""
         self._next_sweep = time.monotonic() + self._sweep_every_s
         cutoff = utcnow() - timedelta(seconds=self.settings.correction_expiry_s)
 
-        def work(session: Session) -> tuple[int, int, int]:
+        def work(session: Session) -> tuple[int, int, int, int]:
             joined = claim_joins(session, None, utcnow())
             examples = insert_ignoring_duplicates(
                 session, Example, self._examples_for(session, joined)) if joined else 0
-            return len(joined), examples, expire_corrections(session, cutoff)
+            released = self._release(session) if self._release else 0
+            return len(joined), examples, released, expire_corrections(session, cutoff)
 
-        joined, examples, expired = self._in_transaction(work)
+        joined, examples, released, expired = self._in_transaction(work)
         self.stats.joined += joined
         self.stats.examples += examples
+        self.stats.released += released
         self.stats.expired += expired
 
     def _in_transaction(self, work: Callable[[Session], T]) -> T:

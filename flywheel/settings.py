@@ -69,6 +69,8 @@ class Settings(BaseSettings):
                                        description="Unmatched corrections expire after this.")
     holdout_fraction: float = Field(0.1, ge=0, lt=1,
                                     description="Share of corrections kept out of training.")
+    feedback_metrics_port: int = Field(0, ge=0, le=65535,
+                                       description="Worker's /metrics port; 0 turns it off.")
     counterexample_budget: int = Field(
         1000, ge=0, description="Counterexamples one source may add per budget window.")
     counterexample_window_s: float = Field(3600.0, gt=0,

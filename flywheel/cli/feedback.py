@@ -34,6 +34,13 @@ def run(ctx: typer.Context) -> None:
     except SchemaNotCurrent as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    if settings.feedback_metrics_port:
+        from flywheel.feedback.metrics import FeedbackCollector, serve_metrics
+        from flywheel.feedback.store import make_engine
+
+        serve_metrics(settings.feedback_metrics_port, FeedbackCollector(
+            worker, make_engine(settings.resolved_database_url), settings.model_name),
+            addr=settings.host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -282,6 +282,26 @@ def test_error_report_from_the_store_and_the_cli(fb_settings):
     assert sum(c["count"] for c in version["confusions"]) <= truth_wrong
     assert version["confusions"][0]["predicted"] != version["confusions"][0]["actual"]
 
+    from flywheel.broker import free_port
+    from flywheel.feedback.metrics import FeedbackCollector, serve_metrics
+
+    engine = make_engine(s.resolved_database_url)
+    port = free_port()
+    server, _ = serve_metrics(port, FeedbackCollector(worker, engine, s.model_name))
+    try:
+        import httpx
+
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.shutdown()
+        engine.dispose()
+    assert "flywheel_feedback_joined_total 120.0" in text
+    assert (f'flywheel_feedback_error_rate{{model_version="{version["model_version"]}"}} '
+            f'{truth_wrong / 120}') in text
+    for error_type, n in version["error_types"].items():
+        assert (f'flywheel_feedback_errors{{error_type="{error_type}",'
+                f'model_version="{version["model_version"]}"}} {float(n)}') in text
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {"FLYWHEEL_HOME": str(s.home_dir), "FLYWHEEL_DATABASE_URL": s.database_url}
     out = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "feedback", "report",
