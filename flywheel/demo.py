@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
+from flywheel.feedback import FeedbackWorker
 from flywheel.settings import Settings
 from flywheel.streams import Concept, seed_concept
 
@@ -42,12 +43,14 @@ class DemoResult:
     versions_served: set[str] = field(default_factory=set)
     events_on_topic: int = 0
     corrections_on_topic: int = 0
+    corrections_joined: int = 0
     elapsed_s: float = 0.0
 
     @property
     def loop_closed_for_logging(self) -> bool:
         return (self.events_on_topic == self.predictions
-                and self.corrections_on_topic == self.corrections)
+                and self.corrections_on_topic == self.corrections
+                and self.corrections_joined == self.corrections)
 
 
 @contextlib.contextmanager
@@ -92,6 +95,31 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
         upgrade(settings.resolved_database_url)
         ensure_champion(settings)
         yield settings
+
+
+@contextlib.contextmanager
+def running_feedback_worker(settings: Settings) -> Iterator[FeedbackWorker]:
+    """One feedback worker in a background thread, stopped (and swept) on exit."""
+    from flywheel.feedback import build_worker
+
+    worker = build_worker(settings.model_copy(update={"feedback_session_timeout_ms": 4000}))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="flywheel-demo-feedback",
+                              daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+def wait_joined(worker: FeedbackWorker, expected: int, timeout_s: float = 60.0) -> int:
+    """Corrections the worker has joined, waiting up to `timeout_s` for `expected`."""
+    deadline = time.monotonic() + timeout_s
+    while worker.stats.joined < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return worker.stats.joined
 
 
 def simulate_app(

@@ -26,9 +26,13 @@ def demo(
         DemoConfig,
         count_topic,
         embedded_stack,
+        running_feedback_worker,
         running_service,
         simulate_app,
+        wait_joined,
     )
+    from flywheel.feedback import error_report
+    from flywheel.feedback.store import make_engine, session_factory
 
     settings = settings_or_exit(port=port)
     console = Console(stderr=True)
@@ -36,6 +40,7 @@ def demo(
     with contextlib.ExitStack() as stack:
         with console.status("starting broker, store, registry and service..."):
             s = stack.enter_context(embedded_stack(settings))
+            worker = stack.enter_context(running_feedback_worker(s))
             url = stack.enter_context(running_service(s))
         console.print(f"service at {url}, Kafka at {s.kafka_bootstrap}, home {s.home_dir}")
         with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(),
@@ -53,12 +58,20 @@ def demo(
                                                  result.predictions)
             result.corrections_on_topic = count_topic(s.kafka_bootstrap, s.topic_corrections,
                                                       result.corrections)
+        with console.status("feedback worker joining corrections..."):
+            result.corrections_joined = wait_joined(worker, result.corrections)
+    engine = make_engine(s.resolved_database_url)
+    with session_factory(engine)() as session:
+        report = error_report(session, s.model_name)
+    engine.dispose()
     summary = {
         "predictions": result.predictions, "prediction_events": result.events_on_topic,
         "corrections": result.corrections, "correction_events": result.corrections_on_topic,
         "versions_served": sorted(result.versions_served),
         "accuracy_before_drift": round(result.accuracy_before_drift, 4),
         "accuracy_after_drift": round(result.accuracy_after_drift, 4),
+        "corrections_joined": result.corrections_joined,
+        "error_report": report["versions"],
         "elapsed_s": round(result.elapsed_s, 1),
     }
     if as_json:
@@ -68,8 +81,17 @@ def demo(
         table.add_column("measure")
         table.add_column("value", justify="right")
         for k, v in summary.items():
-            table.add_row(k, str(v))
+            if k != "error_report":
+                table.add_row(k, str(v))
+        for v in report["versions"]:
+            ver = v["model_version"]
+            table.add_row(f"error rate v{ver}", f"{v['error_rate']:.1%} of {v['corrections']}")
+            table.add_row(f"error types v{ver}",
+                          ", ".join(f"{k} {n}" for k, n in v["error_types"].items()))
+            table.add_row(f"top confusions v{ver}", ", ".join(
+                f"{c['predicted']}→{c['actual']} {c['count']}" for c in v["confusions"][:3]))
         Console().print(table)
     if not result.loop_closed_for_logging:
-        typer.echo("error: not every prediction or correction reached Kafka", err=True)
+        typer.echo("error: not every prediction and correction reached Kafka and the store",
+                   err=True)
         raise typer.Exit(1)

@@ -24,6 +24,11 @@ def test_demo_runs_the_stack_and_every_record_reaches_kafka(tmp_path):
     assert summary["predictions"] == summary["prediction_events"] == 400
     assert summary["corrections"] == summary["correction_events"] > 0
     assert summary["versions_served"] == ["1"]
+    # the feedback worker joined every correction and analyzed the errors
+    assert summary["corrections_joined"] == summary["corrections"]
+    [report] = summary["error_report"]
+    assert report["corrections"] == summary["corrections"] and report["errors"] > 0
+    assert sum(report["error_types"].values()) == report["errors"]
     # the simulated app crosses an abrupt concept change the seed model has not seen
     assert summary["accuracy_before_drift"] > 0.8
     assert summary["accuracy_after_drift"] < summary["accuracy_before_drift"] - 0.2
