@@ -14,12 +14,14 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.feedback.store.models import ErrorType, Split
 
+_HOLDOUT, _TRAIN = Split.HOLDOUT.value, Split.TRAIN.value  # plain strings: called per row
 PROBABILITY_SUM_TOLERANCE = 1e-3
 # The served label is the first argmax of float32 probabilities; allow for that rounding.
 ARGMAX_TOLERANCE = 1e-6
@@ -159,27 +161,177 @@ def analyze(
                        margin=margin, distance=distance, neighbour_agreement=agreement,
                        reason=f"correct: predicted {predicted!r} with {numbers}.")
 
-    def wrong(error_type: ErrorType, trainable: bool, why: str) -> Verdict:
-        return Verdict(correct=False, error_type=error_type.value, trainable=trainable,
-                       confidence=confidence, margin=margin, distance=distance,
-                       neighbour_agreement=agreement,
-                       reason=f"{error_type.value}: predicted {predicted!r} but the true label "
-                       f"is {true_label!r}; {why} ({numbers}).")
+    error_type = _error_type(bool(reference.is_novel(x)), confidence, margin, len(near),
+                             agreement, config)
+    if error_type is ErrorType.NOVEL:
+        why = ("the input is far from the reference data, so the model had nothing like it "
+               "to learn from")
+    elif error_type is ErrorType.SUSPECT:
+        why = (f"the correction contradicts a confident model and {agreement:.0%} of its "
+               f"{len(near)} nearest labelled neighbours, so it is quarantined until "
+               f"corroborated")
+    elif error_type is ErrorType.BOUNDARY:
+        why = (f"the top two labels are within {config.boundary_margin} of each other, near "
+               f"the decision boundary")
+    else:
+        why = "the model was wrong well away from the decision boundary"
+    return Verdict(correct=False, error_type=error_type.value,
+                   trainable=error_type is not ErrorType.SUSPECT, confidence=confidence,
+                   margin=margin, distance=distance, neighbour_agreement=agreement,
+                   reason=f"{error_type.value}: predicted {predicted!r} but the true label "
+                   f"is {true_label!r}; {why} ({numbers}).")
 
-    if reference.is_novel(x):
-        return wrong(ErrorType.NOVEL, True, "the input is far from the reference data, so "
-                     "the model had nothing like it to learn from")
-    if (confidence >= config.confident_threshold and len(near) >= config.neighbours
+
+def _error_type(novel: bool, confidence: float, margin: float, near: int,
+                agreement: float | None, config: AnalyzerConfig) -> ErrorType:
+    """The rules for a wrong prediction, first match wins (see `analyze`); one copy of them
+    for the one-at-a-time and the batch paths."""
+    if novel:
+        return ErrorType.NOVEL
+    if (confidence >= config.confident_threshold and near >= config.neighbours
             and agreement is not None and agreement >= config.suspect_agreement):
-        return wrong(ErrorType.SUSPECT, False,
-                     f"the correction contradicts a confident model and {agreement:.0%} of "
-                     f"its {len(near)} nearest labelled neighbours, so it is quarantined "
-                     f"until corroborated")
+        return ErrorType.SUSPECT
     if margin < config.boundary_margin:
-        return wrong(ErrorType.BOUNDARY, True, f"the top two labels are within "
-                     f"{config.boundary_margin} of each other, near the decision boundary")
-    return wrong(ErrorType.CONFIDENT, True, "the model was wrong well away from the "
-                 "decision boundary")
+        return ErrorType.BOUNDARY
+    return ErrorType.CONFIDENT
+
+
+class NeighbourSource(Protocol):
+    """Labelled examples to look up neighbours in (`LabelledPool`)."""
+
+    reference: ReferenceStats
+
+    def near(self, x: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]: ...
+
+    def near_many(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def labels(self) -> frozenset[str]: ...
+
+    @property
+    def points(self) -> np.ndarray: ...
+
+
+# Within this (relative) distance of a cut-off, a batch result is recomputed exactly as
+# `analyze` computes it: vectorized sums may differ from it in the last bits.
+_EXACT_BAND = 1e-9
+
+
+def analyze_many(
+    features: Sequence[Sequence[float]],
+    probabilities: Sequence[Mapping[str, float]],
+    predicted: Sequence[str],
+    true_labels: Sequence[str],
+    pool: NeighbourSource,
+    config: AnalyzerConfig | None = None,
+) -> list[tuple[str | None, bool]]:
+    """(error_type, trainable) per prediction: what `analyze` decides for each of them,
+    given `pool.near(x, config.neighbours)` as neighbours, computed for a whole batch.
+
+    The common case is vectorized: novelty for all rows at once, and a neighbour search
+    only where it can change the answer (a wrong, confident, not novel prediction: the
+    suspect rule). Anything unusual -- a value `analyze` would refuse, a distance within
+    rounding of a cut-off -- goes through `analyze` itself, so errors and edge cases are
+    exactly its own.
+    """
+    config = config or AnalyzerConfig()
+    reference = pool.reference
+    n = len(features)
+    out: list[tuple[str | None, bool] | None] = [None] * n
+    exact: list[int] = []  # rows for `analyze` itself
+    try:
+        x = np.asarray(features, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged or not numbers
+        x = np.empty((0, 0))
+    points = pool.points
+    if (x.ndim != 2 or x.shape != (n, reference.input_dim) or points.ndim != 2
+            or points.shape[1] != reference.input_dim or not np.isfinite(points).all()):
+        return [_one(i, features, probabilities, predicted, true_labels, pool, config)
+                for i in range(n)]
+    finite = np.isfinite(x).all(axis=1)
+    z = (x - reference.mean) / reference.std
+    distance = np.linalg.norm(z, axis=1)
+    threshold = reference.distance_threshold
+    near_cut = np.abs(distance - threshold) <= _EXACT_BAND * threshold
+    pool_labels = pool.labels()
+    label_sets_ok: dict[frozenset[str], bool] = {}
+    searches: list[tuple[int, float, float]] = []  # (row, confidence, margin)
+    for i in range(n):
+        probs = probabilities[i]
+        checked = _quick_check(probs, predicted[i], true_labels[i]) if finite[i] else None
+        if checked is None:
+            exact.append(i)
+            continue
+        keys = frozenset(probs)
+        if keys not in label_sets_ok:
+            label_sets_ok[keys] = pool_labels <= keys
+        if not label_sets_ok[keys]:  # a neighbour's label could be refused: let analyze see
+            exact.append(i)
+            continue
+        confidence, margin = checked
+        if predicted[i] == true_labels[i]:
+            out[i] = (None, True)
+            continue
+        # Within rounding of the cut-off, decide it exactly as `analyze` does.
+        novel = bool(reference.is_novel(x[i]) if near_cut[i] else distance[i] > threshold)
+        if not novel and confidence >= config.confident_threshold:
+            searches.append((i, confidence, margin))  # the suspect rule needs neighbours
+            continue
+        error_type = _error_type(novel, confidence, margin, 0, None, config)
+        out[i] = (error_type.value, error_type is not ErrorType.SUSPECT)
+    if searches:
+        rows = np.asarray([r for r, _, _ in searches])
+        points, labels = pool.near_many(x[rows], config.neighbours)
+        radius = config.suspect_max_distance
+        # As `neighbour_labels`: standardize the candidates and the input, then measure.
+        dist = np.linalg.norm((points - reference.mean) / reference.std - z[rows][:, None, :],
+                              axis=2)
+        close = dist <= radius
+        unsure = (np.abs(dist - radius) <= _EXACT_BAND * radius).any(axis=1)
+        for j, (i, confidence, margin) in enumerate(searches):
+            if unsure[j]:
+                exact.append(i)
+                continue
+            votes = labels[j][close[j]]
+            count = len(votes)
+            agreement = (sum(v == predicted[i] for v in votes) / count) if count else None
+            error_type = _error_type(False, confidence, margin, count, agreement, config)
+            out[i] = (error_type.value, error_type is not ErrorType.SUSPECT)
+    for i in sorted(exact):
+        out[i] = _one(i, features, probabilities, predicted, true_labels, pool, config)
+    return out  # type: ignore[return-value]
+
+
+def _one(i: int, features: Sequence[Sequence[float]],
+         probabilities: Sequence[Mapping[str, float]], predicted: Sequence[str],
+         true_labels: Sequence[str], pool: NeighbourSource, config: AnalyzerConfig
+         ) -> tuple[str | None, bool]:
+    """Row `i` exactly as one call of `analyze` judges it (and refuses it)."""
+    x = np.asarray(features[i], dtype=np.float64)
+    verdict = analyze(features[i], probabilities[i], predicted[i], true_labels[i],
+                      pool.reference, pool.near(x, config.neighbours), config)
+    return verdict.error_type, verdict.trainable
+
+
+def _quick_check(probabilities: Mapping[str, float], predicted: str, true_label: str
+                 ) -> tuple[float, float] | None:
+    """(confidence, margin) as `analyze` computes them if it would accept these values;
+    None when it might not (then `analyze` itself decides, and words the refusal)."""
+    if len(probabilities) < 2 or predicted not in probabilities \
+            or true_label not in probabilities:
+        return None
+    values = list(probabilities.values())
+    for v in values:
+        if type(v) is not float or not 0.0 <= v <= 1.0:  # NaN fails the comparison too
+            return None
+    total = math.fsum(values)
+    # analyze sums in numpy's order; near the tolerance the two may round differently.
+    if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE * (1 - _EXACT_BAND):
+        return None
+    top = max(values)
+    second = sorted(values)[-2]
+    if float(probabilities[predicted]) < top - ARGMAX_TOLERANCE:
+        return None
+    return top, top - second
 
 
 def assign_split(prediction_id: str, holdout_fraction: float) -> str:
@@ -195,7 +347,8 @@ def assign_split(prediction_id: str, holdout_fraction: float) -> str:
         raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
     digest = hashlib.sha256(prediction_id.encode("utf-8")).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
-    return Split.HOLDOUT.value if position < holdout_fraction else Split.TRAIN.value
+    return _HOLDOUT if position < holdout_fraction else _TRAIN
 
 
-__all__ = ["AnalyzerConfig", "Verdict", "analyze", "assign_split", "neighbour_labels"]
+__all__ = ["AnalyzerConfig", "NeighbourSource", "Verdict", "analyze", "analyze_many",
+           "assign_split", "neighbour_labels"]

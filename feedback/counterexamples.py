@@ -155,6 +155,19 @@ def _true_class_pool(examples: np.ndarray | None, reference: ReferenceStats) -> 
     return pool
 
 
+@dataclass(frozen=True)
+class Request:
+    """One corrected input to make variants of (the arguments of `generate`)."""
+
+    x: Sequence[float] | np.ndarray
+    true_label: str
+    error_type: str
+    labels: Sequence[str]
+    true_class_examples: np.ndarray | None
+    model: nn.Module | None
+    rng: np.random.Generator
+
+
 def generate(
     x: Sequence[float] | np.ndarray,
     true_label: str,
@@ -173,53 +186,178 @@ def generate(
     their input: no model, no true-class examples, or a flat gradient. All randomness
     comes from `rng`, so the same seed gives the same variants.
     """
-    config = config or CounterexampleConfig()
-    if error_type not in ERROR_TYPES:
-        raise ValueError(f"unknown error type {error_type!r}; known: {list(ERROR_TYPES)}")
-    labels = list(labels)
-    if true_label not in labels:
-        raise ValueError(f"true label {true_label!r} is not a known label; known: {labels}")
-    point = np.asarray(x, dtype=np.float64)
-    if point.ndim != 1:
-        raise ValueError(f"x must be a 1-D vector, got shape {point.shape}")
-    reference.standardize(point)  # validates width and finiteness
-    pool = _true_class_pool(true_class_examples, reference)
-    k = config.k[error_type]
-    if k == 0:
-        return []
+    request = Request(x, true_label, error_type, labels, true_class_examples, model, rng)
+    return generate_many([request], reference=reference, config=config)[0]
 
-    fgsm = None
-    if model is not None:
-        fgsm = gradient_sign_point(point, labels.index(true_label), len(labels), model,
-                                   reference, config.fgsm_step)
-    available = [s for s, ok in zip(STRATEGIES, (fgsm is not None, len(pool) > 0, True),
-                                    strict=True) if ok]
+
+def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
+                  config: CounterexampleConfig | None = None) -> list[list[Counterexample]]:
+    """`generate` for each request, with the costly steps done once for the whole batch.
+
+    The gradient step is one forward and backward pass per model for all requests (rows
+    of a classifier in eval mode do not interact, so each row's gradient sign is its
+    own), and the radius fit is vectorized. Each request still draws from its own `rng`
+    in the same order, so its variants do not depend on the rest of the batch. Refuses
+    what `generate` refuses, with the same message, for the first bad request.
+    """
+    config = config or CounterexampleConfig()
+    prepared: list[tuple[np.ndarray, np.ndarray, list[str], int]] = []
+    refusal: ValueError | None = None
+    pools: dict[int, np.ndarray] = {}  # requests often share one true-class pool object
+    for r in requests:
+        try:
+            prepared.append(_prepare(r, reference, config, pools))
+        except ValueError as exc:  # raised after the gradients of the requests before it
+            refusal = exc
+            break
+    fgsm = _gradient_points(requests[:len(prepared)], prepared, reference, config)
+    if refusal is not None:
+        raise refusal
     std, dim = reference.std, reference.input_dim
     lo, hi = config.interpolation
-    out: list[Counterexample] = []
-    gradient_variants = 0
-    for i in range(k):
-        strategy = available[i % len(available)]
-        if strategy == "gradient_sign":
-            assert fgsm is not None
-            v = fgsm if gradient_variants == 0 else (
-                fgsm + rng.normal(0.0, config.jitter_scale * GRADIENT_JITTER_SHARE, dim) * std)
-            gradient_variants += 1
-        elif strategy == "interpolate":
-            other = pool[rng.integers(len(pool))]
-            v = point + rng.uniform(lo, hi) * (other - point)
-        else:
-            v = point + rng.normal(0.0, config.jitter_scale, dim) * std
-        fitted = _within_radius(point, v, std, config.max_distance)
-        if fitted is None:  # only for inputs at the edge of float32's range
+    origins: list[np.ndarray] = []
+    candidates: list[np.ndarray] = []
+    owners: list[tuple[int, str]] = []
+    for n, (r, (point, pool, _, k), hard) in enumerate(zip(requests, prepared, fgsm,
+                                                           strict=False)):
+        available = [s for s, ok in zip(STRATEGIES, (hard is not None, len(pool) > 0, True),
+                                        strict=True) if ok]
+        rng = r.rng
+        gradient_variants = 0
+        for i in range(k):
+            strategy = available[i % len(available)]
+            if strategy == "gradient_sign":
+                assert hard is not None
+                v = hard if gradient_variants == 0 else (
+                    hard + rng.normal(0.0, config.jitter_scale * GRADIENT_JITTER_SHARE, dim)
+                    * std)
+                gradient_variants += 1
+            elif strategy == "interpolate":
+                other = pool[rng.integers(len(pool))]
+                v = point + rng.uniform(lo, hi) * (other - point)
+            else:
+                v = point + rng.normal(0.0, config.jitter_scale, dim) * std
+            origins.append(point)
+            candidates.append(v)
+            owners.append((n, strategy))
+    out: list[list[Counterexample]] = [[] for _ in prepared]
+    if not candidates:
+        return out
+    fitted = _within_radius_many(np.asarray(origins), np.asarray(candidates), std,
+                                 config.max_distance)
+    for (n, strategy), fit in zip(owners, fitted, strict=True):
+        if fit is None:  # only for inputs at the edge of float32's range
             continue
-        features, distance = fitted
-        out.append(Counterexample(features=[float(f) for f in features], label=true_label,
-                                  weight=config.weight, strategy=strategy, distance=distance))
+        features, distance = fit
+        out[n].append(Counterexample(features=features, label=requests[n].true_label,
+                                     weight=config.weight, strategy=strategy,
+                                     distance=distance))
     return out
 
 
+def _prepare(r: Request, reference: ReferenceStats, config: CounterexampleConfig,
+             pools: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """(point, true-class pool, labels, k) after the checks `generate` makes, in its order.
+
+    `pools` remembers the pools already checked in this batch, by object: the caller
+    keeps them alive, so an id cannot be reused meanwhile.
+    """
+    if r.error_type not in ERROR_TYPES:
+        raise ValueError(f"unknown error type {r.error_type!r}; known: {list(ERROR_TYPES)}")
+    labels = list(r.labels)
+    if r.true_label not in labels:
+        raise ValueError(f"true label {r.true_label!r} is not a known label; known: {labels}")
+    point = np.asarray(r.x, dtype=np.float64)
+    if point.ndim != 1:
+        raise ValueError(f"x must be a 1-D vector, got shape {point.shape}")
+    if point.shape != reference.mean.shape or not np.isfinite(point).all():
+        reference.standardize(point)  # refuses the width or a non-finite value, in its words
+    key = id(r.true_class_examples)
+    pool = pools.get(key)
+    if pool is None or r.true_class_examples is None:
+        pool = pools[key] = _true_class_pool(r.true_class_examples, reference)
+    return point, pool, labels, config.k[r.error_type]
+
+
+def _gradient_points(requests: Sequence[Request],
+                     prepared: Sequence[tuple[np.ndarray, np.ndarray, list[str], int]],
+                     reference: ReferenceStats, config: CounterexampleConfig
+                     ) -> list[np.ndarray | None]:
+    """The FGSM point of every request that has a model and wants variants, else None;
+    one `gradient_sign_point` computation per model for all its requests at once."""
+    out: list[np.ndarray | None] = [None] * len(prepared)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n, (r, (_, _, labels, k)) in enumerate(zip(requests, prepared, strict=True)):
+        if r.model is not None and k > 0:
+            groups.setdefault((id(r.model), len(labels)), []).append(n)
+    for members in groups.values():
+        model = requests[members[0]].model
+        assert model is not None
+        n_labels = len(prepared[members[0]][2])
+        x = np.stack([prepared[n][0] for n in members])
+        targets = [prepared[n][2].index(requests[n].true_label) for n in members]
+        grads = _input_gradients(x, targets, n_labels, model)
+        if grads is None:  # unexpected logits: one at a time, as `generate` (and its refusal)
+            for row, n in enumerate(members):
+                out[n] = gradient_sign_point(x[row], targets[row], n_labels, model, reference,
+                                             config.fgsm_step)
+            continue
+        usable = np.isfinite(grads).all(axis=1) & grads.any(axis=1)
+        steps = x + config.fgsm_step * reference.std * np.sign(grads)
+        for row, n in enumerate(members):
+            out[n] = steps[row] if usable[row] else None
+    return out
+
+
+def _input_gradients(x: np.ndarray, targets: list[int], n_labels: int, model: nn.Module
+                     ) -> np.ndarray | None:
+    """d loss_i / d x_i for every row (the summed loss; rows are independent), or None
+    when the logits do not have one column per label. The model is left as it was."""
+    was_training = model.training
+    device, dtype = _model_placement(model)
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            xt = torch.tensor(x, dtype=dtype, device=device).requires_grad_(True)
+            logits = model(xt)
+            if logits.shape != (len(x), n_labels):
+                return None
+            loss = F.cross_entropy(logits, torch.tensor(targets, device=device),
+                                   reduction="sum")
+            (grad,) = torch.autograd.grad(loss, xt)
+    finally:
+        model.train(was_training)
+    return grad.detach().to("cpu", torch.float64).numpy()
+
+
+def _within_radius_many(x: np.ndarray, v: np.ndarray, std: np.ndarray, radius: float
+                        ) -> list[tuple[list[float], float] | None]:
+    """`_within_radius` for every row at once: the same steps (pull back onto the ball,
+    round to float32, shrink and retry while rounding lands outside), vectorized."""
+    delta = v - x
+    norm = np.linalg.norm(delta / std, axis=1)
+    over = norm > radius
+    delta[over] *= (radius / norm[over])[:, None]
+    found32 = np.zeros(v.shape, dtype=np.float32)
+    found = np.zeros(len(v), dtype=bool)
+    dist = np.zeros(len(v))
+    todo = np.arange(len(v))
+    for _ in range(_SHRINK_TRIES):
+        with np.errstate(over="ignore", invalid="ignore"):
+            v32 = (x[todo] + delta[todo]).astype(np.float32)
+            d = np.linalg.norm((v32.astype(np.float64) - x[todo]) / std, axis=1)
+        ok = np.isfinite(v32).all(axis=1) & (d <= radius)
+        done = todo[ok]
+        found32[done], dist[done], found[done] = v32[ok], d[ok], True
+        todo = todo[~ok]
+        if not len(todo):
+            break
+        delta[todo] *= _SHRINK
+    features = found32.astype(np.float64).tolist()
+    return [(features[i], float(dist[i])) if found[i] else None for i in range(len(v))]
+
+
 __all__ = [
-    "DEFAULT_K", "STRATEGIES", "Counterexample", "CounterexampleConfig", "generate",
-    "gradient_sign_point",
+    "DEFAULT_K", "STRATEGIES", "Counterexample", "CounterexampleConfig", "Request", "generate",
+    "generate_many", "gradient_sign_point",
 ]

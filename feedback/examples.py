@@ -10,21 +10,31 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import numpy as np
+import orjson
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from torch import nn
 
 from flywheel.events import utcnow
-from flywheel.feedback.analyzer import AnalyzerConfig, analyze, assign_split
-from flywheel.feedback.counterexamples import CounterexampleConfig, generate
+from flywheel.feedback.analyzer import AnalyzerConfig, analyze_many, assign_split
+from flywheel.feedback.counterexamples import (
+    Counterexample,
+    CounterexampleConfig,
+    Request,
+    generate_many,
+)
 from flywheel.feedback.join import JoinedPair
+from flywheel.feedback.messages import Rejected
 from flywheel.feedback.reference_data import LabelledPool
 from flywheel.feedback.store import Example, Origin, Split
 from flywheel.feedback.store.models import ErrorCount
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
+# Plain strings, looked up once: a batch builds tens of thousands of rows.
+_CORRECTION, _COUNTEREXAMPLE = Origin.CORRECTION.value, Origin.COUNTEREXAMPLE.value
+_TRAIN, _QUARANTINE = Split.TRAIN.value, Split.QUARANTINE.value
 ModelLoader = Callable[[str], "tuple[list[str], nn.Module] | None"]
 
 
@@ -56,55 +66,120 @@ class ExampleBuilder:
                 self._models[version] = None
         return self._models[version]
 
-    def __call__(self, session: Session, pairs: list[JoinedPair]) -> list[dict]:
+    def __call__(self, session: Session, pairs: list[JoinedPair]
+                 ) -> tuple[list[dict], list[Rejected]]:
+        """Example rows for the usable pairs, and a dead letter for each unusable one.
+
+        A pair whose correction names a label the model does not have, or whose stored
+        prediction does not fit the reference, cannot be analyzed or trained on; refusing
+        it here keeps one bad pair from failing (and forever replaying) the whole batch.
+        """
+        pairs, rejected = self._usable(pairs)
+        return self._rows(session, pairs), rejected
+
+    def _usable(self, pairs: list[JoinedPair]) -> tuple[list[JoinedPair], list[Rejected]]:
+        usable, rejected = [], []
+        dim = self.pool.reference.input_dim
+        for p in pairs:
+            reason = None
+            if p.true_label not in p.probabilities:
+                reason = (f"correction label {p.true_label!r} is not one of the model's labels "
+                          f"{sorted(p.probabilities)}")
+            elif len(p.features) != dim:
+                reason = f"prediction has {len(p.features)} features, the reference has {dim}"
+            elif abs(sum(p.probabilities.values()) - 1.0) > 1e-3:
+                reason = "prediction probabilities do not sum to 1"
+            if reason is None:
+                usable.append(p)
+                continue
+            value = orjson.dumps({"correction_id": p.correction_id,
+                                  "prediction_id": p.prediction_id, "label": p.true_label,
+                                  "source": p.source})
+            rejected.append(Rejected("joined-pair", -1, -1, p.prediction_id.encode(), value,
+                                     f"unusable pair: {reason}"))
+        return usable, rejected
+
+    def _rows(self, session: Session, pairs: list[JoinedPair]) -> list[dict]:
         if not pairs:
             return []
         now = utcnow()
-        budget = self._budget_left(session, {p.source for p in pairs}, now)
-        rows: list[dict] = []
+        verdicts = analyze_many([p.features for p in pairs], [p.probabilities for p in pairs],
+                                [p.predicted for p in pairs], [p.true_label for p in pairs],
+                                self.pool, self.analyzer)
+        per_pair: list[list[dict]] = []
         outcomes: Counter[tuple[str, str, datetime, str, str, str]] = Counter()
-        for p in pairs:
-            x = np.asarray(p.features, dtype=np.float64)
-            verdict = analyze(p.features, p.probabilities, p.predicted, p.true_label,
-                              self.pool.reference,
-                              self.pool.near(x, self.analyzer.neighbours), self.analyzer)
-            split = (Split.QUARANTINE.value if not verdict.trainable
-                     else assign_split(p.prediction_id, self.settings.holdout_fraction))
-            rows.append({"dedup_key": f"correction:{p.correction_id}",
-                         "origin": Origin.CORRECTION.value, "error_type": verdict.error_type,
-                         "parent_prediction_id": p.prediction_id, "features": p.features,
-                         "label": p.true_label, "weight": 1.0, "split": split,
-                         "source": p.source, "created_at": now})
-            hour = p.corrected_at.replace(minute=0, second=0, microsecond=0)
+        wanting: list[tuple[int, str]] = []  # (pair, error type): variants if budget allows
+        hours: dict[datetime, datetime] = {}
+        holdout = self.settings.holdout_fraction
+        for n, (p, (error_type, trainable)) in enumerate(zip(pairs, verdicts, strict=True)):
+            split = assign_split(p.prediction_id, holdout) if trainable else _QUARANTINE
+            per_pair.append([{
+                "dedup_key": f"correction:{p.correction_id}", "origin": _CORRECTION,
+                "error_type": error_type, "parent_prediction_id": p.prediction_id,
+                "features": p.features, "label": p.true_label, "weight": 1.0, "split": split,
+                "source": p.source, "created_at": now}])
+            hour = hours.get(p.corrected_at)
+            if hour is None:
+                hour = hours[p.corrected_at] = p.corrected_at.replace(minute=0, second=0,
+                                                                       microsecond=0)
             outcomes[(p.model_name, p.model_version, hour, p.predicted, p.true_label,
-                      verdict.error_type or "correct")] += 1
-            if split != Split.TRAIN.value:
-                continue  # holdout and quarantine never leak into training via variants
-            if verdict.error_type is None:
-                continue
-            rows += self._variants(p, x, verdict.error_type, budget, now)
+                      error_type or "correct")] += 1
+            # holdout and quarantine never leak into training via variants
+            if split == _TRAIN and error_type is not None:
+                wanting.append((n, error_type))
+        if wanting:  # the budget query only when some pair could use it
+            budget = self._budget_left(session, {pairs[n].source for n, _ in wanting}, now)
+            self._add_variants(pairs, wanting, per_pair, budget, now)
         self._count(session, outcomes)
-        return rows
+        return [row for rows in per_pair for row in rows]
 
-    def _variants(self, p: JoinedPair, x: np.ndarray, error_type: str,
-                  budget: dict[str | None, int], now: datetime) -> list[dict]:
-        left = budget.get(p.source, self.settings.counterexample_budget)
-        if left <= 0:
-            return []
-        loaded = self._model(p.model_version)
-        labels = loaded[0] if loaded else sorted(p.probabilities)
-        variants = generate(
-            x, p.true_label, error_type, labels=labels, reference=self.pool.reference,
-            true_class_examples=self.pool.of_class(p.true_label),
-            model=loaded[1] if loaded else None,
-            rng=np.random.default_rng(_seed_of(p.correction_id)), config=self.counterexamples,
-        )[:left]
-        budget[p.source] = left - len(variants)
-        return [{"dedup_key": f"counterexample:{p.correction_id}:{i}",
-                 "origin": Origin.COUNTEREXAMPLE.value, "error_type": error_type,
-                 "parent_prediction_id": p.prediction_id, "features": v.features,
-                 "label": v.label, "weight": v.weight, "split": Split.TRAIN.value,
-                 "source": p.source, "created_at": now} for i, v in enumerate(variants)]
+    def _add_variants(self, pairs: list[JoinedPair], wanting: list[tuple[int, str]],
+                      per_pair: list[list[dict]], budget: dict[str | None, int],
+                      now: datetime) -> None:
+        """Variants for the `wanting` pairs, in order, each source within its budget.
+
+        Generated in one batch for the pairs the budget surely admits (counting k each,
+        the most a pair can use), then handed out in order exactly as one pair at a time
+        would; a pair admitted only because an earlier one got fewer than k is generated
+        on its own.
+        """
+        default = self.settings.counterexample_budget
+        k = self.counterexamples.k
+        left = dict(budget)
+        planned = []
+        for n, error_type in wanting:
+            source = pairs[n].source
+            if left.get(source, default) > 0:
+                planned.append((n, error_type))
+                left[source] = left.get(source, default) - k[error_type]
+        made = dict(zip((n for n, _ in planned),
+                        self._generate([(pairs[n], e) for n, e in planned]), strict=True))
+        for n, error_type in wanting:
+            p = pairs[n]
+            room = budget.get(p.source, default)
+            if room <= 0:
+                continue
+            variants = made[n] if n in made else self._generate([(p, error_type)])[0]
+            variants = variants[:room]
+            budget[p.source] = room - len(variants)
+            per_pair[n] += [{
+                "dedup_key": f"counterexample:{p.correction_id}:{i}",
+                "origin": _COUNTEREXAMPLE, "error_type": error_type,
+                "parent_prediction_id": p.prediction_id, "features": v.features,
+                "label": v.label, "weight": v.weight, "split": _TRAIN, "source": p.source,
+                "created_at": now} for i, v in enumerate(variants)]
+
+    def _generate(self, items: list[tuple[JoinedPair, str]]) -> list[list[Counterexample]]:
+        requests = []
+        for p, error_type in items:
+            loaded = self._model(p.model_version)
+            requests.append(Request(
+                np.asarray(p.features, dtype=np.float64), p.true_label, error_type,
+                labels=loaded[0] if loaded else sorted(p.probabilities),
+                true_class_examples=self.pool.of_class(p.true_label),
+                model=loaded[1] if loaded else None,
+                rng=np.random.default_rng(_seed_of(p.correction_id))))
+        return generate_many(requests, reference=self.pool.reference, config=self.counterexamples)
 
     def _budget_left(self, session: Session, sources: set[str | None],
                      now: datetime) -> dict[str | None, int]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
+import orjson
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -22,6 +23,7 @@ from flywheel.feedback.store import (
     Prediction,
     insert_ignoring_duplicates,
 )
+from flywheel.feedback.store.models import UTCDateTime
 
 CHUNK = 900  # ids per IN (...) list: well under every database's parameter limit
 
@@ -64,6 +66,8 @@ def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
 def claim_joins(session: Session, prediction_ids: Iterable[str] | None,
                 now: datetime, limit: int = 10_000) -> list[JoinedPair]:
     """Join pending corrections whose prediction is stored; `None` looks at all of them."""
+    if prediction_ids is not None and session.get_bind().dialect.name == "postgresql":
+        return _claim_postgresql(session, sorted(set(prediction_ids)), now)
     candidates = []
     pending = (select(Correction.id, Correction.prediction_id, Correction.label,
                       Correction.source, Correction.created_at, Prediction.model_name,
@@ -89,6 +93,41 @@ def claim_joins(session: Session, prediction_ids: Iterable[str] | None,
             .values(status=CorrectionStatus.JOINED.value, joined_at=now)
             .returning(Correction.id)))
     return [JoinedPair(*row) for row in candidates if row[0] in claimed]
+
+
+_CLAIM_PG = (
+    "UPDATE corrections AS c SET status = %(joined)s, joined_at = %(now)s"
+    " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid), predictions AS p"
+    " WHERE c.prediction_id = i.pid AND p.id = c.prediction_id AND c.status = %(pending)s"
+    " RETURNING c.id, c.prediction_id, c.label, c.source, c.created_at, p.model_name,"
+    " p.model_version, p.features, p.probabilities, p.label")
+
+
+def _claim_postgresql(session: Session, ids: list[str], now: datetime) -> list[JoinedPair]:
+    """The claim as ONE statement: update-with-join, the ids as one JSON parameter.
+
+    Same conditional update as the portable path (`pending` -> `joined`; under READ
+    COMMITTED PostgreSQL re-checks the condition on a row a concurrent worker changed,
+    so a correction is never claimed twice), without the SELECT before it or IN-lists.
+    Never a prepared statement: PostgreSQL would soon plan it once for any parameters,
+    blind to how many ids a batch holds, and that plan was 10x slower. Pairs come oldest
+    correction first (then by id), a repeatable order, as the sweep hands them out.
+    """
+    if not ids:
+        return []
+    now = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
+    cursor = session.connection().connection.driver_connection.cursor()
+    try:
+        cursor.execute(_CLAIM_PG, {
+            "joined": CorrectionStatus.JOINED.value, "pending": CorrectionStatus.PENDING.value,
+            "now": now, "ids": orjson.dumps(ids).decode()}, prepare=False)
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    pairs = [JoinedPair(r[0], r[1], r[2], r[3], r[4].astimezone(UTC), r[5], r[6], r[7], r[8],
+                        r[9]) for r in rows]
+    pairs.sort(key=lambda p: (p.corrected_at, p.correction_id))
+    return pairs
 
 
 def expire_corrections(session: Session, older_than: datetime) -> int:

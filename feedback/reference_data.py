@@ -12,6 +12,11 @@ from flywheel.feedback.store import Example, Origin, Split, insert_ignoring_dupl
 from flywheel.feedback.store.models import ReferenceStats as ReferenceStatsRow
 from flywheel.settings import Settings
 
+# Extra candidates per row in `near_many`, beyond k, re-measured exactly; and the most
+# cells of its (rows x pool) distance matrix at once (32 MB of float64).
+_SPARE = 8
+_MATRIX_CELLS = 4_000_000
+
 
 def ensure_reference(session: Session, settings: Settings) -> ReferenceStats:
     """Seed examples (train + trusted holdout) and reference statistics, written once.
@@ -55,6 +60,7 @@ class LabelledPool:
         self.capacity = capacity
         self._x = np.empty((0, reference.input_dim), dtype=np.float64)
         self._labels: list[str] = []
+        self._derived: dict[str, object] = {}  # per-label rows, scaled copies; reset by add
 
     @classmethod
     def load(cls, session: Session, reference: ReferenceStats,
@@ -75,6 +81,17 @@ class LabelledPool:
             return
         self._x = np.vstack([self._x, np.asarray(features, dtype=np.float64)])[-self.capacity:]
         self._labels = (self._labels + list(labels))[-self.capacity:]
+        self._derived = {}
+
+    @property
+    def points(self) -> np.ndarray:
+        return self._x
+
+    def labels(self) -> frozenset[str]:
+        """Every label in the pool."""
+        if "labels" not in self._derived:
+            self._derived["labels"] = frozenset(self._labels)
+        return self._derived["labels"]  # type: ignore[return-value]
 
     def near(self, x: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
         """The `k` nearest examples in standardized space (the analyzer applies its radius)."""
@@ -84,6 +101,71 @@ class LabelledPool:
         idx = np.argsort(d)[:k]
         return self._x[idx], [self._labels[i] for i in idx]
 
+    def near_many(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`near` for each row of `x` at once: (points (rows, k, dim), labels (rows, k)).
+
+        Candidates come from one matrix product (|a|^2 + |b|^2 - 2ab, which rounds
+        differently), then the k nearest are chosen among them by the distances `near`
+        computes; a row whose choice that rounding (or a tie) could change is answered by
+        `near` itself. So every row gets the same neighbours as from `near`.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        size = len(self._labels)
+        labels = self._label_array()
+        if size <= k:  # all of them, for every row
+            idx = np.broadcast_to(np.arange(size), (len(x), size))
+        else:  # rows in slices, so the (rows x pool) matrix stays small for a large pool
+            step = max(1, _MATRIX_CELLS // size)
+            idx = np.concatenate([self._nearest(x[i:i + step], k)
+                                  for i in range(0, len(x), step)]
+                                 or [np.empty((0, k), dtype=np.intp)])
+        return self._x[idx], labels[idx]
+
+    def _nearest(self, x: np.ndarray, k: int) -> np.ndarray:
+        """Indices of the k nearest pool rows for each row of `x` (see `near_many`)."""
+        size = len(self._labels)
+        std = self.reference.std
+        scaled, sq = self._scaled()
+        xs = x / std
+        approx = sq[None, :] + np.einsum("ij,ij->i", xs, xs)[:, None] - 2.0 * (xs @ scaled.T)
+        spare = min(size - k, _SPARE)
+        part = np.argpartition(approx, k + spare - 1, axis=1)
+        cand = part[:, :k + spare]
+        # `near`'s own distance for the candidates (same operations, so the same values)
+        exact = np.linalg.norm((self._x[cand] - x[:, None, :]) / std, axis=2)
+        order = np.argsort(exact, axis=1, kind="stable")
+        rows = np.arange(len(x))[:, None]
+        chosen = cand[rows, order[:, :k]]
+        ranked = exact[rows, order]
+        # Unsure rows: a candidate list that may miss a nearer point (every point left out
+        # is at least `outside` away, up to the product's rounding, which scales with the
+        # squared norms), a tie at the k-th place, or numbers too large to trust.
+        outside = approx[rows[:, 0], part[:, k + spare - 1]]
+        slack = 1e-9 * (1.0 + sq.max() + np.einsum("ij,ij->i", xs, xs))
+        unsure = ranked[:, k - 1] ** 2 >= outside - slack
+        unsure |= ranked[:, k - 1] == ranked[:, k]
+        unsure |= ~np.isfinite(approx).all(axis=1)
+        for i in np.flatnonzero(unsure):
+            d = np.linalg.norm((self._x - x[i]) / std, axis=1)
+            chosen[i] = np.argsort(d)[:k]
+        return chosen
+
+    def _label_array(self) -> np.ndarray:
+        if "label_array" not in self._derived:
+            self._derived["label_array"] = np.asarray(self._labels, dtype=object)
+        return self._derived["label_array"]  # type: ignore[return-value]
+
+    def _scaled(self) -> tuple[np.ndarray, np.ndarray]:
+        if "scaled" not in self._derived:
+            scaled = self._x / self.reference.std
+            self._derived["scaled"] = (scaled, np.einsum("ij,ij->i", scaled, scaled))
+        return self._derived["scaled"]  # type: ignore[return-value]
+
     def of_class(self, label: str, limit: int = 256) -> np.ndarray:
-        idx = [i for i, lab in enumerate(self._labels) if lab == label][-limit:]
-        return self._x[idx]
+        key = f"class:{label}:{limit}"
+        if key not in self._derived:  # the same rows as before, found once per label
+            idx = [i for i, lab in enumerate(self._labels) if lab == label][-limit:]
+            rows = self._x[idx]
+            rows.setflags(write=False)
+            self._derived[key] = rows
+        return self._derived[key]  # type: ignore[return-value]

@@ -28,7 +28,7 @@ from flywheel.feedback.store import Example, insert_ignoring_duplicates, session
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
-ExamplesFor = Callable[[Session, list[JoinedPair]], list[dict]]
+ExamplesFor = Callable[[Session, list[JoinedPair]], tuple[list[dict], list[Rejected]]]
 RETRIES = 5
 T = TypeVar("T")
 
@@ -120,30 +120,35 @@ class FeedbackWorker:
                 else:
                     corrections.append(event)
         touched = {e.id for e in predictions} | {e.prediction_id for e in corrections}
-        new_p, new_c, joined, examples = self._in_transaction(
+        new_p, new_c, joined, examples, unusable = self._in_transaction(
             lambda session: self._write(session, predictions, corrections, touched))
+        rejected += unusable
         self.stats.predictions += new_p
         self.stats.corrections += new_c
         self.stats.joined += joined
         self.stats.examples += examples
-        if rejected:
-            assert self._dead_letters is not None
-            self._dead_letters.publish(rejected)
-            self.stats.dead_letters += len(rejected)
-            for r in rejected:
-                reason = r.reason.split(":", 1)[0]
-                self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        self._dead_letter(rejected)
         self.stats.batches += 1
         self.stats.records += sum(len(records) for records in polled.values())
 
+    def _dead_letter(self, rejected: list[Rejected]) -> None:
+        if not rejected:
+            return
+        assert self._dead_letters is not None
+        self._dead_letters.publish(rejected)
+        self.stats.dead_letters += len(rejected)
+        for r in rejected:
+            reason = r.reason.split(":", 1)[0]
+            self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+
     def _write(self, session: Session, predictions: list[PredictionEvent],
                corrections: list[CorrectionEvent], touched: set[str]
-               ) -> tuple[int, int, int, int]:
+               ) -> tuple[int, int, int, int, list[Rejected]]:
         new_p, new_c = store_events(session, predictions, corrections)
         joined = claim_joins(session, touched, utcnow()) if touched else []
-        examples = insert_ignoring_duplicates(session, Example,
-                                              self._examples_for(session, joined))
-        return new_p, new_c, len(joined), examples
+        rows, unusable = self._examples_for(session, joined)
+        examples = insert_ignoring_duplicates(session, Example, rows)
+        return new_p, new_c, len(joined), examples, unusable
 
     def sweep(self) -> None:
         """Join what a concurrent worker's transaction hid from ours, release corroborated
@@ -151,14 +156,16 @@ class FeedbackWorker:
         self._next_sweep = time.monotonic() + self._sweep_every_s
         cutoff = utcnow() - timedelta(seconds=self.settings.correction_expiry_s)
 
-        def work(session: Session) -> tuple[int, int, int, int]:
+        def work(session: Session) -> tuple[int, int, int, int, list[Rejected]]:
             joined = claim_joins(session, None, utcnow())
-            examples = insert_ignoring_duplicates(
-                session, Example, self._examples_for(session, joined)) if joined else 0
+            rows, unusable = self._examples_for(session, joined) if joined else ([], [])
+            examples = insert_ignoring_duplicates(session, Example, rows)
             released = self._release(session) if self._release else 0
-            return len(joined), examples, released, expire_corrections(session, cutoff)
+            return (len(joined), examples, released, expire_corrections(session, cutoff),
+                    unusable)
 
-        joined, examples, released, expired = self._in_transaction(work)
+        joined, examples, released, expired, unusable = self._in_transaction(work)
+        self._dead_letter(unusable)
         self.stats.joined += joined
         self.stats.examples += examples
         self.stats.released += released

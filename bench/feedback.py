@@ -1,0 +1,549 @@
+"""`python -m bench feedback`: corrections joined and stored per second, on PostgreSQL.
+
+N predictions and N corrections (one per prediction, in a shuffled order so many
+corrections arrive before their prediction) are produced to an embedded broker before
+anything is timed. Then, in one run and on the same records:
+
+* raw: a kafka-python consumer (no group, every partition assigned, from the beginning,
+  the worker's `max_poll_records`) that only counts the 2N records -- the ceiling any
+  consumer of these topics in this process could reach (median of three reads);
+* ours: the real `build_worker(settings)` worker in a fresh consumer group on a freshly
+  migrated PostgreSQL database, run until it has joined N corrections, timed from its
+  partition assignment to the offset commit of the batch that completed the N-th join.
+
+Both rates are expressed as corrections per second (N / elapsed), since both read the
+same 2N records. The worker's steps are timed by wrapping its methods and the functions
+it calls, here only. The per-source counterexample budget is set out of reach, so every
+trainable error gets its variants (the most work). The store is checked afterwards (N
+joined, N correction examples, the expected counterexamples, no duplicates), so a fast
+run that lost work cannot pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import typer
+
+JOINED_TARGET = 10_000.0  # joined corrections per second
+RATIO_TARGET = 0.5  # ours / raw consume rate
+DRIFTED_SHARE = 0.2  # share of predictions from a drifted concept: realistic errors
+SOURCES = 20  # client apps the corrections come from
+DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+RUN_TIMEOUT_S = 900.0
+RAW_READS = 3  # the raw read is short and its first run can be slow: take the median of 3
+PRODUCE_CHUNK = 5000
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run as designed (broker, database or worker failed)."""
+
+
+# -- timing --------------------------------------------------------------------------------
+class Clock:
+    """Accumulated seconds per named step; wrappers that add to it cost ~0.2 us per call."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, name: str, fn: Callable[..., Any], exclusive: bool = False
+             ) -> Callable[..., Any]:
+        """`exclusive`: time spent in other wrapped steps during this call is not theirs."""
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            before = dict(self.seconds) if exclusive else None
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                if before is not None:
+                    self.seconds = before
+                self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+                self.calls[name] = self.calls.get(name, 0) + 1
+        return timed
+
+
+@contextlib.contextmanager
+def patched(module: Any, name: str, clock: Clock, label: str) -> Iterator[None]:
+    """Time calls of `module.name` (a global the worker looks up at call time)."""
+    original = getattr(module, name)
+    setattr(module, name, clock.wrap(label, original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+# -- setup ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def throwaway_database(admin_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped (FORCE) afterwards whatever happens."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    url = make_url(admin_url)
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    name = f"fw_bench_{secrets.token_hex(6)}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool,
+                          connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except SQLAlchemyError as exc:
+        admin.dispose()
+        raise BenchError(f"PostgreSQL at {url.render_as_string(hide_password=True)} is "
+                         f"unusable: {' '.join(str(getattr(exc, 'orig', exc)).split())}"
+                         ) from None
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def make_traffic(settings: Any, n: int, seed: int) -> tuple[list[tuple[bytes, bytes]],
+                                                             list[tuple[bytes, bytes]]]:
+    """(key, value) of N predictions from the champion and of their N corrections.
+
+    80 % of inputs come from the seed concept, 20 % from a drifted one, so the model is
+    wrong at a realistic rate; corrections carry the concept's true label and come from
+    a handful of client apps, in an order shuffled against the predictions'. Everything
+    but the timestamps is the same for the same seed (ids included, so the holdout split
+    and the work it implies do not vary between runs).
+    """
+    import numpy as np
+    import orjson
+    import torch
+
+    from flywheel.events import SCHEMA_VERSION, prediction_payload, utcnow
+    from flywheel.registry import Registry
+    from flywheel.streams import Concept, seed_concept
+
+    registry = Registry(settings)
+    loaded = registry.load(registry.champion_version() or "1")
+    drifted = int(round(n * DRIFTED_SHARE))
+    x_seed, y_seed = seed_concept(settings.seed).sample(n - drifted, sample_seed=seed)
+    x_drift, y_drift = Concept(settings.seed + 1).sample(drifted, sample_seed=seed + 1)
+    x = np.concatenate([x_seed, x_drift])
+    truth = y_seed + y_drift
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)  # drifted traffic mixed in, not all at the end
+    x, truth = x[order], [truth[i] for i in order]
+    with torch.inference_mode():
+        probs = torch.softmax(loaded.module(torch.from_numpy(x)), 1).numpy().tolist()
+    labels, now = loaded.spec.labels, utcnow()
+    predictions, corrections = [], []
+
+    def new_id() -> str:  # like flywheel.events.new_id, but the same every run
+        return rng.bytes(16).hex()
+
+    for row, p, t in zip(x.tolist(), probs, truth, strict=True):
+        pid = new_id()
+        pd = dict(zip(labels, p, strict=True))
+        label = labels[max(range(len(p)), key=p.__getitem__)]
+        predictions.append((pid.encode(), prediction_payload(
+            id=pid, model_name=settings.model_name, model_version=loaded.version,
+            features=row, probabilities=pd, label=label, timestamp=now, latency_ms=0.4)))
+        corrections.append((pid.encode(), orjson.dumps({
+            "schema_version": SCHEMA_VERSION, "id": new_id(), "prediction_id": pid,
+            "label": t, "source": f"app-{rng.integers(SOURCES)}", "timestamp": now})))
+    corrections = [corrections[i] for i in rng.permutation(n)]
+    return predictions, corrections
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                             batch_size=512 * 1024, max_request_size=8 * 1024 * 1024)
+    try:
+        for i in range(0, len(records), PRODUCE_CHUNK):
+            futures = [producer.send(topic, key=k, value=v)
+                       for k, v in records[i:i + PRODUCE_CHUNK]]
+            producer.flush()
+            for f in futures:
+                f.get(timeout=0)
+    finally:
+        producer.close(timeout=10)
+
+
+# -- the two measurements -------------------------------------------------------------------
+def raw_consume(bootstrap: str, topics: list[str], expected: int,
+                max_records: int) -> dict[str, Any]:
+    """Seconds for a bare kafka-python consumer to read `expected` records of `topics`."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             group_id=None, max_poll_records=max_records)
+    try:
+        tps = [TopicPartition(t, p) for t in topics
+               for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        seen, polls = 0, 0
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        start = time.perf_counter()
+        while seen < expected:
+            if time.monotonic() > deadline:
+                raise BenchError(f"raw consumer read {seen} of {expected} records")
+            for batch in consumer.poll(timeout_ms=500).values():
+                seen += len(batch)
+            polls += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        consumer.close()
+    return {"records": seen, "polls": polls, "elapsed_s": elapsed,
+            "records_per_s": seen / elapsed}
+
+
+def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run the real worker until it has joined `n` corrections; time its steps."""
+    from kafka import ConsumerRebalanceListener
+
+    import flywheel.feedback.worker as worker_module
+    from flywheel.feedback.runner import build_worker
+
+    clock = Clock()
+    worker = build_worker(settings, client_id="bench-feedback")
+    marks: dict[str, float] = {}
+    stop = threading.Event()
+
+    class Assigned(ConsumerRebalanceListener):
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            marks.setdefault("assigned", time.perf_counter())
+
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            pass
+
+    connect = worker._connect
+
+    def connect_and_time() -> None:
+        connect()
+        consumer = worker._consumer
+        consumer.subscribe(topics=list(worker._kinds), listener=Assigned())
+        poll = consumer.poll
+
+        def timed_poll(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return poll(*args, **kwargs)
+            finally:  # the group join inside the first polls is not part of the run
+                begin = max(start, marks.get("assigned", time.perf_counter()))
+                clock.seconds["kafka poll"] = (clock.seconds.get("kafka poll", 0.0)
+                                               + time.perf_counter() - begin)
+
+        consumer.poll = timed_poll
+        consumer.commit = clock.wrap("kafka offset commit", consumer.commit)
+
+    at_done: dict[str, float] = {}
+
+    def on_batch(stats: Any) -> None:
+        if stats.joined >= n and "done" not in marks:
+            marks["done"] = time.perf_counter()
+            at_done.update(clock.seconds)  # the final sweep, after the stop, is not timed
+            stop.set()
+
+    worker._connect = connect_and_time
+    worker.process = clock.wrap("process", worker.process)
+    worker._in_transaction = clock.wrap("transaction", worker._in_transaction)
+    worker.sweep = clock.wrap("sweep", worker.sweep, exclusive=True)
+    worker._examples_for = clock.wrap("analysis + counterexamples", worker._examples_for)
+    watchdog = threading.Timer(RUN_TIMEOUT_S, stop.set)
+    watchdog.daemon = True
+    with ExitStack() as stack:
+        for name, label in (("store_events", "store writes"), ("claim_joins", "join"),
+                            ("insert_ignoring_duplicates", "example inserts")):
+            stack.enter_context(patched(worker_module, name, clock, label))
+        watchdog.start()
+        try:
+            stats = worker.run(stop, on_batch=on_batch)
+        finally:
+            watchdog.cancel()
+            worker._sessions.kw["bind"].dispose()  # before the database is dropped
+    if "done" not in marks or "assigned" not in marks:
+        raise BenchError(f"the worker joined {worker.stats.joined} of {n} corrections "
+                         f"in {RUN_TIMEOUT_S:.0f}s")
+    elapsed = marks["done"] - marks["assigned"]
+    s = at_done
+    # process() = decode + transaction (+ dead letters, none here); the transaction =
+    # store writes + join + analysis + example inserts + its commit. Sweeps are timed
+    # apart (exclusive), so their joins and transactions are not counted twice.
+    in_tx = (s.get("store writes", 0) + s.get("join", 0)
+             + s.get("analysis + counterexamples", 0) + s.get("example inserts", 0))
+    split = {
+        "kafka poll": s.get("kafka poll", 0.0),
+        "decode + validate": s.get("process", 0.0) - s.get("transaction", 0.0),
+        "store writes": s.get("store writes", 0.0),
+        "join": s.get("join", 0.0),
+        "analysis + counterexamples": s.get("analysis + counterexamples", 0.0),
+        "example inserts": s.get("example inserts", 0.0),
+        "db commit": s.get("transaction", 0.0) - in_tx,
+        "kafka offset commit": s.get("kafka offset commit", 0.0),
+        "sweep": s.get("sweep", 0.0),
+    }
+    split["other"] = elapsed - sum(split.values())
+    say(f"worker: {stats.joined} joined in {elapsed:.2f}s over {stats.batches} batches")
+    return {"elapsed_s": elapsed, "corrections_per_s": n / elapsed, "joined": stats.joined,
+            "batches": stats.batches, "records": stats.records, "examples": stats.examples,
+            "predictions": stats.predictions, "corrections": stats.corrections,
+            "dead_letters": stats.dead_letters, "retries": stats.retries,
+            "time_split_s": split}
+
+
+def verify(settings: Any, n: int) -> dict[str, Any]:
+    """What the store holds after the run; `ok` only if nothing was lost or doubled."""
+    from sqlalchemy import func, select
+
+    from flywheel.feedback.counterexamples import DEFAULT_K
+    from flywheel.feedback.store import Correction, Example, Prediction, make_engine
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with engine.connect() as conn:
+            def scalar(stmt: Any) -> int:
+                return int(conn.scalar(stmt) or 0)
+
+            predictions = scalar(select(func.count()).select_from(Prediction))
+            by_status = dict(conn.execute(select(Correction.status, func.count())
+                                          .group_by(Correction.status)).all())
+            examples = (select(Example.origin, Example.split, Example.error_type,
+                               func.count(), func.count(func.distinct(Example.dedup_key)),
+                               func.count(func.distinct(Example.parent_prediction_id)))
+                        .where(Example.origin != "seed")
+                        .group_by(Example.origin, Example.split, Example.error_type))
+            rows = conn.execute(examples).all()
+    finally:
+        engine.dispose()
+    corr = [r for r in rows if r[0] == "correction"]
+    cx = [r for r in rows if r[0] == "counterexample"]
+    n_corr = sum(r[3] for r in corr)
+    n_cx = sum(r[3] for r in cx)
+    expected_cx = sum(r[3] * DEFAULT_K[r[2]] for r in corr if r[1] == "train" and r[2])
+    error_mix: dict[str, int] = {}
+    for r in corr:
+        key = r[2] or "correct"
+        error_mix[key] = error_mix.get(key, 0) + r[3]
+    splits: dict[str, int] = {}
+    for r in corr:
+        splits[r[1]] = splits.get(r[1], 0) + r[3]
+    distinct_parents = sum(r[5] for r in corr)  # distinct per group; groups are disjoint
+    checks = {
+        "predictions stored": (predictions, n),
+        "corrections joined": (int(by_status.get("joined", 0)), n),
+        "corrections pending": (int(by_status.get("pending", 0)), 0),
+        "correction examples": (n_corr, n),
+        "distinct parent predictions": (distinct_parents, n),
+        "counterexamples": (n_cx, expected_cx),
+        "duplicate dedup keys": (sum(r[3] - r[4] for r in rows), 0),
+    }
+    return {"checks": {k: {"value": v, "expected": e, "ok": v == e}
+                       for k, (v, e) in checks.items()},
+            "ok": all(v == e for v, e in checks.values()),
+            "error_mix": error_mix, "splits": splits, "counterexamples": n_cx}
+
+
+# -- report ----------------------------------------------------------------------------------
+def machine(database_url: str) -> dict[str, Any]:
+    from sqlalchemy import text
+
+    from bench.serve import machine_info
+    from flywheel.feedback.store import make_engine
+
+    info = {k: v for k, v in machine_info().items()
+            if k not in {"uvicorn", "uvicorn_loop", "uvicorn_http", "fastapi"}}
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            info["postgresql"] = conn.scalar(text("SHOW server_version"))
+    finally:
+        engine.dispose()
+    for dist in ("psycopg", "sqlalchemy", "pydantic", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[dist] = metadata.version(dist)
+    return info
+
+
+def summarize(n: int, raw: dict[str, Any], ours: dict[str, Any],
+              check: dict[str, Any]) -> dict[str, Any]:
+    raw_cps = n / raw["elapsed_s"]
+    ratio = ours["corrections_per_s"] / raw_cps
+    return {
+        "raw_corrections_per_s": raw_cps,
+        "joined_per_s": ours["corrections_per_s"],
+        "ratio": ratio,
+        "verified": check["ok"],
+        "targets": {
+            "joined_per_s": {"target": f">= {JOINED_TARGET:.0f}",
+                             "value": ours["corrections_per_s"],
+                             "pass": ours["corrections_per_s"] >= JOINED_TARGET},
+            "ratio_to_raw": {"target": f">= {RATIO_TARGET}", "value": ratio,
+                             "pass": ratio >= RATIO_TARGET},
+        },
+    }
+
+
+def render(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 120
+    cfg, raw, ours, s, m = (doc["config"], doc["raw"], doc["worker"], doc["summary"],
+                            doc["machine"])
+    table = Table(title=f"{cfg['records']} predictions + {cfg['records']} corrections, "
+                        f"poll size {cfg['max_records']}, PostgreSQL")
+    for col in ("consumer", "records", "seconds", "records/s", "corrections/s"):
+        table.add_column(col, justify="left" if col == "consumer" else "right")
+    table.add_row("raw kafka-python (count only)", str(raw["records"]),
+                  f"{raw['elapsed_s']:.2f}", f"{raw['records_per_s']:.0f}",
+                  f"{s['raw_corrections_per_s']:.0f}")
+    table.add_row("feedback worker (joined + stored)", str(ours["records"]),
+                  f"{ours['elapsed_s']:.2f}", f"{ours['records'] / ours['elapsed_s']:.0f}",
+                  f"[bold]{ours['corrections_per_s']:.0f}[/]")
+    console.print(table)
+    split = Table(title="worker time split")
+    split.add_column("step")
+    split.add_column("seconds", justify="right")
+    split.add_column("share", justify="right")
+    split.add_column("us per correction", justify="right")
+    for step, secs in ours["time_split_s"].items():
+        split.add_row(step, f"{secs:.2f}", f"{secs / ours['elapsed_s']:.0%}",
+                      f"{secs / cfg['records'] * 1e6:.1f}")
+    console.print(split)
+    v = doc["verify"]
+    mix = ", ".join(f"{k} {c}" for k, c in sorted(v["error_mix"].items()))
+    console.print(f"error types: {mix}; splits: "
+                  + ", ".join(f"{k} {c}" for k, c in sorted(v["splits"].items()))
+                  + f"; counterexamples {v['counterexamples']}")
+    for name, c in v["checks"].items():
+        mark = "[green]ok[/]" if c["ok"] else "[red]WRONG[/]"
+        console.print(f"  {name:<28} {c['value']:>8} (expected {c['expected']})  {mark}")
+    for name, t in s["targets"].items():
+        verdict = "[green]PASS[/]" if t["pass"] else "[red]MISS[/]"
+        console.print(f"{name:<13} {t['value']:.3f}  (target {t['target']})  {verdict}")
+    console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), PostgreSQL "
+                  f"{m['postgresql']}, Python {m['python']}, torch {m['torch']}, load average "
+                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
+
+
+def _sigterm_to_exit(signum: int, frame: object) -> None:
+    """A SIGTERM must still run the finally blocks that stop the broker and drop the DB."""
+    raise SystemExit(128 + signum)
+
+
+def main(
+    records: int = typer.Option(50_000, "--records", min=100, max=2_000_000,
+                                help="Predictions, and as many corrections."),
+    max_records: int = typer.Option(2000, "--max-records", min=1, max=100_000,
+                                    help="Records per poll (FLYWHEEL_FEEDBACK_MAX_RECORDS)."),
+    seed: int = typer.Option(11, help="Sample seed of the traffic."),
+    pg_admin_url: str = typer.Option(
+        os.environ.get("PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL), "--pg-admin-url",
+        help="A PostgreSQL database to CREATE/DROP the throwaway one from."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Corrections joined and stored per second on PostgreSQL vs raw Kafka consumption."""
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    from rich.console import Console
+
+    err = Console(stderr=True, soft_wrap=True)
+    say = err.print if not json_out else (lambda msg: print(msg, file=sys.stderr))
+    n = records
+    try:
+        with ExitStack() as stack:
+            from flywheel.broker import EmbeddedBroker, ensure_topics
+            from flywheel.feedback.store import upgrade
+            from flywheel.learner import ensure_champion
+            from flywheel.settings import Settings, prepare_home
+
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fw-bench-")))
+            broker = EmbeddedBroker(log_file=work / "broker.log")
+            stack.callback(broker.stop)
+            broker.start()
+            database_url = stack.enter_context(throwaway_database(pg_admin_url))
+            upgrade(database_url)
+            suffix = uuid.uuid4().hex[:8]
+            settings = Settings(
+                home=work / "home", kafka_bootstrap=broker.bootstrap,
+                database_url=database_url,
+                topic_predictions=f"bench.predictions.{suffix}",
+                topic_corrections=f"bench.corrections.{suffix}",
+                topic_model_events=f"bench.model-events.{suffix}",
+                topic_deadletter=f"bench.deadletter.{suffix}",
+                feedback_group=f"bench-feedback-{suffix}", feedback_max_records=max_records,
+                # Never binding: every trainable error gets its variants (the worst case).
+                counterexample_budget=10 * n,
+            )
+            prepare_home(settings)
+            ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
+            say(f"embedded broker at {broker.bootstrap}; PostgreSQL database migrated; "
+                "registering the champion ...")
+            ensure_champion(settings)
+            info = machine(database_url)
+            say(f"producing {n} predictions and {n} corrections ...")
+            t = time.perf_counter()
+            predictions, corrections = make_traffic(settings, n, seed)
+            produce(broker.bootstrap, settings.topic_predictions, predictions)
+            produce(broker.bootstrap, settings.topic_corrections, corrections)
+            del predictions, corrections
+            say(f"produced in {time.perf_counter() - t:.1f}s; raw consume ...")
+            topics = [settings.topic_predictions, settings.topic_corrections]
+            reads = [raw_consume(broker.bootstrap, topics, 2 * n, max_records)
+                     for _ in range(RAW_READS)]
+            raw = dict(sorted(reads, key=lambda r: r["elapsed_s"])[RAW_READS // 2])
+            raw["elapsed_s_each"] = [r["elapsed_s"] for r in reads]
+            say(f"raw: {raw['records']} records in "
+                f"{', '.join(f'{t:.2f}' for t in raw['elapsed_s_each'])}s (median "
+                f"{raw['elapsed_s']:.2f}s); feedback worker ...")
+            ours = run_worker(settings, n, say)
+            check = verify(settings, n)
+    except BenchError as exc:
+        say(f"benchmark failed: {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    info["loadavg_end"] = list(os.getloadavg())
+    doc = {
+        "benchmark": "feedback",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench feedback " + " ".join(sys.argv[2:]),
+        "machine": info,
+        "config": {
+            "records": n, "max_records": max_records, "seed": seed,
+            "partitions": 3, "drifted_share": DRIFTED_SHARE, "sources": SOURCES,
+            "counterexample_budget": 10 * n,
+            "raw": "kafka-python KafkaConsumer, no group, all partitions of both topics "
+                   f"assigned, seek to beginning, count records; median of {RAW_READS} reads",
+            "worker": "build_worker(settings) in a fresh group; elapsed from partition "
+                      "assignment to the offset commit of the batch that joined the N-th",
+        },
+        "raw": raw,
+        "worker": ours,
+        "verify": check,
+        "summary": summarize(n, raw, ours, check),
+    }
+    if json_out:
+        print(json.dumps(doc, indent=2))
+    else:
+        render(doc)

@@ -1,0 +1,25 @@
+"""The feedback benchmark keeps working end to end (figures belong to docs, not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_feedback_joins_everything_and_verifies_the_store():
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "feedback", "--records", "600", "--max-records", "300",
+         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["verify"]["ok"], doc["verify"]["checks"]
+    assert doc["worker"]["joined"] == 600 and doc["raw"]["records"] == 1200
+    assert doc["summary"]["joined_per_s"] > 0 and doc["summary"]["ratio"] > 0
+    assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}

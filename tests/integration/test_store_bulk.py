@@ -1,0 +1,153 @@
+"""PostgreSQL's one-statement paths (columnar bulk insert, update-with-join claim) store
+and return exactly what the general SQLAlchemy paths do, and refuse the same values."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import DataError, StatementError
+
+import flywheel.feedback.store.database as database
+from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.feedback.join import claim_joins, store_events
+from flywheel.feedback.store import (
+    Correction,
+    Example,
+    LearnerState,
+    Prediction,
+    insert_ignoring_duplicates,
+    make_engine,
+    session_factory,
+    upgrade,
+)
+
+pytestmark = pytest.mark.integration
+T0 = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
+
+
+@pytest.fixture()
+def session(pg_url: str):
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    with session_factory(engine)() as s:
+        yield s
+    engine.dispose()
+
+
+def example_rows(prefix: str) -> list[dict]:
+    features = [[0.1, -2.5e-7, 3.0, 1e300], [1, 2, 3, 4], [0.6877714395523071] * 4]
+    return [{"dedup_key": f"{prefix}{i}", "origin": "counterexample", "error_type": e,
+             "parent_prediction_id": f"p{i}", "features": f, "label": "ünïcode \"q\" \\",
+             "weight": w, "split": "train", "source": s, "created_at": T0 + timedelta(hours=i)}
+            for i, (f, e, w, s) in enumerate(zip(features, ["novel", None, "boundary"],
+                                                 [0.5, 1, 2.0], [None, "app", "app"],
+                                                 strict=True))]
+
+
+def stored(session, prefix: str) -> list[tuple]:
+    return [tuple(getattr(r, c) for c in ("origin", "error_type", "parent_prediction_id",
+                                         "features", "label", "weight", "split", "source",
+                                         "created_at"))
+            for r in session.scalars(select(Example).where(Example.dedup_key.like(f"{prefix}%"))
+                                     .order_by(Example.dedup_key))]
+
+
+def test_columnar_insert_stores_what_the_general_path_stores(session, monkeypatch):
+    assert database._columnar_insert(Example.__table__, example_rows("a")) is not None
+    assert insert_ignoring_duplicates(session, Example, example_rows("a")) == 3
+    assert insert_ignoring_duplicates(session, Example, example_rows("a")[1:]) == 0
+    monkeypatch.setattr(database, "_columnar_insert", lambda table, rows: None)
+    assert insert_ignoring_duplicates(session, Example, example_rows("b")) == 3
+    session.commit()
+    assert stored(session, "a") == stored(session, "b")
+    ids = session.scalars(select(Example.id).order_by(Example.id)).all()
+    assert ids == sorted(ids) and len(ids) == 6
+
+
+def test_defaults_and_duplicates_within_one_call(session):
+    rows = [{"dedup_key": "d", "origin": "seed", "features": [1.0], "label": "a",
+             "split": "train"}] * 2  # no weight, no created_at: the models' defaults
+    before = datetime.now(UTC)
+    assert insert_ignoring_duplicates(session, Example, rows) == 1
+    assert insert_ignoring_duplicates(session, LearnerState, [{"lineage": "x"}]) == 1
+    session.commit()
+    example = session.scalar(select(Example).where(Example.dedup_key == "d"))
+    assert example.weight == 1.0 and example.created_at >= before - timedelta(seconds=1)
+    assert session.get(LearnerState, "x").state == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"features": [math.nan]}, DataError),  # NaN is not JSON: refused, as before
+        ({"created_at": datetime(2026, 1, 1)}, StatementError),  # naive: refused by the type
+        ({"source": "x" * 65}, DataError),  # too long for VARCHAR(64)
+    ],
+)
+def test_refuses_what_the_general_path_refuses(session, monkeypatch, change, error):
+    rows = [example_rows("r")[0] | change]
+    with pytest.raises(error) as fast:
+        insert_ignoring_duplicates(session, Example, rows)
+    session.rollback()
+    monkeypatch.setattr(database, "_columnar_insert", lambda table, rows: None)
+    with pytest.raises(error) as general:
+        insert_ignoring_duplicates(session, Example, rows)
+    session.rollback()
+    assert type(fast.value.orig) is type(general.value.orig)
+
+
+def test_unusual_rows_take_the_general_path(session):
+    rows = example_rows("u")
+    assert database._columnar_insert(Example.__table__, [rows[0], rows[1] | {"x": 1}]) is None
+    assert database._columnar_insert(Example.__table__, [rows[0], {
+        k: v for k, v in rows[1].items() if k != "source"}]) is None
+    assert database._columnar_insert(Example.__table__, [rows[0] | {"weight": True}]) is None
+    assert database._columnar_insert(Example.__table__, [rows[0] | {"weight": math.inf}]) is None
+    assert database._columnar_insert(LearnerState.__table__, [{"lineage": "l",
+                                                                "state": {1: "a"}}]) is None
+
+
+def test_none_in_a_json_column_is_json_null_on_both_paths(session, monkeypatch):
+    assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
+        "features": None, "dedup_key": "n1"}]) == 1
+    monkeypatch.setattr(database, "_columnar_insert", lambda table, rows: None)
+    assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
+        "features": None, "dedup_key": "n2"}]) == 1
+    session.commit()
+    assert stored(session, "n1") == stored(session, "n2")
+    assert stored(session, "n1")[0][3] is None
+
+
+def test_claim_on_postgresql_joins_each_pending_correction_once(session):
+    predictions = [PredictionEvent(id=f"p{i}", model_name="m", model_version="3",
+                                   features=[float(i), 0.5], label="b",
+                                   probabilities={"a": 0.25, "b": 0.75}, timestamp=T0,
+                                   latency_ms=1.0) for i in range(4)]
+    corrections = [CorrectionEvent(id=f"c{i}", prediction_id=f"p{i % 5}", label="a",
+                                   source=None if i == 1 else "app",
+                                   timestamp=T0 + timedelta(minutes=i)) for i in range(6)]
+    assert store_events(session, predictions[:3], corrections) == (3, 6)
+    now = T0 + timedelta(days=1)
+    pairs = claim_joins(session, [f"p{i}" for i in range(5)], now)
+    # c4 waits for p4 (never stored); c3 for p3 (stored next)
+    assert [p.correction_id for p in pairs] == ["c0", "c1", "c2", "c5"]
+    first = pairs[0]
+    assert (first.prediction_id, first.true_label, first.source, first.model_name,
+            first.model_version, first.features, first.probabilities, first.predicted) == (
+        "p0", "a", "app", "m", "3", [0.0, 0.5], {"a": 0.25, "b": 0.75}, "b")
+    assert pairs[1].source is None
+    assert first.corrected_at == T0 and first.corrected_at.tzinfo is UTC
+    assert claim_joins(session, ["p0", "p1", "p2"], now) == []  # never twice
+    store_events(session, predictions[3:], [])
+    assert [p.correction_id for p in claim_joins(session, ["p3"], now)] == ["c3"]
+    session.commit()
+    rows = session.execute(select(Correction.id, Correction.status, Correction.joined_at)
+                           .order_by(Correction.id)).all()
+    assert [(r.id, r.status) for r in rows] == [
+        ("c0", "joined"), ("c1", "joined"), ("c2", "joined"), ("c3", "joined"),
+        ("c4", "pending"), ("c5", "joined")]
+    assert all(r.joined_at == now for r in rows if r.status == "joined")
+    assert session.scalar(select(Prediction.features).where(Prediction.id == "p1")) == [1.0, 0.5]

@@ -1,0 +1,243 @@
+"""The batch paths of the feedback worker decide exactly what the one-at-a-time ones do.
+
+`analyze_many`, `LabelledPool.near_many` and `generate_many` exist for speed only: every
+test here compares them with `analyze`, `near` and `generate` on the same inputs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import torch
+
+from flywheel.feedback.analyzer import AnalyzerConfig, analyze, analyze_many
+from flywheel.feedback.counterexamples import Request, generate, generate_many
+from flywheel.feedback.examples import ExampleBuilder
+from flywheel.feedback.join import JoinedPair
+from flywheel.feedback.reference import ReferenceStats
+from flywheel.feedback.reference_data import LabelledPool
+from flywheel.learner import seed_data, train_seed_model
+from flywheel.settings import Settings
+from flywheel.streams import Concept
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory: pytest.TempPathFactory):
+    settings = Settings(home=tmp_path_factory.mktemp("home"), seed_examples=1000)
+    x_tr, y_tr, x_ho, y_ho = seed_data(settings)
+    spec, module, _ = train_seed_model(settings)
+    ref = ReferenceStats.from_examples(x_tr.astype(np.float64))
+    pool = LabelledPool(ref)
+    pool.add(x_tr.astype(np.float64).tolist(), [spec.labels[i] for i in y_tr])
+    return settings, spec, module, ref, pool
+
+
+@pytest.fixture(scope="module")
+def traffic(seed):
+    """Predictions of the seed model on its own concept and a drifted one, with truths."""
+    settings, spec, module, _, _ = seed
+    x_a, y_a = Concept(settings.seed).sample(300, 21)
+    x_b, y_b = Concept(settings.seed + 1).sample(300, 22)
+    x = np.concatenate([x_a, x_b, x_a[:20] * 4 + 3])  # and a few far from everything
+    truth = y_a + y_b + y_a[:20]
+    with torch.inference_mode():
+        probs = torch.softmax(module(torch.from_numpy(x)), 1).numpy().tolist()
+    rows = []
+    for features, p, t in zip(x.tolist(), probs, truth, strict=True):
+        pd = dict(zip(spec.labels, p, strict=True))
+        rows.append((features, pd, max(pd, key=pd.get), t))
+    return rows
+
+
+def one_at_a_time(rows, pool, config):
+    out = []
+    for features, probs, predicted, truth in rows:
+        near = pool.near(np.asarray(features, dtype=np.float64), config.neighbours)
+        v = analyze(features, probs, predicted, truth, pool.reference, near, config)
+        out.append((v.error_type, v.trainable))
+    return out
+
+
+def batch(rows, pool, config):
+    return analyze_many(*map(list, zip(*rows, strict=True)), pool, config)
+
+
+@pytest.mark.parametrize("config", [AnalyzerConfig(),
+                                    AnalyzerConfig(confident_threshold=0.5, neighbours=3),
+                                    AnalyzerConfig(suspect_max_distance=0.3)])
+def test_analyze_many_agrees_with_analyze(seed, traffic, config):
+    pool = seed[4]
+    expected = one_at_a_time(traffic, pool, config)
+    assert batch(traffic, pool, config) == expected
+    kinds = {e for e, _ in expected}
+    assert {None, "confident", "novel"} <= kinds  # the data exercise several rules
+
+
+def test_analyze_many_with_small_and_empty_pools(seed, traffic):
+    _, _, _, ref, pool = seed
+    config = AnalyzerConfig(confident_threshold=0.5)
+    tiny = LabelledPool(ref)
+    tiny.add(pool.points[:5].tolist(), ["class_1"] * 5)
+    for p in (tiny, LabelledPool(ref)):
+        assert batch(traffic, p, config) == one_at_a_time(traffic, p, config)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda r: (r[0], {k: v / 2 for k, v in r[1].items()}, r[2], r[3]), "sum to 1"),
+        (lambda r: (r[0], r[1], r[2], "class_9"), "true label 'class_9'"),
+        (lambda r: (r[0][:3], r[1], r[2], r[3]), None),  # refused by `near`, as before
+        (lambda r: (r[0], {**r[1], "class_0": "x"}, r[2], r[3]), "must be numbers"),
+    ],
+)
+def test_analyze_many_refuses_what_analyze_refuses(seed, traffic, change, match):
+    pool = seed[4]
+    rows = list(traffic[:50])
+    rows[17] = change(rows[17])
+    with pytest.raises(ValueError, match=match) as expected:
+        one_at_a_time(rows, pool, AnalyzerConfig())
+    with pytest.raises(ValueError) as got:
+        batch(rows, pool, AnalyzerConfig())
+    assert str(got.value) == str(expected.value)
+
+
+def test_analyze_many_takes_pool_labels_the_probabilities_lack_to_analyze(seed, traffic):
+    _, _, _, ref, pool = seed
+    odd = LabelledPool(ref)
+    odd.add(pool.points.tolist(), ["class_0"] * (len(pool) - 1) + ["other"])
+    config = AnalyzerConfig(confident_threshold=0.0)
+    far = [r for r in traffic if np.linalg.norm(
+        (np.asarray(r[0]) - pool.points[-1]) / ref.std) > 5][:40]
+    assert batch(far, odd, config) == one_at_a_time(far, odd, config)
+
+
+def test_near_many_finds_the_same_neighbours_as_near(seed):
+    _, _, _, ref, pool = seed
+    rng = np.random.default_rng(3)
+    queries = np.concatenate([pool.points[:50] + rng.normal(0, 0.01, (50, ref.input_dim)),
+                              pool.points[50:60],  # exactly on a pool point
+                              ref.mean + rng.normal(0, 3, (40, ref.input_dim)) * ref.std])
+    for k in (1, 7, 20):
+        points, labels = pool.near_many(queries, k)
+        assert points.shape == (len(queries), k, ref.input_dim) and labels.shape == points.shape[:2]
+        for q, got, got_labels in zip(queries, points, labels, strict=True):
+            want, want_labels = pool.near(q, k)
+            assert sorted(map(tuple, got)) == sorted(map(tuple, want))
+            assert sorted(got_labels) == sorted(want_labels)
+
+
+def test_near_many_with_ties_and_a_large_pool_in_slices(seed, monkeypatch):
+    import flywheel.feedback.reference_data as reference_data
+
+    _, _, _, ref, pool = seed
+    twins = LabelledPool(ref)
+    points = np.repeat(pool.points[:30], 2, axis=0)  # every point twice: ties everywhere
+    twins.add(points.tolist(), ["a", "b"] * 30)
+    monkeypatch.setattr(reference_data, "_MATRIX_CELLS", 100)  # a few rows per slice
+    queries = pool.points[:25] + 0.001
+    got_points, got_labels = twins.near_many(queries, 5)
+    for q, gp, gl in zip(queries, got_points, got_labels, strict=True):
+        wp, wl = twins.near(q, 5)
+        assert sorted(map(tuple, gp)) == sorted(map(tuple, wp)) and list(gl) == list(wl)
+
+
+def requests_for(seed, traffic, n=40, model=True):
+    _, spec, module, _, pool = seed
+    out = []
+    for i, (features, _, _, truth) in enumerate(traffic[:n]):
+        out.append(Request(np.asarray(features), truth, ("confident", "boundary", "novel")[i % 3],
+                           labels=spec.labels, true_class_examples=pool.of_class(truth),
+                           model=module if model else None,
+                           rng=np.random.default_rng(1000 + i)))
+    return out
+
+
+def fresh(r: Request) -> Request:
+    seed_state = r.rng.bit_generator.state
+    rng = np.random.default_rng()
+    rng.bit_generator.state = seed_state
+    return Request(r.x, r.true_label, r.error_type, r.labels, r.true_class_examples, r.model,
+                   rng)
+
+
+def test_generate_many_equals_generate_per_request(seed, traffic):
+    ref = seed[3]
+    for model in (True, False):
+        reqs = requests_for(seed, traffic, model=model)
+        singles = [generate(r.x, r.true_label, r.error_type, labels=r.labels, reference=ref,
+                            true_class_examples=r.true_class_examples, model=r.model,
+                            rng=fresh(r).rng) for r in reqs]
+        assert generate_many([fresh(r) for r in reqs], reference=ref) == singles
+        assert sum(len(s) for s in singles) == sum((6, 4, 6)[i % 3] for i in range(len(reqs)))
+    # a request's variants do not depend on the rest of its batch
+    reqs = requests_for(seed, traffic)
+    alone = generate_many([fresh(reqs[7])], reference=ref)[0]
+    assert generate_many([fresh(r) for r in reqs[3:12]], reference=ref)[4] == alone
+
+
+def test_generate_many_refuses_the_first_bad_request_as_generate_does(seed, traffic):
+    ref = seed[3]
+    reqs = requests_for(seed, traffic, n=6)
+    bad = Request(reqs[2].x, "class_9", "confident", reqs[2].labels, None, None, reqs[2].rng)
+    with pytest.raises(ValueError, match="true label 'class_9' is not a known label"):
+        generate_many(reqs[:2] + [bad] + reqs[3:], reference=ref)
+    wrong = Request(np.zeros(3), "class_0", "confident", reqs[0].labels, None, None,
+                    reqs[0].rng)
+    with pytest.raises(ValueError, match="3 features"):
+        generate_many([wrong], reference=ref)
+
+
+def pairs_from(seed, traffic, sources=("a", "b")):
+    now = datetime(2026, 1, 1, 12, 30, tzinfo=UTC)
+    return [JoinedPair(uuid.UUID(int=i).hex, uuid.UUID(int=10_000 + i).hex, truth,
+                       sources[i % len(sources)], now, "flywheel", "1", features, probs,
+                       predicted)
+            for i, (features, probs, predicted, truth) in enumerate(traffic)]
+
+
+@pytest.mark.parametrize("budget", [0, 7, 40, 100_000])
+def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
+    settings, spec, module, _, pool = seed
+    settings = settings.model_copy(update={"counterexample_budget": budget})
+    builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
+    builder._budget_left = lambda session, sources, now: {s: budget for s in sources}
+    builder._count = staticmethod(lambda session, outcomes: None)
+    pairs = pairs_from(seed, traffic)
+    rows, rejected = builder(None, pairs)
+    assert rejected == []
+    corrections = [r for r in rows if r["origin"] == "correction"]
+    assert [r["dedup_key"] for r in corrections] == [f"correction:{p.correction_id}"
+                                                     for p in pairs]
+    variants = [r for r in rows if r["origin"] == "counterexample"]
+    wanted = {s: 0 for s in ("a", "b")}
+    for r in corrections:
+        if r["split"] == "train" and r["error_type"]:
+            wanted[r["source"]] += {"confident": 6, "boundary": 4, "novel": 6}[r["error_type"]]
+    for source, want in wanted.items():
+        assert sum(r["source"] == source for r in variants) == min(budget, want)
+    # variants follow their correction, and earlier corrections are served first
+    parents = [r["parent_prediction_id"] for r in rows if r["origin"] == "counterexample"]
+    order = {p.prediction_id: i for i, p in enumerate(pairs)}
+    assert parents == sorted(parents, key=order.__getitem__)
+
+
+def test_an_unusable_pair_is_dead_lettered_not_fatal(seed, traffic):
+    import dataclasses
+
+    settings, spec, module, _, pool = seed
+    builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
+    builder._budget_left = lambda session, sources, now: {s: 0 for s in sources}
+    builder._count = staticmethod(lambda session, outcomes: None)
+    pairs = pairs_from(seed, traffic)[:5]
+    bad_label = dataclasses.replace(pairs[1], true_label="no-such-class")
+    bad_width = dataclasses.replace(pairs[3], features=pairs[3].features[:-1])
+    rows, rejected = builder(None, [pairs[0], bad_label, pairs[2], bad_width, pairs[4]])
+    assert [r["parent_prediction_id"] for r in rows if r["origin"] == "correction"] == [
+        pairs[0].prediction_id, pairs[2].prediction_id, pairs[4].prediction_id]
+    assert [r.key.decode() for r in rejected] == [pairs[1].prediction_id, pairs[3].prediction_id]
+    assert "'no-such-class' is not one of the model's labels" in rejected[0].reason
+    assert "features, the reference has" in rejected[1].reason
