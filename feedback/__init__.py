@@ -4,12 +4,11 @@ Its training store (`flywheel.feedback.store`) is the hand-off to the learner; t
 (`flywheel feedback`) joins, analyzes and writes examples; `error_report` summarizes.
 """
 
-from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
-from flywheel.feedback.counterexamples import Counterexample, CounterexampleConfig
-from flywheel.feedback.counterexamples import generate as generate_counterexamples
-from flywheel.feedback.reference import ReferenceStats
-from flywheel.feedback.report import error_report
-from flywheel.feedback.runner import build_worker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from flywheel.feedback.store import (
     CORRECTION_STATUSES,
     ERROR_TYPES,
@@ -36,7 +35,33 @@ from flywheel.feedback.store import (
     session_factory,
     upgrade,
 )
-from flywheel.feedback.worker import FeedbackWorker, WorkerStats
+
+# The worker side (analysis, counterexamples, registry loading) imports torch and MLflow;
+# loaded on first use so `flywheel db ...` and store-only callers start in a fraction of it.
+_LAZY = {
+    "AnalyzerConfig": "analyzer", "Verdict": "analyzer", "analyze": "analyzer",
+    "assign_split": "analyzer", "Counterexample": "counterexamples",
+    "CounterexampleConfig": "counterexamples", "ReferenceStats": "reference",
+    "error_report": "report", "build_worker": "runner", "FeedbackWorker": "worker",
+    "WorkerStats": "worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "generate_counterexamples":
+        return importlib.import_module("flywheel.feedback.counterexamples").generate
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"flywheel.feedback.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'flywheel.feedback' has no attribute {name!r}")
+
+if TYPE_CHECKING:
+    from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
+    from flywheel.feedback.counterexamples import Counterexample, CounterexampleConfig
+    from flywheel.feedback.counterexamples import generate as generate_counterexamples
+    from flywheel.feedback.reference import ReferenceStats
+    from flywheel.feedback.report import error_report
+    from flywheel.feedback.runner import build_worker
+    from flywheel.feedback.worker import FeedbackWorker, WorkerStats
 
 __all__ = [
     "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackWorker",
