@@ -62,23 +62,28 @@ def _store_call(fn: Callable[[str], T]) -> tuple[str, T]:
     raise AssertionError("unreachable")  # _one_line_errors exits on every failure
 
 
+def _migrate(direction: str, revision: str) -> None:
+    """Move the schema with `store.upgrade` or `store.downgrade` and say what changed."""
+    from flywheel.feedback import store
+
+    def run(url: str) -> tuple[str | None, str | None]:
+        before = store.current(url)
+        getattr(store, direction)(url, revision)
+        return before, store.current(url)
+
+    shown, (before, after) = _store_call(run)
+    if before == after:
+        typer.echo(f"{shown}: already at {after or 'base'}")
+    else:
+        typer.echo(f"{shown}: {direction}d {before or 'empty'} -> {after or 'base'}")
+
+
 @db_app.command()
 def upgrade(
     revision: str = typer.Option("head", "--revision", "-r", help="Target revision."),
 ) -> None:
     """Migrate the database forward (creating the schema on an empty database)."""
-    from flywheel.feedback import store
-
-    def run(url: str) -> tuple[str | None, str | None]:
-        before = store.current(url)
-        store.upgrade(url, revision)
-        return before, store.current(url)
-
-    shown, (before, after) = _store_call(run)
-    if before == after:
-        typer.echo(f"{shown}: already at {after}")
-    else:
-        typer.echo(f"{shown}: upgraded {before or 'empty'} -> {after}")
+    _migrate("upgrade", revision)
 
 
 @db_app.command(context_settings={"ignore_unknown_options": True})
@@ -86,18 +91,7 @@ def downgrade(
     revision: str = typer.Argument(..., help="Target revision: an id, `-1`, or `base`."),
 ) -> None:
     """Migrate the database back; `base` drops every Flywheel table and its data."""
-    from flywheel.feedback import store
-
-    def run(url: str) -> tuple[str | None, str | None]:
-        before = store.current(url)
-        store.downgrade(url, revision)
-        return before, store.current(url)
-
-    shown, (before, after) = _store_call(run)
-    if before == after:
-        typer.echo(f"{shown}: already at {after or 'base'}")
-    else:
-        typer.echo(f"{shown}: downgraded {before} -> {after or 'base'}")
+    _migrate("downgrade", revision)
 
 
 @db_app.command()
