@@ -20,18 +20,40 @@ import httpx
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.feedback import FeedbackWorker
+from flywheel.learner import OnlineLearner
 from flywheel.settings import Settings
-from flywheel.streams import Concept, seed_concept
+from flywheel.streams import drift_concept, seed_concept
 
 
 @dataclass
 class DemoConfig:
-    requests: int = 3000
-    batch: int = 10
-    drift_at: float = 0.5
+    requests: int = 6000
+    rate: float = 60.0  # requests per second; 0 = as fast as the service answers
+    batch: int = 6
+    drift_at: float = 1 / 3
     correction_fraction: float = 0.3
     correction_delay_s: float = 1.0
     window: int = 300
+
+
+@dataclass
+class Trace:
+    """What the simulated app saw, request by request, and when it sent each correction."""
+
+    t: list[float] = field(default_factory=list)  # seconds since the stream started
+    ok: list[int] = field(default_factory=list)  # served prediction was right
+    ok_frozen: list[int] = field(default_factory=list)  # the initial model would be right
+    version: list[str] = field(default_factory=list)
+    corrected_at: dict[str, float] = field(default_factory=dict)  # prediction id -> t sent
+    drift_index: int = 0
+    drift_t: float = 0.0
+
+    def first_served(self) -> dict[str, float]:
+        """When each version answered its first request."""
+        out: dict[str, float] = {}
+        for t, v in zip(self.t, self.version, strict=True):
+            out.setdefault(v, t)
+        return out
 
 
 @dataclass
@@ -45,6 +67,7 @@ class DemoResult:
     corrections_on_topic: int = 0
     corrections_joined: int = 0
     elapsed_s: float = 0.0
+    trace: Trace = field(default_factory=Trace)
 
     @property
     def loop_closed_for_logging(self) -> bool:
@@ -114,6 +137,24 @@ def running_feedback_worker(settings: Settings) -> Iterator[FeedbackWorker]:
         thread.join(60)
 
 
+@contextlib.contextmanager
+def running_learner(settings: Settings) -> Iterator[OnlineLearner]:
+    """The online learner in a background thread, stopped on exit."""
+    from flywheel.learner import OnlineLearner
+
+    learner = OnlineLearner(settings)
+    learner.start()
+    stop = threading.Event()
+    thread = threading.Thread(target=learner.run, args=(stop,), name="flywheel-demo-learner",
+                              daemon=True)
+    thread.start()
+    try:
+        yield learner
+    finally:
+        stop.set()
+        thread.join(60)
+
+
 def wait_joined(worker: FeedbackWorker, expected: int, timeout_s: float = 60.0) -> int:
     """Corrections the worker has joined, waiting up to `timeout_s` for `expected`."""
     deadline = time.monotonic() + timeout_s
@@ -125,55 +166,114 @@ def wait_joined(worker: FeedbackWorker, expected: int, timeout_s: float = 60.0) 
 def simulate_app(
     url: str, settings: Settings, config: DemoConfig,
     on_progress: Callable[[int, float, str], None] = lambda n, acc, version: None,
+    frozen: Callable[[list[list[float]]], list[str]] | None = None,
 ) -> tuple[DemoResult, list[str]]:
-    """Stream requests across an abrupt concept change; correct a fraction after a delay."""
+    """Stream requests across an abrupt concept change; correct a fraction after a delay.
+
+    `frozen` predicts labels with the initial model on the same rows, for comparison.
+    """
     before = seed_concept(settings.seed).stream(sample_seed=settings.seed + 1000)
-    after = Concept(model_seed=settings.seed + 1).stream(sample_seed=settings.seed + 2000)
+    after = drift_concept(settings.seed).stream(sample_seed=settings.seed + 2000)
     rng = random.Random(settings.seed)
     result, ids = DemoResult(), []
+    trace = result.trace
     window: deque[int] = deque(maxlen=config.window)
     pending: deque[tuple[float, str, str]] = deque()
     hits = {"before": [0, 0], "after": [0, 0]}
     drift_at = int(config.requests * config.drift_at)
+    trace.drift_index = drift_at
     start = time.monotonic()
     with httpx.Client(base_url=url, timeout=30) as client:
         while result.predictions < config.requests:
+            if config.rate > 0:  # keep the pace of a real app, so the loop has time to turn
+                lag = start + result.predictions / config.rate - time.monotonic()
+                if lag > 0:
+                    time.sleep(lag)
             phase = "before" if result.predictions < drift_at else "after"
+            if phase == "after" and not trace.drift_t:
+                trace.drift_t = time.monotonic() - start
             stream = before if phase == "before" else after
             rows = [next(stream) for _ in range(min(config.batch,
                                                     config.requests - result.predictions))]
             r = client.post("/v1/predict", json={"instances": [x for x, _ in rows]})
             r.raise_for_status()
             body = r.json()
-            result.versions_served.add(body["model"]["version"])
-            for (_, truth), pred in zip(rows, body["predictions"], strict=True):
+            version = body["model"]["version"]
+            now = time.monotonic() - start
+            result.versions_served.add(version)
+            frozen_labels = frozen([x for x, _ in rows]) if frozen else [None] * len(rows)
+            for (_, truth), pred, f in zip(rows, body["predictions"], frozen_labels,
+                                           strict=True):
                 ok = int(pred["label"] == truth)
                 window.append(ok)
                 hits[phase][0] += ok
                 hits[phase][1] += 1
                 ids.append(pred["id"])
+                trace.t.append(now)
+                trace.ok.append(ok)
+                trace.ok_frozen.append(int(f == truth))
+                trace.version.append(version)
                 if rng.random() < config.correction_fraction:
                     pending.append((time.monotonic() + config.correction_delay_s, pred["id"],
                                     truth))
             result.predictions += len(rows)
-            result.corrections += _send_due(client, pending, time.monotonic())
-            on_progress(result.predictions, sum(window) / len(window),
-                        body["model"]["version"])
-        result.corrections += _send_due(client, pending, float("inf"))
+            result.corrections += _send_due(client, pending, time.monotonic(), trace, start)
+            on_progress(result.predictions, sum(window) / len(window), version)
+        result.corrections += _send_due(client, pending, float("inf"), trace, start)
     result.accuracy_before_drift = hits["before"][0] / max(1, hits["before"][1])
     result.accuracy_after_drift = hits["after"][0] / max(1, hits["after"][1])
     result.elapsed_s = time.monotonic() - start
     return result, ids
 
 
-def _send_due(client: httpx.Client, pending: deque, now: float) -> int:
+def _send_due(client: httpx.Client, pending: deque, now: float, trace: Trace,
+              start: float) -> int:
     due = []
     while pending and pending[0][0] <= now:
         _, pid, label = pending.popleft()
         due.append({"prediction_id": pid, "label": label, "source": "demo-app"})
     if due:
         client.post("/v1/corrections", json={"corrections": due}).raise_for_status()
+        sent = time.monotonic() - start
+        for c in due:
+            trace.corrected_at[c["prediction_id"]] = sent
     return len(due)
+
+
+def frozen_predictor(settings: Settings, version: str) -> Callable[[list[list[float]]], list[str]]:
+    """Labels the given registry version would predict: the "no flywheel" baseline."""
+    import numpy as np
+    import torch
+
+    from flywheel.registry import Registry
+
+    loaded = Registry(settings).load(version)
+    loaded.module.eval()
+
+    def predict(rows: list[list[float]]) -> list[str]:
+        with torch.inference_mode():
+            out = loaded.module(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
+        return [loaded.spec.labels[i] for i in out.argmax(1).tolist()]
+
+    return predict
+
+
+def learned_examples(settings: Settings) -> dict[str, int]:
+    """Corrected prediction id -> id of the training example it became (train split)."""
+    from sqlalchemy import select
+
+    from flywheel.feedback import Example, Origin, Split, make_engine, session_factory
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with session_factory(engine)() as session:
+            rows = session.execute(
+                select(Example.parent_prediction_id, Example.id)
+                .where(Example.origin == Origin.CORRECTION.value,
+                       Example.split == Split.TRAIN.value)).all()
+    finally:
+        engine.dispose()
+    return {pid: eid for pid, eid in rows if pid}
 
 
 def count_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> int:

@@ -96,6 +96,22 @@ class DeadLetter(_Event):
     timestamp: datetime
 
 
+class ModelEvent(_Event):
+    """A change of the served version, on `flywheel.model-events` (key: model name).
+
+    `kind` is `promoted` (a new champion) or `rolled_back` (the alias moved back);
+    followers load `version` either way, so both are handled the same.
+    """
+
+    kind: Literal["promoted", "rolled_back"]
+    model_name: str
+    version: Identifier
+    previous_version: Identifier | None = None
+    reason: str = ""
+    actor: str = ""
+    timestamp: datetime
+
+
 def prediction_payload(
     *, id: str, model_name: str, model_version: str, features: list[float],
     probabilities: dict[str, float], label: str, timestamp: datetime, latency_ms: float,

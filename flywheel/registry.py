@@ -6,9 +6,11 @@ module, so tags, artifact layout and alias semantics are defined once.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from torch import nn
@@ -21,6 +23,25 @@ EXPERIMENT = "flywheel"
 ARTIFACT_PATH = "model"
 VERSION_TAGS = ("parent_version", "source", "examples", "epsilon", "delta", "gate")
 SOURCES = ("online", "federated", "manual")
+HISTORY_TAG = "champion_history"  # on the registered model: JSON list, oldest first
+HISTORY_LIMIT = 200
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be done as asked (unknown version, nothing to undo)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the registry knows about one version, without loading its weights."""
+
+    version: str
+    tags: dict[str, str]
+    run_id: str | None
+    created_at: datetime
+    is_champion: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,4 +142,96 @@ class Registry:
                 self.client.get_registered_model(self.name)
 
     def set_champion(self, version: str) -> None:
+        """Move the alias and remember it in the champion history (what rollback undoes)."""
         self.client.set_registered_model_alias(self.name, CHAMPION_ALIAS, version)
+        history = self.champion_history()
+        if not history or history[-1] != version:
+            history.append(version)
+        self._set_history(history[-HISTORY_LIMIT:])
+
+    def champion_history(self) -> list[str]:
+        """Versions that were champion, oldest first (rolled-back ones removed)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            raw = self.client.get_registered_model(self.name).tags.get(HISTORY_TAG)
+        except MlflowException:
+            return []
+        return [str(v) for v in json.loads(raw)] if raw else []
+
+    def _set_history(self, history: list[str]) -> None:
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
+
+    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, version, k, str(v))
+
+    def exists(self, version: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_model_version(self.name, version)
+        except MlflowException:
+            return False
+        return True
+
+    def promote(self, version: str, *, reason: str, actor: str) -> str | None:
+        """Make `version` the champion; returns the one it replaced. Recorded as tags."""
+        version = str(version)
+        if not self.exists(version):
+            raise RegistryError(f"{self.name} has no version {version!r}")
+        previous = self.champion_version()
+        self.set_tags(version, {"promoted_at": _now_iso(), "promoted_by": actor,
+                                "promotion_reason": reason})
+        self.set_champion(version)
+        return previous
+
+    def rollback(self, *, reason: str, actor: str) -> tuple[str, str]:
+        """Move the alias back to the previous champion; returns (from, to)."""
+        history = self.champion_history()
+        current = self.champion_version()
+        if current is None:
+            raise RegistryError(f"{self.name} has no champion to roll back")
+        if history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise RegistryError(f"{self.name} v{current} has no earlier champion to go back to")
+        target = history[-1]
+        self.client.set_registered_model_alias(self.name, CHAMPION_ALIAS, target)
+        self._set_history(history)
+        self.set_tags(current, {"rolled_back_at": _now_iso(), "rolled_back_by": actor,
+                                "rollback_reason": reason})
+        return current, target
+
+    def versions(self, *, with_runs: bool = False) -> list[VersionInfo]:
+        """Every version, newest first; `with_runs` adds each run's params and metrics."""
+        champion = self.champion_version()
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        out = [self._info(mv, champion, with_runs) for mv in found]
+        return sorted(out, key=lambda v: int(v.version) if v.version.isdigit() else 0,
+                      reverse=True)
+
+    def info(self, version: str, *, with_run: bool = True) -> VersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            raise RegistryError(f"{self.name} has no version {version!r}") from None
+        return self._info(mv, self.champion_version(), with_run)
+
+    def _info(self, mv: object, champion: str | None, with_run: bool) -> VersionInfo:
+        version = str(mv.version)  # type: ignore[attr-defined]
+        metrics: dict[str, float] = {}
+        params: dict[str, str] = {}
+        run_id = mv.run_id  # type: ignore[attr-defined]
+        if with_run and run_id:
+            data = self.client.get_run(run_id).data
+            metrics, params = dict(data.metrics), dict(data.params)
+        created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)  # type: ignore[attr-defined]
+        return VersionInfo(version, dict(mv.tags), run_id, created,  # type: ignore[attr-defined]
+                           version == champion, metrics, params)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -76,6 +76,33 @@ class Settings(BaseSettings):
     counterexample_window_s: float = Field(3600.0, gt=0,
                                            description="The window of that budget.")
 
+    registry_poll_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="Service checks the champion alias this often (model events are faster).")
+
+    learn_batch: int = Field(100, ge=1, le=1_000_000,
+                             description="New trainable examples per learner update.")
+    learn_steps: int = Field(8, ge=1, le=1000, description="Gradient steps per update.")
+    learn_lr: float = Field(0.003, gt=0, le=10, description="Base learning rate (Adam).")
+    learn_replay: float = Field(
+        2.0, ge=0, le=100, description="Replayed older examples per new one, against forgetting.")
+    learn_max_boost: float = Field(
+        3.0, ge=1, le=100, description="Most the elastic learning rate multiplies the base by.")
+    learn_boost_half_life: float = Field(
+        3.0, gt=0, le=1000, description="Updates for a raised learning rate to halve its excess.")
+    learn_poll_s: float = Field(1.0, gt=0, le=3600,
+                                description="Learner checks for new examples this often.")
+    learn_cursor_grace_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="Examples committed this late (out of id order) are still picked up.")
+    auto_promote: bool = Field(True, description="Promote candidates that pass the gate.")
+    gate_tolerance: float = Field(
+        0.02, ge=0, le=1, description="Allowed accuracy loss on the trusted (seed) holdout.")
+    gate_recent_holdout: int = Field(
+        500, ge=1, le=1_000_000, description="Most recent holdout corrections the gate uses.")
+    gate_min_holdout: int = Field(
+        20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion.")
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _check_bootstrap(cls, value: str | None) -> str | None:

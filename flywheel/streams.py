@@ -17,9 +17,14 @@ LABELS = ("class_0", "class_1", "class_2")
 
 @dataclass(frozen=True)
 class Concept:
-    """One mapping from features to labels, identified by its model seed."""
+    """One mapping from features to labels, identified by its model seed.
+
+    `offset` moves the inputs: a concept that appears in a region the seed data never
+    covered, so learning it need not overwrite what the trusted holdout still checks.
+    """
 
     model_seed: int
+    offset: float = 0.0
 
     def sample(self, n: int, sample_seed: int) -> tuple[np.ndarray, list[str]]:
         from river.datasets import synth
@@ -32,7 +37,7 @@ class Concept:
         for x, y in gen.take(n):
             xs.append([x[i] for i in range(N_FEATURES)])
             ys.append(LABELS[y])
-        return np.asarray(xs, dtype=np.float32), ys
+        return np.asarray(xs, dtype=np.float32) + np.float32(self.offset), ys
 
     def stream(self, sample_seed: int, chunk: int = 1000) -> Iterator[tuple[list[float], str]]:
         offset = 0
@@ -44,3 +49,8 @@ class Concept:
 
 def seed_concept(seed: int) -> Concept:
     return Concept(model_seed=seed)
+
+
+def drift_concept(seed: int, offset: float = 0.5) -> Concept:
+    """What the demo's world changes to: another RBF concept, half-overlapping the old one."""
+    return Concept(model_seed=seed + 1, offset=offset)

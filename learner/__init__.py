@@ -1,5 +1,15 @@
-"""Learner: model training and publishing to the registry."""
+"""Learner: the initial model, the mini-batch online learner, its gate and elastic rate."""
 
+from flywheel.learner.cursor import CursorState
+from flywheel.learner.elastic import ElasticRate
+from flywheel.learner.gate import GateResult, Holdout, evaluate_gate
+from flywheel.learner.online import Candidate, LearnerStats, OnlineLearner, run_forever
 from flywheel.learner.seed_model import default_spec, ensure_champion, seed_data, train_seed_model
+from flywheel.learner.trainer import OnlineTrainer, Reservoir, TrainerConfig, UpdateStats
 
-__all__ = ["default_spec", "ensure_champion", "seed_data", "train_seed_model"]
+__all__ = [
+    "Candidate", "CursorState", "ElasticRate", "GateResult", "Holdout", "LearnerStats",
+    "OnlineLearner", "OnlineTrainer", "Reservoir", "TrainerConfig", "UpdateStats",
+    "default_spec", "ensure_champion", "evaluate_gate", "run_forever", "seed_data",
+    "train_seed_model",
+]

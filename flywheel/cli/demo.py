@@ -1,9 +1,10 @@
-"""`flywheel demo`: run the stack on embedded defaults with a simulated production app."""
+"""`flywheel demo`: the whole loop on embedded defaults, driven by a simulated production app."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -15,83 +16,118 @@ from flywheel.cli import app, settings_or_exit
 
 @app.command()
 def demo(
-    requests: int = typer.Option(3000, min=10, max=1_000_000, help="Predictions to request."),
+    report: Path | None = typer.Option(None, "--report", file_okay=False,
+                                       help="Write accuracy.png, summary.md, summary.json here."),
+    requests: int = typer.Option(6000, min=10, max=1_000_000, help="Predictions to request."),
+    rate: float = typer.Option(60.0, min=0.0, max=100_000.0,
+                               help="Requests per second the app sends (0: as fast as served)."),
     correction_fraction: float = typer.Option(0.3, min=0.0, max=1.0,
                                               help="Share of predictions corrected."),
     port: int = typer.Option(0, min=0, max=65535, help="Service port; 0 picks a free one."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Start everything on embedded defaults and stream a drifting workload through it."""
+    """Start everything on embedded defaults and stream a drifting workload through the loop.
+
+    Exits 1 if the loop did not close: no version promoted, or no recovery after the drift,
+    or a prediction or correction missing from Kafka or the store.
+    """
     from flywheel.demo import (
         DemoConfig,
         count_topic,
         embedded_stack,
+        frozen_predictor,
+        learned_examples,
         running_feedback_worker,
+        running_learner,
         running_service,
         simulate_app,
         wait_joined,
     )
-    from flywheel.feedback import error_report
-    from flywheel.feedback.store import make_engine, session_factory
+    from flywheel.demo_report import freshness, summarize, write_report
+    from flywheel.registry import Registry
 
     settings = settings_or_exit(port=port)
     console = Console(stderr=True)
-    config = DemoConfig(requests=requests, correction_fraction=correction_fraction)
+    config = DemoConfig(requests=requests, rate=rate, correction_fraction=correction_fraction)
     with contextlib.ExitStack() as stack:
-        with console.status("starting broker, store, registry and service..."):
+        with console.status("starting broker, store, registry, feedback worker, learner, "
+                            "service..."):
             s = stack.enter_context(embedded_stack(settings))
+            initial = Registry(s).champion_version()
+            assert initial is not None
+            frozen = frozen_predictor(s, initial)
             worker = stack.enter_context(running_feedback_worker(s))
+            learner = stack.enter_context(running_learner(s))
             url = stack.enter_context(running_service(s))
-        console.print(f"service at {url}, Kafka at {s.kafka_bootstrap}, home {s.home_dir}")
+        console.print(f"service at {url}, Kafka at {s.kafka_bootstrap}, home {s.home_dir}; "
+                      f"serving v{initial}")
         with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task("demo", total=config.requests, status="")
 
             def on_progress(n: int, acc: float, version: str) -> None:
-                progress.update(task, completed=n,
-                                status=f"accuracy {acc:.1%} · serving v{version}")
+                progress.update(task, completed=n, status=(
+                    f"accuracy {acc:.1%} · serving v{version} · "
+                    f"{learner.stats.candidates} candidates, {learner.stats.promoted} promoted"))
 
-            result, _ = simulate_app(url, s, config, on_progress)
-        with console.status("checking every record on Kafka..."):
+            result, _ = simulate_app(url, s, config, on_progress, frozen=frozen)
+        with console.status("checking every record on Kafka and in the store..."):
             result.events_on_topic = count_topic(s.kafka_bootstrap, s.topic_predictions,
                                                  result.predictions)
             result.corrections_on_topic = count_topic(s.kafka_bootstrap, s.topic_corrections,
                                                       result.corrections)
-        with console.status("feedback worker joining corrections..."):
             result.corrections_joined = wait_joined(worker, result.corrections)
-    engine = make_engine(s.resolved_database_url)
-    with session_factory(engine)() as session:
-        report = error_report(session, s.model_name)
-    engine.dispose()
-    summary = {
-        "predictions": result.predictions, "prediction_events": result.events_on_topic,
-        "corrections": result.corrections, "correction_events": result.corrections_on_topic,
-        "versions_served": sorted(result.versions_served),
-        "accuracy_before_drift": round(result.accuracy_before_drift, 4),
-        "accuracy_after_drift": round(result.accuracy_after_drift, 4),
-        "corrections_joined": result.corrections_joined,
-        "error_report": report["versions"],
-        "elapsed_s": round(result.elapsed_s, 1),
-    }
+        history = list(learner.stats.history)
+    candidates = [{"version": c.version, "parent_version": c.parent_version,
+                   "examples": c.examples, "first_example_id": c.first_id,
+                   "last_example_id": c.last_id, "lr": c.lr, "promoted": c.promoted,
+                   "gate": c.gate.summary()} for c in history]
+    fresh = freshness(result.trace, learned_examples(s),
+                      [(c.version, c.last_id) for c in history if c.promoted])
+    summary = summarize(result.trace, candidates=candidates, fresh=fresh,
+                        elapsed_s=result.elapsed_s)
+    summary |= {"predictions": result.predictions, "prediction_events": result.events_on_topic,
+                "corrections": result.corrections,
+                "correction_events": result.corrections_on_topic,
+                "corrections_joined": result.corrections_joined,
+                "initial_version": initial}
+    if report is not None:
+        write_report(report, summary, result.trace)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        table = Table(title="flywheel demo")
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for k, v in summary.items():
-            if k != "error_report":
-                table.add_row(k, str(v))
-        for v in report["versions"]:
-            ver = v["model_version"]
-            table.add_row(f"error rate v{ver}", f"{v['error_rate']:.1%} of {v['corrections']}")
-            table.add_row(f"error types v{ver}",
-                          ", ".join(f"{k} {n}" for k, n in v["error_types"].items()))
-            table.add_row(f"top confusions v{ver}", ", ".join(
-                f"{c['predicted']}→{c['actual']} {c['count']}" for c in v["confusions"][:3]))
-        Console().print(table)
+        _print_summary(summary, report)
     if not result.loop_closed_for_logging:
         typer.echo("error: not every prediction and correction reached Kafka and the store",
                    err=True)
         raise typer.Exit(1)
+    if not summary["recovered"]:
+        typer.echo("error: the loop did not close: " + (
+            "no version was promoted" if not summary["promoted_versions"] else
+            "the served model did not recover after the drift"), err=True)
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: dict, report: Path | None) -> None:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    table = Table(title="flywheel demo")
+    table.add_column("measure")
+    table.add_column("flywheel", justify="right")
+    table.add_column("frozen initial model", justify="right")
+    table.add_row("accuracy before the drift", pct(summary["accuracy_flywheel_before_drift"]),
+                  pct(summary["accuracy_frozen_before_drift"]))
+    table.add_row("accuracy after the drift (settled)",
+                  pct(summary["accuracy_flywheel_after_drift"]),
+                  pct(summary["accuracy_frozen_after_drift"]))
+    table.add_row("versions promoted", ", ".join(f"v{v}" for v in summary["promoted_versions"])
+                  or "none", "-")
+    table.add_row("freshness median / p95", f"{summary['freshness_median_s']} s / "
+                  f"{summary['freshness_p95_s']} s", "-")
+    table.add_row("predictions / corrections",
+                  f"{summary['predictions']} / {summary['corrections']}", "-")
+    Console().print(table)
+    if report is not None:
+        Console().print(f"report written to {report}/ (accuracy.png, summary.md, summary.json)")

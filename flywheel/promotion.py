@@ -1,0 +1,83 @@
+"""Moving the `champion` alias and telling the services about it.
+
+The alias move is the source of truth; the event on `flywheel.model-events` only makes
+followers react at once. If the event cannot be sent, services still find the change
+by polling the registry, so a failed send is logged, not raised.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+
+from flywheel.events import ModelEvent, utcnow
+from flywheel.registry import Registry
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (containers)
+        return "unknown"
+
+
+def promote(settings: Settings, version: str, *, reason: str, actor: str | None = None,
+            registry: Registry | None = None, notify: bool = True) -> ModelEvent:
+    """Make `version` the champion and announce it.
+
+    `notify=False` leaves the announcement to the caller, who then learns from
+    `announce`'s result whether services were told (the CLI reports it).
+    """
+    registry = registry or Registry(settings)
+    actor = actor or default_actor()
+    previous = registry.promote(str(version), reason=reason, actor=actor)
+    event = ModelEvent(kind="promoted", model_name=registry.name, version=str(version),
+                       previous_version=previous, reason=reason, actor=actor,
+                       timestamp=utcnow())
+    if notify:
+        announce(settings, event)
+    log.info("promoted %s v%s (was v%s): %s", registry.name, version, previous, reason)
+    return event
+
+
+def rollback(settings: Settings, *, reason: str, actor: str | None = None,
+             registry: Registry | None = None, notify: bool = True) -> ModelEvent:
+    """Move the champion back to the previous one and announce it (see `promote`)."""
+    registry = registry or Registry(settings)
+    actor = actor or default_actor()
+    current, target = registry.rollback(reason=reason, actor=actor)
+    event = ModelEvent(kind="rolled_back", model_name=registry.name, version=target,
+                       previous_version=current, reason=reason, actor=actor,
+                       timestamp=utcnow())
+    if notify:
+        announce(settings, event)
+    log.info("rolled %s back from v%s to v%s: %s", registry.name, current, target, reason)
+    return event
+
+
+def announce(settings: Settings, event: ModelEvent, timeout_s: float = 5.0) -> bool:
+    """Send `event` to the model-events topic; False (and a warning) if it could not."""
+    if not settings.kafka_bootstrap:
+        log.warning("no Kafka configured: services will see v%s by polling", event.version)
+        return False
+    from kafka import KafkaProducer
+
+    try:
+        # bootstrap_timeout_ms too: its 30 s default would hold up a CLI promotion
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                 request_timeout_ms=int(timeout_s * 1000),
+                                 bootstrap_timeout_ms=int(timeout_s * 1000),
+                                 max_block_ms=int(timeout_s * 1000))
+        try:
+            producer.send(settings.topic_model_events, key=event.model_name.encode(),
+                          value=event.to_json()).get(timeout=timeout_s)
+        finally:
+            producer.close(timeout=timeout_s)
+    except Exception as exc:  # the registry already changed; polling covers a lost event
+        log.warning("could not announce v%s on %s (%s); services will see it by polling",
+                    event.version, settings.topic_model_events, exc)
+        return False
+    return True

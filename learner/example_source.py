@@ -1,0 +1,105 @@
+"""What the learner reads from the training store, and where it keeps its cursor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import and_, func, not_, select
+from sqlalchemy.engine import Engine
+
+from flywheel.feedback import Example, LearnerState, Origin, Split, session_factory
+from flywheel.learner.cursor import CursorState
+
+_COLUMNS = (Example.id, Example.origin, Example.split, Example.features, Example.label,
+            Example.weight, Example.error_type, Example.created_at)
+
+
+@dataclass(frozen=True)
+class StoredExample:
+    id: int
+    origin: str
+    split: str
+    features: list[float]
+    label: str
+    weight: float
+    error_type: str | None
+
+    @property
+    def trainable(self) -> bool:
+        return self.split == Split.TRAIN.value
+
+    @property
+    def is_correction(self) -> bool:
+        return self.origin == Origin.CORRECTION.value
+
+
+def _rows(result: object) -> list[StoredExample]:
+    return [StoredExample(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6])
+            for r in result]  # type: ignore[attr-defined]
+
+
+class ExampleSource:
+    """Reads examples past a cursor, recent holdout corrections and replay samples."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessions = session_factory(engine)
+
+    def read_new(self, cursor: CursorState, limit: int) -> list[StoredExample]:
+        """Unread non-seed examples in id order (any split), at most `limit`."""
+        where = [Example.id > cursor.watermark, Example.origin != Origin.SEED.value]
+        where += [not_(Example.id.between(lo, hi)) for lo, hi in cursor.above]
+        query = select(*_COLUMNS).where(and_(*where)).order_by(Example.id).limit(limit)
+        with self.sessions() as session:
+            return _rows(session.execute(query).all())
+
+    def released(self, cursor: CursorState) -> tuple[list[StoredExample], list[int]]:
+        """Held (quarantined) examples now trainable, and held ids that can be forgotten."""
+        if not cursor.held:
+            return [], []
+        with self.sessions() as session:
+            rows = _rows(session.execute(
+                select(*_COLUMNS).where(Example.id.in_(cursor.held))).all())
+        settled = [r.id for r in rows if r.split != Split.QUARANTINE.value]
+        gone = set(cursor.held) - {r.id for r in rows}
+        return [r for r in rows if r.trainable], settled + sorted(gone)
+
+    def recent_holdout(self, n: int) -> list[StoredExample]:
+        """The newest `n` corrections kept out of training."""
+        with self.sessions() as session:
+            return _rows(session.execute(
+                select(*_COLUMNS).where(Example.split == Split.HOLDOUT.value,
+                                        Example.origin == Origin.CORRECTION.value)
+                .order_by(Example.id.desc()).limit(n)).all())
+
+    def replay_sample(self, up_to_id: int, n: int) -> list[StoredExample]:
+        """A random sample of trainable examples already consumed (refills replay on start)."""
+        with self.sessions() as session:
+            return _rows(session.execute(
+                select(*_COLUMNS).where(Example.split == Split.TRAIN.value,
+                                        Example.id <= up_to_id)
+                .order_by(func.random()).limit(n)).all())
+
+    def load_state(self, lineage: str) -> dict | None:
+        with self.sessions() as session:
+            row = session.get(LearnerState, lineage)
+            return None if row is None else dict(row.state or {})
+
+    def save_state(self, lineage: str, state: dict, cursor: int) -> None:
+        with self.sessions.begin() as session:
+            row = session.get(LearnerState, lineage)
+            if row is None:
+                session.add(LearnerState(lineage=lineage, cursor=cursor, state=state))
+            else:
+                row.cursor, row.state = cursor, state
+
+
+def as_arrays(rows: list[StoredExample], label_index: dict[str, int]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, label indices and weights; rows with a label the model lacks are dropped."""
+    keep = [r for r in rows if r.label in label_index]
+    x = np.asarray([r.features for r in keep], dtype=np.float32).reshape(len(keep), -1)
+    y = np.asarray([label_index[r.label] for r in keep], dtype=np.int64)
+    w = np.asarray([r.weight for r in keep], dtype=np.float32)
+    return x, y, w

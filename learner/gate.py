@@ -1,0 +1,99 @@
+"""The promotion gate: better on what the world looks like now, not worse on what we trust.
+
+Two holdouts, two questions. The recent `holdout` split of corrections (never trained on)
+asks "is the candidate better for today's traffic?"; the frozen seed holdout asks "did it
+forget what we know to be true?". Both numbers are kept with the decision, so a reviewer
+sees why a version was or was not promoted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Holdout:
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reason: str
+    recent_candidate: float | None
+    recent_champion: float | None
+    recent_n: int
+    recent_loss_candidate: float | None
+    recent_loss_champion: float | None
+    trusted_candidate: float
+    trusted_champion: float
+    trusted_n: int
+    tolerance: float
+
+    def summary(self) -> str:
+        """One line for the `gate` tag: the decision and the numbers behind it."""
+        verdict = "passed" if self.passed else "rejected"
+        recent = (f"recent {self.recent_candidate:.3f} vs {self.recent_champion:.3f}, "
+                  f"log-loss {self.recent_loss_candidate:.3f} vs "
+                  f"{self.recent_loss_champion:.3f} (n={self.recent_n})"
+                  if self.recent_candidate is not None
+                  else f"recent n={self.recent_n}")
+        return (f"{verdict}: {self.reason}; {recent}; trusted {self.trusted_candidate:.3f} "
+                f"vs {self.trusted_champion:.3f} (n={self.trusted_n}, tol {self.tolerance})")
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in asdict(self).items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
+        out["gate_passed"] = float(self.passed)
+        return {f"gate_{k}" if not k.startswith("gate_") else k: v for k, v in out.items()}
+
+
+def scores(module: nn.Module, holdout: Holdout) -> tuple[float, float]:
+    """(accuracy, mean log-loss) on the holdout."""
+    if len(holdout) == 0:
+        return float("nan"), float("nan")
+    module.eval()
+    with torch.inference_mode():
+        logits = module(torch.from_numpy(np.asarray(holdout.x, np.float32)))
+        y = torch.from_numpy(np.asarray(holdout.y, np.int64))
+        loss = float(nn.functional.cross_entropy(logits, y))
+        acc = float((logits.argmax(1) == y).float().mean())
+    return acc, loss
+
+
+def accuracy(module: nn.Module, holdout: Holdout) -> float:
+    return scores(module, holdout)[0]
+
+
+def evaluate_gate(candidate: nn.Module, champion: nn.Module, *, trusted: Holdout,
+                  recent: Holdout, tolerance: float, min_recent: int) -> GateResult:
+    """Pass iff better on recent data and at most `tolerance` less accurate on the trusted one.
+
+    "Better" is: no less accurate, and either more accurate or lower log-loss. Accuracy
+    on a few hundred rows ties often; log-loss breaks the tie with the confidence that
+    the extra data bought, so a model that learned something is not held back by a tie.
+    """
+    t_cand, t_champ = accuracy(candidate, trusted), accuracy(champion, trusted)
+    if len(recent) < min_recent:
+        return GateResult(False, f"only {len(recent)} recent holdout corrections "
+                          f"(need {min_recent})", None, None, len(recent), None, None,
+                          t_cand, t_champ, len(trusted), tolerance)
+    (r_cand, l_cand), (r_champ, l_champ) = scores(candidate, recent), scores(champion, recent)
+    if r_cand < r_champ or (r_cand == r_champ and not l_cand < l_champ):
+        reason = "not better on recent data"
+        passed = False
+    elif t_cand < t_champ - tolerance:
+        reason = "worse on the trusted holdout beyond tolerance"
+        passed = False
+    else:
+        reason, passed = "better on recent data, trusted holdout within tolerance", True
+    return GateResult(passed, reason, r_cand, r_champ, len(recent), l_cand, l_champ,
+                      t_cand, t_champ, len(trusted), tolerance)

@@ -1,0 +1,273 @@
+"""`flywheel learn`: the mini-batch online learner that closes the loop.
+
+Each step reads new trainable examples past a durable cursor, runs one update per N of
+them (several gradient steps, replay mixed in, elastic rate), gates the candidate against
+the champion, registers it in MLflow and, if it passed and auto-promotion is on, moves
+the `champion` alias and announces it. The cursor is saved after the version is
+registered, and the version carries the cursor it was trained up to, so a learner that
+dies between the two adopts that version on restart instead of training on the same
+examples again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from flywheel.learner.cursor import CursorState
+from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
+from flywheel.learner.gate import GateResult, Holdout, evaluate_gate
+from flywheel.learner.seed_model import ensure_champion, seed_data
+from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
+from flywheel.registry import Registry
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNKS_PER_CANDIDATE = 10  # a backlog is trained per N but published once per step
+LINEAGE_TAG, UPDATE_TAG, CURSOR_TAG = "learner_lineage", "learner_update", "learner_cursor"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    version: str
+    parent_version: str
+    gate: GateResult
+    promoted: bool
+    examples: int
+    first_id: int
+    last_id: int
+    update: int
+    lr: float
+
+
+@dataclass
+class LearnerStats:
+    candidates: int = 0
+    promoted: int = 0
+    examples: int = 0
+    last: Candidate | None = None
+    history: list[Candidate] = field(default_factory=list)
+
+
+class OnlineLearner:
+    """One learner per lineage; call `step()` in a loop or `run(stop)`."""
+
+    def __init__(self, settings: Settings, *, registry: Registry | None = None,
+                 source: ExampleSource | None = None,
+                 on_candidate: Callable[[Candidate], None] | None = None) -> None:
+        from flywheel.feedback import open_store
+
+        self.settings = settings
+        self.registry = registry or Registry(settings)
+        self.source = source or ExampleSource(open_store(settings.resolved_database_url))
+        self.lineage = f"{settings.model_name}:online"
+        self.on_candidate = on_candidate
+        self.stats = LearnerStats()
+        self._state: dict = {}
+        self._cursor = CursorState()
+        self._trainer: OnlineTrainer | None = None
+        self._working: str | None = None
+        self._champion_cache: tuple[str, nn.Module] | None = None
+        self._started = False
+
+    # ---- start and recovery -------------------------------------------------------------
+    def start(self) -> None:
+        """Load the cursor, adopt a version a crashed run registered, fill the replay pool."""
+        from flywheel.feedback import ReferenceStats
+
+        ensure_champion(self.settings, self.registry)
+        self._state = self.source.load_state(self.lineage) or {}
+        self._adopt_orphan()
+        self._cursor = CursorState.from_dict(self._state.get("cursor"))
+        champion = self.registry.champion_version()
+        base = self._state.get("working_version") or champion
+        if self._state.get("champion_seen") not in (None, champion):
+            base = champion  # promoted or rolled back by someone else: follow it
+        loaded = self.registry.load(str(base))
+        x_tr, y_tr, x_ho, y_ho = seed_data(self.settings)
+        self._trusted = Holdout(x_ho, y_ho)
+        self._labels = loaded.spec.label_index()
+        self._spec = loaded.spec
+        trainer = OnlineTrainer(loaded.module, TrainerConfig.from_settings(self.settings),
+                                input_dim=loaded.spec.input_dim, seed=self.settings.seed,
+                                novelty=ReferenceStats.from_examples(x_tr.astype(np.float64)))
+        trainer.elastic.restore(self._state.get("elastic", {}))
+        replay = self.source.replay_sample(self._cursor.highest, trainer.config.reservoir)
+        if len(replay) < 100:
+            trainer.remember(x_tr, y_tr)
+        if replay:
+            trainer.remember(*as_arrays(replay, self._labels))
+        self._trainer, self._working = trainer, str(base)
+        self._started = True
+        log.info("learner %s resumes at update %d, watermark %d, from v%s", self.lineage,
+                 self._state.get("update", 0), self._cursor.watermark, base)
+
+    def _adopt_orphan(self) -> None:
+        """A version registered after the last saved state means we died before saving."""
+        done = int(self._state.get("update", 0))
+        for info in self.registry.versions():
+            tags = info.tags
+            if tags.get(LINEAGE_TAG) != self.lineage or int(tags.get(UPDATE_TAG, -1)) <= done:
+                continue
+            log.warning("adopting v%s registered by a learner that stopped before saving its "
+                        "cursor", info.version)
+            self._state.update(update=int(tags[UPDATE_TAG]), working_version=info.version,
+                               cursor=json.loads(tags[CURSOR_TAG]))
+            champion = self.registry.champion_version()
+            if (self.settings.auto_promote and tags.get("gate", "").startswith("passed")
+                    and champion == tags.get("parent_version")):
+                self._promote(info.version, tags["gate"])
+                champion = info.version
+            self._state["champion_seen"] = champion
+            self.source.save_state(self.lineage, self._state,
+                                   CursorState.from_dict(self._state["cursor"]).watermark)
+            return
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> Candidate | None:
+        """Train and publish one candidate if at least N new trainable examples are waiting."""
+        if not self._started:
+            self.start()
+        assert self._trainer is not None
+        n = self.settings.learn_batch
+        cursor = CursorState.from_dict(self._cursor.to_dict())
+        rows = self.source.read_new(cursor, n * MAX_CHUNKS_PER_CANDIDATE * 4)
+        released, settled = self.source.released(cursor)
+        trainable = released + [r for r in rows if r.trainable]
+        chunks = min(len(trainable) // n, MAX_CHUNKS_PER_CANDIDATE)
+        if chunks == 0:
+            return None
+        used = trainable[:chunks * n]
+        released_ids = {r.id for r in released}
+        new_ids = [r.id for r in used if r.id not in released_ids]
+        last_used = max(new_ids) if new_ids else -1
+        passed_rows = [r for r in rows if r.id <= last_used]
+        cursor.mark_read([r.id for r in passed_rows])
+        cursor.held = sorted((set(cursor.held) - set(settled))
+                             | {r.id for r in passed_rows if r.split == "quarantine"})
+        cursor.advance(self.settings.learn_cursor_grace_s)
+        champion = self._sync_base()
+        parent = self._working
+        self._observe(passed_rows)
+        lr = 0.0
+        for i in range(chunks):
+            x, y, w = as_arrays(used[i * n:(i + 1) * n], self._labels)
+            if len(y):
+                lr = self._trainer.update(x, y, w).lr
+        return self._publish(used, cursor, champion, str(parent), lr)
+
+    def _sync_base(self) -> str:
+        """The champion now; if someone else moved it, continue from it instead of our line."""
+        assert self._trainer is not None
+        champion = self.registry.champion_version()
+        assert champion is not None
+        if champion != self._state.get("champion_seen", champion):
+            log.info("learner continues from champion v%s (was v%s)", champion, self._working)
+            self._trainer.reset_module(self.registry.load(champion).module)
+            self._working = champion
+        return champion
+
+    def _observe(self, rows: list[StoredExample]) -> None:
+        """Feed the drift detector and shift score; remember where a change was seen, so the
+        gate's "recent" data starts there instead of mixing in the world before it."""
+        assert self._trainer is not None
+        corrections = [r for r in rows if r.is_correction]
+        if not corrections:
+            return
+        drift = self._trainer.observe_errors([r.error_type is not None for r in corrections])
+        shift = self._trainer.observe_inputs(np.asarray([r.features for r in corrections]))
+        if drift or shift:
+            self._state["change_at_id"] = min(r.id for r in corrections)
+            log.info("change detected (%s) at example %d; learning rate x%.2f",
+                     "error drift" if drift else "input shift", self._state["change_at_id"],
+                     self._trainer.elastic.multiplier)
+
+    def _champion_module(self, version: str) -> nn.Module:
+        if self._champion_cache is None or self._champion_cache[0] != version:
+            self._champion_cache = (version, self.registry.load(version).module)
+        return self._champion_cache[1]
+
+    def _publish(self, used: list[StoredExample], cursor: CursorState, champion: str,
+                 parent: str, lr: float) -> Candidate:
+        assert self._trainer is not None
+        s = self.settings
+        recent_rows = self.source.recent_holdout(s.gate_recent_holdout)
+        since = int(self._state.get("change_at_id", 0))
+        after_change = [r for r in recent_rows if r.id >= since]
+        if len(after_change) >= s.gate_min_holdout:
+            recent_rows = after_change
+        recent = Holdout(*as_arrays(recent_rows, self._labels)[:2])
+        module = self._trainer.module
+        gate = evaluate_gate(module, self._champion_module(champion), trusted=self._trusted,
+                             recent=recent, tolerance=s.gate_tolerance,
+                             min_recent=s.gate_min_holdout)
+        update = int(self._state.get("update", 0)) + 1
+        first, last = min(r.id for r in used), max(r.id for r in used)
+        tags = {"parent_version": parent, "source": "online",
+                "examples": f"ids {first}..{last} ({len(used)} new, update {update})",
+                "epsilon": "none", "delta": "none", "gate": gate.summary(),
+                "champion_at_gate": champion, LINEAGE_TAG: self.lineage,
+                UPDATE_TAG: str(update), CURSOR_TAG: json.dumps(cursor.to_dict())}
+        metrics = {**gate.metrics(), "lr": lr, "lr_multiplier": self._trainer.elastic.multiplier,
+                   "drifts_detected": float(self._trainer.elastic.drifts),
+                   "novel_share": self._trainer.elastic.last_shift}
+        params = {"learn_batch": s.learn_batch, "learn_steps": s.learn_steps,
+                  "learn_lr": s.learn_lr, "learn_replay": s.learn_replay,
+                  "examples": len(used), "first_example_id": first, "last_example_id": last}
+        version = self.registry.publish(self._spec, module, tags=tags, params=params,
+                                        metrics=metrics)
+        promoted = False
+        if gate.passed and s.auto_promote:
+            self._promote(version, gate.summary())
+            promoted, champion = True, version
+            self._champion_cache = (version, copy.deepcopy(module))
+        elif gate.passed:
+            self.registry.set_tags(version, {"review": "pending"})
+        self._state.update(update=update, working_version=version, champion_seen=champion,
+                           cursor=cursor.to_dict(), elastic=self._trainer.elastic.state())
+        self.source.save_state(self.lineage, self._state, cursor.watermark)
+        self._cursor, self._working = cursor, version
+        candidate = Candidate(version, parent, gate, promoted, len(used), first, last, update, lr)
+        self.stats.candidates += 1
+        self.stats.promoted += int(promoted)
+        self.stats.examples += len(used)
+        self.stats.last = candidate
+        self.stats.history.append(candidate)
+        log.info("candidate v%s from v%s on %d examples (lr %.4g): %s%s", version, parent,
+                 len(used), lr, gate.summary(), " -> champion" if promoted else "")
+        if self.on_candidate:
+            self.on_candidate(candidate)
+        return candidate
+
+    def _promote(self, version: str, summary: str) -> None:
+        from flywheel.promotion import promote
+
+        promote(self.settings, version, reason=f"gate {summary}", actor="flywheel-learner",
+                registry=self.registry)
+
+    # ---- loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set; a failing step is logged and retried after a pause."""
+        while not stop.is_set():
+            try:
+                candidate = self.step()
+            except Exception:
+                log.exception("learner step failed; retrying")
+                self._started = False  # reload state: nothing of the failed step was saved
+                stop.wait(max(self.settings.learn_poll_s, 2.0))
+                continue
+            if candidate is None:
+                stop.wait(self.settings.learn_poll_s)
+
+
+def run_forever(settings: Settings, stop: threading.Event | None = None) -> None:
+    OnlineLearner(settings).run(stop or threading.Event())
+
