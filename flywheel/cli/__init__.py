@@ -37,7 +37,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def _register() -> None:
-    from flywheel.cli import broker, db, demo, feedback, serve  # noqa: F401  (commands register on import)
+    from flywheel.cli import broker, db, demo, feedback, learn, models, serve  # noqa: F401  (commands register on import)
 
 
 def main() -> None:

@@ -1,0 +1,448 @@
+"""`flywheel models`: review, promote and roll back the versions in the model registry.
+
+MLOps engineers decide here what the service serves, so the output says plainly which
+version is champion, where each one came from (source, parent, examples, privacy spent) and
+what its gate decided. `--json` gives scripts the same facts, with stable keys, and nothing
+else on stdout. Registry access is imported lazily: `flywheel --help` must not load torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+
+from flywheel.cli import app, settings_or_exit
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flywheel.events import ModelEvent
+    from flywheel.registry import Registry, VersionInfo
+    from flywheel.settings import Settings
+
+models_app = typer.Typer(
+    name="models", no_args_is_help=True,
+    help="Review model versions (metrics, privacy spent, lineage), promote and roll back.",
+)
+app.add_typer(models_app, name="models")
+
+_VERSION = re.compile(r"^[vV]?([1-9][0-9]{0,17})$")
+_NO_PARENT = {"", "none", "null", "-"}
+# (label, metric names in order of preference): the learner's gate metrics first, then the
+# seed model's `holdout_accuracy`, which is measured on the same trusted seed holdout.
+_KEY_METRICS = (
+    ("recent", ("gate_recent_candidate", "recent_accuracy", "recent_holdout_accuracy")),
+    ("trusted", ("gate_trusted_candidate", "trusted_accuracy", "trusted_holdout_accuracy",
+                 "holdout_accuracy")),
+)
+_LINEAGE_KEYS = ("version", "champion", "status", "source", "parent_version", "examples",
+                 "epsilon", "delta", "gate", "created_at")
+GATE_MIN_WIDTH = 24  # the tables cut the gate to the terminal's width; `show` prints it whole
+PIPED_WIDTH = 160
+LINEAGE_SHOWN = 20  # rows of lineage `show` prints; --json has every hop
+
+
+# --- arguments and errors -------------------------------------------------------------------
+
+
+def _version_arg(value: str) -> str:
+    """Accept `3` or `v3` (as the tables print it); anything else is a usage error (exit 2)."""
+    match = _VERSION.match(value.strip())
+    if match is None:
+        raise typer.BadParameter(f"expected a version number such as 3 or v3, got {value!r}")
+    return match.group(1)
+
+
+def _reason_arg(value: str) -> str:
+    """A promotion or rollback is audited by its reason, so an empty one is refused."""
+    if not value.strip():
+        raise typer.BadParameter("the reason must not be empty")
+    return value.strip()
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(1)
+
+
+def _shown_uri(uri: str) -> str:
+    """The tracking URI without its password, so an error message cannot leak one."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        netloc = f"{parts.username}:***@{parts.hostname}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparseable FLYWHEEL_MLFLOW_TRACKING_URI>"
+
+
+@contextmanager
+def _registry_errors(settings: Settings) -> Iterator[None]:
+    """Unknown versions, nothing to undo and an unusable MLflow store: one line, exit 1."""
+    from mlflow.exceptions import MlflowException
+
+    from flywheel.registry import RegistryError
+
+    where = f"MLflow registry at {_shown_uri(settings.resolved_mlflow_uri)}"
+    try:
+        yield
+    except RegistryError as exc:
+        _fail(str(exc))
+    except MlflowException as exc:
+        _fail(f"{where}: {exc.message}")
+    except OSError as exc:
+        _fail(f"{where}: {exc}")
+
+
+def _open(settings: Settings) -> Registry:
+    from flywheel.registry import Registry
+
+    return Registry(settings)
+
+
+# --- versions as plain data (what --json prints) ---------------------------------------------
+
+
+def _parent(info: VersionInfo) -> str | None:
+    raw = info.tags.get("parent_version", "").strip()
+    if raw.lower() in _NO_PARENT:
+        return None
+    return raw[1:] if raw[:1] in "vV" and raw[1:].isdigit() else raw
+
+
+def _status(info: VersionInfo, history: set[str]) -> str:
+    """champion | rolled back | former champion | pending review | candidate.
+
+    From the alias, the champion history and the audit tags promotions, rollbacks and the
+    learner (`review=pending`) leave.
+    """
+    if info.is_champion:
+        return "champion"
+    rolled, promoted = info.tags.get("rolled_back_at"), info.tags.get("promoted_at")
+    if rolled and (not promoted or rolled >= promoted):  # one ISO format: string order works
+        return "rolled back"
+    if promoted or info.version in history:
+        return "former champion"
+    if info.tags.get("review") == "pending":  # passed its gate; auto-promotion is off
+        return "pending review"
+    return "candidate"
+
+
+def _finite(value: float) -> float | None:
+    """NaN (an empty holdout) is not JSON; it becomes null."""
+    return value if math.isfinite(value) else None
+
+
+def _as_dict(info: VersionInfo, history: set[str]) -> dict[str, Any]:
+    """One version as JSON-ready data; every key is always there (null when unknown)."""
+    tags = info.tags
+    return {
+        "version": info.version,
+        "champion": info.is_champion,
+        "status": _status(info, history),
+        "source": tags.get("source"),
+        "parent_version": _parent(info),
+        "examples": tags.get("examples"),
+        "epsilon": tags.get("epsilon"),
+        "delta": tags.get("delta"),
+        "gate": tags.get("gate"),
+        "created_at": info.created_at.isoformat(),
+        "run_id": info.run_id,
+        "tags": dict(sorted(tags.items())),
+        "params": dict(sorted(info.params.items())),
+        "metrics": {k: _finite(v) for k, v in sorted(info.metrics.items())},
+    }
+
+
+def _lineage(version: str, by_version: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The version, its parent, the parent's parent, ... down to a version without one.
+
+    A parent that is not in the registry (deleted) ends the chain as `missing: true`;
+    a loop in the tags ends it too, rather than hanging.
+    """
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    current: str | None = version
+    while current is not None and current not in seen:
+        seen.add(current)
+        doc = by_version.get(current)
+        if doc is None:
+            chain.append({k: None for k in _LINEAGE_KEYS} | {
+                "version": current, "champion": False, "status": "not in the registry",
+                "missing": True})
+            break
+        chain.append({k: doc[k] for k in _LINEAGE_KEYS} | {"missing": False})
+        current = doc["parent_version"]
+    return chain
+
+
+def _key_metrics(metrics: dict[str, float | None]) -> list[float | None]:
+    """The recent and trusted holdout accuracies for the list table (None: not logged)."""
+    out: list[float | None] = []
+    for _, names in _KEY_METRICS:
+        name = next((n for n in names if n in metrics), None)
+        out.append(None if name is None else metrics[name])
+    return out
+
+
+def _json_out(doc: object) -> None:
+    typer.echo(json.dumps(doc, indent=2, allow_nan=False))
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def _console() -> Console:
+    """The terminal's own width; a wide one when piped, rather than rich's squeezed 80."""
+    import os
+
+    from rich.console import Console
+
+    console = Console()
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=PIPED_WIDTH)
+
+
+def _short_status(doc: dict[str, Any]) -> str:
+    if doc["champion"]:
+        return "★ champion"
+    return {"candidate": "", "former champion": "former"}.get(doc["status"], doc["status"])
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _when(iso: str | None, seconds: bool = False) -> str:
+    return "" if iso is None else iso.replace("T", " ")[:19 if seconds else 16]
+
+
+def _fitted_table(console: Console, title: str, columns: list[tuple[str, bool]],
+                  rows: list[list[str]], gates: list[str], caption: str = "") -> Table:
+    """A table whose facts never wrap; the gate (free text) gets the width that is left.
+
+    `columns` are (header, numeric). In a terminal too narrow for that, words wrap
+    instead: a number cut to `0.9…` would mislead a reviewer.
+    """
+    from rich.measure import Measurement
+
+    facts = _table(title, caption, columns, rows)
+    gate_width = console.width - Measurement.get(console, console.options, facts).maximum - 2
+    narrow = gate_width < GATE_MIN_WIDTH
+    if narrow:  # a few wrapped lines of it at most
+        limit = 2 * GATE_MIN_WIDTH
+        gates = [g if len(g) <= limit else g[:limit - 1] + "…" for g in gates]
+    rows = [row + [gate] for row, gate in zip(rows, gates, strict=True)]
+    return _table(title, caption, columns, rows, gate="wrap" if narrow else "cut",
+                  gate_width=gate_width)
+
+
+def _table(title: str, caption: str, columns: list[tuple[str, bool]], rows: list[list[str]],
+           gate: str = "", gate_width: int = 0) -> Table:
+    """`gate` is "" (no gate column), "cut" (one line, ellipsis) or "wrap" (narrow terminal).
+
+    Cells are plain `Text`: tag values are free text, and `[urgent]` in a reason is not markup.
+    """
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title), caption=caption or None, box=box.SIMPLE_HEAD,
+                  collapse_padding=True, title_justify="left", caption_justify="left")
+    for name, numeric in columns:
+        table.add_column(name, justify="right" if numeric else "left",
+                         no_wrap=numeric or gate != "wrap", overflow="fold")
+    if gate == "cut":
+        table.add_column("gate", no_wrap=True, overflow="ellipsis", max_width=gate_width)
+    elif gate == "wrap":
+        table.add_column("gate", overflow="fold", min_width=GATE_MIN_WIDTH // 2)
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    return table
+
+
+def _print_versions(docs: list[dict[str, Any]], title: str, console: Console) -> None:
+    columns = [("version", True), ("status", False), ("source", False), ("parent", True),
+               ("examples", False), ("ε", True),
+               *((f"{label}\nacc", True) for label, _ in _KEY_METRICS),
+               ("created (UTC)", False)]
+    rows = [[f"v{d['version']}", _short_status(d), d["source"] or "",
+             f"v{d['parent_version']}" if d["parent_version"] else "—",
+             d["examples"] or "", d["epsilon"] or "",
+             *(_number(v) for v in _key_metrics(d["metrics"])), _when(d["created_at"])]
+            for d in docs]
+    console.print(_fitted_table(console, title, columns, rows, [d["gate"] or "" for d in docs],
+                                caption="details: flywheel models show VERSION"))
+
+
+def _print_version(doc: dict[str, Any], console: Console) -> None:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    marker = "★ champion" if doc["champion"] else doc["status"]
+    console.print(f"[bold]{escape(doc['model_name'])} v{doc['version']}[/bold]  {marker}",
+                  highlight=False)
+    console.print(f"created {_when(doc['created_at'], seconds=True)} UTC, "
+                  f"run {doc['run_id'] or 'none'}", highlight=False)
+    metrics = {k: "n/a" if v is None else f"{v:.6g}" for k, v in doc["metrics"].items()}
+    for title, values in (("tags", doc["tags"]), ("params", doc["params"]),
+                          ("metrics", metrics)):
+        if not values:
+            console.print(f"\n{title}: none", highlight=False)
+            continue
+        table = Table(title=title, title_justify="left", show_header=False,
+                      box=box.SIMPLE, collapse_padding=True)
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for name, value in values.items():
+            table.add_row(Text(name), Text(str(value)))
+        console.print(table)
+    hops = doc["lineage"]
+    columns = [("version", True), ("status", False), ("source", False), ("examples", False),
+               ("ε", True), ("δ", True), ("created (UTC)", False)]
+    rows = [[f"v{h['version']}", _short_status(h) or "candidate", h["source"] or "",
+             h["examples"] or "", h["epsilon"] or "", h["delta"] or "", _when(h["created_at"])]
+            for h in hops]
+    gates = [h["gate"] or "" for h in hops]
+    title = f"lineage: v{doc['version']}, its parent, ... down to the first model"
+    if len(hops) > LINEAGE_SHOWN:  # an online learner's chain grows by one every update
+        hidden = len(hops) - LINEAGE_SHOWN + 1
+        rows = rows[:LINEAGE_SHOWN - 2] + [["…", f"{hidden} more", *[""] * 5]] + rows[-1:]
+        gates = gates[:LINEAGE_SHOWN - 2] + ["(all of them: --json)"] + gates[-1:]
+        title += f" ({len(hops)} versions)"
+    console.print(_fitted_table(console, title, columns, rows, gates))
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def list_versions(
+    limit: int = typer.Option(20, "--limit", "-n", min=0, help="Newest N versions; 0: all."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (a list) and nothing else."),
+) -> None:
+    """Versions, newest first: champion, source, parent, examples, epsilon, accuracy, gate."""
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        registry = _open(settings)
+        history = set(registry.champion_history())
+        listed = registry.versions(with_runs=False)
+        # A run (params, metrics) costs a query: fetch runs only for the versions shown.
+        shown = [registry.info(v.version, with_run=True)
+                 for v in (listed[:limit] if limit else listed)]
+    docs = [_as_dict(info, history) for info in shown]
+    hint = (f"no versions of {registry.name!r} in {_shown_uri(settings.resolved_mlflow_uri)} "
+            "yet: `flywheel serve` or `flywheel demo` trains and registers a seed model on "
+            "first start")
+    if as_json:
+        _json_out(docs)
+        if not docs:
+            typer.echo(hint, err=True)
+        return
+    champion = next((v.version for v in listed if v.is_champion), None)
+    console = _console()
+    _print_versions(docs, f"{registry.name}: {len(docs)} of {len(listed)} versions, newest "
+                          f"first; champion {'v' + champion if champion else 'none'}", console)
+    if not docs:
+        from rich.text import Text
+
+        console.print(Text(hint))
+
+
+@models_app.command()
+def show(
+    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
+                                  help="Version number (3 or v3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
+) -> None:
+    """Every tag, param and metric of one version, and its lineage down to the first model."""
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        registry = _open(settings)
+        info = registry.info(version, with_run=True)
+        history = set(registry.champion_history())
+        # One query for every version: a long online-learning chain is walked in memory.
+        by_version = {v.version: _as_dict(v, history)
+                      for v in registry.versions(with_runs=False)}
+    doc = _as_dict(info, history) | {"model_name": registry.name}
+    by_version[info.version] = doc
+    doc["lineage"] = _lineage(info.version, by_version)
+    if as_json:
+        _json_out(doc)
+    else:
+        _print_version(doc, _console())
+
+
+@models_app.command()
+def promote(
+    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
+                                  help="Version number (3 or v3)."),
+    reason: str = typer.Option("manual promotion", "--reason", "-r", callback=_reason_arg,
+                               help="Recorded on the version and in the model event."),
+) -> None:
+    """Make VERSION the champion (alias `champion`) and announce it on the model-events topic."""
+    from flywheel import promotion
+
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        registry = _open(settings)
+        target = registry.info(version, with_run=False)
+        if target.is_champion:
+            typer.echo(f"{registry.name} v{version} is already the champion; nothing changed")
+            return
+        gate = target.tags.get("gate", "")
+        if gate.lower().startswith("rejected"):
+            typer.echo(f"warning: v{version} did not pass its gate ({gate}); promoting anyway",
+                       err=True)
+        event = promotion.promote(settings, version, reason=reason, registry=registry,
+                                  notify=False)
+    was = f"v{event.previous_version}" if event.previous_version else "no champion"
+    typer.echo(f"promoted {event.model_name} v{event.version} to champion (was {was}); "
+               f"by {event.actor}: {event.reason}")
+    _announce(settings, event)
+
+
+@models_app.command()
+def rollback(
+    reason: str = typer.Option("manual rollback", "--reason", "-r", callback=_reason_arg,
+                               help="Recorded on the version rolled back and in the event."),
+) -> None:
+    """Move the champion back to the one before it (repeat to go further back)."""
+    from flywheel import promotion
+
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        event = promotion.rollback(settings, reason=reason, registry=_open(settings),
+                                   notify=False)
+    typer.echo(f"rolled {event.model_name} back from v{event.previous_version} to "
+               f"v{event.version}; by {event.actor}: {event.reason}")
+    _announce(settings, event)
+
+
+def _announce(settings: Settings, event: ModelEvent) -> None:
+    """Send the event if Kafka is configured, and say whether services were told."""
+    from flywheel.promotion import announce
+
+    polling = (f"services pick up v{event.version} when they next poll the registry "
+               f"(every {settings.registry_poll_s:g} s)")
+    if not settings.kafka_bootstrap:
+        typer.echo(f"no model event sent (FLYWHEEL_KAFKA_BOOTSTRAP is not set): {polling}")
+    elif announce(settings, event):
+        typer.echo(f"announced on {settings.topic_model_events}: services swap now")
+    else:
+        typer.echo(f"could not announce on {settings.topic_model_events} (see the warning "
+                   f"above): {polling}")
