@@ -99,7 +99,9 @@ def as_arrays(rows: list[StoredExample], label_index: dict[str, int]
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, label indices and weights; rows with a label the model lacks are dropped."""
     keep = [r for r in rows if r.label in label_index]
-    x = np.asarray([r.features for r in keep], dtype=np.float32).reshape(len(keep), -1)
+    if not keep:
+        return (np.empty((0, 0), np.float32), np.empty(0, np.int64), np.empty(0, np.float32))
+    x = np.asarray([r.features for r in keep], dtype=np.float32)
     y = np.asarray([label_index[r.label] for r in keep], dtype=np.int64)
     w = np.asarray([r.weight for r in keep], dtype=np.float32)
     return x, y, w

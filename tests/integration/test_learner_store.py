@@ -1,0 +1,153 @@
+"""The learner against a real store (PostgreSQL) and MLflow: cursor, restarts, late commits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import text, update
+
+from flywheel.feedback import Example, insert_ignoring_duplicates, make_engine, session_factory
+from flywheel.feedback import upgrade as upgrade_store
+from flywheel.learner import OnlineLearner, ensure_champion
+from flywheel.registry import Registry
+from flywheel.settings import Settings
+from flywheel.streams import drift_concept
+
+pytestmark = pytest.mark.integration
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+
+
+@pytest.fixture()
+def s(settings: Settings, pg_url: str) -> Settings:
+    s = settings.model_copy(update={"database_url": pg_url, "learn_batch": 50,
+                                    "learn_cursor_grace_s": 0.0, "gate_min_holdout": 5})
+    upgrade_store(pg_url)
+    ensure_champion(s)
+    return s
+
+
+def add_examples(url: str, n: int, start: int, split: str = "train") -> None:
+    x, labels = drift_concept(7).sample(n, sample_seed=start)
+    engine = make_engine(url)
+    with session_factory(engine).begin() as session:
+        insert_ignoring_duplicates(session, Example, [
+            {"dedup_key": f"t:{start + i}", "origin": "correction", "features": row.tolist(),
+             "label": label, "weight": 1.0, "split": split, "source": "test",
+             "parent_prediction_id": f"p{start + i}", "error_type": "confident"}
+            for i, (row, label) in enumerate(zip(x, labels, strict=True))])
+    engine.dispose()
+
+
+def trained_ranges(s: Settings) -> list[tuple[int, int]]:
+    """(first, last) example id of every online candidate, oldest first."""
+    out = []
+    for v in sorted(Registry(s).versions(with_runs=True), key=lambda v: int(v.version)):
+        if v.tags.get("source") == "online":
+            out.append((int(v.params["first_example_id"]), int(v.params["last_example_id"])))
+    return out
+
+
+def env_for(s: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    for name in ("home", "kafka_bootstrap", "database_url", "topic_predictions",
+                 "topic_corrections", "topic_model_events", "topic_deadletter",
+                 "seed_examples", "learn_batch", "learn_cursor_grace_s", "gate_min_holdout"):
+        env[f"FLYWHEEL_{name.upper()}"] = str(getattr(s, name))
+    env["FLYWHEEL_LEARN_POLL_S"] = "0.2"
+    return env
+
+
+def test_killed_learner_resumes_at_its_cursor_without_retraining(s):
+    add_examples(s.database_url, 120, 0)
+    add_examples(s.database_url, 30, 10_000, split="holdout")
+    proc = subprocess.Popen([FLYWHEEL, "learn"], env=env_for(s), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not trained_ranges(s):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no candidate in 90 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    add_examples(s.database_url, 100, 20_000)
+    r = subprocess.run([FLYWHEEL, "learn", "--once"], env=env_for(s), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranges = trained_ranges(s)
+    assert len(ranges) == 2, ranges
+    (a0, a1), (b0, b1) = ranges
+    assert a1 < b0  # the second update starts after the first: nothing trained twice
+    # everything trainable was used by one of them, up to the leftover below one batch
+    train_ids = _ids(s.database_url, "train")
+    used = [i for i in train_ids if a0 <= i <= a1 or b0 <= i <= b1]
+    assert len(used) == 200 and len(train_ids) - len(used) == 20
+
+
+def _ids(url: str, split: str) -> list[int]:
+    engine = make_engine(url)
+    with engine.connect() as c:
+        ids = [r[0] for r in c.execute(text(
+            "SELECT id FROM examples WHERE origin = 'correction' AND split = :s ORDER BY id"),
+            {"s": split})]
+    engine.dispose()
+    return ids
+
+
+def test_a_crash_between_registering_and_saving_the_cursor_adopts_the_version(s, monkeypatch):
+    add_examples(s.database_url, 50, 0)
+    learner = OnlineLearner(s)
+    learner.start()
+
+    def die(*_a, **_k):
+        raise RuntimeError("killed before saving")
+
+    monkeypatch.setattr(learner.source, "save_state", die)
+    with pytest.raises(RuntimeError):
+        learner.step()
+    [registered] = trained_ranges(s)
+    monkeypatch.undo()
+    add_examples(s.database_url, 50, 5000)
+    again = OnlineLearner(s)
+    candidate = again.step()
+    assert candidate is not None and candidate.first_id > registered[1]
+    assert candidate.parent_version == str(int(candidate.version) - 1)  # continued its line
+
+
+def test_examples_committed_late_and_released_from_quarantine_are_not_skipped(s):
+    s = s.model_copy(update={"learn_batch": 1, "learn_cursor_grace_s": 60.0})
+    learner = OnlineLearner(s)
+    learner.start()
+    engine = make_engine(s.database_url)
+    slow = engine.connect()
+    tx = slow.begin()  # takes an id now, commits after a later id is read
+    slow.execute(text(
+        "INSERT INTO examples (dedup_key, origin, features, label, weight, split) "
+        "VALUES ('late', 'correction', '[0,0,0,0,0,0,0,0]', 'class_0', 1.0, 'train')"))
+    add_examples(s.database_url, 1, 0)
+    add_examples(s.database_url, 1, 1, split="quarantine")
+    first = learner.step()
+    tx.commit()
+    slow.close()
+    assert first is not None and first.examples == 1
+    late = learner.step()
+    assert late is not None and late.last_id < first.last_id  # the late id, read after all
+    assert learner.step() is None  # nothing new; the quarantined one is held
+    with session_factory(engine).begin() as session:
+        session.execute(update(Example).where(Example.split == "quarantine")
+                        .values(split="train"))
+    released = learner.step()
+    assert released is not None and released.examples == 1
+    assert learner.step() is None
+    engine.dispose()
+    assert np.isfinite(first.lr)
