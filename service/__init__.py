@@ -5,12 +5,14 @@ from flywheel.service.event_log import EventLog
 from flywheel.service.kafka_sink import KafkaSink
 from flywheel.service.loading import load_champion
 from flywheel.service.logging_setup import kafka_event_log
+from flywheel.service.model_follower import ChampionSource, FollowerStats, ModelFollower
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
 from flywheel.service.server import GracefulServer, run_server
 from flywheel.service.spool import Record, Spool, SpoolCorrupt, SpoolLocked
 
 __all__ = [
-    "EventLog", "GracefulServer", "KafkaSink", "ModelHolder", "ModelNotReady", "Record",
-    "ServedModel", "Spool", "SpoolCorrupt", "SpoolLocked", "create_app", "kafka_event_log",
-    "load_champion", "run_server",
+    "ChampionSource", "EventLog", "FollowerStats", "GracefulServer", "KafkaSink",
+    "ModelFollower", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "Spool",
+    "SpoolCorrupt", "SpoolLocked", "create_app", "kafka_event_log", "load_champion",
+    "run_server",
 ]

@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flywheel.events import CorrectionEvent, new_id, prediction_payload, utcnow
 from flywheel.service.errors import BadRequest, BodySizeLimit, install_error_handlers
 from flywheel.service.event_log import EventLog
-from flywheel.service.metrics import ServiceMetrics
+from flywheel.service.metrics import FollowerCollector, ServiceMetrics
+from flywheel.service.model_follower import ModelFollower
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
 from flywheel.service.schemas import (
     CorrectionsAccepted,
@@ -69,6 +70,7 @@ class _Runtime:
     """What the app creates at startup and its handlers share."""
 
     event_log: EventLog | None = None
+    follower: ModelFollower | None = None
 
 
 class _EventLogCollector:
@@ -91,32 +93,46 @@ def create_app(
     settings: Settings, *, holder: ModelHolder | None = None,
     event_log: EventLog | None = None,
     load_model: Callable[[Settings], ServedModel] | None = None,
+    follow_registry: bool | None = None,
 ) -> FastAPI:
     """Build the app. Missing parts (model, event log) are created at startup from settings;
-    `load_model` replaces loading the registry champion (tests, benchmarks)."""
+    `load_model` replaces loading the registry champion (tests, benchmarks).
+
+    `follow_registry` runs a `ModelFollower` that hot-swaps to each new champion. By default
+    it runs when the app loads its model from the registry itself (no `load_model`, no
+    pre-loaded `holder`): a model from elsewhere must not be replaced behind its caller."""
     holder = holder or ModelHolder()
     metrics = ServiceMetrics.create()
     runtime = _Runtime(event_log)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        registry = None
         if not holder.ready:
             if load_model is None:
+                from flywheel.registry import Registry
                 from flywheel.service.loading import load_champion
-                model = load_champion(settings)
+                registry = Registry(settings)
+                model = load_champion(settings, registry)
             else:
                 model = load_model(settings)
             holder.swap(model)
             log.info("serving %s v%s", model.name, model.version)
+        follow = registry is not None if follow_registry is None else follow_registry
         if runtime.event_log is None:
             from flywheel.service.logging_setup import kafka_event_log
             runtime.event_log = kafka_event_log(settings)
         el = runtime.event_log
         if not el.running:
             el.start()
+        if follow:  # after the first load, so startup never races it
+            runtime.follower = ModelFollower(
+                settings, holder, registry=(lambda: registry) if registry else None).start()
         try:
             yield
         finally:
+            if runtime.follower is not None:
+                runtime.follower.stop()
             el.close()
             log.info("event log closed: %s", el.stats)
 
@@ -131,6 +147,8 @@ def create_app(
     metrics.spooled.set_function(lambda: runtime.event_log.spool.pending
                                  if runtime.event_log else 0)
     metrics.registry.register(_EventLogCollector(lambda: runtime.event_log))
+    metrics.registry.register(FollowerCollector(
+        lambda: runtime.follower.stats if runtime.follower else None))
     app.state.holder, app.state.metrics, app.state.runtime = holder, metrics, runtime
 
     def served() -> ServedModel:

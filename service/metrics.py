@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from flywheel.service.model_follower import FollowerStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -42,3 +48,32 @@ class ServiceMetrics:
             model_version=Gauge("flywheel_model_info", "Served model (value is always 1)",
                                 ["name", "version"], registry=reg),
         )
+
+
+class FollowerCollector:
+    """The registry follower's counters, read at scrape time (zeros while it does not run)."""
+
+    def __init__(self, stats: Callable[[], FollowerStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+
+        def value(attr: str) -> float:
+            return float(getattr(s, attr)) if s is not None else 0.0
+
+        yield CounterMetricFamily("flywheel_model_swaps", "Versions the registry follower "
+                                  "loaded, warmed and swapped in", value=value("swaps"))
+        yield CounterMetricFamily("flywheel_model_swap_failures", "Champion versions that could "
+                                  "not be loaded or warmed (the old one kept serving)",
+                                  value=value("failures"))
+        yield CounterMetricFamily("flywheel_model_registry_errors",
+                                  "Checks that could not read the champion alias",
+                                  value=value("registry_errors"))
+        events = CounterMetricFamily("flywheel_model_events", "Records read from the "
+                                     "model-events topic, by outcome", labels=["outcome"])
+        for outcome in ("followed", "ignored", "malformed"):
+            events.add_metric([outcome], value(f"events_{outcome}"))
+        yield events
+        yield GaugeMetricFamily("flywheel_model_last_swap_seconds",
+                                "Load + warm time of the last swap", value=value("last_swap_s"))

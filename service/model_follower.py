@@ -1,0 +1,279 @@
+"""Following the registry: the service swaps to whatever `champion` names, off the request path.
+
+Two signals drive one worker thread. A kafka-python consumer on the model-events topic
+wakes it as soon as a promotion or rollback is announced; a timer every
+`registry_poll_s` covers a lost event or a broker outage. The worker always re-reads the
+alias (the source of truth) instead of trusting an event's version, so duplicate or
+out-of-order events and a poll racing an event collapse into one load. Loading and
+warming happen on the worker; requests only ever see `ModelHolder.swap`, which is atomic,
+and a request keeps the snapshot it took, so it finishes on the version it started with.
+A failed load leaves the old model serving and is retried at the next poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from flywheel.events import ModelEvent
+from flywheel.service.model_holder import ModelHolder, ServedModel
+from flywheel.settings import Settings
+
+if TYPE_CHECKING:
+    from flywheel.registry import LoadedVersion
+
+log = logging.getLogger(__name__)
+CONSUMER_POLL_MS = 250  # also bounds how long stop() waits for the listener
+CONSUMER_RETRY_S = 2.0  # topic missing or broker unreachable: try again after this
+
+
+class ChampionSource(Protocol):
+    """What the follower needs from the registry (`flywheel.registry.Registry` in production)."""
+
+    def champion_version(self) -> str | None: ...
+    def load(self, version: str) -> LoadedVersion: ...
+
+
+@dataclass
+class FollowerStats:
+    """Plain counters: read by /metrics and by tests, written only by the follower's threads."""
+
+    checks: int = 0
+    swaps: int = 0
+    failures: int = 0  # champion versions that could not be loaded or warmed
+    registry_errors: int = 0  # the alias could not be read
+    superseded: int = 0  # loaded, but the alias had moved on before the swap
+    events_followed: int = 0
+    events_ignored: int = 0  # another model's events
+    events_malformed: int = 0
+    last_swap_s: float = 0.0  # load + warm time of the last swap
+    last_error: str | None = None
+
+
+class ModelFollower:
+    """Keeps `holder` on the registry's champion; `start()` it, `stop()` it at shutdown."""
+
+    def __init__(self, settings: Settings, holder: ModelHolder, *,
+                 registry: Callable[[], ChampionSource] | None = None,
+                 listen: bool | None = None) -> None:
+        """`registry` builds the champion source on the worker thread (MLflow by default);
+        `listen` consumes model events (default: when Kafka is configured)."""
+        self.settings = settings
+        self.holder = holder
+        self.stats = FollowerStats()
+        self._registry_factory = registry or self._default_registry
+        self._registry: ChampionSource | None = None
+        self._listen = bool(settings.kafka_bootstrap) if listen is None else listen
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = False
+        self._threads = [threading.Thread(target=self._work, name="flywheel-model-follower",
+                                          daemon=True)]
+        if self._listen:
+            self._threads.append(threading.Thread(
+                target=self._consume, name="flywheel-model-events", daemon=True))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> ModelFollower:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop both threads; a load in progress finishes first (it cannot be interrupted)."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    def trigger(self) -> None:
+        """Check the alias now instead of at the next poll (an event arrived)."""
+        self._wake.set()
+
+    def wait_listening(self, timeout_s: float) -> bool:
+        """True once the consumer sits at the topic's end: an event sent after this is seen."""
+        return self._listening.wait(timeout_s)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no check is pending or running (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._busy or self._wake.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    # -- the worker: at most one load at a time ----------------------------------------------
+    def _default_registry(self) -> ChampionSource:
+        from flywheel.registry import Registry
+
+        return Registry(self.settings)
+
+    def _work(self) -> None:
+        next_poll = time.monotonic()  # check once at start: a promotion during startup
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, next_poll - time.monotonic()))
+            if self._stop.is_set():
+                break
+            with self._idle:
+                self._busy = True
+                self._wake.clear()
+            try:
+                self.check()
+            except Exception:  # never let the thread die: the next poll tries again
+                log.exception("model follower check failed")
+            finally:
+                with self._idle:
+                    self._busy = False
+                    self._idle.notify_all()
+            next_poll = time.monotonic() + self.settings.registry_poll_s
+
+    def check(self) -> str | None:
+        """Swap to the champion if it is not the served version; returns the version swapped in.
+
+        Called on the worker thread only, so two triggers can never load twice at once.
+        """
+        self.stats.checks += 1
+        try:
+            if self._registry is None:
+                self._registry = self._registry_factory()
+            target = self._registry.champion_version()
+        except Exception as exc:
+            self.stats.registry_errors += 1
+            self.stats.last_error = f"registry: {exc}"
+            log.warning("could not read the champion alias (%s); still serving %s", exc,
+                        self._served_version())
+            return None
+        served = self._served_version()
+        if target is None or target == served:
+            return None
+        start = time.perf_counter()
+        try:
+            loaded = self._registry.load(target)
+            model = ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module)
+        except Exception as exc:
+            self.stats.failures += 1
+            self.stats.last_error = f"v{target}: {exc}"
+            log.exception("could not load %s v%s; still serving v%s, retrying at the next poll "
+                          "(in %.0fs)", self.settings.model_name, target, served,
+                          self.settings.registry_poll_s)
+            return None
+        if self._moved_since(target):  # a quick rollback: never serve what was just undone
+            self.stats.superseded += 1
+            self._wake.set()
+            return None
+        previous = self.holder.swap(model)
+        self.stats.swaps += 1
+        self.stats.last_swap_s = time.perf_counter() - start
+        _warn_if_incompatible(previous, model)
+        log.info("swapped %s v%s -> v%s (load + warm %.0f ms)", model.name, served,
+                 model.version, self.stats.last_swap_s * 1000)
+        return model.version
+
+    def _moved_since(self, version: str) -> bool:
+        try:
+            now = self._registry.champion_version()  # type: ignore[union-attr]
+        except Exception:  # cannot tell: the version was the champion a moment ago
+            return False
+        return now is not None and now != version
+
+    def _served_version(self) -> str | None:
+        return self.holder.current().version if self.holder.ready else None
+
+    # -- the listener: wakes the worker, never loads anything itself -------------------------
+    def _consume(self) -> None:
+        consumer: Any = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if consumer is None:
+                        consumer = self._open_consumer()
+                        if consumer is None:
+                            self._stop.wait(CONSUMER_RETRY_S)
+                            continue
+                        self._listening.set()
+                        self.trigger()  # anything announced before we were at the end
+                    for batch in consumer.poll(timeout_ms=CONSUMER_POLL_MS).values():
+                        for record in batch:
+                            self.on_event(record.value)
+                except Exception as exc:
+                    log.warning("model events on %s unavailable (%s); polling the registry "
+                                "every %.0fs meanwhile", self.settings.topic_model_events, exc,
+                                self.settings.registry_poll_s)
+                    self._listening.clear()
+                    consumer = _close(consumer)
+                    self._stop.wait(CONSUMER_RETRY_S)
+        finally:
+            self._listening.clear()
+            _close(consumer)
+
+    def _open_consumer(self) -> Any:
+        """A group-less consumer at the end of every partition, or None if the topic is missing.
+
+        Old events are not replayed: the worker's first check already read the alias.
+        """
+        from kafka import KafkaConsumer, TopicPartition
+
+        topic = self.settings.topic_model_events
+        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
+                                 enable_auto_commit=False, fetch_max_wait_ms=100,
+                                 client_id="flywheel-model-follower")
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                log.warning("topic %s not found; retrying in %.0fs", topic, CONSUMER_RETRY_S)
+                consumer.close()
+                return None
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the lazy seek now, so nothing after this point is skipped
+                consumer.position(tp)
+        except Exception:
+            consumer.close()
+            raise
+        return consumer
+
+    def on_event(self, value: bytes | None) -> None:
+        """Handle one model-events record: wake the worker for this model, skip the rest."""
+        try:
+            event = ModelEvent.model_validate_json(value or b"")
+        except ValueError as exc:
+            self.stats.events_malformed += 1
+            log.warning("skipping a malformed record on %s: %s", self.settings.topic_model_events,
+                        str(exc).splitlines()[0])
+            return
+        if event.model_name != self.settings.model_name:
+            self.stats.events_ignored += 1
+            return
+        self.stats.events_followed += 1
+        log.info("model event: %s v%s (%s)", event.kind, event.version, event.reason or "-")
+        self.trigger()
+
+
+def _close(consumer: Any) -> None:
+    if consumer is not None:
+        try:
+            consumer.close()
+        except Exception as exc:
+            log.debug("closing the model-events consumer: %s", exc)
+
+
+def _warn_if_incompatible(previous: ServedModel | None, new: ServedModel) -> None:
+    """A new input width or label set changes what clients may send: say so loudly."""
+    if previous is None:
+        return
+    if (previous.spec.input_dim, previous.spec.labels) != (new.spec.input_dim, new.spec.labels):
+        log.warning("v%s changes the API: input width %d -> %d, labels %s -> %s",
+                    new.version, previous.spec.input_dim, new.spec.input_dim,
+                    previous.spec.labels, new.spec.labels)

@@ -1,0 +1,31 @@
+"""The hotswap benchmark keeps working end to end (its figures belong to docs, not asserted;
+its correctness checks are: zero failed requests, registered versions only, one swap per
+promotion, and prediction events that name the versions the responses named)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_hotswap_swaps_under_load_and_verifies_every_response():
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "hotswap", "--window", "1.5", "--rounds", "1",
+         "--interval", "0.75", "--warmup", "0.5", "--concurrency", "4", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    doc = json.loads(r.stdout) if r.stdout.strip() else None
+    assert r.returncode == 0, (doc or {}).get("summary") or r.stderr[-3000:]
+    summary, result = doc["summary"], doc["result"]
+    assert summary["ok"] and all(c["ok"] for c in summary["checks"].values())
+    assert len(doc["promotions"]) == 2 and doc["server"]["swaps"] == 2
+    assert set(result["responses_per_version"]) == set(doc["config"]["registered_versions"])
+    assert result["pooled"]["steady"]["count"] > 0 and result["pooled"]["swap"]["count"] > 0
+    assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+    assert set(summary["targets"]) == {"errors", "p99_ratio"}
