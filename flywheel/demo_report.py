@@ -100,12 +100,11 @@ def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
             color="tab:gray", linestyle="--")
     ax.axvline(trace.drift_t, color="tab:red", linewidth=2, label="concept change")
     first = True
-    for version, at in trace.first_served().items():
-        if at > 0:
-            ax.axvline(at, color="tab:green", alpha=0.5, linewidth=1,
-                       label="new version served" if first else None)
-            ax.annotate(f"v{version}", (at, 0.02), rotation=90, fontsize=7, color="tab:green")
-            first = False
+    for version, at in list(trace.first_served().items())[1:]:  # [0]: the initial model
+        ax.axvline(at, color="tab:green", alpha=0.5, linewidth=1,
+                   label="new version served" if first else None)
+        ax.annotate(f"v{version}", (at, 0.02), rotation=90, fontsize=7, color="tab:green")
+        first = False
     ax.set_xlabel("seconds since the app started")
     ax.set_ylabel(f"rolling accuracy ({window} requests)")
     ax.set_ylim(0, 1.02)

@@ -14,24 +14,33 @@ pytestmark = pytest.mark.integration
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 
 
-def test_demo_runs_the_stack_and_every_record_reaches_kafka(tmp_path):
+def test_demo_closes_the_loop_and_writes_its_report(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_SEED_EXAMPLES": "1000"}
-    r = subprocess.run([FLYWHEEL, "demo", "--requests", "400", "--json"], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    report = tmp_path / "home" / "report"
+    r = subprocess.run([FLYWHEEL, "demo", "--requests", "3000", "--rate", "150", "--json",
+                        "--report", str(report)], env=env, capture_output=True, text=True,
+                       timeout=400, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
-    assert summary["predictions"] == summary["prediction_events"] == 400
+    assert summary["predictions"] == summary["prediction_events"] == 3000
     assert summary["corrections"] == summary["correction_events"] > 0
-    assert summary["versions_served"] == ["1"]
-    # the feedback worker joined every correction and analyzed the errors
+    # the feedback worker joined every correction
     assert summary["corrections_joined"] == summary["corrections"]
-    [report] = summary["error_report"]
-    assert report["corrections"] == summary["corrections"] and report["errors"] > 0
-    assert sum(report["error_types"].values()) == report["errors"]
-    # the simulated app crosses an abrupt concept change the seed model has not seen
-    assert summary["accuracy_before_drift"] > 0.8
-    assert summary["accuracy_after_drift"] < summary["accuracy_before_drift"] - 0.2
+    # the initial model is good before the concept change and poor after it; the loop
+    # promoted new versions that the app was served, and they recovered
+    assert summary["accuracy_frozen_before_drift"] > 0.9
+    assert summary["accuracy_frozen_after_drift"] < 0.6
+    assert summary["promoted_versions"]
+    assert set(summary["promoted_versions"]) & set(summary["versions_served"])
+    assert summary["accuracy_flywheel_after_drift"] > summary["accuracy_frozen_after_drift"] + 0.25
+    assert summary["freshness_median_s"] is not None and summary["freshness_median_s"] > 0
+    assert summary["recovered"] is True
+    # the report: the same summary, a markdown page and the plot
+    assert json.loads((report / "summary.json").read_text()) == summary
+    md = (report / "summary.md").read_text()
+    assert f"v{summary['promoted_versions'][0]}" in md and "accuracy.png" in md
+    assert (report / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # all state stays under FLYWHEEL_HOME: the store was migrated there, nothing in the cwd
     assert (tmp_path / "home" / "flywheel.db").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
