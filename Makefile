@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/flywheel demo
+	$(BIN)/flywheel demo --report .flywheel/demo-report
 
 lint: install
 	$(BIN)/ruff check .
