@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.loadgen import HOST, random_bodies, request_bytes
+from bench.loadgen import HOST, random_bodies, read_response, request_bytes
 
 VERSION_KEY = b'"version":"'
 
@@ -58,26 +58,6 @@ def model_version(body: bytes) -> bytes:
     return body[start:end]
 
 
-async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """Status, body and whether the server will close the connection."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise ValueError(f"bad status line {lines[0][:80]!r}")
-    length, close = None, False
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection":
-            close = value.strip().lower() == b"close"
-    if length is None:
-        raise ValueError("response without Content-Length")
-    return int(parts[1]), await reader.readexactly(length), close
-
-
 async def _connection(port: int, requests: list[bytes], start: int, stop_at: float,
                       trace: Trace, timeout_s: float) -> None:
     i = start
@@ -99,7 +79,7 @@ async def _connection(port: int, requests: list[bytes], start: int, stop_at: flo
             t0 = time.monotonic()
             try:
                 writer.write(req)
-                status, body, close = await asyncio.wait_for(_read(reader), timeout_s)
+                status, body, close = await asyncio.wait_for(read_response(reader), timeout_s)
                 version = model_version(body) if status == 200 else b""
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError) as exc:

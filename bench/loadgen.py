@@ -78,8 +78,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Status code and whether the server will close; the body is read and discarded."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """Status code, body and whether the server will close the connection."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
@@ -97,8 +97,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             raise ValueError("chunked responses are not expected from this endpoint")
     if length is None:
         raise ValueError("response without Content-Length")
-    await reader.readexactly(length)
-    return status, close
+    return status, await reader.readexactly(length), close
 
 
 async def _connection(port: int, requests: list[bytes], start: int, state: _State,
@@ -125,7 +124,7 @@ async def _connection(port: int, requests: list[bytes], start: int, state: _Stat
             res.sent_total += 1
             try:
                 writer.write(req)
-                status, close = await asyncio.wait_for(_read_response(reader), timeout_s)
+                status, _, close = await asyncio.wait_for(read_response(reader), timeout_s)
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError) as exc:
                 res.errors += 1

@@ -121,20 +121,26 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
 
 
 @contextlib.contextmanager
+def _in_background(run: Callable[[threading.Event], object], name: str) -> Iterator[None]:
+    """Run `run(stop)` on a daemon thread; set `stop` and join it on exit."""
+    stop = threading.Event()
+    thread = threading.Thread(target=run, args=(stop,), name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+@contextlib.contextmanager
 def running_feedback_worker(settings: Settings) -> Iterator[FeedbackWorker]:
     """One feedback worker in a background thread, stopped (and swept) on exit."""
     from flywheel.feedback import build_worker
 
     worker = build_worker(settings.model_copy(update={"feedback_session_timeout_ms": 4000}))
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), name="flywheel-demo-feedback",
-                              daemon=True)
-    thread.start()
-    try:
+    with _in_background(worker.run, "flywheel-demo-feedback"):
         yield worker
-    finally:
-        stop.set()
-        thread.join(60)
 
 
 @contextlib.contextmanager
@@ -144,15 +150,8 @@ def running_learner(settings: Settings) -> Iterator[OnlineLearner]:
 
     learner = OnlineLearner(settings)
     learner.start()
-    stop = threading.Event()
-    thread = threading.Thread(target=learner.run, args=(stop,), name="flywheel-demo-learner",
-                              daemon=True)
-    thread.start()
-    try:
+    with _in_background(learner.run, "flywheel-demo-learner"):
         yield learner
-    finally:
-        stop.set()
-        thread.join(60)
 
 
 def wait_joined(worker: FeedbackWorker, expected: int, timeout_s: float = 60.0) -> int:
