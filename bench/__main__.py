@@ -11,7 +11,7 @@ import importlib
 
 import typer
 
-BENCHMARKS = ("serve", "feedback")
+BENCHMARKS = ("serve", "feedback", "hotswap", "freshness", "prequential", "elastic")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Flywheel benchmarks (run from the repository root).")

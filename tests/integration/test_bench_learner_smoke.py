@@ -1,0 +1,78 @@
+"""The learner benchmarks (prequential, elastic) keep working on tiny streams.
+
+Figures are not asserted (they belong to docs/benchmarks.md); the JSON structure and the
+sanity of its values are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench_app() -> Any:
+    """The `python -m bench` app, in this process: torch and river are imported once for
+    both benchmarks instead of once per subprocess (~5 s each)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
+        from bench.__main__ import app
+
+        yield app
+
+
+def _bench(app: Any, *args: str) -> dict[str, Any]:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
+    return json.loads(result.stdout)
+
+
+def test_bench_prequential_runs_every_learner_on_every_stream(bench_app: Any):
+    doc = _bench(bench_app, "prequential", "--samples", "400", "--warmup", "200")
+    assert doc["benchmark"] == "prequential"
+    assert [s["name"] for s in doc["streams"]] == ["sea", "hyperplane", "agrawal"]
+    for s in doc["streams"]:
+        assert s["measured"] == 200
+        assert set(s["accuracy"]) == {"ours", "logreg", "hat", "arf"}
+        assert all(0.0 <= a <= 1.0 for a in s["accuracy"].values())
+        assert s["accuracy"]["ours"] > 0.5  # better than a coin on 2 classes
+        assert set(s["targets"]) == {"vs_logreg", "vs_hat", "vs_arf"}
+        assert s["pass"] == all(t["pass"] for t in s["targets"].values())
+        run = s["runs"][0]
+        assert all(sec >= 0 for sec in run["seconds"].values())
+        parts = run["segments"]["ours"]
+        assert parts[0]["start"] == 200 and parts[-1]["end"] == 400
+    assert doc["config"]["ours"]["trainer"]["replay"] == 0.0
+    assert doc["summary"]["runtime_s"] > 0
+
+
+def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(bench_app: Any):
+    doc = _bench(bench_app, "elastic", "--seeds", "1", "--before", "800", "--after", "400",
+                 "--warmup", "300", "--holdout", "300", "--window", "100",
+                 "--rates", "0.003,0.01")
+    assert doc["benchmark"] == "elastic"
+    assert [s["name"] for s in doc["scenarios"]] == ["demo", "sea", "agrawal"]
+    for sc in doc["scenarios"]:
+        assert sc["drift_at"] == 800
+        assert set(sc["cells"]) == {"fixed@0.003", "fixed@0.01", "elastic@0.003",
+                                    "elastic@0.01"}
+        for key, cell in sc["cells"].items():
+            assert 0.0 <= cell["prequential_accuracy"] <= 1.0
+            assert 0.0 < cell["pre_accuracy"] <= 1.0
+            assert 0 <= cell["recovery"] <= 400 and cell["rolling_recovery"] >= 100
+            # a fixed rate never boosts; the elastic one may
+            assert cell["max_boost"] == 1.0 if key.startswith("fixed") else cell["max_boost"] >= 1
+        c = sc["comparison"]
+        assert c["best_fixed_lr"] in (0.003, 0.01) and c["best_elastic_lr"] in (0.003, 0.01)
+        assert c["ratio"] >= 0 and c["pass"] == (c["ratio"] <= 0.5)
+        assert len(sc["curves"]["fixed"]["held_out_accuracy"]) == 5  # t = 0, 100, ..., 400
+    demo = doc["scenarios"][0]["cells"]["elastic@0.003"]
+    assert demo["max_boost"] > 1.0  # shifted inputs and a new concept: the boost fires
