@@ -3,13 +3,13 @@
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.elastic import ElasticRate
 from flywheel.learner.gate import GateResult, Holdout, evaluate_gate
-from flywheel.learner.online import Candidate, LearnerStats, OnlineLearner, run_forever
+from flywheel.learner.online import Candidate, LearnerStats, OnlineLearner
 from flywheel.learner.seed_model import default_spec, ensure_champion, seed_data, train_seed_model
 from flywheel.learner.trainer import OnlineTrainer, Reservoir, TrainerConfig, UpdateStats
 
 __all__ = [
     "Candidate", "CursorState", "ElasticRate", "GateResult", "Holdout", "LearnerStats",
     "OnlineLearner", "OnlineTrainer", "Reservoir", "TrainerConfig", "UpdateStats",
-    "default_spec", "ensure_champion", "evaluate_gate", "run_forever", "seed_data",
+    "default_spec", "ensure_champion", "evaluate_gate", "seed_data",
     "train_seed_model",
 ]

@@ -30,6 +30,10 @@ class StoredExample:
         return self.split == Split.TRAIN.value
 
     @property
+    def quarantined(self) -> bool:
+        return self.split == Split.QUARANTINE.value
+
+    @property
     def is_correction(self) -> bool:
         return self.origin == Origin.CORRECTION.value
 
@@ -55,15 +59,16 @@ class ExampleSource:
             return _rows(session.execute(query).all())
 
     def released(self, cursor: CursorState) -> tuple[list[StoredExample], list[int]]:
-        """Held (quarantined) examples now trainable, and held ids that can be forgotten."""
+        """Held examples now trainable, and held ids never to train on (released to another
+        split, or deleted): those can be forgotten; the trainable ones once they are used."""
         if not cursor.held:
             return [], []
         with self.sessions() as session:
             rows = _rows(session.execute(
                 select(*_COLUMNS).where(Example.id.in_(cursor.held))).all())
-        settled = [r.id for r in rows if r.split != Split.QUARANTINE.value]
+        elsewhere = [r.id for r in rows if not r.trainable and not r.quarantined]
         gone = set(cursor.held) - {r.id for r in rows}
-        return [r for r in rows if r.trainable], settled + sorted(gone)
+        return [r for r in rows if r.trainable], elsewhere + sorted(gone)
 
     def recent_holdout(self, n: int) -> list[StoredExample]:
         """The newest `n` corrections kept out of training."""

@@ -140,19 +140,20 @@ class OnlineLearner:
         n = self.settings.learn_batch
         cursor = CursorState.from_dict(self._cursor.to_dict())
         rows = self.source.read_new(cursor, n * MAX_CHUNKS_PER_CANDIDATE * 4)
-        released, settled = self.source.released(cursor)
+        released, forget = self.source.released(cursor)
         trainable = released + [r for r in rows if r.trainable]
         chunks = min(len(trainable) // n, MAX_CHUNKS_PER_CANDIDATE)
         if chunks == 0:
             return None
         used = trainable[:chunks * n]
-        released_ids = {r.id for r in released}
-        new_ids = [r.id for r in used if r.id not in released_ids]
+        released_used = {r.id for r in used[:len(released)]}  # released come first
+        new_ids = [r.id for r in used[len(released):]]
         last_used = max(new_ids) if new_ids else -1
         passed_rows = [r for r in rows if r.id <= last_used]
         cursor.mark_read([r.id for r in passed_rows])
-        cursor.held = sorted((set(cursor.held) - set(settled))
-                             | {r.id for r in passed_rows if r.split == "quarantine"})
+        # released-but-unused ids stay held, so the next step trains on them
+        cursor.held = sorted((set(cursor.held) - set(forget) - released_used)
+                             | {r.id for r in passed_rows if r.quarantined})
         cursor.advance(self.settings.learn_cursor_grace_s)
         champion = self._sync_base()
         parent = self._working
@@ -266,8 +267,3 @@ class OnlineLearner:
                 continue
             if candidate is None:
                 stop.wait(self.settings.learn_poll_s)
-
-
-def run_forever(settings: Settings, stop: threading.Event | None = None) -> None:
-    OnlineLearner(settings).run(stop or threading.Event())
-

@@ -151,3 +151,25 @@ def test_examples_committed_late_and_released_from_quarantine_are_not_skipped(s)
     assert learner.step() is None
     engine.dispose()
     assert np.isfinite(first.lr)
+
+
+def test_released_examples_beyond_one_batch_wait_for_the_next_update(s):
+    s = s.model_copy(update={"learn_batch": 2, "learn_cursor_grace_s": 60.0})
+    learner = OnlineLearner(s)
+    learner.start()
+    add_examples(s.database_url, 3, 0, split="quarantine")
+    add_examples(s.database_url, 2, 100)
+    first = learner.step()
+    assert first.examples == 2  # the two train rows; the three are held
+    engine = make_engine(s.database_url)
+    with session_factory(engine).begin() as session:
+        session.execute(update(Example).where(Example.split == "quarantine")
+                        .values(split="train"))
+    engine.dispose()
+    two_released = learner.step()
+    assert two_released.examples == 2 and learner.step() is None  # one released left over
+    add_examples(s.database_url, 1, 200)
+    last = learner.step()
+    assert last is not None and last.examples == 2
+    # the left-over released example (ids below the first train rows') is in it
+    assert two_released.last_id < last.first_id < first.first_id
