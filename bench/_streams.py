@@ -271,6 +271,14 @@ def machine() -> dict[str, Any]:
             "numpy": np.__version__, "loadavg_start": list(os.getloadavg())}
 
 
+def machine_line(m: dict[str, Any], date: str) -> str:
+    """The dim footer both learner benchmarks print under their tables."""
+    return (f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
+            f"torch {m['torch']} ({m['torch_threads']} thread), river {m['river']}, "
+            f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, "
+            f"{date}[/]")
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """torch on one thread while the benchmark runs: a 32x32 MLP on 100 rows gains nothing

@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 import typer
 
-from bench._streams import OurSetup, agrawal_rows, encode_agrawal, encode_indexed, take_rows
+from bench._streams import (
+    OurSetup,
+    agrawal_rows,
+    encode_agrawal,
+    encode_indexed,
+    machine_line,
+    take_rows,
+)
 
 SCENARIOS = ("demo", "sea", "agrawal")
 RATES = (0.001, 0.003, 0.01, 0.03)
@@ -257,10 +264,7 @@ def render(doc: dict[str, Any]) -> None:
     s = doc["summary"]
     console.print(f"target met on {s['scenarios_passed']}/{len(doc['scenarios'])} scenarios; "
                   f"{s['runtime_s']:.0f}s in all")
-    console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-                  f"torch {m['torch']} ({m['torch_threads']} thread), river {m['river']}, "
-                  f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, "
-                  f"{doc['date']}[/]")
+    console.print(machine_line(m, doc["date"]))
 
 
 def main(

@@ -33,9 +33,7 @@ def run_loop(home: Path, requests: int, rate: float, follow_events: bool) -> dic
         DemoConfig,
         embedded_stack,
         learned_examples,
-        running_feedback_worker,
-        running_learner,
-        running_service,
+        running_loop,
         simulate_app,
     )
     from flywheel.demo_report import freshness
@@ -48,8 +46,7 @@ def run_loop(home: Path, requests: int, rate: float, follow_events: bool) -> dic
         served = s if follow_events else s.model_copy(update={
             "topic_model_events": s.topic_model_events + ".unused",
             "registry_poll_s": BASELINE_POLL_S})
-        with running_feedback_worker(s), running_learner(s) as learner, \
-                running_service(served) as url:
+        with running_loop(s, served) as (_, learner, url):
             result, _ = simulate_app(url, s, config)
         history = list(learner.stats.history)
         learned = learned_examples(s)

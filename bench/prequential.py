@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from bench._streams import STREAMS, OurSetup, Stream, parse_ints
+from bench._streams import STREAMS, OurSetup, Stream, machine_line, parse_ints
 
 BASELINES = ("logreg", "hat", "arf")
 LABELS = {"ours": "ours (OnlineTrainer MLP)", "logreg": "river LogisticRegression",
@@ -146,10 +146,7 @@ def render(doc: dict[str, Any]) -> None:
     s = doc["summary"]
     console.print(f"targets met on {s['streams_passed']}/{len(doc['streams'])} streams; "
                   f"{s['runtime_s']:.0f}s in all")
-    console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-                  f"torch {m['torch']} ({m['torch_threads']} thread), river {m['river']}, "
-                  f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, "
-                  f"{doc['date']}[/]")
+    console.print(machine_line(m, doc["date"]))
 
 
 def main(

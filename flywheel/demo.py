@@ -1,9 +1,10 @@
-"""`flywheel demo`: the whole stack on embedded defaults, driven by a simulated production app.
+"""`flywheel demo`: the whole loop on embedded defaults, driven by a simulated production app.
 
-What runs today: embedded broker, migrated SQLite store, MLflow registry with a seed-trained
-champion, the HTTP service, and an app that streams requests across an abrupt concept change
-and sends corrections for a fraction of them after a delay. At the end every prediction id
-and correction is checked on its Kafka topic.
+The pieces (embedded broker, migrated store, registry with a seed-trained champion, feedback
+worker, learner, HTTP service) are context managers here so the demo command, the freshness
+benchmark and the closed-loop test start the same loop the same way; `simulate_app` streams
+requests across an abrupt concept change and sends corrections for a fraction of them after
+a delay, recording what it was served.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
-from flywheel.feedback import FeedbackWorker
-from flywheel.learner import OnlineLearner
 from flywheel.settings import Settings
 from flywheel.streams import drift_concept, seed_concept
+
+if TYPE_CHECKING:
+    from flywheel.feedback import FeedbackWorker
+    from flywheel.learner import OnlineLearner
 
 
 @dataclass
@@ -152,6 +156,16 @@ def running_learner(settings: Settings) -> Iterator[OnlineLearner]:
     learner.start()
     with _in_background(learner.run, "flywheel-demo-learner"):
         yield learner
+
+
+@contextlib.contextmanager
+def running_loop(settings: Settings, serve: Settings | None = None
+                 ) -> Iterator[tuple[FeedbackWorker, OnlineLearner, str]]:
+    """Feedback worker, learner and service on a stack `embedded_stack` prepared; yields
+    (worker, learner, service URL). `serve` overrides the service's settings only."""
+    with running_feedback_worker(settings) as worker, running_learner(settings) as learner, \
+            running_service(serve or settings) as url:
+        yield worker, learner, url
 
 
 def wait_joined(worker: FeedbackWorker, expected: int, timeout_s: float = 60.0) -> int:

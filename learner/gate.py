@@ -50,10 +50,10 @@ class GateResult:
                 f"vs {self.trusted_champion:.3f} (n={self.trusted_n}, tol {self.tolerance})")
 
     def metrics(self) -> dict[str, float]:
-        out = {k: float(v) for k, v in asdict(self).items()
-               if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
+        out = {f"gate_{k}": float(v) for k, v in asdict(self).items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}  # None: not run
         out["gate_passed"] = float(self.passed)
-        return {f"gate_{k}" if not k.startswith("gate_") else k: v for k, v in out.items()}
+        return out
 
 
 def scores(module: nn.Module, holdout: Holdout) -> tuple[float, float]:

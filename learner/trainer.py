@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from flywheel.learner.elastic import ElasticRate
+from flywheel.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,10 @@ class TrainerConfig:
     elastic: bool = True  # False: a fixed learning rate (the benchmarks' baseline)
 
     @classmethod
-    def from_settings(cls, settings: object) -> TrainerConfig:
-        return cls(lr=settings.learn_lr, steps=settings.learn_steps,  # type: ignore[attr-defined]
-                   replay=settings.learn_replay,  # type: ignore[attr-defined]
-                   max_boost=settings.learn_max_boost,  # type: ignore[attr-defined]
-                   half_life=settings.learn_boost_half_life)  # type: ignore[attr-defined]
+    def from_settings(cls, settings: Settings) -> TrainerConfig:
+        return cls(lr=settings.learn_lr, steps=settings.learn_steps,
+                   replay=settings.learn_replay, max_boost=settings.learn_max_boost,
+                   half_life=settings.learn_boost_half_life)
 
 
 @dataclass(frozen=True)

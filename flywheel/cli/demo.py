@@ -37,9 +37,7 @@ def demo(
         embedded_stack,
         frozen_predictor,
         learned_examples,
-        running_feedback_worker,
-        running_learner,
-        running_service,
+        running_loop,
         simulate_app,
         wait_joined,
     )
@@ -56,9 +54,7 @@ def demo(
             initial = Registry(s).champion_version()
             assert initial is not None
             frozen = frozen_predictor(s, initial)
-            worker = stack.enter_context(running_feedback_worker(s))
-            learner = stack.enter_context(running_learner(s))
-            url = stack.enter_context(running_service(s))
+            worker, learner, url = stack.enter_context(running_loop(s))
         console.print(f"service at {url}, Kafka at {s.kafka_bootstrap}, home {s.home_dir}; "
                       f"serving v{initial}")
         with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(),

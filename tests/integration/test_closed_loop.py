@@ -13,9 +13,7 @@ from flywheel.demo import (
     DemoConfig,
     embedded_stack,
     frozen_predictor,
-    running_feedback_worker,
-    running_learner,
-    running_service,
+    running_loop,
     simulate_app,
 )
 from flywheel.demo_report import summarize
@@ -31,8 +29,7 @@ def test_after_a_drift_a_promoted_version_is_served_and_beats_the_frozen_model(s
         registry = Registry(s)
         initial = registry.champion_version()
         frozen = frozen_predictor(s, initial)
-        with running_feedback_worker(s), running_learner(s) as learner, \
-                running_service(s) as url:
+        with running_loop(s) as (_, learner, url):
             result, _ = simulate_app(url, s, config, frozen=frozen)
         registered = {v.version for v in registry.versions()}
         champion = registry.champion_version()
