@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-serve clean
+.PHONY: install demo test lint browser bench-serve clean
 
 # torch first, alone and pinned, so the resolver never reaches for a CUDA build;
 # then everything else under constraints.txt.
@@ -23,7 +23,17 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# Debian's Chromium for the review page's browser test (tests/integration/test_review_ui.py);
+# Playwright drives it and never downloads a browser. If it cannot be installed (not root, no
+# apt), say so and go on: that test then fails under CI=true and skips otherwise.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	} || echo "warning: could not install chromium (apt-get install -y chromium)" >&2
+
+test: install lint browser
 	$(BIN)/pytest
 
 bench-serve: install

@@ -38,6 +38,7 @@ class DemoConfig:
     correction_fraction: float = 0.3
     correction_delay_s: float = 1.0
     window: int = 300
+    users: int = 5000  # end users who send corrections: the privacy unit (source)
 
 
 @dataclass
@@ -228,7 +229,7 @@ def simulate_app(
                 trace.version.append(version)
                 if rng.random() < config.correction_fraction:
                     pending.append((time.monotonic() + config.correction_delay_s, pred["id"],
-                                    truth))
+                                    truth, f"user-{rng.randrange(config.users)}"))
             result.predictions += len(rows)
             result.corrections += _send_due(client, pending, time.monotonic(), trace, start)
             on_progress(result.predictions, sum(window) / len(window), version)
@@ -243,8 +244,8 @@ def _send_due(client: httpx.Client, pending: deque, now: float, trace: Trace,
               start: float) -> int:
     due = []
     while pending and pending[0][0] <= now:
-        _, pid, label = pending.popleft()
-        due.append({"prediction_id": pid, "label": label, "source": "demo-app"})
+        _, pid, label, user = pending.popleft()
+        due.append({"prediction_id": pid, "label": label, "source": user})
     if due:
         client.post("/v1/corrections", json={"corrections": due}).raise_for_status()
         sent = time.monotonic() - start

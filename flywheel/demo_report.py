@@ -87,6 +87,27 @@ def summarize(trace: Trace, *, candidates: list[dict[str, Any]],
     return summary
 
 
+def privacy_summary(candidates: list[dict[str, Any]], enabled: bool, budget: float,
+                    delta: float, last: int = 5) -> dict[str, Any]:
+    """ε spent, and the last candidates' recent-holdout accuracy with DP next to the same
+    run without it (the learner's non-private shadow, trained on the same examples)."""
+    if not enabled:
+        return {"enabled": False}
+    numbers = [c["privacy"] for c in candidates if c.get("privacy")]
+    tail = [n for n in numbers[-last:] if n.get("recent_accuracy") is not None
+            and n.get("nonprivate_recent_accuracy") is not None]
+    dp = _mean_float([n["recent_accuracy"] for n in tail])
+    plain = _mean_float([n["nonprivate_recent_accuracy"] for n in tail])
+    return {"enabled": True, "budget_epsilon": budget, "delta": delta,
+            "epsilon_spent": round(max((n["epsilon"] for n in numbers), default=0.0), 4),
+            "recent_accuracy_dp": dp, "recent_accuracy_without_dp": plain,
+            "candidates_compared": len(tail)}
+
+
+def _mean_float(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
+
+
 def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
     import matplotlib
 
@@ -123,6 +144,19 @@ def write_report(directory: Path, summary: dict[str, Any], trace: Trace) -> None
     (directory / "summary.md").write_text(markdown(summary))
 
 
+def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
+    if not p:
+        return []
+    if not p.get("enabled"):
+        return ["Privacy: DP off (`FLYWHEEL_PRIVACY_ENABLED=false`).", ""]
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+    return [f"Privacy: every update DP-SGD, ε spent {p['epsilon_spent']} of "
+            f"{p['budget_epsilon']} per source (δ={p['delta']:g}). Recent-holdout accuracy of "
+            f"the last {p['candidates_compared']} candidates: {pct(p['recent_accuracy_dp'])} "
+            f"with DP, {pct(p['recent_accuracy_without_dp'])} for the same run without DP.", ""]
+
+
 def markdown(s: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1%}"
@@ -142,6 +176,7 @@ def markdown(s: dict[str, Any]) -> str:
         f"Freshness (correction sent → a model trained on it served): median "
         f"{s['freshness_median_s']} s, p95 {s['freshness_p95_s']} s "
         f"over {s['freshness_samples']} corrections.", "",
+        *_privacy_lines(s.get("privacy")),
         "## Versions and gate decisions", "",
         "| version | parent | examples | lr | promoted | gate |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -57,6 +57,9 @@ class PredictionEvent(_Event):
     label: str
     timestamp: datetime
     latency_ms: float = Field(ge=0)
+    # which network answered: "single" (a plain model), "light" or "heavy" (a cascade);
+    # optional and free-form so records without it, or with a future value, stay valid
+    path: Annotated[str, StringConstraints(max_length=32)] | None = None
 
     @field_validator("features")
     @classmethod
@@ -115,6 +118,7 @@ class ModelEvent(_Event):
 def prediction_payload(
     *, id: str, model_name: str, model_version: str, features: list[float],
     probabilities: dict[str, float], label: str, timestamp: datetime, latency_ms: float,
+    path: str | None = None,
 ) -> bytes:
     """Encode a prediction event without re-validating what the service already checked.
 
@@ -122,9 +126,12 @@ def prediction_payload(
     skipping a pydantic round trip keeps logging cheap. Consumers still validate
     with `PredictionEvent`.
     """
-    return orjson.dumps({
+    doc = {
         "schema_version": SCHEMA_VERSION, "id": id, "model_name": model_name,
         "model_version": model_version, "features": features,
         "probabilities": probabilities, "label": label,
         "timestamp": timestamp, "latency_ms": latency_ms,
-    })
+    }
+    if path is not None:
+        doc["path"] = path
+    return orjson.dumps(doc)

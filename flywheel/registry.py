@@ -70,7 +70,10 @@ class Registry:
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         if exp is not None:
             return exp.experiment_id
-        location = self.settings.mlflow_artifacts_dir.as_uri()
+        # A tracking server (http[s]://, docker/compose.yaml) stores artifacts itself, where
+        # every process can read them; a local store keeps them inside FLYWHEEL_HOME.
+        remote = self.client.tracking_uri.split(":", 1)[0] in ("http", "https")
+        location = None if remote else self.settings.mlflow_artifacts_dir.as_uri()
         try:
             return self.client.create_experiment(EXPERIMENT, artifact_location=location)
         except Exception:  # another process created it first

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FLYWHEEL_"
@@ -49,6 +50,16 @@ class Settings(BaseSettings):
     max_batch: int = Field(256, ge=1, le=100_000, description="Instances per predict call.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     max_corrections: int = Field(10_000, ge=1, description="Corrections per call.")
+    dynamic_batching: bool = Field(
+        True, description="Gather concurrent predict requests into one forward pass.")
+    batch_max_size: int = Field(128, ge=1, le=100_000,
+                                description="Most instances in one batched forward pass.")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000,
+        description="Longest a batch waits for more requests, only while recent batches "
+                    "held several.")
+    serve_precision: Literal["fp32", "int8", "bf16"] = Field(
+        "fp32", description="Serve the model in full precision, dynamic int8 or bfloat16.")
 
     log_queue_size: int = Field(50_000, ge=1, description="Bounded in-memory logging queue.")
     log_batch_size: int = Field(500, ge=1, le=100_000, description="Records per Kafka flush.")
@@ -95,6 +106,8 @@ class Settings(BaseSettings):
     learn_cursor_grace_s: float = Field(
         30.0, ge=0, le=3600,
         description="Examples committed this late (out of id order) are still picked up.")
+    learn_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Learner's /metrics port (privacy refusals, ε); 0: off.")
     auto_promote: bool = Field(True, description="Promote candidates that pass the gate.")
     gate_tolerance: float = Field(
         0.02, ge=0, le=1, description="Allowed accuracy loss on the trusted (seed) holdout.")
@@ -102,6 +115,88 @@ class Settings(BaseSettings):
         500, ge=1, le=1_000_000, description="Most recent holdout corrections the gate uses.")
     gate_min_holdout: int = Field(
         20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion.")
+
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for the review page's approve, reject and rollback "
+                          "(/v1/review); unset: the page is read-only.")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # an empty token must not become a valid one
+        return value
+
+    privacy_enabled: bool = Field(
+        True, description="Every learner update is DP-SGD; false trains without noise.")
+    privacy_epsilon: float = Field(3.0, gt=0, le=100,
+                                   description="ε budget per source and model lineage.")
+    privacy_delta: float = Field(1e-5, gt=0, lt=0.1, description="δ of that budget.")
+    privacy_noise_multiplier: float | None = Field(
+        None, gt=0, le=1000, description="Explicit σ; unset: calibrated from the budget.")
+    privacy_max_grad_norm: float = Field(1.0, gt=0, le=1e6,
+                                         description="Per-source clip norm C.")
+    privacy_sample_rate: float = Field(
+        0.5, gt=0, le=1, description="Chance that a source is in one DP-SGD step (Poisson).")
+    privacy_source_updates: int = Field(
+        2, ge=1, le=100_000,
+        description="Updates one source may join within the budget (sets σ when unset).")
+    privacy_max_per_source: int = Field(
+        16, ge=1, le=100_000, description="Most examples one source adds to one update.")
+    privacy_learn_lr: float = Field(
+        0.01, gt=0, le=10, description="Base learning rate of DP updates (noise needs more).")
+    privacy_accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    privacy_engine: Literal["auto", "opacus", "fused"] = Field(
+        "auto", description="Per-example clipping: fused kernel, Opacus, or auto.")
+
+    # federated learning (docs/federated.md)
+    fed_superlink: str = Field(
+        "127.0.0.1:9093", description="SuperLink HTTP address (Fleet, Control and Runtime "
+                                      "APIs) that `flywheel fed` binds or connects to.")
+    fed_runtime_port: int = Field(9094, ge=1, le=65535,
+                                  description="A site's SuperNode Runtime API port (loopback).")
+    fed_rounds: int = Field(5, ge=1, le=10_000, description="Rounds of one federated run.")
+    fed_clients: int = Field(3, ge=1, le=100_000, description="Sites sampled per round.")
+    fed_min_clients: int = Field(2, ge=1, le=100_000,
+                                 description="Connected sites a round waits for.")
+    fed_strategy: Literal["fedavg", "trimmed", "median"] = Field(
+        "fedavg", description="Aggregation: FedAvg, FedTrimmedAvg or FedMedian (robust).")
+    fed_trim_beta: float = Field(0.34, ge=0, lt=0.5,
+                                 description="Share cut from each end by `trimmed`.")
+    fed_dp_clipping: Literal["client", "server"] = Field(
+        "client", description="Flower DP wrapper: client- or server-side fixed clipping.")
+    fed_clip_norm: float = Field(2.0, gt=0, le=1e6,
+                                 description="L2 bound of one site's model update.")
+    fed_noise_multiplier: float = Field(
+        0.05, gt=0, le=1000,
+        description="Central noise σ on the aggregate (std σ·clip/sites); sets client-level ε.")
+    fed_client_epsilon: float | None = Field(
+        None, gt=0, description="Client-level ε budget per site and lineage; unset: "
+                                "accounted in the ledger, not enforced.")
+    fed_local_steps: int = Field(20, ge=1, le=10_000,
+                                 description="DP-SGD steps a site takes per round.")
+    fed_local_lr: float = Field(0.1, gt=0, le=10,
+                                description="A site's local learning rate (SGD, momentum 0.9).")
+    fed_local_max_examples: int = Field(
+        5000, ge=1, le=10_000_000, description="Newest trainable examples a site trains on.")
+    fed_public_replay: int = Field(
+        100, ge=0, le=1_000_000,
+        description="Seed (public) rows sent to sites each round, replayed against forgetting.")
+    fed_round_timeout_s: float = Field(120.0, gt=0, le=86_400,
+                                       description="Longest a round waits for replies.")
+    fed_poll_s: float = Field(
+        0.1, ge=0.01, le=60,
+        description="Poll interval of SuperNode, ClientApp worker and ServerApp (Flower: 3 s).")
+    fed_tls_ca: Path | None = Field(None, description="CA certificate (PEM) for `--tls`.")
+    fed_tls_cert: Path | None = Field(None, description="SuperLink certificate for `--tls`.")
+    fed_tls_key: Path | None = Field(None, description="SuperLink private key for `--tls`.")
+    fed_auth_key: Path | None = Field(
+        None, description="A site's SuperNode private key (ECDSA, OpenSSH) for `--auth`.")
+    fed_audit_dir: Path | None = Field(
+        None, description="A site writes a copy of every message it sends here.")
+    fed_holdout: Path | None = Field(
+        None, description="Gate's recent holdout (.npz: x, labels) when the platform store "
+                          "has fewer than FLYWHEEL_GATE_MIN_HOLDOUT holdout corrections.")
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -12,7 +12,7 @@ from flywheel.feedback import Example, LearnerState, Origin, Split, session_fact
 from flywheel.learner.cursor import CursorState
 
 _COLUMNS = (Example.id, Example.origin, Example.split, Example.features, Example.label,
-            Example.weight, Example.error_type, Example.created_at)
+            Example.weight, Example.error_type, Example.source, Example.parent_prediction_id)
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,17 @@ class StoredExample:
     label: str
     weight: float
     error_type: str | None
+    source: str | None = None
+    parent_prediction_id: str | None = None
+
+    @property
+    def contributor(self) -> str:
+        """Whose data this is, for privacy: the source, else the correction it came from."""
+        if self.source:
+            return f"source:{self.source}"
+        if self.parent_prediction_id:
+            return f"prediction:{self.parent_prediction_id}"
+        return f"example:{self.id}"
 
     @property
     def trainable(self) -> bool:
@@ -39,7 +50,7 @@ class StoredExample:
 
 
 def _rows(result: object) -> list[StoredExample]:
-    return [StoredExample(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6])
+    return [StoredExample(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], r[7], r[8])
             for r in result]  # type: ignore[attr-defined]
 
 
@@ -85,6 +96,15 @@ class ExampleSource:
                 select(*_COLUMNS).where(Example.split == Split.TRAIN.value,
                                         Example.id <= up_to_id)
                 .order_by(func.random()).limit(n)).all())
+
+    def newest_trainable(self, n: int) -> list[StoredExample]:
+        """The newest `n` trainable non-seed examples, oldest first (a federated site's data)."""
+        with self.sessions() as session:
+            rows = _rows(session.execute(
+                select(*_COLUMNS).where(Example.split == Split.TRAIN.value,
+                                        Example.origin != Origin.SEED.value)
+                .order_by(Example.id.desc()).limit(n)).all())
+        return rows[::-1]
 
     def load_state(self, lineage: str) -> dict | None:
         with self.sessions() as session:

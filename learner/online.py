@@ -12,6 +12,7 @@ examples again.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -24,6 +25,7 @@ from torch import nn
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
 from flywheel.learner.gate import GateResult, Holdout, evaluate_gate
+from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion, seed_data
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import Registry
@@ -46,6 +48,7 @@ class Candidate:
     last_id: int
     update: int
     lr: float
+    privacy: dict[str, float] | None = None  # ε and the same run's accuracy without DP
 
 
 @dataclass
@@ -76,6 +79,8 @@ class OnlineLearner:
         self._trainer: OnlineTrainer | None = None
         self._working: str | None = None
         self._champion_cache: tuple[str, nn.Module] | None = None
+        self._private: PrivateStep | None = None
+        self._shadow: OnlineTrainer | None = None  # the same run without DP, for the gate
         self._started = False
 
     # ---- start and recovery -------------------------------------------------------------
@@ -92,6 +97,9 @@ class OnlineLearner:
         if self._state.get("champion_seen") not in (None, champion):
             base = champion  # promoted or rolled back by someone else: follow it
         loaded = self.registry.load(str(base))
+        if getattr(loaded.spec, "kind", "mlp") != "mlp":
+            raise ValueError(f"v{base} is a {loaded.spec.kind} model; the online learner trains "
+                             "only mlp specs (docs/serving.md): promote an mlp version first")
         x_tr, y_tr, x_ho, y_ho = seed_data(self.settings)
         self._trusted = Holdout(x_ho, y_ho)
         self._labels = loaded.spec.label_index()
@@ -105,6 +113,15 @@ class OnlineLearner:
             trainer.remember(x_tr, y_tr)
         if replay:
             trainer.remember(*as_arrays(replay, self._labels))
+        if self.settings.privacy_enabled:
+            self._private = PrivateStep(self.settings, self.source.engine, self.lineage)
+            self._shadow = trainer
+            dp_config = dataclasses.replace(trainer.config, lr=self.settings.privacy_learn_lr)
+            trainer = OnlineTrainer(loaded.module, dp_config, input_dim=loaded.spec.input_dim,
+                                    seed=self.settings.seed, novelty=trainer.novelty)
+            trainer.elastic.restore(self._state.get("elastic", {}))
+            trainer.remember_public(x_tr, y_tr)
+            self._shadow.reset_module(copy.deepcopy(loaded.module))
         self._trainer, self._working = trainer, str(base)
         self._started = True
         log.info("learner %s resumes at update %d, watermark %d, from v%s", self.lineage,
@@ -121,6 +138,9 @@ class OnlineLearner:
                         "cursor", info.version)
             self._state.update(update=int(tags[UPDATE_TAG]), working_version=info.version,
                                cursor=json.loads(tags[CURSOR_TAG]))
+            if tags.get("epsilon", "none") != "none":
+                PrivateStep.adopt(self.source.engine, self.lineage, int(tags[UPDATE_TAG]),
+                                  info.version)
             champion = self.registry.champion_version()
             if (self.settings.auto_promote and tags.get("gate", "").startswith("passed")
                     and champion == tags.get("parent_version")):
@@ -155,15 +175,39 @@ class OnlineLearner:
         cursor.held = sorted((set(cursor.held) - set(forget) - released_used)
                              | {r.id for r in passed_rows if r.quarantined})
         cursor.advance(self.settings.learn_cursor_grace_s)
+        update = int(self._state.get("update", 0)) + 1
+        privacy: PrivacyOutcome | None = None
+        if self._private is not None:
+            # the budget is checked before anything trains; a refusal leaves the model as is
+            privacy = self._private.plan(used, update, self._trainer.module)
+            if privacy is None:
+                return None
+            if not privacy.rows:
+                self._state.update(cursor=cursor.to_dict())
+                self.source.save_state(self.lineage, self._state, cursor.watermark)
+                self._cursor = cursor
+                return None
         champion = self._sync_base()
         parent = self._working
         self._observe(passed_rows)
         lr = 0.0
-        for i in range(chunks):
-            x, y, w = as_arrays(used[i * n:(i + 1) * n], self._labels)
+        if privacy is not None and self._private is not None:
+            lr = self._private.train(self._trainer, privacy, self._labels)
+            self._train_plain(self._shadow, used, n)
+        else:
+            lr = self._train_plain(self._trainer, used, n)
+        return self._publish(used, cursor, champion, str(parent), lr, privacy)
+
+    def _train_plain(self, trainer: OnlineTrainer | None, used: list[StoredExample],
+                     n: int) -> float:
+        """Non-private updates, one per N examples (the learner without DP, or its shadow)."""
+        assert trainer is not None
+        lr = 0.0
+        for i in range(0, len(used), n):
+            x, y, w = as_arrays(used[i:i + n], self._labels)
             if len(y):
-                lr = self._trainer.update(x, y, w).lr
-        return self._publish(used, cursor, champion, str(parent), lr)
+                lr = trainer.update(x, y, w).lr
+        return lr
 
     def _sync_base(self) -> str:
         """The champion now; if someone else moved it, continue from it instead of our line."""
@@ -173,6 +217,8 @@ class OnlineLearner:
         if champion != self._state.get("champion_seen", champion):
             log.info("learner continues from champion v%s (was v%s)", champion, self._working)
             self._trainer.reset_module(self.registry.load(champion).module)
+            if self._shadow is not None:
+                self._shadow.reset_module(self.registry.load(champion).module)
             self._working = champion
         return champion
 
@@ -197,7 +243,7 @@ class OnlineLearner:
         return self._champion_cache[1]
 
     def _publish(self, used: list[StoredExample], cursor: CursorState, champion: str,
-                 parent: str, lr: float) -> Candidate:
+                 parent: str, lr: float, privacy: PrivacyOutcome | None = None) -> Candidate:
         assert self._trainer is not None
         s = self.settings
         recent_rows = self.source.recent_holdout(s.gate_recent_holdout)
@@ -209,25 +255,35 @@ class OnlineLearner:
         module = self._trainer.module
         gate = evaluate_gate(module, self._champion_module(champion), trusted=self._trusted,
                              recent=recent, tolerance=s.gate_tolerance,
-                             min_recent=s.gate_min_holdout)
+                             min_recent=s.gate_min_holdout, serve_precision=s.serve_precision)
         update = int(self._state.get("update", 0)) + 1
         first, last = min(r.id for r in used), max(r.id for r in used)
+        summary = gate.summary()
+        privacy_metrics: dict[str, float] = {}
+        if privacy is not None and self._shadow is not None:
+            privacy_metrics = privacy.metrics(self._shadow.module, self._trusted, recent)
+            summary += (f"; without DP: recent {privacy_metrics['nonprivate_recent_accuracy']:.3f}"
+                        f", trusted {privacy_metrics['nonprivate_trusted_accuracy']:.3f}")
         tags = {"parent_version": parent, "source": "online",
                 "examples": f"ids {first}..{last} ({len(used)} new, update {update})",
-                "epsilon": "none", "delta": "none", "gate": gate.summary(),
+                "epsilon": privacy.epsilon_tag if privacy else "none",
+                "delta": privacy.delta_tag if privacy else "none", "gate": summary,
                 "champion_at_gate": champion, LINEAGE_TAG: self.lineage,
                 UPDATE_TAG: str(update), CURSOR_TAG: json.dumps(cursor.to_dict())}
         metrics = {**gate.metrics(), "lr": lr, "lr_multiplier": self._trainer.elastic.multiplier,
                    "drifts_detected": float(self._trainer.elastic.drifts),
-                   "novel_share": self._trainer.elastic.last_shift}
+                   "novel_share": self._trainer.elastic.last_shift, **privacy_metrics}
         params = {"learn_batch": s.learn_batch, "learn_steps": s.learn_steps,
                   "learn_lr": s.learn_lr, "learn_replay": s.learn_replay,
-                  "examples": len(used), "first_example_id": first, "last_example_id": last}
+                  "examples": len(used), "first_example_id": first, "last_example_id": last,
+                  **(privacy.params() if privacy else {"dp": False})}
         version = self.registry.publish(self._spec, module, tags=tags, params=params,
                                         metrics=metrics)
+        if privacy is not None and self._private is not None:
+            self._private.published(update, version)
         promoted = False
         if gate.passed and s.auto_promote:
-            self._promote(version, gate.summary())
+            self._promote(version, summary)
             promoted, champion = True, version
             self._champion_cache = (version, copy.deepcopy(module))
         elif gate.passed:
@@ -236,7 +292,14 @@ class OnlineLearner:
                            cursor=cursor.to_dict(), elastic=self._trainer.elastic.state())
         self.source.save_state(self.lineage, self._state, cursor.watermark)
         self._cursor, self._working = cursor, version
-        candidate = Candidate(version, parent, gate, promoted, len(used), first, last, update, lr)
+        dp_numbers = None
+        if privacy is not None and privacy.plan is not None:
+            dp_numbers = {"epsilon": privacy.plan.epsilon_lineage,
+                          "recent_accuracy": gate.recent_candidate,
+                          **{k: v for k, v in privacy_metrics.items()
+                             if k.startswith("nonprivate_")}}
+        candidate = Candidate(version, parent, gate, promoted, len(used), first, last, update, lr,
+                              dp_numbers)
         self.stats.candidates += 1
         self.stats.promoted += int(promoted)
         self.stats.examples += len(used)

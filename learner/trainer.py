@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from flywheel.learner.elastic import ElasticRate
+from flywheel.privacy import Mechanism, PrivateBatch, dp_update
 from flywheel.settings import Settings
 
 
@@ -85,6 +86,7 @@ class OnlineTrainer:
         self.optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
         self.novelty = novelty  # anything with is_novel(rows) -> bool array (ReferenceStats)
         self.generator = torch.Generator().manual_seed(seed)
+        self.public = Reservoir(config.reservoir, input_dim, seed + 1)
         self.updates = 0
 
     def reset_module(self, module: nn.Module) -> None:
@@ -107,6 +109,41 @@ class OnlineTrainer:
         w = np.ones(len(y), dtype=np.float32) if w is None else w
         self.reservoir.add(np.asarray(x, np.float32), np.asarray(y, np.int64),
                            np.asarray(w, np.float32))
+
+    def remember_public(self, x: np.ndarray, y: np.ndarray) -> None:
+        """The platform's own (seed) data: the only replay a private update may use."""
+        self.public.add(np.asarray(x, np.float32), np.asarray(y, np.int64),
+                        np.ones(len(y), np.float32))
+
+    def update_private(self, x: np.ndarray, y: np.ndarray, w: np.ndarray,
+                       sources: np.ndarray, mechanism: Mechanism, *, max_grad_norm: float,
+                       engine: str = "auto") -> UpdateStats:
+        """One DP-SGD update (see flywheel.privacy.dp_sgd); the caller has accounted for it.
+
+        Replay comes only from the public pool: replaying private examples would put their
+        sources into later updates the budget did not plan for.
+        """
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y, np.int64)
+        if not (len(x) == len(y) == len(w) == len(sources)) or len(y) == 0:
+            raise ValueError("need equal, non-zero numbers of rows, labels, weights, sources")
+        px, py, pw = self.public.sample(int(round(self.config.replay * len(y))))
+        batch = PrivateBatch(
+            x=np.concatenate([x, px]), y=np.concatenate([y, py]),
+            weight=np.concatenate([np.minimum(np.asarray(w, np.float32), 1.0), pw]),
+            sources=np.concatenate([np.asarray(sources, np.int64),
+                                    np.full(len(py), -1, np.int64)]),
+            public=np.concatenate([np.zeros(len(y), bool), np.ones(len(py), bool)]))
+        multiplier = self.elastic.multiplier if self.config.elastic else 1.0
+        lr = self.elastic.step() if self.config.elastic else self.config.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = dp_update(self.module, self.optimizer, batch, steps=mechanism.steps,
+                          sample_rate=mechanism.sample_rate,
+                          noise_multiplier=mechanism.noise_multiplier,
+                          max_grad_norm=max_grad_norm, generator=self.generator, engine=engine)
+        self.updates += 1
+        return UpdateStats(lr, multiplier, len(y), len(py), stats.loss, stats.loss)
 
     def update(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> UpdateStats:
         """Several gradient steps on the new examples plus a replay sample; weights respected."""

@@ -1,4 +1,23 @@
-"""Differential privacy: DP-SGD, DP aggregation, accounting, the privacy ledger.
+"""Differential privacy: DP-SGD updates, accounting, the ledger and budget enforcement.
 
-Empty until the privacy issue lands; the folder exists because the design card names it.
+The privacy unit is the source of an example (the client id on a correction). See
+docs/privacy.md for the mechanism, why it is per source, and what the budget means.
 """
+
+from flywheel.privacy.accounting import (
+    ACCOUNTANTS,
+    Mechanism,
+    dp_accounting_epsilon,
+    epsilon,
+    noise_for_budget,
+)
+from flywheel.privacy.budget import BudgetPlan, BudgetRefused, plan_update
+from flywheel.privacy.config import DPConfig
+from flywheel.privacy.dp_sgd import DPStepStats, PrivateBatch, dp_update, resolve_engine
+from flywheel.privacy.ledger import LedgerEntry, PrivacyLedger, SourceSpend
+
+__all__ = [
+    "ACCOUNTANTS", "BudgetPlan", "BudgetRefused", "DPConfig", "DPStepStats", "LedgerEntry",
+    "Mechanism", "PrivacyLedger", "PrivateBatch", "SourceSpend", "dp_accounting_epsilon",
+    "dp_update", "epsilon", "noise_for_budget", "plan_update", "resolve_engine",
+]

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flywheel.events import CorrectionEvent, new_id, prediction_payload, utcnow
+from flywheel.service.batching import BatchCollector, PredictBatcher
 from flywheel.service.errors import BadRequest, BodySizeLimit, install_error_handlers
 from flywheel.service.event_log import EventLog
 from flywheel.service.metrics import FollowerCollector, ServiceMetrics
@@ -128,6 +129,9 @@ def create_app(
         if follow:  # after the first load, so startup never races it
             runtime.follower = ModelFollower(
                 settings, holder, registry=(lambda: registry) if registry else None).start()
+        from flywheel.service.gc_freeze import freeze_after_startup
+
+        freeze_after_startup()  # full GC passes skip startup objects (docs/serving.md)
         try:
             yield
         finally:
@@ -150,6 +154,11 @@ def create_app(
     metrics.registry.register(FollowerCollector(
         lambda: runtime.follower.stats if runtime.follower else None))
     app.state.holder, app.state.metrics, app.state.runtime = holder, metrics, runtime
+    # dynamic batching (docs/serving.md): one forward pass for concurrent requests
+    batcher = PredictBatcher(settings) if settings.dynamic_batching else None
+    app.state.batcher = batcher
+    if batcher is not None:
+        metrics.registry.register(BatchCollector(batcher))
 
     def served() -> ServedModel:
         try:
@@ -176,18 +185,22 @@ def create_app(
         if not np.isfinite(x).all():
             i, j = np.argwhere(~np.isfinite(x))[0]
             raise BadRequest(f"instances[{i}][{j}]: {rows[i][j]!r} is outside float32 range")
-        probs = model.predict_proba(x)
+        if batcher is not None:
+            probs, paths = await batcher.predict(model, x)
+        else:
+            probs, paths = model.predict(x)
         latency_ms = (time.perf_counter() - start) * 1000.0
         now, labels, topic = utcnow(), model.spec.labels, settings.topic_predictions
         predictions, records = [], []
-        for row, p in zip(rows, probs.tolist(), strict=True):
+        for row, p, path in zip(rows, probs.tolist(), paths, strict=True):
             pid = new_id()
             probabilities = dict(zip(labels, p, strict=True))
             label = labels[max(range(len(p)), key=p.__getitem__)]
             predictions.append({"id": pid, "label": label, "probabilities": probabilities})
             records.append(Record(topic, pid.encode(), prediction_payload(
                 id=pid, model_name=model.name, model_version=model.version, features=row,
-                probabilities=probabilities, label=label, timestamp=now, latency_ms=latency_ms)))
+                probabilities=probabilities, label=label, timestamp=now, latency_ms=latency_ms,
+                path=path)))
         runtime.event_log.log_many(records)  # type: ignore[union-attr]
         metrics.predictions.labels(model.version).inc(len(rows))
         return {"model": {"name": model.name, "version": model.version},
@@ -221,7 +234,8 @@ def create_app(
     async def model_info() -> dict:
         m = served()
         return {"name": m.name, "version": m.version, "loaded_at": m.loaded_at,
-                "input_dim": m.spec.input_dim, "labels": m.spec.labels}
+                "input_dim": m.spec.input_dim, "labels": m.spec.labels,
+                "kind": m.spec.kind, "precision": m.precision}
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -247,4 +261,7 @@ def create_app(
             metrics.model_version.labels(m.name, m.version).set(1)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    from flywheel.service.review_api import install_review  # /ui and /v1/review (docs/review.md)
+
+    install_review(app, settings)
     return app

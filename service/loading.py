@@ -13,4 +13,5 @@ def load_champion(settings: Settings, registry: Registry | None = None) -> Serve
     registry = registry or Registry(settings)
     version = ensure_champion(settings, registry)
     loaded = registry.load(version)
-    return ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module)
+    return ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module,
+                               settings.serve_precision)

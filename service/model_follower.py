@@ -160,7 +160,8 @@ class ModelFollower:
         start = time.perf_counter()
         try:
             loaded = self._registry.load(target)
-            model = ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module)
+            model = ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module,
+                                        self.settings.serve_precision)
         except Exception as exc:
             self.stats.failures += 1
             self.stats.last_error = f"v{target}: {exc}"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flywheel.events import utcnow
-from flywheel.modelspec import ModelSpec
+from flywheel.modelspec import AnySpec
 
 
 class ModelNotReady(RuntimeError):
@@ -26,23 +26,40 @@ class ModelNotReady(RuntimeError):
 class ServedModel:
     name: str
     version: str
-    spec: ModelSpec
+    spec: AnySpec
     module: nn.Module
     loaded_at: datetime
+    precision: str = "fp32"  # what `module` computes in (FLYWHEEL_SERVE_PRECISION)
 
     @classmethod
-    def prepare(cls, name: str, version: str, spec: ModelSpec, module: nn.Module) -> ServedModel:
-        """Freeze and warm a module before it can be swapped in."""
+    def prepare(cls, name: str, version: str, spec: AnySpec, module: nn.Module,
+                precision: str = "fp32") -> ServedModel:
+        """Freeze and warm a module before it can be swapped in; at a `precision` other
+        than fp32 a low-precision copy is served (`flywheel.kernels.quantize`)."""
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
-        served = cls(name, version, spec, module, utcnow())
+        if precision != "fp32":
+            from flywheel.kernels.quantize import to_precision
+
+            module = to_precision(module, precision)
+        served = cls(name, version, spec, module, utcnow(), precision)
         served.predict_proba(np.zeros((1, spec.input_dim), dtype=np.float32))
         return served
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """(probabilities, path per row): "single" for an MLP; "light" or "heavy" for a
+        cascade, whichever network answered the row."""
         with torch.inference_mode():
-            return torch.softmax(self.module(torch.from_numpy(x)), dim=1).numpy()
+            t = torch.from_numpy(x)
+            if self.spec.kind != "cascade":
+                return torch.softmax(self.module(t), dim=1).numpy(), ["single"] * len(x)
+            logits, escalated = self.module.route(t)
+            probs = torch.softmax(logits, dim=1).numpy()
+        return probs, ["heavy" if e else "light" for e in escalated.tolist()]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return self.predict(x)[0]
 
 
 class ModelHolder:

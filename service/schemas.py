@@ -57,6 +57,9 @@ class ModelInfo(BaseModel):
     loaded_at: datetime
     input_dim: int
     labels: list[str]
+    kind: str = Field("mlp", description="Model spec kind: mlp or cascade.")
+    precision: str = Field("fp32", description="What the served copy computes in: "
+                           "fp32, int8 or bf16 (FLYWHEEL_SERVE_PRECISION).")
 
 
 class ErrorBody(BaseModel):

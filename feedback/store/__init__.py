@@ -37,12 +37,15 @@ from flywheel.feedback.store.models import (
     LearnerState,
     Origin,
     Prediction,
+    PrivacyLedgerEntry,
+    PrivacySourceSpend,
     Split,
 )
 
 __all__ = [
     "CORRECTION_STATUSES", "ERROR_TYPES", "ORIGINS", "SPLITS", "Base", "Correction",
     "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin", "Prediction",
+    "PrivacyLedgerEntry", "PrivacySourceSpend",
     "SchemaNotCurrent", "SchemaTooNew", "Split", "alembic_config", "check_schema", "current",
     "display_url", "downgrade", "head", "insert_ignoring_duplicates", "known_revisions",
     "make_engine", "normalize_url", "open_store", "schema_revision", "session_factory", "upgrade",

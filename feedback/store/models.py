@@ -20,11 +20,13 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
     TypeDecorator,
+    UniqueConstraint,
     func,
     text,
 )
@@ -251,3 +253,50 @@ __all__ = [
     "Correction", "CorrectionStatus", "ErrorCount", "ErrorType", "Example", "LearnerState",
     "Origin", "Prediction", "ReferenceStats", "Split", "UTCDateTime", "utcnow",
 ]
+
+
+class PrivacyLedgerEntry(Base):
+    """One DP update of a lineage: its mechanism and the ε it spent (privacy/ writes it).
+
+    The table lives with the rest of the store's schema so one Alembic chain migrates
+    everything; `flywheel.privacy.PrivacyLedger` is the only code that reads or writes it.
+    """
+
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (
+        UniqueConstraint("lineage", "update_no"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    lineage: Mapped[str] = mapped_column(String(200), index=True)
+    update_no: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now())
+    accountant: Mapped[str] = mapped_column(String(8))
+    engine: Mapped[str] = mapped_column(String(16))
+    sample_rate: Mapped[float] = mapped_column(Float)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    max_grad_norm: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    delta: Mapped[float] = mapped_column(Float)
+    epsilon_update: Mapped[float] = mapped_column(Float)
+    epsilon_lineage: Mapped[float] = mapped_column(Float)
+    sources: Mapped[int] = mapped_column(Integer)
+    examples: Mapped[int] = mapped_column(Integer)
+    public_examples: Mapped[int] = mapped_column(Integer)
+    capped_examples: Mapped[int] = mapped_column(Integer)
+    excluded_examples: Mapped[int] = mapped_column(Integer)
+
+
+class PrivacySourceSpend(Base):
+    """Which sources took part in which ledger entry, and their ε after it."""
+
+    __tablename__ = "privacy_source_spend"
+
+    ledger_id: Mapped[int] = mapped_column(
+        BigIntId, ForeignKey("privacy_ledger.id", ondelete="CASCADE"), primary_key=True)
+    source: Mapped[str] = mapped_column(String(ID_LENGTH + 16), primary_key=True, index=True)
+    examples: Mapped[int] = mapped_column(Integer)
+    epsilon: Mapped[float] = mapped_column(Float)

@@ -37,7 +37,18 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def _register() -> None:
-    from flywheel.cli import broker, db, demo, feedback, learn, models, serve  # noqa: F401  (commands register on import)
+    from flywheel.cli import (  # noqa: F401  (commands register on import)
+        broker,
+        db,
+        demo,
+        fed,  # flywheel fed superlink | server | client | register | demo
+        feedback,
+        learn,
+        models,
+        privacy,  # flywheel privacy report
+        serve,
+        ui,  # flywheel ui: MLflow UI + review page URL
+    )
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def demo(
         simulate_app,
         wait_joined,
     )
-    from flywheel.demo_report import freshness, summarize, write_report
+    from flywheel.demo_report import freshness, privacy_summary, summarize, write_report
     from flywheel.registry import Registry
 
     settings = settings_or_exit(port=port)
@@ -78,7 +78,7 @@ def demo(
     candidates = [{"version": c.version, "parent_version": c.parent_version,
                    "examples": c.examples, "first_example_id": c.first_id,
                    "last_example_id": c.last_id, "lr": c.lr, "promoted": c.promoted,
-                   "gate": c.gate.summary()} for c in history]
+                   "gate": c.gate.summary(), "privacy": c.privacy} for c in history]
     fresh = freshness(result.trace, learned_examples(s),
                       [(c.version, c.last_id) for c in history if c.promoted])
     summary = summarize(result.trace, candidates=candidates, fresh=fresh,
@@ -87,7 +87,9 @@ def demo(
                 "corrections": result.corrections,
                 "correction_events": result.corrections_on_topic,
                 "corrections_joined": result.corrections_joined,
-                "initial_version": initial}
+                "initial_version": initial,
+                "privacy": privacy_summary(candidates, s.privacy_enabled, s.privacy_epsilon,
+                                           s.privacy_delta)}
     if report is not None:
         write_report(report, summary, result.trace)
     if as_json:
@@ -124,6 +126,16 @@ def _print_summary(summary: dict, report: Path | None) -> None:
                   f"{summary['freshness_p95_s']} s", "-")
     table.add_row("predictions / corrections",
                   f"{summary['predictions']} / {summary['corrections']}", "-")
+    privacy = summary.get("privacy") or {}
+    if privacy.get("enabled"):
+        table.add_row("privacy: ε spent (budget)",
+                      f"{privacy['epsilon_spent']} ({privacy['budget_epsilon']:g}, "
+                      f"δ={privacy['delta']:g})", "-")
+        table.add_row("recent holdout, DP / same run without DP",
+                      f"{pct(privacy['recent_accuracy_dp'])} / "
+                      f"{pct(privacy['recent_accuracy_without_dp'])}", "-")
+    else:
+        table.add_row("privacy", "DP off", "-")
     Console().print(table)
     if report is not None:
         Console().print(f"report written to {report}/ (accuracy.png, summary.md, summary.json)")

@@ -29,6 +29,10 @@ def learn(
     except SchemaNotCurrent as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    if settings.learn_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.learn_metrics_port, addr=settings.host)  # default registry
     if once:
         candidate = learner.step()
         typer.echo("no candidate: fewer than "

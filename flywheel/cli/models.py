@@ -9,7 +9,6 @@ else on stdout. Registry access is imported lazily: `flywheel --help` must not l
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +34,6 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 
 _VERSION = re.compile(r"^[vV]?([1-9][0-9]{0,17})$")
-_NO_PARENT = {"", "none", "null", "-"}
 # (label, metric names in order of preference): the learner's gate metrics first, then the
 # seed model's `holdout_accuracy`, which is measured on the same trusted seed holdout.
 _KEY_METRICS = (
@@ -43,8 +41,6 @@ _KEY_METRICS = (
     ("trusted", ("gate_trusted_candidate", "trusted_accuracy", "trusted_holdout_accuracy",
                  "holdout_accuracy")),
 )
-_LINEAGE_KEYS = ("version", "champion", "status", "source", "parent_version", "examples",
-                 "epsilon", "delta", "gate", "created_at")
 GATE_MIN_WIDTH = 24  # the tables cut the gate to the terminal's width; `show` prints it whole
 PIPED_WIDTH = 160
 LINEAGE_SHOWN = 20  # rows of lineage `show` prints; --json has every hop
@@ -93,11 +89,12 @@ def _registry_errors(settings: Settings) -> Iterator[None]:
     from mlflow.exceptions import MlflowException
 
     from flywheel.registry import RegistryError
+    from flywheel.review import ReviewError
 
     where = f"MLflow registry at {_shown_uri(settings.resolved_mlflow_uri)}"
     try:
         yield
-    except RegistryError as exc:
+    except (RegistryError, ReviewError) as exc:
         _fail(str(exc))
     except MlflowException as exc:
         _fail(f"{where}: {exc.message}")
@@ -114,77 +111,18 @@ def _open(settings: Settings) -> Registry:
 # --- versions as plain data (what --json prints) ---------------------------------------------
 
 
-def _parent(info: VersionInfo) -> str | None:
-    raw = info.tags.get("parent_version", "").strip()
-    if raw.lower() in _NO_PARENT:
-        return None
-    return raw[1:] if raw[:1] in "vV" and raw[1:].isdigit() else raw
-
-
-def _status(info: VersionInfo, history: set[str]) -> str:
-    """champion | rolled back | former champion | pending review | candidate.
-
-    From the alias, the champion history and the audit tags promotions, rollbacks and the
-    learner (`review=pending`) leave.
-    """
-    if info.is_champion:
-        return "champion"
-    rolled, promoted = info.tags.get("rolled_back_at"), info.tags.get("promoted_at")
-    if rolled and (not promoted or rolled >= promoted):  # one ISO format: string order works
-        return "rolled back"
-    if promoted or info.version in history:
-        return "former champion"
-    if info.tags.get("review") == "pending":  # passed its gate; auto-promotion is off
-        return "pending review"
-    return "candidate"
-
-
-def _finite(value: float) -> float | None:
-    """NaN (an empty holdout) is not JSON; it becomes null."""
-    return value if math.isfinite(value) else None
-
-
 def _as_dict(info: VersionInfo, history: set[str]) -> dict[str, Any]:
     """One version as JSON-ready data; every key is always there (null when unknown)."""
-    tags = info.tags
-    return {
-        "version": info.version,
-        "champion": info.is_champion,
-        "status": _status(info, history),
-        "source": tags.get("source"),
-        "parent_version": _parent(info),
-        "examples": tags.get("examples"),
-        "epsilon": tags.get("epsilon"),
-        "delta": tags.get("delta"),
-        "gate": tags.get("gate"),
-        "created_at": info.created_at.isoformat(),
-        "run_id": info.run_id,
-        "tags": dict(sorted(tags.items())),
-        "params": dict(sorted(info.params.items())),
-        "metrics": {k: _finite(v) for k, v in sorted(info.metrics.items())},
-    }
+    from flywheel.review import version_doc
+
+    return version_doc(info, history)
 
 
 def _lineage(version: str, by_version: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The version, its parent, the parent's parent, ... down to a version without one.
+    """The version, its parent, ... down to a version without one (see `review.lineage`)."""
+    from flywheel.review import lineage
 
-    A parent that is not in the registry (deleted) ends the chain as `missing: true`;
-    a loop in the tags ends it too, rather than hanging.
-    """
-    chain: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    current: str | None = version
-    while current is not None and current not in seen:
-        seen.add(current)
-        doc = by_version.get(current)
-        if doc is None:
-            chain.append({k: None for k in _LINEAGE_KEYS} | {
-                "version": current, "champion": False, "status": "not in the registry",
-                "missing": True})
-            break
-        chain.append({k: doc[k] for k in _LINEAGE_KEYS} | {"missing": False})
-        current = doc["parent_version"]
-    return chain
+    return lineage(version, by_version)
 
 
 def _key_metrics(metrics: dict[str, float | None]) -> list[float | None]:
@@ -446,3 +384,207 @@ def _announce(settings: Settings, event: ModelEvent) -> None:
     else:
         typer.echo(f"could not announce on {settings.topic_model_events} (see the warning "
                    f"above): {polling}")
+
+
+# --- review: diff, card, pending, approve, reject ----------------------------------------------
+
+
+def _signed(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None else f"{b - a:+.3f}"
+
+
+def _print_diff(doc: dict[str, Any], console: Console) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    a, b = doc["a"], doc["b"]
+    va, vb = f"v{a['version']}", f"v{b['version']}"
+    console.print(Text(f"{doc['model_name']}: {va} → {vb}", style="bold"))
+    facts = Table(box=box.SIMPLE_HEAD, collapse_padding=True, show_header=True)
+    facts.add_column("")
+    facts.add_column(va, overflow="fold")
+    facts.add_column(vb, overflow="fold")
+
+    def data(side: dict[str, Any]) -> str:
+        d = side["data"]
+        if d["range"] is None:
+            return "—"
+        return (f"ids {d['range'][0]}..{d['range'][1]}: {d['total']} examples, "
+                f"{d['counterexamples']} counterexamples" if d["total"] is not None
+                else f"ids {d['range'][0]}..{d['range'][1]} (store not available)")
+
+    def review(side: dict[str, Any]) -> str:
+        r = side["review"]
+        return f"{r['state']} by {r['by']}: {r['reason']}" if r["by"] else (r["state"] or "—")
+
+    rows = [
+        ("status", lambda s: _short_status(s) or "candidate"),
+        ("source", lambda s: s["source"] or "—"),
+        ("parent", lambda s: f"v{s['parent_version']}" if s["parent_version"] else "—"),
+        ("examples", lambda s: s["examples"] or "—"),
+        ("training data", data),
+        ("ε / δ", lambda s: f"{s['epsilon'] or '—'} / {s['delta'] or '—'}"),
+        ("gate", lambda s: s["gate"] or "—"),
+        ("review", review),
+    ]
+    for label, get in rows:
+        facts.add_row(Text(label, style="bold"), Text(get(a)), Text(get(b)))
+    console.print(facts)
+
+    for name, h in doc["holdouts"].items():
+        if not h["available"]:
+            console.print(Text(f"\n{name} holdout: not available ({h['about']})"))
+            continue
+        console.print(Text(f"\n{name} holdout: {h['about']}", style="bold"))
+        table = Table(box=box.SIMPLE_HEAD, collapse_padding=True)
+        for col in ("", va, vb, "change"):
+            table.add_column(col, justify="left" if col == "" else "right")
+        for metric in ("accuracy", "log_loss"):
+            x, y = h["a"][metric], h["b"][metric]
+            table.add_row(metric.replace("_", "-"), _number(x), _number(y), _signed(x, y))
+        console.print(table)
+        for side, v in ((h["a"], va), (h["b"], vb)):
+            if side.get("note"):
+                console.print(Text(f"  {v}: {side['note']}"))
+        dis = h["disagreement"]
+        if dis is None or not dis["n"]:
+            continue
+        console.print(Text(
+            f"  disagree on {dis['share']:.1%} of {dis['n']} inputs: {dis['fixed']} fixed "
+            f"(wrong in {va}, right in {vb}), {dis['broken']} broken"))
+        if dis["changed_confusions"]:
+            console.print(Text("  confusions that changed (predicted→actual: "
+                               f"{va} → {vb}): " + ", ".join(
+                                   f"{c['predicted']}→{c['actual']} {c['a']}→{c['b']}"
+                                   for c in dis["changed_confusions"])))
+    p = doc["parameters"]
+    if p["comparable"]:
+        rel = f" ({p['relative']:.1%} of {va}'s norm)" if p["relative"] is not None else ""
+        moved = ", ".join(f"{t['tensor']} {t['l2']:.3g}" for t in p["tensors"][:3] if t["l2"])
+        console.print(Text(f"\nparameters: L2 distance {p['l2']:.4g}{rel}"
+                           + (f"; moved most: {moved}" if moved else "")))
+    else:
+        console.print(Text(f"\nparameters: not comparable ({p['reason']})"))
+    if doc["store"]:
+        console.print(Text(f"note: {doc['store']}"))
+
+
+@models_app.command()
+def diff(
+    a: str = typer.Argument(..., callback=_version_arg, metavar="A", help="Version (3 or v3)."),
+    b: str = typer.Argument(..., callback=_version_arg, metavar="B", help="Version (3 or v3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
+) -> None:
+    """Compare two versions: both holdouts, where they disagree, gate, ε/δ, data, weights."""
+    from flywheel import review
+
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        doc = review.diff(settings, a, b, registry=_open(settings))
+    if as_json:
+        _json_out(doc)
+    else:
+        _print_diff(doc, _console())
+
+
+@models_app.command()
+def card(
+    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
+                                  help="Version number (3 or v3)."),
+    out: str | None = typer.Option(None, "--out", "-o", metavar="DIR",
+                                   help="Folder for the card; default FLYWHEEL_HOME/cards/vN."),
+    hours: float = typer.Option(24.0 * 365, min=0.01,
+                                help="Window of the feedback error reports it summarizes."),
+) -> None:
+    """Write a model card (markdown + plots): lineage, data, gates, privacy, error types."""
+    from pathlib import Path
+
+    from flywheel import review
+
+    settings = settings_or_exit()
+    folder = Path(out) if out else settings.home_dir / "cards" / f"v{version}"
+    with _registry_errors(settings):
+        written = review.card(settings, version, folder, registry=_open(settings), hours=hours)
+    typer.echo(f"wrote {written.markdown}")
+    for plot in written.plots:
+        typer.echo(f"wrote {plot}")
+
+
+@models_app.command()
+def pending(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (a list) and nothing else."),
+) -> None:
+    """Candidates that passed their gate and wait for a reviewer (auto-promotion off)."""
+    from flywheel import review
+
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        registry = _open(settings)
+        docs = [_as_dict(registry.info(d["version"], with_run=True),
+                         set(registry.champion_history()))
+                for d in review.pending(registry)]
+        champion = registry.champion_version()
+    if as_json:
+        _json_out(docs)
+        return
+    console = _console()
+    if not docs:
+        hint = ("" if not settings.auto_promote else
+                " (FLYWHEEL_AUTO_PROMOTE is on: the learner promotes passed candidates itself)")
+        typer.echo(f"no candidates of {registry.name!r} wait for review{hint}")
+        return
+    _print_versions(docs, f"{registry.name}: {len(docs)} pending review, oldest first; "
+                          f"champion {'v' + champion if champion else 'none'}", console)
+    typer.echo("decide: flywheel models approve VERSION --reason TEXT | "
+               "reject VERSION --reason TEXT")
+
+
+def _by_arg(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("--by must not be empty")
+    return value.strip() if value else None
+
+
+@models_app.command()
+def approve(
+    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
+                                  help="Version number (3 or v3)."),
+    reason: str = typer.Option(..., "--reason", "-r", callback=_reason_arg,
+                               help="Why: recorded on the version and in the model event."),
+    by: str | None = typer.Option(None, "--by", callback=_by_arg,
+                                  help="Who decides; default: your user name."),
+) -> None:
+    """Approve a pending candidate: it becomes the champion (announced) and the review is
+    recorded as tags review=approved, review_by, review_reason, review_at."""
+    from flywheel import review
+
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        event = review.approve(settings, version, reason=reason, actor=by,
+                               registry=_open(settings), notify=False)
+    was = f"v{event.previous_version}" if event.previous_version else "no champion"
+    typer.echo(f"approved {event.model_name} v{event.version}: now champion (was {was}); "
+               f"by {event.actor}: {reason}")
+    _announce(settings, event)
+
+
+@models_app.command()
+def reject(
+    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
+                                  help="Version number (3 or v3)."),
+    reason: str = typer.Option(..., "--reason", "-r", callback=_reason_arg,
+                               help="Why: recorded on the version."),
+    by: str | None = typer.Option(None, "--by", callback=_by_arg,
+                                  help="Who decides; default: your user name."),
+) -> None:
+    """Reject a pending candidate; the champion stays. Recorded as tags review=rejected, ..."""
+    from flywheel import review
+
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        registry = _open(settings)
+        tags = review.reject(settings, version, reason=reason, actor=by, registry=registry)
+        champion = registry.champion_version()
+    typer.echo(f"rejected {registry.name} v{version}; champion stays "
+               f"{'v' + champion if champion else 'none'}; by {tags['review_by']}: {reason}")

@@ -39,7 +39,7 @@ def add_examples(url: str, n: int, start: int, split: str = "train") -> None:
     with session_factory(engine).begin() as session:
         insert_ignoring_duplicates(session, Example, [
             {"dedup_key": f"t:{start + i}", "origin": "correction", "features": row.tolist(),
-             "label": label, "weight": 1.0, "split": split, "source": "test",
+             "label": label, "weight": 1.0, "split": split, "source": f"user-{start + i}",
              "parent_prediction_id": f"p{start + i}", "error_type": "confident"}
             for i, (row, label) in enumerate(zip(x, labels, strict=True))])
     engine.dispose()

@@ -34,7 +34,7 @@ from flywheel.feedback.store import (
 pytestmark = pytest.mark.integration
 
 TABLES = {"predictions", "corrections", "examples", "learner_state", "reference_stats",
-          "error_counts"}
+          "error_counts", "privacy_ledger", "privacy_source_spend"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

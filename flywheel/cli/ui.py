@@ -1,0 +1,47 @@
+"""`flywheel ui`: the MLflow UI on the registry Flywheel uses, next to the review page."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from urllib.parse import urlsplit
+
+import typer
+
+from flywheel.cli import app, settings_or_exit
+
+
+def mlflow_ui_command(uri: str, artifacts: str, host: str, port: int) -> list[str]:
+    """`mlflow ui` on the same backend store (run with this interpreter's MLflow)."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+            "--artifacts-destination", artifacts, "--host", host, "--port", str(port)]
+
+
+def _run(command: list[str]) -> int:
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, min=1, max=65535, help="Port of the MLflow UI."),
+    host: str = typer.Option("127.0.0.1", help="Interface the MLflow UI binds."),
+) -> None:
+    """Open the MLflow UI on Flywheel's registry and print the URL of the review page (/ui)."""
+    from flywheel.cli.models import _shown_uri
+
+    settings = settings_or_exit()
+    uri = settings.resolved_mlflow_uri
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    typer.echo(f"review page: http://{shown_host}:{settings.port}/ui/ (served by "
+               "`flywheel serve`; approve/reject/rollback need FLYWHEEL_ADMIN_TOKEN)")
+    if urlsplit(uri).scheme in ("http", "https"):
+        # a tracking server is its own UI: nothing to start
+        typer.echo(f"MLflow UI: {_shown_uri(uri)} (the tracking server in "
+                   "FLYWHEEL_MLFLOW_TRACKING_URI)")
+        return
+    typer.echo(f"MLflow UI: http://{host}:{port}/ on {_shown_uri(uri)} (Ctrl-C stops it)")
+    raise typer.Exit(_run(mlflow_ui_command(uri, settings.mlflow_artifacts_dir.as_uri(), host,
+                                            port)))

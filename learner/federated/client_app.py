@@ -1,0 +1,194 @@
+"""The customer side: a Flower ClientApp that trains on the site's own store.
+
+Each `train` message carries the global model; the site reads its newest trainable
+examples from its own training store (`FLYWHEEL_DATABASE_URL` of the site's process),
+checks its own privacy budget (per source, in its own ledger, lineage
+`<model>:federated`), takes DP-SGD steps from `flywheel.privacy`, clips the model update to
+the server's bound and replies with the new weights and aggregate numbers only. Rows,
+labels, example ids and source ids never leave the process: the reply is built from a
+`LocalResult`, which holds none, and `records.outbound_guard` checks every reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from flywheel.learner.federated.local import SiteData, read_site_data, train_locally
+from flywheel.learner.federated.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    SPEC_KEY,
+    WEIGHT_KEY,
+    from_record,
+    metric_record,
+    outbound_guard,
+    to_record,
+)
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+KEY_CLIPPING_NORM = "clipping_norm"  # what Flower's client-side clipping wrapper sets
+
+
+class SiteBudgetRefused(RuntimeError):
+    """This site's privacy budget does not allow it to train this round."""
+
+
+@dataclass
+class Site:
+    """One customer site: its settings (store, privacy budget) and its ledger."""
+
+    settings: Settings
+
+    @cached_property
+    def engine(self):  # noqa: ANN201  (sqlalchemy Engine)
+        from flywheel.feedback import open_store
+
+        return open_store(self.settings.resolved_database_url)
+
+    _mechanisms: dict = field(default_factory=dict)
+
+    def mechanism(self, dp, steps: int):  # noqa: ANN001, ANN201
+        """This site's DP-SGD mechanism for `steps` steps (σ calibrated once, then cached)."""
+        key = (dp, steps)
+        if key not in self._mechanisms:
+            self._mechanisms[key] = dp.mechanism(steps)
+        return self._mechanisms[key]
+
+    def prewarm(self, steps: int | None = None) -> None:
+        """Compute the accounting the next round needs (σ, and ε after one more round for
+        each distinct history): `flywheel.privacy` caches both, so the round does not wait
+        for them. Called when the site starts and after each round, off the round's path."""
+        from flywheel.privacy import DPConfig, PrivacyLedger, epsilon
+
+        if not self.settings.privacy_enabled:
+            return
+        dp = DPConfig.from_settings(self.settings)
+        mech = self.mechanism(dp, steps or self.settings.fed_local_steps)
+        ledger = PrivacyLedger(self.engine)
+        entries = ledger.entries(self.lineage)
+        if not entries:
+            epsilon([mech], dp.delta, dp.accountant)
+            return
+        last = entries[-1]
+        epsilon([*[e.mechanism for e in entries if e.update_no <= last.update_no], mech],
+                dp.delta, dp.accountant)
+
+    @property
+    def lineage(self) -> str:
+        return f"{self.settings.model_name}:federated"
+
+    def train(self, content: RecordDict) -> tuple[dict, dict[str, float]]:
+        """One round on this site's data: (new state, aggregate metrics)."""
+        from flywheel.modelspec import build_module, parse_spec
+        from flywheel.privacy import BudgetRefused, DPConfig, PrivacyLedger, plan_update
+
+        started = time.perf_counter()
+        config: ConfigRecord = content.config_records[CONFIG]
+        spec = parse_spec(json.loads(str(config[SPEC_KEY])))
+        module = build_module(spec)
+        module.load_state_dict(from_record(content.array_records[ARRAYS]))
+        labels = spec.label_index()
+        s = self.settings
+        steps = int(config.get("local-steps", s.fed_local_steps))
+        lr = float(config.get("local-lr", s.fed_local_lr))
+        clip = float(config.get("clip", s.fed_clip_norm))
+        if KEY_CLIPPING_NORM in config:
+            clip = min(clip, float(config[KEY_CLIPPING_NORM]))
+        seed = int(config.get("seed", 0)) * 1_000_003 + int(config.get("server-round", 0))
+        dp = DPConfig.from_settings(s) if s.privacy_enabled else None
+        data = read_site_data(self.engine, labels, limit=s.fed_local_max_examples,
+                              max_per_source=dp.max_per_source if dp else None)
+        if len(data) == 0:
+            raise SiteBudgetRefused("no trainable examples in this site's store")
+        mechanism, eps, delta = None, 0.0, 0.0
+        if dp is not None:
+            mechanism = self.mechanism(dp, steps)
+            ledger = PrivacyLedger(self.engine)
+            counts = {c: int(n) for c, n in zip(
+                data.contributors, np.bincount(data.sources, minlength=len(data.contributors)),
+                strict=True)}
+            try:
+                plan = plan_update(ledger, self.lineage, counts, mechanism, budget=dp.epsilon,
+                                   delta=dp.delta, accountant=dp.accountant)
+            except BudgetRefused as exc:
+                raise SiteBudgetRefused(str(exc)) from None
+            data = _only(data, set(plan.allowed))
+            update = max((e.update_no for e in ledger.entries(self.lineage)), default=0) + 1
+            ledger.record(
+                {"lineage": self.lineage, "update_no": update, "accountant": dp.accountant,
+                 "engine": dp.engine, "sample_rate": mechanism.sample_rate,
+                 "noise_multiplier": mechanism.noise_multiplier,
+                 "max_grad_norm": dp.max_grad_norm, "steps": mechanism.steps,
+                 "delta": dp.delta, "epsilon_update": plan.epsilon_update,
+                 "epsilon_lineage": plan.epsilon_lineage, "sources": len(plan.allowed),
+                 "examples": len(data), "public_examples": 0, "capped_examples": 0,
+                 "excluded_examples": sum(counts[c] for c in plan.excluded)},
+                {c: (counts[c], e) for c, e in plan.allowed.items()})
+            eps, delta = plan.epsilon_lineage, dp.delta
+        public = None
+        if "public-x" in config:
+            px = np.frombuffer(bytes(config["public-x"]), np.float32).reshape(-1, spec.input_dim)
+            public = (px.copy(), np.frombuffer(bytes(config["public-y"]), np.int64).copy())
+        result = train_locally(module, data, steps=steps, lr=lr, clip=clip,
+                               mechanism=mechanism, public=public,
+                               max_grad_norm=dp.max_grad_norm if dp else 1.0, seed=seed,
+                               engine=dp.engine if dp else "auto")
+        metrics = {"num-examples": result.examples, WEIGHT_KEY: 1.0,
+                   "sources": result.sources, "train-loss": result.loss,
+                   "train-accuracy": result.accuracy,
+                   "train-seconds": time.perf_counter() - started,
+                   "local-epsilon": eps, "local-delta": delta,
+                   "dp": float(dp is not None), "clipped": float(result.clipped)}
+        log.info("round %s: %d examples from %d sources, loss %.3f, local ε %.3f",
+                 config.get("server-round"), result.examples, result.sources, result.loss, eps)
+        return result.state, metrics
+
+
+def _only(data: SiteData, allowed: set[str]) -> SiteData:
+    keep = np.asarray([data.contributors[s] in allowed for s in data.sources], bool)
+    return SiteData(data.x[keep], data.y[keep], data.w[keep], data.sources[keep],
+                    data.contributors)
+
+
+_site: Site | None = None
+_lock = threading.Lock()
+_in_process: dict[int, Site] = {}  # node id -> site, for InProcessGrid (tests, benchmarks)
+
+
+def current_site() -> Site:
+    """The site of this process, from its FLYWHEEL_* environment (loaded once)."""
+    global _site
+    with _lock:
+        if _site is None:
+            from flywheel.settings import load_settings, prepare_home
+
+            settings = load_settings()
+            prepare_home(settings)
+            _site = Site(settings)
+        return _site
+
+
+def reply_for(message: Message, site: Site) -> Message:
+    state, metrics = site.train(message.content)
+    return Message(RecordDict({ARRAYS: to_record(state), METRICS: metric_record(metrics)}),
+                   reply_to=message)
+
+
+app = ClientApp(mods=[outbound_guard])
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train on this site's data; reply with the clipped update and aggregate metrics."""
+    return reply_for(message, _in_process.get(context.node_id) or current_site())

@@ -1,0 +1,102 @@
+"""What travels in a federated round, and the guard that checks what leaves a site.
+
+Server → site (`train`): `arrays` (the global model's state), `config` (round, model spec,
+local steps and rate, update clip norm, seed). Site → server: `arrays` (the new state,
+its update clipped) and `metrics` (the aggregate numbers in `REPLY_METRICS`). Nothing else
+may leave a site: `outbound_guard` (a Flower client mod) replaces any other reply with an
+error before it is sent, and with `FLYWHEEL_FED_AUDIT_DIR` writes each outgoing message
+(serialized exactly as sent) to that folder, so a site can see what it shared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
+
+log = logging.getLogger(__name__)
+
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+SPEC_KEY = "model-spec"
+WEIGHT_KEY = "dp-weight"  # every site weighs 1: the DP wrappers' sensitivity assumes it
+# counts, loss, accuracy, time and the site's own ε: aggregates, never rows
+REPLY_METRICS = frozenset({
+    "num-examples", WEIGHT_KEY, "sources", "train-loss", "train-accuracy", "train-seconds",
+    "local-epsilon", "local-delta", "dp", "clipped",
+})
+GUARD_ERROR_CODE = 9001
+AUDIT_ENV = "FLYWHEEL_FED_AUDIT_DIR"
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v, copy=True))
+            for k, v in zip(record.keys(), record.to_numpy_ndarrays(), strict=True)}
+
+
+def check_reply(reply: Message, sent_shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why `reply` may not leave the site, or None: one ArrayRecord with exactly the
+    model's arrays (names and shapes of what the server sent), one MetricRecord with only
+    the allowed scalar metrics, and nothing else."""
+    if reply.has_error():
+        return None  # an error carries a reason string and no content
+    content = reply.content
+    if set(content.keys()) != {ARRAYS, METRICS}:
+        return f"records {sorted(content.keys())}, expected {[ARRAYS, METRICS]}"
+    arrays = content.array_records.get(ARRAYS)
+    metrics = content.metric_records.get(METRICS)
+    if arrays is None or metrics is None:
+        return "expected an ArrayRecord 'arrays' and a MetricRecord 'metrics'"
+    shapes = {k: tuple(a.shape) for k, a in arrays.items()}
+    if shapes != dict(sent_shapes):
+        return "arrays differ from the model the server sent (names or shapes)"
+    extra = set(metrics.keys()) - REPLY_METRICS
+    if extra:
+        return f"metrics not allowed to leave a site: {sorted(extra)}"
+    if any(not isinstance(v, int | float) for v in metrics.values()):
+        return "metrics must be scalars"
+    return None
+
+
+def _audit(directory: Path, reply: Message, context: Context, verdict: str | None) -> None:
+    from flwr.common.serde import recorddict_to_proto
+
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.time_ns()}-node{context.node_id}-{reply.metadata.message_type}"
+    body = b"" if reply.has_error() else recorddict_to_proto(reply.content).SerializeToString()
+    (directory / f"{stem}.bin").write_bytes(body)
+    (directory / f"{stem}.json").write_text(json.dumps({
+        "node_id": context.node_id, "run_id": reply.metadata.run_id,
+        "message_type": reply.metadata.message_type, "error": reply.has_error(),
+        "blocked": verdict, "bytes": len(body)}))
+
+
+def outbound_guard(message: Message, context: Context,
+                   call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower client mod: check, audit and (if it carries anything else) block a reply."""
+    sent = message.content.array_records.get(ARRAYS) if not message.has_error() else None
+    shapes = {k: tuple(a.shape) for k, a in sent.items()} if sent is not None else {}
+    reply = call_next(message, context)
+    verdict = check_reply(reply, shapes)
+    if verdict is not None:
+        log.error("blocked a reply that would have left this site: %s", verdict)
+        reply = Message(Error(code=GUARD_ERROR_CODE, reason=f"blocked by site: {verdict}"),
+                        reply_to=message)
+    audit = os.environ.get(AUDIT_ENV)
+    if audit:
+        _audit(Path(audit), reply, context, verdict)
+    return reply
+
+
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in values.items()})

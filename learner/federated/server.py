@@ -1,0 +1,391 @@
+"""The platform side of a federated run, independent of how the Grid reaches the sites.
+
+`FederatedRun.run(grid)` is what the ServerApp calls; tests and benchmarks call it with
+the real Grid (through Flower's processes) or with `InProcessGrid`. Per round:
+
+1. start from the current champion: if the `champion` alias moved since the last round
+   (the online learner, an operator, a rollback), continue from it instead;
+2. wait for sites, sample K of them, check the client-level budget (ledger, lineage
+   `<model>:federated`, sources `node:<id>`) and send only to sites that can afford it;
+3. collect replies (short polling, see `FastGrid`), write the round's client-level ε to
+   the ledger *before* the aggregate is released, aggregate with the DP-wrapped strategy;
+4. evaluate the aggregate on the platform's holdouts.
+
+After the last round the model goes through the learner's gate (recent = the platform
+store's recent holdout, else `FLYWHEEL_FED_HOLDOUT`; trusted = the seed holdout), is
+registered with `source=federated`, ε and δ tags, and promoted (hot swap) if it passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from flywheel.learner.federated.records import from_record, to_record
+from flywheel.learner.federated.strategy import STRATEGIES, build_strategy, client_mechanism
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+ACTOR = "flywheel-federated"
+STRATEGY_CHOICES = STRATEGIES
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One run's choices; defaults come from the FLYWHEEL_FED_* settings."""
+
+    rounds: int
+    clients: int
+    min_clients: int
+    strategy: str
+    clipping: str
+    noise_multiplier: float
+    clip: float
+    trim_beta: float
+    local_steps: int
+    local_lr: float
+    public_replay: int = 0
+    publish: bool = True
+    report: str = ""
+    seed: int = 0
+    # experiments only: seed the central DP noise (Flower draws it from numpy's global RNG)
+    # so two runs differ only in what is compared. Predictable noise protects nothing.
+    noise_seed: int = -1
+
+    @classmethod
+    def from_settings(cls, s: Settings, **overrides: object) -> RunOptions:
+        base = cls(rounds=s.fed_rounds, clients=s.fed_clients, min_clients=s.fed_min_clients,
+                   strategy=s.fed_strategy, clipping=s.fed_dp_clipping,
+                   noise_multiplier=s.fed_noise_multiplier, clip=s.fed_clip_norm,
+                   trim_beta=s.fed_trim_beta, local_steps=s.fed_local_steps,
+                   local_lr=s.fed_local_lr, public_replay=s.fed_public_replay, seed=s.seed)
+        values = asdict(base)
+        for k, v in overrides.items():
+            if k in values:
+                values[k] = _coerce(v, type(values[k]))
+        return cls(**values)
+
+    def run_config(self) -> dict[str, object]:
+        """As Flower run config (`flwr run --run-config`)."""
+        return asdict(self)
+
+
+def _coerce(value: object, kind: type) -> object:
+    if kind is bool and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return kind(value)  # type: ignore[call-arg]
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sites: list[int]
+    replied: int
+    examples: int
+    recent_accuracy: float
+    trusted_accuracy: float
+    train_loss: float
+    epsilon_round: float
+    epsilon_cumulative: float
+    wall_s: float
+    client_compute_s: float
+    overhead_s: float
+    base_version: str
+
+
+@dataclass
+class RunSummary:
+    strategy: str
+    clipping: str
+    noise_multiplier: float
+    clip: float
+    rounds: list[RoundRecord] = field(default_factory=list)
+    start_version: str = ""
+    version: str | None = None
+    promoted: bool = False
+    gate: str = ""
+    epsilon: float = 0.0
+    delta: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+    @property
+    def overhead_per_round(self) -> float:
+        done = [r.overhead_s for r in self.rounds]
+        return float(np.mean(done)) if done else math.nan
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["overhead_per_round_s"] = self.overhead_per_round
+        out["final_recent_accuracy"] = self.rounds[-1].recent_accuracy if self.rounds else None
+        return out
+
+
+class FastGrid(Grid):
+    """A Grid that polls for replies every `poll_s` (Flower's HTTP grid sleeps 3 s) and
+    offers strategies only `nodes`, so they sample exactly the sites we chose."""
+
+    def __init__(self, grid: Grid, poll_s: float, nodes: Iterable[int] | None = None) -> None:
+        self.grid, self.poll_s = grid, poll_s
+        self.nodes = None if nodes is None else list(nodes)
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes) if self.nodes is not None else list(self.grid.get_node_ids())
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+        out: list[Message] = []
+        while pending and time.monotonic() < deadline:
+            got = list(self.pull_messages(pending))
+            out.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(self.poll_s)
+        return out
+
+
+def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(path, allow_pickle=False)
+    index = {n: i for i, n in enumerate(labels)}
+    names = [str(n) for n in data["labels"]]
+    keep = [i for i, n in enumerate(names) if n in index]
+    return (np.asarray(data["x"], np.float32)[keep],
+            np.asarray([index[names[i]] for i in keep], np.int64))
+
+
+class FederatedRun:
+    """One federated run of `options.rounds` rounds against whatever `grid` reaches."""
+
+    def __init__(self, settings: Settings, options: RunOptions, *, registry=None) -> None:  # noqa: ANN001
+        from flywheel.feedback import open_store
+        from flywheel.privacy import PrivacyLedger
+        from flywheel.registry import Registry
+
+        self.settings, self.options = settings, options
+        self.registry = registry or Registry(settings)
+        self.engine = open_store(settings.resolved_database_url)
+        self.ledger = PrivacyLedger(self.engine)
+        self.lineage = f"{settings.model_name}:federated"
+        self.rng = random.Random(options.seed)
+
+    # ---- holdouts -----------------------------------------------------------------------
+    def holdouts(self, labels: list[str]):  # noqa: ANN201
+        from flywheel.learner.example_source import ExampleSource, as_arrays
+        from flywheel.learner.gate import Holdout
+        from flywheel.learner.seed_model import seed_data
+
+        s = self.settings
+        _, _, x_ho, y_ho = seed_data(s)
+        trusted = Holdout(x_ho, y_ho)
+        rows = ExampleSource(self.engine).recent_holdout(s.gate_recent_holdout)
+        index = {n: i for i, n in enumerate(labels)}
+        recent = Holdout(*as_arrays(rows, index)[:2])
+        if len(recent) < s.gate_min_holdout and s.fed_holdout is not None:
+            recent = Holdout(*load_holdout_file(s.fed_holdout, labels))
+        return trusted, recent
+
+    # ---- rounds -------------------------------------------------------------------------
+    def _wait_for_sites(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.settings.fed_round_timeout_s
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.options.min_clients:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} sites connected within "
+                                   f"{self.settings.fed_round_timeout_s:g} s "
+                                   f"(need {self.options.min_clients})")
+            time.sleep(self.settings.fed_poll_s)
+
+    def run(self, grid: Grid) -> RunSummary:
+        from flywheel.learner.gate import accuracy, evaluate_gate
+        from flywheel.learner.seed_model import ensure_champion, seed_data
+        from flywheel.privacy import BudgetRefused, epsilon, plan_update
+
+        s, o = self.settings, self.options
+        started = time.perf_counter()
+        champion = ensure_champion(s, self.registry)
+        loaded = self.registry.load(champion)
+        spec, module = loaded.spec, loaded.module
+        buffers = {k for k in module.state_dict() if k not in dict(module.named_parameters())}
+        trusted, recent = self.holdouts(list(spec.labels))
+        public_x, public_y, _, _ = seed_data(s)
+        summary = RunSummary(o.strategy, o.clipping, o.noise_multiplier, o.clip,
+                             start_version=champion, delta=s.privacy_delta)
+        base, seen = champion, champion
+        updates: list[int] = []
+        for rnd in range(1, o.rounds + 1):
+            now = self.registry.champion_version()
+            if now is not None and now != seen:
+                log.info("round %d starts from champion v%s (moved from v%s)", rnd, now, seen)
+                module, base, seen = self.registry.load(now).module, now, now
+            nodes = self._wait_for_sites(grid)
+            sampled = sorted(self.rng.sample(nodes, min(o.clients, len(nodes))))
+            mech = client_mechanism(o.strategy, o.noise_multiplier, len(sampled))
+            try:
+                plan = plan_update(self.ledger, self.lineage,
+                                   {f"node:{n}": 1 for n in sampled}, mech,
+                                   budget=s.fed_client_epsilon or math.inf,
+                                   delta=s.privacy_delta, accountant=s.privacy_accountant)
+            except BudgetRefused as exc:
+                log.error("round %d refused: %s", rnd, exc)
+                break
+            allowed = [n for n in sampled if f"node:{n}" in plan.allowed]
+            strategy = build_strategy(o.strategy, sites=len(allowed), clip=o.clip,
+                                      noise_multiplier=o.noise_multiplier,
+                                      clipping=o.clipping, trim_beta=o.trim_beta)
+            config = ConfigRecord({"server-round": rnd, "model-spec": spec.model_dump_json(),
+                                   "local-steps": o.local_steps, "local-lr": o.local_lr,
+                                   "clip": o.clip, "seed": o.seed})
+            if o.public_replay:  # the platform's own seed rows: public, sent to the sites
+                pick = np.random.default_rng(o.seed * 7919 + rnd).choice(
+                    len(public_y), size=min(o.public_replay, len(public_y)), replace=False)
+                config["public-x"] = public_x[pick].astype(np.float32).tobytes()
+                config["public-y"] = public_y[pick].astype(np.int64).tobytes()
+            fast = FastGrid(grid, s.fed_poll_s, allowed)
+            t0 = time.perf_counter()
+            messages = list(strategy.configure_train(rnd, to_record(module.state_dict()),
+                                                     config, fast))
+            replies = list(fast.send_and_receive(messages, timeout=s.fed_round_timeout_s))
+            ok = [m for m in replies if not m.has_error()]
+            for m in replies:
+                if m.has_error():
+                    log.warning("site %s: %s", m.metadata.src_node_id, m.error.reason)
+            if not ok:
+                log.error("round %d: no site replied", rnd)
+                continue
+            # the ledger entry goes in before the aggregate exists (over-count, never under)
+            spent = client_mechanism(o.strategy, o.noise_multiplier * len(ok) / len(allowed),
+                                     len(ok))
+            histories = self.ledger.histories(self.lineage,
+                                              [f"node:{m.metadata.src_node_id}" for m in ok])
+            spends = {}
+            for m in ok:
+                src = f"node:{m.metadata.src_node_id}"
+                n = int(m.content.metric_records["metrics"].get("num-examples", 0))
+                spends[src] = (n, epsilon([*histories.get(src, []), spent], s.privacy_delta,
+                                          s.privacy_accountant))
+            eps_round = epsilon([spent], s.privacy_delta, s.privacy_accountant)
+            eps_lineage = max(self.ledger.lineage_epsilon(self.lineage),
+                              max(e for _, e in spends.values()))
+            update_no = max((e.update_no for e in self.ledger.entries(self.lineage)),
+                            default=0) + 1
+            self.ledger.record(
+                {"lineage": self.lineage, "update_no": update_no,
+                 "accountant": s.privacy_accountant, "engine": f"flower-{o.clipping}-clipping",
+                 "sample_rate": spent.sample_rate, "noise_multiplier": spent.noise_multiplier,
+                 "max_grad_norm": o.clip, "steps": spent.steps, "delta": s.privacy_delta,
+                 "epsilon_update": eps_round, "epsilon_lineage": eps_lineage,
+                 "sources": len(ok), "examples": sum(n for n, _ in spends.values()),
+                 "public_examples": 0, "capped_examples": 0, "excluded_examples": 0},
+                spends)
+            updates.append(update_no)
+            if o.noise_seed >= 0:
+                log.warning("central DP noise seeded (noise_seed=%d): experiments only",
+                            o.noise_seed)
+                np.random.seed(o.noise_seed * 10_007 + rnd)
+            arrays, metrics = strategy.aggregate_train(rnd, replies)
+            if arrays is None:
+                log.error("round %d: aggregation failed", rnd)
+                continue
+            new = from_record(arrays)
+            current = module.state_dict()
+            for k in buffers:  # fixed feature scaling: public, never trained, never noised
+                new[k] = current[k]
+            module.load_state_dict({k: v.to(current[k].dtype) for k, v in new.items()})
+            wall = time.perf_counter() - t0
+            compute = max(float(m.content.metric_records["metrics"].get("train-seconds", 0.0))
+                          for m in ok)
+            record = RoundRecord(
+                rnd, [m.metadata.src_node_id for m in ok], len(ok),
+                sum(n for n, _ in spends.values()),
+                accuracy(module, recent) if len(recent) else math.nan,
+                accuracy(module, trusted),
+                float(metrics.get("train-loss", math.nan)) if metrics else math.nan,
+                eps_round, eps_lineage, wall, compute, wall - compute, base)
+            summary.rounds.append(record)
+            summary.epsilon = eps_lineage
+            log.info("round %d: %d sites, recent %.3f, trusted %.3f, ε round %.3g "
+                     "(lineage %.3g), %.2f s (%.2f s overhead)", rnd, len(ok),
+                     record.recent_accuracy, record.trusted_accuracy, eps_round, eps_lineage,
+                     wall, record.overhead_s)
+        if o.publish and summary.rounds:
+            self._publish(summary, spec, module, updates, trusted, recent, evaluate_gate)
+        summary.seconds = time.perf_counter() - started
+        if o.report:
+            Path(o.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(o.report).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+        return summary
+
+    def _publish(self, summary: RunSummary, spec, module, updates: list[int],  # noqa: ANN001
+                 trusted, recent, evaluate_gate) -> None:  # noqa: ANN001
+        from flywheel.promotion import promote
+
+        s, o = self.settings, self.options
+        champion = self.registry.champion_version()
+        assert champion is not None
+        gate = evaluate_gate(module, self.registry.load(champion).module, trusted=trusted,
+                             recent=recent, tolerance=s.gate_tolerance,
+                             min_recent=s.gate_min_holdout, serve_precision=s.serve_precision)
+        last = summary.rounds[-1]
+        sites = sorted({n for r in summary.rounds for n in r.sites})
+        tags = {"parent_version": summary.rounds[0].base_version, "source": "federated",
+                "examples": f"{sum(r.examples for r in summary.rounds)} site examples over "
+                            f"{len(summary.rounds)} rounds from {len(sites)} sites",
+                "epsilon": f"{summary.epsilon:.4f}", "delta": f"{s.privacy_delta:g}",
+                "gate": gate.summary(), "champion_at_gate": champion,
+                "fed_lineage": self.lineage, "fed_strategy": f"{o.strategy}+{o.clipping}-clip",
+                "fed_rounds": str(len(summary.rounds)),
+                "fed_sites": ",".join(str(n) for n in sites),
+                "fed_updates": ",".join(str(u) for u in updates)}
+        params = {"fed_strategy": o.strategy, "fed_dp_clipping": o.clipping,
+                  "fed_noise_multiplier": o.noise_multiplier, "fed_clip_norm": o.clip,
+                  "fed_local_steps": o.local_steps, "fed_local_lr": o.local_lr,
+                  "fed_rounds": len(summary.rounds), "fed_sites": len(sites)}
+        metrics = {**gate.metrics(), "epsilon_client_lineage": summary.epsilon,
+                   "epsilon_client_round": last.epsilon_round,
+                   "fed_recent_accuracy": last.recent_accuracy,
+                   "fed_trusted_accuracy": last.trusted_accuracy,
+                   "fed_overhead_per_round_s": summary.overhead_per_round}
+        version = self.registry.publish(spec, module, tags=tags, params=params,
+                                        metrics={k: v for k, v in metrics.items()
+                                                 if not math.isnan(v)})
+        for u in updates:
+            self.ledger.set_version(self.lineage, u, version)
+        summary.version, summary.gate = version, gate.summary()
+        if gate.passed and s.auto_promote:
+            promote(s, version, reason=f"gate {gate.summary()}", actor=ACTOR,
+                    registry=self.registry)
+            summary.promoted = True
+        elif gate.passed:
+            self.registry.set_tags(version, {"review": "pending"})
+        log.info("federated v%s from v%s: %s%s", version, summary.rounds[0].base_version,
+                 gate.summary(), " -> champion" if summary.promoted else "")

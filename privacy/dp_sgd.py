@@ -1,0 +1,164 @@
+"""One DP-SGD update: Poisson-sampled sources, per-example clipping, Gaussian noise.
+
+The privacy unit is the *source* (the client id on a correction; an example without one
+is its own source). Each step samples every source independently with probability q,
+clips each sampled example's gradient to C and scales it by 1/n (n = that source's
+examples in the update) times its weight (≤ 1), so one source moves the summed gradient
+by at most C; Gaussian noise of std σ·C is added to the sum. That is exactly the
+Poisson-subsampled Gaussian mechanism per source, which `accounting` composes.
+
+Public rows (the platform's own seed data, `public=True`) join every step unsampled and
+are not accounted: they carry no one's private data.
+
+Two engines compute the clipped sum: "opacus" takes per-example gradients from Opacus'
+`GradSampleModule` (hooks); "fused" uses `flywheel.kernels.clip_and_accumulate`, which
+never materialises them. Noise is always added here, by one code path, so no engine can
+train without it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+Engine = Literal["opacus", "fused", "auto"]
+
+
+@dataclass(frozen=True)
+class PrivateBatch:
+    """The examples one update may use. `sources` are small ints, one per distinct source."""
+
+    x: np.ndarray
+    y: np.ndarray
+    weight: np.ndarray
+    sources: np.ndarray  # int64, -1 for public rows
+    public: np.ndarray  # bool
+
+    def __post_init__(self) -> None:
+        n = len(self.y)
+        if not (len(self.x) == len(self.weight) == len(self.sources) == len(self.public) == n):
+            raise ValueError("x, y, weight, sources and public must have the same length")
+        if n and (self.weight.min() < 0 or self.weight.max() > 1):
+            raise ValueError("DP example weights must be in [0, 1]: a larger weight would let "
+                             "one example exceed the clip norm")
+
+    @property
+    def n_sources(self) -> int:
+        return int(len(np.unique(self.sources[~self.public])))
+
+
+@dataclass(frozen=True)
+class DPStepStats:
+    steps: int
+    sampled_sources: float  # mean per step
+    clipped_share: float  # share of private example gradients that were clipped
+    loss: float
+    engine: str
+
+
+def resolve_engine(engine: Engine, module: nn.Module) -> str:
+    """"auto" takes the fused kernel when it supports every layer, else Opacus."""
+    if engine != "auto":
+        return engine
+    try:
+        from flywheel.kernels import supports
+    except ImportError:
+        return "opacus"
+    return "fused" if supports(module) else "opacus"
+
+
+def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: PrivateBatch, *,
+              steps: int, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
+              generator: torch.Generator, engine: Engine = "auto") -> DPStepStats:
+    """`steps` DP-SGD steps on `batch`; the caller accounts (sample_rate, σ, steps)."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if noise_multiplier < 0 or max_grad_norm <= 0:
+        raise ValueError("noise_multiplier must be >= 0 and max_grad_norm > 0")
+    engine_name = resolve_engine(engine, module)
+    x = torch.from_numpy(np.asarray(batch.x, np.float32))
+    y = torch.from_numpy(np.asarray(batch.y, np.int64))
+    w = torch.from_numpy(np.asarray(batch.weight, np.float32))
+    public = torch.from_numpy(np.asarray(batch.public, bool))
+    src = torch.from_numpy(np.asarray(batch.sources, np.int64))
+    private_ids = torch.unique(src[~public])
+    # 1/n per source, so one source's clipped contribution sums to at most C
+    per_source = torch.zeros(int(src.max().item()) + 1 if len(src) else 0)
+    if len(private_ids):
+        per_source.index_add_(0, src[~public], torch.ones(int((~public).sum())))
+    scale = torch.where(public, w, w / per_source[src.clamp_min(0)].clamp_min(1))
+    expected = sample_rate * len(private_ids) + int(public.sum())
+    params = [p for p in module.parameters() if p.requires_grad]
+    module.train()
+    sampled_total, clipped, counted, loss_sum = 0, 0, 0, 0.0
+    for _ in range(steps):
+        chosen = private_ids[torch.rand(len(private_ids), generator=generator) < sample_rate]
+        take = public | torch.isin(src, chosen)
+        sampled_total += len(chosen)
+        rows = take.nonzero().squeeze(1)
+        if len(rows):
+            norms, loss = _clipped_sum(module, params, x[rows], y[rows], scale[rows],
+                                       max_grad_norm, engine_name)
+            private_rows = ~public[rows]
+            clipped += int((norms[private_rows] > max_grad_norm).sum())
+            counted += int(private_rows.sum())
+            loss_sum += loss
+        else:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        for p in params:  # noise is added on every step, sampled or not
+            if noise_multiplier > 0:
+                p.grad += torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape,
+                                       generator=generator)
+            p.grad /= max(expected, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    module.eval()
+    return DPStepStats(steps, sampled_total / steps, clipped / max(counted, 1),
+                       loss_sum / steps, engine_name)
+
+
+def _clipped_sum(module: nn.Module, params: list[nn.Parameter], x: torch.Tensor,
+                 y: torch.Tensor, scale: torch.Tensor, max_grad_norm: float,
+                 engine: str) -> tuple[torch.Tensor, float]:
+    """Σ_i scale_i · clip_C(∇ℓ_i) into p.grad; returns per-example norms and the mean loss."""
+    if engine == "fused":
+        from flywheel.kernels import clip_and_accumulate
+
+        norms, loss = clip_and_accumulate(module, x, y, max_grad_norm, weights=scale,
+                                          return_loss=True)
+        return norms, loss
+    if engine != "opacus":
+        raise ValueError(f"unknown DP engine {engine!r}; expected opacus, fused or auto")
+    return _opacus_clipped_sum(module, params, x, y, scale, max_grad_norm)
+
+
+def _opacus_clipped_sum(module: nn.Module, params: list[nn.Parameter], x: torch.Tensor,
+                        y: torch.Tensor, scale: torch.Tensor,
+                        max_grad_norm: float) -> tuple[torch.Tensor, float]:
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum")
+    try:
+        for p in params:
+            p.grad, p.grad_sample = None, None
+        losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
+        with warnings.catch_warnings():  # inputs need no grad: Opacus' hooks still fire right
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward()
+        grads = [p.grad_sample.reshape(len(y), -1) for p in params]
+        norms = torch.cat(grads, dim=1).norm(dim=1)
+        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
+        for p, g in zip(params, grads, strict=True):
+            p.grad = (factor @ g).reshape(p.shape)
+            p.grad_sample = None
+    finally:
+        gsm.remove_hooks()  # the module is ours again
+        for p in params:
+            p.grad_sample = None
+    return norms.detach(), float(losses.mean().detach())

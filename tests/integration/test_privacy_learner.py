@@ -1,0 +1,172 @@
+"""DP in the learner on a real store and MLflow: ledger, tags, refusal, per-source budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flywheel.feedback import Example, insert_ignoring_duplicates, make_engine, session_factory
+from flywheel.feedback import upgrade as upgrade_store
+from flywheel.learner import OnlineLearner, ensure_champion
+from flywheel.privacy import PrivacyLedger, epsilon
+from flywheel.privacy.metrics import REFUSALS
+from flywheel.registry import Registry
+from flywheel.settings import Settings
+from flywheel.streams import drift_concept
+
+pytestmark = pytest.mark.integration
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+def _settings(settings: Settings, url: str, **extra: object) -> Settings:
+    s = settings.model_copy(update={"database_url": url, "learn_batch": 50,
+                                    "learn_cursor_grace_s": 0.0, "gate_min_holdout": 5,
+                                    "privacy_enabled": True, **extra})
+    upgrade_store(url)
+    ensure_champion(s)
+    return s
+
+
+def add(url: str, n: int, start: int, *, split: str = "train",
+        source: str | None = None) -> None:
+    """n drift-concept examples; each from its own source unless `source` is given."""
+    x, labels = drift_concept(7).sample(n, sample_seed=start)
+    engine = make_engine(url)
+    with session_factory(engine).begin() as session:
+        insert_ignoring_duplicates(session, Example, [
+            {"dedup_key": f"t:{start + i}", "origin": "correction", "features": row.tolist(),
+             "label": label, "weight": 1.0, "split": split,
+             "source": source or f"user-{start + i}", "parent_prediction_id": f"p{start + i}",
+             "error_type": "confident"}
+            for i, (row, label) in enumerate(zip(x, labels, strict=True))])
+    engine.dispose()
+
+
+def _env(s: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update(FLYWHEEL_HOME=str(s.home), FLYWHEEL_DATABASE_URL=str(s.database_url),
+               FLYWHEEL_KAFKA_BOOTSTRAP=str(s.kafka_bootstrap))
+    return env
+
+
+def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db_url, tmp_path):
+    s = _settings(settings, db_url)
+    add(db_url, 30, 10_000, split="holdout")
+    add(db_url, 50, 0)
+    learner = OnlineLearner(s)
+    first = learner.step()
+    add(db_url, 40, 100)
+    add(db_url, 10, 200, source="heavy")  # one source with 10 examples in update 2
+    second = learner.step()
+    assert first is not None and second is not None
+    ledger = PrivacyLedger(make_engine(db_url))
+    entries = ledger.entries(learner.lineage)
+    assert [e.update_no for e in entries] == [1, 2]
+    registry = Registry(s)
+    for candidate, entry in zip((first, second), entries, strict=True):
+        tags = registry.info(candidate.version).tags
+        assert entry.version == candidate.version
+        assert tags["epsilon"] == f"{entry.epsilon_lineage:.4f}"
+        assert tags["delta"] == f"{s.privacy_delta:g}"
+        assert 0 < entry.epsilon_update <= s.privacy_epsilon
+        # what the ledger says one update costs is what the accountant computes for it
+        assert entry.epsilon_update == pytest.approx(
+            epsilon([entry.mechanism], entry.delta, entry.accountant), rel=1e-9)
+    assert entries[1].sources == 40 + 1  # "heavy" is one source, however many examples
+    heavy = next(sp for sp in ledger.sources(learner.lineage) if sp.source == "source:heavy")
+    assert heavy.examples == 10 and heavy.updates == 1
+    # the report shows the same versions and numbers
+    out = subprocess.run([FLYWHEEL, "privacy", "report", "--json", "--plot",
+                          str(tmp_path / "eps.png")], env=_env(s), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [v["version"] for v in doc["versions"]] == [first.version, second.version]
+    assert doc["epsilon_spent"] == pytest.approx(entries[-1].epsilon_lineage)
+    assert doc["sources_total"] == 50 + 41
+    assert (tmp_path / "eps.png").stat().st_size > 1000
+
+
+def test_an_update_over_budget_is_refused_before_any_training(settings, sqlite_url, caplog):
+    s = _settings(settings, sqlite_url, privacy_noise_multiplier=0.05)  # one update: ε >> 3
+    add(sqlite_url, 10, 10_000, split="holdout")
+    add(sqlite_url, 60, 0)
+    learner = OnlineLearner(s)
+    learner.start()
+    before = [p.detach().clone() for p in learner._trainer.module.parameters()]
+    versions = {v.version for v in Registry(s).versions()}
+    refused = REFUSALS.labels("mechanism")._value.get()
+    assert learner.step() is None
+    assert REFUSALS.labels("mechanism")._value.get() == refused + 1
+    assert "refused: one update" in caplog.text and "budget 3" in caplog.text
+    after = list(learner._trainer.module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert {v.version for v in Registry(s).versions()} == versions
+    assert PrivacyLedger(make_engine(sqlite_url)).entries() == []
+
+
+def test_sources_out_of_budget_are_left_out_and_capped_per_update(settings, pg_url):
+    s = _settings(settings, pg_url, privacy_source_updates=1, privacy_max_per_source=4)
+    add(pg_url, 10, 10_000, split="holdout")
+    add(pg_url, 44, 0)
+    add(pg_url, 6, 300, source="big")  # 6 examples, capped to 4
+    learner = OnlineLearner(s)
+    learner.start()
+    assert learner.step() is not None
+    ledger = PrivacyLedger(make_engine(pg_url))
+    (entry,) = ledger.entries(learner.lineage)
+    assert entry.capped_examples == 2 and entry.examples == 44 + 4
+    # a second update with "big" again: one update is all a source may join here
+    add(pg_url, 45, 400)
+    add(pg_url, 5, 500, source="big")
+    assert learner.step() is not None
+    second = ledger.entries(learner.lineage)[1]
+    assert second.excluded_examples == 4 and second.examples == 45
+    spent = {sp.source: sp for sp in ledger.sources(learner.lineage)}
+    assert spent["source:big"].updates == 1
+    assert max(sp.epsilon for sp in spent.values()) <= s.privacy_epsilon + 1e-9
+    assert np.isclose(second.epsilon_lineage, max(sp.epsilon for sp in spent.values()))
+
+
+def test_flywheel_learn_logs_the_refusal_and_counts_it_on_metrics(settings, sqlite_url):
+    import socket
+    import time
+
+    import httpx
+
+    s = _settings(settings, sqlite_url)
+    add(sqlite_url, 60, 0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = _env(s) | {"FLYWHEEL_PRIVACY_NOISE_MULTIPLIER": "0.05", "FLYWHEEL_LEARN_BATCH": "50",
+                     "FLYWHEEL_LEARN_METRICS_PORT": str(port), "FLYWHEEL_LEARN_POLL_S": "0.2",
+                     "FLYWHEEL_SEED_EXAMPLES": str(s.seed_examples)}
+    proc = subprocess.Popen([FLYWHEEL, "learn"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, scraped = time.monotonic() + 60, ""
+        while 'reason="mechanism"} 1.0' not in scraped:
+            assert proc.poll() is None and time.monotonic() < deadline, scraped[-2000:]
+            time.sleep(0.3)
+            try:
+                scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            except httpx.TransportError:
+                continue
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "privacy budget: refused: one update" in err
+    assert PrivacyLedger(make_engine(sqlite_url)).entries() == []

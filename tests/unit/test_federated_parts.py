@@ -1,0 +1,145 @@
+"""Federated learning parts without processes: partitions, clipping, the outbound guard,
+client-level accounting, security checks."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from flywheel.learner.federated.local import clip_update, update_norm
+from flywheel.learner.federated.partition import dirichlet_split
+from flywheel.learner.federated.processes import (
+    SecurityError,
+    is_loopback,
+    superlink_command,
+    supernode_command,
+)
+from flywheel.learner.federated.records import check_reply, outbound_guard
+from flywheel.learner.federated.strategy import build_strategy, client_mechanism
+from flywheel.privacy import epsilon
+from flywheel.settings import Settings
+
+
+def test_dirichlet_split_covers_every_row_once_and_skews_labels():
+    y = np.repeat(np.arange(3), 400)
+    parts = dirichlet_split(y, 3, 0.5, np.random.default_rng(0))
+    together = np.sort(np.concatenate(parts))
+    assert np.array_equal(together, np.arange(len(y)))
+    shares = np.array([np.bincount(y[p], minlength=3) / len(p) for p in parts])
+    assert shares.max() > 0.6  # label skew: some site is dominated by one class
+
+
+def test_clip_update_bounds_the_update_and_keeps_small_ones():
+    base = {"w": torch.zeros(4), "b": torch.zeros(2)}
+    big = {"w": torch.full((4,), 3.0), "b": torch.full((2,), 3.0)}
+    clipped, norm = clip_update(big, base, 2.0)
+    assert norm == pytest.approx(3.0 * 6 ** 0.5)
+    assert update_norm(clipped, base) == pytest.approx(2.0, rel=1e-5)
+    small = {"w": torch.full((4,), 0.1), "b": torch.zeros(2)}
+    same, _ = clip_update(small, base, 2.0)
+    assert torch.equal(same["w"], small["w"])
+
+
+def _message() -> Message:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 0, 0, 0
+    msg = Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2, 3)}),
+                              "config": ConfigRecord({"server-round": 1})}),
+                  message_type="train", dst_node_id=1)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    return msg
+
+
+def _context() -> Context:
+    return Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_outbound_guard_passes_a_model_update_and_aggregate_metrics():
+    def handler(msg: Message, _ctx: Context) -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+                                   "metrics": MetricRecord({"num-examples": 5.0,
+                                                            "train-loss": 0.3})}),
+                       reply_to=msg)
+
+    reply = outbound_guard(_message(), _context(), handler)
+    assert not reply.has_error()
+
+
+@pytest.mark.parametrize("content", [
+    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+     "metrics": MetricRecord({"num-examples": 5.0}),
+     "rows": ArrayRecord({"x": torch.ones(5, 8)})},  # an extra record (raw rows)
+    {"arrays": ArrayRecord({"w": torch.ones(2, 3), "x": torch.ones(5, 8)}),
+     "metrics": MetricRecord({"num-examples": 5.0})},  # rows hidden among the arrays
+    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+     "metrics": MetricRecord({"num-examples": 5.0, "label-0": 1.0})},  # per-label metric
+    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+     "metrics": MetricRecord({"train-loss": [0.1, 0.2, 0.3]})},  # a list, not a scalar
+    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+     "metrics": MetricRecord({"num-examples": 1.0}),
+     "config": ConfigRecord({"example-ids": "12,13"})},
+])
+def test_outbound_guard_blocks_anything_else(content, caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_FED_AUDIT_DIR", str(tmp_path))
+    reply = outbound_guard(_message(), _context(),
+                           lambda msg, _c: Message(RecordDict(content), reply_to=msg))
+    assert reply.has_error() and "blocked by site" in reply.error.reason
+    assert list(tmp_path.glob("*.bin"))[0].read_bytes() == b""  # nothing was sent
+    assert check_reply(reply, {"w": (2, 3)}) is None
+
+
+def test_client_level_epsilon_composes_and_robust_aggregation_costs_more():
+    mean = client_mechanism("fedavg", 1.0, 3)
+    median = client_mechanism("median", 1.0, 3)
+    assert mean.noise_multiplier == 1.0 and mean.sample_rate == 1.0
+    assert median.noise_multiplier == pytest.approx(1.0 / (2 * 3 * 2.0))
+    assert epsilon([mean] * 2, 1e-5) > epsilon([mean], 1e-5)
+    assert epsilon([median], 1e-5) > epsilon([mean], 1e-5)
+
+
+@pytest.mark.parametrize("name,clipping", [("fedavg", "client"), ("trimmed", "server"),
+                                           ("median", "client")])
+def test_strategies_are_wrapped_in_flowers_dp_fixed_clipping(name, clipping):
+    s = build_strategy(name, sites=3, clip=2.0, noise_multiplier=0.5, clipping=clipping)
+    assert type(s).__name__ == f"DifferentialPrivacy{clipping.title()}SideFixedClipping"
+    assert s.clipping_norm == 2.0 and s.num_sampled_clients == 3
+    with pytest.raises(ValueError):
+        build_strategy("krum", sites=3, clip=1.0, noise_multiplier=1.0)
+
+
+def test_insecure_mode_is_loopback_only_and_says_so(tmp_path, caplog):
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("10.0.0.5") and not is_loopback("example.com")
+    s = Settings(home=tmp_path, fed_superlink="127.0.0.1:9093")
+    with caplog.at_level(logging.WARNING):
+        cmd = superlink_command(s, tls=False, auth=False)
+    assert "--insecure" in cmd and "loopback" in caplog.text and "INSECURE" in caplog.text
+    remote = Settings(home=tmp_path, fed_superlink="10.0.0.5:9093")
+    with pytest.raises(SecurityError, match="loopback"):
+        superlink_command(remote, tls=False, auth=False)
+    with pytest.raises(SecurityError, match="loopback"):
+        supernode_command(remote, tls=False, auth=False, runtime_port=9094)
+    with pytest.raises(SecurityError, match="needs --tls"):
+        superlink_command(s, tls=False, auth=True)
+
+
+def test_tls_and_auth_flags_map_to_flower_options(tmp_path):
+    files = {n: tmp_path / f"{n}.pem" for n in ("ca", "cert", "key", "node")}
+    for f in files.values():
+        f.write_text("x")
+    s = Settings(home=tmp_path, fed_superlink="10.0.0.5:9093", fed_tls_ca=files["ca"],
+                 fed_tls_cert=files["cert"], fed_tls_key=files["key"],
+                 fed_auth_key=files["node"])
+    link = superlink_command(s, tls=True, auth=True)
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert link[link.index("--ssl-certfile") + 1] == str(files["cert"])
+    node = supernode_command(s, tls=True, auth=True, runtime_port=9094)
+    assert node[node.index("--root-certificates") + 1] == str(files["ca"])
+    assert node[node.index("--auth-supernode-private-key") + 1] == str(files["node"])
+    assert "--isolation" in node and "process" in node
+    with pytest.raises(SecurityError, match="FLYWHEEL_FED_TLS_KEY"):
+        superlink_command(s.model_copy(update={"fed_tls_key": None}), tls=True, auth=False)
