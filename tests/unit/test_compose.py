@@ -114,11 +114,9 @@ def test_mlflow_is_a_tracking_server_on_postgresql_with_an_artifacts_volume(comp
 def test_every_flywheel_command_is_a_real_subcommand(compose, cli):
     problems = {name: _command_exists(cli, words)
                 for name, words in _flywheel_commands(compose).items()}
-    known = {k: v for k, v in problems.items() if v is not None and k != "superlink"}
-    assert not known, known
-    if problems["superlink"] is not None:
-        pytest.xfail(f"`flywheel fed superlink` is not in the CLI yet (the federated issue "
-                     f"adds it): {problems['superlink']}")
+    wrong = {k: v for k, v in problems.items() if v is not None}
+    assert not wrong, wrong
+    assert "superlink" in problems  # the federated SuperLink is part of the deployment
 
 
 def test_the_checker_catches_a_wrong_command(cli):
