@@ -45,6 +45,7 @@ class WorkerStats:
     expired: int = 0
     released: int = 0
     retries: int = 0
+    sweep_failures: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -106,8 +107,7 @@ class FeedbackWorker:
 
     # -- one batch ----------------------------------------------------------------------
     def process(self, polled: dict) -> None:
-        predictions: list[PredictionEvent] = []
-        corrections: list[CorrectionEvent] = []
+        events: list[tuple[Rejected, PredictionEvent | CorrectionEvent]] = []
         rejected: list[Rejected] = []
         for tp, records in polled.items():
             kind = self._kinds[tp.topic]
@@ -115,21 +115,58 @@ class FeedbackWorker:
                 event = decode(kind, tp.topic, tp.partition, r.offset, r.key, r.value)
                 if isinstance(event, Rejected):
                     rejected.append(event)
-                elif isinstance(event, PredictionEvent):
-                    predictions.append(event)
-                else:
-                    corrections.append(event)
+                else:  # keep the raw record, should the store refuse this one event
+                    events.append((Rejected(tp.topic, tp.partition, r.offset, r.key, r.value,
+                                            ""), event))
+        try:
+            rejected += self._store([e for _, e in events])
+        except OperationalError:
+            raise  # the store is down or busy beyond retries: not the records' fault
+        except Exception as exc:
+            rejected += self._store_one_by_one(events, exc)
+        self._dead_letter(rejected)
+        self.stats.batches += 1
+        self.stats.records += sum(len(records) for records in polled.values())
+
+    def _store(self, events: list[PredictionEvent | CorrectionEvent]) -> list[Rejected]:
+        """Write, join and analyze `events` in one transaction; unusable pairs come back."""
+        predictions = [e for e in events if isinstance(e, PredictionEvent)]
+        corrections = [e for e in events if isinstance(e, CorrectionEvent)]
         touched = {e.id for e in predictions} | {e.prediction_id for e in corrections}
         new_p, new_c, joined, examples, unusable = self._in_transaction(
             lambda session: self._write(session, predictions, corrections, touched))
-        rejected += unusable
         self.stats.predictions += new_p
         self.stats.corrections += new_c
         self.stats.joined += joined
         self.stats.examples += examples
-        self._dead_letter(rejected)
-        self.stats.batches += 1
-        self.stats.records += sum(len(records) for records in polled.values())
+        return unusable
+
+    def _store_one_by_one(self, events: list[tuple[Rejected, PredictionEvent | CorrectionEvent]],
+                          batch_error: Exception) -> list[Rejected]:
+        """A batch the store refused for a reason other than load: find the poison record.
+
+        Each event is written alone (writes are idempotent, so the ones that succeed are
+        stored exactly once); one that fails alone goes to the dead-letter topic with the
+        error. If every event of a batch fails alone, the fault is ours, not the data's:
+        re-raise, so the batch is retried after a restart instead of dead-lettering valid
+        records.
+        """
+        log.warning("the store refused a batch of %d events (%s); writing them one by one",
+                    len(events), batch_error)
+        rejected, failed = [], 0
+        for raw, event in events:
+            try:
+                rejected += self._store([event])
+            except OperationalError:
+                raise
+            except Exception as exc:
+                failed += 1
+                detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+                rejected.append(Rejected(raw.topic, raw.partition, raw.offset, raw.key,
+                                         raw.value, f"store: {type(exc).__name__}: {detail}"))
+        if len(events) > 1 and failed == len(events):
+            raise batch_error
+        return rejected
 
     def _dead_letter(self, rejected: list[Rejected]) -> None:
         if not rejected:
@@ -164,7 +201,14 @@ class FeedbackWorker:
             return (len(joined), examples, released, expire_corrections(session, cutoff),
                     unusable)
 
-        joined, examples, released, expired, unusable = self._in_transaction(work)
+        try:
+            joined, examples, released, expired, unusable = self._in_transaction(work)
+        except OperationalError:
+            raise
+        except Exception:  # a pair the analysis cannot handle: keep consuming, retry later
+            self.stats.sweep_failures += 1
+            log.exception("sweep failed; the pending joins stay pending and are retried")
+            return
         self._dead_letter(unusable)
         self.stats.joined += joined
         self.stats.examples += examples

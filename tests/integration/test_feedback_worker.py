@@ -327,3 +327,39 @@ def test_worker_refuses_an_unmigrated_or_older_store(settings, tmp_path, revisio
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "run `flywheel db upgrade`" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_record_the_store_path_refuses_is_dead_lettered_alone(fb_settings):
+    """A valid-looking record whose write fails (here: analysis raises on it) must not
+    stall the partition: it goes to the dead-letter topic, its batch-mates are stored."""
+    s = fb_settings
+    traffic = Traffic(s)
+    events = traffic.predictions(12, drifted=True, seed=9)
+    poison = events[4][0].id
+    worker = build_worker(s, client_id="poison")
+    analyze = worker._examples_for
+
+    def fails_on_poison(session, pairs):
+        if any(p.prediction_id == poison for p in pairs):
+            raise ValueError(f"cannot analyze {poison}")
+        return analyze(session, pairs)
+
+    worker._examples_for = fails_on_poison
+    traffic.send_predictions(events)
+    traffic.send_corrections(events)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: worker.stats.dead_letters >= 1 and joined(s) == 11,
+                 what="the poison record dead-lettered, the rest joined")
+    finally:
+        stop.set()
+        thread.join(30)
+    letters = [DeadLetter.model_validate_json(r.value)
+               for r in read_topic(s.kafka_bootstrap, s.topic_deadletter, at_least=1)]
+    store_letters = [d for d in letters if d.reason.startswith("store: ValueError")]
+    assert [d.key for d in store_letters] == [poison]
+    assert poison in store_letters[0].reason
+    assert count(s, select(func.count()).select_from(Example)
+                 .where(Example.parent_prediction_id == poison)) == 0
