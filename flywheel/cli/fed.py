@@ -73,8 +73,8 @@ def superlink(
     from flywheel.learner.federated.processes import process_env, superlink_command
 
     settings = settings_or_exit()
-    _store_or_exit(settings)
     cmd = _security_or_exit(superlink_command, settings, tls=tls, auth=auth)
+    _store_or_exit(settings)
     log.info("SuperLink on %s (%s%s)", settings.fed_superlink, "TLS" if tls else "insecure",
              ", SuperNode authentication" if auth else "")
     raise typer.Exit(_run_child(cmd, process_env(settings)))
@@ -145,11 +145,11 @@ def client(
     from flywheel.learner.federated.processes import process_env, supernode_command
 
     settings = settings_or_exit()
-    _store_or_exit(settings)
     port = runtime_port or settings.fed_runtime_port
     cmd = _security_or_exit(supernode_command, settings, tls=tls, auth=auth,
                             runtime_port=port, node_config=node_config,
                             flower_defaults=flower_defaults)
+    _store_or_exit(settings)
     env = process_env(settings, FLYWHEEL_FED_POLL_S=str(settings.fed_poll_s))
     if flower_defaults:
         raise typer.Exit(_run_child(cmd, env))
@@ -177,7 +177,12 @@ def client(
                 node.wait(10)
             except subprocess.TimeoutExpired:
                 node.kill()
-    raise typer.Exit(0 if node.returncode in (0, -signal.SIGTERM, None) else node.returncode)
+    if node.returncode in (0, -signal.SIGTERM, None):
+        raise typer.Exit(0)
+    # e.g. Flower's "Exit Code: 305" (the process exits 1): the SuperLink refused this
+    # SuperNode (a key not registered, with --auth) or its certificate did not verify
+    log.error("the SuperNode exited with %s; see its log above", node.returncode)
+    raise typer.Exit(node.returncode)
 
 
 def _load_app(ref: str):  # noqa: ANN202

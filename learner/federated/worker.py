@@ -26,7 +26,7 @@ from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import (
     pull_task_input,
@@ -37,18 +37,34 @@ from flwr.supernode.runtime.run_clientapp import (
 log = logging.getLogger(__name__)
 
 
-def _client(address: str, token: str | None = None) -> RuntimeHttpClient:
+def _retry(stop: threading.Event | None) -> RetryInvoker:
+    """Flower's HTTP retry (as `flwr-clientapp`), giving up once `stop` is set: when the
+    SuperNode has exited, nothing will ever answer."""
+    retry = make_simple_http_retry_invoker()
+    if stop is not None:
+        giveup = retry.should_giveup
+        retry.should_giveup = lambda exc: stop.is_set() or bool(giveup and giveup(exc))
+        wait = retry.wait_function
+        retry.wait_function = lambda seconds: None if stop.is_set() else wait(seconds)
+    return retry
+
+
+def _client(address: str, token: str | None = None, *,
+            retry: RetryInvoker | None = None) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API: plain HTTP, which `supernode_command`
+    binds to 127.0.0.1 only (the Fleet connection to the SuperLink is the TLS one)."""
     interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        interceptors=interceptors, retry_invoker=retry)
 
 
-def run_task(address: str, token: str, app: ClientApp) -> str:
+def run_task(address: str, token: str, app: ClientApp,
+             stop: threading.Event | None = None) -> str:
     """One task, as `flwr-clientapp` runs it; returns its final sub-status."""
-    client = _client(address, token)
+    client = _client(address, token, retry=_retry(stop))
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = context = reply = None
@@ -68,10 +84,12 @@ def run_task(address: str, token: str, app: ClientApp) -> str:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
         finally:
-            push_task_output(client=client, context=context, sub_status=status,
-                             details=details)
-            heartbeat.stop()
-            client.close()
+            try:
+                push_task_output(client=client, context=context, sub_status=status,
+                                 details=details)
+            finally:
+                heartbeat.stop()
+                client.close()
     return status
 
 
@@ -81,6 +99,8 @@ def serve(address: str, app: ClientApp, *, poll_s: float,
     """Run tasks from the SuperNode at `address` (host:port) until `stop` is set;
     `after_task` runs in a background thread after each task (accounting pre-warm)."""
     stop = stop or threading.Event()
+    # no retry inside the poll: this loop retries, and it must see `stop` (a SuperNode
+    # refused by the SuperLink exits, and Flower's retry would wait for it forever)
     acquire = _client(address)
     log.info("long-lived ClientApp: polling %s every %.3g s", address, poll_s)
     try:
@@ -94,7 +114,13 @@ def serve(address: str, app: ClientApp, *, poll_s: float,
                 continue
             if res.HasField("task") and res.token:
                 started = time.perf_counter()
-                status = run_task(address, res.token, app)
+                try:
+                    status = run_task(address, res.token, app, stop)
+                except Exception:
+                    if not stop.is_set():
+                        raise
+                    log.warning("the SuperNode went away during task %s", res.task.task_id)
+                    break
                 log.info("task %s %s in %.2f s", res.task.task_id, status,
                          time.perf_counter() - started)
                 if after_task is not None:
