@@ -178,22 +178,12 @@ def judge(rate: dict[str, float]) -> dict[str, dict[str, Any]]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    import platform
+    """The learner benchmarks' machine facts, with this run's threads and opacus."""
     from importlib import metadata
 
-    import torch
+    from bench._streams import machine
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "python": sys.version.split()[0],
-            "platform": platform.platform(), "torch": torch.__version__,
-            "torch_threads": threads, "opacus": metadata.version("opacus"),
-            "loadavg_start": list(os.getloadavg())}
+    return {**machine(), "torch_threads": threads, "opacus": metadata.version("opacus")}
 
 
 def render(doc: dict[str, Any]) -> None:

@@ -26,6 +26,17 @@ def settings_or_exit(**overrides: object) -> Settings:
     return settings
 
 
+def store_or_exit(settings: Settings):
+    """The training store's engine; an un-migrated store is a one-line error, exit 1."""
+    from flywheel.feedback.store import SchemaNotCurrent, open_store
+
+    try:
+        return open_store(settings.resolved_database_url)
+    except SchemaNotCurrent as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(

@@ -9,7 +9,7 @@ import threading
 
 import typer
 
-from flywheel.cli import app, settings_or_exit
+from flywheel.cli import app, settings_or_exit, store_or_exit
 
 feedback_app = typer.Typer(no_args_is_help=False, help=__doc__)
 app.add_typer(feedback_app, name="feedback")
@@ -57,14 +57,10 @@ def report(
 ) -> None:
     """Error rate, error-type mix and top confusions per model version."""
     from flywheel.feedback.report import error_report
-    from flywheel.feedback.store import SchemaNotCurrent, open_store, session_factory
+    from flywheel.feedback.store import session_factory
 
     settings = settings_or_exit()
-    try:
-        engine = open_store(settings.resolved_database_url)
-    except SchemaNotCurrent as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    engine = store_or_exit(settings)
     with session_factory(engine)() as session:
         doc = error_report(session, settings.model_name, hours)
     if as_json:

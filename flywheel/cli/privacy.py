@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from flywheel.cli import app, settings_or_exit
+from flywheel.cli import app, settings_or_exit, store_or_exit
 
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy: the ledger.")
 app.add_typer(privacy_app, name="privacy")
@@ -23,16 +23,11 @@ def report(
                             help="Sources shown, most spent first (--json: all)."),
 ) -> None:
     """Per version and per source: ε spent and budget left; each update's mechanism."""
-    from flywheel.feedback import SchemaNotCurrent, open_store
     from flywheel.privacy import PrivacyLedger
     from flywheel.privacy.report import build_report, plot_epsilon
 
     settings = settings_or_exit()
-    try:
-        engine = open_store(settings.resolved_database_url)
-    except SchemaNotCurrent as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    engine = store_or_exit(settings)
     doc = build_report(PrivacyLedger(engine), budget=settings.privacy_epsilon,
                        delta=settings.privacy_delta, lineage=lineage,
                        top_sources=None if json_out else top)
