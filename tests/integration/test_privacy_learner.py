@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,9 @@ def test_flywheel_learn_logs_the_refusal_and_counts_it_on_metrics(settings, sqli
     proc = subprocess.Popen([FLYWHEEL, "learn"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline, scraped = time.monotonic() + 60, ""
-        while 'reason="mechanism"} 1.0' not in scraped:
+        deadline, scraped = time.monotonic() + 120, ""
+        while not re.search(r'flywheel_privacy_refusals_total\{reason="mechanism"\} [1-9]',
+                            scraped):
             assert proc.poll() is None and time.monotonic() < deadline, scraped[-2000:]
             time.sleep(0.3)
             try:
