@@ -86,3 +86,30 @@ def pg_url(pg_session_url: str) -> str:
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite database file in this test's tmp dir (created on first connect)."""
     return f"sqlite:///{tmp_path / 'flywheel.db'}"
+
+
+class _ListSink:
+    """A Kafka sink that acknowledges everything and keeps it in a list."""
+
+    def __init__(self, out: list) -> None:
+        self.out = out
+
+    def send(self, records, timeout_s):
+        self.out.extend(records)
+        return [True] * len(records)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture()
+def list_event_log(tmp_path: Path):
+    """`make(sent)`: a service EventLog whose delivered records land in the list `sent`."""
+    from flywheel.service.event_log import EventLog
+    from flywheel.service.spool import Spool
+
+    def make(sent: list | None = None):
+        out = [] if sent is None else sent
+        return EventLog(lambda: _ListSink(out), Spool(tmp_path / "spool", fsync=False))
+
+    return make

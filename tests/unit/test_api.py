@@ -10,32 +10,21 @@ from fastapi.testclient import TestClient
 
 from flywheel.events import CorrectionEvent, PredictionEvent
 from flywheel.modelspec import ModelSpec, build_model
-from flywheel.service import EventLog, ModelHolder, ServedModel, Spool, create_app
+from flywheel.service import ModelHolder, ServedModel, create_app
 from flywheel.settings import Settings
 
 SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["cat", "dog"])
 
 
-class ListSink:
-    def __init__(self, out):
-        self.out = out
-
-    def send(self, records, timeout_s):
-        self.out.extend(records)
-        return [True] * len(records)
-
-    def close(self):
-        pass
-
 
 @pytest.fixture()
-def client(tmp_path):
+def client(tmp_path, list_event_log):
     torch.manual_seed(0)
     settings = Settings(home=tmp_path, max_batch=4, max_body_bytes=2048, max_corrections=3)
     holder = ModelHolder()
     holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
     sent = []
-    log = EventLog(lambda: ListSink(sent), Spool(tmp_path / "spool", fsync=False))
+    log = list_event_log(sent)
     app = create_app(settings, holder=holder, event_log=log)
     with TestClient(app) as c:
         c.sent = sent
@@ -209,9 +198,9 @@ def test_concurrent_requests_each_get_their_own_ids(client):
     assert sorted(r.key.decode() for r in flush(client)) == sorted(results)
 
 
-def test_not_ready_without_a_model(tmp_path):
+def test_not_ready_without_a_model(tmp_path, list_event_log):
     app = create_app(Settings(home=tmp_path), holder=ModelHolder(),
-                     event_log=EventLog(lambda: ListSink([]), Spool(tmp_path / "s", fsync=False)),
+                     event_log=list_event_log(),
                      load_model=lambda s: (_ for _ in ()).throw(RuntimeError("registry down")))
     with pytest.raises(RuntimeError, match="registry down"), TestClient(app):
         pass

@@ -11,7 +11,7 @@ import torch
 from flywheel.events import PredictionEvent
 from flywheel.kernels.batching import MicroBatcher
 from flywheel.modelspec import ModelSpec, build_model
-from flywheel.service import EventLog, ModelHolder, ServedModel, Spool, create_app
+from flywheel.service import ModelHolder, ServedModel, create_app
 from flywheel.service.batching import PredictBatcher, run_batch
 from flywheel.settings import Settings
 
@@ -197,17 +197,6 @@ def test_each_request_is_computed_by_the_snapshot_it_took():
 
 
 # -- through the app -------------------------------------------------------------------
-class ListSink:
-    def __init__(self, out):
-        self.out = out
-
-    def send(self, records, timeout_s):
-        self.out.extend(records)
-        return [True] * len(records)
-
-    def close(self):
-        pass
-
 
 async def _concurrent_clients(app, bodies):
     async with app.router.lifespan_context(app):
@@ -217,12 +206,12 @@ async def _concurrent_clients(app, bodies):
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic):
+def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic, list_event_log):
     model = served("7", 0)
     holder = ModelHolder()
     holder.swap(model)
     sent = []
-    log = EventLog(lambda: ListSink(sent), Spool(tmp_path / "spool", fsync=False))
+    log = list_event_log(sent)
     settings = Settings(home=tmp_path, dynamic_batching=dynamic, batch_max_size=16)
     app = create_app(settings, holder=holder, event_log=log)
     rng = np.random.default_rng(3)
@@ -257,10 +246,10 @@ def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic
         assert batcher is None
 
 
-def test_batch_metrics_are_exported(tmp_path):
+def test_batch_metrics_are_exported(tmp_path, list_event_log):
     holder = ModelHolder()
     holder.swap(served("7", 0))
-    log = EventLog(lambda: ListSink([]), Spool(tmp_path / "spool", fsync=False))
+    log = list_event_log()
     app = create_app(Settings(home=tmp_path), holder=holder, event_log=log)
 
     async def scenario():

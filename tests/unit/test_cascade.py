@@ -28,7 +28,7 @@ from flywheel.modelspec import (
     build_module,
     parse_spec,
 )
-from flywheel.service import EventLog, ModelHolder, ServedModel, Spool, create_app
+from flywheel.service import ModelHolder, ServedModel, create_app
 from flywheel.settings import Settings
 
 LABELS = ["a", "b", "c"]
@@ -223,20 +223,9 @@ def test_the_feedback_worker_never_dead_letters_a_prediction_for_its_path(doc_ch
 
 
 # -- serving -----------------------------------------------------------------------------
-class ListSink:
-    def __init__(self, out):
-        self.out = out
-
-    def send(self, records, timeout_s):
-        self.out.extend(records)
-        return [True] * len(records)
-
-    def close(self):
-        pass
-
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_served_cascade_reports_the_path_per_prediction(tmp_path, precision):
+def test_served_cascade_reports_the_path_per_prediction(tmp_path, precision, list_event_log):
     spec, module = cascade(threshold=0.55)
     x = (np.random.default_rng(0).normal(size=(12, 4)) * 3).astype(np.float32)
     served = ServedModel.prepare("m", "5", spec, module, precision)
@@ -249,7 +238,7 @@ def test_served_cascade_reports_the_path_per_prediction(tmp_path, precision):
     holder = ModelHolder()
     holder.swap(served)
     sent = []
-    log = EventLog(lambda: ListSink(sent), Spool(tmp_path / "spool", fsync=False))
+    log = list_event_log(sent)
     app = create_app(Settings(home=tmp_path), holder=holder, event_log=log)
     with TestClient(app) as client:
         assert client.get("/v1/model").json()["kind"] == "cascade"
