@@ -120,6 +120,19 @@ class ExampleSource:
                 row.cursor, row.state = cursor, state
 
 
+def bound_per_contributor(rows: list[StoredExample], limit: int | None
+                          ) -> tuple[dict[str, list[StoredExample]], int]:
+    """Rows grouped by contributor, the first `limit` of each in the given order, and how
+    many were cut: the contribution bound DP relies on (online and federated alike)."""
+    groups: dict[str, list[StoredExample]] = {}
+    for row in rows:
+        groups.setdefault(row.contributor, []).append(row)
+    if limit is None:
+        return groups, 0
+    cut = sum(max(0, len(g) - limit) for g in groups.values())
+    return {c: g[:limit] for c, g in groups.items()}, cut
+
+
 def as_arrays(rows: list[StoredExample], label_index: dict[str, int]
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, label indices and weights; rows with a label the model lacks are dropped."""

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy.engine import Engine
 from torch import nn
 
-from flywheel.learner.example_source import StoredExample, as_arrays
+from flywheel.learner.example_source import StoredExample, as_arrays, bound_per_contributor
 from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.trainer import OnlineTrainer
 from flywheel.privacy import (
@@ -102,12 +101,8 @@ class PrivateStep:
              module: nn.Module) -> PrivacyOutcome | None:
         """The rows this update may train on, recorded in the ledger; None if refused and the
         rows should wait (a configuration that can never fit the budget)."""
-        per_source: dict[str, list[StoredExample]] = defaultdict(list)
-        for row in used:
-            per_source[row.contributor].append(row)
-        k = self.config.max_per_source
-        capped = sum(max(0, len(rows) - k) for rows in per_source.values())
-        counts = {s: min(len(rows), k) for s, rows in per_source.items()}
+        per_source, capped = bound_per_contributor(used, self.config.max_per_source)
+        counts = {s: len(rows) for s, rows in per_source.items()}
         engine = resolve_engine(self.config.engine, module)  # type: ignore[arg-type]
         try:
             plan = plan_update(self.ledger, self.lineage, counts, self.mechanism,
@@ -124,7 +119,7 @@ class PrivateStep:
             EXCLUDED_SOURCES.inc(len(plan.excluded))
             log.warning("%d source(s) left out of update %d: budget ε=%g spent",
                         len(plan.excluded), update, self.config.epsilon)
-        rows = [r for s in plan.allowed for r in per_source[s][:k]]
+        rows = [r for s in plan.allowed for r in per_source[s]]
         rows.sort(key=lambda r: r.id)
         excluded = sum(counts[s] for s in plan.excluded)
         m = plan.mechanism

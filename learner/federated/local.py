@@ -37,19 +37,11 @@ def read_site_data(engine: Engine, labels: Mapping[str, int], *, limit: int,
                    max_per_source: int | None = None) -> SiteData:
     """The newest `limit` trainable examples of this site's store (seed rows excluded),
     at most `max_per_source` per contributor (the DP bound), as arrays."""
-    from flywheel.learner.example_source import ExampleSource
+    from flywheel.learner.example_source import ExampleSource, bound_per_contributor
 
-    rows = ExampleSource(engine).newest_trainable(limit)
-    per: dict[str, int] = {}
-    keep = []
-    for r in rows:
-        if r.label not in labels:
-            continue
-        n = per.get(r.contributor, 0)
-        if max_per_source is not None and n >= max_per_source:
-            continue
-        per[r.contributor] = n + 1
-        keep.append(r)
+    rows = [r for r in ExampleSource(engine).newest_trainable(limit) if r.label in labels]
+    groups, _ = bound_per_contributor(rows, max_per_source)
+    keep = sorted((r for g in groups.values() for r in g), key=lambda r: r.id)
     contributors = tuple(sorted({r.contributor for r in keep}))
     index = {c: i for i, c in enumerate(contributors)}
     if not keep:
