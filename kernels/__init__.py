@@ -4,8 +4,16 @@
   `flywheel.modelspec.build_model` builds, in one forward and one backward, without
   materialising per-sample gradients (reference: `flywheel.kernels.reference`);
   `supports(module)` says whether a model qualifies, else use Opacus. See docs/kernels.md.
+* `clip_and_accumulate_triton`: the same clipping as Triton kernels for CUDA tensors (tested
+  on CPU in Triton's interpreter); optional, needs the `triton` package.
 """
 
 from flywheel.kernels.per_sample_clip import clip_and_accumulate, supports
+from flywheel.kernels.triton_clip import (
+    clip_and_accumulate_triton,
+    triton_available,
+    triton_interpreting,
+)
 
-__all__ = ["clip_and_accumulate", "supports"]
+__all__ = ["clip_and_accumulate", "clip_and_accumulate_triton", "supports", "triton_available",
+           "triton_interpreting"]
