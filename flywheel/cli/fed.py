@@ -87,6 +87,11 @@ def server(
     strategy: str | None = typer.Option(None, help="fedavg | trimmed | median."),
     clipping: str | None = typer.Option(None, help="DP wrapper: client | server."),
     noise: float | None = typer.Option(None, min=0.0, help="Central noise multiplier σ."),
+    server_momentum: float | None = typer.Option(
+        None, min=0.0, max=0.99, help="Server momentum on the released updates (default 0)."),
+    average_last: int | None = typer.Option(
+        None, min=0, help="Register the mean of the last N global models "
+                         "(default 0: the last half of the rounds)."),
     publish: bool = typer.Option(True, help="Gate, register and (if passed) promote."),
     report: Path | None = typer.Option(None, help="Write the run's summary JSON here."),
     tls: bool = typer.Option(False, "--tls", help=TLS_HELP),
@@ -100,7 +105,8 @@ def server(
     settings = settings_or_exit()
     overrides = {k: v for k, v in {"rounds": rounds, "clients": clients, "strategy": strategy,
                                    "clipping": clipping, "noise_multiplier": noise,
-                                   "publish": publish,
+                                   "server_momentum": server_momentum,
+                                   "average_last": average_last, "publish": publish,
                                    "report": str(report.resolve()) if report else None}.items()
                  if v is not None}
     if strategy is not None and strategy not in STRATEGY_CHOICES:

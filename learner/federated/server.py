@@ -18,6 +18,7 @@ registered with `source=federated`, ε and δ tags, and promoted (hot swap) if i
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.records import from_record, to_record
 from flywheel.learner.federated.strategy import STRATEGIES, build_strategy, client_mechanism
 from flywheel.settings import Settings
@@ -61,6 +63,13 @@ class RunOptions:
     # experiments only: seed the central DP noise (Flower draws it from numpy's global RNG)
     # so two runs differ only in what is compared. Predictable noise protects nothing.
     noise_seed: int = -1
+    # server-side post-processing of the DP-released aggregates (free in ε, see
+    # `ServerOptimizer`): a step of server_lr along momentum-averaged released updates, and
+    # the evaluated / registered model = the mean of the last `average_last` global models
+    # (0: the last half of the run's rounds, Polyak-Ruppert tail averaging)
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    average_last: int = 0
 
     @classmethod
     def from_settings(cls, s: Settings, **overrides: object) -> RunOptions:
@@ -74,6 +83,15 @@ class RunOptions:
             if k in values:
                 values[k] = _coerce(v, type(values[k]))
         return cls(**values)
+
+    def averaged_rounds(self) -> int:
+        """Global models the served one averages: `average_last`, or half the rounds (the
+        first rounds' models are far from where the run ends and would drag it back)."""
+        return self.average_last or max(1, self.rounds // 2)
+
+    def server_optimizer(self, keys: Iterable[str]) -> ServerOptimizer:
+        return ServerOptimizer(keys, lr=self.server_lr, momentum=self.server_momentum,
+                               average_last=self.averaged_rounds())
 
     def run_config(self) -> dict[str, object]:
         """As Flower run config (`flwr run --run-config`)."""
@@ -92,7 +110,7 @@ class RoundRecord:
     sites: list[int]
     replied: int
     examples: int
-    recent_accuracy: float
+    recent_accuracy: float  # of the served model (the mean of the last global models)
     trusted_accuracy: float
     train_loss: float
     epsilon_round: float
@@ -101,6 +119,7 @@ class RoundRecord:
     client_compute_s: float
     overhead_s: float
     base_version: str
+    global_recent_accuracy: float = math.nan  # of this round's global model itself
 
 
 @dataclass
@@ -236,6 +255,8 @@ class FederatedRun:
         loaded = self.registry.load(champion)
         spec, module = loaded.spec, loaded.module
         buffers = {k for k in module.state_dict() if k not in dict(module.named_parameters())}
+        server_opt = o.server_optimizer([k for k in module.state_dict() if k not in buffers])
+        served = copy.deepcopy(module)  # what is evaluated and registered
         trusted, recent = self.holdouts(list(spec.labels))
         public_x, public_y, _, _ = seed_data(s)
         summary = RunSummary(o.strategy, o.clipping, o.noise_multiplier, o.clip,
@@ -247,6 +268,7 @@ class FederatedRun:
             if now is not None and now != seen:
                 log.info("round %d starts from champion v%s (moved from v%s)", rnd, now, seen)
                 module, base, seen = self.registry.load(now).module, now, now
+                server_opt.reset()
             nodes = self._wait_for_sites(grid)
             sampled = sorted(self.rng.sample(nodes, min(o.clients, len(nodes))))
             mech = client_mechanism(o.strategy, o.noise_multiplier, len(sampled))
@@ -320,17 +342,20 @@ class FederatedRun:
             current = module.state_dict()
             for k in buffers:  # fixed feature scaling: public, never trained, never noised
                 new[k] = current[k]
-            module.load_state_dict({k: v.to(current[k].dtype) for k, v in new.items()})
+            new = server_opt.step(current, {k: v.to(current[k].dtype) for k, v in new.items()})
+            module.load_state_dict(new)
+            served.load_state_dict(server_opt.served(new))
             wall = time.perf_counter() - t0
             compute = max(float(m.content.metric_records["metrics"].get("train-seconds", 0.0))
                           for m in ok)
             record = RoundRecord(
                 rnd, [m.metadata.src_node_id for m in ok], len(ok),
                 sum(n for n, _ in spends.values()),
-                accuracy(module, recent) if len(recent) else math.nan,
-                accuracy(module, trusted),
+                accuracy(served, recent) if len(recent) else math.nan,
+                accuracy(served, trusted),
                 float(metrics.get("train-loss", math.nan)) if metrics else math.nan,
-                eps_round, eps_lineage, wall, compute, wall - compute, base)
+                eps_round, eps_lineage, wall, compute, wall - compute, base,
+                accuracy(module, recent) if len(recent) else math.nan)
             summary.rounds.append(record)
             summary.epsilon = eps_lineage
             log.info("round %d: %d sites, recent %.3f, trusted %.3f, ε round %.3g "
@@ -338,7 +363,7 @@ class FederatedRun:
                      record.recent_accuracy, record.trusted_accuracy, eps_round, eps_lineage,
                      wall, record.overhead_s)
         if o.publish and summary.rounds:
-            self._publish(summary, spec, module, updates, trusted, recent, evaluate_gate)
+            self._publish(summary, spec, served, updates, trusted, recent, evaluate_gate)
         summary.seconds = time.perf_counter() - started
         if o.report:
             Path(o.report).parent.mkdir(parents=True, exist_ok=True)
@@ -367,6 +392,8 @@ class FederatedRun:
                 "fed_sites": ",".join(str(n) for n in sites),
                 "fed_updates": ",".join(str(u) for u in updates)}
         params = {"fed_strategy": o.strategy, "fed_dp_clipping": o.clipping,
+                  "fed_server_lr": o.server_lr, "fed_server_momentum": o.server_momentum,
+                  "fed_average_last": o.averaged_rounds(),
                   "fed_noise_multiplier": o.noise_multiplier, "fed_clip_norm": o.clip,
                   "fed_local_steps": o.local_steps, "fed_local_lr": o.local_lr,
                   "fed_rounds": len(summary.rounds), "fed_sites": len(sites)}

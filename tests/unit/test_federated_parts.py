@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flywheel.learner.federated.local import clip_update, update_norm
 from flywheel.learner.federated.partition import dirichlet_split
+from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.processes import (
     SecurityError,
     is_loopback,
@@ -23,6 +24,32 @@ from flywheel.learner.federated.records import check_reply, outbound_guard
 from flywheel.learner.federated.strategy import build_strategy, client_mechanism
 from flywheel.privacy import epsilon
 from flywheel.settings import Settings
+
+
+def test_server_optimizer_averages_the_last_global_models_and_leaves_buffers():
+    opt = ServerOptimizer(["w"], average_last=2)
+    g0 = {"w": torch.zeros(3), "buf": torch.ones(1)}
+    g1 = opt.step(g0, {"w": torch.full((3,), 2.0), "buf": torch.ones(1)})
+    assert torch.equal(g1["w"], torch.full((3,), 2.0))  # lr 1, no momentum: the release
+    assert torch.equal(opt.served(g1)["w"], g1["w"])  # one model so far: itself
+    g2 = opt.step(g1, {"w": torch.full((3,), 4.0), "buf": torch.ones(1)})
+    g3 = opt.step(g2, {"w": torch.full((3,), 8.0), "buf": torch.ones(1)})
+    served = opt.served(g3)
+    assert torch.allclose(served["w"], torch.full((3,), 6.0))  # mean of g2 and g3 only
+    assert torch.equal(served["buf"], g3["buf"])
+    opt.reset()  # the champion moved: the old line is not averaged in
+    assert torch.equal(opt.served(g3)["w"], g3["w"])
+
+
+def test_server_momentum_accumulates_released_updates():
+    opt = ServerOptimizer(["w"], lr=0.5, momentum=0.5)
+    g1 = opt.step({"w": torch.zeros(2)}, {"w": torch.full((2,), 2.0)})
+    assert torch.allclose(g1["w"], torch.full((2,), 1.0))  # 0.5 · (2 − 0)
+    g2 = opt.step(g1, {"w": torch.full((2,), 3.0)})
+    # m = 0.5 · 2 + (3 − 1) = 3, g2 = 1 + 0.5 · 3
+    assert torch.allclose(g2["w"], torch.full((2,), 2.5))
+    with pytest.raises(ValueError):
+        ServerOptimizer(["w"], momentum=1.0)
 
 
 def test_dirichlet_split_covers_every_row_once_and_skews_labels():
