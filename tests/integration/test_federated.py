@@ -32,7 +32,7 @@ from flywheel.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-ROUNDS = 5
+ROUNDS = 8
 ROBUST_ROUNDS = 3
 RESULTS: dict[str, dict] = {}
 
@@ -48,6 +48,9 @@ def fed(tmp_path_factory, broker):
         # each site budgets ε=8 per source over all rounds of this module (default: 3);
         # at ε=3 five noisy rounds do not reliably separate federated from local-only
         root, 3, partition, rounds=ROUNDS + 2 * ROBUST_ROUNDS, privacy_epsilon=8.0,
+        # sync often: 10 DP-SGD steps a round (bench fedaccuracy: more, shorter rounds
+        # let the server's averaging of the noisy releases work)
+        fed_local_steps=10,
         kafka_bootstrap=broker.bootstrap, topic_predictions=f"fp-{suffix}",
         topic_corrections=f"fc-{suffix}", topic_model_events=f"fm-{suffix}",
         topic_deadletter=f"fd-{suffix}", registry_poll_s=1.0, kafka_timeout_s=2.0)
@@ -120,7 +123,10 @@ def test_federated_model_beats_each_sites_local_only_model(fed, tmp_path):
     for k, site_settings in enumerate(federation.sites):
         home = tmp_path / f"local{k}"
         shutil.copytree(site_settings.home_dir, home, ignore=shutil.ignore_patterns("flwr"))
-        site = Site(Settings(**{**site_settings.model_dump(), "home": home}))
+        # another model name = another privacy lineage: the site's ledger copy already holds
+        # the federated rounds' spend, and this alternative history must not pay it twice
+        site = Site(Settings(**{**site_settings.model_dump(), "home": home,
+                                "model_name": "local-only"}))
         module = start.module
         post = o.server_optimizer([n for n, _ in module.named_parameters()])
         for rnd in range(1, ROUNDS + 1):
@@ -139,12 +145,7 @@ def test_federated_model_beats_each_sites_local_only_model(fed, tmp_path):
         module.load_state_dict(post.served(module.state_dict()))
         local.append(accuracy(module, union))
     print(f"federated {federated:.3f} vs local-only {[round(a, 3) for a in local]}")
-    # The issue asks for "beats each site". With q = 1 and server-side tail averaging (on
-    # both sides) in-process runs beat the best site by 0.14-0.16, but a run of this test
-    # gave 0.798 vs the best site's 0.777 (sites 0.593/0.777/0.720): what holds in every
-    # run is beating the sites on average and the worst-served site by a clear margin.
-    assert federated > float(np.mean(local)) + 0.01 and federated > min(local) + 0.05, \
-        (federated, local)
+    assert federated > max(local) + 0.01, (federated, local)
 
 
 def test_no_message_leaving_a_site_carries_raw_data(fed):
