@@ -3,15 +3,20 @@
 Samples per second of full training steps on the same fixed batches, every method on a
 fresh copy of the same initial model, in one process, side by side:
 
-* ours: `flywheel.kernels.clip_and_accumulate` (one forward, one backward, clipped sum)
-  + Gaussian noise N(0, (σC)²) per parameter + division by the batch size + SGD step;
+* ours: `flywheel.kernels.clip_and_accumulate` (one forward, one backward: by hand for
+  these Sequential MLPs, see kernels/mlp_backward.py; clipped sum) + Gaussian noise
+  N(0, (σC)²) per parameter + division by the batch size B + SGD step. The grads are
+  views of one flat buffer: one `normal_` draws N(0, (σC/B)²) for every parameter into
+  it, and the kernel adds Σ_i clip(∇ℓ_i)/B on top (weights 1/B, accumulate=True);
 * Opacus ghost clipping: `make_private(..., criterion=..., grad_sample_mode="ghost")`
   (its criterion runs two backwards), `optimizer.step()` (noise, accounting hook);
 * Opacus hooks: `make_private(..., grad_sample_mode="hooks")`, per-sample gradients
   materialised by hooks, `optimizer.step()`;
 * non-private: plain mean cross-entropy, backward, SGD step;
 * ours without the noise (a breakdown, no target): ours minus the Gaussian draw, to show
-  what the clipping itself costs next to non-private SGD.
+  what the clipping itself costs next to non-private SGD;
+* ours, autograd backward (a breakdown, no target): ours with `backward="autograd"`,
+  the kernel's path for modules the hand-written backward does not know.
 
 Each method runs for `--seconds` per round after `--warmup` untimed steps; rounds are
 interleaved (the method order rotates every round) so drift on a shared machine hits
@@ -33,10 +38,11 @@ from typing import Any
 
 import typer
 
-METHODS = ("ours", "ghost", "hooks", "nonprivate", "ours_nonoise")
+METHODS = ("ours", "ghost", "hooks", "nonprivate", "ours_nonoise", "ours_autograd")
 LABELS = {"ours": "ours (fused BK clipping)", "ghost": "Opacus ghost",
           "hooks": "Opacus hooks", "nonprivate": "non-private SGD",
-          "ours_nonoise": "ours without the noise"}
+          "ours_nonoise": "ours without the noise",
+          "ours_autograd": "ours, autograd backward"}
 MODELS = ("demo", "wide")
 TARGET_VS_NONPRIVATE = 0.8
 TARGET_VS_GHOST = 1.7
@@ -81,28 +87,31 @@ def make_step(method: str, name: str, batch: int, clip: float, sigma: float, lr:
             optimizer.step()
         return step
 
-    if method in ("ours", "ours_nonoise"):
+    if method in ("ours", "ours_nonoise", "ours_autograd"):
         from flywheel.kernels import clip_and_accumulate
 
+        backward = "autograd" if method == "ours_autograd" else "auto"
         params = [p for p in module.parameters() if p.requires_grad]
         sizes = [p.numel() for p in params]
-        noise = torch.empty(sum(sizes))  # one draw per step for all parameters
-        views = [v.view_as(p) for v, p in zip(noise.split(sizes), params, strict=True)]
-        std, inv = sigma * clip, 1.0 / batch
+        # The grads live in one flat buffer: the noise N(0, (σC)²)/B for every parameter
+        # is one draw straight into it, and the kernel adds Σ_i clip(∇ℓ_i)/B on top
+        # (weights 1/B, accumulate=True): no other pass over the parameters.
+        flat = torch.zeros(sum(sizes))
+        for p, v in zip(params, flat.split(sizes), strict=True):
+            p.grad = v.view_as(p)
+        inv = torch.full((batch,), 1.0 / batch)
+        std = sigma * clip / batch
 
         def step(x: Any, y: Any) -> None:
-            clip_and_accumulate(module, x, y, clip)
-            grads = [p.grad for p in params]
-            noise.normal_(0.0, std)
-            torch._foreach_add_(grads, views)
-            torch._foreach_mul_(grads, inv)
+            flat.normal_(0.0, std)
+            clip_and_accumulate(module, x, y, clip, weights=inv, accumulate=True,
+                                backward=backward)
             optimizer.step()
 
         def step_nonoise(x: Any, y: Any) -> None:
-            clip_and_accumulate(module, x, y, clip)
-            torch._foreach_mul_([p.grad for p in params], inv)
+            clip_and_accumulate(module, x, y, clip, weights=inv)
             optimizer.step()
-        return step if method == "ours" else step_nonoise
+        return step_nonoise if method == "ours_nonoise" else step
 
     from opacus import PrivacyEngine
 
@@ -170,7 +179,7 @@ def judge(rate: dict[str, float]) -> dict[str, dict[str, Any]]:
             ratio = rate["ours"] / rate[base]
             out[f"vs_{base}"] = {"target": f"ours / {base} >= {target:g}", "ratio": ratio,
                                  "pass": ratio >= target}
-    for base in ("hooks", "ours_nonoise"):
+    for base in ("hooks", "ours_nonoise", "ours_autograd"):
         if base in rate:
             out[f"vs_{base}"] = {"target": None, "ratio": rate["ours"] / rate[base],
                                  "pass": None}

@@ -3,12 +3,14 @@
 * `clip_and_accumulate`: DP-SGD's per-sample gradient clipping and summation for the MLPs
   `flywheel.modelspec.build_model` builds, in one forward and one backward, without
   materialising per-sample gradients (reference: `flywheel.kernels.reference`);
-  `supports(module)` says whether a model qualifies, else use Opacus. See docs/kernels.md.
+  `supports(module)` says whether a model qualifies, else use Opacus;
+  `uses_manual_backward(module)` whether its backward is the hand-written one
+  (`flywheel.kernels.mlp_backward`, no autograd) rather than autograd. See docs/kernels.md.
 * `clip_and_accumulate_triton`: the same clipping as Triton kernels for CUDA tensors (tested
   on CPU in Triton's interpreter); optional, needs the `triton` package.
 """
 
-from flywheel.kernels.per_sample_clip import clip_and_accumulate, supports
+from flywheel.kernels.per_sample_clip import clip_and_accumulate, supports, uses_manual_backward
 from flywheel.kernels.triton_clip import (
     clip_and_accumulate_triton,
     triton_available,
@@ -16,4 +18,4 @@ from flywheel.kernels.triton_clip import (
 )
 
 __all__ = ["clip_and_accumulate", "clip_and_accumulate_triton", "supports", "triton_available",
-           "triton_interpreting"]
+           "triton_interpreting", "uses_manual_backward"]

@@ -13,20 +13,28 @@ outputs, which never forms a weight gradient), give
 
 one extra matmul per layer ("book-keeping" clipping, Bu et al. 2023). Nothing of size
 batch × parameters is ever allocated, and there is no second backward (Opacus' ghost
-clipping runs two). The plain-PyTorch reference is `flywheel.kernels.reference`; see
-docs/kernels.md.
+clipping runs two). For the Sequential MLPs the model specs build, the forward and the
+backward to G_l are written out by hand instead (`flywheel.kernels.mlp_backward`, no
+autograd graph), which is most of the speed on small models. The plain-PyTorch
+reference is `flywheel.kernels.reference`; see docs/kernels.md.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["LOSSES", "clip_and_accumulate", "supports", "unsupported_layer"]
+from flywheel.kernels.mlp_backward import forward_backward, mlp_plan
+
+__all__ = ["BACKWARDS", "LOSSES", "clip_and_accumulate", "supports", "unsupported_layer",
+           "uses_manual_backward"]
 
 LOSSES = ("cross_entropy",)
 CLIP_EPS = 1e-6  # as opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate
+_ONE = torch.ones(())
 
 # Layers that mix samples in training mode: no per-sample gradient exists at all.
 _BATCH_MIXING = (nn.modules.batchnorm._BatchNorm,)
@@ -42,12 +50,19 @@ def unsupported_layer(module: nn.Module) -> tuple[str, str] | None:
     Supported: any module whose trainable parameters all belong to plain `nn.Linear`
     layers (each called once per forward, on 2-D inputs: checked while running), with
     parameter-free (or frozen) layers in between: activations, `Standardize`, dropout.
+    Two Linear layers sharing a trainable parameter (tied weights) are not: that
+    parameter's per-sample gradient is a sum of outer products.
     """
+    owners: dict[int, str] = {}
     for name, sub in module.named_modules():
         label = name or "<root>"
         if isinstance(sub, _BATCH_MIXING):
             return label, f"{type(sub).__name__} mixes the samples of a batch"
         if type(sub) is nn.Linear:
+            for p in sub.parameters(recurse=False):
+                if p.requires_grad and owners.setdefault(id(p), label) != label:
+                    return label, (f"Linear shares a trainable parameter with layer "
+                                   f"{owners[id(p)]!r} (tied weights)")
             continue
         if _trainable(sub):
             return label, (f"{type(sub).__name__} has trainable parameters and only "
@@ -69,12 +84,12 @@ def _flat_sequential(module: nn.Module, prefix: str = "",
     """The layers of a (nested) nn.Sequential in call order, with their dotted names, if
     every one is either a plain Linear or free of Linear layers and trainable parameters;
     else None (then forward hooks find the Linear layers)."""
-    if not isinstance(module, nn.Sequential):
+    if type(module) is not nn.Sequential:  # a subclass may override forward
         return None
     layers: list[nn.Module] = []
     names: list[str] = []
     for name, layer in module._modules.items():  # not named_children: keeps repeats
-        if isinstance(layer, nn.Sequential):
+        if type(layer) is nn.Sequential:
             inner = _flat_sequential(layer, f"{prefix}{name}.")
             if inner is None:
                 return None
@@ -151,20 +166,41 @@ def _forward_hooked(module: nn.Module, x: Tensor,
     return out, taps
 
 
+Backward = Literal["auto", "manual", "autograd"]
+BACKWARDS = ("auto", "manual", "autograd")
+
+
+def uses_manual_backward(module: nn.Module) -> bool:
+    """True if `clip_and_accumulate` computes `module`'s output gradients by hand
+    (`flywheel.kernels.mlp_backward`) rather than with autograd: plain Sequential MLPs."""
+    return mlp_plan(module) is not None
+
+
 def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float, *,
                         weights: Tensor | None = None, loss: str = "cross_entropy",
-                        return_loss: bool = False) -> Tensor | tuple[Tensor, float]:
+                        return_loss: bool = False, accumulate: bool = False,
+                        backward: Backward = "auto",
+                        ) -> Tensor | tuple[Tensor, float]:
     """Set `p.grad` of every trainable parameter to Σ_i weight_i · clip_C(∇ℓ_i); return ‖∇ℓ_i‖.
 
     ℓ_i is sample i's cross-entropy loss, clip_C scales a gradient to norm ≤ C exactly
     as Opacus does (factor min(1, C / (‖∇ℓ_i‖ + 1e-6)), norm over all trainable
-    parameters together). Grads are overwritten, not accumulated; no noise is added and
-    nothing is averaged (the caller adds N(0, σ²C²) and divides by the batch size).
+    parameters together). Grads are overwritten, or with `accumulate=True` added to the
+    `p.grad` already there (as `.backward()` does). No noise is added and nothing is
+    averaged: the caller adds N(0, σ²C²) and divides by the batch size B, or, cheaper,
+    draws N(0, σ²C²/B²) into the grads first and passes weights already divided by B
+    with `accumulate=True` (no extra pass over the parameters).
 
     `weights` (one per sample, in [0, 1]) multiply each clipped gradient AFTER clipping,
     so a sample's contribution stays ≤ weight_i · C ≤ C and the sensitivity the noise is
     calibrated to holds. (Weighting the loss before clipping would be undone by the clip
     for every sample whose gradient is clipped, and a weight > 1 would break the bound.)
+
+    `backward`: how the per-layer output gradients are obtained. "auto" (default) uses
+    the hand-written MLP backward (`flywheel.kernels.mlp_backward`, no autograd graph:
+    several times less overhead on small models) when `uses_manual_backward(module)`,
+    else one `torch.autograd.grad`; "manual" insists on the former (ValueError if the
+    module is not a plain MLP), "autograd" forces the latter. Both give the same result.
 
     Returns the per-sample gradient norms before clipping (and before weighting),
     detached, shape [batch]. Raises ValueError naming the layer for a module this kernel
@@ -172,12 +208,19 @@ def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: 
     """
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r} is not supported; choose from {', '.join(LOSSES)}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward {backward!r} is not one of {', '.join(BACKWARDS)}")
     if not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
-    bad = unsupported_layer(module)
-    if bad is not None:
-        raise ValueError(f"clip_and_accumulate cannot handle layer {bad[0]!r}: {bad[1]}; "
-                         f"use Opacus (grad_sample_mode='ghost' or 'hooks') for this model")
+    plan = None if backward == "autograd" else mlp_plan(module)
+    if plan is None:
+        if backward == "manual":
+            raise ValueError("backward='manual' needs an nn.Sequential MLP of nn.Linear and "
+                             "the activations in flywheel.kernels.mlp_backward.ACTIVATIONS")
+        bad = unsupported_layer(module)  # a plan implies supports(module)
+        if bad is not None:
+            raise ValueError(f"clip_and_accumulate cannot handle layer {bad[0]!r}: {bad[1]}; "
+                             f"use Opacus (grad_sample_mode='ghost' or 'hooks') for this model")
     batch = x.shape[0]
     if y.shape != (batch,):
         raise ValueError(f"need one label per row: x has {batch} rows, y has shape "
@@ -186,11 +229,74 @@ def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: 
         if weights.shape != (batch,):
             raise ValueError(f"need one weight per row: x has {batch} rows, weights have "
                              f"shape {tuple(weights.shape)}")
-        if batch and bool(((weights < 0) | (weights > 1) | weights.isnan()).any()):
+        # min/max propagate NaN, which fails both comparisons
+        if batch and not (float(weights.min()) >= 0 and float(weights.max()) <= 1):
             raise ValueError("weights must lie in [0, 1]: a larger weight would break the "
                              "per-sample bound C the noise is calibrated to")
 
-    flat = _flat_sequential(module)
+    flat = None
+    if plan is not None:
+        parts, total = forward_backward(plan, x, y, need_loss=return_loss)
+    else:
+        flat = _flat_sequential(module)
+        parts, total = _autograd_taps(module, flat, x, y)
+
+    with torch.no_grad():
+        # norm_i² = Σ_l ‖g_il‖² (‖a_il‖² + 1 if the bias trains). Row norms by
+        # vector_norm, which allocates no [batch, width] temporary (vecdot does).
+        sq: Tensor | None = None
+        for layer, a, g in parts:
+            t = torch.linalg.vector_norm(g, dim=1)
+            if layer.weight.requires_grad:
+                a_norm = torch.linalg.vector_norm(a, dim=1)
+                t.mul_(a_norm.hypot_(_ONE.to(a_norm.dtype)) if _bias_trains(layer) else a_norm)
+            sq = t.mul_(t) if sq is None else sq.addcmul_(t, t)
+        assert sq is not None
+        norms = sq.sqrt_()
+        scale = (norms + CLIP_EPS).reciprocal_().mul_(max_grad_norm).clamp_(max=1.0)
+        if weights is not None:
+            scale.mul_(weights.to(scale.dtype))
+        # W.grad = Gᵀ diag(s) A: one matmul per layer; b.grad = Gᵀ s. The hand-written
+        # backward's G are its own: scaled in place (no temporary); autograd's may be
+        # views, so the scale goes on a copy of the narrower of G and A.
+        column = scale.unsqueeze(1)
+        for layer, a, g in parts:
+            weight, bias = layer.weight, layer.bias
+            if bias is not None and bias.requires_grad:
+                if accumulate and bias.grad is not None:
+                    bias.grad.addmv_(g.t(), scale)
+                else:
+                    bias.grad = torch.mv(g.t(), scale)
+            if not weight.requires_grad:
+                continue
+            if plan is not None:
+                lhs, rhs = g.mul_(column), a
+            elif a.shape[1] < g.shape[1]:
+                lhs, rhs = g, a * column
+            else:
+                lhs, rhs = g * column, a
+            if accumulate and weight.grad is not None:
+                weight.grad.addmm_(lhs.t(), rhs)
+            else:
+                weight.grad = torch.mm(lhs.t(), rhs)
+        if plan is None and flat is None:  # a Linear the forward never called: zero grad
+            called = {id(layer) for layer, _, _ in parts}
+            for sub in module.modules():
+                if type(sub) is nn.Linear and id(sub) not in called:
+                    for p in sub.parameters():
+                        if p.requires_grad and not (accumulate and p.grad is not None):
+                            p.grad = torch.zeros_like(p)
+    if return_loss:  # the mean loss the forward already computed (callers log it)
+        assert total is not None
+        return norms, float(total) / max(batch, 1)
+    return norms
+
+
+def _autograd_taps(module: nn.Module, flat: tuple[list[nn.Module], list[str]] | None,
+                   x: Tensor, y: Tensor,
+                   ) -> tuple[list[tuple[nn.Linear, Tensor, Tensor]], Tensor]:
+    """One forward keeping each trainable Linear's (input, output), then ONE
+    `torch.autograd.grad` of the summed loss w.r.t. those outputs: [(layer, A, G)]."""
     with torch.enable_grad():
         if flat is not None:
             out, taps = _forward_sequential(*flat, x)
@@ -199,50 +305,10 @@ def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: 
         if not taps:
             raise ValueError("module has no trainable nn.Linear parameters to clip")
         total = F.cross_entropy(out, y, reduction="sum")
-        outs = [z for _, _, z in taps]
-        grads = torch.autograd.grad(total, outs, allow_unused=True)
-
-    with torch.no_grad():
-        # norm_i² = Σ_l ‖g_il‖² (‖a_il‖² + 1 if the bias trains), 3-4 small ops per layer
-        sq: Tensor | None = None
-        parts: list[tuple[nn.Linear, Tensor, Tensor]] = []
-        for (layer, a, z), g in zip(taps, grads, strict=True):
-            g = torch.zeros_like(z) if g is None else g  # output unused by the loss
-            g_sq = torch.linalg.vecdot(g, g)
-            if layer.weight.requires_grad:
-                a_sq = torch.linalg.vecdot(a, a)
-                if _bias_trains(layer):
-                    a_sq.add_(1.0)
-                sq = g_sq.mul_(a_sq) if sq is None else sq.addcmul_(g_sq, a_sq)
-            else:  # a trainable bias alone
-                sq = g_sq if sq is None else sq.add_(g_sq)
-            parts.append((layer, a, g))
-        assert sq is not None
-        norms = sq.sqrt_()
-        scale = (max_grad_norm / (norms + CLIP_EPS)).clamp_(max=1.0)
-        if weights is not None:
-            scale.mul_(weights.to(scale.dtype))
-        # W.grad = Gᵀ diag(s) A: one matmul per layer, the scale applied to the narrower
-        # of G and A; b.grad = Gᵀ s
-        column = scale.unsqueeze(1)
-        for layer, a, g in parts:
-            if layer.weight.requires_grad:
-                if a.shape[1] < g.shape[1]:
-                    layer.weight.grad = torch.mm(g.t(), a * column)
-                else:
-                    layer.weight.grad = torch.mm((g * column).t(), a)
-            if _bias_trains(layer):
-                layer.bias.grad = torch.mv(g.t(), scale)
-        if flat is None:  # a Linear the forward never called: its gradient is zero
-            called = {id(layer) for layer, _, _ in taps}
-            for sub in module.modules():
-                if type(sub) is nn.Linear and id(sub) not in called:
-                    for p in sub.parameters():
-                        if p.requires_grad:
-                            p.grad = torch.zeros_like(p)
-    if return_loss:  # the mean loss the forward already computed (callers log it)
-        return norms, float(total.detach()) / max(batch, 1)
-    return norms
+        grads = torch.autograd.grad(total, [z for _, _, z in taps], allow_unused=True)
+    parts = [(layer, a, torch.zeros_like(z) if g is None else g)  # output unused by the loss
+             for (layer, a, z), g in zip(taps, grads, strict=True)]
+    return parts, total.detach()
 
 
 def _bias_trains(layer: nn.Linear) -> bool:

@@ -18,6 +18,7 @@ train without it.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 Engine = Literal["opacus", "fused", "auto"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
     scale = torch.where(public, w, w / per_source[src.clamp_min(0)].clamp_min(1))
     expected = sample_rate * len(private_ids) + int(public.sum())
     params = [p for p in module.parameters() if p.requires_grad]
+    # Every step: (Σ_i w_i·clip(∇ℓ_i) + N(0, σ²C²)) / E, computed as Σ_i (w_i/E)·clip(∇ℓ_i)
+    # + N(0, σ²C²/E²): one draw for every parameter into one buffer, and the fused kernel
+    # adds the clipped sum straight onto it (no further pass over the parameters).
+    sizes = [p.numel() for p in params]
+    noise = torch.empty(sum(sizes), dtype=params[0].dtype if params else None)
+    noise_views = [v.view_as(p) for v, p in zip(noise.split(sizes), params, strict=True)]
+    divisor = max(expected, 1.0)
     module.train()
     sampled_total, clipped, counted, loss_sum = 0, 0, 0, 0.0
     for _ in range(steps):
@@ -101,21 +110,41 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
         take = public | torch.isin(src, chosen)
         sampled_total += len(chosen)
         rows = take.nonzero().squeeze(1)
+        if noise_multiplier > 0:  # noise is added on every step, sampled or not
+            noise.normal_(0.0, noise_multiplier * max_grad_norm / divisor, generator=generator)
+        else:
+            noise.zero_()
+        onto_noise = engine_name == "fused" or not len(rows)
+        if onto_noise:
+            for p, v in zip(params, noise_views, strict=True):
+                p.grad = v
         if len(rows):
-            norms, loss = _clipped_sum(module, params, x[rows], y[rows], scale[rows],
-                                       max_grad_norm, engine_name)
+            try:
+                norms, loss = _clipped_sum(module, params, x[rows], y[rows],
+                                           scale[rows] / divisor, max_grad_norm, engine_name)
+            except ValueError as exc:
+                # a refusal only the run can reveal (a Linear called twice, a sequence
+                # input): under "auto", Opacus takes over for the rest of the update
+                if engine != "auto" or engine_name != "fused":
+                    raise
+                log.warning("the fused clipping kernel refused this model (%s); "
+                            "using Opacus for this update", exc)
+                engine_name, onto_noise = "opacus", False
+                if noise_multiplier > 0:  # fresh noise: the refused call may have touched it
+                    noise.normal_(0.0, noise_multiplier * max_grad_norm / divisor,
+                                  generator=generator)
+                else:
+                    noise.zero_()
+                for p in params:
+                    p.grad = None
+                norms, loss = _clipped_sum(module, params, x[rows], y[rows],
+                                           scale[rows] / divisor, max_grad_norm, engine_name)
             private_rows = ~public[rows]
             clipped += int((norms[private_rows] > max_grad_norm).sum())
             counted += int(private_rows.sum())
             loss_sum += loss
-        else:
-            for p in params:
-                p.grad = torch.zeros_like(p)
-        for p in params:  # noise is added on every step, sampled or not
-            if noise_multiplier > 0:
-                p.grad += torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape,
-                                       generator=generator)
-            p.grad /= max(expected, 1.0)
+        if not onto_noise:  # Opacus set fresh grads
+            torch._foreach_add_([p.grad for p in params], noise_views)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     module.eval()
@@ -126,12 +155,13 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
 def _clipped_sum(module: nn.Module, params: list[nn.Parameter], x: torch.Tensor,
                  y: torch.Tensor, scale: torch.Tensor, max_grad_norm: float,
                  engine: str) -> tuple[torch.Tensor, float]:
-    """Σ_i scale_i · clip_C(∇ℓ_i) into p.grad; returns per-example norms and the mean loss."""
+    """Σ_i scale_i · clip_C(∇ℓ_i) into p.grad (fused: added to the grads there, the noise;
+    opacus: set); returns per-example norms and the mean loss."""
     if engine == "fused":
         from flywheel.kernels import clip_and_accumulate
 
         norms, loss = clip_and_accumulate(module, x, y, max_grad_norm, weights=scale,
-                                          return_loss=True)
+                                          return_loss=True, accumulate=True)
         return norms, loss
     if engine != "opacus":
         raise ValueError(f"unknown DP engine {engine!r}; expected opacus, fused or auto")

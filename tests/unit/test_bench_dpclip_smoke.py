@@ -28,12 +28,12 @@ def test_bench_dpclip_json_has_every_method_and_target(monkeypatch: pytest.Monke
     assert {"machine", "config", "models", "summary", "date", "command"} <= doc.keys()
     (model,) = doc["models"]
     assert model["name"] == "demo" and model["architecture"] == "8-64-64-3"
-    methods = {"ours", "ghost", "hooks", "nonprivate", "ours_nonoise"}
+    methods = {"ours", "ghost", "hooks", "nonprivate", "ours_nonoise", "ours_autograd"}
     assert set(model["samples_per_s"]) == methods == set(model["samples_per_cpu_s"])
     assert all(v > 0 for v in model["samples_per_s"].values())
     assert all(len(model["runs"][m]) == 1 and model["runs"][m][0]["steps"] >= 1
                for m in methods)
-    assert {"vs_nonprivate", "vs_ghost", "vs_hooks"} <= set(model["targets"])
+    assert {"vs_nonprivate", "vs_ghost", "vs_hooks", "vs_ours_autograd"} <= set(model["targets"])
     assert model["pass"] == (model["targets"]["vs_nonprivate"]["pass"]
                              and model["targets"]["vs_ghost"]["pass"])
     assert doc["summary"]["all_pass"] == model["pass"]

@@ -10,6 +10,7 @@ gradients, the same quantity the kernel produces; one test checks the "mean" set
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flywheel.kernels import clip_and_accumulate, supports
+from flywheel.kernels import clip_and_accumulate, supports, uses_manual_backward
+from flywheel.kernels.mlp_backward import ACTIVATIONS as MANUAL_ACTIVATIONS
 from flywheel.kernels.per_sample_clip import unsupported_layer
 from flywheel.kernels.reference import per_sample_clip_reference, per_sample_grads
-from flywheel.modelspec import ModelSpec, build_model
+from flywheel.modelspec import ModelSpec, Standardize, build_model
 
 ACTIVATIONS = ("relu", "tanh", "gelu")
 CLIP_MODES = ("all", "some", "none")
@@ -103,10 +105,12 @@ def opacus_hooks_grads(module: nn.Module, x: torch.Tensor, y: torch.Tensor, c: f
 
 
 def ours(module: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float,
-         weights: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+         weights: torch.Tensor | None = None, backward: str = "auto",
+         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     for p in module.parameters():
         p.grad = None
-    norms = clip_and_accumulate(module, x, y, c, weights=weights)
+    norms = clip_and_accumulate(module, x, y, c, weights=weights,
+                                backward=backward)  # type: ignore[arg-type]
     return {n: p.grad.detach().clone() for n, p in module.named_parameters()
             if p.requires_grad}, norms
 
@@ -120,13 +124,17 @@ def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
 
 
 # -- equal to Opacus hooks mode and to the reference -------------------------------------
+@pytest.mark.parametrize("backward", ["manual", "autograd"])
 @pytest.mark.parametrize("case", cases(48, seed=1), ids=repr)
-def test_clipped_sum_equals_opacus_hooks_float32(case: Case):
+def test_clipped_sum_equals_opacus_hooks_float32(case: Case, backward: str):
+    """Both ways of getting the output gradients: by hand (what "auto" picks for these
+    models) and with autograd (the fallback for other modules)."""
     module, x, y = case.build()
+    assert uses_manual_backward(module)
     _, ref_norms = per_sample_clip_reference(module, x, y, 1.0)
     c = clip_norm(ref_norms, case.clip)
     want, opacus_norms = opacus_hooks_grads(build_copy(module), x, y, c)
-    got, norms = ours(module, x, y, c)
+    got, norms = ours(module, x, y, c, backward=backward)
     assert_grads_close(got, want, 1e-5)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norms, opacus_norms, rtol=1e-5, atol=1e-5)
@@ -136,13 +144,14 @@ def test_clipped_sum_equals_opacus_hooks_float32(case: Case):
             }[case.clip]
 
 
+@pytest.mark.parametrize("backward", ["manual", "autograd"])
 @pytest.mark.parametrize("case", cases(24, seed=2), ids=repr)
-def test_clipped_sum_and_norms_equal_reference_float64(case: Case):
+def test_clipped_sum_and_norms_equal_reference_float64(case: Case, backward: str):
     module, x, y = case.build(torch.float64)
     _, ref_norms = per_sample_clip_reference(module, x, y, 1.0)
     c = clip_norm(ref_norms, case.clip)
     want, want_norms = per_sample_clip_reference(module, x, y, c)
-    got, norms = ours(module, x, y, c)
+    got, norms = ours(module, x, y, c, backward=backward)
     assert_grads_close(got, want, 1e-10)
     torch.testing.assert_close(norms, want_norms, rtol=1e-12, atol=1e-12)
     opacus, _ = opacus_hooks_grads(build_copy(module), x, y, c)
@@ -389,3 +398,246 @@ def test_a_linear_the_forward_skips_gets_a_zero_gradient():
     assert float(module.unused.weight.grad.abs().sum()) == 0.0
     assert float(module.unused.bias.grad.abs().sum()) == 0.0
     assert float(module.used.weight.grad.abs().sum()) > 0.0
+
+
+# -- the hand-written MLP backward against the autograd one -------------------------------
+# Every activation the hand-written path knows, each as a fresh-module factory.
+MANUAL_ACTS: dict[str, type[nn.Module] | functools.partial[nn.Module]] = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU,
+    "leaky_relu_0.3": functools.partial(nn.LeakyReLU, 0.3),
+}
+
+
+def test_every_known_activation_is_tested():
+    assert {type(f()) for f in MANUAL_ACTS.values()} == set(MANUAL_ACTIVATIONS)
+
+
+def random_mlp(seed: int, act: str, dtype: torch.dtype) -> tuple[nn.Sequential, torch.Tensor,
+                                                                  torch.Tensor]:
+    """A random Sequential MLP the hand-written path accepts: Standardize or not, 1-4
+    Linear layers (some without bias, some partly or wholly frozen), Identity and eval
+    Dropout in between, a nested Sequential, sometimes an activation after the last Linear."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    make = MANUAL_ACTS[act]
+    dim, classes, batch = rng.choice((1, 5, 12)), rng.choice((2, 3, 7)), rng.choice((1, 3, 40))
+    widths = [dim, *(rng.choice((1, 6, 24)) for _ in range(rng.randrange(4))), classes]
+    layers: list[nn.Module] = []
+    if rng.random() < 0.5:
+        std = Standardize(dim)
+        std.scale.fill_(2.0)
+        layers.append(std)
+    last = len(widths) - 2
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        linear = nn.Linear(a, b, bias=rng.random() < 0.8)
+        frozen = rng.random() if i < last else 1.0  # the last layer's weight trains
+        if i and frozen < 0.15:
+            linear.requires_grad_(False)
+        elif frozen < 0.3:
+            linear.weight.requires_grad_(False)
+        block: list[nn.Module] = [linear]
+        if i < last or rng.random() < 0.3:
+            block.append(make())
+        if rng.random() < 0.3:
+            block.append(rng.choice((nn.Identity(), nn.Dropout(0.4).eval())))
+        if rng.random() < 0.3:
+            layers.append(nn.Sequential(*block))
+        else:
+            layers += block
+    module = nn.Sequential(*layers).to(dtype)
+    x = (torch.randn(batch, dim) * 2).to(dtype)
+    return module, x, torch.randint(0, classes, (batch,))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("act", list(MANUAL_ACTS))
+def test_manual_backward_equals_autograd_and_reference(act: str, seed: int):
+    module, x, y = random_mlp(seed * 31 + len(act), act, torch.float64)
+    assert uses_manual_backward(module)
+    weights = torch.rand(len(x), dtype=torch.float64)
+    _, ref_norms = per_sample_clip_reference(module, x, y, 1.0)
+    c = max(float(ref_norms.median()), 1e-3)  # some samples clipped, some not
+    manual, manual_norms = ours(module, x, y, c, weights, backward="manual")
+    _, manual_loss = clip_and_accumulate(module, x, y, c, weights=weights, return_loss=True,
+                                         backward="manual")  # type: ignore[misc]
+    auto, auto_norms = ours(module, x, y, c, weights, backward="autograd")
+    _, auto_loss = clip_and_accumulate(module, x, y, c, weights=weights, return_loss=True,
+                                       backward="autograd")  # type: ignore[misc]
+    want, want_norms = per_sample_clip_reference(module, x, y, c, weights=weights)
+    assert_grads_close(manual, auto, 1e-12)
+    assert_grads_close(manual, want, 1e-10)
+    torch.testing.assert_close(manual_norms, auto_norms, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(manual_norms, want_norms, rtol=1e-10, atol=1e-10)
+    assert manual_loss == pytest.approx(auto_loss, rel=1e-12)
+    with torch.no_grad():
+        assert manual_loss == pytest.approx(float(F.cross_entropy(module(x), y)), rel=1e-12)
+
+
+@pytest.mark.parametrize("act", list(MANUAL_ACTS))
+def test_manual_backward_float32_equals_opacus_hooks(act: str):
+    """Activations beyond the specs' three, in float32, against Opacus hooks mode."""
+    module, x, y = random_mlp(100 + len(act), act, torch.float32)
+    assert uses_manual_backward(module)
+    _, ref_norms = per_sample_clip_reference(module, x, y, 1.0)
+    c = max(float(ref_norms.median()), 1e-3)
+    want, _ = opacus_hooks_grads(build_copy(module), x, y, c)
+    got, _ = ours(module, x, y, c, backward="manual")
+    assert_grads_close(got, want, 1e-5)
+
+
+class ReLUSubclass(nn.ReLU):
+    """A subclass may change forward: the hand-written path must not assume it is ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) * 2
+
+
+class SequentialSubclass(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x) * 0.5
+
+
+class Wrapped(nn.Module):
+    """A non-Sequential container around a Linear: the hand-written path does not look in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def _fallback_models() -> list[tuple[str, nn.Module]]:
+    frozen_norm = nn.LayerNorm(6)
+    frozen_norm.requires_grad_(False)
+    return [
+        ("not a Sequential", Residual()),
+        ("Sequential subclass", SequentialSubclass(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))),
+        ("ReLU subclass", nn.Sequential(nn.Linear(6, 6), ReLUSubclass(), nn.Linear(6, 4))),
+        ("unknown activation", nn.Sequential(nn.Linear(6, 6), nn.Softplus(), nn.Linear(6, 4))),
+        ("frozen LayerNorm", nn.Sequential(nn.Linear(6, 6), frozen_norm, nn.Linear(6, 4))),
+        ("Linear in a container", nn.Sequential(nn.Linear(6, 12), nn.Tanh(), Wrapped(),
+                                                nn.Linear(12, 4))),
+    ]
+
+
+@pytest.mark.parametrize("name,module", _fallback_models(), ids=lambda v: v if isinstance(
+    v, str) else "")
+def test_unknown_modules_fall_back_to_autograd(name: str, module: nn.Module):
+    module = module.double()
+    torch.manual_seed(15)
+    x, y = torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 4, (11,))
+    assert supports(module) and not uses_manual_backward(module)
+    want, want_norms = per_sample_clip_reference(module, x, y, 0.4)
+    got, norms = ours(module, x, y, 0.4)  # auto: the autograd path
+    assert_grads_close(got, want, 1e-10)
+    torch.testing.assert_close(norms, want_norms)
+    with pytest.raises(ValueError, match="backward='manual' needs"):
+        clip_and_accumulate(module, x, y, 0.4, backward="manual")
+
+
+def test_dropout_in_training_mode_uses_autograd():
+    module = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3))
+    assert not uses_manual_backward(module)
+    assert uses_manual_backward(module.eval())
+    module[2].p = 0.0
+    assert uses_manual_backward(module.train())  # p = 0 is the identity
+
+
+def test_shared_linear_in_a_sequential_is_left_to_autograd_which_refuses_it():
+    shared = nn.Linear(6, 6)
+    module = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(6, 2))
+    assert not uses_manual_backward(module)
+    frozen = nn.Linear(6, 6).requires_grad_(False)  # a shared frozen Linear is fine
+    assert uses_manual_backward(nn.Sequential(nn.Linear(6, 6), frozen, nn.ReLU(), frozen,
+                                              nn.Linear(6, 2)))
+
+
+def test_tied_weights_are_refused_on_both_paths():
+    """Two Linears sharing a trainable weight: its per-sample gradient is a sum of two
+    outer products, so the norm identity does not hold; Opacus must do it."""
+    first, second = nn.Linear(6, 6), nn.Linear(6, 6)
+    second.weight = first.weight
+    module = nn.Sequential(first, nn.Tanh(), second, nn.Linear(6, 2))
+    assert not supports(module) and not uses_manual_backward(module)
+    with pytest.raises(ValueError, match=r"layer '2'.*tied weights.*Opacus"):
+        clip_and_accumulate(module, torch.randn(3, 6), torch.randint(0, 2, (3,)), 1.0)
+    first.weight.requires_grad_(False)  # a tied frozen weight is only data
+    assert supports(module) and uses_manual_backward(module)
+
+
+def test_manual_path_refuses_inputs_that_are_not_2d():
+    module = nn.Sequential(nn.Unflatten(1, (2, 4)), nn.Linear(4, 3))
+    assert uses_manual_backward(module)
+    with pytest.raises(ValueError, match=r"layer '1'.*2-D"):
+        clip_and_accumulate(module, torch.randn(5, 8), torch.randint(0, 3, (5,)), 1.0)
+    with pytest.raises(ValueError, match=r"layer '0'.*2-D"):
+        clip_and_accumulate(nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 2, 4),
+                            torch.randint(0, 3, (5,)), 1.0)
+
+
+def test_unknown_backward_is_refused():
+    module, x, y = Case(16, 8, (4,), 3, "relu", 4, "some").build()
+    with pytest.raises(ValueError, match="backward 'fast'"):
+        clip_and_accumulate(module, x, y, 1.0, backward="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backward", ["manual", "autograd"])
+def test_accumulate_adds_to_the_grads_already_there(backward: str):
+    module, x, y = Case(17, 8, (16, 16), 3, "gelu", 20, "some").build(torch.float64)
+    clipped, _ = ours(module, x, y, 0.3, backward=backward)
+    start = {n: torch.randn_like(p) for n, p in module.named_parameters()}
+    for n, p in module.named_parameters():
+        p.grad = start[n].clone()
+    module[1].bias.grad = None  # no grad yet: set, as without accumulate
+    clip_and_accumulate(module, x, y, 0.3, accumulate=True,
+                        backward=backward)  # type: ignore[arg-type]
+    for n, p in module.named_parameters():
+        want = clipped[n] if n == "1.bias" else start[n] + clipped[n]
+        torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
+
+
+def test_accumulate_through_the_hooked_path_keeps_unused_grads():
+    module = Residual().double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 4, (7,))
+    clipped, _ = ours(module, x, y, 0.3)
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    clip_and_accumulate(module, x, y, 0.3, accumulate=True)
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, clipped[n] + 1)
+
+
+# -- privacy/dp_sgd.py's use of the kernel (noise drawn first, clipped sum added onto it) --
+@pytest.mark.parametrize("engine", ["fused", "opacus"])
+@pytest.mark.parametrize("sample_rate,divisor", [(0.5, 20.0), (1e-9, 1.0)])
+def test_dp_update_gradient_noise_has_std_sigma_c_over_the_expected_batch(
+        engine: str, sample_rate: float, divisor: float):
+    """Each step's gradient is (Σ clipped + N(0, σ²C²)) / max(E, 1), E = q · sources: with
+    σ huge the update is the noise, whose std must be σC / max(E, 1) exactly as before the
+    kernel started adding the clipped sum onto a pre-drawn noise buffer (sample_rate 1e-9:
+    no row is sampled, the update is the noise alone)."""
+    import numpy as np
+
+    from flywheel.privacy.dp_sgd import PrivateBatch, dp_update
+
+    torch.manual_seed(18)
+    module = build_model(ModelSpec(input_dim=16, hidden=[640], labels=list("abcd")))
+    before = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+    rng = np.random.default_rng(0)
+    batch = PrivateBatch(x=rng.normal(size=(40, 16)).astype(np.float32),
+                         y=rng.integers(0, 4, 40), weight=np.ones(40, np.float32),
+                         sources=np.arange(40), public=np.zeros(40, bool))
+    sigma, clip = 1000.0, 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp_update(module, torch.optim.SGD(module.parameters(), lr=1.0), batch, steps=1,
+                  sample_rate=sample_rate, noise_multiplier=sigma, max_grad_norm=clip,
+                  generator=torch.Generator().manual_seed(1), engine=engine)  # type: ignore[arg-type]
+    step = before - torch.cat([p.detach().flatten() for p in module.parameters()])
+    want = sigma * clip / divisor
+    assert float(step.std()) == pytest.approx(want, rel=0.03)  # 13,444 values: 0.6 % s.e.
+    assert abs(float(step.mean())) < 4 * want / len(step) ** 0.5

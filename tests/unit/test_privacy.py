@@ -137,3 +137,29 @@ def test_weights_above_one_are_refused():
     b = _batch()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         PrivateBatch(b.x, b.y, b.weight * 3, b.sources, b.public)
+
+
+class _LinearTwice(nn.Module):
+    """One Linear applied twice: only a run reveals it (the fused kernel then refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def test_auto_falls_back_to_opacus_when_the_kernel_refuses_at_run_time(caplog):
+    batch = _batch()
+    torch.manual_seed(0)
+    auto = _LinearTwice()
+    opacus = _LinearTwice()
+    opacus.load_state_dict(auto.state_dict())
+    with pytest.raises(ValueError, match="more than once"):
+        _step(_LinearTwice(), batch, 0.0, seed=0, engine="fused")  # asked for: no fallback
+    with caplog.at_level("WARNING", logger="flywheel.privacy.dp_sgd"):
+        stats = _step(auto, batch, 0.0, seed=0, engine="auto")
+    assert stats.engine == "opacus" and "refused" in caplog.text
+    _step(opacus, batch, 0.0, seed=0, engine="opacus")
+    assert torch.allclose(_params(auto), _params(opacus), atol=1e-6)
