@@ -61,21 +61,28 @@ class Clock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self._inside = threading.local()  # within an exclusive step, on this thread
 
     def wrap(self, name: str, fn: Callable[..., Any], exclusive: bool = False
              ) -> Callable[..., Any]:
-        """`exclusive`: time spent in other wrapped steps during this call is not theirs."""
+        """`exclusive`: time spent in other wrapped steps during this call, on the same
+        thread, is not theirs (the sweep's joins are the sweep's). A `name` with
+        "{thread}" is filled in with the calling thread's name."""
         def timed(*args: Any, **kwargs: Any) -> Any:
-            before = dict(self.seconds) if exclusive else None
+            outer = getattr(self._inside, "step", None)
+            if exclusive:
+                self._inside.step = name
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
-                if before is not None:
-                    self.seconds = before
-                self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-                self.calls[name] = self.calls.get(name, 0) + 1
+                if exclusive:
+                    self._inside.step = outer
+                if outer is None:
+                    label = name.format(thread=threading.current_thread().name)
+                    self.seconds[label] = self.seconds.get(label, 0.0) + elapsed
+                    self.calls[label] = self.calls.get(label, 0) + 1
         return timed
 
 
@@ -216,31 +223,75 @@ def raw_consume(bootstrap: str, topics: list[str], expected: int,
             "records_per_s": seen / elapsed}
 
 
+class BackendCpu:
+    """CPU seconds of the PostgreSQL server processes serving one database.
+
+    PostgreSQL runs on this machine, so /proc has its backends' user + system time; the
+    worker's CPU plus theirs is the work a correction costs, whatever else shares the
+    machine (wall time is not). Backends that come and go between two snapshots are
+    missed; the worker's pool keeps its connections for the run.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.pool import NullPool
+
+        url = make_url(database_url)
+        self.database = url.database
+        self._engine = create_engine(url.set(database="postgres"), poolclass=NullPool)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def snapshot(self) -> dict[int, float]:
+        """{backend pid: CPU seconds so far}; empty where /proc cannot be read."""
+        from sqlalchemy import text
+
+        try:
+            with self._engine.connect() as conn:
+                pids = conn.scalars(text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
+                                    {"d": self.database}).all()
+        except Exception:  # noqa: BLE001 -- a figure we can do without
+            return {}
+        cpu = {}
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # not on this machine, or gone
+                continue
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime
+        return cpu
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
 def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the real worker until it has joined `n` corrections; time its steps."""
-    from kafka import ConsumerRebalanceListener
-
     import flywheel.feedback.worker as worker_module
-    from flywheel.feedback.runner import build_worker
+    from flywheel.feedback.runner import build_worker, tune_worker_process
 
     clock = Clock()
     worker = build_worker(settings, client_id="bench-feedback")
+    tune_worker_process()  # as `flywheel feedback` does once its worker is built
     marks: dict[str, float] = {}
     stop = threading.Event()
+    on_assigned = worker._on_assigned
 
-    class Assigned(ConsumerRebalanceListener):
-        def on_partitions_assigned(self, assigned: Any) -> None:
-            marks.setdefault("assigned", time.perf_counter())
+    backends = BackendCpu(settings.resolved_database_url)
+    pg_cpu: dict[str, dict[int, float]] = {}
 
-        def on_partitions_revoked(self, revoked: Any) -> None:
-            pass
+    def assigned(partitions: Any) -> None:
+        marks.setdefault("assigned", time.perf_counter())
+        marks.setdefault("cpu_assigned", time.process_time())
+        pg_cpu.setdefault("assigned", backends.snapshot())
+        on_assigned(partitions)
 
+    worker._on_assigned = assigned
     connect = worker._connect
 
     def connect_and_time() -> None:
         connect()
         consumer = worker._consumer
-        consumer.subscribe(topics=list(worker._kinds), listener=Assigned())
         poll = consumer.poll
 
         def timed_poll(*args: Any, **kwargs: Any) -> Any:
@@ -260,18 +311,25 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
     def on_batch(stats: Any) -> None:
         if stats.joined >= n and "done" not in marks:
             marks["done"] = time.perf_counter()
+            marks["cpu_done"] = time.process_time()
+            pg_cpu["done"] = backends.snapshot()
             at_done.update(clock.seconds)  # the final sweep, after the stop, is not timed
             stop.set()
 
     worker._connect = connect_and_time
-    worker.process = clock.wrap("process", worker.process)
-    worker._in_transaction = clock.wrap("transaction", worker._in_transaction)
+    # consumer thread
+    worker._decode = clock.wrap("decode + validate", worker._decode)
+    worker._await = clock.wrap("waiting for the store thread", worker._await)
+    # store thread (the sweep's joins and transaction count as "sweep" only: exclusive)
+    worker._write_events = clock.wrap("write events ahead", worker._write_events)
     worker.sweep = clock.wrap("sweep", worker.sweep, exclusive=True)
+    worker._store_batch = clock.wrap("store thread busy", worker._store_batch)
+    worker._in_transaction = clock.wrap("transaction {thread}", worker._in_transaction)
     worker._examples_for = clock.wrap("analysis + counterexamples", worker._examples_for)
     watchdog = threading.Timer(RUN_TIMEOUT_S, stop.set)
     watchdog.daemon = True
     with ExitStack() as stack:
-        for name, label in (("store_events", "store writes"), ("claim_joins", "join"),
+        for name, label in (("store_events", "store writes {thread}"), ("claim_joins", "join"),
                             ("insert_ignoring_duplicates", "example inserts")):
             stack.enter_context(patched(worker_module, name, clock, label))
         watchdog.start()
@@ -279,35 +337,56 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
             stats = worker.run(stop, on_batch=on_batch)
         finally:
             watchdog.cancel()
+            backends.close()
             worker._sessions.kw["bind"].dispose()  # before the database is dropped
     if "done" not in marks or "assigned" not in marks:
         raise BenchError(f"the worker joined {worker.stats.joined} of {n} corrections "
                          f"in {RUN_TIMEOUT_S:.0f}s")
     elapsed = marks["done"] - marks["assigned"]
     s = at_done
-    # process() = decode + transaction (+ dead letters, none here); the transaction =
-    # store writes + join + analysis + example inserts + its commit. Sweeps are timed
-    # apart (exclusive), so their joins and transactions are not counted twice.
-    in_tx = (s.get("store writes", 0) + s.get("join", 0)
+    # Two threads run at once: the consumer thread (poll, decode, writing each batch's
+    # events ahead in their own transaction, offset commits, waiting for the store
+    # thread) and the store thread (one transaction per batch: join + analysis + example
+    # inserts + its commit, then dead letters; and the periodic sweep, in turn). Each
+    # thread's steps add up to at most `elapsed`, the two together to more.
+    store_writes = s.get("store writes feedback-store", 0.0)
+    in_tx = (store_writes + s.get("join", 0)
              + s.get("analysis + counterexamples", 0) + s.get("example inserts", 0))
-    split = {
+    consumer = {
         "kafka poll": s.get("kafka poll", 0.0),
-        "decode + validate": s.get("process", 0.0) - s.get("transaction", 0.0),
-        "store writes": s.get("store writes", 0.0),
+        "decode + validate": s.get("decode + validate", 0.0),
+        "write events ahead (own transaction)": s.get("write events ahead", 0.0),
+        "kafka offset commit": s.get("kafka offset commit", 0.0),
+        "waiting for the store thread": s.get("waiting for the store thread", 0.0),
+    }
+    consumer["other"] = elapsed - sum(consumer.values())
+    busy = s.get("store thread busy", 0.0)
+    in_store_tx = s.get("transaction feedback-store", 0.0)
+    store = {
+        "store writes (not written ahead)": store_writes,
         "join": s.get("join", 0.0),
         "analysis + counterexamples": s.get("analysis + counterexamples", 0.0),
         "example inserts": s.get("example inserts", 0.0),
-        "db commit": s.get("transaction", 0.0) - in_tx,
-        "kafka offset commit": s.get("kafka offset commit", 0.0),
+        "db commit": in_store_tx - in_tx,
+        "dead letters + bookkeeping": busy - in_store_tx,
         "sweep": s.get("sweep", 0.0),
+        "idle": elapsed - busy - s.get("sweep", 0.0),
     }
-    split["other"] = elapsed - sum(split.values())
     say(f"worker: {stats.joined} joined in {elapsed:.2f}s over {stats.batches} batches")
+    # CPU seconds of this process (both threads; not PostgreSQL's, not the broker's):
+    # less sensitive than `elapsed` to what else runs on the machine.
+    cpu = marks["cpu_done"] - marks["cpu_assigned"]
+    before, after = pg_cpu.get("assigned", {}), pg_cpu.get("done", {})
+    server_cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items()) if after else None
     return {"elapsed_s": elapsed, "corrections_per_s": n / elapsed, "joined": stats.joined,
+            "process_cpu_s": cpu, "process_cpu_us_per_correction": cpu / n * 1e6,
+            "postgresql_cpu_s": server_cpu,
+            "postgresql_cpu_us_per_correction": None if server_cpu is None
+            else server_cpu / n * 1e6,
             "batches": stats.batches, "records": stats.records, "examples": stats.examples,
             "predictions": stats.predictions, "corrections": stats.corrections,
             "dead_letters": stats.dead_letters, "retries": stats.retries,
-            "time_split_s": split}
+            "time_split_s": {"consumer thread": consumer, "store thread": store}}
 
 
 def verify(settings: Any, n: int) -> dict[str, Any]:
@@ -422,15 +501,20 @@ def render(doc: dict[str, Any]) -> None:
                   f"{ours['elapsed_s']:.2f}", f"{ours['records'] / ours['elapsed_s']:.0f}",
                   f"[bold]{ours['corrections_per_s']:.0f}[/]")
     console.print(table)
-    split = Table(title="worker time split")
+    split = Table(title="worker time split (two threads at once: each adds up to the run)")
+    split.add_column("thread")
     split.add_column("step")
     split.add_column("seconds", justify="right")
     split.add_column("share", justify="right")
     split.add_column("us per correction", justify="right")
-    for step, secs in ours["time_split_s"].items():
-        split.add_row(step, f"{secs:.2f}", f"{secs / ours['elapsed_s']:.0%}",
-                      f"{secs / cfg['records'] * 1e6:.1f}")
+    for thread, steps in ours["time_split_s"].items():
+        for step, secs in steps.items():
+            split.add_row(thread, step, f"{secs:.2f}", f"{secs / ours['elapsed_s']:.0%}",
+                          f"{secs / cfg['records'] * 1e6:.1f}")
     console.print(split)
+    pg = ours.get("postgresql_cpu_s")
+    console.print(f"CPU over the run: worker process {ours['process_cpu_s']:.2f}s, its "
+                  "PostgreSQL backends " + ("n/a" if pg is None else f"{pg:.2f}s"))
     v = doc["verify"]
     mix = ", ".join(f"{k} {c}" for k, c in sorted(v["error_mix"].items()))
     console.print(f"error types: {mix}; splits: "

@@ -20,7 +20,10 @@ tensors it compiles for the device. Install with `pip install triton`.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +31,10 @@ from torch.nn import functional as F
 
 from flywheel.kernels.per_sample_clip import CLIP_EPS, unsupported_layer
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional: only the GPU path needs it
-    triton = tl = None  # type: ignore[assignment]
+# Imported on first use only (`_import_triton`): importing Triton takes time and loads
+# native code that no CPU process of Flywheel needs.
+triton: Any = None
+tl: Any = None
 
 __all__ = ["clip_and_accumulate_triton", "triton_available", "triton_interpreting"]
 
@@ -41,14 +43,27 @@ BLOCK_COLS = 32  # feature tile (tl.dot wants every dimension ≥ 16)
 
 
 def triton_available() -> bool:
-    """True if the `triton` package imports (it is optional: CPU serving never needs it)."""
-    return triton is not None
+    """True if the `triton` package is installed (optional: CPU serving never needs it)."""
+    return triton is not None or importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreting() -> bool:
-    """True if Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1` when
-    `triton` was imported)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
+    """True if Triton runs (or, not yet imported, will run) kernels in its CPU interpreter:
+    `TRITON_INTERPRET=1` when `triton` is first imported."""
+    if triton is not None:
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "on", "yes"}
+
+
+def _import_triton() -> None:
+    """Import Triton into this module's globals, where the kernels (and the interpreter,
+    which patches `tl` there) look it up."""
+    global triton, tl
+    if triton is None:
+        import triton as triton_module
+        import triton.language as language
+
+        triton, tl = triton_module, language
 
 
 # Plain functions, jitted on first use by `_kernels`: importing this module needs no Triton.
@@ -109,6 +124,7 @@ def _clipped_matmul(g_ptr, a_ptr, s_ptr, w_ptr, b_ptr, rows, g_cols, a_cols,
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
+    _import_triton()
     return SimpleNamespace(row_norms=triton.jit(_row_norms),
                            clipped_matmul=triton.jit(_clipped_matmul))
 

@@ -129,7 +129,7 @@ def create_app(
         if follow:  # after the first load, so startup never races it
             runtime.follower = ModelFollower(
                 settings, holder, registry=(lambda: registry) if registry else None).start()
-        from flywheel.service.gc_freeze import freeze_after_startup
+        from flywheel.gc_freeze import freeze_after_startup
 
         freeze_after_startup()  # full GC passes skip startup objects (docs/serving.md)
         try:

@@ -168,6 +168,10 @@ class Correction(Base):
     joined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+COUNTEREXAMPLE_INDEX = "ix_examples_counterexample_source_created_at"
+COUNTEREXAMPLE_PREDICATE = "origin = 'counterexample'"
+
+
 class Example(Base):
     """A labelled training example; the learner reads them in id order.
 
@@ -181,6 +185,12 @@ class Example(Base):
         CheckConstraint(_one_of("split", SPLITS), name="split"),
         CheckConstraint(_one_of("error_type", ERROR_TYPES), name="error_type"),
         CheckConstraint("weight > 0", name="weight_positive"),
+        # The per-source counterexample budget counts a source's recent counterexamples
+        # for every batch with a trainable error; without this index that is a scan of
+        # the whole table, growing with it (migration 0004).
+        Index(COUNTEREXAMPLE_INDEX, "source", "created_at",
+              postgresql_where=text(COUNTEREXAMPLE_PREDICATE),
+              sqlite_where=text(COUNTEREXAMPLE_PREDICATE)),
         {"sqlite_autoincrement": True},
     )
 

@@ -21,7 +21,7 @@ def run(ctx: typer.Context) -> None:
     """Join corrections to predictions, analyze errors, write examples (one group member)."""
     if ctx.invoked_subcommand is not None:
         return
-    from flywheel.feedback.runner import build_worker
+    from flywheel.feedback.runner import build_worker, tune_worker_process
     from flywheel.feedback.store import SchemaNotCurrent
 
     settings = settings_or_exit()
@@ -41,6 +41,7 @@ def run(ctx: typer.Context) -> None:
         serve_metrics(settings.feedback_metrics_port, FeedbackCollector(
             worker, make_engine(settings.resolved_database_url), settings.model_name),
             addr=settings.host)
+    tune_worker_process()  # after everything long-lived is loaded
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
