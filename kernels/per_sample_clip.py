@@ -29,8 +29,8 @@ from torch.nn import functional as F
 
 from flywheel.kernels.mlp_backward import forward_backward, mlp_plan
 
-__all__ = ["BACKWARDS", "LOSSES", "clip_and_accumulate", "supports", "unsupported_layer",
-           "uses_manual_backward"]
+__all__ = ["BACKWARDS", "LOSSES", "check_batch", "clip_and_accumulate", "supports",
+           "unsupported_layer", "uses_manual_backward"]
 
 LOSSES = ("cross_entropy",)
 CLIP_EPS = 1e-6  # as opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate
@@ -176,6 +176,23 @@ def uses_manual_backward(module: nn.Module) -> bool:
     return mlp_plan(module) is not None
 
 
+def check_batch(x: Tensor, y: Tensor, weights: Tensor | None) -> None:
+    """One label per row, and weights (if any) one per row in [0, 1]: a larger weight
+    would break the per-sample bound C the noise is calibrated to."""
+    batch = x.shape[0]
+    if y.shape != (batch,):
+        raise ValueError(f"need one label per row: x has {batch} rows, y has shape "
+                         f"{tuple(y.shape)}")
+    if weights is not None:
+        if weights.shape != (batch,):
+            raise ValueError(f"need one weight per row: x has {batch} rows, weights have "
+                             f"shape {tuple(weights.shape)}")
+        # min/max propagate NaN, which fails both comparisons
+        if batch and not (float(weights.min()) >= 0 and float(weights.max()) <= 1):
+            raise ValueError("weights must lie in [0, 1]: a larger weight would break the "
+                             "per-sample bound C the noise is calibrated to")
+
+
 def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float, *,
                         weights: Tensor | None = None, loss: str = "cross_entropy",
                         return_loss: bool = False, accumulate: bool = False,
@@ -221,18 +238,8 @@ def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: 
         if bad is not None:
             raise ValueError(f"clip_and_accumulate cannot handle layer {bad[0]!r}: {bad[1]}; "
                              f"use Opacus (grad_sample_mode='ghost' or 'hooks') for this model")
+    check_batch(x, y, weights)
     batch = x.shape[0]
-    if y.shape != (batch,):
-        raise ValueError(f"need one label per row: x has {batch} rows, y has shape "
-                         f"{tuple(y.shape)}")
-    if weights is not None:
-        if weights.shape != (batch,):
-            raise ValueError(f"need one weight per row: x has {batch} rows, weights have "
-                             f"shape {tuple(weights.shape)}")
-        # min/max propagate NaN, which fails both comparisons
-        if batch and not (float(weights.min()) >= 0 and float(weights.max()) <= 1):
-            raise ValueError("weights must lie in [0, 1]: a larger weight would break the "
-                             "per-sample bound C the noise is calibrated to")
 
     flat = None
     if plan is not None:

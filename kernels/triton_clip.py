@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flywheel.kernels.per_sample_clip import CLIP_EPS, unsupported_layer
+from flywheel.kernels.per_sample_clip import CLIP_EPS, check_batch, unsupported_layer
 
 # Imported on first use only (`_import_triton`): importing Triton takes time and loads
 # native code that no CPU process of Flywheel needs.
@@ -174,17 +174,7 @@ def _check(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float,
         raise ValueError(f"the Triton kernel cannot handle layer {bad[0]!r}: {bad[1]}")
     if x.dtype != torch.float32:
         raise ValueError(f"the Triton kernel computes in float32, got {x.dtype}")
-    batch = x.shape[0]
-    if y.shape != (batch,):
-        raise ValueError(f"need one label per row: x has {batch} rows, y has shape "
-                         f"{tuple(y.shape)}")
-    if weights is not None:
-        if weights.shape != (batch,):
-            raise ValueError(f"need one weight per row: x has {batch} rows, weights have "
-                             f"shape {tuple(weights.shape)}")
-        if batch and bool(((weights < 0) | (weights > 1) | weights.isnan()).any()):
-            raise ValueError("weights must lie in [0, 1]: a larger weight would break the "
-                             "per-sample bound C the noise is calibrated to")
+    check_batch(x, y, weights)
 
 
 def clip_and_accumulate_triton(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float,
