@@ -4,8 +4,17 @@ One abrupt concept change per scenario: the demo's `seed_concept(7) -> drift_con
 (a new RBF concept on shifted inputs, so the shift score fires too), SEA variant 2 -> 3
 (threshold 7 -> 9.5) and Agrawal function 0 -> 2 (the same inputs, new labels: only the
 error signal can tell). Our learner runs the production loop (per batch of N:
-predict, `observe_errors`, `observe_inputs`, `update`) with the elastic rate and with
-fixed rates; after every update it is also scored on a held-out sample of the concept in
+predict, `observe_errors`, `observe_inputs`, `update`) in two arms, the same learner and
+configuration except:
+
+* "elastic": `TrainerConfig(elastic=True, lr=r)`, the whole drift response of
+  learner/trainer.py: the detector-driven rate (ADWIN on the errors, shift score on the
+  inputs; boost capped at `max_lr`), the examples since the change trained on while the boost
+  lasts (with steps scaled by it), and replay only from examples since an error drift;
+* "fixed": `TrainerConfig(elastic=False, lr=r)`, a fixed rate r and no drift response (the
+  detectors are not fed; replay is a uniform sample of all history).
+
+After every update the model is also scored on a held-out sample of the concept in
 force, so recovery is read off without a rolling window's lag:
 
 * pre-drift accuracy = mean held-out accuracy (old concept) after the last 5 updates
@@ -52,6 +61,14 @@ SEA_SWITCH = (2, 3)
 AGRAWAL_SWITCH = (0, 2)
 DEMO_SEED = 7
 CURVE_UPDATES = 30  # post-drift held-out points kept in the JSON for the two best configs
+# --preset: "production" (the default) is what `flywheel learn` runs (TrainerConfig's
+# defaults, the seed model's MLP 64-64); "bench" is the prequential benchmark's learner
+# (bench/_streams.py: replay 0 sidesteps the old-concept replay), what the first results
+# used. Explicit --steps/--replay/--hidden override either.
+PRESETS: dict[str, dict[str, Any]] = {
+    "bench": {"hidden": "32,32", "steps": None, "replay": None},
+    "production": {"hidden": "64,64", "steps": 8, "replay": 2.0},
+}
 
 
 @dataclass
@@ -260,7 +277,11 @@ def render(doc: dict[str, Any]) -> None:
     ours = cfg["ours"]
     console.print(f"ours: MLP {ours['hidden']}, N={ours['batch']}, TrainerConfig("
                   f"{', '.join(f'{k}={v}' for k, v in ours['trainer'].items() if k != 'lr')}"
-                  f"), lr in {cfg['rates']}; best = highest prequential accuracy")
+                  f"), lr in {cfg['rates']} (preset {cfg.get('preset', 'bench')}); best = "
+                  "highest prequential accuracy")
+    console.print("elastic = the whole drift response (capped detector-driven rate, examples "
+                  "since the change while boosted, replay only since an error drift); "
+                  "fixed = the same learner, fixed rate, no drift response")
     s = doc["summary"]
     console.print(f"target met on {s['scenarios_passed']}/{len(doc['scenarios'])} scenarios; "
                   f"{s['runtime_s']:.0f}s in all")
@@ -283,12 +304,26 @@ def main(
                                help="Rolling window (samples) of the prequential recovery."),
     rates: str = typer.Option(",".join(f"{r:g}" for r in RATES), "--rates",
                               help="Learning rates, fixed and as the elastic base."),
-    hidden: str = typer.Option("32,32", help="Hidden layer widths of our MLP."),
+    preset: str = typer.Option(
+        "production", "--preset",
+        help="bench: MLP 32-32, steps 16, replay 0 (the prequential benchmark's learner); "
+             "production: MLP 64-64, steps 8, replay 2 (what `flywheel learn` runs)."),
+    hidden: str | None = typer.Option(None, help="Hidden layer widths of our MLP (preset's)."),
     batch: int = typer.Option(100, "--batch", min=1, help="N: new examples per update."),
-    steps: int | None = typer.Option(None, help="TrainerConfig.steps (default 16)."),
-    replay: float | None = typer.Option(None, help="TrainerConfig.replay (default 0)."),
+    steps: int | None = typer.Option(None, help="TrainerConfig.steps (preset's: 16 or 8)."),
+    replay: float | None = typer.Option(None, help="TrainerConfig.replay (preset's: 0 or 2)."),
     max_boost: float | None = typer.Option(None, help="TrainerConfig.max_boost (default 3)."),
     half_life: float | None = typer.Option(None, help="TrainerConfig.half_life (default 3)."),
+    max_lr: float | None = typer.Option(
+        None, "--max-lr", help="TrainerConfig.max_lr, the boosted rate's cap (default 0.01)."),
+    boost_window: int | None = typer.Option(
+        None, "--boost-window", min=0,
+        help="TrainerConfig.boost_window (default 1000; 0: no example boost)."),
+    boost_steps: bool | None = typer.Option(
+        None, "--boost-steps/--no-boost-steps", help="TrainerConfig.boost_steps (default on)."),
+    drift_replay: bool | None = typer.Option(
+        None, "--drift-replay/--no-drift-replay",
+        help="TrainerConfig.drift_replay (default on)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Samples to recover after an abrupt drift: elastic rate vs the best fixed rate."""
@@ -311,8 +346,16 @@ def main(
     if before - warmup < max(window, PRE_UPDATES * batch):
         raise typer.BadParameter(f"--before must leave room for the warm-up and then "
                                  f"{PRE_UPDATES} updates and one window before the drift")
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    hidden = chosen["hidden"] if hidden is None else hidden
+    steps = chosen["steps"] if steps is None else steps
+    replay = chosen["replay"] if replay is None else replay
     setup = OurSetup(hidden=parse_ints(hidden), batch=batch)
-    knobs = {"steps": steps, "replay": replay, "max_boost": max_boost, "half_life": half_life}
+    knobs = {"steps": steps, "replay": replay, "max_boost": max_boost, "half_life": half_life,
+             "max_lr": max_lr, "boost_window": boost_window, "boost_steps": boost_steps,
+             "drift_replay": drift_replay}
     started = time.perf_counter()
     seed_list = [seed + k for k in range(seeds)]
     grid = [(mode, lr) for mode in ("fixed", "elastic") for lr in rate_list]
@@ -357,7 +400,11 @@ def main(
         "machine": info,
         "config": {
             "before": before, "after": after, "warmup": warmup, "holdout": holdout,
-            "window": window, "seeds": seed_list, "rates": rate_list,
+            "window": window, "seeds": seed_list, "rates": rate_list, "preset": preset,
+            "arms": {"elastic": "TrainerConfig(elastic=True): detector-driven rate (capped) + "
+                                "examples since the change while boosted + replay only "
+                                "since an error drift",
+                     "fixed": "TrainerConfig(elastic=False): fixed rate, no drift response"},
             "recovery_share": RECOVERY_SHARE, "pre_updates": PRE_UPDATES,
             "ours": {"hidden": list(setup.hidden), "batch": setup.batch,
                      "trainer": {k: v for k, v in config_dict(example).items()

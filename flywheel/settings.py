@@ -98,9 +98,23 @@ class Settings(BaseSettings):
     learn_replay: float = Field(
         2.0, ge=0, le=100, description="Replayed older examples per new one, against forgetting.")
     learn_max_boost: float = Field(
-        3.0, ge=1, le=100, description="Most the elastic learning rate multiplies the base by.")
+        3.0, ge=1, le=10, description="Most the elastic learning rate (and, with boost steps, the "
+        "step count) multiplies the base by.")
     learn_boost_half_life: float = Field(
         3.0, gt=0, le=1000, description="Updates for a raised learning rate to halve its excess.")
+    learn_max_lr: float = Field(
+        0.01, gt=0, le=10,
+        description="Cap on the boosted learning rate of non-private updates (at least "
+                    "FLYWHEEL_LEARN_LR); DP updates keep FLYWHEEL_PRIVACY_LEARN_LR x boost.")
+    learn_boost_window: int = Field(
+        1000, ge=0, le=1_000_000,
+        description="While the rate is boosted after a change, each update trains on up to "
+                    "this many examples since the change; 0: only the new ones + replay.")
+    learn_boost_steps: bool = Field(
+        True, description="While boosted, gradient steps are multiplied by the boost too.")
+    learn_drift_replay: bool = Field(
+        True, description="After an error drift, replay only examples since the change "
+                          "(half of it: the trusted seed data).")
     learn_poll_s: float = Field(1.0, gt=0, le=3600,
                                 description="Learner checks for new examples this often.")
     learn_cursor_grace_s: float = Field(
@@ -208,6 +222,14 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_learn_rates(self) -> Settings:
+        if self.learn_max_lr < self.learn_lr:
+            raise ValueError(f"FLYWHEEL_LEARN_MAX_LR ({self.learn_max_lr:g}) is below "
+                             f"FLYWHEEL_LEARN_LR ({self.learn_lr:g}): the cap is for the "
+                             "boosted rate; raise it or lower the base rate")
+        return self
 
     @model_validator(mode="after")
     def _check_topics_distinct(self) -> Settings:

@@ -108,15 +108,15 @@ class OnlineLearner:
                                 input_dim=loaded.spec.input_dim, seed=self.settings.seed,
                                 novelty=ReferenceStats.from_examples(x_tr.astype(np.float64)))
         trainer.elastic.restore(self._state.get("elastic", {}))
-        replay = self.source.replay_sample(self._cursor.highest, trainer.config.reservoir)
-        if len(replay) < 100:
-            trainer.remember(x_tr, y_tr)
-        if replay:
-            trainer.remember(*as_arrays(replay, self._labels))
+        trainer.remember_public(x_tr, y_tr)  # replayed after an error drift: the gate's data
+        self._refill(trainer, x_tr, y_tr)
         if self.settings.privacy_enabled:
             self._private = PrivateStep(self.settings, self.source.engine, self.lineage)
             self._shadow = trainer
-            dp_config = dataclasses.replace(trainer.config, lr=self.settings.privacy_learn_lr)
+            # DP steps are bounded by clipping and tuned with their own base rate (noise
+            # needs more): FLYWHEEL_LEARN_MAX_LR caps the non-private rate only
+            dp_config = dataclasses.replace(trainer.config, lr=self.settings.privacy_learn_lr,
+                                            max_lr=None)
             trainer = OnlineTrainer(loaded.module, dp_config, input_dim=loaded.spec.input_dim,
                                     seed=self.settings.seed, novelty=trainer.novelty)
             trainer.elastic.restore(self._state.get("elastic", {}))
@@ -126,6 +126,30 @@ class OnlineLearner:
         self._started = True
         log.info("learner %s resumes at update %d, watermark %d, from v%s", self.lineage,
                  self._state.get("update", 0), self._cursor.watermark, base)
+
+    def _refill(self, trainer: OnlineTrainer, x_seed: np.ndarray, y_seed: np.ndarray) -> None:
+        """Refill the replay pool and the examples since the last change after a (re)start.
+
+        After an error drift the pool holds only examples since it, as before the restart:
+        older examples teach the concept that changed (the trusted seed data is replayed
+        from its own pool, `remember_public`).
+        """
+        replay = self.source.replay_sample(self._cursor.highest, trainer.config.reservoir)
+        replay_from = self._state.get("replay_from_id")
+        if replay_from is not None and trainer.config.elastic and trainer.config.drift_replay:
+            replay = [r for r in replay if r.id >= int(replay_from)]
+            trainer.replay_reset = True
+        elif len(replay) < 100:
+            trainer.remember(x_seed, y_seed)
+        if replay:
+            trainer.remember(*as_arrays(replay, self._labels))
+        window = trainer.config.boost_window
+        if trainer.config.elastic and window and self._cursor.highest > 0:
+            since = int(self._state.get("change_at_id", 0))
+            recent = [r for r in self.source.newest_trainable(window)
+                      if since <= r.id <= self._cursor.highest]
+            if recent:
+                trainer.remember_since_change(*as_arrays(recent, self._labels))
 
     def _adopt_orphan(self) -> None:
         """A version registered after the last saved state means we died before saving."""
@@ -229,10 +253,17 @@ class OnlineLearner:
         corrections = [r for r in rows if r.is_correction]
         if not corrections:
             return
-        drift = self._trainer.observe_errors([r.error_type is not None for r in corrections])
-        shift = self._trainer.observe_inputs(np.asarray([r.features for r in corrections]))
+        errors = [r.error_type is not None for r in corrections]
+        inputs = np.asarray([r.features for r in corrections])
+        drift = self._trainer.observe_errors(errors)
+        shift = self._trainer.observe_inputs(inputs)
+        if self._shadow is not None:  # the run without DP gets the same drift response
+            self._shadow.observe_errors(errors)
+            self._shadow.observe_inputs(inputs)
         if drift or shift:
             self._state["change_at_id"] = min(r.id for r in corrections)
+            if drift:  # labels changed: replay (here and after a restart) starts here
+                self._state["replay_from_id"] = self._state["change_at_id"]
             log.info("change detected (%s) at example %d; learning rate x%.2f",
                      "error drift" if drift else "input shift", self._state["change_at_id"],
                      self._trainer.elastic.multiplier)

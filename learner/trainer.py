@@ -2,10 +2,18 @@
 
 Kept free of the store and the registry so the same update runs in the learner process,
 the benchmarks (river streams, prequential) and, later, inside a federated client.
+
+The drift response (with `elastic`): when the detector sees a change, the rate is boosted
+(learner/elastic.py, capped at `max_lr`); while the boost lasts every update trains on all
+examples since the change (up to `boost_window`) with its steps scaled by the boost; and
+after an error drift (the labels changed, not only the inputs) replay draws only on
+examples since the change, because the old pool would keep teaching the old concept
+(half of it is then the trusted seed data, where the trainer has it: `remember_public`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,13 +33,30 @@ class TrainerConfig:
     max_boost: float = 3.0
     half_life: float = 3.0
     reservoir: int = 5000
-    elastic: bool = True  # False: a fixed learning rate (the benchmarks' baseline)
+    elastic: bool = True  # False: a fixed rate and no drift response (the benchmarks' baseline)
+    max_lr: float | None = 0.01  # cap on the boosted rate (never below lr); None: no cap
+    boost_window: int = 1000  # while boosted, train on up to this many examples since the change
+    boost_steps: bool = True  # while boosted, steps x the multiplier (rounded up)
+    drift_replay: bool = True  # after an error drift, replay only examples since it
+
+    def __post_init__(self) -> None:
+        checks = {"lr > 0": self.lr > 0, "steps >= 1": self.steps >= 1,
+                  "replay >= 0": self.replay >= 0, "max_boost >= 1": self.max_boost >= 1,
+                  "half_life > 0": self.half_life > 0, "reservoir >= 1": self.reservoir >= 1,
+                  "max_lr > 0 or None": self.max_lr is None or self.max_lr > 0,
+                  "boost_window >= 0": self.boost_window >= 0}
+        bad = [rule for rule, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"TrainerConfig needs {', '.join(bad)}: got {self}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrainerConfig:
         return cls(lr=settings.learn_lr, steps=settings.learn_steps,
                    replay=settings.learn_replay, max_boost=settings.learn_max_boost,
-                   half_life=settings.learn_boost_half_life)
+                   half_life=settings.learn_boost_half_life, max_lr=settings.learn_max_lr,
+                   boost_window=settings.learn_boost_window,
+                   boost_steps=settings.learn_boost_steps,
+                   drift_replay=settings.learn_drift_replay)
 
 
 @dataclass(frozen=True)
@@ -39,9 +64,10 @@ class UpdateStats:
     lr: float
     multiplier: float
     new: int
-    replayed: int
+    replayed: int  # rows besides the new ones: replayed, or since the change while boosted
     loss_before: float
     loss_after: float
+    steps: int = 0
 
 
 class Reservoir:
@@ -74,6 +100,28 @@ class Reservoir:
         return self.x[idx], self.y[idx], self.w[idx]
 
 
+class RecentWindow:
+    """The newest examples since a change, at most `capacity` rows (oldest dropped first)."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.capacity = capacity
+        self.x = np.empty((0, dim), dtype=np.float32)
+        self.y = np.empty(0, dtype=np.int64)
+        self.w = np.empty(0, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def add(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
+        keep = self.capacity
+        self.x = np.concatenate([self.x, x])[-keep:] if keep else self.x[:0]
+        self.y = np.concatenate([self.y, y])[-keep:] if keep else self.y[:0]
+        self.w = np.concatenate([self.w, w])[-keep:] if keep else self.w[:0]
+
+    def clear(self) -> None:
+        self.x, self.y, self.w = self.x[:0], self.y[:0], self.w[:0]
+
+
 class OnlineTrainer:
     """Updates a module in place, one mini-batch at a time, with an elastic step size."""
 
@@ -81,13 +129,18 @@ class OnlineTrainer:
                  seed: int = 0, novelty: object | None = None) -> None:
         self.module = module
         self.config = config
-        self.elastic = ElasticRate(config.lr, config.max_boost, config.half_life)
+        self.elastic = ElasticRate(config.lr, config.max_boost, config.half_life,
+                                   max_lr=config.max_lr)
+        self.input_dim = input_dim
         self.reservoir = Reservoir(config.reservoir, input_dim, seed)
+        self.since_change = RecentWindow(config.boost_window, input_dim)
         self.optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
         self.novelty = novelty  # anything with is_novel(rows) -> bool array (ReferenceStats)
         self.generator = torch.Generator().manual_seed(seed)
         self.public = Reservoir(config.reservoir, input_dim, seed + 1)
         self.updates = 0
+        self.changes = 0  # changes the drift response reacted to
+        self.replay_reset = False  # the replay pool holds only examples since an error drift
 
     def reset_module(self, module: nn.Module) -> None:
         """Continue from another model (a champion chosen elsewhere); keeps the replay pool."""
@@ -95,14 +148,44 @@ class OnlineTrainer:
         self.optimizer = torch.optim.Adam(module.parameters(), lr=self.config.lr)
 
     def observe_errors(self, errors: list[bool]) -> bool:
-        return self.elastic.observe_errors(errors) if self.config.elastic else False
+        """Feed the served model's mistakes on the examples about to be trained on; True if
+        the error rate rose (a concept change): the drift response starts over."""
+        if not (self.config.elastic and self.elastic.observe_errors(errors)):
+            return False
+        self.start_change(labels_changed=True)
+        return True
 
     def observe_inputs(self, x: np.ndarray) -> bool:
-        """Feed recent inputs to the shift score; True if they look like a change."""
+        """Feed recent inputs to the shift score; True if they newly look like a change."""
         if self.config.elastic and self.novelty is not None and len(x):
             share = float(np.mean(self.novelty.is_novel(np.asarray(x, dtype=np.float64))))  # type: ignore[attr-defined]
-            return self.elastic.observe_shift(share)
+            if self.elastic.observe_shift(share):
+                self.start_change(labels_changed=False)
+                return True
         return False
+
+    def start_change(self, *, labels_changed: bool) -> None:
+        """A change was detected: examples from now on are "since the change".
+
+        An error drift means the old labels are wrong now, so (with `drift_replay`) the
+        replay pool starts empty and fills with examples since the change; an input shift
+        alone leaves it, since the old examples are still right where they were drawn. The
+        trusted seed data (`remember_public`) stays: the gate checks every candidate on it
+        (an operator whose trusted data changed re-seeds it).
+        """
+        self.changes += 1
+        self.since_change.clear()
+        if labels_changed and self.config.drift_replay:
+            seed = int(self.reservoir.rng.integers(0, 2**31 - 1))
+            self.reservoir = Reservoir(self.config.reservoir, self.input_dim, seed)
+            self.replay_reset = True
+
+    def remember_since_change(self, x: np.ndarray, y: np.ndarray,
+                              w: np.ndarray | None = None) -> None:
+        """Examples already trained on since the change (a restart refills the window)."""
+        w = np.ones(len(y), dtype=np.float32) if w is None else w
+        self.since_change.add(np.asarray(x, np.float32), np.asarray(y, np.int64),
+                              np.asarray(w, np.float32))
 
     def remember(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> None:
         """Add examples to the replay pool without training on them (seed data, restarts)."""
@@ -143,27 +226,53 @@ class OnlineTrainer:
                           noise_multiplier=mechanism.noise_multiplier,
                           max_grad_norm=max_grad_norm, generator=self.generator, engine=engine)
         self.updates += 1
-        return UpdateStats(lr, multiplier, len(y), len(py), stats.loss, stats.loss)
+        return UpdateStats(lr, multiplier, len(y), len(py), stats.loss, stats.loss,
+                           mechanism.steps)
 
     def update(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> UpdateStats:
-        """Several gradient steps on the new examples plus a replay sample; weights respected."""
+        """Several gradient steps on the new examples plus a replay sample; weights respected.
+
+        While the boost after a change lasts: the examples since the change instead of the
+        replay sample, and `steps` x the multiplier (see the module docstring).
+        """
         x = np.asarray(x, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
         w = np.ones(len(y), dtype=np.float32) if w is None else np.asarray(w, np.float32)
         if not (len(x) == len(y) == len(w)) or len(y) == 0:
             raise ValueError(f"need equal, non-zero numbers of rows, labels and weights, "
                              f"got {len(x)}, {len(y)}, {len(w)}")
-        rx, ry, rw = self.reservoir.sample(int(round(self.config.replay * len(y))))
+        cfg = self.config
+        boosted = cfg.elastic and self.elastic.boosted
+        multiplier = self.elastic.multiplier if cfg.elastic else 1.0
+        k = int(round(cfg.replay * len(y)))
+        # after an error drift, half the replay is the trusted (seed) data when there is
+        # any: the gate holds every candidate to it, so it must not be forgotten
+        k_public = min(k // 2, self.public.size) if self.replay_reset else 0
+        parts = []
+        if boosted and cfg.boost_window and len(self.since_change):
+            # the boost is for the examples too: everything since the change instead of a
+            # replay sample, which after an error drift would be the old concept; after an
+            # input shift alone the old pool is still right and is replayed as well
+            sc = self.since_change
+            first = max(len(sc) - max(cfg.boost_window - len(y), 0), 0)
+            parts.append((sc.x[first:], sc.y[first:], sc.w[first:]))
+            if not self.replay_reset:
+                parts.append(self.reservoir.sample(k))
+        else:
+            parts.append(self.reservoir.sample(k - k_public))
+        if k_public:
+            parts.append(self.public.sample(k_public))
+        rx, ry, rw = (np.concatenate(cols) for cols in zip(*parts, strict=True))
+        steps = math.ceil(cfg.steps * multiplier) if boosted and cfg.boost_steps else cfg.steps
         bx = torch.from_numpy(np.concatenate([x, rx]))
         by = torch.from_numpy(np.concatenate([y, ry]))
         bw = torch.from_numpy(np.concatenate([w, rw]))
-        multiplier = self.elastic.multiplier if self.config.elastic else 1.0
-        lr = self.elastic.step() if self.config.elastic else self.config.lr
+        lr = self.elastic.step() if cfg.elastic else cfg.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.module.train()
         loss_before = loss_after = 0.0
-        for step in range(self.config.steps):
+        for step in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
             losses = nn.functional.cross_entropy(self.module(bx), by, reduction="none")
             loss = (losses * bw).sum() / bw.sum()
@@ -174,8 +283,10 @@ class OnlineTrainer:
             loss_after = float(loss.detach())
         self.module.eval()
         self.reservoir.add(x, y, w)
+        if cfg.elastic:
+            self.since_change.add(x, y, w)
         self.updates += 1
-        return UpdateStats(lr, multiplier, len(y), len(ry), loss_before, loss_after)
+        return UpdateStats(lr, multiplier, len(y), len(ry), loss_before, loss_after, steps)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -59,6 +59,10 @@ def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(bench_app: 
                  "--warmup", "300", "--holdout", "300", "--window", "100",
                  "--rates", "0.003,0.01")
     assert doc["benchmark"] == "elastic"
+    cfg = doc["config"]  # the default: what `flywheel learn` runs, with or without the response
+    assert cfg["preset"] == "production" and set(cfg["arms"]) == {"elastic", "fixed"}
+    assert cfg["ours"]["hidden"] == [64, 64] and cfg["ours"]["trainer"]["replay"] == 2.0
+    assert cfg["ours"]["trainer"]["drift_replay"] and cfg["ours"]["trainer"]["boost_window"]
     assert [s["name"] for s in doc["scenarios"]] == ["demo", "sea", "agrawal"]
     for sc in doc["scenarios"]:
         assert sc["drift_at"] == 800

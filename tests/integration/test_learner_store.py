@@ -173,3 +173,50 @@ def test_released_examples_beyond_one_batch_wait_for_the_next_update(s):
     assert last is not None and last.examples == 2
     # the left-over released example (ids below the first train rows') is in it
     assert two_released.last_id < last.first_id < first.first_id
+
+
+def _features(url: str, ids: list[int]) -> np.ndarray:
+    engine = make_engine(url)
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT id, features FROM examples WHERE origin = 'correction'"))
+        wanted = set(ids)
+        out = np.asarray([f for i, f in rows if i in wanted], dtype=np.float32)
+    engine.dispose()
+    return out
+
+
+def _found(rows: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """For each row, whether it is (up to float32 rounding) one of `among`."""
+    if not len(rows):
+        return np.zeros(0, dtype=bool)
+    gaps = np.abs(rows[:, None, :] - among[None, :, :]).max(axis=2)
+    return gaps.min(axis=1) < 1e-5
+
+
+@pytest.mark.parametrize("error_drift", [True, False])
+def test_a_restart_after_an_error_drift_replays_only_examples_since_it(s, error_drift):
+    """The replay pool and the window "since the change" survive a restart as they were."""
+    from flywheel.learner.cursor import CursorState
+
+    s = s.model_copy(update={"privacy_enabled": False})
+    add_examples(s.database_url, 100, 0)
+    add_examples(s.database_url, 100, 30_000)
+    ids = _ids(s.database_url, "train")
+    cut = ids[100]
+    learner = OnlineLearner(s)
+    state = {"update": 0, "cursor": CursorState(watermark=ids[-1]).to_dict(),
+             "change_at_id": cut, "elastic": {"multiplier": 3.0, "drifts": 1}}
+    if error_drift:
+        state["replay_from_id"] = cut
+    learner.source.save_state(learner.lineage, state, ids[-1])
+    learner.start()
+    trainer = learner._trainer
+    assert trainer is not None
+    pool = trainer.reservoir.x[:trainer.reservoir.size]
+    before, since = _features(s.database_url, ids[:100]), _features(s.database_url, ids[100:])
+    # the window: exactly the 100 examples since the change
+    assert len(trainer.since_change) == 100 and _found(trainer.since_change.x, since).all()
+    assert _found(since, pool).all()
+    # an error drift drops the old pool (seed data included); an input shift alone keeps it
+    assert _found(pool, before).any() != error_drift
+    assert (len(pool) == 100) == error_drift and trainer.replay_reset == error_drift

@@ -108,3 +108,137 @@ def test_trainer_mixes_in_replay_and_rejects_mismatched_rows():
     assert (stats.new, stats.replayed) == (10, 20)
     with pytest.raises(ValueError, match="equal"):
         t.update(np.ones((3, 2), np.float32), np.ones(2, np.int64))
+
+
+# ---- the drift response ----------------------------------------------------------------
+class _Recording(torch.nn.Module):
+    """The model, plus every batch it was run on (what the trainer trained on)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.detach().clone())
+        return self.inner(x)
+
+
+class _AllNovel:
+    def is_novel(self, x: np.ndarray) -> np.ndarray:
+        return np.ones(len(x), dtype=bool)
+
+
+OLD, NEW = -1.0, 1.0  # feature value marking examples from before / after the change
+
+
+def _trainer(**config: object) -> tuple[OnlineTrainer, _Recording]:
+    torch.manual_seed(0)
+    model = _Recording(build_model(ModelSpec(input_dim=2, hidden=[8], labels=["a", "b"])))
+    t = OnlineTrainer(model, TrainerConfig(**config), input_dim=2, novelty=_AllNovel())
+    t.remember(np.full((300, 2), OLD, np.float32), np.zeros(300, np.int64))
+    return t, model
+
+
+def _new_rows(n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, 2), NEW, np.float32), np.ones(n, np.int64)
+
+
+def _error_drift(t: OnlineTrainer) -> None:
+    t.observe_errors([False] * 300)
+    assert t.observe_errors([True] * 200) is True
+
+
+@pytest.mark.parametrize("drift_replay", [True, False])
+def test_after_an_error_drift_no_example_from_before_it_is_replayed(drift_replay):
+    t, model = _trainer(replay=2.0, steps=1, half_life=0.5, drift_replay=drift_replay)
+    _error_drift(t)
+    boosted = []
+    for _ in range(6):  # boosted, then settled (half-life 0.5): replay from the pool again
+        boosted.append(t.elastic.boosted)
+        t.update(*_new_rows())
+    assert boosted[0] and not boosted[-1]
+    trained = torch.cat(model.batches)
+    assert (trained == NEW).all() == drift_replay  # the control replays the old pool
+    assert t.replay_reset == drift_replay
+
+
+def test_an_input_shift_alone_keeps_the_replay_pool():
+    t, model = _trainer(replay=2.0, steps=1, half_life=0.5)
+    assert t.observe_inputs(np.zeros((10, 2))) is True  # everything novel: a shift
+    assert t.observe_inputs(np.zeros((10, 2))) is False  # the same shift is not a new change
+    for _ in range(6):
+        t.update(*_new_rows())
+    assert (torch.cat(model.batches) == OLD).any() and not t.replay_reset
+
+
+def test_while_boosted_updates_train_on_examples_since_the_change_with_more_steps():
+    t, model = _trainer(replay=0.0, steps=2, max_boost=3.0, half_life=3.0, boost_window=250,
+                        max_lr=None)
+    _error_drift(t)
+    stats = [t.update(*_new_rows()) for _ in range(4)]
+    # window: 0, 100, 200 then capped at 250 - the 100 new ones
+    assert [s.replayed for s in stats] == [0, 100, 150, 150]
+    assert [s.steps for s in stats] == [int(np.ceil(2 * s.multiplier)) for s in stats]
+    assert stats[0].steps == 6 and stats[0].lr == pytest.approx(0.009)
+    assert [len(b) for b in model.batches[:6]] == [100] * 6
+    while t.elastic.boosted:
+        t.update(*_new_rows())
+    settled = t.update(*_new_rows())
+    assert (settled.replayed, settled.steps) == (0, 2)  # replay=0: only the new rows
+
+
+def test_without_an_example_boost_only_the_step_rises():
+    t, _ = _trainer(replay=0.0, steps=2, boost_window=0, boost_steps=False)
+    _error_drift(t)
+    stats = [t.update(*_new_rows()) for _ in range(3)]
+    assert [(s.replayed, s.steps) for s in stats] == [(0, 2)] * 3
+    assert stats[0].multiplier == 3.0
+
+
+def test_the_boosted_rate_never_exceeds_the_cap_nor_lowers_the_base():
+    rate = ElasticRate(0.004, max_boost=5.0, half_life=2.0, max_lr=0.01)
+    rate.observe_errors([False] * 300)
+    assert rate.observe_errors([True] * 200)
+    rates = [rate.step() for _ in range(20)]
+    assert max(rates) == pytest.approx(0.01) and rates[-1] == pytest.approx(0.004, rel=0.1)
+    assert all(0.004 <= r <= 0.01 + 1e-12 for r in rates)
+    big = ElasticRate(0.03, max_boost=3.0, max_lr=0.01)
+    big.observe_shift(1.0)
+    assert big.multiplier == 3.0 and big.rate() == 0.03  # the cap limits the boost only
+    t, _ = _trainer(lr=0.004, max_boost=5.0, max_lr=0.01, replay=0.0, steps=1)
+    _error_drift(t)
+    stats = [t.update(*_new_rows()) for _ in range(5)]
+    assert all(s.lr <= 0.01 + 1e-12 for s in stats)
+    assert stats[0].multiplier * 0.004 == pytest.approx(0.02)  # what it would be uncapped
+
+
+def test_trainer_config_and_settings_reject_bad_drift_response_values():
+    from flywheel.settings import SettingsError, load_settings
+
+    with pytest.raises(ValueError, match="boost_window >= 0"):
+        TrainerConfig(boost_window=-1)
+    with pytest.raises(ValueError, match="max_lr > 0"):
+        TrainerConfig(max_lr=0.0)
+    with pytest.raises(SettingsError, match="FLYWHEEL_LEARN_MAX_LR .* below FLYWHEEL_LEARN_LR"):
+        load_settings(learn_lr=0.05, learn_max_lr=0.01)
+    cfg = TrainerConfig.from_settings(load_settings(learn_max_lr=0.02, learn_boost_window=300,
+                                                    learn_boost_steps=False,
+                                                    learn_drift_replay=False))
+    assert (cfg.max_lr, cfg.boost_window, cfg.boost_steps, cfg.drift_replay) == (
+        0.02, 300, False, False)
+
+
+def test_after_an_error_drift_half_the_replay_is_the_trusted_seed_data():
+    t, model = _trainer(replay=2.0, steps=1, half_life=0.5)
+    seed = 2.0  # the trusted (public) seed data: the gate checks every candidate on it
+    t.remember_public(np.full((300, 2), seed, np.float32), np.zeros(300, np.int64))
+    _error_drift(t)
+    stats = [t.update(*_new_rows()) for _ in range(6)]
+    first = model.batches[0]  # boosted, nothing since the change yet: new + seed
+    assert (first[:100] == NEW).all() and (first[100:] == seed).all() and len(first) == 200
+    trained = torch.cat(model.batches)
+    assert not (trained == OLD).any() and (trained == seed).any()
+    assert stats[-1].replayed == 200  # settled: 100 since the change + 100 seed rows
+    last = model.batches[-1]
+    assert int((last[:, 0] == seed).sum()) == 100
