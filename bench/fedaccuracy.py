@@ -115,7 +115,7 @@ def main(
         with tempfile.TemporaryDirectory(prefix="bench-fedaccuracy-") as tmp, one_thread():
             # noise_seed: reproducible central noise, for this experiment only
             runs.append(run(Path(tmp), clients, rounds, alpha, epsilon, strategy, seed,
-                            settings={"privacy_sample_rate": sample_rate},
+                            settings={"fed_privacy_sample_rate": sample_rate},
                             options={"seed": r, "noise_seed": r, "local_steps": local_steps,
                                      "server_momentum": server_momentum,
                                      "average_last": average_last},

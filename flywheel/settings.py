@@ -187,6 +187,10 @@ class Settings(BaseSettings):
     fed_client_epsilon: float | None = Field(
         None, gt=0, description="Client-level ε budget per site and lineage; unset: "
                                 "accounted in the ledger, not enforced.")
+    fed_privacy_sample_rate: float = Field(
+        1.0, gt=0, le=1, description="DP-SGD sampling rate q of a site's local training in "
+        "federated rounds (q = 1: every source in every step; the online learner's is "
+        "FLYWHEEL_PRIVACY_SAMPLE_RATE).")
     fed_local_steps: int = Field(20, ge=1, le=10_000,
                                  description="DP-SGD steps a site takes per round.")
     fed_local_lr: float = Field(0.1, gt=0, le=10,

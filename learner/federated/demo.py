@@ -19,12 +19,6 @@ from flywheel.settings import Settings, prepare_home
 
 log = logging.getLogger(__name__)
 DEMO_DEFAULTS: dict[str, object] = {"seed_examples": 1000}
-# a site's DP-SGD in federated rounds: every source in every step (q = 1). Per source the
-# noise then matches q = 0.5 at the same ε (σ doubles, the sampled sources double), but
-# the public replay rows no longer outweigh half the site's own data
-# (`bench fedaccuracy`: +3 to +4 points on the union's holdout). A real site sets
-# FLYWHEEL_PRIVACY_SAMPLE_RATE=1 the same way (docs/federated.md).
-SITE_DEFAULTS: dict[str, object] = {"privacy_sample_rate": 1.0}
 
 
 def build_homes(root: Path, n_sites: int, partition: Partition, *, rounds: int,
@@ -46,7 +40,7 @@ def build_homes(root: Path, n_sites: int, partition: Partition, *, rounds: int,
     sites = []
     for k, (x, y) in enumerate(partition.sites):
         site = Settings(home=root / f"site{k}", fed_runtime_port=free_port(),
-                        **{**SITE_DEFAULTS, **common})  # type: ignore[arg-type]
+                        **common)  # type: ignore[arg-type]
         prepare_home(site)
         upgrade(site.resolved_database_url)
         fill_site_store(site.resolved_database_url, x, y, site=f"site{k}")

@@ -170,3 +170,16 @@ def test_tls_and_auth_flags_map_to_flower_options(tmp_path):
     assert "--isolation" in node and "process" in node
     with pytest.raises(SecurityError, match="FLYWHEEL_FED_TLS_KEY"):
         superlink_command(s.model_copy(update={"fed_tls_key": None}), tls=True, auth=False)
+
+
+def test_a_site_trains_at_the_federated_sampling_rate_not_the_online_learners(tmp_path):
+    from flywheel.learner.federated.client_app import site_dp_config
+
+    s = Settings(home=tmp_path, privacy_sample_rate=0.5, fed_privacy_sample_rate=0.8,
+                 privacy_epsilon=4.0)
+    dp = site_dp_config(s)
+    assert dp.sample_rate == 0.8 and dp.epsilon == 4.0  # the rest: the privacy settings
+    assert dp.mechanism(10).sample_rate == 0.8
+    assert Settings(home=tmp_path).fed_privacy_sample_rate == 1.0
+    with pytest.raises(ValueError, match="fed_privacy_sample_rate"):
+        Settings(home=tmp_path, fed_privacy_sample_rate=0)
