@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from flywheel.kernels.mlp_backward import forward_backward, mlp_plan
 
-__all__ = ["BACKWARDS", "LOSSES", "check_batch", "clip_and_accumulate", "supports",
+__all__ = ["BACKWARDS", "LOSSES", "check_batch", "clip_and_accumulate", "forward_with_linear_taps",
+           "supports",
            "unsupported_layer", "uses_manual_backward"]
 
 LOSSES = ("cross_entropy",)
@@ -139,9 +140,10 @@ def _forward_sequential(layers: list[nn.Module], names: list[str], x: Tensor,
     return h, taps
 
 
-def _forward_hooked(module: nn.Module, x: Tensor,
-                    ) -> tuple[Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
-    """Any module whose trainable layers are Linear: forward hooks keep (input, output)."""
+def forward_with_linear_taps(module: nn.Module, x: Tensor,
+                             ) -> tuple[Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
+    """Any module whose trainable layers are Linear: forward hooks keep (input, output) of
+    each; a Linear called twice or on non-2-D input raises ValueError (also for Triton)."""
     taps: list[tuple[nn.Linear, Tensor, Tensor]] = []
     seen: set[int] = set()
     handles = []
@@ -308,7 +310,7 @@ def _autograd_taps(module: nn.Module, flat: tuple[list[nn.Module], list[str]] | 
         if flat is not None:
             out, taps = _forward_sequential(*flat, x)
         else:
-            out, taps = _forward_hooked(module, x)
+            out, taps = forward_with_linear_taps(module, x)
         if not taps:
             raise ValueError("module has no trainable nn.Linear parameters to clip")
         total = F.cross_entropy(out, y, reduction="sum")

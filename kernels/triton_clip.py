@@ -29,7 +29,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flywheel.kernels.per_sample_clip import CLIP_EPS, check_batch, unsupported_layer
+from flywheel.kernels.per_sample_clip import (
+    CLIP_EPS,
+    check_batch,
+    forward_with_linear_taps,
+    unsupported_layer,
+)
 
 # Imported on first use only (`_import_triton`): importing Triton takes time and loads
 # native code that no CPU process of Flywheel needs.
@@ -129,33 +134,6 @@ def _kernels() -> SimpleNamespace:
                            clipped_matmul=triton.jit(_clipped_matmul))
 
 
-def _linear_taps(module: nn.Module, x: Tensor,
-                 ) -> tuple[Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
-    """Forward with hooks that keep each trainable Linear's (input, output)."""
-    taps: list[tuple[nn.Linear, Tensor, Tensor]] = []
-    handles = []
-
-    def keep(layer: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        if any(layer is t[0] for t in taps):
-            raise ValueError(f"a Linear layer ({layer}) is called more than once per forward: "
-                             f"its per-sample gradient is not one outer product")
-        a = inputs[0]
-        if a.dim() != 2 or a.shape[0] != x.shape[0]:
-            raise ValueError(f"a Linear layer got input of shape {tuple(a.shape)}; the "
-                             f"per-sample norm identity needs 2-D [batch, features] inputs")
-        taps.append((layer, a.detach(), out))  # type: ignore[arg-type]
-
-    for sub in module.modules():
-        if type(sub) is nn.Linear and any(p.requires_grad for p in sub.parameters()):
-            handles.append(sub.register_forward_hook(keep))
-    try:
-        out = module(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, taps
-
-
 def _check(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float,
            weights: Tensor | None) -> None:
     """Validate like `clip_and_accumulate`."""
@@ -188,7 +166,7 @@ def clip_and_accumulate_triton(module: nn.Module, x: Tensor, y: Tensor, max_grad
     k = _kernels()
     batch = x.shape[0]
     with torch.enable_grad():
-        out, taps = _linear_taps(module, x)
+        out, taps = forward_with_linear_taps(module, x)
         if not taps:
             raise ValueError("module has no trainable nn.Linear parameters to clip")
         total = F.cross_entropy(out, y, reduction="sum")
