@@ -30,8 +30,7 @@ from torch.nn import functional as F
 from flywheel.kernels.mlp_backward import forward_backward, mlp_plan
 
 __all__ = ["BACKWARDS", "LOSSES", "check_batch", "clip_and_accumulate", "forward_with_linear_taps",
-           "supports",
-           "unsupported_layer", "uses_manual_backward"]
+           "supports", "unsupported_layer", "uses_manual_backward"]
 
 LOSSES = ("cross_entropy",)
 CLIP_EPS = 1e-6  # as opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate
