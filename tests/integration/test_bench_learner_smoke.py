@@ -6,37 +6,13 @@ sanity of its values are.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def bench_app() -> Any:
-    """The `python -m bench` app, in this process: torch and river are imported once for
-    both benchmarks instead of once per subprocess (~5 s each)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
-        from bench.__main__ import app
-
-        yield app
-
-
-def _bench(app: Any, *args: str) -> dict[str, Any]:
-    from typer.testing import CliRunner
-
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
-    return json.loads(result.stdout)
-
-
-def test_bench_prequential_runs_every_learner_on_every_stream(bench_app: Any):
-    doc = _bench(bench_app, "prequential", "--samples", "400", "--warmup", "200")
+def test_bench_prequential_runs_every_learner_on_every_stream(run_bench):
+    doc = run_bench("prequential", "--samples", "400", "--warmup", "200")
     assert doc["benchmark"] == "prequential"
     assert [s["name"] for s in doc["streams"]] == ["sea", "hyperplane", "agrawal"]
     for s in doc["streams"]:
@@ -54,10 +30,10 @@ def test_bench_prequential_runs_every_learner_on_every_stream(bench_app: Any):
     assert doc["summary"]["runtime_s"] > 0
 
 
-def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(bench_app: Any):
-    doc = _bench(bench_app, "elastic", "--seeds", "1", "--before", "800", "--after", "400",
-                 "--warmup", "300", "--holdout", "300", "--window", "100",
-                 "--rates", "0.003,0.01")
+def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(run_bench):
+    doc = run_bench("elastic", "--seeds", "1", "--before", "800", "--after", "400",
+                    "--warmup", "300", "--holdout", "300", "--window", "100",
+                    "--rates", "0.003,0.01")
     assert doc["benchmark"] == "elastic"
     cfg = doc["config"]  # the default: what `flywheel learn` runs, with or without the response
     assert cfg["preset"] == "production" and set(cfg["arms"]) == {"elastic", "fixed"}

@@ -6,36 +6,14 @@ sanity of its values are.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def bench_app() -> Any:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
-        from bench.__main__ import app
-
-        yield app
-
-
-def _bench(app: Any, *args: str) -> dict[str, Any]:
-    from typer.testing import CliRunner
-
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
-    return json.loads(result.stdout)
-
-
-def test_bench_quant_times_and_scores_every_precision(bench_app: Any):
-    doc = _bench(bench_app, "quant", "--models", "demo", "--batches", "1,8", "--train", "600",
-                 "--test", "300", "--epochs", "2", "--blocks", "1", "--block-s", "0.005")
+def test_bench_quant_times_and_scores_every_precision(run_bench):
+    doc = run_bench("quant", "--models", "demo", "--batches", "1,8", "--train", "600",
+                    "--test", "300", "--epochs", "2", "--blocks", "1", "--block-s", "0.005")
     assert doc["benchmark"] == "quant"
     (r,) = doc["results"]
     assert set(r["accuracy"]) == {"fp32", "int8", "bf16"}
@@ -44,10 +22,10 @@ def test_bench_quant_times_and_scores_every_precision(bench_app: Any):
     assert all(r["us_per_call"][p][b] > 0 for p in r["us_per_call"] for b in ("1", "8"))
 
 
-def test_bench_cascade_reports_test_set_figures(bench_app: Any):
-    doc = _bench(bench_app, "cascade", "--tasks", "rbf", "--train", "1500", "--calibration",
-                 "500", "--test", "500", "--epochs", "3", "--timing-rows", "20",
-                 "--light", "8", "--heavy", "32")
+def test_bench_cascade_reports_test_set_figures(run_bench):
+    doc = run_bench("cascade", "--tasks", "rbf", "--train", "1500", "--calibration",
+                    "500", "--test", "500", "--epochs", "3", "--timing-rows", "20",
+                    "--light", "8", "--heavy", "32")
     (run,) = doc["runs"]
     t = run["test"]
     assert t["n"] == 500 and 0 <= t["light_share"] <= 1
@@ -58,9 +36,9 @@ def test_bench_cascade_reports_test_set_figures(bench_app: Any):
 
 
 @pytest.mark.slow
-def test_bench_batching_runs_both_modes_at_every_level(bench_app: Any):
-    doc = _bench(bench_app, "batching", "--models", "demo", "--concurrency", "1,8",
-                 "--duration", "1", "--warmup", "0.2", "--rounds", "1", "--no-pin")
+def test_bench_batching_runs_both_modes_at_every_level(run_bench):
+    doc = run_bench("batching", "--models", "demo", "--concurrency", "1,8",
+                    "--duration", "1", "--warmup", "0.2", "--rounds", "1", "--no-pin")
     assert {(r["mode"], r["concurrency"]) for r in doc["runs"]} == {
         ("off", 1), ("off", 8), ("on", 1), ("on", 8)}
     assert all(r["load"]["errors"] == 0 and r["load"]["non_200"] == 0 for r in doc["runs"])
