@@ -290,11 +290,9 @@ class FeedbackWorker:
         reason other than load, the store thread writes the batch the usual way (and
         one by one if it fails again).
         """
-        events = [e for _, e in batch.events]
-        predictions = [e for e in events if isinstance(e, PredictionEvent)]
-        corrections = [e for e in events if isinstance(e, CorrectionEvent)]
-        if not events:
+        if not batch.events:
             return
+        predictions, corrections = _by_kind([e for _, e in batch.events])
         try:
             batch.written = self._in_transaction(
                 lambda session: store_events(session, predictions, corrections))
@@ -349,8 +347,7 @@ class FeedbackWorker:
         `written`: the events are already stored (by `_write_events`, with these counts
         of new rows); the transaction only joins and analyzes.
         """
-        predictions = [e for e in events if isinstance(e, PredictionEvent)]
-        corrections = [e for e in events if isinstance(e, CorrectionEvent)]
+        predictions, corrections = _by_kind(events)
         touched = {e.id for e in predictions} | {e.prediction_id for e in corrections}
         if written is not None:
             predictions, corrections = [], []
@@ -411,10 +408,16 @@ class FeedbackWorker:
                ) -> tuple[int, int, int, int, list[Rejected]]:
         new_p, new_c = (store_events(session, predictions, corrections)
                         if predictions or corrections else (0, 0))
-        joined = claim_joins(session, touched, utcnow()) if touched else []
-        rows, unusable = self._examples_for(session, joined)
-        examples = insert_ignoring_duplicates(session, Example, rows)
-        return new_p, new_c, len(joined), examples, unusable
+        joined, examples, unusable = self._join(session, touched) if touched else (0, 0, [])
+        return new_p, new_c, joined, examples, unusable
+
+    def _join(self, session: Session, prediction_ids: set[str] | None
+              ) -> tuple[int, int, list[Rejected]]:
+        """Claim the pending corrections of these predictions (None: all that can join)
+        and write their examples: (joined, examples written, unusable pairs)."""
+        joined = claim_joins(session, prediction_ids, utcnow())
+        rows, unusable = self._examples_for(session, joined) if joined else ([], [])
+        return len(joined), insert_ignoring_duplicates(session, Example, rows), unusable
 
     def sweep(self) -> None:
         """Join what a concurrent worker's transaction hid from ours, release corroborated
@@ -424,12 +427,9 @@ class FeedbackWorker:
         cutoff = utcnow() - timedelta(seconds=self.settings.correction_expiry_s)
 
         def work(session: Session) -> tuple[int, int, int, int, list[Rejected]]:
-            joined = claim_joins(session, None, utcnow())
-            rows, unusable = self._examples_for(session, joined) if joined else ([], [])
-            examples = insert_ignoring_duplicates(session, Example, rows)
+            joined, examples, unusable = self._join(session, None)
             released = self._release(session) if self._release else 0
-            return (len(joined), examples, released, expire_corrections(session, cutoff),
-                    unusable)
+            return joined, examples, released, expire_corrections(session, cutoff), unusable
 
         try:
             joined, examples, released, expired, unusable = self._in_transaction(work)
@@ -458,6 +458,11 @@ class FeedbackWorker:
                 log.warning("store busy (%s); retry %d", exc.orig, attempt)
                 time.sleep(0.05 * 2 ** attempt)
         raise AssertionError("unreachable")
+
+
+def _by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[CorrectionEvent]]:
+    return ([e for e in events if isinstance(e, PredictionEvent)],
+            [e for e in events if isinstance(e, CorrectionEvent)])
 
 
 def _unstore(session: Session, event: Event) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "MLPPlan", "forward_backward", "mlp_plan"]
+__all__ = ["ACTIVATIONS", "BATCH_MIXING", "MLPPlan", "forward_backward", "mlp_plan"]
 
 _aten = torch.ops.aten
 
@@ -41,7 +41,8 @@ ACTIVATIONS: dict[type[nn.Module], int] = {
     nn.ReLU: _RELU, nn.Tanh: _TANH, nn.Sigmoid: _SIGMOID, nn.GELU: _GELU, nn.SiLU: _SILU,
     nn.LeakyReLU: _LEAKY,
 }
-_BATCH_MIXING = (nn.modules.batchnorm._BatchNorm,)
+# Layers that mix samples in training mode: no per-sample gradient exists at all.
+BATCH_MIXING = (nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ def _leaves(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) ->
 def _inert(layer: nn.Module) -> bool:
     """No trainable parameter and nothing that mixes samples: safe to run without grad."""
     for sub in layer.modules():
-        if isinstance(sub, _BATCH_MIXING):
+        if isinstance(sub, BATCH_MIXING):
             return False
         for p in sub.parameters(recurse=False):
             if p.requires_grad:

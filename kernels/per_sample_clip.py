@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flywheel.kernels.mlp_backward import forward_backward, mlp_plan
+from flywheel.kernels.mlp_backward import BATCH_MIXING, forward_backward, mlp_plan
 
 __all__ = ["BACKWARDS", "LOSSES", "check_batch", "clip_and_accumulate", "forward_with_linear_taps",
            "supports", "unsupported_layer", "uses_manual_backward"]
@@ -36,8 +36,6 @@ LOSSES = ("cross_entropy",)
 CLIP_EPS = 1e-6  # as opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate
 _ONE = torch.ones(())
 
-# Layers that mix samples in training mode: no per-sample gradient exists at all.
-_BATCH_MIXING = (nn.modules.batchnorm._BatchNorm,)
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -56,7 +54,7 @@ def unsupported_layer(module: nn.Module) -> tuple[str, str] | None:
     owners: dict[int, str] = {}
     for name, sub in module.named_modules():
         label = name or "<root>"
-        if isinstance(sub, _BATCH_MIXING):
+        if isinstance(sub, BATCH_MIXING):
             return label, f"{type(sub).__name__} mixes the samples of a batch"
         if type(sub) is nn.Linear:
             for p in sub.parameters(recurse=False):

@@ -139,7 +139,6 @@ class OnlineTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.public = Reservoir(config.reservoir, input_dim, seed + 1)
         self.updates = 0
-        self.changes = 0  # changes the drift response reacted to
         self.replay_reset = False  # the replay pool holds only examples since an error drift
 
     def reset_module(self, module: nn.Module) -> None:
@@ -173,7 +172,6 @@ class OnlineTrainer:
         trusted seed data (`remember_public`) stays: the gate checks every candidate on it
         (an operator whose trusted data changed re-seeds it).
         """
-        self.changes += 1
         self.since_change.clear()
         if labels_changed and self.config.drift_replay:
             seed = int(self.reservoir.rng.integers(0, 2**31 - 1))

@@ -103,6 +103,13 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
     noise = torch.empty(sum(sizes), dtype=params[0].dtype if params else None)
     noise_views = [v.view_as(p) for v, p in zip(noise.split(sizes), params, strict=True)]
     divisor = max(expected, 1.0)
+
+    def draw_noise() -> None:  # noise is added on every step, sampled or not
+        if noise_multiplier > 0:
+            noise.normal_(0.0, noise_multiplier * max_grad_norm / divisor, generator=generator)
+        else:
+            noise.zero_()
+
     module.train()
     sampled_total, clipped, counted, loss_sum = 0, 0, 0, 0.0
     for _ in range(steps):
@@ -110,10 +117,7 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
         take = public | torch.isin(src, chosen)
         sampled_total += len(chosen)
         rows = take.nonzero().squeeze(1)
-        if noise_multiplier > 0:  # noise is added on every step, sampled or not
-            noise.normal_(0.0, noise_multiplier * max_grad_norm / divisor, generator=generator)
-        else:
-            noise.zero_()
+        draw_noise()
         onto_noise = engine_name == "fused" or not len(rows)
         if onto_noise:
             for p, v in zip(params, noise_views, strict=True):
@@ -130,11 +134,7 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
                 log.warning("the fused clipping kernel refused this model (%s); "
                             "using Opacus for this update", exc)
                 engine_name, onto_noise = "opacus", False
-                if noise_multiplier > 0:  # fresh noise: the refused call may have touched it
-                    noise.normal_(0.0, noise_multiplier * max_grad_norm / divisor,
-                                  generator=generator)
-                else:
-                    noise.zero_()
+                draw_noise()  # fresh: the refused call may have touched the buffer
                 for p in params:
                     p.grad = None
                 norms, loss = _clipped_sum(module, params, x[rows], y[rows],

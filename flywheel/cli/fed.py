@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from flywheel.cli import app, settings_or_exit
+from flywheel.cli import app, settings_or_exit, store_or_exit
 
 log = logging.getLogger("flywheel.federated")
 fed_app = typer.Typer(no_args_is_help=True,
@@ -37,16 +37,6 @@ def _security_or_exit(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN
     except SecurityError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-
-
-def _store_or_exit(settings) -> None:  # noqa: ANN001
-    from flywheel.feedback import SchemaNotCurrent, open_store
-
-    try:
-        open_store(settings.resolved_database_url).dispose()
-    except SchemaNotCurrent as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
 
 
 def _run_child(cmd: list[str], env: dict[str, str]) -> int:
@@ -74,7 +64,7 @@ def superlink(
 
     settings = settings_or_exit()
     cmd = _security_or_exit(superlink_command, settings, tls=tls, auth=auth)
-    _store_or_exit(settings)
+    store_or_exit(settings).dispose()  # a migrated store, or a one-line error
     log.info("SuperLink on %s (%s%s)", settings.fed_superlink, "TLS" if tls else "insecure",
              ", SuperNode authentication" if auth else "")
     raise typer.Exit(_run_child(cmd, process_env(settings)))
@@ -155,7 +145,7 @@ def client(
     cmd = _security_or_exit(supernode_command, settings, tls=tls, auth=auth,
                             runtime_port=port, node_config=node_config,
                             flower_defaults=flower_defaults)
-    _store_or_exit(settings)
+    store_or_exit(settings).dispose()  # a migrated store, or a one-line error
     env = process_env(settings, FLYWHEEL_FED_POLL_S=str(settings.fed_poll_s))
     if flower_defaults:
         raise typer.Exit(_run_child(cmd, env))

@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 KEY_CLIPPING_NORM = "clipping_norm"  # what Flower's client-side clipping wrapper sets
 
 
-
 def site_dp_config(settings: Settings) -> DPConfig:
     """The site's DP-SGD: the privacy settings, at the federated sampling rate. At q = 1,
     σ doubles for the same ε against q = 0.5 but so do the sources in each step, so the
@@ -54,6 +53,7 @@ def site_dp_config(settings: Settings) -> DPConfig:
 
     return replace(DPConfig.from_settings(settings),
                    sample_rate=settings.fed_privacy_sample_rate)
+
 
 class SiteBudgetRefused(RuntimeError):
     """This site's privacy budget does not allow it to train this round."""
