@@ -321,15 +321,17 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
     worker._decode = clock.wrap("decode + validate", worker._decode)
     worker._await = clock.wrap("waiting for the store thread", worker._await)
     # store thread (the sweep's joins and transaction count as "sweep" only: exclusive)
-    worker._write_events = clock.wrap("write events ahead", worker._write_events)
     worker.sweep = clock.wrap("sweep", worker.sweep, exclusive=True)
     worker._store_batch = clock.wrap("store thread busy", worker._store_batch)
     worker._in_transaction = clock.wrap("transaction {thread}", worker._in_transaction)
-    worker._examples_for = clock.wrap("analysis + counterexamples", worker._examples_for)
+    # the analysis runs on both threads: prepared on the consumer thread, finished (and,
+    # for pairs only the store could find, prepared) on the store thread
+    worker.analysis.prepare = clock.wrap("analysis {thread}", worker.analysis.prepare)
+    worker.analysis.finish = clock.wrap("analysis {thread}", worker.analysis.finish)
     watchdog = threading.Timer(RUN_TIMEOUT_S, stop.set)
     watchdog.daemon = True
     with ExitStack() as stack:
-        for name, label in (("store_events", "store writes {thread}"), ("claim_joins", "join"),
+        for name, label in (("store_and_join", "store + join"), ("apply", "store + join"),
                             ("insert_ignoring_duplicates", "example inserts")):
             stack.enter_context(patched(worker_module, name, clock, label))
         watchdog.start()
@@ -344,18 +346,20 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
                          f"in {RUN_TIMEOUT_S:.0f}s")
     elapsed = marks["done"] - marks["assigned"]
     s = at_done
-    # Two threads run at once: the consumer thread (poll, decode, writing each batch's
-    # events ahead in their own transaction, offset commits, waiting for the store
-    # thread) and the store thread (one transaction per batch: join + analysis + example
-    # inserts + its commit, then dead letters; and the periodic sweep, in turn). Each
-    # thread's steps add up to at most `elapsed`, the two together to more.
-    store_writes = s.get("store writes feedback-store", 0.0)
-    in_tx = (store_writes + s.get("join", 0)
-             + s.get("analysis + counterexamples", 0) + s.get("example inserts", 0))
+    # Two threads run at once: the consumer thread (poll, decode, offset commits, waiting
+    # for the store thread) and the store thread (one transaction per batch: events,
+    # join, analysis, example inserts, its commit; then dead letters; and the periodic
+    # sweep, in turn). Each thread's steps add up to at most `elapsed`, the two together
+    # to more.
+    # "store + join" includes the analysis of pairs only the store could find (claims the
+    # consumer thread did not expect, predictions read back from the store)
+    in_tx = (s.get("store + join", 0.0) + s.get("analysis feedback-store", 0)
+             + s.get("example inserts", 0))
     consumer = {
         "kafka poll": s.get("kafka poll", 0.0),
-        "decode + validate": s.get("decode + validate", 0.0),
-        "write events ahead (own transaction)": s.get("write events ahead", 0.0),
+        "decode + validate": s.get("decode + validate", 0.0)
+        - s.get("analysis MainThread", 0.0),
+        "prepare: analysis + counterexamples": s.get("analysis MainThread", 0.0),
         "kafka offset commit": s.get("kafka offset commit", 0.0),
         "waiting for the store thread": s.get("waiting for the store thread", 0.0),
     }
@@ -363,9 +367,8 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
     busy = s.get("store thread busy", 0.0)
     in_store_tx = s.get("transaction feedback-store", 0.0)
     store = {
-        "store writes (not written ahead)": store_writes,
-        "join": s.get("join", 0.0),
-        "analysis + counterexamples": s.get("analysis + counterexamples", 0.0),
+        "events + join": s.get("store + join", 0.0),
+        "analysis (finish: budget, counters)": s.get("analysis feedback-store", 0.0),
         "example inserts": s.get("example inserts", 0.0),
         "db commit": in_store_tx - in_tx,
         "dead letters + bookkeeping": busy - in_store_tx,

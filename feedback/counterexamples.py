@@ -38,9 +38,11 @@ STRATEGIES: tuple[str, ...] = ("gradient_sign", "interpolate", "jitter")
 # Further gradient_sign variants jitter the one FGSM point by this share of jitter_scale,
 # so they stay in its hard region instead of drifting back toward the input.
 GRADIENT_JITTER_SHARE = 0.5
-# Float32 rounding can push a variant just past max_distance; shrink the step and retry.
-_SHRINK = 0.9
-_SHRINK_TRIES = 20
+# Float32 rounding can push a variant just past max_distance; shrink the step and retry,
+# by a millionth first (rounding is that small), more each time (for inputs so large that
+# float32's spacing is not).
+_SHRINK = tuple(1.0 - min(0.5, 1e-6 * 4.0 ** i) for i in range(20))
+_SHRINK_TRIES = len(_SHRINK)
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,14 @@ def _within_radius(
     norm = float(np.linalg.norm(delta / std))
     if norm > radius:
         delta = delta * (radius / norm)
-    for _ in range(_SHRINK_TRIES):
+    for shrink in _SHRINK:
         with np.errstate(over="ignore"):
             v32 = (x + delta).astype(np.float32)
         if np.isfinite(v32).all():
             dist = float(np.linalg.norm((v32.astype(np.float64) - x) / std))
             if dist <= radius:
                 return v32, dist
-        delta = delta * _SHRINK
+        delta = delta * shrink
     return None
 
 
@@ -165,7 +167,7 @@ class Request:
     labels: Sequence[str]
     true_class_examples: np.ndarray | None
     model: nn.Module | None
-    rng: np.random.Generator
+    seed: int  # all of the request's randomness comes from it (see `_uniforms`)
 
 
 def generate(
@@ -177,16 +179,16 @@ def generate(
     reference: ReferenceStats,
     true_class_examples: np.ndarray | None,
     model: nn.Module | None,
-    rng: np.random.Generator,
+    seed: int,
     config: CounterexampleConfig | None = None,
 ) -> list[Counterexample]:
     """`config.k[error_type]` variants of `x`, all labelled `true_label`.
 
     Strategies take turns (gradient_sign, interpolate, jitter), skipping those without
     their input: no model, no true-class examples, or a flat gradient. All randomness
-    comes from `rng`, so the same seed gives the same variants.
+    comes from `seed`, so the same seed gives the same variants.
     """
-    request = Request(x, true_label, error_type, labels, true_class_examples, model, rng)
+    request = Request(x, true_label, error_type, labels, true_class_examples, model, seed)
     return generate_many([request], reference=reference, config=config)[0]
 
 
@@ -215,37 +217,41 @@ def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
         raise refusal
     std, dim = reference.std, reference.input_dim
     lo, hi = config.interpolation
-    origins: list[np.ndarray] = []
-    candidates: list[np.ndarray] = []
-    owners: list[tuple[int, str]] = []
-    for n, (r, (point, pool, _, k), hard) in enumerate(zip(requests, prepared, fgsm,
-                                                           strict=False)):
+    # One row per variant: its request, its index among the request's variants, strategy.
+    owner_of: list[int] = []
+    index_of: list[int] = []
+    strategy_of: list[str] = []
+    for n, ((_, pool, _, k), hard) in enumerate(zip(prepared, fgsm, strict=False)):
         available = [s for s, ok in zip(STRATEGIES, (hard is not None, len(pool) > 0, True),
                                         strict=True) if ok]
-        rng = r.rng
-        gradient_variants = 0
         for i in range(k):
-            strategy = available[i % len(available)]
-            if strategy == "gradient_sign":
-                assert hard is not None
-                v = hard if gradient_variants == 0 else (
-                    hard + rng.normal(0.0, config.jitter_scale * GRADIENT_JITTER_SHARE, dim)
-                    * std)
-                gradient_variants += 1
-            elif strategy == "interpolate":
-                other = pool[rng.integers(len(pool))]
-                v = point + rng.uniform(lo, hi) * (other - point)
-            else:
-                v = point + rng.normal(0.0, config.jitter_scale, dim) * std
-            origins.append(point)
-            candidates.append(v)
-            owners.append((n, strategy))
+            owner_of.append(n)
+            index_of.append(i)
+            strategy_of.append(available[i % len(available)])
     out: list[list[Counterexample]] = [[] for _ in prepared]
-    if not candidates:
+    if not owner_of:
         return out
-    fitted = _within_radius_many(np.asarray(origins), np.asarray(candidates), std,
-                                 config.max_distance)
-    for (n, strategy), fit in zip(owners, fitted, strict=True):
+    owners = np.asarray(owner_of)
+    seeds = np.asarray([r.seed for r in requests[:len(prepared)]], dtype=np.uint64)
+    # each variant its own block of the request's stream: 2 uniforms a normal, plus 2
+    u = _uniforms(seeds[owners], np.asarray(index_of, dtype=np.uint64), 2 * dim + 2)
+    normal = np.sqrt(-2.0 * np.log1p(-u[:, :dim])) * np.cos(2.0 * np.pi * u[:, dim:2 * dim])
+    points = np.stack([p[0] for p in prepared])[owners]
+    candidates = points + normal * config.jitter_scale * std  # jitter, unless replaced
+    kinds = np.asarray(strategy_of)
+    gradient = np.flatnonzero(kinds == "gradient_sign")
+    if len(gradient):
+        hard = np.stack([fgsm[n] for n in owners[gradient]])  # type: ignore[misc]
+        shake = normal[gradient] * (config.jitter_scale * GRADIENT_JITTER_SHARE) * std
+        first = (np.asarray(index_of)[gradient] == 0)[:, None]  # the FGSM point itself
+        candidates[gradient] = np.where(first, hard, hard + shake)
+    for rows in _by_pool(np.flatnonzero(kinds == "interpolate"), owners, prepared):
+        pool = prepared[owners[rows[0]]][1]
+        picks = np.minimum((u[rows, 2 * dim] * len(pool)).astype(np.int64), len(pool) - 1)
+        t = (lo + u[rows, 2 * dim + 1] * (hi - lo))[:, None]
+        candidates[rows] = points[rows] + t * (pool[picks] - points[rows])
+    fitted = _within_radius_many(points, candidates, std, config.max_distance)
+    for n, strategy, fit in zip(owner_of, strategy_of, fitted, strict=True):
         if fit is None:  # only for inputs at the edge of float32's range
             continue
         features, distance = fit
@@ -253,6 +259,36 @@ def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
                                      weight=config.weight, strategy=strategy,
                                      distance=distance))
     return out
+
+
+def _by_pool(rows: np.ndarray, owners: np.ndarray,
+             prepared: Sequence[tuple[np.ndarray, np.ndarray, list[str], int]]
+             ) -> list[np.ndarray]:
+    """`rows` grouped by the true-class pool (array object) their request draws from."""
+    groups: dict[int, list[int]] = {}
+    for row in rows.tolist():
+        groups.setdefault(id(prepared[owners[row]][1]), []).append(row)
+    return [np.asarray(g) for g in groups.values()]
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _uniforms(seeds: np.ndarray, blocks: np.ndarray, width: int) -> np.ndarray:
+    """Uniforms in [0, 1): row r is block `blocks[r]` (`width` numbers) of the stream of
+    `seeds[r]` -- SplitMix64 (Steele et al., 2014), a counter-based generator, computed
+    for every row at once. Why not a numpy Generator per request: constructing one costs
+    ~12 us, more than all the arithmetic of a request's variants; this gives each
+    correction its own reproducible stream, independent of the batch it arrives in, for
+    well under a microsecond."""
+    counters = blocks[:, None] * np.uint64(width) + np.arange(1, width + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = seeds[:, None] + counters * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def _prepare(r: Request, reference: ReferenceStats, config: CounterexampleConfig,
@@ -342,7 +378,7 @@ def _within_radius_many(x: np.ndarray, v: np.ndarray, std: np.ndarray, radius: f
     found = np.zeros(len(v), dtype=bool)
     dist = np.zeros(len(v))
     todo = np.arange(len(v))
-    for _ in range(_SHRINK_TRIES):
+    for shrink in _SHRINK:
         with np.errstate(over="ignore", invalid="ignore"):
             v32 = (x[todo] + delta[todo]).astype(np.float32)
             d = np.linalg.norm((v32.astype(np.float64) - x[todo]) / std, axis=1)
@@ -352,7 +388,7 @@ def _within_radius_many(x: np.ndarray, v: np.ndarray, std: np.ndarray, radius: f
         todo = todo[~ok]
         if not len(todo):
             break
-        delta[todo] *= _SHRINK
+        delta[todo] *= shrink
     features = found32.astype(np.float64).tolist()
     return [(features[i], float(dist[i])) if found[i] else None for i in range(len(v))]
 

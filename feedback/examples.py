@@ -7,6 +7,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -43,6 +44,17 @@ def _seed_of(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
+@dataclass
+class PreparedPair:
+    """A joined pair, analyzed: what the store transaction writes for it."""
+
+    pair: JoinedPair
+    row: dict | None  # its correction example (None: unusable)
+    outcome: tuple | None  # its error-counter key
+    variants: list[dict] | None = None  # every counterexample it may get, in order
+    rejected: Rejected | None = None  # unusable: a dead letter instead of rows
+
+
 class ExampleBuilder:
     """Called by the worker inside its store transaction with the pairs it just joined."""
 
@@ -68,108 +80,111 @@ class ExampleBuilder:
 
     def __call__(self, session: Session, pairs: list[JoinedPair]
                  ) -> tuple[list[dict], list[Rejected]]:
-        """Example rows for the usable pairs, and a dead letter for each unusable one.
+        """Example rows for the usable pairs, and a dead letter for each unusable one."""
+        return self.finish(session, self.prepare(pairs))
+
+    def prepare(self, pairs: list[JoinedPair]) -> list[PreparedPair]:
+        """Everything about `pairs` that needs no store: whether each is usable, its
+        verdict and split, its correction row, its error-count key, and all the variants
+        it could get (a function of the pair alone, seeded by its correction id). The
+        worker runs it on the consumer thread while the store writes the batch before.
 
         A pair whose correction names a label the model does not have, or whose stored
         prediction does not fit the reference, cannot be analyzed or trained on; refusing
         it here keeps one bad pair from failing (and forever replaying) the whole batch.
         """
-        pairs, rejected = self._usable(pairs)
-        return self._rows(session, pairs), rejected
-
-    def _usable(self, pairs: list[JoinedPair]) -> tuple[list[JoinedPair], list[Rejected]]:
-        usable, rejected = [], []
-        dim = self.pool.reference.input_dim
+        out: list[PreparedPair] = []
+        usable = []
         for p in pairs:
-            reason = None
-            if p.true_label not in p.probabilities:
-                reason = (f"correction label {p.true_label!r} is not one of the model's labels "
-                          f"{sorted(p.probabilities)}")
-            elif len(p.features) != dim:
-                reason = f"prediction has {len(p.features)} features, the reference has {dim}"
-            elif abs(sum(p.probabilities.values()) - 1.0) > 1e-3:
-                reason = "prediction probabilities do not sum to 1"
+            reason = self._unusable(p)
             if reason is None:
                 usable.append(p)
                 continue
             value = orjson.dumps({"correction_id": p.correction_id,
                                   "prediction_id": p.prediction_id, "label": p.true_label,
                                   "source": p.source})
-            rejected.append(Rejected("joined-pair", -1, -1, p.prediction_id.encode(), value,
-                                     f"unusable pair: {reason}"))
-        return usable, rejected
-
-    def _rows(self, session: Session, pairs: list[JoinedPair]) -> list[dict]:
-        if not pairs:
-            return []
+            out.append(PreparedPair(p, None, None, rejected=Rejected(
+                "joined-pair", -1, -1, p.prediction_id.encode(), value,
+                f"unusable pair: {reason}")))
+        if not usable:
+            return out
         now = utcnow()
-        verdicts = analyze_many([p.features for p in pairs], [p.probabilities for p in pairs],
-                                [p.predicted for p in pairs], [p.true_label for p in pairs],
+        verdicts = analyze_many([p.features for p in usable], [p.probabilities for p in usable],
+                                [p.predicted for p in usable], [p.true_label for p in usable],
                                 self.pool, self.analyzer)
-        per_pair: list[list[dict]] = []
-        outcomes: Counter[tuple[str, str, datetime, str, str, str]] = Counter()
-        wanting: list[tuple[int, str]] = []  # (pair, error type): variants if budget allows
         hours: dict[datetime, datetime] = {}
         holdout = self.settings.holdout_fraction
-        for n, (p, (error_type, trainable)) in enumerate(zip(pairs, verdicts, strict=True)):
+        wanting: list[tuple[PreparedPair, str]] = []
+        for p, (error_type, trainable) in zip(usable, verdicts, strict=True):
             split = assign_split(p.prediction_id, holdout) if trainable else _QUARANTINE
-            per_pair.append([{
-                "dedup_key": f"correction:{p.correction_id}", "origin": _CORRECTION,
-                "error_type": error_type, "parent_prediction_id": p.prediction_id,
-                "features": p.features, "label": p.true_label, "weight": 1.0, "split": split,
-                "source": p.source, "created_at": now}])
+            row = {"dedup_key": f"correction:{p.correction_id}", "origin": _CORRECTION,
+                   "error_type": error_type, "parent_prediction_id": p.prediction_id,
+                   "features": p.features, "label": p.true_label, "weight": 1.0,
+                   "split": split, "source": p.source, "created_at": now}
             hour = hours.get(p.corrected_at)
             if hour is None:
                 hour = hours[p.corrected_at] = p.corrected_at.replace(minute=0, second=0,
                                                                        microsecond=0)
-            outcomes[(p.model_name, p.model_version, hour, p.predicted, p.true_label,
-                      error_type or "correct")] += 1
+            prepared = PreparedPair(p, row, (p.model_name, p.model_version, hour, p.predicted,
+                                             p.true_label, error_type or "correct"))
+            out.append(prepared)
             # holdout and quarantine never leak into training via variants
             if split == _TRAIN and error_type is not None:
-                wanting.append((n, error_type))
-        if wanting:  # the budget query only when some pair could use it
-            budget = self._budget_left(session, {pairs[n].source for n, _ in wanting}, now)
-            self._add_variants(pairs, wanting, per_pair, budget, now)
-        self._count(session, outcomes)
-        return [row for rows in per_pair for row in rows]
-
-    def _add_variants(self, pairs: list[JoinedPair], wanting: list[tuple[int, str]],
-                      per_pair: list[list[dict]], budget: dict[str | None, int],
-                      now: datetime) -> None:
-        """Variants for the `wanting` pairs, in order, each source within its budget.
-
-        Generated in one batch for the pairs the budget surely admits (counting k each,
-        the most a pair can use), then handed out in order exactly as one pair at a time
-        would; a pair admitted only because an earlier one got fewer than k is generated
-        on its own.
-        """
-        default = self.settings.counterexample_budget
-        k = self.counterexamples.k
-        left = dict(budget)
-        planned = []
-        for n, error_type in wanting:
-            source = pairs[n].source
-            if left.get(source, default) > 0:
-                planned.append((n, error_type))
-                left[source] = left.get(source, default) - k[error_type]
-        made = dict(zip((n for n, _ in planned),
-                        self._generate([(pairs[n], e) for n, e in planned]), strict=True))
-        for n, error_type in wanting:
-            p = pairs[n]
-            room = budget.get(p.source, default)
-            if room <= 0:
-                continue
-            variants = made[n] if n in made else self._generate([(p, error_type)])[0]
-            variants = variants[:room]
-            budget[p.source] = room - len(variants)
-            per_pair[n] += [{
+                wanting.append((prepared, error_type))
+        for (prepared, error_type), variants in zip(
+                wanting, self._generate([(pp.pair, e) for pp, e in wanting]), strict=True):
+            p = prepared.pair
+            prepared.variants = [{
                 "dedup_key": f"counterexample:{p.correction_id}:{i}",
                 "origin": _COUNTEREXAMPLE, "error_type": error_type,
                 "parent_prediction_id": p.prediction_id, "features": v.features,
                 "label": v.label, "weight": v.weight, "split": _TRAIN, "source": p.source,
                 "created_at": now} for i, v in enumerate(variants)]
+        return out
+
+    def finish(self, session: Session, prepared: list[PreparedPair]
+               ) -> tuple[list[dict], list[Rejected]]:
+        """The rows to write for prepared pairs, in their order, each source's variants
+        within its budget for the window (handed out in pair order); and the error
+        counters, added in the store."""
+        rows: list[dict] = []
+        rejected: list[Rejected] = []
+        wanting = [pp for pp in prepared if pp.variants]
+        # the budget query only when some pair could use it
+        budget = self._budget_left(session, {pp.pair.source for pp in wanting}, utcnow()) \
+            if wanting else {}
+        default = self.settings.counterexample_budget
+        outcomes: Counter[tuple[str, str, datetime, str, str, str]] = Counter()
+        for pp in prepared:
+            if pp.rejected is not None:
+                rejected.append(pp.rejected)
+                continue
+            rows.append(pp.row)
+            outcomes[pp.outcome] += 1
+            if pp.variants:
+                source = pp.pair.source
+                room = budget.get(source, default)
+                if room > 0:
+                    taken = pp.variants[:room]
+                    budget[source] = room - len(taken)
+                    rows += taken
+        self._count(session, outcomes)
+        return rows, rejected
+
+    def _unusable(self, p: JoinedPair) -> str | None:
+        if p.true_label not in p.probabilities:
+            return (f"correction label {p.true_label!r} is not one of the model's labels "
+                    f"{sorted(p.probabilities)}")
+        dim = self.pool.reference.input_dim
+        if len(p.features) != dim:
+            return f"prediction has {len(p.features)} features, the reference has {dim}"
+        if abs(sum(p.probabilities.values()) - 1.0) > 1e-3:
+            return "prediction probabilities do not sum to 1"
+        return None
 
     def _generate(self, items: list[tuple[JoinedPair, str]]) -> list[list[Counterexample]]:
+        if not items:
+            return []
         requests = []
         for p, error_type in items:
             loaded = self._model(p.model_version)
@@ -178,7 +193,7 @@ class ExampleBuilder:
                 labels=loaded[0] if loaded else sorted(p.probabilities),
                 true_class_examples=self.pool.of_class(p.true_label),
                 model=loaded[1] if loaded else None,
-                rng=np.random.default_rng(_seed_of(p.correction_id))))
+                seed=_seed_of(p.correction_id)))
         return generate_many(requests, reference=self.pool.reference, config=self.counterexamples)
 
     def _budget_left(self, session: Session, sources: set[str | None],

@@ -1,27 +1,33 @@
 """The durable join of corrections to predictions, in the training store.
 
-Both sides are written as they arrive, in any order; a correction waits as `pending`
-until its prediction is stored. Claiming a join is a conditional update
-(`pending` -> `joined`), so two workers, or one worker replaying a batch after a crash,
-can never join the same correction twice.
+Both sides are written as they arrive, in any order. A correction whose prediction is
+known -- in the same batch, in the worker's cache of what it stored, or in the store --
+is inserted already `joined`; one whose prediction is not waits as `pending` until the
+prediction is stored, and is then claimed by a conditional update (`pending` ->
+`joined`). Either way a correction is joined by exactly one transaction: the one whose
+INSERT created the row, or the one whose update changed its status. Two workers, or one
+worker replaying a batch after a crash, can never join the same correction twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import orjson
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.feedback.prediction_cache import KnownPrediction
 from flywheel.feedback.store import (
     Correction,
     CorrectionStatus,
     Prediction,
     insert_ignoring_duplicates,
+    insert_returning_new,
 )
 from flywheel.feedback.store.models import UTCDateTime
 
@@ -56,6 +62,139 @@ def store_events(session: Session, predictions: Sequence[PredictionEvent],
          "created_at": e.timestamp, "status": CorrectionStatus.PENDING.value}
         for e in corrections])
     return new_p, new_c
+
+
+@dataclass
+class StoredBatch:
+    """What one batch's transaction wrote and joined."""
+
+    new_predictions: list[PredictionEvent] = field(default_factory=list)  # rows it created
+    new_corrections: int = 0
+    pairs: list[JoinedPair] = field(default_factory=list)  # joined by this transaction
+    pending: list[CorrectionEvent] = field(default_factory=list)  # stored as pending
+
+
+def store_and_join(session: Session, predictions: Sequence[PredictionEvent],
+                   corrections: Sequence[CorrectionEvent], now: datetime,
+                   known: Callable[[str], KnownPrediction | None] = lambda _: None
+                   ) -> StoredBatch:
+    """Write a batch's events and join every correction that can be joined now.
+
+    - predictions are inserted (duplicates skipped);
+    - each correction's prediction is looked for in this batch, then `known` (the
+      worker's cache), then the store; found: the correction is inserted `joined`, else
+      `pending`;
+    - pending corrections of this batch's new predictions are claimed;
+    - a correction that was already stored (a replay) is claimed if it is still pending.
+
+    The pairs come oldest correction first (then by id): a repeatable order, the order in
+    which the per-source counterexample budget is handed out.
+    """
+    out = StoredBatch()
+    predictions, corrections = first_of_each(predictions), first_of_each(corrections)
+    new_ids = set(insert_returning_new(session, Prediction, [prediction_row(e)
+                                                              for e in predictions]))
+    out.new_predictions = [e for e in predictions if e.id in new_ids]
+    in_batch = {e.id: KnownPrediction.of(e) for e in out.new_predictions}
+    found: dict[str, KnownPrediction] = {}
+    missing = []
+    for c in corrections:
+        pid = c.prediction_id
+        hit = in_batch.get(pid) or known(pid)
+        if hit is None:
+            missing.append(pid)
+        else:
+            found[pid] = hit
+    if missing:
+        found.update(lookup_predictions(session, missing))
+    rows = [correction_row(c, c.prediction_id in found, now) for c in corrections]
+    created = set(insert_returning_new(session, Correction, rows))
+    out.new_corrections = len(created)
+    for c in corrections:
+        if c.id not in created:
+            continue
+        if c.prediction_id in found:
+            out.pairs.append(pair_of(c.id, c.prediction_id, c.label, c.source, c.timestamp,
+                                     found[c.prediction_id]))
+        else:
+            out.pending.append(c)
+    out.pairs += claim_for(session, in_batch, now)
+    replayed = {c.prediction_id for c in corrections
+                if c.id not in created and c.prediction_id not in in_batch}
+    if replayed:  # stored earlier as pending; their prediction may be here now
+        out.pairs += claim_joins(session, replayed, now)
+    out.pairs.sort(key=lambda p: (p.corrected_at, p.correction_id))
+    return out
+
+
+_JOINED, _PENDING = CorrectionStatus.JOINED.value, CorrectionStatus.PENDING.value
+E = TypeVar("E", PredictionEvent, CorrectionEvent)
+
+
+def first_of_each(events: Sequence[E]) -> list[E]:
+    """One event per id, the first delivered (as the duplicate-skipping INSERT keeps)."""
+    first: dict[str, E] = {}
+    for e in events:
+        first.setdefault(e.id, e)
+    return list(first.values())
+
+
+def correction_row(c: CorrectionEvent, joined: bool, now: datetime) -> dict:
+    return {"id": c.id, "prediction_id": c.prediction_id, "label": c.label,
+            "source": c.source, "created_at": c.timestamp,
+            "status": _JOINED if joined else _PENDING, "joined_at": now if joined else None}
+
+
+def prediction_row(e: PredictionEvent) -> dict:
+    return {"id": e.id, "model_name": e.model_name, "model_version": e.model_version,
+            "features": e.features, "probabilities": e.probabilities, "label": e.label,
+            "created_at": e.timestamp, "latency_ms": e.latency_ms}
+
+
+def pair_of(correction_id: str, prediction_id: str, label: str, source: str | None,
+          corrected_at: datetime, p: KnownPrediction) -> JoinedPair:
+    return JoinedPair(correction_id, prediction_id, label, source, corrected_at.astimezone(UTC),
+                      p.model_name, p.model_version, p.features, p.probabilities, p.label)
+
+
+def lookup_predictions(session: Session, ids: Iterable[str]) -> dict[str, KnownPrediction]:
+    """Stored predictions by id (those that exist)."""
+    out = {}
+    for chunk in _chunks(sorted(set(ids))):
+        for row in session.execute(
+                select(Prediction.id, Prediction.model_name, Prediction.model_version,
+                       Prediction.features, Prediction.probabilities, Prediction.label)
+                .where(Prediction.id.in_(chunk))):
+            out[row[0]] = KnownPrediction(*row[1:])
+    return out
+
+
+# The status literals are in the text, so the planner can use the partial index of
+# pending corrections (a parameter would not prove its predicate).
+_CLAIM_KNOWN_PG = (
+    f"UPDATE corrections AS c SET status = '{_JOINED}', joined_at = %(now)s"
+    " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid)"
+    f" WHERE c.prediction_id = i.pid AND c.status = '{_PENDING}'"
+    " RETURNING c.id, c.prediction_id, c.label, c.source, c.created_at")
+
+
+def claim_for(session: Session, predictions: dict[str, KnownPrediction], now: datetime
+               ) -> list[JoinedPair]:
+    """Claim the pending corrections of predictions stored in this transaction; their
+    features come from memory, not back from the store."""
+    if not predictions:
+        return []
+    if session.get_bind().dialect.name != "postgresql":
+        return claim_joins(session, predictions, now)
+    stamp = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
+    cursor = session.connection().connection.driver_connection.cursor()
+    try:  # never prepared: see _claim_postgresql
+        cursor.execute(_CLAIM_KNOWN_PG, {"now": stamp, "ids": orjson.dumps(list(predictions))
+                                         .decode()}, prepare=False)
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    return [pair_of(r[0], r[1], r[2], r[3], r[4], predictions[r[1]]) for r in rows]
 
 
 def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -96,9 +235,9 @@ def claim_joins(session: Session, prediction_ids: Iterable[str] | None,
 
 
 _CLAIM_PG = (
-    "UPDATE corrections AS c SET status = %(joined)s, joined_at = %(now)s"
+    f"UPDATE corrections AS c SET status = '{_JOINED}', joined_at = %(now)s"
     " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid), predictions AS p"
-    " WHERE c.prediction_id = i.pid AND p.id = c.prediction_id AND c.status = %(pending)s"
+    f" WHERE c.prediction_id = i.pid AND p.id = c.prediction_id AND c.status = '{_PENDING}'"
     " RETURNING c.id, c.prediction_id, c.label, c.source, c.created_at, p.model_name,"
     " p.model_version, p.features, p.probabilities, p.label")
 
@@ -118,9 +257,8 @@ def _claim_postgresql(session: Session, ids: list[str], now: datetime) -> list[J
     now = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
     cursor = session.connection().connection.driver_connection.cursor()
     try:
-        cursor.execute(_CLAIM_PG, {
-            "joined": CorrectionStatus.JOINED.value, "pending": CorrectionStatus.PENDING.value,
-            "now": now, "ids": orjson.dumps(ids).decode()}, prepare=False)
+        cursor.execute(_CLAIM_PG, {"now": now, "ids": orjson.dumps(ids).decode()},
+                       prepare=False)
         rows = cursor.fetchall()
     finally:
         cursor.close()

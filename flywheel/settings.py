@@ -76,6 +76,14 @@ class Settings(BaseSettings):
         description="Consumer session timeout; Tansu completes a join after about half.")
     feedback_max_records: int = Field(2000, ge=1, le=100_000,
                                       description="Records per poll, one store transaction.")
+    feedback_align_hold_s: float = Field(
+        10.0, ge=0, le=3600,
+        description="While predictions have a backlog, a correction newer than the predictions "
+                    "read so far waits for them up to this long; 0 turns alignment off.")
+    feedback_prediction_cache: int = Field(
+        50_000, ge=0, le=10_000_000,
+        description="Predictions a worker keeps in memory to join their corrections without "
+                    "reading them back (~0.7 KB each); 0 turns it off.")
     correction_expiry_s: float = Field(7 * 24 * 3600.0, gt=0,
                                        description="Unmatched corrections expire after this.")
     holdout_fraction: float = Field(0.1, ge=0, lt=1,

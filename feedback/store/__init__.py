@@ -4,12 +4,18 @@ Open it with `open_store(url)`, which refuses a database whose schema is not the
 this code expects; change the schema only through `upgrade`/`downgrade` (Alembic).
 """
 
+from flywheel.feedback.store.bulk import (
+    CopyRows,
+    encode_for_copy,
+    insert_all_new,
+    insert_ignoring_duplicates,
+    insert_returning_new,
+)
 from flywheel.feedback.store.database import (
     SchemaNotCurrent,
     SchemaTooNew,
     check_schema,
     display_url,
-    insert_ignoring_duplicates,
     make_engine,
     normalize_url,
     open_store,
@@ -44,9 +50,11 @@ from flywheel.feedback.store.models import (
 
 __all__ = [
     "CORRECTION_STATUSES", "ERROR_TYPES", "ORIGINS", "SPLITS", "Base", "Correction",
-    "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin", "Prediction",
-    "PrivacyLedgerEntry", "PrivacySourceSpend",
+    "CopyRows", "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin",
+    "Prediction", "PrivacyLedgerEntry", "PrivacySourceSpend", "encode_for_copy",
+    "insert_all_new",
     "SchemaNotCurrent", "SchemaTooNew", "Split", "alembic_config", "check_schema", "current",
-    "display_url", "downgrade", "head", "insert_ignoring_duplicates", "known_revisions",
+    "display_url", "downgrade", "head", "insert_ignoring_duplicates", "insert_returning_new",
+    "known_revisions",
     "make_engine", "normalize_url", "open_store", "schema_revision", "session_factory", "upgrade",
 ]

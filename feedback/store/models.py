@@ -133,7 +133,6 @@ class Prediction(Base):
     """One served prediction, as logged on `flywheel.predictions`."""
 
     __tablename__ = "predictions"
-    __table_args__ = (Index(None, "model_name", "model_version"),)
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
@@ -146,6 +145,10 @@ class Prediction(Base):
     stored_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
 
 
+PENDING_INDEX = "ix_corrections_pending_prediction_id"
+PENDING_PREDICATE = "status = 'pending'"
+
+
 class Correction(Base):
     """A true label for a prediction; its id is the event id so redelivery is a no-op.
 
@@ -154,15 +157,22 @@ class Correction(Base):
     """
 
     __tablename__ = "corrections"
-    __table_args__ = (CheckConstraint(_one_of("status", CORRECTION_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(_one_of("status", CORRECTION_STATUSES), name="status"),
+        # Only pending rows are indexed (a new prediction's claim, the sweep's late joins,
+        # the expiry): a correction joined as it is written enters no index but its key
+        # (migration 0005).
+        Index(PENDING_INDEX, "prediction_id", postgresql_where=text(PENDING_PREDICATE),
+              sqlite_where=text(PENDING_PREDICATE)),
+    )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    prediction_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    prediction_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     label: Mapped[str] = mapped_column(String(NAME_LENGTH))
     source: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(
-        String(16), index=True, default=CorrectionStatus.PENDING.value,
+        String(16), default=CorrectionStatus.PENDING.value,
         server_default=CorrectionStatus.PENDING.value,
     )
     joined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -170,6 +180,8 @@ class Correction(Base):
 
 COUNTEREXAMPLE_INDEX = "ix_examples_counterexample_source_created_at"
 COUNTEREXAMPLE_PREDICATE = "origin = 'counterexample'"
+QUARANTINE_INDEX = "ix_examples_quarantine"
+QUARANTINE_PREDICATE = "split = 'quarantine'"
 
 
 class Example(Base):
@@ -191,6 +203,10 @@ class Example(Base):
         Index(COUNTEREXAMPLE_INDEX, "source", "created_at",
               postgresql_where=text(COUNTEREXAMPLE_PREDICATE),
               sqlite_where=text(COUNTEREXAMPLE_PREDICATE)),
+        # The corroboration sweep looks for quarantined rows, which are few; no other
+        # query filters by split through an index (migration 0005).
+        Index(QUARANTINE_INDEX, "id", postgresql_where=text(QUARANTINE_PREDICATE),
+              sqlite_where=text(QUARANTINE_PREDICATE)),
         {"sqlite_autoincrement": True},
     )
 
@@ -198,11 +214,11 @@ class Example(Base):
     dedup_key: Mapped[str] = mapped_column(String(200), unique=True)
     origin: Mapped[str] = mapped_column(String(32))
     error_type: Mapped[str | None] = mapped_column(String(32))
-    parent_prediction_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
+    parent_prediction_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     features: Mapped[list[float]] = mapped_column(JSONType)
     label: Mapped[str] = mapped_column(String(NAME_LENGTH))
     weight: Mapped[float] = mapped_column(Float, default=1.0, server_default=text("1.0"))
-    split: Mapped[str] = mapped_column(String(16), index=True)
+    split: Mapped[str] = mapped_column(String(16))
     source: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, server_default=func.now()

@@ -337,14 +337,14 @@ def test_a_record_the_store_path_refuses_is_dead_lettered_alone(fb_settings):
     events = traffic.predictions(12, drifted=True, seed=9)
     poison = events[4][0].id
     worker = build_worker(s, client_id="poison")
-    analyze = worker._examples_for
+    analyze = worker.analysis.prepare
 
-    def fails_on_poison(session, pairs):
+    def fails_on_poison(pairs):  # on either thread: preparing a batch, or in its transaction
         if any(p.prediction_id == poison for p in pairs):
             raise ValueError(f"cannot analyze {poison}")
-        return analyze(session, pairs)
+        return analyze(pairs)
 
-    worker._examples_for = fails_on_poison
+    worker.analysis.prepare = fails_on_poison
     traffic.send_predictions(events)
     traffic.send_corrections(events)
     stop = threading.Event()

@@ -1,16 +1,17 @@
-"""PostgreSQL's one-statement paths (columnar bulk insert, update-with-join claim) store
-and return exactly what the general SQLAlchemy paths do, and refuse the same values."""
+"""PostgreSQL's fast paths (COPY in a savepoint, the columnar bulk insert, the
+update-with-join claim) store and return exactly what the general SQLAlchemy paths do,
+and refuse the same values."""
 
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import DataError, StatementError
 
-import flywheel.feedback.store.database as database
+import flywheel.feedback.store.bulk as bulk
 from flywheel.events import CorrectionEvent, PredictionEvent
 from flywheel.feedback.join import claim_joins, store_events
 from flywheel.feedback.store import (
@@ -19,6 +20,7 @@ from flywheel.feedback.store import (
     LearnerState,
     Prediction,
     insert_ignoring_duplicates,
+    insert_returning_new,
     make_engine,
     session_factory,
     upgrade,
@@ -39,12 +41,30 @@ def session(pg_url: str):
 
 def example_rows(prefix: str) -> list[dict]:
     features = [[0.1, -2.5e-7, 3.0, 1e300], [1, 2, 3, 4], [0.6877714395523071] * 4]
+    labels = ["ünïcode \"q\" \\", "tab\tnew\nline\rcr \\N", "\\"]
     return [{"dedup_key": f"{prefix}{i}", "origin": "counterexample", "error_type": e,
-             "parent_prediction_id": f"p{i}", "features": f, "label": "ünïcode \"q\" \\",
-             "weight": w, "split": "train", "source": s, "created_at": T0 + timedelta(hours=i)}
-            for i, (f, e, w, s) in enumerate(zip(features, ["novel", None, "boundary"],
-                                                 [0.5, 1, 2.0], [None, "app", "app"],
-                                                 strict=True))]
+             "parent_prediction_id": f"p{i}", "features": f, "label": label,
+             "weight": w, "split": "train", "source": s,
+             "created_at": (T0 + timedelta(hours=i)).astimezone(timezone(timedelta(hours=i)))}
+            for i, (f, e, w, s, label) in enumerate(zip(
+                features, ["novel", None, "boundary"], [0.5, 1, 2.0], [None, "app", "app"],
+                labels, strict=True))]
+
+
+def general_path_only(monkeypatch) -> None:
+    monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
+    monkeypatch.setattr(bulk, "_copy", lambda session, table, rows: None)
+
+
+@pytest.fixture(params=["copy", "columnar"])
+def fast_path(request, monkeypatch) -> str:
+    """Which fast path the PostgreSQL inserts take (the other one turned off)."""
+    if request.param == "copy":
+        monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
+        monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
+    else:
+        monkeypatch.setattr(bulk, "_copy", lambda session, table, rows: None)
+    return request.param
 
 
 def stored(session, prefix: str) -> list[tuple]:
@@ -55,16 +75,35 @@ def stored(session, prefix: str) -> list[tuple]:
                                      .order_by(Example.dedup_key))]
 
 
-def test_columnar_insert_stores_what_the_general_path_stores(session, monkeypatch):
-    assert database._columnar_insert(Example.__table__, example_rows("a")) is not None
+def test_fast_paths_store_what_the_general_path_stores(session, monkeypatch, fast_path):
+    assert bulk._prepared_columns(Example.__table__, example_rows("a")) is not None
     assert insert_ignoring_duplicates(session, Example, example_rows("a")) == 3
     assert insert_ignoring_duplicates(session, Example, example_rows("a")[1:]) == 0
-    monkeypatch.setattr(database, "_columnar_insert", lambda table, rows: None)
+    general_path_only(monkeypatch)
     assert insert_ignoring_duplicates(session, Example, example_rows("b")) == 3
     session.commit()
     assert stored(session, "a") == stored(session, "b")
     ids = session.scalars(select(Example.id).order_by(Example.id)).all()
     assert ids == sorted(ids) and len(ids) == 6
+
+
+def test_copy_is_taken_and_a_duplicate_falls_back_to_the_insert(session, monkeypatch):
+    monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
+    taken = []
+    copy = bulk._copy
+    monkeypatch.setattr(bulk, "_copy", lambda *a: taken.append(copy(*a)) or taken[-1])
+    corrections = [{"id": f"k{i}", "prediction_id": "p", "label": "a\tb", "source": None,
+                    "created_at": T0, "status": "pending"} for i in range(3)]
+    assert insert_returning_new(session, Correction, corrections[:2]) == ["k0", "k1"]
+    assert taken == [2]  # COPY stored both
+    assert insert_returning_new(session, Correction, corrections) == ["k2"]
+    assert taken[-1] is None  # k0 is there: COPY refused, its savepoint rolled back
+    assert insert_ignoring_duplicates(session, Correction, corrections) == 0
+    assert insert_ignoring_duplicates(session, Example, example_rows("k")) == 3
+    assert taken[-1] == 3
+    session.commit()  # the transaction survived the refused COPY
+    assert len(stored(session, "k")) == 3
+    assert session.scalars(select(Correction.label)).all() == ["a\tb"] * 3
 
 
 def test_defaults_and_duplicates_within_one_call(session):
@@ -87,12 +126,12 @@ def test_defaults_and_duplicates_within_one_call(session):
         ({"source": "x" * 65}, DataError),  # too long for VARCHAR(64)
     ],
 )
-def test_refuses_what_the_general_path_refuses(session, monkeypatch, change, error):
+def test_refuses_what_the_general_path_refuses(session, monkeypatch, change, error, fast_path):
     rows = [example_rows("r")[0] | change]
     with pytest.raises(error) as fast:
         insert_ignoring_duplicates(session, Example, rows)
     session.rollback()
-    monkeypatch.setattr(database, "_columnar_insert", lambda table, rows: None)
+    general_path_only(monkeypatch)
     with pytest.raises(error) as general:
         insert_ignoring_duplicates(session, Example, rows)
     session.rollback()
@@ -101,19 +140,22 @@ def test_refuses_what_the_general_path_refuses(session, monkeypatch, change, err
 
 def test_unusual_rows_take_the_general_path(session):
     rows = example_rows("u")
-    assert database._columnar_insert(Example.__table__, [rows[0], rows[1] | {"x": 1}]) is None
-    assert database._columnar_insert(Example.__table__, [rows[0], {
-        k: v for k, v in rows[1].items() if k != "source"}]) is None
-    assert database._columnar_insert(Example.__table__, [rows[0] | {"weight": True}]) is None
-    assert database._columnar_insert(Example.__table__, [rows[0] | {"weight": math.inf}]) is None
-    assert database._columnar_insert(LearnerState.__table__, [{"lineage": "l",
-                                                                "state": {1: "a"}}]) is None
+    for unusual in ([rows[0], rows[1] | {"x": 1}],
+                    [rows[0], {k: v for k, v in rows[1].items() if k != "source"}],
+                    [rows[0] | {"weight": True}], [rows[0] | {"weight": math.inf}],
+                    [rows[0] | {"created_at": datetime(2026, 1, 1)}],
+                    [rows[0] | {"features": [1.0, math.nan]}]):
+        assert bulk._prepared_columns(Example.__table__, unusual) is None
+        assert bulk._columnar_insert(Example.__table__, unusual) is None
+        assert bulk._copy(session, Example.__table__, unusual * bulk.COPY_MIN_ROWS) is None
+    assert bulk._columnar_insert(LearnerState.__table__, [{"lineage": "l",
+                                                            "state": {1: "a"}}]) is None
 
 
-def test_none_in_a_json_column_is_json_null_on_both_paths(session, monkeypatch):
+def test_none_in_a_json_column_is_json_null_on_every_path(session, monkeypatch, fast_path):
     assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
         "features": None, "dedup_key": "n1"}]) == 1
-    monkeypatch.setattr(database, "_columnar_insert", lambda table, rows: None)
+    general_path_only(monkeypatch)
     assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
         "features": None, "dedup_key": "n2"}]) == 1
     session.commit()

@@ -50,7 +50,7 @@ def make(seed, ref, index: int = 0, error_type: str = "confident", *, model=True
     return generate(
         x_ho[index], spec.labels[y], error_type, labels=spec.labels, reference=ref,
         true_class_examples=x_tr[y_tr == y] if pool else np.empty((0, ref.input_dim)),
-        model=module if model else None, rng=np.random.default_rng(rng_seed), config=config,
+        model=module if model else None, seed=rng_seed, config=config,
     )
 
 
@@ -138,7 +138,7 @@ def test_interpolation_moves_toward_the_true_class_example(seed, ref):
     other = x + 0.8 * direction * ref.std
     out = generate(x, spec.labels[y_ho[0]], "novel", labels=spec.labels, reference=ref,
                    true_class_examples=other[None, :], model=None,
-                   rng=np.random.default_rng(5))
+                   seed=5)
     moved = [ce for ce in out if ce.strategy == "interpolate"]
     assert len(moved) == 3
     for ce in moved:
@@ -158,7 +158,7 @@ def test_far_targets_and_big_steps_are_pulled_back_onto_the_radius(seed, ref):
                                   interpolation=(0.5, 0.9))
     out = generate(x, spec.labels[y_ho[1]], "confident", labels=spec.labels, reference=ref,
                    true_class_examples=far[None, :], model=module,
-                   rng=np.random.default_rng(1), config=config)
+                   seed=1, config=config)
     assert len(out) == 6
     for ce in out:
         assert ce.distance <= 0.5
@@ -195,7 +195,7 @@ def test_generate_refuses_bad_input(seed, ref, kwargs, match):
     spec, module, x_tr, _, x_ho, _ = seed
     args = {"x": x_ho[0], "true_label": spec.labels[0], "error_type": "confident",
             "labels": spec.labels, "reference": ref, "true_class_examples": x_tr[:5],
-            "model": module, "rng": np.random.default_rng(0)} | kwargs
+            "model": module, "seed": 0} | kwargs
     with pytest.raises(ValueError, match=match):
         generate(**args)
 

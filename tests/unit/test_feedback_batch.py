@@ -14,7 +14,18 @@ import pytest
 import torch
 
 from flywheel.feedback.analyzer import AnalyzerConfig, analyze, analyze_many
-from flywheel.feedback.counterexamples import Request, generate, generate_many
+from flywheel.feedback.counterexamples import (
+    GRADIENT_JITTER_SHARE,
+    STRATEGIES,
+    Counterexample,
+    CounterexampleConfig,
+    Request,
+    _uniforms,
+    _within_radius,
+    generate,
+    generate_many,
+    gradient_sign_point,
+)
 from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.reference import ReferenceStats
@@ -151,42 +162,85 @@ def requests_for(seed, traffic, n=40, model=True):
     for i, (features, _, _, truth) in enumerate(traffic[:n]):
         out.append(Request(np.asarray(features), truth, ("confident", "boundary", "novel")[i % 3],
                            labels=spec.labels, true_class_examples=pool.of_class(truth),
-                           model=module if model else None,
-                           rng=np.random.default_rng(1000 + i)))
+                           model=module if model else None, seed=1000 + i))
     return out
 
 
-def fresh(r: Request) -> Request:
-    seed_state = r.rng.bit_generator.state
-    rng = np.random.default_rng()
-    rng.bit_generator.state = seed_state
-    return Request(r.x, r.true_label, r.error_type, r.labels, r.true_class_examples, r.model,
-                   rng)
+def one_by_one(r: Request, ref, config=CounterexampleConfig()) -> list:
+    """The variants of one request, a variant at a time with the scalar helpers: what
+    `generate_many` computes for whole batches."""
+    dim = ref.input_dim
+    x = np.asarray(r.x, dtype=np.float64)
+    hard = None
+    if r.model is not None:
+        hard = gradient_sign_point(x, list(r.labels).index(r.true_label), len(r.labels),
+                                   r.model, ref, config.fgsm_step)
+    pool = np.asarray(r.true_class_examples, dtype=np.float64)
+    available = [s for s, ok in zip(STRATEGIES, (hard is not None, len(pool) > 0, True),
+                                    strict=True) if ok]
+    out = []
+    for i in range(config.k[r.error_type]):
+        strategy = available[i % len(available)]
+        u = _uniforms(np.asarray([r.seed], dtype=np.uint64), np.asarray([i], dtype=np.uint64),
+                      2 * dim + 2)[0]
+        z = np.sqrt(-2.0 * np.log1p(-u[:dim])) * np.cos(2.0 * np.pi * u[dim:2 * dim])
+        if strategy == "gradient_sign":
+            v = hard if i == 0 else hard + z * config.jitter_scale * GRADIENT_JITTER_SHARE \
+                * ref.std
+        elif strategy == "interpolate":
+            other = pool[min(int(u[2 * dim] * len(pool)), len(pool) - 1)]
+            lo, hi = config.interpolation
+            v = x + (lo + u[2 * dim + 1] * (hi - lo)) * (other - x)
+        else:
+            v = x + z * config.jitter_scale * ref.std
+        v32, dist = _within_radius(x, v, ref.std, config.max_distance)
+        out.append(Counterexample(features=v32.astype(np.float64).tolist(),
+                                  label=r.true_label, weight=config.weight, strategy=strategy,
+                                  distance=dist))
+    return out
 
 
-def test_generate_many_equals_generate_per_request(seed, traffic):
+def test_generate_many_equals_one_variant_at_a_time(seed, traffic):
     ref = seed[3]
     for model in (True, False):
         reqs = requests_for(seed, traffic, model=model)
-        singles = [generate(r.x, r.true_label, r.error_type, labels=r.labels, reference=ref,
-                            true_class_examples=r.true_class_examples, model=r.model,
-                            rng=fresh(r).rng) for r in reqs]
-        assert generate_many([fresh(r) for r in reqs], reference=ref) == singles
+        singles = [one_by_one(r, ref) for r in reqs]
+        got = generate_many(reqs, reference=ref)
+        assert len(got) == len(singles)
+        for g, s in zip(got, singles, strict=True):
+            assert [c.strategy for c in g] == [c.strategy for c in s]
+            for a, b in zip(g, s, strict=True):
+                assert a.label == b.label and a.weight == b.weight
+                np.testing.assert_allclose(a.features, b.features, rtol=1e-6, atol=1e-6)
+                assert a.distance == pytest.approx(b.distance, abs=1e-6)
         assert sum(len(s) for s in singles) == sum((6, 4, 6)[i % 3] for i in range(len(reqs)))
+        assert [generate(r.x, r.true_label, r.error_type, labels=r.labels, reference=ref,
+                         true_class_examples=r.true_class_examples, model=r.model,
+                         seed=r.seed) for r in reqs] == got
     # a request's variants do not depend on the rest of its batch
     reqs = requests_for(seed, traffic)
-    alone = generate_many([fresh(reqs[7])], reference=ref)[0]
-    assert generate_many([fresh(r) for r in reqs[3:12]], reference=ref)[4] == alone
+    alone = generate_many([reqs[7]], reference=ref)[0]
+    assert generate_many(reqs[3:12], reference=ref)[4] == alone
+
+
+def test_each_seed_draws_its_own_stream():
+    u = _uniforms(np.arange(4, dtype=np.uint64), np.zeros(4, dtype=np.uint64), 1000)
+    assert ((u >= 0) & (u < 1)).all()
+    assert abs(u.mean() - 0.5) < 0.02 and abs(u.std() - np.sqrt(1 / 12)) < 0.01
+    assert len({tuple(row[:5]) for row in u}) == 4  # different seeds, different streams
+    again = _uniforms(np.asarray([2], dtype=np.uint64), np.asarray([1], dtype=np.uint64), 10)
+    np.testing.assert_array_equal(again[0], _uniforms(
+        np.asarray([2], dtype=np.uint64), np.zeros(1, dtype=np.uint64), 20)[0, 10:])
 
 
 def test_generate_many_refuses_the_first_bad_request_as_generate_does(seed, traffic):
     ref = seed[3]
     reqs = requests_for(seed, traffic, n=6)
-    bad = Request(reqs[2].x, "class_9", "confident", reqs[2].labels, None, None, reqs[2].rng)
+    bad = Request(reqs[2].x, "class_9", "confident", reqs[2].labels, None, None, reqs[2].seed)
     with pytest.raises(ValueError, match="true label 'class_9' is not a known label"):
         generate_many(reqs[:2] + [bad] + reqs[3:], reference=ref)
     wrong = Request(np.zeros(3), "class_0", "confident", reqs[0].labels, None, None,
-                    reqs[0].rng)
+                    reqs[0].seed)
     with pytest.raises(ValueError, match="3 features"):
         generate_many([wrong], reference=ref)
 

@@ -1,0 +1,197 @@
+"""The feedback worker's side of Kafka: one member of the consumer group, in batches.
+
+Why confluent-kafka (librdkafka) and not kafka-python, as the design brief's other
+clients: a feedback worker reads two records per correction, and kafka-python fetches
+and parses them in pure Python, ~15 us of CPU a record holding the GIL (the whole
+budget of a fast worker); librdkafka fetches, decompresses and checks them in its own
+C threads, ~1 us a record of Python (docs/benchmarks.md, `bench feedback`). It also
+sends heartbeats from its own thread, so a long store transaction never costs the
+worker its group membership.
+
+Offsets are never committed automatically: the worker commits, per partition, only
+what its store has durably written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flywheel.feedback.alignment import Aligner
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+Partition = tuple[str, int]  # (topic, partition)
+RebalanceHook = Callable[[list[Partition]], None]
+
+
+class KafkaBatchConsumer:
+    """Subscribes to `topics` in the settings' group and hands out batches of messages.
+
+    `on_revoked` runs (on the thread that calls `poll`) before partitions move to
+    another member, while their offsets can still be committed; `on_assigned` after
+    new ones arrive. The range assignor keeps the predictions and corrections partitions
+    of the same number on the same member: both are keyed by prediction id with Kafka's
+    murmur2 partitioner, so a correction usually meets its prediction in one worker.
+    """
+
+    def __init__(self, settings: Settings, topics: list[str], *, client_id: str,
+                 on_revoked: RebalanceHook, on_assigned: RebalanceHook,
+                 align: tuple[str, str] | None = None, max_hold_s: float = 10.0,
+                 max_held: int = 20_000) -> None:
+        from confluent_kafka import Consumer
+
+        timeout = settings.feedback_session_timeout_ms
+        self._consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": settings.feedback_group,
+            "client.id": client_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": timeout,
+            "heartbeat.interval.ms": max(300, timeout // 4),
+            "partition.assignment.strategy": "range",
+            "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
+        }, logger=logging.getLogger("flywheel.kafka"))
+        self._on_revoked, self._on_assigned = on_revoked, on_assigned
+        self._assigned: set[Partition] = set()
+        # `align` = (predictions topic, corrections topic): see flywheel.feedback.alignment
+        self._aligner = Aligner(*align, max_held=max_held, max_hold_s=max_hold_s) \
+            if align and max_hold_s > 0 else None
+        self._leader_next: dict[int, int] = {}  # predictions partition -> next offset to read
+        self._paused: list[Any] = []
+        self._consumer.subscribe(topics, on_assign=self._assign, on_revoke=self._revoke,
+                                 on_lost=self._lose)
+
+    # -- rebalance callbacks (called inside `poll`) ------------------------------------------
+    def _assign(self, _consumer: Any, partitions: list[Any]) -> None:
+        parts = [(p.topic, p.partition) for p in partitions]
+        self._assigned.update(parts)
+        if self._aligner is not None:
+            self._start_positions([p for p in partitions if p.topic == self._aligner.leader])
+        log.info("partitions assigned: %s", sorted(parts))
+        self._on_assigned(parts)
+
+    def _revoke(self, _consumer: Any, partitions: list[Any]) -> None:
+        parts = [(p.topic, p.partition) for p in partitions]
+        try:
+            self._on_revoked(parts)
+        finally:
+            self._forget(parts)
+
+    def _lose(self, _consumer: Any, partitions: list[Any]) -> None:
+        """Partitions taken away without a revocation (our session expired): another
+        member may own them already, so nothing of theirs is committed."""
+        parts = [(p.topic, p.partition) for p in partitions]
+        self._forget(parts)
+        log.warning("partitions lost (session expired): %s; their offsets are not committed",
+                    sorted(parts))
+
+    def _forget(self, parts: list[Partition]) -> None:
+        self._assigned.difference_update(parts)
+        if self._aligner is not None:
+            self._aligner.forget(parts)
+            for topic, partition in parts:
+                if topic == self._aligner.leader:
+                    self._leader_next.pop(partition, None)
+        self._paused = [p for p in self._paused if (p.topic, p.partition) not in parts]
+
+    def _start_positions(self, partitions: list[Any]) -> None:
+        """Where reading starts in each predictions partition: its committed offset, or
+        the log start (auto.offset.reset=earliest). Until these are known, a partition
+        counts as behind."""
+        try:
+            committed = self._consumer.committed(partitions, timeout=10)
+        except Exception as exc:  # only alignment suffers: corrections wait up to max_hold_s
+            log.warning("committed offsets unavailable (%s)", exc)
+            return
+        for tp in committed:
+            offset = tp.offset
+            if offset < 0:
+                low, _high = self._consumer.get_watermark_offsets(tp, timeout=10)
+                offset = low
+            self._leader_next[tp.partition] = offset
+
+    def _lagging(self, partition: int) -> bool:
+        """Predictions partition `partition` has records this member has not read yet
+        (as of the last fetch response's high watermark)."""
+        from confluent_kafka import TopicPartition
+
+        assert self._aligner is not None
+        position = self._leader_next.get(partition)
+        if position is None:
+            return True
+        _low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._aligner.leader, partition), cached=True)
+        return high < 0 or high > position
+
+    # -- the batch interface ------------------------------------------------------------------
+    def poll(self, max_records: int, timeout_s: float) -> tuple[list[Any], dict[Partition, int]]:
+        """Up to `max_records` messages (confluent_kafka.Message) to process now, and the
+        next offset to commit per partition once they are stored. Errors are logged, and
+        a fatal one raises."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        messages = self._consumer.consume(max_records, timeout_s)
+        if any(m.error() for m in messages):
+            good = []
+            for m in messages:
+                err = m.error()
+                if err is None:
+                    good.append(m)
+                elif err.fatal():
+                    raise KafkaException(err)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka: %s", err)
+            messages = good
+        if self._aligner is None:
+            return messages, {(m.topic(), m.partition()): m.offset() + 1 for m in messages}
+        leader = self._aligner.leader
+        for m in messages:
+            if m.topic() == leader:
+                self._leader_next[m.partition()] = m.offset() + 1
+        admitted = self._aligner.admit(
+            messages, self._lagging, [p for t, p in self._assigned if t == leader],
+            time.monotonic(), limit=max_records)
+        self._pause_while_full()
+        return admitted
+
+    def _pause_while_full(self) -> None:
+        """Stop fetching corrections while too many are held; resume once half are out."""
+        from confluent_kafka import TopicPartition
+
+        assert self._aligner is not None
+        if not self._paused and self._aligner.full():
+            self._paused = [TopicPartition(t, p) for t, p in self._assigned
+                            if t == self._aligner.follower]
+            self._consumer.pause(self._paused)
+        elif self._paused and self._aligner.held <= self._aligner.max_held // 2:
+            self._consumer.resume(self._paused)
+            self._paused = []
+
+    def assignment(self) -> set[Partition]:
+        return set(self._assigned)
+
+    def commit(self, offsets: dict[Partition, int]) -> bool:
+        """Commit the next offsets to read, synchronously; False if Kafka refused (after
+        a rebalance: the records are stored, so the new owner's replay is a no-op)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if not offsets:
+            return True
+        try:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o)
+                                           for (t, p), o in offsets.items()],
+                                  asynchronous=False)
+            return True
+        except KafkaException as exc:
+            log.warning("offset commit refused (%s); the next owner replays stored records",
+                        exc)
+            return False
+
+    def close(self) -> None:
+        """Leave the group (revoking first, so the worker commits what it stored)."""
+        self._consumer.close()

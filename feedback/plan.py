@@ -1,0 +1,168 @@
+"""A batch prepared on the consumer thread, then applied in one store transaction.
+
+Most of what a batch costs needs no store: finding each correction's prediction (in the
+batch itself, or among the predictions the worker stored recently), analyzing the pairs
+and making their counterexamples, encoding rows for COPY. `Planner.prepare` does that on
+the consumer thread while the store thread writes the batch before it; `apply` then
+writes, in one transaction, and finishes only what needed the store: predictions not in
+memory, the pending corrections that a new prediction claims, the per-source budget.
+
+`apply` assumes a batch's events are new -- true of every batch but a replay -- and
+raises `NotNew` as soon as one is not; the worker then rolls back and writes the batch
+the general way (`join.store_and_join`), which is exactly as correct and slower. Nothing
+here is trusted that the store could contradict: a correction is only ever joined by the
+transaction whose INSERT created it or whose update claimed it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+from sqlalchemy.orm import Session
+
+from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.feedback.join import (
+    JoinedPair,
+    StoredBatch,
+    claim_for,
+    correction_row,
+    first_of_each,
+    lookup_predictions,
+    pair_of,
+    prediction_row,
+)
+from flywheel.feedback.messages import Rejected
+from flywheel.feedback.prediction_cache import KnownPrediction, PredictionCache
+from flywheel.feedback.store import (
+    CopyRows,
+    Correction,
+    Prediction,
+    encode_for_copy,
+    insert_all_new,
+)
+
+if TYPE_CHECKING:  # the builder imports torch; the plan itself does not need it
+    from flywheel.feedback.examples import PreparedPair
+
+PENDING_INDEX = 100_000  # pending corrections remembered by prediction id
+
+
+class Analysis(Protocol):
+    """The example builder's two halves (flywheel.feedback.examples.ExampleBuilder)."""
+
+    def prepare(self, pairs: list[JoinedPair]) -> list[PreparedPair]: ...
+
+    def finish(self, session: Session, prepared: list[PreparedPair]
+               ) -> tuple[list[dict], list[Rejected]]: ...
+
+
+class NotNew(Exception):
+    """Some event of the batch was stored already (a replay): roll back, write it the
+    general way."""
+
+
+@dataclass
+class Plan:
+    predictions: list[PredictionEvent]
+    corrections: list[CorrectionEvent]
+    in_batch: dict[str, KnownPrediction]  # this batch's predictions
+    resolved: dict[str, KnownPrediction]  # predictions of corrections, found in memory
+    prepared: dict[str, PreparedPair]  # by correction id: expected joins, analyzed
+    prediction_rows: list[dict]
+    prediction_copy: CopyRows | None  # the same rows, encoded for COPY
+
+
+@dataclass
+class Applied:
+    """A batch's transaction: what it stored, and its pairs analyzed, oldest first."""
+
+    stored: StoredBatch
+    prepared: list[PreparedPair] = field(default_factory=list)
+
+
+class Planner:
+    """The consumer thread's side: prepares batches, and learns from each committed one
+    (its new predictions go to the cache; its pending corrections to an index, so the
+    batch that brings their prediction can analyze them before its claim returns)."""
+
+    def __init__(self, analysis: Analysis, cache: PredictionCache,
+                 pending_capacity: int = PENDING_INDEX) -> None:
+        self.analysis, self.cache = analysis, cache
+        self._pending: OrderedDict[str, list[CorrectionEvent]] = OrderedDict()
+        self._pending_capacity = pending_capacity
+
+    def prepare(self, predictions: Iterable[PredictionEvent],
+                corrections: Iterable[CorrectionEvent]) -> Plan:
+        predictions, corrections = first_of_each(list(predictions)), first_of_each(
+            list(corrections))
+        in_batch = {e.id: KnownPrediction.of(e) for e in predictions}
+        resolved: dict[str, KnownPrediction] = {}
+        pairs: list[JoinedPair] = []
+        for c in corrections:
+            pid = c.prediction_id
+            hit = in_batch.get(pid) or self.cache.get(pid)
+            if hit is not None:
+                resolved[pid] = hit
+                pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, hit))
+        for pid, known in in_batch.items():  # the claims it will most likely make
+            for c in self._pending.get(pid, ()):
+                pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, known))
+        prepared = {pp.pair.correction_id: pp for pp in self.analysis.prepare(pairs)}
+        rows = [prediction_row(e) for e in predictions]
+        return Plan(predictions, corrections, in_batch, resolved, prepared, rows,
+                    encode_for_copy(Prediction, rows))
+
+    def committed(self, stored: StoredBatch) -> None:
+        """A batch's transaction committed: remember what it stored."""
+        self.cache.add(stored.new_predictions)
+        pending = self._pending
+        for pair in stored.pairs:
+            pending.pop(pair.prediction_id, None)
+        for c in stored.pending:
+            pending.setdefault(c.prediction_id, []).append(c)
+        while len(pending) > self._pending_capacity:
+            pending.popitem(last=False)
+
+
+def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime,
+          lookup: Callable[[Session, Iterable[str]], dict[str, KnownPrediction]]
+          = lookup_predictions) -> Applied:
+    """Write a prepared batch and join what it can (see `join.store_and_join`, whose
+    result it reproduces); raises NotNew if an event was stored already."""
+    stored = StoredBatch()
+    if not insert_all_new(session, Prediction, plan.prediction_rows, plan.prediction_copy):
+        raise NotNew("a prediction of the batch is stored already")
+    stored.new_predictions = plan.predictions
+    found = dict(plan.resolved)
+    missing = {c.prediction_id for c in plan.corrections if c.prediction_id not in found}
+    if missing:
+        found.update(lookup(session, missing))
+    rows = [correction_row(c, c.prediction_id in found, now) for c in plan.corrections]
+    if not insert_all_new(session, Correction, rows):
+        raise NotNew("a correction of the batch is stored already")
+    stored.new_corrections = len(rows)
+    unprepared: list[JoinedPair] = []
+    prepared: list[PreparedPair] = []
+    for c in plan.corrections:
+        if c.prediction_id not in found:
+            stored.pending.append(c)
+        elif c.id in plan.prepared:
+            prepared.append(plan.prepared[c.id])
+        else:  # its prediction was read from the store just now
+            unprepared.append(pair_of(c.id, c.prediction_id, c.label, c.source, c.timestamp,
+                                      found[c.prediction_id]))
+    for pair in claim_for(session, plan.in_batch, now):
+        expected = plan.prepared.get(pair.correction_id)
+        if expected is not None and expected.pair == pair:
+            prepared.append(expected)
+        else:
+            unprepared.append(pair)
+    if unprepared:
+        prepared += analysis.prepare(unprepared)
+    prepared.sort(key=lambda pp: (pp.pair.corrected_at, pp.pair.correction_id))
+    stored.pairs = [pp.pair for pp in prepared]
+    return Applied(stored, prepared)
