@@ -36,6 +36,7 @@ class Aligner:
         self.leader, self.follower = leader, follower
         self.max_held, self.max_hold_s = max_held, max_hold_s
         self._leader_time: dict[int, float] = {}  # partition -> last record time read
+        self.leader_next: dict[int, int] = {}  # partition -> next offset to read
         self._held: dict[Partition, deque[tuple[Any, float]]] = {}  # (message, held since)
 
     @property
@@ -59,6 +60,7 @@ class Aligner:
             out.append(m)
             offsets[tp] = m.offset() + 1
             if tp[0] == self.leader:
+                self.leader_next[tp[1]] = offsets[tp]
                 ts = record_time(m)
                 if ts is not None:
                     self._leader_time[tp[1]] = ts
@@ -100,3 +102,4 @@ class Aligner:
             self._held.pop(tp, None)
             if tp[0] == self.leader:
                 self._leader_time.pop(tp[1], None)
+                self.leader_next.pop(tp[1], None)

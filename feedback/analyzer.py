@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -343,12 +343,23 @@ def assign_split(prediction_id: str, holdout_fraction: float) -> str:
     """
     if not isinstance(prediction_id, str) or not prediction_id:
         raise ValueError(f"prediction_id must be a non-empty string, got {prediction_id!r}")
+    return split_assigner(holdout_fraction)(prediction_id)
+
+
+def split_assigner(holdout_fraction: float) -> Callable[[str], str]:
+    """`assign_split` for one `holdout_fraction`, checked once: for a batch of ids (the
+    caller vouches they are non-empty strings, as validated events' ids are)."""
     if not (math.isfinite(holdout_fraction) and 0 <= holdout_fraction <= 1):
         raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
-    digest = hashlib.sha256(prediction_id.encode("utf-8")).digest()
-    position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
-    return _HOLDOUT if position < holdout_fraction else _TRAIN
+    sha256 = hashlib.sha256
+
+    def assign(prediction_id: str) -> str:
+        digest = sha256(prediction_id.encode("utf-8")).digest()
+        position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+        return _HOLDOUT if position < holdout_fraction else _TRAIN
+
+    return assign
 
 
 __all__ = ["AnalyzerConfig", "NeighbourSource", "Verdict", "analyze", "analyze_many",
-           "assign_split", "neighbour_labels"]
+           "assign_split", "neighbour_labels", "split_assigner"]

@@ -61,7 +61,6 @@ class KafkaBatchConsumer:
         # `align` = (predictions topic, corrections topic): see flywheel.feedback.alignment
         self._aligner = Aligner(*align, max_held=max_held, max_hold_s=max_hold_s) \
             if align and max_hold_s > 0 else None
-        self._leader_next: dict[int, int] = {}  # predictions partition -> next offset to read
         self._paused: list[Any] = []
         self._consumer.subscribe(topics, on_assign=self._assign, on_revoke=self._revoke,
                                  on_lost=self._lose)
@@ -94,15 +93,14 @@ class KafkaBatchConsumer:
         self._assigned.difference_update(parts)
         if self._aligner is not None:
             self._aligner.forget(parts)
-            for topic, partition in parts:
-                if topic == self._aligner.leader:
-                    self._leader_next.pop(partition, None)
         self._paused = [p for p in self._paused if (p.topic, p.partition) not in parts]
 
     def _start_positions(self, partitions: list[Any]) -> None:
         """Where reading starts in each predictions partition: its committed offset, or
         the log start (auto.offset.reset=earliest). Until these are known, a partition
         counts as behind."""
+        aligner = self._aligner
+        assert aligner is not None
         try:
             committed = self._consumer.committed(partitions, timeout=10)
         except Exception as exc:  # only alignment suffers: corrections wait up to max_hold_s
@@ -113,7 +111,7 @@ class KafkaBatchConsumer:
             if offset < 0:
                 low, _high = self._consumer.get_watermark_offsets(tp, timeout=10)
                 offset = low
-            self._leader_next[tp.partition] = offset
+            aligner.leader_next[tp.partition] = offset
 
     def _lagging(self, partition: int) -> bool:
         """Predictions partition `partition` has records this member has not read yet
@@ -121,7 +119,7 @@ class KafkaBatchConsumer:
         from confluent_kafka import TopicPartition
 
         assert self._aligner is not None
-        position = self._leader_next.get(partition)
+        position = self._aligner.leader_next.get(partition)
         if position is None:
             return True
         _low, high = self._consumer.get_watermark_offsets(
@@ -150,9 +148,6 @@ class KafkaBatchConsumer:
         if self._aligner is None:
             return messages, {(m.topic(), m.partition()): m.offset() + 1 for m in messages}
         leader = self._aligner.leader
-        for m in messages:
-            if m.topic() == leader:
-                self._leader_next[m.partition()] = m.offset() + 1
         admitted = self._aligner.admit(
             messages, self._lagging, [p for t, p in self._assigned if t == leader],
             time.monotonic(), limit=max_records)

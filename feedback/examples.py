@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 from flywheel.events import utcnow
-from flywheel.feedback.analyzer import AnalyzerConfig, analyze_many, assign_split
+from flywheel.feedback.analyzer import AnalyzerConfig, analyze_many, split_assigner
 from flywheel.feedback.counterexamples import (
     Counterexample,
     CounterexampleConfig,
@@ -44,7 +44,7 @@ def _seed_of(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
-@dataclass
+@dataclass(slots=True)
 class PreparedPair:
     """A joined pair, analyzed: what the store transaction writes for it."""
 
@@ -95,9 +95,15 @@ class ExampleBuilder:
         """
         out: list[PreparedPair] = []
         usable = []
+        dim = self.pool.reference.input_dim
         for p in pairs:
+            probabilities = p.probabilities
+            if p.true_label in probabilities and len(p.features) == dim \
+                    and abs(sum(probabilities.values()) - 1.0) <= 1e-3:
+                usable.append(p)
+                continue
             reason = self._unusable(p)
-            if reason is None:
+            if reason is None:  # a NaN sum: for the analysis to refuse, in its words
                 usable.append(p)
                 continue
             value = orjson.dumps({"correction_id": p.correction_id,
@@ -113,10 +119,10 @@ class ExampleBuilder:
                                 [p.predicted for p in usable], [p.true_label for p in usable],
                                 self.pool, self.analyzer)
         hours: dict[datetime, datetime] = {}
-        holdout = self.settings.holdout_fraction
+        assign = split_assigner(self.settings.holdout_fraction)
         wanting: list[tuple[PreparedPair, str]] = []
         for p, (error_type, trainable) in zip(usable, verdicts, strict=True):
-            split = assign_split(p.prediction_id, holdout) if trainable else _QUARANTINE
+            split = assign(p.prediction_id) if trainable else _QUARANTINE
             row = {"dedup_key": f"correction:{p.correction_id}", "origin": _CORRECTION,
                    "error_type": error_type, "parent_prediction_id": p.prediction_id,
                    "features": p.features, "label": p.true_label, "weight": 1.0,

@@ -33,6 +33,7 @@ from flywheel.feedback.join import (
     first_of_each,
     lookup_predictions,
     pair_of,
+    prediction_columns,
     prediction_row,
 )
 from flywheel.feedback.messages import Rejected
@@ -40,8 +41,11 @@ from flywheel.feedback.prediction_cache import KnownPrediction, PredictionCache
 from flywheel.feedback.store import (
     CopyRows,
     Correction,
+    EncodedRows,
+    Example,
     Prediction,
-    encode_for_copy,
+    copy_all_new,
+    encode_columns,
     insert_all_new,
 )
 
@@ -72,8 +76,19 @@ class Plan:
     in_batch: dict[str, KnownPrediction]  # this batch's predictions
     resolved: dict[str, KnownPrediction]  # predictions of corrections, found in memory
     prepared: dict[str, PreparedPair]  # by correction id: expected joins, analyzed
-    prediction_rows: list[dict]
-    prediction_copy: CopyRows | None  # the same rows, encoded for COPY
+    prediction_copy: CopyRows | None  # the predictions' rows, encoded for COPY
+    example_lines: EncodedRows | None = None  # the prepared pairs' example rows, encoded
+    # earlier batches, still in flight, whose predictions `resolved` uses: their
+    # transactions come first; if one did not store its batch whole, this plan is void
+    relies_on: list[Settled] = field(default_factory=list)
+
+
+class Settled(Protocol):
+    """An earlier batch, as a plan that relied on its predictions sees it."""
+
+    @property
+    def whole(self) -> bool:
+        """Its transaction stored every event of it (no record dead-lettered)."""
 
 
 @dataclass
@@ -82,6 +97,7 @@ class Applied:
 
     stored: StoredBatch
     prepared: list[PreparedPair] = field(default_factory=list)
+    example_lines: EncodedRows | None = None  # COPY lines of (some of) their example rows
 
 
 class Planner:
@@ -94,17 +110,32 @@ class Planner:
         self.analysis, self.cache = analysis, cache
         self._pending: OrderedDict[str, list[CorrectionEvent]] = OrderedDict()
         self._pending_capacity = pending_capacity
+        # predictions of batches handed to the store thread and not yet committed
+        self._in_flight: dict[str, tuple[KnownPrediction, Settled]] = {}
+        self._in_flight_ids: dict[int, list[str]] = {}  # by id(batch)
 
     def prepare(self, predictions: Iterable[PredictionEvent],
-                corrections: Iterable[CorrectionEvent]) -> Plan:
+                corrections: Iterable[CorrectionEvent], batch: Settled | None = None
+                ) -> Plan:
+        """The plan of a batch. With `batch` (the worker's pipeline), its predictions
+        count as known to the batches prepared after it until `settled(batch)`."""
         predictions, corrections = first_of_each(list(predictions)), first_of_each(
             list(corrections))
         in_batch = {e.id: KnownPrediction.of(e) for e in predictions}
         resolved: dict[str, KnownPrediction] = {}
+        relies_on: dict[int, Settled] = {}
         pairs: list[JoinedPair] = []
+        in_flight, cache = self._in_flight, self.cache
         for c in corrections:
             pid = c.prediction_id
-            hit = in_batch.get(pid) or self.cache.get(pid)
+            hit = in_batch.get(pid)
+            if hit is None:
+                earlier = in_flight.get(pid)
+                if earlier is not None:
+                    hit = earlier[0]
+                    relies_on[id(earlier[1])] = earlier[1]
+                else:
+                    hit = cache.get(pid)
             if hit is not None:
                 resolved[pid] = hit
                 pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, hit))
@@ -112,13 +143,28 @@ class Planner:
             for c in self._pending.get(pid, ()):
                 pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, known))
         prepared = {pp.pair.correction_id: pp for pp in self.analysis.prepare(pairs)}
-        rows = [prediction_row(e) for e in predictions]
-        return Plan(predictions, corrections, in_batch, resolved, prepared, rows,
-                    encode_for_copy(Prediction, rows))
+        examples = [r for pp in prepared.values() if pp.row is not None
+                    for r in (pp.row, *(pp.variants or ()))]
+        plan = Plan(predictions, corrections, in_batch, resolved, prepared,
+                    encode_columns(Prediction, prediction_columns(predictions)),
+                    EncodedRows.of(Example, examples), list(relies_on.values()))
+        if batch is not None and in_batch:
+            for pid, known in in_batch.items():
+                in_flight[pid] = (known, batch)
+            self._in_flight_ids[id(batch)] = list(in_batch)
+        return plan
+
+    def settled(self, batch: Settled) -> None:
+        """`batch` left the pipeline (committed, or abandoned): its predictions are known
+        from the cache now, if its transactions stored them."""
+        for pid in self._in_flight_ids.pop(id(batch), ()):
+            entry = self._in_flight.get(pid)
+            if entry is not None and entry[1] is batch:
+                del self._in_flight[pid]
 
     def committed(self, stored: StoredBatch) -> None:
         """A batch's transaction committed: remember what it stored."""
-        self.cache.add(stored.new_predictions)
+        self.cache.update(stored.known)
         pending = self._pending
         for pair in stored.pairs:
             pending.pop(pair.prediction_id, None)
@@ -132,11 +178,18 @@ def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime,
           lookup: Callable[[Session, Iterable[str]], dict[str, KnownPrediction]]
           = lookup_predictions) -> Applied:
     """Write a prepared batch and join what it can (see `join.store_and_join`, whose
-    result it reproduces); raises NotNew if an event was stored already."""
+    result it reproduces); raises NotNew if an event was stored already, or if an
+    earlier batch whose predictions the plan used was not stored whole."""
+    if not all(batch.whole for batch in plan.relies_on):
+        raise NotNew("a batch this plan relied on was not stored whole")
     stored = StoredBatch()
-    if not insert_all_new(session, Prediction, plan.prediction_rows, plan.prediction_copy):
+    if plan.prediction_copy is not None and session.get_bind().dialect.name == "postgresql":
+        new = copy_all_new(session, plan.prediction_copy)
+    else:
+        new = insert_all_new(session, Prediction, [prediction_row(e) for e in plan.predictions])
+    if not new:
         raise NotNew("a prediction of the batch is stored already")
-    stored.new_predictions = plan.predictions
+    stored.new_predictions, stored.known = plan.predictions, plan.in_batch
     found = dict(plan.resolved)
     missing = {c.prediction_id for c in plan.corrections if c.prediction_id not in found}
     if missing:
@@ -165,4 +218,4 @@ def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime,
         prepared += analysis.prepare(unprepared)
     prepared.sort(key=lambda pp: (pp.pair.corrected_at, pp.pair.correction_id))
     stored.pairs = [pp.pair for pp in prepared]
-    return Applied(stored, prepared)
+    return Applied(stored, prepared, plan.example_lines)

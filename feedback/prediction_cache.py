@@ -52,11 +52,14 @@ class PredictionCache:
         return self._items.get(prediction_id)
 
     def add(self, events: Iterable[PredictionEvent]) -> None:
+        self.update({e.id: KnownPrediction.of(e) for e in events} if self.capacity else {})
+
+    def update(self, known: dict[str, KnownPrediction]) -> None:
+        """Add predictions already in the join's form (by id)."""
         if not self.capacity:
             return
         items = self._items
-        for e in events:
-            items[e.id] = KnownPrediction.of(e)
+        items.update(known)
         while len(items) > self.capacity:
             items.popitem(last=False)
 

@@ -55,6 +55,7 @@ class WorkerStats:
     predictions: int = 0
     corrections: int = 0
     joined: int = 0
+    pending: int = 0  # corrections stored to wait for their prediction (joined later)
     examples: int = 0
     dead_letters: int = 0
     expired: int = 0
@@ -77,6 +78,7 @@ class Batch:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     stored: list[StoredBatch] = field(default_factory=list)  # its committed transactions
+    whole: bool = False  # stored in one transaction, no record dead-lettered by the store
 
 
 class FeedbackWorker:
@@ -179,12 +181,17 @@ class FeedbackWorker:
             if batch.error is not None:
                 raise batch.error
             self._in_flight.popleft()
-            for stored in batch.stored:
-                self._planner.committed(stored)
+            self._settle(batch)
             owned = self._consumer.assignment()  # not what a rebalance took away meanwhile
             self._consumer.commit({tp: pos for tp, pos in batch.offsets.items() if tp in owned})
             if self._on_batch and not batch.sweep:
                 self._on_batch(self.stats)
+
+    def _settle(self, batch: Batch) -> None:
+        """A finished batch leaves the pipeline: the planner learns what it stored."""
+        for stored in batch.stored:
+            self._planner.committed(stored)
+        self._planner.settled(batch)
 
     def _drain(self) -> None:
         """Wait for every batch in flight and commit it."""
@@ -206,8 +213,7 @@ class FeedbackWorker:
                     or batch.error is not None:
                 break
             self._in_flight.popleft()
-            for stored in batch.stored:
-                self._planner.committed(stored)
+            self._settle(batch)
             offsets.update(batch.offsets)
         assert self._consumer is not None
         owned = self._consumer.assignment()
@@ -246,16 +252,16 @@ class FeedbackWorker:
             else:
                 events.append((m, event))
         batch = Batch(events, rejected, offsets, len(messages))
-        batch.plan = self._prepare([e for _, e in events])
+        batch.plan = self._prepare([e for _, e in events], batch)
         return batch
 
-    def _prepare(self, events: list[Event]) -> Plan | None:
+    def _prepare(self, events: list[Event], batch: Batch | None = None) -> Plan | None:
         """The batch's plan; None (the store thread takes the general path) if preparing
         failed: a record the analysis refuses is found and dead-lettered there."""
         try:
             return self._planner.prepare(
                 [e for e in events if isinstance(e, PredictionEvent)],
-                [e for e in events if isinstance(e, CorrectionEvent)])
+                [e for e in events if isinstance(e, CorrectionEvent)], batch)
         except Exception as exc:
             log.debug("preparing a batch failed (%s); the store thread writes it", exc)
             return None
@@ -282,6 +288,7 @@ class FeedbackWorker:
         rejected = list(batch.rejected)
         try:
             rejected += self._store([e for _, e in batch.events], batch.stored, batch.plan)
+            batch.whole = True
         except OperationalError:
             raise  # the store is down or busy beyond retries: not the records' fault
         except Exception as exc:
@@ -317,6 +324,7 @@ class FeedbackWorker:
         self.stats.predictions += len(stored.new_predictions)
         self.stats.corrections += stored.new_corrections
         self.stats.joined += len(stored.pairs)
+        self.stats.pending += len(stored.pending)
         self.stats.examples += examples
         return unusable
 
@@ -325,7 +333,7 @@ class FeedbackWorker:
         if not applied.prepared:
             return 0, []
         rows, unusable = self.analysis.finish(session, applied.prepared)
-        return insert_ignoring_duplicates(session, Example, rows), unusable
+        return insert_ignoring_duplicates(session, Example, rows, applied.example_lines), unusable
 
     def _store_one_by_one(self, events: list[tuple[Any, Event]], batch_error: Exception,
                           results: list[StoredBatch]) -> list[Rejected]:

@@ -6,6 +6,9 @@ this code expects; change the schema only through `upgrade`/`downgrade` (Alembic
 
 from flywheel.feedback.store.bulk import (
     CopyRows,
+    EncodedRows,
+    copy_all_new,
+    encode_columns,
     encode_for_copy,
     insert_all_new,
     insert_ignoring_duplicates,
@@ -50,8 +53,9 @@ from flywheel.feedback.store.models import (
 
 __all__ = [
     "CORRECTION_STATUSES", "ERROR_TYPES", "ORIGINS", "SPLITS", "Base", "Correction",
-    "CopyRows", "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin",
-    "Prediction", "PrivacyLedgerEntry", "PrivacySourceSpend", "encode_for_copy",
+    "CopyRows", "CorrectionStatus", "EncodedRows", "ErrorType", "Example", "LearnerState", "Origin",
+    "Prediction", "PrivacyLedgerEntry", "PrivacySourceSpend", "copy_all_new", "encode_columns",
+    "encode_for_copy",
     "insert_all_new",
     "SchemaNotCurrent", "SchemaTooNew", "Split", "alembic_config", "check_schema", "current",
     "display_url", "downgrade", "head", "insert_ignoring_duplicates", "insert_returning_new",

@@ -37,15 +37,19 @@ _PG = postgresql.dialect()
 
 
 def insert_ignoring_duplicates(
-    session: Session, model: type[Base], rows: Iterable[Mapping[str, Any]]
+    session: Session, model: type[Base], rows: Iterable[Mapping[str, Any]],
+    encoded: EncodedRows | None = None,
 ) -> int:
-    """Insert `rows`, skipping any that hit a unique key; return how many were new."""
+    """Insert `rows`, skipping any that hit a unique key; return how many were new.
+
+    `encoded`: COPY lines made ahead of time (by another thread) for some or all of the
+    rows, found by row object; only the others are encoded here."""
     rows = list(rows)
     if not rows:
         return 0
     table = model.__table__
     if _dialect(session) == "postgresql":
-        copied = _copy(session, table, rows)
+        copied = _copy(session, table, rows, encoded)
         if copied is not None:
             return copied
         fast = _columnar_insert(table, rows)
@@ -145,20 +149,33 @@ def _prepared_columns(table: Table, rows: list[Mapping[str, Any]]) -> list[_Colu
     None for anything unusual -- rows with differing or unknown keys, values of unexpected
     types, non-finite floats, SQL-side defaults -- so the caller takes the general path
     and keeps its exact behaviour."""
-    keys = rows[0].keys()
-    if not keys <= set(table.c.keys()) or any(r.keys() != keys for r in rows):
+    keys = list(rows[0])
+    if not set(keys) <= set(table.c.keys()) or any(len(r) != len(keys) for r in rows):
         return None
+    try:  # a row missing a key raises; with the lengths equal, no row has another key
+        if len(keys) == 1:
+            columns = {keys[0]: [r[keys[0]] for r in rows]}
+        else:
+            values = zip(*map(operator.itemgetter(*keys), rows), strict=True)
+            columns = dict(zip(keys, map(list, values), strict=True))
+    except KeyError:
+        return None
+    return _columns_of(table, columns, len(rows))
+
+
+def _columns_of(table: Table, given: Mapping[str, list[Any]], n: int) -> list[_Column] | None:
+    """`_prepared_columns` for values given a column at a time (`n` rows)."""
     out = []
     for col in table.c:
-        if col.key in keys:
-            values = list(map(operator.itemgetter(col.key), rows))
+        if col.key in given:
+            values = given[col.key]
         elif col.default is not None:
             default = col.default
             if getattr(default, "is_scalar", False):
-                values = [default.arg] * len(rows)  # type: ignore[attr-defined]
+                values = [default.arg] * n  # type: ignore[attr-defined]
             elif getattr(default, "is_callable", False):
                 try:  # SQLAlchemy wraps a no-argument callable to take a context
-                    values = [default.arg(None) for _ in rows]  # type: ignore[attr-defined]
+                    values = [default.arg(None) for _ in range(n)]  # type: ignore[attr-defined]
                 except Exception:  # one that needs a real execution context
                     return None
             else:
@@ -238,8 +255,26 @@ def encode_for_copy(model: type[Base], rows: list[Mapping[str, Any]]) -> CopyRow
     return _encode(model.__table__, rows) if rows else None
 
 
+def encode_columns(model: type[Base], given: Mapping[str, list[Any]]) -> CopyRows | None:
+    """`encode_for_copy` for values given a column at a time (no row dicts to build)."""
+    n = len(next(iter(given.values()), []))
+    if not n or any(len(v) != n for v in given.values()) \
+            or not set(given) <= set(model.__table__.c.keys()):
+        return None
+    return _lines(model.__table__, _columns_of(model.__table__, given, n))
+
+
+def copy_all_new(session: Session, encoded: CopyRows) -> bool:
+    """COPY encoded rows expected to be new: True if every one was stored; False if any
+    was there already (or refused), the savepoint rolled back (PostgreSQL only)."""
+    return _copy_lines(session, encoded) == len(encoded.lines)
+
+
 def _encode(table: Table, rows: list[Mapping[str, Any]]) -> CopyRows | None:
-    columns = _prepared_columns(table, rows)
+    return _lines(table, _prepared_columns(table, rows))
+
+
+def _lines(table: Table, columns: list[_Column] | None) -> CopyRows | None:
     if columns is None:
         return None
     lines = list(map("\t".join, zip(*(c.copy_text() for c in columns), strict=True)))
@@ -261,13 +296,40 @@ def insert_all_new(session: Session, model: type[Base], rows: list[Mapping[str, 
     return len(_general_insert(session, model.__table__, rows)) == len(rows)
 
 
-def _copy(session: Session, table: Table, rows: list[Mapping[str, Any]]) -> int | None:
+class EncodedRows:
+    """COPY lines for a set of row objects, made ahead of time: `line(row)` is the row's
+    line, or None for a row that was not among them."""
+
+    def __init__(self, encoded: CopyRows, rows: list[Mapping[str, Any]]) -> None:
+        self.table, self.columns = encoded.table, encoded.columns
+        self._lines = {id(r): line for r, line in zip(rows, encoded.lines, strict=True)}
+        self._rows = rows  # keeps the objects (and so their ids) alive
+
+    @classmethod
+    def of(cls, model: type[Base], rows: list[Mapping[str, Any]]) -> EncodedRows | None:
+        encoded = encode_for_copy(model, rows)
+        return None if encoded is None else cls(encoded, rows)
+
+    def line(self, row: Mapping[str, Any]) -> str | None:
+        return self._lines.get(id(row))
+
+
+def _copy(session: Session, table: Table, rows: list[Mapping[str, Any]],
+          encoded: EncodedRows | None = None) -> int | None:
     """COPY `rows`: the number stored, or None when COPY is not for them (too few,
     unusual values) or refused them (a duplicate, a value the table refuses)."""
     if len(rows) < COPY_MIN_ROWS:
         return None
-    encoded = _encode(table, rows)
-    return None if encoded is None else _copy_lines(session, encoded)
+    if encoded is not None and encoded.table is table:
+        lines = [encoded.line(r) for r in rows]
+        rest = [r for r, line in zip(rows, lines, strict=True) if line is None]
+        more = _encode(table, rest) if rest else None
+        if not rest or (more is not None and more.columns == encoded.columns):
+            extra = iter(more.lines if more else ())
+            lines = [line if line is not None else next(extra) for line in lines]
+            return _copy_lines(session, CopyRows(table, encoded.columns, lines))
+    whole = _encode(table, rows)
+    return None if whole is None else _copy_lines(session, whole)
 
 
 def _copy_lines(session: Session, encoded: CopyRows) -> int | None:
@@ -328,5 +390,5 @@ def _columnar_insert(table: Table, rows: list[Mapping[str, Any]], returning: str
     return sql, {"doc": text_doc}
 
 
-__all__ = ["COPY_MIN_ROWS", "CopyRows", "encode_for_copy", "insert_all_new",
+__all__ = ["COPY_MIN_ROWS", "CopyRows", "EncodedRows", "encode_for_copy", "insert_all_new",
            "insert_ignoring_duplicates", "insert_returning_new"]

@@ -16,10 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_feedback_joins_everything_and_verifies_the_store():
     r = subprocess.run(
         [sys.executable, "-m", "bench", "feedback", "--records", "600", "--max-records", "300",
-         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--rounds", "2", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
-    assert doc["verify"]["ok"], doc["verify"]["checks"]
-    assert doc["worker"]["joined"] == 600 and doc["raw"]["records"] == 1200
+    assert len(doc["rounds"]) == 2 and doc["summary"]["verified"]
+    for each in doc["rounds"]:  # every round on its own database, every record joined
+        assert each["verify"]["ok"], each["verify"]["checks"]
+        assert each["worker"]["joined"] == 600 and each["raw"]["records"] == 1200
+        assert each["worker"]["pending"] == 0  # read in time order: nothing waited
     assert doc["summary"]["joined_per_s"] > 0 and doc["summary"]["ratio"] > 0
     assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}

@@ -363,3 +363,32 @@ def test_a_record_the_store_path_refuses_is_dead_lettered_alone(fb_settings):
     assert poison in store_letters[0].reason
     assert count(s, select(func.count()).select_from(Example)
                  .where(Example.parent_prediction_id == poison)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hold_s", [10.0, 0.0])
+def test_a_backlog_is_read_in_time_order_so_corrections_join_as_they_are_written(
+        fb_settings, hold_s):
+    """A worker starting on a backlog of both topics reads corrections in step with the
+    predictions, by record time: none waits as `pending` for a prediction that is in
+    Kafka but not read yet. The backlog is larger than one fetch per partition (1 MB),
+    so the client's queue holds corrections next to predictions it has not fetched yet;
+    with alignment off, those corrections are read first and wait."""
+    s = fb_settings.model_copy(update={"feedback_align_hold_s": hold_s,
+                                       "feedback_max_records": 2000,
+                                       "counterexample_budget": 0})
+    traffic = Traffic(s)
+    events = traffic.predictions(12_000, seed=13)
+    traffic.send_predictions(events)
+    traffic.send_corrections(events)
+    worker, stop, thread = start(s)
+    try:
+        wait_for(lambda: joined(s) == 12_000, timeout_s=180, what="all joins")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert worker.stats.joined == 12_000
+    if hold_s:
+        assert worker.stats.pending == 0
+    else:
+        assert worker.stats.pending > 0

@@ -53,7 +53,7 @@ def example_rows(prefix: str) -> list[dict]:
 
 def general_path_only(monkeypatch) -> None:
     monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
-    monkeypatch.setattr(bulk, "_copy", lambda session, table, rows: None)
+    monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
 
 
 @pytest.fixture(params=["copy", "columnar"])
@@ -63,7 +63,7 @@ def fast_path(request, monkeypatch) -> str:
         monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
         monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
     else:
-        monkeypatch.setattr(bulk, "_copy", lambda session, table, rows: None)
+        monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
     return request.param
 
 
@@ -193,3 +193,17 @@ def test_claim_on_postgresql_joins_each_pending_correction_once(session):
         ("c4", "pending"), ("c5", "joined")]
     assert all(r.joined_at == now for r in rows if r.status == "joined")
     assert session.scalar(select(Prediction.features).where(Prediction.id == "p1")) == [1.0, 0.5]
+
+
+def test_rows_encoded_ahead_are_copied_with_the_rest(session, monkeypatch):
+    """Lines made on another thread for some rows; the others encoded at insert time."""
+    monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
+    rows = example_rows("e")
+    ahead = bulk.EncodedRows.of(Example, rows[:2])
+    assert ahead.line(rows[0]) is not None and ahead.line(dict(rows[0])) is None
+    assert insert_ignoring_duplicates(session, Example, rows, ahead) == 3
+    assert insert_ignoring_duplicates(session, Example, rows, ahead) == 0  # COPY refused
+    general_path_only(monkeypatch)
+    assert insert_ignoring_duplicates(session, Example, example_rows("g")) == 3
+    session.commit()
+    assert stored(session, "e") == stored(session, "g")

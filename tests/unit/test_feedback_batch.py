@@ -280,15 +280,13 @@ def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
 
 
 def test_an_unusable_pair_is_dead_lettered_not_fatal(seed, traffic):
-    import dataclasses
-
     settings, spec, module, _, pool = seed
     builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
     builder._budget_left = lambda session, sources, now: {s: 0 for s in sources}
     builder._count = staticmethod(lambda session, outcomes: None)
     pairs = pairs_from(seed, traffic)[:5]
-    bad_label = dataclasses.replace(pairs[1], true_label="no-such-class")
-    bad_width = dataclasses.replace(pairs[3], features=pairs[3].features[:-1])
+    bad_label = pairs[1]._replace(true_label="no-such-class")
+    bad_width = pairs[3]._replace(features=pairs[3].features[:-1])
     rows, rejected = builder(None, [pairs[0], bad_label, pairs[2], bad_width, pairs[4]])
     assert [r["parent_prediction_id"] for r in rows if r["origin"] == "correction"] == [
         pairs[0].prediction_id, pairs[2].prediction_id, pairs[4].prediction_id]

@@ -1,0 +1,128 @@
+"""Timestamp alignment of corrections behind predictions, and the worker's prediction cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flywheel.events import PredictionEvent, utcnow
+from flywheel.feedback.alignment import Aligner
+from flywheel.feedback.prediction_cache import PredictionCache
+
+P, C = "predictions", "corrections"
+
+
+class Msg:
+    """The parts of confluent_kafka.Message the aligner reads."""
+
+    def __init__(self, topic: str, partition: int, offset: int, ts: float | None) -> None:
+        self._t, self._p, self._o, self._ts = topic, partition, offset, ts
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def timestamp(self) -> tuple[int, float]:
+        return (0, -1) if self._ts is None else (1, self._ts)
+
+    def __repr__(self) -> str:
+        return f"{self._t[0]}{self._p}@{self._o}"
+
+
+def aligner(**kw) -> Aligner:
+    return Aligner(P, C, max_held=kw.pop("max_held", 100), max_hold_s=kw.pop("max_hold_s", 10.0))
+
+
+def test_corrections_newer_than_the_lagging_predictions_wait():
+    a = aligner()
+    lagging = {0: True, 1: True}
+    batch = [Msg(P, 0, 0, 100), Msg(P, 1, 0, 150), Msg(C, 0, 0, 90), Msg(C, 0, 1, 120),
+             Msg(C, 0, 2, 95), Msg(C, 1, 0, 200)]
+    out, offsets = a.admit(batch, lagging.get, [0, 1], now=0.0, limit=100)
+    # frontier = min(100, 150): c0@0 (90) goes; c0@1 (120) waits, and c0@2 behind it
+    assert [repr(m) for m in out] == ["p0@0", "p1@0", "c0@0"]
+    assert offsets == {(P, 0): 1, (P, 1): 1, (C, 0): 1, (C, 1): 0}  # never past a held one
+    assert a.held == 3
+    # predictions partition 0 reads past 120; partition 1 is caught up (no longer counts)
+    lagging = {0: True, 1: False}
+    out, offsets = a.admit([Msg(P, 0, 1, 130)], lagging.get, [0, 1], now=1.0, limit=100)
+    assert [repr(m) for m in out] == ["p0@1", "c0@1", "c0@2"]
+    assert offsets == {(P, 0): 2, (C, 0): 3, (C, 1): 0}
+    lagging = {0: False, 1: False}  # everything read: nothing waits
+    out, offsets = a.admit([], lagging.get, [0, 1], now=2.0, limit=100)
+    assert [repr(m) for m in out] == ["c1@0"] and offsets == {(C, 1): 1} and a.held == 0
+
+
+def test_caught_up_predictions_hold_nothing_and_unknown_ones_hold_everything():
+    a = aligner()
+    out, _ = a.admit([Msg(C, 0, 0, 5e12)], lambda p: False, [0], now=0.0, limit=10)
+    assert len(out) == 1
+    # a lagging partition not read from yet: its position in time is unknown
+    out, offsets = a.admit([Msg(C, 0, 1, 1)], lambda p: True, [0], now=0.0, limit=10)
+    assert out == [] and offsets == {(C, 0): 1}
+
+
+def test_a_held_correction_goes_after_max_hold_s_and_records_without_time_at_once():
+    a = aligner(max_hold_s=5.0)
+    out, _ = a.admit([Msg(P, 0, 0, 10), Msg(C, 0, 0, 50), Msg(C, 1, 0, None)],
+                     lambda p: True, [0], now=100.0, limit=10)
+    assert [repr(m) for m in out] == ["p0@0", "c1@0"]
+    out, _ = a.admit([], lambda p: True, [0], now=104.9, limit=10)
+    assert out == []
+    out, _ = a.admit([], lambda p: True, [0], now=105.0, limit=10)
+    assert [repr(m) for m in out] == ["c0@0"]
+
+
+def test_releases_at_most_limit_and_reports_full():
+    a = aligner(max_held=4)
+    held = [Msg(C, 0, i, 100 + i) for i in range(5)]
+    a.admit([Msg(P, 0, 0, 0), *held], lambda p: True, [0], now=0.0, limit=10)
+    assert a.held == 5 and a.full()
+    out, offsets = a.admit([], lambda p: False, [0], now=1.0, limit=2)
+    assert [repr(m) for m in out] == ["c0@0", "c0@1"] and offsets == {(C, 0): 2}
+    assert a.held == 3 and not a.full()
+
+
+def test_revoked_partitions_forget_what_they_held():
+    a = aligner()
+    a.admit([Msg(P, 0, 0, 10), Msg(C, 0, 0, 50), Msg(C, 1, 0, 60)], lambda p: True, [0],
+            now=0.0, limit=10)
+    a.forget([(C, 0), (P, 0)])
+    assert a.held == 1
+    # predictions partition 0 forgotten: its time is unknown again, so c1 still waits
+    out, _ = a.admit([], lambda p: True, [0], now=1.0, limit=10)
+    assert out == []
+
+
+def test_frontier_is_the_earliest_lagging_partition():
+    a = aligner()
+    a.admit([Msg(P, 0, 0, 300), Msg(P, 1, 0, 100)], lambda p: True, [0, 1], now=0, limit=9)
+    assert a._frontier(lambda p: True, [0, 1]) == 100
+    assert a._frontier(lambda p: p == 0, [0, 1]) == 300
+    assert a._frontier(lambda p: False, [0, 1]) == math.inf
+
+
+def prediction(i: int) -> PredictionEvent:
+    return PredictionEvent(id=f"p{i}", model_name="m", model_version="1", features=[float(i)],
+                           probabilities={"a": 1.0}, label="a", timestamp=utcnow(),
+                           latency_ms=0.1)
+
+
+def test_prediction_cache_keeps_the_newest_capacity_entries():
+    cache = PredictionCache(3)
+    cache.add(prediction(i) for i in range(5))
+    assert len(cache) == 3 and cache.get("p1") is None
+    assert cache.get("p4").features == [4.0] and cache.get("p4").label == "a"
+    cache.discard("p4")
+    assert cache.get("p4") is None and len(cache) == 2
+    off = PredictionCache(0)
+    off.add([prediction(1)])
+    assert off.get("p1") is None
+    with pytest.raises(ValueError, match="capacity"):
+        PredictionCache(-1)
