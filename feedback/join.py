@@ -26,7 +26,6 @@ from flywheel.feedback.store import (
     Correction,
     CorrectionStatus,
     Prediction,
-    insert_ignoring_duplicates,
     insert_returning_new,
 )
 from flywheel.feedback.store.models import UTCDateTime
@@ -50,20 +49,6 @@ class JoinedPair(NamedTuple):
     features: list[float]
     probabilities: dict[str, float]
     predicted: str
-
-
-def store_events(session: Session, predictions: Sequence[PredictionEvent],
-                 corrections: Sequence[CorrectionEvent]) -> tuple[int, int]:
-    """Write both kinds idempotently; returns how many rows were new of each."""
-    new_p = insert_ignoring_duplicates(session, Prediction, [
-        {"id": e.id, "model_name": e.model_name, "model_version": e.model_version,
-         "features": e.features, "probabilities": e.probabilities, "label": e.label,
-         "created_at": e.timestamp, "latency_ms": e.latency_ms} for e in predictions])
-    new_c = insert_ignoring_duplicates(session, Correction, [
-        {"id": e.id, "prediction_id": e.prediction_id, "label": e.label, "source": e.source,
-         "created_at": e.timestamp, "status": CorrectionStatus.PENDING.value}
-        for e in corrections])
-    return new_p, new_c
 
 
 @dataclass

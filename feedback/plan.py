@@ -1,7 +1,8 @@
 """A batch prepared on the consumer thread, then applied in one store transaction.
 
 Most of what a batch costs needs no store: finding each correction's prediction (in the
-batch itself, or among the predictions the worker stored recently), analyzing the pairs
+batch itself, in an earlier batch on its way to the store, or among the predictions the
+worker stored recently), analyzing the pairs
 and making their counterexamples, encoding rows for COPY. `Planner.prepare` does that on
 the consumer thread while the store thread writes the batch before it; `apply` then
 writes, in one transaction, and finishes only what needed the store: predictions not in
@@ -65,8 +66,9 @@ class Analysis(Protocol):
 
 
 class NotNew(Exception):
-    """Some event of the batch was stored already (a replay): roll back, write it the
-    general way."""
+    """Some event of the batch was stored already (a replay), or an earlier batch whose
+    predictions the plan used was not stored whole: roll back, write it the general
+    way."""
 
 
 @dataclass

@@ -11,7 +11,6 @@ correction, a restarted worker) reads the store; the cache is never the only cop
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from typing import NamedTuple
 
 from flywheel.events import PredictionEvent
@@ -51,20 +50,14 @@ class PredictionCache:
     def get(self, prediction_id: str) -> KnownPrediction | None:
         return self._items.get(prediction_id)
 
-    def add(self, events: Iterable[PredictionEvent]) -> None:
-        self.update({e.id: KnownPrediction.of(e) for e in events} if self.capacity else {})
-
     def update(self, known: dict[str, KnownPrediction]) -> None:
-        """Add predictions already in the join's form (by id)."""
+        """Add stored predictions, by id."""
         if not self.capacity:
             return
         items = self._items
         items.update(known)
         while len(items) > self.capacity:
             items.popitem(last=False)
-
-    def discard(self, prediction_id: str) -> None:
-        self._items.pop(prediction_id, None)
 
     def clear(self) -> None:
         self._items.clear()

@@ -281,17 +281,13 @@ def _lines(table: Table, columns: list[_Column] | None) -> CopyRows | None:
     return CopyRows(table, ", ".join(c.name for c in columns), lines)
 
 
-def insert_all_new(session: Session, model: type[Base], rows: list[Mapping[str, Any]],
-                   encoded: CopyRows | None = None) -> bool:
+def insert_all_new(session: Session, model: type[Base], rows: list[Mapping[str, Any]]) -> bool:
     """Insert rows expected to be new: True if every one was. False if any was already
     stored (or refused): then the others may or may not be written, and the caller must
     roll back the transaction. The fast path of a batch that is not a replay."""
     if not rows:
         return True
     if _dialect(session) == "postgresql":
-        encoded = encoded or encode_for_copy(model, rows)
-        if encoded is not None:
-            return _copy_lines(session, encoded) == len(rows)
         return insert_ignoring_duplicates(session, model, rows) == len(rows)
     return len(_general_insert(session, model.__table__, rows)) == len(rows)
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError, StatementError
 
 import flywheel.feedback.store.bulk as bulk
 from flywheel.events import CorrectionEvent, PredictionEvent
-from flywheel.feedback.join import claim_joins, store_events
+from flywheel.feedback.join import claim_joins, correction_row, prediction_row
 from flywheel.feedback.store import (
     Correction,
     Example,
@@ -163,6 +163,13 @@ def test_none_in_a_json_column_is_json_null_on_every_path(session, monkeypatch, 
     assert stored(session, "n1")[0][3] is None
 
 
+def store_events(session, predictions, corrections) -> tuple[int, int]:
+    """Both kinds stored as they arrive, every correction pending (nothing joined)."""
+    return (insert_ignoring_duplicates(session, Prediction, map(prediction_row, predictions)),
+            insert_ignoring_duplicates(session, Correction, [
+                correction_row(c, False, T0) for c in corrections]))
+
+
 def test_claim_on_postgresql_joins_each_pending_correction_once(session):
     predictions = [PredictionEvent(id=f"p{i}", model_name="m", model_version="3",
                                    features=[float(i), 0.5], label="b",
@@ -171,7 +178,7 @@ def test_claim_on_postgresql_joins_each_pending_correction_once(session):
     corrections = [CorrectionEvent(id=f"c{i}", prediction_id=f"p{i % 5}", label="a",
                                    source=None if i == 1 else "app",
                                    timestamp=T0 + timedelta(minutes=i)) for i in range(6)]
-    assert store_events(session, predictions[:3], corrections) == (3, 6)
+    assert store_events(session, predictions[:3], corrections) == (3, 6)  # all pending
     now = T0 + timedelta(days=1)
     pairs = claim_joins(session, [f"p{i}" for i in range(5)], now)
     # c4 waits for p4 (never stored); c3 for p3 (stored next)

@@ -8,7 +8,7 @@ import pytest
 
 from flywheel.events import PredictionEvent, utcnow
 from flywheel.feedback.alignment import Aligner
-from flywheel.feedback.prediction_cache import PredictionCache
+from flywheel.feedback.prediction_cache import KnownPrediction, PredictionCache
 
 P, C = "predictions", "corrections"
 
@@ -116,13 +116,14 @@ def prediction(i: int) -> PredictionEvent:
 
 def test_prediction_cache_keeps_the_newest_capacity_entries():
     cache = PredictionCache(3)
-    cache.add(prediction(i) for i in range(5))
+    for i in range(5):
+        cache.update({f"p{i}": KnownPrediction.of(prediction(i))})
     assert len(cache) == 3 and cache.get("p1") is None
     assert cache.get("p4").features == [4.0] and cache.get("p4").label == "a"
-    cache.discard("p4")
-    assert cache.get("p4") is None and len(cache) == 2
+    cache.update({"p9": KnownPrediction.of(prediction(9)), "p8": KnownPrediction.of(prediction(8))})
+    assert cache.get("p2") is None and cache.get("p3") is None and len(cache) == 3
     off = PredictionCache(0)
-    off.add([prediction(1)])
+    off.update({"p1": KnownPrediction.of(prediction(1))})
     assert off.get("p1") is None
     with pytest.raises(ValueError, match="capacity"):
         PredictionCache(-1)
