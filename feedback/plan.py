@@ -2,11 +2,11 @@
 
 Most of what a batch costs needs no store: finding each correction's prediction (in the
 batch itself, in an earlier batch on its way to the store, or among the predictions the
-worker stored recently), analyzing the pairs
-and making their counterexamples, encoding rows for COPY. `Planner.prepare` does that on
-the consumer thread while the store thread writes the batch before it; `apply` then
-writes, in one transaction, and finishes only what needed the store: predictions not in
-memory, the pending corrections that a new prediction claims, the per-source budget.
+worker stored recently), analyzing the pairs and making their counterexamples, encoding
+rows for COPY (PostgreSQL only). `Planner.prepare` does that on the consumer thread while
+the store thread writes the batch before it; `apply` then writes, in one transaction, and
+finishes only what needed the store: predictions not in memory, the pending corrections
+that a new prediction claims, the per-source budget.
 
 `apply` assumes a batch's events are new -- true of every batch but a replay -- and
 raises `NotNew` as soon as one is not; the worker then rolls back and writes the batch
@@ -18,7 +18,7 @@ transaction whose INSERT created it or whose update claimed it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
@@ -107,9 +107,10 @@ class Planner:
     (its new predictions go to the cache; its pending corrections to an index, so the
     batch that brings their prediction can analyze them before its claim returns)."""
 
-    def __init__(self, analysis: Analysis, cache: PredictionCache,
+    def __init__(self, analysis: Analysis, cache: PredictionCache, *, copy: bool = True,
                  pending_capacity: int = PENDING_INDEX) -> None:
-        self.analysis, self.cache = analysis, cache
+        """`copy`: the store takes COPY (PostgreSQL), so rows are encoded for it here."""
+        self.analysis, self.cache, self.copy = analysis, cache, copy
         self._pending: OrderedDict[str, list[CorrectionEvent]] = OrderedDict()
         self._pending_capacity = pending_capacity
         # predictions of batches handed to the store thread and not yet committed
@@ -145,11 +146,14 @@ class Planner:
             for c in self._pending.get(pid, ()):
                 pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, known))
         prepared = {pp.pair.correction_id: pp for pp in self.analysis.prepare(pairs)}
-        examples = [r for pp in prepared.values() if pp.row is not None
-                    for r in (pp.row, *(pp.variants or ()))]
-        plan = Plan(predictions, corrections, in_batch, resolved, prepared,
-                    encode_columns(Prediction, prediction_columns(predictions)),
-                    EncodedRows.of(Example, examples), list(relies_on.values()))
+        prediction_copy = example_lines = None
+        if self.copy:
+            prediction_copy = encode_columns(Prediction, prediction_columns(predictions))
+            example_lines = EncodedRows.of(Example, [
+                r for pp in prepared.values() if pp.row is not None
+                for r in (pp.row, *(pp.variants or ()))])
+        plan = Plan(predictions, corrections, in_batch, resolved, prepared, prediction_copy,
+                    example_lines, list(relies_on.values()))
         if batch is not None and in_batch:
             for pid, known in in_batch.items():
                 in_flight[pid] = (known, batch)
@@ -176,9 +180,7 @@ class Planner:
             pending.popitem(last=False)
 
 
-def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime,
-          lookup: Callable[[Session, Iterable[str]], dict[str, KnownPrediction]]
-          = lookup_predictions) -> Applied:
+def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime) -> Applied:
     """Write a prepared batch and join what it can (see `join.store_and_join`, whose
     result it reproduces); raises NotNew if an event was stored already, or if an
     earlier batch whose predictions the plan used was not stored whole."""
@@ -195,7 +197,7 @@ def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime,
     found = dict(plan.resolved)
     missing = {c.prediction_id for c in plan.corrections if c.prediction_id not in found}
     if missing:
-        found.update(lookup(session, missing))
+        found.update(lookup_predictions(session, missing))
     rows = [correction_row(c, c.prediction_id in found, now) for c in plan.corrections]
     if not insert_all_new(session, Correction, rows):
         raise NotNew("a correction of the batch is stored already")

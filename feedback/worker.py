@@ -98,7 +98,9 @@ class FeedbackWorker:
                        settings.topic_corrections: "correction"}
         self.stats = WorkerStats()
         self.cache = PredictionCache(settings.feedback_prediction_cache)
-        self._planner = Planner(analysis, self.cache)  # the consumer thread's only
+        # the consumer thread's only; rows are encoded for COPY where the store takes it
+        self._planner = Planner(analysis, self.cache,
+                                copy=engine.dialect.name == "postgresql")
         self._consumer: KafkaBatchConsumer | None = None
         self._dead_letters: DeadLetterWriter | None = None
         self._jobs: queue.Queue[Batch | None] = queue.Queue(maxsize=IN_FLIGHT)
@@ -259,9 +261,7 @@ class FeedbackWorker:
         """The batch's plan; None (the store thread takes the general path) if preparing
         failed: a record the analysis refuses is found and dead-lettered there."""
         try:
-            return self._planner.prepare(
-                [e for e in events if isinstance(e, PredictionEvent)],
-                [e for e in events if isinstance(e, CorrectionEvent)], batch)
+            return self._planner.prepare(*_by_kind(events), batch)
         except Exception as exc:
             log.debug("preparing a batch failed (%s); the store thread writes it", exc)
             return None
@@ -307,10 +307,7 @@ class FeedbackWorker:
             if plan is not None:
                 applied = apply(session, plan, self.analysis, now)
             else:
-                stored = store_and_join(
-                    session, [e for e in events if isinstance(e, PredictionEvent)],
-                    [e for e in events if isinstance(e, CorrectionEvent)], now,
-                    self.cache.get)
+                stored = store_and_join(session, *_by_kind(events), now, self.cache.get)
                 applied = Applied(stored, self.analysis.prepare(stored.pairs))
             examples, unusable = self._examples(session, applied)
             return applied.stored, examples, unusable
@@ -419,3 +416,8 @@ class FeedbackWorker:
                 log.warning("store busy (%s); retry %d", exc.orig, attempt)
                 time.sleep(0.05 * 2 ** attempt)
         raise AssertionError("unreachable")
+
+
+def _by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[CorrectionEvent]]:
+    return ([e for e in events if isinstance(e, PredictionEvent)],
+            [e for e in events if isinstance(e, CorrectionEvent)])
