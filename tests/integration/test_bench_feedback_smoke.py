@@ -25,4 +25,6 @@ def test_bench_feedback_joins_everything_and_verifies_the_store():
         assert each["worker"]["joined"] == 600 and each["raw"]["records"] == 1200
         assert each["worker"]["pending"] == 0  # read in time order: nothing waited
     assert doc["summary"]["joined_per_s"] > 0 and doc["summary"]["ratio"] > 0
+    # the fastest raw read is at least as fast as the median one
+    assert 0 < doc["summary"]["ratio_to_fastest_raw"] <= doc["summary"]["ratio"]
     assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}
