@@ -27,4 +27,6 @@ def test_bench_feedback_joins_everything_and_verifies_the_store():
     assert doc["summary"]["joined_per_s"] > 0 and doc["summary"]["ratio"] > 0
     # the fastest raw read is at least as fast as the median one
     assert 0 < doc["summary"]["ratio_to_fastest_raw"] <= doc["summary"]["ratio"]
+    assert doc["summary"]["ratio_to_raw_with_json"] > 0
+    assert all(len(each["raw"]["json_elapsed_s_each"]) == 3 for each in doc["rounds"])
     assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}
