@@ -189,6 +189,11 @@ def create_app(
             probs, paths = await batcher.predict(model, x)
         else:
             probs, paths = model.predict(x)
+        broken = ~np.isfinite(probs).all(axis=1)
+        if broken.any():  # finite in float32, yet too large for the model's own scaling
+            i = int(np.argmax(broken))
+            raise BadRequest(f"instances[{i}]: the model's output is not finite for these "
+                             "features (values too large for its input scaling)")
         latency_ms = (time.perf_counter() - start) * 1000.0
         now, labels, topic = utcnow(), model.spec.labels, settings.topic_predictions
         predictions, records = [], []

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import email.message
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# what FastAPI raises (HTTP 400, the parser's exception as __cause__) for a body it cannot parse
+FASTAPI_PARSE_ERROR = "There was an error parsing the body"
 
 
 class BadRequest(Exception):
@@ -44,11 +49,32 @@ def describe_validation(exc: RequestValidationError) -> tuple[int, str, list[dic
     return 422, "; ".join(shown) + more, slim
 
 
+def is_json_media_type(content_type: str) -> bool:
+    """What FastAPI parses as JSON: application/json and application/*+json."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json"))
+
+
+def describe_unreadable_body(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body (its own message names no reason)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 text ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "malformed JSON: nested too deeply"
+    if isinstance(cause, ValueError):  # json's own errors, and Python's int digit limit
+        return f"malformed JSON: {str(cause)[:200]}"
+    return "could not read the body as JSON"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
-        if content_type and "json" not in content_type.lower() and isinstance(exc.body, bytes):
+        if content_type and not is_json_media_type(content_type) \
+                and isinstance(exc.body, bytes):
             return JSONResponse(
                 {"detail": f"send the body as JSON with Content-Type: application/json "
                            f"(got {content_type!r})"}, status_code=415)
@@ -61,7 +87,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == FASTAPI_PARSE_ERROR:
+            detail = describe_unreadable_body(exc.__cause__)
+        return JSONResponse({"detail": detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
 

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.events import Identifier, LabelName
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=False)]
+# strict: a JSON number only (an integer is fine); true/false or "1" are refused, not coerced
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
 class PredictRequest(BaseModel):

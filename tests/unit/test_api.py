@@ -79,6 +79,9 @@ BAD_PREDICTS = [
     ({"instance": [[1, 2, 3]]}, 422, "instances: field required"),
     ({"instances": [[1, 2, 3]], "extra": 1}, 422, "extra: Extra inputs are not permitted"),
     ([1, 2, 3], 422, "valid dictionary"),
+    # JSON numbers only: no silent coercion of booleans or numeric strings
+    ({"instances": [[True, False, True]]}, 422, "instances[0][0]: Input should be a valid number"),
+    ({"instances": [["1", "2", "3"]]}, 422, "instances[0][0]: Input should be a valid number"),
 ]
 
 
@@ -103,11 +106,48 @@ def test_non_finite_numbers_are_refused(client, literal):
     ("not json", 400, "malformed JSON"),
     ('{"instances": [[1,2,3]],}', 400, "malformed JSON"),
     ("", 422, "body: field required"),
+    (b'{"instances": [[1, 2, 3]], "x": "\xff\xfe"}', 400, "the body is not UTF-8 text"),
 ])
 def test_malformed_json_is_refused_with_a_reason(client, raw, status, fragment):
     r = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert fragment in r.json()["detail"]
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ('{"instances": ' + "[" * 5000 + "]" * 5000 + "}", "malformed JSON: nested too deeply"),
+    ('{"instances": [[%s, 2, 3]]}' % ("1" * 5000), "malformed JSON: Exceeds the limit"),
+])
+def test_json_beyond_the_parser_limits_is_a_400_that_says_why(tmp_path, list_event_log, raw,
+                                                              fragment):
+    settings = Settings(home=tmp_path, max_body_bytes=1 << 20)
+    holder = ModelHolder()
+    holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
+    with TestClient(create_app(settings, holder=holder, event_log=list_event_log([]))) as c:
+        r = c.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and fragment in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_features_too_large_for_the_models_scaling_are_refused(tmp_path, list_event_log,
+                                                                batching):
+    """Finite in float32, yet infinite once standardized: a 422, never a 200 whose
+    probabilities are null (its logged event would be dead-lettered, its corrections lost)."""
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    model[0].fit(torch.rand(100, 3))  # the input scaler: std ~0.29, so 3e38 overflows
+    holder = ModelHolder()
+    holder.swap(ServedModel.prepare("m", "7", SPEC, model))
+    sent = []
+    log = list_event_log(sent)
+    settings = Settings(home=tmp_path, dynamic_batching=batching)
+    with TestClient(create_app(settings, holder=holder, event_log=log)) as c:
+        r = c.post("/v1/predict", json={"instances": [[0.5, 0.5, 0.5], [3e38, -3e38, 3e38]]})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith("instances[1]: the model's output is not finite")
+        assert c.post("/v1/predict", json={"instances": [[0.5, 0.5, 0.5]]}).status_code == 200
+        assert log.wait_idle(5)
+    assert len(sent) == 1  # only the good request's prediction
 
 
 def test_malformed_json_message(client):
@@ -121,6 +161,12 @@ def test_content_type(client):
     r = client.post("/v1/predict", content=body,
                     headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"]
+    for almost in ("text/json", "application/jsonl"):  # FastAPI would not parse these
+        r = client.post("/v1/predict", content=body, headers={"content-type": almost})
+        assert r.status_code == 415, (almost, r.text)
+    r = client.post("/v1/predict", content=body,
+                    headers={"content-type": "application/vnd.api+json; charset=utf-8"})
+    assert r.status_code == 200, r.text
     r = client.post("/v1/predict", content=body.encode(), headers={"content-type": ""})
     assert r.status_code == 200  # no Content-Type at all: read as JSON
 
