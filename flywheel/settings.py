@@ -8,15 +8,24 @@ an error: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FLYWHEEL_"
 CHAMPION_ALIAS = "champion"
+TEN_YEARS_S = 10 * 365.25 * 24 * 3600.0  # beyond it, timestamps overflow datetime's range
+_CREDENTIALS = re.compile(r"(?P<head>://[^/\s:@]*:)[^@\s/]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://user:***@host`, anywhere in `text`."""
+    return _CREDENTIALS.sub(r"\g<head>***@", text)
 
 
 class SettingsError(ValueError):
@@ -84,7 +93,7 @@ class Settings(BaseSettings):
         50_000, ge=0, le=10_000_000,
         description="Predictions a worker keeps in memory to join their corrections without "
                     "reading them back (~0.7 KB each); 0 turns it off.")
-    correction_expiry_s: float = Field(7 * 24 * 3600.0, gt=0,
+    correction_expiry_s: float = Field(7 * 24 * 3600.0, gt=0, le=TEN_YEARS_S,
                                        description="Unmatched corrections expire after this.")
     holdout_fraction: float = Field(0.1, ge=0, lt=1,
                                     description="Share of corrections kept out of training.")
@@ -92,7 +101,7 @@ class Settings(BaseSettings):
                                        description="Worker's /metrics port; 0 turns it off.")
     counterexample_budget: int = Field(
         1000, ge=0, description="Counterexamples one source may add per budget window.")
-    counterexample_window_s: float = Field(3600.0, gt=0,
+    counterexample_window_s: float = Field(3600.0, gt=0, le=TEN_YEARS_S,
                                            description="The window of that budget.")
 
     registry_poll_s: float = Field(
@@ -230,9 +239,27 @@ class Settings(BaseSettings):
         if value is None or value.strip() == "":
             return None
         for part in value.split(","):
-            host, sep, port = part.strip().rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not _is_host_port(part.strip()):
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("fed_superlink")
+    @classmethod
+    def _check_superlink(cls, value: str) -> str:
+        if not _is_host_port(value.strip()):
+            raise ValueError("expected host:port")
+        return value.strip()
+
+    @field_validator("database_url", "mlflow_tracking_uri")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        """Caught here, an unparseable URL is a one-line error before anything starts."""
+        if value is None or value.strip() == "":
+            return None
+        try:
+            _ = urlsplit(value).port  # raises on a bad port or an unclosed IPv6 bracket
+        except ValueError as exc:
+            raise ValueError(f"not a usable URL ({exc})") from None
         return value
 
     @model_validator(mode="after")
@@ -295,6 +322,11 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(_describe(exc)) from exc
 
 
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 def _describe(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if not callable(errors):
@@ -303,7 +335,8 @@ def _describe(exc: ValueError) -> str:
     for err in errors():
         loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
         var = ENV_PREFIX + loc.upper() if loc in Settings.model_fields else loc
-        lines.append(f"{var}: {err.get('msg')} (got {err.get('input')!r})")
+        got = mask_credentials(repr(err.get("input")))  # a URL's password stays hidden
+        lines.append(f"{var}: {err.get('msg')} (got {got})")
     return "invalid configuration: " + "; ".join(lines)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+from pathlib import Path
 
 import typer
 
@@ -12,6 +14,7 @@ from flywheel.settings import Settings, SettingsError, load_settings, prepare_ho
 app = typer.Typer(
     name="flywheel", no_args_is_help=True, add_completion=False,
     help="Online-learning inference service with a feedback loop.",
+    pretty_exceptions_show_locals=False,  # locals would print URLs with their passwords
 )
 
 
@@ -22,8 +25,36 @@ def settings_or_exit(**overrides: object) -> Settings:
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    prepare_home(settings)
+    try:
+        prepare_home(settings)
+    except OSError as exc:
+        typer.echo(f"error: FLYWHEEL_HOME {settings.home}: cannot be used as a folder "
+                   f"({exc.strerror or exc})", err=True)
+        raise typer.Exit(2) from None
     return settings
+
+
+MAX_HOURS = 24 * 365 * 10  # report windows: ten years is "everything"
+
+
+def finite_hours(value: float) -> float:
+    """A window in hours: NaN and infinity pass a min/max check, so refuse them here."""
+    if not math.isfinite(value) or not 0.01 <= value <= MAX_HOURS:
+        raise typer.BadParameter(f"expected hours between 0.01 and {MAX_HOURS}, got {value}")
+    return value
+
+
+def image_path(value: Path | None) -> Path | None:
+    """A file name matplotlib can write (its format comes from the suffix)."""
+    if value is None:
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if value.suffix.lower().lstrip(".") not in formats:
+        raise typer.BadParameter(f"{value}: the name must end in one of "
+                                 f"{', '.join('.' + f for f in sorted(formats))}")
+    return value
 
 
 def store_or_exit(settings: Settings):
@@ -63,5 +94,14 @@ def _register() -> None:
 
 
 def main() -> None:
+    from flywheel.cli.errors import describe_outside_error
+
     _register()
-    sys.exit(app(standalone_mode=True))
+    try:
+        sys.exit(app(standalone_mode=True))
+    except Exception as exc:
+        message = describe_outside_error(exc)
+        if message is None:
+            raise  # a bug: its traceback (without locals) is what we need
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(1)

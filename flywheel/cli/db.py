@@ -55,7 +55,7 @@ def _store_call(fn: Callable[[str], T]) -> tuple[str, T]:
     url = settings_or_exit().resolved_database_url
     try:
         shown = display_url(url)
-    except ArgumentError as exc:  # the URL itself may hold a password: do not echo it
+    except (ArgumentError, ValueError) as exc:  # the URL may hold a password: not echoed
         _fail(f"FLYWHEEL_DATABASE_URL: {exc}")
     with _one_line_errors(shown):
         return shown, fn(url)
@@ -78,9 +78,16 @@ def _migrate(direction: str, revision: str) -> None:
         typer.echo(f"{shown}: {direction}d {before or 'empty'} -> {after or 'base'}")
 
 
+def _revision_arg(value: str) -> str:
+    if not value.strip():
+        raise typer.BadParameter("expected a revision (an id, head, base, +N or -N), got ''")
+    return value.strip()
+
+
 @db_app.command()
 def upgrade(
-    revision: str = typer.Option("head", "--revision", "-r", help="Target revision."),
+    revision: str = typer.Option("head", "--revision", "-r", callback=_revision_arg,
+                                 help="Target revision."),
 ) -> None:
     """Migrate the database forward (creating the schema on an empty database)."""
     _migrate("upgrade", revision)
@@ -88,7 +95,8 @@ def upgrade(
 
 @db_app.command(context_settings={"ignore_unknown_options": True})
 def downgrade(
-    revision: str = typer.Argument(..., help="Target revision: an id, `-1`, or `base`."),
+    revision: str = typer.Argument(..., callback=_revision_arg,
+                                   help="Target revision: an id, `-1`, or `base`."),
 ) -> None:
     """Migrate the database back; `base` drops every Flywheel table and its data."""
     _migrate("downgrade", revision)

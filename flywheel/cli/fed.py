@@ -90,7 +90,7 @@ def server(
 ) -> None:
     """Submit one federated run to the SuperLink (`flwr run`) and wait for its summary."""
     from flywheel.learner.federated.processes import submit_run
-    from flywheel.learner.federated.server import STRATEGY_CHOICES, RunOptions
+    from flywheel.learner.federated.server import CLIPPING_CHOICES, STRATEGY_CHOICES, RunOptions
 
     settings = settings_or_exit()
     overrides = {k: v for k, v in {"rounds": rounds, "clients": clients, "strategy": strategy,
@@ -102,8 +102,19 @@ def server(
     if strategy is not None and strategy not in STRATEGY_CHOICES:
         typer.echo(f"error: --strategy must be one of {', '.join(STRATEGY_CHOICES)}", err=True)
         raise typer.Exit(2)
+    if clipping is not None and clipping not in CLIPPING_CHOICES:
+        typer.echo(f"error: --clipping must be one of {', '.join(CLIPPING_CHOICES)}", err=True)
+        raise typer.Exit(2)
     options = RunOptions.from_settings(settings, **overrides)
-    summary = _security_or_exit(submit_run, settings, options, tls=tls, timeout_s=timeout)
+    log_file = settings.home_dir / "flwr" / "flwr-run.log"  # what `flwr run` said, if it fails
+    try:
+        summary = _security_or_exit(submit_run, settings, options, tls=tls, timeout_s=timeout,
+                                    log_file=log_file)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"error: {exc} (is the SuperLink at {settings.fed_superlink} running, "
+                   "with sites connected? `flywheel fed superlink`, `flywheel fed client`)",
+                   err=True)
+        raise typer.Exit(1) from None
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return

@@ -9,7 +9,7 @@ import threading
 
 import typer
 
-from flywheel.cli import app, settings_or_exit, store_or_exit
+from flywheel.cli import app, finite_hours, settings_or_exit, store_or_exit
 
 feedback_app = typer.Typer(no_args_is_help=False, help=__doc__)
 app.add_typer(feedback_app, name="feedback")
@@ -53,7 +53,7 @@ def run(ctx: typer.Context) -> None:
 
 @feedback_app.command()
 def report(
-    hours: float = typer.Option(24.0, min=0.01, help="Rolling window."),
+    hours: float = typer.Option(24.0, callback=finite_hours, help="Rolling window."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Error rate, error-type mix and top confusions per model version."""

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from flywheel.cli import app, settings_or_exit
+from flywheel.cli import app, finite_hours, settings_or_exit
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -103,8 +103,14 @@ def _registry_errors(settings: Settings) -> Iterator[None]:
 
 
 def _open(settings: Settings) -> Registry:
+    import os
+
     from flywheel.registry import Registry
 
+    # someone is waiting at a terminal: an unreachable MLflow server fails in seconds, not
+    # after MLflow's default 7 retries with backoff (~4 minutes a call); env still wins
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     return Registry(settings)
 
 
@@ -494,7 +500,7 @@ def card(
                                   help="Version number (3 or v3)."),
     out: str | None = typer.Option(None, "--out", "-o", metavar="DIR",
                                    help="Folder for the card; default FLYWHEEL_HOME/cards/vN."),
-    hours: float = typer.Option(24.0 * 365, min=0.01,
+    hours: float = typer.Option(24.0 * 365, callback=finite_hours,
                                 help="Window of the feedback error reports it summarizes."),
 ) -> None:
     """Write a model card (markdown + plots): lineage, data, gates, privacy, error types."""
@@ -504,6 +510,10 @@ def card(
 
     settings = settings_or_exit()
     folder = Path(out) if out else settings.home_dir / "cards" / f"v{version}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"--out {folder}: cannot create the folder ({exc.strerror or exc})")
     with _registry_errors(settings):
         written = review.card(settings, version, folder, registry=_open(settings), hours=hours)
     typer.echo(f"wrote {written.markdown}")

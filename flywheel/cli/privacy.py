@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from flywheel.cli import app, settings_or_exit, store_or_exit
+from flywheel.cli import app, image_path, settings_or_exit, store_or_exit
 
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy: the ledger.")
 app.add_typer(privacy_app, name="privacy")
@@ -16,7 +16,7 @@ app.add_typer(privacy_app, name="privacy")
 @privacy_app.command("report")
 def report(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
-    plot: Path | None = typer.Option(None, "--plot", dir_okay=False,
+    plot: Path | None = typer.Option(None, "--plot", dir_okay=False, callback=image_path,
                                      help="Write a PNG of ε over time here."),
     lineage: str | None = typer.Option(None, "--lineage", help="Only this lineage."),
     top: int = typer.Option(20, "--top", min=1, max=1_000_000,

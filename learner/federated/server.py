@@ -34,12 +34,18 @@ from flwr.serverapp import Grid
 
 from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.records import from_record, to_record
-from flywheel.learner.federated.strategy import STRATEGIES, build_strategy, client_mechanism
+from flywheel.learner.federated.strategy import (
+    CLIPPINGS,
+    STRATEGIES,
+    build_strategy,
+    client_mechanism,
+)
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
 ACTOR = "flywheel-federated"
 STRATEGY_CHOICES = STRATEGIES
+CLIPPING_CHOICES = CLIPPINGS
 
 
 @dataclass(frozen=True)

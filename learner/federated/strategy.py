@@ -31,6 +31,7 @@ from flywheel.learner.federated.records import ARRAYS, CONFIG, WEIGHT_KEY
 from flywheel.privacy import Mechanism
 
 STRATEGIES = ("fedavg", "trimmed", "median")
+CLIPPINGS = ("client", "server")  # Flower's DP fixed-clipping wrappers
 
 
 def build_strategy(name: str, *, sites: int, clip: float, noise_multiplier: float,

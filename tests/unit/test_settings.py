@@ -45,11 +45,25 @@ def test_unknown_variable_is_named(monkeypatch):
     ("FLYWHEEL_MAX_BATCH", "0", "FLYWHEEL_MAX_BATCH"),
     ("FLYWHEEL_PORT", "abc", "FLYWHEEL_PORT"),
     ("FLYWHEEL_TOPIC_CORRECTIONS", "flywheel.predictions", "distinct"),
+    ("FLYWHEEL_FED_SUPERLINK", "nope", "FLYWHEEL_FED_SUPERLINK: .*expected host:port"),
+    ("FLYWHEEL_DATABASE_URL", "postgresql://[::1", "FLYWHEEL_DATABASE_URL: .*not a usable URL"),
+    ("FLYWHEEL_MLFLOW_TRACKING_URI", "http://h:port/x", "FLYWHEEL_MLFLOW_TRACKING_URI"),
+    # beyond datetime's range once added to now: refused, not a crash in the worker later
+    ("FLYWHEEL_CORRECTION_EXPIRY_S", "1e11", "FLYWHEEL_CORRECTION_EXPIRY_S"),
+    ("FLYWHEEL_CORRECTION_EXPIRY_S", "inf", "FLYWHEEL_CORRECTION_EXPIRY_S"),
+    ("FLYWHEEL_COUNTEREXAMPLE_WINDOW_S", "1e11", "FLYWHEEL_COUNTEREXAMPLE_WINDOW_S"),
 ])
 def test_bad_values_say_what_is_wrong(monkeypatch, var, value, fragment):
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=fragment):
         load_settings()
+
+
+def test_a_refused_url_is_echoed_without_its_password(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_DATABASE_URL", "postgresql://u:hunter2@[::1/x")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "hunter2" not in str(info.value) and "u:***@" in str(info.value)
 
 
 def test_known_variables_cover_the_design_contract():
