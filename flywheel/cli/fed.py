@@ -110,6 +110,8 @@ def server(
     try:
         summary = _security_or_exit(submit_run, settings, options, tls=tls, timeout_s=timeout,
                                     log_file=log_file)
+    except typer.Exit:  # a RuntimeError too (click's), from _security_or_exit
+        raise
     except (RuntimeError, TimeoutError) as exc:
         typer.echo(f"error: {exc} (is the SuperLink at {settings.fed_superlink} running, "
                    "with sites connected? `flywheel fed superlink`, `flywheel fed client`)",
