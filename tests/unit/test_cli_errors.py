@@ -71,3 +71,16 @@ def test_describe_outside_error_masks_and_leaves_bugs_alone():
         == "[Errno 2] No such file: '/x'"
     assert describe_outside_error(KeyError("a bug")) is None
     assert describe_outside_error(ValueError("also a bug")) is None
+
+
+def test_fed_server_without_a_superlink_says_where_flwr_said_why(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = flywheel(tmp_path / "home", "fed", "server", "--timeout", "60",
+                 FLYWHEEL_FED_SUPERLINK=f"127.0.0.1:{port}")
+    assert_one_line_error(r, 1, "error: flwr run exited with")
+    log = tmp_path / "home" / "flwr" / "flwr-run.log"
+    assert str(log) in r.stderr and log.stat().st_size > 0
