@@ -60,7 +60,9 @@ def run(root: Path, clients: int, rounds: int, alpha: float, epsilon: float,
             from dataclasses import replace
 
             opts = replace(opts, noise_multiplier=opts.noise_multiplier / len(part.sites))
-        grid = InProcessGrid([Site(s) for s in sites])
+        # paired runs: each site's own fixed noise seed (a site's choice, experiments only)
+        grid = InProcessGrid([Site(s.model_copy(update={"fed_site_noise_seed": 1000 * seed + k}))
+                              for k, s in enumerate(sites)])
         try:
             summary = FederatedRun(platform, opts).run(grid)
         finally:

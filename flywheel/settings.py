@@ -208,8 +208,12 @@ class Settings(BaseSettings):
         1.0, gt=0, le=1, description="DP-SGD sampling rate q of a site's local training in "
         "federated rounds (q = 1: every source in every step; the online learner's is "
         "FLYWHEEL_PRIVACY_SAMPLE_RATE).")
-    fed_local_steps: int = Field(20, ge=1, le=10_000,
-                                 description="DP-SGD steps a site takes per round.")
+    fed_local_steps: int = Field(
+        20, ge=1, le=10_000,
+        description="DP-SGD steps per round; a site refuses a round asking for more.")
+    fed_site_noise_seed: int | None = Field(
+        None, ge=0, description="Experiments only: a site's fixed DP noise seed (with the "
+        "round number), for paired runs; unset, a site draws a secret seed each round.")
     fed_local_lr: float = Field(0.1, gt=0, le=10,
                                 description="A site's local learning rate (SGD, momentum 0.9).")
     fed_local_max_examples: int = Field(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +22,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -115,12 +118,18 @@ class Site:
         module.load_state_dict(from_record(content.array_records[ARRAYS]))
         labels = spec.label_index()
         s = self.settings
-        steps = int(config.get("local-steps", s.fed_local_steps))
-        lr = float(config.get("local-lr", s.fed_local_lr))
-        clip = float(config.get("clip", s.fed_clip_norm))
-        if KEY_CLIPPING_NORM in config:
-            clip = min(clip, float(config[KEY_CLIPPING_NORM]))
-        seed = int(config.get("seed", 0)) * 1_000_003 + int(config.get("server-round", 0))
+        # everything the server sent is checked before the site reads data or charges its
+        # ledger: a bad round must not cost the site's sources any ε
+        if not all(bool(torch.isfinite(v).all()) for v in module.state_dict().values()
+                   if v.is_floating_point()):
+            raise ValueError("the server's model holds NaN or infinity")
+        steps, lr, clip = round_config(config, s)
+        public = public_rows(config, spec.input_dim, len(labels))
+        # the site's own secret: a seed the server knew would let it subtract the DP noise
+        seed = secrets.randbits(63)
+        if s.fed_site_noise_seed is not None:
+            log.warning("DP noise seeded by FLYWHEEL_FED_SITE_NOISE_SEED: experiments only")
+            seed = s.fed_site_noise_seed * 1_000_003 + int(config.get("server-round", 0))
         dp = site_dp_config(s) if s.privacy_enabled else None
         data = read_site_data(self.engine, labels, limit=s.fed_local_max_examples,
                               max_per_source=dp.max_per_source if dp else None)
@@ -151,10 +160,6 @@ class Site:
                  "excluded_examples": sum(counts[c] for c in plan.excluded)},
                 {c: (counts[c], e) for c, e in plan.allowed.items()})
             eps, delta = plan.epsilon_lineage, dp.delta
-        public = None
-        if "public-x" in config:
-            px = np.frombuffer(bytes(config["public-x"]), np.float32).reshape(-1, spec.input_dim)
-            public = (px.copy(), np.frombuffer(bytes(config["public-y"]), np.int64).copy())
         result = train_locally(module, data, steps=steps, lr=lr, clip=clip,
                                mechanism=mechanism, public=public,
                                max_grad_norm=dp.max_grad_norm if dp else 1.0, seed=seed,
@@ -168,6 +173,47 @@ class Site:
         log.info("round %s: %d examples from %d sources, loss %.3f, local ε %.3f",
                  config.get("server-round"), result.examples, result.sources, result.loss, eps)
         return result.state, metrics
+
+
+def round_config(config: ConfigRecord, s: Settings) -> tuple[int, float, float]:
+    """(local steps, learning rate, update clip) the server asks for, within what this
+    site allows: at most FLYWHEEL_FED_LOCAL_STEPS steps (each step spends the site's ε),
+    a finite positive rate and clip."""
+    steps = int(config.get("local-steps", s.fed_local_steps))
+    if not 1 <= steps <= s.fed_local_steps:
+        raise ValueError(f"the server asked for {steps} local steps; this site takes 1 to "
+                         f"{s.fed_local_steps} (FLYWHEEL_FED_LOCAL_STEPS)")
+    lr = float(config.get("local-lr", s.fed_local_lr))
+    if not (math.isfinite(lr) and 0 < lr <= 10):
+        raise ValueError(f"the server asked for a local learning rate of {lr}; expected "
+                         "0 < rate <= 10")
+    clip = float(config.get("clip", s.fed_clip_norm))
+    if KEY_CLIPPING_NORM in config:
+        clip = min(clip, float(config[KEY_CLIPPING_NORM]))
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"the server asked for an update clip of {clip}; expected > 0")
+    return steps, lr, clip
+
+
+def public_rows(config: ConfigRecord, width: int, n_labels: int
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The platform's public replay rows, if sent: as many labels as rows, every row
+    `width` finite features, every label one of the model's."""
+    if "public-x" not in config and "public-y" not in config:
+        return None
+    raw_x, raw_y = bytes(config.get("public-x", b"")), bytes(config.get("public-y", b""))
+    if len(raw_x) % (4 * width) or len(raw_y) % 8:
+        raise ValueError("public rows: byte lengths do not fit float32 rows of the model's "
+                         "width and int64 labels")
+    px = np.frombuffer(raw_x, np.float32).reshape(-1, width).copy()
+    py = np.frombuffer(raw_y, np.int64).copy()
+    if len(px) != len(py):
+        raise ValueError(f"public rows: {len(px)} rows but {len(py)} labels")
+    if not np.isfinite(px).all():
+        raise ValueError("public rows hold NaN or infinity")
+    if len(py) and (py.min() < 0 or py.max() >= n_labels):
+        raise ValueError(f"public rows: labels outside 0..{n_labels - 1}")
+    return px, py
 
 
 def _only(data: SiteData, allowed: set[str]) -> SiteData:

@@ -1,17 +1,20 @@
 """What travels in a federated round, and the guard that checks what leaves a site.
 
 Server → site (`train`): `arrays` (the global model's state), `config` (round, model spec,
-local steps and rate, update clip norm, seed). Site → server: `arrays` (the new state,
-its update clipped) and `metrics` (the aggregate numbers in `REPLY_METRICS`). Nothing else
-may leave a site: `outbound_guard` (a Flower client mod) replaces any other reply with an
-error before it is sent, and with `FLYWHEEL_FED_AUDIT_DIR` writes each outgoing message
-(serialized exactly as sent) to that folder, so a site can see what it shared.
+local steps and rate, update clip norm; a site draws its own noise seed). Site → server:
+`arrays` (the new state, its update clipped) and `metrics` (the aggregate numbers in
+`REPLY_METRICS`). Nothing else may leave a site: `outbound_guard` (a Flower client mod)
+replaces any other reply with an error before it is sent, and with
+`FLYWHEEL_FED_AUDIT_DIR` writes each outgoing message (serialized exactly as sent) to that
+folder, so a site can see what it shared. The server checks what arrives as well
+(`check_update`): a site is another party.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -65,6 +68,31 @@ def check_reply(reply: Message, sent_shapes: Mapping[str, tuple[int, ...]]) -> s
         return f"metrics not allowed to leave a site: {sorted(extra)}"
     if any(not isinstance(v, int | float) for v in metrics.values()):
         return "metrics must be scalars"
+    return None
+
+
+def check_update(reply: Message, sent_shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why the server may not aggregate a site's (non-error) `reply`, or None: what the
+    site's own guard checks (`check_reply`), plus finite numbers and the counts the ledger
+    records. A site is another party: one NaN would poison the global model."""
+    why = check_reply(reply, sent_shapes)
+    if why is not None:
+        return why
+    for key, array in reply.content.array_records[ARRAYS].items():
+        values = array.numpy()
+        if values.dtype.kind not in "fiu":
+            return f"array {key!r} has dtype {values.dtype}, expected numbers"
+        if not np.isfinite(values).all():
+            return f"array {key!r} holds NaN or infinity"
+    metrics = reply.content.metric_records[METRICS]
+    missing = {"num-examples", WEIGHT_KEY} - set(metrics.keys())
+    if missing:
+        return f"metrics {sorted(missing)} missing"
+    if not all(math.isfinite(v) for v in metrics.values()):
+        return "metrics must be finite"
+    n = metrics["num-examples"]
+    if n < 0 or n != int(n):
+        return f"num-examples must be a count, got {n}"
     return None
 
 

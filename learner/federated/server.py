@@ -33,7 +33,13 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from flywheel.learner.federated.postprocess import ServerOptimizer
-from flywheel.learner.federated.records import from_record, to_record
+from flywheel.learner.federated.records import (
+    METRICS,
+    WEIGHT_KEY,
+    check_update,
+    from_record,
+    to_record,
+)
 from flywheel.learner.federated.strategy import (
     CLIPPINGS,
     STRATEGIES,
@@ -197,6 +203,27 @@ class FastGrid(Grid):
         return out
 
 
+def usable_replies(replies: list[Message], sent_shapes: dict[str, tuple[int, ...]]
+                   ) -> list[Message]:
+    """The replies the round may aggregate: no error, and what `check_update` accepts.
+    Each one's weight is set to 1 whatever the site said: the DP wrappers' sensitivity
+    (clip / sites) assumes equal weights, and a site's own weight could shrink the others'
+    noise or blow up their influence."""
+    ok = []
+    for m in replies:
+        site = m.metadata.src_node_id
+        if m.has_error():
+            log.warning("site %s: %s", site, m.error.reason)
+            continue
+        why = check_update(m, sent_shapes)
+        if why is not None:
+            log.warning("site %s: reply refused: %s", site, why)
+            continue
+        m.content.metric_records[METRICS][WEIGHT_KEY] = 1.0
+        ok.append(m)
+    return ok
+
+
 def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(path, allow_pickle=False)
     index = {n: i for i, n in enumerate(labels)}
@@ -303,10 +330,8 @@ class FederatedRun:
             messages = list(strategy.configure_train(rnd, to_record(module.state_dict()),
                                                      config, fast))
             replies = list(fast.send_and_receive(messages, timeout=s.fed_round_timeout_s))
-            ok = [m for m in replies if not m.has_error()]
-            for m in replies:
-                if m.has_error():
-                    log.warning("site %s: %s", m.metadata.src_node_id, m.error.reason)
+            ok = usable_replies(replies, {k: tuple(v.shape)
+                                          for k, v in module.state_dict().items()})
             if not ok:
                 log.error("round %d: no site replied", rnd)
                 continue
@@ -340,7 +365,11 @@ class FederatedRun:
                 log.warning("central DP noise seeded (noise_seed=%d): experiments only",
                             o.noise_seed)
                 np.random.seed(o.noise_seed * 10_007 + rnd)
-            arrays, metrics = strategy.aggregate_train(rnd, replies)
+            try:  # only usable replies: one error would make Flower drop the whole round
+                arrays, metrics = strategy.aggregate_train(rnd, ok)
+            except Exception as exc:  # e.g. Flower's server-side clip of a zero update
+                log.error("round %d: aggregation failed (%s)", rnd, exc)
+                continue
             if arrays is None:
                 log.error("round %d: aggregation failed", rnd)
                 continue

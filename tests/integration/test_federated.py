@@ -55,7 +55,9 @@ def fed(tmp_path_factory, broker):
         topic_corrections=f"fc-{suffix}", topic_model_events=f"fm-{suffix}",
         topic_deadletter=f"fd-{suffix}", registry_poll_s=1.0, kafka_timeout_s=2.0)
     ensure_topics(broker.bootstrap, platform.topics, 1)
-    sites = [s.model_copy(update={"fed_audit_dir": root / f"audit{k}"})
+    # each site's own fixed noise seed: the honest and attacked runs below are paired
+    sites = [s.model_copy(update={"fed_audit_dir": root / f"audit{k}",
+                                  "fed_site_noise_seed": k})
              for k, s in enumerate(sites)]
     ensure_champion(platform)
     federation = LocalFederation(platform, sites, logs=root / "logs").start()

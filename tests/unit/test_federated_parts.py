@@ -183,3 +183,139 @@ def test_a_site_trains_at_the_federated_sampling_rate_not_the_online_learners(tm
     assert Settings(home=tmp_path).fed_privacy_sample_rate == 1.0
     with pytest.raises(ValueError, match="fed_privacy_sample_rate"):
         Settings(home=tmp_path, fed_privacy_sample_rate=0)
+
+
+# -- what the server accepts from a site, and what a site accepts from the server -------------
+def _reply(arrays: dict, metrics: dict) -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
+                   reply_to=_message())
+
+
+GOOD_METRICS = {"num-examples": 40.0, "dp-weight": 1.0, "train-loss": 0.5}
+
+
+@pytest.mark.parametrize("arrays,metrics,why", [
+    ({"w": torch.full((2, 3), float("nan"))}, GOOD_METRICS, "holds NaN or infinity"),
+    ({"w": torch.full((2, 3), float("inf"))}, GOOD_METRICS, "holds NaN or infinity"),
+    ({"w": torch.ones(3, 2)}, GOOD_METRICS, "names or shapes"),
+    ({"w": torch.ones(2, 3), "v": torch.ones(1)}, GOOD_METRICS, "names or shapes"),
+    ({"w": torch.ones(2, 3)}, {"num-examples": -1000.0, "dp-weight": 1.0}, "must be a count"),
+    ({"w": torch.ones(2, 3)}, {"num-examples": 2.5, "dp-weight": 1.0}, "must be a count"),
+    ({"w": torch.ones(2, 3)}, {"num-examples": float("nan"), "dp-weight": 1.0}, "finite"),
+    ({"w": torch.ones(2, 3)}, {"num-examples": 4.0}, "missing"),
+    ({"w": torch.ones(2, 3)}, {"num-examples": 4.0, "dp-weight": 1.0, "train-loss": [1.0]},
+     "scalars"),
+])
+def test_the_server_refuses_replies_it_cannot_aggregate(arrays, metrics, why):
+    from flywheel.learner.federated.records import check_update
+
+    assert why in check_update(_reply(arrays, metrics), {"w": (2, 3)})
+
+
+def test_usable_replies_keep_good_ones_and_weigh_every_site_one(caplog):
+    from flwr.app import Error
+
+    from flywheel.learner.federated.server import usable_replies
+
+    good = _reply({"w": torch.ones(2, 3)}, {**GOOD_METRICS, "dp-weight": -1.99})
+    bad = _reply({"w": torch.full((2, 3), float("nan"))}, GOOD_METRICS)
+    failed = Message(Error(code=1, reason="site budget refused"), reply_to=_message())
+    with caplog.at_level(logging.WARNING):
+        ok = usable_replies([good, bad, failed], {"w": (2, 3)})
+    assert ok == [good]
+    # a site's own weight could shrink the others' noise or blow up their influence
+    assert ok[0].content.metric_records["metrics"]["dp-weight"] == 1.0
+    assert "reply refused: array 'w' holds NaN" in caplog.text
+    assert "site budget refused" in caplog.text
+
+
+@pytest.mark.parametrize("config,why", [
+    ({"local-steps": 0}, "asked for 0 local steps"),
+    ({"local-steps": -3}, "asked for -3 local steps"),
+    ({"local-steps": 3000}, "this site takes 1 to 20"),
+    ({"local-lr": float("nan")}, "learning rate of nan"),
+    ({"local-lr": 1e9}, "learning rate"),
+    ({"clip": float("nan")}, "update clip of nan"),
+    ({"clip": -1.0}, "update clip"),
+])
+def test_a_site_refuses_round_settings_outside_its_own_limits(tmp_path, config, why):
+    from flywheel.learner.federated.client_app import round_config
+
+    with pytest.raises(ValueError, match=why):
+        round_config(ConfigRecord(config), Settings(home=tmp_path))
+
+
+def test_a_site_takes_the_rounds_settings_within_its_limits(tmp_path):
+    from flywheel.learner.federated.client_app import round_config
+
+    config = ConfigRecord({"local-steps": 7, "local-lr": 0.05, "clip": 3.0})
+    assert round_config(config, Settings(home=tmp_path, fed_clip_norm=2.0)) == (7, 0.05, 3.0)
+
+
+@pytest.mark.parametrize("x,y,why", [
+    (np.zeros((3, 4), np.float32), np.zeros(2, np.int64), "3 rows but 2 labels"),
+    (np.zeros((2, 4), np.float32), np.array([0, 5]), "labels outside 0..2"),
+    (np.zeros((2, 4), np.float32), np.array([0, -1]), "labels outside 0..2"),
+    (np.full((2, 4), np.nan, np.float32), np.zeros(2, np.int64), "NaN or infinity"),
+    (np.zeros(7, np.float32), np.zeros(2, np.int64), "byte lengths"),
+])
+def test_public_rows_from_the_server_are_checked(x, y, why):
+    from flywheel.learner.federated.client_app import public_rows
+
+    config = ConfigRecord({"public-x": x.tobytes(), "public-y": y.astype(np.int64).tobytes()})
+    with pytest.raises(ValueError, match=why):
+        public_rows(config, width=4, n_labels=3)
+
+
+def test_a_bad_round_is_refused_before_the_site_reads_its_store(tmp_path):
+    """Checked first: a store with no data would refuse with 'no trainable examples'."""
+    from flywheel.feedback.store import upgrade
+    from flywheel.learner.federated.client_app import Site
+    from flywheel.learner.federated.records import to_record
+    from flywheel.modelspec import ModelSpec, build_model
+    from flywheel.settings import prepare_home
+
+    settings = Settings(home=tmp_path)
+    prepare_home(settings)
+    upgrade(settings.resolved_database_url)
+    spec = ModelSpec(input_dim=3, hidden=[4], labels=["a", "b"])
+    state = build_model(spec).state_dict()
+    content = lambda config, st=state: RecordDict({  # noqa: E731
+        "arrays": to_record(st), "config": ConfigRecord(
+            {"model-spec": spec.model_dump_json(), **config})})
+    site = Site(settings)
+    with pytest.raises(ValueError, match="local steps"):
+        site.train(content({"local-steps": 10_000}))
+    poisoned = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in state.items()}
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        site.train(content({}, poisoned))
+    with pytest.raises(RuntimeError, match="no trainable examples"):
+        site.train(content({}))  # the same call, well formed, gets as far as the store
+
+
+def test_the_same_round_asked_twice_gets_different_noise(tmp_path):
+    """The noise seed is the site's secret: a server that could replay it would recover
+    the noise-free update from one reply."""
+    from flywheel.feedback.store import upgrade
+    from flywheel.learner.federated.client_app import Site
+    from flywheel.learner.federated.partition import fill_site_store, make_partition
+    from flywheel.learner.federated.records import to_record
+    from flywheel.learner.seed_model import default_spec
+    from flywheel.modelspec import build_model
+    from flywheel.settings import prepare_home
+
+    settings = Settings(home=tmp_path, privacy_source_updates=100)
+    prepare_home(settings)
+    upgrade(settings.resolved_database_url)
+    x, y = make_partition(1, per_site=60, holdout=10).sites[0]
+    fill_site_store(settings.resolved_database_url, x, y, site="s")
+    spec = default_spec()
+    content = RecordDict({"arrays": to_record(build_model(spec).state_dict()),
+                          "config": ConfigRecord({"model-spec": spec.model_dump_json(),
+                                                  "seed": 1, "server-round": 1,
+                                                  "local-steps": 2})})
+    site = Site(settings)
+    first, _ = site.train(content)
+    second, _ = site.train(content)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
