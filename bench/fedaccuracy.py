@@ -60,8 +60,10 @@ def run(root: Path, clients: int, rounds: int, alpha: float, epsilon: float,
             from dataclasses import replace
 
             opts = replace(opts, noise_multiplier=opts.noise_multiplier / len(part.sites))
-        # paired runs: each site's own fixed noise seed (a site's choice, experiments only)
-        grid = InProcessGrid([Site(s.model_copy(update={"fed_site_noise_seed": 1000 * seed + k}))
+        # paired runs: each site's own fixed noise seed (a site's choice, experiments only),
+        # per repeat (the options' seed) and per site
+        noise = int((options or {}).get("seed", 0))
+        grid = InProcessGrid([Site(s.model_copy(update={"fed_site_noise_seed": 1000 * noise + k}))
                               for k, s in enumerate(sites)])
         try:
             summary = FederatedRun(platform, opts).run(grid)
