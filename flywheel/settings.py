@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "FLYWHEEL_"
 CHAMPION_ALIAS = "champion"
 TEN_YEARS_S = 10 * 365.25 * 24 * 3600.0  # beyond it, timestamps overflow datetime's range
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _CREDENTIALS = re.compile(r"(?P<head>://[^/\s:@]*:)[^@\s/]*@")
 
 
@@ -245,6 +246,22 @@ class Settings(BaseSettings):
         for part in value.split(","):
             if not _is_host_port(part.strip()):
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("topic_predictions", "topic_corrections", "topic_model_events",
+                     "topic_deadletter")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        """Kafka's own rule for topic names, checked before any client is made."""
+        if not _TOPIC.fullmatch(value) or value in (".", ".."):
+            raise ValueError("a Kafka topic name is 1-249 of letters, digits, '.', '_', '-'")
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_model_name(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise ValueError("expected a name without leading or trailing blanks")
         return value
 
     @field_validator("fed_superlink")

@@ -46,6 +46,9 @@ def test_unknown_variable_is_named(monkeypatch):
     ("FLYWHEEL_PORT", "abc", "FLYWHEEL_PORT"),
     ("FLYWHEEL_TOPIC_CORRECTIONS", "flywheel.predictions", "distinct"),
     ("FLYWHEEL_FED_SUPERLINK", "nope", "FLYWHEEL_FED_SUPERLINK: .*expected host:port"),
+    ("FLYWHEEL_TOPIC_PREDICTIONS", "", "FLYWHEEL_TOPIC_PREDICTIONS: .*Kafka topic name"),
+    ("FLYWHEEL_TOPIC_DEADLETTER", "dead letters", "FLYWHEEL_TOPIC_DEADLETTER"),
+    ("FLYWHEEL_MODEL_NAME", " ", "FLYWHEEL_MODEL_NAME"),
     ("FLYWHEEL_DATABASE_URL", "postgresql://[::1", "FLYWHEEL_DATABASE_URL: .*not a usable URL"),
     ("FLYWHEEL_MLFLOW_TRACKING_URI", "http://h:port/x", "FLYWHEEL_MLFLOW_TRACKING_URI"),
     # beyond datetime's range once added to now: refused, not a crash in the worker later
