@@ -40,6 +40,7 @@ REVIEW_TAG = "review"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 REVIEW_BY, REVIEW_REASON, REVIEW_AT = "review_by", "review_reason", "review_at"
 MAX_REASON = 1000  # characters; an MLflow tag value holds 5000
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 LINEAGE_KEYS = ("version", "champion", "status", "source", "parent_version", "examples",
                 "epsilon", "delta", "gate", "created_at")
 _NO_PARENT = {"", "none", "null", "-"}
@@ -495,11 +496,16 @@ def privacy_ledger(engine: Engine | None, store_note: str | None = None) -> dict
 
 
 def check_reason(reason: str | None) -> str:
+    """The reason as recorded (an MLflow tag): not empty, not too long, and no control
+    characters but newlines and tabs (PostgreSQL text cannot hold a NUL)."""
     text = (reason or "").strip()
     if not text:
         raise ReviewError("a review decision needs a reason (it is recorded on the version)")
     if len(text) > MAX_REASON:
         raise ReviewError(f"the reason is {len(text)} characters; at most {MAX_REASON}")
+    control = _CONTROL.search(text)
+    if control:
+        raise ReviewError(f"the reason holds a control character ({control.group()!r})")
     return text
 
 

@@ -57,7 +57,9 @@ class Decision(BaseModel):
     def _reason(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty: a review decision is audited by its reason")
-        return value.strip()
+        from flywheel.review import check_reason
+
+        return check_reason(value)  # and no control characters
 
     @field_validator("by")
     @classmethod

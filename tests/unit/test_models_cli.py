@@ -292,6 +292,7 @@ def test_promote_unknown_version_fails_and_leaves_the_champion(home):
 def test_an_empty_reason_is_refused(home):
     assert models("promote", "3", "--reason", " ").exit_code == 2
     assert models("rollback", "-r", "").exit_code == 2
+    assert models("promote", "3", "--reason", "ok\x1b[2J").exit_code == 2  # a control char
     assert registry_at(home).champion_version() == "4"
 
 

@@ -347,6 +347,9 @@ def test_review_logic_checks_reasons():
         check_reason(" ")
     with pytest.raises(ReviewError):
         check_reason("x" * 1001)
+    with pytest.raises(ReviewError, match="control character"):
+        check_reason("ok\x00")  # PostgreSQL text cannot hold it
+    assert check_reason(" two lines\n\tindented ") == "two lines\n\tindented"
     assert example_range("ids 3..9 (7 new, update 1)") == (3, 9)
     assert example_range("[100,200)") == (100, 199)
     assert example_range("seed[0,2400)") is None and example_range(None) is None

@@ -160,6 +160,7 @@ def test_a_missing_or_wrong_token_is_unauthorized(admin, headers, detail):
     ("/v1/review/versions/3/approve", {"reason": "   "}, 422, "reason"),
     ("/v1/review/versions/3/approve", {}, 422, "reason: field required"),
     ("/v1/review/versions/3/approve", {"reason": "x" * 1001}, 422, "reason"),
+    ("/v1/review/versions/3/approve", {"reason": "ok\u0000"}, 422, "control character"),
     ("/v1/review/versions/3/approve", {"reason": "ok", "extra": 1}, 422, "extra"),
     ("/v1/review/versions/3/approve", {"reason": "ok", "by": "<script>"}, 422, "by"),
     ("/v1/review/versions/1/approve", {"reason": "ok"}, 409, "not pending review"),
