@@ -21,7 +21,8 @@ ENV_PREFIX = "FLYWHEEL_"
 CHAMPION_ALIAS = "champion"
 TEN_YEARS_S = 10 * 365.25 * 24 * 3600.0  # beyond it, timestamps overflow datetime's range
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-_CREDENTIALS = re.compile(r"(?P<head>://[^/\s:@]*:)[^@\s/]*@")
+# the password runs to the last "@" before the path: a raw "@" in it must not leak the rest
+_CREDENTIALS = re.compile(r"(?P<head>://[^/\s:@]*:)[^\s/]*@")
 
 
 def mask_credentials(text: str) -> str:

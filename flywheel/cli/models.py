@@ -13,11 +13,11 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
 from flywheel.cli import app, finite_hours, settings_or_exit
+from flywheel.settings import mask_credentials
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -74,20 +74,6 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _shown_uri(uri: str) -> str:
-    """The tracking URI without its password, so an error message cannot leak one."""
-    try:
-        parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
-        netloc = f"{parts.username}:***@{parts.hostname}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<unparseable FLYWHEEL_MLFLOW_TRACKING_URI>"
-
-
 @contextmanager
 def _registry_errors(settings: Settings) -> Iterator[None]:
     """Unknown versions, nothing to undo and an unusable MLflow store: one line, exit 1."""
@@ -96,7 +82,7 @@ def _registry_errors(settings: Settings) -> Iterator[None]:
     from flywheel.registry import RegistryError
     from flywheel.review import ReviewError
 
-    where = f"MLflow registry at {_shown_uri(settings.resolved_mlflow_uri)}"
+    where = f"MLflow registry at {mask_credentials(settings.resolved_mlflow_uri)}"
     try:
         yield
     except (RegistryError, ReviewError) as exc:
@@ -294,7 +280,7 @@ def list_versions(
         shown = [registry.info(v.version, with_run=True)
                  for v in (listed[:limit] if limit else listed)]
     docs = [_as_dict(info, history) for info in shown]
-    hint = (f"no versions of {registry.name!r} in {_shown_uri(settings.resolved_mlflow_uri)} "
+    hint = (f"no versions of {registry.name!r} in {mask_credentials(settings.resolved_mlflow_uri)} "
             "yet: `flywheel serve` or `flywheel demo` trains and registers a seed model on "
             "first start")
     if as_json:

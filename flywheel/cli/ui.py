@@ -30,7 +30,7 @@ def ui(
     host: str = typer.Option("127.0.0.1", help="Interface the MLflow UI binds."),
 ) -> None:
     """Open the MLflow UI on Flywheel's registry and print the URL of the review page (/ui)."""
-    from flywheel.cli.models import _shown_uri
+    from flywheel.settings import mask_credentials
 
     settings = settings_or_exit()
     uri = settings.resolved_mlflow_uri
@@ -39,9 +39,9 @@ def ui(
                "`flywheel serve`; approve/reject/rollback need FLYWHEEL_ADMIN_TOKEN)")
     if urlsplit(uri).scheme in ("http", "https"):
         # a tracking server is its own UI: nothing to start
-        typer.echo(f"MLflow UI: {_shown_uri(uri)} (the tracking server in "
+        typer.echo(f"MLflow UI: {mask_credentials(uri)} (the tracking server in "
                    "FLYWHEEL_MLFLOW_TRACKING_URI)")
         return
-    typer.echo(f"MLflow UI: http://{host}:{port}/ on {_shown_uri(uri)} (Ctrl-C stops it)")
+    typer.echo(f"MLflow UI: http://{host}:{port}/ on {mask_credentials(uri)} (Ctrl-C stops it)")
     raise typer.Exit(_run(mlflow_ui_command(uri, settings.mlflow_artifacts_dir.as_uri(), host,
                                             port)))

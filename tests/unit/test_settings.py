@@ -82,3 +82,16 @@ def test_prepare_home_keeps_tool_state_inside(tmp_path, monkeypatch):
     assert Path(os.environ["MPLCONFIGDIR"]).is_relative_to(home)
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert (home / "spool").is_dir()
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("postgresql://u:secret@127.0.0.1:5432/db", "postgresql://u:***@127.0.0.1:5432/db"),
+    ("http://u:p@ss@host:5000/x", "http://u:***@host:5000/x"),  # a raw "@" in the password
+    ("at postgresql://u:pw@[::1]/x: refused", "at postgresql://u:***@[::1]/x: refused"),
+    ("http://host:5000/x", "http://host:5000/x"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+])
+def test_mask_credentials_hides_every_character_of_a_password(text, shown):
+    from flywheel.settings import mask_credentials
+
+    assert mask_credentials(text) == shown
