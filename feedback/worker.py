@@ -108,6 +108,13 @@ class FeedbackWorker:
         self._store_thread: threading.Thread | None = None
         self._on_batch: Callable[[WorkerStats], None] | None = None
 
+    @property
+    def assignment(self) -> set[Partition]:
+        """The (topic, partition) pairs this member owns now; empty until it has joined its
+        group. How a caller sees several workers share the partitions."""
+        consumer = self._consumer
+        return consumer.assignment() if consumer is not None else set()
+
     # -- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
         s = self.settings

@@ -58,8 +58,10 @@ def rollback(settings: Settings, *, reason: str, actor: str | None = None,
     return event
 
 
-def announce(settings: Settings, event: ModelEvent, timeout_s: float = 5.0) -> bool:
-    """Send `event` to the model-events topic; False (and a warning) if it could not."""
+def announce(settings: Settings, event: ModelEvent, timeout_s: float | None = None) -> bool:
+    """Send `event` to the model-events topic; False (and a warning) if it could not.
+    Waits up to `timeout_s`, by default the delivery timeout (FLYWHEEL_KAFKA_TIMEOUT_S)."""
+    timeout_s = settings.kafka_timeout_s if timeout_s is None else timeout_s
     if not settings.kafka_bootstrap:
         log.warning("no Kafka configured: services will see v%s by polling", event.version)
         return False

@@ -40,7 +40,10 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
         topic_corrections=f"corrections-{topics_suffix}",
         topic_model_events=f"model-events-{topics_suffix}",
         topic_deadletter=f"deadletter-{topics_suffix}",
-        seed_examples=1000, kafka_timeout_s=2.0, spool_retry_s=0.2, spool_fsync=False,
+        seed_examples=1000, spool_retry_s=0.2, spool_fsync=False,
+        # the default delivery timeout (5 s) and more: a stalled CI machine must not turn
+        # a slow acknowledgement into a spooled, resent (duplicate) record
+        kafka_timeout_s=10.0,
     )
     prepare_home(s)
     ensure_topics(broker.bootstrap, s.topics, s.topic_partitions)

@@ -126,7 +126,7 @@ def _read_only_page_hides_admin_controls(chromium, url: str) -> None:
 
     page.route("**/v1/review/config", read_only)
     page.goto(f"{url}/ui/", wait_until="domcontentloaded")
-    page.wait_for_selector("body[data-loaded=true]", timeout=15_000)
+    page.wait_for_selector("body[data-loaded=true]", timeout=30_000)
     assert page.locator("#mode").inner_text() == "read-only"
     assert page.locator("#admin-off").is_visible()
     assert not page.locator("#admin-form").is_visible()
@@ -155,7 +155,7 @@ def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         expected = "status of 401"  # the wrong-token attempt below
         page.goto(f"{url}/ui", wait_until="domcontentloaded")
-        page.wait_for_selector("body[data-loaded=true]", timeout=15_000)
+        page.wait_for_selector("body[data-loaded=true]", timeout=30_000)
 
         rows = page.locator("#versions tbody tr")
         assert rows.count() == 4
@@ -174,23 +174,23 @@ def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
         page.fill("#actor", "playwright")
         pending.locator("input.reason").fill("looks good in the browser")
         pending.locator("button.approve").click()
-        expect(page.locator("#message")).to_contain_text("wrong admin token", timeout=10_000)
+        expect(page.locator("#message")).to_contain_text("wrong admin token", timeout=30_000)
         assert registry.champion_version() == "2"
 
         page.fill("#token", TOKEN)
         page.locator("#pending tbody tr[data-version='4'] button.approve").click()
         expect(page.locator("#message")).to_have_text(re.compile(r"^approved v4: now champion"),
-                                                     timeout=15_000)
+                                                     timeout=60_000)
         assert registry.champion_version() == "4"
         tags = registry.info("4", with_run=False).tags
         assert (tags["review"], tags["review_by"], tags["review_reason"]) == (
             "approved", "playwright", "looks good in the browser")
-        page.wait_for_selector("#versions tr.champion[data-version='4']", timeout=10_000)
+        page.wait_for_selector("#versions tr.champion[data-version='4']", timeout=30_000)
         assert page.locator("#pending-empty").is_visible()
         page.screenshot(path=str(tmp_path / "review-ui.png"), full_page=True)
         if os.environ.get("REVIEW_UI_SCREENSHOT_DIR"):  # for a person to look at
             shutil.copy(tmp_path / "review-ui.png",
                         Path(os.environ["REVIEW_UI_SCREENSHOT_DIR"]) / "review-ui.png")
         # the model event reaches the service's follower: it swaps to the approved version
-        assert wait_for(lambda: served(url) == "4", 15), "the service did not swap to v4"
+        assert wait_for(lambda: served(url) == "4", 40), "the service did not swap to v4"
         assert [e for e in errors if expected not in e] == [], errors

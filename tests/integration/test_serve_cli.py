@@ -54,7 +54,9 @@ def test_serve_against_an_external_broker(settings, tmp_path):
            "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
            "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
            "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
-           "FLYWHEEL_SEED_EXAMPLES": "1000"}
+           "FLYWHEEL_SEED_EXAMPLES": "1000",
+           # the fixture's generous delivery timeout: exactly-once is asserted below
+           "FLYWHEEL_KAFKA_TIMEOUT_S": str(settings.kafka_timeout_s)}
     proc = start_serve(env, port)
     try:
         ids = []
@@ -81,7 +83,7 @@ def test_serve_with_embedded_broker_leaves_no_orphan(tmp_path):
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"instances": [ROW]})
         assert r.status_code == 200
-        deadline = time.monotonic() + 15  # connected once the first batch is acknowledged
+        deadline = time.monotonic() + 60  # connected once the first batch is acknowledged
         while not httpx.get(f"http://127.0.0.1:{port}/readyz").json()["kafka_connected"]:
             assert time.monotonic() < deadline, "the embedded broker never acknowledged"
             time.sleep(0.1)

@@ -27,6 +27,15 @@ def spooled_records(client) -> float:
     raise AssertionError("metric flywheel_log_spooled_records missing")
 
 
+def assert_each_id_once(keys: list[str], ids: list[str], event_log) -> None:
+    """Every id on the topic, once while every send was acknowledged in time; after a send
+    failure its records were spooled and resent, so a duplicate is allowed (delivery is
+    at-least-once, docs/contracts.md), a missing or foreign id never."""
+    assert set(keys) == set(ids), "lost or foreign records"
+    if event_log.stats.send_failures == 0:
+        assert sorted(keys) == sorted(ids), "duplicated records without a send failure"
+
+
 def predict(client, n_rows: int = 1) -> list[str]:
     r = client.post("/v1/predict", json={"instances": [ROW] * n_rows})
     assert r.status_code == 200, r.text
@@ -39,10 +48,10 @@ def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Setting
         for i in range(60):
             ids += predict(client, n_rows=1 + i % 5)
         version = client.get("/v1/model").json()["version"]
-        assert client.app.state.runtime.event_log.wait_idle(30)
+        event_log = client.app.state.runtime.event_log
+        assert event_log.wait_idle(30)
     records = consume(settings.kafka_bootstrap, settings.topic_predictions, len(ids))
-    assert len(records) == len(ids)
-    assert sorted(k.decode() for k, _ in records) == sorted(ids)
+    assert_each_id_once([k.decode() for k, _ in records], ids, event_log)
     for key, value in records:
         event = PredictionEvent.model_validate_json(value)
         assert event.id == key.decode() and event.model_version == version
@@ -56,13 +65,15 @@ def test_corrections_land_on_their_topic(settings: Settings):
         r = client.post("/v1/corrections", json={"corrections": [
             {"prediction_id": pid, "label": "class_1", "source": "site-7"} for pid in ids]})
         assert r.status_code == 202
-        assert client.app.state.runtime.event_log.wait_idle(30)
+        event_log = client.app.state.runtime.event_log
+        assert event_log.wait_idle(30)
     records = consume(settings.kafka_bootstrap, settings.topic_corrections, 3)
-    assert sorted(k.decode() for k, _ in records) == sorted(ids)
+    assert_each_id_once([k.decode() for k, _ in records], ids, event_log)
     events = [CorrectionEvent.model_validate_json(v) for _, v in records]
     assert {(e.prediction_id, e.label, e.source) for e in events} == {
         (pid, "class_1", "site-7") for pid in ids}
-    assert len(consume(settings.kafka_bootstrap, settings.topic_predictions, 3)) == 3
+    predictions = consume(settings.kafka_bootstrap, settings.topic_predictions, 3)
+    assert_each_id_once([k.decode() for k, _ in predictions], ids, event_log)
 
 
 @pytest.mark.slow
@@ -71,14 +82,16 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
     before the outage first, then checks the restarted broker got every spooled record."""
     outage_broker = EmbeddedBroker(log_file=tmp_path / "outage.log")
     outage_broker.start(topics=settings.topics, partitions=settings.topic_partitions)
-    s = settings.model_copy(update={"kafka_bootstrap": outage_broker.bootstrap})
+    # a short delivery timeout: records sent into the outage fail (and spool) quickly
+    s = settings.model_copy(update={"kafka_bootstrap": outage_broker.bootstrap,
+                                    "kafka_timeout_s": 2.0})
     try:
         with TestClient(create_app(s)) as client:
             event_log = client.app.state.runtime.event_log
             before = [pid for _ in range(20) for pid in predict(client, 2)]
             assert event_log.wait_idle(30)
             delivered = consume(s.kafka_bootstrap, s.topic_predictions, len(before))
-            assert sorted(k.decode() for k, _ in delivered) == sorted(before)
+            assert_each_id_once([k.decode() for k, _ in delivered], before, event_log)
 
             outage_broker.stop()
             during = [pid for _ in range(25) for pid in predict(client, 2)]
@@ -87,22 +100,29 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
             assert corr.status_code == 202  # accepted while the broker is down
             ready = client.get("/readyz").json()
             assert ready["ready"] is True
-            deadline = time.monotonic() + 20  # in flight until the delivery timeout
+            deadline = time.monotonic() + 60  # in flight until the delivery timeout
             while spooled_records(client) < len(during) + 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert spooled_records(client) == len(during) + 1, event_log.stats
 
+            failures_in_outage = event_log.stats.send_failures
             outage_broker.start(topics=s.topics, partitions=s.topic_partitions)
             after = [pid for _ in range(10) for pid in predict(client, 2)]
             assert event_log.wait_idle(60), f"spool not drained: {event_log.spool.pending}"
             assert event_log.stats.replayed >= 1
+            # a send that fails once the broker is back may have reached it: resent, a
+            # duplicate is allowed (at-least-once); without one, every id exactly once
+            exact = event_log.stats.send_failures == failures_in_outage
         records = consume(s.kafka_bootstrap, s.topic_predictions, len(during) + len(after))
+        # the restarted (memory) broker holds only what was sent after the outage: the
+        # spooled records, replayed, and the later ones
         keys = [k.decode() for k, _ in records]
-        assert sorted(keys) == sorted(during + after), "lost or duplicated records"
+        assert set(keys) == set(during + after), "lost records"
+        assert not exact or sorted(keys) == sorted(during + after), "duplicated records"
         values = [orjson.loads(v) for _, v in records]
         assert all(v["schema_version"] == 1 for v in values)
-        corrections = consume(s.kafka_bootstrap, s.topic_corrections, 1)
-        assert [k.decode() for k, _ in corrections] == [during[0]]
+        corrections = [k.decode() for k, _ in consume(s.kafka_bootstrap, s.topic_corrections, 1)]
+        assert corrections == [during[0]] or not exact and set(corrections) == {during[0]}
     finally:
         outage_broker.stop()
 
