@@ -196,7 +196,28 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> N
         producer.close(timeout=10)
 
 
-# -- the two measurements -------------------------------------------------------------------
+# -- the measurements -----------------------------------------------------------------------
+def measure_store_floor(bootstrap: str, topics: list[str], n: int, max_records: int,
+                        pg_admin_url: str, group: str) -> dict[str, Any]:
+    """The cheapest durable store of the same 2n records (`bench._store_floor`), on a
+    throwaway database of its own."""
+    from bench._store_floor import store_floor
+
+    with throwaway_database(pg_admin_url) as database_url:
+        backends = BackendCpu(database_url)
+        try:
+            floor = store_floor(bootstrap, topics, 2 * n, max_records, database_url, group,
+                                RUN_TIMEOUT_S, backends)
+        except TimeoutError as exc:
+            raise BenchError(str(exc)) from exc
+        finally:
+            backends.close()
+    if floor["stored"] != 2 * n:
+        raise BenchError(f"the store floor stored {floor['stored']} of {2 * n} records")
+    floor["corrections_per_s"] = n / floor["elapsed_s"]
+    return floor
+
+
 def raw_consume(bootstrap: str, topics: list[str], expected: int,
                 max_records: int, parse_json: bool = False) -> dict[str, Any]:
     """Seconds for a bare kafka-python consumer to read `expected` records of `topics`
@@ -507,8 +528,18 @@ def summarize(n: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     to_parsing = statistics.median(
         r["worker"]["corrections_per_s"] / (n / statistics.median(r["raw"]["json_elapsed_s_each"]))
         for r in rounds)
+    # context, not a target: the least any worker that stores each record before
+    # committing its offset pays here, and how much of that rate ours keeps
+    floor_cps = statistics.median(r["floor"]["corrections_per_s"] for r in rounds)
+    floor_to_raw = statistics.median(
+        r["floor"]["corrections_per_s"] / (n / r["raw"]["elapsed_s"]) for r in rounds)
+    worker_to_floor = statistics.median(
+        r["worker"]["corrections_per_s"] / r["floor"]["corrections_per_s"] for r in rounds)
     return {
         "raw_corrections_per_s": raw_cps,
+        "floor_corrections_per_s": floor_cps,
+        "floor_ratio_to_raw": floor_to_raw,
+        "ratio_to_floor": worker_to_floor,
         "joined_per_s": joined,
         "ratio": ratio,
         "ratio_to_fastest_raw": to_fastest,
@@ -537,17 +568,17 @@ def render(doc: dict[str, Any]) -> None:
     table = Table(title=f"{cfg['records']} predictions + {cfg['records']} corrections, "
                         f"poll size {cfg['max_records']}, PostgreSQL; each round: raw reads, "
                         "then the worker")
-    for col in ("round", "raw s (median of 3)", "raw corrections/s", "worker s",
-                "joined/s", "ratio", "CPU steal"):
+    for col in ("round", "raw s (median of 3)", "raw corrections/s", "store floor s",
+                "worker s", "joined/s", "ratio", "CPU steal"):
         table.add_column(col, justify="right")
     n = cfg["records"]
     for i, r in enumerate(doc["rounds"], 1):
         steal = r["worker"].get("steal_share")
         table.add_row(str(i), f"{r['raw']['elapsed_s']:.2f}", f"{n / r['raw']['elapsed_s']:.0f}",
-                      f"{r['worker']['elapsed_s']:.2f}",
+                      f"{r['floor']['elapsed_s']:.2f}", f"{r['worker']['elapsed_s']:.2f}",
                       f"{r['worker']['corrections_per_s']:.0f}", f"{r['ratio']:.3f}",
                       "n/a" if steal is None else f"{steal:.0%}")
-    table.add_row("median", "", f"{s['raw_corrections_per_s']:.0f}", "",
+    table.add_row("median", "", f"{s['raw_corrections_per_s']:.0f}", "", "",
                   f"[bold]{s['joined_per_s']:.0f}[/]", f"[bold]{s['ratio']:.3f}[/]", "")
     console.print(table)
     split = Table(title="the median round's worker, time split (two threads at once: each "
@@ -579,6 +610,14 @@ def render(doc: dict[str, Any]) -> None:
     console.print(f"[dim]ratio to each round's fastest raw read (no fetch stall): "
                   f"{s['ratio_to_fastest_raw']:.3f}; to raw reads that also json.loads each "
                   f"value (context, not the target): {s['ratio_to_raw_with_json']:.3f}[/]")
+    fl = doc["floor"]
+    flpg = fl.get("postgresql_cpu_s")
+    console.print(f"[dim]store floor (consume + COPY the raw records + commit, nothing else): "
+                  f"{s['floor_corrections_per_s']:.0f} corrections/s, "
+                  f"{s['floor_ratio_to_raw']:.3f} x raw; the worker keeps "
+                  f"{s['ratio_to_floor']:.3f} of it (the median round's floor: process CPU "
+                  f"{fl['process_cpu_s']:.2f}s, PostgreSQL "
+                  + ("n/a" if flpg is None else f"{flpg:.2f}s") + ")[/]")
     console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), PostgreSQL "
                   f"{m['postgresql']}, Python {m['python']}, torch {m['torch']}, load average "
                   f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
@@ -657,8 +696,11 @@ def main(
                 say(f"round {r}/{rounds}: raw {raw['records']} records in "
                     f"{', '.join(f'{t:.2f}' for t in raw['elapsed_s_each'])}s (median "
                     f"{raw['elapsed_s']:.2f}s), with json.loads "
-                    f"{', '.join(f'{t:.2f}' for t in parsed)}s; feedback worker on a fresh "
-                    "database ...")
+                    f"{', '.join(f'{t:.2f}' for t in parsed)}s; the store floor ...")
+                floor = measure_store_floor(broker.bootstrap, topics, n, max_records,
+                                            pg_admin_url, f"bench-floor-{suffix}-{r}")
+                say(f"round {r}/{rounds}: store floor {floor['elapsed_s']:.2f}s; feedback "
+                    "worker on a fresh database ...")
                 with throwaway_database(pg_admin_url) as database_url:
                     upgrade(database_url)
                     info = info or machine(database_url)
@@ -667,7 +709,7 @@ def main(
                         "feedback_group": f"bench-feedback-{suffix}-{r}"})
                     ours = run_worker(run, n, say)
                     check = verify(run, n)
-                done.append({"raw": raw, "worker": ours, "verify": check,
+                done.append({"raw": raw, "floor": floor, "worker": ours, "verify": check,
                              "ratio": ours["corrections_per_s"] / (n / raw["elapsed_s"])})
     except BenchError as exc:
         say(f"benchmark failed: {exc}")
@@ -689,12 +731,17 @@ def main(
                    f"assigned, seek to beginning, count records; median of {RAW_READS} reads, "
                    f"then {RAW_READS} that also json.loads each value (context only), "
                    "before each worker round",
+            "floor": "confluent-kafka consumer (assigned, from the beginning), each poll "
+                     "COPYed as raw (topic, key, value) rows into one table keyed (topic, "
+                     "key) on a fresh database, committed, then offsets committed "
+                     "synchronously; context only",
             "worker": "build_worker(settings) in a fresh group on a fresh database; elapsed "
                       "from partition assignment to the offset commit of the batch that "
                       "joined the N-th",
         },
         "rounds": done,
         "raw": middle["raw"],
+        "floor": middle["floor"],
         "worker": middle["worker"],
         "verify": middle["verify"],
         "summary": summarize(n, done),

@@ -24,9 +24,12 @@ def test_bench_feedback_joins_everything_and_verifies_the_store():
         assert each["verify"]["ok"], each["verify"]["checks"]
         assert each["worker"]["joined"] == 600 and each["raw"]["records"] == 1200
         assert each["worker"]["pending"] == 0  # read in time order: nothing waited
+        # the store floor read and stored every record of both topics, once
+        assert each["floor"]["records"] == each["floor"]["stored"] == 1200
     assert doc["summary"]["joined_per_s"] > 0 and doc["summary"]["ratio"] > 0
     # the fastest raw read is at least as fast as the median one
     assert 0 < doc["summary"]["ratio_to_fastest_raw"] <= doc["summary"]["ratio"]
     assert doc["summary"]["ratio_to_raw_with_json"] > 0
+    assert doc["summary"]["floor_ratio_to_raw"] > 0 and doc["summary"]["ratio_to_floor"] > 0
     assert all(len(each["raw"]["json_elapsed_s_each"]) == 3 for each in doc["rounds"])
     assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}
