@@ -109,8 +109,8 @@ class PrivateStep:
                                budget=self.config.epsilon, delta=self.config.delta,
                                accountant=self.config.accountant)
         except BudgetRefused as exc:
+            self._log_refusal(str(exc))  # logged before counted: a scrape sees both
             REFUSALS.labels(exc.kind).inc()
-            self._log_refusal(str(exc))
             if exc.kind == "mechanism":
                 return None
             return PrivacyOutcome([], None, self.config, engine, capped,

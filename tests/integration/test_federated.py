@@ -30,7 +30,8 @@ from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.settings import Settings
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 8
 ROBUST_ROUNDS = 3

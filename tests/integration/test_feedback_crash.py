@@ -28,7 +28,8 @@ from flywheel.settings import Settings
 
 from .test_feedback_worker import Traffic
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 
 
@@ -140,7 +141,7 @@ def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, s
     crashed, clean = urls
     group = f"crash-{uuid.uuid4().hex[:6]}"
     proc = run_worker(env_for(settings, crashed, group))
-    wait_joined(crashed, 300, proc)
+    wait_joined(crashed, 100, proc)  # early: a stalled test process must still catch it mid-run
     proc.send_signal(signal.SIGKILL)  # no shutdown, no offset commit, maybe mid-transaction
     proc.wait(10)
     assert joined(crashed) < 1200, "the crash should interrupt the run"
