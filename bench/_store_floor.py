@@ -64,7 +64,6 @@ def store_floor(bootstrap: str, topics: list[str], expected: int, max_records: i
         finally:
             consumer.close()
         stored = conn.execute(f"SELECT count(*) FROM {FLOOR_TABLE}").fetchone()
-    backends = (sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items())
-                if cpu_after else None)
     return {"records": seen, "stored": stored[0] if stored else 0, "elapsed_s": elapsed,
-            "process_cpu_s": process_cpu, "postgresql_cpu_s": backends}
+            "process_cpu_s": process_cpu,
+            "postgresql_cpu_s": backend_cpu.spent(cpu_before, cpu_after) if backend_cpu else None}

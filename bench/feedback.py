@@ -286,6 +286,12 @@ class BackendCpu:
             cpu[pid] = (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime
         return cpu
 
+    @staticmethod
+    def spent(before: dict[int, float], after: dict[int, float]) -> float | None:
+        """CPU seconds between two snapshots (a backend new since `before` from zero);
+        None where the second could not be read."""
+        return sum(t - before.get(pid, 0.0) for pid, t in after.items()) if after else None
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -424,8 +430,7 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
     # CPU seconds of this process (both threads; not PostgreSQL's, not the broker's):
     # less sensitive than `elapsed` to what else runs on the machine.
     cpu = marks["cpu_done"] - marks["cpu_assigned"]
-    before, after = pg_cpu.get("assigned", {}), pg_cpu.get("done", {})
-    server_cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items()) if after else None
+    server_cpu = BackendCpu.spent(pg_cpu.get("assigned", {}), pg_cpu.get("done", {}))
     return {"elapsed_s": elapsed, "corrections_per_s": n / elapsed, "joined": stats.joined,
             "process_cpu_s": cpu, "process_cpu_us_per_correction": cpu / n * 1e6,
             "steal_share": steal_share(marks.get("steal_assigned"), marks.get("steal_done")),

@@ -55,11 +55,10 @@ class Decision(BaseModel):
     @field_validator("reason")
     @classmethod
     def _reason(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty: a review decision is audited by its reason")
+        """Blank, too long or with control characters: refused, as by the CLI."""
         from flywheel.review import check_reason
 
-        return check_reason(value)  # and no control characters
+        return check_reason(value)
 
     @field_validator("by")
     @classmethod

@@ -58,11 +58,9 @@ def _version_arg(value: str) -> str:
 
 
 def _reason_arg(value: str) -> str:
-    """A promotion or rollback is audited by its reason, so an empty one is refused."""
+    """A promotion or rollback is audited by its reason: a blank one is refused."""
     from flywheel.review import ReviewError, check_reason
 
-    if not value.strip():
-        raise typer.BadParameter("the reason must not be empty")
     try:
         return check_reason(value)
     except ReviewError as exc:
