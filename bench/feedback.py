@@ -517,10 +517,26 @@ def machine(database_url: str) -> dict[str, Any]:
     return info
 
 
-def summarize(n: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def cpu_ceiling(raw_s: float, worker: dict[str, Any], cores: int) -> float | None:
+    """The best ratio to the raw read that the worker's CPU use allows on `cores` cores:
+    its process and PostgreSQL CPU seconds, spread perfectly over every core, take at
+    least (process + PostgreSQL) / cores of wall time. Below the target, only less CPU per
+    correction can reach it, not more overlap (the broker's CPU is not even counted)."""
+    pg = worker.get("postgresql_cpu_s")
+    spent = worker["process_cpu_s"] + (pg or 0.0)
+    if pg is None or spent <= 0 or cores < 1:
+        return None
+    return raw_s / (spent / cores)
+
+
+def summarize(n: int, rounds: list[dict[str, Any]], cores: int | None = None
+              ) -> dict[str, Any]:
     """Medians over the rounds: joined/s, the raw rate, and the ratio of each round's
     worker to the raw reads beside it (paired, so a machine that slows down for a while
     slows both sides of a ratio)."""
+    cores = cores or os.cpu_count() or 1
+    ceilings = [c for r in rounds
+                if (c := cpu_ceiling(r["raw"]["elapsed_s"], r["worker"], cores)) is not None]
     joined = statistics.median(r["worker"]["corrections_per_s"] for r in rounds)
     raw_cps = statistics.median(n / r["raw"]["elapsed_s"] for r in rounds)
     ratio = statistics.median(r["ratio"] for r in rounds)
@@ -549,6 +565,7 @@ def summarize(n: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "ratio": ratio,
         "ratio_to_fastest_raw": to_fastest,
         "ratio_to_raw_with_json": to_parsing,
+        "ratio_cpu_ceiling": statistics.median(ceilings) if ceilings else None,
         "rounds": len(rounds),
         "joined_per_s_each": [r["worker"]["corrections_per_s"] for r in rounds],
         "ratio_each": [r["ratio"] for r in rounds],
@@ -615,6 +632,10 @@ def render(doc: dict[str, Any]) -> None:
     console.print(f"[dim]ratio to each round's fastest raw read (no fetch stall): "
                   f"{s['ratio_to_fastest_raw']:.3f}; to raw reads that also json.loads each "
                   f"value (context, not the target): {s['ratio_to_raw_with_json']:.3f}[/]")
+    if s.get("ratio_cpu_ceiling") is not None:
+        console.print(f"[dim]the best ratio this CPU use allows on {m['cpu_count']} cores "
+                      "((worker process + PostgreSQL CPU) / cores of wall time, perfect "
+                      f"overlap): {s['ratio_cpu_ceiling']:.3f}[/]")
     fl = doc["floor"]
     flpg = fl.get("postgresql_cpu_s")
     console.print(f"[dim]store floor (consume + COPY the raw records + commit, nothing else): "

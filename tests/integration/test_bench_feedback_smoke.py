@@ -31,6 +31,8 @@ def test_bench_feedback_joins_everything_and_verifies_the_store():
     # the fastest raw read is at least as fast as the median one
     assert 0 < doc["summary"]["ratio_to_fastest_raw"] <= doc["summary"]["ratio"]
     assert doc["summary"]["ratio_to_raw_with_json"] > 0
+    if all(each["worker"]["postgresql_cpu_s"] is not None for each in doc["rounds"]):
+        assert doc["summary"]["ratio_cpu_ceiling"] > 0  # PostgreSQL's CPU seen: a ceiling
     assert doc["summary"]["floor_ratio_to_raw"] > 0 and doc["summary"]["ratio_to_floor"] > 0
     assert all(len(each["raw"]["json_elapsed_s_each"]) == 3 for each in doc["rounds"])
     assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}
