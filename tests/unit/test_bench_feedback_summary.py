@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 
-from bench.feedback import cpu_ceiling, summarize
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
+    import bench.feedback
+
+    return bench.feedback
 
 
 def _round(raw_s: float, worker_s: float, process_cpu_s: float, pg_cpu_s: float | None,
@@ -20,23 +31,23 @@ def _round(raw_s: float, worker_s: float, process_cpu_s: float, pg_cpu_s: float 
     }
 
 
-def test_cpu_ceiling_spreads_worker_and_database_cpu_over_the_cores():
+def test_cpu_ceiling_spreads_worker_and_database_cpu_over_the_cores(bench: ModuleType):
     # 3 s of worker CPU + 1 s of PostgreSQL on 2 cores: at least 2 s of wall time
-    assert cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 2) \
+    assert bench.cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 2) \
         == pytest.approx(0.5)
-    assert cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 4) \
+    assert bench.cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 4) \
         == pytest.approx(1.0)
 
 
-def test_cpu_ceiling_is_unknown_without_the_database_cpu():
-    assert cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": None}, 2) is None
-    assert cpu_ceiling(1.0, {"process_cpu_s": 0.0, "postgresql_cpu_s": 0.0}, 2) is None
+def test_cpu_ceiling_is_unknown_without_the_database_cpu(bench: ModuleType):
+    assert bench.cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": None}, 2) is None
+    assert bench.cpu_ceiling(1.0, {"process_cpu_s": 0.0, "postgresql_cpu_s": 0.0}, 2) is None
 
 
-def test_summary_takes_medians_and_judges_the_targets():
+def test_summary_takes_medians_and_judges_the_targets(bench: ModuleType):
     rounds = [_round(1.0, 2.0, 3.0, 1.0), _round(1.2, 2.0, 3.0, 1.8),
               _round(0.9, 3.0, 4.0, 2.0)]
-    s = summarize(1000, rounds, cores=2)
+    s = bench.summarize(1000, rounds, cores=2)
     assert s["ratio"] == pytest.approx(0.5)  # 0.5, 0.6, 0.3
     assert s["joined_per_s"] == pytest.approx(500.0)
     assert s["ratio_cpu_ceiling"] == pytest.approx(0.5)  # 0.5, 0.5, 0.3
@@ -45,6 +56,6 @@ def test_summary_takes_medians_and_judges_the_targets():
     assert s["ratio_to_fastest_raw"] <= s["ratio"]
 
 
-def test_summary_has_no_ceiling_when_no_round_knows_the_database_cpu():
-    s = summarize(1000, [_round(1.0, 2.0, 3.0, None)], cores=2)
+def test_summary_has_no_ceiling_when_no_round_knows_the_database_cpu(bench: ModuleType):
+    s = bench.summarize(1000, [_round(1.0, 2.0, 3.0, None)], cores=2)
     assert s["ratio_cpu_ceiling"] is None
