@@ -523,18 +523,16 @@ def cpu_ceiling(raw_s: float, worker: dict[str, Any], cores: int) -> float | Non
     least (process + PostgreSQL) / cores of wall time. Below the target, only less CPU per
     correction can reach it, not more overlap (the broker's CPU is not even counted)."""
     pg = worker.get("postgresql_cpu_s")
-    spent = worker["process_cpu_s"] + (pg or 0.0)
-    if pg is None or spent <= 0 or cores < 1:
+    if pg is None or cores < 1:
         return None
-    return raw_s / (spent / cores)
+    spent = worker["process_cpu_s"] + pg
+    return raw_s / (spent / cores) if spent > 0 else None
 
 
-def summarize(n: int, rounds: list[dict[str, Any]], cores: int | None = None
-              ) -> dict[str, Any]:
+def summarize(n: int, rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
     """Medians over the rounds: joined/s, the raw rate, and the ratio of each round's
     worker to the raw reads beside it (paired, so a machine that slows down for a while
-    slows both sides of a ratio)."""
-    cores = cores or os.cpu_count() or 1
+    slows both sides of a ratio). `cores`: the machine's, as its `cpu_count` records."""
     ceilings = [c for r in rounds
                 if (c := cpu_ceiling(r["raw"]["elapsed_s"], r["worker"], cores)) is not None]
     joined = statistics.median(r["worker"]["corrections_per_s"] for r in rounds)
@@ -770,7 +768,7 @@ def main(
         "floor": middle["floor"],
         "worker": middle["worker"],
         "verify": middle["verify"],
-        "summary": summarize(n, done),
+        "summary": summarize(n, done, info["cpu_count"] or 1),
     }
     if json_out:
         print(json.dumps(doc, indent=2))
