@@ -40,11 +40,25 @@ class KafkaBatchConsumer:
     def __init__(self, settings: Settings, topics: list[str], *, client_id: str,
                  on_revoked: RebalanceHook, on_assigned: RebalanceHook,
                  align: tuple[str, str] | None = None, max_hold_s: float = 10.0,
-                 max_held: int = 20_000) -> None:
+                 max_held: int = 20_000, client: Any | None = None) -> None:
+        """`client`: a confluent_kafka.Consumer-like object to use instead of a new
+        Consumer (unit tests)."""
+        self._consumer = client if client is not None else self._new_client(settings, client_id)
+        self._on_revoked, self._on_assigned = on_revoked, on_assigned
+        self._assigned: set[Partition] = set()
+        # `align` = (predictions topic, corrections topic): see flywheel.feedback.alignment
+        self._aligner = Aligner(*align, max_held=max_held, max_hold_s=max_hold_s) \
+            if align and max_hold_s > 0 else None
+        self._paused: list[Any] = []
+        self._consumer.subscribe(topics, on_assign=self._assign, on_revoke=self._revoke,
+                                 on_lost=self._lose)
+
+    @staticmethod
+    def _new_client(settings: Settings, client_id: str) -> Any:
         from confluent_kafka import Consumer
 
         timeout = settings.feedback_session_timeout_ms
-        self._consumer = Consumer({
+        return Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": settings.feedback_group,
             "client.id": client_id,
@@ -56,14 +70,6 @@ class KafkaBatchConsumer:
             "partition.assignment.strategy": "range",
             "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
         }, logger=logging.getLogger("flywheel.kafka"))
-        self._on_revoked, self._on_assigned = on_revoked, on_assigned
-        self._assigned: set[Partition] = set()
-        # `align` = (predictions topic, corrections topic): see flywheel.feedback.alignment
-        self._aligner = Aligner(*align, max_held=max_held, max_hold_s=max_hold_s) \
-            if align and max_hold_s > 0 else None
-        self._paused: list[Any] = []
-        self._consumer.subscribe(topics, on_assign=self._assign, on_revoke=self._revoke,
-                                 on_lost=self._lose)
 
     # -- rebalance callbacks (called inside `poll`) ------------------------------------------
     def _assign(self, _consumer: Any, partitions: list[Any]) -> None:
@@ -130,7 +136,25 @@ class KafkaBatchConsumer:
     def poll(self, max_records: int, timeout_s: float) -> tuple[list[Any], dict[Partition, int]]:
         """Up to `max_records` messages (confluent_kafka.Message) to process now, and the
         next offset to commit per partition once they are stored. Errors are logged, and
-        a fatal one raises."""
+        a fatal one raises.
+
+        Waits up to `timeout_s` only when there is nothing to process at once: librdkafka's
+        batch consume waits for a *full* batch until its timeout, so a single blocking call
+        would let a worker with a backlog sit idle beside a part-filled queue, or beside
+        corrections the aligner could release (`bench feedback`: ~0.5 s of a 4.5 s run).
+        """
+        messages = self._consume(max_records, 0)  # what is queued already, without waiting
+        if self._aligner is None:
+            if not messages and timeout_s > 0:
+                messages = self._consume(max_records, timeout_s)
+            return messages, {(m.topic(), m.partition()): m.offset() + 1 for m in messages}
+        admitted, offsets = self._admit(messages, max_records)
+        if admitted or timeout_s <= 0:
+            return admitted, offsets
+        admitted, later = self._admit(self._consume(max_records, timeout_s), max_records)
+        return admitted, {**offsets, **later}  # a partition's later position wins
+
+    def _consume(self, max_records: int, timeout_s: float) -> list[Any]:
         from confluent_kafka import KafkaError, KafkaException
 
         messages = self._consumer.consume(max_records, timeout_s)
@@ -145,8 +169,11 @@ class KafkaBatchConsumer:
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka: %s", err)
             messages = good
-        if self._aligner is None:
-            return messages, {(m.topic(), m.partition()): m.offset() + 1 for m in messages}
+        return messages
+
+    def _admit(self, messages: list[Any], max_records: int
+               ) -> tuple[list[Any], dict[Partition, int]]:
+        assert self._aligner is not None
         leader = self._aligner.leader
         admitted = self._aligner.admit(
             messages, self._lagging, [p for t, p in self._assigned if t == leader],
