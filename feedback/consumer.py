@@ -141,7 +141,7 @@ class KafkaBatchConsumer:
         Waits up to `timeout_s` only when there is nothing to process at once: librdkafka's
         batch consume waits for a *full* batch until its timeout, so a single blocking call
         would let a worker with a backlog sit idle beside a part-filled queue, or beside
-        corrections the aligner could release (`bench feedback`: ~0.5 s of a 4.5 s run).
+        corrections the aligner could release (`bench feedback`: ~0.2 s of a 4.5 s run).
         """
         messages = self._consume(max_records, 0)  # what is queued already, without waiting
         if self._aligner is None:
