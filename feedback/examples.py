@@ -8,7 +8,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import orjson
@@ -28,7 +28,7 @@ from flywheel.feedback.counterexamples import (
 from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.messages import Rejected
 from flywheel.feedback.reference_data import LabelledPool
-from flywheel.feedback.store import Example, Origin, Split
+from flywheel.feedback.store import NO_SOURCE, CounterexampleUsage, Origin, Split
 from flywheel.feedback.store.models import ErrorCount
 from flywheel.settings import Settings
 
@@ -207,16 +207,21 @@ class ExampleBuilder:
         """Counterexamples each source may still add in the current window.
 
         Bounding amplification per source keeps one noisy (or hostile) client from
-        flooding the training data with synthetic copies of its own corrections.
+        flooding the training data with synthetic copies of its own corrections. The
+        store counts them per minute (`counterexample_usage`), so the window is read in
+        whole minutes: it starts at the beginning of the minute `window` seconds ago,
+        which counts a little more than the window, never less.
         """
         since = now - timedelta(seconds=self.settings.counterexample_window_s)
+        start = since.astimezone(UTC).replace(second=0, microsecond=0)
+        keys = {NO_SOURCE if s is None else s: s for s in sources}
         used = dict(session.execute(
-            select(Example.source, func.count())
-            .where(Example.origin == Origin.COUNTEREXAMPLE.value, Example.created_at >= since,
-                   Example.source.in_([s for s in sources if s is not None])
-                   | Example.source.is_(None))
-            .group_by(Example.source)).all())
-        return {s: self.settings.counterexample_budget - used.get(s, 0) for s in sources}
+            select(CounterexampleUsage.source, func.sum(CounterexampleUsage.count))
+            .where(CounterexampleUsage.minute >= start,
+                   CounterexampleUsage.source.in_(list(keys)))
+            .group_by(CounterexampleUsage.source)).all())
+        budget = self.settings.counterexample_budget
+        return {s: budget - int(used.get(key, 0)) for key, s in keys.items()}
 
     @staticmethod
     def _count(session: Session, outcomes: Counter) -> None:

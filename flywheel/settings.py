@@ -103,8 +103,9 @@ class Settings(BaseSettings):
                                        description="Worker's /metrics port; 0 turns it off.")
     counterexample_budget: int = Field(
         1000, ge=0, description="Counterexamples one source may add per budget window.")
-    counterexample_window_s: float = Field(3600.0, gt=0, le=TEN_YEARS_S,
-                                           description="The window of that budget.")
+    counterexample_window_s: float = Field(
+        3600.0, gt=0, le=TEN_YEARS_S,
+        description="The window of that budget (counted in whole minutes).")
 
     registry_poll_s: float = Field(
         10.0, gt=0, le=3600,

@@ -36,11 +36,13 @@ from flywheel.feedback.store.migrate import (
 from flywheel.feedback.store.models import (
     CORRECTION_STATUSES,
     ERROR_TYPES,
+    NO_SOURCE,
     ORIGINS,
     SPLITS,
     Base,
     Correction,
     CorrectionStatus,
+    CounterexampleUsage,
     ErrorType,
     Example,
     LearnerState,
@@ -52,8 +54,9 @@ from flywheel.feedback.store.models import (
 )
 
 __all__ = [
-    "CORRECTION_STATUSES", "ERROR_TYPES", "ORIGINS", "SPLITS", "Base", "Correction",
-    "CopyRows", "CorrectionStatus", "EncodedRows", "ErrorType", "Example", "LearnerState", "Origin",
+    "CORRECTION_STATUSES", "ERROR_TYPES", "NO_SOURCE", "ORIGINS", "SPLITS", "Base", "Correction",
+    "CopyRows", "CorrectionStatus", "CounterexampleUsage", "EncodedRows", "ErrorType", "Example",
+    "LearnerState", "Origin",
     "Prediction", "PrivacyLedgerEntry", "PrivacySourceSpend", "copy_all_new", "encode_columns",
     "encode_for_copy",
     "insert_all_new",

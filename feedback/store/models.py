@@ -178,8 +178,6 @@ class Correction(Base):
     joined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
-COUNTEREXAMPLE_INDEX = "ix_examples_counterexample_source_created_at"
-COUNTEREXAMPLE_PREDICATE = "origin = 'counterexample'"
 QUARANTINE_INDEX = "ix_examples_quarantine"
 QUARANTINE_PREDICATE = "split = 'quarantine'"
 
@@ -197,12 +195,6 @@ class Example(Base):
         CheckConstraint(_one_of("split", SPLITS), name="split"),
         CheckConstraint(_one_of("error_type", ERROR_TYPES), name="error_type"),
         CheckConstraint("weight > 0", name="weight_positive"),
-        # The per-source counterexample budget counts a source's recent counterexamples
-        # for every batch with a trainable error; without this index that is a scan of
-        # the whole table, growing with it (migration 0004).
-        Index(COUNTEREXAMPLE_INDEX, "source", "created_at",
-              postgresql_where=text(COUNTEREXAMPLE_PREDICATE),
-              sqlite_where=text(COUNTEREXAMPLE_PREDICATE)),
         # The corroboration sweep looks for quarantined rows, which are few; no other
         # query filters by split through an index (migration 0005).
         Index(QUARANTINE_INDEX, "id", postgresql_where=text(QUARANTINE_PREDICATE),
@@ -223,6 +215,25 @@ class Example(Base):
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, server_default=func.now()
     )
+
+
+NO_SOURCE = ""  # `counterexample_usage.source` of counterexamples without one
+
+
+class CounterexampleUsage(Base):
+    """Counterexamples stored per source and minute: what the per-source budget reads.
+
+    Written only by a trigger on `examples` (migration 0006), which counts the rows an
+    INSERT or COPY actually stored: a replay that stores nothing new adds nothing, and
+    every writer is counted. The budget check then sums at most a window's minutes per
+    source instead of counting the source's counterexamples row by row.
+    """
+
+    __tablename__ = "counterexample_usage"
+
+    source: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
 
 
 class LearnerState(Base):
@@ -275,9 +286,10 @@ class ErrorCount(Base):
 
 
 __all__ = [
-    "CORRECTION_STATUSES", "ERROR_TYPES", "NAMING_CONVENTION", "ORIGINS", "SPLITS", "Base",
-    "Correction", "CorrectionStatus", "ErrorCount", "ErrorType", "Example", "LearnerState",
-    "Origin", "Prediction", "ReferenceStats", "Split", "UTCDateTime", "utcnow",
+    "CORRECTION_STATUSES", "ERROR_TYPES", "NAMING_CONVENTION", "NO_SOURCE", "ORIGINS", "SPLITS",
+    "Base", "Correction", "CorrectionStatus", "CounterexampleUsage", "ErrorCount", "ErrorType",
+    "Example", "LearnerState", "Origin", "Prediction", "ReferenceStats", "Split", "UTCDateTime",
+    "utcnow",
 ]
 
 

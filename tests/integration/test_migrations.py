@@ -35,7 +35,7 @@ from flywheel.feedback.store import (
 pytestmark = pytest.mark.integration
 
 TABLES = {"predictions", "corrections", "examples", "learner_state", "reference_stats",
-          "error_counts", "privacy_ledger", "privacy_source_spend"}
+          "error_counts", "counterexample_usage", "privacy_ledger", "privacy_source_spend"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

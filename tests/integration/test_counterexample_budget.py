@@ -1,0 +1,120 @@
+"""The per-source counterexample budget on real SQLite and PostgreSQL: the store counts
+what each insert actually stored (migration 0006's trigger), per source and minute, and
+the budget check reads a window of those minutes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import select, text
+
+import flywheel.feedback.store.bulk as bulk
+from flywheel.feedback.examples import ExampleBuilder
+from flywheel.feedback.store import (
+    CounterexampleUsage,
+    Example,
+    insert_ignoring_duplicates,
+    make_engine,
+    session_factory,
+    upgrade,
+)
+
+pytestmark = pytest.mark.integration
+T0 = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
+MINUTE = T0.replace(second=0, microsecond=0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql-copy", "postgresql-columnar",
+                        "postgresql-general"])
+def session(request, monkeypatch):
+    """A migrated store; on PostgreSQL, inserts take one path (the others turned off)."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    path = request.param.removeprefix("postgresql-")
+    if path == "copy":
+        monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
+    if path in ("copy", "general"):
+        monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
+    if path in ("columnar", "general"):
+        monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
+    upgrade(url)
+    engine = make_engine(url)
+    with session_factory(engine)() as s:
+        yield s
+    engine.dispose()
+
+
+def rows(keys: list[str], source: str | None, at: datetime = T0,
+         origin: str = "counterexample") -> list[dict]:
+    return [{"dedup_key": k, "origin": origin, "error_type": "confident",
+             "parent_prediction_id": "p", "features": [0.5, 1.5], "label": "a",
+             "weight": 0.5, "split": "train", "source": source, "created_at": at}
+            for k in keys]
+
+
+def usage(session) -> dict[tuple[str, datetime], int]:
+    return {(u.source, u.minute): u.count for u in session.scalars(select(CounterexampleUsage))}
+
+
+def test_each_source_minute_counts_the_counterexamples_stored(session):
+    batch = (rows(["a1", "a2", "a3"], "app-a") + rows(["n1"], None)
+             + rows(["a4"], "app-a", T0 + timedelta(seconds=50))  # the next minute
+             + rows(["c1", "c2"], "app-a", origin="correction"))  # not counterexamples
+    assert insert_ignoring_duplicates(session, Example, batch) == 7
+    session.commit()
+    assert usage(session) == {("app-a", MINUTE): 3, ("", MINUTE): 1,
+                              ("app-a", MINUTE + timedelta(minutes=1)): 1}
+
+    # a replay stores nothing and counts nothing; a batch with some rows already stored
+    # counts only the new ones
+    assert insert_ignoring_duplicates(session, Example, batch) == 0
+    assert insert_ignoring_duplicates(
+        session, Example, rows(["a1", "a5", "b1"], "app-a") + rows(["b2"], "app-b")) == 3
+    session.commit()
+    assert usage(session) == {("app-a", MINUTE): 5, ("", MINUTE): 1, ("app-b", MINUTE): 1,
+                              ("app-a", MINUTE + timedelta(minutes=1)): 1}
+
+
+def test_a_rolled_back_insert_takes_its_counts_with_it(session):
+    assert insert_ignoring_duplicates(session, Example, rows(["a1", "a2"], "app-a")) == 2
+    session.rollback()
+    assert usage(session) == {}
+    assert session.scalar(select(Example.id)) is None
+
+
+@pytest.mark.parametrize("window_s", [3600.0, 90.0])
+def test_the_budget_counts_a_window_of_whole_minutes(session, window_s):
+    now = T0
+    start = (now - timedelta(seconds=window_s)).replace(second=0, microsecond=0)
+    insert_ignoring_duplicates(session, Example, (
+        rows([f"in{i}" for i in range(4)], "app-a", now - timedelta(seconds=1))
+        + rows(["edge"], "app-a", start + timedelta(seconds=59))  # before now - window
+        + rows(["old"], "app-a", start - timedelta(seconds=1))  # the minute before: out
+        + rows(["b1", "b2"], "app-b") + rows(["n1"], None)
+        + rows(["ok"], "app-c", origin="correction")))
+    session.commit()
+    stand_in = SimpleNamespace(settings=SimpleNamespace(counterexample_budget=10,
+                                                        counterexample_window_s=window_s))
+    left = ExampleBuilder._budget_left(stand_in, session, {"app-a", "app-b", "app-c", None},
+                                       now)
+    assert left == {"app-a": 5, "app-b": 8, "app-c": 10, None: 9}
+
+
+def test_the_migration_counts_what_was_stored_before_it(request):
+    url = request.getfixturevalue("pg_url")
+    upgrade(url, "0005")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for key, source, at in (("x1", "app-a", T0), ("x2", "app-a", T0),
+                                    ("x3", None, T0 + timedelta(minutes=5))):
+                conn.execute(text(
+                    "INSERT INTO examples (dedup_key, origin, features, label, split, source,"
+                    " created_at) VALUES (:k, 'counterexample', '[1.0]', 'a', 'train', :s,"
+                    " :t)"), {"k": key, "s": source, "t": at})
+        upgrade(url)
+        with session_factory(engine)() as s:
+            assert usage(s) == {("app-a", MINUTE): 2, ("", MINUTE + timedelta(minutes=5)): 1}
+    finally:
+        engine.dispose()
