@@ -449,7 +449,13 @@ def verify(settings: Any, n: int) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from flywheel.feedback.counterexamples import DEFAULT_K
-    from flywheel.feedback.store import Correction, Example, Prediction, make_engine
+    from flywheel.feedback.store import (
+        Correction,
+        CounterexampleUsage,
+        Example,
+        Prediction,
+        make_engine,
+    )
 
     engine = make_engine(settings.resolved_database_url)
     try:
@@ -466,6 +472,7 @@ def verify(settings: Any, n: int) -> dict[str, Any]:
                         .where(Example.origin != "seed")
                         .group_by(Example.origin, Example.split, Example.error_type))
             rows = conn.execute(examples).all()
+            counted = scalar(select(func.sum(CounterexampleUsage.count)))
     finally:
         engine.dispose()
     corr = [r for r in rows if r[0] == "correction"]
@@ -488,6 +495,7 @@ def verify(settings: Any, n: int) -> dict[str, Any]:
         "correction examples": (n_corr, n),
         "distinct parent predictions": (distinct_parents, n),
         "counterexamples": (n_cx, expected_cx),
+        "counterexamples in the budget's counts": (counted, n_cx),
         "duplicate dedup keys": (sum(r[3] - r[4] for r in rows), 0),
     }
     return {"checks": {k: {"value": v, "expected": e, "ok": v == e}

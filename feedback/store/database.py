@@ -68,7 +68,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
 
 
 def _json_loads(data: bytes | str) -> Any:
-    """orjson where it can (~5x faster on the JSONB columns), else `json.loads` (integers
+    """orjson where it can (~5x faster on the JSON columns), else `json.loads` (integers
     beyond 64 bits), so every document reads back exactly as before."""
     try:
         return orjson.loads(data)

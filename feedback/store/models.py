@@ -1,8 +1,9 @@
 """The training store's tables: what the feedback loop keeps and the learner consumes.
 
 The same models run on PostgreSQL and SQLite, so types are portable (JSON becomes
-JSONB on PostgreSQL) and enumerated strings are CHECK constraints rather than
-native enums, which SQLite lacks and which are painful to migrate on PostgreSQL.
+JSONB on PostgreSQL, except the events' documents, kept as `json`) and enumerated strings
+are CHECK constraints rather than native enums, which SQLite lacks and which are painful
+to migrate on PostgreSQL.
 Constraint and index names come from one naming convention so Alembic sees the
 same names on both databases and can alter them later.
 """
@@ -121,6 +122,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+# An event's document, written once and read back whole, never searched inside: PostgreSQL's
+# `json` keeps the text as sent, which costs the server ~30 % less CPU a row to take in
+# than `jsonb`'s parse into its binary form, and nothing to hand back (migration 0007).
+JSONDocument = JSON()
 # SQLite only autoincrements an INTEGER PRIMARY KEY, not BIGINT.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -137,8 +142,8 @@ class Prediction(Base):
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
     model_version: Mapped[str] = mapped_column(String(ID_LENGTH))
-    features: Mapped[list[float]] = mapped_column(JSONType)
-    probabilities: Mapped[dict[str, float]] = mapped_column(JSONType)
+    features: Mapped[list[float]] = mapped_column(JSONDocument)
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSONDocument)
     label: Mapped[str] = mapped_column(String(NAME_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     latency_ms: Mapped[float] = mapped_column(Float)
@@ -207,7 +212,7 @@ class Example(Base):
     origin: Mapped[str] = mapped_column(String(32))
     error_type: Mapped[str | None] = mapped_column(String(32))
     parent_prediction_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
-    features: Mapped[list[float]] = mapped_column(JSONType)
+    features: Mapped[list[float]] = mapped_column(JSONDocument)
     label: Mapped[str] = mapped_column(String(NAME_LENGTH))
     weight: Mapped[float] = mapped_column(Float, default=1.0, server_default=text("1.0"))
     split: Mapped[str] = mapped_column(String(16))
