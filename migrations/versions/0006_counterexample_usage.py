@@ -100,8 +100,8 @@ def downgrade() -> None:
     op.create_index(OLD_INDEX, "examples", ["source", "created_at"],
                     postgresql_where=sa.text(OLD_PREDICATE), sqlite_where=sa.text(OLD_PREDICATE))
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(f"DROP TRIGGER {TRIGGER} ON examples")
-        op.execute(f"DROP FUNCTION {FUNCTION}()")
+        _raw(f"DROP TRIGGER {TRIGGER} ON examples")
+        _raw(f"DROP FUNCTION {FUNCTION}()")
     else:
-        op.execute(f"DROP TRIGGER {TRIGGER}")
+        _raw(f"DROP TRIGGER {TRIGGER}")
     op.drop_table(TABLE)

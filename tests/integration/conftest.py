@@ -50,6 +50,25 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
     return s
 
 
+@pytest.fixture()
+def use_insert_path(monkeypatch) -> Callable[[str], None]:
+    """`use_insert_path(path)`: PostgreSQL's bulk inserts take only `path` -- "copy"
+    (COPY even for one row), "columnar" or "general" -- the other fast paths turned off."""
+    import flywheel.feedback.store.bulk as bulk
+
+    def use(path: str) -> None:
+        if path not in ("copy", "columnar", "general"):
+            raise ValueError(f"unknown insert path {path!r}")
+        if path == "copy":
+            monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
+        if path != "columnar":
+            monkeypatch.setattr(bulk, "_columnar_insert",
+                                lambda table, rows, returning=None: None)
+        if path != "copy":
+            monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
+    return use
+
+
 def consume(bootstrap: str, topic: str, expected: int,
             timeout_s: float = 30.0) -> list[tuple[bytes, bytes]]:
     """(key, value) of every record on `topic`, waiting up to `timeout_s` for `expected`."""

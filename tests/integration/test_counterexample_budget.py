@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import select, text
 
-import flywheel.feedback.store.bulk as bulk
 from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.store import (
     CounterexampleUsage,
@@ -28,16 +27,13 @@ MINUTE = T0.replace(second=0, microsecond=0)
 
 @pytest.fixture(params=["sqlite", "postgresql-copy", "postgresql-columnar",
                         "postgresql-general"])
-def session(request, monkeypatch):
+def session(request, use_insert_path):
     """A migrated store; on PostgreSQL, inserts take one path (the others turned off)."""
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    path = request.param.removeprefix("postgresql-")
-    if path == "copy":
-        monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
-    if path in ("copy", "general"):
-        monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
-    if path in ("columnar", "general"):
-        monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
+    if request.param == "sqlite":
+        url = request.getfixturevalue("sqlite_url")
+    else:
+        url = request.getfixturevalue("pg_url")
+        use_insert_path(request.param.removeprefix("postgresql-"))
     upgrade(url)
     engine = make_engine(url)
     with session_factory(engine)() as s:

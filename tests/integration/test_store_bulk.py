@@ -51,19 +51,10 @@ def example_rows(prefix: str) -> list[dict]:
                 labels, strict=True))]
 
 
-def general_path_only(monkeypatch) -> None:
-    monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
-    monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
-
-
 @pytest.fixture(params=["copy", "columnar"])
-def fast_path(request, monkeypatch) -> str:
+def fast_path(request, use_insert_path) -> str:
     """Which fast path the PostgreSQL inserts take (the other one turned off)."""
-    if request.param == "copy":
-        monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
-        monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
-    else:
-        monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
+    use_insert_path(request.param)
     return request.param
 
 
@@ -75,11 +66,11 @@ def stored(session, prefix: str) -> list[tuple]:
                                      .order_by(Example.dedup_key))]
 
 
-def test_fast_paths_store_what_the_general_path_stores(session, monkeypatch, fast_path):
+def test_fast_paths_store_what_the_general_path_stores(session, fast_path, use_insert_path):
     assert bulk._prepared_columns(Example.__table__, example_rows("a")) is not None
     assert insert_ignoring_duplicates(session, Example, example_rows("a")) == 3
     assert insert_ignoring_duplicates(session, Example, example_rows("a")[1:]) == 0
-    general_path_only(monkeypatch)
+    use_insert_path("general")
     assert insert_ignoring_duplicates(session, Example, example_rows("b")) == 3
     session.commit()
     assert stored(session, "a") == stored(session, "b")
@@ -126,12 +117,13 @@ def test_defaults_and_duplicates_within_one_call(session):
         ({"source": "x" * 65}, DataError),  # too long for VARCHAR(64)
     ],
 )
-def test_refuses_what_the_general_path_refuses(session, monkeypatch, change, error, fast_path):
+def test_refuses_what_the_general_path_refuses(session, change, error, fast_path,
+                                               use_insert_path):
     rows = [example_rows("r")[0] | change]
     with pytest.raises(error) as fast:
         insert_ignoring_duplicates(session, Example, rows)
     session.rollback()
-    general_path_only(monkeypatch)
+    use_insert_path("general")
     with pytest.raises(error) as general:
         insert_ignoring_duplicates(session, Example, rows)
     session.rollback()
@@ -152,10 +144,10 @@ def test_unusual_rows_take_the_general_path(session):
                                                             "state": {1: "a"}}]) is None
 
 
-def test_none_in_a_json_column_is_json_null_on_every_path(session, monkeypatch, fast_path):
+def test_none_in_a_json_column_is_json_null_on_every_path(session, fast_path, use_insert_path):
     assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
         "features": None, "dedup_key": "n1"}]) == 1
-    general_path_only(monkeypatch)
+    use_insert_path("general")
     assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
         "features": None, "dedup_key": "n2"}]) == 1
     session.commit()
@@ -202,7 +194,7 @@ def test_claim_on_postgresql_joins_each_pending_correction_once(session):
     assert session.scalar(select(Prediction.features).where(Prediction.id == "p1")) == [1.0, 0.5]
 
 
-def test_rows_encoded_ahead_are_copied_with_the_rest(session, monkeypatch):
+def test_rows_encoded_ahead_are_copied_with_the_rest(session, monkeypatch, use_insert_path):
     """Lines made on another thread for some rows; the others encoded at insert time."""
     monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
     rows = example_rows("e")
@@ -210,7 +202,7 @@ def test_rows_encoded_ahead_are_copied_with_the_rest(session, monkeypatch):
     assert ahead.line(rows[0]) is not None and ahead.line(dict(rows[0])) is None
     assert insert_ignoring_duplicates(session, Example, rows, ahead) == 3
     assert insert_ignoring_duplicates(session, Example, rows, ahead) == 0  # COPY refused
-    general_path_only(monkeypatch)
+    use_insert_path("general")
     assert insert_ignoring_duplicates(session, Example, example_rows("g")) == 3
     session.commit()
     assert stored(session, "e") == stored(session, "g")
