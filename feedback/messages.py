@@ -10,6 +10,10 @@ from pydantic import ValidationError
 from flywheel.events import CorrectionEvent, PredictionEvent
 
 MAX_REASON = 1000
+# pydantic-core's validators, called directly: `model_validate_json` is a Python wrapper
+# around the same call that costs ~0.8 us of a ~3 us record.
+_VALIDATE_JSON = {PredictionEvent: PredictionEvent.__pydantic_validator__.validate_json,
+                  CorrectionEvent: CorrectionEvent.__pydantic_validator__.validate_json}
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def decode(kind: str, topic: str, partition: int, offset: int, key: bytes | None
         return Rejected(topic, partition, offset, key, value, "empty value (tombstone)")
     model = PredictionEvent if kind == "prediction" else CorrectionEvent
     try:
-        event = model.model_validate_json(value)
+        event = _VALIDATE_JSON[model](value)
     except ValidationError:
         return Rejected(topic, partition, offset, key, value,
                         _why_invalid(model, value)[:MAX_REASON])

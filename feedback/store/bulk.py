@@ -122,7 +122,7 @@ class _Column:
             texts = values  # JSON has no raw tab or newline
         elif self.kind == "text":
             texts = [_NULL if v is None else v for v in values]
-            joined = "\x00".join(v for v in values if v is not None)
+            joined = "\x00".join(filter(None, values))  # "" has nothing to escape
             if any(c in joined for c in "\\\t\n\r"):
                 texts = [t if t is _NULL else t.translate(_COPY_ESCAPES) for t in texts]
             return texts

@@ -141,19 +141,41 @@ def test_near_many_finds_the_same_neighbours_as_near(seed):
             assert sorted(got_labels) == sorted(want_labels)
 
 
-def test_near_many_with_ties_and_a_large_pool_in_slices(seed, monkeypatch):
-    import flywheel.feedback.reference_data as reference_data
-
+def test_near_many_with_ties_everywhere(seed):
     _, _, _, ref, pool = seed
     twins = LabelledPool(ref)
     points = np.repeat(pool.points[:30], 2, axis=0)  # every point twice: ties everywhere
     twins.add(points.tolist(), ["a", "b"] * 30)
-    monkeypatch.setattr(reference_data, "_MATRIX_CELLS", 100)  # a few rows per slice
     queries = pool.points[:25] + 0.001
     got_points, got_labels = twins.near_many(queries, 5)
     for q, gp, gl in zip(queries, got_points, got_labels, strict=True):
         wp, wl = twins.near(q, 5)
         assert sorted(map(tuple, gp)) == sorted(map(tuple, wp)) and list(gl) == list(wl)
+
+
+def test_near_many_answers_rows_the_tree_cannot_take_as_near_does(seed):
+    _, _, _, ref, pool = seed
+    queries = np.stack([pool.points[0], np.full(ref.input_dim, np.inf), pool.points[1] * 1e200,
+                        np.where(np.arange(ref.input_dim) == 0, np.nan, pool.points[2])])
+    with np.errstate(all="ignore"):
+        got_points, got_labels = pool.near_many(queries, 7)
+        for q, gp, gl in zip(queries, got_points, got_labels, strict=True):
+            wp, wl = pool.near(q, 7)
+            np.testing.assert_array_equal(gp, wp)
+            assert list(gl) == list(wl)
+
+
+def test_near_many_with_fewer_spare_points_than_usual(seed):
+    _, _, _, ref, pool = seed
+    small = LabelledPool(ref)
+    small.add(pool.points[:10].tolist(), [f"l{i}" for i in range(10)])  # k + spare > size
+    queries = pool.points[10:40]
+    for k in (3, 9):
+        got_points, got_labels = small.near_many(queries, k)
+        for q, gp, gl in zip(queries, got_points, got_labels, strict=True):
+            wp, wl = small.near(q, k)
+            assert sorted(map(tuple, gp)) == sorted(map(tuple, wp))
+            assert sorted(gl) == sorted(wl)
 
 
 def requests_for(seed, traffic, n=40, model=True):
