@@ -39,6 +39,11 @@ STRATEGIES: tuple[str, ...] = ("gradient_sign", "interpolate", "jitter")
 # Further gradient_sign variants jitter the one FGSM point by this share of jitter_scale,
 # so they stay in its hard region instead of drifting back toward the input.
 GRADIENT_JITTER_SHARE = 0.5
+# A request's strategies, as indices into STRATEGIES, by (has an FGSM point) * 2 + (has
+# true-class examples); padded with jitter, which is always available.
+_GRADIENT, _INTERPOLATE, _JITTER = range(3)
+_AVAILABLE = np.array([[_JITTER] * 3, [_INTERPOLATE, _JITTER, _JITTER],
+                       [_GRADIENT, _JITTER, _JITTER], [_GRADIENT, _INTERPOLATE, _JITTER]])
 # Float32 rounding can push a variant just past max_distance; shrink the step and retry,
 # by a millionth first (rounding is that small), more each time (for inputs so large that
 # float32's spacing is not).
@@ -219,41 +224,38 @@ def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
         raise refusal
     std, dim = reference.std, reference.input_dim
     lo, hi = config.interpolation
-    # One row per variant: its request, its index among the request's variants, strategy.
-    owner_of: list[int] = []
-    index_of: list[int] = []
-    strategy_of: list[str] = []
-    for n, ((_, pool, _, k), hard) in enumerate(zip(prepared, fgsm, strict=False)):
-        available = [s for s, ok in zip(STRATEGIES, (hard is not None, len(pool) > 0, True),
-                                        strict=True) if ok]
-        for i in range(k):
-            owner_of.append(n)
-            index_of.append(i)
-            strategy_of.append(available[i % len(available)])
+    # One row per variant: its request, its index among the request's variants, and its
+    # strategy (the request's available ones in turn), as arrays for the whole batch.
+    ks = np.asarray([p[3] for p in prepared], dtype=np.int64)
+    owners = np.repeat(np.arange(len(prepared)), ks)
     out: list[list[Counterexample]] = [[] for _ in prepared]
-    if not owner_of:
+    if not len(owners):
         return out
-    owners = np.asarray(owner_of)
+    index = np.arange(len(owners)) - np.repeat(np.cumsum(ks) - ks, ks)
+    has = np.asarray([(hard is not None, len(p[1]) > 0)
+                      for p, hard in zip(prepared, fgsm, strict=True)], dtype=bool)
+    available = _AVAILABLE[has[:, 0] * 2 + has[:, 1]][owners]
+    codes = available[np.arange(len(owners)), index % (1 + has.sum(axis=1))[owners]]
     seeds = np.asarray([r.seed for r in requests[:len(prepared)]], dtype=np.uint64)
     # each variant its own block of the request's stream: 2 uniforms a normal, plus 2
-    u = _uniforms(seeds[owners], np.asarray(index_of, dtype=np.uint64), 2 * dim + 2)
+    u = _uniforms(seeds[owners], index.astype(np.uint64), 2 * dim + 2)
     normal = np.sqrt(-2.0 * np.log1p(-u[:, :dim])) * np.cos(2.0 * np.pi * u[:, dim:2 * dim])
     points = np.stack([p[0] for p in prepared])[owners]
     candidates = points + normal * config.jitter_scale * std  # jitter, unless replaced
-    kinds = np.asarray(strategy_of)
-    gradient = np.flatnonzero(kinds == "gradient_sign")
+    gradient = np.flatnonzero(codes == _GRADIENT)
     if len(gradient):
         hard = np.stack([fgsm[n] for n in owners[gradient]])  # type: ignore[misc]
         shake = normal[gradient] * (config.jitter_scale * GRADIENT_JITTER_SHARE) * std
-        first = (np.asarray(index_of)[gradient] == 0)[:, None]  # the FGSM point itself
+        first = (index[gradient] == 0)[:, None]  # the FGSM point itself
         candidates[gradient] = np.where(first, hard, hard + shake)
-    for rows in _by_pool(np.flatnonzero(kinds == "interpolate"), owners, prepared):
+    for rows in _by_pool(np.flatnonzero(codes == _INTERPOLATE), owners, prepared):
         pool = prepared[owners[rows[0]]][1]
         picks = np.minimum((u[rows, 2 * dim] * len(pool)).astype(np.int64), len(pool) - 1)
         t = (lo + u[rows, 2 * dim + 1] * (hi - lo))[:, None]
         candidates[rows] = points[rows] + t * (pool[picks] - points[rows])
     fitted = _within_radius_many(points, candidates, std, config.max_distance)
-    for n, strategy, fit in zip(owner_of, strategy_of, fitted, strict=True):
+    strategy_of = [STRATEGIES[c] for c in codes.tolist()]
+    for n, strategy, fit in zip(owners.tolist(), strategy_of, fitted, strict=True):
         if fit is None:  # only for inputs at the edge of float32's range
             continue
         features, distance = fit
