@@ -10,7 +10,9 @@ anything is timed. Then, in one run and on the same records:
   for context only, three reads that also `json.loads` each value;
 * ours: the real `build_worker(settings)` worker in a fresh consumer group on a freshly
   migrated PostgreSQL database, run until it has joined N corrections, timed from its
-  partition assignment to the offset commit of the batch that completed the N-th join.
+  partition assignment to the offset commit (sent: the worker waits for the broker's
+  answer only before it leaves or loses partitions) of the batch that completed the N-th
+  join.
 
 Both rates are expressed as corrections per second (N / elapsed), since both read the
 same 2N records. The worker's steps are timed by wrapping its methods and the functions
@@ -768,8 +770,8 @@ def main(
                      "key) on a fresh database, committed, then offsets committed "
                      "synchronously; context only",
             "worker": "build_worker(settings) in a fresh group on a fresh database; elapsed "
-                      "from partition assignment to the offset commit of the batch that "
-                      "joined the N-th",
+                      "from partition assignment to the offset commit (sent, not waited "
+                      "for) of the batch that joined the N-th",
         },
         "rounds": done,
         "raw": middle["raw"],

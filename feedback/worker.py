@@ -151,6 +151,7 @@ class FeedbackWorker:
                     self._next_sweep = time.monotonic() + self._sweep_every_s
                     self._submit(Batch([], [], {}, 0, sweep=True))
             self._drain()
+            self._consumer.settle()  # the commits sent without waiting, waited for
             failed = False
         finally:
             self._stop_store_thread(wait=not failed)
@@ -192,7 +193,8 @@ class FeedbackWorker:
             self._in_flight.popleft()
             self._settle(batch)
             owned = self._consumer.assignment()  # not what a rebalance took away meanwhile
-            self._consumer.commit({tp: pos for tp, pos in batch.offsets.items() if tp in owned})
+            self._consumer.commit({tp: pos for tp, pos in batch.offsets.items() if tp in owned},
+                                  wait=False)
             if self._on_batch and not batch.sweep:
                 self._on_batch(self.stats)
 
@@ -225,8 +227,7 @@ class FeedbackWorker:
             self._settle(batch)
             offsets.update(batch.offsets)
         assert self._consumer is not None
-        owned = self._consumer.assignment()
-        self._consumer.commit({tp: pos for tp, pos in offsets.items() if tp in owned})
+        self._consumer.settle(offsets)  # and every commit sent without waiting
         log.info("partitions revoked: %s; offsets of %d partitions committed",
                  sorted(revoked), len(offsets))
 

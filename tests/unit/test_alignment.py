@@ -130,6 +130,7 @@ class FakeClient:
         self.timeouts: list[float] = []
         self.high: dict[int, int] = {}
         self.callbacks: dict[str, Any] = {}
+        self.commits: list[tuple[dict[tuple[str, int], int], bool]] = []  # (offsets, async)
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -144,6 +145,10 @@ class FakeClient:
 
     def get_watermark_offsets(self, tp: TopicPartition, **kw: Any) -> tuple[int, int]:
         return 0, self.high.get(tp.partition, 0)
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.append(({(tp.topic, tp.partition): tp.offset for tp in offsets},
+                             asynchronous))
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         pass
@@ -229,3 +234,29 @@ def test_prediction_cache_keeps_the_newest_capacity_entries():
     assert off.get("p1") is None
     with pytest.raises(ValueError, match="capacity"):
         PredictionCache(-1)
+
+
+# -- KafkaBatchConsumer.commit / settle: commits sent without waiting, then waited for ------
+def test_commits_go_without_waiting_and_are_settled_before_partitions_move(tmp_path):
+    c, client = consumer(tmp_path, align=False)
+    client.callbacks["on_assign"](client, [TopicPartition(P, 1), TopicPartition(C, 1)])
+    assert c.commit({(P, 0): 5, (C, 0): 3}, wait=False)
+    assert c.commit({(P, 0): 9, (P, 1): 4}, wait=False)
+    assert client.commits == [({(P, 0): 5, (C, 0): 3}, True), ({(P, 0): 9, (P, 1): 4}, True)]
+    # partition P/1 moves away first: nothing of it is committed by this member any more
+    client.callbacks["on_revoke"](client, [TopicPartition(P, 1)])
+    client.commits.clear()
+    assert c.settle({(C, 0): 7})  # the latest of each owned partition, waited for
+    assert client.commits == [({(P, 0): 9, (C, 0): 7}, False)]
+    client.commits.clear()
+    assert c.settle()  # settled: nothing left to send
+    assert client.commits == []
+
+
+def test_a_waited_commit_leaves_nothing_to_settle_for_its_partitions(tmp_path):
+    c, client = consumer(tmp_path, align=False)
+    c.commit({(P, 0): 5, (C, 0): 3}, wait=False)
+    c.commit({(P, 0): 6})
+    client.commits.clear()
+    c.settle()
+    assert client.commits == [({(C, 0): 3}, False)]
