@@ -54,7 +54,7 @@ class KafkaBatchConsumer:
         self._aligner = Aligner(*align, max_held=max_held, max_hold_s=max_hold_s) \
             if align and max_hold_s > 0 else None
         self._paused: list[Any] = []
-        self._sent: dict[Partition, int] = {}  # committed without waiting, latest first
+        self._sent: dict[Partition, int] = {}  # the latest offsets committed without waiting
         self._consumer.subscribe(topics, on_assign=self._assign, on_revoke=self._revoke,
                                  on_lost=self._lose)
 
