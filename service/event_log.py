@@ -209,6 +209,8 @@ class EventLog:
                 return
             if not all(self._send(records)):
                 return  # retried after retry_s; the checkpoint has not moved
-            self.spool.commit(end, len(records))
+            # counted before the spool shrinks: whoever sees it empty (`wait_idle`, a
+            # metrics scrape) must also see the records it held as replayed
             self.stats.replayed += len(records)
+            self.spool.commit(end, len(records))
             log.info("replayed %d spooled record(s), %d left", len(records), self.spool.pending)
