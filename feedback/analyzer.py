@@ -14,6 +14,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Protocol
 
 import numpy as np
@@ -247,32 +248,20 @@ def analyze_many(
             or points.shape[1] != reference.input_dim or not np.isfinite(points).all()):
         return [_one(i, features, probabilities, predicted, true_labels, pool, config)
                 for i in range(n)]
-    finite = np.isfinite(x).all(axis=1)
     z = (x - reference.mean) / reference.std
     distance = np.linalg.norm(z, axis=1)
     threshold = reference.distance_threshold
     near_cut = np.abs(distance - threshold) <= _EXACT_BAND * threshold
-    pool_labels = pool.labels()
-    label_sets_ok: dict[frozenset[str], bool] = {}
+    ok, confidences, margins, correct = _quick_checks(
+        probabilities, predicted, true_labels, np.isfinite(x).all(axis=1), pool.labels())
+    exact.extend(np.flatnonzero(~ok).tolist())
+    for i in np.flatnonzero(ok & correct).tolist():
+        out[i] = (None, True)
     searches: list[tuple[int, float, float]] = []  # (row, confidence, margin)
-    for i in range(n):
-        probs = probabilities[i]
-        checked = _quick_check(probs, predicted[i], true_labels[i]) if finite[i] else None
-        if checked is None:
-            exact.append(i)
-            continue
-        keys = frozenset(probs)
-        if keys not in label_sets_ok:
-            label_sets_ok[keys] = pool_labels <= keys
-        if not label_sets_ok[keys]:  # a neighbour's label could be refused: let analyze see
-            exact.append(i)
-            continue
-        confidence, margin = checked
-        if predicted[i] == true_labels[i]:
-            out[i] = (None, True)
-            continue
+    for i in np.flatnonzero(ok & ~correct).tolist():
         # Within rounding of the cut-off, decide it exactly as `analyze` does.
         novel = bool(reference.is_novel(x[i]) if near_cut[i] else distance[i] > threshold)
+        confidence, margin = float(confidences[i]), float(margins[i])
         if not novel and confidence >= config.confident_threshold:
             searches.append((i, confidence, margin))  # the suspect rule needs neighbours
             continue
@@ -310,6 +299,52 @@ def _one(i: int, features: Sequence[Sequence[float]],
     verdict = analyze(features[i], probabilities[i], predicted[i], true_labels[i],
                       pool.reference, pool.near(x, config.neighbours), config)
     return verdict.error_type, verdict.trainable
+
+
+def _quick_checks(probabilities: Sequence[Mapping[str, float]], predicted: Sequence[str],
+                  true_labels: Sequence[str], finite: np.ndarray, pool_labels: frozenset[str]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_quick_check` for every row at once: (accepted, confidence, margin, predicted the
+    true label). A row is not accepted when `analyze` might refuse it, its features are
+    not `finite`, or a neighbour's label could be one its probabilities lack: `analyze`
+    itself takes those. Rows are grouped by their labels (in order; one group in
+    practice), and each group's values checked as one matrix."""
+    n = len(probabilities)
+    ok, correct = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    confidence, margin = np.zeros(n), np.zeros(n)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, labels in enumerate(map(tuple, probabilities)):
+        groups.setdefault(labels, []).append(i)
+    for labels, rows in groups.items():
+        if len(labels) < 2 or not pool_labels <= set(labels):
+            continue  # refused by analyze, or a neighbour label it would refuse
+        values = list(chain.from_iterable(probabilities[i].values() for i in rows))
+        if set(map(type, values)) != {float}:  # ints, bools, strings: one at a time
+            for i in rows:
+                checked = _quick_check(probabilities[i], predicted[i], true_labels[i]) \
+                    if finite[i] else None
+                if checked is not None:
+                    ok[i] = True
+                    confidence[i], margin[i] = checked
+                    correct[i] = predicted[i] == true_labels[i]
+            continue
+        column = {label: j for j, label in enumerate(labels)}
+        index = np.asarray(rows)
+        p = np.asarray([column.get(predicted[i], -1) for i in rows])
+        t = np.asarray([column.get(true_labels[i], -1) for i in rows])
+        v = np.asarray(values, dtype=np.float64).reshape(len(rows), len(labels))
+        ordered = np.sort(v, axis=1)
+        top, second = ordered[:, -1], ordered[:, -2]
+        # NaN fails the range check, as in `_quick_check`; numpy's row sums differ from
+        # `analyze`'s in the last bits at most, far inside the band kept from the tolerance
+        accepted = (finite[index] & (p >= 0) & (t >= 0) & ((v >= 0) & (v <= 1)).all(axis=1)
+                    & (np.abs(v.sum(axis=1) - 1.0)
+                       <= PROBABILITY_SUM_TOLERANCE * (1 - _EXACT_BAND)))
+        accepted &= ~(v[np.arange(len(rows)), p] < top - ARGMAX_TOLERANCE)
+        ok[index] = accepted
+        confidence[index], margin[index] = top, top - second
+        correct[index] = p == t
+    return ok, confidence, margin, correct
 
 
 def _quick_check(probabilities: Mapping[str, float], predicted: str, true_label: str

@@ -87,6 +87,31 @@ def test_analyze_many_agrees_with_analyze(seed, traffic, config):
     assert {None, "confident", "novel"} <= kinds  # the data exercise several rules
 
 
+def test_analyze_many_with_mixed_label_orders_and_value_types(seed, traffic):
+    """Rows whose probabilities list the labels in another order, hold ints, name a
+    predicted label that only ties the top one, or sum to 1 only within the tolerance:
+    each decided as `analyze` decides it."""
+    pool = seed[4]
+    config = AnalyzerConfig(confident_threshold=0.5)
+    rows = []
+    for i, (features, probs, predicted, truth) in enumerate(traffic):
+        labels = list(probs)
+        if i % 3 == 0:  # the same labels, listed the other way round
+            probs = dict(reversed(probs.items()))
+        if i % 7 == 0:  # a one-hot prediction with int probabilities
+            probs = {label: int(label == predicted) for label in labels}
+        if i % 11 == 0:  # the predicted label is within the argmax tolerance of the top
+            a, b, *rest = labels
+            probs = {a: 0.5, b: 0.4999995, **{r: 0.0000005 / len(rest) for r in rest}}
+            predicted = b
+        if i % 13 == 0 and max(probs.values()) < 0.99:  # off by half the sum tolerance
+            probs = {k: v * (1 + 5e-4) for k, v in probs.items()}
+        rows.append((features, probs, predicted, truth))
+    expected = one_at_a_time(rows, pool, config)
+    assert batch(rows, pool, config) == expected
+    assert {None, "confident", "boundary"} <= {e for e, _ in expected}
+
+
 def test_analyze_many_with_small_and_empty_pools(seed, traffic):
     _, _, _, ref, pool = seed
     config = AnalyzerConfig(confident_threshold=0.5)
