@@ -80,8 +80,11 @@ class ExampleBuilder:
 
     def __call__(self, session: Session, pairs: list[JoinedPair]
                  ) -> tuple[list[dict], list[Rejected]]:
-        """Example rows for the usable pairs, and a dead letter for each unusable one."""
-        return self.finish(session, self.prepare(pairs))
+        """Example rows for the usable pairs, and a dead letter for each unusable one
+        (their error counts added in the store)."""
+        rows, rejected, outcomes = self.finish(session, self.prepare(pairs))
+        self.count(session, outcomes)
+        return rows, rejected
 
     def prepare(self, pairs: list[JoinedPair]) -> list[PreparedPair]:
         """Everything about `pairs` that needs no store: whether each is usable, its
@@ -149,10 +152,10 @@ class ExampleBuilder:
         return out
 
     def finish(self, session: Session, prepared: list[PreparedPair]
-               ) -> tuple[list[dict], list[Rejected]]:
+               ) -> tuple[list[dict], list[Rejected], Counter]:
         """The rows to write for prepared pairs, in their order, each source's variants
-        within its budget for the window (handed out in pair order); and the error
-        counters, added in the store."""
+        within its budget for the window (handed out in pair order); and their error
+        counts, for `count` once the rows are written. Reads the store, writes nothing."""
         rows: list[dict] = []
         rejected: list[Rejected] = []
         wanting = [pp for pp in prepared if pp.variants]
@@ -174,8 +177,7 @@ class ExampleBuilder:
                     taken = pp.variants[:room]
                     budget[source] = room - len(taken)
                     rows += taken
-        self._count(session, outcomes)
-        return rows, rejected
+        return rows, rejected, outcomes
 
     def _unusable(self, p: JoinedPair) -> str | None:
         if p.true_label not in p.probabilities:
@@ -224,11 +226,21 @@ class ExampleBuilder:
         return {s: budget - int(used.get(key, 0)) for key, s in keys.items()}
 
     @staticmethod
-    def _count(session: Session, outcomes: Counter) -> None:
+    def count(session: Session, outcomes: Counter) -> None:
+        """Add `outcomes` to the error counters: the transaction's last write.
+
+        Every worker adds to the same few counter rows (a model version's hour), and an
+        upsert holds its rows' locks until the transaction commits. So the counters come
+        last, when nothing but the commit is left to wait for, and in key order: two
+        transactions lock them in the same order and cannot deadlock (in key-less
+        order, two `bench feedback` workers in one group deadlocked on them about once
+        a run, each time a 1 s `deadlock_timeout` and a retry).
+        """
         if not outcomes:
             return
         rows = [{"model_name": k[0], "model_version": k[1], "hour": k[2], "predicted": k[3],
-                 "actual": k[4], "outcome": k[5], "count": n} for k, n in outcomes.items()]
+                 "actual": k[4], "outcome": k[5], "count": outcomes[k]}
+                for k in sorted(outcomes)]
         dialect = session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         stmt = insert(ErrorCount)

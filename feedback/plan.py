@@ -17,7 +17,7 @@ transaction whose INSERT created it or whose update claimed it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -62,7 +62,9 @@ class Analysis(Protocol):
     def prepare(self, pairs: list[JoinedPair]) -> list[PreparedPair]: ...
 
     def finish(self, session: Session, prepared: list[PreparedPair]
-               ) -> tuple[list[dict], list[Rejected]]: ...
+               ) -> tuple[list[dict], list[Rejected], Counter]: ...
+
+    def count(self, session: Session, outcomes: Counter) -> None: ...
 
 
 class NotNew(Exception):

@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -317,7 +317,8 @@ class FeedbackWorker:
             else:
                 stored = store_and_join(session, *_by_kind(events), now, self.cache.get)
                 applied = Applied(stored, self.analysis.prepare(stored.pairs))
-            examples, unusable = self._examples(session, applied)
+            examples, unusable, outcomes = self._examples(session, applied)
+            self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
             return applied.stored, examples, unusable
 
         try:
@@ -333,12 +334,15 @@ class FeedbackWorker:
         self.stats.examples += examples
         return unusable
 
-    def _examples(self, session: Session, applied: Applied) -> tuple[int, list[Rejected]]:
-        """Write the examples of analyzed pairs: (examples written, unusable pairs)."""
+    def _examples(self, session: Session, applied: Applied
+                  ) -> tuple[int, list[Rejected], Counter]:
+        """Write the examples of analyzed pairs: (examples written, unusable pairs, their
+        error counts, for the caller to add as its transaction's last write)."""
         if not applied.prepared:
-            return 0, []
-        rows, unusable = self.analysis.finish(session, applied.prepared)
-        return insert_ignoring_duplicates(session, Example, rows, applied.example_lines), unusable
+            return 0, [], Counter()
+        rows, unusable, outcomes = self.analysis.finish(session, applied.prepared)
+        written = insert_ignoring_duplicates(session, Example, rows, applied.example_lines)
+        return written, unusable, outcomes
 
     def _store_one_by_one(self, events: list[tuple[Any, Event]], batch_error: Exception,
                           results: list[StoredBatch]) -> list[Rejected]:
@@ -389,12 +393,13 @@ class FeedbackWorker:
 
         def work(session: Session) -> tuple[StoredBatch, int, int, int, list[Rejected]]:
             pairs = claim_joins(session, None, now)
+            expired = expire_corrections(session, cutoff)
             applied = Applied(StoredBatch(pairs=pairs), self.analysis.prepare(pairs))
-            examples, unusable = self._examples(session, applied)
+            examples, unusable, outcomes = self._examples(session, applied)
             released = (self._release(session, force=final) if final
                         else self._release(session)) if self._release else 0
-            return (applied.stored, examples, released, expire_corrections(session, cutoff),
-                    unusable)
+            self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
+            return applied.stored, examples, released, expired, unusable
 
         try:
             stored, examples, released, expired, unusable = self._in_transaction(work)

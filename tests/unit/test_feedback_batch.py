@@ -309,10 +309,10 @@ def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
     settings = settings.model_copy(update={"counterexample_budget": budget})
     builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
     builder._budget_left = lambda session, sources, now: {s: budget for s in sources}
-    builder._count = staticmethod(lambda session, outcomes: None)
     pairs = pairs_from(seed, traffic)
-    rows, rejected = builder(None, pairs)
+    rows, rejected, outcomes = builder.finish(None, builder.prepare(pairs))
     assert rejected == []
+    assert sum(outcomes.values()) == len(pairs)  # counted by the store transaction later
     corrections = [r for r in rows if r["origin"] == "correction"]
     assert [r["dedup_key"] for r in corrections] == [f"correction:{p.correction_id}"
                                                      for p in pairs]
@@ -333,11 +333,12 @@ def test_an_unusable_pair_is_dead_lettered_not_fatal(seed, traffic):
     settings, spec, module, _, pool = seed
     builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
     builder._budget_left = lambda session, sources, now: {s: 0 for s in sources}
-    builder._count = staticmethod(lambda session, outcomes: None)
     pairs = pairs_from(seed, traffic)[:5]
     bad_label = pairs[1]._replace(true_label="no-such-class")
     bad_width = pairs[3]._replace(features=pairs[3].features[:-1])
-    rows, rejected = builder(None, [pairs[0], bad_label, pairs[2], bad_width, pairs[4]])
+    rows, rejected, outcomes = builder.finish(None, builder.prepare(
+        [pairs[0], bad_label, pairs[2], bad_width, pairs[4]]))
+    assert sum(outcomes.values()) == 3  # the unusable pairs are not counted
     assert [r["parent_prediction_id"] for r in rows if r["origin"] == "correction"] == [
         pairs[0].prediction_id, pairs[2].prediction_id, pairs[4].prediction_id]
     assert [r.key.decode() for r in rejected] == [pairs[1].prediction_id, pairs[3].prediction_id]
