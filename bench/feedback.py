@@ -446,6 +446,20 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
             "time_split_s": {"consumer thread": consumer, "store thread": store}}
 
 
+def _group(settings: Any, n: int, workers: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """`workers` worker processes in one group (`bench._worker_group`)."""
+    from bench._worker_group import run_worker_group
+
+    backends = BackendCpu(settings.resolved_database_url)
+    try:
+        return run_worker_group(settings, n, workers, say, backends, steal_share_now,
+                                steal_share, RUN_TIMEOUT_S)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from exc
+    finally:
+        backends.close()
+
+
 def verify(settings: Any, n: int) -> dict[str, Any]:
     """What the store holds after the run; `ok` only if nothing was lost or doubled."""
     from sqlalchemy import func, select
@@ -594,10 +608,11 @@ def render(doc: dict[str, Any]) -> None:
     console = Console()
     if not console.is_terminal:
         console.width = 120
-    cfg, ours, s, m = doc["config"], doc["worker"], doc["summary"], doc["machine"]
+    cfg, ours, s = doc["config"], doc["worker"], doc["summary"]
+    who = "the worker" if cfg.get("workers", 1) == 1 else f"{cfg['workers']} worker processes"
     table = Table(title=f"{cfg['records']} predictions + {cfg['records']} corrections, "
-                        f"poll size {cfg['max_records']}, PostgreSQL; each round: raw reads, "
-                        "then the worker")
+                        f"{cfg['partitions']} partitions, poll size {cfg['max_records']}, "
+                        f"PostgreSQL; each round: raw reads, then {who}")
     for col in ("round", "raw s (median of 3)", "raw corrections/s", "store floor s",
                 "worker s", "joined/s", "ratio", "CPU steal"):
         table.add_column(col, justify="right")
@@ -611,6 +626,22 @@ def render(doc: dict[str, Any]) -> None:
     table.add_row("median", "", f"{s['raw_corrections_per_s']:.0f}", "", "",
                   f"[bold]{s['joined_per_s']:.0f}[/]", f"[bold]{s['ratio']:.3f}[/]", "")
     console.print(table)
+    if ours["time_split_s"] is None:  # a group of worker processes: no time split
+        for i, member in enumerate(ours["members"]):
+            parts = ", ".join(f"{t.rsplit('.', 2)[-2]}/{p}" for t, p in member["partitions"])
+            after = member["assigned_after_s"]
+            console.print(f"worker process {i}: partitions {parts or 'none'}; joined "
+                          f"{member['joined']}; assigned "
+                          + ("never" if after is None else f"+{after:.2f}s")
+                          + f"; CPU {member['process_cpu_s']:.2f}s")
+    else:
+        _render_split(console, ours, cfg["records"])
+    _render_rest(console, doc)
+
+
+def _render_split(console: Any, ours: dict[str, Any], n: int) -> None:
+    from rich.table import Table
+
     split = Table(title="the median round's worker, time split (two threads at once: each "
                         "adds up to the run)")
     split.add_column("thread")
@@ -621,10 +652,15 @@ def render(doc: dict[str, Any]) -> None:
     for thread, steps in ours["time_split_s"].items():
         for step, secs in steps.items():
             split.add_row(thread, step, f"{secs:.2f}", f"{secs / ours['elapsed_s']:.0%}",
-                          f"{secs / cfg['records'] * 1e6:.1f}")
+                          f"{secs / n * 1e6:.1f}")
     console.print(split)
+
+
+def _render_rest(console: Any, doc: dict[str, Any]) -> None:
+    ours, s, m = doc["worker"], doc["summary"], doc["machine"]
     pg = ours.get("postgresql_cpu_s")
-    console.print(f"CPU over the run: worker process {ours['process_cpu_s']:.2f}s, its "
+    console.print(f"CPU over the run: worker process{'es' if ours.get('workers', 1) > 1 else ''} "
+                  f"{ours['process_cpu_s']:.2f}s, its "
                   "PostgreSQL backends " + ("n/a" if pg is None else f"{pg:.2f}s"))
     v = doc["verify"]
     mix = ", ".join(f"{k} {c}" for k, c in sorted(v["error_mix"].items()))
@@ -673,6 +709,11 @@ def main(
         help="A PostgreSQL database to CREATE/DROP the throwaway one from."),
     rounds: int = typer.Option(3, "--rounds", min=1, max=20,
                                help="Raw reads + a worker run on a fresh database, each."),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=16,
+        help="Worker processes in the group (1: in this process, its steps timed)."),
+    partitions: int = typer.Option(3, "--partitions", min=1, max=64,
+                                   help="Partitions of each topic."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Corrections joined and stored per second on PostgreSQL vs raw Kafka consumption."""
@@ -704,7 +745,7 @@ def main(
                 topic_deadletter=f"bench.deadletter.{suffix}",
                 feedback_max_records=max_records,
                 # Never binding: every trainable error gets its variants (the worst case).
-                counterexample_budget=10 * n,
+                counterexample_budget=10 * n, topic_partitions=partitions,
             )
             prepare_home(settings)
             ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
@@ -741,7 +782,8 @@ def main(
                     run = settings.model_copy(update={
                         "database_url": database_url,
                         "feedback_group": f"bench-feedback-{suffix}-{r}"})
-                    ours = run_worker(run, n, say)
+                    ours = run_worker(run, n, say) if workers == 1 else _group(
+                        run, n, workers, say)
                     check = verify(run, n)
                 done.append({"raw": raw, "floor": floor, "worker": ours, "verify": check,
                              "ratio": ours["corrections_per_s"] / (n / raw["elapsed_s"])})
@@ -759,7 +801,8 @@ def main(
         "machine": info,
         "config": {
             "records": n, "max_records": max_records, "seed": seed, "rounds": rounds,
-            "partitions": 3, "drifted_share": DRIFTED_SHARE, "sources": SOURCES,
+            "partitions": partitions, "workers": workers, "drifted_share": DRIFTED_SHARE,
+            "sources": SOURCES,
             "counterexample_budget": 10 * n,
             "raw": "kafka-python KafkaConsumer, no group, all partitions of both topics "
                    f"assigned, seek to beginning, count records; median of {RAW_READS} reads, "

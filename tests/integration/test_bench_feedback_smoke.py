@@ -36,3 +36,23 @@ def test_bench_feedback_joins_everything_and_verifies_the_store():
     assert doc["summary"]["floor_ratio_to_raw"] > 0 and doc["summary"]["ratio_to_floor"] > 0
     assert all(len(each["raw"]["json_elapsed_s_each"]) == 3 for each in doc["rounds"])
     assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}
+
+
+def test_bench_feedback_times_a_group_of_worker_processes():
+    """`--workers 2`: two processes share the partitions and, together, every record."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "feedback", "--records", "600", "--max-records", "300",
+         "--rounds", "1", "--workers", "2", "--partitions", "4", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["config"]["workers"] == 2 and doc["config"]["partitions"] == 4
+    (each,) = doc["rounds"]
+    assert each["verify"]["ok"], each["verify"]["checks"]
+    worker = each["worker"]
+    assert worker["time_split_s"] is None and worker["joined"] == 600
+    members = worker["members"]
+    assert len(members) == 2 and sum(m["joined"] for m in members) == 600
+    owned = [tuple(p) for m in members for p in m["partitions"]]
+    assert len(owned) == len(set(owned)) == 8  # 4 partitions of 2 topics, each owned once
+    assert all(m["process_cpu_s"] > 0 for m in members)
