@@ -233,8 +233,8 @@ class ExampleBuilder:
         upsert holds its rows' locks until the transaction commits. So the counters come
         last, when nothing but the commit is left to wait for, and in key order: two
         transactions lock them in the same order and cannot deadlock (in key-less
-        order, two `bench feedback` workers in one group deadlocked on them about once
-        a run, each time a 1 s `deadlock_timeout` and a retry).
+        order, two workers of `bench feedback`'s traffic deadlocked on them in one of
+        six rounds: a 1 s `deadlock_timeout`, then a retry).
         """
         if not outcomes:
             return
