@@ -12,7 +12,8 @@ anything is timed. Then, in one run and on the same records:
   migrated PostgreSQL database, run until it has joined N corrections, timed from its
   partition assignment to the offset commit (sent: the worker waits for the broker's
   answer only before it leaves or loses partitions) of the batch that completed the N-th
-  join.
+  join. With `--workers N` (N > 1), N such workers, each in a process of its own, in one
+  group (`bench._worker_group`), timed together and without the time split.
 
 Both rates are expressed as corrections per second (N / elapsed), since both read the
 same 2N records. The worker's steps are timed by wrapping its methods and the functions
