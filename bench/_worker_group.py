@@ -73,12 +73,11 @@ def _member(settings_json: str, n: int, index: int, barrier: Any, joined: Any, l
 
 
 def run_worker_group(settings: Any, n: int, workers: int, say: Callable[[str], None],
-                     backend_cpu: Any, steal_now: Callable[[], Any],
-                     steal_share: Callable[[Any, Any], float | None],
-                     timeout_s: float) -> dict[str, Any]:
-    """`workers` member processes on `settings` until they have joined `n` corrections;
-    the same figures as the in-process worker's, but for the time split. Raises
-    RuntimeError if a member fails or the group does not finish in `timeout_s`."""
+                     snapshot: Callable[[], Any], timeout_s: float) -> dict[str, Any]:
+    """`workers` member processes on `settings` until they have joined `n` corrections:
+    elapsed, the members' CPU and counts, and `snapshot()` taken as the members are
+    released and as the group is done ("snapshots"). Raises RuntimeError if a member
+    fails or the group does not finish in `timeout_s`."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, as the CLI would be
     joined, lock, group_done = ctx.Value("q", 0), ctx.Lock(), ctx.Event()
     barrier, results = ctx.Barrier(workers + 1), ctx.Queue()
@@ -89,7 +88,7 @@ def run_worker_group(settings: Any, n: int, workers: int, say: Callable[[str], N
         p.start()
     try:
         barrier.wait(STARTUP_TIMEOUT_S)
-        pg_before, steal_before = backend_cpu.snapshot(), steal_now()
+        before = snapshot()
         deadline = time.monotonic() + timeout_s
         while not group_done.wait(0.2):
             if any(p.exitcode is not None for p in members):
@@ -97,7 +96,7 @@ def run_worker_group(settings: Any, n: int, workers: int, say: Callable[[str], N
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the group joined {joined.value} of {n} corrections in "
                                    f"{timeout_s:.0f}s")
-        pg_after, steal_after = backend_cpu.snapshot(), steal_now()
+        after = snapshot()
         out = []
         for _ in members:
             try:
@@ -118,17 +117,10 @@ def run_worker_group(settings: Any, n: int, workers: int, say: Callable[[str], N
     first = min(m["assigned"] for m in marks if "assigned" in m)
     elapsed = min(m["done"] for m in marks if "done" in m) - first
     cpu_of = [m["cpu_done"] - m.get("cpu_assigned", m["cpu_released"]) for m in marks]
-    server_cpu = backend_cpu.spent(pg_before, pg_after)
     counts = {k: sum(r[k] for r in out) for k in COUNTS}
     say(f"worker group: {counts['joined']} joined in {elapsed:.2f}s by {workers} processes")
-    return {"elapsed_s": elapsed, "corrections_per_s": n / elapsed,
-            "process_cpu_s": sum(cpu_of),
-            "process_cpu_us_per_correction": sum(cpu_of) / n * 1e6,
-            "steal_share": steal_share(steal_before, steal_after),
-            "postgresql_cpu_s": server_cpu,
-            "postgresql_cpu_us_per_correction": None if server_cpu is None
-            else server_cpu / n * 1e6,
-            **counts, "time_split_s": None, "workers": workers,
+    return {"elapsed_s": elapsed, "process_cpu_s": sum(cpu_of), "snapshots": (before, after),
+            **counts, "time_split_s": None,
             "members": [{"partitions": [list(p) for p in r["partitions"]],
                          "assigned_after_s": r["marks"]["assigned"] - first
                          if "assigned" in r["marks"] else None,

@@ -432,19 +432,25 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
     say(f"worker: {stats.joined} joined in {elapsed:.2f}s over {stats.batches} batches")
     # CPU seconds of this process (both threads; not PostgreSQL's, not the broker's):
     # less sensitive than `elapsed` to what else runs on the machine.
-    cpu = marks["cpu_done"] - marks["cpu_assigned"]
-    server_cpu = BackendCpu.spent(pg_cpu.get("assigned", {}), pg_cpu.get("done", {}))
-    return {"elapsed_s": elapsed, "corrections_per_s": n / elapsed, "joined": stats.joined,
-            "process_cpu_s": cpu, "process_cpu_us_per_correction": cpu / n * 1e6,
-            "steal_share": steal_share(marks.get("steal_assigned"), marks.get("steal_done")),
-            "postgresql_cpu_s": server_cpu,
-            "postgresql_cpu_us_per_correction": None if server_cpu is None
-            else server_cpu / n * 1e6,
-            "batches": stats.batches, "records": stats.records, "examples": stats.examples,
+    figures = rates(n, elapsed, marks["cpu_done"] - marks["cpu_assigned"],
+                    BackendCpu.spent(pg_cpu.get("assigned", {}), pg_cpu.get("done", {})),
+                    steal_share(marks.get("steal_assigned"), marks.get("steal_done")))
+    return {**figures, "joined": stats.joined, "batches": stats.batches,
+            "records": stats.records, "examples": stats.examples,
             "predictions": stats.predictions, "corrections": stats.corrections,
             "dead_letters": stats.dead_letters, "retries": stats.retries,
             "pending": stats.pending,
             "time_split_s": {"consumer thread": consumer, "store thread": store}}
+
+
+def rates(n: int, elapsed: float, process_cpu: float, server_cpu: float | None,
+          steal: float | None) -> dict[str, Any]:
+    """A worker run's figures, absolute and per correction (one worker or a group)."""
+    return {"elapsed_s": elapsed, "corrections_per_s": n / elapsed,
+            "process_cpu_s": process_cpu, "process_cpu_us_per_correction": process_cpu / n * 1e6,
+            "steal_share": steal, "postgresql_cpu_s": server_cpu,
+            "postgresql_cpu_us_per_correction": None if server_cpu is None
+            else server_cpu / n * 1e6}
 
 
 def _group(settings: Any, n: int, workers: int, say: Callable[[str], None]) -> dict[str, Any]:
@@ -453,12 +459,17 @@ def _group(settings: Any, n: int, workers: int, say: Callable[[str], None]) -> d
 
     backends = BackendCpu(settings.resolved_database_url)
     try:
-        return run_worker_group(settings, n, workers, say, backends, steal_share_now,
-                                steal_share, RUN_TIMEOUT_S)
+        group = run_worker_group(settings, n, workers, say,
+                                 lambda: (backends.snapshot(), steal_share_now()),
+                                 RUN_TIMEOUT_S)
     except RuntimeError as exc:
         raise BenchError(str(exc)) from exc
     finally:
         backends.close()
+    (pg_before, steal_before), (pg_after, steal_after) = group.pop("snapshots")
+    return {**group, **rates(n, group["elapsed_s"], group["process_cpu_s"],
+                             BackendCpu.spent(pg_before, pg_after),
+                             steal_share(steal_before, steal_after))}
 
 
 def verify(settings: Any, n: int) -> dict[str, Any]:
@@ -610,7 +621,7 @@ def render(doc: dict[str, Any]) -> None:
     if not console.is_terminal:
         console.width = 120
     cfg, ours, s = doc["config"], doc["worker"], doc["summary"]
-    who = "the worker" if cfg.get("workers", 1) == 1 else f"{cfg['workers']} worker processes"
+    who = "the worker" if cfg["workers"] == 1 else f"{cfg['workers']} worker processes"
     table = Table(title=f"{cfg['records']} predictions + {cfg['records']} corrections, "
                         f"{cfg['partitions']} partitions, poll size {cfg['max_records']}, "
                         f"PostgreSQL; each round: raw reads, then {who}")
@@ -658,9 +669,9 @@ def _render_split(console: Any, ours: dict[str, Any], n: int) -> None:
 
 
 def _render_rest(console: Any, doc: dict[str, Any]) -> None:
-    ours, s, m = doc["worker"], doc["summary"], doc["machine"]
+    ours, s, m, cfg = doc["worker"], doc["summary"], doc["machine"], doc["config"]
     pg = ours.get("postgresql_cpu_s")
-    console.print(f"CPU over the run: worker process{'es' if ours.get('workers', 1) > 1 else ''} "
+    console.print(f"CPU over the run: worker process{'es' if cfg['workers'] > 1 else ''} "
                   f"{ours['process_cpu_s']:.2f}s, its "
                   "PostgreSQL backends " + ("n/a" if pg is None else f"{pg:.2f}s"))
     v = doc["verify"]
