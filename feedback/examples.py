@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from torch import nn
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 _CORRECTION, _COUNTEREXAMPLE = Origin.CORRECTION.value, Origin.COUNTEREXAMPLE.value
 _TRAIN, _QUARANTINE = Split.TRAIN.value, Split.QUARANTINE.value
 ModelLoader = Callable[[str], "tuple[list[str], nn.Module] | None"]
+# PostgreSQL advisory locks of the per-source budget: (this class, a hash of the source).
+_BUDGET_LOCK_CLASS = zlib.crc32(b"flywheel.counterexample_budget") & 0x7FFFFFFF
+_LOCK_SOURCES = text(
+    "SELECT pg_advisory_xact_lock(:cls, k)"
+    " FROM unnest(CAST(:keys AS integer[])) WITH ORDINALITY AS t(k, i) ORDER BY i")
 
 
 def _seed_of(key: str) -> int:
@@ -155,7 +161,8 @@ class ExampleBuilder:
                ) -> tuple[list[dict], list[Rejected], Counter]:
         """The rows to write for prepared pairs, in their order, each source's variants
         within its budget for the window (handed out in pair order); and their error
-        counts, for `count` once the rows are written. Reads the store, writes nothing."""
+        counts, for `count` once the rows are written. Reads the store (and on PostgreSQL
+        locks the budgets it spends: `_lock_budgets`), writes nothing."""
         rows: list[dict] = []
         rejected: list[Rejected] = []
         wanting = [pp for pp in prepared if pp.variants]
@@ -217,6 +224,7 @@ class ExampleBuilder:
         since = now - timedelta(seconds=self.settings.counterexample_window_s)
         start = since.astimezone(UTC).replace(second=0, microsecond=0)
         keys = {NO_SOURCE if s is None else s: s for s in sources}
+        _lock_budgets(session, keys)
         used = dict(session.execute(
             select(CounterexampleUsage.source, func.sum(CounterexampleUsage.count))
             .where(CounterexampleUsage.minute >= start,
@@ -249,3 +257,23 @@ class ExampleBuilder:
                             "outcome"],
             set_={"count": ErrorCount.count + stmt.excluded.count})
         session.execute(stmt, rows)
+
+
+def _lock_budgets(session: Session, sources: Iterable[str]) -> None:
+    """On PostgreSQL, hold each source's budget until this transaction ends.
+
+    The budget is read, spent and counted within one transaction, and a concurrent one
+    cannot see what this one has spent until it commits: two workers writing for the
+    same source at the same moment would each spend all that is left. With the lock, the
+    second reads the source's usage only once the first has committed (or rolled back),
+    so the bound holds for any number of workers. Taken in key order, so two
+    transactions cannot deadlock on them; only transactions that want variants for the
+    same source wait for each other, and they already did, at the counters the trigger
+    upserts. SQLite needs none: a worker's transaction has written (its records, or its
+    claims) before it reads the budget, and SQLite lets one transaction write at a time.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    keys = sorted({zlib.crc32(s.encode()) & 0x7FFFFFFF for s in sources})
+    if keys:
+        session.execute(_LOCK_SOURCES, {"cls": _BUDGET_LOCK_CLASS, "keys": keys})

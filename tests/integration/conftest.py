@@ -6,12 +6,14 @@ The broker fixture uses the same `EmbeddedBroker` code as `flywheel broker`.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings, prepare_home
@@ -95,3 +97,25 @@ def run_bench() -> Iterator[Callable[..., dict[str, Any]]]:
 
         yield run
 
+
+@pytest.fixture()
+def wait_for_lock_wait() -> Callable[..., None]:
+    """`wait_for_lock_wait(sessions)`: return once another backend of the sessions'
+    PostgreSQL database waits for a lock (a row's, or an advisory one); fail after
+    `timeout_s`. How a test knows its second transaction is blocked by its first."""
+
+    def wait(sessions: Any, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with sessions() as probe:
+            while time.monotonic() < deadline:
+                waiting = probe.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )).scalar_one()
+                probe.rollback()  # a fresh snapshot next time
+                if waiting:
+                    return
+                time.sleep(0.02)
+        raise AssertionError("the second transaction never waited for the first")
+
+    return wait

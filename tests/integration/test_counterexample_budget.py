@@ -4,13 +4,20 @@ the budget check reads a window of those minutes."""
 
 from __future__ import annotations
 
+import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from sqlalchemy import select, text
 
 from flywheel.feedback.examples import ExampleBuilder
+from flywheel.feedback.join import JoinedPair
+from flywheel.feedback.reference import ReferenceStats
+from flywheel.feedback.reference_data import LabelledPool
 from flywheel.feedback.store import (
     CounterexampleUsage,
     Example,
@@ -19,6 +26,9 @@ from flywheel.feedback.store import (
     session_factory,
     upgrade,
 )
+from flywheel.learner import seed_data, train_seed_model
+from flywheel.settings import Settings
+from flywheel.streams import Concept
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
@@ -112,5 +122,78 @@ def test_the_migration_counts_what_was_stored_before_it(request):
         upgrade(url)
         with session_factory(engine)() as s:
             assert usage(s) == {("app-a", MINUTE): 2, ("", MINUTE + timedelta(minutes=5)): 1}
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def builder_parts(tmp_path_factory):
+    """The seed model, its labelled pool, and its predictions on a drifted concept (many
+    of them wrong, so their corrections want counterexamples)."""
+    settings = Settings(home=tmp_path_factory.mktemp("home"), seed_examples=1000)
+    x_tr, y_tr, _, _ = seed_data(settings)
+    spec, module, _ = train_seed_model(settings)
+    pool = LabelledPool(ReferenceStats.from_examples(x_tr.astype(np.float64)))
+    pool.add(x_tr.astype(np.float64).tolist(), [spec.labels[i] for i in y_tr])
+    x, truth = Concept(settings.seed + 1).sample(200, 5)
+    with torch.inference_mode():
+        probs = torch.softmax(module(torch.from_numpy(x)), 1).numpy().tolist()
+    pairs = []
+    for i, (features, p, t) in enumerate(zip(x.tolist(), probs, truth, strict=True)):
+        pd = dict(zip(spec.labels, p, strict=True))
+        pairs.append(JoinedPair(uuid.UUID(int=i).hex, uuid.UUID(int=10_000 + i).hex, t,
+                                "app-a", T0, "flywheel", "1", features, pd,
+                                max(pd, key=pd.get)))
+    return settings, spec, module, pool, pairs
+
+
+def test_concurrent_workers_share_one_source_budget(pg_url, builder_parts, wait_for_lock_wait):
+    """Two transactions spend the same source's budget at once: the second reads what is
+    left only after the first commits, so together they store the budget, not twice it.
+    A transaction for another source does not wait."""
+    settings, spec, module, pool, pairs = builder_parts
+    budget = 7
+    builder = ExampleBuilder(settings.model_copy(update={"counterexample_budget": budget}),
+                             pool, lambda version: (spec.labels, module))
+    first, second = builder.prepare(pairs[:100]), builder.prepare(pairs[100:])
+    other = builder.prepare([p._replace(source="app-b", correction_id=f"b{p.correction_id}",
+                                        prediction_id=f"b{p.prediction_id}")
+                             for p in pairs[:20]])
+    assert all(sum(len(pp.variants or ()) for pp in half) > budget for half in (first, second))
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    sessions = session_factory(engine)
+    spent: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def spend(name: str, prepared) -> None:
+        try:
+            with sessions.begin() as s:
+                rows, _, _ = builder.finish(s, prepared)
+                spent[name] = sum(r["origin"] == "counterexample" for r in rows)
+                insert_ignoring_duplicates(s, Example, rows)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    try:
+        with sessions() as a:
+            rows, _, _ = builder.finish(a, first)
+            assert sum(r["origin"] == "counterexample" for r in rows) == budget
+            insert_ignoring_duplicates(a, Example, rows)
+            unrelated = threading.Thread(target=spend, args=("other", other))
+            unrelated.start()
+            unrelated.join(30)  # while `a` holds app-a's budget
+            assert not unrelated.is_alive() and spent["other"] == budget
+            blocked = threading.Thread(target=spend, args=("second", second))
+            blocked.start()
+            wait_for_lock_wait(sessions)
+            assert "second" not in spent
+            a.commit()
+        blocked.join(30)
+        assert not blocked.is_alive() and errors == []
+        assert spent["second"] == 0
+        with sessions() as s:
+            assert {u.source: u.count for u in s.scalars(select(CounterexampleUsage))} == {
+                "app-a": budget, "app-b": budget}
     finally:
         engine.dispose()

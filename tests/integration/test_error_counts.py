@@ -4,12 +4,11 @@ once wait for each other, never deadlock, and lose no count."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.store import make_engine, session_factory, upgrade
@@ -21,22 +20,8 @@ K1 = ("m", "1", HOUR, "a", "b", "confident")
 K2 = ("m", "1", HOUR, "b", "a", "boundary")
 
 
-def _wait_for_lock_wait(sessions, timeout_s: float = 10.0) -> None:
-    """Until some other backend of this database waits for a row lock."""
-    deadline = time.monotonic() + timeout_s
-    with sessions() as probe:
-        while time.monotonic() < deadline:
-            waiting = probe.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'")).scalar_one()
-            probe.rollback()  # a fresh snapshot next time
-            if waiting:
-                return
-            time.sleep(0.02)
-    raise AssertionError("the second transaction never waited for the first")
-
-
-def test_two_transactions_add_to_the_same_counters_in_opposite_orders(pg_url):
+def test_two_transactions_add_to_the_same_counters_in_opposite_orders(pg_url,
+                                                                     wait_for_lock_wait):
     """A holds K1 and will want K2; B is handed K2 first, then K1. Locking in the order
     given, B would hold K2 while it waits for K1, and A's K2 would close the cycle
     (PostgreSQL then aborts one of them). In key order, B waits for K1 holding nothing."""
@@ -59,7 +44,7 @@ def test_two_transactions_add_to_the_same_counters_in_opposite_orders(pg_url):
             ExampleBuilder.count(a, Counter({K1: 100}))
             thread = threading.Thread(target=second)
             thread.start()
-            _wait_for_lock_wait(sessions)
+            wait_for_lock_wait(sessions)
             ExampleBuilder.count(a, Counter({K2: 100}))
             a.commit()
         thread.join(30)

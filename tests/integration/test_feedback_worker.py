@@ -201,9 +201,12 @@ def test_every_kind_of_bad_message_reaches_the_dead_letter_topic(fb_settings):
 
 
 def test_two_workers_in_one_group_share_partitions_without_duplicates(fb_settings):
-    s = fb_settings
+    """...and one source's counterexample budget: the two together spend it exactly
+    once (the drifted traffic's errors want many times more)."""
+    budget = 40
+    s = fb_settings.model_copy(update={"counterexample_budget": budget})
     traffic = Traffic(s)
-    events = traffic.predictions(300, seed=4)
+    events = traffic.predictions(300, drifted=True, seed=4)
     w1, stop1, t1 = start(s, "w1")
     w2, stop2, t2 = start(s, "w2")
     try:
@@ -229,6 +232,8 @@ def test_two_workers_in_one_group_share_partitions_without_duplicates(fb_setting
     assert w1.stats.predictions + w2.stats.predictions == 300
     assert count(s, select(func.count()).select_from(Example)
                  .where(Example.origin == "correction")) == 300
+    assert count(s, select(func.count()).select_from(Example)
+                 .where(Example.origin == "counterexample")) == budget
 
 
 def test_replayed_batches_change_nothing(fb_settings):
