@@ -11,7 +11,9 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
@@ -80,6 +82,29 @@ def pg_url(pg_session_url: str) -> str:
     finally:
         engine.dispose()
     return pg_session_url
+
+
+class SeedModel(NamedTuple):
+    settings: Any  # flywheel.settings.Settings, on the fixture's own home
+    spec: Any  # its ModelSpec
+    module: Any  # the trained torch module, in eval mode
+    x_tr: np.ndarray
+    y_tr: np.ndarray
+    x_ho: np.ndarray
+    y_ho: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def seed_model(tmp_path_factory: pytest.TempPathFactory) -> SeedModel:
+    """The seed model and its data, trained once for the whole session (the analyzer,
+    counterexample and example-builder tests all start from it; none may change it)."""
+    from flywheel.learner import seed_data, train_seed_model
+    from flywheel.settings import Settings
+
+    settings = Settings(home=tmp_path_factory.mktemp("seed-home"), seed_examples=1000)
+    x_tr, y_tr, x_ho, y_ho = seed_data(settings)
+    spec, module, _ = train_seed_model(settings)
+    return SeedModel(settings, spec, module, x_tr, y_tr, x_ho, y_ho)
 
 
 @pytest.fixture

@@ -26,8 +26,6 @@ from flywheel.feedback.store import (
     session_factory,
     upgrade,
 )
-from flywheel.learner import seed_data, train_seed_model
-from flywheel.settings import Settings
 from flywheel.streams import Concept
 
 pytestmark = pytest.mark.integration
@@ -127,14 +125,13 @@ def test_the_migration_counts_what_was_stored_before_it(request):
 
 
 @pytest.fixture(scope="module")
-def builder_parts(tmp_path_factory):
+def builder_parts(seed_model):
     """The seed model, its labelled pool, and its predictions on a drifted concept (many
     of them wrong, so their corrections want counterexamples)."""
-    settings = Settings(home=tmp_path_factory.mktemp("home"), seed_examples=1000)
-    x_tr, y_tr, _, _ = seed_data(settings)
-    spec, module, _ = train_seed_model(settings)
-    pool = LabelledPool(ReferenceStats.from_examples(x_tr.astype(np.float64)))
-    pool.add(x_tr.astype(np.float64).tolist(), [spec.labels[i] for i in y_tr])
+    settings, spec, module = seed_model.settings, seed_model.spec, seed_model.module
+    x_tr = seed_model.x_tr.astype(np.float64)
+    pool = LabelledPool(ReferenceStats.from_examples(x_tr))
+    pool.add(x_tr.tolist(), [spec.labels[i] for i in seed_model.y_tr])
     x, truth = Concept(settings.seed + 1).sample(200, 5)
     with torch.inference_mode():
         probs = torch.softmax(module(torch.from_numpy(x)), 1).numpy().tolist()

@@ -15,8 +15,6 @@ import torch
 from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.feedback.store.models import ERROR_TYPES
-from flywheel.learner import seed_data, train_seed_model
-from flywheel.settings import Settings
 
 LABELS = ("a", "b", "c")
 DIM = 4
@@ -29,11 +27,9 @@ def ref() -> ReferenceStats:
 
 
 @pytest.fixture(scope="module")
-def seed(tmp_path_factory: pytest.TempPathFactory):
-    settings = Settings(home=tmp_path_factory.mktemp("home"), seed_examples=1000)
-    x_tr, y_tr, x_ho, y_ho = seed_data(settings)
-    spec, module, _ = train_seed_model(settings)
-    return spec, module, x_tr, y_tr, x_ho, y_ho
+def seed(seed_model):
+    s = seed_model
+    return s.spec, s.module, s.x_tr, s.y_tr, s.x_ho, s.y_ho
 
 
 def probs(a: float, b: float, c: float) -> dict[str, float]:

@@ -30,20 +30,16 @@ from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.feedback.reference_data import LabelledPool
-from flywheel.learner import seed_data, train_seed_model
-from flywheel.settings import Settings
 from flywheel.streams import Concept
 
 
 @pytest.fixture(scope="module")
-def seed(tmp_path_factory: pytest.TempPathFactory):
-    settings = Settings(home=tmp_path_factory.mktemp("home"), seed_examples=1000)
-    x_tr, y_tr, x_ho, y_ho = seed_data(settings)
-    spec, module, _ = train_seed_model(settings)
-    ref = ReferenceStats.from_examples(x_tr.astype(np.float64))
+def seed(seed_model):
+    s = seed_model
+    ref = ReferenceStats.from_examples(s.x_tr.astype(np.float64))
     pool = LabelledPool(ref)
-    pool.add(x_tr.astype(np.float64).tolist(), [spec.labels[i] for i in y_tr])
-    return settings, spec, module, ref, pool
+    pool.add(s.x_tr.astype(np.float64).tolist(), [s.spec.labels[i] for i in s.y_tr])
+    return s.settings, s.spec, s.module, ref, pool
 
 
 @pytest.fixture(scope="module")
