@@ -477,7 +477,7 @@ def verify(settings: Any, n: int) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from flywheel.feedback.counterexamples import DEFAULT_K
-    from flywheel.feedback.store import (
+    from flywheel.store import (
         Correction,
         CounterexampleUsage,
         Example,
@@ -537,7 +537,7 @@ def machine(database_url: str) -> dict[str, Any]:
     from sqlalchemy import text
 
     from bench.serve import machine_info
-    from flywheel.feedback.store import make_engine
+    from flywheel.store import make_engine
 
     info = {k: v for k, v in machine_info().items()
             if k not in {"uvicorn", "uvicorn_loop", "uvicorn_http", "fastapi"}}
@@ -738,9 +738,9 @@ def main(
     try:
         with ExitStack() as stack:
             from flywheel.broker import EmbeddedBroker, ensure_topics
-            from flywheel.feedback.store import upgrade
             from flywheel.learner import ensure_champion
             from flywheel.settings import Settings, prepare_home
+            from flywheel.store import upgrade
 
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fw-bench-")))
             broker = EmbeddedBroker(log_file=work / "broker.log")

@@ -36,7 +36,7 @@ def run_loop(home: Path, requests: int, rate: float, follow_events: bool) -> dic
         running_loop,
         simulate_app,
     )
-    from flywheel.demo_report import freshness
+    from flywheel.demo.report import freshness
     from flywheel.settings import Settings, prepare_home
 
     settings = Settings(home=home, port=0)

@@ -1,6 +1,6 @@
 """Feedback: turns logged predictions and corrections into training examples.
 
-Its training store (`flywheel.feedback.store`) is the hand-off to the learner; the worker
+Its training store (`flywheel.store`) is the hand-off to the learner; the worker
 (`flywheel feedback`) joins, analyzes and writes examples; `error_report` summarizes.
 """
 
@@ -8,33 +8,6 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-from flywheel.feedback.store import (
-    CORRECTION_STATUSES,
-    ERROR_TYPES,
-    ORIGINS,
-    SPLITS,
-    Base,
-    Correction,
-    CorrectionStatus,
-    ErrorType,
-    Example,
-    LearnerState,
-    Origin,
-    Prediction,
-    SchemaNotCurrent,
-    SchemaTooNew,
-    Split,
-    check_schema,
-    current,
-    downgrade,
-    head,
-    insert_ignoring_duplicates,
-    make_engine,
-    open_store,
-    session_factory,
-    upgrade,
-)
 
 # The worker side (analysis, counterexamples, registry loading) imports torch and MLflow;
 # loaded on first use so `flywheel db ...` and store-only callers start in a fraction of it.
@@ -67,8 +40,4 @@ __all__ = [
     "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackWorker",
     "ReferenceStats", "Verdict", "WorkerStats", "analyze", "assign_split", "build_worker",
     "error_report", "generate_counterexamples",
-    "CORRECTION_STATUSES", "ERROR_TYPES", "ORIGINS", "SPLITS", "Base", "Correction",
-    "CorrectionStatus", "ErrorType", "Example", "LearnerState", "Origin", "Prediction",
-    "SchemaNotCurrent", "SchemaTooNew", "Split", "check_schema", "current", "downgrade", "head",
-    "insert_ignoring_duplicates", "make_engine", "open_store", "session_factory", "upgrade",
 ]

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from flywheel.feedback.analyzer import assign_split
 from flywheel.feedback.reference import ReferenceStats
-from flywheel.feedback.store import ErrorType, Example, Origin, Split
+from flywheel.store import ErrorType, Example, Origin, Split
 
 MIN_SUPPORT = 3
 RADIUS = 1.5  # standardized units, as the analyzer's neighbour radius

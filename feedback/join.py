@@ -22,13 +22,13 @@ from sqlalchemy.orm import Session
 
 from flywheel.events import CorrectionEvent, PredictionEvent
 from flywheel.feedback.prediction_cache import KnownPrediction
-from flywheel.feedback.store import (
+from flywheel.store import (
     Correction,
     CorrectionStatus,
     Prediction,
     insert_returning_new,
 )
-from flywheel.feedback.store.models import UTCDateTime
+from flywheel.store.models import UTCDateTime
 
 CHUNK = 900  # ids per IN (...) list: well under every database's parameter limit
 

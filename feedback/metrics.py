@@ -10,8 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy import Engine
 
 from flywheel.feedback.report import error_report
-from flywheel.feedback.store import session_factory
 from flywheel.feedback.worker import FeedbackWorker
+from flywheel.store import session_factory
 
 REPORT_HOURS = 1.0
 

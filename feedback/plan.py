@@ -39,7 +39,7 @@ from flywheel.feedback.join import (
 )
 from flywheel.feedback.messages import Rejected
 from flywheel.feedback.prediction_cache import KnownPrediction, PredictionCache
-from flywheel.feedback.store import (
+from flywheel.store import (
     CopyRows,
     Correction,
     EncodedRows,

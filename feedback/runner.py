@@ -5,9 +5,9 @@ from __future__ import annotations
 from flywheel.feedback.corroboration import Corroborator
 from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.reference_data import LabelledPool, ensure_reference
-from flywheel.feedback.store import open_store, session_factory
 from flywheel.feedback.worker import FeedbackWorker
 from flywheel.settings import Settings
+from flywheel.store import open_store, session_factory
 
 SWITCH_INTERVAL_S = 0.0005
 RELEASE_EVERY_S = 30.0  # corroboration checks of a running worker (see Corroborator)

@@ -38,8 +38,8 @@ from flywheel.feedback.join import StoredBatch, claim_joins, expire_corrections,
 from flywheel.feedback.messages import Rejected, decode
 from flywheel.feedback.plan import Analysis, Applied, NotNew, Plan, Planner, apply
 from flywheel.feedback.prediction_cache import PredictionCache
-from flywheel.feedback.store import Example, insert_ignoring_duplicates, session_factory
 from flywheel.settings import Settings
+from flywheel.store import Example, insert_ignoring_duplicates, session_factory
 
 log = logging.getLogger(__name__)
 Event = PredictionEvent | CorrectionEvent

@@ -8,8 +8,8 @@ import numpy as np
 from sqlalchemy import and_, func, not_, select
 from sqlalchemy.engine import Engine
 
-from flywheel.feedback import Example, LearnerState, Origin, Split, session_factory
 from flywheel.learner.cursor import CursorState
+from flywheel.store import Example, LearnerState, Origin, Split, session_factory
 
 _COLUMNS = (Example.id, Example.origin, Example.split, Example.features, Example.label,
             Example.weight, Example.error_type, Example.source, Example.parent_prediction_id)

@@ -26,10 +26,11 @@ from flywheel.learner.cursor import CursorState
 from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
 from flywheel.learner.gate import GateResult, Holdout, evaluate_gate
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
-from flywheel.learner.seed_model import ensure_champion, seed_data
+from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import Registry
 from flywheel.settings import Settings
+from flywheel.store.trusted import seed_data
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class OnlineLearner:
     def __init__(self, settings: Settings, *, registry: Registry | None = None,
                  source: ExampleSource | None = None,
                  on_candidate: Callable[[Candidate], None] | None = None) -> None:
-        from flywheel.feedback import open_store
+        from flywheel.store import open_store
 
         self.settings = settings
         self.registry = registry or Registry(settings)

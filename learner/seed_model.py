@@ -11,22 +11,14 @@ from torch import nn
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
 from flywheel.settings import Settings
-from flywheel.streams import LABELS, N_FEATURES, seed_concept
+from flywheel.store.trusted import HOLDOUT_FRACTION, seed_data
+from flywheel.streams import LABELS, N_FEATURES
 
 log = logging.getLogger(__name__)
-HOLDOUT_FRACTION = 0.2
 
 
 def default_spec() -> ModelSpec:
     return ModelSpec(input_dim=N_FEATURES, hidden=[64, 64], labels=list(LABELS))
-
-
-def seed_data(settings: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_holdout, y_holdout) as label indices; deterministic per seed."""
-    x, names = seed_concept(settings.seed).sample(settings.seed_examples, settings.seed)
-    y = np.asarray([LABELS.index(n) for n in names], dtype=np.int64)
-    cut = int(len(x) * (1 - HOLDOUT_FRACTION))
-    return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
 def accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """Alembic environment for the training store; the URL comes from the Config object.
 
-`flywheel.feedback.store.migrate.alembic_config` builds that Config in code, so no
+`flywheel.store.migrate.alembic_config` builds that Config in code, so no
 alembic.ini is needed at the cwd. A caller may also pass an open connection as
 `config.attributes["connection"]` to migrate inside its own transaction.
 """
@@ -11,8 +11,8 @@ from alembic import context
 from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 
-from flywheel.feedback.store.database import make_engine, normalize_url
-from flywheel.feedback.store.models import Base
+from flywheel.store.database import make_engine, normalize_url
+from flywheel.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -15,12 +15,12 @@ from datetime import datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Engine
 
-from flywheel.feedback.store import (
+from flywheel.privacy.accounting import Mechanism
+from flywheel.store import (
     PrivacyLedgerEntry,
     PrivacySourceSpend,
     session_factory,
 )
-from flywheel.privacy.accounting import Mechanism
 
 _CHUNK = 500  # sources per IN (...) query
 

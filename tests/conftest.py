@@ -98,8 +98,9 @@ class SeedModel(NamedTuple):
 def seed_model(tmp_path_factory: pytest.TempPathFactory) -> SeedModel:
     """The seed model and its data, trained once for the whole session (the analyzer,
     counterexample and example-builder tests all start from it; none may change it)."""
-    from flywheel.learner import seed_data, train_seed_model
+    from flywheel.learner import train_seed_model
     from flywheel.settings import Settings
+    from flywheel.store.trusted import seed_data
 
     settings = Settings(home=tmp_path_factory.mktemp("seed-home"), seed_examples=1000)
     x_tr, y_tr, x_ho, y_ho = seed_data(settings)

@@ -59,7 +59,7 @@ def image_path(value: Path | None) -> Path | None:
 
 def store_or_exit(settings: Settings):
     """The training store's engine; an un-migrated store is a one-line error, exit 1."""
-    from flywheel.feedback.store import SchemaNotCurrent, open_store
+    from flywheel.store import SchemaNotCurrent, open_store
 
     try:
         return open_store(settings.resolved_database_url)

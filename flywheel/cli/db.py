@@ -28,7 +28,7 @@ def _one_line_errors(shown: str) -> Iterator[None]:
     from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from flywheel.feedback.store import SchemaNotCurrent
+    from flywheel.store import SchemaNotCurrent
 
     try:
         yield
@@ -50,7 +50,7 @@ def _store_call(fn: Callable[[str], T]) -> tuple[str, T]:
     """Run `fn(url)` for the configured database; return its printable URL and the result."""
     from sqlalchemy.exc import ArgumentError
 
-    from flywheel.feedback.store import display_url
+    from flywheel.store import display_url
 
     url = settings_or_exit().resolved_database_url
     try:
@@ -64,7 +64,7 @@ def _store_call(fn: Callable[[str], T]) -> tuple[str, T]:
 
 def _migrate(direction: str, revision: str) -> None:
     """Move the schema with `store.upgrade` or `store.downgrade` and say what changed."""
-    from flywheel.feedback import store
+    from flywheel import store
 
     def run(url: str) -> tuple[str | None, str | None]:
         before = store.current(url)
@@ -105,7 +105,7 @@ def downgrade(
 @db_app.command()
 def current() -> None:
     """Print the database's revision and whether it is the one this code expects."""
-    from flywheel.feedback import store
+    from flywheel import store
 
     shown, (revision, expected) = _store_call(lambda url: (store.current(url), store.head()))
     if revision is None:
@@ -121,7 +121,7 @@ def current() -> None:
 @db_app.command()
 def check() -> None:
     """Exit 0 if the schema is current, else print why and exit 1 (for scripts and probes)."""
-    from flywheel.feedback import store
+    from flywheel import store
 
     def run(url: str) -> str:
         engine = store.make_engine(url)

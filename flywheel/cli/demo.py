@@ -41,7 +41,7 @@ def demo(
         simulate_app,
         wait_joined,
     )
-    from flywheel.demo_report import freshness, privacy_summary, summarize, write_report
+    from flywheel.demo.report import freshness, privacy_summary, summarize, write_report
     from flywheel.registry import Registry
 
     settings = settings_or_exit(port=port)

@@ -22,7 +22,7 @@ def run(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from flywheel.feedback.runner import build_worker, tune_worker_process
-    from flywheel.feedback.store import SchemaNotCurrent
+    from flywheel.store import SchemaNotCurrent
 
     settings = settings_or_exit()
     if not settings.kafka_bootstrap:
@@ -36,7 +36,7 @@ def run(ctx: typer.Context) -> None:
         raise typer.Exit(1) from None
     if settings.feedback_metrics_port:
         from flywheel.feedback.metrics import FeedbackCollector, serve_metrics
-        from flywheel.feedback.store import make_engine
+        from flywheel.store import make_engine
 
         serve_metrics(settings.feedback_metrics_port, FeedbackCollector(
             worker, make_engine(settings.resolved_database_url), settings.model_name),
@@ -58,7 +58,7 @@ def report(
 ) -> None:
     """Error rate, error-type mix and top confusions per model version."""
     from flywheel.feedback.report import error_report
-    from flywheel.feedback.store import session_factory
+    from flywheel.store import session_factory
 
     settings = settings_or_exit()
     engine = store_or_exit(settings)

@@ -19,8 +19,8 @@ def learn(
                               help="Run one step (train and publish if N examples wait), exit."),
 ) -> None:
     """Train on new examples every N, gate, register in MLflow and promote (if enabled)."""
-    from flywheel.feedback import SchemaNotCurrent
     from flywheel.learner import OnlineLearner
+    from flywheel.store import SchemaNotCurrent
 
     settings = settings_or_exit()
     try:

@@ -70,7 +70,7 @@ class Site:
 
     @cached_property
     def engine(self):  # noqa: ANN201  (sqlalchemy Engine)
-        from flywheel.feedback import open_store
+        from flywheel.store import open_store
 
         return open_store(self.settings.resolved_database_url)
 

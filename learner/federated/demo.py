@@ -27,7 +27,7 @@ def build_homes(root: Path, n_sites: int, partition: Partition, *, rounds: int,
 
     Each site budgets its sources for `rounds` rounds (FLYWHEEL_PRIVACY_SOURCE_UPDATES).
     """
-    from flywheel.feedback import upgrade
+    from flywheel.store import upgrade
 
     link = f"127.0.0.1:{free_port()}"
     common = {**DEMO_DEFAULTS, "fed_superlink": link, "privacy_source_updates": rounds,

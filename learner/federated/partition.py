@@ -64,7 +64,7 @@ def fill_site_store(url: str, x: np.ndarray, y: np.ndarray, *, site: str,
 
     `flip_labels` writes label (y+1) mod C instead: a poisoned site for robustness tests.
     """
-    from flywheel.feedback import Example, insert_ignoring_duplicates, make_engine, session_factory
+    from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
 
     labels = (y + 1) % len(LABELS) if flip_labels else y
     engine = make_engine(url)

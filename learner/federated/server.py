@@ -237,9 +237,9 @@ class FederatedRun:
     """One federated run of `options.rounds` rounds against whatever `grid` reaches."""
 
     def __init__(self, settings: Settings, options: RunOptions, *, registry=None) -> None:  # noqa: ANN001
-        from flywheel.feedback import open_store
         from flywheel.privacy import PrivacyLedger
         from flywheel.registry import Registry
+        from flywheel.store import open_store
 
         self.settings, self.options = settings, options
         self.registry = registry or Registry(settings)
@@ -252,7 +252,7 @@ class FederatedRun:
     def holdouts(self, labels: list[str]):  # noqa: ANN201
         from flywheel.learner.example_source import ExampleSource, as_arrays
         from flywheel.learner.gate import Holdout
-        from flywheel.learner.seed_model import seed_data
+        from flywheel.store.trusted import seed_data
 
         s = self.settings
         _, _, x_ho, y_ho = seed_data(s)
@@ -279,8 +279,9 @@ class FederatedRun:
 
     def run(self, grid: Grid) -> RunSummary:
         from flywheel.learner.gate import accuracy, evaluate_gate
-        from flywheel.learner.seed_model import ensure_champion, seed_data
+        from flywheel.learner.seed_model import ensure_champion
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
+        from flywheel.store.trusted import seed_data
 
         s, o = self.settings, self.options
         started = time.perf_counter()

@@ -56,7 +56,7 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
 def use_insert_path(monkeypatch) -> Callable[[str], None]:
     """`use_insert_path(path)`: PostgreSQL's bulk inserts take only `path` -- "copy"
     (COPY even for one row), "columnar" or "general" -- the other fast paths turned off."""
-    import flywheel.feedback.store.bulk as bulk
+    import flywheel.store.bulk as bulk
 
     def use(path: str) -> None:
         if path not in ("copy", "columnar", "general"):

@@ -14,7 +14,7 @@ from flywheel.feedback.examples import PreparedPair
 from flywheel.feedback.join import JoinedPair, store_and_join
 from flywheel.feedback.plan import NotNew, Planner, apply
 from flywheel.feedback.prediction_cache import PredictionCache
-from flywheel.feedback.store import Correction, Prediction, make_engine, session_factory, upgrade
+from flywheel.store import Correction, Prediction, make_engine, session_factory, upgrade
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 5, 1, 9, 30, tzinfo=UTC)

@@ -16,7 +16,7 @@ from flywheel.demo import (
     running_loop,
     simulate_app,
 )
-from flywheel.demo_report import summarize
+from flywheel.demo.report import summarize
 from flywheel.registry import Registry
 
 pytestmark = pytest.mark.integration

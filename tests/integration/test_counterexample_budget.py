@@ -18,7 +18,7 @@ from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.feedback.reference_data import LabelledPool
-from flywheel.feedback.store import (
+from flywheel.store import (
     CounterexampleUsage,
     Example,
     insert_ignoring_duplicates,

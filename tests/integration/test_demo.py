@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.demo_report import RECOVERY_MARGIN
+from flywheel.demo.report import RECOVERY_MARGIN
 
 pytestmark = pytest.mark.integration
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")

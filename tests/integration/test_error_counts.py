@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import select
 
 from flywheel.feedback.examples import ExampleBuilder
-from flywheel.feedback.store import make_engine, session_factory, upgrade
-from flywheel.feedback.store.models import ErrorCount
+from flywheel.store import make_engine, session_factory, upgrade
+from flywheel.store.models import ErrorCount
 
 pytestmark = pytest.mark.integration
 HOUR = datetime(2026, 3, 1, 12, tzinfo=UTC)

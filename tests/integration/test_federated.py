@@ -119,7 +119,7 @@ def test_federated_model_beats_each_sites_local_only_model(fed, tmp_path):
     start = Registry(federation.platform).load(summary["start_version"])
     federated = accuracy(Registry(federation.platform).load(summary["version"]).module, union)
     o = options(fed, rounds=ROUNDS)
-    from flywheel.learner.seed_model import seed_data
+    from flywheel.store.trusted import seed_data
 
     px, py, _, _ = seed_data(federation.platform)
     local = []
@@ -157,10 +157,10 @@ def test_no_message_leaving_a_site_carries_raw_data(fed):
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    from flywheel.feedback import make_engine
     from flywheel.learner.federated.records import REPLY_METRICS
     from flywheel.learner.seed_model import default_spec
     from flywheel.modelspec import build_model
+    from flywheel.store import make_engine
 
     federation, _, root = fed
     shapes = {k: tuple(v.shape) for k, v in build_model(default_spec()).state_dict().items()}
@@ -192,8 +192,8 @@ def test_no_message_leaving_a_site_carries_raw_data(fed):
 
 
 def test_client_level_epsilon_of_every_round_is_in_the_ledger(fed):
-    from flywheel.feedback import open_store
     from flywheel.privacy import PrivacyLedger
+    from flywheel.store import open_store
 
     federation, _, _ = fed
     summary = RESULTS["fedavg"]

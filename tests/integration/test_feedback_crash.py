@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from flywheel.feedback.store import (
+from flywheel.learner import ensure_champion
+from flywheel.settings import Settings
+from flywheel.store import (
     Correction,
     Example,
     Prediction,
@@ -22,9 +24,7 @@ from flywheel.feedback.store import (
     session_factory,
     upgrade,
 )
-from flywheel.feedback.store.models import ErrorCount
-from flywheel.learner import ensure_champion
-from flywheel.settings import Settings
+from flywheel.store.models import ErrorCount
 
 from .test_feedback_worker import Traffic
 

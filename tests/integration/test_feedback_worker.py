@@ -18,7 +18,10 @@ from sqlalchemy import func, select
 from flywheel.broker import read_topic
 from flywheel.events import CorrectionEvent, DeadLetter, PredictionEvent, new_id, utcnow
 from flywheel.feedback.runner import build_worker
-from flywheel.feedback.store import (
+from flywheel.learner import ensure_champion
+from flywheel.registry import Registry
+from flywheel.settings import Settings
+from flywheel.store import (
     Correction,
     Example,
     Prediction,
@@ -26,9 +29,6 @@ from flywheel.feedback.store import (
     session_factory,
     upgrade,
 )
-from flywheel.learner import ensure_champion
-from flywheel.registry import Registry
-from flywheel.settings import Settings
 from flywheel.streams import Concept, seed_concept
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from flywheel.feedback.store import (
+from flywheel.store import (
     Base,
     Example,
     SchemaNotCurrent,

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from flywheel.feedback import Example, insert_ignoring_duplicates, make_engine, session_factory
-from flywheel.feedback import upgrade as upgrade_store
 from flywheel.learner import OnlineLearner, ensure_champion
 from flywheel.privacy import PrivacyLedger, epsilon
 from flywheel.privacy.metrics import REFUSALS
 from flywheel.registry import Registry
 from flywheel.settings import Settings
+from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
+from flywheel.store import upgrade as upgrade_store
 from flywheel.streams import drift_concept
 
 pytestmark = pytest.mark.integration

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flywheel.learner import ensure_champion, seed_data
+from flywheel.learner import ensure_champion
 from flywheel.registry import Registry
 from flywheel.settings import Settings, prepare_home
+from flywheel.store.trusted import seed_data
 
 pytestmark = pytest.mark.integration
 

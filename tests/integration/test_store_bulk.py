@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import DataError, StatementError
 
-import flywheel.feedback.store.bulk as bulk
+import flywheel.store.bulk as bulk
 from flywheel.events import CorrectionEvent, PredictionEvent
 from flywheel.feedback.join import claim_joins, correction_row, prediction_row
-from flywheel.feedback.store import (
+from flywheel.store import (
     Correction,
     Example,
     LearnerState,

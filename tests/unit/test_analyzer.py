@@ -14,7 +14,7 @@ import torch
 
 from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
 from flywheel.feedback.reference import ReferenceStats
-from flywheel.feedback.store.models import ERROR_TYPES
+from flywheel.store.models import ERROR_TYPES
 
 LABELS = ("a", "b", "c")
 DIM = 4

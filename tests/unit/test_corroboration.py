@@ -4,7 +4,7 @@ from sqlalchemy import select
 
 from flywheel.feedback import ReferenceStats, assign_split
 from flywheel.feedback.corroboration import release_corroborated
-from flywheel.feedback.store import Example, make_engine, session_factory, upgrade
+from flywheel.store import Example, make_engine, session_factory, upgrade
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ from flywheel.feedback.counterexamples import (
     generate,
 )
 from flywheel.feedback.reference import ReferenceStats
-from flywheel.feedback.store.models import ERROR_TYPES
+from flywheel.store.models import ERROR_TYPES
 
 
 @pytest.fixture(scope="module")

@@ -269,11 +269,11 @@ def test_public_rows_from_the_server_are_checked(x, y, why):
 
 def test_a_bad_round_is_refused_before_the_site_reads_its_store(tmp_path):
     """Checked first: a store with no data would refuse with 'no trainable examples'."""
-    from flywheel.feedback.store import upgrade
     from flywheel.learner.federated.client_app import Site
     from flywheel.learner.federated.records import to_record
     from flywheel.modelspec import ModelSpec, build_model
     from flywheel.settings import prepare_home
+    from flywheel.store import upgrade
 
     settings = Settings(home=tmp_path)
     prepare_home(settings)
@@ -297,13 +297,13 @@ def test_a_bad_round_is_refused_before_the_site_reads_its_store(tmp_path):
 def test_the_same_round_asked_twice_gets_different_noise(tmp_path):
     """The noise seed is the site's secret: a server that could replay it would recover
     the noise-free update from one reply."""
-    from flywheel.feedback.store import upgrade
     from flywheel.learner.federated.client_app import Site
     from flywheel.learner.federated.partition import fill_site_store, make_partition
     from flywheel.learner.federated.records import to_record
     from flywheel.learner.seed_model import default_spec
     from flywheel.modelspec import build_model
     from flywheel.settings import prepare_home
+    from flywheel.store import upgrade
 
     settings = Settings(home=tmp_path, privacy_source_updates=100)
     prepare_home(settings)

@@ -22,13 +22,13 @@ import torch
 from typer.testing import CliRunner, Result
 
 from flywheel.cli import _register, app
-from flywheel.feedback import Example, make_engine, session_factory, upgrade
-from flywheel.feedback.store.models import ErrorCount
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import default_actor
 from flywheel.registry import Registry
 from flywheel.settings import Settings, prepare_home
+from flywheel.store import Example, make_engine, session_factory, upgrade
+from flywheel.store.models import ErrorCount
 from flywheel.streams import LABELS, drift_concept
 
 _register()
@@ -159,7 +159,7 @@ def test_diff_json_compares_both_holdouts_data_gates_and_weights(home):
     assert recent["available"] and recent["n"] == 35  # every holdout correction
 
     # recompute the trusted numbers independently
-    from flywheel.learner.seed_model import seed_data
+    from flywheel.store.trusted import seed_data
 
     _, _, x, y = seed_data(_settings(home))
     with torch.no_grad():

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from flywheel.feedback.store import (
+from flywheel.store import (
     CORRECTION_STATUSES,
     ERROR_TYPES,
     ORIGINS,

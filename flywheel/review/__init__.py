@@ -204,7 +204,7 @@ def open_store_or_reason(settings: Settings) -> tuple[Engine | None, str | None]
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from flywheel.feedback.store import SchemaNotCurrent, display_url, normalize_url, open_store
+    from flywheel.store import SchemaNotCurrent, display_url, normalize_url, open_store
 
     url = settings.resolved_database_url
     try:
@@ -224,7 +224,7 @@ def data_counts(engine: Engine, lo: int, hi: int) -> dict[str, Any]:
     """Examples with ids in [lo, hi] by origin and split; counterexamples among them."""
     from sqlalchemy import func, select
 
-    from flywheel.feedback import Example, Origin, session_factory
+    from flywheel.store import Example, Origin, session_factory
 
     query = (select(Example.origin, Example.split, func.count())
              .where(Example.id.between(lo, hi)).group_by(Example.origin, Example.split))
@@ -269,7 +269,7 @@ class LabelledSet:
 
 def trusted_holdout(settings: Settings) -> LabelledSet:
     """The frozen seed holdout the gate's "trusted" numbers come from."""
-    from flywheel.learner.seed_model import HOLDOUT_FRACTION, seed_data
+    from flywheel.store.trusted import HOLDOUT_FRACTION, seed_data
     from flywheel.streams import LABELS
 
     _, _, x, y = seed_data(settings)
@@ -425,8 +425,8 @@ def diff(settings: Settings, a: str, b: str, *, registry: Registry | None = None
 def error_mix(engine: Engine, model_name: str, hours: float) -> dict[str, Any]:
     """The feedback report per version (corrections, error rate, error-type mix, confusions),
     with accuracy = 1 - error rate on the corrected predictions of the window."""
-    from flywheel.feedback import session_factory
     from flywheel.feedback.report import error_report
+    from flywheel.store import session_factory
 
     with session_factory(engine)() as session:
         doc = error_report(session, model_name, hours)
@@ -441,8 +441,8 @@ def accuracy_timeline(engine: Engine, model_name: str, hours: float,
     counters), oldest first: the "rolling accuracy" chart of the review page."""
     from sqlalchemy import select
 
-    from flywheel.feedback import session_factory
-    from flywheel.feedback.store.models import ErrorCount
+    from flywheel.store import session_factory
+    from flywheel.store.models import ErrorCount
 
     since = (now or datetime.now(UTC)) - timedelta(hours=hours)
     query = (select(ErrorCount.model_version, ErrorCount.hour, ErrorCount.outcome,

@@ -111,8 +111,8 @@ def running_service(settings: Settings) -> Iterator[str]:
 @contextlib.contextmanager
 def embedded_stack(settings: Settings) -> Iterator[Settings]:
     """Start what the settings leave unset (the broker), migrate the store, bootstrap a model."""
-    from flywheel.feedback import upgrade
     from flywheel.learner import ensure_champion
+    from flywheel.store import upgrade
 
     with contextlib.ExitStack() as stack:
         if not settings.kafka_bootstrap:
@@ -276,7 +276,7 @@ def learned_examples(settings: Settings) -> dict[str, int]:
     """Corrected prediction id -> id of the training example it became (train split)."""
     from sqlalchemy import select
 
-    from flywheel.feedback import Example, Origin, Split, make_engine, session_factory
+    from flywheel.store import Example, Origin, Split, make_engine, session_factory
 
     engine = make_engine(settings.resolved_database_url)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel.demo import Trace
+from flywheel.demo.loop import Trace
 
 # Accuracy "after the drift" is read over the last part of the stream, once the loop has
 # had time to turn; the whole post-drift average is reported too.

@@ -93,7 +93,7 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def check_schema(engine: Engine) -> str:
     """Return the database's revision if it is the code's head, else raise SchemaNotCurrent."""
-    from flywheel.feedback.store.migrate import head, known_revisions
+    from flywheel.store.migrate import head, known_revisions
 
     expected = head()
     current = schema_revision(engine)

@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL
 
-from flywheel.feedback.store.database import make_engine, normalize_url, schema_revision
+from flywheel.store.database import make_engine, normalize_url, schema_revision
 
 
 def script_location() -> Path:

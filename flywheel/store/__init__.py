@@ -4,7 +4,7 @@ Open it with `open_store(url)`, which refuses a database whose schema is not the
 this code expects; change the schema only through `upgrade`/`downgrade` (Alembic).
 """
 
-from flywheel.feedback.store.bulk import (
+from flywheel.store.bulk import (
     CopyRows,
     EncodedRows,
     copy_all_new,
@@ -14,7 +14,7 @@ from flywheel.feedback.store.bulk import (
     insert_ignoring_duplicates,
     insert_returning_new,
 )
-from flywheel.feedback.store.database import (
+from flywheel.store.database import (
     SchemaNotCurrent,
     SchemaTooNew,
     check_schema,
@@ -25,7 +25,7 @@ from flywheel.feedback.store.database import (
     schema_revision,
     session_factory,
 )
-from flywheel.feedback.store.migrate import (
+from flywheel.store.migrate import (
     alembic_config,
     current,
     downgrade,
@@ -33,7 +33,7 @@ from flywheel.feedback.store.migrate import (
     known_revisions,
     upgrade,
 )
-from flywheel.feedback.store.models import (
+from flywheel.store.models import (
     CORRECTION_STATUSES,
     ERROR_TYPES,
     NO_SOURCE,

@@ -31,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from flywheel.feedback.store.models import Base, UTCDateTime
+from flywheel.store.models import Base, UTCDateTime
 
 COPY_MIN_ROWS = 64  # below this, one INSERT beats SAVEPOINT + COPY + RELEASE
 _PG = postgresql.dialect()

@@ -1,0 +1,40 @@
+"""The demo: the whole loop on embedded defaults, driven by a simulated production app.
+
+* `loop`: the stack (broker, store, service, feedback worker, learner) started in one
+  process, the simulated app, and what is measured from outside;
+* `report`: what `flywheel demo --report DIR` writes (accuracy.png, summary.md/json).
+
+Application code, not a contract: nothing in a component imports it.
+"""
+
+from flywheel.demo.loop import (
+    DemoConfig,
+    DemoResult,
+    Trace,
+    count_topic,
+    embedded_stack,
+    frozen_predictor,
+    learned_examples,
+    running_feedback_worker,
+    running_learner,
+    running_loop,
+    running_service,
+    simulate_app,
+    wait_joined,
+)
+from flywheel.demo.report import (
+    RECOVERY_MARGIN,
+    SETTLED_SHARE,
+    freshness,
+    plot_accuracy,
+    privacy_summary,
+    summarize,
+    write_report,
+)
+
+__all__ = [
+    "RECOVERY_MARGIN", "SETTLED_SHARE", "DemoConfig", "DemoResult", "Trace", "count_topic",
+    "embedded_stack", "freshness", "frozen_predictor", "learned_examples", "plot_accuracy",
+    "privacy_summary", "running_feedback_worker", "running_learner", "running_loop",
+    "running_service", "simulate_app", "summarize", "wait_joined", "write_report",
+]
