@@ -15,7 +15,8 @@ _LAZY = {
     "AnalyzerConfig": "analyzer", "Verdict": "analyzer", "analyze": "analyzer",
     "assign_split": "analyzer", "Counterexample": "counterexamples",
     "CounterexampleConfig": "counterexamples", "ReferenceStats": "reference",
-    "error_report": "report", "build_worker": "runner", "FeedbackWorker": "worker",
+    "error_report": "report", "build_worker": "runner", "tune_worker_process": "runner",
+    "FeedbackCollector": "metrics", "serve_metrics": "metrics", "FeedbackWorker": "worker",
     "WorkerStats": "worker",
 }
 
@@ -31,13 +32,15 @@ if TYPE_CHECKING:
     from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
     from flywheel.feedback.counterexamples import Counterexample, CounterexampleConfig
     from flywheel.feedback.counterexamples import generate as generate_counterexamples
+    from flywheel.feedback.metrics import FeedbackCollector, serve_metrics
     from flywheel.feedback.reference import ReferenceStats
     from flywheel.feedback.report import error_report
-    from flywheel.feedback.runner import build_worker
+    from flywheel.feedback.runner import build_worker, tune_worker_process
     from flywheel.feedback.worker import FeedbackWorker, WorkerStats
 
 __all__ = [
-    "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackWorker",
+    "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackCollector",
+    "FeedbackWorker",
     "ReferenceStats", "Verdict", "WorkerStats", "analyze", "assign_split", "build_worker",
-    "error_report", "generate_counterexamples",
+    "error_report", "generate_counterexamples", "serve_metrics", "tune_worker_process",
 ]

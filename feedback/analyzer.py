@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from flywheel.feedback.reference import ReferenceStats
-from flywheel.store.models import ErrorType, Split
+from flywheel.store import ErrorType, Split
 
 _HOLDOUT, _TRAIN = Split.HOLDOUT.value, Split.TRAIN.value  # plain strings: called per row
 PROBABILITY_SUM_TOLERANCE = 1e-3

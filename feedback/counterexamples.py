@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flywheel.feedback.reference import ReferenceStats
-from flywheel.store.models import ERROR_TYPES, ErrorType
+from flywheel.store import ERROR_TYPES, ErrorType
 
 DEFAULT_K: Mapping[str, int] = MappingProxyType({
     ErrorType.CONFIDENT.value: 6,

@@ -30,8 +30,7 @@ from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.messages import Rejected
 from flywheel.feedback.reference_data import LabelledPool
 from flywheel.settings import Settings
-from flywheel.store import NO_SOURCE, CounterexampleUsage, Origin, Split
-from flywheel.store.models import ErrorCount
+from flywheel.store import NO_SOURCE, CounterexampleUsage, ErrorCount, Origin, Split
 
 log = logging.getLogger(__name__)
 # Plain strings, looked up once: a batch builds tens of thousands of rows.

@@ -26,9 +26,9 @@ from flywheel.store import (
     Correction,
     CorrectionStatus,
     Prediction,
+    UTCDateTime,
     insert_returning_new,
 )
-from flywheel.store.models import UTCDateTime
 
 CHUNK = 900  # ids per IN (...) list: well under every database's parameter limit
 

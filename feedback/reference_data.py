@@ -10,8 +10,7 @@ from sqlalchemy.orm import Session
 
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.settings import Settings
-from flywheel.store import Example, Origin, Split, insert_ignoring_duplicates
-from flywheel.store.models import ReferenceStats as ReferenceStatsRow
+from flywheel.store import Example, Origin, ReferenceStatsRow, Split, insert_ignoring_duplicates
 
 # Extra candidates per row in `near_many`, beyond k, re-measured exactly: enough to see a
 # tie at the k-th place (the tree's own choice is exact, up to its rounding).
@@ -27,7 +26,7 @@ def ensure_reference(session: Session, settings: Settings) -> ReferenceStats:
     row = session.get(ReferenceStatsRow, settings.model_name)
     if row is not None:
         return ReferenceStats.from_dict(row.stats)
-    from flywheel.store.trusted import seed_data
+    from flywheel.store import seed_data
     from flywheel.streams import LABELS
 
     x_tr, y_tr, x_ho, y_ho = seed_data(settings)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flywheel.events import utcnow
-from flywheel.store.models import ErrorCount
+from flywheel.store import ErrorCount
 
 
 def error_report(session: Session, model_name: str, hours: float = 24.0,

@@ -30,7 +30,7 @@ from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import Registry
 from flywheel.settings import Settings
-from flywheel.store.trusted import seed_data
+from flywheel.store import seed_data
 
 log = logging.getLogger(__name__)
 

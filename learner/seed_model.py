@@ -11,7 +11,7 @@ from torch import nn
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
 from flywheel.settings import Settings
-from flywheel.store.trusted import HOLDOUT_FRACTION, seed_data
+from flywheel.store import HOLDOUT_FRACTION, seed_data
 from flywheel.streams import LABELS, N_FEATURES
 
 log = logging.getLogger(__name__)

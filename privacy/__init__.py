@@ -15,9 +15,13 @@ from flywheel.privacy.budget import BudgetPlan, BudgetRefused, plan_update
 from flywheel.privacy.config import DPConfig
 from flywheel.privacy.dp_sgd import DPStepStats, PrivateBatch, dp_update, resolve_engine
 from flywheel.privacy.ledger import LedgerEntry, PrivacyLedger, SourceSpend
+from flywheel.privacy.metrics import EPSILON, EXCLUDED_SOURCES, REFUSALS
+from flywheel.privacy.report import build_report, plot_epsilon
 
 __all__ = [
-    "ACCOUNTANTS", "BudgetPlan", "BudgetRefused", "DPConfig", "DPStepStats", "LedgerEntry",
+    "ACCOUNTANTS", "EPSILON", "EXCLUDED_SOURCES", "REFUSALS", "BudgetPlan", "BudgetRefused",
+    "DPConfig", "DPStepStats", "LedgerEntry",
     "Mechanism", "PrivacyLedger", "PrivateBatch", "SourceSpend", "dp_accounting_epsilon",
-    "dp_update", "epsilon", "noise_for_budget", "plan_update", "resolve_engine",
+    "build_report", "dp_update", "epsilon", "noise_for_budget", "plan_update", "plot_epsilon",
+    "resolve_engine",
 ]

@@ -35,13 +35,16 @@ def demo(
         DemoConfig,
         count_topic,
         embedded_stack,
+        freshness,
         frozen_predictor,
         learned_examples,
+        privacy_summary,
         running_loop,
         simulate_app,
+        summarize,
         wait_joined,
+        write_report,
     )
-    from flywheel.demo.report import freshness, privacy_summary, summarize, write_report
     from flywheel.registry import Registry
 
     settings = settings_or_exit(port=port)

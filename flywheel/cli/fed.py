@@ -30,7 +30,7 @@ TLS_HELP = "TLS with FLYWHEEL_FED_TLS_CA/CERT/KEY; without it only loopback is a
 
 
 def _security_or_exit(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    from flywheel.learner.federated.processes import SecurityError
+    from flywheel.learner.federated import SecurityError
 
     try:
         return fn(*args, **kwargs)
@@ -60,7 +60,7 @@ def superlink(
 ) -> None:
     """The platform's Flower SuperLink on FLYWHEEL_FED_SUPERLINK (Fleet, Control and
     Runtime APIs on one port); it starts a ServerApp process for each submitted run."""
-    from flywheel.learner.federated.processes import process_env, superlink_command
+    from flywheel.learner.federated import process_env, superlink_command
 
     settings = settings_or_exit()
     cmd = _security_or_exit(superlink_command, settings, tls=tls, auth=auth)
@@ -89,8 +89,12 @@ def server(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Submit one federated run to the SuperLink (`flwr run`) and wait for its summary."""
-    from flywheel.learner.federated.processes import submit_run
-    from flywheel.learner.federated.server import CLIPPING_CHOICES, STRATEGY_CHOICES, RunOptions
+    from flywheel.learner.federated import (
+        CLIPPING_CHOICES,
+        STRATEGY_CHOICES,
+        RunOptions,
+        submit_run,
+    )
 
     settings = settings_or_exit()
     overrides = {k: v for k, v in {"rounds": rounds, "clients": clients, "strategy": strategy,
@@ -151,7 +155,7 @@ def client(
     clipped model updates and aggregate metrics leave the site."""
     import os
 
-    from flywheel.learner.federated.processes import process_env, supernode_command
+    from flywheel.learner.federated import process_env, supernode_command
 
     settings = settings_or_exit()
     port = runtime_port or settings.fed_runtime_port
@@ -164,10 +168,9 @@ def client(
         raise typer.Exit(_run_child(cmd, env))
     if settings.fed_audit_dir is not None:
         os.environ["FLYWHEEL_FED_AUDIT_DIR"] = str(settings.fed_audit_dir)
-    from flywheel.learner.federated import client_app
-    from flywheel.learner.federated.worker import serve
+    from flywheel.learner.federated import current_site, serve_site_worker, site_app
 
-    site = client_app.current_site()  # settings, store and accounting before round 1
+    site = current_site()  # settings, store and accounting before round 1
     site.prewarm()
     node = subprocess.Popen(cmd, env=env)
     stop = threading.Event()
@@ -176,9 +179,9 @@ def client(
     watcher = threading.Thread(target=lambda: (node.wait(), stop.set()), daemon=True)
     watcher.start()
     try:
-        serve(f"127.0.0.1:{port}", _load_app(app_ref) if app_ref else client_app.app,
-              poll_s=settings.fed_poll_s, stop=stop,
-              after_task=site.prewarm)
+        serve_site_worker(f"127.0.0.1:{port}", _load_app(app_ref) if app_ref else site_app,
+                          poll_s=settings.fed_poll_s, stop=stop,
+                          after_task=site.prewarm)
     finally:
         if node.poll() is None:
             node.terminate()
@@ -209,11 +212,11 @@ def register(
                              "which needs TLS."),
 ) -> None:
     """Register a site's SuperNode public key with the SuperLink (`--auth`)."""
-    from flywheel.learner.federated.processes import BIN, CONNECTION, write_connection
+    from flywheel.learner.federated import BIN, CONNECTION, write_connection
 
     settings = settings_or_exit()
     _security_or_exit(write_connection, settings, tls=tls)
-    from flywheel.learner.federated.processes import process_env
+    from flywheel.learner.federated import process_env
 
     raise typer.Exit(subprocess.call([str(BIN / "flwr"), "supernode", "register",
                                       str(public_key), CONNECTION], env=process_env(settings)))
@@ -229,7 +232,7 @@ def demo(
 ) -> None:
     """A loopback federation (one SuperLink, K sites with Dirichlet(0.5) label-skewed data
     of the changed world) with real processes; writes REPORT/summary.json."""
-    from flywheel.learner.federated.demo import run_demo
+    from flywheel.learner.federated import run_demo
 
     settings_or_exit()
     summary = run_demo(report.resolve(), clients=clients, rounds=rounds, strategy=strategy)

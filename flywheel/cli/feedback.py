@@ -21,7 +21,7 @@ def run(ctx: typer.Context) -> None:
     """Join corrections to predictions, analyze errors, write examples (one group member)."""
     if ctx.invoked_subcommand is not None:
         return
-    from flywheel.feedback.runner import build_worker, tune_worker_process
+    from flywheel.feedback import build_worker, tune_worker_process
     from flywheel.store import SchemaNotCurrent
 
     settings = settings_or_exit()
@@ -35,7 +35,7 @@ def run(ctx: typer.Context) -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if settings.feedback_metrics_port:
-        from flywheel.feedback.metrics import FeedbackCollector, serve_metrics
+        from flywheel.feedback import FeedbackCollector, serve_metrics
         from flywheel.store import make_engine
 
         serve_metrics(settings.feedback_metrics_port, FeedbackCollector(
@@ -57,7 +57,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Error rate, error-type mix and top confusions per model version."""
-    from flywheel.feedback.report import error_report
+    from flywheel.feedback import error_report
     from flywheel.store import session_factory
 
     settings = settings_or_exit()

@@ -252,7 +252,7 @@ class FederatedRun:
     def holdouts(self, labels: list[str]):  # noqa: ANN201
         from flywheel.learner.example_source import ExampleSource, as_arrays
         from flywheel.learner.gate import Holdout
-        from flywheel.store.trusted import seed_data
+        from flywheel.store import seed_data
 
         s = self.settings
         _, _, x_ho, y_ho = seed_data(s)
@@ -281,7 +281,7 @@ class FederatedRun:
         from flywheel.learner.gate import accuracy, evaluate_gate
         from flywheel.learner.seed_model import ensure_champion
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
-        from flywheel.store.trusted import seed_data
+        from flywheel.store import seed_data
 
         s, o = self.settings, self.options
         started = time.perf_counter()
