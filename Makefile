@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint browser bench-serve clean
+.PHONY: install demo test lint typecheck browser bench-serve clean
 
 # torch first, alone and pinned, so the resolver never reaches for a CUDA build;
 # then everything else under constraints.txt.
@@ -20,8 +20,21 @@ install: $(STAMP)
 demo: install
 	$(BIN)/flywheel demo --report .flywheel/demo-report
 
-lint: install
+# The lint step of `make test` (and so of CI): any finding fails it.
+lint: install typecheck
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy over the package as it installs (flywheel.service is service/, ...): a tree of
+# links in .typecheck/ gives mypy that layout.
+TYPECHECK := .typecheck
+typecheck: install
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/flywheel
+	for f in flywheel/*; do ln -s ../../$$f $(TYPECHECK)/flywheel/; done
+	for c in service feedback learner privacy kernels migrations; do \
+	  ln -s ../../$$c $(TYPECHECK)/flywheel/$$c; done
+	cd $(TYPECHECK) && ../$(BIN)/mypy --config-file ../pyproject.toml \
+	  --cache-dir ../.mypy_cache -p flywheel
 
 # Debian's Chromium for the review page's browser test (tests/integration/test_review_ui.py);
 # Playwright drives it and never downloads a browser. If it cannot be installed (not root, no
@@ -40,4 +53,4 @@ bench-serve: install
 	$(BIN)/python -m bench serve
 
 clean:
-	rm -rf $(VENV) .flywheel .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .flywheel .pytest_cache .ruff_cache .mypy_cache .typecheck *.egg-info

@@ -19,3 +19,32 @@ def test_readme_starts_with_what_flywheel_is_and_two_setup_commands():
     setup = text.split("## Set up", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in setup.strip().splitlines()]
     assert commands == ["make demo", "make test"]
+
+
+def _layout() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_layout_names_only_paths_that_exist():
+    import re
+
+    named = re.findall(r"`([\w./-]+(?:/|\.py))`", _layout())
+    assert named, "the Layout section names no folder"
+    missing = []
+    for path in named:
+        # a bare file name is inside flywheel/ or flywheel/store/, as the text says
+        candidates = [ROOT / path, ROOT / "flywheel" / path, ROOT / "flywheel" / "store" / path]
+        if not any(c.exists() for c in candidates):
+            missing.append(path)
+    assert not missing, f"README's Layout names paths not in the tree: {missing}"
+
+
+def test_readme_layout_names_every_package_folder():
+    layout = _layout()
+    folders = [p.parent for p in ROOT.glob("*/__init__.py")] + [
+        p.parent for p in (ROOT / "flywheel").glob("*/__init__.py")]
+    folders += [ROOT / "docker", ROOT / "docs"]
+    unnamed = sorted(str(f.relative_to(ROOT)) + "/" for f in folders
+                     if f"`{f.relative_to(ROOT)}/`" not in layout and f.name != "tests")
+    assert not unnamed, f"README's Layout leaves out: {unnamed}"
