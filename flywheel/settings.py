@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -62,7 +63,7 @@ class _Fields(BaseModel):
     this, `settings.model_copy(update={"kafka_bootstrap": b}).kafka` would be the old group.
     """
 
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Self:
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         copied = super().model_copy(update=update, deep=deep)
         for klass in type(self).__mro__:
             for name, attr in vars(klass).items():

@@ -20,6 +20,9 @@ from flywheel.learner.example_source import StoredExample, as_arrays, bound_per_
 from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.trainer import OnlineTrainer
 from flywheel.privacy import (
+    EPSILON,
+    EXCLUDED_SOURCES,
+    REFUSALS,
     BudgetPlan,
     BudgetRefused,
     DPConfig,
@@ -27,7 +30,6 @@ from flywheel.privacy import (
     plan_update,
     resolve_engine,
 )
-from flywheel.privacy.metrics import EPSILON, EXCLUDED_SOURCES, REFUSALS
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class PrivateStep:
     """Bounds, budgets and records each update of one lineage."""
 
     def __init__(self, settings: Settings, engine: Engine, lineage: str) -> None:
-        self.config = DPConfig.from_settings(settings)
+        self.config = DPConfig.from_settings(settings.privacy)
         self.ledger = PrivacyLedger(engine)
         self.lineage = lineage
         self.mechanism = self.config.mechanism(settings.learn_steps)

@@ -2,6 +2,7 @@
 
 The privacy unit is the source of an example (the client id on a correction). See
 docs/privacy.md for the mechanism, why it is per source, and what the budget means.
+Configured by `flywheel.settings.PrivacySettings` only (`DPConfig.from_settings`).
 """
 
 from flywheel.privacy.accounting import (
@@ -15,9 +16,12 @@ from flywheel.privacy.budget import BudgetPlan, BudgetRefused, plan_update
 from flywheel.privacy.config import DPConfig
 from flywheel.privacy.dp_sgd import DPStepStats, PrivateBatch, dp_update, resolve_engine
 from flywheel.privacy.ledger import LedgerEntry, PrivacyLedger, SourceSpend
+from flywheel.privacy.metrics import EPSILON, EXCLUDED_SOURCES, REFUSALS
+from flywheel.privacy.report import build_report, plot_epsilon
 
 __all__ = [
-    "ACCOUNTANTS", "BudgetPlan", "BudgetRefused", "DPConfig", "DPStepStats", "LedgerEntry",
-    "Mechanism", "PrivacyLedger", "PrivateBatch", "SourceSpend", "dp_accounting_epsilon",
-    "dp_update", "epsilon", "noise_for_budget", "plan_update", "resolve_engine",
+    "ACCOUNTANTS", "EPSILON", "EXCLUDED_SOURCES", "REFUSALS", "BudgetPlan", "BudgetRefused",
+    "DPConfig", "DPStepStats", "LedgerEntry", "Mechanism", "PrivacyLedger", "PrivateBatch",
+    "SourceSpend", "build_report", "dp_accounting_epsilon", "dp_update", "epsilon",
+    "noise_for_budget", "plan_update", "plot_epsilon", "resolve_engine",
 ]

@@ -23,8 +23,7 @@ def report(
                             help="Sources shown, most spent first (--json: all)."),
 ) -> None:
     """Per version and per source: ε spent and budget left; each update's mechanism."""
-    from flywheel.privacy import PrivacyLedger
-    from flywheel.privacy.report import build_report, plot_epsilon
+    from flywheel.privacy import PrivacyLedger, build_report, plot_epsilon
 
     settings = settings_or_exit()
     engine = store_or_exit(settings)
