@@ -8,9 +8,10 @@ Why groups: one flat class of ~90 fields handed to every component hides what a 
 depends on, lets any component read any knob, and makes a unit test build the whole
 configuration. So each component's settings are declared once, in a small group model
 (`LearnerSettings`, `PrivacySettings`, `ServiceSettings`, ...), and each component takes
-only its group(s): `OnlineTrainer` needs `LearnerSettings`, not `Settings`. A test builds
+only its group(s): `flywheel.privacy` takes `PrivacySettings`, not `Settings`. A test builds
 just that group (`LearnerSettings(learn_batch=10)`); a type checker refuses a whole
-`Settings`, or the wrong group, where a group is expected.
+`Settings`, or the wrong group, where a group is expected. Only wiring (the CLI, the demo,
+process start-up) holds the whole `Settings`, and hands each component its groups.
 
 How it fits together: each group's fields, defaults, descriptions and validators live in a
 field mixin (`_LearnerFields`); the group (`LearnerSettings`) and the flat `Settings` both
@@ -20,7 +21,8 @@ out groups as properties (`settings.learner`, `settings.privacy`, ...), each bui
 from the already validated flat values.
 
 How to add a setting: declare it, with default and description, in the mixin of the group
-whose component reads it (a new component gets a new mixin + group + property, and the
+whose component reads it (a new component gets a new mixin, group, property and `GROUPS`
+entry, and the
 mixin joins `Settings`' bases); document `FLYWHEEL_<NAME>` in docs/contracts.md (a test
 checks). A setting two components read goes in the group of the one that owns the
 behaviour, and the other takes that group too; never declare it twice.
