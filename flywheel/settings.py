@@ -22,10 +22,9 @@ from the already validated flat values.
 
 How to add a setting: declare it, with default and description, in the mixin of the group
 whose component reads it (a new component gets a new mixin, group, property and `GROUPS`
-entry, and the
-mixin joins `Settings`' bases); document `FLYWHEEL_<NAME>` in docs/contracts.md (a test
-checks). A setting two components read goes in the group of the one that owns the
-behaviour, and the other takes that group too; never declare it twice.
+entry, and the mixin joins `Settings`' bases); document `FLYWHEEL_<NAME>` in
+docs/contracts.md (a test checks). A setting two components read goes in the group of the
+one that owns the behaviour, and the other takes that group too; never declare it twice.
 """
 
 from __future__ import annotations
