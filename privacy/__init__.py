@@ -2,7 +2,6 @@
 
 The privacy unit is the source of an example (the client id on a correction). See
 docs/privacy.md for the mechanism, why it is per source, and what the budget means.
-Configured by `flywheel.settings.PrivacySettings` only (`DPConfig.from_settings`).
 """
 
 from flywheel.privacy.accounting import (
@@ -21,7 +20,8 @@ from flywheel.privacy.report import build_report, plot_epsilon
 
 __all__ = [
     "ACCOUNTANTS", "EPSILON", "EXCLUDED_SOURCES", "REFUSALS", "BudgetPlan", "BudgetRefused",
-    "DPConfig", "DPStepStats", "LedgerEntry", "Mechanism", "PrivacyLedger", "PrivateBatch",
-    "SourceSpend", "build_report", "dp_accounting_epsilon", "dp_update", "epsilon",
-    "noise_for_budget", "plan_update", "plot_epsilon", "resolve_engine",
+    "DPConfig", "DPStepStats", "LedgerEntry",
+    "Mechanism", "PrivacyLedger", "PrivateBatch", "SourceSpend", "dp_accounting_epsilon",
+    "build_report", "dp_update", "epsilon", "noise_for_budget", "plan_update", "plot_epsilon",
+    "resolve_engine",
 ]
