@@ -75,6 +75,7 @@ def run_arm(sc: dict[str, Any], *, dp: bool, lr: float, batch: int, seed: int,
     from bench._streams import OurSetup, warm_model
     from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
     from flywheel.privacy import DPConfig
+    from flywheel.settings import PrivacySettings
 
     (xp, yp), (xs, ys), (xh, yh) = sc["public"], sc["stream"], sc["holdout"]
     module = warm_model(xp, yp, sc["labels"], OurSetup(hidden=(64, 64), warm_epochs=20), seed)
@@ -82,7 +83,9 @@ def run_arm(sc: dict[str, Any], *, dp: bool, lr: float, batch: int, seed: int,
     trainer = OnlineTrainer(module, config, input_dim=xp.shape[1], seed=seed)
     trainer.remember(xp, yp)
     trainer.remember_public(xp, yp)
-    mechanism = DPConfig(epsilon=epsilon, delta=delta, source_updates=1).mechanism(config.steps)
+    privacy = PrivacySettings(privacy_epsilon=epsilon, privacy_delta=delta,
+                              privacy_source_updates=1)
+    mechanism = DPConfig.from_settings(privacy).mechanism(config.steps)
     held = []
     for start in range(0, len(ys), batch):
         x, y = xs[start:start + batch], ys[start:start + batch]
@@ -174,11 +177,14 @@ def main(
 
     from bench._streams import machine, one_thread, progress
     from flywheel.privacy import DPConfig
+    from flywheel.settings import PrivacySettings
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     if not names or any(n not in SCENARIOS for n in names):
         raise typer.BadParameter(f"--scenarios must be a subset of {', '.join(SCENARIOS)}")
-    sigma = DPConfig(epsilon=epsilon, delta=delta, source_updates=1).mechanism(8)
+    privacy = PrivacySettings(privacy_epsilon=epsilon, privacy_delta=delta,
+                              privacy_source_updates=1)
+    sigma = DPConfig.from_settings(privacy).mechanism(8)
     results = []
     interactive = sys.stderr.isatty()
     with one_thread(), progress(interactive) as bar:

@@ -1,20 +1,43 @@
-"""One validated source of configuration for every Flywheel process.
+"""One validated source of configuration for every Flywheel process, grouped by component.
 
 All settings come from `FLYWHEEL_*` environment variables (or an env file), so a
 deployment configures every process the same way. Unknown `FLYWHEEL_*` variables are
 an error: a typo must not silently fall back to a default.
+
+Why groups: one flat class of ~90 fields handed to every component hides what a component
+depends on, lets any component read any knob, and makes a unit test build the whole
+configuration. So each component's settings are declared once, in a small group model
+(`LearnerSettings`, `PrivacySettings`, `ServiceSettings`, ...), and each component takes
+only its group(s): `flywheel.privacy` takes `PrivacySettings`, not `Settings`. A test builds
+just that group (`LearnerSettings(learn_batch=10)`); a type checker refuses a whole
+`Settings`, or the wrong group, where a group is expected. Only wiring (the CLI, the demo,
+process start-up) holds the whole `Settings`, and hands each component its groups.
+
+How it fits together: each group's fields, defaults, descriptions and validators live in a
+field mixin (`_LearnerFields`); the group (`LearnerSettings`) and the flat `Settings` both
+inherit it, so a default is written once and the flat variable names (`learn_batch` ->
+`FLYWHEEL_LEARN_BATCH`) do not change. `Settings` is not a subclass of any group; it hands
+out groups as properties (`settings.learner`, `settings.privacy`, ...), each built once
+from the already validated flat values.
+
+How to add a setting: declare it, with default and description, in the mixin of the group
+whose component reads it (a new component gets a new mixin, group, property and `GROUPS`
+entry, and the mixin joins `Settings`' bases); document `FLYWHEEL_<NAME>` in
+docs/contracts.md (a test checks). A setting two components read goes in the group of the
+one that owns the behaviour, and the other takes that group too; never declare it twice.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FLYWHEEL_"
@@ -34,27 +57,135 @@ class SettingsError(ValueError):
     """Raised when configuration is invalid; the message names the variable."""
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+class _Fields(BaseModel):
+    """Base of the field mixins: a copy forgets cached values derived from the fields.
+
+    `model_copy(update=...)` copies `__dict__` as is, cached properties included; without
+    this, `settings.model_copy(update={"kafka_bootstrap": b}).kafka` would be the old group.
+    """
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        for klass in type(self).__mro__:
+            for name, attr in vars(klass).items():
+                if isinstance(attr, cached_property):
+                    copied.__dict__.pop(name, None)
+        return copied
+
+
+# -- field mixins: every setting is declared once, in exactly one of these ------------------
+
+class _StateFields(_Fields):
+    """Where state lives: the home folder, and the two stores that default into it."""
 
     home: Path = Field(Path(".flywheel"), description="Folder for all local state.")
-    kafka_bootstrap: str | None = Field(
-        None, description="host:port[,host:port]; unset starts an embedded broker."
-    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home.")
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite in home.")
 
+    @field_validator("database_url", "mlflow_tracking_uri")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        """Caught here, an unparseable URL is a one-line error before anything starts."""
+        if value is None or value.strip() == "":
+            return None
+        try:
+            _ = urlsplit(value).port  # raises on a bad port or an unclosed IPv6 bracket
+        except ValueError as exc:
+            raise ValueError(f"not a usable URL ({exc})") from None
+        return value
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'flywheel.db'}"
+
+    @property
+    def resolved_mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        return self.home_dir / "mlartifacts"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.home_dir / "spool" / "events.spool"
+
+
+class _KafkaFields(_Fields):
+    """The broker and the topics every component shares."""
+
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; unset starts an embedded broker.")
     topic_predictions: str = Field("flywheel.predictions", description="Every served prediction.")
     topic_corrections: str = Field("flywheel.corrections", description="True labels from apps.")
     topic_model_events: str = Field("flywheel.model-events", description="Promotions, rollbacks.")
     topic_deadletter: str = Field("flywheel.deadletter", description="Unusable messages + reason.")
     topic_partitions: int = Field(3, ge=1, le=1024, description="For topics Flywheel creates.")
+    kafka_timeout_s: float = Field(5.0, gt=0, description="Delivery timeout before spooling.")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        for part in value.split(","):
+            if not _is_host_port(part.strip()):
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("topic_predictions", "topic_corrections", "topic_model_events",
+                     "topic_deadletter")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        """Kafka's own rule for topic names, checked before any client is made."""
+        if not _TOPIC.fullmatch(value) or value in (".", ".."):
+            raise ValueError("a Kafka topic name is 1-249 of letters, digits, '.', '_', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_topics_distinct(self) -> Self:
+        topics = self.topics
+        if len(set(topics)) != len(topics):
+            raise ValueError(f"topic names must be distinct, got {topics}")
+        return self
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.topic_predictions, self.topic_corrections, self.topic_model_events,
+                self.topic_deadletter]
+
+
+class _RegistryFields(_Fields):
+    """The MLflow registered model of this deployment, and how often followers look."""
 
     model_name: str = Field("flywheel", min_length=1, max_length=200,
                             description="The MLflow registered model of this deployment.")
+    registry_poll_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="Service checks the champion alias this often (model events are faster).")
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_model_name(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise ValueError("expected a name without leading or trailing blanks")
+        return value
+
+
+class _TrustedFields(_Fields):
+    """The trusted seed data and the initial model trained on it."""
+
     seed: int = Field(7, description="Seed for seed data and the initial model.")
     seed_examples: int = Field(3000, ge=100, le=1_000_000,
                                description="Seed data size (80 % train, 20 % trusted holdout).")
+
+
+class _ServiceFields(_Fields):
+    """The HTTP inference service: limits, dynamic batching, precision, the review token."""
 
     host: str = Field("127.0.0.1", description="Interface `flywheel serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `flywheel serve` binds.")
@@ -71,14 +202,31 @@ class Settings(BaseSettings):
                     "held several.")
     serve_precision: Literal["fp32", "int8", "bf16"] = Field(
         "fp32", description="Serve the model in full precision, dynamic int8 or bfloat16.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for the review page's approve, reject and rollback "
+                          "(/v1/review); unset: the page is read-only.")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # an empty token must not become a valid one
+        return value
+
+
+class _EventLogFields(_Fields):
+    """The service's event log: the bounded queue, Kafka batching and the disk spool."""
 
     log_queue_size: int = Field(50_000, ge=1, description="Bounded in-memory logging queue.")
     log_batch_size: int = Field(500, ge=1, le=100_000, description="Records per Kafka flush.")
     log_linger_ms: float = Field(50.0, ge=0, le=1000,
                                  description="Sender waits this long to batch records.")
-    kafka_timeout_s: float = Field(5.0, gt=0, description="Delivery timeout before spooling.")
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")
+
+
+class _FeedbackFields(_Fields):
+    """The feedback workers: consuming, joining, expiring, holdout split, counterexamples."""
 
     feedback_group: str = Field("flywheel-feedback", min_length=1,
                                 description="Consumer group the feedback workers share.")
@@ -107,9 +255,21 @@ class Settings(BaseSettings):
         3600.0, gt=0, le=TEN_YEARS_S,
         description="The window of that budget (counted in whole minutes).")
 
-    registry_poll_s: float = Field(
-        10.0, gt=0, le=3600,
-        description="Service checks the champion alias this often (model events are faster).")
+
+class _GateFields(_Fields):
+    """The promotion gate, shared by the online learner, federated server and review."""
+
+    auto_promote: bool = Field(True, description="Promote candidates that pass the gate.")
+    gate_tolerance: float = Field(
+        0.02, ge=0, le=1, description="Allowed accuracy loss on the trusted (seed) holdout.")
+    gate_recent_holdout: int = Field(
+        500, ge=1, le=1_000_000, description="Most recent holdout corrections the gate uses.")
+    gate_min_holdout: int = Field(
+        20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion.")
+
+
+class _LearnerFields(_Fields):
+    """The online learner: update size, rates, elastic boost, replay, polling."""
 
     learn_batch: int = Field(100, ge=1, le=1_000_000,
                              description="New trainable examples per learner update.")
@@ -142,24 +302,18 @@ class Settings(BaseSettings):
         description="Examples committed this late (out of id order) are still picked up.")
     learn_metrics_port: int = Field(
         0, ge=0, le=65535, description="Learner's /metrics port (privacy refusals, ε); 0: off.")
-    auto_promote: bool = Field(True, description="Promote candidates that pass the gate.")
-    gate_tolerance: float = Field(
-        0.02, ge=0, le=1, description="Allowed accuracy loss on the trusted (seed) holdout.")
-    gate_recent_holdout: int = Field(
-        500, ge=1, le=1_000_000, description="Most recent holdout corrections the gate uses.")
-    gate_min_holdout: int = Field(
-        20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion.")
 
-    admin_token: SecretStr | None = Field(
-        None, description="Bearer token for the review page's approve, reject and rollback "
-                          "(/v1/review); unset: the page is read-only.")
+    @model_validator(mode="after")
+    def _check_learn_rates(self) -> Self:
+        if self.learn_max_lr < self.learn_lr:
+            raise ValueError(f"FLYWHEEL_LEARN_MAX_LR ({self.learn_max_lr:g}) is below "
+                             f"FLYWHEEL_LEARN_LR ({self.learn_lr:g}): the cap is for the "
+                             "boosted rate; raise it or lower the base rate")
+        return self
 
-    @field_validator("admin_token")
-    @classmethod
-    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or not value.get_secret_value().strip():
-            return None  # an empty token must not become a valid one
-        return value
+
+class _PrivacyFields(_Fields):
+    """DP-SGD of the online learner: the budget, the mechanism, the engine."""
 
     privacy_enabled: bool = Field(
         True, description="Every learner update is DP-SGD; false trains without noise.")
@@ -183,7 +337,10 @@ class Settings(BaseSettings):
     privacy_engine: Literal["auto", "opacus", "fused"] = Field(
         "auto", description="Per-example clipping: fused kernel, Opacus, or auto.")
 
-    # federated learning (docs/federated.md)
+
+class _FederatedFields(_Fields):
+    """Federated learning (docs/federated.md): SuperLink, rounds, aggregation, central DP."""
+
     fed_superlink: str = Field(
         "127.0.0.1:9093", description="SuperLink HTTP address (Fleet, Control and Runtime "
                                       "APIs) that `flywheel fed` binds or connects to.")
@@ -240,32 +397,6 @@ class Settings(BaseSettings):
         None, description="Gate's recent holdout (.npz: x, labels) when the platform store "
                           "has fewer than FLYWHEEL_GATE_MIN_HOLDOUT holdout corrections.")
 
-    @field_validator("kafka_bootstrap")
-    @classmethod
-    def _check_bootstrap(cls, value: str | None) -> str | None:
-        if value is None or value.strip() == "":
-            return None
-        for part in value.split(","):
-            if not _is_host_port(part.strip()):
-                raise ValueError(f"expected host:port[,host:port], got {value!r}")
-        return value
-
-    @field_validator("topic_predictions", "topic_corrections", "topic_model_events",
-                     "topic_deadletter")
-    @classmethod
-    def _check_topic(cls, value: str) -> str:
-        """Kafka's own rule for topic names, checked before any client is made."""
-        if not _TOPIC.fullmatch(value) or value in (".", ".."):
-            raise ValueError("a Kafka topic name is 1-249 of letters, digits, '.', '_', '-'")
-        return value
-
-    @field_validator("model_name")
-    @classmethod
-    def _check_model_name(cls, value: str) -> str:
-        if not value.strip() or value != value.strip():
-            raise ValueError("expected a name without leading or trailing blanks")
-        return value
-
     @field_validator("fed_superlink")
     @classmethod
     def _check_superlink(cls, value: str) -> str:
@@ -273,58 +404,150 @@ class Settings(BaseSettings):
             raise ValueError("expected host:port")
         return value.strip()
 
-    @field_validator("database_url", "mlflow_tracking_uri")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        """Caught here, an unparseable URL is a one-line error before anything starts."""
-        if value is None or value.strip() == "":
-            return None
-        try:
-            _ = urlsplit(value).port  # raises on a bad port or an unclosed IPv6 bracket
-        except ValueError as exc:
-            raise ValueError(f"not a usable URL ({exc})") from None
-        return value
 
-    @model_validator(mode="after")
-    def _check_learn_rates(self) -> Settings:
-        if self.learn_max_lr < self.learn_lr:
-            raise ValueError(f"FLYWHEEL_LEARN_MAX_LR ({self.learn_max_lr:g}) is below "
-                             f"FLYWHEEL_LEARN_LR ({self.learn_lr:g}): the cap is for the "
-                             "boosted rate; raise it or lower the base rate")
-        return self
+# -- the groups a component takes ---------------------------------------------------------
 
-    @model_validator(mode="after")
-    def _check_topics_distinct(self) -> Settings:
-        topics = [self.topic_predictions, self.topic_corrections, self.topic_model_events,
-                  self.topic_deadletter]
-        if len(set(topics)) != len(topics):
-            raise ValueError(f"topic names must be distinct, got {topics}")
-        return self
+_GROUP_CONFIG = ConfigDict(frozen=True, extra="forbid")
+
+
+class StateSettings(_StateFields):
+    """`home`, `database_url`, `mlflow_tracking_uri`, and the paths derived from them."""
+
+    model_config = _GROUP_CONFIG
+
+
+class KafkaSettings(_KafkaFields):
+    """`kafka_bootstrap`, the four topics, `topic_partitions`, `kafka_timeout_s`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class RegistrySettings(_RegistryFields):
+    """`model_name`, `registry_poll_s`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class TrustedSettings(_TrustedFields):
+    """`seed`, `seed_examples`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class ServiceSettings(_ServiceFields):
+    """`host`, `port`, request limits, dynamic batching, `serve_precision`, `admin_token`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class EventLogSettings(_EventLogFields):
+    """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class FeedbackSettings(_FeedbackFields):
+    """`feedback_*`, `correction_expiry_s`, `holdout_fraction`, `counterexample_*`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class GateSettings(_GateFields):
+    """`auto_promote`, `gate_tolerance`, `gate_recent_holdout`, `gate_min_holdout`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class LearnerSettings(_LearnerFields):
+    """`learn_*`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class PrivacySettings(_PrivacyFields):
+    """`privacy_*`."""
+
+    model_config = _GROUP_CONFIG
+
+
+class FederatedSettings(_FederatedFields):
+    """`fed_*`."""
+
+    model_config = _GROUP_CONFIG
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "state": StateSettings, "kafka": KafkaSettings, "registry": RegistrySettings,
+    "trusted": TrustedSettings, "service": ServiceSettings, "event_log": EventLogSettings,
+    "feedback": FeedbackSettings, "gate": GateSettings, "learner": LearnerSettings,
+    "privacy": PrivacySettings, "federated": FederatedSettings,
+}
+"""Property name on `Settings` -> group; every flat setting is in exactly one (a test checks)."""
+
+_G = TypeVar("_G", bound=BaseModel)
+
+
+# pydantic collects fields from the last base to the first: listed in reverse, so that the
+# fields (model_dump, the schema) read in the order of the groups above
+class Settings(_FederatedFields, _PrivacyFields, _LearnerFields, _GateFields, _FeedbackFields,
+               _EventLogFields, _ServiceFields, _TrustedFields, _RegistryFields, _KafkaFields,
+               _StateFields, BaseSettings):
+    """Every setting, read from the environment; hand components its groups, not itself.
+
+    Not a subclass of any group, so a type checker refuses a `Settings` where a group is
+    expected. Kept flat (same variable names, same attributes) so components not yet
+    converted to their groups keep working.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    def _group(self, group: type[_G]) -> _G:
+        # the values were validated by the same validators when `self` was built
+        return group.model_construct(**{name: getattr(self, name) for name in group.model_fields})
 
     @cached_property
-    def home_dir(self) -> Path:
-        return self.home.expanduser().resolve()
+    def state(self) -> StateSettings:
+        return self._group(StateSettings)
 
-    @property
-    def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.home_dir / 'flywheel.db'}"
+    @cached_property
+    def kafka(self) -> KafkaSettings:
+        return self._group(KafkaSettings)
 
-    @property
-    def resolved_mlflow_uri(self) -> str:
-        return self.mlflow_tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+    @cached_property
+    def registry(self) -> RegistrySettings:
+        return self._group(RegistrySettings)
 
-    @property
-    def mlflow_artifacts_dir(self) -> Path:
-        return self.home_dir / "mlartifacts"
+    @cached_property
+    def trusted(self) -> TrustedSettings:
+        return self._group(TrustedSettings)
 
-    @property
-    def spool_path(self) -> Path:
-        return self.home_dir / "spool" / "events.spool"
+    @cached_property
+    def service(self) -> ServiceSettings:
+        return self._group(ServiceSettings)
 
-    @property
-    def topics(self) -> list[str]:
-        return [self.topic_predictions, self.topic_corrections, self.topic_model_events,
-                self.topic_deadletter]
+    @cached_property
+    def event_log(self) -> EventLogSettings:
+        return self._group(EventLogSettings)
+
+    @cached_property
+    def feedback(self) -> FeedbackSettings:
+        return self._group(FeedbackSettings)
+
+    @cached_property
+    def gate(self) -> GateSettings:
+        return self._group(GateSettings)
+
+    @cached_property
+    def learner(self) -> LearnerSettings:
+        return self._group(LearnerSettings)
+
+    @cached_property
+    def privacy(self) -> PrivacySettings:
+        return self._group(PrivacySettings)
+
+    @cached_property
+    def federated(self) -> FederatedSettings:
+        return self._group(FederatedSettings)
 
 
 def known_variables() -> set[str]:

@@ -84,7 +84,7 @@ class PrivateStep:
     """Bounds, budgets and records each update of one lineage."""
 
     def __init__(self, settings: Settings, engine: Engine, lineage: str) -> None:
-        self.config = DPConfig.from_settings(settings)
+        self.config = DPConfig.from_settings(settings.privacy)
         self.ledger = PrivacyLedger(engine)
         self.lineage = lineage
         self.mechanism = self.config.mechanism(settings.learn_steps)

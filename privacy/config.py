@@ -1,34 +1,40 @@
-"""DP settings of one lineage, and the noise they imply."""
+"""DP settings of one lineage, and the noise they imply.
+
+`DPConfig` has no defaults of its own: it is always built from `PrivacySettings`, where
+every privacy default lives, so the learner, a federated site and the benchmarks cannot
+drift apart. A caller that trains at another sampling rate (a federated site) replaces
+that one field (`dataclasses.replace`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from flywheel.privacy.accounting import Accountant, Mechanism, noise_for_budget
-from flywheel.settings import Settings
+from flywheel.settings import PrivacySettings
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    epsilon: float = 3.0  # budget per source and lineage
-    delta: float = 1e-5
-    noise_multiplier: float | None = None  # None: calibrated from the budget
-    max_grad_norm: float = 1.0
-    sample_rate: float = 0.5  # each source's chance to be in one step
-    source_updates: int = 2  # updates one source may join within the budget
-    max_per_source: int = 16
-    accountant: Accountant = "rdp"
-    engine: str = "auto"
+    epsilon: float  # budget per source and lineage
+    delta: float
+    noise_multiplier: float | None  # None: calibrated from the budget
+    max_grad_norm: float
+    sample_rate: float  # each source's chance to be in one step
+    source_updates: int  # updates one source may join within the budget
+    max_per_source: int
+    accountant: Accountant
+    engine: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> DPConfig:
-        return cls(epsilon=settings.privacy_epsilon, delta=settings.privacy_delta,
-                   noise_multiplier=settings.privacy_noise_multiplier,
-                   max_grad_norm=settings.privacy_max_grad_norm,
-                   sample_rate=settings.privacy_sample_rate,
-                   source_updates=settings.privacy_source_updates,
-                   max_per_source=settings.privacy_max_per_source,
-                   accountant=settings.privacy_accountant, engine=settings.privacy_engine)
+    def from_settings(cls, privacy: PrivacySettings) -> DPConfig:
+        return cls(epsilon=privacy.privacy_epsilon, delta=privacy.privacy_delta,
+                   noise_multiplier=privacy.privacy_noise_multiplier,
+                   max_grad_norm=privacy.privacy_max_grad_norm,
+                   sample_rate=privacy.privacy_sample_rate,
+                   source_updates=privacy.privacy_source_updates,
+                   max_per_source=privacy.privacy_max_per_source,
+                   accountant=privacy.privacy_accountant, engine=privacy.privacy_engine)
 
     def mechanism(self, steps: int) -> Mechanism:
         """The update's mechanism: explicit σ, or the σ that lets a source join

@@ -54,7 +54,7 @@ def site_dp_config(settings: Settings) -> DPConfig:
     no longer outweigh a small site's own data (`bench fedaccuracy`: +3 points)."""
     from flywheel.privacy import DPConfig
 
-    return replace(DPConfig.from_settings(settings),
+    return replace(DPConfig.from_settings(settings.privacy),
                    sample_rate=settings.fed_privacy_sample_rate)
 
 

@@ -17,6 +17,7 @@ from flywheel.privacy import (
     epsilon,
     noise_for_budget,
 )
+from flywheel.settings import PrivacySettings
 
 LEDGERS = [
     [Mechanism(0.5, 2.46, 8)],
@@ -44,7 +45,8 @@ def test_calibrated_noise_spends_the_budget_and_no_more():
     spent = epsilon([Mechanism(0.5, sigma, 16)], 1e-5)
     assert 2.9 < spent <= 3.0
     # the learner's config spreads the budget over `source_updates` updates
-    m = DPConfig(epsilon=3.0, source_updates=2).mechanism(8)
+    privacy = PrivacySettings(privacy_epsilon=3.0, privacy_source_updates=2)
+    m = DPConfig.from_settings(privacy).mechanism(8)
     assert epsilon([m, m], 1e-5) <= 3.0 + 1e-6 < epsilon([m, m, m], 1e-5)
 
 

@@ -95,3 +95,77 @@ def test_mask_credentials_hides_every_character_of_a_password(text, shown):
     from flywheel.settings import mask_credentials
 
     assert mask_credentials(text) == shown
+
+
+# -- settings grouped by component ------------------------------------------------------------
+def test_every_setting_is_in_exactly_one_group():
+    from flywheel.settings import GROUPS
+
+    owners: dict[str, list[str]] = {}
+    for name, group in GROUPS.items():
+        for field in group.model_fields:
+            owners.setdefault(field, []).append(name)
+    assert set(owners) == set(Settings.model_fields)
+    assert {f: g for f, g in owners.items() if len(g) != 1} == {}
+
+
+def test_a_group_and_settings_share_one_default_and_description():
+    from flywheel.settings import GROUPS
+
+    for group in GROUPS.values():
+        for name, field in group.model_fields.items():
+            flat = Settings.model_fields[name]
+            assert (field.default, field.description, field.metadata) == (
+                flat.default, flat.description, flat.metadata), name
+
+
+def test_settings_hand_out_their_groups():
+    from flywheel.settings import GROUPS
+
+    s = Settings()
+    assert s.learner.learn_batch == 100
+    assert s.privacy.privacy_epsilon == 3.0
+    assert s.service.port == 8000
+    assert s.kafka.topics == s.topics
+    assert s.trusted.seed == 7 and s.registry.model_name == "flywheel"
+    assert s.state.resolved_database_url == s.resolved_database_url
+    for prop, group in GROUPS.items():
+        value = getattr(s, prop)
+        assert type(value) is group
+        assert value is getattr(s, prop)  # built once
+        assert value == group()  # the defaults: one source
+        assert not isinstance(s, group)  # a whole Settings is not a group
+
+
+def test_a_group_is_built_on_its_own_and_validated_alone():
+    from flywheel.settings import KafkaSettings, LearnerSettings
+
+    assert LearnerSettings().learn_batch == 100
+    assert LearnerSettings(learn_batch=10).learn_batch == 10
+    with pytest.raises(ValueError, match="FLYWHEEL_LEARN_MAX_LR"):
+        LearnerSettings(learn_lr=0.5)
+    with pytest.raises(ValueError, match="distinct"):
+        KafkaSettings(topic_corrections="flywheel.predictions")
+    with pytest.raises(ValueError, match="extra"):
+        LearnerSettings(privacy_epsilon=1.0)  # another group's setting
+    with pytest.raises(ValueError, match="frozen"):
+        LearnerSettings().learn_batch = 5  # type: ignore[misc]
+
+
+def test_environment_reaches_the_groups(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLYWHEEL_LEARN_BATCH", "37")
+    monkeypatch.setenv("FLYWHEEL_PRIVACY_EPSILON", "1.5")
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    s = load_settings()
+    assert (s.learner.learn_batch, s.learn_batch) == (37, 37)
+    assert s.privacy.privacy_epsilon == 1.5
+    assert s.state.home_dir == tmp_path.resolve()
+
+
+def test_a_copy_with_changes_rebuilds_its_groups(tmp_path):
+    s = Settings(home=tmp_path / "a")
+    assert s.kafka.kafka_bootstrap is None and s.state.home_dir == (tmp_path / "a").resolve()
+    t = s.model_copy(update={"kafka_bootstrap": "k:9092", "home": tmp_path / "b"})
+    assert t.kafka.kafka_bootstrap == "k:9092" and t.home_dir == (tmp_path / "b").resolve()
+    assert t.state.home_dir == (tmp_path / "b").resolve()
+    assert s.kafka.kafka_bootstrap is None  # the original keeps its own
