@@ -2,7 +2,7 @@
 
 Each request is validated first, against the model snapshot it took when it started
 (a bad request is refused before it can join a batch), then submitted with that
-snapshot. Concurrent requests are gathered by `flywheel.kernels.batching.MicroBatcher`
+snapshot. Concurrent requests are gathered by `flywheel.kernels.MicroBatcher`
 (see there for when a batch waits) into one forward pass per model snapshot: a batch is
 always computed by one `ServedModel`, so every response and prediction event names the
 version that computed it; a hot swap between batches is fine, and requests that started
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from flywheel.kernels.batching import BatcherStats, MicroBatcher
+from flywheel.kernels import BatcherStats, MicroBatcher
 from flywheel.service.model_holder import ServedModel
 from flywheel.settings import Settings
 

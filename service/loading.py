@@ -8,9 +8,8 @@ from flywheel.service.model_holder import ServedModel
 from flywheel.settings import Settings
 
 
-def load_champion(settings: Settings, registry: Registry | None = None) -> ServedModel:
+def load_champion(settings: Settings, registry: Registry) -> ServedModel:
     """Load the version behind alias `champion`, bootstrapping one if the registry is empty."""
-    registry = registry or Registry(settings)
     version = ensure_champion(settings, registry)
     loaded = registry.load(version)
     return ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from flywheel.service.event_log import EventLog
     from flywheel.service.model_follower import FollowerStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -77,3 +80,49 @@ class FollowerCollector:
         yield events
         yield GaugeMetricFamily("flywheel_model_last_swap_seconds",
                                 "Load + warm time of the last swap", value=value("last_swap_s"))
+
+
+class RequestMetrics:
+    """Counts and times every request by route and status, in plain ASGI (cheap); a path
+    outside `routes` is counted as `other`, so unknown URLs cannot grow the label set."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: Collection[str]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+class EventLogCollector:
+    """The prediction log's counters, read at scrape time (zeros before it exists)."""
+
+    def __init__(self, event_log: Callable[[], EventLog | None]) -> None:
+        self._event_log = event_log
+
+    def collect(self) -> Iterator[Metric]:
+        el = self._event_log()
+        stats = el.stats if el else None
+        for name, doc, attr in (
+            ("flywheel_log_delivered", "Records acknowledged by Kafka", "delivered"),
+            ("flywheel_log_spooled", "Records written to the spool", "spooled"),
+            ("flywheel_log_replayed", "Spooled records replayed to Kafka", "replayed"),
+            ("flywheel_log_send_failures", "Batches Kafka did not acknowledge", "send_failures"),
+        ):
+            yield CounterMetricFamily(name, doc, value=getattr(stats, attr, 0) if stats else 0)

@@ -58,14 +58,15 @@ class ModelFollower:
     """Keeps `holder` on the registry's champion; `start()` it, `stop()` it at shutdown."""
 
     def __init__(self, settings: Settings, holder: ModelHolder, *,
-                 registry: Callable[[], ChampionSource] | None = None,
+                 registry: Callable[[], ChampionSource],
                  listen: bool | None = None) -> None:
-        """`registry` builds the champion source on the worker thread (MLflow by default);
+        """`registry` gives the champion source; it is first called on the worker thread, so
+        opening the process's shared `Registry` (importing MLflow) never delays startup.
         `listen` consumes model events (default: when Kafka is configured)."""
         self.settings = settings
         self.holder = holder
         self.stats = FollowerStats()
-        self._registry_factory = registry or self._default_registry
+        self._registry_factory = registry
         self._registry: ChampionSource | None = None
         self._listen = bool(settings.kafka_bootstrap) if listen is None else listen
         self._wake = threading.Event()
@@ -114,11 +115,6 @@ class ModelFollower:
         return True
 
     # -- the worker: at most one load at a time ----------------------------------------------
-    def _default_registry(self) -> ChampionSource:
-        from flywheel.registry import Registry
-
-        return Registry(self.settings)
-
     def _work(self) -> None:
         next_poll = time.monotonic()  # check once at start: a promotion during startup
         while not self._stop.is_set():

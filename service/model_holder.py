@@ -35,12 +35,12 @@ class ServedModel:
     def prepare(cls, name: str, version: str, spec: AnySpec, module: nn.Module,
                 precision: str = "fp32") -> ServedModel:
         """Freeze and warm a module before it can be swapped in; at a `precision` other
-        than fp32 a low-precision copy is served (`flywheel.kernels.quantize`)."""
+        than fp32 a low-precision copy is served (`flywheel.kernels.to_precision`)."""
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
         if precision != "fp32":
-            from flywheel.kernels.quantize import to_precision
+            from flywheel.kernels import to_precision
 
             module = to_precision(module, precision)
         served = cls(name, version, spec, module, utcnow(), precision)

@@ -66,3 +66,9 @@ class ModelInfo(BaseModel):
 class ErrorBody(BaseModel):
     detail: str
     errors: list[dict] | None = None
+
+
+# what the write endpoints document: each error status answers with an `ErrorBody`
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorBody} for status in (400, 413, 422, 503)}
+NOT_READY: dict[int | str, dict] = {503: {"model": ErrorBody}}

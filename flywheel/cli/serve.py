@@ -33,6 +33,9 @@ def serve(
             ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
             typer.echo(f"embedded broker at {broker.bootstrap}", err=True)
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+        from flywheel.registry import Registry
         from flywheel.service import create_app, run_server
 
-        run_server(create_app(settings), settings.host, settings.port, access_log)
+        # the process's one registry: the first load, the follower and /v1/review share it
+        app = create_app(settings, registry=Registry(settings))
+        run_server(app, settings.host, settings.port, access_log)

@@ -53,7 +53,7 @@ def serving(settings: Settings) -> Iterator[Service]:
     try:
         assert wait_for(lambda: server.started or not thread.is_alive(), 120)
         assert server.started, "the service did not start"
-        follower = app.state.runtime.follower
+        follower = app.state.service.follower
         assert follower is not None, "create_app(settings) must follow the registry"
         yield Service(f"http://127.0.0.1:{port}", follower, app)
     finally:
@@ -234,7 +234,7 @@ def test_hot_swaps_under_concurrent_load_fail_nothing_and_label_every_response(s
                 assert wait_for(lambda v=version: served_version(svc.url) == v, SWAP_S)
                 n = len(load.responses)
                 assert wait_for(lambda n=n: len(load.responses) >= n + 20, 30)
-        assert svc.app.state.runtime.event_log.wait_idle(30)
+        assert svc.app.state.service.event_log.wait_idle(30)
         assert svc.follower.stats.swaps == len(plan)
         assert svc.follower.stats.failures == 0
 

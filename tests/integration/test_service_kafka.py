@@ -52,7 +52,7 @@ def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Setting
         for i in range(60):
             ids += predict(client, n_rows=1 + i % 5)
         version = client.get("/v1/model").json()["version"]
-        event_log = client.app.state.runtime.event_log
+        event_log = client.app.state.service.event_log
         assert event_log.wait_idle(30)
     records = consume(settings.kafka_bootstrap, settings.topic_predictions, len(ids))
     assert_each_id_once([k.decode() for k, _ in records], ids, no_send_failed(event_log))
@@ -69,7 +69,7 @@ def test_corrections_land_on_their_topic(settings: Settings):
         r = client.post("/v1/corrections", json={"corrections": [
             {"prediction_id": pid, "label": "class_1", "source": "site-7"} for pid in ids]})
         assert r.status_code == 202
-        event_log = client.app.state.runtime.event_log
+        event_log = client.app.state.service.event_log
         assert event_log.wait_idle(30)
     records = consume(settings.kafka_bootstrap, settings.topic_corrections, 3)
     assert_each_id_once([k.decode() for k, _ in records], ids, no_send_failed(event_log))
@@ -91,7 +91,7 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
                                     "kafka_timeout_s": 2.0})
     try:
         with TestClient(create_app(s)) as client:
-            event_log = client.app.state.runtime.event_log
+            event_log = client.app.state.service.event_log
             before = [pid for _ in range(20) for pid in predict(client, 2)]
             assert event_log.wait_idle(30)
             delivered = consume(s.kafka_bootstrap, s.topic_predictions, len(before))
@@ -139,7 +139,7 @@ def test_a_correction_lands_on_its_predictions_partition_as_any_java_client_woul
         ids = predict(client, 40)
         client.post("/v1/corrections", json={"corrections": [
             {"prediction_id": pid, "label": "class_0"} for pid in ids]})
-        assert client.app.state.runtime.event_log.wait_idle(30)
+        assert client.app.state.service.event_log.wait_idle(30)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
     try:
         seen: dict[str, dict[bytes, int]] = {}

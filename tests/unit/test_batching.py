@@ -238,7 +238,7 @@ def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic
     assert set(events) == set(ids)
     assert {e.path for e in events.values()} == {"single"}
     assert {e.model_version for e in events.values()} == {"7"}
-    batcher = app.state.batcher
+    batcher = app.state.service.batcher
     if dynamic:
         assert batcher.stats.items == 39 and batcher.stats.batches < 39
         assert 1 < batcher.stats.largest <= 16

@@ -203,5 +203,5 @@ def test_an_app_given_its_model_does_not_follow_the_registry_unless_asked(tmp_pa
         app = create_app(settings, event_log=log, **kwargs)
         with TestClient(app) as client:
             assert client.get("/v1/model").json()["version"] == "7"
-            assert app.state.runtime.follower is None
+            assert app.state.service.follower is None
             assert "flywheel_model_swaps_total 0.0" in client.get("/metrics").text

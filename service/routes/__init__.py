@@ -1,0 +1,8 @@
+"""The service's HTTP routes, one `APIRouter` per job; `flywheel.service.create_app`
+assembles them. Handlers get what they share through the `State` dependency
+(`flywheel.service.state`), so each router can be mounted on its own, with its own state.
+"""
+
+from flywheel.service.routes import corrections, health, metrics, model, predict, review
+
+__all__ = ["corrections", "health", "metrics", "model", "predict", "review"]

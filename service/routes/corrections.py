@@ -1,0 +1,40 @@
+"""`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from flywheel.events import CorrectionEvent, new_id, utcnow
+from flywheel.service.errors import BadRequest
+from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
+from flywheel.service.spool import Record
+from flywheel.service.state import State
+
+router = APIRouter()
+
+
+@router.post("/v1/corrections", status_code=202, response_model=CorrectionsAccepted,
+             responses=ERROR_RESPONSES)
+async def corrections(body: CorrectionsRequest, state: State) -> JSONResponse:
+    """Accept true labels for earlier predictions; all or none of a call is accepted."""
+    settings = state.settings
+    items = body.corrections
+    if len(items) > settings.max_corrections:
+        raise BadRequest(f"{len(items)} corrections exceed the limit of "
+                         f"{settings.max_corrections} (FLYWHEEL_MAX_CORRECTIONS)", 413)
+    known = set(state.served().spec.labels)
+    for i, c in enumerate(items):
+        if c.label not in known:
+            raise BadRequest(f"corrections[{i}].label: unknown label {c.label!r}; "
+                             f"known labels: {sorted(known)}")
+    now, topic = utcnow(), settings.topic_corrections
+    records = [
+        Record(topic, c.prediction_id.encode(), CorrectionEvent(
+            id=new_id(), prediction_id=c.prediction_id, label=c.label, source=c.source,
+            timestamp=now).to_json())
+        for c in items
+    ]
+    state.event_log.log_many(records)  # type: ignore[union-attr]
+    state.metrics.corrections.inc(len(records))
+    return JSONResponse({"accepted": len(records)}, status_code=202)

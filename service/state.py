@@ -1,0 +1,56 @@
+"""What the app's handlers share, handed to them as a FastAPI dependency.
+
+`create_app` builds one `ServiceState` and stores it on `app.state.service`; a handler asks
+for it with a `State` parameter. A test can mount any router from `flywheel.service.routes`
+on a bare FastAPI app and give it its own state through `app.dependency_overrides[get_state]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from flywheel.service.backends import SharedRegistry, SharedStore
+from flywheel.service.batching import PredictBatcher
+from flywheel.service.errors import BadRequest
+from flywheel.service.event_log import EventLog
+from flywheel.service.metrics import ServiceMetrics
+from flywheel.service.model_follower import ModelFollower
+from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
+from flywheel.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    """The settings, the served model, the prediction log, the registry and the metrics.
+
+    `event_log` and `follower` are filled in at startup (the app's lifespan); `batcher` is
+    set when FLYWHEEL_DYNAMIC_BATCHING is on."""
+
+    settings: Settings
+    holder: ModelHolder
+    metrics: ServiceMetrics
+    registry: SharedRegistry
+    store: SharedStore
+    event_log: EventLog | None = None
+    follower: ModelFollower | None = None
+    batcher: PredictBatcher | None = None
+
+    def served(self) -> ServedModel:
+        """The model snapshot a request works with; 503 while none is loaded yet.
+
+        A plain call inside the handler, not a dependency: a dependency would answer 503
+        before the body is validated, and a bad body must stay a 4xx about the body."""
+        try:
+            return self.holder.current()
+        except ModelNotReady as exc:
+            raise BadRequest("no model loaded yet; retry shortly", 503) from exc
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(get_state)]
