@@ -1,4 +1,8 @@
-"""The training store: predictions, corrections, examples and learner cursors.
+"""The shared training store: predictions, corrections, examples, learner cursors, the
+privacy ledger, and the trusted seed data every component agrees on.
+
+One component that the others meet through: feedback writes it, the learner, privacy and
+review read and write it; it imports none of them (tests/unit/test_layers.py checks).
 
 Open it with `open_store(url)`, which refuses a database whose schema is not the one
 this code expects; change the schema only through `upgrade`/`downgrade` (Alembic).
@@ -43,6 +47,7 @@ from flywheel.store.models import (
     Correction,
     CorrectionStatus,
     CounterexampleUsage,
+    ErrorCount,
     ErrorType,
     Example,
     LearnerState,
@@ -51,11 +56,15 @@ from flywheel.store.models import (
     PrivacyLedgerEntry,
     PrivacySourceSpend,
     Split,
+    UTCDateTime,
 )
+from flywheel.store.models import ReferenceStats as ReferenceStatsRow
+from flywheel.store.trusted import HOLDOUT_FRACTION, seed_data
 
 __all__ = [
     "CORRECTION_STATUSES", "ERROR_TYPES", "NO_SOURCE", "ORIGINS", "SPLITS", "Base", "Correction",
-    "CopyRows", "CorrectionStatus", "CounterexampleUsage", "EncodedRows", "ErrorType", "Example",
+    "CopyRows", "CorrectionStatus", "CounterexampleUsage", "EncodedRows", "ErrorCount",
+    "ErrorType", "Example", "HOLDOUT_FRACTION", "ReferenceStatsRow", "UTCDateTime", "seed_data",
     "LearnerState", "Origin",
     "Prediction", "PrivacyLedgerEntry", "PrivacySourceSpend", "copy_all_new", "encode_columns",
     "encode_for_copy",
