@@ -33,7 +33,16 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class ReviewError(ValueError):
-    """A review request that cannot be done as asked (not pending, empty reason)."""
+    """A review request that cannot be done as asked (not pending, empty reason).
+
+    >>> check_reason("  canary looked good ")
+    'canary looked good'
+    >>> try:
+    ...     check_reason(" ")
+    ... except ReviewError as exc:
+    ...     print(str(exc)[:31])
+    a review decision needs a reason
+    """
 
 
 def check_reason(reason: str | None) -> str:

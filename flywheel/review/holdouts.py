@@ -24,7 +24,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Inputs and their true label names; `labels` of a model index into its own spec."""
+    """Inputs and their true label names; each model maps the names to its own outputs.
+
+    >>> import numpy as np
+    >>> hs = LabelledSet("recent", np.zeros((2, 3), np.float32), ["class_0", "new"], "test")
+    >>> len(hs), hs.labels[1]
+    (2, 'new')
+    """
 
     name: str
     x: np.ndarray
