@@ -40,7 +40,7 @@ class ReviewError(ValueError):
     >>> try:
     ...     check_reason(" ")
     ... except ReviewError as exc:
-    ...     print(str(exc)[:31])
+    ...     print(str(exc)[:32])
     a review decision needs a reason
     """
 
