@@ -35,11 +35,12 @@ def run_mode(mode: str, root: Path, clients: int, rounds: int) -> dict:
     from flywheel.learner.federated.processes import LocalFederation
     from flywheel.learner.federated.server import RunOptions
     from flywheel.learner.seed_model import ensure_champion
+    from flywheel.registry import Registry
 
     poll = 0.1 if mode == "flywheel" else 3.0
     platform, sites = build_homes(root, clients, make_partition(clients, per_site=200),
                                   rounds=rounds, privacy_enabled=False, fed_poll_s=poll)
-    ensure_champion(platform)
+    ensure_champion(platform, Registry(platform))
     options = RunOptions.from_settings(platform, rounds=rounds, clients=clients,
                                        min_clients=clients, local_steps=5, publish=False)
     fed = LocalFederation(platform, sites, logs=root / "logs",

@@ -739,6 +739,7 @@ def main(
         with ExitStack() as stack:
             from flywheel.broker import EmbeddedBroker, ensure_topics
             from flywheel.learner import ensure_champion
+            from flywheel.registry import Registry
             from flywheel.settings import Settings, prepare_home
             from flywheel.store import upgrade
 
@@ -762,7 +763,7 @@ def main(
             prepare_home(settings)
             ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
             say(f"embedded broker at {broker.bootstrap}; registering the champion ...")
-            ensure_champion(settings)
+            ensure_champion(settings, Registry(settings))
             say(f"producing {n} predictions and {n} corrections ...")
             t = time.perf_counter()
             predictions, corrections = make_traffic(settings, n, seed)

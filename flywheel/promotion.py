@@ -24,14 +24,14 @@ def default_actor() -> str:
         return "unknown"
 
 
-def promote(settings: Settings, version: str, *, reason: str, actor: str | None = None,
-            registry: Registry | None = None, notify: bool = True) -> ModelEvent:
+def promote(settings: Settings, version: str, *, reason: str, registry: Registry,
+            actor: str | None = None, notify: bool = True) -> ModelEvent:
     """Make `version` the champion and announce it.
 
     `notify=False` leaves the announcement to the caller, who then learns from
-    `announce`'s result whether services were told (the CLI reports it).
+    `announce`'s result whether services were told (the CLI reports it). `registry` is the
+    process's one `Registry` (built where the process starts, not per call).
     """
-    registry = registry or Registry(settings)
     actor = actor or default_actor()
     previous = registry.promote(str(version), reason=reason, actor=actor)
     event = ModelEvent(kind="promoted", model_name=registry.name, version=str(version),
@@ -43,10 +43,9 @@ def promote(settings: Settings, version: str, *, reason: str, actor: str | None 
     return event
 
 
-def rollback(settings: Settings, *, reason: str, actor: str | None = None,
-             registry: Registry | None = None, notify: bool = True) -> ModelEvent:
+def rollback(settings: Settings, *, reason: str, registry: Registry, actor: str | None = None,
+             notify: bool = True) -> ModelEvent:
     """Move the champion back to the previous one and announce it (see `promote`)."""
-    registry = registry or Registry(settings)
     actor = actor or default_actor()
     current, target = registry.rollback(reason=reason, actor=actor)
     event = ModelEvent(kind="rolled_back", model_name=registry.name, version=target,

@@ -4,6 +4,9 @@ Two holdouts, two questions. The recent `holdout` split of corrections (never tr
 asks "is the candidate better for today's traffic?"; the frozen seed holdout asks "did it
 forget what we know to be true?". Both numbers are kept with the decision, so a reviewer
 sees why a version was or was not promoted.
+
+Both holdouts are scored by `flywheel.learner.evaluation.score`, the scorer the review page
+uses too: a row whose label the model cannot output counts as wrong.
 """
 
 from __future__ import annotations
@@ -11,18 +14,9 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-import numpy as np
-import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Holdout:
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
+from flywheel.learner.evaluation import Holdout, accuracy, score
 
 
 @dataclass(frozen=True)
@@ -65,27 +59,16 @@ class GateResult:
 
 
 def scores(module: nn.Module, holdout: Holdout) -> tuple[float, float]:
-    """(accuracy, mean log-loss) on the holdout."""
-    if len(holdout) == 0:
-        return float("nan"), float("nan")
-    module.eval()
-    with torch.inference_mode():
-        logits = module(torch.from_numpy(np.asarray(holdout.x, np.float32)))
-        y = torch.from_numpy(np.asarray(holdout.y, np.int64))
-        loss = float(nn.functional.cross_entropy(logits, y))
-        acc = float((logits.argmax(1) == y).float().mean())
-    return acc, loss
-
-
-def accuracy(module: nn.Module, holdout: Holdout) -> float:
-    return scores(module, holdout)[0]
+    """(accuracy, mean log-loss) on the holdout (`evaluation.score`)."""
+    result = score(module, holdout)
+    return result.accuracy, result.log_loss
 
 
 def _quant_fields(candidate: nn.Module, trusted: Holdout, precision: str) -> dict:
     """The low-precision accuracy delta on the trusted holdout; nothing for fp32."""
     if precision == "fp32" or len(trusted) == 0:
         return {}
-    from flywheel.kernels.quantize import precision_delta
+    from flywheel.kernels import precision_delta
 
     try:
         delta = precision_delta(candidate, trusted.x, trusted.y, precision)

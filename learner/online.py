@@ -23,14 +23,16 @@ import numpy as np
 from torch import nn
 
 from flywheel.learner.cursor import CursorState
+from flywheel.learner.evaluation import Holdout, holdout_of
 from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
-from flywheel.learner.gate import GateResult, Holdout, evaluate_gate
+from flywheel.learner.gate import GateResult, evaluate_gate
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import Registry
 from flywheel.settings import Settings
 from flywheel.store import seed_data
+from flywheel.streams import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,14 @@ class LearnerStats:
 class OnlineLearner:
     """One learner per lineage; call `step()` in a loop or `run(stop)`."""
 
-    def __init__(self, settings: Settings, *, registry: Registry | None = None,
+    def __init__(self, settings: Settings, registry: Registry, *,
                  source: ExampleSource | None = None,
                  on_candidate: Callable[[Candidate], None] | None = None) -> None:
+        """`registry`: the process's one `Registry`, built where the process starts."""
         from flywheel.store import open_store
 
         self.settings = settings
-        self.registry = registry or Registry(settings)
+        self.registry = registry
         self.source = source or ExampleSource(open_store(settings.resolved_database_url))
         self.lineage = f"{settings.model_name}:online"
         self.on_candidate = on_candidate
@@ -102,7 +105,7 @@ class OnlineLearner:
             raise ValueError(f"v{base} is a {loaded.spec.kind} model; the online learner trains "
                              "only mlp specs (docs/serving.md): promote an mlp version first")
         x_tr, y_tr, x_ho, y_ho = seed_data(self.settings)
-        self._trusted = Holdout(x_ho, y_ho)
+        self._trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], loaded.spec.labels)
         self._labels = loaded.spec.label_index()
         self._spec = loaded.spec
         trainer = OnlineTrainer(loaded.module, TrainerConfig.from_settings(self.settings),
@@ -283,7 +286,7 @@ class OnlineLearner:
         after_change = [r for r in recent_rows if r.id >= since]
         if len(after_change) >= s.gate_min_holdout:
             recent_rows = after_change
-        recent = Holdout(*as_arrays(recent_rows, self._labels)[:2])
+        recent = holdout_of(recent_rows, self._spec.labels)  # unknown labels count as wrong
         module = self._trainer.module
         gate = evaluate_gate(module, self._champion_module(champion), trusted=self._trusted,
                              recent=recent, tolerance=s.gate_tolerance,

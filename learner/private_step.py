@@ -16,8 +16,8 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from torch import nn
 
+from flywheel.learner.evaluation import Holdout, accuracy
 from flywheel.learner.example_source import StoredExample, as_arrays, bound_per_contributor
-from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.trainer import OnlineTrainer
 from flywheel.privacy import (
     EPSILON,

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flywheel.learner.evaluation import Holdout
+from flywheel.learner.evaluation import accuracy as holdout_accuracy
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
 from flywheel.settings import Settings
@@ -22,9 +24,9 @@ def default_spec() -> ModelSpec:
 
 
 def accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.inference_mode():
-        pred = module(torch.from_numpy(x)).argmax(dim=1).numpy()
-    return float((pred == y).mean())
+    """Accuracy on seed rows (labels index `LABELS`, the default spec's labels): the scorer
+    the gate and the review use (`flywheel.learner.evaluation`)."""
+    return holdout_accuracy(module, Holdout(x, y))
 
 
 def train_seed_model(settings: Settings, epochs: int = 60) -> tuple[ModelSpec, nn.Module, dict]:
@@ -48,9 +50,8 @@ def train_seed_model(settings: Settings, epochs: int = 60) -> tuple[ModelSpec, n
     return spec, module, metrics
 
 
-def ensure_champion(settings: Settings, registry: Registry | None = None) -> str:
+def ensure_champion(settings: Settings, registry: Registry) -> str:
     """Return the champion version, registering a seed-trained one if the registry is empty."""
-    registry = registry or Registry(settings)
     current = registry.champion_version()
     if current is not None:
         return current

@@ -20,11 +20,12 @@ def learn(
 ) -> None:
     """Train on new examples every N, gate, register in MLflow and promote (if enabled)."""
     from flywheel.learner import OnlineLearner
+    from flywheel.registry import Registry
     from flywheel.store import SchemaNotCurrent
 
     settings = settings_or_exit()
     try:
-        learner = OnlineLearner(settings)
+        learner = OnlineLearner(settings, Registry(settings))  # the process's one registry
         learner.start()
     except SchemaNotCurrent as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -112,6 +112,7 @@ def running_service(settings: Settings) -> Iterator[str]:
 def embedded_stack(settings: Settings) -> Iterator[Settings]:
     """Start what the settings leave unset (the broker), migrate the store, bootstrap a model."""
     from flywheel.learner import ensure_champion
+    from flywheel.registry import Registry
     from flywheel.store import upgrade
 
     with contextlib.ExitStack() as stack:
@@ -121,7 +122,7 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         ensure_topics(settings.kafka_bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
-        ensure_champion(settings)
+        ensure_champion(settings, Registry(settings))
         yield settings
 
 
@@ -152,8 +153,9 @@ def running_feedback_worker(settings: Settings) -> Iterator[FeedbackWorker]:
 def running_learner(settings: Settings) -> Iterator[OnlineLearner]:
     """The online learner in a background thread, stopped on exit."""
     from flywheel.learner import OnlineLearner
+    from flywheel.registry import Registry
 
-    learner = OnlineLearner(settings)
+    learner = OnlineLearner(settings, Registry(settings))  # the learner's own, as `flywheel learn`
     learner.start()
     with _in_background(learner.run, "flywheel-demo-learner"):
         yield learner

@@ -52,13 +52,15 @@ def run_demo(report: Path, *, clients: int = 3, rounds: int = 5, strategy: str =
              alpha: float = 0.5, timeout_s: float = 900.0) -> dict:
     """Start the federation, run `rounds` rounds, write report/summary.json, return it."""
     from flywheel.learner.seed_model import ensure_champion
+    from flywheel.registry import Registry
 
     report.mkdir(parents=True, exist_ok=True)
     root = report / "federation"
     started = time.perf_counter()
     partition = make_partition(clients, alpha=alpha)
     platform, sites = build_homes(root, clients, partition, rounds=rounds)
-    ensure_champion(platform)  # before the sites join: the first round need not wait for it
+    # before the sites join: the first round need not wait for it
+    ensure_champion(platform, Registry(platform))
     options = RunOptions.from_settings(platform, rounds=rounds, clients=clients,
                                        min_clients=clients, strategy=strategy,
                                        report=str(report / "run.json"))

@@ -46,6 +46,7 @@ from flywheel.learner.federated.strategy import (
     build_strategy,
     client_mechanism,
 )
+from flywheel.registry import Registry
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -236,13 +237,12 @@ def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.nda
 class FederatedRun:
     """One federated run of `options.rounds` rounds against whatever `grid` reaches."""
 
-    def __init__(self, settings: Settings, options: RunOptions, *, registry=None) -> None:  # noqa: ANN001
+    def __init__(self, settings: Settings, options: RunOptions, registry: Registry) -> None:
         from flywheel.privacy import PrivacyLedger
-        from flywheel.registry import Registry
         from flywheel.store import open_store
 
         self.settings, self.options = settings, options
-        self.registry = registry or Registry(settings)
+        self.registry = registry
         self.engine = open_store(settings.resolved_database_url)
         self.ledger = PrivacyLedger(self.engine)
         self.lineage = f"{settings.model_name}:federated"
@@ -250,16 +250,17 @@ class FederatedRun:
 
     # ---- holdouts -----------------------------------------------------------------------
     def holdouts(self, labels: list[str]):  # noqa: ANN201
-        from flywheel.learner.example_source import ExampleSource, as_arrays
-        from flywheel.learner.gate import Holdout
+        """(trusted, recent) as the gate scores them (`flywheel.learner.evaluation`)."""
+        from flywheel.learner.evaluation import Holdout, holdout_of
+        from flywheel.learner.example_source import ExampleSource
         from flywheel.store import seed_data
+        from flywheel.streams import LABELS
 
         s = self.settings
         _, _, x_ho, y_ho = seed_data(s)
-        trusted = Holdout(x_ho, y_ho)
+        trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], labels)
         rows = ExampleSource(self.engine).recent_holdout(s.gate_recent_holdout)
-        index = {n: i for i, n in enumerate(labels)}
-        recent = Holdout(*as_arrays(rows, index)[:2])
+        recent = holdout_of(rows, labels)
         if len(recent) < s.gate_min_holdout and s.fed_holdout is not None:
             recent = Holdout(*load_holdout_file(s.fed_holdout, labels))
         return trusted, recent

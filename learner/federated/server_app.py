@@ -19,6 +19,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from flywheel.registry import Registry
     from flywheel.settings import load_settings, prepare_home
 
     logging.basicConfig(level=logging.INFO,
@@ -28,4 +29,4 @@ def main(grid: Grid, context: Context) -> None:
     settings = load_settings()
     prepare_home(settings)
     options = RunOptions.from_settings(settings, **dict(context.run_config))
-    FederatedRun(settings, options).run(grid)
+    FederatedRun(settings, options, Registry(settings)).run(grid)  # one per run

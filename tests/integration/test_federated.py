@@ -28,6 +28,7 @@ from flywheel.learner.federated.processes import LocalFederation
 from flywheel.learner.federated.server import RunOptions
 from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.seed_model import ensure_champion
+from flywheel.registry import Registry
 from flywheel.settings import Settings
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
@@ -60,7 +61,7 @@ def fed(tmp_path_factory, broker):
     sites = [s.model_copy(update={"fed_audit_dir": root / f"audit{k}",
                                   "fed_site_noise_seed": k})
              for k, s in enumerate(sites)]
-    ensure_champion(platform)
+    ensure_champion(platform, Registry(platform))
     federation = LocalFederation(platform, sites, logs=root / "logs").start()
     try:
         federation.wait_for_sites(3, timeout_s=120)

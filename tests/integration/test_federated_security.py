@@ -42,6 +42,7 @@ from flywheel.learner.federated.processes import (
     wait_for_port,
 )
 from flywheel.learner.seed_model import ensure_champion
+from flywheel.registry import Registry
 from flywheel.settings import Settings
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
@@ -146,7 +147,7 @@ def fed(tmp_path_factory, pki):
     site["wrongca"] = site["wrongca"].model_copy(update={"fed_auth_key": pki / "site2",
                                                         "fed_tls_ca": pki / "other.pem"})
     site["plain"] = site["plain"].model_copy(update={"fed_tls_ca": None})
-    ensure_champion(platform)
+    ensure_champion(platform, Registry(platform))
     federation = Federation(root)
     try:
         link = federation.spawn("superlink", ["superlink", "--tls", "--auth"], platform)

@@ -1,0 +1,119 @@
+"""Comparing two versions: both holdouts, where they disagree, the gate numbers, the data
+behind each and the distance between their weights (`flywheel models diff`)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from flywheel.review.holdouts import (
+    LabelledSet,
+    predicted_names,
+    recent_holdout,
+    score_doc,
+    score_on,
+    trusted_holdout,
+)
+from flywheel.review.store_views import open_store_or_reason, version_data
+from flywheel.review.versions import (
+    LINEAGE_KEYS,
+    gate_numbers,
+    gate_passed,
+    review_of,
+    version_doc,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from flywheel.registry import LoadedVersion, Registry
+    from flywheel.settings import Settings
+
+
+def disagreement(pred_a: list[str], pred_b: list[str], truth: list[str],
+                 top: int = 10) -> dict[str, Any]:
+    """Where two versions' predictions differ, and which (predicted → actual) errors changed."""
+    n = len(truth)
+    differ = sum(a != b for a, b in zip(pred_a, pred_b, strict=True))
+    fixed = sum(a != t and b == t for a, b, t in zip(pred_a, pred_b, truth, strict=True))
+    broken = sum(a == t and b != t for a, b, t in zip(pred_a, pred_b, truth, strict=True))
+    conf_a = Counter((a, t) for a, t in zip(pred_a, truth, strict=True) if a != t)
+    conf_b = Counter((b, t) for b, t in zip(pred_b, truth, strict=True) if b != t)
+    changed = [{"predicted": p, "actual": t, "a": conf_a[(p, t)], "b": conf_b[(p, t)],
+                "change": conf_b[(p, t)] - conf_a[(p, t)]}
+               for (p, t) in sorted(set(conf_a) | set(conf_b))
+               if conf_a[(p, t)] != conf_b[(p, t)]]
+    changed.sort(key=lambda c: (-abs(c["change"]), c["predicted"], c["actual"]))
+    return {"n": n, "disagree": differ, "share": differ / n if n else None,
+            "fixed": fixed, "broken": broken, "changed_confusions": changed[:top]}
+
+
+def parameter_distance(a: LoadedVersion, b: LoadedVersion, top: int = 5) -> dict[str, Any]:
+    """L2 norm of the weight difference (every float tensor of the state dict), if the specs
+    match; with the norm of A's weights for scale and the tensors that moved most."""
+    import torch
+
+    if a.spec != b.spec:
+        changed = sorted(k for k in type(a.spec).model_fields
+                         if getattr(a.spec, k) != getattr(b.spec, k))
+        return {"comparable": False, "reason": f"specs differ in {', '.join(changed)}",
+                "l2": None, "relative": None, "tensors": []}
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    total = base = 0.0
+    per: list[dict[str, Any]] = []
+    for name, ta in sa.items():
+        tb = sb.get(name)
+        if tb is None or not torch.is_floating_point(ta) or ta.shape != tb.shape:
+            continue
+        d = float(torch.linalg.vector_norm((tb - ta).double()))
+        total += d * d
+        base += float(torch.linalg.vector_norm(ta.double())) ** 2
+        per.append({"tensor": name, "l2": d})
+    per.sort(key=lambda t: -t["l2"])
+    l2 = math.sqrt(total)
+    return {"comparable": True, "reason": None, "l2": l2,
+            "relative": l2 / math.sqrt(base) if base else None, "tensors": per[:top]}
+
+
+def diff(settings: Settings, a: str, b: str, *, registry: Registry,
+         engine: Engine | None = None) -> dict[str, Any]:
+    """Everything that tells two versions apart, as JSON-ready data (see module doc).
+
+    Both holdouts are scored as the gate scores them (`flywheel.learner.score`): a row whose
+    label a version cannot output counts as wrong for it. Without a training store (`engine`
+    None and none found) only the trusted holdout is compared.
+    """
+    history = set(registry.champion_history())
+    docs = {v: version_doc(registry.info(v, with_run=True), history) for v in (a, b)}
+    store_note = None
+    if engine is None:
+        engine, store_note = open_store_or_reason(settings)
+    loaded = {v: registry.load(v) for v in (a, b)}
+    sets: list[LabelledSet] = [trusted_holdout(settings)]
+    if engine is not None:
+        sets.append(recent_holdout(settings, engine))
+    holdouts: dict[str, Any] = {}
+    for hs in sets:
+        results = {v: score_on(loaded[v].module, loaded[v].spec, hs) for v in (a, b)}
+        entry: dict[str, Any] = {"available": True, "about": hs.about, "n": len(hs),
+                                 "a": score_doc(results[a], hs.labels),
+                                 "b": score_doc(results[b], hs.labels)}
+        ra, rb = results[a], results[b]
+        entry["disagreement"] = (
+            disagreement(predicted_names(loaded[a].spec, ra),
+                         predicted_names(loaded[b].spec, rb), hs.labels)
+            if ra is not None and rb is not None else None)
+        holdouts[hs.name] = entry
+    if "recent" not in holdouts:
+        holdouts["recent"] = {"available": False, "about": store_note, "n": 0, "a": None,
+                              "b": None, "disagreement": None}
+
+    def side(v: str) -> dict[str, Any]:
+        d = docs[v]
+        return {k: d[k] for k in LINEAGE_KEYS} | {
+            "gate_passed": gate_passed(d), "gate_numbers": gate_numbers(d),
+            "review": review_of(d), "data": version_data(d, engine)}
+
+    return {"model_name": registry.name, "a": side(a), "b": side(b), "holdouts": holdouts,
+            "parameters": parameter_distance(loaded[a], loaded[b]), "store": store_note}

@@ -1,0 +1,95 @@
+"""The two holdouts a review compares versions on, with label names (each model's own spec
+maps them to its outputs).
+
+Scored by `flywheel.learner.score`, the gate's own scorer, so a review shows the numbers
+the gate decided on: a row whose label a model cannot output counts as wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flywheel.review.versions import finite
+
+if TYPE_CHECKING:
+    import numpy as np
+    from sqlalchemy.engine import Engine
+    from torch import nn
+
+    from flywheel.learner import Score
+    from flywheel.modelspec import ModelSpec
+    from flywheel.settings import Settings
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Inputs and their true label names; each model maps the names to its own outputs.
+
+    >>> import numpy as np
+    >>> hs = LabelledSet("recent", np.zeros((2, 3), np.float32), ["class_0", "new"], "test")
+    >>> len(hs), hs.labels[1]
+    (2, 'new')
+    """
+
+    name: str
+    x: np.ndarray
+    labels: list[str]
+    about: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def trusted_holdout(settings: Settings) -> LabelledSet:
+    """The frozen seed holdout the gate's "trusted" numbers come from."""
+    from flywheel.store import HOLDOUT_FRACTION, seed_data
+    from flywheel.streams import LABELS
+
+    _, _, x, y = seed_data(settings)
+    return LabelledSet("trusted", x, [LABELS[int(i)] for i in y],
+                       f"seed holdout: {HOLDOUT_FRACTION:.0%} of {settings.seed_examples} seed "
+                       f"examples (FLYWHEEL_SEED={settings.seed})")
+
+
+def recent_holdout(settings: Settings, engine: Engine) -> LabelledSet:
+    """The newest `FLYWHEEL_GATE_RECENT_HOLDOUT` corrections of the `holdout` split (of the
+    most common feature width, `flywheel.learner.same_width`)."""
+    import numpy as np
+
+    from flywheel.learner import ExampleSource, same_width
+
+    rows = same_width(ExampleSource(engine).recent_holdout(settings.gate_recent_holdout))
+    x = (np.asarray([r.features for r in rows], dtype=np.float32) if rows
+         else np.empty((0, 0), np.float32))
+    return LabelledSet("recent", x, [r.label for r in rows],
+                       f"newest {len(rows)} holdout corrections in the training store "
+                       f"(at most FLYWHEEL_GATE_RECENT_HOLDOUT={settings.gate_recent_holdout})")
+
+
+def score_on(module: nn.Module, spec: ModelSpec, holdout: LabelledSet) -> Score | None:
+    """The model's `flywheel.learner.Score` on the set, or None if the widths do not match."""
+    from flywheel.learner import Holdout, score
+
+    x = holdout.x
+    if len(x) == 0 or x.ndim != 2 or x.shape[1] != spec.input_dim:
+        return None
+    return score(module, Holdout.of_names(x, holdout.labels, spec.labels))
+
+
+def predicted_names(spec: ModelSpec, result: Score) -> list[str]:
+    return [spec.labels[i] for i in result.predicted.tolist()]
+
+
+def score_doc(result: Score | None, truth: list[str]) -> dict[str, Any]:
+    """Accuracy over every row (a label the model lacks counts as wrong) and mean log-loss
+    over the rows whose label it knows, as JSON-ready data."""
+    if result is None:
+        return {"n": 0, "accuracy": None, "log_loss": None,
+                "note": "input width differs from this model's" if truth else "no rows"}
+    out: dict[str, Any] = {"n": result.n, "accuracy": finite(result.accuracy),
+                           "log_loss": finite(result.log_loss)}
+    if result.unknown:
+        out["note"] = (f"{result.unknown} rows with labels this model lacks count as wrong "
+                       "(and are left out of the log-loss)")
+    return out
