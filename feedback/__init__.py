@@ -16,7 +16,8 @@ _LAZY = {
     "assign_split": "analyzer", "Counterexample": "counterexamples",
     "CounterexampleConfig": "counterexamples", "ReferenceStats": "reference",
     "error_report": "report", "build_worker": "runner", "FeedbackWorker": "worker",
-    "WorkerStats": "worker",
+    "WorkerStats": "worker", "WorkerObserver": "observer", "WorkerStep": "observer",
+    "tune_worker_process": "runner",
 }
 
 
@@ -31,13 +32,15 @@ if TYPE_CHECKING:
     from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
     from flywheel.feedback.counterexamples import Counterexample, CounterexampleConfig
     from flywheel.feedback.counterexamples import generate as generate_counterexamples
+    from flywheel.feedback.observer import WorkerObserver, WorkerStep
     from flywheel.feedback.reference import ReferenceStats
     from flywheel.feedback.report import error_report
-    from flywheel.feedback.runner import build_worker
+    from flywheel.feedback.runner import build_worker, tune_worker_process
     from flywheel.feedback.worker import FeedbackWorker, WorkerStats
 
 __all__ = [
     "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackWorker",
-    "ReferenceStats", "Verdict", "WorkerStats", "analyze", "assign_split", "build_worker",
-    "error_report", "generate_counterexamples",
+    "ReferenceStats", "Verdict", "WorkerObserver", "WorkerStats", "WorkerStep", "analyze",
+    "assign_split", "build_worker", "error_report", "generate_counterexamples",
+    "tune_worker_process",
 ]

@@ -21,7 +21,7 @@ def run(ctx: typer.Context) -> None:
     """Join corrections to predictions, analyze errors, write examples (one group member)."""
     if ctx.invoked_subcommand is not None:
         return
-    from flywheel.feedback.runner import build_worker, tune_worker_process
+    from flywheel.feedback import build_worker, tune_worker_process
     from flywheel.store import SchemaNotCurrent
 
     settings = settings_or_exit()
