@@ -38,13 +38,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from bench.harness import document, load_range
 from flywheel.feedback import WorkerObserver, WorkerStep
 
 JOINED_TARGET = 10_000.0  # joined corrections per second
@@ -673,7 +673,7 @@ def _render_rest(console: Any, doc: dict[str, Any]) -> None:
                   + ("n/a" if flpg is None else f"{flpg:.2f}s") + ")[/]")
     console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), PostgreSQL "
                   f"{m['postgresql']}, Python {m['python']}, torch {m['torch']}, load average "
-                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
+                  f"{load_range(m)}, {doc['date']}[/]")
 
 
 def _sigterm_to_exit(signum: int, frame: object) -> None:
@@ -775,13 +775,8 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    info["loadavg_end"] = list(os.getloadavg())
     middle = sorted(done, key=lambda x: x["ratio"])[len(done) // 2]  # shown in detail
-    doc = {
-        "benchmark": "feedback",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench feedback " + " ".join(sys.argv[2:]),
-        "machine": info,
+    doc = document("feedback", info, {
         "config": {
             "records": n, "max_records": max_records, "seed": seed, "rounds": rounds,
             "partitions": partitions, "workers": workers, "drifted_share": DRIFTED_SHARE,
@@ -805,7 +800,7 @@ def main(
         "worker": middle["worker"],
         "verify": middle["verify"],
         "summary": summarize(n, done, info["cpu_count"] or 1),
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
     else:
