@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import platform
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -254,31 +250,6 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 # -- reporting -----------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    """What the figures depend on: CPUs, load, library versions."""
-    import torch
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "python": sys.version.split()[0],
-            "platform": platform.platform(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "river": metadata.version("river"),
-            "numpy": np.__version__, "loadavg_start": list(os.getloadavg())}
-
-
-def machine_line(m: dict[str, Any], date: str) -> str:
-    """The dim footer both learner benchmarks print under their tables."""
-    return (f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-            f"torch {m['torch']} ({m['torch_threads']} thread), river {m['river']}, "
-            f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, "
-            f"{date}[/]")
-
-
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """torch on one thread while the benchmark runs: a 32x32 MLP on 100 rows gains nothing

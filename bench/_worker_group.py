@@ -25,23 +25,24 @@ COUNTS = ("joined", "predictions", "corrections", "pending", "examples", "dead_l
 def _member(settings_json: str, n: int, index: int, barrier: Any, joined: Any, lock: Any,
             group_done: Any, results: Any) -> None:
     """One member: build, wait for the others, run until the group has joined `n`."""
-    from flywheel.feedback.runner import build_worker, tune_worker_process
+    from flywheel.feedback import WorkerObserver, build_worker, tune_worker_process
     from flywheel.settings import Settings
 
-    settings = Settings.model_validate_json(settings_json)
-    worker = build_worker(settings, client_id=f"bench-feedback-{index}")
-    tune_worker_process()
     marks: dict[str, float] = {}
     partitions: list[Any] = []
-    stop = threading.Event()
-    hook = worker._on_assigned
 
-    def assigned(parts: Any) -> None:
-        if parts:
-            partitions[:] = sorted(parts)
-            marks.setdefault("assigned", time.perf_counter())  # CLOCK_MONOTONIC: comparable
-            marks.setdefault("cpu_assigned", time.process_time())  # across processes
-        hook(parts)
+    class Assignments(WorkerObserver):
+        def on_assigned(self, parts: Any) -> None:
+            if parts:
+                partitions[:] = sorted(parts)
+                marks.setdefault("assigned", time.perf_counter())  # CLOCK_MONOTONIC: comparable
+                marks.setdefault("cpu_assigned", time.process_time())  # across processes
+
+    settings = Settings.model_validate_json(settings_json)
+    worker = build_worker(settings, client_id=f"bench-feedback-{index}",
+                          observer=Assignments())
+    tune_worker_process()
+    stop = threading.Event()
 
     seen = 0
 
@@ -60,14 +61,13 @@ def _member(settings_json: str, n: int, index: int, barrier: Any, joined: Any, l
         marks.setdefault("cpu_done", time.process_time())
         stop.set()
 
-    worker._on_assigned = assigned
     threading.Thread(target=stop_with_the_group, daemon=True).start()
     barrier.wait(STARTUP_TIMEOUT_S)
     marks["cpu_released"] = time.process_time()  # for a member the group never needed
     try:
         stats = worker.run(stop, on_batch=on_batch)
     finally:
-        worker._sessions.kw["bind"].dispose()  # before the database is dropped
+        worker.engine.dispose()  # before the database is dropped
     results.put({"index": index, "marks": marks, "partitions": partitions,
                  **{k: getattr(stats, k) for k in COUNTS}})
 

@@ -27,11 +27,12 @@ import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from bench.harness import document, load_range
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"demo": None, "wide": [2048, 2048]}  # None: the trained seed model
@@ -186,7 +187,7 @@ def render(doc: dict[str, Any]) -> None:
                   f"{cfg['pinning']}.[/]")
     console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
                   f"torch {m['torch']}, {m['uvicorn_loop']}/{m['uvicorn_http']}, load average "
-                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
+                  f"{load_range(m)}, {doc['date']}[/]")
 
 
 def _sigterm_to_exit(signum: int, frame: object) -> None:
@@ -254,12 +255,7 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    machine["loadavg_end"] = list(os.getloadavg())
-    doc = {
-        "benchmark": "batching",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench batching " + " ".join(sys.argv[2:]),
-        "machine": machine,
+    doc = document("batching", machine, {
         "config": {
             "duration_s": duration, "warmup_s": warmup, "rounds": rounds,
             "concurrency": levels,
@@ -273,7 +269,7 @@ def main(
         },
         "runs": runs,
         "summary": summarize(runs, names, levels),
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2, default=str))
     else:

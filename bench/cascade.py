@@ -24,14 +24,14 @@ Target (issue 7): >= 50 % of heavy FLOPs saved at >= 99.5 % of heavy accuracy.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import typer
+
+from bench.harness import document, load_range
 
 TASKS = {"demo": (12, 8, 3), "rbf": (100, 16, 8)}  # (centroids, features, classes)
 SAVED_TARGET = 0.5
@@ -90,7 +90,8 @@ def main(
     """FLOPs saved by a light/heavy cascade at >= 99.5 % of the heavy network's accuracy."""
     import torch
 
-    from bench._streams import machine, one_thread, parse_ints
+    from bench._streams import one_thread, parse_ints
+    from bench.harness import machine
     from flywheel.kernels.cascade import build_cascade, cascade_flops
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -151,13 +152,8 @@ def main(
                       f"{share:.3f}, accuracy {acc:.4f} vs heavy {heavy_acc:.4f} "
                       f"({ratio:.4f}), FLOPs saved {flops['saved']:.3f} "
                       f"({run['seconds']:.0f} s)", file=sys.stderr)
-        info["loadavg_end"] = list(os.getloadavg())
-    doc = {
-        "benchmark": "cascade",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench cascade " + " ".join(sys.argv[2:]),
+    doc = document("cascade", info, {
         "seconds": time.perf_counter() - started,
-        "machine": info,
         "config": {"tasks": {t: dict(zip(("centroids", "features", "classes"), TASKS[t],
                                          strict=True)) for t in names},
                    "light": light_h, "heavy": heavy_h, "target": target, "z": z,
@@ -166,7 +162,7 @@ def main(
                    "torch_threads": 1},
         "runs": runs,
         "all_pass": all(t["pass"] for r in runs for t in r["targets"].values()),
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
         return
@@ -195,6 +191,6 @@ def main(
     console.print(f"[dim]FLOPs per row: light {runs[0]['flops_per_row']['light']:.0f}, heavy "
                   f"{runs[0]['flops_per_row']['heavy']:.0f}. {m['cpu_count']} CPUs "
                   f"({m['cpu_model']}), torch {m['torch']} (1 thread), load average "
-                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {doc['date']}, "
+                  f"{load_range(m)}, {doc['date']}, "
                   f"{doc['seconds']:.0f} s[/]")
 

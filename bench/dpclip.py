@@ -28,15 +28,15 @@ non-private and ≥ 1.7 × Opacus ghost.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import typer
+
+from bench.harness import document, load_range
 
 METHODS = ("ours", "ghost", "hooks", "nonprivate", "ours_nonoise", "ours_autograd")
 LABELS = {"ours": "ours (fused BK clipping)", "ghost": "Opacus ghost",
@@ -190,7 +190,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     """The learner benchmarks' machine facts, with this run's threads and opacus."""
     from importlib import metadata
 
-    from bench._streams import machine
+    from bench.harness import machine
 
     return {**machine(), "torch_threads": threads, "opacus": metadata.version("opacus")}
 
@@ -233,7 +233,7 @@ def render(doc: dict[str, Any]) -> None:
                   f"{cfg['seconds']} s per method per round after {cfg['warmup']} warm-up "
                   f"steps; {m['cpu_count']} CPUs ({m['cpu_model']}), torch {m['torch']} "
                   f"({m['torch_threads']} threads), opacus {m['opacus']}, load average "
-                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, "
+                  f"{load_range(m)}, "
                   f"{doc['date']}[/]")
 
 
@@ -302,12 +302,7 @@ def main(
                 if targets else None})
     finally:
         torch.set_num_threads(previous)
-    info["loadavg_end"] = list(os.getloadavg())
-    doc = {
-        "benchmark": "dpclip",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench dpclip " + " ".join(sys.argv[2:]),
-        "machine": info,
+    doc = document("dpclip", info, {
         "config": {"batch": batch, "seconds": seconds, "rounds": rounds, "warmup": warmup,
                    "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
                    "seed": seed, "lr": 0.01, "optimizer": "SGD",
@@ -319,7 +314,7 @@ def main(
         "summary": {"all_pass": all(bool(r["pass"]) for r in results)
                     if "ours" in chosen else None,
                     "runtime_s": time.perf_counter() - started},
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

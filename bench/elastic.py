@@ -33,11 +33,9 @@ ratio = best elastic recovery / best fixed recovery (target <= 0.5).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -48,9 +46,9 @@ from bench._streams import (
     agrawal_rows,
     encode_agrawal,
     encode_indexed,
-    machine_line,
     take_rows,
 )
+from bench.harness import document, machine_line
 
 SCENARIOS = ("demo", "sea", "agrawal")
 RATES = (0.001, 0.003, 0.01, 0.03)
@@ -329,12 +327,12 @@ def main(
     """Samples to recover after an abrupt drift: elastic rate vs the best fixed rate."""
     from bench._streams import (
         config_dict,
-        machine,
         one_thread,
         parse_ints,
         progress,
         trainer_config,
     )
+    from bench.harness import machine
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     bad = [s for s in names if s not in SCENARIOS]
@@ -391,13 +389,8 @@ def main(
                 "cells": cells, "comparison": comparison,
                 "curves": {mode: _mean_curve(curves[key], batch) for mode, key in best.items()},
             })
-    info["loadavg_end"] = list(os.getloadavg())
     example = trainer_config(lr=rate_list[0], **knobs)
-    doc = {
-        "benchmark": "elastic",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench elastic " + " ".join(sys.argv[2:]),
-        "machine": info,
+    doc = document("elastic", info, {
         "config": {
             "before": before, "after": after, "warmup": warmup, "holdout": holdout,
             "window": window, "seeds": seed_list, "rates": rate_list, "preset": preset,
@@ -421,7 +414,7 @@ def main(
         "summary": {"scenarios_passed": sum(r["comparison"]["pass"] for r in results),
                     "all_pass": all(r["comparison"]["pass"] for r in results),
                     "runtime_s": time.perf_counter() - started},
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

@@ -23,10 +23,8 @@ Accuracy on the seed ("trusted") holdout is reported too: the gate checks it.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -108,11 +106,12 @@ def main(
     from rich.console import Console
     from rich.table import Table
 
-    from bench._streams import machine, machine_line, one_thread
+    from bench._streams import one_thread
+    from bench.harness import document, machine, machine_line, now
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     m = machine()
-    date = datetime.now(UTC).isoformat(timespec="seconds")
+    date = now()
     started = time.perf_counter()
     runs = []
     for r in range(repeats):
@@ -124,7 +123,6 @@ def main(
                                      "server_momentum": server_momentum,
                                      "average_last": average_last},
                             match_noise=match_noise))
-    m["loadavg_end"] = list(os.getloadavg())
     k = min(last, rounds)
     res: dict = {"sites": runs[0]["sites"]}
     for name in ("federated", "centralized"):
@@ -140,14 +138,15 @@ def main(
                      "epsilon_client": [x[name]["epsilon_client"] for x in runs]}
     gap = res["centralized"]["last_mean"] - res["federated"]["last_mean"]
     gap_final = res["centralized"]["final"] - res["federated"]["final"]
-    doc = {"benchmark": "fedaccuracy", "date": date, "machine": m, "clients": clients,
-           "rounds": rounds, "alpha": alpha, "epsilon": epsilon, "strategy": strategy,
+    doc = document("fedaccuracy", m, {
+           "clients": clients, "rounds": rounds, "alpha": alpha, "epsilon": epsilon,
+           "strategy": strategy,
            "seed": seed, "repeats": repeats, "match_noise": match_noise, "last": k,
            "sample_rate": sample_rate, "local_steps": local_steps,
            "server_momentum": server_momentum, "average_last": average_last,
            "seconds": time.perf_counter() - started, **res,
            "gap_points": 100 * gap, "gap_final_points": 100 * gap_final,
-           "target_points": 3.0}
+           "target_points": 3.0}, date=date, command=False)
     if json_out:
         print(json.dumps(doc, indent=2, default=str))
         return

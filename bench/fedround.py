@@ -21,7 +21,6 @@ import json
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -67,27 +66,25 @@ def main(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Round overhead on loopback: flywheel's latency fixes vs Flower's defaults."""
-    import os
 
     from rich.console import Console
     from rich.table import Table
 
-    from bench._streams import machine, machine_line
+    from bench.harness import document, machine, machine_line, now
 
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     if any(m not in MODES for m in chosen):
         raise typer.BadParameter(f"modes are {', '.join(MODES)}")
     m = machine()
-    date = datetime.now(UTC).isoformat(timespec="seconds")
+    date = now()
     started = time.perf_counter()
     results = []
     for mode in chosen:
         with tempfile.TemporaryDirectory(prefix=f"bench-fedround-{mode}-") as tmp:
             results.append(run_mode(mode, Path(tmp), clients, rounds))
-    m["loadavg_end"] = list(os.getloadavg())
-    doc = {"benchmark": "fedround", "date": date, "machine": m, "clients": clients,
-           "rounds": rounds, "seconds": time.perf_counter() - started, "results": results,
-           "target_overhead_s": 3.0}
+    doc = document("fedround", m, {
+        "clients": clients, "rounds": rounds, "seconds": time.perf_counter() - started,
+        "results": results, "target_overhead_s": 3.0}, date=date, command=False)
     if json_out:
         print(json.dumps(doc, indent=2, default=str))
         return

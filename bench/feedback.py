@@ -16,11 +16,11 @@ anything is timed. Then, in one run and on the same records:
   group (`bench._worker_group`), timed together and without the time split.
 
 Both rates are expressed as corrections per second (N / elapsed), since both read the
-same 2N records. The worker's steps are timed by wrapping its methods and the functions
-it calls, here only. The per-source counterexample budget is set out of reach, so every
-trainable error gets its variants (the most work). The store is checked afterwards (N
-joined, N correction examples, the expected counterexamples, no duplicates), so a fast
-run that lost work cannot pass.
+same 2N records. The worker's steps are timed through its public observer hook
+(`flywheel.feedback.WorkerObserver`). The per-source counterexample budget is set out of
+reach, so every trainable error gets its variants (the most work). The store is checked
+afterwards (N joined, N correction examples, the expected counterexamples, no
+duplicates), so a fast run that lost work cannot pass.
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from bench.harness import document, load_range
+from flywheel.feedback import WorkerObserver, WorkerStep
 
 JOINED_TARGET = 10_000.0  # joined corrections per second
 RATIO_TARGET = 0.5  # ours / raw consume rate
@@ -60,46 +62,55 @@ class BenchError(RuntimeError):
 
 
 # -- timing --------------------------------------------------------------------------------
-class Clock:
-    """Accumulated seconds per named step; wrappers that add to it cost ~0.2 us per call."""
+# The worker's steps (flywheel.feedback.WorkerStep) as this report names them; "{thread}"
+# is filled in with the thread that ran the step (MainThread or feedback-store).
+LABELS = {
+    WorkerStep.POLL: "kafka poll", WorkerStep.COMMIT: "kafka offset commit",
+    WorkerStep.DECODE: "decode + validate", WorkerStep.WAIT: "waiting for the store thread",
+    WorkerStep.SWEEP: "sweep", WorkerStep.STORE_BATCH: "store thread busy",
+    WorkerStep.TRANSACTION: "transaction {thread}", WorkerStep.ANALYSIS: "analysis {thread}",
+    WorkerStep.STORE_JOIN: "store + join", WorkerStep.EXAMPLE_INSERTS: "example inserts",
+}
 
-    def __init__(self) -> None:
+
+class StepClock(WorkerObserver):
+    """Accumulated seconds per report label, from the worker's observer hook (~1 us a step).
+
+    The sweep is exclusive: steps inside it on the same thread (its joins, transaction,
+    analysis) are the sweep's, not theirs. A poll is counted from the assignment on, so
+    the group join inside the first polls is not part of the run. `on_assigned` is
+    called with the partitions of each assignment.
+    """
+
+    def __init__(self, marks: dict[str, float], on_assigned: Callable[[Any], None]) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self._marks = marks
+        self._assigned = on_assigned
         self._inside = threading.local()  # within an exclusive step, on this thread
 
-    def wrap(self, name: str, fn: Callable[..., Any], exclusive: bool = False
-             ) -> Callable[..., Any]:
-        """`exclusive`: time spent in other wrapped steps during this call, on the same
-        thread, is not theirs (the sweep's joins are the sweep's). A `name` with
-        "{thread}" is filled in with the calling thread's name."""
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            outer = getattr(self._inside, "step", None)
+    def on_assigned(self, partitions: Any) -> None:
+        self._assigned(partitions)
+
+    @contextlib.contextmanager
+    def step(self, name: WorkerStep) -> Iterator[None]:
+        outer = getattr(self._inside, "step", None)
+        exclusive = name == WorkerStep.SWEEP
+        if exclusive:
+            self._inside.step = name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
             if exclusive:
-                self._inside.step = name
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                if exclusive:
-                    self._inside.step = outer
-                if outer is None:
-                    label = name.format(thread=threading.current_thread().name)
-                    self.seconds[label] = self.seconds.get(label, 0.0) + elapsed
-                    self.calls[label] = self.calls.get(label, 0) + 1
-        return timed
-
-
-@contextlib.contextmanager
-def patched(module: Any, name: str, clock: Clock, label: str) -> Iterator[None]:
-    """Time calls of `module.name` (a global the worker looks up at call time)."""
-    original = getattr(module, name)
-    setattr(module, name, clock.wrap(label, original))
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
+                self._inside.step = outer
+            if outer is None:
+                if name == WorkerStep.POLL:
+                    start = max(start, self._marks.get("assigned", end))
+                label = LABELS[name].format(thread=threading.current_thread().name)
+                self.seconds[label] = self.seconds.get(label, 0.0) + end - start
+                self.calls[label] = self.calls.get(label, 0) + 1
 
 
 # -- setup ---------------------------------------------------------------------------------
@@ -319,16 +330,9 @@ def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -
 
 def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the real worker until it has joined `n` corrections; time its steps."""
-    import flywheel.feedback.worker as worker_module
-    from flywheel.feedback.runner import build_worker, tune_worker_process
+    from flywheel.feedback import build_worker, tune_worker_process
 
-    clock = Clock()
-    worker = build_worker(settings, client_id="bench-feedback")
-    tune_worker_process()  # as `flywheel feedback` does once its worker is built
     marks: dict[str, float] = {}
-    stop = threading.Event()
-    on_assigned = worker._on_assigned
-
     backends = BackendCpu(settings.resolved_database_url)
     pg_cpu: dict[str, dict[int, float]] = {}
 
@@ -337,28 +341,11 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
         marks.setdefault("cpu_assigned", time.process_time())
         marks.setdefault("steal_assigned", steal_share_now())
         pg_cpu.setdefault("assigned", backends.snapshot())
-        on_assigned(partitions)
 
-    worker._on_assigned = assigned
-    connect = worker._connect
-
-    def connect_and_time() -> None:
-        connect()
-        consumer = worker._consumer
-        poll = consumer.poll
-
-        def timed_poll(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return poll(*args, **kwargs)
-            finally:  # the group join inside the first polls is not part of the run
-                begin = max(start, marks.get("assigned", time.perf_counter()))
-                clock.seconds["kafka poll"] = (clock.seconds.get("kafka poll", 0.0)
-                                               + time.perf_counter() - begin)
-
-        consumer.poll = timed_poll
-        consumer.commit = clock.wrap("kafka offset commit", consumer.commit)
-
+    clock = StepClock(marks, assigned)
+    worker = build_worker(settings, client_id="bench-feedback", observer=clock)
+    tune_worker_process()  # as `flywheel feedback` does once its worker is built
+    stop = threading.Event()
     at_done: dict[str, float] = {}
 
     def on_batch(stats: Any) -> None:
@@ -370,31 +357,15 @@ def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, A
             at_done.update(clock.seconds)  # the final sweep, after the stop, is not timed
             stop.set()
 
-    worker._connect = connect_and_time
-    # consumer thread
-    worker._decode = clock.wrap("decode + validate", worker._decode)
-    worker._await = clock.wrap("waiting for the store thread", worker._await)
-    # store thread (the sweep's joins and transaction count as "sweep" only: exclusive)
-    worker.sweep = clock.wrap("sweep", worker.sweep, exclusive=True)
-    worker._store_batch = clock.wrap("store thread busy", worker._store_batch)
-    worker._in_transaction = clock.wrap("transaction {thread}", worker._in_transaction)
-    # the analysis runs on both threads: prepared on the consumer thread, finished (and,
-    # for pairs only the store could find, prepared) on the store thread
-    worker.analysis.prepare = clock.wrap("analysis {thread}", worker.analysis.prepare)
-    worker.analysis.finish = clock.wrap("analysis {thread}", worker.analysis.finish)
     watchdog = threading.Timer(RUN_TIMEOUT_S, stop.set)
     watchdog.daemon = True
-    with ExitStack() as stack:
-        for name, label in (("store_and_join", "store + join"), ("apply", "store + join"),
-                            ("insert_ignoring_duplicates", "example inserts")):
-            stack.enter_context(patched(worker_module, name, clock, label))
-        watchdog.start()
-        try:
-            stats = worker.run(stop, on_batch=on_batch)
-        finally:
-            watchdog.cancel()
-            backends.close()
-            worker._sessions.kw["bind"].dispose()  # before the database is dropped
+    watchdog.start()
+    try:
+        stats = worker.run(stop, on_batch=on_batch)
+    finally:
+        watchdog.cancel()
+        backends.close()
+        worker.engine.dispose()  # before the database is dropped
     if "done" not in marks or "assigned" not in marks:
         raise BenchError(f"the worker joined {worker.stats.joined} of {n} corrections "
                          f"in {RUN_TIMEOUT_S:.0f}s")
@@ -702,7 +673,7 @@ def _render_rest(console: Any, doc: dict[str, Any]) -> None:
                   + ("n/a" if flpg is None else f"{flpg:.2f}s") + ")[/]")
     console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), PostgreSQL "
                   f"{m['postgresql']}, Python {m['python']}, torch {m['torch']}, load average "
-                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
+                  f"{load_range(m)}, {doc['date']}[/]")
 
 
 def _sigterm_to_exit(signum: int, frame: object) -> None:
@@ -805,13 +776,8 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    info["loadavg_end"] = list(os.getloadavg())
     middle = sorted(done, key=lambda x: x["ratio"])[len(done) // 2]  # shown in detail
-    doc = {
-        "benchmark": "feedback",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench feedback " + " ".join(sys.argv[2:]),
-        "machine": info,
+    doc = document("feedback", info, {
         "config": {
             "records": n, "max_records": max_records, "seed": seed, "rounds": rounds,
             "partitions": partitions, "workers": workers, "drifted_share": DRIFTED_SHARE,
@@ -835,7 +801,7 @@ def main(
         "worker": middle["worker"],
         "verify": middle["verify"],
         "summary": summarize(n, done, info["cpu_count"] or 1),
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

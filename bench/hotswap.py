@@ -27,12 +27,12 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from bench.harness import document, load_range
 from bench.serve import (
     REPO,
     BenchError,
@@ -392,14 +392,9 @@ def _run(stack: ExitStack, window: float, rounds: int, interval: float, warmup: 
                    "load_warm_ms": swap_ms, "log_tail": _tail(log_path, 5)}
     result = analyse(trace, windows, promotions, versions)
     events = events_per_version(broker.bootstrap, settings.topic_predictions, len(trace["t"]))
-    machine["loadavg_end"] = list(os.getloadavg())
     from importlib import metadata
     machine["mlflow"] = metadata.version("mlflow")
-    return {
-        "benchmark": "hotswap",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench hotswap " + " ".join(sys.argv[2:]),
-        "machine": machine,
+    return document("hotswap", machine, {
         "config": {
             "window_s": window, "rounds": rounds, "interval_s": interval, "warmup_s": warmup,
             "settle_s": SETTLE_S, "concurrency": concurrency,
@@ -419,7 +414,7 @@ def _run(stack: ExitStack, window: float, rounds: int, interval: float, warmup: 
         "events_per_version": events,
         "result": result,
         "summary": summarize(result, promotions, server_info, events),
-    }
+    })
 
 
 def render(doc: dict[str, Any]) -> None:
@@ -464,4 +459,4 @@ def render(doc: dict[str, Any]) -> None:
     console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), GPU {m['gpu']}, Python "
                   f"{m['python']}, torch {m['torch']}, MLflow {m['mlflow']}, "
                   f"{m['uvicorn_loop']}/{m['uvicorn_http']}, {cfg['pinning']}, load average "
-                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
+                  f"{load_range(m)}, {doc['date']}[/]")

@@ -19,16 +19,15 @@ per stream: ours >= LogisticRegression, ours >= HAT, ours >= ARF - 1 point.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import typer
 
-from bench._streams import STREAMS, OurSetup, Stream, machine_line, parse_ints
+from bench._streams import STREAMS, OurSetup, Stream, parse_ints
+from bench.harness import document, machine_line
 
 BASELINES = ("logreg", "hat", "arf")
 LABELS = {"ours": "ours (OnlineTrainer MLP)", "logreg": "river LogisticRegression",
@@ -170,8 +169,9 @@ def main(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Prequential accuracy on river's SEA, Hyperplane and Agrawal: ours vs river's."""
-    from bench._streams import config_dict, machine, make_stream, one_thread, progress, run_ours
+    from bench._streams import config_dict, make_stream, one_thread, progress, run_ours
     from bench._streams import trainer_config as make_config
+    from bench.harness import machine
 
     names = [s.strip() for s in streams.split(",") if s.strip()]
     bases = [b.strip() for b in baselines.split(",") if b.strip()]
@@ -221,13 +221,8 @@ def main(
                             "drifts": stream.drifts, "accuracy": acc, "targets": targets,
                             "pass": all(t["pass"] for t in targets.values()) if targets
                             else None, "runs": runs})
-    info["loadavg_end"] = list(os.getloadavg())
     runtime = time.perf_counter() - started
-    doc = {
-        "benchmark": "prequential",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench prequential " + " ".join(sys.argv[2:]),
-        "machine": info,
+    doc = document("prequential", info, {
         "config": {
             "samples": samples, "warmup": warmup, "seeds": seed_list,
             "ours": {"hidden": list(setup.hidden), "batch": setup.batch,
@@ -246,7 +241,7 @@ def main(
         "summary": {"streams_passed": sum(bool(r["pass"]) for r in results),
                     "all_pass": all(bool(r["pass"]) for r in results) if bases else None,
                     "runtime_s": runtime},
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

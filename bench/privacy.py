@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -175,7 +174,8 @@ def main(
     from rich.console import Console
     from rich.table import Table
 
-    from bench._streams import machine, one_thread, progress
+    from bench._streams import one_thread, progress
+    from bench.harness import document, machine
     from flywheel.privacy import DPConfig
     from flywheel.settings import PrivacySettings
 
@@ -211,14 +211,14 @@ def main(
                             "dp": best["dp"], "non_private": best["plain"],
                             "gap_points": gap, "pass": gap <= GAP_TARGET})
         speed = throughput(["fused", "opacus"])
-    info["loadavg_end"] = list(__import__("os").getloadavg())
-    doc = {"benchmark": "privacy", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    doc = document("privacy", info, {
            "samples": samples, "batch": batch, "seeds": seeds, "epsilon": epsilon,
            "delta": delta, "noise_multiplier": sigma.noise_multiplier, "sample_rate": 0.5,
-           "steps_per_update": 8, "machine": info, "scenarios": results,
+           "steps_per_update": 8, "scenarios": results,
            "throughput_samples_per_s": speed,
            "fused_vs_ghost": speed["ours (fused)"] / speed["opacus ghost"],
-           "fused_vs_non_private": speed["ours (fused)"] / speed["non-private"]}
+           "fused_vs_non_private": speed["ours (fused)"] / speed["non-private"]},
+        command=False)
     if json_out:
         print(json.dumps(doc, indent=2))
         return

@@ -18,14 +18,14 @@ torch runs on one thread (as a server pinned to one core does).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import typer
+
+from bench.harness import document, load_range
 
 MODELS = {"demo": [64, 64], "wide": [1024, 1024]}
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -76,7 +76,8 @@ def main(
     """int8 / bf16 vs fp32 serving: time per forward pass and held-out accuracy."""
     import numpy as np
 
-    from bench._streams import machine, one_thread, parse_ints
+    from bench._streams import one_thread, parse_ints
+    from bench.harness import machine
     from flywheel.kernels.cascade import train_mlp
     from flywheel.kernels.quantize import precision_accuracies
     from flywheel.learner import default_spec
@@ -116,13 +117,8 @@ def main(
             results.append(row)
             print(f"{name}: accuracy " + ", ".join(f"{p} {acc[p]:.4f}" for p in precs),
                   file=sys.stderr)
-        info["loadavg_end"] = list(os.getloadavg())
-    doc = {
-        "benchmark": "quant",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench quant " + " ".join(sys.argv[2:]),
+    doc = document("quant", info, {
         "seconds": time.perf_counter() - started,
-        "machine": info,
         "config": {"models": {n: MODELS[n] for n in names}, "precisions": precs,
                    "batches": list(sizes), "train": train, "test": test, "epochs": epochs,
                    "blocks": blocks, "block_s": block_s, "seed": seed,
@@ -132,7 +128,7 @@ def main(
                            "int8 weights, activations quantized per batch",
                    "bf16": "nn.Linear weights and matmul in bfloat16, float32 in between"},
         "results": results,
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
         return
@@ -158,5 +154,5 @@ def main(
         console.print(table)
     m = doc["machine"]
     console.print(f"[dim](x) = fp32 time / this time. {m['cpu_count']} CPUs ({m['cpu_model']}), "
-                  f"torch {m['torch']} (1 thread), load average {m['loadavg_start'][0]:.2f} -> "
-                  f"{m['loadavg_end'][0]:.2f}, {doc['date']}, {doc['seconds']:.0f} s[/]")
+                  f"torch {m['torch']} (1 thread), load average {load_range(m)}, "
+                  f"{doc['date']}, {doc['seconds']:.0f} s[/]")

@@ -23,12 +23,13 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from bench.harness import document, load_range
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -237,7 +238,7 @@ def machine_info() -> dict[str, Any]:
     """The shared machine facts (`bench._streams.machine`) plus the serving stack's."""
     import torch
 
-    from bench._streams import machine
+    from bench.harness import machine
 
     def version(dist: str) -> str | None:
         try:
@@ -391,8 +392,7 @@ def render(doc: dict[str, Any]) -> None:
     console.print(f"[dim]{OFF_MEANS}; {ON_MEANS}.[/]")
     console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), GPU {m['gpu']}, "
                   f"Python {m['python']}, torch {m['torch']}, {m['uvicorn_loop']}/"
-                  f"{m['uvicorn_http']}, load average {m['loadavg_start'][0]:.2f} -> "
-                  f"{m['loadavg_end'][0]:.2f}, {doc['date']}[/]")
+                  f"{m['uvicorn_http']}, load average {load_range(m)}, {doc['date']}[/]")
 
 
 def _sigterm_to_exit(signum: int, frame: object) -> None:
@@ -445,12 +445,7 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    machine["loadavg_end"] = list(os.getloadavg())
-    doc = {
-        "benchmark": "serve",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench serve " + " ".join(sys.argv[2:]),
-        "machine": machine,
+    doc = document("serve", machine, {
         "config": {
             "duration_s": duration, "warmup_s": warmup, "concurrency": concurrency,
             "rounds": rounds, "order": "off, on" + ", off, on" * (rounds - 1),
@@ -462,7 +457,7 @@ def main(
         },
         "runs": [asdict(r) for r in runs],
         "summary": summarize(runs),
-    }
+    })
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

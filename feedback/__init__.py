@@ -17,7 +17,7 @@ _LAZY = {
     "CounterexampleConfig": "counterexamples", "ReferenceStats": "reference",
     "error_report": "report", "build_worker": "runner", "tune_worker_process": "runner",
     "FeedbackCollector": "metrics", "serve_metrics": "metrics", "FeedbackWorker": "worker",
-    "WorkerStats": "worker",
+    "WorkerStats": "worker", "WorkerObserver": "observer", "WorkerStep": "observer",
 }
 
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from flywheel.feedback.counterexamples import Counterexample, CounterexampleConfig
     from flywheel.feedback.counterexamples import generate as generate_counterexamples
     from flywheel.feedback.metrics import FeedbackCollector, serve_metrics
+    from flywheel.feedback.observer import WorkerObserver, WorkerStep
     from flywheel.feedback.reference import ReferenceStats
     from flywheel.feedback.report import error_report
     from flywheel.feedback.runner import build_worker, tune_worker_process
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackCollector",
-    "FeedbackWorker",
-    "ReferenceStats", "Verdict", "WorkerStats", "analyze", "assign_split", "build_worker",
-    "error_report", "generate_counterexamples", "serve_metrics", "tune_worker_process",
+    "FeedbackWorker", "ReferenceStats", "Verdict", "WorkerObserver", "WorkerStats",
+    "WorkerStep", "analyze", "assign_split", "build_worker", "error_report",
+    "generate_counterexamples", "serve_metrics", "tune_worker_process",
 ]

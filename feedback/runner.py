@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flywheel.feedback.corroboration import Corroborator
 from flywheel.feedback.examples import ExampleBuilder
+from flywheel.feedback.observer import WorkerObserver
 from flywheel.feedback.reference_data import LabelledPool, ensure_reference
 from flywheel.feedback.worker import FeedbackWorker
 from flywheel.settings import Settings
@@ -65,13 +66,15 @@ def tune_worker_process() -> None:
     freeze_after_startup()
 
 
-def build_worker(settings: Settings, client_id: str | None = None) -> FeedbackWorker:
-    """Refuses a store that is not migrated to this code's schema (SchemaNotCurrent)."""
+def build_worker(settings: Settings, client_id: str | None = None,
+                 observer: WorkerObserver | None = None) -> FeedbackWorker:
+    """Refuses a store that is not migrated to this code's schema (SchemaNotCurrent).
+    `observer` sees the worker's assignments and step timings (`WorkerObserver`)."""
     engine = open_store(settings.resolved_database_url)
     with session_factory(engine).begin() as session:
         reference = ensure_reference(session, settings)
         pool = LabelledPool.load(session, reference)
     builder = ExampleBuilder(settings, pool, registry_model_loader(settings))
     return FeedbackWorker(
-        settings, engine, builder, client_id=client_id,
+        settings, engine, builder, client_id=client_id, observer=observer,
         release=Corroborator(reference, settings.holdout_fraction, every_s=RELEASE_EVERY_S))

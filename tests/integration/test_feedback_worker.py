@@ -323,6 +323,46 @@ def test_error_report_from_the_store_and_the_cli(fb_settings):
     assert json.loads(out.stdout)["versions"] == report["versions"]
 
 
+def test_an_observer_sees_the_assignment_and_every_step(fb_settings):
+    """The public hook `bench feedback` times the worker with: the group's assignment,
+    then each step, on the thread that ran it."""
+    from flywheel.feedback import WorkerObserver, WorkerStep
+
+    seen: list[tuple[str, str]] = []
+    assigned: list[list] = []
+
+    class Recorder(WorkerObserver):
+        def on_assigned(self, partitions):
+            assigned.append(sorted(partitions))
+
+        def timed(self, name, seconds):
+            seen.append((WorkerStep(name).value, threading.current_thread().name))
+
+    s = fb_settings
+    traffic = Traffic(s)
+    events = traffic.predictions(20, drifted=True, seed=6)
+    traffic.send_predictions(events)
+    traffic.send_corrections(events)
+    worker = build_worker(s, client_id="observed", observer=Recorder())
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="consumer", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: worker.stats.joined == 20, what="every correction joined")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert assigned and {t for t, _ in assigned[0]} == {s.topic_predictions,
+                                                        s.topic_corrections}
+    steps = set(seen)
+    for step in ("poll", "decode", "commit offsets"):
+        assert (step, "consumer") in steps, step
+    for step in ("store batch", "transaction", "store + join", "analysis", "example inserts",
+                 "sweep"):
+        assert (step, "feedback-store") in steps, step
+    assert ("analysis", "consumer") in steps  # batches are prepared on the consumer thread
+
+
 @pytest.mark.parametrize("revision", [None, "0001"])
 def test_worker_refuses_an_unmigrated_or_older_store(settings, tmp_path, revision):
     import os

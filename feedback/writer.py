@@ -1,0 +1,246 @@
+"""The feedback worker's store side: one transaction per batch, the poison-record search,
+the sweep, and retries when the database says try again.
+
+Runs on the worker's store thread (`flywheel.feedback.worker` runs the Kafka side). In
+ONE transaction a batch's valid records are written, every correction that can be joined
+is joined, the pairs are analyzed and their examples written; the dead letters are then
+published. Every write is idempotent (a correction is joined by exactly one transaction,
+see `join`), so a batch replayed after a crash leaves the store as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from flywheel.events import CorrectionEvent, PredictionEvent, utcnow
+from flywheel.feedback.consumer import Partition
+from flywheel.feedback.deadletter import DeadLetterWriter
+from flywheel.feedback.join import StoredBatch, claim_joins, expire_corrections, store_and_join
+from flywheel.feedback.messages import Rejected
+from flywheel.feedback.observer import TimedAnalysis, WorkerObserver, WorkerStep
+from flywheel.feedback.plan import Applied, NotNew, Plan, apply
+from flywheel.feedback.prediction_cache import PredictionCache
+from flywheel.settings import Settings
+from flywheel.store import Example, insert_ignoring_duplicates, session_factory
+
+log = logging.getLogger(__name__)
+Event = PredictionEvent | CorrectionEvent
+RETRIES = 5
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    records: int = 0
+    predictions: int = 0
+    corrections: int = 0
+    joined: int = 0
+    pending: int = 0  # corrections stored to wait for their prediction (joined later)
+    examples: int = 0
+    dead_letters: int = 0
+    expired: int = 0
+    released: int = 0
+    retries: int = 0
+    sweep_failures: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One poll, decoded: what the store thread writes and the offsets it then frees."""
+
+    events: list[tuple[Any, Event]]  # each with its Kafka message, should it fail alone
+    rejected: list[Rejected]
+    offsets: dict[Partition, int]  # the next offset to read, per partition
+    records: int
+    plan: Plan | None = None  # prepared on the consumer thread (None: the general path)
+    sweep: bool = False  # not a poll: the periodic sweep, run in turn with the batches
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    stored: list[StoredBatch] = field(default_factory=list)  # its committed transactions
+    whole: bool = False  # stored in one transaction, no record dead-lettered by the store
+
+
+def by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[CorrectionEvent]]:
+    return ([e for e in events if isinstance(e, PredictionEvent)],
+            [e for e in events if isinstance(e, CorrectionEvent)])
+
+
+class StoreWriter:
+    """Writes batches and sweeps; counts what it did in `stats`.
+
+    `analysis` is the worker's `TimedAnalysis`; `cache` the predictions the consumer
+    thread knows (the general path looks a correction's prediction up there first);
+    `dead_letters` is set once the worker is connected.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, analysis: TimedAnalysis,
+                 cache: PredictionCache, stats: WorkerStats, observer: WorkerObserver,
+                 release: Callable[..., int] | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._sessions = session_factory(engine)
+        self.analysis = analysis
+        self.cache = cache
+        self.stats = stats
+        self._step = observer.step
+        self._release = release
+        self.dead_letters: DeadLetterWriter | None = None
+
+    def store_batch(self, batch: Batch) -> None:
+        """Write one polled batch: whole if the store takes it, else record by record."""
+        with self._step(WorkerStep.STORE_BATCH):
+            rejected = list(batch.rejected)
+            try:
+                rejected += self._store([e for _, e in batch.events], batch.stored, batch.plan)
+                batch.whole = True
+            except OperationalError:
+                raise  # the store is down or busy beyond retries: not the records' fault
+            except Exception as exc:
+                rejected += self._store_one_by_one(batch.events, exc, batch.stored)
+            self._dead_letter(rejected)
+            self.stats.batches += 1
+            self.stats.records += batch.records
+
+    def _store(self, events: list[Event], results: list[StoredBatch], plan: Plan | None = None
+               ) -> list[Rejected]:
+        """Write, join and analyze `events` in one transaction, following `plan` if there
+        is one; what it stored goes to `results`, unusable pairs come back."""
+
+        def work(session: Session) -> tuple[StoredBatch, int, list[Rejected]]:
+            now = utcnow()
+            if plan is not None:
+                with self._step(WorkerStep.STORE_JOIN):
+                    applied = apply(session, plan, self.analysis, now)
+            else:
+                with self._step(WorkerStep.STORE_JOIN):
+                    stored = store_and_join(session, *by_kind(events), now, self.cache.get)
+                applied = Applied(stored, self.analysis.prepare(stored.pairs))
+            examples, unusable, outcomes = self._examples(session, applied)
+            self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
+            return applied.stored, examples, unusable
+
+        try:
+            stored, examples, unusable = self.in_transaction(work)
+        except NotNew:  # a replayed batch: rolled back; the general path skips what is there
+            plan = None
+            stored, examples, unusable = self.in_transaction(work)
+        results.append(stored)
+        self.stats.predictions += len(stored.new_predictions)
+        self.stats.corrections += stored.new_corrections
+        self.stats.joined += len(stored.pairs)
+        self.stats.pending += len(stored.pending)
+        self.stats.examples += examples
+        return unusable
+
+    def _examples(self, session: Session, applied: Applied
+                  ) -> tuple[int, list[Rejected], Counter]:
+        """Write the examples of analyzed pairs: (examples written, unusable pairs, their
+        error counts, for the caller to add as its transaction's last write)."""
+        if not applied.prepared:
+            return 0, [], Counter()
+        rows, unusable, outcomes = self.analysis.finish(session, applied.prepared)
+        with self._step(WorkerStep.EXAMPLE_INSERTS):
+            written = insert_ignoring_duplicates(session, Example, rows, applied.example_lines)
+        return written, unusable, outcomes
+
+    def _store_one_by_one(self, events: list[tuple[Any, Event]], batch_error: Exception,
+                          results: list[StoredBatch]) -> list[Rejected]:
+        """A batch the store refused for a reason other than load: find the poison record.
+
+        Each event is written alone (writes are idempotent, so the ones that succeed are
+        stored exactly once); one that fails alone goes to the dead-letter topic with the
+        error. If every event of a batch fails alone, the fault is ours, not the data's:
+        re-raise, so the batch is retried after a restart instead of dead-lettering valid
+        records.
+        """
+        log.warning("the store refused a batch of %d events (%s); writing them one by one",
+                    len(events), batch_error)
+        rejected, failed = [], 0
+        for message, event in events:
+            try:
+                rejected += self._store([event], results)
+            except OperationalError:
+                raise
+            except Exception as exc:
+                failed += 1
+                detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+                rejected.append(Rejected(message.topic(), message.partition(), message.offset(),
+                                         message.key(), message.value(),
+                                         f"store: {type(exc).__name__}: {detail}"))
+        if len(events) > 1 and failed == len(events):
+            raise batch_error
+        return rejected
+
+    def _dead_letter(self, rejected: list[Rejected]) -> None:
+        if not rejected:
+            return
+        assert self.dead_letters is not None
+        self.dead_letters.publish(rejected)
+        self.stats.dead_letters += len(rejected)
+        for r in rejected:
+            reason = r.reason.split(":", 1)[0]
+            self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+
+    def sweep(self, final: bool = False) -> list[StoredBatch]:
+        """Join what a concurrent worker's transaction hid from ours, release corroborated
+        quarantine, expire the hopeless (`final`: the corroboration check is never
+        skipped). A sweep the analysis fails is counted and retried next time."""
+        with self._step(WorkerStep.SWEEP):
+            return self._sweep(final)
+
+    def _sweep(self, final: bool) -> list[StoredBatch]:
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.settings.correction_expiry_s)
+
+        def work(session: Session) -> tuple[StoredBatch, int, int, int, list[Rejected]]:
+            pairs = claim_joins(session, None, now)
+            expired = expire_corrections(session, cutoff)
+            applied = Applied(StoredBatch(pairs=pairs), self.analysis.prepare(pairs))
+            examples, unusable, outcomes = self._examples(session, applied)
+            released = (self._release(session, force=final) if final
+                        else self._release(session)) if self._release else 0
+            self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
+            return applied.stored, examples, released, expired, unusable
+
+        try:
+            stored, examples, released, expired, unusable = self.in_transaction(work)
+        except OperationalError:
+            raise
+        except Exception:  # a pair the analysis cannot handle: keep consuming, retry later
+            self.stats.sweep_failures += 1
+            log.exception("sweep failed; the pending joins stay pending and are retried")
+            return []
+        self._dead_letter(unusable)
+        self.stats.joined += len(stored.pairs)
+        self.stats.examples += examples
+        self.stats.released += released
+        self.stats.expired += expired
+        return [stored]
+
+    def in_transaction(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one transaction; retry when the database says try again."""
+        with self._step(WorkerStep.TRANSACTION):
+            for attempt in range(1, RETRIES + 1):
+                try:
+                    with self._sessions.begin() as session:
+                        return work(session)
+                except OperationalError as exc:  # SQLite busy, PostgreSQL serialization, ...
+                    if attempt == RETRIES:
+                        raise
+                    self.stats.retries += 1
+                    log.warning("store busy (%s); retry %d", exc.orig, attempt)
+                    time.sleep(0.05 * 2 ** attempt)
+            raise AssertionError("unreachable")
