@@ -39,7 +39,7 @@ def run_mode(mode: str, root: Path, clients: int, rounds: int) -> dict:
     poll = 0.1 if mode == "flywheel" else 3.0
     platform, sites = build_homes(root, clients, make_partition(clients, per_site=200),
                                   rounds=rounds, privacy_enabled=False, fed_poll_s=poll)
-    ensure_champion(platform, Registry(platform))
+    ensure_champion(platform, Registry.of(platform))
     options = RunOptions.from_settings(platform, rounds=rounds, clients=clients,
                                        min_clients=clients, local_steps=5, publish=False)
     fed = LocalFederation(platform, sites, logs=root / "logs",

@@ -162,7 +162,7 @@ def make_traffic(settings: Any, n: int, seed: int) -> tuple[list[tuple[bytes, by
     from flywheel.registry import Registry
     from flywheel.streams import Concept, seed_concept
 
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     loaded = registry.load(registry.champion_version() or "1")
     drifted = int(round(n * DRIFTED_SHARE))
     x_seed, y_seed = seed_concept(settings.seed).sample(n - drifted, sample_seed=seed)
@@ -734,7 +734,7 @@ def main(
             prepare_home(settings)
             ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
             say(f"embedded broker at {broker.bootstrap}; registering the champion ...")
-            ensure_champion(settings, Registry(settings))
+            ensure_champion(settings, Registry.of(settings))
             say(f"producing {n} predictions and {n} corrections ...")
             t = time.perf_counter()
             predictions, corrections = make_traffic(settings, n, seed)

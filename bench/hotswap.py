@@ -135,7 +135,7 @@ def prepare_registry(settings: Any, say) -> list[str]:
     from flywheel.learner import ensure_champion
     from flywheel.registry import Registry
 
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     champion = ensure_champion(settings, registry)
     versions = [champion]
     for seed in (1, 2):
@@ -275,7 +275,7 @@ def drive(settings: Any, versions: list[str], windows: list[Window], interval: f
     from flywheel import promotion
     from flywheel.registry import Registry
 
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     cycle = versions[1:] + versions[:1]  # the champion is versions[0]: start elsewhere
     done: list[Promotion] = []
     for i, w in enumerate(windows):

@@ -18,7 +18,7 @@ def registry_model_loader(settings: Settings):
     """Served versions, loaded from the registry once each, for gradient-sign variants."""
     from flywheel.registry import Registry
 
-    registry = Registry(settings)
+    registry = Registry.of(settings)
 
     def load(version: str):
         loaded = registry.load(version)

@@ -12,12 +12,13 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NewType
 
 from torch import nn
 
 from flywheel.artifacts import load_model, save_model
 from flywheel.modelspec import ModelSpec
-from flywheel.settings import CHAMPION_ALIAS, Settings
+from flywheel.settings import CHAMPION_ALIAS, RegistrySettings, Settings, StateSettings
 
 EXPERIMENT = "flywheel"
 ARTIFACT_PATH = "model"
@@ -31,11 +32,36 @@ class RegistryError(ValueError):
     """A registry request that cannot be done as asked (unknown version, nothing to undo)."""
 
 
+ModelVersion = NewType("ModelVersion", str)
+"""A registered version's number as MLflow writes it ("1", "2", ...).
+
+A type of its own so that the type checker refuses any other string (a model name, a
+run id, a tag's raw text) where a version is meant; text from outside becomes one only
+through `parse_version`, which checks it.
+"""
+
+
+def parse_version(text: object) -> ModelVersion:
+    """A version number from outside (a CLI argument, a URL, a tag, an event), checked.
+
+    >>> parse_version(" 12 ")
+    '12'
+    >>> parse_version("v3")
+    Traceback (most recent call last):
+    ...
+    flywheel.registry.RegistryError: a model version is a whole number from 1, got 'v3'
+    """
+    value = str(text).strip()
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise RegistryError(f"a model version is a whole number from 1, got {text!r}")
+    return ModelVersion(str(int(value)))
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """What the registry knows about one version, without loading its weights."""
 
-    version: str
+    version: ModelVersion
     tags: dict[str, str]
     run_id: str | None
     created_at: datetime
@@ -47,24 +73,33 @@ class VersionInfo:
 @dataclass(frozen=True)
 class LoadedVersion:
     name: str
-    version: str
+    version: ModelVersion
     spec: ModelSpec
     module: nn.Module
     tags: dict[str, str] = field(default_factory=dict)
 
 
 class Registry:
-    """Thin, typed access to the MLflow registry with Flywheel's conventions."""
+    """Thin, typed access to the MLflow registry with Flywheel's conventions.
 
-    def __init__(self, settings: Settings) -> None:
+    Build one per process, at its edge (`Registry.of(settings)`), and pass it in: a
+    client is a connection pool and an import of MLflow (~1.7 s), not a value.
+    """
+
+    def __init__(self, state: StateSettings, registry: RegistrySettings) -> None:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow import MlflowClient  # heavy import, only for processes that need it
 
-        self.settings = settings
-        self.name = settings.model_name
-        uri = settings.resolved_mlflow_uri
+        self.state = state
+        self.name = registry.model_name
+        uri = state.resolved_mlflow_uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Registry:
+        """The registry a whole configuration names (for the wiring at a process's edge)."""
+        return cls(settings.state, settings.registry)
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(EXPERIMENT)
@@ -73,7 +108,7 @@ class Registry:
         # A tracking server (http[s]://, docker/compose.yaml) stores artifacts itself, where
         # every process can read them; a local store keeps them inside FLYWHEEL_HOME.
         remote = self.client.tracking_uri.split(":", 1)[0] in ("http", "https")
-        location = None if remote else self.settings.mlflow_artifacts_dir.as_uri()
+        location = None if remote else self.state.mlflow_artifacts_dir.as_uri()
         try:
             return self.client.create_experiment(EXPERIMENT, artifact_location=location)
         except Exception:  # another process created it first
@@ -82,15 +117,16 @@ class Registry:
                 raise
             return exp.experiment_id
 
-    def champion_version(self) -> str | None:
+    def champion_version(self) -> ModelVersion | None:
         from mlflow.exceptions import MlflowException
 
         try:
-            return str(self.client.get_model_version_by_alias(self.name, CHAMPION_ALIAS).version)
+            mv = self.client.get_model_version_by_alias(self.name, CHAMPION_ALIAS)
+            return ModelVersion(str(mv.version))
         except MlflowException:
             return None
 
-    def load(self, version: str) -> LoadedVersion:
+    def load(self, version: ModelVersion) -> LoadedVersion:
         import mlflow
 
         mv = self.client.get_model_version(self.name, version)
@@ -99,12 +135,13 @@ class Registry:
                 artifact_uri=mv.source, dst_path=tmp, tracking_uri=self.client.tracking_uri
             )
             spec, module = load_model(Path(local))
-        return LoadedVersion(self.name, str(mv.version), spec, module, dict(mv.tags))
+        return LoadedVersion(self.name, ModelVersion(str(mv.version)), spec, module,
+                             dict(mv.tags))
 
     def publish(
         self, spec: ModelSpec, module: nn.Module, *, tags: dict[str, str],
         params: dict[str, object] | None = None, metrics: dict[str, float] | None = None,
-    ) -> str:
+    ) -> ModelVersion:
         """Log a run with the artifact and register it as a new version; returns the version."""
         missing = [t for t in VERSION_TAGS if t not in tags]
         if missing:
@@ -131,7 +168,7 @@ class Registry:
             self.name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id=run_id,
             tags={k: str(v) for k, v in tags.items()},
         )
-        return str(mv.version)
+        return ModelVersion(str(mv.version))
 
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -144,7 +181,7 @@ class Registry:
             except MlflowException:  # created concurrently
                 self.client.get_registered_model(self.name)
 
-    def set_champion(self, version: str) -> None:
+    def set_champion(self, version: ModelVersion) -> None:
         """Move the alias and remember it in the champion history (what rollback undoes)."""
         self.client.set_registered_model_alias(self.name, CHAMPION_ALIAS, version)
         history = self.champion_history()
@@ -152,7 +189,7 @@ class Registry:
             history.append(version)
         self._set_history(history[-HISTORY_LIMIT:])
 
-    def champion_history(self) -> list[str]:
+    def champion_history(self) -> list[ModelVersion]:
         """Versions that were champion, oldest first (rolled-back ones removed)."""
         from mlflow.exceptions import MlflowException
 
@@ -160,16 +197,16 @@ class Registry:
             raw = self.client.get_registered_model(self.name).tags.get(HISTORY_TAG)
         except MlflowException:
             return []
-        return [str(v) for v in json.loads(raw)] if raw else []
+        return [ModelVersion(str(v)) for v in json.loads(raw)] if raw else []
 
-    def _set_history(self, history: list[str]) -> None:
+    def _set_history(self, history: list[ModelVersion]) -> None:
         self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
 
-    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+    def set_tags(self, version: ModelVersion, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.name, version, k, str(v))
 
-    def exists(self, version: str) -> bool:
+    def exists(self, version: ModelVersion) -> bool:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -178,9 +215,9 @@ class Registry:
             return False
         return True
 
-    def promote(self, version: str, *, reason: str, actor: str) -> str | None:
+    def promote(self, version: ModelVersion, *, reason: str, actor: str
+                ) -> ModelVersion | None:
         """Make `version` the champion; returns the one it replaced. Recorded as tags."""
-        version = str(version)
         if not self.exists(version):
             raise RegistryError(f"{self.name} has no version {version!r}")
         previous = self.champion_version()
@@ -189,7 +226,7 @@ class Registry:
         self.set_champion(version)
         return previous
 
-    def rollback(self, *, reason: str, actor: str) -> tuple[str, str]:
+    def rollback(self, *, reason: str, actor: str) -> tuple[ModelVersion, ModelVersion]:
         """Move the alias back to the previous champion; returns (from, to)."""
         history = self.champion_history()
         current = self.champion_version()
@@ -214,7 +251,7 @@ class Registry:
         return sorted(out, key=lambda v: int(v.version) if v.version.isdigit() else 0,
                       reverse=True)
 
-    def info(self, version: str, *, with_run: bool = True) -> VersionInfo:
+    def info(self, version: ModelVersion, *, with_run: bool = True) -> VersionInfo:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -223,8 +260,8 @@ class Registry:
             raise RegistryError(f"{self.name} has no version {version!r}") from None
         return self._info(mv, self.champion_version(), with_run)
 
-    def _info(self, mv: object, champion: str | None, with_run: bool) -> VersionInfo:
-        version = str(mv.version)  # type: ignore[attr-defined]
+    def _info(self, mv: object, champion: ModelVersion | None, with_run: bool) -> VersionInfo:
+        version = ModelVersion(str(mv.version))  # type: ignore[attr-defined]
         metrics: dict[str, float] = {}
         params: dict[str, str] = {}
         run_id = mv.run_id  # type: ignore[attr-defined]

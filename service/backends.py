@@ -31,7 +31,7 @@ class SharedRegistry:
             if self._registry is None:
                 from flywheel.registry import Registry
 
-                self._registry = Registry(self._settings)
+                self._registry = Registry.of(self._settings)
             return self._registry
 
 

@@ -54,7 +54,7 @@ def demo(
         with console.status("starting broker, store, registry, feedback worker, learner, "
                             "service..."):
             s = stack.enter_context(embedded_stack(settings))
-            initial = Registry(s).champion_version()
+            initial = Registry.of(s).champion_version()
             assert initial is not None
             frozen = frozen_predictor(s, initial)
             worker, learner, url = stack.enter_context(running_loop(s))

@@ -25,7 +25,7 @@ def learn(
 
     settings = settings_or_exit()
     try:
-        learner = OnlineLearner(settings, Registry(settings))  # the process's one registry
+        learner = OnlineLearner(settings, Registry.of(settings))  # the process's one registry
         learner.start()
     except SchemaNotCurrent as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -100,7 +100,7 @@ def _open(settings: Settings) -> Registry:
     # after MLflow's default 7 retries with backoff (~4 minutes a call); env still wins
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    return Registry(settings)
+    return Registry.of(settings)
 
 
 # --- versions as plain data (what --json prints) ---------------------------------------------

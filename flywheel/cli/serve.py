@@ -37,5 +37,5 @@ def serve(
         from flywheel.service import create_app, run_server
 
         # the process's one registry: the first load, the follower and /v1/review share it
-        app = create_app(settings, registry=Registry(settings))
+        app = create_app(settings, registry=Registry.of(settings))
         run_server(app, settings.host, settings.port, access_log)

@@ -122,7 +122,7 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         ensure_topics(settings.kafka_bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
-        ensure_champion(settings, Registry(settings))
+        ensure_champion(settings, Registry.of(settings))
         yield settings
 
 
@@ -155,7 +155,7 @@ def running_learner(settings: Settings) -> Iterator[OnlineLearner]:
     from flywheel.learner import OnlineLearner
     from flywheel.registry import Registry
 
-    learner = OnlineLearner(settings, Registry(settings))  # the learner's own, as `flywheel learn`
+    learner = OnlineLearner(settings, Registry.of(settings))  # the learner's own, as `flywheel learn`
     learner.start()
     with _in_background(learner.run, "flywheel-demo-learner"):
         yield learner
@@ -263,7 +263,7 @@ def frozen_predictor(settings: Settings, version: str) -> Callable[[list[list[fl
 
     from flywheel.registry import Registry
 
-    loaded = Registry(settings).load(version)
+    loaded = Registry.of(settings).load(version)
     loaded.module.eval()
 
     def predict(rows: list[list[float]]) -> list[str]:

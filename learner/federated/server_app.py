@@ -29,4 +29,4 @@ def main(grid: Grid, context: Context) -> None:
     settings = load_settings()
     prepare_home(settings)
     options = RunOptions.from_settings(settings, **dict(context.run_config))
-    FederatedRun(settings, options, Registry(settings)).run(grid)  # one per run
+    FederatedRun(settings, options, Registry.of(settings)).run(grid)  # one per run

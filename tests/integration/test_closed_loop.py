@@ -26,7 +26,7 @@ def test_after_a_drift_a_promoted_version_is_served_and_beats_the_frozen_model(s
     s = settings.model_copy(update={"database_url": pg_url, "port": 0})
     config = DemoConfig(requests=3600, rate=120.0, batch=6, drift_at=0.25)
     with embedded_stack(s) as s:
-        registry = Registry(s)
+        registry = Registry.of(s)
         initial = registry.champion_version()
         frozen = frozen_predictor(s, initial)
         with running_loop(s) as (_, learner, url):

@@ -61,7 +61,7 @@ def fed(tmp_path_factory, broker):
     sites = [s.model_copy(update={"fed_audit_dir": root / f"audit{k}",
                                   "fed_site_noise_seed": k})
              for k, s in enumerate(sites)]
-    ensure_champion(platform, Registry(platform))
+    ensure_champion(platform, Registry.of(platform))
     federation = LocalFederation(platform, sites, logs=root / "logs").start()
     try:
         federation.wait_for_sites(3, timeout_s=120)
@@ -92,7 +92,7 @@ def test_federated_model_is_registered_promoted_and_served(fed):
         assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
         assert all(r["replied"] == 3 for r in summary["rounds"])
         assert summary["version"] and summary["promoted"], summary["gate"]
-        info = Registry(platform).info(summary["version"])
+        info = Registry.of(platform).info(summary["version"])
         assert info.tags["source"] == "federated" and info.is_champion
         assert float(info.tags["epsilon"]) == pytest.approx(summary["epsilon"], rel=1e-3)
         assert info.tags["delta"] == f"{platform.privacy_delta:g}"
@@ -117,8 +117,8 @@ def test_federated_model_beats_each_sites_local_only_model(fed, tmp_path):
     from flywheel.registry import Registry
 
     union = Holdout(*partition.holdout)
-    start = Registry(federation.platform).load(summary["start_version"])
-    federated = accuracy(Registry(federation.platform).load(summary["version"]).module, union)
+    start = Registry.of(federation.platform).load(summary["start_version"])
+    federated = accuracy(Registry.of(federation.platform).load(summary["version"]).module, union)
     o = options(fed, rounds=ROUNDS)
     from flywheel.store.trusted import seed_data
 

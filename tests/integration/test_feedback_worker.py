@@ -41,7 +41,7 @@ def fb_settings(request, settings: Settings) -> Settings:
     s = settings.model_copy(update={
         "database_url": url, "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
         "feedback_session_timeout_ms": 6000, "feedback_max_records": 200})
-    ensure_champion(s, Registry(s))
+    ensure_champion(s, Registry.of(s))
     return s
 
 
@@ -49,7 +49,7 @@ class Traffic:
     """Prediction events from the real champion, on the seed concept or a drifted one."""
 
     def __init__(self, settings: Settings) -> None:
-        loaded = Registry(settings).load(Registry(settings).champion_version())
+        loaded = Registry.of(settings).load(Registry.of(settings).champion_version())
         self.s, self.model, self.labels = settings, loaded.module, loaded.spec.labels
         self.version = loaded.version
         self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")

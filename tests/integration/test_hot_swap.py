@@ -99,7 +99,7 @@ def publish_variant(registry: Registry, base: str, seed: int) -> str:
 def registry(settings: Settings) -> Registry:
     """A registry whose champion is an untrained model: training one (as `ensure_champion`
     would) costs seconds and these tests only need versions that predict differently."""
-    reg = Registry(settings)
+    reg = Registry.of(settings)
     torch.manual_seed(0)
     spec = default_spec()
     reg.set_champion(reg.publish(spec, build_model(spec), tags={"parent_version": "", **TAGS}))

@@ -27,7 +27,7 @@ def _publish(registry: Registry, parent: str) -> str:
 
 
 def test_promote_and_rollback_publish_model_events(settings: Settings, monkeypatch):
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     v1 = _publish(registry, "")
     registry.set_champion(v1)
     v2 = _publish(registry, v1)
@@ -53,4 +53,4 @@ def test_promote_and_rollback_publish_model_events(settings: Settings, monkeypat
         ("promoted", v2, v1, "canary ok"), ("rolled_back", v1, v2, "p99 regressed")]
     assert {e.model_name for e in events} == {settings.model_name}
     assert {e.actor for e in events} == {default_actor()}
-    assert Registry(settings).champion_version() == v1
+    assert Registry.of(settings).champion_version() == v1

@@ -36,7 +36,7 @@ def _settings(settings: Settings, url: str, **extra: object) -> Settings:
                                     "learn_cursor_grace_s": 0.0, "gate_min_holdout": 5,
                                     "privacy_enabled": True, **extra})
     upgrade_store(url)
-    ensure_champion(s, Registry(s))
+    ensure_champion(s, Registry.of(s))
     return s
 
 
@@ -66,7 +66,7 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
     s = _settings(settings, db_url)
     add(db_url, 30, 10_000, split="holdout")
     add(db_url, 50, 0)
-    learner = OnlineLearner(s, Registry(s))
+    learner = OnlineLearner(s, Registry.of(s))
     first = learner.step()
     add(db_url, 40, 100)
     add(db_url, 10, 200, source="heavy")  # one source with 10 examples in update 2
@@ -75,7 +75,7 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
     ledger = PrivacyLedger(make_engine(db_url))
     entries = ledger.entries(learner.lineage)
     assert [e.update_no for e in entries] == [1, 2]
-    registry = Registry(s)
+    registry = Registry.of(s)
     for candidate, entry in zip((first, second), entries, strict=True):
         tags = registry.info(candidate.version).tags
         assert entry.version == candidate.version
@@ -104,17 +104,17 @@ def test_an_update_over_budget_is_refused_before_any_training(settings, sqlite_u
     s = _settings(settings, sqlite_url, privacy_noise_multiplier=0.05)  # one update: ε >> 3
     add(sqlite_url, 10, 10_000, split="holdout")
     add(sqlite_url, 60, 0)
-    learner = OnlineLearner(s, Registry(s))
+    learner = OnlineLearner(s, Registry.of(s))
     learner.start()
     before = [p.detach().clone() for p in learner._trainer.module.parameters()]
-    versions = {v.version for v in Registry(s).versions()}
+    versions = {v.version for v in Registry.of(s).versions()}
     refused = REFUSALS.labels("mechanism")._value.get()
     assert learner.step() is None
     assert REFUSALS.labels("mechanism")._value.get() == refused + 1
     assert "refused: one update" in caplog.text and "budget 3" in caplog.text
     after = list(learner._trainer.module.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert {v.version for v in Registry(s).versions()} == versions
+    assert {v.version for v in Registry.of(s).versions()} == versions
     assert PrivacyLedger(make_engine(sqlite_url)).entries() == []
 
 
@@ -123,7 +123,7 @@ def test_sources_out_of_budget_are_left_out_and_capped_per_update(settings, pg_u
     add(pg_url, 10, 10_000, split="holdout")
     add(pg_url, 44, 0)
     add(pg_url, 6, 300, source="big")  # 6 examples, capped to 4
-    learner = OnlineLearner(s, Registry(s))
+    learner = OnlineLearner(s, Registry.of(s))
     learner.start()
     assert learner.step() is not None
     ledger = PrivacyLedger(make_engine(pg_url))

@@ -21,7 +21,7 @@ def reg_settings(tmp_path) -> Settings:
 
 
 def test_empty_registry_bootstraps_one_champion_and_only_once(reg_settings):
-    registry = Registry(reg_settings)
+    registry = Registry.of(reg_settings)
     assert registry.champion_version() is None
     version = ensure_champion(reg_settings, registry)
     assert ensure_champion(reg_settings, registry) == version
@@ -45,4 +45,4 @@ def test_publish_refuses_missing_tags(reg_settings):
 
     spec = default_spec()
     with pytest.raises(ValueError, match="needs tags"):
-        Registry(reg_settings).publish(spec, build_model(spec), tags={"source": "online"})
+        Registry.of(reg_settings).publish(spec, build_model(spec), tags={"source": "online"})

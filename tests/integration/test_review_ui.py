@@ -74,7 +74,7 @@ def _publish(registry: Registry, parent: str, source: str, gate: str, **extra: s
 
 def _seed(settings: Settings) -> Registry:
     """v1 seed → v2 champion → v3 rejected; v4 pending review (ε 0.9)."""
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     v1 = _publish(registry, "", "manual", "initial: no champion to compare",
                   examples="seed[0,800)")
     registry.set_champion(v1)

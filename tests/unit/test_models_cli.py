@@ -48,7 +48,7 @@ def template(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("models-cli") / "home"
     settings = Settings(home=home)
     prepare_home(settings)
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     v1 = _publish(registry, "", "manual", "seed[0,800)", "none",
                   "initial: no champion to compare", metrics={"holdout_accuracy": 0.9},
                   params={"seed": 7})
@@ -80,7 +80,7 @@ def home(template: Path, tmp_path: Path, monkeypatch) -> Path:
 
 
 def registry_at(home: Path) -> Registry:
-    return Registry(Settings(home=home))
+    return Registry.of(Settings(home=home))
 
 
 def models(*args: str) -> Result:

@@ -94,7 +94,7 @@ def template(tmp_path_factory) -> Path:
     settings = _settings(home)
     prepare_home(settings)
     upgrade(settings.resolved_database_url)
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     v1 = ensure_champion(settings, registry)
     v2 = _child(registry, v1, noise=0.5, seed=1, examples="ids 1..40 (40 new, update 1)",
                 gate=PASSED)
@@ -131,7 +131,7 @@ def models(*args: str) -> Result:
 
 
 def registry_at(home: Path) -> Registry:
-    return Registry(_settings(home))
+    return Registry.of(_settings(home))
 
 
 # --- diff -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def template(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("registry-history") / "home"
     settings = Settings(home=home)
     prepare_home(settings)
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     spec = ModelSpec(input_dim=2, hidden=[2], labels=["a", "b"])
     versions = [registry.publish(spec, build_model(spec), tags=TAGS,
                                  metrics={"holdout_accuracy": 0.5 + i / 10})
@@ -39,7 +39,7 @@ def template(tmp_path_factory) -> Path:
 def registry(template: Path, tmp_path: Path) -> Registry:
     home = tmp_path / "home"
     shutil.copytree(template, home)
-    return Registry(Settings(home=home))
+    return Registry.of(Settings(home=home))
 
 
 def test_history_records_each_champion_once_in_order(registry):

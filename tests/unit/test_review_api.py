@@ -46,7 +46,7 @@ def template(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("review-api") / "home"
     settings = Settings(home=home)
     prepare_home(settings)
-    registry = Registry(settings)
+    registry = Registry.of(settings)
     v1 = _publish(registry, "", "manual", gate="initial: no champion to compare")
     registry.set_champion(v1)
     v2 = _publish(registry, v1, "online")
@@ -70,14 +70,14 @@ def _client(template: Path, tmp_path: Path, token: str | None) -> TestClient:
 @pytest.fixture()
 def admin(template, tmp_path):
     with _client(template, tmp_path / "admin", TOKEN) as c:
-        c.registry = Registry(Settings(home=tmp_path / "admin" / "home"))
+        c.registry = Registry.of(Settings(home=tmp_path / "admin" / "home"))
         yield c
 
 
 @pytest.fixture()
 def readonly(template, tmp_path):
     with _client(template, tmp_path / "readonly", None) as c:
-        c.registry = Registry(Settings(home=tmp_path / "readonly" / "home"))
+        c.registry = Registry.of(Settings(home=tmp_path / "readonly" / "home"))
         yield c
 
 
