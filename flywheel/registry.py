@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from flywheel.artifacts import load_model, save_model
-from flywheel.modelspec import ModelSpec
+from flywheel.modelspec import AnySpec
 from flywheel.settings import CHAMPION_ALIAS, Settings
 
 EXPERIMENT = "flywheel"
@@ -48,7 +48,7 @@ class VersionInfo:
 class LoadedVersion:
     name: str
     version: str
-    spec: ModelSpec
+    spec: AnySpec  # a registered version may be a cascade
     module: nn.Module
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -102,7 +102,7 @@ class Registry:
         return LoadedVersion(self.name, str(mv.version), spec, module, dict(mv.tags))
 
     def publish(
-        self, spec: ModelSpec, module: nn.Module, *, tags: dict[str, str],
+        self, spec: AnySpec, module: nn.Module, *, tags: dict[str, str],
         params: dict[str, object] | None = None, metrics: dict[str, float] | None = None,
     ) -> str:
         """Log a run with the artifact and register it as a new version; returns the version."""

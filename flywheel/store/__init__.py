@@ -23,6 +23,7 @@ from flywheel.store.database import (
     SchemaTooNew,
     check_schema,
     display_url,
+    driver_connection,
     make_engine,
     normalize_url,
     open_store,
@@ -70,7 +71,8 @@ __all__ = [
     "encode_for_copy",
     "insert_all_new",
     "SchemaNotCurrent", "SchemaTooNew", "Split", "alembic_config", "check_schema", "current",
-    "display_url", "downgrade", "head", "insert_ignoring_duplicates", "insert_returning_new",
+    "display_url", "downgrade", "driver_connection", "head", "insert_ignoring_duplicates",
+    "insert_returning_new",
     "known_revisions",
     "make_engine", "normalize_url", "open_store", "schema_revision", "session_factory", "upgrade",
 ]
