@@ -253,7 +253,8 @@ def analyze_many(
     threshold = reference.distance_threshold
     near_cut = np.abs(distance - threshold) <= _EXACT_BAND * threshold
     ok, confidences, margins, correct = _quick_checks(
-        probabilities, predicted, true_labels, np.isfinite(x).all(axis=1), pool.labels())
+        probabilities, predicted, true_labels, np.asarray(np.isfinite(x).all(axis=1)),
+        pool.labels())
     exact.extend(np.flatnonzero(~ok).tolist())
     for i in np.flatnonzero(ok & correct).tolist():
         out[i] = (None, True)

@@ -10,10 +10,13 @@ reads only what is in the store, so every worker, and a replay after a crash, ag
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import Text, cast, func, select, update
+from sqlalchemy import Row, Text, cast, func, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from flywheel.feedback.analyzer import assign_split
@@ -76,17 +79,19 @@ class Corroborator:
             to.setdefault(assign_split(parent, self.holdout_fraction), []).append(ex_id)
         released = 0
         for split, ids in to.items():
-            released += session.execute(
+            result = session.execute(
                 update(Example).where(Example.id.in_(ids),
                                       Example.split == Split.QUARANTINE.value)
-                .values(split=split)).rowcount or 0
+                .values(split=split))
+            assert isinstance(result, CursorResult)  # an UPDATE's (typed as Result)
+            released += result.rowcount or 0
         # the rows released now leave `held`: the next sweep's state differs and re-checks
         self._seen = state if not released else None
         return released
 
 
-    def _corroborated(self, held: list, xs: np.ndarray, labels: np.ndarray,
-                      parents: np.ndarray) -> list[tuple[int, str]]:
+    def _corroborated(self, held: Sequence[Row[*tuple[Any, ...]]], xs: np.ndarray,
+                      labels: np.ndarray, parents: np.ndarray) -> list[tuple[int, str]]:
         """(id, parent) of the held examples with enough support. Distances are taken
         to the pool rows of the same label only, a block of held rows at a time, element
         for element the arithmetic of one row at a time (the same borderline cases pass)."""

@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -244,7 +245,7 @@ def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
     candidates = points + normal * config.jitter_scale * std  # jitter, unless replaced
     gradient = np.flatnonzero(codes == _GRADIENT)
     if len(gradient):
-        hard = np.stack([fgsm[n] for n in owners[gradient]])  # type: ignore[misc]
+        hard = np.stack([fgsm[n] for n in owners[gradient]])
         shake = normal[gradient] * (config.jitter_scale * GRADIENT_JITTER_SHARE) * std
         first = (index[gradient] == 0)[:, None]  # the FGSM point itself
         candidates[gradient] = np.where(first, hard, hard + shake)
@@ -279,14 +280,17 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _uniforms(seeds: np.ndarray, blocks: np.ndarray, width: int) -> np.ndarray:
+def _uniforms(seeds: npt.NDArray[np.uint64], blocks: npt.NDArray[np.uint64], width: int
+              ) -> np.ndarray:
     """Uniforms in [0, 1): row r is block `blocks[r]` (`width` numbers) of the stream of
     `seeds[r]` -- SplitMix64 (Steele et al., 2014), a counter-based generator, computed
     for every row at once. Why not a numpy Generator per request: constructing one costs
     ~12 us, more than all the arithmetic of a request's variants; this gives each
     correction its own reproducible stream, independent of the batch it arrives in, for
     well under a microsecond."""
-    counters = blocks[:, None] * np.uint64(width) + np.arange(1, width + 1, dtype=np.uint64)
+    # uint64 throughout; numpy's stubs type `uint64 array * uint64` as float64, hence the cast
+    counters = cast(npt.NDArray[np.uint64], blocks[:, None] * np.uint64(width)
+                    + np.arange(1, width + 1, dtype=np.uint64))
     with np.errstate(over="ignore"):
         z = seeds[:, None] + counters * _GAMMA
         z = (z ^ (z >> np.uint64(30))) * _MIX1
@@ -378,7 +382,7 @@ def _within_radius_many(x: np.ndarray, v: np.ndarray, std: np.ndarray, radius: f
     norm = np.linalg.norm(delta / std, axis=1)
     over = norm > radius
     delta[over] *= (radius / norm[over])[:, None]
-    found32 = np.zeros(v.shape, dtype=np.float32)
+    found32 = np.zeros((len(v), v.shape[1]), dtype=np.float32)
     found = np.zeros(len(v), dtype=bool)
     dist = np.zeros(len(v))
     todo = np.arange(len(v))

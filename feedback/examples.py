@@ -174,6 +174,8 @@ class ExampleBuilder:
             if pp.rejected is not None:
                 rejected.append(pp.rejected)
                 continue
+            # a pair that is not rejected has both (PreparedPair's contract)
+            assert pp.row is not None and pp.outcome is not None
             rows.append(pp.row)
             outcomes[pp.outcome] += 1
             if pp.variants:

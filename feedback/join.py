@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from flywheel.events import CorrectionEvent, PredictionEvent
@@ -27,6 +28,7 @@ from flywheel.store import (
     CorrectionStatus,
     Prediction,
     UTCDateTime,
+    driver_connection,
     insert_returning_new,
 )
 
@@ -185,7 +187,7 @@ def claim_for(session: Session, predictions: dict[str, KnownPrediction], now: da
     if session.get_bind().dialect.name != "postgresql":
         return claim_joins(session, predictions, now)
     stamp = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
-    cursor = session.connection().connection.driver_connection.cursor()
+    cursor = driver_connection(session).cursor()
     try:  # never prepared: see _claim_postgresql
         cursor.execute(_CLAIM_KNOWN_PG, {"now": stamp, "ids": orjson.dumps(list(predictions))
                                          .decode()}, prepare=False)
@@ -205,7 +207,7 @@ def claim_joins(session: Session, prediction_ids: Iterable[str] | None,
     """Join pending corrections whose prediction is stored; `None` looks at all of them."""
     if prediction_ids is not None and session.get_bind().dialect.name == "postgresql":
         return _claim_postgresql(session, sorted(set(prediction_ids)), now)
-    candidates = []
+    candidates: list[Row[*tuple[Any, ...]]] = []
     pending = (select(Correction.id, Correction.prediction_id, Correction.label,
                       Correction.source, Correction.created_at, Prediction.model_name,
                       Prediction.model_version, Prediction.features, Prediction.probabilities,
@@ -213,7 +215,8 @@ def claim_joins(session: Session, prediction_ids: Iterable[str] | None,
                .join(Prediction, Prediction.id == Correction.prediction_id)
                .where(Correction.status == CorrectionStatus.PENDING.value))
     if prediction_ids is None:
-        candidates = session.execute(pending.order_by(Correction.created_at).limit(limit)).all()
+        candidates = list(
+            session.execute(pending.order_by(Correction.created_at).limit(limit)).all())
     else:
         ids = sorted(set(prediction_ids))
         for chunk in _chunks(ids):
@@ -252,10 +255,10 @@ def _claim_postgresql(session: Session, ids: list[str], now: datetime) -> list[J
     """
     if not ids:
         return []
-    now = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
-    cursor = session.connection().connection.driver_connection.cursor()
+    stamp = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
+    cursor = driver_connection(session).cursor()
     try:
-        cursor.execute(_CLAIM_PG, {"now": now, "ids": orjson.dumps(ids).decode()},
+        cursor.execute(_CLAIM_PG, {"now": stamp, "ids": orjson.dumps(ids).decode()},
                        prepare=False)
         rows = cursor.fetchall()
     finally:
@@ -273,4 +276,5 @@ def expire_corrections(session: Session, older_than: datetime) -> int:
         .where(Correction.status == CorrectionStatus.PENDING.value,
                Correction.created_at < older_than)
         .values(status=CorrectionStatus.EXPIRED.value))
+    assert isinstance(result, CursorResult)  # an UPDATE's (Session.execute is typed Result)
     return result.rowcount or 0

@@ -57,7 +57,7 @@ def decode(kind: str, topic: str, partition: int, offset: int, key: bytes | None
     if "schema_version" not in event.model_fields_set:  # the model's default, not the record's
         return Rejected(topic, partition, offset, key, value,
                         "unsupported schema_version None (this worker reads 1)")
-    expected_key = event.id if kind == "prediction" else event.prediction_id  # type: ignore[union-attr]
+    expected_key = event.id if kind == "prediction" else event.prediction_id
     if key is None or key != expected_key.encode():
         return Rejected(topic, partition, offset, key, value,
                         f"key {key!r} does not match the prediction id {expected_key!r}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -12,6 +14,9 @@ from sqlalchemy import Engine
 from flywheel.feedback.report import error_report
 from flywheel.feedback.worker import FeedbackWorker
 from flywheel.store import session_factory
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 REPORT_HOURS = 1.0
 
@@ -46,7 +51,8 @@ class FeedbackCollector:
         yield errors
 
 
-def serve_metrics(port: int, collector: FeedbackCollector, addr: str = "127.0.0.1"):
+def serve_metrics(port: int, collector: FeedbackCollector, addr: str = "127.0.0.1"
+                  ) -> tuple[WSGIServer, threading.Thread]:
     registry = CollectorRegistry()
     registry.register(collector)
     return start_http_server(port, addr=addr, registry=registry)

@@ -155,7 +155,7 @@ class LabelledPool:
         if "tree" not in self._derived:
             # leaves of 32: ~20 % faster queries than the default 16 for this 8-d pool
             self._derived["tree"] = cKDTree(self._x / self.reference.std, leafsize=32)
-        return self._derived["tree"]  # type: ignore[return-value]
+        return self._derived["tree"]
 
     def _label_array(self) -> np.ndarray:
         if "label_array" not in self._derived:

@@ -150,17 +150,18 @@ class EmbeddedBroker:
             return self
         self._check_port_free()
         url = f"tcp://{self.host}:{self.port}"
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        log_out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
                 [str(broker_binary()), "broker", "--listener-url", url,
                  "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if log_out is None else log_out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our signal handling decides when it stops
             )
         finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
+            if log_out is not None:
+                log_out.close()
         try:
             self._wait_listening(timeout_s)
             wait_for_kafka(self.bootstrap, timeout_s)

@@ -40,6 +40,9 @@ class ModelSpec(BaseModel):
 class Standardize(nn.Module):
     """Feature scaling that travels with the weights (buffers are in the state_dict)."""
 
+    mean: torch.Tensor  # registered buffers: typed here because nn.Module.__getattr__ is not
+    scale: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -87,7 +90,7 @@ class CascadeSpec(BaseModel):
     light: list[int] = Field(default_factory=lambda: [16])
     heavy: list[int] = Field(default_factory=lambda: [256, 256])
     activation: Literal["relu", "tanh", "gelu"] = "relu"
-    threshold: float = Field(ALWAYS_HEAVY, ge=0.0, le=ALWAYS_HEAVY)
+    threshold: float = Field(default=ALWAYS_HEAVY, ge=0.0, le=ALWAYS_HEAVY)
     calibration: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")

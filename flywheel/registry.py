@@ -17,7 +17,7 @@ from typing import NewType
 from torch import nn
 
 from flywheel.artifacts import load_model, save_model
-from flywheel.modelspec import ModelSpec
+from flywheel.modelspec import AnySpec
 from flywheel.settings import CHAMPION_ALIAS, RegistrySettings, Settings, StateSettings
 
 EXPERIMENT = "flywheel"
@@ -74,7 +74,7 @@ class VersionInfo:
 class LoadedVersion:
     name: str
     version: ModelVersion
-    spec: ModelSpec
+    spec: AnySpec  # a registered version may be a cascade
     module: nn.Module
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -139,7 +139,7 @@ class Registry:
                              dict(mv.tags))
 
     def publish(
-        self, spec: ModelSpec, module: nn.Module, *, tags: dict[str, str],
+        self, spec: AnySpec, module: nn.Module, *, tags: dict[str, str],
         params: dict[str, object] | None = None, metrics: dict[str, float] | None = None,
     ) -> ModelVersion:
         """Log a run with the artifact and register it as a new version; returns the version."""

@@ -132,7 +132,12 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         self._target, self._waiter = target, loop.create_future()
         waiter = self._waiter
-        timer = loop.call_later(remaining, lambda: waiter.done() or waiter.set_result(None))
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = loop.call_later(remaining, wake)
         self.stats.waits += 1
         try:
             await waiter

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.modelspec import ALWAYS_HEAVY, Cascade, CascadeSpec, ModelSpec, build_model
+from flywheel.modelspec import (
+    ALWAYS_HEAVY,
+    Cascade,
+    CascadeSpec,
+    ModelSpec,
+    Standardize,
+    build_model,
+)
 
 
 def mlp_flops(spec: ModelSpec) -> int:
@@ -110,7 +117,9 @@ def train_mlp(spec: ModelSpec, x: np.ndarray, y: np.ndarray, *, epochs: int = 40
     module = build_model(spec)
     xt = torch.from_numpy(np.asarray(x, np.float32))
     yt = torch.from_numpy(np.asarray(y, np.int64))
-    module[0].fit(xt)
+    standardize = module[0]
+    assert isinstance(standardize, Standardize)  # build_model puts it first, always
+    standardize.fit(xt)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     loss_fn = nn.CrossEntropyLoss()

@@ -126,7 +126,7 @@ def mlp_plan(module: nn.Module) -> MLPPlan | None:
             arg: object = None
             if act == _GELU:
                 arg = layer.approximate
-            elif act == _LEAKY:
+            elif type(layer) is nn.LeakyReLU:  # act == _LEAKY: ACTIVATIONS keys are exact types
                 arg = float(layer.negative_slope)
             steps.append((act, layer, arg))
             continue
@@ -158,6 +158,7 @@ def forward_backward(plan: MLPPlan, x: Tensor, y: Tensor, *, need_loss: bool,
         saved: list[Tensor] = []
         for kind, layer, arg in plan.steps:
             if kind == _LINEAR:
+                assert isinstance(layer, nn.Linear)  # mlp_plan makes _LINEAR steps of Linears only
                 saved.append(h)
                 h = F.linear(h, layer.weight, layer.bias)
             elif kind == _RELU:
@@ -192,8 +193,9 @@ def forward_backward(plan: MLPPlan, x: Tensor, y: Tensor, *, need_loss: bool,
             kind, layer, arg = plan.steps[i]
             s = saved[i]
             if kind == _LINEAR:
+                assert isinstance(layer, nn.Linear)  # mlp_plan makes _LINEAR steps of Linears only
                 if arg:  # trains
-                    taps.append((layer, s, g))  # type: ignore[arg-type]
+                    taps.append((layer, s, g))
                 if i:
                     g = torch.mm(g, layer.weight)
             elif kind == _RELU:

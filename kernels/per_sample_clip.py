@@ -21,6 +21,7 @@ reference is `flywheel.kernels.reference`; see docs/kernels.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -95,7 +96,7 @@ def _flat_sequential(module: nn.Module, prefix: str = "",
             names += inner[1]
         elif type(layer) is nn.Linear or not any(
                 type(m) is nn.Linear or _trainable(m) for m in layer.modules()):
-            layers.append(layer)  # type: ignore[arg-type]
+            layers.append(layer)
             names.append(f"{prefix}{name}")
         else:
             return None
@@ -145,7 +146,7 @@ def forward_with_linear_taps(module: nn.Module, x: Tensor,
     seen: set[int] = set()
     handles = []
 
-    def hook(name: str):
+    def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def fn(layer: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
             if id(layer) in seen:
                 raise _shared(name)

@@ -74,9 +74,13 @@ def _import_triton() -> None:
 # Plain functions, jitted on first use by `_kernels`: importing this module needs no Triton.
 # Whether Triton compiles or interprets them is fixed when `triton` is first imported
 # (TRITON_INTERPRET), so the tests run the interpreter in a process of its own.
-def _row_norms(a_ptr, g_ptr, sq_ptr, rows, a_cols, g_cols,
-               stride_a, stride_g, with_bias: tl.constexpr, with_weight: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+# Triton reads these signatures (an annotation is a type to specialise on, tl.constexpr a
+# compile-time argument), so the pointer and size arguments stay unannotated on purpose.
+def _row_norms(  # type: ignore[no-untyped-def]
+    a_ptr, g_ptr, sq_ptr, rows, a_cols, g_cols,
+    stride_a, stride_g, with_bias: tl.constexpr, with_weight: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows
     g_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -98,10 +102,12 @@ def _row_norms(a_ptr, g_ptr, sq_ptr, rows, a_cols, g_cols,
     tl.store(sq_ptr + r, total + g_sq * a_sq, mask=live)
 
 
-def _clipped_matmul(g_ptr, a_ptr, s_ptr, w_ptr, b_ptr, rows, g_cols, a_cols,
-                    stride_g, stride_a, stride_w,
-                    with_bias: tl.constexpr, with_weight: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _clipped_matmul(  # type: ignore[no-untyped-def]  # Triton reads the signature (above)
+    g_ptr, a_ptr, s_ptr, w_ptr, b_ptr, rows, g_cols, a_cols,
+    stride_g, stride_a, stride_w,
+    with_bias: tl.constexpr, with_weight: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

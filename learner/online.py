@@ -51,7 +51,7 @@ class Candidate:
     last_id: int
     update: int
     lr: float
-    privacy: dict[str, float] | None = None  # ε and the same run's accuracy without DP
+    privacy: dict[str, float | None] | None = None  # ε and the same run's accuracy without DP
 
 
 @dataclass

@@ -88,7 +88,7 @@ class PrivateStep:
         self.ledger = PrivacyLedger(engine)
         self.lineage = lineage
         self.mechanism = self.config.mechanism(settings.learn_steps)
-        self._last_refusal = (None, 0.0)
+        self._last_refusal: tuple[str | None, float] = (None, 0.0)
         log.info("DP-SGD for %s: σ=%.3f, q=%g, %d steps/update, C=%g, budget ε=%g δ=%g (%s)",
                  lineage, self.mechanism.noise_multiplier, self.mechanism.sample_rate,
                  self.mechanism.steps, self.config.max_grad_norm, self.config.epsilon,

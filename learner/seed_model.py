@@ -10,7 +10,7 @@ from torch import nn
 
 from flywheel.learner.evaluation import Holdout
 from flywheel.learner.evaluation import accuracy as holdout_accuracy
-from flywheel.modelspec import ModelSpec, build_model
+from flywheel.modelspec import ModelSpec, Standardize, build_model
 from flywheel.registry import Registry
 from flywheel.settings import Settings
 from flywheel.store import HOLDOUT_FRACTION, seed_data
@@ -35,7 +35,9 @@ def train_seed_model(settings: Settings, epochs: int = 60) -> tuple[ModelSpec, n
     spec = default_spec()
     module = build_model(spec)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    module[0].fit(xt)
+    standardize = module[0]
+    assert isinstance(standardize, Standardize)  # build_model puts it first, always
+    standardize.fit(xt)
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(settings.seed)

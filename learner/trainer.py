@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +24,19 @@ from torch import nn
 from flywheel.learner.elastic import ElasticRate
 from flywheel.privacy import Mechanism, PrivateBatch, dp_update
 from flywheel.settings import Settings
+
+DPEngine = Literal["opacus", "fused", "auto"]
+_DP_ENGINES: dict[str, DPEngine] = {"opacus": "opacus", "fused": "fused", "auto": "auto"}
+
+
+def dp_engine(name: str) -> DPEngine:
+    """`name` (a setting, or what `resolve_engine` chose) as `dp_update`'s engine argument;
+    ValueError for a name it does not know."""
+    try:
+        return _DP_ENGINES[name]
+    except KeyError:
+        raise ValueError(f"DP engine must be one of {sorted(_DP_ENGINES)}, got {name!r}") \
+            from None
 
 
 @dataclass(frozen=True)
@@ -222,7 +236,8 @@ class OnlineTrainer:
         stats = dp_update(self.module, self.optimizer, batch, steps=mechanism.steps,
                           sample_rate=mechanism.sample_rate,
                           noise_multiplier=mechanism.noise_multiplier,
-                          max_grad_norm=max_grad_norm, generator=self.generator, engine=engine)
+                          max_grad_norm=max_grad_norm, generator=self.generator,
+                          engine=dp_engine(engine))
         self.updates += 1
         return UpdateStats(lr, multiplier, len(y), len(py), stats.loss, stats.loss,
                            mechanism.steps)

@@ -7,9 +7,11 @@ alembic.ini is needed at the cwd. A caller may also pass an open connection as
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import pool, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
 
 from flywheel.store.database import make_engine, normalize_url
 from flywheel.store.models import Base
@@ -25,13 +27,19 @@ def _url() -> str:
     return url
 
 
-def _configure(**kwargs: object) -> None:
+def _configure(dialect_name: str, *, url: URL | None = None,
+               connection: Connection | None = None, literal_binds: bool = False,
+               dialect_opts: dict[str, Any] | None = None) -> None:
+    """`context.configure` with Flywheel's settings (None and False are its defaults)."""
     context.configure(
+        connection=connection,
+        url=url,
         target_metadata=target_metadata,
         compare_type=True,
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
-        render_as_batch=kwargs.pop("dialect_name", None) == "sqlite",
-        **kwargs,
+        render_as_batch=dialect_name == "sqlite",
+        literal_binds=literal_binds,
+        dialect_opts=dialect_opts,
     )
 
 

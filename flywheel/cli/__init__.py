@@ -6,10 +6,14 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from flywheel.settings import Settings, SettingsError, load_settings, prepare_home
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 app = typer.Typer(
     name="flywheel", no_args_is_help=True, add_completion=False,
@@ -57,7 +61,7 @@ def image_path(value: Path | None) -> Path | None:
     return value
 
 
-def store_or_exit(settings: Settings):
+def store_or_exit(settings: Settings) -> Engine:
     """The training store's engine; an un-migrated store is a one-line error, exit 1."""
     from flywheel.store import SchemaNotCurrent, open_store
 

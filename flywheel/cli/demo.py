@@ -54,6 +54,8 @@ def demo(
         with console.status("starting broker, store, registry, feedback worker, learner, "
                             "service..."):
             s = stack.enter_context(embedded_stack(settings))
+            bootstrap = s.kafka_bootstrap
+            assert bootstrap is not None  # embedded_stack starts a broker when none is set
             initial = Registry.of(s).champion_version()
             assert initial is not None
             frozen = frozen_predictor(s, initial)
@@ -72,9 +74,9 @@ def demo(
 
             result, _ = simulate_app(url, s, config, on_progress, frozen=frozen)
         with console.status("checking every record on Kafka and in the store..."):
-            result.events_on_topic = count_topic(s.kafka_bootstrap, s.topic_predictions,
+            result.events_on_topic = count_topic(bootstrap, s.topic_predictions,
                                                  result.predictions)
-            result.corrections_on_topic = count_topic(s.kafka_bootstrap, s.topic_corrections,
+            result.corrections_on_topic = count_topic(bootstrap, s.topic_corrections,
                                                       result.corrections)
             result.corrections_joined = wait_joined(worker, result.corrections)
         history = list(learner.stats.history)

@@ -16,10 +16,15 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 
 from flywheel.cli import app, settings_or_exit, store_or_exit
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger("flywheel.federated")
 fed_app = typer.Typer(no_args_is_help=True,
@@ -43,7 +48,7 @@ def _run_child(cmd: list[str], env: dict[str, str]) -> int:
     """Run `cmd` until it exits or we are asked to stop (then stop it)."""
     proc = subprocess.Popen(cmd, env=env)
 
-    def forward(signum, _frame) -> None:  # noqa: ANN001
+    def forward(signum: int, _frame: FrameType | None) -> None:
         if proc.poll() is None:
             proc.send_signal(signum)
 
@@ -176,7 +181,12 @@ def client(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    watcher = threading.Thread(target=lambda: (node.wait(), stop.set()), daemon=True)
+
+    def watch() -> None:  # the SuperNode exiting stops the worker too
+        node.wait()
+        stop.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         serve_site_worker(f"127.0.0.1:{port}", _load_app(app_ref) if app_ref else site_app,
@@ -197,11 +207,16 @@ def client(
     raise typer.Exit(node.returncode)
 
 
-def _load_app(ref: str):  # noqa: ANN202
+def _load_app(ref: str) -> ClientApp:
     import importlib
 
+    from flwr.clientapp import ClientApp
+
     module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr or "app")
+    app = getattr(importlib.import_module(module), attr or "app")
+    if not isinstance(app, ClientApp):
+        raise typer.BadParameter(f"--app {ref}: not a Flower ClientApp ({type(app).__name__})")
+    return app
 
 
 @fed_app.command("register")

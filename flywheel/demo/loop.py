@@ -116,11 +116,13 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
     from flywheel.store import upgrade
 
     with contextlib.ExitStack() as stack:
-        if not settings.kafka_bootstrap:
+        bootstrap = settings.kafka_bootstrap
+        if not bootstrap:
             broker = stack.enter_context(
                 EmbeddedBroker(log_file=settings.home_dir / "broker.log"))
-            settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
-        ensure_topics(settings.kafka_bootstrap, settings.topics, settings.topic_partitions)
+            bootstrap = broker.bootstrap
+            settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+        ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
         ensure_champion(settings, Registry.of(settings))
         yield settings
@@ -194,7 +196,7 @@ def simulate_app(
     result, ids = DemoResult(), []
     trace = result.trace
     window: deque[int] = deque(maxlen=config.window)
-    pending: deque[tuple[float, str, str]] = deque()
+    pending: deque[tuple[float, str, str, str]] = deque()  # (due, prediction id, label, user)
     hits = {"before": [0, 0], "after": [0, 0]}
     drift_at = int(config.requests * config.drift_at)
     trace.drift_index = drift_at
@@ -242,8 +244,8 @@ def simulate_app(
     return result, ids
 
 
-def _send_due(client: httpx.Client, pending: deque, now: float, trace: Trace,
-              start: float) -> int:
+def _send_due(client: httpx.Client, pending: deque[tuple[float, str, str, str]], now: float,
+              trace: Trace, start: float) -> int:
     due = []
     while pending and pending[0][0] <= now:
         _, pid, label, user = pending.popleft()

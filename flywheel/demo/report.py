@@ -64,7 +64,7 @@ def summarize(trace: Trace, *, candidates: list[dict[str, Any]],
     after_ok, after_frozen = trace.ok[d:], trace.ok_frozen[d:]
     settled = max(1, int(len(after_ok) * SETTLED_SHARE))
     promoted = [c["version"] for c in candidates if c["promoted"]]
-    summary = {
+    summary: dict[str, Any] = {
         "requests": len(trace.ok),
         "drift_at_request": d,
         "accuracy_flywheel_before_drift": _mean(trace.ok[:d]),

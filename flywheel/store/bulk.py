@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import repeat
@@ -28,9 +28,11 @@ from typing import Any
 import orjson
 from sqlalchemy import JSON, DateTime, Float, Integer, String, Table, TypeDecorator, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from flywheel.store.database import driver_connection
 from flywheel.store.models import Base, UTCDateTime
 
 COPY_MIN_ROWS = 64  # below this, one INSERT beats SAVEPOINT + COPY + RELEASE
@@ -48,7 +50,7 @@ def insert_ignoring_duplicates(
     rows = list(rows)
     if not rows:
         return 0
-    table = model.__table__
+    table = _table(model)
     if _dialect(session) == "postgresql":
         copied = _copy(session, table, rows, encoded)
         if copied is not None:
@@ -56,7 +58,9 @@ def insert_ignoring_duplicates(
         fast = _columnar_insert(table, rows)
         if fast is not None:
             sql, params = fast
-            return session.execute(text(sql), params).rowcount
+            result = session.execute(text(sql), params)
+            assert isinstance(result, CursorResult)  # a DML statement's (typed as Result)
+            return result.rowcount
     return len(_general_insert(session, table, rows))
 
 
@@ -70,7 +74,7 @@ def insert_returning_new(
     rows = list(rows)
     if not rows:
         return []
-    table = model.__table__
+    table = _table(model)
     pk = _primary_key(table)
     if _dialect(session) == "postgresql":
         if pk.key in rows[0] and _copy(session, table, rows) is not None:
@@ -80,6 +84,14 @@ def insert_returning_new(
             sql, params = fast
             return list(session.scalars(text(sql), params))
     return _general_insert(session, table, rows)
+
+
+def _table(model: type[Base]) -> Table:
+    """The model's table (SQLAlchemy types `__table__` as any FromClause)."""
+    table = model.__table__
+    if not isinstance(table, Table):
+        raise TypeError(f"{model.__name__} is not mapped to a plain Table")
+    return table
 
 
 def _dialect(session: Session) -> str:
@@ -94,7 +106,7 @@ def _primary_key(table: Table) -> Any:
     return pk
 
 
-def _general_insert(session: Session, table: Table, rows: list[Mapping[str, Any]]
+def _general_insert(session: Session, table: Table, rows: Sequence[Mapping[str, Any]]
                     ) -> list[Any]:
     """SQLAlchemy's INSERT ... ON CONFLICT DO NOTHING RETURNING pk: every type, every
     error worded; what the fast paths fall back to."""
@@ -268,16 +280,16 @@ class CopyRows:
 
 def encode_for_copy(model: type[Base], rows: list[Mapping[str, Any]]) -> CopyRows | None:
     """`rows` in COPY's text format, or None for rows only the general path takes."""
-    return _encode(model.__table__, rows) if rows else None
+    return _encode(_table(model), rows) if rows else None
 
 
 def encode_columns(model: type[Base], given: Mapping[str, list[Any]]) -> CopyRows | None:
     """`encode_for_copy` for values given a column at a time (no row dicts to build)."""
     n = len(next(iter(given.values()), []))
     if not n or any(len(v) != n for v in given.values()) \
-            or not set(given) <= set(model.__table__.c.keys()):
+            or not set(given) <= set(_table(model).c.keys()):
         return None
-    return _lines(model.__table__, _columns_of(model.__table__, given, n))
+    return _lines(_table(model), _columns_of(_table(model), given, n))
 
 
 def copy_all_new(session: Session, encoded: CopyRows) -> bool:
@@ -297,7 +309,8 @@ def _lines(table: Table, columns: list[_Column] | None) -> CopyRows | None:
     return CopyRows(table, ", ".join(c.name for c in columns), lines)
 
 
-def insert_all_new(session: Session, model: type[Base], rows: list[Mapping[str, Any]]) -> bool:
+def insert_all_new(session: Session, model: type[Base], rows: Sequence[Mapping[str, Any]]
+                   ) -> bool:
     """Insert rows expected to be new: True if every one was. False if any was already
     stored (or refused): then the others may or may not be written, and the caller must
     roll back the transaction. The fast path of a batch that is not a replay."""
@@ -305,7 +318,7 @@ def insert_all_new(session: Session, model: type[Base], rows: list[Mapping[str, 
         return True
     if _dialect(session) == "postgresql":
         return insert_ignoring_duplicates(session, model, rows) == len(rows)
-    return len(_general_insert(session, model.__table__, rows)) == len(rows)
+    return len(_general_insert(session, _table(model), rows)) == len(rows)
 
 
 class EncodedRows:
@@ -338,8 +351,8 @@ def _copy(session: Session, table: Table, rows: list[Mapping[str, Any]],
         more = _encode(table, rest) if rest else None
         if not rest or (more is not None and more.columns == encoded.columns):
             extra = iter(more.lines if more else ())
-            lines = [line if line is not None else next(extra) for line in lines]
-            return _copy_lines(session, CopyRows(table, encoded.columns, lines))
+            filled = [line if line is not None else next(extra) for line in lines]
+            return _copy_lines(session, CopyRows(table, encoded.columns, filled))
     whole = _encode(table, rows)
     return None if whole is None else _copy_lines(session, whole)
 
@@ -351,7 +364,7 @@ def _copy_lines(session: Session, encoded: CopyRows) -> int | None:
 
     sql = (f"COPY {_PG.identifier_preparer.format_table(encoded.table)} "
            f"({encoded.columns}) FROM STDIN")
-    driver = session.connection().connection.driver_connection
+    driver = driver_connection(session)
     try:
         driver.execute("SAVEPOINT flywheel_copy")
         try:

@@ -67,6 +67,17 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     return create_engine(parsed, **kwargs)
 
 
+def driver_connection(session: Session) -> Any:
+    """The DBAPI (psycopg) connection under `session`'s, for COPY and unprepared statements.
+
+    Raises RuntimeError if SQLAlchemy no longer holds one (the connection was invalidated
+    or closed), rather than failing later on an attribute of None."""
+    driver = session.connection().connection.driver_connection
+    if driver is None:
+        raise RuntimeError("the store session's database connection is closed or invalidated")
+    return driver
+
+
 def _json_loads(data: bytes | str) -> Any:
     """orjson where it can (~5x faster on the JSON columns), else `json.loads` (integers
     beyond 64 bits), so every document reads back exactly as before."""

@@ -33,6 +33,8 @@ from flywheel.learner.federated.records import (
     METRICS,
     SPEC_KEY,
     WEIGHT_KEY,
+    config_bytes,
+    config_number,
     from_record,
     metric_record,
     outbound_guard,
@@ -41,7 +43,7 @@ from flywheel.learner.federated.records import (
 from flywheel.settings import Settings
 
 if TYPE_CHECKING:
-    from flywheel.privacy import DPConfig
+    from flywheel.privacy import DPConfig, Mechanism
 
 log = logging.getLogger(__name__)
 KEY_CLIPPING_NORM = "clipping_norm"  # what Flower's client-side clipping wrapper sets
@@ -74,9 +76,9 @@ class Site:
 
         return open_store(self.settings.resolved_database_url)
 
-    _mechanisms: dict = field(default_factory=dict)
+    _mechanisms: dict[tuple[DPConfig, int], Mechanism] = field(default_factory=dict)
 
-    def mechanism(self, dp, steps: int):  # noqa: ANN001, ANN201
+    def mechanism(self, dp: DPConfig, steps: int) -> Mechanism:
         """This site's DP-SGD mechanism for `steps` steps (σ calibrated once, then cached)."""
         key = (dp, steps)
         if key not in self._mechanisms:
@@ -129,7 +131,7 @@ class Site:
         seed = secrets.randbits(63)
         if s.fed_site_noise_seed is not None:
             log.warning("DP noise seeded by FLYWHEEL_FED_SITE_NOISE_SEED: experiments only")
-            seed = s.fed_site_noise_seed * 1_000_003 + int(config.get("server-round", 0))
+            seed = s.fed_site_noise_seed * 1_000_003 + int(config_number(config, "server-round", 0))
         dp = site_dp_config(s) if s.privacy_enabled else None
         data = read_site_data(self.engine, labels, limit=s.fed_local_max_examples,
                               max_per_source=dp.max_per_source if dp else None)
@@ -179,17 +181,17 @@ def round_config(config: ConfigRecord, s: Settings) -> tuple[int, float, float]:
     """(local steps, learning rate, update clip) the server asks for, within what this
     site allows: at most FLYWHEEL_FED_LOCAL_STEPS steps (each step spends the site's ε),
     a finite positive rate and clip."""
-    steps = int(config.get("local-steps", s.fed_local_steps))
+    steps = int(config_number(config, "local-steps", s.fed_local_steps))
     if not 1 <= steps <= s.fed_local_steps:
         raise ValueError(f"the server asked for {steps} local steps; this site takes 1 to "
                          f"{s.fed_local_steps} (FLYWHEEL_FED_LOCAL_STEPS)")
-    lr = float(config.get("local-lr", s.fed_local_lr))
+    lr = config_number(config, "local-lr", s.fed_local_lr)
     if not (math.isfinite(lr) and 0 < lr <= 10):
         raise ValueError(f"the server asked for a local learning rate of {lr}; expected "
                          "0 < rate <= 10")
-    clip = float(config.get("clip", s.fed_clip_norm))
+    clip = config_number(config, "clip", s.fed_clip_norm)
     if KEY_CLIPPING_NORM in config:
-        clip = min(clip, float(config[KEY_CLIPPING_NORM]))
+        clip = min(clip, config_number(config, KEY_CLIPPING_NORM, clip))
     if not (math.isfinite(clip) and clip > 0):
         raise ValueError(f"the server asked for an update clip of {clip}; expected > 0")
     return steps, lr, clip
@@ -201,7 +203,7 @@ def public_rows(config: ConfigRecord, width: int, n_labels: int
     `width` finite features, every label one of the model's."""
     if "public-x" not in config and "public-y" not in config:
         return None
-    raw_x, raw_y = bytes(config.get("public-x", b"")), bytes(config.get("public-y", b""))
+    raw_x, raw_y = config_bytes(config, "public-x"), config_bytes(config, "public-y")
     if len(raw_x) % (4 * width) or len(raw_y) % 8:
         raise ValueError("public rows: byte lengths do not fit float32 rows of the model's "
                          "width and int64 labels")

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from flywheel.learner.federated import client_app
 from flywheel.learner.federated.client_app import Site
@@ -24,7 +25,7 @@ class InProcessGrid(Grid):
         self.sites = {i + 1: site for i, site in enumerate(sites)}
         self.apps = apps or {}
         self._replies: dict[str, Message] = {}
-        self._run = None
+        self._run: Run | None = None
         client_app._in_process.update(self.sites)
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -34,7 +35,7 @@ class InProcessGrid(Grid):
         for node in self.sites:
             client_app._in_process.pop(node, None)
 
-    def set_run(self, run) -> None:  # noqa: ANN001
+    def set_run(self, run: Run) -> None:
         self._run = run
 
     @property

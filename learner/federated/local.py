@@ -16,6 +16,7 @@ import torch
 from sqlalchemy.engine import Engine
 from torch import nn
 
+from flywheel.learner.trainer import dp_engine
 from flywheel.privacy import Mechanism, PrivateBatch, dp_update
 
 
@@ -68,8 +69,9 @@ class LocalResult:
 
 
 def update_norm(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:
-    return float(torch.sqrt(sum(((new[k].double() - base[k].double()) ** 2).sum()
-                                for k in base)))
+    total = sum((((new[k].double() - base[k].double()) ** 2).sum() for k in base),
+                torch.zeros((), dtype=torch.float64))
+    return float(torch.sqrt(total))
 
 
 def clip_update(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
@@ -111,7 +113,8 @@ def train_locally(module: nn.Module, data: SiteData, *, steps: int, lr: float,
         stats = dp_update(module, optimizer, batch, steps=mechanism.steps,
                           sample_rate=mechanism.sample_rate,
                           noise_multiplier=mechanism.noise_multiplier,
-                          max_grad_norm=max_grad_norm, generator=generator, engine=engine)
+                          max_grad_norm=max_grad_norm, generator=generator,
+                          engine=dp_engine(engine))
         loss = stats.loss
     else:
         x = torch.from_numpy(np.concatenate([data.x, px]))

@@ -6,6 +6,7 @@ each a real process with its own home and store) for the demo, tests and benchma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -172,7 +173,7 @@ def submit_run(settings: Settings, options: RunOptions, *, tls: bool, timeout_s:
     """`flwr run` the app on the SuperLink, wait for it, return the run's summary."""
     report = Path(options.report) if options.report else (
         flwr_home(settings) / "runs" / f"{uuid.uuid4().hex}.json")
-    options = RunOptions(**{**options.run_config(), "report": str(report)})
+    options = dataclasses.replace(options, report=str(report))
     app = write_app(settings, options)
     write_connection(settings, tls=tls)
     report.unlink(missing_ok=True)

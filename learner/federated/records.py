@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,32 @@ REPLY_METRICS = frozenset({
 })
 GUARD_ERROR_CODE = 9001
 AUDIT_ENV = "FLYWHEEL_FED_AUDIT_DIR"
+
+
+def metric_number(record: MetricRecord, key: str, default: float) -> float:
+    """A scalar metric of a record (`default` if absent). Metric values may be lists in
+    Flower's types; ours are always numbers, so a list is a malformed record: ValueError."""
+    value = record.get(key, default)
+    if not isinstance(value, int | float):
+        raise ValueError(f"metric {key!r} must be a number, got {type(value).__name__}")
+    return value
+
+
+def config_number(record: ConfigRecord, key: str, default: float) -> float:
+    """A numeric value of a config record (`default` if absent); ValueError for any other
+    type (config values come from the server, over the network)."""
+    value = record.get(key, default)
+    if not isinstance(value, int | float):
+        raise ValueError(f"config {key!r} must be a number, got {type(value).__name__}")
+    return value
+
+
+def config_bytes(record: ConfigRecord, key: str) -> bytes:
+    """A bytes value of a config record (empty if absent); ValueError for any other type."""
+    value = record.get(key, b"")
+    if not isinstance(value, bytes):
+        raise ValueError(f"config {key!r} must be bytes, got {type(value).__name__}")
+    return value
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -88,9 +114,10 @@ def check_update(reply: Message, sent_shapes: Mapping[str, tuple[int, ...]]) -> 
     missing = {"num-examples", WEIGHT_KEY} - set(metrics.keys())
     if missing:
         return f"metrics {sorted(missing)} missing"
-    if not all(math.isfinite(v) for v in metrics.values()):
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    if len(numbers) != len(metrics) or not all(math.isfinite(v) for v in numbers.values()):
         return "metrics must be finite"
-    n = metrics["num-examples"]
+    n = numbers["num-examples"]
     if n < 0 or n != int(n):
         return f"num-examples must be a count, got {n}"
     return None

@@ -24,12 +24,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from flywheel.learner.federated.postprocess import ServerOptimizer
@@ -38,6 +39,7 @@ from flywheel.learner.federated.records import (
     WEIGHT_KEY,
     check_update,
     from_record,
+    metric_number,
     to_record,
 )
 from flywheel.learner.federated.strategy import (
@@ -48,6 +50,14 @@ from flywheel.learner.federated.strategy import (
 )
 from flywheel.registry import Registry
 from flywheel.settings import Settings
+
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run
+    from torch import nn
+
+    from flywheel.learner.gate import GateResult, Holdout
+    from flywheel.modelspec import AnySpec
+    from flywheel.registry import Registry
 
 log = logging.getLogger(__name__)
 ACTOR = "flywheel-federated"
@@ -114,7 +124,7 @@ class RunOptions:
 def _coerce(value: object, kind: type) -> object:
     if kind is bool and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
-    return kind(value)  # type: ignore[call-arg]
+    return kind(value)
 
 
 @dataclass
@@ -171,15 +181,16 @@ class FastGrid(Grid):
         self.grid, self.poll_s = grid, poll_s
         self.nodes = None if nodes is None else list(nodes)
 
-    def set_run(self, run) -> None:  # noqa: ANN001
+    def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
 
     @property
     def run(self):  # noqa: ANN201
         return self.grid.run
 
-    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
-        return self.grid.create_message(*args, **kwargs)
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes) if self.nodes is not None else list(self.grid.get_node_ids())
@@ -249,7 +260,7 @@ class FederatedRun:
         self.rng = random.Random(options.seed)
 
     # ---- holdouts -----------------------------------------------------------------------
-    def holdouts(self, labels: list[str]):  # noqa: ANN201
+    def holdouts(self, labels: list[str]) -> tuple[Holdout, Holdout]:
         """(trusted, recent) as the gate scores them (`flywheel.learner.evaluation`)."""
         from flywheel.learner.evaluation import Holdout, holdout_of
         from flywheel.learner.example_source import ExampleSource
@@ -345,7 +356,7 @@ class FederatedRun:
             spends = {}
             for m in ok:
                 src = f"node:{m.metadata.src_node_id}"
-                n = int(m.content.metric_records["metrics"].get("num-examples", 0))
+                n = int(metric_number(m.content.metric_records["metrics"], "num-examples", 0))
                 spends[src] = (n, epsilon([*histories.get(src, []), spent], s.privacy_delta,
                                           s.privacy_accountant))
             eps_round = epsilon([spent], s.privacy_delta, s.privacy_accountant)
@@ -383,14 +394,14 @@ class FederatedRun:
             module.load_state_dict(new)
             served.load_state_dict(server_opt.served(new))
             wall = time.perf_counter() - t0
-            compute = max(float(m.content.metric_records["metrics"].get("train-seconds", 0.0))
+            compute = max(metric_number(m.content.metric_records["metrics"], "train-seconds", 0.0)
                           for m in ok)
             record = RoundRecord(
                 rnd, [m.metadata.src_node_id for m in ok], len(ok),
                 sum(n for n, _ in spends.values()),
                 accuracy(served, recent) if len(recent) else math.nan,
                 accuracy(served, trusted),
-                float(metrics.get("train-loss", math.nan)) if metrics else math.nan,
+                metric_number(metrics, "train-loss", math.nan) if metrics else math.nan,
                 eps_round, eps_lineage, wall, compute, wall - compute, base,
                 accuracy(module, recent) if len(recent) else math.nan)
             summary.rounds.append(record)
@@ -407,8 +418,9 @@ class FederatedRun:
             Path(o.report).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
         return summary
 
-    def _publish(self, summary: RunSummary, spec, module, updates: list[int],  # noqa: ANN001
-                 trusted, recent, evaluate_gate) -> None:  # noqa: ANN001
+    def _publish(self, summary: RunSummary, spec: AnySpec, module: nn.Module, updates: list[int],
+                 trusted: Holdout, recent: Holdout,
+                 evaluate_gate: Callable[..., GateResult]) -> None:
         from flywheel.promotion import promote
 
         s, o = self.settings, self.options

@@ -17,6 +17,7 @@ amplification claimed: K of N are chosen by Flower, not Poisson-sampled):
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -34,12 +35,25 @@ STRATEGIES = ("fedavg", "trimmed", "median")
 CLIPPINGS = ("client", "server")  # Flower's DP fixed-clipping wrappers
 
 
+class _Common(TypedDict):
+    """The arguments all three strategies take alike (typed, so each call is checked)."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
+
+
 def build_strategy(name: str, *, sites: int, clip: float, noise_multiplier: float,
                    clipping: str = "client", trim_beta: float = 0.34) -> Strategy:
     """`name` over exactly `sites` sites, wrapped in the DP fixed-clipping wrapper."""
-    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites,
-                  min_evaluate_nodes=0, min_available_nodes=sites,
-                  weighted_by_key=WEIGHT_KEY, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
+    common = _Common(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites,
+                     min_evaluate_nodes=0, min_available_nodes=sites,
+                     weighted_by_key=WEIGHT_KEY, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
     if name == "fedavg":
         base: Strategy = FedAvg(**common)
     elif name == "trimmed":

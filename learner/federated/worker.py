@@ -53,7 +53,8 @@ def _client(address: str, token: str | None = None, *,
             retry: RetryInvoker | None = None) -> RuntimeHttpClient:
     """A client of the SuperNode's Runtime API: plain HTTP, which `supernode_command`
     binds to 127.0.0.1 only (the Fleet connection to the SuperLink is the TLS one)."""
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    interceptors: list[RuntimeVersionHttpInterceptor | RuntimeTokenHttpInterceptor] = [
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     return RuntimeHttpClient.from_server_address(
