@@ -29,7 +29,7 @@ def ensure_reference(session: Session, settings: Settings) -> ReferenceStats:
     from flywheel.store import seed_data
     from flywheel.streams import LABELS
 
-    x_tr, y_tr, x_ho, y_ho = seed_data(settings)
+    x_tr, y_tr, x_ho, y_ho = seed_data(settings.trusted)
     rows = []
     for split, xs, ys in ((Split.TRAIN, x_tr, y_tr), (Split.HOLDOUT, x_ho, y_ho)):
         rows += [{"dedup_key": f"seed:{settings.model_name}:{split.value}:{i}",

@@ -104,7 +104,7 @@ class OnlineLearner:
         if getattr(loaded.spec, "kind", "mlp") != "mlp":
             raise ValueError(f"v{base} is a {loaded.spec.kind} model; the online learner trains "
                              "only mlp specs (docs/serving.md): promote an mlp version first")
-        x_tr, y_tr, x_ho, y_ho = seed_data(self.settings)
+        x_tr, y_tr, x_ho, y_ho = seed_data(self.settings.trusted)
         self._trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], loaded.spec.labels)
         self._labels = loaded.spec.label_index()
         self._spec = loaded.spec

@@ -31,7 +31,7 @@ def accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 def train_seed_model(settings: Settings, epochs: int = 60) -> tuple[ModelSpec, nn.Module, dict]:
     torch.manual_seed(settings.seed)
-    x_tr, y_tr, x_ho, y_ho = seed_data(settings)
+    x_tr, y_tr, x_ho, y_ho = seed_data(settings.trusted)
     spec = default_spec()
     module = build_model(spec)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)

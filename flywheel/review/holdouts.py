@@ -46,7 +46,7 @@ def trusted_holdout(settings: Settings) -> LabelledSet:
     from flywheel.store import HOLDOUT_FRACTION, seed_data
     from flywheel.streams import LABELS
 
-    _, _, x, y = seed_data(settings)
+    _, _, x, y = seed_data(settings.trusted)
     return LabelledSet("trusted", x, [LABELS[int(i)] for i in y],
                        f"seed holdout: {HOLDOUT_FRACTION:.0%} of {settings.seed_examples} seed "
                        f"examples (FLYWHEEL_SEED={settings.seed})")

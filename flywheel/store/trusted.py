@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from flywheel.settings import Settings
+from flywheel.settings import TrustedSettings
 from flywheel.streams import LABELS, seed_concept
 
 HOLDOUT_FRACTION = 0.2  # of the seed examples: the trusted (frozen) holdout
 
 
-def seed_data(settings: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_holdout, y_holdout) as label indices; deterministic per seed."""
-    x, names = seed_concept(settings.seed).sample(settings.seed_examples, settings.seed)
+def seed_data(trusted: TrustedSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_holdout, y_holdout) as label indices; deterministic per seed.
+
+    >>> from flywheel.settings import TrustedSettings
+    >>> x_tr, y_tr, x_ho, y_ho = seed_data(TrustedSettings(seed=1, seed_examples=100))
+    >>> x_tr.shape, x_ho.shape, sorted(set(y_tr.tolist()) | set(y_ho.tolist()))
+    ((80, 8), (20, 8), [0, 1, 2])
+    """
+    x, names = seed_concept(trusted.seed).sample(trusted.seed_examples, trusted.seed)
     y = np.asarray([LABELS.index(n) for n in names], dtype=np.int64)
     cut = int(len(x) * (1 - HOLDOUT_FRACTION))
     return x[:cut], y[:cut], x[cut:], y[cut:]

@@ -268,7 +268,7 @@ class FederatedRun:
         from flywheel.streams import LABELS
 
         s = self.settings
-        _, _, x_ho, y_ho = seed_data(s)
+        _, _, x_ho, y_ho = seed_data(s.trusted)
         trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], labels)
         rows = ExampleSource(self.engine).recent_holdout(s.gate_recent_holdout)
         recent = holdout_of(rows, labels)
@@ -304,7 +304,7 @@ class FederatedRun:
         server_opt = o.server_optimizer([k for k in module.state_dict() if k not in buffers])
         served = copy.deepcopy(module)  # what is evaluated and registered
         trusted, recent = self.holdouts(list(spec.labels))
-        public_x, public_y, _, _ = seed_data(s)
+        public_x, public_y, _, _ = seed_data(s.trusted)
         summary = RunSummary(o.strategy, o.clipping, o.noise_multiplier, o.clip,
                              start_version=champion, delta=s.privacy_delta)
         base, seen = champion, champion

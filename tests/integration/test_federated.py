@@ -122,7 +122,7 @@ def test_federated_model_beats_each_sites_local_only_model(fed, tmp_path):
     o = options(fed, rounds=ROUNDS)
     from flywheel.store.trusted import seed_data
 
-    px, py, _, _ = seed_data(federation.platform)
+    px, py, _, _ = seed_data(federation.platform.trusted)
     local = []
     for k, site_settings in enumerate(federation.sites):
         home = tmp_path / f"local{k}"
