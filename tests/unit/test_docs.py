@@ -1,5 +1,6 @@
 """The docs are part of the contract: they must name every setting the code accepts."""
 
+import re
 from pathlib import Path
 
 from flywheel.settings import known_variables
@@ -48,3 +49,16 @@ def test_readme_layout_names_every_package_folder():
     unnamed = sorted(str(f.relative_to(ROOT)) + "/" for f in folders
                      if f"`{f.relative_to(ROOT)}/`" not in layout and f.name != "tests")
     assert not unnamed, f"README's Layout leaves out: {unnamed}"
+
+
+def test_contracts_lists_each_setting_under_its_group():
+    from flywheel.settings import ENV_PREFIX, GROUPS
+
+    text = (ROOT / "docs" / "contracts.md").read_text()
+    section = text.split("## Settings\n", 1)[1].split("\n## ", 1)[0]
+    for name, group in GROUPS.items():
+        assert f"### `{name}`" in section, f"docs/contracts.md has no `{name}` group"
+        listed = section.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0]
+        documented = set(re.findall(r"^\| `(FLYWHEEL_[A-Z0-9_]+)`", listed, re.M))
+        expected = {ENV_PREFIX + field.upper() for field in group.model_fields}
+        assert documented == expected, f"group `{name}` in docs/contracts.md"
