@@ -28,8 +28,6 @@ def _layout() -> str:
 
 
 def test_readme_layout_names_only_paths_that_exist():
-    import re
-
     named = re.findall(r"`([\w./-]+(?:/|\.py))`", _layout())
     assert named, "the Layout section names no folder"
     missing = []
