@@ -53,7 +53,13 @@ def build_app(model_dir: Path, logging_on: bool, home: Path, bootstrap: str | No
               topic: str | None):
     """The app exactly as production wires it, but with a model from a local folder."""
     from flywheel.artifacts import load_model
-    from flywheel.service import ModelHolder, ServedModel, create_app, kafka_event_log
+    from flywheel.service import (
+        ModelHolder,
+        ServedModel,
+        ServiceConfig,
+        create_app,
+        kafka_event_log,
+    )
     from flywheel.settings import Settings, prepare_home
 
     overrides: dict[str, object] = {"home": home, "kafka_bootstrap": bootstrap}
@@ -64,8 +70,9 @@ def build_app(model_dir: Path, logging_on: bool, home: Path, bootstrap: str | No
     spec, module = load_model(model_dir)
     holder = ModelHolder()
     holder.swap(ServedModel.prepare(MODEL_NAME, MODEL_VERSION, spec, module))
-    event_log = kafka_event_log(settings) if logging_on else cast("EventLog", DiscardEventLog())
-    return create_app(settings, holder=holder, event_log=event_log)
+    event_log = (kafka_event_log(settings.kafka, settings.event_log, settings.state)
+                 if logging_on else cast("EventLog", DiscardEventLog()))
+    return create_app(ServiceConfig.of(settings), holder=holder, event_log=event_log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,10 @@ class ModelEvent(_Event):
     """A change of the served version, on `flywheel.model-events` (key: model name).
 
     `kind` is `promoted` (a new champion) or `rolled_back` (the alias moved back);
-    followers load `version` either way, so both are handled the same.
+    followers handle both the same: an event only wakes them, and they load whatever the
+    `champion` alias names. So `version` stays wire text (an `Identifier`), not a
+    `flywheel.registry.ModelVersion`: nothing loads it, and decoding an event must not
+    import the registry (and torch) into every consumer.
     """
 
     kind: Literal["promoted", "rolled_back"]

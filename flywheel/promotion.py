@@ -11,8 +11,8 @@ import getpass
 import logging
 
 from flywheel.events import ModelEvent, utcnow
-from flywheel.registry import Registry
-from flywheel.settings import Settings
+from flywheel.registry import ModelVersion, Registry
+from flywheel.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +24,26 @@ def default_actor() -> str:
         return "unknown"
 
 
-def promote(settings: Settings, version: str, *, reason: str, registry: Registry,
+def promote(kafka: KafkaSettings, version: ModelVersion, *, reason: str, registry: Registry,
             actor: str | None = None, notify: bool = True) -> ModelEvent:
-    """Make `version` the champion and announce it.
+    """Make `version` the champion and announce it on `kafka`'s model-events topic.
 
     `notify=False` leaves the announcement to the caller, who then learns from
     `announce`'s result whether services were told (the CLI reports it). `registry` is the
     process's one `Registry` (built where the process starts, not per call).
     """
     actor = actor or default_actor()
-    previous = registry.promote(str(version), reason=reason, actor=actor)
-    event = ModelEvent(kind="promoted", model_name=registry.name, version=str(version),
+    previous = registry.promote(version, reason=reason, actor=actor)
+    event = ModelEvent(kind="promoted", model_name=registry.name, version=version,
                        previous_version=previous, reason=reason, actor=actor,
                        timestamp=utcnow())
     if notify:
-        announce(settings, event)
+        announce(kafka, event)
     log.info("promoted %s v%s (was v%s): %s", registry.name, version, previous, reason)
     return event
 
 
-def rollback(settings: Settings, *, reason: str, registry: Registry, actor: str | None = None,
+def rollback(kafka: KafkaSettings, *, reason: str, registry: Registry, actor: str | None = None,
              notify: bool = True) -> ModelEvent:
     """Move the champion back to the previous one and announce it (see `promote`)."""
     actor = actor or default_actor()
@@ -52,33 +52,33 @@ def rollback(settings: Settings, *, reason: str, registry: Registry, actor: str 
                        previous_version=current, reason=reason, actor=actor,
                        timestamp=utcnow())
     if notify:
-        announce(settings, event)
+        announce(kafka, event)
     log.info("rolled %s back from v%s to v%s: %s", registry.name, current, target, reason)
     return event
 
 
-def announce(settings: Settings, event: ModelEvent, timeout_s: float | None = None) -> bool:
+def announce(kafka: KafkaSettings, event: ModelEvent, timeout_s: float | None = None) -> bool:
     """Send `event` to the model-events topic; False (and a warning) if it could not.
     Waits up to `timeout_s`, by default the delivery timeout (FLYWHEEL_KAFKA_TIMEOUT_S)."""
-    timeout_s = settings.kafka_timeout_s if timeout_s is None else timeout_s
-    if not settings.kafka_bootstrap:
+    timeout_s = kafka.kafka_timeout_s if timeout_s is None else timeout_s
+    if not kafka.kafka_bootstrap:
         log.warning("no Kafka configured: services will see v%s by polling", event.version)
         return False
     from kafka import KafkaProducer
 
     try:
         # bootstrap_timeout_ms too: its 30 s default would hold up a CLI promotion
-        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+        producer = KafkaProducer(bootstrap_servers=kafka.kafka_bootstrap, acks="all",
                                  request_timeout_ms=int(timeout_s * 1000),
                                  bootstrap_timeout_ms=int(timeout_s * 1000),
                                  max_block_ms=int(timeout_s * 1000))
         try:
-            producer.send(settings.topic_model_events, key=event.model_name.encode(),
+            producer.send(kafka.topic_model_events, key=event.model_name.encode(),
                           value=event.to_json()).get(timeout=timeout_s)
         finally:
             producer.close(timeout=timeout_s)
     except Exception as exc:  # the registry already changed; polling covers a lost event
         log.warning("could not announce v%s on %s (%s); services will see it by polling",
-                    event.version, settings.topic_model_events, exc)
+                    event.version, kafka.topic_model_events, exc)
         return False
     return True

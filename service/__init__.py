@@ -1,6 +1,7 @@
 """Service: the HTTP API, the served model and its hot swap, and prediction logging."""
 
 from flywheel.service.app import create_app
+from flywheel.service.config import ServiceConfig
 from flywheel.service.event_log import EventLog
 from flywheel.service.kafka_sink import KafkaSink
 from flywheel.service.loading import load_champion
@@ -12,7 +13,8 @@ from flywheel.service.spool import Record, Spool, SpoolCorrupt, SpoolLocked
 
 __all__ = [
     "ChampionSource", "EventLog", "FollowerStats", "GracefulServer", "KafkaSink",
-    "ModelFollower", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "Spool",
+    "ModelFollower", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "ServiceConfig",
+    "Spool",
     "SpoolCorrupt", "SpoolLocked", "create_app", "kafka_event_log", "load_champion",
     "run_server",
 ]

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from flywheel.service.backends import SharedRegistry, SharedStore
 from flywheel.service.batching import BatchCollector, PredictBatcher
+from flywheel.service.config import ServiceConfig
 from flywheel.service.errors import BodySizeLimit, install_error_handlers
 from flywheel.service.event_log import EventLog
 from flywheel.service.loading import load_champion
@@ -25,7 +26,6 @@ from flywheel.service.model_follower import ModelFollower
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.service.routes import corrections, health, metrics, model, predict, review
 from flywheel.service.state import ServiceState
-from flywheel.settings import Settings
 
 if TYPE_CHECKING:
     from flywheel.registry import Registry
@@ -36,14 +36,15 @@ ROUTES = {"/v1/predict", "/v1/corrections", "/v1/model", "/healthz", "/readyz", 
 
 
 def create_app(
-    settings: Settings, *, holder: ModelHolder | None = None,
+    config: ServiceConfig, *, holder: ModelHolder | None = None,
     event_log: EventLog | None = None,
-    load_model: Callable[[Settings], ServedModel] | None = None,
+    load_model: Callable[[ServiceConfig], ServedModel] | None = None,
     follow_registry: bool | None = None,
     registry: Registry | None = None,
 ) -> FastAPI:
-    """Build the app. Missing parts (model, event log) are created at startup from settings;
-    `load_model` replaces loading the registry champion (tests, benchmarks).
+    """Build the app from the service's settings groups (`ServiceConfig.of(settings)`).
+    Missing parts (model, event log) are created at startup from them; `load_model`
+    replaces loading the registry champion (tests, benchmarks).
 
     `follow_registry` runs a `ModelFollower` that hot-swaps to each new champion. By default
     it runs when the app loads its model from the registry itself (no `load_model`, no
@@ -52,32 +53,32 @@ def create_app(
     `registry` is the process's one `Registry` (the serve command builds it); without one,
     the app builds it on first use. The first load, the follower and the review endpoints
     all share it."""
-    state = ServiceState(settings=settings, holder=holder or ModelHolder(),
+    state = ServiceState(config=config, holder=holder or ModelHolder(),
                          metrics=ServiceMetrics.create(),
-                         registry=SharedRegistry(settings, registry),
-                         store=SharedStore(settings), event_log=event_log)
+                         registry=SharedRegistry(config.state, config.registry, registry),
+                         store=SharedStore(config.state), event_log=event_log)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         from_registry = False
         if not state.holder.ready:
             if load_model is None:
-                served = load_champion(settings, state.registry())
+                served = load_champion(state.registry(), config.trusted, config.service)
                 from_registry = True
             else:
-                served = load_model(settings)
+                served = load_model(config)
             state.holder.swap(served)
             log.info("serving %s v%s", served.name, served.version)
         follow = from_registry if follow_registry is None else follow_registry
         if state.event_log is None:
             from flywheel.service.logging_setup import kafka_event_log
-            state.event_log = kafka_event_log(settings)
+            state.event_log = kafka_event_log(config.kafka, config.event_log, config.state)
         el = state.event_log
         if not el.running:
             el.start()
         if follow:  # after the first load, so startup never races it
-            state.follower = ModelFollower(settings, state.holder,
-                                           registry=state.registry).start()
+            state.follower = ModelFollower(config.kafka, config.registry, config.service,
+                                           state.holder, registry=state.registry).start()
         from flywheel.gc_freeze import freeze_after_startup
 
         freeze_after_startup()  # full GC passes skip startup objects (docs/serving.md)
@@ -93,7 +94,7 @@ def create_app(
     app = FastAPI(title="Flywheel", version="1", lifespan=lifespan, strict_content_type=False,
                   summary="Online-learning inference service with a feedback loop.")
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=config.service.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=ROUTES)
     m = state.metrics
     m.queue_depth.set_function(lambda: state.event_log.queue_depth if state.event_log else 0)
@@ -102,8 +103,8 @@ def create_app(
     m.registry.register(FollowerCollector(
         lambda: state.follower.stats if state.follower else None))
     # dynamic batching (docs/serving.md): one forward pass for concurrent requests
-    if settings.dynamic_batching:
-        state.batcher = PredictBatcher(settings)
+    if config.service.dynamic_batching:
+        state.batcher = PredictBatcher(config.service)
         m.registry.register(BatchCollector(state.batcher))
     app.state.service = state
     for router in (predict.router, corrections.router, model.router, health.router,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from flywheel.settings import Settings
+from flywheel.settings import RegistrySettings, StateSettings
 
 if TYPE_CHECKING:
     from flywheel.registry import Registry
@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 class SharedRegistry:
     """Call it for the app's one `Registry`: the one given, or one built on the first call."""
 
-    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
-        self._settings = settings
+    def __init__(self, state: StateSettings, registry_settings: RegistrySettings,
+                 registry: Registry | None = None) -> None:
+        self._state = state
+        self._registry_settings = registry_settings
         self._registry = registry
         self._lock = threading.Lock()
 
@@ -31,7 +33,7 @@ class SharedRegistry:
             if self._registry is None:
                 from flywheel.registry import Registry
 
-                self._registry = Registry.of(self._settings)
+                self._registry = Registry(self._state, self._registry_settings)
             return self._registry
 
 
@@ -39,8 +41,8 @@ class SharedStore:
     """Call it for `(engine, None)` or `(None, why there is none)`; the engine, once opened,
     is kept, and a store that could not be opened is tried again on the next call."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
+    def __init__(self, state: StateSettings) -> None:
+        self._state = state
         self._engine: Any = None
         self._lock = threading.Lock()
 
@@ -50,6 +52,6 @@ class SharedStore:
                 return self._engine, None
             from flywheel.review import open_store_or_reason
 
-            engine, why = open_store_or_reason(self._settings)
+            engine, why = open_store_or_reason(self._state)
             self._engine = engine
             return engine, why

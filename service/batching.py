@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from flywheel.kernels import BatcherStats, MicroBatcher
 from flywheel.service.model_holder import ServedModel
-from flywheel.settings import Settings
+from flywheel.settings import ServiceSettings
 
 Item = tuple[ServedModel, np.ndarray]
 Output = tuple[np.ndarray, list[str]]
@@ -40,10 +40,10 @@ def run_batch(items: list[Item]) -> list[Output]:
 
 
 class PredictBatcher:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, service: ServiceSettings) -> None:
         self._batcher: MicroBatcher[Item, Output] = MicroBatcher(
-            run_batch, max_size=settings.batch_max_size,
-            max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            run_batch, max_size=service.batch_max_size,
+            max_wait_s=service.batch_max_wait_ms / 1000.0,
             size=lambda item: len(item[1]), key=lambda item: id(item[0]))
 
     async def predict(self, model: ServedModel, x: np.ndarray) -> Output:

@@ -10,6 +10,7 @@ side is one `produce()` call and one delivery callback per record.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from flywheel.service.spool import Record
@@ -42,7 +43,7 @@ class KafkaSink:
     def send(self, records: list[Record], timeout_s: float) -> list[bool]:
         acked = [False] * len(records)
 
-        def delivered(index: int):
+        def delivered(index: int) -> Callable[[object, object], None]:
             def callback(err: object, _msg: object) -> None:
                 acked[index] = err is None
             return callback

@@ -5,12 +5,14 @@ from __future__ import annotations
 from flywheel.learner import ensure_champion
 from flywheel.registry import Registry
 from flywheel.service.model_holder import ServedModel
-from flywheel.settings import Settings
+from flywheel.settings import ServiceSettings, TrustedSettings
 
 
-def load_champion(settings: Settings, registry: Registry) -> ServedModel:
-    """Load the version behind alias `champion`, bootstrapping one if the registry is empty."""
-    version = ensure_champion(settings, registry)
+def load_champion(registry: Registry, trusted: TrustedSettings,
+                  service: ServiceSettings) -> ServedModel:
+    """Load the version behind alias `champion`, bootstrapping one from the `trusted` seed
+    data if the registry is empty; served at `service`'s `serve_precision`."""
+    version = ensure_champion(trusted, registry)
     loaded = registry.load(version)
     return ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module,
-                               settings.serve_precision)
+                               service.serve_precision)

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from flywheel.events import ModelEvent
 from flywheel.service.model_holder import ModelHolder, ServedModel
-from flywheel.settings import Settings
+from flywheel.settings import KafkaSettings, RegistrySettings, ServiceSettings
 
 if TYPE_CHECKING:
-    from flywheel.registry import LoadedVersion
+    from flywheel.registry import LoadedVersion, ModelVersion
 
 log = logging.getLogger(__name__)
 CONSUMER_POLL_MS = 250  # also bounds how long stop() waits for the listener
@@ -34,8 +34,8 @@ CONSUMER_RETRY_S = 2.0  # topic missing or broker unreachable: try again after t
 class ChampionSource(Protocol):
     """What the follower needs from the registry (`flywheel.registry.Registry` in production)."""
 
-    def champion_version(self) -> str | None: ...
-    def load(self, version: str) -> LoadedVersion: ...
+    def champion_version(self) -> ModelVersion | None: ...
+    def load(self, version: ModelVersion) -> LoadedVersion: ...
 
 
 @dataclass
@@ -57,18 +57,24 @@ class FollowerStats:
 class ModelFollower:
     """Keeps `holder` on the registry's champion; `start()` it, `stop()` it at shutdown."""
 
-    def __init__(self, settings: Settings, holder: ModelHolder, *,
+    def __init__(self, kafka: KafkaSettings, followed: RegistrySettings,
+                 service: ServiceSettings, holder: ModelHolder, *,
                  registry: Callable[[], ChampionSource],
                  listen: bool | None = None) -> None:
-        """`registry` gives the champion source; it is first called on the worker thread, so
+        """Follows `followed`'s model (polled every `registry_poll_s`), listening on `kafka`'s
+        model-events topic, and serves at `service`'s `serve_precision`.
+
+        `registry` gives the champion source; it is first called on the worker thread, so
         opening the process's shared `Registry` (importing MLflow) never delays startup.
         `listen` consumes model events (default: when Kafka is configured)."""
-        self.settings = settings
+        self.kafka = kafka
+        self.followed = followed
+        self.precision = service.serve_precision
         self.holder = holder
         self.stats = FollowerStats()
         self._registry_factory = registry
         self._registry: ChampionSource | None = None
-        self._listen = bool(settings.kafka_bootstrap) if listen is None else listen
+        self._listen = bool(kafka.kafka_bootstrap) if listen is None else listen
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._listening = threading.Event()
@@ -132,9 +138,9 @@ class ModelFollower:
                 with self._idle:
                     self._busy = False
                     self._idle.notify_all()
-            next_poll = time.monotonic() + self.settings.registry_poll_s
+            next_poll = time.monotonic() + self.followed.registry_poll_s
 
-    def check(self) -> str | None:
+    def check(self) -> ModelVersion | None:
         """Swap to the champion if it is not the served version; returns the version swapped in.
 
         Called on the worker thread only, so two triggers can never load twice at once.
@@ -143,7 +149,8 @@ class ModelFollower:
         try:
             if self._registry is None:
                 self._registry = self._registry_factory()
-            target = self._registry.champion_version()
+            registry = self._registry
+            target = registry.champion_version()
         except Exception as exc:
             self.stats.registry_errors += 1
             self.stats.last_error = f"registry: {exc}"
@@ -155,17 +162,17 @@ class ModelFollower:
             return None
         start = time.perf_counter()
         try:
-            loaded = self._registry.load(target)
+            loaded = registry.load(target)
             model = ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module,
-                                        self.settings.serve_precision)
+                                        self.precision)
         except Exception as exc:
             self.stats.failures += 1
             self.stats.last_error = f"v{target}: {exc}"
             log.exception("could not load %s v%s; still serving v%s, retrying at the next poll "
-                          "(in %.0fs)", self.settings.model_name, target, served,
-                          self.settings.registry_poll_s)
+                          "(in %.0fs)", self.followed.model_name, target, served,
+                          self.followed.registry_poll_s)
             return None
-        if self._moved_since(target):  # a quick rollback: never serve what was just undone
+        if self._moved_since(registry, target):  # a quick rollback: never serve the undone
             self.stats.superseded += 1
             self._wake.set()
             return None
@@ -175,11 +182,12 @@ class ModelFollower:
         _warn_if_incompatible(previous, model)
         log.info("swapped %s v%s -> v%s (load + warm %.0f ms)", model.name, served,
                  model.version, self.stats.last_swap_s * 1000)
-        return model.version
+        return loaded.version
 
-    def _moved_since(self, version: str) -> bool:
+    @staticmethod
+    def _moved_since(registry: ChampionSource, version: ModelVersion) -> bool:
         try:
-            now = self._registry.champion_version()  # type: ignore[union-attr]
+            now = registry.champion_version()
         except Exception:  # cannot tell: the version was the champion a moment ago
             return False
         return now is not None and now != version
@@ -205,10 +213,11 @@ class ModelFollower:
                             self.on_event(record.value)
                 except Exception as exc:
                     log.warning("model events on %s unavailable (%s); polling the registry "
-                                "every %.0fs meanwhile", self.settings.topic_model_events, exc,
-                                self.settings.registry_poll_s)
+                                "every %.0fs meanwhile", self.kafka.topic_model_events, exc,
+                                self.followed.registry_poll_s)
                     self._listening.clear()
-                    consumer = _close(consumer)
+                    _close(consumer)
+                    consumer = None
                     self._stop.wait(CONSUMER_RETRY_S)
         finally:
             self._listening.clear()
@@ -221,8 +230,8 @@ class ModelFollower:
         """
         from kafka import KafkaConsumer, TopicPartition
 
-        topic = self.settings.topic_model_events
-        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
+        topic = self.kafka.topic_model_events
+        consumer = KafkaConsumer(bootstrap_servers=self.kafka.kafka_bootstrap, group_id=None,
                                  enable_auto_commit=False, fetch_max_wait_ms=100,
                                  client_id="flywheel-model-follower")
         try:
@@ -247,10 +256,10 @@ class ModelFollower:
             event = ModelEvent.model_validate_json(value or b"")
         except ValueError as exc:
             self.stats.events_malformed += 1
-            log.warning("skipping a malformed record on %s: %s", self.settings.topic_model_events,
+            log.warning("skipping a malformed record on %s: %s", self.kafka.topic_model_events,
                         str(exc).splitlines()[0])
             return
-        if event.model_name != self.settings.model_name:
+        if event.model_name != self.followed.model_name:
             self.stats.events_ignored += 1
             return
         self.stats.events_followed += 1

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flywheel.events import utcnow
-from flywheel.modelspec import AnySpec
+from flywheel.modelspec import AnySpec, Cascade
 
 
 class ModelNotReady(RuntimeError):
@@ -54,6 +54,9 @@ class ServedModel:
             t = torch.from_numpy(x)
             if self.spec.kind != "cascade":
                 return torch.softmax(self.module(t), dim=1).numpy(), ["single"] * len(x)
+            if not isinstance(self.module, Cascade):  # int8/bf16 copies keep the class
+                raise TypeError(f"v{self.version} has a cascade spec but a "
+                                f"{type(self.module).__name__} module, not a Cascade")
             logits, escalated = self.module.route(t)
             probs = torch.softmax(logits, dim=1).numpy()
         return probs, ["heavy" if e else "light" for e in escalated.tolist()]

@@ -12,6 +12,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class Spool:
         except ValueError as exc:
             raise SpoolCorrupt(f"{self.checkpoint_path}: not an offset") from exc
 
-    def _frames(self, start: int):
+    def _frames(self, start: int) -> Iterator[tuple[Record, int]]:
         try:
             f = open(self.path, "rb")  # noqa: SIM115
         except FileNotFoundError:

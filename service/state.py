@@ -14,22 +14,22 @@ from fastapi import Depends, Request
 
 from flywheel.service.backends import SharedRegistry, SharedStore
 from flywheel.service.batching import PredictBatcher
+from flywheel.service.config import ServiceConfig
 from flywheel.service.errors import BadRequest
 from flywheel.service.event_log import EventLog
 from flywheel.service.metrics import ServiceMetrics
 from flywheel.service.model_follower import ModelFollower
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
-from flywheel.settings import Settings
 
 
 @dataclass
 class ServiceState:
-    """The settings, the served model, the prediction log, the registry and the metrics.
+    """The settings groups, the served model, the prediction log, the registry and the metrics.
 
     `event_log` and `follower` are filled in at startup (the app's lifespan); `batcher` is
     set when FLYWHEEL_DYNAMIC_BATCHING is on."""
 
-    settings: Settings
+    config: ServiceConfig
     holder: ModelHolder
     metrics: ServiceMetrics
     registry: SharedRegistry

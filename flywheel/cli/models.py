@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from flywheel.events import ModelEvent
-    from flywheel.registry import Registry, VersionInfo
+    from flywheel.registry import ModelVersion, Registry, VersionInfo
     from flywheel.settings import Settings
 
 models_app = typer.Typer(
@@ -50,11 +51,20 @@ LINEAGE_SHOWN = 20  # rows of lineage `show` prints; --json has every hop
 
 
 def _version_arg(value: str) -> str:
-    """Accept `3` or `v3` (as the tables print it); anything else is a usage error (exit 2)."""
+    """Accept `3` or `v3` (as the tables print it); anything else is a usage error (exit 2).
+
+    Typer passes on text; a command turns it into a `ModelVersion` with `_version`."""
     match = _VERSION.match(value.strip())
     if match is None:
         raise typer.BadParameter(f"expected a version number such as 3 or v3, got {value!r}")
     return match.group(1)
+
+
+def _version(text: str) -> ModelVersion:
+    """A version argument (already checked by `_version_arg`) as the registry's type."""
+    from flywheel.registry import parse_version
+
+    return parse_version(text)
 
 
 def _reason_arg(value: str) -> str:
@@ -106,7 +116,7 @@ def _open(settings: Settings) -> Registry:
 # --- versions as plain data (what --json prints) ---------------------------------------------
 
 
-def _as_dict(info: VersionInfo, history: set[str]) -> dict[str, Any]:
+def _as_dict(info: VersionInfo, history: AbstractSet[ModelVersion]) -> dict[str, Any]:
     """One version as JSON-ready data; every key is always there (null when unknown)."""
     from flywheel.review import version_doc
 
@@ -306,11 +316,11 @@ def show(
     settings = settings_or_exit()
     with _registry_errors(settings):
         registry = _open(settings)
-        info = registry.info(version, with_run=True)
+        info = registry.info(_version(version), with_run=True)
         history = set(registry.champion_history())
         # One query for every version: a long online-learning chain is walked in memory.
-        by_version = {v.version: _as_dict(v, history)
-                      for v in registry.versions(with_runs=False)}
+        by_version: dict[str, dict[str, Any]] = {
+            v.version: _as_dict(v, history) for v in registry.versions(with_runs=False)}
     doc = _as_dict(info, history) | {"model_name": registry.name}
     by_version[info.version] = doc
     doc["lineage"] = _lineage(info.version, by_version)
@@ -333,7 +343,7 @@ def promote(
     settings = settings_or_exit()
     with _registry_errors(settings):
         registry = _open(settings)
-        target = registry.info(version, with_run=False)
+        target = registry.info(_version(version), with_run=False)
         if target.is_champion:
             typer.echo(f"{registry.name} v{version} is already the champion; nothing changed")
             return
@@ -341,8 +351,8 @@ def promote(
         if gate.lower().startswith("rejected"):
             typer.echo(f"warning: v{version} did not pass its gate ({gate}); promoting anyway",
                        err=True)
-        event = promotion.promote(settings, version, reason=reason, registry=registry,
-                                  notify=False)
+        event = promotion.promote(settings.kafka, target.version, reason=reason,
+                                  registry=registry, notify=False)
     was = f"v{event.previous_version}" if event.previous_version else "no champion"
     typer.echo(f"promoted {event.model_name} v{event.version} to champion (was {was}); "
                f"by {event.actor}: {event.reason}")
@@ -359,7 +369,7 @@ def rollback(
 
     settings = settings_or_exit()
     with _registry_errors(settings):
-        event = promotion.rollback(settings, reason=reason, registry=_open(settings),
+        event = promotion.rollback(settings.kafka, reason=reason, registry=_open(settings),
                                    notify=False)
     typer.echo(f"rolled {event.model_name} back from v{event.previous_version} to "
                f"v{event.version}; by {event.actor}: {event.reason}")
@@ -374,7 +384,7 @@ def _announce(settings: Settings, event: ModelEvent) -> None:
                f"(every {settings.registry_poll_s:g} s)")
     if not settings.kafka_bootstrap:
         typer.echo(f"no model event sent (FLYWHEEL_KAFKA_BOOTSTRAP is not set): {polling}")
-    elif announce(settings, event):
+    elif announce(settings.kafka, event):
         typer.echo(f"announced on {settings.topic_model_events}: services swap now")
     else:
         typer.echo(f"could not announce on {settings.topic_model_events} (see the warning "
@@ -476,7 +486,8 @@ def diff(
 
     settings = settings_or_exit()
     with _registry_errors(settings):
-        doc = review.diff(settings, a, b, registry=_open(settings))
+        doc = review.diff(_version(a), _version(b), registry=_open(settings),
+                          state=settings.state, trusted=settings.trusted, gate=settings.gate)
     if as_json:
         _json_out(doc)
     else:
@@ -504,7 +515,8 @@ def card(
     except OSError as exc:
         _fail(f"--out {folder}: cannot create the folder ({exc.strerror or exc})")
     with _registry_errors(settings):
-        written = review.card(settings, version, folder, registry=_open(settings), hours=hours)
+        written = review.card(_version(version), folder, registry=_open(settings),
+                              state=settings.state, trusted=settings.trusted, hours=hours)
     typer.echo(f"wrote {written.markdown}")
     for plot in written.plots:
         typer.echo(f"wrote {plot}")
@@ -560,8 +572,8 @@ def approve(
 
     settings = settings_or_exit()
     with _registry_errors(settings):
-        event = review.approve(settings, version, reason=reason, actor=by,
-                               registry=_open(settings), notify=False)
+        event = review.approve(_version(version), reason=reason, actor=by,
+                               registry=_open(settings), kafka=settings.kafka, notify=False)
     was = f"v{event.previous_version}" if event.previous_version else "no champion"
     typer.echo(f"approved {event.model_name} v{event.version}: now champion (was {was}); "
                f"by {event.actor}: {reason}")
@@ -583,7 +595,7 @@ def reject(
     settings = settings_or_exit()
     with _registry_errors(settings):
         registry = _open(settings)
-        tags = review.reject(settings, version, reason=reason, actor=by, registry=registry)
+        tags = review.reject(_version(version), reason=reason, actor=by, registry=registry)
         champion = registry.champion_version()
     typer.echo(f"rejected {registry.name} v{version}; champion stays "
                f"{'v' + champion if champion else 'none'}; by {tags['review_by']}: {reason}")

@@ -34,8 +34,8 @@ def serve(
             typer.echo(f"embedded broker at {broker.bootstrap}", err=True)
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         from flywheel.registry import Registry
-        from flywheel.service import create_app, run_server
+        from flywheel.service import ServiceConfig, create_app, run_server
 
         # the process's one registry: the first load, the follower and /v1/review share it
-        app = create_app(settings, registry=Registry.of(settings))
+        app = create_app(ServiceConfig.of(settings), registry=Registry.of(settings))
         run_server(app, settings.host, settings.port, access_log)

@@ -83,14 +83,14 @@ class DemoResult:
 
 @contextlib.contextmanager
 def running_service(settings: Settings) -> Iterator[str]:
-    """Serve `create_app(settings)` from a background thread; yields its base URL."""
+    """Serve the app from a background thread; yields its base URL."""
     import uvicorn
 
     from flywheel.broker import free_port
-    from flywheel.service import GracefulServer, create_app
+    from flywheel.service import GracefulServer, ServiceConfig, create_app
 
     port = settings.port or free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+    config = uvicorn.Config(create_app(ServiceConfig.of(settings)), host="127.0.0.1", port=port,
                             log_level="warning", access_log=False)
     server = GracefulServer(config)
     thread = threading.Thread(target=server.run, name="flywheel-demo-service", daemon=True)

@@ -25,8 +25,8 @@ from flywheel.review.versions import (
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from flywheel.registry import Registry
-    from flywheel.settings import Settings
+    from flywheel.registry import ModelVersion, Registry
+    from flywheel.settings import StateSettings, TrustedSettings
 
 ALL_TIME_HOURS = 24.0 * 365 * 100
 CARD_RUNS = 60  # hops of a lineage whose gate numbers a model card fetches (a query each)
@@ -40,13 +40,17 @@ class Card:
     doc: dict[str, Any]
 
 
-def card(settings: Settings, version: str, out_dir: Path, *, registry: Registry,
-         engine: Engine | None = None, hours: float = ALL_TIME_HOURS) -> Card:
-    """Write DIR/model-card-vN.md and its plots; returns where, and the facts behind it."""
+def card(version: ModelVersion, out_dir: Path, *, registry: Registry, state: StateSettings,
+         trusted: TrustedSettings, engine: Engine | None = None,
+         hours: float = ALL_TIME_HOURS) -> Card:
+    """Write DIR/model-card-vN.md and its plots; returns where, and the facts behind it.
+
+    The store is the one at `state`'s database URL unless `engine` is given; `trusted` names
+    the seed holdout the gate numbers were measured on."""
     history = set(registry.champion_history())
-    info = registry.info(str(version), with_run=True)
-    by_version = {v.version: version_doc(v, history)
-                  for v in registry.versions(with_runs=False)}
+    info = registry.info(version, with_run=True)
+    by_version: dict[str, dict[str, Any]] = {v.version: version_doc(v, history)
+                                             for v in registry.versions(with_runs=False)}
     doc = version_doc(info, history)
     by_version[info.version] = doc
     chain = lineage(info.version, by_version)
@@ -60,7 +64,7 @@ def card(settings: Settings, version: str, out_dir: Path, *, registry: Registry,
             hop["holdout_accuracy"] = hop_doc["metrics"].get("holdout_accuracy")
     store_note = None
     if engine is None:
-        engine, store_note = open_store_or_reason(settings)
+        engine, store_note = open_store_or_reason(state)
     errors = None
     if engine is not None:
         report = error_mix(engine, registry.name, hours)
@@ -69,7 +73,7 @@ def card(settings: Settings, version: str, out_dir: Path, *, registry: Registry,
     facts = {"model_name": registry.name, "version": doc, "lineage": chain,
              "data": version_data(doc, engine), "errors": errors, "store": store_note,
              "privacy": privacy_ledger(engine, store_note),
-             "trusted": trusted_holdout(settings).about}
+             "trusted": trusted_holdout(trusted).about}
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _card_plots(facts, out_dir)
     path = out_dir / f"model-card-v{info.version}.md"

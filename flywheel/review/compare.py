@@ -27,8 +27,8 @@ from flywheel.review.versions import (
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from flywheel.registry import LoadedVersion, Registry
-    from flywheel.settings import Settings
+    from flywheel.registry import LoadedVersion, ModelVersion, Registry
+    from flywheel.settings import GateSettings, StateSettings, TrustedSettings
 
 
 def disagreement(pred_a: list[str], pred_b: list[str], truth: list[str],
@@ -40,10 +40,10 @@ def disagreement(pred_a: list[str], pred_b: list[str], truth: list[str],
     broken = sum(a == t and b != t for a, b, t in zip(pred_a, pred_b, truth, strict=True))
     conf_a = Counter((a, t) for a, t in zip(pred_a, truth, strict=True) if a != t)
     conf_b = Counter((b, t) for b, t in zip(pred_b, truth, strict=True) if b != t)
-    changed = [{"predicted": p, "actual": t, "a": conf_a[(p, t)], "b": conf_b[(p, t)],
-                "change": conf_b[(p, t)] - conf_a[(p, t)]}
-               for (p, t) in sorted(set(conf_a) | set(conf_b))
-               if conf_a[(p, t)] != conf_b[(p, t)]]
+    changed: list[dict[str, Any]] = [
+        {"predicted": p, "actual": t, "a": conf_a[(p, t)], "b": conf_b[(p, t)],
+         "change": conf_b[(p, t)] - conf_a[(p, t)]}
+        for (p, t) in sorted(set(conf_a) | set(conf_b)) if conf_a[(p, t)] != conf_b[(p, t)]]
     changed.sort(key=lambda c: (-abs(c["change"]), c["predicted"], c["actual"]))
     return {"n": n, "disagree": differ, "share": differ / n if n else None,
             "fixed": fixed, "broken": broken, "changed_confusions": changed[:top]}
@@ -76,23 +76,25 @@ def parameter_distance(a: LoadedVersion, b: LoadedVersion, top: int = 5) -> dict
             "relative": l2 / math.sqrt(base) if base else None, "tensors": per[:top]}
 
 
-def diff(settings: Settings, a: str, b: str, *, registry: Registry,
+def diff(a: ModelVersion, b: ModelVersion, *, registry: Registry, state: StateSettings,
+         trusted: TrustedSettings, gate: GateSettings,
          engine: Engine | None = None) -> dict[str, Any]:
     """Everything that tells two versions apart, as JSON-ready data (see module doc).
 
     Both holdouts are scored as the gate scores them (`flywheel.learner.score`): a row whose
     label a version cannot output counts as wrong for it. Without a training store (`engine`
-    None and none found) only the trusted holdout is compared.
+    None and none at `state`'s database URL) only the trusted holdout is compared; `gate`
+    sizes the recent holdout as the gate does.
     """
     history = set(registry.champion_history())
     docs = {v: version_doc(registry.info(v, with_run=True), history) for v in (a, b)}
     store_note = None
     if engine is None:
-        engine, store_note = open_store_or_reason(settings)
+        engine, store_note = open_store_or_reason(state)
     loaded = {v: registry.load(v) for v in (a, b)}
-    sets: list[LabelledSet] = [trusted_holdout(settings)]
+    sets: list[LabelledSet] = [trusted_holdout(trusted)]
     if engine is not None:
-        sets.append(recent_holdout(settings, engine))
+        sets.append(recent_holdout(gate, engine))
     holdouts: dict[str, Any] = {}
     for hs in sets:
         results = {v: score_on(loaded[v].module, loaded[v].spec, hs) for v in (a, b)}
@@ -109,7 +111,7 @@ def diff(settings: Settings, a: str, b: str, *, registry: Registry,
         holdouts["recent"] = {"available": False, "about": store_note, "n": 0, "a": None,
                               "b": None, "disagreement": None}
 
-    def side(v: str) -> dict[str, Any]:
+    def side(v: ModelVersion) -> dict[str, Any]:
         d = docs[v]
         return {k: d[k] for k in LINEAGE_KEYS} | {
             "gate_passed": gate_passed(d), "gate_numbers": gate_numbers(d),

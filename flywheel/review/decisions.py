@@ -25,8 +25,8 @@ from flywheel.review.versions import (
 
 if TYPE_CHECKING:
     from flywheel.events import ModelEvent
-    from flywheel.registry import Registry, VersionInfo
-    from flywheel.settings import Settings
+    from flywheel.registry import ModelVersion, Registry, VersionInfo
+    from flywheel.settings import KafkaSettings
 
 MAX_REASON = 1000  # characters; an MLflow tag value holds 5000
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -72,7 +72,7 @@ def pending(registry: Registry) -> list[dict[str, Any]]:
     return sorted(docs, key=lambda d: int(d["version"]) if d["version"].isdigit() else 0)
 
 
-def _pending_info(registry: Registry, version: str) -> VersionInfo:
+def _pending_info(registry: Registry, version: ModelVersion) -> VersionInfo:
     info = registry.info(version, with_run=False)  # RegistryError if unknown
     state = info.tags.get(REVIEW_TAG)
     if info.is_champion:
@@ -84,27 +84,29 @@ def _pending_info(registry: Registry, version: str) -> VersionInfo:
     return info
 
 
-def approve(settings: Settings, version: str, *, reason: str, registry: Registry,
+def approve(version: ModelVersion, *, reason: str, registry: Registry, kafka: KafkaSettings,
             actor: str | None = None, notify: bool = True) -> ModelEvent:
-    """Approve a pending candidate: promote it (model event included), then record the review."""
+    """Approve a pending candidate: promote it (the model event goes to `kafka`'s topic),
+    then record the review."""
     from flywheel import promotion
 
     reason, actor = check_reason(reason), _actor(actor)
-    _pending_info(registry, str(version))
-    event = promotion.promote(settings, str(version), reason=f"review approved: {reason}",
+    _pending_info(registry, version)
+    event = promotion.promote(kafka, version, reason=f"review approved: {reason}",
                               actor=actor, registry=registry, notify=notify)
-    registry.set_tags(str(version), {REVIEW_TAG: APPROVED, REVIEW_BY: actor,
+    registry.set_tags(version, {REVIEW_TAG: APPROVED, REVIEW_BY: actor,
                                      REVIEW_REASON: reason, REVIEW_AT: _now_iso()})
     return event
 
 
-def reject(settings: Settings, version: str, *, reason: str, registry: Registry,
+def reject(version: ModelVersion, *, reason: str, registry: Registry,
            actor: str | None = None) -> dict[str, str]:
-    """Reject a pending candidate; the champion stays. Returns the tags recorded."""
+    """Reject a pending candidate; the champion stays (nothing is announced, so no settings).
+    Returns the tags recorded."""
     reason, actor = check_reason(reason), _actor(actor)
-    _pending_info(registry, str(version))
+    _pending_info(registry, version)
     tags = {REVIEW_TAG: REJECTED, REVIEW_BY: actor, REVIEW_REASON: reason, REVIEW_AT: _now_iso()}
-    registry.set_tags(str(version), tags)
+    registry.set_tags(version, tags)
     return tags
 
 

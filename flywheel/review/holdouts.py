@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from flywheel.learner import Score
-    from flywheel.modelspec import ModelSpec
-    from flywheel.settings import Settings
+    from flywheel.modelspec import AnySpec
+    from flywheel.settings import GateSettings, TrustedSettings
 
 
 @dataclass(frozen=True)
@@ -41,34 +41,37 @@ class LabelledSet:
         return len(self.labels)
 
 
-def trusted_holdout(settings: Settings) -> LabelledSet:
+def trusted_holdout(trusted: TrustedSettings) -> LabelledSet:
     """The frozen seed holdout the gate's "trusted" numbers come from."""
     from flywheel.store import HOLDOUT_FRACTION, seed_data
     from flywheel.streams import LABELS
 
-    _, _, x, y = seed_data(settings.trusted)
+    _, _, x, y = seed_data(trusted)
     return LabelledSet("trusted", x, [LABELS[int(i)] for i in y],
-                       f"seed holdout: {HOLDOUT_FRACTION:.0%} of {settings.seed_examples} seed "
-                       f"examples (FLYWHEEL_SEED={settings.seed})")
+                       f"seed holdout: {HOLDOUT_FRACTION:.0%} of {trusted.seed_examples} seed "
+                       f"examples (FLYWHEEL_SEED={trusted.seed})")
 
 
-def recent_holdout(settings: Settings, engine: Engine) -> LabelledSet:
+def recent_holdout(gate: GateSettings, engine: Engine) -> LabelledSet:
     """The newest `FLYWHEEL_GATE_RECENT_HOLDOUT` corrections of the `holdout` split (of the
     most common feature width, `flywheel.learner.same_width`)."""
     import numpy as np
 
     from flywheel.learner import ExampleSource, same_width
 
-    rows = same_width(ExampleSource(engine).recent_holdout(settings.gate_recent_holdout))
+    rows = same_width(ExampleSource(engine).recent_holdout(gate.gate_recent_holdout))
     x = (np.asarray([r.features for r in rows], dtype=np.float32) if rows
          else np.empty((0, 0), np.float32))
     return LabelledSet("recent", x, [r.label for r in rows],
                        f"newest {len(rows)} holdout corrections in the training store "
-                       f"(at most FLYWHEEL_GATE_RECENT_HOLDOUT={settings.gate_recent_holdout})")
+                       f"(at most FLYWHEEL_GATE_RECENT_HOLDOUT={gate.gate_recent_holdout})")
 
 
-def score_on(module: nn.Module, spec: ModelSpec, holdout: LabelledSet) -> Score | None:
-    """The model's `flywheel.learner.Score` on the set, or None if the widths do not match."""
+def score_on(module: nn.Module, spec: AnySpec, holdout: LabelledSet) -> Score | None:
+    """The model's `flywheel.learner.Score` on the set, or None if the widths do not match.
+
+    A cascade is scored as served: its module answers each row with the light or the heavy
+    net (`flywheel.modelspec.Cascade`), over the same `labels` as a plain MLP."""
     from flywheel.learner import Holdout, score
 
     x = holdout.x
@@ -77,7 +80,7 @@ def score_on(module: nn.Module, spec: ModelSpec, holdout: LabelledSet) -> Score 
     return score(module, Holdout.of_names(x, holdout.labels, spec.labels))
 
 
-def predicted_names(spec: ModelSpec, result: Score) -> list[str]:
+def predicted_names(spec: AnySpec, result: Score) -> list[str]:
     return [spec.labels[i] for i in result.predicted.tolist()]
 
 

@@ -17,10 +17,10 @@ from flywheel.review.versions import example_range, finite
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from flywheel.settings import Settings
+    from flywheel.settings import StateSettings
 
 
-def open_store_or_reason(settings: Settings) -> tuple[Engine | None, str | None]:
+def open_store_or_reason(state: StateSettings) -> tuple[Engine | None, str | None]:
     """The training store if it is there and migrated, else (None, why not).
 
     A review works without a store (registry facts only): a missing SQLite file is not
@@ -30,12 +30,12 @@ def open_store_or_reason(settings: Settings) -> tuple[Engine | None, str | None]
 
     from flywheel.store import SchemaNotCurrent, display_url, normalize_url, open_store
 
-    url = settings.resolved_database_url
+    url = state.resolved_database_url
     try:
         parsed = normalize_url(url)
-        local = parsed.get_backend_name() == "sqlite" and parsed.database not in (
-            None, "", ":memory:")
-        if local and not Path(parsed.database).exists():
+        database = parsed.database
+        local = parsed.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
+        if local and database is not None and not Path(database).exists():
             return None, f"no training store at {display_url(parsed)} yet"
         return open_store(url), None
     except SchemaNotCurrent as exc:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flywheel.registry import Registry, VersionInfo
+    from flywheel.registry import ModelVersion, Registry, VersionInfo
 
 REVIEW_TAG = "review"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
@@ -38,7 +40,7 @@ def parent_of(tags: dict[str, str]) -> str | None:
     return raw[1:] if raw[:1] in "vV" and raw[1:].isdigit() else raw
 
 
-def status(info: VersionInfo, history: set[str]) -> str:
+def status(info: VersionInfo, history: AbstractSet[ModelVersion]) -> str:
     """champion | rolled back | former champion | pending review | review rejected | candidate.
 
     From the alias, the champion history and the audit tags promotions, rollbacks, reviews
@@ -64,7 +66,7 @@ def finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def version_doc(info: VersionInfo, history: set[str]) -> dict[str, Any]:
+def version_doc(info: VersionInfo, history: AbstractSet[ModelVersion]) -> dict[str, Any]:
     """One version as JSON-ready data; every key is always there (null when unknown)."""
     tags = info.tags
     return {
@@ -85,11 +87,13 @@ def version_doc(info: VersionInfo, history: set[str]) -> dict[str, Any]:
     }
 
 
-def lineage(version: str, by_version: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def lineage(version: str, by_version: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The version, its parent, the parent's parent, ... down to a version without one.
 
-    A parent that is not in the registry (deleted) ends the chain as `missing: true`;
-    a loop in the tags ends it too, rather than hanging.
+    Keyed by text, not `ModelVersion`: a hop is named by a `parent_version` tag, free text
+    that may name no registered version. A parent that is not in the registry (deleted, or
+    junk in the tag) ends the chain as `missing: true`; a loop in the tags ends it too,
+    rather than hanging.
     """
     chain: list[dict[str, Any]] = []
     seen: set[str] = set()

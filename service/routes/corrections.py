@@ -18,17 +18,17 @@ router = APIRouter()
              responses=ERROR_RESPONSES)
 async def corrections(body: CorrectionsRequest, state: State) -> JSONResponse:
     """Accept true labels for earlier predictions; all or none of a call is accepted."""
-    settings = state.settings
+    limits, kafka = state.config.service, state.config.kafka
     items = body.corrections
-    if len(items) > settings.max_corrections:
+    if len(items) > limits.max_corrections:
         raise BadRequest(f"{len(items)} corrections exceed the limit of "
-                         f"{settings.max_corrections} (FLYWHEEL_MAX_CORRECTIONS)", 413)
+                         f"{limits.max_corrections} (FLYWHEEL_MAX_CORRECTIONS)", 413)
     known = set(state.served().spec.labels)
     for i, c in enumerate(items):
         if c.label not in known:
             raise BadRequest(f"corrections[{i}].label: unknown label {c.label!r}; "
                              f"known labels: {sorted(known)}")
-    now, topic = utcnow(), settings.topic_corrections
+    now, topic = utcnow(), kafka.topic_corrections
     records = [
         Record(topic, c.prediction_id.encode(), CorrectionEvent(
             id=new_id(), prediction_id=c.prediction_id, label=c.label, source=c.source,

@@ -20,12 +20,12 @@ router = APIRouter()
 async def predict(body: PredictRequest, state: State) -> dict:
     """Predict a label per instance; every returned id is logged to Kafka."""
     start = time.perf_counter()
-    settings = state.settings
+    limits, kafka = state.config.service, state.config.kafka
     model = state.served()
     rows = body.instances
-    if len(rows) > settings.max_batch:
+    if len(rows) > limits.max_batch:
         raise BadRequest(f"batch of {len(rows)} instances exceeds the limit of "
-                         f"{settings.max_batch} (FLYWHEEL_MAX_BATCH)", 413)
+                         f"{limits.max_batch} (FLYWHEEL_MAX_BATCH)", 413)
     width = model.spec.input_dim
     for i, row in enumerate(rows):
         if len(row) != width:
@@ -46,7 +46,7 @@ async def predict(body: PredictRequest, state: State) -> dict:
         raise BadRequest(f"instances[{i}]: the model's output is not finite for these "
                          "features (values too large for its input scaling)")
     latency_ms = (time.perf_counter() - start) * 1000.0
-    now, labels, topic = utcnow(), model.spec.labels, settings.topic_predictions
+    now, labels, topic = utcnow(), model.spec.labels, kafka.topic_predictions
     predictions, records = [], []
     for row, p, path in zip(rows, probs.tolist(), paths, strict=True):
         pid = new_id()

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import Receive, Scope, Send
 
 from flywheel.promotion import rollback as rollback_champion
+from flywheel.registry import ModelVersion, RegistryError, parse_version
 from flywheel.review import (
     LINEAGE_KEYS,
     REVIEW_BY,
@@ -100,12 +101,16 @@ class _UI(StaticFiles):
         await super().__call__(scope, receive, with_headers)
 
 
-def _version(value: str) -> str:
-    return value.strip().lstrip("vV")
+def _version(value: str) -> ModelVersion:
+    """A version from the URL path ("3" or "v3", `VERSION_PATTERN`), checked."""
+    try:
+        return parse_version(value.strip().lstrip("vV"))
+    except RegistryError as exc:
+        raise BadRequest(str(exc), 422) from None
 
 
 def _require_admin(state: State, authorization: str | None) -> None:
-    token = state.settings.admin_token
+    token = state.config.service.admin_token
     if token is None:
         raise BadRequest("admin actions are disabled on this service: set "
                          "FLYWHEEL_ADMIN_TOKEN to allow approve, reject and rollback "
@@ -123,8 +128,6 @@ def _registry_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Registry problems as 4xx/503 with a message, never a 500."""
     from mlflow.exceptions import MlflowException  # heavy: only once the registry is used
 
-    from flywheel.registry import RegistryError
-
     try:
         return fn(*args, **kwargs)
     except ReviewError as exc:
@@ -137,10 +140,10 @@ def _registry_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise BadRequest(f"the model registry is unavailable: {exc.message}", 503) from None
 
 
-def _known(state: State, version: str) -> str:
+def _known(state: State, version: str) -> ModelVersion:
     v = _version(version)
     if not _registry_call(state.registry().exists, v):
-        raise BadRequest(f"{state.settings.model_name} has no version {v!r}", 404)
+        raise BadRequest(f"{state.config.registry.model_name} has no version {v!r}", 404)
     return v
 
 
@@ -150,11 +153,11 @@ router = APIRouter(prefix="/v1/review", tags=["review"])
 @router.get("/config")
 def config(state: State) -> dict[str, Any]:
     """What the page needs to know first: model name and whether admin actions exist."""
-    settings = state.settings
-    return {"model_name": settings.model_name,
-            "admin_enabled": settings.admin_token is not None,
-            "auto_promote": settings.auto_promote,
-            "registry_poll_s": settings.registry_poll_s}
+    config = state.config
+    return {"model_name": config.registry.model_name,
+            "admin_enabled": config.service.admin_token is not None,
+            "auto_promote": config.gate.auto_promote,
+            "registry_poll_s": config.registry.registry_poll_s}
 
 
 @router.get("/versions")
@@ -199,7 +202,7 @@ def errors(state: State, hours: float = Query(24.0, gt=0, le=24 * 366)) -> dict[
     if engine is None:
         return {"available": False, "note": why, "window_hours": hours, "versions": [],
                 "points": []}
-    name = state.settings.model_name
+    name = state.config.registry.model_name
     report = error_mix(engine, name, hours)
     timeline = accuracy_timeline(engine, name, hours)
     return {"available": True, "note": None, "window_hours": hours,
@@ -224,8 +227,8 @@ def approve(body: Decision, state: State,
     """Promote a pending candidate (announced on the model-events topic); admin only."""
     _require_admin(state, authorization)
     v = _known(state, version)
-    event = _registry_call(approve_version, state.settings, v, reason=body.reason,
-                           actor=body.by or "review-ui", registry=state.registry())
+    event = _registry_call(approve_version, v, reason=body.reason, actor=body.by or "review-ui",
+                           registry=state.registry(), kafka=state.config.kafka)
     return {"approved": v, "champion": event.version, "previous": event.previous_version,
             "by": event.actor, "reason": body.reason}
 
@@ -237,8 +240,8 @@ def reject(body: Decision, state: State,
     """Reject a pending candidate; the champion stays. Admin only."""
     _require_admin(state, authorization)
     v = _known(state, version)
-    tags = _registry_call(reject_version, state.settings, v, reason=body.reason,
-                          actor=body.by or "review-ui", registry=state.registry())
+    tags = _registry_call(reject_version, v, reason=body.reason, actor=body.by or "review-ui",
+                          registry=state.registry())
     return {"rejected": v, "by": tags[REVIEW_BY], "reason": body.reason}
 
 
@@ -247,7 +250,7 @@ def rollback(body: Decision, state: State,
              authorization: str | None = Header(None)) -> dict[str, Any]:
     """Move the champion back to the one before it (announced). Admin only."""
     _require_admin(state, authorization)
-    event = _registry_call(rollback_champion, state.settings, reason=body.reason,
+    event = _registry_call(rollback_champion, state.config.kafka, reason=body.reason,
                            actor=body.by or "review-ui", registry=state.registry())
     return {"rolled_back": event.previous_version, "champion": event.version,
             "by": event.actor, "reason": body.reason}

@@ -80,9 +80,9 @@ def test_federated_model_is_registered_promoted_and_served(fed):
     federation, partition, root = fed
     platform = federation.platform
     from flywheel.registry import Registry
-    from flywheel.service import create_app
+    from flywheel.service import ServiceConfig, create_app
 
-    with TestClient(create_app(platform)) as service:
+    with TestClient(create_app(ServiceConfig.of(platform))) as service:
         assert service.get("/v1/model").json()["version"] == "1"
         # central noise seeded: the local-only comparison below reads one run, and an
         # unseeded run of five noisy rounds ranged 0.70-0.80 on the union holdout

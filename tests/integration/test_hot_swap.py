@@ -22,7 +22,7 @@ from flywheel.events import PredictionEvent
 from flywheel.learner import default_spec
 from flywheel.modelspec import build_model
 from flywheel.registry import Registry
-from flywheel.service import GracefulServer, ModelFollower, create_app
+from flywheel.service import GracefulServer, ModelFollower, ServiceConfig, create_app
 from flywheel.settings import Settings
 
 from .conftest import consume
@@ -42,9 +42,9 @@ class Service:
 
 @contextlib.contextmanager
 def serving(settings: Settings) -> Iterator[Service]:
-    """The production app (`create_app(settings)`) under uvicorn in a thread, so that client
-    threads really run concurrently with the follower's swaps."""
-    app = create_app(settings)
+    """The production app (`create_app(ServiceConfig.of(settings))`) under uvicorn in a
+    thread, so that client threads really run concurrently with the follower's swaps."""
+    app = create_app(ServiceConfig.of(settings))
     port = free_port()
     server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
@@ -54,7 +54,7 @@ def serving(settings: Settings) -> Iterator[Service]:
         assert wait_for(lambda: server.started or not thread.is_alive(), 120)
         assert server.started, "the service did not start"
         follower = app.state.service.follower
-        assert follower is not None, "create_app(settings) must follow the registry"
+        assert follower is not None, "the production app must follow the registry"
         yield Service(f"http://127.0.0.1:{port}", follower, app)
     finally:
         server.should_exit = True
@@ -128,7 +128,7 @@ def test_a_promotion_event_is_followed_long_before_the_poll(settings, registry):
         assert served_version(svc.url) == v1
         start_listening(svc)
         t0 = time.monotonic()
-        promotion.promote(settings, v2, reason="test", actor="pytest", registry=registry)
+        promotion.promote(settings.kafka, v2, reason="test", actor="pytest", registry=registry)
         assert wait_for(lambda: served_version(svc.url) == v2, SWAP_S), "promotion not followed"
         elapsed = time.monotonic() - t0
         r = httpx.post(f"{svc.url}/v1/predict", json={"instances": ROWS[:2]}, timeout=5)
@@ -155,9 +155,9 @@ def test_a_rollback_is_followed_like_a_promotion(settings, registry):
     v2 = publish_variant(registry, v1, seed=3)
     with serving(settings) as svc:
         start_listening(svc)
-        promotion.promote(settings, v2, reason="test", actor="pytest", registry=registry)
+        promotion.promote(settings.kafka, v2, reason="test", actor="pytest", registry=registry)
         assert wait_for(lambda: served_version(svc.url) == v2, SWAP_S)
-        event = promotion.rollback(settings, reason="test rollback", actor="pytest",
+        event = promotion.rollback(settings.kafka, reason="test rollback", actor="pytest",
                                    registry=registry)
         assert (event.kind, event.version) == ("rolled_back", v1)
         assert wait_for(lambda: served_version(svc.url) == v1, SWAP_S), "rollback not followed"
@@ -229,7 +229,7 @@ def test_hot_swaps_under_concurrent_load_fail_nothing_and_label_every_response(s
         with Hammer(svc.url).running() as load:
             assert wait_for(lambda: len(load.responses) >= 20, 30)
             for version in plan:
-                promotion.promote(settings, version, reason="swap under load", actor="pytest",
+                promotion.promote(settings.kafka, version, reason="swap under load", actor="pytest",
                                   registry=registry)
                 assert wait_for(lambda v=version: served_version(svc.url) == v, SWAP_S)
                 n = len(load.responses)

@@ -1,9 +1,9 @@
 """The review page in a real browser: Debian's headless Chromium driven by Playwright.
 
-The production app (`create_app(settings)`: registry follower, Kafka event log on the test
-broker) runs under uvicorn in a thread over a seeded SQLite MLflow registry. The page must
-show the versions, refuse a wrong token, and an approve click with the right token must move
-the `champion` alias -- and, through the model event, what the service serves.
+The production app (`create_app(ServiceConfig.of(settings))`: registry follower, Kafka event
+log on the test broker) runs under uvicorn in a thread over a seeded SQLite MLflow registry.
+The page must show the versions, refuse a wrong token, and an approve click with the right
+token must move the `champion` alias -- and, through the model event, what the service serves.
 
 Playwright never downloads a browser here: it launches /usr/bin/chromium. Without Chromium
 or Playwright the test skips locally and fails under CI=true (`make test` installs Chromium).
@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from flywheel.broker import free_port
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
-from flywheel.service import GracefulServer, create_app
+from flywheel.service import GracefulServer, ServiceConfig, create_app
 from flywheel.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float) -> bool:
 
 @contextlib.contextmanager
 def serving(settings: Settings) -> Iterator[str]:
-    app = create_app(settings)
+    app = create_app(ServiceConfig.of(settings))
     port = free_port()
     server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))

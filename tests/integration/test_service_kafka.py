@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import CorrectionEvent, PredictionEvent
-from flywheel.service import create_app
+from flywheel.service import ServiceConfig, create_app
 from flywheel.settings import Settings
 
 from .conftest import consume
@@ -47,7 +47,7 @@ def predict(client, n_rows: int = 1) -> list[str]:
 
 
 def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(ServiceConfig.of(settings))) as client:
         ids = []
         for i in range(60):
             ids += predict(client, n_rows=1 + i % 5)
@@ -64,7 +64,7 @@ def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Setting
 
 
 def test_corrections_land_on_their_topic(settings: Settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(ServiceConfig.of(settings))) as client:
         ids = predict(client, 3)
         r = client.post("/v1/corrections", json={"corrections": [
             {"prediction_id": pid, "label": "class_1", "source": "site-7"} for pid in ids]})
@@ -90,7 +90,7 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
     s = settings.model_copy(update={"kafka_bootstrap": outage_broker.bootstrap,
                                     "kafka_timeout_s": 2.0})
     try:
-        with TestClient(create_app(s)) as client:
+        with TestClient(create_app(ServiceConfig.of(s))) as client:
             event_log = client.app.state.service.event_log
             before = [pid for _ in range(20) for pid in predict(client, 2)]
             assert event_log.wait_idle(30)
@@ -135,7 +135,7 @@ def test_a_correction_lands_on_its_predictions_partition_as_any_java_client_woul
     from kafka import KafkaConsumer, TopicPartition
     from kafka.partitioner.default import murmur2
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(ServiceConfig.of(settings))) as client:
         ids = predict(client, 40)
         client.post("/v1/corrections", json={"corrections": [
             {"prediction_id": pid, "label": "class_0"} for pid in ids]})

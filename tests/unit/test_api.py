@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from flywheel.events import CorrectionEvent, PredictionEvent
 from flywheel.modelspec import ModelSpec, build_model
-from flywheel.service import ModelHolder, ServedModel, create_app
+from flywheel.service import ModelHolder, ServedModel, ServiceConfig, create_app
 from flywheel.settings import Settings
 
 SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["cat", "dog"])
@@ -25,7 +25,7 @@ def client(tmp_path, list_event_log):
     holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
     sent = []
     log = list_event_log(sent)
-    app = create_app(settings, holder=holder, event_log=log)
+    app = create_app(ServiceConfig.of(settings), holder=holder, event_log=log)
     with TestClient(app) as c:
         c.sent = sent
         c.event_log = log
@@ -123,7 +123,8 @@ def test_json_beyond_the_parser_limits_is_a_400_that_says_why(tmp_path, list_eve
     settings = Settings(home=tmp_path, max_body_bytes=1 << 20)
     holder = ModelHolder()
     holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
-    with TestClient(create_app(settings, holder=holder, event_log=list_event_log([]))) as c:
+    app = create_app(ServiceConfig.of(settings), holder=holder, event_log=list_event_log([]))
+    with TestClient(app) as c:
         r = c.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and fragment in r.json()["detail"], r.text
 
@@ -141,7 +142,7 @@ def test_features_too_large_for_the_models_scaling_are_refused(tmp_path, list_ev
     sent = []
     log = list_event_log(sent)
     settings = Settings(home=tmp_path, dynamic_batching=batching)
-    with TestClient(create_app(settings, holder=holder, event_log=log)) as c:
+    with TestClient(create_app(ServiceConfig.of(settings), holder=holder, event_log=log)) as c:
         r = c.post("/v1/predict", json={"instances": [[0.5, 0.5, 0.5], [3e38, -3e38, 3e38]]})
         assert r.status_code == 422, r.text
         assert r.json()["detail"].startswith("instances[1]: the model's output is not finite")
@@ -245,7 +246,7 @@ def test_concurrent_requests_each_get_their_own_ids(client):
 
 
 def test_not_ready_without_a_model(tmp_path, list_event_log):
-    app = create_app(Settings(home=tmp_path), holder=ModelHolder(),
+    app = create_app(ServiceConfig.of(Settings(home=tmp_path)), holder=ModelHolder(),
                      event_log=list_event_log(),
                      load_model=lambda s: (_ for _ in ()).throw(RuntimeError("registry down")))
     with pytest.raises(RuntimeError, match="registry down"), TestClient(app):

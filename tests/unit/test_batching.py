@@ -11,9 +11,9 @@ import torch
 from flywheel.events import PredictionEvent
 from flywheel.kernels.batching import MicroBatcher
 from flywheel.modelspec import ModelSpec, build_model
-from flywheel.service import ModelHolder, ServedModel, create_app
+from flywheel.service import ModelHolder, ServedModel, ServiceConfig, create_app
 from flywheel.service.batching import PredictBatcher, run_batch
-from flywheel.settings import Settings
+from flywheel.settings import ServiceSettings, Settings
 
 
 class Recorder:
@@ -182,7 +182,7 @@ def test_run_batch_returns_each_request_its_rows():
 
 def test_each_request_is_computed_by_the_snapshot_it_took():
     v1, v2 = served("1", 0), served("2", 1)
-    batcher = PredictBatcher(Settings(batch_max_wait_ms=0))
+    batcher = PredictBatcher(ServiceSettings(batch_max_wait_ms=0))
     x = np.ones((1, 3), np.float32)
 
     async def scenario():
@@ -213,7 +213,7 @@ def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic
     sent = []
     log = list_event_log(sent)
     settings = Settings(home=tmp_path, dynamic_batching=dynamic, batch_max_size=16)
-    app = create_app(settings, holder=holder, event_log=log)
+    app = create_app(ServiceConfig.of(settings), holder=holder, event_log=log)
     rng = np.random.default_rng(3)
     bodies = [{"instances": rng.normal(size=(1 + i % 3, 3)).round(3).tolist()}
               for i in range(40)]
@@ -250,7 +250,7 @@ def test_batch_metrics_are_exported(tmp_path, list_event_log):
     holder = ModelHolder()
     holder.swap(served("7", 0))
     log = list_event_log()
-    app = create_app(Settings(home=tmp_path), holder=holder, event_log=log)
+    app = create_app(ServiceConfig.of(Settings(home=tmp_path)), holder=holder, event_log=log)
 
     async def scenario():
         async with app.router.lifespan_context(app):

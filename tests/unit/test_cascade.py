@@ -28,7 +28,7 @@ from flywheel.modelspec import (
     build_module,
     parse_spec,
 )
-from flywheel.service import ModelHolder, ServedModel, create_app
+from flywheel.service import ModelHolder, ServedModel, ServiceConfig, create_app
 from flywheel.settings import Settings
 
 LABELS = ["a", "b", "c"]
@@ -239,7 +239,7 @@ def test_served_cascade_reports_the_path_per_prediction(tmp_path, precision, lis
     holder.swap(served)
     sent = []
     log = list_event_log(sent)
-    app = create_app(Settings(home=tmp_path), holder=holder, event_log=log)
+    app = create_app(ServiceConfig.of(Settings(home=tmp_path)), holder=holder, event_log=log)
     with TestClient(app) as client:
         assert client.get("/v1/model").json()["kind"] == "cascade"
         r = client.post("/v1/predict", json={"instances": x.tolist()})

@@ -58,7 +58,8 @@ def served(version: str) -> ModelHolder:
 def follower(tmp_path, registry: FakeRegistry, holder: ModelHolder,
              poll_s: float = 60.0) -> ModelFollower:
     settings = Settings(home=tmp_path, model_name="m", registry_poll_s=poll_s)
-    return ModelFollower(settings, holder, registry=lambda: registry, listen=False)
+    return ModelFollower(settings.kafka, settings.registry, settings.service, holder,
+                         registry=lambda: registry, listen=False)
 
 
 def wait_for(cond, timeout_s: float = 5.0) -> bool:
@@ -186,7 +187,7 @@ def test_an_app_given_its_model_does_not_follow_the_registry_unless_asked(tmp_pa
     """A caller's own model (tests, benchmarks) must not be replaced behind its back."""
     from fastapi.testclient import TestClient
 
-    from flywheel.service import EventLog, Spool, create_app
+    from flywheel.service import EventLog, ServiceConfig, Spool, create_app
 
     class NullSink:
         def send(self, records, timeout_s):
@@ -200,7 +201,7 @@ def test_an_app_given_its_model_does_not_follow_the_registry_unless_asked(tmp_pa
                                 {"load_model": lambda s: ServedModel.prepare(
                                     "m", "7", SPEC, build_model(SPEC))})):
         log = EventLog(NullSink, Spool(tmp_path / f"spool-{i}", fsync=False))
-        app = create_app(settings, event_log=log, **kwargs)
+        app = create_app(ServiceConfig.of(settings), event_log=log, **kwargs)
         with TestClient(app) as client:
             assert client.get("/v1/model").json()["version"] == "7"
             assert app.state.service.follower is None

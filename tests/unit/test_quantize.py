@@ -13,7 +13,14 @@ from flywheel.kernels.quantize import (
 )
 from flywheel.learner.gate import Holdout, evaluate_gate
 from flywheel.modelspec import ModelSpec, build_model
-from flywheel.service import EventLog, ModelHolder, ServedModel, Spool, create_app
+from flywheel.service import (
+    EventLog,
+    ModelHolder,
+    ServedModel,
+    ServiceConfig,
+    Spool,
+    create_app,
+)
 from flywheel.settings import Settings
 
 SPEC = ModelSpec(input_dim=6, hidden=[32, 32], labels=["a", "b", "c"])
@@ -113,7 +120,7 @@ def test_served_model_info_names_its_precision(tmp_path, precision):
     holder = ModelHolder()
     holder.swap(served)
     log = EventLog(lambda: NullSink(), Spool(tmp_path / "spool", fsync=False))
-    app = create_app(Settings(home=tmp_path), holder=holder, event_log=log)
+    app = create_app(ServiceConfig.of(Settings(home=tmp_path)), holder=holder, event_log=log)
     with TestClient(app) as client:
         info = client.get("/v1/model").json()
         assert (info["precision"], info["kind"]) == (precision, "mlp")

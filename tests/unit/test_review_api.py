@@ -15,7 +15,14 @@ from fastapi.testclient import TestClient
 
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
-from flywheel.service import EventLog, ModelHolder, ServedModel, Spool, create_app
+from flywheel.service import (
+    EventLog,
+    ModelHolder,
+    ServedModel,
+    ServiceConfig,
+    Spool,
+    create_app,
+)
 from flywheel.settings import Settings, prepare_home
 
 SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["a", "b"])
@@ -64,7 +71,7 @@ def _client(template: Path, tmp_path: Path, token: str | None) -> TestClient:
     holder = ModelHolder()
     holder.swap(ServedModel.prepare("flywheel", "2", SPEC, build_model(SPEC)))
     log = EventLog(lambda: NullSink(), Spool(tmp_path / "spool", fsync=False))
-    return TestClient(create_app(settings, holder=holder, event_log=log))
+    return TestClient(create_app(ServiceConfig.of(settings), holder=holder, event_log=log))
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from flywheel.modelspec import ModelSpec, build_model
-from flywheel.service import ModelHolder, ServedModel
+from flywheel.service import ModelHolder, ServedModel, ServiceConfig
 from flywheel.service.backends import SharedRegistry, SharedStore
 from flywheel.service.errors import install_error_handlers
 from flywheel.service.metrics import ServiceMetrics
@@ -48,8 +48,10 @@ def bare_app(state: ServiceState, *routers) -> FastAPI:
 
 def fake_state(tmp_path) -> ServiceState:
     settings = Settings(home=tmp_path, max_batch=2)
-    return ServiceState(settings=settings, holder=ModelHolder(), metrics=ServiceMetrics.create(),
-                        registry=SharedRegistry(settings), store=SharedStore(settings),
+    return ServiceState(config=ServiceConfig.of(settings), holder=ModelHolder(),
+                        metrics=ServiceMetrics.create(),
+                        registry=SharedRegistry(settings.state, settings.registry),
+                        store=SharedStore(settings.state),
                         event_log=FakeEventLog())  # type: ignore[arg-type]
 
 
