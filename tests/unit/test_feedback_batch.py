@@ -302,8 +302,8 @@ def pairs_from(seed, traffic, sources=("a", "b")):
 @pytest.mark.parametrize("budget", [0, 7, 40, 100_000])
 def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
     settings, spec, module, _, pool = seed
-    settings = settings.model_copy(update={"counterexample_budget": budget})
-    builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
+    feedback = settings.feedback.model_copy(update={"counterexample_budget": budget})
+    builder = ExampleBuilder(feedback, pool, lambda version: (spec.labels, module))
     builder._budget_left = lambda session, sources, now: {s: budget for s in sources}
     pairs = pairs_from(seed, traffic)
     rows, rejected, outcomes = builder.finish(None, builder.prepare(pairs))
@@ -327,7 +327,7 @@ def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
 
 def test_an_unusable_pair_is_dead_lettered_not_fatal(seed, traffic):
     settings, spec, module, _, pool = seed
-    builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
+    builder = ExampleBuilder(settings.feedback, pool, lambda version: (spec.labels, module))
     builder._budget_left = lambda session, sources, now: {s: 0 for s in sources}
     pairs = pairs_from(seed, traffic)[:5]
     bad_label = pairs[1]._replace(true_label="no-such-class")
