@@ -166,7 +166,7 @@ class ExampleBuilder:
         rejected: list[Rejected] = []
         wanting = [pp for pp in prepared if pp.variants]
         # the budget query only when some pair could use it
-        budget = self._budget_left(session, {pp.pair.source for pp in wanting}, utcnow()) \
+        budget = self.budget_left(session, {pp.pair.source for pp in wanting}, utcnow()) \
             if wanting else {}
         default = self.feedback.counterexample_budget
         outcomes: Counter[tuple[str, str, datetime, str, str, str]] = Counter()
@@ -212,9 +212,10 @@ class ExampleBuilder:
                 seed=_seed_of(p.correction_id)))
         return generate_many(requests, reference=self.pool.reference, config=self.counterexamples)
 
-    def _budget_left(self, session: Session, sources: set[str | None],
-                     now: datetime) -> dict[str | None, int]:
-        """Counterexamples each source may still add in the current window.
+    def budget_left(self, session: Session, sources: set[str | None],
+                    now: datetime) -> dict[str | None, int]:
+        """Counterexamples each source may still add in the current window (public so a
+        test without a store can subclass the builder with budgets of its own).
 
         Bounding amplification per source keeps one noisy (or hostile) client from
         flooding the training data with synthetic copies of its own corrections. The

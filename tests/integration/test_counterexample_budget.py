@@ -101,7 +101,7 @@ def test_the_budget_counts_a_window_of_whole_minutes(session, window_s):
     session.commit()
     stand_in = SimpleNamespace(feedback=FeedbackSettings(counterexample_budget=10,
                                                          counterexample_window_s=window_s))
-    left = ExampleBuilder._budget_left(stand_in, session, {"app-a", "app-b", "app-c", None},
+    left = ExampleBuilder.budget_left(stand_in, session, {"app-a", "app-b", "app-c", None},
                                        now)
     assert left == {"app-a": 5, "app-b": 8, "app-c": 10, None: 9}
 
