@@ -15,7 +15,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.settings import Settings
 
 STARTUP_TIMEOUT_S = 300.0  # building a worker: imports, the reference, the model
 COUNTS = ("joined", "predictions", "corrections", "pending", "examples", "dead_letters",
@@ -72,7 +75,7 @@ def _member(settings_json: str, n: int, index: int, barrier: Any, joined: Any, l
                  **{k: getattr(stats, k) for k in COUNTS}})
 
 
-def run_worker_group(settings: Any, n: int, workers: int, say: Callable[[str], None],
+def run_worker_group(settings: Settings, n: int, workers: int, say: Callable[[str], None],
                      snapshot: Callable[[], Any], timeout_s: float) -> dict[str, Any]:
     """`workers` member processes on `settings` until they have joined `n` corrections:
     elapsed, the members' CPU and counts, and `snapshot()` taken as the members are

@@ -40,12 +40,15 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from bench.harness import document, load_range
 from flywheel.feedback import WorkerObserver, WorkerStep
+
+if TYPE_CHECKING:
+    from flywheel.settings import Settings
 
 JOINED_TARGET = 10_000.0  # joined corrections per second
 RATIO_TARGET = 0.5  # ours / raw consume rate
@@ -144,8 +147,8 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def make_traffic(settings: Any, n: int, seed: int) -> tuple[list[tuple[bytes, bytes]],
-                                                             list[tuple[bytes, bytes]]]:
+def make_traffic(settings: Settings, n: int, seed: int
+                 ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
     """(key, value) of N predictions from the champion and of their N corrections.
 
     80 % of inputs come from the seed concept, 20 % from a drifted one, so the model is
@@ -159,14 +162,14 @@ def make_traffic(settings: Any, n: int, seed: int) -> tuple[list[tuple[bytes, by
     import torch
 
     from flywheel.events import SCHEMA_VERSION, prediction_payload, utcnow
-    from flywheel.registry import Registry
+    from flywheel.registry import Registry, parse_version
     from flywheel.streams import Concept, seed_concept
 
     registry = Registry.of(settings)
-    loaded = registry.load(registry.champion_version() or "1")
+    loaded = registry.load(registry.champion_version() or parse_version("1"))
     drifted = int(round(n * DRIFTED_SHARE))
-    x_seed, y_seed = seed_concept(settings.seed).sample(n - drifted, sample_seed=seed)
-    x_drift, y_drift = Concept(settings.seed + 1).sample(drifted, sample_seed=seed + 1)
+    x_seed, y_seed = seed_concept(settings.trusted.seed).sample(n - drifted, sample_seed=seed)
+    x_drift, y_drift = Concept(settings.trusted.seed + 1).sample(drifted, sample_seed=seed + 1)
     x = np.concatenate([x_seed, x_drift])
     truth = y_seed + y_drift
     rng = np.random.default_rng(seed)
@@ -185,7 +188,7 @@ def make_traffic(settings: Any, n: int, seed: int) -> tuple[list[tuple[bytes, by
         pd = dict(zip(labels, p, strict=True))
         label = labels[max(range(len(p)), key=p.__getitem__)]
         predictions.append((pid.encode(), prediction_payload(
-            id=pid, model_name=settings.model_name, model_version=loaded.version,
+            id=pid, model_name=settings.registry.model_name, model_version=loaded.version,
             features=row, probabilities=pd, label=label, timestamp=now, latency_ms=0.4)))
         corrections.append((pid.encode(), orjson.dumps({
             "schema_version": SCHEMA_VERSION, "id": new_id(), "prediction_id": pid,
@@ -328,12 +331,12 @@ def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def run_worker(settings: Any, n: int, say: Callable[[str], None]) -> dict[str, Any]:
+def run_worker(settings: Settings, n: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the real worker until it has joined `n` corrections; time its steps."""
     from flywheel.feedback import build_worker, tune_worker_process
 
     marks: dict[str, float] = {}
-    backends = BackendCpu(settings.resolved_database_url)
+    backends = BackendCpu(settings.state.resolved_database_url)
     pg_cpu: dict[str, dict[int, float]] = {}
 
     def assigned(partitions: Any) -> None:
@@ -424,11 +427,11 @@ def rates(n: int, elapsed: float, process_cpu: float, server_cpu: float | None,
             else server_cpu / n * 1e6}
 
 
-def _group(settings: Any, n: int, workers: int, say: Callable[[str], None]) -> dict[str, Any]:
+def _group(settings: Settings, n: int, workers: int, say: Callable[[str], None]) -> dict[str, Any]:
     """`workers` worker processes in one group (`bench._worker_group`)."""
     from bench._worker_group import run_worker_group
 
-    backends = BackendCpu(settings.resolved_database_url)
+    backends = BackendCpu(settings.state.resolved_database_url)
     try:
         group = run_worker_group(settings, n, workers, say,
                                  lambda: (backends.snapshot(), steal_share_now()),
@@ -443,7 +446,7 @@ def _group(settings: Any, n: int, workers: int, say: Callable[[str], None]) -> d
                              steal_share(steal_before, steal_after))}
 
 
-def verify(settings: Any, n: int) -> dict[str, Any]:
+def verify(settings: Settings, n: int) -> dict[str, Any]:
     """What the store holds after the run; `ok` only if nothing was lost or doubled."""
     from sqlalchemy import func, select
 
@@ -456,7 +459,7 @@ def verify(settings: Any, n: int) -> dict[str, Any]:
         make_engine,
     )
 
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.state.resolved_database_url)
     try:
         with engine.connect() as conn:
             def scalar(stmt: Any) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flywheel.feedback.alignment import Aligner
-from flywheel.settings import Settings
+from flywheel.settings import FeedbackSettings, KafkaSettings
 
 log = logging.getLogger(__name__)
 Partition = tuple[str, int]  # (topic, partition)
@@ -32,7 +32,8 @@ RebalanceHook = Callable[[list[Partition]], None]
 
 
 class KafkaBatchConsumer:
-    """Subscribes to `topics` in the settings' group and hands out batches of messages.
+    """Subscribes to `topics` in the consumer group `feedback.feedback_group` on the broker
+    `kafka.kafka_bootstrap` and hands out batches of messages.
 
     `on_revoked` runs (on the thread that calls `poll`) before partitions move to
     another member, while their offsets can still be committed; `on_assigned` after
@@ -41,13 +42,15 @@ class KafkaBatchConsumer:
     murmur2 partitioner, so a correction usually meets its prediction in one worker.
     """
 
-    def __init__(self, settings: Settings, topics: list[str], *, client_id: str,
+    def __init__(self, feedback: FeedbackSettings, kafka: KafkaSettings, topics: list[str],
+                 *, client_id: str,
                  on_revoked: RebalanceHook, on_assigned: RebalanceHook,
                  align: tuple[str, str] | None = None, max_hold_s: float = 10.0,
                  max_held: int = 20_000, client: Any | None = None) -> None:
         """`client`: a confluent_kafka.Consumer-like object to use instead of a new
         Consumer (unit tests)."""
-        self._consumer = client if client is not None else self._new_client(settings, client_id)
+        self._consumer = client if client is not None \
+            else self._new_client(feedback, kafka, client_id)
         self._on_revoked, self._on_assigned = on_revoked, on_assigned
         self._assigned: set[Partition] = set()
         # `align` = (predictions topic, corrections topic): see flywheel.feedback.alignment
@@ -59,13 +62,13 @@ class KafkaBatchConsumer:
                                  on_lost=self._lose)
 
     @staticmethod
-    def _new_client(settings: Settings, client_id: str) -> Any:
+    def _new_client(feedback: FeedbackSettings, kafka: KafkaSettings, client_id: str) -> Any:
         from confluent_kafka import Consumer
 
-        timeout = settings.feedback_session_timeout_ms
+        timeout = feedback.feedback_session_timeout_ms
         return Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": settings.feedback_group,
+            "bootstrap.servers": kafka.kafka_bootstrap,
+            "group.id": feedback.feedback_group,
             "client.id": client_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,

@@ -29,7 +29,7 @@ from flywheel.feedback.counterexamples import (
 from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.messages import Rejected
 from flywheel.feedback.reference_data import LabelledPool
-from flywheel.settings import Settings
+from flywheel.settings import FeedbackSettings
 from flywheel.store import NO_SOURCE, CounterexampleUsage, ErrorCount, Origin, Split
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,10 @@ class PreparedPair:
 class ExampleBuilder:
     """Called by the worker inside its store transaction with the pairs it just joined."""
 
-    def __init__(self, settings: Settings, pool: LabelledPool, load_model: ModelLoader,
+    def __init__(self, feedback: FeedbackSettings, pool: LabelledPool, load_model: ModelLoader,
                  analyzer: AnalyzerConfig | None = None,
                  counterexamples: CounterexampleConfig | None = None) -> None:
-        self.settings = settings
+        self.feedback = feedback
         self.pool = pool
         self.load_model = load_model
         self.analyzer = analyzer or AnalyzerConfig()
@@ -127,7 +127,7 @@ class ExampleBuilder:
                                 [p.predicted for p in usable], [p.true_label for p in usable],
                                 self.pool, self.analyzer)
         hours: dict[datetime, datetime] = {}
-        assign = split_assigner(self.settings.holdout_fraction)
+        assign = split_assigner(self.feedback.holdout_fraction)
         wanting: list[tuple[PreparedPair, str]] = []
         for p, (error_type, trainable) in zip(usable, verdicts, strict=True):
             split = assign(p.prediction_id) if trainable else _QUARANTINE
@@ -166,9 +166,9 @@ class ExampleBuilder:
         rejected: list[Rejected] = []
         wanting = [pp for pp in prepared if pp.variants]
         # the budget query only when some pair could use it
-        budget = self._budget_left(session, {pp.pair.source for pp in wanting}, utcnow()) \
+        budget = self.budget_left(session, {pp.pair.source for pp in wanting}, utcnow()) \
             if wanting else {}
-        default = self.settings.counterexample_budget
+        default = self.feedback.counterexample_budget
         outcomes: Counter[tuple[str, str, datetime, str, str, str]] = Counter()
         for pp in prepared:
             if pp.rejected is not None:
@@ -212,9 +212,10 @@ class ExampleBuilder:
                 seed=_seed_of(p.correction_id)))
         return generate_many(requests, reference=self.pool.reference, config=self.counterexamples)
 
-    def _budget_left(self, session: Session, sources: set[str | None],
-                     now: datetime) -> dict[str | None, int]:
-        """Counterexamples each source may still add in the current window.
+    def budget_left(self, session: Session, sources: set[str | None],
+                    now: datetime) -> dict[str | None, int]:
+        """Counterexamples each source may still add in the current window (public so a
+        test without a store can subclass the builder with budgets of its own).
 
         Bounding amplification per source keeps one noisy (or hostile) client from
         flooding the training data with synthetic copies of its own corrections. The
@@ -222,7 +223,7 @@ class ExampleBuilder:
         whole minutes: it starts at the beginning of the minute `window` seconds ago,
         which counts a little more than the window, never less.
         """
-        since = now - timedelta(seconds=self.settings.counterexample_window_s)
+        since = now - timedelta(seconds=self.feedback.counterexample_window_s)
         start = since.astimezone(UTC).replace(second=0, microsecond=0)
         keys = {NO_SOURCE if s is None else s: s for s in sources}
         _lock_budgets(session, keys)
@@ -231,7 +232,7 @@ class ExampleBuilder:
             .where(CounterexampleUsage.minute >= start,
                    CounterexampleUsage.source.in_(list(keys)))
             .group_by(CounterexampleUsage.source)).all())
-        budget = self.settings.counterexample_budget
+        budget = self.feedback.counterexample_budget
         return {s: budget - int(used.get(key, 0)) for key, s in keys.items()}
 
     @staticmethod

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flywheel.feedback.reference import ReferenceStats
-from flywheel.settings import Settings
+from flywheel.settings import RegistrySettings, TrustedSettings
 from flywheel.store import Example, Origin, ReferenceStatsRow, Split, insert_ignoring_duplicates
 
 # Extra candidates per row in `near_many`, beyond k, re-measured exactly: enough to see a
@@ -17,31 +17,32 @@ from flywheel.store import Example, Origin, ReferenceStatsRow, Split, insert_ign
 _SPARE = 2
 
 
-def ensure_reference(session: Session, settings: Settings) -> ReferenceStats:
+def ensure_reference(session: Session, registry: RegistrySettings, trusted: TrustedSettings
+                     ) -> ReferenceStats:
     """Seed examples (train + trusted holdout) and reference statistics, written once.
 
-    Seed data is regenerated from the settings' seed, exactly as the initial model was
+    Seed data is regenerated from `trusted`'s seed, exactly as the initial model was
     trained on it, so every worker and the learner agree on it.
     """
-    row = session.get(ReferenceStatsRow, settings.model_name)
+    row = session.get(ReferenceStatsRow, registry.model_name)
     if row is not None:
         return ReferenceStats.from_dict(row.stats)
     from flywheel.store import seed_data
     from flywheel.streams import LABELS
 
-    x_tr, y_tr, x_ho, y_ho = seed_data(settings.trusted)
+    x_tr, y_tr, x_ho, y_ho = seed_data(trusted)
     rows = []
     for split, xs, ys in ((Split.TRAIN, x_tr, y_tr), (Split.HOLDOUT, x_ho, y_ho)):
-        rows += [{"dedup_key": f"seed:{settings.model_name}:{split.value}:{i}",
+        rows += [{"dedup_key": f"seed:{registry.model_name}:{split.value}:{i}",
                   "origin": Origin.SEED.value, "features": x.tolist(), "label": LABELS[y],
                   "weight": 1.0, "split": split.value}
                  for i, (x, y) in enumerate(zip(xs, ys, strict=True))]
     insert_ignoring_duplicates(session, Example, rows)
     reference = ReferenceStats.from_examples(x_tr.astype(np.float64))
     insert_ignoring_duplicates(session, ReferenceStatsRow, [
-        {"model_name": settings.model_name, "stats": reference.to_dict(),
+        {"model_name": registry.model_name, "stats": reference.to_dict(),
          "example_count": len(x_tr)}])
-    winner = session.get(ReferenceStatsRow, settings.model_name)  # a racing worker's
+    winner = session.get(ReferenceStatsRow, registry.model_name)  # a racing worker's
     return ReferenceStats.from_dict(winner.stats) if winner else reference
 
 

@@ -1,27 +1,42 @@
-"""Wiring a feedback worker from settings: store, reference data, model loader."""
+"""Wiring a feedback worker from settings: store, reference data, model loader.
+
+`build_worker` is the process edge: it takes the whole `Settings` (it opens the store,
+builds the process's one `Registry`) and hands each part only its groups -- the worker
+`feedback` and `kafka`, the reference data `registry` and `trusted`.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flywheel.feedback.corroboration import Corroborator
-from flywheel.feedback.examples import ExampleBuilder
+from flywheel.feedback.examples import ExampleBuilder, ModelLoader
 from flywheel.feedback.observer import WorkerObserver
 from flywheel.feedback.reference_data import LabelledPool, ensure_reference
 from flywheel.feedback.worker import FeedbackWorker
 from flywheel.settings import Settings
 from flywheel.store import open_store, session_factory
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from flywheel.registry import Registry
+
 SWITCH_INTERVAL_S = 0.0005
 RELEASE_EVERY_S = 30.0  # corroboration checks of a running worker (see Corroborator)
 
 
-def registry_model_loader(settings: Settings):
-    """Served versions, loaded from the registry once each, for gradient-sign variants."""
-    from flywheel.registry import Registry
+def registry_model_loader(registry: Registry) -> ModelLoader:
+    """Served versions, loaded from `registry` once each, for gradient-sign variants.
 
-    registry = Registry.of(settings)
+    A version arrives as the text a prediction event carried (stored with the
+    prediction), so it is checked here, where it meets the registry: one that is not a
+    version number raises, and `ExampleBuilder` skips that version's gradient-sign step.
+    """
+    from flywheel.registry import parse_version
 
-    def load(version: str):
-        loaded = registry.load(version)
+    def load(version: str) -> tuple[list[str], nn.Module]:
+        loaded = registry.load(parse_version(version))
         return loaded.spec.labels, loaded.module
 
     return load
@@ -70,11 +85,14 @@ def build_worker(settings: Settings, client_id: str | None = None,
                  observer: WorkerObserver | None = None) -> FeedbackWorker:
     """Refuses a store that is not migrated to this code's schema (SchemaNotCurrent).
     `observer` sees the worker's assignments and step timings (`WorkerObserver`)."""
-    engine = open_store(settings.resolved_database_url)
+    from flywheel.registry import Registry
+
+    feedback = settings.feedback
+    engine = open_store(settings.state.resolved_database_url)
     with session_factory(engine).begin() as session:
-        reference = ensure_reference(session, settings)
+        reference = ensure_reference(session, settings.registry, settings.trusted)
         pool = LabelledPool.load(session, reference)
-    builder = ExampleBuilder(settings, pool, registry_model_loader(settings))
+    builder = ExampleBuilder(feedback, pool, registry_model_loader(Registry.of(settings)))
     return FeedbackWorker(
-        settings, engine, builder, client_id=client_id, observer=observer,
-        release=Corroborator(reference, settings.holdout_fraction, every_s=RELEASE_EVERY_S))
+        feedback, settings.kafka, engine, builder, client_id=client_id, observer=observer,
+        release=Corroborator(reference, feedback.holdout_fraction, every_s=RELEASE_EVERY_S))

@@ -37,7 +37,7 @@ from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserv
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
 from flywheel.feedback.writer import Batch, Event, StoreWriter, WorkerStats, by_kind
-from flywheel.settings import Settings
+from flywheel.settings import FeedbackSettings, KafkaSettings
 
 __all__ = ["Batch", "FeedbackWorker", "WorkerStats"]
 
@@ -47,15 +47,21 @@ IN_FLIGHT = 4  # batches polled but not yet committed: one in the store, three w
 
 class FeedbackWorker:
     """One member of the feedback consumer group: the Kafka pipeline, and a `StoreWriter`
-    (`writer`) on a thread of its own. `observer` sees assignments and step timings."""
+    (`writer`) on a thread of its own. `observer` sees assignments and step timings.
 
-    def __init__(self, settings: Settings, engine: Engine, analysis: Analysis,
-                 *, sweep_every_s: float = 5.0, client_id: str | None = None,
-                 release: Callable[..., int] | None = None,
+    Takes only the settings it reads: `feedback` (group, batch size, timeouts, what the
+    writer and the analysis need) and `kafka` (the broker and the topics).
+    """
+
+    def __init__(self, feedback: FeedbackSettings, kafka: KafkaSettings, engine: Engine,
+                 analysis: Analysis, *, sweep_every_s: float = 5.0,
+                 client_id: str | None = None, release: Callable[..., int] | None = None,
                  observer: WorkerObserver | None = None) -> None:
-        if not settings.kafka_bootstrap:
+        if not kafka.kafka_bootstrap:
             raise ValueError("the feedback worker needs FLYWHEEL_KAFKA_BOOTSTRAP")
-        self.settings = settings
+        self.feedback = feedback
+        self.kafka = kafka
+        self._bootstrap: str = kafka.kafka_bootstrap  # checked above: the dead letters' broker
         self.engine = engine  # the caller's to dispose of once the worker has stopped
         self.analysis = analysis
         self.observer = observer or WorkerObserver()
@@ -64,13 +70,13 @@ class FeedbackWorker:
         self._sweep_every_s = sweep_every_s
         self._next_sweep = 0.0
         self._client_id = client_id
-        self._kinds = {settings.topic_predictions: "prediction",
-                       settings.topic_corrections: "correction"}
+        self._kinds = {kafka.topic_predictions: "prediction",
+                       kafka.topic_corrections: "correction"}
         self.stats = WorkerStats()
-        self.cache = PredictionCache(settings.feedback_prediction_cache)
+        self.cache = PredictionCache(feedback.feedback_prediction_cache)
         # the consumer thread's only; rows are encoded for COPY where the store takes it
         self._planner = Planner(timed, self.cache, copy=engine.dialect.name == "postgresql")
-        self.writer = StoreWriter(settings, engine, timed, self.cache, self.stats,
+        self.writer = StoreWriter(feedback, engine, timed, self.cache, self.stats,
                                   self.observer, release)
         self._consumer: KafkaBatchConsumer | None = None
         self._jobs: queue.Queue[Batch | None] = queue.Queue(maxsize=IN_FLIGHT)
@@ -87,13 +93,13 @@ class FeedbackWorker:
 
     # -- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
-        s = self.settings
+        f, k = self.feedback, self.kafka
         self._consumer = KafkaBatchConsumer(
-            s, list(self._kinds), client_id=self._client_id or "flywheel-feedback",
+            f, k, list(self._kinds), client_id=self._client_id or "flywheel-feedback",
             on_revoked=self._on_revoked, on_assigned=self._on_assigned,
-            align=(s.topic_predictions, s.topic_corrections), max_hold_s=s.feedback_align_hold_s,
-            max_held=10 * s.feedback_max_records)
-        self.writer.dead_letters = DeadLetterWriter(s.kafka_bootstrap, s.topic_deadletter)
+            align=(k.topic_predictions, k.topic_corrections), max_hold_s=f.feedback_align_hold_s,
+            max_held=10 * f.feedback_max_records)
+        self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
 
     def run(self, stop: threading.Event, on_batch: Callable[[WorkerStats], None] | None = None
             ) -> WorkerStats:
@@ -107,7 +113,7 @@ class FeedbackWorker:
         self._store_thread = threading.Thread(target=self._store_loop,
                                               name=STORE_THREAD, daemon=True)
         self._store_thread.start()
-        max_records = self.settings.feedback_max_records
+        max_records = self.feedback.feedback_max_records
         failed = True
         try:
             while not stop.is_set():
@@ -189,7 +195,7 @@ class FeedbackWorker:
         offsets. A failed batch and those after it stay in flight, uncommitted, for the
         main loop to raise; a very slow one is left to finish later (its records are
         replayed by the next owner: a no-op once stored)."""
-        deadline = time.monotonic() + self.settings.feedback_session_timeout_ms / 1000
+        deadline = time.monotonic() + self.feedback.feedback_session_timeout_ms / 1000
         offsets: dict[Partition, int] = {}
         while self._in_flight:
             batch = self._in_flight[0]

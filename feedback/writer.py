@@ -31,7 +31,7 @@ from flywheel.feedback.messages import Rejected
 from flywheel.feedback.observer import TimedAnalysis, WorkerObserver, WorkerStep
 from flywheel.feedback.plan import Applied, NotNew, Plan, apply
 from flywheel.feedback.prediction_cache import PredictionCache
-from flywheel.settings import Settings
+from flywheel.settings import FeedbackSettings
 from flywheel.store import Example, insert_ignoring_duplicates, session_factory
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ class StoreWriter:
     `dead_letters` is set once the worker is connected.
     """
 
-    def __init__(self, settings: Settings, engine: Engine, analysis: TimedAnalysis,
+    def __init__(self, feedback: FeedbackSettings, engine: Engine, analysis: TimedAnalysis,
                  cache: PredictionCache, stats: WorkerStats, observer: WorkerObserver,
                  release: Callable[..., int] | None = None) -> None:
-        self.settings = settings
+        self.feedback = feedback
         self.engine = engine
         self._sessions = session_factory(engine)
         self.analysis = analysis
@@ -203,7 +203,7 @@ class StoreWriter:
 
     def _sweep(self, final: bool) -> list[StoredBatch]:
         now = utcnow()
-        cutoff = now - timedelta(seconds=self.settings.correction_expiry_s)
+        cutoff = now - timedelta(seconds=self.feedback.correction_expiry_s)
 
         def work(session: Session) -> tuple[StoredBatch, int, int, int, list[Rejected]]:
             pairs = claim_joins(session, None, now)

@@ -52,7 +52,7 @@ def _store_call(fn: Callable[[str], T]) -> tuple[str, T]:
 
     from flywheel.store import display_url
 
-    url = settings_or_exit().resolved_database_url
+    url = settings_or_exit().state.resolved_database_url
     try:
         shown = display_url(url)
     except (ArgumentError, ValueError) as exc:  # the URL may hold a password: not echoed

@@ -25,7 +25,7 @@ def run(ctx: typer.Context) -> None:
     from flywheel.store import SchemaNotCurrent
 
     settings = settings_or_exit()
-    if not settings.kafka_bootstrap:
+    if not settings.kafka.kafka_bootstrap:
         typer.echo("error: set FLYWHEEL_KAFKA_BOOTSTRAP (start one with `flywheel broker`)",
                    err=True)
         raise typer.Exit(2)
@@ -34,19 +34,19 @@ def run(ctx: typer.Context) -> None:
     except SchemaNotCurrent as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    if settings.feedback_metrics_port:
+    if settings.feedback.feedback_metrics_port:
         from flywheel.feedback import FeedbackCollector, serve_metrics
         from flywheel.store import make_engine
 
-        serve_metrics(settings.feedback_metrics_port, FeedbackCollector(
-            worker, make_engine(settings.resolved_database_url), settings.model_name),
-            addr=settings.host)
+        serve_metrics(settings.feedback.feedback_metrics_port, FeedbackCollector(
+            worker, make_engine(settings.state.resolved_database_url),
+            settings.registry.model_name), addr=settings.service.host)
     tune_worker_process()  # after everything long-lived is loaded
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("feedback worker in group %s on %s", settings.feedback_group,
-             settings.kafka_bootstrap)
+    log.info("feedback worker in group %s on %s", settings.feedback.feedback_group,
+             settings.kafka.kafka_bootstrap)
     stats = worker.run(stop)
     log.info("stopped: %s", stats)
 
@@ -63,7 +63,7 @@ def report(
     settings = settings_or_exit()
     engine = store_or_exit(settings)
     with session_factory(engine)() as session:
-        doc = error_report(session, settings.model_name, hours)
+        doc = error_report(session, settings.registry.model_name, hours)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return

@@ -1,7 +1,7 @@
 """Feedback: a partial index for the per-source counterexample budget.
 
 The worker counts each source's counterexamples in the budget window for every batch
-with a trainable error (`ExampleBuilder._budget_left`). Without an index that query
+with a trainable error (`ExampleBuilder.budget_left`). Without an index that query
 scans `examples`, so it grew with the table (0.7 s of an 11 s benchmark run at 85,000
 rows). Only counterexamples are indexed: they are the only rows the query counts.
 

@@ -18,6 +18,7 @@ from flywheel.feedback.examples import ExampleBuilder
 from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.feedback.reference_data import LabelledPool
+from flywheel.settings import FeedbackSettings
 from flywheel.store import (
     CounterexampleUsage,
     Example,
@@ -98,9 +99,9 @@ def test_the_budget_counts_a_window_of_whole_minutes(session, window_s):
         + rows(["b1", "b2"], "app-b") + rows(["n1"], None)
         + rows(["ok"], "app-c", origin="correction")))
     session.commit()
-    stand_in = SimpleNamespace(settings=SimpleNamespace(counterexample_budget=10,
-                                                        counterexample_window_s=window_s))
-    left = ExampleBuilder._budget_left(stand_in, session, {"app-a", "app-b", "app-c", None},
+    stand_in = SimpleNamespace(feedback=FeedbackSettings(counterexample_budget=10,
+                                                         counterexample_window_s=window_s))
+    left = ExampleBuilder.budget_left(stand_in, session, {"app-a", "app-b", "app-c", None},
                                        now)
     assert left == {"app-a": 5, "app-b": 8, "app-c": 10, None: 9}
 
@@ -150,8 +151,8 @@ def test_concurrent_workers_share_one_source_budget(pg_url, builder_parts, wait_
     A transaction for another source does not wait."""
     settings, spec, module, pool, pairs = builder_parts
     budget = 7
-    builder = ExampleBuilder(settings.model_copy(update={"counterexample_budget": budget}),
-                             pool, lambda version: (spec.labels, module))
+    feedback = settings.feedback.model_copy(update={"counterexample_budget": budget})
+    builder = ExampleBuilder(feedback, pool, lambda version: (spec.labels, module))
     first, second = builder.prepare(pairs[:100]), builder.prepare(pairs[100:])
     other = builder.prepare([p._replace(source="app-b", correction_id=f"b{p.correction_id}",
                                         prediction_id=f"b{p.prediction_id}")

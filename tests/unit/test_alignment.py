@@ -14,7 +14,7 @@ from flywheel.events import PredictionEvent, utcnow
 from flywheel.feedback.alignment import Aligner
 from flywheel.feedback.consumer import KafkaBatchConsumer
 from flywheel.feedback.prediction_cache import KnownPrediction, PredictionCache
-from flywheel.settings import Settings
+from flywheel.settings import FeedbackSettings, KafkaSettings
 
 P, C = "predictions", "corrections"
 
@@ -159,7 +159,7 @@ class FakeClient:
 
 def consumer(tmp_path: Path, align: bool) -> tuple[KafkaBatchConsumer, FakeClient]:
     client = FakeClient()
-    c = KafkaBatchConsumer(Settings(home=tmp_path), [P, C], client_id="t",
+    c = KafkaBatchConsumer(FeedbackSettings(), KafkaSettings(), [P, C], client_id="t",
                            on_revoked=lambda parts: None, on_assigned=lambda parts: None,
                            align=(P, C) if align else None, client=client)
     client.callbacks["on_assign"](client, [TopicPartition(P, 0), TopicPartition(C, 0)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +32,19 @@ from flywheel.feedback.join import JoinedPair
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.feedback.reference_data import LabelledPool
 from flywheel.streams import Concept
+
+
+class FixedBudget(ExampleBuilder):
+    """A builder whose sources each have `left` counterexamples to spend: no store here
+    (`finish` gets no session), so the budget is not read from one."""
+
+    def __init__(self, left: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.left = left
+
+    def budget_left(self, session: Any, sources: set[str | None], now: datetime
+                    ) -> dict[str | None, int]:
+        return {s: self.left for s in sources}
 
 
 @pytest.fixture(scope="module")
@@ -302,9 +316,8 @@ def pairs_from(seed, traffic, sources=("a", "b")):
 @pytest.mark.parametrize("budget", [0, 7, 40, 100_000])
 def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
     settings, spec, module, _, pool = seed
-    settings = settings.model_copy(update={"counterexample_budget": budget})
-    builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
-    builder._budget_left = lambda session, sources, now: {s: budget for s in sources}
+    feedback = settings.feedback.model_copy(update={"counterexample_budget": budget})
+    builder = FixedBudget(budget, feedback, pool, lambda version: (spec.labels, module))
     pairs = pairs_from(seed, traffic)
     rows, rejected, outcomes = builder.finish(None, builder.prepare(pairs))
     assert rejected == []
@@ -327,8 +340,7 @@ def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
 
 def test_an_unusable_pair_is_dead_lettered_not_fatal(seed, traffic):
     settings, spec, module, _, pool = seed
-    builder = ExampleBuilder(settings, pool, lambda version: (spec.labels, module))
-    builder._budget_left = lambda session, sources, now: {s: 0 for s in sources}
+    builder = FixedBudget(0, settings.feedback, pool, lambda version: (spec.labels, module))
     pairs = pairs_from(seed, traffic)[:5]
     bad_label = pairs[1]._replace(true_label="no-such-class")
     bad_width = pairs[3]._replace(features=pairs[3].features[:-1])

@@ -13,7 +13,7 @@ from flywheel.events import SCHEMA_VERSION, prediction_payload, utcnow
 from flywheel.feedback import FeedbackWorker, WorkerObserver, WorkerStep
 from flywheel.feedback.messages import decode
 from flywheel.feedback.writer import Batch
-from flywheel.settings import Settings
+from flywheel.settings import FeedbackSettings, KafkaSettings
 from flywheel.store import make_engine, upgrade
 
 
@@ -52,26 +52,27 @@ def worker(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     upgrade(url)
     engine = make_engine(url)
-    settings = Settings(home=tmp_path / "home", kafka_bootstrap="127.0.0.1:9")
+    kafka = KafkaSettings(kafka_bootstrap="127.0.0.1:9")
     recorder = Recorder()
-    yield FeedbackWorker(settings, engine, FakeAnalysis(), observer=recorder), recorder
+    yield FeedbackWorker(FeedbackSettings(), kafka, engine, FakeAnalysis(),
+                         observer=recorder), recorder
     engine.dispose()
 
 
-def events(settings: Settings):
+def events(kafka: KafkaSettings):
     now = utcnow()
     p = prediction_payload(id="p1", model_name="m", model_version="1", features=[1.0, 2.0],
                            probabilities={"a": 0.25, "b": 0.75}, label="b", timestamp=now,
                            latency_ms=1.0)
     c = orjson.dumps({"schema_version": SCHEMA_VERSION, "id": "c1", "prediction_id": "p1",
                       "label": "a", "timestamp": now})
-    return [decode("prediction", settings.topic_predictions, 0, 0, b"p1", p),
-            decode("correction", settings.topic_corrections, 0, 0, b"p1", c)]
+    return [decode("prediction", kafka.topic_predictions, 0, 0, b"p1", p),
+            decode("correction", kafka.topic_corrections, 0, 0, b"p1", c)]
 
 
 def test_the_store_thread_steps_reach_the_observer(worker):
     w, recorder = worker
-    batch = Batch([(None, e) for e in events(w.settings)], [], {}, 2)
+    batch = Batch([(None, e) for e in events(w.kafka)], [], {}, 2)
     w.writer.store_batch(batch)  # the general path (no plan): store + join, then analysis
     assert w.stats.joined == 1 and w.analysis.prepared == 1
     names = [name for name, _ in recorder.steps]
