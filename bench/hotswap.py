@@ -289,7 +289,7 @@ def drive(settings: Any, versions: list[str], windows: list[Window], interval: f
             sleep_until(w.start + k * interval)
             version = cycle[len(done) % len(cycle)]
             called = time.monotonic()
-            promotion.promote(settings, version, reason="bench hotswap", actor="bench",
+            promotion.promote(settings.kafka, version, reason="bench hotswap", actor="bench",
                               registry=registry)
             done.append(Promotion(version, called, time.monotonic(), i))
     sleep_until(windows[-1].end)

@@ -3,14 +3,14 @@
 The learner reads seven groups (its own, the gate's, privacy, the trusted seed data, the
 registered model's name, where the store lives, the broker for promotion events) and the
 precision the service serves at (the gate reports the candidate's accuracy at it). Seven
-parameters would hide which one a call site forgot; one frozen record built by
+positional groups would invite swapping two; one frozen record built by
 `LearnerConfig.of(settings)` at the edge keeps the whole `Settings` out of the learner, and
-a test builds just the groups it changes (`LearnerConfig(learner=LearnerSettings(...))`).
+a test changes one group with `dataclasses.replace(config, learner=LearnerSettings(...))`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flywheel.settings import (
     GateSettings,
@@ -26,16 +26,16 @@ from flywheel.settings import (
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """What `OnlineLearner` reads; every group defaults to its own defaults."""
+    """What `OnlineLearner` reads."""
 
-    learner: LearnerSettings = field(default_factory=LearnerSettings)
-    gate: GateSettings = field(default_factory=GateSettings)
-    privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    trusted: TrustedSettings = field(default_factory=TrustedSettings)
-    registry: RegistrySettings = field(default_factory=RegistrySettings)
-    state: StateSettings = field(default_factory=StateSettings)
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
-    serve_precision: str = "fp32"  # FLYWHEEL_SERVE_PRECISION, a service setting
+    learner: LearnerSettings
+    gate: GateSettings
+    privacy: PrivacySettings
+    trusted: TrustedSettings
+    registry: RegistrySettings
+    state: StateSettings
+    kafka: KafkaSettings
+    serve_precision: str  # FLYWHEEL_SERVE_PRECISION, a service setting
 
     @classmethod
     def of(cls, settings: Settings) -> LearnerConfig:

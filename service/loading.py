@@ -10,7 +10,7 @@ from flywheel.settings import Settings
 
 def load_champion(settings: Settings, registry: Registry) -> ServedModel:
     """Load the version behind alias `champion`, bootstrapping one if the registry is empty."""
-    version = ensure_champion(settings.trusted, registry)
+    version = ensure_champion(settings, registry)
     loaded = registry.load(version)
     return ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module,
                                settings.serve_precision)

@@ -8,7 +8,7 @@ where the ServerApp starts keeps the whole `Settings` out of the run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flywheel.settings import (
     FederatedSettings,
@@ -24,16 +24,16 @@ from flywheel.settings import (
 
 @dataclass(frozen=True)
 class FederatedConfig:
-    """What `FederatedRun` reads; every group defaults to its own defaults."""
+    """What `FederatedRun` reads."""
 
-    federated: FederatedSettings = field(default_factory=FederatedSettings)
-    gate: GateSettings = field(default_factory=GateSettings)
-    privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    trusted: TrustedSettings = field(default_factory=TrustedSettings)
-    registry: RegistrySettings = field(default_factory=RegistrySettings)
-    state: StateSettings = field(default_factory=StateSettings)
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
-    serve_precision: str = "fp32"  # FLYWHEEL_SERVE_PRECISION, a service setting
+    federated: FederatedSettings
+    gate: GateSettings
+    privacy: PrivacySettings
+    trusted: TrustedSettings
+    registry: RegistrySettings
+    state: StateSettings
+    kafka: KafkaSettings
+    serve_precision: str  # FLYWHEEL_SERVE_PRECISION, a service setting
 
     @classmethod
     def of(cls, settings: Settings) -> FederatedConfig:
