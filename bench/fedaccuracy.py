@@ -37,10 +37,12 @@ def run(root: Path, clients: int, rounds: int, alpha: float, epsilon: float,
     import numpy as np
 
     from flywheel.learner.federated.client_app import Site
+    from flywheel.learner.federated.config import FederatedConfig
     from flywheel.learner.federated.demo import build_homes
     from flywheel.learner.federated.inprocess import InProcessGrid
     from flywheel.learner.federated.partition import Partition, make_partition
     from flywheel.learner.federated.server import FederatedRun, RunOptions
+    from flywheel.registry import Registry
 
     part = make_partition(clients, alpha=alpha, seed=seed)
     union = Partition([part.union], part.holdout)
@@ -50,7 +52,8 @@ def run(root: Path, clients: int, rounds: int, alpha: float, epsilon: float,
             continue
         platform, sites = build_homes(root / name, len(p.sites), p, rounds=rounds,
                                       privacy_epsilon=epsilon, **(settings or {}))
-        opts = RunOptions.from_settings(platform, rounds=rounds, clients=len(p.sites),
+        opts = RunOptions.from_settings(platform.federated, platform.trusted,
+                                        rounds=rounds, clients=len(p.sites),
                                         min_clients=len(p.sites), strategy=strategy,
                                         publish=False, **(options or {}))
         if match_noise and name == "centralized":
@@ -61,10 +64,12 @@ def run(root: Path, clients: int, rounds: int, alpha: float, epsilon: float,
         # paired runs: each site's own fixed noise seed (a site's choice, experiments only),
         # per repeat (the options' seed) and per site
         noise = int((options or {}).get("seed", 0))
-        grid = InProcessGrid([Site(s.model_copy(update={"fed_site_noise_seed": 1000 * noise + k}))
-                              for k, s in enumerate(sites)])
+        grid = InProcessGrid([
+            Site.of(s.model_copy(update={"fed_site_noise_seed": 1000 * noise + k}))
+            for k, s in enumerate(sites)])
         try:
-            summary = FederatedRun(platform, opts).run(grid)
+            summary = FederatedRun(FederatedConfig.of(platform), opts,
+                                   Registry.of(platform)).run(grid)
         finally:
             grid.close()
         out[name] = {"accuracy": [r.recent_accuracy for r in summary.rounds],

@@ -39,8 +39,9 @@ def run_mode(mode: str, root: Path, clients: int, rounds: int) -> dict:
     poll = 0.1 if mode == "flywheel" else 3.0
     platform, sites = build_homes(root, clients, make_partition(clients, per_site=200),
                                   rounds=rounds, privacy_enabled=False, fed_poll_s=poll)
-    ensure_champion(platform, Registry.of(platform))
-    options = RunOptions.from_settings(platform, rounds=rounds, clients=clients,
+    ensure_champion(platform.trusted, Registry.of(platform))
+    options = RunOptions.from_settings(platform.federated, platform.trusted,
+                                       rounds=rounds, clients=clients,
                                        min_clients=clients, local_steps=5, publish=False)
     fed = LocalFederation(platform, sites, logs=root / "logs",
                           flower_defaults=mode == "flower-defaults")

@@ -737,7 +737,7 @@ def main(
             prepare_home(settings)
             ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
             say(f"embedded broker at {broker.bootstrap}; registering the champion ...")
-            ensure_champion(settings, Registry.of(settings))
+            ensure_champion(settings.trusted, Registry.of(settings))
             say(f"producing {n} predictions and {n} corrections ...")
             t = time.perf_counter()
             predictions, corrections = make_traffic(settings, n, seed)

@@ -136,7 +136,7 @@ def prepare_registry(settings: Any, say) -> list[str]:
     from flywheel.registry import Registry
 
     registry = Registry.of(settings)
-    champion = ensure_champion(settings, registry)
+    champion = ensure_champion(settings.trusted, registry)
     versions = [champion]
     for seed in (1, 2):
         loaded = registry.load(champion)

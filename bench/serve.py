@@ -219,7 +219,8 @@ def train_and_save(folder: Path) -> dict[str, float]:
     from flywheel.learner import train_seed_model
     from flywheel.settings import Settings
 
-    spec, module, metrics = train_seed_model(Settings(home=folder / "home", seed_examples=1000))
+    trusted = Settings(home=folder / "home", seed_examples=1000).trusted
+    spec, module, metrics = train_seed_model(trusted)
     save_model(folder / "model", spec, module)
     return metrics
 

@@ -1,6 +1,7 @@
 """Learner: the initial model, the mini-batch online learner, its gate and elastic rate,
 and the holdout scorer the gate and the review page share."""
 
+from flywheel.learner.config import LearnerConfig
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.elastic import ElasticRate
 from flywheel.learner.evaluation import (
@@ -20,7 +21,7 @@ from flywheel.learner.trainer import OnlineTrainer, Reservoir, TrainerConfig, Up
 
 __all__ = [
     "UNKNOWN", "Candidate", "CursorState", "ElasticRate", "ExampleSource", "GateResult",
-    "Holdout", "LearnerStats", "OnlineLearner", "OnlineTrainer", "Reservoir", "Score",
-    "StoredExample", "TrainerConfig", "UpdateStats", "accuracy", "default_spec",
+    "Holdout", "LearnerConfig", "LearnerStats", "OnlineLearner", "OnlineTrainer", "Reservoir",
+    "Score", "StoredExample", "TrainerConfig", "UpdateStats", "accuracy", "default_spec",
     "ensure_champion", "evaluate_gate", "holdout_of", "same_width", "score", "train_seed_model",
 ]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from flywheel.learner.config import LearnerConfig
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.evaluation import Holdout, holdout_of
 from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
@@ -29,8 +30,7 @@ from flywheel.learner.gate import GateResult, evaluate_gate
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
-from flywheel.registry import Registry
-from flywheel.settings import Settings
+from flywheel.registry import ModelVersion, Registry, parse_version
 from flywheel.store import seed_data
 from flywheel.streams import LABELS
 
@@ -42,8 +42,8 @@ LINEAGE_TAG, UPDATE_TAG, CURSOR_TAG = "learner_lineage", "learner_update", "lear
 
 @dataclass(frozen=True)
 class Candidate:
-    version: str
-    parent_version: str
+    version: ModelVersion
+    parent_version: ModelVersion
     gate: GateResult
     promoted: bool
     examples: int
@@ -66,23 +66,24 @@ class LearnerStats:
 class OnlineLearner:
     """One learner per lineage; call `step()` in a loop or `run(stop)`."""
 
-    def __init__(self, settings: Settings, registry: Registry, *,
+    def __init__(self, config: LearnerConfig, registry: Registry, *,
                  source: ExampleSource | None = None,
                  on_candidate: Callable[[Candidate], None] | None = None) -> None:
-        """`registry`: the process's one `Registry`, built where the process starts."""
+        """`config`: the settings groups it reads (`LearnerConfig.of(settings)` at the
+        process's edge); `registry`: the process's one `Registry`, built there too."""
         from flywheel.store import open_store
 
-        self.settings = settings
+        self.config = config
         self.registry = registry
-        self.source = source or ExampleSource(open_store(settings.resolved_database_url))
-        self.lineage = f"{settings.model_name}:online"
+        self.source = source or ExampleSource(open_store(config.state.resolved_database_url))
+        self.lineage = f"{config.registry.model_name}:online"
         self.on_candidate = on_candidate
         self.stats = LearnerStats()
         self._state: dict = {}
         self._cursor = CursorState()
         self._trainer: OnlineTrainer | None = None
-        self._working: str | None = None
-        self._champion_cache: tuple[str, nn.Module] | None = None
+        self._working: ModelVersion | None = None
+        self._champion_cache: tuple[ModelVersion, nn.Module] | None = None
         self._private: PrivateStep | None = None
         self._shadow: OnlineTrainer | None = None  # the same run without DP, for the gate
         self._started = False
@@ -92,41 +93,44 @@ class OnlineLearner:
         """Load the cursor, adopt a version a crashed run registered, fill the replay pool."""
         from flywheel.feedback import ReferenceStats
 
-        ensure_champion(self.settings, self.registry)
+        c = self.config
+        champion = ensure_champion(c.trusted, self.registry)
         self._state = self.source.load_state(self.lineage) or {}
         self._adopt_orphan()
         self._cursor = CursorState.from_dict(self._state.get("cursor"))
-        champion = self.registry.champion_version()
-        base = self._state.get("working_version") or champion
+        champion = self.registry.champion_version() or champion
+        saved = self._state.get("working_version")  # the learner's own state, as JSON text
+        base = parse_version(saved) if saved else champion
         if self._state.get("champion_seen") not in (None, champion):
             base = champion  # promoted or rolled back by someone else: follow it
-        loaded = self.registry.load(str(base))
+        loaded = self.registry.load(base)
         if getattr(loaded.spec, "kind", "mlp") != "mlp":
             raise ValueError(f"v{base} is a {loaded.spec.kind} model; the online learner trains "
                              "only mlp specs (docs/serving.md): promote an mlp version first")
-        x_tr, y_tr, x_ho, y_ho = seed_data(self.settings.trusted)
+        x_tr, y_tr, x_ho, y_ho = seed_data(c.trusted)
         self._trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], loaded.spec.labels)
         self._labels = loaded.spec.label_index()
         self._spec = loaded.spec
-        trainer = OnlineTrainer(loaded.module, TrainerConfig.from_settings(self.settings),
-                                input_dim=loaded.spec.input_dim, seed=self.settings.seed,
+        trainer = OnlineTrainer(loaded.module, TrainerConfig.from_settings(c.learner),
+                                input_dim=loaded.spec.input_dim, seed=c.trusted.seed,
                                 novelty=ReferenceStats.from_examples(x_tr.astype(np.float64)))
         trainer.elastic.restore(self._state.get("elastic", {}))
         trainer.remember_public(x_tr, y_tr)  # replayed after an error drift: the gate's data
         self._refill(trainer, x_tr, y_tr)
-        if self.settings.privacy_enabled:
-            self._private = PrivateStep(self.settings, self.source.engine, self.lineage)
+        if c.privacy.privacy_enabled:
+            self._private = PrivateStep(c.privacy, c.learner.learn_steps, self.source.engine,
+                                        self.lineage)
             self._shadow = trainer
             # DP steps are bounded by clipping and tuned with their own base rate (noise
             # needs more): FLYWHEEL_LEARN_MAX_LR caps the non-private rate only
-            dp_config = dataclasses.replace(trainer.config, lr=self.settings.privacy_learn_lr,
+            dp_config = dataclasses.replace(trainer.config, lr=c.privacy.privacy_learn_lr,
                                             max_lr=None)
             trainer = OnlineTrainer(loaded.module, dp_config, input_dim=loaded.spec.input_dim,
-                                    seed=self.settings.seed, novelty=trainer.novelty)
+                                    seed=c.trusted.seed, novelty=trainer.novelty)
             trainer.elastic.restore(self._state.get("elastic", {}))
             trainer.remember_public(x_tr, y_tr)
             self._shadow.reset_module(copy.deepcopy(loaded.module))
-        self._trainer, self._working = trainer, str(base)
+        self._trainer, self._working = trainer, base
         self._started = True
         log.info("learner %s resumes at update %d, watermark %d, from v%s", self.lineage,
                  self._state.get("update", 0), self._cursor.watermark, base)
@@ -170,7 +174,7 @@ class OnlineLearner:
                 PrivateStep.adopt(self.source.engine, self.lineage, int(tags[UPDATE_TAG]),
                                   info.version)
             champion = self.registry.champion_version()
-            if (self.settings.auto_promote and tags.get("gate", "").startswith("passed")
+            if (self.config.gate.auto_promote and tags.get("gate", "").startswith("passed")
                     and champion == tags.get("parent_version")):
                 self._promote(info.version, tags["gate"])
                 champion = info.version
@@ -185,7 +189,7 @@ class OnlineLearner:
         if not self._started:
             self.start()
         assert self._trainer is not None
-        n = self.settings.learn_batch
+        n = self.config.learner.learn_batch
         cursor = CursorState.from_dict(self._cursor.to_dict())
         rows = self.source.read_new(cursor, n * MAX_CHUNKS_PER_CANDIDATE * 4)
         released, forget = self.source.released(cursor)
@@ -202,7 +206,7 @@ class OnlineLearner:
         # released-but-unused ids stay held, so the next step trains on them
         cursor.held = sorted((set(cursor.held) - set(forget) - released_used)
                              | {r.id for r in passed_rows if r.quarantined})
-        cursor.advance(self.settings.learn_cursor_grace_s)
+        cursor.advance(self.config.learner.learn_cursor_grace_s)
         update = int(self._state.get("update", 0)) + 1
         privacy: PrivacyOutcome | None = None
         if self._private is not None:
@@ -217,6 +221,7 @@ class OnlineLearner:
                 return None
         champion = self._sync_base()
         parent = self._working
+        assert parent is not None  # set by start()
         self._observe(passed_rows)
         lr = 0.0
         if privacy is not None and self._private is not None:
@@ -224,7 +229,7 @@ class OnlineLearner:
             self._train_plain(self._shadow, used, n)
         else:
             lr = self._train_plain(self._trainer, used, n)
-        return self._publish(used, cursor, champion, str(parent), lr, privacy)
+        return self._publish(used, cursor, champion, parent, lr, privacy)
 
     def _train_plain(self, trainer: OnlineTrainer | None, used: list[StoredExample],
                      n: int) -> float:
@@ -237,7 +242,7 @@ class OnlineLearner:
                 lr = trainer.update(x, y, w).lr
         return lr
 
-    def _sync_base(self) -> str:
+    def _sync_base(self) -> ModelVersion:
         """The champion now; if someone else moved it, continue from it instead of our line."""
         assert self._trainer is not None
         champion = self.registry.champion_version()
@@ -272,25 +277,27 @@ class OnlineLearner:
                      "error drift" if drift else "input shift", self._state["change_at_id"],
                      self._trainer.elastic.multiplier)
 
-    def _champion_module(self, version: str) -> nn.Module:
+    def _champion_module(self, version: ModelVersion) -> nn.Module:
         if self._champion_cache is None or self._champion_cache[0] != version:
             self._champion_cache = (version, self.registry.load(version).module)
         return self._champion_cache[1]
 
-    def _publish(self, used: list[StoredExample], cursor: CursorState, champion: str,
-                 parent: str, lr: float, privacy: PrivacyOutcome | None = None) -> Candidate:
+    def _publish(self, used: list[StoredExample], cursor: CursorState, champion: ModelVersion,
+                 parent: ModelVersion, lr: float,
+                 privacy: PrivacyOutcome | None = None) -> Candidate:
         assert self._trainer is not None
-        s = self.settings
-        recent_rows = self.source.recent_holdout(s.gate_recent_holdout)
+        g, learner = self.config.gate, self.config.learner
+        recent_rows = self.source.recent_holdout(g.gate_recent_holdout)
         since = int(self._state.get("change_at_id", 0))
         after_change = [r for r in recent_rows if r.id >= since]
-        if len(after_change) >= s.gate_min_holdout:
+        if len(after_change) >= g.gate_min_holdout:
             recent_rows = after_change
         recent = holdout_of(recent_rows, self._spec.labels)  # unknown labels count as wrong
         module = self._trainer.module
         gate = evaluate_gate(module, self._champion_module(champion), trusted=self._trusted,
-                             recent=recent, tolerance=s.gate_tolerance,
-                             min_recent=s.gate_min_holdout, serve_precision=s.serve_precision)
+                             recent=recent, tolerance=g.gate_tolerance,
+                             min_recent=g.gate_min_holdout,
+                             serve_precision=self.config.serve_precision)
         update = int(self._state.get("update", 0)) + 1
         first, last = min(r.id for r in used), max(r.id for r in used)
         summary = gate.summary()
@@ -308,8 +315,8 @@ class OnlineLearner:
         metrics = {**gate.metrics(), "lr": lr, "lr_multiplier": self._trainer.elastic.multiplier,
                    "drifts_detected": float(self._trainer.elastic.drifts),
                    "novel_share": self._trainer.elastic.last_shift, **privacy_metrics}
-        params = {"learn_batch": s.learn_batch, "learn_steps": s.learn_steps,
-                  "learn_lr": s.learn_lr, "learn_replay": s.learn_replay,
+        params = {"learn_batch": learner.learn_batch, "learn_steps": learner.learn_steps,
+                  "learn_lr": learner.learn_lr, "learn_replay": learner.learn_replay,
                   "examples": len(used), "first_example_id": first, "last_example_id": last,
                   **(privacy.params() if privacy else {"dp": False})}
         version = self.registry.publish(self._spec, module, tags=tags, params=params,
@@ -317,7 +324,7 @@ class OnlineLearner:
         if privacy is not None and self._private is not None:
             self._private.published(update, version)
         promoted = False
-        if gate.passed and s.auto_promote:
+        if gate.passed and g.auto_promote:
             self._promote(version, summary)
             promoted, champion = True, version
             self._champion_cache = (version, copy.deepcopy(module))
@@ -346,10 +353,10 @@ class OnlineLearner:
             self.on_candidate(candidate)
         return candidate
 
-    def _promote(self, version: str, summary: str) -> None:
+    def _promote(self, version: ModelVersion, summary: str) -> None:
         from flywheel.promotion import promote
 
-        promote(self.settings, version, reason=f"gate {summary}", actor="flywheel-learner",
+        promote(self.config.kafka, version, reason=f"gate {summary}", actor="flywheel-learner",
                 registry=self.registry)
 
     # ---- loop ---------------------------------------------------------------------------
@@ -361,7 +368,7 @@ class OnlineLearner:
             except Exception:
                 log.exception("learner step failed; retrying")
                 self._started = False  # reload state: nothing of the failed step was saved
-                stop.wait(max(self.settings.learn_poll_s, 2.0))
+                stop.wait(max(self.config.learner.learn_poll_s, 2.0))
                 continue
             if candidate is None:
-                stop.wait(self.settings.learn_poll_s)
+                stop.wait(self.config.learner.learn_poll_s)

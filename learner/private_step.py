@@ -30,7 +30,7 @@ from flywheel.privacy import (
     plan_update,
     resolve_engine,
 )
-from flywheel.settings import Settings
+from flywheel.settings import PrivacySettings
 
 log = logging.getLogger(__name__)
 REFUSAL_LOG_EVERY_S = 60.0
@@ -83,11 +83,13 @@ class PrivacyOutcome:
 class PrivateStep:
     """Bounds, budgets and records each update of one lineage."""
 
-    def __init__(self, settings: Settings, engine: Engine, lineage: str) -> None:
-        self.config = DPConfig.from_settings(settings.privacy)
+    def __init__(self, privacy: PrivacySettings, steps: int, engine: Engine,
+                 lineage: str) -> None:
+        """`steps`: gradient steps per update (FLYWHEEL_LEARN_STEPS), what one update costs."""
+        self.config = DPConfig.from_settings(privacy)
         self.ledger = PrivacyLedger(engine)
         self.lineage = lineage
-        self.mechanism = self.config.mechanism(settings.learn_steps)
+        self.mechanism = self.config.mechanism(steps)
         self._last_refusal: tuple[str | None, float] = (None, 0.0)
         log.info("DP-SGD for %s: σ=%.3f, q=%g, %d steps/update, C=%g, budget ε=%g δ=%g (%s)",
                  lineage, self.mechanism.noise_multiplier, self.mechanism.sample_rate,

@@ -11,8 +11,8 @@ from torch import nn
 from flywheel.learner.evaluation import Holdout
 from flywheel.learner.evaluation import accuracy as holdout_accuracy
 from flywheel.modelspec import ModelSpec, Standardize, build_model
-from flywheel.registry import Registry
-from flywheel.settings import Settings
+from flywheel.registry import ModelVersion, Registry
+from flywheel.settings import TrustedSettings
 from flywheel.store import HOLDOUT_FRACTION, seed_data
 from flywheel.streams import LABELS, N_FEATURES
 
@@ -29,9 +29,10 @@ def accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return holdout_accuracy(module, Holdout(x, y))
 
 
-def train_seed_model(settings: Settings, epochs: int = 60) -> tuple[ModelSpec, nn.Module, dict]:
-    torch.manual_seed(settings.seed)
-    x_tr, y_tr, x_ho, y_ho = seed_data(settings.trusted)
+def train_seed_model(trusted: TrustedSettings, epochs: int = 60
+                     ) -> tuple[ModelSpec, nn.Module, dict]:
+    torch.manual_seed(trusted.seed)
+    x_tr, y_tr, x_ho, y_ho = seed_data(trusted)
     spec = default_spec()
     module = build_model(spec)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
@@ -40,7 +41,7 @@ def train_seed_model(settings: Settings, epochs: int = 60) -> tuple[ModelSpec, n
     standardize.fit(xt)
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
     loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(trusted.seed)
     for _ in range(epochs):
         for idx in torch.randperm(len(xt), generator=gen).split(256):
             opt.zero_grad()
@@ -52,23 +53,24 @@ def train_seed_model(settings: Settings, epochs: int = 60) -> tuple[ModelSpec, n
     return spec, module, metrics
 
 
-def ensure_champion(settings: Settings, registry: Registry) -> str:
+def ensure_champion(trusted: TrustedSettings, registry: Registry) -> ModelVersion:
     """Return the champion version, registering a seed-trained one if the registry is empty."""
     current = registry.champion_version()
     if current is not None:
         return current
-    spec, module, metrics = train_seed_model(settings)
-    n_train = int(settings.seed_examples * (1 - HOLDOUT_FRACTION))
+    spec, module, metrics = train_seed_model(trusted)
+    n_train = int(trusted.seed_examples * (1 - HOLDOUT_FRACTION))
     version = registry.publish(
         spec, module,
         tags={"parent_version": "", "source": "manual", "examples": f"seed[0,{n_train})",
               "epsilon": "none", "delta": "none", "gate": "initial: no champion to compare"},
-        params={"seed": settings.seed, "seed_examples": settings.seed_examples},
+        params={"seed": trusted.seed, "seed_examples": trusted.seed_examples},
         metrics=metrics,
     )
-    if registry.champion_version() is not None:  # another process bootstrapped first
-        return registry.champion_version()  # type: ignore[return-value]
+    first = registry.champion_version()
+    if first is not None:  # another process bootstrapped first
+        return first
     registry.set_champion(version)
     log.info("registered initial model %s v%s (holdout accuracy %.3f)",
-             settings.model_name, version, metrics["holdout_accuracy"])
+             registry.name, version, metrics["holdout_accuracy"])
     return version

@@ -23,7 +23,7 @@ from torch import nn
 
 from flywheel.learner.elastic import ElasticRate
 from flywheel.privacy import Mechanism, PrivateBatch, dp_update
-from flywheel.settings import Settings
+from flywheel.settings import LearnerSettings
 
 DPEngine = Literal["opacus", "fused", "auto"]
 _DP_ENGINES: dict[str, DPEngine] = {"opacus": "opacus", "fused": "fused", "auto": "auto"}
@@ -64,13 +64,13 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig needs {', '.join(bad)}: got {self}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TrainerConfig:
-        return cls(lr=settings.learn_lr, steps=settings.learn_steps,
-                   replay=settings.learn_replay, max_boost=settings.learn_max_boost,
-                   half_life=settings.learn_boost_half_life, max_lr=settings.learn_max_lr,
-                   boost_window=settings.learn_boost_window,
-                   boost_steps=settings.learn_boost_steps,
-                   drift_replay=settings.learn_drift_replay)
+    def from_settings(cls, learner: LearnerSettings) -> TrainerConfig:
+        return cls(lr=learner.learn_lr, steps=learner.learn_steps,
+                   replay=learner.learn_replay, max_boost=learner.learn_max_boost,
+                   half_life=learner.learn_boost_half_life, max_lr=learner.learn_max_lr,
+                   boost_window=learner.learn_boost_window,
+                   boost_steps=learner.learn_boost_steps,
+                   drift_replay=learner.learn_drift_replay)
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
             counted += int(private_rows.sum())
             loss_sum += loss
         if not onto_noise:  # Opacus set fresh grads
-            torch._foreach_add_([p.grad for p in params], noise_views)
+            torch._foreach_add_([_grad(p) for p in params], noise_views)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     module.eval()
@@ -176,19 +176,42 @@ def _opacus_clipped_sum(module: nn.Module, params: list[nn.Parameter], x: torch.
     gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum")
     try:
         for p in params:
-            p.grad, p.grad_sample = None, None
+            p.grad = None
+            _drop_grad_sample(p)
         losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
         with warnings.catch_warnings():  # inputs need no grad: Opacus' hooks still fire right
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
-        grads = [p.grad_sample.reshape(len(y), -1) for p in params]
+        grads = [_grad_sample(p).reshape(len(y), -1) for p in params]
         norms = torch.cat(grads, dim=1).norm(dim=1)
         factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
         for p, g in zip(params, grads, strict=True):
             p.grad = (factor @ g).reshape(p.shape)
-            p.grad_sample = None
+            _drop_grad_sample(p)
     finally:
         gsm.remove_hooks()  # the module is ours again
         for p in params:
-            p.grad_sample = None
+            _drop_grad_sample(p)
     return norms.detach(), float(losses.mean().detach())
+
+
+def _grad(p: nn.Parameter) -> torch.Tensor:
+    """`p.grad`, which every step sets (the noise, or Opacus' clipped sum) before it is read."""
+    if p.grad is None:
+        raise RuntimeError("a parameter has no gradient after the clipped sum")
+    return p.grad
+
+
+_GRAD_SAMPLE = "grad_sample"  # the attribute Opacus adds to each parameter; torch's stubs lack it
+
+
+def _grad_sample(p: nn.Parameter) -> torch.Tensor:
+    """Opacus' per-example gradients of `p` (one row per example)."""
+    sample = getattr(p, _GRAD_SAMPLE, None)
+    if not isinstance(sample, torch.Tensor):
+        raise RuntimeError("Opacus computed no per-example gradient for a parameter")
+    return sample
+
+
+def _drop_grad_sample(p: nn.Parameter) -> None:
+    setattr(p, _GRAD_SAMPLE, None)

@@ -47,7 +47,9 @@ def plot_epsilon(report: dict[str, Any], path: Path) -> Path:
         points = [(datetime.fromisoformat(e["created_at"]), e["epsilon_lineage"])
                   for e in report["entries"] if e["lineage"] == lineage]
         if points:
-            ax.step([p[0] for p in points], [p[1] for p in points], where="post",
+            # matplotlib plots datetimes (its date converter); its stubs take only arrays
+            ax.step([p[0] for p in points], [p[1] for p in points],  # type: ignore[arg-type]
+                    where="post",
                     marker="o", markersize=3, label=lineage)
     ax.axhline(report["budget"]["epsilon"], color="red", linestyle="--",
                label=f"budget ε={report['budget']['epsilon']:g}")

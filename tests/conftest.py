@@ -104,7 +104,7 @@ def seed_model(tmp_path_factory: pytest.TempPathFactory) -> SeedModel:
 
     settings = Settings(home=tmp_path_factory.mktemp("seed-home"), seed_examples=1000)
     x_tr, y_tr, x_ho, y_ho = seed_data(settings.trusted)
-    spec, module, _ = train_seed_model(settings)
+    spec, module, _ = train_seed_model(settings.trusted)
     return SeedModel(settings, spec, module, x_tr, y_tr, x_ho, y_ho)
 
 

@@ -68,7 +68,7 @@ def superlink(
     from flywheel.learner.federated import process_env, superlink_command
 
     settings = settings_or_exit()
-    cmd = _security_or_exit(superlink_command, settings, tls=tls, auth=auth)
+    cmd = _security_or_exit(superlink_command, settings.federated, tls=tls, auth=auth)
     store_or_exit(settings).dispose()  # a migrated store, or a one-line error
     log.info("SuperLink on %s (%s%s)", settings.fed_superlink, "TLS" if tls else "insecure",
              ", SuperNode authentication" if auth else "")
@@ -114,7 +114,7 @@ def server(
     if clipping is not None and clipping not in CLIPPING_CHOICES:
         typer.echo(f"error: --clipping must be one of {', '.join(CLIPPING_CHOICES)}", err=True)
         raise typer.Exit(2)
-    options = RunOptions.from_settings(settings, **overrides)
+    options = RunOptions.from_settings(settings.federated, settings.trusted, **overrides)
     log_file = settings.home_dir / "flwr" / "flwr-run.log"  # what `flwr run` said, if it fails
     try:
         summary = _security_or_exit(submit_run, settings, options, tls=tls, timeout_s=timeout,
@@ -164,7 +164,7 @@ def client(
 
     settings = settings_or_exit()
     port = runtime_port or settings.fed_runtime_port
-    cmd = _security_or_exit(supernode_command, settings, tls=tls, auth=auth,
+    cmd = _security_or_exit(supernode_command, settings.federated, tls=tls, auth=auth,
                             runtime_port=port, node_config=node_config,
                             flower_defaults=flower_defaults)
     store_or_exit(settings).dispose()  # a migrated store, or a one-line error
@@ -230,7 +230,7 @@ def register(
     from flywheel.learner.federated import BIN, CONNECTION, write_connection
 
     settings = settings_or_exit()
-    _security_or_exit(write_connection, settings, tls=tls)
+    _security_or_exit(write_connection, settings.state, settings.federated, tls=tls)
     from flywheel.learner.federated import process_env
 
     raise typer.Exit(subprocess.call([str(BIN / "flwr"), "supernode", "register",

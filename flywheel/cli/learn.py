@@ -19,13 +19,14 @@ def learn(
                               help="Run one step (train and publish if N examples wait), exit."),
 ) -> None:
     """Train on new examples every N, gate, register in MLflow and promote (if enabled)."""
-    from flywheel.learner import OnlineLearner
+    from flywheel.learner import LearnerConfig, OnlineLearner
     from flywheel.registry import Registry
     from flywheel.store import SchemaNotCurrent
 
     settings = settings_or_exit()
     try:
-        learner = OnlineLearner(settings, Registry.of(settings))  # the process's one registry
+        # the process's one registry
+        learner = OnlineLearner(LearnerConfig.of(settings), Registry.of(settings))
         learner.start()
     except SchemaNotCurrent as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -27,6 +27,7 @@ from flywheel.streams import drift_concept, seed_concept
 if TYPE_CHECKING:
     from flywheel.feedback import FeedbackWorker
     from flywheel.learner import OnlineLearner
+    from flywheel.registry import ModelVersion
 
 
 @dataclass
@@ -124,7 +125,7 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
         ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
-        ensure_champion(settings, Registry.of(settings))
+        ensure_champion(settings.trusted, Registry.of(settings))
         yield settings
 
 
@@ -154,10 +155,11 @@ def running_feedback_worker(settings: Settings) -> Iterator[FeedbackWorker]:
 @contextlib.contextmanager
 def running_learner(settings: Settings) -> Iterator[OnlineLearner]:
     """The online learner in a background thread, stopped on exit."""
-    from flywheel.learner import OnlineLearner
+    from flywheel.learner import LearnerConfig, OnlineLearner
     from flywheel.registry import Registry
 
-    learner = OnlineLearner(settings, Registry.of(settings))  # the learner's own, as `flywheel learn`
+    # the learner's own registry, as in `flywheel learn`
+    learner = OnlineLearner(LearnerConfig.of(settings), Registry.of(settings))
     learner.start()
     with _in_background(learner.run, "flywheel-demo-learner"):
         yield learner
@@ -258,7 +260,8 @@ def _send_due(client: httpx.Client, pending: deque[tuple[float, str, str, str]],
     return len(due)
 
 
-def frozen_predictor(settings: Settings, version: str) -> Callable[[list[list[float]]], list[str]]:
+def frozen_predictor(settings: Settings, version: ModelVersion
+                     ) -> Callable[[list[list[float]]], list[str]]:
     """Labels the given registry version would predict: the "no flywheel" baseline."""
     import numpy as np
     import torch

@@ -23,15 +23,16 @@ _LAZY = {
     "write_connection": ("processes", "write_connection"),
     "CLIPPING_CHOICES": ("server", "CLIPPING_CHOICES"),
     "STRATEGY_CHOICES": ("server", "STRATEGY_CHOICES"),
+    "FederatedConfig": ("config", "FederatedConfig"), "Site": ("client_app", "Site"),
     "FederatedRun": ("server", "FederatedRun"), "RunOptions": ("server", "RunOptions"),
     "current_site": ("client_app", "current_site"), "site_app": ("client_app", "app"),
     "serve_site_worker": ("worker", "serve"), "run_demo": ("demo", "run_demo"),
 }
 __all__ = [
-    "BIN", "CLIPPING_CHOICES", "CONNECTION", "FederatedRun", "LocalFederation", "RunOptions",
-    "STRATEGY_CHOICES", "SecurityError", "current_site", "process_env", "run_demo",
-    "serve_site_worker", "site_app", "submit_run", "superlink_command", "supernode_command",
-    "write_connection",
+    "BIN", "CLIPPING_CHOICES", "CONNECTION", "FederatedConfig", "FederatedRun",
+    "LocalFederation", "RunOptions", "STRATEGY_CHOICES", "SecurityError", "Site",
+    "current_site", "process_env", "run_demo", "serve_site_worker", "site_app", "submit_run",
+    "superlink_command", "supernode_command", "write_connection",
 ]
 
 

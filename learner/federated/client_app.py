@@ -40,7 +40,13 @@ from flywheel.learner.federated.records import (
     outbound_guard,
     to_record,
 )
-from flywheel.settings import Settings
+from flywheel.settings import (
+    FederatedSettings,
+    PrivacySettings,
+    RegistrySettings,
+    Settings,
+    StateSettings,
+)
 
 if TYPE_CHECKING:
     from flywheel.privacy import DPConfig, Mechanism
@@ -49,15 +55,15 @@ log = logging.getLogger(__name__)
 KEY_CLIPPING_NORM = "clipping_norm"  # what Flower's client-side clipping wrapper sets
 
 
-def site_dp_config(settings: Settings) -> DPConfig:
+def site_dp_config(privacy: PrivacySettings, federated: FederatedSettings) -> DPConfig:
     """The site's DP-SGD: the privacy settings, at the federated sampling rate. At q = 1,
     σ doubles for the same ε against q = 0.5 but so do the sources in each step, so the
     private signal-to-noise ratio stays, while the public replay rows sent with the model
     no longer outweigh a small site's own data (`bench fedaccuracy`: +3 points)."""
     from flywheel.privacy import DPConfig
 
-    return replace(DPConfig.from_settings(settings.privacy),
-                   sample_rate=settings.fed_privacy_sample_rate)
+    return replace(DPConfig.from_settings(privacy),
+                   sample_rate=federated.fed_privacy_sample_rate)
 
 
 class SiteBudgetRefused(RuntimeError):
@@ -66,15 +72,23 @@ class SiteBudgetRefused(RuntimeError):
 
 @dataclass
 class Site:
-    """One customer site: its settings (store, privacy budget) and its ledger."""
+    """One customer site: its settings groups (store, model name, privacy budget, rounds)
+    and its ledger. `Site.of(settings)` where the site's process starts."""
 
-    settings: Settings
+    state: StateSettings
+    registry: RegistrySettings
+    privacy: PrivacySettings
+    federated: FederatedSettings
+
+    @classmethod
+    def of(cls, settings: Settings) -> Site:
+        return cls(settings.state, settings.registry, settings.privacy, settings.federated)
 
     @cached_property
     def engine(self):  # noqa: ANN201  (sqlalchemy Engine)
         from flywheel.store import open_store
 
-        return open_store(self.settings.resolved_database_url)
+        return open_store(self.state.resolved_database_url)
 
     _mechanisms: dict[tuple[DPConfig, int], Mechanism] = field(default_factory=dict)
 
@@ -91,10 +105,10 @@ class Site:
         for them. Called when the site starts and after each round, off the round's path."""
         from flywheel.privacy import PrivacyLedger, epsilon
 
-        if not self.settings.privacy_enabled:
+        if not self.privacy.privacy_enabled:
             return
-        dp = site_dp_config(self.settings)
-        mech = self.mechanism(dp, steps or self.settings.fed_local_steps)
+        dp = site_dp_config(self.privacy, self.federated)
+        mech = self.mechanism(dp, steps or self.federated.fed_local_steps)
         ledger = PrivacyLedger(self.engine)
         entries = ledger.entries(self.lineage)
         if not entries:
@@ -106,7 +120,7 @@ class Site:
 
     @property
     def lineage(self) -> str:
-        return f"{self.settings.model_name}:federated"
+        return f"{self.registry.model_name}:federated"
 
     def train(self, content: RecordDict) -> tuple[dict, dict[str, float]]:
         """One round on this site's data: (new state, aggregate metrics)."""
@@ -119,7 +133,7 @@ class Site:
         module = build_module(spec)
         module.load_state_dict(from_record(content.array_records[ARRAYS]))
         labels = spec.label_index()
-        s = self.settings
+        s = self.federated
         # everything the server sent is checked before the site reads data or charges its
         # ledger: a bad round must not cost the site's sources any ε
         if not all(bool(torch.isfinite(v).all()) for v in module.state_dict().values()
@@ -132,7 +146,7 @@ class Site:
         if s.fed_site_noise_seed is not None:
             log.warning("DP noise seeded by FLYWHEEL_FED_SITE_NOISE_SEED: experiments only")
             seed = s.fed_site_noise_seed * 1_000_003 + int(config_number(config, "server-round", 0))
-        dp = site_dp_config(s) if s.privacy_enabled else None
+        dp = site_dp_config(self.privacy, s) if self.privacy.privacy_enabled else None
         data = read_site_data(self.engine, labels, limit=s.fed_local_max_examples,
                               max_per_source=dp.max_per_source if dp else None)
         if len(data) == 0:
@@ -177,7 +191,7 @@ class Site:
         return result.state, metrics
 
 
-def round_config(config: ConfigRecord, s: Settings) -> tuple[int, float, float]:
+def round_config(config: ConfigRecord, s: FederatedSettings) -> tuple[int, float, float]:
     """(local steps, learning rate, update clip) the server asks for, within what this
     site allows: at most FLYWHEEL_FED_LOCAL_STEPS steps (each step spends the site's ε),
     a finite positive rate and clip."""
@@ -238,7 +252,7 @@ def current_site() -> Site:
 
             settings = load_settings()
             prepare_home(settings)
-            _site = Site(settings)
+            _site = Site.of(settings)
         return _site
 
 

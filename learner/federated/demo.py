@@ -60,8 +60,9 @@ def run_demo(report: Path, *, clients: int = 3, rounds: int = 5, strategy: str =
     partition = make_partition(clients, alpha=alpha)
     platform, sites = build_homes(root, clients, partition, rounds=rounds)
     # before the sites join: the first round need not wait for it
-    ensure_champion(platform, Registry.of(platform))
-    options = RunOptions.from_settings(platform, rounds=rounds, clients=clients,
+    ensure_champion(platform.trusted, Registry.of(platform))
+    options = RunOptions.from_settings(platform.federated, platform.trusted,
+                                       rounds=rounds, clients=clients,
                                        min_clients=clients, strategy=strategy,
                                        report=str(report / "run.json"))
     with LocalFederation(platform, sites, logs=report / "logs") as fed:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.learner.federated.server import RunOptions
-from flywheel.settings import Settings
+from flywheel.settings import FederatedSettings, Settings, StateSettings
 
 log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent
@@ -60,8 +60,8 @@ def _check_insecure(what: str, address: str) -> None:
     log.warning(INSECURE_WARNING, what, address)
 
 
-def _tls_files(settings: Settings, *names: str) -> list[Path]:
-    paths = [getattr(settings, f"fed_tls_{n}") for n in names]
+def _tls_files(federated: FederatedSettings, *names: str) -> list[Path]:
+    paths = [getattr(federated, f"fed_tls_{n}") for n in names]
     missing = [f"FLYWHEEL_FED_TLS_{n.upper()}" for n, p in zip(names, paths, strict=True)
                if p is None or not Path(p).is_file()]
     if missing:
@@ -69,25 +69,25 @@ def _tls_files(settings: Settings, *names: str) -> list[Path]:
     return [Path(p).expanduser().resolve() for p in paths]
 
 
-def superlink_command(settings: Settings, *, tls: bool, auth: bool) -> list[str]:
-    host, port = split_address(settings.fed_superlink)
+def superlink_command(federated: FederatedSettings, *, tls: bool, auth: bool) -> list[str]:
+    host, port = split_address(federated.fed_superlink)
     cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if auth and not tls:
         raise SecurityError("--auth (SuperNode authentication) needs --tls")
     if tls:
-        ca, cert, key = _tls_files(settings, "ca", "cert", "key")
+        ca, cert, key = _tls_files(federated, "ca", "cert", "key")
         cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
                 "--ssl-keyfile", str(key)]
     else:
-        _check_insecure("the SuperLink", settings.fed_superlink)
+        _check_insecure("the SuperLink", federated.fed_superlink)
         cmd.append("--insecure")
     if auth:
         cmd.append("--enable-supernode-auth")
     return cmd
 
 
-def supernode_command(settings: Settings, *, tls: bool, auth: bool, runtime_port: int,
+def supernode_command(federated: FederatedSettings, *, tls: bool, auth: bool, runtime_port: int,
                       node_config: str | None = None, flower_defaults: bool = False
                       ) -> list[str]:
     """The site's SuperNode. Default: `--isolation process` (our long-lived ClientApp
@@ -96,18 +96,18 @@ def supernode_command(settings: Settings, *, tls: bool, auth: bool, runtime_port
     cmd = ([str(BIN / "flower-supernode")] if flower_defaults else
            [sys.executable, "-m", "flywheel.learner.federated.supernode",
             "--isolation", "process"])
-    cmd += ["--superlink", settings.fed_superlink, "--host", "127.0.0.1",
+    cmd += ["--superlink", federated.fed_superlink, "--host", "127.0.0.1",
             "--port", str(runtime_port)]
     if auth and not tls:
         raise SecurityError("--auth (SuperNode authentication) needs --tls")
     if tls:
-        (ca,) = _tls_files(settings, "ca")
+        (ca,) = _tls_files(federated, "ca")
         cmd += ["--root-certificates", str(ca)]
     else:
-        _check_insecure("this site's SuperNode connection", settings.fed_superlink)
+        _check_insecure("this site's SuperNode connection", federated.fed_superlink)
         cmd.append("--insecure")
     if auth:
-        key = settings.fed_auth_key
+        key = federated.fed_auth_key
         if key is None or not Path(key).is_file():
             raise SecurityError("--auth needs FLYWHEEL_FED_AUTH_KEY (the SuperNode's private "
                                 "key, see docs/federated.md)")
@@ -117,15 +117,15 @@ def supernode_command(settings: Settings, *, tls: bool, auth: bool, runtime_port
     return cmd
 
 
-def flwr_home(settings: Settings) -> Path:
+def flwr_home(state: StateSettings) -> Path:
     """Flower's state and connections, always inside the Flywheel home (as process_env)."""
-    return settings.home_dir / "flwr"
+    return state.home_dir / "flwr"
 
 
-def write_app(settings: Settings, options: RunOptions) -> Path:
+def write_app(state: StateSettings, options: RunOptions) -> Path:
     """The folder `flwr run` builds the FAB from: a pyproject naming our apps (they are
     imported from the installed flywheel package, nothing else is shipped)."""
-    app = flwr_home(settings) / APP_DIR
+    app = flwr_home(state) / APP_DIR
     app.mkdir(parents=True, exist_ok=True)
     config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.run_config().items())
     (app / "pyproject.toml").write_text(f"""[project]
@@ -147,19 +147,19 @@ clientapp = "flywheel.learner.federated.client_app:app"
     return app
 
 
-def write_connection(settings: Settings, *, tls: bool) -> None:
+def write_connection(state: StateSettings, federated: FederatedSettings, *, tls: bool) -> None:
     """`[superlink.flywheel]` in $FLWR_HOME/config.toml, the connection `flwr` uses."""
-    home = flwr_home(settings)
+    home = flwr_home(state)
     home.mkdir(parents=True, exist_ok=True)
-    security = (f'root-certificates = "{_tls_files(settings, "ca")[0]}"' if tls
+    security = (f'root-certificates = "{_tls_files(federated, "ca")[0]}"' if tls
                 else "insecure = true")
     if not tls:
-        _check_insecure("the Control API connection", settings.fed_superlink)
+        _check_insecure("the Control API connection", federated.fed_superlink)
     (home / "config.toml").write_text(f"""[superlink]
 default = "{CONNECTION}"
 
 [superlink.{CONNECTION}]
-address = "{settings.fed_superlink}"
+address = "{federated.fed_superlink}"
 {security}
 """)
 
@@ -170,12 +170,13 @@ def run_config_arg(values: dict[str, object]) -> str:
 
 def submit_run(settings: Settings, options: RunOptions, *, tls: bool, timeout_s: float,
                log_file: Path | None = None) -> dict:
-    """`flwr run` the app on the SuperLink, wait for it, return the run's summary."""
+    """`flwr run` the app on the SuperLink, wait for it, return the run's summary.
+    Takes the whole `Settings`: `flwr run` gets them all, as FLYWHEEL_* (`process_env`)."""
     report = Path(options.report) if options.report else (
-        flwr_home(settings) / "runs" / f"{uuid.uuid4().hex}.json")
+        flwr_home(settings.state) / "runs" / f"{uuid.uuid4().hex}.json")
     options = dataclasses.replace(options, report=str(report))
-    app = write_app(settings, options)
-    write_connection(settings, tls=tls)
+    app = write_app(settings.state, options)
+    write_connection(settings.state, settings.federated, tls=tls)
     report.unlink(missing_ok=True)
     cmd = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
            "--run-config", run_config_arg(options.run_config())]

@@ -33,6 +33,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from flywheel.learner.federated.config import FederatedConfig
 from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.records import (
     METRICS,
@@ -48,8 +49,8 @@ from flywheel.learner.federated.strategy import (
     build_strategy,
     client_mechanism,
 )
-from flywheel.registry import Registry
-from flywheel.settings import Settings
+from flywheel.registry import ModelVersion, Registry
+from flywheel.settings import FederatedSettings, TrustedSettings
 
 if TYPE_CHECKING:
     from flwr.supercore.run import Run
@@ -95,12 +96,13 @@ class RunOptions:
     average_last: int = 0
 
     @classmethod
-    def from_settings(cls, s: Settings, **overrides: object) -> RunOptions:
+    def from_settings(cls, s: FederatedSettings, trusted: TrustedSettings,
+                      **overrides: object) -> RunOptions:
         base = cls(rounds=s.fed_rounds, clients=s.fed_clients, min_clients=s.fed_min_clients,
                    strategy=s.fed_strategy, clipping=s.fed_dp_clipping,
                    noise_multiplier=s.fed_noise_multiplier, clip=s.fed_clip_norm,
                    trim_beta=s.fed_trim_beta, local_steps=s.fed_local_steps,
-                   local_lr=s.fed_local_lr, public_replay=s.fed_public_replay, seed=s.seed)
+                   local_lr=s.fed_local_lr, public_replay=s.fed_public_replay, seed=trusted.seed)
         values = asdict(base)
         for k, v in overrides.items():
             if k in values:
@@ -153,7 +155,7 @@ class RunSummary:
     clip: float
     rounds: list[RoundRecord] = field(default_factory=list)
     start_version: str = ""
-    version: str | None = None
+    version: ModelVersion | None = None
     promoted: bool = False
     gate: str = ""
     epsilon: float = 0.0
@@ -248,15 +250,17 @@ def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.nda
 class FederatedRun:
     """One federated run of `options.rounds` rounds against whatever `grid` reaches."""
 
-    def __init__(self, settings: Settings, options: RunOptions, registry: Registry) -> None:
+    def __init__(self, config: FederatedConfig, options: RunOptions, registry: Registry) -> None:
+        """`config`: the settings groups it reads (`FederatedConfig.of(settings)`);
+        `registry`: the process's one `Registry`."""
         from flywheel.privacy import PrivacyLedger
         from flywheel.store import open_store
 
-        self.settings, self.options = settings, options
+        self.config, self.options = config, options
         self.registry = registry
-        self.engine = open_store(settings.resolved_database_url)
+        self.engine = open_store(config.state.resolved_database_url)
         self.ledger = PrivacyLedger(self.engine)
-        self.lineage = f"{settings.model_name}:federated"
+        self.lineage = f"{config.registry.model_name}:federated"
         self.rng = random.Random(options.seed)
 
     # ---- holdouts -----------------------------------------------------------------------
@@ -267,27 +271,27 @@ class FederatedRun:
         from flywheel.store import seed_data
         from flywheel.streams import LABELS
 
-        s = self.settings
+        s = self.config
         _, _, x_ho, y_ho = seed_data(s.trusted)
         trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], labels)
-        rows = ExampleSource(self.engine).recent_holdout(s.gate_recent_holdout)
+        rows = ExampleSource(self.engine).recent_holdout(s.gate.gate_recent_holdout)
         recent = holdout_of(rows, labels)
-        if len(recent) < s.gate_min_holdout and s.fed_holdout is not None:
-            recent = Holdout(*load_holdout_file(s.fed_holdout, labels))
+        if len(recent) < s.gate.gate_min_holdout and s.federated.fed_holdout is not None:
+            recent = Holdout(*load_holdout_file(s.federated.fed_holdout, labels))
         return trusted, recent
 
     # ---- rounds -------------------------------------------------------------------------
     def _wait_for_sites(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.settings.fed_round_timeout_s
+        deadline = time.monotonic() + self.config.federated.fed_round_timeout_s
         while True:
             nodes = sorted(grid.get_node_ids())
             if len(nodes) >= self.options.min_clients:
                 return nodes
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} sites connected within "
-                                   f"{self.settings.fed_round_timeout_s:g} s "
+                                   f"{self.config.federated.fed_round_timeout_s:g} s "
                                    f"(need {self.options.min_clients})")
-            time.sleep(self.settings.fed_poll_s)
+            time.sleep(self.config.federated.fed_poll_s)
 
     def run(self, grid: Grid) -> RunSummary:
         from flywheel.learner.gate import accuracy, evaluate_gate
@@ -295,9 +299,9 @@ class FederatedRun:
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
         from flywheel.store import seed_data
 
-        s, o = self.settings, self.options
+        s, o = self.config, self.options
         started = time.perf_counter()
-        champion = ensure_champion(s, self.registry)
+        champion = ensure_champion(s.trusted, self.registry)
         loaded = self.registry.load(champion)
         spec, module = loaded.spec, loaded.module
         buffers = {k for k in module.state_dict() if k not in dict(module.named_parameters())}
@@ -306,7 +310,7 @@ class FederatedRun:
         trusted, recent = self.holdouts(list(spec.labels))
         public_x, public_y, _, _ = seed_data(s.trusted)
         summary = RunSummary(o.strategy, o.clipping, o.noise_multiplier, o.clip,
-                             start_version=champion, delta=s.privacy_delta)
+                             start_version=champion, delta=s.privacy.privacy_delta)
         base, seen = champion, champion
         updates: list[int] = []
         for rnd in range(1, o.rounds + 1):
@@ -321,8 +325,9 @@ class FederatedRun:
             try:
                 plan = plan_update(self.ledger, self.lineage,
                                    {f"node:{n}": 1 for n in sampled}, mech,
-                                   budget=s.fed_client_epsilon or math.inf,
-                                   delta=s.privacy_delta, accountant=s.privacy_accountant)
+                                   budget=s.federated.fed_client_epsilon or math.inf,
+                                   delta=s.privacy.privacy_delta,
+                                   accountant=s.privacy.privacy_accountant)
             except BudgetRefused as exc:
                 log.error("round %d refused: %s", rnd, exc)
                 break
@@ -338,11 +343,12 @@ class FederatedRun:
                     len(public_y), size=min(o.public_replay, len(public_y)), replace=False)
                 config["public-x"] = public_x[pick].astype(np.float32).tobytes()
                 config["public-y"] = public_y[pick].astype(np.int64).tobytes()
-            fast = FastGrid(grid, s.fed_poll_s, allowed)
+            fast = FastGrid(grid, s.federated.fed_poll_s, allowed)
             t0 = time.perf_counter()
             messages = list(strategy.configure_train(rnd, to_record(module.state_dict()),
                                                      config, fast))
-            replies = list(fast.send_and_receive(messages, timeout=s.fed_round_timeout_s))
+            replies = list(fast.send_and_receive(messages,
+                                                 timeout=s.federated.fed_round_timeout_s))
             ok = usable_replies(replies, {k: tuple(v.shape)
                                           for k, v in module.state_dict().items()})
             if not ok:
@@ -357,18 +363,20 @@ class FederatedRun:
             for m in ok:
                 src = f"node:{m.metadata.src_node_id}"
                 n = int(metric_number(m.content.metric_records["metrics"], "num-examples", 0))
-                spends[src] = (n, epsilon([*histories.get(src, []), spent], s.privacy_delta,
-                                          s.privacy_accountant))
-            eps_round = epsilon([spent], s.privacy_delta, s.privacy_accountant)
+                spends[src] = (n, epsilon([*histories.get(src, []), spent],
+                                          s.privacy.privacy_delta, s.privacy.privacy_accountant))
+            eps_round = epsilon([spent], s.privacy.privacy_delta, s.privacy.privacy_accountant)
             eps_lineage = max(self.ledger.lineage_epsilon(self.lineage),
                               max(e for _, e in spends.values()))
             update_no = max((e.update_no for e in self.ledger.entries(self.lineage)),
                             default=0) + 1
             self.ledger.record(
                 {"lineage": self.lineage, "update_no": update_no,
-                 "accountant": s.privacy_accountant, "engine": f"flower-{o.clipping}-clipping",
+                 "accountant": s.privacy.privacy_accountant,
+                 "engine": f"flower-{o.clipping}-clipping",
                  "sample_rate": spent.sample_rate, "noise_multiplier": spent.noise_multiplier,
-                 "max_grad_norm": o.clip, "steps": spent.steps, "delta": s.privacy_delta,
+                 "max_grad_norm": o.clip, "steps": spent.steps,
+                 "delta": s.privacy.privacy_delta,
                  "epsilon_update": eps_round, "epsilon_lineage": eps_lineage,
                  "sources": len(ok), "examples": sum(n for n, _ in spends.values()),
                  "public_examples": 0, "capped_examples": 0, "excluded_examples": 0},
@@ -423,18 +431,19 @@ class FederatedRun:
                  evaluate_gate: Callable[..., GateResult]) -> None:
         from flywheel.promotion import promote
 
-        s, o = self.settings, self.options
+        s, o = self.config, self.options
         champion = self.registry.champion_version()
         assert champion is not None
         gate = evaluate_gate(module, self.registry.load(champion).module, trusted=trusted,
-                             recent=recent, tolerance=s.gate_tolerance,
-                             min_recent=s.gate_min_holdout, serve_precision=s.serve_precision)
+                             recent=recent, tolerance=s.gate.gate_tolerance,
+                             min_recent=s.gate.gate_min_holdout,
+                             serve_precision=s.serve_precision)
         last = summary.rounds[-1]
         sites = sorted({n for r in summary.rounds for n in r.sites})
         tags = {"parent_version": summary.rounds[0].base_version, "source": "federated",
                 "examples": f"{sum(r.examples for r in summary.rounds)} site examples over "
                             f"{len(summary.rounds)} rounds from {len(sites)} sites",
-                "epsilon": f"{summary.epsilon:.4f}", "delta": f"{s.privacy_delta:g}",
+                "epsilon": f"{summary.epsilon:.4f}", "delta": f"{s.privacy.privacy_delta:g}",
                 "gate": gate.summary(), "champion_at_gate": champion,
                 "fed_lineage": self.lineage, "fed_strategy": f"{o.strategy}+{o.clipping}-clip",
                 "fed_rounds": str(len(summary.rounds)),
@@ -457,8 +466,8 @@ class FederatedRun:
         for u in updates:
             self.ledger.set_version(self.lineage, u, version)
         summary.version, summary.gate = version, gate.summary()
-        if gate.passed and s.auto_promote:
-            promote(s, version, reason=f"gate {gate.summary()}", actor=ACTOR,
+        if gate.passed and s.gate.auto_promote:
+            promote(s.kafka, version, reason=f"gate {gate.summary()}", actor=ACTOR,
                     registry=self.registry)
             summary.promoted = True
         elif gate.passed:

@@ -12,6 +12,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from flywheel.learner.federated.config import FederatedConfig
 from flywheel.learner.federated.server import FederatedRun, RunOptions
 
 app = ServerApp()
@@ -28,5 +29,7 @@ def main(grid: Grid, context: Context) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = load_settings()
     prepare_home(settings)
-    options = RunOptions.from_settings(settings, **dict(context.run_config))
-    FederatedRun(settings, options, Registry.of(settings)).run(grid)  # one per run
+    options = RunOptions.from_settings(settings.federated, settings.trusted,
+                                       **dict(context.run_config))
+    # one per run
+    FederatedRun(FederatedConfig.of(settings), options, Registry.of(settings)).run(grid)

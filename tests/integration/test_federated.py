@@ -61,7 +61,7 @@ def fed(tmp_path_factory, broker):
     sites = [s.model_copy(update={"fed_audit_dir": root / f"audit{k}",
                                   "fed_site_noise_seed": k})
              for k, s in enumerate(sites)]
-    ensure_champion(platform, Registry.of(platform))
+    ensure_champion(platform.trusted, Registry.of(platform))
     federation = LocalFederation(platform, sites, logs=root / "logs").start()
     try:
         federation.wait_for_sites(3, timeout_s=120)
@@ -72,7 +72,8 @@ def fed(tmp_path_factory, broker):
 
 def options(fed_, **kw) -> RunOptions:
     federation, _, root = fed_
-    return RunOptions.from_settings(federation.platform, clients=3, min_clients=3,
+    return RunOptions.from_settings(federation.platform.federated, federation.platform.trusted,
+                                    clients=3, min_clients=3,
                                     report=str(root / f"run-{len(RESULTS)}.json"), **kw)
 
 
@@ -129,8 +130,8 @@ def test_federated_model_beats_each_sites_local_only_model(fed, tmp_path):
         shutil.copytree(site_settings.home_dir, home, ignore=shutil.ignore_patterns("flwr"))
         # another model name = another privacy lineage: the site's ledger copy already holds
         # the federated rounds' spend, and this alternative history must not pay it twice
-        site = Site(Settings(**{**site_settings.model_dump(), "home": home,
-                                "model_name": "local-only"}))
+        site = Site.of(Settings(**{**site_settings.model_dump(), "home": home,
+                                   "model_name": "local-only"}))
         module = start.module
         post = o.server_optimizer([n for n, _ in module.named_parameters()])
         for rnd in range(1, ROUNDS + 1):

@@ -147,7 +147,7 @@ def fed(tmp_path_factory, pki):
     site["wrongca"] = site["wrongca"].model_copy(update={"fed_auth_key": pki / "site2",
                                                         "fed_tls_ca": pki / "other.pem"})
     site["plain"] = site["plain"].model_copy(update={"fed_tls_ca": None})
-    ensure_champion(platform, Registry.of(platform))
+    ensure_champion(platform.trusted, Registry.of(platform))
     federation = Federation(root)
     try:
         link = federation.spawn("superlink", ["superlink", "--tls", "--auth"], platform)

@@ -132,7 +132,7 @@ def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, s
         urls = [second_schema(request.getfixturevalue("pg_url"), name) for name in ("a", "b")]
     for url in urls:
         upgrade(url)
-    ensure_champion(settings, Registry.of(settings))
+    ensure_champion(settings.trusted, Registry.of(settings))
     traffic = Traffic(settings)
     events = traffic.predictions(800, seed=11) + traffic.predictions(400, drifted=True, seed=12)
     traffic.send_corrections(events[:300])  # some corrections before their predictions

@@ -41,7 +41,7 @@ def fb_settings(request, settings: Settings) -> Settings:
     s = settings.model_copy(update={
         "database_url": url, "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
         "feedback_session_timeout_ms": 6000, "feedback_max_records": 200})
-    ensure_champion(s, Registry.of(s))
+    ensure_champion(s.trusted, Registry.of(s))
     return s
 
 

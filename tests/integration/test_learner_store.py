@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text, update
 
-from flywheel.learner import OnlineLearner, ensure_champion
+from flywheel.learner import LearnerConfig, OnlineLearner, ensure_champion
 from flywheel.registry import Registry
 from flywheel.settings import Settings
 from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
@@ -29,7 +29,7 @@ def s(settings: Settings, pg_url: str) -> Settings:
     s = settings.model_copy(update={"database_url": pg_url, "learn_batch": 50,
                                     "learn_cursor_grace_s": 0.0, "gate_min_holdout": 5})
     upgrade_store(pg_url)
-    ensure_champion(s, Registry.of(s))
+    ensure_champion(s.trusted, Registry.of(s))
     return s
 
 
@@ -106,7 +106,7 @@ def _ids(url: str, split: str) -> list[int]:
 
 def test_a_crash_between_registering_and_saving_the_cursor_adopts_the_version(s, monkeypatch):
     add_examples(s.database_url, 50, 0)
-    learner = OnlineLearner(s, Registry.of(s))
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
 
     def die(*_a, **_k):
@@ -118,7 +118,7 @@ def test_a_crash_between_registering_and_saving_the_cursor_adopts_the_version(s,
     [registered] = trained_ranges(s)
     monkeypatch.undo()
     add_examples(s.database_url, 50, 5000)
-    again = OnlineLearner(s, Registry.of(s))
+    again = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     candidate = again.step()
     assert candidate is not None and candidate.first_id > registered[1]
     assert candidate.parent_version == str(int(candidate.version) - 1)  # continued its line
@@ -126,7 +126,7 @@ def test_a_crash_between_registering_and_saving_the_cursor_adopts_the_version(s,
 
 def test_examples_committed_late_and_released_from_quarantine_are_not_skipped(s):
     s = s.model_copy(update={"learn_batch": 1, "learn_cursor_grace_s": 60.0})
-    learner = OnlineLearner(s, Registry.of(s))
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
     engine = make_engine(s.database_url)
     slow = engine.connect()
@@ -155,7 +155,7 @@ def test_examples_committed_late_and_released_from_quarantine_are_not_skipped(s)
 
 def test_released_examples_beyond_one_batch_wait_for_the_next_update(s):
     s = s.model_copy(update={"learn_batch": 2, "learn_cursor_grace_s": 60.0})
-    learner = OnlineLearner(s, Registry.of(s))
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
     add_examples(s.database_url, 3, 0, split="quarantine")
     add_examples(s.database_url, 2, 100)
@@ -203,7 +203,7 @@ def test_a_restart_after_an_error_drift_replays_only_examples_since_it(s, error_
     add_examples(s.database_url, 100, 30_000)
     ids = _ids(s.database_url, "train")
     cut = ids[100]
-    learner = OnlineLearner(s, Registry.of(s))
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     state = {"update": 0, "cursor": CursorState(watermark=ids[-1]).to_dict(),
              "change_at_id": cut, "elastic": {"multiplier": 3.0, "drifts": 1}}
     if error_drift:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from flywheel.learner import OnlineLearner, ensure_champion
+from flywheel.learner import LearnerConfig, OnlineLearner, ensure_champion
 from flywheel.privacy import PrivacyLedger, epsilon
 from flywheel.privacy.metrics import REFUSALS
 from flywheel.registry import Registry
@@ -36,7 +36,7 @@ def _settings(settings: Settings, url: str, **extra: object) -> Settings:
                                     "learn_cursor_grace_s": 0.0, "gate_min_holdout": 5,
                                     "privacy_enabled": True, **extra})
     upgrade_store(url)
-    ensure_champion(s, Registry.of(s))
+    ensure_champion(s.trusted, Registry.of(s))
     return s
 
 
@@ -66,7 +66,7 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
     s = _settings(settings, db_url)
     add(db_url, 30, 10_000, split="holdout")
     add(db_url, 50, 0)
-    learner = OnlineLearner(s, Registry.of(s))
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     first = learner.step()
     add(db_url, 40, 100)
     add(db_url, 10, 200, source="heavy")  # one source with 10 examples in update 2
@@ -104,7 +104,7 @@ def test_an_update_over_budget_is_refused_before_any_training(settings, sqlite_u
     s = _settings(settings, sqlite_url, privacy_noise_multiplier=0.05)  # one update: ε >> 3
     add(sqlite_url, 10, 10_000, split="holdout")
     add(sqlite_url, 60, 0)
-    learner = OnlineLearner(s, Registry.of(s))
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
     before = [p.detach().clone() for p in learner._trainer.module.parameters()]
     versions = {v.version for v in Registry.of(s).versions()}
@@ -123,7 +123,7 @@ def test_sources_out_of_budget_are_left_out_and_capped_per_update(settings, pg_u
     add(pg_url, 10, 10_000, split="holdout")
     add(pg_url, 44, 0)
     add(pg_url, 6, 300, source="big")  # 6 examples, capped to 4
-    learner = OnlineLearner(s, Registry.of(s))
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
     assert learner.step() is not None
     ledger = PrivacyLedger(make_engine(pg_url))

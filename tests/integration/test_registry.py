@@ -23,8 +23,8 @@ def reg_settings(tmp_path) -> Settings:
 def test_empty_registry_bootstraps_one_champion_and_only_once(reg_settings):
     registry = Registry.of(reg_settings)
     assert registry.champion_version() is None
-    version = ensure_champion(reg_settings, registry)
-    assert ensure_champion(reg_settings, registry) == version
+    version = ensure_champion(reg_settings.trusted, registry)
+    assert ensure_champion(reg_settings.trusted, registry) == version
     versions = registry.client.search_model_versions(f"name='{reg_settings.model_name}'")
     assert [str(v.version) for v in versions] == [version]
     loaded = registry.load(version)

@@ -143,15 +143,15 @@ def test_insecure_mode_is_loopback_only_and_says_so(tmp_path, caplog):
     assert not is_loopback("10.0.0.5") and not is_loopback("example.com")
     s = Settings(home=tmp_path, fed_superlink="127.0.0.1:9093")
     with caplog.at_level(logging.WARNING):
-        cmd = superlink_command(s, tls=False, auth=False)
+        cmd = superlink_command(s.federated, tls=False, auth=False)
     assert "--insecure" in cmd and "loopback" in caplog.text and "INSECURE" in caplog.text
     remote = Settings(home=tmp_path, fed_superlink="10.0.0.5:9093")
     with pytest.raises(SecurityError, match="loopback"):
-        superlink_command(remote, tls=False, auth=False)
+        superlink_command(remote.federated, tls=False, auth=False)
     with pytest.raises(SecurityError, match="loopback"):
-        supernode_command(remote, tls=False, auth=False, runtime_port=9094)
+        supernode_command(remote.federated, tls=False, auth=False, runtime_port=9094)
     with pytest.raises(SecurityError, match="needs --tls"):
-        superlink_command(s, tls=False, auth=True)
+        superlink_command(s.federated, tls=False, auth=True)
 
 
 def test_tls_and_auth_flags_map_to_flower_options(tmp_path):
@@ -161,15 +161,16 @@ def test_tls_and_auth_flags_map_to_flower_options(tmp_path):
     s = Settings(home=tmp_path, fed_superlink="10.0.0.5:9093", fed_tls_ca=files["ca"],
                  fed_tls_cert=files["cert"], fed_tls_key=files["key"],
                  fed_auth_key=files["node"])
-    link = superlink_command(s, tls=True, auth=True)
+    link = superlink_command(s.federated, tls=True, auth=True)
     assert "--insecure" not in link and "--enable-supernode-auth" in link
     assert link[link.index("--ssl-certfile") + 1] == str(files["cert"])
-    node = supernode_command(s, tls=True, auth=True, runtime_port=9094)
+    node = supernode_command(s.federated, tls=True, auth=True, runtime_port=9094)
     assert node[node.index("--root-certificates") + 1] == str(files["ca"])
     assert node[node.index("--auth-supernode-private-key") + 1] == str(files["node"])
     assert "--isolation" in node and "process" in node
     with pytest.raises(SecurityError, match="FLYWHEEL_FED_TLS_KEY"):
-        superlink_command(s.model_copy(update={"fed_tls_key": None}), tls=True, auth=False)
+        superlink_command(s.model_copy(update={"fed_tls_key": None}).federated, tls=True,
+                          auth=False)
 
 
 def test_a_site_trains_at_the_federated_sampling_rate_not_the_online_learners(tmp_path):
@@ -177,7 +178,7 @@ def test_a_site_trains_at_the_federated_sampling_rate_not_the_online_learners(tm
 
     s = Settings(home=tmp_path, privacy_sample_rate=0.5, fed_privacy_sample_rate=0.8,
                  privacy_epsilon=4.0)
-    dp = site_dp_config(s)
+    dp = site_dp_config(s.privacy, s.federated)
     assert dp.sample_rate == 0.8 and dp.epsilon == 4.0  # the rest: the privacy settings
     assert dp.mechanism(10).sample_rate == 0.8
     assert Settings(home=tmp_path).fed_privacy_sample_rate == 1.0
@@ -242,14 +243,15 @@ def test_a_site_refuses_round_settings_outside_its_own_limits(tmp_path, config, 
     from flywheel.learner.federated.client_app import round_config
 
     with pytest.raises(ValueError, match=why):
-        round_config(ConfigRecord(config), Settings(home=tmp_path))
+        round_config(ConfigRecord(config), Settings(home=tmp_path).federated)
 
 
 def test_a_site_takes_the_rounds_settings_within_its_limits(tmp_path):
     from flywheel.learner.federated.client_app import round_config
 
     config = ConfigRecord({"local-steps": 7, "local-lr": 0.05, "clip": 3.0})
-    assert round_config(config, Settings(home=tmp_path, fed_clip_norm=2.0)) == (7, 0.05, 3.0)
+    limits = Settings(home=tmp_path, fed_clip_norm=2.0).federated
+    assert round_config(config, limits) == (7, 0.05, 3.0)
 
 
 @pytest.mark.parametrize("x,y,why", [
@@ -283,7 +285,7 @@ def test_a_bad_round_is_refused_before_the_site_reads_its_store(tmp_path):
     content = lambda config, st=state: RecordDict({  # noqa: E731
         "arrays": to_record(st), "config": ConfigRecord(
             {"model-spec": spec.model_dump_json(), **config})})
-    site = Site(settings)
+    site = Site.of(settings)
     with pytest.raises(ValueError, match="local steps"):
         site.train(content({"local-steps": 10_000}))
     poisoned = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
@@ -315,7 +317,7 @@ def test_the_same_round_asked_twice_gets_different_noise(tmp_path):
                           "config": ConfigRecord({"model-spec": spec.model_dump_json(),
                                                   "seed": 1, "server-round": 1,
                                                   "local-steps": 2})})
-    site = Site(settings)
+    site = Site.of(settings)
     first, _ = site.train(content)
     second, _ = site.train(content)
     assert any(not torch.equal(first[k], second[k]) for k in first)

@@ -224,7 +224,7 @@ def test_trainer_config_and_settings_reject_bad_drift_response_values():
         load_settings(learn_lr=0.05, learn_max_lr=0.01)
     cfg = TrainerConfig.from_settings(load_settings(learn_max_lr=0.02, learn_boost_window=300,
                                                     learn_boost_steps=False,
-                                                    learn_drift_replay=False))
+                                                    learn_drift_replay=False).learner)
     assert (cfg.max_lr, cfg.boost_window, cfg.boost_steps, cfg.drift_replay) == (
         0.02, 300, False, False)
 

@@ -95,7 +95,7 @@ def template(tmp_path_factory) -> Path:
     prepare_home(settings)
     upgrade(settings.resolved_database_url)
     registry = Registry.of(settings)
-    v1 = ensure_champion(settings, registry)
+    v1 = ensure_champion(settings.trusted, registry)
     v2 = _child(registry, v1, noise=0.5, seed=1, examples="ids 1..40 (40 new, update 1)",
                 gate=PASSED)
     registry.promote(v2, reason="gate passed", actor="flywheel-learner")
