@@ -26,15 +26,17 @@ lint: install typecheck
 	$(BIN)/ruff format --check .
 
 # mypy over the package as it installs (flywheel.service is service/, ...): a tree of
-# links in .typecheck/ gives mypy that layout.
+# links in .typecheck/ gives mypy that layout. tests/typing/must_refuse.py holds what it
+# must refuse (the wrong settings group, a str for a model version).
 TYPECHECK := .typecheck
 typecheck: install
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/flywheel
 	for f in flywheel/*; do ln -s ../../$$f $(TYPECHECK)/flywheel/; done
 	for c in service feedback learner privacy kernels migrations; do \
 	  ln -s ../../$$c $(TYPECHECK)/flywheel/$$c; done
+	ln -s ../tests/typing/must_refuse.py $(TYPECHECK)/must_refuse.py
 	cd $(TYPECHECK) && ../$(BIN)/mypy --config-file ../pyproject.toml \
-	  --cache-dir ../.mypy_cache -p flywheel
+	  --cache-dir ../.mypy_cache -p flywheel -m must_refuse
 
 # Debian's Chromium for the review page's browser test (tests/integration/test_review_ui.py);
 # Playwright drives it and never downloads a browser. If it cannot be installed (not root, no
