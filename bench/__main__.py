@@ -11,11 +11,27 @@ import importlib
 
 import typer
 
-BENCHMARKS = ("serve", "feedback", "hotswap", "freshness", "prequential", "elastic", "dpclip",
-              "privacy", "batching", "cascade", "quant", "fedround", "fedaccuracy")
+BENCHMARKS = (
+    "serve",
+    "feedback",
+    "hotswap",
+    "freshness",
+    "prequential",
+    "elastic",
+    "dpclip",
+    "privacy",
+    "batching",
+    "cascade",
+    "quant",
+    "fedround",
+    "fedaccuracy",
+)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Flywheel benchmarks (run from the repository root).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Flywheel benchmarks (run from the repository root).",
+)
 
 
 @app.callback()

@@ -58,8 +58,9 @@ def model_version(body: bytes) -> bytes:
     return body[start:end]
 
 
-async def _connection(port: int, requests: list[bytes], start: int, stop_at: float,
-                      trace: Trace, timeout_s: float) -> None:
+async def _connection(
+    port: int, requests: list[bytes], start: int, stop_at: float, trace: Trace, timeout_s: float
+) -> None:
     i = start
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
@@ -68,7 +69,8 @@ async def _connection(port: int, requests: list[bytes], start: int, stop_at: flo
             if writer is None:
                 try:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(HOST, port), timeout_s)
+                        asyncio.open_connection(HOST, port), timeout_s
+                    )
                 except (OSError, TimeoutError) as exc:
                     trace.errors.append((time.monotonic(), f"connect: {exc!r}"))
                     await asyncio.sleep(0.05)
@@ -81,8 +83,13 @@ async def _connection(port: int, requests: list[bytes], start: int, stop_at: flo
                 writer.write(req)
                 status, body, close = await asyncio.wait_for(read_response(reader), timeout_s)
                 version = model_version(body) if status == 200 else b""
-            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                ValueError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+            ) as exc:
                 trace.errors.append((time.monotonic(), f"request: {exc!r}"))
                 writer.close()
                 reader = writer = None
@@ -102,16 +109,20 @@ async def _connection(port: int, requests: list[bytes], start: int, stop_at: flo
             writer.close()
 
 
-async def run(port: int, duration_s: float, concurrency: int, bodies: list[bytes],
-              timeout_s: float = 10.0) -> Trace:
+async def run(
+    port: int, duration_s: float, concurrency: int, bodies: list[bytes], timeout_s: float = 10.0
+) -> Trace:
     requests = request_bytes(port, bodies)
     trace = Trace()
     start = time.monotonic()
     print(f"started {start:.6f}", flush=True)
     stop_at = start + duration_s
-    tasks = [asyncio.create_task(_connection(port, requests, k * len(requests) // concurrency,
-                                             stop_at, trace, timeout_s))
-             for k in range(concurrency)]
+    tasks = [
+        asyncio.create_task(
+            _connection(port, requests, k * len(requests) // concurrency, stop_at, trace, timeout_s)
+        )
+        for k in range(concurrency)
+    ]
     try:
         await asyncio.wait_for(asyncio.gather(*tasks), duration_s + timeout_s + 5)
     finally:
@@ -121,8 +132,11 @@ async def run(port: int, duration_s: float, concurrency: int, bodies: list[bytes
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench._hotswap_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench._hotswap_load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--concurrency", type=int, default=16)
@@ -132,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (0 < args.duration <= 3600 and 1 <= args.concurrency <= 1024):
         p.error("duration must be in (0, 3600], concurrency in [1, 1024]")
-    bodies = ([line for line in args.bodies.read_bytes().splitlines() if line.strip()]
-              if args.bodies else random_bodies(256))
+    bodies = (
+        [line for line in args.bodies.read_bytes().splitlines() if line.strip()]
+        if args.bodies
+        else random_bodies(256)
+    )
     coro = run(args.port, args.duration, args.concurrency, bodies, args.timeout)
     try:
         import uvloop
@@ -141,11 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         trace = asyncio.run(coro)
     else:
         trace = uvloop.run(coro)
-    args.out.write_text(json.dumps({
-        "t": [round(x, 6) for x in trace.t], "lat": [round(x, 7) for x in trace.lat],
-        "v": trace.v, "versions": trace.versions, "errors": trace.errors,
-        "non_200": trace.non_200,
-    }))
+    args.out.write_text(
+        json.dumps(
+            {
+                "t": [round(x, 6) for x in trace.t],
+                "lat": [round(x, 7) for x in trace.lat],
+                "v": trace.v,
+                "versions": trace.versions,
+                "errors": trace.errors,
+                "non_200": trace.non_200,
+            }
+        )
+    )
     return 0
 
 

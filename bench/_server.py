@@ -49,8 +49,9 @@ class DiscardEventLog:
         pass
 
 
-def build_app(model_dir: Path, logging_on: bool, home: Path, bootstrap: str | None,
-              topic: str | None):
+def build_app(
+    model_dir: Path, logging_on: bool, home: Path, bootstrap: str | None, topic: str | None
+):
     """The app exactly as production wires it, but with a model from a local folder."""
     from flywheel.artifacts import load_model
     from flywheel.service import (
@@ -70,14 +71,20 @@ def build_app(model_dir: Path, logging_on: bool, home: Path, bootstrap: str | No
     spec, module = load_model(model_dir)
     holder = ModelHolder()
     holder.swap(ServedModel.prepare(MODEL_NAME, MODEL_VERSION, spec, module))
-    event_log = (kafka_event_log(settings.kafka, settings.event_log, settings.state)
-                 if logging_on else cast("EventLog", DiscardEventLog()))
+    event_log = (
+        kafka_event_log(settings.kafka, settings.event_log, settings.state)
+        if logging_on
+        else cast("EventLog", DiscardEventLog())
+    )
     return create_app(ServiceConfig.of(settings), holder=holder, event_log=event_log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench._server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench._server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", type=Path, required=True, help="folder written by save_model")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--logging", choices=("on", "off"), required=True)
@@ -91,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app = build_app(args.model, args.logging == "on", args.home, args.bootstrap, args.topic)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, workers=1, access_log=False,
-                log_level="warning")
+    uvicorn.run(
+        app, host="127.0.0.1", port=args.port, workers=1, access_log=False, log_level="warning"
+    )
     return 0
 
 

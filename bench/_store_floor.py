@@ -19,27 +19,44 @@ FLOOR_TABLE = "bench_store_floor"
 POLL_TIMEOUT_S = 0.5
 
 
-def store_floor(bootstrap: str, topics: list[str], expected: int, max_records: int,
-                database_url: str, group: str, timeout_s: float,
-                backend_cpu: Any | None = None) -> dict[str, Any]:
+def store_floor(
+    bootstrap: str,
+    topics: list[str],
+    expected: int,
+    max_records: int,
+    database_url: str,
+    group: str,
+    timeout_s: float,
+    backend_cpu: Any | None = None,
+) -> dict[str, Any]:
     """Seconds (and CPU seconds) to consume `expected` records of `topics` from the
     beginning and store each one, committing offsets after every stored poll."""
     import psycopg
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     from sqlalchemy.engine import make_url
 
-    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(
-        hide_password=False)
+    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
     topic_ids = {t: i for i, t in enumerate(topics)}
     with psycopg.connect(dsn) as conn:
-        conn.execute(f"CREATE TABLE {FLOOR_TABLE} (topic smallint, key text, value bytea, "
-                     "PRIMARY KEY (topic, key))")
+        conn.execute(
+            f"CREATE TABLE {FLOOR_TABLE} (topic smallint, key text, value bytea, "
+            "PRIMARY KEY (topic, key))"
+        )
         conn.commit()
-        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
         try:
-            parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics
-                     for p in sorted(consumer.list_topics(t, timeout=10).topics[t].partitions)]
+            parts = [
+                TopicPartition(t, p, OFFSET_BEGINNING)
+                for t in topics
+                for p in sorted(consumer.list_topics(t, timeout=10).topics[t].partitions)
+            ]
             consumer.assign(parts)
             cpu_before = backend_cpu.snapshot() if backend_cpu else {}
             seen, deadline = 0, time.monotonic() + timeout_s
@@ -47,12 +64,15 @@ def store_floor(bootstrap: str, topics: list[str], expected: int, max_records: i
             while seen < expected:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"store floor stored {seen} of {expected} records")
-                messages = [m for m in consumer.consume(max_records, POLL_TIMEOUT_S)
-                            if m.error() is None]
+                messages = [
+                    m for m in consumer.consume(max_records, POLL_TIMEOUT_S) if m.error() is None
+                ]
                 if not messages:
                     continue
-                with conn.cursor() as cur, cur.copy(
-                        f"COPY {FLOOR_TABLE} (topic, key, value) FROM STDIN") as copy:
+                with (
+                    conn.cursor() as cur,
+                    cur.copy(f"COPY {FLOOR_TABLE} (topic, key, value) FROM STDIN") as copy,
+                ):
                     for m in messages:
                         copy.write_row((topic_ids[m.topic()], m.key().decode(), m.value()))
                 conn.commit()
@@ -64,6 +84,10 @@ def store_floor(bootstrap: str, topics: list[str], expected: int, max_records: i
         finally:
             consumer.close()
         stored = conn.execute(f"SELECT count(*) FROM {FLOOR_TABLE}").fetchone()
-    return {"records": seen, "stored": stored[0] if stored else 0, "elapsed_s": elapsed,
-            "process_cpu_s": process_cpu,
-            "postgresql_cpu_s": backend_cpu.spent(cpu_before, cpu_after) if backend_cpu else None}
+    return {
+        "records": seen,
+        "stored": stored[0] if stored else 0,
+        "elapsed_s": elapsed,
+        "process_cpu_s": process_cpu,
+        "postgresql_cpu_s": backend_cpu.spent(cpu_before, cpu_after) if backend_cpu else None,
+    }

@@ -45,8 +45,9 @@ class Stream:
         return len(self.rows)
 
 
-def _chain(make: Callable[[int], Any], concepts: Iterable[int], positions: list[int],
-           seed: int) -> Any:
+def _chain(
+    make: Callable[[int], Any], concepts: Iterable[int], positions: list[int], seed: int
+) -> Any:
     """Abrupt switches from concept to concept at absolute `positions`.
 
     ConceptDriftStream counts its drift stream's samples only once it draws from it, so a
@@ -61,10 +62,13 @@ def _chain(make: Callable[[int], Any], concepts: Iterable[int], positions: list[
     stream = make(concepts[-1])
     for i in range(len(concepts) - 2, -1, -1):
         start = positions[i - 1] if i else 0
-        stream = synth.ConceptDriftStream(stream=make(concepts[i]), drift_stream=stream,
-                                          position=positions[i] - start,
-                                          width=drift_width(positions[i] - start),
-                                          seed=seed + i)
+        stream = synth.ConceptDriftStream(
+            stream=make(concepts[i]),
+            drift_stream=stream,
+            position=positions[i] - start,
+            width=drift_width(positions[i] - start),
+            seed=seed + i,
+        )
     return stream
 
 
@@ -76,28 +80,45 @@ def _quarters(samples: int) -> list[int]:
     return [samples * k // 4 for k in (1, 2, 3)]
 
 
-def sea_rows(samples: int, seed: int, variants: Iterable[int] = SEA_VARIANTS,
-             positions: list[int] | None = None) -> Any:
+def sea_rows(
+    samples: int,
+    seed: int,
+    variants: Iterable[int] = SEA_VARIANTS,
+    positions: list[int] | None = None,
+) -> Any:
     from river.datasets import synth
 
     positions = _quarters(samples) if positions is None else positions
-    return _chain(lambda v: synth.SEA(variant=v, noise=SEA_NOISE, seed=seed + 100 * v),
-                  variants, positions, seed)
+    return _chain(
+        lambda v: synth.SEA(variant=v, noise=SEA_NOISE, seed=seed + 100 * v),
+        variants,
+        positions,
+        seed,
+    )
 
 
-def agrawal_rows(samples: int, seed: int, functions: Iterable[int] = AGRAWAL_FUNCTIONS,
-                 positions: list[int] | None = None) -> Any:
+def agrawal_rows(
+    samples: int,
+    seed: int,
+    functions: Iterable[int] = AGRAWAL_FUNCTIONS,
+    positions: list[int] | None = None,
+) -> Any:
     from river.datasets import synth
 
     positions = _quarters(samples) if positions is None else positions
-    return _chain(lambda f: synth.Agrawal(classification_function=f, seed=seed + 100 * f),
-                  functions, positions, seed)
+    return _chain(
+        lambda f: synth.Agrawal(classification_function=f, seed=seed + 100 * f),
+        functions,
+        positions,
+        seed,
+    )
 
 
 def encode_agrawal(rows: list[dict[str, Any]]) -> np.ndarray:
     """6 numeric columns plus one-hot elevel (5), car (20) and zipcode (9): 40 floats."""
-    cols: list[np.ndarray] = [np.asarray([[r[k] for k in AGRAWAL_NUMERIC] for r in rows],
-                                         dtype=np.float64)]
+    cols: list[np.ndarray] = [
+        np.asarray([[r[k] for k in AGRAWAL_NUMERIC] for r in rows], dtype=np.float64)
+    ]
     for key, values in AGRAWAL_CATEGORICAL.items():
         codes = np.asarray([r[key] for r in rows]) - values.start
         if codes.min() < 0 or codes.max() >= len(values):
@@ -127,22 +148,48 @@ def make_stream(name: str, samples: int, seed: int) -> Stream:
 
     if name == "sea":
         rows, y = take_rows(sea_rows(samples, seed), samples)
-        return Stream(name, f"SEA variants {'->'.join(map(str, SEA_VARIANTS))} (abrupt, at "
-                            f"each quarter), {SEA_NOISE:.0%} label noise, 3 features",
-                      rows, encode_indexed(rows), y, 2, _quarters(samples))
+        return Stream(
+            name,
+            f"SEA variants {'->'.join(map(str, SEA_VARIANTS))} (abrupt, at "
+            f"each quarter), {SEA_NOISE:.0%} label noise, 3 features",
+            rows,
+            encode_indexed(rows),
+            y,
+            2,
+            _quarters(samples),
+        )
     if name == "hyperplane":
-        gen = synth.Hyperplane(seed=seed, n_features=10, n_drift_features=2,
-                               mag_change=HYPERPLANE_MAG_CHANGE, noise_percentage=0.05,
-                               sigma=0.1)
+        gen = synth.Hyperplane(
+            seed=seed,
+            n_features=10,
+            n_drift_features=2,
+            mag_change=HYPERPLANE_MAG_CHANGE,
+            noise_percentage=0.05,
+            sigma=0.1,
+        )
         rows, y = take_rows(gen, samples)
-        return Stream(name, f"Hyperplane, 10 features, 2 drifting (gradual, mag_change "
-                            f"{HYPERPLANE_MAG_CHANGE}), 5% noise", rows, encode_indexed(rows),
-                      y, 2, [])
+        return Stream(
+            name,
+            f"Hyperplane, 10 features, 2 drifting (gradual, mag_change "
+            f"{HYPERPLANE_MAG_CHANGE}), 5% noise",
+            rows,
+            encode_indexed(rows),
+            y,
+            2,
+            [],
+        )
     if name == "agrawal":
         rows, y = take_rows(agrawal_rows(samples, seed), samples)
-        return Stream(name, f"Agrawal functions {'->'.join(map(str, AGRAWAL_FUNCTIONS))} "
-                            f"(abrupt, at each quarter), 9 attributes (40 floats one-hot)",
-                      rows, encode_agrawal(rows), y, 2, _quarters(samples))
+        return Stream(
+            name,
+            f"Agrawal functions {'->'.join(map(str, AGRAWAL_FUNCTIONS))} "
+            f"(abrupt, at each quarter), 9 attributes (40 floats one-hot)",
+            rows,
+            encode_agrawal(rows),
+            y,
+            2,
+            _quarters(samples),
+        )
     raise ValueError(f"unknown stream {name!r}; choose from {', '.join(STREAMS)}")
 
 
@@ -179,12 +226,11 @@ def trainer_config(**overrides: Any) -> Any:
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
-    """"32,32" -> (32, 32); "" -> () (a linear model)."""
+    """ "32,32" -> (32, 32); "" -> () (a linear model)."""
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def warm_model(x: np.ndarray, y: np.ndarray, n_labels: int, setup: OurSetup,
-               seed: int) -> Any:
+def warm_model(x: np.ndarray, y: np.ndarray, n_labels: int, setup: OurSetup, seed: int) -> Any:
     """A fresh MLP fitted on the warm-up rows, as `train_seed_model` fits the seed model."""
     import torch
     from torch import nn
@@ -192,8 +238,11 @@ def warm_model(x: np.ndarray, y: np.ndarray, n_labels: int, setup: OurSetup,
     from flywheel.modelspec import ModelSpec, build_model
 
     torch.manual_seed(seed)
-    spec = ModelSpec(input_dim=x.shape[1], hidden=list(setup.hidden),
-                     labels=[f"class_{i}" for i in range(n_labels)])
+    spec = ModelSpec(
+        input_dim=x.shape[1],
+        hidden=list(setup.hidden),
+        labels=[f"class_{i}" for i in range(n_labels)],
+    )
     module = build_model(spec)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y)
     module[0].fit(xt)
@@ -208,9 +257,16 @@ def warm_model(x: np.ndarray, y: np.ndarray, n_labels: int, setup: OurSetup,
     return module
 
 
-def run_ours(x: np.ndarray, y: np.ndarray, n_labels: int, config: Any, setup: OurSetup,
-             warmup: int, seed: int,
-             after_update: Callable[[int, Any, Any], None] | None = None) -> np.ndarray:
+def run_ours(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_labels: int,
+    config: Any,
+    setup: OurSetup,
+    warmup: int,
+    seed: int,
+    after_update: Callable[[int, Any, Any], None] | None = None,
+) -> np.ndarray:
     """Prequential run of our learner, as `learner/online.py` drives it, per batch of N.
 
     Test: predict the batch with the current model. Train: `observe_errors` (the served
@@ -224,9 +280,13 @@ def run_ours(x: np.ndarray, y: np.ndarray, n_labels: int, config: Any, setup: Ou
     from flywheel.learner.trainer import OnlineTrainer
 
     module = warm_model(x[:warmup], y[:warmup], n_labels, setup, seed)
-    trainer = OnlineTrainer(module, config, input_dim=x.shape[1], seed=seed,
-                            novelty=ReferenceStats.from_examples(
-                                x[:warmup].astype(np.float64)))
+    trainer = OnlineTrainer(
+        module,
+        config,
+        input_dim=x.shape[1],
+        seed=seed,
+        novelty=ReferenceStats.from_examples(x[:warmup].astype(np.float64)),
+    )
     trainer.remember(x[:warmup], y[:warmup])
     torch.manual_seed(seed)
     correct = np.zeros(len(y) - warmup, dtype=bool)
@@ -234,7 +294,7 @@ def run_ours(x: np.ndarray, y: np.ndarray, n_labels: int, config: Any, setup: Ou
         end = min(start + setup.batch, len(y))
         xb, yb = x[start:end], y[start:end]
         hit = trainer.predict(xb) == yb
-        correct[start - warmup:end - warmup] = hit
+        correct[start - warmup : end - warmup] = hit
         trainer.observe_errors((~hit).tolist())
         trainer.observe_inputs(xb)
         stats = trainer.update(xb, yb)
@@ -276,6 +336,13 @@ def progress(enabled: bool) -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )

@@ -21,12 +21,29 @@ if TYPE_CHECKING:
     from flywheel.settings import Settings
 
 STARTUP_TIMEOUT_S = 300.0  # building a worker: imports, the reference, the model
-COUNTS = ("joined", "predictions", "corrections", "pending", "examples", "dead_letters",
-          "retries", "batches", "records")
+COUNTS = (
+    "joined",
+    "predictions",
+    "corrections",
+    "pending",
+    "examples",
+    "dead_letters",
+    "retries",
+    "batches",
+    "records",
+)
 
 
-def _member(settings_json: str, n: int, index: int, barrier: Any, joined: Any, lock: Any,
-            group_done: Any, results: Any) -> None:
+def _member(
+    settings_json: str,
+    n: int,
+    index: int,
+    barrier: Any,
+    joined: Any,
+    lock: Any,
+    group_done: Any,
+    results: Any,
+) -> None:
     """One member: build, wait for the others, run until the group has joined `n`."""
     from flywheel.feedback import WorkerObserver, build_worker, tune_worker_process
     from flywheel.settings import Settings
@@ -42,8 +59,7 @@ def _member(settings_json: str, n: int, index: int, barrier: Any, joined: Any, l
                 marks.setdefault("cpu_assigned", time.process_time())  # across processes
 
     settings = Settings.model_validate_json(settings_json)
-    worker = build_worker(settings, client_id=f"bench-feedback-{index}",
-                          observer=Assignments())
+    worker = build_worker(settings, client_id=f"bench-feedback-{index}", observer=Assignments())
     tune_worker_process()
     stop = threading.Event()
 
@@ -71,12 +87,24 @@ def _member(settings_json: str, n: int, index: int, barrier: Any, joined: Any, l
         stats = worker.run(stop, on_batch=on_batch)
     finally:
         worker.engine.dispose()  # before the database is dropped
-    results.put({"index": index, "marks": marks, "partitions": partitions,
-                 **{k: getattr(stats, k) for k in COUNTS}})
+    results.put(
+        {
+            "index": index,
+            "marks": marks,
+            "partitions": partitions,
+            **{k: getattr(stats, k) for k in COUNTS},
+        }
+    )
 
 
-def run_worker_group(settings: Settings, n: int, workers: int, say: Callable[[str], None],
-                     snapshot: Callable[[], Any], timeout_s: float) -> dict[str, Any]:
+def run_worker_group(
+    settings: Settings,
+    n: int,
+    workers: int,
+    say: Callable[[str], None],
+    snapshot: Callable[[], Any],
+    timeout_s: float,
+) -> dict[str, Any]:
     """`workers` member processes on `settings` until they have joined `n` corrections:
     elapsed, the members' CPU and counts, and `snapshot()` taken as the members are
     released and as the group is done ("snapshots"). Raises RuntimeError if a member
@@ -84,9 +112,15 @@ def run_worker_group(settings: Settings, n: int, workers: int, say: Callable[[st
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, as the CLI would be
     joined, lock, group_done = ctx.Value("q", 0), ctx.Lock(), ctx.Event()
     barrier, results = ctx.Barrier(workers + 1), ctx.Queue()
-    members = [ctx.Process(target=_member, name=f"bench-feedback-{i}", daemon=True, args=(
-        settings.model_dump_json(), n, i, barrier, joined, lock, group_done, results))
-        for i in range(workers)]
+    members = [
+        ctx.Process(
+            target=_member,
+            name=f"bench-feedback-{i}",
+            daemon=True,
+            args=(settings.model_dump_json(), n, i, barrier, joined, lock, group_done, results),
+        )
+        for i in range(workers)
+    ]
     for p in members:
         p.start()
     try:
@@ -97,8 +131,9 @@ def run_worker_group(settings: Settings, n: int, workers: int, say: Callable[[st
             if any(p.exitcode is not None for p in members):
                 raise RuntimeError("a worker process of the group ended before the run did")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the group joined {joined.value} of {n} corrections in "
-                                   f"{timeout_s:.0f}s")
+                raise RuntimeError(
+                    f"the group joined {joined.value} of {n} corrections in {timeout_s:.0f}s"
+                )
         after = snapshot()
         out = []
         for _ in members:
@@ -122,11 +157,21 @@ def run_worker_group(settings: Settings, n: int, workers: int, say: Callable[[st
     cpu_of = [m["cpu_done"] - m.get("cpu_assigned", m["cpu_released"]) for m in marks]
     counts = {k: sum(r[k] for r in out) for k in COUNTS}
     say(f"worker group: {counts['joined']} joined in {elapsed:.2f}s by {workers} processes")
-    return {"elapsed_s": elapsed, "process_cpu_s": sum(cpu_of), "snapshots": (before, after),
-            **counts, "time_split_s": None,
-            "members": [{"partitions": [list(p) for p in r["partitions"]],
-                         "assigned_after_s": r["marks"]["assigned"] - first
-                         if "assigned" in r["marks"] else None,
-                         "joined": r["joined"], "process_cpu_s": cpu}
-                        for r, cpu in sorted(zip(out, cpu_of, strict=True),
-                                             key=lambda x: x[0]["index"])]}
+    return {
+        "elapsed_s": elapsed,
+        "process_cpu_s": sum(cpu_of),
+        "snapshots": (before, after),
+        **counts,
+        "time_split_s": None,
+        "members": [
+            {
+                "partitions": [list(p) for p in r["partitions"]],
+                "assigned_after_s": r["marks"]["assigned"] - first
+                if "assigned" in r["marks"]
+                else None,
+                "joined": r["joined"],
+                "process_cpu_s": cpu,
+            }
+            for r, cpu in sorted(zip(out, cpu_of, strict=True), key=lambda x: x[0]["index"])
+        ],
+    }

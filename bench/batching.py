@@ -53,8 +53,11 @@ def save_models(work: Path, names: list[str], wide: list[int]) -> dict[str, dict
         if name == "demo":
             acc = train_and_save(folder)  # writes folder/model
             spec = default_spec()
-            out[name] = {"dir": folder / "model", "hidden": spec.hidden,
-                         "holdout_accuracy": acc["holdout_accuracy"]}
+            out[name] = {
+                "dir": folder / "model",
+                "hidden": spec.hidden,
+                "holdout_accuracy": acc["holdout_accuracy"],
+            }
         else:
             base = default_spec()
             spec = ModelSpec(input_dim=base.input_dim, hidden=wide, labels=base.labels)
@@ -63,18 +66,41 @@ def save_models(work: Path, names: list[str], wide: list[int]) -> dict[str, dict
     return out
 
 
-def start(model_dir: Path, port: int, home: Path, log_path: Path, env_extra: dict[str, str],
-          cpus: set[int] | None) -> subprocess.Popen[bytes]:
+def start(
+    model_dir: Path,
+    port: int,
+    home: Path,
+    log_path: Path,
+    env_extra: dict[str, str],
+    cpus: set[int] | None,
+) -> subprocess.Popen[bytes]:
     from bench.serve import _child_env
 
     env = {**_child_env(), **env_extra}
-    cmd = [sys.executable, "-m", "bench._server", "--model", str(model_dir), "--port",
-           str(port), "--logging", "off", "--home", str(home)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench._server",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--logging",
+        "off",
+        "--home",
+        str(home),
+    ]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus))
-                                if cpus else None)
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
 
 
 def batch_counters(port: int) -> dict[str, float]:
@@ -89,9 +115,21 @@ def batch_counters(port: int) -> dict[str, float]:
     return out
 
 
-def one_server(model: str, mode: str, rnd: int, *, info: dict[str, Any], work: Path,
-               bodies: Path, duration: float, warmup: float, levels: list[int],
-               env_on: dict[str, str], cpus: set[int] | None, say) -> list[dict[str, Any]]:
+def one_server(
+    model: str,
+    mode: str,
+    rnd: int,
+    *,
+    info: dict[str, Any],
+    work: Path,
+    bodies: Path,
+    duration: float,
+    warmup: float,
+    levels: list[int],
+    env_on: dict[str, str],
+    cpus: set[int] | None,
+    say,
+) -> list[dict[str, Any]]:
     from bench.serve import run_loadgen, stop_server, wait_ready
     from flywheel.broker import free_port
 
@@ -108,28 +146,36 @@ def one_server(model: str, mode: str, rnd: int, *, info: dict[str, Any], work: P
             after = batch_counters(port)
             batches = after.get("batches", 0) - before.get("batches", 0)
             reqs = after.get("batched_requests", 0) - before.get("batched_requests", 0)
-            run = {"model": model, "mode": mode, "round": rnd, "concurrency": c, "load": load,
-                   "mean_batch": reqs / batches if batches else None}
+            run = {
+                "model": model,
+                "mode": mode,
+                "round": rnd,
+                "concurrency": c,
+                "load": load,
+                "mean_batch": reqs / batches if batches else None,
+            }
             runs.append(run)
-            say(f"{model} {mode:>3} round {rnd} c={c:<3} {load['rps']:7.0f} req/s  "
+            say(
+                f"{model} {mode:>3} round {rnd} c={c:<3} {load['rps']:7.0f} req/s  "
                 f"p50 {load['p50_ms']:6.2f} ms  p99 {load['p99_ms']:6.2f} ms  errors "
                 f"{load['errors']}  non-200 {load['non_200']}"
                 + (f"  mean batch {run['mean_batch']:.1f}" if run["mean_batch"] else "")
-                + (f"  (ready in {ready:.1f}s)" if c == levels[0] else ""))
+                + (f"  (ready in {ready:.1f}s)" if c == levels[0] else "")
+            )
     finally:
         stop_server(proc)
     return runs
 
 
-def summarize(runs: list[dict[str, Any]], models: list[str], levels: list[int]
-              ) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]], models: list[str], levels: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for model in models:
         table: dict[str, dict[str, Any]] = {}
         for mode in ("off", "on"):
             for c in levels:
-                rs = [r for r in runs if (r["model"], r["mode"], r["concurrency"])
-                      == (model, mode, c)]
+                rs = [
+                    r for r in runs if (r["model"], r["mode"], r["concurrency"]) == (model, mode, c)
+                ]
                 batches = [r["mean_batch"] for r in rs if r["mean_batch"]]
                 table[f"{mode}@{c}"] = {
                     "rps": statistics.median(r["load"]["rps"] for r in rs),
@@ -143,15 +189,23 @@ def summarize(runs: list[dict[str, Any]], models: list[str], levels: list[int]
         p50 = table[f"on@{lo}"]["p50_ms"] / table[f"off@{lo}"]["p50_ms"]
         out[model] = {
             "median": table,
-            "throughput_ratio": {str(c): table[f"on@{c}"]["rps"] / table[f"off@{c}"]["rps"]
-                                 for c in levels},
-            "p50_ratio": {str(c): table[f"on@{c}"]["p50_ms"] / table[f"off@{c}"]["p50_ms"]
-                          for c in levels},
+            "throughput_ratio": {
+                str(c): table[f"on@{c}"]["rps"] / table[f"off@{c}"]["rps"] for c in levels
+            },
+            "p50_ratio": {
+                str(c): table[f"on@{c}"]["p50_ms"] / table[f"off@{c}"]["p50_ms"] for c in levels
+            },
             "targets": {
-                f"throughput_ratio@{hi}": {"target": f">= {THROUGHPUT_TARGET}", "value": tput,
-                                           "pass": tput >= THROUGHPUT_TARGET},
-                f"p50_ratio@{lo}": {"target": f"<= {P50_TOLERANCE} (no worse, 5 % noise)",
-                                    "value": p50, "pass": p50 <= P50_TOLERANCE},
+                f"throughput_ratio@{hi}": {
+                    "target": f">= {THROUGHPUT_TARGET}",
+                    "value": tput,
+                    "pass": tput >= THROUGHPUT_TARGET,
+                },
+                f"p50_ratio@{lo}": {
+                    "target": f"<= {P50_TOLERANCE} (no worse, 5 % noise)",
+                    "value": p50,
+                    "pass": p50 <= P50_TOLERANCE,
+                },
             },
         }
     return out
@@ -166,28 +220,50 @@ def render(doc: dict[str, Any]) -> None:
     cfg, m = doc["config"], doc["machine"]
     for model, s in doc["summary"].items():
         info = cfg["models"][model]
-        table = Table(title=f"POST /v1/predict, {model} model (MLP 8-"
-                            f"{'-'.join(map(str, info['hidden']))}-3), dynamic batching off vs "
-                            f"on, medians of {cfg['rounds']} round(s) x {cfg['duration_s']:g} s")
-        for col in ("clients", "off req/s", "on req/s", "ratio", "off p50 ms", "on p50 ms",
-                    "off p99 ms", "on p99 ms", "mean batch (on)", "errors"):
+        table = Table(
+            title=f"POST /v1/predict, {model} model (MLP 8-"
+            f"{'-'.join(map(str, info['hidden']))}-3), dynamic batching off vs "
+            f"on, medians of {cfg['rounds']} round(s) x {cfg['duration_s']:g} s"
+        )
+        for col in (
+            "clients",
+            "off req/s",
+            "on req/s",
+            "ratio",
+            "off p50 ms",
+            "on p50 ms",
+            "off p99 ms",
+            "on p99 ms",
+            "mean batch (on)",
+            "errors",
+        ):
             table.add_column(col, justify="right")
         for c in cfg["concurrency"]:
             off, on = s["median"][f"off@{c}"], s["median"][f"on@{c}"]
-            table.add_row(str(c), f"{off['rps']:.0f}", f"{on['rps']:.0f}",
-                          f"{s['throughput_ratio'][str(c)]:.2f}x", f"{off['p50_ms']:.2f}",
-                          f"{on['p50_ms']:.2f}", f"{off['p99_ms']:.2f}", f"{on['p99_ms']:.2f}",
-                          f"{on['mean_batch']:.1f}" if on["mean_batch"] else "-",
-                          str(off["errors"] + on["errors"]))
+            table.add_row(
+                str(c),
+                f"{off['rps']:.0f}",
+                f"{on['rps']:.0f}",
+                f"{s['throughput_ratio'][str(c)]:.2f}x",
+                f"{off['p50_ms']:.2f}",
+                f"{on['p50_ms']:.2f}",
+                f"{off['p99_ms']:.2f}",
+                f"{on['p99_ms']:.2f}",
+                f"{on['mean_batch']:.1f}" if on["mean_batch"] else "-",
+                str(off["errors"] + on["errors"]),
+            )
         console.print(table)
         for name, t in s["targets"].items():
             verdict = "[green]PASS[/]" if t["pass"] else "[red]MISS[/]"
             console.print(f"  {name:<22} {t['value']:.3f}  (target {t['target']})  {verdict}")
-    console.print(f"[dim]on = {cfg['on']}; off = FLYWHEEL_DYNAMIC_BATCHING=false; "
-                  f"{cfg['pinning']}.[/]")
-    console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-                  f"torch {m['torch']}, {m['uvicorn_loop']}/{m['uvicorn_http']}, load average "
-                  f"{load_range(m)}, {doc['date']}[/]")
+    console.print(
+        f"[dim]on = {cfg['on']}; off = FLYWHEEL_DYNAMIC_BATCHING=false; {cfg['pinning']}.[/]"
+    )
+    console.print(
+        f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
+        f"torch {m['torch']}, {m['uvicorn_loop']}/{m['uvicorn_http']}, load average "
+        f"{load_range(m)}, {doc['date']}[/]"
+    )
 
 
 def _sigterm_to_exit(signum: int, frame: object) -> None:
@@ -197,16 +273,20 @@ def _sigterm_to_exit(signum: int, frame: object) -> None:
 def main(
     duration: float = typer.Option(5.0, min=1.0, max=600.0, help="Measured seconds per level."),
     warmup: float = typer.Option(1.0, min=0.0, max=60.0, help="Unmeasured seconds first."),
-    rounds: int = typer.Option(2, min=1, max=20, help="Servers per model and mode, "
-                               "interleaved off/on."),
+    rounds: int = typer.Option(
+        2, min=1, max=20, help="Servers per model and mode, interleaved off/on."
+    ),
     models: str = typer.Option(",".join(MODELS), help="Comma-separated: demo, wide."),
     wide: str = typer.Option("2048,2048", help="Hidden widths of the wide model."),
-    concurrency: str = typer.Option(",".join(map(str, CONCURRENCY)),
-                                    help="Client counts, run in this order per server."),
-    max_size: int | None = typer.Option(None, help="FLYWHEEL_BATCH_MAX_SIZE for `on` "
-                                        "(default: the setting's default)."),
-    max_wait_ms: float | None = typer.Option(None, help="FLYWHEEL_BATCH_MAX_WAIT_MS for `on` "
-                                             "(default: the setting's default)."),
+    concurrency: str = typer.Option(
+        ",".join(map(str, CONCURRENCY)), help="Client counts, run in this order per server."
+    ),
+    max_size: int | None = typer.Option(
+        None, help="FLYWHEEL_BATCH_MAX_SIZE for `on` (default: the setting's default)."
+    ),
+    max_wait_ms: float | None = typer.Option(
+        None, help="FLYWHEEL_BATCH_MAX_WAIT_MS for `on` (default: the setting's default)."
+    ),
     pin: bool = typer.Option(True, help="Server on its own core; load generator on the rest."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
@@ -222,10 +302,13 @@ def main(
         raise typer.BadParameter(f"models must be among {', '.join(MODELS)}")
     levels = parse_ints(concurrency)
     defaults = Settings()
-    env_on = {"FLYWHEEL_DYNAMIC_BATCHING": "true",
-              "FLYWHEEL_BATCH_MAX_SIZE": str(max_size or defaults.batch_max_size),
-              "FLYWHEEL_BATCH_MAX_WAIT_MS": str(defaults.batch_max_wait_ms
-                                                if max_wait_ms is None else max_wait_ms)}
+    env_on = {
+        "FLYWHEEL_DYNAMIC_BATCHING": "true",
+        "FLYWHEEL_BATCH_MAX_SIZE": str(max_size or defaults.batch_max_size),
+        "FLYWHEEL_BATCH_MAX_WAIT_MS": str(
+            defaults.batch_max_wait_ms if max_wait_ms is None else max_wait_ms
+        ),
+    }
     err = Console(stderr=True, soft_wrap=True)
     say = err.print if not json_out else (lambda msg: print(msg, file=sys.stderr))
     previous = signal.signal(signal.SIGTERM, _sigterm_to_exit)
@@ -239,37 +322,59 @@ def main(
             split = split_cpus() if pin else None
             if split:
                 os.sched_setaffinity(0, split[1])
-                say(f"server pinned to CPU {sorted(split[0])}, load generator to "
-                    f"{sorted(split[1])}")
+                say(
+                    f"server pinned to CPU {sorted(split[0])}, load generator to {sorted(split[1])}"
+                )
             infos = save_models(work, names, parse_ints(wide))
             write_bodies(work / "bodies.jsonl")
             for rnd in range(1, rounds + 1):
                 for model in names:
                     for mode in ("off", "on"):
-                        runs += one_server(model, mode, rnd, info=infos[model], work=work,
-                                           bodies=work / "bodies.jsonl", duration=duration,
-                                           warmup=warmup, levels=levels, env_on=env_on,
-                                           cpus=split[0] if split else None, say=say)
+                        runs += one_server(
+                            model,
+                            mode,
+                            rnd,
+                            info=infos[model],
+                            work=work,
+                            bodies=work / "bodies.jsonl",
+                            duration=duration,
+                            warmup=warmup,
+                            levels=levels,
+                            env_on=env_on,
+                            cpus=split[0] if split else None,
+                            say=say,
+                        )
     except BenchError as exc:
         say(f"benchmark failed: {exc}")
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    doc = document("batching", machine, {
-        "config": {
-            "duration_s": duration, "warmup_s": warmup, "rounds": rounds,
-            "concurrency": levels,
-            "models": {n: {"hidden": i["hidden"], "holdout_accuracy": i["holdout_accuracy"]}
-                       for n, i in infos.items()},
-            "request": "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1",
-            "on": ", ".join(f"{k}={v}" for k, v in env_on.items()),
-            "logging": "prediction records built, then discarded (bench._server --logging off)",
-            "pinning": (f"server on CPU {sorted(split[0])}, load generator on "
-                        f"{sorted(split[1])}") if split else "none",
+    doc = document(
+        "batching",
+        machine,
+        {
+            "config": {
+                "duration_s": duration,
+                "warmup_s": warmup,
+                "rounds": rounds,
+                "concurrency": levels,
+                "models": {
+                    n: {"hidden": i["hidden"], "holdout_accuracy": i["holdout_accuracy"]}
+                    for n, i in infos.items()
+                },
+                "request": "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1",
+                "on": ", ".join(f"{k}={v}" for k, v in env_on.items()),
+                "logging": "prediction records built, then discarded (bench._server --logging off)",
+                "pinning": (
+                    f"server on CPU {sorted(split[0])}, load generator on {sorted(split[1])}"
+                )
+                if split
+                else "none",
+            },
+            "runs": runs,
+            "summary": summarize(runs, names, levels),
         },
-        "runs": runs,
-        "summary": summarize(runs, names, levels),
-    })
+    )
     if json_out:
         print(json.dumps(doc, indent=2, default=str))
     else:

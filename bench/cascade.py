@@ -43,14 +43,22 @@ def make_task(name: str, n: int, seed: int) -> tuple[Any, Any, list[str]]:
     from river.datasets import synth
 
     centroids, features, classes = TASKS[name]
-    gen = synth.RandomRBF(seed_model=seed, seed_sample=seed + 1000, n_classes=classes,
-                          n_features=features, n_centroids=centroids)
+    gen = synth.RandomRBF(
+        seed_model=seed,
+        seed_sample=seed + 1000,
+        n_classes=classes,
+        n_features=features,
+        n_centroids=centroids,
+    )
     xs, ys = [], []
     for x, y in gen.take(n):
         xs.append([x[i] for i in range(features)])
         ys.append(y)
-    return (np.asarray(xs, np.float32), np.asarray(ys, np.int64),
-            [f"class_{i}" for i in range(classes)])
+    return (
+        np.asarray(xs, np.float32),
+        np.asarray(ys, np.int64),
+        [f"class_{i}" for i in range(classes)],
+    )
 
 
 def time_per_row(fn: Any, x: Any, batch: int, repeats: int) -> float:
@@ -75,8 +83,9 @@ def main(
     tasks: str = typer.Option(",".join(TASKS), help="Comma-separated: demo, rbf."),
     light: str = typer.Option("64", help="Hidden widths of the light network."),
     heavy: str = typer.Option("256,256", help="Hidden widths of the heavy network."),
-    target: float = typer.Option(ACCURACY_TARGET, min=0.5, max=1.0,
-                                 help="Share of heavy accuracy the cascade must keep."),
+    target: float = typer.Option(
+        ACCURACY_TARGET, min=0.5, max=1.0, help="Share of heavy accuracy the cascade must keep."
+    ),
     z: float = typer.Option(2.0, min=0.0, max=5.0, help="Calibration margin (std errors)."),
     train: int = typer.Option(25_000, min=500, help="Training rows."),
     calibration: int = typer.Option(10_000, min=100, help="Calibration rows."),
@@ -108,8 +117,18 @@ def main(
                 x, y, labels = make_task(name, train + calibration + test, sd)
                 a, b = train, train + calibration
                 spec, module, cal = build_cascade(
-                    x[:a], y[:a], x[a:b], y[a:b], labels=labels, light=light_h,
-                    heavy=heavy_h, target=target, z=z, epochs=epochs, seed=sd)
+                    x[:a],
+                    y[:a],
+                    x[a:b],
+                    y[a:b],
+                    labels=labels,
+                    light=light_h,
+                    heavy=heavy_h,
+                    target=target,
+                    z=z,
+                    epochs=epochs,
+                    seed=sd,
+                )
                 x_te, y_te = x[b:], y[b:]
                 with torch.inference_mode():
                     xt = torch.from_numpy(x_te)
@@ -126,43 +145,76 @@ def main(
                 t_casc256 = time_per_row(module.route, x_te, 256, 7)
                 ratio = acc / heavy_acc if heavy_acc else float("nan")
                 run = {
-                    "task": name, "seed": sd, "threshold": spec.threshold,
+                    "task": name,
+                    "seed": sd,
+                    "threshold": spec.threshold,
                     "calibration": cal.as_dict(),
-                    "test": {"n": int(len(y_te)), "heavy_accuracy": heavy_acc,
-                             "light_accuracy": light_acc, "cascade_accuracy": acc,
-                             "accuracy_ratio": ratio, "light_share": share},
+                    "test": {
+                        "n": int(len(y_te)),
+                        "heavy_accuracy": heavy_acc,
+                        "light_accuracy": light_acc,
+                        "cascade_accuracy": acc,
+                        "accuracy_ratio": ratio,
+                        "light_share": share,
+                    },
                     "flops_per_row": flops,
-                    "time_us_per_row": {"heavy_batch1": t_heavy1 * 1e6,
-                                        "cascade_batch1": t_casc1 * 1e6,
-                                        "heavy_batch256": t_heavy256 * 1e6,
-                                        "cascade_batch256": t_casc256 * 1e6},
-                    "time_saved": {"batch1": 1 - t_casc1 / t_heavy1,
-                                   "batch256": 1 - t_casc256 / t_heavy256},
+                    "time_us_per_row": {
+                        "heavy_batch1": t_heavy1 * 1e6,
+                        "cascade_batch1": t_casc1 * 1e6,
+                        "heavy_batch256": t_heavy256 * 1e6,
+                        "cascade_batch256": t_casc256 * 1e6,
+                    },
+                    "time_saved": {
+                        "batch1": 1 - t_casc1 / t_heavy1,
+                        "batch256": 1 - t_casc256 / t_heavy256,
+                    },
                     "targets": {
-                        "flops_saved": {"target": f">= {SAVED_TARGET}",
-                                        "value": flops["saved"],
-                                        "pass": flops["saved"] >= SAVED_TARGET},
-                        "accuracy_ratio": {"target": f">= {ACCURACY_TARGET}", "value": ratio,
-                                           "pass": ratio >= ACCURACY_TARGET},
+                        "flops_saved": {
+                            "target": f">= {SAVED_TARGET}",
+                            "value": flops["saved"],
+                            "pass": flops["saved"] >= SAVED_TARGET,
+                        },
+                        "accuracy_ratio": {
+                            "target": f">= {ACCURACY_TARGET}",
+                            "value": ratio,
+                            "pass": ratio >= ACCURACY_TARGET,
+                        },
                     },
                     "seconds": time.perf_counter() - t0,
                 }
                 runs.append(run)
-                print(f"{name} seed {sd}: threshold {spec.threshold:.4f}, light share "
-                      f"{share:.3f}, accuracy {acc:.4f} vs heavy {heavy_acc:.4f} "
-                      f"({ratio:.4f}), FLOPs saved {flops['saved']:.3f} "
-                      f"({run['seconds']:.0f} s)", file=sys.stderr)
-    doc = document("cascade", info, {
-        "seconds": time.perf_counter() - started,
-        "config": {"tasks": {t: dict(zip(("centroids", "features", "classes"), TASKS[t],
-                                         strict=True)) for t in names},
-                   "light": light_h, "heavy": heavy_h, "target": target, "z": z,
-                   "train": train, "calibration": calibration, "test": test,
-                   "epochs": epochs, "seeds": list(range(seed, seed + seeds)),
-                   "torch_threads": 1},
-        "runs": runs,
-        "all_pass": all(t["pass"] for r in runs for t in r["targets"].values()),
-    })
+                print(
+                    f"{name} seed {sd}: threshold {spec.threshold:.4f}, light share "
+                    f"{share:.3f}, accuracy {acc:.4f} vs heavy {heavy_acc:.4f} "
+                    f"({ratio:.4f}), FLOPs saved {flops['saved']:.3f} "
+                    f"({run['seconds']:.0f} s)",
+                    file=sys.stderr,
+                )
+    doc = document(
+        "cascade",
+        info,
+        {
+            "seconds": time.perf_counter() - started,
+            "config": {
+                "tasks": {
+                    t: dict(zip(("centroids", "features", "classes"), TASKS[t], strict=True))
+                    for t in names
+                },
+                "light": light_h,
+                "heavy": heavy_h,
+                "target": target,
+                "z": z,
+                "train": train,
+                "calibration": calibration,
+                "test": test,
+                "epochs": epochs,
+                "seeds": list(range(seed, seed + seeds)),
+                "torch_threads": 1,
+            },
+            "runs": runs,
+            "all_pass": all(t["pass"] for r in runs for t in r["targets"].values()),
+        },
+    )
     if json_out:
         print(json.dumps(doc, indent=2))
         return
@@ -171,26 +223,48 @@ def main(
 
     console = Console()
     console.width = max(console.width, 140)
-    table = Table(title=f"cascade light {light_h} / heavy {heavy_h}, target {target} of heavy "
-                        f"accuracy (z={z}); test-set figures")
-    for col in ("task", "seed", "threshold", "heavy acc", "light acc", "cascade acc",
-                "acc ratio", "light share", "FLOPs saved", "time saved b1", "time saved b256",
-                "targets"):
+    table = Table(
+        title=f"cascade light {light_h} / heavy {heavy_h}, target {target} of heavy "
+        f"accuracy (z={z}); test-set figures"
+    )
+    for col in (
+        "task",
+        "seed",
+        "threshold",
+        "heavy acc",
+        "light acc",
+        "cascade acc",
+        "acc ratio",
+        "light share",
+        "FLOPs saved",
+        "time saved b1",
+        "time saved b256",
+        "targets",
+    ):
         table.add_column(col, justify="left" if col == "task" else "right")
     for r in runs:
         t = r["test"]
         ok = all(v["pass"] for v in r["targets"].values())
-        table.add_row(r["task"], str(r["seed"]), f"{r['threshold']:.4f}",
-                      f"{t['heavy_accuracy']:.4f}", f"{t['light_accuracy']:.4f}",
-                      f"{t['cascade_accuracy']:.4f}", f"{t['accuracy_ratio']:.4f}",
-                      f"{t['light_share']:.3f}", f"{r['flops_per_row']['saved']:.1%}",
-                      f"{r['time_saved']['batch1']:.1%}", f"{r['time_saved']['batch256']:.1%}",
-                      "[green]PASS[/]" if ok else "[red]MISS[/]")
+        table.add_row(
+            r["task"],
+            str(r["seed"]),
+            f"{r['threshold']:.4f}",
+            f"{t['heavy_accuracy']:.4f}",
+            f"{t['light_accuracy']:.4f}",
+            f"{t['cascade_accuracy']:.4f}",
+            f"{t['accuracy_ratio']:.4f}",
+            f"{t['light_share']:.3f}",
+            f"{r['flops_per_row']['saved']:.1%}",
+            f"{r['time_saved']['batch1']:.1%}",
+            f"{r['time_saved']['batch256']:.1%}",
+            "[green]PASS[/]" if ok else "[red]MISS[/]",
+        )
     console.print(table)
     m = doc["machine"]
-    console.print(f"[dim]FLOPs per row: light {runs[0]['flops_per_row']['light']:.0f}, heavy "
-                  f"{runs[0]['flops_per_row']['heavy']:.0f}. {m['cpu_count']} CPUs "
-                  f"({m['cpu_model']}), torch {m['torch']} (1 thread), load average "
-                  f"{load_range(m)}, {doc['date']}, "
-                  f"{doc['seconds']:.0f} s[/]")
-
+    console.print(
+        f"[dim]FLOPs per row: light {runs[0]['flops_per_row']['light']:.0f}, heavy "
+        f"{runs[0]['flops_per_row']['heavy']:.0f}. {m['cpu_count']} CPUs "
+        f"({m['cpu_model']}), torch {m['torch']} (1 thread), load average "
+        f"{load_range(m)}, {doc['date']}, "
+        f"{doc['seconds']:.0f} s[/]"
+    )

@@ -101,10 +101,17 @@ def make_scenario(name: str, before: int, after: int, holdout: int, seed: int) -
 
         xa, ya = draw(old, before, seed)
         xb, yb = draw(new, after, seed + 1)
-        return Scenario(name, f"seed_concept({DEMO_SEED}) -> drift_concept({DEMO_SEED}): new "
-                              "RBF concept, inputs shifted by +0.5, 8 features, 3 classes",
-                        np.concatenate([xa, xb]), np.concatenate([ya, yb]), len(LABELS), before,
-                        draw(old, holdout, seed + 1000), draw(new, holdout, seed + 1001))
+        return Scenario(
+            name,
+            f"seed_concept({DEMO_SEED}) -> drift_concept({DEMO_SEED}): new "
+            "RBF concept, inputs shifted by +0.5, 8 features, 3 classes",
+            np.concatenate([xa, xb]),
+            np.concatenate([ya, yb]),
+            len(LABELS),
+            before,
+            draw(old, holdout, seed + 1000),
+            draw(new, holdout, seed + 1001),
+        )
     if name == "sea":
         rows, y = take_rows(sea_rows(n, seed, SEA_SWITCH, [before]), n)
 
@@ -112,27 +119,41 @@ def make_scenario(name: str, before: int, after: int, holdout: int, seed: int) -
             r, yy = take_rows(synth.SEA(variant=v, noise=SEA_NOISE, seed=seed + 1000 + v), holdout)
             return encode_indexed(r), yy
 
-        return Scenario(name, f"SEA variant {SEA_SWITCH[0]} -> {SEA_SWITCH[1]} (x0 + x1 <= 7 "
-                              f"-> <= 9.5), {SEA_NOISE:.0%} label noise, same inputs",
-                        encode_indexed(rows), y, 2, before, sea(SEA_SWITCH[0]),
-                        sea(SEA_SWITCH[1]))
+        return Scenario(
+            name,
+            f"SEA variant {SEA_SWITCH[0]} -> {SEA_SWITCH[1]} (x0 + x1 <= 7 "
+            f"-> <= 9.5), {SEA_NOISE:.0%} label noise, same inputs",
+            encode_indexed(rows),
+            y,
+            2,
+            before,
+            sea(SEA_SWITCH[0]),
+            sea(SEA_SWITCH[1]),
+        )
     if name == "agrawal":
         rows, y = take_rows(agrawal_rows(n, seed, AGRAWAL_SWITCH, [before]), n)
 
         def agr(f: int) -> tuple[np.ndarray, np.ndarray]:
-            r, yy = take_rows(synth.Agrawal(classification_function=f, seed=seed + 1000 + f),
-                           holdout)
+            r, yy = take_rows(
+                synth.Agrawal(classification_function=f, seed=seed + 1000 + f), holdout
+            )
             return encode_agrawal(r), yy
 
-        return Scenario(name, f"Agrawal function {AGRAWAL_SWITCH[0]} -> {AGRAWAL_SWITCH[1]}, "
-                              "same inputs, 48 % of labels agree",
-                        encode_agrawal(rows), y, 2, before, agr(AGRAWAL_SWITCH[0]),
-                        agr(AGRAWAL_SWITCH[1]))
+        return Scenario(
+            name,
+            f"Agrawal function {AGRAWAL_SWITCH[0]} -> {AGRAWAL_SWITCH[1]}, "
+            "same inputs, 48 % of labels agree",
+            encode_agrawal(rows),
+            y,
+            2,
+            before,
+            agr(AGRAWAL_SWITCH[0]),
+            agr(AGRAWAL_SWITCH[1]),
+        )
     raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
 
 
-def run_one(sc: Scenario, config: Any, setup: OurSetup, warmup: int, seed: int
-            ) -> dict[str, Any]:
+def run_one(sc: Scenario, config: Any, setup: OurSetup, warmup: int, seed: int) -> dict[str, Any]:
     """One prequential run with a held-out score after every update."""
     from bench._streams import run_ours
 
@@ -151,9 +172,13 @@ def run_one(sc: Scenario, config: Any, setup: OurSetup, warmup: int, seed: int
             held_old_at_drift.append(float((trainer.predict(hx) == hy).mean()))
 
     correct = run_ours(sc.x, sc.y, sc.n_labels, config, setup, warmup, seed, score)
-    return {"correct": correct, "ends": np.asarray(ends), "held": np.asarray(held),
-            "held_old_at_drift": held_old_at_drift[0] if held_old_at_drift else None,
-            "boost": np.asarray(boosts)}
+    return {
+        "correct": correct,
+        "ends": np.asarray(ends),
+        "held": np.asarray(held),
+        "held_old_at_drift": held_old_at_drift[0] if held_old_at_drift else None,
+        "boost": np.asarray(boosts),
+    }
 
 
 def recovery(run: dict[str, Any], drift: int, warmup: int, window: int) -> dict[str, Any]:
@@ -171,38 +196,49 @@ def recovery(run: dict[str, Any], drift: int, warmup: int, window: int) -> dict[
     # prequential: trailing window of post-drift samples vs the window before the drift
     c = run["correct"].astype(np.float64)
     d = drift - warmup
-    pre_roll = float(c[d - window:d].mean())
+    pre_roll = float(c[d - window : d].mean())
     csum = np.concatenate([[0.0], np.cumsum(c)])
     roll_rec = None
     for k in range(window, len(c) - d + 1):
         if (csum[d + k] - csum[d + k - window]) / window >= RECOVERY_SHARE * pre_roll:
             roll_rec = k
             break
-    return {"pre_accuracy": pre, "lowest_after": float(post_held.min()) if len(post_held)
-            else None, "recovery": held_rec, "recovered": bool(len(hit)),
-            "rolling_pre_accuracy": pre_roll,
-            "rolling_recovery": roll_rec if roll_rec is not None else len(c) - d,
-            "rolling_recovered": roll_rec is not None,
-            "prequential_accuracy": float(c.mean()),
-            "max_boost_seen": float(run["boost"].max())}
+    return {
+        "pre_accuracy": pre,
+        "lowest_after": float(post_held.min()) if len(post_held) else None,
+        "recovery": held_rec,
+        "recovered": bool(len(hit)),
+        "rolling_pre_accuracy": pre_roll,
+        "rolling_recovery": roll_rec if roll_rec is not None else len(c) - d,
+        "rolling_recovered": roll_rec is not None,
+        "prequential_accuracy": float(c.mean()),
+        "max_boost_seen": float(run["boost"].max()),
+    }
 
 
 def summarize_cell(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds of one (mode, rate) cell; per-seed recoveries kept."""
+
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in runs]))
 
-    return {"prequential_accuracy": mean("prequential_accuracy"),
-            "pre_accuracy": mean("pre_accuracy"), "lowest_after": mean("lowest_after"),
-            "recovery": mean("recovery"), "recovery_each": [r["recovery"] for r in runs],
-            "recovered": sum(r["recovered"] for r in runs),
-            "rolling_recovery": mean("rolling_recovery"),
-            "rolling_recovered": sum(r["rolling_recovered"] for r in runs),
-            "max_boost": mean("max_boost_seen"), "runs": len(runs)}
+    return {
+        "prequential_accuracy": mean("prequential_accuracy"),
+        "pre_accuracy": mean("pre_accuracy"),
+        "lowest_after": mean("lowest_after"),
+        "recovery": mean("recovery"),
+        "recovery_each": [r["recovery"] for r in runs],
+        "recovered": sum(r["recovered"] for r in runs),
+        "rolling_recovery": mean("rolling_recovery"),
+        "rolling_recovered": sum(r["rolling_recovered"] for r in runs),
+        "max_boost": mean("max_boost_seen"),
+        "runs": len(runs),
+    }
 
 
 def compare(cells: dict[str, dict[str, Any]], rates: list[float]) -> dict[str, Any]:
     """Best fixed vs best elastic rate (each by prequential accuracy) and their ratios."""
+
     def best(mode: str) -> float:
         return max(rates, key=lambda r: cells[f"{mode}@{r:g}"]["prequential_accuracy"])
 
@@ -214,19 +250,26 @@ def compare(cells: dict[str, dict[str, Any]], rates: list[float]) -> dict[str, A
         return a / b if b else float("inf")
 
     r = ratio(elastic["recovery"], fixed["recovery"])
-    return {"best_fixed_lr": bf, "best_elastic_lr": be,
-            "best_fixed_recovery": fixed["recovery"], "best_elastic_recovery":
-                elastic["recovery"],
-            "ratio": r, "same_base_ratio": ratio(same["recovery"], fixed["recovery"]),
-            "rolling_ratio": ratio(elastic["rolling_recovery"], fixed["rolling_recovery"]),
-            "target": f"<= {RATIO_TARGET}", "pass": r <= RATIO_TARGET}
+    return {
+        "best_fixed_lr": bf,
+        "best_elastic_lr": be,
+        "best_fixed_recovery": fixed["recovery"],
+        "best_elastic_recovery": elastic["recovery"],
+        "ratio": r,
+        "same_base_ratio": ratio(same["recovery"], fixed["recovery"]),
+        "rolling_ratio": ratio(elastic["rolling_recovery"], fixed["rolling_recovery"]),
+        "target": f"<= {RATIO_TARGET}",
+        "pass": r <= RATIO_TARGET,
+    }
 
 
 def _mean_curve(curves: list[np.ndarray], batch: int) -> dict[str, list[float]]:
     """Held-out accuracy after 0, N, 2N, ... post-drift samples, mean over seeds."""
     n = min(len(c) for c in curves)
-    return {"samples_after_drift": [k * batch for k in range(n)],
-            "held_out_accuracy": np.mean([c[:n] for c in curves], axis=0).tolist()}
+    return {
+        "samples_after_drift": [k * batch for k in range(n)],
+        "held_out_accuracy": np.mean([c[:n] for c in curves], axis=0).tolist(),
+    }
 
 
 def render(doc: dict[str, Any]) -> None:
@@ -239,73 +282,121 @@ def render(doc: dict[str, Any]) -> None:
     cfg, m = doc["config"], doc["machine"]
     for sc in doc["scenarios"]:
         c = sc["comparison"]
-        table = Table(title=f"{sc['name']}: {sc['description']}; drift after "
-                            f"{cfg['before']} samples, {cfg['after']} after, "
-                            f"seeds {', '.join(map(str, cfg['seeds']))} (means)")
-        for col in ("rate", "", "prequential acc", "pre-drift acc", "lowest after",
-                    "recovery (samples)", "per seed", "recovered",
-                    f"rolling {cfg['window']} recovery", "max boost"):
+        table = Table(
+            title=f"{sc['name']}: {sc['description']}; drift after "
+            f"{cfg['before']} samples, {cfg['after']} after, "
+            f"seeds {', '.join(map(str, cfg['seeds']))} (means)"
+        )
+        for col in (
+            "rate",
+            "",
+            "prequential acc",
+            "pre-drift acc",
+            "lowest after",
+            "recovery (samples)",
+            "per seed",
+            "recovered",
+            f"rolling {cfg['window']} recovery",
+            "max boost",
+        ):
             table.add_column(col, justify="left" if col == "rate" else "right", no_wrap=True)
         for key, cell in sc["cells"].items():
             mode, lr = key.split("@")
             best = (mode == "fixed" and float(lr) == c["best_fixed_lr"]) or (
-                mode == "elastic" and float(lr) == c["best_elastic_lr"])
-            table.add_row(f"{mode} {lr}", "[bold]best[/]" if best else "",
-                          f"{cell['prequential_accuracy']:.4f}",
-                          f"{cell['pre_accuracy']:.3f}", f"{cell['lowest_after']:.3f}",
-                          f"{cell['recovery']:.0f}",
-                          " ".join(str(v) for v in cell["recovery_each"]),
-                          f"{cell['recovered']}/{cell['runs']}",
-                          f"{cell['rolling_recovery']:.0f}", f"{cell['max_boost']:.2f}")
+                mode == "elastic" and float(lr) == c["best_elastic_lr"]
+            )
+            table.add_row(
+                f"{mode} {lr}",
+                "[bold]best[/]" if best else "",
+                f"{cell['prequential_accuracy']:.4f}",
+                f"{cell['pre_accuracy']:.3f}",
+                f"{cell['lowest_after']:.3f}",
+                f"{cell['recovery']:.0f}",
+                " ".join(str(v) for v in cell["recovery_each"]),
+                f"{cell['recovered']}/{cell['runs']}",
+                f"{cell['rolling_recovery']:.0f}",
+                f"{cell['max_boost']:.2f}",
+            )
         console.print(table)
-    summary = Table(title="elastic vs best fixed rate: samples to recover to "
-                          f"{RECOVERY_SHARE:.0%} of pre-drift held-out accuracy")
-    for col in ("scenario", "best fixed", "recovery", "best elastic", "recovery", "ratio",
-                "same-base ratio", "rolling ratio", "target"):
+    summary = Table(
+        title="elastic vs best fixed rate: samples to recover to "
+        f"{RECOVERY_SHARE:.0%} of pre-drift held-out accuracy"
+    )
+    for col in (
+        "scenario",
+        "best fixed",
+        "recovery",
+        "best elastic",
+        "recovery",
+        "ratio",
+        "same-base ratio",
+        "rolling ratio",
+        "target",
+    ):
         summary.add_column(col, justify="left" if col == "scenario" else "right", no_wrap=True)
     for sc in doc["scenarios"]:
         c = sc["comparison"]
         verdict = "[green]PASS[/]" if c["pass"] else "[red]MISS[/]"
-        summary.add_row(sc["name"], f"lr {c['best_fixed_lr']:g}",
-                        f"{c['best_fixed_recovery']:.0f}", f"lr {c['best_elastic_lr']:g}",
-                        f"{c['best_elastic_recovery']:.0f}", f"[bold]{c['ratio']:.2f}[/]",
-                        f"{c['same_base_ratio']:.2f}", f"{c['rolling_ratio']:.2f}",
-                        f"{c['target']} {verdict}")
+        summary.add_row(
+            sc["name"],
+            f"lr {c['best_fixed_lr']:g}",
+            f"{c['best_fixed_recovery']:.0f}",
+            f"lr {c['best_elastic_lr']:g}",
+            f"{c['best_elastic_recovery']:.0f}",
+            f"[bold]{c['ratio']:.2f}[/]",
+            f"{c['same_base_ratio']:.2f}",
+            f"{c['rolling_ratio']:.2f}",
+            f"{c['target']} {verdict}",
+        )
     console.print(summary)
     ours = cfg["ours"]
-    console.print(f"ours: MLP {ours['hidden']}, N={ours['batch']}, TrainerConfig("
-                  f"{', '.join(f'{k}={v}' for k, v in ours['trainer'].items() if k != 'lr')}"
-                  f"), lr in {cfg['rates']} (preset {cfg.get('preset', 'bench')}); best = "
-                  "highest prequential accuracy")
-    console.print("elastic = the whole drift response (capped detector-driven rate, examples "
-                  "since the change while boosted, replay only since an error drift); "
-                  "fixed = the same learner, fixed rate, no drift response")
+    console.print(
+        f"ours: MLP {ours['hidden']}, N={ours['batch']}, TrainerConfig("
+        f"{', '.join(f'{k}={v}' for k, v in ours['trainer'].items() if k != 'lr')}"
+        f"), lr in {cfg['rates']} (preset {cfg.get('preset', 'bench')}); best = "
+        "highest prequential accuracy"
+    )
+    console.print(
+        "elastic = the whole drift response (capped detector-driven rate, examples "
+        "since the change while boosted, replay only since an error drift); "
+        "fixed = the same learner, fixed rate, no drift response"
+    )
     s = doc["summary"]
-    console.print(f"target met on {s['scenarios_passed']}/{len(doc['scenarios'])} scenarios; "
-                  f"{s['runtime_s']:.0f}s in all")
+    console.print(
+        f"target met on {s['scenarios_passed']}/{len(doc['scenarios'])} scenarios; "
+        f"{s['runtime_s']:.0f}s in all"
+    )
     console.print(machine_line(m, doc["date"]))
 
 
 def main(
-    scenarios: str = typer.Option(",".join(SCENARIOS), "--scenarios",
-                                  help="Comma-separated subset of " + ", ".join(SCENARIOS)
-                                       + "."),
+    scenarios: str = typer.Option(
+        ",".join(SCENARIOS),
+        "--scenarios",
+        help="Comma-separated subset of " + ", ".join(SCENARIOS) + ".",
+    ),
     seeds: int = typer.Option(3, "--seeds", min=1, max=20, help="Seeds averaged per cell."),
     seed: int = typer.Option(7, help="First seed (seeds seed..seed+K-1; tuning used 1-3)."),
-    before: int = typer.Option(4000, "--before", min=200,
-                               help="Samples of the old concept, warm-up included."),
+    before: int = typer.Option(
+        4000, "--before", min=200, help="Samples of the old concept, warm-up included."
+    ),
     after: int = typer.Option(5000, "--after", min=100, help="Samples of the new concept."),
     warmup: int = typer.Option(1000, "--warmup", min=100, help="Warm-up samples."),
-    holdout: int = typer.Option(2000, "--holdout", min=100,
-                                help="Held-out samples per concept."),
-    window: int = typer.Option(500, "--window", min=10,
-                               help="Rolling window (samples) of the prequential recovery."),
-    rates: str = typer.Option(",".join(f"{r:g}" for r in RATES), "--rates",
-                              help="Learning rates, fixed and as the elastic base."),
+    holdout: int = typer.Option(2000, "--holdout", min=100, help="Held-out samples per concept."),
+    window: int = typer.Option(
+        500, "--window", min=10, help="Rolling window (samples) of the prequential recovery."
+    ),
+    rates: str = typer.Option(
+        ",".join(f"{r:g}" for r in RATES),
+        "--rates",
+        help="Learning rates, fixed and as the elastic base.",
+    ),
     preset: str = typer.Option(
-        "production", "--preset",
+        "production",
+        "--preset",
         help="bench: MLP 32-32, steps 16, replay 0 (the prequential benchmark's learner); "
-             "production: MLP 64-64, steps 8, replay 2 (what `flywheel learn` runs)."),
+        "production: MLP 64-64, steps 8, replay 2 (what `flywheel learn` runs).",
+    ),
     hidden: str | None = typer.Option(None, help="Hidden layer widths of our MLP (preset's)."),
     batch: int = typer.Option(100, "--batch", min=1, help="N: new examples per update."),
     steps: int | None = typer.Option(None, help="TrainerConfig.steps (preset's: 16 or 8)."),
@@ -313,15 +404,20 @@ def main(
     max_boost: float | None = typer.Option(None, help="TrainerConfig.max_boost (default 3)."),
     half_life: float | None = typer.Option(None, help="TrainerConfig.half_life (default 3)."),
     max_lr: float | None = typer.Option(
-        None, "--max-lr", help="TrainerConfig.max_lr, the boosted rate's cap (default 0.01)."),
+        None, "--max-lr", help="TrainerConfig.max_lr, the boosted rate's cap (default 0.01)."
+    ),
     boost_window: int | None = typer.Option(
-        None, "--boost-window", min=0,
-        help="TrainerConfig.boost_window (default 1000; 0: no example boost)."),
+        None,
+        "--boost-window",
+        min=0,
+        help="TrainerConfig.boost_window (default 1000; 0: no example boost).",
+    ),
     boost_steps: bool | None = typer.Option(
-        None, "--boost-steps/--no-boost-steps", help="TrainerConfig.boost_steps (default on)."),
+        None, "--boost-steps/--no-boost-steps", help="TrainerConfig.boost_steps (default on)."
+    ),
     drift_replay: bool | None = typer.Option(
-        None, "--drift-replay/--no-drift-replay",
-        help="TrainerConfig.drift_replay (default on)."),
+        None, "--drift-replay/--no-drift-replay", help="TrainerConfig.drift_replay (default on)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Samples to recover after an abrupt drift: elastic rate vs the best fixed rate."""
@@ -342,8 +438,10 @@ def main(
     if not rate_list or min(rate_list) <= 0:
         raise typer.BadParameter("--rates needs positive learning rates")
     if before - warmup < max(window, PRE_UPDATES * batch):
-        raise typer.BadParameter(f"--before must leave room for the warm-up and then "
-                                 f"{PRE_UPDATES} updates and one window before the drift")
+        raise typer.BadParameter(
+            f"--before must leave room for the warm-up and then "
+            f"{PRE_UPDATES} updates and one window before the drift"
+        )
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
@@ -351,9 +449,16 @@ def main(
     steps = chosen["steps"] if steps is None else steps
     replay = chosen["replay"] if replay is None else replay
     setup = OurSetup(hidden=parse_ints(hidden), batch=batch)
-    knobs = {"steps": steps, "replay": replay, "max_boost": max_boost, "half_life": half_life,
-             "max_lr": max_lr, "boost_window": boost_window, "boost_steps": boost_steps,
-             "drift_replay": drift_replay}
+    knobs = {
+        "steps": steps,
+        "replay": replay,
+        "max_boost": max_boost,
+        "half_life": half_life,
+        "max_lr": max_lr,
+        "boost_window": boost_window,
+        "boost_steps": boost_steps,
+        "drift_replay": drift_replay,
+    }
     started = time.perf_counter()
     seed_list = [seed + k for k in range(seeds)]
     grid = [(mode, lr) for mode in ("fixed", "elastic") for lr in rate_list]
@@ -372,49 +477,78 @@ def main(
                     run = run_one(sc, config, setup, warmup, sd)
                     rec = recovery(run, sc.drift, warmup, window)
                     per_cell[f"{mode}@{lr:g}"].append(rec)
-                    curves[f"{mode}@{lr:g}"].append(run["held"][run["ends"] >= sc.drift]
-                                                    [:CURVE_UPDATES + 1])
+                    curves[f"{mode}@{lr:g}"].append(
+                        run["held"][run["ends"] >= sc.drift][: CURVE_UPDATES + 1]
+                    )
                     bar.advance(task)
                     if not interactive:
-                        print(f"{name} seed {sd} {mode} lr {lr:g}: recovery "
-                              f"{rec['recovery']} ({'recovered' if rec['recovered'] else 'NOT'})"
-                              f", prequential {rec['prequential_accuracy']:.4f}",
-                              file=sys.stderr)
+                        print(
+                            f"{name} seed {sd} {mode} lr {lr:g}: recovery "
+                            f"{rec['recovery']} ({'recovered' if rec['recovered'] else 'NOT'})"
+                            f", prequential {rec['prequential_accuracy']:.4f}",
+                            file=sys.stderr,
+                        )
             cells = {k: summarize_cell(v) for k, v in per_cell.items()}
             comparison = compare(cells, rate_list)
-            best = {"fixed": f"fixed@{comparison['best_fixed_lr']:g}",
-                    "elastic": f"elastic@{comparison['best_elastic_lr']:g}"}
-            results.append({
-                "name": name, "description": sc.description, "drift_at": sc.drift,
-                "cells": cells, "comparison": comparison,
-                "curves": {mode: _mean_curve(curves[key], batch) for mode, key in best.items()},
-            })
+            best = {
+                "fixed": f"fixed@{comparison['best_fixed_lr']:g}",
+                "elastic": f"elastic@{comparison['best_elastic_lr']:g}",
+            }
+            results.append(
+                {
+                    "name": name,
+                    "description": sc.description,
+                    "drift_at": sc.drift,
+                    "cells": cells,
+                    "comparison": comparison,
+                    "curves": {mode: _mean_curve(curves[key], batch) for mode, key in best.items()},
+                }
+            )
     example = trainer_config(lr=rate_list[0], **knobs)
-    doc = document("elastic", info, {
-        "config": {
-            "before": before, "after": after, "warmup": warmup, "holdout": holdout,
-            "window": window, "seeds": seed_list, "rates": rate_list, "preset": preset,
-            "arms": {"elastic": "TrainerConfig(elastic=True): detector-driven rate (capped) + "
-                                "examples since the change while boosted + replay only "
-                                "since an error drift",
-                     "fixed": "TrainerConfig(elastic=False): fixed rate, no drift response"},
-            "recovery_share": RECOVERY_SHARE, "pre_updates": PRE_UPDATES,
-            "ours": {"hidden": list(setup.hidden), "batch": setup.batch,
-                     "trainer": {k: v for k, v in config_dict(example).items()
-                                 if k not in ("lr", "elastic")},
-                     "warm_start": f"Standardize.fit + {setup.warm_epochs} epochs Adam "
-                                   f"lr {setup.warm_lr:g} batch {setup.warm_batch}"},
-            "best": "the rate with the highest prequential accuracy over the whole stream "
-                    "(mean over seeds), among fixed rates and among elastic base rates",
-            "recovery": f"post-drift samples trained on until held-out accuracy on the new "
-                        f"concept >= {RECOVERY_SHARE} x mean held-out accuracy of the last "
-                        f"{PRE_UPDATES} pre-drift updates; the post-drift length if never",
+    doc = document(
+        "elastic",
+        info,
+        {
+            "config": {
+                "before": before,
+                "after": after,
+                "warmup": warmup,
+                "holdout": holdout,
+                "window": window,
+                "seeds": seed_list,
+                "rates": rate_list,
+                "preset": preset,
+                "arms": {
+                    "elastic": "TrainerConfig(elastic=True): detector-driven rate (capped) + "
+                    "examples since the change while boosted + replay only "
+                    "since an error drift",
+                    "fixed": "TrainerConfig(elastic=False): fixed rate, no drift response",
+                },
+                "recovery_share": RECOVERY_SHARE,
+                "pre_updates": PRE_UPDATES,
+                "ours": {
+                    "hidden": list(setup.hidden),
+                    "batch": setup.batch,
+                    "trainer": {
+                        k: v for k, v in config_dict(example).items() if k not in ("lr", "elastic")
+                    },
+                    "warm_start": f"Standardize.fit + {setup.warm_epochs} epochs Adam "
+                    f"lr {setup.warm_lr:g} batch {setup.warm_batch}",
+                },
+                "best": "the rate with the highest prequential accuracy over the whole stream "
+                "(mean over seeds), among fixed rates and among elastic base rates",
+                "recovery": f"post-drift samples trained on until held-out accuracy on the new "
+                f"concept >= {RECOVERY_SHARE} x mean held-out accuracy of the last "
+                f"{PRE_UPDATES} pre-drift updates; the post-drift length if never",
+            },
+            "scenarios": results,
+            "summary": {
+                "scenarios_passed": sum(r["comparison"]["pass"] for r in results),
+                "all_pass": all(r["comparison"]["pass"] for r in results),
+                "runtime_s": time.perf_counter() - started,
+            },
         },
-        "scenarios": results,
-        "summary": {"scenarios_passed": sum(r["comparison"]["pass"] for r in results),
-                    "all_pass": all(r["comparison"]["pass"] for r in results),
-                    "runtime_s": time.perf_counter() - started},
-    })
+    )
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

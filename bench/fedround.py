@@ -37,27 +37,44 @@ def run_mode(mode: str, root: Path, clients: int, rounds: int) -> dict:
     from flywheel.registry import Registry
 
     poll = 0.1 if mode == "flywheel" else 3.0
-    platform, sites = build_homes(root, clients, make_partition(clients, per_site=200),
-                                  rounds=rounds, privacy_enabled=False, fed_poll_s=poll)
+    platform, sites = build_homes(
+        root,
+        clients,
+        make_partition(clients, per_site=200),
+        rounds=rounds,
+        privacy_enabled=False,
+        fed_poll_s=poll,
+    )
     ensure_champion(platform.trusted, Registry.of(platform))
-    options = RunOptions.from_settings(platform.federated, platform.trusted,
-                                       rounds=rounds, clients=clients,
-                                       min_clients=clients, local_steps=5, publish=False)
-    fed = LocalFederation(platform, sites, logs=root / "logs",
-                          flower_defaults=mode == "flower-defaults")
+    options = RunOptions.from_settings(
+        platform.federated,
+        platform.trusted,
+        rounds=rounds,
+        clients=clients,
+        min_clients=clients,
+        local_steps=5,
+        publish=False,
+    )
+    fed = LocalFederation(
+        platform, sites, logs=root / "logs", flower_defaults=mode == "flower-defaults"
+    )
     started = time.perf_counter()
     with fed:
         fed.wait_for_sites(clients, timeout_s=180)
         ready = time.perf_counter() - started
         summary = fed.run(options, timeout_s=900)
     later = summary["rounds"][1:] or summary["rounds"]
-    return {"mode": mode, "poll_s": poll, "startup_s": ready,
-            "first_round_s": summary["rounds"][0]["wall_s"],
-            "round_wall_s": statistics.median(r["wall_s"] for r in later),
-            "client_compute_s": statistics.median(r["client_compute_s"] for r in later),
-            "overhead_s": statistics.median(r["overhead_s"] for r in later),
-            "overhead_max_s": max(r["overhead_s"] for r in later),
-            "rounds": summary["rounds"]}
+    return {
+        "mode": mode,
+        "poll_s": poll,
+        "startup_s": ready,
+        "first_round_s": summary["rounds"][0]["wall_s"],
+        "round_wall_s": statistics.median(r["wall_s"] for r in later),
+        "client_compute_s": statistics.median(r["client_compute_s"] for r in later),
+        "overhead_s": statistics.median(r["overhead_s"] for r in later),
+        "overhead_max_s": max(r["overhead_s"] for r in later),
+        "rounds": summary["rounds"],
+    }
 
 
 def main(
@@ -83,21 +100,45 @@ def main(
     for mode in chosen:
         with tempfile.TemporaryDirectory(prefix=f"bench-fedround-{mode}-") as tmp:
             results.append(run_mode(mode, Path(tmp), clients, rounds))
-    doc = document("fedround", m, {
-        "clients": clients, "rounds": rounds, "seconds": time.perf_counter() - started,
-        "results": results, "target_overhead_s": 3.0}, date=date, command=False)
+    doc = document(
+        "fedround",
+        m,
+        {
+            "clients": clients,
+            "rounds": rounds,
+            "seconds": time.perf_counter() - started,
+            "results": results,
+            "target_overhead_s": 3.0,
+        },
+        date=date,
+        command=False,
+    )
     if json_out:
         print(json.dumps(doc, indent=2, default=str))
         return
     table = Table(title=f"federated round overhead, {clients} sites, {rounds} rounds")
-    for col in ("mode", "poll s", "round wall s", "site work s", "overhead s (median)",
-                "overhead max s", "first round s", "start s"):
+    for col in (
+        "mode",
+        "poll s",
+        "round wall s",
+        "site work s",
+        "overhead s (median)",
+        "overhead max s",
+        "first round s",
+        "start s",
+    ):
         table.add_column(col)
     for r in results:
-        table.add_row(r["mode"], f"{r['poll_s']:g}", f"{r['round_wall_s']:.2f}",
-                      f"{r['client_compute_s']:.2f}", f"{r['overhead_s']:.2f}",
-                      f"{r['overhead_max_s']:.2f}", f"{r['first_round_s']:.2f}",
-                      f"{r['startup_s']:.1f}")
+        table.add_row(
+            r["mode"],
+            f"{r['poll_s']:g}",
+            f"{r['round_wall_s']:.2f}",
+            f"{r['client_compute_s']:.2f}",
+            f"{r['overhead_s']:.2f}",
+            f"{r['overhead_max_s']:.2f}",
+            f"{r['first_round_s']:.2f}",
+            f"{r['startup_s']:.1f}",
+        )
     console = Console()
     console.print(table)
     console.print(machine_line(m, date))

@@ -68,11 +68,16 @@ class BenchError(RuntimeError):
 # The worker's steps (flywheel.feedback.WorkerStep) as this report names them; "{thread}"
 # is filled in with the thread that ran the step (MainThread or feedback-store).
 LABELS = {
-    WorkerStep.POLL: "kafka poll", WorkerStep.COMMIT: "kafka offset commit",
-    WorkerStep.DECODE: "decode + validate", WorkerStep.WAIT: "waiting for the store thread",
-    WorkerStep.SWEEP: "sweep", WorkerStep.STORE_BATCH: "store thread busy",
-    WorkerStep.TRANSACTION: "transaction {thread}", WorkerStep.ANALYSIS: "analysis {thread}",
-    WorkerStep.STORE_JOIN: "store + join", WorkerStep.EXAMPLE_INSERTS: "example inserts",
+    WorkerStep.POLL: "kafka poll",
+    WorkerStep.COMMIT: "kafka offset commit",
+    WorkerStep.DECODE: "decode + validate",
+    WorkerStep.WAIT: "waiting for the store thread",
+    WorkerStep.SWEEP: "sweep",
+    WorkerStep.STORE_BATCH: "store thread busy",
+    WorkerStep.TRANSACTION: "transaction {thread}",
+    WorkerStep.ANALYSIS: "analysis {thread}",
+    WorkerStep.STORE_JOIN: "store + join",
+    WorkerStep.EXAMPLE_INSERTS: "example inserts",
 }
 
 
@@ -129,16 +134,18 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     name = f"fw_bench_{secrets.token_hex(6)}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool,
-                          connect_args={"connect_timeout": 5})
+    admin = create_engine(
+        url, isolation_level="AUTOCOMMIT", poolclass=NullPool, connect_args={"connect_timeout": 5}
+    )
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     except SQLAlchemyError as exc:
         admin.dispose()
-        raise BenchError(f"PostgreSQL at {url.render_as_string(hide_password=True)} is "
-                         f"unusable: {' '.join(str(getattr(exc, 'orig', exc)).split())}"
-                         ) from None
+        raise BenchError(
+            f"PostgreSQL at {url.render_as_string(hide_password=True)} is "
+            f"unusable: {' '.join(str(getattr(exc, 'orig', exc)).split())}"
+        ) from None
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
@@ -147,8 +154,9 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def make_traffic(settings: Settings, n: int, seed: int
-                 ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+def make_traffic(
+    settings: Settings, n: int, seed: int
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
     """(key, value) of N predictions from the champion and of their N corrections.
 
     80 % of inputs come from the seed concept, 20 % from a drifted one, so the model is
@@ -187,12 +195,36 @@ def make_traffic(settings: Settings, n: int, seed: int
         pid = new_id()
         pd = dict(zip(labels, p, strict=True))
         label = labels[max(range(len(p)), key=p.__getitem__)]
-        predictions.append((pid.encode(), prediction_payload(
-            id=pid, model_name=settings.registry.model_name, model_version=loaded.version,
-            features=row, probabilities=pd, label=label, timestamp=now, latency_ms=0.4)))
-        corrections.append((pid.encode(), orjson.dumps({
-            "schema_version": SCHEMA_VERSION, "id": new_id(), "prediction_id": pid,
-            "label": t, "source": f"app-{rng.integers(SOURCES)}", "timestamp": now})))
+        predictions.append(
+            (
+                pid.encode(),
+                prediction_payload(
+                    id=pid,
+                    model_name=settings.registry.model_name,
+                    model_version=loaded.version,
+                    features=row,
+                    probabilities=pd,
+                    label=label,
+                    timestamp=now,
+                    latency_ms=0.4,
+                ),
+            )
+        )
+        corrections.append(
+            (
+                pid.encode(),
+                orjson.dumps(
+                    {
+                        "schema_version": SCHEMA_VERSION,
+                        "id": new_id(),
+                        "prediction_id": pid,
+                        "label": t,
+                        "source": f"app-{rng.integers(SOURCES)}",
+                        "timestamp": now,
+                    }
+                ),
+            )
+        )
     corrections = [corrections[i] for i in rng.permutation(n)]
     return predictions, corrections
 
@@ -200,12 +232,18 @@ def make_traffic(settings: Settings, n: int, seed: int
 def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                             batch_size=512 * 1024, max_request_size=8 * 1024 * 1024)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=20,
+        batch_size=512 * 1024,
+        max_request_size=8 * 1024 * 1024,
+    )
     try:
         for i in range(0, len(records), PRODUCE_CHUNK):
-            futures = [producer.send(topic, key=k, value=v)
-                       for k, v in records[i:i + PRODUCE_CHUNK]]
+            futures = [
+                producer.send(topic, key=k, value=v) for k, v in records[i : i + PRODUCE_CHUNK]
+            ]
             producer.flush()
             for f in futures:
                 f.get(timeout=0)
@@ -214,8 +252,9 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> N
 
 
 # -- the measurements -----------------------------------------------------------------------
-def measure_store_floor(bootstrap: str, topics: list[str], n: int, max_records: int,
-                        pg_admin_url: str, group: str) -> dict[str, Any]:
+def measure_store_floor(
+    bootstrap: str, topics: list[str], n: int, max_records: int, pg_admin_url: str, group: str
+) -> dict[str, Any]:
     """The cheapest durable store of the same 2n records (`bench._store_floor`), on a
     throwaway database of its own."""
     from bench._store_floor import store_floor
@@ -223,8 +262,9 @@ def measure_store_floor(bootstrap: str, topics: list[str], n: int, max_records: 
     with throwaway_database(pg_admin_url) as database_url:
         backends = BackendCpu(database_url)
         try:
-            floor = store_floor(bootstrap, topics, 2 * n, max_records, database_url, group,
-                                RUN_TIMEOUT_S, backends)
+            floor = store_floor(
+                bootstrap, topics, 2 * n, max_records, database_url, group, RUN_TIMEOUT_S, backends
+            )
         except TimeoutError as exc:
             raise BenchError(str(exc)) from exc
         finally:
@@ -235,18 +275,26 @@ def measure_store_floor(bootstrap: str, topics: list[str], n: int, max_records: 
     return floor
 
 
-def raw_consume(bootstrap: str, topics: list[str], expected: int,
-                max_records: int, parse_json: bool = False) -> dict[str, Any]:
+def raw_consume(
+    bootstrap: str, topics: list[str], expected: int, max_records: int, parse_json: bool = False
+) -> dict[str, Any]:
     """Seconds for a bare kafka-python consumer to read `expected` records of `topics`
     (with `parse_json`, each value through the standard library's `json.loads` too)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             group_id=None, max_poll_records=max_records,
-                             value_deserializer=json.loads if parse_json else None)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        max_poll_records=max_records,
+        value_deserializer=json.loads if parse_json else None,
+    )
     try:
-        tps = [TopicPartition(t, p) for t in topics
-               for p in sorted(consumer.partitions_for_topic(t) or ())]
+        tps = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         seen, polls = 0, 0
@@ -261,8 +309,7 @@ def raw_consume(bootstrap: str, topics: list[str], expected: int,
         elapsed = time.perf_counter() - start
     finally:
         consumer.close()
-    return {"records": seen, "polls": polls, "elapsed_s": elapsed,
-            "records_per_s": seen / elapsed}
+    return {"records": seen, "polls": polls, "elapsed_s": elapsed, "records_per_s": seen / elapsed}
 
 
 class BackendCpu:
@@ -290,8 +337,10 @@ class BackendCpu:
 
         try:
             with self._engine.connect() as conn:
-                pids = conn.scalars(text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
-                                    {"d": self.database}).all()
+                pids = conn.scalars(
+                    text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
+                    {"d": self.database},
+                ).all()
         except Exception:  # noqa: BLE001 -- a figure we can do without
             return {}
         cpu = {}
@@ -370,8 +419,9 @@ def run_worker(settings: Settings, n: int, say: Callable[[str], None]) -> dict[s
         backends.close()
         worker.engine.dispose()  # before the database is dropped
     if "done" not in marks or "assigned" not in marks:
-        raise BenchError(f"the worker joined {worker.stats.joined} of {n} corrections "
-                         f"in {RUN_TIMEOUT_S:.0f}s")
+        raise BenchError(
+            f"the worker joined {worker.stats.joined} of {n} corrections in {RUN_TIMEOUT_S:.0f}s"
+        )
     elapsed = marks["done"] - marks["assigned"]
     s = at_done
     # Two threads run at once: the consumer thread (poll, decode, offset commits, waiting
@@ -381,12 +431,14 @@ def run_worker(settings: Settings, n: int, say: Callable[[str], None]) -> dict[s
     # to more.
     # "store + join" includes the analysis of pairs only the store could find (claims the
     # consumer thread did not expect, predictions read back from the store)
-    in_tx = (s.get("store + join", 0.0) + s.get("analysis feedback-store", 0)
-             + s.get("example inserts", 0))
+    in_tx = (
+        s.get("store + join", 0.0)
+        + s.get("analysis feedback-store", 0)
+        + s.get("example inserts", 0)
+    )
     consumer = {
         "kafka poll": s.get("kafka poll", 0.0),
-        "decode + validate": s.get("decode + validate", 0.0)
-        - s.get("analysis MainThread", 0.0),
+        "decode + validate": s.get("decode + validate", 0.0) - s.get("analysis MainThread", 0.0),
         "prepare: analysis + counterexamples": s.get("analysis MainThread", 0.0),
         "kafka offset commit": s.get("kafka offset commit", 0.0),
         "waiting for the store thread": s.get("waiting for the store thread", 0.0),
@@ -406,25 +458,41 @@ def run_worker(settings: Settings, n: int, say: Callable[[str], None]) -> dict[s
     say(f"worker: {stats.joined} joined in {elapsed:.2f}s over {stats.batches} batches")
     # CPU seconds of this process (both threads; not PostgreSQL's, not the broker's):
     # less sensitive than `elapsed` to what else runs on the machine.
-    figures = rates(n, elapsed, marks["cpu_done"] - marks["cpu_assigned"],
-                    BackendCpu.spent(pg_cpu.get("assigned", {}), pg_cpu.get("done", {})),
-                    steal_share(marks.get("steal_assigned"), marks.get("steal_done")))
-    return {**figures, "joined": stats.joined, "batches": stats.batches,
-            "records": stats.records, "examples": stats.examples,
-            "predictions": stats.predictions, "corrections": stats.corrections,
-            "dead_letters": stats.dead_letters, "retries": stats.retries,
-            "pending": stats.pending,
-            "time_split_s": {"consumer thread": consumer, "store thread": store}}
+    figures = rates(
+        n,
+        elapsed,
+        marks["cpu_done"] - marks["cpu_assigned"],
+        BackendCpu.spent(pg_cpu.get("assigned", {}), pg_cpu.get("done", {})),
+        steal_share(marks.get("steal_assigned"), marks.get("steal_done")),
+    )
+    return {
+        **figures,
+        "joined": stats.joined,
+        "batches": stats.batches,
+        "records": stats.records,
+        "examples": stats.examples,
+        "predictions": stats.predictions,
+        "corrections": stats.corrections,
+        "dead_letters": stats.dead_letters,
+        "retries": stats.retries,
+        "pending": stats.pending,
+        "time_split_s": {"consumer thread": consumer, "store thread": store},
+    }
 
 
-def rates(n: int, elapsed: float, process_cpu: float, server_cpu: float | None,
-          steal: float | None) -> dict[str, Any]:
+def rates(
+    n: int, elapsed: float, process_cpu: float, server_cpu: float | None, steal: float | None
+) -> dict[str, Any]:
     """A worker run's figures, absolute and per correction (one worker or a group)."""
-    return {"elapsed_s": elapsed, "corrections_per_s": n / elapsed,
-            "process_cpu_s": process_cpu, "process_cpu_us_per_correction": process_cpu / n * 1e6,
-            "steal_share": steal, "postgresql_cpu_s": server_cpu,
-            "postgresql_cpu_us_per_correction": None if server_cpu is None
-            else server_cpu / n * 1e6}
+    return {
+        "elapsed_s": elapsed,
+        "corrections_per_s": n / elapsed,
+        "process_cpu_s": process_cpu,
+        "process_cpu_us_per_correction": process_cpu / n * 1e6,
+        "steal_share": steal,
+        "postgresql_cpu_s": server_cpu,
+        "postgresql_cpu_us_per_correction": None if server_cpu is None else server_cpu / n * 1e6,
+    }
 
 
 def _group(settings: Settings, n: int, workers: int, say: Callable[[str], None]) -> dict[str, Any]:
@@ -433,17 +501,29 @@ def _group(settings: Settings, n: int, workers: int, say: Callable[[str], None])
 
     backends = BackendCpu(settings.state.resolved_database_url)
     try:
-        group = run_worker_group(settings, n, workers, say,
-                                 lambda: (backends.snapshot(), steal_share_now()),
-                                 RUN_TIMEOUT_S)
+        group = run_worker_group(
+            settings,
+            n,
+            workers,
+            say,
+            lambda: (backends.snapshot(), steal_share_now()),
+            RUN_TIMEOUT_S,
+        )
     except RuntimeError as exc:
         raise BenchError(str(exc)) from exc
     finally:
         backends.close()
     (pg_before, steal_before), (pg_after, steal_after) = group.pop("snapshots")
-    return {**group, **rates(n, group["elapsed_s"], group["process_cpu_s"],
-                             BackendCpu.spent(pg_before, pg_after),
-                             steal_share(steal_before, steal_after))}
+    return {
+        **group,
+        **rates(
+            n,
+            group["elapsed_s"],
+            group["process_cpu_s"],
+            BackendCpu.spent(pg_before, pg_after),
+            steal_share(steal_before, steal_after),
+        ),
+    }
 
 
 def verify(settings: Settings, n: int) -> dict[str, Any]:
@@ -462,17 +542,28 @@ def verify(settings: Settings, n: int) -> dict[str, Any]:
     engine = make_engine(settings.state.resolved_database_url)
     try:
         with engine.connect() as conn:
+
             def scalar(stmt: Any) -> int:
                 return int(conn.scalar(stmt) or 0)
 
             predictions = scalar(select(func.count()).select_from(Prediction))
-            by_status = dict(conn.execute(select(Correction.status, func.count())
-                                          .group_by(Correction.status)).all())
-            examples = (select(Example.origin, Example.split, Example.error_type,
-                               func.count(), func.count(func.distinct(Example.dedup_key)),
-                               func.count(func.distinct(Example.parent_prediction_id)))
-                        .where(Example.origin != "seed")
-                        .group_by(Example.origin, Example.split, Example.error_type))
+            by_status = dict(
+                conn.execute(
+                    select(Correction.status, func.count()).group_by(Correction.status)
+                ).all()
+            )
+            examples = (
+                select(
+                    Example.origin,
+                    Example.split,
+                    Example.error_type,
+                    func.count(),
+                    func.count(func.distinct(Example.dedup_key)),
+                    func.count(func.distinct(Example.parent_prediction_id)),
+                )
+                .where(Example.origin != "seed")
+                .group_by(Example.origin, Example.split, Example.error_type)
+            )
             rows = conn.execute(examples).all()
             counted = scalar(select(func.sum(CounterexampleUsage.count)))
     finally:
@@ -500,10 +591,13 @@ def verify(settings: Settings, n: int) -> dict[str, Any]:
         "counterexamples in the budget's counts": (counted, n_cx),
         "duplicate dedup keys": (sum(r[3] - r[4] for r in rows), 0),
     }
-    return {"checks": {k: {"value": v, "expected": e, "ok": v == e}
-                       for k, (v, e) in checks.items()},
-            "ok": all(v == e for v, e in checks.values()),
-            "error_mix": error_mix, "splits": splits, "counterexamples": n_cx}
+    return {
+        "checks": {k: {"value": v, "expected": e, "ok": v == e} for k, (v, e) in checks.items()},
+        "ok": all(v == e for v, e in checks.values()),
+        "error_mix": error_mix,
+        "splits": splits,
+        "counterexamples": n_cx,
+    }
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -513,8 +607,11 @@ def machine(database_url: str) -> dict[str, Any]:
     from bench.serve import machine_info
     from flywheel.store import make_engine
 
-    info = {k: v for k, v in machine_info().items()
-            if k not in {"uvicorn", "uvicorn_loop", "uvicorn_http", "fastapi"}}
+    info = {
+        k: v
+        for k, v in machine_info().items()
+        if k not in {"uvicorn", "uvicorn_loop", "uvicorn_http", "fastapi"}
+    }
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
@@ -543,27 +640,33 @@ def summarize(n: int, rounds: list[dict[str, Any]], cores: int) -> dict[str, Any
     """Medians over the rounds: joined/s, the raw rate, and the ratio of each round's
     worker to the raw reads beside it (paired, so a machine that slows down for a while
     slows both sides of a ratio). `cores`: the machine's, as its `cpu_count` records."""
-    ceilings = [c for r in rounds
-                if (c := cpu_ceiling(r["raw"]["elapsed_s"], r["worker"], cores)) is not None]
+    ceilings = [
+        c
+        for r in rounds
+        if (c := cpu_ceiling(r["raw"]["elapsed_s"], r["worker"], cores)) is not None
+    ]
     joined = statistics.median(r["worker"]["corrections_per_s"] for r in rounds)
     raw_cps = statistics.median(n / r["raw"]["elapsed_s"] for r in rounds)
     ratio = statistics.median(r["ratio"] for r in rounds)
     # kafka-python's reads here often stall once for a fetch wait (0.28 or 0.51 s); the
     # fastest of a round's reads has none, so this ratio is the stricter of the two
     to_fastest = statistics.median(
-        r["worker"]["corrections_per_s"] / (n / min(r["raw"]["elapsed_s_each"]))
-        for r in rounds)
+        r["worker"]["corrections_per_s"] / (n / min(r["raw"]["elapsed_s_each"])) for r in rounds
+    )
     # for context, not the target: a consumer that also parses each value's JSON
     to_parsing = statistics.median(
         r["worker"]["corrections_per_s"] / (n / statistics.median(r["raw"]["json_elapsed_s_each"]))
-        for r in rounds)
+        for r in rounds
+    )
     # context, not a target: the least any worker that stores each record before
     # committing its offset pays here, and how much of that rate ours keeps
     floor_cps = statistics.median(r["floor"]["corrections_per_s"] for r in rounds)
     floor_to_raw = statistics.median(
-        r["floor"]["corrections_per_s"] / (n / r["raw"]["elapsed_s"]) for r in rounds)
+        r["floor"]["corrections_per_s"] / (n / r["raw"]["elapsed_s"]) for r in rounds
+    )
     worker_to_floor = statistics.median(
-        r["worker"]["corrections_per_s"] / r["floor"]["corrections_per_s"] for r in rounds)
+        r["worker"]["corrections_per_s"] / r["floor"]["corrections_per_s"] for r in rounds
+    )
     return {
         "raw_corrections_per_s": raw_cps,
         "floor_corrections_per_s": floor_cps,
@@ -579,10 +682,16 @@ def summarize(n: int, rounds: list[dict[str, Any]], cores: int) -> dict[str, Any
         "ratio_each": [r["ratio"] for r in rounds],
         "verified": all(r["verify"]["ok"] for r in rounds),
         "targets": {
-            "joined_per_s": {"target": f">= {JOINED_TARGET:.0f}", "value": joined,
-                             "pass": joined >= JOINED_TARGET},
-            "ratio_to_raw": {"target": f">= {RATIO_TARGET}", "value": ratio,
-                             "pass": ratio >= RATIO_TARGET},
+            "joined_per_s": {
+                "target": f">= {JOINED_TARGET:.0f}",
+                "value": joined,
+                "pass": joined >= JOINED_TARGET,
+            },
+            "ratio_to_raw": {
+                "target": f">= {RATIO_TARGET}",
+                "value": ratio,
+                "pass": ratio >= RATIO_TARGET,
+            },
         },
     }
 
@@ -596,30 +705,56 @@ def render(doc: dict[str, Any]) -> None:
         console.width = 120
     cfg, ours, s = doc["config"], doc["worker"], doc["summary"]
     who = "the worker" if cfg["workers"] == 1 else f"{cfg['workers']} worker processes"
-    table = Table(title=f"{cfg['records']} predictions + {cfg['records']} corrections, "
-                        f"{cfg['partitions']} partitions, poll size {cfg['max_records']}, "
-                        f"PostgreSQL; each round: raw reads, then {who}")
-    for col in ("round", "raw s (median of 3)", "raw corrections/s", "store floor s",
-                "worker s", "joined/s", "ratio", "CPU steal"):
+    table = Table(
+        title=f"{cfg['records']} predictions + {cfg['records']} corrections, "
+        f"{cfg['partitions']} partitions, poll size {cfg['max_records']}, "
+        f"PostgreSQL; each round: raw reads, then {who}"
+    )
+    for col in (
+        "round",
+        "raw s (median of 3)",
+        "raw corrections/s",
+        "store floor s",
+        "worker s",
+        "joined/s",
+        "ratio",
+        "CPU steal",
+    ):
         table.add_column(col, justify="right")
     n = cfg["records"]
     for i, r in enumerate(doc["rounds"], 1):
         steal = r["worker"].get("steal_share")
-        table.add_row(str(i), f"{r['raw']['elapsed_s']:.2f}", f"{n / r['raw']['elapsed_s']:.0f}",
-                      f"{r['floor']['elapsed_s']:.2f}", f"{r['worker']['elapsed_s']:.2f}",
-                      f"{r['worker']['corrections_per_s']:.0f}", f"{r['ratio']:.3f}",
-                      "n/a" if steal is None else f"{steal:.0%}")
-    table.add_row("median", "", f"{s['raw_corrections_per_s']:.0f}", "", "",
-                  f"[bold]{s['joined_per_s']:.0f}[/]", f"[bold]{s['ratio']:.3f}[/]", "")
+        table.add_row(
+            str(i),
+            f"{r['raw']['elapsed_s']:.2f}",
+            f"{n / r['raw']['elapsed_s']:.0f}",
+            f"{r['floor']['elapsed_s']:.2f}",
+            f"{r['worker']['elapsed_s']:.2f}",
+            f"{r['worker']['corrections_per_s']:.0f}",
+            f"{r['ratio']:.3f}",
+            "n/a" if steal is None else f"{steal:.0%}",
+        )
+    table.add_row(
+        "median",
+        "",
+        f"{s['raw_corrections_per_s']:.0f}",
+        "",
+        "",
+        f"[bold]{s['joined_per_s']:.0f}[/]",
+        f"[bold]{s['ratio']:.3f}[/]",
+        "",
+    )
     console.print(table)
     if ours["time_split_s"] is None:  # a group of worker processes: no time split
         for i, member in enumerate(ours["members"]):
             parts = ", ".join(f"{t.rsplit('.', 2)[-2]}/{p}" for t, p in member["partitions"])
             after = member["assigned_after_s"]
-            console.print(f"worker process {i}: partitions {parts or 'none'}; joined "
-                          f"{member['joined']}; assigned "
-                          + ("never" if after is None else f"+{after:.2f}s")
-                          + f"; CPU {member['process_cpu_s']:.2f}s")
+            console.print(
+                f"worker process {i}: partitions {parts or 'none'}; joined "
+                f"{member['joined']}; assigned "
+                + ("never" if after is None else f"+{after:.2f}s")
+                + f"; CPU {member['process_cpu_s']:.2f}s"
+            )
     else:
         _render_split(console, ours, cfg["records"])
     _render_rest(console, doc)
@@ -628,8 +763,9 @@ def render(doc: dict[str, Any]) -> None:
 def _render_split(console: Any, ours: dict[str, Any], n: int) -> None:
     from rich.table import Table
 
-    split = Table(title="the median round's worker, time split (two threads at once: each "
-                        "adds up to the run)")
+    split = Table(
+        title="the median round's worker, time split (two threads at once: each adds up to the run)"
+    )
     split.add_column("thread")
     split.add_column("step")
     split.add_column("seconds", justify="right")
@@ -637,46 +773,64 @@ def _render_split(console: Any, ours: dict[str, Any], n: int) -> None:
     split.add_column("us per correction", justify="right")
     for thread, steps in ours["time_split_s"].items():
         for step, secs in steps.items():
-            split.add_row(thread, step, f"{secs:.2f}", f"{secs / ours['elapsed_s']:.0%}",
-                          f"{secs / n * 1e6:.1f}")
+            split.add_row(
+                thread,
+                step,
+                f"{secs:.2f}",
+                f"{secs / ours['elapsed_s']:.0%}",
+                f"{secs / n * 1e6:.1f}",
+            )
     console.print(split)
 
 
 def _render_rest(console: Any, doc: dict[str, Any]) -> None:
     ours, s, m, cfg = doc["worker"], doc["summary"], doc["machine"], doc["config"]
     pg = ours.get("postgresql_cpu_s")
-    console.print(f"CPU over the run: worker process{'es' if cfg['workers'] > 1 else ''} "
-                  f"{ours['process_cpu_s']:.2f}s, its "
-                  "PostgreSQL backends " + ("n/a" if pg is None else f"{pg:.2f}s"))
+    console.print(
+        f"CPU over the run: worker process{'es' if cfg['workers'] > 1 else ''} "
+        f"{ours['process_cpu_s']:.2f}s, its "
+        "PostgreSQL backends " + ("n/a" if pg is None else f"{pg:.2f}s")
+    )
     v = doc["verify"]
     mix = ", ".join(f"{k} {c}" for k, c in sorted(v["error_mix"].items()))
-    console.print(f"error types: {mix}; splits: "
-                  + ", ".join(f"{k} {c}" for k, c in sorted(v["splits"].items()))
-                  + f"; counterexamples {v['counterexamples']}")
+    console.print(
+        f"error types: {mix}; splits: "
+        + ", ".join(f"{k} {c}" for k, c in sorted(v["splits"].items()))
+        + f"; counterexamples {v['counterexamples']}"
+    )
     for name, c in v["checks"].items():
         mark = "[green]ok[/]" if c["ok"] else "[red]WRONG[/]"
         console.print(f"  {name:<28} {c['value']:>8} (expected {c['expected']})  {mark}")
     for name, t in s["targets"].items():
         verdict = "[green]PASS[/]" if t["pass"] else "[red]MISS[/]"
         console.print(f"{name:<13} {t['value']:.3f}  (target {t['target']})  {verdict}")
-    console.print(f"[dim]ratio to each round's fastest raw read (no fetch stall): "
-                  f"{s['ratio_to_fastest_raw']:.3f}; to raw reads that also json.loads each "
-                  f"value (context, not the target): {s['ratio_to_raw_with_json']:.3f}[/]")
+    console.print(
+        f"[dim]ratio to each round's fastest raw read (no fetch stall): "
+        f"{s['ratio_to_fastest_raw']:.3f}; to raw reads that also json.loads each "
+        f"value (context, not the target): {s['ratio_to_raw_with_json']:.3f}[/]"
+    )
     if s.get("ratio_cpu_ceiling") is not None:
-        console.print(f"[dim]the best ratio this CPU use allows on {m['cpu_count']} cores "
-                      "((worker process + PostgreSQL CPU) / cores of wall time, perfect "
-                      f"overlap): {s['ratio_cpu_ceiling']:.3f}[/]")
+        console.print(
+            f"[dim]the best ratio this CPU use allows on {m['cpu_count']} cores "
+            "((worker process + PostgreSQL CPU) / cores of wall time, perfect "
+            f"overlap): {s['ratio_cpu_ceiling']:.3f}[/]"
+        )
     fl = doc["floor"]
     flpg = fl.get("postgresql_cpu_s")
-    console.print(f"[dim]store floor (consume + COPY the raw records + commit, nothing else): "
-                  f"{s['floor_corrections_per_s']:.0f} corrections/s, "
-                  f"{s['floor_ratio_to_raw']:.3f} x raw; the worker keeps "
-                  f"{s['ratio_to_floor']:.3f} of it (the median round's floor: process CPU "
-                  f"{fl['process_cpu_s']:.2f}s, PostgreSQL "
-                  + ("n/a" if flpg is None else f"{flpg:.2f}s") + ")[/]")
-    console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), PostgreSQL "
-                  f"{m['postgresql']}, Python {m['python']}, torch {m['torch']}, load average "
-                  f"{load_range(m)}, {doc['date']}[/]")
+    console.print(
+        f"[dim]store floor (consume + COPY the raw records + commit, nothing else): "
+        f"{s['floor_corrections_per_s']:.0f} corrections/s, "
+        f"{s['floor_ratio_to_raw']:.3f} x raw; the worker keeps "
+        f"{s['ratio_to_floor']:.3f} of it (the median round's floor: process CPU "
+        f"{fl['process_cpu_s']:.2f}s, PostgreSQL "
+        + ("n/a" if flpg is None else f"{flpg:.2f}s")
+        + ")[/]"
+    )
+    console.print(
+        f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), PostgreSQL "
+        f"{m['postgresql']}, Python {m['python']}, torch {m['torch']}, load average "
+        f"{load_range(m)}, {doc['date']}[/]"
+    )
 
 
 def _sigterm_to_exit(signum: int, frame: object) -> None:
@@ -685,21 +839,35 @@ def _sigterm_to_exit(signum: int, frame: object) -> None:
 
 
 def main(
-    records: int = typer.Option(50_000, "--records", min=100, max=2_000_000,
-                                help="Predictions, and as many corrections."),
-    max_records: int = typer.Option(2000, "--max-records", min=1, max=100_000,
-                                    help="Records per poll (FLYWHEEL_FEEDBACK_MAX_RECORDS)."),
+    records: int = typer.Option(
+        50_000, "--records", min=100, max=2_000_000, help="Predictions, and as many corrections."
+    ),
+    max_records: int = typer.Option(
+        2000,
+        "--max-records",
+        min=1,
+        max=100_000,
+        help="Records per poll (FLYWHEEL_FEEDBACK_MAX_RECORDS).",
+    ),
     seed: int = typer.Option(11, help="Sample seed of the traffic."),
     pg_admin_url: str = typer.Option(
-        os.environ.get("PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL), "--pg-admin-url",
-        help="A PostgreSQL database to CREATE/DROP the throwaway one from."),
-    rounds: int = typer.Option(3, "--rounds", min=1, max=20,
-                               help="Raw reads + a worker run on a fresh database, each."),
+        os.environ.get("PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL),
+        "--pg-admin-url",
+        help="A PostgreSQL database to CREATE/DROP the throwaway one from.",
+    ),
+    rounds: int = typer.Option(
+        3, "--rounds", min=1, max=20, help="Raw reads + a worker run on a fresh database, each."
+    ),
     workers: int = typer.Option(
-        1, "--workers", min=1, max=16,
-        help="Worker processes in the group (1: in this process, its steps timed)."),
-    partitions: int = typer.Option(3, "--partitions", min=1, max=64,
-                                   help="Partitions of each topic."),
+        1,
+        "--workers",
+        min=1,
+        max=16,
+        help="Worker processes in the group (1: in this process, its steps timed).",
+    ),
+    partitions: int = typer.Option(
+        3, "--partitions", min=1, max=64, help="Partitions of each topic."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Corrections joined and stored per second on PostgreSQL vs raw Kafka consumption."""
@@ -725,14 +893,16 @@ def main(
             done: list[dict[str, Any]] = []
             suffix = uuid.uuid4().hex[:8]
             settings = Settings(
-                home=work / "home", kafka_bootstrap=broker.bootstrap,
+                home=work / "home",
+                kafka_bootstrap=broker.bootstrap,
                 topic_predictions=f"bench.predictions.{suffix}",
                 topic_corrections=f"bench.corrections.{suffix}",
                 topic_model_events=f"bench.model-events.{suffix}",
                 topic_deadletter=f"bench.deadletter.{suffix}",
                 feedback_max_records=max_records,
                 # Never binding: every trainable error gets its variants (the worst case).
-                counterexample_budget=10 * n, topic_partitions=partitions,
+                counterexample_budget=10 * n,
+                topic_partitions=partitions,
             )
             prepare_home(settings)
             ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
@@ -747,64 +917,97 @@ def main(
             say(f"produced in {time.perf_counter() - t:.1f}s")
             topics = [settings.topic_predictions, settings.topic_corrections]
             for r in range(1, rounds + 1):
-                reads = [raw_consume(broker.bootstrap, topics, 2 * n, max_records)
-                         for _ in range(RAW_READS)]
+                reads = [
+                    raw_consume(broker.bootstrap, topics, 2 * n, max_records)
+                    for _ in range(RAW_READS)
+                ]
                 raw = dict(sorted(reads, key=lambda x: x["elapsed_s"])[RAW_READS // 2])
                 raw["elapsed_s_each"] = [x["elapsed_s"] for x in reads]
-                parsed = sorted(raw_consume(broker.bootstrap, topics, 2 * n, max_records,
-                                            parse_json=True)["elapsed_s"]
-                                for _ in range(RAW_READS))
+                parsed = sorted(
+                    raw_consume(broker.bootstrap, topics, 2 * n, max_records, parse_json=True)[
+                        "elapsed_s"
+                    ]
+                    for _ in range(RAW_READS)
+                )
                 raw["json_elapsed_s_each"] = parsed
-                say(f"round {r}/{rounds}: raw {raw['records']} records in "
+                say(
+                    f"round {r}/{rounds}: raw {raw['records']} records in "
                     f"{', '.join(f'{t:.2f}' for t in raw['elapsed_s_each'])}s (median "
                     f"{raw['elapsed_s']:.2f}s), with json.loads "
-                    f"{', '.join(f'{t:.2f}' for t in parsed)}s; the store floor ...")
-                floor = measure_store_floor(broker.bootstrap, topics, n, max_records,
-                                            pg_admin_url, f"bench-floor-{suffix}-{r}")
-                say(f"round {r}/{rounds}: store floor {floor['elapsed_s']:.2f}s; feedback "
-                    "worker on a fresh database ...")
+                    f"{', '.join(f'{t:.2f}' for t in parsed)}s; the store floor ..."
+                )
+                floor = measure_store_floor(
+                    broker.bootstrap,
+                    topics,
+                    n,
+                    max_records,
+                    pg_admin_url,
+                    f"bench-floor-{suffix}-{r}",
+                )
+                say(
+                    f"round {r}/{rounds}: store floor {floor['elapsed_s']:.2f}s; feedback "
+                    "worker on a fresh database ..."
+                )
                 with throwaway_database(pg_admin_url) as database_url:
                     upgrade(database_url)
                     info = info or machine(database_url)
-                    run = settings.model_copy(update={
-                        "database_url": database_url,
-                        "feedback_group": f"bench-feedback-{suffix}-{r}"})
-                    ours = run_worker(run, n, say) if workers == 1 else _group(
-                        run, n, workers, say)
+                    run = settings.model_copy(
+                        update={
+                            "database_url": database_url,
+                            "feedback_group": f"bench-feedback-{suffix}-{r}",
+                        }
+                    )
+                    ours = run_worker(run, n, say) if workers == 1 else _group(run, n, workers, say)
                     check = verify(run, n)
-                done.append({"raw": raw, "floor": floor, "worker": ours, "verify": check,
-                             "ratio": ours["corrections_per_s"] / (n / raw["elapsed_s"])})
+                done.append(
+                    {
+                        "raw": raw,
+                        "floor": floor,
+                        "worker": ours,
+                        "verify": check,
+                        "ratio": ours["corrections_per_s"] / (n / raw["elapsed_s"]),
+                    }
+                )
     except BenchError as exc:
         say(f"benchmark failed: {exc}")
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     middle = sorted(done, key=lambda x: x["ratio"])[len(done) // 2]  # shown in detail
-    doc = document("feedback", info, {
-        "config": {
-            "records": n, "max_records": max_records, "seed": seed, "rounds": rounds,
-            "partitions": partitions, "workers": workers, "drifted_share": DRIFTED_SHARE,
-            "sources": SOURCES,
-            "counterexample_budget": 10 * n,
-            "raw": "kafka-python KafkaConsumer, no group, all partitions of both topics "
-                   f"assigned, seek to beginning, count records; median of {RAW_READS} reads, "
-                   f"then {RAW_READS} that also json.loads each value (context only), "
-                   "before each worker round",
-            "floor": "confluent-kafka consumer (assigned, from the beginning), each poll "
-                     "COPYed as raw (topic, key, value) rows into one table keyed (topic, "
-                     "key) on a fresh database, committed, then offsets committed "
-                     "synchronously; context only",
-            "worker": "build_worker(settings) in a fresh group on a fresh database; elapsed "
-                      "from partition assignment to the offset commit (sent, not waited "
-                      "for) of the batch that joined the N-th",
+    doc = document(
+        "feedback",
+        info,
+        {
+            "config": {
+                "records": n,
+                "max_records": max_records,
+                "seed": seed,
+                "rounds": rounds,
+                "partitions": partitions,
+                "workers": workers,
+                "drifted_share": DRIFTED_SHARE,
+                "sources": SOURCES,
+                "counterexample_budget": 10 * n,
+                "raw": "kafka-python KafkaConsumer, no group, all partitions of both topics "
+                f"assigned, seek to beginning, count records; median of {RAW_READS} reads, "
+                f"then {RAW_READS} that also json.loads each value (context only), "
+                "before each worker round",
+                "floor": "confluent-kafka consumer (assigned, from the beginning), each poll "
+                "COPYed as raw (topic, key, value) rows into one table keyed (topic, "
+                "key) on a fresh database, committed, then offsets committed "
+                "synchronously; context only",
+                "worker": "build_worker(settings) in a fresh group on a fresh database; elapsed "
+                "from partition assignment to the offset commit (sent, not waited "
+                "for) of the batch that joined the N-th",
+            },
+            "rounds": done,
+            "raw": middle["raw"],
+            "floor": middle["floor"],
+            "worker": middle["worker"],
+            "verify": middle["verify"],
+            "summary": summarize(n, done, info["cpu_count"] or 1),
         },
-        "rounds": done,
-        "raw": middle["raw"],
-        "floor": middle["floor"],
-        "worker": middle["worker"],
-        "verify": middle["verify"],
-        "summary": summarize(n, done, info["cpu_count"] or 1),
-    })
+    )
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

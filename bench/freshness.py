@@ -43,15 +43,23 @@ def run_loop(home: Path, requests: int, rate: float, follow_events: bool) -> dic
     prepare_home(settings)
     config = DemoConfig(requests=requests, rate=rate, drift_at=0.2)
     with embedded_stack(settings) as s:
-        served = s if follow_events else s.model_copy(update={
-            "topic_model_events": s.topic_model_events + ".unused",
-            "registry_poll_s": BASELINE_POLL_S})
+        served = (
+            s
+            if follow_events
+            else s.model_copy(
+                update={
+                    "topic_model_events": s.topic_model_events + ".unused",
+                    "registry_poll_s": BASELINE_POLL_S,
+                }
+            )
+        )
         with running_loop(s, served) as (_, learner, url):
             result, _ = simulate_app(url, s, config)
         history = list(learner.stats.history)
         learned = learned_examples(s)
-    fresh = freshness(result.trace, learned,
-                      [(c.version, c.last_id) for c in history if c.promoted])
+    fresh = freshness(
+        result.trace, learned, [(c.version, c.last_id) for c in history if c.promoted]
+    )
     fresh.sort()
     return {
         "median_s": round(statistics.median(fresh), 2) if fresh else None,
@@ -72,11 +80,17 @@ def main(
     from rich.console import Console
 
     console = Console(stderr=True)
-    out: dict[str, Any] = {"requests": requests, "rate": rate, "learn_batch": 100,
-                           "baseline_poll_s": BASELINE_POLL_S}
+    out: dict[str, Any] = {
+        "requests": requests,
+        "rate": rate,
+        "learn_batch": 100,
+        "baseline_poll_s": BASELINE_POLL_S,
+    }
     for name, events in (("ours", True), ("poll_only", False)):
-        with tempfile.TemporaryDirectory(prefix="fw-bench-fresh-") as tmp, \
-                console.status(f"running the loop ({name}, ~{requests / rate:.0f} s)..."):
+        with (
+            tempfile.TemporaryDirectory(prefix="fw-bench-fresh-") as tmp,
+            console.status(f"running the loop ({name}, ~{requests / rate:.0f} s)..."),
+        ):
             out[name] = run_loop(Path(tmp) / "home", requests, rate, events)
     ours, base = out["ours"]["median_s"], out["poll_only"]["median_s"]
     out["median_ratio_vs_poll_only"] = round(ours / base, 3) if ours and base else None
@@ -87,9 +101,13 @@ def main(
         return
     for name in ("ours", "poll_only"):
         r = out[name]
-        console.print(f"{name:>10}: median {r['median_s']} s, p95 {r['p95_s']} s over "
-                      f"{r['corrections_measured']} corrections; {r['promoted']} of "
-                      f"{r['candidates']} candidates promoted")
-    console.print(f"median ours / poll-only: {out['median_ratio_vs_poll_only']}  "
-                  f"(target: median <= {TARGET_MEDIAN_S} s: "
-                  f"{'met' if out['target_met'] else 'NOT met'})")
+        console.print(
+            f"{name:>10}: median {r['median_s']} s, p95 {r['p95_s']} s over "
+            f"{r['corrections_measured']} corrections; {r['promoted']} of "
+            f"{r['candidates']} candidates promoted"
+        )
+    console.print(
+        f"median ours / poll-only: {out['median_ratio_vs_poll_only']}  "
+        f"(target: median <= {TARGET_MEDIAN_S} s: "
+        f"{'met' if out['target_met'] else 'NOT met'})"
+    )

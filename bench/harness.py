@@ -26,14 +26,22 @@ def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "python": sys.version.split()[0],
-            "platform": platform.platform(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "river": metadata.version("river"),
-            "numpy": np.__version__, "loadavg_start": list(os.getloadavg())}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "river": metadata.version("river"),
+        "numpy": np.__version__,
+        "loadavg_start": list(os.getloadavg()),
+    }
 
 
 def now() -> str:
@@ -41,8 +49,14 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def document(benchmark: str, info: dict[str, Any], fields: dict[str, Any] | None = None, *,
-             date: str | None = None, command: bool = True) -> dict[str, Any]:
+def document(
+    benchmark: str,
+    info: dict[str, Any],
+    fields: dict[str, Any] | None = None,
+    *,
+    date: str | None = None,
+    command: bool = True,
+) -> dict[str, Any]:
     """A benchmark's JSON document: its name, date, command line and `info` (from
     `machine`, given the load average now as `loadavg_end`), then `fields` in order."""
     info["loadavg_end"] = list(os.getloadavg())
@@ -55,12 +69,14 @@ def document(benchmark: str, info: dict[str, Any], fields: dict[str, Any] | None
 
 
 def load_range(m: dict[str, Any]) -> str:
-    """"0.52 -> 1.10": the 1-minute load average at the start and at the end."""
+    """ "0.52 -> 1.10": the 1-minute load average at the start and at the end."""
     return f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"
 
 
 def machine_line(m: dict[str, Any], date: str) -> str:
     """The dim footer the learner benchmarks print under their tables."""
-    return (f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-            f"torch {m['torch']} ({m['torch_threads']} thread), river {m['river']}, "
-            f"load average {load_range(m)}, {date}[/]")
+    return (
+        f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, "
+        f"torch {m['torch']} ({m['torch_threads']} thread), river {m['river']}, "
+        f"load average {load_range(m)}, {date}[/]"
+    )

@@ -58,16 +58,22 @@ class _State:
 
 def request_bytes(port: int, bodies: list[bytes]) -> list[bytes]:
     """Whole requests, encoded once: the client must not spend time building them."""
-    head = (f"POST {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-            "Content-Type: application/json\r\nAccept: application/json\r\n")
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        "Content-Type: application/json\r\nAccept: application/json\r\n"
+    )
     return [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
 
 
 def random_bodies(n: int, seed: int = 7) -> list[bytes]:
     """Fallback bodies: one instance of 8 floats each, as a JSON client would send them."""
     rng = random.Random(seed)
-    return [json.dumps({"instances": [[rng.gauss(0.5, 0.3) for _ in range(N_FEATURES)]]},
-                       separators=(",", ":")).encode() for _ in range(n)]
+    return [
+        json.dumps(
+            {"instances": [[rng.gauss(0.5, 0.3) for _ in range(N_FEATURES)]]}, separators=(",", ":")
+        ).encode()
+        for _ in range(n)
+    ]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -100,8 +106,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
     return status, await reader.readexactly(length), close
 
 
-async def _connection(port: int, requests: list[bytes], start: int, state: _State,
-                      timeout_s: float) -> None:
+async def _connection(
+    port: int, requests: list[bytes], start: int, state: _State, timeout_s: float
+) -> None:
     """One keep-alive connection sending the next request as soon as a response is read."""
     res, i = state.result, start
     reader: asyncio.StreamReader | None = None
@@ -111,7 +118,8 @@ async def _connection(port: int, requests: list[bytes], start: int, state: _Stat
             if writer is None:
                 try:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(HOST, port), timeout_s)
+                        asyncio.open_connection(HOST, port), timeout_s
+                    )
                 except (OSError, TimeoutError) as exc:
                     res.errors += 1
                     res.first_error = res.first_error or f"connect: {exc!r}"
@@ -125,8 +133,13 @@ async def _connection(port: int, requests: list[bytes], start: int, state: _Stat
             try:
                 writer.write(req)
                 status, _, close = await asyncio.wait_for(read_response(reader), timeout_s)
-            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                ValueError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+            ) as exc:
                 res.errors += 1
                 res.first_error = res.first_error or f"request: {exc!r}"
                 writer.close()
@@ -147,15 +160,24 @@ async def _connection(port: int, requests: list[bytes], start: int, state: _Stat
             writer.close()
 
 
-async def run(port: int, duration_s: float, warmup_s: float, concurrency: int,
-              bodies: list[bytes], timeout_s: float = 10.0) -> Result:
+async def run(
+    port: int,
+    duration_s: float,
+    warmup_s: float,
+    concurrency: int,
+    bodies: list[bytes],
+    timeout_s: float = 10.0,
+) -> Result:
     """Warm up, then measure for `duration_s`; in-flight requests finish after the window."""
     requests = request_bytes(port, bodies)
     now = time.perf_counter()
     state = _State(measure_from=now + warmup_s, stop_at=now + warmup_s + duration_s)
-    tasks = [asyncio.create_task(
-        _connection(port, requests, k * len(requests) // concurrency, state, timeout_s))
-        for k in range(concurrency)]
+    tasks = [
+        asyncio.create_task(
+            _connection(port, requests, k * len(requests) // concurrency, state, timeout_s)
+        )
+        for k in range(concurrency)
+    ]
     try:  # hard bound: the window, then one request timeout for the stragglers, plus slack
         await asyncio.wait_for(asyncio.gather(*tasks), warmup_s + duration_s + timeout_s + 5)
     finally:
@@ -175,8 +197,11 @@ async def run(port: int, duration_s: float, warmup_s: float, concurrency: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
@@ -184,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
     p.add_argument("--bodies", type=Path, help="one JSON request body per line")
     args = p.parse_args(argv)
-    if not (0 < args.duration <= 3600 and 0 <= args.warmup <= 600
-            and 1 <= args.concurrency <= 1024):
+    if not (
+        0 < args.duration <= 3600 and 0 <= args.warmup <= 600 and 1 <= args.concurrency <= 1024
+    ):
         p.error("duration must be in (0, 3600], warmup in [0, 600], concurrency in [1, 1024]")
     if args.bodies:
         bodies = [line for line in args.bodies.read_bytes().splitlines() if line.strip()]

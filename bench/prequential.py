@@ -30,8 +30,12 @@ from bench._streams import STREAMS, OurSetup, Stream, parse_ints
 from bench.harness import document, machine_line
 
 BASELINES = ("logreg", "hat", "arf")
-LABELS = {"ours": "ours (OnlineTrainer MLP)", "logreg": "river LogisticRegression",
-          "hat": "river HAT", "arf": "river ARF"}
+LABELS = {
+    "ours": "ours (OnlineTrainer MLP)",
+    "logreg": "river LogisticRegression",
+    "hat": "river HAT",
+    "arf": "river ARF",
+}
 ARF_MARGIN = 0.01  # ours may trail ARF by at most 1 point
 PROGRESS_EVERY = 250  # river samples between progress-bar updates
 
@@ -49,8 +53,7 @@ def river_model(name: str, seed: int) -> Any:
     raise ValueError(name)
 
 
-def run_river(name: str, stream: Stream, warmup: int, seed: int,
-              tick: Any = None) -> np.ndarray:
+def run_river(name: str, stream: Stream, warmup: int, seed: int, tick: Any = None) -> np.ndarray:
     """learn_one on the warm-up, then predict_one / learn_one; one bool per later sample."""
     model = river_model(name, seed)
     correct = np.zeros(len(stream) - warmup, dtype=bool)
@@ -71,8 +74,10 @@ def segments(correct: np.ndarray, stream: Stream, warmup: int) -> list[dict[str,
     n = len(stream)
     cuts = stream.drifts or [n * k // 4 for k in (1, 2, 3)]
     bounds = sorted({warmup, n, *(c for c in cuts if warmup < c < n)})
-    return [{"start": a, "end": b, "accuracy": float(correct[a - warmup:b - warmup].mean())}
-            for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [
+        {"start": a, "end": b, "accuracy": float(correct[a - warmup : b - warmup].mean())}
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
 
 
 def judge(acc: dict[str, float]) -> dict[str, dict[str, Any]]:
@@ -100,11 +105,23 @@ def render(doc: dict[str, Any]) -> None:
     console.width = max(console.width, 130)
     cfg, m = doc["config"], doc["machine"]
     seeds = cfg["seeds"]
-    table = Table(title=f"prequential accuracy, {cfg['samples']} samples per stream "
-                        f"(first {cfg['warmup']} warm-up, not counted), seed"
-                        f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
-    for col in ("stream", "ours", "LogReg", "HAT", "ARF", "ours - LogReg", "ours - HAT",
-                "ours - ARF", "ours / ARF", "targets"):
+    table = Table(
+        title=f"prequential accuracy, {cfg['samples']} samples per stream "
+        f"(first {cfg['warmup']} warm-up, not counted), seed"
+        f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    )
+    for col in (
+        "stream",
+        "ours",
+        "LogReg",
+        "HAT",
+        "ARF",
+        "ours - LogReg",
+        "ours - HAT",
+        "ours - ARF",
+        "ours / ARF",
+        "targets",
+    ):
         table.add_column(col, justify="left" if col == "stream" else "right", no_wrap=True)
     for s in doc["streams"]:
         acc, t = s["accuracy"], s["targets"]
@@ -118,12 +135,21 @@ def render(doc: dict[str, Any]) -> None:
 
         verdict = {True: "[green]PASS[/]", False: "[red]MISS[/]", None: "-"}[s["pass"]]
         ratio = f"{t['vs_arf']['ratio']:.3f}" if "vs_arf" in t else "-"
-        table.add_row(s["name"], f"[bold]{acc['ours']:.4f}[/]",
-                      *(f"{acc[b]:.4f}" if b in acc else "-" for b in BASELINES),
-                      diff("logreg"), diff("hat"), diff("arf"), ratio, verdict)
+        table.add_row(
+            s["name"],
+            f"[bold]{acc['ours']:.4f}[/]",
+            *(f"{acc[b]:.4f}" if b in acc else "-" for b in BASELINES),
+            diff("logreg"),
+            diff("hat"),
+            diff("arf"),
+            ratio,
+            verdict,
+        )
     console.print(table)
-    seg = Table(title="accuracy per concept (abrupt streams) or quarter (Hyperplane), "
-                      f"seed {seeds[0]}; seconds per learner for the whole stream")
+    seg = Table(
+        title="accuracy per concept (abrupt streams) or quarter (Hyperplane), "
+        f"seed {seeds[0]}; seconds per learner for the whole stream"
+    )
     seg.add_column("stream / learner")
     n_seg = max(len(s["runs"][0]["segments"]["ours"]) for s in doc["streams"])
     for i in range(n_seg):
@@ -139,27 +165,36 @@ def render(doc: dict[str, Any]) -> None:
     for s in doc["streams"]:
         console.print(f"[dim]{s['name']}: {s['description']}[/]")
     ours = cfg["ours"]
-    console.print(f"ours: MLP {ours['hidden']}, N={ours['batch']}, TrainerConfig"
-                  f"({', '.join(f'{k}={v}' for k, v in ours['trainer'].items())}); warm start "
-                  f"{ours['warm_start']}")
+    console.print(
+        f"ours: MLP {ours['hidden']}, N={ours['batch']}, TrainerConfig"
+        f"({', '.join(f'{k}={v}' for k, v in ours['trainer'].items())}); warm start "
+        f"{ours['warm_start']}"
+    )
     s = doc["summary"]
-    console.print(f"targets met on {s['streams_passed']}/{len(doc['streams'])} streams; "
-                  f"{s['runtime_s']:.0f}s in all")
+    console.print(
+        f"targets met on {s['streams_passed']}/{len(doc['streams'])} streams; "
+        f"{s['runtime_s']:.0f}s in all"
+    )
     console.print(machine_line(m, doc["date"]))
 
 
 def main(
-    samples: int = typer.Option(20_000, "--samples", min=200, max=10_000_000,
-                                help="Examples per stream, warm-up included."),
-    warmup: int = typer.Option(1000, "--warmup", min=100,
-                               help="First examples every learner may learn from, uncounted."),
+    samples: int = typer.Option(
+        20_000, "--samples", min=200, max=10_000_000, help="Examples per stream, warm-up included."
+    ),
+    warmup: int = typer.Option(
+        1000, "--warmup", min=100, help="First examples every learner may learn from, uncounted."
+    ),
     seed: int = typer.Option(7, help="Stream and model seed (tuning used seeds 1-3)."),
-    seeds: int = typer.Option(1, "--seeds", min=1, max=20,
-                              help="Repeat with seeds seed..seed+K-1 and average."),
-    streams: str = typer.Option(",".join(STREAMS), "--streams",
-                                help="Comma-separated subset of " + ", ".join(STREAMS) + "."),
-    baselines: str = typer.Option(",".join(BASELINES), "--baselines",
-                                  help="Comma-separated river learners to run."),
+    seeds: int = typer.Option(
+        1, "--seeds", min=1, max=20, help="Repeat with seeds seed..seed+K-1 and average."
+    ),
+    streams: str = typer.Option(
+        ",".join(STREAMS), "--streams", help="Comma-separated subset of " + ", ".join(STREAMS) + "."
+    ),
+    baselines: str = typer.Option(
+        ",".join(BASELINES), "--baselines", help="Comma-separated river learners to run."
+    ),
     hidden: str = typer.Option("32,32", help="Hidden layer widths of our MLP."),
     batch: int = typer.Option(100, "--batch", min=1, help="N: new examples per update."),
     lr: float | None = typer.Option(None, help="TrainerConfig.lr (default 0.001)."),
@@ -193,55 +228,86 @@ def main(
             runs = []
             for sd in seed_list:
                 stream = make_stream(name, samples, sd)
-                run: dict[str, Any] = {"seed": sd, "accuracy": {}, "seconds": {},
-                                       "segments": {}}
+                run: dict[str, Any] = {"seed": sd, "accuracy": {}, "seconds": {}, "segments": {}}
                 for learner in learners:
                     task = bar.add_task(f"{name} seed {sd}: {learner}", total=samples)
                     t = time.perf_counter()
                     if learner == "ours":
-                        correct = run_ours(stream.x, stream.y, stream.n_labels, config, setup,
-                                           warmup, sd,
-                                           lambda end, *_, t=task: bar.update(t, completed=end))
+                        correct = run_ours(
+                            stream.x,
+                            stream.y,
+                            stream.n_labels,
+                            config,
+                            setup,
+                            warmup,
+                            sd,
+                            lambda end, *_, t=task: bar.update(t, completed=end),
+                        )
                     else:
-                        correct = run_river(learner, stream, warmup, sd,
-                                            lambda k, t=task: bar.advance(t, k))
+                        correct = run_river(
+                            learner, stream, warmup, sd, lambda k, t=task: bar.advance(t, k)
+                        )
                     bar.update(task, completed=samples)
                     run["seconds"][learner] = time.perf_counter() - t
                     run["accuracy"][learner] = float(correct.mean())
                     run["segments"][learner] = segments(correct, stream, warmup)
                     if not interactive:  # no progress bar: one line per learner
-                        print(f"{name} seed {sd} {learner}: accuracy "
-                              f"{run['accuracy'][learner]:.4f} in "
-                              f"{run['seconds'][learner]:.1f}s", file=sys.stderr)
+                        print(
+                            f"{name} seed {sd} {learner}: accuracy "
+                            f"{run['accuracy'][learner]:.4f} in "
+                            f"{run['seconds'][learner]:.1f}s",
+                            file=sys.stderr,
+                        )
                 runs.append(run)
             acc = {k: float(np.mean([r["accuracy"][k] for r in runs])) for k in learners}
             targets = judge(acc)
-            results.append({"name": name, "description": stream.description,
-                            "samples": samples, "measured": samples - warmup,
-                            "drifts": stream.drifts, "accuracy": acc, "targets": targets,
-                            "pass": all(t["pass"] for t in targets.values()) if targets
-                            else None, "runs": runs})
+            results.append(
+                {
+                    "name": name,
+                    "description": stream.description,
+                    "samples": samples,
+                    "measured": samples - warmup,
+                    "drifts": stream.drifts,
+                    "accuracy": acc,
+                    "targets": targets,
+                    "pass": all(t["pass"] for t in targets.values()) if targets else None,
+                    "runs": runs,
+                }
+            )
     runtime = time.perf_counter() - started
-    doc = document("prequential", info, {
-        "config": {
-            "samples": samples, "warmup": warmup, "seeds": seed_list,
-            "ours": {"hidden": list(setup.hidden), "batch": setup.batch,
-                     "trainer": config_dict(config),
-                     "warm_start": f"Standardize.fit + {setup.warm_epochs} epochs Adam "
-                                   f"lr {setup.warm_lr:g} batch {setup.warm_batch} on the "
-                                   f"warm-up, which also seeds the replay pool",
-                     "protocol": "per batch of N: predict (test), observe_errors, "
-                                 "observe_inputs, update (train)"},
-            "baselines": {"logreg": "StandardScaler() | LogisticRegression()",
-                          "hat": "HoeffdingAdaptiveTreeClassifier(seed=seed)",
-                          "arf": "ARFClassifier(seed=seed)",
-                          "protocol": "learn_one on the warm-up, then predict_one, learn_one"},
+    doc = document(
+        "prequential",
+        info,
+        {
+            "config": {
+                "samples": samples,
+                "warmup": warmup,
+                "seeds": seed_list,
+                "ours": {
+                    "hidden": list(setup.hidden),
+                    "batch": setup.batch,
+                    "trainer": config_dict(config),
+                    "warm_start": f"Standardize.fit + {setup.warm_epochs} epochs Adam "
+                    f"lr {setup.warm_lr:g} batch {setup.warm_batch} on the "
+                    f"warm-up, which also seeds the replay pool",
+                    "protocol": "per batch of N: predict (test), observe_errors, "
+                    "observe_inputs, update (train)",
+                },
+                "baselines": {
+                    "logreg": "StandardScaler() | LogisticRegression()",
+                    "hat": "HoeffdingAdaptiveTreeClassifier(seed=seed)",
+                    "arf": "ARFClassifier(seed=seed)",
+                    "protocol": "learn_one on the warm-up, then predict_one, learn_one",
+                },
+            },
+            "streams": results,
+            "summary": {
+                "streams_passed": sum(bool(r["pass"]) for r in results),
+                "all_pass": all(bool(r["pass"]) for r in results) if bases else None,
+                "runtime_s": runtime,
+            },
         },
-        "streams": results,
-        "summary": {"streams_passed": sum(bool(r["pass"]) for r in results),
-                    "all_pass": all(bool(r["pass"]) for r in results) if bases else None,
-                    "runtime_s": runtime},
-    })
+    )
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

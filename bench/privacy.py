@@ -47,11 +47,14 @@ def scenario(name: str, samples: int, seed: int) -> dict[str, Any]:
             x, names = concept.sample(k, sample_seed=s)
             return x.astype(np.float32), np.asarray([LABELS.index(v) for v in names])
 
-        return {"public": draw(seed_concept(7), 2400, seed),
-                "stream": draw(drift_concept(7), samples, seed + 1),
-                "holdout": draw(drift_concept(7), 1000, seed + 2), "labels": len(LABELS),
-                "description": "seed concept (public) -> drift concept (private), "
-                               "8 features, 3 classes"}
+        return {
+            "public": draw(seed_concept(7), 2400, seed),
+            "stream": draw(drift_concept(7), samples, seed + 1),
+            "holdout": draw(drift_concept(7), 1000, seed + 2),
+            "labels": len(LABELS),
+            "description": "seed concept (public) -> drift concept (private), "
+            "8 features, 3 classes",
+        }
     if name == "shuttle":
         from river.datasets import Shuttle
 
@@ -61,15 +64,28 @@ def scenario(name: str, samples: int, seed: int) -> dict[str, Any]:
         x = np.asarray([[r[0][k] for k in sorted(r[0])] for r in rows], np.float32)
         y, k = _labels([r[1] for r in rows])
         pub, hold = 2000, 2000
-        return {"public": (x[:pub], y[:pub]), "holdout": (x[pub:pub + hold], y[pub:pub + hold]),
-                "stream": (x[pub + hold:], y[pub + hold:]), "labels": k,
-                "description": "river Shuttle (bundled, 9 features, 7 classes): 2000 public, "
-                               f"{samples} private, 2000 held out"}
+        return {
+            "public": (x[:pub], y[:pub]),
+            "holdout": (x[pub : pub + hold], y[pub : pub + hold]),
+            "stream": (x[pub + hold :], y[pub + hold :]),
+            "labels": k,
+            "description": "river Shuttle (bundled, 9 features, 7 classes): 2000 public, "
+            f"{samples} private, 2000 held out",
+        }
     raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
 
 
-def run_arm(sc: dict[str, Any], *, dp: bool, lr: float, batch: int, seed: int,
-            epsilon: float, delta: float, engine: str) -> list[float]:
+def run_arm(
+    sc: dict[str, Any],
+    *,
+    dp: bool,
+    lr: float,
+    batch: int,
+    seed: int,
+    epsilon: float,
+    delta: float,
+    engine: str,
+) -> list[float]:
     """Held-out accuracy after every update of one pass over the private stream."""
     from bench._streams import OurSetup, warm_model
     from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
@@ -82,15 +98,23 @@ def run_arm(sc: dict[str, Any], *, dp: bool, lr: float, batch: int, seed: int,
     trainer = OnlineTrainer(module, config, input_dim=xp.shape[1], seed=seed)
     trainer.remember(xp, yp)
     trainer.remember_public(xp, yp)
-    privacy = PrivacySettings(privacy_epsilon=epsilon, privacy_delta=delta,
-                              privacy_source_updates=1)
+    privacy = PrivacySettings(
+        privacy_epsilon=epsilon, privacy_delta=delta, privacy_source_updates=1
+    )
     mechanism = DPConfig.from_settings(privacy).mechanism(config.steps)
     held = []
     for start in range(0, len(ys), batch):
-        x, y = xs[start:start + batch], ys[start:start + batch]
+        x, y = xs[start : start + batch], ys[start : start + batch]
         if dp:
-            trainer.update_private(x, y, np.ones(len(y), np.float32), np.arange(len(y)),
-                                   mechanism, max_grad_norm=1.0, engine=engine)
+            trainer.update_private(
+                x,
+                y,
+                np.ones(len(y), np.float32),
+                np.arange(len(y)),
+                mechanism,
+                max_grad_norm=1.0,
+                engine=engine,
+            )
         else:
             trainer.update(x, y)
         held.append(float((trainer.predict(xh) == yh).mean()))
@@ -130,14 +154,25 @@ def throughput(engine_names: list[str], batch: int = 256, steps: int = 30) -> di
         opt.step()
 
     out["non-private"] = timed(plain)
-    pb = PrivateBatch(x.numpy(), y.numpy(), np.ones(batch, np.float32),
-                      np.arange(batch), np.zeros(batch, bool))
+    pb = PrivateBatch(
+        x.numpy(), y.numpy(), np.ones(batch, np.float32), np.arange(batch), np.zeros(batch, bool)
+    )
     for engine in engine_names:
         module = build_model(spec)
         opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-        out[f"ours ({engine})"] = timed(lambda m=module, o=opt, e=engine: dp_update(
-            m, o, pb, steps=1, sample_rate=1.0, noise_multiplier=1.0, max_grad_norm=1.0,
-            generator=gen, engine=e))
+        out[f"ours ({engine})"] = timed(
+            lambda m=module, o=opt, e=engine: dp_update(
+                m,
+                o,
+                pb,
+                steps=1,
+                sample_rate=1.0,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                generator=gen,
+                engine=e,
+            )
+        )
     from opacus import PrivacyEngine
 
     module = build_model(spec)
@@ -146,9 +181,15 @@ def throughput(engine_names: list[str], batch: int = 256, steps: int = 30) -> di
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, opt, crit, _ = PrivacyEngine().make_private(
-            module=module, optimizer=opt, data_loader=loader, criterion=nn.CrossEntropyLoss(),
-            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost",
-            poisson_sampling=False)
+            module=module,
+            optimizer=opt,
+            data_loader=loader,
+            criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode="ghost",
+            poisson_sampling=False,
+        )
 
     def ghost() -> None:
         opt.zero_grad()
@@ -160,12 +201,14 @@ def throughput(engine_names: list[str], batch: int = 256, steps: int = 30) -> di
 
 
 def main(
-    samples: int = typer.Option(20_000, "--samples", min=500, max=40_000,
-                                help="Private examples streamed per scenario."),
+    samples: int = typer.Option(
+        20_000, "--samples", min=500, max=40_000, help="Private examples streamed per scenario."
+    ),
     batch: int = typer.Option(1000, "--batch", min=10, help="N: examples per update."),
     seeds: int = typer.Option(2, "--seeds", min=1, max=10, help="Seeds 1..K, averaged."),
-    scenarios: str = typer.Option(",".join(SCENARIOS), "--scenarios",
-                                  help="Comma-separated subset of " + ", ".join(SCENARIOS)),
+    scenarios: str = typer.Option(
+        ",".join(SCENARIOS), "--scenarios", help="Comma-separated subset of " + ", ".join(SCENARIOS)
+    ),
     epsilon: float = typer.Option(3.0, min=0.01, help="ε per source (each in one update)."),
     delta: float = typer.Option(1e-5, min=1e-12, max=0.1),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -182,8 +225,9 @@ def main(
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     if not names or any(n not in SCENARIOS for n in names):
         raise typer.BadParameter(f"--scenarios must be a subset of {', '.join(SCENARIOS)}")
-    privacy = PrivacySettings(privacy_epsilon=epsilon, privacy_delta=delta,
-                              privacy_source_updates=1)
+    privacy = PrivacySettings(
+        privacy_epsilon=epsilon, privacy_delta=delta, privacy_source_updates=1
+    )
     sigma = DPConfig.from_settings(privacy).mechanism(8)
     results = []
     interactive = sys.stderr.isatty()
@@ -196,41 +240,76 @@ def main(
                 sc = scenario(name, samples, seed)
                 for dp, lrs in ((True, DP_LRS), (False, PLAIN_LRS)):
                     for lr in lrs:
-                        arms["dp" if dp else "plain"].setdefault(lr, []).append(run_arm(
-                            sc, dp=dp, lr=lr, batch=batch, seed=seed, epsilon=epsilon,
-                            delta=delta, engine="auto"))
+                        arms["dp" if dp else "plain"].setdefault(lr, []).append(
+                            run_arm(
+                                sc,
+                                dp=dp,
+                                lr=lr,
+                                batch=batch,
+                                seed=seed,
+                                epsilon=epsilon,
+                                delta=delta,
+                                engine="auto",
+                            )
+                        )
                         bar.advance(task)
             best = {}
             for arm, by_lr in arms.items():
-                scores = {lr: float(np.mean([np.mean(h[-TAIL:]) for h in runs]))
-                          for lr, runs in by_lr.items()}
+                scores = {
+                    lr: float(np.mean([np.mean(h[-TAIL:]) for h in runs]))
+                    for lr, runs in by_lr.items()
+                }
                 lr = max(scores, key=scores.get)  # type: ignore[arg-type]
                 best[arm] = {"lr": lr, "accuracy": scores[lr], "by_lr": scores}
             gap = 100 * (best["plain"]["accuracy"] - best["dp"]["accuracy"])
-            results.append({"scenario": name, "description": sc["description"],
-                            "dp": best["dp"], "non_private": best["plain"],
-                            "gap_points": gap, "pass": gap <= GAP_TARGET})
+            results.append(
+                {
+                    "scenario": name,
+                    "description": sc["description"],
+                    "dp": best["dp"],
+                    "non_private": best["plain"],
+                    "gap_points": gap,
+                    "pass": gap <= GAP_TARGET,
+                }
+            )
         speed = throughput(["fused", "opacus"])
-    doc = document("privacy", info, {
-           "samples": samples, "batch": batch, "seeds": seeds, "epsilon": epsilon,
-           "delta": delta, "noise_multiplier": sigma.noise_multiplier, "sample_rate": 0.5,
-           "steps_per_update": 8, "scenarios": results,
-           "throughput_samples_per_s": speed,
-           "fused_vs_ghost": speed["ours (fused)"] / speed["opacus ghost"],
-           "fused_vs_non_private": speed["ours (fused)"] / speed["non-private"]},
-        command=False)
+    doc = document(
+        "privacy",
+        info,
+        {
+            "samples": samples,
+            "batch": batch,
+            "seeds": seeds,
+            "epsilon": epsilon,
+            "delta": delta,
+            "noise_multiplier": sigma.noise_multiplier,
+            "sample_rate": 0.5,
+            "steps_per_update": 8,
+            "scenarios": results,
+            "throughput_samples_per_s": speed,
+            "fused_vs_ghost": speed["ours (fused)"] / speed["opacus ghost"],
+            "fused_vs_non_private": speed["ours (fused)"] / speed["non-private"],
+        },
+        command=False,
+    )
     if json_out:
         print(json.dumps(doc, indent=2))
         return
     console = Console()
-    table = Table(title=f"privacy: accuracy at ε={epsilon:g} (σ={sigma.noise_multiplier:.2f}) "
-                        f"vs without DP, N={batch}, {seeds} seed(s)")
+    table = Table(
+        title=f"privacy: accuracy at ε={epsilon:g} (σ={sigma.noise_multiplier:.2f}) "
+        f"vs without DP, N={batch}, {seeds} seed(s)"
+    )
     for col in ("scenario", "DP (lr)", "non-private (lr)", "gap (points)", "target <= 2"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["scenario"], f"{r['dp']['accuracy']:.3f} ({r['dp']['lr']:g})",
-                      f"{r['non_private']['accuracy']:.3f} ({r['non_private']['lr']:g})",
-                      f"{r['gap_points']:.2f}", "pass" if r["pass"] else "MISS")
+        table.add_row(
+            r["scenario"],
+            f"{r['dp']['accuracy']:.3f} ({r['dp']['lr']:g})",
+            f"{r['non_private']['accuracy']:.3f} ({r['non_private']['lr']:g})",
+            f"{r['gap_points']:.2f}",
+            "pass" if r["pass"] else "MISS",
+        )
     console.print(table)
     speed_table = Table(title="DP update throughput, demo MLP, batch 256 (samples/s)")
     speed_table.add_column("method")

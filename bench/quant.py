@@ -42,8 +42,7 @@ def make_data(n_train: int, n_test: int, seed: int) -> tuple[Any, Any, Any, Any]
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-def time_calls(fns: dict[str, Any], x: Any, blocks: int, min_block_s: float
-               ) -> dict[str, float]:
+def time_calls(fns: dict[str, Any], x: Any, blocks: int, min_block_s: float) -> dict[str, float]:
     """Median seconds per call of each fn; blocks interleave the fns."""
     calls = 1
     for fn in fns.values():  # warm up, and size a block to about min_block_s
@@ -109,26 +108,45 @@ def main(
                 t = time_calls({p: served[p].predict for p in precs}, x, blocks, block_s)
                 for p in precs:
                     timing[p][str(b)] = t[p] * 1e6
-            row = {"model": name, "hidden": MODELS[name], "accuracy": acc,
-                   "accuracy_delta": {p: acc[p] - acc["fp32"] for p in precs},
-                   "us_per_call": timing,
-                   "speedup": {p: {b: timing["fp32"][b] / timing[p][b] for b in timing[p]}
-                               for p in precs}}
+            row = {
+                "model": name,
+                "hidden": MODELS[name],
+                "accuracy": acc,
+                "accuracy_delta": {p: acc[p] - acc["fp32"] for p in precs},
+                "us_per_call": timing,
+                "speedup": {
+                    p: {b: timing["fp32"][b] / timing[p][b] for b in timing[p]} for p in precs
+                },
+            }
             results.append(row)
-            print(f"{name}: accuracy " + ", ".join(f"{p} {acc[p]:.4f}" for p in precs),
-                  file=sys.stderr)
-    doc = document("quant", info, {
-        "seconds": time.perf_counter() - started,
-        "config": {"models": {n: MODELS[n] for n in names}, "precisions": precs,
-                   "batches": list(sizes), "train": train, "test": test, "epochs": epochs,
-                   "blocks": blocks, "block_s": block_s, "seed": seed,
-                   "timed": "ServedModel.predict (torch.inference_mode forward + softmax), "
-                            "median of interleaved blocks, torch on 1 thread",
-                   "int8": "torch.ao.quantization.quantize_dynamic on nn.Linear, per-channel "
-                           "int8 weights, activations quantized per batch",
-                   "bf16": "nn.Linear weights and matmul in bfloat16, float32 in between"},
-        "results": results,
-    })
+            print(
+                f"{name}: accuracy " + ", ".join(f"{p} {acc[p]:.4f}" for p in precs),
+                file=sys.stderr,
+            )
+    doc = document(
+        "quant",
+        info,
+        {
+            "seconds": time.perf_counter() - started,
+            "config": {
+                "models": {n: MODELS[n] for n in names},
+                "precisions": precs,
+                "batches": list(sizes),
+                "train": train,
+                "test": test,
+                "epochs": epochs,
+                "blocks": blocks,
+                "block_s": block_s,
+                "seed": seed,
+                "timed": "ServedModel.predict (torch.inference_mode forward + softmax), "
+                "median of interleaved blocks, torch on 1 thread",
+                "int8": "torch.ao.quantization.quantize_dynamic on nn.Linear, per-channel "
+                "int8 weights, activations quantized per batch",
+                "bf16": "nn.Linear weights and matmul in bfloat16, float32 in between",
+            },
+            "results": results,
+        },
+    )
     if json_out:
         print(json.dumps(doc, indent=2))
         return
@@ -138,21 +156,28 @@ def main(
     console = Console()
     console.width = max(console.width, 120)
     for r in results:
-        table = Table(title=f"{r['model']} (MLP 8-{'-'.join(map(str, r['hidden']))}-3): "
-                            "microseconds per ServedModel.predict call, held-out accuracy")
+        table = Table(
+            title=f"{r['model']} (MLP 8-{'-'.join(map(str, r['hidden']))}-3): "
+            "microseconds per ServedModel.predict call, held-out accuracy"
+        )
         table.add_column("precision")
         for b in sizes:
             table.add_column(f"batch {b}", justify="right")
         table.add_column("accuracy", justify="right")
         table.add_column("vs fp32", justify="right")
         for p in precs:
-            cells = [f"{r['us_per_call'][p][str(b)]:.0f}"
-                     + ("" if p == "fp32" else f" ({r['speedup'][p][str(b)]:.2f}x)")
-                     for b in sizes]
-            table.add_row(p, *cells, f"{r['accuracy'][p]:.4f}",
-                          f"{100 * r['accuracy_delta'][p]:+.2f} pt")
+            cells = [
+                f"{r['us_per_call'][p][str(b)]:.0f}"
+                + ("" if p == "fp32" else f" ({r['speedup'][p][str(b)]:.2f}x)")
+                for b in sizes
+            ]
+            table.add_row(
+                p, *cells, f"{r['accuracy'][p]:.4f}", f"{100 * r['accuracy_delta'][p]:+.2f} pt"
+            )
         console.print(table)
     m = doc["machine"]
-    console.print(f"[dim](x) = fp32 time / this time. {m['cpu_count']} CPUs ({m['cpu_model']}), "
-                  f"torch {m['torch']} (1 thread), load average {load_range(m)}, "
-                  f"{doc['date']}, {doc['seconds']:.0f} s[/]")
+    console.print(
+        f"[dim](x) = fp32 time / this time. {m['cpu_count']} CPUs ({m['cpu_model']}), "
+        f"torch {m['torch']} (1 thread), load average {load_range(m)}, "
+        f"{doc['date']}, {doc['seconds']:.0f} s[/]"
+    )

@@ -35,8 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 TOPIC_PREFIX = "bench.predictions"
 OFF_MEANS = "off = records discarded in the request path, no queue, no producer"
-ON_MEANS = ("on = the service's EventLog: bounded queue + sender thread + confluent-kafka "
-            "producer (acks=all) to an embedded Tansu broker on loopback")
+ON_MEANS = (
+    "on = the service's EventLog: bounded queue + sender thread + confluent-kafka "
+    "producer (acks=all) to an embedded Tansu broker on loopback"
+)
 THROUGHPUT_TARGET = 0.85  # rps_on / rps_off must be at least this
 P99_TARGET = 1.25  # p99_on / p99_off must be at most this
 READY_TIMEOUT_S = 120.0
@@ -93,20 +95,43 @@ def split_cpus() -> tuple[set[int], set[int]] | None:
     return {cpus[0]}, set(cpus[1:])
 
 
-def start_server(mode: str, port: int, model_dir: Path, home: Path, log_path: Path,
-                 bootstrap: str | None, topic: str | None,
-                 cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+def start_server(
+    mode: str,
+    port: int,
+    model_dir: Path,
+    home: Path,
+    log_path: Path,
+    bootstrap: str | None,
+    topic: str | None,
+    cpus: set[int] | None = None,
+) -> subprocess.Popen[bytes]:
     """In its own session, so that stopping it reaches every process it may have started."""
-    cmd = [sys.executable, "-m", "bench._server", "--model", str(model_dir), "--port",
-           str(port), "--logging", mode, "--home", str(home)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench._server",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--logging",
+        mode,
+        "--home",
+        str(home),
+    ]
     if mode == "on":
         cmd += ["--bootstrap", str(bootstrap), "--topic", str(topic)]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus))
-                                if cpus else None)
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=_child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
 
 
 def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -132,22 +157,23 @@ def _get(port: int, path: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
         conn.close()
 
 
-def wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path,
-               timeout_s: float = READY_TIMEOUT_S) -> float:
+def wait_ready(
+    proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float = READY_TIMEOUT_S
+) -> float:
     """Block until GET /readyz is 200; returns the seconds it took."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if proc.poll() is not None:
-            raise BenchError(f"server exited with code {proc.returncode} before it was "
-                             f"ready:\n{_tail(log_path)}")
+            raise BenchError(
+                f"server exited with code {proc.returncode} before it was ready:\n{_tail(log_path)}"
+            )
         try:
             if _get(port, "/readyz", 1.0)[0] == 200:
                 return time.monotonic() - start
         except OSError:
             pass
         time.sleep(0.1)
-    raise BenchError(f"server on port {port} not ready within {timeout_s:.0f}s:\n"
-                     f"{_tail(log_path)}")
+    raise BenchError(f"server on port {port} not ready within {timeout_s:.0f}s:\n{_tail(log_path)}")
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -162,12 +188,14 @@ def process_cpu_s(pid: int) -> float | None:
 def log_metrics(port: int) -> dict[str, float]:
     """The event log's counters from /metrics (delivered, spooled, send failures, queue)."""
     _, body = _get(port, "/metrics", 5.0)
-    wanted = {"flywheel_log_delivered_total": "delivered",
-              "flywheel_log_spooled_total": "spooled",
-              "flywheel_log_replayed_total": "replayed",
-              "flywheel_log_send_failures_total": "send_failures",
-              "flywheel_log_queue_depth": "queue_depth",
-              "flywheel_log_spooled_records": "spool_pending"}
+    wanted = {
+        "flywheel_log_delivered_total": "delivered",
+        "flywheel_log_spooled_total": "spooled",
+        "flywheel_log_replayed_total": "replayed",
+        "flywheel_log_send_failures_total": "send_failures",
+        "flywheel_log_queue_depth": "queue_depth",
+        "flywheel_log_spooled_records": "spool_pending",
+    }
     out: dict[str, float] = {}
     for line in body.decode().splitlines():
         name, _, value = line.partition(" ")
@@ -176,16 +204,37 @@ def log_metrics(port: int) -> dict[str, float]:
     return out
 
 
-def run_loadgen(port: int, duration: float, warmup: float, concurrency: int,
-                bodies: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--duration",
-           str(duration), "--warmup", str(warmup), "--concurrency", str(concurrency),
-           "--bodies", str(bodies)]
-    done = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True,
-                          timeout=duration + warmup + 60, check=False)
+def run_loadgen(
+    port: int, duration: float, warmup: float, concurrency: int, bodies: Path
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--port",
+        str(port),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--concurrency",
+        str(concurrency),
+        "--bodies",
+        str(bodies),
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=_child_env(),
+        capture_output=True,
+        timeout=duration + warmup + 60,
+        check=False,
+    )
     if done.returncode != 0:
-        raise BenchError(f"load generator failed ({done.returncode}):\n"
-                         f"{done.stderr.decode(errors='replace')[-3000:]}")
+        raise BenchError(
+            f"load generator failed ({done.returncode}):\n"
+            f"{done.stderr.decode(errors='replace')[-3000:]}"
+        )
     return json.loads(done.stdout)
 
 
@@ -196,12 +245,14 @@ def _drained(stats: dict[str, float], expected: int) -> bool:
     `delivered + replayed` and may appear twice on the topic (at-least-once, as documented).
     """
     acked = stats.get("delivered", 0) + stats.get("replayed", 0)
-    return (acked >= expected and not stats.get("queue_depth", 0)
-            and not stats.get("spool_pending", 0))
+    return (
+        acked >= expected and not stats.get("queue_depth", 0) and not stats.get("spool_pending", 0)
+    )
 
 
-def count_events(bootstrap: str, topic: str, at_least: int = 0,
-                 timeout_s: float = 60.0) -> tuple[int, int]:
+def count_events(
+    bootstrap: str, topic: str, at_least: int = 0, timeout_s: float = 60.0
+) -> tuple[int, int]:
     """(records, distinct keys) on every partition of `topic`, read from the beginning."""
     from flywheel.broker import BrokerError, read_topic
 
@@ -261,9 +312,20 @@ def machine_info() -> dict[str, Any]:
 
 
 # -- the benchmark -----------------------------------------------------------------------
-def one_round(mode: str, rnd: int, *, work: Path, model_dir: Path, bodies: Path,
-              bootstrap: str | None, duration: float, warmup: float, concurrency: int,
-              say, server_cpus: set[int] | None = None) -> Run:
+def one_round(
+    mode: str,
+    rnd: int,
+    *,
+    work: Path,
+    model_dir: Path,
+    bodies: Path,
+    bootstrap: str | None,
+    duration: float,
+    warmup: float,
+    concurrency: int,
+    say,
+    server_cpus: set[int] | None = None,
+) -> Run:
     from flywheel.broker import ensure_topics, free_port
 
     topic = f"{TOPIC_PREFIX}.{rnd}" if mode == "on" else None
@@ -271,12 +333,15 @@ def one_round(mode: str, rnd: int, *, work: Path, model_dir: Path, bodies: Path,
         ensure_topics(bootstrap, [topic], partitions=3)
     port = free_port(HOST)
     log_path = work / f"server-{mode}-{rnd}.log"
-    proc = start_server(mode, port, model_dir, work / f"home-{mode}-{rnd}", log_path,
-                        bootstrap, topic, server_cpus)
+    proc = start_server(
+        mode, port, model_dir, work / f"home-{mode}-{rnd}", log_path, bootstrap, topic, server_cpus
+    )
     try:
         ready_s = wait_ready(proc, port, log_path)
-        say(f"round {rnd} {mode:>3}: server ready in {ready_s:.1f}s; "
-            f"{warmup:g}s warm-up + {duration:g}s at concurrency {concurrency}")
+        say(
+            f"round {rnd} {mode:>3}: server ready in {ready_s:.1f}s; "
+            f"{warmup:g}s warm-up + {duration:g}s at concurrency {concurrency}"
+        )
         cpu0 = process_cpu_s(proc.pid)
         load = run_loadgen(port, duration, warmup, concurrency, bodies)
         run = Run(mode=mode, round=rnd, load=load, topic=topic)
@@ -298,11 +363,14 @@ def one_round(mode: str, rnd: int, *, work: Path, model_dir: Path, bodies: Path,
     finally:
         stop_server(proc)
     if topic and bootstrap:
-        run.events_logged, run.events_unique = count_events(bootstrap, topic,
-                                                            at_least=load["ok_total"])
-    say(f"round {rnd} {mode:>3}: {load['rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms, "
+        run.events_logged, run.events_unique = count_events(
+            bootstrap, topic, at_least=load["ok_total"]
+        )
+    say(
+        f"round {rnd} {mode:>3}: {load['rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms, "
         f"p99 {load['p99_ms']:.2f} ms, errors {load['errors']}, non-200 {load['non_200']}"
-        + (f", events {run.events_logged}/{load['ok_total']}" if topic else ""))
+        + (f", events {run.events_logged}/{load['ok_total']}" if topic else "")
+    )
     return run
 
 
@@ -316,9 +384,10 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         rs = [r for r in runs if r.mode == mode]
         cpu = [r.cpu_us_per_request for r in rs if r.cpu_us_per_request is not None]
         per_mode[mode] = {
-            "rps": _median(rs, "rps"), "p50_ms": _median(rs, "p50_ms"),
-            "p99_ms": _median(rs, "p99_ms"), "cpu_us_per_request":
-                statistics.median(cpu) if cpu else None,
+            "rps": _median(rs, "rps"),
+            "p50_ms": _median(rs, "p50_ms"),
+            "p99_ms": _median(rs, "p99_ms"),
+            "cpu_us_per_request": statistics.median(cpu) if cpu else None,
             "errors": sum(r.load["errors"] for r in rs),
             "non_200": sum(r.load["non_200"] for r in rs),
         }
@@ -334,8 +403,11 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "throughput_ratio": tput,
         "p99_ratio": p99,
         "targets": {
-            "throughput_ratio": {"target": f">= {THROUGHPUT_TARGET}", "value": tput,
-                                 "pass": tput >= THROUGHPUT_TARGET},
+            "throughput_ratio": {
+                "target": f">= {THROUGHPUT_TARGET}",
+                "value": tput,
+                "pass": tput >= THROUGHPUT_TARGET,
+            },
             "p99_ratio": {"target": f"<= {P99_TARGET}", "value": p99, "pass": p99 <= P99_TARGET},
         },
         "events_logged": logged,
@@ -356,11 +428,22 @@ def render(doc: dict[str, Any]) -> None:
     if not console.is_terminal:  # piped to a file: do not squeeze the table into 80 columns
         console.width = 120
     m, cfg, s = doc["machine"], doc["config"], doc["summary"]
-    table = Table(title="POST /v1/predict, Kafka logging on vs off "
-                        f"({cfg['duration_s']:g}s x {cfg['rounds']} rounds per mode, "
-                        f"concurrency {cfg['concurrency']})")
-    for col in ("mode", "round", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors",
-                "non-200", "events logged/expected"):
+    table = Table(
+        title="POST /v1/predict, Kafka logging on vs off "
+        f"({cfg['duration_s']:g}s x {cfg['rounds']} rounds per mode, "
+        f"concurrency {cfg['concurrency']})"
+    )
+    for col in (
+        "mode",
+        "round",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU us/req",
+        "errors",
+        "non-200",
+        "events logged/expected",
+    ):
         table.add_column(col, justify="left" if col == "mode" else "right")
 
     def cpu(v: float | None) -> str:
@@ -369,31 +452,51 @@ def render(doc: dict[str, Any]) -> None:
     for r in doc["runs"]:
         ld = r["load"]
         ev = f"{r['events_logged']}/{ld['ok_total']}" if r["mode"] == "on" else "-"
-        table.add_row(r["mode"], str(r["round"]), f"{ld['rps']:.0f}", f"{ld['p50_ms']:.2f}",
-                      f"{ld['p99_ms']:.2f}", cpu(r["cpu_us_per_request"]), str(ld["errors"]),
-                      str(ld["non_200"]), ev)
+        table.add_row(
+            r["mode"],
+            str(r["round"]),
+            f"{ld['rps']:.0f}",
+            f"{ld['p50_ms']:.2f}",
+            f"{ld['p99_ms']:.2f}",
+            cpu(r["cpu_us_per_request"]),
+            str(ld["errors"]),
+            str(ld["non_200"]),
+            ev,
+        )
     table.add_section()
     for mode in ("off", "on"):
         md = s["median"][mode]
-        ev = (f"{s['events_logged']}/{s['events_expected']}" if mode == "on" else "-")
-        table.add_row(f"[bold]{mode} (median)[/]", "", f"{md['rps']:.0f}", f"{md['p50_ms']:.2f}",
-                      f"{md['p99_ms']:.2f}", cpu(md["cpu_us_per_request"]), str(md["errors"]),
-                      str(md["non_200"]), ev)
+        ev = f"{s['events_logged']}/{s['events_expected']}" if mode == "on" else "-"
+        table.add_row(
+            f"[bold]{mode} (median)[/]",
+            "",
+            f"{md['rps']:.0f}",
+            f"{md['p50_ms']:.2f}",
+            f"{md['p99_ms']:.2f}",
+            cpu(md["cpu_us_per_request"]),
+            str(md["errors"]),
+            str(md["non_200"]),
+            ev,
+        )
     console.print(table)
     for name, t in s["targets"].items():
         verdict = "[green]PASS[/]" if t["pass"] else "[red]MISS[/]"
         console.print(f"{name:<17} {t['value']:.3f}  (target {t['target']})  {verdict}")
     match = "[green]match[/]" if s["events_match"] else "[red]MISMATCH[/]"
-    console.print(f"events_logged     {s['events_logged']} of events_expected "
-                  f"{s['events_expected']} ({s['events_unique']} distinct ids, "
-                  f"{s['events_duplicates']} duplicates)  {match}")
+    console.print(
+        f"events_logged     {s['events_logged']} of events_expected "
+        f"{s['events_expected']} ({s['events_unique']} distinct ids, "
+        f"{s['events_duplicates']} duplicates)  {match}"
+    )
     on_runs = [r for r in doc["runs"] if r["mode"] == "on"]
     backlog = ", ".join(f"{r['backlog_at_end']} ({r['drain_s']:.2f}s)" for r in on_runs)
     console.print(f"unacknowledged at end of load (drain time): {backlog}")
     console.print(f"[dim]{OFF_MEANS}; {ON_MEANS}.[/]")
-    console.print(f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), GPU {m['gpu']}, "
-                  f"Python {m['python']}, torch {m['torch']}, {m['uvicorn_loop']}/"
-                  f"{m['uvicorn_http']}, load average {load_range(m)}, {doc['date']}[/]")
+    console.print(
+        f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), GPU {m['gpu']}, "
+        f"Python {m['python']}, torch {m['torch']}, {m['uvicorn_loop']}/"
+        f"{m['uvicorn_http']}, load average {load_range(m)}, {doc['date']}[/]"
+    )
 
 
 def _sigterm_to_exit(signum: int, frame: object) -> None:
@@ -425,8 +528,7 @@ def main(
             split = split_cpus() if pin else None
             if split:  # the broker and load generator inherit this process's CPUs
                 os.sched_setaffinity(0, split[1])
-                say(f"server pinned to CPU {sorted(split[0])}, broker + load to "
-                    f"{sorted(split[1])}")
+                say(f"server pinned to CPU {sorted(split[0])}, broker + load to {sorted(split[1])}")
             say("training the seed model (1000 examples) ...")
             accuracy = train_and_save(work)
             write_bodies(work / "bodies.jsonl")
@@ -436,29 +538,52 @@ def main(
             say(f"embedded broker at {broker.bootstrap}")
             for rnd in range(1, rounds + 1):
                 for mode in ("off", "on"):
-                    runs.append(one_round(
-                        mode, rnd, work=work, model_dir=work / "model",
-                        bodies=work / "bodies.jsonl", bootstrap=broker.bootstrap,
-                        duration=duration, warmup=warmup, concurrency=concurrency, say=say,
-                        server_cpus=split[0] if split else None))
+                    runs.append(
+                        one_round(
+                            mode,
+                            rnd,
+                            work=work,
+                            model_dir=work / "model",
+                            bodies=work / "bodies.jsonl",
+                            bootstrap=broker.bootstrap,
+                            duration=duration,
+                            warmup=warmup,
+                            concurrency=concurrency,
+                            say=say,
+                            server_cpus=split[0] if split else None,
+                        )
+                    )
     except BenchError as exc:
         say(f"benchmark failed: {exc}")
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    doc = document("serve", machine, {
-        "config": {
-            "duration_s": duration, "warmup_s": warmup, "concurrency": concurrency,
-            "rounds": rounds, "order": "off, on" + ", off, on" * (rounds - 1),
-            "request": "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1",
-            "server": "one uvicorn worker per run, fresh process, access log off",
-            "pinning": (f"server on CPU {sorted(split[0])}, broker + load generator on "
-                        f"{sorted(split[1])}") if split else "none",
-            "off": OFF_MEANS, "on": ON_MEANS, "model_accuracy": accuracy,
+    doc = document(
+        "serve",
+        machine,
+        {
+            "config": {
+                "duration_s": duration,
+                "warmup_s": warmup,
+                "concurrency": concurrency,
+                "rounds": rounds,
+                "order": "off, on" + ", off, on" * (rounds - 1),
+                "request": "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1",
+                "server": "one uvicorn worker per run, fresh process, access log off",
+                "pinning": (
+                    f"server on CPU {sorted(split[0])}, broker + load generator on "
+                    f"{sorted(split[1])}"
+                )
+                if split
+                else "none",
+                "off": OFF_MEANS,
+                "on": ON_MEANS,
+                "model_accuracy": accuracy,
+            },
+            "runs": [asdict(r) for r in runs],
+            "summary": summarize(runs),
         },
-        "runs": [asdict(r) for r in runs],
-        "summary": summarize(runs),
-    })
+    )
     if json_out:
         print(json.dumps(doc, indent=2))
     else:

@@ -12,12 +12,22 @@ from typing import TYPE_CHECKING, Any
 # The worker side (analysis, counterexamples, registry loading) imports torch and MLflow;
 # loaded on first use so `flywheel db ...` and store-only callers start in a fraction of it.
 _LAZY = {
-    "AnalyzerConfig": "analyzer", "Verdict": "analyzer", "analyze": "analyzer",
-    "assign_split": "analyzer", "Counterexample": "counterexamples",
-    "CounterexampleConfig": "counterexamples", "ReferenceStats": "reference",
-    "error_report": "report", "build_worker": "runner", "tune_worker_process": "runner",
-    "FeedbackCollector": "metrics", "serve_metrics": "metrics", "FeedbackWorker": "worker",
-    "WorkerStats": "worker", "WorkerObserver": "observer", "WorkerStep": "observer",
+    "AnalyzerConfig": "analyzer",
+    "Verdict": "analyzer",
+    "analyze": "analyzer",
+    "assign_split": "analyzer",
+    "Counterexample": "counterexamples",
+    "CounterexampleConfig": "counterexamples",
+    "ReferenceStats": "reference",
+    "error_report": "report",
+    "build_worker": "runner",
+    "tune_worker_process": "runner",
+    "FeedbackCollector": "metrics",
+    "serve_metrics": "metrics",
+    "FeedbackWorker": "worker",
+    "WorkerStats": "worker",
+    "WorkerObserver": "observer",
+    "WorkerStep": "observer",
 }
 
 
@@ -27,6 +37,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f"flywheel.feedback.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'flywheel.feedback' has no attribute {name!r}")
+
 
 if TYPE_CHECKING:
     from flywheel.feedback.analyzer import AnalyzerConfig, Verdict, analyze, assign_split
@@ -40,8 +51,21 @@ if TYPE_CHECKING:
     from flywheel.feedback.worker import FeedbackWorker, WorkerStats
 
 __all__ = [
-    "AnalyzerConfig", "Counterexample", "CounterexampleConfig", "FeedbackCollector",
-    "FeedbackWorker", "ReferenceStats", "Verdict", "WorkerObserver", "WorkerStats",
-    "WorkerStep", "analyze", "assign_split", "build_worker", "error_report",
-    "generate_counterexamples", "serve_metrics", "tune_worker_process",
+    "AnalyzerConfig",
+    "Counterexample",
+    "CounterexampleConfig",
+    "FeedbackCollector",
+    "FeedbackWorker",
+    "ReferenceStats",
+    "Verdict",
+    "WorkerObserver",
+    "WorkerStats",
+    "WorkerStep",
+    "analyze",
+    "assign_split",
+    "build_worker",
+    "error_report",
+    "generate_counterexamples",
+    "serve_metrics",
+    "tune_worker_process",
 ]

@@ -43,9 +43,14 @@ class Aligner:
     def held(self) -> int:
         return sum(len(q) for q in self._held.values())
 
-    def admit(self, messages: Iterable[Any], lagging: Callable[[int], bool],
-              leader_partitions: Iterable[int], now: float, limit: int
-              ) -> tuple[list[Any], dict[Partition, int]]:
+    def admit(
+        self,
+        messages: Iterable[Any],
+        lagging: Callable[[int], bool],
+        leader_partitions: Iterable[int],
+        now: float,
+        limit: int,
+    ) -> tuple[list[Any], dict[Partition, int]]:
         """The messages to process now (at most `limit` corrections released at once, so
         a batch stays the size of a poll), and the next offset to commit for each
         partition they (or the held ones) belong to. `lagging(p)`: predictions partition
@@ -83,8 +88,7 @@ class Aligner:
                 del self._held[tp]
         return out, offsets
 
-    def _frontier(self, lagging: Callable[[int], bool], leader_partitions: Iterable[int]
-                  ) -> float:
+    def _frontier(self, lagging: Callable[[int], bool], leader_partitions: Iterable[int]) -> float:
         """Corrections up to this time may go: the earliest read position among the
         predictions partitions that are behind (none behind: everything may go)."""
         behind = [p for p in leader_partitions if lagging(p)]

@@ -43,12 +43,16 @@ class AnalyzerConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) \
-                or self.neighbours < 1:
+        if (
+            isinstance(self.neighbours, bool)
+            or not isinstance(self.neighbours, int)
+            or self.neighbours < 1
+        ):
             raise ValueError(f"neighbours must be a positive int, got {self.neighbours!r}")
         if not (math.isfinite(self.suspect_max_distance) and self.suspect_max_distance > 0):
-            raise ValueError(f"suspect_max_distance must be a positive number, "
-                             f"got {self.suspect_max_distance}")
+            raise ValueError(
+                f"suspect_max_distance must be a positive number, got {self.suspect_max_distance}"
+            )
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,15 @@ def _check_probabilities(probabilities: Mapping[str, float]) -> tuple[float, flo
     except (TypeError, ValueError) as exc:
         raise ValueError(f"probabilities must be numbers, got {dict(probabilities)}") from exc
     if not np.isfinite(values).all() or (values < 0).any() or (values > 1).any():
-        raise ValueError(f"probabilities must be finite numbers in [0, 1], "
-                         f"got {dict(probabilities)}")
+        raise ValueError(
+            f"probabilities must be finite numbers in [0, 1], got {dict(probabilities)}"
+        )
     total = float(values.sum())
     if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
-        raise ValueError(f"probabilities must sum to 1 (+/- {PROBABILITY_SUM_TOLERANCE}), "
-                         f"they sum to {total:.6f}")
+        raise ValueError(
+            f"probabilities must sum to 1 (+/- {PROBABILITY_SUM_TOLERANCE}), "
+            f"they sum to {total:.6f}"
+        )
     top2 = np.sort(values)[-2:]
     return float(top2[1]), float(top2[1] - top2[0])
 
@@ -109,8 +116,10 @@ def neighbour_labels(
     if pts.size == 0 and not labels:
         return []
     if pts.ndim != 2 or pts.shape[0] != len(labels):
-        raise ValueError(f"neighbours must be (matrix of rows, one label per row); got shape "
-                         f"{pts.shape} and {len(labels)} labels")
+        raise ValueError(
+            f"neighbours must be (matrix of rows, one label per row); got shape "
+            f"{pts.shape} and {len(labels)} labels"
+        )
     for label in set(labels):
         _check_label(label, probabilities, "neighbour label")
     z = reference.standardize(pts) - reference.standardize(x)
@@ -147,50 +156,84 @@ def analyze(
     _check_label(predicted, probabilities, "predicted label")
     _check_label(true_label, probabilities, "true label")
     if float(probabilities[predicted]) < confidence - ARGMAX_TOLERANCE:
-        raise ValueError(f"predicted label {predicted!r} (p={probabilities[predicted]:.4f}) is "
-                         f"not the most probable one (p={confidence:.4f})")
+        raise ValueError(
+            f"predicted label {predicted!r} (p={probabilities[predicted]:.4f}) is "
+            f"not the most probable one (p={confidence:.4f})"
+        )
     distance = reference.distance(x)  # validates width and finiteness
     near = neighbour_labels(x, neighbours, probabilities, reference, config)
     agreement = sum(label == predicted for label in near) / len(near) if near else None
-    numbers = (f"confidence {confidence:.3f}, margin {margin:.3f}, reference distance "
-               f"{distance:.2f} vs novelty cut-off {reference.distance_threshold:.2f}")
+    numbers = (
+        f"confidence {confidence:.3f}, margin {margin:.3f}, reference distance "
+        f"{distance:.2f} vs novelty cut-off {reference.distance_threshold:.2f}"
+    )
     if agreement is not None:
         numbers += f", {agreement:.0%} of {len(near)} close neighbours labelled {predicted!r}"
 
     if predicted == true_label:
-        return Verdict(correct=True, error_type=None, trainable=True, confidence=confidence,
-                       margin=margin, distance=distance, neighbour_agreement=agreement,
-                       reason=f"correct: predicted {predicted!r} with {numbers}.")
+        return Verdict(
+            correct=True,
+            error_type=None,
+            trainable=True,
+            confidence=confidence,
+            margin=margin,
+            distance=distance,
+            neighbour_agreement=agreement,
+            reason=f"correct: predicted {predicted!r} with {numbers}.",
+        )
 
-    error_type = _error_type(bool(reference.is_novel(x)), confidence, margin, len(near),
-                             agreement, config)
+    error_type = _error_type(
+        bool(reference.is_novel(x)), confidence, margin, len(near), agreement, config
+    )
     if error_type is ErrorType.NOVEL:
-        why = ("the input is far from the reference data, so the model had nothing like it "
-               "to learn from")
+        why = (
+            "the input is far from the reference data, so the model had nothing like it "
+            "to learn from"
+        )
     elif error_type is ErrorType.SUSPECT:
-        why = (f"the correction contradicts a confident model and {agreement:.0%} of its "
-               f"{len(near)} nearest labelled neighbours, so it is quarantined until "
-               f"corroborated")
+        why = (
+            f"the correction contradicts a confident model and {agreement:.0%} of its "
+            f"{len(near)} nearest labelled neighbours, so it is quarantined until "
+            f"corroborated"
+        )
     elif error_type is ErrorType.BOUNDARY:
-        why = (f"the top two labels are within {config.boundary_margin} of each other, near "
-               f"the decision boundary")
+        why = (
+            f"the top two labels are within {config.boundary_margin} of each other, near "
+            f"the decision boundary"
+        )
     else:
         why = "the model was wrong well away from the decision boundary"
-    return Verdict(correct=False, error_type=error_type.value,
-                   trainable=error_type is not ErrorType.SUSPECT, confidence=confidence,
-                   margin=margin, distance=distance, neighbour_agreement=agreement,
-                   reason=f"{error_type.value}: predicted {predicted!r} but the true label "
-                   f"is {true_label!r}; {why} ({numbers}).")
+    return Verdict(
+        correct=False,
+        error_type=error_type.value,
+        trainable=error_type is not ErrorType.SUSPECT,
+        confidence=confidence,
+        margin=margin,
+        distance=distance,
+        neighbour_agreement=agreement,
+        reason=f"{error_type.value}: predicted {predicted!r} but the true label "
+        f"is {true_label!r}; {why} ({numbers}).",
+    )
 
 
-def _error_type(novel: bool, confidence: float, margin: float, near: int,
-                agreement: float | None, config: AnalyzerConfig) -> ErrorType:
+def _error_type(
+    novel: bool,
+    confidence: float,
+    margin: float,
+    near: int,
+    agreement: float | None,
+    config: AnalyzerConfig,
+) -> ErrorType:
     """The rules for a wrong prediction, first match wins (see `analyze`); one copy of them
     for the one-at-a-time and the batch paths."""
     if novel:
         return ErrorType.NOVEL
-    if (confidence >= config.confident_threshold and near >= config.neighbours
-            and agreement is not None and agreement >= config.suspect_agreement):
+    if (
+        confidence >= config.confident_threshold
+        and near >= config.neighbours
+        and agreement is not None
+        and agreement >= config.suspect_agreement
+    ):
         return ErrorType.SUSPECT
     if margin < config.boundary_margin:
         return ErrorType.BOUNDARY
@@ -244,17 +287,23 @@ def analyze_many(
     except (TypeError, ValueError):  # ragged or not numbers
         x = np.empty((0, 0))
     points = pool.points
-    if (x.ndim != 2 or x.shape != (n, reference.input_dim) or points.ndim != 2
-            or points.shape[1] != reference.input_dim or not np.isfinite(points).all()):
-        return [_one(i, features, probabilities, predicted, true_labels, pool, config)
-                for i in range(n)]
+    if (
+        x.ndim != 2
+        or x.shape != (n, reference.input_dim)
+        or points.ndim != 2
+        or points.shape[1] != reference.input_dim
+        or not np.isfinite(points).all()
+    ):
+        return [
+            _one(i, features, probabilities, predicted, true_labels, pool, config) for i in range(n)
+        ]
     z = (x - reference.mean) / reference.std
     distance = np.linalg.norm(z, axis=1)
     threshold = reference.distance_threshold
     near_cut = np.abs(distance - threshold) <= _EXACT_BAND * threshold
     ok, confidences, margins, correct = _quick_checks(
-        probabilities, predicted, true_labels, np.asarray(np.isfinite(x).all(axis=1)),
-        pool.labels())
+        probabilities, predicted, true_labels, np.asarray(np.isfinite(x).all(axis=1)), pool.labels()
+    )
     exact.extend(np.flatnonzero(~ok).tolist())
     for i in np.flatnonzero(ok & correct).tolist():
         out[i] = (None, True)
@@ -273,8 +322,9 @@ def analyze_many(
         points, labels = pool.near_many(x[rows], config.neighbours)
         radius = config.suspect_max_distance
         # As `neighbour_labels`: standardize the candidates and the input, then measure.
-        dist = np.linalg.norm((points - reference.mean) / reference.std - z[rows][:, None, :],
-                              axis=2)
+        dist = np.linalg.norm(
+            (points - reference.mean) / reference.std - z[rows][:, None, :], axis=2
+        )
         close = dist <= radius
         unsure = (np.abs(dist - radius) <= _EXACT_BAND * radius).any(axis=1)
         for j, (i, confidence, margin) in enumerate(searches):
@@ -291,23 +341,39 @@ def analyze_many(
     return out  # type: ignore[return-value]
 
 
-def _one(i: int, features: Sequence[Sequence[float]],
-         probabilities: Sequence[Mapping[str, float]], predicted: Sequence[str],
-         true_labels: Sequence[str], pool: NeighbourSource, config: AnalyzerConfig
-         ) -> tuple[str | None, bool]:
+def _one(
+    i: int,
+    features: Sequence[Sequence[float]],
+    probabilities: Sequence[Mapping[str, float]],
+    predicted: Sequence[str],
+    true_labels: Sequence[str],
+    pool: NeighbourSource,
+    config: AnalyzerConfig,
+) -> tuple[str | None, bool]:
     """Row `i` exactly as one call of `analyze` judges it (and refuses it)."""
     x = np.asarray(features[i], dtype=np.float64)
-    verdict = analyze(features[i], probabilities[i], predicted[i], true_labels[i],
-                      pool.reference, pool.near(x, config.neighbours), config)
+    verdict = analyze(
+        features[i],
+        probabilities[i],
+        predicted[i],
+        true_labels[i],
+        pool.reference,
+        pool.near(x, config.neighbours),
+        config,
+    )
     return verdict.error_type, verdict.trainable
 
 
 _MATRIX_MIN_ROWS = 24  # fewer rows: per-row checks are faster (crossover measured at ~24)
 
 
-def _quick_checks(probabilities: Sequence[Mapping[str, float]], predicted: Sequence[str],
-                  true_labels: Sequence[str], finite: np.ndarray, pool_labels: frozenset[str]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _quick_checks(
+    probabilities: Sequence[Mapping[str, float]],
+    predicted: Sequence[str],
+    true_labels: Sequence[str],
+    finite: np.ndarray,
+    pool_labels: frozenset[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`_quick_check` for every row at once: (accepted, confidence, margin, predicted the
     true label). A row is not accepted when `analyze` might refuse it, its features are
     not `finite`, or a neighbour's label could be one its probabilities lack: `analyze`
@@ -326,8 +392,11 @@ def _quick_checks(probabilities: Sequence[Mapping[str, float]], predicted: Seque
         # ints, bools, strings -- or too few rows for numpy to pay off: one at a time
         if len(rows) < _MATRIX_MIN_ROWS or set(map(type, values)) != {float}:
             for i in rows:
-                checked = _quick_check(probabilities[i], predicted[i], true_labels[i]) \
-                    if finite[i] else None
+                checked = (
+                    _quick_check(probabilities[i], predicted[i], true_labels[i])
+                    if finite[i]
+                    else None
+                )
                 if checked is not None:
                     ok[i] = True
                     confidence[i], margin[i] = checked
@@ -342,9 +411,13 @@ def _quick_checks(probabilities: Sequence[Mapping[str, float]], predicted: Seque
         top, second = ordered[:, -1], ordered[:, -2]
         # NaN fails the range check, as in `_quick_check`; numpy's row sums differ from
         # `analyze`'s in the last bits at most, far inside the band kept from the tolerance
-        accepted = (finite[index] & (p >= 0) & (t >= 0) & ((v >= 0) & (v <= 1)).all(axis=1)
-                    & (np.abs(v.sum(axis=1) - 1.0)
-                       <= PROBABILITY_SUM_TOLERANCE * (1 - _EXACT_BAND)))
+        accepted = (
+            finite[index]
+            & (p >= 0)
+            & (t >= 0)
+            & ((v >= 0) & (v <= 1)).all(axis=1)
+            & (np.abs(v.sum(axis=1) - 1.0) <= PROBABILITY_SUM_TOLERANCE * (1 - _EXACT_BAND))
+        )
         accepted &= ~(v[np.arange(len(rows)), p] < top - ARGMAX_TOLERANCE)
         ok[index] = accepted
         confidence[index], margin[index] = top, top - second
@@ -352,12 +425,12 @@ def _quick_checks(probabilities: Sequence[Mapping[str, float]], predicted: Seque
     return ok, confidence, margin, correct
 
 
-def _quick_check(probabilities: Mapping[str, float], predicted: str, true_label: str
-                 ) -> tuple[float, float] | None:
+def _quick_check(
+    probabilities: Mapping[str, float], predicted: str, true_label: str
+) -> tuple[float, float] | None:
     """(confidence, margin) as `analyze` computes them if it would accept these values;
     None when it might not (then `analyze` itself decides, and words the refusal)."""
-    if len(probabilities) < 2 or predicted not in probabilities \
-            or true_label not in probabilities:
+    if len(probabilities) < 2 or predicted not in probabilities or true_label not in probabilities:
         return None
     values = list(probabilities.values())
     for v in values:
@@ -375,7 +448,7 @@ def _quick_check(probabilities: Mapping[str, float], predicted: str, true_label:
 
 
 def assign_split(prediction_id: str, holdout_fraction: float) -> str:
-    """"holdout" for a stable `holdout_fraction` of ids, else "train".
+    """ "holdout" for a stable `holdout_fraction` of ids, else "train".
 
     A hash of the id (not a random draw) means a retried or replayed correction, or
     another worker process, always puts the same prediction in the same split, so a
@@ -401,5 +474,13 @@ def split_assigner(holdout_fraction: float) -> Callable[[str], str]:
     return assign
 
 
-__all__ = ["AnalyzerConfig", "NeighbourSource", "Verdict", "analyze", "analyze_many",
-           "assign_split", "neighbour_labels", "split_assigner"]
+__all__ = [
+    "AnalyzerConfig",
+    "NeighbourSource",
+    "Verdict",
+    "analyze",
+    "analyze_many",
+    "assign_split",
+    "neighbour_labels",
+    "split_assigner",
+]

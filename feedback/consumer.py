@@ -42,43 +42,60 @@ class KafkaBatchConsumer:
     murmur2 partitioner, so a correction usually meets its prediction in one worker.
     """
 
-    def __init__(self, feedback: FeedbackSettings, kafka: KafkaSettings, topics: list[str],
-                 *, client_id: str,
-                 on_revoked: RebalanceHook, on_assigned: RebalanceHook,
-                 align: tuple[str, str] | None = None, max_hold_s: float = 10.0,
-                 max_held: int = 20_000, client: Any | None = None) -> None:
+    def __init__(
+        self,
+        feedback: FeedbackSettings,
+        kafka: KafkaSettings,
+        topics: list[str],
+        *,
+        client_id: str,
+        on_revoked: RebalanceHook,
+        on_assigned: RebalanceHook,
+        align: tuple[str, str] | None = None,
+        max_hold_s: float = 10.0,
+        max_held: int = 20_000,
+        client: Any | None = None,
+    ) -> None:
         """`client`: a confluent_kafka.Consumer-like object to use instead of a new
         Consumer (unit tests)."""
-        self._consumer = client if client is not None \
-            else self._new_client(feedback, kafka, client_id)
+        self._consumer = (
+            client if client is not None else self._new_client(feedback, kafka, client_id)
+        )
         self._on_revoked, self._on_assigned = on_revoked, on_assigned
         self._assigned: set[Partition] = set()
         # `align` = (predictions topic, corrections topic): see flywheel.feedback.alignment
-        self._aligner = Aligner(*align, max_held=max_held, max_hold_s=max_hold_s) \
-            if align and max_hold_s > 0 else None
+        self._aligner = (
+            Aligner(*align, max_held=max_held, max_hold_s=max_hold_s)
+            if align and max_hold_s > 0
+            else None
+        )
         self._paused: list[Any] = []
         self._sent: dict[Partition, int] = {}  # the latest offsets committed without waiting
-        self._consumer.subscribe(topics, on_assign=self._assign, on_revoke=self._revoke,
-                                 on_lost=self._lose)
+        self._consumer.subscribe(
+            topics, on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lose
+        )
 
     @staticmethod
     def _new_client(feedback: FeedbackSettings, kafka: KafkaSettings, client_id: str) -> Any:
         from confluent_kafka import Consumer
 
         timeout = feedback.feedback_session_timeout_ms
-        return Consumer({
-            "bootstrap.servers": kafka.kafka_bootstrap,
-            "group.id": feedback.feedback_group,
-            "client.id": client_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": timeout,
-            "heartbeat.interval.ms": max(300, timeout // 4),
-            "partition.assignment.strategy": "range",
-            "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
-            "on_commit": _log_refused_commit,
-        }, logger=logging.getLogger("flywheel.kafka"))
+        return Consumer(
+            {
+                "bootstrap.servers": kafka.kafka_bootstrap,
+                "group.id": feedback.feedback_group,
+                "client.id": client_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": timeout,
+                "heartbeat.interval.ms": max(300, timeout // 4),
+                "partition.assignment.strategy": "range",
+                "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
+                "on_commit": _log_refused_commit,
+            },
+            logger=logging.getLogger("flywheel.kafka"),
+        )
 
     # -- rebalance callbacks (called inside `poll`) ------------------------------------------
     def _assign(self, _consumer: Any, partitions: list[Any]) -> None:
@@ -101,8 +118,9 @@ class KafkaBatchConsumer:
         member may own them already, so nothing of theirs is committed."""
         parts = [(p.topic, p.partition) for p in partitions]
         self._forget(parts)
-        log.warning("partitions lost (session expired): %s; their offsets are not committed",
-                    sorted(parts))
+        log.warning(
+            "partitions lost (session expired): %s; their offsets are not committed", sorted(parts)
+        )
 
     def _forget(self, parts: list[Partition]) -> None:
         self._assigned.difference_update(parts)
@@ -138,7 +156,8 @@ class KafkaBatchConsumer:
         if position is None:
             return True
         _low, high = self._consumer.get_watermark_offsets(
-            TopicPartition(self._aligner.leader, partition), cached=True)
+            TopicPartition(self._aligner.leader, partition), cached=True
+        )
         return high < 0 or high > position
 
     # -- the batch interface ------------------------------------------------------------------
@@ -180,13 +199,18 @@ class KafkaBatchConsumer:
             messages = good
         return messages
 
-    def _admit(self, messages: list[Any], max_records: int
-               ) -> tuple[list[Any], dict[Partition, int]]:
+    def _admit(
+        self, messages: list[Any], max_records: int
+    ) -> tuple[list[Any], dict[Partition, int]]:
         assert self._aligner is not None
         leader = self._aligner.leader
         admitted = self._aligner.admit(
-            messages, self._lagging, [p for t, p in self._assigned if t == leader],
-            time.monotonic(), limit=max_records)
+            messages,
+            self._lagging,
+            [p for t, p in self._assigned if t == leader],
+            time.monotonic(),
+            limit=max_records,
+        )
         self._pause_while_full()
         return admitted
 
@@ -196,8 +220,9 @@ class KafkaBatchConsumer:
 
         assert self._aligner is not None
         if not self._paused and self._aligner.full():
-            self._paused = [TopicPartition(t, p) for t, p in self._assigned
-                            if t == self._aligner.follower]
+            self._paused = [
+                TopicPartition(t, p) for t, p in self._assigned if t == self._aligner.follower
+            ]
             self._consumer.pause(self._paused)
         elif self._paused and self._aligner.held <= self._aligner.max_held // 2:
             self._consumer.resume(self._paused)
@@ -215,12 +240,12 @@ class KafkaBatchConsumer:
         if not offsets:
             return True
         try:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o)
-                                           for (t, p), o in offsets.items()],
-                                  asynchronous=not wait)
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                asynchronous=not wait,
+            )
         except KafkaException as exc:
-            log.warning("offset commit refused (%s); the next owner replays stored records",
-                        exc)
+            log.warning("offset commit refused (%s); the next owner replays stored records", exc)
             return False
         if wait:
             for tp in offsets:
@@ -246,5 +271,8 @@ class KafkaBatchConsumer:
 def _log_refused_commit(err: Any, partitions: list[Any]) -> None:
     """librdkafka's answer to a commit (called inside `poll`): only a refusal matters."""
     if err is not None:
-        log.warning("offset commit refused (%s) for %s; the next owner replays stored "
-                    "records", err, sorted((p.topic, p.partition) for p in partitions))
+        log.warning(
+            "offset commit refused (%s) for %s; the next owner replays stored records",
+            err,
+            sorted((p.topic, p.partition) for p in partitions),
+        )

@@ -39,9 +39,16 @@ class Corroborator:
     new corrections. The pool is read as JSON text and parsed in one call.
     """
 
-    def __init__(self, reference: ReferenceStats, holdout_fraction: float, *,
-                 min_support: int = MIN_SUPPORT, radius: float = RADIUS,
-                 limit: int = 2000, every_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        reference: ReferenceStats,
+        holdout_fraction: float,
+        *,
+        min_support: int = MIN_SUPPORT,
+        radius: float = RADIUS,
+        limit: int = 2000,
+        every_s: float = 0.0,
+    ) -> None:
         self.reference, self.holdout_fraction = reference, holdout_fraction
         self.min_support, self.radius, self.limit = min_support, radius, limit
         self.every_s = every_s
@@ -55,23 +62,29 @@ class Corroborator:
         self._next = time.monotonic() + self.every_s
         held = session.execute(
             select(Example.id, Example.features, Example.label, Example.parent_prediction_id)
-            .where(Example.split == Split.QUARANTINE.value,
-                   Example.origin == Origin.CORRECTION.value,
-                   Example.error_type == ErrorType.SUSPECT.value)
-            .order_by(Example.id).limit(self.limit)).all()
+            .where(
+                Example.split == Split.QUARANTINE.value,
+                Example.origin == Origin.CORRECTION.value,
+                Example.error_type == ErrorType.SUSPECT.value,
+            )
+            .order_by(Example.id)
+            .limit(self.limit)
+        ).all()
         if not held:
             return 0
-        newest = session.scalar(select(func.max(Example.id))
-                                .where(Example.origin == Origin.CORRECTION.value))
+        newest = session.scalar(
+            select(func.max(Example.id)).where(Example.origin == Origin.CORRECTION.value)
+        )
         state = (newest, tuple(r[0] for r in held))
         if state == self._seen:
             return 0
         support = session.execute(
             select(cast(Example.features, Text), Example.label, Example.parent_prediction_id)
             .where(Example.origin == Origin.CORRECTION.value)
-            .order_by(Example.id.desc()).limit(SUPPORT_POOL)).all()
-        xs = np.asarray(orjson.loads("[" + ",".join(r[0] for r in support) + "]"),
-                        dtype=np.float64)
+            .order_by(Example.id.desc())
+            .limit(SUPPORT_POOL)
+        ).all()
+        xs = np.asarray(orjson.loads("[" + ",".join(r[0] for r in support) + "]"), dtype=np.float64)
         labels = np.asarray([r[1] for r in support])
         parents = np.asarray([r[2] for r in support])
         to: dict[str, list[int]] = {}  # released to which split
@@ -80,18 +93,23 @@ class Corroborator:
         released = 0
         for split, ids in to.items():
             result = session.execute(
-                update(Example).where(Example.id.in_(ids),
-                                      Example.split == Split.QUARANTINE.value)
-                .values(split=split))
+                update(Example)
+                .where(Example.id.in_(ids), Example.split == Split.QUARANTINE.value)
+                .values(split=split)
+            )
             assert isinstance(result, CursorResult)  # an UPDATE's (typed as Result)
             released += result.rowcount or 0
         # the rows released now leave `held`: the next sweep's state differs and re-checks
         self._seen = state if not released else None
         return released
 
-
-    def _corroborated(self, held: Sequence[Row[*tuple[Any, ...]]], xs: np.ndarray,
-                      labels: np.ndarray, parents: np.ndarray) -> list[tuple[int, str]]:
+    def _corroborated(
+        self,
+        held: Sequence[Row[*tuple[Any, ...]]],
+        xs: np.ndarray,
+        labels: np.ndarray,
+        parents: np.ndarray,
+    ) -> list[tuple[int, str]]:
         """(id, parent) of the held examples with enough support. Distances are taken
         to the pool rows of the same label only, a block of held rows at a time, element
         for element the arithmetic of one row at a time (the same borderline cases pass)."""
@@ -105,10 +123,11 @@ class Corroborator:
             pool, pool_parents = xs[same], parents[same]
             block = max(1, _BLOCK_CELLS // max(1, pool.size))
             for start in range(0, len(rows), block):
-                chunk = rows[start:start + block]
+                chunk = rows[start : start + block]
                 h = np.asarray([r[1] for r in chunk], dtype=np.float64)
-                near = np.linalg.norm((pool[None, :, :] - h[:, None, :]) / std,
-                                      axis=2) <= self.radius
+                near = (
+                    np.linalg.norm((pool[None, :, :] - h[:, None, :]) / std, axis=2) <= self.radius
+                )
                 for (ex_id, _, _, parent), close in zip(chunk, near, strict=True):
                     agree = int(close.sum())
                     if agree >= self.min_support:  # not counting its own prediction's
@@ -118,10 +137,17 @@ class Corroborator:
         return out
 
 
-def release_corroborated(session: Session, reference: ReferenceStats, holdout_fraction: float,
-                         *, min_support: int = MIN_SUPPORT, radius: float = RADIUS,
-                         limit: int = 2000) -> int:
+def release_corroborated(
+    session: Session,
+    reference: ReferenceStats,
+    holdout_fraction: float,
+    *,
+    min_support: int = MIN_SUPPORT,
+    radius: float = RADIUS,
+    limit: int = 2000,
+) -> int:
     """Release the quarantined corrections that enough close, agreeing corrections (from
     other predictions) corroborate; returns how many."""
-    return Corroborator(reference, holdout_fraction, min_support=min_support, radius=radius,
-                        limit=limit)(session)
+    return Corroborator(
+        reference, holdout_fraction, min_support=min_support, radius=radius, limit=limit
+    )(session)

@@ -30,12 +30,14 @@ from torch import nn
 from flywheel.feedback.reference import ReferenceStats
 from flywheel.store import ERROR_TYPES, ErrorType
 
-DEFAULT_K: Mapping[str, int] = MappingProxyType({
-    ErrorType.CONFIDENT.value: 6,
-    ErrorType.BOUNDARY.value: 4,
-    ErrorType.NOVEL.value: 6,
-    ErrorType.SUSPECT.value: 0,  # quarantined: amplifying a doubtful label is the worst case
-})
+DEFAULT_K: Mapping[str, int] = MappingProxyType(
+    {
+        ErrorType.CONFIDENT.value: 6,
+        ErrorType.BOUNDARY.value: 4,
+        ErrorType.NOVEL.value: 6,
+        ErrorType.SUSPECT.value: 0,  # quarantined: amplifying a doubtful label is the worst case
+    }
+)
 STRATEGIES: tuple[str, ...] = ("gradient_sign", "interpolate", "jitter")
 # Further gradient_sign variants jitter the one FGSM point by this share of jitter_scale,
 # so they stay in its hard region instead of drifting back toward the input.
@@ -43,12 +45,18 @@ GRADIENT_JITTER_SHARE = 0.5
 # A request's strategies, as indices into STRATEGIES, by (has an FGSM point) * 2 + (has
 # true-class examples); padded with jitter, which is always available.
 _GRADIENT, _INTERPOLATE, _JITTER = range(3)
-_AVAILABLE = np.array([[_JITTER] * 3, [_INTERPOLATE, _JITTER, _JITTER],
-                       [_GRADIENT, _JITTER, _JITTER], [_GRADIENT, _INTERPOLATE, _JITTER]])
+_AVAILABLE = np.array(
+    [
+        [_JITTER] * 3,
+        [_INTERPOLATE, _JITTER, _JITTER],
+        [_GRADIENT, _JITTER, _JITTER],
+        [_GRADIENT, _INTERPOLATE, _JITTER],
+    ]
+)
 # Float32 rounding can push a variant just past max_distance; shrink the step and retry,
 # by a millionth first (rounding is that small), more each time (for inputs so large that
 # float32's spacing is not).
-_SHRINK = tuple(1.0 - min(0.5, 1e-6 * 4.0 ** i) for i in range(20))
+_SHRINK = tuple(1.0 - min(0.5, 1e-6 * 4.0**i) for i in range(20))
 _SHRINK_TRIES = len(_SHRINK)
 
 
@@ -68,16 +76,20 @@ class CounterexampleConfig:
         unknown = sorted(set(k) - set(ERROR_TYPES))
         missing = sorted(set(ERROR_TYPES) - set(k))
         if unknown or missing:
-            raise ValueError(f"k must give a count for exactly {list(ERROR_TYPES)}; "
-                             f"unknown: {unknown}, missing: {missing}")
+            raise ValueError(
+                f"k must give a count for exactly {list(ERROR_TYPES)}; "
+                f"unknown: {unknown}, missing: {missing}"
+            )
         for name, count in k.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"k[{name!r}] must be a non-negative int, got {count!r}")
         object.__setattr__(self, "k", k)
         lo, hi = (float(v) for v in self.interpolation)
         if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"interpolation must be (low, high) with 0 <= low <= high <= 1, "
-                             f"got {self.interpolation}")
+            raise ValueError(
+                f"interpolation must be (low, high) with 0 <= low <= high <= 1, "
+                f"got {self.interpolation}"
+            )
         object.__setattr__(self, "interpolation", (lo, hi))
         for name in ("jitter_scale", "fgsm_step", "max_distance", "weight"):
             value = float(getattr(self, name))
@@ -105,7 +117,11 @@ def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def gradient_sign_point(
-    x: np.ndarray, target: int, n_labels: int, model: nn.Module, reference: ReferenceStats,
+    x: np.ndarray,
+    target: int,
+    n_labels: int,
+    model: nn.Module,
+    reference: ReferenceStats,
     step: float,
 ) -> np.ndarray | None:
     """x + step * std * sign(d loss / d x) for the true label, or None if the gradient is flat.
@@ -122,8 +138,10 @@ def gradient_sign_point(
             xt = torch.tensor(x, dtype=dtype, device=device).unsqueeze(0).requires_grad_(True)
             logits = model(xt)
             if logits.shape != (1, n_labels):
-                raise ValueError(f"model returned logits of shape {tuple(logits.shape)}, "
-                                 f"expected (1, {n_labels}) for {n_labels} labels")
+                raise ValueError(
+                    f"model returned logits of shape {tuple(logits.shape)}, "
+                    f"expected (1, {n_labels}) for {n_labels} labels"
+                )
             loss = F.cross_entropy(logits, torch.tensor([target], device=device))
             (grad,) = torch.autograd.grad(loss, xt)
     finally:
@@ -200,8 +218,12 @@ def generate(
     return generate_many([request], reference=reference, config=config)[0]
 
 
-def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
-                  config: CounterexampleConfig | None = None) -> list[list[Counterexample]]:
+def generate_many(
+    requests: Sequence[Request],
+    *,
+    reference: ReferenceStats,
+    config: CounterexampleConfig | None = None,
+) -> list[list[Counterexample]]:
     """`generate` for each request, with the costly steps done once for the whole batch.
 
     The gradient step is one forward and backward pass per model for all requests (rows
@@ -220,7 +242,7 @@ def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
         except ValueError as exc:  # raised after the gradients of the requests before it
             refusal = exc
             break
-    fgsm = _gradient_points(requests[:len(prepared)], prepared, reference, config)
+    fgsm = _gradient_points(requests[: len(prepared)], prepared, reference, config)
     if refusal is not None:
         raise refusal
     std, dim = reference.std, reference.input_dim
@@ -233,14 +255,16 @@ def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
     if not len(owners):
         return out
     index = np.arange(len(owners)) - np.repeat(np.cumsum(ks) - ks, ks)
-    has = np.asarray([(hard is not None, len(p[1]) > 0)
-                      for p, hard in zip(prepared, fgsm, strict=True)], dtype=bool)
+    has = np.asarray(
+        [(hard is not None, len(p[1]) > 0) for p, hard in zip(prepared, fgsm, strict=True)],
+        dtype=bool,
+    )
     available = _AVAILABLE[has[:, 0] * 2 + has[:, 1]][owners]
     codes = available[np.arange(len(owners)), index % (1 + has.sum(axis=1))[owners]]
-    seeds = np.asarray([r.seed for r in requests[:len(prepared)]], dtype=np.uint64)
+    seeds = np.asarray([r.seed for r in requests[: len(prepared)]], dtype=np.uint64)
     # each variant its own block of the request's stream: 2 uniforms a normal, plus 2
     u = _uniforms(seeds[owners], index.astype(np.uint64), 2 * dim + 2)
-    normal = np.sqrt(-2.0 * np.log1p(-u[:, :dim])) * np.cos(2.0 * np.pi * u[:, dim:2 * dim])
+    normal = np.sqrt(-2.0 * np.log1p(-u[:, :dim])) * np.cos(2.0 * np.pi * u[:, dim : 2 * dim])
     points = np.stack([p[0] for p in prepared])[owners]
     candidates = points + normal * config.jitter_scale * std  # jitter, unless replaced
     gradient = np.flatnonzero(codes == _GRADIENT)
@@ -260,15 +284,23 @@ def generate_many(requests: Sequence[Request], *, reference: ReferenceStats,
         if fit is None:  # only for inputs at the edge of float32's range
             continue
         features, distance = fit
-        out[n].append(Counterexample(features=features, label=requests[n].true_label,
-                                     weight=config.weight, strategy=strategy,
-                                     distance=distance))
+        out[n].append(
+            Counterexample(
+                features=features,
+                label=requests[n].true_label,
+                weight=config.weight,
+                strategy=strategy,
+                distance=distance,
+            )
+        )
     return out
 
 
-def _by_pool(rows: np.ndarray, owners: np.ndarray,
-             prepared: Sequence[tuple[np.ndarray, np.ndarray, list[str], int]]
-             ) -> list[np.ndarray]:
+def _by_pool(
+    rows: np.ndarray,
+    owners: np.ndarray,
+    prepared: Sequence[tuple[np.ndarray, np.ndarray, list[str], int]],
+) -> list[np.ndarray]:
     """`rows` grouped by the true-class pool (array object) their request draws from."""
     groups: dict[int, list[int]] = {}
     for row in rows.tolist():
@@ -280,8 +312,9 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _uniforms(seeds: npt.NDArray[np.uint64], blocks: npt.NDArray[np.uint64], width: int
-              ) -> np.ndarray:
+def _uniforms(
+    seeds: npt.NDArray[np.uint64], blocks: npt.NDArray[np.uint64], width: int
+) -> np.ndarray:
     """Uniforms in [0, 1): row r is block `blocks[r]` (`width` numbers) of the stream of
     `seeds[r]` -- SplitMix64 (Steele et al., 2014), a counter-based generator, computed
     for every row at once. Why not a numpy Generator per request: constructing one costs
@@ -289,8 +322,10 @@ def _uniforms(seeds: npt.NDArray[np.uint64], blocks: npt.NDArray[np.uint64], wid
     correction its own reproducible stream, independent of the batch it arrives in, for
     well under a microsecond."""
     # uint64 throughout; numpy's stubs type `uint64 array * uint64` as float64, hence the cast
-    counters = cast(npt.NDArray[np.uint64], blocks[:, None] * np.uint64(width)
-                    + np.arange(1, width + 1, dtype=np.uint64))
+    counters = cast(
+        npt.NDArray[np.uint64],
+        blocks[:, None] * np.uint64(width) + np.arange(1, width + 1, dtype=np.uint64),
+    )
     with np.errstate(over="ignore"):
         z = seeds[:, None] + counters * _GAMMA
         z = (z ^ (z >> np.uint64(30))) * _MIX1
@@ -299,8 +334,12 @@ def _uniforms(seeds: npt.NDArray[np.uint64], blocks: npt.NDArray[np.uint64], wid
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _prepare(r: Request, reference: ReferenceStats, config: CounterexampleConfig,
-             pools: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+def _prepare(
+    r: Request,
+    reference: ReferenceStats,
+    config: CounterexampleConfig,
+    pools: dict[int, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     """(point, true-class pool, labels, k) after the checks `generate` makes, in its order.
 
     `pools` remembers the pools already checked in this batch, by object: the caller
@@ -323,10 +362,12 @@ def _prepare(r: Request, reference: ReferenceStats, config: CounterexampleConfig
     return point, pool, labels, config.k[r.error_type]
 
 
-def _gradient_points(requests: Sequence[Request],
-                     prepared: Sequence[tuple[np.ndarray, np.ndarray, list[str], int]],
-                     reference: ReferenceStats, config: CounterexampleConfig
-                     ) -> list[np.ndarray | None]:
+def _gradient_points(
+    requests: Sequence[Request],
+    prepared: Sequence[tuple[np.ndarray, np.ndarray, list[str], int]],
+    reference: ReferenceStats,
+    config: CounterexampleConfig,
+) -> list[np.ndarray | None]:
     """The FGSM point of every request that has a model and wants variants, else None;
     one `gradient_sign_point` computation per model for all its requests at once."""
     out: list[np.ndarray | None] = [None] * len(prepared)
@@ -343,8 +384,9 @@ def _gradient_points(requests: Sequence[Request],
         grads = _input_gradients(x, targets, n_labels, model)
         if grads is None:  # unexpected logits: one at a time, as `generate` (and its refusal)
             for row, n in enumerate(members):
-                out[n] = gradient_sign_point(x[row], targets[row], n_labels, model, reference,
-                                             config.fgsm_step)
+                out[n] = gradient_sign_point(
+                    x[row], targets[row], n_labels, model, reference, config.fgsm_step
+                )
             continue
         usable = np.isfinite(grads).all(axis=1) & grads.any(axis=1)
         steps = x + config.fgsm_step * reference.std * np.sign(grads)
@@ -353,8 +395,9 @@ def _gradient_points(requests: Sequence[Request],
     return out
 
 
-def _input_gradients(x: np.ndarray, targets: list[int], n_labels: int, model: nn.Module
-                     ) -> np.ndarray | None:
+def _input_gradients(
+    x: np.ndarray, targets: list[int], n_labels: int, model: nn.Module
+) -> np.ndarray | None:
     """d loss_i / d x_i for every row (the summed loss; rows are independent), or None
     when the logits do not have one column per label. The model is left as it was."""
     was_training = model.training
@@ -366,16 +409,16 @@ def _input_gradients(x: np.ndarray, targets: list[int], n_labels: int, model: nn
             logits = model(xt)
             if logits.shape != (len(x), n_labels):
                 return None
-            loss = F.cross_entropy(logits, torch.tensor(targets, device=device),
-                                   reduction="sum")
+            loss = F.cross_entropy(logits, torch.tensor(targets, device=device), reduction="sum")
             (grad,) = torch.autograd.grad(loss, xt)
     finally:
         model.train(was_training)
     return grad.detach().to("cpu", torch.float64).numpy()
 
 
-def _within_radius_many(x: np.ndarray, v: np.ndarray, std: np.ndarray, radius: float
-                        ) -> list[tuple[list[float], float] | None]:
+def _within_radius_many(
+    x: np.ndarray, v: np.ndarray, std: np.ndarray, radius: float
+) -> list[tuple[list[float], float] | None]:
     """`_within_radius` for every row at once: the same steps (pull back onto the ball,
     round to float32, shrink and retry while rounding lands outside), vectorized."""
     delta = v - x
@@ -402,6 +445,12 @@ def _within_radius_many(x: np.ndarray, v: np.ndarray, std: np.ndarray, radius: f
 
 
 __all__ = [
-    "DEFAULT_K", "STRATEGIES", "Counterexample", "CounterexampleConfig", "Request", "generate",
-    "generate_many", "gradient_sign_point",
+    "DEFAULT_K",
+    "STRATEGIES",
+    "Counterexample",
+    "CounterexampleConfig",
+    "Request",
+    "generate",
+    "generate_many",
+    "gradient_sign_point",
 ]

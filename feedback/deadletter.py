@@ -27,9 +27,15 @@ class DeadLetterWriter:
             return
         futures = []
         for r in rejected:
-            letter = DeadLetter(topic=r.topic, partition=r.partition, offset=r.offset,
-                                key=None if r.key is None else _text(r.key),
-                                value=_text(r.value), reason=r.reason, timestamp=utcnow())
+            letter = DeadLetter(
+                topic=r.topic,
+                partition=r.partition,
+                offset=r.offset,
+                key=None if r.key is None else _text(r.key),
+                value=_text(r.value),
+                reason=r.reason,
+                timestamp=utcnow(),
+            )
             futures.append(self._producer.send(self.topic, key=r.key, value=letter.to_json()))
         self._producer.flush(timeout=timeout_s)
         for f in futures:

@@ -41,7 +41,8 @@ ModelLoader = Callable[[str], "tuple[list[str], nn.Module] | None"]
 _BUDGET_LOCK_CLASS = zlib.crc32(b"flywheel.counterexample_budget") & 0x7FFFFFFF
 _LOCK_SOURCES = text(
     "SELECT pg_advisory_xact_lock(:cls, k)"
-    " FROM unnest(CAST(:keys AS integer[])) WITH ORDINALITY AS t(k, i) ORDER BY i")
+    " FROM unnest(CAST(:keys AS integer[])) WITH ORDINALITY AS t(k, i) ORDER BY i"
+)
 
 
 def _seed_of(key: str) -> int:
@@ -63,9 +64,14 @@ class PreparedPair:
 class ExampleBuilder:
     """Called by the worker inside its store transaction with the pairs it just joined."""
 
-    def __init__(self, feedback: FeedbackSettings, pool: LabelledPool, load_model: ModelLoader,
-                 analyzer: AnalyzerConfig | None = None,
-                 counterexamples: CounterexampleConfig | None = None) -> None:
+    def __init__(
+        self,
+        feedback: FeedbackSettings,
+        pool: LabelledPool,
+        load_model: ModelLoader,
+        analyzer: AnalyzerConfig | None = None,
+        counterexamples: CounterexampleConfig | None = None,
+    ) -> None:
         self.feedback = feedback
         self.pool = pool
         self.load_model = load_model
@@ -78,13 +84,15 @@ class ExampleBuilder:
             try:
                 self._models[version] = self.load_model(version)
             except Exception as exc:  # the gradient-sign strategy is skipped, not the join
-                log.warning("model version %s unavailable (%s); no gradient-sign variants",
-                            version, exc)
+                log.warning(
+                    "model version %s unavailable (%s); no gradient-sign variants", version, exc
+                )
                 self._models[version] = None
         return self._models[version]
 
-    def __call__(self, session: Session, pairs: list[JoinedPair]
-                 ) -> tuple[list[dict], list[Rejected]]:
+    def __call__(
+        self, session: Session, pairs: list[JoinedPair]
+    ) -> tuple[list[dict], list[Rejected]]:
         """Example rows for the usable pairs, and a dead letter for each unusable one
         (their error counts added in the store)."""
         rows, rejected, outcomes = self.finish(session, self.prepare(pairs))
@@ -106,58 +114,113 @@ class ExampleBuilder:
         dim = self.pool.reference.input_dim
         for p in pairs:
             probabilities = p.probabilities
-            if p.true_label in probabilities and len(p.features) == dim \
-                    and abs(sum(probabilities.values()) - 1.0) <= 1e-3:
+            if (
+                p.true_label in probabilities
+                and len(p.features) == dim
+                and abs(sum(probabilities.values()) - 1.0) <= 1e-3
+            ):
                 usable.append(p)
                 continue
             reason = self._unusable(p)
             if reason is None:  # a NaN sum: for the analysis to refuse, in its words
                 usable.append(p)
                 continue
-            value = orjson.dumps({"correction_id": p.correction_id,
-                                  "prediction_id": p.prediction_id, "label": p.true_label,
-                                  "source": p.source})
-            out.append(PreparedPair(p, None, None, rejected=Rejected(
-                "joined-pair", -1, -1, p.prediction_id.encode(), value,
-                f"unusable pair: {reason}")))
+            value = orjson.dumps(
+                {
+                    "correction_id": p.correction_id,
+                    "prediction_id": p.prediction_id,
+                    "label": p.true_label,
+                    "source": p.source,
+                }
+            )
+            out.append(
+                PreparedPair(
+                    p,
+                    None,
+                    None,
+                    rejected=Rejected(
+                        "joined-pair",
+                        -1,
+                        -1,
+                        p.prediction_id.encode(),
+                        value,
+                        f"unusable pair: {reason}",
+                    ),
+                )
+            )
         if not usable:
             return out
         now = utcnow()
-        verdicts = analyze_many([p.features for p in usable], [p.probabilities for p in usable],
-                                [p.predicted for p in usable], [p.true_label for p in usable],
-                                self.pool, self.analyzer)
+        verdicts = analyze_many(
+            [p.features for p in usable],
+            [p.probabilities for p in usable],
+            [p.predicted for p in usable],
+            [p.true_label for p in usable],
+            self.pool,
+            self.analyzer,
+        )
         hours: dict[datetime, datetime] = {}
         assign = split_assigner(self.feedback.holdout_fraction)
         wanting: list[tuple[PreparedPair, str]] = []
         for p, (error_type, trainable) in zip(usable, verdicts, strict=True):
             split = assign(p.prediction_id) if trainable else _QUARANTINE
-            row = {"dedup_key": f"correction:{p.correction_id}", "origin": _CORRECTION,
-                   "error_type": error_type, "parent_prediction_id": p.prediction_id,
-                   "features": p.features, "label": p.true_label, "weight": 1.0,
-                   "split": split, "source": p.source, "created_at": now}
+            row = {
+                "dedup_key": f"correction:{p.correction_id}",
+                "origin": _CORRECTION,
+                "error_type": error_type,
+                "parent_prediction_id": p.prediction_id,
+                "features": p.features,
+                "label": p.true_label,
+                "weight": 1.0,
+                "split": split,
+                "source": p.source,
+                "created_at": now,
+            }
             hour = hours.get(p.corrected_at)
             if hour is None:
-                hour = hours[p.corrected_at] = p.corrected_at.replace(minute=0, second=0,
-                                                                       microsecond=0)
-            prepared = PreparedPair(p, row, (p.model_name, p.model_version, hour, p.predicted,
-                                             p.true_label, error_type or "correct"))
+                hour = hours[p.corrected_at] = p.corrected_at.replace(
+                    minute=0, second=0, microsecond=0
+                )
+            prepared = PreparedPair(
+                p,
+                row,
+                (
+                    p.model_name,
+                    p.model_version,
+                    hour,
+                    p.predicted,
+                    p.true_label,
+                    error_type or "correct",
+                ),
+            )
             out.append(prepared)
             # holdout and quarantine never leak into training via variants
             if split == _TRAIN and error_type is not None:
                 wanting.append((prepared, error_type))
         for (prepared, error_type), variants in zip(
-                wanting, self._generate([(pp.pair, e) for pp, e in wanting]), strict=True):
+            wanting, self._generate([(pp.pair, e) for pp, e in wanting]), strict=True
+        ):
             p = prepared.pair
-            prepared.variants = [{
-                "dedup_key": f"counterexample:{p.correction_id}:{i}",
-                "origin": _COUNTEREXAMPLE, "error_type": error_type,
-                "parent_prediction_id": p.prediction_id, "features": v.features,
-                "label": v.label, "weight": v.weight, "split": _TRAIN, "source": p.source,
-                "created_at": now} for i, v in enumerate(variants)]
+            prepared.variants = [
+                {
+                    "dedup_key": f"counterexample:{p.correction_id}:{i}",
+                    "origin": _COUNTEREXAMPLE,
+                    "error_type": error_type,
+                    "parent_prediction_id": p.prediction_id,
+                    "features": v.features,
+                    "label": v.label,
+                    "weight": v.weight,
+                    "split": _TRAIN,
+                    "source": p.source,
+                    "created_at": now,
+                }
+                for i, v in enumerate(variants)
+            ]
         return out
 
-    def finish(self, session: Session, prepared: list[PreparedPair]
-               ) -> tuple[list[dict], list[Rejected], Counter]:
+    def finish(
+        self, session: Session, prepared: list[PreparedPair]
+    ) -> tuple[list[dict], list[Rejected], Counter]:
         """The rows to write for prepared pairs, in their order, each source's variants
         within its budget for the window (handed out in pair order); and their error
         counts, for `count` once the rows are written. Reads the store (and on PostgreSQL
@@ -166,8 +229,11 @@ class ExampleBuilder:
         rejected: list[Rejected] = []
         wanting = [pp for pp in prepared if pp.variants]
         # the budget query only when some pair could use it
-        budget = self.budget_left(session, {pp.pair.source for pp in wanting}, utcnow()) \
-            if wanting else {}
+        budget = (
+            self.budget_left(session, {pp.pair.source for pp in wanting}, utcnow())
+            if wanting
+            else {}
+        )
         default = self.feedback.counterexample_budget
         outcomes: Counter[tuple[str, str, datetime, str, str, str]] = Counter()
         for pp in prepared:
@@ -189,8 +255,10 @@ class ExampleBuilder:
 
     def _unusable(self, p: JoinedPair) -> str | None:
         if p.true_label not in p.probabilities:
-            return (f"correction label {p.true_label!r} is not one of the model's labels "
-                    f"{sorted(p.probabilities)}")
+            return (
+                f"correction label {p.true_label!r} is not one of the model's labels "
+                f"{sorted(p.probabilities)}"
+            )
         dim = self.pool.reference.input_dim
         if len(p.features) != dim:
             return f"prediction has {len(p.features)} features, the reference has {dim}"
@@ -204,16 +272,22 @@ class ExampleBuilder:
         requests = []
         for p, error_type in items:
             loaded = self._model(p.model_version)
-            requests.append(Request(
-                np.asarray(p.features, dtype=np.float64), p.true_label, error_type,
-                labels=loaded[0] if loaded else sorted(p.probabilities),
-                true_class_examples=self.pool.of_class(p.true_label),
-                model=loaded[1] if loaded else None,
-                seed=_seed_of(p.correction_id)))
+            requests.append(
+                Request(
+                    np.asarray(p.features, dtype=np.float64),
+                    p.true_label,
+                    error_type,
+                    labels=loaded[0] if loaded else sorted(p.probabilities),
+                    true_class_examples=self.pool.of_class(p.true_label),
+                    model=loaded[1] if loaded else None,
+                    seed=_seed_of(p.correction_id),
+                )
+            )
         return generate_many(requests, reference=self.pool.reference, config=self.counterexamples)
 
-    def budget_left(self, session: Session, sources: set[str | None],
-                    now: datetime) -> dict[str | None, int]:
+    def budget_left(
+        self, session: Session, sources: set[str | None], now: datetime
+    ) -> dict[str | None, int]:
         """Counterexamples each source may still add in the current window (public so a
         test without a store can subclass the builder with budgets of its own).
 
@@ -227,11 +301,15 @@ class ExampleBuilder:
         start = since.astimezone(UTC).replace(second=0, microsecond=0)
         keys = {NO_SOURCE if s is None else s: s for s in sources}
         _lock_budgets(session, keys)
-        used = dict(session.execute(
-            select(CounterexampleUsage.source, func.sum(CounterexampleUsage.count))
-            .where(CounterexampleUsage.minute >= start,
-                   CounterexampleUsage.source.in_(list(keys)))
-            .group_by(CounterexampleUsage.source)).all())
+        used = dict(
+            session.execute(
+                select(CounterexampleUsage.source, func.sum(CounterexampleUsage.count))
+                .where(
+                    CounterexampleUsage.minute >= start, CounterexampleUsage.source.in_(list(keys))
+                )
+                .group_by(CounterexampleUsage.source)
+            ).all()
+        )
         budget = self.feedback.counterexample_budget
         return {s: budget - int(used.get(key, 0)) for key, s in keys.items()}
 
@@ -248,16 +326,32 @@ class ExampleBuilder:
         """
         if not outcomes:
             return
-        rows = [{"model_name": k[0], "model_version": k[1], "hour": k[2], "predicted": k[3],
-                 "actual": k[4], "outcome": k[5], "count": outcomes[k]}
-                for k in sorted(outcomes)]
+        rows = [
+            {
+                "model_name": k[0],
+                "model_version": k[1],
+                "hour": k[2],
+                "predicted": k[3],
+                "actual": k[4],
+                "outcome": k[5],
+                "count": outcomes[k],
+            }
+            for k in sorted(outcomes)
+        ]
         dialect = session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         stmt = insert(ErrorCount)
         stmt = stmt.on_conflict_do_update(
-            index_elements=["model_name", "model_version", "hour", "predicted", "actual",
-                            "outcome"],
-            set_={"count": ErrorCount.count + stmt.excluded.count})
+            index_elements=[
+                "model_name",
+                "model_version",
+                "hour",
+                "predicted",
+                "actual",
+                "outcome",
+            ],
+            set_={"count": ErrorCount.count + stmt.excluded.count},
+        )
         session.execute(stmt, rows)
 
 

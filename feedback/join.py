@@ -64,10 +64,13 @@ class StoredBatch:
     pending: list[CorrectionEvent] = field(default_factory=list)  # stored as pending
 
 
-def store_and_join(session: Session, predictions: Sequence[PredictionEvent],
-                   corrections: Sequence[CorrectionEvent], now: datetime,
-                   known: Callable[[str], KnownPrediction | None] = lambda _: None
-                   ) -> StoredBatch:
+def store_and_join(
+    session: Session,
+    predictions: Sequence[PredictionEvent],
+    corrections: Sequence[CorrectionEvent],
+    now: datetime,
+    known: Callable[[str], KnownPrediction | None] = lambda _: None,
+) -> StoredBatch:
     """Write a batch's events and join every correction that can be joined now.
 
     - predictions are inserted (duplicates skipped);
@@ -82,8 +85,9 @@ def store_and_join(session: Session, predictions: Sequence[PredictionEvent],
     """
     out = StoredBatch()
     predictions, corrections = first_of_each(predictions), first_of_each(corrections)
-    new_ids = set(insert_returning_new(session, Prediction, [prediction_row(e)
-                                                              for e in predictions]))
+    new_ids = set(
+        insert_returning_new(session, Prediction, [prediction_row(e) for e in predictions])
+    )
     out.new_predictions = [e for e in predictions if e.id in new_ids]
     in_batch = out.known = {e.id: KnownPrediction.of(e) for e in out.new_predictions}
     found: dict[str, KnownPrediction] = {}
@@ -104,13 +108,19 @@ def store_and_join(session: Session, predictions: Sequence[PredictionEvent],
         if c.id not in created:
             continue
         if c.prediction_id in found:
-            out.pairs.append(pair_of(c.id, c.prediction_id, c.label, c.source, c.timestamp,
-                                     found[c.prediction_id]))
+            out.pairs.append(
+                pair_of(
+                    c.id, c.prediction_id, c.label, c.source, c.timestamp, found[c.prediction_id]
+                )
+            )
         else:
             out.pending.append(c)
     out.pairs += claim_for(session, in_batch, now)
-    replayed = {c.prediction_id for c in corrections
-                if c.id not in created and c.prediction_id not in in_batch}
+    replayed = {
+        c.prediction_id
+        for c in corrections
+        if c.id not in created and c.prediction_id not in in_batch
+    }
     if replayed:  # stored earlier as pending; their prediction may be here now
         out.pairs += claim_joins(session, replayed, now)
     out.pairs.sort(key=lambda p: (p.corrected_at, p.correction_id))
@@ -130,31 +140,64 @@ def first_of_each(events: Sequence[E]) -> list[E]:
 
 
 def correction_row(c: CorrectionEvent, joined: bool, now: datetime) -> dict:
-    return {"id": c.id, "prediction_id": c.prediction_id, "label": c.label,
-            "source": c.source, "created_at": c.timestamp,
-            "status": _JOINED if joined else _PENDING, "joined_at": now if joined else None}
+    return {
+        "id": c.id,
+        "prediction_id": c.prediction_id,
+        "label": c.label,
+        "source": c.source,
+        "created_at": c.timestamp,
+        "status": _JOINED if joined else _PENDING,
+        "joined_at": now if joined else None,
+    }
 
 
 def prediction_columns(events: Sequence[PredictionEvent]) -> dict[str, list]:
     """`prediction_row` of each, a column at a time (no dict per row)."""
-    return {"id": [e.id for e in events], "model_name": [e.model_name for e in events],
-            "model_version": [e.model_version for e in events],
-            "features": [e.features for e in events],
-            "probabilities": [e.probabilities for e in events],
-            "label": [e.label for e in events], "created_at": [e.timestamp for e in events],
-            "latency_ms": [e.latency_ms for e in events]}
+    return {
+        "id": [e.id for e in events],
+        "model_name": [e.model_name for e in events],
+        "model_version": [e.model_version for e in events],
+        "features": [e.features for e in events],
+        "probabilities": [e.probabilities for e in events],
+        "label": [e.label for e in events],
+        "created_at": [e.timestamp for e in events],
+        "latency_ms": [e.latency_ms for e in events],
+    }
 
 
 def prediction_row(e: PredictionEvent) -> dict:
-    return {"id": e.id, "model_name": e.model_name, "model_version": e.model_version,
-            "features": e.features, "probabilities": e.probabilities, "label": e.label,
-            "created_at": e.timestamp, "latency_ms": e.latency_ms}
+    return {
+        "id": e.id,
+        "model_name": e.model_name,
+        "model_version": e.model_version,
+        "features": e.features,
+        "probabilities": e.probabilities,
+        "label": e.label,
+        "created_at": e.timestamp,
+        "latency_ms": e.latency_ms,
+    }
 
 
-def pair_of(correction_id: str, prediction_id: str, label: str, source: str | None,
-          corrected_at: datetime, p: KnownPrediction) -> JoinedPair:
-    return JoinedPair(correction_id, prediction_id, label, source, corrected_at.astimezone(UTC),
-                      p.model_name, p.model_version, p.features, p.probabilities, p.label)
+def pair_of(
+    correction_id: str,
+    prediction_id: str,
+    label: str,
+    source: str | None,
+    corrected_at: datetime,
+    p: KnownPrediction,
+) -> JoinedPair:
+    return JoinedPair(
+        correction_id,
+        prediction_id,
+        label,
+        source,
+        corrected_at.astimezone(UTC),
+        p.model_name,
+        p.model_version,
+        p.features,
+        p.probabilities,
+        p.label,
+    )
 
 
 def lookup_predictions(session: Session, ids: Iterable[str]) -> dict[str, KnownPrediction]:
@@ -162,9 +205,15 @@ def lookup_predictions(session: Session, ids: Iterable[str]) -> dict[str, KnownP
     out = {}
     for chunk in _chunks(sorted(set(ids))):
         for row in session.execute(
-                select(Prediction.id, Prediction.model_name, Prediction.model_version,
-                       Prediction.features, Prediction.probabilities, Prediction.label)
-                .where(Prediction.id.in_(chunk))):
+            select(
+                Prediction.id,
+                Prediction.model_name,
+                Prediction.model_version,
+                Prediction.features,
+                Prediction.probabilities,
+                Prediction.label,
+            ).where(Prediction.id.in_(chunk))
+        ):
             out[row[0]] = KnownPrediction(*row[1:])
     return out
 
@@ -175,11 +224,13 @@ _CLAIM_KNOWN_PG = (
     f"UPDATE corrections AS c SET status = '{_JOINED}', joined_at = %(now)s"
     " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid)"
     f" WHERE c.prediction_id = i.pid AND c.status = '{_PENDING}'"
-    " RETURNING c.id, c.prediction_id, c.label, c.source, c.created_at")
+    " RETURNING c.id, c.prediction_id, c.label, c.source, c.created_at"
+)
 
 
-def claim_for(session: Session, predictions: dict[str, KnownPrediction], now: datetime
-               ) -> list[JoinedPair]:
+def claim_for(
+    session: Session, predictions: dict[str, KnownPrediction], now: datetime
+) -> list[JoinedPair]:
     """Claim the pending corrections of predictions stored in this transaction; their
     features come from memory, not back from the store."""
     if not predictions:
@@ -189,8 +240,11 @@ def claim_for(session: Session, predictions: dict[str, KnownPrediction], now: da
     stamp = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
     cursor = driver_connection(session).cursor()
     try:  # never prepared: see _claim_postgresql
-        cursor.execute(_CLAIM_KNOWN_PG, {"now": stamp, "ids": orjson.dumps(list(predictions))
-                                         .decode()}, prepare=False)
+        cursor.execute(
+            _CLAIM_KNOWN_PG,
+            {"now": stamp, "ids": orjson.dumps(list(predictions)).decode()},
+            prepare=False,
+        )
         rows = cursor.fetchall()
     finally:
         cursor.close()
@@ -199,39 +253,54 @@ def claim_for(session: Session, predictions: dict[str, KnownPrediction], now: da
 
 def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
     for i in range(0, len(ids), CHUNK):
-        yield ids[i:i + CHUNK]
+        yield ids[i : i + CHUNK]
 
 
-def claim_joins(session: Session, prediction_ids: Iterable[str] | None,
-                now: datetime, limit: int = 10_000) -> list[JoinedPair]:
+def claim_joins(
+    session: Session, prediction_ids: Iterable[str] | None, now: datetime, limit: int = 10_000
+) -> list[JoinedPair]:
     """Join pending corrections whose prediction is stored; `None` looks at all of them."""
     if prediction_ids is not None and session.get_bind().dialect.name == "postgresql":
         return _claim_postgresql(session, sorted(set(prediction_ids)), now)
     candidates: list[Row[*tuple[Any, ...]]] = []
-    pending = (select(Correction.id, Correction.prediction_id, Correction.label,
-                      Correction.source, Correction.created_at, Prediction.model_name,
-                      Prediction.model_version, Prediction.features, Prediction.probabilities,
-                      Prediction.label)
-               .join(Prediction, Prediction.id == Correction.prediction_id)
-               .where(Correction.status == CorrectionStatus.PENDING.value))
+    pending = (
+        select(
+            Correction.id,
+            Correction.prediction_id,
+            Correction.label,
+            Correction.source,
+            Correction.created_at,
+            Prediction.model_name,
+            Prediction.model_version,
+            Prediction.features,
+            Prediction.probabilities,
+            Prediction.label,
+        )
+        .join(Prediction, Prediction.id == Correction.prediction_id)
+        .where(Correction.status == CorrectionStatus.PENDING.value)
+    )
     if prediction_ids is None:
         candidates = list(
-            session.execute(pending.order_by(Correction.created_at).limit(limit)).all())
+            session.execute(pending.order_by(Correction.created_at).limit(limit)).all()
+        )
     else:
         ids = sorted(set(prediction_ids))
         for chunk in _chunks(ids):
-            candidates += session.execute(
-                pending.where(Correction.prediction_id.in_(chunk))).all()
+            candidates += session.execute(pending.where(Correction.prediction_id.in_(chunk))).all()
     if not candidates:
         return []
     claimed: set[str] = set()
     for chunk in _chunks([c[0] for c in candidates]):
-        claimed.update(session.scalars(
-            update(Correction)
-            .where(Correction.id.in_(chunk),
-                   Correction.status == CorrectionStatus.PENDING.value)
-            .values(status=CorrectionStatus.JOINED.value, joined_at=now)
-            .returning(Correction.id)))
+        claimed.update(
+            session.scalars(
+                update(Correction)
+                .where(
+                    Correction.id.in_(chunk), Correction.status == CorrectionStatus.PENDING.value
+                )
+                .values(status=CorrectionStatus.JOINED.value, joined_at=now)
+                .returning(Correction.id)
+            )
+        )
     return [JoinedPair(*row) for row in candidates if row[0] in claimed]
 
 
@@ -240,7 +309,8 @@ _CLAIM_PG = (
     " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid), predictions AS p"
     f" WHERE c.prediction_id = i.pid AND p.id = c.prediction_id AND c.status = '{_PENDING}'"
     " RETURNING c.id, c.prediction_id, c.label, c.source, c.created_at, p.model_name,"
-    " p.model_version, p.features, p.probabilities, p.label")
+    " p.model_version, p.features, p.probabilities, p.label"
+)
 
 
 def _claim_postgresql(session: Session, ids: list[str], now: datetime) -> list[JoinedPair]:
@@ -258,13 +328,14 @@ def _claim_postgresql(session: Session, ids: list[str], now: datetime) -> list[J
     stamp = UTCDateTime().process_bind_param(now, session.get_bind().dialect)
     cursor = driver_connection(session).cursor()
     try:
-        cursor.execute(_CLAIM_PG, {"now": stamp, "ids": orjson.dumps(ids).decode()},
-                       prepare=False)
+        cursor.execute(_CLAIM_PG, {"now": stamp, "ids": orjson.dumps(ids).decode()}, prepare=False)
         rows = cursor.fetchall()
     finally:
         cursor.close()
-    pairs = [JoinedPair(r[0], r[1], r[2], r[3], r[4].astimezone(UTC), r[5], r[6], r[7], r[8],
-                        r[9]) for r in rows]
+    pairs = [
+        JoinedPair(r[0], r[1], r[2], r[3], r[4].astimezone(UTC), r[5], r[6], r[7], r[8], r[9])
+        for r in rows
+    ]
     pairs.sort(key=lambda p: (p.corrected_at, p.correction_id))
     return pairs
 
@@ -273,8 +344,10 @@ def expire_corrections(session: Session, older_than: datetime) -> int:
     """Give up on corrections whose prediction never arrived."""
     result = session.execute(
         update(Correction)
-        .where(Correction.status == CorrectionStatus.PENDING.value,
-               Correction.created_at < older_than)
-        .values(status=CorrectionStatus.EXPIRED.value))
+        .where(
+            Correction.status == CorrectionStatus.PENDING.value, Correction.created_at < older_than
+        )
+        .values(status=CorrectionStatus.EXPIRED.value)
+    )
     assert isinstance(result, CursorResult)  # an UPDATE's (Session.execute is typed Result)
     return result.rowcount or 0

@@ -12,8 +12,10 @@ from flywheel.events import CorrectionEvent, PredictionEvent
 MAX_REASON = 1000
 # pydantic-core's validators, called directly: `model_validate_json` is a Python wrapper
 # around the same call that costs ~0.8 us of a ~3 us record.
-_VALIDATE_JSON = {PredictionEvent: PredictionEvent.__pydantic_validator__.validate_json,
-                  CorrectionEvent: CorrectionEvent.__pydantic_validator__.validate_json}
+_VALIDATE_JSON = {
+    PredictionEvent: PredictionEvent.__pydantic_validator__.validate_json,
+    CorrectionEvent: CorrectionEvent.__pydantic_validator__.validate_json,
+}
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ def _describe(exc: ValidationError) -> str:
     return "schema: " + "; ".join(parts)
 
 
-def decode(kind: str, topic: str, partition: int, offset: int, key: bytes | None,
-           value: bytes | None) -> PredictionEvent | CorrectionEvent | Rejected:
+def decode(
+    kind: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+) -> PredictionEvent | CorrectionEvent | Rejected:
     """Validate one record of `kind` ("prediction" or "correction").
 
     The key must be the prediction id the value names: a wrong key would put the record on
@@ -52,16 +55,28 @@ def decode(kind: str, topic: str, partition: int, offset: int, key: bytes | None
     try:
         event = _VALIDATE_JSON[model](value)
     except ValidationError:
-        return Rejected(topic, partition, offset, key, value,
-                        _why_invalid(model, value)[:MAX_REASON])
+        return Rejected(
+            topic, partition, offset, key, value, _why_invalid(model, value)[:MAX_REASON]
+        )
     if "schema_version" not in event.model_fields_set:  # the model's default, not the record's
-        return Rejected(topic, partition, offset, key, value,
-                        "unsupported schema_version None (this worker reads 1)")
+        return Rejected(
+            topic,
+            partition,
+            offset,
+            key,
+            value,
+            "unsupported schema_version None (this worker reads 1)",
+        )
     expected_key = event.id if kind == "prediction" else event.prediction_id
     if key is None or key != expected_key.encode():
-        return Rejected(topic, partition, offset, key, value,
-                        f"key {key!r} does not match the prediction id {expected_key!r}"
-                        [:MAX_REASON])
+        return Rejected(
+            topic,
+            partition,
+            offset,
+            key,
+            value,
+            f"key {key!r} does not match the prediction id {expected_key!r}"[:MAX_REASON],
+        )
     return event
 
 

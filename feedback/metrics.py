@@ -32,17 +32,23 @@ class FeedbackCollector:
         for f in fields(self.worker.stats):
             value = getattr(self.worker.stats, f.name)
             if isinstance(value, int):
-                yield CounterMetricFamily(f"flywheel_feedback_{f.name}",
-                                          f"Feedback worker: {f.name.replace('_', ' ')}",
-                                          value=value)
+                yield CounterMetricFamily(
+                    f"flywheel_feedback_{f.name}",
+                    f"Feedback worker: {f.name.replace('_', ' ')}",
+                    value=value,
+                )
         with self._sessions() as session:
             report = error_report(session, self.model_name, REPORT_HOURS)
-        rate = GaugeMetricFamily("flywheel_feedback_error_rate",
-                                 "Share of corrected predictions that were wrong, last hour",
-                                 labels=["model_version"])
-        errors = GaugeMetricFamily("flywheel_feedback_errors",
-                                   "Errors by type in the last hour",
-                                   labels=["model_version", "error_type"])
+        rate = GaugeMetricFamily(
+            "flywheel_feedback_error_rate",
+            "Share of corrected predictions that were wrong, last hour",
+            labels=["model_version"],
+        )
+        errors = GaugeMetricFamily(
+            "flywheel_feedback_errors",
+            "Errors by type in the last hour",
+            labels=["model_version", "error_type"],
+        )
         for v in report["versions"]:
             rate.add_metric([v["model_version"]], v["error_rate"])
             for error_type, n in v["error_types"].items():
@@ -51,8 +57,9 @@ class FeedbackCollector:
         yield errors
 
 
-def serve_metrics(port: int, collector: FeedbackCollector, addr: str = "127.0.0.1"
-                  ) -> tuple[WSGIServer, threading.Thread]:
+def serve_metrics(
+    port: int, collector: FeedbackCollector, addr: str = "127.0.0.1"
+) -> tuple[WSGIServer, threading.Thread]:
     registry = CollectorRegistry()
     registry.register(collector)
     return start_http_server(port, addr=addr, registry=registry)

@@ -97,8 +97,9 @@ class TimedAnalysis:
         with self._step(WorkerStep.ANALYSIS):
             return self.analysis.prepare(pairs)
 
-    def finish(self, session: Session, prepared: list[PreparedPair]
-               ) -> tuple[list[dict], list[Rejected], Counter]:
+    def finish(
+        self, session: Session, prepared: list[PreparedPair]
+    ) -> tuple[list[dict], list[Rejected], Counter]:
         with self._step(WorkerStep.ANALYSIS):
             return self.analysis.finish(session, prepared)
 

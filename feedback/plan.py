@@ -61,8 +61,9 @@ class Analysis(Protocol):
 
     def prepare(self, pairs: list[JoinedPair]) -> list[PreparedPair]: ...
 
-    def finish(self, session: Session, prepared: list[PreparedPair]
-               ) -> tuple[list[dict], list[Rejected], Counter]: ...
+    def finish(
+        self, session: Session, prepared: list[PreparedPair]
+    ) -> tuple[list[dict], list[Rejected], Counter]: ...
 
     def count(self, session: Session, outcomes: Counter) -> None: ...
 
@@ -109,8 +110,14 @@ class Planner:
     (its new predictions go to the cache; its pending corrections to an index, so the
     batch that brings their prediction can analyze them before its claim returns)."""
 
-    def __init__(self, analysis: Analysis, cache: PredictionCache, *, copy: bool = True,
-                 pending_capacity: int = PENDING_INDEX) -> None:
+    def __init__(
+        self,
+        analysis: Analysis,
+        cache: PredictionCache,
+        *,
+        copy: bool = True,
+        pending_capacity: int = PENDING_INDEX,
+    ) -> None:
         """`copy`: the store takes COPY (PostgreSQL), so rows are encoded for it here."""
         self.analysis, self.cache, self.copy = analysis, cache, copy
         self._pending: OrderedDict[str, list[CorrectionEvent]] = OrderedDict()
@@ -119,13 +126,18 @@ class Planner:
         self._in_flight: dict[str, tuple[KnownPrediction, Settled]] = {}
         self._in_flight_ids: dict[int, list[str]] = {}  # by id(batch)
 
-    def prepare(self, predictions: Iterable[PredictionEvent],
-                corrections: Iterable[CorrectionEvent], batch: Settled | None = None
-                ) -> Plan:
+    def prepare(
+        self,
+        predictions: Iterable[PredictionEvent],
+        corrections: Iterable[CorrectionEvent],
+        batch: Settled | None = None,
+    ) -> Plan:
         """The plan of a batch. With `batch` (the worker's pipeline), its predictions
         count as known to the batches prepared after it until `settled(batch)`."""
-        predictions, corrections = first_of_each(list(predictions)), first_of_each(
-            list(corrections))
+        predictions, corrections = (
+            first_of_each(list(predictions)),
+            first_of_each(list(corrections)),
+        )
         in_batch = {e.id: KnownPrediction.of(e) for e in predictions}
         resolved: dict[str, KnownPrediction] = {}
         relies_on: dict[int, Settled] = {}
@@ -151,11 +163,25 @@ class Planner:
         prediction_copy = example_lines = None
         if self.copy:
             prediction_copy = encode_columns(Prediction, prediction_columns(predictions))
-            example_lines = EncodedRows.of(Example, [
-                r for pp in prepared.values() if pp.row is not None
-                for r in (pp.row, *(pp.variants or ()))])
-        plan = Plan(predictions, corrections, in_batch, resolved, prepared, prediction_copy,
-                    example_lines, list(relies_on.values()))
+            example_lines = EncodedRows.of(
+                Example,
+                [
+                    r
+                    for pp in prepared.values()
+                    if pp.row is not None
+                    for r in (pp.row, *(pp.variants or ()))
+                ],
+            )
+        plan = Plan(
+            predictions,
+            corrections,
+            in_batch,
+            resolved,
+            prepared,
+            prediction_copy,
+            example_lines,
+            list(relies_on.values()),
+        )
         if batch is not None and in_batch:
             for pid, known in in_batch.items():
                 in_flight[pid] = (known, batch)
@@ -212,8 +238,11 @@ def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime) -> Ap
         elif c.id in plan.prepared:
             prepared.append(plan.prepared[c.id])
         else:  # its prediction was read from the store just now
-            unprepared.append(pair_of(c.id, c.prediction_id, c.label, c.source, c.timestamp,
-                                      found[c.prediction_id]))
+            unprepared.append(
+                pair_of(
+                    c.id, c.prediction_id, c.label, c.source, c.timestamp, found[c.prediction_id]
+                )
+            )
     for pair in claim_for(session, plan.in_batch, now):
         expected = plan.prepared.get(pair.correction_id)
         if expected is not None and expected.pair == pair:

@@ -27,8 +27,9 @@ class KnownPrediction(NamedTuple):
 
     @classmethod
     def of(cls, event: PredictionEvent) -> KnownPrediction:
-        return cls(event.model_name, event.model_version, event.features, event.probabilities,
-                   event.label)
+        return cls(
+            event.model_name, event.model_version, event.features, event.probabilities, event.label
+        )
 
 
 class PredictionCache:

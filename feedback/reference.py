@@ -67,15 +67,19 @@ class ReferenceStats:
         mean = np.array(self.mean, dtype=np.float64)
         std = np.array(self.std, dtype=np.float64)
         if mean.ndim != 1 or mean.size == 0 or mean.shape != std.shape:
-            raise ValueError(f"mean and std must be equal-length 1-D vectors, got shapes "
-                             f"{mean.shape} and {std.shape}")
+            raise ValueError(
+                f"mean and std must be equal-length 1-D vectors, got shapes "
+                f"{mean.shape} and {std.shape}"
+            )
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise ValueError("reference mean and std must be finite")
         if (std <= 0).any():
             raise ValueError("reference std must be positive (floored) for every feature")
         if int(self.count) < 2 * mean.size:
-            raise ValueError(f"reference needs at least {2 * mean.size} examples "
-                             f"(2 x {mean.size} features), got count={self.count}")
+            raise ValueError(
+                f"reference needs at least {2 * mean.size} examples "
+                f"(2 x {mean.size} features), got count={self.count}"
+            )
         threshold = float(self.distance_threshold)
         if not (np.isfinite(threshold) and threshold > 0):
             raise ValueError(f"distance_threshold must be a positive number, got {threshold}")
@@ -99,21 +103,30 @@ class ReferenceStats:
         """
         _check_quantile_margin(quantile, margin)
         if np.ndim(x) != 2:
-            raise ValueError(f"reference examples must be a 2-D matrix (rows are examples), "
-                             f"got shape {np.shape(x)}")
+            raise ValueError(
+                f"reference examples must be a 2-D matrix (rows are examples), "
+                f"got shape {np.shape(x)}"
+            )
         arr = _as_matrix(x, None, "reference examples")
         n, dim = arr.shape
         if dim == 0 or n < 2 * dim:
-            raise ValueError(f"reference needs at least {2 * max(dim, 1)} examples "
-                             f"(2 x {dim} features), got {n}")
+            raise ValueError(
+                f"reference needs at least {2 * max(dim, 1)} examples (2 x {dim} features), got {n}"
+            )
         mean = arr.mean(axis=0)
         std = _floor_std(mean, arr.std(axis=0, ddof=1))
         dist = np.linalg.norm((arr - mean) / std, axis=1)
         threshold = float(np.quantile(dist, quantile)) * margin
         # All-identical rows give distance 0 everywhere; any positive cut-off then works.
         threshold = max(threshold, np.finfo(np.float64).eps)
-        return cls(mean=mean, std=std, count=n, distance_threshold=threshold,
-                   quantile=quantile, margin=margin)
+        return cls(
+            mean=mean,
+            std=std,
+            count=n,
+            distance_threshold=threshold,
+            quantile=quantile,
+            margin=margin,
+        )
 
     @property
     def input_dim(self) -> int:
@@ -154,8 +167,10 @@ class ReferenceStats:
             raise ValueError(f"reference stats must be a dict, got {type(data).__name__}")
         version = data.get("version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"unsupported reference stats version {version!r} "
-                             f"(this code reads version {FORMAT_VERSION})")
+            raise ValueError(
+                f"unsupported reference stats version {version!r} "
+                f"(this code reads version {FORMAT_VERSION})"
+            )
         missing = sorted({"mean", "std", "count", "distance_threshold"} - data.keys())
         if missing:
             raise ValueError(f"reference stats lack {', '.join(missing)}")
@@ -171,10 +186,14 @@ class ReferenceStats:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ReferenceStats):
             return NotImplemented
-        return (np.array_equal(self.mean, other.mean) and np.array_equal(self.std, other.std)
-                and self.count == other.count
-                and self.distance_threshold == other.distance_threshold
-                and self.quantile == other.quantile and self.margin == other.margin)
+        return (
+            np.array_equal(self.mean, other.mean)
+            and np.array_equal(self.std, other.std)
+            and self.count == other.count
+            and self.distance_threshold == other.distance_threshold
+            and self.quantile == other.quantile
+            and self.margin == other.margin
+        )
 
     __hash__ = None  # type: ignore[assignment]
 

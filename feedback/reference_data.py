@@ -17,8 +17,9 @@ from flywheel.store import Example, Origin, ReferenceStatsRow, Split, insert_ign
 _SPARE = 2
 
 
-def ensure_reference(session: Session, registry: RegistrySettings, trusted: TrustedSettings
-                     ) -> ReferenceStats:
+def ensure_reference(
+    session: Session, registry: RegistrySettings, trusted: TrustedSettings
+) -> ReferenceStats:
     """Seed examples (train + trusted holdout) and reference statistics, written once.
 
     Seed data is regenerated from `trusted`'s seed, exactly as the initial model was
@@ -33,15 +34,30 @@ def ensure_reference(session: Session, registry: RegistrySettings, trusted: Trus
     x_tr, y_tr, x_ho, y_ho = seed_data(trusted)
     rows = []
     for split, xs, ys in ((Split.TRAIN, x_tr, y_tr), (Split.HOLDOUT, x_ho, y_ho)):
-        rows += [{"dedup_key": f"seed:{registry.model_name}:{split.value}:{i}",
-                  "origin": Origin.SEED.value, "features": x.tolist(), "label": LABELS[y],
-                  "weight": 1.0, "split": split.value}
-                 for i, (x, y) in enumerate(zip(xs, ys, strict=True))]
+        rows += [
+            {
+                "dedup_key": f"seed:{registry.model_name}:{split.value}:{i}",
+                "origin": Origin.SEED.value,
+                "features": x.tolist(),
+                "label": LABELS[y],
+                "weight": 1.0,
+                "split": split.value,
+            }
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+        ]
     insert_ignoring_duplicates(session, Example, rows)
     reference = ReferenceStats.from_examples(x_tr.astype(np.float64))
-    insert_ignoring_duplicates(session, ReferenceStatsRow, [
-        {"model_name": registry.model_name, "stats": reference.to_dict(),
-         "example_count": len(x_tr)}])
+    insert_ignoring_duplicates(
+        session,
+        ReferenceStatsRow,
+        [
+            {
+                "model_name": registry.model_name,
+                "stats": reference.to_dict(),
+                "example_count": len(x_tr),
+            }
+        ],
+    )
     winner = session.get(ReferenceStatsRow, registry.model_name)  # a racing worker's
     return ReferenceStats.from_dict(winner.stats) if winner else reference
 
@@ -63,13 +79,16 @@ class LabelledPool:
         self._derived: dict[str, object] = {}  # per-label rows, scaled copies; reset by add
 
     @classmethod
-    def load(cls, session: Session, reference: ReferenceStats,
-             capacity: int = 20_000) -> LabelledPool:
+    def load(
+        cls, session: Session, reference: ReferenceStats, capacity: int = 20_000
+    ) -> LabelledPool:
         pool = cls(reference, capacity)
         rows = session.execute(
             select(Example.features, Example.label)
             .where(Example.split == Split.TRAIN.value, Example.origin == Origin.SEED.value)
-            .order_by(Example.id.desc()).limit(capacity)).all()
+            .order_by(Example.id.desc())
+            .limit(capacity)
+        ).all()
         pool.add([r[0] for r in reversed(rows)], [r[1] for r in reversed(rows)])
         return pool
 
@@ -79,8 +98,8 @@ class LabelledPool:
     def add(self, features: list[list[float]], labels: list[str]) -> None:
         if not labels:
             return
-        self._x = np.vstack([self._x, np.asarray(features, dtype=np.float64)])[-self.capacity:]
-        self._labels = (self._labels + list(labels))[-self.capacity:]
+        self._x = np.vstack([self._x, np.asarray(features, dtype=np.float64)])[-self.capacity :]
+        self._labels = (self._labels + list(labels))[-self.capacity :]
         self._derived = {}
 
     @property

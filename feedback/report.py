@@ -13,16 +13,27 @@ from flywheel.events import utcnow
 from flywheel.store import ErrorCount
 
 
-def error_report(session: Session, model_name: str, hours: float = 24.0,
-                 now: datetime | None = None, top_pairs: int = 5) -> dict[str, Any]:
+def error_report(
+    session: Session,
+    model_name: str,
+    hours: float = 24.0,
+    now: datetime | None = None,
+    top_pairs: int = 5,
+) -> dict[str, Any]:
     """Error rate, error-type mix and the most frequent confusions, per version."""
     since = (now or utcnow()) - timedelta(hours=hours)
     rows = session.execute(
-        select(ErrorCount.model_version, ErrorCount.predicted, ErrorCount.actual,
-               ErrorCount.outcome, ErrorCount.count)
-        .where(ErrorCount.model_name == model_name, ErrorCount.hour >= since)).all()
+        select(
+            ErrorCount.model_version,
+            ErrorCount.predicted,
+            ErrorCount.actual,
+            ErrorCount.outcome,
+            ErrorCount.count,
+        ).where(ErrorCount.model_name == model_name, ErrorCount.hour >= since)
+    ).all()
     versions: dict[str, dict[str, Counter]] = defaultdict(
-        lambda: {"outcomes": Counter(), "pairs": Counter()})
+        lambda: {"outcomes": Counter(), "pairs": Counter()}
+    )
     for version, predicted, actual, outcome, count in rows:
         versions[version]["outcomes"][outcome] += count
         if outcome != "correct":
@@ -32,11 +43,17 @@ def error_report(session: Session, model_name: str, hours: float = 24.0,
         outcomes, pairs = versions[version]["outcomes"], versions[version]["pairs"]
         total = sum(outcomes.values())
         errors = total - outcomes["correct"]
-        report.append({
-            "model_version": version, "corrections": total, "errors": errors,
-            "error_rate": errors / total if total else 0.0,
-            "error_types": {k: v for k, v in sorted(outcomes.items()) if k != "correct"},
-            "confusions": [{"predicted": p, "actual": a, "count": n}
-                           for (p, a), n in pairs.most_common(top_pairs)],
-        })
+        report.append(
+            {
+                "model_version": version,
+                "corrections": total,
+                "errors": errors,
+                "error_rate": errors / total if total else 0.0,
+                "error_types": {k: v for k, v in sorted(outcomes.items()) if k != "correct"},
+                "confusions": [
+                    {"predicted": p, "actual": a, "count": n}
+                    for (p, a), n in pairs.most_common(top_pairs)
+                ],
+            }
+        )
     return {"model_name": model_name, "window_hours": hours, "versions": report}

@@ -81,8 +81,9 @@ def tune_worker_process() -> None:
     freeze_after_startup()
 
 
-def build_worker(settings: Settings, client_id: str | None = None,
-                 observer: WorkerObserver | None = None) -> FeedbackWorker:
+def build_worker(
+    settings: Settings, client_id: str | None = None, observer: WorkerObserver | None = None
+) -> FeedbackWorker:
     """Refuses a store that is not migrated to this code's schema (SchemaNotCurrent).
     `observer` sees the worker's assignments and step timings (`WorkerObserver`)."""
     from flywheel.registry import Registry
@@ -94,5 +95,11 @@ def build_worker(settings: Settings, client_id: str | None = None,
         pool = LabelledPool.load(session, reference)
     builder = ExampleBuilder(feedback, pool, registry_model_loader(Registry.of(settings)))
     return FeedbackWorker(
-        feedback, settings.kafka, engine, builder, client_id=client_id, observer=observer,
-        release=Corroborator(reference, feedback.holdout_fraction, every_s=RELEASE_EVERY_S))
+        feedback,
+        settings.kafka,
+        engine,
+        builder,
+        client_id=client_id,
+        observer=observer,
+        release=Corroborator(reference, feedback.holdout_fraction, every_s=RELEASE_EVERY_S),
+    )

@@ -53,10 +53,18 @@ class FeedbackWorker:
     writer and the analysis need) and `kafka` (the broker and the topics).
     """
 
-    def __init__(self, feedback: FeedbackSettings, kafka: KafkaSettings, engine: Engine,
-                 analysis: Analysis, *, sweep_every_s: float = 5.0,
-                 client_id: str | None = None, release: Callable[..., int] | None = None,
-                 observer: WorkerObserver | None = None) -> None:
+    def __init__(
+        self,
+        feedback: FeedbackSettings,
+        kafka: KafkaSettings,
+        engine: Engine,
+        analysis: Analysis,
+        *,
+        sweep_every_s: float = 5.0,
+        client_id: str | None = None,
+        release: Callable[..., int] | None = None,
+        observer: WorkerObserver | None = None,
+    ) -> None:
         if not kafka.kafka_bootstrap:
             raise ValueError("the feedback worker needs FLYWHEEL_KAFKA_BOOTSTRAP")
         self.feedback = feedback
@@ -70,14 +78,14 @@ class FeedbackWorker:
         self._sweep_every_s = sweep_every_s
         self._next_sweep = 0.0
         self._client_id = client_id
-        self._kinds = {kafka.topic_predictions: "prediction",
-                       kafka.topic_corrections: "correction"}
+        self._kinds = {kafka.topic_predictions: "prediction", kafka.topic_corrections: "correction"}
         self.stats = WorkerStats()
         self.cache = PredictionCache(feedback.feedback_prediction_cache)
         # the consumer thread's only; rows are encoded for COPY where the store takes it
         self._planner = Planner(timed, self.cache, copy=engine.dialect.name == "postgresql")
-        self.writer = StoreWriter(feedback, engine, timed, self.cache, self.stats,
-                                  self.observer, release)
+        self.writer = StoreWriter(
+            feedback, engine, timed, self.cache, self.stats, self.observer, release
+        )
         self._consumer: KafkaBatchConsumer | None = None
         self._jobs: queue.Queue[Batch | None] = queue.Queue(maxsize=IN_FLIGHT)
         self._in_flight: deque[Batch] = deque()
@@ -95,14 +103,21 @@ class FeedbackWorker:
     def _connect(self) -> None:
         f, k = self.feedback, self.kafka
         self._consumer = KafkaBatchConsumer(
-            f, k, list(self._kinds), client_id=self._client_id or "flywheel-feedback",
-            on_revoked=self._on_revoked, on_assigned=self._on_assigned,
-            align=(k.topic_predictions, k.topic_corrections), max_hold_s=f.feedback_align_hold_s,
-            max_held=10 * f.feedback_max_records)
+            f,
+            k,
+            list(self._kinds),
+            client_id=self._client_id or "flywheel-feedback",
+            on_revoked=self._on_revoked,
+            on_assigned=self._on_assigned,
+            align=(k.topic_predictions, k.topic_corrections),
+            max_hold_s=f.feedback_align_hold_s,
+            max_held=10 * f.feedback_max_records,
+        )
         self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
 
-    def run(self, stop: threading.Event, on_batch: Callable[[WorkerStats], None] | None = None
-            ) -> WorkerStats:
+    def run(
+        self, stop: threading.Event, on_batch: Callable[[WorkerStats], None] | None = None
+    ) -> WorkerStats:
         """Consume until `stop` is set; leaves the group cleanly so partitions move on.
 
         `on_batch` is called after each batch's offsets are committed.
@@ -110,8 +125,9 @@ class FeedbackWorker:
         self._connect()
         assert self._consumer is not None
         self._on_batch = on_batch
-        self._store_thread = threading.Thread(target=self._store_loop,
-                                              name=STORE_THREAD, daemon=True)
+        self._store_thread = threading.Thread(
+            target=self._store_loop, name=STORE_THREAD, daemon=True
+        )
         self._store_thread.start()
         max_records = self.feedback.feedback_max_records
         failed = True
@@ -120,8 +136,9 @@ class FeedbackWorker:
                 self._commit_done()
                 # Short polls while batches are in flight, so their commits are not late.
                 with self._step(WorkerStep.POLL):
-                    messages, offsets = self._consumer.poll(max_records,
-                                                            0.02 if self._in_flight else 0.5)
+                    messages, offsets = self._consumer.poll(
+                        max_records, 0.02 if self._in_flight else 0.5
+                    )
                 if messages:
                     self._submit(self._decode(messages, offsets))
                 if time.monotonic() >= self._next_sweep:  # on the store thread, in turn
@@ -172,8 +189,9 @@ class FeedbackWorker:
             self._settle(batch)
             owned = self._consumer.assignment()  # not what a rebalance took away meanwhile
             with self._step(WorkerStep.COMMIT):
-                self._consumer.commit({tp: pos for tp, pos in batch.offsets.items()
-                                       if tp in owned}, wait=False)
+                self._consumer.commit(
+                    {tp: pos for tp, pos in batch.offsets.items() if tp in owned}, wait=False
+                )
             if self._on_batch and not batch.sweep:
                 self._on_batch(self.stats)
 
@@ -199,16 +217,21 @@ class FeedbackWorker:
         offsets: dict[Partition, int] = {}
         while self._in_flight:
             batch = self._in_flight[0]
-            if not batch.done.wait(max(0.0, deadline - time.monotonic())) \
-                    or batch.error is not None:
+            if (
+                not batch.done.wait(max(0.0, deadline - time.monotonic()))
+                or batch.error is not None
+            ):
                 break
             self._in_flight.popleft()
             self._settle(batch)
             offsets.update(batch.offsets)
         assert self._consumer is not None
         self._consumer.settle(offsets)  # and every commit sent without waiting
-        log.info("partitions revoked: %s; offsets of %d partitions committed",
-                 sorted(revoked), len(offsets))
+        log.info(
+            "partitions revoked: %s; offsets of %d partitions committed",
+            sorted(revoked),
+            len(offsets),
+        )
         self.observer.on_revoked(revoked)
 
     def _on_assigned(self, assigned: list[Partition]) -> None:
@@ -235,8 +258,7 @@ class FeedbackWorker:
         with self._step(WorkerStep.DECODE):
             return self._decode_and_prepare(messages, offsets)
 
-    def _decode_and_prepare(self, messages: list[Any], offsets: dict[Partition, int]
-                            ) -> Batch:
+    def _decode_and_prepare(self, messages: list[Any], offsets: dict[Partition, int]) -> Batch:
         events: list[tuple[Any, Event]] = []
         rejected: list[Rejected] = []
         kinds = self._kinds
@@ -277,7 +299,6 @@ class FeedbackWorker:
                     failed = exc
             batch.error = failed
             batch.done.set()
-
 
     def sweep(self, final: bool = False) -> list[StoredBatch]:
         """Join what a concurrent worker's transaction hid from ours, release corroborated

@@ -74,8 +74,10 @@ class Batch:
 
 
 def by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[CorrectionEvent]]:
-    return ([e for e in events if isinstance(e, PredictionEvent)],
-            [e for e in events if isinstance(e, CorrectionEvent)])
+    return (
+        [e for e in events if isinstance(e, PredictionEvent)],
+        [e for e in events if isinstance(e, CorrectionEvent)],
+    )
 
 
 class StoreWriter:
@@ -86,9 +88,16 @@ class StoreWriter:
     `dead_letters` is set once the worker is connected.
     """
 
-    def __init__(self, feedback: FeedbackSettings, engine: Engine, analysis: TimedAnalysis,
-                 cache: PredictionCache, stats: WorkerStats, observer: WorkerObserver,
-                 release: Callable[..., int] | None = None) -> None:
+    def __init__(
+        self,
+        feedback: FeedbackSettings,
+        engine: Engine,
+        analysis: TimedAnalysis,
+        cache: PredictionCache,
+        stats: WorkerStats,
+        observer: WorkerObserver,
+        release: Callable[..., int] | None = None,
+    ) -> None:
         self.feedback = feedback
         self.engine = engine
         self._sessions = session_factory(engine)
@@ -114,8 +123,9 @@ class StoreWriter:
             self.stats.batches += 1
             self.stats.records += batch.records
 
-    def _store(self, events: list[Event], results: list[StoredBatch], plan: Plan | None = None
-               ) -> list[Rejected]:
+    def _store(
+        self, events: list[Event], results: list[StoredBatch], plan: Plan | None = None
+    ) -> list[Rejected]:
         """Write, join and analyze `events` in one transaction, following `plan` if there
         is one; what it stored goes to `results`, unusable pairs come back."""
 
@@ -145,8 +155,7 @@ class StoreWriter:
         self.stats.examples += examples
         return unusable
 
-    def _examples(self, session: Session, applied: Applied
-                  ) -> tuple[int, list[Rejected], Counter]:
+    def _examples(self, session: Session, applied: Applied) -> tuple[int, list[Rejected], Counter]:
         """Write the examples of analyzed pairs: (examples written, unusable pairs, their
         error counts, for the caller to add as its transaction's last write)."""
         if not applied.prepared:
@@ -156,8 +165,9 @@ class StoreWriter:
             written = insert_ignoring_duplicates(session, Example, rows, applied.example_lines)
         return written, unusable, outcomes
 
-    def _store_one_by_one(self, events: list[tuple[Any, Event]], batch_error: Exception,
-                          results: list[StoredBatch]) -> list[Rejected]:
+    def _store_one_by_one(
+        self, events: list[tuple[Any, Event]], batch_error: Exception, results: list[StoredBatch]
+    ) -> list[Rejected]:
         """A batch the store refused for a reason other than load: find the poison record.
 
         Each event is written alone (writes are idempotent, so the ones that succeed are
@@ -166,8 +176,11 @@ class StoreWriter:
         re-raise, so the batch is retried after a restart instead of dead-lettering valid
         records.
         """
-        log.warning("the store refused a batch of %d events (%s); writing them one by one",
-                    len(events), batch_error)
+        log.warning(
+            "the store refused a batch of %d events (%s); writing them one by one",
+            len(events),
+            batch_error,
+        )
         rejected, failed = [], 0
         for message, event in events:
             try:
@@ -177,9 +190,16 @@ class StoreWriter:
             except Exception as exc:
                 failed += 1
                 detail = str(exc).splitlines()[0][:300] if str(exc) else ""
-                rejected.append(Rejected(message.topic(), message.partition(), message.offset(),
-                                         message.key(), message.value(),
-                                         f"store: {type(exc).__name__}: {detail}"))
+                rejected.append(
+                    Rejected(
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                        message.key(),
+                        message.value(),
+                        f"store: {type(exc).__name__}: {detail}",
+                    )
+                )
         if len(events) > 1 and failed == len(events):
             raise batch_error
         return rejected
@@ -210,8 +230,11 @@ class StoreWriter:
             expired = expire_corrections(session, cutoff)
             applied = Applied(StoredBatch(pairs=pairs), self.analysis.prepare(pairs))
             examples, unusable, outcomes = self._examples(session, applied)
-            released = (self._release(session, force=final) if final
-                        else self._release(session)) if self._release else 0
+            released = (
+                (self._release(session, force=final) if final else self._release(session))
+                if self._release
+                else 0
+            )
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
             return applied.stored, examples, released, expired, unusable
 
@@ -242,5 +265,5 @@ class StoreWriter:
                         raise
                     self.stats.retries += 1
                     log.warning("store busy (%s); retry %d", exc.orig, attempt)
-                    time.sleep(0.05 * 2 ** attempt)
+                    time.sleep(0.05 * 2**attempt)
             raise AssertionError("unreachable")

@@ -11,14 +11,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "CorrectionEvent": "flywheel.events", "DeadLetter": "flywheel.events",
-    "PredictionEvent": "flywheel.events", "ModelSpec": "flywheel.modelspec",
-    "build_model": "flywheel.modelspec", "Settings": "flywheel.settings",
-    "SettingsError": "flywheel.settings", "load_settings": "flywheel.settings",
+    "CorrectionEvent": "flywheel.events",
+    "DeadLetter": "flywheel.events",
+    "PredictionEvent": "flywheel.events",
+    "ModelSpec": "flywheel.modelspec",
+    "build_model": "flywheel.modelspec",
+    "Settings": "flywheel.settings",
+    "SettingsError": "flywheel.settings",
+    "load_settings": "flywheel.settings",
 }
 __all__ = [
-    "CorrectionEvent", "DeadLetter", "ModelSpec", "PredictionEvent", "Settings", "SettingsError",
-    "build_model", "load_settings",
+    "CorrectionEvent",
+    "DeadLetter",
+    "ModelSpec",
+    "PredictionEvent",
+    "Settings",
+    "SettingsError",
+    "build_model",
+    "load_settings",
 ]
 
 if TYPE_CHECKING:

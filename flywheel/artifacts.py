@@ -51,8 +51,9 @@ def load_model(folder: Path) -> tuple[AnySpec, nn.Module]:
         raise ArtifactError(f"{spec_path}: not JSON ({exc})") from exc
     fmt = doc.get("format")
     if fmt not in (FORMAT, CASCADE_FORMAT):
-        raise ArtifactError(f"{spec_path}: format {fmt!r}, expected {FORMAT!r} or "
-                            f"{CASCADE_FORMAT!r}")
+        raise ArtifactError(
+            f"{spec_path}: format {fmt!r}, expected {FORMAT!r} or {CASCADE_FORMAT!r}"
+        )
     if hashlib.sha256(weights.read_bytes()).hexdigest() != doc.get("weights_sha256"):
         raise ArtifactError(f"{weights}: checksum does not match {SPEC_FILE}")
     spec = parse_spec(doc["spec"])

@@ -88,8 +88,9 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[st
         admin.close()
 
 
-def read_topic(bootstrap: str, topic: str, *, at_least: int = 0,
-               timeout_s: float = 30.0) -> list[Any]:
+def read_topic(
+    bootstrap: str, topic: str, *, at_least: int = 0, timeout_s: float = 30.0
+) -> list[Any]:
     """Every record on every partition of `topic`, from the beginning to its end offsets.
 
     If that is fewer than `at_least` (records still in flight), keep reading until there
@@ -99,8 +100,9 @@ def read_topic(bootstrap: str, topic: str, *, at_least: int = 0,
     from kafka import KafkaConsumer, TopicPartition
 
     deadline = time.monotonic() + timeout_s
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             group_id=None, max_poll_records=5000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, max_poll_records=5000
+    )
     try:
         parts = consumer.partitions_for_topic(topic)
         while not parts and time.monotonic() < deadline:
@@ -129,8 +131,9 @@ def read_topic(bootstrap: str, topic: str, *, at_least: int = 0,
 class EmbeddedBroker:
     """A Tansu process on 127.0.0.1; a context manager that never leaves an orphan."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1",
-                 log_file: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.log_file = log_file
@@ -144,8 +147,9 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, topics: list[str] | None = None, partitions: int = 3,
-              timeout_s: float = 20.0) -> EmbeddedBroker:
+    def start(
+        self, topics: list[str] | None = None, partitions: int = 3, timeout_s: float = 20.0
+    ) -> EmbeddedBroker:
         if self.running:
             return self
         self._check_port_free()
@@ -153,10 +157,19 @@ class EmbeddedBroker:
         log_out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
-                [str(broker_binary()), "broker", "--listener-url", url,
-                 "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                [
+                    str(broker_binary()),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
                 stdout=subprocess.DEVNULL if log_out is None else log_out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our signal handling decides when it stops
             )
         finally:

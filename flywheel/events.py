@@ -114,8 +114,15 @@ class ModelEvent(_Event):
 
 
 def prediction_payload(
-    *, id: str, model_name: str, model_version: str, features: list[float],
-    probabilities: dict[str, float], label: str, timestamp: datetime, latency_ms: float,
+    *,
+    id: str,
+    model_name: str,
+    model_version: str,
+    features: list[float],
+    probabilities: dict[str, float],
+    label: str,
+    timestamp: datetime,
+    latency_ms: float,
     path: str | None = None,
 ) -> bytes:
     """Encode a prediction event without re-validating what the service already checked.
@@ -125,10 +132,15 @@ def prediction_payload(
     with `PredictionEvent`.
     """
     doc = {
-        "schema_version": SCHEMA_VERSION, "id": id, "model_name": model_name,
-        "model_version": model_version, "features": features,
-        "probabilities": probabilities, "label": label,
-        "timestamp": timestamp, "latency_ms": latency_ms,
+        "schema_version": SCHEMA_VERSION,
+        "id": id,
+        "model_name": model_name,
+        "model_version": model_version,
+        "features": features,
+        "probabilities": probabilities,
+        "label": label,
+        "timestamp": timestamp,
+        "latency_ms": latency_ms,
     }
     if path is not None:
         doc["path"] = path

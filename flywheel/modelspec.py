@@ -101,9 +101,12 @@ class CascadeSpec(BaseModel):
 
     def part(self, which: Literal["light", "heavy"]) -> ModelSpec:
         """The plain MLP spec of one of the two networks."""
-        return ModelSpec(input_dim=self.input_dim, labels=self.labels,
-                         hidden=self.light if which == "light" else self.heavy,
-                         activation=self.activation)
+        return ModelSpec(
+            input_dim=self.input_dim,
+            labels=self.labels,
+            hidden=self.light if which == "light" else self.heavy,
+            activation=self.activation,
+        )
 
     def label_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.labels)}

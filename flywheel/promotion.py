@@ -24,8 +24,15 @@ def default_actor() -> str:
         return "unknown"
 
 
-def promote(kafka: KafkaSettings, version: ModelVersion, *, reason: str, registry: Registry,
-            actor: str | None = None, notify: bool = True) -> ModelEvent:
+def promote(
+    kafka: KafkaSettings,
+    version: ModelVersion,
+    *,
+    reason: str,
+    registry: Registry,
+    actor: str | None = None,
+    notify: bool = True,
+) -> ModelEvent:
     """Make `version` the champion and announce it on `kafka`'s model-events topic.
 
     `notify=False` leaves the announcement to the caller, who then learns from
@@ -34,23 +41,41 @@ def promote(kafka: KafkaSettings, version: ModelVersion, *, reason: str, registr
     """
     actor = actor or default_actor()
     previous = registry.promote(version, reason=reason, actor=actor)
-    event = ModelEvent(kind="promoted", model_name=registry.name, version=version,
-                       previous_version=previous, reason=reason, actor=actor,
-                       timestamp=utcnow())
+    event = ModelEvent(
+        kind="promoted",
+        model_name=registry.name,
+        version=version,
+        previous_version=previous,
+        reason=reason,
+        actor=actor,
+        timestamp=utcnow(),
+    )
     if notify:
         announce(kafka, event)
     log.info("promoted %s v%s (was v%s): %s", registry.name, version, previous, reason)
     return event
 
 
-def rollback(kafka: KafkaSettings, *, reason: str, registry: Registry, actor: str | None = None,
-             notify: bool = True) -> ModelEvent:
+def rollback(
+    kafka: KafkaSettings,
+    *,
+    reason: str,
+    registry: Registry,
+    actor: str | None = None,
+    notify: bool = True,
+) -> ModelEvent:
     """Move the champion back to the previous one and announce it (see `promote`)."""
     actor = actor or default_actor()
     current, target = registry.rollback(reason=reason, actor=actor)
-    event = ModelEvent(kind="rolled_back", model_name=registry.name, version=target,
-                       previous_version=current, reason=reason, actor=actor,
-                       timestamp=utcnow())
+    event = ModelEvent(
+        kind="rolled_back",
+        model_name=registry.name,
+        version=target,
+        previous_version=current,
+        reason=reason,
+        actor=actor,
+        timestamp=utcnow(),
+    )
     if notify:
         announce(kafka, event)
     log.info("rolled %s back from v%s to v%s: %s", registry.name, current, target, reason)
@@ -68,17 +93,25 @@ def announce(kafka: KafkaSettings, event: ModelEvent, timeout_s: float | None = 
 
     try:
         # bootstrap_timeout_ms too: its 30 s default would hold up a CLI promotion
-        producer = KafkaProducer(bootstrap_servers=kafka.kafka_bootstrap, acks="all",
-                                 request_timeout_ms=int(timeout_s * 1000),
-                                 bootstrap_timeout_ms=int(timeout_s * 1000),
-                                 max_block_ms=int(timeout_s * 1000))
+        producer = KafkaProducer(
+            bootstrap_servers=kafka.kafka_bootstrap,
+            acks="all",
+            request_timeout_ms=int(timeout_s * 1000),
+            bootstrap_timeout_ms=int(timeout_s * 1000),
+            max_block_ms=int(timeout_s * 1000),
+        )
         try:
-            producer.send(kafka.topic_model_events, key=event.model_name.encode(),
-                          value=event.to_json()).get(timeout=timeout_s)
+            producer.send(
+                kafka.topic_model_events, key=event.model_name.encode(), value=event.to_json()
+            ).get(timeout=timeout_s)
         finally:
             producer.close(timeout=timeout_s)
     except Exception as exc:  # the registry already changed; polling covers a lost event
-        log.warning("could not announce v%s on %s (%s); services will see it by polling",
-                    event.version, kafka.topic_model_events, exc)
+        log.warning(
+            "could not announce v%s on %s (%s); services will see it by polling",
+            event.version,
+            kafka.topic_model_events,
+            exc,
+        )
         return False
     return True

@@ -135,12 +135,16 @@ class Registry:
                 artifact_uri=mv.source, dst_path=tmp, tracking_uri=self.client.tracking_uri
             )
             spec, module = load_model(Path(local))
-        return LoadedVersion(self.name, ModelVersion(str(mv.version)), spec, module,
-                             dict(mv.tags))
+        return LoadedVersion(self.name, ModelVersion(str(mv.version)), spec, module, dict(mv.tags))
 
     def publish(
-        self, spec: AnySpec, module: nn.Module, *, tags: dict[str, str],
-        params: dict[str, object] | None = None, metrics: dict[str, float] | None = None,
+        self,
+        spec: AnySpec,
+        module: nn.Module,
+        *,
+        tags: dict[str, str],
+        params: dict[str, object] | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> ModelVersion:
         """Log a run with the artifact and register it as a new version; returns the version."""
         missing = [t for t in VERSION_TAGS if t not in tags]
@@ -148,8 +152,9 @@ class Registry:
             raise ValueError(f"a model version needs tags {missing}")
         if tags["source"] not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {tags['source']!r}")
-        run = self.client.create_run(self._experiment_id(),
-                                     tags={"flywheel.source": tags["source"]})
+        run = self.client.create_run(
+            self._experiment_id(), tags={"flywheel.source": tags["source"]}
+        )
         run_id = run.info.run_id
         try:
             for k, v in (params or {}).items():
@@ -165,7 +170,9 @@ class Registry:
         self.client.set_terminated(run_id)
         self._ensure_registered_model()
         mv = self.client.create_model_version(
-            self.name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id=run_id,
+            self.name,
+            source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
+            run_id=run_id,
             tags={k: str(v) for k, v in tags.items()},
         )
         return ModelVersion(str(mv.version))
@@ -215,14 +222,14 @@ class Registry:
             return False
         return True
 
-    def promote(self, version: ModelVersion, *, reason: str, actor: str
-                ) -> ModelVersion | None:
+    def promote(self, version: ModelVersion, *, reason: str, actor: str) -> ModelVersion | None:
         """Make `version` the champion; returns the one it replaced. Recorded as tags."""
         if not self.exists(version):
             raise RegistryError(f"{self.name} has no version {version!r}")
         previous = self.champion_version()
-        self.set_tags(version, {"promoted_at": _now_iso(), "promoted_by": actor,
-                                "promotion_reason": reason})
+        self.set_tags(
+            version, {"promoted_at": _now_iso(), "promoted_by": actor, "promotion_reason": reason}
+        )
         self.set_champion(version)
         return previous
 
@@ -239,8 +246,10 @@ class Registry:
         target = history[-1]
         self.client.set_registered_model_alias(self.name, CHAMPION_ALIAS, target)
         self._set_history(history)
-        self.set_tags(current, {"rolled_back_at": _now_iso(), "rolled_back_by": actor,
-                                "rollback_reason": reason})
+        self.set_tags(
+            current,
+            {"rolled_back_at": _now_iso(), "rolled_back_by": actor, "rollback_reason": reason},
+        )
         return current, target
 
     def versions(self, *, with_runs: bool = False) -> list[VersionInfo]:
@@ -248,8 +257,7 @@ class Registry:
         champion = self.champion_version()
         found = self.client.search_model_versions(f"name = '{self.name}'")
         out = [self._info(mv, champion, with_runs) for mv in found]
-        return sorted(out, key=lambda v: int(v.version) if v.version.isdigit() else 0,
-                      reverse=True)
+        return sorted(out, key=lambda v: int(v.version) if v.version.isdigit() else 0, reverse=True)
 
     def info(self, version: ModelVersion, *, with_run: bool = True) -> VersionInfo:
         from mlflow.exceptions import MlflowException
@@ -269,8 +277,15 @@ class Registry:
             data = self.client.get_run(run_id).data
             metrics, params = dict(data.metrics), dict(data.params)
         created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)  # type: ignore[attr-defined]
-        return VersionInfo(version, dict(mv.tags), run_id, created,  # type: ignore[attr-defined]
-                           version == champion, metrics, params)
+        return VersionInfo(
+            version,
+            dict(mv.tags),  # type: ignore[attr-defined]
+            run_id,
+            created,
+            version == champion,
+            metrics,
+            params,
+        )
 
 
 def _now_iso() -> str:

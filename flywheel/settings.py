@@ -75,6 +75,7 @@ class _Fields(BaseModel):
 
 # -- field mixins: every setting is declared once, in exactly one of these ------------------
 
+
 class _StateFields(_Fields):
     """Where state lives: the home folder, and the two stores that default into it."""
 
@@ -119,7 +120,8 @@ class _KafkaFields(_Fields):
     """The broker and the topics every component shares."""
 
     kafka_bootstrap: str | None = Field(
-        None, description="host:port[,host:port]; unset starts an embedded broker.")
+        None, description="host:port[,host:port]; unset starts an embedded broker."
+    )
     topic_predictions: str = Field("flywheel.predictions", description="Every served prediction.")
     topic_corrections: str = Field("flywheel.corrections", description="True labels from apps.")
     topic_model_events: str = Field("flywheel.model-events", description="Promotions, rollbacks.")
@@ -137,8 +139,9 @@ class _KafkaFields(_Fields):
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
         return value
 
-    @field_validator("topic_predictions", "topic_corrections", "topic_model_events",
-                     "topic_deadletter")
+    @field_validator(
+        "topic_predictions", "topic_corrections", "topic_model_events", "topic_deadletter"
+    )
     @classmethod
     def _check_topic(cls, value: str) -> str:
         """Kafka's own rule for topic names, checked before any client is made."""
@@ -155,18 +158,29 @@ class _KafkaFields(_Fields):
 
     @property
     def topics(self) -> list[str]:
-        return [self.topic_predictions, self.topic_corrections, self.topic_model_events,
-                self.topic_deadletter]
+        return [
+            self.topic_predictions,
+            self.topic_corrections,
+            self.topic_model_events,
+            self.topic_deadletter,
+        ]
 
 
 class _RegistryFields(_Fields):
     """The MLflow registered model of this deployment, and how often followers look."""
 
-    model_name: str = Field("flywheel", min_length=1, max_length=200,
-                            description="The MLflow registered model of this deployment.")
+    model_name: str = Field(
+        "flywheel",
+        min_length=1,
+        max_length=200,
+        description="The MLflow registered model of this deployment.",
+    )
     registry_poll_s: float = Field(
-        10.0, gt=0, le=3600,
-        description="Service checks the champion alias this often (model events are faster).")
+        10.0,
+        gt=0,
+        le=3600,
+        description="Service checks the champion alias this often (model events are faster).",
+    )
 
     @field_validator("model_name")
     @classmethod
@@ -180,8 +194,9 @@ class _TrustedFields(_Fields):
     """The trusted seed data and the initial model trained on it."""
 
     seed: int = Field(7, description="Seed for seed data and the initial model.")
-    seed_examples: int = Field(3000, ge=100, le=1_000_000,
-                               description="Seed data size (80 % train, 20 % trusted holdout).")
+    seed_examples: int = Field(
+        3000, ge=100, le=1_000_000, description="Seed data size (80 % train, 20 % trusted holdout)."
+    )
 
 
 class _ServiceFields(_Fields):
@@ -193,18 +208,26 @@ class _ServiceFields(_Fields):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     max_corrections: int = Field(10_000, ge=1, description="Corrections per call.")
     dynamic_batching: bool = Field(
-        True, description="Gather concurrent predict requests into one forward pass.")
-    batch_max_size: int = Field(128, ge=1, le=100_000,
-                                description="Most instances in one batched forward pass.")
+        True, description="Gather concurrent predict requests into one forward pass."
+    )
+    batch_max_size: int = Field(
+        128, ge=1, le=100_000, description="Most instances in one batched forward pass."
+    )
     batch_max_wait_ms: float = Field(
-        2.0, ge=0, le=1000,
+        2.0,
+        ge=0,
+        le=1000,
         description="Longest a batch waits for more requests, only while recent batches "
-                    "held several.")
+        "held several.",
+    )
     serve_precision: Literal["fp32", "int8", "bf16"] = Field(
-        "fp32", description="Serve the model in full precision, dynamic int8 or bfloat16.")
+        "fp32", description="Serve the model in full precision, dynamic int8 or bfloat16."
+    )
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token for the review page's approve, reject and rollback "
-                          "(/v1/review); unset: the page is read-only.")
+        None,
+        description="Bearer token for the review page's approve, reject and rollback "
+        "(/v1/review); unset: the page is read-only.",
+    )
 
     @field_validator("admin_token")
     @classmethod
@@ -219,8 +242,9 @@ class _EventLogFields(_Fields):
 
     log_queue_size: int = Field(50_000, ge=1, description="Bounded in-memory logging queue.")
     log_batch_size: int = Field(500, ge=1, le=100_000, description="Records per Kafka flush.")
-    log_linger_ms: float = Field(50.0, ge=0, le=1000,
-                                 description="Sender waits this long to batch records.")
+    log_linger_ms: float = Field(
+        50.0, ge=0, le=1000, description="Sender waits this long to batch records."
+    )
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")
 
@@ -228,32 +252,53 @@ class _EventLogFields(_Fields):
 class _FeedbackFields(_Fields):
     """The feedback workers: consuming, joining, expiring, holdout split, counterexamples."""
 
-    feedback_group: str = Field("flywheel-feedback", min_length=1,
-                                description="Consumer group the feedback workers share.")
+    feedback_group: str = Field(
+        "flywheel-feedback", min_length=1, description="Consumer group the feedback workers share."
+    )
     feedback_session_timeout_ms: int = Field(
-        10_000, ge=1000, le=300_000,
-        description="Consumer session timeout; Tansu completes a join after about half.")
-    feedback_max_records: int = Field(2000, ge=1, le=100_000,
-                                      description="Records per poll, one store transaction.")
+        10_000,
+        ge=1000,
+        le=300_000,
+        description="Consumer session timeout; Tansu completes a join after about half.",
+    )
+    feedback_max_records: int = Field(
+        2000, ge=1, le=100_000, description="Records per poll, one store transaction."
+    )
     feedback_align_hold_s: float = Field(
-        10.0, ge=0, le=3600,
+        10.0,
+        ge=0,
+        le=3600,
         description="While predictions have a backlog, a correction newer than the predictions "
-                    "read so far waits for them up to this long; 0 turns alignment off.")
+        "read so far waits for them up to this long; 0 turns alignment off.",
+    )
     feedback_prediction_cache: int = Field(
-        50_000, ge=0, le=10_000_000,
+        50_000,
+        ge=0,
+        le=10_000_000,
         description="Predictions a worker keeps in memory to join their corrections without "
-                    "reading them back (~0.7 KB each); 0 turns it off.")
-    correction_expiry_s: float = Field(7 * 24 * 3600.0, gt=0, le=TEN_YEARS_S,
-                                       description="Unmatched corrections expire after this.")
-    holdout_fraction: float = Field(0.1, ge=0, lt=1,
-                                    description="Share of corrections kept out of training.")
-    feedback_metrics_port: int = Field(0, ge=0, le=65535,
-                                       description="Worker's /metrics port; 0 turns it off.")
+        "reading them back (~0.7 KB each); 0 turns it off.",
+    )
+    correction_expiry_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Unmatched corrections expire after this.",
+    )
+    holdout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of corrections kept out of training."
+    )
+    feedback_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Worker's /metrics port; 0 turns it off."
+    )
     counterexample_budget: int = Field(
-        1000, ge=0, description="Counterexamples one source may add per budget window.")
+        1000, ge=0, description="Counterexamples one source may add per budget window."
+    )
     counterexample_window_s: float = Field(
-        3600.0, gt=0, le=TEN_YEARS_S,
-        description="The window of that budget (counted in whole minutes).")
+        3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="The window of that budget (counted in whole minutes).",
+    )
 
 
 class _GateFields(_Fields):
@@ -261,54 +306,80 @@ class _GateFields(_Fields):
 
     auto_promote: bool = Field(True, description="Promote candidates that pass the gate.")
     gate_tolerance: float = Field(
-        0.02, ge=0, le=1, description="Allowed accuracy loss on the trusted (seed) holdout.")
+        0.02, ge=0, le=1, description="Allowed accuracy loss on the trusted (seed) holdout."
+    )
     gate_recent_holdout: int = Field(
-        500, ge=1, le=1_000_000, description="Most recent holdout corrections the gate uses.")
+        500, ge=1, le=1_000_000, description="Most recent holdout corrections the gate uses."
+    )
     gate_min_holdout: int = Field(
-        20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion.")
+        20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion."
+    )
 
 
 class _LearnerFields(_Fields):
     """The online learner: update size, rates, elastic boost, replay, polling."""
 
-    learn_batch: int = Field(100, ge=1, le=1_000_000,
-                             description="New trainable examples per learner update.")
+    learn_batch: int = Field(
+        100, ge=1, le=1_000_000, description="New trainable examples per learner update."
+    )
     learn_steps: int = Field(8, ge=1, le=1000, description="Gradient steps per update.")
     learn_lr: float = Field(0.003, gt=0, le=10, description="Base learning rate (Adam).")
     learn_replay: float = Field(
-        2.0, ge=0, le=100, description="Replayed older examples per new one, against forgetting.")
+        2.0, ge=0, le=100, description="Replayed older examples per new one, against forgetting."
+    )
     learn_max_boost: float = Field(
-        3.0, ge=1, le=10, description="Most the elastic learning rate (and, with boost steps, the "
-        "step count) multiplies the base by.")
+        3.0,
+        ge=1,
+        le=10,
+        description="Most the elastic learning rate (and, with boost steps, the "
+        "step count) multiplies the base by.",
+    )
     learn_boost_half_life: float = Field(
-        3.0, gt=0, le=1000, description="Updates for a raised learning rate to halve its excess.")
+        3.0, gt=0, le=1000, description="Updates for a raised learning rate to halve its excess."
+    )
     learn_max_lr: float = Field(
-        0.01, gt=0, le=10,
+        0.01,
+        gt=0,
+        le=10,
         description="Cap on the boosted learning rate of non-private updates (at least "
-                    "FLYWHEEL_LEARN_LR); DP updates keep FLYWHEEL_PRIVACY_LEARN_LR x boost.")
+        "FLYWHEEL_LEARN_LR); DP updates keep FLYWHEEL_PRIVACY_LEARN_LR x boost.",
+    )
     learn_boost_window: int = Field(
-        1000, ge=0, le=1_000_000,
+        1000,
+        ge=0,
+        le=1_000_000,
         description="While the rate is boosted after a change, each update trains on up to "
-                    "this many examples since the change; 0: only the new ones + replay.")
+        "this many examples since the change; 0: only the new ones + replay.",
+    )
     learn_boost_steps: bool = Field(
-        True, description="While boosted, gradient steps are multiplied by the boost too.")
+        True, description="While boosted, gradient steps are multiplied by the boost too."
+    )
     learn_drift_replay: bool = Field(
-        True, description="After an error drift, replay only examples since the change "
-                          "(half of it: the trusted seed data).")
-    learn_poll_s: float = Field(1.0, gt=0, le=3600,
-                                description="Learner checks for new examples this often.")
+        True,
+        description="After an error drift, replay only examples since the change "
+        "(half of it: the trusted seed data).",
+    )
+    learn_poll_s: float = Field(
+        1.0, gt=0, le=3600, description="Learner checks for new examples this often."
+    )
     learn_cursor_grace_s: float = Field(
-        30.0, ge=0, le=3600,
-        description="Examples committed this late (out of id order) are still picked up.")
+        30.0,
+        ge=0,
+        le=3600,
+        description="Examples committed this late (out of id order) are still picked up.",
+    )
     learn_metrics_port: int = Field(
-        0, ge=0, le=65535, description="Learner's /metrics port (privacy refusals, ε); 0: off.")
+        0, ge=0, le=65535, description="Learner's /metrics port (privacy refusals, ε); 0: off."
+    )
 
     @model_validator(mode="after")
     def _check_learn_rates(self) -> Self:
         if self.learn_max_lr < self.learn_lr:
-            raise ValueError(f"FLYWHEEL_LEARN_MAX_LR ({self.learn_max_lr:g}) is below "
-                             f"FLYWHEEL_LEARN_LR ({self.learn_lr:g}): the cap is for the "
-                             "boosted rate; raise it or lower the base rate")
+            raise ValueError(
+                f"FLYWHEEL_LEARN_MAX_LR ({self.learn_max_lr:g}) is below "
+                f"FLYWHEEL_LEARN_LR ({self.learn_lr:g}): the cap is for the "
+                "boosted rate; raise it or lower the base rate"
+            )
         return self
 
 
@@ -316,86 +387,132 @@ class _PrivacyFields(_Fields):
     """DP-SGD of the online learner: the budget, the mechanism, the engine."""
 
     privacy_enabled: bool = Field(
-        True, description="Every learner update is DP-SGD; false trains without noise.")
-    privacy_epsilon: float = Field(3.0, gt=0, le=100,
-                                   description="ε budget per source and model lineage.")
+        True, description="Every learner update is DP-SGD; false trains without noise."
+    )
+    privacy_epsilon: float = Field(
+        3.0, gt=0, le=100, description="ε budget per source and model lineage."
+    )
     privacy_delta: float = Field(1e-5, gt=0, lt=0.1, description="δ of that budget.")
     privacy_noise_multiplier: float | None = Field(
-        None, gt=0, le=1000, description="Explicit σ; unset: calibrated from the budget.")
-    privacy_max_grad_norm: float = Field(1.0, gt=0, le=1e6,
-                                         description="Per-source clip norm C.")
+        None, gt=0, le=1000, description="Explicit σ; unset: calibrated from the budget."
+    )
+    privacy_max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Per-source clip norm C.")
     privacy_sample_rate: float = Field(
-        0.5, gt=0, le=1, description="Chance that a source is in one DP-SGD step (Poisson).")
+        0.5, gt=0, le=1, description="Chance that a source is in one DP-SGD step (Poisson)."
+    )
     privacy_source_updates: int = Field(
-        2, ge=1, le=100_000,
-        description="Updates one source may join within the budget (sets σ when unset).")
+        2,
+        ge=1,
+        le=100_000,
+        description="Updates one source may join within the budget (sets σ when unset).",
+    )
     privacy_max_per_source: int = Field(
-        16, ge=1, le=100_000, description="Most examples one source adds to one update.")
+        16, ge=1, le=100_000, description="Most examples one source adds to one update."
+    )
     privacy_learn_lr: float = Field(
-        0.01, gt=0, le=10, description="Base learning rate of DP updates (noise needs more).")
+        0.01, gt=0, le=10, description="Base learning rate of DP updates (noise needs more)."
+    )
     privacy_accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
     privacy_engine: Literal["auto", "opacus", "fused"] = Field(
-        "auto", description="Per-example clipping: fused kernel, Opacus, or auto.")
+        "auto", description="Per-example clipping: fused kernel, Opacus, or auto."
+    )
 
 
 class _FederatedFields(_Fields):
     """Federated learning (docs/federated.md): SuperLink, rounds, aggregation, central DP."""
 
     fed_superlink: str = Field(
-        "127.0.0.1:9093", description="SuperLink HTTP address (Fleet, Control and Runtime "
-                                      "APIs) that `flywheel fed` binds or connects to.")
-    fed_runtime_port: int = Field(9094, ge=1, le=65535,
-                                  description="A site's SuperNode Runtime API port (loopback).")
+        "127.0.0.1:9093",
+        description="SuperLink HTTP address (Fleet, Control and Runtime "
+        "APIs) that `flywheel fed` binds or connects to.",
+    )
+    fed_runtime_port: int = Field(
+        9094, ge=1, le=65535, description="A site's SuperNode Runtime API port (loopback)."
+    )
     fed_rounds: int = Field(5, ge=1, le=10_000, description="Rounds of one federated run.")
     fed_clients: int = Field(3, ge=1, le=100_000, description="Sites sampled per round.")
-    fed_min_clients: int = Field(2, ge=1, le=100_000,
-                                 description="Connected sites a round waits for.")
+    fed_min_clients: int = Field(
+        2, ge=1, le=100_000, description="Connected sites a round waits for."
+    )
     fed_strategy: Literal["fedavg", "trimmed", "median"] = Field(
-        "fedavg", description="Aggregation: FedAvg, FedTrimmedAvg or FedMedian (robust).")
-    fed_trim_beta: float = Field(0.34, ge=0, lt=0.5,
-                                 description="Share cut from each end by `trimmed`.")
+        "fedavg", description="Aggregation: FedAvg, FedTrimmedAvg or FedMedian (robust)."
+    )
+    fed_trim_beta: float = Field(
+        0.34, ge=0, lt=0.5, description="Share cut from each end by `trimmed`."
+    )
     fed_dp_clipping: Literal["client", "server"] = Field(
-        "client", description="Flower DP wrapper: client- or server-side fixed clipping.")
-    fed_clip_norm: float = Field(2.0, gt=0, le=1e6,
-                                 description="L2 bound of one site's model update.")
+        "client", description="Flower DP wrapper: client- or server-side fixed clipping."
+    )
+    fed_clip_norm: float = Field(
+        2.0, gt=0, le=1e6, description="L2 bound of one site's model update."
+    )
     fed_noise_multiplier: float = Field(
-        0.05, gt=0, le=1000,
-        description="Central noise σ on the aggregate (std σ·clip/sites); sets client-level ε.")
+        0.05,
+        gt=0,
+        le=1000,
+        description="Central noise σ on the aggregate (std σ·clip/sites); sets client-level ε.",
+    )
     fed_client_epsilon: float | None = Field(
-        None, gt=0, description="Client-level ε budget per site and lineage; unset: "
-                                "accounted in the ledger, not enforced.")
+        None,
+        gt=0,
+        description="Client-level ε budget per site and lineage; unset: "
+        "accounted in the ledger, not enforced.",
+    )
     fed_privacy_sample_rate: float = Field(
-        1.0, gt=0, le=1, description="DP-SGD sampling rate q of a site's local training in "
+        1.0,
+        gt=0,
+        le=1,
+        description="DP-SGD sampling rate q of a site's local training in "
         "federated rounds (q = 1: every source in every step; the online learner's is "
-        "FLYWHEEL_PRIVACY_SAMPLE_RATE).")
+        "FLYWHEEL_PRIVACY_SAMPLE_RATE).",
+    )
     fed_local_steps: int = Field(
-        20, ge=1, le=10_000,
-        description="DP-SGD steps per round; a site refuses a round asking for more.")
+        20,
+        ge=1,
+        le=10_000,
+        description="DP-SGD steps per round; a site refuses a round asking for more.",
+    )
     fed_site_noise_seed: int | None = Field(
-        None, ge=0, description="Experiments only: a site's fixed DP noise seed (with the "
-        "round number), for paired runs; unset, a site draws a secret seed each round.")
-    fed_local_lr: float = Field(0.1, gt=0, le=10,
-                                description="A site's local learning rate (SGD, momentum 0.9).")
+        None,
+        ge=0,
+        description="Experiments only: a site's fixed DP noise seed (with the "
+        "round number), for paired runs; unset, a site draws a secret seed each round.",
+    )
+    fed_local_lr: float = Field(
+        0.1, gt=0, le=10, description="A site's local learning rate (SGD, momentum 0.9)."
+    )
     fed_local_max_examples: int = Field(
-        5000, ge=1, le=10_000_000, description="Newest trainable examples a site trains on.")
+        5000, ge=1, le=10_000_000, description="Newest trainable examples a site trains on."
+    )
     fed_public_replay: int = Field(
-        100, ge=0, le=1_000_000,
-        description="Seed (public) rows sent to sites each round, replayed against forgetting.")
-    fed_round_timeout_s: float = Field(120.0, gt=0, le=86_400,
-                                       description="Longest a round waits for replies.")
+        100,
+        ge=0,
+        le=1_000_000,
+        description="Seed (public) rows sent to sites each round, replayed against forgetting.",
+    )
+    fed_round_timeout_s: float = Field(
+        120.0, gt=0, le=86_400, description="Longest a round waits for replies."
+    )
     fed_poll_s: float = Field(
-        0.1, ge=0.01, le=60,
-        description="Poll interval of SuperNode, ClientApp worker and ServerApp (Flower: 3 s).")
+        0.1,
+        ge=0.01,
+        le=60,
+        description="Poll interval of SuperNode, ClientApp worker and ServerApp (Flower: 3 s).",
+    )
     fed_tls_ca: Path | None = Field(None, description="CA certificate (PEM) for `--tls`.")
     fed_tls_cert: Path | None = Field(None, description="SuperLink certificate for `--tls`.")
     fed_tls_key: Path | None = Field(None, description="SuperLink private key for `--tls`.")
     fed_auth_key: Path | None = Field(
-        None, description="A site's SuperNode private key (ECDSA, OpenSSH) for `--auth`.")
+        None, description="A site's SuperNode private key (ECDSA, OpenSSH) for `--auth`."
+    )
     fed_audit_dir: Path | None = Field(
-        None, description="A site writes a copy of every message it sends here.")
+        None, description="A site writes a copy of every message it sends here."
+    )
     fed_holdout: Path | None = Field(
-        None, description="Gate's recent holdout (.npz: x, labels) when the platform store "
-                          "has fewer than FLYWHEEL_GATE_MIN_HOLDOUT holdout corrections.")
+        None,
+        description="Gate's recent holdout (.npz: x, labels) when the platform store "
+        "has fewer than FLYWHEEL_GATE_MIN_HOLDOUT holdout corrections.",
+    )
 
     @field_validator("fed_superlink")
     @classmethod
@@ -477,10 +594,17 @@ class FederatedSettings(_FederatedFields):
 
 
 GROUPS: dict[str, type[BaseModel]] = {
-    "state": StateSettings, "kafka": KafkaSettings, "registry": RegistrySettings,
-    "trusted": TrustedSettings, "service": ServiceSettings, "event_log": EventLogSettings,
-    "feedback": FeedbackSettings, "gate": GateSettings, "learner": LearnerSettings,
-    "privacy": PrivacySettings, "federated": FederatedSettings,
+    "state": StateSettings,
+    "kafka": KafkaSettings,
+    "registry": RegistrySettings,
+    "trusted": TrustedSettings,
+    "service": ServiceSettings,
+    "event_log": EventLogSettings,
+    "feedback": FeedbackSettings,
+    "gate": GateSettings,
+    "learner": LearnerSettings,
+    "privacy": PrivacySettings,
+    "federated": FederatedSettings,
 }
 """Property name on `Settings` -> group; every flat setting is in exactly one (a test checks)."""
 
@@ -489,9 +613,20 @@ _G = TypeVar("_G", bound=BaseModel)
 
 # pydantic collects fields from the last base to the first: listed in reverse, so that the
 # fields (model_dump, the schema) read in the order of the groups above
-class Settings(_FederatedFields, _PrivacyFields, _LearnerFields, _GateFields, _FeedbackFields,
-               _EventLogFields, _ServiceFields, _TrustedFields, _RegistryFields, _KafkaFields,
-               _StateFields, BaseSettings):
+class Settings(
+    _FederatedFields,
+    _PrivacyFields,
+    _LearnerFields,
+    _GateFields,
+    _FeedbackFields,
+    _EventLogFields,
+    _ServiceFields,
+    _TrustedFields,
+    _RegistryFields,
+    _KafkaFields,
+    _StateFields,
+    BaseSettings,
+):
     """Every setting, read from the environment; hand components its groups, not itself.
 
     Not a subclass of any group, so a type checker refuses a `Settings` where a group is

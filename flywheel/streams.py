@@ -30,8 +30,11 @@ class Concept:
         from river.datasets import synth
 
         gen = synth.RandomRBF(
-            seed_model=self.model_seed, seed_sample=sample_seed, n_classes=len(LABELS),
-            n_features=N_FEATURES, n_centroids=12,
+            seed_model=self.model_seed,
+            seed_sample=sample_seed,
+            n_classes=len(LABELS),
+            n_features=N_FEATURES,
+            n_centroids=12,
         )
         xs, ys = [], []
         for x, y in gen.take(n):

@@ -23,6 +23,15 @@ from flywheel.kernels.triton_clip import (
     triton_interpreting,
 )
 
-__all__ = ["BatcherStats", "MicroBatcher", "clip_and_accumulate", "clip_and_accumulate_triton",
-           "precision_delta", "supports", "to_precision", "triton_available",
-           "triton_interpreting", "uses_manual_backward"]
+__all__ = [
+    "BatcherStats",
+    "MicroBatcher",
+    "clip_and_accumulate",
+    "clip_and_accumulate_triton",
+    "precision_delta",
+    "supports",
+    "to_precision",
+    "triton_available",
+    "triton_interpreting",
+    "uses_manual_backward",
+]

@@ -55,13 +55,21 @@ class BatcherStats:
 
 
 class MicroBatcher(Generic[In, Out]):
-    def __init__(self, run: Callable[[list[In]], Sequence[Out]], *, max_size: int = 128,
-                 max_wait_s: float = 0.002, size: Callable[[In], int] | None = None,
-                 key: Callable[[In], Hashable] | None = None, recent_s: float = 0.1,
-                 probe_every: int = 8) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_size: int = 128,
+        max_wait_s: float = 0.002,
+        size: Callable[[In], int] | None = None,
+        key: Callable[[In], Hashable] | None = None,
+        recent_s: float = 0.1,
+        probe_every: int = 8,
+    ) -> None:
         if max_size < 1 or max_wait_s < 0 or recent_s <= 0 or probe_every < 0:
-            raise ValueError("max_size >= 1, max_wait_s >= 0, recent_s > 0 and "
-                             "probe_every >= 0 are required")
+            raise ValueError(
+                "max_size >= 1, max_wait_s >= 0, recent_s > 0 and probe_every >= 0 are required"
+            )
         self.run, self.max_size, self.max_wait_s = run, max_size, max_wait_s
         self._size = size or (lambda _: 1)
         self._key = key
@@ -87,8 +95,7 @@ class MicroBatcher(Generic[In, Out]):
         self._queue.append((item, fut, n))
         self._rows += n
         if self._leader:
-            if self._waiter is not None and self._rows >= self._target \
-                    and not self._waiter.done():
+            if self._waiter is not None and self._rows >= self._target and not self._waiter.done():
                 self._waiter.set_result(None)
             return await fut
         self._leader = True
@@ -168,8 +175,9 @@ class MicroBatcher(Generic[In, Out]):
                 for entry in batch:
                     groups.setdefault(self._key(entry[0]), []).append(entry)
                 for group in groups.values():
-                    self._run(group, sum(self._size(i) for i, _ in group)
-                              if len(groups) > 1 else rows)
+                    self._run(
+                        group, sum(self._size(i) for i, _ in group) if len(groups) > 1 else rows
+                    )
             while self._recent and self._recent[-1][1] <= rows:
                 self._recent.pop()  # never the maximum again: this one is newer and bigger
             self._recent.append((time.monotonic(), rows))

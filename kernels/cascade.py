@@ -69,9 +69,13 @@ def light_confidence(module: Cascade, x: np.ndarray) -> tuple[np.ndarray, np.nda
     return conf.numpy(), logits.argmax(dim=1).numpy()
 
 
-def calibrate_threshold(confidence: np.ndarray, light_correct: np.ndarray,
-                        heavy_correct: np.ndarray, target: float = 0.995,
-                        z: float = 2.0) -> Calibration:
+def calibrate_threshold(
+    confidence: np.ndarray,
+    light_correct: np.ndarray,
+    heavy_correct: np.ndarray,
+    target: float = 0.995,
+    z: float = 2.0,
+) -> Calibration:
     """The smallest threshold t (a light confidence seen on the holdout, or ALWAYS_HEAVY)
     at which light-on-(conf >= t) plus heavy-on-the-rest is at least `target` x the heavy
     network's accuracy, and is at every higher threshold too. Ties in confidence move
@@ -102,16 +106,37 @@ def calibrate_threshold(confidence: np.ndarray, light_correct: np.ndarray,
     first = 0 if len(failing) == 0 else int(failing[-1]) + 1  # ok from here on
     if first < len(starts):
         k = int(starts[first])
-        threshold, cascade_correct, share, met = float(c[k]), heavy_prefix[k] + light_suffix[k], \
-            (n - k) / n, True
+        threshold, cascade_correct, share, met = (
+            float(c[k]),
+            heavy_prefix[k] + light_suffix[k],
+            (n - k) / n,
+            True,
+        )
     else:
         threshold, cascade_correct, share, met = ALWAYS_HEAVY, heavy_prefix[n], 0.0, False
-    return Calibration(threshold, target, z, n, float(light_acc), float(heavy_acc),
-                       float(cascade_correct / n), float(share), met)
+    return Calibration(
+        threshold,
+        target,
+        z,
+        n,
+        float(light_acc),
+        float(heavy_acc),
+        float(cascade_correct / n),
+        float(share),
+        met,
+    )
 
 
-def train_mlp(spec: ModelSpec, x: np.ndarray, y: np.ndarray, *, epochs: int = 40,
-              lr: float = 1e-2, batch: int = 256, seed: int = 7) -> nn.Sequential:
+def train_mlp(
+    spec: ModelSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 40,
+    lr: float = 1e-2,
+    batch: int = 256,
+    seed: int = 7,
+) -> nn.Sequential:
     """Standardize on the training rows, then Adam on cross-entropy (as the seed model)."""
     torch.manual_seed(seed)
     module = build_model(spec)
@@ -142,31 +167,51 @@ def assemble(spec: CascadeSpec, light: nn.Module, heavy: nn.Module) -> Cascade:
     return module.eval()
 
 
-def calibrate(spec: CascadeSpec, module: Cascade, x_cal: np.ndarray, y_cal: np.ndarray,
-              target: float = 0.995, z: float = 2.0) -> tuple[CascadeSpec, Cascade, Calibration]:
+def calibrate(
+    spec: CascadeSpec,
+    module: Cascade,
+    x_cal: np.ndarray,
+    y_cal: np.ndarray,
+    target: float = 0.995,
+    z: float = 2.0,
+) -> tuple[CascadeSpec, Cascade, Calibration]:
     """Set the threshold of an assembled cascade from a calibration holdout."""
     y = np.asarray(y_cal)
     conf, light_pred = light_confidence(module, x_cal)
     with torch.inference_mode():
         heavy_pred = module.heavy(torch.from_numpy(np.asarray(x_cal, np.float32))).argmax(1)
     cal = calibrate_threshold(conf, light_pred == y, heavy_pred.numpy() == y, target, z)
-    spec = spec.model_copy(update={"threshold": cal.threshold,
-                                   "calibration": cal.as_dict()})
+    spec = spec.model_copy(update={"threshold": cal.threshold, "calibration": cal.as_dict()})
     spec = CascadeSpec.model_validate(spec.model_dump())  # re-validated, as loading would
     module.threshold = spec.threshold
     return spec, module, cal
 
 
-def build_cascade(x_train: np.ndarray, y_train: np.ndarray, x_cal: np.ndarray,
-                  y_cal: np.ndarray, *, labels: Sequence[str], light: Sequence[int] = (16,),
-                  heavy: Sequence[int] = (256, 256), activation: str = "relu",
-                  target: float = 0.995, z: float = 2.0, epochs: int = 40, seed: int = 7,
-                  ) -> tuple[CascadeSpec, Cascade, Calibration]:
+def build_cascade(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_cal: np.ndarray,
+    y_cal: np.ndarray,
+    *,
+    labels: Sequence[str],
+    light: Sequence[int] = (16,),
+    heavy: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    target: float = 0.995,
+    z: float = 2.0,
+    epochs: int = 40,
+    seed: int = 7,
+) -> tuple[CascadeSpec, Cascade, Calibration]:
     """Train the light and heavy MLPs on the training rows, then calibrate the threshold
     on the calibration rows (never trained on). Labels are class indices into `labels`."""
     x_train = np.asarray(x_train, np.float32)
-    spec = CascadeSpec(input_dim=x_train.shape[1], labels=list(labels), light=list(light),
-                       heavy=list(heavy), activation=activation)  # type: ignore[arg-type]
+    spec = CascadeSpec(
+        input_dim=x_train.shape[1],
+        labels=list(labels),
+        light=list(light),
+        heavy=list(heavy),
+        activation=activation,  # type: ignore[arg-type]
+    )
     light_net = train_mlp(spec.part("light"), x_train, y_train, epochs=epochs, seed=seed)
     heavy_net = train_mlp(spec.part("heavy"), x_train, y_train, epochs=epochs, seed=seed)
     return calibrate(spec, assemble(spec, light_net, heavy_net), x_cal, y_cal, target, z)
@@ -177,5 +222,9 @@ def cascade_flops(spec: CascadeSpec, light_share: float) -> dict[str, float]:
     against the heavy network alone; `saved` is the share of heavy FLOPs not spent."""
     light_f, heavy_f = mlp_flops(spec.part("light")), mlp_flops(spec.part("heavy"))
     per_row = light_f + (1.0 - light_share) * heavy_f
-    return {"light": float(light_f), "heavy": float(heavy_f), "cascade": per_row,
-            "saved": 1.0 - per_row / heavy_f}
+    return {
+        "light": float(light_f),
+        "heavy": float(heavy_f),
+        "cascade": per_row,
+        "saved": 1.0 - per_row / heavy_f,
+    }

@@ -38,7 +38,11 @@ _LINEAR, _RELU, _TANH, _SIGMOID, _GELU, _SILU, _LEAKY = range(7)
 
 # Exact types only: a subclass may override forward.
 ACTIVATIONS: dict[type[nn.Module], int] = {
-    nn.ReLU: _RELU, nn.Tanh: _TANH, nn.Sigmoid: _SIGMOID, nn.GELU: _GELU, nn.SiLU: _SILU,
+    nn.ReLU: _RELU,
+    nn.Tanh: _TANH,
+    nn.Sigmoid: _SIGMOID,
+    nn.GELU: _GELU,
+    nn.SiLU: _SILU,
     nn.LeakyReLU: _LEAKY,
 }
 # Layers that mix samples in training mode: no per-sample gradient exists at all.
@@ -104,11 +108,13 @@ def mlp_plan(module: nn.Module) -> MLPPlan | None:
         kind = type(layer)
         if kind is nn.Linear:
             trains = layer.weight.requires_grad or (
-                layer.bias is not None and layer.bias.requires_grad)
+                layer.bias is not None and layer.bias.requires_grad
+            )
             if trains:
                 # a shared layer or tied weights: the autograd path refuses them
-                ids = [id(layer)] + [id(p) for p in layer.parameters(recurse=False)
-                                     if p.requires_grad]
+                ids = [id(layer)] + [
+                    id(p) for p in layer.parameters(recurse=False) if p.requires_grad
+                ]
                 if not seen.isdisjoint(ids):
                     return None
                 seen.update(ids)
@@ -138,8 +144,13 @@ def mlp_plan(module: nn.Module) -> MLPPlan | None:
     return MLPPlan(tuple(pre), tuple(steps), first_name)
 
 
-def forward_backward(plan: MLPPlan, x: Tensor, y: Tensor, *, need_loss: bool,
-                     ) -> tuple[list[tuple[nn.Linear, Tensor, Tensor]], Tensor | None]:
+def forward_backward(
+    plan: MLPPlan,
+    x: Tensor,
+    y: Tensor,
+    *,
+    need_loss: bool,
+) -> tuple[list[tuple[nn.Linear, Tensor, Tensor]], Tensor | None]:
     """([(trainable Linear, its input A, G = d Σ_i ℓ_i / d its output)], Σ_i ℓ_i or None).
 
     ℓ_i is sample i's cross-entropy. Everything runs under no_grad: no graph is built.
@@ -154,7 +165,8 @@ def forward_backward(plan: MLPPlan, x: Tensor, y: Tensor, *, need_loss: bool,
             raise ValueError(
                 f"layer {plan.first_name!r} (Linear) got input of shape {tuple(h.shape)}; "
                 f"the per-sample norm identity needs 2-D [batch={batch}, features] inputs: "
-                f"use Opacus for this model")
+                f"use Opacus for this model"
+            )
         saved: list[Tensor] = []
         for kind, layer, arg in plan.steps:
             if kind == _LINEAR:

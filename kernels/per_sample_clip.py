@@ -30,13 +30,20 @@ from torch.nn import functional as F
 
 from flywheel.kernels.mlp_backward import BATCH_MIXING, forward_backward, mlp_plan
 
-__all__ = ["BACKWARDS", "LOSSES", "check_batch", "clip_and_accumulate", "forward_with_linear_taps",
-           "supports", "unsupported_layer", "uses_manual_backward"]
+__all__ = [
+    "BACKWARDS",
+    "LOSSES",
+    "check_batch",
+    "clip_and_accumulate",
+    "forward_with_linear_taps",
+    "supports",
+    "unsupported_layer",
+    "uses_manual_backward",
+]
 
 LOSSES = ("cross_entropy",)
 CLIP_EPS = 1e-6  # as opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate
 _ONE = torch.ones(())
-
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -60,12 +67,15 @@ def unsupported_layer(module: nn.Module) -> tuple[str, str] | None:
         if type(sub) is nn.Linear:
             for p in sub.parameters(recurse=False):
                 if p.requires_grad and owners.setdefault(id(p), label) != label:
-                    return label, (f"Linear shares a trainable parameter with layer "
-                                   f"{owners[id(p)]!r} (tied weights)")
+                    return label, (
+                        f"Linear shares a trainable parameter with layer "
+                        f"{owners[id(p)]!r} (tied weights)"
+                    )
             continue
         if _trainable(sub):
-            return label, (f"{type(sub).__name__} has trainable parameters and only "
-                           f"nn.Linear is supported")
+            return label, (
+                f"{type(sub).__name__} has trainable parameters and only nn.Linear is supported"
+            )
     return None
 
 
@@ -78,8 +88,10 @@ def supports(module: nn.Module) -> bool:
     return unsupported_layer(module) is None
 
 
-def _flat_sequential(module: nn.Module, prefix: str = "",
-                     ) -> tuple[list[nn.Module], list[str]] | None:
+def _flat_sequential(
+    module: nn.Module,
+    prefix: str = "",
+) -> tuple[list[nn.Module], list[str]] | None:
     """The layers of a (nested) nn.Sequential in call order, with their dotted names, if
     every one is either a plain Linear or free of Linear layers and trainable parameters;
     else None (then forward hooks find the Linear layers)."""
@@ -95,7 +107,8 @@ def _flat_sequential(module: nn.Module, prefix: str = "",
             layers += inner[0]
             names += inner[1]
         elif type(layer) is nn.Linear or not any(
-                type(m) is nn.Linear or _trainable(m) for m in layer.modules()):
+            type(m) is nn.Linear or _trainable(m) for m in layer.modules()
+        ):
             layers.append(layer)
             names.append(f"{prefix}{name}")
         else:
@@ -107,17 +120,23 @@ def _check_2d(name: str, a: Tensor, batch: int) -> None:
     if a.dim() != 2 or a.shape[0] != batch:
         raise ValueError(
             f"layer {name!r} (Linear) got input of shape {tuple(a.shape)}; the per-sample norm "
-            f"identity needs 2-D [batch={batch}, features] inputs: use Opacus for this model")
+            f"identity needs 2-D [batch={batch}, features] inputs: use Opacus for this model"
+        )
 
 
 def _shared(name: str) -> ValueError:
-    return ValueError(f"layer {name!r} (Linear) is called more than once per forward; its "
-                      f"per-sample gradient is a sum of outer products, not one: use Opacus "
-                      f"for this model")
+    return ValueError(
+        f"layer {name!r} (Linear) is called more than once per forward; its "
+        f"per-sample gradient is a sum of outer products, not one: use Opacus "
+        f"for this model"
+    )
 
 
-def _forward_sequential(layers: list[nn.Module], names: list[str], x: Tensor,
-                        ) -> tuple[Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
+def _forward_sequential(
+    layers: list[nn.Module],
+    names: list[str],
+    x: Tensor,
+) -> tuple[Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
     """Run the layers; every trainable Linear is computed with detached parameters, so the
     autograd graph holds the activation path only, and its (input, output) are kept."""
     taps: list[tuple[nn.Linear, Tensor, Tensor]] = []
@@ -138,8 +157,10 @@ def _forward_sequential(layers: list[nn.Module], names: list[str], x: Tensor,
     return h, taps
 
 
-def forward_with_linear_taps(module: nn.Module, x: Tensor,
-                             ) -> tuple[Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
+def forward_with_linear_taps(
+    module: nn.Module,
+    x: Tensor,
+) -> tuple[Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
     """Any module whose trainable layers are Linear: forward hooks keep (input, output) of
     each; a Linear called twice or on non-2-D input raises ValueError (also for Triton)."""
     taps: list[tuple[nn.Linear, Tensor, Tensor]] = []
@@ -153,6 +174,7 @@ def forward_with_linear_taps(module: nn.Module, x: Tensor,
             seen.add(id(layer))
             _check_2d(name, inputs[0], x.shape[0])
             taps.append((layer, inputs[0].detach(), out))  # type: ignore[arg-type]
+
         return fn
 
     for name, sub in module.named_modules():
@@ -181,23 +203,35 @@ def check_batch(x: Tensor, y: Tensor, weights: Tensor | None) -> None:
     would break the per-sample bound C the noise is calibrated to."""
     batch = x.shape[0]
     if y.shape != (batch,):
-        raise ValueError(f"need one label per row: x has {batch} rows, y has shape "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"need one label per row: x has {batch} rows, y has shape {tuple(y.shape)}"
+        )
     if weights is not None:
         if weights.shape != (batch,):
-            raise ValueError(f"need one weight per row: x has {batch} rows, weights have "
-                             f"shape {tuple(weights.shape)}")
+            raise ValueError(
+                f"need one weight per row: x has {batch} rows, weights have "
+                f"shape {tuple(weights.shape)}"
+            )
         # min/max propagate NaN, which fails both comparisons
         if batch and not (float(weights.min()) >= 0 and float(weights.max()) <= 1):
-            raise ValueError("weights must lie in [0, 1]: a larger weight would break the "
-                             "per-sample bound C the noise is calibrated to")
+            raise ValueError(
+                "weights must lie in [0, 1]: a larger weight would break the "
+                "per-sample bound C the noise is calibrated to"
+            )
 
 
-def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float, *,
-                        weights: Tensor | None = None, loss: str = "cross_entropy",
-                        return_loss: bool = False, accumulate: bool = False,
-                        backward: Backward = "auto",
-                        ) -> Tensor | tuple[Tensor, float]:
+def clip_and_accumulate(
+    module: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    max_grad_norm: float,
+    *,
+    weights: Tensor | None = None,
+    loss: str = "cross_entropy",
+    return_loss: bool = False,
+    accumulate: bool = False,
+    backward: Backward = "auto",
+) -> Tensor | tuple[Tensor, float]:
     """Set `p.grad` of every trainable parameter to Σ_i weight_i · clip_C(∇ℓ_i); return ‖∇ℓ_i‖.
 
     ℓ_i is sample i's cross-entropy loss, clip_C scales a gradient to norm ≤ C exactly
@@ -232,12 +266,16 @@ def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: 
     plan = None if backward == "autograd" else mlp_plan(module)
     if plan is None:
         if backward == "manual":
-            raise ValueError("backward='manual' needs an nn.Sequential MLP of nn.Linear and "
-                             "the activations in flywheel.kernels.mlp_backward.ACTIVATIONS")
+            raise ValueError(
+                "backward='manual' needs an nn.Sequential MLP of nn.Linear and "
+                "the activations in flywheel.kernels.mlp_backward.ACTIVATIONS"
+            )
         bad = unsupported_layer(module)  # a plan implies supports(module)
         if bad is not None:
-            raise ValueError(f"clip_and_accumulate cannot handle layer {bad[0]!r}: {bad[1]}; "
-                             f"use Opacus (grad_sample_mode='ghost' or 'hooks') for this model")
+            raise ValueError(
+                f"clip_and_accumulate cannot handle layer {bad[0]!r}: {bad[1]}; "
+                f"use Opacus (grad_sample_mode='ghost' or 'hooks') for this model"
+            )
     check_batch(x, y, weights)
     batch = x.shape[0]
 
@@ -299,9 +337,12 @@ def clip_and_accumulate(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: 
     return norms
 
 
-def _autograd_taps(module: nn.Module, flat: tuple[list[nn.Module], list[str]] | None,
-                   x: Tensor, y: Tensor,
-                   ) -> tuple[list[tuple[nn.Linear, Tensor, Tensor]], Tensor]:
+def _autograd_taps(
+    module: nn.Module,
+    flat: tuple[list[nn.Module], list[str]] | None,
+    x: Tensor,
+    y: Tensor,
+) -> tuple[list[tuple[nn.Linear, Tensor, Tensor]], Tensor]:
     """One forward keeping each trainable Linear's (input, output), then ONE
     `torch.autograd.grad` of the summed loss w.r.t. those outputs: [(layer, A, G)]."""
     with torch.enable_grad():
@@ -313,8 +354,10 @@ def _autograd_taps(module: nn.Module, flat: tuple[list[nn.Module], list[str]] | 
             raise ValueError("module has no trainable nn.Linear parameters to clip")
         total = F.cross_entropy(out, y, reduction="sum")
         grads = torch.autograd.grad(total, [z for _, _, z in taps], allow_unused=True)
-    parts = [(layer, a, torch.zeros_like(z) if g is None else g)  # output unused by the loss
-             for (layer, a, z), g in zip(taps, grads, strict=True)]
+    parts = [
+        (layer, a, torch.zeros_like(z) if g is None else g)  # output unused by the loss
+        for (layer, a, z), g in zip(taps, grads, strict=True)
+    ]
     return parts, total.detach()
 
 

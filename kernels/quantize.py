@@ -33,10 +33,12 @@ class BF16Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
-                     if linear.bias is not None else None)
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = (
+            nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+            if linear.bias is not None
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
@@ -66,7 +68,8 @@ def to_precision(module: nn.Module, precision: str) -> nn.Module:
                 warnings.simplefilter("ignore", UserWarning)  # quantized tensor types too
                 qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
                 out = torch.ao.quantization.quantize_dynamic(
-                    module, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=False)
+                    module, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=False
+                )
         else:
             out = copy.deepcopy(module)
             _replace_linear_bf16(out)
@@ -87,8 +90,9 @@ def accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == np.asarray(y)).mean())
 
 
-def precision_accuracies(module: nn.Module, x: np.ndarray, y: np.ndarray,
-                         precision: str) -> tuple[float, float]:
+def precision_accuracies(
+    module: nn.Module, x: np.ndarray, y: np.ndarray, precision: str
+) -> tuple[float, float]:
     """(accuracy in float32, accuracy of the `precision` copy) on the same rows."""
     was_training = module.training
     module.eval()

@@ -31,9 +31,14 @@ def per_sample_grads(module: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tenso
     return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
 
 
-def per_sample_clip_reference(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float,
-                              *, weights: Tensor | None = None,
-                              ) -> tuple[dict[str, Tensor], Tensor]:
+def per_sample_clip_reference(
+    module: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    max_grad_norm: float,
+    *,
+    weights: Tensor | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
     """({name: Σ_i weight_i · clip_C(∇ℓ_i)}, per-sample norms before clipping)."""
     grads = per_sample_grads(module, x, y)
     flat = torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)

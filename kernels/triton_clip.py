@@ -77,24 +77,39 @@ def _import_triton() -> None:
 # Triton reads these signatures (an annotation is a type to specialise on, tl.constexpr a
 # compile-time argument), so the pointer and size arguments stay unannotated on purpose.
 def _row_norms(  # type: ignore[no-untyped-def]
-    a_ptr, g_ptr, sq_ptr, rows, a_cols, g_cols,
-    stride_a, stride_g, with_bias: tl.constexpr, with_weight: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    a_ptr,
+    g_ptr,
+    sq_ptr,
+    rows,
+    a_cols,
+    g_cols,
+    stride_a,
+    stride_g,
+    with_bias: tl.constexpr,
+    with_weight: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows
     g_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, g_cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        g = tl.load(g_ptr + r[:, None] * stride_g + c[None, :],
-                    mask=live[:, None] & (c[None, :] < g_cols), other=0.0)
+        g = tl.load(
+            g_ptr + r[:, None] * stride_g + c[None, :],
+            mask=live[:, None] & (c[None, :] < g_cols),
+            other=0.0,
+        )
         g_sq += tl.sum(g * g, axis=1)
     a_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     if with_weight:
         for c0 in range(0, a_cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            a = tl.load(a_ptr + r[:, None] * stride_a + c[None, :],
-                        mask=live[:, None] & (c[None, :] < a_cols), other=0.0)
+            a = tl.load(
+                a_ptr + r[:, None] * stride_a + c[None, :],
+                mask=live[:, None] & (c[None, :] < a_cols),
+                other=0.0,
+            )
             a_sq += tl.sum(a * a, axis=1)
     if with_bias:
         a_sq += 1.0
@@ -103,10 +118,22 @@ def _row_norms(  # type: ignore[no-untyped-def]
 
 
 def _clipped_matmul(  # type: ignore[no-untyped-def]  # Triton reads the signature (above)
-    g_ptr, a_ptr, s_ptr, w_ptr, b_ptr, rows, g_cols, a_cols,
-    stride_g, stride_a, stride_w,
-    with_bias: tl.constexpr, with_weight: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    g_ptr,
+    a_ptr,
+    s_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    g_cols,
+    a_cols,
+    stride_g,
+    stride_a,
+    stride_w,
+    with_bias: tl.constexpr,
+    with_weight: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -116,18 +143,27 @@ def _clipped_matmul(  # type: ignore[no-untyped-def]  # Triton reads the signatu
         r = r0 + tl.arange(0, BLOCK_R)
         live = r < rows
         s = tl.load(s_ptr + r, mask=live, other=0.0)
-        g = tl.load(g_ptr + r[:, None] * stride_g + n[None, :],
-                    mask=live[:, None] & (n[None, :] < g_cols), other=0.0)
+        g = tl.load(
+            g_ptr + r[:, None] * stride_g + n[None, :],
+            mask=live[:, None] & (n[None, :] < g_cols),
+            other=0.0,
+        )
         g = g * s[:, None]
         if with_weight:
-            a = tl.load(a_ptr + r[:, None] * stride_a + k[None, :],
-                        mask=live[:, None] & (k[None, :] < a_cols), other=0.0)
+            a = tl.load(
+                a_ptr + r[:, None] * stride_a + k[None, :],
+                mask=live[:, None] & (k[None, :] < a_cols),
+                other=0.0,
+            )
             acc += tl.dot(tl.trans(g), a, input_precision="ieee")
         if with_bias:
             bias += tl.sum(g, axis=0)
     if with_weight:
-        tl.store(w_ptr + n[:, None] * stride_w + k[None, :], acc,
-                 mask=(n[:, None] < g_cols) & (k[None, :] < a_cols))
+        tl.store(
+            w_ptr + n[:, None] * stride_w + k[None, :],
+            acc,
+            mask=(n[:, None] < g_cols) & (k[None, :] < a_cols),
+        )
     if with_bias:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if tl.program_id(1) == 0:
             tl.store(b_ptr + n, bias, mask=n < g_cols)
@@ -136,21 +172,27 @@ def _clipped_matmul(  # type: ignore[no-untyped-def]  # Triton reads the signatu
 @functools.cache
 def _kernels() -> SimpleNamespace:
     _import_triton()
-    return SimpleNamespace(row_norms=triton.jit(_row_norms),
-                           clipped_matmul=triton.jit(_clipped_matmul))
+    return SimpleNamespace(
+        row_norms=triton.jit(_row_norms), clipped_matmul=triton.jit(_clipped_matmul)
+    )
 
 
-def _check(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float,
-           weights: Tensor | None) -> None:
+def _check(
+    module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float, weights: Tensor | None
+) -> None:
     """Validate like `clip_and_accumulate`."""
     if not triton_available():
-        raise RuntimeError("the Triton clipping kernel needs the `triton` package "
-                           "(pip install triton); the CPU path is flywheel.kernels."
-                           "clip_and_accumulate")
+        raise RuntimeError(
+            "the Triton clipping kernel needs the `triton` package "
+            "(pip install triton); the CPU path is flywheel.kernels."
+            "clip_and_accumulate"
+        )
     if x.device.type == "cpu" and not triton_interpreting():
-        raise RuntimeError("CPU tensors run the Triton kernel only in Triton's interpreter "
-                           "(TRITON_INTERPRET=1, for tests); use flywheel.kernels."
-                           "clip_and_accumulate on CPU")
+        raise RuntimeError(
+            "CPU tensors run the Triton kernel only in Triton's interpreter "
+            "(TRITON_INTERPRET=1, for tests); use flywheel.kernels."
+            "clip_and_accumulate on CPU"
+        )
     if not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
     bad = unsupported_layer(module)
@@ -161,8 +203,9 @@ def _check(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float,
     check_batch(x, y, weights)
 
 
-def clip_and_accumulate_triton(module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float,
-                               *, weights: Tensor | None = None) -> Tensor:
+def clip_and_accumulate_triton(
+    module: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float, *, weights: Tensor | None = None
+) -> Tensor:
     """`clip_and_accumulate` with Triton kernels for the norms and the clipped sums.
 
     Sets `p.grad` of every trainable parameter to Σ_i weight_i · clip_C(∇ℓ_i) of the
@@ -188,9 +231,19 @@ def clip_and_accumulate_triton(module: nn.Module, x: Tensor, y: Tensor, max_grad
             parts.append((layer, a, g))
             if batch:
                 k.row_norms[rows_grid](
-                    a, g, sq, batch, a.shape[1], g.shape[1], a.stride(0), g.stride(0),
-                    with_bias=_bias_trains(layer), with_weight=layer.weight.requires_grad,
-                    BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
+                    a,
+                    g,
+                    sq,
+                    batch,
+                    a.shape[1],
+                    g.shape[1],
+                    a.stride(0),
+                    g.stride(0),
+                    with_bias=_bias_trains(layer),
+                    with_weight=layer.weight.requires_grad,
+                    BLOCK_R=BLOCK_ROWS,
+                    BLOCK_C=BLOCK_COLS,
+                )
         norms = sq.sqrt()
         scale = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         if weights is not None:
@@ -203,10 +256,23 @@ def clip_and_accumulate_triton(module: nn.Module, x: Tensor, y: Tensor, max_grad
             grid = (triton.cdiv(out_dim, BLOCK_COLS), triton.cdiv(in_dim, BLOCK_COLS))
             if batch:
                 k.clipped_matmul[grid](
-                    g, a, scale, w_grad, b_grad, batch, out_dim, in_dim,
-                    g.stride(0), a.stride(0), w_grad.stride(0),
-                    with_bias=_bias_trains(layer), with_weight=layer.weight.requires_grad,
-                    BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_COLS, BLOCK_K=BLOCK_COLS)
+                    g,
+                    a,
+                    scale,
+                    w_grad,
+                    b_grad,
+                    batch,
+                    out_dim,
+                    in_dim,
+                    g.stride(0),
+                    a.stride(0),
+                    w_grad.stride(0),
+                    with_bias=_bias_trains(layer),
+                    with_weight=layer.weight.requires_grad,
+                    BLOCK_R=BLOCK_ROWS,
+                    BLOCK_N=BLOCK_COLS,
+                    BLOCK_K=BLOCK_COLS,
+                )
             if layer.weight.requires_grad:
                 layer.weight.grad = w_grad
             if _bias_trains(layer):
@@ -222,4 +288,3 @@ def clip_and_accumulate_triton(module: nn.Module, x: Tensor, y: Tensor, max_grad
 
 def _bias_trains(layer: nn.Linear) -> bool:
     return layer.bias is not None and layer.bias.requires_grad
-

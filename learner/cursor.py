@@ -51,21 +51,28 @@ class CursorState:
         if old:
             self.watermark = max(self.watermark, int(max(m[1] for m in old)))
             self.marks = [m for m in self.marks if now - m[0] < grace_s]
-            self.above = [[max(lo, self.watermark + 1), hi] for lo, hi in self.above
-                          if hi > self.watermark]
+            self.above = [
+                [max(lo, self.watermark + 1), hi] for lo, hi in self.above if hi > self.watermark
+            ]
 
     @property
     def highest(self) -> int:
         return max([self.watermark] + [hi for _, hi in self.above])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"watermark": self.watermark, "above": self.above, "marks": self.marks,
-                "held": self.held}
+        return {
+            "watermark": self.watermark,
+            "above": self.above,
+            "marks": self.marks,
+            "held": self.held,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CursorState:
         data = data or {}
-        return cls(int(data.get("watermark", 0)), [list(map(int, r)) for r in
-                                                   data.get("above", [])],
-                   [[float(a), float(b)] for a, b in data.get("marks", [])],
-                   [int(i) for i in data.get("held", [])])
+        return cls(
+            int(data.get("watermark", 0)),
+            [list(map(int, r)) for r in data.get("above", [])],
+            [[float(a), float(b)] for a, b in data.get("marks", [])],
+            [int(i) for i in data.get("held", [])],
+        )

@@ -101,8 +101,11 @@ class ElasticRate:
         return lr
 
     def state(self) -> dict[str, float]:
-        return {"multiplier": self.multiplier, "drifts": self.drifts,
-                "shifted": float(self.shifted)}
+        return {
+            "multiplier": self.multiplier,
+            "drifts": self.drifts,
+            "shifted": float(self.shifted),
+        }
 
     def restore(self, state: dict[str, float]) -> None:
         """Resume the boost after a restart; ADWIN's window is rebuilt from new errors."""

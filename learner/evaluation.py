@@ -97,16 +97,17 @@ def score(module: nn.Module, holdout: Holdout) -> Score:
         return Score(0, 0, 0, math.nan, math.nan, empty, np.empty((0, 0), np.float32))
     module.eval()
     with torch.inference_mode():
-        logp = torch.log_softmax(module(torch.from_numpy(np.asarray(holdout.x, np.float32))),
-                                 dim=1)
+        logp = torch.log_softmax(module(torch.from_numpy(np.asarray(holdout.x, np.float32))), dim=1)
         y = torch.from_numpy(np.asarray(holdout.y, np.int64))
         predicted = logp.argmax(1)
         known = y >= 0
         correct = int((predicted == y).sum())  # UNKNOWN never equals a prediction
-        loss = (float(nn.functional.nll_loss(logp[known], y[known])) if bool(known.any())
-                else math.nan)
-    return Score(n, correct, n - int(known.sum()), correct / n, loss, predicted.numpy(),
-                 logp.numpy())
+        loss = (
+            float(nn.functional.nll_loss(logp[known], y[known])) if bool(known.any()) else math.nan
+        )
+    return Score(
+        n, correct, n - int(known.sum()), correct / n, loss, predicted.numpy(), logp.numpy()
+    )
 
 
 def accuracy(module: nn.Module, holdout: Holdout) -> float:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import and_, func, not_, select
@@ -11,8 +13,17 @@ from sqlalchemy.engine import Engine
 from flywheel.learner.cursor import CursorState
 from flywheel.store import Example, LearnerState, Origin, Split, session_factory
 
-_COLUMNS = (Example.id, Example.origin, Example.split, Example.features, Example.label,
-            Example.weight, Example.error_type, Example.source, Example.parent_prediction_id)
+_COLUMNS = (
+    Example.id,
+    Example.origin,
+    Example.split,
+    Example.features,
+    Example.label,
+    Example.weight,
+    Example.error_type,
+    Example.source,
+    Example.parent_prediction_id,
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +60,10 @@ class StoredExample:
         return self.origin == Origin.CORRECTION.value
 
 
-def _rows(result: object) -> list[StoredExample]:
-    return [StoredExample(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], r[7], r[8])
-            for r in result]  # type: ignore[attr-defined]
+def _rows(result: Iterable[Sequence[Any]]) -> list[StoredExample]:
+    return [
+        StoredExample(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], r[7], r[8]) for r in result
+    ]
 
 
 class ExampleSource:
@@ -75,8 +87,9 @@ class ExampleSource:
         if not cursor.held:
             return [], []
         with self.sessions() as session:
-            rows = _rows(session.execute(
-                select(*_COLUMNS).where(Example.id.in_(cursor.held))).all())
+            rows = _rows(
+                session.execute(select(*_COLUMNS).where(Example.id.in_(cursor.held))).all()
+            )
         elsewhere = [r.id for r in rows if not r.trainable and not r.quarantined]
         gone = set(cursor.held) - {r.id for r in rows}
         return [r for r in rows if r.trainable], elsewhere + sorted(gone)
@@ -84,26 +97,41 @@ class ExampleSource:
     def recent_holdout(self, n: int) -> list[StoredExample]:
         """The newest `n` corrections kept out of training."""
         with self.sessions() as session:
-            return _rows(session.execute(
-                select(*_COLUMNS).where(Example.split == Split.HOLDOUT.value,
-                                        Example.origin == Origin.CORRECTION.value)
-                .order_by(Example.id.desc()).limit(n)).all())
+            return _rows(
+                session.execute(
+                    select(*_COLUMNS)
+                    .where(
+                        Example.split == Split.HOLDOUT.value,
+                        Example.origin == Origin.CORRECTION.value,
+                    )
+                    .order_by(Example.id.desc())
+                    .limit(n)
+                ).all()
+            )
 
     def replay_sample(self, up_to_id: int, n: int) -> list[StoredExample]:
         """A random sample of trainable examples already consumed (refills replay on start)."""
         with self.sessions() as session:
-            return _rows(session.execute(
-                select(*_COLUMNS).where(Example.split == Split.TRAIN.value,
-                                        Example.id <= up_to_id)
-                .order_by(func.random()).limit(n)).all())
+            return _rows(
+                session.execute(
+                    select(*_COLUMNS)
+                    .where(Example.split == Split.TRAIN.value, Example.id <= up_to_id)
+                    .order_by(func.random())
+                    .limit(n)
+                ).all()
+            )
 
     def newest_trainable(self, n: int) -> list[StoredExample]:
         """The newest `n` trainable non-seed examples, oldest first (a federated site's data)."""
         with self.sessions() as session:
-            rows = _rows(session.execute(
-                select(*_COLUMNS).where(Example.split == Split.TRAIN.value,
-                                        Example.origin != Origin.SEED.value)
-                .order_by(Example.id.desc()).limit(n)).all())
+            rows = _rows(
+                session.execute(
+                    select(*_COLUMNS)
+                    .where(Example.split == Split.TRAIN.value, Example.origin != Origin.SEED.value)
+                    .order_by(Example.id.desc())
+                    .limit(n)
+                ).all()
+            )
         return rows[::-1]
 
     def load_state(self, lineage: str) -> dict | None:
@@ -120,8 +148,9 @@ class ExampleSource:
                 row.cursor, row.state = cursor, state
 
 
-def bound_per_contributor(rows: list[StoredExample], limit: int | None
-                          ) -> tuple[dict[str, list[StoredExample]], int]:
+def bound_per_contributor(
+    rows: list[StoredExample], limit: int | None
+) -> tuple[dict[str, list[StoredExample]], int]:
     """Rows grouped by contributor, the first `limit` of each in the given order, and how
     many were cut: the contribution bound DP relies on (online and federated alike)."""
     groups: dict[str, list[StoredExample]] = {}
@@ -133,8 +162,9 @@ def bound_per_contributor(rows: list[StoredExample], limit: int | None
     return {c: g[:limit] for c, g in groups.items()}, cut
 
 
-def as_arrays(rows: list[StoredExample], label_index: dict[str, int]
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def as_arrays(
+    rows: list[StoredExample], label_index: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, label indices and weights; rows with a label the model lacks are dropped."""
     keep = [r for r in rows if r.label in label_index]
     if not keep:

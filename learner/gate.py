@@ -40,20 +40,29 @@ class GateResult:
     def summary(self) -> str:
         """One line for the `gate` tag: the decision and the numbers behind it."""
         verdict = "passed" if self.passed else "rejected"
-        recent = (f"recent {self.recent_candidate:.3f} vs {self.recent_champion:.3f}, "
-                  f"log-loss {self.recent_loss_candidate:.3f} vs "
-                  f"{self.recent_loss_champion:.3f} (n={self.recent_n})"
-                  if self.recent_candidate is not None
-                  else f"recent n={self.recent_n}")
-        quant = (f"; {self.quant_precision} vs fp32 {self.quant_accuracy_delta:+.3f}"
-                 if self.quant_accuracy_delta is not None else "")
-        return (f"{verdict}: {self.reason}; {recent}; trusted {self.trusted_candidate:.3f} "
-                f"vs {self.trusted_champion:.3f} (n={self.trusted_n}, tol {self.tolerance})"
-                + quant)
+        recent = (
+            f"recent {self.recent_candidate:.3f} vs {self.recent_champion:.3f}, "
+            f"log-loss {self.recent_loss_candidate:.3f} vs "
+            f"{self.recent_loss_champion:.3f} (n={self.recent_n})"
+            if self.recent_candidate is not None
+            else f"recent n={self.recent_n}"
+        )
+        quant = (
+            f"; {self.quant_precision} vs fp32 {self.quant_accuracy_delta:+.3f}"
+            if self.quant_accuracy_delta is not None
+            else ""
+        )
+        return (
+            f"{verdict}: {self.reason}; {recent}; trusted {self.trusted_candidate:.3f} "
+            f"vs {self.trusted_champion:.3f} (n={self.trusted_n}, tol {self.tolerance})" + quant
+        )
 
     def metrics(self) -> dict[str, float]:
-        out = {f"gate_{k}": float(v) for k, v in asdict(self).items()
-               if isinstance(v, int | float) and not isinstance(v, bool)}  # None: not run
+        out = {
+            f"gate_{k}": float(v)
+            for k, v in asdict(self).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }  # None: not run
         out["gate_passed"] = float(self.passed)
         return out
 
@@ -78,9 +87,16 @@ def _quant_fields(candidate: nn.Module, trusted: Holdout, precision: str) -> dic
     return {"quant_precision": precision, "quant_accuracy_delta": delta}
 
 
-def evaluate_gate(candidate: nn.Module, champion: nn.Module, *, trusted: Holdout,
-                  recent: Holdout, tolerance: float, min_recent: int,
-                  serve_precision: str = "fp32") -> GateResult:
+def evaluate_gate(
+    candidate: nn.Module,
+    champion: nn.Module,
+    *,
+    trusted: Holdout,
+    recent: Holdout,
+    tolerance: float,
+    min_recent: int,
+    serve_precision: str = "fp32",
+) -> GateResult:
     """Pass iff better on recent data and at most `tolerance` less accurate on the trusted one.
 
     "Better" is: no less accurate, and either more accurate or lower log-loss. Accuracy
@@ -90,9 +106,20 @@ def evaluate_gate(candidate: nn.Module, champion: nn.Module, *, trusted: Holdout
     t_cand, t_champ = accuracy(candidate, trusted), accuracy(champion, trusted)
     quant = _quant_fields(candidate, trusted, serve_precision)  # reported, never decides
     if len(recent) < min_recent:
-        return GateResult(False, f"only {len(recent)} recent holdout corrections "
-                          f"(need {min_recent})", None, None, len(recent), None, None,
-                          t_cand, t_champ, len(trusted), tolerance, **quant)
+        return GateResult(
+            False,
+            f"only {len(recent)} recent holdout corrections (need {min_recent})",
+            None,
+            None,
+            len(recent),
+            None,
+            None,
+            t_cand,
+            t_champ,
+            len(trusted),
+            tolerance,
+            **quant,
+        )
     (r_cand, l_cand), (r_champ, l_champ) = scores(candidate, recent), scores(champion, recent)
     if r_cand < r_champ or (r_cand == r_champ and not l_cand < l_champ):
         reason = "not better on recent data"
@@ -102,5 +129,17 @@ def evaluate_gate(candidate: nn.Module, champion: nn.Module, *, trusted: Holdout
         passed = False
     else:
         reason, passed = "better on recent data, trusted holdout within tolerance", True
-    return GateResult(passed, reason, r_cand, r_champ, len(recent), l_cand, l_champ,
-                      t_cand, t_champ, len(trusted), tolerance, **quant)
+    return GateResult(
+        passed,
+        reason,
+        r_cand,
+        r_champ,
+        len(recent),
+        l_cand,
+        l_champ,
+        t_cand,
+        t_champ,
+        len(trusted),
+        tolerance,
+        **quant,
+    )

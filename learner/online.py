@@ -66,9 +66,14 @@ class LearnerStats:
 class OnlineLearner:
     """One learner per lineage; call `step()` in a loop or `run(stop)`."""
 
-    def __init__(self, config: LearnerConfig, registry: Registry, *,
-                 source: ExampleSource | None = None,
-                 on_candidate: Callable[[Candidate], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: LearnerConfig,
+        registry: Registry,
+        *,
+        source: ExampleSource | None = None,
+        on_candidate: Callable[[Candidate], None] | None = None,
+    ) -> None:
         """`config`: the settings groups it reads (`LearnerConfig.of(settings)` at the
         process's edge); `registry`: the process's one `Registry`, built there too."""
         from flywheel.store import open_store
@@ -105,35 +110,53 @@ class OnlineLearner:
             base = champion  # promoted or rolled back by someone else: follow it
         loaded = self.registry.load(base)
         if getattr(loaded.spec, "kind", "mlp") != "mlp":
-            raise ValueError(f"v{base} is a {loaded.spec.kind} model; the online learner trains "
-                             "only mlp specs (docs/serving.md): promote an mlp version first")
+            raise ValueError(
+                f"v{base} is a {loaded.spec.kind} model; the online learner trains "
+                "only mlp specs (docs/serving.md): promote an mlp version first"
+            )
         x_tr, y_tr, x_ho, y_ho = seed_data(c.trusted)
         self._trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], loaded.spec.labels)
         self._labels = loaded.spec.label_index()
         self._spec = loaded.spec
-        trainer = OnlineTrainer(loaded.module, TrainerConfig.from_settings(c.learner),
-                                input_dim=loaded.spec.input_dim, seed=c.trusted.seed,
-                                novelty=ReferenceStats.from_examples(x_tr.astype(np.float64)))
+        trainer = OnlineTrainer(
+            loaded.module,
+            TrainerConfig.from_settings(c.learner),
+            input_dim=loaded.spec.input_dim,
+            seed=c.trusted.seed,
+            novelty=ReferenceStats.from_examples(x_tr.astype(np.float64)),
+        )
         trainer.elastic.restore(self._state.get("elastic", {}))
         trainer.remember_public(x_tr, y_tr)  # replayed after an error drift: the gate's data
         self._refill(trainer, x_tr, y_tr)
         if c.privacy.privacy_enabled:
-            self._private = PrivateStep(c.privacy, c.learner.learn_steps, self.source.engine,
-                                        self.lineage)
+            self._private = PrivateStep(
+                c.privacy, c.learner.learn_steps, self.source.engine, self.lineage
+            )
             self._shadow = trainer
             # DP steps are bounded by clipping and tuned with their own base rate (noise
             # needs more): FLYWHEEL_LEARN_MAX_LR caps the non-private rate only
-            dp_config = dataclasses.replace(trainer.config, lr=c.privacy.privacy_learn_lr,
-                                            max_lr=None)
-            trainer = OnlineTrainer(loaded.module, dp_config, input_dim=loaded.spec.input_dim,
-                                    seed=c.trusted.seed, novelty=trainer.novelty)
+            dp_config = dataclasses.replace(
+                trainer.config, lr=c.privacy.privacy_learn_lr, max_lr=None
+            )
+            trainer = OnlineTrainer(
+                loaded.module,
+                dp_config,
+                input_dim=loaded.spec.input_dim,
+                seed=c.trusted.seed,
+                novelty=trainer.novelty,
+            )
             trainer.elastic.restore(self._state.get("elastic", {}))
             trainer.remember_public(x_tr, y_tr)
             self._shadow.reset_module(copy.deepcopy(loaded.module))
         self._trainer, self._working = trainer, base
         self._started = True
-        log.info("learner %s resumes at update %d, watermark %d, from v%s", self.lineage,
-                 self._state.get("update", 0), self._cursor.watermark, base)
+        log.info(
+            "learner %s resumes at update %d, watermark %d, from v%s",
+            self.lineage,
+            self._state.get("update", 0),
+            self._cursor.watermark,
+            base,
+        )
 
     def _refill(self, trainer: OnlineTrainer, x_seed: np.ndarray, y_seed: np.ndarray) -> None:
         """Refill the replay pool and the examples since the last change after a (re)start.
@@ -154,8 +177,11 @@ class OnlineLearner:
         window = trainer.config.boost_window
         if trainer.config.elastic and window and self._cursor.highest > 0:
             since = int(self._state.get("change_at_id", 0))
-            recent = [r for r in self.source.newest_trainable(window)
-                      if since <= r.id <= self._cursor.highest]
+            recent = [
+                r
+                for r in self.source.newest_trainable(window)
+                if since <= r.id <= self._cursor.highest
+            ]
             if recent:
                 trainer.remember_since_change(*as_arrays(recent, self._labels))
 
@@ -166,21 +192,31 @@ class OnlineLearner:
             tags = info.tags
             if tags.get(LINEAGE_TAG) != self.lineage or int(tags.get(UPDATE_TAG, -1)) <= done:
                 continue
-            log.warning("adopting v%s registered by a learner that stopped before saving its "
-                        "cursor", info.version)
-            self._state.update(update=int(tags[UPDATE_TAG]), working_version=info.version,
-                               cursor=json.loads(tags[CURSOR_TAG]))
+            log.warning(
+                "adopting v%s registered by a learner that stopped before saving its cursor",
+                info.version,
+            )
+            self._state.update(
+                update=int(tags[UPDATE_TAG]),
+                working_version=info.version,
+                cursor=json.loads(tags[CURSOR_TAG]),
+            )
             if tags.get("epsilon", "none") != "none":
-                PrivateStep.adopt(self.source.engine, self.lineage, int(tags[UPDATE_TAG]),
-                                  info.version)
+                PrivateStep.adopt(
+                    self.source.engine, self.lineage, int(tags[UPDATE_TAG]), info.version
+                )
             champion = self.registry.champion_version()
-            if (self.config.gate.auto_promote and tags.get("gate", "").startswith("passed")
-                    and champion == tags.get("parent_version")):
+            if (
+                self.config.gate.auto_promote
+                and tags.get("gate", "").startswith("passed")
+                and champion == tags.get("parent_version")
+            ):
                 self._promote(info.version, tags["gate"])
                 champion = info.version
             self._state["champion_seen"] = champion
-            self.source.save_state(self.lineage, self._state,
-                                   CursorState.from_dict(self._state["cursor"]).watermark)
+            self.source.save_state(
+                self.lineage, self._state, CursorState.from_dict(self._state["cursor"]).watermark
+            )
             return
 
     # ---- one step -----------------------------------------------------------------------
@@ -197,15 +233,17 @@ class OnlineLearner:
         chunks = min(len(trainable) // n, MAX_CHUNKS_PER_CANDIDATE)
         if chunks == 0:
             return None
-        used = trainable[:chunks * n]
-        released_used = {r.id for r in used[:len(released)]}  # released come first
-        new_ids = [r.id for r in used[len(released):]]
+        used = trainable[: chunks * n]
+        released_used = {r.id for r in used[: len(released)]}  # released come first
+        new_ids = [r.id for r in used[len(released) :]]
         last_used = max(new_ids) if new_ids else -1
         passed_rows = [r for r in rows if r.id <= last_used]
         cursor.mark_read([r.id for r in passed_rows])
         # released-but-unused ids stay held, so the next step trains on them
-        cursor.held = sorted((set(cursor.held) - set(forget) - released_used)
-                             | {r.id for r in passed_rows if r.quarantined})
+        cursor.held = sorted(
+            (set(cursor.held) - set(forget) - released_used)
+            | {r.id for r in passed_rows if r.quarantined}
+        )
         cursor.advance(self.config.learner.learn_cursor_grace_s)
         update = int(self._state.get("update", 0)) + 1
         privacy: PrivacyOutcome | None = None
@@ -231,13 +269,14 @@ class OnlineLearner:
             lr = self._train_plain(self._trainer, used, n)
         return self._publish(used, cursor, champion, parent, lr, privacy)
 
-    def _train_plain(self, trainer: OnlineTrainer | None, used: list[StoredExample],
-                     n: int) -> float:
+    def _train_plain(
+        self, trainer: OnlineTrainer | None, used: list[StoredExample], n: int
+    ) -> float:
         """Non-private updates, one per N examples (the learner without DP, or its shadow)."""
         assert trainer is not None
         lr = 0.0
         for i in range(0, len(used), n):
-            x, y, w = as_arrays(used[i:i + n], self._labels)
+            x, y, w = as_arrays(used[i : i + n], self._labels)
             if len(y):
                 lr = trainer.update(x, y, w).lr
         return lr
@@ -273,18 +312,27 @@ class OnlineLearner:
             self._state["change_at_id"] = min(r.id for r in corrections)
             if drift:  # labels changed: replay (here and after a restart) starts here
                 self._state["replay_from_id"] = self._state["change_at_id"]
-            log.info("change detected (%s) at example %d; learning rate x%.2f",
-                     "error drift" if drift else "input shift", self._state["change_at_id"],
-                     self._trainer.elastic.multiplier)
+            log.info(
+                "change detected (%s) at example %d; learning rate x%.2f",
+                "error drift" if drift else "input shift",
+                self._state["change_at_id"],
+                self._trainer.elastic.multiplier,
+            )
 
     def _champion_module(self, version: ModelVersion) -> nn.Module:
         if self._champion_cache is None or self._champion_cache[0] != version:
             self._champion_cache = (version, self.registry.load(version).module)
         return self._champion_cache[1]
 
-    def _publish(self, used: list[StoredExample], cursor: CursorState, champion: ModelVersion,
-                 parent: ModelVersion, lr: float,
-                 privacy: PrivacyOutcome | None = None) -> Candidate:
+    def _publish(
+        self,
+        used: list[StoredExample],
+        cursor: CursorState,
+        champion: ModelVersion,
+        parent: ModelVersion,
+        lr: float,
+        privacy: PrivacyOutcome | None = None,
+    ) -> Candidate:
         assert self._trainer is not None
         g, learner = self.config.gate, self.config.learner
         recent_rows = self.source.recent_holdout(g.gate_recent_holdout)
@@ -294,33 +342,58 @@ class OnlineLearner:
             recent_rows = after_change
         recent = holdout_of(recent_rows, self._spec.labels)  # unknown labels count as wrong
         module = self._trainer.module
-        gate = evaluate_gate(module, self._champion_module(champion), trusted=self._trusted,
-                             recent=recent, tolerance=g.gate_tolerance,
-                             min_recent=g.gate_min_holdout,
-                             serve_precision=self.config.serve_precision)
+        gate = evaluate_gate(
+            module,
+            self._champion_module(champion),
+            trusted=self._trusted,
+            recent=recent,
+            tolerance=g.gate_tolerance,
+            min_recent=g.gate_min_holdout,
+            serve_precision=self.config.serve_precision,
+        )
         update = int(self._state.get("update", 0)) + 1
         first, last = min(r.id for r in used), max(r.id for r in used)
         summary = gate.summary()
         privacy_metrics: dict[str, float] = {}
         if privacy is not None and self._shadow is not None:
             privacy_metrics = privacy.metrics(self._shadow.module, self._trusted, recent)
-            summary += (f"; without DP: recent {privacy_metrics['nonprivate_recent_accuracy']:.3f}"
-                        f", trusted {privacy_metrics['nonprivate_trusted_accuracy']:.3f}")
-        tags = {"parent_version": parent, "source": "online",
-                "examples": f"ids {first}..{last} ({len(used)} new, update {update})",
-                "epsilon": privacy.epsilon_tag if privacy else "none",
-                "delta": privacy.delta_tag if privacy else "none", "gate": summary,
-                "champion_at_gate": champion, LINEAGE_TAG: self.lineage,
-                UPDATE_TAG: str(update), CURSOR_TAG: json.dumps(cursor.to_dict())}
-        metrics = {**gate.metrics(), "lr": lr, "lr_multiplier": self._trainer.elastic.multiplier,
-                   "drifts_detected": float(self._trainer.elastic.drifts),
-                   "novel_share": self._trainer.elastic.last_shift, **privacy_metrics}
-        params = {"learn_batch": learner.learn_batch, "learn_steps": learner.learn_steps,
-                  "learn_lr": learner.learn_lr, "learn_replay": learner.learn_replay,
-                  "examples": len(used), "first_example_id": first, "last_example_id": last,
-                  **(privacy.params() if privacy else {"dp": False})}
-        version = self.registry.publish(self._spec, module, tags=tags, params=params,
-                                        metrics=metrics)
+            summary += (
+                f"; without DP: recent {privacy_metrics['nonprivate_recent_accuracy']:.3f}"
+                f", trusted {privacy_metrics['nonprivate_trusted_accuracy']:.3f}"
+            )
+        tags = {
+            "parent_version": parent,
+            "source": "online",
+            "examples": f"ids {first}..{last} ({len(used)} new, update {update})",
+            "epsilon": privacy.epsilon_tag if privacy else "none",
+            "delta": privacy.delta_tag if privacy else "none",
+            "gate": summary,
+            "champion_at_gate": champion,
+            LINEAGE_TAG: self.lineage,
+            UPDATE_TAG: str(update),
+            CURSOR_TAG: json.dumps(cursor.to_dict()),
+        }
+        metrics = {
+            **gate.metrics(),
+            "lr": lr,
+            "lr_multiplier": self._trainer.elastic.multiplier,
+            "drifts_detected": float(self._trainer.elastic.drifts),
+            "novel_share": self._trainer.elastic.last_shift,
+            **privacy_metrics,
+        }
+        params = {
+            "learn_batch": learner.learn_batch,
+            "learn_steps": learner.learn_steps,
+            "learn_lr": learner.learn_lr,
+            "learn_replay": learner.learn_replay,
+            "examples": len(used),
+            "first_example_id": first,
+            "last_example_id": last,
+            **(privacy.params() if privacy else {"dp": False}),
+        }
+        version = self.registry.publish(
+            self._spec, module, tags=tags, params=params, metrics=metrics
+        )
         if privacy is not None and self._private is not None:
             self._private.published(update, version)
         promoted = False
@@ -330,25 +403,39 @@ class OnlineLearner:
             self._champion_cache = (version, copy.deepcopy(module))
         elif gate.passed:
             self.registry.set_tags(version, {"review": "pending"})
-        self._state.update(update=update, working_version=version, champion_seen=champion,
-                           cursor=cursor.to_dict(), elastic=self._trainer.elastic.state())
+        self._state.update(
+            update=update,
+            working_version=version,
+            champion_seen=champion,
+            cursor=cursor.to_dict(),
+            elastic=self._trainer.elastic.state(),
+        )
         self.source.save_state(self.lineage, self._state, cursor.watermark)
         self._cursor, self._working = cursor, version
         dp_numbers = None
         if privacy is not None and privacy.plan is not None:
-            dp_numbers = {"epsilon": privacy.plan.epsilon_lineage,
-                          "recent_accuracy": gate.recent_candidate,
-                          **{k: v for k, v in privacy_metrics.items()
-                             if k.startswith("nonprivate_")}}
-        candidate = Candidate(version, parent, gate, promoted, len(used), first, last, update, lr,
-                              dp_numbers)
+            dp_numbers = {
+                "epsilon": privacy.plan.epsilon_lineage,
+                "recent_accuracy": gate.recent_candidate,
+                **{k: v for k, v in privacy_metrics.items() if k.startswith("nonprivate_")},
+            }
+        candidate = Candidate(
+            version, parent, gate, promoted, len(used), first, last, update, lr, dp_numbers
+        )
         self.stats.candidates += 1
         self.stats.promoted += int(promoted)
         self.stats.examples += len(used)
         self.stats.last = candidate
         self.stats.history.append(candidate)
-        log.info("candidate v%s from v%s on %d examples (lr %.4g): %s%s", version, parent,
-                 len(used), lr, gate.summary(), " -> champion" if promoted else "")
+        log.info(
+            "candidate v%s from v%s on %d examples (lr %.4g): %s%s",
+            version,
+            parent,
+            len(used),
+            lr,
+            gate.summary(),
+            " -> champion" if promoted else "",
+        )
         if self.on_candidate:
             self.on_candidate(candidate)
         return candidate
@@ -356,8 +443,13 @@ class OnlineLearner:
     def _promote(self, version: ModelVersion, summary: str) -> None:
         from flywheel.promotion import promote
 
-        promote(self.config.kafka, version, reason=f"gate {summary}", actor="flywheel-learner",
-                registry=self.registry)
+        promote(
+            self.config.kafka,
+            version,
+            reason=f"gate {summary}",
+            actor="flywheel-learner",
+            registry=self.registry,
+        )
 
     # ---- loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -59,88 +59,125 @@ class PrivacyOutcome:
     def params(self) -> dict[str, object]:
         assert self.plan is not None
         m = self.plan.mechanism
-        return {"dp": True, "dp_noise_multiplier": m.noise_multiplier,
-                "dp_sample_rate": m.sample_rate, "dp_steps": m.steps,
-                "dp_max_grad_norm": self.config.max_grad_norm,
-                "dp_accountant": self.config.accountant, "dp_engine": self.engine,
-                "dp_budget_epsilon": self.config.epsilon, "dp_delta": self.config.delta,
-                "dp_max_per_source": self.config.max_per_source}
+        return {
+            "dp": True,
+            "dp_noise_multiplier": m.noise_multiplier,
+            "dp_sample_rate": m.sample_rate,
+            "dp_steps": m.steps,
+            "dp_max_grad_norm": self.config.max_grad_norm,
+            "dp_accountant": self.config.accountant,
+            "dp_engine": self.engine,
+            "dp_budget_epsilon": self.config.epsilon,
+            "dp_delta": self.config.delta,
+            "dp_max_per_source": self.config.max_per_source,
+        }
 
     def metrics(self, shadow: nn.Module, trusted: Holdout, recent: Holdout) -> dict[str, float]:
         """ε numbers, and the same run without DP on both holdouts: the cost of privacy."""
         assert self.plan is not None
-        out = {"epsilon_update": self.plan.epsilon_update,
-               "epsilon_lineage": self.plan.epsilon_lineage,
-               "dp_sources": float(len(self.plan.allowed)),
-               "dp_excluded_examples": float(self.excluded),
-               "dp_capped_examples": float(self.capped),
-               "nonprivate_trusted_accuracy": accuracy(shadow, trusted),
-               "nonprivate_recent_accuracy": accuracy(shadow, recent) if len(recent)
-               else math.nan}
+        out = {
+            "epsilon_update": self.plan.epsilon_update,
+            "epsilon_lineage": self.plan.epsilon_lineage,
+            "dp_sources": float(len(self.plan.allowed)),
+            "dp_excluded_examples": float(self.excluded),
+            "dp_capped_examples": float(self.capped),
+            "nonprivate_trusted_accuracy": accuracy(shadow, trusted),
+            "nonprivate_recent_accuracy": accuracy(shadow, recent) if len(recent) else math.nan,
+        }
         return out
 
 
 class PrivateStep:
     """Bounds, budgets and records each update of one lineage."""
 
-    def __init__(self, privacy: PrivacySettings, steps: int, engine: Engine,
-                 lineage: str) -> None:
+    def __init__(self, privacy: PrivacySettings, steps: int, engine: Engine, lineage: str) -> None:
         """`steps`: gradient steps per update (FLYWHEEL_LEARN_STEPS), what one update costs."""
         self.config = DPConfig.from_settings(privacy)
         self.ledger = PrivacyLedger(engine)
         self.lineage = lineage
         self.mechanism = self.config.mechanism(steps)
         self._last_refusal: tuple[str | None, float] = (None, 0.0)
-        log.info("DP-SGD for %s: σ=%.3f, q=%g, %d steps/update, C=%g, budget ε=%g δ=%g (%s)",
-                 lineage, self.mechanism.noise_multiplier, self.mechanism.sample_rate,
-                 self.mechanism.steps, self.config.max_grad_norm, self.config.epsilon,
-                 self.config.delta, self.config.accountant)
+        log.info(
+            "DP-SGD for %s: σ=%.3f, q=%g, %d steps/update, C=%g, budget ε=%g δ=%g (%s)",
+            lineage,
+            self.mechanism.noise_multiplier,
+            self.mechanism.sample_rate,
+            self.mechanism.steps,
+            self.config.max_grad_norm,
+            self.config.epsilon,
+            self.config.delta,
+            self.config.accountant,
+        )
 
     @staticmethod
     def adopt(engine: Engine, lineage: str, update: int, version: str) -> None:
         """A version registered by a learner that died: its ledger entry names it now."""
         PrivacyLedger(engine).set_version(lineage, update, version)
 
-    def plan(self, used: list[StoredExample], update: int,
-             module: nn.Module) -> PrivacyOutcome | None:
+    def plan(
+        self, used: list[StoredExample], update: int, module: nn.Module
+    ) -> PrivacyOutcome | None:
         """The rows this update may train on, recorded in the ledger; None if refused and the
         rows should wait (a configuration that can never fit the budget)."""
         per_source, capped = bound_per_contributor(used, self.config.max_per_source)
         counts = {s: len(rows) for s, rows in per_source.items()}
         engine = resolve_engine(self.config.engine, module)  # type: ignore[arg-type]
         try:
-            plan = plan_update(self.ledger, self.lineage, counts, self.mechanism,
-                               budget=self.config.epsilon, delta=self.config.delta,
-                               accountant=self.config.accountant)
+            plan = plan_update(
+                self.ledger,
+                self.lineage,
+                counts,
+                self.mechanism,
+                budget=self.config.epsilon,
+                delta=self.config.delta,
+                accountant=self.config.accountant,
+            )
         except BudgetRefused as exc:
             self._log_refusal(str(exc))  # logged before counted: a scrape sees both
             REFUSALS.labels(exc.kind).inc()
             if exc.kind == "mechanism":
                 return None
-            return PrivacyOutcome([], None, self.config, engine, capped,
-                                  sum(counts.values()))
+            return PrivacyOutcome([], None, self.config, engine, capped, sum(counts.values()))
         if plan.excluded:
             EXCLUDED_SOURCES.inc(len(plan.excluded))
-            log.warning("%d source(s) left out of update %d: budget ε=%g spent",
-                        len(plan.excluded), update, self.config.epsilon)
+            log.warning(
+                "%d source(s) left out of update %d: budget ε=%g spent",
+                len(plan.excluded),
+                update,
+                self.config.epsilon,
+            )
         rows = [r for s in plan.allowed for r in per_source[s]]
         rows.sort(key=lambda r: r.id)
         excluded = sum(counts[s] for s in plan.excluded)
         m = plan.mechanism
         self.ledger.record(
-            {"lineage": self.lineage, "update_no": update, "accountant": self.config.accountant,
-             "engine": engine, "sample_rate": m.sample_rate,
-             "noise_multiplier": m.noise_multiplier, "max_grad_norm": self.config.max_grad_norm,
-             "steps": m.steps, "delta": self.config.delta, "epsilon_update": plan.epsilon_update,
-             "epsilon_lineage": plan.epsilon_lineage, "sources": len(plan.allowed),
-             "examples": len(rows), "public_examples": 0, "capped_examples": capped,
-             "excluded_examples": excluded},
-            {s: (counts[s], eps) for s, eps in plan.allowed.items()})
-        return PrivacyOutcome(rows, plan, self.config, engine, capped, excluded,
-                              {s: counts[s] for s in plan.allowed})
+            {
+                "lineage": self.lineage,
+                "update_no": update,
+                "accountant": self.config.accountant,
+                "engine": engine,
+                "sample_rate": m.sample_rate,
+                "noise_multiplier": m.noise_multiplier,
+                "max_grad_norm": self.config.max_grad_norm,
+                "steps": m.steps,
+                "delta": self.config.delta,
+                "epsilon_update": plan.epsilon_update,
+                "epsilon_lineage": plan.epsilon_lineage,
+                "sources": len(plan.allowed),
+                "examples": len(rows),
+                "public_examples": 0,
+                "capped_examples": capped,
+                "excluded_examples": excluded,
+            },
+            {s: (counts[s], eps) for s, eps in plan.allowed.items()},
+        )
+        return PrivacyOutcome(
+            rows, plan, self.config, engine, capped, excluded, {s: counts[s] for s in plan.allowed}
+        )
 
-    def train(self, trainer: OnlineTrainer, outcome: PrivacyOutcome,
-              labels: dict[str, int]) -> float:
+    def train(
+        self, trainer: OnlineTrainer, outcome: PrivacyOutcome, labels: dict[str, int]
+    ) -> float:
         rows = [r for r in outcome.rows if r.label in labels]
         if not rows:
             return 0.0
@@ -148,9 +185,15 @@ class PrivateStep:
         index = {s: i for i, s in enumerate(sorted({r.contributor for r in rows}))}
         sources = np.asarray([index[r.contributor] for r in rows], np.int64)
         assert outcome.plan is not None
-        return trainer.update_private(x, y, w, sources, outcome.plan.mechanism,
-                                      max_grad_norm=self.config.max_grad_norm,
-                                      engine=outcome.engine).lr
+        return trainer.update_private(
+            x,
+            y,
+            w,
+            sources,
+            outcome.plan.mechanism,
+            max_grad_norm=self.config.max_grad_norm,
+            engine=outcome.engine,
+        ).lr
 
     def published(self, update: int, version: str) -> None:
         self.ledger.set_version(self.lineage, update, version)

@@ -29,8 +29,9 @@ def accuracy(module: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return holdout_accuracy(module, Holdout(x, y))
 
 
-def train_seed_model(trusted: TrustedSettings, epochs: int = 60
-                     ) -> tuple[ModelSpec, nn.Module, dict]:
+def train_seed_model(
+    trusted: TrustedSettings, epochs: int = 60
+) -> tuple[ModelSpec, nn.Module, dict]:
     torch.manual_seed(trusted.seed)
     x_tr, y_tr, x_ho, y_ho = seed_data(trusted)
     spec = default_spec()
@@ -48,8 +49,10 @@ def train_seed_model(trusted: TrustedSettings, epochs: int = 60
             loss_fn(module(xt[idx]), yt[idx]).backward()
             opt.step()
     module.eval()
-    metrics = {"train_accuracy": accuracy(module, x_tr, y_tr),
-               "holdout_accuracy": accuracy(module, x_ho, y_ho)}
+    metrics = {
+        "train_accuracy": accuracy(module, x_tr, y_tr),
+        "holdout_accuracy": accuracy(module, x_ho, y_ho),
+    }
     return spec, module, metrics
 
 
@@ -61,9 +64,16 @@ def ensure_champion(trusted: TrustedSettings, registry: Registry) -> ModelVersio
     spec, module, metrics = train_seed_model(trusted)
     n_train = int(trusted.seed_examples * (1 - HOLDOUT_FRACTION))
     version = registry.publish(
-        spec, module,
-        tags={"parent_version": "", "source": "manual", "examples": f"seed[0,{n_train})",
-              "epsilon": "none", "delta": "none", "gate": "initial: no champion to compare"},
+        spec,
+        module,
+        tags={
+            "parent_version": "",
+            "source": "manual",
+            "examples": f"seed[0,{n_train})",
+            "epsilon": "none",
+            "delta": "none",
+            "gate": "initial: no champion to compare",
+        },
         params={"seed": trusted.seed, "seed_examples": trusted.seed_examples},
         metrics=metrics,
     )
@@ -71,6 +81,10 @@ def ensure_champion(trusted: TrustedSettings, registry: Registry) -> ModelVersio
     if first is not None:  # another process bootstrapped first
         return first
     registry.set_champion(version)
-    log.info("registered initial model %s v%s (holdout accuracy %.3f)",
-             registry.name, version, metrics["holdout_accuracy"])
+    log.info(
+        "registered initial model %s v%s (holdout accuracy %.3f)",
+        registry.name,
+        version,
+        metrics["holdout_accuracy"],
+    )
     return version

@@ -35,8 +35,7 @@ def dp_engine(name: str) -> DPEngine:
     try:
         return _DP_ENGINES[name]
     except KeyError:
-        raise ValueError(f"DP engine must be one of {sorted(_DP_ENGINES)}, got {name!r}") \
-            from None
+        raise ValueError(f"DP engine must be one of {sorted(_DP_ENGINES)}, got {name!r}") from None
 
 
 @dataclass(frozen=True)
@@ -54,23 +53,33 @@ class TrainerConfig:
     drift_replay: bool = True  # after an error drift, replay only examples since it
 
     def __post_init__(self) -> None:
-        checks = {"lr > 0": self.lr > 0, "steps >= 1": self.steps >= 1,
-                  "replay >= 0": self.replay >= 0, "max_boost >= 1": self.max_boost >= 1,
-                  "half_life > 0": self.half_life > 0, "reservoir >= 1": self.reservoir >= 1,
-                  "max_lr > 0 or None": self.max_lr is None or self.max_lr > 0,
-                  "boost_window >= 0": self.boost_window >= 0}
+        checks = {
+            "lr > 0": self.lr > 0,
+            "steps >= 1": self.steps >= 1,
+            "replay >= 0": self.replay >= 0,
+            "max_boost >= 1": self.max_boost >= 1,
+            "half_life > 0": self.half_life > 0,
+            "reservoir >= 1": self.reservoir >= 1,
+            "max_lr > 0 or None": self.max_lr is None or self.max_lr > 0,
+            "boost_window >= 0": self.boost_window >= 0,
+        }
         bad = [rule for rule, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"TrainerConfig needs {', '.join(bad)}: got {self}")
 
     @classmethod
     def from_settings(cls, learner: LearnerSettings) -> TrainerConfig:
-        return cls(lr=learner.learn_lr, steps=learner.learn_steps,
-                   replay=learner.learn_replay, max_boost=learner.learn_max_boost,
-                   half_life=learner.learn_boost_half_life, max_lr=learner.learn_max_lr,
-                   boost_window=learner.learn_boost_window,
-                   boost_steps=learner.learn_boost_steps,
-                   drift_replay=learner.learn_drift_replay)
+        return cls(
+            lr=learner.learn_lr,
+            steps=learner.learn_steps,
+            replay=learner.learn_replay,
+            max_boost=learner.learn_max_boost,
+            half_life=learner.learn_boost_half_life,
+            max_lr=learner.learn_max_lr,
+            boost_window=learner.learn_boost_window,
+            boost_steps=learner.learn_boost_steps,
+            drift_replay=learner.learn_drift_replay,
+        )
 
 
 @dataclass(frozen=True)
@@ -139,12 +148,20 @@ class RecentWindow:
 class OnlineTrainer:
     """Updates a module in place, one mini-batch at a time, with an elastic step size."""
 
-    def __init__(self, module: nn.Module, config: TrainerConfig, *, input_dim: int,
-                 seed: int = 0, novelty: object | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        config: TrainerConfig,
+        *,
+        input_dim: int,
+        seed: int = 0,
+        novelty: object | None = None,
+    ) -> None:
         self.module = module
         self.config = config
-        self.elastic = ElasticRate(config.lr, config.max_boost, config.half_life,
-                                   max_lr=config.max_lr)
+        self.elastic = ElasticRate(
+            config.lr, config.max_boost, config.half_life, max_lr=config.max_lr
+        )
         self.input_dim = input_dim
         self.reservoir = Reservoir(config.reservoir, input_dim, seed)
         self.since_change = RecentWindow(config.boost_window, input_dim)
@@ -192,27 +209,39 @@ class OnlineTrainer:
             self.reservoir = Reservoir(self.config.reservoir, self.input_dim, seed)
             self.replay_reset = True
 
-    def remember_since_change(self, x: np.ndarray, y: np.ndarray,
-                              w: np.ndarray | None = None) -> None:
+    def remember_since_change(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None
+    ) -> None:
         """Examples already trained on since the change (a restart refills the window)."""
         w = np.ones(len(y), dtype=np.float32) if w is None else w
-        self.since_change.add(np.asarray(x, np.float32), np.asarray(y, np.int64),
-                              np.asarray(w, np.float32))
+        self.since_change.add(
+            np.asarray(x, np.float32), np.asarray(y, np.int64), np.asarray(w, np.float32)
+        )
 
     def remember(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> None:
         """Add examples to the replay pool without training on them (seed data, restarts)."""
         w = np.ones(len(y), dtype=np.float32) if w is None else w
-        self.reservoir.add(np.asarray(x, np.float32), np.asarray(y, np.int64),
-                           np.asarray(w, np.float32))
+        self.reservoir.add(
+            np.asarray(x, np.float32), np.asarray(y, np.int64), np.asarray(w, np.float32)
+        )
 
     def remember_public(self, x: np.ndarray, y: np.ndarray) -> None:
         """The platform's own (seed) data: the only replay a private update may use."""
-        self.public.add(np.asarray(x, np.float32), np.asarray(y, np.int64),
-                        np.ones(len(y), np.float32))
+        self.public.add(
+            np.asarray(x, np.float32), np.asarray(y, np.int64), np.ones(len(y), np.float32)
+        )
 
-    def update_private(self, x: np.ndarray, y: np.ndarray, w: np.ndarray,
-                       sources: np.ndarray, mechanism: Mechanism, *, max_grad_norm: float,
-                       engine: str = "auto") -> UpdateStats:
+    def update_private(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        w: np.ndarray,
+        sources: np.ndarray,
+        mechanism: Mechanism,
+        *,
+        max_grad_norm: float,
+        engine: str = "auto",
+    ) -> UpdateStats:
         """One DP-SGD update (see flywheel.privacy.dp_sgd); the caller has accounted for it.
 
         Replay comes only from the public pool: replaying private examples would put their
@@ -224,23 +253,29 @@ class OnlineTrainer:
             raise ValueError("need equal, non-zero numbers of rows, labels, weights, sources")
         px, py, pw = self.public.sample(int(round(self.config.replay * len(y))))
         batch = PrivateBatch(
-            x=np.concatenate([x, px]), y=np.concatenate([y, py]),
+            x=np.concatenate([x, px]),
+            y=np.concatenate([y, py]),
             weight=np.concatenate([np.minimum(np.asarray(w, np.float32), 1.0), pw]),
-            sources=np.concatenate([np.asarray(sources, np.int64),
-                                    np.full(len(py), -1, np.int64)]),
-            public=np.concatenate([np.zeros(len(y), bool), np.ones(len(py), bool)]))
+            sources=np.concatenate([np.asarray(sources, np.int64), np.full(len(py), -1, np.int64)]),
+            public=np.concatenate([np.zeros(len(y), bool), np.ones(len(py), bool)]),
+        )
         multiplier = self.elastic.multiplier if self.config.elastic else 1.0
         lr = self.elastic.step() if self.config.elastic else self.config.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        stats = dp_update(self.module, self.optimizer, batch, steps=mechanism.steps,
-                          sample_rate=mechanism.sample_rate,
-                          noise_multiplier=mechanism.noise_multiplier,
-                          max_grad_norm=max_grad_norm, generator=self.generator,
-                          engine=dp_engine(engine))
+        stats = dp_update(
+            self.module,
+            self.optimizer,
+            batch,
+            steps=mechanism.steps,
+            sample_rate=mechanism.sample_rate,
+            noise_multiplier=mechanism.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            generator=self.generator,
+            engine=dp_engine(engine),
+        )
         self.updates += 1
-        return UpdateStats(lr, multiplier, len(y), len(py), stats.loss, stats.loss,
-                           mechanism.steps)
+        return UpdateStats(lr, multiplier, len(y), len(py), stats.loss, stats.loss, mechanism.steps)
 
     def update(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> UpdateStats:
         """Several gradient steps on the new examples plus a replay sample; weights respected.
@@ -252,8 +287,10 @@ class OnlineTrainer:
         y = np.asarray(y, dtype=np.int64)
         w = np.ones(len(y), dtype=np.float32) if w is None else np.asarray(w, np.float32)
         if not (len(x) == len(y) == len(w)) or len(y) == 0:
-            raise ValueError(f"need equal, non-zero numbers of rows, labels and weights, "
-                             f"got {len(x)}, {len(y)}, {len(w)}")
+            raise ValueError(
+                f"need equal, non-zero numbers of rows, labels and weights, "
+                f"got {len(x)}, {len(y)}, {len(w)}"
+            )
         cfg = self.config
         boosted = cfg.elastic and self.elastic.boosted
         multiplier = self.elastic.multiplier if cfg.elastic else 1.0

@@ -27,9 +27,14 @@ def _url() -> str:
     return url
 
 
-def _configure(dialect_name: str, *, url: URL | None = None,
-               connection: Connection | None = None, literal_binds: bool = False,
-               dialect_opts: dict[str, Any] | None = None) -> None:
+def _configure(
+    dialect_name: str,
+    *,
+    url: URL | None = None,
+    connection: Connection | None = None,
+    literal_binds: bool = False,
+    dialect_opts: dict[str, Any] | None = None,
+) -> None:
     """`context.configure` with Flywheel's settings (None and False are its defaults)."""
     context.configure(
         connection=connection,
@@ -45,8 +50,12 @@ def _configure(dialect_name: str, *, url: URL | None = None,
 
 def run_offline() -> None:
     url = normalize_url(_url())
-    _configure(url=url, dialect_name=url.get_backend_name(), literal_binds=True,
-               dialect_opts={"paramstyle": "named"})
+    _configure(
+        url=url,
+        dialect_name=url.get_backend_name(),
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -61,8 +70,9 @@ def run_online(connection: Connection) -> None:
         if connection.dialect.name == "postgresql":
             # Processes that upgrade at start-up must not race: the second one waits here,
             # then finds the database already at head (alembic reads it after this).
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                               {"key": PG_MIGRATION_LOCK})
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK}
+            )
         context.run_migrations()
 
 

@@ -32,19 +32,20 @@ class Mechanism:
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.noise_multiplier <= 0:
-            raise ValueError(f"noise_multiplier must be > 0 for a finite ε, "
-                             f"got {self.noise_multiplier}")
+            raise ValueError(
+                f"noise_multiplier must be > 0 for a finite ε, got {self.noise_multiplier}"
+            )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
-def epsilon(mechanisms: Iterable[Mechanism], delta: float,
-            accountant: Accountant = "rdp") -> float:
+def epsilon(mechanisms: Iterable[Mechanism], delta: float, accountant: Accountant = "rdp") -> float:
     """ε of the composition of `mechanisms` at `delta`, by the Opacus accountant named."""
     steps: dict[tuple[float, float], int] = {}
     for m in mechanisms:  # same (q, σ): steps add, so merge them (and cache better)
-        steps[(m.sample_rate, m.noise_multiplier)] = \
+        steps[(m.sample_rate, m.noise_multiplier)] = (
             steps.get((m.sample_rate, m.noise_multiplier), 0) + m.steps
+        )
     key = tuple(sorted(Mechanism(q, sigma, n) for (q, sigma), n in steps.items()))
     if not key:
         return 0.0
@@ -66,8 +67,9 @@ def _epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: str) -
         return float(acc.get_epsilon(delta=delta))
 
 
-def dp_accounting_epsilon(mechanisms: Sequence[Mechanism], delta: float,
-                          accountant: Accountant = "rdp") -> float:
+def dp_accounting_epsilon(
+    mechanisms: Sequence[Mechanism], delta: float, accountant: Accountant = "rdp"
+) -> float:
     """The same ε by Google's dp-accounting (RDP, or PLD for "prv"): the cross-check."""
     from dp_accounting import (
         ComposedDpEvent,
@@ -78,10 +80,14 @@ def dp_accounting_epsilon(mechanisms: Sequence[Mechanism], delta: float,
     from dp_accounting.pld import PLDAccountant
     from dp_accounting.rdp import RdpAccountant
 
-    event = ComposedDpEvent([
-        SelfComposedDpEvent(PoissonSampledDpEvent(m.sample_rate,
-                                                  GaussianDpEvent(m.noise_multiplier)), m.steps)
-        for m in mechanisms])
+    event = ComposedDpEvent(
+        [
+            SelfComposedDpEvent(
+                PoissonSampledDpEvent(m.sample_rate, GaussianDpEvent(m.noise_multiplier)), m.steps
+            )
+            for m in mechanisms
+        ]
+    )
     acc = RdpAccountant() if accountant == "rdp" else PLDAccountant()
     absl = logging.getLogger("absl")  # warns about orders it skips, as Opacus does
     level = absl.level
@@ -92,13 +98,25 @@ def dp_accounting_epsilon(mechanisms: Sequence[Mechanism], delta: float,
         absl.setLevel(level)
 
 
-def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float,
-                     steps: int, accountant: Accountant = "rdp") -> float:
+def noise_for_budget(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant = "rdp",
+) -> float:
     """The smallest noise multiplier for which `steps` steps stay within `target_epsilon`."""
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant, epsilon_tolerance=0.005))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.005,
+            )
+        )

@@ -31,9 +31,16 @@ class BudgetPlan:
     excluded: dict[str, float] = field(default_factory=dict)  # source -> ε so far
 
 
-def plan_update(ledger: PrivacyLedger, lineage: str, sources: Mapping[str, int],
-                mechanism: Mechanism, *, budget: float, delta: float,
-                accountant: Accountant) -> BudgetPlan:
+def plan_update(
+    ledger: PrivacyLedger,
+    lineage: str,
+    sources: Mapping[str, int],
+    mechanism: Mechanism,
+    *,
+    budget: float,
+    delta: float,
+    accountant: Accountant,
+) -> BudgetPlan:
     """Who of `sources` (source -> examples) can afford `mechanism` within `budget`."""
     alone = epsilon([mechanism], delta, accountant)
     if alone > budget:
@@ -41,7 +48,8 @@ def plan_update(ledger: PrivacyLedger, lineage: str, sources: Mapping[str, int],
             f"refused: one update (q={mechanism.sample_rate:g}, σ={mechanism.noise_multiplier:g}"
             f", {mechanism.steps} steps) spends ε={alone:.3f} > budget {budget:g} at "
             f"δ={delta:g}; raise FLYWHEEL_PRIVACY_NOISE_MULTIPLIER or lower the steps",
-            "mechanism")
+            "mechanism",
+        )
     history = ledger.histories(lineage, sources)
     allowed, excluded = {}, {}
     for source in sources:
@@ -54,6 +62,8 @@ def plan_update(ledger: PrivacyLedger, lineage: str, sources: Mapping[str, int],
     if not allowed:
         raise BudgetRefused(
             f"refused: all {len(sources)} sources of this update have spent their budget "
-            f"ε={budget:g}; their examples are not trained on", "exhausted")
+            f"ε={budget:g}; their examples are not trained on",
+            "exhausted",
+        )
     lineage_eps = max(ledger.lineage_epsilon(lineage), max(allowed.values()))
     return BudgetPlan(mechanism, alone, lineage_eps, allowed, excluded)

@@ -28,19 +28,28 @@ class DPConfig:
 
     @classmethod
     def from_settings(cls, privacy: PrivacySettings) -> DPConfig:
-        return cls(epsilon=privacy.privacy_epsilon, delta=privacy.privacy_delta,
-                   noise_multiplier=privacy.privacy_noise_multiplier,
-                   max_grad_norm=privacy.privacy_max_grad_norm,
-                   sample_rate=privacy.privacy_sample_rate,
-                   source_updates=privacy.privacy_source_updates,
-                   max_per_source=privacy.privacy_max_per_source,
-                   accountant=privacy.privacy_accountant, engine=privacy.privacy_engine)
+        return cls(
+            epsilon=privacy.privacy_epsilon,
+            delta=privacy.privacy_delta,
+            noise_multiplier=privacy.privacy_noise_multiplier,
+            max_grad_norm=privacy.privacy_max_grad_norm,
+            sample_rate=privacy.privacy_sample_rate,
+            source_updates=privacy.privacy_source_updates,
+            max_per_source=privacy.privacy_max_per_source,
+            accountant=privacy.privacy_accountant,
+            engine=privacy.privacy_engine,
+        )
 
     def mechanism(self, steps: int) -> Mechanism:
         """The update's mechanism: explicit σ, or the σ that lets a source join
         `source_updates` updates of `steps` steps within the budget."""
         sigma = self.noise_multiplier
         if sigma is None:
-            sigma = noise_for_budget(self.epsilon, self.delta, self.sample_rate,
-                                     steps * self.source_updates, self.accountant)
+            sigma = noise_for_budget(
+                self.epsilon,
+                self.delta,
+                self.sample_rate,
+                steps * self.source_updates,
+                self.accountant,
+            )
         return Mechanism(self.sample_rate, round(float(sigma), 6), steps)

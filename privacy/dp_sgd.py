@@ -46,8 +46,10 @@ class PrivateBatch:
         if not (len(self.x) == len(self.weight) == len(self.sources) == len(self.public) == n):
             raise ValueError("x, y, weight, sources and public must have the same length")
         if n and (self.weight.min() < 0 or self.weight.max() > 1):
-            raise ValueError("DP example weights must be in [0, 1]: a larger weight would let "
-                             "one example exceed the clip norm")
+            raise ValueError(
+                "DP example weights must be in [0, 1]: a larger weight would let "
+                "one example exceed the clip norm"
+            )
 
     @property
     def n_sources(self) -> int:
@@ -64,7 +66,7 @@ class DPStepStats:
 
 
 def resolve_engine(engine: Engine, module: nn.Module) -> str:
-    """"auto" takes the fused kernel when it supports every layer, else Opacus."""
+    """ "auto" takes the fused kernel when it supports every layer, else Opacus."""
     if engine != "auto":
         return engine
     try:
@@ -74,9 +76,18 @@ def resolve_engine(engine: Engine, module: nn.Module) -> str:
     return "fused" if supports(module) else "opacus"
 
 
-def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: PrivateBatch, *,
-              steps: int, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
-              generator: torch.Generator, engine: Engine = "auto") -> DPStepStats:
+def dp_update(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: PrivateBatch,
+    *,
+    steps: int,
+    sample_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: torch.Generator,
+    engine: Engine = "auto",
+) -> DPStepStats:
     """`steps` DP-SGD steps on `batch`; the caller accounts (sample_rate, σ, steps)."""
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -124,21 +135,38 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
                 p.grad = v
         if len(rows):
             try:
-                norms, loss = _clipped_sum(module, params, x[rows], y[rows],
-                                           scale[rows] / divisor, max_grad_norm, engine_name)
+                norms, loss = _clipped_sum(
+                    module,
+                    params,
+                    x[rows],
+                    y[rows],
+                    scale[rows] / divisor,
+                    max_grad_norm,
+                    engine_name,
+                )
             except ValueError as exc:
                 # a refusal only the run can reveal (a Linear called twice, a sequence
                 # input): under "auto", Opacus takes over for the rest of the update
                 if engine != "auto" or engine_name != "fused":
                     raise
-                log.warning("the fused clipping kernel refused this model (%s); "
-                            "using Opacus for this update", exc)
+                log.warning(
+                    "the fused clipping kernel refused this model (%s); "
+                    "using Opacus for this update",
+                    exc,
+                )
                 engine_name, onto_noise = "opacus", False
                 draw_noise()  # fresh: the refused call may have touched the buffer
                 for p in params:
                     p.grad = None
-                norms, loss = _clipped_sum(module, params, x[rows], y[rows],
-                                           scale[rows] / divisor, max_grad_norm, engine_name)
+                norms, loss = _clipped_sum(
+                    module,
+                    params,
+                    x[rows],
+                    y[rows],
+                    scale[rows] / divisor,
+                    max_grad_norm,
+                    engine_name,
+                )
             private_rows = ~public[rows]
             clipped += int((norms[private_rows] > max_grad_norm).sum())
             counted += int(private_rows.sum())
@@ -148,29 +176,42 @@ def dp_update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Privat
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     module.eval()
-    return DPStepStats(steps, sampled_total / steps, clipped / max(counted, 1),
-                       loss_sum / steps, engine_name)
+    return DPStepStats(
+        steps, sampled_total / steps, clipped / max(counted, 1), loss_sum / steps, engine_name
+    )
 
 
-def _clipped_sum(module: nn.Module, params: list[nn.Parameter], x: torch.Tensor,
-                 y: torch.Tensor, scale: torch.Tensor, max_grad_norm: float,
-                 engine: str) -> tuple[torch.Tensor, float]:
+def _clipped_sum(
+    module: nn.Module,
+    params: list[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    max_grad_norm: float,
+    engine: str,
+) -> tuple[torch.Tensor, float]:
     """Σ_i scale_i · clip_C(∇ℓ_i) into p.grad (fused: added to the grads there, the noise;
     opacus: set); returns per-example norms and the mean loss."""
     if engine == "fused":
         from flywheel.kernels import clip_and_accumulate
 
-        norms, loss = clip_and_accumulate(module, x, y, max_grad_norm, weights=scale,
-                                          return_loss=True, accumulate=True)
+        norms, loss = clip_and_accumulate(
+            module, x, y, max_grad_norm, weights=scale, return_loss=True, accumulate=True
+        )
         return norms, loss
     if engine != "opacus":
         raise ValueError(f"unknown DP engine {engine!r}; expected opacus, fused or auto")
     return _opacus_clipped_sum(module, params, x, y, scale, max_grad_norm)
 
 
-def _opacus_clipped_sum(module: nn.Module, params: list[nn.Parameter], x: torch.Tensor,
-                        y: torch.Tensor, scale: torch.Tensor,
-                        max_grad_norm: float) -> tuple[torch.Tensor, float]:
+def _opacus_clipped_sum(
+    module: nn.Module,
+    params: list[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    max_grad_norm: float,
+) -> tuple[torch.Tensor, float]:
     from opacus import GradSampleModule
 
     gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum")

@@ -8,29 +8,54 @@ from typing import Any
 from flywheel.privacy.ledger import PrivacyLedger
 
 
-def build_report(ledger: PrivacyLedger, *, budget: float, delta: float,
-                 lineage: str | None = None, top_sources: int | None = None) -> dict[str, Any]:
+def build_report(
+    ledger: PrivacyLedger,
+    *,
+    budget: float,
+    delta: float,
+    lineage: str | None = None,
+    top_sources: int | None = None,
+) -> dict[str, Any]:
     """Plain data (the --json document): entries, versions, sources, budget left."""
     entries = ledger.entries(lineage)
     sources = ledger.sources(lineage)
     shown = sources if top_sources is None else sources[:top_sources]
-    versions = [{"version": e.version, "lineage": e.lineage, "update": e.update_no,
-                 "epsilon": e.epsilon_lineage, "epsilon_update": e.epsilon_update,
-                 "delta": e.delta, "budget_left": max(0.0, budget - e.epsilon_lineage),
-                 "created_at": e.created_at.isoformat()}
-                for e in entries if e.version is not None]
+    versions = [
+        {
+            "version": e.version,
+            "lineage": e.lineage,
+            "update": e.update_no,
+            "epsilon": e.epsilon_lineage,
+            "epsilon_update": e.epsilon_update,
+            "delta": e.delta,
+            "budget_left": max(0.0, budget - e.epsilon_lineage),
+            "created_at": e.created_at.isoformat(),
+        }
+        for e in entries
+        if e.version is not None
+    ]
     worst = max((e.epsilon_lineage for e in entries), default=0.0)
-    return {"budget": {"epsilon": budget, "delta": delta},
-            "epsilon_spent": worst, "budget_left": max(0.0, budget - worst),
-            "lineages": sorted({e.lineage for e in entries}),
-            "versions": versions,
-            "sources_total": len(sources),
-            "sources_out_of_budget": sum(1 for s in sources if s.epsilon >= budget - 1e-9),
-            "sources": [{"source": s.source, "epsilon": s.epsilon,
-                         "budget_left": max(0.0, budget - s.epsilon), "updates": s.updates,
-                         "examples": s.examples, "versions": list(s.versions)}
-                        for s in shown],
-            "entries": [e.as_dict() for e in entries]}
+    return {
+        "budget": {"epsilon": budget, "delta": delta},
+        "epsilon_spent": worst,
+        "budget_left": max(0.0, budget - worst),
+        "lineages": sorted({e.lineage for e in entries}),
+        "versions": versions,
+        "sources_total": len(sources),
+        "sources_out_of_budget": sum(1 for s in sources if s.epsilon >= budget - 1e-9),
+        "sources": [
+            {
+                "source": s.source,
+                "epsilon": s.epsilon,
+                "budget_left": max(0.0, budget - s.epsilon),
+                "updates": s.updates,
+                "examples": s.examples,
+                "versions": list(s.versions),
+            }
+            for s in shown
+        ],
+        "entries": [e.as_dict() for e in entries],
+    }
 
 
 def plot_epsilon(report: dict[str, Any], path: Path) -> Path:
@@ -44,15 +69,27 @@ def plot_epsilon(report: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for lineage in report["lineages"]:
-        points = [(datetime.fromisoformat(e["created_at"]), e["epsilon_lineage"])
-                  for e in report["entries"] if e["lineage"] == lineage]
+        points = [
+            (datetime.fromisoformat(e["created_at"]), e["epsilon_lineage"])
+            for e in report["entries"]
+            if e["lineage"] == lineage
+        ]
         if points:
             # matplotlib plots datetimes (its date converter); its stubs take only arrays
-            ax.step([p[0] for p in points], [p[1] for p in points],  # type: ignore[arg-type]
-                    where="post",
-                    marker="o", markersize=3, label=lineage)
-    ax.axhline(report["budget"]["epsilon"], color="red", linestyle="--",
-               label=f"budget ε={report['budget']['epsilon']:g}")
+            ax.step(
+                [p[0] for p in points],  # type: ignore[arg-type]
+                [p[1] for p in points],
+                where="post",
+                marker="o",
+                markersize=3,
+                label=lineage,
+            )
+    ax.axhline(
+        report["budget"]["epsilon"],
+        color="red",
+        linestyle="--",
+        label=f"budget ε={report['budget']['epsilon']:g}",
+    )
     ax.set_xlabel("time")
     ax.set_ylabel("ε (worst source)")
     ax.set_title(f"privacy spent (δ={report['budget']['delta']:g})")

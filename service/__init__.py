@@ -12,9 +12,22 @@ from flywheel.service.server import GracefulServer, run_server
 from flywheel.service.spool import Record, Spool, SpoolCorrupt, SpoolLocked
 
 __all__ = [
-    "ChampionSource", "EventLog", "FollowerStats", "GracefulServer", "KafkaSink",
-    "ModelFollower", "ModelHolder", "ModelNotReady", "Record", "ServedModel", "ServiceConfig",
+    "ChampionSource",
+    "EventLog",
+    "FollowerStats",
+    "GracefulServer",
+    "KafkaSink",
+    "ModelFollower",
+    "ModelHolder",
+    "ModelNotReady",
+    "Record",
+    "ServedModel",
+    "ServiceConfig",
     "Spool",
-    "SpoolCorrupt", "SpoolLocked", "create_app", "kafka_event_log", "load_champion",
+    "SpoolCorrupt",
+    "SpoolLocked",
+    "create_app",
+    "kafka_event_log",
+    "load_champion",
     "run_server",
 ]

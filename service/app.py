@@ -36,7 +36,9 @@ ROUTES = {"/v1/predict", "/v1/corrections", "/v1/model", "/healthz", "/readyz", 
 
 
 def create_app(
-    config: ServiceConfig, *, holder: ModelHolder | None = None,
+    config: ServiceConfig,
+    *,
+    holder: ModelHolder | None = None,
     event_log: EventLog | None = None,
     load_model: Callable[[ServiceConfig], ServedModel] | None = None,
     follow_registry: bool | None = None,
@@ -53,10 +55,14 @@ def create_app(
     `registry` is the process's one `Registry` (the serve command builds it); without one,
     the app builds it on first use. The first load, the follower and the review endpoints
     all share it."""
-    state = ServiceState(config=config, holder=holder or ModelHolder(),
-                         metrics=ServiceMetrics.create(),
-                         registry=SharedRegistry(config.state, config.registry, registry),
-                         store=SharedStore(config.state), event_log=event_log)
+    state = ServiceState(
+        config=config,
+        holder=holder or ModelHolder(),
+        metrics=ServiceMetrics.create(),
+        registry=SharedRegistry(config.state, config.registry, registry),
+        store=SharedStore(config.state),
+        event_log=event_log,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,13 +78,15 @@ def create_app(
         follow = from_registry if follow_registry is None else follow_registry
         if state.event_log is None:
             from flywheel.service.logging_setup import kafka_event_log
+
             state.event_log = kafka_event_log(config.kafka, config.event_log, config.state)
         el = state.event_log
         if not el.running:
             el.start()
         if follow:  # after the first load, so startup never races it
-            state.follower = ModelFollower(config.kafka, config.registry, config.service,
-                                           state.holder, registry=state.registry).start()
+            state.follower = ModelFollower(
+                config.kafka, config.registry, config.service, state.holder, registry=state.registry
+            ).start()
         from flywheel.gc_freeze import freeze_after_startup
 
         freeze_after_startup()  # full GC passes skip startup objects (docs/serving.md)
@@ -91,8 +99,13 @@ def create_app(
             log.info("event log closed: %s", el.stats)
 
     # strict_content_type=False: a body sent without any Content-Type is read as JSON
-    app = FastAPI(title="Flywheel", version="1", lifespan=lifespan, strict_content_type=False,
-                  summary="Online-learning inference service with a feedback loop.")
+    app = FastAPI(
+        title="Flywheel",
+        version="1",
+        lifespan=lifespan,
+        strict_content_type=False,
+        summary="Online-learning inference service with a feedback loop.",
+    )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.service.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=ROUTES)
@@ -100,15 +113,21 @@ def create_app(
     m.queue_depth.set_function(lambda: state.event_log.queue_depth if state.event_log else 0)
     m.spooled.set_function(lambda: state.event_log.spool.pending if state.event_log else 0)
     m.registry.register(EventLogCollector(lambda: state.event_log))
-    m.registry.register(FollowerCollector(
-        lambda: state.follower.stats if state.follower else None))
+    m.registry.register(FollowerCollector(lambda: state.follower.stats if state.follower else None))
     # dynamic batching (docs/serving.md): one forward pass for concurrent requests
     if config.service.dynamic_batching:
         state.batcher = PredictBatcher(config.service)
         m.registry.register(BatchCollector(state.batcher))
     app.state.service = state
-    for router in (predict.router, corrections.router, model.router, health.router,
-                   metrics.router, review.router, review.ui_router):
+    for router in (
+        predict.router,
+        corrections.router,
+        model.router,
+        health.router,
+        metrics.router,
+        review.router,
+        review.ui_router,
+    ):
         app.include_router(router)
     review.mount_ui(app)  # /ui and /v1/review (docs/review.md)
     return app

@@ -21,8 +21,12 @@ if TYPE_CHECKING:
 class SharedRegistry:
     """Call it for the app's one `Registry`: the one given, or one built on the first call."""
 
-    def __init__(self, state: StateSettings, registry_settings: RegistrySettings,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        state: StateSettings,
+        registry_settings: RegistrySettings,
+        registry: Registry | None = None,
+    ) -> None:
         self._state = state
         self._registry_settings = registry_settings
         self._registry = registry

@@ -42,9 +42,12 @@ def run_batch(items: list[Item]) -> list[Output]:
 class PredictBatcher:
     def __init__(self, service: ServiceSettings) -> None:
         self._batcher: MicroBatcher[Item, Output] = MicroBatcher(
-            run_batch, max_size=service.batch_max_size,
+            run_batch,
+            max_size=service.batch_max_size,
             max_wait_s=service.batch_max_wait_ms / 1000.0,
-            size=lambda item: len(item[1]), key=lambda item: id(item[0]))
+            size=lambda item: len(item[1]),
+            key=lambda item: id(item[0]),
+        )
 
     async def predict(self, model: ServedModel, x: np.ndarray) -> Output:
         """(probabilities, path per row) for `x`, computed by `model` in a shared batch."""
@@ -67,7 +70,6 @@ class BatchCollector:
             ("flywheel_batches", "Forward passes run by dynamic batching", s.batches),
             ("flywheel_batched_instances", "Instances computed in those passes", s.rows),
             ("flywheel_batched_requests", "Requests computed in those passes", s.items),
-            ("flywheel_batch_isolations", "Failed batches re-run request by request",
-             s.isolated),
+            ("flywheel_batch_isolations", "Failed batches re-run request by request", s.isolated),
         ):
             yield CounterMetricFamily(name, doc, value=value)

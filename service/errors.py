@@ -44,8 +44,10 @@ def describe_validation(exc: RequestValidationError) -> tuple[int, str, list[dic
             msg = "field required"
         shown.append(f"{_location(tuple(err.get('loc', ())))}: {msg}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    slim = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-            for e in errors[:20]]
+    slim = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+        for e in errors[:20]
+    ]
     return 422, "; ".join(shown) + more, slim
 
 
@@ -55,7 +57,8 @@ def is_json_media_type(content_type: str) -> bool:
     message["content-type"] = content_type
     subtype = message.get_content_subtype()
     return message.get_content_maintype() == "application" and (
-        subtype == "json" or subtype.endswith("+json"))
+        subtype == "json" or subtype.endswith("+json")
+    )
 
 
 def describe_unreadable_body(cause: BaseException | None) -> str:
@@ -73,11 +76,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
-        if content_type and not is_json_media_type(content_type) \
-                and isinstance(exc.body, bytes):
+        if content_type and not is_json_media_type(content_type) and isinstance(exc.body, bytes):
             return JSONResponse(
-                {"detail": f"send the body as JSON with Content-Type: application/json "
-                           f"(got {content_type!r})"}, status_code=415)
+                {
+                    "detail": f"send the body as JSON with Content-Type: application/json "
+                    f"(got {content_type!r})"
+                },
+                status_code=415,
+            )
         status, message, errors = describe_validation(exc)
         return JSONResponse({"detail": message, "errors": errors or None}, status_code=status)
 
@@ -90,8 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == FASTAPI_PARSE_ERROR:
             detail = describe_unreadable_body(exc.__cause__)
-        return JSONResponse({"detail": detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
 
 class BodySizeLimit:
@@ -147,7 +154,14 @@ class BodySizeLimit:
         import orjson
 
         body = orjson.dumps({"detail": message})
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

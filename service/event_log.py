@@ -43,8 +43,14 @@ class EventLog:
     """Bounded queue + sender thread + spool. `log()` never blocks and never drops."""
 
     def __init__(
-        self, sink_factory: Callable[[], Sink], spool: Spool, *, queue_size: int = 50_000,
-        batch_size: int = 500, send_timeout_s: float = 5.0, retry_s: float = 1.0,
+        self,
+        sink_factory: Callable[[], Sink],
+        spool: Spool,
+        *,
+        queue_size: int = 50_000,
+        batch_size: int = 500,
+        send_timeout_s: float = 5.0,
+        retry_s: float = 1.0,
         linger_s: float = 0.0,
     ) -> None:
         self._sink_factory = sink_factory

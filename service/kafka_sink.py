@@ -25,20 +25,23 @@ class KafkaSink:
         from confluent_kafka import Producer
 
         timeout_ms = int(timeout_s * 1000)
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "acks": "all",
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            # Java's (and kafka-python's) partitioner: a correction keyed by a prediction id
-            # lands on that prediction's partition whichever client produced it
-            "partitioner": "murmur2_random",
-            "message.timeout.ms": timeout_ms,
-            "socket.timeout.ms": max(1000, timeout_ms // 2),
-            "reconnect.backoff.max.ms": 1000,
-            "queue.buffering.max.messages": 1_000_000,
-            **config,
-        }, logger=logging.getLogger("flywheel.kafka"))
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                # Java's (and kafka-python's) partitioner: a correction keyed by a prediction id
+                # lands on that prediction's partition whichever client produced it
+                "partitioner": "murmur2_random",
+                "message.timeout.ms": timeout_ms,
+                "socket.timeout.ms": max(1000, timeout_ms // 2),
+                "reconnect.backoff.max.ms": 1000,
+                "queue.buffering.max.messages": 1_000_000,
+                **config,
+            },
+            logger=logging.getLogger("flywheel.kafka"),
+        )
 
     def send(self, records: list[Record], timeout_s: float) -> list[bool]:
         acked = [False] * len(records)
@@ -46,6 +49,7 @@ class KafkaSink:
         def delivered(index: int) -> Callable[[object, object], None]:
             def callback(err: object, _msg: object) -> None:
                 acked[index] = err is None
+
             return callback
 
         produce, poll = self._producer.produce, self._producer.poll

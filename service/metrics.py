@@ -34,22 +34,41 @@ class ServiceMetrics:
         reg = CollectorRegistry()
         return cls(
             registry=reg,
-            requests=Counter("flywheel_http_requests", "HTTP requests by route and status",
-                             ["route", "status"], registry=reg),
-            latency=Histogram("flywheel_http_request_duration_seconds",
-                              "HTTP request latency by route", ["route"],
-                              buckets=LATENCY_BUCKETS, registry=reg),
-            predictions=Counter("flywheel_predictions", "Predictions served", ["model_version"],
-                                registry=reg),
-            corrections=Counter("flywheel_corrections_accepted", "Corrections accepted",
-                                registry=reg),
-            queue_depth=Gauge("flywheel_log_queue_depth",
-                              "Records waiting in the in-memory logging queue", registry=reg),
-            spooled=Gauge("flywheel_log_spooled_records",
-                          "Records in the on-disk spool, not yet acknowledged by Kafka",
-                          registry=reg),
-            model_version=Gauge("flywheel_model_info", "Served model (value is always 1)",
-                                ["name", "version"], registry=reg),
+            requests=Counter(
+                "flywheel_http_requests",
+                "HTTP requests by route and status",
+                ["route", "status"],
+                registry=reg,
+            ),
+            latency=Histogram(
+                "flywheel_http_request_duration_seconds",
+                "HTTP request latency by route",
+                ["route"],
+                buckets=LATENCY_BUCKETS,
+                registry=reg,
+            ),
+            predictions=Counter(
+                "flywheel_predictions", "Predictions served", ["model_version"], registry=reg
+            ),
+            corrections=Counter(
+                "flywheel_corrections_accepted", "Corrections accepted", registry=reg
+            ),
+            queue_depth=Gauge(
+                "flywheel_log_queue_depth",
+                "Records waiting in the in-memory logging queue",
+                registry=reg,
+            ),
+            spooled=Gauge(
+                "flywheel_log_spooled_records",
+                "Records in the on-disk spool, not yet acknowledged by Kafka",
+                registry=reg,
+            ),
+            model_version=Gauge(
+                "flywheel_model_info",
+                "Served model (value is always 1)",
+                ["name", "version"],
+                registry=reg,
+            ),
         )
 
 
@@ -65,21 +84,34 @@ class FollowerCollector:
         def value(attr: str) -> float:
             return float(getattr(s, attr)) if s is not None else 0.0
 
-        yield CounterMetricFamily("flywheel_model_swaps", "Versions the registry follower "
-                                  "loaded, warmed and swapped in", value=value("swaps"))
-        yield CounterMetricFamily("flywheel_model_swap_failures", "Champion versions that could "
-                                  "not be loaded or warmed (the old one kept serving)",
-                                  value=value("failures"))
-        yield CounterMetricFamily("flywheel_model_registry_errors",
-                                  "Checks that could not read the champion alias",
-                                  value=value("registry_errors"))
-        events = CounterMetricFamily("flywheel_model_events", "Records read from the "
-                                     "model-events topic, by outcome", labels=["outcome"])
+        yield CounterMetricFamily(
+            "flywheel_model_swaps",
+            "Versions the registry follower loaded, warmed and swapped in",
+            value=value("swaps"),
+        )
+        yield CounterMetricFamily(
+            "flywheel_model_swap_failures",
+            "Champion versions that could not be loaded or warmed (the old one kept serving)",
+            value=value("failures"),
+        )
+        yield CounterMetricFamily(
+            "flywheel_model_registry_errors",
+            "Checks that could not read the champion alias",
+            value=value("registry_errors"),
+        )
+        events = CounterMetricFamily(
+            "flywheel_model_events",
+            "Records read from the model-events topic, by outcome",
+            labels=["outcome"],
+        )
         for outcome in ("followed", "ignored", "malformed"):
             events.add_metric([outcome], value(f"events_{outcome}"))
         yield events
-        yield GaugeMetricFamily("flywheel_model_last_swap_seconds",
-                                "Load + warm time of the last swap", value=value("last_swap_s"))
+        yield GaugeMetricFamily(
+            "flywheel_model_last_swap_seconds",
+            "Load + warm time of the last swap",
+            value=value("last_swap_s"),
+        )
 
 
 class RequestMetrics:

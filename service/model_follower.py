@@ -57,10 +57,16 @@ class FollowerStats:
 class ModelFollower:
     """Keeps `holder` on the registry's champion; `start()` it, `stop()` it at shutdown."""
 
-    def __init__(self, kafka: KafkaSettings, followed: RegistrySettings,
-                 service: ServiceSettings, holder: ModelHolder, *,
-                 registry: Callable[[], ChampionSource],
-                 listen: bool | None = None) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        followed: RegistrySettings,
+        service: ServiceSettings,
+        holder: ModelHolder,
+        *,
+        registry: Callable[[], ChampionSource],
+        listen: bool | None = None,
+    ) -> None:
         """Follows `followed`'s model (polled every `registry_poll_s`), listening on `kafka`'s
         model-events topic, and serves at `service`'s `serve_precision`.
 
@@ -80,11 +86,13 @@ class ModelFollower:
         self._listening = threading.Event()
         self._idle = threading.Condition()
         self._busy = False
-        self._threads = [threading.Thread(target=self._work, name="flywheel-model-follower",
-                                          daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._work, name="flywheel-model-follower", daemon=True)
+        ]
         if self._listen:
-            self._threads.append(threading.Thread(
-                target=self._consume, name="flywheel-model-events", daemon=True))
+            self._threads.append(
+                threading.Thread(target=self._consume, name="flywheel-model-events", daemon=True)
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> ModelFollower:
@@ -154,8 +162,11 @@ class ModelFollower:
         except Exception as exc:
             self.stats.registry_errors += 1
             self.stats.last_error = f"registry: {exc}"
-            log.warning("could not read the champion alias (%s); still serving %s", exc,
-                        self._served_version())
+            log.warning(
+                "could not read the champion alias (%s); still serving %s",
+                exc,
+                self._served_version(),
+            )
             return None
         served = self._served_version()
         if target is None or target == served:
@@ -163,14 +174,19 @@ class ModelFollower:
         start = time.perf_counter()
         try:
             loaded = registry.load(target)
-            model = ServedModel.prepare(loaded.name, loaded.version, loaded.spec, loaded.module,
-                                        self.precision)
+            model = ServedModel.prepare(
+                loaded.name, loaded.version, loaded.spec, loaded.module, self.precision
+            )
         except Exception as exc:
             self.stats.failures += 1
             self.stats.last_error = f"v{target}: {exc}"
-            log.exception("could not load %s v%s; still serving v%s, retrying at the next poll "
-                          "(in %.0fs)", self.followed.model_name, target, served,
-                          self.followed.registry_poll_s)
+            log.exception(
+                "could not load %s v%s; still serving v%s, retrying at the next poll (in %.0fs)",
+                self.followed.model_name,
+                target,
+                served,
+                self.followed.registry_poll_s,
+            )
             return None
         if self._moved_since(registry, target):  # a quick rollback: never serve the undone
             self.stats.superseded += 1
@@ -180,8 +196,13 @@ class ModelFollower:
         self.stats.swaps += 1
         self.stats.last_swap_s = time.perf_counter() - start
         _warn_if_incompatible(previous, model)
-        log.info("swapped %s v%s -> v%s (load + warm %.0f ms)", model.name, served,
-                 model.version, self.stats.last_swap_s * 1000)
+        log.info(
+            "swapped %s v%s -> v%s (load + warm %.0f ms)",
+            model.name,
+            served,
+            model.version,
+            self.stats.last_swap_s * 1000,
+        )
         return loaded.version
 
     @staticmethod
@@ -212,9 +233,13 @@ class ModelFollower:
                         for record in batch:
                             self.on_event(record.value)
                 except Exception as exc:
-                    log.warning("model events on %s unavailable (%s); polling the registry "
-                                "every %.0fs meanwhile", self.kafka.topic_model_events, exc,
-                                self.followed.registry_poll_s)
+                    log.warning(
+                        "model events on %s unavailable (%s); polling the registry "
+                        "every %.0fs meanwhile",
+                        self.kafka.topic_model_events,
+                        exc,
+                        self.followed.registry_poll_s,
+                    )
                     self._listening.clear()
                     _close(consumer)
                     consumer = None
@@ -231,9 +256,13 @@ class ModelFollower:
         from kafka import KafkaConsumer, TopicPartition
 
         topic = self.kafka.topic_model_events
-        consumer = KafkaConsumer(bootstrap_servers=self.kafka.kafka_bootstrap, group_id=None,
-                                 enable_auto_commit=False, fetch_max_wait_ms=100,
-                                 client_id="flywheel-model-follower")
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.kafka.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            client_id="flywheel-model-follower",
+        )
         try:
             parts = consumer.partitions_for_topic(topic)
             if not parts:
@@ -256,8 +285,11 @@ class ModelFollower:
             event = ModelEvent.model_validate_json(value or b"")
         except ValueError as exc:
             self.stats.events_malformed += 1
-            log.warning("skipping a malformed record on %s: %s", self.kafka.topic_model_events,
-                        str(exc).splitlines()[0])
+            log.warning(
+                "skipping a malformed record on %s: %s",
+                self.kafka.topic_model_events,
+                str(exc).splitlines()[0],
+            )
             return
         if event.model_name != self.followed.model_name:
             self.stats.events_ignored += 1
@@ -280,6 +312,11 @@ def _warn_if_incompatible(previous: ServedModel | None, new: ServedModel) -> Non
     if previous is None:
         return
     if (previous.spec.input_dim, previous.spec.labels) != (new.spec.input_dim, new.spec.labels):
-        log.warning("v%s changes the API: input width %d -> %d, labels %s -> %s",
-                    new.version, previous.spec.input_dim, new.spec.input_dim,
-                    previous.spec.labels, new.spec.labels)
+        log.warning(
+            "v%s changes the API: input width %d -> %d, labels %s -> %s",
+            new.version,
+            previous.spec.input_dim,
+            new.spec.input_dim,
+            previous.spec.labels,
+            new.spec.labels,
+        )

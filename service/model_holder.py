@@ -32,8 +32,9 @@ class ServedModel:
     precision: str = "fp32"  # what `module` computes in (FLYWHEEL_SERVE_PRECISION)
 
     @classmethod
-    def prepare(cls, name: str, version: str, spec: AnySpec, module: nn.Module,
-                precision: str = "fp32") -> ServedModel:
+    def prepare(
+        cls, name: str, version: str, spec: AnySpec, module: nn.Module, precision: str = "fp32"
+    ) -> ServedModel:
         """Freeze and warm a module before it can be swapped in; at a `precision` other
         than fp32 a low-precision copy is served (`flywheel.kernels.to_precision`)."""
         module.eval()
@@ -55,8 +56,10 @@ class ServedModel:
             if self.spec.kind != "cascade":
                 return torch.softmax(self.module(t), dim=1).numpy(), ["single"] * len(x)
             if not isinstance(self.module, Cascade):  # int8/bf16 copies keep the class
-                raise TypeError(f"v{self.version} has a cascade spec but a "
-                                f"{type(self.module).__name__} module, not a Cascade")
+                raise TypeError(
+                    f"v{self.version} has a cascade spec but a "
+                    f"{type(self.module).__name__} module, not a Cascade"
+                )
             logits, escalated = self.module.route(t)
             probs = torch.softmax(logits, dim=1).numpy()
         return probs, ["heavy" if e else "light" for e in escalated.tolist()]

@@ -59,8 +59,11 @@ class ModelInfo(BaseModel):
     input_dim: int
     labels: list[str]
     kind: str = Field("mlp", description="Model spec kind: mlp or cascade.")
-    precision: str = Field("fp32", description="What the served copy computes in: "
-                           "fp32, int8 or bf16 (FLYWHEEL_SERVE_PRECISION).")
+    precision: str = Field(
+        "fp32",
+        description="What the served copy computes in: "
+        "fp32, int8 or bf16 (FLYWHEEL_SERVE_PRECISION).",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -70,5 +73,6 @@ class ErrorBody(BaseModel):
 
 # what the write endpoints document: each error status answers with an `ErrorBody`
 ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorBody} for status in (400, 413, 422, 503)}
+    status: {"model": ErrorBody} for status in (400, 413, 422, 503)
+}
 NOT_READY: dict[int | str, dict] = {503: {"model": ErrorBody}}

@@ -18,8 +18,9 @@ class GracefulServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        original = {sig: signal.signal(sig, self.handle_exit)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        original = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             yield
         finally:  # unlike uvicorn's own, do not re-raise: our caller still has work to do
@@ -28,6 +29,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def run_server(app: FastAPI, host: str, port: int, access_log: bool = False) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=access_log,
-                            workers=1)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", access_log=access_log, workers=1
+    )
     GracefulServer(config).run()

@@ -50,7 +50,8 @@ class Spool:
             self._lock_file.close()
             raise SpoolLocked(
                 f"{path} is in use by another process; give each service replica its own "
-                "FLYWHEEL_HOME") from None
+                "FLYWHEEL_HOME"
+            ) from None
         self._offset = self._read_checkpoint()
         self._pending = self._recover()
 
@@ -142,6 +143,10 @@ class Spool:
                     if end == size:
                         return
                     raise SpoolCorrupt(f"{self.path}: bad checksum at byte {offset}")
-                yield Record(payload[:tlen].decode(), payload[tlen:tlen + klen],
-                             payload[tlen + klen:]), end
+                yield (
+                    Record(
+                        payload[:tlen].decode(), payload[tlen : tlen + klen], payload[tlen + klen :]
+                    ),
+                    end,
+                )
                 offset = end

@@ -34,7 +34,9 @@ def _pg_admin_url() -> URL:
 
 def _pg_engine(url: URL) -> Engine:
     return create_engine(
-        url, isolation_level="AUTOCOMMIT", poolclass=NullPool,
+        url,
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
         connect_args={"connect_timeout": 5},
     )
 
@@ -50,8 +52,10 @@ def pg_session_url() -> Iterator[str]:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     except SQLAlchemyError as exc:
         admin.dispose()
-        reason = (f"PostgreSQL at {admin_url.render_as_string(hide_password=True)} is unusable: "
-                  f"{' '.join(str(getattr(exc, 'orig', None) or exc).split())}")
+        reason = (
+            f"PostgreSQL at {admin_url.render_as_string(hide_password=True)} is unusable: "
+            f"{' '.join(str(getattr(exc, 'orig', None) or exc).split())}"
+        )
         if _in_ci():
             pytest.fail(reason)
         pytest.skip(reason)

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 app = typer.Typer(
-    name="flywheel", no_args_is_help=True, add_completion=False,
+    name="flywheel",
+    no_args_is_help=True,
+    add_completion=False,
     help="Online-learning inference service with a feedback loop.",
     pretty_exceptions_show_locals=False,  # locals would print URLs with their passwords
 )
@@ -32,8 +34,11 @@ def settings_or_exit(**overrides: object) -> Settings:
     try:
         prepare_home(settings)
     except OSError as exc:
-        typer.echo(f"error: FLYWHEEL_HOME {settings.home}: cannot be used as a folder "
-                   f"({exc.strerror or exc})", err=True)
+        typer.echo(
+            f"error: FLYWHEEL_HOME {settings.home}: cannot be used as a folder "
+            f"({exc.strerror or exc})",
+            err=True,
+        )
         raise typer.Exit(2) from None
     return settings
 
@@ -56,8 +61,9 @@ def image_path(value: Path | None) -> Path | None:
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if value.suffix.lower().lstrip(".") not in formats:
-        raise typer.BadParameter(f"{value}: the name must end in one of "
-                                 f"{', '.join('.' + f for f in sorted(formats))}")
+        raise typer.BadParameter(
+            f"{value}: the name must end in one of {', '.join('.' + f for f in sorted(formats))}"
+        )
     return value
 
 

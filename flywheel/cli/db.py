@@ -86,8 +86,9 @@ def _revision_arg(value: str) -> str:
 
 @db_app.command()
 def upgrade(
-    revision: str = typer.Option("head", "--revision", "-r", callback=_revision_arg,
-                                 help="Target revision."),
+    revision: str = typer.Option(
+        "head", "--revision", "-r", callback=_revision_arg, help="Target revision."
+    ),
 ) -> None:
     """Migrate the database forward (creating the schema on an empty database)."""
     _migrate("upgrade", revision)
@@ -95,8 +96,9 @@ def upgrade(
 
 @db_app.command(context_settings={"ignore_unknown_options": True})
 def downgrade(
-    revision: str = typer.Argument(..., callback=_revision_arg,
-                                   help="Target revision: an id, `-1`, or `base`."),
+    revision: str = typer.Argument(
+        ..., callback=_revision_arg, help="Target revision: an id, `-1`, or `base`."
+    ),
 ) -> None:
     """Migrate the database back; `base` drops every Flywheel table and its data."""
     _migrate("downgrade", revision)

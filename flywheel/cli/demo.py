@@ -16,13 +16,19 @@ from flywheel.cli import app, settings_or_exit
 
 @app.command()
 def demo(
-    report: Path | None = typer.Option(None, "--report", file_okay=False,
-                                       help="Write accuracy.png, summary.md, summary.json here."),
+    report: Path | None = typer.Option(
+        None, "--report", file_okay=False, help="Write accuracy.png, summary.md, summary.json here."
+    ),
     requests: int = typer.Option(6000, min=10, max=1_000_000, help="Predictions to request."),
-    rate: float = typer.Option(60.0, min=0.0, max=100_000.0,
-                               help="Requests per second the app sends (0: as fast as served)."),
-    correction_fraction: float = typer.Option(0.3, min=0.0, max=1.0,
-                                              help="Share of predictions corrected."),
+    rate: float = typer.Option(
+        60.0,
+        min=0.0,
+        max=100_000.0,
+        help="Requests per second the app sends (0: as fast as served).",
+    ),
+    correction_fraction: float = typer.Option(
+        0.3, min=0.0, max=1.0, help="Share of predictions corrected."
+    ),
     port: int = typer.Option(0, min=0, max=65535, help="Service port; 0 picks a free one."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -51,8 +57,9 @@ def demo(
     console = Console(stderr=True)
     config = DemoConfig(requests=requests, rate=rate, correction_fraction=correction_fraction)
     with contextlib.ExitStack() as stack:
-        with console.status("starting broker, store, registry, feedback worker, learner, "
-                            "service..."):
+        with console.status(
+            "starting broker, store, registry, feedback worker, learner, service..."
+        ):
             s = stack.enter_context(embedded_stack(settings))
             bootstrap = s.kafka_bootstrap
             assert bootstrap is not None  # embedded_stack starts a broker when none is set
@@ -60,41 +67,68 @@ def demo(
             assert initial is not None
             frozen = frozen_predictor(s, initial)
             worker, learner, url = stack.enter_context(running_loop(s))
-        console.print(f"service at {url}, Kafka at {s.kafka_bootstrap}, home {s.home_dir}; "
-                      f"serving v{initial}")
-        with Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                      console=console) as progress:
+        console.print(
+            f"service at {url}, Kafka at {s.kafka_bootstrap}, home {s.home_dir}; serving v{initial}"
+        )
+        with Progress(
+            TextColumn("[bold]requests"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
             task = progress.add_task("demo", total=config.requests, status="")
 
             def on_progress(n: int, acc: float, version: str) -> None:
-                progress.update(task, completed=n, status=(
-                    f"accuracy {acc:.1%} · serving v{version} · "
-                    f"{learner.stats.candidates} candidates, {learner.stats.promoted} promoted"))
+                progress.update(
+                    task,
+                    completed=n,
+                    status=(
+                        f"accuracy {acc:.1%} · serving v{version} · "
+                        f"{learner.stats.candidates} candidates, {learner.stats.promoted} promoted"
+                    ),
+                )
 
             result, _ = simulate_app(url, s, config, on_progress, frozen=frozen)
         with console.status("checking every record on Kafka and in the store..."):
-            result.events_on_topic = count_topic(bootstrap, s.topic_predictions,
-                                                 result.predictions)
-            result.corrections_on_topic = count_topic(bootstrap, s.topic_corrections,
-                                                      result.corrections)
+            result.events_on_topic = count_topic(bootstrap, s.topic_predictions, result.predictions)
+            result.corrections_on_topic = count_topic(
+                bootstrap, s.topic_corrections, result.corrections
+            )
             result.corrections_joined = wait_joined(worker, result.corrections)
         history = list(learner.stats.history)
-    candidates = [{"version": c.version, "parent_version": c.parent_version,
-                   "examples": c.examples, "first_example_id": c.first_id,
-                   "last_example_id": c.last_id, "lr": c.lr, "promoted": c.promoted,
-                   "gate": c.gate.summary(), "privacy": c.privacy} for c in history]
-    fresh = freshness(result.trace, learned_examples(s),
-                      [(c.version, c.last_id) for c in history if c.promoted])
-    summary = summarize(result.trace, candidates=candidates, fresh=fresh,
-                        elapsed_s=result.elapsed_s)
-    summary |= {"predictions": result.predictions, "prediction_events": result.events_on_topic,
-                "corrections": result.corrections,
-                "correction_events": result.corrections_on_topic,
-                "corrections_joined": result.corrections_joined,
-                "initial_version": initial,
-                "privacy": privacy_summary(candidates, s.privacy_enabled, s.privacy_epsilon,
-                                           s.privacy_delta)}
+    candidates = [
+        {
+            "version": c.version,
+            "parent_version": c.parent_version,
+            "examples": c.examples,
+            "first_example_id": c.first_id,
+            "last_example_id": c.last_id,
+            "lr": c.lr,
+            "promoted": c.promoted,
+            "gate": c.gate.summary(),
+            "privacy": c.privacy,
+        }
+        for c in history
+    ]
+    fresh = freshness(
+        result.trace, learned_examples(s), [(c.version, c.last_id) for c in history if c.promoted]
+    )
+    summary = summarize(
+        result.trace, candidates=candidates, fresh=fresh, elapsed_s=result.elapsed_s
+    )
+    summary |= {
+        "predictions": result.predictions,
+        "prediction_events": result.events_on_topic,
+        "corrections": result.corrections,
+        "correction_events": result.corrections_on_topic,
+        "corrections_joined": result.corrections_joined,
+        "initial_version": initial,
+        "privacy": privacy_summary(
+            candidates, s.privacy_enabled, s.privacy_epsilon, s.privacy_delta
+        ),
+    }
     if report is not None:
         write_report(report, summary, result.trace)
     if as_json:
@@ -102,13 +136,20 @@ def demo(
     else:
         _print_summary(summary, report)
     if not result.loop_closed_for_logging:
-        typer.echo("error: not every prediction and correction reached Kafka and the store",
-                   err=True)
+        typer.echo(
+            "error: not every prediction and correction reached Kafka and the store", err=True
+        )
         raise typer.Exit(1)
     if not summary["recovered"]:
-        typer.echo("error: the loop did not close: " + (
-            "no version was promoted" if not summary["promoted_versions"] else
-            "the served model did not recover after the drift"), err=True)
+        typer.echo(
+            "error: the loop did not close: "
+            + (
+                "no version was promoted"
+                if not summary["promoted_versions"]
+                else "the served model did not recover after the drift"
+            ),
+            err=True,
+        )
         raise typer.Exit(1)
 
 
@@ -120,25 +161,39 @@ def _print_summary(summary: dict, report: Path | None) -> None:
     table.add_column("measure")
     table.add_column("flywheel", justify="right")
     table.add_column("frozen initial model", justify="right")
-    table.add_row("accuracy before the drift", pct(summary["accuracy_flywheel_before_drift"]),
-                  pct(summary["accuracy_frozen_before_drift"]))
-    table.add_row("accuracy after the drift (settled)",
-                  pct(summary["accuracy_flywheel_after_drift"]),
-                  pct(summary["accuracy_frozen_after_drift"]))
-    table.add_row("versions promoted", ", ".join(f"v{v}" for v in summary["promoted_versions"])
-                  or "none", "-")
-    table.add_row("freshness median / p95", f"{summary['freshness_median_s']} s / "
-                  f"{summary['freshness_p95_s']} s", "-")
-    table.add_row("predictions / corrections",
-                  f"{summary['predictions']} / {summary['corrections']}", "-")
+    table.add_row(
+        "accuracy before the drift",
+        pct(summary["accuracy_flywheel_before_drift"]),
+        pct(summary["accuracy_frozen_before_drift"]),
+    )
+    table.add_row(
+        "accuracy after the drift (settled)",
+        pct(summary["accuracy_flywheel_after_drift"]),
+        pct(summary["accuracy_frozen_after_drift"]),
+    )
+    table.add_row(
+        "versions promoted", ", ".join(f"v{v}" for v in summary["promoted_versions"]) or "none", "-"
+    )
+    table.add_row(
+        "freshness median / p95",
+        f"{summary['freshness_median_s']} s / {summary['freshness_p95_s']} s",
+        "-",
+    )
+    table.add_row(
+        "predictions / corrections", f"{summary['predictions']} / {summary['corrections']}", "-"
+    )
     privacy = summary.get("privacy") or {}
     if privacy.get("enabled"):
-        table.add_row("privacy: ε spent (budget)",
-                      f"{privacy['epsilon_spent']} ({privacy['budget_epsilon']:g}, "
-                      f"δ={privacy['delta']:g})", "-")
-        table.add_row("recent holdout, DP / same run without DP",
-                      f"{pct(privacy['recent_accuracy_dp'])} / "
-                      f"{pct(privacy['recent_accuracy_without_dp'])}", "-")
+        table.add_row(
+            "privacy: ε spent (budget)",
+            f"{privacy['epsilon_spent']} ({privacy['budget_epsilon']:g}, δ={privacy['delta']:g})",
+            "-",
+        )
+        table.add_row(
+            "recent holdout, DP / same run without DP",
+            f"{pct(privacy['recent_accuracy_dp'])} / {pct(privacy['recent_accuracy_without_dp'])}",
+            "-",
+        )
     else:
         table.add_row("privacy", "DP off", "-")
     Console().print(table)

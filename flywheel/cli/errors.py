@@ -26,7 +26,8 @@ def describe_outside_error(exc: BaseException) -> str | None:
         orig = getattr(exc, "orig", None)
         text = f"database: {orig if orig is not None else str(exc).splitlines()[0]}"
     elif (kafka is not None and isinstance(exc, kafka.KafkaError)) or (
-            confluent is not None and isinstance(exc, confluent.KafkaException)):
+        confluent is not None and isinstance(exc, confluent.KafkaException)
+    ):
         text = f"Kafka: {exc}"
     elif mlflow is not None and isinstance(exc, mlflow.MlflowException):
         text = f"MLflow: {exc.message}"

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 log = logging.getLogger("flywheel.federated")
-fed_app = typer.Typer(no_args_is_help=True,
-                      help="Federated learning: SuperLink, ServerApp runs, customer sites.")
+fed_app = typer.Typer(
+    no_args_is_help=True, help="Federated learning: SuperLink, ServerApp runs, customer sites."
+)
 app.add_typer(fed_app, name="fed")
 
 TLS_HELP = "TLS with FLYWHEEL_FED_TLS_CA/CERT/KEY; without it only loopback is allowed."
@@ -60,8 +61,12 @@ def _run_child(cmd: list[str], env: dict[str, str]) -> int:
 @fed_app.command("superlink")
 def superlink(
     tls: bool = typer.Option(False, "--tls", help=TLS_HELP),
-    auth: bool = typer.Option(False, "--auth", help="Only SuperNodes whose public key was "
-                              "registered (`flywheel fed register`) may join; needs --tls."),
+    auth: bool = typer.Option(
+        False,
+        "--auth",
+        help="Only SuperNodes whose public key was "
+        "registered (`flywheel fed register`) may join; needs --tls.",
+    ),
 ) -> None:
     """The platform's Flower SuperLink on FLYWHEEL_FED_SUPERLINK (Fleet, Control and
     Runtime APIs on one port); it starts a ServerApp process for each submitted run."""
@@ -70,8 +75,12 @@ def superlink(
     settings = settings_or_exit()
     cmd = _security_or_exit(superlink_command, settings.federated, tls=tls, auth=auth)
     store_or_exit(settings).dispose()  # a migrated store, or a one-line error
-    log.info("SuperLink on %s (%s%s)", settings.fed_superlink, "TLS" if tls else "insecure",
-             ", SuperNode authentication" if auth else "")
+    log.info(
+        "SuperLink on %s (%s%s)",
+        settings.fed_superlink,
+        "TLS" if tls else "insecure",
+        ", SuperNode authentication" if auth else "",
+    )
     raise typer.Exit(_run_child(cmd, process_env(settings)))
 
 
@@ -83,10 +92,14 @@ def server(
     clipping: str | None = typer.Option(None, help="DP wrapper: client | server."),
     noise: float | None = typer.Option(None, min=0.0, help="Central noise multiplier σ."),
     server_momentum: float | None = typer.Option(
-        None, min=0.0, max=0.99, help="Server momentum on the released updates (default 0)."),
+        None, min=0.0, max=0.99, help="Server momentum on the released updates (default 0)."
+    ),
     average_last: int | None = typer.Option(
-        None, min=0, help="Register the mean of the last N global models "
-                         "(default 0: the last half of the rounds)."),
+        None,
+        min=0,
+        help="Register the mean of the last N global models "
+        "(default 0: the last half of the rounds).",
+    ),
     publish: bool = typer.Option(True, help="Gate, register and (if passed) promote."),
     report: Path | None = typer.Option(None, help="Write the run's summary JSON here."),
     tls: bool = typer.Option(False, "--tls", help=TLS_HELP),
@@ -102,12 +115,21 @@ def server(
     )
 
     settings = settings_or_exit()
-    overrides = {k: v for k, v in {"rounds": rounds, "clients": clients, "strategy": strategy,
-                                   "clipping": clipping, "noise_multiplier": noise,
-                                   "server_momentum": server_momentum,
-                                   "average_last": average_last, "publish": publish,
-                                   "report": str(report.resolve()) if report else None}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "rounds": rounds,
+            "clients": clients,
+            "strategy": strategy,
+            "clipping": clipping,
+            "noise_multiplier": noise,
+            "server_momentum": server_momentum,
+            "average_last": average_last,
+            "publish": publish,
+            "report": str(report.resolve()) if report else None,
+        }.items()
+        if v is not None
+    }
     if strategy is not None and strategy not in STRATEGY_CHOICES:
         typer.echo(f"error: --strategy must be one of {', '.join(STRATEGY_CHOICES)}", err=True)
         raise typer.Exit(2)
@@ -117,44 +139,63 @@ def server(
     options = RunOptions.from_settings(settings.federated, settings.trusted, **overrides)
     log_file = settings.home_dir / "flwr" / "flwr-run.log"  # what `flwr run` said, if it fails
     try:
-        summary = _security_or_exit(submit_run, settings, options, tls=tls, timeout_s=timeout,
-                                    log_file=log_file)
+        summary = _security_or_exit(
+            submit_run, settings, options, tls=tls, timeout_s=timeout, log_file=log_file
+        )
     except typer.Exit:  # a RuntimeError too (click's), from _security_or_exit
         raise
     except (RuntimeError, TimeoutError) as exc:
-        typer.echo(f"error: {exc} (is the SuperLink at {settings.fed_superlink} running, "
-                   "with sites connected? `flywheel fed superlink`, `flywheel fed client`)",
-                   err=True)
+        typer.echo(
+            f"error: {exc} (is the SuperLink at {settings.fed_superlink} running, "
+            "with sites connected? `flywheel fed superlink`, `flywheel fed client`)",
+            err=True,
+        )
         raise typer.Exit(1) from None
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     for r in summary["rounds"]:
-        typer.echo(f"round {r['round']}: {r['replied']} sites, recent accuracy "
-                   f"{r['recent_accuracy']:.3f}, trusted {r['trusted_accuracy']:.3f}, "
-                   f"client ε {r['epsilon_round']:.3g} (cumulative "
-                   f"{r['epsilon_cumulative']:.3g}), {r['wall_s']:.2f} s "
-                   f"({r['overhead_s']:.2f} s overhead)")
-    typer.echo(f"v{summary['version']}: {summary['gate']}"
-               + (" (promoted)" if summary["promoted"] else "")
-               if summary.get("version") else "no version registered")
+        typer.echo(
+            f"round {r['round']}: {r['replied']} sites, recent accuracy "
+            f"{r['recent_accuracy']:.3f}, trusted {r['trusted_accuracy']:.3f}, "
+            f"client ε {r['epsilon_round']:.3g} (cumulative "
+            f"{r['epsilon_cumulative']:.3g}), {r['wall_s']:.2f} s "
+            f"({r['overhead_s']:.2f} s overhead)"
+        )
+    typer.echo(
+        f"v{summary['version']}: {summary['gate']}" + (" (promoted)" if summary["promoted"] else "")
+        if summary.get("version")
+        else "no version registered"
+    )
 
 
 @fed_app.command("client")
 def client(
-    tls: bool = typer.Option(False, "--tls", help="Verify the SuperLink with "
-                             "FLYWHEEL_FED_TLS_CA; without it only loopback is allowed."),
-    auth: bool = typer.Option(False, "--auth", help="Authenticate with the SuperNode key "
-                              "FLYWHEEL_FED_AUTH_KEY (its public key registered on the "
-                              "platform); needs --tls."),
-    runtime_port: int | None = typer.Option(None, min=1, max=65535,
-                                            help="Default: FLYWHEEL_FED_RUNTIME_PORT."),
+    tls: bool = typer.Option(
+        False,
+        "--tls",
+        help="Verify the SuperLink with FLYWHEEL_FED_TLS_CA; without it only loopback is allowed.",
+    ),
+    auth: bool = typer.Option(
+        False,
+        "--auth",
+        help="Authenticate with the SuperNode key "
+        "FLYWHEEL_FED_AUTH_KEY (its public key registered on the "
+        "platform); needs --tls.",
+    ),
+    runtime_port: int | None = typer.Option(
+        None, min=1, max=65535, help="Default: FLYWHEEL_FED_RUNTIME_PORT."
+    ),
     node_config: str | None = typer.Option(None, help="Flower node config, 'k=\"v\" …'."),
     flower_defaults: bool = typer.Option(
-        False, "--flower-defaults", help="Flower's defaults instead (a ClientApp process per "
-        "message, 3 s poll): for comparison only."),
-    app_ref: str | None = typer.Option(None, "--app", hidden=True,
-                                       help="MODULE:ATTR of another ClientApp (tests)."),
+        False,
+        "--flower-defaults",
+        help="Flower's defaults instead (a ClientApp process per "
+        "message, 3 s poll): for comparison only.",
+    ),
+    app_ref: str | None = typer.Option(
+        None, "--app", hidden=True, help="MODULE:ATTR of another ClientApp (tests)."
+    ),
 ) -> None:
     """This site's SuperNode and a long-lived ClientApp training on its own store; only
     clipped model updates and aggregate metrics leave the site."""
@@ -164,9 +205,15 @@ def client(
 
     settings = settings_or_exit()
     port = runtime_port or settings.fed_runtime_port
-    cmd = _security_or_exit(supernode_command, settings.federated, tls=tls, auth=auth,
-                            runtime_port=port, node_config=node_config,
-                            flower_defaults=flower_defaults)
+    cmd = _security_or_exit(
+        supernode_command,
+        settings.federated,
+        tls=tls,
+        auth=auth,
+        runtime_port=port,
+        node_config=node_config,
+        flower_defaults=flower_defaults,
+    )
     store_or_exit(settings).dispose()  # a migrated store, or a one-line error
     env = process_env(settings, FLYWHEEL_FED_POLL_S=str(settings.fed_poll_s))
     if flower_defaults:
@@ -189,9 +236,13 @@ def client(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        serve_site_worker(f"127.0.0.1:{port}", _load_app(app_ref) if app_ref else site_app,
-                          poll_s=settings.fed_poll_s, stop=stop,
-                          after_task=site.prewarm)
+        serve_site_worker(
+            f"127.0.0.1:{port}",
+            _load_app(app_ref) if app_ref else site_app,
+            poll_s=settings.fed_poll_s,
+            stop=stop,
+            after_task=site.prewarm,
+        )
     finally:
         if node.poll() is None:
             node.terminate()
@@ -221,10 +272,12 @@ def _load_app(ref: str) -> ClientApp:
 
 @fed_app.command("register")
 def register(
-    public_key: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                      help="The site's SuperNode public key (.pub)."),
-    tls: bool = typer.Option(True, "--tls/--no-tls", help="Registration needs --auth, "
-                             "which needs TLS."),
+    public_key: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="The site's SuperNode public key (.pub)."
+    ),
+    tls: bool = typer.Option(
+        True, "--tls/--no-tls", help="Registration needs --auth, which needs TLS."
+    ),
 ) -> None:
     """Register a site's SuperNode public key with the SuperLink (`--auth`)."""
     from flywheel.learner.federated import BIN, CONNECTION, write_connection
@@ -233,16 +286,21 @@ def register(
     _security_or_exit(write_connection, settings.state, settings.federated, tls=tls)
     from flywheel.learner.federated import process_env
 
-    raise typer.Exit(subprocess.call([str(BIN / "flwr"), "supernode", "register",
-                                      str(public_key), CONNECTION], env=process_env(settings)))
+    raise typer.Exit(
+        subprocess.call(
+            [str(BIN / "flwr"), "supernode", "register", str(public_key), CONNECTION],
+            env=process_env(settings),
+        )
+    )
 
 
 @fed_app.command("demo")
 def demo(
     clients: int = typer.Option(3, "--clients", min=2, max=16, help="Customer sites."),
     rounds: int = typer.Option(5, "--rounds", min=1, max=100),
-    report: Path = typer.Option(Path(".flywheel/fed-demo"), "--report",
-                                help="Folder for summary.json, logs and the homes."),
+    report: Path = typer.Option(
+        Path(".flywheel/fed-demo"), "--report", help="Folder for summary.json, logs and the homes."
+    ),
     strategy: str = typer.Option("fedavg", help="fedavg | trimmed | median."),
 ) -> None:
     """A loopback federation (one SuperLink, K sites with Dirichlet(0.5) label-skewed data
@@ -252,12 +310,16 @@ def demo(
     settings_or_exit()
     summary = run_demo(report.resolve(), clients=clients, rounds=rounds, strategy=strategy)
     for r in summary["rounds"]:
-        typer.echo(f"round {r['round']}: accuracy {r['recent_accuracy']:.3f} (union holdout),"
-                   f" trusted {r['trusted_accuracy']:.3f}, client ε {r['epsilon_round']:.3g}"
-                   f" (cumulative {r['epsilon_cumulative']:.3g}), overhead "
-                   f"{r['overhead_s']:.2f} s")
-    typer.echo(f"registered v{summary['version']} ({summary['gate']})"
-               f"{', promoted' if summary['promoted'] else ''}; "
-               f"summary in {report / 'summary.json'}")
+        typer.echo(
+            f"round {r['round']}: accuracy {r['recent_accuracy']:.3f} (union holdout),"
+            f" trusted {r['trusted_accuracy']:.3f}, client ε {r['epsilon_round']:.3g}"
+            f" (cumulative {r['epsilon_cumulative']:.3g}), overhead "
+            f"{r['overhead_s']:.2f} s"
+        )
+    typer.echo(
+        f"registered v{summary['version']} ({summary['gate']})"
+        f"{', promoted' if summary['promoted'] else ''}; "
+        f"summary in {report / 'summary.json'}"
+    )
     if not summary.get("version"):
         sys.exit(1)

@@ -26,8 +26,9 @@ def run(ctx: typer.Context) -> None:
 
     settings = settings_or_exit()
     if not settings.kafka.kafka_bootstrap:
-        typer.echo("error: set FLYWHEEL_KAFKA_BOOTSTRAP (start one with `flywheel broker`)",
-                   err=True)
+        typer.echo(
+            "error: set FLYWHEEL_KAFKA_BOOTSTRAP (start one with `flywheel broker`)", err=True
+        )
         raise typer.Exit(2)
     try:
         worker = build_worker(settings)
@@ -38,15 +39,24 @@ def run(ctx: typer.Context) -> None:
         from flywheel.feedback import FeedbackCollector, serve_metrics
         from flywheel.store import make_engine
 
-        serve_metrics(settings.feedback.feedback_metrics_port, FeedbackCollector(
-            worker, make_engine(settings.state.resolved_database_url),
-            settings.registry.model_name), addr=settings.service.host)
+        serve_metrics(
+            settings.feedback.feedback_metrics_port,
+            FeedbackCollector(
+                worker,
+                make_engine(settings.state.resolved_database_url),
+                settings.registry.model_name,
+            ),
+            addr=settings.service.host,
+        )
     tune_worker_process()  # after everything long-lived is loaded
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("feedback worker in group %s on %s", settings.feedback.feedback_group,
-             settings.kafka.kafka_bootstrap)
+    log.info(
+        "feedback worker in group %s on %s",
+        settings.feedback.feedback_group,
+        settings.kafka.kafka_bootstrap,
+    )
     stats = worker.run(stop)
     log.info("stopped: %s", stats)
 
@@ -71,13 +81,22 @@ def report(
     from rich.table import Table
 
     table = Table(title=f"{doc['model_name']}: last {hours:g} h of corrections")
-    for col in ("version", "corrections", "errors", "error rate", "error types",
-                "top confusions (predicted→actual)"):
+    for col in (
+        "version",
+        "corrections",
+        "errors",
+        "error rate",
+        "error types",
+        "top confusions (predicted→actual)",
+    ):
         table.add_column(col)
     for v in doc["versions"]:
-        table.add_row(v["model_version"], str(v["corrections"]), str(v["errors"]),
-                      f"{v['error_rate']:.1%}",
-                      ", ".join(f"{k} {n}" for k, n in v["error_types"].items()),
-                      ", ".join(f"{c['predicted']}→{c['actual']} {c['count']}"
-                                for c in v["confusions"]))
+        table.add_row(
+            v["model_version"],
+            str(v["corrections"]),
+            str(v["errors"]),
+            f"{v['error_rate']:.1%}",
+            ", ".join(f"{k} {n}" for k, n in v["error_types"].items()),
+            ", ".join(f"{c['predicted']}→{c['actual']} {c['count']}" for c in v["confusions"]),
+        )
     Console().print(table)

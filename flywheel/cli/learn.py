@@ -15,8 +15,9 @@ log = logging.getLogger("flywheel.learner")
 
 @app.command()
 def learn(
-    once: bool = typer.Option(False, "--once",
-                              help="Run one step (train and publish if N examples wait), exit."),
+    once: bool = typer.Option(
+        False, "--once", help="Run one step (train and publish if N examples wait), exit."
+    ),
 ) -> None:
     """Train on new examples every N, gate, register in MLflow and promote (if enabled)."""
     from flywheel.learner import LearnerConfig, OnlineLearner
@@ -37,16 +38,25 @@ def learn(
         start_http_server(settings.learn_metrics_port, addr=settings.host)  # default registry
     if once:
         candidate = learner.step()
-        typer.echo("no candidate: fewer than "
-                   f"{settings.learn_batch} new trainable examples" if candidate is None else
-                   f"v{candidate.version} from v{candidate.parent_version}: "
-                   f"{candidate.gate.summary()}{' (promoted)' if candidate.promoted else ''}")
+        typer.echo(
+            f"no candidate: fewer than {settings.learn_batch} new trainable examples"
+            if candidate is None
+            else f"v{candidate.version} from v{candidate.parent_version}: "
+            f"{candidate.gate.summary()}{' (promoted)' if candidate.promoted else ''}"
+        )
         return
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("learner %s: every %d examples, auto-promote %s", learner.lineage,
-             settings.learn_batch, "on" if settings.auto_promote else "off")
+    log.info(
+        "learner %s: every %d examples, auto-promote %s",
+        learner.lineage,
+        settings.learn_batch,
+        "on" if settings.auto_promote else "off",
+    )
     learner.run(stop)
-    log.info("stopped after %d candidates (%d promoted)", learner.stats.candidates,
-             learner.stats.promoted)
+    log.info(
+        "stopped after %d candidates (%d promoted)",
+        learner.stats.candidates,
+        learner.stats.promoted,
+    )

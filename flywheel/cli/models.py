@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from flywheel.settings import Settings
 
 models_app = typer.Typer(
-    name="models", no_args_is_help=True,
+    name="models",
+    no_args_is_help=True,
     help="Review model versions (metrics, privacy spent, lineage), promote and roll back.",
 )
 app.add_typer(models_app, name="models")
@@ -39,8 +40,15 @@ _VERSION = re.compile(r"^[vV]?([1-9][0-9]{0,17})$")
 # seed model's `holdout_accuracy`, which is measured on the same trusted seed holdout.
 _KEY_METRICS = (
     ("recent", ("gate_recent_candidate", "recent_accuracy", "recent_holdout_accuracy")),
-    ("trusted", ("gate_trusted_candidate", "trusted_accuracy", "trusted_holdout_accuracy",
-                 "holdout_accuracy")),
+    (
+        "trusted",
+        (
+            "gate_trusted_candidate",
+            "trusted_accuracy",
+            "trusted_holdout_accuracy",
+            "holdout_accuracy",
+        ),
+    ),
 )
 GATE_MIN_WIDTH = 24  # the tables cut the gate to the terminal's width; `show` prints it whole
 PIPED_WIDTH = 160
@@ -169,11 +177,17 @@ def _number(value: float | None) -> str:
 
 
 def _when(iso: str | None, seconds: bool = False) -> str:
-    return "" if iso is None else iso.replace("T", " ")[:19 if seconds else 16]
+    return "" if iso is None else iso.replace("T", " ")[: 19 if seconds else 16]
 
 
-def _fitted_table(console: Console, title: str, columns: list[tuple[str, bool]],
-                  rows: list[list[str]], gates: list[str], caption: str = "") -> Table:
+def _fitted_table(
+    console: Console,
+    title: str,
+    columns: list[tuple[str, bool]],
+    rows: list[list[str]],
+    gates: list[str],
+    caption: str = "",
+) -> Table:
     """A table whose facts never wrap; the gate (free text) gets the width that is left.
 
     `columns` are (header, numeric). In a terminal too narrow for that, words wrap
@@ -186,14 +200,21 @@ def _fitted_table(console: Console, title: str, columns: list[tuple[str, bool]],
     narrow = gate_width < GATE_MIN_WIDTH
     if narrow:  # a few wrapped lines of it at most
         limit = 2 * GATE_MIN_WIDTH
-        gates = [g if len(g) <= limit else g[:limit - 1] + "…" for g in gates]
+        gates = [g if len(g) <= limit else g[: limit - 1] + "…" for g in gates]
     rows = [row + [gate] for row, gate in zip(rows, gates, strict=True)]
-    return _table(title, caption, columns, rows, gate="wrap" if narrow else "cut",
-                  gate_width=gate_width)
+    return _table(
+        title, caption, columns, rows, gate="wrap" if narrow else "cut", gate_width=gate_width
+    )
 
 
-def _table(title: str, caption: str, columns: list[tuple[str, bool]], rows: list[list[str]],
-           gate: str = "", gate_width: int = 0) -> Table:
+def _table(
+    title: str,
+    caption: str,
+    columns: list[tuple[str, bool]],
+    rows: list[list[str]],
+    gate: str = "",
+    gate_width: int = 0,
+) -> Table:
     """`gate` is "" (no gate column), "cut" (one line, ellipsis) or "wrap" (narrow terminal).
 
     Cells are plain `Text`: tag values are free text, and `[urgent]` in a reason is not markup.
@@ -202,11 +223,21 @@ def _table(title: str, caption: str, columns: list[tuple[str, bool]], rows: list
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(title), caption=caption or None, box=box.SIMPLE_HEAD,
-                  collapse_padding=True, title_justify="left", caption_justify="left")
+    table = Table(
+        title=Text(title),
+        caption=caption or None,
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        title_justify="left",
+        caption_justify="left",
+    )
     for name, numeric in columns:
-        table.add_column(name, justify="right" if numeric else "left",
-                         no_wrap=numeric or gate != "wrap", overflow="fold")
+        table.add_column(
+            name,
+            justify="right" if numeric else "left",
+            no_wrap=numeric or gate != "wrap",
+            overflow="fold",
+        )
     if gate == "cut":
         table.add_column("gate", no_wrap=True, overflow="ellipsis", max_width=gate_width)
     elif gate == "wrap":
@@ -217,17 +248,39 @@ def _table(title: str, caption: str, columns: list[tuple[str, bool]], rows: list
 
 
 def _print_versions(docs: list[dict[str, Any]], title: str, console: Console) -> None:
-    columns = [("version", True), ("status", False), ("source", False), ("parent", True),
-               ("examples", False), ("ε", True),
-               *((f"{label}\nacc", True) for label, _ in _KEY_METRICS),
-               ("created (UTC)", False)]
-    rows = [[f"v{d['version']}", _short_status(d), d["source"] or "",
-             f"v{d['parent_version']}" if d["parent_version"] else "—",
-             d["examples"] or "", d["epsilon"] or "",
-             *(_number(v) for v in _key_metrics(d["metrics"])), _when(d["created_at"])]
-            for d in docs]
-    console.print(_fitted_table(console, title, columns, rows, [d["gate"] or "" for d in docs],
-                                caption="details: flywheel models show VERSION"))
+    columns = [
+        ("version", True),
+        ("status", False),
+        ("source", False),
+        ("parent", True),
+        ("examples", False),
+        ("ε", True),
+        *((f"{label}\nacc", True) for label, _ in _KEY_METRICS),
+        ("created (UTC)", False),
+    ]
+    rows = [
+        [
+            f"v{d['version']}",
+            _short_status(d),
+            d["source"] or "",
+            f"v{d['parent_version']}" if d["parent_version"] else "—",
+            d["examples"] or "",
+            d["epsilon"] or "",
+            *(_number(v) for v in _key_metrics(d["metrics"])),
+            _when(d["created_at"]),
+        ]
+        for d in docs
+    ]
+    console.print(
+        _fitted_table(
+            console,
+            title,
+            columns,
+            rows,
+            [d["gate"] or "" for d in docs],
+            caption="details: flywheel models show VERSION",
+        )
+    )
 
 
 def _print_version(doc: dict[str, Any], console: Console) -> None:
@@ -237,35 +290,58 @@ def _print_version(doc: dict[str, Any], console: Console) -> None:
     from rich.text import Text
 
     marker = "★ champion" if doc["champion"] else doc["status"]
-    console.print(f"[bold]{escape(doc['model_name'])} v{doc['version']}[/bold]  {marker}",
-                  highlight=False)
-    console.print(f"created {_when(doc['created_at'], seconds=True)} UTC, "
-                  f"run {doc['run_id'] or 'none'}", highlight=False)
+    console.print(
+        f"[bold]{escape(doc['model_name'])} v{doc['version']}[/bold]  {marker}", highlight=False
+    )
+    console.print(
+        f"created {_when(doc['created_at'], seconds=True)} UTC, run {doc['run_id'] or 'none'}",
+        highlight=False,
+    )
     metrics = {k: "n/a" if v is None else f"{v:.6g}" for k, v in doc["metrics"].items()}
-    for title, values in (("tags", doc["tags"]), ("params", doc["params"]),
-                          ("metrics", metrics)):
+    for title, values in (("tags", doc["tags"]), ("params", doc["params"]), ("metrics", metrics)):
         if not values:
             console.print(f"\n{title}: none", highlight=False)
             continue
-        table = Table(title=title, title_justify="left", show_header=False,
-                      box=box.SIMPLE, collapse_padding=True)
+        table = Table(
+            title=title,
+            title_justify="left",
+            show_header=False,
+            box=box.SIMPLE,
+            collapse_padding=True,
+        )
         table.add_column("name", style="bold", no_wrap=True)
         table.add_column("value", overflow="fold")
         for name, value in values.items():
             table.add_row(Text(name), Text(str(value)))
         console.print(table)
     hops = doc["lineage"]
-    columns = [("version", True), ("status", False), ("source", False), ("examples", False),
-               ("ε", True), ("δ", True), ("created (UTC)", False)]
-    rows = [[f"v{h['version']}", _short_status(h) or "candidate", h["source"] or "",
-             h["examples"] or "", h["epsilon"] or "", h["delta"] or "", _when(h["created_at"])]
-            for h in hops]
+    columns = [
+        ("version", True),
+        ("status", False),
+        ("source", False),
+        ("examples", False),
+        ("ε", True),
+        ("δ", True),
+        ("created (UTC)", False),
+    ]
+    rows = [
+        [
+            f"v{h['version']}",
+            _short_status(h) or "candidate",
+            h["source"] or "",
+            h["examples"] or "",
+            h["epsilon"] or "",
+            h["delta"] or "",
+            _when(h["created_at"]),
+        ]
+        for h in hops
+    ]
     gates = [h["gate"] or "" for h in hops]
     title = f"lineage: v{doc['version']}, its parent, ... down to the first model"
     if len(hops) > LINEAGE_SHOWN:  # an online learner's chain grows by one every update
         hidden = len(hops) - LINEAGE_SHOWN + 1
-        rows = rows[:LINEAGE_SHOWN - 2] + [["…", f"{hidden} more", *[""] * 5]] + rows[-1:]
-        gates = gates[:LINEAGE_SHOWN - 2] + ["(all of them: --json)"] + gates[-1:]
+        rows = rows[: LINEAGE_SHOWN - 2] + [["…", f"{hidden} more", *[""] * 5]] + rows[-1:]
+        gates = gates[: LINEAGE_SHOWN - 2] + ["(all of them: --json)"] + gates[-1:]
         title += f" ({len(hops)} versions)"
     console.print(_fitted_table(console, title, columns, rows, gates))
 
@@ -285,12 +361,15 @@ def list_versions(
         history = set(registry.champion_history())
         listed = registry.versions(with_runs=False)
         # A run (params, metrics) costs a query: fetch runs only for the versions shown.
-        shown = [registry.info(v.version, with_run=True)
-                 for v in (listed[:limit] if limit else listed)]
+        shown = [
+            registry.info(v.version, with_run=True) for v in (listed[:limit] if limit else listed)
+        ]
     docs = [_as_dict(info, history) for info in shown]
-    hint = (f"no versions of {registry.name!r} in {mask_credentials(settings.resolved_mlflow_uri)} "
-            "yet: `flywheel serve` or `flywheel demo` trains and registers a seed model on "
-            "first start")
+    hint = (
+        f"no versions of {registry.name!r} in {mask_credentials(settings.resolved_mlflow_uri)} "
+        "yet: `flywheel serve` or `flywheel demo` trains and registers a seed model on "
+        "first start"
+    )
     if as_json:
         _json_out(docs)
         if not docs:
@@ -298,8 +377,12 @@ def list_versions(
         return
     champion = next((v.version for v in listed if v.is_champion), None)
     console = _console()
-    _print_versions(docs, f"{registry.name}: {len(docs)} of {len(listed)} versions, newest "
-                          f"first; champion {'v' + champion if champion else 'none'}", console)
+    _print_versions(
+        docs,
+        f"{registry.name}: {len(docs)} of {len(listed)} versions, newest "
+        f"first; champion {'v' + champion if champion else 'none'}",
+        console,
+    )
     if not docs:
         from rich.text import Text
 
@@ -308,8 +391,9 @@ def list_versions(
 
 @models_app.command()
 def show(
-    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
-                                  help="Version number (3 or v3)."),
+    version: str = typer.Argument(
+        ..., callback=_version_arg, metavar="VERSION", help="Version number (3 or v3)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
 ) -> None:
     """Every tag, param and metric of one version, and its lineage down to the first model."""
@@ -320,7 +404,8 @@ def show(
         history = set(registry.champion_history())
         # One query for every version: a long online-learning chain is walked in memory.
         by_version: dict[str, dict[str, Any]] = {
-            v.version: _as_dict(v, history) for v in registry.versions(with_runs=False)}
+            v.version: _as_dict(v, history) for v in registry.versions(with_runs=False)
+        }
     doc = _as_dict(info, history) | {"model_name": registry.name}
     by_version[info.version] = doc
     doc["lineage"] = _lineage(info.version, by_version)
@@ -332,10 +417,16 @@ def show(
 
 @models_app.command()
 def promote(
-    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
-                                  help="Version number (3 or v3)."),
-    reason: str = typer.Option("manual promotion", "--reason", "-r", callback=_reason_arg,
-                               help="Recorded on the version and in the model event."),
+    version: str = typer.Argument(
+        ..., callback=_version_arg, metavar="VERSION", help="Version number (3 or v3)."
+    ),
+    reason: str = typer.Option(
+        "manual promotion",
+        "--reason",
+        "-r",
+        callback=_reason_arg,
+        help="Recorded on the version and in the model event.",
+    ),
 ) -> None:
     """Make VERSION the champion (alias `champion`) and announce it on the model-events topic."""
     from flywheel import promotion
@@ -349,30 +440,42 @@ def promote(
             return
         gate = target.tags.get("gate", "")
         if gate.lower().startswith("rejected"):
-            typer.echo(f"warning: v{version} did not pass its gate ({gate}); promoting anyway",
-                       err=True)
-        event = promotion.promote(settings.kafka, target.version, reason=reason,
-                                  registry=registry, notify=False)
+            typer.echo(
+                f"warning: v{version} did not pass its gate ({gate}); promoting anyway", err=True
+            )
+        event = promotion.promote(
+            settings.kafka, target.version, reason=reason, registry=registry, notify=False
+        )
     was = f"v{event.previous_version}" if event.previous_version else "no champion"
-    typer.echo(f"promoted {event.model_name} v{event.version} to champion (was {was}); "
-               f"by {event.actor}: {event.reason}")
+    typer.echo(
+        f"promoted {event.model_name} v{event.version} to champion (was {was}); "
+        f"by {event.actor}: {event.reason}"
+    )
     _announce(settings, event)
 
 
 @models_app.command()
 def rollback(
-    reason: str = typer.Option("manual rollback", "--reason", "-r", callback=_reason_arg,
-                               help="Recorded on the version rolled back and in the event."),
+    reason: str = typer.Option(
+        "manual rollback",
+        "--reason",
+        "-r",
+        callback=_reason_arg,
+        help="Recorded on the version rolled back and in the event.",
+    ),
 ) -> None:
     """Move the champion back to the one before it (repeat to go further back)."""
     from flywheel import promotion
 
     settings = settings_or_exit()
     with _registry_errors(settings):
-        event = promotion.rollback(settings.kafka, reason=reason, registry=_open(settings),
-                                   notify=False)
-    typer.echo(f"rolled {event.model_name} back from v{event.previous_version} to "
-               f"v{event.version}; by {event.actor}: {event.reason}")
+        event = promotion.rollback(
+            settings.kafka, reason=reason, registry=_open(settings), notify=False
+        )
+    typer.echo(
+        f"rolled {event.model_name} back from v{event.previous_version} to "
+        f"v{event.version}; by {event.actor}: {event.reason}"
+    )
     _announce(settings, event)
 
 
@@ -380,15 +483,19 @@ def _announce(settings: Settings, event: ModelEvent) -> None:
     """Send the event if Kafka is configured, and say whether services were told."""
     from flywheel.promotion import announce
 
-    polling = (f"services pick up v{event.version} when they next poll the registry "
-               f"(every {settings.registry_poll_s:g} s)")
+    polling = (
+        f"services pick up v{event.version} when they next poll the registry "
+        f"(every {settings.registry_poll_s:g} s)"
+    )
     if not settings.kafka_bootstrap:
         typer.echo(f"no model event sent (FLYWHEEL_KAFKA_BOOTSTRAP is not set): {polling}")
     elif announce(settings.kafka, event):
         typer.echo(f"announced on {settings.topic_model_events}: services swap now")
     else:
-        typer.echo(f"could not announce on {settings.topic_model_events} (see the warning "
-                   f"above): {polling}")
+        typer.echo(
+            f"could not announce on {settings.topic_model_events} (see the warning "
+            f"above): {polling}"
+        )
 
 
 # --- review: diff, card, pending, approve, reject ----------------------------------------------
@@ -415,9 +522,12 @@ def _print_diff(doc: dict[str, Any], console: Console) -> None:
         d = side["data"]
         if d["range"] is None:
             return "—"
-        return (f"ids {d['range'][0]}..{d['range'][1]}: {d['total']} examples, "
-                f"{d['counterexamples']} counterexamples" if d["total"] is not None
-                else f"ids {d['range'][0]}..{d['range'][1]} (store not available)")
+        return (
+            f"ids {d['range'][0]}..{d['range'][1]}: {d['total']} examples, "
+            f"{d['counterexamples']} counterexamples"
+            if d["total"] is not None
+            else f"ids {d['range'][0]}..{d['range'][1]} (store not available)"
+        )
 
     def review(side: dict[str, Any]) -> str:
         r = side["review"]
@@ -455,20 +565,33 @@ def _print_diff(doc: dict[str, Any], console: Console) -> None:
         dis = h["disagreement"]
         if dis is None or not dis["n"]:
             continue
-        console.print(Text(
-            f"  disagree on {dis['share']:.1%} of {dis['n']} inputs: {dis['fixed']} fixed "
-            f"(wrong in {va}, right in {vb}), {dis['broken']} broken"))
+        console.print(
+            Text(
+                f"  disagree on {dis['share']:.1%} of {dis['n']} inputs: {dis['fixed']} fixed "
+                f"(wrong in {va}, right in {vb}), {dis['broken']} broken"
+            )
+        )
         if dis["changed_confusions"]:
-            console.print(Text("  confusions that changed (predicted→actual: "
-                               f"{va} → {vb}): " + ", ".join(
-                                   f"{c['predicted']}→{c['actual']} {c['a']}→{c['b']}"
-                                   for c in dis["changed_confusions"])))
+            console.print(
+                Text(
+                    "  confusions that changed (predicted→actual: "
+                    f"{va} → {vb}): "
+                    + ", ".join(
+                        f"{c['predicted']}→{c['actual']} {c['a']}→{c['b']}"
+                        for c in dis["changed_confusions"]
+                    )
+                )
+            )
     p = doc["parameters"]
     if p["comparable"]:
         rel = f" ({p['relative']:.1%} of {va}'s norm)" if p["relative"] is not None else ""
         moved = ", ".join(f"{t['tensor']} {t['l2']:.3g}" for t in p["tensors"][:3] if t["l2"])
-        console.print(Text(f"\nparameters: L2 distance {p['l2']:.4g}{rel}"
-                           + (f"; moved most: {moved}" if moved else "")))
+        console.print(
+            Text(
+                f"\nparameters: L2 distance {p['l2']:.4g}{rel}"
+                + (f"; moved most: {moved}" if moved else "")
+            )
+        )
     else:
         console.print(Text(f"\nparameters: not comparable ({p['reason']})"))
     if doc["store"]:
@@ -486,8 +609,14 @@ def diff(
 
     settings = settings_or_exit()
     with _registry_errors(settings):
-        doc = review.diff(_version(a), _version(b), registry=_open(settings),
-                          state=settings.state, trusted=settings.trusted, gate=settings.gate)
+        doc = review.diff(
+            _version(a),
+            _version(b),
+            registry=_open(settings),
+            state=settings.state,
+            trusted=settings.trusted,
+            gate=settings.gate,
+        )
     if as_json:
         _json_out(doc)
     else:
@@ -496,12 +625,21 @@ def diff(
 
 @models_app.command()
 def card(
-    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
-                                  help="Version number (3 or v3)."),
-    out: str | None = typer.Option(None, "--out", "-o", metavar="DIR",
-                                   help="Folder for the card; default FLYWHEEL_HOME/cards/vN."),
-    hours: float = typer.Option(24.0 * 365, callback=finite_hours,
-                                help="Window of the feedback error reports it summarizes."),
+    version: str = typer.Argument(
+        ..., callback=_version_arg, metavar="VERSION", help="Version number (3 or v3)."
+    ),
+    out: str | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        metavar="DIR",
+        help="Folder for the card; default FLYWHEEL_HOME/cards/vN.",
+    ),
+    hours: float = typer.Option(
+        24.0 * 365,
+        callback=finite_hours,
+        help="Window of the feedback error reports it summarizes.",
+    ),
 ) -> None:
     """Write a model card (markdown + plots): lineage, data, gates, privacy, error types."""
     from pathlib import Path
@@ -515,8 +653,14 @@ def card(
     except OSError as exc:
         _fail(f"--out {folder}: cannot create the folder ({exc.strerror or exc})")
     with _registry_errors(settings):
-        written = review.card(_version(version), folder, registry=_open(settings),
-                              state=settings.state, trusted=settings.trusted, hours=hours)
+        written = review.card(
+            _version(version),
+            folder,
+            registry=_open(settings),
+            state=settings.state,
+            trusted=settings.trusted,
+            hours=hours,
+        )
     typer.echo(f"wrote {written.markdown}")
     for plot in written.plots:
         typer.echo(f"wrote {plot}")
@@ -532,23 +676,32 @@ def pending(
     settings = settings_or_exit()
     with _registry_errors(settings):
         registry = _open(settings)
-        docs = [_as_dict(registry.info(d["version"], with_run=True),
-                         set(registry.champion_history()))
-                for d in review.pending(registry)]
+        docs = [
+            _as_dict(registry.info(d["version"], with_run=True), set(registry.champion_history()))
+            for d in review.pending(registry)
+        ]
         champion = registry.champion_version()
     if as_json:
         _json_out(docs)
         return
     console = _console()
     if not docs:
-        hint = ("" if not settings.auto_promote else
-                " (FLYWHEEL_AUTO_PROMOTE is on: the learner promotes passed candidates itself)")
+        hint = (
+            ""
+            if not settings.auto_promote
+            else " (FLYWHEEL_AUTO_PROMOTE is on: the learner promotes passed candidates itself)"
+        )
         typer.echo(f"no candidates of {registry.name!r} wait for review{hint}")
         return
-    _print_versions(docs, f"{registry.name}: {len(docs)} pending review, oldest first; "
-                          f"champion {'v' + champion if champion else 'none'}", console)
-    typer.echo("decide: flywheel models approve VERSION --reason TEXT | "
-               "reject VERSION --reason TEXT")
+    _print_versions(
+        docs,
+        f"{registry.name}: {len(docs)} pending review, oldest first; "
+        f"champion {'v' + champion if champion else 'none'}",
+        console,
+    )
+    typer.echo(
+        "decide: flywheel models approve VERSION --reason TEXT | reject VERSION --reason TEXT"
+    )
 
 
 def _by_arg(value: str | None) -> str | None:
@@ -559,12 +712,19 @@ def _by_arg(value: str | None) -> str | None:
 
 @models_app.command()
 def approve(
-    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
-                                  help="Version number (3 or v3)."),
-    reason: str = typer.Option(..., "--reason", "-r", callback=_reason_arg,
-                               help="Why: recorded on the version and in the model event."),
-    by: str | None = typer.Option(None, "--by", callback=_by_arg,
-                                  help="Who decides; default: your user name."),
+    version: str = typer.Argument(
+        ..., callback=_version_arg, metavar="VERSION", help="Version number (3 or v3)."
+    ),
+    reason: str = typer.Option(
+        ...,
+        "--reason",
+        "-r",
+        callback=_reason_arg,
+        help="Why: recorded on the version and in the model event.",
+    ),
+    by: str | None = typer.Option(
+        None, "--by", callback=_by_arg, help="Who decides; default: your user name."
+    ),
 ) -> None:
     """Approve a pending candidate: it becomes the champion (announced) and the review is
     recorded as tags review=approved, review_by, review_reason, review_at."""
@@ -572,22 +732,33 @@ def approve(
 
     settings = settings_or_exit()
     with _registry_errors(settings):
-        event = review.approve(_version(version), reason=reason, actor=by,
-                               registry=_open(settings), kafka=settings.kafka, notify=False)
+        event = review.approve(
+            _version(version),
+            reason=reason,
+            actor=by,
+            registry=_open(settings),
+            kafka=settings.kafka,
+            notify=False,
+        )
     was = f"v{event.previous_version}" if event.previous_version else "no champion"
-    typer.echo(f"approved {event.model_name} v{event.version}: now champion (was {was}); "
-               f"by {event.actor}: {reason}")
+    typer.echo(
+        f"approved {event.model_name} v{event.version}: now champion (was {was}); "
+        f"by {event.actor}: {reason}"
+    )
     _announce(settings, event)
 
 
 @models_app.command()
 def reject(
-    version: str = typer.Argument(..., callback=_version_arg, metavar="VERSION",
-                                  help="Version number (3 or v3)."),
-    reason: str = typer.Option(..., "--reason", "-r", callback=_reason_arg,
-                               help="Why: recorded on the version."),
-    by: str | None = typer.Option(None, "--by", callback=_by_arg,
-                                  help="Who decides; default: your user name."),
+    version: str = typer.Argument(
+        ..., callback=_version_arg, metavar="VERSION", help="Version number (3 or v3)."
+    ),
+    reason: str = typer.Option(
+        ..., "--reason", "-r", callback=_reason_arg, help="Why: recorded on the version."
+    ),
+    by: str | None = typer.Option(
+        None, "--by", callback=_by_arg, help="Who decides; default: your user name."
+    ),
 ) -> None:
     """Reject a pending candidate; the champion stays. Recorded as tags review=rejected, ..."""
     from flywheel import review
@@ -597,5 +768,7 @@ def reject(
         registry = _open(settings)
         tags = review.reject(_version(version), reason=reason, actor=by, registry=registry)
         champion = registry.champion_version()
-    typer.echo(f"rejected {registry.name} v{version}; champion stays "
-               f"{'v' + champion if champion else 'none'}; by {tags['review_by']}: {reason}")
+    typer.echo(
+        f"rejected {registry.name} v{version}; champion stays "
+        f"{'v' + champion if champion else 'none'}; by {tags['review_by']}: {reason}"
+    )

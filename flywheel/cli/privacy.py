@@ -16,20 +16,26 @@ app.add_typer(privacy_app, name="privacy")
 @privacy_app.command("report")
 def report(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
-    plot: Path | None = typer.Option(None, "--plot", dir_okay=False, callback=image_path,
-                                     help="Write a PNG of ε over time here."),
+    plot: Path | None = typer.Option(
+        None, "--plot", dir_okay=False, callback=image_path, help="Write a PNG of ε over time here."
+    ),
     lineage: str | None = typer.Option(None, "--lineage", help="Only this lineage."),
-    top: int = typer.Option(20, "--top", min=1, max=1_000_000,
-                            help="Sources shown, most spent first (--json: all)."),
+    top: int = typer.Option(
+        20, "--top", min=1, max=1_000_000, help="Sources shown, most spent first (--json: all)."
+    ),
 ) -> None:
     """Per version and per source: ε spent and budget left; each update's mechanism."""
     from flywheel.privacy import PrivacyLedger, build_report, plot_epsilon
 
     settings = settings_or_exit()
     engine = store_or_exit(settings)
-    doc = build_report(PrivacyLedger(engine), budget=settings.privacy_epsilon,
-                       delta=settings.privacy_delta, lineage=lineage,
-                       top_sources=None if json_out else top)
+    doc = build_report(
+        PrivacyLedger(engine),
+        budget=settings.privacy_epsilon,
+        delta=settings.privacy_delta,
+        lineage=lineage,
+        top_sources=None if json_out else top,
+    )
     engine.dispose()
     if plot is not None:
         plot_epsilon(doc, plot)
@@ -45,39 +51,72 @@ def _print(doc: dict, plot: Path | None) -> None:
 
     console = Console()
     b = doc["budget"]
-    console.print(f"budget ε={b['epsilon']:g}, δ={b['delta']:g} per source and lineage; "
-                  f"spent (worst source) ε={doc['epsilon_spent']:.3f}; "
-                  f"{doc['sources_out_of_budget']} of {doc['sources_total']} sources out of "
-                  "budget")
+    console.print(
+        f"budget ε={b['epsilon']:g}, δ={b['delta']:g} per source and lineage; "
+        f"spent (worst source) ε={doc['epsilon_spent']:.3f}; "
+        f"{doc['sources_out_of_budget']} of {doc['sources_total']} sources out of "
+        "budget"
+    )
     if not doc["entries"]:
         console.print("no DP updates in the ledger yet")
     versions = Table(title="versions")
-    for col in ("version", "lineage", "update", "ε (worst source)", "ε this update",
-                "budget left"):
+    for col in ("version", "lineage", "update", "ε (worst source)", "ε this update", "budget left"):
         versions.add_column(col, justify="right" if col != "lineage" else "left")
     for v in doc["versions"]:
-        versions.add_row(f"v{v['version']}", v["lineage"], str(v["update"]),
-                         f"{v['epsilon']:.3f}", f"{v['epsilon_update']:.3f}",
-                         f"{v['budget_left']:.3f}")
+        versions.add_row(
+            f"v{v['version']}",
+            v["lineage"],
+            str(v["update"]),
+            f"{v['epsilon']:.3f}",
+            f"{v['epsilon_update']:.3f}",
+            f"{v['budget_left']:.3f}",
+        )
     console.print(versions)
     sources = Table(title=f"sources (top {len(doc['sources'])} of {doc['sources_total']})")
     for col in ("source", "ε", "budget left", "updates", "examples"):
         sources.add_column(col, justify="left" if col == "source" else "right")
     for s in doc["sources"]:
-        sources.add_row(s["source"], f"{s['epsilon']:.3f}", f"{s['budget_left']:.3f}",
-                        str(s["updates"]), str(s["examples"]))
+        sources.add_row(
+            s["source"],
+            f"{s['epsilon']:.3f}",
+            f"{s['budget_left']:.3f}",
+            str(s["updates"]),
+            str(s["examples"]),
+        )
     console.print(sources)
     ledger = Table(title="ledger: each update's mechanism")
-    for col in ("update", "version", "accountant", "engine", "q", "σ", "C", "steps", "ε",
-                "sources", "examples", "capped", "excluded"):
+    for col in (
+        "update",
+        "version",
+        "accountant",
+        "engine",
+        "q",
+        "σ",
+        "C",
+        "steps",
+        "ε",
+        "sources",
+        "examples",
+        "capped",
+        "excluded",
+    ):
         ledger.add_column(col, justify="right")
     for e in doc["entries"]:
-        ledger.add_row(str(e["update"]), f"v{e['version']}" if e["version"] else "-",
-                       e["accountant"], e["engine"], f"{e['sample_rate']:g}",
-                       f"{e['noise_multiplier']:.3f}", f"{e['max_grad_norm']:g}",
-                       str(e["steps"]), f"{e['epsilon_lineage']:.3f}", str(e["sources"]),
-                       str(e["examples"]), str(e["capped_examples"]),
-                       str(e["excluded_examples"]))
+        ledger.add_row(
+            str(e["update"]),
+            f"v{e['version']}" if e["version"] else "-",
+            e["accountant"],
+            e["engine"],
+            f"{e['sample_rate']:g}",
+            f"{e['noise_multiplier']:.3f}",
+            f"{e['max_grad_norm']:g}",
+            str(e["steps"]),
+            f"{e['epsilon_lineage']:.3f}",
+            str(e["sources"]),
+            str(e["examples"]),
+            str(e["capped_examples"]),
+            str(e["excluded_examples"]),
+        )
     console.print(ledger)
     if plot is not None:
         console.print(f"ε over time: {plot}")

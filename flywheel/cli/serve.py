@@ -24,7 +24,8 @@ def serve(
         if not settings.kafka_bootstrap:
             try:
                 broker = stack.enter_context(
-                    EmbeddedBroker(log_file=settings.home_dir / "broker.log"))
+                    EmbeddedBroker(log_file=settings.home_dir / "broker.log")
+                )
             except BrokerError as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(1) from None

@@ -13,8 +13,20 @@ from flywheel.cli import app, settings_or_exit
 
 def mlflow_ui_command(uri: str, artifacts: str, host: str, port: int) -> list[str]:
     """`mlflow ui` on the same backend store (run with this interpreter's MLflow)."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-            "--artifacts-destination", artifacts, "--host", host, "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def _run(command: list[str]) -> int:
@@ -35,13 +47,18 @@ def ui(
     settings = settings_or_exit()
     uri = settings.resolved_mlflow_uri
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    typer.echo(f"review page: http://{shown_host}:{settings.port}/ui/ (served by "
-               "`flywheel serve`; approve/reject/rollback need FLYWHEEL_ADMIN_TOKEN)")
+    typer.echo(
+        f"review page: http://{shown_host}:{settings.port}/ui/ (served by "
+        "`flywheel serve`; approve/reject/rollback need FLYWHEEL_ADMIN_TOKEN)"
+    )
     if urlsplit(uri).scheme in ("http", "https"):
         # a tracking server is its own UI: nothing to start
-        typer.echo(f"MLflow UI: {mask_credentials(uri)} (the tracking server in "
-                   "FLYWHEEL_MLFLOW_TRACKING_URI)")
+        typer.echo(
+            f"MLflow UI: {mask_credentials(uri)} (the tracking server in "
+            "FLYWHEEL_MLFLOW_TRACKING_URI)"
+        )
         return
     typer.echo(f"MLflow UI: http://{host}:{port}/ on {mask_credentials(uri)} (Ctrl-C stops it)")
-    raise typer.Exit(_run(mlflow_ui_command(uri, settings.mlflow_artifacts_dir.as_uri(), host,
-                                            port)))
+    raise typer.Exit(
+        _run(mlflow_ui_command(uri, settings.mlflow_artifacts_dir.as_uri(), host, port))
+    )

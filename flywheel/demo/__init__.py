@@ -33,8 +33,24 @@ from flywheel.demo.report import (
 )
 
 __all__ = [
-    "RECOVERY_MARGIN", "SETTLED_SHARE", "DemoConfig", "DemoResult", "Trace", "count_topic",
-    "embedded_stack", "freshness", "frozen_predictor", "learned_examples", "plot_accuracy",
-    "privacy_summary", "running_feedback_worker", "running_learner", "running_loop",
-    "running_service", "simulate_app", "summarize", "wait_joined", "write_report",
+    "RECOVERY_MARGIN",
+    "SETTLED_SHARE",
+    "DemoConfig",
+    "DemoResult",
+    "Trace",
+    "count_topic",
+    "embedded_stack",
+    "freshness",
+    "frozen_predictor",
+    "learned_examples",
+    "plot_accuracy",
+    "privacy_summary",
+    "running_feedback_worker",
+    "running_learner",
+    "running_loop",
+    "running_service",
+    "simulate_app",
+    "summarize",
+    "wait_joined",
+    "write_report",
 ]

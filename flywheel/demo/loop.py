@@ -77,9 +77,11 @@ class DemoResult:
 
     @property
     def loop_closed_for_logging(self) -> bool:
-        return (self.events_on_topic == self.predictions
-                and self.corrections_on_topic == self.corrections
-                and self.corrections_joined == self.corrections)
+        return (
+            self.events_on_topic == self.predictions
+            and self.corrections_on_topic == self.corrections
+            and self.corrections_joined == self.corrections
+        )
 
 
 @contextlib.contextmanager
@@ -91,8 +93,13 @@ def running_service(settings: Settings) -> Iterator[str]:
     from flywheel.service import GracefulServer, ServiceConfig, create_app
 
     port = settings.port or free_port()
-    config = uvicorn.Config(create_app(ServiceConfig.of(settings)), host="127.0.0.1", port=port,
-                            log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        create_app(ServiceConfig.of(settings)),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+    )
     server = GracefulServer(config)
     thread = threading.Thread(target=server.run, name="flywheel-demo-service", daemon=True)
     thread.start()
@@ -119,8 +126,7 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
     with contextlib.ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap
         if not bootstrap:
-            broker = stack.enter_context(
-                EmbeddedBroker(log_file=settings.home_dir / "broker.log"))
+            broker = stack.enter_context(EmbeddedBroker(log_file=settings.home_dir / "broker.log"))
             bootstrap = broker.bootstrap
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
         ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
@@ -166,12 +172,16 @@ def running_learner(settings: Settings) -> Iterator[OnlineLearner]:
 
 
 @contextlib.contextmanager
-def running_loop(settings: Settings, serve: Settings | None = None
-                 ) -> Iterator[tuple[FeedbackWorker, OnlineLearner, str]]:
+def running_loop(
+    settings: Settings, serve: Settings | None = None
+) -> Iterator[tuple[FeedbackWorker, OnlineLearner, str]]:
     """Feedback worker, learner and service on a stack `embedded_stack` prepared; yields
     (worker, learner, service URL). `serve` overrides the service's settings only."""
-    with running_feedback_worker(settings) as worker, running_learner(settings) as learner, \
-            running_service(serve or settings) as url:
+    with (
+        running_feedback_worker(settings) as worker,
+        running_learner(settings) as learner,
+        running_service(serve or settings) as url,
+    ):
         yield worker, learner, url
 
 
@@ -184,7 +194,9 @@ def wait_joined(worker: FeedbackWorker, expected: int, timeout_s: float = 60.0) 
 
 
 def simulate_app(
-    url: str, settings: Settings, config: DemoConfig,
+    url: str,
+    settings: Settings,
+    config: DemoConfig,
     on_progress: Callable[[int, float, str], None] = lambda n, acc, version: None,
     frozen: Callable[[list[list[float]]], list[str]] | None = None,
 ) -> tuple[DemoResult, list[str]]:
@@ -213,8 +225,9 @@ def simulate_app(
             if phase == "after" and not trace.drift_t:
                 trace.drift_t = time.monotonic() - start
             stream = before if phase == "before" else after
-            rows = [next(stream) for _ in range(min(config.batch,
-                                                    config.requests - result.predictions))]
+            rows = [
+                next(stream) for _ in range(min(config.batch, config.requests - result.predictions))
+            ]
             r = client.post("/v1/predict", json={"instances": [x for x, _ in rows]})
             r.raise_for_status()
             body = r.json()
@@ -222,8 +235,7 @@ def simulate_app(
             now = time.monotonic() - start
             result.versions_served.add(version)
             frozen_labels = frozen([x for x, _ in rows]) if frozen else [None] * len(rows)
-            for (_, truth), pred, f in zip(rows, body["predictions"], frozen_labels,
-                                           strict=True):
+            for (_, truth), pred, f in zip(rows, body["predictions"], frozen_labels, strict=True):
                 ok = int(pred["label"] == truth)
                 window.append(ok)
                 hits[phase][0] += ok
@@ -234,8 +246,14 @@ def simulate_app(
                 trace.ok_frozen.append(int(f == truth))
                 trace.version.append(version)
                 if rng.random() < config.correction_fraction:
-                    pending.append((time.monotonic() + config.correction_delay_s, pred["id"],
-                                    truth, f"user-{rng.randrange(config.users)}"))
+                    pending.append(
+                        (
+                            time.monotonic() + config.correction_delay_s,
+                            pred["id"],
+                            truth,
+                            f"user-{rng.randrange(config.users)}",
+                        )
+                    )
             result.predictions += len(rows)
             result.corrections += _send_due(client, pending, time.monotonic(), trace, start)
             on_progress(result.predictions, sum(window) / len(window), version)
@@ -246,8 +264,13 @@ def simulate_app(
     return result, ids
 
 
-def _send_due(client: httpx.Client, pending: deque[tuple[float, str, str, str]], now: float,
-              trace: Trace, start: float) -> int:
+def _send_due(
+    client: httpx.Client,
+    pending: deque[tuple[float, str, str, str]],
+    now: float,
+    trace: Trace,
+    start: float,
+) -> int:
     due = []
     while pending and pending[0][0] <= now:
         _, pid, label, user = pending.popleft()
@@ -260,8 +283,9 @@ def _send_due(client: httpx.Client, pending: deque[tuple[float, str, str, str]],
     return len(due)
 
 
-def frozen_predictor(settings: Settings, version: ModelVersion
-                     ) -> Callable[[list[list[float]]], list[str]]:
+def frozen_predictor(
+    settings: Settings, version: ModelVersion
+) -> Callable[[list[list[float]]], list[str]]:
     """Labels the given registry version would predict: the "no flywheel" baseline."""
     import numpy as np
     import torch
@@ -289,9 +313,10 @@ def learned_examples(settings: Settings) -> dict[str, int]:
     try:
         with session_factory(engine)() as session:
             rows = session.execute(
-                select(Example.parent_prediction_id, Example.id)
-                .where(Example.origin == Origin.CORRECTION.value,
-                       Example.split == Split.TRAIN.value)).all()
+                select(Example.parent_prediction_id, Example.id).where(
+                    Example.origin == Origin.CORRECTION.value, Example.split == Split.TRAIN.value
+                )
+            ).all()
     finally:
         engine.dispose()
     return {pid: eid for pid, eid in rows if pid}

@@ -33,8 +33,9 @@ def rolling(values: list[int], window: int) -> np.ndarray:
     return (c[1:] - c[np.maximum(np.arange(1, len(arr) + 1) - window, 0)]) / n
 
 
-def freshness(trace: Trace, learned_by: dict[str, int], promoted: list[tuple[str, int]]
-              ) -> list[float]:
+def freshness(
+    trace: Trace, learned_by: dict[str, int], promoted: list[tuple[str, int]]
+) -> list[float]:
     """Seconds from sending a correction to serving the first version trained on it.
 
     `learned_by` maps a corrected prediction id to the example id it became (train split
@@ -58,8 +59,9 @@ def _mean(values: Iterable[int]) -> float | None:
     return round(float(np.mean(values)), 4) if values else None
 
 
-def summarize(trace: Trace, *, candidates: list[dict[str, Any]],
-              fresh: list[float], elapsed_s: float) -> dict[str, Any]:
+def summarize(
+    trace: Trace, *, candidates: list[dict[str, Any]], fresh: list[float], elapsed_s: float
+) -> dict[str, Any]:
     d = trace.drift_index
     after_ok, after_frozen = trace.ok[d:], trace.ok_frozen[d:]
     settled = max(1, int(len(after_ok) * SETTLED_SHARE))
@@ -82,26 +84,39 @@ def summarize(trace: Trace, *, candidates: list[dict[str, Any]],
         "elapsed_s": round(elapsed_s, 1),
     }
     fly, frozen = summary["accuracy_flywheel_after_drift"], summary["accuracy_frozen_after_drift"]
-    summary["recovered"] = bool(promoted) and fly is not None and frozen is not None and \
-        fly >= frozen + RECOVERY_MARGIN
+    summary["recovered"] = (
+        bool(promoted)
+        and fly is not None
+        and frozen is not None
+        and fly >= frozen + RECOVERY_MARGIN
+    )
     return summary
 
 
-def privacy_summary(candidates: list[dict[str, Any]], enabled: bool, budget: float,
-                    delta: float, last: int = 5) -> dict[str, Any]:
+def privacy_summary(
+    candidates: list[dict[str, Any]], enabled: bool, budget: float, delta: float, last: int = 5
+) -> dict[str, Any]:
     """ε spent, and the last candidates' recent-holdout accuracy with DP next to the same
     run without it (the learner's non-private shadow, trained on the same examples)."""
     if not enabled:
         return {"enabled": False}
     numbers = [c["privacy"] for c in candidates if c.get("privacy")]
-    tail = [n for n in numbers[-last:] if n.get("recent_accuracy") is not None
-            and n.get("nonprivate_recent_accuracy") is not None]
+    tail = [
+        n
+        for n in numbers[-last:]
+        if n.get("recent_accuracy") is not None and n.get("nonprivate_recent_accuracy") is not None
+    ]
     dp = _mean_float([n["recent_accuracy"] for n in tail])
     plain = _mean_float([n["nonprivate_recent_accuracy"] for n in tail])
-    return {"enabled": True, "budget_epsilon": budget, "delta": delta,
-            "epsilon_spent": round(max((n["epsilon"] for n in numbers), default=0.0), 4),
-            "recent_accuracy_dp": dp, "recent_accuracy_without_dp": plain,
-            "candidates_compared": len(tail)}
+    return {
+        "enabled": True,
+        "budget_epsilon": budget,
+        "delta": delta,
+        "epsilon_spent": round(max((n["epsilon"] for n in numbers), default=0.0), 4),
+        "recent_accuracy_dp": dp,
+        "recent_accuracy_without_dp": plain,
+        "candidates_compared": len(tail),
+    }
 
 
 def _mean_float(values: list[float]) -> float | None:
@@ -117,13 +132,23 @@ def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
     t = np.asarray(trace.t)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.plot(t, rolling(trace.ok, window), label="flywheel (served)", color="tab:blue")
-    ax.plot(t, rolling(trace.ok_frozen, window), label="frozen initial model",
-            color="tab:gray", linestyle="--")
+    ax.plot(
+        t,
+        rolling(trace.ok_frozen, window),
+        label="frozen initial model",
+        color="tab:gray",
+        linestyle="--",
+    )
     ax.axvline(trace.drift_t, color="tab:red", linewidth=2, label="concept change")
     first = True
     for version, at in list(trace.first_served().items())[1:]:  # [0]: the initial model
-        ax.axvline(at, color="tab:green", alpha=0.5, linewidth=1,
-                   label="new version served" if first else None)
+        ax.axvline(
+            at,
+            color="tab:green",
+            alpha=0.5,
+            linewidth=1,
+            label="new version served" if first else None,
+        )
         ax.annotate(f"v{version}", (at, 0.02), rotation=90, fontsize=7, color="tab:green")
         first = False
     ax.set_xlabel("seconds since the app started")
@@ -149,12 +174,17 @@ def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
         return []
     if not p.get("enabled"):
         return ["Privacy: DP off (`FLYWHEEL_PRIVACY_ENABLED=false`).", ""]
+
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1%}"
-    return [f"Privacy: every update DP-SGD, ε spent {p['epsilon_spent']} of "
-            f"{p['budget_epsilon']} per source (δ={p['delta']:g}). Recent-holdout accuracy of "
-            f"the last {p['candidates_compared']} candidates: {pct(p['recent_accuracy_dp'])} "
-            f"with DP, {pct(p['recent_accuracy_without_dp'])} for the same run without DP.", ""]
+
+    return [
+        f"Privacy: every update DP-SGD, ε spent {p['epsilon_spent']} of "
+        f"{p['budget_epsilon']} per source (δ={p['delta']:g}). Recent-holdout accuracy of "
+        f"the last {p['candidates_compared']} candidates: {pct(p['recent_accuracy_dp'])} "
+        f"with DP, {pct(p['recent_accuracy_without_dp'])} for the same run without DP.",
+        "",
+    ]
 
 
 def markdown(s: dict[str, Any]) -> str:
@@ -162,28 +192,37 @@ def markdown(s: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:.1%}"
 
     lines = [
-        "# Flywheel demo", "",
+        "# Flywheel demo",
+        "",
         f"{s['requests']} requests, abrupt concept change at request {s['drift_at_request']}; "
-        f"ran {s['elapsed_s']} s. Loop closed: **{'yes' if s['recovered'] else 'NO'}**.", "",
-        "![accuracy](accuracy.png)", "",
-        "| accuracy | flywheel | frozen initial model |", "| --- | --- | --- |",
+        f"ran {s['elapsed_s']} s. Loop closed: **{'yes' if s['recovered'] else 'NO'}**.",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "| accuracy | flywheel | frozen initial model |",
+        "| --- | --- | --- |",
         f"| before the drift | {pct(s['accuracy_flywheel_before_drift'])} | "
         f"{pct(s['accuracy_frozen_before_drift'])} |",
         f"| after the drift (last {SETTLED_SHARE:.0%} of it) | "
         f"{pct(s['accuracy_flywheel_after_drift'])} | {pct(s['accuracy_frozen_after_drift'])} |",
         f"| after the drift (all of it) | {pct(s['accuracy_flywheel_after_drift_all'])} | "
-        f"{pct(s['accuracy_frozen_after_drift_all'])} |", "",
+        f"{pct(s['accuracy_frozen_after_drift_all'])} |",
+        "",
         f"Freshness (correction sent → a model trained on it served): median "
         f"{s['freshness_median_s']} s, p95 {s['freshness_p95_s']} s "
-        f"over {s['freshness_samples']} corrections.", "",
+        f"over {s['freshness_samples']} corrections.",
+        "",
         *_privacy_lines(s.get("privacy")),
-        "## Versions and gate decisions", "",
+        "## Versions and gate decisions",
+        "",
         "| version | parent | examples | lr | promoted | gate |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for c in s["candidates"]:
-        lines.append(f"| v{c['version']} | v{c['parent_version']} | {c['examples']} | "
-                     f"{c['lr']:.4g} | {'yes' if c['promoted'] else 'no'} | {c['gate']} |")
+        lines.append(
+            f"| v{c['version']} | v{c['parent_version']} | {c['examples']} | "
+            f"{c['lr']:.4g} | {'yes' if c['promoted'] else 'no'} | {c['gate']} |"
+        )
     if not s["candidates"]:
         lines.append("| (none) | | | | | |")
     return "\n".join(lines) + "\n"

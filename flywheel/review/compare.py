@@ -31,8 +31,9 @@ if TYPE_CHECKING:
     from flywheel.settings import GateSettings, StateSettings, TrustedSettings
 
 
-def disagreement(pred_a: list[str], pred_b: list[str], truth: list[str],
-                 top: int = 10) -> dict[str, Any]:
+def disagreement(
+    pred_a: list[str], pred_b: list[str], truth: list[str], top: int = 10
+) -> dict[str, Any]:
     """Where two versions' predictions differ, and which (predicted → actual) errors changed."""
     n = len(truth)
     differ = sum(a != b for a, b in zip(pred_a, pred_b, strict=True))
@@ -41,12 +42,25 @@ def disagreement(pred_a: list[str], pred_b: list[str], truth: list[str],
     conf_a = Counter((a, t) for a, t in zip(pred_a, truth, strict=True) if a != t)
     conf_b = Counter((b, t) for b, t in zip(pred_b, truth, strict=True) if b != t)
     changed: list[dict[str, Any]] = [
-        {"predicted": p, "actual": t, "a": conf_a[(p, t)], "b": conf_b[(p, t)],
-         "change": conf_b[(p, t)] - conf_a[(p, t)]}
-        for (p, t) in sorted(set(conf_a) | set(conf_b)) if conf_a[(p, t)] != conf_b[(p, t)]]
+        {
+            "predicted": p,
+            "actual": t,
+            "a": conf_a[(p, t)],
+            "b": conf_b[(p, t)],
+            "change": conf_b[(p, t)] - conf_a[(p, t)],
+        }
+        for (p, t) in sorted(set(conf_a) | set(conf_b))
+        if conf_a[(p, t)] != conf_b[(p, t)]
+    ]
     changed.sort(key=lambda c: (-abs(c["change"]), c["predicted"], c["actual"]))
-    return {"n": n, "disagree": differ, "share": differ / n if n else None,
-            "fixed": fixed, "broken": broken, "changed_confusions": changed[:top]}
+    return {
+        "n": n,
+        "disagree": differ,
+        "share": differ / n if n else None,
+        "fixed": fixed,
+        "broken": broken,
+        "changed_confusions": changed[:top],
+    }
 
 
 def parameter_distance(a: LoadedVersion, b: LoadedVersion, top: int = 5) -> dict[str, Any]:
@@ -55,10 +69,16 @@ def parameter_distance(a: LoadedVersion, b: LoadedVersion, top: int = 5) -> dict
     import torch
 
     if a.spec != b.spec:
-        changed = sorted(k for k in type(a.spec).model_fields
-                         if getattr(a.spec, k) != getattr(b.spec, k))
-        return {"comparable": False, "reason": f"specs differ in {', '.join(changed)}",
-                "l2": None, "relative": None, "tensors": []}
+        changed = sorted(
+            k for k in type(a.spec).model_fields if getattr(a.spec, k) != getattr(b.spec, k)
+        )
+        return {
+            "comparable": False,
+            "reason": f"specs differ in {', '.join(changed)}",
+            "l2": None,
+            "relative": None,
+            "tensors": [],
+        }
     sa, sb = a.module.state_dict(), b.module.state_dict()
     total = base = 0.0
     per: list[dict[str, Any]] = []
@@ -72,13 +92,25 @@ def parameter_distance(a: LoadedVersion, b: LoadedVersion, top: int = 5) -> dict
         per.append({"tensor": name, "l2": d})
     per.sort(key=lambda t: -t["l2"])
     l2 = math.sqrt(total)
-    return {"comparable": True, "reason": None, "l2": l2,
-            "relative": l2 / math.sqrt(base) if base else None, "tensors": per[:top]}
+    return {
+        "comparable": True,
+        "reason": None,
+        "l2": l2,
+        "relative": l2 / math.sqrt(base) if base else None,
+        "tensors": per[:top],
+    }
 
 
-def diff(a: ModelVersion, b: ModelVersion, *, registry: Registry, state: StateSettings,
-         trusted: TrustedSettings, gate: GateSettings,
-         engine: Engine | None = None) -> dict[str, Any]:
+def diff(
+    a: ModelVersion,
+    b: ModelVersion,
+    *,
+    registry: Registry,
+    state: StateSettings,
+    trusted: TrustedSettings,
+    gate: GateSettings,
+    engine: Engine | None = None,
+) -> dict[str, Any]:
     """Everything that tells two versions apart, as JSON-ready data (see module doc).
 
     Both holdouts are scored as the gate scores them (`flywheel.learner.score`): a row whose
@@ -98,24 +130,46 @@ def diff(a: ModelVersion, b: ModelVersion, *, registry: Registry, state: StateSe
     holdouts: dict[str, Any] = {}
     for hs in sets:
         results = {v: score_on(loaded[v].module, loaded[v].spec, hs) for v in (a, b)}
-        entry: dict[str, Any] = {"available": True, "about": hs.about, "n": len(hs),
-                                 "a": score_doc(results[a], hs.labels),
-                                 "b": score_doc(results[b], hs.labels)}
+        entry: dict[str, Any] = {
+            "available": True,
+            "about": hs.about,
+            "n": len(hs),
+            "a": score_doc(results[a], hs.labels),
+            "b": score_doc(results[b], hs.labels),
+        }
         ra, rb = results[a], results[b]
         entry["disagreement"] = (
-            disagreement(predicted_names(loaded[a].spec, ra),
-                         predicted_names(loaded[b].spec, rb), hs.labels)
-            if ra is not None and rb is not None else None)
+            disagreement(
+                predicted_names(loaded[a].spec, ra), predicted_names(loaded[b].spec, rb), hs.labels
+            )
+            if ra is not None and rb is not None
+            else None
+        )
         holdouts[hs.name] = entry
     if "recent" not in holdouts:
-        holdouts["recent"] = {"available": False, "about": store_note, "n": 0, "a": None,
-                              "b": None, "disagreement": None}
+        holdouts["recent"] = {
+            "available": False,
+            "about": store_note,
+            "n": 0,
+            "a": None,
+            "b": None,
+            "disagreement": None,
+        }
 
     def side(v: ModelVersion) -> dict[str, Any]:
         d = docs[v]
         return {k: d[k] for k in LINEAGE_KEYS} | {
-            "gate_passed": gate_passed(d), "gate_numbers": gate_numbers(d),
-            "review": review_of(d), "data": version_data(d, engine)}
+            "gate_passed": gate_passed(d),
+            "gate_numbers": gate_numbers(d),
+            "review": review_of(d),
+            "data": version_data(d, engine),
+        }
 
-    return {"model_name": registry.name, "a": side(a), "b": side(b), "holdouts": holdouts,
-            "parameters": parameter_distance(loaded[a], loaded[b]), "store": store_note}
+    return {
+        "model_name": registry.name,
+        "a": side(a),
+        "b": side(b),
+        "holdouts": holdouts,
+        "parameters": parameter_distance(loaded[a], loaded[b]),
+        "store": store_note,
+    }

@@ -67,8 +67,7 @@ def _actor(actor: str | None) -> str:
 
 def pending(registry: Registry) -> list[dict[str, Any]]:
     """Versions waiting for a reviewer (passed their gate, auto-promotion off), oldest first."""
-    docs = [d for d in registry_docs(registry, with_runs=False)
-            if d["status"] == "pending review"]
+    docs = [d for d in registry_docs(registry, with_runs=False) if d["status"] == "pending review"]
     return sorted(docs, key=lambda d: int(d["version"]) if d["version"].isdigit() else 0)
 
 
@@ -79,28 +78,46 @@ def _pending_info(registry: Registry, version: ModelVersion) -> VersionInfo:
         raise ReviewError(f"{registry.name} v{version} is already the champion")
     if state != PENDING:
         why = f"its review is {state!r}" if state else "it has no review tag"
-        raise ReviewError(f"{registry.name} v{version} is not pending review ({why}); "
-                          "`flywheel models promote` moves the champion without a review")
+        raise ReviewError(
+            f"{registry.name} v{version} is not pending review ({why}); "
+            "`flywheel models promote` moves the champion without a review"
+        )
     return info
 
 
-def approve(version: ModelVersion, *, reason: str, registry: Registry, kafka: KafkaSettings,
-            actor: str | None = None, notify: bool = True) -> ModelEvent:
+def approve(
+    version: ModelVersion,
+    *,
+    reason: str,
+    registry: Registry,
+    kafka: KafkaSettings,
+    actor: str | None = None,
+    notify: bool = True,
+) -> ModelEvent:
     """Approve a pending candidate: promote it (the model event goes to `kafka`'s topic),
     then record the review."""
     from flywheel import promotion
 
     reason, actor = check_reason(reason), _actor(actor)
     _pending_info(registry, version)
-    event = promotion.promote(kafka, version, reason=f"review approved: {reason}",
-                              actor=actor, registry=registry, notify=notify)
-    registry.set_tags(version, {REVIEW_TAG: APPROVED, REVIEW_BY: actor,
-                                     REVIEW_REASON: reason, REVIEW_AT: _now_iso()})
+    event = promotion.promote(
+        kafka,
+        version,
+        reason=f"review approved: {reason}",
+        actor=actor,
+        registry=registry,
+        notify=notify,
+    )
+    registry.set_tags(
+        version,
+        {REVIEW_TAG: APPROVED, REVIEW_BY: actor, REVIEW_REASON: reason, REVIEW_AT: _now_iso()},
+    )
     return event
 
 
-def reject(version: ModelVersion, *, reason: str, registry: Registry,
-           actor: str | None = None) -> dict[str, str]:
+def reject(
+    version: ModelVersion, *, reason: str, registry: Registry, actor: str | None = None
+) -> dict[str, str]:
     """Reject a pending candidate; the champion stays (nothing is announced, so no settings).
     Returns the tags recorded."""
     reason, actor = check_reason(reason), _actor(actor)

@@ -47,9 +47,13 @@ def trusted_holdout(trusted: TrustedSettings) -> LabelledSet:
     from flywheel.streams import LABELS
 
     _, _, x, y = seed_data(trusted)
-    return LabelledSet("trusted", x, [LABELS[int(i)] for i in y],
-                       f"seed holdout: {HOLDOUT_FRACTION:.0%} of {trusted.seed_examples} seed "
-                       f"examples (FLYWHEEL_SEED={trusted.seed})")
+    return LabelledSet(
+        "trusted",
+        x,
+        [LABELS[int(i)] for i in y],
+        f"seed holdout: {HOLDOUT_FRACTION:.0%} of {trusted.seed_examples} seed "
+        f"examples (FLYWHEEL_SEED={trusted.seed})",
+    )
 
 
 def recent_holdout(gate: GateSettings, engine: Engine) -> LabelledSet:
@@ -60,11 +64,18 @@ def recent_holdout(gate: GateSettings, engine: Engine) -> LabelledSet:
     from flywheel.learner import ExampleSource, same_width
 
     rows = same_width(ExampleSource(engine).recent_holdout(gate.gate_recent_holdout))
-    x = (np.asarray([r.features for r in rows], dtype=np.float32) if rows
-         else np.empty((0, 0), np.float32))
-    return LabelledSet("recent", x, [r.label for r in rows],
-                       f"newest {len(rows)} holdout corrections in the training store "
-                       f"(at most FLYWHEEL_GATE_RECENT_HOLDOUT={gate.gate_recent_holdout})")
+    x = (
+        np.asarray([r.features for r in rows], dtype=np.float32)
+        if rows
+        else np.empty((0, 0), np.float32)
+    )
+    return LabelledSet(
+        "recent",
+        x,
+        [r.label for r in rows],
+        f"newest {len(rows)} holdout corrections in the training store "
+        f"(at most FLYWHEEL_GATE_RECENT_HOLDOUT={gate.gate_recent_holdout})",
+    )
 
 
 def score_on(module: nn.Module, spec: AnySpec, holdout: LabelledSet) -> Score | None:
@@ -88,11 +99,20 @@ def score_doc(result: Score | None, truth: list[str]) -> dict[str, Any]:
     """Accuracy over every row (a label the model lacks counts as wrong) and mean log-loss
     over the rows whose label it knows, as JSON-ready data."""
     if result is None:
-        return {"n": 0, "accuracy": None, "log_loss": None,
-                "note": "input width differs from this model's" if truth else "no rows"}
-    out: dict[str, Any] = {"n": result.n, "accuracy": finite(result.accuracy),
-                           "log_loss": finite(result.log_loss)}
+        return {
+            "n": 0,
+            "accuracy": None,
+            "log_loss": None,
+            "note": "input width differs from this model's" if truth else "no rows",
+        }
+    out: dict[str, Any] = {
+        "n": result.n,
+        "accuracy": finite(result.accuracy),
+        "log_loss": finite(result.log_loss),
+    }
     if result.unknown:
-        out["note"] = (f"{result.unknown} rows with labels this model lacks count as wrong "
-                       "(and are left out of the log-loss)")
+        out["note"] = (
+            f"{result.unknown} rows with labels this model lacks count as wrong "
+            "(and are left out of the log-loss)"
+        )
     return out

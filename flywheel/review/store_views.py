@@ -50,8 +50,11 @@ def data_counts(engine: Engine, lo: int, hi: int) -> dict[str, Any]:
 
     from flywheel.store import Example, Origin, session_factory
 
-    query = (select(Example.origin, Example.split, func.count())
-             .where(Example.id.between(lo, hi)).group_by(Example.origin, Example.split))
+    query = (
+        select(Example.origin, Example.split, func.count())
+        .where(Example.id.between(lo, hi))
+        .group_by(Example.origin, Example.split)
+    )
     with session_factory(engine)() as session:
         rows = session.execute(query).all()
     origins: Counter[str] = Counter()
@@ -59,17 +62,26 @@ def data_counts(engine: Engine, lo: int, hi: int) -> dict[str, Any]:
     for origin, split, n in rows:
         origins[origin] += n
         splits[split] += n
-    return {"range": [lo, hi], "total": sum(origins.values()),
-            "counterexamples": origins[Origin.COUNTEREXAMPLE.value],
-            "by_origin": dict(sorted(origins.items())), "by_split": dict(sorted(splits.items()))}
+    return {
+        "range": [lo, hi],
+        "total": sum(origins.values()),
+        "counterexamples": origins[Origin.COUNTEREXAMPLE.value],
+        "by_origin": dict(sorted(origins.items())),
+        "by_split": dict(sorted(splits.items())),
+    }
 
 
 def version_data(doc: dict[str, Any], engine: Engine | None) -> dict[str, Any]:
     """What a version was trained on: its `examples` tag and, from the store, what is there."""
     span = example_range(doc.get("examples"))
-    out: dict[str, Any] = {"examples": doc.get("examples"), "range": list(span) if span else None,
-                           "total": None, "counterexamples": None, "by_origin": None,
-                           "by_split": None}
+    out: dict[str, Any] = {
+        "examples": doc.get("examples"),
+        "range": list(span) if span else None,
+        "total": None,
+        "counterexamples": None,
+        "by_origin": None,
+        "by_split": None,
+    }
     if span is not None and engine is not None:
         out |= data_counts(engine, *span)
     return out
@@ -88,8 +100,9 @@ def error_mix(engine: Engine, model_name: str, hours: float) -> dict[str, Any]:
     return doc
 
 
-def accuracy_timeline(engine: Engine, model_name: str, hours: float,
-                      now: datetime | None = None) -> dict[str, Any]:
+def accuracy_timeline(
+    engine: Engine, model_name: str, hours: float, now: datetime | None = None
+) -> dict[str, Any]:
     """Accuracy of the corrected predictions per version and hour (the store keeps hourly
     counters), oldest first: the "rolling accuracy" chart of the review page."""
     from sqlalchemy import select
@@ -97,9 +110,9 @@ def accuracy_timeline(engine: Engine, model_name: str, hours: float,
     from flywheel.store import ErrorCount, session_factory
 
     since = (now or datetime.now(UTC)) - timedelta(hours=hours)
-    query = (select(ErrorCount.model_version, ErrorCount.hour, ErrorCount.outcome,
-                    ErrorCount.count)
-             .where(ErrorCount.model_name == model_name, ErrorCount.hour >= since))
+    query = select(
+        ErrorCount.model_version, ErrorCount.hour, ErrorCount.outcome, ErrorCount.count
+    ).where(ErrorCount.model_name == model_name, ErrorCount.hour >= since)
     with session_factory(engine)() as session:
         rows = session.execute(query).all()
     cells: dict[tuple[str, datetime], list[int]] = defaultdict(lambda: [0, 0])
@@ -107,9 +120,15 @@ def accuracy_timeline(engine: Engine, model_name: str, hours: float,
         cell = cells[(version, hour)]
         cell[0] += count
         cell[1] += count if outcome == "correct" else 0
-    points = [{"version": v, "hour": h.isoformat(), "corrections": total,
-               "accuracy": right / total if total else None}
-              for (v, h), (total, right) in sorted(cells.items(), key=lambda kv: kv[0][1])]
+    points = [
+        {
+            "version": v,
+            "hour": h.isoformat(),
+            "corrections": total,
+            "accuracy": right / total if total else None,
+        }
+        for (v, h), (total, right) in sorted(cells.items(), key=lambda kv: kv[0][1])
+    ]
     return {"model_name": model_name, "window_hours": hours, "points": points}
 
 
@@ -121,24 +140,46 @@ def privacy_ledger(engine: Engine | None, store_note: str | None = None) -> dict
     try:
         from flywheel.privacy import PrivacyLedger
     except ImportError:
-        return missing | {"note": "this build has no privacy ledger (flywheel.privacy): ε "
-                                  "here comes from version tags only"}
+        return missing | {
+            "note": "this build has no privacy ledger (flywheel.privacy): ε "
+            "here comes from version tags only"
+        }
     if engine is None:
-        return missing | {"note": f"the privacy ledger lives in the training store, which is "
-                                  f"not available ({store_note}): ε here comes from version "
-                                  "tags only"}
+        return missing | {
+            "note": f"the privacy ledger lives in the training store, which is "
+            f"not available ({store_note}): ε here comes from version "
+            "tags only"
+        }
     try:
         ledger = PrivacyLedger(engine)
-        sources = [{"source": s.source, "epsilon": finite(s.epsilon), "updates": s.updates,
-                    "examples": s.examples, "versions": list(s.versions)}
-                   for s in ledger.sources()]
-        versions = [{"version": e.version, "lineage": e.lineage, "update": e.update_no,
-                     "epsilon_update": finite(e.epsilon_update),
-                     "epsilon_lineage": finite(e.epsilon_lineage), "delta": e.delta,
-                     "sources": e.sources, "examples": e.examples}
-                    for e in ledger.entries()]
+        sources = [
+            {
+                "source": s.source,
+                "epsilon": finite(s.epsilon),
+                "updates": s.updates,
+                "examples": s.examples,
+                "versions": list(s.versions),
+            }
+            for s in ledger.sources()
+        ]
+        versions = [
+            {
+                "version": e.version,
+                "lineage": e.lineage,
+                "update": e.update_no,
+                "epsilon_update": finite(e.epsilon_update),
+                "epsilon_lineage": finite(e.epsilon_lineage),
+                "delta": e.delta,
+                "sources": e.sources,
+                "examples": e.examples,
+            }
+            for e in ledger.entries()
+        ]
     except Exception as exc:  # a broken ledger must not take the review down
-        return missing | {"note": "privacy ledger unreadable: "
-                                  f"{' '.join(str(exc).split())[:300]}"}
-    return {"available": True, "sources": sources, "versions": versions,
-            "note": None if sources else "no DP update is recorded in the privacy ledger yet"}
+        return missing | {"note": f"privacy ledger unreadable: {' '.join(str(exc).split())[:300]}"}
+    return {
+        "available": True,
+        "sources": sources,
+        "versions": versions,
+        "note": None if sources else "no DP update is recorded in the privacy ledger yet",
+    }

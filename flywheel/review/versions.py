@@ -25,8 +25,18 @@ if TYPE_CHECKING:
 REVIEW_TAG = "review"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 REVIEW_BY, REVIEW_REASON, REVIEW_AT = "review_by", "review_reason", "review_at"
-LINEAGE_KEYS = ("version", "champion", "status", "source", "parent_version", "examples",
-                "epsilon", "delta", "gate", "created_at")
+LINEAGE_KEYS = (
+    "version",
+    "champion",
+    "status",
+    "source",
+    "parent_version",
+    "examples",
+    "epsilon",
+    "delta",
+    "gate",
+    "created_at",
+)
 _NO_PARENT = {"", "none", "null", "-"}
 # "ids 12..340 (300 new, update 4)" (the learner) or "[100,200)" (half-open, hand-made)
 _IDS_RANGE = re.compile(r"\bids\s+(\d+)\s*\.\.\s*(\d+)")
@@ -102,9 +112,15 @@ def lineage(version: str, by_version: Mapping[str, dict[str, Any]]) -> list[dict
         seen.add(current)
         doc = by_version.get(current)
         if doc is None:
-            chain.append({k: None for k in LINEAGE_KEYS} | {
-                "version": current, "champion": False, "status": "not in the registry",
-                "missing": True})
+            chain.append(
+                {k: None for k in LINEAGE_KEYS}
+                | {
+                    "version": current,
+                    "champion": False,
+                    "status": "not in the registry",
+                    "missing": True,
+                }
+            )
             break
         chain.append({k: doc[k] for k in LINEAGE_KEYS} | {"missing": False})
         current = doc["parent_version"]
@@ -130,12 +146,17 @@ def gate_numbers(doc: dict[str, Any]) -> dict[str, float | None]:
 
 def review_of(doc: dict[str, Any]) -> dict[str, str | None]:
     tags = doc.get("tags") or {}
-    return {"state": tags.get(REVIEW_TAG), "by": tags.get(REVIEW_BY),
-            "reason": tags.get(REVIEW_REASON), "at": tags.get(REVIEW_AT)}
+    return {
+        "state": tags.get(REVIEW_TAG),
+        "by": tags.get(REVIEW_BY),
+        "reason": tags.get(REVIEW_REASON),
+        "at": tags.get(REVIEW_AT),
+    }
 
 
-def registry_docs(registry: Registry, *, with_runs: bool = True, limit: int = 0
-                  ) -> list[dict[str, Any]]:
+def registry_docs(
+    registry: Registry, *, with_runs: bool = True, limit: int = 0
+) -> list[dict[str, Any]]:
     """The newest `limit` versions (0: all) as `version_doc`s, newest first."""
     history = set(registry.champion_history())
     listed = registry.versions(with_runs=False)

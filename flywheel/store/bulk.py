@@ -40,7 +40,9 @@ _PG = postgresql.dialect()
 
 
 def insert_ignoring_duplicates(
-    session: Session, model: type[Base], rows: Iterable[Mapping[str, Any]],
+    session: Session,
+    model: type[Base],
+    rows: Iterable[Mapping[str, Any]],
     encoded: EncodedRows | None = None,
 ) -> int:
     """Insert `rows`, skipping any that hit a unique key; return how many were new.
@@ -106,8 +108,7 @@ def _primary_key(table: Table) -> Any:
     return pk
 
 
-def _general_insert(session: Session, table: Table, rows: Sequence[Mapping[str, Any]]
-                    ) -> list[Any]:
+def _general_insert(session: Session, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     """SQLAlchemy's INSERT ... ON CONFLICT DO NOTHING RETURNING pk: every type, every
     error worded; what the fast paths fall back to."""
     insert = postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
@@ -227,7 +228,8 @@ def _column(col: Any, values: list[Any]) -> _Column | None:
     if isinstance(col_type, UTCDateTime):
         # what its bind processing checks; the offset itself is kept (PostgreSQL reads it)
         if not _types(values) <= {datetime, NoneType} or any(
-                v is not None and v.tzinfo is None for v in _distinct_enough(values)):
+            v is not None and v.tzinfo is None for v in _distinct_enough(values)
+        ):
             return None  # naive: refused by the type, on the general path, as before
         return _Column(name, values, "datetime", "TIMESTAMP WITH TIME ZONE")
     if isinstance(col_type, TypeDecorator):
@@ -246,7 +248,8 @@ def _column(col: Any, values: list[Any]) -> _Column | None:
         except TypeError:  # what orjson cannot write (non-str keys, numpy scalars)
             return None
         if any("null" in d for d in dumped) and any(  # None inside, or NaN/inf
-                "null" in d and v is not None for d, v in zip(dumped, values, strict=True)):
+            "null" in d and v is not None for d, v in zip(dumped, values, strict=True)
+        ):
             return None
         return _Column(name, dumped, "json", None if sql_type == "JSONB" else sql_type)
     types = _types(values)
@@ -254,8 +257,11 @@ def _column(col: Any, values: list[Any]) -> _Column | None:
         # no CAST: assigning text to VARCHAR(n) refuses what is too long, as before
         return _Column(name, values, "text", None) if types <= {str, NoneType} else None
     if isinstance(col_type, Float):
-        if not types <= {float, int, NoneType} or bool in types \
-                or not all(math.isfinite(v) for v in values if v is not None):
+        if (
+            not types <= {float, int, NoneType}
+            or bool in types
+            or not all(math.isfinite(v) for v in values if v is not None)
+        ):
             return None
         if int in types:
             values = [None if v is None else float(v) for v in values]
@@ -286,8 +292,11 @@ def encode_for_copy(model: type[Base], rows: list[Mapping[str, Any]]) -> CopyRow
 def encode_columns(model: type[Base], given: Mapping[str, list[Any]]) -> CopyRows | None:
     """`encode_for_copy` for values given a column at a time (no row dicts to build)."""
     n = len(next(iter(given.values()), []))
-    if not n or any(len(v) != n for v in given.values()) \
-            or not set(given) <= set(_table(model).c.keys()):
+    if (
+        not n
+        or any(len(v) != n for v in given.values())
+        or not set(given) <= set(_table(model).c.keys())
+    ):
         return None
     return _lines(_table(model), _columns_of(_table(model), given, n))
 
@@ -309,8 +318,7 @@ def _lines(table: Table, columns: list[_Column] | None) -> CopyRows | None:
     return CopyRows(table, ", ".join(c.name for c in columns), lines)
 
 
-def insert_all_new(session: Session, model: type[Base], rows: Sequence[Mapping[str, Any]]
-                   ) -> bool:
+def insert_all_new(session: Session, model: type[Base], rows: Sequence[Mapping[str, Any]]) -> bool:
     """Insert rows expected to be new: True if every one was. False if any was already
     stored (or refused): then the others may or may not be written, and the caller must
     roll back the transaction. The fast path of a batch that is not a replay."""
@@ -339,8 +347,12 @@ class EncodedRows:
         return self._lines.get(id(row))
 
 
-def _copy(session: Session, table: Table, rows: list[Mapping[str, Any]],
-          encoded: EncodedRows | None = None) -> int | None:
+def _copy(
+    session: Session,
+    table: Table,
+    rows: list[Mapping[str, Any]],
+    encoded: EncodedRows | None = None,
+) -> int | None:
     """COPY `rows`: the number stored, or None when COPY is not for them (too few,
     unusual values) or refused them (a duplicate, a value the table refuses)."""
     if len(rows) < COPY_MIN_ROWS:
@@ -362,8 +374,9 @@ def _copy_lines(session: Session, encoded: CopyRows) -> int | None:
     them (the savepoint rolled back, so the caller can take the INSERT)."""
     import psycopg
 
-    sql = (f"COPY {_PG.identifier_preparer.format_table(encoded.table)} "
-           f"({encoded.columns}) FROM STDIN")
+    sql = (
+        f"COPY {_PG.identifier_preparer.format_table(encoded.table)} ({encoded.columns}) FROM STDIN"
+    )
     driver = driver_connection(session)
     try:
         driver.execute("SAVEPOINT flywheel_copy")
@@ -383,8 +396,9 @@ def _copy_lines(session: Session, encoded: CopyRows) -> int | None:
         return None
 
 
-def _columnar_insert(table: Table, rows: list[Mapping[str, Any]], returning: str | None = None
-                     ) -> tuple[str, dict[str, str]] | None:
+def _columnar_insert(
+    table: Table, rows: list[Mapping[str, Any]], returning: str | None = None
+) -> tuple[str, dict[str, str]] | None:
     """`INSERT ... SELECT` from ONE jsonb parameter holding an array per column (`ROWS
     FROM` zips the columns back into rows, in order), skipping duplicates."""
     columns = _prepared_columns(table, rows)
@@ -406,14 +420,23 @@ def _columnar_insert(table: Table, rows: list[Mapping[str, Any]], returning: str
         text_doc = orjson.dumps(doc).decode()
     except (TypeError, orjson.JSONEncodeError):  # e.g. an int beyond 64 bits
         return None
-    sql = (f"INSERT INTO {_PG.identifier_preparer.format_table(table)} "
-           f"({', '.join(c.name for c in columns)}) "
-           f"SELECT {', '.join(selects)} FROM (SELECT CAST(:doc AS JSONB) AS doc) AS d, "
-           f"ROWS FROM ({', '.join(sources)}) AS t({', '.join(doc)}) ON CONFLICT DO NOTHING")
+    sql = (
+        f"INSERT INTO {_PG.identifier_preparer.format_table(table)} "
+        f"({', '.join(c.name for c in columns)}) "
+        f"SELECT {', '.join(selects)} FROM (SELECT CAST(:doc AS JSONB) AS doc) AS d, "
+        f"ROWS FROM ({', '.join(sources)}) AS t({', '.join(doc)}) ON CONFLICT DO NOTHING"
+    )
     if returning:
         sql += f" RETURNING {_PG.identifier_preparer.quote(returning)}"
     return sql, {"doc": text_doc}
 
 
-__all__ = ["COPY_MIN_ROWS", "CopyRows", "EncodedRows", "encode_for_copy", "insert_all_new",
-           "insert_ignoring_duplicates", "insert_returning_new"]
+__all__ = [
+    "COPY_MIN_ROWS",
+    "CopyRows",
+    "EncodedRows",
+    "encode_for_copy",
+    "insert_all_new",
+    "insert_ignoring_duplicates",
+    "insert_returning_new",
+]

@@ -117,13 +117,17 @@ def check_schema(engine: Engine) -> str:
         raise SchemaTooNew(
             f"{where} is at revision {current}, which this code does not know (newest it knows:"
             f" {expected}); it was migrated by a newer Flywheel: run that version instead",
-            url=display_url(engine.url), current=current, expected=expected,
+            url=display_url(engine.url),
+            current=current,
+            expected=expected,
         )
     else:
         state = f"is at revision {current}"
     raise SchemaNotCurrent(
         f"{where} {state}, code expects {expected}: run `flywheel db upgrade`",
-        url=display_url(engine.url), current=current, expected=expected,
+        url=display_url(engine.url),
+        current=current,
+        expected=expected,
     )
 
 
@@ -150,6 +154,13 @@ def open_store(url: str | URL, **kwargs: Any) -> Engine:
 
 
 __all__ = [
-    "SchemaNotCurrent", "SchemaTooNew", "check_schema", "display_url", "make_engine",
-    "normalize_url", "open_store", "schema_revision", "session_factory",
+    "SchemaNotCurrent",
+    "SchemaTooNew",
+    "check_schema",
+    "display_url",
+    "make_engine",
+    "normalize_url",
+    "open_store",
+    "schema_revision",
+    "session_factory",
 ]

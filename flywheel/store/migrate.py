@@ -73,6 +73,11 @@ def current(url: str | URL) -> str | None:
 
 
 __all__ = [
-    "alembic_config", "current", "downgrade", "head", "known_revisions", "script_location",
+    "alembic_config",
+    "current",
+    "downgrade",
+    "head",
+    "known_revisions",
+    "script_location",
     "upgrade",
 ]

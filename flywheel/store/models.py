@@ -167,8 +167,12 @@ class Correction(Base):
         # Only pending rows are indexed (a new prediction's claim, the sweep's late joins,
         # the expiry): a correction joined as it is written enters no index but its key
         # (migration 0005).
-        Index(PENDING_INDEX, "prediction_id", postgresql_where=text(PENDING_PREDICATE),
-              sqlite_where=text(PENDING_PREDICATE)),
+        Index(
+            PENDING_INDEX,
+            "prediction_id",
+            postgresql_where=text(PENDING_PREDICATE),
+            sqlite_where=text(PENDING_PREDICATE),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
@@ -177,7 +181,8 @@ class Correction(Base):
     source: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(
-        String(16), default=CorrectionStatus.PENDING.value,
+        String(16),
+        default=CorrectionStatus.PENDING.value,
         server_default=CorrectionStatus.PENDING.value,
     )
     joined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -202,8 +207,12 @@ class Example(Base):
         CheckConstraint("weight > 0", name="weight_positive"),
         # The corroboration sweep looks for quarantined rows, which are few; no other
         # query filters by split through an index (migration 0005).
-        Index(QUARANTINE_INDEX, "id", postgresql_where=text(QUARANTINE_PREDICATE),
-              sqlite_where=text(QUARANTINE_PREDICATE)),
+        Index(
+            QUARANTINE_INDEX,
+            "id",
+            postgresql_where=text(QUARANTINE_PREDICATE),
+            sqlite_where=text(QUARANTINE_PREDICATE),
+        ),
         {"sqlite_autoincrement": True},
     )
 
@@ -291,9 +300,25 @@ class ErrorCount(Base):
 
 
 __all__ = [
-    "CORRECTION_STATUSES", "ERROR_TYPES", "NAMING_CONVENTION", "NO_SOURCE", "ORIGINS", "SPLITS",
-    "Base", "Correction", "CorrectionStatus", "CounterexampleUsage", "ErrorCount", "ErrorType",
-    "Example", "LearnerState", "Origin", "Prediction", "ReferenceStats", "Split", "UTCDateTime",
+    "CORRECTION_STATUSES",
+    "ERROR_TYPES",
+    "NAMING_CONVENTION",
+    "NO_SOURCE",
+    "ORIGINS",
+    "SPLITS",
+    "Base",
+    "Correction",
+    "CorrectionStatus",
+    "CounterexampleUsage",
+    "ErrorCount",
+    "ErrorType",
+    "Example",
+    "LearnerState",
+    "Origin",
+    "Prediction",
+    "ReferenceStats",
+    "Split",
+    "UTCDateTime",
     "utcnow",
 ]
 
@@ -316,7 +341,8 @@ class PrivacyLedgerEntry(Base):
     update_no: Mapped[int] = mapped_column(Integer)
     version: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(
-        UTCDateTime(), default=utcnow, server_default=func.now())
+        UTCDateTime(), default=utcnow, server_default=func.now()
+    )
     accountant: Mapped[str] = mapped_column(String(8))
     engine: Mapped[str] = mapped_column(String(16))
     sample_rate: Mapped[float] = mapped_column(Float)
@@ -339,7 +365,8 @@ class PrivacySourceSpend(Base):
     __tablename__ = "privacy_source_spend"
 
     ledger_id: Mapped[int] = mapped_column(
-        BigIntId, ForeignKey("privacy_ledger.id", ondelete="CASCADE"), primary_key=True)
+        BigIntId, ForeignKey("privacy_ledger.id", ondelete="CASCADE"), primary_key=True
+    )
     source: Mapped[str] = mapped_column(String(ID_LENGTH + 16), primary_key=True, index=True)
     examples: Mapped[int] = mapped_column(Integer)
     epsilon: Mapped[float] = mapped_column(Float)

@@ -62,8 +62,7 @@ def site_dp_config(privacy: PrivacySettings, federated: FederatedSettings) -> DP
     no longer outweigh a small site's own data (`bench fedaccuracy`: +3 points)."""
     from flywheel.privacy import DPConfig
 
-    return replace(DPConfig.from_settings(privacy),
-                   sample_rate=federated.fed_privacy_sample_rate)
+    return replace(DPConfig.from_settings(privacy), sample_rate=federated.fed_privacy_sample_rate)
 
 
 class SiteBudgetRefused(RuntimeError):
@@ -115,8 +114,11 @@ class Site:
             epsilon([mech], dp.delta, dp.accountant)
             return
         last = entries[-1]
-        epsilon([*[e.mechanism for e in entries if e.update_no <= last.update_no], mech],
-                dp.delta, dp.accountant)
+        epsilon(
+            [*[e.mechanism for e in entries if e.update_no <= last.update_no], mech],
+            dp.delta,
+            dp.accountant,
+        )
 
     @property
     def lineage(self) -> str:
@@ -136,8 +138,11 @@ class Site:
         s = self.federated
         # everything the server sent is checked before the site reads data or charges its
         # ledger: a bad round must not cost the site's sources any ε
-        if not all(bool(torch.isfinite(v).all()) for v in module.state_dict().values()
-                   if v.is_floating_point()):
+        if not all(
+            bool(torch.isfinite(v).all())
+            for v in module.state_dict().values()
+            if v.is_floating_point()
+        ):
             raise ValueError("the server's model holds NaN or infinity")
         steps, lr, clip = round_config(config, s)
         public = public_rows(config, spec.input_dim, len(labels))
@@ -147,47 +152,94 @@ class Site:
             log.warning("DP noise seeded by FLYWHEEL_FED_SITE_NOISE_SEED: experiments only")
             seed = s.fed_site_noise_seed * 1_000_003 + int(config_number(config, "server-round", 0))
         dp = site_dp_config(self.privacy, s) if self.privacy.privacy_enabled else None
-        data = read_site_data(self.engine, labels, limit=s.fed_local_max_examples,
-                              max_per_source=dp.max_per_source if dp else None)
+        data = read_site_data(
+            self.engine,
+            labels,
+            limit=s.fed_local_max_examples,
+            max_per_source=dp.max_per_source if dp else None,
+        )
         if len(data) == 0:
             raise SiteBudgetRefused("no trainable examples in this site's store")
         mechanism, eps, delta = None, 0.0, 0.0
         if dp is not None:
             mechanism = self.mechanism(dp, steps)
             ledger = PrivacyLedger(self.engine)
-            counts = {c: int(n) for c, n in zip(
-                data.contributors, np.bincount(data.sources, minlength=len(data.contributors)),
-                strict=True)}
+            counts = {
+                c: int(n)
+                for c, n in zip(
+                    data.contributors,
+                    np.bincount(data.sources, minlength=len(data.contributors)),
+                    strict=True,
+                )
+            }
             try:
-                plan = plan_update(ledger, self.lineage, counts, mechanism, budget=dp.epsilon,
-                                   delta=dp.delta, accountant=dp.accountant)
+                plan = plan_update(
+                    ledger,
+                    self.lineage,
+                    counts,
+                    mechanism,
+                    budget=dp.epsilon,
+                    delta=dp.delta,
+                    accountant=dp.accountant,
+                )
             except BudgetRefused as exc:
                 raise SiteBudgetRefused(str(exc)) from None
             data = _only(data, set(plan.allowed))
             update = max((e.update_no for e in ledger.entries(self.lineage)), default=0) + 1
             ledger.record(
-                {"lineage": self.lineage, "update_no": update, "accountant": dp.accountant,
-                 "engine": dp.engine, "sample_rate": mechanism.sample_rate,
-                 "noise_multiplier": mechanism.noise_multiplier,
-                 "max_grad_norm": dp.max_grad_norm, "steps": mechanism.steps,
-                 "delta": dp.delta, "epsilon_update": plan.epsilon_update,
-                 "epsilon_lineage": plan.epsilon_lineage, "sources": len(plan.allowed),
-                 "examples": len(data), "public_examples": 0, "capped_examples": 0,
-                 "excluded_examples": sum(counts[c] for c in plan.excluded)},
-                {c: (counts[c], e) for c, e in plan.allowed.items()})
+                {
+                    "lineage": self.lineage,
+                    "update_no": update,
+                    "accountant": dp.accountant,
+                    "engine": dp.engine,
+                    "sample_rate": mechanism.sample_rate,
+                    "noise_multiplier": mechanism.noise_multiplier,
+                    "max_grad_norm": dp.max_grad_norm,
+                    "steps": mechanism.steps,
+                    "delta": dp.delta,
+                    "epsilon_update": plan.epsilon_update,
+                    "epsilon_lineage": plan.epsilon_lineage,
+                    "sources": len(plan.allowed),
+                    "examples": len(data),
+                    "public_examples": 0,
+                    "capped_examples": 0,
+                    "excluded_examples": sum(counts[c] for c in plan.excluded),
+                },
+                {c: (counts[c], e) for c, e in plan.allowed.items()},
+            )
             eps, delta = plan.epsilon_lineage, dp.delta
-        result = train_locally(module, data, steps=steps, lr=lr, clip=clip,
-                               mechanism=mechanism, public=public,
-                               max_grad_norm=dp.max_grad_norm if dp else 1.0, seed=seed,
-                               engine=dp.engine if dp else "auto")
-        metrics = {"num-examples": result.examples, WEIGHT_KEY: 1.0,
-                   "sources": result.sources, "train-loss": result.loss,
-                   "train-accuracy": result.accuracy,
-                   "train-seconds": time.perf_counter() - started,
-                   "local-epsilon": eps, "local-delta": delta,
-                   "dp": float(dp is not None), "clipped": float(result.clipped)}
-        log.info("round %s: %d examples from %d sources, loss %.3f, local ε %.3f",
-                 config.get("server-round"), result.examples, result.sources, result.loss, eps)
+        result = train_locally(
+            module,
+            data,
+            steps=steps,
+            lr=lr,
+            clip=clip,
+            mechanism=mechanism,
+            public=public,
+            max_grad_norm=dp.max_grad_norm if dp else 1.0,
+            seed=seed,
+            engine=dp.engine if dp else "auto",
+        )
+        metrics = {
+            "num-examples": result.examples,
+            WEIGHT_KEY: 1.0,
+            "sources": result.sources,
+            "train-loss": result.loss,
+            "train-accuracy": result.accuracy,
+            "train-seconds": time.perf_counter() - started,
+            "local-epsilon": eps,
+            "local-delta": delta,
+            "dp": float(dp is not None),
+            "clipped": float(result.clipped),
+        }
+        log.info(
+            "round %s: %d examples from %d sources, loss %.3f, local ε %.3f",
+            config.get("server-round"),
+            result.examples,
+            result.sources,
+            result.loss,
+            eps,
+        )
         return result.state, metrics
 
 
@@ -197,12 +249,15 @@ def round_config(config: ConfigRecord, s: FederatedSettings) -> tuple[int, float
     a finite positive rate and clip."""
     steps = int(config_number(config, "local-steps", s.fed_local_steps))
     if not 1 <= steps <= s.fed_local_steps:
-        raise ValueError(f"the server asked for {steps} local steps; this site takes 1 to "
-                         f"{s.fed_local_steps} (FLYWHEEL_FED_LOCAL_STEPS)")
+        raise ValueError(
+            f"the server asked for {steps} local steps; this site takes 1 to "
+            f"{s.fed_local_steps} (FLYWHEEL_FED_LOCAL_STEPS)"
+        )
     lr = config_number(config, "local-lr", s.fed_local_lr)
     if not (math.isfinite(lr) and 0 < lr <= 10):
-        raise ValueError(f"the server asked for a local learning rate of {lr}; expected "
-                         "0 < rate <= 10")
+        raise ValueError(
+            f"the server asked for a local learning rate of {lr}; expected 0 < rate <= 10"
+        )
     clip = config_number(config, "clip", s.fed_clip_norm)
     if KEY_CLIPPING_NORM in config:
         clip = min(clip, config_number(config, KEY_CLIPPING_NORM, clip))
@@ -211,16 +266,19 @@ def round_config(config: ConfigRecord, s: FederatedSettings) -> tuple[int, float
     return steps, lr, clip
 
 
-def public_rows(config: ConfigRecord, width: int, n_labels: int
-                ) -> tuple[np.ndarray, np.ndarray] | None:
+def public_rows(
+    config: ConfigRecord, width: int, n_labels: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The platform's public replay rows, if sent: as many labels as rows, every row
     `width` finite features, every label one of the model's."""
     if "public-x" not in config and "public-y" not in config:
         return None
     raw_x, raw_y = config_bytes(config, "public-x"), config_bytes(config, "public-y")
     if len(raw_x) % (4 * width) or len(raw_y) % 8:
-        raise ValueError("public rows: byte lengths do not fit float32 rows of the model's "
-                         "width and int64 labels")
+        raise ValueError(
+            "public rows: byte lengths do not fit float32 rows of the model's "
+            "width and int64 labels"
+        )
     px = np.frombuffer(raw_x, np.float32).reshape(-1, width).copy()
     py = np.frombuffer(raw_y, np.int64).copy()
     if len(px) != len(py):
@@ -234,8 +292,7 @@ def public_rows(config: ConfigRecord, width: int, n_labels: int
 
 def _only(data: SiteData, allowed: set[str]) -> SiteData:
     keep = np.asarray([data.contributors[s] in allowed for s in data.sources], bool)
-    return SiteData(data.x[keep], data.y[keep], data.w[keep], data.sources[keep],
-                    data.contributors)
+    return SiteData(data.x[keep], data.y[keep], data.w[keep], data.sources[keep], data.contributors)
 
 
 _site: Site | None = None
@@ -258,8 +315,9 @@ def current_site() -> Site:
 
 def reply_for(message: Message, site: Site) -> Message:
     state, metrics = site.train(message.content)
-    return Message(RecordDict({ARRAYS: to_record(state), METRICS: metric_record(metrics)}),
-                   reply_to=message)
+    return Message(
+        RecordDict({ARRAYS: to_record(state), METRICS: metric_record(metrics)}), reply_to=message
+    )
 
 
 app = ClientApp(mods=[outbound_guard])

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 DEMO_DEFAULTS: dict[str, object] = {"seed_examples": 1000}
 
 
-def build_homes(root: Path, n_sites: int, partition: Partition, *, rounds: int,
-                **overrides: object) -> tuple[Settings, list[Settings]]:
+def build_homes(
+    root: Path, n_sites: int, partition: Partition, *, rounds: int, **overrides: object
+) -> tuple[Settings, list[Settings]]:
     """Platform and site settings, each with a migrated store filled with its data.
 
     Each site budgets its sources for `rounds` rounds (FLYWHEEL_PRIVACY_SOURCE_UPDATES).
@@ -30,17 +31,16 @@ def build_homes(root: Path, n_sites: int, partition: Partition, *, rounds: int,
     from flywheel.store import upgrade
 
     link = f"127.0.0.1:{free_port()}"
-    common = {**DEMO_DEFAULTS, "fed_superlink": link, "privacy_source_updates": rounds,
-              **overrides}
+    common = {**DEMO_DEFAULTS, "fed_superlink": link, "privacy_source_updates": rounds, **overrides}
     platform = Settings(home=root / "platform", fed_rounds=rounds, **common)  # type: ignore[arg-type]
     prepare_home(platform)
     upgrade(platform.resolved_database_url)
-    fill_site_store(platform.resolved_database_url, *partition.holdout, site="platform",
-                    split="holdout")
+    fill_site_store(
+        platform.resolved_database_url, *partition.holdout, site="platform", split="holdout"
+    )
     sites = []
     for k, (x, y) in enumerate(partition.sites):
-        site = Settings(home=root / f"site{k}", fed_runtime_port=free_port(),
-                        **common)  # type: ignore[arg-type]
+        site = Settings(home=root / f"site{k}", fed_runtime_port=free_port(), **common)  # type: ignore[arg-type]
         prepare_home(site)
         upgrade(site.resolved_database_url)
         fill_site_store(site.resolved_database_url, x, y, site=f"site{k}")
@@ -48,8 +48,15 @@ def build_homes(root: Path, n_sites: int, partition: Partition, *, rounds: int,
     return platform, sites
 
 
-def run_demo(report: Path, *, clients: int = 3, rounds: int = 5, strategy: str = "fedavg",
-             alpha: float = 0.5, timeout_s: float = 900.0) -> dict:
+def run_demo(
+    report: Path,
+    *,
+    clients: int = 3,
+    rounds: int = 5,
+    strategy: str = "fedavg",
+    alpha: float = 0.5,
+    timeout_s: float = 900.0,
+) -> dict:
     """Start the federation, run `rounds` rounds, write report/summary.json, return it."""
     from flywheel.learner.seed_model import ensure_champion
     from flywheel.registry import Registry
@@ -61,15 +68,22 @@ def run_demo(report: Path, *, clients: int = 3, rounds: int = 5, strategy: str =
     platform, sites = build_homes(root, clients, partition, rounds=rounds)
     # before the sites join: the first round need not wait for it
     ensure_champion(platform.trusted, Registry.of(platform))
-    options = RunOptions.from_settings(platform.federated, platform.trusted,
-                                       rounds=rounds, clients=clients,
-                                       min_clients=clients, strategy=strategy,
-                                       report=str(report / "run.json"))
+    options = RunOptions.from_settings(
+        platform.federated,
+        platform.trusted,
+        rounds=rounds,
+        clients=clients,
+        min_clients=clients,
+        strategy=strategy,
+        report=str(report / "run.json"),
+    )
     with LocalFederation(platform, sites, logs=report / "logs") as fed:
         fed.wait_for_sites(clients, timeout_s=120)
         summary = fed.run(options, timeout_s=timeout_s)
-    summary["sites"] = [{"examples": int(len(y)), "label_counts":
-                         [int((y == c).sum()) for c in range(3)]} for _, y in partition.sites]
+    summary["sites"] = [
+        {"examples": int(len(y)), "label_counts": [int((y == c).sum()) for c in range(3)]}
+        for _, y in partition.sites
+    ]
     summary["demo_seconds"] = time.perf_counter() - started
     (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

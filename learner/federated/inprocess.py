@@ -42,10 +42,21 @@ class InProcessGrid(Grid):
     def run(self):  # noqa: ANN201
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id,
-                       group_id=group_id, ttl=ttl)
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content=content,
+            message_type=message_type,
+            dst_node_id=dst_node_id,
+            group_id=group_id,
+            ttl=ttl,
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -55,8 +66,9 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             node = msg.metadata.dst_node_id
-            context = Context(run_id=0, node_id=node, node_config={}, state=RecordDict(),
-                              run_config={})
+            context = Context(
+                run_id=0, node_id=node, node_config={}, state=RecordDict(), run_config={}
+            )
             app = self.apps.get(node, client_app.app)
             self._replies[msg.metadata.message_id] = app(message=msg, context=context)
             ids.append(msg.metadata.message_id)
@@ -65,6 +77,7 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))

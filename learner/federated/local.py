@@ -34,8 +34,9 @@ class SiteData:
         return len(self.y)
 
 
-def read_site_data(engine: Engine, labels: Mapping[str, int], *, limit: int,
-                   max_per_source: int | None = None) -> SiteData:
+def read_site_data(
+    engine: Engine, labels: Mapping[str, int], *, limit: int, max_per_source: int | None = None
+) -> SiteData:
     """The newest `limit` trainable examples of this site's store (seed rows excluded),
     at most `max_per_source` per contributor (the DP bound), as arrays."""
     from flywheel.learner.example_source import ExampleSource, bound_per_contributor
@@ -46,12 +47,20 @@ def read_site_data(engine: Engine, labels: Mapping[str, int], *, limit: int,
     contributors = tuple(sorted({r.contributor for r in keep}))
     index = {c: i for i, c in enumerate(contributors)}
     if not keep:
-        return SiteData(np.empty((0, 0), np.float32), np.empty(0, np.int64),
-                        np.empty(0, np.float32), np.empty(0, np.int64), ())
-    return SiteData(np.asarray([r.features for r in keep], np.float32),
-                    np.asarray([labels[r.label] for r in keep], np.int64),
-                    np.minimum(np.asarray([r.weight for r in keep], np.float32), 1.0),
-                    np.asarray([index[r.contributor] for r in keep], np.int64), contributors)
+        return SiteData(
+            np.empty((0, 0), np.float32),
+            np.empty(0, np.int64),
+            np.empty(0, np.float32),
+            np.empty(0, np.int64),
+            (),
+        )
+    return SiteData(
+        np.asarray([r.features for r in keep], np.float32),
+        np.asarray([labels[r.label] for r in keep], np.int64),
+        np.minimum(np.asarray([r.weight for r in keep], np.float32), 1.0),
+        np.asarray([index[r.contributor] for r in keep], np.int64),
+        contributors,
+    )
 
 
 @dataclass(frozen=True)
@@ -69,23 +78,35 @@ class LocalResult:
 
 
 def update_norm(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:
-    total = sum((((new[k].double() - base[k].double()) ** 2).sum() for k in base),
-                torch.zeros((), dtype=torch.float64))
+    total = sum(
+        (((new[k].double() - base[k].double()) ** 2).sum() for k in base),
+        torch.zeros((), dtype=torch.float64),
+    )
     return float(torch.sqrt(total))
 
 
-def clip_update(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
-                max_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+def clip_update(
+    new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], max_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
     """base + (new − base)·min(1, C/‖new − base‖): the update, clipped to L2 norm C."""
     norm = update_norm(new, base)
     scale = min(1.0, max_norm / max(norm, 1e-12))
     return {k: (base[k] + (new[k] - base[k]) * scale).to(base[k].dtype) for k in base}, norm
 
 
-def train_locally(module: nn.Module, data: SiteData, *, steps: int, lr: float,
-                  clip: float, mechanism: Mechanism | None, max_grad_norm: float,
-                  seed: int, engine: str = "auto",
-                  public: tuple[np.ndarray, np.ndarray] | None = None) -> LocalResult:
+def train_locally(
+    module: nn.Module,
+    data: SiteData,
+    *,
+    steps: int,
+    lr: float,
+    clip: float,
+    mechanism: Mechanism | None,
+    max_grad_norm: float,
+    seed: int,
+    engine: str = "auto",
+    public: tuple[np.ndarray, np.ndarray] | None = None,
+) -> LocalResult:
     """Train `module` (a copy of the global model) on the site's data and clip the update.
 
     With `mechanism`, DP-SGD from flywheel.privacy (per-source clipping to
@@ -98,23 +119,34 @@ def train_locally(module: nn.Module, data: SiteData, *, steps: int, lr: float,
     base = {k: v.detach().clone() for k, v in module.state_dict().items()}
     # plain SGD: Adam would scale DP noise up to full-size steps on every coordinate, and
     # the server clips the update's norm, so noise would crowd the signal out
-    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr,
-                                momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [p for p in module.parameters() if p.requires_grad], lr=lr, momentum=0.9
+    )
     generator = torch.Generator().manual_seed(seed)
-    px, py = public if public is not None else (np.empty((0, data.x.shape[1]), np.float32),
-                                                 np.empty(0, np.int64))
+    px, py = (
+        public
+        if public is not None
+        else (np.empty((0, data.x.shape[1]), np.float32), np.empty(0, np.int64))
+    )
     if mechanism is not None:
-        batch = PrivateBatch(x=np.concatenate([data.x, px]), y=np.concatenate([data.y, py]),
-                             weight=np.concatenate([data.w, np.ones(len(py), np.float32)]),
-                             sources=np.concatenate([data.sources,
-                                                     np.full(len(py), -1, np.int64)]),
-                             public=np.concatenate([np.zeros(len(data), bool),
-                                                    np.ones(len(py), bool)]))
-        stats = dp_update(module, optimizer, batch, steps=mechanism.steps,
-                          sample_rate=mechanism.sample_rate,
-                          noise_multiplier=mechanism.noise_multiplier,
-                          max_grad_norm=max_grad_norm, generator=generator,
-                          engine=dp_engine(engine))
+        batch = PrivateBatch(
+            x=np.concatenate([data.x, px]),
+            y=np.concatenate([data.y, py]),
+            weight=np.concatenate([data.w, np.ones(len(py), np.float32)]),
+            sources=np.concatenate([data.sources, np.full(len(py), -1, np.int64)]),
+            public=np.concatenate([np.zeros(len(data), bool), np.ones(len(py), bool)]),
+        )
+        stats = dp_update(
+            module,
+            optimizer,
+            batch,
+            steps=mechanism.steps,
+            sample_rate=mechanism.sample_rate,
+            noise_multiplier=mechanism.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            generator=generator,
+            engine=dp_engine(engine),
+        )
         loss = stats.loss
     else:
         x = torch.from_numpy(np.concatenate([data.x, px]))
@@ -134,5 +166,13 @@ def train_locally(module: nn.Module, data: SiteData, *, steps: int, lr: float,
     module.load_state_dict(state)
     with torch.inference_mode():
         acc = float((module(torch.from_numpy(data.x)).argmax(1).numpy() == data.y).mean())
-    return LocalResult(state, len(data), len(data.contributors), float(loss), acc, norm,
-                       norm > clip, time.perf_counter() - started)
+    return LocalResult(
+        state,
+        len(data),
+        len(data.contributors),
+        float(loss),
+        acc,
+        norm,
+        norm > clip,
+        time.perf_counter() - started,
+    )

@@ -25,12 +25,15 @@ class Partition:
 
     @property
     def union(self) -> tuple[np.ndarray, np.ndarray]:
-        return (np.concatenate([x for x, _ in self.sites]),
-                np.concatenate([y for _, y in self.sites]))
+        return (
+            np.concatenate([x for x, _ in self.sites]),
+            np.concatenate([y for _, y in self.sites]),
+        )
 
 
-def dirichlet_split(y: np.ndarray, n_sites: int, alpha: float,
-                    rng: np.random.Generator, min_size: int = 10) -> list[np.ndarray]:
+def dirichlet_split(
+    y: np.ndarray, n_sites: int, alpha: float, rng: np.random.Generator, min_size: int = 10
+) -> list[np.ndarray]:
     """Row indices per site; redrawn until every site has at least `min_size` rows."""
     classes = np.unique(y)
     for _ in range(100):
@@ -46,8 +49,9 @@ def dirichlet_split(y: np.ndarray, n_sites: int, alpha: float,
     raise ValueError(f"could not give {n_sites} sites {min_size} rows each with α={alpha}")
 
 
-def make_partition(n_sites: int, *, per_site: int = 400, holdout: int = 600,
-                   alpha: float = 0.5, seed: int = 7) -> Partition:
+def make_partition(
+    n_sites: int, *, per_site: int = 400, holdout: int = 600, alpha: float = 0.5, seed: int = 7
+) -> Partition:
     """Dirichlet(α) label-skewed sites of the drift concept, plus an IID union holdout."""
     concept = drift_concept(seed)
     x, names = concept.sample(n_sites * per_site + holdout, sample_seed=1000 + seed)
@@ -58,8 +62,15 @@ def make_partition(n_sites: int, *, per_site: int = 400, holdout: int = 600,
     return Partition([(x_tr[p], y_tr[p]) for p in parts], (x_ho, y_ho))
 
 
-def fill_site_store(url: str, x: np.ndarray, y: np.ndarray, *, site: str,
-                    split: str = "train", flip_labels: bool = False) -> int:
+def fill_site_store(
+    url: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    site: str,
+    split: str = "train",
+    flip_labels: bool = False,
+) -> int:
     """Write rows into a (migrated) training store as corrections of this site's users.
 
     `flip_labels` writes label (y+1) mod C instead: a poisoned site for robustness tests.
@@ -70,11 +81,23 @@ def fill_site_store(url: str, x: np.ndarray, y: np.ndarray, *, site: str,
     engine = make_engine(url)
     try:
         with session_factory(engine).begin() as session:
-            return insert_ignoring_duplicates(session, Example, [
-                {"dedup_key": f"{site}:{split}:{i}", "origin": "correction",
-                 "features": row.tolist(), "label": LABELS[int(label)], "weight": 1.0,
-                 "split": split, "source": f"{site}-user-{i}",
-                 "parent_prediction_id": f"{site}-p{split[0]}{i}", "error_type": "confident"}
-                for i, (row, label) in enumerate(zip(x, labels, strict=True))])
+            return insert_ignoring_duplicates(
+                session,
+                Example,
+                [
+                    {
+                        "dedup_key": f"{site}:{split}:{i}",
+                        "origin": "correction",
+                        "features": row.tolist(),
+                        "label": LABELS[int(label)],
+                        "weight": 1.0,
+                        "split": split,
+                        "source": f"{site}-user-{i}",
+                        "parent_prediction_id": f"{site}-p{split[0]}{i}",
+                        "error_type": "confident",
+                    }
+                    for i, (row, label) in enumerate(zip(x, labels, strict=True))
+                ],
+            )
     finally:
         engine.dispose()

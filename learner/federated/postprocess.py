@@ -27,8 +27,9 @@ class ServerOptimizer:
     """Global model ← global + lr·m, m ← β·m + (release − global); served = mean of the
     last `average_last` global models. Only `keys` (the trained parameters) are touched."""
 
-    def __init__(self, keys: Iterable[str], *, lr: float = 1.0, momentum: float = 0.0,
-                 average_last: int = 1) -> None:
+    def __init__(
+        self, keys: Iterable[str], *, lr: float = 1.0, momentum: float = 0.0, average_last: int = 1
+    ) -> None:
         if lr <= 0 or not 0 <= momentum < 1 or average_last < 1:
             raise ValueError("need lr > 0, 0 <= momentum < 1 and average_last >= 1")
         self.keys = tuple(keys)
@@ -42,8 +43,9 @@ class ServerOptimizer:
         self.velocity = None
         self.history.clear()
 
-    def step(self, current: Mapping[str, torch.Tensor],
-             released: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step(
+        self, current: Mapping[str, torch.Tensor], released: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """The next global model from the current one and this round's release."""
         delta = {k: released[k].double() - current[k].double() for k in self.keys}
         if self.velocity is None or self.momentum == 0:
@@ -61,6 +63,7 @@ class ServerOptimizer:
         out = dict(state)
         if len(self.history) > 1:
             for k in self.keys:
-                out[k] = (torch.stack([h[k].double() for h in self.history]).mean(0)
-                          .to(state[k].dtype))
+                out[k] = (
+                    torch.stack([h[k].double() for h in self.history]).mean(0).to(state[k].dtype)
+                )
         return out

@@ -30,10 +30,20 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 SPEC_KEY = "model-spec"
 WEIGHT_KEY = "dp-weight"  # every site weighs 1: the DP wrappers' sensitivity assumes it
 # counts, loss, accuracy, time and the site's own ε: aggregates, never rows
-REPLY_METRICS = frozenset({
-    "num-examples", WEIGHT_KEY, "sources", "train-loss", "train-accuracy", "train-seconds",
-    "local-epsilon", "local-delta", "dp", "clipped",
-})
+REPLY_METRICS = frozenset(
+    {
+        "num-examples",
+        WEIGHT_KEY,
+        "sources",
+        "train-loss",
+        "train-accuracy",
+        "train-seconds",
+        "local-epsilon",
+        "local-delta",
+        "dp",
+        "clipped",
+    }
+)
 GUARD_ERROR_CODE = 9001
 AUDIT_ENV = "FLYWHEEL_FED_AUDIT_DIR"
 
@@ -69,8 +79,10 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v, copy=True))
-            for k, v in zip(record.keys(), record.to_numpy_ndarrays(), strict=True)}
+    return {
+        k: torch.from_numpy(np.array(v, copy=True))
+        for k, v in zip(record.keys(), record.to_numpy_ndarrays(), strict=True)
+    }
 
 
 def check_reply(reply: Message, sent_shapes: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -130,14 +142,23 @@ def _audit(directory: Path, reply: Message, context: Context, verdict: str | Non
     stem = f"{time.time_ns()}-node{context.node_id}-{reply.metadata.message_type}"
     body = b"" if reply.has_error() else recorddict_to_proto(reply.content).SerializeToString()
     (directory / f"{stem}.bin").write_bytes(body)
-    (directory / f"{stem}.json").write_text(json.dumps({
-        "node_id": context.node_id, "run_id": reply.metadata.run_id,
-        "message_type": reply.metadata.message_type, "error": reply.has_error(),
-        "blocked": verdict, "bytes": len(body)}))
+    (directory / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "node_id": context.node_id,
+                "run_id": reply.metadata.run_id,
+                "message_type": reply.metadata.message_type,
+                "error": reply.has_error(),
+                "blocked": verdict,
+                "bytes": len(body),
+            }
+        )
+    )
 
 
-def outbound_guard(message: Message, context: Context,
-                   call_next: Callable[[Message, Context], Message]) -> Message:
+def outbound_guard(
+    message: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
     """Flower client mod: check, audit and (if it carries anything else) block a reply."""
     sent = message.content.array_records.get(ARRAYS) if not message.has_error() else None
     shapes = {k: tuple(a.shape) for k, a in sent.items()} if sent is not None else {}
@@ -145,8 +166,9 @@ def outbound_guard(message: Message, context: Context,
     verdict = check_reply(reply, shapes)
     if verdict is not None:
         log.error("blocked a reply that would have left this site: %s", verdict)
-        reply = Message(Error(code=GUARD_ERROR_CODE, reason=f"blocked by site: {verdict}"),
-                        reply_to=message)
+        reply = Message(
+            Error(code=GUARD_ERROR_CODE, reason=f"blocked by site: {verdict}"), reply_to=message
+        )
     audit = os.environ.get(AUDIT_ENV)
     if audit:
         _audit(Path(audit), reply, context, verdict)

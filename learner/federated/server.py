@@ -96,13 +96,23 @@ class RunOptions:
     average_last: int = 0
 
     @classmethod
-    def from_settings(cls, s: FederatedSettings, trusted: TrustedSettings,
-                      **overrides: object) -> RunOptions:
-        base = cls(rounds=s.fed_rounds, clients=s.fed_clients, min_clients=s.fed_min_clients,
-                   strategy=s.fed_strategy, clipping=s.fed_dp_clipping,
-                   noise_multiplier=s.fed_noise_multiplier, clip=s.fed_clip_norm,
-                   trim_beta=s.fed_trim_beta, local_steps=s.fed_local_steps,
-                   local_lr=s.fed_local_lr, public_replay=s.fed_public_replay, seed=trusted.seed)
+    def from_settings(
+        cls, s: FederatedSettings, trusted: TrustedSettings, **overrides: object
+    ) -> RunOptions:
+        base = cls(
+            rounds=s.fed_rounds,
+            clients=s.fed_clients,
+            min_clients=s.fed_min_clients,
+            strategy=s.fed_strategy,
+            clipping=s.fed_dp_clipping,
+            noise_multiplier=s.fed_noise_multiplier,
+            clip=s.fed_clip_norm,
+            trim_beta=s.fed_trim_beta,
+            local_steps=s.fed_local_steps,
+            local_lr=s.fed_local_lr,
+            public_replay=s.fed_public_replay,
+            seed=trusted.seed,
+        )
         values = asdict(base)
         for k, v in overrides.items():
             if k in values:
@@ -115,8 +125,12 @@ class RunOptions:
         return self.average_last or max(1, self.rounds // 2)
 
     def server_optimizer(self, keys: Iterable[str]) -> ServerOptimizer:
-        return ServerOptimizer(keys, lr=self.server_lr, momentum=self.server_momentum,
-                               average_last=self.averaged_rounds())
+        return ServerOptimizer(
+            keys,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            average_last=self.averaged_rounds(),
+        )
 
     def run_config(self) -> dict[str, object]:
         """As Flower run config (`flwr run --run-config`)."""
@@ -190,8 +204,14 @@ class FastGrid(Grid):
     def run(self):  # noqa: ANN201
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -203,8 +223,9 @@ class FastGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         pending = set(self.push_messages(messages))
         deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
         out: list[Message] = []
@@ -217,8 +238,9 @@ class FastGrid(Grid):
         return out
 
 
-def usable_replies(replies: list[Message], sent_shapes: dict[str, tuple[int, ...]]
-                   ) -> list[Message]:
+def usable_replies(
+    replies: list[Message], sent_shapes: dict[str, tuple[int, ...]]
+) -> list[Message]:
     """The replies the round may aggregate: no error, and what `check_update` accepts.
     Each one's weight is set to 1 whatever the site said: the DP wrappers' sensitivity
     (clip / sites) assumes equal weights, and a site's own weight could shrink the others'
@@ -243,8 +265,10 @@ def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.nda
     index = {n: i for i, n in enumerate(labels)}
     names = [str(n) for n in data["labels"]]
     keep = [i for i, n in enumerate(names) if n in index]
-    return (np.asarray(data["x"], np.float32)[keep],
-            np.asarray([index[names[i]] for i in keep], np.int64))
+    return (
+        np.asarray(data["x"], np.float32)[keep],
+        np.asarray([index[names[i]] for i in keep], np.int64),
+    )
 
 
 class FederatedRun:
@@ -288,9 +312,11 @@ class FederatedRun:
             if len(nodes) >= self.options.min_clients:
                 return nodes
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} sites connected within "
-                                   f"{self.config.federated.fed_round_timeout_s:g} s "
-                                   f"(need {self.options.min_clients})")
+                raise TimeoutError(
+                    f"only {len(nodes)} sites connected within "
+                    f"{self.config.federated.fed_round_timeout_s:g} s "
+                    f"(need {self.options.min_clients})"
+                )
             time.sleep(self.config.federated.fed_poll_s)
 
     def run(self, grid: Grid) -> RunSummary:
@@ -309,8 +335,14 @@ class FederatedRun:
         served = copy.deepcopy(module)  # what is evaluated and registered
         trusted, recent = self.holdouts(list(spec.labels))
         public_x, public_y, _, _ = seed_data(s.trusted)
-        summary = RunSummary(o.strategy, o.clipping, o.noise_multiplier, o.clip,
-                             start_version=champion, delta=s.privacy.privacy_delta)
+        summary = RunSummary(
+            o.strategy,
+            o.clipping,
+            o.noise_multiplier,
+            o.clip,
+            start_version=champion,
+            delta=s.privacy.privacy_delta,
+        )
         base, seen = champion, champion
         updates: list[int] = []
         for rnd in range(1, o.rounds + 1):
@@ -323,68 +355,105 @@ class FederatedRun:
             sampled = sorted(self.rng.sample(nodes, min(o.clients, len(nodes))))
             mech = client_mechanism(o.strategy, o.noise_multiplier, len(sampled))
             try:
-                plan = plan_update(self.ledger, self.lineage,
-                                   {f"node:{n}": 1 for n in sampled}, mech,
-                                   budget=s.federated.fed_client_epsilon or math.inf,
-                                   delta=s.privacy.privacy_delta,
-                                   accountant=s.privacy.privacy_accountant)
+                plan = plan_update(
+                    self.ledger,
+                    self.lineage,
+                    {f"node:{n}": 1 for n in sampled},
+                    mech,
+                    budget=s.federated.fed_client_epsilon or math.inf,
+                    delta=s.privacy.privacy_delta,
+                    accountant=s.privacy.privacy_accountant,
+                )
             except BudgetRefused as exc:
                 log.error("round %d refused: %s", rnd, exc)
                 break
             allowed = [n for n in sampled if f"node:{n}" in plan.allowed]
-            strategy = build_strategy(o.strategy, sites=len(allowed), clip=o.clip,
-                                      noise_multiplier=o.noise_multiplier,
-                                      clipping=o.clipping, trim_beta=o.trim_beta)
-            config = ConfigRecord({"server-round": rnd, "model-spec": spec.model_dump_json(),
-                                   "local-steps": o.local_steps, "local-lr": o.local_lr,
-                                   "clip": o.clip, "seed": o.seed})
+            strategy = build_strategy(
+                o.strategy,
+                sites=len(allowed),
+                clip=o.clip,
+                noise_multiplier=o.noise_multiplier,
+                clipping=o.clipping,
+                trim_beta=o.trim_beta,
+            )
+            config = ConfigRecord(
+                {
+                    "server-round": rnd,
+                    "model-spec": spec.model_dump_json(),
+                    "local-steps": o.local_steps,
+                    "local-lr": o.local_lr,
+                    "clip": o.clip,
+                    "seed": o.seed,
+                }
+            )
             if o.public_replay:  # the platform's own seed rows: public, sent to the sites
                 pick = np.random.default_rng(o.seed * 7919 + rnd).choice(
-                    len(public_y), size=min(o.public_replay, len(public_y)), replace=False)
+                    len(public_y), size=min(o.public_replay, len(public_y)), replace=False
+                )
                 config["public-x"] = public_x[pick].astype(np.float32).tobytes()
                 config["public-y"] = public_y[pick].astype(np.int64).tobytes()
             fast = FastGrid(grid, s.federated.fed_poll_s, allowed)
             t0 = time.perf_counter()
-            messages = list(strategy.configure_train(rnd, to_record(module.state_dict()),
-                                                     config, fast))
-            replies = list(fast.send_and_receive(messages,
-                                                 timeout=s.federated.fed_round_timeout_s))
-            ok = usable_replies(replies, {k: tuple(v.shape)
-                                          for k, v in module.state_dict().items()})
+            messages = list(
+                strategy.configure_train(rnd, to_record(module.state_dict()), config, fast)
+            )
+            replies = list(fast.send_and_receive(messages, timeout=s.federated.fed_round_timeout_s))
+            ok = usable_replies(
+                replies, {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            )
             if not ok:
                 log.error("round %d: no site replied", rnd)
                 continue
             # the ledger entry goes in before the aggregate exists (over-count, never under)
-            spent = client_mechanism(o.strategy, o.noise_multiplier * len(ok) / len(allowed),
-                                     len(ok))
-            histories = self.ledger.histories(self.lineage,
-                                              [f"node:{m.metadata.src_node_id}" for m in ok])
+            spent = client_mechanism(
+                o.strategy, o.noise_multiplier * len(ok) / len(allowed), len(ok)
+            )
+            histories = self.ledger.histories(
+                self.lineage, [f"node:{m.metadata.src_node_id}" for m in ok]
+            )
             spends = {}
             for m in ok:
                 src = f"node:{m.metadata.src_node_id}"
                 n = int(metric_number(m.content.metric_records["metrics"], "num-examples", 0))
-                spends[src] = (n, epsilon([*histories.get(src, []), spent],
-                                          s.privacy.privacy_delta, s.privacy.privacy_accountant))
+                spends[src] = (
+                    n,
+                    epsilon(
+                        [*histories.get(src, []), spent],
+                        s.privacy.privacy_delta,
+                        s.privacy.privacy_accountant,
+                    ),
+                )
             eps_round = epsilon([spent], s.privacy.privacy_delta, s.privacy.privacy_accountant)
-            eps_lineage = max(self.ledger.lineage_epsilon(self.lineage),
-                              max(e for _, e in spends.values()))
-            update_no = max((e.update_no for e in self.ledger.entries(self.lineage)),
-                            default=0) + 1
+            eps_lineage = max(
+                self.ledger.lineage_epsilon(self.lineage), max(e for _, e in spends.values())
+            )
+            update_no = max((e.update_no for e in self.ledger.entries(self.lineage)), default=0) + 1
             self.ledger.record(
-                {"lineage": self.lineage, "update_no": update_no,
-                 "accountant": s.privacy.privacy_accountant,
-                 "engine": f"flower-{o.clipping}-clipping",
-                 "sample_rate": spent.sample_rate, "noise_multiplier": spent.noise_multiplier,
-                 "max_grad_norm": o.clip, "steps": spent.steps,
-                 "delta": s.privacy.privacy_delta,
-                 "epsilon_update": eps_round, "epsilon_lineage": eps_lineage,
-                 "sources": len(ok), "examples": sum(n for n, _ in spends.values()),
-                 "public_examples": 0, "capped_examples": 0, "excluded_examples": 0},
-                spends)
+                {
+                    "lineage": self.lineage,
+                    "update_no": update_no,
+                    "accountant": s.privacy.privacy_accountant,
+                    "engine": f"flower-{o.clipping}-clipping",
+                    "sample_rate": spent.sample_rate,
+                    "noise_multiplier": spent.noise_multiplier,
+                    "max_grad_norm": o.clip,
+                    "steps": spent.steps,
+                    "delta": s.privacy.privacy_delta,
+                    "epsilon_update": eps_round,
+                    "epsilon_lineage": eps_lineage,
+                    "sources": len(ok),
+                    "examples": sum(n for n, _ in spends.values()),
+                    "public_examples": 0,
+                    "capped_examples": 0,
+                    "excluded_examples": 0,
+                },
+                spends,
+            )
             updates.append(update_no)
             if o.noise_seed >= 0:
-                log.warning("central DP noise seeded (noise_seed=%d): experiments only",
-                            o.noise_seed)
+                log.warning(
+                    "central DP noise seeded (noise_seed=%d): experiments only", o.noise_seed
+                )
                 np.random.seed(o.noise_seed * 10_007 + rnd)
             try:  # only usable replies: one error would make Flower drop the whole round
                 arrays, metrics = strategy.aggregate_train(rnd, ok)
@@ -402,22 +471,39 @@ class FederatedRun:
             module.load_state_dict(new)
             served.load_state_dict(server_opt.served(new))
             wall = time.perf_counter() - t0
-            compute = max(metric_number(m.content.metric_records["metrics"], "train-seconds", 0.0)
-                          for m in ok)
+            compute = max(
+                metric_number(m.content.metric_records["metrics"], "train-seconds", 0.0) for m in ok
+            )
             record = RoundRecord(
-                rnd, [m.metadata.src_node_id for m in ok], len(ok),
+                rnd,
+                [m.metadata.src_node_id for m in ok],
+                len(ok),
                 sum(n for n, _ in spends.values()),
                 accuracy(served, recent) if len(recent) else math.nan,
                 accuracy(served, trusted),
                 metric_number(metrics, "train-loss", math.nan) if metrics else math.nan,
-                eps_round, eps_lineage, wall, compute, wall - compute, base,
-                accuracy(module, recent) if len(recent) else math.nan)
+                eps_round,
+                eps_lineage,
+                wall,
+                compute,
+                wall - compute,
+                base,
+                accuracy(module, recent) if len(recent) else math.nan,
+            )
             summary.rounds.append(record)
             summary.epsilon = eps_lineage
-            log.info("round %d: %d sites, recent %.3f, trusted %.3f, ε round %.3g "
-                     "(lineage %.3g), %.2f s (%.2f s overhead)", rnd, len(ok),
-                     record.recent_accuracy, record.trusted_accuracy, eps_round, eps_lineage,
-                     wall, record.overhead_s)
+            log.info(
+                "round %d: %d sites, recent %.3f, trusted %.3f, ε round %.3g "
+                "(lineage %.3g), %.2f s (%.2f s overhead)",
+                rnd,
+                len(ok),
+                record.recent_accuracy,
+                record.trusted_accuracy,
+                eps_round,
+                eps_lineage,
+                wall,
+                record.overhead_s,
+            )
         if o.publish and summary.rounds:
             self._publish(summary, spec, served, updates, trusted, recent, evaluate_gate)
         summary.seconds = time.perf_counter() - started
@@ -426,51 +512,93 @@ class FederatedRun:
             Path(o.report).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
         return summary
 
-    def _publish(self, summary: RunSummary, spec: AnySpec, module: nn.Module, updates: list[int],
-                 trusted: Holdout, recent: Holdout,
-                 evaluate_gate: Callable[..., GateResult]) -> None:
+    def _publish(
+        self,
+        summary: RunSummary,
+        spec: AnySpec,
+        module: nn.Module,
+        updates: list[int],
+        trusted: Holdout,
+        recent: Holdout,
+        evaluate_gate: Callable[..., GateResult],
+    ) -> None:
         from flywheel.promotion import promote
 
         s, o = self.config, self.options
         champion = self.registry.champion_version()
         assert champion is not None
-        gate = evaluate_gate(module, self.registry.load(champion).module, trusted=trusted,
-                             recent=recent, tolerance=s.gate.gate_tolerance,
-                             min_recent=s.gate.gate_min_holdout,
-                             serve_precision=s.serve_precision)
+        gate = evaluate_gate(
+            module,
+            self.registry.load(champion).module,
+            trusted=trusted,
+            recent=recent,
+            tolerance=s.gate.gate_tolerance,
+            min_recent=s.gate.gate_min_holdout,
+            serve_precision=s.serve_precision,
+        )
         last = summary.rounds[-1]
         sites = sorted({n for r in summary.rounds for n in r.sites})
-        tags = {"parent_version": summary.rounds[0].base_version, "source": "federated",
-                "examples": f"{sum(r.examples for r in summary.rounds)} site examples over "
-                            f"{len(summary.rounds)} rounds from {len(sites)} sites",
-                "epsilon": f"{summary.epsilon:.4f}", "delta": f"{s.privacy.privacy_delta:g}",
-                "gate": gate.summary(), "champion_at_gate": champion,
-                "fed_lineage": self.lineage, "fed_strategy": f"{o.strategy}+{o.clipping}-clip",
-                "fed_rounds": str(len(summary.rounds)),
-                "fed_sites": ",".join(str(n) for n in sites),
-                "fed_updates": ",".join(str(u) for u in updates)}
-        params = {"fed_strategy": o.strategy, "fed_dp_clipping": o.clipping,
-                  "fed_server_lr": o.server_lr, "fed_server_momentum": o.server_momentum,
-                  "fed_average_last": o.averaged_rounds(),
-                  "fed_noise_multiplier": o.noise_multiplier, "fed_clip_norm": o.clip,
-                  "fed_local_steps": o.local_steps, "fed_local_lr": o.local_lr,
-                  "fed_rounds": len(summary.rounds), "fed_sites": len(sites)}
-        metrics = {**gate.metrics(), "epsilon_client_lineage": summary.epsilon,
-                   "epsilon_client_round": last.epsilon_round,
-                   "fed_recent_accuracy": last.recent_accuracy,
-                   "fed_trusted_accuracy": last.trusted_accuracy,
-                   "fed_overhead_per_round_s": summary.overhead_per_round}
-        version = self.registry.publish(spec, module, tags=tags, params=params,
-                                        metrics={k: v for k, v in metrics.items()
-                                                 if not math.isnan(v)})
+        tags = {
+            "parent_version": summary.rounds[0].base_version,
+            "source": "federated",
+            "examples": f"{sum(r.examples for r in summary.rounds)} site examples over "
+            f"{len(summary.rounds)} rounds from {len(sites)} sites",
+            "epsilon": f"{summary.epsilon:.4f}",
+            "delta": f"{s.privacy.privacy_delta:g}",
+            "gate": gate.summary(),
+            "champion_at_gate": champion,
+            "fed_lineage": self.lineage,
+            "fed_strategy": f"{o.strategy}+{o.clipping}-clip",
+            "fed_rounds": str(len(summary.rounds)),
+            "fed_sites": ",".join(str(n) for n in sites),
+            "fed_updates": ",".join(str(u) for u in updates),
+        }
+        params = {
+            "fed_strategy": o.strategy,
+            "fed_dp_clipping": o.clipping,
+            "fed_server_lr": o.server_lr,
+            "fed_server_momentum": o.server_momentum,
+            "fed_average_last": o.averaged_rounds(),
+            "fed_noise_multiplier": o.noise_multiplier,
+            "fed_clip_norm": o.clip,
+            "fed_local_steps": o.local_steps,
+            "fed_local_lr": o.local_lr,
+            "fed_rounds": len(summary.rounds),
+            "fed_sites": len(sites),
+        }
+        metrics = {
+            **gate.metrics(),
+            "epsilon_client_lineage": summary.epsilon,
+            "epsilon_client_round": last.epsilon_round,
+            "fed_recent_accuracy": last.recent_accuracy,
+            "fed_trusted_accuracy": last.trusted_accuracy,
+            "fed_overhead_per_round_s": summary.overhead_per_round,
+        }
+        version = self.registry.publish(
+            spec,
+            module,
+            tags=tags,
+            params=params,
+            metrics={k: v for k, v in metrics.items() if not math.isnan(v)},
+        )
         for u in updates:
             self.ledger.set_version(self.lineage, u, version)
         summary.version, summary.gate = version, gate.summary()
         if gate.passed and s.gate.auto_promote:
-            promote(s.kafka, version, reason=f"gate {gate.summary()}", actor=ACTOR,
-                    registry=self.registry)
+            promote(
+                s.kafka,
+                version,
+                reason=f"gate {gate.summary()}",
+                actor=ACTOR,
+                registry=self.registry,
+            )
             summary.promoted = True
         elif gate.passed:
             self.registry.set_tags(version, {"review": "pending"})
-        log.info("federated v%s from v%s: %s%s", version, summary.rounds[0].base_version,
-                 gate.summary(), " -> champion" if summary.promoted else "")
+        log.info(
+            "federated v%s from v%s: %s%s",
+            version,
+            summary.rounds[0].base_version,
+            gate.summary(),
+            " -> champion" if summary.promoted else "",
+        )

@@ -23,13 +23,15 @@ def main(grid: Grid, context: Context) -> None:
     from flywheel.registry import Registry
     from flywheel.settings import load_settings, prepare_home
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("mlflow", "alembic", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = load_settings()
     prepare_home(settings)
-    options = RunOptions.from_settings(settings.federated, settings.trusted,
-                                       **dict(context.run_config))
+    options = RunOptions.from_settings(
+        settings.federated, settings.trusted, **dict(context.run_config)
+    )
     # one per run
     FederatedRun(FederatedConfig.of(settings), options, Registry.of(settings)).run(grid)

@@ -48,12 +48,26 @@ class _Common(TypedDict):
     configrecord_key: str
 
 
-def build_strategy(name: str, *, sites: int, clip: float, noise_multiplier: float,
-                   clipping: str = "client", trim_beta: float = 0.34) -> Strategy:
+def build_strategy(
+    name: str,
+    *,
+    sites: int,
+    clip: float,
+    noise_multiplier: float,
+    clipping: str = "client",
+    trim_beta: float = 0.34,
+) -> Strategy:
     """`name` over exactly `sites` sites, wrapped in the DP fixed-clipping wrapper."""
-    common = _Common(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites,
-                     min_evaluate_nodes=0, min_available_nodes=sites,
-                     weighted_by_key=WEIGHT_KEY, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
+    common = _Common(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=sites,
+        min_evaluate_nodes=0,
+        min_available_nodes=sites,
+        weighted_by_key=WEIGHT_KEY,
+        arrayrecord_key=ARRAYS,
+        configrecord_key=CONFIG,
+    )
     if name == "fedavg":
         base: Strategy = FedAvg(**common)
     elif name == "trimmed":
@@ -62,12 +76,15 @@ def build_strategy(name: str, *, sites: int, clip: float, noise_multiplier: floa
         base = FedMedian(**common)
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
-    wrapper = {"client": DifferentialPrivacyClientSideFixedClipping,
-               "server": DifferentialPrivacyServerSideFixedClipping}.get(clipping)
+    wrapper = {
+        "client": DifferentialPrivacyClientSideFixedClipping,
+        "server": DifferentialPrivacyServerSideFixedClipping,
+    }.get(clipping)
     if wrapper is None:
         raise ValueError(f"DP clipping must be client or server, got {clipping!r}")
-    return wrapper(base, noise_multiplier=noise_multiplier, clipping_norm=clip,
-                   num_sampled_clients=sites)
+    return wrapper(
+        base, noise_multiplier=noise_multiplier, clipping_norm=clip, num_sampled_clients=sites
+    )
 
 
 def effective_noise(name: str, noise_multiplier: float, sites: int) -> float:

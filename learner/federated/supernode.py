@@ -22,8 +22,9 @@ POLL_ENV = "FLYWHEEL_FED_POLL_S"
 def patch(poll_s: float) -> None:
     import flwr.supernode.start_client_internal as loop
 
-    shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
-                                    if not k.startswith("__")})
+    shim = types.SimpleNamespace(
+        **{k: getattr(time, k) for k in dir(time) if not k.startswith("__")}
+    )
     shim.sleep = lambda seconds: time.sleep(min(float(seconds), poll_s))
     loop.time = shim  # type: ignore[assignment]
 

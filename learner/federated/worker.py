@@ -49,21 +49,26 @@ def _retry(stop: threading.Event | None) -> RetryInvoker:
     return retry
 
 
-def _client(address: str, token: str | None = None, *,
-            retry: RetryInvoker | None = None) -> RuntimeHttpClient:
+def _client(
+    address: str, token: str | None = None, *, retry: RetryInvoker | None = None
+) -> RuntimeHttpClient:
     """A client of the SuperNode's Runtime API: plain HTTP, which `supernode_command`
     binds to 127.0.0.1 only (the Fleet connection to the SuperLink is the TLS one)."""
     interceptors: list[RuntimeVersionHttpInterceptor | RuntimeTokenHttpInterceptor] = [
-        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")
+    ]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
-        interceptors=interceptors, retry_invoker=retry)
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=retry,
+    )
 
 
-def run_task(address: str, token: str, app: ClientApp,
-             stop: threading.Event | None = None) -> str:
+def run_task(address: str, token: str, app: ClientApp, stop: threading.Event | None = None) -> str:
     """One task, as `flwr-clientapp` runs it; returns its final sub-status."""
     client = _client(address, token, retry=_retry(stop))
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -78,25 +83,30 @@ def run_task(address: str, token: str, app: ClientApp,
         log.exception("ClientApp raised")
         details = f"{type(exc).__name__}: {exc}"
         if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
-                            reply_to=message)
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message
+            )
     finally:
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
         finally:
             try:
-                push_task_output(client=client, context=context, sub_status=status,
-                                 details=details)
+                push_task_output(client=client, context=context, sub_status=status, details=details)
             finally:
                 heartbeat.stop()
                 client.close()
     return status
 
 
-def serve(address: str, app: ClientApp, *, poll_s: float,
-          stop: threading.Event | None = None,
-          after_task: Callable[[], None] | None = None) -> None:
+def serve(
+    address: str,
+    app: ClientApp,
+    *,
+    poll_s: float,
+    stop: threading.Event | None = None,
+    after_task: Callable[[], None] | None = None,
+) -> None:
     """Run tasks from the SuperNode at `address` (host:port) until `stop` is set;
     `after_task` runs in a background thread after each task (accounting pre-warm)."""
     stop = stop or threading.Event()
@@ -107,8 +117,11 @@ def serve(address: str, app: ClientApp, *, poll_s: float,
     try:
         while not stop.is_set():
             try:
-                res = acquire.AcquireTask(AcquireTaskRequest(
-                    supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+                res = acquire.AcquireTask(
+                    AcquireTaskRequest(
+                        supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]
+                    )
+                )
             except Exception as exc:  # SuperNode not up yet, or restarting
                 log.debug("no SuperNode at %s yet: %s", address, exc)
                 stop.wait(max(poll_s, 0.5))
@@ -122,8 +135,9 @@ def serve(address: str, app: ClientApp, *, poll_s: float,
                         raise
                     log.warning("the SuperNode went away during task %s", res.task.task_id)
                     break
-                log.info("task %s %s in %.2f s", res.task.task_id, status,
-                         time.perf_counter() - started)
+                log.info(
+                    "task %s %s in %.2f s", res.task.task_id, status, time.perf_counter() - started
+                )
                 if after_task is not None:
                     threading.Thread(target=after_task, daemon=True).start()
                 continue

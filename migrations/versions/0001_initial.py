@@ -49,7 +49,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_predictions")),
     )
     op.create_index(
-        op.f("ix_predictions_model_name_model_version"), "predictions",
+        op.f("ix_predictions_model_name_model_version"),
+        "predictions",
         ["model_name", "model_version"],
     )
 
@@ -100,9 +101,7 @@ def upgrade() -> None:
         # Ids must only grow (learners keep a cursor); plain SQLite rowids can be reused.
         sqlite_autoincrement=True,
     )
-    op.create_index(
-        op.f("ix_examples_parent_prediction_id"), "examples", ["parent_prediction_id"]
-    )
+    op.create_index(op.f("ix_examples_parent_prediction_id"), "examples", ["parent_prediction_id"])
     op.create_index(op.f("ix_examples_split"), "examples", ["split"])
 
     op.create_table(

@@ -28,8 +28,9 @@ def upgrade() -> None:
         sa.Column("model_name", sa.String(200), nullable=False),
         sa.Column("stats", JSON, nullable=False),
         sa.Column("example_count", sa.Integer(), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False,
-                  server_default=sa.func.now()),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
         sa.PrimaryKeyConstraint("model_name", name="pk_reference_stats"),
     )
     op.create_table(
@@ -41,10 +42,18 @@ def upgrade() -> None:
         sa.Column("actual", sa.String(200), nullable=False),
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("count", sa.BigInteger(), nullable=False),
-        sa.CheckConstraint(f"outcome IN ({', '.join(repr(v) for v in OUTCOMES)})",
-                           name="ck_error_counts_outcome"),
-        sa.PrimaryKeyConstraint("model_name", "model_version", "hour", "predicted", "actual",
-                                "outcome", name="pk_error_counts"),
+        sa.CheckConstraint(
+            f"outcome IN ({', '.join(repr(v) for v in OUTCOMES)})", name="ck_error_counts_outcome"
+        ),
+        sa.PrimaryKeyConstraint(
+            "model_name",
+            "model_version",
+            "hour",
+            "predicted",
+            "actual",
+            "outcome",
+            name="pk_error_counts",
+        ),
     )
 
 

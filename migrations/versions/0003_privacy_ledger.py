@@ -27,8 +27,9 @@ def upgrade() -> None:
         sa.Column("lineage", sa.String(200), nullable=False),
         sa.Column("update_no", sa.Integer(), nullable=False),
         sa.Column("version", sa.String(64), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
-                  server_default=sa.func.now()),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
         sa.Column("accountant", sa.String(8), nullable=False),
         sa.Column("engine", sa.String(16), nullable=False),
         sa.Column("sample_rate", sa.Float(), nullable=False),
@@ -54,8 +55,12 @@ def upgrade() -> None:
         sa.Column("source", sa.String(80), nullable=False),
         sa.Column("examples", sa.Integer(), nullable=False),
         sa.Column("epsilon", sa.Float(), nullable=False),
-        sa.ForeignKeyConstraint(["ledger_id"], ["privacy_ledger.id"], ondelete="CASCADE",
-                                name="fk_privacy_source_spend_ledger_id_privacy_ledger"),
+        sa.ForeignKeyConstraint(
+            ["ledger_id"],
+            ["privacy_ledger.id"],
+            ondelete="CASCADE",
+            name="fk_privacy_source_spend_ledger_id_privacy_ledger",
+        ),
         sa.PrimaryKeyConstraint("ledger_id", "source", name="pk_privacy_source_spend"),
     )
     op.create_index("ix_privacy_source_spend_source", "privacy_source_spend", ["source"])

@@ -27,8 +27,13 @@ PREDICATE = "origin = 'counterexample'"
 
 
 def upgrade() -> None:
-    op.create_index(NAME, "examples", ["source", "created_at"],
-                    postgresql_where=sa.text(PREDICATE), sqlite_where=sa.text(PREDICATE))
+    op.create_index(
+        NAME,
+        "examples",
+        ["source", "created_at"],
+        postgresql_where=sa.text(PREDICATE),
+        sqlite_where=sa.text(PREDICATE),
+    )
 
 
 def downgrade() -> None:

@@ -40,12 +40,20 @@ def upgrade() -> None:
     op.drop_index("ix_examples_split", table_name="examples")
     op.drop_index("ix_corrections_status", table_name="corrections")
     op.drop_index("ix_corrections_prediction_id", table_name="corrections")
-    op.create_index(QUARANTINE, "examples", ["id"],
-                    postgresql_where=sa.text(QUARANTINE_PREDICATE),
-                    sqlite_where=sa.text(QUARANTINE_PREDICATE))
-    op.create_index(PENDING, "corrections", ["prediction_id"],
-                    postgresql_where=sa.text(PENDING_PREDICATE),
-                    sqlite_where=sa.text(PENDING_PREDICATE))
+    op.create_index(
+        QUARANTINE,
+        "examples",
+        ["id"],
+        postgresql_where=sa.text(QUARANTINE_PREDICATE),
+        sqlite_where=sa.text(QUARANTINE_PREDICATE),
+    )
+    op.create_index(
+        PENDING,
+        "corrections",
+        ["prediction_id"],
+        postgresql_where=sa.text(PENDING_PREDICATE),
+        sqlite_where=sa.text(PENDING_PREDICATE),
+    )
 
 
 def downgrade() -> None:
@@ -55,5 +63,6 @@ def downgrade() -> None:
     op.create_index("ix_corrections_status", "corrections", ["status"])
     op.create_index("ix_examples_split", "examples", ["split"])
     op.create_index("ix_examples_parent_prediction_id", "examples", ["parent_prediction_id"])
-    op.create_index("ix_predictions_model_name_model_version", "predictions",
-                    ["model_name", "model_version"])
+    op.create_index(
+        "ix_predictions_model_name_model_version", "predictions", ["model_name", "model_version"]
+    )

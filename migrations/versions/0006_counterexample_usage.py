@@ -87,7 +87,8 @@ def upgrade() -> None:
     _raw(  # what is stored already
         f"INSERT INTO {TABLE} (source, minute, count) "
         f"SELECT coalesce(source, ''), {minute}, count(*) FROM examples "
-        f"WHERE origin = 'counterexample' GROUP BY 1, 2")
+        f"WHERE origin = 'counterexample' GROUP BY 1, 2"
+    )
     if postgresql:
         _raw(PG_FUNCTION)
         _raw(PG_TRIGGER)
@@ -97,8 +98,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.create_index(OLD_INDEX, "examples", ["source", "created_at"],
-                    postgresql_where=sa.text(OLD_PREDICATE), sqlite_where=sa.text(OLD_PREDICATE))
+    op.create_index(
+        OLD_INDEX,
+        "examples",
+        ["source", "created_at"],
+        postgresql_where=sa.text(OLD_PREDICATE),
+        sqlite_where=sa.text(OLD_PREDICATE),
+    )
     if op.get_bind().dialect.name == "postgresql":
         _raw(f"DROP TRIGGER {TRIGGER} ON examples")
         _raw(f"DROP FUNCTION {FUNCTION}()")

@@ -34,8 +34,10 @@ def _retype(to: str) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     for table, columns in COLUMNS.items():
-        op.execute(f"ALTER TABLE {table} " + ", ".join(
-            f"ALTER COLUMN {c} TYPE {to} USING {c}::{to}" for c in columns))
+        op.execute(
+            f"ALTER TABLE {table} "
+            + ", ".join(f"ALTER COLUMN {c} TYPE {to} USING {c}::{to}" for c in columns)
+        )
 
 
 def upgrade() -> None:

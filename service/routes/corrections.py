@@ -14,25 +14,41 @@ from flywheel.service.state import State
 router = APIRouter()
 
 
-@router.post("/v1/corrections", status_code=202, response_model=CorrectionsAccepted,
-             responses=ERROR_RESPONSES)
+@router.post(
+    "/v1/corrections",
+    status_code=202,
+    response_model=CorrectionsAccepted,
+    responses=ERROR_RESPONSES,
+)
 async def corrections(body: CorrectionsRequest, state: State) -> JSONResponse:
     """Accept true labels for earlier predictions; all or none of a call is accepted."""
     limits, kafka = state.config.service, state.config.kafka
     items = body.corrections
     if len(items) > limits.max_corrections:
-        raise BadRequest(f"{len(items)} corrections exceed the limit of "
-                         f"{limits.max_corrections} (FLYWHEEL_MAX_CORRECTIONS)", 413)
+        raise BadRequest(
+            f"{len(items)} corrections exceed the limit of "
+            f"{limits.max_corrections} (FLYWHEEL_MAX_CORRECTIONS)",
+            413,
+        )
     known = set(state.served().spec.labels)
     for i, c in enumerate(items):
         if c.label not in known:
-            raise BadRequest(f"corrections[{i}].label: unknown label {c.label!r}; "
-                             f"known labels: {sorted(known)}")
+            raise BadRequest(
+                f"corrections[{i}].label: unknown label {c.label!r}; known labels: {sorted(known)}"
+            )
     now, topic = utcnow(), kafka.topic_corrections
     records = [
-        Record(topic, c.prediction_id.encode(), CorrectionEvent(
-            id=new_id(), prediction_id=c.prediction_id, label=c.label, source=c.source,
-            timestamp=now).to_json())
+        Record(
+            topic,
+            c.prediction_id.encode(),
+            CorrectionEvent(
+                id=new_id(),
+                prediction_id=c.prediction_id,
+                label=c.label,
+                source=c.source,
+                timestamp=now,
+            ).to_json(),
+        )
         for c in items
     ]
     state.event_log.log_many(records)  # type: ignore[union-attr]

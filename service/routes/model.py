@@ -13,6 +13,12 @@ router = APIRouter()
 @router.get("/v1/model", response_model=ModelInfo, responses=NOT_READY)
 async def model_info(state: State) -> dict:
     m = state.served()
-    return {"name": m.name, "version": m.version, "loaded_at": m.loaded_at,
-            "input_dim": m.spec.input_dim, "labels": m.spec.labels,
-            "kind": m.spec.kind, "precision": m.precision}
+    return {
+        "name": m.name,
+        "version": m.version,
+        "loaded_at": m.loaded_at,
+        "input_dim": m.spec.input_dim,
+        "labels": m.spec.labels,
+        "kind": m.spec.kind,
+        "precision": m.precision,
+    }

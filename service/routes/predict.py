@@ -24,13 +24,18 @@ async def predict(body: PredictRequest, state: State) -> dict:
     model = state.served()
     rows = body.instances
     if len(rows) > limits.max_batch:
-        raise BadRequest(f"batch of {len(rows)} instances exceeds the limit of "
-                         f"{limits.max_batch} (FLYWHEEL_MAX_BATCH)", 413)
+        raise BadRequest(
+            f"batch of {len(rows)} instances exceeds the limit of "
+            f"{limits.max_batch} (FLYWHEEL_MAX_BATCH)",
+            413,
+        )
     width = model.spec.input_dim
     for i, row in enumerate(rows):
         if len(row) != width:
-            raise BadRequest(f"instances[{i}] has {len(row)} features; model {model.name} "
-                             f"v{model.version} expects {width}")
+            raise BadRequest(
+                f"instances[{i}] has {len(row)} features; model {model.name} "
+                f"v{model.version} expects {width}"
+            )
     with np.errstate(over="ignore"):
         x = np.asarray(rows, dtype=np.float32)
     if not np.isfinite(x).all():
@@ -43,8 +48,10 @@ async def predict(body: PredictRequest, state: State) -> dict:
     broken = ~np.isfinite(probs).all(axis=1)
     if broken.any():  # finite in float32, yet too large for the model's own scaling
         i = int(np.argmax(broken))
-        raise BadRequest(f"instances[{i}]: the model's output is not finite for these "
-                         "features (values too large for its input scaling)")
+        raise BadRequest(
+            f"instances[{i}]: the model's output is not finite for these "
+            "features (values too large for its input scaling)"
+        )
     latency_ms = (time.perf_counter() - start) * 1000.0
     now, labels, topic = utcnow(), model.spec.labels, kafka.topic_predictions
     predictions, records = [], []
@@ -53,11 +60,23 @@ async def predict(body: PredictRequest, state: State) -> dict:
         probabilities = dict(zip(labels, p, strict=True))
         label = labels[max(range(len(p)), key=p.__getitem__)]
         predictions.append({"id": pid, "label": label, "probabilities": probabilities})
-        records.append(Record(topic, pid.encode(), prediction_payload(
-            id=pid, model_name=model.name, model_version=model.version, features=row,
-            probabilities=probabilities, label=label, timestamp=now, latency_ms=latency_ms,
-            path=path)))
+        records.append(
+            Record(
+                topic,
+                pid.encode(),
+                prediction_payload(
+                    id=pid,
+                    model_name=model.name,
+                    model_version=model.version,
+                    features=row,
+                    probabilities=probabilities,
+                    label=label,
+                    timestamp=now,
+                    latency_ms=latency_ms,
+                    path=path,
+                ),
+            )
+        )
     state.event_log.log_many(records)  # type: ignore[union-attr]
     state.metrics.predictions.labels(model.version).inc(len(rows))
-    return {"model": {"name": model.name, "version": model.version},
-            "predictions": predictions}
+    return {"model": {"name": model.name, "version": model.version}, "predictions": predictions}

@@ -54,8 +54,10 @@ VERSION_PATTERN = r"^[vV]?[1-9][0-9]{0,17}$"
 MAX_REASON = 1000
 MAX_ACTOR = 100
 UI_HEADERS = [
-    (b"content-security-policy",
-     b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'none'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-cache"),
@@ -67,10 +69,14 @@ class Decision(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=MAX_REASON,
-                        description="Why; recorded on the version as `review_reason`.")
-    by: str | None = Field(None, max_length=MAX_ACTOR,
-                           description="Who decides; default `review-ui`.")
+    reason: str = Field(
+        min_length=1,
+        max_length=MAX_REASON,
+        description="Why; recorded on the version as `review_reason`.",
+    )
+    by: str | None = Field(
+        None, max_length=MAX_ACTOR, description="Who decides; default `review-ui`."
+    )
 
     @field_validator("reason")
     @classmethod
@@ -112,16 +118,23 @@ def _version(value: str) -> ModelVersion:
 def _require_admin(state: State, authorization: str | None) -> None:
     token = state.config.service.admin_token
     if token is None:
-        raise BadRequest("admin actions are disabled on this service: set "
-                         "FLYWHEEL_ADMIN_TOKEN to allow approve, reject and rollback "
-                         "(the review page is read-only without it)", 403)
+        raise BadRequest(
+            "admin actions are disabled on this service: set "
+            "FLYWHEEL_ADMIN_TOKEN to allow approve, reject and rollback "
+            "(the review page is read-only without it)",
+            403,
+        )
     scheme, _, given = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
-        raise HTTPException(401, "send the admin token as `Authorization: Bearer <token>`",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "send the admin token as `Authorization: Bearer <token>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise HTTPException(401, "wrong admin token",
-                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        raise HTTPException(
+            401, "wrong admin token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        )
 
 
 def _registry_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -154,10 +167,12 @@ router = APIRouter(prefix="/v1/review", tags=["review"])
 def config(state: State) -> dict[str, Any]:
     """What the page needs to know first: model name and whether admin actions exist."""
     config = state.config
-    return {"model_name": config.registry.model_name,
-            "admin_enabled": config.service.admin_token is not None,
-            "auto_promote": config.gate.auto_promote,
-            "registry_poll_s": config.registry.registry_poll_s}
+    return {
+        "model_name": config.registry.model_name,
+        "admin_enabled": config.service.admin_token is not None,
+        "auto_promote": config.gate.auto_promote,
+        "registry_poll_s": config.registry.registry_poll_s,
+    }
 
 
 @router.get("/versions")
@@ -168,19 +183,23 @@ def versions(state: State, limit: int = Query(100, ge=1, le=1000)) -> dict[str, 
     total = len(_registry_call(registry.versions, with_runs=False))
     out = []
     for d in docs:
-        out.append({k: d[k] for k in LINEAGE_KEYS} | {
-            "gate_passed": gate_passed(d), "gate_numbers": gate_numbers(d),
-            "holdout_accuracy": d["metrics"].get("holdout_accuracy"),
-            "review": review_of(d), "epsilon_value": epsilon_value(d["epsilon"]),
-            "promoted_at": d["tags"].get("promoted_at"),
-            "promoted_by": d["tags"].get("promoted_by"),
-            "promotion_reason": d["tags"].get("promotion_reason"),
-        })
+        out.append(
+            {k: d[k] for k in LINEAGE_KEYS}
+            | {
+                "gate_passed": gate_passed(d),
+                "gate_numbers": gate_numbers(d),
+                "holdout_accuracy": d["metrics"].get("holdout_accuracy"),
+                "review": review_of(d),
+                "epsilon_value": epsilon_value(d["epsilon"]),
+                "promoted_at": d["tags"].get("promoted_at"),
+                "promoted_by": d["tags"].get("promoted_by"),
+                "promotion_reason": d["tags"].get("promotion_reason"),
+            }
+        )
     champion = next((d["version"] for d in docs if d["champion"]), None)
     if champion is None:
         champion = _registry_call(registry.champion_version)
-    return {"model_name": registry.name, "champion": champion, "total": total,
-            "versions": out}
+    return {"model_name": registry.name, "champion": champion, "total": total, "versions": out}
 
 
 @router.get("/pending")
@@ -189,10 +208,14 @@ def pending(state: State) -> dict[str, Any]:
     registry = state.registry()
     docs = _registry_call(pending_versions, registry)
     detailed = [version_doc(_registry_call(registry.info, d["version"]), set()) for d in docs]
-    return {"model_name": registry.name, "pending": [
-        {k: d[k] for k in LINEAGE_KEYS} | {
-            "status": "pending review", "gate_numbers": gate_numbers(d)}
-        for d in detailed]}
+    return {
+        "model_name": registry.name,
+        "pending": [
+            {k: d[k] for k in LINEAGE_KEYS}
+            | {"status": "pending review", "gate_numbers": gate_numbers(d)}
+            for d in detailed
+        ],
+    }
 
 
 @router.get("/errors")
@@ -200,60 +223,110 @@ def errors(state: State, hours: float = Query(24.0, gt=0, le=24 * 366)) -> dict[
     """Rolling accuracy and error-type mix per version, from the feedback error reports."""
     engine, why = state.store()
     if engine is None:
-        return {"available": False, "note": why, "window_hours": hours, "versions": [],
-                "points": []}
+        return {
+            "available": False,
+            "note": why,
+            "window_hours": hours,
+            "versions": [],
+            "points": [],
+        }
     name = state.config.registry.model_name
     report = error_mix(engine, name, hours)
     timeline = accuracy_timeline(engine, name, hours)
-    return {"available": True, "note": None, "window_hours": hours,
-            "versions": report["versions"], "points": timeline["points"]}
+    return {
+        "available": True,
+        "note": None,
+        "window_hours": hours,
+        "versions": report["versions"],
+        "points": timeline["points"],
+    }
 
 
 @router.get("/privacy")
 def privacy(state: State) -> dict[str, Any]:
     """ε and δ per version (version tags), and per source when the privacy ledger exists."""
     docs = _registry_call(registry_docs, state.registry(), with_runs=False)
-    return {"versions": [{"version": d["version"], "source": d["source"],
-                          "epsilon": d["epsilon"], "delta": d["delta"],
-                          "epsilon_value": epsilon_value(d["epsilon"])}
-                         for d in reversed(docs)],
-            "ledger": privacy_ledger(*state.store())}
+    return {
+        "versions": [
+            {
+                "version": d["version"],
+                "source": d["source"],
+                "epsilon": d["epsilon"],
+                "delta": d["delta"],
+                "epsilon_value": epsilon_value(d["epsilon"]),
+            }
+            for d in reversed(docs)
+        ],
+        "ledger": privacy_ledger(*state.store()),
+    }
 
 
 @router.post("/versions/{version}/approve")
-def approve(body: Decision, state: State,
-            version: str = PathParam(..., pattern=VERSION_PATTERN, description="3 or v3"),
-            authorization: str | None = Header(None)) -> dict[str, Any]:
+def approve(
+    body: Decision,
+    state: State,
+    version: str = PathParam(..., pattern=VERSION_PATTERN, description="3 or v3"),
+    authorization: str | None = Header(None),
+) -> dict[str, Any]:
     """Promote a pending candidate (announced on the model-events topic); admin only."""
     _require_admin(state, authorization)
     v = _known(state, version)
-    event = _registry_call(approve_version, v, reason=body.reason, actor=body.by or "review-ui",
-                           registry=state.registry(), kafka=state.config.kafka)
-    return {"approved": v, "champion": event.version, "previous": event.previous_version,
-            "by": event.actor, "reason": body.reason}
+    event = _registry_call(
+        approve_version,
+        v,
+        reason=body.reason,
+        actor=body.by or "review-ui",
+        registry=state.registry(),
+        kafka=state.config.kafka,
+    )
+    return {
+        "approved": v,
+        "champion": event.version,
+        "previous": event.previous_version,
+        "by": event.actor,
+        "reason": body.reason,
+    }
 
 
 @router.post("/versions/{version}/reject")
-def reject(body: Decision, state: State,
-           version: str = PathParam(..., pattern=VERSION_PATTERN, description="3 or v3"),
-           authorization: str | None = Header(None)) -> dict[str, Any]:
+def reject(
+    body: Decision,
+    state: State,
+    version: str = PathParam(..., pattern=VERSION_PATTERN, description="3 or v3"),
+    authorization: str | None = Header(None),
+) -> dict[str, Any]:
     """Reject a pending candidate; the champion stays. Admin only."""
     _require_admin(state, authorization)
     v = _known(state, version)
-    tags = _registry_call(reject_version, v, reason=body.reason, actor=body.by or "review-ui",
-                          registry=state.registry())
+    tags = _registry_call(
+        reject_version,
+        v,
+        reason=body.reason,
+        actor=body.by or "review-ui",
+        registry=state.registry(),
+    )
     return {"rejected": v, "by": tags[REVIEW_BY], "reason": body.reason}
 
 
 @router.post("/rollback")
-def rollback(body: Decision, state: State,
-             authorization: str | None = Header(None)) -> dict[str, Any]:
+def rollback(
+    body: Decision, state: State, authorization: str | None = Header(None)
+) -> dict[str, Any]:
     """Move the champion back to the one before it (announced). Admin only."""
     _require_admin(state, authorization)
-    event = _registry_call(rollback_champion, state.config.kafka, reason=body.reason,
-                           actor=body.by or "review-ui", registry=state.registry())
-    return {"rolled_back": event.previous_version, "champion": event.version,
-            "by": event.actor, "reason": body.reason}
+    event = _registry_call(
+        rollback_champion,
+        state.config.kafka,
+        reason=body.reason,
+        actor=body.by or "review-ui",
+        registry=state.registry(),
+    )
+    return {
+        "rolled_back": event.previous_version,
+        "champion": event.version,
+        "by": event.actor,
+        "reason": body.reason,
+    }
 
 
 ui_router = APIRouter(include_in_schema=False)

@@ -37,12 +37,15 @@ def topics_suffix() -> str:
 def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Settings:
     """Settings on a fresh home, the session broker and topics of this test only."""
     s = Settings(
-        home=tmp_path / "home", kafka_bootstrap=broker.bootstrap,
+        home=tmp_path / "home",
+        kafka_bootstrap=broker.bootstrap,
         topic_predictions=f"predictions-{topics_suffix}",
         topic_corrections=f"corrections-{topics_suffix}",
         topic_model_events=f"model-events-{topics_suffix}",
         topic_deadletter=f"deadletter-{topics_suffix}",
-        seed_examples=1000, spool_retry_s=0.2, spool_fsync=False,
+        seed_examples=1000,
+        spool_retry_s=0.2,
+        spool_fsync=False,
         # the default delivery timeout (5 s) and more: a stalled CI machine must not turn
         # a slow acknowledgement into a spooled, resent (duplicate) record
         kafka_timeout_s=10.0,
@@ -64,18 +67,21 @@ def use_insert_path(monkeypatch) -> Callable[[str], None]:
         if path == "copy":
             monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
         if path != "columnar":
-            monkeypatch.setattr(bulk, "_columnar_insert",
-                                lambda table, rows, returning=None: None)
+            monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
         if path != "copy":
             monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
+
     return use
 
 
-def consume(bootstrap: str, topic: str, expected: int,
-            timeout_s: float = 30.0) -> list[tuple[bytes, bytes]]:
+def consume(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0
+) -> list[tuple[bytes, bytes]]:
     """(key, value) of every record on `topic`, waiting up to `timeout_s` for `expected`."""
-    return [(r.key, r.value)
-            for r in read_topic(bootstrap, topic, at_least=expected, timeout_s=timeout_s)]
+    return [
+        (r.key, r.value)
+        for r in read_topic(bootstrap, topic, at_least=expected, timeout_s=timeout_s)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -91,8 +97,7 @@ def run_bench() -> Iterator[Callable[..., dict[str, Any]]]:
 
         def run(*args: str) -> dict[str, Any]:
             result = CliRunner().invoke(app, [*args, "--json"])
-            assert result.exit_code == 0, \
-                (result.stderr or "")[-3000:] + repr(result.exception)
+            assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
             return json.loads(result.stdout)
 
         yield run
@@ -108,10 +113,12 @@ def wait_for_lock_wait() -> Callable[..., None]:
         deadline = time.monotonic() + timeout_s
         with sessions() as probe:
             while time.monotonic() < deadline:
-                waiting = probe.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )).scalar_one()
+                waiting = probe.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                ).scalar_one()
                 probe.rollback()  # a fresh snapshot next time
                 if waiting:
                     return

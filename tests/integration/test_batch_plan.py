@@ -36,15 +36,26 @@ class Recorder:
 
 
 def prediction(i: int) -> PredictionEvent:
-    return PredictionEvent(id=f"p{i:03d}", model_name="m", model_version="2",
-                           features=[float(i), 0.5], probabilities={"a": 0.25, "b": 0.75},
-                           label="b", timestamp=T0, latency_ms=1.0)
+    return PredictionEvent(
+        id=f"p{i:03d}",
+        model_name="m",
+        model_version="2",
+        features=[float(i), 0.5],
+        probabilities={"a": 0.25, "b": 0.75},
+        label="b",
+        timestamp=T0,
+        latency_ms=1.0,
+    )
 
 
 def correction(i: int, p: int, minutes: int = 0) -> CorrectionEvent:
-    return CorrectionEvent(id=f"c{i:03d}", prediction_id=f"p{p:03d}", label="a",
-                           source="app" if i % 2 else None,
-                           timestamp=T0 + timedelta(minutes=minutes))
+    return CorrectionEvent(
+        id=f"c{i:03d}",
+        prediction_id=f"p{p:03d}",
+        label="a",
+        source="app" if i % 2 else None,
+        timestamp=T0 + timedelta(minutes=minutes),
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -57,8 +68,10 @@ def sessions(request):
 
 
 def state(session) -> tuple:
-    return (sorted(session.scalars(select(Prediction.id))),
-            sorted(session.execute(select(Correction.id, Correction.status)).all()))
+    return (
+        sorted(session.scalars(select(Prediction.id))),
+        sorted(session.execute(select(Correction.id, Correction.status)).all()),
+    )
 
 
 def scenario():
@@ -68,8 +81,13 @@ def scenario():
     before = [prediction(i) for i in range(6)]
     waiting = [correction(100 + i, 10 + i, minutes=i) for i in range(3)]  # p010..p012 later
     batch_p = [prediction(10), prediction(11), prediction(12), prediction(13)]
-    batch_c = [correction(1, 13, 5), correction(2, 0, 1), correction(3, 4, 2),
-               correction(4, 99, 3), correction(5, 13, 5)]
+    batch_c = [
+        correction(1, 13, 5),
+        correction(2, 0, 1),
+        correction(3, 4, 2),
+        correction(4, 99, 3),
+        correction(5, 13, 5),
+    ]
     return before, waiting, batch_p, batch_c
 
 
@@ -105,12 +123,24 @@ def test_a_prepared_batch_stores_and_joins_what_the_general_path_does(sessions):
             else:
                 stored = store_and_join(s, batch_p, batch_c, NOW, cache.get)
                 pairs = stored.pairs
-            results[way] = (state(s), pairs, [e.id for e in stored.new_predictions],
-                            stored.new_corrections, [c.id for c in stored.pending])
+            results[way] = (
+                state(s),
+                pairs,
+                [e.id for e in stored.new_predictions],
+                stored.new_corrections,
+                [c.id for c in stored.pending],
+            )
     assert results["plan"] == results["general"]
     (predictions, corrections), pairs, new_p, new_c, pending = results["plan"]
-    assert [p.correction_id for p in pairs] == ["c100", "c002", "c101", "c003", "c102",
-                                                "c001", "c005"]  # oldest first, then by id
+    assert [p.correction_id for p in pairs] == [
+        "c100",
+        "c002",
+        "c101",
+        "c003",
+        "c102",
+        "c001",
+        "c005",
+    ]  # oldest first, then by id
     assert pending == ["c004"] and new_c == 5 and new_p == ["p010", "p011", "p012", "p013"]
     assert ("c004", "pending") in corrections and ("c102", "joined") in corrections
     assert pairs[3].features == [4.0, 0.5] and pairs[3].corrected_at.tzinfo is UTC
@@ -142,8 +172,7 @@ class InFlight:
         self.whole = False
 
 
-def test_predictions_of_a_batch_in_flight_join_the_next_batch_if_it_was_stored_whole(
-        sessions):
+def test_predictions_of_a_batch_in_flight_join_the_next_batch_if_it_was_stored_whole(sessions):
     before, _, batch_p, batch_c = scenario()
     planner = Planner(Recorder(), PredictionCache(100))
     first, second = InFlight(), InFlight()

@@ -16,8 +16,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_bench_feedback_joins_everything_and_verifies_the_store():
     r = subprocess.run(
-        [sys.executable, "-m", "bench", "feedback", "--records", "600", "--max-records", "300",
-         "--rounds", "2", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "feedback",
+            "--records",
+            "600",
+            "--max-records",
+            "300",
+            "--rounds",
+            "2",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     assert len(doc["rounds"]) == 2 and doc["summary"]["verified"]
@@ -41,9 +57,28 @@ def test_bench_feedback_joins_everything_and_verifies_the_store():
 def test_bench_feedback_times_a_group_of_worker_processes():
     """`--workers 2`: two processes share the partitions and, together, every record."""
     r = subprocess.run(
-        [sys.executable, "-m", "bench", "feedback", "--records", "600", "--max-records", "300",
-         "--rounds", "1", "--workers", "2", "--partitions", "4", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "feedback",
+            "--records",
+            "600",
+            "--max-records",
+            "300",
+            "--rounds",
+            "1",
+            "--workers",
+            "2",
+            "--partitions",
+            "4",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     assert doc["config"]["workers"] == 2 and doc["config"]["partitions"] == 4

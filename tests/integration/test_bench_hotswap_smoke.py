@@ -18,9 +18,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_bench_hotswap_swaps_under_load_and_verifies_every_response():
     r = subprocess.run(
-        [sys.executable, "-m", "bench", "hotswap", "--window", "4", "--rounds", "1",
-         "--interval", "2", "--warmup", "0.5", "--concurrency", "4", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "hotswap",
+            "--window",
+            "4",
+            "--rounds",
+            "1",
+            "--interval",
+            "2",
+            "--warmup",
+            "0.5",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     doc = json.loads(r.stdout) if r.stdout.strip() else None
     assert r.returncode == 0, (doc or {}).get("summary") or r.stderr[-3000:]
     summary, result = doc["summary"], doc["result"]

@@ -31,9 +31,23 @@ def test_bench_prequential_runs_every_learner_on_every_stream(run_bench):
 
 
 def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(run_bench):
-    doc = run_bench("elastic", "--seeds", "1", "--before", "800", "--after", "400",
-                    "--warmup", "300", "--holdout", "300", "--window", "100",
-                    "--rates", "0.003,0.01")
+    doc = run_bench(
+        "elastic",
+        "--seeds",
+        "1",
+        "--before",
+        "800",
+        "--after",
+        "400",
+        "--warmup",
+        "300",
+        "--holdout",
+        "300",
+        "--window",
+        "100",
+        "--rates",
+        "0.003,0.01",
+    )
     assert doc["benchmark"] == "elastic"
     cfg = doc["config"]  # the default: what `flywheel learn` runs, with or without the response
     assert cfg["preset"] == "production" and set(cfg["arms"]) == {"elastic", "fixed"}
@@ -42,8 +56,7 @@ def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(run_bench):
     assert [s["name"] for s in doc["scenarios"]] == ["demo", "sea", "agrawal"]
     for sc in doc["scenarios"]:
         assert sc["drift_at"] == 800
-        assert set(sc["cells"]) == {"fixed@0.003", "fixed@0.01", "elastic@0.003",
-                                    "elastic@0.01"}
+        assert set(sc["cells"]) == {"fixed@0.003", "fixed@0.01", "elastic@0.003", "elastic@0.01"}
         for key, cell in sc["cells"].items():
             assert 0.0 <= cell["prequential_accuracy"] <= 1.0
             assert 0.0 < cell["pre_accuracy"] <= 1.0

@@ -12,8 +12,23 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_quant_times_and_scores_every_precision(run_bench):
-    doc = run_bench("quant", "--models", "demo", "--batches", "1,8", "--train", "600",
-                    "--test", "300", "--epochs", "2", "--blocks", "1", "--block-s", "0.005")
+    doc = run_bench(
+        "quant",
+        "--models",
+        "demo",
+        "--batches",
+        "1,8",
+        "--train",
+        "600",
+        "--test",
+        "300",
+        "--epochs",
+        "2",
+        "--blocks",
+        "1",
+        "--block-s",
+        "0.005",
+    )
     assert doc["benchmark"] == "quant"
     (r,) = doc["results"]
     assert set(r["accuracy"]) == {"fp32", "int8", "bf16"}
@@ -23,9 +38,25 @@ def test_bench_quant_times_and_scores_every_precision(run_bench):
 
 
 def test_bench_cascade_reports_test_set_figures(run_bench):
-    doc = run_bench("cascade", "--tasks", "rbf", "--train", "1500", "--calibration",
-                    "500", "--test", "500", "--epochs", "3", "--timing-rows", "20",
-                    "--light", "8", "--heavy", "32")
+    doc = run_bench(
+        "cascade",
+        "--tasks",
+        "rbf",
+        "--train",
+        "1500",
+        "--calibration",
+        "500",
+        "--test",
+        "500",
+        "--epochs",
+        "3",
+        "--timing-rows",
+        "20",
+        "--light",
+        "8",
+        "--heavy",
+        "32",
+    )
     (run,) = doc["runs"]
     t = run["test"]
     assert t["n"] == 500 and 0 <= t["light_share"] <= 1
@@ -37,10 +68,26 @@ def test_bench_cascade_reports_test_set_figures(run_bench):
 
 @pytest.mark.slow
 def test_bench_batching_runs_both_modes_at_every_level(run_bench):
-    doc = run_bench("batching", "--models", "demo", "--concurrency", "1,8",
-                    "--duration", "1", "--warmup", "0.2", "--rounds", "1", "--no-pin")
+    doc = run_bench(
+        "batching",
+        "--models",
+        "demo",
+        "--concurrency",
+        "1,8",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--rounds",
+        "1",
+        "--no-pin",
+    )
     assert {(r["mode"], r["concurrency"]) for r in doc["runs"]} == {
-        ("off", 1), ("off", 8), ("on", 1), ("on", 8)}
+        ("off", 1),
+        ("off", 8),
+        ("on", 1),
+        ("on", 8),
+    }
     assert all(r["load"]["errors"] == 0 and r["load"]["non_200"] == 0 for r in doc["runs"])
     assert all(r["load"]["count"] > 0 for r in doc["runs"])
     s = doc["summary"]["demo"]

@@ -16,16 +16,39 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_bench_serve_runs_both_modes_and_verifies_logging():
     r = subprocess.run(
-        [sys.executable, "-m", "bench", "serve", "--duration", "1", "--warmup", "0.5",
-         "--rounds", "1", "--concurrency", "4", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "serve",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     assert [run["mode"] for run in doc["runs"]] == ["off", "on"]
     summary = doc["summary"]
-    on = [{k: run[k] for k in ("log_stats", "drain_s", "backlog_at_end", "events_logged",
-                               "events_unique")} | {"ok_total": run["load"]["ok_total"]}
-          for run in doc["runs"] if run["mode"] == "on"]
+    on = [
+        {
+            k: run[k]
+            for k in ("log_stats", "drain_s", "backlog_at_end", "events_logged", "events_unique")
+        }
+        | {"ok_total": run["load"]["ok_total"]}
+        for run in doc["runs"]
+        if run["mode"] == "on"
+    ]
     assert summary["median"]["on"]["errors"] == summary["median"]["off"]["errors"] == 0, on
     assert summary["events_match"] and summary["events_logged"] > 0, (summary, on)
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0

@@ -38,6 +38,7 @@ def test_embedded_broker_round_trip(tmp_path):
     with EmbeddedBroker(log_file=tmp_path / "b.log") as b:
         b_port = b.port
         from flywheel.broker import ensure_topics
+
         assert ensure_topics(b.bootstrap, ["a", "b"], 2) == ["a", "b"]
         assert ensure_topics(b.bootstrap, ["a", "b"], 2) == []
         producer = KafkaProducer(bootstrap_servers=b.bootstrap, acks="all")
@@ -51,16 +52,28 @@ def test_embedded_broker_round_trip(tmp_path):
 
 def test_cli_broker_prints_address_creates_topics_and_stops_on_sigterm(tmp_path):
     port = free_port()
-    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home"),
-           "FLYWHEEL_TOPIC_PREDICTIONS": "p-topic"}
-    proc = subprocess.Popen([FLYWHEEL, "broker", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(tmp_path / "home"),
+        "FLYWHEEL_TOPIC_PREDICTIONS": "p-topic",
+    }
+    proc = subprocess.Popen(
+        [FLYWHEEL, "broker", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline().strip()
         assert line == f"127.0.0.1:{port}", line or proc.stderr.read()
         admin = KafkaAdminClient(bootstrap_servers=line)
-        assert {"p-topic", "flywheel.corrections", "flywheel.model-events",
-                "flywheel.deadletter"} <= set(admin.list_topics())
+        assert {
+            "p-topic",
+            "flywheel.corrections",
+            "flywheel.model-events",
+            "flywheel.deadletter",
+        } <= set(admin.list_topics())
         admin.close()
         assert len(tansu_pids(port)) == 1
     finally:
@@ -74,7 +87,12 @@ def test_cli_broker_prints_address_creates_topics_and_stops_on_sigterm(tmp_path)
 
 def test_cli_broker_reports_a_taken_port(tmp_path, broker):
     env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home")}
-    r = subprocess.run([FLYWHEEL, "broker", "--port", str(broker.port)], env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [FLYWHEEL, "broker", "--port", str(broker.port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert "error:" in r.stderr and f"port {broker.port} on 127.0.0.1 is taken" in r.stderr

@@ -34,8 +34,7 @@ T0 = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
 MINUTE = T0.replace(second=0, microsecond=0)
 
 
-@pytest.fixture(params=["sqlite", "postgresql-copy", "postgresql-columnar",
-                        "postgresql-general"])
+@pytest.fixture(params=["sqlite", "postgresql-copy", "postgresql-columnar", "postgresql-general"])
 def session(request, use_insert_path):
     """A migrated store; on PostgreSQL, inserts take one path (the others turned off)."""
     if request.param == "sqlite":
@@ -50,12 +49,24 @@ def session(request, use_insert_path):
     engine.dispose()
 
 
-def rows(keys: list[str], source: str | None, at: datetime = T0,
-         origin: str = "counterexample") -> list[dict]:
-    return [{"dedup_key": k, "origin": origin, "error_type": "confident",
-             "parent_prediction_id": "p", "features": [0.5, 1.5], "label": "a",
-             "weight": 0.5, "split": "train", "source": source, "created_at": at}
-            for k in keys]
+def rows(
+    keys: list[str], source: str | None, at: datetime = T0, origin: str = "counterexample"
+) -> list[dict]:
+    return [
+        {
+            "dedup_key": k,
+            "origin": origin,
+            "error_type": "confident",
+            "parent_prediction_id": "p",
+            "features": [0.5, 1.5],
+            "label": "a",
+            "weight": 0.5,
+            "split": "train",
+            "source": source,
+            "created_at": at,
+        }
+        for k in keys
+    ]
 
 
 def usage(session) -> dict[tuple[str, datetime], int]:
@@ -63,22 +74,36 @@ def usage(session) -> dict[tuple[str, datetime], int]:
 
 
 def test_each_source_minute_counts_the_counterexamples_stored(session):
-    batch = (rows(["a1", "a2", "a3"], "app-a") + rows(["n1"], None)
-             + rows(["a4"], "app-a", T0 + timedelta(seconds=50))  # the next minute
-             + rows(["c1", "c2"], "app-a", origin="correction"))  # not counterexamples
+    batch = (
+        rows(["a1", "a2", "a3"], "app-a")
+        + rows(["n1"], None)
+        + rows(["a4"], "app-a", T0 + timedelta(seconds=50))  # the next minute
+        + rows(["c1", "c2"], "app-a", origin="correction")
+    )  # not counterexamples
     assert insert_ignoring_duplicates(session, Example, batch) == 7
     session.commit()
-    assert usage(session) == {("app-a", MINUTE): 3, ("", MINUTE): 1,
-                              ("app-a", MINUTE + timedelta(minutes=1)): 1}
+    assert usage(session) == {
+        ("app-a", MINUTE): 3,
+        ("", MINUTE): 1,
+        ("app-a", MINUTE + timedelta(minutes=1)): 1,
+    }
 
     # a replay stores nothing and counts nothing; a batch with some rows already stored
     # counts only the new ones
     assert insert_ignoring_duplicates(session, Example, batch) == 0
-    assert insert_ignoring_duplicates(
-        session, Example, rows(["a1", "a5", "b1"], "app-a") + rows(["b2"], "app-b")) == 3
+    assert (
+        insert_ignoring_duplicates(
+            session, Example, rows(["a1", "a5", "b1"], "app-a") + rows(["b2"], "app-b")
+        )
+        == 3
+    )
     session.commit()
-    assert usage(session) == {("app-a", MINUTE): 5, ("", MINUTE): 1, ("app-b", MINUTE): 1,
-                              ("app-a", MINUTE + timedelta(minutes=1)): 1}
+    assert usage(session) == {
+        ("app-a", MINUTE): 5,
+        ("", MINUTE): 1,
+        ("app-b", MINUTE): 1,
+        ("app-a", MINUTE + timedelta(minutes=1)): 1,
+    }
 
 
 def test_a_rolled_back_insert_takes_its_counts_with_it(session):
@@ -92,17 +117,23 @@ def test_a_rolled_back_insert_takes_its_counts_with_it(session):
 def test_the_budget_counts_a_window_of_whole_minutes(session, window_s):
     now = T0
     start = (now - timedelta(seconds=window_s)).replace(second=0, microsecond=0)
-    insert_ignoring_duplicates(session, Example, (
-        rows([f"in{i}" for i in range(4)], "app-a", now - timedelta(seconds=1))
-        + rows(["edge"], "app-a", start + timedelta(seconds=59))  # before now - window
-        + rows(["old"], "app-a", start - timedelta(seconds=1))  # the minute before: out
-        + rows(["b1", "b2"], "app-b") + rows(["n1"], None)
-        + rows(["ok"], "app-c", origin="correction")))
+    insert_ignoring_duplicates(
+        session,
+        Example,
+        (
+            rows([f"in{i}" for i in range(4)], "app-a", now - timedelta(seconds=1))
+            + rows(["edge"], "app-a", start + timedelta(seconds=59))  # before now - window
+            + rows(["old"], "app-a", start - timedelta(seconds=1))  # the minute before: out
+            + rows(["b1", "b2"], "app-b")
+            + rows(["n1"], None)
+            + rows(["ok"], "app-c", origin="correction")
+        ),
+    )
     session.commit()
-    stand_in = SimpleNamespace(feedback=FeedbackSettings(counterexample_budget=10,
-                                                         counterexample_window_s=window_s))
-    left = ExampleBuilder.budget_left(stand_in, session, {"app-a", "app-b", "app-c", None},
-                                       now)
+    stand_in = SimpleNamespace(
+        feedback=FeedbackSettings(counterexample_budget=10, counterexample_window_s=window_s)
+    )
+    left = ExampleBuilder.budget_left(stand_in, session, {"app-a", "app-b", "app-c", None}, now)
     assert left == {"app-a": 5, "app-b": 8, "app-c": 10, None: 9}
 
 
@@ -112,12 +143,19 @@ def test_the_migration_counts_what_was_stored_before_it(request):
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
-            for key, source, at in (("x1", "app-a", T0), ("x2", "app-a", T0),
-                                    ("x3", None, T0 + timedelta(minutes=5))):
-                conn.execute(text(
-                    "INSERT INTO examples (dedup_key, origin, features, label, split, source,"
-                    " created_at) VALUES (:k, 'counterexample', '[1.0]', 'a', 'train', :s,"
-                    " :t)"), {"k": key, "s": source, "t": at})
+            for key, source, at in (
+                ("x1", "app-a", T0),
+                ("x2", "app-a", T0),
+                ("x3", None, T0 + timedelta(minutes=5)),
+            ):
+                conn.execute(
+                    text(
+                        "INSERT INTO examples (dedup_key, origin, features, label, split, source,"
+                        " created_at) VALUES (:k, 'counterexample', '[1.0]', 'a', 'train', :s,"
+                        " :t)"
+                    ),
+                    {"k": key, "s": source, "t": at},
+                )
         upgrade(url)
         with session_factory(engine)() as s:
             assert usage(s) == {("app-a", MINUTE): 2, ("", MINUTE + timedelta(minutes=5)): 1}
@@ -139,9 +177,20 @@ def builder_parts(seed_model):
     pairs = []
     for i, (features, p, t) in enumerate(zip(x.tolist(), probs, truth, strict=True)):
         pd = dict(zip(spec.labels, p, strict=True))
-        pairs.append(JoinedPair(uuid.UUID(int=i).hex, uuid.UUID(int=10_000 + i).hex, t,
-                                "app-a", T0, "flywheel", "1", features, pd,
-                                max(pd, key=pd.get)))
+        pairs.append(
+            JoinedPair(
+                uuid.UUID(int=i).hex,
+                uuid.UUID(int=10_000 + i).hex,
+                t,
+                "app-a",
+                T0,
+                "flywheel",
+                "1",
+                features,
+                pd,
+                max(pd, key=pd.get),
+            )
+        )
     return settings, spec, module, pool, pairs
 
 
@@ -154,9 +203,16 @@ def test_concurrent_workers_share_one_source_budget(pg_url, builder_parts, wait_
     feedback = settings.feedback.model_copy(update={"counterexample_budget": budget})
     builder = ExampleBuilder(feedback, pool, lambda version: (spec.labels, module))
     first, second = builder.prepare(pairs[:100]), builder.prepare(pairs[100:])
-    other = builder.prepare([p._replace(source="app-b", correction_id=f"b{p.correction_id}",
-                                        prediction_id=f"b{p.prediction_id}")
-                             for p in pairs[:20]])
+    other = builder.prepare(
+        [
+            p._replace(
+                source="app-b",
+                correction_id=f"b{p.correction_id}",
+                prediction_id=f"b{p.prediction_id}",
+            )
+            for p in pairs[:20]
+        ]
+    )
     assert all(sum(len(pp.variants or ()) for pp in half) > budget for half in (first, second))
     upgrade(pg_url)
     engine = make_engine(pg_url)
@@ -192,6 +248,8 @@ def test_concurrent_workers_share_one_source_budget(pg_url, builder_parts, wait_
         assert spent["second"] == 0
         with sessions() as s:
             assert {u.source: u.count for u in s.scalars(select(CounterexampleUsage))} == {
-                "app-a": budget, "app-b": budget}
+                "app-a": budget,
+                "app-b": budget,
+            }
     finally:
         engine.dispose()

@@ -23,9 +23,24 @@ def test_demo_closes_the_loop_and_writes_its_report(tmp_path):
     report = tmp_path / "home" / "report"
     # 100 rows/s: 20 s after the concept change, for the loop to turn a few times even on
     # a machine that runs slow (at 150 rows/s a CPU-starved run recovered too late)
-    r = subprocess.run([FLYWHEEL, "demo", "--requests", "3000", "--rate", "100", "--json",
-                        "--report", str(report)], env=env, capture_output=True, text=True,
-                       timeout=500, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            FLYWHEEL,
+            "demo",
+            "--requests",
+            "3000",
+            "--rate",
+            "100",
+            "--json",
+            "--report",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
     assert summary["predictions"] == summary["prediction_events"] == 3000
@@ -42,7 +57,8 @@ def test_demo_closes_the_loop_and_writes_its_report(tmp_path):
     # once in CI at 0.24 while 25 runs here gave 0.32-0.54: how soon the loop catches up
     # depends on how the shared machine runs), and over all of the drift, ramp included
     assert summary["accuracy_flywheel_after_drift"] >= (
-        summary["accuracy_frozen_after_drift"] + RECOVERY_MARGIN)
+        summary["accuracy_frozen_after_drift"] + RECOVERY_MARGIN
+    )
     assert summary["accuracy_flywheel_after_drift_all"] > summary["accuracy_frozen_after_drift_all"]
     assert summary["freshness_median_s"] is not None and summary["freshness_median_s"] > 0
     assert summary["recovered"] is True

@@ -20,8 +20,7 @@ K1 = ("m", "1", HOUR, "a", "b", "confident")
 K2 = ("m", "1", HOUR, "b", "a", "boundary")
 
 
-def test_two_transactions_add_to_the_same_counters_in_opposite_orders(pg_url,
-                                                                     wait_for_lock_wait):
+def test_two_transactions_add_to_the_same_counters_in_opposite_orders(pg_url, wait_for_lock_wait):
     """A holds K1 and will want K2; B is handed K2 first, then K1. Locking in the order
     given, B would hold K2 while it waits for K1, and A's K2 would close the cycle
     (PostgreSQL then aborts one of them). In key order, B waits for K1 holding nothing."""
@@ -51,8 +50,9 @@ def test_two_transactions_add_to_the_same_counters_in_opposite_orders(pg_url,
         assert not thread.is_alive()
         assert errors == []
         with sessions() as s:
-            counts = {(r.predicted, r.actual, r.outcome): r.count
-                      for r in s.scalars(select(ErrorCount))}
+            counts = {
+                (r.predicted, r.actual, r.outcome): r.count for r in s.scalars(select(ErrorCount))
+            }
         assert counts == {("a", "b", "confident"): 111, ("b", "a", "boundary"): 111}
     finally:
         engine.dispose()

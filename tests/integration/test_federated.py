@@ -43,24 +43,35 @@ RESULTS: dict[str, dict] = {}
 def fed(tmp_path_factory, broker):
     root = tmp_path_factory.mktemp("federation")
     os.environ["PYTHONPATH"] = os.pathsep.join(  # the malicious site's ClientApp module
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     partition = make_partition(3, alpha=0.5)
     suffix = root.name[-8:]
     platform, sites = build_homes(
         # each site budgets ε=8 per source over all rounds of this module (default: 3);
         # at ε=3 five noisy rounds do not reliably separate federated from local-only
-        root, 3, partition, rounds=ROUNDS + 2 * ROBUST_ROUNDS, privacy_epsilon=8.0,
+        root,
+        3,
+        partition,
+        rounds=ROUNDS + 2 * ROBUST_ROUNDS,
+        privacy_epsilon=8.0,
         # sync often: 10 DP-SGD steps a round (bench fedaccuracy: more, shorter rounds
         # let the server's averaging of the noisy releases work)
         fed_local_steps=10,
-        kafka_bootstrap=broker.bootstrap, topic_predictions=f"fp-{suffix}",
-        topic_corrections=f"fc-{suffix}", topic_model_events=f"fm-{suffix}",
-        topic_deadletter=f"fd-{suffix}", registry_poll_s=1.0, kafka_timeout_s=2.0)
+        kafka_bootstrap=broker.bootstrap,
+        topic_predictions=f"fp-{suffix}",
+        topic_corrections=f"fc-{suffix}",
+        topic_model_events=f"fm-{suffix}",
+        topic_deadletter=f"fd-{suffix}",
+        registry_poll_s=1.0,
+        kafka_timeout_s=2.0,
+    )
     ensure_topics(broker.bootstrap, platform.topics, 1)
     # each site's own fixed noise seed: the honest and attacked runs below are paired
-    sites = [s.model_copy(update={"fed_audit_dir": root / f"audit{k}",
-                                  "fed_site_noise_seed": k})
-             for k, s in enumerate(sites)]
+    sites = [
+        s.model_copy(update={"fed_audit_dir": root / f"audit{k}", "fed_site_noise_seed": k})
+        for k, s in enumerate(sites)
+    ]
     ensure_champion(platform.trusted, Registry.of(platform))
     federation = LocalFederation(platform, sites, logs=root / "logs").start()
     try:
@@ -72,9 +83,14 @@ def fed(tmp_path_factory, broker):
 
 def options(fed_, **kw) -> RunOptions:
     federation, _, root = fed_
-    return RunOptions.from_settings(federation.platform.federated, federation.platform.trusted,
-                                    clients=3, min_clients=3,
-                                    report=str(root / f"run-{len(RESULTS)}.json"), **kw)
+    return RunOptions.from_settings(
+        federation.platform.federated,
+        federation.platform.trusted,
+        clients=3,
+        min_clients=3,
+        report=str(root / f"run-{len(RESULTS)}.json"),
+        **kw,
+    )
 
 
 def test_federated_model_is_registered_promoted_and_served(fed):
@@ -87,8 +103,9 @@ def test_federated_model_is_registered_promoted_and_served(fed):
         assert service.get("/v1/model").json()["version"] == "1"
         # central noise seeded: the local-only comparison below reads one run, and an
         # unseeded run of five noisy rounds ranged 0.70-0.80 on the union holdout
-        summary = federation.run(options(fed, rounds=ROUNDS, strategy="fedavg",
-                                         clipping="client", noise_seed=1))
+        summary = federation.run(
+            options(fed, rounds=ROUNDS, strategy="fedavg", clipping="client", noise_seed=1)
+        )
         RESULTS["fedavg"] = summary
         assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
         assert all(r["replied"] == 3 for r in summary["rounds"])
@@ -130,21 +147,32 @@ def test_federated_model_beats_each_sites_local_only_model(fed, tmp_path):
         shutil.copytree(site_settings.home_dir, home, ignore=shutil.ignore_patterns("flwr"))
         # another model name = another privacy lineage: the site's ledger copy already holds
         # the federated rounds' spend, and this alternative history must not pay it twice
-        site = Site.of(Settings(**{**site_settings.model_dump(), "home": home,
-                                   "model_name": "local-only"}))
+        site = Site.of(
+            Settings(**{**site_settings.model_dump(), "home": home, "model_name": "local-only"})
+        )
         module = start.module
         post = o.server_optimizer([n for n, _ in module.named_parameters()])
         for rnd in range(1, ROUNDS + 1):
             pick = np.random.default_rng(o.seed * 7919 + rnd).choice(
-                len(py), size=o.public_replay, replace=False)
-            content = RecordDict({"arrays": to_record(module.state_dict()), "config":
-                                  ConfigRecord({"server-round": rnd, "seed": o.seed,
-                                                "model-spec": start.spec.model_dump_json(),
-                                                "local-steps": o.local_steps,
-                                                "local-lr": o.local_lr, "clip": o.clip,
-                                                "public-x": px[pick].tobytes(),
-                                                "public-y": py[pick].astype(np.int64)
-                                                .tobytes()})})
+                len(py), size=o.public_replay, replace=False
+            )
+            content = RecordDict(
+                {
+                    "arrays": to_record(module.state_dict()),
+                    "config": ConfigRecord(
+                        {
+                            "server-round": rnd,
+                            "seed": o.seed,
+                            "model-spec": start.spec.model_dump_json(),
+                            "local-steps": o.local_steps,
+                            "local-lr": o.local_lr,
+                            "clip": o.clip,
+                            "public-x": px[pick].tobytes(),
+                            "public-y": py[pick].astype(np.int64).tobytes(),
+                        }
+                    ),
+                }
+            )
             state, _ = site.train(content)
             module.load_state_dict(post.step(module.state_dict(), state))
         module.load_state_dict(post.served(module.state_dict()))
@@ -171,12 +199,15 @@ def test_no_message_leaving_a_site_carries_raw_data(fed):
         assert len(audits) >= ROUNDS, f"site {k} audited {len(audits)} messages"
         engine = make_engine(site.resolved_database_url)
         with engine.connect() as c:
-            rows = c.exec_driver_sql("SELECT id, dedup_key, features, label, source, "
-                                     "parent_prediction_id FROM examples").all()
+            rows = c.exec_driver_sql(
+                "SELECT id, dedup_key, features, label, source, parent_prediction_id FROM examples"
+            ).all()
         engine.dispose()
         assert rows
-        needles = [np.asarray(json.loads(r[2]) if isinstance(r[2], str) else r[2],
-                              np.float32).tobytes() for r in rows]
+        needles = [
+            np.asarray(json.loads(r[2]) if isinstance(r[2], str) else r[2], np.float32).tobytes()
+            for r in rows
+        ]
         strings = {s.encode() for r in rows for s in (r[1], r[3], r[4], r[5]) if s}
         for meta_path in audits:
             meta = json.loads(meta_path.read_text())
@@ -200,8 +231,7 @@ def test_client_level_epsilon_of_every_round_is_in_the_ledger(fed):
     federation, _, _ = fed
     summary = RESULTS["fedavg"]
     lineage = f"{federation.platform.model_name}:federated"
-    entries = PrivacyLedger(open_store(federation.platform.resolved_database_url)).entries(
-        lineage)
+    entries = PrivacyLedger(open_store(federation.platform.resolved_database_url)).entries(lineage)
     mine = [e for e in entries if e.version == summary["version"]]
     assert len(mine) == ROUNDS
     for e, r in zip(mine, summary["rounds"], strict=True):
@@ -212,14 +242,20 @@ def test_client_level_epsilon_of_every_round_is_in_the_ledger(fed):
     # and each site accounted its own sources' ε in its own ledger
     for site in federation.sites:
         local = PrivacyLedger(open_store(site.resolved_database_url)).entries(lineage)
-        assert len(local) >= ROUNDS and all(e.epsilon_lineage <= site.privacy_epsilon
-                                            for e in local)
+        assert len(local) >= ROUNDS and all(
+            e.epsilon_lineage <= site.privacy_epsilon for e in local
+        )
 
 
 def test_one_malicious_site_moves_the_robust_aggregate_by_at_most_two_points(fed):
     federation, _, _ = fed
-    robust = {"rounds": ROBUST_ROUNDS, "strategy": "median", "clipping": "server",
-              "publish": False, "noise_seed": 1}
+    robust = {
+        "rounds": ROBUST_ROUNDS,
+        "strategy": "median",
+        "clipping": "server",
+        "publish": False,
+        "noise_seed": 1,
+    }
     honest = federation.run(options(fed, **robust))
     RESULTS["honest"] = honest
     federation.stop()

@@ -75,8 +75,9 @@ def documented_commands() -> list[str]:
 
 
 def _sh(script: str, cwd: Path) -> None:
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=cwd, capture_output=True, text=True
+    )
     assert done.returncode == 0, f"{script}\n{done.stderr[-2000:]}"
 
 
@@ -91,14 +92,28 @@ def pki(tmp_path_factory) -> Path:
     assert sum(c.startswith("openssl") for c in certs) == 3, commands
     assert "site1" in keygen, keygen
     d = tmp_path_factory.mktemp("pki")
-    script = [c.replace("superlink.example.com", "localhost").replace("10.0.0.5", "127.0.0.1")
-              for c in certs]
-    script.append(certs[0].replace("ca.key", "other.key").replace("ca.pem", "other.pem")
-                  .replace("flywheel-ca", "not-the-platform-ca"))
+    script = [
+        c.replace("superlink.example.com", "localhost").replace("10.0.0.5", "127.0.0.1")
+        for c in certs
+    ]
+    script.append(
+        certs[0]
+        .replace("ca.key", "other.key")
+        .replace("ca.pem", "other.pem")
+        .replace("flywheel-ca", "not-the-platform-ca")
+    )
     script += [keygen.replace("site1", name) for name in ("site1", "site2", "rogue")]
     _sh("\n".join(script), d)
-    for f in ("ca.pem", "superlink.pem", "superlink.key", "other.pem", "site1", "site1.pub",
-              "site2.pub", "rogue.pub"):
+    for f in (
+        "ca.pem",
+        "superlink.pem",
+        "superlink.key",
+        "other.pem",
+        "site1",
+        "site1.pub",
+        "site2.pub",
+        "rogue.pub",
+    ):
         assert (d / f).is_file(), f
     return d
 
@@ -112,8 +127,12 @@ class Federation:
     def spawn(self, name: str, args: list[str], settings: Settings) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "ab") as out:
             self.procs[name] = subprocess.Popen(
-                [FLYWHEEL, "fed", *args], env=process_env(settings), stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [FLYWHEEL, "fed", *args],
+                env=process_env(settings),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self.procs[name]
 
     def log(self, name: str) -> str:
@@ -128,8 +147,13 @@ class Federation:
 
 
 def _register(key: Path, platform: Settings) -> subprocess.Popen:
-    return subprocess.Popen([FLYWHEEL, "fed", "register", str(key)], env=process_env(platform),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [FLYWHEEL, "fed", "register", str(key)],
+        env=process_env(platform),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +161,23 @@ def fed(tmp_path_factory, pki):
     """Everything up to and including one TLS + auth round; yields (federation, node ids of
     the registered keys, the run's summary, the exit codes of the sites that exited)."""
     root = tmp_path_factory.mktemp("fedsec")
-    platform, sites = build_homes(root, len(SITES), make_partition(len(SITES), alpha=0.5),
-                                  rounds=1, fed_tls_ca=pki / "ca.pem", fed_min_clients=1)
-    platform = platform.model_copy(update={"fed_tls_cert": pki / "superlink.pem",
-                                           "fed_tls_key": pki / "superlink.key"})
+    platform, sites = build_homes(
+        root,
+        len(SITES),
+        make_partition(len(SITES), alpha=0.5),
+        rounds=1,
+        fed_tls_ca=pki / "ca.pem",
+        fed_min_clients=1,
+    )
+    platform = platform.model_copy(
+        update={"fed_tls_cert": pki / "superlink.pem", "fed_tls_key": pki / "superlink.key"}
+    )
     site = dict(zip(SITES, sites, strict=True))
     site["good"] = site["good"].model_copy(update={"fed_auth_key": pki / "site1"})
     site["rogue"] = site["rogue"].model_copy(update={"fed_auth_key": pki / "rogue"})
-    site["wrongca"] = site["wrongca"].model_copy(update={"fed_auth_key": pki / "site2",
-                                                        "fed_tls_ca": pki / "other.pem"})
+    site["wrongca"] = site["wrongca"].model_copy(
+        update={"fed_auth_key": pki / "site2", "fed_tls_ca": pki / "other.pem"}
+    )
     site["plain"] = site["plain"].model_copy(update={"fed_tls_ca": None})
     ensure_champion(platform.trusted, Registry.of(platform))
     federation = Federation(root)
@@ -159,21 +191,40 @@ def fed(tmp_path_factory, pki):
             registered[key] = int(re.search(r"SuperNode (\d+) registered", out).group(1))
         for name in SITES:
             flags = [] if name == "plain" else ["--tls", "--auth"]
-            federation.spawn(name, ["client", *flags, "--node-config", f'site="{name}"'],
-                             site[name])
+            federation.spawn(
+                name, ["client", *flags, "--node-config", f'site="{name}"'], site[name]
+            )
         # the refused sites exit; the good one gets its node id
         deadline = time.monotonic() + 90
-        while (federation.procs["rogue"].poll() is None
-               or federation.procs["wrongca"].poll() is None
-               or "SuperNode ID:" not in federation.log("good")):
+        while (
+            federation.procs["rogue"].poll() is None
+            or federation.procs["wrongca"].poll() is None
+            or "SuperNode ID:" not in federation.log("good")
+        ):
             assert time.monotonic() < deadline, federation.tails(*SITES)
             assert federation.procs["good"].poll() is None, federation.tails("good")
             time.sleep(0.3)
         exits = {n: federation.procs[n].returncode for n in ("rogue", "wrongca")}
         done = subprocess.run(
-            [FLYWHEEL, "fed", "server", "--tls", "--rounds", "1", "--clients", "4",
-             "--no-publish", "--json", "--timeout", "120"],
-            env=process_env(platform), capture_output=True, text=True, timeout=180)
+            [
+                FLYWHEEL,
+                "fed",
+                "server",
+                "--tls",
+                "--rounds",
+                "1",
+                "--clients",
+                "4",
+                "--no-publish",
+                "--json",
+                "--timeout",
+                "120",
+            ],
+            env=process_env(platform),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert done.returncode == 0, done.stderr[-3000:] + federation.tails("superlink", "good")
         yield federation, registered, json.loads(done.stdout), exits
     finally:
@@ -199,10 +250,16 @@ def test_a_site_with_an_unregistered_key_is_refused(fed, pki):
     assert "Failed to activate SuperNode" in federation.log("rogue")
     assert "SuperNode ID:" not in federation.log("rogue")
     # the SuperLink refused exactly this key
-    pem = serialization.load_ssh_public_key((pki / "rogue.pub").read_bytes()).public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    refusals = [line for line in federation.log("superlink").splitlines()
-                if "No SuperNode found with the given public key" in line]
+    pem = (
+        serialization.load_ssh_public_key((pki / "rogue.pub").read_bytes())
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    refusals = [
+        line
+        for line in federation.log("superlink").splitlines()
+        if "No SuperNode found with the given public key" in line
+    ]
     assert any(pem.splitlines()[1] in line for line in refusals), refusals
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in federation.log("superlink")
     assert all(r["sites"] == summary["rounds"][0]["sites"] for r in summary["rounds"])
@@ -215,8 +272,9 @@ def test_a_site_without_the_platforms_ca_or_without_tls_cannot_connect(fed):
     assert "CERTIFICATE_VERIFY_FAILED" in wrong and "SuperNode ID:" not in wrong
     plain = federation.log("plain")
     assert "INSECURE" in plain and "allowed on loopback" in plain  # it says so in its log
-    assert "Starting Flower SuperNode" in plain and "Connection attempt failed" in plain, \
-        plain[-2000:]
+    assert "Starting Flower SuperNode" in plain and "Connection attempt failed" in plain, plain[
+        -2000:
+    ]
     assert "SuperNode ID:" not in plain and federation.procs["plain"].poll() is None
     # one node was ever activated: the good site's
     assert federation.log("superlink").count("[Fleet.ActivateNode] Activated") == 1
@@ -242,8 +300,9 @@ def test_documented_certificates_pass_strict_verification(pki):
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
         for name in ("127.0.0.1", "localhost"):
-            with client.wrap_socket(socket.create_connection(("127.0.0.1", port)),
-                                    server_hostname=name) as tls:
+            with client.wrap_socket(
+                socket.create_connection(("127.0.0.1", port)), server_hostname=name
+            ) as tls:
                 assert tls.version()
         thread.join(5)
 
@@ -257,8 +316,12 @@ def test_plaintext_off_loopback_is_refused_by_every_fed_command(tmp_path, pki, m
     _register()
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FLYWHEEL_FED_SUPERLINK", "10.0.0.5:9093")
-    for args in (["superlink"], ["client"], ["server", "--rounds", "1"],
-                 ["register", "--no-tls", str(pki / "site1.pub")]):
+    for args in (
+        ["superlink"],
+        ["client"],
+        ["server", "--rounds", "1"],
+        ["register", "--no-tls", str(pki / "site1.pub")],
+    ):
         result = CliRunner().invoke(app, ["fed", *args])
         assert result.exit_code == 2, (args, result.output, result.exception)
         assert "loopback" in result.output, (args, result.output)
@@ -274,8 +337,12 @@ def test_clientapp_worker_ends_when_its_supernode_is_gone():
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     stop = threading.Event()
-    worker = threading.Thread(target=serve, args=(address, ClientApp()),
-                              kwargs={"poll_s": 0.05, "stop": stop}, daemon=True)
+    worker = threading.Thread(
+        target=serve,
+        args=(address, ClientApp()),
+        kwargs={"poll_s": 0.05, "stop": stop},
+        daemon=True,
+    )
     worker.start()
     time.sleep(0.5)
     stop.set()

@@ -37,8 +37,10 @@ FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 def env_for(s: Settings, url: str, group: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {
-        "FLYWHEEL_HOME": str(s.home_dir), "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_FEEDBACK_GROUP": group,
+        "FLYWHEEL_HOME": str(s.home_dir),
+        "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+        "FLYWHEEL_DATABASE_URL": url,
+        "FLYWHEEL_FEEDBACK_GROUP": group,
         "FLYWHEEL_TOPIC_PREDICTIONS": s.topic_predictions,
         "FLYWHEEL_TOPIC_CORRECTIONS": s.topic_corrections,
         "FLYWHEEL_TOPIC_MODEL_EVENTS": s.topic_model_events,
@@ -69,8 +71,9 @@ def joined(url: str) -> int:
     engine = make_engine(url)
     try:
         with session_factory(engine)() as session:
-            return session.scalar(select(func.count()).select_from(Correction)
-                                  .where(Correction.status == "joined"))
+            return session.scalar(
+                select(func.count()).select_from(Correction).where(Correction.status == "joined")
+            )
     finally:
         engine.dispose()
 
@@ -98,23 +101,44 @@ def snapshot(url: str) -> dict[str, list]:
         with session_factory(engine)() as session:
             return {
                 "predictions": sorted(session.scalars(select(Prediction.id))),
-                "corrections": sorted(session.execute(
-                    select(Correction.id, Correction.status)).all()),
-                "examples": sorted(session.execute(select(
-                    Example.dedup_key, Example.origin, Example.label, Example.split,
-                    Example.error_type, Example.parent_prediction_id, Example.features,
-                    Example.weight)).all()),
-                "error_counts": sorted(session.execute(select(
-                    ErrorCount.model_version, ErrorCount.hour, ErrorCount.predicted,
-                    ErrorCount.actual, ErrorCount.outcome, ErrorCount.count)).all()),
+                "corrections": sorted(
+                    session.execute(select(Correction.id, Correction.status)).all()
+                ),
+                "examples": sorted(
+                    session.execute(
+                        select(
+                            Example.dedup_key,
+                            Example.origin,
+                            Example.label,
+                            Example.split,
+                            Example.error_type,
+                            Example.parent_prediction_id,
+                            Example.features,
+                            Example.weight,
+                        )
+                    ).all()
+                ),
+                "error_counts": sorted(
+                    session.execute(
+                        select(
+                            ErrorCount.model_version,
+                            ErrorCount.hour,
+                            ErrorCount.predicted,
+                            ErrorCount.actual,
+                            ErrorCount.outcome,
+                            ErrorCount.count,
+                        )
+                    ).all()
+                ),
             }
     finally:
         engine.dispose()
 
 
 def run_worker(env: dict) -> subprocess.Popen:
-    return subprocess.Popen([FLYWHEEL, "feedback"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [FLYWHEEL, "feedback"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -124,8 +148,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, settings,
-                                                                  tmp_path):
+def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, settings, tmp_path):
     if db == "sqlite":
         urls = [f"sqlite:///{tmp_path / f'store{i}.db'}" for i in range(2)]
     else:

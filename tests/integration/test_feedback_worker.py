@@ -38,9 +38,14 @@ pytestmark = pytest.mark.integration
 def fb_settings(request, settings: Settings) -> Settings:
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
     upgrade(url)
-    s = settings.model_copy(update={
-        "database_url": url, "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
-        "feedback_session_timeout_ms": 6000, "feedback_max_records": 200})
+    s = settings.model_copy(
+        update={
+            "database_url": url,
+            "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
+            "feedback_session_timeout_ms": 6000,
+            "feedback_max_records": 200,
+        }
+    )
     ensure_champion(s.trusted, Registry.of(s))
     return s
 
@@ -54,8 +59,9 @@ class Traffic:
         self.version = loaded.version
         self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
 
-    def predictions(self, n: int, drifted: bool = False, seed: int = 0
-                    ) -> list[tuple[PredictionEvent, str]]:
+    def predictions(
+        self, n: int, drifted: bool = False, seed: int = 0
+    ) -> list[tuple[PredictionEvent, str]]:
         concept = Concept(self.s.seed + 1) if drifted else seed_concept(self.s.seed)
         x, truth = concept.sample(n, sample_seed=1000 + seed)
         with torch.inference_mode():
@@ -63,10 +69,21 @@ class Traffic:
         out = []
         for row, p, t in zip(x, probs, truth, strict=True):
             pd = {lab: float(v) for lab, v in zip(self.labels, p, strict=True)}
-            out.append((PredictionEvent(
-                id=new_id(), model_name=self.s.model_name, model_version=self.version,
-                features=row.tolist(), probabilities=pd, label=max(pd, key=pd.get),
-                timestamp=utcnow(), latency_ms=0.5), t))
+            out.append(
+                (
+                    PredictionEvent(
+                        id=new_id(),
+                        model_name=self.s.model_name,
+                        model_version=self.version,
+                        features=row.tolist(),
+                        probabilities=pd,
+                        label=max(pd, key=pd.get),
+                        timestamp=utcnow(),
+                        latency_ms=0.5,
+                    ),
+                    t,
+                )
+            )
         return out
 
     def send_predictions(self, events) -> None:
@@ -77,8 +94,9 @@ class Traffic:
     def send_corrections(self, events, source: str = "app") -> list[CorrectionEvent]:
         out = []
         for e, truth in events:
-            c = CorrectionEvent(id=new_id(), prediction_id=e.id, label=truth, source=source,
-                                timestamp=utcnow())
+            c = CorrectionEvent(
+                id=new_id(), prediction_id=e.id, label=truth, source=source, timestamp=utcnow()
+            )
             self.producer.send(self.s.topic_corrections, key=e.id.encode(), value=c.to_json())
             out.append(c)
         self.producer.flush()
@@ -114,8 +132,9 @@ def start(s: Settings, name: str = "w1"):
 
 
 def joined(s: Settings) -> int:
-    return count(s, select(func.count()).select_from(Correction)
-                 .where(Correction.status == "joined"))
+    return count(
+        s, select(func.count()).select_from(Correction).where(Correction.status == "joined")
+    )
 
 
 def test_out_of_order_and_late_corrections_join_exactly_once(fb_settings):
@@ -127,8 +146,10 @@ def test_out_of_order_and_late_corrections_join_exactly_once(fb_settings):
     worker, stop, thread = start(s)
     try:
         traffic.send_corrections(early)  # corrections first: their predictions are unknown
-        wait_for(lambda: count(s, select(func.count()).select_from(Correction)) == 30,
-                 what="early corrections stored as pending")
+        wait_for(
+            lambda: count(s, select(func.count()).select_from(Correction)) == 30,
+            what="early corrections stored as pending",
+        )
         assert joined(s) == 0
         traffic.send_predictions(early + normal + late)
         traffic.send_corrections(normal)
@@ -142,10 +163,16 @@ def test_out_of_order_and_late_corrections_join_exactly_once(fb_settings):
         thread.join(30)
     engine = make_engine(s.resolved_database_url)
     with session_factory(engine)() as session:
-        rows = session.execute(select(Example.origin, Example.label, Example.split,
-                                      Example.error_type, Example.parent_prediction_id,
-                                      Example.features)
-                               .where(Example.origin != "seed")).all()
+        rows = session.execute(
+            select(
+                Example.origin,
+                Example.label,
+                Example.split,
+                Example.error_type,
+                Example.parent_prediction_id,
+                Example.features,
+            ).where(Example.origin != "seed")
+        ).all()
         assert session.scalar(select(func.count()).select_from(Prediction)) == 80
     engine.dispose()
     truth = {e.id: t for e, t in early + normal + late}
@@ -172,12 +199,23 @@ def test_every_kind_of_bad_message_reaches_the_dead_letter_topic(fb_settings):
     bad = {
         "not JSON": (s.topic_predictions, b"k1", b"{oops"),
         "expected a JSON object": (s.topic_predictions, b"k2", b"[1, 2]"),
-        "unsupported schema_version": (s.topic_predictions, b"k3",
-                                       orjson.dumps({"schema_version": 2, "id": "k3"})),
-        "schema": (s.topic_corrections, b"k4",
-                   orjson.dumps({"schema_version": 1, "id": "c4", "prediction_id": "k4"})),
-        "does not match": (s.topic_corrections, b"someone-else", CorrectionEvent(
-            id="c5", prediction_id="k5", label="class_0", timestamp=utcnow()).to_json()),
+        "unsupported schema_version": (
+            s.topic_predictions,
+            b"k3",
+            orjson.dumps({"schema_version": 2, "id": "k3"}),
+        ),
+        "schema": (
+            s.topic_corrections,
+            b"k4",
+            orjson.dumps({"schema_version": 1, "id": "c4", "prediction_id": "k4"}),
+        ),
+        "does not match": (
+            s.topic_corrections,
+            b"someone-else",
+            CorrectionEvent(
+                id="c5", prediction_id="k5", label="class_0", timestamp=utcnow()
+            ).to_json(),
+        ),
         "empty value": (s.topic_predictions, b"k6", None),
     }
     worker, stop, thread = start(s)
@@ -191,8 +229,10 @@ def test_every_kind_of_bad_message_reaches_the_dead_letter_topic(fb_settings):
     finally:
         stop.set()
         thread.join(30)
-    letters = [DeadLetter.model_validate_json(r.value)
-               for r in read_topic(s.kafka_bootstrap, s.topic_deadletter, at_least=len(bad))]
+    letters = [
+        DeadLetter.model_validate_json(r.value)
+        for r in read_topic(s.kafka_bootstrap, s.topic_deadletter, at_least=len(bad))
+    ]
     assert len(letters) == len(bad)
     for fragment, (topic, key, _) in bad.items():
         match = [d for d in letters if fragment in d.reason and d.topic == topic]
@@ -212,12 +252,21 @@ def test_two_workers_in_one_group_share_partitions_without_duplicates(fb_setting
     try:
         # traffic only once the group has settled: a member that joins late would find
         # its share already stored by the other one (a rebalance takes seconds)
-        everything = {(t, p) for t in (s.topic_predictions, s.topic_corrections)
-                      for p in range(s.topic_partitions)}
-        wait_for(lambda: w1.assignment and w2.assignment
-                 and w1.assignment | w2.assignment == everything
-                 and not w1.assignment & w2.assignment,
-                 timeout_s=90, what="both members own partitions")
+        everything = {
+            (t, p)
+            for t in (s.topic_predictions, s.topic_corrections)
+            for p in range(s.topic_partitions)
+        }
+        wait_for(
+            lambda: (
+                w1.assignment
+                and w2.assignment
+                and w1.assignment | w2.assignment == everything
+                and not w1.assignment & w2.assignment
+            ),
+            timeout_s=90,
+            what="both members own partitions",
+        )
         traffic.send_predictions(events)
         traffic.send_corrections(events)
         wait_for(lambda: joined(s) == 300, timeout_s=90, what="all joins")
@@ -230,10 +279,16 @@ def test_two_workers_in_one_group_share_partitions_without_duplicates(fb_setting
     assert w1.stats.joined + w2.stats.joined == 300
     assert w1.stats.predictions > 0 and w2.stats.predictions > 0, "both got partitions"
     assert w1.stats.predictions + w2.stats.predictions == 300
-    assert count(s, select(func.count()).select_from(Example)
-                 .where(Example.origin == "correction")) == 300
-    assert count(s, select(func.count()).select_from(Example)
-                 .where(Example.origin == "counterexample")) == budget
+    assert (
+        count(s, select(func.count()).select_from(Example).where(Example.origin == "correction"))
+        == 300
+    )
+    assert (
+        count(
+            s, select(func.count()).select_from(Example).where(Example.origin == "counterexample")
+        )
+        == budget
+    )
 
 
 def test_replayed_batches_change_nothing(fb_settings):
@@ -252,9 +307,19 @@ def test_replayed_batches_change_nothing(fb_settings):
         thread.join(30)
         engine = make_engine(s.resolved_database_url)
         with session_factory(engine)() as session:
-            snapshots.append(sorted(session.execute(
-                select(Example.dedup_key, Example.label, Example.split, Example.error_type,
-                       Example.features)).all()))
+            snapshots.append(
+                sorted(
+                    session.execute(
+                        select(
+                            Example.dedup_key,
+                            Example.label,
+                            Example.split,
+                            Example.error_type,
+                            Example.features,
+                        )
+                    ).all()
+                )
+            )
         engine.dispose()
     assert snapshots[0] == snapshots[1]
     assert np.isfinite(np.asarray([r.features for r in snapshots[0]], dtype=float)).all()
@@ -284,9 +349,13 @@ def test_error_report_from_the_store_and_the_cli(fb_settings):
     engine = make_engine(s.resolved_database_url)
     with session_factory(engine)() as session:
         report = error_report(session, s.model_name)
-        by_type = dict(session.execute(
-            select(Example.error_type, func.count()).where(Example.origin == "correction")
-            .group_by(Example.error_type)).all())
+        by_type = dict(
+            session.execute(
+                select(Example.error_type, func.count())
+                .where(Example.origin == "correction")
+                .group_by(Example.error_type)
+            ).all()
+        )
     engine.dispose()
     [version] = report["versions"]
     assert version["corrections"] == 120 and version["errors"] == truth_wrong
@@ -309,16 +378,25 @@ def test_error_report_from_the_store_and_the_cli(fb_settings):
         server.shutdown()
         engine.dispose()
     assert "flywheel_feedback_joined_total 120.0" in text
-    assert (f'flywheel_feedback_error_rate{{model_version="{version["model_version"]}"}} '
-            f'{truth_wrong / 120}') in text
+    assert (
+        f'flywheel_feedback_error_rate{{model_version="{version["model_version"]}"}} '
+        f"{truth_wrong / 120}"
+    ) in text
     for error_type, n in version["error_types"].items():
-        assert (f'flywheel_feedback_errors{{error_type="{error_type}",'
-                f'model_version="{version["model_version"]}"}} {float(n)}') in text
+        assert (
+            f'flywheel_feedback_errors{{error_type="{error_type}",'
+            f'model_version="{version["model_version"]}"}} {float(n)}'
+        ) in text
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {"FLYWHEEL_HOME": str(s.home_dir), "FLYWHEEL_DATABASE_URL": s.database_url}
-    out = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "feedback", "report",
-                          "--json"], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "flywheel"), "feedback", "report", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["versions"] == report["versions"]
 
@@ -352,13 +430,18 @@ def test_an_observer_sees_the_assignment_and_every_step(fb_settings):
     finally:
         stop.set()
         thread.join(30)
-    assert assigned and {t for t, _ in assigned[0]} == {s.topic_predictions,
-                                                        s.topic_corrections}
+    assert assigned and {t for t, _ in assigned[0]} == {s.topic_predictions, s.topic_corrections}
     steps = set(seen)
     for step in ("poll", "decode", "commit offsets"):
         assert (step, "consumer") in steps, step
-    for step in ("store batch", "transaction", "store + join", "analysis", "example inserts",
-                 "sweep"):
+    for step in (
+        "store batch",
+        "transaction",
+        "store + join",
+        "analysis",
+        "example inserts",
+        "sweep",
+    ):
         assert (step, "feedback-store") in steps, step
     assert ("analysis", "consumer") in steps  # batches are prepared on the consumer thread
 
@@ -374,10 +457,18 @@ def test_worker_refuses_an_unmigrated_or_older_store(settings, tmp_path, revisio
     if revision:
         upgrade(url, revision)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env |= {"FLYWHEEL_HOME": str(settings.home_dir), "FLYWHEEL_DATABASE_URL": url,
-            "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
-    out = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "feedback"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    env |= {
+        "FLYWHEEL_HOME": str(settings.home_dir),
+        "FLYWHEEL_DATABASE_URL": url,
+        "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+    }
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "flywheel"), "feedback"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "run `flywheel db upgrade`" in out.stderr and "Traceback" not in out.stderr
 
@@ -404,32 +495,46 @@ def test_a_record_the_store_path_refuses_is_dead_lettered_alone(fb_settings):
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        wait_for(lambda: worker.stats.dead_letters >= 1 and joined(s) == 11,
-                 what="the poison record dead-lettered, the rest joined")
+        wait_for(
+            lambda: worker.stats.dead_letters >= 1 and joined(s) == 11,
+            what="the poison record dead-lettered, the rest joined",
+        )
     finally:
         stop.set()
         thread.join(30)
-    letters = [DeadLetter.model_validate_json(r.value)
-               for r in read_topic(s.kafka_bootstrap, s.topic_deadletter, at_least=1)]
+    letters = [
+        DeadLetter.model_validate_json(r.value)
+        for r in read_topic(s.kafka_bootstrap, s.topic_deadletter, at_least=1)
+    ]
     store_letters = [d for d in letters if d.reason.startswith("store: ValueError")]
     assert [d.key for d in store_letters] == [poison]
     assert poison in store_letters[0].reason
-    assert count(s, select(func.count()).select_from(Example)
-                 .where(Example.parent_prediction_id == poison)) == 0
+    assert (
+        count(
+            s,
+            select(func.count()).select_from(Example).where(Example.parent_prediction_id == poison),
+        )
+        == 0
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hold_s", [60.0, 0.0])  # 60 s: more than a slow machine's read
 def test_a_backlog_is_read_in_time_order_so_corrections_join_as_they_are_written(
-        fb_settings, hold_s):
+    fb_settings, hold_s
+):
     """A worker starting on a backlog of both topics reads corrections in step with the
     predictions, by record time: none waits as `pending` for a prediction that is in
     Kafka but not read yet. The backlog is larger than one fetch per partition (1 MB),
     so the client's queue holds corrections next to predictions it has not fetched yet;
     with alignment off, those corrections are read first and wait."""
-    s = fb_settings.model_copy(update={"feedback_align_hold_s": hold_s,
-                                       "feedback_max_records": 2000,
-                                       "counterexample_budget": 0})
+    s = fb_settings.model_copy(
+        update={
+            "feedback_align_hold_s": hold_s,
+            "feedback_max_records": 2000,
+            "counterexample_budget": 0,
+        }
+    )
     traffic = Traffic(s)
     events = traffic.predictions(12_000, seed=13)
     traffic.send_predictions(events)

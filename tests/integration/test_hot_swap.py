@@ -29,8 +29,13 @@ from .conftest import consume
 
 pytestmark = pytest.mark.integration
 ROWS = np.random.default_rng(3).normal(0.5, 0.4, size=(16, 8)).round(4).tolist()
-TAGS = {"source": "manual", "examples": "seed[0,800)", "epsilon": "none", "delta": "none",
-        "gate": "test: no gate"}
+TAGS = {
+    "source": "manual",
+    "examples": "seed[0,800)",
+    "epsilon": "none",
+    "delta": "none",
+    "gate": "test: no gate",
+}
 
 
 @dataclass
@@ -46,8 +51,9 @@ def serving(settings: Settings) -> Iterator[Service]:
     thread, so that client threads really run concurrently with the follower's swaps."""
     app = create_app(ServiceConfig.of(settings))
     port = free_port()
-    server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    server = GracefulServer(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
     thread = threading.Thread(target=server.run, name="test-hot-swap-service", daemon=True)
     thread.start()
     try:
@@ -157,8 +163,9 @@ def test_a_rollback_is_followed_like_a_promotion(settings, registry):
         start_listening(svc)
         promotion.promote(settings.kafka, v2, reason="test", actor="pytest", registry=registry)
         assert wait_for(lambda: served_version(svc.url) == v2, SWAP_S)
-        event = promotion.rollback(settings.kafka, reason="test rollback", actor="pytest",
-                                   registry=registry)
+        event = promotion.rollback(
+            settings.kafka, reason="test rollback", actor="pytest", registry=registry
+        )
         assert (event.kind, event.version) == ("rolled_back", v1)
         assert wait_for(lambda: served_version(svc.url) == v1, SWAP_S), "rollback not followed"
         assert svc.follower.stats.events_followed == 2 and svc.follower.stats.swaps == 2
@@ -195,8 +202,9 @@ class Hammer:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Hammer]:
-        workers = [threading.Thread(target=self._run, args=(k,), daemon=True)
-                   for k in range(self.threads)]
+        workers = [
+            threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(self.threads)
+        ]
         for w in workers:
             w.start()
         try:
@@ -216,8 +224,7 @@ def expected_probabilities(registry: Registry, versions: list[str]) -> dict[str,
     return out
 
 
-def test_hot_swaps_under_concurrent_load_fail_nothing_and_label_every_response(settings,
-                                                                            registry):
+def test_hot_swaps_under_concurrent_load_fail_nothing_and_label_every_response(settings, registry):
     settings = settings.model_copy(update={"registry_poll_s": 60.0})
     v1 = registry.champion_version()
     v2, v3 = publish_variant(registry, v1, seed=4), publish_variant(registry, v1, seed=5)
@@ -229,8 +236,13 @@ def test_hot_swaps_under_concurrent_load_fail_nothing_and_label_every_response(s
         with Hammer(svc.url).running() as load:
             assert wait_for(lambda: len(load.responses) >= 20, 30)
             for version in plan:
-                promotion.promote(settings.kafka, version, reason="swap under load", actor="pytest",
-                                  registry=registry)
+                promotion.promote(
+                    settings.kafka,
+                    version,
+                    reason="swap under load",
+                    actor="pytest",
+                    registry=registry,
+                )
                 assert wait_for(lambda v=version: served_version(svc.url) == v, SWAP_S)
                 n = len(load.responses)
                 assert wait_for(lambda n=n: len(load.responses) >= n + 20, 30)

@@ -26,8 +26,14 @@ FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 
 @pytest.fixture()
 def s(settings: Settings, pg_url: str) -> Settings:
-    s = settings.model_copy(update={"database_url": pg_url, "learn_batch": 50,
-                                    "learn_cursor_grace_s": 0.0, "gate_min_holdout": 5})
+    s = settings.model_copy(
+        update={
+            "database_url": pg_url,
+            "learn_batch": 50,
+            "learn_cursor_grace_s": 0.0,
+            "gate_min_holdout": 5,
+        }
+    )
     upgrade_store(pg_url)
     ensure_champion(s.trusted, Registry.of(s))
     return s
@@ -37,11 +43,24 @@ def add_examples(url: str, n: int, start: int, split: str = "train") -> None:
     x, labels = drift_concept(7).sample(n, sample_seed=start)
     engine = make_engine(url)
     with session_factory(engine).begin() as session:
-        insert_ignoring_duplicates(session, Example, [
-            {"dedup_key": f"t:{start + i}", "origin": "correction", "features": row.tolist(),
-             "label": label, "weight": 1.0, "split": split, "source": f"user-{start + i}",
-             "parent_prediction_id": f"p{start + i}", "error_type": "confident"}
-            for i, (row, label) in enumerate(zip(x, labels, strict=True))])
+        insert_ignoring_duplicates(
+            session,
+            Example,
+            [
+                {
+                    "dedup_key": f"t:{start + i}",
+                    "origin": "correction",
+                    "features": row.tolist(),
+                    "label": label,
+                    "weight": 1.0,
+                    "split": split,
+                    "source": f"user-{start + i}",
+                    "parent_prediction_id": f"p{start + i}",
+                    "error_type": "confident",
+                }
+                for i, (row, label) in enumerate(zip(x, labels, strict=True))
+            ],
+        )
     engine.dispose()
 
 
@@ -56,9 +75,19 @@ def trained_ranges(s: Settings) -> list[tuple[int, int]]:
 
 def env_for(s: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    for name in ("home", "kafka_bootstrap", "database_url", "topic_predictions",
-                 "topic_corrections", "topic_model_events", "topic_deadletter",
-                 "seed_examples", "learn_batch", "learn_cursor_grace_s", "gate_min_holdout"):
+    for name in (
+        "home",
+        "kafka_bootstrap",
+        "database_url",
+        "topic_predictions",
+        "topic_corrections",
+        "topic_model_events",
+        "topic_deadletter",
+        "seed_examples",
+        "learn_batch",
+        "learn_cursor_grace_s",
+        "gate_min_holdout",
+    ):
         env[f"FLYWHEEL_{name.upper()}"] = str(getattr(s, name))
     env["FLYWHEEL_LEARN_POLL_S"] = "0.2"
     return env
@@ -67,8 +96,9 @@ def env_for(s: Settings) -> dict[str, str]:
 def test_killed_learner_resumes_at_its_cursor_without_retraining(s):
     add_examples(s.database_url, 120, 0)
     add_examples(s.database_url, 30, 10_000, split="holdout")
-    proc = subprocess.Popen([FLYWHEEL, "learn"], env=env_for(s), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [FLYWHEEL, "learn"], env=env_for(s), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 90
         while not trained_ranges(s):
@@ -81,8 +111,9 @@ def test_killed_learner_resumes_at_its_cursor_without_retraining(s):
         if proc.poll() is None:
             proc.kill()
     add_examples(s.database_url, 100, 20_000)
-    r = subprocess.run([FLYWHEEL, "learn", "--once"], env=env_for(s), capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [FLYWHEEL, "learn", "--once"], env=env_for(s), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ranges = trained_ranges(s)
     assert len(ranges) == 2, ranges
@@ -97,9 +128,15 @@ def test_killed_learner_resumes_at_its_cursor_without_retraining(s):
 def _ids(url: str, split: str) -> list[int]:
     engine = make_engine(url)
     with engine.connect() as c:
-        ids = [r[0] for r in c.execute(text(
-            "SELECT id FROM examples WHERE origin = 'correction' AND split = :s ORDER BY id"),
-            {"s": split})]
+        ids = [
+            r[0]
+            for r in c.execute(
+                text(
+                    "SELECT id FROM examples WHERE origin = 'correction' AND split = :s ORDER BY id"
+                ),
+                {"s": split},
+            )
+        ]
     engine.dispose()
     return ids
 
@@ -131,9 +168,12 @@ def test_examples_committed_late_and_released_from_quarantine_are_not_skipped(s)
     engine = make_engine(s.database_url)
     slow = engine.connect()
     tx = slow.begin()  # takes an id now, commits after a later id is read
-    slow.execute(text(
-        "INSERT INTO examples (dedup_key, origin, features, label, weight, split) "
-        "VALUES ('late', 'correction', '[0,0,0,0,0,0,0,0]', 'class_0', 1.0, 'train')"))
+    slow.execute(
+        text(
+            "INSERT INTO examples (dedup_key, origin, features, label, weight, split) "
+            "VALUES ('late', 'correction', '[0,0,0,0,0,0,0,0]', 'class_0', 1.0, 'train')"
+        )
+    )
     add_examples(s.database_url, 1, 0)
     add_examples(s.database_url, 1, 1, split="quarantine")
     first = learner.step()
@@ -144,8 +184,7 @@ def test_examples_committed_late_and_released_from_quarantine_are_not_skipped(s)
     assert late is not None and late.last_id < first.last_id  # the late id, read after all
     assert learner.step() is None  # nothing new; the quarantined one is held
     with session_factory(engine).begin() as session:
-        session.execute(update(Example).where(Example.split == "quarantine")
-                        .values(split="train"))
+        session.execute(update(Example).where(Example.split == "quarantine").values(split="train"))
     released = learner.step()
     assert released is not None and released.examples == 1
     assert learner.step() is None
@@ -163,8 +202,7 @@ def test_released_examples_beyond_one_batch_wait_for_the_next_update(s):
     assert first.examples == 2  # the two train rows; the three are held
     engine = make_engine(s.database_url)
     with session_factory(engine).begin() as session:
-        session.execute(update(Example).where(Example.split == "quarantine")
-                        .values(split="train"))
+        session.execute(update(Example).where(Example.split == "quarantine").values(split="train"))
     engine.dispose()
     two_released = learner.step()
     assert two_released.examples == 2 and learner.step() is None  # one released left over
@@ -204,15 +242,19 @@ def test_a_restart_after_an_error_drift_replays_only_examples_since_it(s, error_
     ids = _ids(s.database_url, "train")
     cut = ids[100]
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
-    state = {"update": 0, "cursor": CursorState(watermark=ids[-1]).to_dict(),
-             "change_at_id": cut, "elastic": {"multiplier": 3.0, "drifts": 1}}
+    state = {
+        "update": 0,
+        "cursor": CursorState(watermark=ids[-1]).to_dict(),
+        "change_at_id": cut,
+        "elastic": {"multiplier": 3.0, "drifts": 1},
+    }
     if error_drift:
         state["replay_from_id"] = cut
     learner.source.save_state(learner.lineage, state, ids[-1])
     learner.start()
     trainer = learner._trainer
     assert trainer is not None
-    pool = trainer.reservoir.x[:trainer.reservoir.size]
+    pool = trainer.reservoir.x[: trainer.reservoir.size]
     before, since = _features(s.database_url, ids[:100]), _features(s.database_url, ids[100:])
     # the window: exactly the 100 examples since the change
     assert len(trainer.since_change) == 100 and _found(trainer.since_change.x, since).all()

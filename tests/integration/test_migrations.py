@@ -34,8 +34,17 @@ from flywheel.store import (
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"predictions", "corrections", "examples", "learner_state", "reference_stats",
-          "error_counts", "counterexample_usage", "privacy_ledger", "privacy_source_spend"}
+TABLES = {
+    "predictions",
+    "corrections",
+    "examples",
+    "learner_state",
+    "reference_stats",
+    "error_counts",
+    "counterexample_usage",
+    "privacy_ledger",
+    "privacy_source_spend",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -73,8 +82,16 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     try:
         assert check_schema(engine) == head()
         with session_factory(engine)() as session:
-            session.add(Example(dedup_key="k", origin="seed", features=[1.0], label="a",
-                                split="train", created_at=datetime.now(UTC)))
+            session.add(
+                Example(
+                    dedup_key="k",
+                    origin="seed",
+                    features=[1.0],
+                    label="a",
+                    split="train",
+                    created_at=datetime.now(UTC),
+                )
+            )
             session.commit()
             assert session.scalars(select(Example.label)).all() == ["a"]
     finally:
@@ -95,8 +112,17 @@ def test_migrated_store_round_trips_and_dedups(db_url: str) -> None:
     upgrade(db_url)
     engine = open_store(db_url)
     t0 = datetime(2025, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
-    rows = [{"dedup_key": f"k{i}", "origin": "seed", "features": [i, 0.5], "label": "a",
-             "split": "train", "created_at": t0} for i in range(3)]
+    rows = [
+        {
+            "dedup_key": f"k{i}",
+            "origin": "seed",
+            "features": [i, 0.5],
+            "label": "a",
+            "split": "train",
+            "created_at": t0,
+        }
+        for i in range(3)
+    ]
     try:
         with session_factory(engine)() as session:
             assert insert_ignoring_duplicates(session, Example, rows) == 3
@@ -166,8 +192,9 @@ def _flywheel() -> str:
 def _cli(url: str, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {"FLYWHEEL_HOME": str(home), "FLYWHEEL_DATABASE_URL": url}
-    result = subprocess.run([_flywheel(), "db", *args], env=env, cwd=home, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [_flywheel(), "db", *args], env=env, cwd=home, capture_output=True, text=True, timeout=120
+    )
     assert "Traceback" not in result.stderr, result.stderr
     return result
 

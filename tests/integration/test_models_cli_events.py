@@ -21,9 +21,18 @@ _register()
 
 def _publish(registry: Registry, parent: str) -> str:
     spec = ModelSpec(input_dim=2, hidden=[2], labels=["a", "b"])
-    return registry.publish(spec, build_model(spec), tags={
-        "parent_version": parent, "source": "online" if parent else "manual",
-        "examples": "[0,10)", "epsilon": "none", "delta": "none", "gate": "test"})
+    return registry.publish(
+        spec,
+        build_model(spec),
+        tags={
+            "parent_version": parent,
+            "source": "online" if parent else "manual",
+            "examples": "[0,10)",
+            "epsilon": "none",
+            "delta": "none",
+            "gate": "test",
+        },
+    )
 
 
 def test_promote_and_rollback_publish_model_events(settings: Settings, monkeypatch):
@@ -34,8 +43,11 @@ def test_promote_and_rollback_publish_model_events(settings: Settings, monkeypat
     for key in list(os.environ):
         if key.startswith("FLYWHEEL_"):
             monkeypatch.delenv(key)
-    for key, value in {"HOME": str(settings.home), "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-                       "TOPIC_MODEL_EVENTS": settings.topic_model_events}.items():
+    for key, value in {
+        "HOME": str(settings.home),
+        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "TOPIC_MODEL_EVENTS": settings.topic_model_events,
+    }.items():
         monkeypatch.setenv(f"FLYWHEEL_{key}", str(value))
     runner = CliRunner()
 
@@ -50,7 +62,9 @@ def test_promote_and_rollback_publish_model_events(settings: Settings, monkeypat
     assert [r.key for r in records] == [settings.model_name.encode()] * 2
     events = [ModelEvent.model_validate_json(r.value) for r in records]
     assert [(e.kind, e.version, e.previous_version, e.reason) for e in events] == [
-        ("promoted", v2, v1, "canary ok"), ("rolled_back", v1, v2, "p99 regressed")]
+        ("promoted", v2, v1, "canary ok"),
+        ("rolled_back", v1, v2, "p99 regressed"),
+    ]
     assert {e.model_name for e in events} == {settings.model_name}
     assert {e.actor for e in events} == {default_actor()}
     assert Registry.of(settings).champion_version() == v1

@@ -32,33 +32,54 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 def _settings(settings: Settings, url: str, **extra: object) -> Settings:
-    s = settings.model_copy(update={"database_url": url, "learn_batch": 50,
-                                    "learn_cursor_grace_s": 0.0, "gate_min_holdout": 5,
-                                    "privacy_enabled": True, **extra})
+    s = settings.model_copy(
+        update={
+            "database_url": url,
+            "learn_batch": 50,
+            "learn_cursor_grace_s": 0.0,
+            "gate_min_holdout": 5,
+            "privacy_enabled": True,
+            **extra,
+        }
+    )
     upgrade_store(url)
     ensure_champion(s.trusted, Registry.of(s))
     return s
 
 
-def add(url: str, n: int, start: int, *, split: str = "train",
-        source: str | None = None) -> None:
+def add(url: str, n: int, start: int, *, split: str = "train", source: str | None = None) -> None:
     """n drift-concept examples; each from its own source unless `source` is given."""
     x, labels = drift_concept(7).sample(n, sample_seed=start)
     engine = make_engine(url)
     with session_factory(engine).begin() as session:
-        insert_ignoring_duplicates(session, Example, [
-            {"dedup_key": f"t:{start + i}", "origin": "correction", "features": row.tolist(),
-             "label": label, "weight": 1.0, "split": split,
-             "source": source or f"user-{start + i}", "parent_prediction_id": f"p{start + i}",
-             "error_type": "confident"}
-            for i, (row, label) in enumerate(zip(x, labels, strict=True))])
+        insert_ignoring_duplicates(
+            session,
+            Example,
+            [
+                {
+                    "dedup_key": f"t:{start + i}",
+                    "origin": "correction",
+                    "features": row.tolist(),
+                    "label": label,
+                    "weight": 1.0,
+                    "split": split,
+                    "source": source or f"user-{start + i}",
+                    "parent_prediction_id": f"p{start + i}",
+                    "error_type": "confident",
+                }
+                for i, (row, label) in enumerate(zip(x, labels, strict=True))
+            ],
+        )
     engine.dispose()
 
 
 def _env(s: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env.update(FLYWHEEL_HOME=str(s.home), FLYWHEEL_DATABASE_URL=str(s.database_url),
-               FLYWHEEL_KAFKA_BOOTSTRAP=str(s.kafka_bootstrap))
+    env.update(
+        FLYWHEEL_HOME=str(s.home),
+        FLYWHEEL_DATABASE_URL=str(s.database_url),
+        FLYWHEEL_KAFKA_BOOTSTRAP=str(s.kafka_bootstrap),
+    )
     return env
 
 
@@ -84,14 +105,19 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
         assert 0 < entry.epsilon_update <= s.privacy_epsilon
         # what the ledger says one update costs is what the accountant computes for it
         assert entry.epsilon_update == pytest.approx(
-            epsilon([entry.mechanism], entry.delta, entry.accountant), rel=1e-9)
+            epsilon([entry.mechanism], entry.delta, entry.accountant), rel=1e-9
+        )
     assert entries[1].sources == 40 + 1  # "heavy" is one source, however many examples
     heavy = next(sp for sp in ledger.sources(learner.lineage) if sp.source == "source:heavy")
     assert heavy.examples == 10 and heavy.updates == 1
     # the report shows the same versions and numbers
-    out = subprocess.run([FLYWHEEL, "privacy", "report", "--json", "--plot",
-                          str(tmp_path / "eps.png")], env=_env(s), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [FLYWHEEL, "privacy", "report", "--json", "--plot", str(tmp_path / "eps.png")],
+        env=_env(s),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert [v["version"] for v in doc["versions"]] == [first.version, second.version]
@@ -152,15 +178,21 @@ def test_flywheel_learn_logs_the_refusal_and_counts_it_on_metrics(settings, sqli
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = _env(s) | {"FLYWHEEL_PRIVACY_NOISE_MULTIPLIER": "0.05", "FLYWHEEL_LEARN_BATCH": "50",
-                     "FLYWHEEL_LEARN_METRICS_PORT": str(port), "FLYWHEEL_LEARN_POLL_S": "0.2",
-                     "FLYWHEEL_SEED_EXAMPLES": str(s.seed_examples)}
-    proc = subprocess.Popen([FLYWHEEL, "learn"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env = _env(s) | {
+        "FLYWHEEL_PRIVACY_NOISE_MULTIPLIER": "0.05",
+        "FLYWHEEL_LEARN_BATCH": "50",
+        "FLYWHEEL_LEARN_METRICS_PORT": str(port),
+        "FLYWHEEL_LEARN_POLL_S": "0.2",
+        "FLYWHEEL_SEED_EXAMPLES": str(s.seed_examples),
+    }
+    proc = subprocess.Popen(
+        [FLYWHEEL, "learn"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline, scraped = time.monotonic() + 120, ""
-        while not re.search(r'flywheel_privacy_refusals_total\{reason="mechanism"\} [1-9]',
-                            scraped):
+        while not re.search(
+            r'flywheel_privacy_refusals_total\{reason="mechanism"\} [1-9]', scraped
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, scraped[-2000:]
             time.sleep(0.3)
             try:

@@ -35,8 +35,10 @@ pytestmark = pytest.mark.integration
 TOKEN = "ui-test-token"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SPEC = ModelSpec(input_dim=8, hidden=[8], labels=["class_0", "class_1", "class_2"])
-PASSED = ("passed: better on recent data, trusted holdout within tolerance; recent 0.900 vs "
-          "0.800 (n=40); trusted 0.950 vs 0.960 (n=200, tol 0.02)")
+PASSED = (
+    "passed: better on recent data, trusted holdout within tolerance; recent 0.900 vs "
+    "0.800 (n=40); trusted 0.950 vs 0.960 (n=200, tol 0.02)"
+)
 
 
 def _missing(reason: str) -> None:
@@ -50,8 +52,9 @@ def chromium():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        _missing(f"playwright is not installed ({exc}): pip install -c constraints.txt "
-                 "-e '.[test]'")
+        _missing(
+            f"playwright is not installed ({exc}): pip install -c constraints.txt -e '.[test]'"
+        )
     if not os.access(CHROMIUM, os.X_OK):
         _missing(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
     with sync_playwright() as p:
@@ -63,27 +66,53 @@ def chromium():
 
 
 def _publish(registry: Registry, parent: str, source: str, gate: str, **extra: str) -> str:
-    metrics = {"holdout_accuracy": 0.96} if parent == "" else {
-        "gate_passed": float(gate.startswith("passed")), "gate_trusted_candidate": 0.95,
-        "gate_recent_candidate": 0.9 if gate.startswith("passed") else 0.7}
-    return registry.publish(SPEC, build_model(SPEC), tags={
-        "parent_version": parent, "source": source, "examples": extra.pop("examples", "[0,100)"),
-        "epsilon": extra.pop("epsilon", "none"), "delta": extra.pop("delta", "none"),
-        "gate": gate}, metrics=metrics)
+    metrics = (
+        {"holdout_accuracy": 0.96}
+        if parent == ""
+        else {
+            "gate_passed": float(gate.startswith("passed")),
+            "gate_trusted_candidate": 0.95,
+            "gate_recent_candidate": 0.9 if gate.startswith("passed") else 0.7,
+        }
+    )
+    return registry.publish(
+        SPEC,
+        build_model(SPEC),
+        tags={
+            "parent_version": parent,
+            "source": source,
+            "examples": extra.pop("examples", "[0,100)"),
+            "epsilon": extra.pop("epsilon", "none"),
+            "delta": extra.pop("delta", "none"),
+            "gate": gate,
+        },
+        metrics=metrics,
+    )
 
 
 def _seed(settings: Settings) -> Registry:
     """v1 seed → v2 champion → v3 rejected; v4 pending review (ε 0.9)."""
     registry = Registry.of(settings)
-    v1 = _publish(registry, "", "manual", "initial: no champion to compare",
-                  examples="seed[0,800)")
+    v1 = _publish(registry, "", "manual", "initial: no champion to compare", examples="seed[0,800)")
     registry.set_champion(v1)
     v2 = _publish(registry, v1, "online", PASSED, examples="ids 1..100 (100 new, update 1)")
     registry.promote(v2, reason="gate passed", actor="flywheel-learner")
-    _publish(registry, v2, "online", "rejected: not better on recent data; recent 0.700 vs "
-             "0.900 (n=40)", examples="ids 101..200 (100 new, update 2)")
-    v4 = _publish(registry, v2, "online", PASSED, examples="ids 201..300 (100 new, update 3)",
-                  epsilon="0.9", delta="1e-05")
+    _publish(
+        registry,
+        v2,
+        "online",
+        "rejected: not better on recent data; recent 0.700 vs 0.900 (n=40)",
+        examples="ids 101..200 (100 new, update 2)",
+    )
+    v4 = _publish(
+        registry,
+        v2,
+        "online",
+        PASSED,
+        examples="ids 201..300 (100 new, update 3)",
+        epsilon="0.9",
+        delta="1e-05",
+    )
     registry.set_tags(v4, {"review": "pending"})
     assert registry.champion_version() == "2" and v4 == "4"
     return registry
@@ -102,8 +131,9 @@ def wait_for(cond: Callable[[], bool], timeout_s: float) -> bool:
 def serving(settings: Settings) -> Iterator[str]:
     app = create_app(ServiceConfig.of(settings))
     port = free_port()
-    server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    server = GracefulServer(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
     thread = threading.Thread(target=server.run, name="test-review-ui", daemon=True)
     thread.start()
     try:
@@ -140,11 +170,11 @@ def served(url: str) -> str:
 
 
 def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
-        settings: Settings, chromium, tmp_path: Path):
+    settings: Settings, chromium, tmp_path: Path
+):
     from playwright.sync_api import expect
 
-    settings = settings.model_copy(update={"admin_token": SecretStr(TOKEN),
-                                           "auto_promote": False})
+    settings = settings.model_copy(update={"admin_token": SecretStr(TOKEN), "auto_promote": False})
     registry = _seed(settings)
     with serving(settings) as url:
         assert served(url) == "2"
@@ -179,18 +209,24 @@ def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
 
         page.fill("#token", TOKEN)
         page.locator("#pending tbody tr[data-version='4'] button.approve").click()
-        expect(page.locator("#message")).to_have_text(re.compile(r"^approved v4: now champion"),
-                                                     timeout=60_000)
+        expect(page.locator("#message")).to_have_text(
+            re.compile(r"^approved v4: now champion"), timeout=60_000
+        )
         assert registry.champion_version() == "4"
         tags = registry.info("4", with_run=False).tags
         assert (tags["review"], tags["review_by"], tags["review_reason"]) == (
-            "approved", "playwright", "looks good in the browser")
+            "approved",
+            "playwright",
+            "looks good in the browser",
+        )
         page.wait_for_selector("#versions tr.champion[data-version='4']", timeout=30_000)
         assert page.locator("#pending-empty").is_visible()
         page.screenshot(path=str(tmp_path / "review-ui.png"), full_page=True)
         if os.environ.get("REVIEW_UI_SCREENSHOT_DIR"):  # for a person to look at
-            shutil.copy(tmp_path / "review-ui.png",
-                        Path(os.environ["REVIEW_UI_SCREENSHOT_DIR"]) / "review-ui.png")
+            shutil.copy(
+                tmp_path / "review-ui.png",
+                Path(os.environ["REVIEW_UI_SCREENSHOT_DIR"]) / "review-ui.png",
+            )
         # the model event reaches the service's follower: it swaps to the approved version
         assert wait_for(lambda: served(url) == "4", 40), "the service did not swap to v4"
         assert [e for e in errors if expected not in e] == [], errors

@@ -23,8 +23,13 @@ ROW = [0.5] * 8
 
 
 def start_serve(env: dict, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([FLYWHEEL, "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [FLYWHEEL, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -48,15 +53,18 @@ def stop(proc: subprocess.Popen) -> str:
 
 def test_serve_against_an_external_broker(settings, tmp_path):
     port = free_port()
-    env = {**os.environ, "FLYWHEEL_HOME": str(settings.home_dir),
-           "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-           "FLYWHEEL_TOPIC_PREDICTIONS": settings.topic_predictions,
-           "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
-           "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
-           "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
-           "FLYWHEEL_SEED_EXAMPLES": "1000",
-           # the fixture's generous delivery timeout: exactly-once is asserted below
-           "FLYWHEEL_KAFKA_TIMEOUT_S": str(settings.kafka_timeout_s)}
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(settings.home_dir),
+        "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLYWHEEL_TOPIC_PREDICTIONS": settings.topic_predictions,
+        "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
+        "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
+        "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_SEED_EXAMPLES": "1000",
+        # the fixture's generous delivery timeout: exactly-once is asserted below
+        "FLYWHEEL_KAFKA_TIMEOUT_S": str(settings.kafka_timeout_s),
+    }
     proc = start_serve(env, port)
     try:
         ids = []

@@ -66,8 +66,14 @@ def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Setting
 def test_corrections_land_on_their_topic(settings: Settings):
     with TestClient(create_app(ServiceConfig.of(settings))) as client:
         ids = predict(client, 3)
-        r = client.post("/v1/corrections", json={"corrections": [
-            {"prediction_id": pid, "label": "class_1", "source": "site-7"} for pid in ids]})
+        r = client.post(
+            "/v1/corrections",
+            json={
+                "corrections": [
+                    {"prediction_id": pid, "label": "class_1", "source": "site-7"} for pid in ids
+                ]
+            },
+        )
         assert r.status_code == 202
         event_log = client.app.state.service.event_log
         assert event_log.wait_idle(30)
@@ -75,7 +81,8 @@ def test_corrections_land_on_their_topic(settings: Settings):
     assert_each_id_once([k.decode() for k, _ in records], ids, no_send_failed(event_log))
     events = [CorrectionEvent.model_validate_json(v) for _, v in records]
     assert {(e.prediction_id, e.label, e.source) for e in events} == {
-        (pid, "class_1", "site-7") for pid in ids}
+        (pid, "class_1", "site-7") for pid in ids
+    }
     predictions = consume(settings.kafka_bootstrap, settings.topic_predictions, 3)
     assert_each_id_once([k.decode() for k, _ in predictions], ids, no_send_failed(event_log))
 
@@ -87,21 +94,25 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
     outage_broker = EmbeddedBroker(log_file=tmp_path / "outage.log")
     outage_broker.start(topics=settings.topics, partitions=settings.topic_partitions)
     # a short delivery timeout: records sent into the outage fail (and spool) quickly
-    s = settings.model_copy(update={"kafka_bootstrap": outage_broker.bootstrap,
-                                    "kafka_timeout_s": 2.0})
+    s = settings.model_copy(
+        update={"kafka_bootstrap": outage_broker.bootstrap, "kafka_timeout_s": 2.0}
+    )
     try:
         with TestClient(create_app(ServiceConfig.of(s))) as client:
             event_log = client.app.state.service.event_log
             before = [pid for _ in range(20) for pid in predict(client, 2)]
             assert event_log.wait_idle(30)
             delivered = consume(s.kafka_bootstrap, s.topic_predictions, len(before))
-            assert_each_id_once([k.decode() for k, _ in delivered], before,
-                                no_send_failed(event_log))
+            assert_each_id_once(
+                [k.decode() for k, _ in delivered], before, no_send_failed(event_log)
+            )
 
             outage_broker.stop()
             during = [pid for _ in range(25) for pid in predict(client, 2)]
-            corr = client.post("/v1/corrections", json={"corrections": [
-                {"prediction_id": during[0], "label": "class_0"}]})
+            corr = client.post(
+                "/v1/corrections",
+                json={"corrections": [{"prediction_id": during[0], "label": "class_0"}]},
+            )
             assert corr.status_code == 202  # accepted while the broker is down
             ready = client.get("/readyz").json()
             assert ready["ready"] is True
@@ -131,14 +142,17 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
 
 
 def test_a_correction_lands_on_its_predictions_partition_as_any_java_client_would(
-        settings: Settings):
+    settings: Settings,
+):
     from kafka import KafkaConsumer, TopicPartition
     from kafka.partitioner.default import murmur2
 
     with TestClient(create_app(ServiceConfig.of(settings))) as client:
         ids = predict(client, 40)
-        client.post("/v1/corrections", json={"corrections": [
-            {"prediction_id": pid, "label": "class_0"} for pid in ids]})
+        client.post(
+            "/v1/corrections",
+            json={"corrections": [{"prediction_id": pid, "label": "class_0"} for pid in ids]},
+        )
         assert client.app.state.service.event_log.wait_idle(30)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
     try:

@@ -41,14 +41,31 @@ def session(pg_url: str):
 
 def example_rows(prefix: str) -> list[dict]:
     features = [[0.1, -2.5e-7, 3.0, 1e300], [1, 2, 3, 4], [0.6877714395523071] * 4]
-    labels = ["ünïcode \"q\" \\", "tab\tnew\nline\rcr \\N", "\\"]
-    return [{"dedup_key": f"{prefix}{i}", "origin": "counterexample", "error_type": e,
-             "parent_prediction_id": f"p{i}", "features": f, "label": label,
-             "weight": w, "split": "train", "source": s,
-             "created_at": (T0 + timedelta(hours=i)).astimezone(timezone(timedelta(hours=i)))}
-            for i, (f, e, w, s, label) in enumerate(zip(
-                features, ["novel", None, "boundary"], [0.5, 1, 2.0], [None, "app", "app"],
-                labels, strict=True))]
+    labels = ['ünïcode "q" \\', "tab\tnew\nline\rcr \\N", "\\"]
+    return [
+        {
+            "dedup_key": f"{prefix}{i}",
+            "origin": "counterexample",
+            "error_type": e,
+            "parent_prediction_id": f"p{i}",
+            "features": f,
+            "label": label,
+            "weight": w,
+            "split": "train",
+            "source": s,
+            "created_at": (T0 + timedelta(hours=i)).astimezone(timezone(timedelta(hours=i))),
+        }
+        for i, (f, e, w, s, label) in enumerate(
+            zip(
+                features,
+                ["novel", None, "boundary"],
+                [0.5, 1, 2.0],
+                [None, "app", "app"],
+                labels,
+                strict=True,
+            )
+        )
+    ]
 
 
 @pytest.fixture(params=["copy", "columnar"])
@@ -59,11 +76,25 @@ def fast_path(request, use_insert_path) -> str:
 
 
 def stored(session, prefix: str) -> list[tuple]:
-    return [tuple(getattr(r, c) for c in ("origin", "error_type", "parent_prediction_id",
-                                         "features", "label", "weight", "split", "source",
-                                         "created_at"))
-            for r in session.scalars(select(Example).where(Example.dedup_key.like(f"{prefix}%"))
-                                     .order_by(Example.dedup_key))]
+    return [
+        tuple(
+            getattr(r, c)
+            for c in (
+                "origin",
+                "error_type",
+                "parent_prediction_id",
+                "features",
+                "label",
+                "weight",
+                "split",
+                "source",
+                "created_at",
+            )
+        )
+        for r in session.scalars(
+            select(Example).where(Example.dedup_key.like(f"{prefix}%")).order_by(Example.dedup_key)
+        )
+    ]
 
 
 def test_fast_paths_store_what_the_general_path_stores(session, fast_path, use_insert_path):
@@ -83,8 +114,17 @@ def test_copy_is_taken_and_a_duplicate_falls_back_to_the_insert(session, monkeyp
     taken = []
     copy = bulk._copy
     monkeypatch.setattr(bulk, "_copy", lambda *a: taken.append(copy(*a)) or taken[-1])
-    corrections = [{"id": f"k{i}", "prediction_id": "p", "label": "a\tb", "source": None,
-                    "created_at": T0, "status": "pending"} for i in range(3)]
+    corrections = [
+        {
+            "id": f"k{i}",
+            "prediction_id": "p",
+            "label": "a\tb",
+            "source": None,
+            "created_at": T0,
+            "status": "pending",
+        }
+        for i in range(3)
+    ]
     assert insert_returning_new(session, Correction, corrections[:2]) == ["k0", "k1"]
     assert taken == [2]  # COPY stored both
     assert insert_returning_new(session, Correction, corrections) == ["k2"]
@@ -98,8 +138,9 @@ def test_copy_is_taken_and_a_duplicate_falls_back_to_the_insert(session, monkeyp
 
 
 def test_defaults_and_duplicates_within_one_call(session):
-    rows = [{"dedup_key": "d", "origin": "seed", "features": [1.0], "label": "a",
-             "split": "train"}] * 2  # no weight, no created_at: the models' defaults
+    rows = [
+        {"dedup_key": "d", "origin": "seed", "features": [1.0], "label": "a", "split": "train"}
+    ] * 2  # no weight, no created_at: the models' defaults
     before = datetime.now(UTC)
     assert insert_ignoring_duplicates(session, Example, rows) == 1
     assert insert_ignoring_duplicates(session, LearnerState, [{"lineage": "x"}]) == 1
@@ -117,8 +158,7 @@ def test_defaults_and_duplicates_within_one_call(session):
         ({"source": "x" * 65}, DataError),  # too long for VARCHAR(64)
     ],
 )
-def test_refuses_what_the_general_path_refuses(session, change, error, fast_path,
-                                               use_insert_path):
+def test_refuses_what_the_general_path_refuses(session, change, error, fast_path, use_insert_path):
     rows = [example_rows("r")[0] | change]
     with pytest.raises(error) as fast:
         insert_ignoring_duplicates(session, Example, rows)
@@ -132,24 +172,36 @@ def test_refuses_what_the_general_path_refuses(session, change, error, fast_path
 
 def test_unusual_rows_take_the_general_path(session):
     rows = example_rows("u")
-    for unusual in ([rows[0], rows[1] | {"x": 1}],
-                    [rows[0], {k: v for k, v in rows[1].items() if k != "source"}],
-                    [rows[0] | {"weight": True}], [rows[0] | {"weight": math.inf}],
-                    [rows[0] | {"created_at": datetime(2026, 1, 1)}],
-                    [rows[0] | {"features": [1.0, math.nan]}]):
+    for unusual in (
+        [rows[0], rows[1] | {"x": 1}],
+        [rows[0], {k: v for k, v in rows[1].items() if k != "source"}],
+        [rows[0] | {"weight": True}],
+        [rows[0] | {"weight": math.inf}],
+        [rows[0] | {"created_at": datetime(2026, 1, 1)}],
+        [rows[0] | {"features": [1.0, math.nan]}],
+    ):
         assert bulk._prepared_columns(Example.__table__, unusual) is None
         assert bulk._columnar_insert(Example.__table__, unusual) is None
         assert bulk._copy(session, Example.__table__, unusual * bulk.COPY_MIN_ROWS) is None
-    assert bulk._columnar_insert(LearnerState.__table__, [{"lineage": "l",
-                                                            "state": {1: "a"}}]) is None
+    assert (
+        bulk._columnar_insert(LearnerState.__table__, [{"lineage": "l", "state": {1: "a"}}]) is None
+    )
 
 
 def test_none_in_a_json_column_is_json_null_on_every_path(session, fast_path, use_insert_path):
-    assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
-        "features": None, "dedup_key": "n1"}]) == 1
+    assert (
+        insert_ignoring_duplicates(
+            session, Example, [example_rows("n")[0] | {"features": None, "dedup_key": "n1"}]
+        )
+        == 1
+    )
     use_insert_path("general")
-    assert insert_ignoring_duplicates(session, Example, [example_rows("n")[0] | {
-        "features": None, "dedup_key": "n2"}]) == 1
+    assert (
+        insert_ignoring_duplicates(
+            session, Example, [example_rows("n")[0] | {"features": None, "dedup_key": "n2"}]
+        )
+        == 1
+    )
     session.commit()
     assert stored(session, "n1") == stored(session, "n2")
     assert stored(session, "n1")[0][3] is None
@@ -157,39 +209,71 @@ def test_none_in_a_json_column_is_json_null_on_every_path(session, fast_path, us
 
 def store_events(session, predictions, corrections) -> tuple[int, int]:
     """Both kinds stored as they arrive, every correction pending (nothing joined)."""
-    return (insert_ignoring_duplicates(session, Prediction, map(prediction_row, predictions)),
-            insert_ignoring_duplicates(session, Correction, [
-                correction_row(c, False, T0) for c in corrections]))
+    return (
+        insert_ignoring_duplicates(session, Prediction, map(prediction_row, predictions)),
+        insert_ignoring_duplicates(
+            session, Correction, [correction_row(c, False, T0) for c in corrections]
+        ),
+    )
 
 
 def test_claim_on_postgresql_joins_each_pending_correction_once(session):
-    predictions = [PredictionEvent(id=f"p{i}", model_name="m", model_version="3",
-                                   features=[float(i), 0.5], label="b",
-                                   probabilities={"a": 0.25, "b": 0.75}, timestamp=T0,
-                                   latency_ms=1.0) for i in range(4)]
-    corrections = [CorrectionEvent(id=f"c{i}", prediction_id=f"p{i % 5}", label="a",
-                                   source=None if i == 1 else "app",
-                                   timestamp=T0 + timedelta(minutes=i)) for i in range(6)]
+    predictions = [
+        PredictionEvent(
+            id=f"p{i}",
+            model_name="m",
+            model_version="3",
+            features=[float(i), 0.5],
+            label="b",
+            probabilities={"a": 0.25, "b": 0.75},
+            timestamp=T0,
+            latency_ms=1.0,
+        )
+        for i in range(4)
+    ]
+    corrections = [
+        CorrectionEvent(
+            id=f"c{i}",
+            prediction_id=f"p{i % 5}",
+            label="a",
+            source=None if i == 1 else "app",
+            timestamp=T0 + timedelta(minutes=i),
+        )
+        for i in range(6)
+    ]
     assert store_events(session, predictions[:3], corrections) == (3, 6)  # all pending
     now = T0 + timedelta(days=1)
     pairs = claim_joins(session, [f"p{i}" for i in range(5)], now)
     # c4 waits for p4 (never stored); c3 for p3 (stored next)
     assert [p.correction_id for p in pairs] == ["c0", "c1", "c2", "c5"]
     first = pairs[0]
-    assert (first.prediction_id, first.true_label, first.source, first.model_name,
-            first.model_version, first.features, first.probabilities, first.predicted) == (
-        "p0", "a", "app", "m", "3", [0.0, 0.5], {"a": 0.25, "b": 0.75}, "b")
+    assert (
+        first.prediction_id,
+        first.true_label,
+        first.source,
+        first.model_name,
+        first.model_version,
+        first.features,
+        first.probabilities,
+        first.predicted,
+    ) == ("p0", "a", "app", "m", "3", [0.0, 0.5], {"a": 0.25, "b": 0.75}, "b")
     assert pairs[1].source is None
     assert first.corrected_at == T0 and first.corrected_at.tzinfo is UTC
     assert claim_joins(session, ["p0", "p1", "p2"], now) == []  # never twice
     store_events(session, predictions[3:], [])
     assert [p.correction_id for p in claim_joins(session, ["p3"], now)] == ["c3"]
     session.commit()
-    rows = session.execute(select(Correction.id, Correction.status, Correction.joined_at)
-                           .order_by(Correction.id)).all()
+    rows = session.execute(
+        select(Correction.id, Correction.status, Correction.joined_at).order_by(Correction.id)
+    ).all()
     assert [(r.id, r.status) for r in rows] == [
-        ("c0", "joined"), ("c1", "joined"), ("c2", "joined"), ("c3", "joined"),
-        ("c4", "pending"), ("c5", "joined")]
+        ("c0", "joined"),
+        ("c1", "joined"),
+        ("c2", "joined"),
+        ("c3", "joined"),
+        ("c4", "pending"),
+        ("c5", "joined"),
+    ]
     assert all(r.joined_at == now for r in rows if r.status == "joined")
     assert session.scalar(select(Prediction.features).where(Prediction.id == "p1")) == [1.0, 0.5]
 

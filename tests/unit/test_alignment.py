@@ -51,8 +51,14 @@ def aligner(**kw) -> Aligner:
 def test_corrections_newer_than_the_lagging_predictions_wait():
     a = aligner()
     lagging = {0: True, 1: True}
-    batch = [Msg(P, 0, 0, 100), Msg(P, 1, 0, 150), Msg(C, 0, 0, 90), Msg(C, 0, 1, 120),
-             Msg(C, 0, 2, 95), Msg(C, 1, 0, 200)]
+    batch = [
+        Msg(P, 0, 0, 100),
+        Msg(P, 1, 0, 150),
+        Msg(C, 0, 0, 90),
+        Msg(C, 0, 1, 120),
+        Msg(C, 0, 2, 95),
+        Msg(C, 1, 0, 200),
+    ]
     out, offsets = a.admit(batch, lagging.get, [0, 1], now=0.0, limit=100)
     # frontier = min(100, 150): c0@0 (90) goes; c0@1 (120) waits, and c0@2 behind it
     assert [repr(m) for m in out] == ["p0@0", "p1@0", "c0@0"]
@@ -79,8 +85,13 @@ def test_caught_up_predictions_hold_nothing_and_unknown_ones_hold_everything():
 
 def test_a_held_correction_goes_after_max_hold_s_and_records_without_time_at_once():
     a = aligner(max_hold_s=5.0)
-    out, _ = a.admit([Msg(P, 0, 0, 10), Msg(C, 0, 0, 50), Msg(C, 1, 0, None)],
-                     lambda p: True, [0], now=100.0, limit=10)
+    out, _ = a.admit(
+        [Msg(P, 0, 0, 10), Msg(C, 0, 0, 50), Msg(C, 1, 0, None)],
+        lambda p: True,
+        [0],
+        now=100.0,
+        limit=10,
+    )
     assert [repr(m) for m in out] == ["p0@0", "c1@0"]
     out, _ = a.admit([], lambda p: True, [0], now=104.9, limit=10)
     assert out == []
@@ -100,8 +111,13 @@ def test_releases_at_most_limit_and_reports_full():
 
 def test_revoked_partitions_forget_what_they_held():
     a = aligner()
-    a.admit([Msg(P, 0, 0, 10), Msg(C, 0, 0, 50), Msg(C, 1, 0, 60)], lambda p: True, [0],
-            now=0.0, limit=10)
+    a.admit(
+        [Msg(P, 0, 0, 10), Msg(C, 0, 0, 50), Msg(C, 1, 0, 60)],
+        lambda p: True,
+        [0],
+        now=0.0,
+        limit=10,
+    )
     a.forget([(C, 0), (P, 0)])
     assert a.held == 1
     # predictions partition 0 forgotten: its time is unknown again, so c1 still waits
@@ -147,8 +163,7 @@ class FakeClient:
         return 0, self.high.get(tp.partition, 0)
 
     def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
-        self.commits.append(({(tp.topic, tp.partition): tp.offset for tp in offsets},
-                             asynchronous))
+        self.commits.append(({(tp.topic, tp.partition): tp.offset for tp in offsets}, asynchronous))
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         pass
@@ -159,9 +174,16 @@ class FakeClient:
 
 def consumer(tmp_path: Path, align: bool) -> tuple[KafkaBatchConsumer, FakeClient]:
     client = FakeClient()
-    c = KafkaBatchConsumer(FeedbackSettings(), KafkaSettings(), [P, C], client_id="t",
-                           on_revoked=lambda parts: None, on_assigned=lambda parts: None,
-                           align=(P, C) if align else None, client=client)
+    c = KafkaBatchConsumer(
+        FeedbackSettings(),
+        KafkaSettings(),
+        [P, C],
+        client_id="t",
+        on_revoked=lambda parts: None,
+        on_assigned=lambda parts: None,
+        align=(P, C) if align else None,
+        client=client,
+    )
     client.callbacks["on_assign"](client, [TopicPartition(P, 0), TopicPartition(C, 0)])
     return c, client
 
@@ -216,9 +238,16 @@ def test_what_the_wait_brings_is_admitted_with_what_came_before_it(tmp_path):
 
 
 def prediction(i: int) -> PredictionEvent:
-    return PredictionEvent(id=f"p{i}", model_name="m", model_version="1", features=[float(i)],
-                           probabilities={"a": 1.0}, label="a", timestamp=utcnow(),
-                           latency_ms=0.1)
+    return PredictionEvent(
+        id=f"p{i}",
+        model_name="m",
+        model_version="1",
+        features=[float(i)],
+        probabilities={"a": 1.0},
+        label="a",
+        timestamp=utcnow(),
+        latency_ms=0.1,
+    )
 
 
 def test_prediction_cache_keeps_the_newest_capacity_entries():

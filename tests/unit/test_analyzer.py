@@ -135,9 +135,16 @@ def test_bad_queries_and_documents_are_refused(ref):
 def test_correct_prediction():
     ref = ReferenceStats.from_examples(np.random.default_rng(0).normal(size=(400, DIM)))
     v = analyze(ORIGIN, CONFIDENT_A, "a", "a", ref, around(ref, ORIGIN, ["b"] * 7))
-    assert v == Verdict(correct=True, error_type=None, trainable=True, confidence=0.9,
-                        margin=pytest.approx(0.84), distance=v.distance,
-                        neighbour_agreement=0.0, reason=v.reason)
+    assert v == Verdict(
+        correct=True,
+        error_type=None,
+        trainable=True,
+        confidence=0.9,
+        margin=pytest.approx(0.84),
+        distance=v.distance,
+        neighbour_agreement=0.0,
+        reason=v.reason,
+    )
     assert v.reason.startswith("correct")
 
 
@@ -246,21 +253,33 @@ def test_seed_model_end_to_end(seed):
     train_labels = [labels[i] for i in y_tr]
     for x, p, y in zip(x_ho, p_ho, y_ho, strict=True):
         predicted = labels[int(p.argmax())]
-        v = analyze(x, dict(zip(labels, p.tolist(), strict=True)), predicted, labels[y], ref,
-                    (x_tr, train_labels))
+        v = analyze(
+            x,
+            dict(zip(labels, p.tolist(), strict=True)),
+            predicted,
+            labels[y],
+            ref,
+            (x_tr, train_labels),
+        )
         assert v.correct == (predicted == labels[y])
         assert (v.error_type is None) == v.correct
         assert v.error_type in (None, *ERROR_TYPES)
     # A confidently, correctly predicted training point "corrected" to another label, with
     # the rest of the training set as neighbours: the neighbourhood contradicts the label.
-    confident = [i for i in range(len(x_tr))
-                 if p_tr[i].max() > 0.95 and p_tr[i].argmax() == y_tr[i]]
+    confident = [
+        i for i in range(len(x_tr)) if p_tr[i].max() > 0.95 and p_tr[i].argmax() == y_tr[i]
+    ]
     suspects = 0
     for i in confident[:50]:
         others = np.arange(len(x_tr)) != i
-        v = analyze(x_tr[i], dict(zip(labels, p_tr[i].tolist(), strict=True)),
-                    labels[y_tr[i]], labels[(y_tr[i] + 1) % 3], ref,
-                    (x_tr[others], [train_labels[j] for j in np.flatnonzero(others)]))
+        v = analyze(
+            x_tr[i],
+            dict(zip(labels, p_tr[i].tolist(), strict=True)),
+            labels[y_tr[i]],
+            labels[(y_tr[i] + 1) % 3],
+            ref,
+            (x_tr[others], [train_labels[j] for j in np.flatnonzero(others)]),
+        )
         suspects += v.error_type == "suspect"
         assert v.error_type in ("suspect", "confident")
     assert suspects >= 25
@@ -288,8 +307,14 @@ def test_seed_model_end_to_end(seed):
     ],
 )
 def test_analyze_refuses_bad_input(ref, kwargs, match):
-    args = {"features": ORIGIN, "probabilities": CONFIDENT_A, "predicted": "a",
-            "true_label": "b", "reference": ref, "neighbours": None} | kwargs
+    args = {
+        "features": ORIGIN,
+        "probabilities": CONFIDENT_A,
+        "predicted": "a",
+        "true_label": "b",
+        "reference": ref,
+        "neighbours": None,
+    } | kwargs
     with pytest.raises(ValueError, match=match):
         analyze(**args)
 
@@ -301,8 +326,14 @@ def test_empty_neighbours_are_no_evidence(ref):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"confident_threshold": 1.5}, {"boundary_margin": -0.1}, {"neighbours": 0},
-     {"neighbours": 2.5}, {"suspect_agreement": 2}, {"suspect_max_distance": 0}],
+    [
+        {"confident_threshold": 1.5},
+        {"boundary_margin": -0.1},
+        {"neighbours": 0},
+        {"neighbours": 2.5},
+        {"suspect_agreement": 2},
+        {"suspect_max_distance": 0},
+    ],
 )
 def test_config_is_validated(kwargs):
     with pytest.raises(ValueError):
@@ -319,24 +350,36 @@ def test_holdout_fraction_is_respected():
     assert abs(splits.count("holdout") / len(ids) - 0.2) < 0.02
     assert [assign_split(i, 0.2) for i in ids] == splits  # stable on retry
     # Raising the fraction only moves train ids into holdout, never back.
-    assert all(assign_split(i, 0.3) == "holdout" for i, s in zip(ids, splits, strict=True)
-               if s == "holdout")
+    assert all(
+        assign_split(i, 0.3) == "holdout"
+        for i, s in zip(ids, splits, strict=True)
+        if s == "holdout"
+    )
     assert {assign_split(i, 0.0) for i in ids[:500]} == {"train"}
     assert {assign_split(i, 1.0) for i in ids[:500]} == {"holdout"}
 
 
 def test_split_is_stable_across_processes():
     ids = [f"p{i}" for i in range(200)]
-    code = ("import json, sys; from flywheel.feedback.analyzer import assign_split; "
-            "print(json.dumps([assign_split(i, 0.25) for i in json.loads(sys.argv[1])]))")
+    code = (
+        "import json, sys; from flywheel.feedback.analyzer import assign_split; "
+        "print(json.dumps([assign_split(i, 0.25) for i in json.loads(sys.argv[1])]))"
+    )
     env = os.environ | {"PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(ids)], env=env,
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(ids)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent,
+    )
     assert json.loads(out.stdout) == [assign_split(i, 0.25) for i in ids]
 
 
-@pytest.mark.parametrize(("pid", "fraction"), [("", 0.2), ("p1", -0.1), ("p1", 1.1),
-                                               ("p1", float("nan"))])
+@pytest.mark.parametrize(
+    ("pid", "fraction"), [("", 0.2), ("p1", -0.1), ("p1", 1.1), ("p1", float("nan"))]
+)
 def test_split_refuses_bad_arguments(pid, fraction):
     with pytest.raises(ValueError):
         assign_split(pid, fraction)

@@ -16,7 +16,6 @@ from flywheel.settings import Settings
 SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["cat", "dog"])
 
 
-
 @pytest.fixture()
 def client(tmp_path, list_event_log):
     torch.manual_seed(0)
@@ -57,14 +56,22 @@ def test_predict_returns_ids_that_are_all_logged(client):
 
 
 def test_corrections_are_logged_keyed_by_prediction(client):
-    r = client.post("/v1/corrections", json={"corrections": [
-        {"prediction_id": "p1", "label": "dog"}, {"prediction_id": "p2", "label": "cat",
-                                                  "source": "site-a"}]})
+    r = client.post(
+        "/v1/corrections",
+        json={
+            "corrections": [
+                {"prediction_id": "p1", "label": "dog"},
+                {"prediction_id": "p2", "label": "cat", "source": "site-a"},
+            ]
+        },
+    )
     assert r.status_code == 202 and r.json() == {"accepted": 2}
     sent = flush(client)
     events = [CorrectionEvent.model_validate_json(r.value) for r in sent]
     assert [(e.prediction_id, e.label, e.source) for e in events] == [
-        ("p1", "dog", None), ("p2", "cat", "site-a")]
+        ("p1", "dog", None),
+        ("p2", "cat", "site-a"),
+    ]
     assert [r.key for r in sent] == [b"p1", b"p2"]
     assert all(r.topic == "flywheel.corrections" for r in sent)
 
@@ -101,25 +108,32 @@ def test_non_finite_numbers_are_refused(client, literal):
     assert "instances[0][1]: Input should be a finite number" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("raw,status,fragment", [
-    ('{"instances": [[1, 2', 400, "malformed JSON"),
-    ("not json", 400, "malformed JSON"),
-    ('{"instances": [[1,2,3]],}', 400, "malformed JSON"),
-    ("", 422, "body: field required"),
-    (b'{"instances": [[1, 2, 3]], "x": "\xff\xfe"}', 400, "the body is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "raw,status,fragment",
+    [
+        ('{"instances": [[1, 2', 400, "malformed JSON"),
+        ("not json", 400, "malformed JSON"),
+        ('{"instances": [[1,2,3]],}', 400, "malformed JSON"),
+        ("", 422, "body: field required"),
+        (b'{"instances": [[1, 2, 3]], "x": "\xff\xfe"}', 400, "the body is not UTF-8 text"),
+    ],
+)
 def test_malformed_json_is_refused_with_a_reason(client, raw, status, fragment):
     r = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert fragment in r.json()["detail"]
 
 
-@pytest.mark.parametrize("raw,fragment", [
-    ('{"instances": ' + "[" * 5000 + "]" * 5000 + "}", "malformed JSON: nested too deeply"),
-    ('{"instances": [[%s, 2, 3]]}' % ("1" * 5000), "malformed JSON: Exceeds the limit"),
-])
-def test_json_beyond_the_parser_limits_is_a_400_that_says_why(tmp_path, list_event_log, raw,
-                                                              fragment):
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        ('{"instances": ' + "[" * 5000 + "]" * 5000 + "}", "malformed JSON: nested too deeply"),
+        ('{"instances": [[%s, 2, 3]]}' % ("1" * 5000), "malformed JSON: Exceeds the limit"),
+    ],
+)
+def test_json_beyond_the_parser_limits_is_a_400_that_says_why(
+    tmp_path, list_event_log, raw, fragment
+):
     settings = Settings(home=tmp_path, max_body_bytes=1 << 20)
     holder = ModelHolder()
     holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
@@ -130,8 +144,7 @@ def test_json_beyond_the_parser_limits_is_a_400_that_says_why(tmp_path, list_eve
 
 
 @pytest.mark.parametrize("batching", [True, False])
-def test_features_too_large_for_the_models_scaling_are_refused(tmp_path, list_event_log,
-                                                                batching):
+def test_features_too_large_for_the_models_scaling_are_refused(tmp_path, list_event_log, batching):
     """Finite in float32, yet infinite once standardized: a 422, never a 200 whose
     probabilities are null (its logged event would be dead-lettered, its corrections lost)."""
     torch.manual_seed(0)
@@ -152,21 +165,26 @@ def test_features_too_large_for_the_models_scaling_are_refused(tmp_path, list_ev
 
 
 def test_malformed_json_message(client):
-    r = client.post("/v1/predict", content='{"instances": [[1, 2',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/predict", content='{"instances": [[1, 2', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["detail"].startswith("malformed JSON")
 
 
 def test_content_type(client):
     body = json.dumps({"instances": [[1, 2, 3]]})
-    r = client.post("/v1/predict", content=body,
-                    headers={"content-type": "application/x-www-form-urlencoded"})
+    r = client.post(
+        "/v1/predict", content=body, headers={"content-type": "application/x-www-form-urlencoded"}
+    )
     assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"]
     for almost in ("text/json", "application/jsonl"):  # FastAPI would not parse these
         r = client.post("/v1/predict", content=body, headers={"content-type": almost})
         assert r.status_code == 415, (almost, r.text)
-    r = client.post("/v1/predict", content=body,
-                    headers={"content-type": "application/vnd.api+json; charset=utf-8"})
+    r = client.post(
+        "/v1/predict",
+        content=body,
+        headers={"content-type": "application/vnd.api+json; charset=utf-8"},
+    )
     assert r.status_code == 200, r.text
     r = client.post("/v1/predict", content=body.encode(), headers={"content-type": ""})
     assert r.status_code == 200  # no Content-Type at all: read as JSON
@@ -179,7 +197,7 @@ def test_oversized_body_is_a_413_by_header_and_by_stream(client):
 
     def chunks():
         for i in range(0, len(big), 512):
-            yield big[i:i + 512]
+            yield big[i : i + 512]
 
     r = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "exceeds the limit of 2048 bytes" in r.json()["detail"]
@@ -187,16 +205,33 @@ def test_oversized_body_is_a_413_by_header_and_by_stream(client):
 
 
 BAD_CORRECTIONS = [
-    ({"corrections": [{"prediction_id": "p", "label": "cow"}]}, 422,
-     "corrections[0].label: unknown label 'cow'; known labels: ['cat', 'dog']"),
-    ({"corrections": [{"prediction_id": "p", "label": "cat"},
-                      {"prediction_id": "q", "label": "bird"}]}, 422, "corrections[1].label"),
+    (
+        {"corrections": [{"prediction_id": "p", "label": "cow"}]},
+        422,
+        "corrections[0].label: unknown label 'cow'; known labels: ['cat', 'dog']",
+    ),
+    (
+        {
+            "corrections": [
+                {"prediction_id": "p", "label": "cat"},
+                {"prediction_id": "q", "label": "bird"},
+            ]
+        },
+        422,
+        "corrections[1].label",
+    ),
     ({"corrections": []}, 422, "at least 1 item"),
-    ({"corrections": [{"prediction_id": "bad id!", "label": "cat"}]}, 422,
-     "corrections[0].prediction_id"),
+    (
+        {"corrections": [{"prediction_id": "bad id!", "label": "cat"}]},
+        422,
+        "corrections[0].prediction_id",
+    ),
     ({"corrections": [{"label": "cat"}]}, 422, "corrections[0].prediction_id: field required"),
-    ({"corrections": [{"prediction_id": "p", "label": "cat"}] * 4}, 413,
-     "4 corrections exceed the limit of 3"),
+    (
+        {"corrections": [{"prediction_id": "p", "label": "cat"}] * 4},
+        413,
+        "4 corrections exceed the limit of 3",
+    ),
 ]
 
 
@@ -221,8 +256,12 @@ def test_model_health_ready_metrics_openapi(client):
     assert 'flywheel_http_requests_total{route="/v1/predict",status="200"} 1.0' in text
     assert 'flywheel_http_requests_total{route="/v1/predict",status="422"} 1.0' in text
     assert 'flywheel_predictions_total{model_version="7"} 1.0' in text
-    for name in ("flywheel_http_request_duration_seconds_bucket", "flywheel_log_queue_depth",
-                 "flywheel_log_spooled_records", 'flywheel_model_info{name="m",version="7"}'):
+    for name in (
+        "flywheel_http_request_duration_seconds_bucket",
+        "flywheel_log_queue_depth",
+        "flywheel_log_spooled_records",
+        'flywheel_model_info{name="m",version="7"}',
+    ):
         assert name in text
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/corrections", "/v1/model"} <= set(paths)
@@ -246,8 +285,11 @@ def test_concurrent_requests_each_get_their_own_ids(client):
 
 
 def test_not_ready_without_a_model(tmp_path, list_event_log):
-    app = create_app(ServiceConfig.of(Settings(home=tmp_path)), holder=ModelHolder(),
-                     event_log=list_event_log(),
-                     load_model=lambda s: (_ for _ in ()).throw(RuntimeError("registry down")))
+    app = create_app(
+        ServiceConfig.of(Settings(home=tmp_path)),
+        holder=ModelHolder(),
+        event_log=list_event_log(),
+        load_model=lambda s: (_ for _ in ()).throw(RuntimeError("registry down")),
+    )
     with pytest.raises(RuntimeError, match="registry down"), TestClient(app):
         pass

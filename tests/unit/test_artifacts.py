@@ -44,6 +44,7 @@ def test_pickled_code_never_runs(tmp_path):
         pickle.dump({"x": Payload()}, f)
     doc = json.loads((tmp_path / "spec.json").read_text())
     import hashlib
+
     doc["weights_sha256"] = hashlib.sha256((tmp_path / "weights.pt").read_bytes()).hexdigest()
     (tmp_path / "spec.json").write_text(json.dumps(doc))
     with pytest.raises(ArtifactError):

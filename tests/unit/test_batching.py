@@ -186,8 +186,9 @@ def test_each_request_is_computed_by_the_snapshot_it_took():
     x = np.ones((1, 3), np.float32)
 
     async def scenario():
-        return await asyncio.gather(batcher.predict(v1, x), batcher.predict(v2, x),
-                                    batcher.predict(v1, x))
+        return await asyncio.gather(
+            batcher.predict(v1, x), batcher.predict(v2, x), batcher.predict(v1, x)
+        )
 
     out = asyncio.run(scenario())
     np.testing.assert_allclose(out[0][0], v1.predict_proba(x), rtol=1e-6)
@@ -197,6 +198,7 @@ def test_each_request_is_computed_by_the_snapshot_it_took():
 
 
 # -- through the app -------------------------------------------------------------------
+
 
 async def _concurrent_clients(app, bodies):
     async with app.router.lifespan_context(app):
@@ -215,8 +217,7 @@ def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic
     settings = Settings(home=tmp_path, dynamic_batching=dynamic, batch_max_size=16)
     app = create_app(ServiceConfig.of(settings), holder=holder, event_log=log)
     rng = np.random.default_rng(3)
-    bodies = [{"instances": rng.normal(size=(1 + i % 3, 3)).round(3).tolist()}
-              for i in range(40)]
+    bodies = [{"instances": rng.normal(size=(1 + i % 3, 3)).round(3).tolist()} for i in range(40)]
     bodies[5] = {"instances": [[1.0, 2.0]]}  # wrong width: refused, alone
     responses = asyncio.run(_concurrent_clients(app, bodies))
     assert responses[5].status_code == 422 and "expects 3" in responses[5].json()["detail"]
@@ -227,8 +228,9 @@ def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic
         assert r.status_code == 200, r.text
         doc = r.json()
         assert doc["model"] == {"name": "m", "version": "7"}
-        probs = np.asarray([[p["probabilities"][k] for k in SPEC.labels]
-                            for p in doc["predictions"]])
+        probs = np.asarray(
+            [[p["probabilities"][k] for k in SPEC.labels] for p in doc["predictions"]]
+        )
         expected = model.predict_proba(np.asarray(body["instances"], np.float32))
         np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
         ids += [p["id"] for p in doc["predictions"]]
@@ -256,8 +258,9 @@ def test_batch_metrics_are_exported(tmp_path, list_event_log):
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                await asyncio.gather(*(c.post("/v1/predict", json={"instances": [[1, 2, 3]]})
-                                       for _ in range(5)))
+                await asyncio.gather(
+                    *(c.post("/v1/predict", json={"instances": [[1, 2, 3]]}) for _ in range(5))
+                )
                 return (await c.get("/metrics")).text
 
     text = asyncio.run(scenario())

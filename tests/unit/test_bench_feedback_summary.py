@@ -18,14 +18,22 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return bench.feedback
 
 
-def _round(raw_s: float, worker_s: float, process_cpu_s: float, pg_cpu_s: float | None,
-           n: int = 1000) -> dict:
+def _round(
+    raw_s: float, worker_s: float, process_cpu_s: float, pg_cpu_s: float | None, n: int = 1000
+) -> dict:
     return {
-        "raw": {"elapsed_s": raw_s, "elapsed_s_each": [raw_s, raw_s * 0.8, raw_s * 1.2],
-                "json_elapsed_s_each": [raw_s * 2] * 3},
+        "raw": {
+            "elapsed_s": raw_s,
+            "elapsed_s_each": [raw_s, raw_s * 0.8, raw_s * 1.2],
+            "json_elapsed_s_each": [raw_s * 2] * 3,
+        },
         "floor": {"corrections_per_s": n / raw_s},
-        "worker": {"elapsed_s": worker_s, "corrections_per_s": n / worker_s,
-                   "process_cpu_s": process_cpu_s, "postgresql_cpu_s": pg_cpu_s},
+        "worker": {
+            "elapsed_s": worker_s,
+            "corrections_per_s": n / worker_s,
+            "process_cpu_s": process_cpu_s,
+            "postgresql_cpu_s": pg_cpu_s,
+        },
         "ratio": raw_s / worker_s,
         "verify": {"ok": True},
     }
@@ -33,10 +41,12 @@ def _round(raw_s: float, worker_s: float, process_cpu_s: float, pg_cpu_s: float 
 
 def test_cpu_ceiling_spreads_worker_and_database_cpu_over_the_cores(bench: ModuleType):
     # 3 s of worker CPU + 1 s of PostgreSQL on 2 cores: at least 2 s of wall time
-    assert bench.cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 2) \
-        == pytest.approx(0.5)
-    assert bench.cpu_ceiling(1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 4) \
-        == pytest.approx(1.0)
+    assert bench.cpu_ceiling(
+        1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 2
+    ) == pytest.approx(0.5)
+    assert bench.cpu_ceiling(
+        1.0, {"process_cpu_s": 3.0, "postgresql_cpu_s": 1.0}, 4
+    ) == pytest.approx(1.0)
 
 
 def test_cpu_ceiling_is_unknown_without_the_database_cpu(bench: ModuleType):
@@ -45,8 +55,7 @@ def test_cpu_ceiling_is_unknown_without_the_database_cpu(bench: ModuleType):
 
 
 def test_summary_takes_medians_and_judges_the_targets(bench: ModuleType):
-    rounds = [_round(1.0, 2.0, 3.0, 1.0), _round(1.2, 2.0, 3.0, 1.8),
-              _round(0.9, 3.0, 4.0, 2.0)]
+    rounds = [_round(1.0, 2.0, 3.0, 1.0), _round(1.2, 2.0, 3.0, 1.8), _round(0.9, 3.0, 4.0, 2.0)]
     s = bench.summarize(1000, rounds, cores=2)
     assert s["ratio"] == pytest.approx(0.5)  # 0.5, 0.6, 0.3
     assert s["joined_per_s"] == pytest.approx(500.0)

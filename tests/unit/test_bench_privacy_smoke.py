@@ -16,8 +16,21 @@ def test_bench_privacy_json_reports_both_arms_and_the_gap(monkeypatch: pytest.Mo
     monkeypatch.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
     from bench.__main__ import app
 
-    result = CliRunner().invoke(app, ["privacy", "--scenarios", "demo", "--samples", "500",
-                                      "--batch", "250", "--seeds", "1", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "privacy",
+            "--scenarios",
+            "demo",
+            "--samples",
+            "500",
+            "--batch",
+            "250",
+            "--seeds",
+            "1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
     doc = json.loads(result.stdout)
     (sc,) = doc["scenarios"]
@@ -25,7 +38,9 @@ def test_bench_privacy_json_reports_both_arms_and_the_gap(monkeypatch: pytest.Mo
     for arm in ("dp", "non_private"):
         assert 0 < sc[arm]["accuracy"] <= 1 and str(sc[arm]["lr"]) in sc[arm]["by_lr"]
     assert sc["gap_points"] == pytest.approx(
-        100 * (sc["non_private"]["accuracy"] - sc["dp"]["accuracy"]))
+        100 * (sc["non_private"]["accuracy"] - sc["dp"]["accuracy"])
+    )
     assert doc["noise_multiplier"] > 1  # calibrated for ε=3 over one update of 8 steps
-    assert {"non-private", "ours (fused)", "ours (opacus)", "opacus ghost"} <= \
-        doc["throughput_samples_per_s"].keys()
+    assert {"non-private", "ours (fused)", "ours (opacus)", "opacus ghost"} <= doc[
+        "throughput_samples_per_s"
+    ].keys()

@@ -36,8 +36,7 @@ LABELS = ["a", "b", "c"]
 
 def cascade(threshold: float, seed: int = 0) -> tuple[CascadeSpec, Cascade]:
     torch.manual_seed(seed)
-    spec = CascadeSpec(input_dim=4, labels=LABELS, light=[4], heavy=[16, 16],
-                       threshold=threshold)
+    spec = CascadeSpec(input_dim=4, labels=LABELS, light=[4], heavy=[16, 16], threshold=threshold)
     return spec, Cascade(spec).eval()
 
 
@@ -51,8 +50,7 @@ def test_calibration_picks_the_smallest_threshold_that_keeps_the_target():
     assert cal.light_share == pytest.approx(0.8) and cal.cascade_accuracy == 1.0
     assert (cal.light_accuracy, cal.heavy_accuracy) == (0.8, 1.0)
     # 90 % of the heavy network's accuracy allows one light mistake
-    assert calibrate_threshold(conf, light_ok, heavy_ok, 0.9, z=0.0).threshold == \
-        pytest.approx(0.3)
+    assert calibrate_threshold(conf, light_ok, heavy_ok, 0.9, z=0.0).threshold == pytest.approx(0.3)
     # a light network as good as the heavy one answers everything
     assert calibrate_threshold(conf, heavy_ok, heavy_ok, 1.0, z=0.0).light_share == 1.0
 
@@ -70,8 +68,9 @@ def test_a_lucky_dip_cannot_pick_a_threshold_and_ties_move_together():
 
 def test_calibration_escalates_everything_when_the_target_is_out_of_reach():
     conf = np.array([0.5, 0.9])
-    cal = calibrate_threshold(conf, np.array([False, False]), np.array([True, False]),
-                              target=1.2, z=0.0)
+    cal = calibrate_threshold(
+        conf, np.array([False, False]), np.array([True, False]), target=1.2, z=0.0
+    )
     assert (cal.threshold, cal.light_share, cal.met) == (ALWAYS_HEAVY, 0.0, False)
 
 
@@ -181,15 +180,25 @@ def test_build_cascade_trains_and_calibrates():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(1500, 4)).astype(np.float32)
     y = (x[:, 0] + 0.5 * x[:, 1] ** 2 > 0.5).astype(np.int64) + (x[:, 2] > 1).astype(np.int64)
-    spec, module, cal = build_cascade(x[:1000], y[:1000], x[1000:], y[1000:], labels=LABELS,
-                                      light=[4], heavy=[32, 32], epochs=15, target=0.99)
+    spec, module, cal = build_cascade(
+        x[:1000],
+        y[:1000],
+        x[1000:],
+        y[1000:],
+        labels=LABELS,
+        light=[4],
+        heavy=[32, 32],
+        epochs=15,
+        target=0.99,
+    )
     assert spec.threshold == cal.threshold == module.threshold
     assert spec.calibration["target"] == 0.99 and spec.calibration["n"] == 500
     assert cal.met and cal.cascade_accuracy >= 0.99 * cal.heavy_accuracy
     with torch.inference_mode():
         logits, escalated = module.route(torch.from_numpy(x[1000:]))
-    assert float((logits.argmax(1).numpy() == y[1000:]).mean()) == \
-        pytest.approx(cal.cascade_accuracy)
+    assert float((logits.argmax(1).numpy() == y[1000:]).mean()) == pytest.approx(
+        cal.cascade_accuracy
+    )
     assert 1 - float(escalated.float().mean()) == pytest.approx(cal.light_share)
 
 
@@ -198,9 +207,17 @@ TS = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def payload(**extra) -> bytes:
-    return prediction_payload(id="p1", model_name="m", model_version="3",
-                              features=[1.0, 2.0], probabilities={"a": 0.25, "b": 0.75},
-                              label="b", timestamp=TS, latency_ms=1.0, **extra)
+    return prediction_payload(
+        id="p1",
+        model_name="m",
+        model_version="3",
+        features=[1.0, 2.0],
+        probabilities={"a": 0.25, "b": 0.75},
+        label="b",
+        timestamp=TS,
+        latency_ms=1.0,
+        **extra,
+    )
 
 
 def test_prediction_events_carry_the_path_and_old_records_stay_valid():
@@ -210,10 +227,16 @@ def test_prediction_events_carry_the_path_and_old_records_stay_valid():
     assert PredictionEvent.model_validate_json(old).path is None
 
 
-@pytest.mark.parametrize("doc_change", [
-    {"path": "heavy"}, {"path": "single"}, {"path": "medium"}, {"some_future_field": [1, 2]},
-    {},
-])
+@pytest.mark.parametrize(
+    "doc_change",
+    [
+        {"path": "heavy"},
+        {"path": "single"},
+        {"path": "medium"},
+        {"some_future_field": [1, 2]},
+        {},
+    ],
+)
 def test_the_feedback_worker_never_dead_letters_a_prediction_for_its_path(doc_change):
     doc = orjson.loads(payload())
     doc.update(doc_change)
@@ -223,6 +246,7 @@ def test_the_feedback_worker_never_dead_letters_a_prediction_for_its_path(doc_ch
 
 
 # -- serving -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_served_cascade_reports_the_path_per_prediction(tmp_path, precision, list_event_log):

@@ -80,8 +80,17 @@ def _flywheel_commands(compose: dict) -> dict[str, list[str]]:
 
 def test_compose_has_every_part_of_the_deployment(compose):
     services = compose["services"]
-    assert {"postgres", "kafka", "mlflow", "db-upgrade", "kafka-topics", "serve", "feedback",
-            "learn", "superlink"} <= set(services)
+    assert {
+        "postgres",
+        "kafka",
+        "mlflow",
+        "db-upgrade",
+        "kafka-topics",
+        "serve",
+        "feedback",
+        "learn",
+        "superlink",
+    } <= set(services)
     assert services["kafka"]["image"].startswith("apache/kafka:")
     kafka_env = services["kafka"]["environment"]
     assert "controller" in kafka_env["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
@@ -112,8 +121,9 @@ def test_mlflow_is_a_tracking_server_on_postgresql_with_an_artifacts_volume(comp
 
 
 def test_every_flywheel_command_is_a_real_subcommand(compose, cli):
-    problems = {name: _command_exists(cli, words)
-                for name, words in _flywheel_commands(compose).items()}
+    problems = {
+        name: _command_exists(cli, words) for name, words in _flywheel_commands(compose).items()
+    }
     wrong = {k: v for k, v in problems.items() if v is not None}
     assert not wrong, wrong
     assert "superlink" in problems  # the federated SuperLink is part of the deployment
@@ -130,17 +140,23 @@ def test_the_checker_catches_a_wrong_command(cli):
 
 def test_every_flywheel_variable_is_a_known_setting(compose):
     known = known_variables()
-    texts = {"flywheel.env": (DOCKER / "flywheel.env").read_text(),
-             "compose.yaml": (DOCKER / "compose.yaml").read_text(),
-             "Dockerfile": (DOCKER / "Dockerfile").read_text()}
+    texts = {
+        "flywheel.env": (DOCKER / "flywheel.env").read_text(),
+        "compose.yaml": (DOCKER / "compose.yaml").read_text(),
+        "Dockerfile": (DOCKER / "Dockerfile").read_text(),
+    }
     for where, text in texts.items():
         used = set(re.findall(r"\bFLYWHEEL_[A-Z0-9_]+", text))
         assert used, where
         assert not used - known, f"{where}: unknown settings {sorted(used - known)}"
     env = _env_file()
     Settings(**{k.removeprefix("FLYWHEEL_").lower(): v for k, v in env.items()})  # valid values
-    for key in ("FLYWHEEL_KAFKA_BOOTSTRAP", "FLYWHEEL_DATABASE_URL",
-                "FLYWHEEL_MLFLOW_TRACKING_URI", "FLYWHEEL_HOST"):
+    for key in (
+        "FLYWHEEL_KAFKA_BOOTSTRAP",
+        "FLYWHEEL_DATABASE_URL",
+        "FLYWHEEL_MLFLOW_TRACKING_URI",
+        "FLYWHEEL_HOST",
+    ):
         assert key in env, key
     assert env["FLYWHEEL_KAFKA_BOOTSTRAP"] == "kafka:9092"
     assert "@postgres:5432/" in env["FLYWHEEL_DATABASE_URL"]
@@ -184,8 +200,11 @@ def test_the_topics_created_are_the_ones_flywheel_uses(compose):
 
 
 def _pip_installs(lines: list[str]) -> list[str]:
-    return [re.sub(r"\s+", " ", ln.strip()) for ln in lines if "pip install" in ln
-            and "--upgrade pip" not in ln]
+    return [
+        re.sub(r"\s+", " ", ln.strip())
+        for ln in lines
+        if "pip install" in ln and "--upgrade pip" not in ln
+    ]
 
 
 def test_dockerfile_installs_like_the_makefile():
@@ -194,9 +213,12 @@ def test_dockerfile_installs_like_the_makefile():
     makefile = _pip_installs((ROOT / "Makefile").read_text().splitlines())
     dockerfile_text = (DOCKER / "Dockerfile").read_text()
     docker = _pip_installs(dockerfile_text.splitlines())
-    assert dockerfile_text.splitlines()[[i for i, ln in enumerate(dockerfile_text.splitlines())
-                                         if ln.startswith("FROM")][0]] == \
-        "FROM python:3.11-slim"
+    assert (
+        dockerfile_text.splitlines()[
+            [i for i, ln in enumerate(dockerfile_text.splitlines()) if ln.startswith("FROM")][0]
+        ]
+        == "FROM python:3.11-slim"
+    )
     for steps, where in ((makefile, "Makefile"), (docker, "Dockerfile")):
         assert len(steps) == 2, (where, steps)
         first, second = steps

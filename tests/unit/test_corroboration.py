@@ -22,8 +22,17 @@ X0 = [0.2, -0.1, 0.4]
 
 
 def add(session, key, features, label, split="train", error_type=None, parent=None):
-    session.add(Example(dedup_key=key, origin="correction", features=features, label=label,
-                        split=split, error_type=error_type, parent_prediction_id=parent or key))
+    session.add(
+        Example(
+            dedup_key=key,
+            origin="correction",
+            features=features,
+            label=label,
+            split=split,
+            error_type=error_type,
+            parent_prediction_id=parent or key,
+        )
+    )
 
 
 def held_split(session) -> str:

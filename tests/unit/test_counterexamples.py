@@ -29,8 +29,7 @@ def ref(seed) -> ReferenceStats:
 
 
 def standardized_distance(ref: ReferenceStats, a, b) -> float:
-    return float(np.linalg.norm((np.asarray(a, np.float64) - np.asarray(b, np.float64))
-                                / ref.std))
+    return float(np.linalg.norm((np.asarray(a, np.float64) - np.asarray(b, np.float64)) / ref.std))
 
 
 def loss(module: torch.nn.Module, x, target: int) -> float:
@@ -39,14 +38,29 @@ def loss(module: torch.nn.Module, x, target: int) -> float:
         return F.cross_entropy(logits, torch.tensor([target])).item()
 
 
-def make(seed, ref, index: int = 0, error_type: str = "confident", *, model=True, pool=True,
-         rng_seed: int = 0, config: CounterexampleConfig | None = None) -> list[Counterexample]:
+def make(
+    seed,
+    ref,
+    index: int = 0,
+    error_type: str = "confident",
+    *,
+    model=True,
+    pool=True,
+    rng_seed: int = 0,
+    config: CounterexampleConfig | None = None,
+) -> list[Counterexample]:
     spec, module, x_tr, y_tr, x_ho, y_ho = seed
     y = int(y_ho[index])
     return generate(
-        x_ho[index], spec.labels[y], error_type, labels=spec.labels, reference=ref,
+        x_ho[index],
+        spec.labels[y],
+        error_type,
+        labels=spec.labels,
+        reference=ref,
         true_class_examples=x_tr[y_tr == y] if pool else np.empty((0, ref.input_dim)),
-        model=module if model else None, seed=rng_seed, config=config,
+        model=module if model else None,
+        seed=rng_seed,
+        config=config,
     )
 
 
@@ -60,8 +74,9 @@ def test_count_label_and_radius_per_error_type(seed, ref, error_type):
             assert ce.label == spec.labels[y_ho[index]]
             assert ce.weight == 0.5
             assert 0 < ce.distance <= 1.0
-            assert ce.distance == pytest.approx(standardized_distance(ref, ce.features,
-                                                                      x_ho[index]))
+            assert ce.distance == pytest.approx(
+                standardized_distance(ref, ce.features, x_ho[index])
+            )
             assert len(ce.features) == ref.input_dim
             assert all(np.isfinite(ce.features))
             assert np.array_equal(np.float32(ce.features), ce.features)  # float32-exact
@@ -132,9 +147,16 @@ def test_interpolation_moves_toward_the_true_class_example(seed, ref):
     direction = np.array([1.0, -1.0, 0.5, 0, 0, 0, 0.5, -0.5])
     direction /= np.linalg.norm(direction)
     other = x + 0.8 * direction * ref.std
-    out = generate(x, spec.labels[y_ho[0]], "novel", labels=spec.labels, reference=ref,
-                   true_class_examples=other[None, :], model=None,
-                   seed=5)
+    out = generate(
+        x,
+        spec.labels[y_ho[0]],
+        "novel",
+        labels=spec.labels,
+        reference=ref,
+        true_class_examples=other[None, :],
+        model=None,
+        seed=5,
+    )
     moved = [ce for ce in out if ce.strategy == "interpolate"]
     assert len(moved) == 3
     for ce in moved:
@@ -142,19 +164,27 @@ def test_interpolation_moves_toward_the_true_class_example(seed, ref):
         alpha = np.dot(step, other - x) / np.dot(other - x, other - x)
         assert 0.1 - 1e-5 <= alpha <= 0.35 + 1e-5
         np.testing.assert_allclose(step, alpha * (other - x), atol=1e-6)
-        assert standardized_distance(ref, ce.features, other) < standardized_distance(
-            ref, x, other)
+        assert standardized_distance(ref, ce.features, other) < standardized_distance(ref, x, other)
 
 
 def test_far_targets_and_big_steps_are_pulled_back_onto_the_radius(seed, ref):
     spec, module, _, _, x_ho, y_ho = seed
     x = x_ho[1].astype(np.float64)
     far = x + 10 * ref.std
-    config = CounterexampleConfig(jitter_scale=5.0, fgsm_step=3.0, max_distance=0.5,
-                                  interpolation=(0.5, 0.9))
-    out = generate(x, spec.labels[y_ho[1]], "confident", labels=spec.labels, reference=ref,
-                   true_class_examples=far[None, :], model=module,
-                   seed=1, config=config)
+    config = CounterexampleConfig(
+        jitter_scale=5.0, fgsm_step=3.0, max_distance=0.5, interpolation=(0.5, 0.9)
+    )
+    out = generate(
+        x,
+        spec.labels[y_ho[1]],
+        "confident",
+        labels=spec.labels,
+        reference=ref,
+        true_class_examples=far[None, :],
+        model=module,
+        seed=1,
+        config=config,
+    )
     assert len(out) == 6
     for ce in out:
         assert ce.distance <= 0.5
@@ -189,18 +219,33 @@ def test_k_is_configurable(seed, ref):
 )
 def test_generate_refuses_bad_input(seed, ref, kwargs, match):
     spec, module, x_tr, _, x_ho, _ = seed
-    args = {"x": x_ho[0], "true_label": spec.labels[0], "error_type": "confident",
-            "labels": spec.labels, "reference": ref, "true_class_examples": x_tr[:5],
-            "model": module, "seed": 0} | kwargs
+    args = {
+        "x": x_ho[0],
+        "true_label": spec.labels[0],
+        "error_type": "confident",
+        "labels": spec.labels,
+        "reference": ref,
+        "true_class_examples": x_tr[:5],
+        "model": module,
+        "seed": 0,
+    } | kwargs
     with pytest.raises(ValueError, match=match):
         generate(**args)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"k": {"confident": 1}}, {"k": {**DEFAULT_K, "other": 1}}, {"k": {**DEFAULT_K, "novel": -1}},
-     {"interpolation": (0.5, 0.2)}, {"interpolation": (0.1, 1.5)}, {"weight": 0.0},
-     {"max_distance": float("inf")}, {"jitter_scale": -1.0}, {"fgsm_step": 0.0}],
+    [
+        {"k": {"confident": 1}},
+        {"k": {**DEFAULT_K, "other": 1}},
+        {"k": {**DEFAULT_K, "novel": -1}},
+        {"interpolation": (0.5, 0.2)},
+        {"interpolation": (0.1, 1.5)},
+        {"weight": 0.0},
+        {"max_distance": float("inf")},
+        {"jitter_scale": -1.0},
+        {"fgsm_step": 0.0},
+    ],
 )
 def test_config_is_validated(kwargs):
     with pytest.raises(ValueError):

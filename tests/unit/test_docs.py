@@ -42,10 +42,14 @@ def test_readme_layout_names_only_paths_that_exist():
 def test_readme_layout_names_every_package_folder():
     layout = _layout()
     folders = [p.parent for p in ROOT.glob("*/__init__.py")] + [
-        p.parent for p in (ROOT / "flywheel").glob("*/__init__.py")]
+        p.parent for p in (ROOT / "flywheel").glob("*/__init__.py")
+    ]
     folders += [ROOT / "docker", ROOT / "docs"]
-    unnamed = sorted(str(f.relative_to(ROOT)) + "/" for f in folders
-                     if f"`{f.relative_to(ROOT)}/`" not in layout and f.name != "tests")
+    unnamed = sorted(
+        str(f.relative_to(ROOT)) + "/"
+        for f in folders
+        if f"`{f.relative_to(ROOT)}/`" not in layout and f.name != "tests"
+    )
     assert not unnamed, f"README's Layout leaves out: {unnamed}"
 
 

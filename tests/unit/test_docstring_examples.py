@@ -13,8 +13,13 @@ import pytest
 
 from tests.unit.test_layers import sources
 
-MODULES = sorted(name for name in sources() if not name.endswith("__main__")
-                 and ".migrations.versions." not in name and name != "flywheel.migrations.env")
+MODULES = sorted(
+    name
+    for name in sources()
+    if not name.endswith("__main__")
+    and ".migrations.versions." not in name
+    and name != "flywheel.migrations.env"
+)
 
 
 def _examples(name: str) -> list[doctest.DocTest]:

@@ -24,8 +24,13 @@ class FakeSink:
 
 def make(tmp_path, up=True, **kw):
     state = {"up": up, "delivered": [], "lock": threading.Lock(), "closed": 0}
-    log = EventLog(lambda: FakeSink(state), Spool(tmp_path / "spool", fsync=False),
-                   send_timeout_s=0.2, retry_s=0.05, **kw)
+    log = EventLog(
+        lambda: FakeSink(state),
+        Spool(tmp_path / "spool", fsync=False),
+        send_timeout_s=0.2,
+        retry_s=0.05,
+        **kw,
+    )
     return log, state
 
 
@@ -78,8 +83,12 @@ def test_close_while_broker_down_keeps_everything_on_disk(tmp_path):
     assert log.spool.pending == 50
     # a new process with the same spool replays once the broker is back
     state2 = {"up": True, "delivered": [], "lock": threading.Lock(), "closed": 0}
-    log2 = EventLog(lambda: FakeSink(state2), Spool(tmp_path / "spool", fsync=False),
-                    send_timeout_s=0.2, retry_s=0.05)
+    log2 = EventLog(
+        lambda: FakeSink(state2),
+        Spool(tmp_path / "spool", fsync=False),
+        send_timeout_s=0.2,
+        retry_s=0.05,
+    )
     log2.start()
     assert log2.wait_idle(10)
     log2.close()
@@ -96,8 +105,9 @@ def test_sink_factory_failure_is_an_outage_not_a_crash(tmp_path):
             raise OSError("no brokers")
         return FakeSink(state)
 
-    log = EventLog(factory, Spool(tmp_path / "spool", fsync=False), send_timeout_s=0.2,
-                   retry_s=0.05)
+    log = EventLog(
+        factory, Spool(tmp_path / "spool", fsync=False), send_timeout_s=0.2, retry_s=0.05
+    )
     log.start()
     log.log("t", "a", b"{}")
     log.log("t", "b", b"{}")
@@ -113,8 +123,12 @@ class ExplodingCloseSink(FakeSink):
 
 def test_a_failing_close_does_not_lose_the_failed_batch(tmp_path):
     state = {"up": False, "delivered": [], "lock": threading.Lock(), "closed": 0}
-    log = EventLog(lambda: ExplodingCloseSink(state), Spool(tmp_path / "spool", fsync=False),
-                   send_timeout_s=0.2, retry_s=0.05)
+    log = EventLog(
+        lambda: ExplodingCloseSink(state),
+        Spool(tmp_path / "spool", fsync=False),
+        send_timeout_s=0.2,
+        retry_s=0.05,
+    )
     log.start()
     log.log_many([Record("t", f"{i}".encode(), b"{}") for i in range(7)])
     deadline = time.monotonic() + 5

@@ -10,9 +10,16 @@ from flywheel.events import CorrectionEvent, PredictionEvent, new_id, prediction
 
 def test_prediction_payload_is_a_valid_prediction_event():
     ts = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    raw = prediction_payload(id="abc", model_name="m", model_version="3", features=[1.0, 2.5],
-                             probabilities={"a": 0.25, "b": 0.75}, label="b", timestamp=ts,
-                             latency_ms=1.5)
+    raw = prediction_payload(
+        id="abc",
+        model_name="m",
+        model_version="3",
+        features=[1.0, 2.5],
+        probabilities={"a": 0.25, "b": 0.75},
+        label="b",
+        timestamp=ts,
+        latency_ms=1.5,
+    )
     event = PredictionEvent.model_validate_json(raw)
     assert (event.id, event.model_version, event.label, event.timestamp) == ("abc", "3", "b", ts)
     assert event.schema_version == 1
@@ -20,21 +27,35 @@ def test_prediction_payload_is_a_valid_prediction_event():
 
 
 def test_unknown_schema_version_is_refused():
-    doc = {"schema_version": 2, "id": "x", "prediction_id": "p", "label": "a",
-           "timestamp": "2026-01-01T00:00:00Z"}
+    doc = {
+        "schema_version": 2,
+        "id": "x",
+        "prediction_id": "p",
+        "label": "a",
+        "timestamp": "2026-01-01T00:00:00Z",
+    }
     with pytest.raises(ValidationError, match="schema_version"):
         CorrectionEvent.model_validate(doc)
 
 
 def test_non_finite_features_are_refused():
     with pytest.raises(ValidationError, match="finite"):
-        PredictionEvent(id="a", model_name="m", model_version="1", features=[math.nan],
-                        probabilities={}, label="x", timestamp=datetime.now(UTC), latency_ms=0)
+        PredictionEvent(
+            id="a",
+            model_name="m",
+            model_version="1",
+            features=[math.nan],
+            probabilities={},
+            label="x",
+            timestamp=datetime.now(UTC),
+            latency_ms=0,
+        )
 
 
 def test_correction_round_trip_and_id_shape():
-    e = CorrectionEvent(id=new_id(), prediction_id=new_id(), label="a", source="site-1",
-                        timestamp=datetime.now(UTC))
+    e = CorrectionEvent(
+        id=new_id(), prediction_id=new_id(), label="a", source="site-1", timestamp=datetime.now(UTC)
+    )
     assert CorrectionEvent.model_validate_json(e.to_json()) == e
     with pytest.raises(ValidationError):
         CorrectionEvent(id="x", prediction_id="has space", label="a", timestamp=e.timestamp)

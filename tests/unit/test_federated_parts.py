@@ -65,7 +65,7 @@ def test_clip_update_bounds_the_update_and_keeps_small_ones():
     base = {"w": torch.zeros(4), "b": torch.zeros(2)}
     big = {"w": torch.full((4,), 3.0), "b": torch.full((2,), 3.0)}
     clipped, norm = clip_update(big, base, 2.0)
-    assert norm == pytest.approx(3.0 * 6 ** 0.5)
+    assert norm == pytest.approx(3.0 * 6**0.5)
     assert update_norm(clipped, base) == pytest.approx(2.0, rel=1e-5)
     small = {"w": torch.full((4,), 0.1), "b": torch.zeros(2)}
     same, _ = clip_update(small, base, 2.0)
@@ -74,9 +74,16 @@ def test_clip_update_bounds_the_update_and_keeps_small_ones():
 
 def _message() -> Message:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 0, 0, 0
-    msg = Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2, 3)}),
-                              "config": ConfigRecord({"server-round": 1})}),
-                  message_type="train", dst_node_id=1)
+    msg = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": torch.zeros(2, 3)}),
+                "config": ConfigRecord({"server-round": 1}),
+            }
+        ),
+        message_type="train",
+        dst_node_id=1,
+    )
     msg.metadata.__dict__["_message_id"] = "m1"
     return msg
 
@@ -87,33 +94,52 @@ def _context() -> Context:
 
 def test_outbound_guard_passes_a_model_update_and_aggregate_metrics():
     def handler(msg: Message, _ctx: Context) -> Message:
-        return Message(RecordDict({"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
-                                   "metrics": MetricRecord({"num-examples": 5.0,
-                                                            "train-loss": 0.3})}),
-                       reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+                    "metrics": MetricRecord({"num-examples": 5.0, "train-loss": 0.3}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     reply = outbound_guard(_message(), _context(), handler)
     assert not reply.has_error()
 
 
-@pytest.mark.parametrize("content", [
-    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
-     "metrics": MetricRecord({"num-examples": 5.0}),
-     "rows": ArrayRecord({"x": torch.ones(5, 8)})},  # an extra record (raw rows)
-    {"arrays": ArrayRecord({"w": torch.ones(2, 3), "x": torch.ones(5, 8)}),
-     "metrics": MetricRecord({"num-examples": 5.0})},  # rows hidden among the arrays
-    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
-     "metrics": MetricRecord({"num-examples": 5.0, "label-0": 1.0})},  # per-label metric
-    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
-     "metrics": MetricRecord({"train-loss": [0.1, 0.2, 0.3]})},  # a list, not a scalar
-    {"arrays": ArrayRecord({"w": torch.ones(2, 3)}),
-     "metrics": MetricRecord({"num-examples": 1.0}),
-     "config": ConfigRecord({"example-ids": "12,13"})},
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        {
+            "arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+            "metrics": MetricRecord({"num-examples": 5.0}),
+            "rows": ArrayRecord({"x": torch.ones(5, 8)}),
+        },  # an extra record (raw rows)
+        {
+            "arrays": ArrayRecord({"w": torch.ones(2, 3), "x": torch.ones(5, 8)}),
+            "metrics": MetricRecord({"num-examples": 5.0}),
+        },  # rows hidden among the arrays
+        {
+            "arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+            "metrics": MetricRecord({"num-examples": 5.0, "label-0": 1.0}),
+        },  # per-label metric
+        {
+            "arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+            "metrics": MetricRecord({"train-loss": [0.1, 0.2, 0.3]}),
+        },  # a list, not a scalar
+        {
+            "arrays": ArrayRecord({"w": torch.ones(2, 3)}),
+            "metrics": MetricRecord({"num-examples": 1.0}),
+            "config": ConfigRecord({"example-ids": "12,13"}),
+        },
+    ],
+)
 def test_outbound_guard_blocks_anything_else(content, caplog, tmp_path, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_FED_AUDIT_DIR", str(tmp_path))
-    reply = outbound_guard(_message(), _context(),
-                           lambda msg, _c: Message(RecordDict(content), reply_to=msg))
+    reply = outbound_guard(
+        _message(), _context(), lambda msg, _c: Message(RecordDict(content), reply_to=msg)
+    )
     assert reply.has_error() and "blocked by site" in reply.error.reason
     assert list(tmp_path.glob("*.bin"))[0].read_bytes() == b""  # nothing was sent
     assert check_reply(reply, {"w": (2, 3)}) is None
@@ -128,8 +154,9 @@ def test_client_level_epsilon_composes_and_robust_aggregation_costs_more():
     assert epsilon([median], 1e-5) > epsilon([mean], 1e-5)
 
 
-@pytest.mark.parametrize("name,clipping", [("fedavg", "client"), ("trimmed", "server"),
-                                           ("median", "client")])
+@pytest.mark.parametrize(
+    "name,clipping", [("fedavg", "client"), ("trimmed", "server"), ("median", "client")]
+)
 def test_strategies_are_wrapped_in_flowers_dp_fixed_clipping(name, clipping):
     s = build_strategy(name, sites=3, clip=2.0, noise_multiplier=0.5, clipping=clipping)
     assert type(s).__name__ == f"DifferentialPrivacy{clipping.title()}SideFixedClipping"
@@ -158,9 +185,14 @@ def test_tls_and_auth_flags_map_to_flower_options(tmp_path):
     files = {n: tmp_path / f"{n}.pem" for n in ("ca", "cert", "key", "node")}
     for f in files.values():
         f.write_text("x")
-    s = Settings(home=tmp_path, fed_superlink="10.0.0.5:9093", fed_tls_ca=files["ca"],
-                 fed_tls_cert=files["cert"], fed_tls_key=files["key"],
-                 fed_auth_key=files["node"])
+    s = Settings(
+        home=tmp_path,
+        fed_superlink="10.0.0.5:9093",
+        fed_tls_ca=files["ca"],
+        fed_tls_cert=files["cert"],
+        fed_tls_key=files["key"],
+        fed_auth_key=files["node"],
+    )
     link = superlink_command(s.federated, tls=True, auth=True)
     assert "--insecure" not in link and "--enable-supernode-auth" in link
     assert link[link.index("--ssl-certfile") + 1] == str(files["cert"])
@@ -169,15 +201,17 @@ def test_tls_and_auth_flags_map_to_flower_options(tmp_path):
     assert node[node.index("--auth-supernode-private-key") + 1] == str(files["node"])
     assert "--isolation" in node and "process" in node
     with pytest.raises(SecurityError, match="FLYWHEEL_FED_TLS_KEY"):
-        superlink_command(s.model_copy(update={"fed_tls_key": None}).federated, tls=True,
-                          auth=False)
+        superlink_command(
+            s.model_copy(update={"fed_tls_key": None}).federated, tls=True, auth=False
+        )
 
 
 def test_a_site_trains_at_the_federated_sampling_rate_not_the_online_learners(tmp_path):
     from flywheel.learner.federated.client_app import site_dp_config
 
-    s = Settings(home=tmp_path, privacy_sample_rate=0.5, fed_privacy_sample_rate=0.8,
-                 privacy_epsilon=4.0)
+    s = Settings(
+        home=tmp_path, privacy_sample_rate=0.5, fed_privacy_sample_rate=0.8, privacy_epsilon=4.0
+    )
     dp = site_dp_config(s.privacy, s.federated)
     assert dp.sample_rate == 0.8 and dp.epsilon == 4.0  # the rest: the privacy settings
     assert dp.mechanism(10).sample_rate == 0.8
@@ -188,25 +222,33 @@ def test_a_site_trains_at_the_federated_sampling_rate_not_the_online_learners(tm
 
 # -- what the server accepts from a site, and what a site accepts from the server -------------
 def _reply(arrays: dict, metrics: dict) -> Message:
-    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
-                   reply_to=_message())
+    return Message(
+        RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
+        reply_to=_message(),
+    )
 
 
 GOOD_METRICS = {"num-examples": 40.0, "dp-weight": 1.0, "train-loss": 0.5}
 
 
-@pytest.mark.parametrize("arrays,metrics,why", [
-    ({"w": torch.full((2, 3), float("nan"))}, GOOD_METRICS, "holds NaN or infinity"),
-    ({"w": torch.full((2, 3), float("inf"))}, GOOD_METRICS, "holds NaN or infinity"),
-    ({"w": torch.ones(3, 2)}, GOOD_METRICS, "names or shapes"),
-    ({"w": torch.ones(2, 3), "v": torch.ones(1)}, GOOD_METRICS, "names or shapes"),
-    ({"w": torch.ones(2, 3)}, {"num-examples": -1000.0, "dp-weight": 1.0}, "must be a count"),
-    ({"w": torch.ones(2, 3)}, {"num-examples": 2.5, "dp-weight": 1.0}, "must be a count"),
-    ({"w": torch.ones(2, 3)}, {"num-examples": float("nan"), "dp-weight": 1.0}, "finite"),
-    ({"w": torch.ones(2, 3)}, {"num-examples": 4.0}, "missing"),
-    ({"w": torch.ones(2, 3)}, {"num-examples": 4.0, "dp-weight": 1.0, "train-loss": [1.0]},
-     "scalars"),
-])
+@pytest.mark.parametrize(
+    "arrays,metrics,why",
+    [
+        ({"w": torch.full((2, 3), float("nan"))}, GOOD_METRICS, "holds NaN or infinity"),
+        ({"w": torch.full((2, 3), float("inf"))}, GOOD_METRICS, "holds NaN or infinity"),
+        ({"w": torch.ones(3, 2)}, GOOD_METRICS, "names or shapes"),
+        ({"w": torch.ones(2, 3), "v": torch.ones(1)}, GOOD_METRICS, "names or shapes"),
+        ({"w": torch.ones(2, 3)}, {"num-examples": -1000.0, "dp-weight": 1.0}, "must be a count"),
+        ({"w": torch.ones(2, 3)}, {"num-examples": 2.5, "dp-weight": 1.0}, "must be a count"),
+        ({"w": torch.ones(2, 3)}, {"num-examples": float("nan"), "dp-weight": 1.0}, "finite"),
+        ({"w": torch.ones(2, 3)}, {"num-examples": 4.0}, "missing"),
+        (
+            {"w": torch.ones(2, 3)},
+            {"num-examples": 4.0, "dp-weight": 1.0, "train-loss": [1.0]},
+            "scalars",
+        ),
+    ],
+)
 def test_the_server_refuses_replies_it_cannot_aggregate(arrays, metrics, why):
     from flywheel.learner.federated.records import check_update
 
@@ -230,15 +272,18 @@ def test_usable_replies_keep_good_ones_and_weigh_every_site_one(caplog):
     assert "site budget refused" in caplog.text
 
 
-@pytest.mark.parametrize("config,why", [
-    ({"local-steps": 0}, "asked for 0 local steps"),
-    ({"local-steps": -3}, "asked for -3 local steps"),
-    ({"local-steps": 3000}, "this site takes 1 to 20"),
-    ({"local-lr": float("nan")}, "learning rate of nan"),
-    ({"local-lr": 1e9}, "learning rate"),
-    ({"clip": float("nan")}, "update clip of nan"),
-    ({"clip": -1.0}, "update clip"),
-])
+@pytest.mark.parametrize(
+    "config,why",
+    [
+        ({"local-steps": 0}, "asked for 0 local steps"),
+        ({"local-steps": -3}, "asked for -3 local steps"),
+        ({"local-steps": 3000}, "this site takes 1 to 20"),
+        ({"local-lr": float("nan")}, "learning rate of nan"),
+        ({"local-lr": 1e9}, "learning rate"),
+        ({"clip": float("nan")}, "update clip of nan"),
+        ({"clip": -1.0}, "update clip"),
+    ],
+)
 def test_a_site_refuses_round_settings_outside_its_own_limits(tmp_path, config, why):
     from flywheel.learner.federated.client_app import round_config
 
@@ -254,13 +299,16 @@ def test_a_site_takes_the_rounds_settings_within_its_limits(tmp_path):
     assert round_config(config, limits) == (7, 0.05, 3.0)
 
 
-@pytest.mark.parametrize("x,y,why", [
-    (np.zeros((3, 4), np.float32), np.zeros(2, np.int64), "3 rows but 2 labels"),
-    (np.zeros((2, 4), np.float32), np.array([0, 5]), "labels outside 0..2"),
-    (np.zeros((2, 4), np.float32), np.array([0, -1]), "labels outside 0..2"),
-    (np.full((2, 4), np.nan, np.float32), np.zeros(2, np.int64), "NaN or infinity"),
-    (np.zeros(7, np.float32), np.zeros(2, np.int64), "byte lengths"),
-])
+@pytest.mark.parametrize(
+    "x,y,why",
+    [
+        (np.zeros((3, 4), np.float32), np.zeros(2, np.int64), "3 rows but 2 labels"),
+        (np.zeros((2, 4), np.float32), np.array([0, 5]), "labels outside 0..2"),
+        (np.zeros((2, 4), np.float32), np.array([0, -1]), "labels outside 0..2"),
+        (np.full((2, 4), np.nan, np.float32), np.zeros(2, np.int64), "NaN or infinity"),
+        (np.zeros(7, np.float32), np.zeros(2, np.int64), "byte lengths"),
+    ],
+)
 def test_public_rows_from_the_server_are_checked(x, y, why):
     from flywheel.learner.federated.client_app import public_rows
 
@@ -282,14 +330,22 @@ def test_a_bad_round_is_refused_before_the_site_reads_its_store(tmp_path):
     upgrade(settings.resolved_database_url)
     spec = ModelSpec(input_dim=3, hidden=[4], labels=["a", "b"])
     state = build_model(spec).state_dict()
-    content = lambda config, st=state: RecordDict({  # noqa: E731
-        "arrays": to_record(st), "config": ConfigRecord(
-            {"model-spec": spec.model_dump_json(), **config})})
+
+    def content(config, st=state):
+        return RecordDict(
+            {
+                "arrays": to_record(st),
+                "config": ConfigRecord({"model-spec": spec.model_dump_json(), **config}),
+            }
+        )
+
     site = Site.of(settings)
     with pytest.raises(ValueError, match="local steps"):
         site.train(content({"local-steps": 10_000}))
-    poisoned = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                for k, v in state.items()}
+    poisoned = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in state.items()
+    }
     with pytest.raises(ValueError, match="NaN or infinity"):
         site.train(content({}, poisoned))
     with pytest.raises(RuntimeError, match="no trainable examples"):
@@ -313,10 +369,19 @@ def test_the_same_round_asked_twice_gets_different_noise(tmp_path):
     x, y = make_partition(1, per_site=60, holdout=10).sites[0]
     fill_site_store(settings.resolved_database_url, x, y, site="s")
     spec = default_spec()
-    content = RecordDict({"arrays": to_record(build_model(spec).state_dict()),
-                          "config": ConfigRecord({"model-spec": spec.model_dump_json(),
-                                                  "seed": 1, "server-round": 1,
-                                                  "local-steps": 2})})
+    content = RecordDict(
+        {
+            "arrays": to_record(build_model(spec).state_dict()),
+            "config": ConfigRecord(
+                {
+                    "model-spec": spec.model_dump_json(),
+                    "seed": 1,
+                    "server-round": 1,
+                    "local-steps": 2,
+                }
+            ),
+        }
+    )
     site = Site.of(settings)
     first, _ = site.train(content)
     second, _ = site.train(content)

@@ -42,8 +42,9 @@ class FixedBudget(ExampleBuilder):
         super().__init__(*args, **kwargs)
         self.left = left
 
-    def budget_left(self, session: Any, sources: set[str | None], now: datetime
-                    ) -> dict[str | None, int]:
+    def budget_left(
+        self, session: Any, sources: set[str | None], now: datetime
+    ) -> dict[str | None, int]:
         return {s: self.left for s in sources}
 
 
@@ -86,9 +87,14 @@ def batch(rows, pool, config):
     return analyze_many(*map(list, zip(*rows, strict=True)), pool, config)
 
 
-@pytest.mark.parametrize("config", [AnalyzerConfig(),
-                                    AnalyzerConfig(confident_threshold=0.5, neighbours=3),
-                                    AnalyzerConfig(suspect_max_distance=0.3)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        AnalyzerConfig(),
+        AnalyzerConfig(confident_threshold=0.5, neighbours=3),
+        AnalyzerConfig(suspect_max_distance=0.3),
+    ],
+)
 def test_analyze_many_agrees_with_analyze(seed, traffic, config):
     pool = seed[4]
     expected = one_at_a_time(traffic, pool, config)
@@ -159,17 +165,22 @@ def test_analyze_many_takes_pool_labels_the_probabilities_lack_to_analyze(seed, 
     odd = LabelledPool(ref)
     odd.add(pool.points.tolist(), ["class_0"] * (len(pool) - 1) + ["other"])
     config = AnalyzerConfig(confident_threshold=0.0)
-    far = [r for r in traffic if np.linalg.norm(
-        (np.asarray(r[0]) - pool.points[-1]) / ref.std) > 5][:40]
+    far = [
+        r for r in traffic if np.linalg.norm((np.asarray(r[0]) - pool.points[-1]) / ref.std) > 5
+    ][:40]
     assert batch(far, odd, config) == one_at_a_time(far, odd, config)
 
 
 def test_near_many_finds_the_same_neighbours_as_near(seed):
     _, _, _, ref, pool = seed
     rng = np.random.default_rng(3)
-    queries = np.concatenate([pool.points[:50] + rng.normal(0, 0.01, (50, ref.input_dim)),
-                              pool.points[50:60],  # exactly on a pool point
-                              ref.mean + rng.normal(0, 3, (40, ref.input_dim)) * ref.std])
+    queries = np.concatenate(
+        [
+            pool.points[:50] + rng.normal(0, 0.01, (50, ref.input_dim)),
+            pool.points[50:60],  # exactly on a pool point
+            ref.mean + rng.normal(0, 3, (40, ref.input_dim)) * ref.std,
+        ]
+    )
     for k in (1, 7, 20):
         points, labels = pool.near_many(queries, k)
         assert points.shape == (len(queries), k, ref.input_dim) and labels.shape == points.shape[:2]
@@ -193,8 +204,14 @@ def test_near_many_with_ties_everywhere(seed):
 
 def test_near_many_answers_rows_the_tree_cannot_take_as_near_does(seed):
     _, _, _, ref, pool = seed
-    queries = np.stack([pool.points[0], np.full(ref.input_dim, np.inf), pool.points[1] * 1e200,
-                        np.where(np.arange(ref.input_dim) == 0, np.nan, pool.points[2])])
+    queries = np.stack(
+        [
+            pool.points[0],
+            np.full(ref.input_dim, np.inf),
+            pool.points[1] * 1e200,
+            np.where(np.arange(ref.input_dim) == 0, np.nan, pool.points[2]),
+        ]
+    )
     with np.errstate(all="ignore"):
         got_points, got_labels = pool.near_many(queries, 7)
         for q, gp, gl in zip(queries, got_points, got_labels, strict=True):
@@ -220,9 +237,17 @@ def requests_for(seed, traffic, n=40, model=True):
     _, spec, module, _, pool = seed
     out = []
     for i, (features, _, _, truth) in enumerate(traffic[:n]):
-        out.append(Request(np.asarray(features), truth, ("confident", "boundary", "novel")[i % 3],
-                           labels=spec.labels, true_class_examples=pool.of_class(truth),
-                           model=module if model else None, seed=1000 + i))
+        out.append(
+            Request(
+                np.asarray(features),
+                truth,
+                ("confident", "boundary", "novel")[i % 3],
+                labels=spec.labels,
+                true_class_examples=pool.of_class(truth),
+                model=module if model else None,
+                seed=1000 + i,
+            )
+        )
     return out
 
 
@@ -233,20 +258,22 @@ def one_by_one(r: Request, ref, config=CounterexampleConfig()) -> list:
     x = np.asarray(r.x, dtype=np.float64)
     hard = None
     if r.model is not None:
-        hard = gradient_sign_point(x, list(r.labels).index(r.true_label), len(r.labels),
-                                   r.model, ref, config.fgsm_step)
+        hard = gradient_sign_point(
+            x, list(r.labels).index(r.true_label), len(r.labels), r.model, ref, config.fgsm_step
+        )
     pool = np.asarray(r.true_class_examples, dtype=np.float64)
-    available = [s for s, ok in zip(STRATEGIES, (hard is not None, len(pool) > 0, True),
-                                    strict=True) if ok]
+    available = [
+        s for s, ok in zip(STRATEGIES, (hard is not None, len(pool) > 0, True), strict=True) if ok
+    ]
     out = []
     for i in range(config.k[r.error_type]):
         strategy = available[i % len(available)]
-        u = _uniforms(np.asarray([r.seed], dtype=np.uint64), np.asarray([i], dtype=np.uint64),
-                      2 * dim + 2)[0]
-        z = np.sqrt(-2.0 * np.log1p(-u[:dim])) * np.cos(2.0 * np.pi * u[dim:2 * dim])
+        u = _uniforms(
+            np.asarray([r.seed], dtype=np.uint64), np.asarray([i], dtype=np.uint64), 2 * dim + 2
+        )[0]
+        z = np.sqrt(-2.0 * np.log1p(-u[:dim])) * np.cos(2.0 * np.pi * u[dim : 2 * dim])
         if strategy == "gradient_sign":
-            v = hard if i == 0 else hard + z * config.jitter_scale * GRADIENT_JITTER_SHARE \
-                * ref.std
+            v = hard if i == 0 else hard + z * config.jitter_scale * GRADIENT_JITTER_SHARE * ref.std
         elif strategy == "interpolate":
             other = pool[min(int(u[2 * dim] * len(pool)), len(pool) - 1)]
             lo, hi = config.interpolation
@@ -254,9 +281,15 @@ def one_by_one(r: Request, ref, config=CounterexampleConfig()) -> list:
         else:
             v = x + z * config.jitter_scale * ref.std
         v32, dist = _within_radius(x, v, ref.std, config.max_distance)
-        out.append(Counterexample(features=v32.astype(np.float64).tolist(),
-                                  label=r.true_label, weight=config.weight, strategy=strategy,
-                                  distance=dist))
+        out.append(
+            Counterexample(
+                features=v32.astype(np.float64).tolist(),
+                label=r.true_label,
+                weight=config.weight,
+                strategy=strategy,
+                distance=dist,
+            )
+        )
     return out
 
 
@@ -274,9 +307,19 @@ def test_generate_many_equals_one_variant_at_a_time(seed, traffic):
                 np.testing.assert_allclose(a.features, b.features, rtol=1e-6, atol=1e-6)
                 assert a.distance == pytest.approx(b.distance, abs=1e-6)
         assert sum(len(s) for s in singles) == sum((6, 4, 6)[i % 3] for i in range(len(reqs)))
-        assert [generate(r.x, r.true_label, r.error_type, labels=r.labels, reference=ref,
-                         true_class_examples=r.true_class_examples, model=r.model,
-                         seed=r.seed) for r in reqs] == got
+        assert [
+            generate(
+                r.x,
+                r.true_label,
+                r.error_type,
+                labels=r.labels,
+                reference=ref,
+                true_class_examples=r.true_class_examples,
+                model=r.model,
+                seed=r.seed,
+            )
+            for r in reqs
+        ] == got
     # a request's variants do not depend on the rest of its batch
     reqs = requests_for(seed, traffic)
     alone = generate_many([reqs[7]], reference=ref)[0]
@@ -289,8 +332,10 @@ def test_each_seed_draws_its_own_stream():
     assert abs(u.mean() - 0.5) < 0.02 and abs(u.std() - np.sqrt(1 / 12)) < 0.01
     assert len({tuple(row[:5]) for row in u}) == 4  # different seeds, different streams
     again = _uniforms(np.asarray([2], dtype=np.uint64), np.asarray([1], dtype=np.uint64), 10)
-    np.testing.assert_array_equal(again[0], _uniforms(
-        np.asarray([2], dtype=np.uint64), np.zeros(1, dtype=np.uint64), 20)[0, 10:])
+    np.testing.assert_array_equal(
+        again[0],
+        _uniforms(np.asarray([2], dtype=np.uint64), np.zeros(1, dtype=np.uint64), 20)[0, 10:],
+    )
 
 
 def test_generate_many_refuses_the_first_bad_request_as_generate_does(seed, traffic):
@@ -299,18 +344,28 @@ def test_generate_many_refuses_the_first_bad_request_as_generate_does(seed, traf
     bad = Request(reqs[2].x, "class_9", "confident", reqs[2].labels, None, None, reqs[2].seed)
     with pytest.raises(ValueError, match="true label 'class_9' is not a known label"):
         generate_many(reqs[:2] + [bad] + reqs[3:], reference=ref)
-    wrong = Request(np.zeros(3), "class_0", "confident", reqs[0].labels, None, None,
-                    reqs[0].seed)
+    wrong = Request(np.zeros(3), "class_0", "confident", reqs[0].labels, None, None, reqs[0].seed)
     with pytest.raises(ValueError, match="3 features"):
         generate_many([wrong], reference=ref)
 
 
 def pairs_from(seed, traffic, sources=("a", "b")):
     now = datetime(2026, 1, 1, 12, 30, tzinfo=UTC)
-    return [JoinedPair(uuid.UUID(int=i).hex, uuid.UUID(int=10_000 + i).hex, truth,
-                       sources[i % len(sources)], now, "flywheel", "1", features, probs,
-                       predicted)
-            for i, (features, probs, predicted, truth) in enumerate(traffic)]
+    return [
+        JoinedPair(
+            uuid.UUID(int=i).hex,
+            uuid.UUID(int=10_000 + i).hex,
+            truth,
+            sources[i % len(sources)],
+            now,
+            "flywheel",
+            "1",
+            features,
+            probs,
+            predicted,
+        )
+        for i, (features, probs, predicted, truth) in enumerate(traffic)
+    ]
 
 
 @pytest.mark.parametrize("budget", [0, 7, 40, 100_000])
@@ -323,8 +378,7 @@ def test_builder_spends_each_source_budget_in_pair_order(seed, traffic, budget):
     assert rejected == []
     assert sum(outcomes.values()) == len(pairs)  # counted by the store transaction later
     corrections = [r for r in rows if r["origin"] == "correction"]
-    assert [r["dedup_key"] for r in corrections] == [f"correction:{p.correction_id}"
-                                                     for p in pairs]
+    assert [r["dedup_key"] for r in corrections] == [f"correction:{p.correction_id}" for p in pairs]
     variants = [r for r in rows if r["origin"] == "counterexample"]
     wanted = {s: 0 for s in ("a", "b")}
     for r in corrections:
@@ -344,11 +398,15 @@ def test_an_unusable_pair_is_dead_lettered_not_fatal(seed, traffic):
     pairs = pairs_from(seed, traffic)[:5]
     bad_label = pairs[1]._replace(true_label="no-such-class")
     bad_width = pairs[3]._replace(features=pairs[3].features[:-1])
-    rows, rejected, outcomes = builder.finish(None, builder.prepare(
-        [pairs[0], bad_label, pairs[2], bad_width, pairs[4]]))
+    rows, rejected, outcomes = builder.finish(
+        None, builder.prepare([pairs[0], bad_label, pairs[2], bad_width, pairs[4]])
+    )
     assert sum(outcomes.values()) == 3  # the unusable pairs are not counted
     assert [r["parent_prediction_id"] for r in rows if r["origin"] == "correction"] == [
-        pairs[0].prediction_id, pairs[2].prediction_id, pairs[4].prediction_id]
+        pairs[0].prediction_id,
+        pairs[2].prediction_id,
+        pairs[4].prediction_id,
+    ]
     assert [r.key.decode() for r in rejected] == [pairs[1].prediction_id, pairs[3].prediction_id]
     assert "'no-such-class' is not one of the model's labels" in rejected[0].reason
     assert "features, the reference has" in rejected[1].reason

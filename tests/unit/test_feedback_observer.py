@@ -54,20 +54,38 @@ def worker(tmp_path):
     engine = make_engine(url)
     kafka = KafkaSettings(kafka_bootstrap="127.0.0.1:9")
     recorder = Recorder()
-    yield FeedbackWorker(FeedbackSettings(), kafka, engine, FakeAnalysis(),
-                         observer=recorder), recorder
+    yield (
+        FeedbackWorker(FeedbackSettings(), kafka, engine, FakeAnalysis(), observer=recorder),
+        recorder,
+    )
     engine.dispose()
 
 
 def events(kafka: KafkaSettings):
     now = utcnow()
-    p = prediction_payload(id="p1", model_name="m", model_version="1", features=[1.0, 2.0],
-                           probabilities={"a": 0.25, "b": 0.75}, label="b", timestamp=now,
-                           latency_ms=1.0)
-    c = orjson.dumps({"schema_version": SCHEMA_VERSION, "id": "c1", "prediction_id": "p1",
-                      "label": "a", "timestamp": now})
-    return [decode("prediction", kafka.topic_predictions, 0, 0, b"p1", p),
-            decode("correction", kafka.topic_corrections, 0, 0, b"p1", c)]
+    p = prediction_payload(
+        id="p1",
+        model_name="m",
+        model_version="1",
+        features=[1.0, 2.0],
+        probabilities={"a": 0.25, "b": 0.75},
+        label="b",
+        timestamp=now,
+        latency_ms=1.0,
+    )
+    c = orjson.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "id": "c1",
+            "prediction_id": "p1",
+            "label": "a",
+            "timestamp": now,
+        }
+    )
+    return [
+        decode("prediction", kafka.topic_predictions, 0, 0, b"p1", p),
+        decode("correction", kafka.topic_corrections, 0, 0, b"p1", c),
+    ]
 
 
 def test_the_store_thread_steps_reach_the_observer(worker):
@@ -77,8 +95,14 @@ def test_the_store_thread_steps_reach_the_observer(worker):
     assert w.stats.joined == 1 and w.analysis.prepared == 1
     names = [name for name, _ in recorder.steps]
     # nested steps end first: the outer step is reported after its inner ones
-    assert names == ["store + join", "analysis", "analysis", "example inserts",
-                     "transaction", "store batch"]
+    assert names == [
+        "store + join",
+        "analysis",
+        "analysis",
+        "example inserts",
+        "transaction",
+        "store batch",
+    ]
     recorder.steps.clear()
     w.sweep()
     assert [name for name, _ in recorder.steps][-2:] == ["transaction", "sweep"]

@@ -16,15 +16,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # where each installed package lives in the tree (pyproject's package-dir)
 FOLDERS = {
-    "flywheel.service": ROOT / "service", "flywheel.feedback": ROOT / "feedback",
-    "flywheel.learner": ROOT / "learner", "flywheel.privacy": ROOT / "privacy",
-    "flywheel.kernels": ROOT / "kernels", "flywheel.migrations": ROOT / "migrations",
+    "flywheel.service": ROOT / "service",
+    "flywheel.feedback": ROOT / "feedback",
+    "flywheel.learner": ROOT / "learner",
+    "flywheel.privacy": ROOT / "privacy",
+    "flywheel.kernels": ROOT / "kernels",
+    "flywheel.migrations": ROOT / "migrations",
     "flywheel": ROOT / "flywheel",
 }
 # Components: they meet only through each other's public API. `flywheel.store`,
 # `flywheel.review` and `flywheel.demo` live under flywheel/ but are components too.
-COMPONENTS = ("flywheel.service", "flywheel.feedback", "flywheel.learner", "flywheel.privacy",
-              "flywheel.kernels", "flywheel.store", "flywheel.review", "flywheel.demo")
+COMPONENTS = (
+    "flywheel.service",
+    "flywheel.feedback",
+    "flywheel.learner",
+    "flywheel.privacy",
+    "flywheel.kernels",
+    "flywheel.store",
+    "flywheel.review",
+    "flywheel.demo",
+)
 # Wiring: starts processes, so it may import every component (through its public API).
 WIRING = ("flywheel.cli",)
 
@@ -85,7 +96,8 @@ def public_names(package: str, modules: dict[str, Path]) -> set[str]:
     tree = ast.parse(modules[package].read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
             return {ast.literal_eval(e) for e in node.value.elts}  # type: ignore[attr-defined]
     return set()
 
@@ -139,7 +151,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -176,7 +188,8 @@ def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch):
     svc = tmp_path / "none" / "flywheel.service"
     svc.mkdir(parents=True)
     (svc / "__init__.py").write_text(
-        "from flywheel.store._secret import x\nfrom flywheel.store import close\n")
+        "from flywheel.store._secret import x\nfrom flywheel.store import close\n"
+    )
     problems, _ = violations()
     text = "\n".join(problems)
     assert "contracts import the component flywheel.store" in text

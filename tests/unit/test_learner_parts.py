@@ -43,11 +43,13 @@ def test_gate_passes_only_better_on_recent_and_within_tolerance_on_trusted():
     r = evaluate_gate(bad, good, trusted=trusted, recent=recent, tolerance=0.02, min_recent=10)
     assert not r.passed and "recent" in r.reason
     # better on recent data but it forgot the trusted holdout
-    r = evaluate_gate(good, bad, trusted=Holdout(x, 1 - y), recent=recent, tolerance=0.02,
-                      min_recent=10)
+    r = evaluate_gate(
+        good, bad, trusted=Holdout(x, 1 - y), recent=recent, tolerance=0.02, min_recent=10
+    )
     assert not r.passed and "trusted" in r.reason
-    r = evaluate_gate(good, bad, trusted=trusted, recent=Holdout(x[:5], y[:5]),
-                      tolerance=0.02, min_recent=10)
+    r = evaluate_gate(
+        good, bad, trusted=trusted, recent=Holdout(x[:5], y[:5]), tolerance=0.02, min_recent=10
+    )
     assert not r.passed and "only 5" in r.reason
     assert r.summary().startswith("rejected:")
 
@@ -93,8 +95,11 @@ def test_trainer_respects_example_weights():
     outcomes = []
     for w in ([10.0, 0.1], [0.1, 10.0]):
         torch.manual_seed(0)
-        t = OnlineTrainer(build_model(spec), TrainerConfig(lr=0.05, steps=30, replay=0,
-                                                           elastic=False), input_dim=2)
+        t = OnlineTrainer(
+            build_model(spec),
+            TrainerConfig(lr=0.05, steps=30, replay=0, elastic=False),
+            input_dim=2,
+        )
         t.update(x, y, np.array(w, dtype=np.float32))
         outcomes.append(int(t.predict(x[:1])[0]))
     assert outcomes == [0, 1]
@@ -173,8 +178,9 @@ def test_an_input_shift_alone_keeps_the_replay_pool():
 
 
 def test_while_boosted_updates_train_on_examples_since_the_change_with_more_steps():
-    t, model = _trainer(replay=0.0, steps=2, max_boost=3.0, half_life=3.0, boost_window=250,
-                        max_lr=None)
+    t, model = _trainer(
+        replay=0.0, steps=2, max_boost=3.0, half_life=3.0, boost_window=250, max_lr=None
+    )
     _error_drift(t)
     stats = [t.update(*_new_rows()) for _ in range(4)]
     # window: 0, 100, 200 then capped at 250 - the 100 new ones
@@ -222,11 +228,20 @@ def test_trainer_config_and_settings_reject_bad_drift_response_values():
         TrainerConfig(max_lr=0.0)
     with pytest.raises(SettingsError, match="FLYWHEEL_LEARN_MAX_LR .* below FLYWHEEL_LEARN_LR"):
         load_settings(learn_lr=0.05, learn_max_lr=0.01)
-    cfg = TrainerConfig.from_settings(load_settings(learn_max_lr=0.02, learn_boost_window=300,
-                                                    learn_boost_steps=False,
-                                                    learn_drift_replay=False).learner)
+    cfg = TrainerConfig.from_settings(
+        load_settings(
+            learn_max_lr=0.02,
+            learn_boost_window=300,
+            learn_boost_steps=False,
+            learn_drift_replay=False,
+        ).learner
+    )
     assert (cfg.max_lr, cfg.boost_window, cfg.boost_steps, cfg.drift_replay) == (
-        0.02, 300, False, False)
+        0.02,
+        300,
+        False,
+        False,
+    )
 
 
 def test_after_an_error_drift_half_the_replay_is_the_trusted_seed_data():

@@ -55,11 +55,18 @@ def served(version: str) -> ModelHolder:
     return holder
 
 
-def follower(tmp_path, registry: FakeRegistry, holder: ModelHolder,
-             poll_s: float = 60.0) -> ModelFollower:
+def follower(
+    tmp_path, registry: FakeRegistry, holder: ModelHolder, poll_s: float = 60.0
+) -> ModelFollower:
     settings = Settings(home=tmp_path, model_name="m", registry_poll_s=poll_s)
-    return ModelFollower(settings.kafka, settings.registry, settings.service, holder,
-                         registry=lambda: registry, listen=False)
+    return ModelFollower(
+        settings.kafka,
+        settings.registry,
+        settings.service,
+        holder,
+        registry=lambda: registry,
+        listen=False,
+    )
 
 
 def wait_for(cond, timeout_s: float = 5.0) -> bool:
@@ -156,11 +163,16 @@ def test_events_wake_the_worker_only_for_this_model_and_bad_ones_are_skipped(tmp
     f = follower(tmp_path, FakeRegistry("1"), served("1"))
 
     def event(model: str) -> bytes:
-        return ModelEvent(kind="promoted", model_name=model, version="2",
-                          timestamp=utcnow()).to_json()
+        return ModelEvent(
+            kind="promoted", model_name=model, version="2", timestamp=utcnow()
+        ).to_json()
 
-    for bad in (b"not json", None, b"{}", orjson.dumps({"kind": "deleted", "model_name": "m",
-                                                          "version": "2", "timestamp": "x"})):
+    for bad in (
+        b"not json",
+        None,
+        b"{}",
+        orjson.dumps({"kind": "deleted", "model_name": "m", "version": "2", "timestamp": "x"}),
+    ):
         f.on_event(bad)
     assert f.stats.events_malformed == 4 and not f._wake.is_set()
     f.on_event(event("other"))
@@ -169,8 +181,9 @@ def test_events_wake_the_worker_only_for_this_model_and_bad_ones_are_skipped(tmp
     assert f.stats.events_followed == 1 and f._wake.is_set()
 
 
-@pytest.mark.parametrize("stats", [None, FollowerStats(swaps=3, failures=1, events_malformed=2,
-                                                       last_swap_s=0.25)])
+@pytest.mark.parametrize(
+    "stats", [None, FollowerStats(swaps=3, failures=1, events_malformed=2, last_swap_s=0.25)]
+)
 def test_follower_metrics(stats):
     reg = CollectorRegistry()
     reg.register(FollowerCollector(lambda: stats))
@@ -178,8 +191,7 @@ def test_follower_metrics(stats):
     s = stats or FollowerStats()
     assert f"flywheel_model_swaps_total {float(s.swaps)}" in text
     assert f"flywheel_model_swap_failures_total {float(s.failures)}" in text
-    assert (f'flywheel_model_events_total{{outcome="malformed"}} {float(s.events_malformed)}'
-            in text)
+    assert f'flywheel_model_events_total{{outcome="malformed"}} {float(s.events_malformed)}' in text
     assert f"flywheel_model_last_swap_seconds {s.last_swap_s}" in text
 
 
@@ -197,9 +209,12 @@ def test_an_app_given_its_model_does_not_follow_the_registry_unless_asked(tmp_pa
             pass
 
     settings = Settings(home=tmp_path)
-    for i, kwargs in enumerate(({"holder": served("7")},
-                                {"load_model": lambda s: ServedModel.prepare(
-                                    "m", "7", SPEC, build_model(SPEC))})):
+    for i, kwargs in enumerate(
+        (
+            {"holder": served("7")},
+            {"load_model": lambda s: ServedModel.prepare("m", "7", SPEC, build_model(SPEC))},
+        )
+    ):
         log = EventLog(NullSink, Spool(tmp_path / f"spool-{i}", fsync=False))
         app = create_app(ServiceConfig.of(settings), event_log=log, **kwargs)
         with TestClient(app) as client:

@@ -28,18 +28,49 @@ runner = CliRunner()
 
 REJECTED = "rejected: not better on recent data; recent 0.600 vs 0.810 (n=40)"
 PASSED = "passed: better on recent data; recent 0.810 vs 0.620 (n=40)"
-JSON_KEYS = {"version", "champion", "status", "source", "parent_version", "examples",
-             "epsilon", "delta", "gate", "created_at", "run_id", "tags", "params", "metrics"}
+JSON_KEYS = {
+    "version",
+    "champion",
+    "status",
+    "source",
+    "parent_version",
+    "examples",
+    "epsilon",
+    "delta",
+    "gate",
+    "created_at",
+    "run_id",
+    "tags",
+    "params",
+    "metrics",
+}
 
 
-def _publish(registry: Registry, parent: str, source: str, examples: str, epsilon: str,
-             gate: str, metrics: dict[str, float] | None = None,
-             params: dict[str, object] | None = None) -> str:
+def _publish(
+    registry: Registry,
+    parent: str,
+    source: str,
+    examples: str,
+    epsilon: str,
+    gate: str,
+    metrics: dict[str, float] | None = None,
+    params: dict[str, object] | None = None,
+) -> str:
     spec = ModelSpec(input_dim=3, hidden=[4], labels=["a", "b"])
-    return registry.publish(spec, build_model(spec), tags={
-        "parent_version": parent, "source": source, "examples": examples,
-        "epsilon": epsilon, "delta": "1e-05" if epsilon != "none" else "none", "gate": gate,
-    }, metrics=metrics, params=params)
+    return registry.publish(
+        spec,
+        build_model(spec),
+        tags={
+            "parent_version": parent,
+            "source": source,
+            "examples": examples,
+            "epsilon": epsilon,
+            "delta": "1e-05" if epsilon != "none" else "none",
+            "gate": gate,
+        },
+        metrics=metrics,
+        params=params,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +80,46 @@ def template(tmp_path_factory) -> Path:
     settings = Settings(home=home)
     prepare_home(settings)
     registry = Registry.of(settings)
-    v1 = _publish(registry, "", "manual", "seed[0,800)", "none",
-                  "initial: no champion to compare", metrics={"holdout_accuracy": 0.9},
-                  params={"seed": 7})
+    v1 = _publish(
+        registry,
+        "",
+        "manual",
+        "seed[0,800)",
+        "none",
+        "initial: no champion to compare",
+        metrics={"holdout_accuracy": 0.9},
+        params={"seed": 7},
+    )
     registry.set_champion(v1)  # as ensure_champion does: no promotion tags on the seed
-    v2 = _publish(registry, v1, "online", "[0,100)", "0.5", PASSED, params={"lr": 0.003},
-                  metrics={"gate_recent_candidate": 0.81, "gate_trusted_candidate": 0.95})
+    v2 = _publish(
+        registry,
+        v1,
+        "online",
+        "[0,100)",
+        "0.5",
+        PASSED,
+        params={"lr": 0.003},
+        metrics={"gate_recent_candidate": 0.81, "gate_trusted_candidate": 0.95},
+    )
     registry.promote(v2, reason="gate passed", actor="learner")
-    v3 = _publish(registry, v2, "online", "[100,200)", "0.7", REJECTED,
-                  metrics={"gate_recent_candidate": float("nan"),
-                           "gate_trusted_candidate": 0.94})
-    v4 = _publish(registry, v2, "federated", "sites=3 rounds=5", "1.2", PASSED,
-                  metrics={"gate_recent_candidate": 0.84, "gate_trusted_candidate": 0.96})
+    v3 = _publish(
+        registry,
+        v2,
+        "online",
+        "[100,200)",
+        "0.7",
+        REJECTED,
+        metrics={"gate_recent_candidate": float("nan"), "gate_trusted_candidate": 0.94},
+    )
+    v4 = _publish(
+        registry,
+        v2,
+        "federated",
+        "sites=3 rounds=5",
+        "1.2",
+        PASSED,
+        metrics={"gate_recent_candidate": 0.84, "gate_trusted_candidate": 0.96},
+    )
     registry.promote(v4, reason="gate passed", actor="superlink")
     assert (v1, v2, v3, v4) == ("1", "2", "3", "4")
     return home
@@ -124,11 +183,17 @@ def test_list_json_has_stable_keys_and_nothing_else_on_stdout(home):
     by = {d["version"]: d for d in docs}
     assert [v for v, d in by.items() if d["champion"]] == ["4"]
     assert {v: d["status"] for v, d in by.items()} == {
-        "4": "champion", "3": "candidate", "2": "former champion", "1": "former champion"}
+        "4": "champion",
+        "3": "candidate",
+        "2": "former champion",
+        "1": "former champion",
+    }
     assert by["1"]["parent_version"] is None and by["3"]["parent_version"] == "2"
     assert by["3"]["gate"] == REJECTED and by["3"]["epsilon"] == "0.7"
-    assert by["3"]["metrics"] == {"gate_recent_candidate": None,  # NaN is not JSON
-                                  "gate_trusted_candidate": 0.94}
+    assert by["3"]["metrics"] == {
+        "gate_recent_candidate": None,  # NaN is not JSON
+        "gate_trusted_candidate": 0.94,
+    }
     assert by["2"]["params"] == {"lr": "0.003"}
     assert by["2"]["tags"]["promoted_by"] == "learner"
     assert datetime.fromisoformat(by["4"]["created_at"]).tzinfo is not None
@@ -172,8 +237,18 @@ def test_show_prints_every_tag_param_metric_and_the_lineage(home):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "flywheel v2" in out and "former champion" in out
-    for text in ("parent_version", "promoted_by", "learner", "promotion_reason",
-                 "gate passed", PASSED, "lr", "0.003", "gate_recent_candidate", "0.81"):
+    for text in (
+        "parent_version",
+        "promoted_by",
+        "learner",
+        "promotion_reason",
+        "gate passed",
+        PASSED,
+        "lr",
+        "0.003",
+        "gate_recent_candidate",
+        "0.81",
+    ):
         assert text in out
     lineage = out.split("lineage:", 1)[1]
     assert lineage.index(" v2 ") < lineage.index(" v1 ")
@@ -198,8 +273,7 @@ def test_show_json_lineage_walks_parents_down_to_the_seed(home):
 def test_show_lineage_stops_at_a_parent_that_is_gone(home):
     _publish(registry_at(home), "99", "online", "[200,300)", "0.1", PASSED)
     doc = json.loads(models("show", "5", "--json").stdout)
-    assert [(h["version"], h["missing"]) for h in doc["lineage"]] == [("5", False),
-                                                                      ("99", True)]
+    assert [(h["version"], h["missing"]) for h in doc["lineage"]] == [("5", False), ("99", True)]
 
 
 def test_a_long_lineage_is_shortened_in_the_table_but_whole_in_json(home):
@@ -210,7 +284,10 @@ def test_a_long_lineage_is_shortened_in_the_table_but_whole_in_json(home):
     assert parent == "29"
     doc = json.loads(models("show", "29", "--json").stdout)
     assert [h["version"] for h in doc["lineage"]] == [str(v) for v in range(29, 4, -1)] + [
-        "4", "2", "1"]
+        "4",
+        "2",
+        "1",
+    ]
     out = models("show", "29").stdout.split("lineage:", 1)[1]
     assert "(28 versions)" in out and "9 more" in out
     assert " v29 " in out and " v12 " in out and " v1 " in out  # newest 18 and the root
@@ -303,8 +380,10 @@ def test_rollback_goes_back_one_champion_at_a_time(home):
     registry = registry_at(home)
     assert registry.champion_version() == "2"
     tags = registry.info("4", with_run=False).tags
-    assert (tags["rolled_back_by"], tags["rollback_reason"]) == (default_actor(),
-                                                                 "accuracy dropped")
+    assert (tags["rolled_back_by"], tags["rollback_reason"]) == (
+        default_actor(),
+        "accuracy dropped",
+    )
     assert json.loads(models("show", "4", "--json").stdout)["status"] == "rolled back"
 
     assert models("rollback").exit_code == 0

@@ -34,8 +34,10 @@ from flywheel.streams import LABELS, drift_concept
 _register()
 runner = CliRunner()
 SEED_EXAMPLES = 500  # trusted holdout: the last 20 %, 100 rows
-PASSED = ("passed: better on recent data, trusted holdout within tolerance; recent 0.900 vs "
-          "0.800, log-loss 0.300 vs 0.400 (n=35); trusted 0.950 vs 0.960 (n=100, tol 0.02)")
+PASSED = (
+    "passed: better on recent data, trusted holdout within tolerance; recent 0.900 vs "
+    "0.800, log-loss 0.300 vs 0.400 (n=35); trusted 0.950 vs 0.960 (n=100, tol 0.02)"
+)
 REJECTED = "rejected: not better on recent data; recent 0.700 vs 0.800 (n=35)"
 
 
@@ -43,20 +45,43 @@ def _settings(home: Path) -> Settings:
     return Settings(home=home, seed_examples=SEED_EXAMPLES, auto_promote=False)
 
 
-def _child(registry: Registry, parent: str, *, noise: float, seed: int, examples: str,
-           gate: str, epsilon: str = "none", passed: bool = True) -> str:
+def _child(
+    registry: Registry,
+    parent: str,
+    *,
+    noise: float,
+    seed: int,
+    examples: str,
+    gate: str,
+    epsilon: str = "none",
+    passed: bool = True,
+) -> str:
     loaded = registry.load(parent)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         last = loaded.module[-1]
         last.weight.add_(noise * torch.randn(last.weight.shape, generator=gen))
-    metrics = {"gate_passed": float(passed), "gate_recent_candidate": 0.9 if passed else 0.7,
-               "gate_recent_champion": 0.8, "gate_trusted_candidate": 0.95,
-               "gate_trusted_champion": 0.96, "gate_recent_n": 35.0}
-    return registry.publish(loaded.spec, loaded.module, tags={
-        "parent_version": parent, "source": "online", "examples": examples,
-        "epsilon": epsilon, "delta": "1e-05" if epsilon != "none" else "none", "gate": gate,
-    }, metrics=metrics)
+    metrics = {
+        "gate_passed": float(passed),
+        "gate_recent_candidate": 0.9 if passed else 0.7,
+        "gate_recent_champion": 0.8,
+        "gate_trusted_candidate": 0.95,
+        "gate_trusted_champion": 0.96,
+        "gate_recent_n": 35.0,
+    }
+    return registry.publish(
+        loaded.spec,
+        loaded.module,
+        tags={
+            "parent_version": parent,
+            "source": "online",
+            "examples": examples,
+            "epsilon": epsilon,
+            "delta": "1e-05" if epsilon != "none" else "none",
+            "gate": gate,
+        },
+        metrics=metrics,
+    )
 
 
 def _examples(settings: Settings) -> None:
@@ -71,19 +96,37 @@ def _examples(settings: Settings) -> None:
             origin, split = "counterexample", "train"
         else:
             origin, split = "correction", "holdout"
-        rows.append(Example(dedup_key=f"e{i}", origin=origin, split=split,
-                            features=[float(v) for v in x[i]], label=y[i], weight=1.0,
-                            error_type="boundary" if origin == "correction" else None))
+        rows.append(
+            Example(
+                dedup_key=f"e{i}",
+                origin=origin,
+                split=split,
+                features=[float(v) for v in x[i]],
+                label=y[i],
+                weight=1.0,
+                error_type="boundary" if origin == "correction" else None,
+            )
+        )
     engine = make_engine(settings.resolved_database_url)
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     with session_factory(engine).begin() as session:
         session.add_all(rows)
-        for outcome, predicted, actual, n in (("correct", "class_0", "class_0", 30),
-                                              ("confident", "class_1", "class_2", 5),
-                                              ("boundary", "class_0", "class_1", 3)):
-            session.add(ErrorCount(model_name=settings.model_name, model_version="2",
-                                   hour=hour, predicted=predicted, actual=actual,
-                                   outcome=outcome, count=n))
+        for outcome, predicted, actual, n in (
+            ("correct", "class_0", "class_0", 30),
+            ("confident", "class_1", "class_2", 5),
+            ("boundary", "class_0", "class_1", 3),
+        ):
+            session.add(
+                ErrorCount(
+                    model_name=settings.model_name,
+                    model_version="2",
+                    hour=hour,
+                    predicted=predicted,
+                    actual=actual,
+                    outcome=outcome,
+                    count=n,
+                )
+            )
     engine.dispose()
 
 
@@ -96,15 +139,31 @@ def template(tmp_path_factory) -> Path:
     upgrade(settings.resolved_database_url)
     registry = Registry.of(settings)
     v1 = ensure_champion(settings.trusted, registry)
-    v2 = _child(registry, v1, noise=0.5, seed=1, examples="ids 1..40 (40 new, update 1)",
-                gate=PASSED)
+    v2 = _child(
+        registry, v1, noise=0.5, seed=1, examples="ids 1..40 (40 new, update 1)", gate=PASSED
+    )
     registry.promote(v2, reason="gate passed", actor="flywheel-learner")
-    v3 = _child(registry, v2, noise=0.5, seed=2, examples="ids 41..50 (10 new, update 2)",
-                gate=REJECTED, passed=False)
-    v4 = _child(registry, v3, noise=0.3, seed=3, examples="ids 51..60 (10 new, update 3)",
-                gate=PASSED)
-    v5 = _child(registry, v4, noise=0.3, seed=4, examples="ids 61..70 (10 new, update 4)",
-                gate=PASSED, epsilon="0.8")
+    v3 = _child(
+        registry,
+        v2,
+        noise=0.5,
+        seed=2,
+        examples="ids 41..50 (10 new, update 2)",
+        gate=REJECTED,
+        passed=False,
+    )
+    v4 = _child(
+        registry, v3, noise=0.3, seed=3, examples="ids 51..60 (10 new, update 3)", gate=PASSED
+    )
+    v5 = _child(
+        registry,
+        v4,
+        noise=0.3,
+        seed=4,
+        examples="ids 61..70 (10 new, update 4)",
+        gate=PASSED,
+        epsilon="0.8",
+    )
     for v in (v4, v5):
         registry.set_tags(v, {"review": "pending"})
     assert (v1, v2, v3, v4, v5) == ("1", "2", "3", "4", "5")
@@ -180,8 +239,12 @@ def test_diff_json_compares_both_holdouts_data_gates_and_weights(home):
         assert c["a"] != c["b"]
 
     params = doc["parameters"]
-    expected = math.sqrt(sum(float(((t2 - t1).double() ** 2).sum()) for t1, t2 in zip(
-        m1.state_dict().values(), m2.state_dict().values(), strict=True)))
+    expected = math.sqrt(
+        sum(
+            float(((t2 - t1).double() ** 2).sum())
+            for t1, t2 in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True)
+        )
+    )
     assert params["comparable"] and params["l2"] == pytest.approx(expected, rel=1e-9)
     assert params["tensors"][0]["tensor"].endswith(".weight")  # only the last layer moved
 
@@ -189,9 +252,18 @@ def test_diff_json_compares_both_holdouts_data_gates_and_weights(home):
 def test_diff_of_different_architectures_says_why_weights_are_not_compared(home):
     registry = registry_at(home)
     spec = ModelSpec(input_dim=8, hidden=[16], labels=list(LABELS))
-    v = registry.publish(spec, build_model(spec), tags={
-        "parent_version": "", "source": "manual", "examples": "seed[0,400)",
-        "epsilon": "none", "delta": "none", "gate": "initial"})
+    v = registry.publish(
+        spec,
+        build_model(spec),
+        tags={
+            "parent_version": "",
+            "source": "manual",
+            "examples": "seed[0,400)",
+            "epsilon": "none",
+            "delta": "none",
+            "gate": "initial",
+        },
+    )
     doc = json.loads(models("diff", "1", v, "--json").stdout)
     assert doc["parameters"]["comparable"] is False
     assert "hidden" in doc["parameters"]["reason"]
@@ -202,9 +274,19 @@ def test_diff_table_names_the_facts_a_reviewer_needs(home):
     result = models("diff", "2", "5")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for text in ("flywheel: v2 → v5", "trusted holdout", "recent holdout", "accuracy",
-                 "log-loss", "disagree on", "parameters: L2 distance", "0.8 / 1e-05",
-                 "15 counterexamples", "pending", "fixed"):
+    for text in (
+        "flywheel: v2 → v5",
+        "trusted holdout",
+        "recent holdout",
+        "accuracy",
+        "log-loss",
+        "disagree on",
+        "parameters: L2 distance",
+        "0.8 / 1e-05",
+        "15 counterexamples",
+        "pending",
+        "fixed",
+    ):
         assert text in out, text
 
 
@@ -234,11 +316,22 @@ def test_card_writes_markdown_and_plots(home, tmp_path):
     assert result.exit_code == 0, result.output
     md = (out / "model-card-v2.md").read_text()
     assert md.startswith("# Model card: flywheel v2")
-    for text in ("## Lineage", "v2 ← v1", "## Data", "40 examples, 15 of them counterexamples",
-                 "## Gate decisions", "| v2 | passed | 0.900 / 0.800 |", "## Privacy spent",
-                 "## Known error types", "38 corrected predictions of v2, 8 wrong",
-                 "| confident | 5 |", "| class_1 | class_2 | 5 |", "(lineage.png)",
-                 "(errors.png)", "privacy ledger"):
+    for text in (
+        "## Lineage",
+        "v2 ← v1",
+        "## Data",
+        "40 examples, 15 of them counterexamples",
+        "## Gate decisions",
+        "| v2 | passed | 0.900 / 0.800 |",
+        "## Privacy spent",
+        "## Known error types",
+        "38 corrected predictions of v2, 8 wrong",
+        "| confident | 5 |",
+        "| class_1 | class_2 | 5 |",
+        "(lineage.png)",
+        "(errors.png)",
+        "privacy ledger",
+    ):
         assert text in md, text
     for png in ("lineage.png", "errors.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -261,9 +354,18 @@ def test_a_long_lineage_is_cut_in_the_card(home):
     registry = registry_at(home)
     parent, spec = "5", default_spec()
     for i in range(32):
-        parent = registry.publish(spec, build_model(spec), tags={
-            "parent_version": parent, "source": "online", "examples": f"ids {i}..{i}",
-            "epsilon": "0.1", "delta": "1e-05", "gate": PASSED})
+        parent = registry.publish(
+            spec,
+            build_model(spec),
+            tags={
+                "parent_version": parent,
+                "source": "online",
+                "examples": f"ids {i}..{i}",
+                "epsilon": "0.1",
+                "delta": "1e-05",
+                "gate": PASSED,
+            },
+        )
     assert models("card", parent).exit_code == 0
     md = (home / "cards" / f"v{parent}" / f"model-card-v{parent}.md").read_text()
     table = md.split("## Lineage", 1)[1].split("## Data", 1)[0]
@@ -310,28 +412,35 @@ def test_reject_keeps_the_champion_and_records_the_decision(home):
     assert registry.champion_version() == "2"
     tags = registry.info("4", with_run=False).tags
     assert (tags["review"], tags["review_by"], tags["review_reason"]) == (
-        "rejected", "alice", "too few recent rows")
+        "rejected",
+        "alice",
+        "too few recent rows",
+    )
     assert json.loads(models("show", "4", "--json").stdout)["status"] == "review rejected"
     # decided once: approving it now is refused
     result = models("approve", "4", "--reason", "changed my mind")
     assert result.exit_code == 1 and "not pending review" in result.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ["approve", "5"],  # --reason is required
-    ["approve", "5", "--reason", "  "],
-    ["reject", "5", "--reason", ""],
-    ["approve", "abc", "--reason", "x"],
-    ["approve", "5", "--reason", "x", "--by", " "],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["approve", "5"],  # --reason is required
+        ["approve", "5", "--reason", "  "],
+        ["reject", "5", "--reason", ""],
+        ["approve", "abc", "--reason", "x"],
+        ["approve", "5", "--reason", "x", "--by", " "],
+    ],
+)
 def test_review_usage_errors(home, args):
     assert models(*args).exit_code == 2
     assert registry_at(home).champion_version() == "2"
 
 
-@pytest.mark.parametrize("version,message", [("3", "not pending review"),
-                                             ("2", "already the champion"),
-                                             ("42", "no version '42'")])
+@pytest.mark.parametrize(
+    "version,message",
+    [("3", "not pending review"), ("2", "already the champion"), ("42", "no version '42'")],
+)
 def test_only_pending_candidates_can_be_decided(home, version, message):
     for verb in ("approve", "reject"):
         result = models(verb, version, "--reason", "x")

@@ -40,12 +40,16 @@ class Case:
     batch: int
     clip: str  # all | some | none: which samples the clip norm scales down
 
-    def build(self, dtype: torch.dtype = torch.float32
-              ) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    def build(
+        self, dtype: torch.dtype = torch.float32
+    ) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
         torch.manual_seed(self.seed)
-        spec = ModelSpec(input_dim=self.input_dim, hidden=list(self.hidden),
-                         labels=[f"c{i}" for i in range(self.n_labels)],
-                         activation=self.activation)  # type: ignore[arg-type]
+        spec = ModelSpec(
+            input_dim=self.input_dim,
+            hidden=list(self.hidden),
+            labels=[f"c{i}" for i in range(self.n_labels)],
+            activation=self.activation,
+        )  # type: ignore[arg-type]
         module = build_model(spec).to(dtype)
         x = (torch.randn(self.batch, self.input_dim) * 3 + 1).to(dtype)
         y = torch.randint(0, self.n_labels, (self.batch,))
@@ -59,11 +63,17 @@ def cases(n: int, seed: int) -> list[Case]:
     out = []
     for i in range(n):
         depth = rng.choice((0, 1, 1, 2, 2, 3))
-        out.append(Case(
-            seed=rng.randrange(10**6), input_dim=rng.choice((1, 3, 8, 20)),
-            hidden=tuple(rng.choice((1, 4, 16, 40)) for _ in range(depth)),
-            n_labels=rng.choice((2, 3, 5)), activation=ACTIVATIONS[i % 3],
-            batch=rng.choice((1, 1, 2, 7, 33, 64)), clip=CLIP_MODES[(i // 3) % 3]))
+        out.append(
+            Case(
+                seed=rng.randrange(10**6),
+                input_dim=rng.choice((1, 3, 8, 20)),
+                hidden=tuple(rng.choice((1, 4, 16, 40)) for _ in range(depth)),
+                n_labels=rng.choice((2, 3, 5)),
+                activation=ACTIVATIONS[i % 3],
+                batch=rng.choice((1, 1, 2, 7, 33, 64)),
+                clip=CLIP_MODES[(i // 3) % 3],
+            )
+        )
     return out
 
 
@@ -75,8 +85,9 @@ def clip_norm(norms: torch.Tensor, mode: str) -> float:
     return float(norms.median()) if len(norms) > 1 else float(norms[0]) * 0.5
 
 
-def opacus_hooks_grads(module: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float,
-                       reduction: str = "sum") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def opacus_hooks_grads(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float, reduction: str = "sum"
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Opacus 1.6 `make_private(grad_sample_mode="hooks")`, noise 0: ({name: p.grad}, the
     per-sample norms Opacus clips by, from its own grad samples)."""
     from opacus import PrivacyEngine
@@ -87,40 +98,51 @@ def opacus_hooks_grads(module: nn.Module, x: torch.Tensor, y: torch.Tensor, c: f
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure RNG and accountant notices
         gsm, dp_opt, _ = PrivacyEngine().make_private(
-            module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-            max_grad_norm=c, loss_reduction=reduction, poisson_sampling=False,
-            grad_sample_mode="hooks")
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=c,
+            loss_reduction=reduction,
+            poisson_sampling=False,
+            grad_sample_mode="hooks",
+        )
     dp_opt.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # full backward hook on a first layer without input grad
         F.cross_entropy(gsm(x), y, reduction=reduction).backward()
-    samples = [p.grad_sample.reshape(len(x), -1) for p in module.parameters()
-               if p.requires_grad]
+    samples = [p.grad_sample.reshape(len(x), -1) for p in module.parameters() if p.requires_grad]
     norms = torch.cat(samples, dim=1).norm(2, dim=1)
     assert dp_opt.pre_step()
-    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters()
-             if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     gsm._close()
     return grads, norms
 
 
-def ours(module: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float,
-         weights: torch.Tensor | None = None, backward: str = "auto",
-         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def ours(
+    module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    c: float,
+    weights: torch.Tensor | None = None,
+    backward: str = "auto",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     for p in module.parameters():
         p.grad = None
-    norms = clip_and_accumulate(module, x, y, c, weights=weights,
-                                backward=backward)  # type: ignore[arg-type]
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters()
-            if p.requires_grad}, norms
+    norms = clip_and_accumulate(module, x, y, c, weights=weights, backward=backward)  # type: ignore[arg-type]
+    return {
+        n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad
+    }, norms
 
 
-def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
-                       tol: float) -> None:
+def assert_grads_close(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float
+) -> None:
     assert got.keys() == want.keys()
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=tol, atol=tol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], want[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 # -- equal to Opacus hooks mode and to the reference -------------------------------------
@@ -139,9 +161,11 @@ def test_clipped_sum_equals_opacus_hooks_float32(case: Case, backward: str):
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norms, opacus_norms, rtol=1e-5, atol=1e-5)
     clipped = norms > c
-    assert {"all": clipped.all(), "none": ~clipped.any(),
-            "some": clipped.any() & ~clipped.all() if case.batch > 2 else clipped.any()
-            }[case.clip]
+    assert {
+        "all": clipped.all(),
+        "none": ~clipped.any(),
+        "some": clipped.any() & ~clipped.all() if case.batch > 2 else clipped.any(),
+    }[case.clip]
 
 
 @pytest.mark.parametrize("backward", ["manual", "autograd"])
@@ -194,7 +218,7 @@ def test_sets_rather_than_accumulates_grads():
 def test_every_sample_contributes_at_most_c():
     module, x, y = Case(5, 8, (16, 16), 3, "gelu", 20, "all").build()
     for i in range(3):
-        grads, norms = ours(module, x[i:i + 1], y[i:i + 1], 0.05)
+        grads, norms = ours(module, x[i : i + 1], y[i : i + 1], 0.05)
         total = torch.cat([g.flatten() for g in grads.values()]).norm()
         assert norms[0] > 0.05 and abs(float(total) - 0.05) < 1e-6
 
@@ -210,8 +234,9 @@ def test_empty_batch_gives_zero_grads():
 @pytest.mark.parametrize("case", cases(12, seed=3), ids=repr)
 def test_weights_multiply_the_clipped_gradients(case: Case):
     module, x, y = case.build(torch.float64)
-    weights = torch.rand(case.batch, generator=torch.Generator().manual_seed(case.seed),
-                         dtype=torch.float64)
+    weights = torch.rand(
+        case.batch, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64
+    )
     weights[0] = 0.0
     _, ref_norms = per_sample_clip_reference(module, x, y, 1.0)
     c = clip_norm(ref_norms, case.clip)
@@ -285,8 +310,11 @@ def test_frozen_parameters_are_left_alone_and_excluded_from_the_norm():
 
 def test_nested_sequential_with_dropout_in_eval_mode():
     torch.manual_seed(11)
-    module = nn.Sequential(nn.Sequential(nn.Linear(5, 7), nn.GELU()), nn.Dropout(0.5),
-                           nn.Linear(7, 3)).double().eval()
+    module = (
+        nn.Sequential(nn.Sequential(nn.Linear(5, 7), nn.GELU()), nn.Dropout(0.5), nn.Linear(7, 3))
+        .double()
+        .eval()
+    )
     x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
     want, want_norms = per_sample_clip_reference(module, x, y, 0.3)
     got, norms = ours(module, x, y, 0.3)
@@ -295,10 +323,15 @@ def test_nested_sequential_with_dropout_in_eval_mode():
 
 
 # -- what it refuses ---------------------------------------------------------------------
-@pytest.mark.parametrize("layer,name", [
-    (nn.LayerNorm(8), "LayerNorm"), (nn.BatchNorm1d(8, affine=False), "BatchNorm1d"),
-    (nn.PReLU(), "PReLU"), (nn.Bilinear(8, 8, 8), "Bilinear"),
-])
+@pytest.mark.parametrize(
+    "layer,name",
+    [
+        (nn.LayerNorm(8), "LayerNorm"),
+        (nn.BatchNorm1d(8, affine=False), "BatchNorm1d"),
+        (nn.PReLU(), "PReLU"),
+        (nn.Bilinear(8, 8, 8), "Bilinear"),
+    ],
+)
 def test_unsupported_layer_is_a_clear_value_error(layer: nn.Module, name: str):
     module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), layer, nn.Linear(8, 3))
     if isinstance(layer, nn.Bilinear):
@@ -314,8 +347,7 @@ def test_unsupported_layer_is_a_clear_value_error(layer: nn.Module, name: str):
 
 def test_the_models_build_model_makes_are_supported():
     for act in ACTIVATIONS:
-        spec = ModelSpec(input_dim=8, hidden=[64, 64], labels=["a", "b"],
-                         activation=act)  # type: ignore[arg-type]
+        spec = ModelSpec(input_dim=8, hidden=[64, 64], labels=["a", "b"], activation=act)  # type: ignore[arg-type]
         assert supports(build_model(spec))
     assert supports(Residual())
 
@@ -403,9 +435,13 @@ def test_a_linear_the_forward_skips_gets_a_zero_gradient():
 # -- the hand-written MLP backward against the autograd one -------------------------------
 # Every activation the hand-written path knows, each as a fresh-module factory.
 MANUAL_ACTS: dict[str, type[nn.Module] | functools.partial[nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
-    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "sigmoid": nn.Sigmoid,
-    "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
     "leaky_relu_0.3": functools.partial(nn.LeakyReLU, 0.3),
 }
 
@@ -414,8 +450,9 @@ def test_every_known_activation_is_tested():
     assert {type(f()) for f in MANUAL_ACTS.values()} == set(MANUAL_ACTIVATIONS)
 
 
-def random_mlp(seed: int, act: str, dtype: torch.dtype) -> tuple[nn.Sequential, torch.Tensor,
-                                                                  torch.Tensor]:
+def random_mlp(
+    seed: int, act: str, dtype: torch.dtype
+) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     """A random Sequential MLP the hand-written path accepts: Standardize or not, 1-4
     Linear layers (some without bias, some partly or wholly frozen), Identity and eval
     Dropout in between, a nested Sequential, sometimes an activation after the last Linear."""
@@ -460,11 +497,13 @@ def test_manual_backward_equals_autograd_and_reference(act: str, seed: int):
     _, ref_norms = per_sample_clip_reference(module, x, y, 1.0)
     c = max(float(ref_norms.median()), 1e-3)  # some samples clipped, some not
     manual, manual_norms = ours(module, x, y, c, weights, backward="manual")
-    _, manual_loss = clip_and_accumulate(module, x, y, c, weights=weights, return_loss=True,
-                                         backward="manual")  # type: ignore[misc]
+    _, manual_loss = clip_and_accumulate(
+        module, x, y, c, weights=weights, return_loss=True, backward="manual"
+    )  # type: ignore[misc]
     auto, auto_norms = ours(module, x, y, c, weights, backward="autograd")
-    _, auto_loss = clip_and_accumulate(module, x, y, c, weights=weights, return_loss=True,
-                                       backward="autograd")  # type: ignore[misc]
+    _, auto_loss = clip_and_accumulate(
+        module, x, y, c, weights=weights, return_loss=True, backward="autograd"
+    )  # type: ignore[misc]
     want, want_norms = per_sample_clip_reference(module, x, y, c, weights=weights)
     assert_grads_close(manual, auto, 1e-12)
     assert_grads_close(manual, want, 1e-10)
@@ -519,13 +558,16 @@ def _fallback_models() -> list[tuple[str, nn.Module]]:
         ("ReLU subclass", nn.Sequential(nn.Linear(6, 6), ReLUSubclass(), nn.Linear(6, 4))),
         ("unknown activation", nn.Sequential(nn.Linear(6, 6), nn.Softplus(), nn.Linear(6, 4))),
         ("frozen LayerNorm", nn.Sequential(nn.Linear(6, 6), frozen_norm, nn.Linear(6, 4))),
-        ("Linear in a container", nn.Sequential(nn.Linear(6, 12), nn.Tanh(), Wrapped(),
-                                                nn.Linear(12, 4))),
+        (
+            "Linear in a container",
+            nn.Sequential(nn.Linear(6, 12), nn.Tanh(), Wrapped(), nn.Linear(12, 4)),
+        ),
     ]
 
 
-@pytest.mark.parametrize("name,module", _fallback_models(), ids=lambda v: v if isinstance(
-    v, str) else "")
+@pytest.mark.parametrize(
+    "name,module", _fallback_models(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_unknown_modules_fall_back_to_autograd(name: str, module: nn.Module):
     module = module.double()
     torch.manual_seed(15)
@@ -552,8 +594,9 @@ def test_shared_linear_in_a_sequential_is_left_to_autograd_which_refuses_it():
     module = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(6, 2))
     assert not uses_manual_backward(module)
     frozen = nn.Linear(6, 6).requires_grad_(False)  # a shared frozen Linear is fine
-    assert uses_manual_backward(nn.Sequential(nn.Linear(6, 6), frozen, nn.ReLU(), frozen,
-                                              nn.Linear(6, 2)))
+    assert uses_manual_backward(
+        nn.Sequential(nn.Linear(6, 6), frozen, nn.ReLU(), frozen, nn.Linear(6, 2))
+    )
 
 
 def test_tied_weights_are_refused_on_both_paths():
@@ -575,8 +618,9 @@ def test_manual_path_refuses_inputs_that_are_not_2d():
     with pytest.raises(ValueError, match=r"layer '1'.*2-D"):
         clip_and_accumulate(module, torch.randn(5, 8), torch.randint(0, 3, (5,)), 1.0)
     with pytest.raises(ValueError, match=r"layer '0'.*2-D"):
-        clip_and_accumulate(nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 2, 4),
-                            torch.randint(0, 3, (5,)), 1.0)
+        clip_and_accumulate(
+            nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 2, 4), torch.randint(0, 3, (5,)), 1.0
+        )
 
 
 def test_unknown_backward_is_refused():
@@ -593,8 +637,7 @@ def test_accumulate_adds_to_the_grads_already_there(backward: str):
     for n, p in module.named_parameters():
         p.grad = start[n].clone()
     module[1].bias.grad = None  # no grad yet: set, as without accumulate
-    clip_and_accumulate(module, x, y, 0.3, accumulate=True,
-                        backward=backward)  # type: ignore[arg-type]
+    clip_and_accumulate(module, x, y, 0.3, accumulate=True, backward=backward)  # type: ignore[arg-type]
     for n, p in module.named_parameters():
         want = clipped[n] if n == "1.bias" else start[n] + clipped[n]
         torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
@@ -615,7 +658,8 @@ def test_accumulate_through_the_hooked_path_keeps_unused_grads():
 @pytest.mark.parametrize("engine", ["fused", "opacus"])
 @pytest.mark.parametrize("sample_rate,divisor", [(0.5, 20.0), (1e-9, 1.0)])
 def test_dp_update_gradient_noise_has_std_sigma_c_over_the_expected_batch(
-        engine: str, sample_rate: float, divisor: float):
+    engine: str, sample_rate: float, divisor: float
+):
     """Each step's gradient is (Σ clipped + N(0, σ²C²)) / max(E, 1), E = q · sources: with
     σ huge the update is the noise, whose std must be σC / max(E, 1) exactly as before the
     kernel started adding the clipped sum onto a pre-drawn noise buffer (sample_rate 1e-9:
@@ -628,15 +672,27 @@ def test_dp_update_gradient_noise_has_std_sigma_c_over_the_expected_batch(
     module = build_model(ModelSpec(input_dim=16, hidden=[640], labels=list("abcd")))
     before = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
     rng = np.random.default_rng(0)
-    batch = PrivateBatch(x=rng.normal(size=(40, 16)).astype(np.float32),
-                         y=rng.integers(0, 4, 40), weight=np.ones(40, np.float32),
-                         sources=np.arange(40), public=np.zeros(40, bool))
+    batch = PrivateBatch(
+        x=rng.normal(size=(40, 16)).astype(np.float32),
+        y=rng.integers(0, 4, 40),
+        weight=np.ones(40, np.float32),
+        sources=np.arange(40),
+        public=np.zeros(40, bool),
+    )
     sigma, clip = 1000.0, 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dp_update(module, torch.optim.SGD(module.parameters(), lr=1.0), batch, steps=1,
-                  sample_rate=sample_rate, noise_multiplier=sigma, max_grad_norm=clip,
-                  generator=torch.Generator().manual_seed(1), engine=engine)  # type: ignore[arg-type]
+        dp_update(
+            module,
+            torch.optim.SGD(module.parameters(), lr=1.0),
+            batch,
+            steps=1,
+            sample_rate=sample_rate,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            generator=torch.Generator().manual_seed(1),
+            engine=engine,
+        )  # type: ignore[arg-type]
     step = before - torch.cat([p.detach().flatten() for p in module.parameters()])
     want = sigma * clip / divisor
     assert float(step.std()) == pytest.approx(want, rel=0.03)  # 13,444 values: 0.6 % s.e.

@@ -62,17 +62,22 @@ def _model(seed: int = 0) -> nn.Module:
     return build_model(ModelSpec(input_dim=5, hidden=[8, 6], labels=["a", "b", "c"]))
 
 
-def _batch(n: int = 24, seed: int = 0, sources: np.ndarray | None = None,
-           public: int = 0) -> PrivateBatch:
+def _batch(
+    n: int = 24, seed: int = 0, sources: np.ndarray | None = None, public: int = 0
+) -> PrivateBatch:
     rng = np.random.default_rng(seed)
     src = np.arange(n) if sources is None else sources
     pub = np.zeros(n, bool)
     if public:
         pub[-public:] = True
         src = np.where(pub, -1, src)
-    return PrivateBatch(rng.normal(size=(n, 5)).astype(np.float32) * 3,
-                        rng.integers(0, 3, n), rng.uniform(0.2, 1.0, n).astype(np.float32),
-                        src, pub)
+    return PrivateBatch(
+        rng.normal(size=(n, 5)).astype(np.float32) * 3,
+        rng.integers(0, 3, n),
+        rng.uniform(0.2, 1.0, n).astype(np.float32),
+        src,
+        pub,
+    )
 
 
 def _params(module: nn.Module) -> torch.Tensor:
@@ -81,9 +86,17 @@ def _params(module: nn.Module) -> torch.Tensor:
 
 def _step(module, batch, sigma, seed, engine="opacus", lr=0.1):
     opt = torch.optim.SGD(module.parameters(), lr=lr)
-    return dp_update(module, opt, batch, steps=1, sample_rate=1.0, noise_multiplier=sigma,
-                     max_grad_norm=0.5, generator=torch.Generator().manual_seed(seed),
-                     engine=engine)
+    return dp_update(
+        module,
+        opt,
+        batch,
+        steps=1,
+        sample_rate=1.0,
+        noise_multiplier=sigma,
+        max_grad_norm=0.5,
+        generator=torch.Generator().manual_seed(seed),
+        engine=engine,
+    )
 
 
 def test_two_seeds_from_one_state_give_different_models():
@@ -100,16 +113,17 @@ def _reference_clipped_sgd(module, batch, clip, lr):
     counts = {s: int((batch.sources == s).sum()) for s in set(batch.sources.tolist())}
     for i in range(len(y)):
         module.zero_grad()
-        nn.functional.cross_entropy(module(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        nn.functional.cross_entropy(module(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
         grads = [p.grad.clone() for p in module.parameters()]
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
         factor = min(1.0, clip / (float(norm) + 1e-6)) * float(batch.weight[i])
         if not batch.public[i]:
             factor /= counts[int(batch.sources[i])]
         for t, g in zip(total, grads, strict=True):
             t += factor * g
-    expected = len({s for s, p in zip(batch.sources, batch.public, strict=True) if not p}) \
-        + int(batch.public.sum())
+    expected = len({s for s, p in zip(batch.sources, batch.public, strict=True) if not p}) + int(
+        batch.public.sum()
+    )
     with torch.no_grad():
         for p, t in zip(module.parameters(), total, strict=True):
             p -= lr * t / expected
@@ -130,8 +144,16 @@ def test_sigma_zero_is_clipped_sgd_with_one_clip_norm_per_source(engine):
 def test_poisson_sampling_changes_the_batch_from_step_to_step():
     module = _model()
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
-    stats = dp_update(module, opt, _batch(200), steps=20, sample_rate=0.3, noise_multiplier=1.0,
-                      max_grad_norm=1.0, generator=torch.Generator().manual_seed(0))
+    stats = dp_update(
+        module,
+        opt,
+        _batch(200),
+        steps=20,
+        sample_rate=0.3,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert 45 < stats.sampled_sources < 75  # about 0.3 * 200 per step
 
 

@@ -84,20 +84,35 @@ def test_gate_records_the_quantized_accuracy_delta_only_when_asked():
     cand, x, y = trained(0)
     champ, _, _ = trained(1)
     trusted, recent = Holdout(x, y), Holdout(x[:100], y[:100])
-    plain = evaluate_gate(cand, champ, trusted=trusted, recent=recent, tolerance=0.02,
-                          min_recent=10)
+    plain = evaluate_gate(
+        cand, champ, trusted=trusted, recent=recent, tolerance=0.02, min_recent=10
+    )
     assert plain.quant_accuracy_delta is None
     assert "gate_quant_accuracy_delta" not in plain.metrics()
     assert "fp32" not in plain.summary()
-    q = evaluate_gate(cand, champ, trusted=trusted, recent=recent, tolerance=0.02,
-                      min_recent=10, serve_precision="int8")
+    q = evaluate_gate(
+        cand,
+        champ,
+        trusted=trusted,
+        recent=recent,
+        tolerance=0.02,
+        min_recent=10,
+        serve_precision="int8",
+    )
     assert q.passed == plain.passed and q.reason == plain.reason  # reported, never decides
     assert q.quant_precision == "int8"
     assert q.quant_accuracy_delta == pytest.approx(precision_delta(cand, x, y, "int8"))
     assert q.metrics()["gate_quant_accuracy_delta"] == pytest.approx(q.quant_accuracy_delta)
     assert "int8 vs fp32" in q.summary()
-    short = evaluate_gate(cand, champ, trusted=trusted, recent=Holdout(x[:3], y[:3]),
-                          tolerance=0.02, min_recent=10, serve_precision="bf16")
+    short = evaluate_gate(
+        cand,
+        champ,
+        trusted=trusted,
+        recent=Holdout(x[:3], y[:3]),
+        tolerance=0.02,
+        min_recent=10,
+        serve_precision="bf16",
+    )
     assert not short.passed and short.quant_precision == "bf16"
 
 
@@ -114,9 +129,11 @@ def test_served_model_info_names_its_precision(tmp_path, precision):
     module, x, _ = trained()
     served = ServedModel.prepare("m", "3", SPEC, module, precision)
     assert served.precision == precision
-    np.testing.assert_allclose(served.predict_proba(x[:5]),
-                               torch.softmax(module(torch.from_numpy(x[:5])), 1).detach(),
-                               atol=0.1)
+    np.testing.assert_allclose(
+        served.predict_proba(x[:5]),
+        torch.softmax(module(torch.from_numpy(x[:5])), 1).detach(),
+        atol=0.1,
+    )
     holder = ModelHolder()
     holder.swap(served)
     log = EventLog(lambda: NullSink(), Spool(tmp_path / "spool", fsync=False))

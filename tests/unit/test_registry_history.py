@@ -16,8 +16,14 @@ from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry, RegistryError
 from flywheel.settings import CHAMPION_ALIAS, Settings, prepare_home
 
-TAGS = {"parent_version": "", "source": "manual", "examples": "seed[0,10)", "epsilon": "none",
-        "delta": "none", "gate": "test"}
+TAGS = {
+    "parent_version": "",
+    "source": "manual",
+    "examples": "seed[0,10)",
+    "epsilon": "none",
+    "delta": "none",
+    "gate": "test",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +34,12 @@ def template(tmp_path_factory) -> Path:
     prepare_home(settings)
     registry = Registry.of(settings)
     spec = ModelSpec(input_dim=2, hidden=[2], labels=["a", "b"])
-    versions = [registry.publish(spec, build_model(spec), tags=TAGS,
-                                 metrics={"holdout_accuracy": 0.5 + i / 10})
-                for i in range(3)]
+    versions = [
+        registry.publish(
+            spec, build_model(spec), tags=TAGS, metrics={"holdout_accuracy": 0.5 + i / 10}
+        )
+        for i in range(3)
+    ]
     assert versions == ["1", "2", "3"]
     return home
 

@@ -38,13 +38,22 @@ class NullSink:
         pass
 
 
-def _publish(registry: Registry, parent: str, source: str, epsilon: str = "none",
-             gate: str = PASSED) -> str:
-    return registry.publish(SPEC, build_model(SPEC), tags={
-        "parent_version": parent, "source": source, "examples": "[0,100)", "epsilon": epsilon,
-        "delta": "none" if epsilon == "none" else "1e-05", "gate": gate},
-        metrics={"gate_passed": 1.0, "gate_recent_candidate": 0.81,
-                 "gate_trusted_candidate": 0.95})
+def _publish(
+    registry: Registry, parent: str, source: str, epsilon: str = "none", gate: str = PASSED
+) -> str:
+    return registry.publish(
+        SPEC,
+        build_model(SPEC),
+        tags={
+            "parent_version": parent,
+            "source": source,
+            "examples": "[0,100)",
+            "epsilon": epsilon,
+            "delta": "none" if epsilon == "none" else "1e-05",
+            "gate": gate,
+        },
+        metrics={"gate_passed": 1.0, "gate_recent_candidate": 0.81, "gate_trusted_candidate": 0.95},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +117,11 @@ def test_the_page_and_its_files_are_served_self_contained(readonly):
 def test_config_says_whether_admin_actions_exist(readonly, admin):
     assert readonly.get("/v1/review/config").json()["admin_enabled"] is False
     assert admin.get("/v1/review/config").json() == {
-        "model_name": "flywheel", "admin_enabled": True, "auto_promote": True,
-        "registry_poll_s": 10.0}
+        "model_name": "flywheel",
+        "admin_enabled": True,
+        "auto_promote": True,
+        "registry_poll_s": 10.0,
+    }
     assert TOKEN not in admin.get("/v1/review/config").text
 
 
@@ -128,7 +140,9 @@ def test_versions_timeline_has_gate_results_and_review_state(readonly):
 
 def test_pending_errors_and_privacy_read_without_a_store(readonly):
     assert [p["version"] for p in readonly.get("/v1/review/pending").json()["pending"]] == [
-        "3", "4"]
+        "3",
+        "4",
+    ]
     errors = readonly.get("/v1/review/errors?hours=24").json()
     assert errors["available"] is False and "no training store" in errors["note"]
     assert readonly.get("/v1/review/errors?hours=-1").status_code == 422
@@ -138,21 +152,27 @@ def test_pending_errors_and_privacy_read_without_a_store(readonly):
 
 
 def test_without_a_configured_token_admin_actions_are_forbidden(readonly):
-    for path in ("/v1/review/versions/3/approve", "/v1/review/versions/3/reject",
-                 "/v1/review/rollback"):
+    for path in (
+        "/v1/review/versions/3/approve",
+        "/v1/review/versions/3/reject",
+        "/v1/review/rollback",
+    ):
         r = readonly.post(path, json={"reason": "ok"}, headers=AUTH)
         assert r.status_code == 403, path
         assert "FLYWHEEL_ADMIN_TOKEN" in r.json()["detail"]
     assert readonly.registry.champion_version() == "2"
 
 
-@pytest.mark.parametrize("headers,detail", [
-    ({}, "Authorization: Bearer"),
-    ({"Authorization": TOKEN}, "Authorization: Bearer"),
-    ({"Authorization": "Basic " + TOKEN}, "Authorization: Bearer"),
-    ({"Authorization": "Bearer wrong"}, "wrong admin token"),
-    ({"Authorization": f"Bearer {TOKEN}x"}, "wrong admin token"),
-])
+@pytest.mark.parametrize(
+    "headers,detail",
+    [
+        ({}, "Authorization: Bearer"),
+        ({"Authorization": TOKEN}, "Authorization: Bearer"),
+        ({"Authorization": "Basic " + TOKEN}, "Authorization: Bearer"),
+        ({"Authorization": "Bearer wrong"}, "wrong admin token"),
+        ({"Authorization": f"Bearer {TOKEN}x"}, "wrong admin token"),
+    ],
+)
 def test_a_missing_or_wrong_token_is_unauthorized(admin, headers, detail):
     r = admin.post("/v1/review/versions/3/approve", json={"reason": "ok"}, headers=headers)
     assert r.status_code == 401 and detail in r.json()["detail"]
@@ -160,19 +180,22 @@ def test_a_missing_or_wrong_token_is_unauthorized(admin, headers, detail):
     assert admin.registry.champion_version() == "2"
 
 
-@pytest.mark.parametrize("path,body,status,detail", [
-    ("/v1/review/versions/42/approve", {"reason": "ok"}, 404, "no version '42'"),
-    ("/v1/review/versions/abc/approve", {"reason": "ok"}, 422, "version"),
-    ("/v1/review/versions/0/approve", {"reason": "ok"}, 422, "version"),
-    ("/v1/review/versions/3/approve", {"reason": "   "}, 422, "reason"),
-    ("/v1/review/versions/3/approve", {}, 422, "reason: field required"),
-    ("/v1/review/versions/3/approve", {"reason": "x" * 1001}, 422, "reason"),
-    ("/v1/review/versions/3/approve", {"reason": "ok\u0000"}, 422, "control character"),
-    ("/v1/review/versions/3/approve", {"reason": "ok", "extra": 1}, 422, "extra"),
-    ("/v1/review/versions/3/approve", {"reason": "ok", "by": "<script>"}, 422, "by"),
-    ("/v1/review/versions/1/approve", {"reason": "ok"}, 409, "not pending review"),
-    ("/v1/review/versions/2/reject", {"reason": "ok"}, 409, "already the champion"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,detail",
+    [
+        ("/v1/review/versions/42/approve", {"reason": "ok"}, 404, "no version '42'"),
+        ("/v1/review/versions/abc/approve", {"reason": "ok"}, 422, "version"),
+        ("/v1/review/versions/0/approve", {"reason": "ok"}, 422, "version"),
+        ("/v1/review/versions/3/approve", {"reason": "   "}, 422, "reason"),
+        ("/v1/review/versions/3/approve", {}, 422, "reason: field required"),
+        ("/v1/review/versions/3/approve", {"reason": "x" * 1001}, 422, "reason"),
+        ("/v1/review/versions/3/approve", {"reason": "ok\u0000"}, 422, "control character"),
+        ("/v1/review/versions/3/approve", {"reason": "ok", "extra": 1}, 422, "extra"),
+        ("/v1/review/versions/3/approve", {"reason": "ok", "by": "<script>"}, 422, "by"),
+        ("/v1/review/versions/1/approve", {"reason": "ok"}, 409, "not pending review"),
+        ("/v1/review/versions/2/reject", {"reason": "ok"}, 409, "already the champion"),
+    ],
+)
 def test_inputs_are_validated_before_anything_moves(admin, path, body, status, detail):
     r = admin.post(path, json=body, headers=AUTH)
     assert r.status_code == status, r.text
@@ -181,15 +204,26 @@ def test_inputs_are_validated_before_anything_moves(admin, path, body, status, d
 
 
 def test_approve_moves_the_champion_and_records_the_review(admin):
-    r = admin.post("/v1/review/versions/v4/approve", headers=AUTH,
-                   json={"reason": "ε within budget", "by": "alice"})
+    r = admin.post(
+        "/v1/review/versions/v4/approve",
+        headers=AUTH,
+        json={"reason": "ε within budget", "by": "alice"},
+    )
     assert r.status_code == 200, r.text
-    assert r.json() == {"approved": "4", "champion": "4", "previous": "2", "by": "alice",
-                        "reason": "ε within budget"}
+    assert r.json() == {
+        "approved": "4",
+        "champion": "4",
+        "previous": "2",
+        "by": "alice",
+        "reason": "ε within budget",
+    }
     assert admin.registry.champion_version() == "4"
     tags = admin.registry.info("4", with_run=False).tags
     assert (tags["review"], tags["review_by"], tags["review_reason"]) == (
-        "approved", "alice", "ε within budget")
+        "approved",
+        "alice",
+        "ε within budget",
+    )
     assert tags["promoted_by"] == "alice"
     assert [p["version"] for p in admin.get("/v1/review/pending").json()["pending"]] == ["3"]
 

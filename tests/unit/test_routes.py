@@ -48,11 +48,14 @@ def bare_app(state: ServiceState, *routers) -> FastAPI:
 
 def fake_state(tmp_path) -> ServiceState:
     settings = Settings(home=tmp_path, max_batch=2)
-    return ServiceState(config=ServiceConfig.of(settings), holder=ModelHolder(),
-                        metrics=ServiceMetrics.create(),
-                        registry=SharedRegistry(settings.state, settings.registry),
-                        store=SharedStore(settings.state),
-                        event_log=FakeEventLog())  # type: ignore[arg-type]
+    return ServiceState(
+        config=ServiceConfig.of(settings),
+        holder=ModelHolder(),
+        metrics=ServiceMetrics.create(),
+        registry=SharedRegistry(settings.state, settings.registry),
+        store=SharedStore(settings.state),
+        event_log=FakeEventLog(),
+    )  # type: ignore[arg-type]
 
 
 def test_the_model_router_alone_answers_503_then_the_model_it_is_given(tmp_path):
@@ -77,10 +80,18 @@ def test_the_predict_router_logs_to_the_state_it_is_given(tmp_path):
     assert r.status_code == 200
     ids = [p["id"] for p in r.json()["predictions"]]
     assert [rec.key.decode() for rec in state.event_log.records] == ids  # type: ignore[union-attr]
-    assert state.metrics.registry.get_sample_value(
-        "flywheel_predictions_total", {"model_version": "7"}) == 2
+    assert (
+        state.metrics.registry.get_sample_value(
+            "flywheel_predictions_total", {"model_version": "7"}
+        )
+        == 2
+    )
     too_many = client.post("/v1/predict", json={"instances": [[0, 0, 0]] * 3})
     assert too_many.status_code == 413
     assert "FLYWHEEL_MAX_BATCH" in too_many.json()["detail"]
-    assert client.get("/readyz").json() == {"ready": True, "model_version": "7",
-                                            "kafka_connected": True, "spooled_records": 0}
+    assert client.get("/readyz").json() == {
+        "ready": True,
+        "model_version": "7",
+        "kafka_connected": True,
+        "spooled_records": 0,
+    }

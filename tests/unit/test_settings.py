@@ -20,8 +20,12 @@ def test_defaults_put_every_store_under_home(tmp_path, monkeypatch):
     assert s.resolved_database_url == f"sqlite:///{tmp_path / 'h' / 'flywheel.db'}"
     assert s.resolved_mlflow_uri == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}"
     assert s.spool_path.is_relative_to(tmp_path / "h")
-    assert s.topics == ["flywheel.predictions", "flywheel.corrections",
-                        "flywheel.model-events", "flywheel.deadletter"]
+    assert s.topics == [
+        "flywheel.predictions",
+        "flywheel.corrections",
+        "flywheel.model-events",
+        "flywheel.deadletter",
+    ]
 
 
 def test_environment_overrides(monkeypatch):
@@ -30,7 +34,10 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("FLYWHEEL_MAX_BATCH", "7")
     s = load_settings()
     assert (s.kafka_bootstrap, s.resolved_database_url, s.max_batch) == (
-        "k1:9092,k2:9093", "postgresql://u@db/x", 7)
+        "k1:9092,k2:9093",
+        "postgresql://u@db/x",
+        7,
+    )
 
 
 def test_unknown_variable_is_named(monkeypatch):
@@ -39,23 +46,26 @@ def test_unknown_variable_is_named(monkeypatch):
         load_settings()
 
 
-@pytest.mark.parametrize("var,value,fragment", [
-    ("FLYWHEEL_KAFKA_BOOTSTRAP", "localhost", "host:port"),
-    ("FLYWHEEL_KAFKA_BOOTSTRAP", "h:99999", "host:port"),
-    ("FLYWHEEL_MAX_BATCH", "0", "FLYWHEEL_MAX_BATCH"),
-    ("FLYWHEEL_PORT", "abc", "FLYWHEEL_PORT"),
-    ("FLYWHEEL_TOPIC_CORRECTIONS", "flywheel.predictions", "distinct"),
-    ("FLYWHEEL_FED_SUPERLINK", "nope", "FLYWHEEL_FED_SUPERLINK: .*expected host:port"),
-    ("FLYWHEEL_TOPIC_PREDICTIONS", "", "FLYWHEEL_TOPIC_PREDICTIONS: .*Kafka topic name"),
-    ("FLYWHEEL_TOPIC_DEADLETTER", "dead letters", "FLYWHEEL_TOPIC_DEADLETTER"),
-    ("FLYWHEEL_MODEL_NAME", " ", "FLYWHEEL_MODEL_NAME"),
-    ("FLYWHEEL_DATABASE_URL", "postgresql://[::1", "FLYWHEEL_DATABASE_URL: .*not a usable URL"),
-    ("FLYWHEEL_MLFLOW_TRACKING_URI", "http://h:port/x", "FLYWHEEL_MLFLOW_TRACKING_URI"),
-    # beyond datetime's range once added to now: refused, not a crash in the worker later
-    ("FLYWHEEL_CORRECTION_EXPIRY_S", "1e11", "FLYWHEEL_CORRECTION_EXPIRY_S"),
-    ("FLYWHEEL_CORRECTION_EXPIRY_S", "inf", "FLYWHEEL_CORRECTION_EXPIRY_S"),
-    ("FLYWHEEL_COUNTEREXAMPLE_WINDOW_S", "1e11", "FLYWHEEL_COUNTEREXAMPLE_WINDOW_S"),
-])
+@pytest.mark.parametrize(
+    "var,value,fragment",
+    [
+        ("FLYWHEEL_KAFKA_BOOTSTRAP", "localhost", "host:port"),
+        ("FLYWHEEL_KAFKA_BOOTSTRAP", "h:99999", "host:port"),
+        ("FLYWHEEL_MAX_BATCH", "0", "FLYWHEEL_MAX_BATCH"),
+        ("FLYWHEEL_PORT", "abc", "FLYWHEEL_PORT"),
+        ("FLYWHEEL_TOPIC_CORRECTIONS", "flywheel.predictions", "distinct"),
+        ("FLYWHEEL_FED_SUPERLINK", "nope", "FLYWHEEL_FED_SUPERLINK: .*expected host:port"),
+        ("FLYWHEEL_TOPIC_PREDICTIONS", "", "FLYWHEEL_TOPIC_PREDICTIONS: .*Kafka topic name"),
+        ("FLYWHEEL_TOPIC_DEADLETTER", "dead letters", "FLYWHEEL_TOPIC_DEADLETTER"),
+        ("FLYWHEEL_MODEL_NAME", " ", "FLYWHEEL_MODEL_NAME"),
+        ("FLYWHEEL_DATABASE_URL", "postgresql://[::1", "FLYWHEEL_DATABASE_URL: .*not a usable URL"),
+        ("FLYWHEEL_MLFLOW_TRACKING_URI", "http://h:port/x", "FLYWHEEL_MLFLOW_TRACKING_URI"),
+        # beyond datetime's range once added to now: refused, not a crash in the worker later
+        ("FLYWHEEL_CORRECTION_EXPIRY_S", "1e11", "FLYWHEEL_CORRECTION_EXPIRY_S"),
+        ("FLYWHEEL_CORRECTION_EXPIRY_S", "inf", "FLYWHEEL_CORRECTION_EXPIRY_S"),
+        ("FLYWHEEL_COUNTEREXAMPLE_WINDOW_S", "1e11", "FLYWHEEL_COUNTEREXAMPLE_WINDOW_S"),
+    ],
+)
 def test_bad_values_say_what_is_wrong(monkeypatch, var, value, fragment):
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=fragment):
@@ -70,8 +80,12 @@ def test_a_refused_url_is_echoed_without_its_password(monkeypatch):
 
 
 def test_known_variables_cover_the_design_contract():
-    assert {"FLYWHEEL_HOME", "FLYWHEEL_KAFKA_BOOTSTRAP", "FLYWHEEL_DATABASE_URL",
-            "FLYWHEEL_MLFLOW_TRACKING_URI"} <= known_variables()
+    assert {
+        "FLYWHEEL_HOME",
+        "FLYWHEEL_KAFKA_BOOTSTRAP",
+        "FLYWHEEL_DATABASE_URL",
+        "FLYWHEEL_MLFLOW_TRACKING_URI",
+    } <= known_variables()
 
 
 def test_prepare_home_keeps_tool_state_inside(tmp_path, monkeypatch):
@@ -84,13 +98,16 @@ def test_prepare_home_keeps_tool_state_inside(tmp_path, monkeypatch):
     assert (home / "spool").is_dir()
 
 
-@pytest.mark.parametrize("text,shown", [
-    ("postgresql://u:secret@127.0.0.1:5432/db", "postgresql://u:***@127.0.0.1:5432/db"),
-    ("http://u:p@ss@host:5000/x", "http://u:***@host:5000/x"),  # a raw "@" in the password
-    ("at postgresql://u:pw@[::1]/x: refused", "at postgresql://u:***@[::1]/x: refused"),
-    ("http://host:5000/x", "http://host:5000/x"),
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-])
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        ("postgresql://u:secret@127.0.0.1:5432/db", "postgresql://u:***@127.0.0.1:5432/db"),
+        ("http://u:p@ss@host:5000/x", "http://u:***@host:5000/x"),  # a raw "@" in the password
+        ("at postgresql://u:pw@[::1]/x: refused", "at postgresql://u:***@[::1]/x: refused"),
+        ("http://host:5000/x", "http://host:5000/x"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ],
+)
 def test_mask_credentials_hides_every_character_of_a_password(text, shown):
     from flywheel.settings import mask_credentials
 
@@ -116,7 +133,10 @@ def test_a_group_and_settings_share_one_default_and_description():
         for name, field in group.model_fields.items():
             flat = Settings.model_fields[name]
             assert (field.default, field.description, field.metadata) == (
-                flat.default, flat.description, flat.metadata), name
+                flat.default,
+                flat.description,
+                flat.metadata,
+            ), name
 
 
 def test_settings_hand_out_their_groups():

@@ -52,8 +52,11 @@ def session(engine: Engine) -> Iterator[Session]:
 
 def _example(**overrides: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "dedup_key": "seed:1", "origin": Origin.SEED, "features": [0.5, -1.25, 3.0],
-        "label": "cat", "split": Split.TRAIN,
+        "dedup_key": "seed:1",
+        "origin": Origin.SEED,
+        "features": [0.5, -1.25, 3.0],
+        "label": "cat",
+        "split": Split.TRAIN,
     }
     return row | overrides
 
@@ -66,10 +69,18 @@ def test_allowed_values_are_exported() -> None:
 
 
 def test_prediction_round_trip(session: Session) -> None:
-    session.add(Prediction(
-        id="p1", model_name="flywheel", model_version="3", features=[1.0, 2.5],
-        probabilities={"cat": 0.75, "dog": 0.25}, label="cat", created_at=T0, latency_ms=1.5,
-    ))
+    session.add(
+        Prediction(
+            id="p1",
+            model_name="flywheel",
+            model_version="3",
+            features=[1.0, 2.5],
+            probabilities={"cat": 0.75, "dog": 0.25},
+            label="cat",
+            created_at=T0,
+            latency_ms=1.5,
+        )
+    )
     session.commit()
     session.expunge_all()
 
@@ -97,16 +108,25 @@ def test_times_are_stored_as_utc(session: Session) -> None:
 
 
 def test_naive_datetimes_are_rejected(session: Session) -> None:
-    session.add(Correction(id="c1", prediction_id="p1", label="dog",
-                           created_at=datetime(2025, 3, 1, 12, 0)))
+    session.add(
+        Correction(id="c1", prediction_id="p1", label="dog", created_at=datetime(2025, 3, 1, 12, 0))
+    )
     with pytest.raises(StatementError, match="naive datetime"):
         session.commit()
 
 
 def test_example_defaults_and_growing_ids(session: Session) -> None:
     first = Example(**_example(dedup_key="a"))
-    second = Example(**_example(dedup_key="b", origin=Origin.CORRECTION, error_type="confident",
-                                parent_prediction_id="p1", weight=2.0, source="client-1"))
+    second = Example(
+        **_example(
+            dedup_key="b",
+            origin=Origin.CORRECTION,
+            error_type="confident",
+            parent_prediction_id="p1",
+            weight=2.0,
+            source="client-1",
+        )
+    )
     session.add_all([first, second])
     session.commit()
     assert first.id < second.id
@@ -163,13 +183,16 @@ def test_insert_ignoring_duplicates_makes_rewrites_harmless(session: Session) ->
     assert session.scalars(select(Correction.label)).all() == ["dog"]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("origin", "scraped"),
-    ("split", "test"),
-    ("error_type", "weird"),
-    ("weight", 0.0),
-    ("weight", -1.0),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("origin", "scraped"),
+        ("split", "test"),
+        ("error_type", "weird"),
+        ("weight", 0.0),
+        ("weight", -1.0),
+    ],
+)
 def test_check_constraints_reject_bad_examples(session: Session, field: str, value: Any) -> None:
     session.add(Example(**_example(**{field: value})))
     with pytest.raises(IntegrityError, match="CHECK constraint"):
@@ -177,8 +200,7 @@ def test_check_constraints_reject_bad_examples(session: Session, field: str, val
 
 
 def test_check_constraint_rejects_bad_correction_status(session: Session) -> None:
-    session.add(Correction(id="c1", prediction_id="p1", label="dog", created_at=T0,
-                           status="lost"))
+    session.add(Correction(id="c1", prediction_id="p1", label="dog", created_at=T0, status="lost"))
     with pytest.raises(IntegrityError, match="CHECK constraint"):
         session.commit()
 

@@ -24,8 +24,9 @@ from flywheel.kernels import clip_and_accumulate, clip_and_accumulate_triton, tr
 from flywheel.kernels.reference import per_sample_clip_reference
 from flywheel.modelspec import ModelSpec, build_model
 
-pytestmark = pytest.mark.skipif(not triton_available(),
-                                reason="triton is not installed (pip install triton)")
+pytestmark = pytest.mark.skipif(
+    not triton_available(), reason="triton is not installed (pip install triton)"
+)
 
 # (seed, input_dim, hidden, labels, batch): widths below, at and across the 32-wide
 # tiles, batches that leave a partial block of rows, a batch of one.
@@ -39,13 +40,21 @@ CASES = [
 TOLERANCE = 1e-5
 
 
-def model_and_batch(seed: int, input_dim: int, hidden: tuple[int, ...], labels: int,
-                    batch: int, activation: str = "relu",
-                    ) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+def model_and_batch(
+    seed: int,
+    input_dim: int,
+    hidden: tuple[int, ...],
+    labels: int,
+    batch: int,
+    activation: str = "relu",
+) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
-    spec = ModelSpec(input_dim=input_dim, hidden=list(hidden),
-                     labels=[f"c{i}" for i in range(labels)],
-                     activation=activation)  # type: ignore[arg-type]
+    spec = ModelSpec(
+        input_dim=input_dim,
+        hidden=list(hidden),
+        labels=[f"c{i}" for i in range(labels)],
+        activation=activation,
+    )  # type: ignore[arg-type]
     module = build_model(spec)
     x = torch.randn(batch, input_dim) * 2 + 0.5
     y = torch.randint(0, labels, (batch,))
@@ -65,8 +74,9 @@ def max_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> fl
 
 def interpreter_checks() -> dict[str, Any]:
     """Run in the child process: every case, unweighted and weighted, plus edge cases."""
-    out: dict[str, Any] = {"interpreting": __import__("flywheel.kernels", fromlist=["x"])
-                           .triton_interpreting()}
+    out: dict[str, Any] = {
+        "interpreting": __import__("flywheel.kernels", fromlist=["x"]).triton_interpreting()
+    }
     for case in CASES:
         for weighted in (False, True):
             module, x, y = model_and_batch(*case)
@@ -77,7 +87,8 @@ def interpreter_checks() -> dict[str, Any]:
             norms = clip_and_accumulate_triton(module, x, y, clip, weights=weights)
             out[f"case{case[0]}-{'weighted' if weighted else 'unweighted'}"] = {
                 "norms": max_error({"n": norms}, {"n": norms_ref}),
-                "grads": max_error(grads_of(module), expected)}
+                "grads": max_error(grads_of(module), expected),
+            }
 
     # A frozen first Linear and a frozen bias: no norm share, no gradient, as on the CPU path.
     module, x, y = model_and_batch(5, 8, (24, 24), 3, 30, activation="tanh")
@@ -90,11 +101,12 @@ def interpreter_checks() -> dict[str, Any]:
     for p in module.parameters():
         p.grad = None
     norms = clip_and_accumulate_triton(module, x, y, 0.5)
-    out["frozen"] = {"norms": max_error({"n": norms}, {"n": norms_cpu}),
-                     "grads": max_error(grads_of(module), want),
-                     "with_grad": sorted(grads_of(module)),
-                     "frozen": sorted(n for n, p in module.named_parameters()
-                                      if not p.requires_grad)}
+    out["frozen"] = {
+        "norms": max_error({"n": norms}, {"n": norms_cpu}),
+        "grads": max_error(grads_of(module), want),
+        "with_grad": sorted(grads_of(module)),
+        "frozen": sorted(n for n, p in module.named_parameters() if not p.requires_grad),
+    }
     try:
         clip_and_accumulate_triton(module, x[:2], y[:2], 1.0, weights=torch.tensor([0.5, 2.0]))
         out["bad_weights"] = "accepted"
@@ -106,8 +118,9 @@ def interpreter_checks() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Any]:
     env = os.environ | {"TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -116,8 +129,9 @@ def test_runs_in_the_interpreter(interpreted: dict[str, Any]) -> None:
     assert interpreted["interpreting"] is True
 
 
-@pytest.mark.parametrize("name", [f"case{c[0]}-{w}" for c in CASES
-                                  for w in ("unweighted", "weighted")])
+@pytest.mark.parametrize(
+    "name", [f"case{c[0]}-{w}" for c in CASES for w in ("unweighted", "weighted")]
+)
 def test_equals_reference(interpreted: dict[str, Any], name: str) -> None:
     assert interpreted[name]["norms"] <= TOLERANCE
     assert interpreted[name]["grads"] <= TOLERANCE
