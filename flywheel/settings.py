@@ -29,6 +29,7 @@ one that owns the behaviour, and the other takes that group too; never declare i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -687,6 +688,30 @@ class Settings(
 
 def known_variables() -> set[str]:
     return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+_R = TypeVar("_R")
+
+
+def gather(record: type[_R], settings: Settings, **extra: object) -> _R:
+    """A component's record of groups (a dataclass whose fields are named after `GROUPS`),
+    filled from a whole `Settings`, plus `extra` single values: the wiring's one way to
+    hand a component exactly the groups it declares.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Needs:
+    ...     learner: LearnerSettings
+    ...     trusted: TrustedSettings
+    >>> gather(Needs, Settings()).learner.learn_batch
+    100
+    """
+    names = [f.name for f in dataclasses.fields(record)]  # type: ignore[arg-type]
+    unknown = [n for n in names if n not in GROUPS and n not in extra]
+    if unknown:
+        raise TypeError(f"{record.__name__} names no settings group {unknown}")
+    values = {n: getattr(settings, n) for n in names if n in GROUPS}
+    return record(**values, **extra)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -21,6 +21,7 @@ from flywheel.settings import (
     Settings,
     StateSettings,
     TrustedSettings,
+    gather,
 )
 
 
@@ -40,13 +41,4 @@ class LearnerConfig:
     @classmethod
     def of(cls, settings: Settings) -> LearnerConfig:
         """The groups of a whole `Settings`: for the wiring (CLI, demo, tests)."""
-        return cls(
-            learner=settings.learner,
-            gate=settings.gate,
-            privacy=settings.privacy,
-            trusted=settings.trusted,
-            registry=settings.registry,
-            state=settings.state,
-            kafka=settings.kafka,
-            serve_precision=settings.service.serve_precision,
-        )
+        return gather(cls, settings, serve_precision=settings.service.serve_precision)

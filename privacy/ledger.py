@@ -10,8 +10,7 @@ gives their rows meaning: mechanisms the accountants take.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -21,69 +20,23 @@ from flywheel.store import LedgerRow, LedgerTables, SourceSpend
 
 
 @dataclass(frozen=True)
-class LedgerEntry:
-    id: int
-    lineage: str
-    update_no: int
-    version: str | None
-    created_at: datetime
-    accountant: str
-    engine: str
-    mechanism: Mechanism
-    max_grad_norm: float
-    delta: float
-    epsilon_update: float
-    epsilon_lineage: float
-    sources: int
-    examples: int
-    public_examples: int
-    capped_examples: int
-    excluded_examples: int
+class LedgerEntry(LedgerRow):
+    """A ledger row as the privacy component reads it: its mechanism for the accountants."""
 
-    def as_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "lineage": self.lineage,
-            "update": self.update_no,
-            "version": self.version,
-            "created_at": self.created_at.isoformat(),
-            "accountant": self.accountant,
-            "engine": self.engine,
-            "sample_rate": self.mechanism.sample_rate,
-            "noise_multiplier": self.mechanism.noise_multiplier,
-            "steps": self.mechanism.steps,
-            "max_grad_norm": self.max_grad_norm,
-            "delta": self.delta,
-            "epsilon_update": self.epsilon_update,
-            "epsilon_lineage": self.epsilon_lineage,
-            "sources": self.sources,
-            "examples": self.examples,
-            "public_examples": self.public_examples,
-            "capped_examples": self.capped_examples,
-            "excluded_examples": self.excluded_examples,
-        }
+    @property
+    def mechanism(self) -> Mechanism:
+        return Mechanism(self.sample_rate, self.noise_multiplier, self.steps)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as JSON (`flywheel privacy report --json`): the stored columns, in order."""
+        names = {"update_no": "update"}
+        out = {names.get(f.name, f.name): getattr(self, f.name) for f in fields(LedgerRow)}
+        out["created_at"] = self.created_at.isoformat()
+        return out
 
 
 def _entry(row: LedgerRow) -> LedgerEntry:
-    return LedgerEntry(
-        row.id,
-        row.lineage,
-        row.update_no,
-        row.version,
-        row.created_at,
-        row.accountant,
-        row.engine,
-        Mechanism(row.sample_rate, row.noise_multiplier, row.steps),
-        row.max_grad_norm,
-        row.delta,
-        row.epsilon_update,
-        row.epsilon_lineage,
-        row.sources,
-        row.examples,
-        row.public_examples,
-        row.capped_examples,
-        row.excluded_examples,
-    )
+    return LedgerEntry(**{f.name: getattr(row, f.name) for f in fields(LedgerRow)})
 
 
 class PrivacyLedger:

@@ -21,6 +21,7 @@ from flywheel.settings import (
     Settings,
     StateSettings,
     TrustedSettings,
+    gather,
 )
 
 
@@ -39,12 +40,4 @@ class ServiceConfig:
     @classmethod
     def of(cls, settings: Settings) -> ServiceConfig:
         """The service's groups of a whole configuration (for the wiring at a process's edge)."""
-        return cls(
-            service=settings.service,
-            event_log=settings.event_log,
-            kafka=settings.kafka,
-            registry=settings.registry,
-            state=settings.state,
-            trusted=settings.trusted,
-            gate=settings.gate,
-        )
+        return gather(cls, settings)

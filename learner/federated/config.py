@@ -19,6 +19,7 @@ from flywheel.settings import (
     Settings,
     StateSettings,
     TrustedSettings,
+    gather,
 )
 
 
@@ -38,13 +39,4 @@ class FederatedConfig:
     @classmethod
     def of(cls, settings: Settings) -> FederatedConfig:
         """The groups of a whole `Settings`: for the wiring (ServerApp, CLI, tests)."""
-        return cls(
-            federated=settings.federated,
-            gate=settings.gate,
-            privacy=settings.privacy,
-            trusted=settings.trusted,
-            registry=settings.registry,
-            state=settings.state,
-            kafka=settings.kafka,
-            serve_precision=settings.service.serve_precision,
-        )
+        return gather(cls, settings, serve_precision=settings.service.serve_precision)
