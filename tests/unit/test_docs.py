@@ -71,8 +71,17 @@ def test_docs_map_names_only_paths_that_exist():
     where = text.split("## Where things live", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`([\w/]+/[\w./]*|[\w]+\.py)`", where))
     assert len(named) > 20
-    folders = [ROOT, ROOT / "flywheel", ROOT / "service", ROOT / "service" / "routes",
-               ROOT / "feedback", ROOT / "learner", ROOT / "flywheel" / "store",
-               ROOT / "flywheel" / "review", ROOT / "flywheel" / "demo", ROOT / "privacy"]
+    folders = [
+        ROOT,
+        ROOT / "flywheel",
+        ROOT / "service",
+        ROOT / "service" / "routes",
+        ROOT / "feedback",
+        ROOT / "learner",
+        ROOT / "flywheel" / "store",
+        ROOT / "flywheel" / "review",
+        ROOT / "flywheel" / "demo",
+        ROOT / "privacy",
+    ]
     missing = sorted(n for n in named if not any((f / n).exists() for f in folders))
     assert not missing, f"docs/README.md's map names paths not in the tree: {missing}"
