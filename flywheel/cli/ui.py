@@ -29,7 +29,7 @@ def mlflow_ui_command(uri: str, artifacts: str, host: str, port: int) -> list[st
     ]
 
 
-def _run(command: list[str]) -> int:
+def run_process(command: list[str]) -> int:
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
@@ -60,5 +60,5 @@ def ui(
         return
     typer.echo(f"MLflow UI: http://{host}:{port}/ on {mask_credentials(uri)} (Ctrl-C stops it)")
     raise typer.Exit(
-        _run(mlflow_ui_command(uri, settings.mlflow_artifacts_dir.as_uri(), host, port))
+        run_process(mlflow_ui_command(uri, settings.mlflow_artifacts_dir.as_uri(), host, port))
     )

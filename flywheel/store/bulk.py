@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +37,12 @@ from flywheel.store.database import driver_connection
 from flywheel.store.models import Base, UTCDateTime
 
 COPY_MIN_ROWS = 64  # below this, one INSERT beats SAVEPOINT + COPY + RELEASE
+INSERT_PATHS = frozenset({"copy", "columnar", "general"})
+"""The PostgreSQL insert paths in use, fastest first; "general" (one INSERT per batch of
+rows, ON CONFLICT DO NOTHING) always stays. A test narrows it to check one path alone."""
+ROWS_BY_PATH: Counter[str] = Counter()
+"""Rows each path stored in this process (copy, columnar, general): which path a batch
+took, seen from outside without reaching into the functions."""
 _PG = postgresql.dialect()
 
 
@@ -56,14 +63,18 @@ def insert_ignoring_duplicates(
     if _dialect(session) == "postgresql":
         copied = _copy(session, table, rows, encoded)
         if copied is not None:
+            ROWS_BY_PATH["copy"] += copied
             return copied
         fast = _columnar_insert(table, rows)
         if fast is not None:
             sql, params = fast
             result = session.execute(text(sql), params)
             assert isinstance(result, CursorResult)  # a DML statement's (typed as Result)
+            ROWS_BY_PATH["columnar"] += result.rowcount
             return result.rowcount
-    return len(_general_insert(session, table, rows))
+    stored = len(_general_insert(session, table, rows))
+    ROWS_BY_PATH["general"] += stored
+    return stored
 
 
 def insert_returning_new(
@@ -80,12 +91,17 @@ def insert_returning_new(
     pk = _primary_key(table)
     if _dialect(session) == "postgresql":
         if pk.key in rows[0] and _copy(session, table, rows) is not None:
+            ROWS_BY_PATH["copy"] += len(rows)
             return [r[pk.key] for r in rows]
         fast = _columnar_insert(table, rows, returning=pk.name)
         if fast is not None:
             sql, params = fast
-            return list(session.scalars(text(sql), params))
-    return _general_insert(session, table, rows)
+            new = list(session.scalars(text(sql), params))
+            ROWS_BY_PATH["columnar"] += len(new)
+            return new
+    new = _general_insert(session, table, rows)
+    ROWS_BY_PATH["general"] += len(new)
+    return new
 
 
 def _table(model: type[Base]) -> Table:
@@ -304,7 +320,10 @@ def encode_columns(model: type[Base], given: Mapping[str, list[Any]]) -> CopyRow
 def copy_all_new(session: Session, encoded: CopyRows) -> bool:
     """COPY encoded rows expected to be new: True if every one was stored; False if any
     was there already (or refused), the savepoint rolled back (PostgreSQL only)."""
-    return _copy_lines(session, encoded) == len(encoded.lines)
+    stored = _copy_lines(session, encoded) == len(encoded.lines)
+    if stored:
+        ROWS_BY_PATH["copy"] += len(encoded.lines)
+    return stored
 
 
 def _encode(table: Table, rows: list[Mapping[str, Any]]) -> CopyRows | None:
@@ -355,7 +374,7 @@ def _copy(
 ) -> int | None:
     """COPY `rows`: the number stored, or None when COPY is not for them (too few,
     unusual values) or refused them (a duplicate, a value the table refuses)."""
-    if len(rows) < COPY_MIN_ROWS:
+    if len(rows) < COPY_MIN_ROWS or "copy" not in INSERT_PATHS:
         return None
     if encoded is not None and encoded.table is table:
         lines = [encoded.line(r) for r in rows]
@@ -401,6 +420,8 @@ def _columnar_insert(
 ) -> tuple[str, dict[str, str]] | None:
     """`INSERT ... SELECT` from ONE jsonb parameter holding an array per column (`ROWS
     FROM` zips the columns back into rows, in order), skipping duplicates."""
+    if "columnar" not in INSERT_PATHS:
+        return None
     columns = _prepared_columns(table, rows)
     if columns is None:
         return None

@@ -66,10 +66,7 @@ def use_insert_path(monkeypatch) -> Callable[[str], None]:
             raise ValueError(f"unknown insert path {path!r}")
         if path == "copy":
             monkeypatch.setattr(bulk, "COPY_MIN_ROWS", 1)
-        if path != "columnar":
-            monkeypatch.setattr(bulk, "_columnar_insert", lambda table, rows, returning=None: None)
-        if path != "copy":
-            monkeypatch.setattr(bulk, "_copy", lambda session, table, rows, encoded=None: None)
+        monkeypatch.setattr(bulk, "INSERT_PATHS", frozenset({path, "general"}))
 
     return use
 

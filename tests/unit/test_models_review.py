@@ -471,7 +471,7 @@ def test_ui_starts_the_mlflow_ui_on_the_same_store_and_names_the_review_page(hom
     import flywheel.cli.ui as ui_cli
 
     ran: list[list[str]] = []
-    monkeypatch.setattr(ui_cli, "_run", lambda command: ran.append(command) or 0)
+    monkeypatch.setattr(ui_cli, "run_process", lambda command: ran.append(command) or 0)
     monkeypatch.setenv("FLYWHEEL_PORT", "8123")
     result = runner.invoke(app, ["ui", "--port", "5055"])
     assert result.exit_code == 0, result.output
@@ -487,7 +487,7 @@ def test_ui_starts_the_mlflow_ui_on_the_same_store_and_names_the_review_page(hom
 def test_ui_with_a_tracking_server_starts_nothing(home, monkeypatch):
     import flywheel.cli.ui as ui_cli
 
-    monkeypatch.setattr(ui_cli, "_run", lambda command: pytest.fail("must not start"))
+    monkeypatch.setattr(ui_cli, "run_process", lambda command: pytest.fail("must not start"))
     monkeypatch.setenv("FLYWHEEL_MLFLOW_TRACKING_URI", "http://user:pw@mlflow:5000")
     result = runner.invoke(app, ["ui"])
     assert result.exit_code == 0, result.output
