@@ -61,9 +61,10 @@ def recent_holdout(gate: GateSettings, engine: Engine) -> LabelledSet:
     most common feature width, `flywheel.learner.same_width`)."""
     import numpy as np
 
-    from flywheel.learner import ExampleSource, same_width
+    from flywheel.learner import same_width
+    from flywheel.store import ExampleReader
 
-    rows = same_width(ExampleSource(engine).recent_holdout(gate.gate_recent_holdout))
+    rows = same_width(ExampleReader(engine).recent_holdout(gate.gate_recent_holdout))
     x = (
         np.asarray([r.features for r in rows], dtype=np.float32)
         if rows

@@ -30,6 +30,7 @@ from flywheel.store.database import (
     schema_revision,
     session_factory,
 )
+from flywheel.store.examples import ExampleReader, StoredExample
 from flywheel.store.ledger import LedgerRow, LedgerTables, SourceSpend
 from flywheel.store.migrate import (
     alembic_config,
@@ -77,6 +78,8 @@ __all__ = [
     "EncodedRows",
     "ErrorCount",
     "ErrorType",
+    "ExampleReader",
+    "StoredExample",
     "Example",
     "LedgerRow",
     "LedgerTables",
