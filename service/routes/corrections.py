@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from flywheel.events import CorrectionEvent, new_id, utcnow
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
 from flywheel.service.spool import Record
-from flywheel.service.state import State
+from flywheel.service.state import state_of
 
 router = APIRouter()
 
@@ -20,8 +20,9 @@ router = APIRouter()
     response_model=CorrectionsAccepted,
     responses=ERROR_RESPONSES,
 )
-async def corrections(body: CorrectionsRequest, state: State) -> JSONResponse:
+async def corrections(body: CorrectionsRequest, request: Request) -> JSONResponse:
     """Accept true labels for earlier predictions; all or none of a call is accepted."""
+    state = state_of(request)
     limits, kafka = state.config.service, state.config.kafka
     items = body.corrections
     if len(items) > limits.max_corrections:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from flywheel.events import new_id, prediction_payload, utcnow
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, PredictRequest, PredictResponse
 from flywheel.service.spool import Record
-from flywheel.service.state import State
+from flywheel.service.state import state_of
 
 router = APIRouter()
 
 
 @router.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)
-async def predict(body: PredictRequest, state: State) -> dict:
+async def predict(body: PredictRequest, request: Request) -> dict:
     """Predict a label per instance; every returned id is logged to Kafka."""
+    state = state_of(request)
     start = time.perf_counter()
     limits, kafka = state.config.service, state.config.kafka
     model = state.served()

@@ -14,7 +14,7 @@ from flywheel.service.backends import SharedRegistry, SharedStore
 from flywheel.service.errors import install_error_handlers
 from flywheel.service.metrics import ServiceMetrics
 from flywheel.service.routes import health, model, predict
-from flywheel.service.state import ServiceState, get_state
+from flywheel.service.state import ServiceState
 from flywheel.settings import Settings
 
 SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["cat", "dog"])
@@ -42,7 +42,7 @@ def bare_app(state: ServiceState, *routers) -> FastAPI:
     install_error_handlers(app)
     for router in routers:
         app.include_router(router)
-    app.dependency_overrides[get_state] = lambda: state
+    app.state.service = state  # where `state_of` and the `State` dependency find it
     return app
 
 
