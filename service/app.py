@@ -119,15 +119,11 @@ def create_app(
         state.batcher = PredictBatcher(config.service)
         m.registry.register(BatchCollector(state.batcher))
     app.state.service = state
-    for router in (
-        predict.router,
-        corrections.router,
-        model.router,
-        health.router,
-        metrics.router,
-        review.router,
-        review.ui_router,
-    ):
+    # the two hot routes' own route objects go straight into the app's routing table: an
+    # included router is matched through one more level (FastAPI 0.138), ~7 us a request
+    for router in (predict.router, corrections.router):
+        app.router.routes.extend(router.routes)
+    for router in (model.router, health.router, metrics.router, review.router, review.ui_router):
         app.include_router(router)
     review.mount_ui(app)  # /ui and /v1/review (docs/review.md)
     return app

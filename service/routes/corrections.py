@@ -11,7 +11,7 @@ from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, Corre
 from flywheel.service.spool import Record
 from flywheel.service.state import state_of
 
-router = APIRouter()
+router = APIRouter(strict_content_type=False)  # as the app: JSON without a Content-Type
 
 
 @router.post(

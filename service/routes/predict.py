@@ -13,7 +13,7 @@ from flywheel.service.schemas import ERROR_RESPONSES, PredictRequest, PredictRes
 from flywheel.service.spool import Record
 from flywheel.service.state import state_of
 
-router = APIRouter()
+router = APIRouter(strict_content_type=False)  # as the app: JSON without a Content-Type
 
 
 @router.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)
