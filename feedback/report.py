@@ -6,11 +6,10 @@ from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flywheel.events import utcnow
-from flywheel.store import ErrorCount
+from flywheel.store import error_counters
 
 
 def error_report(
@@ -22,22 +21,13 @@ def error_report(
 ) -> dict[str, Any]:
     """Error rate, error-type mix and the most frequent confusions, per version."""
     since = (now or utcnow()) - timedelta(hours=hours)
-    rows = session.execute(
-        select(
-            ErrorCount.model_version,
-            ErrorCount.predicted,
-            ErrorCount.actual,
-            ErrorCount.outcome,
-            ErrorCount.count,
-        ).where(ErrorCount.model_name == model_name, ErrorCount.hour >= since)
-    ).all()
     versions: dict[str, dict[str, Counter]] = defaultdict(
         lambda: {"outcomes": Counter(), "pairs": Counter()}
     )
-    for version, predicted, actual, outcome, count in rows:
-        versions[version]["outcomes"][outcome] += count
-        if outcome != "correct":
-            versions[version]["pairs"][(predicted, actual)] += count
+    for row in error_counters(session, model_name, since):
+        versions[row.model_version]["outcomes"][row.outcome] += row.count
+        if row.outcome != "correct":
+            versions[row.model_version]["pairs"][(row.predicted, row.actual)] += row.count
     report = []
     for version in sorted(versions, key=lambda v: (len(v), v)):
         outcomes, pairs = versions[version]["outcomes"], versions[version]["pairs"]

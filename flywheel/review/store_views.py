@@ -46,17 +46,9 @@ def open_store_or_reason(state: StateSettings) -> tuple[Engine | None, str | Non
 
 def data_counts(engine: Engine, lo: int, hi: int) -> dict[str, Any]:
     """Examples with ids in [lo, hi] by origin and split; counterexamples among them."""
-    from sqlalchemy import func, select
+    from flywheel.store import ExampleReader, Origin
 
-    from flywheel.store import Example, Origin, session_factory
-
-    query = (
-        select(Example.origin, Example.split, func.count())
-        .where(Example.id.between(lo, hi))
-        .group_by(Example.origin, Example.split)
-    )
-    with session_factory(engine)() as session:
-        rows = session.execute(query).all()
+    rows = ExampleReader(engine).counts(lo, hi)
     origins: Counter[str] = Counter()
     splits: Counter[str] = Counter()
     for origin, split, n in rows:
@@ -105,21 +97,16 @@ def accuracy_timeline(
 ) -> dict[str, Any]:
     """Accuracy of the corrected predictions per version and hour (the store keeps hourly
     counters), oldest first: the "rolling accuracy" chart of the review page."""
-    from sqlalchemy import select
-
-    from flywheel.store import ErrorCount, session_factory
+    from flywheel.store import error_counters, session_factory
 
     since = (now or datetime.now(UTC)) - timedelta(hours=hours)
-    query = select(
-        ErrorCount.model_version, ErrorCount.hour, ErrorCount.outcome, ErrorCount.count
-    ).where(ErrorCount.model_name == model_name, ErrorCount.hour >= since)
     with session_factory(engine)() as session:
-        rows = session.execute(query).all()
+        rows = error_counters(session, model_name, since)
     cells: dict[tuple[str, datetime], list[int]] = defaultdict(lambda: [0, 0])
-    for version, hour, outcome, count in rows:
-        cell = cells[(version, hour)]
-        cell[0] += count
-        cell[1] += count if outcome == "correct" else 0
+    for row in rows:
+        cell = cells[(row.model_version, row.hour)]
+        cell[0] += row.count
+        cell[1] += row.count if row.outcome == "correct" else 0
     points = [
         {
             "version": v,

@@ -30,6 +30,7 @@ from flywheel.store.database import (
     schema_revision,
     session_factory,
 )
+from flywheel.store.error_counts import CounterRow, error_counters
 from flywheel.store.examples import ExampleReader, StoredExample
 from flywheel.store.ledger import LedgerRow, LedgerTables, SourceSpend
 from flywheel.store.migrate import (
@@ -78,6 +79,8 @@ __all__ = [
     "EncodedRows",
     "ErrorCount",
     "ErrorType",
+    "CounterRow",
+    "error_counters",
     "ExampleReader",
     "StoredExample",
     "Example",

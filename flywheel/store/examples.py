@@ -105,6 +105,16 @@ class ExampleReader:
         with self.sessions() as session:
             return _rows_of(session.execute(select(*_COLUMNS).where(Example.id.in_(wanted))).all())
 
+    def counts(self, lo: int, hi: int) -> list[tuple[str, str, int]]:
+        """(origin, split, examples) of the examples with ids in [lo, hi]."""
+        query = (
+            select(Example.origin, Example.split, func.count())
+            .where(Example.id.between(lo, hi))
+            .group_by(Example.origin, Example.split)
+        )
+        with self.sessions() as session:
+            return [(origin, split, int(n)) for origin, split, n in session.execute(query)]
+
     def recent_holdout(self, n: int) -> list[StoredExample]:
         """The newest `n` corrections kept out of training."""
         with self.sessions() as session:
