@@ -631,8 +631,8 @@ class Settings(
     """Every setting, read from the environment; hand components its groups, not itself.
 
     Not a subclass of any group, so a type checker refuses a `Settings` where a group is
-    expected. Kept flat (same variable names, same attributes) so components not yet
-    converted to their groups keep working.
+    expected. Kept flat (same variable names, same attributes) for the environment and for
+    the wiring (the CLI, the demo, bench), which hands each component its groups.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")

@@ -10,11 +10,13 @@ follower's worker, a review request) from building two.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flywheel.settings import RegistrySettings, StateSettings
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
     from flywheel.registry import Registry
 
 
@@ -47,10 +49,10 @@ class SharedStore:
 
     def __init__(self, state: StateSettings) -> None:
         self._state = state
-        self._engine: Any = None
+        self._engine: Engine | None = None
         self._lock = threading.Lock()
 
-    def __call__(self) -> tuple[Any, str | None]:
+    def __call__(self) -> tuple[Engine | None, str | None]:
         with self._lock:
             if self._engine is not None:
                 return self._engine, None

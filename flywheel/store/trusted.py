@@ -10,10 +10,12 @@ from the settings' seed so that every process agrees on it without a copy.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from flywheel.settings import TrustedSettings
-from flywheel.streams import LABELS, seed_concept
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HOLDOUT_FRACTION = 0.2  # of the seed examples: the trusted (frozen) holdout
 
@@ -26,6 +28,10 @@ def seed_data(trusted: TrustedSettings) -> tuple[np.ndarray, np.ndarray, np.ndar
     >>> x_tr.shape, x_ho.shape, sorted(set(y_tr.tolist()) | set(y_ho.tolist()))
     ((80, 8), (20, 8), [0, 1, 2])
     """
+    import numpy as np  # here, not at import: `flywheel db` and other store-only callers
+
+    from flywheel.streams import LABELS, seed_concept  # never need it (~50 ms of numpy)
+
     x, names = seed_concept(trusted.seed).sample(trusted.seed_examples, trusted.seed)
     y = np.asarray([LABELS.index(n) for n in names], dtype=np.int64)
     cut = int(len(x) * (1 - HOLDOUT_FRACTION))

@@ -51,12 +51,9 @@ def module_name(path: Path) -> str:
 
 def sources() -> dict[str, Path]:
     found = {}
-    for package, folder in FOLDERS.items():
+    for folder in FOLDERS.values():
         for path in folder.rglob("*.py"):
-            name = module_name(path)
-            if package == "flywheel" and name.split(".")[:2] != ["flywheel"] + name.split(".")[1:2]:
-                continue
-            found.setdefault(name, path)
+            found.setdefault(module_name(path), path)
     return found
 
 
