@@ -23,7 +23,7 @@ from flywheel.settings import CHAMPION_ALIAS, RegistrySettings, Settings, StateS
 EXPERIMENT = "flywheel"
 ARTIFACT_PATH = "model"
 VERSION_TAGS = ("parent_version", "source", "examples", "epsilon", "delta", "gate")
-SOURCES = ("online", "federated", "manual")
+SOURCES = ("online", "federated", "manual", "init")
 HISTORY_TAG = "champion_history"  # on the registered model: JSON list, oldest first
 HISTORY_LIMIT = 200
 
@@ -177,6 +177,11 @@ class Registry:
             tags={k: str(v) for k, v in tags.items()},
         )
         return ModelVersion(str(mv.version))
+
+    def delete_version(self, version: ModelVersion) -> None:
+        """Remove a registered version (its run and artifacts stay, for the record): how
+        `flywheel init` withdraws a version whose store writes did not commit."""
+        self.client.delete_model_version(self.name, version)
 
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
