@@ -1,5 +1,6 @@
-"""Learner: the initial model, the mini-batch online learner, its gate and elastic rate,
-and the holdout scorer the gate and the review page share."""
+"""Learner: data-set import and the initial model (`flywheel init`), the mini-batch online
+learner, its gate and elastic rate, and the holdout scorer the gate and the review page
+share."""
 
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.cursor import CursorState
@@ -15,20 +16,40 @@ from flywheel.learner.evaluation import (
 )
 from flywheel.learner.example_source import ExampleSource, StoredExample
 from flywheel.learner.gate import GateResult, evaluate_gate
+from flywheel.learner.init import (
+    SPLIT_RULE,
+    ChampionExists,
+    InitConfig,
+    InitError,
+    InitOptions,
+    InitResult,
+    Meter,
+    infer_file_schema,
+    load_schema_file,
+    run_init,
+    write_demo_csv,
+)
 from flywheel.learner.online import Candidate, LearnerStats, OnlineLearner
 from flywheel.learner.seed_model import default_spec, ensure_champion, train_seed_model
 from flywheel.learner.trainer import OnlineTrainer, Reservoir, TrainerConfig, UpdateStats
 
 __all__ = [
+    "SPLIT_RULE",
     "UNKNOWN",
     "Candidate",
+    "ChampionExists",
     "CursorState",
     "ElasticRate",
     "ExampleSource",
     "GateResult",
     "Holdout",
+    "InitConfig",
+    "InitError",
+    "InitOptions",
+    "InitResult",
     "LearnerConfig",
     "LearnerStats",
+    "Meter",
     "OnlineLearner",
     "OnlineTrainer",
     "Reservoir",
@@ -41,7 +62,11 @@ __all__ = [
     "ensure_champion",
     "evaluate_gate",
     "holdout_of",
+    "infer_file_schema",
+    "load_schema_file",
+    "run_init",
     "same_width",
     "score",
     "train_seed_model",
+    "write_demo_csv",
 ]

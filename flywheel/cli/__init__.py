@@ -95,6 +95,7 @@ def _register() -> None:
         demo,
         fed,  # flywheel fed superlink | server | client | register | demo
         feedback,
+        init,  # flywheel init: a data set file -> trusted set, schema, v1
         learn,
         models,
         privacy,  # flywheel privacy report
