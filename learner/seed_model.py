@@ -1,8 +1,11 @@
-"""The initial model: trained on seed data when the registry has no champion yet."""
+"""The initial model of the synthetic problem, and the bootstrap of an empty deployment.
+
+`ensure_champion` bootstraps through `flywheel init` (`flywheel.learner.init`);
+`train_seed_model` trains the synthetic problem in memory, for tests that need a model of
+it without a store or a registry.
+"""
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import torch
@@ -13,10 +16,8 @@ from flywheel.learner.evaluation import accuracy as holdout_accuracy
 from flywheel.modelspec import ModelSpec, Standardize, build_model
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import TrustedSettings
-from flywheel.store import HOLDOUT_FRACTION, seed_data
+from flywheel.store import seed_data
 from flywheel.streams import LABELS, N_FEATURES
-
-log = logging.getLogger(__name__)
 
 
 def default_spec() -> ModelSpec:
@@ -57,34 +58,13 @@ def train_seed_model(
 
 
 def ensure_champion(trusted: TrustedSettings, registry: Registry) -> ModelVersion:
-    """Return the champion version, registering a seed-trained one if the registry is empty."""
-    current = registry.champion_version()
-    if current is not None:
-        return current
-    spec, module, metrics = train_seed_model(trusted)
-    n_train = int(trusted.seed_examples * (1 - HOLDOUT_FRACTION))
-    version = registry.publish(
-        spec,
-        module,
-        tags={
-            "parent_version": "",
-            "source": "manual",
-            "examples": f"seed[0,{n_train})",
-            "epsilon": "none",
-            "delta": "none",
-            "gate": "initial: no champion to compare",
-        },
-        params={"seed": trusted.seed, "seed_examples": trusted.seed_examples},
-        metrics=metrics,
-    )
-    first = registry.champion_version()
-    if first is not None:  # another process bootstrapped first
-        return first
-    registry.set_champion(version)
-    log.info(
-        "registered initial model %s v%s (holdout accuracy %.3f)",
-        registry.name,
-        version,
-        metrics["holdout_accuracy"],
-    )
-    return version
+    """The champion version; on a new deployment (no champion, no trusted data set), the
+    synthetic demo problem is written to a CSV under FLYWHEEL_HOME and imported by the
+    same `init` path a user's file takes (`flywheel.learner.init.bootstrap_champion`).
+
+    The store is the registry's deployment's (`registry.state`); a store with no schema
+    yet is created, an older one refused (`SchemaNotCurrent`).
+    """
+    from flywheel.learner.init import bootstrap_champion
+
+    return bootstrap_champion(trusted, registry)

@@ -30,7 +30,7 @@ def test_empty_registry_bootstraps_one_champion_and_only_once(reg_settings):
     loaded = registry.load(version)
     for tag in ("parent_version", "source", "examples", "epsilon", "delta", "gate"):
         assert tag in loaded.tags
-    assert loaded.tags["source"] == "manual"
+    assert loaded.tags["source"] == "init"  # the demo data imported by `flywheel init`
     _, _, x_ho, y_ho = seed_data(reg_settings.trusted)
     with torch.inference_mode():
         acc = (loaded.module(torch.from_numpy(x_ho)).argmax(1).numpy() == y_ho).mean()
