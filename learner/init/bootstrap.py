@@ -85,7 +85,7 @@ def bootstrap_champion(trusted: TrustedSettings, registry: Registry) -> ModelVer
     if info is not None:
         return _adopt(info, registry)
     data = write_demo_csv(trusted, state.home_dir / "demo")
-    config = InitConfig(state=state, trusted=trusted, privacy=PrivacySettings())
+    config = InitConfig(state=state, trusted=trusted, privacy=PrivacySettings.model_validate({}))
     try:
         result = run_init(InitOptions(data=data, label=LABEL, public=True), config, registry)
     except (ChampionExists, IntegrityError):

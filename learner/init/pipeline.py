@@ -591,6 +591,8 @@ class _Run:
     def _log_schema(self, version: ModelVersion, schema: FeatureSchema) -> None:
         """The schema as its own artifact of the run (it is in spec.json too)."""
         run_id = self.registry.client.get_model_version(self.name, version).run_id
+        if run_id is None:  # publish always logs a run; a version without one has no place
+            return
         self.registry.client.log_dict(run_id, schema.model_dump(mode="json"), "schema.json")
 
     def _reset_online_learner(self, session: Session, version: ModelVersion) -> None:

@@ -42,8 +42,8 @@ class Splitter:
     >>> s = Splitter()
     >>> s.holdout(np.array([0, 0, 1, 0, 1, 0, 0, 0, 0])).astype(int).tolist()
     [0, 1, 0, 0, 1, 0, 0, 0, 1]
-    >>> s.holdout(np.array([1, 1, 1, 1])).astype(int).tolist()
-    [0, 0, 0, 1]
+    >>> s.holdout(np.array([1, 1, 1, 1, 1])).astype(int).tolist()  # label 1: k = 2 ... 6
+    [0, 0, 0, 0, 1]
     """
 
     def __init__(self) -> None:
