@@ -446,6 +446,8 @@ def parse_model_arg(text: str, schema: FeatureSchema) -> AnySpec:
     ('embed_mlp', [32, 16], 4, 0.1)
     >>> parse_model_arg("logistic", s).hidden
     []
+    >>> parse_model_arg("mlp:hidden=32", s).hidden
+    [32]
     """
     text = text.strip()
     base: dict[str, Any] = {"input_dim": schema.input_dim, "labels": schema.labels}
@@ -467,7 +469,10 @@ def parse_model_arg(text: str, schema: FeatureSchema) -> AnySpec:
         key, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"--model {text!r}: {part!r} is not key=value")
-        options[key.strip()] = _option(value.strip())
+        key, parsed = key.strip(), _option(value.strip())
+        if key in _LAYER_LISTS and isinstance(parsed, int):
+            parsed = [parsed]  # hidden=32 is one layer of 32, as hidden=32x16 is two
+        options[key] = parsed
     families: dict[str, dict[str, Any]] = {
         "logistic": {"kind": "mlp", "hidden": []},
         "mlp": {"kind": "mlp", "hidden": list(DEFAULT_HIDDEN)},
@@ -493,6 +498,9 @@ def parse_model_arg(text: str, schema: FeatureSchema) -> AnySpec:
     if name == "logistic" and options.get("hidden"):
         raise ValueError("--model logistic has no hidden layers (use mlp)")
     return _validated({**doc, **options}, text)
+
+
+_LAYER_LISTS = ("hidden", "light", "heavy")
 
 
 def _option(value: str) -> Any:
