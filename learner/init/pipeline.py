@@ -39,7 +39,13 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from flywheel.features import MAX_VOCABULARY, FeatureError, FeatureSchema, infer_schema
+from flywheel.features import (
+    MAX_VOCABULARY,
+    FeatureError,
+    FeatureSchema,
+    infer_schema,
+    label_text,
+)
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.evaluation import Holdout, accuracy
 from flywheel.learner.init import train as training
@@ -673,8 +679,6 @@ def label_texts(col: pa.Array) -> pa.Array:
         col = col.dictionary_decode()
     if pa.types.is_boolean(col.type):
         return pc.if_else(col, "true", "false")
-    if pa.types.is_floating(col.type):
-        ints = pc.cast(col, pa.int64(), safe=False)
-        whole = pc.equal(pc.cast(ints, col.type), col)
-        return pc.if_else(whole, pc.cast(ints, pa.string()), pc.cast(col, pa.string()))
+    if pa.types.is_floating(col.type):  # rare for a label: Python's text, value by value
+        return pa.array([None if v is None else label_text(v) for v in col.to_pylist()])
     return pc.cast(col, pa.string())
