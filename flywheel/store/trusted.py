@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from flywheel.features import FeatureSchema
 from flywheel.settings import TrustedSettings
-from flywheel.store.bulk import insert_ignoring_duplicates
+from flywheel.store.bulk import copy_all_new, encode_columns, insert_ignoring_duplicates
 from flywheel.store.models import Example, Origin, ReferenceStats, Split, TrustedSet
 
 if TYPE_CHECKING:
@@ -106,17 +107,69 @@ def write_trusted_rows(
     labels: Sequence[str],
 ) -> int:
     """Store trusted rows `first_index...` of a split as `seed` examples; returns how
-    many were new (a replayed chunk stores nothing twice)."""
+    many were new (a replayed chunk stores nothing twice).
+
+    A column at a time, not a dict per row: the features as one orjson call over the
+    whole (finite) matrix, written as the float32 values they are ("0.1", not
+    "0.10000000149011612"); on PostgreSQL one COPY (`encode_columns`, falling back to
+    the duplicate-skipping INSERT for a replay), on SQLite one `INSERT OR IGNORE`
+    executemany. `flywheel init` writes millions of rows through here: the ORM's
+    general insert took ~140 us a row on SQLite.
+    """
+    import numpy as np
+    import orjson
+
+    n = len(labels)
+    if n == 0:
+        return 0
+    if x.shape[0] != n:
+        raise ValueError(f"{x.shape[0]} rows of features for {n} labels")
+    if not np.isfinite(x).all():
+        raise ValueError("trusted rows must be finite")
+    matrix = np.ascontiguousarray(x, dtype=np.float32)
+    text = orjson.dumps(matrix, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    if matrix.shape[1] == 0:
+        features = ["[]"] * n
+    else:  # "[[a,b],[c,d]]": rows split at "],[" (a number never holds a bracket)
+        features = [f"[{row}]" for row in text[2:-2].split("],[")]
+    keys = [seed_key(model_name, split, first_index + i) for i in range(n)]
+    now = datetime.now(UTC)
+    if session.get_bind().dialect.name == "sqlite":
+        stamp = now.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")  # UTCDateTime's form
+        result = session.connection().exec_driver_sql(
+            "INSERT OR IGNORE INTO examples"
+            " (dedup_key, origin, features, label, weight, split, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (key, Origin.SEED.value, feats, label, 1.0, split.value, stamp)
+                for key, feats, label in zip(keys, features, labels, strict=True)
+            ],
+        )
+        return int(result.rowcount)
+    encoded = encode_columns(
+        Example,
+        {
+            "dedup_key": keys,
+            "origin": [Origin.SEED.value] * n,
+            "features": [orjson.Fragment(f) for f in features],
+            "label": list(labels),
+            "weight": [1.0] * n,
+            "split": [split.value] * n,
+            "created_at": [now] * n,
+        },
+    )
+    if encoded is not None and copy_all_new(session, encoded):
+        return n
     rows: list[dict[str, Any]] = [
         {
-            "dedup_key": seed_key(model_name, split, first_index + i),
+            "dedup_key": key,
             "origin": Origin.SEED.value,
-            "features": vector,
+            "features": orjson.loads(feats),
             "label": label,
             "weight": 1.0,
             "split": split.value,
         }
-        for i, (vector, label) in enumerate(zip(x.tolist(), labels, strict=True))
+        for key, feats, label in zip(keys, features, labels, strict=True)
     ]
     return insert_ignoring_duplicates(session, Example, rows)
 
