@@ -485,3 +485,39 @@ def test_an_older_store_is_refused_and_a_fresh_one_created(tmp_path):
     result = run_init(env, "--data", str(path), "--label", "label", "--public")
     assert result.exit_code == 1 and "run `flywheel db upgrade`" in result.stderr
     assert current(old) == "0007"
+
+
+def test_trusted_rows_round_trip_as_float32_and_a_replayed_chunk_stores_nothing(db_url):
+    from flywheel.store import Split, TrustedInfo, write_trusted_info, write_trusted_rows
+
+    upgrade(db_url)
+    schema = FeatureSchema.model_validate(
+        {
+            "label": "y",
+            "labels": ["a", "b"],
+            "features": [{"name": f"f{i}", "kind": "numeric"} for i in range(3)],
+        }
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3)).astype(np.float32)
+    x[0] = [0.1, -1e-30, 3e38]
+    labels = ["a", "b"] * 150
+    engine = make_engine(db_url)
+    try:
+        with session_factory(engine).begin() as s:
+            assert write_trusted_rows(s, "m", Split.TRAIN, 0, x[:200], labels[:200]) == 200
+            assert write_trusted_rows(s, "m", Split.TRAIN, 100, x[100:200], labels[100:200]) == 0
+            assert write_trusted_rows(s, "m", Split.HOLDOUT, 0, x[200:], labels[200:]) == 100
+            info = TrustedInfo("m", "f" * 64, schema, True, 200, 100, SPLIT_RULE, {}, "t")
+            write_trusted_info(s, info)
+        with session_factory(engine)() as s:
+            back = trusted_data(s, "m")
+            assert back is not None
+            assert np.array_equal(back.x_train, x[:200]) and np.array_equal(back.x_holdout, x[200:])
+            assert back.y_train.tolist() == [0, 1] * 100
+            stored = s.scalar(select(Example.features).where(Example.dedup_key == "seed:m:train:0"))
+            assert stored == [0.1, -1e-30, 3e38]  # float32's shortest text, not 0.10000000149
+        with pytest.raises(ValueError, match="finite"), session_factory(engine).begin() as s:
+            write_trusted_rows(s, "m", Split.TRAIN, 500, np.array([[np.nan, 0, 0]]), ["a"])
+    finally:
+        engine.dispose()

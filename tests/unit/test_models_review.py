@@ -137,6 +137,7 @@ def template(tmp_path_factory) -> Path:
     settings = _settings(home)
     prepare_home(settings)
     upgrade(settings.resolved_database_url)
+    _examples(settings)  # ids 1..70, before the trusted rows `init` writes for v1
     registry = Registry.of(settings)
     v1 = ensure_champion(settings.trusted, registry)
     v2 = _child(
@@ -167,7 +168,6 @@ def template(tmp_path_factory) -> Path:
     for v in (v4, v5):
         registry.set_tags(v, {"review": "pending"})
     assert (v1, v2, v3, v4, v5) == ("1", "2", "3", "4", "5")
-    _examples(settings)
     return home
 
 
@@ -203,12 +203,12 @@ def test_diff_json_compares_both_holdouts_data_gates_and_weights(home):
     assert set(doc) == {"model_name", "a", "b", "holdouts", "parameters", "store"}
     a, b = doc["a"], doc["b"]
     assert (a["version"], b["version"]) == ("1", "2")
-    assert a["source"] == "manual" and b["parent_version"] == "1"
+    assert a["source"] == "init" and b["parent_version"] == "1"
     assert b["gate_passed"] is True and b["gate_numbers"]["gate_recent_candidate"] == 0.9
     assert b["data"]["range"] == [1, 40] and b["data"]["total"] == 40
     assert b["data"]["counterexamples"] == 15
     assert b["data"]["by_split"] == {"holdout": 5, "train": 35}
-    assert a["data"]["range"] is None  # seed data is not in the store
+    assert a["data"]["range"] is None  # v1 names trusted rows, not an id range
 
     registry = registry_at(home)
     m1, m2 = registry.load("1").module, registry.load("2").module
