@@ -7,6 +7,10 @@ finds neither a champion nor a trusted data set, it writes the synthetic seed da
 Deterministic: the same `FLYWHEEL_SEED` writes the same file, which gives the same
 schema, split, sample and weights.
 
+Several processes may bootstrap one home at once (a service and a learner started
+together): they take turns under the home's init lock, and the later ones find the
+first one's champion.
+
 A trusted set without a champion means an init committed its store writes but stopped
 before moving the alias (or the registry was emptied): the version registered for that
 set (same data and schema fingerprints) becomes champion; if there is none, the error
@@ -26,6 +30,7 @@ from flywheel.learner.init.errors import ChampionExists, InitError
 from flywheel.learner.init.pipeline import (
     InitConfig,
     InitOptions,
+    one_at_a_time,
     open_or_create_store,
     run_init,
 )
@@ -71,27 +76,38 @@ def write_demo_csv(trusted: TrustedSettings, folder: Path) -> Path:
 
 
 def bootstrap_champion(trusted: TrustedSettings, registry: Registry) -> ModelVersion:
-    """The champion; on a new deployment, the synthetic demo problem through `init`."""
+    """The champion; on a new deployment, the synthetic demo problem through `init`.
+
+    Under the home's init lock, so that a service and a learner started together on a
+    fresh home create the store and import the demo once: the second finds the first's
+    champion.
+    """
     current = registry.champion_version()
     if current is not None:
         return current
     state = registry.state
-    engine = open_or_create_store(state.resolved_database_url)
-    try:
-        with session_factory(engine)() as session:
-            info = trusted_info(session, registry.name)
-    finally:
-        engine.dispose()
-    if info is not None:
-        return _adopt(info, registry)
-    data = write_demo_csv(trusted, state.home_dir / "demo")
-    config = InitConfig(state=state, trusted=trusted, privacy=PrivacySettings.model_validate({}))
-    try:
-        result = run_init(InitOptions(data=data, label=LABEL, public=True), config, registry)
-    except (ChampionExists, IntegrityError):
-        # another process (here: it held the init lock; elsewhere: its trusted set
-        # committed first) is bootstrapping the same deployment: use its champion
-        return _wait_for_champion(registry)
+    with one_at_a_time(state.home_dir):
+        current = registry.champion_version()
+        if current is not None:
+            return current
+        engine = open_or_create_store(state.resolved_database_url)
+        try:
+            with session_factory(engine)() as session:
+                info = trusted_info(session, registry.name)
+        finally:
+            engine.dispose()
+        if info is not None:
+            return _adopt(info, registry)
+        data = write_demo_csv(trusted, state.home_dir / "demo")
+        config = InitConfig(
+            state=state, trusted=trusted, privacy=PrivacySettings.model_validate({})
+        )
+        options = InitOptions(data=data, label=LABEL, public=True)
+        try:
+            result = run_init(options, config, registry, locked=True)
+        except (ChampionExists, IntegrityError):
+            # another machine's init on the same store got there first
+            return _wait_for_champion(registry)
     log.info(
         "registered the synthetic demo model %s v%s (holdout accuracy %.3f)",
         registry.name,

@@ -288,9 +288,11 @@ def open_or_create_store(url: str) -> Engine:
 
 
 @contextlib.contextmanager
-def _one_at_a_time(home: Path) -> Iterator[None]:
-    """Inits sharing a home (a CLI init, a service bootstrapping) run one after another;
-    inits on other machines meet at the store's unique key on `trusted_sets`."""
+def one_at_a_time(home: Path) -> Iterator[None]:
+    """Inits sharing a home (a CLI init, a service and a learner bootstrapping the demo,
+    each creating the store) run one after another; inits on other machines meet at the
+    store's unique key on `trusted_sets`. Not re-entrant (`run_init(..., locked=True)`
+    runs inside a caller's lock)."""
     home.mkdir(parents=True, exist_ok=True)
     with (home / "init.lock").open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -301,16 +303,19 @@ def _one_at_a_time(home: Path) -> Iterator[None]:
 
 
 # ---- the run --------------------------------------------------------------------------------
-def run_init(options: InitOptions, config: InitConfig, registry: Registry) -> InitResult:
+def run_init(
+    options: InitOptions, config: InitConfig, registry: Registry, *, locked: bool = False
+) -> InitResult:
     """Import `options.data`, train and register the first version; see the module doc.
 
     Raises InitError (bad input; nothing written), ChampionExists (a deployment that
     already has a lineage, without `new_lineage`), SchemaNotCurrent (an old store).
+    `locked`: the caller holds `one_at_a_time` for this home already.
     """
     file = DataFile.open(options.data)
     if not options.public and config.privacy.privacy_enabled:
         raise InitError(PRIVATE_REFUSAL)
-    with _one_at_a_time(config.state.home_dir):
+    with contextlib.nullcontext() if locked else one_at_a_time(config.state.home_dir):
         engine = open_or_create_store(config.state.resolved_database_url)
         try:
             return _Run(file, options, config, registry, engine).run()

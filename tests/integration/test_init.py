@@ -221,6 +221,16 @@ def test_the_synthetic_demo_bootstraps_through_init_and_is_the_same_for_a_seed(t
         assert torch.equal(wa, wb), k
 
 
+def test_two_processes_bootstrapping_one_home_at_once_import_the_demo_once(tmp_path):
+    import concurrent.futures
+
+    s = Settings(home=tmp_path / "home", seed_examples=500)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # own registries, own lock handles
+        found = list(pool.map(lambda _: ensure_champion(s.trusted, Registry.of(s)), range(2)))
+    assert found == ["1", "1"]
+    assert [v.version for v in Registry.of(s).versions()] == ["1"]
+
+
 def test_a_registered_version_whose_alias_never_moved_is_adopted(tmp_path):
     s = Settings(home=tmp_path / "home", seed_examples=1000)
     registry = Registry.of(s)
