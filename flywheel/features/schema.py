@@ -199,36 +199,16 @@ class FeatureSchema(BaseModel):
 
         A key the schema does not know is refused (a typo would otherwise be a silently
         filled feature); an ignored column is accepted and dropped. An unseen category
-        goes to the unknown bucket and is counted in `Encoded.unknown`.
+        goes to the unknown bucket and is counted in `Encoded.unknown`. Callers that
+        encode many small batches keep a `row_encoder()` instead.
         """
-        import numpy as np
+        return self.row_encoder()(rows, where=where)
 
-        encoders = self._encoders()
-        known = self._known()
-        x = np.empty((len(rows), len(encoders)), dtype=np.float32)
-        unknown: Counter[str] = Counter()
-        for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise FeatureError("must be an object of named features", row=i, where=where)
-            extra = [k for k in row if k not in known]
-            if extra:
-                raise FeatureError(
-                    f"unknown feature; the model's features are {self.names}",
-                    row=i,
-                    field=str(extra[0]),
-                    where=where,
-                )
-            out = x[i]
-            for j, (name, encode) in enumerate(encoders):
-                value = row.get(name)
-                try:
-                    out[j] = encode(value)
-                except _Unknown:
-                    out[j] = UNKNOWN
-                    unknown[name] += 1
-                except _Bad as exc:
-                    raise FeatureError(str(exc), row=i, field=name, where=where) from None
-        return Encoded(x, dict(unknown))
+    def row_encoder(self) -> RowEncoder:
+        """`encode_rows`, compiled once: building the per-feature encoders (a category
+        lookup table each) cost ~80 us for 8 numeric and 4 categorical features, ~40 % of
+        a one-row predict request, so the service builds one per served version."""
+        return RowEncoder(self)
 
     def encode_vectors(
         self, rows: Sequence[Sequence[float]], *, where: str = "instances"
@@ -358,6 +338,57 @@ class Encoded:
 
     x: np.ndarray
     unknown: dict[str, int] = field(default_factory=dict)
+
+
+class RowEncoder:
+    """Named rows to raw vectors for one schema, with its encoders built once.
+
+    >>> schema = FeatureSchema(label="y", labels=["a", "b"], features=[
+    ...     Feature(name="n", kind="numeric", mean=1.0),
+    ...     Feature(name="c", kind="categorical", vocabulary=["u"], missing="error")])
+    >>> encode = schema.row_encoder()
+    >>> encode([{"c": "u"}, {"n": 3, "c": "w"}]).x.tolist()
+    [[1.0, 1.0], [3.0, 0.0]]
+    >>> encode([{"n": 2}])
+    Traceback (most recent call last):
+    ...
+    flywheel.features.schema.FeatureError: instances[0].c: is missing (this feature has no fill)
+    """
+
+    def __init__(self, schema: FeatureSchema) -> None:
+        self.schema = schema
+        self._encoders = schema._encoders()
+        self._known = schema._known()
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]], *, where: str = "instances") -> Encoded:
+        import numpy as np
+
+        encoders, known = self._encoders, self._known
+        out: list[list[float]] = []
+        unknown: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise FeatureError("must be an object of named features", row=i, where=where)
+            if not known.issuperset(row):
+                extra = next(k for k in row if k not in known)
+                raise FeatureError(
+                    f"unknown feature; the model's features are {self.schema.names}",
+                    row=i,
+                    field=str(extra),
+                    where=where,
+                )
+            vector = []
+            for name, encode in encoders:
+                try:
+                    vector.append(encode(row.get(name)))
+                except _Unknown:
+                    vector.append(UNKNOWN)
+                    unknown[name] = unknown.get(name, 0) + 1
+                except _Bad as exc:
+                    raise FeatureError(str(exc), row=i, field=name, where=where) from None
+            out.append(vector)
+        x = np.array(out, dtype=np.float32).reshape(len(out), len(encoders))
+        return Encoded(x, unknown)
 
 
 class _Bad(ValueError):
