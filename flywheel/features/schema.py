@@ -428,7 +428,10 @@ def _encoder(f: Feature) -> Callable[[Any], float]:
                 return missing()
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise _Bad(f"expected a number, got {type(v).__name__} {v!r:.40}")
-            out = float(v)
+            try:
+                out = float(v)
+            except OverflowError:  # an integer beyond float range
+                out = math.inf
             if not math.isfinite(out) or abs(out) > 3.4e38:
                 raise _Bad(f"{v!r} is not a finite float32 number")
             return out
