@@ -32,6 +32,7 @@ FORMAT: Literal["flywheel-schema/1"] = "flywheel-schema/1"
 UNKNOWN = 0  # the code of the unknown bucket; vocabulary[i] is code i + 1
 MAX_VOCABULARY = 1000  # default cap: rarer categories share the unknown bucket
 MAX_FEATURES = 10_000
+FLOAT32_LIMIT = 3.4e38  # a larger number would not survive the cast to float32
 
 Kind = Literal["numeric", "categorical", "boolean", "ignore"]
 
@@ -357,13 +358,19 @@ class RowEncoder:
 
     def __init__(self, schema: FeatureSchema) -> None:
         self.schema = schema
-        self._encoders = schema._encoders()
         self._known = schema._known()
+        # (name, kind, category codes, the encoder): the common values (a finite float, a
+        # known category, true/false) are taken inline, ~2x faster than calling the
+        # encoder for each; any other value goes through the encoder, which decides
+        self._plan = [
+            (f.name, f.kind, _codes(f), encode)
+            for f, (_, encode) in zip(schema.inputs, schema._encoders(), strict=True)
+        ]
 
     def __call__(self, rows: Sequence[Mapping[str, Any]], *, where: str = "instances") -> Encoded:
         import numpy as np
 
-        encoders, known = self._encoders, self._known
+        plan, known = self._plan, self._known
         out: list[list[float]] = []
         unknown: dict[str, int] = {}
         for i, row in enumerate(rows):
@@ -377,17 +384,32 @@ class RowEncoder:
                     field=str(extra),
                     where=where,
                 )
-            vector = []
-            for name, encode in encoders:
+            vector: list[float] = []
+            append = vector.append
+            for name, kind, codes, encode in plan:
+                v = row.get(name)
+                if kind == "numeric":
+                    if type(v) is float and -FLOAT32_LIMIT <= v <= FLOAT32_LIMIT:  # not NaN
+                        append(v)
+                        continue
+                elif kind == "categorical":
+                    if type(v) is str:
+                        code = codes.get(v)
+                        if code is not None:
+                            append(code)
+                            continue
+                elif v is True or v is False:
+                    append(1.0 if v else 0.0)
+                    continue
                 try:
-                    vector.append(encode(row.get(name)))
+                    append(encode(v))
                 except _Unknown:
-                    vector.append(UNKNOWN)
+                    append(UNKNOWN)
                     unknown[name] = unknown.get(name, 0) + 1
                 except _Bad as exc:
                     raise FeatureError(str(exc), row=i, field=name, where=where) from None
             out.append(vector)
-        x = np.array(out, dtype=np.float32).reshape(len(out), len(encoders))
+        x = np.array(out, dtype=np.float32).reshape(len(out), len(plan))
         return Encoded(x, unknown)
 
 
@@ -412,6 +434,11 @@ def label_text(value: Any) -> str:
     return str(value)
 
 
+def _codes(f: Feature) -> dict[str, float]:
+    """A categorical feature's code per category (`vocabulary[i]` is code i + 1)."""
+    return {name: float(i + 1) for i, name in enumerate(f.vocabulary)}
+
+
 def _encoder(f: Feature) -> Callable[[Any], float]:
     fill = f.fill_value()
     required = f.missing == "error"
@@ -432,7 +459,7 @@ def _encoder(f: Feature) -> Callable[[Any], float]:
                 out = float(v)
             except OverflowError:  # an integer beyond float range
                 out = math.inf
-            if not math.isfinite(out) or abs(out) > 3.4e38:
+            if not math.isfinite(out) or abs(out) > FLOAT32_LIMIT:
                 raise _Bad(f"{v!r} is not a finite float32 number")
             return out
 
@@ -447,7 +474,7 @@ def _encoder(f: Feature) -> Callable[[Any], float]:
             return 1.0 if v else 0.0
 
         return boolean
-    codes = {name: float(i + 1) for i, name in enumerate(f.vocabulary)}
+    codes = _codes(f)
 
     def categorical(v: Any) -> float:
         if v is None:
