@@ -239,3 +239,36 @@ def test_openapi_shows_the_champions_features_and_follows_a_hot_swap(client):
     instances = _instances(client.get("/openapi.json").json())
     assert instances["items"]["type"] == "array" and instances["items"]["maxItems"] == 3
     assert "vectors" in instances["description"]
+
+
+TRICKY = [1.5, 1, -0.0, 0, True, False, None, "FR", "JP", "1", 2, 3.4e38, 3.5e38, -3.4e38]
+TRICKY += [float("nan"), float("inf"), 2**70, 10**400, [1], {"a": 1}]
+
+
+def test_the_row_encoders_inline_path_agrees_with_each_features_encoder():
+    """`RowEncoder` takes common values inline; every value must come out as the
+    feature's own encoder (`FeatureSchema._encoders`, what `encode_rows` always used)
+    makes it: the same float, the unknown bucket, or the same error."""
+    from flywheel.features import FeatureError
+    from flywheel.features.schema import _Bad, _Unknown
+
+    encoders = dict(SCHEMA._encoders())
+    row_encoder = SCHEMA.row_encoder()
+    base = {"amount": 1.0, "country": "DE", "device": "ios", "mobile": True}
+    for name, encode in encoders.items():
+        for value in TRICKY:
+            try:
+                expected: object = encode(value)
+            except _Unknown:
+                expected = float(UNKNOWN)
+            except _Bad as exc:
+                expected = f"instances[0].{name}: {exc}"
+            try:
+                got: object = float(
+                    row_encoder([{**base, name: value}]).x[0][list(encoders).index(name)]
+                )
+            except FeatureError as exc:
+                got = str(exc)
+            if isinstance(expected, float) and isinstance(got, float):
+                expected = float(torch.tensor(expected, dtype=torch.float32))
+            assert got == expected, (name, value)
