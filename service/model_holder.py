@@ -48,6 +48,9 @@ class ServedModel:
             module = to_precision(module, precision)
         served = cls(name, version, spec, module, utcnow(), precision)
         served.predict_proba(np.zeros((1, spec.input_dim), dtype=np.float32))
+        # worked out here, off the request path (the follower's thread on a hot swap)
+        for part in ("takes_vectors", "row_encoder", "ignored", "feature_names", "non_numeric"):
+            getattr(served, part)
         return served
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
