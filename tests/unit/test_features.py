@@ -265,3 +265,28 @@ def test_a_factory_is_imported_only_when_trusted(tmp_path, monkeypatch):
     assert "teamnets.nets" not in sys.modules  # refused before any import
     assert load_model(tmp_path / "v", factories=["teamnets.nets"])[1] is not None
     assert parse_spec(json.loads((tmp_path / "v" / "spec.json").read_text())["spec"]) == spec
+
+
+@pytest.mark.parametrize("text", ["logistic", "mlp", "embed_mlp", "cascade"])
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_low_precision_copies_of_every_family_agree_with_fp32(text, precision):
+    from flywheel.kernels import to_precision
+    from flywheel.modelspec import build_module
+
+    s = schema()
+    torch.manual_seed(0)
+    module = build_module(parse_model_arg(text, s)).eval()
+    x = torch.from_numpy(s.encode_table(table()).x)
+    copy = to_precision(module, precision)
+    agree = (copy(x).argmax(1) == module(x).argmax(1)).float().mean().item()
+    assert agree >= 0.9  # the Encode layer stays float32; only Linear layers change
+
+
+def test_a_cascade_trains_over_a_schema():
+    from flywheel.kernels.cascade import build_cascade
+
+    s, t = schema(), table()
+    x, y = s.encode_table(t).x, np.asarray(s.labels_of(t.column("label").to_pylist()))
+    spec, module, cal = build_cascade(x, y, x, y, labels=s.labels, schema=s, epochs=3)
+    assert spec.schema == s and isinstance(module.light[0], Encode)
+    assert 0 <= cal.light_share <= 1
