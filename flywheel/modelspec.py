@@ -1,37 +1,110 @@
 """Model specs: an architecture described as data, so a version loads without pickles.
 
-Two kinds: `ModelSpec` (`kind: "mlp"`, what the learner trains) and `CascadeSpec`
-(`kind: "cascade"`: a light and a heavy MLP, see docs/serving.md). `parse_spec` and
-`build_module` take either.
+Three kinds: `ModelSpec` (`kind: "mlp"`, what the learner trains: logistic regression
+when `hidden` is empty, an MLP, or an embedding + MLP when `embedding_dim` is set and the
+schema has categorical features), `CascadeSpec` (`kind: "cascade"`: a light and a heavy
+MLP, see docs/serving.md) and `FactorySpec` (`kind: "factory"`: a network built by a
+function in an installed package the deployment trusts). `parse_spec` and `build_module`
+take any of them; `parse_model_arg` reads the `--model` text of `flywheel init`.
+
+A spec may carry the lineage's `FeatureSchema`: then layer 0 is `Encode` (scaling, fill,
+one-hot or embeddings, all inside the model), else the historical `Standardize` over a
+plain float vector.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib
+import json
+from collections.abc import Collection
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
+
+from flywheel.features import UNKNOWN, FeatureSchema
+
+# `schema` is stored under its alias: the attribute is `schema_` because BaseModel has a
+# (deprecated) `schema` method of its own, which the property below stands in for
+_CONFIG = ConfigDict(
+    extra="forbid",
+    frozen=True,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+)
+_OPTIONAL = {"schema": None, "dropout": 0.0, "embedding_dim": 0}
+
+
+def spec_doc(spec: AnySpec) -> dict[str, Any]:
+    """The JSON form of a spec; fields at their defaults that older readers do not know
+    (schema, dropout, embedding_dim) are left out, so a plain MLP is written as before.
+
+    >>> spec_doc(ModelSpec(input_dim=2, labels=["a", "b"]))
+    {'kind': 'mlp', 'input_dim': 2, 'hidden': [64, 64], 'labels': ['a', 'b'], 'activation': 'relu'}
+    """
+    doc = spec.model_dump(mode="json")
+    for key, default in _OPTIONAL.items():
+        if key in doc and doc[key] == default:
+            del doc[key]
+    return doc
+
+
+def _check_schema(spec: ModelSpec | CascadeSpec | FactorySpec) -> None:
+    if len(set(spec.labels)) != len(spec.labels):
+        raise ValueError(f"labels must be unique, got {spec.labels}")
+    if spec.schema is None:
+        return
+    if spec.input_dim != spec.schema.input_dim:
+        raise ValueError(
+            f"input_dim {spec.input_dim} does not match the schema's {spec.schema.input_dim} inputs"
+        )
+    if spec.labels != spec.schema.labels:
+        raise ValueError(f"labels {spec.labels} differ from the schema's {spec.schema.labels}")
 
 
 class ModelSpec(BaseModel):
-    """An MLP classifier over a fixed-width float vector with a named label set."""
+    """A feed-forward classifier over the raw input vector, with a named label set.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    `hidden` empty is logistic regression; `embedding_dim` > 0 embeds each categorical
+    feature of the schema (else they are one-hot); `dropout` follows each hidden layer.
+
+    >>> spec = ModelSpec(input_dim=8, hidden=[], labels=["a", "b"])
+    >>> spec.family, build_model(spec)(torch.zeros(2, 8)).shape
+    ('logistic', torch.Size([2, 2]))
+    """
+
+    model_config = _CONFIG
 
     kind: Literal["mlp"] = "mlp"
     input_dim: int = Field(ge=1, le=100_000)
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     labels: list[str] = Field(min_length=2)
     activation: Literal["relu", "tanh", "gelu"] = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    embedding_dim: int = Field(default=0, ge=0, le=1024)
+    schema_: FeatureSchema | None = Field(default=None, alias="schema")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be unique, got {self.labels}")
+        _check_schema(self)
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive, got {self.hidden}")
+        if self.embedding_dim and (self.schema is None or not self.schema.categorical):
+            raise ValueError("embedding_dim needs a schema with categorical features")
         return self
+
+    @property
+    def schema(self) -> FeatureSchema | None:  # type: ignore[override]
+        return self.schema_
+
+    @property
+    def family(self) -> str:
+        """logistic, mlp or embed_mlp: what `--model` named."""
+        if self.embedding_dim:
+            return "embed_mlp"
+        return "mlp" if self.hidden else "logistic"
 
     def label_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.labels)}
@@ -56,18 +129,109 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.scale
 
 
+class Encode(nn.Module):
+    """The schema's encoding inside the model: numeric inputs scaled by the schema's mean
+    and std (`fit` re-estimates them), booleans as 0/1, each categorical code one-hot
+    (`embedding_dim` 0) or embedded. A code outside the vocabulary (from interpolation or
+    a bad client) reads as the unknown bucket.
+
+    >>> from flywheel.features import Feature, FeatureSchema
+    >>> schema = FeatureSchema(label="y", labels=["a", "b"], features=[
+    ...     Feature(name="amount", kind="numeric", mean=10.0, std=2.0),
+    ...     Feature(name="country", kind="categorical", vocabulary=["DE", "FR"])])
+    >>> Encode(schema)(torch.tensor([[12.0, 2.0], [10.0, 7.0]])).tolist()
+    [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    """
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    dense: torch.Tensor
+    codes: torch.Tensor
+    sizes: torch.Tensor
+    offsets: torch.Tensor
+
+    def __init__(self, schema: FeatureSchema, embedding_dim: int = 0) -> None:
+        super().__init__()
+        inputs = schema.inputs
+        dense = [i for i, f in enumerate(inputs) if f.kind != "categorical"]
+        cats = schema.categorical
+        numeric = [f.kind == "numeric" for f in inputs]
+        self.register_buffer("dense", torch.tensor(dense, dtype=torch.long))
+        self.register_buffer("codes", torch.tensor(cats, dtype=torch.long))
+        self.register_buffer(
+            "mean", torch.tensor([inputs[i].mean if numeric[i] else 0.0 for i in dense])
+        )
+        self.register_buffer(
+            "scale", torch.tensor([inputs[i].std if numeric[i] else 1.0 for i in dense])
+        )
+        self._numeric = torch.tensor([numeric[i] for i in dense], dtype=torch.bool)
+        sizes = [len(inputs[i].vocabulary) + 1 for i in cats]  # + the unknown bucket
+        self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.long))
+        self.register_buffer(
+            "offsets", torch.tensor([sum(sizes[:k]) for k in range(len(sizes))], dtype=torch.long)
+        )
+        self.embedding_dim = embedding_dim
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(n, embedding_dim) for n in (sizes if embedding_dim else [])
+        )
+        self.out_dim = len(dense) + (embedding_dim * len(sizes) if embedding_dim else sum(sizes))
+
+    def fit(self, x: torch.Tensor) -> None:
+        """Re-estimate the numeric scaling on raw rows (booleans stay 0/1)."""
+        cols = x[:, self.dense]
+        mean = torch.where(self._numeric, cols.mean(dim=0), torch.zeros(()))
+        std = torch.where(self._numeric, cols.std(dim=0).clamp_min(1e-6), torch.ones(()))
+        self.mean.copy_(mean)
+        self.scale.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [(x.index_select(1, self.dense) - self.mean) / self.scale]
+        if len(self.codes):
+            raw = x.index_select(1, self.codes).round()
+            codes = raw.clamp(min=0).long()
+            codes = torch.where((raw < 0) | (codes >= self.sizes), UNKNOWN, codes)
+            if self.embedding_dim:
+                parts += [emb(codes[:, k]) for k, emb in enumerate(self.embeddings)]
+            else:
+                hot = x.new_zeros(len(x), int(self.sizes.sum()))
+                hot.scatter_(1, codes + self.offsets, 1.0)
+                parts.append(hot)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
+def input_layer(
+    input_dim: int, schema: FeatureSchema | None, embedding_dim: int = 0
+) -> tuple[nn.Module, int]:
+    """(layer 0, its output width): `Encode` for a schema, else `Standardize`."""
+    if schema is None:
+        return Standardize(input_dim), input_dim
+    encode = Encode(schema, embedding_dim)
+    return encode, encode.out_dim
+
+
 def build_model(spec: ModelSpec) -> nn.Sequential:
-    """A fresh module for `spec`; layer 0 is always the `Standardize` step."""
-    layers: list[nn.Module] = [Standardize(spec.input_dim)]
-    width = spec.input_dim
+    """A fresh module for `spec`; layer 0 is always the input step (`Standardize` or
+    `Encode`), which has `fit(x)` for the input scaling."""
+    first, width = input_layer(spec.input_dim, spec.schema, spec.embedding_dim)
+    layers: list[nn.Module] = [first]
     for h in spec.hidden:
         layers += [nn.Linear(width, h), _ACTIVATIONS[spec.activation]()]
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
         width = h
     layers.append(nn.Linear(width, len(spec.labels)))
     return nn.Sequential(*layers)
+
+
+def fit_input_scaling(module: nn.Module, x: torch.Tensor) -> None:
+    """Fit layer 0's scaling (`Standardize` or `Encode`) on raw training rows."""
+    first = module[0] if isinstance(module, nn.Sequential) else None
+    if not isinstance(first, (Standardize, Encode)):
+        raise TypeError(f"{type(module).__name__} does not start with an input step")
+    first.fit(x)
 
 
 ALWAYS_HEAVY = 2.0  # a cascade threshold above 1: no row is ever answered by the light net
@@ -82,7 +246,7 @@ class CascadeSpec(BaseModel):
     chosen from (holdout accuracies, light share), for reviewers.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _CONFIG
 
     kind: Literal["cascade"] = "cascade"
     input_dim: int = Field(ge=1, le=100_000)
@@ -92,12 +256,22 @@ class CascadeSpec(BaseModel):
     activation: Literal["relu", "tanh", "gelu"] = "relu"
     threshold: float = Field(default=ALWAYS_HEAVY, ge=0.0, le=ALWAYS_HEAVY)
     calibration: dict[str, float] = Field(default_factory=dict)
+    schema_: FeatureSchema | None = Field(default=None, alias="schema")
 
     @model_validator(mode="after")
     def _check(self) -> CascadeSpec:
+        _check_schema(self)
         for which in ("light", "heavy"):
             self.part(which)  # raises as a plain MLP spec would
         return self
+
+    @property
+    def schema(self) -> FeatureSchema | None:  # type: ignore[override]
+        return self.schema_
+
+    @property
+    def family(self) -> str:
+        return "cascade"
 
     def part(self, which: Literal["light", "heavy"]) -> ModelSpec:
         """The plain MLP spec of one of the two networks."""
@@ -106,13 +280,78 @@ class CascadeSpec(BaseModel):
             labels=self.labels,
             hidden=self.light if which == "light" else self.heavy,
             activation=self.activation,
+            schema=self.schema,
         )
 
     def label_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.labels)}
 
 
-AnySpec = ModelSpec | CascadeSpec
+class FactorySpec(BaseModel):
+    """A network from a factory in an installed package: `factory` is "module:function",
+    called as `function(in_features, n_classes, **options)` and returning an
+    `nn.Module` over the encoded input; layer 0 (`Encode`/`Standardize`) stays ours, so
+    the schema still travels with the model. Weights stay tensors-only; the code is the
+    package's, imported only when its module is in the deployment's trusted list
+    (`FLYWHEEL_MODEL_FACTORIES`), as TorchServe handlers are.
+
+    >>> FactorySpec(factory="mypkg.models:build", input_dim=4, labels=["a", "b"]).family
+    'factory'
+    """
+
+    model_config = _CONFIG
+
+    kind: Literal["factory"] = "factory"
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    options: dict[str, Any] = Field(default_factory=dict)
+    input_dim: int = Field(ge=1, le=100_000)
+    labels: list[str] = Field(min_length=2)
+    embedding_dim: int = Field(default=0, ge=0, le=1024)
+    schema_: FeatureSchema | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _check(self) -> FactorySpec:
+        _check_schema(self)
+        json.dumps(self.options)  # JSON only: it is written into spec.json
+        return self
+
+    @property
+    def schema(self) -> FeatureSchema | None:  # type: ignore[override]
+        return self.schema_
+
+    @property
+    def family(self) -> str:
+        return "factory"
+
+    def label_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+
+class FactoryError(ValueError):
+    """A factory that is not trusted, not installed, or does not build a module."""
+
+
+def build_factory(spec: FactorySpec, trusted: Collection[str]) -> nn.Sequential:
+    """Layer 0 plus the factory's network; refuses a module outside `trusted` (module
+    names or prefixes, e.g. "mypkg" trusts "mypkg.models")."""
+    module_name, _, func = spec.factory.partition(":")
+    if not any(module_name == t or module_name.startswith(t + ".") for t in trusted):
+        raise FactoryError(
+            f"model factory {spec.factory!r} is not trusted: add {module_name.split('.')[0]!r} "
+            "to FLYWHEEL_MODEL_FACTORIES to let this deployment import it"
+        )
+    try:
+        fn = getattr(importlib.import_module(module_name), func)
+    except (ImportError, AttributeError) as exc:
+        raise FactoryError(f"model factory {spec.factory!r} cannot be loaded: {exc}") from exc
+    first, width = input_layer(spec.input_dim, spec.schema, spec.embedding_dim)
+    net = fn(width, len(spec.labels), **spec.options)
+    if not isinstance(net, nn.Module):
+        raise FactoryError(f"model factory {spec.factory!r} returned {type(net).__name__}")
+    return nn.Sequential(first, net)
+
+
+AnySpec = ModelSpec | CascadeSpec | FactorySpec
 
 
 class Cascade(nn.Module):
@@ -140,12 +379,143 @@ class Cascade(nn.Module):
         return self.route(x)[0]
 
 
+_KINDS: dict[str, type[ModelSpec] | type[CascadeSpec] | type[FactorySpec]] = {
+    "mlp": ModelSpec,
+    "cascade": CascadeSpec,
+    "factory": FactorySpec,
+}
+
+
 def parse_spec(doc: dict) -> AnySpec:
     """A spec from its JSON form, by `kind` (a missing kind is an MLP, as before cascades)."""
-    cascade = isinstance(doc, dict) and doc.get("kind") == "cascade"
-    return (CascadeSpec if cascade else ModelSpec).model_validate(doc)
+    kind = doc.get("kind", "mlp") if isinstance(doc, dict) else "mlp"
+    if kind not in _KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(_KINDS)}")
+    return _KINDS[kind].model_validate(doc)
 
 
-def build_module(spec: AnySpec) -> nn.Module:
-    """A fresh module for either kind of spec."""
-    return Cascade(spec) if isinstance(spec, CascadeSpec) else build_model(spec)
+def build_module(spec: AnySpec, *, factories: Collection[str] = ()) -> nn.Module:
+    """A fresh module for any kind of spec (`factories`: trusted factory modules)."""
+    if isinstance(spec, CascadeSpec):
+        return Cascade(spec)
+    if isinstance(spec, FactorySpec):
+        return build_factory(spec, factories)
+    return build_model(spec)
+
+
+DEFAULT_HIDDEN = [64, 64]
+DEFAULT_EMBEDDING = 8
+FAMILIES = ("logistic", "mlp", "embed_mlp", "cascade", "factory")
+
+
+def default_spec(schema: FeatureSchema) -> ModelSpec:
+    """What `init` trains unless told otherwise: an embedding + MLP when the schema has
+    categorical features, else an MLP of two 64-wide layers.
+
+    >>> from flywheel.features import Feature, FeatureSchema
+    >>> s = FeatureSchema(label="y", labels=["a", "b"],
+    ...                   features=[Feature(name="x", kind="numeric")])
+    >>> default_spec(s).family
+    'mlp'
+    """
+    emb = DEFAULT_EMBEDDING if schema.categorical else 0
+    return ModelSpec(
+        input_dim=schema.input_dim,
+        labels=schema.labels,
+        hidden=list(DEFAULT_HIDDEN),
+        embedding_dim=emb,
+        schema=schema,
+    )
+
+
+def parse_model_arg(text: str, schema: FeatureSchema) -> AnySpec:
+    """The spec `--model TEXT` names, for `schema`; ValueError says what is wrong.
+
+    TEXT is a family with options, `NAME[:key=value,...]`: `logistic`, `mlp` (hidden=64x64,
+    activation=relu|tanh|gelu, dropout=0.1), `embed_mlp` (the same plus embedding_dim=8),
+    `cascade` (light=16, heavy=256x256), `factory=module:function` (its options as
+    further key=value pairs); or a JSON object (a spec without input_dim, labels and
+    schema, which come from the schema).
+
+    >>> from flywheel.features import Feature, FeatureSchema
+    >>> s = FeatureSchema(label="y", labels=["a", "b"], features=[
+    ...     Feature(name="x", kind="numeric"),
+    ...     Feature(name="c", kind="categorical", vocabulary=["u", "v"])])
+    >>> spec = parse_model_arg("embed_mlp:hidden=32x16,embedding_dim=4,dropout=0.1", s)
+    >>> spec.family, spec.hidden, spec.embedding_dim, spec.dropout
+    ('embed_mlp', [32, 16], 4, 0.1)
+    >>> parse_model_arg("logistic", s).hidden
+    []
+    """
+    text = text.strip()
+    base: dict[str, Any] = {"input_dim": schema.input_dim, "labels": schema.labels}
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--model: not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise ValueError("--model: a JSON spec must be an object")
+        return _validated({**doc, **base, "schema": schema}, text)
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    if name.startswith("factory="):
+        name, factory = "factory", name.removeprefix("factory=") + (":" + rest if rest else "")
+        factory, _, rest = factory.partition(",")
+        options["factory"] = factory
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--model {text!r}: {part!r} is not key=value")
+        parsed = _option(value.strip())
+        if key.strip() in ("hidden", "light", "heavy") and isinstance(parsed, int):
+            parsed = [parsed]  # hidden=16: one layer
+        options[key.strip()] = parsed
+    families: dict[str, dict[str, Any]] = {
+        "logistic": {"kind": "mlp", "hidden": []},
+        "mlp": {"kind": "mlp", "hidden": list(DEFAULT_HIDDEN)},
+        "embed_mlp": {"kind": "mlp", "hidden": list(DEFAULT_HIDDEN)},
+        "cascade": {"kind": "cascade"},
+        "factory": {"kind": "factory"},
+    }
+    if name not in families:
+        raise ValueError(f"--model: unknown family {name!r}; expected one of {list(FAMILIES)}")
+    doc = {**families[name], **base, "schema": schema}
+    if name == "embed_mlp":
+        if not schema.categorical:
+            raise ValueError(
+                "--model embed_mlp needs categorical features; this schema has none "
+                "(use mlp or logistic)"
+            )
+        doc["embedding_dim"] = DEFAULT_EMBEDDING
+    if name == "factory":
+        doc["factory"] = options.pop("factory")
+        known = {"embedding_dim"}
+        doc["options"] = {k: v for k, v in options.items() if k not in known}
+        options = {k: v for k, v in options.items() if k in known}
+    if name == "logistic" and options.get("hidden"):
+        raise ValueError("--model logistic has no hidden layers (use mlp)")
+    return _validated({**doc, **options}, text)
+
+
+def _option(value: str) -> Any:
+    if "x" in value and all(p.isdigit() for p in value.split("x")):
+        return [int(p) for p in value.split("x")]
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _validated(doc: dict[str, Any], text: str) -> AnySpec:
+    try:
+        return parse_spec(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"--model {text!r}: {problems}") from None

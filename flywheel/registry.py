@@ -93,6 +93,7 @@ class Registry:
 
         self.state = state
         self.name = registry.model_name
+        self.factories = registry.factories  # modules trusted to build `factory` models
         uri = state.resolved_mlflow_uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -134,7 +135,7 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=mv.source, dst_path=tmp, tracking_uri=self.client.tracking_uri
             )
-            spec, module = load_model(Path(local))
+            spec, module = load_model(Path(local), factories=self.factories)
         return LoadedVersion(self.name, ModelVersion(str(mv.version)), spec, module, dict(mv.tags))
 
     def publish(

@@ -182,6 +182,24 @@ class _RegistryFields(_Fields):
         le=3600,
         description="Service checks the champion alias this often (model events are faster).",
     )
+    model_factories: str = Field(
+        "",
+        max_length=2000,
+        description="Python modules trusted to build `factory` models (comma-separated).",
+    )
+
+    @field_validator("model_factories")
+    @classmethod
+    def _check_factories(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", part):
+                raise ValueError(f"{part!r} is not a Python module name")
+        return value
+
+    @property
+    def factories(self) -> tuple[str, ...]:
+        """The trusted factory modules, as a tuple."""
+        return tuple(filter(None, (p.strip() for p in self.model_factories.split(","))))
 
     @field_validator("model_name")
     @classmethod

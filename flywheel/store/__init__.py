@@ -60,10 +60,22 @@ from flywheel.store.models import (
     PrivacyLedgerEntry,
     PrivacySourceSpend,
     Split,
+    TrustedSet,
     UTCDateTime,
 )
 from flywheel.store.models import ReferenceStats as ReferenceStatsRow
-from flywheel.store.trusted import HOLDOUT_FRACTION, seed_data
+from flywheel.store.trusted import (
+    HOLDOUT_FRACTION,
+    TrustedData,
+    TrustedInfo,
+    delete_trusted,
+    seed_data,
+    seed_key,
+    trusted_data,
+    trusted_info,
+    write_trusted_info,
+    write_trusted_rows,
+)
 
 __all__ = [
     "CORRECTION_STATUSES",
@@ -91,6 +103,15 @@ __all__ = [
     "ReferenceStatsRow",
     "UTCDateTime",
     "seed_data",
+    "seed_key",
+    "trusted_data",
+    "trusted_info",
+    "write_trusted_info",
+    "write_trusted_rows",
+    "delete_trusted",
+    "TrustedData",
+    "TrustedInfo",
+    "TrustedSet",
     "LearnerState",
     "Origin",
     "Prediction",

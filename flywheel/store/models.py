@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -275,6 +276,30 @@ class ReferenceStats(Base):
     example_count: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, onupdate=utcnow, server_default=func.now()
+    )
+
+
+class TrustedSet(Base):
+    """The data set a lineage started from (`flywheel init`): its schema, fingerprint,
+    how it was split, and whether it may be used without privacy accounting.
+
+    Its rows are `examples` with origin `seed` (split `train` or `holdout`), written in
+    the same transaction as this row, so a failed `init` leaves neither.
+    """
+
+    __tablename__ = "trusted_sets"
+
+    model_name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    schema: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    public: Mapped[bool] = mapped_column(Boolean)
+    rows_train: Mapped[int] = mapped_column(BigInteger)
+    rows_holdout: Mapped[int] = mapped_column(BigInteger)
+    split_rule: Mapped[str] = mapped_column(String(200))
+    label_counts: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    source: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now()
     )
 
 

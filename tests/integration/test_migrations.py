@@ -40,6 +40,7 @@ TABLES = {
     "examples",
     "learner_state",
     "reference_stats",
+    "trusted_sets",
     "error_counts",
     "counterexample_usage",
     "privacy_ledger",
