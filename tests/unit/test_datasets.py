@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
@@ -114,3 +116,15 @@ def test_write_csv_round_trips_names_types_nulls_and_the_drift(tmp_path):
     assert drifted["species"].equals(want["species"])
     assert drifted["sex"].null_count == 11
     assert drifted["bill_length_mm"].to_pylist() == want["bill_length_mm"].to_pylist()
+
+
+def test_the_docs_list_every_data_set_with_its_package_and_rows():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "datasets.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")
+    }
+    assert set(rows) == {f"`{name}`" for name in DATASETS}
+    for name, d in DATASETS.items():
+        line = rows[f"`{name}`"]
+        assert d.package in line and f"{d.rows:,}" in line, name
+        assert all(f"`{c}`" in line for c in d.categorical), name
