@@ -144,8 +144,8 @@ class _Base:
         )
 
     @staticmethod
-    def _transport_error(method: str, path: str, exc: httpx.TransportError) -> Unavailable:
-        return Unavailable(f"{method} {path}: {type(exc).__name__}: {exc or 'no detail'}")
+    def _transport_error(exc: httpx.TransportError) -> Unavailable:
+        return Unavailable(f"{type(exc).__name__}: {exc or 'no detail'}")
 
     # -- plans: what a call sends, in order ---------------------------------------------
 
@@ -343,7 +343,7 @@ class Client(_Base):
             try:
                 response = self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:
-                error: FlywheelError | None = self._transport_error(method, path, exc)
+                error: FlywheelError | None = self._transport_error(exc)
                 wait_at_least = None
             else:
                 doc, error = self._outcome(method, path, response)
@@ -460,7 +460,7 @@ class AsyncClient(_Base):
             try:
                 response = await self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:
-                error: FlywheelError | None = self._transport_error(method, path, exc)
+                error: FlywheelError | None = self._transport_error(exc)
                 wait_at_least = None
             else:
                 doc, error = self._outcome(method, path, response)

@@ -475,7 +475,12 @@ def test_the_kafka_record_is_the_services_event_with_its_deterministic_id():
 def test_model_info_is_parsed_and_keeps_fields_it_does_not_know():
     client, _ = make(FakeService())
     info = client.model()
-    assert (info.name, info.version, info.input_dim, info.labels) == ("flywheel", "3", 2, ("a", "b"))
+    assert (info.name, info.version, info.input_dim, info.labels) == (
+        "flywheel",
+        "3",
+        2,
+        ("a", "b"),
+    )
     assert info.precision == "int8" and info.loaded_at.tzinfo is not None
     assert info.raw["features"] == ["x", "y"] and info.ref == ModelRef("flywheel", "3")
 
