@@ -71,7 +71,10 @@ class _Base:
         batch_size: int,
         corrections_batch_size: int,
     ) -> None:
-        url = httpx.URL(base_url) if isinstance(base_url, str) else None
+        try:
+            url = httpx.URL(base_url) if isinstance(base_url, str) else None
+        except httpx.InvalidURL:
+            url = None
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ValueError(
                 f"base_url must be an http(s) URL such as http://host:8000; got {base_url!r}"
@@ -115,6 +118,11 @@ class _Base:
     ) -> tuple[Any, FlywheelError | None]:
         """(JSON body, None) for a success; (None, error) for a retryable failure; raises
         a final one."""
+        if 300 <= response.status_code < 400:  # httpx does not follow redirects
+            raise FlywheelError(
+                f"{method} {path} was redirected ({response.status_code}) to "
+                f"{response.headers.get('location', '?')}; give the client that base_url"
+            )
         if response.status_code < 400:
             if not response.content:
                 return None, None

@@ -118,6 +118,8 @@ class Rows:
 
 def to_json_row(row: Any, index: int) -> JSONRow:
     """One instance as the service's JSON: a dict of features, or a list of numbers."""
+    if type(row).__module__ == "numpy" and hasattr(row, "tolist"):  # a row of a matrix
+        row = row.tolist()
     if isinstance(row, Mapping):
         out: dict[str, Any] = {}
         for key, value in row.items():

@@ -210,6 +210,9 @@ def test_a_response_of_the_wrong_shape_says_so():
     service.failures = [httpx.Response(200, text="<html>", headers={"content-type": "text/html"})]
     with pytest.raises(FlywheelError, match="not JSON"):
         client.predict([[1, 2]])
+    service.failures = [httpx.Response(308, headers={"location": "https://flywheel.test/"})]
+    with pytest.raises(FlywheelError, match="redirected .308. to https://flywheel.test/"):
+        client.model()
 
 
 # -- batching ---------------------------------------------------------------------------
@@ -351,6 +354,8 @@ def test_a_numpy_matrix_is_sent_as_vectors():
     assert sent_rows(service) == [[1.5, 2.0], [3.0, 4.0]]
     with pytest.raises(InvalidInput, match=r"shape \(3,\); expected 2-D"):
         client.predict(np.zeros(3))
+    client.predict([np.array([5, 6]), np.array([7.5, 8.0])])
+    assert sent_rows(service)[2:] == [[5, 6], [7.5, 8.0]]
 
 
 @pytest.mark.parametrize(
@@ -521,6 +526,7 @@ def test_the_api_key_is_sent_as_a_bearer_token():
     "kwargs,message",
     [
         ({"base_url": "flywheel:8000"}, "base_url must be an http"),
+        ({"base_url": "http://[::1"}, "base_url must be an http"),
         ({"api_key": ""}, "api_key must be a non-empty string"),
         ({"api_key": "a\nb"}, "without spaces or newlines"),
         ({"retries": -1}, "retries must be 0 or more"),
