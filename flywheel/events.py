@@ -6,6 +6,7 @@ field so a consumer can refuse what it does not understand instead of guessing.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -31,6 +32,28 @@ LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 def new_id() -> str:
     """A random, URL-safe id for predictions and corrections."""
     return uuid.uuid4().hex
+
+
+def correction_id(prediction_id: str, label: str, source: str | None = None) -> str:
+    """The id of a correction event: the same for the same prediction, label and source.
+
+    The store keys corrections (and the training examples made from them) by this id and
+    skips an id it already has, so sending the same correction again -- a client's retry
+    after a lost response, a resend from an app's outbox, the HTTP route and a direct
+    Kafka producer alike -- is one correction, not a second vote for the same label. A
+    different label (the app changed its mind) or another source is a new correction.
+
+    >>> correction_id("p-1", "cat", "app-7") == correction_id("p-1", "cat", "app-7")
+    True
+    >>> correction_id("p-1", "cat") == correction_id("p-1", "dog")
+    False
+    >>> len(correction_id("p-1", "cat"))
+    32
+    """
+    # a JSON array is an unambiguous encoding of the three fields (a label may hold any
+    # character); 128 bits of SHA-256, hex, is within `Identifier` like `new_id`'s
+    key = orjson.dumps([prediction_id, label, source])
+    return hashlib.sha256(key).hexdigest()[:32]
 
 
 def utcnow() -> datetime:

@@ -467,7 +467,10 @@ def parse_model_arg(text: str, schema: FeatureSchema) -> AnySpec:
         key, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"--model {text!r}: {part!r} is not key=value")
-        options[key.strip()] = _option(value.strip())
+        parsed = _option(value.strip())
+        if key.strip() in ("hidden", "light", "heavy") and isinstance(parsed, int):
+            parsed = [parsed]  # hidden=16: one layer
+        options[key.strip()] = parsed
     families: dict[str, dict[str, Any]] = {
         "logistic": {"kind": "mlp", "hidden": []},
         "mlp": {"kind": "mlp", "hidden": list(DEFAULT_HIDDEN)},
