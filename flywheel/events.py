@@ -105,7 +105,7 @@ class NamedPredictionEvent(PredictionEvent):
 
     `PredictionEvent` ignores `row` (as every model here ignores fields it does not
     know): the feedback worker needs only `features`, and validating a 12-feature row
-    cost ~5 us on top of a ~7 us record. Consumers that want the row (audit, analytics)
+    cost 5-10 us on top of a ~7 us record. Consumers that want the row (audit, analytics)
     validate with this class; records without `row` read as `row=None`.
 
     >>> NamedPredictionEvent.model_validate_json(
