@@ -7,11 +7,13 @@ a per-feature mean and std and one distance cut-off -- so it is cheap to compute
 to explain in a verdict, and stores as a small JSON document next to the model version.
 
 Categorical inputs (their positions in the raw vector, from the lineage's schema) are
-codes, not quantities: code 3 is no nearer code 4 than code 1. Each counts as one
-standardized unit where it differs: between two rows, 1 per categorical feature whose
-codes differ; from the reference, 1 per categorical feature whose code the reference rows
-never had. Boolean inputs (0/1) stay numbers in units of their std; their positions are
-kept so counterexamples can leave them 0 or 1 (`feedback/counterexamples.py`).
+codes, not quantities: code 3 is no nearer code 4 than code 1. Between two rows each
+categorical feature whose codes differ counts one standardized unit (neighbours,
+counterexample radii). From the reference, a code its rows never had counts twice the
+novelty cut-off, so it makes the input novel on its own: the model never learned anything
+for that category, which is what "novel" tells the reader of a verdict. Boolean inputs
+(0/1) stay numbers in units of their std; their positions are kept so counterexamples
+can leave them 0 or 1 (`feedback/counterexamples.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ FORMAT_VERSION = 1
 # of a large constant value does not register as a huge standardized deviation.
 STD_FLOOR_RELATIVE = 1e-6
 STD_FLOOR_ABSOLUTE = 1e-6
+# A category the reference never had counts this many novelty cut-offs (see module doc).
+UNSEEN = 2.0
 
 
 def _floor_std(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -160,8 +164,8 @@ class ReferenceStats:
         >>> ref = ReferenceStats.from_examples(rows, categorical=[1])
         >>> ref.seen_codes, round(ref.distance(np.array([1.5, 1.0])), 3)
         (((1, 2),), 0.0)
-        >>> round(ref.distance(np.array([1.5, 7.0])), 3)  # a code the reference never had
-        1.0
+        >>> ref.is_novel(np.array([1.5, 7.0]))  # a code the reference never had
+        True
         """
         _check_quantile_margin(quantile, margin)
         if np.ndim(x) != 2:
@@ -212,8 +216,9 @@ class ReferenceStats:
     def standardize(self, x: np.ndarray) -> np.ndarray:
         """(x - mean) / std with the input's shape (1-D or 2-D); validates width and finiteness.
 
-        A categorical position reads 1 where its code is one the reference never had, else
-        0 (see the module docstring), so `distance` is the norm of this vector."""
+        A categorical position reads twice the novelty cut-off where its code is one the
+        reference never had, else 0 (see the module docstring); `distance` is the norm of
+        this vector."""
         arr = _as_matrix(x, self.input_dim, "input")
         z = self.z_scores(arr)
         return z[0] if np.ndim(x) == 1 else z
@@ -222,7 +227,9 @@ class ReferenceStats:
         """`standardize` for a float matrix of the right width, without its checks."""
         z = (x - self.mean) / self.std
         for k, p in enumerate(self.categorical):
-            z[:, p] = ~np.isin(x[:, p], self._seen[k])
+            z[:, p] = np.where(
+                np.isin(x[:, p], self._seen[k]), 0.0, UNSEEN * self.distance_threshold
+            )
         return z
 
     def pair_distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
