@@ -33,7 +33,9 @@ def write_synthetic_trusted(
     engine = make_engine(database_url or settings.resolved_database_url)
     try:
         with session_factory(engine).begin() as session:
-            if not write_seed_trusted(session, settings.model_name, settings.trusted, public=public):
+            if not write_seed_trusted(
+                session, settings.model_name, settings.trusted, public=public
+            ):
                 return False
             session.flush()
             data = require_trusted(session, settings.model_name)
@@ -50,5 +52,50 @@ def write_synthetic_trusted(
                 ],
             )
         return True
+    finally:
+        engine.dispose()
+
+
+def write_trusted_set(
+    database_url: str,
+    model_name: str,
+    schema: Any,
+    train: tuple[np.ndarray, list[str]],
+    holdout: tuple[np.ndarray, list[str]],
+    *,
+    public: bool = True,
+) -> None:
+    """Write `train` and `holdout` (raw vectors of `schema`, label names) as the trusted
+    set of `model_name`, without reference statistics (readers compute them then)."""
+    from flywheel.store import (
+        Split,
+        TrustedInfo,
+        make_engine,
+        session_factory,
+        write_trusted_info,
+        write_trusted_rows,
+    )
+
+    names = list(train[1]) + list(holdout[1])
+    engine = make_engine(database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            write_trusted_info(
+                session,
+                TrustedInfo(
+                    model_name=model_name,
+                    fingerprint="0" * 64,
+                    schema=schema,
+                    public=public,
+                    rows_train=len(train[1]),
+                    rows_holdout=len(holdout[1]),
+                    split_rule="test rows",
+                    label_counts={n: names.count(n) for n in schema.labels},
+                    source="tests",
+                ),
+            )
+            session.flush()
+            write_trusted_rows(session, model_name, Split.TRAIN, 0, *train)
+            write_trusted_rows(session, model_name, Split.HOLDOUT, 0, *holdout)
     finally:
         engine.dispose()
