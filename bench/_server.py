@@ -3,6 +3,11 @@
 Both modes build the app with the same `create_app` and the same saved weights; only
 the event log differs, so any gap between them is the cost of logging.
 
+`--vectors` serves a model that has a feature schema as if it had none: the same module
+and weights (its `Encode` layer included), so `POST /v1/predict` takes the raw vectors
+the schema encodes named rows to, pre-encoded by the client. It is the baseline of
+`bench serve --compare named`: the same forward pass, without named rows.
+
     python -m bench._server --model DIR --port P --logging on|off --bootstrap H:P --home DIR
 """
 
@@ -50,7 +55,12 @@ class DiscardEventLog:
 
 
 def build_app(
-    model_dir: Path, logging_on: bool, home: Path, bootstrap: str | None, topic: str | None
+    model_dir: Path,
+    logging_on: bool,
+    home: Path,
+    bootstrap: str | None,
+    topic: str | None,
+    vectors: bool = False,
 ):
     """The app exactly as production wires it, but with a model from a local folder."""
     from flywheel.artifacts import load_model
@@ -69,6 +79,8 @@ def build_app(
     settings = Settings(**overrides)  # type: ignore[arg-type]
     prepare_home(settings)
     spec, module = load_model(model_dir)
+    if vectors:  # the same module; the service sees no schema, so it takes raw vectors
+        spec = spec.model_copy(update={"schema_": None})
     holder = ModelHolder()
     holder.swap(ServedModel.prepare(MODEL_NAME, MODEL_VERSION, spec, module))
     event_log = (
@@ -91,13 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", help="Kafka host:port (required with --logging on)")
     p.add_argument("--home", type=Path, required=True, help="this server's state folder")
     p.add_argument("--topic", help="predictions topic (default: the settings default)")
+    p.add_argument(
+        "--vectors",
+        action="store_true",
+        help="serve the model without its feature schema: raw vectors in, not named rows",
+    )
     args = p.parse_args(argv)
     if args.logging == "on" and not args.bootstrap:
         p.error("--logging on needs --bootstrap")
 
     import uvicorn
 
-    app = build_app(args.model, args.logging == "on", args.home, args.bootstrap, args.topic)
+    app = build_app(
+        args.model, args.logging == "on", args.home, args.bootstrap, args.topic, args.vectors
+    )
     uvicorn.run(
         app, host="127.0.0.1", port=args.port, workers=1, access_log=False, log_level="warning"
     )

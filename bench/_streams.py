@@ -1,9 +1,15 @@
-"""Shared pieces of the learner benchmarks: river drift streams and our learner's loop.
+"""Shared pieces of the learner benchmarks: river drift streams, real data sets, and our
+learner's loop.
 
 `prequential` and `elastic` must feed every learner exactly the same examples in the same
 order, so a stream is drawn once into memory (river's dicts for river's models, a
-fixed-width float matrix for our MLP) and every learner replays it. Heavy imports (torch,
-river) stay inside functions, so `python -m bench --help` stays fast.
+fixed-width float matrix for our MLP) and every learner replays it. A real data set
+(`flywheel.demo.DATASETS`) becomes a stream the way `flywheel init` sees a user's file:
+its feature schema is inferred from the warm-up rows alone, the rows are encoded by that
+schema into raw vectors (categorical codes, booleans 0/1, missing values filled), and
+our model is the schema's `default_spec`, which scales, one-hot encodes or embeds inside
+the network. Heavy imports (torch, river) stay inside functions, so
+`python -m bench --help` stays fast.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ class Stream:
     y: np.ndarray  # int64 labels 0..k-1
     n_labels: int
     drifts: list[int] = field(default_factory=list)  # sample index where a new concept starts
+    # real data sets only: river's LogisticRegression one-hot encodes `categorical` and
+    # scales `numeric`; our model is `spec` (None: an MLP of OurSetup.hidden over `x`)
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    spec: Any = None
+    facts: dict[str, Any] = field(default_factory=dict)  # what the JSON says of the data set
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -193,6 +205,89 @@ def make_stream(name: str, samples: int, seed: int) -> Stream:
     raise ValueError(f"unknown stream {name!r}; choose from {', '.join(STREAMS)}")
 
 
+def dataset_warmup(rows: int, warmup: int) -> int:
+    """The warm-up of a real data set: `warmup` rows, at most a fifth of the set (the
+    penguins have 344 rows; the trusted share `flywheel init` holds out is also 20 %)."""
+    return max(1, min(warmup, rows // 5))
+
+
+def make_dataset_stream(
+    name: str,
+    seed: int,
+    warmup: int,
+    *,
+    samples: int | None = None,
+    shuffle: bool = True,
+    drift_at: float | None = None,
+    hidden: tuple[int, ...] | None = None,
+) -> Stream:
+    """A real data set as a stream: in the order of `seed` (a permutation of the set's
+    fixed order; `shuffle=False` keeps that order), its first `samples` rows, with its
+    stated drift after fraction `drift_at`. Our model's schema is inferred from the first
+    `warmup` rows (as `flywheel init` infers it from the user's file), the class list from
+    all rows; `hidden` overrides the default spec's hidden layers."""
+    import pyarrow as pa
+
+    from flywheel.demo import DATASETS, load
+    from flywheel.features import infer_schema, label_text
+    from flywheel.modelspec import default_spec
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(sorted(DATASETS))}")
+    info = DATASETS[name]
+    table = load(name)
+    if shuffle:
+        table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
+    if samples is not None:
+        table = table.slice(0, samples)
+    if drift_at is not None:
+        table = info.drift.apply(table, drift_at)
+    table = table.combine_chunks()
+    classes = sorted({label_text(v) for v in table[info.label].to_pylist()})
+    schema, _ = infer_schema([table.slice(0, warmup)], label=info.label)
+    schema = schema.model_copy(update={"labels": classes})  # a class the warm-up lacks
+    spec = default_spec(schema)
+    if hidden is not None:
+        spec = spec.model_copy(update={"hidden": list(hidden)})
+    x = schema.encode_table(table).x
+    y = np.asarray(schema.labels_of(table[info.label].to_pylist()), dtype=np.int64)
+    features = [c for c in table.column_names if c != info.label]
+    categorical = tuple(
+        c for c in features if pa.types.is_string(table[c].type) or c in info.categorical
+    )
+    numeric = tuple(c for c in features if c not in categorical)
+    rows = [
+        {k: v for k, v in r.items() if v is not None and k != info.label} for r in table.to_pylist()
+    ]
+    drifts = [info.drift.start(table.num_rows, drift_at)] if drift_at is not None else []
+    return Stream(
+        name,
+        f"{info.description} [{info.package}: {info.source}]",
+        rows,
+        x,
+        y,
+        len(classes),
+        drifts,
+        numeric=numeric,
+        categorical=categorical,
+        spec=spec,
+        facts={
+            "package": info.package,
+            "rows": table.num_rows,
+            "classes": classes,
+            "categorical": list(categorical),
+            "order": "a permutation of its rows per seed" if shuffle else "its fixed order",
+            "drift": info.drift.describe() if drift_at is not None else None,
+            "ours_spec": {
+                "family": spec.family,
+                "hidden": list(spec.hidden),
+                "embedding_dim": spec.embedding_dim,
+                "inputs": [f"{f.name}:{f.kind}" for f in schema.inputs],
+            },
+        },
+    )
+
+
 # -- our learner ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OurSetup:
@@ -230,22 +325,26 @@ def parse_ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def warm_model(x: np.ndarray, y: np.ndarray, n_labels: int, setup: OurSetup, seed: int) -> Any:
-    """A fresh MLP fitted on the warm-up rows, as `train_seed_model` fits the seed model."""
+def warm_model(
+    x: np.ndarray, y: np.ndarray, n_labels: int, setup: OurSetup, seed: int, spec: Any = None
+) -> Any:
+    """A fresh model fitted on the warm-up rows, as `train_seed_model` fits the seed model:
+    `spec`'s (a schema's default spec, over raw vectors), else an MLP of `setup.hidden`."""
     import torch
     from torch import nn
 
-    from flywheel.modelspec import ModelSpec, build_model
+    from flywheel.modelspec import ModelSpec, build_module, fit_input_scaling
 
     torch.manual_seed(seed)
-    spec = ModelSpec(
-        input_dim=x.shape[1],
-        hidden=list(setup.hidden),
-        labels=[f"class_{i}" for i in range(n_labels)],
-    )
-    module = build_model(spec)
+    if spec is None:
+        spec = ModelSpec(
+            input_dim=x.shape[1],
+            hidden=list(setup.hidden),
+            labels=[f"class_{i}" for i in range(n_labels)],
+        )
+    module = build_module(spec)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y)
-    module[0].fit(xt)
+    fit_input_scaling(module, xt)
     opt = torch.optim.Adam(module.parameters(), lr=setup.warm_lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(setup.warm_epochs):
@@ -266,20 +365,22 @@ def run_ours(
     warmup: int,
     seed: int,
     after_update: Callable[[int, Any, Any], None] | None = None,
+    spec: Any = None,
 ) -> np.ndarray:
     """Prequential run of our learner, as `learner/online.py` drives it, per batch of N.
 
     Test: predict the batch with the current model. Train: `observe_errors` (the served
     model's mistakes), `observe_inputs`, `update`. Returns one bool per sample after the
     warm-up (True = predicted right). `after_update(end, trainer, stats)` runs after each
-    update, `end` being the index of the first sample not yet trained on.
+    update, `end` being the index of the first sample not yet trained on. `spec`: the
+    model (see `warm_model`), over the raw vectors `x`.
     """
     import torch
 
     from flywheel.feedback import ReferenceStats
     from flywheel.learner.trainer import OnlineTrainer
 
-    module = warm_model(x[:warmup], y[:warmup], n_labels, setup, seed)
+    module = warm_model(x[:warmup], y[:warmup], n_labels, setup, seed, spec)
     trainer = OnlineTrainer(
         module,
         config,

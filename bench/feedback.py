@@ -883,7 +883,7 @@ def main(
             from flywheel.learner import ensure_champion
             from flywheel.registry import Registry
             from flywheel.settings import Settings, prepare_home
-            from flywheel.store import upgrade
+            from flywheel.store import ensure_seed_trusted, upgrade
 
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fw-bench-")))
             broker = EmbeddedBroker(log_file=work / "broker.log")
@@ -950,6 +950,8 @@ def main(
                 )
                 with throwaway_database(pg_admin_url) as database_url:
                     upgrade(database_url)
+                    # the trusted set the worker's analyzer reads (as `flywheel init` writes it)
+                    ensure_seed_trusted(database_url, settings.model_name, settings.trusted)
                     info = info or machine(database_url)
                     run = settings.model_copy(
                         update={

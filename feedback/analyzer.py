@@ -122,8 +122,12 @@ def neighbour_labels(
         )
     for label in set(labels):
         _check_label(label, probabilities, "neighbour label")
-    z = reference.standardize(pts) - reference.standardize(x)
-    dist = np.linalg.norm(z, axis=1)
+    if reference.categorical:  # codes differ or not (`ReferenceStats.pair_distance`)
+        reference.standardize(pts), reference.standardize(x)  # validates, as below
+        dist = reference.pair_distance(pts, np.asarray(x, dtype=np.float64))
+    else:
+        z = reference.standardize(pts) - reference.standardize(x)
+        dist = np.linalg.norm(z, axis=1)
     # Stable sort: equally distant candidates keep the caller's order, so results repeat.
     order = np.argsort(dist, kind="stable")
     near = [i for i in order[: config.neighbours] if dist[i] <= config.suspect_max_distance]
@@ -297,7 +301,7 @@ def analyze_many(
         return [
             _one(i, features, probabilities, predicted, true_labels, pool, config) for i in range(n)
         ]
-    z = (x - reference.mean) / reference.std
+    z = reference.z_scores(x)  # as `reference.distance` measures each row
     distance = np.linalg.norm(z, axis=1)
     threshold = reference.distance_threshold
     near_cut = np.abs(distance - threshold) <= _EXACT_BAND * threshold
@@ -322,11 +326,15 @@ def analyze_many(
         points, labels = pool.near_many(x[rows], config.neighbours)
         radius = config.suspect_max_distance
         # As `neighbour_labels`: standardize the candidates and the input, then measure.
-        dist = np.linalg.norm(
-            (points - reference.mean) / reference.std - z[rows][:, None, :], axis=2
-        )
+        dist: np.ndarray
+        if reference.categorical:
+            dist = reference.pair_distance(points, x[rows][:, None, :])
+        else:
+            dist = np.linalg.norm(
+                (points - reference.mean) / reference.std - z[rows][:, None, :], axis=2
+            )
         close = dist <= radius
-        unsure = (np.abs(dist - radius) <= _EXACT_BAND * radius).any(axis=1)
+        unsure = np.asarray((np.abs(dist - radius) <= _EXACT_BAND * radius).any(axis=1))
         for j, (i, confidence, margin) in enumerate(searches):
             if unsure[j]:
                 exact.append(i)

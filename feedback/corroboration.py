@@ -125,9 +125,11 @@ class Corroborator:
             for start in range(0, len(rows), block):
                 chunk = rows[start : start + block]
                 h = np.asarray([r[1] for r in chunk], dtype=np.float64)
-                near = (
-                    np.linalg.norm((pool[None, :, :] - h[:, None, :]) / std, axis=2) <= self.radius
-                )
+                if self.reference.categorical:  # a differing code counts 1 (pair_distance)
+                    dist = self.reference.pair_distance(pool[None, :, :], h[:, None, :])
+                else:
+                    dist = np.linalg.norm((pool[None, :, :] - h[:, None, :]) / std, axis=2)
+                near = dist <= self.radius
                 for (ex_id, _, _, parent), close in zip(chunk, near, strict=True):
                     agree = int(close.sum())
                     if agree >= self.min_support:  # not counting its own prediction's

@@ -12,6 +12,14 @@ neighbourhood to fix instead of a point. Three strategies, mixed round-robin:
 
 Every variant stays within `max_distance` (standardized units) of the input, carries
 the true label, and a weight below 1 because it is synthetic.
+
+Categorical codes and booleans are not quantities to move along: a code of 3.5 is no
+category, and 0.3 is not a boolean. Jitter and the gradient step leave them as the input
+has them; an interpolated variant takes each of them from the endpoint its weight is
+nearer to (the input for the default weights, 0.1-0.35 of the way), so every variant is
+a row the schema could have produced. Distances count a differing category as 1
+(`ReferenceStats.pair_distance`); when the categories and booleans an interpolation
+took already spend the radius, the variant keeps the input's instead.
 """
 
 from __future__ import annotations
@@ -149,7 +157,14 @@ def gradient_sign_point(
     g = grad[0].detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(g).all() or not g.any():
         return None
-    return x + step * reference.std * np.sign(g)
+    return x + step * _scale(reference) * np.sign(g)
+
+
+def _scale(reference: ReferenceStats) -> np.ndarray:
+    """Per-feature step scale: the std, 0 for categorical and boolean inputs (never moved)."""
+    if reference.continuous.all():
+        return reference.std
+    return np.where(reference.continuous, reference.std, 0.0)
 
 
 def _within_radius(
@@ -245,7 +260,7 @@ def generate_many(
     fgsm = _gradient_points(requests[: len(prepared)], prepared, reference, config)
     if refusal is not None:
         raise refusal
-    std, dim = reference.std, reference.input_dim
+    std, dim = _scale(reference), reference.input_dim
     lo, hi = config.interpolation
     # One row per variant: its request, its index among the request's variants, and its
     # strategy (the request's available ones in turn), as arrays for the whole batch.
@@ -278,7 +293,14 @@ def generate_many(
         picks = np.minimum((u[rows, 2 * dim] * len(pool)).astype(np.int64), len(pool) - 1)
         t = (lo + u[rows, 2 * dim + 1] * (hi - lo))[:, None]
         candidates[rows] = points[rows] + t * (pool[picks] - points[rows])
-    fitted = _within_radius_many(points, candidates, std, config.max_distance)
+        discrete = ~reference.continuous
+        if discrete.any():  # a category or boolean from the endpoint t is nearer to
+            snapped = np.where(t > 0.5, pool[picks], points[rows])
+            candidates[np.ix_(rows, discrete)] = snapped[:, discrete]
+    if reference.continuous.all():
+        fitted = _within_radius_many(points, candidates, reference.std, config.max_distance)
+    else:
+        fitted = _within_radius_mixed(points, candidates, reference, config.max_distance)
     strategy_of = [STRATEGIES[c] for c in codes.tolist()]
     for n, strategy, fit in zip(owners.tolist(), strategy_of, fitted, strict=True):
         if fit is None:  # only for inputs at the edge of float32's range
@@ -389,7 +411,7 @@ def _gradient_points(
                 )
             continue
         usable = np.isfinite(grads).all(axis=1) & grads.any(axis=1)
-        steps = x + config.fgsm_step * reference.std * np.sign(grads)
+        steps = x + config.fgsm_step * _scale(reference) * np.sign(grads)
         for row, n in enumerate(members):
             out[n] = steps[row] if usable[row] else None
     return out
@@ -440,6 +462,45 @@ def _within_radius_many(
         if not len(todo):
             break
         delta[todo] *= shrink
+    features = found32.astype(np.float64).tolist()
+    return [(features[i], float(dist[i])) if found[i] else None for i in range(len(v))]
+
+
+def _within_radius_mixed(
+    x: np.ndarray, v: np.ndarray, reference: ReferenceStats, radius: float
+) -> list[tuple[list[float], float] | None]:
+    """`_within_radius_many` for inputs with categorical or boolean features: those keep
+    the value the variant has (the input's, or the snapped endpoint's; the input's where
+    that alone is farther than `radius`), and only the continuous part is pulled back
+    and shrunk. Distances are `ReferenceStats.pair_distance`."""
+    std, cont = reference.std, reference.continuous
+    cats, bools = list(reference.categorical), list(reference.boolean)
+    delta = v - x
+    fixed = (delta[:, cats] != 0).sum(axis=1) + ((delta[:, bools] / std[bools]) ** 2).sum(axis=1)
+    too_far = fixed > radius**2
+    delta[np.ix_(too_far, ~cont)] = 0.0
+    fixed[too_far] = 0.0
+    room = np.sqrt(np.maximum(radius**2 - fixed, 0.0))
+    norm = np.linalg.norm(delta[:, cont] / std[cont], axis=1)
+    over = norm > room
+    scale = np.ones(len(v))
+    scale[over] = np.where(norm[over] > 0, room[over] / np.maximum(norm[over], 1e-300), 0.0)
+    delta[:, cont] *= scale[:, None]
+    found32 = np.zeros((len(v), v.shape[1]), dtype=np.float32)
+    found = np.zeros(len(v), dtype=bool)
+    dist = np.zeros(len(v))
+    todo = np.arange(len(v))
+    for shrink in _SHRINK:
+        with np.errstate(over="ignore", invalid="ignore"):
+            v32 = (x[todo] + delta[todo]).astype(np.float32)
+            d = reference.pair_distance(v32.astype(np.float64), x[todo])
+        ok = np.isfinite(v32).all(axis=1) & (d <= radius)
+        done = todo[ok]
+        found32[done], dist[done], found[done] = v32[ok], d[ok], True
+        todo = todo[~ok]
+        if not len(todo):
+            break
+        delta[np.ix_(todo, cont)] *= shrink
     features = found32.astype(np.float64).tolist()
     return [(features[i], float(dist[i])) if found[i] else None for i in range(len(v))]
 

@@ -1,7 +1,10 @@
-"""The labelled data the analyzer compares against: seed examples, reference statistics,
-and an in-memory pool of labelled examples for neighbours and interpolation targets."""
+"""The labelled data the analyzer compares against: the lineage's trusted set (written by
+`flywheel init`), its reference statistics, and an in-memory pool of trusted labelled
+examples for neighbours and interpolation targets."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -9,57 +12,61 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flywheel.feedback.reference import ReferenceStats
-from flywheel.settings import RegistrySettings, TrustedSettings
-from flywheel.store import Example, Origin, ReferenceStatsRow, Split, insert_ignoring_duplicates
+from flywheel.settings import RegistrySettings
+from flywheel.store import (
+    Example,
+    NoTrustedData,
+    Origin,
+    ReferenceStatsRow,
+    Split,
+    positions,
+    require_trusted,
+    trusted_info,
+)
+
+log = logging.getLogger(__name__)
 
 # Extra candidates per row in `near_many`, beyond k, re-measured exactly: enough to see a
 # tie at the k-th place (the tree's own choice is exact, up to its rounding).
 _SPARE = 2
 
 
-def ensure_reference(
-    session: Session, registry: RegistrySettings, trusted: TrustedSettings
-) -> ReferenceStats:
-    """Seed examples (train + trusted holdout) and reference statistics, written once.
+REFERENCE_ROWS = 20_000  # trusted training rows a reference is computed from, at most
 
-    Seed data is regenerated from `trusted`'s seed, exactly as the initial model was
-    trained on it, so every worker and the learner agree on it.
+
+def ensure_reference(session: Session, registry: RegistrySettings) -> ReferenceStats:
+    """The lineage's reference statistics, for the trusted set `flywheel init` stored.
+
+    `init` writes the trusted rows and the reference row in one transaction; this reads
+    them. A reference row that is missing or does not fit the trusted set's schema (its
+    width or its categorical and boolean positions: a row written before they were
+    kept) is recomputed here from the trusted training rows, in memory, the same way:
+    deterministic, so every worker gets the same one. Raises `NoTrustedData` when the
+    lineage has no trusted set.
     """
-    row = session.get(ReferenceStatsRow, registry.model_name)
+    name = registry.model_name
+    info = trusted_info(session, name)
+    if info is None:
+        raise NoTrustedData(name)
+    cats, bools = positions(info.schema, "categorical"), positions(info.schema, "boolean")
+    row = session.get(ReferenceStatsRow, name)
     if row is not None:
-        return ReferenceStats.from_dict(row.stats)
-    from flywheel.store import seed_data
-    from flywheel.streams import LABELS
-
-    x_tr, y_tr, x_ho, y_ho = seed_data(trusted)
-    rows = []
-    for split, xs, ys in ((Split.TRAIN, x_tr, y_tr), (Split.HOLDOUT, x_ho, y_ho)):
-        rows += [
-            {
-                "dedup_key": f"seed:{registry.model_name}:{split.value}:{i}",
-                "origin": Origin.SEED.value,
-                "features": x.tolist(),
-                "label": LABELS[y],
-                "weight": 1.0,
-                "split": split.value,
-            }
-            for i, (x, y) in enumerate(zip(xs, ys, strict=True))
-        ]
-    insert_ignoring_duplicates(session, Example, rows)
-    reference = ReferenceStats.from_examples(x_tr.astype(np.float64))
-    insert_ignoring_duplicates(
-        session,
-        ReferenceStatsRow,
-        [
-            {
-                "model_name": registry.model_name,
-                "stats": reference.to_dict(),
-                "example_count": len(x_tr),
-            }
-        ],
+        reference = ReferenceStats.from_dict(row.stats)
+        if (reference.input_dim, list(reference.categorical), list(reference.boolean)) == (
+            info.schema.input_dim,
+            cats,
+            bools,
+        ):
+            return reference
+        log.warning(
+            "the reference statistics of %s do not fit its trusted set's schema; "
+            "recomputed from the trusted rows",
+            name,
+        )
+    data = require_trusted(session, name, max_train=REFERENCE_ROWS)
+    return ReferenceStats.from_examples(
+        data.x_train.astype(np.float64), categorical=cats, boolean=bools
     )
-    winner = session.get(ReferenceStatsRow, registry.model_name)  # a racing worker's
-    return ReferenceStats.from_dict(winner.stats) if winner else reference
 
 
 class LabelledPool:
@@ -80,12 +87,19 @@ class LabelledPool:
 
     @classmethod
     def load(
-        cls, session: Session, reference: ReferenceStats, capacity: int = 20_000
+        cls, session: Session, reference: ReferenceStats, model_name: str, capacity: int = 20_000
     ) -> LabelledPool:
+        """The newest `capacity` trusted training rows of `model_name`'s trusted set."""
         pool = cls(reference, capacity)
         rows = session.execute(
             select(Example.features, Example.label)
-            .where(Example.split == Split.TRAIN.value, Example.origin == Origin.SEED.value)
+            .where(
+                Example.split == Split.TRAIN.value,
+                Example.origin == Origin.SEED.value,
+                Example.dedup_key.startswith(
+                    f"seed:{model_name}:{Split.TRAIN.value}:", autoescape=True
+                ),
+            )
             .order_by(Example.id.desc())
             .limit(capacity)
         ).all()
@@ -113,10 +127,14 @@ class LabelledPool:
         return self._derived["labels"]  # type: ignore[return-value]
 
     def near(self, x: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
-        """The `k` nearest examples in standardized space (the analyzer applies its radius)."""
+        """The `k` nearest examples in standardized space (the analyzer applies its radius;
+        a categorical feature counts 1 where the codes differ, `ReferenceStats.pair_distance`)."""
         if not self._labels:
             return self._x, []
-        d = np.linalg.norm((self._x - x) / self.reference.std, axis=1)
+        if self.reference.categorical:
+            d = self.reference.pair_distance(self._x, np.asarray(x, dtype=np.float64))
+        else:
+            d = np.linalg.norm((self._x - x) / self.reference.std, axis=1)
         idx = np.argsort(d)[:k]
         return self._x[idx], [self._labels[i] for i in idx]
 
@@ -129,13 +147,18 @@ class LabelledPool:
         rounding (or a tie) could change is answered by `near` itself. So every row gets
         the same neighbours as from `near`. Why a tree: the (rows x pool) distance matrix
         and its partial sort it replaces took ~3x as long (`bench feedback`: 0.20 s of the
-        consumer thread's 1.9 s for 50,000 corrections).
+        consumer thread's 1.9 s for 50,000 corrections). With categorical features (whose
+        mismatch distance is no Euclidean one over the codes) each row is `near` itself.
         """
         x = np.asarray(x, dtype=np.float64)
         size = len(self._labels)
         labels = self._label_array()
         if size <= k:  # all of them, for every row
             idx = np.broadcast_to(np.arange(size), (len(x), size))
+        elif self.reference.categorical:
+            idx = np.empty((len(x), k), dtype=np.intp)
+            for i, row in enumerate(x):
+                idx[i] = np.argsort(self.reference.pair_distance(self._x, row))[:k]
         else:
             idx = self._nearest(x, k) if len(x) else np.empty((0, k), dtype=np.intp)
         return self._x[idx], labels[idx]

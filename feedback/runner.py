@@ -2,11 +2,19 @@
 
 `build_worker` is the process edge: it takes the whole `Settings` (it opens the store,
 builds the process's one `Registry`) and hands each part only its groups -- the worker
-`feedback` and `kafka`, the reference data `registry` and `trusted`.
+`feedback` and `kafka`, the reference data `registry`.
+
+The analyzer needs the lineage's trusted set (`flywheel init` writes it). A worker started
+on a deployment without one refuses to start (`NoTrustedData`, naming the command), except
+while the registry is still empty: then the first model's bootstrap is still to come (a
+compose deployment starts every process at once) and the worker waits for it, up to
+`TRUSTED_WAIT_S`.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING
 
 from flywheel.feedback.corroboration import Corroborator
@@ -15,14 +23,18 @@ from flywheel.feedback.observer import WorkerObserver
 from flywheel.feedback.reference_data import LabelledPool, ensure_reference
 from flywheel.feedback.worker import FeedbackWorker
 from flywheel.settings import Settings
-from flywheel.store import open_store, session_factory
+from flywheel.store import NoTrustedData, open_store, session_factory, trusted_info
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
     from torch import nn
 
     from flywheel.registry import Registry
 
+log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
+TRUSTED_WAIT_S = 600.0  # how long a worker on an empty registry waits for the trusted set
+TRUSTED_POLL_S = 2.0
 RELEASE_EVERY_S = 30.0  # corroboration checks of a running worker (see Corroborator)
 
 
@@ -90,10 +102,12 @@ def build_worker(
 
     feedback = settings.feedback
     engine = open_store(settings.state.resolved_database_url)
+    registry = Registry.of(settings)
+    wait_for_trusted_set(engine, settings.registry.model_name, registry)
     with session_factory(engine).begin() as session:
-        reference = ensure_reference(session, settings.registry, settings.trusted)
-        pool = LabelledPool.load(session, reference)
-    builder = ExampleBuilder(feedback, pool, registry_model_loader(Registry.of(settings)))
+        reference = ensure_reference(session, settings.registry)
+        pool = LabelledPool.load(session, reference, settings.registry.model_name)
+    builder = ExampleBuilder(feedback, pool, registry_model_loader(registry))
     return FeedbackWorker(
         feedback,
         settings.kafka,
@@ -103,3 +117,33 @@ def build_worker(
         observer=observer,
         release=Corroborator(reference, feedback.holdout_fraction, every_s=RELEASE_EVERY_S),
     )
+
+
+def wait_for_trusted_set(
+    engine: Engine,
+    model_name: str,
+    registry: Registry,
+    *,
+    timeout_s: float = TRUSTED_WAIT_S,
+    poll_s: float = TRUSTED_POLL_S,
+) -> None:
+    """Return once `model_name` has a trusted set; `NoTrustedData` at once if the registry
+    has a champion without one (nothing will write it: the operator must run `flywheel
+    init`), or after `timeout_s` of an empty registry."""
+    deadline = time.monotonic() + timeout_s
+    logged = False
+    while True:
+        with session_factory(engine)() as session:
+            if trusted_info(session, model_name) is not None:
+                return
+        if registry.champion_version() is not None or time.monotonic() >= deadline:
+            raise NoTrustedData(model_name)
+        if not logged:
+            log.info(
+                "waiting for the trusted data set of %s (up to %.0f s): the first model's "
+                "bootstrap writes it, or run `flywheel init`",
+                model_name,
+                timeout_s,
+            )
+            logged = True
+        time.sleep(poll_s)

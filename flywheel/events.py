@@ -6,9 +6,11 @@ field so a consumer can refuse what it does not understand instead of guessing.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -32,6 +34,28 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def correction_id(prediction_id: str, label: str, source: str | None = None) -> str:
+    """The id of a correction event: the same for the same prediction, label and source.
+
+    The store keys corrections (and the training examples made from them) by this id and
+    skips an id it already has, so sending the same correction again -- a client's retry
+    after a lost response, a resend from an app's outbox, the HTTP route and a direct
+    Kafka producer alike -- is one correction, not a second vote for the same label. A
+    different label (the app changed its mind) or another source is a new correction.
+
+    >>> correction_id("p-1", "cat", "app-7") == correction_id("p-1", "cat", "app-7")
+    True
+    >>> correction_id("p-1", "cat") == correction_id("p-1", "dog")
+    False
+    >>> len(correction_id("p-1", "cat"))
+    32
+    """
+    # a JSON array is an unambiguous encoding of the three fields (a label may hold any
+    # character); 128 bits of SHA-256, hex, is within `Identifier` like `new_id`'s
+    key = orjson.dumps([prediction_id, label, source])
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -48,6 +72,8 @@ class _Event(BaseModel):
 # tens of thousands of these a second (3 us each instead of 6.5).
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+# one value of a named row as a client sent it: a number, a category, a flag, or null
+RowValue = str | bool | int | FiniteFloat | None
 
 
 class PredictionEvent(_Event):
@@ -70,6 +96,27 @@ class PredictionEvent(_Event):
         if self.label not in self.probabilities:
             raise ValueError(f"label {self.label!r} is not one of the probabilities' labels")
         return self
+
+
+class NamedPredictionEvent(PredictionEvent):
+    """A prediction event read with its optional `row`: the named features as the client
+    sent them (ignored columns dropped; a missing feature is absent, and `features`
+    holds what it was filled with), present when the client sent named rows.
+
+    `PredictionEvent` ignores `row` (as every model here ignores fields it does not
+    know): the feedback worker needs only `features`, and validating a 12-feature row
+    cost 5-10 us on top of a ~7 us record. Consumers that want the row (audit, analytics)
+    validate with this class; records without `row` read as `row=None`.
+
+    >>> NamedPredictionEvent.model_validate_json(
+    ...     b'{"schema_version": 1, "id": "p1", "model_name": "m", "model_version": "3",'
+    ...     b' "features": [12.5, 2.0], "probabilities": {"no": 0.9, "yes": 0.1},'
+    ...     b' "label": "no", "timestamp": "2026-01-01T00:00:00Z", "latency_ms": 0.4,'
+    ...     b' "row": {"amount": 12.5, "country": "FR"}}').row
+    {'amount': 12.5, 'country': 'FR'}
+    """
+
+    row: dict[str, RowValue] | None = None
 
 
 class CorrectionEvent(_Event):
@@ -124,12 +171,23 @@ def prediction_payload(
     timestamp: datetime,
     latency_ms: float,
     path: str | None = None,
+    row: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Encode a prediction event without re-validating what the service already checked.
 
     The service builds thousands per second on the request path's neighbour thread;
     skipping a pydantic round trip keeps logging cheap. Consumers still validate
-    with `PredictionEvent`.
+    with `PredictionEvent`. `features` is the raw input vector the model read (what the
+    feedback worker stores); `row` the named features the client sent, if it sent any
+    (an integer in it beyond 64 bits is written as its decimal text).
+
+    >>> from datetime import datetime, UTC
+    >>> doc = prediction_payload(id="p1", model_name="m", model_version="3",
+    ...     features=[12.5, 2.0], probabilities={"no": 0.9, "yes": 0.1}, label="no",
+    ...     timestamp=datetime(2026, 1, 1, tzinfo=UTC), latency_ms=0.4,
+    ...     row={"amount": 12.5, "country": "FR"})
+    >>> NamedPredictionEvent.model_validate_json(doc).row
+    {'amount': 12.5, 'country': 'FR'}
     """
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -144,4 +202,18 @@ def prediction_payload(
     }
     if path is not None:
         doc["path"] = path
-    return orjson.dumps(doc)
+    if row is None:
+        return orjson.dumps(doc)
+    doc["row"] = row
+    try:
+        return orjson.dumps(doc)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: JSON has them, orjson not
+        doc["row"] = {k: _json_safe(v) for k, v in row.items()}
+        return orjson.dumps(doc)
+
+
+def _json_safe(value: Any) -> Any:
+    """An integer beyond 64 bits as its decimal text, anything else as it is."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from flywheel.features import FeatureSchema
 from flywheel.modelspec import (
     ALWAYS_HEAVY,
     Cascade,
     CascadeSpec,
     ModelSpec,
-    Standardize,
     build_model,
+    fit_input_scaling,
 )
 
 
@@ -137,14 +138,13 @@ def train_mlp(
     batch: int = 256,
     seed: int = 7,
 ) -> nn.Sequential:
-    """Standardize on the training rows, then Adam on cross-entropy (as the seed model)."""
+    """Fit the input scaling on the training rows, then Adam on cross-entropy (as the
+    seed model)."""
     torch.manual_seed(seed)
     module = build_model(spec)
     xt = torch.from_numpy(np.asarray(x, np.float32))
     yt = torch.from_numpy(np.asarray(y, np.int64))
-    standardize = module[0]
-    assert isinstance(standardize, Standardize)  # build_model puts it first, always
-    standardize.fit(xt)
+    fit_input_scaling(module, xt)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     loss_fn = nn.CrossEntropyLoss()
@@ -201,9 +201,11 @@ def build_cascade(
     z: float = 2.0,
     epochs: int = 40,
     seed: int = 7,
+    schema: FeatureSchema | None = None,
 ) -> tuple[CascadeSpec, Cascade, Calibration]:
     """Train the light and heavy MLPs on the training rows, then calibrate the threshold
-    on the calibration rows (never trained on). Labels are class indices into `labels`."""
+    on the calibration rows (never trained on). Labels are class indices into `labels`;
+    `schema` (the rows' feature schema) makes both networks encode named features."""
     x_train = np.asarray(x_train, np.float32)
     spec = CascadeSpec(
         input_dim=x_train.shape[1],
@@ -211,6 +213,7 @@ def build_cascade(
         light=list(light),
         heavy=list(heavy),
         activation=activation,  # type: ignore[arg-type]
+        schema=schema,
     )
     light_net = train_mlp(spec.part("light"), x_train, y_train, epochs=epochs, seed=seed)
     heavy_net = train_mlp(spec.part("heavy"), x_train, y_train, epochs=epochs, seed=seed)

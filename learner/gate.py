@@ -1,9 +1,10 @@
 """The promotion gate: better on what the world looks like now, not worse on what we trust.
 
 Two holdouts, two questions. The recent `holdout` split of corrections (never trained on)
-asks "is the candidate better for today's traffic?"; the frozen seed holdout asks "did it
-forget what we know to be true?". Both numbers are kept with the decision, so a reviewer
-sees why a version was or was not promoted.
+asks "is the candidate better for today's traffic?"; the frozen holdout of the lineage's
+trusted set (`flywheel init`, in the store) asks "did it forget what we know to be true?".
+Both numbers are kept with the decision, so a reviewer sees why a version was or was not
+promoted.
 
 Both holdouts are scored by `flywheel.learner.evaluation.score`, the scorer the review page
 uses too: a row whose label the model cannot output counts as wrong.

@@ -31,8 +31,7 @@ from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import ModelVersion, Registry, parse_version
-from flywheel.store import seed_data
-from flywheel.streams import LABELS
+from flywheel.store import TrustedData, positions, require_trusted
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,17 @@ class OnlineLearner:
 
     # ---- start and recovery -------------------------------------------------------------
     def start(self) -> None:
-        """Load the cursor, adopt a version a crashed run registered, fill the replay pool."""
+        """Load the cursor, adopt a version a crashed run registered, fill the replay pool.
+
+        The trusted set (`flywheel init`, in the store) is the gate's trusted holdout, the
+        novelty reference and, when it is public, replayed data. A trusted set that is not
+        public is never replayed while privacy is on: not by DP updates (they may replay
+        only data outside the privacy accounting) and not by the run without DP beside
+        them, which must be the same run without noise. With privacy off
+        (FLYWHEEL_PRIVACY_ENABLED=false) nothing is accounted and every update is plain
+        SGD, so the trusted rows are replayed whatever `public` says. `NoTrustedData` when
+        the lineage has none.
+        """
         from flywheel.feedback import ReferenceStats
 
         c = self.config
@@ -109,21 +118,53 @@ class OnlineLearner:
         if self._state.get("champion_seen") not in (None, champion):
             base = champion  # promoted or rolled back by someone else: follow it
         loaded = self.registry.load(base)
-        if getattr(loaded.spec, "kind", "mlp") != "mlp":
+        if loaded.spec.kind == "cascade":
             raise ValueError(
-                f"v{base} is a {loaded.spec.kind} model; the online learner trains "
-                "only mlp specs (docs/serving.md): promote an mlp version first"
+                f"v{base} is a cascade model; the online learner trains logistic, mlp, "
+                "embed_mlp and factory specs, not cascades (docs/serving.md): promote "
+                "another version first"
             )
-        x_tr, y_tr, x_ho, y_ho = seed_data(c.trusted)
-        self._trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], loaded.spec.labels)
+        trainer_config = TrainerConfig.from_settings(c.learner)
+        with self.source.sessions() as session:
+            data = require_trusted(
+                session, c.registry.model_name, max_train=trainer_config.reservoir
+            )
+        schema = data.info.schema
+        if schema.input_dim != loaded.spec.input_dim:
+            raise ValueError(
+                f"v{base} reads {loaded.spec.input_dim} inputs, the trusted set of "
+                f"{c.registry.model_name} has {schema.input_dim} ({schema.names})"
+            )
+        if loaded.spec.schema is not None and loaded.spec.schema != schema:
+            log.warning(
+                "v%s carries a schema (%s) other than its trusted set's (%s)",
+                base,
+                loaded.spec.schema.fingerprint(),
+                schema.fingerprint(),
+            )
+        self._trusted = Holdout.of_names(
+            data.x_holdout, [schema.labels[int(i)] for i in data.y_holdout], loaded.spec.labels
+        )
         self._labels = loaded.spec.label_index()
         self._spec = loaded.spec
+        x_tr, y_tr = self._trusted_train(data)
+        replay_trusted = data.info.public or not c.privacy.privacy_enabled
+        if not replay_trusted:
+            log.info(
+                "the trusted set of %s is not public: DP updates never replay it",
+                c.registry.model_name,
+            )
+            x_tr, y_tr = x_tr[:0], y_tr[:0]
         trainer = OnlineTrainer(
             loaded.module,
-            TrainerConfig.from_settings(c.learner),
+            trainer_config,
             input_dim=loaded.spec.input_dim,
             seed=c.trusted.seed,
-            novelty=ReferenceStats.from_examples(x_tr.astype(np.float64)),
+            novelty=ReferenceStats.from_examples(
+                data.x_train.astype(np.float64),
+                categorical=positions(schema, "categorical"),
+                boolean=positions(schema, "boolean"),
+            ),
         )
         trainer.elastic.restore(self._state.get("elastic", {}))
         trainer.remember_public(x_tr, y_tr)  # replayed after an error drift: the gate's data
@@ -158,19 +199,27 @@ class OnlineLearner:
             base,
         )
 
+    def _trusted_train(self, data: TrustedData) -> tuple[np.ndarray, np.ndarray]:
+        """The trusted training rows with labels as indices into the model's labels (rows
+        whose label the model lacks are left out: it cannot be trained to output them)."""
+        names = data.info.schema.labels
+        y = np.asarray([self._labels.get(names[int(i)], -1) for i in data.y_train], np.int64)
+        keep = y >= 0
+        return data.x_train[keep], y[keep]
+
     def _refill(self, trainer: OnlineTrainer, x_seed: np.ndarray, y_seed: np.ndarray) -> None:
         """Refill the replay pool and the examples since the last change after a (re)start.
 
         After an error drift the pool holds only examples since it, as before the restart:
-        older examples teach the concept that changed (the trusted seed data is replayed
-        from its own pool, `remember_public`).
+        older examples teach the concept that changed (the trusted rows, where they may be
+        replayed at all, are replayed from their own pool, `remember_public`).
         """
         replay = self.source.replay_sample(self._cursor.highest, trainer.config.reservoir)
         replay_from = self._state.get("replay_from_id")
         if replay_from is not None and trainer.config.elastic and trainer.config.drift_replay:
             replay = [r for r in replay if r.id >= int(replay_from)]
             trainer.replay_reset = True
-        elif len(replay) < 100:
+        elif len(replay) < 100 and len(y_seed):
             trainer.remember(x_seed, y_seed)
         if replay:
             trainer.remember(*as_arrays(replay, self._labels))

@@ -200,8 +200,9 @@ class OnlineTrainer:
         An error drift means the old labels are wrong now, so (with `drift_replay`) the
         replay pool starts empty and fills with examples since the change; an input shift
         alone leaves it, since the old examples are still right where they were drawn. The
-        trusted seed data (`remember_public`) stays: the gate checks every candidate on it
-        (an operator whose trusted data changed re-seeds it).
+        trusted rows (`remember_public`) stay: the gate checks every candidate on the
+        trusted set's holdout (an operator whose trusted data changed starts a new lineage
+        with `flywheel init`).
         """
         self.since_change.clear()
         if labels_changed and self.config.drift_replay:
@@ -226,7 +227,8 @@ class OnlineTrainer:
         )
 
     def remember_public(self, x: np.ndarray, y: np.ndarray) -> None:
-        """The platform's own (seed) data: the only replay a private update may use."""
+        """Rows of a public trusted set: the only replay a private update may use (the
+        learner passes none when the trusted set is not public)."""
         self.public.add(
             np.asarray(x, np.float32), np.asarray(y, np.int64), np.ones(len(y), np.float32)
         )

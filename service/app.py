@@ -1,5 +1,6 @@
-"""The FastAPI app: predict, corrections, model info, health, metrics and review, assembled
-from the routers in `flywheel.service.routes` around one `ServiceState`."""
+"""The FastAPI app: predict, corrections, model info, health, metrics, review and the Open
+Inference Protocol (`/v2`), assembled from the routers in `flywheel.service.routes` around
+one `ServiceState`; its OpenAPI document describes the served champion's features."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from flywheel.service.metrics import (
 )
 from flywheel.service.model_follower import ModelFollower
 from flywheel.service.model_holder import ModelHolder, ServedModel
-from flywheel.service.routes import corrections, health, metrics, model, predict, review
+from flywheel.service.openapi import install_champion_openapi
+from flywheel.service.routes import corrections, health, metrics, model, predict, review, v2
 from flywheel.service.state import ServiceState
 
 if TYPE_CHECKING:
@@ -119,11 +121,19 @@ def create_app(
         state.batcher = PredictBatcher(config.service)
         m.registry.register(BatchCollector(state.batcher))
     app.state.service = state
-    # the two hot routes' own route objects go straight into the app's routing table: an
+    # the hot routes' own route objects go straight into the app's routing table: an
     # included router is matched through one more level (FastAPI 0.138), ~7 us a request
-    for router in (predict.router, corrections.router):
+    for router in (predict.router, corrections.router, v2.router):
         app.router.routes.extend(router.routes)
-    for router in (model.router, health.router, metrics.router, review.router, review.ui_router):
+    for router in (
+        model.router,
+        health.router,
+        metrics.router,
+        v2.meta_router,
+        review.router,
+        review.ui_router,
+    ):
         app.include_router(router)
     review.mount_ui(app)  # /ui and /v1/review (docs/review.md)
+    install_champion_openapi(app, state.holder)  # /openapi.json shows the served features
     return app

@@ -1,8 +1,13 @@
-"""Bad input becomes a 4xx whose message says what is wrong; never a 5xx."""
+"""Bad input becomes a 4xx whose message says what is wrong; never a 5xx.
+
+Errors are `{"detail": ...}` (`ErrorBody`), except under `/v2`, where the Open Inference
+Protocol's clients expect `{"error": ...}` and 400 where this API says 422.
+"""
 
 from __future__ import annotations
 
 import email.message
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # what FastAPI raises (HTTP 400, the parser's exception as __cause__) for a body it cannot parse
 FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+V2 = "/v2"
+# the tags pydantic puts in an error's location for the two forms of `instances`
+# (flywheel.service.schemas.instances_form): not part of the client's body, so left out
+_FORMS = ("vectors", "rows")
 
 
 class BadRequest(Exception):
@@ -23,8 +32,44 @@ class BadRequest(Exception):
         self.status_code = status_code
 
 
+def is_v2(path: str) -> bool:
+    """A path of the Open Inference Protocol, whose errors are `{"error": ...}`."""
+    return path.startswith(V2) and (len(path) == len(V2) or path[len(V2)] == "/")
+
+
+def error_response(path: str, status: int, message: str, **kwargs: Any) -> JSONResponse:
+    """The error body for `path`: `{"error"}` (400 for 422) under /v2, else `ErrorBody`."""
+    if is_v2(path):
+        return JSONResponse(
+            {"error": message}, status_code=400 if status == 422 else status, **kwargs
+        )
+    return JSONResponse({"detail": message}, status_code=status, **kwargs)
+
+
+def _without_form_tag(loc: tuple) -> tuple:
+    for k in range(1, len(loc)):
+        if loc[k] in _FORMS and loc[k - 1] == "instances":
+            return loc[:k] + loc[k + 1 :]
+    return loc
+
+
+def _message(err: dict) -> str:
+    if err.get("type") == "missing":
+        return "field required"
+    loc, value = tuple(err.get("loc", ())), err.get("input")
+    for k in range(1, len(loc) - 1):
+        if loc[k - 1] == "instances" and loc[k] in _FORMS and len(loc) == k + 2 and loc[k + 1]:
+            first = "a named row" if loc[k] == "rows" else "a vector"
+            if isinstance(value, dict if loc[k] == "vectors" else list):
+                return (
+                    f"instances[0] is {first}, so every instance must be one: send named rows "
+                    "or vectors, not both in one request"
+                )
+    return err.get("msg", "invalid")
+
+
 def _location(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in _without_form_tag(loc) if p != "body"]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
@@ -39,13 +84,14 @@ def describe_validation(exc: RequestValidationError) -> tuple[int, str, list[dic
             return 400, f"malformed JSON: {ctx.get('error', 'could not parse body')}", []
     shown = []
     for err in errors[:5]:
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "missing":
-            msg = "field required"
-        shown.append(f"{_location(tuple(err.get('loc', ())))}: {msg}")
+        shown.append(f"{_location(tuple(err.get('loc', ())))}: {_message(err)}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     slim = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+        {
+            "loc": list(_without_form_tag(tuple(e.get("loc", ())))),
+            "msg": e.get("msg"),
+            "type": e.get("type"),
+        }
         for e in errors[:20]
     ]
     return 422, "; ".join(shown) + more, slim
@@ -75,29 +121,30 @@ def describe_unreadable_body(cause: BaseException | None) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        path = request.url.path
         content_type = request.headers.get("content-type", "")
         if content_type and not is_json_media_type(content_type) and isinstance(exc.body, bytes):
-            return JSONResponse(
-                {
-                    "detail": f"send the body as JSON with Content-Type: application/json "
-                    f"(got {content_type!r})"
-                },
-                status_code=415,
+            return error_response(
+                path,
+                415,
+                f"send the body as JSON with Content-Type: application/json (got {content_type!r})",
             )
         status, message, errors = describe_validation(exc)
+        if is_v2(path):
+            return error_response(path, status, message)
         return JSONResponse({"detail": message, "errors": errors or None}, status_code=status)
 
     @app.exception_handler(BadRequest)
-    async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+    async def _bad(request: Request, exc: BadRequest) -> JSONResponse:
+        return error_response(request.url.path, exc.status_code, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == FASTAPI_PARSE_ERROR:
             detail = describe_unreadable_body(exc.__cause__)
-        return JSONResponse(
-            {"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        return error_response(
+            request.url.path, exc.status_code, detail, headers=getattr(exc, "headers", None)
         )
 
 
@@ -113,12 +160,13 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        path = scope.get("path", "")
         if declared is not None:
             if not declared.isdigit():
-                await self._reject(send, 400, "Content-Length must be a number")
+                await self._reject(send, 400, "Content-Length must be a number", path)
                 return
             if int(declared) > self.max_bytes:
-                await self._reject(send, 413, self._too_big(int(declared)))
+                await self._reject(send, 413, self._too_big(int(declared)), path)
                 return
         seen = 0
         started = False
@@ -144,16 +192,16 @@ class BodySizeLimit:
         except StarletteHTTPException as exc:
             if started:
                 raise
-            await self._reject(send, exc.status_code, str(exc.detail))
+            await self._reject(send, exc.status_code, str(exc.detail), path)
 
     def _too_big(self, size: int) -> str:
         return f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes"
 
     @staticmethod
-    async def _reject(send: Send, status: int, message: str) -> None:
+    async def _reject(send: Send, status: int, message: str, path: str) -> None:
         import orjson
 
-        body = orjson.dumps({"detail": message})
+        body = orjson.dumps({"error": message} if is_v2(path) else {"detail": message})
         await send(
             {
                 "type": "http.response.start",

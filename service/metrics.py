@@ -28,6 +28,7 @@ class ServiceMetrics:
     queue_depth: Gauge
     spooled: Gauge
     model_version: Gauge
+    unknown_categories: Counter
 
     @classmethod
     def create(cls) -> ServiceMetrics:
@@ -67,6 +68,14 @@ class ServiceMetrics:
                 "flywheel_model_info",
                 "Served model (value is always 1)",
                 ["name", "version"],
+                registry=reg,
+            ),
+            # by model name, not version: the vocabulary is the lineage's, fixed at init
+            unknown_categories=Counter(
+                "flywheel_unknown_categories",
+                "Values of a categorical feature outside its vocabulary, served through "
+                "its unknown bucket",
+                ["model", "feature"],
                 registry=reg,
             ),
         )
@@ -114,9 +123,35 @@ class FollowerCollector:
         )
 
 
+def v2_route(path: str) -> str:
+    """The label of an Open Inference Protocol path: its template (model names and
+    versions in URLs must not grow the label set), or `other`.
+
+    >>> v2_route("/v2/models/fraud/versions/3/infer"), v2_route("/v2/models/fraud/x")
+    ('/v2/models/{name}/infer', 'other')
+    """
+    if path in V2_ROUTES:
+        return path
+    parts = path.split("/")  # "", "v2", "models", name, ...
+    if len(parts) < 4 or parts[1:3] != ["v2", "models"] or not parts[3]:
+        return "other"
+    rest = parts[4:]
+    if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+        rest = rest[2:]
+    if not rest:
+        return "/v2/models/{name}"
+    if len(rest) == 1 and rest[0] in ("infer", "ready"):
+        return f"/v2/models/{{name}}/{rest[0]}"
+    return "other"
+
+
+V2_ROUTES = frozenset({"/v2", "/v2/health/live", "/v2/health/ready"})
+
+
 class RequestMetrics:
     """Counts and times every request by route and status, in plain ASGI (cheap); a path
-    outside `routes` is counted as `other`, so unknown URLs cannot grow the label set."""
+    outside `routes` is counted as `other`, so unknown URLs cannot grow the label set
+    (`/v2/...` paths by their template, `v2_route`)."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: Collection[str]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -125,7 +160,13 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        path = scope["path"]
+        if path in self.routes:
+            route = path
+        elif path.startswith("/v2"):
+            route = v2_route(path)
+        else:
+            route = "other"
         status = 500
         start = time.perf_counter()
 

@@ -8,6 +8,12 @@ out-of-order events and a poll racing an event collapse into one load. Loading a
 warming happen on the worker; requests only ever see `ModelHolder.swap`, which is atomic,
 and a request keeps the snapshot it took, so it finishes on the version it started with.
 A failed load leaves the old model serving and is retried at the next poll.
+
+A version whose feature schema differs from the served one's (another fingerprint, or a
+schema where there was none or the reverse) is not swapped in: clients send rows of the
+served schema, and the new model would read them as something else (another vocabulary
+maps the same category to another code). The follower logs why, once per version, and
+keeps serving; a new lineage with a new schema is served by restarting the service.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.settings import KafkaSettings, RegistrySettings, ServiceSettings
 
 if TYPE_CHECKING:
+    from flywheel.modelspec import AnySpec
     from flywheel.registry import LoadedVersion, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ class FollowerStats:
     failures: int = 0  # champion versions that could not be loaded or warmed
     registry_errors: int = 0  # the alias could not be read
     superseded: int = 0  # loaded, but the alias had moved on before the swap
+    refused: int = 0  # champion versions not swapped in: their feature schema differs
     events_followed: int = 0
     events_ignored: int = 0  # another model's events
     events_malformed: int = 0
@@ -80,6 +88,7 @@ class ModelFollower:
         self.stats = FollowerStats()
         self._registry_factory = registry
         self._registry: ChampionSource | None = None
+        self._refused: ModelVersion | None = None  # the version refused last (logged once)
         self._listen = bool(kafka.kafka_bootstrap) if listen is None else listen
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -169,7 +178,7 @@ class ModelFollower:
             )
             return None
         served = self._served_version()
-        if target is None or target == served:
+        if target is None or target == served or target == self._refused:
             return None
         start = time.perf_counter()
         try:
@@ -191,6 +200,20 @@ class ModelFollower:
         if self._moved_since(registry, target):  # a quick rollback: never serve the undone
             self.stats.superseded += 1
             self._wake.set()
+            return None
+        why = _schema_change(self.holder.current() if self.holder.ready else None, model)
+        if why is not None:
+            self.stats.refused += 1
+            self._refused = target
+            self.stats.last_error = f"v{target}: {why}"
+            log.error(
+                "not serving %s v%s: %s; still serving v%s (restart the service to serve "
+                "a new schema)",
+                model.name,
+                target,
+                why,
+                served,
+            )
             return None
         previous = self.holder.swap(model)
         self.stats.swaps += 1
@@ -305,6 +328,21 @@ def _close(consumer: Any) -> None:
             consumer.close()
         except Exception as exc:
             log.debug("closing the model-events consumer: %s", exc)
+
+
+def _schema_name(spec: AnySpec) -> str:
+    """A spec's feature schema as a log names it: its fingerprint, or that it has none."""
+    return "none (a vector model)" if spec.schema is None else spec.schema.fingerprint()
+
+
+def _schema_change(previous: ServedModel | None, new: ServedModel) -> str | None:
+    """Why `new` may not replace `previous` (its feature schema differs), or None."""
+    if previous is None or previous.spec.schema == new.spec.schema:
+        return None
+    return (
+        f"its feature schema {_schema_name(new.spec)} differs from the served "
+        f"{_schema_name(previous.spec)}"
+    )
 
 
 def _warn_if_incompatible(previous: ServedModel | None, new: ServedModel) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 import numpy as np
 import torch
 from torch import nn
 
 from flywheel.events import utcnow
+from flywheel.features import FeatureSchema, RowEncoder
 from flywheel.modelspec import AnySpec, Cascade
 
 
@@ -46,6 +48,9 @@ class ServedModel:
             module = to_precision(module, precision)
         served = cls(name, version, spec, module, utcnow(), precision)
         served.predict_proba(np.zeros((1, spec.input_dim), dtype=np.float32))
+        # worked out here, off the request path (the follower's thread on a hot swap)
+        for part in ("takes_vectors", "row_encoder", "ignored", "feature_names", "non_numeric"):
+            getattr(served, part)
         return served
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -66,6 +71,45 @@ class ServedModel:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return self.predict(x)[0]
+
+    # What a request asks of the version's schema, worked out once per version: reading
+    # `FeatureSchema.numeric_only` alone cost ~3-5 us (it walks the features), ~2 % of a
+    # one-row vector request, and building the row encoders ~80 us.
+    @property
+    def schema(self) -> FeatureSchema | None:
+        return self.spec.schema
+
+    @cached_property
+    def takes_vectors(self) -> bool:
+        """Plain float vectors are valid input: no schema, or only numeric features."""
+        return self.spec.schema is None or self.spec.schema.numeric_only
+
+    @cached_property
+    def row_encoder(self) -> RowEncoder | None:
+        """Named rows to raw vectors (None for a model without a schema)."""
+        return None if self.spec.schema is None else self.spec.schema.row_encoder()
+
+    @cached_property
+    def ignored(self) -> frozenset[str]:
+        """Columns the schema accepts and drops: left out of the `row` a prediction logs."""
+        schema = self.spec.schema
+        return (
+            frozenset(f.name for f in schema.features if f.kind == "ignore")
+            if schema
+            else frozenset()
+        )
+
+    @cached_property
+    def feature_names(self) -> frozenset[str]:
+        """Every column a named row may hold, ignored ones included."""
+        schema = self.spec.schema
+        return frozenset(f.name for f in schema.features) if schema else frozenset()
+
+    @cached_property
+    def non_numeric(self) -> list[str]:
+        """The features a plain float vector cannot carry (categorical, boolean)."""
+        schema = self.spec.schema
+        return [f.name for f in schema.inputs if f.kind != "numeric"] if schema else []
 
 
 class ModelHolder:

@@ -22,7 +22,7 @@ def run(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from flywheel.feedback import build_worker, tune_worker_process
-    from flywheel.store import SchemaNotCurrent
+    from flywheel.store import NoTrustedData, SchemaNotCurrent
 
     settings = settings_or_exit()
     if not settings.kafka.kafka_bootstrap:
@@ -32,7 +32,7 @@ def run(ctx: typer.Context) -> None:
         raise typer.Exit(2)
     try:
         worker = build_worker(settings)
-    except SchemaNotCurrent as exc:
+    except (SchemaNotCurrent, NoTrustedData) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if settings.feedback.feedback_metrics_port:

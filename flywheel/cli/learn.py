@@ -22,14 +22,14 @@ def learn(
     """Train on new examples every N, gate, register in MLflow and promote (if enabled)."""
     from flywheel.learner import LearnerConfig, OnlineLearner
     from flywheel.registry import Registry
-    from flywheel.store import SchemaNotCurrent
+    from flywheel.store import NoTrustedData, SchemaNotCurrent
 
     settings = settings_or_exit()
     try:
         # the process's one registry
         learner = OnlineLearner(LearnerConfig.of(settings), Registry.of(settings))
         learner.start()
-    except SchemaNotCurrent as exc:
+    except (SchemaNotCurrent, NoTrustedData) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if settings.learn_metrics_port:

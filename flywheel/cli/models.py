@@ -614,7 +614,6 @@ def diff(
             _version(b),
             registry=_open(settings),
             state=settings.state,
-            trusted=settings.trusted,
             gate=settings.gate,
         )
     if as_json:
@@ -658,7 +657,6 @@ def card(
             folder,
             registry=_open(settings),
             state=settings.state,
-            trusted=settings.trusted,
             hours=hours,
         )
     typer.echo(f"wrote {written.markdown}")

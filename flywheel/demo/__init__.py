@@ -2,11 +2,14 @@
 
 * `loop`: the stack (broker, store, service, feedback worker, learner) started in one
   process, the simulated app, and what is measured from outside;
-* `report`: what `flywheel demo --report DIR` writes (accuracy.png, summary.md/json).
+* `report`: what `flywheel demo --report DIR` writes (accuracy.png, summary.md/json);
+* `datasets`: real labelled data sets shipped inside installed packages, each with a
+  stated drift, written to CSV the way a user would bring them.
 
 Application code, not a contract: nothing in a component imports it.
 """
 
+from flywheel.demo.datasets import DATASETS, DatasetInfo, Drift, load, write_csv
 from flywheel.demo.loop import (
     DemoConfig,
     DemoResult,
@@ -33,16 +36,20 @@ from flywheel.demo.report import (
 )
 
 __all__ = [
+    "DATASETS",
     "RECOVERY_MARGIN",
     "SETTLED_SHARE",
     "DemoConfig",
+    "DatasetInfo",
     "DemoResult",
+    "Drift",
     "Trace",
     "count_topic",
     "embedded_stack",
     "freshness",
     "frozen_predictor",
     "learned_examples",
+    "load",
     "plot_accuracy",
     "privacy_summary",
     "running_feedback_worker",
@@ -52,5 +59,6 @@ __all__ = [
     "simulate_app",
     "summarize",
     "wait_joined",
+    "write_csv",
     "write_report",
 ]

@@ -121,7 +121,7 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
     """Start what the settings leave unset (the broker), migrate the store, bootstrap a model."""
     from flywheel.learner import ensure_champion
     from flywheel.registry import Registry
-    from flywheel.store import upgrade
+    from flywheel.store import ensure_seed_trusted, upgrade
 
     with contextlib.ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap
@@ -132,6 +132,8 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
         ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
         ensure_champion(settings.trusted, Registry.of(settings))
+        # the synthetic problem as the lineage's trusted set (a no-op where one exists)
+        ensure_seed_trusted(settings.resolved_database_url, settings.model_name, settings.trusted)
         yield settings
 
 

@@ -15,6 +15,7 @@ from flywheel.features.schema import (
     Feature,
     FeatureError,
     FeatureSchema,
+    RowEncoder,
     label_text,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "Feature",
     "FeatureError",
     "FeatureSchema",
+    "RowEncoder",
     "infer_schema",
     "label_text",
 ]

@@ -32,6 +32,7 @@ FORMAT: Literal["flywheel-schema/1"] = "flywheel-schema/1"
 UNKNOWN = 0  # the code of the unknown bucket; vocabulary[i] is code i + 1
 MAX_VOCABULARY = 1000  # default cap: rarer categories share the unknown bucket
 MAX_FEATURES = 10_000
+FLOAT32_LIMIT = 3.4e38  # a larger number would not survive the cast to float32
 
 Kind = Literal["numeric", "categorical", "boolean", "ignore"]
 
@@ -199,36 +200,16 @@ class FeatureSchema(BaseModel):
 
         A key the schema does not know is refused (a typo would otherwise be a silently
         filled feature); an ignored column is accepted and dropped. An unseen category
-        goes to the unknown bucket and is counted in `Encoded.unknown`.
+        goes to the unknown bucket and is counted in `Encoded.unknown`. Callers that
+        encode many small batches keep a `row_encoder()` instead.
         """
-        import numpy as np
+        return self.row_encoder()(rows, where=where)
 
-        encoders = self._encoders()
-        known = self._known()
-        x = np.empty((len(rows), len(encoders)), dtype=np.float32)
-        unknown: Counter[str] = Counter()
-        for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise FeatureError("must be an object of named features", row=i, where=where)
-            extra = [k for k in row if k not in known]
-            if extra:
-                raise FeatureError(
-                    f"unknown feature; the model's features are {self.names}",
-                    row=i,
-                    field=str(extra[0]),
-                    where=where,
-                )
-            out = x[i]
-            for j, (name, encode) in enumerate(encoders):
-                value = row.get(name)
-                try:
-                    out[j] = encode(value)
-                except _Unknown:
-                    out[j] = UNKNOWN
-                    unknown[name] += 1
-                except _Bad as exc:
-                    raise FeatureError(str(exc), row=i, field=name, where=where) from None
-        return Encoded(x, dict(unknown))
+    def row_encoder(self) -> RowEncoder:
+        """`encode_rows`, compiled once: building the per-feature encoders (a category
+        lookup table each) cost ~80 us for 8 numeric and 4 categorical features, ~40 % of
+        a one-row predict request, so the service builds one per served version."""
+        return RowEncoder(self)
 
     def encode_vectors(
         self, rows: Sequence[Sequence[float]], *, where: str = "instances"
@@ -360,6 +341,78 @@ class Encoded:
     unknown: dict[str, int] = field(default_factory=dict)
 
 
+class RowEncoder:
+    """Named rows to raw vectors for one schema, with its encoders built once.
+
+    >>> schema = FeatureSchema(label="y", labels=["a", "b"], features=[
+    ...     Feature(name="n", kind="numeric", mean=1.0),
+    ...     Feature(name="c", kind="categorical", vocabulary=["u"], missing="error")])
+    >>> encode = schema.row_encoder()
+    >>> encode([{"c": "u"}, {"n": 3, "c": "w"}]).x.tolist()
+    [[1.0, 1.0], [3.0, 0.0]]
+    >>> encode([{"n": 2}])
+    Traceback (most recent call last):
+    ...
+    flywheel.features.schema.FeatureError: instances[0].c: is missing (this feature has no fill)
+    """
+
+    def __init__(self, schema: FeatureSchema) -> None:
+        self.schema = schema
+        self._known = schema._known()
+        # (name, kind, category codes, the encoder): the common values (a finite float, a
+        # known category, true/false) are taken inline, ~2x faster than calling the
+        # encoder for each; any other value goes through the encoder, which decides
+        self._plan = [
+            (f.name, f.kind, _codes(f), encode)
+            for f, (_, encode) in zip(schema.inputs, schema._encoders(), strict=True)
+        ]
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]], *, where: str = "instances") -> Encoded:
+        import numpy as np
+
+        plan, known = self._plan, self._known
+        out: list[list[float]] = []
+        unknown: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise FeatureError("must be an object of named features", row=i, where=where)
+            if not known.issuperset(row):
+                extra = next(k for k in row if k not in known)
+                raise FeatureError(
+                    f"unknown feature; the model's features are {self.schema.names}",
+                    row=i,
+                    field=str(extra),
+                    where=where,
+                )
+            vector: list[float] = []
+            append = vector.append
+            for name, kind, codes, encode in plan:
+                v = row.get(name)
+                if kind == "numeric":
+                    if type(v) is float and -FLOAT32_LIMIT <= v <= FLOAT32_LIMIT:  # not NaN
+                        append(v)
+                        continue
+                elif kind == "categorical":
+                    if type(v) is str:
+                        code = codes.get(v)
+                        if code is not None:
+                            append(code)
+                            continue
+                elif v is True or v is False:
+                    append(1.0 if v else 0.0)
+                    continue
+                try:
+                    append(encode(v))
+                except _Unknown:
+                    append(UNKNOWN)
+                    unknown[name] = unknown.get(name, 0) + 1
+                except _Bad as exc:
+                    raise FeatureError(str(exc), row=i, field=name, where=where) from None
+            out.append(vector)
+        x = np.array(out, dtype=np.float32).reshape(len(out), len(plan))
+        return Encoded(x, unknown)
+
+
 class _Bad(ValueError):
     pass
 
@@ -381,6 +434,11 @@ def label_text(value: Any) -> str:
     return str(value)
 
 
+def _codes(f: Feature) -> dict[str, float]:
+    """A categorical feature's code per category (`vocabulary[i]` is code i + 1)."""
+    return {name: float(i + 1) for i, name in enumerate(f.vocabulary)}
+
+
 def _encoder(f: Feature) -> Callable[[Any], float]:
     fill = f.fill_value()
     required = f.missing == "error"
@@ -397,8 +455,11 @@ def _encoder(f: Feature) -> Callable[[Any], float]:
                 return missing()
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise _Bad(f"expected a number, got {type(v).__name__} {v!r:.40}")
-            out = float(v)
-            if not math.isfinite(out) or abs(out) > 3.4e38:
+            try:
+                out = float(v)
+            except OverflowError:  # an integer beyond float range
+                out = math.inf
+            if not math.isfinite(out) or abs(out) > FLOAT32_LIMIT:
                 raise _Bad(f"{v!r} is not a finite float32 number")
             return out
 
@@ -413,7 +474,7 @@ def _encoder(f: Feature) -> Callable[[Any], float]:
             return 1.0 if v else 0.0
 
         return boolean
-    codes = {name: float(i + 1) for i, name in enumerate(f.vocabulary)}
+    codes = _codes(f)
 
     def categorical(v: Any) -> float:
         if v is None:

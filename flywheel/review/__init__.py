@@ -5,9 +5,10 @@ and the browser (`/ui` and `/v1/review/...` in the service), so both show the sa
 
 * `versions`: versions as plain data (status, source, parent, examples, ε/δ, gate), their
   lineage, and the tags they carry;
-* `compare`: a diff of two versions on both holdouts (`holdouts`: the trusted seed holdout
-  and the recent `holdout` corrections, scored by the gate's own scorer,
-  `flywheel.learner.score`), where they disagree and the distance between their weights;
+* `compare`: a diff of two versions on both holdouts (`holdouts`: the holdout of the
+  lineage's trusted set and the recent `holdout` corrections, both from the store, scored
+  by the gate's own scorer, `flywheel.learner.score`), where they disagree and the
+  distance between their weights;
 * `store_views`: what the training store says (the data behind a version, the error mix,
   hourly accuracy, ε per source from the privacy ledger);
 * `decisions`: approve / reject with auto-promotion off;

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from flywheel.registry import ModelVersion, Registry
-    from flywheel.settings import StateSettings, TrustedSettings
+    from flywheel.settings import StateSettings
 
 ALL_TIME_HOURS = 24.0 * 365 * 100
 CARD_RUNS = 60  # hops of a lineage whose gate numbers a model card fetches (a query each)
@@ -46,14 +46,13 @@ def card(
     *,
     registry: Registry,
     state: StateSettings,
-    trusted: TrustedSettings,
     engine: Engine | None = None,
     hours: float = ALL_TIME_HOURS,
 ) -> Card:
     """Write DIR/model-card-vN.md and its plots; returns where, and the facts behind it.
 
-    The store is the one at `state`'s database URL unless `engine` is given; `trusted` names
-    the seed holdout the gate numbers were measured on."""
+    The store is the one at `state`'s database URL unless `engine` is given; the card names
+    the holdout of the trusted set there, which the gate's trusted numbers were measured on."""
     history = set(registry.champion_history())
     info = registry.info(version, with_run=True)
     by_version: dict[str, dict[str, Any]] = {
@@ -88,7 +87,7 @@ def card(
         "errors": errors,
         "store": store_note,
         "privacy": privacy_ledger(engine, store_note),
-        "trusted": trusted_holdout(trusted).about,
+        "trusted": trusted_holdout(engine, registry.name).about if engine else store_note,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _card_plots(facts, out_dir)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from flywheel.registry import LoadedVersion, ModelVersion, Registry
-    from flywheel.settings import GateSettings, StateSettings, TrustedSettings
+    from flywheel.settings import GateSettings, StateSettings
 
 
 def disagreement(
@@ -107,16 +107,16 @@ def diff(
     *,
     registry: Registry,
     state: StateSettings,
-    trusted: TrustedSettings,
     gate: GateSettings,
     engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Everything that tells two versions apart, as JSON-ready data (see module doc).
 
     Both holdouts are scored as the gate scores them (`flywheel.learner.score`): a row whose
-    label a version cannot output counts as wrong for it. Without a training store (`engine`
-    None and none at `state`'s database URL) only the trusted holdout is compared; `gate`
-    sizes the recent holdout as the gate does.
+    label a version cannot output counts as wrong for it. Both come from the training
+    store (the trusted set's holdout and the recent holdout corrections): without one
+    (`engine` None and none at `state`'s database URL) neither is compared; `gate` sizes
+    the recent holdout as the gate does.
     """
     history = set(registry.champion_history())
     docs = {v: version_doc(registry.info(v, with_run=True), history) for v in (a, b)}
@@ -124,11 +124,15 @@ def diff(
     if engine is None:
         engine, store_note = open_store_or_reason(state)
     loaded = {v: registry.load(v) for v in (a, b)}
-    sets: list[LabelledSet] = [trusted_holdout(trusted)]
+    sets: list[LabelledSet] = []
     if engine is not None:
-        sets.append(recent_holdout(gate, engine))
+        sets += [trusted_holdout(engine, registry.name), recent_holdout(gate, engine)]
     holdouts: dict[str, Any] = {}
+    unavailable = {"trusted": store_note, "recent": store_note}
     for hs in sets:
+        if hs.name == "trusted" and not len(hs):  # no trusted set: `about` says so
+            unavailable["trusted"] = hs.about
+            continue
         results = {v: score_on(loaded[v].module, loaded[v].spec, hs) for v in (a, b)}
         entry: dict[str, Any] = {
             "available": True,
@@ -146,15 +150,16 @@ def diff(
             else None
         )
         holdouts[hs.name] = entry
-    if "recent" not in holdouts:
-        holdouts["recent"] = {
-            "available": False,
-            "about": store_note,
-            "n": 0,
-            "a": None,
-            "b": None,
-            "disagreement": None,
-        }
+    for name, why in unavailable.items():
+        if name not in holdouts:
+            holdouts[name] = {
+                "available": False,
+                "about": why,
+                "n": 0,
+                "a": None,
+                "b": None,
+                "disagreement": None,
+            }
 
     def side(v: ModelVersion) -> dict[str, Any]:
         d = docs[v]

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from flywheel.learner import Score
     from flywheel.modelspec import AnySpec
-    from flywheel.settings import GateSettings, TrustedSettings
+    from flywheel.settings import GateSettings
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,27 @@ class LabelledSet:
         return len(self.labels)
 
 
-def trusted_holdout(trusted: TrustedSettings) -> LabelledSet:
-    """The frozen seed holdout the gate's "trusted" numbers come from."""
-    from flywheel.store import HOLDOUT_FRACTION, seed_data
-    from flywheel.streams import LABELS
+def trusted_holdout(engine: Engine, model_name: str) -> LabelledSet:
+    """The frozen holdout of the lineage's trusted set (`flywheel init`), where the gate's
+    "trusted" numbers come from; empty, with `about` saying why, when there is none."""
+    import numpy as np
 
-    _, _, x, y = seed_data(trusted)
+    from flywheel.store import NoTrustedData, session_factory, trusted_data
+
+    with session_factory(engine)() as session:
+        data = trusted_data(session, model_name, max_train=0)
+    if data is None:
+        empty = np.empty((0, 0), np.float32)
+        return LabelledSet("trusted", empty, [], str(NoTrustedData(model_name)))
+    info = data.info
+    names = info.schema.labels
     return LabelledSet(
         "trusted",
-        x,
-        [LABELS[int(i)] for i in y],
-        f"seed holdout: {HOLDOUT_FRACTION:.0%} of {trusted.seed_examples} seed "
-        f"examples (FLYWHEEL_SEED={trusted.seed})",
+        data.x_holdout,
+        [names[int(i)] for i in data.y_holdout],
+        f"trusted holdout of {model_name}: {info.rows_holdout} of "
+        f"{info.rows_train + info.rows_holdout} rows of {info.source} "
+        f"({info.split_rule}; data set {info.fingerprint[:12]})",
     )
 
 

@@ -7,8 +7,13 @@ import another for it. `flywheel init` writes it once per registered model: a
 `trusted_sets` row (schema, fingerprint, split rule, whether it is public) and its rows
 as `examples` of origin `seed`, split `train` or `holdout`, in one transaction.
 
+Every reader goes through `trusted_data` (or `require_trusted`, which raises
+`NoTrustedData` naming the command that fills it), never through the synthetic problem.
+
 `seed_data` is the synthetic demo problem (`flywheel.streams`), regenerated from the
 settings' seed: what the demo writes to a CSV and imports like a user's file.
+`write_seed_trusted` stores it as a lineage's trusted set directly, for the demo's
+embedded stack and the benchmarks until they bootstrap through `flywheel init`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,23 @@ if TYPE_CHECKING:
     import numpy as np
 
 HOLDOUT_FRACTION = 0.2  # of the trusted examples: the trusted (frozen) holdout
+SEED_SOURCE = "synthetic:flywheel.streams"  # `source` of the synthetic problem's trusted set
+
+
+class NoTrustedData(LookupError):
+    """A lineage without a trusted data set: nothing to gate, replay or compare against.
+
+    >>> print(str(NoTrustedData("fraud")).replace(": ", ":\\n"))
+    no trusted data set for model 'fraud' in the training store:
+    run `flywheel init --data FILE --label COLUMN` first
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        super().__init__(
+            f"no trusted data set for model {model_name!r} in the training store: "
+            "run `flywheel init --data FILE --label COLUMN` first"
+        )
 
 
 @dataclass(frozen=True)
@@ -180,7 +202,8 @@ def delete_trusted(session: Session, model_name: str) -> None:
     prefix = f"seed:{model_name}:"
     session.execute(
         delete(Example).where(
-            Example.origin == Origin.SEED.value, Example.dedup_key.startswith(prefix)
+            Example.origin == Origin.SEED.value,
+            Example.dedup_key.startswith(prefix, autoescape=True),
         )
     )
     session.execute(delete(ReferenceStats).where(ReferenceStats.model_name == model_name))
@@ -192,7 +215,7 @@ def trusted_data(
 ) -> TrustedData | None:
     """The trusted rows of `model_name` (None before `init`), the holdout whole and at
     most `max_train` training rows (evenly spaced through the set, so a bounded reader
-    still sees all of it)."""
+    still sees all of it; 0 reads none, for a reader of the holdout only)."""
     import numpy as np
 
     info = trusted_info(session, model_name)
@@ -202,13 +225,19 @@ def trusted_data(
     out: dict[Split, tuple[np.ndarray, np.ndarray]] = {}
     for split, total in ((Split.TRAIN, info.rows_train), (Split.HOLDOUT, info.rows_holdout)):
         limit = total if split is Split.HOLDOUT or max_train is None else max_train
+        if limit <= 0:
+            out[split] = (
+                np.empty((0, info.schema.input_dim), np.float32),
+                np.empty(0, np.int64),
+            )
+            continue
         stride = max(1, -(-total // max(limit, 1)))
         query = (
             select(Example.features, Example.label)
             .where(
                 Example.origin == Origin.SEED.value,
                 Example.split == split.value,
-                Example.dedup_key.startswith(f"seed:{model_name}:{split.value}:"),
+                Example.dedup_key.startswith(f"seed:{model_name}:{split.value}:", autoescape=True),
             )
             .order_by(Example.id)
         )
@@ -223,6 +252,106 @@ def trusted_data(
             np.asarray(ys, dtype=np.int64),
         )
     return TrustedData(info, *out[Split.TRAIN], *out[Split.HOLDOUT])
+
+
+def require_trusted(
+    session: Session, model_name: str, *, max_train: int | None = None
+) -> TrustedData:
+    """`trusted_data`, or `NoTrustedData` when `model_name` has no trusted set."""
+    data = trusted_data(session, model_name, max_train=max_train)
+    if data is None:
+        raise NoTrustedData(model_name)
+    return data
+
+
+def positions(schema: FeatureSchema, kind: str) -> list[int]:
+    """Raw-vector positions of the inputs of one kind ("categorical", "boolean", ...).
+
+    >>> from flywheel.features import Feature
+    >>> s = FeatureSchema(label="y", labels=["a", "b"], features=[
+    ...     Feature(name="n", kind="numeric"), Feature(name="on", kind="boolean"),
+    ...     Feature(name="c", kind="categorical", vocabulary=["u"])])
+    >>> positions(s, "boolean"), positions(s, "categorical")
+    ([1], [2])
+    """
+    return [i for i, f in enumerate(schema.inputs) if f.kind == kind]
+
+
+def seed_schema(x_train: np.ndarray, labels: Sequence[str]) -> FeatureSchema:
+    """The synthetic problem's schema: numeric `x0...` (mean and std of `x_train`)."""
+    from flywheel.features import Feature
+
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0, ddof=1)
+    return FeatureSchema(
+        label="label",
+        labels=list(labels),
+        features=[
+            Feature(
+                name=f"x{i}",
+                kind="numeric",
+                mean=float(mean[i]),
+                std=max(float(std[i]), 1e-6),
+                reason="synthetic demo problem (flywheel.streams)",
+            )
+            for i in range(x_train.shape[1])
+        ],
+    )
+
+
+def write_seed_trusted(
+    session: Session, model_name: str, trusted: TrustedSettings, *, public: bool = True
+) -> bool:
+    """Store the synthetic demo problem (`seed_data`) as `model_name`'s trusted set, if it
+    has none; True if it wrote it. The caller commits.
+
+    For the demo's embedded stack, the benchmarks and the tests: they start from the
+    synthetic problem the way `ensure_champion` trains the first model on it, and need
+    its trusted set in the store like any deployment `flywheel init` started.
+    """
+    import hashlib
+
+    from flywheel.streams import LABELS
+
+    if session.get(TrustedSet, model_name) is not None:
+        return False
+    x_tr, y_tr, x_ho, y_ho = seed_data(trusted)
+    names = {split: [LABELS[int(i)] for i in y] for split, y in ((0, y_tr), (1, y_ho))}
+    digest = hashlib.sha256()
+    for part in (x_tr, y_tr, x_ho, y_ho):
+        digest.update(part.tobytes())
+    write_trusted_info(
+        session,
+        TrustedInfo(
+            model_name=model_name,
+            fingerprint=digest.hexdigest(),
+            schema=seed_schema(x_tr, LABELS),
+            public=public,
+            rows_train=len(x_tr),
+            rows_holdout=len(x_ho),
+            split_rule=f"the last {HOLDOUT_FRACTION:.0%} of the rows (in stream order)",
+            label_counts={n: names[0].count(n) + names[1].count(n) for n in LABELS},
+            source=f"{SEED_SOURCE}?seed={trusted.seed}&examples={trusted.seed_examples}",
+        ),
+    )
+    session.flush()  # the trusted_sets row before its rows, as `init` writes them
+    write_trusted_rows(session, model_name, Split.TRAIN, 0, x_tr, names[0])
+    write_trusted_rows(session, model_name, Split.HOLDOUT, 0, x_ho, names[1])
+    return True
+
+
+def ensure_seed_trusted(
+    database_url: str, model_name: str, trusted: TrustedSettings, *, public: bool = True
+) -> bool:
+    """`write_seed_trusted` in its own transaction on the (migrated) store at
+    `database_url`; True if it wrote the set."""
+    from flywheel.store.database import make_engine, session_factory
+
+    engine = make_engine(database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            return write_seed_trusted(session, model_name, trusted, public=public)
+    finally:
+        engine.dispose()
 
 
 def seed_data(trusted: TrustedSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -131,8 +131,9 @@ class Site:
 
         started = time.perf_counter()
         config: ConfigRecord = content.config_records[CONFIG]
-        spec = parse_spec(json.loads(str(config[SPEC_KEY])))
-        module = build_module(spec)
+        spec = parse_spec(json.loads(str(config[SPEC_KEY])))  # its schema included
+        # a factory model is built only from a module this site trusts (its own setting)
+        module = build_module(spec, factories=self.registry.factories)
         module.load_state_dict(from_record(content.array_records[ARRAYS]))
         labels = spec.label_index()
         s = self.federated

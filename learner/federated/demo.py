@@ -24,26 +24,33 @@ DEMO_DEFAULTS: dict[str, object] = {"seed_examples": 1000}
 def build_homes(
     root: Path, n_sites: int, partition: Partition, *, rounds: int, **overrides: object
 ) -> tuple[Settings, list[Settings]]:
-    """Platform and site settings, each with a migrated store filled with its data.
+    """Platform and site settings, each with a migrated store filled with its data: the
+    platform's holds the synthetic problem as its trusted set (the gate's trusted holdout
+    and the public replay) and the union's holdout as recent holdout corrections.
 
     Each site budgets its sources for `rounds` rounds (FLYWHEEL_PRIVACY_SOURCE_UPDATES).
     """
-    from flywheel.store import upgrade
+    from flywheel.store import ensure_seed_trusted, upgrade
 
     link = f"127.0.0.1:{free_port()}"
     common = {**DEMO_DEFAULTS, "fed_superlink": link, "privacy_source_updates": rounds, **overrides}
     platform = Settings(home=root / "platform", fed_rounds=rounds, **common)  # type: ignore[arg-type]
     prepare_home(platform)
     upgrade(platform.resolved_database_url)
+    ensure_seed_trusted(platform.resolved_database_url, platform.model_name, platform.trusted)
     fill_site_store(
-        platform.resolved_database_url, *partition.holdout, site="platform", split="holdout"
+        platform.resolved_database_url,
+        *partition.holdout,
+        site="platform",
+        split="holdout",
+        names=partition.labels,
     )
     sites = []
     for k, (x, y) in enumerate(partition.sites):
         site = Settings(home=root / f"site{k}", fed_runtime_port=free_port(), **common)  # type: ignore[arg-type]
         prepare_home(site)
         upgrade(site.resolved_database_url)
-        fill_site_store(site.resolved_database_url, x, y, site=f"site{k}")
+        fill_site_store(site.resolved_database_url, x, y, site=f"site{k}", names=partition.labels)
         sites.append(site)
     return platform, sites
 
@@ -81,7 +88,10 @@ def run_demo(
         fed.wait_for_sites(clients, timeout_s=120)
         summary = fed.run(options, timeout_s=timeout_s)
     summary["sites"] = [
-        {"examples": int(len(y)), "label_counts": [int((y == c).sum()) for c in range(3)]}
+        {
+            "examples": int(len(y)),
+            "label_counts": [int((y == c).sum()) for c in range(len(partition.labels))],
+        }
         for _, y in partition.sites
     ]
     summary["demo_seconds"] = time.perf_counter() - started

@@ -4,12 +4,14 @@ Site k gets, of every class c, a share p_k,c drawn from Dirichlet(α) over the s
 (the usual label-skew partition of Hsu et al., 2019): α=0.5 leaves most sites with one or
 two dominant classes, α→∞ is IID. The data are the demo's changed world
 (`flywheel.streams.drift_concept`): the seed champion is poor there, so what a
-federation learns shows.
+federation learns shows. Labels travel by name (`Partition.labels`), as a site's
+corrections carry them: the synthetic problem's here, a lineage's own schema elsewhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +24,7 @@ class Partition:
 
     sites: list[tuple[np.ndarray, np.ndarray]]  # (x, label index) per site
     holdout: tuple[np.ndarray, np.ndarray]
+    labels: list[str] = field(default_factory=lambda: list(LABELS))  # label index -> name
 
     @property
     def union(self) -> tuple[np.ndarray, np.ndarray]:
@@ -70,14 +73,16 @@ def fill_site_store(
     site: str,
     split: str = "train",
     flip_labels: bool = False,
+    names: Sequence[str] = tuple(LABELS),
 ) -> int:
-    """Write rows into a (migrated) training store as corrections of this site's users.
+    """Write rows into a (migrated) training store as corrections of this site's users;
+    label index i is stored as `names[i]` (`Partition.labels`).
 
     `flip_labels` writes label (y+1) mod C instead: a poisoned site for robustness tests.
     """
     from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
 
-    labels = (y + 1) % len(LABELS) if flip_labels else y
+    labels = (y + 1) % len(names) if flip_labels else y
     engine = make_engine(url)
     try:
         with session_factory(engine).begin() as session:
@@ -89,7 +94,7 @@ def fill_site_store(
                         "dedup_key": f"{site}:{split}:{i}",
                         "origin": "correction",
                         "features": row.tolist(),
-                        "label": LABELS[int(label)],
+                        "label": names[int(label)],
                         "weight": 1.0,
                         "split": split,
                         "source": f"{site}-user-{i}",

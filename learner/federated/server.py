@@ -12,8 +12,14 @@ the real Grid (through Flower's processes) or with `InProcessGrid`. Per round:
 4. evaluate the aggregate on the platform's holdouts.
 
 After the last round the model goes through the learner's gate (recent = the platform
-store's recent holdout, else `FLYWHEEL_FED_HOLDOUT`; trusted = the seed holdout), is
-registered with `source=federated`, ε and δ tags, and promoted (hot swap) if it passed.
+store's recent holdout, else `FLYWHEEL_FED_HOLDOUT`; trusted = the holdout of the
+lineage's trusted set in the platform's store, written by `flywheel init`), is registered
+with `source=federated`, ε and δ tags, and promoted (hot swap) if it passed.
+
+Public replay (`FLYWHEEL_FED_PUBLIC_REPLAY`) sends rows of the trusted set's training
+part to the sites with the model; only a trusted set marked public is sent, since the
+rows leave the platform in the clear (a private one is never sent: the run logs that
+and trains without replay).
 """
 
 from __future__ import annotations
@@ -59,9 +65,11 @@ if TYPE_CHECKING:
     from flywheel.learner.gate import GateResult, Holdout
     from flywheel.modelspec import AnySpec
     from flywheel.registry import Registry
+    from flywheel.store import TrustedData
 
 log = logging.getLogger(__name__)
 ACTOR = "flywheel-federated"
+PUBLIC_REPLAY_ROWS = 5000  # trusted training rows a run reads to draw public replay from
 STRATEGY_CHOICES = STRATEGIES
 CLIPPING_CHOICES = CLIPPINGS
 
@@ -271,6 +279,18 @@ def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.nda
     )
 
 
+def public_replay_rows(data: TrustedData, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The trusted training rows the sites may replay, labels as indices into the model's
+    `labels` (rows of labels it lacks left out); none unless the trusted set is public."""
+    if not data.info.public:
+        return np.empty((0, data.info.schema.input_dim), np.float32), np.empty(0, np.int64)
+    index = {n: i for i, n in enumerate(labels)}
+    names = data.info.schema.labels
+    y = np.asarray([index.get(names[int(i)], -1) for i in data.y_train], np.int64)
+    keep = y >= 0
+    return data.x_train[keep], y[keep]
+
+
 class FederatedRun:
     """One federated run of `options.rounds` rounds against whatever `grid` reaches."""
 
@@ -288,16 +308,25 @@ class FederatedRun:
         self.rng = random.Random(options.seed)
 
     # ---- holdouts -----------------------------------------------------------------------
-    def holdouts(self, labels: list[str]) -> tuple[Holdout, Holdout]:
+    def trusted_set(self, max_train: int | None = 0) -> TrustedData:
+        """The lineage's trusted set from the platform's store (`NoTrustedData` if none);
+        the whole holdout and at most `max_train` training rows."""
+        from flywheel.store import require_trusted, session_factory
+
+        with session_factory(self.engine)() as session:
+            return require_trusted(session, self.config.registry.model_name, max_train=max_train)
+
+    def holdouts(
+        self, labels: list[str], data: TrustedData | None = None
+    ) -> tuple[Holdout, Holdout]:
         """(trusted, recent) as the gate scores them (`flywheel.learner.evaluation`)."""
         from flywheel.learner.evaluation import Holdout, holdout_of
         from flywheel.learner.example_source import ExampleSource
-        from flywheel.store import seed_data
-        from flywheel.streams import LABELS
 
         s = self.config
-        _, _, x_ho, y_ho = seed_data(s.trusted)
-        trusted = Holdout.of_names(x_ho, [LABELS[int(i)] for i in y_ho], labels)
+        data = data or self.trusted_set()
+        names = data.info.schema.labels
+        trusted = Holdout.of_names(data.x_holdout, [names[int(i)] for i in data.y_holdout], labels)
         rows = ExampleSource(self.engine).recent_holdout(s.gate.gate_recent_holdout)
         recent = holdout_of(rows, labels)
         if len(recent) < s.gate.gate_min_holdout and s.federated.fed_holdout is not None:
@@ -323,7 +352,6 @@ class FederatedRun:
         from flywheel.learner.gate import accuracy, evaluate_gate
         from flywheel.learner.seed_model import ensure_champion
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
-        from flywheel.store import seed_data
 
         s, o = self.config, self.options
         started = time.perf_counter()
@@ -333,8 +361,21 @@ class FederatedRun:
         buffers = {k for k in module.state_dict() if k not in dict(module.named_parameters())}
         server_opt = o.server_optimizer([k for k in module.state_dict() if k not in buffers])
         served = copy.deepcopy(module)  # what is evaluated and registered
-        trusted, recent = self.holdouts(list(spec.labels))
-        public_x, public_y, _, _ = seed_data(s.trusted)
+        data = self.trusted_set(max_train=PUBLIC_REPLAY_ROWS if o.public_replay else 0)
+        if data.info.schema.input_dim != spec.input_dim:
+            raise ValueError(
+                f"v{champion} reads {spec.input_dim} inputs, the trusted set of "
+                f"{s.registry.model_name} has {data.info.schema.input_dim}"
+            )
+        trusted, recent = self.holdouts(list(spec.labels), data)
+        public_x, public_y = public_replay_rows(data, list(spec.labels))
+        if o.public_replay and not data.info.public:
+            log.warning(
+                "FLYWHEEL_FED_PUBLIC_REPLAY=%d ignored: the trusted set of %s is not public, "
+                "so its rows are not sent to the sites",
+                o.public_replay,
+                s.registry.model_name,
+            )
         summary = RunSummary(
             o.strategy,
             o.clipping,
@@ -386,7 +427,7 @@ class FederatedRun:
                     "seed": o.seed,
                 }
             )
-            if o.public_replay:  # the platform's own seed rows: public, sent to the sites
+            if o.public_replay and len(public_y):  # public trusted rows, sent to the sites
                 pick = np.random.default_rng(o.seed * 7919 + rnd).choice(
                     len(public_y), size=min(o.public_replay, len(public_y)), replace=False
                 )

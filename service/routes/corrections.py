@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from flywheel.events import CorrectionEvent, new_id, utcnow
+from flywheel.events import CorrectionEvent, correction_id, utcnow
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
 from flywheel.service.spool import Record
@@ -43,7 +43,8 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
             topic,
             c.prediction_id.encode(),
             CorrectionEvent(
-                id=new_id(),
+                # the same correction sent again is the same event (the store skips it)
+                id=correction_id(c.prediction_id, c.label, c.source),
                 prediction_id=c.prediction_id,
                 label=c.label,
                 source=c.source,

@@ -1,4 +1,5 @@
-"""`GET /v1/model`: the version being served, its input width, labels and precision."""
+"""`GET /v1/model`: the version being served, its input width, labels, precision, family
+and feature schema (what a named row may hold)."""
 
 from __future__ import annotations
 
@@ -20,5 +21,7 @@ async def model_info(state: State) -> dict:
         "input_dim": m.spec.input_dim,
         "labels": m.spec.labels,
         "kind": m.spec.kind,
+        "family": m.spec.family,
         "precision": m.precision,
+        "features": m.spec.schema,
     }

@@ -52,3 +52,41 @@ def test_bench_serve_runs_both_modes_and_verifies_logging():
     assert summary["median"]["on"]["errors"] == summary["median"]["off"]["errors"] == 0, on
     assert summary["events_match"] and summary["events_logged"] > 0, (summary, on)
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+
+
+def test_bench_serve_compares_named_rows_with_vectors_on_one_model():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "serve",
+            "--compare",
+            "named",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert [run["mode"] for run in doc["runs"]] == ["vector", "named"]
+    assert doc["config"]["model"]["family"] == "embed_mlp"
+    summary = doc["summary"]
+    assert summary["median"]["named"]["errors"] == summary["median"]["vector"]["errors"] == 0
+    assert summary["median"]["named"]["non_200"] == summary["median"]["vector"]["non_200"] == 0
+    # every served id on the topic, and only the named requests' events carry a row
+    assert summary["events_match"] and summary["events_rows_match"], summary
+    named = next(run for run in doc["runs"] if run["mode"] == "named")
+    assert named["events_with_row"] == named["events_logged"] > 0
+    assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0

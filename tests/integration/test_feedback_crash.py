@@ -26,6 +26,7 @@ from flywheel.store import (
     upgrade,
 )
 from flywheel.store.models import ErrorCount
+from tests.trusted import write_synthetic_trusted
 
 from .test_feedback_worker import Traffic
 
@@ -155,6 +156,7 @@ def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, s
         urls = [second_schema(request.getfixturevalue("pg_url"), name) for name in ("a", "b")]
     for url in urls:
         upgrade(url)
+        write_synthetic_trusted(settings, database_url=url)
     ensure_champion(settings.trusted, Registry.of(settings))
     traffic = Traffic(settings)
     events = traffic.predictions(800, seed=11) + traffic.predictions(400, drifted=True, seed=12)

@@ -30,6 +30,7 @@ from flywheel.store import (
     upgrade,
 )
 from flywheel.streams import Concept, seed_concept
+from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +48,7 @@ def fb_settings(request, settings: Settings) -> Settings:
         }
     )
     ensure_champion(s.trusted, Registry.of(s))
+    write_synthetic_trusted(s)
     return s
 
 

@@ -19,6 +19,7 @@ from flywheel.settings import Settings
 from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
 from flywheel.store import upgrade as upgrade_store
 from flywheel.streams import drift_concept
+from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
@@ -36,6 +37,7 @@ def s(settings: Settings, pg_url: str) -> Settings:
     )
     upgrade_store(pg_url)
     ensure_champion(s.trusted, Registry.of(s))
+    write_synthetic_trusted(s)
     return s
 
 

@@ -21,6 +21,7 @@ from flywheel.settings import Settings
 from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
 from flywheel.store import upgrade as upgrade_store
 from flywheel.streams import drift_concept
+from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
@@ -44,6 +45,7 @@ def _settings(settings: Settings, url: str, **extra: object) -> Settings:
     )
     upgrade_store(url)
     ensure_champion(s.trusted, Registry.of(s))
+    write_synthetic_trusted(s)
     return s
 
 

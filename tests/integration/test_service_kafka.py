@@ -173,3 +173,57 @@ def test_a_correction_lands_on_its_predictions_partition_as_any_java_client_woul
         assert seen[settings.topic_predictions][key] == expected
         assert seen[settings.topic_corrections][key] == expected
     assert len(set(seen[settings.topic_predictions].values())) > 1  # really spread out
+
+
+def test_named_rows_reach_the_topic_with_the_row_and_the_raw_vector(settings: Settings):
+    """Named rows on v1 and one tensor per feature on v2: every event on the real broker
+    carries the named row as sent (ignored columns dropped) and the raw vector the
+    feedback worker stores, and the worker's decoder takes it."""
+    import torch
+
+    from flywheel.events import NamedPredictionEvent
+    from flywheel.features import Feature, FeatureSchema
+    from flywheel.feedback.messages import decode
+    from flywheel.modelspec import ModelSpec, build_model
+    from flywheel.service import ModelHolder, ServedModel
+
+    schema = FeatureSchema(
+        label="fraud",
+        labels=["no", "yes"],
+        features=[
+            Feature(name="amount", kind="numeric", mean=20.0, std=5.0),
+            Feature(name="country", kind="categorical", vocabulary=["DE", "FR"]),
+            Feature(name="mobile", kind="boolean", fill=False),
+            Feature(name="order_id", kind="ignore"),
+        ],
+    )
+    spec = ModelSpec(input_dim=3, labels=schema.labels, hidden=[8], embedding_dim=4, schema=schema)
+    torch.manual_seed(0)
+    holder = ModelHolder()
+    holder.swap(ServedModel.prepare("fraud", "1", spec, build_model(spec)))
+    rows = [
+        {"amount": 12.5, "country": "FR", "mobile": True, "order_id": "o-1"},
+        {"country": "JP"},
+    ]
+    with TestClient(create_app(ServiceConfig.of(settings), holder=holder)) as client:
+        r = client.post("/v1/predict", json={"instances": rows})
+        assert r.status_code == 200, r.text
+        ids = [p["id"] for p in r.json()["predictions"]]
+        body = {"inputs": [{"name": "country", "shape": [1], "datatype": "BYTES", "data": ["DE"]}]}
+        r = client.post("/v2/models/fraud/infer", json=body)
+        assert r.status_code == 200, r.text
+        ids += r.json()["outputs"][2]["data"]
+        event_log = client.app.state.service.event_log
+        assert event_log.wait_idle(30)
+    records = consume(settings.kafka_bootstrap, settings.topic_predictions, len(ids))
+    assert_each_id_once([k.decode() for k, _ in records], ids, no_send_failed(event_log))
+    by_id = {}
+    for key, value in records:
+        assert isinstance(decode("prediction", "t", 0, 0, key, value), PredictionEvent)
+        event = NamedPredictionEvent.model_validate_json(value)
+        by_id[event.id] = event
+    first, second, third = (by_id[i] for i in ids)
+    assert first.row == {"amount": 12.5, "country": "FR", "mobile": True}
+    assert first.features == [12.5, 2.0, 1.0]
+    assert second.row == {"country": "JP"} and second.features == [20.0, 0.0, 0.0]
+    assert third.row == {"country": "DE"} and third.features == [20.0, 1.0, 0.0]

@@ -76,6 +76,16 @@ def test_corrections_are_logged_keyed_by_prediction(client):
     assert all(r.topic == "flywheel.corrections" for r in sent)
 
 
+def test_a_resent_correction_is_the_same_event(client):
+    """A retry after a lost response carries the same event id, which the store skips; a
+    different label or source is a different correction."""
+    one = {"prediction_id": "p1", "label": "dog", "source": "app-1"}
+    for body in (one, one, {**one, "label": "cat"}, {**one, "source": "app-2"}):
+        assert client.post("/v1/corrections", json={"corrections": [body]}).status_code == 202
+    ids = [CorrectionEvent.model_validate_json(r.value).id for r in flush(client)]
+    assert ids[0] == ids[1] and len(set(ids)) == 3
+
+
 BAD_PREDICTS = [
     ({"instances": [[1, 2]]}, 422, "instances[0] has 2 features; model m v7 expects 3"),
     ({"instances": [[1, 2, 3], [1, 2, 3, 4]]}, 422, "instances[1] has 4 features"),

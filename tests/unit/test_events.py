@@ -60,3 +60,27 @@ def test_correction_round_trip_and_id_shape():
     with pytest.raises(ValidationError):
         CorrectionEvent(id="x", prediction_id="has space", label="a", timestamp=e.timestamp)
     assert len({new_id() for _ in range(1000)}) == 1000
+
+
+def test_a_named_row_rides_along_without_a_new_schema_version():
+    """`row` is optional and additive: `PredictionEvent` (the feedback worker's reader)
+    ignores it, `NamedPredictionEvent` reads it, and records without it read as None."""
+    from flywheel.events import NamedPredictionEvent
+
+    ts = datetime(2026, 1, 2, tzinfo=UTC)
+    common = dict(
+        id="abc",
+        model_name="m",
+        model_version="3",
+        features=[12.5, 0.0],
+        probabilities={"a": 0.25, "b": 0.75},
+        label="b",
+        timestamp=ts,
+        latency_ms=1.5,
+    )
+    with_row = prediction_payload(**common, row={"amount": 12.5, "country": 2**70, "ok": None})
+    assert orjson.loads(with_row)["schema_version"] == 1
+    assert PredictionEvent.model_validate_json(with_row).features == [12.5, 0.0]
+    row = NamedPredictionEvent.model_validate_json(with_row).row
+    assert row == {"amount": 12.5, "country": str(2**70), "ok": None}  # beyond 64 bits: text
+    assert NamedPredictionEvent.model_validate_json(prediction_payload(**common)).row is None

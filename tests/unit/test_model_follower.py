@@ -32,6 +32,7 @@ class FakeRegistry:
         self.broken: set[str] = set()
         self.alias_broken = False
         self.on_load = None
+        self.specs: dict[str, ModelSpec] = {}  # a version's spec, if not SPEC
 
     def champion_version(self) -> str | None:
         if self.alias_broken:
@@ -46,7 +47,8 @@ class FakeRegistry:
         assert self.gate.wait(10)
         if version in self.broken:
             raise OSError(f"artifact of v{version} unreadable")
-        return LoadedVersion("m", version, SPEC, build_model(SPEC))
+        spec = self.specs.get(version, SPEC)
+        return LoadedVersion("m", version, spec, build_model(spec))
 
 
 def served(version: str) -> ModelHolder:
@@ -87,6 +89,51 @@ def test_check_swaps_only_when_the_champion_differs(tmp_path):
     assert holder.current().version == "2" and reg.loads == ["2"]
     assert f.check() is None and reg.loads == ["2"]
     assert f.stats.swaps == 1 and f.stats.failures == 0 and f.stats.last_swap_s > 0
+
+
+def _schema(vocabulary: list[str]):
+    from flywheel.features import Feature, FeatureSchema
+
+    return FeatureSchema(
+        label="pet",
+        labels=["cat", "dog"],
+        features=[
+            Feature(name="weight", kind="numeric"),
+            Feature(name="size", kind="numeric"),
+            Feature(name="colour", kind="categorical", vocabulary=vocabulary),
+        ],
+    )
+
+
+def test_a_version_with_another_feature_schema_is_not_swapped_in(tmp_path, caplog):
+    """Clients send rows of the served schema: another vocabulary would read the same
+    category as another code. Refused once per version (logged once), then a version
+    with the served schema swaps in as usual."""
+    schema = _schema(["black", "white"])
+    spec = ModelSpec(input_dim=3, hidden=[4], labels=["cat", "dog"], schema=schema)
+    reg, holder = FakeRegistry("1"), ModelHolder()
+    reg.specs = {
+        "1": spec,
+        "2": spec.model_copy(update={"schema_": _schema(["white", "black"])}),
+        "3": SPEC,  # a vector model: no schema at all
+        "4": spec.model_copy(update={"hidden": [8]}),  # the same schema
+    }
+    f = follower(tmp_path, reg, holder)
+    assert f.check() == "1"
+    reg.champion = "2"
+    with caplog.at_level("ERROR", logger="flywheel.service.model_follower"):
+        assert f.check() is None
+        assert f.check() is None  # not loaded again, not logged again
+    assert holder.current().version == "1" and reg.loads == ["1", "2"]
+    assert f.stats.refused == 1 and f.stats.swaps == 1
+    (record,) = caplog.records
+    assert "not serving m v2" in record.getMessage()
+    assert schema.fingerprint() in record.getMessage()
+    reg.champion = "3"
+    assert f.check() is None and "none (a vector model)" in (f.stats.last_error or "")
+    reg.champion = "4"
+    assert f.check() == "4" and holder.current().version == "4"
+    assert f.stats.refused == 2 and f.stats.swaps == 2
 
 
 def test_triggers_during_a_load_cause_no_second_load(tmp_path):

@@ -213,7 +213,7 @@ def test_diff_json_compares_both_holdouts_data_gates_and_weights(home):
     registry = registry_at(home)
     m1, m2 = registry.load("1").module, registry.load("2").module
     trusted = doc["holdouts"]["trusted"]
-    assert trusted["n"] == SEED_EXAMPLES // 5 and "seed holdout" in trusted["about"]
+    assert trusted["n"] == SEED_EXAMPLES // 5 and "trusted holdout of flywheel" in trusted["about"]
     recent = doc["holdouts"]["recent"]
     assert recent["available"] and recent["n"] == 35  # every holdout correction
 
@@ -290,15 +290,37 @@ def test_diff_table_names_the_facts_a_reviewer_needs(home):
         assert text in out, text
 
 
-def test_diff_without_a_training_store_uses_the_trusted_holdout_only(home):
+def test_diff_without_a_training_store_compares_registry_facts_only(home):
     (home / "flywheel.db").unlink()
     result = models("diff", "1", "2", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["holdouts"]["recent"]["available"] is False
+    # both holdouts live in the store (the trusted set's and the recent corrections)
+    for name in ("trusted", "recent"):
+        assert doc["holdouts"][name]["available"] is False
+        assert "no training store" in doc["holdouts"][name]["about"]
+    assert doc["parameters"]["comparable"]
     assert "no training store" in doc["store"]
     assert doc["b"]["data"]["counterexamples"] is None
     assert not (home / "flywheel.db").exists(), "a review must not create a store"
+
+
+def test_diff_and_card_without_a_trusted_set_say_to_run_init(home, tmp_path):
+    from flywheel.store import delete_trusted
+
+    engine = make_engine(_settings(home).resolved_database_url)
+    with session_factory(engine).begin() as session:
+        delete_trusted(session, "flywheel")
+    engine.dispose()
+    doc = json.loads(models("diff", "1", "2", "--json").stdout)
+    trusted = doc["holdouts"]["trusted"]
+    assert trusted["available"] is False and "flywheel init" in trusted["about"]
+    assert doc["holdouts"]["recent"]["available"] and doc["holdouts"]["recent"]["n"] == 35
+    assert "trusted holdout: not available (no trusted data set" in models("diff", "1", "2").stdout
+    result = models("card", "2", "--out", str(tmp_path / "card"))
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "card" / "model-card-v2.md").read_text()
+    assert "- trusted holdout: no trusted data set for model 'flywheel'" in md
 
 
 def test_diff_of_an_unknown_version_is_an_error(home):
