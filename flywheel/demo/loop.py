@@ -121,7 +121,7 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
     """Start what the settings leave unset (the broker), migrate the store, bootstrap a model."""
     from flywheel.learner import ensure_champion
     from flywheel.registry import Registry
-    from flywheel.store import ensure_seed_trusted, upgrade
+    from flywheel.store import upgrade
 
     with contextlib.ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap
@@ -131,9 +131,8 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
         ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
+        # on a new home: the synthetic problem imported by `flywheel init` (trusted set + v1)
         ensure_champion(settings.trusted, Registry.of(settings))
-        # the synthetic problem as the lineage's trusted set (a no-op where one exists)
-        ensure_seed_trusted(settings.resolved_database_url, settings.model_name, settings.trusted)
         yield settings
 
 

@@ -25,19 +25,19 @@ def build_homes(
     root: Path, n_sites: int, partition: Partition, *, rounds: int, **overrides: object
 ) -> tuple[Settings, list[Settings]]:
     """Platform and site settings, each with a migrated store filled with its data: the
-    platform's holds the synthetic problem as its trusted set (the gate's trusted holdout
-    and the public replay) and the union's holdout as recent holdout corrections.
+    platform's holds the union's holdout as recent holdout corrections; its trusted set
+    (the gate's trusted holdout and the public replay) is the synthetic problem, which
+    `ensure_champion` imports through `flywheel init` when the run starts.
 
     Each site budgets its sources for `rounds` rounds (FLYWHEEL_PRIVACY_SOURCE_UPDATES).
     """
-    from flywheel.store import ensure_seed_trusted, upgrade
+    from flywheel.store import upgrade
 
     link = f"127.0.0.1:{free_port()}"
     common = {**DEMO_DEFAULTS, "fed_superlink": link, "privacy_source_updates": rounds, **overrides}
     platform = Settings(home=root / "platform", fed_rounds=rounds, **common)  # type: ignore[arg-type]
     prepare_home(platform)
     upgrade(platform.resolved_database_url)
-    ensure_seed_trusted(platform.resolved_database_url, platform.model_name, platform.trusted)
     fill_site_store(
         platform.resolved_database_url,
         *partition.holdout,
