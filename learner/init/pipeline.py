@@ -67,6 +67,7 @@ from flywheel.store import (
     check_schema,
     delete_trusted,
     make_engine,
+    positions,
     schema_revision,
     session_factory,
     trusted_info,
@@ -589,8 +590,12 @@ class _Run:
     def _reference(self, x_train: np.ndarray, schema: FeatureSchema) -> Any:
         from flywheel.feedback import ReferenceStats
 
-        try:
-            return ReferenceStats.from_examples(x_train.astype(np.float64))
+        try:  # categories as codes, booleans as 0/1: the analyzer's distance treats them so
+            return ReferenceStats.from_examples(
+                x_train.astype(np.float64),
+                categorical=positions(schema, "categorical"),
+                boolean=positions(schema, "boolean"),
+            )
         except ValueError as exc:
             raise InitError(
                 f"too few train rows for the analyzer's reference statistics ({exc}); "

@@ -192,6 +192,10 @@ def test_init_imports_splits_trains_and_registers_the_first_version(tmp_path, db
             ref = s.get(ReferenceStatsRow, settings.model_name)
             assert ref is not None and ref.example_count == out["rows_train"]
             assert len(ref.stats["mean"]) == schema.input_dim
+            from flywheel.feedback import ReferenceStats
+
+            reference = ReferenceStats.from_dict(ref.stats)  # as the analyzer reads it
+            assert list(reference.categorical) == [1, 2] and list(reference.boolean) == [3]
     finally:
         engine.dispose()
 
