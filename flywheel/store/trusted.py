@@ -12,8 +12,10 @@ Every reader goes through `trusted_data` (or `require_trusted`, which raises
 
 `seed_data` is the synthetic demo problem (`flywheel.streams`), regenerated from the
 settings' seed: what the demo writes to a CSV and imports like a user's file.
-`write_seed_trusted` stores it as a lineage's trusted set directly, for the demo's
-embedded stack and the benchmarks until they bootstrap through `flywheel init`.
+The demo, the federated demo and every process that bootstraps an empty deployment go
+through `flywheel init` (`ensure_champion`); `write_seed_trusted` stores the problem as a
+lineage's trusted set directly, for stores no champion bootstraps (a benchmark's worker
+store, tests).
 """
 
 from __future__ import annotations
