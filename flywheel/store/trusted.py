@@ -134,8 +134,9 @@ def write_trusted_rows(
     many were new (a replayed chunk stores nothing twice).
 
     A column at a time, not a dict per row: the features as one orjson call over the
-    whole (finite) matrix, written as the float32 values they are ("0.1", not
-    "0.10000000149011612"); on PostgreSQL one COPY (`encode_columns`, falling back to
+    whole (finite) matrix, each value the float64 text of the float32 it is (as
+    `x.tolist()` would write it: a float64 reader, the analyzer, sees the same number);
+    on PostgreSQL one COPY (`encode_columns`, falling back to
     the duplicate-skipping INSERT for a replay), on SQLite one `INSERT OR IGNORE`
     executemany. `flywheel init` writes millions of rows through here: the ORM's
     general insert took ~140 us a row on SQLite.
@@ -150,7 +151,7 @@ def write_trusted_rows(
         raise ValueError(f"{x.shape[0]} rows of features for {n} labels")
     if not np.isfinite(x).all():
         raise ValueError("trusted rows must be finite")
-    matrix = np.ascontiguousarray(x, dtype=np.float32)
+    matrix = np.ascontiguousarray(np.asarray(x, dtype=np.float32), dtype=np.float64)
     text = orjson.dumps(matrix, option=orjson.OPT_SERIALIZE_NUMPY).decode()
     if matrix.shape[1] == 0:
         features = ["[]"] * n

@@ -217,10 +217,15 @@ def test_diff_json_compares_both_holdouts_data_gates_and_weights(home):
     recent = doc["holdouts"]["recent"]
     assert recent["available"] and recent["n"] == 35  # every holdout correction
 
-    # recompute the trusted numbers independently
-    from flywheel.store.trusted import seed_data
+    # recompute the trusted numbers independently, on the store's trusted holdout
+    from flywheel.store import trusted_data
 
-    _, _, x, y = seed_data(_settings(home).trusted)
+    engine = make_engine(_settings(home).resolved_database_url)
+    with session_factory(engine)() as session:
+        data = trusted_data(session, _settings(home).model_name)
+    engine.dispose()
+    assert data is not None and data.info.schema.labels == list(LABELS)
+    x, y = data.x_holdout, data.y_holdout
     with torch.no_grad():
         p1 = m1(torch.from_numpy(x)).argmax(1).numpy()
         p2 = m2(torch.from_numpy(x)).argmax(1).numpy()
