@@ -28,7 +28,7 @@ from flywheel.learner.federated.processes import LocalFederation
 from flywheel.learner.federated.server import RunOptions
 from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.seed_model import ensure_champion
-from flywheel.registry import Registry
+from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import Settings
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
@@ -188,12 +188,11 @@ def test_no_message_leaving_a_site_carries_raw_data(fed):
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     from flywheel.learner.federated.records import REPLY_METRICS
-    from flywheel.learner.seed_model import default_spec
-    from flywheel.modelspec import build_model
     from flywheel.store import make_engine
 
     federation, _, root = fed
-    shapes = {k: tuple(v.shape) for k, v in build_model(default_spec()).state_dict().items()}
+    first = Registry.of(federation.platform).load(ModelVersion("1")).module  # the lineage's
+    shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
     for k, site in enumerate(federation.sites):
         audits = sorted((root / f"audit{k}").glob("*.json"))
         assert len(audits) >= ROUNDS, f"site {k} audited {len(audits)} messages"
