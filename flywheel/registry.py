@@ -24,6 +24,7 @@ EXPERIMENT = "flywheel"
 ARTIFACT_PATH = "model"
 VERSION_TAGS = ("parent_version", "source", "examples", "epsilon", "delta", "gate")
 SOURCES = ("online", "federated", "manual", "init")
+SCHEMA_TAG = "schema_fingerprint"  # set by `publish` on every version whose spec has a schema
 HISTORY_TAG = "champion_history"  # on the registered model: JSON list, oldest first
 HISTORY_LIMIT = 200
 
@@ -153,6 +154,14 @@ class Registry:
             raise ValueError(f"a model version needs tags {missing}")
         if tags["source"] not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {tags['source']!r}")
+        schema = getattr(spec, "schema", None)
+        if schema is not None:  # every version of a lineage says which schema it reads
+            fingerprint = schema.fingerprint()
+            tags = {SCHEMA_TAG: fingerprint, **tags}
+            if tags[SCHEMA_TAG] != fingerprint:
+                raise ValueError(
+                    f"tag {SCHEMA_TAG}={tags[SCHEMA_TAG]!r}, but the spec's schema is {fingerprint}"
+                )
         run = self.client.create_run(
             self._experiment_id(), tags={"flywheel.source": tags["source"]}
         )

@@ -12,7 +12,8 @@ the schema for the person who reviews it):
 - integer or float → numeric (missing filled with the mean);
 - text (or dictionary) → categorical with the `max_vocabulary` most frequent values;
   the rest share the unknown bucket. Text whose values are nearly all distinct (over
-  90 % of at least 50 rows) and more than the cap looks like an identifier → ignore;
+  90 % of at least 50 rows) looks like an identifier → ignore (as a category it would
+  be a bucket per row: nothing to learn, and nothing an unseen row could match);
 - anything else (dates, lists, binary) → ignore, with its type named.
 """
 
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 MAX_LABELS = 1000
-ID_SHARE = 0.9  # distinct/non-missing above this (and over the cap): an identifier
+ID_SHARE = 0.9  # distinct/non-missing above this, over at least ID_ROWS rows: an identifier
+ID_ROWS = 50
 
 
 @dataclass
@@ -125,12 +127,7 @@ class _Column:
                 fill=truthy * 2 >= self.count,
                 reason=f"true/false values; missing ({self.missing}) filled with the commoner",
             )
-        distinct = len(self.values) + (1 if self.overflow else 0)
-        if (
-            distinct > max_vocabulary
-            and self.count >= 50
-            and (len(self.values) + self.overflow) / self.count > ID_SHARE
-        ):
+        if self.count >= ID_ROWS and (len(self.values) + self.overflow) / self.count > ID_SHARE:
             return Feature(
                 name=name,
                 kind="ignore",

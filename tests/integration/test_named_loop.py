@@ -163,8 +163,8 @@ def test_named_predict_correct_update_and_hot_swap(tmp_path, settings, db_url):
         assert fw.predict(br).labels.count("yes") > len(br) // 2  # it learned the new country
         joined = worker.stats.joined
 
-    # the new version carries the same schema in its spec (the `schema_fingerprint` tag is
-    # written by `init` only; the learner's versions inherit the spec, not the tag)
+    # the new version carries the same schema in its spec, and says so in its tag
+    assert registry.info(new).tags["schema_fingerprint"] == fingerprint
     new_schema = registry.load(new).spec.schema
     assert new_schema is not None and new_schema.fingerprint() == fingerprint
     assert new_schema == schema

@@ -130,6 +130,8 @@ def test_the_quickstart_runs(tmp_path, background):
     run("schema")
     assert json.loads((work / "schema.json").read_text())["label"] == "fraud"
     run("edit")
+    edited = json.loads((work / "schema.json").read_text())["features"]
+    assert [f["missing"] for f in edited if f["name"] == "amount"] == ["error"]
     kinds = {
         f["name"]: f["kind"] for f in json.loads((work / "schema.json").read_text())["features"]
     }

@@ -290,3 +290,10 @@ def test_a_cascade_trains_over_a_schema():
     spec, module, cal = build_cascade(x, y, x, y, labels=s.labels, schema=s, epochs=3)
     assert spec.schema == s and isinstance(module.light[0], Encode)
     assert 0 <= cal.light_share <= 1
+
+
+def test_an_identifier_under_the_category_cap_is_still_ignored():
+    s, _ = infer_schema([table(n=60)], "label")  # 60 distinct ids, cap 1,000
+    assert [f.kind for f in s.features if f.name == "user_id"] == ["ignore"]
+    few = pa.table({"c": [f"v{i % 40}" for i in range(60)], "y": ["a", "b"] * 30})
+    assert infer_schema([few], "y")[0].features[0].kind == "categorical"  # 40 of 60: kept
