@@ -86,7 +86,11 @@ def demo(
             f"init on {data.trusted.name}; starting broker, store, registry, feedback worker, "
             "learner, service..."
         ):
-            s = stack.enter_context(embedded_stack(settings, data))
+            try:
+                s = stack.enter_context(embedded_stack(settings, data))
+            except ValueError as exc:  # a home that serves another lineage
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
             bootstrap = s.kafka_bootstrap
             assert bootstrap is not None  # embedded_stack starts a broker when none is set
             initial = Registry.of(s).champion_version()

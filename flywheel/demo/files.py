@@ -146,9 +146,24 @@ def init_trusted(settings: Settings, data: DemoData) -> ModelVersion:
     registry = Registry.of(settings)
     current = registry.champion_version()
     if current is not None:
+        schema = registry.load(current).spec.schema
+        if schema is None or schema.label != data.label or not _same_columns(schema, data):
+            raise ValueError(
+                f"{settings.home_dir} already serves a model (v{current}) that was not made "
+                f"from {data.trusted.name}: run the demo with a fresh FLYWHEEL_HOME"
+            )
         return current
     options = InitOptions(data=data.trusted, label=data.label, public=True)
     return run_init(options, InitConfig.of(settings), registry).version
+
+
+def _same_columns(schema: FeatureSchema, data: DemoData) -> bool:
+    """Whether the stream file's columns are the schema's features and label."""
+    import pyarrow.csv as pcsv
+
+    with pcsv.open_csv(data.stream) as reader:
+        header = set(reader.schema.names)
+    return header == {f.name for f in schema.features} | {schema.label}
 
 
 def read_stream(data: DemoData, schema: FeatureSchema) -> tuple[list[dict[str, Any]], list[str]]:
