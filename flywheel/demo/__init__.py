@@ -1,5 +1,6 @@
 """The demo: the whole loop on embedded defaults, driven by a simulated production app.
 
+* `files`: the trusted CSV `init` imports and the live stream CSV the app reads;
 * `loop`: the stack (broker, store, service, feedback worker, learner) started in one
   process, the simulated app, and what is measured from outside;
 * `report`: what `flywheel demo --report DIR` writes (accuracy.png, summary.md/json);
@@ -10,6 +11,14 @@ Application code, not a contract: nothing in a component imports it.
 """
 
 from flywheel.demo.datasets import DATASETS, DatasetInfo, Drift, load, write_csv
+from flywheel.demo.files import (
+    TRUSTED_SHARE,
+    DemoData,
+    dataset_files,
+    init_trusted,
+    read_stream,
+    synthetic_files,
+)
 from flywheel.demo.loop import (
     DemoConfig,
     DemoResult,
@@ -39,25 +48,31 @@ __all__ = [
     "DATASETS",
     "RECOVERY_MARGIN",
     "SETTLED_SHARE",
+    "TRUSTED_SHARE",
     "DemoConfig",
+    "DemoData",
     "DatasetInfo",
     "DemoResult",
     "Drift",
     "Trace",
     "count_topic",
+    "dataset_files",
     "embedded_stack",
     "freshness",
+    "init_trusted",
     "frozen_predictor",
     "learned_examples",
     "load",
     "plot_accuracy",
     "privacy_summary",
+    "read_stream",
     "running_feedback_worker",
     "running_learner",
     "running_loop",
     "running_service",
     "simulate_app",
     "summarize",
+    "synthetic_files",
     "wait_joined",
     "write_csv",
     "write_report",

@@ -1,10 +1,11 @@
 """`flywheel demo`: the whole loop on embedded defaults, driven by a simulated production app.
 
-The pieces (embedded broker, migrated store, registry with a seed-trained champion, feedback
-worker, learner, HTTP service) are context managers here so the demo command, the freshness
-benchmark and the closed-loop test start the same loop the same way; `simulate_app` streams
-requests across an abrupt concept change and sends corrections for a fraction of them after
-a delay, recording what it was served.
+The pieces (embedded broker, migrated store, registry with a champion that `init` trained on
+the demo's trusted CSV, feedback worker, learner, HTTP service) are context managers here so
+the demo command, the freshness benchmark and the closed-loop test start the same loop the
+same way; `simulate_app` reads the demo's stream CSV (`flywheel.demo.files`), sends its rows
+by name through `flywheel.client.Client` across an abrupt change and corrects a fraction of
+them after a delay, recording what it was served.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
+from flywheel.demo.files import DemoData, init_trusted, read_stream, synthetic_files
 from flywheel.settings import Settings
-from flywheel.streams import drift_concept, seed_concept
 
 if TYPE_CHECKING:
+    from flywheel.client import Client
     from flywheel.feedback import FeedbackWorker
     from flywheel.learner import OnlineLearner
     from flywheel.registry import ModelVersion
@@ -74,6 +74,7 @@ class DemoResult:
     corrections_joined: int = 0
     elapsed_s: float = 0.0
     trace: Trace = field(default_factory=Trace)
+    fields: list[str] = field(default_factory=list)  # the names each instance was sent with
 
     @property
     def loop_closed_for_logging(self) -> bool:
@@ -117,8 +118,10 @@ def running_service(settings: Settings) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def embedded_stack(settings: Settings) -> Iterator[Settings]:
-    """Start what the settings leave unset (the broker), migrate the store, bootstrap a model."""
+def embedded_stack(settings: Settings, data: DemoData | None = None) -> Iterator[Settings]:
+    """Start what the settings leave unset (the broker), migrate the store, bootstrap a model:
+    `init` on `data.trusted` when given (and the home has no champion yet), else the
+    synthetic seed CSV through `ensure_champion` (the same file `synthetic_files` writes)."""
     from flywheel.learner import ensure_champion
     from flywheel.registry import Registry
     from flywheel.store import upgrade
@@ -131,6 +134,8 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
         ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
+        if data is not None:
+            init_trusted(settings, data)
         # on a new home: the synthetic problem imported by `flywheel init` (trusted set + v1)
         ensure_champion(settings.trusted, Registry.of(settings))
         yield settings
@@ -199,25 +204,40 @@ def simulate_app(
     settings: Settings,
     config: DemoConfig,
     on_progress: Callable[[int, float, str], None] = lambda n, acc, version: None,
-    frozen: Callable[[list[list[float]]], list[str]] | None = None,
+    frozen: Callable[[list[dict[str, Any]]], list[str]] | None = None,
+    data: DemoData | None = None,
 ) -> tuple[DemoResult, list[str]]:
-    """Stream requests across an abrupt concept change; correct a fraction after a delay.
+    """Send the stream file's rows by name across an abrupt change; correct a fraction of
+    them after a delay, through `flywheel.client.Client`.
 
-    `frozen` predicts labels with the initial model on the same rows, for comparison.
+    `data`: the demo's files (default: `synthetic_files` for `config`); the stream is read
+    with the champion's schema. `frozen` predicts labels with the initial model on the same
+    rows, for comparison.
     """
-    before = seed_concept(settings.seed).stream(sample_seed=settings.seed + 1000)
-    after = drift_concept(settings.seed).stream(sample_seed=settings.seed + 2000)
+    from flywheel.client import Client
+    from flywheel.registry import Registry
+
+    if data is None:
+        data = synthetic_files(settings, config.requests, config.drift_at)
+    registry = Registry.of(settings)
+    champion = registry.champion_version()
+    assert champion is not None  # embedded_stack bootstrapped one
+    schema = registry.load(champion).spec.schema
+    if schema is None:
+        raise ValueError(f"v{champion} has no feature schema: it cannot take named rows")
+    instances, labels = read_stream(data, schema)
+    requests = min(config.requests, len(instances))
     rng = random.Random(settings.seed)
     result, ids = DemoResult(), []
     trace = result.trace
     window: deque[int] = deque(maxlen=config.window)
     pending: deque[tuple[float, str, str, str]] = deque()  # (due, prediction id, label, user)
     hits = {"before": [0, 0], "after": [0, 0]}
-    drift_at = int(config.requests * config.drift_at)
+    drift_at = min(data.drift_index, requests)
     trace.drift_index = drift_at
     start = time.monotonic()
-    with httpx.Client(base_url=url, timeout=30) as client:
-        while result.predictions < config.requests:
+    with Client(url, timeout=30) as client:
+        while result.predictions < requests:
             if config.rate > 0:  # keep the pace of a real app, so the loop has time to turn
                 lag = start + result.predictions / config.rate - time.monotonic()
                 if lag > 0:
@@ -225,23 +245,25 @@ def simulate_app(
             phase = "before" if result.predictions < drift_at else "after"
             if phase == "after" and not trace.drift_t:
                 trace.drift_t = time.monotonic() - start
-            stream = before if phase == "before" else after
-            rows = [
-                next(stream) for _ in range(min(config.batch, config.requests - result.predictions))
-            ]
-            r = client.post("/v1/predict", json={"instances": [x for x, _ in rows]})
-            r.raise_for_status()
-            body = r.json()
-            version = body["model"]["version"]
+            # a batch never spans the drift point, so each row's phase is its batch's
+            end = min(result.predictions + config.batch, requests)
+            if phase == "before":
+                end = min(end, drift_at)
+            rows = instances[result.predictions : end]
+            truths = labels[result.predictions : end]
+            if not result.fields:
+                result.fields = sorted(rows[0])
+            answer = client.predict(rows)
+            version = answer.model.version
             now = time.monotonic() - start
             result.versions_served.add(version)
-            frozen_labels = frozen([x for x, _ in rows]) if frozen else [None] * len(rows)
-            for (_, truth), pred, f in zip(rows, body["predictions"], frozen_labels, strict=True):
-                ok = int(pred["label"] == truth)
+            frozen_labels = frozen(rows) if frozen else [None] * len(rows)
+            for truth, pred, f in zip(truths, answer.predictions, frozen_labels, strict=True):
+                ok = int(pred.label == truth)
                 window.append(ok)
                 hits[phase][0] += ok
                 hits[phase][1] += 1
-                ids.append(pred["id"])
+                ids.append(pred.id)
                 trace.t.append(now)
                 trace.ok.append(ok)
                 trace.ok_frozen.append(int(f == truth))
@@ -250,7 +272,7 @@ def simulate_app(
                     pending.append(
                         (
                             time.monotonic() + config.correction_delay_s,
-                            pred["id"],
+                            pred.id,
                             truth,
                             f"user-{rng.randrange(config.users)}",
                         )
@@ -266,39 +288,46 @@ def simulate_app(
 
 
 def _send_due(
-    client: httpx.Client,
+    client: Client,
     pending: deque[tuple[float, str, str, str]],
     now: float,
     trace: Trace,
     start: float,
 ) -> int:
+    from flywheel.client import Correction
+
     due = []
     while pending and pending[0][0] <= now:
         _, pid, label, user = pending.popleft()
-        due.append({"prediction_id": pid, "label": label, "source": user})
+        due.append(Correction(prediction_id=pid, label=label, source=user))
     if due:
-        client.post("/v1/corrections", json={"corrections": due}).raise_for_status()
+        client.correct(due)
         sent = time.monotonic() - start
         for c in due:
-            trace.corrected_at[c["prediction_id"]] = sent
+            trace.corrected_at[c.prediction_id] = sent
     return len(due)
 
 
 def frozen_predictor(
     settings: Settings, version: ModelVersion
-) -> Callable[[list[list[float]]], list[str]]:
-    """Labels the given registry version would predict: the "no flywheel" baseline."""
-    import numpy as np
+) -> Callable[[list[dict[str, Any]]], list[str]]:
+    """Labels the given registry version would predict for named rows (encoded with the
+    version's own schema, as the service encodes them): the "no flywheel" baseline."""
     import torch
 
     from flywheel.registry import Registry
 
     loaded = Registry.of(settings).load(version)
     loaded.module.eval()
+    schema = loaded.spec.schema
+    if schema is None:
+        raise ValueError(f"v{version} has no feature schema: it cannot take named rows")
+    encode = schema.row_encoder()
 
-    def predict(rows: list[list[float]]) -> list[str]:
+    def predict(rows: list[dict[str, Any]]) -> list[str]:
+        x = encode(rows).x
         with torch.inference_mode():
-            out = loaded.module(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
+            out = loaded.module(torch.from_numpy(x.astype("float32", copy=False)))
         return [loaded.spec.labels[i] for i in out.argmax(1).tolist()]
 
     return predict

@@ -156,7 +156,7 @@ def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    ax.set_title("Flywheel vs a frozen model across an abrupt concept change")
+    ax.set_title("Flywheel vs a frozen model across an abrupt change")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -187,6 +187,20 @@ def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _data_lines(s: dict[str, Any]) -> list[str]:
+    """Which data the run used (absent in summaries written before the demo read files)."""
+    if "data" not in s:
+        return []
+    features = s.get("features") or []
+    return [
+        f"Data: {s['data']}; `init` imported {s['trusted_file']}, the app streamed "
+        f"{s['stream_file']} ({s['stream_rows']} rows from {s['live_rows']} live rows) by "
+        f"name: {len(features)} features ({', '.join(features)}), label `{s['label']}` "
+        f"({', '.join(s.get('labels') or [])}). Drift: {s['drift']}.",
+        "",
+    ]
+
+
 def markdown(s: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1%}"
@@ -197,6 +211,7 @@ def markdown(s: dict[str, Any]) -> str:
         f"{s['requests']} requests, abrupt concept change at request {s['drift_at_request']}; "
         f"ran {s['elapsed_s']} s. Loop closed: **{'yes' if s['recovered'] else 'NO'}**.",
         "",
+        *_data_lines(s),
         "![accuracy](accuracy.png)",
         "",
         "| accuracy | flywheel | frozen initial model |",
