@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Collection
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -64,7 +64,23 @@ def _check_schema(spec: ModelSpec | CascadeSpec | FactorySpec) -> None:
         raise ValueError(f"labels {spec.labels} differ from the schema's {spec.schema.labels}")
 
 
-class ModelSpec(BaseModel):
+class _Spec(BaseModel):
+    """What every kind of spec offers: its schema and the index of each label."""
+
+    model_config = _CONFIG
+    if TYPE_CHECKING:  # fields of each kind, declared there (pydantic keeps their order)
+        schema_: FeatureSchema | None
+        labels: list[str]
+
+    @property
+    def schema(self) -> FeatureSchema | None:  # type: ignore[override]
+        return self.schema_
+
+    def label_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+
+class ModelSpec(_Spec):
     """A feed-forward classifier over the raw input vector, with a named label set.
 
     `hidden` empty is logistic regression; `embedding_dim` > 0 embeds each categorical
@@ -96,18 +112,11 @@ class ModelSpec(BaseModel):
         return self
 
     @property
-    def schema(self) -> FeatureSchema | None:  # type: ignore[override]
-        return self.schema_
-
-    @property
     def family(self) -> str:
         """logistic, mlp or embed_mlp: what `--model` named."""
         if self.embedding_dim:
             return "embed_mlp"
         return "mlp" if self.hidden else "logistic"
-
-    def label_index(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels)}
 
 
 class Standardize(nn.Module):
@@ -238,7 +247,7 @@ def fit_input_scaling(module: nn.Module, x: torch.Tensor) -> None:
 ALWAYS_HEAVY = 2.0  # a cascade threshold above 1: no row is ever answered by the light net
 
 
-class CascadeSpec(BaseModel):
+class CascadeSpec(_Spec):
     """Adaptive compute: a light MLP answers a row when its top probability is at least
     `threshold`; every other row escalates to the heavy MLP.
 
@@ -267,10 +276,6 @@ class CascadeSpec(BaseModel):
         return self
 
     @property
-    def schema(self) -> FeatureSchema | None:  # type: ignore[override]
-        return self.schema_
-
-    @property
     def family(self) -> str:
         return "cascade"
 
@@ -284,11 +289,8 @@ class CascadeSpec(BaseModel):
             schema=self.schema,
         )
 
-    def label_index(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels)}
 
-
-class FactorySpec(BaseModel):
+class FactorySpec(_Spec):
     """A network from a factory in an installed package: `factory` is "module:function",
     called as `function(in_features, n_classes, **options)` and returning an
     `nn.Module` over the encoded input; layer 0 (`Encode`/`Standardize`) stays ours, so
@@ -317,15 +319,8 @@ class FactorySpec(BaseModel):
         return self
 
     @property
-    def schema(self) -> FeatureSchema | None:  # type: ignore[override]
-        return self.schema_
-
-    @property
     def family(self) -> str:
         return "factory"
-
-    def label_index(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels)}
 
 
 class FactoryError(ValueError):
