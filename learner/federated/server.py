@@ -576,6 +576,7 @@ class FederatedRun:
             tolerance=s.gate.gate_tolerance,
             min_recent=s.gate.gate_min_holdout,
             serve_precision=s.serve_precision,
+            concept_policy=s.gate.gate_concept_change,
         )
         last = summary.rounds[-1]
         sites = sorted({n for r in summary.rounds for n in r.sites})
