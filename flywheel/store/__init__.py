@@ -30,7 +30,7 @@ from flywheel.store.database import (
     schema_revision,
     session_factory,
 )
-from flywheel.store.error_counts import CounterRow, error_counters
+from flywheel.store.error_counts import CounterRow, error_counters, window_start
 from flywheel.store.examples import ExampleReader, StoredExample
 from flywheel.store.ledger import LedgerRow, LedgerTables, SourceSpend
 from flywheel.store.migrate import (
@@ -100,6 +100,7 @@ __all__ = [
     "ErrorType",
     "CounterRow",
     "error_counters",
+    "window_start",
     "ExampleReader",
     "StoredExample",
     "Example",
