@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 
 from flywheel.cli import app, finite_hours, settings_or_exit
+from flywheel.cli.tables import print_table
 from flywheel.settings import mask_credentials
 
 if TYPE_CHECKING:
@@ -271,7 +272,8 @@ def _print_versions(docs: list[dict[str, Any]], title: str, console: Console) ->
         ]
         for d in docs
     ]
-    console.print(
+    print_table(
+        console,
         _fitted_table(
             console,
             title,
@@ -279,7 +281,7 @@ def _print_versions(docs: list[dict[str, Any]], title: str, console: Console) ->
             rows,
             [d["gate"] or "" for d in docs],
             caption="details: flywheel models show VERSION",
-        )
+        ),
     )
 
 
@@ -313,7 +315,7 @@ def _print_version(doc: dict[str, Any], console: Console) -> None:
         table.add_column("value", overflow="fold")
         for name, value in values.items():
             table.add_row(Text(name), Text(str(value)))
-        console.print(table)
+        print_table(console, table)
     hops = doc["lineage"]
     columns = [
         ("version", True),
@@ -343,7 +345,7 @@ def _print_version(doc: dict[str, Any], console: Console) -> None:
         rows = rows[: LINEAGE_SHOWN - 2] + [["…", f"{hidden} more", *[""] * 5]] + rows[-1:]
         gates = gates[: LINEAGE_SHOWN - 2] + ["(all of them: --json)"] + gates[-1:]
         title += f" ({len(hops)} versions)"
-    console.print(_fitted_table(console, title, columns, rows, gates))
+    print_table(console, _fitted_table(console, title, columns, rows, gates))
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -545,7 +547,7 @@ def _print_diff(doc: dict[str, Any], console: Console) -> None:
     ]
     for label, get in rows:
         facts.add_row(Text(label, style="bold"), Text(get(a)), Text(get(b)))
-    console.print(facts)
+    print_table(console, facts)
 
     for name, h in doc["holdouts"].items():
         if not h["available"]:
@@ -558,7 +560,7 @@ def _print_diff(doc: dict[str, Any], console: Console) -> None:
         for metric in ("accuracy", "log_loss"):
             x, y = h["a"][metric], h["b"][metric]
             table.add_row(metric.replace("_", "-"), _number(x), _number(y), _signed(x, y))
-        console.print(table)
+        print_table(console, table)
         for side, v in ((h["a"], va), (h["b"], vb)):
             if side.get("note"):
                 console.print(Text(f"  {v}: {side['note']}"))

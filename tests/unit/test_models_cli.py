@@ -156,6 +156,24 @@ def row(output: str, version: str) -> str:
 # --- list -------------------------------------------------------------------------------------
 
 
+def test_list_piped_is_tab_separated_with_nothing_cut_or_padded(home, monkeypatch):
+    """No terminal and no COLUMNS (a pipe): one line per version, every cell whole (the gate
+    reason too), no line padded to a width."""
+    monkeypatch.delenv("COLUMNS")
+    result = models("list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("# ") and lines[1].split("\t")[:2] == ["version", "status"]
+    by_version = {ln.split("\t")[0]: ln.split("\t") for ln in lines[2:]}
+    assert set(by_version) == {"v1", "v2", "v3", "v4"}
+    header = lines[1].split("\t")
+    assert all(len(cells) == len(header) for cells in by_version.values())
+    v4 = dict(zip(header, by_version["v4"], strict=True))
+    assert v4["status"] == "★ champion" and v4["source"] == "federated"
+    assert v4["gate"] == "passed: better on recent data; recent 0.810 vs 0.620 (n=40)"
+    assert all(ln == ln.rstrip() for ln in lines)
+
+
 def test_list_table_marks_the_champion_and_shows_where_each_version_came_from(home):
     result = models("list")
     assert result.exit_code == 0, result.output
