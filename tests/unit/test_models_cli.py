@@ -422,6 +422,20 @@ def test_rollback_undoes_a_manual_promotion(home):
     assert json.loads(models("show", "3", "--json").stdout)["status"] == "champion"
 
 
+def test_promote_and_rollback_json_is_one_object_and_nothing_else(home):
+    result = models("promote", "3", "--reason", "hotfix", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # the gate warning stays on stderr
+    assert (doc["kind"], doc["version"], doc["previous_version"]) == ("promoted", "3", "4")
+    assert doc["changed"] is True and doc["announced"] is None and doc["reason"] == "hotfix"
+    assert "no model event sent" in doc["services"] and "did not pass" in result.stderr
+    doc = json.loads(models("promote", "3", "--json").stdout)
+    assert doc["changed"] is False and "already the champion" in doc["message"]
+    doc = json.loads(models("rollback", "--json").stdout)
+    assert (doc["kind"], doc["version"], doc["previous_version"]) == ("rolled_back", "4", "3")
+    assert registry_at(home).champion_version() == "4"
+
+
 def test_rollback_with_nothing_to_roll_back(tmp_path, monkeypatch):
     for key in list(os.environ):
         if key.startswith("FLYWHEEL_"):
