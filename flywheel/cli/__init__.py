@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     help="Online-learning inference service with a feedback loop.",
     pretty_exceptions_show_locals=False,  # locals would print URLs with their passwords
+    rich_markup_mode="markdown",
 )
 
 
