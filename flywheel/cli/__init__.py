@@ -101,6 +101,7 @@ def _register() -> None:
         models,
         privacy,  # flywheel privacy report
         serve,
+        status,  # flywheel status: every part's health, lag, spools, learners
         ui,  # flywheel ui: MLflow UI + review page URL
     )
 

@@ -64,6 +64,7 @@ from flywheel.store.models import (
     UTCDateTime,
 )
 from flywheel.store.models import ReferenceStats as ReferenceStatsRow
+from flywheel.store.progress import LearnerProgress, learner_progress
 from flywheel.store.trusted import (
     HOLDOUT_FRACTION,
     SEED_SOURCE,
@@ -101,6 +102,8 @@ __all__ = [
     "CounterRow",
     "error_counters",
     "window_start",
+    "LearnerProgress",
+    "learner_progress",
     "ExampleReader",
     "StoredExample",
     "Example",
