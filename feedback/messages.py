@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
-from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.events import NO_NUL, CorrectionEvent, PredictionEvent
+
+__all__ = [
+    "CONTENT",
+    "MAX_REASON",
+    "Rejected",
+    "content_of",
+    "decode",
+    "duplicate_reason",
+]
 
 MAX_REASON = 1000
 # pydantic-core's validators, called directly: `model_validate_json` is a Python wrapper
@@ -34,8 +45,50 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
-        parts.append(f"{loc}: {err.get('msg')}")
+        msg = err.get("msg")
+        if err.get("type") == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == (
+            NO_NUL
+        ):
+            msg = "holds a NUL character, which the store cannot keep"
+        parts.append(f"{loc}: {msg}")
     return "schema: " + "; ".join(parts)
+
+
+# What the store keeps of each kind of event: a second record with the same id and the same
+# content is a redelivery (skipped, silently); with other content it is a conflict,
+# dead-lettered. A correction's timestamp is not content: the service stamps each call,
+# and a client's retry of the same correction is the same event (`correction_id`).
+CONTENT: dict[type, tuple[str, ...]] = {
+    PredictionEvent: (
+        "model_name",
+        "model_version",
+        "features",
+        "probabilities",
+        "label",
+        "timestamp",
+        "latency_ms",
+    ),
+    CorrectionEvent: ("prediction_id", "label", "source"),
+}
+
+
+def content_of(event: PredictionEvent | CorrectionEvent) -> dict[str, Any]:
+    return {f: getattr(event, f) for f in CONTENT[type(event)]}
+
+
+def duplicate_reason(
+    event: PredictionEvent | CorrectionEvent, first: Mapping[str, Any], where: str
+) -> str | None:
+    """Why `event` cannot be stored beside `first` (the content of the event with its id
+    that came first, or that the store holds), or None when it is a plain redelivery."""
+    differ = [f for f in CONTENT[type(event)] if getattr(event, f) != first[f]]
+    if not differ:
+        return None
+    kind = "prediction" if isinstance(event, PredictionEvent) else "correction"
+    return (
+        f"duplicate: {kind} id {event.id!r} {where} with a different "
+        f"{', '.join(differ)}; the first is kept"
+    )[:MAX_REASON]
 
 
 def decode(
