@@ -70,7 +70,7 @@ INT_RANGE = {
     for bits in (8, 16, 32, 64)
 }
 
-router = APIRouter(strict_content_type=False)  # infer: JSON without a Content-Type, as v1
+router = APIRouter(strict_content_type=False)  # infer: JSON without a Content-Type, as predict
 meta_router = APIRouter()
 
 
