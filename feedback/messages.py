@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -130,7 +131,27 @@ def decode(
             value,
             f"key {key!r} does not match the prediction id {expected_key!r}"[:MAX_REASON],
         )
+    stamp = event.timestamp
+    if stamp.year in (1, 9999) and not _in_utc_range(stamp):  # a year test first: ~40 ns
+        return Rejected(
+            topic,
+            partition,
+            offset,
+            key,
+            value,
+            f"schema: timestamp: {stamp.isoformat()} is out of range once in UTC",
+        )
     return event
+
+
+def _in_utc_range(stamp: datetime) -> bool:
+    """The store keeps UTC: a time whose offset carries it past year 1 or 9999 cannot be
+    converted (OverflowError), and failed its whole batch in the store before."""
+    try:
+        stamp.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
 
 
 def _why_invalid(model: type[PredictionEvent] | type[CorrectionEvent], value: bytes) -> str:

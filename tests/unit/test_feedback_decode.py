@@ -98,6 +98,15 @@ def test_a_field_the_store_would_refuse_is_refused_at_decode(changes, fragment):
     assert (out.topic, out.partition, out.offset, out.key) == (TOPIC, 0, 7, b"p1")
 
 
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:00:00-05:00"])
+def test_a_time_beyond_the_years_utc_can_hold_is_refused(stamp):
+    out = decoded("correction", correction(timestamp=stamp))
+    assert isinstance(out, Rejected)
+    assert out.reason == f"schema: timestamp: {stamp} is out of range once in UTC"
+    for fine in ("0001-01-01T00:00:00-01:00", "9999-12-31T20:00:00+05:00"):
+        assert isinstance(decoded("correction", correction(timestamp=fine)), CorrectionEvent)
+
+
 @pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"Infinity", b"NaN"])
 def test_non_finite_numbers_are_refused(number):
     """JSON has no infinity, but pydantic-core's parser reads a number beyond a double as
