@@ -47,9 +47,8 @@ def _describe(exc: ValidationError) -> str:
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
         msg = err.get("msg")
-        if err.get("type") == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == (
-            NO_NUL
-        ):
+        pattern = err.get("ctx", {}).get("pattern")
+        if err.get("type") == "string_pattern_mismatch" and pattern == NO_NUL:
             msg = "holds a NUL character, which the store cannot keep"
         parts.append(f"{loc}: {msg}")
     return "schema: " + "; ".join(parts)
