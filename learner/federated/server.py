@@ -349,7 +349,8 @@ class FederatedRun:
             time.sleep(self.config.federated.fed_poll_s)
 
     def run(self, grid: Grid) -> RunSummary:
-        from flywheel.learner.gate import accuracy, evaluate_gate
+        from flywheel.learner.evaluation import accuracy
+        from flywheel.learner.gate import evaluate_gate
         from flywheel.learner.seed_model import ensure_champion
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
 
