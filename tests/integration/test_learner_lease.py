@@ -8,6 +8,7 @@ step in progress: nothing of it is published and the lease is let go at once.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -273,17 +274,29 @@ def test_sigterm_abandons_a_step_in_progress_and_lets_the_lease_go(settings, pg_
         _wait(lambda: ledger.entries(lineage), 180, "a step starts training", proc, logs=[log])
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        abandoned_s = _wait(lambda: "step abandoned" in log.read_text(), 60, "abandoned")
         code = proc.wait(60)
         stopped_s = time.monotonic() - t0
     finally:
         _stop(proc)
-    print(f"SIGTERM to exit during a step: {stopped_s:.2f} s")
+    print(f"SIGTERM during a step: abandoned {abandoned_s:.2f} s, exited {stopped_s:.2f} s")
     assert code == 0, log.read_text()[-3000:]
     assert stopped_s < 10.0, stopped_s
     assert "step abandoned" in log.read_text()
     assert _online_versions(s) == []  # nothing of the step was published
     (entry,) = ledger.entries(lineage)
     assert entry.version is None  # never published, and it keeps counting
+    report = subprocess.run(
+        [FLYWHEEL, "privacy", "report", "--json"],
+        env=_env(s),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    doc = json.loads(report.stdout)
+    assert [e["id"] for e in doc["never_published"]] == [entry.id]
+    assert doc["epsilon_spent"] == pytest.approx(entry.epsilon_lineage)
     # the lease was let go: the next learner takes it at once, under the next token
     table = LeaseTable(make_engine(pg_url), ttl_s=LEASE_S)
     lease = table.try_acquire(lineage, "next")
