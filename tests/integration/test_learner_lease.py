@@ -281,7 +281,10 @@ def test_sigterm_abandons_a_step_in_progress_and_lets_the_lease_go(settings, pg_
         _stop(proc)
     print(f"SIGTERM during a step: abandoned {abandoned_s:.2f} s, exited {stopped_s:.2f} s")
     assert code == 0, log.read_text()[-3000:]
-    assert stopped_s < 10.0, stopped_s
+    # the step stops at its next gradient step; the rest of the exit is the interpreter's
+    # teardown of torch, MLflow and Opacus (seconds on a loaded machine)
+    assert abandoned_s < 5.0, abandoned_s
+    assert stopped_s < 10.0, stopped_s  # inside a container runtime's 10 s grace
     assert "step abandoned" in log.read_text()
     assert _online_versions(s) == []  # nothing of the step was published
     (entry,) = ledger.entries(lineage)
