@@ -323,6 +323,7 @@ class OnlineLearner:
             try:
                 self.lease.fence().check()  # renews it: kept from step to step
             except LeaseLost:
+                self.lease.drop()  # taken over: wait for it as a standby in start()
                 self._started = False  # another learner may have written: read all again
         if not self._started:
             self.start()

@@ -334,3 +334,40 @@ def test_a_second_in_process_learner_cannot_step_while_the_first_runs(settings, 
     assert time.monotonic() - t0 < 60
     assert second.lease.lease.token == 2
     second.lease.release()
+
+
+def test_two_in_process_learners_taking_turns_never_train_an_example_twice(settings, sqlite_url):
+    """Two learners of one lineage that step in turn, neither renewing in the background
+    (each stalls longer than the lease between its steps): each step takes the lease over
+    under a new token and reads the state again, so the turns continue one line of
+    versions, on SQLite."""
+    s = _settings(settings, sqlite_url, learn_lease_s=1.0, learn_lease_renew_s=0.2)
+    add(sqlite_url, 30, 100_000, split="holdout")
+    a = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
+    b = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
+    ledger = PrivacyLedger(make_engine(sqlite_url))
+    reader_engine = make_engine(sqlite_url)
+    tokens, cursors, candidates = [], [], []
+    for turn, learner in enumerate([a, b, a, b]):
+        add(sqlite_url, 50, 1_000 * (turn + 1))
+        time.sleep(1.2)  # the other one's lease runs out (it does not renew in between)
+        candidate = learner.step()
+        assert candidate is not None, f"turn {turn}"
+        candidates.append(candidate)
+        tokens.append(learner.lease.lease.token)
+        with reader_engine.connect() as c:
+            cursors.append(
+                c.execute(
+                    text("SELECT cursor FROM learner_state WHERE lineage = :l"),
+                    {"l": a.lineage},
+                ).scalar()
+            )
+    reader_engine.dispose()
+    assert tokens == [1, 2, 3, 4]  # every turn took the lease over
+    assert cursors == sorted(cursors) and len(set(cursors)) == 4
+    # one line of versions: each turn continues from the one before, on new examples only
+    for before, after in zip(candidates, candidates[1:], strict=False):
+        assert after.parent_version == before.version
+        assert after.first_id > before.last_id
+    rows = {e.version: e for e in ledger.entries(a.lineage)}
+    assert sorted(rows) == sorted(c.version for c in candidates)
