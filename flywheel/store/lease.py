@@ -36,12 +36,12 @@ __all__ = ["Holder", "Lease", "LeaseLost", "LeaseTable", "default_owner"]
 
 
 class LeaseLost(RuntimeError):
-    """A newer holder took the lineage's lease (or it ran out): this writer must stop."""
+    """A newer holder took the lineage's lease: this writer must stop writing for it."""
 
 
 def default_owner() -> str:
     """host:pid:random, unique per process start (a restarted pid is another owner)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()[:150]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # fits 200
 
 
 @dataclass(frozen=True)
