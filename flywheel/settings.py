@@ -395,6 +395,30 @@ class _LearnerFields(_Fields):
     learn_metrics_port: int = Field(
         0, ge=0, le=65535, description="Learner's /metrics port (privacy refusals, ε); 0: off."
     )
+    learn_lease_s: float = Field(
+        15.0,
+        ge=1,
+        le=3600,
+        description="The lineage's lease lasts this long unless renewed: a standby "
+        "learner takes over about this long after the holder dies.",
+    )
+    learn_lease_renew_s: float = Field(
+        5.0,
+        gt=0,
+        le=1200,
+        description="The holder renews its lease this often (at most a third of "
+        "FLYWHEEL_LEARN_LEASE_S); a standby tries to take it as often.",
+    )
+
+    @model_validator(mode="after")
+    def _check_learn_lease(self) -> Self:
+        if self.learn_lease_renew_s * 3 > self.learn_lease_s:
+            raise ValueError(
+                f"FLYWHEEL_LEARN_LEASE_RENEW_S ({self.learn_lease_renew_s:g}) is more than a "
+                f"third of FLYWHEEL_LEARN_LEASE_S ({self.learn_lease_s:g}): a renewal that "
+                "is late once would let a standby take over from a live learner"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_learn_rates(self) -> Self:

@@ -32,6 +32,7 @@ from flywheel.store.database import (
 )
 from flywheel.store.error_counts import CounterRow, error_counters, window_start
 from flywheel.store.examples import ExampleReader, StoredExample
+from flywheel.store.lease import Holder, Lease, LeaseLost, LeaseTable, default_owner
 from flywheel.store.ledger import LedgerRow, LedgerTables, SourceSpend
 from flywheel.store.migrate import (
     alembic_config,
@@ -54,6 +55,7 @@ from flywheel.store.models import (
     ErrorCount,
     ErrorType,
     Example,
+    LearnerLease,
     LearnerState,
     Origin,
     Prediction,
@@ -107,6 +109,12 @@ __all__ = [
     "ExampleReader",
     "StoredExample",
     "Example",
+    "Holder",
+    "Lease",
+    "LeaseLost",
+    "LeaseTable",
+    "LearnerLease",
+    "default_owner",
     "LedgerRow",
     "LedgerTables",
     "SourceSpend",

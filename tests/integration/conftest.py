@@ -48,6 +48,10 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
         # the default delivery timeout (5 s) and more: a stalled CI machine must not turn
         # a slow acknowledgement into a spooled, resent (duplicate) record
         kafka_timeout_s=10.0,
+        # a learner that stopped without letting its lineage's lease go (a test's crash) is
+        # taken over after 3 s, not 15
+        learn_lease_s=3.0,
+        learn_lease_renew_s=1.0,
     )
     prepare_home(s)
     ensure_topics(broker.bootstrap, s.topics, s.topic_partitions)
