@@ -285,8 +285,8 @@ class _EventLogFields(_Fields):
         description="fast: a prediction is answered once its event is queued (a hard crash "
         "loses the events of the last FLYWHEEL_LOG_LINGER_MS plus one Kafka round trip); "
         "durable: once it is acknowledged by Kafka or fsynced into the spool, as a "
-        "correction always is (0.64-0.70x the requests/s in bench serve --compare "
-        "predictions, docs/benchmarks.md).",
+        "correction always is (0.69x the requests/s at 16 connections in bench serve "
+        "--compare predictions, docs/benchmarks.md).",
     )
 
 

@@ -10,11 +10,13 @@ Durable logging (`log_durable`) is group commit: each record gets a sequence num
 queue order, the sender counts how far it has handled the queue (acknowledged by Kafka,
 or written to the spool, fsynced), and one batch's flush or fsync completes the future
 of every request whose records it held. Concurrent requests share one round trip
-instead of one each, and the sender does not linger while a request waits on it. An
+instead of one each. While a request waits, the sender does not linger 50 ms; it gathers
+only while records keep arriving (`_gather`): sending at once made batches of ~7 records
+at 16 clients and cost ~45 us more server CPU a request than answering once queued
+(`bench serve --compare corrections`); gathering makes ~13.5 records a flush at 16
+clients, ~29 at 64 (`flywheel_log_batches_total`; docs/benchmarks.md). An
 async caller (`log_durable_async`) is woken through one `call_soon_threadsafe` per batch
-for all of its requests, not one each: in `bench serve --compare corrections` a wake-up
-per request (concurrent futures + `asyncio.wrap_future` + `wait_for`) cost ~45 us of
-CPU a request, ~20 % of the route.
+for all of its requests on that loop.
 """
 
 from __future__ import annotations
