@@ -55,34 +55,22 @@ def test_bench_serve_compares_named_rows_with_vectors_on_one_model(run_bench_pro
 
 
 @pytest.mark.parametrize("compare", ["corrections", "predictions"])
-def test_bench_serve_compares_durable_answers_with_queued_ones(compare):
+def test_bench_serve_compares_durable_answers_with_queued_ones(compare, run_bench_process):
     """Issue 27: the same endpoint answered once its records are durable (the service)
     and once they are queued (before); every 2xx call's record is read back."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "serve",
-            "--compare",
-            compare,
-            "--duration",
-            "1",
-            "--warmup",
-            "0.5",
-            "--rounds",
-            "1",
-            "--concurrency",
-            "4",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    doc = run_bench_process(
+        "serve",
+        "--compare",
+        compare,
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
     assert [run["mode"] for run in doc["runs"]] == ["fast", "durable"]
     summary = doc["summary"]
     for mode in ("fast", "durable"):
