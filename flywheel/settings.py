@@ -266,6 +266,28 @@ class _EventLogFields(_Fields):
     )
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")
+    durable_wait_ms: float = Field(
+        1000.0,
+        gt=0,
+        le=60_000,
+        description="Longest a request waits for Kafka's acknowledgement of its records "
+        "before it writes them to the spool itself.",
+    )
+    durable_linger_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Sender waits this long to batch records a request is waiting on "
+        "(group commit); FLYWHEEL_LOG_LINGER_MS applies while none is.",
+    )
+    prediction_durability: Literal["durable", "fast"] = Field(
+        "fast",
+        description="fast: a prediction is answered once its event is queued (a hard crash "
+        "loses the events of the last FLYWHEEL_LOG_LINGER_MS plus one Kafka round trip); "
+        "durable: once it is acknowledged by Kafka or fsynced into the spool, as a "
+        "correction always is (0.69x the requests/s at 16 connections in bench serve "
+        "--compare predictions, docs/benchmarks.md).",
+    )
 
 
 class _FeedbackFields(_Fields):
@@ -606,7 +628,8 @@ class ServiceSettings(_ServiceFields):
 
 
 class EventLogSettings(_EventLogFields):
-    """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`."""
+    """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`,
+    `durable_wait_ms`, `durable_linger_ms`, `prediction_durability`."""
 
     model_config = _GROUP_CONFIG
 

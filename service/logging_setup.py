@@ -27,4 +27,5 @@ def kafka_event_log(
         send_timeout_s=kafka.kafka_timeout_s,
         retry_s=event_log.spool_retry_s,
         linger_s=event_log.log_linger_ms / 1000.0,
+        durable_linger_s=event_log.durable_linger_ms / 1000.0,
     )

@@ -1,4 +1,5 @@
-"""`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka."""
+"""`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka; the 202
+comes once they are durable (acknowledged by Kafka or fsynced into the spool)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from flywheel.events import CorrectionEvent, correction_id, utcnow
+from flywheel.service.durability import store_durably
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
 from flywheel.service.spool import Record
@@ -24,7 +26,8 @@ router = APIRouter()
     responses=ERROR_RESPONSES,
 )
 async def corrections(body: CorrectionsRequest, request: Request) -> JSONResponse:
-    """Accept true labels for earlier predictions; all or none of a call is accepted."""
+    """Accept true labels for earlier predictions; all or none of a call is accepted, and
+    the 202 means they are stored (acknowledged by Kafka or fsynced into the spool)."""
     state = state_of(request)
     limits, kafka = state.config.service, state.config.kafka
     items = body.corrections
@@ -56,6 +59,7 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
         )
         for c in items
     ]
-    state.event_log.log_many(records)  # type: ignore[union-attr]
+    wait_s = state.config.event_log.durable_wait_ms / 1000.0
+    await store_durably(state.event_log, records, wait_s)  # type: ignore[arg-type]
     state.metrics.corrections.inc(len(records))
     return JSONResponse({"accepted": len(records)}, status_code=202)
