@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flywheel.feedback.alignment import Aligner
+from flywheel.kafka_security import confluent_options
 from flywheel.settings import FeedbackSettings, KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class KafkaBatchConsumer:
                 "partition.assignment.strategy": "range",
                 "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
                 "on_commit": _log_refused_commit,
+                **confluent_options(kafka),  # SASL / TLS
             },
             logger=logging.getLogger("flywheel.kafka"),
         )

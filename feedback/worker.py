@@ -37,6 +37,7 @@ from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserv
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
 from flywheel.feedback.writer import Batch, Event, StoreWriter, WorkerStats, by_kind
+from flywheel.kafka_security import kafka_python_options
 from flywheel.settings import FeedbackSettings, KafkaSettings
 
 __all__ = ["Batch", "FeedbackWorker", "WorkerStats"]
@@ -113,7 +114,9 @@ class FeedbackWorker:
             max_hold_s=f.feedback_align_hold_s,
             max_held=10 * f.feedback_max_records,
         )
-        self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
+        self.writer.dead_letters = DeadLetterWriter(
+            self._bootstrap, k.topic_deadletter, **kafka_python_options(k)
+        )
 
     def run(
         self, stop: threading.Event, on_batch: Callable[[WorkerStats], None] | None = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flywheel.events import ModelEvent
+from flywheel.kafka_security import kafka_python_options
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.settings import KafkaSettings, RegistrySettings, ServiceSettings
 
@@ -285,6 +286,7 @@ class ModelFollower:
             enable_auto_commit=False,
             fetch_max_wait_ms=100,
             client_id="flywheel-model-follower",
+            **kafka_python_options(self.kafka),
         )
         try:
             parts = consumer.partitions_for_topic(topic)
