@@ -41,15 +41,23 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from flywheel.broker import broker_binary, consumer_lag, free_port, read_topic
+from flywheel.broker import (
+    broker_binary,
+    consumer_lag,
+    ensure_topics,
+    free_port,
+    read_topic,
+    wait_for_kafka,
+)
 from flywheel.client import Client, KafkaCorrections, Unavailable
 from flywheel.events import ModelEvent, utcnow
+from flywheel.feedback.consumer import KafkaBatchConsumer
 from flywheel.feedback.deadletter import DeadLetterWriter
 from flywheel.kafka_security import confluent_options, kafka_python_options
 from flywheel.promotion import announce
 from flywheel.registry import Registry
 from flywheel.service import TLS, GracefulServer, KafkaSink, Record
-from flywheel.settings import KafkaSettings, RegistrySettings, StateSettings
+from flywheel.settings import FeedbackSettings, KafkaSettings, RegistrySettings, StateSettings
 from flywheel.store import make_engine
 from tests.certs import Pair, TestCA
 
@@ -243,17 +251,6 @@ class TLSListener:
             finally:
                 conn.close()
 
-    def handshakes_during(self, call: Callable[[], object], timeout_s: float = 30.0) -> list[str]:
-        """Runs `call` in a thread (a client retries against a listener that hangs up, until
-        its own timeout) and returns the peers of the handshakes seen once there is one."""
-        self.peers.clear()
-        self.refused.clear()
-        threading.Thread(target=lambda: _quietly(call), daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not self.peers and not self.refused and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return list(self.peers)
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
@@ -266,82 +263,98 @@ def _quietly(call: Callable[[], object]) -> None:
 
 
 @pytest.fixture(scope="module")
-def listener(ca, server_pair) -> Iterator[TLSListener]:
-    tls = TLSListener(ca, server_pair)
-    try:
-        yield tls
-    finally:
-        tls.close()
+def handshakes(ca, server_pair, client_pair) -> Callable[..., TLSListener]:
+    """`handshakes(call)`: runs `call(kafka)` in a thread, `kafka` being TLS settings that
+    point at a new listener of its own (a client of an earlier call may still be retrying
+    against its own listener: never counted here), and returns that listener once it has
+    seen a handshake, or after 30 s."""
+
+    def run(call: Callable[[KafkaSettings], object], *, timeout_s: float = 30.0) -> TLSListener:
+        listener = TLSListener(ca, server_pair)
+        kafka = KafkaSettings(
+            kafka_bootstrap=listener.bootstrap,
+            kafka_security_protocol="SSL",
+            kafka_ssl_cafile=ca.cafile,
+            kafka_ssl_certfile=client_pair.cert,
+            kafka_ssl_keyfile=client_pair.key,
+            kafka_timeout_s=2.0,
+        )
+        try:
+            threading.Thread(target=lambda: _quietly(lambda: call(kafka)), daemon=True).start()
+            deadline = time.monotonic() + timeout_s
+            while not listener.peers and not listener.refused and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            listener.close()
+        return listener
+
+    return run
 
 
-@pytest.fixture(scope="module")
-def tls_kafka(listener, ca, client_pair) -> KafkaSettings:
-    return KafkaSettings(
-        kafka_bootstrap=listener.bootstrap,
-        kafka_security_protocol="SSL",
-        kafka_ssl_cafile=ca.cafile,
-        kafka_ssl_certfile=client_pair.cert,
-        kafka_ssl_keyfile=client_pair.key,
-        kafka_timeout_s=2.0,
-    )
-
-
-def test_the_listener_refuses_a_client_without_the_certificate(listener, ca, tls_kafka):
+def test_the_listener_refuses_a_client_without_the_certificate(handshakes, ca):
     from kafka import KafkaAdminClient
 
-    no_cert = {"security_protocol": "SSL", "ssl_cafile": str(ca.cafile)}
-    assert (
-        listener.handshakes_during(
-            lambda: KafkaAdminClient(
-                bootstrap_servers=listener.bootstrap, bootstrap_timeout_ms=2000, **no_cert
-            )
+    def no_cert(k: KafkaSettings) -> object:
+        return KafkaAdminClient(
+            bootstrap_servers=k.kafka_bootstrap,
+            bootstrap_timeout_ms=2000,
+            security_protocol="SSL",
+            ssl_cafile=str(ca.cafile),
         )
-        == []
-    )
-    assert listener.refused, "the control: a client without a certificate is refused"
+
+    seen = handshakes(no_cert)
+    assert seen.peers == [] and seen.refused, "the control: no certificate, no handshake"
 
 
-def test_every_kafka_python_entry_point_shows_the_client_certificate(listener, tls_kafka):
-    k, options = tls_kafka, kafka_python_options(tls_kafka)
+def _boot(k: KafkaSettings) -> str:
+    assert k.kafka_bootstrap is not None
+    return k.kafka_bootstrap
+
+
+def test_every_kafka_python_entry_point_shows_the_client_certificate(handshakes):
     event = ModelEvent(
         kind="promoted", model_name="m", version="2", reason="t", actor="a", timestamp=utcnow()
     )
-    calls: dict[str, Callable[[], object]] = {
-        "promotion announce": lambda: announce(k, event, timeout_s=2),
-        "dead-letter producer": lambda: DeadLetterWriter(listener.bootstrap, "dl", **options),
-        "consumer_lag (flywheel status)": lambda: consumer_lag(
-            listener.bootstrap, "g", ["t"], 2, security=options
+    opts = kafka_python_options
+    calls: dict[str, Callable[[KafkaSettings], object]] = {
+        "wait_for_kafka": lambda k: wait_for_kafka(_boot(k), 2, security=opts(k)),
+        "ensure_topics": lambda k: ensure_topics(_boot(k), ["t"], 1, security=opts(k)),
+        "promotion announce": lambda k: announce(k, event, timeout_s=2),
+        "dead-letter producer": lambda k: DeadLetterWriter(_boot(k), "dl", **opts(k)),
+        "consumer_lag (flywheel status)": lambda k: consumer_lag(
+            _boot(k), "g", ["t"], 2, security=opts(k)
         ),
-        "read_topic": lambda: read_topic(listener.bootstrap, "t", timeout_s=2, security=options),
-        "client KafkaCorrections": lambda: KafkaCorrections(
-            listener.bootstrap, timeout_s=2, **options
-        ),
+        "read_topic": lambda k: read_topic(_boot(k), "t", timeout_s=2, security=opts(k)),
+        "client KafkaCorrections": lambda k: KafkaCorrections(_boot(k), timeout_s=2, **opts(k)),
     }
     for name, call in calls.items():
-        assert CLIENT_CN in listener.handshakes_during(call), name
+        assert handshakes(call).peers[:1] == [CLIENT_CN], name
 
 
-def test_the_confluent_kafka_producer_and_consumer_show_the_client_certificate(listener, tls_kafka):
-    from confluent_kafka import Consumer
+def test_the_confluent_kafka_producer_and_consumer_show_the_client_certificate(handshakes):
+    def sink(k: KafkaSettings) -> None:
+        s = KafkaSink(_boot(k), 2.0, **confluent_options(k))
+        try:
+            s.send([Record("t", b"k", b"v")], 2.0)
+        finally:
+            s.close()
 
-    def sink() -> None:
-        s = KafkaSink(tls_kafka.kafka_bootstrap or "", 2.0, **confluent_options(tls_kafka))
-        s.send([Record("t", b"k", b"v")], 2.0)
-        s.close()
-
-    def consumer() -> None:
-        c = Consumer(
-            {
-                "bootstrap.servers": tls_kafka.kafka_bootstrap,
-                "group.id": "g",
-                **confluent_options(tls_kafka),
-            }
+    def consumer(k: KafkaSettings) -> None:
+        c = KafkaBatchConsumer(
+            FeedbackSettings(),
+            k,
+            ["t"],
+            client_id="tls-test",
+            on_revoked=lambda _: None,
+            on_assigned=lambda _: None,
         )
-        c.list_topics(timeout=2)
-        c.close()
+        try:
+            c.poll(10, 2.0)
+        finally:
+            c.close()
 
-    assert CLIENT_CN in listener.handshakes_during(sink), "event-log producer"
-    assert CLIENT_CN in listener.handshakes_during(consumer), "feedback consumer's options"
+    assert handshakes(sink).peers[:1] == [CLIENT_CN], "event-log producer"
+    assert handshakes(consumer).peers[:1] == [CLIENT_CN], "feedback consumer"
 
 
 # -- Kafka SASL against Tansu with authentication ---------------------------------------------
