@@ -904,7 +904,11 @@ def _describe(exc: ValueError) -> str:
     for err in errors():
         loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
         var = ENV_PREFIX + loc.upper() if loc in Settings.model_fields else loc
-        got = mask_credentials(repr(err.get("input")))  # a URL's password stays hidden
+        value = err.get("input")
+        if isinstance(value, Mapping):  # a check across fields: its input is every setting,
+            lines.append(f"{var}: {err.get('msg')}")  # secrets too; the message names them
+            continue
+        got = mask_credentials(repr(value))  # a URL's password stays hidden
         lines.append(f"{var}: {err.get('msg')} (got {got})")
     return "invalid configuration: " + "; ".join(lines)
 

@@ -75,6 +75,19 @@ def test_a_half_configured_kafka_security_is_refused(values, message):
         KafkaSettings(kafka_bootstrap=BOOT, **values)
 
 
+def test_a_refused_combination_does_not_print_the_secrets_beside_it(monkeypatch):
+    """A check across fields gets every setting as its input; printing that input would
+    print the SASL password and the admin token."""
+    monkeypatch.setenv("FLYWHEEL_KAFKA_BOOTSTRAP", BOOT)
+    monkeypatch.setenv("FLYWHEEL_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("FLYWHEEL_KAFKA_SASL_PASSWORD", "top-secret-1")
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", "top-secret-2")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    text = str(refused.value)
+    assert "FLYWHEEL_KAFKA_SASL_MECHANISM" in text and "top-secret" not in text
+
+
 def test_tls_files_need_a_tls_protocol_and_come_in_pairs(ca):
     pair = ca.issue("c1", server=False)
     with pytest.raises(ValueError, match="TLS files are set but"):
