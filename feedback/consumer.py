@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 from flywheel.feedback.alignment import Aligner
-from flywheel.kafka_security import confluent_options
 from flywheel.settings import FeedbackSettings, KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,8 @@ class KafkaBatchConsumer:
     @staticmethod
     def _new_client(feedback: FeedbackSettings, kafka: KafkaSettings, client_id: str) -> Any:
         from confluent_kafka import Consumer
+
+        from flywheel.kafka_security import confluent_options
 
         timeout = feedback.feedback_session_timeout_ms
         return Consumer(

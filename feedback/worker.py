@@ -37,7 +37,6 @@ from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserv
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
 from flywheel.feedback.writer import Batch, Event, StoreWriter, WorkerStats, by_kind
-from flywheel.kafka_security import kafka_python_options
 from flywheel.settings import FeedbackSettings, KafkaSettings
 
 __all__ = ["Batch", "FeedbackWorker", "WorkerStats"]
@@ -102,6 +101,8 @@ class FeedbackWorker:
 
     # -- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
+        from flywheel.kafka_security import kafka_python_options
+
         f, k = self.feedback, self.kafka
         self._consumer = KafkaBatchConsumer(
             f,

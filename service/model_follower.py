@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flywheel.events import ModelEvent
-from flywheel.kafka_security import kafka_python_options
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.settings import KafkaSettings, RegistrySettings, ServiceSettings
 
@@ -278,6 +277,8 @@ class ModelFollower:
         Old events are not replayed: the worker's first check already read the alias.
         """
         from kafka import KafkaConsumer, TopicPartition
+
+        from flywheel.kafka_security import kafka_python_options
 
         topic = self.kafka.topic_model_events
         consumer = KafkaConsumer(
