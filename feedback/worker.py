@@ -101,6 +101,8 @@ class FeedbackWorker:
 
     # -- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
+        from flywheel.kafka_security import kafka_python_options
+
         f, k = self.feedback, self.kafka
         self._consumer = KafkaBatchConsumer(
             f,
@@ -113,7 +115,9 @@ class FeedbackWorker:
             max_hold_s=f.feedback_align_hold_s,
             max_held=10 * f.feedback_max_records,
         )
-        self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
+        self.writer.dead_letters = DeadLetterWriter(
+            self._bootstrap, k.topic_deadletter, **kafka_python_options(k)
+        )
 
     def run(
         self, stop: threading.Event, on_batch: Callable[[WorkerStats], None] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from flywheel.kafka_security import confluent_options
 from flywheel.service.event_log import EventLog
 from flywheel.service.kafka_sink import KafkaSink
 from flywheel.service.spool import Spool
@@ -20,7 +21,9 @@ def kafka_event_log(
             "embedded broker when it is unset)"
         )
     return EventLog(
-        partial(KafkaSink, kafka.kafka_bootstrap, kafka.kafka_timeout_s),
+        partial(
+            KafkaSink, kafka.kafka_bootstrap, kafka.kafka_timeout_s, **confluent_options(kafka)
+        ),
         Spool(state.spool_path, fsync=event_log.spool_fsync),
         queue_size=event_log.log_queue_size,
         batch_size=event_log.log_batch_size,

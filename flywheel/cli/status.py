@@ -70,6 +70,7 @@ def _champion(settings: Settings) -> dict[str, Any]:
 
 def _kafka(settings: Settings, timeout_s: float) -> dict[str, Any]:
     from flywheel.broker import BrokerError, consumer_lag
+    from flywheel.kafka_security import kafka_python_options
 
     k = settings.kafka
     group = settings.feedback.feedback_group
@@ -78,7 +79,9 @@ def _kafka(settings: Settings, timeout_s: float) -> dict[str, Any]:
         return out | {"error": "FLYWHEEL_KAFKA_BOOTSTRAP is not set"}
     topics = [k.topic_predictions, k.topic_corrections]
     try:
-        lags = consumer_lag(k.kafka_bootstrap, group, topics, timeout_s)
+        lags = consumer_lag(
+            k.kafka_bootstrap, group, topics, timeout_s, security=kafka_python_options(k)
+        )
     except BrokerError as exc:
         return out | {"error": str(exc)}
     fields = ("topic", "partition", "committed", "end", "lag")
