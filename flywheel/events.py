@@ -26,6 +26,13 @@ SCHEMA_VERSION: Literal[1] = 1
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
 ]
+# a correction's source: an app, or one sub-source in its namespace (`shop/eu`; flywheel.appkeys)
+SourceName = Annotated[
+    str,
+    StringConstraints(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+(/[A-Za-z0-9_.:\-]+)?$"
+    ),
+]
 LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
@@ -125,7 +132,7 @@ class CorrectionEvent(_Event):
     id: Identifier
     prediction_id: Identifier
     label: LabelName
-    source: Identifier | None = None
+    source: SourceName | None = None
     timestamp: datetime
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import and_, func, not_, select
 from sqlalchemy.engine import Engine
 
+from flywheel.appkeys import app_of
 from flywheel.store.database import session_factory
 from flywheel.store.models import Example, LearnerState, Origin, Split
 
@@ -46,9 +47,10 @@ class StoredExample:
 
     @property
     def contributor(self) -> str:
-        """Whose data this is, for privacy: the source, else the correction it came from."""
+        """Whose data this is, for privacy: the source's app (its sub-sources share the
+        app's budget: `flywheel.appkeys.app_of`), else the correction it came from."""
         if self.source:
-            return f"source:{self.source}"
+            return f"source:{app_of(self.source)}"
         if self.parent_prediction_id:
             return f"prediction:{self.parent_prediction_id}"
         return f"example:{self.id}"

@@ -1,11 +1,18 @@
-"""`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka."""
+"""`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka.
+
+The source is the calling app (`flywheel.service.auth`): a body `source` is a sub-source
+in its namespace (`eu` from app `shop` is stored as `shop/eu`), and one naming another
+app's namespace is refused with 403 (`flywheel.appkeys.source_for`). With
+FLYWHEEL_AUTH=off the body's source is used as sent."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from flywheel.appkeys import KEY_ID_HEADER, SIGNATURE_HEADER, ForeignSource, sign, source_for
 from flywheel.events import CorrectionEvent, correction_id, utcnow
+from flywheel.service.auth import app_of
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
 from flywheel.service.spool import Record
@@ -37,22 +44,37 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
             raise BadRequest(
                 f"corrections[{i}].label: unknown label {c.label!r}; known labels: {sorted(known)}"
             )
+    sources = [c.source for c in items]
+    app = app_of(request)
+    if app is not None:
+        sources = [_bound_source(app.name, s, i) for i, s in enumerate(sources)]
+        signing = app.signing_key  # signed as the app's own Kafka records are
+        assert signing is not None and app.key_id is not None  # the correct scope: a key
+        key_id = app.key_id.encode()
     now, topic = utcnow(), kafka.topic_corrections
-    records = [
-        Record(
-            topic,
-            c.prediction_id.encode(),
-            CorrectionEvent(
-                # the same correction sent again is the same event (the store skips it)
-                id=correction_id(c.prediction_id, c.label, c.source),
-                prediction_id=c.prediction_id,
-                label=c.label,
-                source=c.source,
-                timestamp=now,
-            ).to_json(),
-        )
-        for c in items
-    ]
+    records = []
+    for c, source in zip(items, sources, strict=True):
+        value = CorrectionEvent(
+            # the same correction sent again is the same event (the store skips it)
+            id=correction_id(c.prediction_id, c.label, source),
+            prediction_id=c.prediction_id,
+            label=c.label,
+            source=source,
+            timestamp=now,
+        ).to_json()
+        headers: tuple[tuple[str, bytes], ...] = ()
+        if app is not None:
+            headers = ((KEY_ID_HEADER, key_id), (SIGNATURE_HEADER, sign(value, signing).encode()))
+        records.append(Record(topic, c.prediction_id.encode(), value, headers))
     state.event_log.log_many(records)  # type: ignore[union-attr]
     state.metrics.corrections.inc(len(records))
     return JSONResponse({"accepted": len(records)}, status_code=202)
+
+
+def _bound_source(app: str, given: str | None, i: int) -> str:
+    try:
+        return source_for(app, given)
+    except ForeignSource as exc:
+        raise BadRequest(f"corrections[{i}].source: {exc}", 403) from None
+    except ValueError as exc:
+        raise BadRequest(f"corrections[{i}].source: {exc}", 422) from None
