@@ -56,12 +56,14 @@ class _State:
     result: Result = field(default_factory=Result)
 
 
-def request_bytes(port: int, bodies: list[bytes]) -> list[bytes]:
+def request_bytes(port: int, bodies: list[bytes], api_key: str | None = None) -> list[bytes]:
     """Whole requests, encoded once: the client must not spend time building them."""
     head = (
         f"POST {PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
         "Content-Type: application/json\r\nAccept: application/json\r\n"
     )
+    if api_key:
+        head += f"Authorization: Bearer {api_key}\r\n"
     return [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
 
 
@@ -167,9 +169,10 @@ async def run(
     concurrency: int,
     bodies: list[bytes],
     timeout_s: float = 10.0,
+    api_key: str | None = None,
 ) -> Result:
     """Warm up, then measure for `duration_s`; in-flight requests finish after the window."""
-    requests = request_bytes(port, bodies)
+    requests = request_bytes(port, bodies, api_key)
     now = time.perf_counter()
     state = _State(measure_from=now + warmup_s, stop_at=now + warmup_s + duration_s)
     tasks = [
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
     p.add_argument("--bodies", type=Path, help="one JSON request body per line")
+    p.add_argument("--api-key", help="send `Authorization: Bearer KEY` with every request")
     args = p.parse_args(argv)
     if not (
         0 < args.duration <= 3600 and 0 <= args.warmup <= 600 and 1 <= args.concurrency <= 1024
@@ -217,7 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         bodies = [line for line in args.bodies.read_bytes().splitlines() if line.strip()]
     else:
         bodies = random_bodies(256)
-    coro = run(args.port, args.duration, args.warmup, args.concurrency, bodies, args.timeout)
+    coro = run(
+        args.port,
+        args.duration,
+        args.warmup,
+        args.concurrency,
+        bodies,
+        args.timeout,
+        args.api_key,
+    )
     try:  # the loop uvicorn picks too; a cheaper client leaves more CPU to the server
         import uvloop
     except ImportError:

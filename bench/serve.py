@@ -1,5 +1,5 @@
 """`python -m bench serve`: the cost of Kafka prediction logging on POST /v1/predict, or
-(`--compare named`) the cost of named features.
+(`--compare named`) the cost of named features, or (`--compare auth`) of app keys.
 
 `--compare logging` (default): the same app, the same weights and the same load, once
 with the real event log (queue + sender thread + confluent-kafka producer, acks=all, to
@@ -13,6 +13,12 @@ checked and encoded by the schema, the row logged in each event), and, the basel
 the 12 raw values the schema encodes them to, sent as vectors to a server of the same
 module and weights that is told it has no schema (`bench._server --vectors`). The forward
 pass is the same; the gap is parsing, checking and encoding named rows and logging them.
+
+`--compare auth`: the same app and weights, logging off on both sides (so the key check
+is all that differs, against the fastest baseline), once with FLYWHEEL_AUTH=off (`open`)
+and once with FLYWHEEL_AUTH=on (`keys`): every request carries an app key, checked by the
+middleware against the key cache (`flywheel.service.auth`); the store behind it is the
+server's SQLite file. Every other mode runs with FLYWHEEL_AUTH=off (`_child_env`).
 
 Rounds alternate between the two modes (off, on, off, on, ... or vector, named, ...) so
 slow drift on a shared machine hits both alike; each round gets a fresh server process
@@ -56,15 +62,30 @@ VECTOR_MEANS = (
     "module served without its schema"
 )
 NAMED_MEANS = "named = the same rows as named features, encoded by the schema, row logged"
+OPEN_MEANS = "open = FLYWHEEL_AUTH=off, no key sent, logging off"
+KEYS_MEANS = (
+    "keys = FLYWHEEL_AUTH=on, every request with `Authorization: Bearer <app key>` checked "
+    "against the cached key (SHA-256 + constant-time compare), logging off"
+)
 THROUGHPUT_TARGET = 0.85  # rps_on / rps_off must be at least this
 P99_TARGET = 1.25  # p99_on / p99_off must be at most this
 # issue 24: named rows against the vector path on the same model
 NAMED_THROUGHPUT_TARGET = 0.9  # rps_named / rps_vector must be at least this
 NAMED_P99_TARGET = 1.2  # p99_named / p99_vector must be at most this
+# issue 26: app keys on against off
+AUTH_THROUGHPUT_TARGET = 0.95  # rps_keys / rps_open must be at least this
+AUTH_P99_TARGET = 1.1  # p99_keys / p99_open must be at most this
 COMPARISONS = {  # --compare: (baseline mode, measured mode)
     "logging": ("off", "on"),
     "named": ("vector", "named"),
+    "auth": ("open", "keys"),
 }
+TARGETS = {
+    "logging": (THROUGHPUT_TARGET, P99_TARGET),
+    "named": (NAMED_THROUGHPUT_TARGET, NAMED_P99_TARGET),
+    "auth": (AUTH_THROUGHPUT_TARGET, AUTH_P99_TARGET),
+}
+UNLOGGED = ("off", "open", "keys")  # modes whose server discards its records
 N_NUMERIC, CATEGORIES = 8, {"country": 40, "device": 6, "channel": 12, "plan": 4}
 UNSEEN_SHARE = 0.02  # of category values outside the vocabulary (the unknown bucket)
 READY_TIMEOUT_S = 120.0
@@ -96,9 +117,11 @@ class Run:
 
 # -- processes ---------------------------------------------------------------------------
 def _child_env() -> dict[str, str]:
-    """No FLYWHEEL_* from the caller's shell: both servers must run on the same defaults."""
+    """No FLYWHEEL_* from the caller's shell: both servers must run on the same defaults;
+    app keys off (FLYWHEEL_AUTH=off) except where a mode turns them on (`--compare auth`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["FLYWHEEL_AUTH"] = "off"
     return env
 
 
@@ -134,9 +157,9 @@ def start_server(
     vectors: bool = False,
 ) -> subprocess.Popen[bytes]:
     """In its own session, so that stopping it reaches every process it may have started.
-    `mode` is off (no logging), on, vector (on, the model served without its schema) or
-    named (on)."""
-    logging = "off" if mode == "off" else "on"
+    `mode` is off (no logging), on, vector (on, the model served without its schema),
+    named (on), open (off, no keys) or keys (off, FLYWHEEL_AUTH=on)."""
+    logging = "off" if mode in UNLOGGED else "on"
     cmd = [
         sys.executable,
         "-m",
@@ -154,11 +177,12 @@ def start_server(
         cmd += ["--bootstrap", str(bootstrap), "--topic", str(topic)]
     if vectors:
         cmd.append("--vectors")
+    env = _child_env() | ({"FLYWHEEL_AUTH": "on"} if mode == "keys" else {})
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             cmd,
             cwd=REPO,
-            env=_child_env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -238,7 +262,12 @@ def log_metrics(port: int) -> dict[str, float]:
 
 
 def run_loadgen(
-    port: int, duration: float, warmup: float, concurrency: int, bodies: Path
+    port: int,
+    duration: float,
+    warmup: float,
+    concurrency: int,
+    bodies: Path,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -255,6 +284,8 @@ def run_loadgen(
         "--bodies",
         str(bodies),
     ]
+    if api_key:
+        cmd += ["--api-key", api_key]
     done = subprocess.run(
         cmd,
         cwd=REPO,
@@ -443,11 +474,12 @@ def one_round(
     to Kafka, and its topic is read back."""
     from flywheel.broker import ensure_topics, free_port
 
-    topic = f"{TOPIC_PREFIX}.{mode}.{rnd}" if mode != "off" else None
+    topic = f"{TOPIC_PREFIX}.{mode}.{rnd}" if mode not in UNLOGGED else None
     if topic and bootstrap:
         ensure_topics(bootstrap, [topic], partitions=3)
     port = free_port(HOST)
     log_path = work / f"server-{mode}-{rnd}.log"
+    api_key = app_key(work / f"home-{mode}-{rnd}") if mode == "keys" else None
     proc = start_server(
         mode,
         port,
@@ -466,7 +498,7 @@ def one_round(
             f"{warmup:g}s warm-up + {duration:g}s at concurrency {concurrency}"
         )
         cpu0 = process_cpu_s(proc.pid)
-        load = run_loadgen(port, duration, warmup, concurrency, bodies)
+        load = run_loadgen(port, duration, warmup, concurrency, bodies, api_key)
         run = Run(mode=mode, round=rnd, load=load, topic=topic)
         if topic:
             expected = load["ok_total"]
@@ -497,17 +529,28 @@ def one_round(
     return run
 
 
+def app_key(home: Path) -> str:
+    """A migrated SQLite store in the server's home with app `bench` (predict); its key."""
+    from flywheel.store import add_app, make_engine, session_factory, upgrade
+
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{home / 'flywheel.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with session_factory(engine).begin() as session:
+            return add_app(session, "bench", "predict")
+    finally:
+        engine.dispose()
+
+
 def _median(runs: list[Run], key: str) -> float:
     return statistics.median(r.load[key] for r in runs)
 
 
 def summarize(runs: list[Run], compare: str = "logging") -> dict[str, Any]:
     base, test = COMPARISONS[compare]
-    tput_target, p99_target = (
-        (THROUGHPUT_TARGET, P99_TARGET)
-        if compare == "logging"
-        else (NAMED_THROUGHPUT_TARGET, NAMED_P99_TARGET)
-    )
+    tput_target, p99_target = TARGETS[compare]
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in (base, test):
         rs = [r for r in runs if r.mode == mode]
@@ -565,11 +608,11 @@ def render(doc: dict[str, Any]) -> None:
         console.width = 120
     m, cfg, s = doc["machine"], doc["config"], doc["summary"]
     base, test = s["baseline"], s["measured"]
-    what = (
-        "Kafka logging on vs off"
-        if s["compare"] == "logging"
-        else "named rows vs vectors, same model"
-    )
+    what = {
+        "logging": "Kafka logging on vs off",
+        "named": "named rows vs vectors, same model",
+        "auth": "app keys on vs off, logging off",
+    }[s["compare"]]
     table = Table(
         title=f"POST /v1/predict, {what} "
         f"({cfg['duration_s']:g}s x {cfg['rounds']} rounds per mode, "
@@ -608,7 +651,7 @@ def render(doc: dict[str, Any]) -> None:
     table.add_section()
     for mode in (base, test):
         md = s["median"][mode]
-        ev = f"{s['events_logged']}/{s['events_expected']}" if mode != "off" else "-"
+        ev = f"{s['events_logged']}/{s['events_expected']}" if mode not in UNLOGGED else "-"
         table.add_row(
             f"[bold]{mode} (median)[/]",
             "",
@@ -636,11 +679,11 @@ def render(doc: dict[str, Any]) -> None:
     on_runs = [r for r in doc["runs"] if r["topic"]]
     backlog = ", ".join(f"{r['backlog_at_end']} ({r['drain_s']:.2f}s)" for r in on_runs)
     console.print(f"unacknowledged at end of load (drain time): {backlog}")
-    means = (
-        f"{OFF_MEANS}; {ON_MEANS}"
-        if s["compare"] == "logging"
-        else (f"{VECTOR_MEANS}; {NAMED_MEANS}; both with {ON_MEANS.removeprefix('on = ')}")
-    )
+    means = {
+        "logging": f"{OFF_MEANS}; {ON_MEANS}",
+        "named": f"{VECTOR_MEANS}; {NAMED_MEANS}; both with {ON_MEANS.removeprefix('on = ')}",
+        "auth": f"{OPEN_MEANS}; {KEYS_MEANS}",
+    }[s["compare"]]
     console.print(f"[dim]{means}.[/]")
     console.print(
         f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), GPU {m['gpu']}, "
@@ -663,12 +706,12 @@ def main(
     compare: str = typer.Option(
         "logging",
         help="logging: Kafka logging on vs off; named: named rows vs vectors on one model "
-        "with 8 numeric and 4 categorical features.",
+        "with 8 numeric and 4 categorical features; auth: app keys on vs off (logging off).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Requests/s and p50/p99 latency of POST /v1/predict: Kafka logging on vs off, or
-    named rows vs vectors (`--compare named`)."""
+    """Requests/s and p50/p99 latency of POST /v1/predict: Kafka logging on vs off, named
+    rows vs vectors (`--compare named`), or app keys on vs off (`--compare auth`)."""
     from flywheel.broker import EmbeddedBroker
 
     if compare not in COMPARISONS:
@@ -690,11 +733,11 @@ def main(
             if split:  # the broker and load generator inherit this process's CPUs
                 os.sched_setaffinity(0, split[1])
                 say(f"server pinned to CPU {sorted(split[0])}, broker + load to {sorted(split[1])}")
-            if compare == "logging":
+            if compare in ("logging", "auth"):
                 say("training the seed model (1000 examples) ...")
                 model: dict[str, Any] = {"accuracy": train_and_save(work)}
                 write_bodies(work / "bodies.jsonl")
-                bodies = {"off": work / "bodies.jsonl", "on": work / "bodies.jsonl"}
+                bodies = {m: work / "bodies.jsonl" for m in (base, test)}
             else:
                 say("building the named-feature model (8 numeric + 4 categorical) ...")
                 model = train_named_and_save(work)
@@ -726,9 +769,13 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if compare == "logging":
+    if compare in ("logging", "auth"):
         request = "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1"
-        modes = {"off": OFF_MEANS, "on": ON_MEANS}
+        modes = (
+            {"off": OFF_MEANS, "on": ON_MEANS}
+            if compare == "logging"
+            else {"open": OPEN_MEANS, "keys": KEYS_MEANS}
+        )
         model_info = {"model_accuracy": model["accuracy"]}
     else:
         request = (

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from flywheel.appkeys import app_of
+
 SCHEMA_VERSION: Literal[1] = 1
 
 Identifier = Annotated[
@@ -48,7 +50,13 @@ def correction_id(prediction_id: str, label: str, source: str | None = None) -> 
     skips an id it already has, so sending the same correction again -- a client's retry
     after a lost response, a resend from an app's outbox, the HTTP route and a direct
     Kafka producer alike -- is one correction, not a second vote for the same label. A
-    different label (the app changed its mind) or another source is a new correction.
+    different label (the app changed its mind) or another app is a new correction; the
+    sub-sources of one app (`shop/eu`, `shop/us`) are not: the id uses the app
+    (`flywheel.appkeys.app_of`), so one prediction corrected under 40 invented names is
+    one correction, one training example.
+
+    >>> correction_id("p-1", "cat", "shop/eu") == correction_id("p-1", "cat", "shop/us")
+    True
 
     >>> correction_id("p-1", "cat", "app-7") == correction_id("p-1", "cat", "app-7")
     True
@@ -59,7 +67,7 @@ def correction_id(prediction_id: str, label: str, source: str | None = None) -> 
     """
     # a JSON array is an unambiguous encoding of the three fields (a label may hold any
     # character); 128 bits of SHA-256, hex, is within `Identifier` like `new_id`'s
-    key = orjson.dumps([prediction_id, label, source])
+    key = orjson.dumps([prediction_id, label, app_of(source)])
     return hashlib.sha256(key).hexdigest()[:32]
 
 

@@ -90,3 +90,41 @@ def test_bench_serve_compares_named_rows_with_vectors_on_one_model():
     named = next(run for run in doc["runs"] if run["mode"] == "named")
     assert named["events_with_row"] == named["events_logged"] > 0
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+
+
+def test_bench_serve_compares_app_keys_on_and_off():
+    """`--compare auth`: every keyed request is answered 200 (a refused key would be a
+    non-200 and a figure about 401s), and the open side sent no key."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "serve",
+            "--compare",
+            "auth",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert [run["mode"] for run in doc["runs"]] == ["open", "keys"]
+    summary = doc["summary"]
+    assert summary["compare"] == "auth"
+    for mode in ("open", "keys"):
+        assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
+    assert all(run["load"]["ok_total"] > 0 and run["topic"] is None for run in doc["runs"])
+    assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+    assert set(summary["targets"]) == {"throughput_ratio", "p99_ratio"}
