@@ -107,8 +107,8 @@ class AppKeys:
         if token is None:
             await _refuse(send, path, 401, "send an app key as `Authorization: Bearer <key>`")
             return
-        try:
-            identity = await self._identify(token)
+        try:  # a key verified within the cache's TTL: no hash, no store
+            identity = self.book.verified(token) or await self._identify(token)
         except KeyRefused as exc:
             await _refuse(send, path, 401, f"app key refused: {exc.reason}", invalid=True)
             return

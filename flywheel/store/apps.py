@@ -294,6 +294,9 @@ class KeyBook:
         self._now = now
         self._touch_every_s = touch_every_s
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        # key -> (when its row was read, who it is, expiry as a POSIX time): keys already
+        # verified, so a repeat skips the parse and the hash (~1 us instead of ~10 us)
+        self._verified: dict[str, tuple[float, AppIdentity, float | None]] = {}
         self._touched: dict[str, float] = {}  # key id -> clock of the last use queued
         self._due: dict[str, datetime] = {}  # last uses not written yet
         self._lock = threading.Lock()
@@ -320,8 +323,23 @@ class KeyBook:
         self._cache[key_id] = (self._clock(), found)
         return found
 
+    def verified(self, key: str) -> AppIdentity | None:
+        """Who `key` is, if it was verified less than `ttl_s` ago and has not expired since;
+        else None (then `check` it). No store read, no hash: the request path's fast way."""
+        hit = self._verified.get(key)
+        if hit is None:
+            return None
+        t = self._clock()
+        if t - hit[0] >= self.ttl_s or (hit[2] is not None and self._now().timestamp() >= hit[2]):
+            return None
+        self._used(hit[1].key_id, t)  # type: ignore[arg-type]
+        return hit[1]
+
     def check(self, key: str) -> AppIdentity:
         """Who `key` belongs to; `KeyRefused` with the reason if it cannot be used."""
+        fast = self.verified(key)
+        if fast is not None:
+            return fast
         try:
             key_id, _ = parse_key(key)
         except ValueError as exc:
@@ -332,8 +350,14 @@ class KeyBook:
         why = found.refusal(self._now())
         if why is not None:
             raise KeyRefused(why)
-        self._used(key_id)
-        return AppIdentity(found.app, found.scopes, key_id, found.signing_key)
+        identity = AppIdentity(found.app, found.scopes, key_id, found.signing_key)
+        read_at = self._cache.get(key_id, (self._clock(), None))[0]  # TTL from the read
+        expires = None if found.expires_at is None else found.expires_at.timestamp()
+        if len(self._verified) >= MAX_CACHED:
+            self._verified.clear()
+        self._verified[key] = (read_at, identity, expires)
+        self._used(key_id, self._clock())
+        return identity
 
     def signing(self, key_id: str) -> KeyRecord:
         """The key whose signing secret a Kafka correction names; `KeyRefused` if it cannot
@@ -344,12 +368,11 @@ class KeyBook:
         why = found.refusal(self._now())
         if why is not None:
             raise KeyRefused(why)
-        self._used(key_id)
+        self._used(key_id, self._clock())
         return found
 
     # -- last use, off the request path ----------------------------------------------------
-    def _used(self, key_id: str) -> None:
-        t = self._clock()
+    def _used(self, key_id: str, t: float) -> None:
         last = self._touched.get(key_id)
         if last is not None and t - last < self._touch_every_s:
             return
