@@ -158,7 +158,8 @@ class Spool:
                     if end == size:
                         return
                     raise SpoolCorrupt(f"{self.path}: bad checksum at byte {offset}")
-                value, headers = payload[tlen + klen :], ()
+                value = payload[tlen + klen :]
+                headers: tuple[tuple[str, bytes], ...] = ()
                 if flag:
                     (hlen,) = _HLEN.unpack_from(value)
                     block = value[_HLEN.size : _HLEN.size + hlen]

@@ -46,11 +46,12 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
             )
     sources = [c.source for c in items]
     app = app_of(request)
+    signer: tuple[bytes, str] | None = None  # (key id, signing secret)
     if app is not None:
         sources = [_bound_source(app.name, s, i) for i, s in enumerate(sources)]
-        signing = app.signing_key  # signed as the app's own Kafka records are
-        assert signing is not None and app.key_id is not None  # the correct scope: a key
-        key_id = app.key_id.encode()
+        # signed as the app's own Kafka records are; the `correct` scope means an app key
+        assert app.key_id is not None and app.signing_key is not None
+        signer = (app.key_id.encode(), app.signing_key)
     now, topic = utcnow(), kafka.topic_corrections
     records = []
     for c, source in zip(items, sources, strict=True):
@@ -63,8 +64,11 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
             timestamp=now,
         ).to_json()
         headers: tuple[tuple[str, bytes], ...] = ()
-        if app is not None:
-            headers = ((KEY_ID_HEADER, key_id), (SIGNATURE_HEADER, sign(value, signing).encode()))
+        if signer is not None:
+            headers = (
+                (KEY_ID_HEADER, signer[0]),
+                (SIGNATURE_HEADER, sign(value, signer[1]).encode()),
+            )
         records.append(Record(topic, c.prediction_id.encode(), value, headers))
     state.event_log.log_many(records)  # type: ignore[union-attr]
     state.metrics.corrections.inc(len(records))
