@@ -111,6 +111,11 @@ def build_worker(
     keys = None
     if settings.access.auth == "on":  # corrections must be signed (feedback/signatures.py)
         keys = KeyBook(lambda: engine, settings.access.auth_cache_ttl_s)
+    else:
+        log.warning(
+            "FLYWHEEL_AUTH=off: corrections are not checked for an app's signature and keep "
+            "the source they name; for local experiments only (docs/security.md)"
+        )
     return FeedbackWorker(
         feedback,
         settings.kafka,
