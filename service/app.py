@@ -83,6 +83,10 @@ def create_app(
             )
         else:
             keys.start()  # writes the keys' last use, off the request path
+            # the key store opened now, before the GC freeze below: opening it on the first
+            # request left its imports and engine to every later full GC pass
+            if state.store()[0] is None:
+                log.warning("app keys cannot be checked yet: %s", state.store()[1])
         from_registry = False
         if not state.holder.ready:
             if load_model is None:
