@@ -10,10 +10,10 @@ left in the request's scope (`app_of(request)`) for the routes that need its nam
 A middleware, not a dependency per route: a dependency cost ~25 us of a ~255 us predict
 (`service/state.py`); this middleware costs ~3.4 us a request with a verified key (in
 process, 50,000 calls), and `bench serve --compare auth` measured 1.03x throughput and
-1.03x p99 against FLYWHEEL_AUTH=off (docs/benchmarks.md). A cache miss reads the store
-on a worker thread, never on the event loop. `FLYWHEEL_ADMIN_TOKEN`, when set, still
-works as a key with the admin scope (the bootstrap before any app exists). `FLYWHEEL_AUTH=off` turns all of this off.
-"""
+1.03x p99 against FLYWHEEL_AUTH=off (docs/benchmarks.md). A cache miss reads the store on
+a worker thread, never on the event loop. `FLYWHEEL_ADMIN_TOKEN`, when set, still works as
+a key with the admin scope (the bootstrap before any app exists). `FLYWHEEL_AUTH=off`
+turns all of this off."""
 
 from __future__ import annotations
 

@@ -4,14 +4,14 @@ The rows: `apps` (name, scopes, revoked) and `app_keys` (one per key: its SHA-25
 signing secret derived from it, creation, expiry, last use). Keys and hashes follow
 `flywheel.appkeys`; a key is shown once, when it is made, and never stored.
 
-`KeyBook` is what the service and the feedback worker check keys with: a key's row is
-read once and then kept in memory for `ttl_s` seconds (FLYWHEEL_AUTH_CACHE_TTL_S, 30 s
-by default), and a key already verified within it is one dict lookup (`verified`: 0.75 us
-a check, against 11 us to parse and hash it again), not a database round trip; a
-revocation, a rotation's end of grace or an expiry takes effect within `ttl_s` (expiry
-is checked on every request against the cached `expires_at`, so it is exact; a
-revocation is seen when the row is next read). Last use is written at most once a minute per key, by a background thread, off the request path.
-"""
+`KeyBook` is what the service and the feedback worker check keys with: a key's row is read
+once and then kept in memory for `ttl_s` seconds (FLYWHEEL_AUTH_CACHE_TTL_S, 30 s by
+default), and a key already verified within it is one dict lookup (`verified`: 0.75 us a
+check, against 11 us to parse and hash it again), not a database round trip; a revocation,
+a rotation's end of grace or an expiry takes effect within `ttl_s` (expiry is checked on
+every request against the cached `expires_at`, so it is exact; a revocation is seen when
+the row is next read). Last use is written at most once a minute per key, by a background
+thread, off the request path."""
 
 from __future__ import annotations
 
