@@ -32,7 +32,7 @@ from sqlalchemy import Engine
 from flywheel.feedback.consumer import KafkaBatchConsumer, Partition
 from flywheel.feedback.deadletter import DeadLetterWriter
 from flywheel.feedback.join import StoredBatch
-from flywheel.feedback.messages import Rejected, decode
+from flywheel.feedback.messages import Rejected, content_of, decode, duplicate_reason
 from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserver, WorkerStep
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
@@ -272,6 +272,7 @@ class FeedbackWorker:
         events: list[tuple[Any, Event]] = []
         rejected: list[Rejected] = []
         kinds, keys = self._kinds, self.keys
+        first: dict[tuple[type, str], Event] = {}
         for m in messages:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             kind = kinds[topic]
@@ -291,8 +292,14 @@ class FeedbackWorker:
                     event = Rejected(topic, partition, offset, m.key(), m.value(), why)
             if isinstance(event, Rejected):
                 rejected.append(event)
-            else:
-                events.append((m, event))
+                continue
+            earlier = first.setdefault((type(event), event.id), event)
+            if earlier is not event:  # the store keeps the first; a redelivery is skipped
+                why = duplicate_reason(event, content_of(earlier), "came earlier in the batch")
+                if why is not None:
+                    rejected.append(Rejected(topic, partition, offset, m.key(), m.value(), why))
+                    continue
+            events.append((m, event))
         batch = Batch(events, rejected, offsets, len(messages))
         batch.plan = self._prepare([e for _, e in events], batch)
         return batch

@@ -351,6 +351,11 @@ class _GateFields(_Fields):
     gate_min_holdout: int = Field(
         20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion."
     )
+    gate_concept_change: Literal["follow", "hold"] = Field(
+        "follow",
+        description="When recent data contradicts the trusted holdout (z ≥ 3 both ways): "
+        "follow waives the trusted check, hold keeps it binding.",
+    )
 
 
 class _LearnerFields(_Fields):
@@ -613,7 +618,8 @@ class FeedbackSettings(_FeedbackFields):
 
 
 class GateSettings(_GateFields):
-    """`auto_promote`, `gate_tolerance`, `gate_recent_holdout`, `gate_min_holdout`."""
+    """`auto_promote`, `gate_tolerance`, `gate_recent_holdout`, `gate_min_holdout`,
+    `gate_concept_change`."""
 
     model_config = _GROUP_CONFIG
 

@@ -399,6 +399,7 @@ class OnlineLearner:
             tolerance=g.gate_tolerance,
             min_recent=g.gate_min_holdout,
             serve_precision=self.config.serve_precision,
+            concept_policy=g.gate_concept_change,
         )
         update = int(self._state.get("update", 0)) + 1
         first, last = min(r.id for r in used), max(r.id for r in used)

@@ -1,9 +1,16 @@
 """Running the app under uvicorn so that a SIGTERM shuts down gracefully *and* lets the
-caller clean up (stop an embedded broker), exiting 0 instead of re-raising the signal."""
+caller clean up (stop an embedded broker), exiting 0 instead of re-raising the signal.
+
+A start-up that fails (a second replica on the same FLYWHEEL_HOME finds its spool locked)
+is `StartupFailed`, raised to the caller, so the command exits non-zero with one `error:`
+line. uvicorn alone logs the app's whole traceback and returns normally: the process then
+exited 0, which a supervisor reads as a clean stop. The traceback is kept at DEBUG.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -28,8 +35,51 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+log = logging.getLogger(__name__)
+
+
+class StartupFailed(RuntimeError):
+    """The app's start-up raised; the message is the exception's last line."""
+
+
+class _StartupErrors(logging.Filter):
+    """Until the server has started: keeps uvicorn's report of a failed start-up (the
+    traceback, "Application startup failed") off the log and remembers its last line."""
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        super().__init__()
+        self.server = server
+        self.error: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.server.started:
+            return True
+        message = record.getMessage()
+        if message.startswith("Traceback (most recent call last)"):  # Starlette's text
+            lines = [line for line in message.splitlines() if line.strip()]
+            self.error = lines[-1].strip()
+            log.debug("start-up failed:\n%s", message)
+            return False
+        if record.exc_info and record.exc_info[1] is not None:  # uvicorn's own report
+            exc = record.exc_info[1]
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
+            log.debug("start-up failed", exc_info=record.exc_info)
+            return False
+        return message != "Application startup failed. Exiting."
+
+
 def run_server(app: FastAPI, host: str, port: int, access_log: bool = False) -> None:
+    """Serve until stopped; `StartupFailed` if the app's start-up raised."""
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", access_log=access_log, workers=1
     )
-    GracefulServer(config).run()
+    server = GracefulServer(config)
+    errors = _StartupErrors(server)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(errors)
+    try:
+        server.run()
+    finally:
+        uvicorn_log.removeFilter(errors)
+    if not server.started and errors.error is not None:
+        raise StartupFailed(errors.error)

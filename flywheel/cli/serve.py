@@ -35,8 +35,12 @@ def serve(
             typer.echo(f"embedded broker at {broker.bootstrap}", err=True)
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         from flywheel.registry import Registry
-        from flywheel.service import ServiceConfig, create_app, run_server
+        from flywheel.service import ServiceConfig, StartupFailed, create_app, run_server
 
         # the process's one registry: the first load, the follower and /v1/review share it
         app = create_app(ServiceConfig.of(settings), registry=Registry.of(settings))
-        run_server(app, settings.host, settings.port, access_log)
+        try:
+            run_server(app, settings.host, settings.port, access_log)
+        except StartupFailed as exc:  # the broker still stops (the ExitStack)
+            typer.echo(f"error: the service did not start: {exc}", err=True)
+            raise typer.Exit(1) from None

@@ -47,7 +47,7 @@ from flywheel.store.database import (
     schema_revision,
     session_factory,
 )
-from flywheel.store.error_counts import CounterRow, error_counters
+from flywheel.store.error_counts import CounterRow, error_counters, window_start
 from flywheel.store.examples import ExampleReader, StoredExample
 from flywheel.store.ledger import LedgerRow, LedgerTables, SourceSpend
 from flywheel.store.migrate import (
@@ -83,6 +83,7 @@ from flywheel.store.models import (
     UTCDateTime,
 )
 from flywheel.store.models import ReferenceStats as ReferenceStatsRow
+from flywheel.store.progress import LearnerProgress, learner_progress
 from flywheel.store.trusted import (
     HOLDOUT_FRACTION,
     SEED_SOURCE,
@@ -136,6 +137,9 @@ __all__ = [
     "ErrorType",
     "CounterRow",
     "error_counters",
+    "window_start",
+    "LearnerProgress",
+    "learner_progress",
     "ExampleReader",
     "StoredExample",
     "Example",

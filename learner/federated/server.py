@@ -349,7 +349,8 @@ class FederatedRun:
             time.sleep(self.config.federated.fed_poll_s)
 
     def run(self, grid: Grid) -> RunSummary:
-        from flywheel.learner.gate import accuracy, evaluate_gate
+        from flywheel.learner.evaluation import accuracy
+        from flywheel.learner.gate import evaluate_gate
         from flywheel.learner.seed_model import ensure_champion
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
 
@@ -576,6 +577,7 @@ class FederatedRun:
             tolerance=s.gate.gate_tolerance,
             min_recent=s.gate.gate_min_holdout,
             serve_precision=s.serve_precision,
+            concept_policy=s.gate.gate_concept_change,
         )
         last = summary.rounds[-1]
         sites = sorted({n for r in summary.rounds for n in r.sites})

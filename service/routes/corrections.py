@@ -18,7 +18,10 @@ from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, Corre
 from flywheel.service.spool import Record
 from flywheel.service.state import state_of
 
-router = APIRouter(strict_content_type=False)  # as the app: JSON without a Content-Type
+# strict (FastAPI's default): a body without a JSON Content-Type is refused with 415, so
+# a web page cannot post corrections cross-site (a no-cors fetch with a Blob body sends
+# none and needs no preflight); see flywheel.service.errors
+router = APIRouter()
 
 
 @router.post(

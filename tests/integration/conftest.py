@@ -5,7 +5,6 @@ The broker fixture uses the same `EmbeddedBroker` code as `flywheel broker`.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,25 +79,6 @@ def consume(
         (r.key, r.value)
         for r in read_topic(bootstrap, topic, at_least=expected, timeout_s=timeout_s)
     ]
-
-
-@pytest.fixture(scope="session")
-def run_bench() -> Iterator[Callable[..., dict[str, Any]]]:
-    """`run_bench(NAME, *args)`: `python -m bench NAME *args --json` in this process, its
-    JSON document. torch and river are imported once for all benchmarks instead of once
-    per subprocess (~5 s each)."""
-    from typer.testing import CliRunner
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # bench/: not installed
-        from bench.__main__ import app
-
-        def run(*args: str) -> dict[str, Any]:
-            result = CliRunner().invoke(app, [*args, "--json"])
-            assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
-            return json.loads(result.stdout)
-
-        yield run
 
 
 @pytest.fixture()
