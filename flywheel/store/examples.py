@@ -14,7 +14,6 @@ from typing import Any
 from sqlalchemy import and_, func, not_, select
 from sqlalchemy.engine import Engine
 
-from flywheel.appkeys import app_of
 from flywheel.store.database import session_factory
 from flywheel.store.models import Example, LearnerState, Origin, Split
 
@@ -47,10 +46,11 @@ class StoredExample:
 
     @property
     def contributor(self) -> str:
-        """Whose data this is, for privacy: the source's app (its sub-sources share the
-        app's budget: `flywheel.appkeys.app_of`), else the correction it came from."""
+        """Whose data this is, for privacy: the source, else the correction it came from.
+        The whole source (`shop/u-17`: the person an app's sub-source names), not its app:
+        see docs/security.md."""
         if self.source:
-            return f"source:{app_of(self.source)}"
+            return f"source:{self.source}"
         if self.parent_prediction_id:
             return f"prediction:{self.parent_prediction_id}"
         return f"example:{self.id}"
