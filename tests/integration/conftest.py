@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings, prepare_home
+from tests.conftest import AppKey, make_app_key
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +108,13 @@ def wait_for_lock_wait() -> Callable[..., None]:
         raise AssertionError("the second transaction never waited for the first")
 
     return wait
+
+
+@pytest.fixture()
+def service_key(settings: Settings) -> AppKey:
+    """App `tests` (every scope) in the store of `settings`, migrated first: a service on
+    these settings accepts `headers=service_key.headers`."""
+    from flywheel.store import upgrade
+
+    upgrade(settings.resolved_database_url)
+    return make_app_key(settings.resolved_database_url)
