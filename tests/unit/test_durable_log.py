@@ -182,7 +182,8 @@ def app_with(tmp_path):
 
     def make(log: EventLog, **overrides):
         torch.manual_seed(0)
-        settings = Settings(home=tmp_path / "home", **overrides)
+        # keys are another test's concern (test_auth.py): these are about the 202
+        settings = Settings(home=tmp_path / "home", **({"auth": "off"} | overrides))
         holder = ModelHolder()
         holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
         client = TestClient(create_app(ServiceConfig.of(settings), holder=holder, event_log=log))
