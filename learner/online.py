@@ -171,7 +171,11 @@ class OnlineLearner:
         self._refill(trainer, x_tr, y_tr)
         if c.privacy.privacy_enabled:
             self._private = PrivateStep(
-                c.privacy, c.learner.learn_steps, self.source.engine, self.lineage
+                c.privacy,
+                c.learner.learn_steps,
+                self.source.engine,
+                self.lineage,
+                window=c.learner.learn_boost_window,
             )
             self._shadow = trainer
             # DP steps are bounded by clipping and tuned with their own base rate (noise
@@ -298,7 +302,10 @@ class OnlineLearner:
         privacy: PrivacyOutcome | None = None
         if self._private is not None:
             # the budget is checked before anything trains; a refusal leaves the model as is
-            privacy = self._private.plan(used, update, self._trainer.module)
+            # while the boost after a change lasts, the private examples since it are
+            # trained on again, as far as each one's budget allows (planned here too)
+            boosted = self._trainer.config.elastic and self._trainer.elastic.boosted
+            privacy = self._private.plan(used, update, self._trainer.module, reuse=boosted)
             if privacy is None:
                 return None
             if not privacy.rows:
@@ -361,6 +368,8 @@ class OnlineLearner:
             self._state["change_at_id"] = min(r.id for r in corrections)
             if drift:  # labels changed: replay (here and after a restart) starts here
                 self._state["replay_from_id"] = self._state["change_at_id"]
+            if self._private is not None:
+                self._private.change(self._state["change_at_id"])
             log.info(
                 "change detected (%s) at example %d; learning rate x%.2f",
                 "error drift" if drift else "input shift",
