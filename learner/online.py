@@ -192,6 +192,7 @@ class OnlineLearner:
             )
             trainer.elastic.restore(self._state.get("elastic", {}))
             trainer.remember_public(x_tr, y_tr)
+            self._resume_private(trainer)
             self._shadow.reset_module(copy.deepcopy(loaded.module))
         self._trainer, self._working = trainer, base
         self._started = True
@@ -237,6 +238,21 @@ class OnlineLearner:
             ]
             if recent:
                 trainer.remember_since_change(*as_arrays(recent, self._labels))
+
+    def _resume_private(self, trainer: OnlineTrainer) -> None:
+        """After a restart, the DP trainer's drift response as it was: the public replay
+        cut after an error drift, and the private rows since the change to reuse."""
+        assert self._private is not None
+        replay_from = self._state.get("replay_from_id")
+        trainer.replay_reset = replay_from is not None and trainer.config.drift_replay
+        since = self._state.get("change_at_id")
+        window = self._private.window.capacity
+        if since is None or not window or self._cursor.highest <= 0:
+            return
+        rows = self.source.newest_trainable(window)
+        self._private.resume(
+            int(since), [r for r in rows if int(since) <= r.id <= self._cursor.highest]
+        )
 
     def _adopt_orphan(self) -> None:
         """A version registered after the last saved state means we died before saving."""

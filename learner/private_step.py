@@ -143,6 +143,12 @@ class PrivateStep:
         private rows from it on may be reused while the boost lasts."""
         self.window.open(since_id)
 
+    def resume(self, since_id: int, rows: list[StoredExample]) -> None:
+        """After a restart: the change seen at `since_id` and the rows read since it (the
+        learner's newest trained rows); whether each may be reused is still the planner's."""
+        self.window.open(since_id)
+        self.window.add(rows)
+
     def plan(
         self, used: list[StoredExample], update: int, module: nn.Module, *, reuse: bool = False
     ) -> PrivacyOutcome | None:

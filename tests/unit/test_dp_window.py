@@ -163,3 +163,20 @@ def test_public_replay_is_cut_after_an_error_drift_and_counts_new_rows_only():
     assert replayed(new=10) == round(20 * SETTLED_PUBLIC_SHARE)
     with pytest.raises(ValueError, match="new must be"):
         replayed(new=21)
+
+
+def test_a_restarted_step_resumes_the_window_and_the_planner_still_decides(
+    sqlite_url: str, step: PrivateStep
+):
+    module = model()
+    step.plan(rows(0, 10), 1, module)
+    step.change(0)
+    step.plan(rows(10, 10), 2, module, reuse=True)  # rows 0..9 reused: their budget is spent
+    engine = make_engine(sqlite_url)
+    try:
+        again = PrivateStep(PrivacySettings(), 8, engine, "m:online", window=1000)
+        again.resume(0, rows(0, 20))  # what the learner reads back: every row since the change
+        third = again.plan(rows(20, 10), 3, module, reuse=True)
+        assert third is not None and third.reused_ids == frozenset(range(10, 20))
+    finally:
+        engine.dispose()
