@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,12 +22,29 @@ from pydantic import (
     model_validator,
 )
 
+from flywheel.appkeys import app_of
+
 SCHEMA_VERSION: Literal[1] = 1
 
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
 ]
-LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# a correction's source: an app, or one sub-source in its namespace (`shop/eu`; flywheel.appkeys)
+SourceName = Annotated[
+    str,
+    StringConstraints(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+(/[A-Za-z0-9_.:\-]+)?$"
+    ),
+]
+# Text the training store keeps in a column of its own: at most as long as the column
+# (flywheel.store.models: NAME_LENGTH 200, ID_LENGTH 64), and without NUL, which
+# PostgreSQL's text types refuse. Checked by pydantic-core's own regex (no Python call):
+# the store refused such a record only after the whole batch had failed, and a record the
+# worker cannot store must be dead-lettered at decode, with the field named.
+NO_NUL = r"^[^\x00]*$"
+LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)]
+ModelName = Annotated[str, StringConstraints(max_length=200, pattern=NO_NUL)]
+VersionText = Annotated[str, StringConstraints(max_length=64, pattern=NO_NUL)]
 
 
 def new_id() -> str:
@@ -41,7 +59,13 @@ def correction_id(prediction_id: str, label: str, source: str | None = None) -> 
     skips an id it already has, so sending the same correction again -- a client's retry
     after a lost response, a resend from an app's outbox, the HTTP route and a direct
     Kafka producer alike -- is one correction, not a second vote for the same label. A
-    different label (the app changed its mind) or another source is a new correction.
+    different label (the app changed its mind) or another app is a new correction; the
+    sub-sources of one app (`shop/eu`, `shop/us`) are not: the id uses the app
+    (`flywheel.appkeys.app_of`), so one prediction corrected under 40 invented names is
+    one correction, one training example.
+
+    >>> correction_id("p-1", "cat", "shop/eu") == correction_id("p-1", "cat", "shop/us")
+    True
 
     >>> correction_id("p-1", "cat", "app-7") == correction_id("p-1", "cat", "app-7")
     True
@@ -52,7 +76,7 @@ def correction_id(prediction_id: str, label: str, source: str | None = None) -> 
     """
     # a JSON array is an unambiguous encoding of the three fields (a label may hold any
     # character); 128 bits of SHA-256, hex, is within `Identifier` like `new_id`'s
-    key = orjson.dumps([prediction_id, label, source])
+    key = orjson.dumps([prediction_id, label, app_of(source)])
     return hashlib.sha256(key).hexdigest()[:32]
 
 
@@ -80,13 +104,14 @@ class PredictionEvent(_Event):
     """One served prediction, logged to `flywheel.predictions`."""
 
     id: Identifier
-    model_name: str
-    model_version: str
+    model_name: ModelName
+    model_version: VersionText
     features: Annotated[list[FiniteFloat], Field(min_length=1)]
-    probabilities: dict[str, Probability]
-    label: str
-    timestamp: datetime
-    latency_ms: float = Field(ge=0)
+    probabilities: dict[LabelName, Probability]
+    label: LabelName
+    # aware: the store keeps UTC and refuses a time without its zone
+    timestamp: AwareDatetime
+    latency_ms: FiniteFloat = Field(ge=0)
     # which network answered: "single" (a plain model), "light" or "heavy" (a cascade);
     # optional and free-form so records without it, or with a future value, stay valid
     path: Annotated[str, StringConstraints(max_length=32)] | None = None
@@ -125,12 +150,20 @@ class CorrectionEvent(_Event):
     id: Identifier
     prediction_id: Identifier
     label: LabelName
-    source: Identifier | None = None
-    timestamp: datetime
+    source: SourceName | None = None
+    timestamp: AwareDatetime
 
 
 class DeadLetter(_Event):
-    """A message a consumer could not use, with the reason, on `flywheel.deadletter`."""
+    """A message a consumer could not use, with the reason, on `flywheel.deadletter`.
+
+    Bounded whatever the record was (flywheel.feedback.deadletter): `value` is the first
+    bytes of the record's value (16 KiB), read as UTF-8 with each invalid byte replaced
+    by U+FFFD, `key` the first 1 KiB of its key, the same way; `value_bytes` and
+    `value_sha256` describe the whole value, and `truncated` says whether `value` is all
+    of it. The record itself stays at (topic, partition, offset) while the topic keeps it.
+    The last three have defaults so that letters written before them still read.
+    """
 
     topic: str
     partition: int
@@ -139,6 +172,9 @@ class DeadLetter(_Event):
     value: str
     reason: str
     timestamp: datetime
+    value_bytes: int = 0
+    value_sha256: str | None = None  # hex; None for a tombstone (no value at all)
+    truncated: bool = False
 
 
 class ModelEvent(_Event):

@@ -38,6 +38,7 @@ from flywheel.privacy import (
     resolve_engine,
 )
 from flywheel.settings import PrivacySettings
+from flywheel.store import Lease
 
 log = logging.getLogger(__name__)
 REFUSAL_LOG_EVERY_S = 60.0
@@ -54,6 +55,7 @@ class PrivacyOutcome:
     capped: int = 0
     excluded: int = 0
     sources: dict[str, int] = field(default_factory=dict)
+    ledger_id: int | None = None  # the ledger row `plan` wrote: the version is named on it
     reused_ids: frozenset[int] = frozenset()  # rows trained on before (since a change)
 
     @property
@@ -134,9 +136,23 @@ class PrivateStep:
         )
 
     @staticmethod
-    def adopt(engine: Engine, lineage: str, update: int, version: str) -> None:
-        """A version registered by a learner that died: its ledger entry names it now."""
-        PrivacyLedger(engine).set_version(lineage, update, version)
+    def adopt(
+        engine: Engine,
+        lineage: str,
+        update: int,
+        version: str,
+        ledger_id: int | None,
+        *,
+        fence: Lease | None = None,
+    ) -> None:
+        """A version registered by a learner that died: its ledger entry names it now. The
+        entry is the row id the version carries; a version from before row ids were tagged
+        names the newest unversioned entry of its update number."""
+        ledger = PrivacyLedger(engine)
+        if ledger_id is not None:
+            ledger.set_version(ledger_id, version, fence=fence)
+        elif ledger.set_version_of_update(lineage, update, version, fence=fence) is None:
+            log.warning("v%s (update %d) has no unversioned ledger entry to name", version, update)
 
     def change(self, since_id: int) -> None:
         """A change was detected at example `since_id` (the learner's `change_at_id`): the
@@ -150,10 +166,18 @@ class PrivateStep:
         self.window.add(rows)
 
     def plan(
-        self, used: list[StoredExample], update: int, module: nn.Module, *, reuse: bool = False
+        self,
+        used: list[StoredExample],
+        update: int,
+        module: nn.Module,
+        *,
+        fence: Lease | None = None,
+        reuse: bool = False,
     ) -> PrivacyOutcome | None:
         """The rows this update may train on, recorded in the ledger; None if refused and the
-        rows should wait (a configuration that can never fit the budget).
+        rows should wait (a configuration that can never fit the budget). `fence`: the
+        lineage's lease; the ledger refuses the entry (LeaseLost) once a newer learner holds
+        it, so a learner that lost its lineage trains nothing.
 
         `reuse` (the boost after a change lasts): the window's rows since the change join
         the update, after the new rows (the per-source cap keeps new rows first), and are
@@ -202,7 +226,7 @@ class PrivateStep:
         reused = frozenset(r.id for r in rows if r.id not in new_ids)
         excluded = sum(1 for s in left_out for r in per_source[s] if r.id in new_ids)
         m = plan.mechanism
-        self.ledger.record(
+        ledger_id = self.ledger.record(
             {
                 "lineage": self.lineage,
                 "update_no": update,
@@ -222,6 +246,7 @@ class PrivateStep:
                 "excluded_examples": excluded,
             },
             {s: (counts[s], eps) for s, eps in plan.allowed.items()},
+            fence=fence,
         )
         self.window.add(rows)  # accounted: reusable after a change, as the budget allows
         return PrivacyOutcome(
@@ -232,6 +257,7 @@ class PrivateStep:
             capped,
             excluded,
             {s: counts[s] for s in plan.allowed},
+            ledger_id,
             reused,
         )
 
@@ -256,8 +282,12 @@ class PrivateStep:
             new=sum(1 for r in rows if r.id not in outcome.reused_ids),
         ).lr
 
-    def published(self, update: int, version: str) -> None:
-        self.ledger.set_version(self.lineage, update, version)
+    def published(
+        self, outcome: PrivacyOutcome, version: str, *, fence: Lease | None = None
+    ) -> None:
+        """Name `version` on the ledger entry this update's `plan` wrote (that entry only)."""
+        assert outcome.ledger_id is not None
+        self.ledger.set_version(outcome.ledger_id, version, fence=fence)
         EPSILON.labels(self.lineage).set(self.ledger.lineage_epsilon(self.lineage))
 
     def _log_refusal(self, message: str) -> None:

@@ -7,9 +7,10 @@ fail under CI=true, so a broken CI service can never turn into a green run.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +20,8 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
+
+from tests.benchrun import ROOT, bench_process
 
 PG_ADMIN_URL = os.environ.get("PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -143,3 +146,82 @@ def list_event_log(tmp_path: Path):
         return EventLog(lambda: _ListSink(out), Spool(tmp_path / "spool", fsync=False))
 
     return make
+
+
+class AppKey(NamedTuple):
+    """An app made in a test's store, and what a client sends with its key."""
+
+    name: str
+    key: str
+    headers: dict[str, str]
+
+
+ALL_SCOPES = "predict,correct,review,admin"
+
+
+def make_app_key(database_url: str, name: str = "tests", scopes: str = ALL_SCOPES) -> AppKey:
+    """Create app `name` in the (migrated) store at `database_url` and return its key."""
+    from flywheel.store import add_app, make_engine, session_factory
+
+    engine = make_engine(database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            key = add_app(session, name, scopes)
+    finally:
+        engine.dispose()
+    return AppKey(name, key, {"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture(scope="session")
+def _keyed_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AppKey]:
+    """A migrated SQLite store with one app, made once and copied into each test's home."""
+    from flywheel.store import upgrade
+
+    path = tmp_path_factory.mktemp("keyed-store") / "flywheel.db"
+    upgrade(f"sqlite:///{path}")
+    return path, make_app_key(f"sqlite:///{path}")
+
+
+@pytest.fixture
+def app_key(tmp_path: Path, _keyed_store: tuple[Path, AppKey]) -> AppKey:
+    """The key of app `tests` (every scope), in the store of `Settings(home=tmp_path)`:
+    a service built on that home accepts `TestClient(app, headers=app_key.headers)`."""
+    import shutil
+
+    template, key = _keyed_store
+    shutil.copyfile(template, tmp_path / "flywheel.db")
+    return key
+
+
+# -- benchmarks: their smoke tests run them the one way they are run by hand -------------
+
+
+@pytest.fixture(scope="session")
+def run_bench() -> Iterator[Callable[..., dict[str, Any]]]:
+    """`run_bench(NAME, *args)`: `python -m bench NAME *args --json` in this process, its
+    JSON document. torch and river are imported once for all benchmarks instead of once
+    per subprocess (~5 s each)."""
+    from typer.testing import CliRunner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
+        from bench.__main__ import app
+
+        def run(*args: str) -> dict[str, Any]:
+            result = CliRunner().invoke(app, [*args, "--json"])
+            assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
+            return json.loads(result.stdout)
+
+        yield run
+
+
+@pytest.fixture(scope="session")
+def run_bench_process() -> Callable[..., dict[str, Any]]:
+    """`run_bench_process(NAME, *args)`: `bench_process`, which must succeed; its JSON."""
+
+    def run(name: str, *args: str) -> dict[str, Any]:
+        r = bench_process(name, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout)
+
+    return run

@@ -1,8 +1,10 @@
 """The review page (`/ui`) and its JSON endpoints (`/v1/review/...`).
 
 Reading is open to anyone who can reach the service, as `/v1/model` is; approve, reject
-and rollback need `Authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>`. Without a configured
-token they are refused with 403 (the page is read-only), a missing or wrong one gets 401.
+and rollback need an app key with the `review` or `admin` scope (or
+`FLYWHEEL_ADMIN_TOKEN`, the bootstrap admin key), checked by `flywheel.service.auth`.
+With FLYWHEEL_AUTH=off they need the admin token: without one they are refused with 403
+(the page is read-only), a missing or wrong one gets 401.
 The facts come from `flywheel.review`, the same code as `flywheel models diff|card|...`.
 
 Handlers are plain `def`: MLflow and the store are blocking, so FastAPI runs them in its
@@ -46,6 +48,7 @@ from flywheel.review import approve as approve_version
 from flywheel.review import pending as pending_versions
 from flywheel.review import reject as reject_version
 from flywheel.service.errors import BadRequest
+from flywheel.service.schemas import ErrorBody
 from flywheel.service.state import State
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,12 @@ UI_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-cache"),
 ]
+# what an admin POST answers besides 200: no or a wrong token, no token configured, a body
+# that is not sent as JSON (the app's strict content type), an unknown version, one that is
+# not pending, a bad reason or version
+ADMIN_ERRORS: dict[int | str, dict] = {
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 415, 422)
+}
 
 
 class Decision(BaseModel):
@@ -116,6 +125,8 @@ def _version(value: str) -> ModelVersion:
 
 
 def _require_admin(state: State, authorization: str | None) -> None:
+    if state.config.access.auth == "on":
+        return  # the app-key middleware checked the key and its scope (flywheel.service.auth)
     token = state.config.service.admin_token
     if token is None:
         raise BadRequest(
@@ -169,7 +180,7 @@ def config(state: State) -> dict[str, Any]:
     config = state.config
     return {
         "model_name": config.registry.model_name,
-        "admin_enabled": config.service.admin_token is not None,
+        "admin_enabled": config.access.auth == "on" or config.service.admin_token is not None,
         "auto_promote": config.gate.auto_promote,
         "registry_poll_s": config.registry.registry_poll_s,
     }
@@ -261,7 +272,7 @@ def privacy(state: State) -> dict[str, Any]:
     }
 
 
-@router.post("/versions/{version}/approve")
+@router.post("/versions/{version}/approve", responses=ADMIN_ERRORS)
 def approve(
     body: Decision,
     state: State,
@@ -288,7 +299,7 @@ def approve(
     }
 
 
-@router.post("/versions/{version}/reject")
+@router.post("/versions/{version}/reject", responses=ADMIN_ERRORS)
 def reject(
     body: Decision,
     state: State,
@@ -308,7 +319,7 @@ def reject(
     return {"rejected": v, "by": tags[REVIEW_BY], "reason": body.reason}
 
 
-@router.post("/rollback")
+@router.post("/rollback", responses=ADMIN_ERRORS)
 def rollback(
     body: Decision, state: State, authorization: str | None = Header(None)
 ) -> dict[str, Any]:

@@ -5,7 +5,6 @@ The broker fixture uses the same `EmbeddedBroker` code as `flywheel broker`.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from sqlalchemy import text
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings, prepare_home
+from tests.conftest import AppKey, make_app_key
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,10 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
         # the default delivery timeout (5 s) and more: a stalled CI machine must not turn
         # a slow acknowledgement into a spooled, resent (duplicate) record
         kafka_timeout_s=10.0,
+        # a learner that stopped without letting its lineage's lease go (a test's crash) is
+        # taken over after 3 s, not 15
+        learn_lease_s=3.0,
+        learn_lease_renew_s=1.0,
     )
     prepare_home(s)
     ensure_topics(broker.bootstrap, s.topics, s.topic_partitions)
@@ -81,25 +85,6 @@ def consume(
     ]
 
 
-@pytest.fixture(scope="session")
-def run_bench() -> Iterator[Callable[..., dict[str, Any]]]:
-    """`run_bench(NAME, *args)`: `python -m bench NAME *args --json` in this process, its
-    JSON document. torch and river are imported once for all benchmarks instead of once
-    per subprocess (~5 s each)."""
-    from typer.testing import CliRunner
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # bench/: not installed
-        from bench.__main__ import app
-
-        def run(*args: str) -> dict[str, Any]:
-            result = CliRunner().invoke(app, [*args, "--json"])
-            assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
-            return json.loads(result.stdout)
-
-        yield run
-
-
 @pytest.fixture()
 def wait_for_lock_wait() -> Callable[..., None]:
     """`wait_for_lock_wait(sessions)`: return once another backend of the sessions'
@@ -123,3 +108,13 @@ def wait_for_lock_wait() -> Callable[..., None]:
         raise AssertionError("the second transaction never waited for the first")
 
     return wait
+
+
+@pytest.fixture()
+def service_key(settings: Settings) -> AppKey:
+    """App `tests` (every scope) in the store of `settings`, migrated first: a service on
+    these settings accepts `headers=service_key.headers`."""
+    from flywheel.store import upgrade
+
+    upgrade(settings.resolved_database_url)
+    return make_app_key(settings.resolved_database_url)

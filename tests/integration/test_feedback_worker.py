@@ -45,6 +45,8 @@ def fb_settings(request, settings: Settings) -> Settings:
             "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
             "feedback_session_timeout_ms": 6000,
             "feedback_max_records": 200,
+            # the pipeline, fed unsigned records; signatures: tests/integration/test_apps.py
+            "auth": "off",
         }
     )
     ensure_champion(s.trusted, Registry.of(s))
@@ -307,6 +309,7 @@ def test_replayed_batches_change_nothing(fb_settings):
         wait_for(lambda w=worker: w.stats.records >= 100, what="every record consumed")
         stop.set()
         thread.join(30)
+        assert worker.stats.dead_letters == 0  # the same content again: no conflict
         engine = make_engine(s.resolved_database_url)
         with session_factory(engine)() as session:
             snapshots.append(
