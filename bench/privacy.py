@@ -10,6 +10,10 @@ learning rate from a small grid (mean over seeds), and is scored on a held-out s
 the stream's concept after every update. Gap = non-private minus DP accuracy, averaged
 over the last 5 updates. Target <= 2 points (Opacus's MNIST example: 2.2 at ε = 2.9).
 
+With `--defaults` (bench/_dp_defaults.py): the product's own defaults instead, drift
+response on, DP against non-private on the same drift streams in the same order,
+prequential accuracy (target: mean gap <= 5 points, none above 10).
+
 Throughput. Samples/s of one training step on the demo MLP at batch 256: non-private
 Adam, our DP update (engine fused and opacus: clipping + noise + Adam), and Opacus ghost
 clipping (`make_private(..., grad_sample_mode="ghost")`), the baseline the kernels beat.
@@ -212,6 +216,15 @@ def main(
     epsilon: float = typer.Option(3.0, min=0.01, help="ε per source (each in one update)."),
     delta: float = typer.Option(1e-5, min=1e-12, max=0.1),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    defaults: bool = typer.Option(
+        False,
+        "--defaults",
+        help="The product's defaults (batch 100, drift response on) on drift streams, "
+        "prequential; --samples is per stream (try 4000), --scenarios names streams.",
+    ),
+    warmup: int = typer.Option(
+        500, "--warmup", min=50, help="--defaults: first rows, the public trusted set."
+    ),
 ) -> None:
     """Accuracy with DP (ε=3) next to the same learner without DP; DP update throughput."""
     from rich.console import Console
@@ -221,6 +234,10 @@ def main(
     from bench.harness import document, machine
     from flywheel.privacy import DPConfig
     from flywheel.settings import PrivacySettings
+
+    if defaults:
+        run_product_defaults(scenarios, samples, warmup, seeds, epsilon, delta, json_out)
+        return
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     if not names or any(n not in SCENARIOS for n in names):
@@ -318,3 +335,68 @@ def main(
     for k, v in speed.items():
         speed_table.add_row(k, f"{v:,.0f}", f"{v / speed['non-private']:.2f}x")
     console.print(speed_table)
+
+
+def run_product_defaults(
+    scenarios: str,
+    samples: int,
+    warmup: int,
+    seeds: int,
+    epsilon: float,
+    delta: float,
+    json_out: bool,
+) -> None:
+    """`--defaults`: every stream of `bench._dp_defaults` unless `scenarios` names some."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench._dp_defaults import STREAMS, run_defaults, verdict
+    from bench._streams import one_thread
+    from bench.harness import document, machine
+
+    names = [s.strip() for s in scenarios.split(",") if s.strip()]
+    if names == list(SCENARIOS):  # the option's default: the accuracy bench's scenarios
+        names = list(STREAMS)
+    if not names or any(n not in STREAMS for n in names):
+        raise typer.BadParameter(f"with --defaults, --scenarios is a subset of {STREAMS}")
+    if warmup * 2 > samples:
+        raise typer.BadParameter("--warmup must be at most half of --samples")
+    with one_thread():
+        info = machine()
+        results = run_defaults(names, samples, warmup, seeds, epsilon, delta)
+    doc = document(
+        "privacy-defaults",
+        info,
+        {
+            "samples": samples,
+            "warmup": warmup,
+            "seeds": seeds,
+            "epsilon": epsilon,
+            "delta": delta,
+            "streams": results,
+            **verdict(results),
+        },
+        command=False,
+    )
+    if json_out:
+        print(json.dumps(doc, indent=2))
+        return
+    table = Table(
+        title=f"privacy --defaults: prequential accuracy, DP (ε={epsilon:g}, δ={delta:g}) "
+        f"vs without DP, {samples} rows ({warmup} public warm-up), {seeds} seed(s)"
+    )
+    for col in ("stream", "DP", "non-private", "gap (points)", "ε spent", "reused/run"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r["stream"],
+            f"{r['dp']:.3f}",
+            f"{r['non_private']:.3f}",
+            f"{r['gap_points']:.2f}",
+            f"{r['epsilon_spent']:.2f}",
+            f"{r['reused_examples']:.0f}",
+        )
+    console = Console()
+    console.print(table)
+    v = doc["mean_gap_points"], doc["worst_gap_points"], doc["target"], doc["pass"]
+    console.print(f"mean gap {v[0]:.2f}, worst {v[1]:.2f} (target {v[2]}): {v[3]}")

@@ -200,7 +200,11 @@ class OnlineLearner:
         self._refill(trainer, x_tr, y_tr)
         if c.privacy.privacy_enabled:
             self._private = PrivateStep(
-                c.privacy, c.learner.learn_steps, self.source.engine, self.lineage
+                c.privacy,
+                c.learner.learn_steps,
+                self.source.engine,
+                self.lineage,
+                window=c.learner.learn_boost_window,
             )
             self._shadow = trainer
             # DP steps are bounded by clipping and tuned with their own base rate (noise
@@ -217,6 +221,7 @@ class OnlineLearner:
             )
             trainer.elastic.restore(self._state.get("elastic", {}))
             trainer.remember_public(x_tr, y_tr)
+            self._resume_private(trainer)
             self._shadow.reset_module(copy.deepcopy(loaded.module))
             self._shadow.between_steps = self._between_steps
         trainer.between_steps = self._between_steps
@@ -272,6 +277,21 @@ class OnlineLearner:
             ]
             if recent:
                 trainer.remember_since_change(*as_arrays(recent, self._labels))
+
+    def _resume_private(self, trainer: OnlineTrainer) -> None:
+        """After a restart, the DP trainer's drift response as it was: the public replay
+        cut after an error drift, and the private rows since the change to reuse."""
+        assert self._private is not None
+        replay_from = self._state.get("replay_from_id")
+        trainer.replay_reset = replay_from is not None and trainer.config.drift_replay
+        since = self._state.get("change_at_id")
+        window = self._private.window.capacity
+        if since is None or not window or self._cursor.highest <= 0:
+            return
+        rows = self.source.newest_trainable(window)
+        self._private.resume(
+            int(since), [r for r in rows if int(since) <= r.id <= self._cursor.highest]
+        )
 
     def _adopt_orphan(self) -> None:
         """A version registered after the last saved state means we died before saving."""
@@ -352,8 +372,11 @@ class OnlineLearner:
         privacy: PrivacyOutcome | None = None
         if self._private is not None:
             # the budget is checked before anything trains; a refusal leaves the model as is
+            # while the boost after a change lasts, the private examples since it are
+            # trained on again, as far as each one's budget allows (planned here too)
+            boosted = self._trainer.config.elastic and self._trainer.elastic.boosted
             privacy = self._private.plan(
-                used, update, self._trainer.module, fence=self.lease.fence()
+                used, update, self._trainer.module, fence=self.lease.fence(), reuse=boosted
             )
             if privacy is None:
                 return None
@@ -419,6 +442,8 @@ class OnlineLearner:
             self._state["change_at_id"] = min(r.id for r in corrections)
             if drift:  # labels changed: replay (here and after a restart) starts here
                 self._state["replay_from_id"] = self._state["change_at_id"]
+            if self._private is not None:
+                self._private.change(self._state["change_at_id"])
             log.info(
                 "change detected (%s) at example %d; learning rate x%.2f",
                 "error drift" if drift else "input shift",

@@ -3,6 +3,12 @@
 Order matters: contributions are bounded and the budget is checked and written to the
 ledger before a single gradient is taken, so a refused update leaves the model untouched
 and a crash can over-count ε but never under-count it.
+
+Drift response: while the rate is boosted after a change, an update may also train on
+the private examples since the change (`ChangeWindow`), as the non-private learner does.
+Each reused row is planned and recorded exactly like a new one: its source takes part
+in this update's mechanism, so the planner counts one more mechanism for it, and a
+source that cannot afford that is left out of the reuse (and its rows forgotten).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from torch import nn
 
+from flywheel.learner.dp_window import ChangeWindow
 from flywheel.learner.evaluation import Holdout, accuracy
 from flywheel.learner.example_source import StoredExample, as_arrays, bound_per_contributor
 from flywheel.learner.trainer import OnlineTrainer
@@ -49,6 +56,11 @@ class PrivacyOutcome:
     excluded: int = 0
     sources: dict[str, int] = field(default_factory=dict)
     ledger_id: int | None = None  # the ledger row `plan` wrote: the version is named on it
+    reused_ids: frozenset[int] = frozenset()  # rows trained on before (since a change)
+
+    @property
+    def reused(self) -> int:
+        return len(self.reused_ids)
 
     @property
     def epsilon_tag(self) -> str:
@@ -83,6 +95,7 @@ class PrivacyOutcome:
             "dp_sources": float(len(self.plan.allowed)),
             "dp_excluded_examples": float(self.excluded),
             "dp_capped_examples": float(self.capped),
+            "dp_reused_examples": float(self.reused),
             "nonprivate_trusted_accuracy": accuracy(shadow, trusted),
             "nonprivate_recent_accuracy": accuracy(shadow, recent) if len(recent) else math.nan,
         }
@@ -92,9 +105,20 @@ class PrivacyOutcome:
 class PrivateStep:
     """Bounds, budgets and records each update of one lineage."""
 
-    def __init__(self, privacy: PrivacySettings, steps: int, engine: Engine, lineage: str) -> None:
-        """`steps`: gradient steps per update (FLYWHEEL_LEARN_STEPS), what one update costs."""
+    def __init__(
+        self,
+        privacy: PrivacySettings,
+        steps: int,
+        engine: Engine,
+        lineage: str,
+        *,
+        window: int = 0,
+    ) -> None:
+        """`steps`: gradient steps per update (FLYWHEEL_LEARN_STEPS), what one update costs;
+        `window`: most private rows since a change kept for reuse (FLYWHEEL_LEARN_BOOST_WINDOW;
+        0: every private example is used once)."""
         self.config = DPConfig.from_settings(privacy)
+        self.window = ChangeWindow(window)
         self.ledger = PrivacyLedger(engine)
         self.lineage = lineage
         self.mechanism = self.config.mechanism(steps)
@@ -130,6 +154,17 @@ class PrivateStep:
         elif ledger.set_version_of_update(lineage, update, version, fence=fence) is None:
             log.warning("v%s (update %d) has no unversioned ledger entry to name", version, update)
 
+    def change(self, since_id: int) -> None:
+        """A change was detected at example `since_id` (the learner's `change_at_id`): the
+        private rows from it on may be reused while the boost lasts."""
+        self.window.open(since_id)
+
+    def resume(self, since_id: int, rows: list[StoredExample]) -> None:
+        """After a restart: the change seen at `since_id` and the rows read since it (the
+        learner's newest trained rows); whether each may be reused is still the planner's."""
+        self.window.open(since_id)
+        self.window.add(rows)
+
     def plan(
         self,
         used: list[StoredExample],
@@ -137,13 +172,25 @@ class PrivateStep:
         module: nn.Module,
         *,
         fence: Lease | None = None,
+        reuse: bool = False,
     ) -> PrivacyOutcome | None:
         """The rows this update may train on, recorded in the ledger; None if refused and the
         rows should wait (a configuration that can never fit the budget). `fence`: the
         lineage's lease; the ledger refuses the entry (LeaseLost) once a newer learner holds
-        it, so a learner that lost its lineage trains nothing."""
-        per_source, capped = bound_per_contributor(used, self.config.max_per_source)
+        it, so a learner that lost its lineage trains nothing.
+
+        `reuse` (the boost after a change lasts): the window's rows since the change join
+        the update, after the new rows (the per-source cap keeps new rows first), and are
+        planned and recorded like them: every reuse is in the ledger before training.
+        """
+        new_ids = {r.id for r in used}
+        again = self.window.reusable(exclude=new_ids) if reuse else []
+        per_source, capped = bound_per_contributor(used + again, self.config.max_per_source)
+        capped -= len(again) - sum(
+            1 for rows in per_source.values() for r in rows if r.id not in new_ids
+        )  # a reused row over the cap is simply not reused: not a capped new example
         counts = {s: len(rows) for s, rows in per_source.items()}
+        new_sources = {r.contributor for r in used}
         engine = resolve_engine(self.config.engine, module)  # type: ignore[arg-type]
         try:
             plan = plan_update(
@@ -160,18 +207,24 @@ class PrivateStep:
             REFUSALS.labels(exc.kind).inc()
             if exc.kind == "mechanism":
                 return None
-            return PrivacyOutcome([], None, self.config, engine, capped, sum(counts.values()))
-        if plan.excluded:
-            EXCLUDED_SOURCES.inc(len(plan.excluded))
+            self.window.drop(per_source)  # nothing of theirs can be reused either
+            excluded_new = sum(1 for g in per_source.values() for r in g if r.id in new_ids)
+            return PrivacyOutcome([], None, self.config, engine, capped, excluded_new)
+        # a source in the window only, out of budget, is not reused: not an exclusion
+        self.window.drop(s for s in plan.excluded)
+        left_out = [s for s in plan.excluded if s in new_sources]
+        if left_out:
+            EXCLUDED_SOURCES.inc(len(left_out))
             log.warning(
                 "%d source(s) left out of update %d: budget ε=%g spent",
-                len(plan.excluded),
+                len(left_out),
                 update,
                 self.config.epsilon,
             )
         rows = [r for s in plan.allowed for r in per_source[s]]
         rows.sort(key=lambda r: r.id)
-        excluded = sum(counts[s] for s in plan.excluded)
+        reused = frozenset(r.id for r in rows if r.id not in new_ids)
+        excluded = sum(1 for s in left_out for r in per_source[s] if r.id in new_ids)
         m = plan.mechanism
         ledger_id = self.ledger.record(
             {
@@ -195,6 +248,7 @@ class PrivateStep:
             {s: (counts[s], eps) for s, eps in plan.allowed.items()},
             fence=fence,
         )
+        self.window.add(rows)  # accounted: reusable after a change, as the budget allows
         return PrivacyOutcome(
             rows,
             plan,
@@ -204,6 +258,7 @@ class PrivateStep:
             excluded,
             {s: counts[s] for s in plan.allowed},
             ledger_id,
+            reused,
         )
 
     def train(
@@ -224,6 +279,7 @@ class PrivateStep:
             outcome.plan.mechanism,
             max_grad_norm=self.config.max_grad_norm,
             engine=outcome.engine,
+            new=sum(1 for r in rows if r.id not in outcome.reused_ids),
         ).lr
 
     def published(

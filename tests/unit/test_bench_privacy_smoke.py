@@ -44,3 +44,27 @@ def test_bench_privacy_json_reports_both_arms_and_the_gap(monkeypatch: pytest.Mo
     assert {"non-private", "ours (fused)", "ours (opacus)", "opacus ghost"} <= doc[
         "throughput_samples_per_s"
     ].keys()
+
+
+def test_bench_privacy_defaults_compares_the_arms_on_drift_streams(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from typer.testing import CliRunner
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.__main__ import app
+
+    args = ["privacy", "--defaults", "--scenarios", "sine_flip,demo", "--samples", "600"]
+    result = CliRunner().invoke(app, [*args, "--warmup", "100", "--seeds", "1", "--json"])
+    assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
+    doc = json.loads(result.stdout)
+    assert [r["stream"] for r in doc["streams"]] == ["sine_flip", "demo"]
+    for r in doc["streams"]:
+        assert 0 < r["dp"] <= 1 and 0 < r["non_private"] <= 1
+        assert r["gap_points"] == pytest.approx(100 * (r["non_private"] - r["dp"]))
+        assert 0 < r["epsilon_spent"] <= 3.0 + 1e-9  # the ledger's, within the budget
+    gaps = [r["gap_points"] for r in doc["streams"]]
+    assert doc["mean_gap_points"] == pytest.approx(sum(gaps) / 2)
+    assert doc["worst_gap_points"] == max(gaps)
+    bad = CliRunner().invoke(app, [*args[:3], "shuttle", "--samples", "600", "--json"])
+    assert bad.exit_code != 0  # a scenario of the other mode is refused, not run
