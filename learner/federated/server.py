@@ -39,6 +39,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from flywheel.learner.federated.bounds import (
+    all_finite,
+    bound_update,
+    check_dtypes,
+    sent_arrays,
+)
 from flywheel.learner.federated.config import FederatedConfig
 from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.records import (
@@ -184,6 +190,15 @@ class RunSummary:
     delta: float = 0.0
     started_at: float = field(default_factory=time.time)
     seconds: float = 0.0
+    # replies refused or re-clipped ({round, site, why}) and rounds dropped ({round, why}):
+    # what a site attempted, and why a round changed nothing
+    refused: list[dict[str, object]] = field(default_factory=list)
+    dropped: list[dict[str, object]] = field(default_factory=list)
+
+    def drop(self, rnd: int, why: str) -> None:
+        """Round `rnd` changes nothing: logged, and listed in the summary."""
+        log.error("round %d dropped: %s", rnd, why)
+        self.dropped.append({"round": rnd, "why": why})
 
     @property
     def overhead_per_round(self) -> float:
@@ -247,21 +262,32 @@ class FastGrid(Grid):
 
 
 def usable_replies(
-    replies: list[Message], sent_shapes: dict[str, tuple[int, ...]]
+    replies: list[Message],
+    sent: dict[str, np.ndarray],
+    clip: float,
+    refused: list[dict[str, object]] | None = None,
+    rnd: int = 0,
 ) -> list[Message]:
-    """The replies the round may aggregate: no error, and what `check_update` accepts.
-    Each one's weight is set to 1 whatever the site said: the DP wrappers' sensitivity
-    (clip / sites) assumes equal weights, and a site's own weight could shrink the others'
-    noise or blow up their influence."""
+    """The replies the round may aggregate: no error, what `check_update` accepts, the
+    dtypes of the model `sent`, and an update no longer than `clip` (`bounds`). Each one's
+    weight is set to 1 whatever the site said: the DP wrappers' sensitivity (clip / sites)
+    assumes equal weights, and a site's own weight could shrink the others' noise or blow
+    up their influence. Each refused reply is logged and, with `refused`,
+    listed there (the run summary's `refused`)."""
+    shapes = {k: tuple(v.shape) for k, v in sent.items()}
     ok = []
     for m in replies:
         site = m.metadata.src_node_id
         if m.has_error():
             log.warning("site %s: %s", site, m.error.reason)
+            if refused is not None:
+                refused.append({"round": rnd, "site": site, "why": f"error: {m.error.reason}"})
             continue
-        why = check_update(m, sent_shapes)
+        why = check_update(m, shapes) or check_dtypes(m, sent) or bound_update(m, sent, clip)
         if why is not None:
             log.warning("site %s: reply refused: %s", site, why)
+            if refused is not None:
+                refused.append({"round": rnd, "site": site, "why": why})
             continue
         m.content.metric_records[METRICS][WEIGHT_KEY] = 1.0
         ok.append(m)
@@ -349,7 +375,8 @@ class FederatedRun:
             time.sleep(self.config.federated.fed_poll_s)
 
     def run(self, grid: Grid) -> RunSummary:
-        from flywheel.learner.gate import accuracy, evaluate_gate
+        from flywheel.learner.evaluation import accuracy
+        from flywheel.learner.gate import evaluate_gate
         from flywheel.learner.seed_model import ensure_champion
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
 
@@ -435,15 +462,14 @@ class FederatedRun:
                 config["public-y"] = public_y[pick].astype(np.int64).tobytes()
             fast = FastGrid(grid, s.federated.fed_poll_s, allowed)
             t0 = time.perf_counter()
+            sent = sent_arrays(module.state_dict())
             messages = list(
                 strategy.configure_train(rnd, to_record(module.state_dict()), config, fast)
             )
             replies = list(fast.send_and_receive(messages, timeout=s.federated.fed_round_timeout_s))
-            ok = usable_replies(
-                replies, {k: tuple(v.shape) for k, v in module.state_dict().items()}
-            )
+            ok = usable_replies(replies, sent, o.clip, summary.refused, rnd)
             if not ok:
-                log.error("round %d: no site replied", rnd)
+                summary.drop(rnd, "no usable reply")
                 continue
             # the ledger entry goes in before the aggregate exists (over-count, never under)
             spent = client_mechanism(
@@ -499,16 +525,24 @@ class FederatedRun:
             try:  # only usable replies: one error would make Flower drop the whole round
                 arrays, metrics = strategy.aggregate_train(rnd, ok)
             except Exception as exc:  # e.g. Flower's server-side clip of a zero update
-                log.error("round %d: aggregation failed (%s)", rnd, exc)
+                summary.drop(rnd, f"aggregation failed ({exc})")
                 continue
             if arrays is None:
-                log.error("round %d: aggregation failed", rnd)
+                summary.drop(rnd, "aggregation failed")
                 continue
             new = from_record(arrays)
             current = module.state_dict()
             for k in buffers:  # fixed feature scaling: public, never trained, never noised
                 new[k] = current[k]
-            new = server_opt.step(current, {k: v.to(current[k].dtype) for k, v in new.items()})
+            new = {k: v.to(current[k].dtype) for k, v in new.items()}
+            if not all_finite(new):  # e.g. a mean that overflows the model's dtype
+                summary.drop(rnd, "the aggregate holds NaN or infinity")
+                continue
+            new = server_opt.step(current, new)
+            if not all_finite(new):
+                server_opt.reset()
+                summary.drop(rnd, "the server step made the model non-finite")
+                continue
             module.load_state_dict(new)
             served.load_state_dict(server_opt.served(new))
             wall = time.perf_counter() - t0
@@ -566,6 +600,10 @@ class FederatedRun:
         from flywheel.promotion import promote
 
         s, o = self.config, self.options
+        if not all_finite(module.state_dict()):  # never published, whatever the gate says
+            summary.gate = "not registered: the model holds NaN or infinity"
+            log.error("federated run: %s", summary.gate)
+            return
         champion = self.registry.champion_version()
         assert champion is not None
         gate = evaluate_gate(

@@ -260,16 +260,53 @@ def test_usable_replies_keep_good_ones_and_weigh_every_site_one(caplog):
 
     from flywheel.learner.federated.server import usable_replies
 
-    good = _reply({"w": torch.ones(2, 3)}, {**GOOD_METRICS, "dp-weight": -1.99})
+    sent = {"w": np.zeros((2, 3), np.float32)}
+    good = _reply({"w": torch.full((2, 3), 0.5)}, {**GOOD_METRICS, "dp-weight": -1.99})
     bad = _reply({"w": torch.full((2, 3), float("nan"))}, GOOD_METRICS)
     failed = Message(Error(code=1, reason="site budget refused"), reply_to=_message())
+    refused: list[dict] = []
     with caplog.at_level(logging.WARNING):
-        ok = usable_replies([good, bad, failed], {"w": (2, 3)})
+        ok = usable_replies([good, bad, failed], sent, 2.0, refused, rnd=3)
     assert ok == [good]
     # a site's own weight could shrink the others' noise or blow up their influence
     assert ok[0].content.metric_records["metrics"]["dp-weight"] == 1.0
     assert "reply refused: array 'w' holds NaN" in caplog.text
     assert "site budget refused" in caplog.text
+    assert [r["round"] for r in refused] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    "arrays,why",
+    [
+        # the ×1e6 boost: finite, right shape and dtype, far over the clip norm
+        ({"w": torch.full((2, 3), 1e6)}, "update norm 2.449e+06 over the clip norm 2"),
+        # float64 with a 1e300 weight: finite, but not the model that was sent
+        (
+            {"w": torch.full((2, 3), 1e300, dtype=torch.float64)},
+            "dtype float64, the model sent has float32",
+        ),
+        ({"w": torch.full((2, 3), 0.5, dtype=torch.float16)}, "dtype float16"),
+        # just over C: √6·0.817 ≈ 2.001
+        ({"w": torch.full((2, 3), 0.817)}, "over the clip norm 2"),
+    ],
+)
+def test_the_server_bounds_every_reply_whatever_the_strategy(arrays, why, caplog):
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32)}
+    with caplog.at_level(logging.WARNING):
+        assert usable_replies([_reply(arrays, GOOD_METRICS)], sent, 2.0) == []
+    assert why in caplog.text
+
+
+def test_an_update_at_the_clip_norm_passes_as_sent():
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    at_c = torch.full((2, 3), 2.0 / 6**0.5)  # norm 2 (float32 rounding above it is fine)
+    reply = _reply({"w": at_c, "n": torch.full((1,), 5)}, GOOD_METRICS)
+    assert usable_replies([reply], sent, 2.0) == [reply]  # integer buffers do not count
+    assert torch.equal(torch.from_numpy(reply.content["arrays"]["w"].numpy()), at_c)
 
 
 @pytest.mark.parametrize(
