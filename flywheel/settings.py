@@ -532,6 +532,32 @@ class _FederatedFields(_Fields):
     fed_audit_dir: Path | None = Field(
         None, description="A site writes a copy of every message it sends here."
     )
+    fed_node_auth: bool = Field(
+        False,
+        description="Set by `flywheel fed superlink --auth` for the ServerApps it starts: "
+        "every site authenticates with a registered key, so a node id names the key and "
+        "site-level ε is enforced per site; off, a restarted site counts as a new one.",
+    )
+    fed_min_sites: int = Field(
+        1,
+        ge=1,
+        le=100_000,
+        description="Usable replies a round needs; with fewer the round is dropped.",
+    )
+    fed_min_site_examples: int = Field(
+        1,
+        ge=1,
+        le=10_000_000,
+        description="Trainable examples a site needs to train a round (it refuses with "
+        "fewer; the server refuses a reply counting fewer).",
+    )
+    fed_backoff_max_rounds: int = Field(
+        16,
+        ge=0,
+        le=10_000,
+        description="Longest back-off of a site that refused or failed: it is skipped "
+        "1, 2, 4, ... rounds after each failure in a row, at most this many (0: never).",
+    )
     fed_holdout: Path | None = Field(
         None,
         description="Gate's recent holdout (.npz: x, labels) when the platform store "

@@ -81,7 +81,9 @@ def superlink(
         "TLS" if tls else "insecure",
         ", SuperNode authentication" if auth else "",
     )
-    raise typer.Exit(_run_child(cmd, process_env(settings)))
+    # the ServerApps learn from this whether a node id names a registered key
+    env = process_env(settings, FLYWHEEL_FED_NODE_AUTH="true" if auth else "false")
+    raise typer.Exit(_run_child(cmd, env))
 
 
 @fed_app.command("server")

@@ -212,6 +212,36 @@ class RunSummary:
         return out
 
 
+class Backoff:
+    """Sites that refused or failed a round (an error such as an empty store or a spent
+    budget, a refused reply, no reply) are not asked again for 1, 2, 4, ... rounds after
+    each failure in a row, at most `max_rounds` (0: asked every round); one usable reply
+    clears a site's record."""
+
+    def __init__(self, max_rounds: int) -> None:
+        self.max_rounds = max_rounds
+        self.failures: dict[int, int] = {}
+        self.until: dict[int, int] = {}  # node -> last round it sits out
+
+    def eligible(self, nodes: Iterable[int], rnd: int) -> list[int]:
+        """The `nodes` that round `rnd` may ask."""
+        return [n for n in nodes if self.until.get(n, 0) < rnd]
+
+    def update(self, rnd: int, asked: Iterable[int], usable: set[int]) -> None:
+        """After round `rnd`: `asked` were sent the model, `usable` replied usefully."""
+        for n in asked:
+            if n in usable:
+                self.failures.pop(n, None)
+                self.until.pop(n, None)
+                continue
+            k = self.failures.get(n, 0) + 1
+            self.failures[n] = k
+            skip = min(2 ** (k - 1), self.max_rounds)
+            if skip:
+                self.until[n] = rnd + skip
+                log.info("site %s failed %d round(s) in a row: skipped %d round(s)", n, k, skip)
+
+
 class FastGrid(Grid):
     """A Grid that polls for replies every `poll_s` (Flower's HTTP grid sleeps 3 s) and
     offers strategies only `nodes`, so they sample exactly the sites we chose."""
@@ -267,9 +297,11 @@ def usable_replies(
     clip: float,
     refused: list[dict[str, object]] | None = None,
     rnd: int = 0,
+    min_examples: int = 0,
 ) -> list[Message]:
     """The replies the round may aggregate: no error, what `check_update` accepts, the
-    dtypes of the model `sent`, and an update no longer than `clip` (`bounds`). Each one's
+    dtypes of the model `sent`, an update no longer than `clip` (`bounds`) and at least
+    `min_examples` examples. Each one's
     weight is set to 1 whatever the site said: the DP wrappers' sensitivity (clip / sites)
     assumes equal weights, and a site's own weight could shrink the others' noise or blow
     up their influence. Each refused reply is logged and, with `refused`,
@@ -284,6 +316,10 @@ def usable_replies(
                 refused.append({"round": rnd, "site": site, "why": f"error: {m.error.reason}"})
             continue
         why = check_update(m, shapes) or check_dtypes(m, sent) or bound_update(m, sent, clip)
+        if why is None and metric_number(m.content.metric_records[METRICS], "num-examples", 0) < (
+            min_examples
+        ):
+            why = f"fewer than {min_examples} examples (FLYWHEEL_FED_MIN_SITE_EXAMPLES)"
         if why is not None:
             log.warning("site %s: reply refused: %s", site, why)
             if refused is not None:
@@ -332,6 +368,15 @@ class FederatedRun:
         self.ledger = PrivacyLedger(self.engine)
         self.lineage = f"{config.registry.model_name}:federated"
         self.rng = random.Random(options.seed)
+        self.backoff = Backoff(config.federated.fed_backoff_max_rounds)
+
+    def source(self, node: int) -> str:
+        """The ledger source of a site. With node auth (`FLYWHEEL_FED_NODE_AUTH`, set by
+        `fed superlink --auth`) Flower binds a node id to the key registered by
+        `flywheel fed register` and gives the same id back when that key reconnects, so
+        the id names the site: `site:<id>`. Without, a SuperNode draws a new key and id
+        each start, and `node:<id>` names one connection, not a site."""
+        return f"site:{node}" if self.config.federated.fed_node_auth else f"node:{node}"
 
     # ---- holdouts -----------------------------------------------------------------------
     def trusted_set(self, max_train: int | None = 0) -> TrustedData:
@@ -413,20 +458,30 @@ class FederatedRun:
         )
         base, seen = champion, champion
         updates: list[int] = []
+        if not s.federated.fed_node_auth:
+            log.warning(
+                "no SuperNode authentication (`fed superlink --auth`): a site is known by "
+                "its node id, which changes when it restarts, so site-level ε "
+                "(FLYWHEEL_FED_CLIENT_EPSILON) cannot be enforced and a restarted site "
+                "counts as a new one"
+            )
         for rnd in range(1, o.rounds + 1):
             now = self.registry.champion_version()
             if now is not None and now != seen:
                 log.info("round %d starts from champion v%s (moved from v%s)", rnd, now, seen)
                 module, base, seen = self.registry.load(now).module, now, now
                 server_opt.reset()
-            nodes = self._wait_for_sites(grid)
+            nodes = self.backoff.eligible(self._wait_for_sites(grid), rnd)
+            if not nodes:
+                summary.drop(rnd, "every connected site is backing off")
+                continue
             sampled = sorted(self.rng.sample(nodes, min(o.clients, len(nodes))))
             mech = client_mechanism(o.strategy, o.noise_multiplier, len(sampled))
             try:
                 plan = plan_update(
                     self.ledger,
                     self.lineage,
-                    {f"node:{n}": 1 for n in sampled},
+                    {self.source(n): 1 for n in sampled},
                     mech,
                     budget=s.federated.fed_client_epsilon or math.inf,
                     delta=s.privacy.privacy_delta,
@@ -435,7 +490,7 @@ class FederatedRun:
             except BudgetRefused as exc:
                 log.error("round %d refused: %s", rnd, exc)
                 break
-            allowed = [n for n in sampled if f"node:{n}" in plan.allowed]
+            allowed = [n for n in sampled if self.source(n) in plan.allowed]
             strategy = build_strategy(
                 o.strategy,
                 sites=len(allowed),
@@ -467,20 +522,31 @@ class FederatedRun:
                 strategy.configure_train(rnd, to_record(module.state_dict()), config, fast)
             )
             replies = list(fast.send_and_receive(messages, timeout=s.federated.fed_round_timeout_s))
-            ok = usable_replies(replies, sent, o.clip, summary.refused, rnd)
-            if not ok:
-                summary.drop(rnd, "no usable reply")
+            ok = usable_replies(
+                replies,
+                sent,
+                o.clip,
+                summary.refused,
+                rnd,
+                min_examples=s.federated.fed_min_site_examples,
+            )
+            self.backoff.update(rnd, allowed, {m.metadata.src_node_id for m in ok})
+            if len(ok) < max(1, s.federated.fed_min_sites):
+                summary.drop(
+                    rnd,
+                    f"{len(ok)} usable replies, FLYWHEEL_FED_MIN_SITES={s.federated.fed_min_sites}",
+                )
                 continue
             # the ledger entry goes in before the aggregate exists (over-count, never under)
             spent = client_mechanism(
                 o.strategy, o.noise_multiplier * len(ok) / len(allowed), len(ok)
             )
             histories = self.ledger.histories(
-                self.lineage, [f"node:{m.metadata.src_node_id}" for m in ok]
+                self.lineage, [self.source(m.metadata.src_node_id) for m in ok]
             )
             spends = {}
             for m in ok:
-                src = f"node:{m.metadata.src_node_id}"
+                src = self.source(m.metadata.src_node_id)
                 n = int(metric_number(m.content.metric_records["metrics"], "num-examples", 0))
                 spends[src] = (
                     n,
@@ -630,7 +696,10 @@ class FederatedRun:
             "fed_lineage": self.lineage,
             "fed_strategy": f"{o.strategy}+{o.clipping}-clip",
             "fed_rounds": str(len(summary.rounds)),
-            "fed_sites": ",".join(str(n) for n in sites),
+            "fed_sites": ",".join(self.source(n) for n in sites),
+            "fed_site_identity": "registered key"
+            if s.federated.fed_node_auth
+            else "node id (no node auth: a restarted site counts again)",
             "fed_updates": ",".join(str(u) for u in updates),
         }
         params = {

@@ -423,3 +423,22 @@ def test_the_same_round_asked_twice_gets_different_noise(tmp_path):
     first, _ = site.train(content)
     second, _ = site.train(content)
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_failing_site_is_skipped_for_a_growing_number_of_rounds():
+    from flywheel.learner.federated.server import Backoff
+
+    b = Backoff(max_rounds=4)
+    asked = []
+    for rnd in range(1, 16):
+        nodes = b.eligible([1, 2], rnd)
+        asked.append(2 in nodes)
+        assert 1 in nodes  # the site that replies is asked every round
+        b.update(rnd, nodes, usable={1})
+    # node 2 fails whenever asked: sits out 1, 2, 4, then at most 4 rounds
+    assert [r for r, a in enumerate(asked, 1) if a] == [1, 3, 6, 11]
+    b.update(16, [2], usable={2})  # one usable reply clears its record
+    assert b.eligible([2], 17) == [2]
+    b.update(17, [2], usable=set())
+    assert b.eligible([2], 18) == []  # back to a 1-round back-off
+    assert Backoff(0).eligible([2], 1) == [2]
