@@ -442,3 +442,43 @@ def test_a_failing_site_is_skipped_for_a_growing_number_of_rounds():
     b.update(17, [2], usable=set())
     assert b.eligible([2], 18) == []  # back to a 1-round back-off
     assert Backoff(0).eligible([2], 1) == [2]
+
+
+def test_a_reply_counting_fewer_examples_than_the_minimum_is_refused(caplog):
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32)}
+    few = _reply({"w": torch.zeros(2, 3)}, {**GOOD_METRICS, "num-examples": 3.0})
+    enough = _reply({"w": torch.zeros(2, 3)}, {**GOOD_METRICS, "num-examples": 10.0})
+    with caplog.at_level(logging.WARNING):
+        assert usable_replies([few, enough], sent, 2.0, min_examples=10) == [enough]
+    assert "fewer than 10 examples" in caplog.text
+
+
+def test_a_site_with_fewer_examples_than_its_minimum_refuses_the_round(tmp_path):
+    from flywheel.learner.federated.client_app import Site, SiteBudgetRefused
+    from flywheel.learner.federated.partition import fill_site_store, make_partition
+    from flywheel.learner.federated.records import to_record
+    from flywheel.learner.seed_model import default_spec
+    from flywheel.modelspec import build_model
+    from flywheel.settings import prepare_home
+    from flywheel.store import upgrade
+
+    settings = Settings(home=tmp_path, privacy_source_updates=100, fed_min_site_examples=50)
+    prepare_home(settings)
+    upgrade(settings.resolved_database_url)
+    x, y = make_partition(1, per_site=30, holdout=10).sites[0]
+    fill_site_store(settings.resolved_database_url, x, y, site="s")
+    spec = default_spec()
+    content = RecordDict(
+        {
+            "arrays": to_record(build_model(spec).state_dict()),
+            "config": ConfigRecord({"model-spec": spec.model_dump_json(), "local-steps": 2}),
+        }
+    )
+    with pytest.raises(SiteBudgetRefused, match="30 trainable examples .* fewer than"):
+        Site.of(settings).train(content)
+    # nothing was charged: the refusal comes before the ledger
+    from flywheel.privacy import PrivacyLedger
+
+    assert PrivacyLedger(Site.of(settings).engine).entries() == []
