@@ -458,8 +458,10 @@ class _FederatedFields(_Fields):
     fed_min_clients: int = Field(
         2, ge=1, le=100_000, description="Connected sites a round waits for."
     )
-    fed_strategy: Literal["fedavg", "trimmed", "median"] = Field(
-        "fedavg", description="Aggregation: FedAvg, FedTrimmedAvg or FedMedian (robust)."
+    fed_strategy: Literal["fedavg", "trimmed", "median", "fltrust"] = Field(
+        "fedavg",
+        description="Aggregation: FedAvg, FedTrimmedAvg, FedMedian (robust) or FLTrust "
+        "(sites weighted by agreement with an update on the public trusted set).",
     )
     fed_trim_beta: float = Field(
         0.34, ge=0, lt=0.5, description="Share cut from each end by `trimmed`."

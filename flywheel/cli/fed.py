@@ -112,7 +112,7 @@ def superlink(
 def server(
     rounds: int | None = typer.Option(None, min=1, help="Default: FLYWHEEL_FED_ROUNDS."),
     clients: int | None = typer.Option(None, min=1, help="Sites per round."),
-    strategy: str | None = typer.Option(None, help="fedavg | trimmed | median."),
+    strategy: str | None = typer.Option(None, help="fedavg | trimmed | median | fltrust."),
     clipping: str | None = typer.Option(None, help="DP wrapper: client | server."),
     noise: float | None = typer.Option(None, min=0.0, help="Central noise multiplier σ."),
     server_momentum: float | None = typer.Option(
@@ -327,7 +327,7 @@ def demo(
     report: Path = typer.Option(
         Path(".flywheel/fed-demo"), "--report", help="Folder for summary.json, logs and the homes."
     ),
-    strategy: str = typer.Option("fedavg", help="fedavg | trimmed | median."),
+    strategy: str = typer.Option("fedavg", help="fedavg | trimmed | median | fltrust."),
 ) -> None:
     """A loopback federation (one SuperLink, K sites with Dirichlet(0.5) label-skewed data
     of the changed world) with real processes; writes REPORT/summary.json."""

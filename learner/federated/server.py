@@ -65,6 +65,7 @@ from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import FederatedSettings, TrustedSettings
 
 if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
     from flwr.supercore.run import Run
     from torch import nn
 
@@ -330,6 +331,39 @@ def usable_replies(
     return ok
 
 
+def reference_update(
+    strategy: Strategy,
+    module: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    sent: dict[str, np.ndarray],
+    o: RunOptions,
+    rnd: int,
+) -> None:
+    """FLTrust's reference: the global model trained on public trusted rows (no DP: public
+    data), the same steps, rate and clip as a site, handed to the inner `FLTrust`."""
+    from flywheel.learner.federated.bounds import sent_arrays
+    from flywheel.learner.federated.fltrust import FLTrust
+    from flywheel.learner.federated.local import SiteData, train_locally
+
+    inner = getattr(strategy, "strategy", strategy)  # inside Flower's DP wrapper
+    if not isinstance(inner, FLTrust):
+        raise TypeError(f"expected FLTrust inside the DP wrapper, got {type(inner).__name__}")
+    copy_ = copy.deepcopy(module)
+    rows = SiteData(x, y, np.ones(len(y), np.float32), np.zeros(len(y), np.int64), ("public",))
+    result = train_locally(
+        copy_,
+        rows,
+        steps=o.local_steps,
+        lr=o.local_lr,
+        clip=o.clip,
+        mechanism=None,
+        max_grad_norm=1.0,
+        seed=o.seed * 10_007 + rnd,
+    )
+    inner.set_reference(sent, sent_arrays(result.state))
+
+
 def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(path, allow_pickle=False)
     index = {n: i for i, n in enumerate(labels)}
@@ -433,7 +467,8 @@ class FederatedRun:
         buffers = {k for k in module.state_dict() if k not in dict(module.named_parameters())}
         server_opt = o.server_optimizer([k for k in module.state_dict() if k not in buffers])
         served = copy.deepcopy(module)  # what is evaluated and registered
-        data = self.trusted_set(max_train=PUBLIC_REPLAY_ROWS if o.public_replay else 0)
+        fltrust = o.strategy == "fltrust"
+        data = self.trusted_set(max_train=PUBLIC_REPLAY_ROWS if o.public_replay or fltrust else 0)
         if data.info.schema.input_dim != spec.input_dim:
             raise ValueError(
                 f"v{champion} reads {spec.input_dim} inputs, the trusted set of "
@@ -441,6 +476,12 @@ class FederatedRun:
             )
         trusted, recent = self.holdouts(list(spec.labels), data)
         public_x, public_y = public_replay_rows(data, list(spec.labels))
+        if fltrust and not len(public_y):
+            raise ValueError(
+                f"strategy fltrust scores the sites against an update on the public trusted "
+                f"set; the trusted set of {s.registry.model_name} is "
+                + ("not public" if not data.info.public else "empty")
+            )
         if o.public_replay and not data.info.public:
             log.warning(
                 "FLYWHEEL_FED_PUBLIC_REPLAY=%d ignored: the trusted set of %s is not public, "
@@ -522,6 +563,8 @@ class FederatedRun:
                 strategy.configure_train(rnd, to_record(module.state_dict()), config, fast)
             )
             replies = list(fast.send_and_receive(messages, timeout=s.federated.fed_round_timeout_s))
+            if fltrust:  # the server's own update on public rows, while the sites train
+                reference_update(strategy, module, public_x, public_y, sent, o, rnd)
             ok = usable_replies(
                 replies,
                 sent,
