@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from flwr.app import Message
 
-from flywheel.learner.federated.records import ARRAYS, from_record
+from flywheel.learner.federated.records import ARRAYS, from_record, to_record
 
-__all__ = ["CLIP_SLACK", "all_finite", "bound_update", "check_dtypes", "sent_arrays"]
+__all__ = ["CLIP_SLACK", "ROUNDING", "all_finite", "bound_update", "check_dtypes", "sent_arrays"]
 
 # float32 rounding of a site's own clip (base + update·C/‖update‖) lands a hair above C;
 # that is not an attack and is left as sent
 CLIP_SLACK = 1e-4
+ROUNDING = 1e-5  # an update within this of C (or over it, within CLIP_SLACK) ends there
 
 
 def sent_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -73,6 +74,19 @@ def bound_update(reply: Message, sent: Mapping[str, np.ndarray], clip: float) ->
         return "update norm not finite"
     if norm > clip * (1 + CLIP_SLACK):
         return f"update norm {norm:.4g} over the clip norm {clip:g}"
+    if norm > clip * (1 - ROUNDING):
+        # a site's own clip, rounded to float32, a hair over C: scaled just under it, or
+        # Flower's server-side clip would scale the integer buffers too, and fail (seen:
+        # "Cannot cast ufunc 'multiply' output from float64 to int64", round dropped)
+        scale = clip * (1 - ROUNDING) / norm
+        scaled = {}
+        for key, base in sent.items():
+            if base.dtype.kind != "f":
+                scaled[key] = new[key]
+                continue
+            b = torch.from_numpy(base.astype(np.float64))
+            scaled[key] = (b + (new[key].double() - b) * scale).to(new[key].dtype)
+        reply.content[ARRAYS] = to_record(scaled)
     return None
 
 

@@ -377,16 +377,29 @@ def test_a_restarted_site_continues_its_budget_under_its_registered_key(fed):
         before = {s.source: s for s in ledger.sources(lineage)}
         assert list(before) == [site], before  # the first round, under the site's key
         stop_process(federation.procs["good"])
-        federation.spawn(
-            "good",
-            ["client", "--tls", "--auth", "--node-config", 'site="good"'],
-            federation.settings["good"],
-        )
-        deadline = time.monotonic() + 90
-        while federation.log("good").count("SuperNode ID:") < 2:
-            assert time.monotonic() < deadline, federation.tails("good")
-            assert federation.procs["good"].poll() is None, federation.tails("good")
-            time.sleep(0.3)
+        # the SuperLink takes the key again once it has marked the old connection offline
+        # (Flower: 2 heartbeat intervals, 60 s by default); until then `fed client` exits 1
+        # ("Failed to activate SuperNode") and the site, like an operator, starts it again
+        deadline = time.monotonic() + 180
+        joined = federation.log("good").count("SuperNode ID:")
+        refused = federation.log("good").count("Failed to activate SuperNode")
+
+        def restart() -> subprocess.Popen:
+            return federation.spawn(
+                "good",
+                ["client", "--tls", "--auth", "--node-config", 'site="good"'],
+                federation.settings["good"],
+            )
+
+        proc = restart()
+        while federation.log("good").count("SuperNode ID:") == joined:
+            assert time.monotonic() < deadline, federation.tails("good", "superlink")
+            if proc.poll() is not None:
+                now_refused = federation.log("good").count("Failed to activate SuperNode")
+                assert now_refused > refused, federation.tails("good")
+                refused = now_refused
+                proc = restart()
+            time.sleep(1.0)
         summary = _one_round(federation, platform)
         assert summary["rounds"][0]["sites"] == [registered["site1"]], summary
         after = {s.source: s for s in ledger.sources(lineage)}

@@ -299,11 +299,11 @@ def test_the_server_bounds_every_reply_whatever_the_strategy(arrays, why, caplog
     assert why in caplog.text
 
 
-def test_an_update_at_the_clip_norm_passes_as_sent():
+def test_an_update_under_the_clip_norm_passes_as_sent():
     from flywheel.learner.federated.server import usable_replies
 
     sent = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
-    at_c = torch.full((2, 3), 2.0 / 6**0.5)  # norm 2 (float32 rounding above it is fine)
+    at_c = torch.full((2, 3), 1.9 / 6**0.5)  # norm 1.9
     reply = _reply({"w": at_c, "n": torch.full((1,), 5)}, GOOD_METRICS)
     assert usable_replies([reply], sent, 2.0) == [reply]  # integer buffers do not count
     assert torch.equal(torch.from_numpy(reply.content["arrays"]["w"].numpy()), at_c)
@@ -482,3 +482,19 @@ def test_a_site_with_fewer_examples_than_its_minimum_refuses_the_round(tmp_path)
     from flywheel.privacy import PrivacyLedger
 
     assert PrivacyLedger(Site.of(settings).engine).entries() == []
+
+
+def test_an_update_a_rounding_hair_over_the_clip_ends_under_it_for_flowers_server_clip():
+    """Flower's server-side clip scales every array, integer buffers too, and fails on
+    them: an honest site's float32-rounded clip must not trigger it."""
+    from flwr.supercore.differential_privacy import compute_clip_model_update
+
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    over = torch.full((2, 3), 2.0 / 6**0.5 * (1 + 5e-5))  # within the slack, over C
+    reply = _reply({"w": over, "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS)
+    assert usable_replies([reply], sent, 2.0) == [reply]
+    arrays = reply.content["arrays"].to_numpy_ndarrays()
+    assert float(np.linalg.norm(arrays[0])) <= 2.0
+    compute_clip_model_update(arrays, list(sent.values()), 2.0)  # no scaling: no error
