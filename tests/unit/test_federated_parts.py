@@ -498,3 +498,32 @@ def test_an_update_a_rounding_hair_over_the_clip_ends_under_it_for_flowers_serve
     arrays = reply.content["arrays"].to_numpy_ndarrays()
     assert float(np.linalg.norm(arrays[0])) <= 2.0
     compute_clip_model_update(arrays, list(sent.values()), 2.0)  # no scaling: no error
+
+
+def test_fltrust_weighs_sites_by_agreement_and_rescales_them_to_the_reference():
+    from flywheel.learner.federated.fltrust import FLTrust, trust_scores
+
+    strategy = build_strategy("fltrust", sites=3, clip=2.0, noise_multiplier=0.0)
+    inner = strategy.strategy
+    assert isinstance(inner, FLTrust)
+    base = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    reference = {"w": np.full((2, 3), 0.2, np.float32), "n": np.zeros(1, np.int64)}
+    inner.set_reference(base, reference)
+    honest = _reply(
+        {"w": torch.full((2, 3), 0.1), "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS
+    )
+    boosted = _reply(
+        {"w": torch.full((2, 3), 1e5), "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS
+    )
+    flipped = _reply(
+        {"w": torch.full((2, 3), -0.1), "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS
+    )
+    arrays, _ = inner.aggregate_train(1, [honest, boosted, flipped])
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+    # both agreeing sites count at the reference's norm, the flipped one not at all
+    assert np.allclose(out["w"], 0.2, atol=1e-6)
+    assert inner.last_scores == pytest.approx([1.0, 1.0, 0.0])
+    assert out["n"].dtype == np.int64
+    assert trust_scores([np.zeros(3)], np.ones(3)).tolist() == [0.0]
+    # sensitivity 2C over the wrapper's σC/K
+    assert client_mechanism("fltrust", 1.0, 3).noise_multiplier == pytest.approx(1 / 6)
