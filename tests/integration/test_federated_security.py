@@ -193,7 +193,7 @@ def fed(tmp_path_factory, pki):
         root,
         len(SITES),
         make_partition(len(SITES), alpha=0.5),
-        rounds=1,
+        rounds=2,  # each site budgets its sources for 2 rounds: the restart test's too
         fed_tls_ca=pki / "ca.pem",
         fed_min_clients=1,
     )
@@ -401,6 +401,7 @@ def test_a_restarted_site_continues_its_budget_under_its_registered_key(fed):
                 proc = restart()
             time.sleep(1.0)
         summary = _one_round(federation, platform)
+        assert summary["rounds"], summary
         assert summary["rounds"][0]["sites"] == [registered["site1"]], summary
         after = {s.source: s for s in ledger.sources(lineage)}
         assert list(after) == [site], after  # the same source, not a new one
