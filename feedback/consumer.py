@@ -79,6 +79,8 @@ class KafkaBatchConsumer:
     def _new_client(feedback: FeedbackSettings, kafka: KafkaSettings, client_id: str) -> Any:
         from confluent_kafka import Consumer
 
+        from flywheel.kafka_security import confluent_options
+
         timeout = feedback.feedback_session_timeout_ms
         return Consumer(
             {
@@ -93,6 +95,7 @@ class KafkaBatchConsumer:
                 "partition.assignment.strategy": "range",
                 "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
                 "on_commit": _log_refused_commit,
+                **confluent_options(kafka),  # SASL / TLS
             },
             logger=logging.getLogger("flywheel.kafka"),
         )

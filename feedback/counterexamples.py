@@ -485,7 +485,7 @@ def _round_within(
     """`x + delta` rounded to float32 per row, with the `shrinkable` columns of `delta`
     shrunk and retried while the rounded point lands outside `radius` (or is not finite);
     (features, distance) per row, None where no shrink fits. `delta` is changed in place."""
-    found32 = np.zeros(delta.shape, dtype=np.float32)
+    found32 = np.zeros((len(delta), delta.shape[1]), dtype=np.float32)
     found = np.zeros(len(delta), dtype=bool)
     dist = np.zeros(len(delta))
     todo = np.arange(len(delta))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 from flywheel.events import DeadLetter, utcnow
 from flywheel.feedback.messages import MAX_REASON, Rejected
@@ -76,7 +77,8 @@ def dead_letter(r: Rejected) -> DeadLetter:
 class DeadLetterWriter:
     """acks=all, flushed before the consumer commits past the refused records."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, **config: Any) -> None:
+        """`config`: more KafkaProducer arguments (flywheel.kafka_security's SASL / TLS)."""
         from kafka import KafkaProducer
 
         self.topic = topic
@@ -86,6 +88,7 @@ class DeadLetterWriter:
             linger_ms=5,
             max_request_size=MAX_REQUEST_BYTES,
             batch_size=BATCH_BYTES,
+            **config,
         )
 
     def publish(self, rejected: Sequence[Rejected], timeout_s: float = 30.0) -> None:

@@ -23,7 +23,7 @@ from flywheel.feedback.observer import WorkerObserver
 from flywheel.feedback.reference_data import LabelledPool, ensure_reference
 from flywheel.feedback.worker import FeedbackWorker
 from flywheel.settings import Settings
-from flywheel.store import NoTrustedData, open_store, session_factory, trusted_info
+from flywheel.store import KeyBook, NoTrustedData, open_store, session_factory, trusted_info
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -108,6 +108,14 @@ def build_worker(
         reference = ensure_reference(session, settings.registry)
         pool = LabelledPool.load(session, reference, settings.registry.model_name)
     builder = ExampleBuilder(feedback, pool, registry_model_loader(registry))
+    keys = None
+    if settings.access.auth == "on":  # corrections must be signed (feedback/signatures.py)
+        keys = KeyBook(lambda: engine, settings.access.auth_cache_ttl_s)
+    else:
+        log.warning(
+            "FLYWHEEL_AUTH=off: corrections are not checked for an app's signature and keep "
+            "the source they name; for local experiments only (docs/security.md)"
+        )
     return FeedbackWorker(
         feedback,
         settings.kafka,
@@ -116,6 +124,7 @@ def build_worker(
         client_id=client_id,
         observer=observer,
         release=Corroborator(reference, feedback.holdout_fraction, every_s=RELEASE_EVERY_S),
+        keys=keys,
     )
 
 

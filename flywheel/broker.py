@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
-    """Block until a Kafka client completes a metadata round trip with `bootstrap`."""
+def wait_for_kafka(
+    bootstrap: str, timeout_s: float = 20.0, *, security: Mapping[str, Any] | None = None
+) -> None:
+    """Block until a Kafka client completes a metadata round trip with `bootstrap`.
+
+    `security` (here and below): kafka-python arguments from
+    `flywheel.kafka_security.kafka_python_options`, for a cluster with SASL or TLS."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -60,7 +66,9 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+            admin = KafkaAdminClient(
+                bootstrap_servers=bootstrap, request_timeout_ms=2000, **(security or {})
+            )
             try:
                 admin.list_topics()
                 return
@@ -72,13 +80,21 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
     raise BrokerError(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s: {last}")
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[str]:
+def ensure_topics(
+    bootstrap: str,
+    topics: list[str],
+    partitions: int,
+    *,
+    security: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Create the topics that do not exist yet; returns the ones created."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=5000, **(security or {})
+    )
     try:
         missing = [t for t in topics if t not in set(admin.list_topics())]
         if missing:
@@ -90,7 +106,12 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[st
 
 
 def read_topic(
-    bootstrap: str, topic: str, *, at_least: int = 0, timeout_s: float = 30.0
+    bootstrap: str,
+    topic: str,
+    *,
+    at_least: int = 0,
+    timeout_s: float = 30.0,
+    security: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Every record on every partition of `topic`, from the beginning to its end offsets.
 
@@ -102,7 +123,11 @@ def read_topic(
 
     deadline = time.monotonic() + timeout_s
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, max_poll_records=5000
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        max_poll_records=5000,
+        **(security or {}),
     )
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -145,7 +170,12 @@ class PartitionLag:
 
 
 def consumer_lag(
-    bootstrap: str, group: str, topics: list[str], timeout_s: float = 5.0
+    bootstrap: str,
+    group: str,
+    topics: list[str],
+    timeout_s: float = 5.0,
+    *,
+    security: Mapping[str, Any] | None = None,
 ) -> list[PartitionLag]:
     """The group's lag on every partition of `topics` (committed offsets against the end
     offsets, `_read_ends`); `BrokerError` if the broker cannot be asked within about
@@ -155,13 +185,18 @@ def consumer_lag(
 
     ms = int(timeout_s * 1000)
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ms)
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=ms, **(security or {})
+        )
     except KafkaError as exc:
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
     consumer = None
     try:
         consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, request_timeout_ms=max(ms, 1000)
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            request_timeout_ms=max(ms, 1000),
+            **(security or {}),
         )
         tps = [
             TopicPartition(topic, p)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -68,10 +71,58 @@ class _StartupErrors(logging.Filter):
         return message != "Application startup failed. Exiting."
 
 
-def run_server(app: FastAPI, host: str, port: int, access_log: bool = False) -> None:
-    """Serve until stopped; `StartupFailed` if the app's start-up raised."""
+@dataclass(frozen=True)
+class TLS:
+    """HTTPS for the server: a certificate chain and its key (PEM), and for mutual TLS the
+    CA bundle every client certificate must be signed by."""
+
+    certfile: Path
+    keyfile: Path
+    client_cafile: Path | None = None
+
+    def check(self) -> None:
+        """`StartupFailed` naming the files if they are not a usable certificate and key.
+
+        uvicorn loads them only inside `run()`, and a bad pair then ends in a traceback;
+        loading them here first turns it into one line before anything starts.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupFailed(
+                f"TLS certificate {self.certfile} with key {self.keyfile}: {exc}"
+            ) from None
+        if self.client_cafile is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise StartupFailed(f"TLS client CA {self.client_cafile}: {exc}") from None
+
+    def uvicorn_options(self) -> dict[str, object]:
+        return {
+            "ssl_certfile": str(self.certfile),
+            "ssl_keyfile": str(self.keyfile),
+            "ssl_ca_certs": None if self.client_cafile is None else str(self.client_cafile),
+            "ssl_cert_reqs": ssl.CERT_NONE if self.client_cafile is None else ssl.CERT_REQUIRED,
+        }
+
+
+def run_server(
+    app: FastAPI, host: str, port: int, access_log: bool = False, tls: TLS | None = None
+) -> None:
+    """Serve until stopped (over HTTPS only, with `tls`); `StartupFailed` if the app's
+    start-up raised or `tls` names no usable certificate and key."""
+    if tls is not None:
+        tls.check()
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", access_log=access_log, workers=1
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=access_log,
+        workers=1,
+        **(tls.uvicorn_options() if tls is not None else {}),  # type: ignore[arg-type]
     )
     server = GracefulServer(config)
     errors = _StartupErrors(server)

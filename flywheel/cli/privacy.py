@@ -57,6 +57,11 @@ def _print(doc: dict, plot: Path | None) -> None:
         f"spent (worst source) ε={doc['epsilon_spent']:.3f}; "
         f"{doc['sources_out_of_budget']} of {doc['sources_total']} sources out of "
         "budget"
+        + (
+            f"; {len(doc['never_published'])} update(s) never published, still counted"
+            if doc["never_published"]
+            else ""
+        )
     )
     if not doc["entries"]:
         console.print("no DP updates in the ledger yet")

@@ -8,10 +8,12 @@ because one part is down (that part's entry says why):
 - Kafka: the feedback group's committed offset and lag on every partition of the
   prediction and correction topics;
 - the training store: schema revision against the code's, and each learner lineage's
-  watermark with the trainable examples above it.
+  watermark with the trainable examples above it and who holds its lease (the one learner
+  that may write it; a lease that ran out means no learner is running for it).
 
 "Problems" are what needs a person (a replica down or serving another version, a spool
-not draining, a store behind the code, a part unreachable): exit 1. "Behind" is the loop
+not draining, a store behind the code, a part unreachable, a lineage no learner holds):
+exit 1. "Behind" is the loop
 catching up (lag above `--max-lag`, a learner more than one update behind): reported,
 exit 0.
 """
@@ -68,6 +70,7 @@ def _champion(settings: Settings) -> dict[str, Any]:
 
 def _kafka(settings: Settings, timeout_s: float) -> dict[str, Any]:
     from flywheel.broker import BrokerError, consumer_lag
+    from flywheel.kafka_security import kafka_python_options
 
     k = settings.kafka
     group = settings.feedback.feedback_group
@@ -76,7 +79,9 @@ def _kafka(settings: Settings, timeout_s: float) -> dict[str, Any]:
         return out | {"error": "FLYWHEEL_KAFKA_BOOTSTRAP is not set"}
     topics = [k.topic_predictions, k.topic_corrections]
     try:
-        lags = consumer_lag(k.kafka_bootstrap, group, topics, timeout_s)
+        lags = consumer_lag(
+            k.kafka_bootstrap, group, topics, timeout_s, security=kafka_python_options(k)
+        )
     except BrokerError as exc:
         return out | {"error": str(exc)}
     fields = ("topic", "partition", "committed", "end", "lag")
@@ -88,8 +93,8 @@ def _kafka(settings: Settings, timeout_s: float) -> dict[str, Any]:
 def _store(settings: Settings) -> dict[str, Any]:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from flywheel.store import LeaseTable, head, learner_progress, make_engine, session_factory
     from flywheel.store import current as current_revision
-    from flywheel.store import head, learner_progress, make_engine, session_factory
 
     url = settings.resolved_database_url
     out: dict[str, Any] = {"url": mask_credentials(str(url)), "head": head(), "learners": []}
@@ -102,6 +107,8 @@ def _store(settings: Settings) -> dict[str, Any]:
         try:
             with session_factory(engine)() as session:
                 progress = learner_progress(session)
+                leases = LeaseTable(engine, ttl_s=1.0)
+                holders = {p.lineage: leases.holder(p.lineage, session) for p in progress}
         finally:
             engine.dispose()
     except SQLAlchemyError as exc:
@@ -112,10 +119,22 @@ def _store(settings: Settings) -> dict[str, Any]:
             "watermark": p.watermark,
             "unread_at_most": p.unread_at_most,
             "updated_at": p.updated_at.isoformat() if p.updated_at else None,
+            "lease": _lease(holders[p.lineage]),
         }
         for p in progress
     ]
     return out
+
+
+def _lease(holder: Any) -> dict[str, Any] | None:
+    if holder is None:
+        return None
+    return {
+        "owner": holder.owner,
+        "token": holder.token,
+        "expires_in_s": round(holder.expires_in_s, 1),
+        "held": holder.expires_in_s > 0,
+    }
 
 
 def gather(
@@ -158,6 +177,12 @@ def gather(
         )
     batch = settings.learner.learn_batch
     for lr in store["learners"]:
+        lease = lr["lease"]
+        if lease is not None and not lease["held"]:
+            problems.append(
+                f"learner {lr['lineage']}: no learner holds it (the lease of {lease['owner']} "
+                f"ran out {-lease['expires_in_s']:.0f} s ago)"
+            )
         if lr["unread_at_most"] > batch:
             behind.append(f"learner {lr['lineage']}: up to {lr['unread_at_most']} examples unread")
     doc["problems"], doc["behind"] = problems, behind
@@ -205,11 +230,20 @@ def _print(doc: dict[str, Any]) -> None:
     print_table(console, lag)
     store = doc["store"]
     learners = Table(title=f"learners in {store['url']} (schema {store.get('revision')})")
-    for col in ("lineage", "watermark", "unread (at most)", "saved (UTC)"):
+    for col in ("lineage", "watermark", "unread (at most)", "saved (UTC)", "lease holder"):
         learners.add_column(col)
     for lr in store["learners"]:
         saved = (lr["updated_at"] or "")[:19].replace("T", " ")
-        learners.add_row(lr["lineage"], str(lr["watermark"]), str(lr["unread_at_most"]), saved)
+        lease = lr["lease"]
+        holder = (
+            "none"
+            if lease is None
+            else f"{lease['owner']} (token {lease['token']}, "
+            + (f"{lease['expires_in_s']:g} s left)" if lease["held"] else "ran out)")
+        )
+        learners.add_row(
+            lr["lineage"], str(lr["watermark"]), str(lr["unread_at_most"]), saved, holder
+        )
     print_table(console, learners)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
@@ -60,6 +62,25 @@ def _positive(name: str, value: Any, cap: int = 100_000) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap:
         raise ValueError(f"{name} must be an integer from 1 to {cap}; got {value!r}")
     return value
+
+
+Verify = bool | str | os.PathLike[str] | ssl.SSLContext
+"""What `Client(verify=...)` takes: see `ssl_verify`."""
+
+
+def ssl_verify(verify: Verify) -> bool | ssl.SSLContext:
+    """httpx's `verify` for `verify`: a CA bundle's path becomes an SSL context that trusts
+    it (httpx 0.28 deprecates a path); a bool or a context is passed as is.
+
+    >>> ssl_verify(True), ssl_verify(False)
+    (True, False)
+    """
+    if isinstance(verify, bool | ssl.SSLContext):
+        return verify
+    path = os.fspath(verify)
+    if not os.path.isfile(path):
+        raise ValueError(f"verify: no CA bundle at {path!r}")
+    return ssl.create_default_context(cafile=path)
 
 
 class _Base:
@@ -288,7 +309,11 @@ class Client(_Base):
     `retries` more attempts with exponential backoff and jitter on connection errors, 429
     and 502/503/504 (`flywheel.client.retry`); inputs longer than `batch_size` rows are sent
     as several requests. `transport` replaces the network (an `httpx.MockTransport` in
-    tests); `sleep` replaces `time.sleep` between retries.
+    tests); `sleep` replaces `time.sleep` between retries. `verify` checks an https
+    service's certificate: True (the system's CAs), the path of a CA bundle (a service
+    whose certificate your own CA signed: FLYWHEEL_TLS_CERTFILE), an `ssl.SSLContext` (for
+    mutual TLS, one with `load_cert_chain(client_cert, client_key)` called), or False (no
+    check: never in production).
 
     >>> import httpx
     >>> def service(request):
@@ -315,6 +340,7 @@ class Client(_Base):
         batch_size: int = DEFAULT_BATCH_SIZE,
         corrections_batch_size: int = DEFAULT_CORRECTIONS_BATCH_SIZE,
         transport: httpx.BaseTransport | None = None,
+        verify: Verify = True,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(
@@ -329,7 +355,11 @@ class Client(_Base):
         )
         self._sleep = sleep
         self._http = httpx.Client(
-            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=timeout,
+            transport=transport,
+            verify=ssl_verify(verify),
         )
 
     def __enter__(self) -> Client:
@@ -420,6 +450,7 @@ class AsyncClient(_Base):
         batch_size: int = DEFAULT_BATCH_SIZE,
         corrections_batch_size: int = DEFAULT_CORRECTIONS_BATCH_SIZE,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: Verify = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(
@@ -434,7 +465,11 @@ class AsyncClient(_Base):
         )
         self._sleep = sleep
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=timeout,
+            transport=transport,
+            verify=ssl_verify(verify),
         )
 
     async def __aenter__(self) -> AsyncClient:

@@ -8,6 +8,23 @@ Open it with `open_store(url)`, which refuses a database whose schema is not the
 this code expects; change the schema only through `upgrade`/`downgrade` (Alembic).
 """
 
+from flywheel.store.apps import (
+    DEFAULT_GRACE_S,
+    AppExists,
+    AppIdentity,
+    AppInfo,
+    KeyBook,
+    KeyInfo,
+    KeyRecord,
+    KeyRefused,
+    UnknownApp,
+    add_app,
+    find_key,
+    list_apps,
+    revoke_app,
+    rotate_key,
+    touch_keys,
+)
 from flywheel.store.bulk import (
     CopyRows,
     EncodedRows,
@@ -32,6 +49,7 @@ from flywheel.store.database import (
 )
 from flywheel.store.error_counts import CounterRow, error_counters, window_start
 from flywheel.store.examples import ExampleReader, StoredExample
+from flywheel.store.lease import Holder, Lease, LeaseLost, LeaseTable, default_owner
 from flywheel.store.ledger import LedgerRow, LedgerTables, SourceSpend
 from flywheel.store.migrate import (
     alembic_config,
@@ -47,6 +65,8 @@ from flywheel.store.models import (
     NO_SOURCE,
     ORIGINS,
     SPLITS,
+    App,
+    AppKey,
     Base,
     Correction,
     CorrectionStatus,
@@ -54,6 +74,7 @@ from flywheel.store.models import (
     ErrorCount,
     ErrorType,
     Example,
+    LearnerLease,
     LearnerState,
     Origin,
     Prediction,
@@ -86,6 +107,23 @@ from flywheel.store.trusted import (
 )
 
 __all__ = [
+    "DEFAULT_GRACE_S",
+    "AppExists",
+    "AppIdentity",
+    "AppInfo",
+    "KeyBook",
+    "KeyInfo",
+    "KeyRecord",
+    "KeyRefused",
+    "UnknownApp",
+    "add_app",
+    "find_key",
+    "list_apps",
+    "revoke_app",
+    "rotate_key",
+    "touch_keys",
+    "App",
+    "AppKey",
     "CORRECTION_STATUSES",
     "ERROR_TYPES",
     "NO_SOURCE",
@@ -107,6 +145,12 @@ __all__ = [
     "ExampleReader",
     "StoredExample",
     "Example",
+    "Holder",
+    "Lease",
+    "LeaseLost",
+    "LeaseTable",
+    "LearnerLease",
+    "default_owner",
     "LedgerRow",
     "LedgerTables",
     "SourceSpend",

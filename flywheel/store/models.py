@@ -28,7 +28,6 @@ from sqlalchemy import (
     MetaData,
     String,
     TypeDecorator,
-    UniqueConstraint,
     func,
     text,
 )
@@ -266,6 +265,23 @@ class LearnerState(Base):
     )
 
 
+class LearnerLease(Base):
+    """Who may write for a learner lineage, until when, under which fencing token.
+
+    Times are seconds since the epoch on the database's clock (one clock for every holder,
+    whatever the hosts' clocks say); the token grows by one at every change of holder and
+    every write the learner makes checks it (flywheel/store/lease.py).
+    """
+
+    __tablename__ = "learner_leases"
+
+    lineage: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    token: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[float] = mapped_column(Float)
+    renewed_at: Mapped[float] = mapped_column(Float)
+
+
 class ReferenceStats(Base):
     """The training distribution a lineage's novelty scores are measured against."""
 
@@ -303,6 +319,43 @@ class TrustedSet(Base):
     )
 
 
+APP_NAME_LENGTH = 32  # flywheel.appkeys.APP_NAME_PATTERN
+
+
+class App(Base):
+    """An app that calls the service (`flywheel apps create`): its name is the source of
+    its corrections, its scopes what its keys may do. Revoked: every key refused."""
+
+    __tablename__ = "apps"
+
+    name: Mapped[str] = mapped_column(String(APP_NAME_LENGTH), primary_key=True)
+    scopes: Mapped[str] = mapped_column(String(64))  # comma-separated, flywheel.appkeys.SCOPES
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now()
+    )
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AppKey(Base):
+    """One key of an app: only its SHA-256 and the signing secret derived from it are kept
+    (flywheel.appkeys). A rotation adds a key and gives the old ones an `expires_at` at the
+    end of the grace period."""
+
+    __tablename__ = "app_keys"
+
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    app: Mapped[str] = mapped_column(
+        String(APP_NAME_LENGTH), ForeignKey("apps.name", ondelete="CASCADE"), index=True
+    )
+    key_hash: Mapped[str] = mapped_column(String(64))
+    signing_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now()
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class ErrorCount(Base):
     """Joined corrections per model version, hour, (predicted, true) pair and outcome.
 
@@ -325,6 +378,9 @@ class ErrorCount(Base):
 
 
 __all__ = [
+    "APP_NAME_LENGTH",
+    "App",
+    "AppKey",
     "CORRECTION_STATUSES",
     "ERROR_TYPES",
     "NAMING_CONVENTION",
@@ -356,8 +412,10 @@ class PrivacyLedgerEntry(Base):
     """
 
     __tablename__ = "privacy_ledger"
+    # (lineage, update_no) is not unique (0009): a row is never replaced, so a re-run of an
+    # update whose learner died before publishing adds a row, and the dead one keeps counting
     __table_args__ = (
-        UniqueConstraint("lineage", "update_no"),
+        Index("ix_privacy_ledger_lineage_update_no", "lineage", "update_no"),
         {"sqlite_autoincrement": True},
     )
 

@@ -498,7 +498,7 @@ class FederatedRun:
             delta=s.privacy.privacy_delta,
         )
         base, seen = champion, champion
-        updates: list[int] = []
+        updates: list[tuple[int, int]] = []  # (update number, ledger row id)
         if not s.federated.fed_node_auth:
             log.warning(
                 "no SuperNode authentication (`fed superlink --auth`): a site is known by "
@@ -604,7 +604,7 @@ class FederatedRun:
                 self.ledger.lineage_epsilon(self.lineage), max(e for _, e in spends.values())
             )
             update_no = max((e.update_no for e in self.ledger.entries(self.lineage)), default=0) + 1
-            self.ledger.record(
+            row_id = self.ledger.record(
                 {
                     "lineage": self.lineage,
                     "update_no": update_no,
@@ -625,7 +625,7 @@ class FederatedRun:
                 },
                 spends,
             )
-            updates.append(update_no)
+            updates.append((update_no, row_id))  # the row is named by id once published
             if o.noise_seed >= 0:
                 log.warning(
                     "central DP noise seeded (noise_seed=%d): experiments only", o.noise_seed
@@ -701,7 +701,7 @@ class FederatedRun:
         summary: RunSummary,
         spec: AnySpec,
         module: nn.Module,
-        updates: list[int],
+        updates: list[tuple[int, int]],
         trusted: Holdout,
         recent: Holdout,
         evaluate_gate: Callable[..., GateResult],
@@ -743,7 +743,7 @@ class FederatedRun:
             "fed_site_identity": "registered key"
             if s.federated.fed_node_auth
             else "node id (no node auth: a restarted site counts again)",
-            "fed_updates": ",".join(str(u) for u in updates),
+            "fed_updates": ",".join(str(u) for u, _ in updates),
         }
         params = {
             "fed_strategy": o.strategy,
@@ -773,8 +773,8 @@ class FederatedRun:
             params=params,
             metrics={k: v for k, v in metrics.items() if not math.isnan(v)},
         )
-        for u in updates:
-            self.ledger.set_version(self.lineage, u, version)
+        for _, row_id in updates:
+            self.ledger.set_version(row_id, version)
         summary.version, summary.gate = version, gate.summary()
         if gate.passed and s.gate.auto_promote:
             promote(

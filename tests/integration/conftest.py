@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings, prepare_home
+from tests.conftest import AppKey, make_app_key
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,10 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
         # the default delivery timeout (5 s) and more: a stalled CI machine must not turn
         # a slow acknowledgement into a spooled, resent (duplicate) record
         kafka_timeout_s=10.0,
+        # a learner that stopped without letting its lineage's lease go (a test's crash) is
+        # taken over after 3 s, not 15
+        learn_lease_s=3.0,
+        learn_lease_renew_s=1.0,
     )
     prepare_home(s)
     ensure_topics(broker.bootstrap, s.topics, s.topic_partitions)
@@ -103,3 +108,13 @@ def wait_for_lock_wait() -> Callable[..., None]:
         raise AssertionError("the second transaction never waited for the first")
 
     return wait
+
+
+@pytest.fixture()
+def service_key(settings: Settings) -> AppKey:
+    """App `tests` (every scope) in the store of `settings`, migrated first: a service on
+    these settings accepts `headers=service_key.headers`."""
+    from flywheel.store import upgrade
+
+    upgrade(settings.resolved_database_url)
+    return make_app_key(settings.resolved_database_url)

@@ -52,3 +52,58 @@ def test_bench_serve_compares_named_rows_with_vectors_on_one_model(run_bench_pro
     named = next(run for run in doc["runs"] if run["mode"] == "named")
     assert named["events_with_row"] == named["events_logged"] > 0
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+
+
+@pytest.mark.parametrize("compare", ["corrections", "predictions"])
+def test_bench_serve_compares_durable_answers_with_queued_ones(compare, run_bench_process):
+    """Issue 27: the same endpoint answered once its records are durable (the service)
+    and once they are queued (before); every 2xx call's record is read back."""
+    doc = run_bench_process(
+        "serve",
+        "--compare",
+        compare,
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+    )
+    assert [run["mode"] for run in doc["runs"]] == ["fast", "durable"]
+    summary = doc["summary"]
+    for mode in ("fast", "durable"):
+        assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
+    assert summary["events_match"] and summary["events_logged"] > 0, summary
+    durable = next(run for run in doc["runs"] if run["mode"] == "durable")
+    assert durable["log_stats"]["batches"] > 0  # answered through the sender's batches
+    topic = "bench.corrections" if compare == "corrections" else "bench.predictions"
+    assert all(run["topic"].startswith(topic) for run in doc["runs"])
+    assert summary["throughput_ratio"] > 0
+
+
+def test_bench_serve_compares_app_keys_on_and_off(run_bench_process):
+    """`--compare auth`: every keyed request is answered 200 (a refused key would be a
+    non-200 and a figure about 401s), and the open side sent no key."""
+    doc = run_bench_process(
+        "serve",
+        "--compare",
+        "auth",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+    )
+    assert [run["mode"] for run in doc["runs"]] == ["open", "keys"]
+    summary = doc["summary"]
+    assert summary["compare"] == "auth"
+    for mode in ("open", "keys"):
+        assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
+    assert all(run["load"]["ok_total"] > 0 and run["topic"] is None for run in doc["runs"])
+    assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+    assert set(summary["targets"]) == {"throughput_ratio", "p99_ratio"}

@@ -39,12 +39,15 @@ TABLES = {
     "corrections",
     "examples",
     "learner_state",
+    "learner_leases",
     "reference_stats",
     "trusted_sets",
     "error_counts",
     "counterexample_usage",
     "privacy_ledger",
     "privacy_source_spend",
+    "apps",
+    "app_keys",
 }
 
 
