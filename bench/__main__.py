@@ -25,6 +25,7 @@ BENCHMARKS = (
     "quant",
     "fedround",
     "fedaccuracy",
+    "fedrobust",
     "init",
 )
 

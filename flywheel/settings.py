@@ -644,8 +644,10 @@ class _FederatedFields(_Fields):
     fed_min_clients: int = Field(
         2, ge=1, le=100_000, description="Connected sites a round waits for."
     )
-    fed_strategy: Literal["fedavg", "trimmed", "median"] = Field(
-        "fedavg", description="Aggregation: FedAvg, FedTrimmedAvg or FedMedian (robust)."
+    fed_strategy: Literal["fedavg", "trimmed", "median", "fltrust"] = Field(
+        "fedavg",
+        description="Aggregation: FedAvg, FedTrimmedAvg, FedMedian (robust) or FLTrust "
+        "(sites weighted by agreement with an update on the public trusted set).",
     )
     fed_trim_beta: float = Field(
         0.34, ge=0, lt=0.5, description="Share cut from each end by `trimmed`."
@@ -717,6 +719,32 @@ class _FederatedFields(_Fields):
     )
     fed_audit_dir: Path | None = Field(
         None, description="A site writes a copy of every message it sends here."
+    )
+    fed_node_auth: bool = Field(
+        False,
+        description="Set by `flywheel fed superlink --auth` for the ServerApps it starts: "
+        "every site authenticates with a registered key, so a node id names the key and "
+        "site-level ε is enforced per site; off, a restarted site counts as a new one.",
+    )
+    fed_min_sites: int = Field(
+        1,
+        ge=1,
+        le=100_000,
+        description="Usable replies a round needs; with fewer the round is dropped.",
+    )
+    fed_min_site_examples: int = Field(
+        1,
+        ge=1,
+        le=10_000_000,
+        description="Trainable examples a site needs to train a round (it refuses with "
+        "fewer; the server refuses a reply counting fewer).",
+    )
+    fed_backoff_max_rounds: int = Field(
+        16,
+        ge=0,
+        le=10_000,
+        description="Longest back-off of a site that refused or failed: it is skipped "
+        "1, 2, 4, ... rounds after each failure in a row, at most this many (0: never).",
     )
     fed_holdout: Path | None = Field(
         None,

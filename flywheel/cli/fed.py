@@ -26,6 +26,8 @@ from flywheel.cli import app, settings_or_exit, store_or_exit
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
+    from flywheel.settings import Settings
+
 log = logging.getLogger("flywheel.federated")
 fed_app = typer.Typer(
     no_args_is_help=True, help="Federated learning: SuperLink, ServerApp runs, customer sites."
@@ -58,6 +60,26 @@ def _run_child(cmd: list[str], env: dict[str, str]) -> int:
     return proc.wait()
 
 
+def _store_ready(settings: Settings) -> None:
+    """A store with no Flywheel schema at all (a fresh home) gets the current schema, with
+    a log line, as `flywheel init` does: onboarding is `fed superlink` / `fed client` on a
+    new home. A store at another revision is a one-line error, exit 1 (`flywheel db
+    upgrade` is the operator's step there, never implicit)."""
+    from flywheel.store import SchemaNotCurrent, display_url, open_store, upgrade
+
+    url = settings.resolved_database_url
+    try:
+        open_store(url).dispose()
+        return
+    except SchemaNotCurrent as exc:
+        if exc.current is not None:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    upgrade(url)
+    log.info("store %s had no Flywheel schema: created (flywheel db upgrade)", display_url(url))
+    store_or_exit(settings).dispose()
+
+
 @fed_app.command("superlink")
 def superlink(
     tls: bool = typer.Option(False, "--tls", help=TLS_HELP),
@@ -74,21 +96,23 @@ def superlink(
 
     settings = settings_or_exit()
     cmd = _security_or_exit(superlink_command, settings.federated, tls=tls, auth=auth)
-    store_or_exit(settings).dispose()  # a migrated store, or a one-line error
+    _store_ready(settings)
     log.info(
         "SuperLink on %s (%s%s)",
         settings.fed_superlink,
         "TLS" if tls else "insecure",
         ", SuperNode authentication" if auth else "",
     )
-    raise typer.Exit(_run_child(cmd, process_env(settings)))
+    # the ServerApps learn from this whether a node id names a registered key
+    env = process_env(settings, FLYWHEEL_FED_NODE_AUTH="true" if auth else "false")
+    raise typer.Exit(_run_child(cmd, env))
 
 
 @fed_app.command("server")
 def server(
     rounds: int | None = typer.Option(None, min=1, help="Default: FLYWHEEL_FED_ROUNDS."),
     clients: int | None = typer.Option(None, min=1, help="Sites per round."),
-    strategy: str | None = typer.Option(None, help="fedavg | trimmed | median."),
+    strategy: str | None = typer.Option(None, help="fedavg | trimmed | median | fltrust."),
     clipping: str | None = typer.Option(None, help="DP wrapper: client | server."),
     noise: float | None = typer.Option(None, min=0.0, help="Central noise multiplier σ."),
     server_momentum: float | None = typer.Option(
@@ -154,6 +178,8 @@ def server(
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
+    for d in summary.get("dropped", []):
+        typer.echo(f"round {d['round']} dropped: {d['why']}")
     for r in summary["rounds"]:
         typer.echo(
             f"round {r['round']}: {r['replied']} sites, recent accuracy "
@@ -214,7 +240,7 @@ def client(
         node_config=node_config,
         flower_defaults=flower_defaults,
     )
-    store_or_exit(settings).dispose()  # a migrated store, or a one-line error
+    _store_ready(settings)
     env = process_env(settings, FLYWHEEL_FED_POLL_S=str(settings.fed_poll_s))
     if flower_defaults:
         raise typer.Exit(_run_child(cmd, env))
@@ -301,7 +327,7 @@ def demo(
     report: Path = typer.Option(
         Path(".flywheel/fed-demo"), "--report", help="Folder for summary.json, logs and the homes."
     ),
-    strategy: str = typer.Option("fedavg", help="fedavg | trimmed | median."),
+    strategy: str = typer.Option("fedavg", help="fedavg | trimmed | median | fltrust."),
 ) -> None:
     """A loopback federation (one SuperLink, K sites with Dirichlet(0.5) label-skewed data
     of the changed world) with real processes; writes REPORT/summary.json."""

@@ -161,6 +161,11 @@ class Site:
         )
         if len(data) == 0:
             raise SiteBudgetRefused("no trainable examples in this site's store")
+        if len(data) < s.fed_min_site_examples:
+            raise SiteBudgetRefused(
+                f"{len(data)} trainable examples in this site's store, fewer than "
+                f"FLYWHEEL_FED_MIN_SITE_EXAMPLES={s.fed_min_site_examples}"
+            )
         mechanism, eps, delta = None, 0.0, 0.0
         if dp is not None:
             mechanism = self.mechanism(dp, steps)

@@ -39,6 +39,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from flywheel.learner.federated.bounds import (
+    all_finite,
+    bound_update,
+    check_dtypes,
+    sent_arrays,
+)
 from flywheel.learner.federated.config import FederatedConfig
 from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.records import (
@@ -59,6 +65,7 @@ from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import FederatedSettings, TrustedSettings
 
 if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
     from flwr.supercore.run import Run
     from torch import nn
 
@@ -184,6 +191,15 @@ class RunSummary:
     delta: float = 0.0
     started_at: float = field(default_factory=time.time)
     seconds: float = 0.0
+    # replies refused or re-clipped ({round, site, why}) and rounds dropped ({round, why}):
+    # what a site attempted, and why a round changed nothing
+    refused: list[dict[str, object]] = field(default_factory=list)
+    dropped: list[dict[str, object]] = field(default_factory=list)
+
+    def drop(self, rnd: int, why: str) -> None:
+        """Round `rnd` changes nothing: logged, and listed in the summary."""
+        log.error("round %d dropped: %s", rnd, why)
+        self.dropped.append({"round": rnd, "why": why})
 
     @property
     def overhead_per_round(self) -> float:
@@ -195,6 +211,36 @@ class RunSummary:
         out["overhead_per_round_s"] = self.overhead_per_round
         out["final_recent_accuracy"] = self.rounds[-1].recent_accuracy if self.rounds else None
         return out
+
+
+class Backoff:
+    """Sites that refused or failed a round (an error such as an empty store or a spent
+    budget, a refused reply, no reply) are not asked again for 1, 2, 4, ... rounds after
+    each failure in a row, at most `max_rounds` (0: asked every round); one usable reply
+    clears a site's record."""
+
+    def __init__(self, max_rounds: int) -> None:
+        self.max_rounds = max_rounds
+        self.failures: dict[int, int] = {}
+        self.until: dict[int, int] = {}  # node -> last round it sits out
+
+    def eligible(self, nodes: Iterable[int], rnd: int) -> list[int]:
+        """The `nodes` that round `rnd` may ask."""
+        return [n for n in nodes if self.until.get(n, 0) < rnd]
+
+    def update(self, rnd: int, asked: Iterable[int], usable: set[int]) -> None:
+        """After round `rnd`: `asked` were sent the model, `usable` replied usefully."""
+        for n in asked:
+            if n in usable:
+                self.failures.pop(n, None)
+                self.until.pop(n, None)
+                continue
+            k = self.failures.get(n, 0) + 1
+            self.failures[n] = k
+            skip = min(2 ** (k - 1), self.max_rounds)
+            if skip:
+                self.until[n] = rnd + skip
+                log.info("site %s failed %d round(s) in a row: skipped %d round(s)", n, k, skip)
 
 
 class FastGrid(Grid):
@@ -247,25 +293,75 @@ class FastGrid(Grid):
 
 
 def usable_replies(
-    replies: list[Message], sent_shapes: dict[str, tuple[int, ...]]
+    replies: list[Message],
+    sent: dict[str, np.ndarray],
+    clip: float,
+    refused: list[dict[str, object]] | None = None,
+    rnd: int = 0,
+    min_examples: int = 0,
 ) -> list[Message]:
-    """The replies the round may aggregate: no error, and what `check_update` accepts.
-    Each one's weight is set to 1 whatever the site said: the DP wrappers' sensitivity
-    (clip / sites) assumes equal weights, and a site's own weight could shrink the others'
-    noise or blow up their influence."""
+    """The replies the round may aggregate: no error, what `check_update` accepts, the
+    dtypes of the model `sent`, an update no longer than `clip` (`bounds`) and at least
+    `min_examples` examples. Each one's
+    weight is set to 1 whatever the site said: the DP wrappers' sensitivity (clip / sites)
+    assumes equal weights, and a site's own weight could shrink the others' noise or blow
+    up their influence. Each refused reply is logged and, with `refused`,
+    listed there (the run summary's `refused`)."""
+    shapes = {k: tuple(v.shape) for k, v in sent.items()}
     ok = []
     for m in replies:
         site = m.metadata.src_node_id
         if m.has_error():
             log.warning("site %s: %s", site, m.error.reason)
+            if refused is not None:
+                refused.append({"round": rnd, "site": site, "why": f"error: {m.error.reason}"})
             continue
-        why = check_update(m, sent_shapes)
+        why = check_update(m, shapes) or check_dtypes(m, sent) or bound_update(m, sent, clip)
+        if why is None and metric_number(m.content.metric_records[METRICS], "num-examples", 0) < (
+            min_examples
+        ):
+            why = f"fewer than {min_examples} examples (FLYWHEEL_FED_MIN_SITE_EXAMPLES)"
         if why is not None:
             log.warning("site %s: reply refused: %s", site, why)
+            if refused is not None:
+                refused.append({"round": rnd, "site": site, "why": why})
             continue
         m.content.metric_records[METRICS][WEIGHT_KEY] = 1.0
         ok.append(m)
     return ok
+
+
+def reference_update(
+    strategy: Strategy,
+    module: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    sent: dict[str, np.ndarray],
+    o: RunOptions,
+    rnd: int,
+) -> None:
+    """FLTrust's reference: the global model trained on public trusted rows (no DP: public
+    data), the same steps, rate and clip as a site, handed to the inner `FLTrust`."""
+    from flywheel.learner.federated.bounds import sent_arrays
+    from flywheel.learner.federated.fltrust import FLTrust
+    from flywheel.learner.federated.local import SiteData, train_locally
+
+    inner = getattr(strategy, "strategy", strategy)  # inside Flower's DP wrapper
+    if not isinstance(inner, FLTrust):
+        raise TypeError(f"expected FLTrust inside the DP wrapper, got {type(inner).__name__}")
+    copy_ = copy.deepcopy(module)
+    rows = SiteData(x, y, np.ones(len(y), np.float32), np.zeros(len(y), np.int64), ("public",))
+    result = train_locally(
+        copy_,
+        rows,
+        steps=o.local_steps,
+        lr=o.local_lr,
+        clip=o.clip,
+        mechanism=None,
+        max_grad_norm=1.0,
+        seed=o.seed * 10_007 + rnd,
+    )
+    inner.set_reference(sent, sent_arrays(result.state))
 
 
 def load_holdout_file(path: Path, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -306,6 +402,15 @@ class FederatedRun:
         self.ledger = PrivacyLedger(self.engine)
         self.lineage = f"{config.registry.model_name}:federated"
         self.rng = random.Random(options.seed)
+        self.backoff = Backoff(config.federated.fed_backoff_max_rounds)
+
+    def source(self, node: int) -> str:
+        """The ledger source of a site. With node auth (`FLYWHEEL_FED_NODE_AUTH`, set by
+        `fed superlink --auth`) Flower binds a node id to the key registered by
+        `flywheel fed register` and gives the same id back when that key reconnects, so
+        the id names the site: `site:<id>`. Without, a SuperNode draws a new key and id
+        each start, and `node:<id>` names one connection, not a site."""
+        return f"site:{node}" if self.config.federated.fed_node_auth else f"node:{node}"
 
     # ---- holdouts -----------------------------------------------------------------------
     def trusted_set(self, max_train: int | None = 0) -> TrustedData:
@@ -362,7 +467,8 @@ class FederatedRun:
         buffers = {k for k in module.state_dict() if k not in dict(module.named_parameters())}
         server_opt = o.server_optimizer([k for k in module.state_dict() if k not in buffers])
         served = copy.deepcopy(module)  # what is evaluated and registered
-        data = self.trusted_set(max_train=PUBLIC_REPLAY_ROWS if o.public_replay else 0)
+        fltrust = o.strategy == "fltrust"
+        data = self.trusted_set(max_train=PUBLIC_REPLAY_ROWS if o.public_replay or fltrust else 0)
         if data.info.schema.input_dim != spec.input_dim:
             raise ValueError(
                 f"v{champion} reads {spec.input_dim} inputs, the trusted set of "
@@ -370,6 +476,12 @@ class FederatedRun:
             )
         trusted, recent = self.holdouts(list(spec.labels), data)
         public_x, public_y = public_replay_rows(data, list(spec.labels))
+        if fltrust and not len(public_y):
+            raise ValueError(
+                f"strategy fltrust scores the sites against an update on the public trusted "
+                f"set; the trusted set of {s.registry.model_name} is "
+                + ("not public" if not data.info.public else "empty")
+            )
         if o.public_replay and not data.info.public:
             log.warning(
                 "FLYWHEEL_FED_PUBLIC_REPLAY=%d ignored: the trusted set of %s is not public, "
@@ -387,20 +499,30 @@ class FederatedRun:
         )
         base, seen = champion, champion
         updates: list[tuple[int, int]] = []  # (update number, ledger row id)
+        if not s.federated.fed_node_auth:
+            log.warning(
+                "no SuperNode authentication (`fed superlink --auth`): a site is known by "
+                "its node id, which changes when it restarts, so site-level ε "
+                "(FLYWHEEL_FED_CLIENT_EPSILON) cannot be enforced and a restarted site "
+                "counts as a new one"
+            )
         for rnd in range(1, o.rounds + 1):
             now = self.registry.champion_version()
             if now is not None and now != seen:
                 log.info("round %d starts from champion v%s (moved from v%s)", rnd, now, seen)
                 module, base, seen = self.registry.load(now).module, now, now
                 server_opt.reset()
-            nodes = self._wait_for_sites(grid)
+            nodes = self.backoff.eligible(self._wait_for_sites(grid), rnd)
+            if not nodes:
+                summary.drop(rnd, "every connected site is backing off")
+                continue
             sampled = sorted(self.rng.sample(nodes, min(o.clients, len(nodes))))
             mech = client_mechanism(o.strategy, o.noise_multiplier, len(sampled))
             try:
                 plan = plan_update(
                     self.ledger,
                     self.lineage,
-                    {f"node:{n}": 1 for n in sampled},
+                    {self.source(n): 1 for n in sampled},
                     mech,
                     budget=s.federated.fed_client_epsilon or math.inf,
                     delta=s.privacy.privacy_delta,
@@ -409,7 +531,7 @@ class FederatedRun:
             except BudgetRefused as exc:
                 log.error("round %d refused: %s", rnd, exc)
                 break
-            allowed = [n for n in sampled if f"node:{n}" in plan.allowed]
+            allowed = [n for n in sampled if self.source(n) in plan.allowed]
             strategy = build_strategy(
                 o.strategy,
                 sites=len(allowed),
@@ -436,26 +558,38 @@ class FederatedRun:
                 config["public-y"] = public_y[pick].astype(np.int64).tobytes()
             fast = FastGrid(grid, s.federated.fed_poll_s, allowed)
             t0 = time.perf_counter()
+            sent = sent_arrays(module.state_dict())
             messages = list(
                 strategy.configure_train(rnd, to_record(module.state_dict()), config, fast)
             )
             replies = list(fast.send_and_receive(messages, timeout=s.federated.fed_round_timeout_s))
+            if fltrust:  # the server's own update on public rows, while the sites train
+                reference_update(strategy, module, public_x, public_y, sent, o, rnd)
             ok = usable_replies(
-                replies, {k: tuple(v.shape) for k, v in module.state_dict().items()}
+                replies,
+                sent,
+                o.clip,
+                summary.refused,
+                rnd,
+                min_examples=s.federated.fed_min_site_examples,
             )
-            if not ok:
-                log.error("round %d: no site replied", rnd)
+            self.backoff.update(rnd, allowed, {m.metadata.src_node_id for m in ok})
+            if len(ok) < max(1, s.federated.fed_min_sites):
+                summary.drop(
+                    rnd,
+                    f"{len(ok)} usable replies, FLYWHEEL_FED_MIN_SITES={s.federated.fed_min_sites}",
+                )
                 continue
             # the ledger entry goes in before the aggregate exists (over-count, never under)
             spent = client_mechanism(
                 o.strategy, o.noise_multiplier * len(ok) / len(allowed), len(ok)
             )
             histories = self.ledger.histories(
-                self.lineage, [f"node:{m.metadata.src_node_id}" for m in ok]
+                self.lineage, [self.source(m.metadata.src_node_id) for m in ok]
             )
             spends = {}
             for m in ok:
-                src = f"node:{m.metadata.src_node_id}"
+                src = self.source(m.metadata.src_node_id)
                 n = int(metric_number(m.content.metric_records["metrics"], "num-examples", 0))
                 spends[src] = (
                     n,
@@ -500,16 +634,24 @@ class FederatedRun:
             try:  # only usable replies: one error would make Flower drop the whole round
                 arrays, metrics = strategy.aggregate_train(rnd, ok)
             except Exception as exc:  # e.g. Flower's server-side clip of a zero update
-                log.error("round %d: aggregation failed (%s)", rnd, exc)
+                summary.drop(rnd, f"aggregation failed ({exc})")
                 continue
             if arrays is None:
-                log.error("round %d: aggregation failed", rnd)
+                summary.drop(rnd, "aggregation failed")
                 continue
             new = from_record(arrays)
             current = module.state_dict()
             for k in buffers:  # fixed feature scaling: public, never trained, never noised
                 new[k] = current[k]
-            new = server_opt.step(current, {k: v.to(current[k].dtype) for k, v in new.items()})
+            new = {k: v.to(current[k].dtype) for k, v in new.items()}
+            if not all_finite(new):  # e.g. a mean that overflows the model's dtype
+                summary.drop(rnd, "the aggregate holds NaN or infinity")
+                continue
+            new = server_opt.step(current, new)
+            if not all_finite(new):
+                server_opt.reset()
+                summary.drop(rnd, "the server step made the model non-finite")
+                continue
             module.load_state_dict(new)
             served.load_state_dict(server_opt.served(new))
             wall = time.perf_counter() - t0
@@ -567,6 +709,10 @@ class FederatedRun:
         from flywheel.promotion import promote
 
         s, o = self.config, self.options
+        if not all_finite(module.state_dict()):  # never published, whatever the gate says
+            summary.gate = "not registered: the model holds NaN or infinity"
+            log.error("federated run: %s", summary.gate)
+            return
         champion = self.registry.champion_version()
         assert champion is not None
         gate = evaluate_gate(
@@ -593,7 +739,10 @@ class FederatedRun:
             "fed_lineage": self.lineage,
             "fed_strategy": f"{o.strategy}+{o.clipping}-clip",
             "fed_rounds": str(len(summary.rounds)),
-            "fed_sites": ",".join(str(n) for n in sites),
+            "fed_sites": ",".join(self.source(n) for n in sites),
+            "fed_site_identity": "registered key"
+            if s.federated.fed_node_auth
+            else "node id (no node auth: a restarted site counts again)",
             "fed_updates": ",".join(str(u) for u, _ in updates),
         }
         params = {

@@ -8,6 +8,8 @@ amplification claimed: K of N are chosen by Flower, not Poisson-sampled):
 
 * `fedavg`: the unweighted mean of K clipped updates moves by at most C/K when one site's
   update changes, so the noise multiplier is σ.
+* `fltrust` (`fltrust.FLTrust`): the output is the base plus a convex combination of
+  vectors of norm ≤ C, so it moves by at most 2C: effective multiplier σ / (2K).
 * `trimmed` / `median`: every coordinate of the output lies within the sites'
   coordinates, so two outputs differ by at most 2·√(K+1)·C; the effective noise
   multiplier is σ / (2·K·√(K+1)). Robustness costs ε at this noise level; that is the
@@ -28,10 +30,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from flywheel.learner.federated.fltrust import FLTrust
 from flywheel.learner.federated.records import ARRAYS, CONFIG, WEIGHT_KEY
 from flywheel.privacy import Mechanism
 
-STRATEGIES = ("fedavg", "trimmed", "median")
+STRATEGIES = ("fedavg", "trimmed", "median", "fltrust")
 CLIPPINGS = ("client", "server")  # Flower's DP fixed-clipping wrappers
 
 
@@ -74,6 +77,8 @@ def build_strategy(
         base = FedTrimmedAvg(**common, beta=trim_beta)
     elif name == "median":
         base = FedMedian(**common)
+    elif name == "fltrust":
+        base = FLTrust(**common)
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
     wrapper = {
@@ -91,6 +96,8 @@ def effective_noise(name: str, noise_multiplier: float, sites: int) -> float:
     """Noise std over the aggregate's L2 sensitivity (see the module docstring)."""
     if name == "fedavg":
         return noise_multiplier
+    if name == "fltrust":  # base + a convex mix of vectors of norm ≤ C: outputs 2C apart
+        return noise_multiplier / (2 * sites)
     return noise_multiplier / (2 * sites * math.sqrt(sites + 1))
 
 

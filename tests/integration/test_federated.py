@@ -21,12 +21,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from flywheel.broker import ensure_topics
+from flywheel.learner.evaluation import Holdout, accuracy
 from flywheel.learner.federated.client_app import Site
 from flywheel.learner.federated.demo import build_homes
 from flywheel.learner.federated.partition import make_partition
 from flywheel.learner.federated.processes import LocalFederation
 from flywheel.learner.federated.server import RunOptions
-from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import Settings

@@ -123,8 +123,10 @@ class Federation:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.settings: dict[str, Settings] = {}  # each process's settings
 
     def spawn(self, name: str, args: list[str], settings: Settings) -> subprocess.Popen:
+        self.settings[name] = settings
         with open(self.logs / f"{name}.log", "ab") as out:
             self.procs[name] = subprocess.Popen(
                 [FLYWHEEL, "fed", *args],
@@ -146,6 +148,32 @@ class Federation:
             stop_process(self.procs[name])
 
 
+def _one_round(federation: Federation, platform: Settings) -> dict:
+    """One unpublished TLS round asking for 4 sites: the run's summary."""
+    done = subprocess.run(
+        [
+            FLYWHEEL,
+            "fed",
+            "server",
+            "--tls",
+            "--rounds",
+            "1",
+            "--clients",
+            "4",
+            "--no-publish",
+            "--json",
+            "--timeout",
+            "120",
+        ],
+        env=process_env(platform),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + federation.tails("superlink", "good")
+    return json.loads(done.stdout)
+
+
 def _register(key: Path, platform: Settings) -> subprocess.Popen:
     return subprocess.Popen(
         [FLYWHEEL, "fed", "register", str(key)],
@@ -165,7 +193,7 @@ def fed(tmp_path_factory, pki):
         root,
         len(SITES),
         make_partition(len(SITES), alpha=0.5),
-        rounds=1,
+        rounds=2,  # each site budgets its sources for 2 rounds: the restart test's too
         fed_tls_ca=pki / "ca.pem",
         fed_min_clients=1,
     )
@@ -205,28 +233,7 @@ def fed(tmp_path_factory, pki):
             assert federation.procs["good"].poll() is None, federation.tails("good")
             time.sleep(0.3)
         exits = {n: federation.procs[n].returncode for n in ("rogue", "wrongca")}
-        done = subprocess.run(
-            [
-                FLYWHEEL,
-                "fed",
-                "server",
-                "--tls",
-                "--rounds",
-                "1",
-                "--clients",
-                "4",
-                "--no-publish",
-                "--json",
-                "--timeout",
-                "120",
-            ],
-            env=process_env(platform),
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert done.returncode == 0, done.stderr[-3000:] + federation.tails("superlink", "good")
-        yield federation, registered, json.loads(done.stdout), exits
+        yield federation, registered, _one_round(federation, platform), exits
     finally:
         federation.stop()
 
@@ -351,3 +358,54 @@ def test_clientapp_worker_ends_when_its_supernode_is_gone():
     started = time.monotonic()  # a task whose SuperNode is gone ends, undelivered
     assert run_task(address, "token", ClientApp(), stop) == SubStatus.FAILED
     assert time.monotonic() - started < 5
+
+
+def test_a_restarted_site_continues_its_budget_under_its_registered_key(fed):
+    """Flower binds a node id to the key `fed register` registered and gives it back when
+    the key reconnects: the ledger's `site:<id>` source goes on, no fresh budget (without
+    auth a restarted SuperNode drew a new id: 5 ledger sources for 4 sites)."""
+    from flywheel.privacy import PrivacyLedger
+    from flywheel.store import open_store
+
+    federation, registered, _, _ = fed
+    site = f"site:{registered['site1']}"
+    platform = federation.settings["superlink"]
+    lineage = f"{platform.model_name}:federated"
+    engine = open_store(platform.resolved_database_url)
+    try:
+        ledger = PrivacyLedger(engine)
+        before = {s.source: s for s in ledger.sources(lineage)}
+        assert list(before) == [site], before  # the first round, under the site's key
+        stop_process(federation.procs["good"])
+        # the SuperLink takes the key again once it has marked the old connection offline
+        # (Flower: 2 heartbeat intervals, 60 s by default); until then `fed client` exits 1
+        # ("Failed to activate SuperNode") and the site, like an operator, starts it again
+        deadline = time.monotonic() + 180
+        joined = federation.log("good").count("SuperNode ID:")
+        refused = federation.log("good").count("Failed to activate SuperNode")
+
+        def restart() -> subprocess.Popen:
+            return federation.spawn(
+                "good",
+                ["client", "--tls", "--auth", "--node-config", 'site="good"'],
+                federation.settings["good"],
+            )
+
+        proc = restart()
+        while federation.log("good").count("SuperNode ID:") == joined:
+            assert time.monotonic() < deadline, federation.tails("good", "superlink")
+            if proc.poll() is not None:
+                now_refused = federation.log("good").count("Failed to activate SuperNode")
+                assert now_refused > refused, federation.tails("good")
+                refused = now_refused
+                proc = restart()
+            time.sleep(1.0)
+        summary = _one_round(federation, platform)
+        assert summary["rounds"], summary
+        assert summary["rounds"][0]["sites"] == [registered["site1"]], summary
+        after = {s.source: s for s in ledger.sources(lineage)}
+        assert list(after) == [site], after  # the same source, not a new one
+        assert after[site].updates == before[site].updates + 1
+        assert after[site].epsilon > before[site].epsilon  # the budget went on
+    finally:
+        engine.dispose()

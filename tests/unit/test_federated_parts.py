@@ -260,16 +260,53 @@ def test_usable_replies_keep_good_ones_and_weigh_every_site_one(caplog):
 
     from flywheel.learner.federated.server import usable_replies
 
-    good = _reply({"w": torch.ones(2, 3)}, {**GOOD_METRICS, "dp-weight": -1.99})
+    sent = {"w": np.zeros((2, 3), np.float32)}
+    good = _reply({"w": torch.full((2, 3), 0.5)}, {**GOOD_METRICS, "dp-weight": -1.99})
     bad = _reply({"w": torch.full((2, 3), float("nan"))}, GOOD_METRICS)
     failed = Message(Error(code=1, reason="site budget refused"), reply_to=_message())
+    refused: list[dict] = []
     with caplog.at_level(logging.WARNING):
-        ok = usable_replies([good, bad, failed], {"w": (2, 3)})
+        ok = usable_replies([good, bad, failed], sent, 2.0, refused, rnd=3)
     assert ok == [good]
     # a site's own weight could shrink the others' noise or blow up their influence
     assert ok[0].content.metric_records["metrics"]["dp-weight"] == 1.0
     assert "reply refused: array 'w' holds NaN" in caplog.text
     assert "site budget refused" in caplog.text
+    assert [r["round"] for r in refused] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    "arrays,why",
+    [
+        # the ×1e6 boost: finite, right shape and dtype, far over the clip norm
+        ({"w": torch.full((2, 3), 1e6)}, "update norm 2.449e+06 over the clip norm 2"),
+        # float64 with a 1e300 weight: finite, but not the model that was sent
+        (
+            {"w": torch.full((2, 3), 1e300, dtype=torch.float64)},
+            "dtype float64, the model sent has float32",
+        ),
+        ({"w": torch.full((2, 3), 0.5, dtype=torch.float16)}, "dtype float16"),
+        # just over C: √6·0.817 ≈ 2.001
+        ({"w": torch.full((2, 3), 0.817)}, "over the clip norm 2"),
+    ],
+)
+def test_the_server_bounds_every_reply_whatever_the_strategy(arrays, why, caplog):
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32)}
+    with caplog.at_level(logging.WARNING):
+        assert usable_replies([_reply(arrays, GOOD_METRICS)], sent, 2.0) == []
+    assert why in caplog.text
+
+
+def test_an_update_under_the_clip_norm_passes_as_sent():
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    at_c = torch.full((2, 3), 1.9 / 6**0.5)  # norm 1.9
+    reply = _reply({"w": at_c, "n": torch.full((1,), 5)}, GOOD_METRICS)
+    assert usable_replies([reply], sent, 2.0) == [reply]  # integer buffers do not count
+    assert torch.equal(torch.from_numpy(reply.content["arrays"]["w"].numpy()), at_c)
 
 
 @pytest.mark.parametrize(
@@ -386,3 +423,107 @@ def test_the_same_round_asked_twice_gets_different_noise(tmp_path):
     first, _ = site.train(content)
     second, _ = site.train(content)
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_failing_site_is_skipped_for_a_growing_number_of_rounds():
+    from flywheel.learner.federated.server import Backoff
+
+    b = Backoff(max_rounds=4)
+    asked = []
+    for rnd in range(1, 16):
+        nodes = b.eligible([1, 2], rnd)
+        asked.append(2 in nodes)
+        assert 1 in nodes  # the site that replies is asked every round
+        b.update(rnd, nodes, usable={1})
+    # node 2 fails whenever asked: sits out 1, 2, 4, then at most 4 rounds
+    assert [r for r, a in enumerate(asked, 1) if a] == [1, 3, 6, 11]
+    b.update(16, [2], usable={2})  # one usable reply clears its record
+    assert b.eligible([2], 17) == [2]
+    b.update(17, [2], usable=set())
+    assert b.eligible([2], 18) == []  # back to a 1-round back-off
+    assert Backoff(0).eligible([2], 1) == [2]
+
+
+def test_a_reply_counting_fewer_examples_than_the_minimum_is_refused(caplog):
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32)}
+    few = _reply({"w": torch.zeros(2, 3)}, {**GOOD_METRICS, "num-examples": 3.0})
+    enough = _reply({"w": torch.zeros(2, 3)}, {**GOOD_METRICS, "num-examples": 10.0})
+    with caplog.at_level(logging.WARNING):
+        assert usable_replies([few, enough], sent, 2.0, min_examples=10) == [enough]
+    assert "fewer than 10 examples" in caplog.text
+
+
+def test_a_site_with_fewer_examples_than_its_minimum_refuses_the_round(tmp_path):
+    from flywheel.learner.federated.client_app import Site, SiteBudgetRefused
+    from flywheel.learner.federated.partition import fill_site_store, make_partition
+    from flywheel.learner.federated.records import to_record
+    from flywheel.learner.seed_model import default_spec
+    from flywheel.modelspec import build_model
+    from flywheel.settings import prepare_home
+    from flywheel.store import upgrade
+
+    settings = Settings(home=tmp_path, privacy_source_updates=100, fed_min_site_examples=50)
+    prepare_home(settings)
+    upgrade(settings.resolved_database_url)
+    x, y = make_partition(1, per_site=30, holdout=10).sites[0]
+    fill_site_store(settings.resolved_database_url, x, y, site="s")
+    spec = default_spec()
+    content = RecordDict(
+        {
+            "arrays": to_record(build_model(spec).state_dict()),
+            "config": ConfigRecord({"model-spec": spec.model_dump_json(), "local-steps": 2}),
+        }
+    )
+    with pytest.raises(SiteBudgetRefused, match="30 trainable examples .* fewer than"):
+        Site.of(settings).train(content)
+    # nothing was charged: the refusal comes before the ledger
+    from flywheel.privacy import PrivacyLedger
+
+    assert PrivacyLedger(Site.of(settings).engine).entries() == []
+
+
+def test_an_update_a_rounding_hair_over_the_clip_ends_under_it_for_flowers_server_clip():
+    """Flower's server-side clip scales every array, integer buffers too, and fails on
+    them: an honest site's float32-rounded clip must not trigger it."""
+    from flwr.supercore.differential_privacy import compute_clip_model_update
+
+    from flywheel.learner.federated.server import usable_replies
+
+    sent = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    over = torch.full((2, 3), 2.0 / 6**0.5 * (1 + 5e-5))  # within the slack, over C
+    reply = _reply({"w": over, "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS)
+    assert usable_replies([reply], sent, 2.0) == [reply]
+    arrays = reply.content["arrays"].to_numpy_ndarrays()
+    assert float(np.linalg.norm(arrays[0])) <= 2.0
+    compute_clip_model_update(arrays, list(sent.values()), 2.0)  # no scaling: no error
+
+
+def test_fltrust_weighs_sites_by_agreement_and_rescales_them_to_the_reference():
+    from flywheel.learner.federated.fltrust import FLTrust, trust_scores
+
+    strategy = build_strategy("fltrust", sites=3, clip=2.0, noise_multiplier=0.0)
+    inner = strategy.strategy
+    assert isinstance(inner, FLTrust)
+    base = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    reference = {"w": np.full((2, 3), 0.2, np.float32), "n": np.zeros(1, np.int64)}
+    inner.set_reference(base, reference)
+    honest = _reply(
+        {"w": torch.full((2, 3), 0.1), "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS
+    )
+    boosted = _reply(
+        {"w": torch.full((2, 3), 1e5), "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS
+    )
+    flipped = _reply(
+        {"w": torch.full((2, 3), -0.1), "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS
+    )
+    arrays, _ = inner.aggregate_train(1, [honest, boosted, flipped])
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+    # both agreeing sites count at the reference's norm, the flipped one not at all
+    assert np.allclose(out["w"], 0.2, atol=1e-6)
+    assert inner.last_scores == pytest.approx([1.0, 1.0, 0.0])
+    assert out["n"].dtype == np.int64
+    assert trust_scores([np.zeros(3)], np.ones(3)).tolist() == [0.0]
+    # sensitivity 2C over the wrapper's σC/K
+    assert client_mechanism("fltrust", 1.0, 3).noise_multiplier == pytest.approx(1 / 6)
