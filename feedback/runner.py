@@ -9,19 +9,26 @@ on a deployment without one refuses to start (`NoTrustedData`, naming the comman
 while the registry is still empty: then the first model's bootstrap is still to come (a
 compose deployment starts every process at once) and the worker waits for it, up to
 `TRUSTED_WAIT_S`.
+
+Start-up waits out a store or registry that is down (`flywheel.retry`, FLYWHEEL_RETRY_*),
+saying so in the `DependencyStatus` it is given, instead of exiting; a store whose schema
+is not this code's (SchemaNotCurrent) or a refusal no retry fixes (`Fatal`) still ends it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from flywheel.feedback.corroboration import Corroborator
 from flywheel.feedback.examples import ExampleBuilder, ModelLoader
 from flywheel.feedback.observer import WorkerObserver
 from flywheel.feedback.reference_data import LabelledPool, ensure_reference
 from flywheel.feedback.worker import FeedbackWorker
+from flywheel.retry import Backoff, DependencyStatus, retry_call
 from flywheel.settings import Settings
 from flywheel.store import NoTrustedData, open_store, session_factory, trusted_info
 
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
     from flywheel.registry import Registry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SWITCH_INTERVAL_S = 0.0005
 TRUSTED_WAIT_S = 600.0  # how long a worker on an empty registry waits for the trusted set
 TRUSTED_POLL_S = 2.0
@@ -94,19 +102,37 @@ def tune_worker_process() -> None:
 
 
 def build_worker(
-    settings: Settings, client_id: str | None = None, observer: WorkerObserver | None = None
+    settings: Settings,
+    client_id: str | None = None,
+    observer: WorkerObserver | None = None,
+    status: DependencyStatus | None = None,
+    stop: threading.Event | None = None,
 ) -> FeedbackWorker:
     """Refuses a store that is not migrated to this code's schema (SchemaNotCurrent).
-    `observer` sees the worker's assignments and step timings (`WorkerObserver`)."""
+    `observer` sees the worker's assignments and step timings (`WorkerObserver`);
+    `status` hears which dependency start-up is waiting for; `stop` ends that wait."""
     from flywheel.registry import Registry
 
     feedback = settings.feedback
-    engine = open_store(settings.state.resolved_database_url)
+    status = status or DependencyStatus()
+    policy = Backoff.of(settings.retry)
+
+    def retrying(dependency: str, fn: Callable[[], T], what: str) -> T:
+        return retry_call(
+            fn, dependency=dependency, policy=policy, status=status, stop=stop, what=what
+        )
+
+    url = settings.state.resolved_database_url
+    engine = retrying("store", lambda: open_store(url), "opening the store")
     registry = Registry.of(settings)
-    wait_for_trusted_set(engine, settings.registry.model_name, registry)
-    with session_factory(engine).begin() as session:
-        reference = ensure_reference(session, settings.registry)
-        pool = LabelledPool.load(session, reference, settings.registry.model_name)
+    wait_for_trusted_set(engine, settings.registry.model_name, registry, retrying=retrying)
+
+    def load_reference() -> tuple[Any, LabelledPool]:
+        with session_factory(engine).begin() as session:
+            reference = ensure_reference(session, settings.registry)
+            return reference, LabelledPool.load(session, reference, settings.registry.model_name)
+
+    reference, pool = retrying("store", load_reference, "loading the reference data")
     builder = ExampleBuilder(feedback, pool, registry_model_loader(registry))
     return FeedbackWorker(
         feedback,
@@ -116,7 +142,21 @@ def build_worker(
         client_id=client_id,
         observer=observer,
         release=Corroborator(reference, feedback.holdout_fraction, every_s=RELEASE_EVERY_S),
+        retry=settings.retry,
+        status=status,
     )
+
+
+class Retrying(Protocol):
+    """How `wait_for_trusted_set` runs each look at a dependency."""
+
+    def __call__(self, dependency: str, fn: Callable[[], T], what: str) -> T: ...
+
+
+def _once(dependency: str, fn: Callable[[], T], what: str) -> T:
+    """One look, no retry."""
+    del dependency, what
+    return fn()
 
 
 def wait_for_trusted_set(
@@ -126,17 +166,24 @@ def wait_for_trusted_set(
     *,
     timeout_s: float = TRUSTED_WAIT_S,
     poll_s: float = TRUSTED_POLL_S,
+    retrying: Retrying = _once,
 ) -> None:
     """Return once `model_name` has a trusted set; `NoTrustedData` at once if the registry
     has a champion without one (nothing will write it: the operator must run `flywheel
-    init`), or after `timeout_s` of an empty registry."""
+    init`), or after `timeout_s` of an empty registry. `retrying(dependency, fn, what)`
+    runs each look at the store and the registry (`build_worker`: waiting out outages)."""
     deadline = time.monotonic() + timeout_s
     logged = False
-    while True:
+
+    def has_trusted() -> bool:
         with session_factory(engine)() as session:
-            if trusted_info(session, model_name) is not None:
-                return
-        if registry.champion_version() is not None or time.monotonic() >= deadline:
+            return trusted_info(session, model_name) is not None
+
+    while True:
+        if retrying("store", has_trusted, "reading the trusted set"):
+            return
+        champion = retrying("registry", registry.champion_version, "reading the champion")
+        if champion is not None or time.monotonic() >= deadline:
             raise NoTrustedData(model_name)
         if not logged:
             log.info(

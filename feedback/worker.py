@@ -37,7 +37,8 @@ from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserv
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
 from flywheel.feedback.writer import Batch, Event, StoreWriter, WorkerStats, by_kind
-from flywheel.settings import FeedbackSettings, KafkaSettings
+from flywheel.retry import Backoff, DependencyStatus, transient
+from flywheel.settings import FeedbackSettings, KafkaSettings, RetrySettings
 
 __all__ = ["Batch", "FeedbackWorker", "WorkerStats"]
 
@@ -64,7 +65,12 @@ class FeedbackWorker:
         client_id: str | None = None,
         release: Callable[..., int] | None = None,
         observer: WorkerObserver | None = None,
+        retry: RetrySettings | None = None,
+        status: DependencyStatus | None = None,
     ) -> None:
+        """`retry`: the backoff a store outage is waited out with (default: the settings'
+        defaults); `status`: where the worker says which dependency is down (its
+        /readyz and `flywheel_dependency_up`)."""
         if not kafka.kafka_bootstrap:
             raise ValueError("the feedback worker needs FLYWHEEL_KAFKA_BOOTSTRAP")
         self.feedback = feedback
@@ -86,6 +92,10 @@ class FeedbackWorker:
         self.writer = StoreWriter(
             feedback, engine, timed, self.cache, self.stats, self.observer, release
         )
+        self.status = status or DependencyStatus()
+        self.writer.status = self.status
+        self.writer.policy = Backoff.of(retry) if retry is not None else Backoff()
+        self.running = threading.Event()  # set while `run` consumes
         self._consumer: KafkaBatchConsumer | None = None
         self._jobs: queue.Queue[Batch | None] = queue.Queue(maxsize=IN_FLIGHT)
         self._in_flight: deque[Batch] = deque()
@@ -112,6 +122,7 @@ class FeedbackWorker:
             align=(k.topic_predictions, k.topic_corrections),
             max_hold_s=f.feedback_align_hold_s,
             max_held=10 * f.feedback_max_records,
+            status=self.status,
         )
         self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
 
@@ -120,8 +131,11 @@ class FeedbackWorker:
     ) -> WorkerStats:
         """Consume until `stop` is set; leaves the group cleanly so partitions move on.
 
-        `on_batch` is called after each batch's offsets are committed.
+        `on_batch` is called after each batch's offsets are committed. A store or broker
+        outage is waited out (see `flywheel.feedback.writer`); stopped during one, the
+        worker returns without committing what is not stored (it is replayed).
         """
+        self.writer.stop = stop
         self._connect()
         assert self._consumer is not None
         self._on_batch = on_batch
@@ -131,6 +145,7 @@ class FeedbackWorker:
         self._store_thread.start()
         max_records = self.feedback.feedback_max_records
         failed = True
+        self.running.set()
         try:
             while not stop.is_set():
                 self._commit_done()
@@ -147,7 +162,14 @@ class FeedbackWorker:
             self._drain()
             self._consumer.settle()  # the commits sent without waiting, waited for
             failed = False
+        except Exception as exc:
+            if not (stop.is_set() and transient(exc)):
+                raise
+            log.warning(
+                "stopped while a dependency is down (%s); what is not stored is replayed", exc
+            )
         finally:
+            self.running.clear()
             self._stop_store_thread(wait=not failed)
             if not failed:
                 self._consumer.close()  # revokes: nothing is in flight, nothing to wait for

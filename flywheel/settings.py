@@ -256,6 +256,30 @@ class _ServiceFields(_Fields):
         return value
 
 
+class _RetryFields(_Fields):
+    """How every process waits out a store, broker or registry that is down (flywheel.retry)."""
+
+    retry_initial_s: float = Field(
+        0.2, gt=0, le=60, description="First pause before retrying a dependency that is down."
+    )
+    retry_max_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Cap of the doubling pause between retries; processes retry for as long "
+        "as the dependency is down.",
+    )
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> Self:
+        if self.retry_initial_s > self.retry_max_s:
+            raise ValueError(
+                f"FLYWHEEL_RETRY_INITIAL_S ({self.retry_initial_s}) is above "
+                f"FLYWHEEL_RETRY_MAX_S ({self.retry_max_s})"
+            )
+        return self
+
+
 class _EventLogFields(_Fields):
     """The service's event log: the bounded queue, Kafka batching and the disk spool."""
 
@@ -576,6 +600,12 @@ class ServiceSettings(_ServiceFields):
     model_config = _GROUP_CONFIG
 
 
+class RetrySettings(_RetryFields):
+    """`retry_*`: the backoff of every process's dependency retries."""
+
+    model_config = _GROUP_CONFIG
+
+
 class EventLogSettings(_EventLogFields):
     """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`."""
 
@@ -624,6 +654,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "learner": LearnerSettings,
     "privacy": PrivacySettings,
     "federated": FederatedSettings,
+    "retry": RetrySettings,
 }
 """Property name on `Settings` -> group; every flat setting is in exactly one (a test checks)."""
 
@@ -633,6 +664,7 @@ _G = TypeVar("_G", bound=BaseModel)
 # pydantic collects fields from the last base to the first: listed in reverse, so that the
 # fields (model_dump, the schema) read in the order of the groups above
 class Settings(
+    _RetryFields,
     _FederatedFields,
     _PrivacyFields,
     _LearnerFields,
@@ -702,6 +734,10 @@ class Settings(
     @cached_property
     def federated(self) -> FederatedSettings:
         return self._group(FederatedSettings)
+
+    @cached_property
+    def retry(self) -> RetrySettings:
+        return self._group(RetrySettings)
 
 
 def known_variables() -> set[str]:
