@@ -26,6 +26,8 @@ BENCHMARKS = (
     "fedround",
     "fedaccuracy",
     "init",
+    "rejoin",
+    "startup",
 )
 
 app = typer.Typer(

@@ -27,11 +27,10 @@ from flywheel.feedback.alignment import Aligner
 from flywheel.retry import DependencyStatus
 from flywheel.settings import FeedbackSettings, KafkaSettings
 
+__all__ = ["KafkaBatchConsumer", "Partition", "RebalanceHook", "consumer_config"]
+
 log = logging.getLogger(__name__)
 PROBE_EVERY_S = 1.0  # while the broker is down, how often a poll asks it for metadata
-# librdkafka's own pause between reconnects doubles up to this (its default, 10 s, made a
-# worker wait up to 10 s after the broker was back); see docs/feedback.md
-RECONNECT_BACKOFF_MAX_MS = 1000
 # librdkafka errors that mean the broker cannot be reached (it reconnects by itself)
 _BROKER_DOWN = {"_ALL_BROKERS_DOWN", "_TRANSPORT", "_RESOLVE", "_TIMED_OUT"}
 Partition = tuple[str, int]  # (topic, partition)
@@ -95,30 +94,11 @@ class KafkaBatchConsumer:
         client_id: str,
         on_error: Callable[[Any], None],
     ) -> Any:
-        """The librdkafka consumer. Group timing (docs/feedback.md, "Broker pauses"): the
-        session timeout is FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS, heartbeats every quarter
-        of it, and reconnects back off to at most RECONNECT_BACKOFF_MAX_MS."""
         from confluent_kafka import Consumer
 
-        timeout = feedback.feedback_session_timeout_ms
-        return Consumer(
-            {
-                "bootstrap.servers": kafka.kafka_bootstrap,
-                "group.id": feedback.feedback_group,
-                "client.id": client_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": timeout,
-                "heartbeat.interval.ms": max(300, timeout // 4),
-                "partition.assignment.strategy": "range",
-                "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
-                "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
-                "on_commit": _log_refused_commit,
-                "error_cb": on_error,
-            },
-            logger=logging.getLogger("flywheel.kafka"),
-        )
+        config = consumer_config(feedback, kafka, client_id)
+        config["error_cb"] = on_error
+        return Consumer(config, logger=logging.getLogger("flywheel.kafka"))
 
     # -- broker health ------------------------------------------------------------------------
     def _on_error(self, err: Any) -> None:
@@ -317,6 +297,36 @@ class KafkaBatchConsumer:
     def close(self) -> None:
         """Leave the group (revoking first, so the worker commits what it stored)."""
         self._consumer.close()
+
+
+def consumer_config(feedback: FeedbackSettings, kafka: KafkaSettings, client_id: str) -> dict:
+    """The librdkafka settings of a feedback worker's consumer.
+
+    Group timing (docs/feedback.md, "Broker pauses"): the session timeout is
+    FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS and heartbeats go every quarter of it (at least
+    300 ms), from librdkafka's own thread, so a long store transaction never misses one.
+    After a broker pause longer than the session, the group needs about twice the session
+    timeout to hand the partitions out again (`python -m bench rejoin`, a 25 s SIGSTOP of
+    the test broker: 18.2 s at 10 s, 11 s at 6 s, 4.0 s at 2 s); librdkafka's reconnect
+    backoff and request timeouts made no difference there. max.poll.interval.ms stays
+    librdkafka's 5 minutes: the worker polls between batches, and a store outage that holds
+    it longer makes it leave the group and rejoin on its next poll (its uncommitted records
+    are replayed: a no-op once stored).
+    """
+    timeout = feedback.feedback_session_timeout_ms
+    return {
+        "bootstrap.servers": kafka.kafka_bootstrap,
+        "group.id": feedback.feedback_group,
+        "client.id": client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": timeout,
+        "heartbeat.interval.ms": max(300, timeout // 4),
+        "partition.assignment.strategy": "range",
+        "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
+        "on_commit": _log_refused_commit,
+    }
 
 
 def _log_refused_commit(err: Any, partitions: list[Any]) -> None:

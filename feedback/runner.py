@@ -10,6 +10,11 @@ while the registry is still empty: then the first model's bootstrap is still to 
 compose deployment starts every process at once) and the worker waits for it, up to
 `TRUSTED_WAIT_S`.
 
+The registry (MLflow, ~1.2-4 s to import on a 2-core machine) is built on first use or,
+in `flywheel feedback`, on a background thread while the worker joins its group: a worker
+whose lineage has its trusted set needs it only to load served versions for the first
+batch's gradient-sign variants (docs/benchmarks.md, "Start-up").
+
 Start-up waits out a store or registry that is down (`flywheel.retry`, FLYWHEEL_RETRY_*),
 saying so in the `DependencyStatus` it is given, instead of exiting; a store whose schema
 is not this code's (SchemaNotCurrent) or a refusal no retry fixes (`Fatal`) still ends it.
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from torch import nn
 
-    from flywheel.registry import Registry
+    from flywheel.registry import LoadedVersion, ModelVersion, Registry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +51,58 @@ TRUSTED_POLL_S = 2.0
 RELEASE_EVERY_S = 30.0  # corroboration checks of a running worker (see Corroborator)
 
 
-def registry_model_loader(registry: Registry) -> ModelLoader:
+class VersionSource(Protocol):
+    """What the worker reads from the registry: a `Registry`, or a `LazyRegistry`."""
+
+    def champion_version(self) -> ModelVersion | None: ...
+    def load(self, version: ModelVersion) -> LoadedVersion: ...
+
+
+class LazyRegistry:
+    """The process's one `Registry`, built (MLflow imported) on first use; `prewarm()`
+    builds it on a background thread instead. Thread-safe; a failed build is tried again
+    on the next use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._registry: Registry | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Registry:
+        with self._lock:
+            if self._registry is None:
+                from flywheel.registry import Registry
+
+                self._registry = Registry.of(self._settings)
+            return self._registry
+
+    def champion_version(self) -> ModelVersion | None:
+        return self().champion_version()
+
+    def load(self, version: ModelVersion) -> LoadedVersion:
+        return self().load(version)
+
+    def prewarm(self) -> threading.Thread:
+        """Build it now on a daemon thread, then freeze what the import left (as
+        `tune_worker_process` froze the rest), so full collections skip MLflow's objects."""
+
+        def build() -> None:
+            import gc
+
+            try:
+                self()
+            except Exception as exc:  # the first batch that needs it tries again
+                log.warning("registry not built ahead of use (%s)", exc)
+                return
+            gc.collect()
+            gc.freeze()
+
+        thread = threading.Thread(target=build, name="flywheel-registry-prewarm", daemon=True)
+        thread.start()
+        return thread
+
+
+def registry_model_loader(registry: VersionSource) -> ModelLoader:
     """Served versions, loaded from `registry` once each, for gradient-sign variants.
 
     A version arrives as the text a prediction event carried (stored with the
@@ -107,12 +163,12 @@ def build_worker(
     observer: WorkerObserver | None = None,
     status: DependencyStatus | None = None,
     stop: threading.Event | None = None,
+    prewarm: bool = False,
 ) -> FeedbackWorker:
     """Refuses a store that is not migrated to this code's schema (SchemaNotCurrent).
     `observer` sees the worker's assignments and step timings (`WorkerObserver`);
-    `status` hears which dependency start-up is waiting for; `stop` ends that wait."""
-    from flywheel.registry import Registry
-
+    `status` hears which dependency start-up is waiting for; `stop` ends that wait;
+    `prewarm` builds the registry on a background thread once the rest is built."""
     feedback = settings.feedback
     status = status or DependencyStatus()
     policy = Backoff.of(settings.retry)
@@ -124,7 +180,7 @@ def build_worker(
 
     url = settings.state.resolved_database_url
     engine = retrying("store", lambda: open_store(url), "opening the store")
-    registry = Registry.of(settings)
+    registry = LazyRegistry(settings)
     wait_for_trusted_set(engine, settings.registry.model_name, registry, retrying=retrying)
 
     def load_reference() -> tuple[Any, LabelledPool]:
@@ -134,6 +190,8 @@ def build_worker(
 
     reference, pool = retrying("store", load_reference, "loading the reference data")
     builder = ExampleBuilder(feedback, pool, registry_model_loader(registry))
+    if prewarm:
+        registry.prewarm()
     return FeedbackWorker(
         feedback,
         settings.kafka,
@@ -162,7 +220,7 @@ def _once(dependency: str, fn: Callable[[], T], what: str) -> T:
 def wait_for_trusted_set(
     engine: Engine,
     model_name: str,
-    registry: Registry,
+    registry: VersionSource,
     *,
     timeout_s: float = TRUSTED_WAIT_S,
     poll_s: float = TRUSTED_POLL_S,

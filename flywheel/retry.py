@@ -47,6 +47,7 @@ __all__ = [
     "Backoff",
     "DependencyStatus",
     "Fatal",
+    "dependency_of",
     "fatal_reason",
     "retry_call",
     "transient",
@@ -221,6 +222,21 @@ def transient(exc: BaseException) -> bool:
     return False
 
 
+def dependency_of(exc: BaseException, default: str = "store") -> str:
+    """Which dependency `exc` came from, by its library: "kafka" (confluent-kafka,
+    kafka-python), "registry" (MLflow), "store" (SQLAlchemy); else `default`. MLflow on a
+    SQL store raises SQLAlchemy's errors too: those count as "store"."""
+    for e in _chain(exc):
+        module = type(e).__module__
+        if _kafka_error(e) is not None or module.startswith(("confluent_kafka", "kafka")):
+            return "kafka"
+        if module.startswith("mlflow"):
+            return "registry"
+        if module.startswith(("sqlalchemy", "psycopg", "sqlite3")):
+            return "store"
+    return default
+
+
 def _kafka_python_errors(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
     """The kafka-python exception classes of `names` that its installed version has (their
     names moved between releases); none if kafka-python was never imported."""
@@ -304,7 +320,7 @@ class DependencyStatus:
 def retry_call(
     fn: Callable[[], T],
     *,
-    dependency: str,
+    dependency: str | Callable[[BaseException], str],
     policy: Backoff,
     status: DependencyStatus | None = None,
     stop: threading.Event | None = None,
@@ -313,30 +329,35 @@ def retry_call(
     rng: random.Random | None = None,
 ) -> T:
     """`fn()`, retried after each transient failure (`transient`) with `policy`'s pauses
-    until it succeeds; `status` says `dependency` is down meanwhile and up again after.
+    until it succeeds; `status` says `dependency` is down meanwhile and up again after
+    (`dependency` may be a function of the error, e.g. `dependency_of`).
 
     A refusal no retry fixes raises `Fatal` (with the reason); any other exception (a bug)
     propagates at once. If `stop` is set while waiting, the last error is raised.
     """
     attempt = 0
     first_failure = 0.0
+    down: set[str] = set()
+    last = dependency if isinstance(dependency, str) else ""
     while True:
         try:
             result = fn()
         except Exception as exc:
+            name = last = dependency if isinstance(dependency, str) else dependency(exc)
             reason = fatal_reason(exc)
             if reason is not None:
-                raise Fatal(f"{dependency}: {reason}") from exc
+                raise Fatal(f"{name}: {reason}") from exc
             if not transient(exc):
                 raise
             if status is not None:
-                status.down(dependency, exc)
+                status.down(name, exc)
+                down.add(name)
             if attempt == 0:
                 first_failure = time.monotonic()
             pause = policy.delay(attempt, rng)
             log.warning(
                 "%s%s unavailable (%s); retry %d in %.1f s",
-                dependency,
+                name,
                 f" ({what})" if what else "",
                 _first_line(exc),
                 attempt + 1,
@@ -350,11 +371,12 @@ def retry_call(
                 (sleep or time.sleep)(pause)
             continue
         if status is not None:
-            status.up(dependency)
+            for name in down or ({last} if last else set()):
+                status.up(name)
         if attempt:
             log.info(
                 "%s reached again after %.1f s and %d retries",
-                dependency,
+                ", ".join(sorted(down)) or last,
                 time.monotonic() - first_failure,
                 attempt,
             )

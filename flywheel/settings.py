@@ -299,10 +299,12 @@ class _FeedbackFields(_Fields):
         "flywheel-feedback", min_length=1, description="Consumer group the feedback workers share."
     )
     feedback_session_timeout_ms: int = Field(
-        10_000,
+        6000,
         ge=1000,
         le=300_000,
-        description="Consumer session timeout; Tansu completes a join after about half.",
+        description="Consumer session timeout (the lowest a stock Kafka broker accepts: its "
+        "group.min.session.timeout.ms); after a broker pause the group reads again in about "
+        "twice this. Tansu completes a join after about half.",
     )
     feedback_max_records: int = Field(
         2000, ge=1, le=100_000, description="Records per poll, one store transaction."

@@ -17,6 +17,7 @@ from flywheel.settings import (
     GateSettings,
     KafkaSettings,
     RegistrySettings,
+    RetrySettings,
     ServiceSettings,
     Settings,
     StateSettings,
@@ -36,6 +37,7 @@ class ServiceConfig:
     state: StateSettings
     trusted: TrustedSettings
     gate: GateSettings
+    retry: RetrySettings  # how a first load waits out the registry (flywheel.retry)
 
     @classmethod
     def of(cls, settings: Settings) -> ServiceConfig:

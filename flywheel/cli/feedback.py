@@ -55,7 +55,7 @@ def run(ctx: typer.Context) -> None:
             running=lambda: bool(built) and built[0].running.is_set(),
         )
     try:
-        worker = build_worker(settings, status=status, stop=stop)
+        worker = build_worker(settings, status=status, stop=stop, prewarm=True)
     except (SchemaNotCurrent, NoTrustedData, Fatal) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -150,3 +150,51 @@ def test_feedback_worker_waits_out_a_postgresql_outage(settings, own_postgres, t
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
     assert "store unavailable" in text
+
+
+class _RegistryDownFor:
+    """The real registry behind a connection that refuses its first `n` calls (an MLflow
+    server still starting): the fault is injected, the registry and its models are real."""
+
+    def __init__(self, registry: Registry, n: int) -> None:
+        self._registry, self.left = registry, n
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._registry, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.left > 0:
+                self.left -= 1
+                raise ConnectionRefusedError(111, "Connection refused (MLflow starting)")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_service_starts_not_ready_while_the_registry_is_down_then_serves(settings, list_event_log):
+    from fastapi.testclient import TestClient
+
+    from flywheel.service import ServiceConfig, create_app
+
+    ensure_champion(settings.trusted, Registry.of(settings))
+    flaky = _RegistryDownFor(Registry.of(settings), 5)
+    config = ServiceConfig.of(settings.model_copy(update={"retry_max_s": 0.5}))
+    app = create_app(config, registry=flaky, event_log=list_event_log())  # type: ignore[arg-type]
+    with TestClient(app) as client:  # start-up did not fail on the refused first load
+        first = client.get("/readyz")
+        deadline = time.monotonic() + 60 * SCALE
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "never became ready"
+            time.sleep(0.05)
+        metrics = client.get("/metrics").text
+        ready = client.get("/readyz").json()
+        r = client.post("/v1/predict", json={"instances": [[0.1] * 8]})
+    assert first.status_code == 503
+    assert first.json()["dependencies"]["registry"] is False
+    assert "Connection refused" in first.json()["down"]["registry"]
+    assert ready["dependencies"]["registry"] is True and ready["model_version"] == "1"
+    assert 'flywheel_dependency_up{dependency="registry"} 1.0' in metrics
+    assert r.status_code == 200, r.text
+    assert flaky.left == 0

@@ -187,3 +187,32 @@ def test_dependency_status_is_a_prometheus_gauge():
     assert 'flywheel_dependency_up{dependency="store"} 1.0' in text
     assert 'flywheel_dependency_up{dependency="kafka"} 0.0' in text
     assert not status.ready and status.reasons() == {"kafka": "all brokers down"}
+
+
+def test_dependency_of_names_the_library_an_outage_came_from():
+    from flywheel.retry import dependency_of
+
+    kafka = confluent_kafka.KafkaException(
+        confluent_kafka.KafkaError(confluent_kafka.KafkaError._TRANSPORT)
+    )
+    assert dependency_of(kafka) == "kafka"
+    assert dependency_of(_operational("connection refused")) == "store"
+    assert dependency_of(ConnectionRefusedError(111, "x"), default="registry") == "registry"
+
+
+def test_retry_call_marks_the_dependency_the_error_names():
+    from flywheel.retry import dependency_of
+
+    status = DependencyStatus(("store", "kafka"))
+    seen: list[dict[str, bool]] = []
+    calls = iter([_operational("connection refused"), None])
+
+    def attempt() -> None:
+        seen.append(status.states())
+        error = next(calls)
+        if error is not None:
+            raise error
+
+    retry_call(attempt, dependency=dependency_of, policy=Backoff(0.01, 0.01), status=status)
+    assert seen[1] == {"store": False, "kafka": True}
+    assert status.ready
