@@ -37,7 +37,7 @@ from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserv
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
 from flywheel.feedback.writer import Batch, Event, StoreWriter, WorkerStats, by_kind
-from flywheel.retry import Backoff, DependencyStatus, transient
+from flywheel.retry import Backoff, DependencyStatus, retry_call, transient
 from flywheel.settings import FeedbackSettings, KafkaSettings, RetrySettings
 
 __all__ = ["Batch", "FeedbackWorker", "WorkerStats"]
@@ -111,7 +111,11 @@ class FeedbackWorker:
 
     # -- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
+        """The dead-letter producer first (kafka-python's waits for the broker and raises
+        if it is down: retried by `run`), then the group member, so a failed try leaves
+        no consumer behind."""
         f, k = self.feedback, self.kafka
+        self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
         self._consumer = KafkaBatchConsumer(
             f,
             k,
@@ -124,7 +128,6 @@ class FeedbackWorker:
             max_held=10 * f.feedback_max_records,
             status=self.status,
         )
-        self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
 
     def run(
         self, stop: threading.Event, on_batch: Callable[[WorkerStats], None] | None = None
@@ -136,7 +139,19 @@ class FeedbackWorker:
         worker returns without committing what is not stored (it is replayed).
         """
         self.writer.stop = stop
-        self._connect()
+        try:
+            retry_call(
+                self._connect,
+                dependency="kafka",
+                policy=self.writer.policy,
+                status=self.status,
+                stop=stop,
+                what="connecting the worker",
+            )
+        except Exception as exc:
+            if stop.is_set() and transient(exc):  # stopped while the broker was down
+                return self.stats
+            raise
         assert self._consumer is not None
         self._on_batch = on_batch
         self._store_thread = threading.Thread(
