@@ -216,3 +216,19 @@ def test_retry_call_marks_the_dependency_the_error_names():
     retry_call(attempt, dependency=dependency_of, policy=Backoff(0.01, 0.01), status=status)
     assert seen[1] == {"store": False, "kafka": True}
     assert status.ready
+
+
+def test_the_learner_backs_off_between_failed_steps_and_stops_on_a_refusal(tmp_path):
+    from flywheel.learner import LearnerConfig, OnlineLearner
+
+    config = LearnerConfig.of(Settings(home=tmp_path, retry_initial_s=0.5, retry_max_s=2.0))
+    learner = OnlineLearner(config, registry=None, source=object())  # type: ignore[arg-type]
+    outage = _operational('connection to server at "127.0.0.1" failed: Connection refused')
+    pauses = [learner.failure_pause(outage) for _ in range(6)]
+    assert 0.25 <= pauses[0] <= 0.5 and all(1.0 <= p <= 2.0 for p in pauses[2:])
+    assert learner.dependencies.states() == {"store": False, "registry": True}
+    learner.recovered()  # a step went through: everything answered, back to short pauses
+    assert learner.dependencies.ready
+    assert learner.failure_pause(outage) <= 0.5
+    with pytest.raises(Fatal, match="password authentication failed"):
+        learner.failure_pause(_operational('password authentication failed for "x"', "28P01"))
