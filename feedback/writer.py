@@ -24,7 +24,6 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from flywheel.events import CorrectionEvent, PredictionEvent, utcnow
@@ -272,7 +271,9 @@ class StoreWriter:
                 try:
                     with self._sessions.begin() as session:
                         result = work(session)
-                except (SQLAlchemyError, OSError) as exc:  # SQLite busy, PostgreSQL down, ...
+                # SQLite busy, PostgreSQL down, ...: SQLAlchemy's errors, and psycopg's own
+                # from the COPY path, which uses the driver connection directly
+                except Exception as exc:
                     reason = fatal_reason(exc)
                     if reason is not None:
                         raise Fatal(f"store: {reason}") from exc

@@ -108,6 +108,8 @@ _TRANSIENT_TEXT = (
     "the database system is starting up",
     "the database system is shutting down",
     "database is locked",
+    "connection is closed",
+    "connection is lost",
     "broker transport failure",
     "all broker connections are down",
 )
@@ -199,6 +201,7 @@ def transient(exc: BaseException) -> bool:
         return False
     sa = sys.modules.get("sqlalchemy.exc")
     kafka_errors = sys.modules.get("kafka.errors")
+    psycopg = sys.modules.get("psycopg")
     kafka_down = _kafka_python_errors(_KAFKA_PYTHON_DOWN)
     for e in _chain(exc):
         if isinstance(e, ConnectionError | TimeoutError | socket.gaierror):
@@ -209,6 +212,8 @@ def transient(exc: BaseException) -> bool:
             return True
         if sa is not None and isinstance(e, sa.DBAPIError) and e.connection_invalidated:
             return True
+        if psycopg is not None and isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
+            return True  # raised directly on the COPY path (the driver connection)
         if _kafka_error(e) is not None:
             return True  # not fatal (checked above): librdkafka says retriable or transport
         if kafka_errors is not None and isinstance(e, kafka_errors.KafkaError):

@@ -232,3 +232,11 @@ def test_the_learner_backs_off_between_failed_steps_and_stops_on_a_refusal(tmp_p
     assert learner.failure_pause(outage) <= 0.5
     with pytest.raises(Fatal, match="password authentication failed"):
         learner.failure_pause(_operational('password authentication failed for "x"', "28P01"))
+
+
+def test_psycopg_errors_of_the_copy_path_are_outages_unless_refusals():
+    import psycopg
+
+    assert transient(psycopg.OperationalError("the connection is lost"))
+    assert transient(psycopg.InterfaceError("the connection is closed"))
+    assert not transient(psycopg.errors.InvalidPassword("password authentication failed"))
