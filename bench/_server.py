@@ -3,18 +3,26 @@
 Both modes build the app with the same `create_app` and the same saved weights; only
 the event log differs, so any gap between them is the cost of logging.
 
+`--durability fast` answers as the service did before issue 27: a correction (and a
+prediction) once its records are on the event log's in-memory queue, not once Kafka
+acknowledged them or the spool holds them (`durable`, the service's own behaviour). It
+is the baseline of `bench serve --compare corrections|predictions`.
+
 `--vectors` serves a model that has a feature schema as if it had none: the same module
 and weights (its `Encode` layer included), so `POST /v1/predict` takes the raw vectors
 the schema encodes named rows to, pre-encoded by the client. It is the baseline of
 `bench serve --compare named`: the same forward pass, without named rows.
 
     python -m bench._server --model DIR --port P --logging on|off --bootstrap H:P --home DIR
+        [--durability fast|durable] [--corrections-topic T]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
@@ -47,11 +55,46 @@ class DiscardEventLog:
     def log_many(self, records: list[Record]) -> None:
         pass
 
+    def log_durable(self, records: list[Record]) -> Future[None]:
+        """Already 'stored': discarded, as `log_many` does."""
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def log_durable_async(self, records: list[Record]) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
     def start(self) -> DiscardEventLog:
         return self
 
     def close(self, timeout_s: float | None = None) -> None:
         pass
+
+
+class QueuedOnlyEventLog:
+    """Wraps the real `EventLog` and answers a durable request once its records are
+    queued (the fast, pre-issue-27 behaviour), not once they are acknowledged or spooled;
+    everything else is the wrapped log's."""
+
+    def __init__(self, inner: EventLog) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def log_durable(self, records: list[Record]) -> Future[None]:
+        self.inner.log_many(records)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def log_durable_async(self, records: list[Record]) -> asyncio.Future[None]:
+        self.inner.log_many(records)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
 
 def build_app(
@@ -61,6 +104,8 @@ def build_app(
     bootstrap: str | None,
     topic: str | None,
     vectors: bool = False,
+    durability: str = "durable",
+    corrections_topic: str | None = None,
 ):
     """The app exactly as production wires it, but with a model from a local folder."""
     from flywheel.artifacts import load_model
@@ -76,6 +121,9 @@ def build_app(
     overrides: dict[str, object] = {"home": home, "kafka_bootstrap": bootstrap}
     if topic:
         overrides["topic_predictions"] = topic
+    if corrections_topic:
+        overrides["topic_corrections"] = corrections_topic
+    overrides["prediction_durability"] = durability
     settings = Settings(**overrides)  # type: ignore[arg-type]
     prepare_home(settings)
     spec, module = load_model(model_dir)
@@ -88,6 +136,8 @@ def build_app(
         if logging_on
         else cast("EventLog", DiscardEventLog())
     )
+    if logging_on and durability == "fast":
+        event_log = cast("EventLog", QueuedOnlyEventLog(event_log))
     return create_app(ServiceConfig.of(settings), holder=holder, event_log=event_log)
 
 
@@ -108,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="serve the model without its feature schema: raw vectors in, not named rows",
     )
+    p.add_argument(
+        "--durability",
+        choices=("fast", "durable"),
+        default="durable",
+        help="durable: answer once Kafka acknowledged or the spool holds the records "
+        "(the service); fast: once they are queued (the behaviour before issue 27)",
+    )
+    p.add_argument("--corrections-topic", help="corrections topic (default: the settings')")
     args = p.parse_args(argv)
     if args.logging == "on" and not args.bootstrap:
         p.error("--logging on needs --bootstrap")
@@ -115,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app = build_app(
-        args.model, args.logging == "on", args.home, args.bootstrap, args.topic, args.vectors
+        args.model,
+        args.logging == "on",
+        args.home,
+        args.bootstrap,
+        args.topic,
+        args.vectors,
+        args.durability,
+        args.corrections_topic,
     )
     uvicorn.run(
         app, host="127.0.0.1", port=args.port, workers=1, access_log=False, log_level="warning"

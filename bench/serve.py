@@ -1,5 +1,6 @@
 """`python -m bench serve`: the cost of Kafka prediction logging on POST /v1/predict, or
-(`--compare named`) the cost of named features.
+(`--compare named`) the cost of named features, or (`--compare corrections|predictions`)
+the cost of answering only once the logged records are durable.
 
 `--compare logging` (default): the same app, the same weights and the same load, once
 with the real event log (queue + sender thread + confluent-kafka producer, acks=all, to
@@ -13,6 +14,12 @@ checked and encoded by the schema, the row logged in each event), and, the basel
 the 12 raw values the schema encodes them to, sent as vectors to a server of the same
 module and weights that is told it has no schema (`bench._server --vectors`). The forward
 pass is the same; the gap is parsing, checking and encoding named rows and logging them.
+
+`--compare corrections` (and `predictions`): POST /v1/corrections (or /v1/predict), one
+record a call, logging on, answered two ways: `fast`, as before issue 27, once the
+records are on the event log's in-memory queue (a hard crash loses what is queued), and
+`durable`, the service's behaviour, once Kafka acknowledged them (acks=all) or the
+spool holds them fsynced, concurrent requests sharing one flush (group commit).
 
 Rounds alternate between the two modes (off, on, off, on, ... or vector, named, ...) so
 slow drift on a shared machine hits both alike; each round gets a fresh server process
@@ -61,10 +68,29 @@ P99_TARGET = 1.25  # p99_on / p99_off must be at most this
 # issue 24: named rows against the vector path on the same model
 NAMED_THROUGHPUT_TARGET = 0.9  # rps_named / rps_vector must be at least this
 NAMED_P99_TARGET = 1.2  # p99_named / p99_vector must be at most this
+# issue 27: answering once the records are durable, against once they are queued
+DURABLE_THROUGHPUT_TARGET = 0.9  # rps_durable / rps_fast must be at least this
+FAST_MEANS = (
+    "fast = answered once the records are on the in-memory queue (before issue 27; a hard "
+    "crash loses what is queued)"
+)
+DURABLE_MEANS = (
+    "durable = answered once Kafka acknowledged the records (acks=all) or the spool holds "
+    "them fsynced; concurrent requests share one flush (group commit)"
+)
 COMPARISONS = {  # --compare: (baseline mode, measured mode)
     "logging": ("off", "on"),
     "named": ("vector", "named"),
+    "corrections": ("fast", "durable"),
+    "predictions": ("fast", "durable"),
 }
+TARGETS = {  # --compare: (throughput ratio at least, p99 ratio at most or None: reported)
+    "logging": (THROUGHPUT_TARGET, P99_TARGET),
+    "named": (NAMED_THROUGHPUT_TARGET, NAMED_P99_TARGET),
+    "corrections": (DURABLE_THROUGHPUT_TARGET, None),
+    "predictions": (DURABLE_THROUGHPUT_TARGET, None),
+}
+PATHS = {"corrections": "/v1/corrections"}  # the POST endpoint, /v1/predict if not here
 N_NUMERIC, CATEGORIES = 8, {"country": 40, "device": 6, "channel": 12, "plan": 4}
 UNSEEN_SHARE = 0.02  # of category values outside the vocabulary (the unknown bucket)
 READY_TIMEOUT_S = 120.0
@@ -132,10 +158,11 @@ def start_server(
     topic: str | None,
     cpus: set[int] | None = None,
     vectors: bool = False,
+    corrections_topic: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """In its own session, so that stopping it reaches every process it may have started.
-    `mode` is off (no logging), on, vector (on, the model served without its schema) or
-    named (on)."""
+    `mode` is off (no logging), on, vector (on, the model served without its schema),
+    named (on), fast or durable (on, answered once queued or once stored)."""
     logging = "off" if mode == "off" else "on"
     cmd = [
         sys.executable,
@@ -154,6 +181,10 @@ def start_server(
         cmd += ["--bootstrap", str(bootstrap), "--topic", str(topic)]
     if vectors:
         cmd.append("--vectors")
+    if mode in ("fast", "durable"):
+        cmd += ["--durability", mode]
+    if corrections_topic:
+        cmd += ["--corrections-topic", corrections_topic]
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             cmd,
@@ -226,6 +257,8 @@ def log_metrics(port: int) -> dict[str, float]:
         "flywheel_log_spooled_total": "spooled",
         "flywheel_log_replayed_total": "replayed",
         "flywheel_log_send_failures_total": "send_failures",
+        "flywheel_log_batches_total": "batches",
+        "flywheel_log_direct_spooled_total": "direct_spooled",
         "flywheel_log_queue_depth": "queue_depth",
         "flywheel_log_spooled_records": "spool_pending",
     }
@@ -238,7 +271,12 @@ def log_metrics(port: int) -> dict[str, float]:
 
 
 def run_loadgen(
-    port: int, duration: float, warmup: float, concurrency: int, bodies: Path
+    port: int,
+    duration: float,
+    warmup: float,
+    concurrency: int,
+    bodies: Path,
+    path: str = "/v1/predict",
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -254,6 +292,8 @@ def run_loadgen(
         str(concurrency),
         "--bodies",
         str(bodies),
+        "--path",
+        path,
     ]
     done = subprocess.run(
         cmd,
@@ -399,6 +439,25 @@ def write_bodies(path: Path, n: int = 1024, seed: int = 11) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_correction_bodies(path: Path, n: int = 1024, seed: int = 11) -> None:
+    """One correction a call, for a prediction id of its own, labels of the seed model."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [
+        json.dumps(
+            {
+                "corrections": [
+                    {"prediction_id": f"{rng.getrandbits(128):032x}", "label": f"class_{i % 2}"}
+                ]
+            },
+            separators=(",", ":"),
+        )
+        for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def machine_info() -> dict[str, Any]:
     """The shared machine facts (`bench._streams.machine`) plus the serving stack's."""
     import torch
@@ -438,12 +497,15 @@ def one_round(
     concurrency: int,
     say,
     server_cpus: set[int] | None = None,
+    path: str = "/v1/predict",
 ) -> Run:
-    """One server of `mode` (off, on, vector, named) under load; every mode but off logs
-    to Kafka, and its topic is read back."""
+    """One server of `mode` (off, on, vector, named, fast, durable) under load on `path`;
+    every mode but off logs to Kafka, and the topic the load writes to is read back."""
     from flywheel.broker import ensure_topics, free_port
 
-    topic = f"{TOPIC_PREFIX}.{mode}.{rnd}" if mode != "off" else None
+    corrections = path == "/v1/corrections"
+    prefix = "bench.corrections" if corrections else TOPIC_PREFIX
+    topic = f"{prefix}.{mode}.{rnd}" if mode != "off" else None
     if topic and bootstrap:
         ensure_topics(bootstrap, [topic], partitions=3)
     port = free_port(HOST)
@@ -455,9 +517,10 @@ def one_round(
         work / f"home-{mode}-{rnd}",
         log_path,
         bootstrap,
-        topic,
+        f"{TOPIC_PREFIX}.{mode}.{rnd}" if corrections else topic,
         server_cpus,
         vectors=mode == "vector",
+        corrections_topic=topic if corrections else None,
     )
     try:
         ready_s = wait_ready(proc, port, log_path)
@@ -466,7 +529,7 @@ def one_round(
             f"{warmup:g}s warm-up + {duration:g}s at concurrency {concurrency}"
         )
         cpu0 = process_cpu_s(proc.pid)
-        load = run_loadgen(port, duration, warmup, concurrency, bodies)
+        load = run_loadgen(port, duration, warmup, concurrency, bodies, path)
         run = Run(mode=mode, round=rnd, load=load, topic=topic)
         if topic:
             expected = load["ok_total"]
@@ -503,11 +566,7 @@ def _median(runs: list[Run], key: str) -> float:
 
 def summarize(runs: list[Run], compare: str = "logging") -> dict[str, Any]:
     base, test = COMPARISONS[compare]
-    tput_target, p99_target = (
-        (THROUGHPUT_TARGET, P99_TARGET)
-        if compare == "logging"
-        else (NAMED_THROUGHPUT_TARGET, NAMED_P99_TARGET)
-    )
+    tput_target, p99_target = TARGETS[compare]
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in (base, test):
         rs = [r for r in runs if r.mode == mode]
@@ -541,15 +600,21 @@ def summarize(runs: list[Run], compare: str = "logging") -> dict[str, Any]:
                 "value": tput,
                 "pass": tput >= tput_target,
             },
-            "p99_ratio": {"target": f"<= {p99_target}", "value": p99, "pass": p99 <= p99_target},
+            "p99_ratio": {
+                "target": f"<= {p99_target}" if p99_target else "reported",
+                "value": p99,
+                "pass": p99 <= p99_target if p99_target else True,
+            },
         },
         "events_logged": logged,
         "events_unique": unique,
         "events_expected": expected,
         # at-least-once: every served id must be on the topic; a resend after a late
         # acknowledgement may add a duplicate, reported but not a mismatch
-        "events_duplicates": logged - unique,
-        "events_match": unique == expected,
+        "events_duplicates": logged - (expected if compare == "corrections" else unique),
+        # corrections carry the bodies' prediction ids, which repeat as the load cycles
+        # through them: there every call's record must be on the topic, counted
+        "events_match": (logged >= expected) if compare == "corrections" else unique == expected,
         # named mode: every event carries its named row, vector events none
         "events_rows_match": all(r.events_with_row == r.events_logged for r in named_runs)
         and all(not r.events_with_row for r in logged_runs if r.mode != "named"),
@@ -565,13 +630,15 @@ def render(doc: dict[str, Any]) -> None:
         console.width = 120
     m, cfg, s = doc["machine"], doc["config"], doc["summary"]
     base, test = s["baseline"], s["measured"]
-    what = (
-        "Kafka logging on vs off"
-        if s["compare"] == "logging"
-        else "named rows vs vectors, same model"
-    )
+    what = {
+        "logging": "Kafka logging on vs off",
+        "named": "named rows vs vectors, same model",
+        "corrections": "answered once durable vs once queued",
+        "predictions": "answered once durable vs once queued",
+    }[s["compare"]]
+    endpoint = PATHS.get(s["compare"], "/v1/predict")
     table = Table(
-        title=f"POST /v1/predict, {what} "
+        title=f"POST {endpoint}, {what} "
         f"({cfg['duration_s']:g}s x {cfg['rounds']} rounds per mode, "
         f"concurrency {cfg['concurrency']})"
     )
@@ -636,11 +703,10 @@ def render(doc: dict[str, Any]) -> None:
     on_runs = [r for r in doc["runs"] if r["topic"]]
     backlog = ", ".join(f"{r['backlog_at_end']} ({r['drain_s']:.2f}s)" for r in on_runs)
     console.print(f"unacknowledged at end of load (drain time): {backlog}")
-    means = (
-        f"{OFF_MEANS}; {ON_MEANS}"
-        if s["compare"] == "logging"
-        else (f"{VECTOR_MEANS}; {NAMED_MEANS}; both with {ON_MEANS.removeprefix('on = ')}")
-    )
+    means = {
+        "logging": f"{OFF_MEANS}; {ON_MEANS}",
+        "named": f"{VECTOR_MEANS}; {NAMED_MEANS}; both with {ON_MEANS.removeprefix('on = ')}",
+    }.get(s["compare"], f"{FAST_MEANS}; {DURABLE_MEANS}")
     console.print(f"[dim]{means}.[/]")
     console.print(
         f"[dim]{m['cpu_count']} CPUs ({m['cpu_model']}), GPU {m['gpu']}, "
@@ -663,12 +729,14 @@ def main(
     compare: str = typer.Option(
         "logging",
         help="logging: Kafka logging on vs off; named: named rows vs vectors on one model "
-        "with 8 numeric and 4 categorical features.",
+        "with 8 numeric and 4 categorical features; corrections, predictions: that "
+        "endpoint answered once its records are durable vs once they are queued.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Requests/s and p50/p99 latency of POST /v1/predict: Kafka logging on vs off, or
-    named rows vs vectors (`--compare named`)."""
+    named rows vs vectors (`--compare named`), or answered once durable vs once queued
+    (`--compare corrections`, on POST /v1/corrections, or `--compare predictions`)."""
     from flywheel.broker import EmbeddedBroker
 
     if compare not in COMPARISONS:
@@ -690,11 +758,14 @@ def main(
             if split:  # the broker and load generator inherit this process's CPUs
                 os.sched_setaffinity(0, split[1])
                 say(f"server pinned to CPU {sorted(split[0])}, broker + load to {sorted(split[1])}")
-            if compare == "logging":
+            if compare != "named":
                 say("training the seed model (1000 examples) ...")
                 model: dict[str, Any] = {"accuracy": train_and_save(work)}
                 write_bodies(work / "bodies.jsonl")
-                bodies = {"off": work / "bodies.jsonl", "on": work / "bodies.jsonl"}
+                if compare == "corrections":
+                    write_correction_bodies(work / "corrections.jsonl")
+                sent = work / ("corrections.jsonl" if compare == "corrections" else "bodies.jsonl")
+                bodies = {base: sent, test: sent}
             else:
                 say("building the named-feature model (8 numeric + 4 categorical) ...")
                 model = train_named_and_save(work)
@@ -719,6 +790,7 @@ def main(
                             concurrency=concurrency,
                             say=say,
                             server_cpus=split[0] if split else None,
+                            path=PATHS.get(compare, "/v1/predict"),
                         )
                     )
     except BenchError as exc:
@@ -729,6 +801,14 @@ def main(
     if compare == "logging":
         request = "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1"
         modes = {"off": OFF_MEANS, "on": ON_MEANS}
+        model_info = {"model_accuracy": model["accuracy"]}
+    elif compare in ("corrections", "predictions"):
+        request = (
+            "POST /v1/corrections, 1 correction a call, keep-alive HTTP/1.1"
+            if compare == "corrections"
+            else "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1"
+        )
+        modes = {"fast": FAST_MEANS, "durable": DURABLE_MEANS, "logging": ON_MEANS}
         model_info = {"model_accuracy": model["accuracy"]}
     else:
         request = (

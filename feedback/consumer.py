@@ -96,8 +96,10 @@ class KafkaBatchConsumer:
     ) -> Any:
         from confluent_kafka import Consumer
 
-        config = consumer_config(feedback, kafka, client_id)
-        config["error_cb"] = on_error
+        from flywheel.kafka_security import confluent_options
+
+        config = {**consumer_config(feedback, kafka, client_id), **confluent_options(kafka)}
+        config["error_cb"] = on_error  # SASL / TLS above
         return Consumer(config, logger=logging.getLogger("flywheel.kafka"))
 
     # -- broker health ------------------------------------------------------------------------

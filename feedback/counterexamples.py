@@ -24,7 +24,7 @@ took already spend the radius, the variant keeps the input's instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple, cast
@@ -447,23 +447,9 @@ def _within_radius_many(
     norm = np.linalg.norm(delta / std, axis=1)
     over = norm > radius
     delta[over] *= (radius / norm[over])[:, None]
-    found32 = np.zeros((len(v), v.shape[1]), dtype=np.float32)
-    found = np.zeros(len(v), dtype=bool)
-    dist = np.zeros(len(v))
-    todo = np.arange(len(v))
-    for shrink in _SHRINK:
-        with np.errstate(over="ignore", invalid="ignore"):
-            v32 = (x[todo] + delta[todo]).astype(np.float32)
-            d = np.linalg.norm((v32.astype(np.float64) - x[todo]) / std, axis=1)
-        ok = np.isfinite(v32).all(axis=1) & (d <= radius)
-        done = todo[ok]
-        found32[done], dist[done], found[done] = v32[ok], d[ok], True
-        todo = todo[~ok]
-        if not len(todo):
-            break
-        delta[todo] *= shrink
-    features = found32.astype(np.float64).tolist()
-    return [(features[i], float(dist[i])) if found[i] else None for i in range(len(v))]
+    return _round_within(
+        x, delta, radius, lambda a, b: np.linalg.norm((a - b) / std, axis=1), slice(None)
+    )
 
 
 def _within_radius_mixed(
@@ -486,23 +472,36 @@ def _within_radius_mixed(
     scale = np.ones(len(v))
     scale[over] = np.where(norm[over] > 0, room[over] / np.maximum(norm[over], 1e-300), 0.0)
     delta[:, cont] *= scale[:, None]
-    found32 = np.zeros((len(v), v.shape[1]), dtype=np.float32)
-    found = np.zeros(len(v), dtype=bool)
-    dist = np.zeros(len(v))
-    todo = np.arange(len(v))
+    return _round_within(x, delta, radius, reference.pair_distance, cont)
+
+
+def _round_within(
+    x: np.ndarray,
+    delta: np.ndarray,
+    radius: float,
+    distance: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    shrinkable: slice | np.ndarray,
+) -> list[tuple[list[float], float] | None]:
+    """`x + delta` rounded to float32 per row, with the `shrinkable` columns of `delta`
+    shrunk and retried while the rounded point lands outside `radius` (or is not finite);
+    (features, distance) per row, None where no shrink fits. `delta` is changed in place."""
+    found32 = np.zeros((len(delta), delta.shape[1]), dtype=np.float32)
+    found = np.zeros(len(delta), dtype=bool)
+    dist = np.zeros(len(delta))
+    todo = np.arange(len(delta))
     for shrink in _SHRINK:
         with np.errstate(over="ignore", invalid="ignore"):
             v32 = (x[todo] + delta[todo]).astype(np.float32)
-            d = reference.pair_distance(v32.astype(np.float64), x[todo])
+            d = distance(v32.astype(np.float64), x[todo])
         ok = np.isfinite(v32).all(axis=1) & (d <= radius)
         done = todo[ok]
         found32[done], dist[done], found[done] = v32[ok], d[ok], True
         todo = todo[~ok]
         if not len(todo):
             break
-        delta[np.ix_(todo, cont)] *= shrink
+        delta[np.ix_(todo, np.arange(delta.shape[1])[shrinkable])] *= shrink
     features = found32.astype(np.float64).tolist()
-    return [(features[i], float(dist[i])) if found[i] else None for i in range(len(v))]
+    return [(features[i], float(dist[i])) if found[i] else None for i in range(len(delta))]
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.feedback.messages import CONTENT, duplicate_reason
 from flywheel.feedback.prediction_cache import KnownPrediction
 from flywheel.store import (
     Correction,
@@ -62,6 +63,8 @@ class StoredBatch:
     new_corrections: int = 0
     pairs: list[JoinedPair] = field(default_factory=list)  # joined by this transaction
     pending: list[CorrectionEvent] = field(default_factory=list)  # stored as pending
+    # events whose id the store holds with other content, and why (dead-lettered)
+    conflicts: list[tuple[PredictionEvent | CorrectionEvent, str]] = field(default_factory=list)
 
 
 def store_and_join(
@@ -89,6 +92,7 @@ def store_and_join(
         insert_returning_new(session, Prediction, [prediction_row(e) for e in predictions])
     )
     out.new_predictions = [e for e in predictions if e.id in new_ids]
+    out.conflicts += conflicts_with_store(session, predictions, new_ids)
     in_batch = out.known = {e.id: KnownPrediction.of(e) for e in out.new_predictions}
     found: dict[str, KnownPrediction] = {}
     missing = []
@@ -104,6 +108,7 @@ def store_and_join(
     rows = [correction_row(c, c.prediction_id in found, now) for c in corrections]
     created = set(insert_returning_new(session, Correction, rows))
     out.new_corrections = len(created)
+    out.conflicts += conflicts_with_store(session, corrections, created)
     for c in corrections:
         if c.id not in created:
             continue
@@ -198,6 +203,55 @@ def pair_of(
         p.probabilities,
         p.label,
     )
+
+
+def conflicts_with_store(
+    session: Session, events: Sequence[PredictionEvent | CorrectionEvent], new: set[str]
+) -> list[tuple[PredictionEvent | CorrectionEvent, str]]:
+    """The events of `events` not in `new` (their id was stored already) whose stored
+    row says something else, each with the reason. A redelivery -- a replay after a crash,
+    a producer's retry -- has the same content and is skipped, as it always was; a
+    different record under a stored id was skipped too, silently, and is dead-lettered
+    now. Costs a read only for ids that were stored already (replays)."""
+    old = [e for e in events if e.id not in new]
+    if not old:
+        return []
+    stored = _stored_content(session, type(old[0]), [e.id for e in old])
+    out = []
+    for e in old:
+        first = stored.get(e.id)
+        why = None if first is None else duplicate_reason(e, first, "is stored already")
+        if why is not None:
+            out.append((e, why))
+    return out
+
+
+def _stored_content(session: Session, kind: type, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """What the store holds of each id, by `CONTENT`'s field names."""
+    if kind is PredictionEvent:
+        columns: dict[str, Any] = {
+            "model_name": Prediction.model_name,
+            "model_version": Prediction.model_version,
+            "features": Prediction.features,
+            "probabilities": Prediction.probabilities,
+            "label": Prediction.label,
+            "timestamp": Prediction.created_at,
+            "latency_ms": Prediction.latency_ms,
+        }
+        key: Any = Prediction.id
+    else:
+        columns = {
+            "prediction_id": Correction.prediction_id,
+            "label": Correction.label,
+            "source": Correction.source,
+        }
+        key = Correction.id
+    assert tuple(columns) == CONTENT[kind]
+    out = {}
+    for chunk in _chunks(sorted(set(ids))):
+        for row in session.execute(select(key, *columns.values()).where(key.in_(chunk))):
+            out[row[0]] = dict(zip(columns, row[1:], strict=True))
+    return out
 
 
 def lookup_predictions(session: Session, ids: Iterable[str]) -> dict[str, KnownPrediction]:

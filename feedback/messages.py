@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
-from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.events import NO_NUL, CorrectionEvent, PredictionEvent
+
+__all__ = [
+    "CONTENT",
+    "MAX_REASON",
+    "Rejected",
+    "content_of",
+    "decode",
+    "duplicate_reason",
+]
 
 MAX_REASON = 1000
 # pydantic-core's validators, called directly: `model_validate_json` is a Python wrapper
@@ -34,8 +46,49 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
-        parts.append(f"{loc}: {err.get('msg')}")
+        msg = err.get("msg")
+        pattern = err.get("ctx", {}).get("pattern")
+        if err.get("type") == "string_pattern_mismatch" and pattern == NO_NUL:
+            msg = "holds a NUL character, which the store cannot keep"
+        parts.append(f"{loc}: {msg}")
     return "schema: " + "; ".join(parts)
+
+
+# What the store keeps of each kind of event: a second record with the same id and the same
+# content is a redelivery (skipped, silently); with other content it is a conflict,
+# dead-lettered. A correction's timestamp is not content: the service stamps each call,
+# and a client's retry of the same correction is the same event (`correction_id`).
+CONTENT: dict[type, tuple[str, ...]] = {
+    PredictionEvent: (
+        "model_name",
+        "model_version",
+        "features",
+        "probabilities",
+        "label",
+        "timestamp",
+        "latency_ms",
+    ),
+    CorrectionEvent: ("prediction_id", "label", "source"),
+}
+
+
+def content_of(event: PredictionEvent | CorrectionEvent) -> dict[str, Any]:
+    return {f: getattr(event, f) for f in CONTENT[type(event)]}
+
+
+def duplicate_reason(
+    event: PredictionEvent | CorrectionEvent, first: Mapping[str, Any], where: str
+) -> str | None:
+    """Why `event` cannot be stored beside `first` (the content of the event with its id
+    that came first, or that the store holds), or None when it is a plain redelivery."""
+    differ = [f for f in CONTENT[type(event)] if getattr(event, f) != first[f]]
+    if not differ:
+        return None
+    kind = "prediction" if isinstance(event, PredictionEvent) else "correction"
+    return (
+        f"duplicate: {kind} id {event.id!r} {where} with a different "
+        f"{', '.join(differ)}; the first is kept"
+    )[:MAX_REASON]
 
 
 def decode(
@@ -77,7 +130,27 @@ def decode(
             value,
             f"key {key!r} does not match the prediction id {expected_key!r}"[:MAX_REASON],
         )
+    stamp = event.timestamp
+    if stamp.year in (1, 9999) and not _in_utc_range(stamp):  # a year test first: ~40 ns
+        return Rejected(
+            topic,
+            partition,
+            offset,
+            key,
+            value,
+            f"schema: timestamp: {stamp.isoformat()} is out of range once in UTC",
+        )
     return event
+
+
+def _in_utc_range(stamp: datetime) -> bool:
+    """The store keeps UTC: a time whose offset carries it past year 1 or 9999 cannot be
+    converted (OverflowError), and failed its whole batch in the store before."""
+    try:
+        stamp.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
 
 
 def _why_invalid(model: type[PredictionEvent] | type[CorrectionEvent], value: bytes) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from flywheel.events import utcnow
-from flywheel.store import error_counters
+from flywheel.store import error_counters, window_start
 
 
 def error_report(
@@ -19,7 +19,8 @@ def error_report(
     now: datetime | None = None,
     top_pairs: int = 5,
 ) -> dict[str, Any]:
-    """Error rate, error-type mix and the most frequent confusions, per version."""
+    """Error rate, error-type mix and the most frequent confusions, per version, over the
+    whole hours from the one that holds `now - hours` (`since` in the result)."""
     since = (now or utcnow()) - timedelta(hours=hours)
     versions: dict[str, dict[str, Counter]] = defaultdict(
         lambda: {"outcomes": Counter(), "pairs": Counter()}
@@ -46,4 +47,9 @@ def error_report(
                 ],
             }
         )
-    return {"model_name": model_name, "window_hours": hours, "versions": report}
+    return {
+        "model_name": model_name,
+        "window_hours": hours,
+        "since": window_start(since).isoformat(),
+        "versions": report,
+    }

@@ -32,7 +32,7 @@ from sqlalchemy import Engine
 from flywheel.feedback.consumer import KafkaBatchConsumer, Partition
 from flywheel.feedback.deadletter import DeadLetterWriter
 from flywheel.feedback.join import StoredBatch
-from flywheel.feedback.messages import Rejected, decode
+from flywheel.feedback.messages import Rejected, content_of, decode, duplicate_reason
 from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserver, WorkerStep
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
@@ -114,8 +114,12 @@ class FeedbackWorker:
         """The dead-letter producer first (kafka-python's waits for the broker and raises
         if it is down: retried by `run`), then the group member, so a failed try leaves
         no consumer behind."""
+        from flywheel.kafka_security import kafka_python_options
+
         f, k = self.feedback, self.kafka
-        self.writer.dead_letters = DeadLetterWriter(self._bootstrap, k.topic_deadletter)
+        self.writer.dead_letters = DeadLetterWriter(
+            self._bootstrap, k.topic_deadletter, **kafka_python_options(k)
+        )
         self._consumer = KafkaBatchConsumer(
             f,
             k,
@@ -299,13 +303,20 @@ class FeedbackWorker:
         events: list[tuple[Any, Event]] = []
         rejected: list[Rejected] = []
         kinds = self._kinds
+        first: dict[tuple[type, str], Event] = {}
         for m in messages:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             event = decode(kinds[topic], topic, partition, offset, m.key(), m.value())
             if isinstance(event, Rejected):
                 rejected.append(event)
-            else:
-                events.append((m, event))
+                continue
+            earlier = first.setdefault((type(event), event.id), event)
+            if earlier is not event:  # the store keeps the first; a redelivery is skipped
+                why = duplicate_reason(event, content_of(earlier), "came earlier in the batch")
+                if why is not None:
+                    rejected.append(Rejected(topic, partition, offset, m.key(), m.value(), why))
+                    continue
+            events.append((m, event))
         batch = Batch(events, rejected, offsets, len(messages))
         batch.plan = self._prepare([e for _, e in events], batch)
         return batch

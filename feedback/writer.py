@@ -83,6 +83,19 @@ def by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[Correction
     )
 
 
+def _conflict_letters(batch: Batch) -> list[Rejected]:
+    """Dead letters for the batch's events whose id the store holds with other content."""
+    found = [c for stored in batch.stored for c in stored.conflicts]
+    if not found:
+        return []
+    message_of = {id(e): m for m, e in batch.events}
+    out = []
+    for event, why in found:
+        m = message_of[id(event)]
+        out.append(Rejected(m.topic(), m.partition(), m.offset(), m.key(), m.value(), why))
+    return out
+
+
 class StoreWriter:
     """Writes batches and sweeps; counts what it did in `stats`.
 
@@ -126,7 +139,10 @@ class StoreWriter:
                 if _store_fault(exc):
                     raise  # the store is down (the worker stops) or refuses us: not the records'
                 rejected += self._store_one_by_one(batch.events, exc, batch.stored)
-            self._dead_letter(rejected)
+            conflicts = _conflict_letters(batch)
+            if conflicts:  # a plan relying on this batch's predictions must not trust them
+                batch.whole = False
+            self._dead_letter(rejected + conflicts)
             self.stats.batches += 1
             self.stats.records += batch.records
 

@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
-    """Block until a Kafka client completes a metadata round trip with `bootstrap`."""
+def wait_for_kafka(
+    bootstrap: str, timeout_s: float = 20.0, *, security: Mapping[str, Any] | None = None
+) -> None:
+    """Block until a Kafka client completes a metadata round trip with `bootstrap`.
+
+    `security` (here and below): kafka-python arguments from
+    `flywheel.kafka_security.kafka_python_options`, for a cluster with SASL or TLS."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -59,7 +66,9 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+            admin = KafkaAdminClient(
+                bootstrap_servers=bootstrap, request_timeout_ms=2000, **(security or {})
+            )
             try:
                 admin.list_topics()
                 return
@@ -71,13 +80,21 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
     raise BrokerError(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s: {last}")
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[str]:
+def ensure_topics(
+    bootstrap: str,
+    topics: list[str],
+    partitions: int,
+    *,
+    security: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Create the topics that do not exist yet; returns the ones created."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=5000, **(security or {})
+    )
     try:
         missing = [t for t in topics if t not in set(admin.list_topics())]
         if missing:
@@ -89,7 +106,12 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> list[st
 
 
 def read_topic(
-    bootstrap: str, topic: str, *, at_least: int = 0, timeout_s: float = 30.0
+    bootstrap: str,
+    topic: str,
+    *,
+    at_least: int = 0,
+    timeout_s: float = 30.0,
+    security: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Every record on every partition of `topic`, from the beginning to its end offsets.
 
@@ -101,7 +123,11 @@ def read_topic(
 
     deadline = time.monotonic() + timeout_s
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, max_poll_records=5000
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        max_poll_records=5000,
+        **(security or {}),
     )
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -126,6 +152,97 @@ def read_topic(
             time.sleep(0.1)
     finally:
         consumer.close()
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """A consumer group on one partition: its committed offset, the end, the difference.
+    `committed` None: the group has committed nothing there (lag: everything on it)."""
+
+    topic: str
+    partition: int
+    committed: int | None
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed or 0)
+
+
+def consumer_lag(
+    bootstrap: str,
+    group: str,
+    topics: list[str],
+    timeout_s: float = 5.0,
+    *,
+    security: Mapping[str, Any] | None = None,
+) -> list[PartitionLag]:
+    """The group's lag on every partition of `topics` (committed offsets against the end
+    offsets, `_read_ends`); `BrokerError` if the broker cannot be asked within about
+    `timeout_s`."""
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    ms = int(timeout_s * 1000)
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=ms, **(security or {})
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+    consumer = None
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            request_timeout_ms=max(ms, 1000),
+            **(security or {}),
+        )
+        tps = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        ends = _read_ends(consumer, tps, timeout_s) if tps else {}
+        # the partitions named: OffsetFetch for "all of the group's" needs a newer broker
+        fetched = admin.list_group_offsets({group: tps}).get(group, {}) if tps else {}
+        committed = {
+            (tp.topic, tp.partition): meta.offset
+            for tp, meta in fetched.items()
+            if meta.offset is not None and meta.offset >= 0
+        }
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read offsets of group {group} at {bootstrap}: {exc}") from None
+    finally:
+        admin.close()
+        if consumer is not None:
+            consumer.close()
+    return [
+        PartitionLag(tp.topic, tp.partition, committed.get((tp.topic, tp.partition)), ends[tp])
+        for tp in tps
+    ]
+
+
+def _read_ends(consumer: Any, tps: list[Any], timeout_s: float) -> dict[Any, int]:
+    """End offsets, checked by reading from the last one reported to the true end.
+
+    Tansu 0.6 (the test broker) answers ListOffsets(latest) with the last batch's base
+    offset + 1: four records sent as one batch at offsets 0-3 were reported as end 1.
+    Reading on from there finds the records past it; on Kafka, whose answer is right,
+    this reads at most the one record before the end, per partition.
+    """
+    ends = dict(consumer.end_offsets(tps))
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, max(ends[tp] - 1, 0))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batches = consumer.poll(timeout_ms=200, max_records=10_000)
+        if not batches:
+            break
+        for tp, records in batches.items():
+            ends[tp] = max(ends[tp], records[-1].offset + 1)
+    return ends
 
 
 class EmbeddedBroker:

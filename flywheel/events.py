@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,7 +27,15 @@ SCHEMA_VERSION: Literal[1] = 1
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
 ]
-LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# Text the training store keeps in a column of its own: at most as long as the column
+# (flywheel.store.models: NAME_LENGTH 200, ID_LENGTH 64), and without NUL, which
+# PostgreSQL's text types refuse. Checked by pydantic-core's own regex (no Python call):
+# the store refused such a record only after the whole batch had failed, and a record the
+# worker cannot store must be dead-lettered at decode, with the field named.
+NO_NUL = r"^[^\x00]*$"
+LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)]
+ModelName = Annotated[str, StringConstraints(max_length=200, pattern=NO_NUL)]
+VersionText = Annotated[str, StringConstraints(max_length=64, pattern=NO_NUL)]
 
 
 def new_id() -> str:
@@ -80,13 +89,14 @@ class PredictionEvent(_Event):
     """One served prediction, logged to `flywheel.predictions`."""
 
     id: Identifier
-    model_name: str
-    model_version: str
+    model_name: ModelName
+    model_version: VersionText
     features: Annotated[list[FiniteFloat], Field(min_length=1)]
-    probabilities: dict[str, Probability]
-    label: str
-    timestamp: datetime
-    latency_ms: float = Field(ge=0)
+    probabilities: dict[LabelName, Probability]
+    label: LabelName
+    # aware: the store keeps UTC and refuses a time without its zone
+    timestamp: AwareDatetime
+    latency_ms: FiniteFloat = Field(ge=0)
     # which network answered: "single" (a plain model), "light" or "heavy" (a cascade);
     # optional and free-form so records without it, or with a future value, stay valid
     path: Annotated[str, StringConstraints(max_length=32)] | None = None
@@ -126,11 +136,19 @@ class CorrectionEvent(_Event):
     prediction_id: Identifier
     label: LabelName
     source: Identifier | None = None
-    timestamp: datetime
+    timestamp: AwareDatetime
 
 
 class DeadLetter(_Event):
-    """A message a consumer could not use, with the reason, on `flywheel.deadletter`."""
+    """A message a consumer could not use, with the reason, on `flywheel.deadletter`.
+
+    Bounded whatever the record was (flywheel.feedback.deadletter): `value` is the first
+    bytes of the record's value (16 KiB), read as UTF-8 with each invalid byte replaced
+    by U+FFFD, `key` the first 1 KiB of its key, the same way; `value_bytes` and
+    `value_sha256` describe the whole value, and `truncated` says whether `value` is all
+    of it. The record itself stays at (topic, partition, offset) while the topic keeps it.
+    The last three have defaults so that letters written before them still read.
+    """
 
     topic: str
     partition: int
@@ -139,6 +157,9 @@ class DeadLetter(_Event):
     value: str
     reason: str
     timestamp: datetime
+    value_bytes: int = 0
+    value_sha256: str | None = None  # hex; None for a tombstone (no value at all)
+    truncated: bool = False
 
 
 class ModelEvent(_Event):

@@ -11,6 +11,7 @@ import getpass
 import logging
 
 from flywheel.events import ModelEvent, utcnow
+from flywheel.kafka_security import kafka_python_options
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import KafkaSettings
 
@@ -99,6 +100,7 @@ def announce(kafka: KafkaSettings, event: ModelEvent, timeout_s: float | None = 
             request_timeout_ms=int(timeout_s * 1000),
             bootstrap_timeout_ms=int(timeout_s * 1000),
             max_block_ms=int(timeout_s * 1000),
+            **kafka_python_options(kafka),
         )
         try:
             producer.send(

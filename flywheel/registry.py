@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NewType
 
+from pydantic import SecretStr
 from torch import nn
 
 from flywheel.artifacts import load_model, save_model
@@ -27,6 +29,31 @@ SOURCES = ("online", "federated", "manual", "init")
 SCHEMA_TAG = "schema_fingerprint"  # set by `publish` on every version whose spec has a schema
 HISTORY_TAG = "champion_history"  # on the registered model: JSON list, oldest first
 HISTORY_LIMIT = 200
+
+
+def mlflow_credentials(state: StateSettings) -> dict[str, str]:
+    """MLflow's own variables for the FLYWHEEL_MLFLOW_TRACKING_* credentials that are set.
+
+    MLflow's REST client reads its credentials only from the environment
+    (MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_TOKEN,
+    MLFLOW_TRACKING_SERVER_CERT_PATH), on every request; `Registry` puts these there, so a
+    deployment configures the tracking server like everything else, through FLYWHEEL_*
+    settings (validated, in one env file), and a set Flywheel setting wins over a stale
+    MLflow variable. Unset settings leave MLflow's variables as they are.
+    """
+    values = {
+        "MLFLOW_TRACKING_USERNAME": state.mlflow_tracking_username,
+        "MLFLOW_TRACKING_PASSWORD": state.mlflow_tracking_password,
+        "MLFLOW_TRACKING_TOKEN": state.mlflow_tracking_token,
+        "MLFLOW_TRACKING_SERVER_CERT_PATH": state.mlflow_tracking_server_cert_path,
+    }
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, SecretStr):
+            out[name] = value.get_secret_value()
+        elif value is not None:
+            out[name] = str(value)
+    return out
 
 
 class RegistryError(ValueError):
@@ -96,6 +123,7 @@ class Registry:
         self.name = registry.model_name
         self.factories = registry.factories  # modules trusted to build `factory` models
         uri = state.resolved_mlflow_uri
+        os.environ.update(mlflow_credentials(state))
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     @classmethod

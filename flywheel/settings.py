@@ -83,6 +83,20 @@ class _StateFields(_Fields):
     home: Path = Field(Path(".flywheel"), description="Folder for all local state.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home.")
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite in home.")
+    mlflow_tracking_username: str | None = Field(
+        None, description="Basic-auth user for an MLflow server (MLFLOW_TRACKING_USERNAME)."
+    )
+    mlflow_tracking_password: SecretStr | None = Field(
+        None, description="Its password (MLFLOW_TRACKING_PASSWORD). Never printed."
+    )
+    mlflow_tracking_token: SecretStr | None = Field(
+        None, description="Bearer token for an MLflow server (MLFLOW_TRACKING_TOKEN)."
+    )
+    mlflow_tracking_server_cert_path: Path | None = Field(
+        None,
+        description="CA bundle that signed an https MLflow server's certificate "
+        "(MLFLOW_TRACKING_SERVER_CERT_PATH).",
+    )
 
     @field_validator("database_url", "mlflow_tracking_uri")
     @classmethod
@@ -95,6 +109,30 @@ class _StateFields(_Fields):
         except ValueError as exc:
             raise ValueError(f"not a usable URL ({exc})") from None
         return value
+
+    @field_validator("mlflow_tracking_server_cert_path", mode="before")
+    @classmethod
+    def _unset_mlflow_tracking_server_cert_path(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("mlflow_tracking_server_cert_path")
+    @classmethod
+    def _check_mlflow_ca(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
+
+    @model_validator(mode="after")
+    def _check_mlflow_credentials(self) -> Self:
+        if (self.mlflow_tracking_username is None) != (self.mlflow_tracking_password is None):
+            raise ValueError(
+                "FLYWHEEL_MLFLOW_TRACKING_USERNAME and FLYWHEEL_MLFLOW_TRACKING_PASSWORD "
+                "are set together or not at all"
+            )
+        if self.mlflow_tracking_username is not None and self.mlflow_tracking_token is not None:
+            raise ValueError(
+                "set FLYWHEEL_MLFLOW_TRACKING_USERNAME/PASSWORD or "
+                "FLYWHEEL_MLFLOW_TRACKING_TOKEN, not both"
+            )
+        return self
 
     @cached_property
     def home_dir(self) -> Path:
@@ -129,6 +167,63 @@ class _KafkaFields(_Fields):
     topic_deadletter: str = Field("flywheel.deadletter", description="Unusable messages + reason.")
     topic_partitions: int = Field(3, ge=1, le=1024, description="For topics Flywheel creates.")
     kafka_timeout_s: float = Field(5.0, gt=0, description="Delivery timeout before spooling.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How every Kafka client talks to the brokers."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism; needed by the SASL_* protocols."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA bundle that signed the brokers' certificates (SSL, SASL_SSL)."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM) for brokers that require one."
+    )
+    kafka_ssl_keyfile: Path | None = Field(None, description="Its private key (PEM).")
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", mode="before")
+    @classmethod
+    def _unset_kafka_ssl_cafile(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _check_kafka_files(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> Self:
+        """A half-configured security setting is refused here, not at the first connect."""
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        if sasl:
+            missing = [
+                f"FLYWHEEL_KAFKA_{name.upper()}"
+                for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                if getattr(self, f"kafka_{name}") is None
+            ]
+            if missing:
+                raise ValueError(f"{protocol} needs {', '.join(missing)}")
+        elif self.kafka_sasl_mechanism or self.kafka_sasl_username or self.kafka_sasl_password:
+            raise ValueError(
+                f"SASL settings are set but FLYWHEEL_KAFKA_SECURITY_PROTOCOL={protocol}"
+            )
+        tls = protocol in ("SSL", "SASL_SSL")
+        files = (self.kafka_ssl_cafile, self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        if not tls and any(f is not None for f in files):
+            raise ValueError(f"TLS files are set but FLYWHEEL_KAFKA_SECURITY_PROTOCOL={protocol}")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError(
+                "FLYWHEEL_KAFKA_SSL_CERTFILE and FLYWHEEL_KAFKA_SSL_KEYFILE are set together"
+            )
+        if protocol != "PLAINTEXT" and not self.kafka_bootstrap:
+            raise ValueError(
+                f"FLYWHEEL_KAFKA_SECURITY_PROTOCOL={protocol} needs FLYWHEEL_KAFKA_BOOTSTRAP: "
+                "the embedded broker speaks PLAINTEXT on loopback only"
+            )
+        return self
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -248,6 +343,33 @@ class _ServiceFields(_Fields):
         "(/v1/review); unset: the page is read-only.",
     )
 
+    tls_certfile: Path | None = Field(
+        None, description="Certificate chain (PEM): `flywheel serve` answers HTTPS only."
+    )
+    tls_keyfile: Path | None = Field(None, description="Its private key (PEM).")
+    tls_client_cafile: Path | None = Field(
+        None,
+        description="CA bundle for mutual TLS: every client must present a certificate it signed.",
+    )
+
+    @field_validator("tls_certfile", "tls_keyfile", "tls_client_cafile", mode="before")
+    @classmethod
+    def _unset_tls_certfile(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("tls_certfile", "tls_keyfile", "tls_client_cafile")
+    @classmethod
+    def _check_tls_files(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("FLYWHEEL_TLS_CERTFILE and FLYWHEEL_TLS_KEYFILE are set together")
+        if self.tls_client_cafile is not None and self.tls_certfile is None:
+            raise ValueError("FLYWHEEL_TLS_CLIENT_CAFILE needs FLYWHEEL_TLS_CERTFILE and _KEYFILE")
+        return self
+
     @field_validator("admin_token")
     @classmethod
     def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -290,6 +412,28 @@ class _EventLogFields(_Fields):
     )
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")
+    durable_wait_ms: float = Field(
+        1000.0,
+        gt=0,
+        le=60_000,
+        description="Longest a request waits for Kafka's acknowledgement of its records "
+        "before it writes them to the spool itself.",
+    )
+    durable_linger_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Sender waits this long to batch records a request is waiting on "
+        "(group commit); FLYWHEEL_LOG_LINGER_MS applies while none is.",
+    )
+    prediction_durability: Literal["durable", "fast"] = Field(
+        "fast",
+        description="fast: a prediction is answered once its event is queued (a hard crash "
+        "loses the events of the last FLYWHEEL_LOG_LINGER_MS plus one Kafka round trip); "
+        "durable: once it is acknowledged by Kafka or fsynced into the spool, as a "
+        "correction always is (0.69x the requests/s at 16 connections in bench serve "
+        "--compare predictions, docs/benchmarks.md).",
+    )
 
 
 class _FeedbackFields(_Fields):
@@ -359,6 +503,11 @@ class _GateFields(_Fields):
     gate_min_holdout: int = Field(
         20, ge=1, le=1_000_000, description="Fewer recent holdout corrections: no promotion."
     )
+    gate_concept_change: Literal["follow", "hold"] = Field(
+        "follow",
+        description="When recent data contradicts the trusted holdout (z ≥ 3 both ways): "
+        "follow waives the trusted check, hold keeps it binding.",
+    )
 
 
 class _LearnerFields(_Fields):
@@ -416,6 +565,30 @@ class _LearnerFields(_Fields):
     learn_metrics_port: int = Field(
         0, ge=0, le=65535, description="Learner's /metrics port (privacy refusals, ε); 0: off."
     )
+    learn_lease_s: float = Field(
+        15.0,
+        ge=1,
+        le=3600,
+        description="The lineage's lease lasts this long unless renewed: a standby "
+        "learner takes over about this long after the holder dies.",
+    )
+    learn_lease_renew_s: float = Field(
+        5.0,
+        gt=0,
+        le=1200,
+        description="The holder renews its lease this often (at most a third of "
+        "FLYWHEEL_LEARN_LEASE_S); a standby tries to take it as often.",
+    )
+
+    @model_validator(mode="after")
+    def _check_learn_lease(self) -> Self:
+        if self.learn_lease_renew_s * 3 > self.learn_lease_s:
+            raise ValueError(
+                f"FLYWHEEL_LEARN_LEASE_RENEW_S ({self.learn_lease_renew_s:g}) is more than a "
+                f"third of FLYWHEEL_LEARN_LEASE_S ({self.learn_lease_s:g}): a renewal that "
+                "is late once would let a standby take over from a live learner"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_learn_rates(self) -> Self:
@@ -573,13 +746,15 @@ _GROUP_CONFIG = ConfigDict(frozen=True, extra="forbid")
 
 
 class StateSettings(_StateFields):
-    """`home`, `database_url`, `mlflow_tracking_uri`, and the paths derived from them."""
+    """`home`, `database_url`, `mlflow_tracking_*`, and the paths derived from them."""
 
     model_config = _GROUP_CONFIG
 
 
 class KafkaSettings(_KafkaFields):
-    """`kafka_bootstrap`, the four topics, `topic_partitions`, `kafka_timeout_s`."""
+    """`kafka_bootstrap`, the four topics, `topic_partitions`, `kafka_timeout_s`, and the
+    transport security of every Kafka client (`kafka_security_protocol`, `kafka_sasl_*`,
+    `kafka_ssl_*`; see flywheel.kafka_security)."""
 
     model_config = _GROUP_CONFIG
 
@@ -597,7 +772,8 @@ class TrustedSettings(_TrustedFields):
 
 
 class ServiceSettings(_ServiceFields):
-    """`host`, `port`, request limits, dynamic batching, `serve_precision`, `admin_token`."""
+    """`host`, `port`, request limits, dynamic batching, `serve_precision`, `admin_token`,
+    `tls_*`."""
 
     model_config = _GROUP_CONFIG
 
@@ -609,7 +785,8 @@ class RetrySettings(_RetryFields):
 
 
 class EventLogSettings(_EventLogFields):
-    """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`."""
+    """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`,
+    `durable_wait_ms`, `durable_linger_ms`, `prediction_durability`."""
 
     model_config = _GROUP_CONFIG
 
@@ -621,7 +798,8 @@ class FeedbackSettings(_FeedbackFields):
 
 
 class GateSettings(_GateFields):
-    """`auto_promote`, `gate_tolerance`, `gate_recent_holdout`, `gate_min_holdout`."""
+    """`auto_promote`, `gate_tolerance`, `gate_recent_holdout`, `gate_min_holdout`,
+    `gate_concept_change`."""
 
     model_config = _GROUP_CONFIG
 
@@ -784,6 +962,20 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(_describe(exc)) from exc
 
 
+def _readable_file(value: Path | None) -> Path | None:
+    """A certificate or key path: read once here, so a missing or unreadable file is one
+    line at start rather than a TLS handshake failing later."""
+    if value is None or str(value).strip() == "":
+        return None
+    path = value.expanduser()
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def _is_host_port(value: str) -> bool:
     host, sep, port = value.rpartition(":")
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
@@ -797,7 +989,11 @@ def _describe(exc: ValueError) -> str:
     for err in errors():
         loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
         var = ENV_PREFIX + loc.upper() if loc in Settings.model_fields else loc
-        got = mask_credentials(repr(err.get("input")))  # a URL's password stays hidden
+        value = err.get("input")
+        if isinstance(value, Mapping):  # a check across fields: its input is every setting,
+            lines.append(f"{var}: {err.get('msg')}")  # secrets too; the message names them
+            continue
+        got = mask_credentials(repr(value))  # a URL's password stays hidden
         lines.append(f"{var}: {err.get('msg')} (got {got})")
     return "invalid configuration: " + "; ".join(lines)
 

@@ -29,6 +29,7 @@ from flywheel.learner.init import (
     run_init,
     write_demo_csv,
 )
+from flywheel.learner.lease import LeaseKeeper, StepAbandoned
 from flywheel.learner.online import Candidate, LearnerStats, OnlineLearner
 from flywheel.learner.seed_model import default_spec, ensure_champion, train_seed_model
 from flywheel.learner.trainer import OnlineTrainer, Reservoir, TrainerConfig, UpdateStats
@@ -49,11 +50,13 @@ __all__ = [
     "InitResult",
     "LearnerConfig",
     "LearnerStats",
+    "LeaseKeeper",
     "Meter",
     "OnlineLearner",
     "OnlineTrainer",
     "Reservoir",
     "Score",
+    "StepAbandoned",
     "StoredExample",
     "TrainerConfig",
     "UpdateStats",

@@ -8,16 +8,38 @@ promoted.
 
 Both holdouts are scored by `flywheel.learner.evaluation.score`, the scorer the review page
 uses too: a row whose label the model cannot output counts as wrong.
+
+When the two questions contradict each other, the world has changed where the trusted set
+lives (a label reversal, a remap): no model can be right on both, and a gate that always
+binds on the trusted holdout keeps the old concept served for good. `concept_change` says
+when the evidence for that is strong — the champion is worse on recent data than on the
+trusted holdout by more than the tolerance, at `CONCEPT_Z` standard errors (a two-proportion
+z-test); the candidate beats it on the same recent rows at `CONCEPT_Z` too (McNemar's test:
+only the rows where the two disagree count); and the candidate loses on the trusted holdout
+no more than the champion lost on recent data (a candidate that merely forgot is still
+refused) — and under the `follow` policy
+(`FLYWHEEL_GATE_CONCEPT_CHANGE`, the default) the trusted check is then waived, said in the
+decision's reason and flagged (`concept_change`) for the reviewer. `hold` keeps the trusted
+holdout binding whatever recent data says (an operator re-seeds it with `flywheel init`).
+At z = 3 a chance result passes about once in 700 decisions per test; on penguins'
+Adelie/Chinstrap swap (trusted n = 21) it fires within the first few candidates after the
+swap, and never before it (`tests/unit/test_learner_parts.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
+import numpy as np
 from torch import nn
 
-from flywheel.learner.evaluation import Holdout, accuracy, score
+from flywheel.learner.evaluation import Holdout, Score, score
+
+ConceptPolicy = Literal["follow", "hold"]
+CONCEPT_Z = 3.0  # standard errors on both tests before a concept change waives the trusted check
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,8 @@ class GateResult:
     # at that precision minus in float32 (flywheel.kernels.quantize.precision_delta)
     quant_precision: str | None = None
     quant_accuracy_delta: float | None = None
+    # the trusted check was waived: recent data contradicts the trusted set (`concept_change`)
+    concept_change: bool = False
 
     def summary(self) -> str:
         """One line for the `gate` tag: the decision and the numbers behind it."""
@@ -65,6 +89,7 @@ class GateResult:
             if isinstance(v, int | float) and not isinstance(v, bool)
         }  # None: not run
         out["gate_passed"] = float(self.passed)
+        out["gate_concept_change"] = float(self.concept_change)
         return out
 
 
@@ -72,6 +97,65 @@ def scores(module: nn.Module, holdout: Holdout) -> tuple[float, float]:
     """(accuracy, mean log-loss) on the holdout (`evaluation.score`)."""
     result = score(module, holdout)
     return result.accuracy, result.log_loss
+
+
+def concept_change(
+    champion_trusted: Score,
+    champion_recent: Score,
+    candidate_recent: Score,
+    recent_y: np.ndarray,
+    tolerance: float,
+    z: float = CONCEPT_Z,
+    candidate_trusted: Score | None = None,
+) -> str | None:
+    """Why recent data contradicts the trusted set, or None where the evidence is weak.
+
+    All must hold: the champion is less accurate on recent rows than on the trusted
+    holdout by more than `tolerance`, at `z` standard errors of the difference (pooled
+    two-proportion test); the candidate beats the champion on the same recent rows at
+    `z` (McNemar: (b - c) / sqrt(b + c) over the rows only one of them gets right); and,
+    given `candidate_trusted`, the candidate loses on the trusted holdout no more than the
+    champion lost on recent data (within `tolerance` and two standard errors): what a
+    change of concept costs on old rows, and not a candidate that merely forgot them.
+
+    >>> import numpy as np
+    >>> def s(right, n):
+    ...     return Score(n, right, 0, right / n, 0.0, np.zeros(n, np.int64), np.zeros((n, 2)))
+    >>> y = np.zeros(100, np.int64)
+    >>> champ, cand = s(40, 100), s(90, 100)
+    >>> champ.predicted[40:] = 1  # the champion misses 60 rows; the candidate misses 10
+    >>> cand.predicted[90:] = 1
+    >>> for part in concept_change(s(50, 50), champ, cand, y, tolerance=0.02).split(" and "):
+    ...     print(part)
+    the champion is right on 0.400 of recent rows against 1.000 of trusted ones (z=7.1)
+    the candidate fixes 50 of its recent errors for 0 new ones (z=7.1)
+    >>> concept_change(s(21, 50), champ, cand, y, tolerance=0.02) is None  # no gap
+    True
+    """
+    t, r = champion_trusted, champion_recent
+    if t.n == 0 or r.n == 0 or not r.accuracy < t.accuracy - tolerance:
+        return None
+    pooled = (t.correct + r.correct) / (t.n + r.n)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / t.n + 1 / r.n))
+    drop_z = (t.accuracy - r.accuracy) / se if se > 0 else math.inf
+    if drop_z < z:
+        return None
+    champ_right = r.predicted == recent_y
+    cand_right = candidate_recent.predicted == recent_y
+    b = int((cand_right & ~champ_right).sum())
+    c = int((champ_right & ~cand_right).sum())
+    if b + c == 0 or (b - c) / math.sqrt(b + c) < z:
+        return None
+    if candidate_trusted is not None and candidate_trusted.n:
+        a = candidate_trusted.accuracy
+        slack = 2 * math.sqrt(a * (1 - a) / candidate_trusted.n)
+        if a + slack < r.accuracy - tolerance:
+            return None
+    return (
+        f"the champion is right on {r.accuracy:.3f} of recent rows against {t.accuracy:.3f} "
+        f"of trusted ones (z={drop_z:.1f}) and the candidate fixes {b} of its recent "
+        f"errors for {c} new ones (z={(b - c) / math.sqrt(b + c):.1f})"
+    )
 
 
 def _quant_fields(candidate: nn.Module, trusted: Holdout, precision: str) -> dict:
@@ -97,14 +181,18 @@ def evaluate_gate(
     tolerance: float,
     min_recent: int,
     serve_precision: str = "fp32",
+    concept_policy: ConceptPolicy = "follow",
 ) -> GateResult:
-    """Pass iff better on recent data and at most `tolerance` less accurate on the trusted one.
+    """Pass iff better on recent data and at most `tolerance` less accurate on the trusted
+    one — or, under `concept_policy="follow"`, decisively better on recent data that
+    contradicts the trusted set (`concept_change`; the result says so).
 
     "Better" is: no less accurate, and either more accurate or lower log-loss. Accuracy
     on a few hundred rows ties often; log-loss breaks the tie with the confidence that
     the extra data bought, so a model that learned something is not held back by a tie.
     """
-    t_cand, t_champ = accuracy(candidate, trusted), accuracy(champion, trusted)
+    cand_trusted, champ_trusted = score(candidate, trusted), score(champion, trusted)
+    t_cand, t_champ = cand_trusted.accuracy, champ_trusted.accuracy
     quant = _quant_fields(candidate, trusted, serve_precision)  # reported, never decides
     if len(recent) < min_recent:
         return GateResult(
@@ -121,13 +209,30 @@ def evaluate_gate(
             tolerance,
             **quant,
         )
-    (r_cand, l_cand), (r_champ, l_champ) = scores(candidate, recent), scores(champion, recent)
+    cand_recent, champ_recent = score(candidate, recent), score(champion, recent)
+    r_cand, l_cand = cand_recent.accuracy, cand_recent.log_loss
+    r_champ, l_champ = champ_recent.accuracy, champ_recent.log_loss
+    changed = False
     if r_cand < r_champ or (r_cand == r_champ and not l_cand < l_champ):
         reason = "not better on recent data"
         passed = False
     elif t_cand < t_champ - tolerance:
-        reason = "worse on the trusted holdout beyond tolerance"
-        passed = False
+        why = concept_change(
+            champ_trusted,
+            champ_recent,
+            cand_recent,
+            np.asarray(recent.y),
+            tolerance,
+            candidate_trusted=cand_trusted,
+        )
+        if why is not None and concept_policy == "follow":
+            reason = f"concept change, trusted holdout waived: {why}"
+            passed = changed = True
+        else:
+            reason = "worse on the trusted holdout beyond tolerance"
+            if why is not None:
+                reason += f" (FLYWHEEL_GATE_CONCEPT_CHANGE=hold; {why})"
+            passed = False
     else:
         reason, passed = "better on recent data, trusted holdout within tolerance", True
     return GateResult(
@@ -143,4 +248,5 @@ def evaluate_gate(
         len(trusted),
         tolerance,
         **quant,
+        concept_change=changed,
     )

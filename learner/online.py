@@ -7,6 +7,13 @@ the `champion` alias and announces it. The cursor is saved after the version is
 registered, and the version carries the cursor it was trained up to, so a learner that
 dies between the two adopts that version on restart instead of training on the same
 examples again.
+
+One learner per lineage writes (learner/lease.py): every write (ledger entry, ledger
+version, saved state) carries the lineage's lease and is refused with `LeaseLost` once a
+newer learner holds it, and the lease is checked right before each write outside the
+store (MLflow publish, alias move); a learner that lost it publishes nothing and goes back
+to standby. A stop (SIGTERM) is checked between gradient steps: the step is abandoned,
+nothing of it is published, and the lease is let go.
 """
 
 from __future__ import annotations
@@ -27,17 +34,19 @@ from flywheel.learner.cursor import CursorState
 from flywheel.learner.evaluation import Holdout, holdout_of
 from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
 from flywheel.learner.gate import GateResult, evaluate_gate
+from flywheel.learner.lease import LeaseKeeper, StepAbandoned
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import ModelVersion, Registry, parse_version
 from flywheel.retry import Backoff, DependencyStatus, Fatal, dependency_of, fatal_reason, transient
-from flywheel.store import TrustedData, positions, require_trusted
+from flywheel.store import LeaseLost, TrustedData, positions, require_trusted
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNKS_PER_CANDIDATE = 10  # a backlog is trained per N but published once per step
 LINEAGE_TAG, UPDATE_TAG, CURSOR_TAG = "learner_lineage", "learner_update", "learner_cursor"
+LEDGER_TAG = "learner_ledger_row"  # the privacy ledger row the version is named on
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,13 @@ class OnlineLearner:
         self._private: PrivateStep | None = None
         self._shadow: OnlineTrainer | None = None  # the same run without DP, for the gate
         self._started = False
+        self.lease = LeaseKeeper(
+            self.source.engine,
+            self.lineage,
+            ttl_s=config.learner.learn_lease_s,
+            renew_s=config.learner.learn_lease_renew_s,
+        )
+        self.stop_event = threading.Event()  # set: the step in progress is abandoned
         # a failed step is retried with the shared backoff (flywheel.retry); the gauge
         # flywheel_dependency_up says which dependency it waits for
         self.dependencies = DependencyStatus(("store", "registry"))
@@ -110,10 +126,23 @@ class OnlineLearner:
         (FLYWHEEL_PRIVACY_ENABLED=false) nothing is accounted and every update is plain
         SGD, so the trusted rows are replayed whatever `public` says. `NoTrustedData` when
         the lineage has none.
+
+        Takes the lineage's lease first (the state is read under it), waiting as a standby
+        up to twice FLYWHEEL_LEARN_LEASE_S for a holder that stopped renewing; LeaseLost if
+        a live learner keeps it (`run` waits for as long as it takes instead).
         """
         from flywheel.feedback import ReferenceStats
 
         c = self.config
+        if not self.lease.held:
+            self.lease.drop()
+            wait_s = 2 * c.learner.learn_lease_s + c.learner.learn_lease_renew_s
+            if not self.lease.wait(self.stop_event, timeout_s=wait_s):
+                holder = self.lease.table.holder(self.lineage)
+                raise LeaseLost(
+                    f"the lease of {self.lineage} is held by "
+                    f"{holder.owner if holder else '?'}: one learner per lineage"
+                )
         champion = ensure_champion(c.trusted, self.registry)
         self._state = self.source.load_state(self.lineage) or {}
         self._adopt_orphan()
@@ -195,6 +224,8 @@ class OnlineLearner:
             trainer.elastic.restore(self._state.get("elastic", {}))
             trainer.remember_public(x_tr, y_tr)
             self._shadow.reset_module(copy.deepcopy(loaded.module))
+            self._shadow.between_steps = self._between_steps
+        trainer.between_steps = self._between_steps
         self._trainer, self._working = trainer, base
         self._started = True
         log.info(
@@ -204,6 +235,14 @@ class OnlineLearner:
             self._cursor.watermark,
             base,
         )
+
+    def _between_steps(self) -> None:
+        """Between gradient steps (and before publishing): abandon the step on a stop or a
+        lost lease; nothing of it has been published, its ledger entry keeps counting."""
+        if self.stop_event.is_set():
+            raise StepAbandoned(f"learner {self.lineage}: stop asked for during a step")
+        if self.lease.lost.is_set():
+            raise LeaseLost(f"learner {self.lineage}: lease lost during a step")
 
     def _trusted_train(self, data: TrustedData) -> tuple[np.ndarray, np.ndarray]:
         """The trusted training rows with labels as indices into the model's labels (rows
@@ -257,8 +296,14 @@ class OnlineLearner:
                 cursor=json.loads(tags[CURSOR_TAG]),
             )
             if tags.get("epsilon", "none") != "none":
+                row = tags.get(LEDGER_TAG)  # absent on versions published before 0009
                 PrivateStep.adopt(
-                    self.source.engine, self.lineage, int(tags[UPDATE_TAG]), info.version
+                    self.source.engine,
+                    self.lineage,
+                    int(tags[UPDATE_TAG]),
+                    info.version,
+                    int(row) if row else None,
+                    fence=self.lease.fence(),
                 )
             champion = self.registry.champion_version()
             if (
@@ -270,13 +315,22 @@ class OnlineLearner:
                 champion = info.version
             self._state["champion_seen"] = champion
             self.source.save_state(
-                self.lineage, self._state, CursorState.from_dict(self._state["cursor"]).watermark
+                self.lineage,
+                self._state,
+                CursorState.from_dict(self._state["cursor"]).watermark,
+                fence=self.lease.fence(),
             )
             return
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> Candidate | None:
         """Train and publish one candidate if at least N new trainable examples are waiting."""
+        if self._started:
+            try:
+                self.lease.fence().check()  # renews it: kept from step to step
+            except LeaseLost:
+                self.lease.drop()  # taken over: wait for it as a standby in start()
+                self._started = False  # another learner may have written: read all again
         if not self._started:
             self.start()
         assert self._trainer is not None
@@ -304,12 +358,16 @@ class OnlineLearner:
         privacy: PrivacyOutcome | None = None
         if self._private is not None:
             # the budget is checked before anything trains; a refusal leaves the model as is
-            privacy = self._private.plan(used, update, self._trainer.module)
+            privacy = self._private.plan(
+                used, update, self._trainer.module, fence=self.lease.fence()
+            )
             if privacy is None:
                 return None
             if not privacy.rows:
                 self._state.update(cursor=cursor.to_dict())
-                self.source.save_state(self.lineage, self._state, cursor.watermark)
+                self.source.save_state(
+                    self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
+                )
                 self._cursor = cursor
                 return None
         champion = self._sync_base()
@@ -389,6 +447,7 @@ class OnlineLearner:
         privacy: PrivacyOutcome | None = None,
     ) -> Candidate:
         assert self._trainer is not None
+        self._between_steps()
         g, learner = self.config.gate, self.config.learner
         recent_rows = self.source.recent_holdout(g.gate_recent_holdout)
         since = int(self._state.get("change_at_id", 0))
@@ -405,6 +464,7 @@ class OnlineLearner:
             tolerance=g.gate_tolerance,
             min_recent=g.gate_min_holdout,
             serve_precision=self.config.serve_precision,
+            concept_policy=g.gate_concept_change,
         )
         update = int(self._state.get("update", 0)) + 1
         first, last = min(r.id for r in used), max(r.id for r in used)
@@ -428,6 +488,8 @@ class OnlineLearner:
             UPDATE_TAG: str(update),
             CURSOR_TAG: json.dumps(cursor.to_dict()),
         }
+        if privacy is not None and privacy.ledger_id is not None:
+            tags[LEDGER_TAG] = str(privacy.ledger_id)
         metrics = {
             **gate.metrics(),
             "lr": lr,
@@ -446,11 +508,13 @@ class OnlineLearner:
             "last_example_id": last,
             **(privacy.params() if privacy else {"dp": False}),
         }
+        self._between_steps()  # the last point where a stop leaves nothing published
+        self.lease.fence().check()  # MLflow is outside the store: fail closed right before
         version = self.registry.publish(
             self._spec, module, tags=tags, params=params, metrics=metrics
         )
         if privacy is not None and self._private is not None:
-            self._private.published(update, version)
+            self._private.published(privacy, version, fence=self.lease.fence())
         promoted = False
         if gate.passed and g.auto_promote:
             self._promote(version, summary)
@@ -465,7 +529,9 @@ class OnlineLearner:
             cursor=cursor.to_dict(),
             elastic=self._trainer.elastic.state(),
         )
-        self.source.save_state(self.lineage, self._state, cursor.watermark)
+        self.source.save_state(
+            self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
+        )
         self._cursor, self._working = cursor, version
         dp_numbers = None
         if privacy is not None and privacy.plan is not None:
@@ -498,6 +564,7 @@ class OnlineLearner:
     def _promote(self, version: ModelVersion, summary: str) -> None:
         from flywheel.promotion import promote
 
+        self.lease.fence().check()  # the alias move is outside the store: fail closed
         promote(
             self.config.kafka,
             version,
@@ -508,17 +575,38 @@ class OnlineLearner:
 
     # ---- loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Step until `stop` is set; a failing step is logged and retried after a pause."""
-        while not stop.is_set():
-            try:
-                candidate = self.step()
-            except Exception as exc:
-                self._started = False  # reload state: nothing of the failed step was saved
-                stop.wait(self.failure_pause(exc))
-                continue
-            self.recovered()
-            if candidate is None:
-                stop.wait(self.config.learner.learn_poll_s)
+        """Step until `stop` is set, holding the lineage's lease (waiting as a standby while
+        another learner holds it). A failing step is logged and retried after a pause; a
+        lost lease sends the learner back to standby; `stop` abandons a step in progress
+        (nothing of it is published) and lets the lease go."""
+        self.stop_event = stop
+        try:
+            while not stop.is_set():
+                if not self.lease.held:
+                    self.lease.drop()
+                    self._started = False  # the state is read again under the lease
+                    if not self.lease.wait(stop):
+                        break
+                self.lease.start_renewing()
+                try:
+                    candidate = self.step()
+                except StepAbandoned:
+                    log.info("learner %s: step abandoned for a stop", self.lineage)
+                    break
+                except LeaseLost as exc:
+                    log.warning("learner %s goes back to standby: %s", self.lineage, exc)
+                    self.lease.drop()
+                    continue
+                except Exception as exc:
+                    self._started = False  # reload state: nothing of the failed step was saved
+                    stop.wait(self.failure_pause(exc))
+                    continue
+                self.recovered()
+                if candidate is None:
+                    stop.wait(self.config.learner.learn_poll_s)
+        finally:
+            self.lease.release()
+            self._started = False
 
     def failure_pause(self, exc: Exception) -> float:
         """How long to wait before retrying a failed step: the shared backoff

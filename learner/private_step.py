@@ -31,6 +31,7 @@ from flywheel.privacy import (
     resolve_engine,
 )
 from flywheel.settings import PrivacySettings
+from flywheel.store import Lease
 
 log = logging.getLogger(__name__)
 REFUSAL_LOG_EVERY_S = 60.0
@@ -47,6 +48,7 @@ class PrivacyOutcome:
     capped: int = 0
     excluded: int = 0
     sources: dict[str, int] = field(default_factory=dict)
+    ledger_id: int | None = None  # the ledger row `plan` wrote: the version is named on it
 
     @property
     def epsilon_tag(self) -> str:
@@ -110,15 +112,36 @@ class PrivateStep:
         )
 
     @staticmethod
-    def adopt(engine: Engine, lineage: str, update: int, version: str) -> None:
-        """A version registered by a learner that died: its ledger entry names it now."""
-        PrivacyLedger(engine).set_version(lineage, update, version)
+    def adopt(
+        engine: Engine,
+        lineage: str,
+        update: int,
+        version: str,
+        ledger_id: int | None,
+        *,
+        fence: Lease | None = None,
+    ) -> None:
+        """A version registered by a learner that died: its ledger entry names it now. The
+        entry is the row id the version carries; a version from before row ids were tagged
+        names the newest unversioned entry of its update number."""
+        ledger = PrivacyLedger(engine)
+        if ledger_id is not None:
+            ledger.set_version(ledger_id, version, fence=fence)
+        elif ledger.set_version_of_update(lineage, update, version, fence=fence) is None:
+            log.warning("v%s (update %d) has no unversioned ledger entry to name", version, update)
 
     def plan(
-        self, used: list[StoredExample], update: int, module: nn.Module
+        self,
+        used: list[StoredExample],
+        update: int,
+        module: nn.Module,
+        *,
+        fence: Lease | None = None,
     ) -> PrivacyOutcome | None:
         """The rows this update may train on, recorded in the ledger; None if refused and the
-        rows should wait (a configuration that can never fit the budget)."""
+        rows should wait (a configuration that can never fit the budget). `fence`: the
+        lineage's lease; the ledger refuses the entry (LeaseLost) once a newer learner holds
+        it, so a learner that lost its lineage trains nothing."""
         per_source, capped = bound_per_contributor(used, self.config.max_per_source)
         counts = {s: len(rows) for s, rows in per_source.items()}
         engine = resolve_engine(self.config.engine, module)  # type: ignore[arg-type]
@@ -150,7 +173,7 @@ class PrivateStep:
         rows.sort(key=lambda r: r.id)
         excluded = sum(counts[s] for s in plan.excluded)
         m = plan.mechanism
-        self.ledger.record(
+        ledger_id = self.ledger.record(
             {
                 "lineage": self.lineage,
                 "update_no": update,
@@ -170,9 +193,17 @@ class PrivateStep:
                 "excluded_examples": excluded,
             },
             {s: (counts[s], eps) for s, eps in plan.allowed.items()},
+            fence=fence,
         )
         return PrivacyOutcome(
-            rows, plan, self.config, engine, capped, excluded, {s: counts[s] for s in plan.allowed}
+            rows,
+            plan,
+            self.config,
+            engine,
+            capped,
+            excluded,
+            {s: counts[s] for s in plan.allowed},
+            ledger_id,
         )
 
     def train(
@@ -195,8 +226,12 @@ class PrivateStep:
             engine=outcome.engine,
         ).lr
 
-    def published(self, update: int, version: str) -> None:
-        self.ledger.set_version(self.lineage, update, version)
+    def published(
+        self, outcome: PrivacyOutcome, version: str, *, fence: Lease | None = None
+    ) -> None:
+        """Name `version` on the ledger entry this update's `plan` wrote (that entry only)."""
+        assert outcome.ledger_id is not None
+        self.ledger.set_version(outcome.ledger_id, version, fence=fence)
         EPSILON.labels(self.lineage).set(self.ledger.lineage_epsilon(self.lineage))
 
     def _log_refusal(self, message: str) -> None:

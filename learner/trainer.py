@@ -14,6 +14,7 @@ examples since the change, because the old pool would keep teaching the old conc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -171,6 +172,8 @@ class OnlineTrainer:
         self.public = Reservoir(config.reservoir, input_dim, seed + 1)
         self.updates = 0
         self.replay_reset = False  # the replay pool holds only examples since an error drift
+        # called between gradient steps; raises to abandon the update (a stop, a lost lease)
+        self.between_steps: Callable[[], None] | None = None
 
     def reset_module(self, module: nn.Module) -> None:
         """Continue from another model (a champion chosen elsewhere); keeps the replay pool."""
@@ -275,6 +278,7 @@ class OnlineTrainer:
             max_grad_norm=max_grad_norm,
             generator=self.generator,
             engine=dp_engine(engine),
+            between_steps=self.between_steps,
         )
         self.updates += 1
         return UpdateStats(lr, multiplier, len(y), len(py), stats.loss, stats.loss, mechanism.steps)
@@ -325,6 +329,8 @@ class OnlineTrainer:
         self.module.train()
         loss_before = loss_after = 0.0
         for step in range(steps):
+            if self.between_steps is not None:
+                self.between_steps()
             self.optimizer.zero_grad(set_to_none=True)
             losses = nn.functional.cross_entropy(self.module(bx), by, reduction="none")
             loss = (losses * bw).sum() / bw.sum()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,8 +88,13 @@ def dp_update(
     max_grad_norm: float,
     generator: torch.Generator,
     engine: Engine = "auto",
+    between_steps: Callable[[], None] | None = None,
 ) -> DPStepStats:
-    """`steps` DP-SGD steps on `batch`; the caller accounts (sample_rate, σ, steps)."""
+    """`steps` DP-SGD steps on `batch`; the caller accounts (sample_rate, σ, steps).
+
+    `between_steps` is called before each step; what it raises abandons the update (the
+    learner's stop and lost lease: the module is then half-trained and must be thrown away).
+    """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if noise_multiplier < 0 or max_grad_norm <= 0:
@@ -124,6 +130,8 @@ def dp_update(
     module.train()
     sampled_total, clipped, counted, loss_sum = 0, 0, 0, 0.0
     for _ in range(steps):
+        if between_steps is not None:
+            between_steps()
         chosen = private_ids[torch.rand(len(private_ids), generator=generator) < sample_rate]
         take = public | torch.isin(src, chosen)
         sampled_total += len(chosen)

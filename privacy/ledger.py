@@ -1,8 +1,10 @@
 """The privacy ledger: every DP update of a lineage, and which sources took part in it.
 
 The entry is written before the update trains, so a crash can only over-count ε, never
-under-count it. A re-run of an update number whose entry never got a version (the
-learner died before registering it) replaces that entry: its model was never released.
+under-count it. An entry is never replaced: one whose learner died before publishing
+stays, never gets a version ("never published" in the report) and keeps counting for
+its sources; a re-run of that update number adds an entry of its own. A version is named
+on exactly the entry its learner wrote (by row id, kept in the version's tags).
 The tables and their SQL are the store's (`flywheel.store.LedgerTables`); this module
 gives their rows meaning: mechanisms the accountants take.
 """
@@ -16,7 +18,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from flywheel.privacy.accounting import Mechanism
-from flywheel.store import LedgerRow, LedgerTables, SourceSpend
+from flywheel.store import Lease, LedgerRow, LedgerTables, SourceSpend
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,27 @@ class PrivacyLedger:
     def lineage_epsilon(self, lineage: str) -> float:
         return self.tables.lineage_epsilon(lineage)
 
-    def record(self, entry: dict[str, Any], spends: dict[str, tuple[int, float]]) -> int:
-        """Write one update's entry and its sources (examples, ε after) atomically."""
-        return self.tables.record(entry, spends)
+    def record(
+        self,
+        entry: dict[str, Any],
+        spends: dict[str, tuple[int, float]],
+        *,
+        fence: Lease | None = None,
+    ) -> int:
+        """Write one update's entry and its sources (examples, ε after) atomically; the new
+        entry's id. `fence`: refused (LeaseLost) unless the writer holds the lineage."""
+        return self.tables.record(entry, spends, fence=fence)
 
-    def set_version(self, lineage: str, update_no: int, version: str) -> None:
-        self.tables.set_version(lineage, update_no, version)
+    def set_version(self, row_id: int, version: str, *, fence: Lease | None = None) -> None:
+        """Name `version` on entry `row_id` (what `record` returned), that entry only."""
+        self.tables.set_version(row_id, version, fence=fence)
+
+    def set_version_of_update(
+        self, lineage: str, update_no: int, version: str, *, fence: Lease | None = None
+    ) -> int | None:
+        """Versions published without a row id in their tags (before 0009): the newest
+        unversioned entry of their update number; its id, or None."""
+        return self.tables.set_version_of_update(lineage, update_no, version, fence=fence)
 
     def entries(self, lineage: str | None = None) -> list[LedgerEntry]:
         return [_entry(r) for r in self.tables.entries(lineage)]

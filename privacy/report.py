@@ -34,6 +34,13 @@ def build_report(
         for e in entries
         if e.version is not None
     ]
+    # entries of updates whose learner died, stopped or lost its lease before publishing:
+    # never released, still counted for their sources (over-count, never under-count)
+    never_published = [
+        {"id": e.id, "lineage": e.lineage, "update": e.update_no, "epsilon": e.epsilon_lineage}
+        for e in entries
+        if e.version is None
+    ]
     worst = max((e.epsilon_lineage for e in entries), default=0.0)
     return {
         "budget": {"epsilon": budget, "delta": delta},
@@ -41,6 +48,7 @@ def build_report(
         "budget_left": max(0.0, budget - worst),
         "lineages": sorted({e.lineage for e in entries}),
         "versions": versions,
+        "never_published": never_published,
         "sources_total": len(sources),
         "sources_out_of_budget": sum(1 for s in sources if s.epsilon >= budget - 1e-9),
         "sources": [

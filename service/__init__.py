@@ -8,7 +8,7 @@ from flywheel.service.loading import load_champion
 from flywheel.service.logging_setup import kafka_event_log
 from flywheel.service.model_follower import ChampionSource, FollowerStats, ModelFollower
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
-from flywheel.service.server import GracefulServer, run_server
+from flywheel.service.server import TLS, GracefulServer, StartupFailed, run_server
 from flywheel.service.spool import Record, Spool, SpoolCorrupt, SpoolLocked
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "Spool",
     "SpoolCorrupt",
     "SpoolLocked",
+    "StartupFailed",
+    "TLS",
     "create_app",
     "kafka_event_log",
     "load_champion",

@@ -166,12 +166,13 @@ def create_app(
             el.close()
             log.info("event log closed: %s", el.stats)
 
-    # strict_content_type=False: a body sent without any Content-Type is read as JSON
+    # A body must say it is JSON (FastAPI's strict content type): a page in a browser can
+    # post a body with no Content-Type cross-site without a CORS preflight, and read as
+    # JSON it made corrections (issue 26). Only /v1/predict and /v2 infer opt out (theirs).
     app = FastAPI(
         title="Flywheel",
         version="1",
         lifespan=lifespan,
-        strict_content_type=False,
         summary="Online-learning inference service with a feedback loop.",
     )
     install_error_handlers(app)

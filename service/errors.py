@@ -123,11 +123,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         path = request.url.path
         content_type = request.headers.get("content-type", "")
-        if content_type and not is_json_media_type(content_type) and isinstance(exc.body, bytes):
+        # the body stayed bytes: FastAPI did not read it as JSON because of its content
+        # type (with none, only on a strict route: the others read it as JSON)
+        if isinstance(exc.body, bytes) and not is_json_media_type(content_type):
+            got = f"got {content_type!r}" if content_type else "the request had none"
             return error_response(
-                path,
-                415,
-                f"send the body as JSON with Content-Type: application/json (got {content_type!r})",
+                path, 415, f"send the body as JSON with Content-Type: application/json ({got})"
             )
         status, message, errors = describe_validation(exc)
         if is_v2(path):

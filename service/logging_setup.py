@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from flywheel.kafka_security import confluent_options
 from flywheel.service.event_log import EventLog
 from flywheel.service.kafka_sink import KafkaSink
 from flywheel.service.spool import Spool
@@ -20,11 +21,14 @@ def kafka_event_log(
             "embedded broker when it is unset)"
         )
     return EventLog(
-        partial(KafkaSink, kafka.kafka_bootstrap, kafka.kafka_timeout_s),
+        partial(
+            KafkaSink, kafka.kafka_bootstrap, kafka.kafka_timeout_s, **confluent_options(kafka)
+        ),
         Spool(state.spool_path, fsync=event_log.spool_fsync),
         queue_size=event_log.log_queue_size,
         batch_size=event_log.log_batch_size,
         send_timeout_s=kafka.kafka_timeout_s,
         retry_s=event_log.spool_retry_s,
         linger_s=event_log.log_linger_ms / 1000.0,
+        durable_linger_s=event_log.durable_linger_ms / 1000.0,
     )

@@ -220,5 +220,11 @@ class EventLogCollector:
             ("flywheel_log_spooled", "Records written to the spool", "spooled"),
             ("flywheel_log_replayed", "Spooled records replayed to Kafka", "replayed"),
             ("flywheel_log_send_failures", "Batches Kafka did not acknowledge", "send_failures"),
+            ("flywheel_log_batches", "Batches of queued records sent to Kafka", "batches"),
+            (
+                "flywheel_log_direct_spooled",
+                "Records a request spooled itself, Kafka's acknowledgement being late",
+                "direct_spooled",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=getattr(stats, attr, 0) if stats else 0)

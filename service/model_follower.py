@@ -284,6 +284,8 @@ class ModelFollower:
         """
         from kafka import KafkaConsumer, TopicPartition
 
+        from flywheel.kafka_security import kafka_python_options
+
         topic = self.kafka.topic_model_events
         consumer = KafkaConsumer(
             bootstrap_servers=self.kafka.kafka_bootstrap,
@@ -291,6 +293,7 @@ class ModelFollower:
             enable_auto_commit=False,
             fetch_max_wait_ms=100,
             client_id="flywheel-model-follower",
+            **kafka_python_options(self.kafka),
         )
         try:
             parts = consumer.partitions_for_topic(topic)

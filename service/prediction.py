@@ -18,6 +18,7 @@ import numpy as np
 
 from flywheel.events import new_id, prediction_payload, utcnow
 from flywheel.features import FeatureError
+from flywheel.service.durability import store_durably
 from flywheel.service.errors import BadRequest
 from flywheel.service.model_holder import ServedModel
 from flywheel.service.spool import Record
@@ -105,7 +106,10 @@ async def predict_and_log(
     """`{"id", "label", "probabilities"}` per row of `x` (raw input vectors), each logged
     to Kafka with the vector (`vectors` as sent, else `x`) and the named `rows` if any.
 
-    `start` is when the request began (`time.perf_counter()`): the events' `latency_ms`."""
+    `start` is when the request began (`time.perf_counter()`): the events' `latency_ms`.
+    With FLYWHEEL_PREDICTION_DURABILITY=durable it returns once the events are
+    acknowledged by Kafka or fsynced into the spool; with `fast` (the default), once
+    queued (docs/serving.md#durable-answers-what-a-202-means)."""
     if state.batcher is not None:
         probs, paths = await state.batcher.predict(model, x)
     else:
@@ -141,6 +145,10 @@ async def predict_and_log(
             row=row,
         )
         records.append(Record(topic, pid.encode(), payload))
-    state.event_log.log_many(records)  # type: ignore[union-attr]
+    logging = state.config.event_log
+    if logging.prediction_durability == "durable":
+        await store_durably(state.event_log, records, logging.durable_wait_ms / 1000.0)  # type: ignore[arg-type]
+    else:
+        state.event_log.log_many(records)  # type: ignore[union-attr]
     state.metrics.predictions.labels(model.version).inc(len(predictions))
     return predictions

@@ -198,6 +198,6 @@ V2_ERRORS: dict[int | str, dict] = {status: {"model": V2Error} for status in (40
 
 # what the write endpoints document: each error status answers with an `ErrorBody`
 ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorBody} for status in (400, 413, 422, 503)
+    status: {"model": ErrorBody} for status in (400, 413, 415, 422, 503)
 }
 NOT_READY: dict[int | str, dict] = {503: {"model": ErrorBody}}

@@ -7,9 +7,10 @@ fail under CI=true, so a broken CI service can never turn into a green run.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +20,8 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
+
+from tests.benchrun import ROOT, bench_process
 
 PG_ADMIN_URL = os.environ.get("PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -143,3 +146,37 @@ def list_event_log(tmp_path: Path):
         return EventLog(lambda: _ListSink(out), Spool(tmp_path / "spool", fsync=False))
 
     return make
+
+
+# -- benchmarks: their smoke tests run them the one way they are run by hand -------------
+
+
+@pytest.fixture(scope="session")
+def run_bench() -> Iterator[Callable[..., dict[str, Any]]]:
+    """`run_bench(NAME, *args)`: `python -m bench NAME *args --json` in this process, its
+    JSON document. torch and river are imported once for all benchmarks instead of once
+    per subprocess (~5 s each)."""
+    from typer.testing import CliRunner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
+        from bench.__main__ import app
+
+        def run(*args: str) -> dict[str, Any]:
+            result = CliRunner().invoke(app, [*args, "--json"])
+            assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
+            return json.loads(result.stdout)
+
+        yield run
+
+
+@pytest.fixture(scope="session")
+def run_bench_process() -> Callable[..., dict[str, Any]]:
+    """`run_bench_process(NAME, *args)`: `bench_process`, which must succeed; its JSON."""
+
+    def run(name: str, *args: str) -> dict[str, Any]:
+        r = bench_process(name, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout)
+
+    return run

@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     help="Online-learning inference service with a feedback loop.",
     pretty_exceptions_show_locals=False,  # locals would print URLs with their passwords
+    rich_markup_mode="markdown",
 )
 
 
@@ -100,6 +101,7 @@ def _register() -> None:
         models,
         privacy,  # flywheel privacy report
         serve,
+        status,  # flywheel status: every part's health, lag, spools, learners
         ui,  # flywheel ui: MLflow UI + review page URL
     )
 

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flywheel.cli import app, settings_or_exit
+from flywheel.cli.tables import print_table
 
 
 @app.command()
@@ -231,6 +232,6 @@ def _print_summary(summary: dict, report: Path | None) -> None:
         )
     else:
         table.add_row("privacy", "DP off", "-")
-    Console().print(table)
+    print_table(Console(), table)
     if report is not None:
         Console().print(f"report written to {report}/ (accuracy.png, summary.md, summary.json)")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from flywheel.cli import app, finite_hours, settings_or_exit, store_or_exit
+from flywheel.cli.tables import print_table
 
 feedback_app = typer.Typer(no_args_is_help=False, help=__doc__)
 app.add_typer(feedback_app, name="feedback")
@@ -128,4 +129,4 @@ def report(
             ", ".join(f"{k} {n}" for k, n in v["error_types"].items()),
             ", ".join(f"{c['predicted']}→{c['actual']} {c['count']}" for c in v["confusions"]),
         )
-    Console().print(table)
+    print_table(Console(), table)

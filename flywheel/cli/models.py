@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 
 from flywheel.cli import app, finite_hours, settings_or_exit
+from flywheel.cli.tables import print_table
 from flywheel.settings import mask_credentials
 
 if TYPE_CHECKING:
@@ -271,7 +272,8 @@ def _print_versions(docs: list[dict[str, Any]], title: str, console: Console) ->
         ]
         for d in docs
     ]
-    console.print(
+    print_table(
+        console,
         _fitted_table(
             console,
             title,
@@ -279,7 +281,7 @@ def _print_versions(docs: list[dict[str, Any]], title: str, console: Console) ->
             rows,
             [d["gate"] or "" for d in docs],
             caption="details: flywheel models show VERSION",
-        )
+        ),
     )
 
 
@@ -313,7 +315,7 @@ def _print_version(doc: dict[str, Any], console: Console) -> None:
         table.add_column("value", overflow="fold")
         for name, value in values.items():
             table.add_row(Text(name), Text(str(value)))
-        console.print(table)
+        print_table(console, table)
     hops = doc["lineage"]
     columns = [
         ("version", True),
@@ -343,7 +345,7 @@ def _print_version(doc: dict[str, Any], console: Console) -> None:
         rows = rows[: LINEAGE_SHOWN - 2] + [["…", f"{hidden} more", *[""] * 5]] + rows[-1:]
         gates = gates[: LINEAGE_SHOWN - 2] + ["(all of them: --json)"] + gates[-1:]
         title += f" ({len(hops)} versions)"
-    console.print(_fitted_table(console, title, columns, rows, gates))
+    print_table(console, _fitted_table(console, title, columns, rows, gates))
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -427,6 +429,7 @@ def promote(
         callback=_reason_arg,
         help="Recorded on the version and in the model event.",
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
 ) -> None:
     """Make VERSION the champion (alias `champion`) and announce it on the model-events topic."""
     from flywheel import promotion
@@ -436,7 +439,12 @@ def promote(
         registry = _open(settings)
         target = registry.info(_version(version), with_run=False)
         if target.is_champion:
-            typer.echo(f"{registry.name} v{version} is already the champion; nothing changed")
+            message = f"{registry.name} v{version} is already the champion; nothing changed"
+            if as_json:
+                doc = {"changed": False, "model_name": registry.name, "version": version}
+                _json_out(doc | {"message": message})
+            else:
+                typer.echo(message)
             return
         gate = target.tags.get("gate", "")
         if gate.lower().startswith("rejected"):
@@ -447,11 +455,13 @@ def promote(
             settings.kafka, target.version, reason=reason, registry=registry, notify=False
         )
     was = f"v{event.previous_version}" if event.previous_version else "no champion"
-    typer.echo(
+    _report_move(
+        settings,
+        event,
         f"promoted {event.model_name} v{event.version} to champion (was {was}); "
-        f"by {event.actor}: {event.reason}"
+        f"by {event.actor}: {event.reason}",
+        as_json,
     )
-    _announce(settings, event)
 
 
 @models_app.command()
@@ -463,6 +473,7 @@ def rollback(
         callback=_reason_arg,
         help="Recorded on the version rolled back and in the event.",
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
 ) -> None:
     """Move the champion back to the one before it (repeat to go further back)."""
     from flywheel import promotion
@@ -472,15 +483,35 @@ def rollback(
         event = promotion.rollback(
             settings.kafka, reason=reason, registry=_open(settings), notify=False
         )
-    typer.echo(
+    _report_move(
+        settings,
+        event,
         f"rolled {event.model_name} back from v{event.previous_version} to "
-        f"v{event.version}; by {event.actor}: {event.reason}"
+        f"v{event.version}; by {event.actor}: {event.reason}",
+        as_json,
     )
-    _announce(settings, event)
 
 
-def _announce(settings: Settings, event: ModelEvent) -> None:
-    """Send the event if Kafka is configured, and say whether services were told."""
+def _report_move(settings: Settings, event: ModelEvent, message: str, as_json: bool) -> None:
+    """Announce a promotion or rollback and say what happened: two lines, or one JSON object
+    (the event's fields, `changed`, `announced` and both messages)."""
+    announced, how = _announce(settings, event)
+    if as_json:
+        doc = event.model_dump(mode="json") | {
+            "changed": True,
+            "announced": announced,
+            "message": message,
+            "services": how,
+        }
+        _json_out(doc)
+        return
+    typer.echo(message)
+    typer.echo(how)
+
+
+def _announce(settings: Settings, event: ModelEvent) -> tuple[bool | None, str]:
+    """Send the event if Kafka is configured: whether it was sent (None: no Kafka) and what
+    that means for the services."""
     from flywheel.promotion import announce
 
     polling = (
@@ -488,14 +519,12 @@ def _announce(settings: Settings, event: ModelEvent) -> None:
         f"(every {settings.registry_poll_s:g} s)"
     )
     if not settings.kafka_bootstrap:
-        typer.echo(f"no model event sent (FLYWHEEL_KAFKA_BOOTSTRAP is not set): {polling}")
-    elif announce(settings.kafka, event):
-        typer.echo(f"announced on {settings.topic_model_events}: services swap now")
-    else:
-        typer.echo(
-            f"could not announce on {settings.topic_model_events} (see the warning "
-            f"above): {polling}"
-        )
+        return None, f"no model event sent (FLYWHEEL_KAFKA_BOOTSTRAP is not set): {polling}"
+    if announce(settings.kafka, event):
+        return True, f"announced on {settings.topic_model_events}: services swap now"
+    return False, (
+        f"could not announce on {settings.topic_model_events} (see the warning above): {polling}"
+    )
 
 
 # --- review: diff, card, pending, approve, reject ----------------------------------------------
@@ -545,7 +574,7 @@ def _print_diff(doc: dict[str, Any], console: Console) -> None:
     ]
     for label, get in rows:
         facts.add_row(Text(label, style="bold"), Text(get(a)), Text(get(b)))
-    console.print(facts)
+    print_table(console, facts)
 
     for name, h in doc["holdouts"].items():
         if not h["available"]:
@@ -558,7 +587,7 @@ def _print_diff(doc: dict[str, Any], console: Console) -> None:
         for metric in ("accuracy", "log_loss"):
             x, y = h["a"][metric], h["b"][metric]
             table.add_row(metric.replace("_", "-"), _number(x), _number(y), _signed(x, y))
-        console.print(table)
+        print_table(console, table)
         for side, v in ((h["a"], va), (h["b"], vb)):
             if side.get("note"):
                 console.print(Text(f"  {v}: {side['note']}"))
@@ -639,6 +668,7 @@ def card(
         callback=finite_hours,
         help="Window of the feedback error reports it summarizes.",
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
 ) -> None:
     """Write a model card (markdown + plots): lineage, data, gates, privacy, error types."""
     from pathlib import Path
@@ -659,6 +689,10 @@ def card(
             state=settings.state,
             hours=hours,
         )
+    if as_json:
+        plots = [str(p) for p in written.plots]
+        _json_out({"version": version, "markdown": str(written.markdown), "plots": plots})
+        return
     typer.echo(f"wrote {written.markdown}")
     for plot in written.plots:
         typer.echo(f"wrote {plot}")
@@ -723,6 +757,7 @@ def approve(
     by: str | None = typer.Option(
         None, "--by", callback=_by_arg, help="Who decides; default: your user name."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
 ) -> None:
     """Approve a pending candidate: it becomes the champion (announced) and the review is
     recorded as tags review=approved, review_by, review_reason, review_at."""
@@ -739,11 +774,13 @@ def approve(
             notify=False,
         )
     was = f"v{event.previous_version}" if event.previous_version else "no champion"
-    typer.echo(
+    _report_move(
+        settings,
+        event,
         f"approved {event.model_name} v{event.version}: now champion (was {was}); "
-        f"by {event.actor}: {reason}"
+        f"by {event.actor}: {reason}",
+        as_json,
     )
-    _announce(settings, event)
 
 
 @models_app.command()

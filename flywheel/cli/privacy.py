@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from flywheel.cli import app, image_path, settings_or_exit, store_or_exit
+from flywheel.cli.tables import print_table
 
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy: the ledger.")
 app.add_typer(privacy_app, name="privacy")
@@ -56,6 +57,11 @@ def _print(doc: dict, plot: Path | None) -> None:
         f"spent (worst source) ε={doc['epsilon_spent']:.3f}; "
         f"{doc['sources_out_of_budget']} of {doc['sources_total']} sources out of "
         "budget"
+        + (
+            f"; {len(doc['never_published'])} update(s) never published, still counted"
+            if doc["never_published"]
+            else ""
+        )
     )
     if not doc["entries"]:
         console.print("no DP updates in the ledger yet")
@@ -71,7 +77,7 @@ def _print(doc: dict, plot: Path | None) -> None:
             f"{v['epsilon_update']:.3f}",
             f"{v['budget_left']:.3f}",
         )
-    console.print(versions)
+    print_table(console, versions)
     sources = Table(title=f"sources (top {len(doc['sources'])} of {doc['sources_total']})")
     for col in ("source", "ε", "budget left", "updates", "examples"):
         sources.add_column(col, justify="left" if col == "source" else "right")
@@ -83,7 +89,7 @@ def _print(doc: dict, plot: Path | None) -> None:
             str(s["updates"]),
             str(s["examples"]),
         )
-    console.print(sources)
+    print_table(console, sources)
     ledger = Table(title="ledger: each update's mechanism")
     for col in (
         "update",
@@ -117,6 +123,6 @@ def _print(doc: dict, plot: Path | None) -> None:
             str(e["capped_examples"]),
             str(e["excluded_examples"]),
         )
-    console.print(ledger)
+    print_table(console, ledger)
     if plot is not None:
         console.print(f"ε over time: {plot}")

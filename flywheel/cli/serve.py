@@ -35,8 +35,19 @@ def serve(
             typer.echo(f"embedded broker at {broker.bootstrap}", err=True)
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         from flywheel.registry import Registry
-        from flywheel.service import ServiceConfig, create_app, run_server
+        from flywheel.service import TLS, ServiceConfig, StartupFailed, create_app, run_server
+
+        s = settings.service
+        tls = (
+            TLS(s.tls_certfile, s.tls_keyfile, s.tls_client_cafile)
+            if s.tls_certfile is not None and s.tls_keyfile is not None
+            else None
+        )
 
         # the process's one registry: the first load, the follower and /v1/review share it
         app = create_app(ServiceConfig.of(settings), registry=Registry.of(settings))
-        run_server(app, settings.host, settings.port, access_log)
+        try:
+            run_server(app, settings.host, settings.port, access_log, tls=tls)
+        except StartupFailed as exc:  # the broker still stops (the ExitStack)
+            typer.echo(f"error: the service did not start: {exc}", err=True)
+            raise typer.Exit(1) from None

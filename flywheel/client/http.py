@@ -4,14 +4,18 @@ What a call does is written once, as a plan that yields the requests it needs an
 their JSON answers back (`_predict_plan`, `_corrections_plan`); `Client` runs a plan with
 blocking requests, `AsyncClient` with awaited ones. So the two cannot drift apart: the
 batching, the index arithmetic in error messages and the adaptation to the server's limits
-are the same code.
+are the same code. Retries are written once the same way: `_exchange` yields the I/O it
+needs (send this request, sleep this long) and gets the outcome back; the two classes only
+perform those effects (`Client._perform`, `AsyncClient._perform`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
@@ -46,6 +50,10 @@ USER_AGENT = "flywheel-client/1"
 
 Request = tuple[str, str, Any]  # method, path, JSON body (None: no body)
 Plan = Generator[Request, Any, Any]
+# what a call asks its runner to do: ("send", method, path, content, headers), answered by
+# the httpx.Response or the httpx.TransportError; ("sleep", seconds), answered by None
+Effect = tuple[Any, ...]
+Effects = Generator[Effect, Any, Any]
 # the limit a 413 names: "... exceeds the limit of 100 (FLYWHEEL_MAX_BATCH)"
 _LIMIT = re.compile(r"limit of (\d+) \(FLYWHEEL_MAX_(?:BATCH|CORRECTIONS)\)")
 
@@ -54,6 +62,25 @@ def _positive(name: str, value: Any, cap: int = 100_000) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap:
         raise ValueError(f"{name} must be an integer from 1 to {cap}; got {value!r}")
     return value
+
+
+Verify = bool | str | os.PathLike[str] | ssl.SSLContext
+"""What `Client(verify=...)` takes: see `ssl_verify`."""
+
+
+def ssl_verify(verify: Verify) -> bool | ssl.SSLContext:
+    """httpx's `verify` for `verify`: a CA bundle's path becomes an SSL context that trusts
+    it (httpx 0.28 deprecates a path); a bool or a context is passed as is.
+
+    >>> ssl_verify(True), ssl_verify(False)
+    (True, False)
+    """
+    if isinstance(verify, bool | ssl.SSLContext):
+        return verify
+    path = os.fspath(verify)
+    if not os.path.isfile(path):
+        raise ValueError(f"verify: no CA bundle at {path!r}")
+    return ssl.create_default_context(cafile=path)
 
 
 class _Base:
@@ -155,6 +182,44 @@ class _Base:
     def _transport_error(exc: httpx.TransportError) -> Unavailable:
         return Unavailable(f"{type(exc).__name__}: {exc or 'no detail'}")
 
+    # -- a call as effects: what is sent, retried and slept, with no I/O ---------------
+
+    def _exchange(self, method: str, path: str, body: Any) -> Effects:
+        """One request with retries: its JSON answer, or the final error raised."""
+        content = self._encode(body)
+        headers = {"content-type": "application/json"} if content is not None else None
+        attempt = 0
+        while True:
+            outcome = yield ("send", method, path, content, headers)
+            if isinstance(outcome, httpx.TransportError):
+                error: FlywheelError | None = self._transport_error(outcome)
+                wait_at_least = None
+            else:
+                doc, error = self._outcome(method, path, outcome)
+                if error is None:
+                    return doc
+                wait_at_least = retry_after(outcome)
+            assert error is not None
+            if attempt >= self.policy.retries:
+                raise self._gave_up(method, path, error, attempt + 1) from error
+            yield ("sleep", self.policy.delay(attempt, wait_at_least))
+            attempt += 1
+
+    def _calls(self, plan: Plan) -> Effects:
+        """Every request of `plan`, each with retries; a final error goes back into the plan
+        (which may split the batch and go on, or raise)."""
+        value: Any = None
+        error: FlywheelError | None = None
+        while True:
+            try:
+                request = plan.throw(error) if error is not None else plan.send(value)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value, error = (yield from self._exchange(*request)), None
+            except FlywheelError as exc:
+                value, error = None, exc
+
     # -- plans: what a call sends, in order ---------------------------------------------
 
     def _predict_plan(self, instances: Any, batch_size: int | None) -> Plan:
@@ -244,7 +309,11 @@ class Client(_Base):
     `retries` more attempts with exponential backoff and jitter on connection errors, 429
     and 502/503/504 (`flywheel.client.retry`); inputs longer than `batch_size` rows are sent
     as several requests. `transport` replaces the network (an `httpx.MockTransport` in
-    tests); `sleep` replaces `time.sleep` between retries.
+    tests); `sleep` replaces `time.sleep` between retries. `verify` checks an https
+    service's certificate: True (the system's CAs), the path of a CA bundle (a service
+    whose certificate your own CA signed: FLYWHEEL_TLS_CERTFILE), an `ssl.SSLContext` (for
+    mutual TLS, one with `load_cert_chain(client_cert, client_key)` called), or False (no
+    check: never in production).
 
     >>> import httpx
     >>> def service(request):
@@ -271,6 +340,7 @@ class Client(_Base):
         batch_size: int = DEFAULT_BATCH_SIZE,
         corrections_batch_size: int = DEFAULT_CORRECTIONS_BATCH_SIZE,
         transport: httpx.BaseTransport | None = None,
+        verify: Verify = True,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(
@@ -285,7 +355,11 @@ class Client(_Base):
         )
         self._sleep = sleep
         self._http = httpx.Client(
-            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=timeout,
+            transport=transport,
+            verify=ssl_verify(verify),
         )
 
     def __enter__(self) -> Client:
@@ -300,18 +374,18 @@ class Client(_Base):
     def predict(self, instances: Any, *, batch_size: int | None = None) -> PredictResult:
         """A prediction per instance, in order (see `flywheel.client.inputs` for the kinds
         of input). Every returned id is logged by the service; correct it by that id."""
-        return self._run(self._predict_plan(instances, batch_size))
+        return self._run(self._calls(self._predict_plan(instances, batch_size)))
 
     def correct(self, corrections: Any) -> int:
         """Send true labels; returns how many the service accepted (all of them, or an
         error). Items: `(prediction_id, label)` pairs, dicts or `Correction`s."""
-        return int(self._run(self._corrections_plan(corrections)))
+        return int(self._run(self._calls(self._corrections_plan(corrections))))
 
     send_corrections = correct
 
     def model(self) -> ModelInfo:
         """The version being served (`GET /v1/model`)."""
-        return parse_model_info(self._request("GET", "/v1/model", None))
+        return parse_model_info(self._run(self._exchange("GET", "/v1/model", None)))
 
     def ready(self) -> bool:
         """Whether the service can serve and log a prediction now (`GET /readyz`): one
@@ -330,39 +404,24 @@ class Client(_Base):
                 raise Unavailable(f"{self.base_url} not ready after {timeout_s:g} s")
             self._sleep(interval_s)
 
-    def _run(self, plan: Plan) -> Any:
-        value: Any = None
-        error: FlywheelError | None = None
+    def _run(self, effects: Effects) -> Any:
+        outcome: Any = None
         while True:
             try:
-                request = plan.throw(error) if error is not None else plan.send(value)
+                effect = effects.send(outcome)
             except StopIteration as stop:
                 return stop.value
-            try:
-                value, error = self._request(*request), None
-            except FlywheelError as exc:
-                value, error = None, exc
+            outcome = self._perform(effect)
 
-    def _request(self, method: str, path: str, body: Any) -> Any:
-        content = self._encode(body)
-        headers = {"content-type": "application/json"} if content is not None else None
-        attempt = 0
-        while True:
-            try:
-                response = self._http.request(method, path, content=content, headers=headers)
-            except httpx.TransportError as exc:
-                error: FlywheelError | None = self._transport_error(exc)
-                wait_at_least = None
-            else:
-                doc, error = self._outcome(method, path, response)
-                if error is None:
-                    return doc
-                wait_at_least = retry_after(response)
-            assert error is not None
-            if attempt >= self.policy.retries:
-                raise self._gave_up(method, path, error, attempt + 1) from error
-            self._sleep(self.policy.delay(attempt, wait_at_least))
-            attempt += 1
+    def _perform(self, effect: Effect) -> Any:
+        if effect[0] == "sleep":
+            self._sleep(effect[1])
+            return None
+        _, method, path, content, headers = effect
+        try:
+            return self._http.request(method, path, content=content, headers=headers)
+        except httpx.TransportError as exc:
+            return exc
 
 
 class AsyncClient(_Base):
@@ -391,6 +450,7 @@ class AsyncClient(_Base):
         batch_size: int = DEFAULT_BATCH_SIZE,
         corrections_batch_size: int = DEFAULT_CORRECTIONS_BATCH_SIZE,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: Verify = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(
@@ -405,7 +465,11 @@ class AsyncClient(_Base):
         )
         self._sleep = sleep
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=timeout,
+            transport=transport,
+            verify=ssl_verify(verify),
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -419,17 +483,17 @@ class AsyncClient(_Base):
 
     async def predict(self, instances: Any, *, batch_size: int | None = None) -> PredictResult:
         """See `Client.predict`."""
-        return await self._run(self._predict_plan(instances, batch_size))
+        return await self._run(self._calls(self._predict_plan(instances, batch_size)))
 
     async def correct(self, corrections: Any) -> int:
         """See `Client.correct`."""
-        return int(await self._run(self._corrections_plan(corrections)))
+        return int(await self._run(self._calls(self._corrections_plan(corrections))))
 
     send_corrections = correct
 
     async def model(self) -> ModelInfo:
         """See `Client.model`."""
-        return parse_model_info(await self._request("GET", "/v1/model", None))
+        return parse_model_info(await self._run(self._exchange("GET", "/v1/model", None)))
 
     async def ready(self) -> bool:
         """See `Client.ready`."""
@@ -447,39 +511,24 @@ class AsyncClient(_Base):
                 raise Unavailable(f"{self.base_url} not ready after {timeout_s:g} s")
             await self._sleep(interval_s)
 
-    async def _run(self, plan: Plan) -> Any:
-        value: Any = None
-        error: FlywheelError | None = None
+    async def _run(self, effects: Effects) -> Any:
+        outcome: Any = None
         while True:
             try:
-                request = plan.throw(error) if error is not None else plan.send(value)
+                effect = effects.send(outcome)
             except StopIteration as stop:
                 return stop.value
-            try:
-                value, error = await self._request(*request), None
-            except FlywheelError as exc:
-                value, error = None, exc
+            outcome = await self._perform(effect)
 
-    async def _request(self, method: str, path: str, body: Any) -> Any:
-        content = self._encode(body)
-        headers = {"content-type": "application/json"} if content is not None else None
-        attempt = 0
-        while True:
-            try:
-                response = await self._http.request(method, path, content=content, headers=headers)
-            except httpx.TransportError as exc:
-                error: FlywheelError | None = self._transport_error(exc)
-                wait_at_least = None
-            else:
-                doc, error = self._outcome(method, path, response)
-                if error is None:
-                    return doc
-                wait_at_least = retry_after(response)
-            assert error is not None
-            if attempt >= self.policy.retries:
-                raise self._gave_up(method, path, error, attempt + 1) from error
-            await self._sleep(self.policy.delay(attempt, wait_at_least))
-            attempt += 1
+    async def _perform(self, effect: Effect) -> Any:
+        if effect[0] == "sleep":
+            await self._sleep(effect[1])
+            return None
+        _, method, path, content, headers = effect
+        try:
+            return await self._http.request(method, path, content=content, headers=headers)
+        except httpx.TransportError as exc:
+            return exc
 
 
 def _readiness(response: httpx.Response) -> bool:

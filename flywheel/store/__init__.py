@@ -30,8 +30,9 @@ from flywheel.store.database import (
     schema_revision,
     session_factory,
 )
-from flywheel.store.error_counts import CounterRow, error_counters
+from flywheel.store.error_counts import CounterRow, error_counters, window_start
 from flywheel.store.examples import ExampleReader, StoredExample
+from flywheel.store.lease import Holder, Lease, LeaseLost, LeaseTable, default_owner
 from flywheel.store.ledger import LedgerRow, LedgerTables, SourceSpend
 from flywheel.store.migrate import (
     alembic_config,
@@ -54,6 +55,7 @@ from flywheel.store.models import (
     ErrorCount,
     ErrorType,
     Example,
+    LearnerLease,
     LearnerState,
     Origin,
     Prediction,
@@ -64,6 +66,7 @@ from flywheel.store.models import (
     UTCDateTime,
 )
 from flywheel.store.models import ReferenceStats as ReferenceStatsRow
+from flywheel.store.progress import LearnerProgress, learner_progress
 from flywheel.store.trusted import (
     HOLDOUT_FRACTION,
     SEED_SOURCE,
@@ -100,9 +103,18 @@ __all__ = [
     "ErrorType",
     "CounterRow",
     "error_counters",
+    "window_start",
+    "LearnerProgress",
+    "learner_progress",
     "ExampleReader",
     "StoredExample",
     "Example",
+    "Holder",
+    "Lease",
+    "LeaseLost",
+    "LeaseTable",
+    "LearnerLease",
+    "default_owner",
     "LedgerRow",
     "LedgerTables",
     "SourceSpend",

@@ -8,7 +8,7 @@ mix, confusions, accuracy over time) is the reader's. This module only reads the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,8 +28,23 @@ class CounterRow:
     count: int
 
 
+def window_start(since: datetime) -> datetime:
+    """The start of the hour that holds `since`: the first counter a window from `since`
+    must include. Counters are per whole hour, so a window of the last hour read at 10:05
+    needs the 09:00 counter (09:05–09:59 are in it); comparing counter hours with `since`
+    itself left it out, and with it every correction of the last hour before 10:00.
+
+    >>> window_start(datetime(2026, 5, 1, 10, 5, 30, tzinfo=UTC)).isoformat()
+    '2026-05-01T10:00:00+00:00'
+    """
+    if since.tzinfo is not None:  # counters are UTC hours (an offset may not be whole hours)
+        since = since.astimezone(UTC)
+    return since.replace(minute=0, second=0, microsecond=0)
+
+
 def error_counters(session: Session, model_name: str, since: datetime) -> list[CounterRow]:
-    """Every counter of `model_name` from the hour of `since` on.
+    """Every counter of `model_name` from the hour of `since` on (`window_start`): a
+    window covers whole hours, up to one more than asked, never less.
 
     >>> import tempfile
     >>> from datetime import UTC
@@ -47,5 +62,5 @@ def error_counters(session: Session, model_name: str, since: datetime) -> list[C
         ErrorCount.actual,
         ErrorCount.outcome,
         ErrorCount.count,
-    ).where(ErrorCount.model_name == model_name, ErrorCount.hour >= since)
+    ).where(ErrorCount.model_name == model_name, ErrorCount.hour >= window_start(since))
     return [CounterRow(*row) for row in session.execute(query).all()]

@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, not_, select
 from sqlalchemy.engine import Engine
 
 from flywheel.store.database import session_factory
+from flywheel.store.lease import Lease
 from flywheel.store.models import Example, LearnerState, Origin, Split
 
 _COLUMNS = (
@@ -160,8 +161,13 @@ class ExampleReader:
             row = session.get(LearnerState, lineage)
             return None if row is None else dict(row.state or {})
 
-    def save_state(self, lineage: str, state: dict, cursor: int) -> None:
+    def save_state(
+        self, lineage: str, state: dict, cursor: int, *, fence: Lease | None = None
+    ) -> None:
+        """Write the learner's state; `fence`: refused (LeaseLost) unless it holds `lineage`."""
         with self.sessions.begin() as session:
+            if fence is not None:
+                fence.guard(session)
             row = session.get(LearnerState, lineage)
             if row is None:
                 session.add(LearnerState(lineage=lineage, cursor=cursor, state=state))

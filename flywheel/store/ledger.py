@@ -4,9 +4,18 @@ SQL only, in plain values (a mechanism is its (sample rate, σ, steps)): what th
 mean, and the accounting over them, is the privacy component's. The guarantees the
 privacy component argues rest on two properties kept here:
 * `record` writes an update's entry and every source's spend in one transaction, before
-  the update trains (so a crash can only over-count ε);
-* a re-run of an update number whose entry never got a version replaces that entry (its
-  model was never released), and nothing else is ever deleted.
+  the update trains (so a crash can only over-count ε), and returns the new row's id;
+* a row is never replaced nor deleted: a re-run of an update number adds a row, and the
+  row of a learner that died before publishing keeps counting (over-count, never
+  under-count); `set_version` labels exactly the row it is given, by id.
+
+Why by id (issue 27): `record` used to replace an unversioned row of the same update
+number and `set_version` matched on the update number, so two learners of one lineage
+left promoted versions without a ledger row and 195 sources at ε = 3.71 against a budget
+of 3 while the report said 2.998.
+
+The writes take an optional `fence` (`flywheel.store.Lease`): checked in the write's own
+transaction, so a learner that lost its lineage's lease writes nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +26,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from flywheel.store.database import session_factory
+from flywheel.store.lease import Lease
 from flywheel.store.models import PrivacyLedgerEntry, PrivacySourceSpend
 
 CHUNK = 500  # sources per IN (...) query
@@ -135,22 +145,18 @@ class LedgerTables:
             ).scalar()
         return float(value or 0.0)
 
-    def record(self, entry: Mapping[str, Any], spends: Mapping[str, tuple[int, float]]) -> int:
-        """Write one update's entry and its sources (examples, ε after) atomically."""
+    def record(
+        self,
+        entry: Mapping[str, Any],
+        spends: Mapping[str, tuple[int, float]],
+        *,
+        fence: Lease | None = None,
+    ) -> int:
+        """Write one update's entry and its sources (examples, ε after) atomically; the new
+        row's id. Never replaces a row, whatever its update number."""
         with self.sessions.begin() as session:
-            stale = session.execute(
-                select(PrivacyLedgerEntry.id).where(
-                    PrivacyLedgerEntry.lineage == entry["lineage"],
-                    PrivacyLedgerEntry.update_no == entry["update_no"],
-                    PrivacyLedgerEntry.version.is_(None),
-                )
-            ).scalar()
-            if stale is not None:
-                session.execute(
-                    delete(PrivacySourceSpend).where(PrivacySourceSpend.ledger_id == stale)
-                )
-                session.execute(delete(PrivacyLedgerEntry).where(PrivacyLedgerEntry.id == stale))
-                session.flush()
+            if fence is not None:
+                fence.guard(session)
             row = PrivacyLedgerEntry(**entry)
             session.add(row)
             session.flush()
@@ -160,15 +166,44 @@ class LedgerTables:
             )
             return int(row.id)
 
-    def set_version(self, lineage: str, update_no: int, version: str) -> None:
+    def set_version(self, row_id: int, version: str, *, fence: Lease | None = None) -> None:
+        """Name the version published from row `row_id`; LookupError if there is no such row."""
         with self.sessions.begin() as session:
+            if fence is not None:
+                fence.guard(session)
+            done = session.execute(
+                update(PrivacyLedgerEntry)
+                .where(PrivacyLedgerEntry.id == row_id)
+                .values(version=version)
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+            if done != 1:
+                raise LookupError(f"no privacy ledger row {row_id} to name version {version}")
+
+    def set_version_of_update(
+        self, lineage: str, update_no: int, version: str, *, fence: Lease | None = None
+    ) -> int | None:
+        """For a version published before row ids were tagged on it: name it on the newest
+        unversioned row of its update number; that row's id, or None if there is none."""
+        with self.sessions.begin() as session:
+            if fence is not None:
+                fence.guard(session)
+            row_id = session.execute(
+                select(func.max(PrivacyLedgerEntry.id)).where(
+                    PrivacyLedgerEntry.lineage == lineage,
+                    PrivacyLedgerEntry.update_no == update_no,
+                    PrivacyLedgerEntry.version.is_(None),
+                )
+            ).scalar()
+            if row_id is None:
+                return None
             session.execute(
                 update(PrivacyLedgerEntry)
-                .where(
-                    PrivacyLedgerEntry.lineage == lineage, PrivacyLedgerEntry.update_no == update_no
-                )
+                .where(PrivacyLedgerEntry.id == row_id)
                 .values(version=version)
+                .execution_options(synchronize_session=False)
             )
+            return int(row_id)
 
     def entries(self, lineage: str | None = None) -> list[LedgerRow]:
         query = select(PrivacyLedgerEntry).order_by(PrivacyLedgerEntry.id)

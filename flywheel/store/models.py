@@ -28,7 +28,6 @@ from sqlalchemy import (
     MetaData,
     String,
     TypeDecorator,
-    UniqueConstraint,
     func,
     text,
 )
@@ -266,6 +265,23 @@ class LearnerState(Base):
     )
 
 
+class LearnerLease(Base):
+    """Who may write for a learner lineage, until when, under which fencing token.
+
+    Times are seconds since the epoch on the database's clock (one clock for every holder,
+    whatever the hosts' clocks say); the token grows by one at every change of holder and
+    every write the learner makes checks it (flywheel/store/lease.py).
+    """
+
+    __tablename__ = "learner_leases"
+
+    lineage: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    token: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[float] = mapped_column(Float)
+    renewed_at: Mapped[float] = mapped_column(Float)
+
+
 class ReferenceStats(Base):
     """The training distribution a lineage's novelty scores are measured against."""
 
@@ -356,8 +372,10 @@ class PrivacyLedgerEntry(Base):
     """
 
     __tablename__ = "privacy_ledger"
+    # (lineage, update_no) is not unique (0009): a row is never replaced, so a re-run of an
+    # update whose learner died before publishing adds a row, and the dead one keeps counting
     __table_args__ = (
-        UniqueConstraint("lineage", "update_no"),
+        Index("ix_privacy_ledger_lineage_update_no", "lineage", "update_no"),
         {"sqlite_autoincrement": True},
     )
 

@@ -349,7 +349,8 @@ class FederatedRun:
             time.sleep(self.config.federated.fed_poll_s)
 
     def run(self, grid: Grid) -> RunSummary:
-        from flywheel.learner.gate import accuracy, evaluate_gate
+        from flywheel.learner.evaluation import accuracy
+        from flywheel.learner.gate import evaluate_gate
         from flywheel.learner.seed_model import ensure_champion
         from flywheel.privacy import BudgetRefused, epsilon, plan_update
 
@@ -385,7 +386,7 @@ class FederatedRun:
             delta=s.privacy.privacy_delta,
         )
         base, seen = champion, champion
-        updates: list[int] = []
+        updates: list[tuple[int, int]] = []  # (update number, ledger row id)
         for rnd in range(1, o.rounds + 1):
             now = self.registry.champion_version()
             if now is not None and now != seen:
@@ -469,7 +470,7 @@ class FederatedRun:
                 self.ledger.lineage_epsilon(self.lineage), max(e for _, e in spends.values())
             )
             update_no = max((e.update_no for e in self.ledger.entries(self.lineage)), default=0) + 1
-            self.ledger.record(
+            row_id = self.ledger.record(
                 {
                     "lineage": self.lineage,
                     "update_no": update_no,
@@ -490,7 +491,7 @@ class FederatedRun:
                 },
                 spends,
             )
-            updates.append(update_no)
+            updates.append((update_no, row_id))  # the row is named by id once published
             if o.noise_seed >= 0:
                 log.warning(
                     "central DP noise seeded (noise_seed=%d): experiments only", o.noise_seed
@@ -558,7 +559,7 @@ class FederatedRun:
         summary: RunSummary,
         spec: AnySpec,
         module: nn.Module,
-        updates: list[int],
+        updates: list[tuple[int, int]],
         trusted: Holdout,
         recent: Holdout,
         evaluate_gate: Callable[..., GateResult],
@@ -576,6 +577,7 @@ class FederatedRun:
             tolerance=s.gate.gate_tolerance,
             min_recent=s.gate.gate_min_holdout,
             serve_precision=s.serve_precision,
+            concept_policy=s.gate.gate_concept_change,
         )
         last = summary.rounds[-1]
         sites = sorted({n for r in summary.rounds for n in r.sites})
@@ -592,7 +594,7 @@ class FederatedRun:
             "fed_strategy": f"{o.strategy}+{o.clipping}-clip",
             "fed_rounds": str(len(summary.rounds)),
             "fed_sites": ",".join(str(n) for n in sites),
-            "fed_updates": ",".join(str(u) for u in updates),
+            "fed_updates": ",".join(str(u) for u, _ in updates),
         }
         params = {
             "fed_strategy": o.strategy,
@@ -622,8 +624,8 @@ class FederatedRun:
             params=params,
             metrics={k: v for k, v in metrics.items() if not math.isnan(v)},
         )
-        for u in updates:
-            self.ledger.set_version(self.lineage, u, version)
+        for _, row_id in updates:
+            self.ledger.set_version(row_id, version)
         summary.version, summary.gate = version, gate.summary()
         if gate.passed and s.gate.auto_promote:
             promote(

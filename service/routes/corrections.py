@@ -1,4 +1,5 @@
-"""`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka."""
+"""`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka; the 202
+comes once they are durable (acknowledged by Kafka or fsynced into the spool)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from flywheel.events import CorrectionEvent, correction_id, utcnow
+from flywheel.service.durability import store_durably
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
 from flywheel.service.spool import Record
 from flywheel.service.state import state_of
 
-router = APIRouter(strict_content_type=False)  # as the app: JSON without a Content-Type
+# strict (FastAPI's default): a body without a JSON Content-Type is refused with 415, so
+# a web page cannot post corrections cross-site (a no-cors fetch with a Blob body sends
+# none and needs no preflight); see flywheel.service.errors
+router = APIRouter()
 
 
 @router.post(
@@ -21,7 +26,8 @@ router = APIRouter(strict_content_type=False)  # as the app: JSON without a Cont
     responses=ERROR_RESPONSES,
 )
 async def corrections(body: CorrectionsRequest, request: Request) -> JSONResponse:
-    """Accept true labels for earlier predictions; all or none of a call is accepted."""
+    """Accept true labels for earlier predictions; all or none of a call is accepted, and
+    the 202 means they are stored (acknowledged by Kafka or fsynced into the spool)."""
     state = state_of(request)
     limits, kafka = state.config.service, state.config.kafka
     items = body.corrections
@@ -53,6 +59,7 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
         )
         for c in items
     ]
-    state.event_log.log_many(records)  # type: ignore[union-attr]
+    wait_s = state.config.event_log.durable_wait_ms / 1000.0
+    await store_durably(state.event_log, records, wait_s)  # type: ignore[arg-type]
     state.metrics.corrections.inc(len(records))
     return JSONResponse({"accepted": len(records)}, status_code=202)

@@ -21,7 +21,10 @@ from flywheel.service.prediction import (
 from flywheel.service.schemas import ERROR_RESPONSES, PredictRequest, PredictResponse
 from flywheel.service.state import state_of
 
-router = APIRouter(strict_content_type=False)  # as the app: JSON without a Content-Type
+# JSON without a Content-Type too (docs/contracts.md): a prediction changes no state
+# that another request reads, so a cross-site post gains nothing; corrections and the
+# admin POSTs are strict
+router = APIRouter(strict_content_type=False)
 
 
 @router.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)

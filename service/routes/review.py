@@ -46,6 +46,7 @@ from flywheel.review import approve as approve_version
 from flywheel.review import pending as pending_versions
 from flywheel.review import reject as reject_version
 from flywheel.service.errors import BadRequest
+from flywheel.service.schemas import ErrorBody
 from flywheel.service.state import State
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ UI_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-cache"),
 ]
+# what an admin POST answers besides 200: no or a wrong token, no token configured, a body
+# that is not sent as JSON (the app's strict content type), an unknown version, one that is
+# not pending, a bad reason or version
+ADMIN_ERRORS: dict[int | str, dict] = {
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 415, 422)
+}
 
 
 class Decision(BaseModel):
@@ -261,7 +268,7 @@ def privacy(state: State) -> dict[str, Any]:
     }
 
 
-@router.post("/versions/{version}/approve")
+@router.post("/versions/{version}/approve", responses=ADMIN_ERRORS)
 def approve(
     body: Decision,
     state: State,
@@ -288,7 +295,7 @@ def approve(
     }
 
 
-@router.post("/versions/{version}/reject")
+@router.post("/versions/{version}/reject", responses=ADMIN_ERRORS)
 def reject(
     body: Decision,
     state: State,
@@ -308,7 +315,7 @@ def reject(
     return {"rejected": v, "by": tags[REVIEW_BY], "reason": body.reason}
 
 
-@router.post("/rollback")
+@router.post("/rollback", responses=ADMIN_ERRORS)
 def rollback(
     body: Decision, state: State, authorization: str | None = Header(None)
 ) -> dict[str, Any]:

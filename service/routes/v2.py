@@ -70,7 +70,7 @@ INT_RANGE = {
     for bits in (8, 16, 32, 64)
 }
 
-router = APIRouter(strict_content_type=False)  # infer: JSON without a Content-Type, as v1
+router = APIRouter(strict_content_type=False)  # infer: JSON without a Content-Type, as predict
 meta_router = APIRouter()
 
 
@@ -132,11 +132,14 @@ async def model_ready(state: State, name: str, version: str | None = None) -> di
 
 
 # ---- inference ------------------------------------------------------------------------
-@router.post("/v2/models/{name}/infer", response_model=InferResponse, responses=V2_ERRORS)
+INFER_ERRORS: dict[int | str, dict] = {**V2_ERRORS, 415: V2_ERRORS[400]}  # + a non-JSON body
+
+
+@router.post("/v2/models/{name}/infer", response_model=InferResponse, responses=INFER_ERRORS)
 @router.post(
     "/v2/models/{name}/versions/{version}/infer",
     response_model=InferResponse,
-    responses=V2_ERRORS,
+    responses=INFER_ERRORS,
 )
 async def infer(
     body: InferRequest, request: Request, name: str, version: str | None = None

@@ -5,7 +5,6 @@ The broker fixture uses the same `EmbeddedBroker` code as `flywheel broker`.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -50,6 +49,10 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
         # the default delivery timeout (5 s) and more: a stalled CI machine must not turn
         # a slow acknowledgement into a spooled, resent (duplicate) record
         kafka_timeout_s=10.0,
+        # a learner that stopped without letting its lineage's lease go (a test's crash) is
+        # taken over after 3 s, not 15
+        learn_lease_s=3.0,
+        learn_lease_renew_s=1.0,
     )
     prepare_home(s)
     ensure_topics(broker.bootstrap, s.topics, s.topic_partitions)
@@ -80,25 +83,6 @@ def consume(
         (r.key, r.value)
         for r in read_topic(bootstrap, topic, at_least=expected, timeout_s=timeout_s)
     ]
-
-
-@pytest.fixture(scope="session")
-def run_bench() -> Iterator[Callable[..., dict[str, Any]]]:
-    """`run_bench(NAME, *args)`: `python -m bench NAME *args --json` in this process, its
-    JSON document. torch and river are imported once for all benchmarks instead of once
-    per subprocess (~5 s each)."""
-    from typer.testing import CliRunner
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # bench/: not installed
-        from bench.__main__ import app
-
-        def run(*args: str) -> dict[str, Any]:
-            result = CliRunner().invoke(app, [*args, "--json"])
-            assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
-            return json.loads(result.stdout)
-
-        yield run
 
 
 @pytest.fixture()

@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_feedback_joins_everything_and_verifies_the_store():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "feedback",
-            "--records",
-            "600",
-            "--max-records",
-            "300",
-            "--rounds",
-            "2",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
+def test_bench_feedback_joins_everything_and_verifies_the_store(run_bench_process):
+    doc = run_bench_process("feedback", "--records", "600", "--max-records", "300", "--rounds", "2")
     assert len(doc["rounds"]) == 2 and doc["summary"]["verified"]
     for each in doc["rounds"]:  # every round on its own database, every record joined
         assert each["verify"]["ok"], each["verify"]["checks"]
@@ -54,33 +28,21 @@ def test_bench_feedback_joins_everything_and_verifies_the_store():
     assert set(doc["summary"]["targets"]) == {"joined_per_s", "ratio_to_raw"}
 
 
-def test_bench_feedback_times_a_group_of_worker_processes():
+def test_bench_feedback_times_a_group_of_worker_processes(run_bench_process):
     """`--workers 2`: two processes share the partitions and, together, every record."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "feedback",
-            "--records",
-            "600",
-            "--max-records",
-            "300",
-            "--rounds",
-            "1",
-            "--workers",
-            "2",
-            "--partitions",
-            "4",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    doc = run_bench_process(
+        "feedback",
+        "--records",
+        "600",
+        "--max-records",
+        "300",
+        "--rounds",
+        "1",
+        "--workers",
+        "2",
+        "--partitions",
+        "4",
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
     assert doc["config"]["workers"] == 2 and doc["config"]["partitions"] == 4
     (each,) = doc["rounds"]
     assert each["verify"]["ok"], each["verify"]["checks"]

@@ -5,40 +5,28 @@ promotion, and prediction events that name the versions the responses named)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.benchrun import bench_process
+
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_hotswap_swaps_under_load_and_verifies_every_response():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "hotswap",
-            "--window",
-            "4",
-            "--rounds",
-            "1",
-            "--interval",
-            "2",
-            "--warmup",
-            "0.5",
-            "--concurrency",
-            "4",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = bench_process(
+        "hotswap",
+        "--window",
+        "4",
+        "--rounds",
+        "1",
+        "--interval",
+        "2",
+        "--warmup",
+        "0.5",
+        "--concurrency",
+        "4",
     )
     doc = json.loads(r.stdout) if r.stdout.strip() else None
     assert r.returncode == 0, (doc or {}).get("summary") or r.stderr[-3000:]

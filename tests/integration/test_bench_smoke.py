@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_serve_runs_both_modes_and_verifies_logging():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "serve",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.5",
-            "--rounds",
-            "1",
-            "--concurrency",
-            "4",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_bench_serve_runs_both_modes_and_verifies_logging(run_bench_process):
+    doc = run_bench_process(
+        "serve", "--duration", "1", "--warmup", "0.5", "--rounds", "1", "--concurrency", "4"
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
     assert [run["mode"] for run in doc["runs"]] == ["off", "on"]
     summary = doc["summary"]
     on = [
@@ -54,32 +28,20 @@ def test_bench_serve_runs_both_modes_and_verifies_logging():
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
 
 
-def test_bench_serve_compares_named_rows_with_vectors_on_one_model():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "serve",
-            "--compare",
-            "named",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.5",
-            "--rounds",
-            "1",
-            "--concurrency",
-            "4",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_bench_serve_compares_named_rows_with_vectors_on_one_model(run_bench_process):
+    doc = run_bench_process(
+        "serve",
+        "--compare",
+        "named",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
     assert [run["mode"] for run in doc["runs"]] == ["vector", "named"]
     assert doc["config"]["model"]["family"] == "embed_mlp"
     summary = doc["summary"]
@@ -90,3 +52,32 @@ def test_bench_serve_compares_named_rows_with_vectors_on_one_model():
     named = next(run for run in doc["runs"] if run["mode"] == "named")
     assert named["events_with_row"] == named["events_logged"] > 0
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+
+
+@pytest.mark.parametrize("compare", ["corrections", "predictions"])
+def test_bench_serve_compares_durable_answers_with_queued_ones(compare, run_bench_process):
+    """Issue 27: the same endpoint answered once its records are durable (the service)
+    and once they are queued (before); every 2xx call's record is read back."""
+    doc = run_bench_process(
+        "serve",
+        "--compare",
+        compare,
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+    )
+    assert [run["mode"] for run in doc["runs"]] == ["fast", "durable"]
+    summary = doc["summary"]
+    for mode in ("fast", "durable"):
+        assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
+    assert summary["events_match"] and summary["events_logged"] > 0, summary
+    durable = next(run for run in doc["runs"] if run["mode"] == "durable")
+    assert durable["log_stats"]["batches"] > 0  # answered through the sender's batches
+    topic = "bench.corrections" if compare == "corrections" else "bench.predictions"
+    assert all(run["topic"].startswith(topic) for run in doc["runs"])
+    assert summary["throughput_ratio"] > 0

@@ -56,3 +56,42 @@ def test_two_transactions_add_to_the_same_counters_in_opposite_orders(pg_url, wa
         assert counts == {("a", "b", "confident"): 111, ("b", "a", "boundary"): 111}
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_window_of_the_last_hour_holds_every_correction_of_the_last_hour(store, request):
+    """Read at 10:05, "the last hour" starts at 09:05: the 09:00 counter holds corrections
+    from 09:45 (20 minutes earlier) and must be in, on both stores; the 08:00 counter is
+    out. Before, counter hours were compared with 09:05 itself and 09:00 was left out."""
+    from datetime import timedelta
+
+    from flywheel.feedback import error_report
+    from flywheel.review.store_views import accuracy_timeline
+
+    url = request.getfixturevalue("sqlite_url" if store == "sqlite" else "pg_url")
+    upgrade(url)
+    engine = make_engine(url)
+    nine, eight = datetime(2026, 3, 1, 9, tzinfo=UTC), datetime(2026, 3, 1, 8, tzinfo=UTC)
+    now = nine + timedelta(hours=1, minutes=5)
+    try:
+        with session_factory(engine).begin() as s:
+            ExampleBuilder.count(
+                s,
+                Counter(
+                    {
+                        ("m", "1", nine, "a", "b", "confident"): 3,
+                        ("m", "1", nine, "a", "a", "correct"): 7,
+                        ("m", "1", eight, "a", "b", "confident"): 50,
+                    }
+                ),
+            )
+        with session_factory(engine)() as s:
+            (v,) = error_report(s, "m", hours=1, now=now)["versions"]
+        assert (v["corrections"], v["errors"]) == (10, 3)
+        with session_factory(engine)() as s:  # two hours back from 10:05: 08:05, so 08:00 is in
+            (v,) = error_report(s, "m", hours=2, now=now)["versions"]
+        assert (v["corrections"], v["errors"]) == (60, 53)
+        points = accuracy_timeline(engine, "m", hours=1, now=now)["points"]
+        assert [(p["hour"], p["corrections"]) for p in points] == [(nine.isoformat(), 10)]
+    finally:
+        engine.dispose()

@@ -89,6 +89,8 @@ def env_for(s: Settings) -> dict[str, str]:
         "learn_batch",
         "learn_cursor_grace_s",
         "gate_min_holdout",
+        "learn_lease_s",
+        "learn_lease_renew_s",
     ):
         env[f"FLYWHEEL_{name.upper()}"] = str(getattr(s, name))
     env["FLYWHEEL_LEARN_POLL_S"] = "0.2"

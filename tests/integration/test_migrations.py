@@ -39,6 +39,7 @@ TABLES = {
     "corrections",
     "examples",
     "learner_state",
+    "learner_leases",
     "reference_stats",
     "trusted_sets",
     "error_counts",

@@ -86,6 +86,33 @@ def test_a_resent_correction_is_the_same_event(client):
     assert ids[0] == ids[1] and len(set(ids)) == 3
 
 
+@pytest.mark.parametrize(
+    "content_type, got",
+    [
+        (None, "the request had none"),  # a no-cors fetch with a Blob body sends none
+        ("text/plain;charset=UTF-8", "got 'text/plain;charset=UTF-8'"),  # with a string body
+        ("application/x-www-form-urlencoded", "got 'application/x-www-form-urlencoded'"),
+    ],
+)
+def test_corrections_need_a_json_content_type(client, content_type, got):
+    """A web page can send these cross-site without a CORS preflight: read as JSON, any
+    page a user visited could post corrections."""
+    body = json.dumps({"corrections": [{"prediction_id": "p1", "label": "dog"}]}).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+    request = client.build_request("POST", "/v1/corrections", content=body, headers=headers)
+    assert request.headers.get("content-type") == content_type  # httpx adds none for bytes
+    r = client.send(request)
+    assert r.status_code == 415, r.text
+    assert r.json()["detail"] == (
+        f"send the body as JSON with Content-Type: application/json ({got})"
+    )
+    assert flush(client) == []
+    r = client.post("/v1/corrections", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 202 and len(flush(client)) == 1
+    responses = client.get("/openapi.json").json()["paths"]["/v1/corrections"]["post"]
+    assert "415" in responses["responses"]
+
+
 BAD_PREDICTS = [
     ({"instances": [[1, 2]]}, 422, "instances[0] has 2 features; model m v7 expects 3"),
     ({"instances": [[1, 2, 3], [1, 2, 3, 4]]}, 422, "instances[1] has 4 features"),
@@ -197,7 +224,7 @@ def test_content_type(client):
     )
     assert r.status_code == 200, r.text
     r = client.post("/v1/predict", content=body.encode(), headers={"content-type": ""})
-    assert r.status_code == 200  # no Content-Type at all: read as JSON
+    assert r.status_code == 200  # no Content-Type at all: read as JSON (predict only)
 
 
 def test_oversized_body_is_a_413_by_header_and_by_stream(client):

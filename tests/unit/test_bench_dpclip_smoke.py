@@ -5,41 +5,23 @@ Figures are not asserted (they belong to docs/benchmarks.md); the JSON structure
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_bench_dpclip_json_has_every_method_and_target(monkeypatch: pytest.MonkeyPatch):
-    from typer.testing import CliRunner
-
-    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is a plain folder, not installed
-    from bench.__main__ import app
-
-    result = CliRunner().invoke(
-        app,
-        [
-            "dpclip",
-            "--models",
-            "demo",
-            "--batch",
-            "16",
-            "--seconds",
-            "0",
-            "--rounds",
-            "1",
-            "--warmup",
-            "1",
-            "--min-steps",
-            "1",
-            "--json",
-        ],
+def test_bench_dpclip_json_has_every_method_and_target(run_bench):
+    doc = run_bench(
+        "dpclip",
+        "--models",
+        "demo",
+        "--batch",
+        "16",
+        "--seconds",
+        "0",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--min-steps",
+        "1",
     )
-    assert result.exit_code == 0, (result.stderr or "")[-3000:] + repr(result.exception)
-    doc = json.loads(result.stdout)
     assert doc["benchmark"] == "dpclip"
     assert {"machine", "config", "models", "summary", "date", "command"} <= doc.keys()
     (model,) = doc["models"]

@@ -102,7 +102,7 @@ def test_compose_has_every_part_of_the_deployment(compose):
     commands = _flywheel_commands(compose)
     assert commands["serve"] == ["serve"] and commands["feedback"] == ["feedback"]
     assert commands["learn"] == ["learn"] and commands["db-upgrade"] == ["db", "upgrade"]
-    assert commands["superlink"] == ["fed", "superlink"]
+    assert commands["superlink"] == ["fed", "superlink", "--tls"]
 
 
 def test_mlflow_is_a_tracking_server_on_postgresql_with_an_artifacts_volume(compose):
@@ -236,3 +236,27 @@ def test_the_image_holds_every_package_folder():
     folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     copied = set(re.findall(r"^COPY (\S+) \./\1$", (DOCKER / "Dockerfile").read_text(), re.M))
     assert folders <= copied, f"COPY these into the image: {sorted(folders - copied)}"
+
+
+def test_superlink_publishes_and_checks_the_port_it_binds_with_tls(compose):
+    """The port in FLYWHEEL_FED_SUPERLINK is the one compose publishes and health-checks
+    (the file once mapped 9092 while the SuperLink bound 9093); it binds beyond loopback,
+    so it runs with --tls and every certificate it names is in a mounted folder."""
+    env = _env_file()
+    host, port = env["FLYWHEEL_FED_SUPERLINK"].rsplit(":", 1)
+    assert host not in ("127.0.0.1", "localhost", "::1"), "sites must be able to reach it"
+    assert host != "0.0.0.0", "its ServerApps verify the certificate against this name"
+    svc = compose["services"]["superlink"]
+    assert [p.split(":")[-1] for p in svc["ports"]] == [port]
+    assert f"'127.0.0.1', {port})" in " ".join(svc["healthcheck"]["test"])
+    assert "--tls" in svc["command"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"]}
+    for key in ("FLYWHEEL_FED_TLS_CA", "FLYWHEEL_FED_TLS_CERT", "FLYWHEEL_FED_TLS_KEY"):
+        folder = env[key].rsplit("/", 1)[0]
+        assert folder in mounts, f"{key}={env[key]} is not in a mounted folder"
+
+
+def test_no_service_publishes_an_unauthenticated_port_beyond_this_host(compose):
+    """MLflow's server has no authentication in this file: loopback only on the host."""
+    (mlflow,) = compose["services"]["mlflow"]["ports"]
+    assert mlflow.startswith("127.0.0.1:"), mlflow

@@ -42,16 +42,75 @@ def test_gate_passes_only_better_on_recent_and_within_tolerance_on_trusted():
     assert r.passed and r.recent_candidate == 1.0 and r.recent_champion == 0.0
     r = evaluate_gate(bad, good, trusted=trusted, recent=recent, tolerance=0.02, min_recent=10)
     assert not r.passed and "recent" in r.reason
-    # better on recent data but it forgot the trusted holdout
+    # better on recent data that contradicts the trusted holdout (every label reversed):
+    # binding under "hold"; waived, and said so, under "follow" (the default)
+    reversed_trusted = Holdout(x, 1 - y)
     r = evaluate_gate(
-        good, bad, trusted=Holdout(x, 1 - y), recent=recent, tolerance=0.02, min_recent=10
+        good,
+        bad,
+        trusted=reversed_trusted,
+        recent=recent,
+        tolerance=0.02,
+        min_recent=10,
+        concept_policy="hold",
     )
-    assert not r.passed and "trusted" in r.reason
+    assert not r.passed and "trusted" in r.reason and not r.concept_change
+    assert "FLYWHEEL_GATE_CONCEPT_CHANGE=hold" in r.reason
+    r = evaluate_gate(
+        good, bad, trusted=reversed_trusted, recent=recent, tolerance=0.02, min_recent=10
+    )
+    assert r.passed and r.concept_change and "concept change" in r.reason
+    assert r.metrics()["gate_concept_change"] == 1.0
     r = evaluate_gate(
         good, bad, trusted=trusted, recent=Holdout(x[:5], y[:5]), tolerance=0.02, min_recent=10
     )
     assert not r.passed and "only 5" in r.reason
     assert r.summary().startswith("rejected:")
+
+
+def test_gate_keeps_the_trusted_check_when_recent_data_does_not_contradict_it():
+    """A candidate that forgot trusted rows is refused under "follow" too when it lost far
+    more of them than the champion lost on recent data (forgetting, not a change), or when
+    its win on recent rows is within chance (McNemar z < 3)."""
+    n = 200
+    x = np.eye(n, dtype=np.float32)  # row i is the one-hot of i: a table lookup decides
+    y = np.zeros(n, np.int64)
+    trusted, recent = Holdout(x[:100], y[:100]), Holdout(x[100:], y[100:])
+
+    def table(wrong: set[int]) -> torch.nn.Module:
+        return _Table([1 if i in wrong else 0 for i in range(n)])
+
+    # the champion: right on every trusted row, wrong on 10 % of recent ones
+    champion = table(set(range(100, 120)))
+    # the candidate: fixes them all but forgets half the trusted rows (far more than the
+    # world changed: 10 %)
+    forgetful = table(set(range(50)))
+    r = evaluate_gate(forgetful, champion, trusted=trusted, recent=recent, tolerance=0.02,
+                      min_recent=10)  # fmt: skip
+    assert not r.passed and not r.concept_change and "trusted" in r.reason
+    # a champion wrong on 40 % of recent rows: a change; a candidate that fixes 4 of them
+    # (and breaks 1) is no evidence that it has learned the new concept
+    champion = table(set(range(100, 180)))
+    lucky = table(set(range(30)) | set(range(104, 180)) | {190})
+    r = evaluate_gate(lucky, champion, trusted=trusted, recent=recent, tolerance=0.02,
+                      min_recent=10)  # fmt: skip
+    assert not r.passed and not r.concept_change
+    # the same champion, and a candidate that learned the new concept: followed
+    learned = table(set(range(30)) | {190})
+    r = evaluate_gate(learned, champion, trusted=trusted, recent=recent, tolerance=0.02,
+                      min_recent=10)  # fmt: skip
+    assert r.passed and r.concept_change
+
+
+class _Table(torch.nn.Module):
+    """Predicts `labels[i]` for the one-hot input of row i (two classes)."""
+
+    def __init__(self, labels: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(labels), 2).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.logits
 
 
 class _Lookup(torch.nn.Module):

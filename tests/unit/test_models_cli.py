@@ -156,6 +156,24 @@ def row(output: str, version: str) -> str:
 # --- list -------------------------------------------------------------------------------------
 
 
+def test_list_piped_is_tab_separated_with_nothing_cut_or_padded(home, monkeypatch):
+    """No terminal and no COLUMNS (a pipe): one line per version, every cell whole (the gate
+    reason too), no line padded to a width."""
+    monkeypatch.delenv("COLUMNS")
+    result = models("list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("# ") and lines[1].split("\t")[:2] == ["version", "status"]
+    by_version = {ln.split("\t")[0]: ln.split("\t") for ln in lines[2:]}
+    assert set(by_version) == {"v1", "v2", "v3", "v4"}
+    header = lines[1].split("\t")
+    assert all(len(cells) == len(header) for cells in by_version.values())
+    v4 = dict(zip(header, by_version["v4"], strict=True))
+    assert v4["status"] == "★ champion" and v4["source"] == "federated"
+    assert v4["gate"] == "passed: better on recent data; recent 0.810 vs 0.620 (n=40)"
+    assert all(ln == ln.rstrip() for ln in lines)
+
+
 def test_list_table_marks_the_champion_and_shows_where_each_version_came_from(home):
     result = models("list")
     assert result.exit_code == 0, result.output
@@ -402,6 +420,20 @@ def test_rollback_undoes_a_manual_promotion(home):
     assert doc["status"] == "rolled back"  # rolled back after it was promoted
     assert models("promote", "3").exit_code == 0  # and may be promoted again
     assert json.loads(models("show", "3", "--json").stdout)["status"] == "champion"
+
+
+def test_promote_and_rollback_json_is_one_object_and_nothing_else(home):
+    result = models("promote", "3", "--reason", "hotfix", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # the gate warning stays on stderr
+    assert (doc["kind"], doc["version"], doc["previous_version"]) == ("promoted", "3", "4")
+    assert doc["changed"] is True and doc["announced"] is None and doc["reason"] == "hotfix"
+    assert "no model event sent" in doc["services"] and "did not pass" in result.stderr
+    doc = json.loads(models("promote", "3", "--json").stdout)
+    assert doc["changed"] is False and "already the champion" in doc["message"]
+    doc = json.loads(models("rollback", "--json").stdout)
+    assert (doc["kind"], doc["version"], doc["previous_version"]) == ("rolled_back", "4", "3")
+    assert registry_at(home).champion_version() == "4"
 
 
 def test_rollback_with_nothing_to_roll_back(tmp_path, monkeypatch):

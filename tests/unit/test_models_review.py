@@ -337,6 +337,14 @@ def test_diff_of_an_unknown_version_is_an_error(home):
 # --- card -------------------------------------------------------------------------------------
 
 
+def test_card_json_names_what_it_wrote(home, tmp_path):
+    result = models("card", "2", "--out", str(tmp_path / "card"), "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["markdown"] == str(tmp_path / "card" / "model-card-v2.md")
+    assert doc["plots"] and all(Path(p).is_file() for p in [doc["markdown"], *doc["plots"]])
+
+
 def test_card_writes_markdown_and_plots(home, tmp_path):
     out = tmp_path / "card"
     result = models("card", "2", "--out", str(out))

@@ -219,10 +219,14 @@ def test_retry_call_marks_the_dependency_the_error_names():
 
 
 def test_the_learner_backs_off_between_failed_steps_and_stops_on_a_refusal(tmp_path):
+    from types import SimpleNamespace
+
     from flywheel.learner import LearnerConfig, OnlineLearner
+    from flywheel.store import make_engine
 
     config = LearnerConfig.of(Settings(home=tmp_path, retry_initial_s=0.5, retry_max_s=2.0))
-    learner = OnlineLearner(config, registry=None, source=object())  # type: ignore[arg-type]
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")  # the lease's; never used here
+    learner = OnlineLearner(config, registry=None, source=SimpleNamespace(engine=engine))  # type: ignore[arg-type]
     outage = _operational('connection to server at "127.0.0.1" failed: Connection refused')
     pauses = [learner.failure_pause(outage) for _ in range(6)]
     assert 0.25 <= pauses[0] <= 0.5 and all(1.0 <= p <= 2.0 for p in pauses[2:])
@@ -232,6 +236,7 @@ def test_the_learner_backs_off_between_failed_steps_and_stops_on_a_refusal(tmp_p
     assert learner.failure_pause(outage) <= 0.5
     with pytest.raises(Fatal, match="password authentication failed"):
         learner.failure_pause(_operational('password authentication failed for "x"', "28P01"))
+    engine.dispose()
 
 
 def test_psycopg_errors_of_the_copy_path_are_outages_unless_refusals():

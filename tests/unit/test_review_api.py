@@ -203,6 +203,23 @@ def test_inputs_are_validated_before_anything_moves(admin, path, body, status, d
     assert admin.registry.champion_version() == "2"
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "multipart/form-data"])
+@pytest.mark.parametrize(
+    "path", ["/v1/review/versions/4/approve", "/v1/review/versions/4/reject", "/v1/review/rollback"]
+)
+def test_admin_posts_need_a_json_content_type(admin, path, content_type):
+    headers = dict(AUTH) | ({} if content_type is None else {"content-type": content_type})
+    request = admin.build_request("POST", path, content=b'{"reason": "ok"}', headers=headers)
+    assert request.headers.get("content-type") == content_type  # httpx adds none for bytes
+    r = admin.send(request)
+    assert r.status_code == 415, r.text
+    assert "Content-Type: application/json" in r.json()["detail"]
+    assert admin.registry.champion_version() == "2"
+    template = path.replace("/4/", "/{version}/")
+    documented = admin.get("/openapi.json").json()["paths"][template]["post"]["responses"]
+    assert {"401", "403", "415", "422"} <= set(documented)
+
+
 def test_approve_moves_the_champion_and_records_the_review(admin):
     r = admin.post(
         "/v1/review/versions/v4/approve",

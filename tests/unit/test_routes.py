@@ -4,6 +4,9 @@ with the same status codes and error bodies as in the full app."""
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Future
+
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -35,6 +38,19 @@ class FakeEventLog:
 
     def log_many(self, records) -> None:
         self.records += records
+
+    def log_durable(self, records) -> Future:
+        """Kept at once: what a sink that acknowledges instantly would do."""
+        self.records += records
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def log_durable_async(self, records) -> asyncio.Future:
+        self.records += records
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
 
 def bare_app(state: ServiceState, *routers) -> FastAPI:

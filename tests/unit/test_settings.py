@@ -64,6 +64,9 @@ def test_unknown_variable_is_named(monkeypatch):
         ("FLYWHEEL_CORRECTION_EXPIRY_S", "1e11", "FLYWHEEL_CORRECTION_EXPIRY_S"),
         ("FLYWHEEL_CORRECTION_EXPIRY_S", "inf", "FLYWHEEL_CORRECTION_EXPIRY_S"),
         ("FLYWHEEL_COUNTEREXAMPLE_WINDOW_S", "1e11", "FLYWHEEL_COUNTEREXAMPLE_WINDOW_S"),
+        # a renewal late once would hand a live learner's lineage to its standby
+        ("FLYWHEEL_LEARN_LEASE_RENEW_S", "6", "FLYWHEEL_LEARN_LEASE_RENEW_S .* third"),
+        ("FLYWHEEL_LEARN_LEASE_S", "0.5", "FLYWHEEL_LEARN_LEASE_S"),
     ],
 )
 def test_bad_values_say_what_is_wrong(monkeypatch, var, value, fragment):

@@ -204,6 +204,9 @@ def test_malformed_json_and_oversized_bodies_are_error_objects(tmp_path, list_ev
         assert r.status_code == 413 and "exceeds the limit of 1024 bytes" in r.json()["error"]
         r = c.post(INFER, content=b"{}", headers={"content-type": "text/plain"})
         assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
+        paths = c.get("/openapi.json").json()["paths"]
+        assert "415" in paths["/v2/models/{name}/infer"]["post"]["responses"]
+        assert "415" not in paths["/v2/models/{name}"]["get"]["responses"]  # no body to refuse
 
 
 def test_before_a_model_is_loaded_v2_answers_503(tmp_path, list_event_log):
