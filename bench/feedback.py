@@ -900,6 +900,9 @@ def main(
                 topic_model_events=f"bench.model-events.{suffix}",
                 topic_deadletter=f"bench.deadletter.{suffix}",
                 feedback_max_records=max_records,
+                # the generator produces unsigned corrections straight to Kafka: the
+                # pipeline is measured without the signature check (docs/security.md)
+                auth="off",
                 # Never binding: every trainable error gets its variants (the worst case).
                 counterexample_budget=10 * n,
                 topic_partitions=partitions,

@@ -57,12 +57,16 @@ class _State:
     result: Result = field(default_factory=Result)
 
 
-def request_bytes(port: int, bodies: list[bytes], path: str = PATH) -> list[bytes]:
+def request_bytes(
+    port: int, bodies: list[bytes], path: str = PATH, api_key: str | None = None
+) -> list[bytes]:
     """Whole requests, encoded once: the client must not spend time building them."""
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
         "Content-Type: application/json\r\nAccept: application/json\r\n"
     )
+    if api_key:
+        head += f"Authorization: Bearer {api_key}\r\n"
     return [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
 
 
@@ -169,9 +173,10 @@ async def run(
     bodies: list[bytes],
     timeout_s: float = 10.0,
     path: str = PATH,
+    api_key: str | None = None,
 ) -> Result:
     """Warm up, then measure for `duration_s`; in-flight requests finish after the window."""
-    requests = request_bytes(port, bodies, path)
+    requests = request_bytes(port, bodies, path, api_key)
     now = time.perf_counter()
     state = _State(measure_from=now + warmup_s, stop_at=now + warmup_s + duration_s)
     tasks = [
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
     p.add_argument("--bodies", type=Path, help="one JSON request body per line")
     p.add_argument("--path", default=PATH, help=f"the POST endpoint (default {PATH})")
+    p.add_argument("--api-key", help="send `Authorization: Bearer KEY` with every request")
     args = p.parse_args(argv)
     if not (
         0 < args.duration <= 3600 and 0 <= args.warmup <= 600 and 1 <= args.concurrency <= 1024
@@ -223,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.path.startswith("/"):
         p.error("--path must start with /")
     coro = run(
-        args.port, args.duration, args.warmup, args.concurrency, bodies, args.timeout, args.path
+        args.port,
+        args.duration,
+        args.warmup,
+        args.concurrency,
+        bodies,
+        args.timeout,
+        args.path,
+        args.api_key,
     )
     try:  # the loop uvicorn picks too; a cheaper client leaves more CPU to the server
         import uvloop

@@ -1,6 +1,7 @@
 """`python -m bench serve`: the cost of Kafka prediction logging on POST /v1/predict, or
 (`--compare named`) the cost of named features, or (`--compare corrections|predictions`)
-the cost of answering only once the logged records are durable.
+the cost of answering only once the logged records are durable, or (`--compare auth`) of
+app keys.
 
 `--compare logging` (default): the same app, the same weights and the same load, once
 with the real event log (queue + sender thread + confluent-kafka producer, acks=all, to
@@ -20,6 +21,12 @@ record a call, logging on, answered two ways: `fast`, as before issue 27, once t
 records are on the event log's in-memory queue (a hard crash loses what is queued), and
 `durable`, the service's behaviour, once Kafka acknowledged them (acks=all) or the
 spool holds them fsynced, concurrent requests sharing one flush (group commit).
+
+`--compare auth`: the same app and weights, logging off on both sides (so the key check
+is all that differs, against the fastest baseline), once with FLYWHEEL_AUTH=off (`open`)
+and once with FLYWHEEL_AUTH=on (`keys`): every request carries an app key, checked by the
+middleware against the key cache (`flywheel.service.auth`); the store behind it is the
+server's SQLite file. Every other mode runs with FLYWHEEL_AUTH=off (`_child_env`).
 
 Rounds alternate between the two modes (off, on, off, on, ... or vector, named, ...) so
 slow drift on a shared machine hits both alike; each round gets a fresh server process
@@ -63,6 +70,11 @@ VECTOR_MEANS = (
     "module served without its schema"
 )
 NAMED_MEANS = "named = the same rows as named features, encoded by the schema, row logged"
+OPEN_MEANS = "open = FLYWHEEL_AUTH=off, no key sent, logging off"
+KEYS_MEANS = (
+    "keys = FLYWHEEL_AUTH=on, every request with `Authorization: Bearer <app key>` checked "
+    "against the cached key (SHA-256 + constant-time compare), logging off"
+)
 THROUGHPUT_TARGET = 0.85  # rps_on / rps_off must be at least this
 P99_TARGET = 1.25  # p99_on / p99_off must be at most this
 # issue 24: named rows against the vector path on the same model
@@ -78,19 +90,25 @@ DURABLE_MEANS = (
     "durable = answered once Kafka acknowledged the records (acks=all) or the spool holds "
     "them fsynced; concurrent requests share one flush (group commit)"
 )
+# issue 26: app keys on against off
+AUTH_THROUGHPUT_TARGET = 0.95  # rps_keys / rps_open must be at least this
+AUTH_P99_TARGET = 1.1  # p99_keys / p99_open must be at most this
 COMPARISONS = {  # --compare: (baseline mode, measured mode)
     "logging": ("off", "on"),
     "named": ("vector", "named"),
     "corrections": ("fast", "durable"),
     "predictions": ("fast", "durable"),
+    "auth": ("open", "keys"),
 }
 TARGETS = {  # --compare: (throughput ratio at least, p99 ratio at most or None: reported)
     "logging": (THROUGHPUT_TARGET, P99_TARGET),
     "named": (NAMED_THROUGHPUT_TARGET, NAMED_P99_TARGET),
     "corrections": (DURABLE_THROUGHPUT_TARGET, None),
     "predictions": (DURABLE_THROUGHPUT_TARGET, None),
+    "auth": (AUTH_THROUGHPUT_TARGET, AUTH_P99_TARGET),
 }
 PATHS = {"corrections": "/v1/corrections"}  # the POST endpoint, /v1/predict if not here
+UNLOGGED = ("off", "open", "keys")  # modes whose server discards its records
 N_NUMERIC, CATEGORIES = 8, {"country": 40, "device": 6, "channel": 12, "plan": 4}
 UNSEEN_SHARE = 0.02  # of category values outside the vocabulary (the unknown bucket)
 READY_TIMEOUT_S = 120.0
@@ -122,9 +140,11 @@ class Run:
 
 # -- processes ---------------------------------------------------------------------------
 def _child_env() -> dict[str, str]:
-    """No FLYWHEEL_* from the caller's shell: both servers must run on the same defaults."""
+    """No FLYWHEEL_* from the caller's shell: both servers must run on the same defaults;
+    app keys off (FLYWHEEL_AUTH=off) except where a mode turns them on (`--compare auth`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["FLYWHEEL_AUTH"] = "off"
     return env
 
 
@@ -162,8 +182,9 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """In its own session, so that stopping it reaches every process it may have started.
     `mode` is off (no logging), on, vector (on, the model served without its schema),
-    named (on), fast or durable (on, answered once queued or once stored)."""
-    logging = "off" if mode == "off" else "on"
+    named (on), fast or durable (on, answered once queued or once stored), open (off, no
+    keys) or keys (off, FLYWHEEL_AUTH=on)."""
+    logging = "off" if mode in UNLOGGED else "on"
     cmd = [
         sys.executable,
         "-m",
@@ -185,11 +206,12 @@ def start_server(
         cmd += ["--durability", mode]
     if corrections_topic:
         cmd += ["--corrections-topic", corrections_topic]
+    env = _child_env() | ({"FLYWHEEL_AUTH": "on"} if mode == "keys" else {})
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             cmd,
             cwd=REPO,
-            env=_child_env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -277,6 +299,7 @@ def run_loadgen(
     concurrency: int,
     bodies: Path,
     path: str = "/v1/predict",
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -295,6 +318,8 @@ def run_loadgen(
         "--path",
         path,
     ]
+    if api_key:
+        cmd += ["--api-key", api_key]
     done = subprocess.run(
         cmd,
         cwd=REPO,
@@ -505,11 +530,12 @@ def one_round(
 
     corrections = path == "/v1/corrections"
     prefix = "bench.corrections" if corrections else TOPIC_PREFIX
-    topic = f"{prefix}.{mode}.{rnd}" if mode != "off" else None
+    topic = f"{prefix}.{mode}.{rnd}" if mode not in UNLOGGED else None
     if topic and bootstrap:
         ensure_topics(bootstrap, [topic], partitions=3)
     port = free_port(HOST)
     log_path = work / f"server-{mode}-{rnd}.log"
+    api_key = app_key(work / f"home-{mode}-{rnd}") if mode == "keys" else None
     proc = start_server(
         mode,
         port,
@@ -529,7 +555,7 @@ def one_round(
             f"{warmup:g}s warm-up + {duration:g}s at concurrency {concurrency}"
         )
         cpu0 = process_cpu_s(proc.pid)
-        load = run_loadgen(port, duration, warmup, concurrency, bodies, path)
+        load = run_loadgen(port, duration, warmup, concurrency, bodies, path, api_key)
         run = Run(mode=mode, round=rnd, load=load, topic=topic)
         if topic:
             expected = load["ok_total"]
@@ -558,6 +584,21 @@ def one_round(
         + (f", events {run.events_logged}/{load['ok_total']}" if topic else "")
     )
     return run
+
+
+def app_key(home: Path) -> str:
+    """A migrated SQLite store in the server's home with app `bench` (predict); its key."""
+    from flywheel.store import add_app, make_engine, session_factory, upgrade
+
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{home / 'flywheel.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with session_factory(engine).begin() as session:
+            return add_app(session, "bench", "predict")
+    finally:
+        engine.dispose()
 
 
 def _median(runs: list[Run], key: str) -> float:
@@ -635,6 +676,7 @@ def render(doc: dict[str, Any]) -> None:
         "named": "named rows vs vectors, same model",
         "corrections": "answered once durable vs once queued",
         "predictions": "answered once durable vs once queued",
+        "auth": "app keys on vs off, logging off",
     }[s["compare"]]
     endpoint = PATHS.get(s["compare"], "/v1/predict")
     table = Table(
@@ -675,7 +717,7 @@ def render(doc: dict[str, Any]) -> None:
     table.add_section()
     for mode in (base, test):
         md = s["median"][mode]
-        ev = f"{s['events_logged']}/{s['events_expected']}" if mode != "off" else "-"
+        ev = f"{s['events_logged']}/{s['events_expected']}" if mode not in UNLOGGED else "-"
         table.add_row(
             f"[bold]{mode} (median)[/]",
             "",
@@ -706,6 +748,7 @@ def render(doc: dict[str, Any]) -> None:
     means = {
         "logging": f"{OFF_MEANS}; {ON_MEANS}",
         "named": f"{VECTOR_MEANS}; {NAMED_MEANS}; both with {ON_MEANS.removeprefix('on = ')}",
+        "auth": f"{OPEN_MEANS}; {KEYS_MEANS}",
     }.get(s["compare"], f"{FAST_MEANS}; {DURABLE_MEANS}")
     console.print(f"[dim]{means}.[/]")
     console.print(
@@ -730,13 +773,15 @@ def main(
         "logging",
         help="logging: Kafka logging on vs off; named: named rows vs vectors on one model "
         "with 8 numeric and 4 categorical features; corrections, predictions: that "
-        "endpoint answered once its records are durable vs once they are queued.",
+        "endpoint answered once its records are durable vs once they are queued; auth: app "
+        "keys on vs off (logging off).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Requests/s and p50/p99 latency of POST /v1/predict: Kafka logging on vs off, or
     named rows vs vectors (`--compare named`), or answered once durable vs once queued
-    (`--compare corrections`, on POST /v1/corrections, or `--compare predictions`)."""
+    (`--compare corrections`, on POST /v1/corrections, or `--compare predictions`), or app
+    keys on vs off (`--compare auth`)."""
     from flywheel.broker import EmbeddedBroker
 
     if compare not in COMPARISONS:
@@ -798,9 +843,13 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if compare == "logging":
+    if compare in ("logging", "auth"):
         request = "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1"
-        modes = {"off": OFF_MEANS, "on": ON_MEANS}
+        modes = (
+            {"off": OFF_MEANS, "on": ON_MEANS}
+            if compare == "logging"
+            else {"open": OPEN_MEANS, "keys": KEYS_MEANS}
+        )
         model_info = {"model_accuracy": model["accuracy"]}
     elif compare in ("corrections", "predictions"):
         request = (

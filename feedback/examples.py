@@ -13,11 +13,12 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import orjson
-from sqlalchemy import func, select, text
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from torch import nn
 
+from flywheel.appkeys import app_of
 from flywheel.events import utcnow
 from flywheel.feedback.analyzer import AnalyzerConfig, analyze_many, split_assigner
 from flywheel.feedback.counterexamples import (
@@ -230,7 +231,7 @@ class ExampleBuilder:
         wanting = [pp for pp in prepared if pp.variants]
         # the budget query only when some pair could use it
         budget = (
-            self.budget_left(session, {pp.pair.source for pp in wanting}, utcnow())
+            self.budget_left(session, {app_of(pp.pair.source) for pp in wanting}, utcnow())
             if wanting
             else {}
         )
@@ -245,7 +246,7 @@ class ExampleBuilder:
             rows.append(pp.row)
             outcomes[pp.outcome] += 1
             if pp.variants:
-                source = pp.pair.source
+                source = app_of(pp.pair.source)  # sub-sources spend their app's budget
                 room = budget.get(source, default)
                 if room > 0:
                     taken = pp.variants[:room]
@@ -291,6 +292,10 @@ class ExampleBuilder:
         """Counterexamples each source may still add in the current window (public so a
         test without a store can subclass the builder with budgets of its own).
 
+        A source here is an app (`flywheel.appkeys.app_of`): its own counterexamples and
+        those of every sub-source in its namespace (`shop/eu`) count against one budget, so
+        an app that invents sub-sources gets no more than one honest source.
+
         Bounding amplification per source keeps one noisy (or hostile) client from
         flooding the training data with synthetic copies of its own corrections. The
         store counts them per minute (`counterexample_usage`), so the window is read in
@@ -301,15 +306,19 @@ class ExampleBuilder:
         start = since.astimezone(UTC).replace(second=0, microsecond=0)
         keys = {NO_SOURCE if s is None else s: s for s in sources}
         _lock_budgets(session, keys)
-        used = dict(
-            session.execute(
-                select(CounterexampleUsage.source, func.sum(CounterexampleUsage.count))
-                .where(
-                    CounterexampleUsage.minute >= start, CounterexampleUsage.source.in_(list(keys))
-                )
-                .group_by(CounterexampleUsage.source)
-            ).all()
+        named = [k for k in keys if k != NO_SOURCE]
+        which = or_(
+            CounterexampleUsage.source.in_(list(keys)),
+            *(CounterexampleUsage.source.startswith(k + "/", autoescape=True) for k in named),
         )
+        used: dict[str, int] = {}
+        for source, n in session.execute(
+            select(CounterexampleUsage.source, func.sum(CounterexampleUsage.count))
+            .where(CounterexampleUsage.minute >= start, which)
+            .group_by(CounterexampleUsage.source)
+        ):
+            unit = app_of(source) or NO_SOURCE
+            used[unit] = used.get(unit, 0) + int(n)
         budget = self.feedback.counterexample_budget
         return {s: budget - int(used.get(key, 0)) for key, s in keys.items()}
 

@@ -35,7 +35,7 @@ from flywheel.feedback.reference_data import LabelledPool, ensure_reference
 from flywheel.feedback.worker import FeedbackWorker
 from flywheel.retry import Backoff, DependencyStatus, retry_call
 from flywheel.settings import Settings
-from flywheel.store import NoTrustedData, open_store, session_factory, trusted_info
+from flywheel.store import KeyBook, NoTrustedData, open_store, session_factory, trusted_info
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -190,6 +190,14 @@ def build_worker(
 
     reference, pool = retrying("store", load_reference, "loading the reference data")
     builder = ExampleBuilder(feedback, pool, registry_model_loader(registry))
+    keys = None
+    if settings.access.auth == "on":  # corrections must be signed (feedback/signatures.py)
+        keys = KeyBook(lambda: engine, settings.access.auth_cache_ttl_s)
+    else:
+        log.warning(
+            "FLYWHEEL_AUTH=off: corrections are not checked for an app's signature and keep "
+            "the source they name; for local experiments only (docs/security.md)"
+        )
     if prewarm:
         registry.prewarm()
     return FeedbackWorker(
@@ -202,6 +210,7 @@ def build_worker(
         release=Corroborator(reference, feedback.holdout_fraction, every_s=RELEASE_EVERY_S),
         retry=settings.retry,
         status=status,
+        keys=keys,
     )
 
 

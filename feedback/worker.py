@@ -36,9 +36,11 @@ from flywheel.feedback.messages import Rejected, content_of, decode, duplicate_r
 from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserver, WorkerStep
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
+from flywheel.feedback.signatures import outside_namespace, signer_of
 from flywheel.feedback.writer import Batch, Event, StoreWriter, WorkerStats, by_kind
 from flywheel.retry import Backoff, DependencyStatus, retry_call, transient
 from flywheel.settings import FeedbackSettings, KafkaSettings, RetrySettings
+from flywheel.store import KeyBook, KeyRefused
 
 __all__ = ["Batch", "FeedbackWorker", "WorkerStats"]
 
@@ -51,7 +53,8 @@ class FeedbackWorker:
     (`writer`) on a thread of its own. `observer` sees assignments and step timings.
 
     Takes only the settings it reads: `feedback` (group, batch size, timeouts, what the
-    writer and the analysis need) and `kafka` (the broker and the topics).
+    writer and the analysis need) and `kafka` (the broker and the topics). `keys` (with
+    FLYWHEEL_AUTH=on) makes every correction prove its app (`feedback/signatures.py`).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class FeedbackWorker:
         observer: WorkerObserver | None = None,
         retry: RetrySettings | None = None,
         status: DependencyStatus | None = None,
+        keys: KeyBook | None = None,
     ) -> None:
         """`retry`: the backoff a store outage is waited out with (default: the settings'
         defaults); `status`: where the worker says which dependency is down (its
@@ -101,6 +105,8 @@ class FeedbackWorker:
         self._in_flight: deque[Batch] = deque()
         self._store_thread: threading.Thread | None = None
         self._on_batch: Callable[[WorkerStats], None] | None = None
+        # FLYWHEEL_AUTH=on: corrections must be signed by an app (flywheel.feedback.signatures)
+        self.keys = keys
 
     @property
     def assignment(self) -> set[Partition]:
@@ -158,6 +164,8 @@ class FeedbackWorker:
             raise
         assert self._consumer is not None
         self._on_batch = on_batch
+        if self.keys is not None:
+            self.keys.start()  # writes the keys' last use
         self._store_thread = threading.Thread(
             target=self._store_loop, name=STORE_THREAD, daemon=True
         )
@@ -200,6 +208,8 @@ class FeedbackWorker:
                 self._consumer.close()
             if self.writer.dead_letters:
                 self.writer.dead_letters.close()
+            if self.keys is not None:
+                self.keys.close()
         return self.stats
 
     # -- the pipeline (consumer thread) ----------------------------------------------------
@@ -302,11 +312,25 @@ class FeedbackWorker:
     def _decode_and_prepare(self, messages: list[Any], offsets: dict[Partition, int]) -> Batch:
         events: list[tuple[Any, Event]] = []
         rejected: list[Rejected] = []
-        kinds = self._kinds
+        kinds, keys = self._kinds, self.keys
         first: dict[tuple[type, str], Event] = {}
         for m in messages:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
-            event = decode(kinds[topic], topic, partition, offset, m.key(), m.value())
+            kind = kinds[topic]
+            signer = None
+            if keys is not None and kind == "correction":
+                try:
+                    signer = signer_of(keys, m.headers(), m.value())
+                except KeyRefused as exc:
+                    rejected.append(
+                        Rejected(topic, partition, offset, m.key(), m.value(), exc.reason)
+                    )
+                    continue
+            event = decode(kind, topic, partition, offset, m.key(), m.value())
+            if signer is not None and not isinstance(event, Rejected):
+                why = outside_namespace(signer, event.source)  # type: ignore[union-attr]
+                if why is not None:
+                    event = Rejected(topic, partition, offset, m.key(), m.value(), why)
             if isinstance(event, Rejected):
                 rejected.append(event)
                 continue

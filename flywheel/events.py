@@ -22,10 +22,19 @@ from pydantic import (
     model_validator,
 )
 
+from flywheel.appkeys import app_of
+
 SCHEMA_VERSION: Literal[1] = 1
 
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
+]
+# a correction's source: an app, or one sub-source in its namespace (`shop/eu`; flywheel.appkeys)
+SourceName = Annotated[
+    str,
+    StringConstraints(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+(/[A-Za-z0-9_.:\-]+)?$"
+    ),
 ]
 # Text the training store keeps in a column of its own: at most as long as the column
 # (flywheel.store.models: NAME_LENGTH 200, ID_LENGTH 64), and without NUL, which
@@ -50,7 +59,13 @@ def correction_id(prediction_id: str, label: str, source: str | None = None) -> 
     skips an id it already has, so sending the same correction again -- a client's retry
     after a lost response, a resend from an app's outbox, the HTTP route and a direct
     Kafka producer alike -- is one correction, not a second vote for the same label. A
-    different label (the app changed its mind) or another source is a new correction.
+    different label (the app changed its mind) or another app is a new correction; the
+    sub-sources of one app (`shop/eu`, `shop/us`) are not: the id uses the app
+    (`flywheel.appkeys.app_of`), so one prediction corrected under 40 invented names is
+    one correction, one training example.
+
+    >>> correction_id("p-1", "cat", "shop/eu") == correction_id("p-1", "cat", "shop/us")
+    True
 
     >>> correction_id("p-1", "cat", "app-7") == correction_id("p-1", "cat", "app-7")
     True
@@ -61,7 +76,7 @@ def correction_id(prediction_id: str, label: str, source: str | None = None) -> 
     """
     # a JSON array is an unambiguous encoding of the three fields (a label may hold any
     # character); 128 bits of SHA-256, hex, is within `Identifier` like `new_id`'s
-    key = orjson.dumps([prediction_id, label, source])
+    key = orjson.dumps([prediction_id, label, app_of(source)])
     return hashlib.sha256(key).hexdigest()[:32]
 
 
@@ -135,7 +150,7 @@ class CorrectionEvent(_Event):
     id: Identifier
     prediction_id: Identifier
     label: LabelName
-    source: Identifier | None = None
+    source: SourceName | None = None
     timestamp: AwareDatetime
 
 

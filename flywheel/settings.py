@@ -402,6 +402,24 @@ class _RetryFields(_Fields):
         return self
 
 
+class _AccessFields(_Fields):
+    """App keys (`flywheel apps`): whether every write path needs one, and how long a
+    verified key is trusted before the store is asked again."""
+
+    auth: Literal["on", "off"] = Field(
+        "on",
+        description="`on`: every write path needs an app key with its scope, and Kafka "
+        "corrections need a valid signature; `off` is for local experiments only.",
+    )
+    auth_cache_ttl_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How long a verified key is cached; a revocation or expiry takes "
+        "effect within this many seconds.",
+    )
+
+
 class _EventLogFields(_Fields):
     """The service's event log: the bounded queue, Kafka batching and the disk spool."""
 
@@ -784,6 +802,12 @@ class RetrySettings(_RetryFields):
     model_config = _GROUP_CONFIG
 
 
+class AccessSettings(_AccessFields):
+    """`auth`, `auth_cache_ttl_s`."""
+
+    model_config = _GROUP_CONFIG
+
+
 class EventLogSettings(_EventLogFields):
     """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`,
     `durable_wait_ms`, `durable_linger_ms`, `prediction_durability`."""
@@ -828,6 +852,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "registry": RegistrySettings,
     "trusted": TrustedSettings,
     "service": ServiceSettings,
+    "access": AccessSettings,
     "event_log": EventLogSettings,
     "feedback": FeedbackSettings,
     "gate": GateSettings,
@@ -851,6 +876,7 @@ class Settings(
     _GateFields,
     _FeedbackFields,
     _EventLogFields,
+    _AccessFields,
     _ServiceFields,
     _TrustedFields,
     _RegistryFields,
@@ -890,6 +916,10 @@ class Settings(
     @cached_property
     def service(self) -> ServiceSettings:
         return self._group(ServiceSettings)
+
+    @cached_property
+    def access(self) -> AccessSettings:
+        return self._group(AccessSettings)
 
     @cached_property
     def event_log(self) -> EventLogSettings:

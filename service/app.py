@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from flywheel.retry import Backoff, Fatal, fatal_reason, retry_call, transient
+from flywheel.service.auth import AppKeys, auth_openapi, engine_of
 from flywheel.service.backends import SharedRegistry, SharedStore
 from flywheel.service.batching import BatchCollector, PredictBatcher
 from flywheel.service.config import ServiceConfig
@@ -114,8 +115,26 @@ def create_app(
         thread.start()
         return thread
 
+    keys = None
+    if config.access.auth == "on":
+        from flywheel.store import KeyBook
+
+        keys = KeyBook(engine_of(state.store), config.access.auth_cache_ttl_s)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if keys is None:
+            log.warning(
+                "FLYWHEEL_AUTH=off: predictions and corrections are accepted without an app "
+                "key and corrections keep the source their caller names; for local "
+                "experiments only (docs/security.md)"
+            )
+        else:
+            keys.start()  # writes the keys' last use, off the request path
+            # the key store opened now, before the GC freeze below: opening it on the first
+            # request left its imports and engine to every later full GC pass
+            if state.store()[0] is None:
+                log.warning("app keys cannot be checked yet: %s", state.store()[1])
         from_registry = not state.holder.ready and load_model is None
         follow = from_registry if follow_registry is None else follow_registry
         loader: threading.Thread | None = None
@@ -163,6 +182,8 @@ def create_app(
                 loader.join(10.0)
             if state.follower is not None:
                 state.follower.stop()
+            if keys is not None:
+                keys.close()
             el.close()
             log.info("event log closed: %s", el.stats)
 
@@ -177,6 +198,9 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.service.max_body_bytes)
+    if keys is not None:  # every write path needs an app key (flywheel.service.auth)
+        app.add_middleware(AppKeys, book=keys, admin_token=config.service.admin_token)
+        _with_auth_openapi(app)
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=ROUTES)
     m = state.metrics
     m.queue_depth.set_function(lambda: state.event_log.queue_depth if state.event_log else 0)
@@ -205,3 +229,16 @@ def create_app(
     review.mount_ui(app)  # /ui and /v1/review (docs/review.md)
     install_champion_openapi(app, state.holder)  # /openapi.json shows the served features
     return app
+
+
+def _with_auth_openapi(app: FastAPI) -> None:
+    """FastAPI's document plus the app-key scheme on every write path (built once)."""
+    generate = app.openapi
+    built: list[dict] = []
+
+    def openapi() -> dict:
+        if not built:
+            built.append(auth_openapi(generate()))
+        return built[0]
+
+    app.openapi = openapi  # type: ignore[method-assign]

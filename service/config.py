@@ -1,6 +1,6 @@
 """The settings groups the service reads, and nothing else.
 
-The service reads seven groups (its own limits, the event log, the broker, the registry it
+The service reads eight groups (its own limits, app keys, the event log, the broker, the registry it
 follows, where state lives, the trusted seed it bootstraps a first model from, and whether
 the gate promotes by itself, which the review page shows), so it takes them as one frozen
 value instead of the whole `Settings`: what the service depends on is written here, and a
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flywheel.settings import (
+    AccessSettings,
     EventLogSettings,
     GateSettings,
     KafkaSettings,
@@ -37,6 +38,7 @@ class ServiceConfig:
     state: StateSettings
     trusted: TrustedSettings
     gate: GateSettings
+    access: AccessSettings
     retry: RetrySettings  # how a first load waits out the registry (flywheel.retry)
 
     @classmethod

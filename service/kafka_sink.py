@@ -56,7 +56,13 @@ class KafkaSink:
         for i, r in enumerate(records):
             while True:
                 try:
-                    produce(r.topic, value=r.value, key=r.key, on_delivery=delivered(i))
+                    produce(
+                        r.topic,
+                        value=r.value,
+                        key=r.key,
+                        headers=list(r.headers) or None,
+                        on_delivery=delivered(i),
+                    )
                     break
                 except BufferError:  # librdkafka's queue is full: let it drain
                     poll(0.05)

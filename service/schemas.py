@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
 
-from flywheel.events import Identifier, LabelName
+from flywheel.events import Identifier, LabelName, SourceName
 from flywheel.features import FeatureSchema
 
 # strict: a JSON number only (an integer is fine); true/false or "1" are refused, not coerced
@@ -75,7 +75,11 @@ class CorrectionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prediction_id: Identifier
     label: LabelName
-    source: Identifier | None = Field(None, description="Client or site id, for per-source limits.")
+    source: SourceName | None = Field(
+        None,
+        description="A sub-source of the calling app (`eu` is stored as `<app>/eu`); "
+        "another app's namespace is refused with 403. Per-source limits count the app.",
+    )
 
 
 class CorrectionsRequest(BaseModel):

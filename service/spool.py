@@ -16,7 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 _HEADER = struct.Struct(">HIII")  # topic len, key len, value len, crc32 of the payload
+# A frame with Kafka headers sets this bit of the topic length; its value part is then
+# `>H` headers length, the headers (JSON `[[name, hex value], ...]`), the value. Frames
+# without headers are written as before, so older spools read unchanged.
+_WITH_HEADERS = 0x8000
+_HLEN = struct.Struct(">H")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +31,7 @@ class Record:
     topic: str
     key: bytes
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()  # Kafka headers (a correction's signature)
 
 
 class SpoolCorrupt(RuntimeError):
@@ -71,8 +79,14 @@ class Spool:
         chunks = []
         for r in records:
             topic = r.topic.encode()
-            payload = topic + r.key + r.value
-            chunks.append(_HEADER.pack(len(topic), len(r.key), len(r.value), zlib.crc32(payload)))
+            value, flag = r.value, 0
+            if r.headers:
+                block = orjson.dumps([[n, v.hex()] for n, v in r.headers])
+                value, flag = _HLEN.pack(len(block)) + block + r.value, _WITH_HEADERS
+            payload = topic + r.key + value
+            chunks.append(
+                _HEADER.pack(len(topic) | flag, len(r.key), len(value), zlib.crc32(payload))
+            )
             chunks.append(payload)
         with self._lock, open(self.path, "ab") as f:
             f.write(b"".join(chunks))
@@ -135,6 +149,7 @@ class Spool:
             offset = start
             while offset + _HEADER.size <= size:
                 tlen, klen, vlen, crc = _HEADER.unpack(f.read(_HEADER.size))
+                flag, tlen = tlen & _WITH_HEADERS, tlen & ~_WITH_HEADERS
                 end = offset + _HEADER.size + tlen + klen + vlen
                 if end > size:
                     return  # torn final write: the record was never fully spooled
@@ -143,10 +158,15 @@ class Spool:
                     if end == size:
                         return
                     raise SpoolCorrupt(f"{self.path}: bad checksum at byte {offset}")
+                value = payload[tlen + klen :]
+                headers: tuple[tuple[str, bytes], ...] = ()
+                if flag:
+                    (hlen,) = _HLEN.unpack_from(value)
+                    block = value[_HLEN.size : _HLEN.size + hlen]
+                    headers = tuple((n, bytes.fromhex(v)) for n, v in orjson.loads(block))
+                    value = value[_HLEN.size + hlen :]
                 yield (
-                    Record(
-                        payload[:tlen].decode(), payload[tlen : tlen + klen], payload[tlen + klen :]
-                    ),
+                    Record(payload[:tlen].decode(), payload[tlen : tlen + klen], value, headers),
                     end,
                 )
                 offset = end

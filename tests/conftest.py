@@ -148,6 +148,51 @@ def list_event_log(tmp_path: Path):
     return make
 
 
+class AppKey(NamedTuple):
+    """An app made in a test's store, and what a client sends with its key."""
+
+    name: str
+    key: str
+    headers: dict[str, str]
+
+
+ALL_SCOPES = "predict,correct,review,admin"
+
+
+def make_app_key(database_url: str, name: str = "tests", scopes: str = ALL_SCOPES) -> AppKey:
+    """Create app `name` in the (migrated) store at `database_url` and return its key."""
+    from flywheel.store import add_app, make_engine, session_factory
+
+    engine = make_engine(database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            key = add_app(session, name, scopes)
+    finally:
+        engine.dispose()
+    return AppKey(name, key, {"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture(scope="session")
+def _keyed_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AppKey]:
+    """A migrated SQLite store with one app, made once and copied into each test's home."""
+    from flywheel.store import upgrade
+
+    path = tmp_path_factory.mktemp("keyed-store") / "flywheel.db"
+    upgrade(f"sqlite:///{path}")
+    return path, make_app_key(f"sqlite:///{path}")
+
+
+@pytest.fixture
+def app_key(tmp_path: Path, _keyed_store: tuple[Path, AppKey]) -> AppKey:
+    """The key of app `tests` (every scope), in the store of `Settings(home=tmp_path)`:
+    a service built on that home accepts `TestClient(app, headers=app_key.headers)`."""
+    import shutil
+
+    template, key = _keyed_store
+    shutil.copyfile(template, tmp_path / "flywheel.db")
+    return key
+
+
 # -- benchmarks: their smoke tests run them the one way they are run by hand -------------
 
 

@@ -91,6 +91,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 def _register() -> None:
     from flywheel.cli import (  # noqa: F401  (commands register on import)
+        apps,  # flywheel apps create | list | rotate | revoke
         broker,
         db,
         demo,

@@ -199,6 +199,30 @@ def wait_joined(worker: FeedbackWorker, expected: int, timeout_s: float = 60.0) 
     return worker.stats.joined
 
 
+DEMO_APP = "demo"
+
+
+def demo_api_key(settings: Settings) -> str | None:
+    """The key the demo's app calls the service with: app `demo` (predict, correct) is
+    created in the store, or given a new key if an earlier run made it (its old keys end
+    now). None with FLYWHEEL_AUTH=off."""
+    if settings.access.auth == "off":
+        return None
+    from flywheel.store import add_app, list_apps, open_store, rotate_key, session_factory
+
+    engine = open_store(settings.resolved_database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            known = {a.name: a for a in list_apps(session)}
+            if DEMO_APP in known and known[DEMO_APP].revoked_at is None:
+                return rotate_key(session, DEMO_APP, grace_s=0)
+            if DEMO_APP in known:
+                raise ValueError(f"app {DEMO_APP!r} was revoked in this home: use a new home")
+            return add_app(session, DEMO_APP, "predict,correct")
+    finally:
+        engine.dispose()
+
+
 def simulate_app(
     url: str,
     settings: Settings,
@@ -208,7 +232,8 @@ def simulate_app(
     data: DemoData | None = None,
 ) -> tuple[DemoResult, list[str]]:
     """Send the stream file's rows by name across an abrupt change; correct a fraction of
-    them after a delay, through `flywheel.client.Client`.
+    them after a delay, through `flywheel.client.Client`, with the key of app `demo`
+    (`demo_api_key`): each simulated user is a sub-source of it (`demo/user-7`).
 
     `data`: the demo's files (default: `synthetic_files` for `config`); the stream is read
     with the champion's schema. `frozen` predicts labels with the initial model on the same
@@ -236,7 +261,7 @@ def simulate_app(
     drift_at = min(data.drift_index, requests)
     trace.drift_index = drift_at
     start = time.monotonic()
-    with Client(url, timeout=30) as client:
+    with Client(url, timeout=30, api_key=demo_api_key(settings)) as client:
         while result.predictions < requests:
             if config.rate > 0:  # keep the pace of a real app, so the loop has time to turn
                 lag = start + result.predictions / config.rate - time.monotonic()

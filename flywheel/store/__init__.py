@@ -8,6 +8,23 @@ Open it with `open_store(url)`, which refuses a database whose schema is not the
 this code expects; change the schema only through `upgrade`/`downgrade` (Alembic).
 """
 
+from flywheel.store.apps import (
+    DEFAULT_GRACE_S,
+    AppExists,
+    AppIdentity,
+    AppInfo,
+    KeyBook,
+    KeyInfo,
+    KeyRecord,
+    KeyRefused,
+    UnknownApp,
+    add_app,
+    find_key,
+    list_apps,
+    revoke_app,
+    rotate_key,
+    touch_keys,
+)
 from flywheel.store.bulk import (
     CopyRows,
     EncodedRows,
@@ -48,6 +65,8 @@ from flywheel.store.models import (
     NO_SOURCE,
     ORIGINS,
     SPLITS,
+    App,
+    AppKey,
     Base,
     Correction,
     CorrectionStatus,
@@ -88,6 +107,23 @@ from flywheel.store.trusted import (
 )
 
 __all__ = [
+    "DEFAULT_GRACE_S",
+    "AppExists",
+    "AppIdentity",
+    "AppInfo",
+    "KeyBook",
+    "KeyInfo",
+    "KeyRecord",
+    "KeyRefused",
+    "UnknownApp",
+    "add_app",
+    "find_key",
+    "list_apps",
+    "revoke_app",
+    "rotate_key",
+    "touch_keys",
+    "App",
+    "AppKey",
     "CORRECTION_STATUSES",
     "ERROR_TYPES",
     "NO_SOURCE",

@@ -47,7 +47,9 @@ class StoredExample:
 
     @property
     def contributor(self) -> str:
-        """Whose data this is, for privacy: the source, else the correction it came from."""
+        """Whose data this is, for privacy: the source, else the correction it came from.
+        The whole source (`shop/u-17`: the person an app's sub-source names), not its app:
+        see docs/security.md."""
         if self.source:
             return f"source:{self.source}"
         if self.parent_prediction_id:

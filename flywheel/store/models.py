@@ -319,6 +319,43 @@ class TrustedSet(Base):
     )
 
 
+APP_NAME_LENGTH = 32  # flywheel.appkeys.APP_NAME_PATTERN
+
+
+class App(Base):
+    """An app that calls the service (`flywheel apps create`): its name is the source of
+    its corrections, its scopes what its keys may do. Revoked: every key refused."""
+
+    __tablename__ = "apps"
+
+    name: Mapped[str] = mapped_column(String(APP_NAME_LENGTH), primary_key=True)
+    scopes: Mapped[str] = mapped_column(String(64))  # comma-separated, flywheel.appkeys.SCOPES
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now()
+    )
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AppKey(Base):
+    """One key of an app: only its SHA-256 and the signing secret derived from it are kept
+    (flywheel.appkeys). A rotation adds a key and gives the old ones an `expires_at` at the
+    end of the grace period."""
+
+    __tablename__ = "app_keys"
+
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    app: Mapped[str] = mapped_column(
+        String(APP_NAME_LENGTH), ForeignKey("apps.name", ondelete="CASCADE"), index=True
+    )
+    key_hash: Mapped[str] = mapped_column(String(64))
+    signing_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now()
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class ErrorCount(Base):
     """Joined corrections per model version, hour, (predicted, true) pair and outcome.
 
@@ -341,6 +378,9 @@ class ErrorCount(Base):
 
 
 __all__ = [
+    "APP_NAME_LENGTH",
+    "App",
+    "AppKey",
     "CORRECTION_STATUSES",
     "ERROR_TYPES",
     "NAMING_CONVENTION",

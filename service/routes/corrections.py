@@ -1,12 +1,19 @@
 """`POST /v1/corrections`: true labels for earlier predictions, logged to Kafka; the 202
-comes once they are durable (acknowledged by Kafka or fsynced into the spool)."""
+comes once they are durable (acknowledged by Kafka or fsynced into the spool).
+
+The source is the calling app (`flywheel.service.auth`): a body `source` is a sub-source
+in its namespace (`eu` from app `shop` is stored as `shop/eu`), and one naming another
+app's namespace is refused with 403 (`flywheel.appkeys.source_for`). With
+FLYWHEEL_AUTH=off the body's source is used as sent."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from flywheel.appkeys import KEY_ID_HEADER, SIGNATURE_HEADER, ForeignSource, sign, source_for
 from flywheel.events import CorrectionEvent, correction_id, utcnow
+from flywheel.service.auth import app_of
 from flywheel.service.durability import store_durably
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
@@ -43,23 +50,42 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
             raise BadRequest(
                 f"corrections[{i}].label: unknown label {c.label!r}; known labels: {sorted(known)}"
             )
+    sources = [c.source for c in items]
+    app = app_of(request)
+    signer: tuple[bytes, str] | None = None  # (key id, signing secret)
+    if app is not None:
+        sources = [_bound_source(app.name, s, i) for i, s in enumerate(sources)]
+        # signed as the app's own Kafka records are; the `correct` scope means an app key
+        assert app.key_id is not None and app.signing_key is not None
+        signer = (app.key_id.encode(), app.signing_key)
     now, topic = utcnow(), kafka.topic_corrections
-    records = [
-        Record(
-            topic,
-            c.prediction_id.encode(),
-            CorrectionEvent(
-                # the same correction sent again is the same event (the store skips it)
-                id=correction_id(c.prediction_id, c.label, c.source),
-                prediction_id=c.prediction_id,
-                label=c.label,
-                source=c.source,
-                timestamp=now,
-            ).to_json(),
-        )
-        for c in items
-    ]
+    records = []
+    for c, source in zip(items, sources, strict=True):
+        value = CorrectionEvent(
+            # the same correction sent again is the same event (the store skips it)
+            id=correction_id(c.prediction_id, c.label, source),
+            prediction_id=c.prediction_id,
+            label=c.label,
+            source=source,
+            timestamp=now,
+        ).to_json()
+        headers: tuple[tuple[str, bytes], ...] = ()
+        if signer is not None:
+            headers = (
+                (KEY_ID_HEADER, signer[0]),
+                (SIGNATURE_HEADER, sign(value, signer[1]).encode()),
+            )
+        records.append(Record(topic, c.prediction_id.encode(), value, headers))
     wait_s = state.config.event_log.durable_wait_ms / 1000.0
     await store_durably(state.event_log, records, wait_s)  # type: ignore[arg-type]
     state.metrics.corrections.inc(len(records))
     return JSONResponse({"accepted": len(records)}, status_code=202)
+
+
+def _bound_source(app: str, given: str | None, i: int) -> str:
+    try:
+        return source_for(app, given)
+    except ForeignSource as exc:
+        raise BadRequest(f"corrections[{i}].source: {exc}", 403) from None
+    except ValueError as exc:
+        raise BadRequest(f"corrections[{i}].source: {exc}", 422) from None

@@ -1,8 +1,10 @@
 """The review page (`/ui`) and its JSON endpoints (`/v1/review/...`).
 
 Reading is open to anyone who can reach the service, as `/v1/model` is; approve, reject
-and rollback need `Authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>`. Without a configured
-token they are refused with 403 (the page is read-only), a missing or wrong one gets 401.
+and rollback need an app key with the `review` or `admin` scope (or
+`FLYWHEEL_ADMIN_TOKEN`, the bootstrap admin key), checked by `flywheel.service.auth`.
+With FLYWHEEL_AUTH=off they need the admin token: without one they are refused with 403
+(the page is read-only), a missing or wrong one gets 401.
 The facts come from `flywheel.review`, the same code as `flywheel models diff|card|...`.
 
 Handlers are plain `def`: MLflow and the store are blocking, so FastAPI runs them in its
@@ -123,6 +125,8 @@ def _version(value: str) -> ModelVersion:
 
 
 def _require_admin(state: State, authorization: str | None) -> None:
+    if state.config.access.auth == "on":
+        return  # the app-key middleware checked the key and its scope (flywheel.service.auth)
     token = state.config.service.admin_token
     if token is None:
         raise BadRequest(
@@ -176,7 +180,7 @@ def config(state: State) -> dict[str, Any]:
     config = state.config
     return {
         "model_name": config.registry.model_name,
-        "admin_enabled": config.service.admin_token is not None,
+        "admin_enabled": config.access.auth == "on" or config.service.admin_token is not None,
         "auto_promote": config.gate.auto_promote,
         "registry_poll_s": config.registry.registry_poll_s,
     }

@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings, prepare_home
+from tests.conftest import AppKey, make_app_key
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +129,13 @@ def own_postgres() -> Iterator[Any]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture()
+def service_key(settings: Settings) -> AppKey:
+    """App `tests` (every scope) in the store of `settings`, migrated first: a service on
+    these settings accepts `headers=service_key.headers`."""
+    from flywheel.store import upgrade
+
+    upgrade(settings.resolved_database_url)
+    return make_app_key(settings.resolved_database_url)

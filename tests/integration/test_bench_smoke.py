@@ -81,3 +81,29 @@ def test_bench_serve_compares_durable_answers_with_queued_ones(compare, run_benc
     topic = "bench.corrections" if compare == "corrections" else "bench.predictions"
     assert all(run["topic"].startswith(topic) for run in doc["runs"])
     assert summary["throughput_ratio"] > 0
+
+
+def test_bench_serve_compares_app_keys_on_and_off(run_bench_process):
+    """`--compare auth`: every keyed request is answered 200 (a refused key would be a
+    non-200 and a figure about 401s), and the open side sent no key."""
+    doc = run_bench_process(
+        "serve",
+        "--compare",
+        "auth",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+    )
+    assert [run["mode"] for run in doc["runs"]] == ["open", "keys"]
+    summary = doc["summary"]
+    assert summary["compare"] == "auth"
+    for mode in ("open", "keys"):
+        assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
+    assert all(run["load"]["ok_total"] > 0 and run["topic"] is None for run in doc["runs"])
+    assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+    assert set(summary["targets"]) == {"throughput_ratio", "p99_ratio"}

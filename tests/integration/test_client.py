@@ -22,6 +22,7 @@ from flywheel.feedback.join import store_and_join
 from flywheel.service import GracefulServer, ServiceConfig, create_app
 from flywheel.settings import Settings, prepare_home
 from flywheel.store import Correction, make_engine, session_factory, upgrade
+from tests.conftest import make_app_key
 
 from .conftest import consume
 
@@ -30,10 +31,11 @@ ROWS = [[0.1 * i + 0.01 * j for j in range(8)] for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def service(broker: EmbeddedBroker, tmp_path_factory) -> Iterator[tuple[str, Settings]]:
+def service(broker: EmbeddedBroker, tmp_path_factory) -> Iterator[tuple[str, Settings, str]]:
     """The service as `flywheel serve` runs it (uvicorn, a real socket) on topics of its
     own, FLYWHEEL_MAX_BATCH of 4; one for the module (starting it trains the seed model,
-    ~15 s), stopped, its event log drained, after the last test."""
+    ~15 s), stopped, its event log drained, after the last test. Its callers are app
+    `app-7` (every scope), whose key is the third item."""
     suffix = uuid.uuid4().hex[:8]
     s = Settings(
         home=tmp_path_factory.mktemp("client") / "home",
@@ -48,6 +50,8 @@ def service(broker: EmbeddedBroker, tmp_path_factory) -> Iterator[tuple[str, Set
     )
     prepare_home(s)
     ensure_topics(broker.bootstrap, s.topics, s.topic_partitions)
+    upgrade(s.resolved_database_url)
+    key = make_app_key(s.resolved_database_url, "app-7").key
     app = create_app(ServiceConfig.of(s))
     port = free_port()
     server = GracefulServer(
@@ -58,7 +62,7 @@ def service(broker: EmbeddedBroker, tmp_path_factory) -> Iterator[tuple[str, Set
     try:
         with Client(f"http://127.0.0.1:{port}") as probe:
             probe.wait_ready(timeout_s=120)
-        yield f"http://127.0.0.1:{port}", s
+        yield f"http://127.0.0.1:{port}", s, key
     finally:
         server.should_exit = True
         thread.join(60)
@@ -78,8 +82,8 @@ def records_of(bootstrap: str, topic: str, ids: list[str], n: int) -> list[tuple
 
 
 def test_predict_and_correct_over_http_and_kafka_reach_the_topics(service):
-    url, s = service
-    with Client(url, api_key="app-key-1") as fw:
+    url, s, key = service
+    with Client(url, api_key=key) as fw:
         info = fw.model()
         assert info.input_dim == 8 and info.version == "1"
         result = fw.predict(ROWS)  # 10 rows: the client learns the limit of 4 from a 413
@@ -136,8 +140,8 @@ def test_predict_and_correct_over_http_and_kafka_reach_the_topics(service):
 def test_kafka_corrections_land_on_their_predictions_partition(service):
     """kafka-python's partitioner is Java's, as is the service's producer: a correction sent
     either way is read from the partition its prediction is on."""
-    url, s = service
-    with Client(url) as fw:
+    url, s, key = service
+    with Client(url, api_key=key) as fw:
         ids = fw.predict(ROWS * 2).ids
     with KafkaCorrections(s.kafka_bootstrap, s.topic_corrections) as kafka:
         kafka.send([(pid, "class_0") for pid in ids])
@@ -156,10 +160,10 @@ def test_kafka_corrections_land_on_their_predictions_partition(service):
 
 
 def test_the_async_client_against_the_real_service(service):
-    url, _ = service
+    url, _, key = service
 
     async def main() -> None:
-        async with AsyncClient(url) as fw:
+        async with AsyncClient(url, api_key=key) as fw:
             assert await fw.ready()
             results = await asyncio.gather(*(fw.predict(ROWS[i : i + 3]) for i in range(0, 9, 3)))
             ids = [pid for r in results for pid in r.ids]

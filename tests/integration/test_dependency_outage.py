@@ -173,7 +173,9 @@ class _RegistryDownFor:
         return call
 
 
-def test_service_starts_not_ready_while_the_registry_is_down_then_serves(settings, list_event_log):
+def test_service_starts_not_ready_while_the_registry_is_down_then_serves(
+    settings, list_event_log, service_key
+):
     from fastapi.testclient import TestClient
 
     from flywheel.service import ServiceConfig, create_app
@@ -190,7 +192,7 @@ def test_service_starts_not_ready_while_the_registry_is_down_then_serves(setting
             time.sleep(0.05)
         metrics = client.get("/metrics").text
         ready = client.get("/readyz").json()
-        r = client.post("/v1/predict", json={"instances": [[0.1] * 8]})
+        r = client.post("/v1/predict", json={"instances": [[0.1] * 8]}, headers=service_key.headers)
     assert first.status_code == 503
     assert first.json()["dependencies"]["registry"] is False
     assert "Connection refused" in first.json()["down"]["registry"]

@@ -30,6 +30,7 @@ from flywheel.learner.gate import Holdout, accuracy
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import Settings
+from tests.conftest import make_app_key
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -99,7 +100,8 @@ def test_federated_model_is_registered_promoted_and_served(fed):
     from flywheel.registry import Registry
     from flywheel.service import ServiceConfig, create_app
 
-    with TestClient(create_app(ServiceConfig.of(platform))) as service:
+    headers = make_app_key(platform.resolved_database_url).headers  # its store is migrated
+    with TestClient(create_app(ServiceConfig.of(platform)), headers=headers) as service:
         assert service.get("/v1/model").json()["version"] == "1"
         # central noise seeded: the local-only comparison below reads one run, and an
         # unseeded run of five noisy rounds ranged 0.70-0.80 on the union holdout

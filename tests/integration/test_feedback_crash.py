@@ -49,6 +49,7 @@ def env_for(s: Settings, url: str, group: str) -> dict[str, str]:
         "FLYWHEEL_SEED_EXAMPLES": str(s.seed_examples),
         "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
         "FLYWHEEL_FEEDBACK_MAX_RECORDS": "10",  # many small transactions to die inside
+        "FLYWHEEL_AUTH": "off",  # Traffic sends unsigned corrections
         # out of reach: which errors get variants under a binding budget depends on the
         # order batches were cut in, which a crash changes by design
         "FLYWHEEL_COUNTEREXAMPLE_BUDGET": "100000",

@@ -39,6 +39,8 @@ def pg_settings(settings: Settings, pg_url: str) -> Settings:
             "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
             "feedback_session_timeout_ms": 6000,
             "feedback_max_records": 200,
+            # unsigned records: what decoding does with them (signatures: test_apps.py)
+            "auth": "off",
         }
     )
     ensure_champion(s.trusted, Registry.of(s))

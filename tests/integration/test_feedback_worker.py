@@ -45,6 +45,8 @@ def fb_settings(request, settings: Settings) -> Settings:
             "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
             "feedback_session_timeout_ms": 6000,
             "feedback_max_records": 200,
+            # the pipeline, fed unsigned records; signatures: tests/integration/test_apps.py
+            "auth": "off",
         }
     )
     ensure_champion(s.trusted, Registry.of(s))

@@ -24,6 +24,8 @@ from flywheel.modelspec import build_model
 from flywheel.registry import Registry
 from flywheel.service import GracefulServer, ModelFollower, ServiceConfig, create_app
 from flywheel.settings import Settings
+from flywheel.store import upgrade
+from tests.conftest import make_app_key
 
 from .conftest import consume
 
@@ -43,12 +45,15 @@ class Service:
     url: str
     follower: ModelFollower
     app: object
+    headers: dict[str, str]  # app `tests`'s key
 
 
 @contextlib.contextmanager
 def serving(settings: Settings) -> Iterator[Service]:
     """The production app (`create_app(ServiceConfig.of(settings))`) under uvicorn in a
     thread, so that client threads really run concurrently with the follower's swaps."""
+    upgrade(settings.resolved_database_url)
+    headers = make_app_key(settings.resolved_database_url).headers
     app = create_app(ServiceConfig.of(settings))
     port = free_port()
     server = GracefulServer(
@@ -61,7 +66,7 @@ def serving(settings: Settings) -> Iterator[Service]:
         assert server.started, "the service did not start"
         follower = app.state.service.follower
         assert follower is not None, "the production app must follow the registry"
-        yield Service(f"http://127.0.0.1:{port}", follower, app)
+        yield Service(f"http://127.0.0.1:{port}", follower, app, headers)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -137,7 +142,9 @@ def test_a_promotion_event_is_followed_long_before_the_poll(settings, registry):
         promotion.promote(settings.kafka, v2, reason="test", actor="pytest", registry=registry)
         assert wait_for(lambda: served_version(svc.url) == v2, SWAP_S), "promotion not followed"
         elapsed = time.monotonic() - t0
-        r = httpx.post(f"{svc.url}/v1/predict", json={"instances": ROWS[:2]}, timeout=5)
+        r = httpx.post(
+            f"{svc.url}/v1/predict", json={"instances": ROWS[:2]}, timeout=5, headers=svc.headers
+        )
         assert r.status_code == 200 and r.json()["model"]["version"] == v2
         assert svc.follower.stats.events_followed == 1
         assert svc.follower.stats.swaps == 1 and swaps_metric(svc.url) == 1.0
@@ -176,6 +183,7 @@ class Hammer:
     """Client threads posting one known row per request until stopped."""
 
     url: str
+    headers: dict[str, str]
     threads: int = 4
     stop: threading.Event = field(default_factory=threading.Event)
     responses: list[tuple[int, dict]] = field(default_factory=list)  # (row index, body)
@@ -183,7 +191,7 @@ class Hammer:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _run(self, k: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
+        with httpx.Client(base_url=self.url, timeout=10, headers=self.headers) as client:
             i = k
             while not self.stop.is_set():
                 row = i % len(ROWS)
@@ -233,7 +241,7 @@ def test_hot_swaps_under_concurrent_load_fail_nothing_and_label_every_response(s
     plan = [v2, v3, v1, v2]
     with serving(settings) as svc:
         start_listening(svc)
-        with Hammer(svc.url).running() as load:
+        with Hammer(svc.url, svc.headers).running() as load:
             assert wait_for(lambda: len(load.responses) >= 20, 30)
             for version in plan:
                 promotion.promote(

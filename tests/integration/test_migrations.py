@@ -46,6 +46,8 @@ TABLES = {
     "counterexample_usage",
     "privacy_ledger",
     "privacy_source_spend",
+    "apps",
+    "app_keys",
 }
 
 

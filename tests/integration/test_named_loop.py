@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from flywheel.cli import _register, app
 from flywheel.client import Client
-from flywheel.demo import embedded_stack, running_loop
+from flywheel.demo import demo_api_key, embedded_stack, running_loop
 from flywheel.features import FeatureSchema
 from flywheel.registry import Registry
 from flywheel.settings import Settings
@@ -132,7 +132,11 @@ def test_named_predict_correct_update_and_hot_swap(tmp_path, settings, db_url):
     fingerprint = registry.info(initial).tags["schema_fingerprint"]
     assert fingerprint == schema.fingerprint()
 
-    with embedded_stack(s) as s, running_loop(s) as (worker, learner, url), Client(url) as fw:
+    with (
+        embedded_stack(s) as s,
+        running_loop(s) as (worker, learner, url),
+        Client(url, api_key=demo_api_key(s)) as fw,  # corrections signed by app `demo`
+    ):
         fw.wait_ready(60)
         assert fw.model().version == initial
         # the app: named rows, half from the new country; the truth for every one

@@ -42,7 +42,18 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "quickstart.md"
 BLOCK = re.compile(r"^```(\w+) qs:(\w+)\n(.*?)^```$", re.S | re.M)
-RUN_ORDER = ["env", "schema", "edit", "init", "list", "broker", "serve", "feedback", "learn"]
+RUN_ORDER = [
+    "env",
+    "schema",
+    "edit",
+    "init",
+    "list",
+    "key",
+    "broker",
+    "serve",
+    "feedback",
+    "learn",
+]
 WAIT_S = 180.0  # upper bound: every wait ends as soon as its condition holds
 
 
@@ -144,6 +155,8 @@ def test_the_quickstart_runs(tmp_path, background):
     }
     run("init")
     assert "1" in run("list")
+    run("key")  # app `shop`: its key in app-key.json, read by app.py
+    assert json.loads((work / "app-key.json").read_text())["key"].startswith("fw_")
 
     broker = page["broker"][1].strip()
     assert broker == "flywheel broker"

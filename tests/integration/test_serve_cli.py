@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,17 @@ def start_serve(env: dict, port: int) -> subprocess.Popen:
     raise AssertionError("serve did not become ready")
 
 
+def cli_app_key(env: dict, name: str = "tests", scopes: str = "predict") -> dict[str, str]:
+    """Migrate the home's store and create an app with the CLI; its key's headers."""
+    for args in (["db", "upgrade"], ["apps", "create", name, "--scopes", scopes, "--json"]):
+        done = subprocess.run(
+            [FLYWHEEL, *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+    key = json.loads(done.stdout)["key"]
+    return {"Authorization": f"Bearer {key}"}
+
+
 def stop(proc: subprocess.Popen) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
@@ -65,10 +77,11 @@ def test_serve_against_an_external_broker(settings, tmp_path):
         # the fixture's generous delivery timeout: exactly-once is asserted below
         "FLYWHEEL_KAFKA_TIMEOUT_S": str(settings.kafka_timeout_s),
     }
+    headers = cli_app_key(env)
     proc = start_serve(env, port)
     try:
         ids = []
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
             for _ in range(10):
                 r = client.post("/v1/predict", json={"instances": [ROW, ROW]})
                 assert r.status_code == 200
@@ -87,9 +100,12 @@ def test_serve_with_embedded_broker_leaves_no_orphan(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_SEED_EXAMPLES": "1000"}
+    headers = cli_app_key(env)
     proc = start_serve(env, port)
     try:
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"instances": [ROW]})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/predict", json={"instances": [ROW]}, headers=headers
+        )
         assert r.status_code == 200
         deadline = time.monotonic() + 60  # connected once the first batch is acknowledged
         while not httpx.get(f"http://127.0.0.1:{port}/readyz").json()["kafka_connected"]:

@@ -46,8 +46,8 @@ def predict(client, n_rows: int = 1) -> list[str]:
     return [p["id"] for p in r.json()["predictions"]]
 
 
-def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Settings):
-    with TestClient(create_app(ServiceConfig.of(settings))) as client:
+def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Settings, service_key):
+    with TestClient(create_app(ServiceConfig.of(settings)), headers=service_key.headers) as client:
         ids = []
         for i in range(60):
             ids += predict(client, n_rows=1 + i % 5)
@@ -63,8 +63,8 @@ def test_n_predictions_give_exactly_n_events_with_the_same_ids(settings: Setting
         assert event.label == max(event.probabilities, key=event.probabilities.get)
 
 
-def test_corrections_land_on_their_topic(settings: Settings):
-    with TestClient(create_app(ServiceConfig.of(settings))) as client:
+def test_corrections_land_on_their_topic(settings: Settings, service_key):
+    with TestClient(create_app(ServiceConfig.of(settings)), headers=service_key.headers) as client:
         ids = predict(client, 3)
         r = client.post(
             "/v1/corrections",
@@ -81,14 +81,17 @@ def test_corrections_land_on_their_topic(settings: Settings):
     assert_each_id_once([k.decode() for k, _ in records], ids, no_send_failed(event_log))
     events = [CorrectionEvent.model_validate_json(v) for _, v in records]
     assert {(e.prediction_id, e.label, e.source) for e in events} == {
-        (pid, "class_1", "site-7") for pid in ids
+        (pid, "class_1", "tests/site-7")
+        for pid in ids  # a sub-source of the calling app
     }
     predictions = consume(settings.kafka_bootstrap, settings.topic_predictions, 3)
     assert_each_id_once([k.decode() for k, _ in predictions], ids, no_send_failed(event_log))
 
 
 @pytest.mark.slow
-def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, tmp_path):
+def test_broker_stopped_mid_run_and_restarted_loses_nothing(
+    settings: Settings, tmp_path, service_key
+):
     """The memory broker forgets everything on restart, so the test reads what was delivered
     before the outage first, then checks the restarted broker got every spooled record."""
     outage_broker = EmbeddedBroker(log_file=tmp_path / "outage.log")
@@ -98,7 +101,7 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
         update={"kafka_bootstrap": outage_broker.bootstrap, "kafka_timeout_s": 2.0}
     )
     try:
-        with TestClient(create_app(ServiceConfig.of(s))) as client:
+        with TestClient(create_app(ServiceConfig.of(s)), headers=service_key.headers) as client:
             event_log = client.app.state.service.event_log
             before = [pid for _ in range(20) for pid in predict(client, 2)]
             assert event_log.wait_idle(30)
@@ -150,12 +153,12 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(settings: Settings, 
 
 
 def test_a_correction_lands_on_its_predictions_partition_as_any_java_client_would(
-    settings: Settings,
+    settings: Settings, service_key
 ):
     from kafka import KafkaConsumer, TopicPartition
     from kafka.partitioner.default import murmur2
 
-    with TestClient(create_app(ServiceConfig.of(settings))) as client:
+    with TestClient(create_app(ServiceConfig.of(settings)), headers=service_key.headers) as client:
         ids = predict(client, 40)
         client.post(
             "/v1/corrections",
@@ -183,7 +186,9 @@ def test_a_correction_lands_on_its_predictions_partition_as_any_java_client_woul
     assert len(set(seen[settings.topic_predictions].values())) > 1  # really spread out
 
 
-def test_named_rows_reach_the_topic_with_the_row_and_the_raw_vector(settings: Settings):
+def test_named_rows_reach_the_topic_with_the_row_and_the_raw_vector(
+    settings: Settings, service_key
+):
     """Named rows on v1 and one tensor per feature on v2: every event on the real broker
     carries the named row as sent (ignored columns dropped) and the raw vector the
     feedback worker stores, and the worker's decoder takes it."""
@@ -213,7 +218,9 @@ def test_named_rows_reach_the_topic_with_the_row_and_the_raw_vector(settings: Se
         {"amount": 12.5, "country": "FR", "mobile": True, "order_id": "o-1"},
         {"country": "JP"},
     ]
-    with TestClient(create_app(ServiceConfig.of(settings), holder=holder)) as client:
+    with TestClient(
+        create_app(ServiceConfig.of(settings), holder=holder), headers=service_key.headers
+    ) as client:
         r = client.post("/v1/predict", json={"instances": rows})
         assert r.status_code == 200, r.text
         ids = [p["id"] for p in r.json()["predictions"]]

@@ -21,6 +21,7 @@ from flywheel.registry import Registry
 from flywheel.service import GracefulServer, ServiceConfig, create_app
 from flywheel.settings import Settings
 from flywheel.store import upgrade
+from tests.conftest import make_app_key
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +76,8 @@ def status(*args: str) -> tuple[int, dict]:
 
 def test_status_reports_every_part_and_the_feedback_lag(running):
     url, s = running
-    with Client(url) as fw:
+    key = make_app_key(s.resolved_database_url, scopes="predict").key  # the store is migrated
+    with Client(url, api_key=key) as fw:
         ids = fw.predict([[0.1 * i] * 8 for i in range(6)]).ids
     deadline = time.monotonic() + 60
     while True:  # the prediction log sends off the request path

@@ -200,15 +200,19 @@ def test_each_request_is_computed_by_the_snapshot_it_took():
 # -- through the app -------------------------------------------------------------------
 
 
-async def _concurrent_clients(app, bodies):
+async def _concurrent_clients(app, bodies, headers):
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=headers
+        ) as client:
             return await asyncio.gather(*(client.post("/v1/predict", json=b) for b in bodies))
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic, list_event_log):
+def test_concurrent_clients_get_their_own_rows_ids_and_version(
+    tmp_path, dynamic, list_event_log, app_key
+):
     model = served("7", 0)
     holder = ModelHolder()
     holder.swap(model)
@@ -219,7 +223,7 @@ def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic
     rng = np.random.default_rng(3)
     bodies = [{"instances": rng.normal(size=(1 + i % 3, 3)).round(3).tolist()} for i in range(40)]
     bodies[5] = {"instances": [[1.0, 2.0]]}  # wrong width: refused, alone
-    responses = asyncio.run(_concurrent_clients(app, bodies))
+    responses = asyncio.run(_concurrent_clients(app, bodies, app_key.headers))
     assert responses[5].status_code == 422 and "expects 3" in responses[5].json()["detail"]
     ids = []
     for i, (body, r) in enumerate(zip(bodies, responses, strict=True)):
@@ -248,7 +252,7 @@ def test_concurrent_clients_get_their_own_rows_ids_and_version(tmp_path, dynamic
         assert batcher is None
 
 
-def test_batch_metrics_are_exported(tmp_path, list_event_log):
+def test_batch_metrics_are_exported(tmp_path, list_event_log, app_key):
     holder = ModelHolder()
     holder.swap(served("7", 0))
     log = list_event_log()
@@ -257,7 +261,9 @@ def test_batch_metrics_are_exported(tmp_path, list_event_log):
     async def scenario():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://t", headers=app_key.headers
+            ) as c:
                 await asyncio.gather(
                     *(c.post("/v1/predict", json={"instances": [[1, 2, 3]]}) for _ in range(5))
                 )

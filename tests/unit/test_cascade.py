@@ -249,7 +249,9 @@ def test_the_feedback_worker_never_dead_letters_a_prediction_for_its_path(doc_ch
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_served_cascade_reports_the_path_per_prediction(tmp_path, precision, list_event_log):
+def test_served_cascade_reports_the_path_per_prediction(
+    tmp_path, precision, list_event_log, app_key
+):
     spec, module = cascade(threshold=0.55)
     x = (np.random.default_rng(0).normal(size=(12, 4)) * 3).astype(np.float32)
     served = ServedModel.prepare("m", "5", spec, module, precision)
@@ -264,7 +266,7 @@ def test_served_cascade_reports_the_path_per_prediction(tmp_path, precision, lis
     sent = []
     log = list_event_log(sent)
     app = create_app(ServiceConfig.of(Settings(home=tmp_path)), holder=holder, event_log=log)
-    with TestClient(app) as client:
+    with TestClient(app, headers=app_key.headers) as client:
         assert client.get("/v1/model").json()["kind"] == "cascade"
         r = client.post("/v1/predict", json={"instances": x.tolist()})
         assert r.status_code == 200

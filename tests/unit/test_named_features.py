@@ -46,7 +46,8 @@ def served(spec, version: str = "7", name: str = "m") -> ServedModel:
     return ServedModel.prepare(name, version, spec, build_model(spec))
 
 
-def make_client(tmp_path, list_event_log, spec, **settings):
+def make_client(tmp_path, list_event_log, spec, key=None, **settings):
+    """A client of an app on `tmp_path`; `key` (the `app_key` fixture) signs its requests."""
     holder = ModelHolder()
     holder.swap(served(spec))
     sent: list = []
@@ -56,14 +57,14 @@ def make_client(tmp_path, list_event_log, spec, **settings):
         holder=holder,
         event_log=log,
     )
-    client = TestClient(app)
+    client = TestClient(app, headers=key.headers if key else None)
     client.sent, client.event_log, client.holder = sent, log, holder  # type: ignore[attr-defined]
     return client
 
 
 @pytest.fixture(params=[True, False], ids=["batching", "no-batching"])
-def client(request, tmp_path, list_event_log):
-    with make_client(tmp_path, list_event_log, SPEC, dynamic_batching=request.param) as c:
+def client(request, tmp_path, list_event_log, app_key):
+    with make_client(tmp_path, list_event_log, SPEC, app_key, dynamic_batching=request.param) as c:
         yield c
 
 
@@ -173,8 +174,10 @@ def test_an_integer_beyond_64_bits_is_logged_as_text(client):
     assert event.features[1] == UNKNOWN
 
 
-def test_a_model_without_a_schema_takes_vectors_and_refuses_named_rows(tmp_path, list_event_log):
-    with make_client(tmp_path, list_event_log, LEGACY) as c:
+def test_a_model_without_a_schema_takes_vectors_and_refuses_named_rows(
+    tmp_path, list_event_log, app_key
+):
+    with make_client(tmp_path, list_event_log, LEGACY, app_key) as c:
         r = c.post("/v1/predict", json={"instances": [{"a": 1.0}]})
         assert r.status_code == 422
         assert r.json()["detail"] == (
@@ -189,8 +192,10 @@ def test_a_model_without_a_schema_takes_vectors_and_refuses_named_rows(tmp_path,
         assert (info["features"], info["family"], info["kind"]) == (None, "mlp", "mlp")
 
 
-def test_an_all_numeric_schema_takes_named_rows_and_vectors_alike(tmp_path, list_event_log):
-    with make_client(tmp_path, list_event_log, NUMERIC_SPEC) as c:
+def test_an_all_numeric_schema_takes_named_rows_and_vectors_alike(
+    tmp_path, list_event_log, app_key
+):
+    with make_client(tmp_path, list_event_log, NUMERIC_SPEC, app_key) as c:
         named = c.post("/v1/predict", json={"instances": [{"x": 0.5, "y": -1, "z": 2}, {}]})
         vector = c.post("/v1/predict", json={"instances": [[0.5, -1, 2], [1, 1, 1]]})
         assert named.status_code == vector.status_code == 200

@@ -125,7 +125,7 @@ class NullSink:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
-def test_served_model_info_names_its_precision(tmp_path, precision):
+def test_served_model_info_names_its_precision(tmp_path, precision, app_key):
     module, x, _ = trained()
     served = ServedModel.prepare("m", "3", SPEC, module, precision)
     assert served.precision == precision
@@ -138,7 +138,7 @@ def test_served_model_info_names_its_precision(tmp_path, precision):
     holder.swap(served)
     log = EventLog(lambda: NullSink(), Spool(tmp_path / "spool", fsync=False))
     app = create_app(ServiceConfig.of(Settings(home=tmp_path)), holder=holder, event_log=log)
-    with TestClient(app) as client:
+    with TestClient(app, headers=app_key.headers) as client:
         info = client.get("/v1/model").json()
         assert (info["precision"], info["kind"]) == (precision, "mlp")
         r = client.post("/v1/predict", json={"instances": x[:2].tolist()})

@@ -75,7 +75,8 @@ def template(tmp_path_factory) -> Path:
 def _client(template: Path, tmp_path: Path, token: str | None) -> TestClient:
     home = tmp_path / "home"
     shutil.copytree(template, home)
-    settings = Settings(home=home, admin_token=token)
+    # the admin token's own rules, as with FLYWHEEL_AUTH=off (app keys: tests/unit/test_auth.py)
+    settings = Settings(home=home, admin_token=token, auth="off")
     torch.manual_seed(0)
     holder = ModelHolder()
     holder.swap(ServedModel.prepare("flywheel", "2", SPEC, build_model(SPEC)))

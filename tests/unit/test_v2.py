@@ -21,14 +21,14 @@ def tensor(name: str, data: list, datatype: str = "FP32", shape: list | None = N
 
 
 @pytest.fixture()
-def legacy(tmp_path, list_event_log):
-    with make_client(tmp_path, list_event_log, LEGACY) as c:
+def legacy(tmp_path, list_event_log, app_key):
+    with make_client(tmp_path, list_event_log, LEGACY, app_key) as c:
         yield c
 
 
 @pytest.fixture()
-def named(tmp_path, list_event_log):
-    with make_client(tmp_path, list_event_log, SPEC) as c:
+def named(tmp_path, list_event_log, app_key):
+    with make_client(tmp_path, list_event_log, SPEC, app_key) as c:
         yield c
 
 
@@ -195,8 +195,8 @@ def test_unknown_models_and_versions_are_404(legacy):
     assert 'route="other",status="404"' in legacy.get("/metrics").text
 
 
-def test_malformed_json_and_oversized_bodies_are_error_objects(tmp_path, list_event_log):
-    with make_client(tmp_path, list_event_log, LEGACY, max_body_bytes=1024) as c:
+def test_malformed_json_and_oversized_bodies_are_error_objects(tmp_path, list_event_log, app_key):
+    with make_client(tmp_path, list_event_log, LEGACY, app_key, max_body_bytes=1024) as c:
         r = c.post(INFER, content=b'{"inputs": [', headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"].startswith("malformed JSON")
         big = {"inputs": [tensor("x", [0.5] * 300, shape=[100, 3])]}
@@ -209,14 +209,14 @@ def test_malformed_json_and_oversized_bodies_are_error_objects(tmp_path, list_ev
         assert "415" not in paths["/v2/models/{name}"]["get"]["responses"]  # no body to refuse
 
 
-def test_before_a_model_is_loaded_v2_answers_503(tmp_path, list_event_log):
+def test_before_a_model_is_loaded_v2_answers_503(tmp_path, list_event_log, app_key):
     app = create_app(
         ServiceConfig.of(Settings(home=tmp_path)),
         holder=ModelHolder(),
         event_log=list_event_log(),
         load_model=lambda config: served(LEGACY),
     )
-    client = TestClient(app)  # no lifespan: nothing loads the model
+    client = TestClient(app, headers=app_key.headers)  # no lifespan: nothing loads the model
     assert client.get("/v2/health/ready").status_code == 503
     r = client.post(INFER, json={"inputs": [tensor("x", [1, 2, 3], shape=[1, 3])]})
     assert r.status_code == 503 and r.json() == {"error": "no model loaded yet; retry shortly"}
