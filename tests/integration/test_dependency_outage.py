@@ -100,6 +100,7 @@ def test_feedback_worker_waits_out_a_postgresql_outage(settings, own_postgres, t
         "FLYWHEEL_FEEDBACK_MAX_RECORDS": "50",
         "FLYWHEEL_FEEDBACK_METRICS_PORT": str(port),
         "FLYWHEEL_RETRY_MAX_S": "2",  # back within 2 s of the database
+        "FLYWHEEL_AUTH": "off",  # Traffic sends unsigned corrections
     }
     log = tmp_path / "worker.log"
     with log.open("w") as out:
