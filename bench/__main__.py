@@ -27,6 +27,8 @@ BENCHMARKS = (
     "fedaccuracy",
     "fedrobust",
     "init",
+    "rejoin",
+    "startup",
 )
 
 app = typer.Typer(

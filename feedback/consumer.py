@@ -24,9 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 from flywheel.feedback.alignment import Aligner
+from flywheel.retry import DependencyStatus
 from flywheel.settings import FeedbackSettings, KafkaSettings
 
+__all__ = ["KafkaBatchConsumer", "Partition", "RebalanceHook", "consumer_config"]
+
 log = logging.getLogger(__name__)
+PROBE_EVERY_S = 1.0  # while the broker is down, how often a poll asks it for metadata
+# librdkafka errors that mean the broker cannot be reached (it reconnects by itself)
+_BROKER_DOWN = {"_ALL_BROKERS_DOWN", "_TRANSPORT", "_RESOLVE", "_TIMED_OUT"}
 Partition = tuple[str, int]  # (topic, partition)
 RebalanceHook = Callable[[list[Partition]], None]
 
@@ -55,11 +61,17 @@ class KafkaBatchConsumer:
         max_hold_s: float = 10.0,
         max_held: int = 20_000,
         client: Any | None = None,
+        status: DependencyStatus | None = None,
     ) -> None:
         """`client`: a confluent_kafka.Consumer-like object to use instead of a new
-        Consumer (unit tests)."""
+        Consumer (unit tests). `status` hears when the broker is down and back ("kafka")."""
+        self._status = status or DependencyStatus()
+        self._probe_topic = topics[0] if topics else None
+        self._next_probe = 0.0
         self._consumer = (
-            client if client is not None else self._new_client(feedback, kafka, client_id)
+            client
+            if client is not None
+            else self._new_client(feedback, kafka, client_id, self._on_error)
         )
         self._on_revoked, self._on_assigned = on_revoked, on_assigned
         self._assigned: set[Partition] = set()
@@ -76,29 +88,44 @@ class KafkaBatchConsumer:
         )
 
     @staticmethod
-    def _new_client(feedback: FeedbackSettings, kafka: KafkaSettings, client_id: str) -> Any:
+    def _new_client(
+        feedback: FeedbackSettings,
+        kafka: KafkaSettings,
+        client_id: str,
+        on_error: Callable[[Any], None],
+    ) -> Any:
         from confluent_kafka import Consumer
 
         from flywheel.kafka_security import confluent_options
 
-        timeout = feedback.feedback_session_timeout_ms
-        return Consumer(
-            {
-                "bootstrap.servers": kafka.kafka_bootstrap,
-                "group.id": feedback.feedback_group,
-                "client.id": client_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": timeout,
-                "heartbeat.interval.ms": max(300, timeout // 4),
-                "partition.assignment.strategy": "range",
-                "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
-                "on_commit": _log_refused_commit,
-                **confluent_options(kafka),  # SASL / TLS
-            },
-            logger=logging.getLogger("flywheel.kafka"),
-        )
+        config = {**consumer_config(feedback, kafka, client_id), **confluent_options(kafka)}
+        config["error_cb"] = on_error  # SASL / TLS above
+        return Consumer(config, logger=logging.getLogger("flywheel.kafka"))
+
+    # -- broker health ------------------------------------------------------------------------
+    def _on_error(self, err: Any) -> None:
+        """librdkafka's error callback (inside `poll`): a broker that cannot be reached marks
+        "kafka" down; librdkafka reconnects by itself, `_probe` sees it back."""
+        if err.name() in _BROKER_DOWN:
+            if self._status.is_up("kafka"):
+                log.warning("kafka unreachable (%s); librdkafka reconnects", err.str())
+            self._status.down("kafka", err.str())
+        else:
+            log.warning("kafka: %s", err.str())
+
+    def _probe(self) -> None:
+        """While "kafka" is down, ask the broker for a topic's metadata now and then: an
+        answer means it is back (an idle worker gets no message to tell)."""
+        now = time.monotonic()
+        if self._status.is_up("kafka") or now < self._next_probe or self._probe_topic is None:
+            return
+        self._next_probe = now + PROBE_EVERY_S
+        try:
+            self._consumer.list_topics(self._probe_topic, timeout=PROBE_EVERY_S / 2)
+        except Exception as exc:
+            log.debug("kafka still unreachable: %s", exc)
+            return
+        self._status.up("kafka")
 
     # -- rebalance callbacks (called inside `poll`) ------------------------------------------
     def _assign(self, _consumer: Any, partitions: list[Any]) -> None:
@@ -174,6 +201,7 @@ class KafkaBatchConsumer:
         would let a worker with a backlog sit idle beside a part-filled queue, or beside
         corrections the aligner could release (`bench feedback`: ~0.2 s of a 4.5 s run).
         """
+        self._probe()
         messages = self._consume(max_records, 0)  # what is queued already, without waiting
         if self._aligner is None:
             if not messages and timeout_s > 0:
@@ -200,6 +228,8 @@ class KafkaBatchConsumer:
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka: %s", err)
             messages = good
+        if messages and not self._status.is_up("kafka"):
+            self._status.up("kafka")
         return messages
 
     def _admit(
@@ -269,6 +299,36 @@ class KafkaBatchConsumer:
     def close(self) -> None:
         """Leave the group (revoking first, so the worker commits what it stored)."""
         self._consumer.close()
+
+
+def consumer_config(feedback: FeedbackSettings, kafka: KafkaSettings, client_id: str) -> dict:
+    """The librdkafka settings of a feedback worker's consumer.
+
+    Group timing (docs/feedback.md, "Broker pauses"): the session timeout is
+    FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS and heartbeats go every quarter of it (at least
+    300 ms), from librdkafka's own thread, so a long store transaction never misses one.
+    After a broker pause longer than the session, the group needs about twice the session
+    timeout to hand the partitions out again (`python -m bench rejoin`, a 25 s SIGSTOP of
+    the test broker: 18.2 s at 10 s, 11 s at 6 s, 4.0 s at 2 s); librdkafka's reconnect
+    backoff and request timeouts made no difference there. max.poll.interval.ms stays
+    librdkafka's 5 minutes: the worker polls between batches, and a store outage that holds
+    it longer makes it leave the group and rejoin on its next poll (its uncommitted records
+    are replayed: a no-op once stored).
+    """
+    timeout = feedback.feedback_session_timeout_ms
+    return {
+        "bootstrap.servers": kafka.kafka_bootstrap,
+        "group.id": feedback.feedback_group,
+        "client.id": client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": timeout,
+        "heartbeat.interval.ms": max(300, timeout // 4),
+        "partition.assignment.strategy": "range",
+        "queued.max.messages.kbytes": 32_768,  # prefetch at most 32 MB
+        "on_commit": _log_refused_commit,
+    }
 
 
 def _log_refused_commit(err: Any, partitions: list[Any]) -> None:

@@ -38,7 +38,8 @@ from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
 from flywheel.feedback.signatures import outside_namespace, signer_of
 from flywheel.feedback.writer import Batch, Event, StoreWriter, WorkerStats, by_kind
-from flywheel.settings import FeedbackSettings, KafkaSettings
+from flywheel.retry import Backoff, DependencyStatus, retry_call, transient
+from flywheel.settings import FeedbackSettings, KafkaSettings, RetrySettings
 from flywheel.store import KeyBook, KeyRefused
 
 __all__ = ["Batch", "FeedbackWorker", "WorkerStats"]
@@ -67,8 +68,13 @@ class FeedbackWorker:
         client_id: str | None = None,
         release: Callable[..., int] | None = None,
         observer: WorkerObserver | None = None,
+        retry: RetrySettings | None = None,
+        status: DependencyStatus | None = None,
         keys: KeyBook | None = None,
     ) -> None:
+        """`retry`: the backoff a store outage is waited out with (default: the settings'
+        defaults); `status`: where the worker says which dependency is down (its
+        /readyz and `flywheel_dependency_up`)."""
         if not kafka.kafka_bootstrap:
             raise ValueError("the feedback worker needs FLYWHEEL_KAFKA_BOOTSTRAP")
         self.feedback = feedback
@@ -90,6 +96,10 @@ class FeedbackWorker:
         self.writer = StoreWriter(
             feedback, engine, timed, self.cache, self.stats, self.observer, release
         )
+        self.status = status or DependencyStatus()
+        self.writer.status = self.status
+        self.writer.policy = Backoff.of(retry) if retry is not None else Backoff()
+        self.running = threading.Event()  # set while `run` consumes
         self._consumer: KafkaBatchConsumer | None = None
         self._jobs: queue.Queue[Batch | None] = queue.Queue(maxsize=IN_FLIGHT)
         self._in_flight: deque[Batch] = deque()
@@ -107,9 +117,15 @@ class FeedbackWorker:
 
     # -- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
+        """The dead-letter producer first (kafka-python's waits for the broker and raises
+        if it is down: retried by `run`), then the group member, so a failed try leaves
+        no consumer behind."""
         from flywheel.kafka_security import kafka_python_options
 
         f, k = self.feedback, self.kafka
+        self.writer.dead_letters = DeadLetterWriter(
+            self._bootstrap, k.topic_deadletter, **kafka_python_options(k)
+        )
         self._consumer = KafkaBatchConsumer(
             f,
             k,
@@ -120,9 +136,7 @@ class FeedbackWorker:
             align=(k.topic_predictions, k.topic_corrections),
             max_hold_s=f.feedback_align_hold_s,
             max_held=10 * f.feedback_max_records,
-        )
-        self.writer.dead_letters = DeadLetterWriter(
-            self._bootstrap, k.topic_deadletter, **kafka_python_options(k)
+            status=self.status,
         )
 
     def run(
@@ -130,9 +144,24 @@ class FeedbackWorker:
     ) -> WorkerStats:
         """Consume until `stop` is set; leaves the group cleanly so partitions move on.
 
-        `on_batch` is called after each batch's offsets are committed.
+        `on_batch` is called after each batch's offsets are committed. A store or broker
+        outage is waited out (see `flywheel.feedback.writer`); stopped during one, the
+        worker returns without committing what is not stored (it is replayed).
         """
-        self._connect()
+        self.writer.stop = stop
+        try:
+            retry_call(
+                self._connect,
+                dependency="kafka",
+                policy=self.writer.policy,
+                status=self.status,
+                stop=stop,
+                what="connecting the worker",
+            )
+        except Exception as exc:
+            if stop.is_set() and transient(exc):  # stopped while the broker was down
+                return self.stats
+            raise
         assert self._consumer is not None
         self._on_batch = on_batch
         if self.keys is not None:
@@ -143,6 +172,7 @@ class FeedbackWorker:
         self._store_thread.start()
         max_records = self.feedback.feedback_max_records
         failed = True
+        self.running.set()
         try:
             while not stop.is_set():
                 self._commit_done()
@@ -159,7 +189,14 @@ class FeedbackWorker:
             self._drain()
             self._consumer.settle()  # the commits sent without waiting, waited for
             failed = False
+        except Exception as exc:
+            if not (stop.is_set() and transient(exc)):
+                raise
+            log.warning(
+                "stopped while a dependency is down (%s); what is not stored is replayed", exc
+            )
         finally:
+            self.running.clear()
             self._stop_store_thread(wait=not failed)
             if not failed:
                 self._consumer.close()  # revokes: nothing is in flight, nothing to wait for

@@ -1,6 +1,11 @@
 """The feedback worker's store side: one transaction per batch, the poison-record search,
 the sweep, and retries when the database says try again.
 
+A store that is down or busy is retried with `flywheel.retry`'s backoff for as long as it
+is down (the worker used to give up after 1.5 s and exit: PostgreSQL down 22 s cost both
+workers a restart); the worker's `DependencyStatus` says "store" is down meanwhile. A
+refusal no retry fixes (credentials, a schema this code does not fit) raises `Fatal`.
+
 Runs on the worker's store thread (`flywheel.feedback.worker` runs the Kafka side). In
 ONE transaction a batch's valid records are written, every correction that can be joined
 is joined, the pairs are analyzed and their examples written; the dead letters are then
@@ -12,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +24,6 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from flywheel.events import CorrectionEvent, PredictionEvent, utcnow
@@ -31,12 +34,12 @@ from flywheel.feedback.messages import Rejected
 from flywheel.feedback.observer import TimedAnalysis, WorkerObserver, WorkerStep
 from flywheel.feedback.plan import Applied, NotNew, Plan, apply
 from flywheel.feedback.prediction_cache import PredictionCache
+from flywheel.retry import Backoff, DependencyStatus, Fatal, fatal_reason, transient
 from flywheel.settings import FeedbackSettings
 from flywheel.store import Example, insert_ignoring_duplicates, session_factory
 
 log = logging.getLogger(__name__)
 Event = PredictionEvent | CorrectionEvent
-RETRIES = 5
 T = TypeVar("T")
 
 
@@ -120,6 +123,10 @@ class StoreWriter:
         self._step = observer.step
         self._release = release
         self.dead_letters: DeadLetterWriter | None = None
+        # how a store outage is waited out; the worker sets `stop` when it runs
+        self.policy = Backoff()
+        self.status = DependencyStatus()
+        self.stop = threading.Event()
 
     def store_batch(self, batch: Batch) -> None:
         """Write one polled batch: whole if the store takes it, else record by record."""
@@ -128,9 +135,9 @@ class StoreWriter:
             try:
                 rejected += self._store([e for _, e in batch.events], batch.stored, batch.plan)
                 batch.whole = True
-            except OperationalError:
-                raise  # the store is down or busy beyond retries: not the records' fault
             except Exception as exc:
+                if _store_fault(exc):
+                    raise  # the store is down (the worker stops) or refuses us: not the records'
                 rejected += self._store_one_by_one(batch.events, exc, batch.stored)
             conflicts = _conflict_letters(batch)
             if conflicts:  # a plan relying on this batch's predictions must not trust them
@@ -201,9 +208,9 @@ class StoreWriter:
         for message, event in events:
             try:
                 rejected += self._store([event], results)
-            except OperationalError:
-                raise
             except Exception as exc:
+                if _store_fault(exc):
+                    raise
                 failed += 1
                 detail = str(exc).splitlines()[0][:300] if str(exc) else ""
                 rejected.append(
@@ -256,9 +263,9 @@ class StoreWriter:
 
         try:
             stored, examples, released, expired, unusable = self.in_transaction(work)
-        except OperationalError:
-            raise
-        except Exception:  # a pair the analysis cannot handle: keep consuming, retry later
+        except Exception as exc:  # a pair the analysis cannot handle: keep consuming, retry later
+            if _store_fault(exc):
+                raise
             self.stats.sweep_failures += 1
             log.exception("sweep failed; the pending joins stay pending and are retried")
             return []
@@ -270,16 +277,43 @@ class StoreWriter:
         return [stored]
 
     def in_transaction(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in one transaction; retry when the database says try again."""
+        """Run `work` in one transaction; while the database says try again (busy, a
+        serialization failure, down) retry with `policy`'s backoff, for as long as it
+        takes. `Fatal` on a refusal no retry fixes; if `stop` is set while waiting, the
+        last error is raised (the batch stays uncommitted and is replayed)."""
         with self._step(WorkerStep.TRANSACTION):
-            for attempt in range(1, RETRIES + 1):
+            attempt = 0
+            while True:
                 try:
                     with self._sessions.begin() as session:
-                        return work(session)
-                except OperationalError as exc:  # SQLite busy, PostgreSQL serialization, ...
-                    if attempt == RETRIES:
+                        result = work(session)
+                # SQLite busy, PostgreSQL down, ...: SQLAlchemy's errors, and psycopg's own
+                # from the COPY path, which uses the driver connection directly
+                except Exception as exc:
+                    reason = fatal_reason(exc)
+                    if reason is not None:
+                        raise Fatal(f"store: {reason}") from exc
+                    if not transient(exc):
                         raise
+                    if attempt >= 3:  # a few quick retries are a busy store, not an outage
+                        self.status.down("store", exc)
+                    pause = self.policy.delay(attempt)
+                    attempt += 1
                     self.stats.retries += 1
-                    log.warning("store busy (%s); retry %d", exc.orig, attempt)
-                    time.sleep(0.05 * 2**attempt)
-            raise AssertionError("unreachable")
+                    log.warning(
+                        "store unavailable (%s); retry %d in %.2f s",
+                        getattr(exc, "orig", None) or exc,
+                        attempt,
+                        pause,
+                    )
+                    if self.stop.wait(pause):
+                        raise
+                    continue
+                self.status.up("store")
+                return result
+
+
+def _store_fault(exc: BaseException) -> bool:
+    """The store failed, not the records: it is down (the worker is stopping while it waits)
+    or refuses us. Such a batch is never searched for a poison record or dead-lettered."""
+    return isinstance(exc, Fatal) or transient(exc)

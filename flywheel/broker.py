@@ -264,6 +264,11 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (fault tests pause it with SIGSTOP)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def start(
         self, topics: list[str] | None = None, partitions: int = 3, timeout_s: float = 20.0
     ) -> EmbeddedBroker:

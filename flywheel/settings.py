@@ -378,6 +378,30 @@ class _ServiceFields(_Fields):
         return value
 
 
+class _RetryFields(_Fields):
+    """How every process waits out a store, broker or registry that is down (flywheel.retry)."""
+
+    retry_initial_s: float = Field(
+        0.2, gt=0, le=60, description="First pause before retrying a dependency that is down."
+    )
+    retry_max_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Cap of the doubling pause between retries; processes retry for as long "
+        "as the dependency is down.",
+    )
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> Self:
+        if self.retry_initial_s > self.retry_max_s:
+            raise ValueError(
+                f"FLYWHEEL_RETRY_INITIAL_S ({self.retry_initial_s}) is above "
+                f"FLYWHEEL_RETRY_MAX_S ({self.retry_max_s})"
+            )
+        return self
+
+
 class _AccessFields(_Fields):
     """App keys (`flywheel apps`): whether every write path needs one, and how long a
     verified key is trusted before the store is asked again."""
@@ -437,10 +461,12 @@ class _FeedbackFields(_Fields):
         "flywheel-feedback", min_length=1, description="Consumer group the feedback workers share."
     )
     feedback_session_timeout_ms: int = Field(
-        10_000,
+        6000,
         ge=1000,
         le=300_000,
-        description="Consumer session timeout; Tansu completes a join after about half.",
+        description="Consumer session timeout (the lowest a stock Kafka broker accepts: its "
+        "group.min.session.timeout.ms); after a broker pause the group reads again in about "
+        "twice this. Tansu completes a join after about half.",
     )
     feedback_max_records: int = Field(
         2000, ge=1, le=100_000, description="Records per poll, one store transaction."
@@ -798,6 +824,12 @@ class ServiceSettings(_ServiceFields):
     model_config = _GROUP_CONFIG
 
 
+class RetrySettings(_RetryFields):
+    """`retry_*`: the backoff of every process's dependency retries."""
+
+    model_config = _GROUP_CONFIG
+
+
 class AccessSettings(_AccessFields):
     """`auth`, `auth_cache_ttl_s`."""
 
@@ -855,6 +887,7 @@ GROUPS: dict[str, type[BaseModel]] = {
     "learner": LearnerSettings,
     "privacy": PrivacySettings,
     "federated": FederatedSettings,
+    "retry": RetrySettings,
 }
 """Property name on `Settings` -> group; every flat setting is in exactly one (a test checks)."""
 
@@ -864,6 +897,7 @@ _G = TypeVar("_G", bound=BaseModel)
 # pydantic collects fields from the last base to the first: listed in reverse, so that the
 # fields (model_dump, the schema) read in the order of the groups above
 class Settings(
+    _RetryFields,
     _FederatedFields,
     _PrivacyFields,
     _LearnerFields,
@@ -938,6 +972,10 @@ class Settings(
     @cached_property
     def federated(self) -> FederatedSettings:
         return self._group(FederatedSettings)
+
+    @cached_property
+    def retry(self) -> RetrySettings:
+        return self._group(RetrySettings)
 
 
 def known_variables() -> set[str]:

@@ -18,6 +18,7 @@ from flywheel.settings import (
     LearnerSettings,
     PrivacySettings,
     RegistrySettings,
+    RetrySettings,
     Settings,
     StateSettings,
     TrustedSettings,
@@ -36,6 +37,7 @@ class LearnerConfig:
     registry: RegistrySettings
     state: StateSettings
     kafka: KafkaSettings
+    retry: RetrySettings  # how failed steps wait out the store or registry
     serve_precision: str  # FLYWHEEL_SERVE_PRECISION, a service setting
 
     @classmethod

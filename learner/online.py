@@ -39,6 +39,7 @@ from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import ModelVersion, Registry, parse_version
+from flywheel.retry import Backoff, DependencyStatus, Fatal, dependency_of, fatal_reason, transient
 from flywheel.store import LeaseLost, TrustedData, positions, require_trusted
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,11 @@ class OnlineLearner:
             renew_s=config.learner.learn_lease_renew_s,
         )
         self.stop_event = threading.Event()  # set: the step in progress is abandoned
+        # a failed step is retried with the shared backoff (flywheel.retry); the gauge
+        # flywheel_dependency_up says which dependency it waits for
+        self.dependencies = DependencyStatus(("store", "registry"))
+        self._policy = Backoff.of(config.retry)
+        self._failures = 0
 
     # ---- start and recovery -------------------------------------------------------------
     def start(self) -> None:
@@ -616,13 +622,37 @@ class OnlineLearner:
                     log.warning("learner %s goes back to standby: %s", self.lineage, exc)
                     self.lease.drop()
                     continue
-                except Exception:
-                    log.exception("learner step failed; retrying")
+                except Exception as exc:
                     self._started = False  # reload state: nothing of the failed step was saved
-                    stop.wait(max(self.config.learner.learn_poll_s, 2.0))
+                    stop.wait(self.failure_pause(exc))
                     continue
+                self.recovered()
                 if candidate is None:
                     stop.wait(self.config.learner.learn_poll_s)
         finally:
             self.lease.release()
             self._started = False
+
+    def failure_pause(self, exc: Exception) -> float:
+        """How long to wait before retrying a failed step: the shared backoff
+        (FLYWHEEL_RETRY_*), doubling per failure in a row up to its cap. An outage marks
+        its dependency down; `Fatal` for a refusal no retry fixes (credentials, schema)."""
+        reason = fatal_reason(exc)
+        if reason is not None:
+            raise Fatal(f"learner: {reason}") from exc
+        pause = self._policy.delay(self._failures)
+        self._failures += 1
+        if transient(exc):
+            name = dependency_of(exc)
+            self.dependencies.down(name, exc)
+            log.warning("learner step: %s unavailable (%s); retry in %.1f s", name, exc, pause)
+        else:
+            log.exception("learner step failed; retrying in %.1f s", pause, exc_info=exc)
+        return pause
+
+    def recovered(self) -> None:
+        """A step succeeded: every dependency answered, the backoff starts over."""
+        self._failures = 0
+        for name, up in self.dependencies.states().items():
+            if not up:
+                self.dependencies.up(name)

@@ -1,16 +1,25 @@
 """The FastAPI app: predict, corrections, model info, health, metrics, review and the Open
 Inference Protocol (`/v2`), assembled from the routers in `flywheel.service.routes` around
-one `ServiceState`; its OpenAPI document describes the served champion's features."""
+one `ServiceState`; its OpenAPI document describes the served champion's features.
+
+Start-up never waits on the registry: if the first load of the champion fails because
+MLflow or the store is down, the app starts anyway, answers 503 on /readyz (naming what is
+down) and on predictions, and keeps loading in the background with `flywheel.retry`'s
+backoff (FLYWHEEL_RETRY_*) until it succeeds; the follower starts after that load. A
+refusal no retry fixes (credentials, a store schema this code does not fit) still ends
+start-up with its reason."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+from flywheel.retry import Backoff, Fatal, fatal_reason, retry_call, transient
 from flywheel.service.auth import AppKeys, auth_openapi, engine_of
 from flywheel.service.backends import SharedRegistry, SharedStore
 from flywheel.service.batching import BatchCollector, PredictBatcher
@@ -19,6 +28,7 @@ from flywheel.service.errors import BodySizeLimit, install_error_handlers
 from flywheel.service.event_log import EventLog
 from flywheel.service.loading import load_champion
 from flywheel.service.metrics import (
+    DependencyCollector,
     EventLogCollector,
     FollowerCollector,
     RequestMetrics,
@@ -67,6 +77,44 @@ def create_app(
         event_log=event_log,
     )
 
+    stopping = threading.Event()  # ends a background first load at shutdown
+
+    def start_following() -> None:
+        state.follower = ModelFollower(
+            config.kafka,
+            config.registry,
+            config.service,
+            state.holder,
+            registry=state.registry,
+            status=state.dependencies,
+        ).start()
+
+    def load_in_background(follow: bool) -> threading.Thread:
+        """Retry the first load until the registry answers; then follow it."""
+
+        def run() -> None:
+            try:
+                served = retry_call(
+                    lambda: load_champion(state.registry(), config.trusted, config.service),
+                    dependency="registry",
+                    policy=Backoff.of(config.retry),
+                    status=state.dependencies,
+                    stop=stopping,
+                    what="loading the champion",
+                )
+            except Exception as exc:
+                if not stopping.is_set():
+                    log.critical("no model can be loaded (%s); /readyz stays 503", exc)
+                return
+            state.holder.swap(served)
+            log.info("serving %s v%s", served.name, served.version)
+            if follow and not stopping.is_set():
+                start_following()
+
+        thread = threading.Thread(target=run, name="flywheel-first-load", daemon=True)
+        thread.start()
+        return thread
+
     keys = None
     if config.access.auth == "on":
         from flywheel.store import KeyBook
@@ -87,16 +135,33 @@ def create_app(
             # request left its imports and engine to every later full GC pass
             if state.store()[0] is None:
                 log.warning("app keys cannot be checked yet: %s", state.store()[1])
-        from_registry = False
-        if not state.holder.ready:
-            if load_model is None:
+        from_registry = not state.holder.ready and load_model is None
+        follow = from_registry if follow_registry is None else follow_registry
+        loader: threading.Thread | None = None
+        if from_registry:
+            try:
                 served = load_champion(state.registry(), config.trusted, config.service)
-                from_registry = True
+            except Exception as exc:
+                reason = fatal_reason(exc)
+                if reason is not None:
+                    raise Fatal(f"registry: {reason}") from exc
+                if not transient(exc):
+                    raise
+                log.warning(
+                    "the champion cannot be loaded yet (%s); answering 503 until it can",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                state.dependencies.down("registry", exc)
+                loader = load_in_background(follow)
             else:
-                served = load_model(config)
+                state.dependencies.up("registry")
+                state.holder.swap(served)
+                log.info("serving %s v%s", served.name, served.version)
+        elif not state.holder.ready:
+            assert load_model is not None
+            served = load_model(config)
             state.holder.swap(served)
             log.info("serving %s v%s", served.name, served.version)
-        follow = from_registry if follow_registry is None else follow_registry
         if state.event_log is None:
             from flywheel.service.logging_setup import kafka_event_log
 
@@ -104,16 +169,17 @@ def create_app(
         el = state.event_log
         if not el.running:
             el.start()
-        if follow:  # after the first load, so startup never races it
-            state.follower = ModelFollower(
-                config.kafka, config.registry, config.service, state.holder, registry=state.registry
-            ).start()
+        if follow and loader is None:  # after the first load, so startup never races it
+            start_following()
         from flywheel.gc_freeze import freeze_after_startup
 
         freeze_after_startup()  # full GC passes skip startup objects (docs/serving.md)
         try:
             yield
         finally:
+            stopping.set()
+            if loader is not None:
+                loader.join(10.0)
             if state.follower is not None:
                 state.follower.stop()
             if keys is not None:
@@ -141,6 +207,7 @@ def create_app(
     m.spooled.set_function(lambda: state.event_log.spool.pending if state.event_log else 0)
     m.registry.register(EventLogCollector(lambda: state.event_log))
     m.registry.register(FollowerCollector(lambda: state.follower.stats if state.follower else None))
+    m.registry.register(DependencyCollector(state.dependencies, lambda: state.event_log))
     # dynamic batching (docs/serving.md): one forward pass for concurrent requests
     if config.service.dynamic_batching:
         state.batcher = PredictBatcher(config.service)

@@ -18,6 +18,7 @@ from flywheel.settings import (
     GateSettings,
     KafkaSettings,
     RegistrySettings,
+    RetrySettings,
     ServiceSettings,
     Settings,
     StateSettings,
@@ -38,6 +39,7 @@ class ServiceConfig:
     trusted: TrustedSettings
     gate: GateSettings
     access: AccessSettings
+    retry: RetrySettings  # how a first load waits out the registry (flywheel.retry)
 
     @classmethod
     def of(cls, settings: Settings) -> ServiceConfig:

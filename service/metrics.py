@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flywheel.retry import DependencyStatus
+
 if TYPE_CHECKING:
     from flywheel.service.event_log import EventLog
     from flywheel.service.model_follower import FollowerStats
@@ -181,6 +183,27 @@ class RequestMetrics:
         finally:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
             self.metrics.requests.labels(route, str(status)).inc()
+
+
+class DependencyCollector:
+    """`flywheel_dependency_up{dependency=...}`: the registry as the first load and the
+    follower last saw it, Kafka as the prediction log sees it (read at scrape time)."""
+
+    def __init__(self, status: DependencyStatus, event_log: Callable[[], EventLog | None]):
+        self._status = status
+        self._event_log = event_log
+
+    def collect(self) -> Iterator[Metric]:
+        refresh_kafka(self._status, self._event_log())
+        yield from self._status.collect()
+
+
+def refresh_kafka(status: DependencyStatus, event_log: EventLog | None) -> None:
+    """Copy the prediction log's view of the broker into `status` ("kafka")."""
+    if event_log is None or event_log.connected:
+        status.up("kafka")
+    else:
+        status.down("kafka", "the prediction log cannot reach Kafka (records are spooled)")
 
 
 class EventLogCollector:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flywheel.events import ModelEvent
+from flywheel.retry import DependencyStatus
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.settings import KafkaSettings, RegistrySettings, ServiceSettings
 
@@ -74,18 +75,21 @@ class ModelFollower:
         *,
         registry: Callable[[], ChampionSource],
         listen: bool | None = None,
+        status: DependencyStatus | None = None,
     ) -> None:
         """Follows `followed`'s model (polled every `registry_poll_s`), listening on `kafka`'s
         model-events topic, and serves at `service`'s `serve_precision`.
 
         `registry` gives the champion source; it is first called on the worker thread, so
         opening the process's shared `Registry` (importing MLflow) never delays startup.
-        `listen` consumes model events (default: when Kafka is configured)."""
+        `listen` consumes model events (default: when Kafka is configured). `status` hears
+        whether the registry answered the last check ("registry")."""
         self.kafka = kafka
         self.followed = followed
         self.precision = service.serve_precision
         self.holder = holder
         self.stats = FollowerStats()
+        self.status = status or DependencyStatus()
         self._registry_factory = registry
         self._registry: ChampionSource | None = None
         self._refused: ModelVersion | None = None  # the version refused last (logged once)
@@ -171,12 +175,14 @@ class ModelFollower:
         except Exception as exc:
             self.stats.registry_errors += 1
             self.stats.last_error = f"registry: {exc}"
+            self.status.down("registry", exc)
             log.warning(
                 "could not read the champion alias (%s); still serving %s",
                 exc,
                 self._served_version(),
             )
             return None
+        self.status.up("registry")
         served = self._served_version()
         if target is None or target == served or target == self._refused:
             return None

@@ -8,11 +8,12 @@ state by setting `app.state.service`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from flywheel.retry import DependencyStatus
 from flywheel.service.backends import SharedRegistry, SharedStore
 from flywheel.service.batching import PredictBatcher
 from flywheel.service.config import ServiceConfig
@@ -28,7 +29,8 @@ class ServiceState:
     """The settings groups, the served model, the prediction log, the registry and the metrics.
 
     `event_log` and `follower` are filled in at startup (the app's lifespan); `batcher` is
-    set when FLYWHEEL_DYNAMIC_BATCHING is on."""
+    set when FLYWHEEL_DYNAMIC_BATCHING is on; `dependencies` says which of the registry and
+    Kafka the service cannot reach now."""
 
     config: ServiceConfig
     holder: ModelHolder
@@ -38,6 +40,10 @@ class ServiceState:
     event_log: EventLog | None = None
     follower: ModelFollower | None = None
     batcher: PredictBatcher | None = None
+    # what /readyz and flywheel_dependency_up report: the registry (first load, follower)
+    dependencies: DependencyStatus = field(
+        default_factory=lambda: DependencyStatus(("registry", "kafka"))
+    )
 
     def served(self) -> ServedModel:
         """The model snapshot a request works with; 503 while none is loaded yet.

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -16,6 +17,9 @@ feedback_app = typer.Typer(no_args_is_help=False, help=__doc__)
 app.add_typer(feedback_app, name="feedback")
 log = logging.getLogger("flywheel.feedback")
 
+if TYPE_CHECKING:
+    from flywheel.feedback import FeedbackWorker
+
 
 @feedback_app.callback(invoke_without_command=True)
 def run(ctx: typer.Context) -> None:
@@ -23,6 +27,7 @@ def run(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from flywheel.feedback import build_worker, tune_worker_process
+    from flywheel.retry import DependencyStatus, Fatal
     from flywheel.store import NoTrustedData, SchemaNotCurrent
 
     settings = settings_or_exit()
@@ -31,34 +36,58 @@ def run(ctx: typer.Context) -> None:
             "error: set FLYWHEEL_KAFKA_BOOTSTRAP (start one with `flywheel broker`)", err=True
         )
         raise typer.Exit(2)
-    try:
-        worker = build_worker(settings)
-    except (SchemaNotCurrent, NoTrustedData) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if settings.feedback.feedback_metrics_port:
-        from flywheel.feedback import FeedbackCollector, serve_metrics
-        from flywheel.store import make_engine
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    status = DependencyStatus(("store", "kafka", "registry"))
+    built: list[FeedbackWorker] = []  # the worker, once start-up has built it
+    registry = None
+    if settings.feedback.feedback_metrics_port:  # first: it answers (not ready) meanwhile
+        from prometheus_client import CollectorRegistry
 
+        from flywheel.feedback import serve_metrics
+
+        registry = CollectorRegistry()
         serve_metrics(
             settings.feedback.feedback_metrics_port,
+            addr=settings.service.host,
+            registry=registry,
+            status=status,
+            running=lambda: bool(built) and built[0].running.is_set(),
+        )
+    try:
+        worker = build_worker(settings, status=status, stop=stop, prewarm=True)
+    except (SchemaNotCurrent, NoTrustedData, Fatal) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception:
+        if stop.is_set():  # stopped while start-up waited for a dependency
+            log.info("stopped before the worker started")
+            return
+        raise
+    if registry is not None:
+        from flywheel.feedback import FeedbackCollector
+        from flywheel.store import make_engine
+
+        registry.register(
             FeedbackCollector(
                 worker,
                 make_engine(settings.state.resolved_database_url),
                 settings.registry.model_name,
-            ),
-            addr=settings.service.host,
+            )
         )
     tune_worker_process()  # after everything long-lived is loaded
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     log.info(
         "feedback worker in group %s on %s",
         settings.feedback.feedback_group,
         settings.kafka.kafka_bootstrap,
     )
-    stats = worker.run(stop)
+    built.append(worker)
+    try:
+        stats = worker.run(stop)
+    except Fatal as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     log.info("stopped: %s", stats)
 
 

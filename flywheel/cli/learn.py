@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
 
 from flywheel.cli import app, settings_or_exit
 
 log = logging.getLogger("flywheel.learner")
+T = TypeVar("T")
 
 
 @app.command()
@@ -28,32 +31,54 @@ def learn(
     """
     from flywheel.learner import LearnerConfig, OnlineLearner, StepAbandoned
     from flywheel.registry import Registry
+    from flywheel.retry import Backoff, DependencyStatus, Fatal, dependency_of, retry_call
     from flywheel.store import LeaseLost, NoTrustedData, SchemaNotCurrent
 
     settings = settings_or_exit()
+    status = DependencyStatus(("store", "registry"))
+    if settings.learn_metrics_port:  # first: flywheel_dependency_up answers while start-up waits
+        from prometheus_client import REGISTRY, start_http_server
+
+        REGISTRY.register(status)
+        start_http_server(settings.learn_metrics_port, addr=settings.host)  # default registry
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    registry = Registry.of(settings)  # the process's one registry
+    policy = Backoff.of(settings.retry)
+
+    def waiting(fn: Callable[[], T], what: str) -> T:
+        """`fn()`, waiting out a store or registry that is down (flywheel.retry)."""
+        return retry_call(
+            fn, dependency=dependency_of, policy=policy, status=status, stop=stop, what=what
+        )
+
     try:
-        # the process's one registry
-        learner = OnlineLearner(LearnerConfig.of(settings), Registry.of(settings))
-    except SchemaNotCurrent as exc:
+        learner = waiting(
+            lambda: OnlineLearner(LearnerConfig.of(settings), registry), "opening the store"
+        )
+    except (SchemaNotCurrent, Fatal) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except Exception:
+        if stop.is_set():
+            return
+        raise
+    learner.dependencies = status
     learner.stop_event = stop
     if not learner.lease.wait(stop):  # a standby until the lineage's holder is gone
         return
     learner.lease.start_renewing()
     try:
         try:
-            learner.start()
-        except NoTrustedData as exc:
+            waiting(learner.start, "starting the learner")
+        except (NoTrustedData, Fatal) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        if settings.learn_metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(settings.learn_metrics_port, addr=settings.host)  # default registry
+        except Exception:
+            if stop.is_set():
+                return
+            raise
         if once:
             try:
                 candidate = learner.step()
@@ -73,7 +98,11 @@ def learn(
             settings.learn_batch,
             "on" if settings.auto_promote else "off",
         )
-        learner.run(stop)
+        try:
+            learner.run(stop)
+        except Fatal as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
     finally:
         learner.lease.release()
     log.info(

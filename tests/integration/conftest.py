@@ -5,6 +5,7 @@ The broker fixture uses the same `EmbeddedBroker` code as `flywheel broker`.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -108,6 +109,26 @@ def wait_for_lock_wait() -> Callable[..., None]:
         raise AssertionError("the second transaction never waited for the first")
 
     return wait
+
+
+@pytest.fixture()
+def own_postgres() -> Iterator[Any]:
+    """A PostgreSQL server of this test's own (`tests.integration.pg_server.PgServer`),
+    started; the test may kill and restart it. Stopped and deleted after the test. Without
+    initdb: skipped locally, a failure under CI=true."""
+    from .pg_server import PgServer, find_pg_bin
+
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail("initdb/pg_ctl not found: this test starts its own PostgreSQL")
+        pytest.skip("initdb/pg_ctl not found: this test starts its own PostgreSQL")
+    server = PgServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture()

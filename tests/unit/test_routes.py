@@ -110,4 +110,6 @@ def test_the_predict_router_logs_to_the_state_it_is_given(tmp_path):
         "model_version": "7",
         "kafka_connected": True,
         "spooled_records": 0,
+        "dependencies": {"registry": True, "kafka": True},
+        "down": {},
     }
