@@ -122,11 +122,30 @@ def main(
     """Union-holdout accuracy of each strategy with no attacker and with each attacker."""
     import logging
 
+    # quiet while it runs, and as it was after (the smoke test runs it in the test process)
+    quiet = {"flwr": logging.WARNING, "flywheel": logging.ERROR}
+    before = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        _run(sites, rounds, local_steps, seed, strategies, attacks, json_out)
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(
+    sites: int,
+    rounds: int,
+    local_steps: int,
+    seed: int,
+    strategies: str,
+    attacks: str,
+    json_out: bool,
+) -> None:
     from bench._streams import one_thread
     from bench.harness import document, machine, machine_line, now
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    logging.getLogger("flywheel").setLevel(logging.ERROR)
     m, date, started = machine(), now(), time.perf_counter()
     names = [s for s in strategies.split(",") if s]
     kinds = [a for a in attacks.split(",") if a]

@@ -109,10 +109,18 @@ class TLS:
 
 
 def run_server(
-    app: FastAPI, host: str, port: int, access_log: bool = False, tls: TLS | None = None
+    app: FastAPI,
+    host: str,
+    port: int,
+    access_log: bool = False,
+    tls: TLS | None = None,
+    *,
+    configure_logging: bool = True,
 ) -> None:
     """Serve until stopped (over HTTPS only, with `tls`); `StartupFailed` if the app's
-    start-up raised or `tls` names no usable certificate and key."""
+    start-up raised or `tls` names no usable certificate and key. `configure_logging`:
+    uvicorn installs its own log handlers (on the process's stderr as it is then: a test
+    that captures stderr passes False and keeps the logging it has)."""
     if tls is not None:
         tls.check()
     config = uvicorn.Config(
@@ -122,6 +130,7 @@ def run_server(
         log_level="info",
         access_log=access_log,
         workers=1,
+        **({} if configure_logging else {"log_config": None}),  # type: ignore[arg-type]
         **(tls.uvicorn_options() if tls is not None else {}),  # type: ignore[arg-type]
     )
     server = GracefulServer(config)

@@ -174,7 +174,11 @@ def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
 ):
     from playwright.sync_api import expect
 
-    settings = settings.model_copy(update={"admin_token": SecretStr(TOKEN), "auto_promote": False})
+    # the admin token's own rules, as with FLYWHEEL_AUTH=off (as tests/unit/test_review_api.py;
+    # app keys on the page's actions: tests/unit/test_auth.py)
+    settings = settings.model_copy(
+        update={"admin_token": SecretStr(TOKEN), "auto_promote": False, "auth": "off"}
+    )
     registry = _seed(settings)
     with serving(settings) as url:
         assert served(url) == "2"

@@ -1,7 +1,10 @@
 """A service whose start-up fails says so in one line and the command exits non-zero.
 
 uvicorn alone logs the app's traceback and returns normally, so `flywheel serve` exited 0
-when a second replica found its spool locked; a supervisor read that as a clean stop."""
+when a second replica found its spool locked; a supervisor read that as a clean stop.
+
+`configure_logging=False`: uvicorn's own handlers would write to the stderr pytest captures
+for this test and closes after it, and a later log line then killed the whole session."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def test_a_failed_startup_is_raised_with_its_last_line_and_no_traceback(caplog, 
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.DEBUG, logger="flywheel.service.server")
     with pytest.raises(StartupFailed) as failed:
-        run_server(_app_whose_startup_raises(), "127.0.0.1", 0)
+        run_server(_app_whose_startup_raises(), "127.0.0.1", 0, configure_logging=False)
     assert "SpoolLocked: spool /x/spool is in use by another process" in str(failed.value)
     shown = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert not any("Traceback" in r.getMessage() or r.exc_info for r in shown)
@@ -39,5 +42,5 @@ def test_a_failed_startup_is_raised_with_its_last_line_and_no_traceback(caplog, 
 
 def test_the_filter_is_removed_after_the_run():
     with pytest.raises(StartupFailed):
-        run_server(_app_whose_startup_raises(), "127.0.0.1", 0)
+        run_server(_app_whose_startup_raises(), "127.0.0.1", 0, configure_logging=False)
     assert logging.getLogger("uvicorn.error").filters == []
