@@ -28,15 +28,17 @@ from flywheel.settings import LearnerSettings
 
 DPEngine = Literal["opacus", "fused", "auto"]
 # Share of the usual public replay (`replay` rows per new one) a DP update keeps after an
-# error drift: a tenth while the boost lasts, half once it has settled (as the
+# error drift: a quarter while the boost lasts, half once it has settled (as the
 # non-private learner's public half). The public rows are noise-free, so they outweigh
 # the private ones, and they teach the old concept. `privacy --defaults`, 2 seeds, gap in
 # points at 0.5 / 0.25 / 0.1 / none while boosted: Agrawal 12.6 / 10.2 / 9.3 / 8.7, Mixed
 # reversals 18.3 / 2.7 / 1.3 / 2.7, Sine reversals 9.1 / -2.6 / -3.4 / -1.9. None fails
 # `flywheel demo`: its gate then rejects every candidate (trusted holdout 0.67-0.77
 # against the champion's 0.96; the demo's new concept half-overlaps the trusted one,
-# which stays right); 0.1 passes it.
-DRIFT_PUBLIC_SHARE = 0.1
+# which stays right). 0.1 failed it once in CI (candidates at 0.92 against 0.96 on the
+# trusted holdout, all rejected until the end: no promotion), 0.25 kept 9 promotions and
+# 0.74 settled accuracy in each run after; the price is Agrawal at 10.2 instead of 9.3.
+DRIFT_PUBLIC_SHARE = 0.25
 SETTLED_PUBLIC_SHARE = 0.5
 _DP_ENGINES: dict[str, DPEngine] = {"opacus": "opacus", "fused": "fused", "auto": "auto"}
 

@@ -22,9 +22,10 @@ BATCH = 100  # the product's default update size
 BEFORE, AFTER = 2, 12  # updates on the seed concept, then on its reversal
 RESTART = BEFORE + 3  # the learner restarts after this update, while the boost lasts
 # Accuracy on the reversed concept after AFTER updates, chance 1/3. Measured (this test,
-# the product's DP defaults, 2-core machine): 0.41 with the drift response under DP; 0.03
+# the product's DP defaults, 2-core machine): 0.29 with the drift response under DP (0.41
+# with a tenth of the public replay while boosted, 0.71 with none); 0.03
 # with the code before it (each private example used once, the public seed replayed at 2
-# rows per new one): it kept the old concept. The public seed rows, replayed at 0.1 of
+# rows per new one): it kept the old concept. The public seed rows, replayed at 0.25 of
 # the usual while boosted (trainer.DRIFT_PUBLIC_SHARE), are this reversal's old labels
 # in the same region: with none of them 0.71, but `flywheel demo`'s gate then rejects
 # every candidate (docs/benchmarks.md#privacy---defaults).
