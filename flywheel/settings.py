@@ -571,6 +571,12 @@ class _LearnerFields(_Fields):
         description="After an error drift, replay only examples since the change "
         "(half of it: the trusted seed data).",
     )
+    learn_background: bool = Field(
+        True,
+        description="On a drift warning, train a background model on the examples since "
+        "the warning only, and let it replace the learner's line when it beats it on the "
+        "rows that came after (non-private updates; see learner/background.py).",
+    )
     learn_poll_s: float = Field(
         1.0, gt=0, le=3600, description="Learner checks for new examples this often."
     )

@@ -215,8 +215,10 @@ class OnlineLearner:
             self._shadow = trainer
             # DP steps are bounded by clipping and tuned with their own base rate (noise
             # needs more): FLYWHEEL_LEARN_MAX_LR caps the non-private rate only
+            # no background line under DP: it would be a second private use of every
+            # example, which the budget does not plan for (docs/learner.md)
             dp_config = dataclasses.replace(
-                trainer.config, lr=c.privacy.privacy_learn_lr, max_lr=None
+                trainer.config, lr=c.privacy.privacy_learn_lr, max_lr=None, background=None
             )
             trainer = OnlineTrainer(
                 loaded.module,
@@ -414,7 +416,15 @@ class OnlineLearner:
         for i in range(0, len(used), n):
             x, y, w = as_arrays(used[i : i + n], self._labels)
             if len(y):
-                lr = trainer.update(x, y, w).lr
+                stats = trainer.update(x, y, w)
+                lr = stats.lr
+                win = trainer.background.last_win if trainer.background else None
+                if stats.replaced and win is not None:
+                    log.info(
+                        "a background model trained since a drift warning replaced the "
+                        "line: it beat it on %d new rows at McNemar z %.1f",
+                        *win,
+                    )
         return lr
 
     def _sync_base(self) -> ModelVersion:
