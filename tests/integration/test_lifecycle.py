@@ -397,3 +397,25 @@ def test_cli_maintain_and_sizes(db_url: str, tmp_path: Path) -> None:
         assert sizes["predictions"].partitions >= 4 and (sizes["predictions"].bytes or 0) > 0
     else:
         assert sizes["predictions"].rows == 1
+
+
+def test_a_forged_prediction_under_a_stored_id_joins_once(pg_url: str) -> None:
+    """The one case the key (id, created_at) lets through: another event under a stored id
+    with another timestamp (not a redelivery: ids are minted once, with their time). It is
+    stored beside the first, in its own day's partition; a correction of that id still
+    joins exactly once (the correction's status change decides), with the newest row."""
+    upgrade(pg_url)
+    t0 = _noon_today()
+    _write(pg_url, [_prediction("p", t0)])
+    forged = _prediction("p", t0 + timedelta(days=1)).model_copy(update={"label": "b"})
+    _write(pg_url, [forged])
+    assert len(_where(pg_url)) == 1  # one id...
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(Prediction)).scalar_one() == 2
+    finally:
+        engine.dispose()
+    first = _write(pg_url, corrections=[_correction("c", "p", t0)])
+    again = _write(pg_url, corrections=[_correction("c", "p", t0)])
+    assert [p.predicted for p in first.pairs] == ["b"] and again.pairs == []
