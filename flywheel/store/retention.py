@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, Engine, delete, update
+from sqlalchemy import ColumnElement, Engine, delete, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAINTENANCE_LEASE = "flywheel:store-maintenance"  # ':' is in no model name (a lineage)
-DAY_S = 86_400.0
+LOCK_WAIT_S = 5.0  # longest a partition change waits for its table (see _bounded_lock_wait)
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,13 @@ def _ago(now: datetime, seconds: float) -> datetime:
     return now - timedelta(seconds=seconds)
 
 
+def _bounded_lock_wait(session: Session) -> None:
+    """A partition's DETACH/ATTACH needs its table to itself for a moment; while it waits
+    for a long transaction, every write queues behind it. Past LOCK_WAIT the run fails
+    (tried again at the next interval) instead of stalling the workers' writes longer."""
+    session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_S * 1000:.0f}ms'"))
+
+
 def apply_retention(
     sessions: sessionmaker[Session], policy: RetentionPolicy, now: datetime
 ) -> MaintenanceReport:
@@ -133,12 +140,14 @@ def apply_retention(
     today = now.astimezone(UTC).date()
     for table in sorted(partitioned):
         with sessions.begin() as session:
+            _bounded_lock_wait(session)
             report.created += ensure_partitions(
                 session, table, today + timedelta(days=policy.partitions_ahead)
             )
     cutoff = _ago(now, policy.predictions_s)
     with sessions.begin() as session:
         if "predictions" in partitioned:
+            _bounded_lock_wait(session)
             dropped, rows = drop_partitions_before(session, "predictions", cutoff)
             report.dropped += dropped
         else:
