@@ -29,6 +29,7 @@ BENCHMARKS = (
     "init",
     "rejoin",
     "startup",
+    "storage",
 )
 
 app = typer.Typer(

@@ -254,10 +254,36 @@ def _stored_content(session: Session, kind: type, ids: list[str]) -> dict[str, d
     return out
 
 
+# The newest row of each id (there is one: see flywheel.store.partitions): on the table
+# partitioned by day, an ordered Append over the partitions' (id, created_at) keys, newest
+# first, that stops at the first hit, instead of probing every partition for every id.
+_LOOKUP_PG = (
+    "SELECT p.id, p.model_name, p.model_version, p.features, p.probabilities, p.label"
+    " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid) CROSS JOIN LATERAL"
+    " (SELECT id, model_name, model_version, features, probabilities, label FROM predictions"
+    " WHERE id = i.pid ORDER BY created_at DESC LIMIT 1) AS p"
+)
+
+
 def lookup_predictions(session: Session, ids: Iterable[str]) -> dict[str, KnownPrediction]:
-    """Stored predictions by id (those that exist)."""
+    """Stored predictions by id (those that exist).
+
+    PostgreSQL: one statement for all the ids, the newest row of each, never prepared (as
+    `_claim_postgresql`). An `IN (...)` list on the partitioned table was planned as a scan
+    of every partition for every id: `bench storage` joined 0.33x as fast at the end of a
+    month of 1 M predictions as after its first day."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    if session.get_bind().dialect.name == "postgresql":
+        cursor = driver_connection(session).cursor()
+        try:
+            cursor.execute(_LOOKUP_PG, {"ids": orjson.dumps(wanted).decode()}, prepare=False)
+            return {r[0]: KnownPrediction(*r[1:]) for r in cursor.fetchall()}
+        finally:
+            cursor.close()
     out = {}
-    for chunk in _chunks(sorted(set(ids))):
+    for chunk in _chunks(wanted):
         for row in session.execute(
             select(
                 Prediction.id,

@@ -506,6 +506,66 @@ class _FeedbackFields(_Fields):
         le=TEN_YEARS_S,
         description="The window of that budget (counted in whole minutes).",
     )
+    retention_predictions_s: float = Field(
+        8 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Predictions are kept this long after their timestamp, then dropped "
+        "(PostgreSQL: whole days, so up to a day longer); a correction arriving later finds "
+        "no prediction and expires. At least FLYWHEEL_CORRECTION_EXPIRY_S (default: it plus "
+        "a day).",
+    )
+    retention_corrections_s: float = Field(
+        30 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Joined and expired corrections are kept this long after their timestamp "
+        "(pending ones until they expire); more than FLYWHEEL_CORRECTION_EXPIRY_S and longer "
+        "than the corrections topic keeps records, or a redelivered correction joins again.",
+    )
+    retention_examples_s: float = Field(
+        365 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Examples from traffic (corrections, counterexamples, manual) are kept "
+        "this long after they were written; the trusted set's seed examples stay.",
+    )
+    retention_error_counts_s: float = Field(
+        365 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Hourly error counters (the reports' source) are kept this long.",
+    )
+    retention_partitions_ahead: int = Field(
+        3,
+        ge=1,
+        le=366,
+        description="Days of prediction partitions (PostgreSQL) created ahead of today.",
+    )
+    retention_every_s: float = Field(
+        3600.0,
+        ge=0,
+        le=TEN_YEARS_S,
+        description="How often one of the feedback workers runs the store's maintenance "
+        "(retention, partitions ahead; `flywheel db maintain` runs it at once); 0: never.",
+    )
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> Self:
+        expiry = self.correction_expiry_s
+        if self.retention_predictions_s < expiry:
+            raise ValueError(
+                f"FLYWHEEL_RETENTION_PREDICTIONS_S ({self.retention_predictions_s:g}) is below "
+                f"FLYWHEEL_CORRECTION_EXPIRY_S ({expiry:g}): predictions would be dropped "
+                "while their corrections may still arrive"
+            )
+        if self.retention_corrections_s <= expiry:
+            raise ValueError(
+                f"FLYWHEEL_RETENTION_CORRECTIONS_S ({self.retention_corrections_s:g}) is not "
+                f"above FLYWHEEL_CORRECTION_EXPIRY_S ({expiry:g}): pending corrections must "
+                "expire before they are deleted"
+            )
+        return self
 
 
 class _GateFields(_Fields):
@@ -850,7 +910,8 @@ class EventLogSettings(_EventLogFields):
 
 
 class FeedbackSettings(_FeedbackFields):
-    """`feedback_*`, `correction_expiry_s`, `holdout_fraction`, `counterexample_*`."""
+    """`feedback_*`, `correction_expiry_s`, `holdout_fraction`, `counterexample_*`,
+    `retention_*`."""
 
     model_config = _GROUP_CONFIG
 

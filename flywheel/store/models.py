@@ -135,7 +135,12 @@ class Base(DeclarativeBase):
 
 
 class Prediction(Base):
-    """One served prediction, as logged on `flywheel.predictions`."""
+    """One served prediction, as logged on `flywheel.predictions`.
+
+    On PostgreSQL the table is partitioned by day of `created_at` (migration 0012) and its
+    primary key is `(id, created_at)`, as a partitioned table's keys must hold the partition
+    key; the mapping keeps `id` alone, what every query looks rows up by. Why ids stay
+    unique and joins exactly-once: `flywheel.store.partitions`."""
 
     __tablename__ = "predictions"
 
