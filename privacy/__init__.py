@@ -1,4 +1,4 @@
-"""Differential privacy: DP-SGD updates, accounting, the ledger and budget enforcement.
+"""Differential privacy: DP-SGD and DP-FTRL updates, accounting, ledger, budget enforcement.
 
 The privacy unit is the source of an example (the client id on a correction). See
 docs/privacy.md for the mechanism, why it is per source, and what the budget means.
@@ -10,9 +10,13 @@ from flywheel.privacy.accounting import (
     dp_accounting_epsilon,
     epsilon,
     noise_for_budget,
+    tree_epsilon_independent,
+    tree_nodes_touched,
+    tree_noise_for_budget,
 )
 from flywheel.privacy.budget import BudgetPlan, BudgetRefused, plan_update
 from flywheel.privacy.config import DPConfig
+from flywheel.privacy.dp_ftrl import ftrl_update
 from flywheel.privacy.dp_sgd import DPStepStats, PrivateBatch, dp_update, resolve_engine
 from flywheel.privacy.ledger import LedgerEntry, PrivacyLedger, SourceSpend
 from flywheel.privacy.metrics import EPSILON, EXCLUDED_SOURCES, REFUSALS
@@ -36,8 +40,12 @@ __all__ = [
     "build_report",
     "dp_update",
     "epsilon",
+    "ftrl_update",
     "noise_for_budget",
     "plan_update",
     "plot_epsilon",
     "resolve_engine",
+    "tree_epsilon_independent",
+    "tree_nodes_touched",
+    "tree_noise_for_budget",
 ]
