@@ -102,6 +102,31 @@ class PrivacyOutcome:
         }
         return out
 
+    def comparison_tags(
+        self, recent: float | None, trusted: float, metrics: dict[str, float]
+    ) -> dict[str, str]:
+        """Version tags: the mechanism, and this candidate against the same run without DP
+        (the learner's non-private shadow, same examples and drift response) on the gate's
+        own holdouts: the cost of privacy, version by version."""
+        assert self.plan is not None
+        tags = {"dp_mechanism": "dp-ftrl" if self.plan.mechanism.kind == "tree" else "dp-sgd"}
+        plain_trusted = metrics.get("nonprivate_trusted_accuracy")
+        if plain_trusted is None:
+            return tags
+        parts = []
+        plain_recent = metrics.get("nonprivate_recent_accuracy", math.nan)
+        if recent is not None and not math.isnan(plain_recent):
+            parts.append(
+                f"recent {recent:.3f} with DP vs {plain_recent:.3f} without "
+                f"({100 * (recent - plain_recent):+.1f} points)"
+            )
+        parts.append(
+            f"trusted {trusted:.3f} with DP vs {plain_trusted:.3f} without "
+            f"({100 * (trusted - plain_trusted):+.1f} points)"
+        )
+        tags["privacy_cost"] = "; ".join(parts)
+        return tags
+
 
 class PrivateStep:
     """Bounds, budgets and records each update of one lineage."""

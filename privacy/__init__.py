@@ -20,6 +20,7 @@ from flywheel.privacy.dp_ftrl import ftrl_update
 from flywheel.privacy.dp_sgd import DPStepStats, PrivateBatch, dp_update, resolve_engine
 from flywheel.privacy.ledger import LedgerEntry, PrivacyLedger, SourceSpend
 from flywheel.privacy.metrics import EPSILON, EXCLUDED_SOURCES, REFUSALS
+from flywheel.privacy.plain_words import epsilon_in_words, posterior_bound
 from flywheel.privacy.report import build_report, plot_epsilon
 
 __all__ = [
@@ -40,10 +41,12 @@ __all__ = [
     "build_report",
     "dp_update",
     "epsilon",
+    "epsilon_in_words",
     "ftrl_update",
     "noise_for_budget",
     "plan_update",
     "plot_epsilon",
+    "posterior_bound",
     "resolve_engine",
     "tree_epsilon_independent",
     "tree_nodes_touched",
