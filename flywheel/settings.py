@@ -718,6 +718,14 @@ class _PrivacyFields(_Fields):
     privacy_engine: Literal["auto", "opacus", "fused"] = Field(
         "auto", description="Per-example clipping: fused kernel, Opacus, or auto."
     )
+    privacy_mechanism: Literal["dp-sgd", "dp-ftrl"] = Field(
+        "dp-sgd",
+        description="DP mechanism of a learner update: DP-SGD (Poisson-sampled sources) or "
+        "DP-FTRL (each row once, in order, tree-aggregated noise; docs/privacy.md).",
+    )
+    privacy_ftrl_lr: float = Field(
+        0.3, gt=0, le=100, description="FTRL step size of DP-FTRL updates (plain SGD scale)."
+    )
 
 
 class _FederatedFields(_Fields):

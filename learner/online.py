@@ -525,6 +525,10 @@ class OnlineLearner:
         }
         if privacy is not None and privacy.ledger_id is not None:
             tags[LEDGER_TAG] = str(privacy.ledger_id)
+        if privacy is not None and privacy.plan is not None:  # DP against the same run without
+            tags |= privacy.comparison_tags(
+                gate.recent_candidate, gate.trusted_candidate, privacy_metrics
+            )
         metrics = {
             **gate.metrics(),
             "lr": lr,
@@ -573,6 +577,7 @@ class OnlineLearner:
             dp_numbers = {
                 "epsilon": privacy.plan.epsilon_lineage,
                 "recent_accuracy": gate.recent_candidate,
+                "trusted_accuracy": gate.trusted_candidate,
                 **{k: v for k, v in privacy_metrics.items() if k.startswith("nonprivate_")},
             }
         candidate = Candidate(

@@ -75,11 +75,12 @@ class PrivacyOutcome:
         m = self.plan.mechanism
         return {
             "dp": True,
+            "dp_mechanism": m.kind,
             "dp_noise_multiplier": m.noise_multiplier,
             "dp_sample_rate": m.sample_rate,
             "dp_steps": m.steps,
             "dp_max_grad_norm": self.config.max_grad_norm,
-            "dp_accountant": self.config.accountant,
+            "dp_accountant": "rdp" if m.kind == "tree" else self.config.accountant,
             "dp_engine": self.engine,
             "dp_budget_epsilon": self.config.epsilon,
             "dp_delta": self.config.delta,
@@ -100,6 +101,31 @@ class PrivacyOutcome:
             "nonprivate_recent_accuracy": accuracy(shadow, recent) if len(recent) else math.nan,
         }
         return out
+
+    def comparison_tags(
+        self, recent: float | None, trusted: float, metrics: dict[str, float]
+    ) -> dict[str, str]:
+        """Version tags: the mechanism, and this candidate against the same run without DP
+        (the learner's non-private shadow, same examples and drift response) on the gate's
+        own holdouts: the cost of privacy, version by version."""
+        assert self.plan is not None
+        tags = {"dp_mechanism": "dp-ftrl" if self.plan.mechanism.kind == "tree" else "dp-sgd"}
+        plain_trusted = metrics.get("nonprivate_trusted_accuracy")
+        if plain_trusted is None:
+            return tags
+        parts = []
+        plain_recent = metrics.get("nonprivate_recent_accuracy", math.nan)
+        if recent is not None and not math.isnan(plain_recent):
+            parts.append(
+                f"recent {recent:.3f} with DP vs {plain_recent:.3f} without "
+                f"({100 * (recent - plain_recent):+.1f} points)"
+            )
+        parts.append(
+            f"trusted {trusted:.3f} with DP vs {plain_trusted:.3f} without "
+            f"({100 * (trusted - plain_trusted):+.1f} points)"
+        )
+        tags["privacy_cost"] = "; ".join(parts)
+        return tags
 
 
 class PrivateStep:
@@ -124,11 +150,13 @@ class PrivateStep:
         self.mechanism = self.config.mechanism(steps)
         self._last_refusal: tuple[str | None, float] = (None, 0.0)
         log.info(
-            "DP-SGD for %s: σ=%.3f, q=%g, %d steps/update, C=%g, budget ε=%g δ=%g (%s)",
+            "%s for %s: σ=%.3f, q=%g, %d %s/update, C=%g, budget ε=%g δ=%g (%s)",
+            "DP-FTRL (tree aggregation)" if self.mechanism.kind == "tree" else "DP-SGD",
             lineage,
             self.mechanism.noise_multiplier,
             self.mechanism.sample_rate,
             self.mechanism.steps,
+            "tree leaves" if self.mechanism.kind == "tree" else "steps",
             self.config.max_grad_norm,
             self.config.epsilon,
             self.config.delta,
@@ -230,7 +258,8 @@ class PrivateStep:
             {
                 "lineage": self.lineage,
                 "update_no": update,
-                "accountant": self.config.accountant,
+                # a tree is accounted by dp-accounting's RDP whatever the setting says
+                "accountant": "rdp" if m.kind == "tree" else self.config.accountant,
                 "engine": engine,
                 "sample_rate": m.sample_rate,
                 "noise_multiplier": m.noise_multiplier,
@@ -244,6 +273,7 @@ class PrivateStep:
                 "public_examples": 0,
                 "capped_examples": capped,
                 "excluded_examples": excluded,
+                "mechanism_kind": m.kind,
             },
             {s: (counts[s], eps) for s, eps in plan.allowed.items()},
             fence=fence,
@@ -280,6 +310,7 @@ class PrivateStep:
             max_grad_norm=self.config.max_grad_norm,
             engine=outcome.engine,
             new=sum(1 for r in rows if r.id not in outcome.reused_ids),
+            ftrl_lr=self.config.ftrl_lr,
         ).lr
 
     def published(

@@ -24,7 +24,7 @@ from torch import nn
 
 from flywheel.learner.background import BackgroundConfig, BackgroundLine
 from flywheel.learner.elastic import ElasticRate
-from flywheel.privacy import Mechanism, PrivateBatch, dp_update
+from flywheel.privacy import Mechanism, PrivateBatch, dp_update, ftrl_update
 from flywheel.settings import LearnerSettings
 
 DPEngine = Literal["opacus", "fused", "auto"]
@@ -278,8 +278,11 @@ class OnlineTrainer:
         max_grad_norm: float,
         engine: str = "auto",
         new: int | None = None,
+        ftrl_lr: float = 0.3,
     ) -> UpdateStats:
-        """One DP-SGD update (see flywheel.privacy.dp_sgd); the caller has accounted for it.
+        """One DP-SGD update (see flywheel.privacy.dp_sgd), or one DP-FTRL tree when the
+        mechanism is a "tree" (flywheel.privacy.dp_ftrl, step size `ftrl_lr` times the
+        elastic boost); the caller has accounted for it.
 
         Replay comes only from the public pool: replaying private examples would put their
         sources into later updates the budget did not plan for (private rows since a change
@@ -311,6 +314,20 @@ class OnlineTrainer:
         lr = self.elastic.step() if self.config.elastic else self.config.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if mechanism.kind == "tree":
+            ftrl_update(
+                self.module,
+                batch,
+                leaves=mechanism.steps,
+                noise_multiplier=mechanism.noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                lr=ftrl_lr * lr / self.config.lr,
+                generator=self.generator,
+                engine=dp_engine(engine),
+                between_steps=self.between_steps,
+            )
+            self.updates += 1
+            return UpdateStats(lr, multiplier, len(y), len(py), math.nan, math.nan, mechanism.steps)
         stats = dp_update(
             self.module,
             self.optimizer,

@@ -1,4 +1,4 @@
-"""Differential privacy: DP-SGD updates, accounting, the ledger and budget enforcement.
+"""Differential privacy: DP-SGD and DP-FTRL updates, accounting, ledger, budget enforcement.
 
 The privacy unit is the source of an example (the client id on a correction). See
 docs/privacy.md for the mechanism, why it is per source, and what the budget means.
@@ -10,12 +10,17 @@ from flywheel.privacy.accounting import (
     dp_accounting_epsilon,
     epsilon,
     noise_for_budget,
+    tree_epsilon_independent,
+    tree_nodes_touched,
+    tree_noise_for_budget,
 )
 from flywheel.privacy.budget import BudgetPlan, BudgetRefused, plan_update
 from flywheel.privacy.config import DPConfig
+from flywheel.privacy.dp_ftrl import ftrl_update
 from flywheel.privacy.dp_sgd import DPStepStats, PrivateBatch, dp_update, resolve_engine
 from flywheel.privacy.ledger import LedgerEntry, PrivacyLedger, SourceSpend
 from flywheel.privacy.metrics import EPSILON, EXCLUDED_SOURCES, REFUSALS
+from flywheel.privacy.plain_words import epsilon_in_words, posterior_bound
 from flywheel.privacy.report import build_report, plot_epsilon
 
 __all__ = [
@@ -36,8 +41,14 @@ __all__ = [
     "build_report",
     "dp_update",
     "epsilon",
+    "epsilon_in_words",
+    "ftrl_update",
     "noise_for_budget",
     "plan_update",
     "plot_epsilon",
+    "posterior_bound",
     "resolve_engine",
+    "tree_epsilon_independent",
+    "tree_nodes_touched",
+    "tree_noise_for_budget",
 ]

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flywheel.privacy.accounting import Accountant, Mechanism, noise_for_budget
+from flywheel.privacy.accounting import (
+    Accountant,
+    Mechanism,
+    noise_for_budget,
+    tree_noise_for_budget,
+)
 from flywheel.settings import PrivacySettings
 
 
@@ -25,6 +30,8 @@ class DPConfig:
     max_per_source: int
     accountant: Accountant
     engine: str
+    mechanism_kind: str  # "dp-sgd" or "dp-ftrl"
+    ftrl_lr: float
 
     @classmethod
     def from_settings(cls, privacy: PrivacySettings) -> DPConfig:
@@ -38,12 +45,19 @@ class DPConfig:
             max_per_source=privacy.privacy_max_per_source,
             accountant=privacy.privacy_accountant,
             engine=privacy.privacy_engine,
+            mechanism_kind=privacy.privacy_mechanism,
+            ftrl_lr=privacy.privacy_ftrl_lr,
         )
 
     def mechanism(self, steps: int) -> Mechanism:
         """The update's mechanism: explicit σ, or the σ that lets a source join
-        `source_updates` updates of `steps` steps within the budget."""
+        `source_updates` updates of `steps` steps within the budget. DP-FTRL: one tree of
+        `steps` leaves per update (no sampling), σ per tree node."""
         sigma = self.noise_multiplier
+        if self.mechanism_kind == "dp-ftrl":
+            if sigma is None:
+                sigma = tree_noise_for_budget(self.epsilon, self.delta, steps, self.source_updates)
+            return Mechanism(1.0, round(float(sigma), 6), steps, "tree")
         if sigma is None:
             sigma = noise_for_budget(
                 self.epsilon,

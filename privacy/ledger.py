@@ -27,7 +27,7 @@ class LedgerEntry(LedgerRow):
 
     @property
     def mechanism(self) -> Mechanism:
-        return Mechanism(self.sample_rate, self.noise_multiplier, self.steps)
+        return Mechanism(self.sample_rate, self.noise_multiplier, self.steps, self.mechanism_kind)
 
     def as_dict(self) -> dict[str, Any]:
         """The row as JSON (`flywheel privacy report --json`): the stored columns, in order."""

@@ -27,6 +27,7 @@ def build_report(
             "update": e.update_no,
             "epsilon": e.epsilon_lineage,
             "epsilon_update": e.epsilon_update,
+            "mechanism": e.mechanism_kind,
             "delta": e.delta,
             "budget_left": max(0.0, budget - e.epsilon_lineage),
             "created_at": e.created_at.isoformat(),

@@ -94,12 +94,13 @@ def _print(doc: dict, plot: Path | None) -> None:
     for col in (
         "update",
         "version",
+        "mechanism",
         "accountant",
         "engine",
         "q",
         "σ",
         "C",
-        "steps",
+        "steps (tree: leaves)",
         "ε",
         "sources",
         "examples",
@@ -111,6 +112,7 @@ def _print(doc: dict, plot: Path | None) -> None:
         ledger.add_row(
             str(e["update"]),
             f"v{e['version']}" if e["version"] else "-",
+            "DP-FTRL tree" if e["mechanism_kind"] == "tree" else "DP-SGD",
             e["accountant"],
             e["engine"],
             f"{e['sample_rate']:g}",

@@ -1,6 +1,6 @@
 """The privacy ledger's tables, read and written: the repository `flywheel.privacy` uses.
 
-SQL only, in plain values (a mechanism is its (sample rate, σ, steps)): what the numbers
+SQL only, in plain values (a mechanism is its (sample rate, σ, steps, kind)): what the numbers
 mean, and the accounting over them, is the privacy component's. The guarantees the
 privacy component argues rest on two properties kept here:
 * `record` writes an update's entry and every source's spend in one transaction, before
@@ -35,7 +35,8 @@ from flywheel.store.models import PrivacyLedgerEntry, PrivacySourceSpend
 
 CHUNK = 500  # sources per IN (...) query
 
-MechanismValues = tuple[float, float, int]  # (sample rate q, noise multiplier σ, steps)
+# (sample rate q, noise multiplier σ, steps, kind: "dp-sgd" or "tree")
+MechanismValues = tuple[float, float, int, str]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class LedgerRow:
     public_examples: int
     capped_examples: int
     excluded_examples: int
+    mechanism_kind: str = "dp-sgd"
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ def _row(row: PrivacyLedgerEntry) -> LedgerRow:
         row.public_examples,
         row.capped_examples,
         row.excluded_examples,
+        row.mechanism_kind,
     )
 
 
@@ -125,6 +128,7 @@ class LedgerTables:
                         PrivacyLedgerEntry.sample_rate,
                         PrivacyLedgerEntry.noise_multiplier,
                         PrivacyLedgerEntry.steps,
+                        PrivacyLedgerEntry.mechanism_kind,
                     )
                     .join(PrivacyLedgerEntry, PrivacyLedgerEntry.id == PrivacySourceSpend.ledger_id)
                     .where(
@@ -132,8 +136,8 @@ class LedgerTables:
                         PrivacySourceSpend.source.in_(wanted[i : i + CHUNK]),
                     )
                 ).all()
-                for source, q, sigma, steps in rows:
-                    out[source].append((q, sigma, steps))
+                for source, q, sigma, steps, kind in rows:
+                    out[source].append((q, sigma, steps, kind))
         return dict(out)
 
     def lineage_epsilon(self, lineage: str) -> float:

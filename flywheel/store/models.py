@@ -445,6 +445,11 @@ class PrivacyLedgerEntry(Base):
     public_examples: Mapped[int] = mapped_column(Integer)
     capped_examples: Mapped[int] = mapped_column(Integer)
     excluded_examples: Mapped[int] = mapped_column(Integer)
+    # "dp-sgd" (Poisson-subsampled Gaussian steps) or "tree" (DP-FTRL's tree aggregation,
+    # 0011); rows written before 0011 are DP-SGD
+    mechanism_kind: Mapped[str] = mapped_column(
+        String(16), default="dp-sgd", server_default="dp-sgd"
+    )
 
 
 class PrivacySourceSpend(Base):
