@@ -12,11 +12,8 @@ join by id exactly-once is argued in `flywheel.store.partitions`. SQLite: nothin
 Downgrade copies the rows back into a plain table keyed by `id` alone (a second row under
 an id, possible only with a forged event, keeps its oldest copy).
 
-Numbered 0012 with 0010 as its parent: 0011 (the privacy unit `subject`) was written at
-the same time on another branch; the merge chains the two.
-
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-07
 """
 
@@ -31,7 +28,7 @@ from sqlalchemy import text
 from flywheel.store.partitions import create_layout
 
 revision: str = "0012"
-down_revision: str | Sequence[str] | None = "0010"
+down_revision: str | Sequence[str] | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
