@@ -66,7 +66,18 @@ def learn(
         raise
     learner.dependencies = status
     learner.stop_event = stop
-    if not learner.lease.wait(stop):  # a standby until the lineage's holder is gone
+    try:
+        # a standby until the lineage's holder is gone; a store that goes down meanwhile
+        # is waited out like any other (the fault suite: a standby used to exit at once)
+        taken = waiting(lambda: learner.lease.wait(stop), "standing by for the lease")
+    except Fatal as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception:
+        if stop.is_set():
+            return
+        raise
+    if not taken:
         return
     learner.lease.start_renewing()
     try:
