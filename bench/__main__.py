@@ -29,6 +29,7 @@ BENCHMARKS = (
     "init",
     "rejoin",
     "startup",
+    "faults",
 )
 
 app = typer.Typer(
