@@ -125,7 +125,10 @@ def main(
         say(f"benchmark failed: {exc}")
         raise typer.Exit(1) from None
     lost = result["predictions_lost"] + result["corrections_lost"]
-    duplicated = result["predictions_returned_twice"]
+    # the store keys every record by id, so a duplicate there is an id returned twice or a
+    # correction made into two training examples; a record resent on a topic (a spool
+    # replay) is reported beside, deduplicated by the store
+    duplicated = result["predictions_returned_twice"] + result["examples_duplicated"]
     slowest = max((r["catch_up_s"] for r in result["faults"]), default=0.0)
     doc = document(
         "faults",

@@ -1,6 +1,8 @@
-"""`python -m bench faults` at tiny sizes: one fault, a low rate, the durable-corrections
-ratio at 1 s a mode; the document's structure and its counts (the full scenario is
-tests/faults)."""
+"""`python -m bench faults` at tiny sizes: one fault, a low rate; the document's structure
+and its counts (the full scenario is tests/faults). The durable-corrections ratio is
+`bench serve --compare corrections` run as a process of its own (smoke-tested with the
+serve benchmark); here it is skipped (`--durable-seconds 0`): with it the run took 282 s,
+against the runner's 300 s limit."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def test_bench_faults_counts_one_fault_and_reports_the_durable_ratio(run_bench_p
         "--faults",
         "replica-kill",
         "--durable-seconds",
-        "1",
+        "0",
     )
     result = doc["result"]
     (fault,) = result["faults"]
@@ -36,8 +38,4 @@ def test_bench_faults_counts_one_fault_and_reports_the_durable_ratio(run_bench_p
     assert result["predictions_lost"] == result["corrections_lost"] == 0
     assert doc["targets"]["lost"] == {"target": "0", "value": 0, "pass": True}
     assert result["starts"]["replica-0"] == 2 and result["exited_by_themselves"] == []
-    durable = doc["durable_corrections"]
-    assert durable["durable_rps"] > 0 and durable["queued_rps"] > 0
-    assert durable["throughput_ratio"] == pytest.approx(
-        durable["durable_rps"] / durable["queued_rps"]
-    )
+    assert doc["durable_corrections"] is None
