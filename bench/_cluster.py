@@ -236,6 +236,9 @@ class Cluster:
             "FLYWHEEL_LEARN_LEASE_S": str(self.lease_s),
             "FLYWHEEL_LEARN_LEASE_RENEW_S": str(self.lease_renew_s),
             "FLYWHEEL_GATE_MIN_HOLDOUT": "5",
+            # a key is read from the store again after 2 s, not 30: a store outage always
+            # meets key checks that need the store (they must answer 503, never 500)
+            "FLYWHEEL_AUTH_CACHE_TTL_S": "2",
             **extra,
         }
 
@@ -351,6 +354,7 @@ class Counts:
     predictions: list[tuple[float, str]] = field(default_factory=list)  # (time, id)
     corrections: list[tuple[float, str]] = field(default_factory=list)
     given_up: int = 0
+    errors_5xx: dict[int, int] = field(default_factory=dict)  # status -> answers
 
 
 @dataclass
@@ -411,6 +415,10 @@ class Load(threading.Thread):
                 r = conn.http.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=30)
                 if r.status_code == ok:
                     return r.json()
+                if r.status_code >= 500:
+                    with self.lock:
+                        got = self.counts.errors_5xx
+                        got[r.status_code] = got.get(r.status_code, 0) + 1
                 if r.status_code < 500 and r.status_code != 429:
                     raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
             except RuntimeError:
@@ -691,6 +699,7 @@ def verify(cluster: Cluster, load: Load) -> dict[str, Any]:
         "predictions_resent_on_topic": resent[s.topic_predictions],
         "corrections_resent_on_topic": resent[s.topic_corrections],
         "requests_given_up": load.counts.given_up,
+        "answers_5xx": dict(load.counts.errors_5xx),
         "online_versions": len(versions),
         "versions_without_their_ledger_row": mislabelled,
         "promoted_online": len(promoted),

@@ -66,18 +66,8 @@ def learn(
         raise
     learner.dependencies = status
     learner.stop_event = stop
-    try:
-        # a standby until the lineage's holder is gone; a store that goes down meanwhile
-        # is waited out like any other (the fault suite: a standby used to exit at once)
-        taken = waiting(lambda: learner.lease.wait(stop), "standing by for the lease")
-    except Fatal as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except Exception:
-        if stop.is_set():
-            return
-        raise
-    if not taken:
+    # a standby until the lineage's holder is gone (a store outage meanwhile is waited out)
+    if not learner.lease.wait(stop):
         return
     learner.lease.start_renewing()
     try:

@@ -34,6 +34,10 @@ def test_every_fault_is_survived_and_counted(tmp_path):
     assert [r["fault"] for r in doc["faults"]] == list(FAULTS)
     assert doc["predictions_returned"] > 0 and doc["corrections_acknowledged"] > 0
     assert doc["requests_given_up"] == 0
+    # a store outage meets key checks (keys cached 2 s): 503s the client retries, and no
+    # 500 (an error the service did not handle) anywhere
+    assert 500 not in doc["answers_5xx"], doc["answers_5xx"]
+    assert next(r for r in doc["faults"] if r["fault"] == "postgres-kill")["failed_requests"]
     # every prediction returned and every correction acknowledged is in the store once
     assert doc["predictions_lost"] == 0
     assert doc["predictions_returned_twice"] == 0
