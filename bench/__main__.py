@@ -30,6 +30,7 @@ BENCHMARKS = (
     "rejoin",
     "startup",
     "storage",
+    "faults",
 )
 
 app = typer.Typer(

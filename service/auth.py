@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flywheel.appkeys import ADMIN_SCOPES, InvalidKey, parse_key
+from flywheel.retry import transient
 from flywheel.service.errors import is_v2
 from flywheel.store import AppIdentity, KeyBook, KeyRefused
 
@@ -137,7 +138,17 @@ class AppKeys:
             raise KeyRefused(str(exc)) from None
         book = self.book
         if not book.fresh(key_id):  # a store read: on a worker thread, off the event loop
-            await anyio.to_thread.run_sync(book.record, key_id)
+            try:
+                await anyio.to_thread.run_sync(book.record, key_id)
+            except Exception as exc:
+                # the store is down (the fault suite: a PostgreSQL kill once a key's cached
+                # row was older than the TTL): 503, which a client retries, not a 500
+                if not transient(exc):
+                    raise
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise KeyStoreUnavailable(
+                    f"app keys cannot be checked: the store is unavailable ({why})"
+                ) from None
         return book.check(token)
 
 
