@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flywheel.privacy.accounting import Accountant, Mechanism, noise_for_budget
+from flywheel.privacy.policy import BudgetPolicy, Policy
 from flywheel.settings import PrivacySettings
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    epsilon: float  # budget per source and lineage
+    epsilon: float  # budget per privacy unit and lineage (for life, or per period)
     delta: float
     noise_multiplier: float | None  # None: calibrated from the budget
     max_grad_norm: float
@@ -25,6 +26,8 @@ class DPConfig:
     max_per_source: int
     accountant: Accountant
     engine: str
+    budget_policy: Policy = "lifetime"
+    budget_period_days: float = 30.0
 
     @classmethod
     def from_settings(cls, privacy: PrivacySettings) -> DPConfig:
@@ -38,7 +41,14 @@ class DPConfig:
             max_per_source=privacy.privacy_max_per_source,
             accountant=privacy.privacy_accountant,
             engine=privacy.privacy_engine,
+            budget_policy=privacy.privacy_budget_policy,
+            budget_period_days=privacy.privacy_budget_period_days,
         )
+
+    @property
+    def policy(self) -> BudgetPolicy:
+        """How long the budget lasts (FLYWHEEL_PRIVACY_BUDGET_POLICY)."""
+        return BudgetPolicy(self.budget_policy, self.epsilon, self.delta, self.budget_period_days)
 
     def mechanism(self, steps: int) -> Mechanism:
         """The update's mechanism: explicit σ, or the σ that lets a source join
