@@ -180,7 +180,7 @@ def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
 
     return [
         f"Privacy: every update DP-SGD, ε spent {p['epsilon_spent']} of "
-        f"{p['budget_epsilon']} per source (δ={p['delta']:g}). Recent-holdout accuracy of "
+        f"{p['budget_epsilon']} per data subject (δ={p['delta']:g}). Recent-holdout accuracy of "
         f"the last {p['candidates_compared']} candidates: {pct(p['recent_accuracy_dp'])} "
         f"with DP, {pct(p['recent_accuracy_without_dp'])} for the same run without DP.",
         "",

@@ -126,8 +126,9 @@ def test_a_subject_is_hashed_at_intake_and_is_one_unit_across_apps(served):
     try:
         wait_for(lambda: joined(s) == 4, 120, "four joined corrections")
         wait_for(
-            lambda: len(ExampleReader(make_engine(s.resolved_database_url)).unread(0, [], 1000))
-            >= 4,
+            lambda: (
+                len(ExampleReader(make_engine(s.resolved_database_url)).unread(0, [], 1000)) >= 4
+            ),
             60,
             "the examples",
         )
