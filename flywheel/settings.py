@@ -418,6 +418,25 @@ class _AccessFields(_Fields):
         description="How long a verified key is cached; a revocation or expiry takes "
         "effect within this many seconds.",
     )
+    subject_key: SecretStr | None = Field(
+        None,
+        description="Platform secret (at least 32 characters) the service keys a "
+        "correction's `subject` with (HMAC-SHA256) before it is logged: raw subject ids "
+        "are never stored nor put on Kafka. Unset: a correction with a `subject` is "
+        "refused (422); corrections without one are taken as before.",
+    )
+
+    @field_validator("subject_key")
+    @classmethod
+    def _check_subject_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # unset: subjects are refused, never hashed with an empty key
+        if len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "FLYWHEEL_SUBJECT_KEY must be at least 32 characters: a short key lets "
+                "anyone who guesses it re-identify subjects by hashing candidate ids"
+            )
+        return value
 
 
 class _EventLogFields(_Fields):
@@ -692,7 +711,24 @@ class _PrivacyFields(_Fields):
         True, description="Every learner update is DP-SGD; false trains without noise."
     )
     privacy_epsilon: float = Field(
-        3.0, gt=0, le=100, description="ε budget per source and model lineage."
+        3.0,
+        gt=0,
+        le=100,
+        description="ε budget per privacy unit (a data subject, else a prediction) and "
+        "model lineage: for its whole life, or per period (FLYWHEEL_PRIVACY_BUDGET_POLICY).",
+    )
+    privacy_budget_policy: Literal["lifetime", "renewing"] = Field(
+        "lifetime",
+        description="`lifetime`: each unit's ε budget is spent once, for good; `renewing`: "
+        "the budget holds for every window of FLYWHEEL_PRIVACY_BUDGET_PERIOD_DAYS (a unit "
+        "trains again once its spending falls out of the window), so over a year it may "
+        "spend up to the budget times the windows that cover a year.",
+    )
+    privacy_budget_period_days: float = Field(
+        30.0,
+        gt=0,
+        le=3650,
+        description="The window of the `renewing` policy, in days (unused by `lifetime`).",
     )
     privacy_delta: float = Field(1e-5, gt=0, lt=0.1, description="δ of that budget.")
     privacy_noise_multiplier: float | None = Field(
@@ -709,7 +745,7 @@ class _PrivacyFields(_Fields):
         description="Updates one source may join within the budget (sets σ when unset).",
     )
     privacy_max_per_source: int = Field(
-        16, ge=1, le=100_000, description="Most examples one source adds to one update."
+        16, ge=1, le=100_000, description="Most examples one privacy unit adds to one update."
     )
     privacy_learn_lr: float = Field(
         0.01, gt=0, le=10, description="Base learning rate of DP updates (noise needs more)."
@@ -905,7 +941,7 @@ class RetrySettings(_RetryFields):
 
 
 class AccessSettings(_AccessFields):
-    """`auth`, `auth_cache_ttl_s`."""
+    """`auth`, `auth_cache_ttl_s`, `subject_key`."""
 
     model_config = _GROUP_CONFIG
 

@@ -33,6 +33,7 @@ from flywheel.learner.config import LearnerConfig
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.evaluation import Holdout, holdout_of
 from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
+from flywheel.learner.exclusion import STATE_KEY as EXCLUDED_STATE
 from flywheel.learner.gate import GateResult, evaluate_gate
 from flywheel.learner.lease import LeaseKeeper, StepAbandoned
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
@@ -212,6 +213,7 @@ class OnlineLearner:
                 self.lineage,
                 window=c.learner.learn_boost_window,
             )
+            self._private.excluded.restore(self._state.get(EXCLUDED_STATE))
             self._shadow = trainer
             # DP steps are bounded by clipping and tuned with their own base rate (noise
             # needs more): FLYWHEEL_LEARN_MAX_LR caps the non-private rate only
@@ -389,7 +391,9 @@ class OnlineLearner:
             if privacy is None:
                 return None
             if not privacy.rows:
-                self._state.update(cursor=cursor.to_dict())
+                self._state.update(
+                    cursor=cursor.to_dict(), **{EXCLUDED_STATE: self._private.excluded.state()}
+                )
                 self.source.save_state(
                     self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
                 )
@@ -529,6 +533,8 @@ class OnlineLearner:
             tags |= privacy.comparison_tags(
                 gate.recent_candidate, gate.trusted_candidate, privacy_metrics
             )
+        if privacy is not None:
+            tags.update(privacy.policy_tags())
         metrics = {
             **gate.metrics(),
             "lr": lr,
@@ -568,6 +574,8 @@ class OnlineLearner:
             cursor=cursor.to_dict(),
             elastic=self._trainer.elastic.state(),
         )
+        if self._private is not None:
+            self._state[EXCLUDED_STATE] = self._private.excluded.state()
         self.source.save_state(
             self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
         )

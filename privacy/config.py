@@ -16,12 +16,13 @@ from flywheel.privacy.accounting import (
     noise_for_budget,
     tree_noise_for_budget,
 )
+from flywheel.privacy.policy import BudgetPolicy, Policy
 from flywheel.settings import PrivacySettings
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    epsilon: float  # budget per source and lineage
+    epsilon: float  # budget per privacy unit and lineage (for life, or per period)
     delta: float
     noise_multiplier: float | None  # None: calibrated from the budget
     max_grad_norm: float
@@ -32,6 +33,8 @@ class DPConfig:
     engine: str
     mechanism_kind: str  # "dp-sgd" or "dp-ftrl"
     ftrl_lr: float
+    budget_policy: Policy = "lifetime"
+    budget_period_days: float = 30.0
 
     @classmethod
     def from_settings(cls, privacy: PrivacySettings) -> DPConfig:
@@ -47,7 +50,14 @@ class DPConfig:
             engine=privacy.privacy_engine,
             mechanism_kind=privacy.privacy_mechanism,
             ftrl_lr=privacy.privacy_ftrl_lr,
+            budget_policy=privacy.privacy_budget_policy,
+            budget_period_days=privacy.privacy_budget_period_days,
         )
+
+    @property
+    def policy(self) -> BudgetPolicy:
+        """How long the budget lasts (FLYWHEEL_PRIVACY_BUDGET_POLICY)."""
+        return BudgetPolicy(self.budget_policy, self.epsilon, self.delta, self.budget_period_days)
 
     def mechanism(self, steps: int) -> Mechanism:
         """The update's mechanism: explicit σ, or the σ that lets a source join

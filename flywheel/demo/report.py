@@ -207,7 +207,7 @@ def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
     name = {"dp-sgd": "DP-SGD", "dp-ftrl": "DP-FTRL (tree aggregation)"}
     lines = [
         f"Privacy: every update {name.get(p.get('mechanism', 'dp-sgd'), p.get('mechanism'))}, "
-        f"ε spent {p['epsilon_spent']} of {p['budget_epsilon']} per source "
+        f"ε spent {p['epsilon_spent']} of {p['budget_epsilon']} per data subject "
         f"(δ={p['delta']:g}).",
         "",
         f"The cost of privacy on this run (the last {p['candidates_compared']} candidates "

@@ -74,6 +74,7 @@ class SourceSpend:
     updates: int
     examples: int
     versions: tuple[str, ...]
+    last_at: datetime | None = None  # when it last took part in an update
 
 
 def _row(row: PrivacyLedgerEntry) -> LedgerRow:
@@ -116,8 +117,11 @@ class LedgerTables:
     def __init__(self, engine: Engine) -> None:
         self.sessions = session_factory(engine)
 
-    def histories(self, lineage: str, sources: Iterable[str]) -> dict[str, list[MechanismValues]]:
-        """The mechanisms each of `sources` took part in so far (absent: none)."""
+    def histories(
+        self, lineage: str, sources: Iterable[str], since: datetime | None = None
+    ) -> dict[str, list[MechanismValues]]:
+        """The mechanisms each of `sources` took part in so far (absent: none); `since`:
+        only those of entries written at or after it (a renewing budget's window)."""
         wanted = sorted(set(sources))
         out: dict[str, list[MechanismValues]] = defaultdict(list)
         with self.sessions() as session:
@@ -134,6 +138,7 @@ class LedgerTables:
                     .where(
                         PrivacyLedgerEntry.lineage == lineage,
                         PrivacySourceSpend.source.in_(wanted[i : i + CHUNK]),
+                        *([] if since is None else [PrivacyLedgerEntry.created_at >= since]),
                     )
                 ).all()
                 for source, q, sigma, steps, kind in rows:
@@ -231,7 +236,7 @@ class LedgerTables:
                 PrivacySourceSpend.epsilon,
                 PrivacySourceSpend.examples,
                 PrivacyLedgerEntry.version,
-                PrivacyLedgerEntry.id,
+                PrivacyLedgerEntry.created_at,
             )
             .join(PrivacyLedgerEntry, PrivacyLedgerEntry.id == PrivacySourceSpend.ledger_id)
             .order_by(PrivacyLedgerEntry.id)
@@ -240,10 +245,11 @@ class LedgerTables:
             query = query.where(PrivacyLedgerEntry.lineage == lineage)
         acc: dict[str, dict[str, Any]] = {}
         with self.sessions() as session:
-            for source, eps, n, version, _ in session.execute(query):
+            for source, eps, n, version, at in session.execute(query):
                 a = acc.setdefault(
-                    source, {"eps": 0.0, "updates": 0, "examples": 0, "versions": []}
+                    source, {"eps": 0.0, "updates": 0, "examples": 0, "versions": [], "at": at}
                 )
+                a["at"] = max(a["at"], at)
                 a["eps"] = max(a["eps"], eps)
                 a["updates"] += 1
                 a["examples"] += n
@@ -251,7 +257,7 @@ class LedgerTables:
                     a["versions"].append(version)
         return sorted(
             (
-                SourceSpend(s, a["eps"], a["updates"], a["examples"], tuple(a["versions"]))
+                SourceSpend(s, a["eps"], a["updates"], a["examples"], tuple(a["versions"]), a["at"])
                 for s, a in acc.items()
             ),
             key=lambda s: (-s.epsilon, s.source),

@@ -157,6 +157,10 @@ class Prediction(Base):
 
 PENDING_INDEX = "ix_corrections_pending_prediction_id"
 PENDING_PREDICATE = "status = 'pending'"
+SUBJECT_INDEX = "ix_corrections_subject"
+SUBJECT_PREDICATE = "subject IS NOT NULL"
+SUBJECT_LENGTH = 64  # a keyed hash, hex (flywheel.subjects)
+UNIT_LENGTH = ID_LENGTH + 16  # `subject:<hash>` or `prediction:<id>`, as the ledger's units
 
 
 class Correction(Base):
@@ -178,12 +182,22 @@ class Correction(Base):
             postgresql_where=text(PENDING_PREDICATE),
             sqlite_where=text(PENDING_PREDICATE),
         ),
+        # erasure by subject (issue 30): only corrections with a subject enter it (0011)
+        Index(
+            SUBJECT_INDEX,
+            "subject",
+            postgresql_where=text(SUBJECT_PREDICATE),
+            sqlite_where=text(SUBJECT_PREDICATE),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     prediction_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     label: Mapped[str] = mapped_column(String(NAME_LENGTH))
     source: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    # the data subject's keyed hash (never a raw id): kept while the correction waits for
+    # its prediction, so the examples made at the join carry the subject as their unit
+    subject: Mapped[str | None] = mapped_column(String(SUBJECT_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(
         String(16),
@@ -234,6 +248,10 @@ class Example(Base):
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, server_default=func.now()
     )
+    # whose data this is, for DP accounting (flywheel.subjects.privacy_unit): indexed, so
+    # erasing a subject is one indexed delete; NULL on rows stored before 0013 (their unit
+    # is their source) and on seed rows (public)
+    privacy_unit: Mapped[str | None] = mapped_column(String(UNIT_LENGTH), index=True)
 
 
 NO_SOURCE = ""  # `counterexample_usage.source` of counterexamples without one
