@@ -283,6 +283,42 @@ class _RegistryFields(_Fields):
         description="Python modules trusted to build `factory` models (comma-separated).",
     )
 
+    signing_key: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) the learner, the federated server, `flywheel "
+        "init` and promote/approve sign promotions with; unset: HOME/keys/promotion.key, "
+        "created by the first signer (`flywheel keys init`).",
+    )
+    trusted_keys: str = Field(
+        "",
+        max_length=4000,
+        description="Public keys (PEM files, comma-separated) whose promotion signatures "
+        "the service accepts; several during a key rotation. Unset: HOME/keys/promotion.pub.",
+    )
+    model_trust: Literal["signed", "off"] = Field(
+        "signed",
+        description="`signed`: the service serves only versions with a verified promotion "
+        "signature and a recorded gate pass or approval; `off` is for local experiments only.",
+    )
+
+    @field_validator("signing_key", mode="before")
+    @classmethod
+    def _unset_signing_key(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_trusted_keys(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            _readable_file(Path(part))
+        return value
+
+    @property
+    def trusted_key_paths(self) -> tuple[Path, ...]:
+        """The configured trusted public keys (empty: the home's default one)."""
+        parts = filter(None, (p.strip() for p in self.trusted_keys.split(",")))
+        return tuple(Path(p).expanduser() for p in parts)
+
     @field_validator("model_factories")
     @classmethod
     def _check_factories(cls, value: str) -> str:
@@ -806,7 +842,8 @@ class KafkaSettings(_KafkaFields):
 
 
 class RegistrySettings(_RegistryFields):
-    """`model_name`, `registry_poll_s`."""
+    """`model_name`, `registry_poll_s`, `model_factories`, and promotion signing:
+    `signing_key`, `trusted_keys`, `model_trust` (flywheel.signing)."""
 
     model_config = _GROUP_CONFIG
 

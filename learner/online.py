@@ -596,6 +596,7 @@ class OnlineLearner:
             reason=f"gate {summary}",
             actor="flywheel-learner",
             registry=self.registry,
+            gate=summary,
         )
 
     # ---- loop ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from flywheel.review import reject as reject_version
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ErrorBody
 from flywheel.service.state import State
+from flywheel.signing import SigningKeyError
 
 log = logging.getLogger(__name__)
 UI_DIR = Path(__file__).parent.parent / "ui"  # service/ui
@@ -159,6 +160,13 @@ def _registry_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except RegistryError as exc:
         status = 404 if "has no version" in str(exc) else 409
         raise BadRequest(str(exc), status) from None
+    except SigningKeyError as exc:  # this service holds no (readable) promotion key
+        log.error("review: cannot sign a promotion: %s", exc)
+        raise BadRequest(
+            "this service cannot sign promotions (FLYWHEEL_SIGNING_KEY); approve with "
+            "`flywheel models approve` where the key is",
+            409,
+        ) from None
     except MlflowException as exc:
         log.warning("review: MLflow registry unavailable: %s", exc.message)
         raise BadRequest(f"the model registry is unavailable: {exc.message}", 503) from None
