@@ -54,6 +54,12 @@ def mask_credentials(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<head>***@", text)
 
 
+MIN_ADMIN_TOKEN = 32
+"""Characters of FLYWHEEL_ADMIN_TOKEN at least: 32 hex digits are 128 random bits (`openssl
+rand -hex 16`), out of reach of guessing at any request rate; a short, memorable token
+is neither (issue 26)."""
+
+
 class SettingsError(ValueError):
     """Raised when configuration is invalid; the message names the variable."""
 
@@ -370,6 +376,13 @@ class _ServiceFields(_Fields):
         description="Longest a batch waits for more requests, only while recent batches "
         "held several.",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A request's headers must arrive within this many seconds of the "
+        "connection's start (or the previous response), else 408 and the connection closes.",
+    )
     serve_precision: Literal["fp32", "int8", "bf16"] = Field(
         "fp32", description="Serve the model in full precision, dynamic int8 or bfloat16."
     )
@@ -411,6 +424,11 @@ class _ServiceFields(_Fields):
     def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value().strip():
             return None  # an empty token must not become a valid one
+        if len(value.get_secret_value()) < MIN_ADMIN_TOKEN:
+            raise ValueError(
+                f"is {len(value.get_secret_value())} characters; at least {MIN_ADMIN_TOKEN} "
+                "(a random secret: `openssl rand -hex 16`)"
+            )
         return value
 
 
@@ -1076,6 +1094,11 @@ def _is_host_port(value: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
+def _is_secret(name: str) -> bool:
+    field = Settings.model_fields.get(name)
+    return field is not None and "SecretStr" in str(field.annotation)
+
+
 def _describe(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if not callable(errors):
@@ -1087,6 +1110,9 @@ def _describe(exc: ValueError) -> str:
         value = err.get("input")
         if isinstance(value, Mapping):  # a check across fields: its input is every setting,
             lines.append(f"{var}: {err.get('msg')}")  # secrets too; the message names them
+            continue
+        if _is_secret(loc):  # a refused secret is still a secret: never echo it
+            lines.append(f"{var}: {err.get('msg')} (value not printed)")
             continue
         got = mask_credentials(repr(value))  # a URL's password stays hidden
         lines.append(f"{var}: {err.get('msg')} (got {got})")

@@ -198,10 +198,15 @@ def create_app(
     # A body must say it is JSON (FastAPI's strict content type): a page in a browser can
     # post a body with no Content-Type cross-site without a CORS preflight, and read as
     # JSON it made corrections (issue 26). Only /v1/predict and /v2 infer opt out (theirs).
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN and run inline
+    # script, which the review page's CSP (script-src 'self') forbids for good reason, and
+    # the bundles (~1.5 MB) are not in the stack. /openapi.json stays; any viewer reads it.
     app = FastAPI(
         title="Flywheel",
         version="1",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         summary="Online-learning inference service with a feedback loop.",
     )
     install_error_handlers(app)
