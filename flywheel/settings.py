@@ -315,8 +315,12 @@ class _RegistryFields(_Fields):
     @field_validator("trusted_keys")
     @classmethod
     def _check_trusted_keys(cls, value: str) -> str:
-        for part in filter(None, (p.strip() for p in value.split(","))):
-            _readable_file(Path(part))
+        """Paths only: the files are read (and a missing or wrong one refused, by name)
+        when the service starts (`flywheel.service.trust`), as the key may be mounted
+        after the configuration is written."""
+        parts = [p.strip() for p in value.split(",")]
+        if value.strip() and not all(parts):
+            raise ValueError("expected comma-separated file paths, with no empty entry")
         return value
 
     @property

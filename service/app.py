@@ -126,6 +126,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        trust.check_keys()  # configured keys that cannot be read end start-up, by name
         if not trust.enabled:
             log.warning(
                 "FLYWHEEL_MODEL_TRUST=off: any version the champion alias names is served, "

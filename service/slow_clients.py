@@ -50,7 +50,7 @@ def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
         header_timer: asyncio.TimerHandle | None = None
         started_request = False  # bytes of a request came since the timer was armed
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self.arm_header_timer()
 
@@ -74,11 +74,12 @@ def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
             self.started_request = False
             self.header_timer = self.loop.call_later(timeout_s, self.headers_overdue, waiting_since)
 
-        def headers_overdue(self, waiting_since: object) -> None:
+        def headers_overdue(self, waiting_since: Any) -> None:
             self.header_timer = None
-            if self.cycle is not waiting_since or self.transport.is_closing():
+            cycle: Any = self.cycle
+            if cycle is not waiting_since or self.transport.is_closing():
                 return  # headers arrived since: a request is being served
-            if self.cycle is not None and not self.cycle.response_complete:
+            if cycle is not None and not cycle.response_complete:
                 return  # a (pipelined) request is still being answered
             if self.started_request:  # part of a request came: say why it ends
                 self.transport.write(TIMEOUT_RESPONSE)

@@ -45,12 +45,24 @@ class PromotionTrust:
     def __init__(self, registry: RegistrySettings, state: StateSettings) -> None:
         self.enabled = registry.model_trust == "signed"
         self.model_name = registry.model_name
+        self.configured = bool(registry.trusted_key_paths)
         self.key_paths: tuple[Path, ...] = registry.trusted_key_paths or (
             default_key_paths(state.home_dir)[1],
         )
         self.refused = 0  # versions refused (each counted once)
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+
+    def check_keys(self) -> None:
+        """At start-up: configured trusted keys that cannot be used stop the service
+        (`Fatal`, naming the file). The home's default key may not exist yet: the first
+        signer creates it (the service's own seed bootstrap among them)."""
+        if not self.enabled or not self.configured:
+            return
+        try:
+            load_public_keys(list(self.key_paths))
+        except SigningKeyError as exc:
+            raise Fatal(f"FLYWHEEL_TRUSTED_KEYS: {exc}") from None
 
     def refusal(self, loaded: LoadedVersion) -> str | None:
         """Why `loaded` must not be served, or None (also None when FLYWHEEL_MODEL_TRUST=off)."""

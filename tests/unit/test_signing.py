@@ -16,6 +16,7 @@ import flywheel.cli.keys  # noqa: F401  (registers `flywheel keys`)
 from flywheel.cli import app as cli
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
+from flywheel.retry import Fatal
 from flywheel.service.trust import PromotionTrust
 from flywheel.settings import CHAMPION_ALIAS, Settings, SettingsError, load_settings
 from flywheel.signing import (
@@ -118,13 +119,23 @@ def test_key_files_are_private_and_checked(tmp_path, pair):
         load_private_key(public)
 
 
-def test_trusted_keys_must_be_readable_files(tmp_path, pair, monkeypatch):
+def test_configured_trusted_keys_must_be_usable_when_the_service_starts(
+    tmp_path, pair, monkeypatch
+):
     _, public = pair
-    monkeypatch.setenv("FLYWHEEL_TRUSTED_KEYS", f"{public}, {tmp_path / 'nope.pub'}")
-    with pytest.raises(SettingsError, match="FLYWHEEL_TRUSTED_KEYS.*cannot read"):
+    monkeypatch.setenv("FLYWHEEL_TRUSTED_KEYS", f"{public},,")
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRUSTED_KEYS.*no empty entry"):
         load_settings(home=tmp_path / "home")
+    monkeypatch.setenv("FLYWHEEL_TRUSTED_KEYS", f"{public}, {tmp_path / 'nope.pub'}")
+    settings = load_settings(home=tmp_path / "home")
+    with pytest.raises(Fatal, match="FLYWHEEL_TRUSTED_KEYS: cannot read .*nope.pub"):
+        PromotionTrust(settings.registry, settings.state).check_keys()
     monkeypatch.setenv("FLYWHEEL_TRUSTED_KEYS", str(public))
-    assert load_settings(home=tmp_path / "home").registry.trusted_key_paths == (public,)
+    settings = load_settings(home=tmp_path / "home")
+    assert settings.registry.trusted_key_paths == (public,)
+    PromotionTrust(settings.registry, settings.state).check_keys()
+    # the embedded default may not exist yet: the first signer makes it
+    PromotionTrust(Settings(home=tmp_path / "new").registry, Settings().state).check_keys()
 
 
 def test_the_service_check_on_a_real_registry(tmp_path):
