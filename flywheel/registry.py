@@ -348,11 +348,12 @@ class Registry:
         if not self.exists(version):
             raise RegistryError(f"{self.name} has no version {version!r}")
         previous = self.champion_version()
+        approval = None if gate is not None else Approval(actor, reason)
+        self.sign(version, gate=gate, approval=approval)  # first: no key, nothing changes
         self.set_tags(
             version, {"promoted_at": _now_iso(), "promoted_by": actor, "promotion_reason": reason}
         )
-        approval = None if gate is not None else Approval(actor, reason)
-        self.set_champion(version, gate=gate, approval=approval)
+        self._move_alias(version)
         return previous
 
     def rollback(self, *, reason: str, actor: str) -> tuple[ModelVersion, ModelVersion]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flywheel.learner import ensure_champion
-from flywheel.registry import LoadedVersion, Registry
+from flywheel.registry import LoadedVersion, ModelVersion, Registry
 from flywheel.service.model_holder import ServedModel
 from flywheel.service.trust import PromotionTrust, UntrustedChampion
 from flywheel.settings import ServiceSettings, TrustedSettings
@@ -26,7 +26,11 @@ def load_champion(
     newest earlier champion (the alias's history) that verifies is, with an error saying
     so; if none does, `UntrustedChampion` ends start-up with the reasons."""
     version = ensure_champion(trusted, registry)
-    loaded = _trusted(registry, [version, *reversed(registry.champion_history())], trust)
+    loaded = registry.load(version)
+    if trust is not None:
+        why = trust.refusal(loaded)
+        if why is not None:
+            loaded = _newest_trusted(registry, version, why, trust)
     if loaded.version != version:
         log.error(
             "serving %s v%s, the newest earlier champion with a trusted promotion, instead of v%s",
@@ -39,14 +43,19 @@ def load_champion(
     )
 
 
-def _trusted(registry: Registry, candidates: list, trust: PromotionTrust | None) -> LoadedVersion:
-    reasons: list[str] = []
-    for version in dict.fromkeys(candidates):  # newest first, each once
+def _newest_trusted(
+    registry: Registry, champion: ModelVersion, why: str, trust: PromotionTrust
+) -> LoadedVersion:
+    """The newest earlier champion whose promotion verifies (`champion` was refused: `why`)."""
+    reasons = [f"v{champion}: {why}"]
+    for version in dict.fromkeys(reversed(registry.champion_history())):
+        if version == champion:
+            continue
         loaded = registry.load(version)
-        why = trust.refusal(loaded) if trust is not None else None
-        if why is None:
+        refused = trust.refusal(loaded)
+        if refused is None:
             return loaded
-        reasons.append(f"v{version}: {why}")
+        reasons.append(f"v{version}: {refused}")
         if len(reasons) >= 20:  # a long history of refusals says enough
             break
     raise UntrustedChampion(
