@@ -54,6 +54,12 @@ def mask_credentials(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<head>***@", text)
 
 
+MIN_ADMIN_TOKEN = 32
+"""Characters of FLYWHEEL_ADMIN_TOKEN at least: 32 hex digits are 128 random bits (`openssl
+rand -hex 16`), out of reach of guessing at any request rate; a short, memorable token
+is neither (issue 26)."""
+
+
 class SettingsError(ValueError):
     """Raised when configuration is invalid; the message names the variable."""
 
@@ -283,6 +289,46 @@ class _RegistryFields(_Fields):
         description="Python modules trusted to build `factory` models (comma-separated).",
     )
 
+    signing_key: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) the learner, the federated server, `flywheel "
+        "init` and promote/approve sign promotions with; unset: HOME/keys/promotion.key, "
+        "created by the first signer (`flywheel keys init`).",
+    )
+    trusted_keys: str = Field(
+        "",
+        max_length=4000,
+        description="Public keys (PEM files, comma-separated) whose promotion signatures "
+        "the service accepts; several during a key rotation. Unset: HOME/keys/promotion.pub.",
+    )
+    model_trust: Literal["signed", "off"] = Field(
+        "signed",
+        description="`signed`: the service serves only versions with a verified promotion "
+        "signature and a recorded gate pass or approval; `off` is for local experiments only.",
+    )
+
+    @field_validator("signing_key", mode="before")
+    @classmethod
+    def _unset_signing_key(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_trusted_keys(cls, value: str) -> str:
+        """Paths only: the files are read (and a missing or wrong one refused, by name)
+        when the service starts (`flywheel.service.trust`), as the key may be mounted
+        after the configuration is written."""
+        parts = [p.strip() for p in value.split(",")]
+        if value.strip() and not all(parts):
+            raise ValueError("expected comma-separated file paths, with no empty entry")
+        return value
+
+    @property
+    def trusted_key_paths(self) -> tuple[Path, ...]:
+        """The configured trusted public keys (empty: the home's default one)."""
+        parts = filter(None, (p.strip() for p in self.trusted_keys.split(",")))
+        return tuple(Path(p).expanduser() for p in parts)
+
     @field_validator("model_factories")
     @classmethod
     def _check_factories(cls, value: str) -> str:
@@ -334,6 +380,13 @@ class _ServiceFields(_Fields):
         description="Longest a batch waits for more requests, only while recent batches "
         "held several.",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A request's headers must arrive within this many seconds of the "
+        "connection's start (or the previous response), else 408 and the connection closes.",
+    )
     serve_precision: Literal["fp32", "int8", "bf16"] = Field(
         "fp32", description="Serve the model in full precision, dynamic int8 or bfloat16."
     )
@@ -375,6 +428,11 @@ class _ServiceFields(_Fields):
     def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value().strip():
             return None  # an empty token must not become a valid one
+        if len(value.get_secret_value()) < MIN_ADMIN_TOKEN:
+            raise ValueError(
+                f"is {len(value.get_secret_value())} characters; at least {MIN_ADMIN_TOKEN} "
+                "(a random secret: `openssl rand -hex 16`)"
+            )
         return value
 
 
@@ -916,7 +974,8 @@ class KafkaSettings(_KafkaFields):
 
 
 class RegistrySettings(_RegistryFields):
-    """`model_name`, `registry_poll_s`."""
+    """`model_name`, `registry_poll_s`, `model_factories`, and promotion signing:
+    `signing_key`, `trusted_keys`, `model_trust` (flywheel.signing)."""
 
     model_config = _GROUP_CONFIG
 
@@ -1150,6 +1209,11 @@ def _is_host_port(value: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
+def _is_secret(name: str) -> bool:
+    field = Settings.model_fields.get(name)
+    return field is not None and "SecretStr" in str(field.annotation)
+
+
 def _describe(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if not callable(errors):
@@ -1161,6 +1225,9 @@ def _describe(exc: ValueError) -> str:
         value = err.get("input")
         if isinstance(value, Mapping):  # a check across fields: its input is every setting,
             lines.append(f"{var}: {err.get('msg')}")  # secrets too; the message names them
+            continue
+        if _is_secret(loc):  # a refused secret is still a secret: never echo it
+            lines.append(f"{var}: {err.get('msg')} (value not printed)")
             continue
         got = mask_credentials(repr(value))  # a URL's password stays hidden
         lines.append(f"{var}: {err.get('msg')} (got {got})")

@@ -335,8 +335,15 @@ class OnlineLearner:
                 and tags.get("gate", "").startswith("passed")
                 and champion == tags.get("parent_version")
             ):
-                self._promote(info.version, tags["gate"])
-                champion = info.version
+                # Not promoted (signed) on its tags: whoever can write MLflow can write a
+                # version with these tags, and a signature would make it servable. A
+                # reviewer approves it (flywheel models approve), as with auto-promote off.
+                self.registry.set_tags(info.version, {"review": "pending"})
+                log.warning(
+                    "v%s passed its gate per its tags but was not promoted before the "
+                    "learner stopped; left for review (its gate is not re-signed from tags)",
+                    info.version,
+                )
             self._state["champion_seen"] = champion
             self.source.save_state(
                 self.lineage,
@@ -619,6 +626,7 @@ class OnlineLearner:
             reason=f"gate {summary}",
             actor="flywheel-learner",
             registry=self.registry,
+            gate=summary,
         )
 
     # ---- loop ---------------------------------------------------------------------------

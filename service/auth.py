@@ -188,8 +188,7 @@ def auth_openapi(doc: dict[str, Any]) -> dict[str, Any]:
         "scheme": "bearer",
         "description": "An app key from `flywheel apps create NAME --scopes ...` (fw_...).",
     }
-    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
-    has_error_body = "ErrorBody" in components.get("schemas", {})
+    schemas = components.get("schemas", {})
     for path, operations in doc.get("paths", {}).items():
         for method, op in operations.items():
             need = needed_scope(method.upper(), _example_path(path))
@@ -200,10 +199,12 @@ def auth_openapi(doc: dict[str, Any]) -> dict[str, Any]:
                 op.get("description") or ""
             ) + f"\n\nNeeds an app key with the `{need}` scope."
             responses = op.setdefault("responses", {})
+            body = "V2Error" if is_v2(path) else "ErrorBody"  # as `_refuse` sends it
             for status, text in _RESPONSES.items():
                 answer: dict[str, Any] = {"description": text}
-                if has_error_body:
-                    answer["content"] = {"application/json": {"schema": error_ref}}
+                if body in schemas:
+                    ref = {"$ref": f"#/components/schemas/{body}"}
+                    answer["content"] = {"application/json": {"schema": ref}}
                 responses.setdefault(status, answer)
     return doc
 

@@ -95,6 +95,7 @@ def running_service(settings: Settings) -> Iterator[str]:
 
     from flywheel.broker import free_port
     from flywheel.service import GracefulServer, ServiceConfig, create_app
+    from flywheel.service.slow_clients import header_timeout_protocol
 
     port = settings.port or free_port()
     config = uvicorn.Config(
@@ -103,6 +104,7 @@ def running_service(settings: Settings) -> Iterator[str]:
         port=port,
         log_level="warning",
         access_log=False,
+        http=header_timeout_protocol(settings.header_timeout_s),
     )
     server = GracefulServer(config)
     thread = threading.Thread(target=server.run, name="flywheel-demo-service", daemon=True)

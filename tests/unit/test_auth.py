@@ -246,7 +246,7 @@ def service(tmp_path, list_event_log, app_key):
     holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
     sent: list = []
     log = list_event_log(sent)
-    settings = Settings(home=tmp_path, admin_token="boot-admin-token")
+    settings = Settings(home=tmp_path, admin_token="boot-admin-token-0123456789abcdef")
     with TestClient(create_app(ServiceConfig.of(settings), holder=holder, event_log=log)) as c:
         c.sent, c.log = sent, log
         yield c
@@ -308,7 +308,7 @@ def test_read_routes_stay_open(service):
 
 
 def test_the_bootstrap_admin_token_has_the_admin_scope_only(service):
-    admin = {"Authorization": "Bearer boot-admin-token"}
+    admin = {"Authorization": "Bearer boot-admin-token-0123456789abcdef"}
     r = service.post(PREDICT[0], json=PREDICT[1], headers=admin)
     assert r.status_code == 403 and "lacks the 'predict' scope" in r.json()["detail"]
     # past the key check: the review action itself answers (no such version)
