@@ -13,7 +13,7 @@ accounts ε per unit, and erasure (issue 30) deletes by it.
   `subject:<hash>` or, without a subject, `prediction:<id>` (one correction and the
   counterexamples derived from it). Stored on each example (`examples.privacy_unit`,
   indexed): erasing a subject is one indexed delete, `privacy_unit = 'subject:<hash>'`.
-  Examples stored before migration 0013 have none; their unit stays their source, as it
+  Examples stored before migration 0012 have none; their unit stays their source, as it
   was when they were accounted (`flywheel.store.StoredExample.contributor`).
 
 >>> key = "k" * 32

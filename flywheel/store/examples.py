@@ -52,7 +52,7 @@ class StoredExample:
         """Whose data this is, for privacy: the privacy unit stored with it (its data
         subject, else the prediction it corrects: `flywheel.subjects.privacy_unit`).
 
-        Rows stored before migration 0013 have none: their unit stays what it was when
+        Rows stored before migration 0012 have none: their unit stays what it was when
         their ε was written to the ledger, the whole source (`shop/u-17`), else the
         correction they came from, so an old ledger keeps counting for the same keys."""
         if self.privacy_unit:

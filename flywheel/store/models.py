@@ -137,7 +137,7 @@ class Base(DeclarativeBase):
 class Prediction(Base):
     """One served prediction, as logged on `flywheel.predictions`.
 
-    On PostgreSQL the table is partitioned by day of `created_at` (migration 0012) and its
+    On PostgreSQL the table is partitioned by day of `created_at` (migration 0013) and its
     primary key is `(id, created_at)`, as a partitioned table's keys must hold the partition
     key; the mapping keeps `id` alone, what every query looks rows up by. Why ids stay
     unique and joins exactly-once: `flywheel.store.partitions`."""
@@ -249,7 +249,7 @@ class Example(Base):
         UTCDateTime(), default=utcnow, server_default=func.now()
     )
     # whose data this is, for DP accounting (flywheel.subjects.privacy_unit): indexed, so
-    # erasing a subject is one indexed delete; NULL on rows stored before 0013 (their unit
+    # erasing a subject is one indexed delete; NULL on rows stored before 0012 (their unit
     # is their source) and on seed rows (public)
     privacy_unit: Mapped[str | None] = mapped_column(String(UNIT_LENGTH), index=True)
 

@@ -19,7 +19,7 @@ nearly every corrected prediction is. 900 ids in a month of 1 M predictions: 0.1
 against 0.62-0.87 s with the default partition (EXPLAIN ANALYZE on this machine).
 
 Keys. A partitioned table's unique keys must hold its partition key, so the primary key is
-`(id, created_at)` (migration 0012). Prediction ids stay unique in practice, and the join by
+`(id, created_at)` (migration 0013). Prediction ids stay unique in practice, and the join by
 id stays exactly-once, because:
 - an id is minted once by the service (`flywheel.events.new_id`, uuid4) together with the
   timestamp, and both travel in the same event: a redelivery (a replay after a crash, a
@@ -100,7 +100,7 @@ def _bind(session: Session | Connection) -> Connection:
 
 
 def is_partitioned(session: Session | Connection, table: str) -> bool:
-    """Whether `table` is a partitioned table here (PostgreSQL after migration 0012)."""
+    """Whether `table` is a partitioned table here (PostgreSQL after migration 0013)."""
     conn = _bind(session)
     if conn.dialect.name != "postgresql":
         return False
@@ -161,7 +161,7 @@ def _attach(conn: Connection, table: str, partition: str, lo: str, hi: str) -> N
 
 
 def create_layout(conn: Connection, table: str, first: date, last: date) -> None:
-    """The partitions of a new partitioned `table` (migration 0012): the past catch-all,
+    """The partitions of a new partitioned `table` (migration 0013): the past catch-all,
     a partition a day from `first` to `last`, the future catch-all."""
     for name, bounds in (
         (past_partition(table), f"(MINVALUE) TO ({_literal(_midnight(first))})"),

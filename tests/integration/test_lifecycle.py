@@ -279,9 +279,9 @@ def test_redelivered_predictions_stored_once_across_partitions(pg_url: str, n: i
 
 
 def test_migration_moves_a_filled_store(db_url: str) -> None:
-    """A store filled by the code before 0012 (rows over 40 days, joined and pending
+    """A store filled by the code before 0013 (rows over 40 days, joined and pending
     corrections) keeps every row through the upgrade and the downgrade, and joins after."""
-    upgrade(db_url, "0010")
+    upgrade(db_url, "0012")
     now = datetime.now(UTC)
     days = [now - timedelta(days=d, minutes=d) for d in range(0, 40, 3)]
     predictions = [_prediction(f"p{i}", at) for i, at in enumerate(days)]
@@ -301,7 +301,7 @@ def test_migration_moves_a_filled_store(db_url: str) -> None:
     assert again.new_predictions == []
 
     after = _rows(db_url)
-    downgrade(db_url, "0010")
+    downgrade(db_url, "0012")
     assert _rows(db_url) == after
     upgrade(db_url)
     assert _rows(db_url) == after

@@ -3,7 +3,7 @@ of budget is left out while other units keep training; the renewing policy gives
 its budget back once its spending leaves the window (lifetime never does); the excluded
 data reaches the metrics, the learner's state and the report; and a store filled by the
 code before subjects (migration 0010, examples and ledger keyed by source) upgrades to
-0013 with its ledger still read, and still counted, under the same keys."""
+0012 with its ledger still read, and still counted, under the same keys."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_the_renewing_policy_restores_the_budget_after_the_period(db_url, policy
 
 def test_a_store_of_the_code_before_subjects_keeps_its_ledger(db_url):
     """Filled at 0010 (examples keyed by source, the ledger by `source:<name>`), upgraded to
-    0013: the rows read back with their old unit, the report works, and the old spending
+    0012: the rows read back with their old unit, the report works, and the old spending
     still counts for the same key."""
     upgrade(db_url, "0010")
     engine = make_engine(db_url)

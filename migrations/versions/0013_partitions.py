@@ -12,8 +12,8 @@ join by id exactly-once is argued in `flywheel.store.partitions`. SQLite: nothin
 Downgrade copies the rows back into a plain table keyed by `id` alone (a second row under
 an id, possible only with a forged event, keeps its oldest copy).
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-07
 """
 
@@ -27,8 +27,8 @@ from sqlalchemy import text
 
 from flywheel.store.partitions import create_layout
 
-revision: str = "0012"
-down_revision: str | Sequence[str] | None = "0011"
+revision: str = "0013"
+down_revision: str | Sequence[str] | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

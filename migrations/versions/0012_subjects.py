@@ -13,8 +13,8 @@ accounted under its source, as it was when its ε was written to the ledger
 (`flywheel.store.StoredExample.contributor`), so old ledgers and the report on them stay
 right. The ledger's tables are unchanged: their `source` column holds the unit.
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-07
 """
 
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0013"
-down_revision: str | Sequence[str] | None = "0012"
+revision: str = "0012"
+down_revision: str | Sequence[str] | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
