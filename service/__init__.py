@@ -9,6 +9,7 @@ from flywheel.service.logging_setup import kafka_event_log
 from flywheel.service.model_follower import ChampionSource, FollowerStats, ModelFollower
 from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
 from flywheel.service.server import TLS, GracefulServer, StartupFailed, run_server
+from flywheel.service.slow_clients import header_timeout_protocol
 from flywheel.service.spool import Record, Spool, SpoolCorrupt, SpoolLocked
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "StartupFailed",
     "TLS",
     "create_app",
+    "header_timeout_protocol",
     "kafka_event_log",
     "load_champion",
     "run_server",

@@ -94,8 +94,12 @@ def running_service(settings: Settings) -> Iterator[str]:
     import uvicorn
 
     from flywheel.broker import free_port
-    from flywheel.service import GracefulServer, ServiceConfig, create_app
-    from flywheel.service.slow_clients import header_timeout_protocol
+    from flywheel.service import (
+        GracefulServer,
+        ServiceConfig,
+        create_app,
+        header_timeout_protocol,
+    )
 
     port = settings.port or free_port()
     config = uvicorn.Config(
