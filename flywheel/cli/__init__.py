@@ -104,6 +104,7 @@ def _register() -> None:
         serve,
         status,  # flywheel status: every part's health, lag, spools, learners
         ui,  # flywheel ui: MLflow UI + review page URL
+        up,  # flywheel up: the whole loop as supervised processes
     )
 
 
