@@ -224,7 +224,7 @@ class Watch:
             self.stop.wait(self.every_s)
 
 
-def _panel(sup: Any, watch: Watch, layout: Layout) -> Any:
+def panel_of(sup: Any, watch: Watch, layout: Layout) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -379,10 +379,10 @@ def _supervise(
         if live_panel:
             from rich.live import Live
 
-            with Live(_panel(sup, watch, layout), refresh_per_second=2) as live:
+            with Live(panel_of(sup, watch, layout), refresh_per_second=2) as live:
                 while not stop.wait(0.5):
                     _note(sup.poll())
-                    live.update(_panel(sup, watch, layout))
+                    live.update(panel_of(sup, watch, layout))
             return
         while not stop.wait(0.5):
             _note(sup.poll())

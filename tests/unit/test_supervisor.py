@@ -68,3 +68,24 @@ def test_stop_ends_every_child_and_what_it_started(tmp_path: Path) -> None:
     assert first.state == last.state == "stopped"
     sup.poll()  # nothing restarts after a stop
     assert first.pid is None and first.restarts == 0
+
+
+def test_the_up_panel_shows_each_child_and_the_loop(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from flywheel.cli.up import Layout, Watch, panel_of
+    from flywheel.settings import load_settings
+
+    sup = Supervisor(tmp_path)
+    child = sup.add(ChildSpec("serve-0", [sys.executable, "-c", "print('hello there')"]))
+    _until(lambda: child.last_line == "hello there", sup)
+    layout = Layout(tmp_path, "127.0.0.1:9", [8123], "sqlite://", "sqlite://")
+    watch = Watch(layout, load_settings(home=tmp_path))
+    watch.version, watch.lag = "4", 17
+    console = Console(record=True, width=160)
+    console.print(panel_of(sup, watch, layout))
+    text = console.export_text()
+    assert "serving v4 on http://127.0.0.1:8123" in text
+    assert "feedback lag 17" in text
+    assert "serve-0" in text and "hello there" in text
+    sup.stop()
