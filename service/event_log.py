@@ -33,6 +33,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from flywheel.chatter import outage_over
 from flywheel.service.spool import Record, Spool
 
 __all__ = ["EventLog", "EventLogStats", "NotDurable", "Sink"]
@@ -280,6 +281,8 @@ class EventLog:
             self.stats.send_failures += 1
             self._disconnect()
         else:
+            if not self.connected:
+                outage_over()  # the one line that ends a logged outage (flywheel.chatter)
             self.connected = True
         return outcome
 

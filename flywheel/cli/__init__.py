@@ -87,6 +87,10 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
     for noisy in ("kafka", "mlflow", "alembic", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:  # one line per Kafka outage, with a count (flywheel.chatter)
+        from flywheel.chatter import install
+
+        install()
 
 
 def _register() -> None:
