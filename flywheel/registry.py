@@ -13,14 +13,16 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NewType
+from typing import TYPE_CHECKING, NewType
 
 from pydantic import SecretStr
-from torch import nn
 
-from flywheel.artifacts import load_model, save_model
-from flywheel.modelspec import AnySpec
 from flywheel.settings import CHAMPION_ALIAS, RegistrySettings, Settings, StateSettings
+
+if TYPE_CHECKING:  # torch: ~2 s of import (10 s on a busy machine) that a read of tags
+    from torch import nn  # (`flywheel models list`, `status`) never needs
+
+    from flywheel.modelspec import AnySpec
 
 EXPERIMENT = "flywheel"
 ARTIFACT_PATH = "model"
@@ -164,6 +166,8 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=mv.source, dst_path=tmp, tracking_uri=self.client.tracking_uri
             )
+            from flywheel.artifacts import load_model
+
             spec, module = load_model(Path(local), factories=self.factories)
         return LoadedVersion(self.name, ModelVersion(str(mv.version)), spec, module, dict(mv.tags))
 
@@ -200,6 +204,8 @@ class Registry:
             for k, v in (metrics or {}).items():
                 self.client.log_metric(run_id, k, float(v))
             with tempfile.TemporaryDirectory(prefix="flywheel-publish-") as tmp:
+                from flywheel.artifacts import save_model
+
                 save_model(Path(tmp), spec, module)
                 self.client.log_artifacts(run_id, tmp, artifact_path=ARTIFACT_PATH)
         except Exception:
