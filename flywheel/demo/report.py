@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,18 +120,39 @@ def privacy_summary(
     }
 
 
-def _mean_float(values: list[float]) -> float | None:
-    return round(float(np.mean(values)), 4) if values else None
+def pct(v: float | None) -> str:
+    """An accuracy for the summaries: `97.5%`, or `n/a`."""
+    return "n/a" if v is None else f"{v:.1%}"
 
 
-def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
+@contextmanager
+def saved_figure(path: Path, size: tuple[float, float] = (10, 4.5)) -> Iterator[Any]:
+    """A matplotlib figure and axes (headless backend) saved to `path` and closed after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _mean_float(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
     t = np.asarray(trace.t)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    with saved_figure(path) as (_fig, ax):
+        _draw_accuracy(ax, trace, t, window)
+
+
+def _draw_accuracy(ax: Any, trace: Trace, t: np.ndarray, window: int) -> None:
     ax.plot(t, rolling(trace.ok, window), label="flywheel (served)", color="tab:blue")
     ax.plot(
         t,
@@ -157,9 +179,6 @@ def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     ax.set_title("Flywheel vs a frozen model across an abrupt change")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_report(directory: Path, summary: dict[str, Any], trace: Trace) -> None:
@@ -174,10 +193,6 @@ def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
         return []
     if not p.get("enabled"):
         return ["Privacy: DP off (`FLYWHEEL_PRIVACY_ENABLED=false`).", ""]
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.1%}"
-
     return [
         f"Privacy: every update DP-SGD, ε spent {p['epsilon_spent']} of "
         f"{p['budget_epsilon']} per source (δ={p['delta']:g}). Recent-holdout accuracy of "
@@ -202,9 +217,6 @@ def _data_lines(s: dict[str, Any]) -> list[str]:
 
 
 def markdown(s: dict[str, Any]) -> str:
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.1%}"
-
     lines = [
         "# Flywheel demo",
         "",
