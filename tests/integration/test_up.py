@@ -144,3 +144,42 @@ def test_up_runs_the_loop_restarts_a_child_and_stops_everything(tmp_path: Path) 
                 os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_demo_stops_its_embedded_broker(tmp_path: Path) -> None:
+    """`flywheel demo` runs the broker in its own session: SIGTERM used to end the demo at
+    once (Python's default action) and leave Tansu running; now it unwinds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env |= {"FLYWHEEL_HOME": str(tmp_path / "home")}
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flywheel", "demo", "--requests", "200000"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    broker: list[int] = []
+    try:
+
+        def broker_started() -> bool:
+            broker[:] = [p for p, c in descendants(proc.pid).items() if "tansu" in c]
+            return bool(broker)
+
+        wait_for("the demo's broker", broker_started, START_S, proc, out)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 128 + signal.SIGTERM, out.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and alive(broker[0]):
+            time.sleep(0.2)
+        assert not alive(broker[0]), "the demo's broker outlived it"
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in broker:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
