@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch: ~2 s of import (10 s on a busy machine) that a read 
 
     from flywheel.modelspec import AnySpec
 
+log = logging.getLogger(__name__)
 EXPERIMENT = "flywheel"
 ARTIFACT_PATH = "model"
 VERSION_TAGS = ("parent_version", "source", "examples", "epsilon", "delta", "gate")
@@ -126,6 +127,10 @@ class Registry:
         self.factories = registry.factories  # modules trusted to build `factory` models
         uri = state.resolved_mlflow_uri
         os.environ.update(mlflow_credentials(state))
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            # MLflow creates and migrates its tables on first use, silently (its logger is
+            # at WARNING here): 6 s on the 2-core test machine under load
+            log.info("creating the MLflow store %s (its tables: a few seconds)", uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     @classmethod
