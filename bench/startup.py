@@ -93,6 +93,7 @@ def _time_to_output(exe: str, args: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
+PROCESSES = ("serve", "serve-new", "feedback", "learn")  # timed to ready
 READ_COMMANDS = {
     "help": ["--help"],
     "models-list": ["models", "list"],
@@ -112,6 +113,11 @@ def main(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Seconds from exec to ready or first output, per process (median of `rounds`)."""
+    names = [*PROCESSES, *READ_COMMANDS]
+    chosen = names if only is None else [n.strip() for n in only.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown or not chosen:
+        raise typer.BadParameter(f"--only: unknown {unknown}; choose from {names}")
     from flywheel.broker import EmbeddedBroker, ensure_topics, free_port
     from flywheel.learner import ensure_champion
     from flywheel.registry import Registry
@@ -144,11 +150,6 @@ def main(
             "feedback": (["feedback"], _logged("feedback worker in group")),
             "learn": (["learn"], _logged("resumes at update")),
         }
-        names = [*processes, *READ_COMMANDS]
-        chosen = names if only is None else [n.strip() for n in only.split(",") if n.strip()]
-        unknown = sorted(set(chosen) - set(names))
-        if unknown:
-            raise typer.BadParameter(f"--only: unknown {unknown}; choose from {names}")
         exes = {"this": _flywheel()} | ({"baseline": baseline} if baseline else {})
         results: dict[str, list[float]] = {
             f"{name} ({which})": [] for name in chosen for which in exes
