@@ -132,11 +132,19 @@ def _local_key(settings: Settings, root: Path) -> str | None:
     return key
 
 
-def _wait_phase(what: str, done: Any, timeout_s: float, proc: Any = None) -> None:
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM during a start-up phase."""
+
+
+def _wait_phase(
+    what: str, done: Any, timeout_s: float, stop: threading.Event, proc: Any = None
+) -> None:
     """Say what start-up waits for and, every 5 s, how long it has waited."""
     _say(f"{what}...")
     start = last = time.monotonic()
     while not done():
+        if stop.is_set():
+            raise _Stopped
         now = time.monotonic()
         if proc is not None and proc.poll() is not None:
             raise _fail(f"{what}: the process exited with code {proc.returncode}")
@@ -158,7 +166,9 @@ def _printed(log: Path, line: str) -> bool:
         return False
 
 
-def _run_step(what: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+def _run_step(
+    what: str, argv: list[str], env: dict[str, str], log: Path, stop: threading.Event
+) -> None:
     """A one-shot child (db upgrade, the first model) with progress; its failure stops `up`."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -170,8 +180,12 @@ def _run_step(what: str, argv: list[str], env: dict[str, str], log: Path) -> Non
             start_new_session=True,
         )
         try:
-            _wait_phase(what, lambda: proc.poll() is not None, 1800.0)
-        except BaseException:
+            _wait_phase(what, lambda: proc.poll() is not None, 1800.0, stop)
+        except BaseException:  # stopped: a learner lets its lease go on SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -322,32 +336,38 @@ def _up(
         root, bootstrap, ports, settings.resolved_database_url, settings.resolved_mlflow_uri
     )
     logs = root / UP_DIR / "logs"
-    sup = Supervisor(logs, backoff=Backoff(1.0, 30.0))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"} | layout.shared_env()
+    sup = Supervisor(logs, backoff=Backoff(1.0, 30.0), base_env=env)
     try:
-        sup.base_env = env
         broker = sup.add(
             ChildSpec(
                 "broker", _flywheel("broker", "--port", bootstrap.rsplit(":", 1)[1]), stop_last=True
             )
         )
-        _wait_phase(
-            f"broker on {bootstrap}",
-            lambda: _printed(logs / "broker.log", bootstrap) or stop.is_set(),
-            60.0,
-            proc=broker.proc,
-        )
-        _run_step("schema (db upgrade)", _flywheel("db", "upgrade"), env, logs / "db-upgrade.log")
-        if stop.is_set():
-            return
-        layout.key = _local_key(settings, root)
-        _run_step(
-            "first model (a new home trains it: about a minute)",
-            _flywheel("learn", "--once"),
-            env,
-            logs / "first-model.log",
-        )
-        if stop.is_set():
+        try:
+            _wait_phase(
+                f"broker on {bootstrap}",
+                lambda: _printed(logs / "broker.log", bootstrap),
+                60.0,
+                stop,
+                proc=broker.proc,
+            )
+            _run_step(
+                "schema (db upgrade)",
+                _flywheel("db", "upgrade"),
+                env,
+                logs / "db-upgrade.log",
+                stop,
+            )
+            layout.key = _local_key(settings, root)
+            _run_step(
+                "first model (a new home trains it: about a minute)",
+                _flywheel("learn", "--once"),
+                env,
+                logs / "first-model.log",
+                stop,
+            )
+        except _Stopped:
             return
         for i in range(replicas):
             sup.add(ChildSpec(f"serve-{i}", _flywheel("serve"), layout.replica_env(i)))

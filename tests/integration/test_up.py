@@ -183,3 +183,41 @@ def test_sigterm_to_the_demo_stops_its_embedded_broker(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+
+
+def test_sigterm_during_start_up_stops_the_phase_and_the_broker(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env |= {"FLYWHEEL_HOME": str(tmp_path / "home")}
+    out = tmp_path / "up.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flywheel", "up", "--port", "0", "--no-panel"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    seen: dict[int, str] = {}
+    try:
+
+        def in_first_model() -> bool:
+            seen.update(descendants(proc.pid))
+            return "up: first model" in out.read_text() and any(
+                "flywheel learn --once" in c for c in seen.values()
+            )
+
+        wait_for("the first-model phase", in_first_model, START_S, proc, out)
+        assert any("tansu" in c for c in seen.values())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, out.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(p) for p in seen):
+            time.sleep(0.2)
+        assert not {p: c for p, c in seen.items() if alive(p)}
+        assert "up: ready:" not in out.read_text()
+    finally:
+        for pid in [proc.pid, *seen]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
