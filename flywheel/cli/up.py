@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,7 +58,6 @@ class Layout:
     database_url: str
     mlflow_uri: str
     key: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def shared_env(self) -> dict[str, str]:
         return {
