@@ -29,6 +29,8 @@ BENCHMARKS = (
     "init",
     "rejoin",
     "startup",
+    "storage",
+    "faults",
 )
 
 app = typer.Typer(

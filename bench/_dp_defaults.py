@@ -86,10 +86,20 @@ def stream_of(name: str, samples: int, seed: int) -> Stream:
     return reversal_stream(name, samples, seed)
 
 
+MECHANISMS = ("dp-sgd", "dp-ftrl")  # FLYWHEEL_PRIVACY_MECHANISM, side by side
+
+
 def run_pair(
-    stream: Stream, warmup: int, seed: int, epsilon: float, delta: float
+    stream: Stream,
+    warmup: int,
+    seed: int,
+    epsilon: float,
+    delta: float,
+    mechanisms: tuple[str, ...] = MECHANISMS,
+    ftrl_lr: float | None = None,
 ) -> dict[str, Any]:
-    """Prequential correctness of both arms on `stream`, and what DP spent."""
+    """Prequential correctness of the non-private arm and one DP arm per mechanism on
+    `stream` (each its own ledger lineage), and what each DP arm spent."""
     import torch
 
     from bench._streams import warm_model
@@ -101,7 +111,16 @@ def run_pair(
     from flywheel.store import StoredExample, make_engine, upgrade
 
     learner = LearnerSettings()
-    privacy = PrivacySettings(privacy_epsilon=epsilon, privacy_delta=delta)
+    extra = {} if ftrl_lr is None else {"privacy_ftrl_lr": ftrl_lr}
+    privacies = {
+        mech: PrivacySettings(
+            privacy_epsilon=epsilon,
+            privacy_delta=delta,
+            privacy_mechanism=mech,  # type: ignore[arg-type]
+            **extra,  # type: ignore[arg-type]
+        )
+        for mech in mechanisms
+    }
     setup = OurSetup()
     x, y = stream.x, stream.y
     xw, yw = x[:warmup], y[:warmup]
@@ -111,108 +130,143 @@ def run_pair(
     plain = OnlineTrainer(module, plain_cfg, input_dim=x.shape[1], seed=seed, novelty=novelty)
     plain.remember_public(xw, yw)
     plain.remember(xw, yw)  # learner._refill: a pool under 100 rows gets the seed rows
-    dp_cfg = dataclasses.replace(plain_cfg, lr=privacy.privacy_learn_lr, max_lr=None)
-    dp = OnlineTrainer(
-        copy.deepcopy(module), dp_cfg, input_dim=x.shape[1], seed=seed, novelty=novelty
-    )
-    dp.remember_public(xw, yw)
+    dps = {}
+    for mech, privacy in privacies.items():
+        dp_cfg = dataclasses.replace(plain_cfg, lr=privacy.privacy_learn_lr, max_lr=None)
+        dps[mech] = OnlineTrainer(
+            copy.deepcopy(module), dp_cfg, input_dim=x.shape[1], seed=seed, novelty=novelty
+        )
+        dps[mech].remember_public(xw, yw)
     names = [f"class_{i}" for i in range(stream.n_labels)]
     labels = {n: i for i, n in enumerate(names)}
     torch.manual_seed(seed)
     n = learner.learn_batch
-    hits: dict[str, list[np.ndarray]] = {"dp": [], "plain": []}
-    reused = refused = 0
+    hits: dict[str, list[np.ndarray]] = {m: [] for m in ("plain", *mechanisms)}
+    reused = dict.fromkeys(mechanisms, 0)
+    refused = dict.fromkeys(mechanisms, 0)
     with tempfile.TemporaryDirectory() as home:
         url = f"sqlite:///{Path(home) / 'store.db'}"
         upgrade(url)
         engine = make_engine(url)
         try:
-            step = PrivateStep(
-                privacy,
-                learner.learn_steps,
-                engine,
-                f"bench-{stream.name}",
-                window=learner.learn_boost_window,
-            )
+            steps = {
+                mech: PrivateStep(
+                    privacy,
+                    learner.learn_steps,
+                    engine,
+                    f"bench-{stream.name}-{mech}",
+                    window=learner.learn_boost_window,
+                )
+                for mech, privacy in privacies.items()
+            }
             for update, start in enumerate(range(warmup, len(y), n), 1):
                 xb, yb = x[start : start + n], y[start : start + n]
-                dp_hit = dp.predict(xb) == yb
                 plain_hit = plain.predict(xb) == yb
-                hits["dp"].append(dp_hit)
                 hits["plain"].append(plain_hit)
-                rows = [
-                    StoredExample(
-                        start + i,
-                        "correction",
-                        "train",
-                        xb[i].tolist(),
-                        names[int(yb[i])],
-                        1.0,
-                        None if dp_hit[i] else "wrong",
-                        None,
-                        f"p{start + i}",
-                    )
-                    for i in range(len(yb))
-                ]
-                # learner.step: plan (the budget first), observe, then train
-                boosted = dp.config.elastic and dp.elastic.boosted
-                outcome = step.plan(rows, update, dp.module, reuse=boosted)
-                drift = dp.observe_errors((~dp_hit).tolist())
-                shift = dp.observe_inputs(xb)
-                if drift or shift:
-                    step.change(start)
-                if outcome is None or outcome.plan is None:
-                    refused += 1
-                else:
-                    reused += outcome.reused
-                    step.train(dp, outcome, labels)
+                for mech, dp in dps.items():
+                    dp_hit = dp.predict(xb) == yb
+                    hits[mech].append(dp_hit)
+                    step = steps[mech]
+                    rows = [
+                        StoredExample(
+                            start + i,
+                            "correction",
+                            "train",
+                            xb[i].tolist(),
+                            names[int(yb[i])],
+                            1.0,
+                            None if dp_hit[i] else "wrong",
+                            None,
+                            f"p{start + i}",
+                        )
+                        for i in range(len(yb))
+                    ]
+                    # learner.step: plan (the budget first), observe, then train
+                    boosted = dp.config.elastic and dp.elastic.boosted
+                    outcome = step.plan(rows, update, dp.module, reuse=boosted)
+                    drift = dp.observe_errors((~dp_hit).tolist())
+                    shift = dp.observe_inputs(xb)
+                    if drift or shift:
+                        step.change(start)
+                    if outcome is None or outcome.plan is None:
+                        refused[mech] += 1
+                    else:
+                        reused[mech] += outcome.reused
+                        step.train(dp, outcome, labels)
                 plain.observe_errors((~plain_hit).tolist())
                 plain.observe_inputs(xb)
                 plain.update(xb, yb)
             ledger = PrivacyLedger(engine)
-            spent = ledger.lineage_epsilon(f"bench-{stream.name}")
+            spent = {m: ledger.lineage_epsilon(f"bench-{stream.name}-{m}") for m in mechanisms}
         finally:
             engine.dispose()
     return {
-        "dp": np.concatenate(hits["dp"]),
         "plain": np.concatenate(hits["plain"]),
-        "epsilon": spent,
-        "reused": reused,
-        "refused": refused,
-        "drifts": dp.elastic.drifts,
+        "arms": {
+            m: {
+                "hits": np.concatenate(hits[m]),
+                "epsilon": spent[m],
+                "reused": reused[m],
+                "refused": refused[m],
+                "drifts": dps[m].elastic.drifts,
+            }
+            for m in mechanisms
+        },
     }
 
 
 def run_defaults(
-    names: list[str], samples: int, warmup: int, seeds: int, epsilon: float, delta: float
+    names: list[str],
+    samples: int,
+    warmup: int,
+    seeds: int,
+    epsilon: float,
+    delta: float,
+    ftrl_lr: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Per stream: mean prequential accuracy of both arms over the seeds, and the gap."""
+    """Per stream: mean prequential accuracy over the seeds of the non-private arm and of
+    each DP mechanism at the same ε, and their gaps; "dp" and "gap_points" are the
+    product's default mechanism (FLYWHEEL_PRIVACY_MECHANISM)."""
+    from flywheel.settings import PrivacySettings
+
+    default = PrivacySettings().privacy_mechanism
     out = []
     for name in names:
         runs = []
         for seed in range(1, seeds + 1):
             stream = stream_of(name, samples, seed)
-            runs.append(run_pair(stream, warmup, seed, epsilon, delta))
-        dp_acc = float(np.mean([r["dp"].mean() for r in runs]))
+            runs.append(run_pair(stream, warmup, seed, epsilon, delta, ftrl_lr=ftrl_lr))
         plain_acc = float(np.mean([r["plain"].mean() for r in runs]))
+        arms = {}
+        for mech in MECHANISMS:
+            acc = float(np.mean([r["arms"][mech]["hits"].mean() for r in runs]))
+            arms[mech] = {
+                "dp": acc,
+                "gap_points": 100 * (plain_acc - acc),
+                "epsilon_spent": max(r["arms"][mech]["epsilon"] for r in runs),
+                "reused_examples": float(np.mean([r["arms"][mech]["reused"] for r in runs])),
+                "refused_updates": float(np.mean([r["arms"][mech]["refused"] for r in runs])),
+                "drifts_detected": float(np.mean([r["arms"][mech]["drifts"] for r in runs])),
+            }
         out.append(
             {
                 "stream": name,
                 "description": stream.description,
-                "dp": dp_acc,
                 "non_private": plain_acc,
-                "gap_points": 100 * (plain_acc - dp_acc),
-                "epsilon_spent": max(r["epsilon"] for r in runs),
-                "reused_examples": float(np.mean([r["reused"] for r in runs])),
-                "refused_updates": float(np.mean([r["refused"] for r in runs])),
-                "drifts_detected": float(np.mean([r["drifts"] for r in runs])),
+                "mechanism": default,
+                **arms[default],
+                "mechanisms": arms,
             }
         )
     return out
 
 
-def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
-    gaps = [r["gap_points"] for r in results]
+def verdict(results: list[dict[str, Any]], mechanism: str | None = None) -> dict[str, Any]:
+    """Mean and worst gap of the default mechanism, or of `mechanism`, against the target."""
+    gaps = [
+        r["gap_points"] if mechanism is None else r["mechanisms"][mechanism]["gap_points"]
+        for r in results
+    ]
     mean, worst = float(np.mean(gaps)), float(max(gaps))
     return {
         "mean_gap_points": mean,
@@ -222,4 +276,4 @@ def verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["STREAMS", "run_defaults", "run_pair", "stream_of", "verdict"]
+__all__ = ["MECHANISMS", "STREAMS", "run_defaults", "run_pair", "stream_of", "verdict"]

@@ -50,7 +50,10 @@ from bench._streams import (
 )
 from bench.harness import document, machine_line
 
-SCENARIOS = ("demo", "sea", "agrawal")
+SCENARIOS = ("demo", "sea", "agrawal", "sea-flip", "agrawal-flip")
+REVERSALS = ("sea-flip", "agrawal-flip")  # label reversals: the ARF target applies to these
+MODES = ("fixed", "elastic", "background")
+ARF_TARGET = 1.0  # ours (the production drift response) / ARF, samples to recover
 RATES = (0.001, 0.003, 0.01, 0.03)
 RECOVERY_SHARE = 0.95
 RATIO_TARGET = 0.5
@@ -112,6 +115,8 @@ def make_scenario(name: str, before: int, after: int, holdout: int, seed: int) -
             draw(old, holdout, seed + 1000),
             draw(new, holdout, seed + 1001),
         )
+    if name in REVERSALS:
+        return _reversal(name, before, after, holdout, seed)
     if name == "sea":
         rows, y = take_rows(sea_rows(n, seed, SEA_SWITCH, [before]), n)
 
@@ -151,6 +156,73 @@ def make_scenario(name: str, before: int, after: int, holdout: int, seed: int) -
             agr(AGRAWAL_SWITCH[1]),
         )
     raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+
+
+def _reversal(name: str, before: int, after: int, holdout: int, seed: int) -> Scenario:
+    """One concept, then every label flipped: the inputs stay, only the errors tell."""
+    from river.datasets import synth
+
+    from bench._streams import SEA_NOISE
+
+    if name == "sea-flip":
+        variant = SEA_SWITCH[0]
+
+        def draw(k: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+            r, yy = take_rows(synth.SEA(variant=variant, noise=SEA_NOISE, seed=s), k)
+            return encode_indexed(r), yy.astype(np.int64)
+
+        text = f"SEA variant {variant}, {SEA_NOISE:.0%} label noise, then every label flipped"
+    else:
+        function = AGRAWAL_SWITCH[0]
+
+        def draw(k: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+            r, yy = take_rows(synth.Agrawal(classification_function=function, seed=s), k)
+            return encode_agrawal(r), yy.astype(np.int64)
+
+        text = f"Agrawal function {function}, then every label flipped"
+    x, y = draw(before + after, seed)
+    y = np.concatenate([y[:before], 1 - y[before:]])
+    hx, hy = draw(holdout, seed + 1000)
+    return Scenario(name, text, x, y, 2, before, (hx, hy), (hx, 1 - hy))
+
+
+def run_arf(sc: Scenario, batch: int, warmup: int, seed: int) -> dict[str, Any]:
+    """river's ARF on the same stream (predict_one, then learn_one), held-out scored after
+    every `batch` samples as our learner is: the run dict `recovery` reads."""
+    from river import forest
+
+    model = forest.ARFClassifier(seed=seed)
+    rows = [dict(enumerate(v.tolist())) for v in sc.x]
+    hold = {
+        key: ([dict(enumerate(v.tolist())) for v in hx], hy)
+        for key, (hx, hy) in (("before", sc.holdout_before), ("after", sc.holdout_after))
+    }
+
+    def held_out(key: str) -> float:
+        hx, hy = hold[key]
+        return float(np.mean([model.predict_one(r) == t for r, t in zip(hx, hy, strict=True)]))
+
+    correct = np.zeros(len(sc.y) - warmup, dtype=bool)
+    ends: list[int] = []
+    held: list[float] = []
+    old_at_drift: float | None = None
+    for i, (r, t) in enumerate(zip(rows, sc.y.tolist(), strict=True)):
+        if i >= warmup:
+            correct[i - warmup] = model.predict_one(r) == t
+        model.learn_one(r, t)
+        end = i + 1
+        if end > warmup and (end - warmup) % batch == 0:
+            ends.append(end)
+            held.append(held_out("before" if end < sc.drift else "after"))
+            if end == sc.drift:
+                old_at_drift = held_out("before")
+    return {
+        "correct": correct,
+        "ends": np.asarray(ends),
+        "held": np.asarray(held),
+        "held_old_at_drift": old_at_drift,
+        "boost": np.ones(len(ends)),
+    }
 
 
 def run_one(sc: Scenario, config: Any, setup: OurSetup, warmup: int, seed: int) -> dict[str, Any]:
@@ -236,21 +308,34 @@ def summarize_cell(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def compare(cells: dict[str, dict[str, Any]], rates: list[float]) -> dict[str, Any]:
-    """Best fixed vs best elastic rate (each by prequential accuracy) and their ratios."""
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else (1.0 if a == b else float("inf"))
+
+
+def compare(
+    cells: dict[str, dict[str, Any]], rates: list[float], *, reversal: bool = False
+) -> dict[str, Any]:
+    """Best fixed vs best elastic rate (each by prequential accuracy) and their ratios; the
+    best background run (the production drift response) against ARF."""
 
     def best(mode: str) -> float:
         return max(rates, key=lambda r: cells[f"{mode}@{r:g}"]["prequential_accuracy"])
 
-    bf, be = best("fixed"), best("elastic")
+    bf, be, bb = best("fixed"), best("elastic"), best("background")
     fixed, elastic = cells[f"fixed@{bf:g}"], cells[f"elastic@{be:g}"]
+    background, arf = cells[f"background@{bb:g}"], cells["arf"]
     same = cells[f"elastic@{bf:g}"]
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else float("inf")
-
+    ratio = _ratio
     r = ratio(elastic["recovery"], fixed["recovery"])
+    arf_ratio = ratio(background["recovery"], arf["recovery"])
     return {
+        "best_background_lr": bb,
+        "best_background_recovery": background["recovery"],
+        "arf_recovery": arf["recovery"],
+        "arf_ratio": arf_ratio,
+        "arf_target": f"<= {ARF_TARGET}" if reversal else "(reversals only)",
+        "arf_pass": arf_ratio <= ARF_TARGET if reversal else None,
+        "background_vs_elastic": ratio(background["recovery"], elastic["recovery"]),
         "best_fixed_lr": bf,
         "best_elastic_lr": be,
         "best_fixed_recovery": fixed["recovery"],
@@ -349,6 +434,25 @@ def render(doc: dict[str, Any]) -> None:
             f"{c['target']} {verdict}",
         )
     console.print(summary)
+    versus = Table(
+        title="production drift response (elastic + background line) vs river ARF: samples "
+        "to recover, same stream"
+    )
+    for col in ("scenario", "background lr", "recovery", "elastic alone", "ARF", "ratio", "target"):
+        versus.add_column(col, justify="left" if col == "scenario" else "right", no_wrap=True)
+    for sc in doc["scenarios"]:
+        c = sc["comparison"]
+        verdict = {True: "[green]PASS[/]", False: "[red]MISS[/]", None: ""}[c["arf_pass"]]
+        versus.add_row(
+            sc["name"],
+            f"{c['best_background_lr']:g}",
+            f"{c['best_background_recovery']:.0f}",
+            f"{c['best_elastic_recovery']:.0f}",
+            f"{c['arf_recovery']:.0f}",
+            f"[bold]{c['arf_ratio']:.2f}[/]",
+            f"{c['arf_target']} {verdict}",
+        )
+    console.print(versus)
     ours = cfg["ours"]
     console.print(
         f"ours: MLP {ours['hidden']}, N={ours['batch']}, TrainerConfig("
@@ -429,6 +533,7 @@ def main(
         trainer_config,
     )
     from bench.harness import machine
+    from flywheel.learner import BackgroundConfig
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     bad = [s for s in names if s not in SCENARIOS]
@@ -461,19 +566,29 @@ def main(
     }
     started = time.perf_counter()
     seed_list = [seed + k for k in range(seeds)]
-    grid = [(mode, lr) for mode in ("fixed", "elastic") for lr in rate_list]
+    grid = [(mode, lr) for mode in MODES for lr in rate_list]
     interactive = sys.stderr.isatty()
     results = []
     with one_thread(), progress(interactive) as bar:
         info = machine()
         for name in names:
-            task = bar.add_task(f"{name}", total=len(seed_list) * len(grid))
+            task = bar.add_task(f"{name}", total=len(seed_list) * (len(grid) + 1))
             per_cell: dict[str, list[dict[str, Any]]] = {f"{m}@{lr:g}": [] for m, lr in grid}
+            per_cell["arf"] = []
             curves: dict[str, list[np.ndarray]] = {k: [] for k in per_cell}
             for sd in seed_list:
                 sc = make_scenario(name, before, after, holdout, sd)
+                arf = run_arf(sc, batch, warmup, sd)
+                per_cell["arf"].append(recovery(arf, sc.drift, warmup, window))
+                curves["arf"].append(arf["held"][arf["ends"] >= sc.drift][: CURVE_UPDATES + 1])
+                bar.advance(task)
                 for mode, lr in grid:
-                    config = trainer_config(lr=lr, elastic=mode == "elastic", **knobs)
+                    config = trainer_config(
+                        lr=lr,
+                        elastic=mode != "fixed",
+                        background=BackgroundConfig() if mode == "background" else None,
+                        **knobs,
+                    )
                     run = run_one(sc, config, setup, warmup, sd)
                     rec = recovery(run, sc.drift, warmup, window)
                     per_cell[f"{mode}@{lr:g}"].append(rec)
@@ -489,10 +604,12 @@ def main(
                             file=sys.stderr,
                         )
             cells = {k: summarize_cell(v) for k, v in per_cell.items()}
-            comparison = compare(cells, rate_list)
+            comparison = compare(cells, rate_list, reversal=name in REVERSALS)
             best = {
                 "fixed": f"fixed@{comparison['best_fixed_lr']:g}",
                 "elastic": f"elastic@{comparison['best_elastic_lr']:g}",
+                "background": f"background@{comparison['best_background_lr']:g}",
+                "arf": "arf",
             }
             results.append(
                 {
@@ -523,6 +640,11 @@ def main(
                     "examples since the change while boosted + replay only "
                     "since an error drift",
                     "fixed": "TrainerConfig(elastic=False): fixed rate, no drift response",
+                    "background": "elastic + a background line on a drift warning "
+                    "(learner/background.py, BackgroundConfig defaults): the production "
+                    "default",
+                    "arf": "river ARFClassifier(seed=seed), predict_one/learn_one, held-out "
+                    "scored every N samples",
                 },
                 "recovery_share": RECOVERY_SHARE,
                 "pre_updates": PRE_UPDATES,
@@ -545,6 +667,8 @@ def main(
             "summary": {
                 "scenarios_passed": sum(r["comparison"]["pass"] for r in results),
                 "all_pass": all(r["comparison"]["pass"] for r in results),
+                "arf_passed": [r["name"] for r in results if r["comparison"]["arf_pass"]],
+                "arf_missed": [r["name"] for r in results if r["comparison"]["arf_pass"] is False],
                 "runtime_s": time.perf_counter() - started,
             },
         },

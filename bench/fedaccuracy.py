@@ -143,15 +143,18 @@ def main(
     from rich.table import Table
 
     from bench._streams import one_thread
-    from bench.harness import document, machine, machine_line, now
+    from bench.harness import document, machine, machine_line, now, quiet_loggers
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     m = machine()
     date = now()
     started = time.perf_counter()
     runs = []
     for r in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="bench-fedaccuracy-") as tmp, one_thread():
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-fedaccuracy-") as tmp,
+            one_thread(),
+            quiet_loggers({"flwr": logging.WARNING}),
+        ):
             # noise_seed: reproducible central noise, for this experiment only
             runs.append(
                 run(

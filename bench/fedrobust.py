@@ -122,16 +122,10 @@ def main(
     """Union-holdout accuracy of each strategy with no attacker and with each attacker."""
     import logging
 
-    # quiet while it runs, and as it was after (the smoke test runs it in the test process)
-    quiet = {"flwr": logging.WARNING, "flywheel": logging.ERROR}
-    before = {name: logging.getLogger(name).level for name in quiet}
-    for name, level in quiet.items():
-        logging.getLogger(name).setLevel(level)
-    try:
+    from bench.harness import quiet_loggers
+
+    with quiet_loggers({"flwr": logging.WARNING, "flywheel": logging.ERROR}):
         _run(sites, rounds, local_steps, seed, strategies, attacks, json_out)
-    finally:
-        for name, level in before.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def _run(

@@ -9,12 +9,30 @@ benchmarks repeated this block; it lives here once.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
+
+
+@contextlib.contextmanager
+def quiet_loggers(levels: dict[str, int]) -> Iterator[None]:
+    """Raise the named loggers' levels while a benchmark runs, and put them back after: a
+    smoke test runs benchmarks in the test process, where a level left at ERROR empties
+    every later test's caplog."""
+    before = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def machine() -> dict[str, Any]:

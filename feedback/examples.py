@@ -32,6 +32,7 @@ from flywheel.feedback.messages import Rejected
 from flywheel.feedback.reference_data import LabelledPool
 from flywheel.settings import FeedbackSettings
 from flywheel.store import NO_SOURCE, CounterexampleUsage, ErrorCount, Origin, Split
+from flywheel.subjects import privacy_unit
 
 log = logging.getLogger(__name__)
 # Plain strings, looked up once: a batch builds tens of thousands of rows.
@@ -175,6 +176,7 @@ class ExampleBuilder:
                 "weight": 1.0,
                 "split": split,
                 "source": p.source,
+                "privacy_unit": privacy_unit(p.subject, p.prediction_id),
                 "created_at": now,
             }
             hour = hours.get(p.corrected_at)
@@ -202,6 +204,8 @@ class ExampleBuilder:
             wanting, self._generate([(pp.pair, e) for pp, e in wanting]), strict=True
         ):
             p = prepared.pair
+            assert prepared.row is not None
+            prediction_unit = prepared.row["privacy_unit"]
             prepared.variants = [
                 {
                     "dedup_key": f"counterexample:{p.correction_id}:{i}",
@@ -213,6 +217,8 @@ class ExampleBuilder:
                     "weight": v.weight,
                     "split": _TRAIN,
                     "source": p.source,
+                    # derived from the correction: the same subject's data, the same unit
+                    "privacy_unit": prediction_unit,
                     "created_at": now,
                 }
                 for i, v in enumerate(variants)

@@ -11,6 +11,7 @@ import orjson
 from pydantic import ValidationError
 
 from flywheel.events import NO_NUL, CorrectionEvent, PredictionEvent
+from flywheel.subjects import SUBJECT_KEY_PATTERN
 
 __all__ = [
     "CONTENT",
@@ -50,6 +51,11 @@ def _describe(exc: ValidationError) -> str:
         pattern = err.get("ctx", {}).get("pattern")
         if err.get("type") == "string_pattern_mismatch" and pattern == NO_NUL:
             msg = "holds a NUL character, which the store cannot keep"
+        elif err.get("type") == "string_pattern_mismatch" and pattern == SUBJECT_KEY_PATTERN:
+            msg = (
+                "must be the subject's keyed hash (64 hex digits), never a raw id; "
+                "send corrections with a subject through POST /v1/corrections"
+            )
         parts.append(f"{loc}: {msg}")
     return "schema: " + "; ".join(parts)
 
@@ -68,7 +74,7 @@ CONTENT: dict[type, tuple[str, ...]] = {
         "timestamp",
         "latency_ms",
     ),
-    CorrectionEvent: ("prediction_id", "label", "source"),
+    CorrectionEvent: ("prediction_id", "label", "source", "subject"),
 }
 
 

@@ -155,10 +155,10 @@ class Planner:
                     hit = cache.get(pid)
             if hit is not None:
                 resolved[pid] = hit
-                pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, hit))
+                pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, hit, c.subject))
         for pid, known in in_batch.items():  # the claims it will most likely make
             for c in self._pending.get(pid, ()):
-                pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, known))
+                pairs.append(pair_of(c.id, pid, c.label, c.source, c.timestamp, known, c.subject))
         prepared = {pp.pair.correction_id: pp for pp in self.analysis.prepare(pairs)}
         prediction_copy = example_lines = None
         if self.copy:
@@ -240,7 +240,13 @@ def apply(session: Session, plan: Plan, analysis: Analysis, now: datetime) -> Ap
         else:  # its prediction was read from the store just now
             unprepared.append(
                 pair_of(
-                    c.id, c.prediction_id, c.label, c.source, c.timestamp, found[c.prediction_id]
+                    c.id,
+                    c.prediction_id,
+                    c.label,
+                    c.source,
+                    c.timestamp,
+                    found[c.prediction_id],
+                    c.subject,
                 )
             )
     for pair in claim_for(session, plan.in_batch, now):

@@ -320,7 +320,12 @@ class FeedbackWorker:
             signer = None
             if keys is not None and kind == "correction":
                 try:
-                    signer = signer_of(keys, m.headers(), m.value())
+                    try:
+                        signer = signer_of(keys, m.headers(), m.value())
+                    except Exception as exc:
+                        if not transient(exc):
+                            raise
+                        signer = self._signer_once_the_store_is_back(m)
                 except KeyRefused as exc:
                     rejected.append(
                         Rejected(topic, partition, offset, m.key(), m.value(), exc.reason)
@@ -344,6 +349,22 @@ class FeedbackWorker:
         batch = Batch(events, rejected, offsets, len(messages))
         batch.plan = self._prepare([e for _, e in events], batch)
         return batch
+
+    def _signer_once_the_store_is_back(self, m: Any) -> str:
+        """`signer_of` for a record whose key had to be read from a store that is down:
+        waited out like the writer's store outage (flywheel.retry), not raised. Found by
+        the fault suite: a key's cached row older than FLYWHEEL_AUTH_CACHE_TTL_S during a
+        PostgreSQL kill made the worker exit ("error: database: connection failed")."""
+        assert self.keys is not None
+        keys = self.keys
+        return retry_call(
+            lambda: signer_of(keys, m.headers(), m.value()),
+            dependency="store",
+            policy=self.writer.policy,
+            status=self.status,
+            stop=self.writer.stop,
+            what="checking a correction's signature",
+        )
 
     def _prepare(self, events: list[Event], batch: Batch | None = None) -> Plan | None:
         """The batch's plan; None (the store thread takes the general path) if preparing

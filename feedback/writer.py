@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,11 +37,19 @@ from flywheel.feedback.plan import Applied, NotNew, Plan, apply
 from flywheel.feedback.prediction_cache import PredictionCache
 from flywheel.retry import Backoff, DependencyStatus, Fatal, fatal_reason, transient
 from flywheel.settings import FeedbackSettings
-from flywheel.store import Example, insert_ignoring_duplicates, session_factory
+from flywheel.store import (
+    Example,
+    RetentionPolicy,
+    default_owner,
+    insert_ignoring_duplicates,
+    maintain,
+    session_factory,
+)
 
 log = logging.getLogger(__name__)
 Event = PredictionEvent | CorrectionEvent
 T = TypeVar("T")
+MAINTENANCE_TRY_S = 300.0  # how often a worker asks the store whether maintenance is due
 
 
 @dataclass
@@ -57,6 +66,8 @@ class WorkerStats:
     released: int = 0
     retries: int = 0
     sweep_failures: int = 0
+    maintenance_runs: int = 0  # store maintenance (retention, partitions) run by this worker
+    maintenance_failures: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -127,6 +138,11 @@ class StoreWriter:
         self.policy = Backoff()
         self.status = DependencyStatus()
         self.stop = threading.Event()
+        # store maintenance: tried every MAINTENANCE_TRY_S at most, run when the store says
+        # it is due (one worker of the group a FLYWHEEL_RETENTION_EVERY_S)
+        self.retention = RetentionPolicy.of(feedback)
+        self._owner = default_owner()
+        self._next_maintenance = 0.0  # the first sweep asks
 
     def store_batch(self, batch: Batch) -> None:
         """Write one polled batch: whole if the store takes it, else record by record."""
@@ -274,7 +290,26 @@ class StoreWriter:
         self.stats.examples += examples
         self.stats.released += released
         self.stats.expired += expired
+        if not final:
+            self.maybe_maintain()
         return [stored]
+
+    def maybe_maintain(self) -> None:
+        """Run the store's maintenance (`flywheel.store.retention`) if it is this worker's
+        turn: tried at most every MAINTENANCE_TRY_S, run when no worker of the group ran it
+        in the last FLYWHEEL_RETENTION_EVERY_S. A failure is logged and tried again later."""
+        every = self.retention.every_s
+        if not every or time.monotonic() < self._next_maintenance:
+            return
+        self._next_maintenance = time.monotonic() + min(every, MAINTENANCE_TRY_S)
+        try:
+            if maintain(self.engine, self.retention, owner=self._owner) is not None:
+                self.stats.maintenance_runs += 1
+        except Exception as exc:
+            if isinstance(exc, Fatal):
+                raise
+            self.stats.maintenance_failures += 1
+            log.warning("store maintenance failed (%s); tried again later", exc)
 
     def in_transaction(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one transaction; while the database says try again (busy, a

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from flywheel.appkeys import app_of
+from flywheel.subjects import SubjectKey
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -152,6 +153,9 @@ class CorrectionEvent(_Event):
     label: LabelName
     source: SourceName | None = None
     timestamp: AwareDatetime
+    # the data subject the label is about, as its keyed hash (`flywheel.subjects`): never a
+    # raw id; a record with anything else here is dead-lettered, not stored
+    subject: SubjectKey | None = None
 
 
 class DeadLetter(_Event):

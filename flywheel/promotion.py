@@ -33,15 +33,20 @@ def promote(
     registry: Registry,
     actor: str | None = None,
     notify: bool = True,
+    gate: str | None = None,
 ) -> ModelEvent:
     """Make `version` the champion and announce it on `kafka`'s model-events topic.
+
+    The promotion is signed (flywheel.signing): on `gate`, the passed gate result the
+    caller computed itself (the learner, the federated server), or else as `actor`'s
+    approval for `reason` (a reviewer, `flywheel models promote`).
 
     `notify=False` leaves the announcement to the caller, who then learns from
     `announce`'s result whether services were told (the CLI reports it). `registry` is the
     process's one `Registry` (built where the process starts, not per call).
     """
     actor = actor or default_actor()
-    previous = registry.promote(version, reason=reason, actor=actor)
+    previous = registry.promote(version, reason=reason, actor=actor, gate=gate)
     event = ModelEvent(
         kind="promoted",
         model_name=registry.name,

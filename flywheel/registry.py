@@ -6,6 +6,8 @@ module, so tags, artifact layout and alias semantics are defined once.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +20,14 @@ from typing import TYPE_CHECKING, NewType
 from pydantic import SecretStr
 
 from flywheel.settings import CHAMPION_ALIAS, RegistrySettings, Settings, StateSettings
+from flywheel.signing import (
+    Approval,
+    SigningKeyError,
+    create_key_pair,
+    default_key_paths,
+    load_private_key,
+    sign,
+)
 
 if TYPE_CHECKING:  # torch: ~2 s of import (10 s on a busy machine) that a read of tags
     from torch import nn  # (`flywheel models list`, `status`) never needs
@@ -108,6 +118,7 @@ class LoadedVersion:
     spec: AnySpec  # a registered version may be a cascade
     module: nn.Module
     tags: dict[str, str] = field(default_factory=dict)
+    artifact_sha256: str = ""  # of the downloaded spec.json, which names the weights' SHA-256
 
 
 class Registry:
@@ -123,6 +134,7 @@ class Registry:
         from mlflow import MlflowClient  # heavy import, only for processes that need it
 
         self.state = state
+        self.settings = registry
         self.name = registry.model_name
         self.factories = registry.factories  # modules trusted to build `factory` models
         uri = state.resolved_mlflow_uri
@@ -171,10 +183,64 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=mv.source, dst_path=tmp, tracking_uri=self.client.tracking_uri
             )
-            from flywheel.artifacts import load_model
+            from flywheel.artifacts import SPEC_FILE, load_model
 
             spec, module = load_model(Path(local), factories=self.factories)
-        return LoadedVersion(self.name, ModelVersion(str(mv.version)), spec, module, dict(mv.tags))
+            digest = hashlib.sha256((Path(local) / SPEC_FILE).read_bytes()).hexdigest()
+        return LoadedVersion(
+            self.name, ModelVersion(str(mv.version)), spec, module, dict(mv.tags), digest
+        )
+
+    def artifact_sha256(self, version: ModelVersion) -> str:
+        """The SHA-256 of the version's stored `spec.json` (which holds the weights'
+        SHA-256): what a promotion signature vouches for. Downloads that one small file."""
+        import mlflow
+
+        from flywheel.artifacts import SPEC_FILE
+
+        mv = self.client.get_model_version(self.name, version)
+        with tempfile.TemporaryDirectory(prefix="flywheel-sign-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{mv.source}/{SPEC_FILE}",
+                dst_path=tmp,
+                tracking_uri=self.client.tracking_uri,
+            )
+            return hashlib.sha256(Path(local).read_bytes()).hexdigest()
+
+    def signing_key_path(self) -> Path:
+        """FLYWHEEL_SIGNING_KEY, or the home's default key (created here on first use)."""
+        if self.settings.signing_key is not None:
+            return self.settings.signing_key.expanduser()
+        private, public = default_key_paths(self.state.home_dir)
+        if not private.exists():
+            try:
+                kid = create_key_pair(private, public)
+            except SigningKeyError:  # another process created it first
+                return private
+            logging.getLogger(__name__).warning(
+                "created the promotion signing key %s (key id %s); the service trusts %s",
+                private,
+                kid,
+                public,
+            )
+        return private
+
+    def sign(
+        self, version: ModelVersion, *, gate: str | None = None, approval: Approval | None = None
+    ) -> dict[str, str]:
+        """Sign `version`'s promotion (its artifact, and the gate pass or the approval it is
+        promoted on) and store the statement as version tags; returns them."""
+        key = load_private_key(self.signing_key_path())
+        tags = sign(
+            key,
+            model=self.name,
+            version=version,
+            artifact_sha256=self.artifact_sha256(version),
+            gate=gate,
+            approval=approval,
+        )
+        self.set_tags(version, tags)
+        return tags
 
     def publish(
         self,
@@ -242,8 +308,18 @@ class Registry:
             except MlflowException:  # created concurrently
                 self.client.get_registered_model(self.name)
 
-    def set_champion(self, version: ModelVersion) -> None:
-        """Move the alias and remember it in the champion history (what rollback undoes)."""
+    def set_champion(
+        self, version: ModelVersion, *, gate: str | None = None, approval: Approval | None = None
+    ) -> None:
+        """Sign `version`'s promotion (on `gate`, a pass the caller computed, or else an
+        approval: `approval`, by default the user running this, as `flywheel init` is),
+        move the alias and remember it in the champion history (what rollback undoes)."""
+        if gate is None and approval is None:
+            approval = Approval(_user(), "set as champion")
+        self.sign(version, gate=gate, approval=approval)
+        self._move_alias(version)
+
+    def _move_alias(self, version: ModelVersion) -> None:
         self.client.set_registered_model_alias(self.name, CHAMPION_ALIAS, version)
         history = self.champion_history()
         if not history or history[-1] != version:
@@ -276,15 +352,21 @@ class Registry:
             return False
         return True
 
-    def promote(self, version: ModelVersion, *, reason: str, actor: str) -> ModelVersion | None:
-        """Make `version` the champion; returns the one it replaced. Recorded as tags."""
+    def promote(
+        self, version: ModelVersion, *, reason: str, actor: str, gate: str | None = None
+    ) -> ModelVersion | None:
+        """Make `version` the champion; returns the one it replaced. Recorded as tags and
+        signed: on `gate` (a pass the caller computed itself: the learner, the federated
+        server), else as `actor`'s approval for `reason` (review, `flywheel models promote`)."""
         if not self.exists(version):
             raise RegistryError(f"{self.name} has no version {version!r}")
         previous = self.champion_version()
+        approval = None if gate is not None else Approval(actor, reason)
+        self.sign(version, gate=gate, approval=approval)  # first: no key, nothing changes
         self.set_tags(
             version, {"promoted_at": _now_iso(), "promoted_by": actor, "promotion_reason": reason}
         )
-        self.set_champion(version)
+        self._move_alias(version)
         return previous
 
     def rollback(self, *, reason: str, actor: str) -> tuple[ModelVersion, ModelVersion]:
@@ -340,6 +422,13 @@ class Registry:
             metrics,
             params,
         )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (containers)
+        return "unknown"
 
 
 def _now_iso() -> str:

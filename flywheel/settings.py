@@ -54,6 +54,12 @@ def mask_credentials(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<head>***@", text)
 
 
+MIN_ADMIN_TOKEN = 32
+"""Characters of FLYWHEEL_ADMIN_TOKEN at least: 32 hex digits are 128 random bits (`openssl
+rand -hex 16`), out of reach of guessing at any request rate; a short, memorable token
+is neither (issue 26)."""
+
+
 class SettingsError(ValueError):
     """Raised when configuration is invalid; the message names the variable."""
 
@@ -283,6 +289,46 @@ class _RegistryFields(_Fields):
         description="Python modules trusted to build `factory` models (comma-separated).",
     )
 
+    signing_key: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) the learner, the federated server, `flywheel "
+        "init` and promote/approve sign promotions with; unset: HOME/keys/promotion.key, "
+        "created by the first signer (`flywheel keys init`).",
+    )
+    trusted_keys: str = Field(
+        "",
+        max_length=4000,
+        description="Public keys (PEM files, comma-separated) whose promotion signatures "
+        "the service accepts; several during a key rotation. Unset: HOME/keys/promotion.pub.",
+    )
+    model_trust: Literal["signed", "off"] = Field(
+        "signed",
+        description="`signed`: the service serves only versions with a verified promotion "
+        "signature and a recorded gate pass or approval; `off` is for local experiments only.",
+    )
+
+    @field_validator("signing_key", mode="before")
+    @classmethod
+    def _unset_signing_key(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_trusted_keys(cls, value: str) -> str:
+        """Paths only: the files are read (and a missing or wrong one refused, by name)
+        when the service starts (`flywheel.service.trust`), as the key may be mounted
+        after the configuration is written."""
+        parts = [p.strip() for p in value.split(",")]
+        if value.strip() and not all(parts):
+            raise ValueError("expected comma-separated file paths, with no empty entry")
+        return value
+
+    @property
+    def trusted_key_paths(self) -> tuple[Path, ...]:
+        """The configured trusted public keys (empty: the home's default one)."""
+        parts = filter(None, (p.strip() for p in self.trusted_keys.split(",")))
+        return tuple(Path(p).expanduser() for p in parts)
+
     @field_validator("model_factories")
     @classmethod
     def _check_factories(cls, value: str) -> str:
@@ -334,6 +380,13 @@ class _ServiceFields(_Fields):
         description="Longest a batch waits for more requests, only while recent batches "
         "held several.",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A request's headers must arrive within this many seconds of the "
+        "connection's start (or the previous response), else 408 and the connection closes.",
+    )
     serve_precision: Literal["fp32", "int8", "bf16"] = Field(
         "fp32", description="Serve the model in full precision, dynamic int8 or bfloat16."
     )
@@ -375,6 +428,11 @@ class _ServiceFields(_Fields):
     def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value().strip():
             return None  # an empty token must not become a valid one
+        if len(value.get_secret_value()) < MIN_ADMIN_TOKEN:
+            raise ValueError(
+                f"is {len(value.get_secret_value())} characters; at least {MIN_ADMIN_TOKEN} "
+                "(a random secret: `openssl rand -hex 16`)"
+            )
         return value
 
 
@@ -418,6 +476,25 @@ class _AccessFields(_Fields):
         description="How long a verified key is cached; a revocation or expiry takes "
         "effect within this many seconds.",
     )
+    subject_key: SecretStr | None = Field(
+        None,
+        description="Platform secret (at least 32 characters) the service keys a "
+        "correction's `subject` with (HMAC-SHA256) before it is logged: raw subject ids "
+        "are never stored nor put on Kafka. Unset: a correction with a `subject` is "
+        "refused (422); corrections without one are taken as before.",
+    )
+
+    @field_validator("subject_key")
+    @classmethod
+    def _check_subject_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # unset: subjects are refused, never hashed with an empty key
+        if len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "FLYWHEEL_SUBJECT_KEY must be at least 32 characters: a short key lets "
+                "anyone who guesses it re-identify subjects by hashing candidate ids"
+            )
+        return value
 
 
 class _EventLogFields(_Fields):
@@ -506,6 +583,66 @@ class _FeedbackFields(_Fields):
         le=TEN_YEARS_S,
         description="The window of that budget (counted in whole minutes).",
     )
+    retention_predictions_s: float = Field(
+        8 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Predictions are kept this long after their timestamp, then dropped "
+        "(PostgreSQL: whole days, so up to a day longer); a correction arriving later finds "
+        "no prediction and expires. At least FLYWHEEL_CORRECTION_EXPIRY_S (default: it plus "
+        "a day).",
+    )
+    retention_corrections_s: float = Field(
+        30 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Joined and expired corrections are kept this long after their timestamp "
+        "(pending ones until they expire); more than FLYWHEEL_CORRECTION_EXPIRY_S and longer "
+        "than the corrections topic keeps records, or a redelivered correction joins again.",
+    )
+    retention_examples_s: float = Field(
+        365 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Examples from traffic (corrections, counterexamples, manual) are kept "
+        "this long after they were written; the trusted set's seed examples stay.",
+    )
+    retention_error_counts_s: float = Field(
+        365 * 24 * 3600.0,
+        gt=0,
+        le=TEN_YEARS_S,
+        description="Hourly error counters (the reports' source) are kept this long.",
+    )
+    retention_partitions_ahead: int = Field(
+        3,
+        ge=1,
+        le=366,
+        description="Days of prediction partitions (PostgreSQL) created ahead of today.",
+    )
+    retention_every_s: float = Field(
+        3600.0,
+        ge=0,
+        le=TEN_YEARS_S,
+        description="How often one of the feedback workers runs the store's maintenance "
+        "(retention, partitions ahead; `flywheel db maintain` runs it at once); 0: never.",
+    )
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> Self:
+        expiry = self.correction_expiry_s
+        if self.retention_predictions_s < expiry:
+            raise ValueError(
+                f"FLYWHEEL_RETENTION_PREDICTIONS_S ({self.retention_predictions_s:g}) is below "
+                f"FLYWHEEL_CORRECTION_EXPIRY_S ({expiry:g}): predictions would be dropped "
+                "while their corrections may still arrive"
+            )
+        if self.retention_corrections_s <= expiry:
+            raise ValueError(
+                f"FLYWHEEL_RETENTION_CORRECTIONS_S ({self.retention_corrections_s:g}) is not "
+                f"above FLYWHEEL_CORRECTION_EXPIRY_S ({expiry:g}): pending corrections must "
+                "expire before they are deleted"
+            )
+        return self
 
 
 class _GateFields(_Fields):
@@ -571,6 +708,12 @@ class _LearnerFields(_Fields):
         description="After an error drift, replay only examples since the change "
         "(half of it: the trusted seed data).",
     )
+    learn_background: bool = Field(
+        True,
+        description="On a drift warning, train a background model on the examples since "
+        "the warning only, and let it replace the learner's line when it beats it on the "
+        "rows that came after (non-private updates; see learner/background.py).",
+    )
     learn_poll_s: float = Field(
         1.0, gt=0, le=3600, description="Learner checks for new examples this often."
     )
@@ -626,7 +769,24 @@ class _PrivacyFields(_Fields):
         True, description="Every learner update is DP-SGD; false trains without noise."
     )
     privacy_epsilon: float = Field(
-        3.0, gt=0, le=100, description="ε budget per source and model lineage."
+        3.0,
+        gt=0,
+        le=100,
+        description="ε budget per privacy unit (a data subject, else a prediction) and "
+        "model lineage: for its whole life, or per period (FLYWHEEL_PRIVACY_BUDGET_POLICY).",
+    )
+    privacy_budget_policy: Literal["lifetime", "renewing"] = Field(
+        "lifetime",
+        description="`lifetime`: each unit's ε budget is spent once, for good; `renewing`: "
+        "the budget holds for every window of FLYWHEEL_PRIVACY_BUDGET_PERIOD_DAYS (a unit "
+        "trains again once its spending falls out of the window), so over a year it may "
+        "spend up to the budget times the windows that cover a year.",
+    )
+    privacy_budget_period_days: float = Field(
+        30.0,
+        gt=0,
+        le=3650,
+        description="The window of the `renewing` policy, in days (unused by `lifetime`).",
     )
     privacy_delta: float = Field(1e-5, gt=0, lt=0.1, description="δ of that budget.")
     privacy_noise_multiplier: float | None = Field(
@@ -643,7 +803,7 @@ class _PrivacyFields(_Fields):
         description="Updates one source may join within the budget (sets σ when unset).",
     )
     privacy_max_per_source: int = Field(
-        16, ge=1, le=100_000, description="Most examples one source adds to one update."
+        16, ge=1, le=100_000, description="Most examples one privacy unit adds to one update."
     )
     privacy_learn_lr: float = Field(
         0.01, gt=0, le=10, description="Base learning rate of DP updates (noise needs more)."
@@ -651,6 +811,14 @@ class _PrivacyFields(_Fields):
     privacy_accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
     privacy_engine: Literal["auto", "opacus", "fused"] = Field(
         "auto", description="Per-example clipping: fused kernel, Opacus, or auto."
+    )
+    privacy_mechanism: Literal["dp-sgd", "dp-ftrl"] = Field(
+        "dp-sgd",
+        description="DP mechanism of a learner update: DP-SGD (Poisson-sampled sources) or "
+        "DP-FTRL (each row once, in order, tree-aggregated noise; docs/privacy.md).",
+    )
+    privacy_ftrl_lr: float = Field(
+        0.3, gt=0, le=100, description="FTRL step size of DP-FTRL updates (plain SGD scale)."
     )
 
 
@@ -806,7 +974,8 @@ class KafkaSettings(_KafkaFields):
 
 
 class RegistrySettings(_RegistryFields):
-    """`model_name`, `registry_poll_s`."""
+    """`model_name`, `registry_poll_s`, `model_factories`, and promotion signing:
+    `signing_key`, `trusted_keys`, `model_trust` (flywheel.signing)."""
 
     model_config = _GROUP_CONFIG
 
@@ -831,7 +1000,7 @@ class RetrySettings(_RetryFields):
 
 
 class AccessSettings(_AccessFields):
-    """`auth`, `auth_cache_ttl_s`."""
+    """`auth`, `auth_cache_ttl_s`, `subject_key`."""
 
     model_config = _GROUP_CONFIG
 
@@ -844,7 +1013,8 @@ class EventLogSettings(_EventLogFields):
 
 
 class FeedbackSettings(_FeedbackFields):
-    """`feedback_*`, `correction_expiry_s`, `holdout_fraction`, `counterexample_*`."""
+    """`feedback_*`, `correction_expiry_s`, `holdout_fraction`, `counterexample_*`,
+    `retention_*`."""
 
     model_config = _GROUP_CONFIG
 
@@ -1039,6 +1209,11 @@ def _is_host_port(value: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
+def _is_secret(name: str) -> bool:
+    field = Settings.model_fields.get(name)
+    return field is not None and "SecretStr" in str(field.annotation)
+
+
 def _describe(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if not callable(errors):
@@ -1050,6 +1225,9 @@ def _describe(exc: ValueError) -> str:
         value = err.get("input")
         if isinstance(value, Mapping):  # a check across fields: its input is every setting,
             lines.append(f"{var}: {err.get('msg')}")  # secrets too; the message names them
+            continue
+        if _is_secret(loc):  # a refused secret is still a secret: never echo it
+            lines.append(f"{var}: {err.get('msg')} (value not printed)")
             continue
         got = mask_credentials(repr(value))  # a URL's password stays hidden
         lines.append(f"{var}: {err.get('msg')} (got {got})")

@@ -2,6 +2,7 @@
 learner, its gate and elastic rate, and the holdout scorer the gate and the review page
 share."""
 
+from flywheel.learner.background import BackgroundConfig, BackgroundLine
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.elastic import ElasticRate
@@ -37,6 +38,8 @@ from flywheel.learner.trainer import OnlineTrainer, Reservoir, TrainerConfig, Up
 __all__ = [
     "SPLIT_RULE",
     "UNKNOWN",
+    "BackgroundConfig",
+    "BackgroundLine",
     "Candidate",
     "ChampionExists",
     "CursorState",

@@ -18,6 +18,7 @@ import time
 
 from sqlalchemy.engine import Engine
 
+from flywheel.retry import transient
 from flywheel.store import Lease, LeaseLost, LeaseTable, default_owner
 
 __all__ = ["LeaseKeeper", "StepAbandoned"]
@@ -80,21 +81,40 @@ class LeaseKeeper:
         who holds it); False if `stop` was set or `timeout_s` ran out first."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         told = False
+        store_down = False
         while True:
-            if self.try_take():
-                return True
-            if not told:
-                holder = self.table.holder(self.lineage)
-                log.warning(
-                    "learner %s is standby: the lease of %s is held by %s (token %d, %.1f s "
-                    "left); taking over when it runs out",
-                    self.owner,
-                    self.lineage,
-                    holder.owner if holder else "?",
-                    holder.token if holder else 0,
-                    holder.expires_in_s if holder else 0.0,
-                )
-                told = True
+            try:
+                if self.try_take():
+                    return True
+                if not told:
+                    holder = self.table.holder(self.lineage)
+                    log.warning(
+                        "learner %s is standby: the lease of %s is held by %s (token %d, "
+                        "%.1f s left); taking over when it runs out",
+                        self.owner,
+                        self.lineage,
+                        holder.owner if holder else "?",
+                        holder.token if holder else 0,
+                        holder.expires_in_s if holder else 0.0,
+                    )
+                    told = True
+                if store_down:
+                    log.info("learner %s: the store is back, still standing by", self.owner)
+                    store_down = False
+            except Exception as exc:
+                # a standby waits out a store outage as the holder does (the fault suite:
+                # a PostgreSQL kill made a standby, or a holder gone back to standby, exit)
+                if not transient(exc):
+                    raise
+                if not store_down:
+                    log.warning(
+                        "learner %s standing by for %s: the store is unavailable (%s); "
+                        "still waiting",
+                        self.owner,
+                        self.lineage,
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc,
+                    )
+                store_down = True
             pause = self.renew_s
             if deadline is not None:
                 left = deadline - time.monotonic()

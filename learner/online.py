@@ -33,6 +33,7 @@ from flywheel.learner.config import LearnerConfig
 from flywheel.learner.cursor import CursorState
 from flywheel.learner.evaluation import Holdout, holdout_of
 from flywheel.learner.example_source import ExampleSource, StoredExample, as_arrays
+from flywheel.learner.exclusion import STATE_KEY as EXCLUDED_STATE
 from flywheel.learner.gate import GateResult, evaluate_gate
 from flywheel.learner.lease import LeaseKeeper, StepAbandoned
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
@@ -212,11 +213,14 @@ class OnlineLearner:
                 self.lineage,
                 window=c.learner.learn_boost_window,
             )
+            self._private.excluded.restore(self._state.get(EXCLUDED_STATE))
             self._shadow = trainer
             # DP steps are bounded by clipping and tuned with their own base rate (noise
             # needs more): FLYWHEEL_LEARN_MAX_LR caps the non-private rate only
+            # no background line under DP: it would be a second private use of every
+            # example, which the budget does not plan for (docs/learner.md)
             dp_config = dataclasses.replace(
-                trainer.config, lr=c.privacy.privacy_learn_lr, max_lr=None
+                trainer.config, lr=c.privacy.privacy_learn_lr, max_lr=None, background=None
             )
             trainer = OnlineTrainer(
                 loaded.module,
@@ -331,8 +335,15 @@ class OnlineLearner:
                 and tags.get("gate", "").startswith("passed")
                 and champion == tags.get("parent_version")
             ):
-                self._promote(info.version, tags["gate"])
-                champion = info.version
+                # Not promoted (signed) on its tags: whoever can write MLflow can write a
+                # version with these tags, and a signature would make it servable. A
+                # reviewer approves it (flywheel models approve), as with auto-promote off.
+                self.registry.set_tags(info.version, {"review": "pending"})
+                log.warning(
+                    "v%s passed its gate per its tags but was not promoted before the "
+                    "learner stopped; left for review (its gate is not re-signed from tags)",
+                    info.version,
+                )
             self._state["champion_seen"] = champion
             self.source.save_state(
                 self.lineage,
@@ -387,7 +398,9 @@ class OnlineLearner:
             if privacy is None:
                 return None
             if not privacy.rows:
-                self._state.update(cursor=cursor.to_dict())
+                self._state.update(
+                    cursor=cursor.to_dict(), **{EXCLUDED_STATE: self._private.excluded.state()}
+                )
                 self.source.save_state(
                     self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
                 )
@@ -414,7 +427,15 @@ class OnlineLearner:
         for i in range(0, len(used), n):
             x, y, w = as_arrays(used[i : i + n], self._labels)
             if len(y):
-                lr = trainer.update(x, y, w).lr
+                stats = trainer.update(x, y, w)
+                lr = stats.lr
+                win = trainer.background.last_win if trainer.background else None
+                if stats.replaced and win is not None:
+                    log.info(
+                        "a background model trained since a drift warning replaced the "
+                        "line: it beat it on %d new rows at McNemar z %.1f",
+                        *win,
+                    )
         return lr
 
     def _sync_base(self) -> ModelVersion:
@@ -515,6 +536,12 @@ class OnlineLearner:
         }
         if privacy is not None and privacy.ledger_id is not None:
             tags[LEDGER_TAG] = str(privacy.ledger_id)
+        if privacy is not None and privacy.plan is not None:  # DP against the same run without
+            tags |= privacy.comparison_tags(
+                gate.recent_candidate, gate.trusted_candidate, privacy_metrics
+            )
+        if privacy is not None:
+            tags.update(privacy.policy_tags())
         metrics = {
             **gate.metrics(),
             "lr": lr,
@@ -554,6 +581,8 @@ class OnlineLearner:
             cursor=cursor.to_dict(),
             elastic=self._trainer.elastic.state(),
         )
+        if self._private is not None:
+            self._state[EXCLUDED_STATE] = self._private.excluded.state()
         self.source.save_state(
             self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
         )
@@ -563,6 +592,7 @@ class OnlineLearner:
             dp_numbers = {
                 "epsilon": privacy.plan.epsilon_lineage,
                 "recent_accuracy": gate.recent_candidate,
+                "trusted_accuracy": gate.trusted_candidate,
                 **{k: v for k, v in privacy_metrics.items() if k.startswith("nonprivate_")},
             }
         candidate = Candidate(
@@ -596,6 +626,7 @@ class OnlineLearner:
             reason=f"gate {summary}",
             actor="flywheel-learner",
             registry=self.registry,
+            gate=summary,
         )
 
     # ---- loop ---------------------------------------------------------------------------

@@ -22,13 +22,14 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from torch import nn
 
+from flywheel.events import utcnow
 from flywheel.learner.dp_window import ChangeWindow
 from flywheel.learner.evaluation import Holdout, accuracy
 from flywheel.learner.example_source import StoredExample, as_arrays, bound_per_contributor
+from flywheel.learner.exclusion import ExcludedData
 from flywheel.learner.trainer import OnlineTrainer
 from flywheel.privacy import (
     EPSILON,
-    EXCLUDED_SOURCES,
     REFUSALS,
     BudgetPlan,
     BudgetRefused,
@@ -70,20 +71,29 @@ class PrivacyOutcome:
     def delta_tag(self) -> str:
         return f"{self.config.delta:g}"
 
+    def policy_tags(self) -> dict[str, str]:
+        """The budget policy on the version (`dp_budget_policy`, its period, and the most
+        ε one privacy unit may spend in a year under it)."""
+        policy = self.config.policy
+        return {**policy.tags(), "dp_budget_year_epsilon": f"{policy.year_epsilon():g}"}
+
     def params(self) -> dict[str, object]:
         assert self.plan is not None
         m = self.plan.mechanism
         return {
             "dp": True,
+            "dp_mechanism": m.kind,
             "dp_noise_multiplier": m.noise_multiplier,
             "dp_sample_rate": m.sample_rate,
             "dp_steps": m.steps,
             "dp_max_grad_norm": self.config.max_grad_norm,
-            "dp_accountant": self.config.accountant,
+            "dp_accountant": "rdp" if m.kind == "tree" else self.config.accountant,
             "dp_engine": self.engine,
             "dp_budget_epsilon": self.config.epsilon,
             "dp_delta": self.config.delta,
             "dp_max_per_source": self.config.max_per_source,
+            "dp_budget_policy": self.config.budget_policy,
+            "dp_budget_period_days": self.config.budget_period_days,
         }
 
     def metrics(self, shadow: nn.Module, trusted: Holdout, recent: Holdout) -> dict[str, float]:
@@ -100,6 +110,31 @@ class PrivacyOutcome:
             "nonprivate_recent_accuracy": accuracy(shadow, recent) if len(recent) else math.nan,
         }
         return out
+
+    def comparison_tags(
+        self, recent: float | None, trusted: float, metrics: dict[str, float]
+    ) -> dict[str, str]:
+        """Version tags: the mechanism, and this candidate against the same run without DP
+        (the learner's non-private shadow, same examples and drift response) on the gate's
+        own holdouts: the cost of privacy, version by version."""
+        assert self.plan is not None
+        tags = {"dp_mechanism": "dp-ftrl" if self.plan.mechanism.kind == "tree" else "dp-sgd"}
+        plain_trusted = metrics.get("nonprivate_trusted_accuracy")
+        if plain_trusted is None:
+            return tags
+        parts = []
+        plain_recent = metrics.get("nonprivate_recent_accuracy", math.nan)
+        if recent is not None and not math.isnan(plain_recent):
+            parts.append(
+                f"recent {recent:.3f} with DP vs {plain_recent:.3f} without "
+                f"({100 * (recent - plain_recent):+.1f} points)"
+            )
+        parts.append(
+            f"trusted {trusted:.3f} with DP vs {plain_trusted:.3f} without "
+            f"({100 * (trusted - plain_trusted):+.1f} points)"
+        )
+        tags["privacy_cost"] = "; ".join(parts)
+        return tags
 
 
 class PrivateStep:
@@ -122,13 +157,16 @@ class PrivateStep:
         self.ledger = PrivacyLedger(engine)
         self.lineage = lineage
         self.mechanism = self.config.mechanism(steps)
+        self.excluded = ExcludedData(lineage)  # totals: the learner saves and restores them
         self._last_refusal: tuple[str | None, float] = (None, 0.0)
         log.info(
-            "DP-SGD for %s: σ=%.3f, q=%g, %d steps/update, C=%g, budget ε=%g δ=%g (%s)",
+            "%s for %s: σ=%.3f, q=%g, %d %s/update, C=%g, budget ε=%g δ=%g (%s)",
+            "DP-FTRL (tree aggregation)" if self.mechanism.kind == "tree" else "DP-SGD",
             lineage,
             self.mechanism.noise_multiplier,
             self.mechanism.sample_rate,
             self.mechanism.steps,
+            "tree leaves" if self.mechanism.kind == "tree" else "steps",
             self.config.max_grad_norm,
             self.config.epsilon,
             self.config.delta,
@@ -201,36 +239,36 @@ class PrivateStep:
                 budget=self.config.epsilon,
                 delta=self.config.delta,
                 accountant=self.config.accountant,
+                since=self.config.policy.since(utcnow()),
             )
         except BudgetRefused as exc:
-            self._log_refusal(str(exc))  # logged before counted: a scrape sees both
-            REFUSALS.labels(exc.kind).inc()
             if exc.kind == "mechanism":
+                self._log_refusal(str(exc))  # logged before counted: a scrape sees both
+                REFUSALS.labels(exc.kind).inc()
                 return None
+            REFUSALS.labels(exc.kind).inc()
             self.window.drop(per_source)  # nothing of theirs can be reused either
             excluded_new = sum(1 for g in per_source.values() for r in g if r.id in new_ids)
+            units = len({r.contributor for r in used})
+            self.excluded.add(incoming=len(used), excluded=excluded_new, units=units)
             return PrivacyOutcome([], None, self.config, engine, capped, excluded_new)
         # a source in the window only, out of budget, is not reused: not an exclusion
         self.window.drop(s for s in plan.excluded)
         left_out = [s for s in plan.excluded if s in new_sources]
-        if left_out:
-            EXCLUDED_SOURCES.inc(len(left_out))
-            log.warning(
-                "%d source(s) left out of update %d: budget ε=%g spent",
-                len(left_out),
-                update,
-                self.config.epsilon,
-            )
         rows = [r for s in plan.allowed for r in per_source[s]]
         rows.sort(key=lambda r: r.id)
         reused = frozenset(r.id for r in rows if r.id not in new_ids)
         excluded = sum(1 for s in left_out for r in per_source[s] if r.id in new_ids)
+        # counted (and told at most hourly) once the ledger has the entry: a refused write
+        # (a lost lease) plans again, and must not count its rows twice
+        counted = (len(used), excluded, len(left_out))
         m = plan.mechanism
         ledger_id = self.ledger.record(
             {
                 "lineage": self.lineage,
                 "update_no": update,
-                "accountant": self.config.accountant,
+                # a tree is accounted by dp-accounting's RDP whatever the setting says
+                "accountant": "rdp" if m.kind == "tree" else self.config.accountant,
                 "engine": engine,
                 "sample_rate": m.sample_rate,
                 "noise_multiplier": m.noise_multiplier,
@@ -244,10 +282,12 @@ class PrivateStep:
                 "public_examples": 0,
                 "capped_examples": capped,
                 "excluded_examples": excluded,
+                "mechanism_kind": m.kind,
             },
             {s: (counts[s], eps) for s, eps in plan.allowed.items()},
             fence=fence,
         )
+        self.excluded.add(incoming=counted[0], excluded=counted[1], units=counted[2])
         self.window.add(rows)  # accounted: reusable after a change, as the budget allows
         return PrivacyOutcome(
             rows,
@@ -280,6 +320,7 @@ class PrivateStep:
             max_grad_norm=self.config.max_grad_norm,
             engine=outcome.engine,
             new=sum(1 for r in rows if r.id not in outcome.reused_ids),
+            ftrl_lr=self.config.ftrl_lr,
         ).lr
 
     def published(

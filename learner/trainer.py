@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from flywheel.learner.background import BackgroundConfig, BackgroundLine
 from flywheel.learner.elastic import ElasticRate
-from flywheel.privacy import Mechanism, PrivateBatch, dp_update
+from flywheel.privacy import Mechanism, PrivateBatch, dp_update, ftrl_update
 from flywheel.settings import LearnerSettings
 
 DPEngine = Literal["opacus", "fused", "auto"]
@@ -65,6 +66,8 @@ class TrainerConfig:
     boost_window: int = 1000  # while boosted, train on up to this many examples since the change
     boost_steps: bool = True  # while boosted, steps x the multiplier (rounded up)
     drift_replay: bool = True  # after an error drift, replay only examples since it
+    # a background line on a drift warning (learner/background.py); None: none
+    background: BackgroundConfig | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -93,6 +96,7 @@ class TrainerConfig:
             boost_window=learner.learn_boost_window,
             boost_steps=learner.learn_boost_steps,
             drift_replay=learner.learn_drift_replay,
+            background=BackgroundConfig() if learner.learn_background else None,
         )
 
 
@@ -105,6 +109,7 @@ class UpdateStats:
     loss_before: float
     loss_after: float
     steps: int = 0
+    replaced: bool = False  # a background line took the foreground's place before this update
 
 
 class Reservoir:
@@ -179,12 +184,21 @@ class OnlineTrainer:
         self.input_dim = input_dim
         self.reservoir = Reservoir(config.reservoir, input_dim, seed)
         self.since_change = RecentWindow(config.boost_window, input_dim)
-        self.optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
+        self.optimizer: torch.optim.Optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
         self.novelty = novelty  # anything with is_novel(rows) -> bool array (ReferenceStats)
         self.generator = torch.Generator().manual_seed(seed)
         self.public = Reservoir(config.reservoir, input_dim, seed + 1)
         self.updates = 0
         self.replay_reset = False  # the replay pool holds only examples since an error drift
+        self.background: BackgroundLine | None = None
+        if config.background is not None:
+            top = max(config.max_lr or config.lr * config.max_boost, config.lr)
+            self.background = BackgroundLine(
+                config.background,
+                input_dim=input_dim,
+                lr=top,
+                steps=math.ceil(config.steps * config.max_boost),
+            )
         # called between gradient steps; raises to abandon the update (a stop, a lost lease)
         self.between_steps: Callable[[], None] | None = None
 
@@ -195,7 +209,11 @@ class OnlineTrainer:
 
     def observe_errors(self, errors: list[bool]) -> bool:
         """Feed the served model's mistakes on the examples about to be trained on; True if
-        the error rate rose (a concept change): the drift response starts over."""
+        the error rate rose (a concept change): the drift response starts over. A warning
+        (a looser threshold) starts a background line when one is configured."""
+        bg = self.background
+        if bg is not None and bg.warn(errors) and not bg.running:
+            bg.start(self.module)
         if not (self.config.elastic and self.elastic.observe_errors(errors)):
             return False
         self.start_change(labels_changed=True)
@@ -260,8 +278,11 @@ class OnlineTrainer:
         max_grad_norm: float,
         engine: str = "auto",
         new: int | None = None,
+        ftrl_lr: float = 0.3,
     ) -> UpdateStats:
-        """One DP-SGD update (see flywheel.privacy.dp_sgd); the caller has accounted for it.
+        """One DP-SGD update (see flywheel.privacy.dp_sgd), or one DP-FTRL tree when the
+        mechanism is a "tree" (flywheel.privacy.dp_ftrl, step size `ftrl_lr` times the
+        elastic boost); the caller has accounted for it.
 
         Replay comes only from the public pool: replaying private examples would put their
         sources into later updates the budget did not plan for (private rows since a change
@@ -293,6 +314,20 @@ class OnlineTrainer:
         lr = self.elastic.step() if self.config.elastic else self.config.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if mechanism.kind == "tree":
+            ftrl_update(
+                self.module,
+                batch,
+                leaves=mechanism.steps,
+                noise_multiplier=mechanism.noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                lr=ftrl_lr * lr / self.config.lr,
+                generator=self.generator,
+                engine=dp_engine(engine),
+                between_steps=self.between_steps,
+            )
+            self.updates += 1
+            return UpdateStats(lr, multiplier, len(y), len(py), math.nan, math.nan, mechanism.steps)
         stats = dp_update(
             self.module,
             self.optimizer,
@@ -323,6 +358,7 @@ class OnlineTrainer:
                 f"got {len(x)}, {len(y)}, {len(w)}"
             )
         cfg = self.config
+        replaced = self._background_turn(x, y)
         boosted = cfg.elastic and self.elastic.boosted
         multiplier = self.elastic.multiplier if cfg.elastic else 1.0
         k = int(round(cfg.replay * len(y)))
@@ -368,8 +404,32 @@ class OnlineTrainer:
         self.reservoir.add(x, y, w)
         if cfg.elastic:
             self.since_change.add(x, y, w)
+        if self.background is not None and self.background.running:
+            self.background.train(x, y, w)
         self.updates += 1
-        return UpdateStats(lr, multiplier, len(y), len(ry), loss_before, loss_after, steps)
+        return UpdateStats(
+            lr, multiplier, len(y), len(ry), loss_before, loss_after, steps, replaced
+        )
+
+    def _background_turn(self, x: np.ndarray, y: np.ndarray) -> bool:
+        """Score a running background line on the new rows (neither model trained on them
+        yet); if it wins, it becomes the foreground, with its window as the examples since
+        the change and the replay pool started over (the labels changed). True then."""
+        bg = self.background
+        if bg is None or not bg.running:
+            return False
+        bg.score(x, y, self.predict(x) == y)
+        if bg.expired():
+            bg.stop()
+            return False
+        if not bg.wins():
+            return False
+        module, optimizer, (wx, wy, ww) = bg.take()
+        self.module, self.optimizer = module, optimizer
+        self.start_change(labels_changed=True)
+        self.since_change.add(wx, wy, ww)
+        self.reservoir.add(wx, wy, ww)
+        return True
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL, Connection
 
 from flywheel.store.database import make_engine, normalize_url
 from flywheel.store.models import Base
+from flywheel.store.partitions import is_partition
 
 config = context.config
 target_metadata = Base.metadata
@@ -25,6 +26,10 @@ def _url() -> str:
     if not url:
         raise RuntimeError("no sqlalchemy.url in the Alembic config; use alembic_config(url)")
     return url
+
+
+def _not_a_partition(name: str | None, type_: str, _parents: Any) -> bool:
+    return not (type_ == "table" and name is not None and is_partition(name))
 
 
 def _configure(
@@ -41,6 +46,8 @@ def _configure(
         url=url,
         target_metadata=target_metadata,
         compare_type=True,
+        # a day partition of `predictions` (PostgreSQL) is data, not schema
+        include_name=_not_a_partition,
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         render_as_batch=dialect_name == "sqlite",
         literal_binds=literal_binds,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from flywheel.privacy.accounting import Accountant, Mechanism, epsilon
 from flywheel.privacy.ledger import PrivacyLedger
@@ -40,8 +41,11 @@ def plan_update(
     budget: float,
     delta: float,
     accountant: Accountant,
+    since: datetime | None = None,
 ) -> BudgetPlan:
-    """Who of `sources` (source -> examples) can afford `mechanism` within `budget`."""
+    """Who of `sources` (privacy unit -> examples) can afford `mechanism` within `budget`;
+    `since`: count only the spending from then on (a renewing budget's window,
+    `BudgetPolicy.since`), else all of it."""
     alone = epsilon([mechanism], delta, accountant)
     if alone > budget:
         raise BudgetRefused(
@@ -50,7 +54,7 @@ def plan_update(
             f"δ={delta:g}; raise FLYWHEEL_PRIVACY_NOISE_MULTIPLIER or lower the steps",
             "mechanism",
         )
-    history = ledger.histories(lineage, sources)
+    history = ledger.histories(lineage, sources, since)
     allowed, excluded = {}, {}
     for source in sources:
         past = history.get(source, [])

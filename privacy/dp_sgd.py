@@ -143,7 +143,7 @@ def dp_update(
                 p.grad = v
         if len(rows):
             try:
-                norms, loss = _clipped_sum(
+                norms, loss = clipped_sum(
                     module,
                     params,
                     x[rows],
@@ -166,7 +166,7 @@ def dp_update(
                 draw_noise()  # fresh: the refused call may have touched the buffer
                 for p in params:
                     p.grad = None
-                norms, loss = _clipped_sum(
+                norms, loss = clipped_sum(
                     module,
                     params,
                     x[rows],
@@ -189,7 +189,7 @@ def dp_update(
     )
 
 
-def _clipped_sum(
+def clipped_sum(
     module: nn.Module,
     params: list[nn.Parameter],
     x: torch.Tensor,

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from flywheel.privacy.accounting import Mechanism
-from flywheel.store import Lease, LedgerRow, LedgerTables, SourceSpend
+from flywheel.store import ExampleReader, Lease, LedgerRow, LedgerTables, SourceSpend
+
+# the key of the totals the learner keeps in its saved state (`flywheel.learner` writes it):
+# incoming trainable examples of DP updates, and those whose unit's budget was spent
+EXCLUDED_STATE_KEY = "privacy_excluded"
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class LedgerEntry(LedgerRow):
 
     @property
     def mechanism(self) -> Mechanism:
-        return Mechanism(self.sample_rate, self.noise_multiplier, self.steps)
+        return Mechanism(self.sample_rate, self.noise_multiplier, self.steps, self.mechanism_kind)
 
     def as_dict(self) -> dict[str, Any]:
         """The row as JSON (`flywheel privacy report --json`): the stored columns, in order."""
@@ -46,12 +51,28 @@ class PrivacyLedger:
 
     def __init__(self, engine: Engine) -> None:
         self.tables = LedgerTables(engine)
+        self.states = ExampleReader(engine)
 
-    def histories(self, lineage: str, sources: Iterable[str]) -> dict[str, list[Mechanism]]:
-        """The mechanisms each of `sources` took part in so far (absent: none)."""
+    def excluded(self, lineages: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Per lineage: incoming trainable examples of its DP updates so far, and how many
+        could not be trained on (their unit's budget spent), from the learner's state."""
+        out = {}
+        for lineage in lineages:
+            totals = (self.states.load_state(lineage) or {}).get(EXCLUDED_STATE_KEY) or {}
+            out[lineage] = {
+                "incoming": int(totals.get("incoming", 0)),
+                "excluded": int(totals.get("excluded", 0)),
+            }
+        return out
+
+    def histories(
+        self, lineage: str, sources: Iterable[str], since: datetime | None = None
+    ) -> dict[str, list[Mechanism]]:
+        """The mechanisms each of `sources` took part in so far (absent: none); `since`:
+        only entries written from then on (the window of a renewing budget)."""
         return {
             source: [Mechanism(*m) for m in mechanisms]
-            for source, mechanisms in self.tables.histories(lineage, sources).items()
+            for source, mechanisms in self.tables.histories(lineage, sources, since).items()
         }
 
     def lineage_epsilon(self, lineage: str) -> float:

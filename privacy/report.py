@@ -1,11 +1,19 @@
-"""What `flywheel privacy report` shows: ε per version, per source, per ledger entry."""
+"""What `flywheel privacy report` shows: ε per version, per privacy unit, per ledger entry,
+the budget policy in plain words, and how much incoming data the budget keeps out.
+
+The ledger's `source` column holds the privacy unit (`subject:<keyed hash>` or
+`prediction:<id>`; `source:<name>` on ledgers written before units were subjects): the
+report reads old and new ledgers alike, and counts units of each kind.
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from flywheel.privacy.ledger import PrivacyLedger
+from flywheel.privacy.policy import BudgetPolicy
 
 
 def build_report(
@@ -15,8 +23,13 @@ def build_report(
     delta: float,
     lineage: str | None = None,
     top_sources: int | None = None,
+    policy: BudgetPolicy | None = None,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Plain data (the --json document): entries, versions, sources, budget left."""
+    """Plain data (the --json document): entries, versions, units, budget left, the
+    policy (default: lifetime) and the incoming data excluded by the budget."""
+    policy = policy or BudgetPolicy("lifetime", budget, delta, 30.0)
+    since = policy.since(now or datetime.now(UTC))
     entries = ledger.entries(lineage)
     sources = ledger.sources(lineage)
     shown = sources if top_sources is None else sources[:top_sources]
@@ -27,6 +40,7 @@ def build_report(
             "update": e.update_no,
             "epsilon": e.epsilon_lineage,
             "epsilon_update": e.epsilon_update,
+            "mechanism": e.mechanism_kind,
             "delta": e.delta,
             "budget_left": max(0.0, budget - e.epsilon_lineage),
             "created_at": e.created_at.isoformat(),
@@ -42,15 +56,44 @@ def build_report(
         if e.version is None
     ]
     worst = max((e.epsilon_lineage for e in entries), default=0.0)
+    lineages = sorted({e.lineage for e in entries})
+    excluded = ledger.excluded(lineages)
+    incoming = sum(x["incoming"] for x in excluded.values())
+    left_out = sum(x["excluded"] for x in excluded.values())
+    kinds: dict[str, int] = {}
+    for s in sources:
+        kind = s.source.split(":", 1)[0] if ":" in s.source else "other"
+        kinds[kind] = kinds.get(kind, 0) + 1
+
+    def out_of_budget(eps: float, last_at: datetime | None) -> bool:
+        # renewing: the stored ε is the unit's spending in the window it was written for;
+        # out of budget only while that spending is still within the current window
+        spent = eps >= budget - 1e-9
+        return spent and (since is None or last_at is None or last_at >= since)
+
     return {
-        "budget": {"epsilon": budget, "delta": delta},
+        "budget": {
+            "epsilon": budget,
+            "delta": delta,
+            "policy": policy.kind,
+            "period_days": policy.period_days if policy.kind == "renewing" else None,
+            "year_epsilon": policy.year_epsilon(),
+            "guarantee": policy.statement(),
+        },
+        "excluded_data": {
+            "incoming_examples": incoming,
+            "excluded_examples": left_out,
+            "excluded_share": left_out / incoming if incoming else 0.0,
+            "lineages": excluded,
+        },
+        "units_by_kind": kinds,
         "epsilon_spent": worst,
         "budget_left": max(0.0, budget - worst),
-        "lineages": sorted({e.lineage for e in entries}),
+        "lineages": lineages,
         "versions": versions,
         "never_published": never_published,
         "sources_total": len(sources),
-        "sources_out_of_budget": sum(1 for s in sources if s.epsilon >= budget - 1e-9),
+        "sources_out_of_budget": sum(1 for s in sources if out_of_budget(s.epsilon, s.last_at)),
         "sources": [
             {
                 "source": s.source,

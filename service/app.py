@@ -39,6 +39,7 @@ from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.service.openapi import install_champion_openapi
 from flywheel.service.routes import corrections, health, metrics, model, predict, review, v2
 from flywheel.service.state import ServiceState
+from flywheel.service.trust import PromotionTrust, TrustCollector
 
 if TYPE_CHECKING:
     from flywheel.registry import Registry
@@ -78,6 +79,7 @@ def create_app(
     )
 
     stopping = threading.Event()  # ends a background first load at shutdown
+    trust = PromotionTrust(config.registry, config.state)  # signed promotions only
 
     def start_following() -> None:
         state.follower = ModelFollower(
@@ -87,6 +89,7 @@ def create_app(
             state.holder,
             registry=state.registry,
             status=state.dependencies,
+            trust=trust,
         ).start()
 
     def load_in_background(follow: bool) -> threading.Thread:
@@ -95,7 +98,7 @@ def create_app(
         def run() -> None:
             try:
                 served = retry_call(
-                    lambda: load_champion(state.registry(), config.trusted, config.service),
+                    lambda: load_champion(state.registry(), config.trusted, config.service, trust),
                     dependency="registry",
                     policy=Backoff.of(config.retry),
                     status=state.dependencies,
@@ -123,6 +126,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        trust.check_keys()  # configured keys that cannot be read end start-up, by name
+        if not trust.enabled:
+            log.warning(
+                "FLYWHEEL_MODEL_TRUST=off: any version the champion alias names is served, "
+                "signed or not; for local experiments only (docs/security.md)"
+            )
         if keys is None:
             log.warning(
                 "FLYWHEEL_AUTH=off: predictions and corrections are accepted without an app "
@@ -140,7 +149,7 @@ def create_app(
         loader: threading.Thread | None = None
         if from_registry:
             try:
-                served = load_champion(state.registry(), config.trusted, config.service)
+                served = load_champion(state.registry(), config.trusted, config.service, trust)
             except Exception as exc:
                 reason = fatal_reason(exc)
                 if reason is not None:
@@ -190,10 +199,15 @@ def create_app(
     # A body must say it is JSON (FastAPI's strict content type): a page in a browser can
     # post a body with no Content-Type cross-site without a CORS preflight, and read as
     # JSON it made corrections (issue 26). Only /v1/predict and /v2 infer opt out (theirs).
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN and run inline
+    # script, which the review page's CSP (script-src 'self') forbids for good reason, and
+    # the bundles (~1.5 MB) are not in the stack. /openapi.json stays; any viewer reads it.
     app = FastAPI(
         title="Flywheel",
         version="1",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         summary="Online-learning inference service with a feedback loop.",
     )
     install_error_handlers(app)
@@ -208,6 +222,7 @@ def create_app(
     m.registry.register(EventLogCollector(lambda: state.event_log))
     m.registry.register(FollowerCollector(lambda: state.follower.stats if state.follower else None))
     m.registry.register(DependencyCollector(state.dependencies, lambda: state.event_log))
+    m.registry.register(TrustCollector(trust))
     # dynamic batching (docs/serving.md): one forward pass for concurrent requests
     if config.service.dynamic_batching:
         state.batcher = PredictBatcher(config.service)

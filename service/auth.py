@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flywheel.appkeys import ADMIN_SCOPES, InvalidKey, parse_key
+from flywheel.retry import transient
 from flywheel.service.errors import is_v2
 from flywheel.store import AppIdentity, KeyBook, KeyRefused
 
@@ -137,7 +138,17 @@ class AppKeys:
             raise KeyRefused(str(exc)) from None
         book = self.book
         if not book.fresh(key_id):  # a store read: on a worker thread, off the event loop
-            await anyio.to_thread.run_sync(book.record, key_id)
+            try:
+                await anyio.to_thread.run_sync(book.record, key_id)
+            except Exception as exc:
+                # the store is down (the fault suite: a PostgreSQL kill once a key's cached
+                # row was older than the TTL): 503, which a client retries, not a 500
+                if not transient(exc):
+                    raise
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise KeyStoreUnavailable(
+                    f"app keys cannot be checked: the store is unavailable ({why})"
+                ) from None
         return book.check(token)
 
 
@@ -177,8 +188,7 @@ def auth_openapi(doc: dict[str, Any]) -> dict[str, Any]:
         "scheme": "bearer",
         "description": "An app key from `flywheel apps create NAME --scopes ...` (fw_...).",
     }
-    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
-    has_error_body = "ErrorBody" in components.get("schemas", {})
+    schemas = components.get("schemas", {})
     for path, operations in doc.get("paths", {}).items():
         for method, op in operations.items():
             need = needed_scope(method.upper(), _example_path(path))
@@ -189,10 +199,12 @@ def auth_openapi(doc: dict[str, Any]) -> dict[str, Any]:
                 op.get("description") or ""
             ) + f"\n\nNeeds an app key with the `{need}` scope."
             responses = op.setdefault("responses", {})
+            body = "V2Error" if is_v2(path) else "ErrorBody"  # as `_refuse` sends it
             for status, text in _RESPONSES.items():
                 answer: dict[str, Any] = {"description": text}
-                if has_error_body:
-                    answer["content"] = {"application/json": {"schema": error_ref}}
+                if body in schemas:
+                    ref = {"$ref": f"#/components/schemas/{body}"}
+                    answer["content"] = {"application/json": {"schema": ref}}
                 responses.setdefault(status, answer)
     return doc
 

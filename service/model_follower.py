@@ -9,6 +9,11 @@ warming happen on the worker; requests only ever see `ModelHolder.swap`, which i
 and a request keeps the snapshot it took, so it finishes on the version it started with.
 A failed load leaves the old model serving and is retried at the next poll.
 
+A version whose promotion signature does not verify (`flywheel.service.trust`, when the
+app hands the follower a `PromotionTrust`) is not swapped in either: it was aliased by
+hand, or its artifact changed after signing. The follower keeps serving and the trust
+check logs why, once per version, and counts it.
+
 A version whose feature schema differs from the served one's (another fingerprint, or a
 schema where there was none or the reverse) is not swapped in: clients send rows of the
 served schema, and the new model would read them as something else (another vocabulary
@@ -33,6 +38,7 @@ from flywheel.settings import KafkaSettings, RegistrySettings, ServiceSettings
 if TYPE_CHECKING:
     from flywheel.modelspec import AnySpec
     from flywheel.registry import LoadedVersion, ModelVersion
+    from flywheel.service.trust import PromotionTrust
 
 log = logging.getLogger(__name__)
 CONSUMER_POLL_MS = 250  # also bounds how long stop() waits for the listener
@@ -76,6 +82,7 @@ class ModelFollower:
         registry: Callable[[], ChampionSource],
         listen: bool | None = None,
         status: DependencyStatus | None = None,
+        trust: PromotionTrust | None = None,
     ) -> None:
         """Follows `followed`'s model (polled every `registry_poll_s`), listening on `kafka`'s
         model-events topic, and serves at `service`'s `serve_precision`.
@@ -83,7 +90,8 @@ class ModelFollower:
         `registry` gives the champion source; it is first called on the worker thread, so
         opening the process's shared `Registry` (importing MLflow) never delays startup.
         `listen` consumes model events (default: when Kafka is configured). `status` hears
-        whether the registry answered the last check ("registry")."""
+        whether the registry answered the last check ("registry"). `trust` checks each
+        version's promotion signature before it is swapped in (the app always passes one)."""
         self.kafka = kafka
         self.followed = followed
         self.precision = service.serve_precision
@@ -91,6 +99,7 @@ class ModelFollower:
         self.stats = FollowerStats()
         self.status = status or DependencyStatus()
         self._registry_factory = registry
+        self.trust = trust
         self._registry: ChampionSource | None = None
         self._refused: ModelVersion | None = None  # the version refused last (logged once)
         self._listen = bool(kafka.kafka_bootstrap) if listen is None else listen
@@ -202,6 +211,12 @@ class ModelFollower:
                 served,
                 self.followed.registry_poll_s,
             )
+            return None
+        untrusted = self.trust.refusal(loaded) if self.trust is not None else None
+        if untrusted is not None:  # logged and counted (once per version) by the check
+            self.stats.refused += 1
+            self._refused = target
+            self.stats.last_error = f"v{target}: {untrusted}"
             return None
         if self._moved_since(registry, target):  # a quick rollback: never serve the undone
             self.stats.superseded += 1

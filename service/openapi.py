@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from flywheel.features import Feature, FeatureSchema
+from flywheel.service.errors import is_v2
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.service.schemas import CHAMPION_PART, NAMED_ROW, VECTOR
 
@@ -46,6 +47,10 @@ def champion_openapi(base: dict[str, Any], model: ServedModel | None) -> dict[st
     """A copy of `base` whose predict request describes `model` (generic before a model
     is loaded)."""
     doc = copy.deepcopy(base)
+    for path, operations in doc.get("paths", {}).items():
+        if is_v2(path):  # the Open Inference Protocol's invalid input is a 400 `{"error"}`
+            for op in operations.values():
+                op.get("responses", {}).pop("422", None)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     instances = schemas.get("PredictRequest", {}).get("properties", {}).get("instances")
     if instances is None:  # pragma: no cover - a FastAPI that names components otherwise

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonS
 
 from flywheel.events import Identifier, LabelName, SourceName
 from flywheel.features import FeatureSchema
+from flywheel.subjects import SubjectId
 
 # strict: a JSON number only (an integer is fine); true/false or "1" are refused, not coerced
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
@@ -79,6 +80,13 @@ class CorrectionIn(BaseModel):
         None,
         description="A sub-source of the calling app (`eu` is stored as `<app>/eu`); "
         "another app's namespace is refused with 403. Per-source limits count the app.",
+    )
+    subject: SubjectId | None = Field(
+        None,
+        description="The end user the label is about (1-256 characters): the privacy "
+        "unit. Keyed-hashed on arrival (FLYWHEEL_SUBJECT_KEY) and never stored nor logged "
+        "raw; the same subject from several apps shares one privacy budget. Without it, "
+        "the unit is the prediction.",
     )
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from flywheel.service.slow_clients import header_timeout_protocol
+
 
 class GracefulServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -116,11 +118,14 @@ def run_server(
     tls: TLS | None = None,
     *,
     configure_logging: bool = True,
+    header_timeout_s: float = 10.0,
 ) -> None:
     """Serve until stopped (over HTTPS only, with `tls`); `StartupFailed` if the app's
     start-up raised or `tls` names no usable certificate and key. `configure_logging`:
     uvicorn installs its own log handlers (on the process's stderr as it is then: a test
-    that captures stderr passes False and keeps the logging it has)."""
+    that captures stderr passes False and keeps the logging it has). A connection whose
+    request headers take longer than `header_timeout_s` gets 408 and is closed
+    (FLYWHEEL_HEADER_TIMEOUT_S, flywheel.service.slow_clients)."""
     if tls is not None:
         tls.check()
     config = uvicorn.Config(
@@ -130,6 +135,7 @@ def run_server(
         log_level="info",
         access_log=access_log,
         workers=1,
+        http=header_timeout_protocol(header_timeout_s),
         **({} if configure_logging else {"log_config": None}),  # type: ignore[arg-type]
         **(tls.uvicorn_options() if tls is not None else {}),  # type: ignore[arg-type]
     )

@@ -1,7 +1,9 @@
-"""`flywheel db`: migrate and inspect the training store's schema.
+"""`flywheel db`: migrate, inspect and maintain the training store.
 
 Processes refuse a store whose schema is not current (`open_store`), so these commands
 are how an operator gets past that refusal, and `check` is the same test for scripts.
+`current` also shows the large tables' sizes; `maintain` runs retention and creates the
+partitions ahead now (the feedback workers run it every FLYWHEEL_RETENTION_EVERY_S).
 """
 
 from __future__ import annotations
@@ -118,6 +120,31 @@ def current() -> None:
         typer.echo(f"{shown}: {revision} (behind head {expected}: run `flywheel db upgrade`)")
     else:
         typer.echo(f"{shown}: {revision} (unknown here, newest known {expected}: newer Flywheel?)")
+    if revision is not None:
+        _echo_sizes()
+
+
+SIZED_TABLES = ["predictions", "corrections", "examples", "error_counts", "privacy_ledger"]
+
+
+def _echo_sizes() -> None:
+    """One line per large table: rows (PostgreSQL: the planner's estimate), bytes with
+    indexes, partitions."""
+    from flywheel import store
+
+    def run(url: str) -> list[store.TableSize]:
+        engine = store.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return store.table_sizes(conn, SIZED_TABLES)
+        finally:
+            engine.dispose()
+
+    _, sizes = _store_call(run)
+    for size in sizes:
+        on_disk = "" if size.bytes is None else f", {size.bytes / 2**20:,.1f} MiB"
+        parts = f", {size.partitions} partitions" if size.partitions else ""
+        typer.echo(f"  {size.table}: {size.rows:,} rows{on_disk}{parts}")
 
 
 @db_app.command()
@@ -134,3 +161,28 @@ def check() -> None:
 
     shown, revision = _store_call(run)
     typer.echo(f"{shown}: {revision} (head)")
+
+
+@db_app.command()
+def maintain() -> None:
+    """Run the store's retention and create the partitions ahead, now (FLYWHEEL_RETENTION_*)."""
+    from flywheel import store
+
+    settings = settings_or_exit()
+    policy = store.RetentionPolicy.of(settings.feedback)
+
+    def run(url: str) -> store.MaintenanceReport | None:
+        engine = store.open_store(url)
+        try:
+            return store.maintain(engine, policy, owner=store.default_owner(), force=True)
+        finally:
+            engine.dispose()
+
+    shown, report = _store_call(run)
+    assert report is not None  # force: always runs
+    removed = ", ".join(f"{table} {n:,}" for table, n in report.removed.items())
+    typer.echo(f"{shown}: removed {removed}")
+    typer.echo(
+        f"  partitions dropped {len(report.dropped)}, created {len(report.created)}"
+        f" ({report.seconds:.2f} s)"
+    )

@@ -162,7 +162,11 @@ def demo(
         "corrections_joined": result.corrections_joined,
         "initial_version": initial,
         "privacy": privacy_summary(
-            candidates, s.privacy_enabled, s.privacy_epsilon, s.privacy_delta
+            candidates,
+            s.privacy_enabled,
+            s.privacy_epsilon,
+            s.privacy_delta,
+            mechanism=s.privacy_mechanism,
         ),
     }
     if report is not None:
@@ -230,6 +234,13 @@ def _print_summary(summary: dict, report: Path | None) -> None:
             f"{pct(privacy['recent_accuracy_dp'])} / {pct(privacy['recent_accuracy_without_dp'])}",
             "-",
         )
+        if privacy.get("trusted_accuracy_dp") is not None:
+            table.add_row(
+                "trusted holdout, DP / same run without DP",
+                f"{pct(privacy['trusted_accuracy_dp'])} / "
+                f"{pct(privacy['trusted_accuracy_without_dp'])}",
+                "-",
+            )
     else:
         table.add_row("privacy", "DP off", "-")
     print_table(Console(), table)

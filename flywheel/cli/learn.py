@@ -66,7 +66,8 @@ def learn(
         raise
     learner.dependencies = status
     learner.stop_event = stop
-    if not learner.lease.wait(stop):  # a standby until the lineage's holder is gone
+    # a standby until the lineage's holder is gone (a store outage meanwhile is waited out)
+    if not learner.lease.wait(stop):
         return
     learner.lease.start_renewing()
     try:

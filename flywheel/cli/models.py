@@ -98,12 +98,15 @@ def _registry_errors(settings: Settings) -> Iterator[None]:
 
     from flywheel.registry import RegistryError
     from flywheel.review import ReviewError
+    from flywheel.signing import SigningKeyError
 
     where = f"MLflow registry at {mask_credentials(settings.resolved_mlflow_uri)}"
     try:
         yield
     except (RegistryError, ReviewError) as exc:
         _fail(str(exc))
+    except SigningKeyError as exc:
+        _fail(f"cannot sign the promotion: {exc} (FLYWHEEL_SIGNING_KEY, docs/security.md)")
     except MlflowException as exc:
         _fail(f"{where}: {exc.message}")
     except OSError as exc:

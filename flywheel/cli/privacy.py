@@ -1,4 +1,5 @@
-"""`flywheel privacy report`: ε spent per version and per source, and the ledger behind it."""
+"""`flywheel privacy report`: ε spent per version and per privacy unit, the budget policy
+in plain words, the incoming data the budget excludes, and the ledger behind it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def report(
     ),
 ) -> None:
     """Per version and per source: ε spent and budget left; each update's mechanism."""
-    from flywheel.privacy import PrivacyLedger, build_report, plot_epsilon
+    from flywheel.privacy import BudgetPolicy, PrivacyLedger, build_report, plot_epsilon
 
     settings = settings_or_exit()
     engine = store_or_exit(settings)
@@ -36,6 +37,12 @@ def report(
         delta=settings.privacy_delta,
         lineage=lineage,
         top_sources=None if json_out else top,
+        policy=BudgetPolicy(
+            settings.privacy_budget_policy,
+            settings.privacy_epsilon,
+            settings.privacy_delta,
+            settings.privacy_budget_period_days,
+        ),
     )
     engine.dispose()
     if plot is not None:
@@ -51,12 +58,16 @@ def _print(doc: dict, plot: Path | None) -> None:
     from rich.table import Table
 
     console = Console()
-    b = doc["budget"]
+    b, x = doc["budget"], doc["excluded_data"]
+    console.print(b["guarantee"], highlight=False)
     console.print(
-        f"budget ε={b['epsilon']:g}, δ={b['delta']:g} per source and lineage; "
-        f"spent (worst source) ε={doc['epsilon_spent']:.3f}; "
-        f"{doc['sources_out_of_budget']} of {doc['sources_total']} sources out of "
-        "budget"
+        f"budget ε={b['epsilon']:g}, δ={b['delta']:g} per privacy unit and lineage "
+        f"({b['policy']}); "
+        f"spent (worst unit) ε={doc['epsilon_spent']:.3f}; "
+        f"{doc['sources_out_of_budget']} of {doc['sources_total']} units out of "
+        "budget; "
+        f"{x['excluded_examples']} of {x['incoming_examples']} incoming trainable examples "
+        f"({x['excluded_share']:.1%}) could not be trained on (budget spent)"
         + (
             f"; {len(doc['never_published'])} update(s) never published, still counted"
             if doc["never_published"]
@@ -78,9 +89,9 @@ def _print(doc: dict, plot: Path | None) -> None:
             f"{v['budget_left']:.3f}",
         )
     print_table(console, versions)
-    sources = Table(title=f"sources (top {len(doc['sources'])} of {doc['sources_total']})")
-    for col in ("source", "ε", "budget left", "updates", "examples"):
-        sources.add_column(col, justify="left" if col == "source" else "right")
+    sources = Table(title=f"privacy units (top {len(doc['sources'])} of {doc['sources_total']})")
+    for col in ("unit", "ε", "budget left", "updates", "examples"):
+        sources.add_column(col, justify="left" if col == "unit" else "right")
     for s in doc["sources"]:
         sources.add_row(
             s["source"],
@@ -94,12 +105,13 @@ def _print(doc: dict, plot: Path | None) -> None:
     for col in (
         "update",
         "version",
+        "mechanism",
         "accountant",
         "engine",
         "q",
         "σ",
         "C",
-        "steps",
+        "steps (tree: leaves)",
         "ε",
         "sources",
         "examples",
@@ -111,6 +123,7 @@ def _print(doc: dict, plot: Path | None) -> None:
         ledger.add_row(
             str(e["update"]),
             f"v{e['version']}" if e["version"] else "-",
+            "DP-FTRL tree" if e["mechanism_kind"] == "tree" else "DP-SGD",
             e["accountant"],
             e["engine"],
             f"{e['sample_rate']:g}",

@@ -47,7 +47,14 @@ def serve(
         # the process's one registry: the first load, the follower and /v1/review share it
         app = create_app(ServiceConfig.of(settings), registry=Registry.of(settings))
         try:
-            run_server(app, settings.host, settings.port, access_log, tls=tls)
+            run_server(
+                app,
+                settings.host,
+                settings.port,
+                access_log,
+                tls=tls,
+                header_timeout_s=settings.header_timeout_s,
+            )
         except StartupFailed as exc:  # the broker still stops (the ExitStack)
             typer.echo(f"error: the service did not start: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -57,6 +57,12 @@ class Layout:
     ports: list[int]
     database_url: str
     mlflow_uri: str
+    # the replicas have homes of their own, so the promotion keys are named for them, not
+    # found in their home: the signing key the processes on the root home create there on
+    # first use (`learn --once`), and the public keys the service trusts
+    signing_key: str
+    trusted_keys: str
+    signing_key_set: bool = False  # FLYWHEEL_SIGNING_KEY given: every process gets it
     key: str | None = None
 
     def shared_env(self) -> dict[str, str]:
@@ -66,12 +72,14 @@ class Layout:
             "FLYWHEEL_MLFLOW_TRACKING_URI": self.mlflow_uri,
             "FLYWHEEL_KAFKA_BOOTSTRAP": self.bootstrap,
             "FLYWHEEL_PORT": str(self.ports[0]),
-        }
+            "FLYWHEEL_TRUSTED_KEYS": self.trusted_keys,
+        } | ({"FLYWHEEL_SIGNING_KEY": self.signing_key} if self.signing_key_set else {})
 
     def replica_env(self, i: int) -> dict[str, str]:
         return self.shared_env() | {
             "FLYWHEEL_HOME": str(self.root / f"replica-{i}"),
             "FLYWHEEL_PORT": str(self.ports[i]),
+            "FLYWHEEL_SIGNING_KEY": self.signing_key,
         }
 
     def env_text(self) -> str:
@@ -331,8 +339,18 @@ def _up(
         [free_port() for _ in range(replicas)] if base == 0 else [base + i for i in range(replicas)]
     )
     bootstrap = f"127.0.0.1:{broker_port or free_port()}"
+    from flywheel.signing import default_key_paths
+
+    private, public = default_key_paths(root)
     layout = Layout(
-        root, bootstrap, ports, settings.resolved_database_url, settings.resolved_mlflow_uri
+        root,
+        bootstrap,
+        ports,
+        settings.resolved_database_url,
+        settings.resolved_mlflow_uri,
+        signing_key=str(settings.signing_key or private),
+        trusted_keys=settings.trusted_keys or str(public),
+        signing_key_set=settings.signing_key is not None,
     )
     logs = root / UP_DIR / "logs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"} | layout.shared_env()

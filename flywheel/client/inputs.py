@@ -24,7 +24,7 @@ from flywheel.client.types import Correction
 
 JSONRow = dict[str, Any] | list[float]
 _NA_TYPES = ("NAType", "NaTType")  # pandas.NA, pandas.NaT (without importing pandas)
-CORRECTION_FIELDS = ("prediction_id", "label", "source")
+CORRECTION_FIELDS = ("prediction_id", "label", "source", "subject")
 
 
 def _is_missing(value: Any) -> bool:
@@ -157,16 +157,18 @@ def to_json_row(row: Any, index: int) -> JSONRow:
 
 
 def as_corrections(items: Any) -> list[Correction]:
-    """`(prediction_id, label[, source])` tuples, dicts or `Correction`s, checked.
+    """`(prediction_id, label[, source[, subject]])` tuples, dicts or `Correction`s, checked.
 
     >>> as_corrections([("p1", "cat"), {"prediction_id": "p2", "label": "dog", "source": "a"}])
-    [Correction(prediction_id='p1', label='cat', source=None), \
-Correction(prediction_id='p2', label='dog', source='a')]
-    >>> as_corrections([{"prediction_id": "p1", "label": "cat", "subject": "u-9"}])
+    [Correction(prediction_id='p1', label='cat', source=None, subject=None), \
+Correction(prediction_id='p2', label='dog', source='a', subject=None)]
+    >>> as_corrections([{"prediction_id": "p1", "label": "cat", "subject": "u-9"}])[0].subject
+    'u-9'
+    >>> as_corrections([{"prediction_id": "p1", "label": "cat", "user": "u-9"}])
     Traceback (most recent call last):
     ...
-    flywheel.client.errors.InvalidInput: corrections[0]: unknown field 'subject' \
-(known: prediction_id, label, source; the service does not take a data subject yet)
+    flywheel.client.errors.InvalidInput: corrections[0]: unknown field 'user' \
+(known: prediction_id, label, source, subject)
     """
     if isinstance(items, str | bytes | Mapping | Correction) or not isinstance(items, Iterable):
         raise InvalidInput(
@@ -185,16 +187,17 @@ def _correction(item: Any, i: int) -> Correction:
     elif isinstance(item, Mapping):
         unknown = [k for k in item if k not in CORRECTION_FIELDS]
         if unknown:
-            hint = "; the service does not take a data subject yet" if "subject" in unknown else ""
             raise InvalidInput(
                 f"corrections[{i}]: unknown field {unknown[0]!r} "
-                f"(known: {', '.join(CORRECTION_FIELDS)}{hint})"
+                f"(known: {', '.join(CORRECTION_FIELDS)})"
             )
         for name in ("prediction_id", "label"):
             if name not in item:
                 raise InvalidInput(f"corrections[{i}].{name}: field required")
-        c = Correction(item["prediction_id"], item["label"], item.get("source"))
-    elif isinstance(item, tuple | list) and len(item) in (2, 3):
+        c = Correction(
+            item["prediction_id"], item["label"], item.get("source"), item.get("subject")
+        )
+    elif isinstance(item, tuple | list) and len(item) in (2, 3, 4):
         c = Correction(*item)
     else:
         raise InvalidInput(
@@ -203,7 +206,7 @@ def _correction(item: Any, i: int) -> Correction:
         )
     for name in CORRECTION_FIELDS:
         value = getattr(c, name)
-        if name == "source" and value is None:
+        if name in ("source", "subject") and value is None:
             continue
         if not isinstance(value, str) or not value:
             raise InvalidInput(f"corrections[{i}].{name}: {value!r} is not a non-empty string")
@@ -214,4 +217,6 @@ def correction_json(c: Correction) -> dict[str, str]:
     doc = {"prediction_id": c.prediction_id, "label": c.label}
     if c.source is not None:
         doc["source"] = c.source
+    if c.subject is not None:
+        doc["subject"] = c.subject
     return doc

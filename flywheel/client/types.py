@@ -110,13 +110,18 @@ class Correction:
     defence). Once the service checks app keys, it sets the source from the key and this
     field is only for direct Kafka producers.
 
+    `subject` names the end user the label is about: the privacy unit (one privacy budget
+    per subject, across apps). The service keeps only its keyed hash; without one, each
+    prediction is its own unit.
+
     >>> Correction("9f1c", "dog")
-    Correction(prediction_id='9f1c', label='dog', source=None)
+    Correction(prediction_id='9f1c', label='dog', source=None, subject=None)
     """
 
     prediction_id: str
     label: str
     source: str | None = None
+    subject: str | None = None
 
 
 def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import random
+import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
 
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.demo.files import DemoData, init_trusted, read_stream, synthetic_files
@@ -92,6 +95,7 @@ def running_service(settings: Settings) -> Iterator[str]:
 
     from flywheel.broker import free_port
     from flywheel.service import GracefulServer, ServiceConfig, create_app
+    from flywheel.service.slow_clients import header_timeout_protocol
 
     port = settings.port or free_port()
     config = uvicorn.Config(
@@ -100,6 +104,7 @@ def running_service(settings: Settings) -> Iterator[str]:
         port=port,
         log_level="warning",
         access_log=False,
+        http=header_timeout_protocol(settings.header_timeout_s),
     )
     server = GracefulServer(config)
     thread = threading.Thread(target=server.run, name="flywheel-demo-service", daemon=True)
@@ -119,8 +124,9 @@ def running_service(settings: Settings) -> Iterator[str]:
 
 @contextlib.contextmanager
 def embedded_stack(settings: Settings, data: DemoData | None = None) -> Iterator[Settings]:
-    """Start what the settings leave unset (the broker), migrate the store, bootstrap a model:
-    `init` on `data.trusted` when given (and the home has no champion yet), else the
+    """Start what the settings leave unset (the broker; a throwaway FLYWHEEL_SUBJECT_KEY,
+    so the simulated users can be sent as data subjects), migrate the store, bootstrap a
+    model: `init` on `data.trusted` when given (and the home has no champion yet), else the
     synthetic seed CSV through `ensure_champion` (the same file `synthetic_files` writes)."""
     from flywheel.learner import ensure_champion
     from flywheel.registry import Registry
@@ -132,6 +138,9 @@ def embedded_stack(settings: Settings, data: DemoData | None = None) -> Iterator
             broker = stack.enter_context(EmbeddedBroker(log_file=settings.home_dir / "broker.log"))
             bootstrap = broker.bootstrap
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+        if settings.access.subject_key is None:  # this run's users are subjects of this run
+            key = SecretStr(secrets.token_urlsafe(32))
+            settings = settings.model_copy(update={"subject_key": key})
         ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
         upgrade(settings.resolved_database_url)
         if data is not None:
@@ -233,7 +242,9 @@ def simulate_app(
 ) -> tuple[DemoResult, list[str]]:
     """Send the stream file's rows by name across an abrupt change; correct a fraction of
     them after a delay, through `flywheel.client.Client`, with the key of app `demo`
-    (`demo_api_key`): each simulated user is a sub-source of it (`demo/user-7`).
+    (`demo_api_key`): each simulated user is a sub-source of it (`demo/user-7`) and the
+    data subject of its corrections, the privacy unit (as the sub-source was before
+    subjects, so the demo's DP accounting per user is unchanged).
 
     `data`: the demo's files (default: `synthetic_files` for `config`); the stream is read
     with the champion's schema. `frozen` predicts labels with the initial model on the same
@@ -324,7 +335,7 @@ def _send_due(
     due = []
     while pending and pending[0][0] <= now:
         _, pid, label, user = pending.popleft()
-        due.append(Correction(prediction_id=pid, label=label, source=user))
+        due.append(Correction(prediction_id=pid, label=label, source=user, subject=user))
     if due:
         client.correct(due)
         sent = time.monotonic() - start

@@ -95,10 +95,19 @@ def summarize(
 
 
 def privacy_summary(
-    candidates: list[dict[str, Any]], enabled: bool, budget: float, delta: float, last: int = 5
+    candidates: list[dict[str, Any]],
+    enabled: bool,
+    budget: float,
+    delta: float,
+    last: int = 5,
+    mechanism: str = "dp-sgd",
 ) -> dict[str, Any]:
-    """ε spent, and the last candidates' recent-holdout accuracy with DP next to the same
-    run without it (the learner's non-private shadow, trained on the same examples)."""
+    """ε spent, and the last candidates' accuracy with DP next to the same run without it
+    (the learner's non-private shadow, trained on the same examples with the same drift
+    response), on the gate's recent and trusted holdouts: the cost of privacy, measured
+    on this run; and what the budget means for one person, in plain words."""
+    from flywheel.privacy import epsilon_in_words
+
     if not enabled:
         return {"enabled": False}
     numbers = [c["privacy"] for c in candidates if c.get("privacy")]
@@ -109,20 +118,34 @@ def privacy_summary(
     ]
     dp = _mean_float([n["recent_accuracy"] for n in tail])
     plain = _mean_float([n["nonprivate_recent_accuracy"] for n in tail])
+    trusted = [n for n in numbers[-last:] if n.get("trusted_accuracy") is not None]
+    dp_trusted = _mean_float([n["trusted_accuracy"] for n in trusted])
+    plain_trusted = _mean_float([n["nonprivate_trusted_accuracy"] for n in trusted])
     return {
         "enabled": True,
+        "mechanism": mechanism,
         "budget_epsilon": budget,
         "delta": delta,
         "epsilon_spent": round(max((n["epsilon"] for n in numbers), default=0.0), 4),
         "recent_accuracy_dp": dp,
         "recent_accuracy_without_dp": plain,
+        "recent_gap_points": _gap(plain, dp),
+        "trusted_accuracy_dp": dp_trusted,
+        "trusted_accuracy_without_dp": plain_trusted,
+        "trusted_gap_points": _gap(plain_trusted, dp_trusted),
         "candidates_compared": len(tail),
+        "meaning": epsilon_in_words(budget, delta),
     }
 
 
 def pct(v: float | None) -> str:
     """An accuracy for the summaries: `97.5%`, or `n/a`."""
     return "n/a" if v is None else f"{v:.1%}"
+
+
+def _gap(plain: float | None, dp: float | None) -> float | None:
+    """Points lost to DP (positive: DP is worse)."""
+    return None if plain is None or dp is None else round(100 * (plain - dp), 2)
 
 
 @contextmanager
@@ -193,13 +216,33 @@ def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
         return []
     if not p.get("enabled"):
         return ["Privacy: DP off (`FLYWHEEL_PRIVACY_ENABLED=false`).", ""]
-    return [
-        f"Privacy: every update DP-SGD, ε spent {p['epsilon_spent']} of "
-        f"{p['budget_epsilon']} per source (δ={p['delta']:g}). Recent-holdout accuracy of "
-        f"the last {p['candidates_compared']} candidates: {pct(p['recent_accuracy_dp'])} "
-        f"with DP, {pct(p['recent_accuracy_without_dp'])} for the same run without DP.",
+
+    def gap(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f} points"
+
+    name = {"dp-sgd": "DP-SGD", "dp-ftrl": "DP-FTRL (tree aggregation)"}
+    lines = [
+        f"Privacy: every update {name.get(p.get('mechanism', 'dp-sgd'), p.get('mechanism'))}, "
+        f"ε spent {p['epsilon_spent']} of {p['budget_epsilon']} per data subject "
+        f"(δ={p['delta']:g}).",
         "",
+        f"The cost of privacy on this run (the last {p['candidates_compared']} candidates "
+        "against the learner's non-private shadow: the same examples, the same drift "
+        "response, no noise):",
+        "",
+        "| holdout | with DP | same run without DP | lost to DP |",
+        "| --- | --- | --- | --- |",
+        f"| recent | {pct(p['recent_accuracy_dp'])} | {pct(p['recent_accuracy_without_dp'])} "
+        f"| {gap(p.get('recent_gap_points'))} |",
     ]
+    if p.get("trusted_accuracy_dp") is not None:
+        lines.append(
+            f"| trusted | {pct(p['trusted_accuracy_dp'])} | "
+            f"{pct(p['trusted_accuracy_without_dp'])} | {gap(p.get('trusted_gap_points'))} |"
+        )
+    if p.get("meaning"):
+        lines += ["", f"What the budget means for one person: {p['meaning']}"]
+    return [*lines, ""]
 
 
 def _data_lines(s: dict[str, Any]) -> list[str]:
@@ -242,14 +285,23 @@ def markdown(s: dict[str, Any]) -> str:
         *_privacy_lines(s.get("privacy")),
         "## Versions and gate decisions",
         "",
-        "| version | parent | examples | lr | promoted | gate |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| version | parent | examples | lr | promoted | recent: DP / without DP | gate |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in s["candidates"]:
         lines.append(
             f"| v{c['version']} | v{c['parent_version']} | {c['examples']} | "
-            f"{c['lr']:.4g} | {'yes' if c['promoted'] else 'no'} | {c['gate']} |"
+            f"{c['lr']:.4g} | {'yes' if c['promoted'] else 'no'} | {_versus(c)} | {c['gate']} |"
         )
     if not s["candidates"]:
-        lines.append("| (none) | | | | | |")
+        lines.append("| (none) | | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def _versus(candidate: dict[str, Any]) -> str:
+    """This candidate's recent-holdout accuracy with DP / its non-private shadow's."""
+    n = candidate.get("privacy") or {}
+    dp, plain = n.get("recent_accuracy"), n.get("nonprivate_recent_accuracy")
+    if dp is None or plain is None or plain != plain:  # no DP, or no recent holdout (NaN)
+        return "-"
+    return f"{dp:.3f} / {plain:.3f}"

@@ -241,14 +241,21 @@ def _card_markdown(f: dict[str, Any], plots: list[str]) -> str:
             f"{_num(e['epsilon_lineage'])} for the lineage so far "
             f"({e['sources']} sources, {e['examples']} examples)"
         )
+    excluded = ledger.get("excluded")
+    if excluded and excluded["incoming_examples"]:
+        lines.append(
+            f"- incoming data the privacy budget keeps out: {excluded['excluded_examples']} of "
+            f"{excluded['incoming_examples']} trainable examples "
+            f"({excluded['excluded_share']:.1%}): their privacy unit's budget is spent"
+        )
     used = [s for s in ledger["sources"] if d["version"] in s["versions"]]
     if used:
         lines += [
             "",
-            "ε per source (the privacy unit) that trained this version, "
-            "cumulative over the sources' updates:",
+            "ε per privacy unit (data subject, else prediction) that trained this "
+            "version, cumulative over the units' updates:",
             "",
-            "| source | ε spent | updates | examples |",
+            "| unit | ε spent | updates | examples |",
             "| --- | --- | --- | --- |",
         ]
         lines += [

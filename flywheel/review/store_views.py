@@ -162,11 +162,23 @@ def privacy_ledger(engine: Engine | None, store_note: str | None = None) -> dict
             }
             for e in ledger.entries()
         ]
+        lineages = sorted({e.lineage for e in ledger.entries()})
+        per_lineage = ledger.excluded(lineages)
+        incoming = sum(x["incoming"] for x in per_lineage.values())
+        left_out = sum(x["excluded"] for x in per_lineage.values())
+        excluded = {
+            "incoming_examples": incoming,
+            "excluded_examples": left_out,
+            "excluded_share": left_out / incoming if incoming else 0.0,
+            "lineages": per_lineage,
+        }
     except Exception as exc:  # a broken ledger must not take the review down
         return missing | {"note": f"privacy ledger unreadable: {' '.join(str(exc).split())[:300]}"}
     return {
         "available": True,
         "sources": sources,
         "versions": versions,
+        # incoming trainable data the budget keeps out (units whose budget is spent)
+        "excluded": excluded,
         "note": None if sources else "no DP update is recorded in the privacy ledger yet",
     }

@@ -85,7 +85,21 @@ from flywheel.store.models import (
     UTCDateTime,
 )
 from flywheel.store.models import ReferenceStats as ReferenceStatsRow
+from flywheel.store.partitions import (
+    PARTITIONED,
+    TableSize,
+    is_partition,
+    is_partitioned,
+    table_sizes,
+)
 from flywheel.store.progress import LearnerProgress, learner_progress
+from flywheel.store.retention import (
+    MaintenanceReport,
+    RetentionPolicy,
+    apply_retention,
+    delete_rows,
+    maintain,
+)
 from flywheel.store.trusted import (
     HOLDOUT_FRACTION,
     SEED_SOURCE,
@@ -107,6 +121,16 @@ from flywheel.store.trusted import (
 )
 
 __all__ = [
+    "PARTITIONED",
+    "MaintenanceReport",
+    "RetentionPolicy",
+    "TableSize",
+    "apply_retention",
+    "delete_rows",
+    "is_partition",
+    "is_partitioned",
+    "maintain",
+    "table_sizes",
     "DEFAULT_GRACE_S",
     "AppExists",
     "AppIdentity",

@@ -28,6 +28,7 @@ _COLUMNS = (
     Example.error_type,
     Example.source,
     Example.parent_prediction_id,
+    Example.privacy_unit,
 )
 
 
@@ -44,12 +45,18 @@ class StoredExample:
     error_type: str | None
     source: str | None = None
     parent_prediction_id: str | None = None
+    privacy_unit: str | None = None
 
     @property
     def contributor(self) -> str:
-        """Whose data this is, for privacy: the source, else the correction it came from.
-        The whole source (`shop/u-17`: the person an app's sub-source names), not its app:
-        see docs/security.md."""
+        """Whose data this is, for privacy: the privacy unit stored with it (its data
+        subject, else the prediction it corrects: `flywheel.subjects.privacy_unit`).
+
+        Rows stored before migration 0013 have none: their unit stays what it was when
+        their ε was written to the ledger, the whole source (`shop/u-17`), else the
+        correction they came from, so an old ledger keeps counting for the same keys."""
+        if self.privacy_unit:
+            return self.privacy_unit
         if self.source:
             return f"source:{self.source}"
         if self.parent_prediction_id:
@@ -71,7 +78,8 @@ class StoredExample:
 
 def _rows_of(result: Iterable[Sequence[Any]]) -> list[StoredExample]:
     return [
-        StoredExample(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], r[7], r[8]) for r in result
+        StoredExample(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], r[7], r[8], r[9])
+        for r in result
     ]
 
 

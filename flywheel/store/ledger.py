@@ -1,6 +1,6 @@
 """The privacy ledger's tables, read and written: the repository `flywheel.privacy` uses.
 
-SQL only, in plain values (a mechanism is its (sample rate, σ, steps)): what the numbers
+SQL only, in plain values (a mechanism is its (sample rate, σ, steps, kind)): what the numbers
 mean, and the accounting over them, is the privacy component's. The guarantees the
 privacy component argues rest on two properties kept here:
 * `record` writes an update's entry and every source's spend in one transaction, before
@@ -35,7 +35,8 @@ from flywheel.store.models import PrivacyLedgerEntry, PrivacySourceSpend
 
 CHUNK = 500  # sources per IN (...) query
 
-MechanismValues = tuple[float, float, int]  # (sample rate q, noise multiplier σ, steps)
+# (sample rate q, noise multiplier σ, steps, kind: "dp-sgd" or "tree")
+MechanismValues = tuple[float, float, int, str]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class LedgerRow:
     public_examples: int
     capped_examples: int
     excluded_examples: int
+    mechanism_kind: str = "dp-sgd"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class SourceSpend:
     updates: int
     examples: int
     versions: tuple[str, ...]
+    last_at: datetime | None = None  # when it last took part in an update
 
 
 def _row(row: PrivacyLedgerEntry) -> LedgerRow:
@@ -95,6 +98,7 @@ def _row(row: PrivacyLedgerEntry) -> LedgerRow:
         row.public_examples,
         row.capped_examples,
         row.excluded_examples,
+        row.mechanism_kind,
     )
 
 
@@ -113,8 +117,11 @@ class LedgerTables:
     def __init__(self, engine: Engine) -> None:
         self.sessions = session_factory(engine)
 
-    def histories(self, lineage: str, sources: Iterable[str]) -> dict[str, list[MechanismValues]]:
-        """The mechanisms each of `sources` took part in so far (absent: none)."""
+    def histories(
+        self, lineage: str, sources: Iterable[str], since: datetime | None = None
+    ) -> dict[str, list[MechanismValues]]:
+        """The mechanisms each of `sources` took part in so far (absent: none); `since`:
+        only those of entries written at or after it (a renewing budget's window)."""
         wanted = sorted(set(sources))
         out: dict[str, list[MechanismValues]] = defaultdict(list)
         with self.sessions() as session:
@@ -125,15 +132,17 @@ class LedgerTables:
                         PrivacyLedgerEntry.sample_rate,
                         PrivacyLedgerEntry.noise_multiplier,
                         PrivacyLedgerEntry.steps,
+                        PrivacyLedgerEntry.mechanism_kind,
                     )
                     .join(PrivacyLedgerEntry, PrivacyLedgerEntry.id == PrivacySourceSpend.ledger_id)
                     .where(
                         PrivacyLedgerEntry.lineage == lineage,
                         PrivacySourceSpend.source.in_(wanted[i : i + CHUNK]),
+                        *([] if since is None else [PrivacyLedgerEntry.created_at >= since]),
                     )
                 ).all()
-                for source, q, sigma, steps in rows:
-                    out[source].append((q, sigma, steps))
+                for source, q, sigma, steps, kind in rows:
+                    out[source].append((q, sigma, steps, kind))
         return dict(out)
 
     def lineage_epsilon(self, lineage: str) -> float:
@@ -227,7 +236,7 @@ class LedgerTables:
                 PrivacySourceSpend.epsilon,
                 PrivacySourceSpend.examples,
                 PrivacyLedgerEntry.version,
-                PrivacyLedgerEntry.id,
+                PrivacyLedgerEntry.created_at,
             )
             .join(PrivacyLedgerEntry, PrivacyLedgerEntry.id == PrivacySourceSpend.ledger_id)
             .order_by(PrivacyLedgerEntry.id)
@@ -236,10 +245,11 @@ class LedgerTables:
             query = query.where(PrivacyLedgerEntry.lineage == lineage)
         acc: dict[str, dict[str, Any]] = {}
         with self.sessions() as session:
-            for source, eps, n, version, _ in session.execute(query):
+            for source, eps, n, version, at in session.execute(query):
                 a = acc.setdefault(
-                    source, {"eps": 0.0, "updates": 0, "examples": 0, "versions": []}
+                    source, {"eps": 0.0, "updates": 0, "examples": 0, "versions": [], "at": at}
                 )
+                a["at"] = max(a["at"], at)
                 a["eps"] = max(a["eps"], eps)
                 a["updates"] += 1
                 a["examples"] += n
@@ -247,7 +257,7 @@ class LedgerTables:
                     a["versions"].append(version)
         return sorted(
             (
-                SourceSpend(s, a["eps"], a["updates"], a["examples"], tuple(a["versions"]))
+                SourceSpend(s, a["eps"], a["updates"], a["examples"], tuple(a["versions"]), a["at"])
                 for s, a in acc.items()
             ),
             key=lambda s: (-s.epsilon, s.source),

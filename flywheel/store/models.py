@@ -135,7 +135,12 @@ class Base(DeclarativeBase):
 
 
 class Prediction(Base):
-    """One served prediction, as logged on `flywheel.predictions`."""
+    """One served prediction, as logged on `flywheel.predictions`.
+
+    On PostgreSQL the table is partitioned by day of `created_at` (migration 0012) and its
+    primary key is `(id, created_at)`, as a partitioned table's keys must hold the partition
+    key; the mapping keeps `id` alone, what every query looks rows up by. Why ids stay
+    unique and joins exactly-once: `flywheel.store.partitions`."""
 
     __tablename__ = "predictions"
 
@@ -152,6 +157,10 @@ class Prediction(Base):
 
 PENDING_INDEX = "ix_corrections_pending_prediction_id"
 PENDING_PREDICATE = "status = 'pending'"
+SUBJECT_INDEX = "ix_corrections_subject"
+SUBJECT_PREDICATE = "subject IS NOT NULL"
+SUBJECT_LENGTH = 64  # a keyed hash, hex (flywheel.subjects)
+UNIT_LENGTH = ID_LENGTH + 16  # `subject:<hash>` or `prediction:<id>`, as the ledger's units
 
 
 class Correction(Base):
@@ -173,12 +182,22 @@ class Correction(Base):
             postgresql_where=text(PENDING_PREDICATE),
             sqlite_where=text(PENDING_PREDICATE),
         ),
+        # erasure by subject (issue 30): only corrections with a subject enter it (0011)
+        Index(
+            SUBJECT_INDEX,
+            "subject",
+            postgresql_where=text(SUBJECT_PREDICATE),
+            sqlite_where=text(SUBJECT_PREDICATE),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     prediction_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     label: Mapped[str] = mapped_column(String(NAME_LENGTH))
     source: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    # the data subject's keyed hash (never a raw id): kept while the correction waits for
+    # its prediction, so the examples made at the join carry the subject as their unit
+    subject: Mapped[str | None] = mapped_column(String(SUBJECT_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(
         String(16),
@@ -229,6 +248,10 @@ class Example(Base):
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, server_default=func.now()
     )
+    # whose data this is, for DP accounting (flywheel.subjects.privacy_unit): indexed, so
+    # erasing a subject is one indexed delete; NULL on rows stored before 0013 (their unit
+    # is their source) and on seed rows (public)
+    privacy_unit: Mapped[str | None] = mapped_column(String(UNIT_LENGTH), index=True)
 
 
 NO_SOURCE = ""  # `counterexample_usage.source` of counterexamples without one
@@ -440,6 +463,11 @@ class PrivacyLedgerEntry(Base):
     public_examples: Mapped[int] = mapped_column(Integer)
     capped_examples: Mapped[int] = mapped_column(Integer)
     excluded_examples: Mapped[int] = mapped_column(Integer)
+    # "dp-sgd" (Poisson-subsampled Gaussian steps) or "tree" (DP-FTRL's tree aggregation,
+    # 0011); rows written before 0011 are DP-SGD
+    mechanism_kind: Mapped[str] = mapped_column(
+        String(16), default="dp-sgd", server_default="dp-sgd"
+    )
 
 
 class PrivacySourceSpend(Base):

@@ -59,10 +59,15 @@ def site_dp_config(privacy: PrivacySettings, federated: FederatedSettings) -> DP
     """The site's DP-SGD: the privacy settings, at the federated sampling rate. At q = 1,
     σ doubles for the same ε against q = 0.5 but so do the sources in each step, so the
     private signal-to-noise ratio stays, while the public replay rows sent with the model
-    no longer outweigh a small site's own data (`bench fedaccuracy`: +3 points)."""
+    no longer outweigh a small site's own data (`bench fedaccuracy`: +3 points). Always
+    DP-SGD: a site samples; FLYWHEEL_PRIVACY_MECHANISM is the central learner's choice."""
     from flywheel.privacy import DPConfig
 
-    return replace(DPConfig.from_settings(privacy), sample_rate=federated.fed_privacy_sample_rate)
+    return replace(
+        DPConfig.from_settings(privacy),
+        sample_rate=federated.fed_privacy_sample_rate,
+        mechanism_kind="dp-sgd",
+    )
 
 
 class SiteBudgetRefused(RuntimeError):

@@ -783,6 +783,7 @@ class FederatedRun:
                 reason=f"gate {gate.summary()}",
                 actor=ACTOR,
                 registry=self.registry,
+                gate=gate.summary(),
             )
             summary.promoted = True
         elif gate.passed:

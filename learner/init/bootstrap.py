@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from flywheel.learner.init.errors import ChampionExists, InitError
 from flywheel.learner.init.pipeline import (
+    INIT_APPROVAL,
     InitConfig,
     InitOptions,
     one_at_a_time,
@@ -145,7 +146,7 @@ def _adopt(info: TrustedInfo, registry: Registry) -> ModelVersion:
         registry.name,
         version,
     )
-    registry.set_champion(version)
+    registry.set_champion(version, approval=INIT_APPROVAL)
     return version
 
 

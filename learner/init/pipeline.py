@@ -58,6 +58,7 @@ from flywheel.learner.init.split import SPLIT_RULE, Splitter
 from flywheel.modelspec import AnySpec, default_spec, parse_model_arg
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import PrivacySettings, Settings, StateSettings, TrustedSettings, gather
+from flywheel.signing import Approval
 from flywheel.store import (
     Example,
     LearnerState,
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 log = logging.getLogger(__name__)
+INIT_APPROVAL = Approval("flywheel init", "trained on the trusted data set it names")
 
 CHUNK_ROWS = 50_000  # rows encoded and written at a time (~30 MB of Python rows at most)
 MAX_TRAIN = 200_000  # sampled train rows the model trains on (~10 MB for 12 features)
@@ -371,7 +373,9 @@ class _Run:
                 result = self._write_train_publish(session, schema, spec, digest, replaced, t)
             finally:
                 session.close()  # without a commit: rolled back
-        self.registry.set_champion(result.version)
+        # signed as the approval of whoever runs init: the model is trained on the data set
+        # they name as trusted, and there is no champion to gate it against
+        self.registry.set_champion(result.version, approval=INIT_APPROVAL)
         log.info(
             "init: v%s of %s is champion (%d train / %d holdout rows, holdout accuracy %.3f)",
             result.version,

@@ -4,7 +4,13 @@ comes once they are durable (acknowledged by Kafka or fsynced into the spool).
 The source is the calling app (`flywheel.service.auth`): a body `source` is a sub-source
 in its namespace (`eu` from app `shop` is stored as `shop/eu`), and one naming another
 app's namespace is refused with 403 (`flywheel.appkeys.source_for`). With
-FLYWHEEL_AUTH=off the body's source is used as sent."""
+FLYWHEEL_AUTH=off the body's source is used as sent.
+
+A correction's `subject` (the end user the label is about, the privacy unit) is replaced
+here by its keyed hash (`flywheel.subjects.subject_key`, FLYWHEEL_SUBJECT_KEY): the raw id
+goes no further than this request. Without the key, a subject is refused with 422 rather
+than dropped (its corrections would be accounted per prediction, a weaker promise than the
+caller asked for) or hashed without a key (re-identifiable by hashing guesses)."""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
 from flywheel.service.spool import Record
 from flywheel.service.state import state_of
+from flywheel.subjects import subject_key
 
 # strict (FastAPI's default): a body without a JSON Content-Type is refused with 415, so
 # a web page cannot post corrections cross-site (a no-cors fetch with a Blob body sends
@@ -50,6 +57,14 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
             raise BadRequest(
                 f"corrections[{i}].label: unknown label {c.label!r}; known labels: {sorted(known)}"
             )
+    key = state.config.access.subject_key
+    for i, c in enumerate(items):
+        if c.subject is not None and key is None:
+            raise BadRequest(
+                f"corrections[{i}].subject: this deployment takes no data subjects "
+                "(FLYWHEEL_SUBJECT_KEY is unset); send the correction without one",
+                422,
+            )
     sources = [c.source for c in items]
     app = app_of(request)
     signer: tuple[bytes, str] | None = None  # (key id, signing secret)
@@ -68,6 +83,9 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
             label=c.label,
             source=source,
             timestamp=now,
+            subject=None
+            if c.subject is None or key is None
+            else subject_key(c.subject, key.get_secret_value()),
         ).to_json()
         headers: tuple[tuple[str, bytes], ...] = ()
         if signer is not None:

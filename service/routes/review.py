@@ -50,6 +50,7 @@ from flywheel.review import reject as reject_version
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ErrorBody
 from flywheel.service.state import State
+from flywheel.signing import SigningKeyError
 
 log = logging.getLogger(__name__)
 UI_DIR = Path(__file__).parent.parent / "ui"  # service/ui
@@ -68,9 +69,13 @@ UI_HEADERS = [
 # what an admin POST answers besides 200: no or a wrong token, no token configured, a body
 # that is not sent as JSON (the app's strict content type), an unknown version, one that is
 # not pending, a bad reason or version
+# every answer these routes give besides 200, as it is sent (`{"detail"}`): malformed
+# JSON is 400, a body over FLYWHEEL_MAX_BODY_BYTES 413, an unreachable registry 503
 ADMIN_ERRORS: dict[int | str, dict] = {
-    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 415, 422)
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503)
 }
+ROLLBACK_ERRORS = {k: v for k, v in ADMIN_ERRORS.items() if k != 404}  # names no version
+REGISTRY_DOWN: dict[int | str, dict] = {503: {"model": ErrorBody}}
 
 
 class Decision(BaseModel):
@@ -159,6 +164,13 @@ def _registry_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except RegistryError as exc:
         status = 404 if "has no version" in str(exc) else 409
         raise BadRequest(str(exc), status) from None
+    except SigningKeyError as exc:  # this service holds no (readable) promotion key
+        log.error("review: cannot sign a promotion: %s", exc)
+        raise BadRequest(
+            "this service cannot sign promotions (FLYWHEEL_SIGNING_KEY); approve with "
+            "`flywheel models approve` where the key is",
+            409,
+        ) from None
     except MlflowException as exc:
         log.warning("review: MLflow registry unavailable: %s", exc.message)
         raise BadRequest(f"the model registry is unavailable: {exc.message}", 503) from None
@@ -186,7 +198,7 @@ def config(state: State) -> dict[str, Any]:
     }
 
 
-@router.get("/versions")
+@router.get("/versions", responses=REGISTRY_DOWN)
 def versions(state: State, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
     """The newest versions, newest first, with gate results, review and ε."""
     registry = state.registry()
@@ -213,7 +225,7 @@ def versions(state: State, limit: int = Query(100, ge=1, le=1000)) -> dict[str, 
     return {"model_name": registry.name, "champion": champion, "total": total, "versions": out}
 
 
-@router.get("/pending")
+@router.get("/pending", responses=REGISTRY_DOWN)
 def pending(state: State) -> dict[str, Any]:
     """Candidates that passed their gate and wait for a reviewer, oldest first."""
     registry = state.registry()
@@ -253,7 +265,7 @@ def errors(state: State, hours: float = Query(24.0, gt=0, le=24 * 366)) -> dict[
     }
 
 
-@router.get("/privacy")
+@router.get("/privacy", responses=REGISTRY_DOWN)
 def privacy(state: State) -> dict[str, Any]:
     """ε and δ per version (version tags), and per source when the privacy ledger exists."""
     docs = _registry_call(registry_docs, state.registry(), with_runs=False)
@@ -319,7 +331,7 @@ def reject(
     return {"rejected": v, "by": tags[REVIEW_BY], "reason": body.reason}
 
 
-@router.post("/rollback", responses=ADMIN_ERRORS)
+@router.post("/rollback", responses=ROLLBACK_ERRORS)
 def rollback(
     body: Decision, state: State, authorization: str | None = Header(None)
 ) -> dict[str, Any]:

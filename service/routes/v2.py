@@ -75,7 +75,7 @@ meta_router = APIRouter()
 
 
 # ---- health and metadata --------------------------------------------------------------
-@meta_router.get("/v2", responses=V2_ERRORS)
+@meta_router.get("/v2", responses={413: V2_ERRORS[413]})  # names no model: never 404
 async def server_metadata() -> dict:
     """The server's name, version and protocol extensions (none)."""
     return {"name": "flywheel", "version": _version(), "extensions": []}

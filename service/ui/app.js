@@ -351,6 +351,12 @@ function renderPrivacy(doc) {
   const ledger = $("#ledger");
   ledger.replaceChildren();
   const l = doc.ledger;
+  const x = l.excluded;
+  if (x && x.incoming_examples) {
+    ledger.append(el("p", { id: "ledger-excluded", text: `Incoming data the privacy budget ` +
+      `keeps out: ${x.excluded_examples} of ${x.incoming_examples} trainable examples ` +
+      `(${(100 * x.excluded_share).toFixed(1)} %) — their privacy unit's budget is spent.` }));
+  }
   if (!l.available || !(l.sources || []).length) {
     ledger.append(el("p", { class: "note", id: "ledger-missing",
       text: (l.available ? "" : "Per-source ε not available: ") + (l.note || "") }));

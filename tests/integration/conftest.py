@@ -113,10 +113,10 @@ def wait_for_lock_wait() -> Callable[..., None]:
 
 @pytest.fixture()
 def own_postgres() -> Iterator[Any]:
-    """A PostgreSQL server of this test's own (`tests.integration.pg_server.PgServer`),
+    """A PostgreSQL server of this test's own (`bench._pg_server.PgServer`),
     started; the test may kill and restart it. Stopped and deleted after the test. Without
     initdb: skipped locally, a failure under CI=true."""
-    from .pg_server import PgServer, find_pg_bin
+    from bench._pg_server import PgServer, find_pg_bin
 
     bin_dir = find_pg_bin()
     if bin_dir is None:

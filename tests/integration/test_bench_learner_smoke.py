@@ -33,6 +33,8 @@ def test_bench_prequential_runs_every_learner_on_every_stream(run_bench):
 def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(run_bench):
     doc = run_bench(
         "elastic",
+        "--scenarios",
+        "demo,sea-flip",
         "--seeds",
         "1",
         "--before",
@@ -50,13 +52,18 @@ def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(run_bench):
     )
     assert doc["benchmark"] == "elastic"
     cfg = doc["config"]  # the default: what `flywheel learn` runs, with or without the response
-    assert cfg["preset"] == "production" and set(cfg["arms"]) == {"elastic", "fixed"}
+    assert cfg["preset"] == "production"
+    assert set(cfg["arms"]) == {"elastic", "fixed", "background", "arf"}
     assert cfg["ours"]["hidden"] == [64, 64] and cfg["ours"]["trainer"]["replay"] == 2.0
     assert cfg["ours"]["trainer"]["drift_replay"] and cfg["ours"]["trainer"]["boost_window"]
-    assert [s["name"] for s in doc["scenarios"]] == ["demo", "sea", "agrawal"]
+    assert [s["name"] for s in doc["scenarios"]] == ["demo", "sea-flip"]
     for sc in doc["scenarios"]:
         assert sc["drift_at"] == 800
-        assert set(sc["cells"]) == {"fixed@0.003", "fixed@0.01", "elastic@0.003", "elastic@0.01"}
+        assert set(sc["cells"]) == {
+            f"{mode}@{lr}"
+            for mode in ("fixed", "elastic", "background")
+            for lr in ("0.003", "0.01")
+        } | {"arf"}
         for key, cell in sc["cells"].items():
             assert 0.0 <= cell["prequential_accuracy"] <= 1.0
             assert 0.0 < cell["pre_accuracy"] <= 1.0
@@ -66,6 +73,12 @@ def test_bench_elastic_measures_recovery_for_fixed_and_elastic_rates(run_bench):
         c = sc["comparison"]
         assert c["best_fixed_lr"] in (0.003, 0.01) and c["best_elastic_lr"] in (0.003, 0.01)
         assert c["ratio"] >= 0 and c["pass"] == (c["ratio"] <= 0.5)
+        # ours (the production response: elastic + background) against ARF, on reversals only
+        if c["arf_recovery"]:
+            ratio = c["best_background_recovery"] / c["arf_recovery"]
+            assert c["arf_ratio"] == pytest.approx(ratio)
+        reversal = sc["name"] == "sea-flip"
+        assert c["arf_pass"] == ((c["arf_ratio"] <= 1.0) if reversal else None)
         assert len(sc["curves"]["fixed"]["held_out_accuracy"]) == 5  # t = 0, 100, ..., 400
     demo = doc["scenarios"][0]["cells"]["elastic@0.003"]
     assert demo["max_boost"] > 1.0  # shifted inputs and a new concept: the boost fires

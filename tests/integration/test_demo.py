@@ -67,6 +67,14 @@ def test_demo_closes_the_loop_and_writes_its_report(tmp_path):
     md = (report / "summary.md").read_text()
     assert f"v{summary['promoted_versions'][0]}" in md and "accuracy.png" in md
     assert (report / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the cost of privacy on this run: DP against the learner's non-private shadow
+    p = summary["privacy"]
+    assert p["enabled"] and p["mechanism"] == "dp-sgd" and p["candidates_compared"] > 0
+    assert p["recent_gap_points"] == pytest.approx(
+        100 * (p["recent_accuracy_without_dp"] - p["recent_accuracy_dp"]), abs=0.01
+    )
+    assert p["trusted_accuracy_dp"] is not None and "lost to DP" in md
+    assert "What the budget means for one person" in md
     # all state stays under FLYWHEEL_HOME: the store was migrated there, nothing in the cwd
     assert (tmp_path / "home" / "flywheel.db").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]

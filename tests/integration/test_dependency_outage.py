@@ -201,3 +201,95 @@ def test_service_starts_not_ready_while_the_registry_is_down_then_serves(
     assert 'flywheel_dependency_up{dependency="registry"} 1.0' in metrics
     assert r.status_code == 200, r.text
     assert flaky.left == 0
+
+
+def _send_signed_corrections(traffic: Traffic, events, key: str, app: str) -> list[str]:
+    """Corrections produced straight to Kafka, signed with app `app`'s `key` (as the
+    service signs the ones it accepts): the worker checks each signature against the
+    key's row in the store."""
+    from flywheel.appkeys import KEY_ID_HEADER, SIGNATURE_HEADER, parse_key, sign, signing_key
+    from flywheel.events import CorrectionEvent, correction_id, utcnow
+
+    key_id, secret = parse_key(key)[0].encode(), signing_key(key)
+    ids = []
+    for e, truth in events:
+        c = CorrectionEvent(
+            id=correction_id(e.id, truth, app),
+            prediction_id=e.id,
+            label=truth,
+            source=app,
+            timestamp=utcnow(),
+        )
+        value = c.to_json()
+        headers = [(KEY_ID_HEADER, key_id), (SIGNATURE_HEADER, sign(value, secret).encode())]
+        traffic.producer.send(
+            traffic.s.topic_corrections, key=e.id.encode(), value=value, headers=headers
+        )
+        ids.append(c.id)
+    traffic.producer.flush()
+    return ids
+
+
+def test_signed_corrections_wait_out_a_postgresql_outage_too(settings, own_postgres, tmp_path):
+    """Found by the fault suite (tests/faults): with app keys on, a signed correction whose
+    key's cached row is older than FLYWHEEL_AUTH_CACHE_TTL_S needs the store to check its
+    signature; during a PostgreSQL kill that read raised out of the worker, which exited
+    ("error: database: connection failed"). Now the check waits the outage out."""
+    from tests.conftest import make_app_key
+
+    url = own_postgres.url
+    upgrade(url)
+    write_synthetic_trusted(settings, database_url=url)
+    ensure_champion(settings.trusted, Registry.of(settings))
+    app = make_app_key(url, name="shop", scopes="correct")
+    traffic = Traffic(settings)
+    before, during = traffic.predictions(100, seed=1), traffic.predictions(100, seed=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env |= {
+        "FLYWHEEL_HOME": str(settings.home_dir),
+        "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLYWHEEL_DATABASE_URL": url,
+        "FLYWHEEL_FEEDBACK_GROUP": f"signed-outage-{uuid.uuid4().hex[:6]}",
+        "FLYWHEEL_TOPIC_PREDICTIONS": settings.topic_predictions,
+        "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
+        "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
+        "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_SEED_EXAMPLES": str(settings.seed_examples),
+        "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
+        "FLYWHEEL_FEEDBACK_MAX_RECORDS": "50",
+        "FLYWHEEL_RETRY_MAX_S": "2",
+        "FLYWHEEL_AUTH": "on",
+        "FLYWHEEL_AUTH_CACHE_TTL_S": "1",  # the key is read again during the outage
+    }
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [FLYWHEEL, "feedback"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        traffic.send_predictions(before)
+        sent = _send_signed_corrections(traffic, before, app.key, app.name)
+        wait_until(lambda: joined(url) == 100, proc, 120, "the first 100 joins", log)
+        own_postgres.kill()
+        killed = time.monotonic()
+        time.sleep(1.5)  # the key's cached row is now older than its TTL
+        traffic.send_predictions(during)
+        sent += _send_signed_corrections(traffic, during, app.key, app.name)
+        while time.monotonic() - killed < OUTAGE_S:
+            assert proc.poll() is None, f"the worker exited: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        own_postgres.start()
+        wait_until(lambda: joined(url) == 200, proc, 120, "every join after the outage", log)
+        _, corrections = counts(url)
+        assert sorted(c for c, _ in corrections) == sorted(sent)
+        assert {s for _, s in corrections} == {"joined"}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "checking a correction's signature" in log.read_text()  # it said what it waited on

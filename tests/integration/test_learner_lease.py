@@ -372,3 +372,50 @@ def test_two_in_process_learners_taking_turns_never_train_an_example_twice(setti
         assert after.first_id > before.last_id
     rows = {e.version: e for e in ledger.entries(a.lineage)}
     assert sorted(rows) == sorted(c.version for c in candidates)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_standby_waits_out_a_store_outage_then_takes_over(settings, own_postgres, tmp_path):
+    """Found by the fault suite (tests/faults): a standby `flywheel learn` polling for the
+    lease exited ("error: database: connection failed") when PostgreSQL was killed, where
+    the holder and every other process waited it out. Now it keeps standing by."""
+    url = own_postgres.url
+    s = _settings(settings, url)
+    lineage = f"{s.model_name}:online"
+    engine = make_engine(url)
+    held = LeaseTable(engine, ttl_s=600).try_acquire(lineage, "elsewhere:1:holder")
+    assert held is not None
+    log = tmp_path / "standby.log"
+    proc = _start(s, log)
+    try:
+        _wait(lambda: "is standby" in log.read_text(), 180, "standby", proc, logs=[log])
+        own_postgres.kill()
+        down = time.monotonic()
+        while time.monotonic() - down < 5 * RENEW_S:  # five polls against a dead store
+            assert proc.poll() is None, f"the standby exited:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        own_postgres.start()
+        deadline = time.monotonic() + 60
+        while True:  # the holder stops cleanly (its pool's connections died with the server)
+            try:
+                held.release()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "could not release the held lease"
+                time.sleep(0.5)
+        table = LeaseTable(engine, ttl_s=LEASE_S)
+        took = _wait(
+            lambda: _owner_pid(table, lineage) == proc.pid,
+            60,
+            "standby takes over",
+            proc,
+            logs=[log],
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        _stop(proc)
+        engine.dispose()
+    print(f"the standby took the lease {took:.1f} s after its release")
+    assert "unavailable" in log.read_text()  # it said what it waited for

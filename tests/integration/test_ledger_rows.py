@@ -136,3 +136,50 @@ def test_the_migration_keeps_every_ledger_row_and_spend(bare_url):
         downgrade(bare_url, "0008")
     assert len(ledger.entries()) == 3
     engine.dispose()
+
+
+def test_0011_reads_old_rows_as_dp_sgd_and_a_downgrade_keeps_the_kinds(bare_url):
+    """0011 adds each entry's mechanism kind: rows written before it are DP-SGD, their
+    spends and ε unchanged. A downgrade keeps the column, so a tree is still a tree after
+    going back and forth (at 0010 it would be over-counted as DP-SGD, never lost)."""
+    from flywheel.privacy import Mechanism
+    from flywheel.store import current, downgrade
+
+    upgrade_store(bare_url, "0010")
+    engine = make_engine(bare_url)
+    with engine.begin() as c:
+        c.exec_driver_sql(
+            "INSERT INTO privacy_ledger (lineage, update_no, version, accountant, "
+            "engine, sample_rate, noise_multiplier, max_grad_norm, steps, delta, "
+            "epsilon_update, epsilon_lineage, sources, examples, public_examples, "
+            "capped_examples, excluded_examples) VALUES "
+            f"('{LINEAGE}', 1, '2', 'rdp', 'opacus', 0.5, 1.5, 1.0, 8, 1e-5, 1.0, 1.0, "
+            "1, 1, 0, 0, 0)"
+        )
+        c.exec_driver_sql(
+            "INSERT INTO privacy_source_spend (ledger_id, source, examples, epsilon) "
+            "VALUES (1, 'source:a', 1, 1.0)"
+        )
+    engine.dispose()
+    upgrade_store(bare_url)
+    engine = make_engine(bare_url)
+    ledger = PrivacyLedger(engine)
+    (old,) = ledger.entries()
+    assert old.mechanism_kind == "dp-sgd" and old.mechanism == Mechanism(0.5, 1.5, 8)
+    assert ledger.histories(LINEAGE, ["source:a"]) == {"source:a": [Mechanism(0.5, 1.5, 8)]}
+    tree = {**_entry(2, 2.0), "sample_rate": 1.0, "mechanism_kind": "tree"}
+    ledger.record(tree, {"source:a": (1, 2.0)})
+    history = ledger.histories(LINEAGE, ["source:a"])["source:a"]
+    assert sorted(history) == [Mechanism(0.5, 1.5, 8), Mechanism(1.0, 1.5, 8, "tree")]
+    assert epsilon(history, 1e-5) > epsilon(history[:1], 1e-5)
+    # at 0010 the tree would read as 8 DP-SGD steps at q = 1: more ε, never less
+    as_sgd = [Mechanism(0.5, 1.5, 8), Mechanism(1.0, 1.5, 8)]
+    assert epsilon(as_sgd, 1e-5) > epsilon(history, 1e-5)
+    engine.dispose()
+    downgrade(bare_url, "0010")
+    assert current(bare_url) == "0010"
+    upgrade_store(bare_url)
+    engine = make_engine(bare_url)
+    kinds = [e.mechanism_kind for e in PrivacyLedger(engine).entries()]
+    assert kinds == ["dp-sgd", "tree"]
+    engine.dispose()

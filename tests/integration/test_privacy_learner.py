@@ -128,6 +128,47 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
     assert (tmp_path / "eps.png").stat().st_size > 1000
 
 
+def test_dp_ftrl_versions_carry_their_tree_and_the_cost_of_privacy(settings, sqlite_url):
+    """FLYWHEEL_PRIVACY_MECHANISM=dp-ftrl end to end: the ledger holds each update's tree
+    (kind, σ, leaves, C, accountant) with the ε dp-accounting gives it, the version's tags
+    name the mechanism and compare it with the same run without DP, and the privacy
+    report shows the tree."""
+    s = _settings(settings, sqlite_url, privacy_mechanism="dp-ftrl")
+    add(sqlite_url, 30, 10_000, split="holdout")
+    add(sqlite_url, 50, 0)
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
+    first = learner.step()
+    assert first is not None and first.privacy is not None
+    (entry,) = PrivacyLedger(make_engine(sqlite_url)).entries(learner.lineage)
+    assert (entry.mechanism_kind, entry.sample_rate, entry.steps) == ("tree", 1.0, s.learn_steps)
+    assert (entry.accountant, entry.max_grad_norm) == ("rdp", s.privacy_max_grad_norm)
+    assert entry.epsilon_update == pytest.approx(epsilon([entry.mechanism], entry.delta))
+    info = Registry.of(s).info(first.version)
+    assert info.tags["dp_mechanism"] == "dp-ftrl"
+    assert info.params["dp_mechanism"] == "tree"
+    plain = first.privacy["nonprivate_trusted_accuracy"]
+    assert plain is not None
+    assert (
+        f"trusted {first.gate.trusted_candidate:.3f} with DP vs {plain:.3f} without"
+        in info.tags["privacy_cost"]
+    )
+    assert first.privacy["trusted_accuracy"] == first.gate.trusted_candidate
+    out = subprocess.run(
+        [FLYWHEEL, "privacy", "report", "--json"],
+        env=_env(s),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [v["mechanism"] for v in doc["versions"]] == ["tree"]
+    text = subprocess.run(
+        [FLYWHEEL, "privacy", "report"], env=_env(s), capture_output=True, text=True, timeout=120
+    )
+    assert text.returncode == 0 and "DP-FTRL tree" in text.stdout, text.stdout + text.stderr
+
+
 def test_an_update_over_budget_is_refused_before_any_training(settings, sqlite_url, caplog):
     s = _settings(settings, sqlite_url, privacy_noise_multiplier=0.05)  # one update: ε >> 3
     add(sqlite_url, 10, 10_000, split="holdout")

@@ -32,7 +32,7 @@ from flywheel.service import GracefulServer, ServiceConfig, create_app
 from flywheel.settings import Settings
 
 pytestmark = pytest.mark.integration
-TOKEN = "ui-test-token"
+TOKEN = "ui-test-token-0123456789abcdef0123"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SPEC = ModelSpec(input_dim=8, hidden=[8], labels=["class_0", "class_1", "class_2"])
 PASSED = (

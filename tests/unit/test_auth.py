@@ -246,7 +246,7 @@ def service(tmp_path, list_event_log, app_key):
     holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
     sent: list = []
     log = list_event_log(sent)
-    settings = Settings(home=tmp_path, admin_token="boot-admin-token")
+    settings = Settings(home=tmp_path, admin_token="boot-admin-token-0123456789abcdef")
     with TestClient(create_app(ServiceConfig.of(settings), holder=holder, event_log=log)) as c:
         c.sent, c.log = sent, log
         yield c
@@ -308,7 +308,7 @@ def test_read_routes_stay_open(service):
 
 
 def test_the_bootstrap_admin_token_has_the_admin_scope_only(service):
-    admin = {"Authorization": "Bearer boot-admin-token"}
+    admin = {"Authorization": "Bearer boot-admin-token-0123456789abcdef"}
     r = service.post(PREDICT[0], json=PREDICT[1], headers=admin)
     assert r.status_code == 403 and "lacks the 'predict' scope" in r.json()["detail"]
     # past the key check: the review action itself answers (no such version)
@@ -376,3 +376,30 @@ def test_auth_off_says_so_at_start_up_and_keeps_the_body_source(tmp_path, list_e
     assert any("FLYWHEEL_AUTH=off" in m for m in caplog.messages)
     assert CorrectionEvent.model_validate_json(sent[0].value).source == "any"
     assert sent[0].headers == ()
+
+
+def test_a_key_check_with_the_store_down_answers_503_not_500():
+    """The fault suite's PostgreSQL kill: once a key's cached row is older than the TTL,
+    its next check reads the store; with the store down that is a 503 a client retries
+    (before: the driver's error escaped the middleware as a 500 with a traceback)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from flywheel.broker import free_port
+    from flywheel.service.auth import AppKeys
+
+    down = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
+    inner = Starlette(
+        routes=[Route("/v1/predict", lambda _r: PlainTextResponse("ok"), methods=["POST"])]
+    )
+    book = KeyBook(lambda: down, 30.0)
+    try:
+        with TestClient(AppKeys(inner, book, None)) as client:
+            r = client.post(
+                "/v1/predict", json={}, headers={"Authorization": f"Bearer {new_key()[1]}"}
+            )
+    finally:
+        down.dispose()
+    assert r.status_code == 503, r.text
+    assert "app keys cannot be checked: the store is unavailable" in r.json()["detail"]

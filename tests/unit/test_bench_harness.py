@@ -34,3 +34,16 @@ def test_the_feedback_bench_touches_no_private_name_of_the_worker(name):
     source = (ROOT / "bench" / f"{name}.py").read_text()
     for private in ("worker._", "setattr(", "_sessions", "worker_module"):
         assert private not in source, private
+
+
+def test_quiet_loggers_puts_the_levels_back_even_when_the_benchmark_fails():
+    import logging
+
+    from bench.harness import quiet_loggers
+
+    log = logging.getLogger("flywheel.test-quiet")
+    log.setLevel(logging.INFO)
+    with pytest.raises(RuntimeError), quiet_loggers({"flywheel.test-quiet": logging.ERROR}):
+        assert log.level == logging.ERROR
+        raise RuntimeError("the benchmark failed")
+    assert log.level == logging.INFO

@@ -63,8 +63,16 @@ def test_bench_privacy_defaults_compares_the_arms_on_drift_streams(
         assert 0 < r["dp"] <= 1 and 0 < r["non_private"] <= 1
         assert r["gap_points"] == pytest.approx(100 * (r["non_private"] - r["dp"]))
         assert 0 < r["epsilon_spent"] <= 3.0 + 1e-9  # the ledger's, within the budget
+        # both mechanisms side by side at the same ε, each from its own ledger lineage
+        assert set(r["mechanisms"]) == {"dp-sgd", "dp-ftrl"}
+        assert r["dp"] == r["mechanisms"][doc["default_mechanism"]]["dp"]
+        for arm in r["mechanisms"].values():
+            assert 0 < arm["dp"] <= 1 and 0 < arm["epsilon_spent"] <= 3.0 + 1e-9
+            assert arm["gap_points"] == pytest.approx(100 * (r["non_private"] - arm["dp"]))
     gaps = [r["gap_points"] for r in doc["streams"]]
     assert doc["mean_gap_points"] == pytest.approx(sum(gaps) / 2)
     assert doc["worst_gap_points"] == max(gaps)
+    ftrl = [r["mechanisms"]["dp-ftrl"]["gap_points"] for r in doc["streams"]]
+    assert doc["by_mechanism"]["dp-ftrl"]["worst_gap_points"] == max(ftrl)
     bad = CliRunner().invoke(app, [*args[:3], "shuttle", "--samples", "600", "--json"])
     assert bad.exit_code != 0  # a scenario of the other mode is refused, not run

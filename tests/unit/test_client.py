@@ -427,7 +427,7 @@ def test_corrections_in_every_form_are_sent_as_the_service_takes_them():
         (("p1", "a"), r"corrections\[0\] must be a \(prediction_id, label\) pair"),
         (Correction("p1", "a"), "wrap a single one in a list"),
         ([{"prediction_id": "p1"}], r"corrections\[0\].label: field required"),
-        ([{"prediction_id": "p1", "label": "a", "subject": "u"}], "does not take a data subject"),
+        ([{"prediction_id": "p1", "label": "a", "subject": ""}], r"corrections\[0\].subject: ''"),
         ([{"prediction_id": "p1", "label": "a", "lable": "b"}], "unknown field 'lable'"),
         ([("p1", "")], r"corrections\[0\].label: '' is not a non-empty string"),
         ([("p1", 3)], r"corrections\[0\].label: 3 is not"),

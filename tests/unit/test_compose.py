@@ -260,3 +260,16 @@ def test_no_service_publishes_an_unauthenticated_port_beyond_this_host(compose):
     """MLflow's server has no authentication in this file: loopback only on the host."""
     (mlflow,) = compose["services"]["mlflow"]["ports"]
     assert mlflow.startswith("127.0.0.1:"), mlflow
+
+
+def test_every_process_reads_the_same_promotion_keys(compose):
+    """Each container has its own FLYWHEEL_HOME: with the embedded default, each would make
+    its own key and every service would refuse the learner's promotions. The env file names
+    one pair, in a folder every Flywheel service mounts."""
+    env = _env_file()
+    folder = env["FLYWHEEL_SIGNING_KEY"].rsplit("/", 1)[0]
+    assert env["FLYWHEEL_TRUSTED_KEYS"].rsplit("/", 1)[0] == folder
+    for name in FLYWHEEL_SERVICES:
+        svc = compose["services"][name]
+        mounts = {m.split(":")[1] for m in svc.get("volumes", [])}
+        assert folder in mounts, f"{name} does not mount {folder}"

@@ -92,4 +92,4 @@ def test_the_demo_report_still_draws_with_the_shared_pieces(tmp_path: Path) -> N
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "summary.md").read_text()
     assert "| before the drift | 100.0% | 100.0% |" in md
-    assert "| v2 | v1 | 100 | 0.003 | yes | passed |" in md
+    assert "| v2 | v1 | 100 | 0.003 | yes | - | passed |" in md

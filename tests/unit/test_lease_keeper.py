@@ -56,3 +56,29 @@ def test_renewal_finds_a_newer_holder_and_says_the_lease_is_lost(engine):
     b.release()
     assert a.try_take() and a.lease.token == 3  # released: taken at once
     a.release()
+
+
+def test_a_standby_waits_out_a_store_that_is_down(engine, caplog):
+    """Found by the fault suite: a store error while standing by (a PostgreSQL kill)
+    escaped `wait`, and the learner exited; now the standby keeps waiting, says so once,
+    and takes the lease once the store answers."""
+    from flywheel.broker import free_port
+    from flywheel.store import LeaseTable
+
+    down = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
+    keeper = LeaseKeeper(down, "m:online", ttl_s=30.0, renew_s=0.05, owner="host:2:b")
+    try:
+        with caplog.at_level(logging.INFO, logger="flywheel.learner.lease"):
+            assert not keeper.wait(timeout_s=0.5)  # ~10 tries against a dead store
+            said = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+            assert len(said) == 1 and "host:2:b standing by for m:online" in said[0]
+            result: list[bool] = []
+            waiting = threading.Thread(target=lambda: result.append(keeper.wait(timeout_s=30)))
+            waiting.start()
+            time.sleep(0.3)
+            keeper.table = LeaseTable(engine, ttl_s=30.0)  # the store answers again
+            waiting.join(30)
+        assert result == [True] and keeper.held and keeper.lease.token == 1
+        keeper.release()
+    finally:
+        down.dispose()

@@ -16,6 +16,7 @@ from flywheel.privacy import (
     dp_update,
     epsilon,
     noise_for_budget,
+    tree_epsilon_independent,
 )
 from flywheel.settings import PrivacySettings
 
@@ -34,6 +35,33 @@ def test_our_epsilon_matches_dp_accounting_within_one_percent(mechanisms, accoun
     google = dp_accounting_epsilon(mechanisms, 1e-5, accountant)
     assert ours > 0
     assert abs(ours - google) / google < 0.01, (ours, google)
+
+
+TREE_LEDGERS = [
+    [Mechanism(1.0, 2.0, 1000, "tree")],  # STACK.md: ε ≈ 8.08
+    [Mechanism(1.0, 4.224, 8, "tree")] * 2,  # the product's default: two updates, ε 3
+    [Mechanism(1.0, 3.0, 5, "tree"), Mechanism(1.0, 1.5, 8, "tree")],
+    [Mechanism(1.0, 10.0, 100, "tree")] * 7,
+]
+
+
+@pytest.mark.parametrize("mechanisms", TREE_LEDGERS)
+def test_tree_epsilon_matches_an_independent_computation_within_one_percent(mechanisms):
+    """dp-accounting's SingleEpochTreeAggregationDpEvent against our own: nodes counted by
+    walking the tree, Gaussian RDP α·k/(2σ²), conversion over a continuous order."""
+    ours = epsilon(mechanisms, 1e-5)
+    independent = tree_epsilon_independent(mechanisms, 1e-5)
+    assert ours > 0
+    assert abs(ours - independent) / independent < 0.01, (ours, independent)
+
+
+def test_tree_epsilon_is_the_known_value_and_not_dp_sgd_at_full_rate():
+    assert epsilon(TREE_LEDGERS[0], 1e-5) == pytest.approx(8.08, abs=0.01)
+    # the same numbers as DP-SGD steps (q = 1, every step a fresh Gaussian) spend far more:
+    # the kind decides the accounting
+    assert epsilon([Mechanism(1.0, 2.0, 1000)], 1e-5) > 3 * epsilon(TREE_LEDGERS[0], 1e-5)
+    with pytest.raises(ValueError, match="tree_epsilon_independent"):
+        dp_accounting_epsilon(TREE_LEDGERS[0], 1e-5)
 
 
 def test_mnist_example_epsilon_is_the_known_value():

@@ -26,7 +26,7 @@ from flywheel.service import (
 from flywheel.settings import Settings, prepare_home
 
 SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["a", "b"])
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789abcdef01234"
 PASSED = "passed: better on recent data; recent 0.810 vs 0.620 (n=40)"
 
 

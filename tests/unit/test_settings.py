@@ -192,3 +192,21 @@ def test_a_copy_with_changes_rebuilds_its_groups(tmp_path):
     assert t.kafka.kafka_bootstrap == "k:9092" and t.home_dir == (tmp_path / "b").resolve()
     assert t.state.home_dir == (tmp_path / "b").resolve()
     assert s.kafka.kafka_bootstrap is None  # the original keeps its own
+
+
+def test_the_admin_token_has_a_minimum_length_and_a_refusal_never_prints_it(monkeypatch):
+    """A short admin token can be guessed; the refusal names the variable and the length,
+    never the value (it may be a real secret one character short)."""
+    from flywheel.settings import MIN_ADMIN_TOKEN
+
+    short = "hunter2-" + "x" * (MIN_ADMIN_TOKEN - 9)
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", short)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    text = str(refused.value)
+    assert "FLYWHEEL_ADMIN_TOKEN" in text and f"at least {MIN_ADMIN_TOKEN}" in text
+    assert "hunter2" not in text
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", short + "x")
+    assert load_settings().admin_token is not None
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", "   ")  # empty stays "no token"
+    assert load_settings().admin_token is None

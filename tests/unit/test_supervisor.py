@@ -79,7 +79,7 @@ def test_the_up_panel_shows_each_child_and_the_loop(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path)
     child = sup.add(ChildSpec("serve-0", [sys.executable, "-c", "print('hello there')"]))
     _until(lambda: child.last_line == "hello there", sup)
-    layout = Layout(tmp_path, "127.0.0.1:9", [8123], "sqlite://", "sqlite://")
+    layout = Layout(tmp_path, "127.0.0.1:9", [8123], "sqlite://", "sqlite://", "k.key", "k.pub")
     watch = Watch(layout, load_settings(home=tmp_path))
     watch.version, watch.lag = "4", 17
     console = Console(record=True, width=160)

@@ -81,7 +81,7 @@ def test_a_refused_combination_does_not_print_the_secrets_beside_it(monkeypatch)
     monkeypatch.setenv("FLYWHEEL_KAFKA_BOOTSTRAP", BOOT)
     monkeypatch.setenv("FLYWHEEL_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("FLYWHEEL_KAFKA_SASL_PASSWORD", "top-secret-1")
-    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", "top-secret-2")
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", "top-secret-2-0123456789abcdef0123456")
     with pytest.raises(SettingsError) as refused:
         load_settings()
     text = str(refused.value)
