@@ -1,11 +1,14 @@
-"""Start-up time of each process: from `exec` to ready.
+"""Start-up time of each process: from `exec` to ready, or to a command's first output.
 
-`flywheel serve` until /readyz answers 200; `flywheel feedback` until it logs that it
-consumes; `flywheel learn` until it logs that the learner resumes. One home for all
-(SQLite store, MLflow on SQLite, the seed model as champion, its trusted set) and the
-embedded broker; each process is started `--rounds` times in turn and the median is
-reported. `--baseline` names another `flywheel` executable (another checkout's venv)
-whose processes are started in turn with these, for a side-by-side ratio.
+`flywheel serve` until /readyz answers 200 (`serve`: on the home with a champion;
+`serve-new`: on a new, migrated home, so it trains the seed model first); `flywheel
+feedback` until it logs that it consumes; `flywheel learn` until it logs that the learner
+resumes; the read commands (`--help`, `models list`, `feedback report`, `status`) until
+the first byte they print. One home for all but `serve-new` (SQLite store, MLflow on
+SQLite, the seed model as champion, its trusted set) and the embedded broker; each
+process is started `--rounds` times in turn and the median is reported. `--baseline`
+names another `flywheel` executable (another checkout's venv) whose processes are started
+in turn with these, for a side-by-side ratio; `--only` picks processes.
 
     python -m bench startup --rounds 3 --baseline /path/to/other/.venv/bin/flywheel
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -70,12 +74,50 @@ def _time_to_ready(
         log.unlink(missing_ok=True)
 
 
+def _time_to_output(exe: str, args: list[str], env: dict[str, str]) -> float:
+    """Seconds to the first byte on stdout (a read command's answer); it must exit 0, or
+    1 for `status` (its answer when a part needs a person: here no service runs)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([exe, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.read(1)
+        elapsed = time.perf_counter() - start
+        _, err = proc.communicate(timeout=READY_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    if not first or proc.returncode not in ((0, 1) if args[0] == "status" else (0,)):
+        raise RuntimeError(f"{args} exited {proc.returncode}: {err.decode()[-2000:]}")
+    return elapsed
+
+
+PROCESSES = ("serve", "serve-new", "feedback", "learn")  # timed to ready
+READ_COMMANDS = {
+    "help": ["--help"],
+    "models-list": ["models", "list"],
+    "feedback-report": ["feedback", "report"],
+    "status": ["status", "--json"],
+}
+
+
 def main(
     rounds: int = typer.Option(3, min=1, help="Starts of each process."),
     baseline: str | None = typer.Option(None, help="Another flywheel executable, in turn."),
+    only: str | None = typer.Option(
+        None,
+        help="Comma-separated: serve, serve-new, feedback, learn, help, models-list, "
+        "feedback-report, status (default: all).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Seconds from exec to ready, per process (median of `rounds`)."""
+    """Seconds from exec to ready or first output, per process (median of `rounds`)."""
+    names = [*PROCESSES, *READ_COMMANDS]
+    chosen = names if only is None else [n.strip() for n in only.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown or not chosen:
+        raise typer.BadParameter(f"--only: unknown {unknown}; choose from {names}")
     from flywheel.broker import EmbeddedBroker, ensure_topics, free_port
     from flywheel.learner import ensure_champion
     from flywheel.registry import Registry
@@ -93,22 +135,39 @@ def main(
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
         env |= {"FLYWHEEL_HOME": home, "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap}
         port = free_port()
+        new_homes: list[str] = []
+
+        def new_home() -> dict[str, str]:
+            fresh = tempfile.mkdtemp(prefix="bench-startup-new-")
+            new_homes.append(fresh)
+            upgrade(Settings(home=Path(fresh)).resolved_database_url)  # not timed
+            return env | {"FLYWHEEL_HOME": fresh}
+
+        serving = lambda _log: _http_ok(f"http://127.0.0.1:{port}/readyz")  # noqa: E731
         processes: dict[str, tuple[list[str], Callable[[Path], bool]]] = {
-            "serve": (
-                ["serve", "--port", str(port)],
-                lambda _log: _http_ok(f"http://127.0.0.1:{port}/readyz"),
-            ),
+            "serve": (["serve", "--port", str(port)], serving),
+            "serve-new": (["serve", "--port", str(port)], serving),
             "feedback": (["feedback"], _logged("feedback worker in group")),
             "learn": (["learn"], _logged("resumes at update")),
         }
         exes = {"this": _flywheel()} | ({"baseline": baseline} if baseline else {})
         results: dict[str, list[float]] = {
-            f"{name} ({which})": [] for name in processes for which in exes
+            f"{name} ({which})": [] for name in chosen for which in exes
         }
-        for _ in range(rounds):
-            for name, (args, ready) in processes.items():
-                for which, exe in exes.items():  # in turn: the same load for both
-                    results[f"{name} ({which})"].append(_time_to_ready(exe, args, env, ready))
+        try:
+            for _ in range(rounds):
+                for name in chosen:
+                    for which, exe in exes.items():  # in turn: the same load for both
+                        key = f"{name} ({which})"
+                        if name in READ_COMMANDS:
+                            results[key].append(_time_to_output(exe, READ_COMMANDS[name], env))
+                            continue
+                        args, ready = processes[name]
+                        run_env = new_home() if name == "serve-new" else env
+                        results[key].append(_time_to_ready(exe, args, run_env, ready))
+        finally:
+            for fresh in new_homes:
+                shutil.rmtree(fresh, ignore_errors=True)
     doc = {
         name: {"median_s": round(statistics.median(v), 2), "all_s": [round(x, 2) for x in v]}
         for name, v in results.items()
@@ -117,4 +176,4 @@ def main(
         typer.echo(json.dumps(doc))
         return
     for name, r in doc.items():
-        typer.echo(f"flywheel {name}: {r['median_s']:.2f} s to ready {r['all_s']}")
+        typer.echo(f"flywheel {name}: {r['median_s']:.2f} s {r['all_s']}")

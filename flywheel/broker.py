@@ -275,6 +275,7 @@ class EmbeddedBroker:
         if self.running:
             return self
         self._check_port_free()
+        log.info("starting the embedded broker on %s", self.bootstrap)
         url = f"tcp://{self.host}:{self.port}"
         log_out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:

@@ -15,13 +15,10 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NewType
+from typing import TYPE_CHECKING, NewType
 
 from pydantic import SecretStr
-from torch import nn
 
-from flywheel.artifacts import SPEC_FILE, load_model, save_model
-from flywheel.modelspec import AnySpec
 from flywheel.settings import CHAMPION_ALIAS, RegistrySettings, Settings, StateSettings
 from flywheel.signing import (
     Approval,
@@ -32,6 +29,12 @@ from flywheel.signing import (
     sign,
 )
 
+if TYPE_CHECKING:  # torch: ~2 s of import (10 s on a busy machine) that a read of tags
+    from torch import nn  # (`flywheel models list`, `status`) never needs
+
+    from flywheel.modelspec import AnySpec
+
+log = logging.getLogger(__name__)
 EXPERIMENT = "flywheel"
 ARTIFACT_PATH = "model"
 VERSION_TAGS = ("parent_version", "source", "examples", "epsilon", "delta", "gate")
@@ -136,6 +139,10 @@ class Registry:
         self.factories = registry.factories  # modules trusted to build `factory` models
         uri = state.resolved_mlflow_uri
         os.environ.update(mlflow_credentials(state))
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            # MLflow creates and migrates its tables on first use, silently (its logger is
+            # at WARNING here): 6 s on the 2-core test machine under load
+            log.info("creating the MLflow store %s (its tables: a few seconds)", uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     @classmethod
@@ -176,6 +183,8 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=mv.source, dst_path=tmp, tracking_uri=self.client.tracking_uri
             )
+            from flywheel.artifacts import SPEC_FILE, load_model
+
             spec, module = load_model(Path(local), factories=self.factories)
             digest = hashlib.sha256((Path(local) / SPEC_FILE).read_bytes()).hexdigest()
         return LoadedVersion(
@@ -186,6 +195,8 @@ class Registry:
         """The SHA-256 of the version's stored `spec.json` (which holds the weights'
         SHA-256): what a promotion signature vouches for. Downloads that one small file."""
         import mlflow
+
+        from flywheel.artifacts import SPEC_FILE
 
         mv = self.client.get_model_version(self.name, version)
         with tempfile.TemporaryDirectory(prefix="flywheel-sign-") as tmp:
@@ -264,6 +275,8 @@ class Registry:
             for k, v in (metrics or {}).items():
                 self.client.log_metric(run_id, k, float(v))
             with tempfile.TemporaryDirectory(prefix="flywheel-publish-") as tmp:
+                from flywheel.artifacts import save_model
+
                 save_model(Path(tmp), spec, module)
                 self.client.log_artifacts(run_id, tmp, artifact_path=ARTIFACT_PATH)
         except Exception:

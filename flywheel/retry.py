@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from flywheel.chatter import outage_over
+
 __all__ = [
     "DEPENDENCIES",
     "Backoff",
@@ -280,6 +282,8 @@ class DependencyStatus:
             self._note(name)
             if self._down.pop(name, None) is not None:
                 log.info("%s is back", name)
+                if name == "kafka":
+                    outage_over()  # ends the count of the clients' chatter
 
     def down(self, name: str, exc: BaseException | str) -> None:
         why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {_first_line(exc)}"

@@ -33,6 +33,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from flywheel.chatter import outage_over
 from flywheel.service.spool import Record, Spool
 
 __all__ = ["EventLog", "EventLogStats", "NotDurable", "Sink"]
@@ -255,6 +256,8 @@ class EventLog:
                     self._deliver(batch)
                     handled = True
                     self._settle(len(batch), True)
+                elif not self.connected and not stopping and time.monotonic() >= self._next_retry:
+                    self._probe()
             except Exception:  # never let the sender die, never drop: a duplicate beats a loss
                 log.exception("event log sender error")
                 if not handled:
@@ -280,8 +283,28 @@ class EventLog:
             self.stats.send_failures += 1
             self._disconnect()
         else:
+            if not self.connected:
+                outage_over()  # the one line that ends a logged outage (flywheel.chatter)
             self.connected = True
         return outcome
+
+    def _probe(self) -> None:
+        """Idle and not connected: ask the broker for metadata, so that /readyz reports the
+        connection once it is made, not on the first prediction (issue 29). A sink without
+        `ping` (a test's) is left alone; a failed probe waits `retry_s` for the next."""
+        try:
+            if self._sink is None:
+                self._sink = self._sink_factory()
+            ping = getattr(self._sink, "ping", None)
+            if ping is None:
+                return
+            ping(min(self._timeout_s, 2.0))
+        except Exception as exc:
+            log.debug("Kafka not reachable yet: %s", exc)
+            self._next_retry = time.monotonic() + self._retry_s
+            return
+        outage_over()
+        self.connected = True
 
     def _disconnect(self) -> None:
         """Drop the producer: a fresh one re-reads metadata and gets a new producer id."""

@@ -43,6 +43,10 @@ class KafkaSink:
             logger=logging.getLogger("flywheel.kafka"),
         )
 
+    def ping(self, timeout_s: float) -> None:
+        """A metadata round trip with the broker; raises (KafkaException) without one."""
+        self._producer.list_topics(timeout=timeout_s)
+
     def send(self, records: list[Record], timeout_s: float) -> list[bool]:
         acked = [False] * len(records)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +80,10 @@ def store_or_exit(settings: Settings) -> Engine:
         raise typer.Exit(1) from None
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(
@@ -87,6 +92,15 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
     for noisy in ("kafka", "mlflow", "alembic", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so every `with` that started a process (the embedded
+    # broker of `demo`, `fed demo`'s SuperLink and sites) stops it; without this, Python's
+    # default action ended the process at once and left them running. Commands that stop
+    # on their own terms (serve, feedback, learn, broker, up) install their own handler.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if not verbose:  # one line per Kafka outage, with a count (flywheel.chatter)
+        from flywheel.chatter import install
+
+        install()
 
 
 def _register() -> None:
@@ -105,6 +119,7 @@ def _register() -> None:
         serve,
         status,  # flywheel status: every part's health, lag, spools, learners
         ui,  # flywheel ui: MLflow UI + review page URL
+        up,  # flywheel up: the whole loop as supervised processes
     )
 
 

@@ -325,27 +325,36 @@ def demo(
     clients: int = typer.Option(3, "--clients", min=2, max=16, help="Customer sites."),
     rounds: int = typer.Option(5, "--rounds", min=1, max=100),
     report: Path = typer.Option(
-        Path(".flywheel/fed-demo"), "--report", help="Folder for summary.json, logs and the homes."
+        Path(".flywheel/fed-demo"),
+        "--report",
+        help="Folder for summary.json, summary.md, accuracy.png, logs and the homes.",
     ),
     strategy: str = typer.Option("fedavg", help="fedavg | trimmed | median | fltrust."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
 ) -> None:
     """A loopback federation (one SuperLink, K sites with Dirichlet(0.5) label-skewed data
-    of the changed world) with real processes; writes REPORT/summary.json."""
+    of the changed world) with real processes; writes REPORT/summary.json, summary.md and
+    accuracy.png (per round: accuracy on the sites' and the trusted holdouts, client ε)."""
+    from flywheel.demo import write_fed_report
     from flywheel.learner.federated import run_demo
 
     settings_or_exit()
     summary = run_demo(report.resolve(), clients=clients, rounds=rounds, strategy=strategy)
-    for r in summary["rounds"]:
+    write_fed_report(report.resolve(), summary)
+    if as_json:
+        typer.echo(json.dumps(summary, default=str))
+    else:
+        for r in summary["rounds"]:
+            typer.echo(
+                f"round {r['round']}: accuracy {r['recent_accuracy']:.3f} (union holdout),"
+                f" trusted {r['trusted_accuracy']:.3f}, client ε {r['epsilon_round']:.3g}"
+                f" (cumulative {r['epsilon_cumulative']:.3g}), overhead "
+                f"{r['overhead_s']:.2f} s"
+            )
         typer.echo(
-            f"round {r['round']}: accuracy {r['recent_accuracy']:.3f} (union holdout),"
-            f" trusted {r['trusted_accuracy']:.3f}, client ε {r['epsilon_round']:.3g}"
-            f" (cumulative {r['epsilon_cumulative']:.3g}), overhead "
-            f"{r['overhead_s']:.2f} s"
+            f"registered v{summary['version']} ({summary['gate']})"
+            f"{', promoted' if summary['promoted'] else ''}; "
+            f"report in {report / 'summary.md'} (summary.json, accuracy.png)"
         )
-    typer.echo(
-        f"registered v{summary['version']} ({summary['gate']})"
-        f"{', promoted' if summary['promoted'] else ''}; "
-        f"summary in {report / 'summary.json'}"
-    )
     if not summary.get("version"):
         sys.exit(1)

@@ -141,12 +141,23 @@ def gather(
     settings: Settings, services: list[str], timeout_s: float, max_lag: int
 ) -> dict[str, Any]:
     """The whole status document (`--json`), with its verdict: `problems` and `behind`."""
-    doc: dict[str, Any] = {
-        "services": [_service(url, timeout_s) for url in services],
-        "registry": _champion(settings),
-        "kafka": _kafka(settings, timeout_s),
-        "store": _store(settings),
-    }
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx  # noqa: F401  (imported here, not by two threads at once)
+
+    # the replicas' and the broker's answers (network waits, up to `timeout_s` each when a
+    # part is down) in threads, while this one reads the registry and the store (MLflow's
+    # and Alembic's imports: seconds of CPU on a busy machine)
+    with ThreadPoolExecutor(max_workers=1 + len(services)) as pool:
+        service_docs = [pool.submit(_service, url, timeout_s) for url in services]
+        kafka_doc = pool.submit(_kafka, settings, timeout_s)
+        registry, store_doc = _champion(settings), _store(settings)
+        doc: dict[str, Any] = {
+            "services": [f.result() for f in service_docs],
+            "registry": registry,
+            "kafka": kafka_doc.result(),
+            "store": store_doc,
+        }
     problems: list[str] = []
     behind: list[str] = []
     champion = doc["registry"]["champion"]

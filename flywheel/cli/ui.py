@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import threading
 from urllib.parse import urlsplit
 
 import typer
@@ -29,11 +33,35 @@ def mlflow_ui_command(uri: str, artifacts: str, host: str, port: int) -> list[st
     ]
 
 
-def run_process(command: list[str]) -> int:
+def run_process(command: list[str], stop_timeout_s: float = 15.0) -> int:
+    """Run `command` in its own process group until it exits or we get SIGINT/SIGTERM;
+    then SIGTERM its group (MLflow's server runs workers of its own), SIGKILL after
+    `stop_timeout_s`. With `subprocess.call`, a SIGTERM ended only this process and left
+    the MLflow server on its port. Returns the child's exit code (0 when we stopped it)."""
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+        proc = subprocess.Popen(command, start_new_session=True)
+        try:
+            while not stop.wait(0.2):
+                code = proc.poll()
+                if code is not None:
+                    return code
+            return 0
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(stop_timeout_s)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what the group left behind
+            proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()

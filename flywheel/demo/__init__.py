@@ -4,6 +4,8 @@
 * `loop`: the stack (broker, store, service, feedback worker, learner) started in one
   process, the simulated app, and what is measured from outside;
 * `report`: what `flywheel demo --report DIR` writes (accuracy.png, summary.md/json);
+* `fed_report`: what `flywheel fed demo --report DIR` writes beside its summary.json
+  (accuracy.png per round, summary.md), from `report`'s pieces;
 * `datasets`: real labelled data sets shipped inside installed packages, each with a
   stated drift, written to CSV the way a user would bring them.
 
@@ -11,6 +13,7 @@ Application code, not a contract: nothing in a component imports it.
 """
 
 from flywheel.demo.datasets import DATASETS, DatasetInfo, Drift, load, write_csv
+from flywheel.demo.fed_report import write_fed_report
 from flywheel.demo.files import (
     TRUSTED_SHARE,
     DemoData,
@@ -77,5 +80,6 @@ __all__ = [
     "synthetic_files",
     "wait_joined",
     "write_csv",
+    "write_fed_report",
     "write_report",
 ]

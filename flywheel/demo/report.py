@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,31 @@ def privacy_summary(
     }
 
 
+def pct(v: float | None) -> str:
+    """An accuracy for the summaries: `97.5%`, or `n/a`."""
+    return "n/a" if v is None else f"{v:.1%}"
+
+
 def _gap(plain: float | None, dp: float | None) -> float | None:
     """Points lost to DP (positive: DP is worse)."""
     return None if plain is None or dp is None else round(100 * (plain - dp), 2)
+
+
+@contextmanager
+def saved_figure(path: Path, size: tuple[float, float] = (10, 4.5)) -> Iterator[Any]:
+    """A matplotlib figure and axes (headless backend) saved to `path` and closed after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _mean_float(values: list[float]) -> float | None:
@@ -147,13 +170,12 @@ def _mean_float(values: list[float]) -> float | None:
 
 
 def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t = np.asarray(trace.t)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    with saved_figure(path) as (_fig, ax):
+        _draw_accuracy(ax, trace, t, window)
+
+
+def _draw_accuracy(ax: Any, trace: Trace, t: np.ndarray, window: int) -> None:
     ax.plot(t, rolling(trace.ok, window), label="flywheel (served)", color="tab:blue")
     ax.plot(
         t,
@@ -180,9 +202,6 @@ def plot_accuracy(trace: Trace, path: Path, window: int = 300) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     ax.set_title("Flywheel vs a frozen model across an abrupt change")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_report(directory: Path, summary: dict[str, Any], trace: Trace) -> None:
@@ -197,9 +216,6 @@ def _privacy_lines(p: dict[str, Any] | None) -> list[str]:
         return []
     if not p.get("enabled"):
         return ["Privacy: DP off (`FLYWHEEL_PRIVACY_ENABLED=false`).", ""]
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.1%}"
 
     def gap(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f} points"
@@ -244,9 +260,6 @@ def _data_lines(s: dict[str, Any]) -> list[str]:
 
 
 def markdown(s: dict[str, Any]) -> str:
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.1%}"
-
     lines = [
         "# Flywheel demo",
         "",

@@ -80,6 +80,11 @@ def test_serve_against_an_external_broker(settings, tmp_path):
     headers = cli_app_key(env)
     proc = start_serve(env, port)
     try:
+        # readiness reports the broker once connected, before any prediction (issue 29)
+        deadline = time.monotonic() + 60
+        while not httpx.get(f"http://127.0.0.1:{port}/readyz").json()["kafka_connected"]:
+            assert time.monotonic() < deadline, "kafka_connected stayed false with no traffic"
+            time.sleep(0.1)
         ids = []
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
             for _ in range(10):

@@ -1,0 +1,110 @@
+"""What `flywheel fed demo --report DIR` writes beside summary.json: accuracy.png and
+summary.md, from the run's own summary (`RunSummary.to_dict` plus the demo's sites).
+
+The figure and the accuracy format are `flywheel.demo.report`'s (`saved_figure`, `pct`),
+so both demos' reports read alike: per round, the served model's accuracy on the union of
+the sites' holdouts and on the platform's trusted holdout, and the client-level ε spent.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from flywheel.demo.report import pct, saved_figure
+
+
+def _number(v: Any) -> float | None:
+    """A round's value, None where it is missing or NaN (a round with no global model)."""
+    if v is None:
+        return None
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
+def plot_rounds(summary: dict[str, Any], path: Path) -> None:
+    rounds = summary.get("rounds") or []
+    x = [r["round"] for r in rounds]
+    with saved_figure(path) as (_fig, ax):
+        for key, label, style in (
+            ("recent_accuracy", "served model, union of the sites' holdouts", "-"),
+            ("trusted_accuracy", "served model, platform's trusted holdout", "--"),
+        ):
+            y = [_number(r.get(key)) for r in rounds]
+            ax.plot(x, [math.nan if v is None else v for v in y], style, marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        eps = ax.twinx()
+        eps.plot(
+            x,
+            [_number(r.get("epsilon_cumulative")) or 0.0 for r in rounds],
+            color="tab:red",
+            linestyle=":",
+            marker=".",
+            label="client ε spent (cumulative)",
+        )
+        eps.set_ylabel("client ε")
+        lines = ax.get_legend_handles_labels()
+        more = eps.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right", fontsize=8)
+        ax.set_title(
+            f"Federated rounds ({summary.get('strategy')}, {len(summary.get('sites') or [])} sites)"
+        )
+
+
+def markdown(s: dict[str, Any]) -> str:
+    rounds = s.get("rounds") or []
+    version = s.get("version")
+    outcome = (
+        f"registered **v{version}** from v{s.get('start_version')} ({s.get('gate')})"
+        f"{', promoted' if s.get('promoted') else ', not promoted'}"
+        if version
+        else f"no version registered ({s.get('gate') or 'no round changed the model'})"
+    )
+    lines = [
+        "# Flywheel federated demo",
+        "",
+        f"{len(rounds)} rounds of {s.get('strategy')} with {s.get('clipping')}-side DP "
+        f"clipping (C={s.get('clip')}, σ={s.get('noise_multiplier')}); client-level "
+        f"ε {float(s.get('epsilon') or 0):.3g} (δ={float(s.get('delta') or 0):g}); ran "
+        f"{float(s.get('demo_seconds') or s.get('seconds') or 0):.0f} s. Outcome: {outcome}.",
+        "",
+        "![accuracy per round](accuracy.png)",
+        "",
+        "| round | sites replied | examples | accuracy (union holdout) | trusted holdout "
+        "| ε round | ε cumulative | overhead s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rounds:
+        lines.append(
+            f"| {r['round']} | {r['replied']}/{len(r.get('sites') or [])} | {r['examples']} | "
+            f"{pct(_number(r.get('recent_accuracy')))} | "
+            f"{pct(_number(r.get('trusted_accuracy')))} | {float(r['epsilon_round']):.3g} | "
+            f"{float(r['epsilon_cumulative']):.3g} | {float(r['overhead_s']):.2f} |"
+        )
+    if not rounds:
+        lines.append("| (none) | | | | | | | |")
+    sites = s.get("sites") or []
+    if sites:
+        lines += ["", "## Sites", "", "| site | examples | label counts |", "| --- | --- | --- |"]
+        for i, site in enumerate(sites):
+            counts = ", ".join(str(c) for c in site.get("label_counts") or [])
+            lines.append(f"| {i} | {site.get('examples')} | {counts} |")
+    refused, dropped = s.get("refused") or [], s.get("dropped") or []
+    if refused or dropped:
+        lines += ["", "## Refused replies and dropped rounds", ""]
+        lines += [
+            f"- round {x.get('round')}, site {x.get('site')}: {x.get('why')}" for x in refused
+        ]
+        lines += [f"- round {x.get('round')} dropped: {x.get('why')}" for x in dropped]
+    return "\n".join(lines) + "\n"
+
+
+def write_fed_report(directory: Path, summary: dict[str, Any]) -> None:
+    """accuracy.png and summary.md into `directory` (summary.json is the run's own)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    plot_rounds(summary, directory / "accuracy.png")
+    (directory / "summary.md").write_text(markdown(summary))
