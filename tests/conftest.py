@@ -262,9 +262,20 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"deadline factor: {speed_factor():.2f} (tests/deadlines.py)"
 
 
+# Suites that are slow as a whole, marked slow wherever their tests come from: fault
+# injection (tests/faults/) and long fuzzing (test_fuzz*.py files).
+SLOW_FOLDERS = (ROOT / "tests" / "faults",)
+SLOW_FILES = "test_fuzz*.py"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """pytest-timeout's limit of every test (its marker's, else the configured one) times
-    the speed factor."""
+    """Mark the slow suites slow; scale pytest-timeout's limit of every test (its marker's,
+    else the configured one) by the speed factor."""
+    for item in items:
+        path = item.path
+        if path.match(SLOW_FILES) or any(path.is_relative_to(f) for f in SLOW_FOLDERS):
+            item.add_marker(pytest.mark.slow)
     factor = speed_factor()
     if factor <= 1.0:
         return

@@ -141,3 +141,17 @@ def test_a_clean_run_passes(tmp_path):
     run = run_nested(tmp_path, {"test_clean.py": "def test_x():\n    pass\n"})
     assert run.returncode == 0, run.output
     assert "processes left behind" not in run.output
+
+
+def test_fuzzing_files_are_marked_slow(tmp_path):
+    run = run_nested(
+        tmp_path,
+        {
+            "test_fuzz_api.py": "def test_fuzz():\n    pass\n",
+            "test_api.py": "def test_api():\n    pass\n",
+        },
+        "-m",
+        "not slow",
+    )
+    assert run.returncode == 0, run.output
+    assert run.outcomes == {"test_api": "passed"}, run.output
