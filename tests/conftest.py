@@ -247,14 +247,16 @@ def run_bench_process() -> Callable[..., dict[str, Any]]:
 
 # -- deadlines, processes, parallel runs ---------------------------------------------------
 
-_RUN = pytest.StashKey[str]()
+_SESSION = pytest.StashKey[str]()
 _BEFORE = pytest.StashKey[set[int]]()
+# processes started by session- / module- / class-scoped fixtures, also when a test body
+# asks for one (request.getfixturevalue): not the test's to stop
+_FIXTURE_OWNED: set[int] = set()
 LEAK_GRACE_S = 5.0  # how long a test's stopped processes may take to exit after teardown
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    run, _tag = mark_session()
-    config.stash[_RUN] = run
+    config.stash[_SESSION] = mark_session()
     speed_factor()  # measured once, before any test (or worker) loads the machine
 
 
@@ -309,22 +311,36 @@ def processes() -> Iterator[ProcessGroup]:
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    if fixturedef.scope == "function":
+        return (yield)
+    session = request.config.stash[_SESSION]
+    before = {p.pid for p in tagged(session)}
+    try:
+        return (yield)
+    finally:
+        _FIXTURE_OWNED.update(p.pid for p in tagged(session) if p.pid not in before)
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     try:
         return (yield)
     finally:
         # what runs now (the session's broker, a fixture's server) is not this test's leak
-        item.stash[_BEFORE] = {p.pid for p in tagged(run=item.config.stash[_RUN])}
+        item.stash[_BEFORE] = {p.pid for p in tagged(item.config.stash[_SESSION])}
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     result = yield
-    before = item.stash.get(_BEFORE, set())
-    run = item.config.stash[_RUN]
-    left = [p for p in tagged(run=run) if p.pid not in before]
+    before = item.stash.get(_BEFORE, set()) | _FIXTURE_OWNED
+    session = item.config.stash[_SESSION]
+    left = [p for p in tagged(session) if p.pid not in before]
     if left and wait_gone([p.pid for p in left], scaled_deadline(LEAK_GRACE_S)):
-        left = [p for p in tagged(run=run) if p.pid not in before]
+        left = [p for p in tagged(session) if p.pid not in before]
         if left:
             kill(left)
             pytest.fail(
@@ -342,10 +358,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[N
     result = yield
     if hasattr(session.config, "workerinput"):
         return result  # the controller checks the whole run once its workers are gone
-    run = session.config.stash[_RUN]
-    left = tagged(run=run)
+    tag = session.config.stash[_SESSION]
+    left = tagged(tag)
     if left and wait_gone([p.pid for p in left], scaled_deadline(LEAK_GRACE_S)):
-        left = tagged(run=run)
+        left = tagged(tag)
         if left:
             kill(left)
             reporter = session.config.pluginmanager.get_plugin("terminalreporter")

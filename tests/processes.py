@@ -7,9 +7,10 @@ process stayed up for 14 minutes. Three parts:
 - `ProcessGroup.start(...)` (the `processes` fixture): `subprocess.Popen` in a new session;
   `close()` sends SIGTERM to every group, waits, then SIGKILLs what is left (and the group's
   own children with it).
-- Every process of a test run is tagged: `mark_session()` puts `RUN_VAR` = "<run>:<pid>" into
-  this session's environment, which every child inherits (also one re-parented to init after
-  its parent died). `tagged(...)` finds them by reading /proc/<pid>/environ.
+- Every process of a test session is tagged: `mark_session()` puts `RUN_VAR` (a path:
+  "<parent session's tag>/<id>") into this session's environment, which every child inherits
+  (also one re-parented to init after its parent died). `tagged(...)` finds them by reading
+  /proc/<pid>/environ.
 - conftest.py checks after each test that the test left no tagged process behind (teardown
   error, the processes listed and killed) and, at session end, that the whole run left none.
 
@@ -60,14 +61,19 @@ class Tagged(NamedTuple):
     cmdline: str
 
 
-def mark_session() -> tuple[str, str]:
-    """Tag this session: (run id, this session's tag). The run id is inherited from the
-    process that started this one (pytest-xdist's controller) or made here."""
+def mark_session() -> str:
+    """Tag this session and every process it starts: "<parent's tag>/<id>", the parent
+    being the session that started this one (pytest-xdist's controller for a worker, an
+    outer test for a nested pytest run). Returns the tag.
+
+    A check sees only its own session's subtree: a worker never counts another worker's
+    processes (nor its broker) as its own, and a nested session never counts the outer
+    session's, while the outer test still sees whatever the nested one left."""
     inherited = os.environ.get(RUN_VAR, "")
-    run = inherited.split(":", 1)[0] if inherited else uuid.uuid4().hex[:12]
-    tag = f"{run}:{os.getpid()}"
+    own = uuid.uuid4().hex[:12]
+    tag = f"{inherited}/{own}" if inherited else own
     os.environ[RUN_VAR] = tag
-    return run, tag
+    return tag
 
 
 def _tag_of(pid: str) -> str | None:
@@ -92,18 +98,18 @@ def _stat(pid: str) -> tuple[int, str] | None:
     return int(fields[1]), fields[0]
 
 
-def tagged(*, exact: str | None = None, run: str | None = None) -> list[Tagged]:
+def tagged(session: str) -> list[Tagged]:
     """Live processes (not this one, no zombies, none of this process's own
-    `SESSION_HELPERS`) tagged `exact`, or tagged with any session of `run`."""
+    `SESSION_HELPERS`) started by session `session` or by a session it started. (A
+    process's /proc environ is the one it started with: an xdist worker shows its
+    controller's tag, so the controller's check would count it -- once it has exited.)"""
     me = os.getpid()
     found = []
     for entry in _PROC.iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         tag = _tag_of(entry.name)
-        if tag is None or (exact is not None and tag != exact):
-            continue
-        if run is not None and not tag.startswith(f"{run}:"):
+        if tag is None or (tag != session and not tag.startswith(f"{session}/")):
             continue
         stat = _stat(entry.name)
         if stat is None or stat[1] in ("Z", "X"):

@@ -137,10 +137,27 @@ def test_a_process_left_by_a_session_fixture_fails_the_run(tmp_path, workers):
     assert not running(f"sleep {marker}")
 
 
-def test_a_clean_run_passes(tmp_path):
-    run = run_nested(tmp_path, {"test_clean.py": "def test_x():\n    pass\n"})
+SIBLINGS = """
+import os
+import time
+
+
+def test_sibling(processes):
+    proc = processes.start(["sleep", "631.5"])
+    # gw0 ends first; its checks must not count gw1's process (nor gw1's, gw0's) as its own
+    time.sleep(1 if os.environ["PYTEST_XDIST_WORKER"] == "gw0" else 8)
+    assert proc.poll() is None, "another session killed this test's process"
+"""
+
+
+def test_a_clean_run_passes_and_touches_no_other_sessions_processes(tmp_path, processes):
+    mine = processes.start(["sleep", "630.5"])  # this session's: the nested one must not care
+    run = run_nested(tmp_path, {"test_siblings.py": SIBLINGS}, "-n", "2", "--dist", "each")
     assert run.returncode == 0, run.output
+    assert run.outcomes == {"test_sibling": "passed"}, run.output
     assert "processes left behind" not in run.output
+    assert mine.poll() is None, "the nested session killed a process of this one"
+    assert not running("sleep 631.5")
 
 
 def test_fuzzing_files_are_marked_slow(tmp_path):
