@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck browser bench-serve clean
+.PHONY: install demo test test-slow lint typecheck browser bench-serve clean
 
 # torch first, alone and pinned, so the resolver never reaches for a CUDA build;
 # then everything else under constraints.txt.
@@ -48,8 +48,19 @@ browser:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	} || echo "warning: could not install chromium (apt-get install -y chromium)" >&2
 
+# `make test`: lint, then every test not marked slow, in parallel (pytest-xdist): one worker
+# per core (TEST_WORKERS=1 for one process), each worker with its own PostgreSQL database,
+# broker, ports and tmp homes; a file's tests stay on one worker (--dist loadfile), so a
+# module's expensive fixture is made once. `make test-slow`: the tests marked slow (federated
+# attack matrix, fault suites, long fuzzing, benchmark smokes); .ci/run runs both.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+
 test: install lint browser
-	$(BIN)/pytest
+	$(PYTEST_PARALLEL) -m "not slow"
+
+test-slow: install browser
+	$(PYTEST_PARALLEL) -m slow
 
 bench-serve: install
 	$(BIN)/python -m bench serve

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.deadlines import deadline
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,5 +19,5 @@ def bench_process(name: str, *args: str, timeout_s: float = 300) -> subprocess.C
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=timeout_s,
+        timeout=deadline(timeout_s),
     )

@@ -1,8 +1,20 @@
-"""Shared fixtures: throwaway databases for tests that need a real training store.
+"""Shared fixtures: throwaway databases for tests that need a real training store;
+deadlines and processes that are safe on a busy machine and in a parallel run.
 
 PostgreSQL is expected at 127.0.0.1:5432 (trust auth, user `postgres`, database
 `test`; override with PG_ADMIN_URL). Without it, PostgreSQL tests skip locally but
 fail under CI=true, so a broken CI service can never turn into a green run.
+
+Parallel runs (pytest-xdist, `-n N`): every session-scoped fixture -- the PostgreSQL
+database, the broker in tests/integration/conftest.py, the seed model -- is made once per
+worker, and `tmp_path` is per worker, so a test that takes its database, broker, ports
+(`free_port()`) and home (`tmp_path`) from fixtures is safe in a parallel run as written.
+
+Waits: `deadline(seconds)` (fixture, or `tests.deadlines.deadline`) scales a wait by the
+machine's measured speed factor; pytest-timeout's limits are scaled by the same factor.
+Processes: start them with the `processes` fixture; a test that leaves a process behind
+gets a teardown error (the processes listed and killed), and the session fails at its end
+if any process of the run is left (tests/processes.py).
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from tests.benchrun import ROOT, bench_process
+from tests.deadlines import deadline as scaled_deadline
+from tests.deadlines import speed_factor
+from tests.processes import ProcessGroup, describe, kill, mark_session, tagged, wait_gone
 
 PG_ADMIN_URL = os.environ.get("PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -48,7 +63,10 @@ def _pg_engine(url: URL) -> Engine:
 def pg_session_url() -> Iterator[str]:
     """A PostgreSQL database created for this test session and dropped (FORCE) after it."""
     admin_url = _pg_admin_url()
-    name = f"fw_test_{secrets.token_hex(6)}"
+    # one database per xdist worker ("gw0", ...), "main" without xdist; named so a leftover
+    # one says which run made it
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"fw_test_{worker}_{secrets.token_hex(6)}"
     admin = _pg_engine(admin_url)
     try:
         with admin.connect() as conn:
@@ -225,3 +243,132 @@ def run_bench_process() -> Callable[..., dict[str, Any]]:
         return json.loads(r.stdout)
 
     return run
+
+
+# -- deadlines, processes, parallel runs ---------------------------------------------------
+
+_SESSION = pytest.StashKey[str]()
+_BEFORE = pytest.StashKey[set[int]]()
+# processes started by session- / module- / class-scoped fixtures, also when a test body
+# asks for one (request.getfixturevalue): not the test's to stop
+_FIXTURE_OWNED: set[int] = set()
+LEAK_GRACE_S = 5.0  # how long a test's stopped processes may take to exit after teardown
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SESSION] = mark_session()
+    speed_factor()  # measured once, before any test (or worker) loads the machine
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"deadline factor: {speed_factor():.2f} (tests/deadlines.py)"
+
+
+# Suites that are slow as a whole, marked slow wherever their tests come from: fault
+# injection (tests/faults/) and long fuzzing (test_fuzz*.py files).
+SLOW_FOLDERS = (ROOT / "tests" / "faults",)
+SLOW_FILES = "test_fuzz*.py"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the slow suites slow; scale pytest-timeout's limit of every test (its marker's,
+    else the configured one) by the speed factor."""
+    for item in items:
+        path = item.path
+        if path.match(SLOW_FILES) or any(path.is_relative_to(f) for f in SLOW_FOLDERS):
+            item.add_marker(pytest.mark.slow)
+    factor = speed_factor()
+    if factor <= 1.0:
+        return
+    configured = config.getoption("timeout", None) or config.getini("timeout")
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        kwargs = dict(marker.kwargs) if marker else {}
+        base = marker.args[0] if marker and marker.args else kwargs.pop("timeout", configured)
+        if base is None or float(base) <= 0:
+            continue
+        item.add_marker(pytest.mark.timeout(float(base) * factor, **kwargs), append=False)
+
+
+@pytest.fixture(scope="session")
+def deadline() -> Callable[[float], float]:
+    """`deadline(seconds)`: a wait that is enough on a quiet machine, scaled by this
+    session's measured speed factor (tests/deadlines.py)."""
+    return scaled_deadline
+
+
+@pytest.fixture
+def processes() -> Iterator[ProcessGroup]:
+    """`processes.start(args, **popen)`: a process in its own process group; every one
+    still running is stopped (SIGTERM, then SIGKILL to the group) when the test ends,
+    passed or failed. `processes.stop(proc)` stops one earlier."""
+    group = ProcessGroup()
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    if fixturedef.scope == "function":
+        return (yield)
+    session = request.config.stash[_SESSION]
+    before = {p.pid for p in tagged(session)}
+    try:
+        return (yield)
+    finally:
+        _FIXTURE_OWNED.update(p.pid for p in tagged(session) if p.pid not in before)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        # what runs now (the session's broker, a fixture's server) is not this test's leak
+        item.stash[_BEFORE] = {p.pid for p in tagged(item.config.stash[_SESSION])}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    result = yield
+    before = item.stash.get(_BEFORE, set()) | _FIXTURE_OWNED
+    session = item.config.stash[_SESSION]
+    left = [p for p in tagged(session) if p.pid not in before]
+    if left and wait_gone([p.pid for p in left], scaled_deadline(LEAK_GRACE_S)):
+        left = [p for p in tagged(session) if p.pid not in before]
+        if left:
+            kill(left)
+            pytest.fail(
+                f"{item.nodeid} left {len(left)} process(es) running (now killed); start "
+                f"them with the `processes` fixture or stop them in a finally:\n{describe(left)}",
+                pytrace=False,
+            )
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
+    """After every fixture's teardown (and, under xdist, every worker's exit): fail the run
+    if any process it started is still running, listing and killing them."""
+    result = yield
+    if hasattr(session.config, "workerinput"):
+        return result  # the controller checks the whole run once its workers are gone
+    tag = session.config.stash[_SESSION]
+    left = tagged(tag)
+    if left and wait_gone([p.pid for p in left], scaled_deadline(LEAK_GRACE_S)):
+        left = tagged(tag)
+        if left:
+            kill(left)
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            message = f"the test run left {len(left)} process(es) running (now killed):"
+            if reporter is not None:
+                reporter.ensure_newline()
+                reporter.write_sep("=", "processes left behind", red=True)
+                reporter.write_line(f"{message}\n{describe(left)}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return result

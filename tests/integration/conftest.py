@@ -18,6 +18,7 @@ from sqlalchemy import text
 from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
 from flywheel.settings import Settings, prepare_home
 from tests.conftest import AppKey, make_app_key
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def consume(
     """(key, value) of every record on `topic`, waiting up to `timeout_s` for `expected`."""
     return [
         (r.key, r.value)
-        for r in read_topic(bootstrap, topic, at_least=expected, timeout_s=timeout_s)
+        for r in read_topic(bootstrap, topic, at_least=expected, timeout_s=deadline(timeout_s))
     ]
 
 
@@ -93,9 +94,9 @@ def wait_for_lock_wait() -> Callable[..., None]:
     `timeout_s`. How a test knows its second transaction is blocked by its first."""
 
     def wait(sessions: Any, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
+        until = time.monotonic() + deadline(timeout_s)
         with sessions() as probe:
-            while time.monotonic() < deadline:
+            while time.monotonic() < until:
                 waiting = probe.execute(
                     text(
                         "SELECT count(*) FROM pg_stat_activity"

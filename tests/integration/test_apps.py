@@ -40,6 +40,7 @@ from flywheel.store import (
     session_factory,
     upgrade,
 )
+from tests.deadlines import deadline
 from tests.trusted import write_synthetic_trusted
 
 from .conftest import consume
@@ -61,7 +62,7 @@ def cli(settings: Settings, url: str, *args: str) -> subprocess.CompletedProcess
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {"FLYWHEEL_HOME": str(settings.home_dir), "FLYWHEEL_DATABASE_URL": url}
     return subprocess.run(
-        [FLYWHEEL, "apps", *args], env=env, capture_output=True, text=True, timeout=120
+        [FLYWHEEL, "apps", *args], env=env, capture_output=True, text=True, timeout=deadline(120)
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 
 from flywheel.broker import EmbeddedBroker, free_port
+from tests.deadlines import deadline
 
 from .conftest import consume
 
@@ -78,9 +79,9 @@ def test_cli_broker_prints_address_creates_topics_and_stops_on_sigterm(tmp_path)
         assert len(tansu_pids(port)) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    deadline = time.monotonic() + 5
-    while tansu_pids(port) and time.monotonic() < deadline:
+        assert proc.wait(deadline(15)) == 0
+    until = time.monotonic() + deadline(5)
+    while tansu_pids(port) and time.monotonic() < until:
         time.sleep(0.1)
     assert tansu_pids(port) == [], "the broker process outlived the CLI"
 
@@ -92,7 +93,7 @@ def test_cli_broker_reports_a_taken_port(tmp_path, broker):
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=deadline(60),
     )
     assert r.returncode == 1
     assert "error:" in r.stderr and f"port {broker.port} on 127.0.0.1 is taken" in r.stderr

@@ -23,6 +23,7 @@ from flywheel.service import GracefulServer, ServiceConfig, create_app
 from flywheel.settings import Settings, prepare_home
 from flywheel.store import Correction, make_engine, session_factory, upgrade
 from tests.conftest import make_app_key
+from tests.deadlines import deadline
 
 from .conftest import consume
 
@@ -61,7 +62,7 @@ def service(broker: EmbeddedBroker, tmp_path_factory) -> Iterator[tuple[str, Set
     thread.start()
     try:
         with Client(f"http://127.0.0.1:{port}") as probe:
-            probe.wait_ready(timeout_s=120)
+            probe.wait_ready(timeout_s=deadline(120))
         yield f"http://127.0.0.1:{port}", s, key
     finally:
         server.should_exit = True
@@ -73,10 +74,10 @@ def records_of(bootstrap: str, topic: str, ids: list[str], n: int) -> list[tuple
     """The records on `topic` keyed by one of `ids` (the module's tests share the topics),
     once there are `n` of them or 30 s have passed."""
     wanted = {pid.encode() for pid in ids}
-    deadline = time.monotonic() + 30
+    until = time.monotonic() + deadline(30)
     while True:
         mine = [(k, v) for k, v in consume(bootstrap, topic, 0) if k in wanted]
-        if len(mine) >= n or time.monotonic() > deadline:
+        if len(mine) >= n or time.monotonic() > until:
             return mine
         time.sleep(0.2)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.demo.report import RECOVERY_MARGIN
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
@@ -38,7 +39,7 @@ def test_demo_closes_the_loop_and_writes_its_report(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=500,
+        timeout=deadline(500),
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -98,7 +99,7 @@ def test_demo_on_a_categorical_dataset_starts_from_files_and_turns_the_loop(tmp_
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=deadline(280),
         cwd=tmp_path,
     )
     # exit 1 is allowed only for "did not recover"; every record must have been logged
@@ -141,7 +142,7 @@ def test_demo_refuses_an_unknown_dataset_naming_the_choices(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
         cwd=tmp_path,
     )
     assert r.returncode == 2

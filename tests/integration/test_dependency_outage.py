@@ -21,6 +21,7 @@ from flywheel.broker import free_port
 from flywheel.learner import ensure_champion
 from flywheel.registry import Registry
 from flywheel.store import Correction, Prediction, make_engine, upgrade
+from tests.deadlines import deadline
 from tests.trusted import write_synthetic_trusted
 
 from .test_feedback_worker import Traffic
@@ -28,7 +29,6 @@ from .test_feedback_worker import Traffic
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 OUTAGE_S = 9.0  # longer than the old 1.5 s retry window, by 6x
-SCALE = float(os.environ.get("FLYWHEEL_TEST_TIME_SCALE", "1"))  # slower machines: wait longer
 
 
 def readyz(port: int) -> tuple[int, dict]:
@@ -68,12 +68,12 @@ def joined(url: str) -> int:
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s * SCALE
+    until = time.monotonic() + deadline(timeout_s)
     while not condition():
         assert proc.poll() is None, (
             f"the worker exited while waiting for {what}: {log.read_text()[-3000:]}"
         )
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < until, f"timed out waiting for {what}"
         time.sleep(0.1)
 
 
@@ -144,10 +144,10 @@ def test_feedback_worker_waits_out_a_postgresql_outage(settings, own_postgres, t
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(60)
+                proc.wait(deadline(60))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(10)
+                proc.wait(deadline(10))
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
     assert "store unavailable" in text
@@ -187,9 +187,9 @@ def test_service_starts_not_ready_while_the_registry_is_down_then_serves(
     app = create_app(config, registry=flaky, event_log=list_event_log())  # type: ignore[arg-type]
     with TestClient(app) as client:  # start-up did not fail on the refused first load
         first = client.get("/readyz")
-        deadline = time.monotonic() + 60 * SCALE
+        until = time.monotonic() + deadline(60)
         while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "never became ready"
+            assert time.monotonic() < until, "never became ready"
             time.sleep(0.05)
         metrics = client.get("/metrics").text
         ready = client.get("/readyz").json()

@@ -20,6 +20,7 @@ import pytest
 from flywheel.broker import EmbeddedBroker, free_port
 from flywheel.events import CorrectionEvent
 from flywheel.settings import Settings
+from tests.deadlines import deadline
 
 from .conftest import consume
 from .test_serve_cli import ROW, start_serve, stop
@@ -82,9 +83,9 @@ def metric(base: str, name: str) -> float:
 def wait_spool_drained(base: str, timeout_s: float = 60.0) -> None:
     import time
 
-    deadline = time.monotonic() + timeout_s
+    until = time.monotonic() + deadline(timeout_s)
     while metric(base, "flywheel_log_spooled_records") > 0:
-        assert time.monotonic() < deadline, "the restarted service never replayed its spool"
+        assert time.monotonic() < until, "the restarted service never replayed its spool"
         time.sleep(0.2)
 
 
@@ -98,7 +99,7 @@ def assert_acknowledged_once_by_id(records, acked: list[str], exact: bool) -> No
 
 def kill(proc) -> None:
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=deadline(30))
     assert proc.returncode == -signal.SIGKILL
 
 

@@ -29,6 +29,7 @@ import pytest
 
 from flywheel.broker import free_port
 from flywheel.learner.federated.processes import wait_for_port
+from tests.deadlines import deadline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,10 +63,10 @@ def background() -> Iterator[list[subprocess.Popen]]:
                 os.killpg(p.pid, signal.SIGINT)
         for p in procs:
             try:
-                p.wait(30)
+                p.wait(deadline(30))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+                p.wait(deadline(10))
 
 
 def test_onboarding_as_written_runs_on_fresh_homes(tmp_path, background):
@@ -110,10 +111,10 @@ def test_onboarding_as_written_runs_on_fresh_homes(tmp_path, background):
     site_proc, site_log = start(
         "site", f"export FLYWHEEL_FED_RUNTIME_PORT={free_port()}\n{page['site']}"
     )
-    deadline = time.monotonic() + WAIT_S
+    until = time.monotonic() + deadline(WAIT_S)
     while "SuperNode ID:" not in site_log.read_text(errors="replace"):
         assert site_proc.poll() is None, site_log.read_text(errors="replace")[-3000:]
-        assert time.monotonic() < deadline, site_log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < until, site_log.read_text(errors="replace")[-3000:]
         time.sleep(0.3)
     site_text = site_log.read_text(errors="replace")
     assert "had no Flywheel schema: created" in site_text  # the fresh site home

@@ -31,6 +31,7 @@ from flywheel.learner.seed_model import ensure_champion
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import Settings
 from tests.conftest import make_app_key
+from tests.deadlines import deadline
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -76,7 +77,7 @@ def fed(tmp_path_factory, broker):
     ensure_champion(platform.trusted, Registry.of(platform))
     federation = LocalFederation(platform, sites, logs=root / "logs").start()
     try:
-        federation.wait_for_sites(3, timeout_s=120)
+        federation.wait_for_sites(3, timeout_s=deadline(120))
         yield federation, partition, root
     finally:
         federation.stop()
@@ -116,9 +117,9 @@ def test_federated_model_is_registered_promoted_and_served(fed):
         assert info.tags["source"] == "federated" and info.is_champion
         assert float(info.tags["epsilon"]) == pytest.approx(summary["epsilon"], rel=1e-3)
         assert info.tags["delta"] == f"{platform.privacy_delta:g}"
-        deadline = time.monotonic() + 30
+        until = time.monotonic() + deadline(30)
         while service.get("/v1/model").json()["version"] != summary["version"]:
-            assert time.monotonic() < deadline, "the service did not swap to the new version"
+            assert time.monotonic() < until, "the service did not swap to the new version"
             time.sleep(0.2)
         pred = service.post("/v1/predict", json={"instances": partition.holdout[0][:2].tolist()})
         assert pred.status_code == 200 and pred.json()["model"]["version"] == summary["version"]
@@ -262,7 +263,7 @@ def test_one_malicious_site_costs_the_robust_aggregate_at_most_two_points(fed):
     federation.stop()
     federation.site_args[2] = ["--app", "tests.integration.fed_attack:app"]
     federation.start()
-    federation.wait_for_sites(3, timeout_s=120)
+    federation.wait_for_sites(3, timeout_s=deadline(120))
     attacked = federation.run(options(fed, **robust))
     a, b = honest["final_recent_accuracy"], attacked["final_recent_accuracy"]
     print(f"median+server clipping: honest {a:.3f}, one site ×10 {b:.3f}")

@@ -44,6 +44,7 @@ from flywheel.learner.federated.processes import (
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.registry import Registry
 from flywheel.settings import Settings
+from tests.deadlines import deadline
 
 # 600 s, not the default 300: these start and wait for processes (fixture set-up counts)
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -168,7 +169,7 @@ def _one_round(federation: Federation, platform: Settings) -> dict:
         env=process_env(platform),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=deadline(180),
     )
     assert done.returncode == 0, done.stderr[-3000:] + federation.tails("superlink", "good")
     return json.loads(done.stdout)
@@ -211,10 +212,10 @@ def fed(tmp_path_factory, pki):
     federation = Federation(root)
     try:
         link = federation.spawn("superlink", ["superlink", "--tls", "--auth"], platform)
-        wait_for_port(platform.fed_superlink, 60, link)
+        wait_for_port(platform.fed_superlink, deadline(60), link)
         registered = {}
         for key, proc in [(k, _register(pki / f"{k}.pub", platform)) for k in ("site1", "site2")]:
-            out, _ = proc.communicate(timeout=60)
+            out, _ = proc.communicate(timeout=deadline(60))
             assert proc.returncode == 0, out
             registered[key] = int(re.search(r"SuperNode (\d+) registered", out).group(1))
         for name in SITES:
@@ -223,13 +224,13 @@ def fed(tmp_path_factory, pki):
                 name, ["client", *flags, "--node-config", f'site="{name}"'], site[name]
             )
         # the refused sites exit; the good one gets its node id
-        deadline = time.monotonic() + 90
+        until = time.monotonic() + deadline(90)
         while (
             federation.procs["rogue"].poll() is None
             or federation.procs["wrongca"].poll() is None
             or "SuperNode ID:" not in federation.log("good")
         ):
-            assert time.monotonic() < deadline, federation.tails(*SITES)
+            assert time.monotonic() < until, federation.tails(*SITES)
             assert federation.procs["good"].poll() is None, federation.tails("good")
             time.sleep(0.3)
         exits = {n: federation.procs[n].returncode for n in ("rogue", "wrongca")}
@@ -380,7 +381,7 @@ def test_a_restarted_site_continues_its_budget_under_its_registered_key(fed):
         # the SuperLink takes the key again once it has marked the old connection offline
         # (Flower: 2 heartbeat intervals, 60 s by default); until then `fed client` exits 1
         # ("Failed to activate SuperNode") and the site, like an operator, starts it again
-        deadline = time.monotonic() + 180
+        until = time.monotonic() + deadline(180)
         joined = federation.log("good").count("SuperNode ID:")
         refused = federation.log("good").count("Failed to activate SuperNode")
 
@@ -393,7 +394,7 @@ def test_a_restarted_site_continues_its_budget_under_its_registered_key(fed):
 
         proc = restart()
         while federation.log("good").count("SuperNode ID:") == joined:
-            assert time.monotonic() < deadline, federation.tails("good", "superlink")
+            assert time.monotonic() < until, federation.tails("good", "superlink")
             if proc.poll() is not None:
                 now_refused = federation.log("good").count("Failed to activate SuperNode")
                 assert now_refused > refused, federation.tails("good")

@@ -26,6 +26,8 @@ from flywheel.store import (
     upgrade,
 )
 from flywheel.store.models import ErrorCount
+from tests.deadlines import deadline
+from tests.processes import ProcessGroup
 from tests.trusted import write_synthetic_trusted
 
 from .test_feedback_worker import Traffic
@@ -80,18 +82,20 @@ def joined(url: str) -> int:
         engine.dispose()
 
 
-def wait_joined(url: str, n: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+def wait_joined(
+    url: str, n: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120
+) -> None:
     engine = make_engine(url)
     count = select(func.count()).select_from(Correction).where(Correction.status == "joined")
-    deadline = time.monotonic() + timeout_s
+    until = time.monotonic() + deadline(timeout_s)
     try:
         while True:
             with engine.connect() as conn:
                 done = conn.scalar(count)
             if done >= n:
                 return
-            assert proc.poll() is None, f"worker exited: {proc.stdout.read()}"
-            assert time.monotonic() < deadline, f"only {done} of {n} joined"
+            assert proc.poll() is None, f"worker exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < until, f"only {done} of {n} joined"
             time.sleep(0.01)
     finally:
         engine.dispose()
@@ -137,20 +141,21 @@ def snapshot(url: str) -> dict[str, list]:
         engine.dispose()
 
 
-def run_worker(env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [FLYWHEEL, "feedback"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def run_worker(processes: ProcessGroup, env: dict, log: Path) -> subprocess.Popen:
+    """`flywheel feedback` in its own process group (stopped by `processes` even when the
+    test fails), its output appended to `log` (a pipe nobody reads could fill and stall it)."""
+    with log.open("ab") as out:
+        return processes.start([FLYWHEEL, "feedback"], env=env, stdout=out, stderr=out)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+def stop(processes: ProcessGroup, proc: subprocess.Popen, log: Path) -> None:
+    assert processes.stop(proc, timeout_s=60) == 0, log.read_text()[-3000:]
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, settings, tmp_path):
+def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(
+    db, request, settings, tmp_path, processes
+):
     if db == "sqlite":
         urls = [f"sqlite:///{tmp_path / f'store{i}.db'}" for i in range(2)]
     else:
@@ -167,20 +172,24 @@ def test_sigkill_mid_run_then_restart_equals_an_uninterrupted_run(db, request, s
 
     crashed, clean = urls
     group = f"crash-{uuid.uuid4().hex[:6]}"
-    proc = run_worker(env_for(settings, crashed, group))
-    wait_joined(crashed, 100, proc)  # early: a stalled test process must still catch it mid-run
+    log = tmp_path / "worker.log"
+    proc = run_worker(processes, env_for(settings, crashed, group), log)
+    # early: a stalled test process must still catch it mid-run
+    wait_joined(crashed, 100, proc, log)
     proc.send_signal(signal.SIGKILL)  # no shutdown, no offset commit, maybe mid-transaction
-    proc.wait(10)
+    proc.wait(deadline(10))
     assert joined(crashed) < 1200, "the crash should interrupt the run"
-    proc = run_worker(env_for(settings, crashed, group))  # resumes at the committed offsets
-    wait_joined(crashed, 1200, proc)
+    # resumes at the committed offsets
+    proc = run_worker(processes, env_for(settings, crashed, group), log)
+    wait_joined(crashed, 1200, proc, log)
     time.sleep(2)  # let any duplicate work surface before comparing
-    stop(proc)
+    stop(processes, proc, log)
 
-    proc = run_worker(env_for(settings, clean, f"clean-{uuid.uuid4().hex[:6]}"))
-    wait_joined(clean, 1200, proc)
+    log = tmp_path / "clean.log"
+    proc = run_worker(processes, env_for(settings, clean, f"clean-{uuid.uuid4().hex[:6]}"), log)
+    wait_joined(clean, 1200, proc, log)
     time.sleep(2)
-    stop(proc)
+    stop(processes, proc, log)
     a, b = snapshot(crashed), snapshot(clean)
     assert len(a["predictions"]) == 1200 and len(a["corrections"]) == 1200
     for table in a:

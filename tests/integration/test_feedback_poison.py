@@ -22,6 +22,7 @@ from flywheel.learner import ensure_champion
 from flywheel.registry import Registry
 from flywheel.settings import Settings
 from flywheel.store import Correction, Prediction, make_engine, session_factory, upgrade
+from tests.deadlines import deadline
 from tests.integration.test_feedback_worker import Traffic, count, joined, start, wait_for
 from tests.trusted import write_synthetic_trusted
 
@@ -130,7 +131,7 @@ def test_no_record_stops_the_worker_and_each_is_dead_lettered_once(pg_settings):
         traffic.send_corrections(second)
         wait_for(
             lambda: running(thread) and worker.stats.dead_letters >= len(bad) and joined(s) == 20,
-            timeout_s=120,
+            timeout_s=deadline(120),
             what="every bad record dead-lettered and every good one joined",
         )
     finally:

@@ -30,6 +30,7 @@ from flywheel.store import (
     upgrade,
 )
 from flywheel.streams import Concept, seed_concept
+from tests.deadlines import deadline
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
@@ -112,9 +113,9 @@ class Traffic:
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
+    until = time.monotonic() + deadline(timeout_s)
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < until, f"timed out waiting for {what}"
         time.sleep(0.2)
 
 
@@ -268,7 +269,7 @@ def test_two_workers_in_one_group_share_partitions_without_duplicates(fb_setting
                 and w1.assignment | w2.assignment == everything
                 and not w1.assignment & w2.assignment
             ),
-            timeout_s=90,
+            timeout_s=deadline(90),
             what="both members own partitions",
         )
         traffic.send_predictions(events)
@@ -400,7 +401,7 @@ def test_error_report_from_the_store_and_the_cli(fb_settings):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["versions"] == report["versions"]
@@ -472,7 +473,7 @@ def test_worker_refuses_an_unmigrated_or_older_store(settings, tmp_path, revisio
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
     )
     assert out.returncode == 1
     assert "run `flywheel db upgrade`" in out.stderr and "Traceback" not in out.stderr

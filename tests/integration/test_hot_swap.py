@@ -26,6 +26,7 @@ from flywheel.service import GracefulServer, ModelFollower, ServiceConfig, creat
 from flywheel.settings import Settings
 from flywheel.store import upgrade
 from tests.conftest import make_app_key
+from tests.deadlines import deadline
 
 from .conftest import consume
 
@@ -79,9 +80,9 @@ SWAP_S = 40.0
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout_s
+    until = time.monotonic() + deadline(timeout_s)
     while not cond():
-        if time.monotonic() > deadline:
+        if time.monotonic() > until:
             return False
         time.sleep(step_s)
     return True
@@ -143,7 +144,10 @@ def test_a_promotion_event_is_followed_long_before_the_poll(settings, registry):
         assert wait_for(lambda: served_version(svc.url) == v2, SWAP_S), "promotion not followed"
         elapsed = time.monotonic() - t0
         r = httpx.post(
-            f"{svc.url}/v1/predict", json={"instances": ROWS[:2]}, timeout=5, headers=svc.headers
+            f"{svc.url}/v1/predict",
+            json={"instances": ROWS[:2]},
+            timeout=deadline(5),
+            headers=svc.headers,
         )
         assert r.status_code == 200 and r.json()["model"]["version"] == v2
         assert svc.follower.stats.events_followed == 1

@@ -34,6 +34,7 @@ from flywheel.store import (
 )
 from flywheel.store import upgrade as upgrade_store
 from flywheel.streams import drift_concept
+from tests.deadlines import deadline
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
@@ -123,7 +124,7 @@ def _stop(*procs: subprocess.Popen) -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-        proc.wait(30)
+        proc.wait(deadline(30))
 
 
 def _online_versions(s: Settings) -> list:
@@ -139,7 +140,7 @@ def _wait(condition, timeout_s: float, what: str, *procs: subprocess.Popen, logs
     while not condition():
         for proc, log in zip(procs, logs, strict=False):
             assert proc.poll() is None, f"{what}: learner exited\n{log.read_text()[-3000:]}"
-        assert time.monotonic() - t0 < timeout_s, f"{what}: not within {timeout_s} s"
+        assert time.monotonic() - t0 < deadline(timeout_s), f"{what}: not within {timeout_s} s"
         time.sleep(0.1)
     return time.monotonic() - t0
 
@@ -213,7 +214,7 @@ def test_a_second_learner_stands_by_and_takes_over_when_the_first_is_killed(
         _wait(lambda: len(_online_versions(s)) >= 2, 180, "A's candidates", a, logs=[log_a])
         assert _owner_pid(table, lineage) == a.pid  # B stood by all along
         a.send_signal(signal.SIGKILL)
-        a.wait(30)
+        a.wait(deadline(30))
         took = _wait(
             lambda: _owner_pid(table, lineage) == b.pid, 60, "B takes over", b, logs=[log_b]
         )
@@ -224,7 +225,7 @@ def test_a_second_learner_stands_by_and_takes_over_when_the_first_is_killed(
         feeding.set()
         feeder.join(30)
         b.send_signal(signal.SIGTERM)
-        assert b.wait(30) == 0, log_b.read_text()[-3000:]
+        assert b.wait(deadline(30)) == 0, log_b.read_text()[-3000:]
     finally:
         feeding.set()
         _stop(a, *([b] if b else []))
@@ -276,7 +277,7 @@ def test_sigterm_abandons_a_step_in_progress_and_lets_the_lease_go(settings, pg_
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         released_s = _wait(lambda: _owner_pid(table, lineage) is None, 60, "lease released")
-        code = proc.wait(60)
+        code = proc.wait(deadline(60))
         stopped_s = time.monotonic() - t0
     finally:
         _stop(proc)
@@ -296,7 +297,7 @@ def test_sigterm_abandons_a_step_in_progress_and_lets_the_lease_go(settings, pg_
         env=_env(s),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
     )
     assert report.returncode == 0, report.stderr[-3000:]
     doc = json.loads(report.stdout)

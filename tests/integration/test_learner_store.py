@@ -19,6 +19,7 @@ from flywheel.settings import Settings
 from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
 from flywheel.store import upgrade as upgrade_store
 from flywheel.streams import drift_concept
+from tests.deadlines import deadline
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
@@ -104,19 +105,23 @@ def test_killed_learner_resumes_at_its_cursor_without_retraining(s):
         [FLYWHEEL, "learn"], env=env_for(s), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 90
+        until = time.monotonic() + deadline(90)
         while not trained_ranges(s):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no candidate in 90 s"
+            assert time.monotonic() < until, "no candidate in 90 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(deadline(10))
     finally:
         if proc.poll() is None:
             proc.kill()
     add_examples(s.database_url, 100, 20_000)
     r = subprocess.run(
-        [FLYWHEEL, "learn", "--once"], env=env_for(s), capture_output=True, text=True, timeout=120
+        [FLYWHEEL, "learn", "--once"],
+        env=env_for(s),
+        capture_output=True,
+        text=True,
+        timeout=deadline(120),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     ranges = trained_ranges(s)

@@ -10,6 +10,7 @@ import pytest
 from flywheel.privacy import PrivacyLedger
 from flywheel.store import ExampleReader, LeaseLost, LeaseTable, make_engine
 from flywheel.store import upgrade as upgrade_store
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 LINEAGE = "m:online"
@@ -31,9 +32,9 @@ def engine(db_url):
 
 
 def _wait_until(condition, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+    until = time.monotonic() + deadline(timeout_s)
     while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s"
+        assert time.monotonic() < until, f"not within {timeout_s} s"
         time.sleep(0.05)
 
 
@@ -48,9 +49,9 @@ def test_one_holder_at_a_time_and_a_new_token_at_each_takeover(engine):
     assert table.try_acquire("other:online", "b").token == 1  # another lineage is free
     # a stops renewing: b takes over once a's lease ran out, under the next token
     b = None
-    deadline = time.monotonic() + 5 * TTL
+    until = time.monotonic() + deadline(5 * TTL)
     while b is None:
-        assert time.monotonic() < deadline, "no takeover"
+        assert time.monotonic() < until, "no takeover"
         b = table.try_acquire(LINEAGE, "b")
         time.sleep(0.05)
     assert b.token == 2

@@ -32,6 +32,7 @@ from flywheel.store import (
     session_factory,
     upgrade,
 )
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +208,12 @@ def _cli(url: str, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env |= {"FLYWHEEL_HOME": str(home), "FLYWHEEL_DATABASE_URL": url}
     result = subprocess.run(
-        [_flywheel(), "db", *args], env=env, cwd=home, capture_output=True, text=True, timeout=120
+        [_flywheel(), "db", *args],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=deadline(120),
     )
     assert "Traceback" not in result.stderr, result.stderr
     return result

@@ -37,6 +37,7 @@ from flywheel.store import (
     make_engine,
     session_factory,
 )
+from tests.deadlines import deadline
 
 from .conftest import consume
 
@@ -79,12 +80,12 @@ def write_csv(path: Path, n: int = 800) -> Path:
 
 
 def wait_until(what: str, check: Callable[[], object], timeout_s: float = WAIT_S) -> object:
-    deadline = time.monotonic() + timeout_s
+    until = time.monotonic() + deadline(timeout_s)
     while True:
         value = check()
         if value:
             return value
-        if time.monotonic() > deadline:
+        if time.monotonic() > until:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.2)
 

@@ -21,6 +21,7 @@ from flywheel.settings import Settings
 from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
 from flywheel.store import upgrade as upgrade_store
 from flywheel.streams import drift_concept
+from tests.deadlines import deadline
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
@@ -118,7 +119,7 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
         env=_env(s),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
     )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -232,11 +233,11 @@ def test_flywheel_learn_logs_the_refusal_and_counts_it_on_metrics(settings, sqli
         [FLYWHEEL, "learn"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline, scraped = time.monotonic() + 120, ""
+        until, scraped = time.monotonic() + deadline(120), ""
         while not re.search(
             r'flywheel_privacy_refusals_total\{reason="mechanism"\} [1-9]', scraped
         ):
-            assert proc.poll() is None and time.monotonic() < deadline, scraped[-2000:]
+            assert proc.poll() is None and time.monotonic() < until, scraped[-2000:]
             time.sleep(0.3)
             try:
                 scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -244,7 +245,7 @@ def test_flywheel_learn_logs_the_refusal_and_counts_it_on_metrics(settings, sqli
                 continue
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=deadline(30))
     assert "privacy budget: refused: one update" in err
     assert PrivacyLedger(make_engine(sqlite_url)).entries() == []
 

@@ -36,6 +36,7 @@ import httpx
 import pytest
 
 from flywheel.broker import free_port
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 
@@ -85,17 +86,17 @@ def background() -> Iterator[list[subprocess.Popen]]:
                 os.killpg(p.pid, signal.SIGINT)
         for p in procs:
             try:
-                p.wait(30)
+                p.wait(deadline(30))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+                p.wait(deadline(10))
 
 
 def wait_for(what: str, check, procs: list[subprocess.Popen], logs: Path) -> None:
-    deadline = time.monotonic() + WAIT_S
+    until = time.monotonic() + deadline(WAIT_S)
     while not check():
         dead = [p.args for p in procs if p.poll() is not None]
-        if dead or time.monotonic() > deadline:
+        if dead or time.monotonic() > until:
             tails = {f.name: f.read_text()[-2000:] for f in sorted(logs.glob("*.log"))}
             raise AssertionError(f"waiting for {what}: exited {dead}; logs {tails}")
         time.sleep(0.25)

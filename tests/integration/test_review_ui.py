@@ -30,6 +30,7 @@ from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
 from flywheel.service import GracefulServer, ServiceConfig, create_app
 from flywheel.settings import Settings
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 TOKEN = "ui-test-token-0123456789abcdef0123"
@@ -119,9 +120,9 @@ def _seed(settings: Settings) -> Registry:
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
+    until = time.monotonic() + deadline(timeout_s)
     while not cond():
-        if time.monotonic() > deadline:
+        if time.monotonic() > until:
             return False
         time.sleep(0.05)
     return True
@@ -156,7 +157,7 @@ def _read_only_page_hides_admin_controls(chromium, url: str) -> None:
 
     page.route("**/v1/review/config", read_only)
     page.goto(f"{url}/ui/", wait_until="domcontentloaded")
-    page.wait_for_selector("body[data-loaded=true]", timeout=30_000)
+    page.wait_for_selector("body[data-loaded=true]", timeout=deadline(30_000))
     assert page.locator("#mode").inner_text() == "read-only"
     assert page.locator("#admin-off").is_visible()
     assert not page.locator("#admin-form").is_visible()
@@ -189,7 +190,7 @@ def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         expected = "status of 401"  # the wrong-token attempt below
         page.goto(f"{url}/ui", wait_until="domcontentloaded")
-        page.wait_for_selector("body[data-loaded=true]", timeout=30_000)
+        page.wait_for_selector("body[data-loaded=true]", timeout=deadline(30_000))
 
         rows = page.locator("#versions tbody tr")
         assert rows.count() == 4
@@ -208,13 +209,15 @@ def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
         page.fill("#actor", "playwright")
         pending.locator("input.reason").fill("looks good in the browser")
         pending.locator("button.approve").click()
-        expect(page.locator("#message")).to_contain_text("wrong admin token", timeout=30_000)
+        expect(page.locator("#message")).to_contain_text(
+            "wrong admin token", timeout=deadline(30_000)
+        )
         assert registry.champion_version() == "2"
 
         page.fill("#token", TOKEN)
         page.locator("#pending tbody tr[data-version='4'] button.approve").click()
         expect(page.locator("#message")).to_have_text(
-            re.compile(r"^approved v4: now champion"), timeout=60_000
+            re.compile(r"^approved v4: now champion"), timeout=deadline(60_000)
         )
         assert registry.champion_version() == "4"
         tags = registry.info("4", with_run=False).tags
@@ -223,7 +226,7 @@ def test_review_page_shows_versions_and_an_approve_click_moves_the_champion(
             "playwright",
             "looks good in the browser",
         )
-        page.wait_for_selector("#versions tr.champion[data-version='4']", timeout=30_000)
+        page.wait_for_selector("#versions tr.champion[data-version='4']", timeout=deadline(30_000))
         assert page.locator("#pending-empty").is_visible()
         page.screenshot(path=str(tmp_path / "review-ui.png"), full_page=True)
         if os.environ.get("REVIEW_UI_SCREENSHOT_DIR"):  # for a person to look at

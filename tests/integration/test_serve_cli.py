@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from flywheel.broker import free_port
+from tests.deadlines import deadline
 
 from .conftest import consume
 from .test_broker import tansu_pids
@@ -31,8 +32,8 @@ def start_serve(env: dict, port: int) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    until = time.monotonic() + deadline(120)
+    while time.monotonic() < until:
         if proc.poll() is not None:
             raise AssertionError(f"serve exited early: {proc.stdout.read()}")
         try:
@@ -49,7 +50,7 @@ def cli_app_key(env: dict, name: str = "tests", scopes: str = "predict") -> dict
     """Migrate the home's store and create an app with the CLI; its key's headers."""
     for args in (["db", "upgrade"], ["apps", "create", name, "--scopes", scopes, "--json"]):
         done = subprocess.run(
-            [FLYWHEEL, *args], env=env, capture_output=True, text=True, timeout=120
+            [FLYWHEEL, *args], env=env, capture_output=True, text=True, timeout=deadline(120)
         )
         assert done.returncode == 0, done.stderr
     key = json.loads(done.stdout)["key"]
@@ -58,7 +59,7 @@ def cli_app_key(env: dict, name: str = "tests", scopes: str = "predict") -> dict
 
 def stop(proc: subprocess.Popen) -> str:
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=deadline(30))
     assert proc.returncode == 0, out
     return out
 
@@ -112,9 +113,9 @@ def test_serve_with_embedded_broker_leaves_no_orphan(tmp_path):
             f"http://127.0.0.1:{port}/v1/predict", json={"instances": [ROW]}, headers=headers
         )
         assert r.status_code == 200
-        deadline = time.monotonic() + 60  # connected once the first batch is acknowledged
+        until = time.monotonic() + deadline(60)  # connected once the first batch is acknowledged
         while not httpx.get(f"http://127.0.0.1:{port}/readyz").json()["kafka_connected"]:
-            assert time.monotonic() < deadline, "the embedded broker never acknowledged"
+            assert time.monotonic() < until, "the embedded broker never acknowledged"
             time.sleep(0.1)
     finally:
         out = stop(proc)
@@ -126,7 +127,9 @@ def test_serve_with_embedded_broker_leaves_no_orphan(tmp_path):
 
 def test_bad_configuration_is_one_clear_line(tmp_path):
     env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_MAX_BATCH": "-1"}
-    r = subprocess.run([FLYWHEEL, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [FLYWHEEL, "serve"], env=env, capture_output=True, text=True, timeout=deadline(60)
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("error: invalid configuration: FLYWHEEL_MAX_BATCH")
     assert "Traceback" not in r.stderr

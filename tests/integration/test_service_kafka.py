@@ -13,6 +13,7 @@ from flywheel.broker import EmbeddedBroker
 from flywheel.events import CorrectionEvent, PredictionEvent
 from flywheel.service import ServiceConfig, create_app
 from flywheel.settings import Settings
+from tests.deadlines import deadline
 
 from .conftest import consume
 
@@ -122,12 +123,12 @@ def test_broker_stopped_mid_run_and_restarted_loses_nothing(
             # the correction's 202 came once it was in the spool: spooled by the request
             # itself after FLYWHEEL_DURABLE_WAIT_MS, and again by the sender after its
             # failed send (a duplicate by id, counted in direct_spooled)
-            deadline = time.monotonic() + 60  # in flight until the delivery timeout
+            until = time.monotonic() + deadline(60)  # in flight until the delivery timeout
 
             def expected_spooled() -> int:
                 return len(during) + 1 + event_log.stats.direct_spooled
 
-            while spooled_records(client) < expected_spooled() and time.monotonic() < deadline:
+            while spooled_records(client) < expected_spooled() and time.monotonic() < until:
                 time.sleep(0.2)
             assert spooled_records(client) == expected_spooled(), event_log.stats
 

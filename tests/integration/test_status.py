@@ -22,6 +22,7 @@ from flywheel.service import GracefulServer, ServiceConfig, create_app
 from flywheel.settings import Settings
 from flywheel.store import upgrade
 from tests.conftest import make_app_key
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ def running(settings: Settings, monkeypatch) -> Iterator[tuple[str, Settings]]:
     url = f"http://127.0.0.1:{server.config.port}"
     try:
         with Client(url) as probe:
-            probe.wait_ready(timeout_s=180)
+            probe.wait_ready(timeout_s=deadline(180))
         yield url, settings
     finally:
         server.should_exit = True
@@ -79,13 +80,13 @@ def test_status_reports_every_part_and_the_feedback_lag(running):
     key = make_app_key(s.resolved_database_url, scopes="predict").key  # the store is migrated
     with Client(url, api_key=key) as fw:
         ids = fw.predict([[0.1 * i] * 8 for i in range(6)]).ids
-    deadline = time.monotonic() + 60
+    until = time.monotonic() + deadline(60)
     while True:  # the prediction log sends off the request path
         code, doc = status("--service", url)
         ends = sum(
             p["end"] for p in doc["kafka"]["partitions"] if p["topic"] == s.topic_predictions
         )
-        if ends >= len(ids) or time.monotonic() > deadline:
+        if ends >= len(ids) or time.monotonic() > until:
             break
         time.sleep(0.5)
     assert code == 0, doc["problems"]
@@ -132,8 +133,8 @@ def _read_and_commit(s: Settings) -> None:
         enable_auto_commit=False,
     )
     try:
-        deadline, seen = time.monotonic() + 60, 0
-        while seen < 6 and time.monotonic() < deadline:
+        until, seen = time.monotonic() + deadline(60), 0
+        while seen < 6 and time.monotonic() < until:
             seen += sum(len(b) for b in consumer.poll(timeout_ms=500).values())
         assert seen == 6
         consumer.commit()

@@ -60,6 +60,7 @@ from flywheel.service import TLS, GracefulServer, KafkaSink, Record
 from flywheel.settings import FeedbackSettings, KafkaSettings, RegistrySettings, StateSettings
 from flywheel.store import make_engine
 from tests.certs import Pair, TestCA
+from tests.deadlines import deadline
 
 pytestmark = pytest.mark.integration
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
@@ -100,7 +101,7 @@ def _stop(proc: subprocess.Popen[str], *, terminate: bool = True) -> str:
     if terminate and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=deadline(120))
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
@@ -129,10 +130,10 @@ def test_serve_answers_https_to_a_client_that_trusts_the_ca_and_refuses_http(
     proc = _serve(_env(settings, tls_certfile=server_pair.cert, tls_keyfile=server_pair.key), port)
     try:
         with Client(f"https://127.0.0.1:{port}", verify=ca.cafile, retries=0) as fw:
-            deadline = time.monotonic() + 180
+            until = time.monotonic() + deadline(180)
             while not fw.ready():
                 assert proc.poll() is None, f"serve exited: {proc.stdout.read()}"  # type: ignore[union-attr]
-                assert time.monotonic() < deadline, "serve did not become ready over https"
+                assert time.monotonic() < until, "serve did not become ready over https"
                 time.sleep(0.3)
             result = fw.predict([ROW, ROW])
             assert len(result.predictions) == 2 and result.model.version == "1"
@@ -193,9 +194,9 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(ca, server_pair, clie
     try:
         with_cert = ssl.create_default_context(cafile=ca.cafile)
         with_cert.load_cert_chain(client_pair.cert, client_pair.key)
-        deadline = time.monotonic() + 30
+        until = time.monotonic() + deadline(30)
         while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            assert time.monotonic() < until and thread.is_alive(), "uvicorn did not start"
             time.sleep(0.05)
         with Client(f"https://127.0.0.1:{port}", verify=with_cert, retries=0) as fw:
             assert fw.ready()
@@ -282,8 +283,8 @@ def handshakes(ca, server_pair, client_pair) -> Callable[..., TLSListener]:
         )
         try:
             threading.Thread(target=lambda: _quietly(lambda: call(kafka)), daemon=True).start()
-            deadline = time.monotonic() + timeout_s
-            while not listener.peers and not listener.refused and time.monotonic() < deadline:
+            until = time.monotonic() + timeout_s
+            while not listener.peers and not listener.refused and time.monotonic() < until:
                 time.sleep(0.05)
         finally:
             listener.close()
@@ -373,17 +374,17 @@ def sasl_broker(tmp_path_factory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
+        until = time.monotonic() + deadline(30)
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
                 break
-            assert proc.poll() is None and time.monotonic() < deadline, "tansu did not start"
+            assert proc.poll() is None and time.monotonic() < until, "tansu did not start"
             time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(deadline(10))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
