@@ -177,9 +177,12 @@ def auth_openapi(doc: dict[str, Any]) -> dict[str, Any]:
         "scheme": "bearer",
         "description": "An app key from `flywheel apps create NAME --scopes ...` (fw_...).",
     }
-    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
-    has_error_body = "ErrorBody" in components.get("schemas", {})
+    schemas = components.get("schemas", {})
     for path, operations in doc.get("paths", {}).items():
+        # the body `_refuse` sends: `{"error"}` under /v2 (the protocol's), else ErrorBody
+        body = "V2Error" if is_v2(path) else "ErrorBody"
+        error_ref = {"$ref": f"#/components/schemas/{body}"}
+        has_error_body = body in schemas
         for method, op in operations.items():
             need = needed_scope(method.upper(), _example_path(path))
             if need is None:

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from flywheel.features import Feature, FeatureSchema
+from flywheel.service.errors import is_v2
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.service.schemas import CHAMPION_PART, NAMED_ROW, VECTOR
 
@@ -46,6 +47,7 @@ def champion_openapi(base: dict[str, Any], model: ServedModel | None) -> dict[st
     """A copy of `base` whose predict request describes `model` (generic before a model
     is loaded)."""
     doc = copy.deepcopy(base)
+    document_error_bodies(doc)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     instances = schemas.get("PredictRequest", {}).get("properties", {}).get("instances")
     if instances is None:  # pragma: no cover - a FastAPI that names components otherwise
@@ -72,6 +74,36 @@ def champion_openapi(base: dict[str, Any], model: ServedModel | None) -> dict[st
             )
         )
     return doc
+
+
+_VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
+
+
+def document_error_bodies(doc: dict[str, Any]) -> None:
+    """Make each operation's error answers the bodies the service sends
+    (`flywheel.service.errors`), found by fuzzing the document (tests/unit/
+    test_fuzz_openapi.py): a 422 is `ErrorBody` (`detail` a string), not FastAPI's
+    `HTTPValidationError`, and any operation that takes a body can answer 400 (malformed
+    JSON, not UTF-8); under /v2 errors are `V2Error`."""
+    schemas = doc.get("components", {}).get("schemas", {})
+    for path, operations in doc.get("paths", {}).items():
+        body = "V2Error" if is_v2(path) else "ErrorBody"
+        if body not in schemas:
+            continue
+        error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
+        for op in operations.values():
+            responses = op.get("responses", {})
+            invalid = responses.get("422", {})
+            if (
+                invalid.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref")
+                == _VALIDATION_ERROR
+            ):
+                invalid["content"] = copy.deepcopy(error)
+            if "requestBody" in op and "400" not in responses:
+                responses["400"] = {
+                    "description": "The body is not JSON (malformed, or not UTF-8).",
+                    "content": copy.deepcopy(error),
+                }
 
 
 def vector_schema(model: ServedModel | None) -> dict[str, Any]:
