@@ -46,7 +46,7 @@ class DiscardEventLog:
     def __init__(self) -> None:
         from flywheel.service.event_log import EventLogStats
 
-        self.spool = SimpleNamespace(pending=0)
+        self.spool = SimpleNamespace(pending=0, pending_bytes=0)
         self.stats = EventLogStats()
 
     def log(self, topic: str, key: str, value: bytes) -> None:

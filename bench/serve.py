@@ -1,7 +1,7 @@
 """`python -m bench serve`: the cost of Kafka prediction logging on POST /v1/predict, or
 (`--compare named`) the cost of named features, or (`--compare corrections|predictions`)
 the cost of answering only once the logged records are durable, or (`--compare auth`) of
-app keys.
+app keys, or (`--compare ratelimit`) of per-app rate limits.
 
 `--compare logging` (default): the same app, the same weights and the same load, once
 with the real event log (queue + sender thread + confluent-kafka producer, acks=all, to
@@ -27,6 +27,11 @@ is all that differs, against the fastest baseline), once with FLYWHEEL_AUTH=off 
 and once with FLYWHEEL_AUTH=on (`keys`): every request carries an app key, checked by the
 middleware against the key cache (`flywheel.service.auth`); the store behind it is the
 server's SQLite file. Every other mode runs with FLYWHEEL_AUTH=off (`_child_env`).
+
+`--compare ratelimit`: keys on and logging off on both sides (`keys` as above), once
+without rate limits and once (`limited`) with FLYWHEEL_RATE_PREDICT set far above the load
+(10^9 requests/s, never hit): every request takes a token from its app's bucket
+(`flywheel.service.ratelimit`), so the bucket is all that differs.
 
 Rounds alternate between the two modes (off, on, off, on, ... or vector, named, ...) so
 slow drift on a shared machine hits both alike; each round gets a fresh server process
@@ -90,6 +95,10 @@ DURABLE_MEANS = (
     "durable = answered once Kafka acknowledged the records (acks=all) or the spool holds "
     "them fsynced; concurrent requests share one flush (group commit)"
 )
+LIMITED_MEANS = (
+    "limited = keys, plus FLYWHEEL_RATE_PREDICT=1e9 (a token bucket per app, never empty)"
+)
+RATELIMIT_LIMIT = "1000000000"  # requests/s: far above any load here, never refused
 # issue 26: app keys on against off
 AUTH_THROUGHPUT_TARGET = 0.95  # rps_keys / rps_open must be at least this
 AUTH_P99_TARGET = 1.1  # p99_keys / p99_open must be at most this
@@ -99,6 +108,7 @@ COMPARISONS = {  # --compare: (baseline mode, measured mode)
     "corrections": ("fast", "durable"),
     "predictions": ("fast", "durable"),
     "auth": ("open", "keys"),
+    "ratelimit": ("keys", "limited"),
 }
 TARGETS = {  # --compare: (throughput ratio at least, p99 ratio at most or None: reported)
     "logging": (THROUGHPUT_TARGET, P99_TARGET),
@@ -106,9 +116,11 @@ TARGETS = {  # --compare: (throughput ratio at least, p99 ratio at most or None:
     "corrections": (DURABLE_THROUGHPUT_TARGET, None),
     "predictions": (DURABLE_THROUGHPUT_TARGET, None),
     "auth": (AUTH_THROUGHPUT_TARGET, AUTH_P99_TARGET),
+    # issue 26: rate limits on (not hit) against off, keys on both sides
+    "ratelimit": (AUTH_THROUGHPUT_TARGET, AUTH_P99_TARGET),
 }
 PATHS = {"corrections": "/v1/corrections"}  # the POST endpoint, /v1/predict if not here
-UNLOGGED = ("off", "open", "keys")  # modes whose server discards its records
+UNLOGGED = ("off", "open", "keys", "limited")  # modes whose server discards its records
 N_NUMERIC, CATEGORIES = 8, {"country": 40, "device": 6, "channel": 12, "plan": 4}
 UNSEEN_SHARE = 0.02  # of category values outside the vocabulary (the unknown bucket)
 READY_TIMEOUT_S = 120.0
@@ -206,7 +218,9 @@ def start_server(
         cmd += ["--durability", mode]
     if corrections_topic:
         cmd += ["--corrections-topic", corrections_topic]
-    env = _child_env() | ({"FLYWHEEL_AUTH": "on"} if mode == "keys" else {})
+    env = _child_env() | ({"FLYWHEEL_AUTH": "on"} if mode in ("keys", "limited") else {})
+    if mode == "limited":
+        env["FLYWHEEL_RATE_PREDICT"] = RATELIMIT_LIMIT
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             cmd,
@@ -535,7 +549,8 @@ def one_round(
         ensure_topics(bootstrap, [topic], partitions=3)
     port = free_port(HOST)
     log_path = work / f"server-{mode}-{rnd}.log"
-    api_key = app_key(work / f"home-{mode}-{rnd}") if mode == "keys" else None
+    keyed = mode in ("keys", "limited")
+    api_key = app_key(work / f"home-{mode}-{rnd}") if keyed else None
     proc = start_server(
         mode,
         port,
@@ -677,6 +692,7 @@ def render(doc: dict[str, Any]) -> None:
         "corrections": "answered once durable vs once queued",
         "predictions": "answered once durable vs once queued",
         "auth": "app keys on vs off, logging off",
+        "ratelimit": "rate limits on (not hit) vs off, keys on, logging off",
     }[s["compare"]]
     endpoint = PATHS.get(s["compare"], "/v1/predict")
     table = Table(
@@ -749,6 +765,7 @@ def render(doc: dict[str, Any]) -> None:
         "logging": f"{OFF_MEANS}; {ON_MEANS}",
         "named": f"{VECTOR_MEANS}; {NAMED_MEANS}; both with {ON_MEANS.removeprefix('on = ')}",
         "auth": f"{OPEN_MEANS}; {KEYS_MEANS}",
+        "ratelimit": f"{KEYS_MEANS}; {LIMITED_MEANS}",
     }.get(s["compare"], f"{FAST_MEANS}; {DURABLE_MEANS}")
     console.print(f"[dim]{means}.[/]")
     console.print(
@@ -774,14 +791,15 @@ def main(
         help="logging: Kafka logging on vs off; named: named rows vs vectors on one model "
         "with 8 numeric and 4 categorical features; corrections, predictions: that "
         "endpoint answered once its records are durable vs once they are queued; auth: app "
-        "keys on vs off (logging off).",
+        "keys on vs off (logging off); ratelimit: per-app rate limits on (never hit) vs "
+        "off (keys on, logging off).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Requests/s and p50/p99 latency of POST /v1/predict: Kafka logging on vs off, or
     named rows vs vectors (`--compare named`), or answered once durable vs once queued
     (`--compare corrections`, on POST /v1/corrections, or `--compare predictions`), or app
-    keys on vs off (`--compare auth`)."""
+    keys on vs off (`--compare auth`), or rate limits on vs off (`--compare ratelimit`)."""
     from flywheel.broker import EmbeddedBroker
 
     if compare not in COMPARISONS:
@@ -843,13 +861,13 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if compare in ("logging", "auth"):
+    if compare in ("logging", "auth", "ratelimit"):
         request = "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1"
-        modes = (
-            {"off": OFF_MEANS, "on": ON_MEANS}
-            if compare == "logging"
-            else {"open": OPEN_MEANS, "keys": KEYS_MEANS}
-        )
+        modes = {
+            "logging": {"off": OFF_MEANS, "on": ON_MEANS},
+            "auth": {"open": OPEN_MEANS, "keys": KEYS_MEANS},
+            "ratelimit": {"keys": KEYS_MEANS, "limited": LIMITED_MEANS},
+        }[compare]
         model_info = {"model_accuracy": model["accuracy"]}
     elif compare in ("corrections", "predictions"):
         request = (

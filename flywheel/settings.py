@@ -461,8 +461,9 @@ class _RetryFields(_Fields):
 
 
 class _AccessFields(_Fields):
-    """App keys (`flywheel apps`): whether every write path needs one, and how long a
-    verified key is trusted before the store is asked again."""
+    """App keys (`flywheel apps`): whether every write path needs one, how long a
+    verified key is trusted before the store is asked again, and how fast each app may
+    call the write paths (`flywheel.service.ratelimit`)."""
 
     auth: Literal["on", "off"] = Field(
         "on",
@@ -496,6 +497,51 @@ class _AccessFields(_Fields):
             )
         return value
 
+    rate_predict: float = Field(
+        0.0,
+        ge=0,
+        description="Predict requests (/v1/predict, /v2 infer) per second each app may "
+        "make (a token bucket per app); over it, 429 with Retry-After. 0: no limit.",
+    )
+    rate_predict_burst: int = Field(
+        0,
+        ge=0,
+        description="Predict requests an idle app may make at once (the bucket's size); "
+        "0: one second's worth of FLYWHEEL_RATE_PREDICT.",
+    )
+    rate_correct: float = Field(
+        0.0,
+        ge=0,
+        description="Correction requests (/v1/corrections) per second each app may make; "
+        "over it, 429 with Retry-After. 0: no limit.",
+    )
+    rate_correct_burst: int = Field(
+        0,
+        ge=0,
+        description="Correction requests an idle app may make at once; 0: one second's "
+        "worth of FLYWHEEL_RATE_CORRECT.",
+    )
+    rate_per_app: dict[str, dict[Literal["predict", "correct"], tuple[float, int]]] = Field(
+        default_factory=dict,
+        description='Per-app overrides, JSON: {"shop": {"predict": [500, 1000]}} gives app '
+        "shop 500 predict requests a second with a burst of 1000 (0 for no limit); the "
+        "scopes it leaves out keep the defaults above.",
+    )
+
+    @field_validator("rate_per_app")
+    @classmethod
+    def _check_rates(
+        cls, value: dict[str, dict[str, tuple[float, int]]]
+    ) -> dict[str, dict[str, tuple[float, int]]]:
+        for app, scopes in value.items():
+            for scope, (rate, burst) in scopes.items():
+                if rate < 0 or burst < 0 or (rate > 0 and burst < 1):
+                    raise ValueError(
+                        f"{app}.{scope}: [rate, burst] must be a rate >= 0 and, with a "
+                        f"rate, a burst >= 1; got [{rate}, {burst}]"
+                    )
+        return value
+
 
 class _EventLogFields(_Fields):
     """The service's event log: the bounded queue, Kafka batching and the disk spool."""
@@ -507,6 +553,19 @@ class _EventLogFields(_Fields):
     )
     spool_retry_s: float = Field(1.0, gt=0, description="How often a spooled log retries.")
     spool_fsync: bool = Field(True, description="fsync the spool after each append.")
+    spool_max_bytes: int = Field(
+        1 << 30,
+        ge=1 << 16,
+        description="Most bytes the spool holds while Kafka is unreachable; once full, "
+        "predictions and corrections get 503 with Retry-After (never a silent loss).",
+    )
+    spool_high_water: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="/readyz answers 503 while the spool holds more than this fraction of "
+        "FLYWHEEL_SPOOL_MAX_BYTES, and ready again below it.",
+    )
     durable_wait_ms: float = Field(
         1000.0,
         gt=0,
@@ -1000,14 +1059,15 @@ class RetrySettings(_RetryFields):
 
 
 class AccessSettings(_AccessFields):
-    """`auth`, `auth_cache_ttl_s`, `subject_key`."""
+    """`auth`, `auth_cache_ttl_s`, `subject_key`, `rate_*` (per-app rate limits)."""
 
     model_config = _GROUP_CONFIG
 
 
 class EventLogSettings(_EventLogFields):
     """`log_queue_size`, `log_batch_size`, `log_linger_ms`, `spool_retry_s`, `spool_fsync`,
-    `durable_wait_ms`, `durable_linger_ms`, `prediction_durability`."""
+    `spool_max_bytes`, `spool_high_water`, `durable_wait_ms`, `durable_linger_ms`,
+    `prediction_durability`."""
 
     model_config = _GROUP_CONFIG
 

@@ -37,6 +37,7 @@ from flywheel.service.metrics import (
 from flywheel.service.model_follower import ModelFollower
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.service.openapi import install_champion_openapi
+from flywheel.service.ratelimit import RateLimit, RateLimits
 from flywheel.service.routes import corrections, health, metrics, model, predict, review, v2
 from flywheel.service.state import ServiceState
 from flywheel.service.trust import PromotionTrust, TrustCollector
@@ -212,6 +213,9 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.service.max_body_bytes)
+    limits = RateLimits(config.access)
+    if limits.any:  # inside AppKeys: it reads the app the key check verified
+        app.add_middleware(RateLimit, limits=limits, refused=state.metrics.rate_limited)
     if keys is not None:  # every write path needs an app key (flywheel.service.auth)
         app.add_middleware(AppKeys, book=keys, admin_token=config.service.admin_token)
         _with_auth_openapi(app)
@@ -219,6 +223,9 @@ def create_app(
     m = state.metrics
     m.queue_depth.set_function(lambda: state.event_log.queue_depth if state.event_log else 0)
     m.spooled.set_function(lambda: state.event_log.spool.pending if state.event_log else 0)
+    m.spool_bytes.set_function(
+        lambda: state.event_log.spool.pending_bytes if state.event_log else 0
+    )
     m.registry.register(EventLogCollector(lambda: state.event_log))
     m.registry.register(FollowerCollector(lambda: state.follower.stats if state.follower else None))
     m.registry.register(DependencyCollector(state.dependencies, lambda: state.event_log))

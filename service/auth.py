@@ -190,6 +190,10 @@ def auth_openapi(doc: dict[str, Any]) -> dict[str, Any]:
     }
     schemas = components.get("schemas", {})
     for path, operations in doc.get("paths", {}).items():
+        # the body `_refuse` sends: `{"error"}` under /v2 (the protocol's), else ErrorBody
+        body = "V2Error" if is_v2(path) else "ErrorBody"
+        error_ref = {"$ref": f"#/components/schemas/{body}"}
+        has_error_body = body in schemas
         for method, op in operations.items():
             need = needed_scope(method.upper(), _example_path(path))
             if need is None:

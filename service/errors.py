@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.message
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,6 +45,29 @@ def error_response(path: str, status: int, message: str, **kwargs: Any) -> JSONR
             {"error": message}, status_code=400 if status == 422 else status, **kwargs
         )
     return JSONResponse({"detail": message}, status_code=status, **kwargs)
+
+
+async def send_error(
+    send: Send,
+    path: str,
+    status: int,
+    message: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer from plain ASGI (a middleware) with the error body for `path`."""
+    body = orjson.dumps({"error": message} if is_v2(path) else {"detail": message})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _without_form_tag(loc: tuple) -> tuple:

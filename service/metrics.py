@@ -31,6 +31,9 @@ class ServiceMetrics:
     spooled: Gauge
     model_version: Gauge
     unknown_categories: Counter
+    rate_limited: Counter
+    spool_refused: Counter
+    spool_bytes: Gauge
 
     @classmethod
     def create(cls) -> ServiceMetrics:
@@ -78,6 +81,25 @@ class ServiceMetrics:
                 "Values of a categorical feature outside its vocabulary, served through "
                 "its unknown bucket",
                 ["model", "feature"],
+                registry=reg,
+            ),
+            # by app: the label set is bounded by the apps that exist (FLYWHEEL_AUTH=off:
+            # the one shared "anonymous")
+            rate_limited=Counter(
+                "flywheel_rate_limited",
+                "Requests refused with 429: over their app's rate limit",
+                ["app", "scope"],
+                registry=reg,
+            ),
+            spool_refused=Counter(
+                "flywheel_spool_full_refusals",
+                "Requests refused with 503 because the spool was full (FLYWHEEL_SPOOL_MAX_BYTES)",
+                ["kind"],
+                registry=reg,
+            ),
+            spool_bytes=Gauge(
+                "flywheel_log_spool_bytes",
+                "Bytes in the on-disk spool, not yet acknowledged by Kafka",
                 registry=reg,
             ),
         )

@@ -51,6 +51,7 @@ def champion_openapi(base: dict[str, Any], model: ServedModel | None) -> dict[st
         if is_v2(path):  # the Open Inference Protocol's invalid input is a 400 `{"error"}`
             for op in operations.values():
                 op.get("responses", {}).pop("422", None)
+    document_error_bodies(doc)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     instances = schemas.get("PredictRequest", {}).get("properties", {}).get("instances")
     if instances is None:  # pragma: no cover - a FastAPI that names components otherwise
@@ -77,6 +78,36 @@ def champion_openapi(base: dict[str, Any], model: ServedModel | None) -> dict[st
             )
         )
     return doc
+
+
+_VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
+
+
+def document_error_bodies(doc: dict[str, Any]) -> None:
+    """Make each operation's error answers the bodies the service sends
+    (`flywheel.service.errors`), found by fuzzing the document (tests/unit/
+    test_fuzz_openapi.py): a 422 is `ErrorBody` (`detail` a string), not FastAPI's
+    `HTTPValidationError`, and any operation that takes a body can answer 400 (malformed
+    JSON, not UTF-8); under /v2 errors are `V2Error`."""
+    schemas = doc.get("components", {}).get("schemas", {})
+    for path, operations in doc.get("paths", {}).items():
+        body = "V2Error" if is_v2(path) else "ErrorBody"
+        if body not in schemas:
+            continue
+        error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
+        for op in operations.values():
+            responses = op.get("responses", {})
+            invalid = responses.get("422", {})
+            if (
+                invalid.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref")
+                == _VALIDATION_ERROR
+            ):
+                invalid["content"] = copy.deepcopy(error)
+            if "requestBody" in op and "400" not in responses:
+                responses["400"] = {
+                    "description": "The body is not JSON (malformed, or not UTF-8).",
+                    "content": copy.deepcopy(error),
+                }
 
 
 def vector_schema(model: ServedModel | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from flywheel.events import new_id, prediction_payload, utcnow
 from flywheel.features import FeatureError
+from flywheel.service.backpressure import admit
 from flywheel.service.durability import store_durably
 from flywheel.service.errors import BadRequest
 from flywheel.service.model_holder import ServedModel
@@ -109,7 +110,10 @@ async def predict_and_log(
     `start` is when the request began (`time.perf_counter()`): the events' `latency_ms`.
     With FLYWHEEL_PREDICTION_DURABILITY=durable it returns once the events are
     acknowledged by Kafka or fsynced into the spool; with `fast` (the default), once
-    queued (docs/serving.md#durable-answers-what-a-202-means)."""
+    queued (docs/serving.md#durable-answers-what-a-202-means). A full spool refuses
+    it first (503, `flywheel.service.backpressure`)."""
+    logging = state.config.event_log
+    admit(state.event_log, logging, state.metrics.spool_refused, "predictions")
     if state.batcher is not None:
         probs, paths = await state.batcher.predict(model, x)
     else:
@@ -145,7 +149,6 @@ async def predict_and_log(
             row=row,
         )
         records.append(Record(topic, pid.encode(), payload))
-    logging = state.config.event_log
     if logging.prediction_durability == "durable":
         await store_durably(state.event_log, records, logging.durable_wait_ms / 1000.0)  # type: ignore[arg-type]
     else:

@@ -212,4 +212,22 @@ V2_ERRORS: dict[int | str, dict] = {status: {"model": V2Error} for status in (40
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorBody} for status in (400, 413, 415, 422, 503)
 }
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+# over the app's rate limit (flywheel.service.ratelimit); a full spool's 503 sends
+# Retry-After too (flywheel.service.backpressure)
+ERROR_RESPONSES[429] = {
+    "model": ErrorBody,
+    "description": "Over the app's rate limit (FLYWHEEL_RATE_*).",
+    "headers": RETRY_AFTER,
+}
+ERROR_RESPONSES[503] = {
+    "model": ErrorBody,
+    "description": "No model loaded yet, the records could not be stored, or the spool "
+    "is full (FLYWHEEL_SPOOL_MAX_BYTES); Retry-After when a retry can succeed.",
+}
 NOT_READY: dict[int | str, dict] = {503: {"model": ErrorBody}}

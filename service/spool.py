@@ -61,6 +61,7 @@ class Spool:
                 "FLYWHEEL_HOME"
             ) from None
         self._offset = self._read_checkpoint()
+        self._end = self._offset  # the file's size past the last whole frame
         self._pending = self._recover()
 
     def close(self) -> None:
@@ -72,6 +73,11 @@ class Spool:
     @property
     def pending(self) -> int:
         return self._pending
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of frames not yet acknowledged (what FLYWHEEL_SPOOL_MAX_BYTES bounds)."""
+        return self._end - self._offset
 
     def append(self, records: list[Record]) -> None:
         if not records:
@@ -88,12 +94,14 @@ class Spool:
                 _HEADER.pack(len(topic) | flag, len(r.key), len(value), zlib.crc32(payload))
             )
             chunks.append(payload)
+        data = b"".join(chunks)
         with self._lock, open(self.path, "ab") as f:
-            f.write(b"".join(chunks))
+            f.write(data)
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
             self._pending += len(records)
+            self._end += len(data)
 
     def peek(self, limit: int) -> tuple[list[Record], int]:
         """Up to `limit` records from the checkpoint on, and the offset just past them."""
@@ -114,7 +122,7 @@ class Spool:
             if self._pending == 0:
                 self.path.unlink(missing_ok=True)
                 self.checkpoint_path.unlink(missing_ok=True)
-                self._offset = 0
+                self._offset = self._end = 0
                 return
             tmp = self.checkpoint_path.with_suffix(".tmp")
             tmp.write_text(str(offset))
@@ -128,6 +136,7 @@ class Spool:
         if self.path.exists() and self.path.stat().st_size > end:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
+        self._end = end
         return count
 
     def _read_checkpoint(self) -> int:

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from flywheel.appkeys import KEY_ID_HEADER, SIGNATURE_HEADER, ForeignSource, sign, source_for
 from flywheel.events import CorrectionEvent, correction_id, utcnow
 from flywheel.service.auth import app_of
+from flywheel.service.backpressure import admit
 from flywheel.service.durability import store_durably
 from flywheel.service.errors import BadRequest
 from flywheel.service.schemas import ERROR_RESPONSES, CorrectionsAccepted, CorrectionsRequest
@@ -41,7 +42,8 @@ router = APIRouter()
 )
 async def corrections(body: CorrectionsRequest, request: Request) -> JSONResponse:
     """Accept true labels for earlier predictions; all or none of a call is accepted, and
-    the 202 means they are stored (acknowledged by Kafka or fsynced into the spool)."""
+    the 202 means they are stored (acknowledged by Kafka or fsynced into the spool); a
+    full spool refuses them all with 503 and Retry-After."""
     state = state_of(request)
     limits, kafka = state.config.service, state.config.kafka
     items = body.corrections
@@ -94,6 +96,7 @@ async def corrections(body: CorrectionsRequest, request: Request) -> JSONRespons
                 (SIGNATURE_HEADER, sign(value, signer[1]).encode()),
             )
         records.append(Record(topic, c.prediction_id.encode(), value, headers))
+    admit(state.event_log, state.config.event_log, state.metrics.spool_refused, "corrections")
     wait_s = state.config.event_log.durable_wait_ms / 1000.0
     await store_durably(state.event_log, records, wait_s)  # type: ignore[arg-type]
     state.metrics.corrections.inc(len(records))

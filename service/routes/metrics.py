@@ -10,7 +10,12 @@ from flywheel.service.state import State
 router = APIRouter()
 
 
-@router.get("/metrics")
+# documented as Prometheus' text format, which it is (FastAPI's default said JSON)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def prometheus(state: State) -> Response:
     metrics, holder = state.metrics, state.holder
     m = holder.current() if holder.ready else None

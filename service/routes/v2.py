@@ -37,6 +37,7 @@ from flywheel.service.prediction import (
     predict_and_log,
 )
 from flywheel.service.schemas import (
+    RETRY_AFTER,
     V2_ERRORS,
     InferInput,
     InferRequest,
@@ -132,7 +133,12 @@ async def model_ready(state: State, name: str, version: str | None = None) -> di
 
 
 # ---- inference ------------------------------------------------------------------------
-INFER_ERRORS: dict[int | str, dict] = {**V2_ERRORS, 415: V2_ERRORS[400]}  # + a non-JSON body
+INFER_ERRORS: dict[int | str, dict] = {
+    **V2_ERRORS,
+    415: V2_ERRORS[400],  # + a non-JSON body
+    # over the app's rate limit (flywheel.service.ratelimit)
+    429: {**V2_ERRORS[400], "description": "Over the app's rate limit.", "headers": RETRY_AFTER},
+}
 
 
 @router.post("/v2/models/{name}/infer", response_model=InferResponse, responses=INFER_ERRORS)

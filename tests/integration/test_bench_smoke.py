@@ -107,3 +107,28 @@ def test_bench_serve_compares_app_keys_on_and_off(run_bench_process):
     assert all(run["load"]["ok_total"] > 0 and run["topic"] is None for run in doc["runs"])
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
     assert set(summary["targets"]) == {"throughput_ratio", "p99_ratio"}
+
+
+def test_bench_serve_compares_rate_limits_on_and_off(run_bench_process):
+    """`--compare ratelimit`: keys on both sides, the limited side's bucket never empties
+    (every request 200: a 429 would be a non-200), and the app's refusals stay at 0."""
+    doc = run_bench_process(
+        "serve",
+        "--compare",
+        "ratelimit",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+    )
+    assert [run["mode"] for run in doc["runs"]] == ["keys", "limited"]
+    summary = doc["summary"]
+    assert summary["compare"] == "ratelimit"
+    for mode in ("keys", "limited"):
+        assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
+    assert all(run["load"]["ok_total"] > 0 for run in doc["runs"])
+    assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0

@@ -24,7 +24,7 @@ SPEC = ModelSpec(input_dim=3, hidden=[4], labels=["cat", "dog"])
 
 
 class FakeSpool:
-    pending = 0
+    pending = pending_bytes = 0
 
 
 class FakeEventLog:
@@ -110,6 +110,8 @@ def test_the_predict_router_logs_to_the_state_it_is_given(tmp_path):
         "model_version": "7",
         "kafka_connected": True,
         "spooled_records": 0,
+        "spool_bytes": 0,
+        "spool_high_water": False,
         "dependencies": {"registry": True, "kafka": True},
         "down": {},
     }
