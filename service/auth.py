@@ -203,12 +203,10 @@ def auth_openapi(doc: dict[str, Any]) -> dict[str, Any]:
                 op.get("description") or ""
             ) + f"\n\nNeeds an app key with the `{need}` scope."
             responses = op.setdefault("responses", {})
-            body = "V2Error" if is_v2(path) else "ErrorBody"  # as `_refuse` sends it
             for status, text in _RESPONSES.items():
                 answer: dict[str, Any] = {"description": text}
-                if body in schemas:
-                    ref = {"$ref": f"#/components/schemas/{body}"}
-                    answer["content"] = {"application/json": {"schema": ref}}
+                if has_error_body:
+                    answer["content"] = {"application/json": {"schema": dict(error_ref)}}
                 responses.setdefault(status, answer)
     return doc
 
