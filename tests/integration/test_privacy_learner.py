@@ -164,8 +164,11 @@ def test_dp_ftrl_versions_carry_their_tree_and_the_cost_of_privacy(settings, sql
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert [v["mechanism"] for v in doc["versions"]] == ["tree"]
+    # piped: tab-separated, nothing cut (COLUMNS, set by some shells, would ask for a table
+    # of that width, which wraps cells)
+    plain_env = {k: v for k, v in _env(s).items() if k != "COLUMNS"}
     text = subprocess.run(
-        [FLYWHEEL, "privacy", "report"], env=_env(s), capture_output=True, text=True, timeout=120
+        [FLYWHEEL, "privacy", "report"], env=plain_env, capture_output=True, text=True, timeout=120
     )
     assert text.returncode == 0 and "DP-FTRL tree" in text.stdout, text.stdout + text.stderr
 
