@@ -5,6 +5,9 @@ deletes the subject's rows only and answers the receipt (never the raw id)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -192,3 +195,30 @@ def test_forget_is_in_the_openapi_with_its_error_bodies(client):
     assert op["responses"]["403"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "ErrorBody"
     )
+
+
+def _cli(tmp_path, *args: str, key: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env["FLYWHEEL_HOME"] = str(tmp_path)
+    if key is not None:
+        env["FLYWHEEL_SUBJECT_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "flywheel", "privacy", "forget", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_forget_refuses_without_a_key_or_with_a_bad_id_and_erases_with_one(tmp_path, app_key):
+    _fill(tmp_path)
+    refused = _cli(tmp_path, "--subject", RAW, key=None)
+    assert refused.returncode == 2 and "FLYWHEEL_SUBJECT_KEY is unset" in refused.stderr
+    bad = _cli(tmp_path, "--subject", "a\x01b", key=KEY)
+    assert bad.returncode == 2 and "--subject" in bad.stderr
+    assert _counts(tmp_path) == (2, 2, 2, 0)
+    done = _cli(tmp_path, "--subject", RAW, key=KEY)
+    assert done.returncode == 0, done.stderr
+    assert "1 corrections, 1 predictions, 1 examples" in done.stdout and RAW not in done.stdout
+    assert _counts(tmp_path) == (1, 1, 1, 1)
