@@ -41,6 +41,7 @@ from flywheel.store import (
     Example,
     RetentionPolicy,
     default_owner,
+    erased_subjects,
     insert_ignoring_duplicates,
     maintain,
     session_factory,
@@ -92,6 +93,27 @@ def by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[Correction
         [e for e in events if isinstance(e, PredictionEvent)],
         [e for e in events if isinstance(e, CorrectionEvent)],
     )
+
+
+def _not_erased(session: Session, events: list[Event]) -> list[Event]:
+    """`events` less the corrections of erased subjects (`flywheel privacy forget`): a
+    correction replayed from Kafka after its subject was erased is not stored again. One
+    indexed read of `erasure_receipts`, only for a batch holding corrections with a subject
+    (a batch without any pays nothing): 200 subjects against 10,000 receipts measured
+    0.65 ms on SQLite, 3.3 ms on PostgreSQL (this 2-core machine, under load).
+
+    Read in the batch's own transaction: an erasure committing while a batch with the
+    subject's corrections is being stored can miss them (READ COMMITTED); forgetting the
+    subject again (idempotent) removes them."""
+    subjects = [e.subject for e in events if isinstance(e, CorrectionEvent) and e.subject]
+    if not subjects:
+        return events
+    erased = erased_subjects(session, subjects)
+    if not erased:
+        return events
+    kept = [e for e in events if not (isinstance(e, CorrectionEvent) and e.subject in erased)]
+    log.info("skipped %d correction(s) of erased subjects", len(events) - len(kept))
+    return kept
 
 
 def _conflict_letters(batch: Batch) -> list[Rejected]:
@@ -170,12 +192,15 @@ class StoreWriter:
 
         def work(session: Session) -> tuple[StoredBatch, int, list[Rejected]]:
             now = utcnow()
-            if plan is not None:
+            kept, use = _not_erased(session, events), plan
+            if len(kept) < len(events):
+                use = None  # the plan holds the erased corrections: the general path
+            if use is not None:
                 with self._step(WorkerStep.STORE_JOIN):
-                    applied = apply(session, plan, self.analysis, now)
+                    applied = apply(session, use, self.analysis, now)
             else:
                 with self._step(WorkerStep.STORE_JOIN):
-                    stored = store_and_join(session, *by_kind(events), now, self.cache.get)
+                    stored = store_and_join(session, *by_kind(kept), now, self.cache.get)
                 applied = Applied(stored, self.analysis.prepare(stored.pairs))
             examples, unusable, outcomes = self._examples(session, applied)
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count

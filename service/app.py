@@ -38,7 +38,7 @@ from flywheel.service.model_follower import ModelFollower
 from flywheel.service.model_holder import ModelHolder, ServedModel
 from flywheel.service.openapi import install_champion_openapi
 from flywheel.service.ratelimit import RateLimit, RateLimits
-from flywheel.service.routes import corrections, health, metrics, model, predict, review, v2
+from flywheel.service.routes import admin, corrections, health, metrics, model, predict, review, v2
 from flywheel.service.state import ServiceState
 from flywheel.service.trust import PromotionTrust, TrustCollector
 
@@ -246,6 +246,7 @@ def create_app(
         v2.meta_router,
         review.router,
         review.ui_router,
+        admin.router,
     ):
         app.include_router(router)
     review.mount_ui(app)  # /ui and /v1/review (docs/review.md)

@@ -43,6 +43,7 @@ WRITE_PATHS: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("POST", re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$"), "predict"),
     ("POST", re.compile(r"^/v1/corrections$"), "correct"),
     ("POST", re.compile(r"^/v1/review/(versions/[^/]+/(approve|reject)|rollback)$"), "review"),
+    ("POST", re.compile(r"^/v1/admin/forget$"), "admin"),
 )
 _FAST = {"/v1/predict": "predict", "/v1/corrections": "correct"}  # the hot paths, no regex
 BOOTSTRAP_ADMIN = AppIdentity("admin", frozenset(ADMIN_SCOPES))

@@ -139,3 +139,74 @@ def _print(doc: dict, plot: Path | None) -> None:
     print_table(console, ledger)
     if plot is not None:
         console.print(f"ε over time: {plot}")
+
+
+@privacy_app.command("forget")
+def forget(
+    subject: str = typer.Option(
+        ..., "--subject", help="The data subject's raw id, as apps send it as `subject`."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the receipt as JSON."),
+) -> None:
+    """Erase a data subject: delete every stored row about them, in one transaction, and
+    write an erasure receipt (keyed hash, never the raw id); list the versions trained
+    without DP that may hold their data. A repeated call deletes 0 rows and says so."""
+    import dataclasses
+    import getpass
+    from datetime import UTC, datetime
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from flywheel.store import erase_subject, non_dp_versions, session_factory
+    from flywheel.subjects import SubjectId, subject_key
+
+    try:
+        raw = TypeAdapter(SubjectId).validate_python(subject)
+    except ValidationError as exc:
+        raise typer.BadParameter(exc.errors()[0]["msg"], param_hint="--subject") from None
+    settings = settings_or_exit()
+    if settings.subject_key is None:
+        typer.echo(
+            "error: FLYWHEEL_SUBJECT_KEY is unset: subjects are stored by their keyed hash "
+            "under it, so without it no subject can be found (set the deployment's key)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    hashed = subject_key(raw, settings.subject_key.get_secret_value())
+    engine = store_or_exit(settings)
+    try:
+        with session_factory(engine).begin() as session:
+            done = erase_subject(
+                session, hashed, f"cli:{getpass.getuser()}"[:100], datetime.now(UTC)
+            )
+    finally:
+        engine.dispose()
+    try:
+        from flywheel.registry import Registry
+
+        versions = Registry.of(settings).versions()
+        done = dataclasses.replace(
+            done, non_dp_versions=non_dp_versions(versions, done.first_example_id)
+        )
+    except Exception as exc:  # the erasure is committed; the listing is advice
+        done = dataclasses.replace(
+            done, versions_note=f"the registry could not be read ({type(exc).__name__}: {exc})"
+        )
+    doc = done.doc()
+    if json_out:
+        typer.echo(json.dumps(doc, indent=2, allow_nan=False))
+        return
+    counts = ", ".join(f"{n} {t}" for t, n in done.deleted.items())
+    typer.echo(
+        f"erased subject {hashed[:12]}…: deleted {counts} "
+        f"(receipt {doc['receipt']}{', a repeated request' if done.repeated else ''})"
+    )
+    if done.non_dp_versions:
+        typer.echo(
+            "versions trained without DP that may hold the subject's data (decide whether "
+            f"to retire them): {', '.join('v' + v for v in done.non_dp_versions)}"
+        )
+    elif done.non_dp_versions is not None:
+        typer.echo("no version trained without DP holds the subject's data")
+    if done.versions_note:
+        typer.echo(f"note: {done.versions_note}", err=True)

@@ -47,6 +47,13 @@ from flywheel.store.database import (
     schema_revision,
     session_factory,
 )
+from flywheel.store.erasure import (
+    ERASED_TABLES,
+    Erasure,
+    erase_subject,
+    erased_subjects,
+    non_dp_versions,
+)
 from flywheel.store.error_counts import CounterRow, error_counters, window_start
 from flywheel.store.examples import ExampleReader, StoredExample
 from flywheel.store.lease import Holder, Lease, LeaseLost, LeaseTable, default_owner
@@ -71,6 +78,7 @@ from flywheel.store.models import (
     Correction,
     CorrectionStatus,
     CounterexampleUsage,
+    ErasureReceipt,
     ErrorCount,
     ErrorType,
     Example,
@@ -121,6 +129,12 @@ from flywheel.store.trusted import (
 )
 
 __all__ = [
+    "ERASED_TABLES",
+    "ErasureReceipt",
+    "Erasure",
+    "erase_subject",
+    "erased_subjects",
+    "non_dp_versions",
     "PARTITIONED",
     "MaintenanceReport",
     "RetentionPolicy",

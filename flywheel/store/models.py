@@ -481,3 +481,27 @@ class PrivacySourceSpend(Base):
     source: Mapped[str] = mapped_column(String(ID_LENGTH + 16), primary_key=True, index=True)
     examples: Mapped[int] = mapped_column(Integer)
     epsilon: Mapped[float] = mapped_column(Float)
+
+
+REQUESTER_LENGTH = 100  # `app:<name>` of an admin key, or `cli:<os user>`
+
+
+class ErasureReceipt(Base):
+    """One erasure of a data subject (`flywheel privacy forget`, `POST /v1/admin/forget`).
+
+    Holds the subject's keyed hash (flywheel.subjects), never the raw id; the rows deleted
+    per table; who asked; and the subject's first stored example id, from which the
+    versions trained without DP on the subject's data are listed again later. Every call
+    writes one, a repeated one with 0 rows. The feedback workers read it (by the indexed
+    `subject`) so a correction of an erased subject replayed from Kafka is not stored again.
+    """
+
+    __tablename__ = "erasure_receipts"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(SUBJECT_LENGTH), index=True)
+    erased_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    requested_by: Mapped[str] = mapped_column(String(REQUESTER_LENGTH))
+    deleted: Mapped[dict[str, int]] = mapped_column(JSONType)
+    first_example_id: Mapped[int | None] = mapped_column(BigInteger)

@@ -129,14 +129,17 @@ def _version(value: str) -> ModelVersion:
         raise BadRequest(str(exc), 422) from None
 
 
-def _require_admin(state: State, authorization: str | None) -> None:
+def require_admin(state: State, authorization: str | None) -> None:
+    """With FLYWHEEL_AUTH=off, an admin action needs FLYWHEEL_ADMIN_TOKEN (the review
+    actions here, erasure in `flywheel.service.routes.admin`); with it on, the app-key
+    middleware checked the scope already."""
     if state.config.access.auth == "on":
         return  # the app-key middleware checked the key and its scope (flywheel.service.auth)
     token = state.config.service.admin_token
     if token is None:
         raise BadRequest(
             "admin actions are disabled on this service: set "
-            "FLYWHEEL_ADMIN_TOKEN to allow approve, reject and rollback "
+            "FLYWHEEL_ADMIN_TOKEN to allow approve, reject, rollback and forget "
             "(the review page is read-only without it)",
             403,
         )
@@ -292,7 +295,7 @@ def approve(
     authorization: str | None = Header(None),
 ) -> dict[str, Any]:
     """Promote a pending candidate (announced on the model-events topic); admin only."""
-    _require_admin(state, authorization)
+    require_admin(state, authorization)
     v = _known(state, version)
     event = _registry_call(
         approve_version,
@@ -319,7 +322,7 @@ def reject(
     authorization: str | None = Header(None),
 ) -> dict[str, Any]:
     """Reject a pending candidate; the champion stays. Admin only."""
-    _require_admin(state, authorization)
+    require_admin(state, authorization)
     v = _known(state, version)
     tags = _registry_call(
         reject_version,
@@ -336,7 +339,7 @@ def rollback(
     body: Decision, state: State, authorization: str | None = Header(None)
 ) -> dict[str, Any]:
     """Move the champion back to the one before it (announced). Admin only."""
-    _require_admin(state, authorization)
+    require_admin(state, authorization)
     event = _registry_call(
         rollback_champion,
         state.config.kafka,

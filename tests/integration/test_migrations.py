@@ -50,6 +50,7 @@ TABLES = {
     "privacy_source_spend",
     "apps",
     "app_keys",
+    "erasure_receipts",
 }
 
 
@@ -260,3 +261,32 @@ def test_cli_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     line = _error_line(result)
     assert "127.0.0.1" in line and "s3cret" not in line
+
+
+def test_erasure_receipts_migration_keeps_the_store(db_url: str) -> None:
+    """0014 adds `erasure_receipts` to a store filled at 0013 and leaves its rows; its
+    downgrade drops only the new table."""
+    upgrade(db_url, "0013")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO corrections (id, prediction_id, label, subject, created_at,"
+                    " status) VALUES ('c1', 'p1', 'a', :h, :t, 'pending')"
+                ),
+                {"h": "ab" * 32, "t": datetime.now(UTC)},
+            )
+        upgrade(db_url, "0014")
+        assert "erasure_receipts" in _tables(db_url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id, subject FROM corrections")).all() == [
+                ("c1", "ab" * 32)
+            ]
+            assert conn.execute(text("SELECT count(*) FROM erasure_receipts")).scalar() == 0
+        downgrade(db_url, "0013")
+        assert "erasure_receipts" not in _tables(db_url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id FROM corrections")).all() == [("c1",)]
+    finally:
+        engine.dispose()
