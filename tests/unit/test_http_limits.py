@@ -77,6 +77,7 @@ def test_every_documented_401_403_404_409_body_matches_its_schema(
         "/v1/predict": {"instances": [[1, 2, 3]]},
         "/v1/corrections": {"corrections": []},
         "/v1/review": {"reason": "looked at it"},
+        "/v1/admin/forget": {"subject": "alice"},  # no FLYWHEEL_SUBJECT_KEY here: 409
         "/v2": infer,
     }
     with TestClient(_app(settings, list_event_log)) as client:
