@@ -224,17 +224,4 @@ class BodySizeLimit:
 
     @staticmethod
     async def _reject(send: Send, status: int, message: str, path: str) -> None:
-        import orjson
-
-        body = orjson.dumps({"error": message} if is_v2(path) else {"detail": message})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, path, status, message)

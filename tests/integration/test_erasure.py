@@ -19,12 +19,10 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 
 from flywheel.events import CorrectionEvent, new_id, utcnow
-from flywheel.learner import ensure_champion
-from flywheel.registry import Registry
 from flywheel.settings import Settings
-from flywheel.store import make_engine, upgrade
+from flywheel.store import make_engine
 from flywheel.subjects import privacy_unit, subject_key
-from tests.trusted import write_synthetic_trusted
+from tests.integration.worker_settings import worker_settings
 
 from .test_feedback_worker import Traffic, start, wait_for
 
@@ -36,21 +34,12 @@ KEPT_BY_DESIGN = {"erasure_receipts", "learner_leases"}  # the receipt; the work
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def erasure_settings(request, settings: Settings) -> Settings:
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(url)
-    s = settings.model_copy(
-        update={
-            "database_url": url,
-            "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
-            "feedback_session_timeout_ms": 6000,
-            "feedback_max_records": 200,
-            "auth": "off",  # unsigned records straight onto the topics
-            "subject_key": SecretStr(KEY),
-        }
+    return worker_settings(
+        request,
+        settings,
+        auth="off",  # unsigned records straight onto the topics
+        subject_key=SecretStr(KEY),
     )
-    ensure_champion(s.trusted, Registry.of(s))
-    write_synthetic_trusted(s)
-    return s
 
 
 def _rows(url: str) -> dict[str, set[tuple]]:

@@ -18,7 +18,6 @@ from sqlalchemy import func, select
 from flywheel.broker import read_topic
 from flywheel.events import CorrectionEvent, DeadLetter, PredictionEvent, new_id, utcnow
 from flywheel.feedback.runner import build_worker
-from flywheel.learner import ensure_champion
 from flywheel.registry import Registry
 from flywheel.settings import Settings
 from flywheel.store import (
@@ -31,28 +30,19 @@ from flywheel.store import (
 )
 from flywheel.streams import Concept, seed_concept
 from tests.deadlines import deadline
-from tests.trusted import write_synthetic_trusted
+from tests.integration.worker_settings import worker_settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def fb_settings(request, settings: Settings) -> Settings:
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(url)
-    s = settings.model_copy(
-        update={
-            "database_url": url,
-            "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
-            "feedback_session_timeout_ms": 6000,
-            "feedback_max_records": 200,
-            # the pipeline, fed unsigned records; signatures: tests/integration/test_apps.py
-            "auth": "off",
-        }
+    return worker_settings(
+        request,
+        settings,
+        # the pipeline, fed unsigned records; signatures: tests/integration/test_apps.py
+        auth="off",
     )
-    ensure_champion(s.trusted, Registry.of(s))
-    write_synthetic_trusted(s)
-    return s
 
 
 class Traffic:

@@ -7,7 +7,6 @@ its prediction's unit, and its counterexamples share it."""
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -19,14 +18,13 @@ from pydantic import SecretStr
 
 from flywheel.broker import free_port
 from flywheel.events import CorrectionEvent
-from flywheel.learner import ensure_champion
 from flywheel.learner.private_step import PrivateStep
 from flywheel.registry import Registry
 from flywheel.service import GracefulServer, ModelHolder, ServedModel, ServiceConfig, create_app
 from flywheel.settings import Settings
-from flywheel.store import ExampleReader, make_engine, upgrade
+from flywheel.store import ExampleReader, make_engine
 from flywheel.subjects import subject_key
-from tests.trusted import write_synthetic_trusted
+from tests.integration.worker_settings import worker_settings
 
 from .conftest import consume
 from .test_feedback_worker import Traffic, joined, start, wait_for
@@ -38,21 +36,12 @@ RAW = "alice@example.com"
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def subject_settings(request, settings: Settings) -> Settings:
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(url)
-    s = settings.model_copy(
-        update={
-            "database_url": url,
-            "feedback_group": f"fb-{uuid.uuid4().hex[:6]}",
-            "feedback_session_timeout_ms": 6000,
-            "feedback_max_records": 200,
-            "auth": "off",  # sources as sent: two apps without making keys
-            "subject_key": SecretStr(KEY),  # model_copy does not validate: as settings hold it
-        }
+    return worker_settings(
+        request,
+        settings,
+        auth="off",  # sources as sent: two apps without making keys
+        subject_key=SecretStr(KEY),  # model_copy does not validate: as settings hold it
     )
-    ensure_champion(s.trusted, Registry.of(s))
-    write_synthetic_trusted(s)
-    return s
 
 
 @pytest.fixture()
