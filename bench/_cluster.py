@@ -216,6 +216,8 @@ class Cluster:
         self._define()
 
     def env(self, home: Path, **extra: str) -> dict[str, str]:
+        from flywheel.signing import default_key_paths
+
         s = self.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
         return env | {
@@ -239,6 +241,9 @@ class Cluster:
             # a key is read from the store again after 2 s, not 30: a store outage always
             # meets key checks that need the store (they must answer 503, never 500)
             "FLYWHEEL_AUTH_CACHE_TTL_S": "2",
+            # one promotion key pair for the deployment (the setup's home): the replicas,
+            # each in a home of its own, trust what the learners sign
+            "FLYWHEEL_TRUSTED_KEYS": str(default_key_paths(s.home_dir)[1]),
             **extra,
         }
 
