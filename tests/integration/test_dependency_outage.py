@@ -77,6 +77,27 @@ def wait_until(condition, proc: subprocess.Popen, timeout_s: float, what: str, l
         time.sleep(0.1)
 
 
+def _worker_env(settings, url: str, group: str, **extra: str) -> dict[str, str]:
+    """`flywheel feedback`'s environment: this test's home, broker, topics and store, a
+    group of its own, back within 2 s of the database (`FLYWHEEL_RETRY_MAX_S`), `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    return env | {
+        "FLYWHEEL_HOME": str(settings.home_dir),
+        "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLYWHEEL_DATABASE_URL": url,
+        "FLYWHEEL_FEEDBACK_GROUP": f"{group}-{uuid.uuid4().hex[:6]}",
+        "FLYWHEEL_TOPIC_PREDICTIONS": settings.topic_predictions,
+        "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
+        "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
+        "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_SEED_EXAMPLES": str(settings.seed_examples),
+        "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
+        "FLYWHEEL_FEEDBACK_MAX_RECORDS": "50",
+        "FLYWHEEL_RETRY_MAX_S": "2",
+        **extra,
+    }
+
+
 def test_feedback_worker_waits_out_a_postgresql_outage(settings, own_postgres, tmp_path):
     url = own_postgres.url
     upgrade(url)
@@ -85,23 +106,13 @@ def test_feedback_worker_waits_out_a_postgresql_outage(settings, own_postgres, t
     traffic = Traffic(settings)
     before, during = traffic.predictions(150, seed=1), traffic.predictions(150, seed=2)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env |= {
-        "FLYWHEEL_HOME": str(settings.home_dir),
-        "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLYWHEEL_DATABASE_URL": url,
-        "FLYWHEEL_FEEDBACK_GROUP": f"outage-{uuid.uuid4().hex[:6]}",
-        "FLYWHEEL_TOPIC_PREDICTIONS": settings.topic_predictions,
-        "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
-        "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
-        "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
-        "FLYWHEEL_SEED_EXAMPLES": str(settings.seed_examples),
-        "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
-        "FLYWHEEL_FEEDBACK_MAX_RECORDS": "50",
-        "FLYWHEEL_FEEDBACK_METRICS_PORT": str(port),
-        "FLYWHEEL_RETRY_MAX_S": "2",  # back within 2 s of the database
-        "FLYWHEEL_AUTH": "off",  # Traffic sends unsigned corrections
-    }
+    env = _worker_env(
+        settings,
+        url,
+        "outage",
+        FLYWHEEL_FEEDBACK_METRICS_PORT=str(port),
+        FLYWHEEL_AUTH="off",  # Traffic sends unsigned corrections
+    )
     log = tmp_path / "worker.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -244,23 +255,13 @@ def test_signed_corrections_wait_out_a_postgresql_outage_too(settings, own_postg
     app = make_app_key(url, name="shop", scopes="correct")
     traffic = Traffic(settings)
     before, during = traffic.predictions(100, seed=1), traffic.predictions(100, seed=2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env |= {
-        "FLYWHEEL_HOME": str(settings.home_dir),
-        "FLYWHEEL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLYWHEEL_DATABASE_URL": url,
-        "FLYWHEEL_FEEDBACK_GROUP": f"signed-outage-{uuid.uuid4().hex[:6]}",
-        "FLYWHEEL_TOPIC_PREDICTIONS": settings.topic_predictions,
-        "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
-        "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
-        "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
-        "FLYWHEEL_SEED_EXAMPLES": str(settings.seed_examples),
-        "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
-        "FLYWHEEL_FEEDBACK_MAX_RECORDS": "50",
-        "FLYWHEEL_RETRY_MAX_S": "2",
-        "FLYWHEEL_AUTH": "on",
-        "FLYWHEEL_AUTH_CACHE_TTL_S": "1",  # the key is read again during the outage
-    }
+    env = _worker_env(
+        settings,
+        url,
+        "signed-outage",
+        FLYWHEEL_AUTH="on",
+        FLYWHEEL_AUTH_CACHE_TTL_S="1",  # the key is read again during the outage
+    )
     log = tmp_path / "worker.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
