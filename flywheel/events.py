@@ -145,6 +145,39 @@ class NamedPredictionEvent(PredictionEvent):
     row: dict[str, RowValue] | None = None
 
 
+class ScoreEvent(_Event):
+    """A version's score of a served prediction it did not answer, on `flywheel.scores`
+    (key: the prediction id; issue 28).
+
+    The service writes one, off the request path, for every shadow or guard that scored
+    a sampled request beside the champion, and for the champion when a canary answered:
+    each correction of the prediction is then credited to every version that scored it,
+    so versions are compared paired, on the same requests. `role` is what the version
+    was for the service when it scored (`shadow`, `guard`, `champion`); free-form so a
+    future role stays valid.
+
+    >>> ScoreEvent.model_validate_json(
+    ...     b'{"schema_version": 1, "prediction_id": "p1", "model_name": "m",'
+    ...     b' "model_version": "4", "role": "shadow", "probabilities": {"no": 0.2,'
+    ...     b' "yes": 0.8}, "label": "yes", "timestamp": "2026-01-01T00:00:00Z"}').label
+    'yes'
+    """
+
+    prediction_id: Identifier
+    model_name: ModelName
+    model_version: VersionText
+    role: Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=NO_NUL)]
+    probabilities: dict[LabelName, Probability]
+    label: LabelName
+    timestamp: AwareDatetime
+
+    @model_validator(mode="after")
+    def _label_is_a_class(self) -> ScoreEvent:
+        if self.label not in self.probabilities:
+            raise ValueError(f"label {self.label!r} is not one of the probabilities' labels")
+        return self
+
+
 class CorrectionEvent(_Event):
     """The true label for an earlier prediction, on `flywheel.corrections`."""
 
@@ -184,20 +217,25 @@ class DeadLetter(_Event):
 class ModelEvent(_Event):
     """A change of the served version, on `flywheel.model-events` (key: model name).
 
-    `kind` is `promoted` (a new champion) or `rolled_back` (the alias moved back);
-    followers handle both the same: an event only wakes them, and they load whatever the
-    `champion` alias names. So `version` stays wire text (an `Identifier`), not a
-    `flywheel.registry.ModelVersion`: nothing loads it, and decoding an event must not
-    import the registry (and torch) into every consumer.
+    `kind` is `promoted` (a new champion), `rolled_back` (the alias moved back),
+    `role_changed` (a version became, or stopped being, the shadow, canary or guard named
+    in `role`; `version` is "none" when the role was cleared) or `live_decision` (a
+    sequential test on live paired traffic decided; `evidence` holds what it rests on,
+    whether or not it was acted on). Followers handle all the same: an event only wakes
+    them, and they load whatever the aliases name. So `version` stays wire text (an
+    `Identifier`), not a `flywheel.registry.ModelVersion`: nothing loads it, and decoding
+    an event must not import the registry (and torch) into every consumer.
     """
 
-    kind: Literal["promoted", "rolled_back"]
+    kind: Literal["promoted", "rolled_back", "role_changed", "live_decision"]
     model_name: str
     version: Identifier
     previous_version: Identifier | None = None
     reason: str = ""
     actor: str = ""
     timestamp: datetime
+    role: str | None = None  # role_changed, live_decision: the role concerned
+    evidence: dict[str, Any] | None = None  # live_decision: the test's counts and verdict
 
 
 def prediction_payload(

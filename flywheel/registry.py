@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, NewType
 
 from pydantic import SecretStr
 
-from flywheel.settings import CHAMPION_ALIAS, RegistrySettings, Settings, StateSettings
+from flywheel.settings import (
+    CHAMPION_ALIAS,
+    LIVE_ROLES,
+    RegistrySettings,
+    Settings,
+    StateSettings,
+)
 from flywheel.signing import (
     Approval,
     SigningKeyError,
@@ -387,6 +393,76 @@ class Registry:
             {"rolled_back_at": _now_iso(), "rolled_back_by": actor, "rollback_reason": reason},
         )
         return current, target
+
+    def role_version(self, role: str) -> ModelVersion | None:
+        """The version holding `role` (`champion` or one of `LIVE_ROLES`), None if none."""
+        from mlflow.exceptions import MlflowException
+
+        if role != CHAMPION_ALIAS and role not in LIVE_ROLES:
+            raise RegistryError(f"unknown role {role!r}; one of {(CHAMPION_ALIAS, *LIVE_ROLES)}")
+        try:
+            mv = self.client.get_model_version_by_alias(self.name, role)
+        except MlflowException:
+            return None
+        return ModelVersion(str(mv.version))
+
+    def roles(self) -> dict[str, ModelVersion]:
+        """Every role that is held now -> its version: `champion`, `shadow`, `canary`,
+        `guard` (issue 28). One registry read: the registered model lists its aliases."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            aliases = self.client.get_registered_model(self.name).aliases
+        except MlflowException:
+            return {}
+        wanted = (CHAMPION_ALIAS, *LIVE_ROLES)
+        return {a: ModelVersion(str(v)) for a, v in dict(aliases).items() if a in wanted}
+
+    def set_role(
+        self,
+        version: ModelVersion,
+        role: str,
+        *,
+        reason: str,
+        actor: str,
+        gate: str | None = None,
+    ) -> ModelVersion | None:
+        """Make `version` the `role` (a shadow, canary or guard); returns the version that
+        held it. Signed like a promotion (on `gate`, else as `actor`'s approval for
+        `reason`): a service loads a role's weights only when their signature verifies,
+        as it does the champion's. Recorded as tags `<role>_at`, `<role>_by`,
+        `<role>_reason` on the version."""
+        if role not in LIVE_ROLES:
+            raise RegistryError(f"unknown role {role!r}; one of {LIVE_ROLES}")
+        if not self.exists(version):
+            raise RegistryError(f"{self.name} has no version {version!r}")
+        previous = self.role_version(role)
+        approval = None if gate is not None else Approval(actor, reason)
+        self.sign(version, gate=gate, approval=approval)  # first: no key, nothing changes
+        self.set_tags(
+            version, {f"{role}_at": _now_iso(), f"{role}_by": actor, f"{role}_reason": reason}
+        )
+        self.client.set_registered_model_alias(self.name, role, version)
+        return previous
+
+    def clear_role(self, role: str, *, reason: str, actor: str) -> ModelVersion | None:
+        """Nobody holds `role` any more; returns who did (None: nobody did). Tagged
+        `<role>_ended_at`, `<role>_ended_by`, `<role>_end_reason` on that version."""
+        if role not in LIVE_ROLES:
+            raise RegistryError(f"unknown role {role!r}; one of {LIVE_ROLES}")
+        previous = self.role_version(role)
+        if previous is None:
+            return None
+        self.client.delete_registered_model_alias(self.name, role)
+        self.set_tags(
+            previous,
+            {
+                f"{role}_ended_at": _now_iso(),
+                f"{role}_ended_by": actor,
+                f"{role}_end_reason": reason,
+            },
+        )
+        return previous
 
     def versions(self, *, with_runs: bool = False) -> list[VersionInfo]:
         """Every version, newest first; `with_runs` adds each run's params and metrics."""

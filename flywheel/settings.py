@@ -43,6 +43,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FLYWHEEL_"
 CHAMPION_ALIAS = "champion"
+# the other versions a service may run beside the champion (issue 28), each an MLflow alias
+SHADOW_ALIAS, CANARY_ALIAS, GUARD_ALIAS = "shadow", "canary", "guard"
+LIVE_ROLES = (SHADOW_ALIAS, CANARY_ALIAS, GUARD_ALIAS)
 TEN_YEARS_S = 10 * 365.25 * 24 * 3600.0  # beyond it, timestamps overflow datetime's range
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # the password runs to the last "@" before the path: a raw "@" in it must not leak the rest
@@ -171,6 +174,9 @@ class _KafkaFields(_Fields):
     topic_corrections: str = Field("flywheel.corrections", description="True labels from apps.")
     topic_model_events: str = Field("flywheel.model-events", description="Promotions, rollbacks.")
     topic_deadletter: str = Field("flywheel.deadletter", description="Unusable messages + reason.")
+    topic_scores: str = Field(
+        "flywheel.scores", description="Scores of shadows, guards and paired champions."
+    )
     topic_partitions: int = Field(3, ge=1, le=1024, description="For topics Flywheel creates.")
     kafka_timeout_s: float = Field(5.0, gt=0, description="Delivery timeout before spooling.")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -242,7 +248,11 @@ class _KafkaFields(_Fields):
         return value
 
     @field_validator(
-        "topic_predictions", "topic_corrections", "topic_model_events", "topic_deadletter"
+        "topic_predictions",
+        "topic_corrections",
+        "topic_model_events",
+        "topic_deadletter",
+        "topic_scores",
     )
     @classmethod
     def _check_topic(cls, value: str) -> str:
@@ -265,6 +275,7 @@ class _KafkaFields(_Fields):
             self.topic_corrections,
             self.topic_model_events,
             self.topic_deadletter,
+            self.topic_scores,
         ]
 
 
@@ -722,6 +733,30 @@ class _GateFields(_Fields):
         description="When recent data contradicts the trusted holdout (z ≥ 3 both ways): "
         "follow waives the trusted check, hold keeps it binding.",
     )
+    live_shadow_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of requests a shadow or guard scores beside the champion, off "
+        "the request path (and the champion beside a canary).",
+    )
+    live_canary_share: float = Field(
+        0.05, ge=0, le=1, description="Share of routing keys a canary answers."
+    )
+    live_alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Error rate of each live sequential decision (promote, retire, roll back).",
+    )
+    live_guard: bool = Field(
+        True,
+        description="After a promotion, the replaced champion scores as a guard and the new "
+        "one is rolled back if it is worse on live paired traffic.",
+    )
+    live_judge_interval_s: float = Field(
+        10.0, gt=0, le=86_400, description="How often live decisions are re-examined."
+    )
 
 
 class _LearnerFields(_Fields):
@@ -1025,7 +1060,7 @@ class StateSettings(_StateFields):
 
 
 class KafkaSettings(_KafkaFields):
-    """`kafka_bootstrap`, the four topics, `topic_partitions`, `kafka_timeout_s`, and the
+    """`kafka_bootstrap`, the five topics, `topic_partitions`, `kafka_timeout_s`, and the
     transport security of every Kafka client (`kafka_security_protocol`, `kafka_sasl_*`,
     `kafka_ssl_*`; see flywheel.kafka_security)."""
 
@@ -1081,7 +1116,7 @@ class FeedbackSettings(_FeedbackFields):
 
 class GateSettings(_GateFields):
     """`auto_promote`, `gate_tolerance`, `gate_recent_holdout`, `gate_min_holdout`,
-    `gate_concept_change`."""
+    `gate_concept_change`, and live evaluation: `live_*`."""
 
     model_config = _GROUP_CONFIG
 

@@ -85,14 +85,17 @@ from flywheel.store.models import (
     LearnerLease,
     LearnerState,
     Origin,
+    Outcome,
     Prediction,
     PrivacyLedgerEntry,
     PrivacySourceSpend,
+    Score,
     Split,
     TrustedSet,
     UTCDateTime,
 )
 from flywheel.store.models import ReferenceStats as ReferenceStatsRow
+from flywheel.store.outcomes import PairedCounts, paired_counts
 from flywheel.store.partitions import (
     PARTITIONED,
     TableSize,
@@ -129,6 +132,10 @@ from flywheel.store.trusted import (
 )
 
 __all__ = [
+    "Outcome",
+    "PairedCounts",
+    "Score",
+    "paired_counts",
     "ERASED_TABLES",
     "ErasureReceipt",
     "Erasure",

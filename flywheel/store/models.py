@@ -505,3 +505,57 @@ class ErasureReceipt(Base):
     requested_by: Mapped[str] = mapped_column(String(REQUESTER_LENGTH))
     deleted: Mapped[dict[str, int]] = mapped_column(JSONType)
     first_example_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+ROLE_LENGTH = 16  # `champion`, `canary`, `shadow`, `guard` (flywheel.settings.LIVE_ROLES)
+
+
+class Score(Base):
+    """A version's score of a served prediction it did not answer (issue 28): a shadow or
+    guard scoring beside the champion, or the champion scoring a request a canary answered.
+
+    Written by the feedback worker from `flywheel.scores` events (`ScoreEvent`); keyed by
+    (prediction, version), so a redelivered event is one row. The answering version's
+    own score is the `predictions` row itself.
+    """
+
+    __tablename__ = "scores"
+    __table_args__ = (Index("ix_scores_created_at", "created_at"),)
+
+    prediction_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    role: Mapped[str] = mapped_column(String(ROLE_LENGTH))
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSONDocument)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Outcome(Base):
+    """One version's result on one labelled prediction: what live evaluation counts.
+
+    Credited once per (prediction, version) -- for the version that answered and for each
+    one that scored the prediction -- when the first correction of the prediction joins
+    it, or when a score arrives for an already-labelled prediction; whichever comes
+    last writes the row, and the key makes a replay write nothing. Two versions are
+    compared paired: on the predictions both have an outcome for.
+    """
+
+    __tablename__ = "outcomes"
+    __table_args__ = (
+        Index("ix_outcomes_model_version_labelled_at", "model_version", "labelled_at"),
+        Index("ix_outcomes_labelled_at", "labelled_at"),
+    )
+
+    prediction_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    answered: Mapped[bool] = mapped_column(Boolean)  # its answer was the one returned
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))  # the true label
+    predicted: Mapped[str] = mapped_column(String(NAME_LENGTH))  # its own label
+    correct: Mapped[bool] = mapped_column(Boolean)
+    p_true: Mapped[float] = mapped_column(Float)  # the probability it gave the true label
+    log_loss: Mapped[float] = mapped_column(Float)  # -ln(max(p_true, 1e-15))
+    confidence: Mapped[float] = mapped_column(Float)  # its largest probability
+    predicted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    labelled_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -25,6 +25,7 @@ def test_defaults_put_every_store_under_home(tmp_path, monkeypatch):
         "flywheel.corrections",
         "flywheel.model-events",
         "flywheel.deadletter",
+        "flywheel.scores",
     ]
 
 
