@@ -17,7 +17,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.settings import FeedbackSettings, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +83,71 @@ def wait_for_kafka(
     raise BrokerError(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s: {last}")
 
 
+TopicConfigs = Mapping[str, Mapping[str, str]]
+
+
+def retention_configs(
+    kafka: KafkaSettings, feedback: FeedbackSettings
+) -> dict[str, dict[str, str]]:
+    """The `retention.ms` Flywheel gives the topics that hold data about people (issue 30).
+
+    `flywheel.predictions` (raw features) and `flywheel.scores` keep records for
+    FLYWHEEL_RETENTION_PREDICTIONS_S, the store's own window for predictions (8 days by
+    default: the correction window plus a day), so an erased subject's features leave the
+    log when they leave the store; `flywheel.corrections` (labels, a subject's keyed hash)
+    for the same span, which is longer than any correction can wait to join. The
+    model-events and dead-letter topics keep the broker's default.
+
+    >>> from flywheel.settings import Settings
+    >>> s = Settings(_env_file=None)
+    >>> retention_configs(s.kafka, s.feedback)["flywheel.predictions"]
+    {'retention.ms': '691200000'}
+    """
+    ms = str(int(feedback.retention_predictions_s * 1000))
+    return {
+        topic: {"retention.ms": ms}
+        for topic in (kafka.topic_predictions, kafka.topic_scores, kafka.topic_corrections)
+    }
+
+
 def ensure_topics(
     bootstrap: str,
     topics: list[str],
     partitions: int,
     *,
     security: Mapping[str, Any] | None = None,
+    configs: TopicConfigs | None = None,
+    alter: bool = False,
 ) -> list[str]:
-    """Create the topics that do not exist yet; returns the ones created."""
+    """Create the topics that do not exist yet, each with its `configs` (topic name ->
+    Kafka topic configs, e.g. `retention_configs`); returns the ones created. With
+    `alter`, the `configs` are also set on the topics that already exist."""
     from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
+    from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    configs = configs or {}
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap, request_timeout_ms=5000, **(security or {})
     )
     try:
-        missing = [t for t in topics if t not in set(admin.list_topics())]
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently
-                admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+                admin.create_topics(
+                    [
+                        NewTopic(t, partitions, 1, topic_configs=dict(configs.get(t, {})))
+                        for t in missing
+                    ]
+                )
+        changes = [
+            ConfigResource(ConfigResourceType.TOPIC, t, configs=dict(configs[t]))
+            for t in topics
+            if alter and t in existing and configs.get(t)
+        ]
+        if changes:
+            admin.alter_configs(changes)
         return missing
     finally:
         admin.close()
@@ -270,7 +318,11 @@ class EmbeddedBroker:
         return self._proc.pid if self.running and self._proc is not None else None
 
     def start(
-        self, topics: list[str] | None = None, partitions: int = 3, timeout_s: float = 20.0
+        self,
+        topics: list[str] | None = None,
+        partitions: int = 3,
+        timeout_s: float = 20.0,
+        configs: TopicConfigs | None = None,
     ) -> EmbeddedBroker:
         if self.running:
             return self
@@ -302,7 +354,7 @@ class EmbeddedBroker:
             self._wait_listening(timeout_s)
             wait_for_kafka(self.bootstrap, timeout_s)
             if topics:
-                ensure_topics(self.bootstrap, topics, partitions)
+                ensure_topics(self.bootstrap, topics, partitions, configs=configs)
         except BaseException:
             self.stop()
             raise

@@ -29,9 +29,14 @@ def serve(
             except BrokerError as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(1) from None
-            from flywheel.broker import ensure_topics
+            from flywheel.broker import ensure_topics, retention_configs
 
-            ensure_topics(broker.bootstrap, settings.topics, settings.topic_partitions)
+            ensure_topics(
+                broker.bootstrap,
+                settings.topics,
+                settings.topic_partitions,
+                configs=retention_configs(settings.kafka, settings.feedback),
+            )
             typer.echo(f"embedded broker at {broker.bootstrap}", err=True)
             settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
         from flywheel.registry import Registry

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic
+from flywheel.broker import EmbeddedBroker, ensure_topics, read_topic, retention_configs
 from flywheel.demo.files import DemoData, init_trusted, read_stream, synthetic_files
 from flywheel.settings import Settings
 
@@ -145,7 +145,12 @@ def embedded_stack(settings: Settings, data: DemoData | None = None) -> Iterator
         if settings.access.subject_key is None:  # this run's users are subjects of this run
             key = SecretStr(secrets.token_urlsafe(32))
             settings = settings.model_copy(update={"subject_key": key})
-        ensure_topics(bootstrap, settings.topics, settings.topic_partitions)
+        ensure_topics(
+            bootstrap,
+            settings.topics,
+            settings.topic_partitions,
+            configs=retention_configs(settings.kafka, settings.feedback),
+        )
         upgrade(settings.resolved_database_url)
         if data is not None:
             init_trusted(settings, data)

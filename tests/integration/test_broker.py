@@ -97,3 +97,47 @@ def test_cli_broker_reports_a_taken_port(tmp_path, broker):
     )
     assert r.returncode == 1
     assert "error:" in r.stderr and f"port {broker.port} on 127.0.0.1 is taken" in r.stderr
+
+
+def test_cli_topics_creates_the_topics_on_the_configured_cluster(tmp_path, broker):
+    """`flywheel topics` makes every topic of the settings on FLYWHEEL_KAFKA_BOOTSTRAP (with
+    the data topics' retention: Tansu accepts the configs but does not echo them, so the
+    values sent are checked in tests/unit/test_topic_retention.py); `--alter` then succeeds
+    on the topics that exist, and without a bootstrap it refuses and says why."""
+    suffix = os.urandom(4).hex()
+    names = {
+        f"FLYWHEEL_TOPIC_{kind.upper()}": f"{kind}-{suffix}"
+        for kind in ("predictions", "corrections", "model_events", "deadletter", "scores")
+    }
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home"), **names}
+    env["FLYWHEEL_KAFKA_BOOTSTRAP"] = broker.bootstrap
+    first = subprocess.run(
+        [FLYWHEEL, "topics"], env=env, capture_output=True, text=True, timeout=deadline(60)
+    )
+    assert first.returncode == 0, first.stderr
+    lines = dict(line.split("\t", 1) for line in first.stdout.splitlines())
+    assert set(lines) == set(names.values())
+    assert lines[f"predictions-{suffix}"].startswith("created\tretention.ms=")
+    assert lines[f"deadletter-{suffix}"] == "created\tretention.ms=broker default"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        assert set(names.values()) <= set(admin.list_topics())
+    finally:
+        admin.close()
+    again = subprocess.run(
+        [FLYWHEEL, "topics", "--alter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=deadline(60),
+    )
+    assert again.returncode == 0, again.stderr
+    assert all(
+        v.startswith("altered")
+        for v in dict(line.split("\t", 1) for line in again.stdout.splitlines()).values()
+    )
+    env.pop("FLYWHEEL_KAFKA_BOOTSTRAP")
+    none = subprocess.run(
+        [FLYWHEEL, "topics"], env=env, capture_output=True, text=True, timeout=deadline(60)
+    )
+    assert none.returncode == 2 and "FLYWHEEL_KAFKA_BOOTSTRAP is not set" in none.stderr

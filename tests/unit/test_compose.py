@@ -19,6 +19,7 @@ import pytest
 import typer.main
 import yaml
 
+from flywheel.broker import retention_configs
 from flywheel.cli import _register, app
 from flywheel.settings import Settings, known_variables
 
@@ -197,6 +198,32 @@ def test_the_topics_created_are_the_ones_flywheel_uses(compose):
     assert set(Settings().topics) <= set(script.replace(";", " ").split())
     partitions = int(_env_file().get("FLYWHEEL_TOPIC_PARTITIONS", Settings().topic_partitions))
     assert f"--partitions {partitions}" in script
+
+
+def test_the_data_topics_get_flywheels_retention(compose):
+    """The compose file creates the topics that hold data about people with the retention
+    `flywheel topics` and the embedded broker set (flywheel.broker.retention_configs)."""
+    script = " ".join(compose["services"]["kafka-topics"]["command"])
+    env = _env_file()
+    settings = Settings(
+        _env_file=None,
+        **{
+            k.removeprefix("FLYWHEEL_").lower(): v
+            for k, v in env.items()
+            if k.startswith("FLYWHEEL_RETENTION_")
+        },
+    )
+    configs = retention_configs(settings.kafka, settings.feedback)
+    loops = re.findall(r"for topic in ([^;]+); do(.*?)done", script)
+    assert loops, script
+    for topics, body in loops:
+        for topic in topics.split():
+            want = configs.get(topic, {}).get("retention.ms")
+            if want is None:
+                assert "retention.ms" not in body, topic
+            else:
+                assert f"--config retention.ms={want}" in body, topic
+    assert {t for topics, _ in loops for t in topics.split()} >= set(configs)
 
 
 def _pip_installs(lines: list[str]) -> list[str]:
