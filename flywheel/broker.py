@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flywheel.lifetime import parent_death_signal
+
 if TYPE_CHECKING:
     from flywheel.settings import FeedbackSettings, KafkaSettings
 
@@ -346,6 +348,7 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our signal handling decides when it stops
+                preexec_fn=parent_death_signal(),  # and it dies with a SIGKILLed parent
             )
         finally:
             if log_out is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from flywheel.lifetime import parent_death_signal
 from flywheel.retry import Backoff
 
 __all__ = ["Child", "ChildSpec", "Supervisor"]
@@ -103,6 +104,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: a stop reaches its children too
+                preexec_fn=parent_death_signal(),  # and a SIGKILLed `up` leaves no orphan
             )
         except OSError as exc:
             log_file.close()

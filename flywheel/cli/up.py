@@ -26,6 +26,7 @@ from typing import IO, Any
 import typer
 
 from flywheel.cli import app, settings_or_exit
+from flywheel.lifetime import parent_death_signal
 from flywheel.settings import Settings
 
 LOCAL_APP = "local"  # the app whose key `flywheel up` prints (scopes predict, correct)
@@ -185,6 +186,7 @@ def _run_step(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=parent_death_signal(),
         )
         try:
             _wait_phase(what, lambda: proc.poll() is not None, 1800.0, stop)

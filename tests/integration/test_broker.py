@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -141,3 +142,31 @@ def test_cli_topics_creates_the_topics_on_the_configured_cluster(tmp_path, broke
         [FLYWHEEL, "topics"], env=env, capture_output=True, text=True, timeout=deadline(60)
     )
     assert none.returncode == 2 and "FLYWHEEL_KAFKA_BOOTSTRAP is not set" in none.stderr
+
+
+def test_a_sigkilled_parent_takes_its_tansu_with_it(tmp_path):
+    """A SIGKILL runs no handler: without the parent-death signal (flywheel.lifetime) the
+    broker, in a session of its own, kept running and holding its port."""
+    code = (
+        "import sys, time\n"
+        "from flywheel.broker import EmbeddedBroker\n"
+        "b = EmbeddedBroker().start()\n"
+        "print(b.port, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert parent.stdout is not None
+        port = int(parent.stdout.readline())
+        assert tansu_pids(port), "the broker did not start"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(deadline(10))
+        end = time.monotonic() + deadline(10)
+        while tansu_pids(port) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert tansu_pids(port) == [], "the broker outlived its SIGKILLed parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
