@@ -103,7 +103,9 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         install()
 
 
-def _register() -> None:
+def register_commands() -> None:
+    """Import every command module, which registers its commands on `app` (what `main`
+    does first; a test that invokes `app` itself calls it too)."""
     from flywheel.cli import (  # noqa: F401  (commands register on import)
         apps,  # flywheel apps create | list | rotate | revoke
         broker,
@@ -126,7 +128,7 @@ def _register() -> None:
 def main() -> None:
     from flywheel.cli.errors import describe_outside_error
 
-    _register()
+    register_commands()
     try:
         sys.exit(app(standalone_mode=True))
     except Exception as exc:

@@ -20,7 +20,7 @@ import torch
 from sqlalchemy import func, select
 from typer.testing import CliRunner, Result
 
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.features import FeatureSchema
 from flywheel.learner import SPLIT_RULE, ensure_champion
 from flywheel.registry import Registry
@@ -40,7 +40,7 @@ from flywheel.store import (
 )
 
 pytestmark = pytest.mark.integration
-_register()
+register_commands()
 N = 1500
 LABELS = ["fraud", "ok", "review"]
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flywheel.broker import read_topic
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.events import ModelEvent
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import default_actor
@@ -16,7 +16,7 @@ from flywheel.registry import Registry
 from flywheel.settings import Settings
 
 pytestmark = pytest.mark.integration
-_register()
+register_commands()
 
 
 def _publish(registry: Registry, parent: str) -> str:

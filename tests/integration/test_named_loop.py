@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.client import Client
 from flywheel.demo import demo_api_key, embedded_stack, running_loop
 from flywheel.features import FeatureSchema
@@ -42,7 +42,7 @@ from tests.deadlines import deadline
 from .conftest import consume
 
 pytestmark = pytest.mark.integration
-_register()
+register_commands()
 
 COUNTRIES = ["FR", "DE", "US", "JP"]
 DEVICES = ["ios", "android", "web"]

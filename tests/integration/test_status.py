@@ -15,7 +15,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from flywheel.broker import free_port
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.client import Client
 from flywheel.registry import Registry
 from flywheel.service import GracefulServer, ServiceConfig, create_app
@@ -69,7 +69,7 @@ def running(settings: Settings, monkeypatch) -> Iterator[tuple[str, Settings]]:
 
 
 def status(*args: str) -> tuple[int, dict]:
-    _register()
+    register_commands()
     result = CliRunner().invoke(app, ["status", *args, "--json"])
     assert result.stdout.strip(), (result.output, result.exception)
     return result.exit_code, json.loads(result.stdout)

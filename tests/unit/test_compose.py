@@ -20,7 +20,7 @@ import typer.main
 import yaml
 
 from flywheel.broker import retention_configs
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.settings import Settings, known_variables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def compose() -> dict:
 
 @pytest.fixture(scope="module")
 def cli() -> click.Group:
-    _register()
+    register_commands()
     return typer.main.get_command(app)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.features import FeatureSchema, label_text
 from flywheel.learner.init import source as source_module
 from flywheel.learner.init.columns import CsvTypes, numeric_columns
@@ -27,7 +27,7 @@ from flywheel.learner.init.split import EVERY, Splitter
 from flywheel.learner.init.train import epochs_for, refusal, train
 from flywheel.modelspec import FactoryError, parse_model_arg
 
-_register()
+register_commands()
 runner = CliRunner()
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import default_actor
 from flywheel.registry import Registry
 from flywheel.settings import Settings, prepare_home
 
-_register()  # the real wiring: `models` must be among the registered command modules
+register_commands()  # the real wiring: `models` must be among the registered command modules
 runner = CliRunner()
 
 REJECTED = "rejected: not better on recent data; recent 0.600 vs 0.810 (n=40)"

@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import default_actor
@@ -31,7 +31,7 @@ from flywheel.store import Example, make_engine, session_factory, upgrade
 from flywheel.store.models import ErrorCount
 from flywheel.streams import LABELS, drift_concept
 
-_register()
+register_commands()
 runner = CliRunner()
 SEED_EXAMPLES = 500  # trusted holdout: the last 20 %, 100 rows
 PASSED = (
