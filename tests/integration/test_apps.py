@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,10 +19,9 @@ import httpx
 import orjson
 import pytest
 import torch
-import uvicorn
 
 from flywheel.appkeys import KEY_ID_HEADER, SIGNATURE_HEADER, parse_key, sign, signing_key
-from flywheel.broker import free_port, read_topic
+from flywheel.broker import read_topic
 from flywheel.client import KafkaCorrections
 from flywheel.events import CorrectionEvent, DeadLetter, PredictionEvent, correction_id, utcnow
 from flywheel.feedback.examples import ExampleBuilder
@@ -31,7 +29,7 @@ from flywheel.feedback.join import store_and_join
 from flywheel.learner import ensure_champion
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
-from flywheel.service import GracefulServer, ModelHolder, ServedModel, ServiceConfig, create_app
+from flywheel.service import ModelHolder, ServedModel, ServiceConfig, create_app
 from flywheel.settings import FeedbackSettings, Settings
 from flywheel.store import (
     Example,
@@ -41,6 +39,7 @@ from flywheel.store import (
     upgrade,
 )
 from tests.deadlines import deadline
+from tests.serving import uvicorn_serving
 from tests.trusted import write_synthetic_trusted
 
 from .conftest import consume
@@ -79,21 +78,8 @@ def served(settings: Settings, db_url: str) -> Iterator[tuple[str, Settings]]:
     torch.manual_seed(0)
     holder = ModelHolder()
     holder.swap(ServedModel.prepare("m", "7", SPEC, build_model(SPEC)))
-    app = create_app(ServiceConfig.of(s), holder=holder)
-    port = free_port()
-    server = GracefulServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, name="test-apps", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), 120, "the service")
-        assert server.started, "the service did not start"
-        yield f"http://127.0.0.1:{port}", s
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with uvicorn_serving(create_app(ServiceConfig.of(s), holder=holder), "test-apps") as url:
+        yield url, s
 
 
 def test_the_cli_makes_keys_the_service_checks_by_scope(served, db_url):

@@ -83,13 +83,24 @@ def test_bench_serve_compares_durable_answers_with_queued_ones(compare, run_benc
     assert summary["throughput_ratio"] > 0
 
 
-def test_bench_serve_compares_app_keys_on_and_off(run_bench_process):
-    """`--compare auth`: every keyed request is answered 200 (a refused key would be a
-    non-200 and a figure about 401s), and the open side sent no key."""
+@pytest.mark.parametrize(
+    ("compare", "modes"),
+    [
+        # app keys on and off: every keyed request is answered 200 (a refused key would be
+        # a non-200 and a figure about 401s), and the open side sent no key
+        ("auth", ("open", "keys")),
+        # keys on both sides, the limited side's bucket never empties (every request 200:
+        # a 429 would be a non-200), and the app's refusals stay at 0
+        ("ratelimit", ("keys", "limited")),
+    ],
+)
+def test_bench_serve_compares_two_access_modes(run_bench_process, compare, modes):
+    """`--compare auth` and `--compare ratelimit`: both sides answered without an error or
+    a non-200, side by side in one run, with their two ratios."""
     doc = run_bench_process(
         "serve",
         "--compare",
-        "auth",
+        compare,
         "--duration",
         "1",
         "--warmup",
@@ -99,36 +110,13 @@ def test_bench_serve_compares_app_keys_on_and_off(run_bench_process):
         "--concurrency",
         "4",
     )
-    assert [run["mode"] for run in doc["runs"]] == ["open", "keys"]
+    assert [run["mode"] for run in doc["runs"]] == list(modes)
     summary = doc["summary"]
-    assert summary["compare"] == "auth"
-    for mode in ("open", "keys"):
-        assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
-    assert all(run["load"]["ok_total"] > 0 and run["topic"] is None for run in doc["runs"])
-    assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
-    assert set(summary["targets"]) == {"throughput_ratio", "p99_ratio"}
-
-
-def test_bench_serve_compares_rate_limits_on_and_off(run_bench_process):
-    """`--compare ratelimit`: keys on both sides, the limited side's bucket never empties
-    (every request 200: a 429 would be a non-200), and the app's refusals stay at 0."""
-    doc = run_bench_process(
-        "serve",
-        "--compare",
-        "ratelimit",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.5",
-        "--rounds",
-        "1",
-        "--concurrency",
-        "4",
-    )
-    assert [run["mode"] for run in doc["runs"]] == ["keys", "limited"]
-    summary = doc["summary"]
-    assert summary["compare"] == "ratelimit"
-    for mode in ("keys", "limited"):
+    assert summary["compare"] == compare
+    for mode in modes:
         assert summary["median"][mode]["errors"] == summary["median"][mode]["non_200"] == 0
     assert all(run["load"]["ok_total"] > 0 for run in doc["runs"])
     assert summary["throughput_ratio"] > 0 and summary["p99_ratio"] > 0
+    if compare == "auth":
+        assert all(run["topic"] is None for run in doc["runs"])
+        assert set(summary["targets"]) == {"throughput_ratio", "p99_ratio"}

@@ -14,19 +14,18 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
 from flywheel import promotion
-from flywheel.broker import free_port
 from flywheel.events import PredictionEvent
 from flywheel.learner import default_spec
 from flywheel.modelspec import build_model
 from flywheel.registry import Registry
-from flywheel.service import GracefulServer, ModelFollower, ServiceConfig, create_app
+from flywheel.service import ModelFollower, ServiceConfig, create_app
 from flywheel.settings import Settings
 from flywheel.store import upgrade
 from tests.conftest import make_app_key
 from tests.deadlines import deadline
+from tests.serving import uvicorn_serving
 
 from .conftest import consume
 
@@ -56,21 +55,10 @@ def serving(settings: Settings) -> Iterator[Service]:
     upgrade(settings.resolved_database_url)
     headers = make_app_key(settings.resolved_database_url).headers
     app = create_app(ServiceConfig.of(settings))
-    port = free_port()
-    server = GracefulServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, name="test-hot-swap-service", daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started or not thread.is_alive(), 120)
-        assert server.started, "the service did not start"
+    with uvicorn_serving(app, "test-hot-swap-service") as url:
         follower = app.state.service.follower
         assert follower is not None, "the production app must follow the registry"
-        yield Service(f"http://127.0.0.1:{port}", follower, app, headers)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        yield Service(url, follower, app, headers)
 
 
 # A swap is an event (or a poll), an MLflow load and a warm-up: well under a second here,

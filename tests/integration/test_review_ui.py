@@ -15,22 +15,20 @@ import contextlib
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
-from flywheel.broker import free_port
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.registry import Registry
-from flywheel.service import GracefulServer, ServiceConfig, create_app
+from flywheel.service import ServiceConfig, create_app
 from flywheel.settings import Settings
 from tests.deadlines import deadline
+from tests.serving import uvicorn_serving
 
 pytestmark = pytest.mark.integration
 TOKEN = "ui-test-token-0123456789abcdef0123"
@@ -130,20 +128,8 @@ def wait_for(cond: Callable[[], bool], timeout_s: float) -> bool:
 
 @contextlib.contextmanager
 def serving(settings: Settings) -> Iterator[str]:
-    app = create_app(ServiceConfig.of(settings))
-    port = free_port()
-    server = GracefulServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, name="test-review-ui", daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started or not thread.is_alive(), 60)
-        assert server.started, "the service did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with uvicorn_serving(create_app(ServiceConfig.of(settings)), "test-review-ui", 60) as url:
+        yield url
 
 
 def _read_only_page_hides_admin_controls(chromium, url: str) -> None:

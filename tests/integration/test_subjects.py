@@ -6,25 +6,23 @@ its prediction's unit, and its counterexamples share it."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import sqlalchemy as sa
 import torch
-import uvicorn
 from pydantic import SecretStr
 
-from flywheel.broker import free_port
 from flywheel.events import CorrectionEvent
 from flywheel.learner.private_step import PrivateStep
 from flywheel.registry import Registry
-from flywheel.service import GracefulServer, ModelHolder, ServedModel, ServiceConfig, create_app
+from flywheel.service import ModelHolder, ServedModel, ServiceConfig, create_app
 from flywheel.settings import Settings
 from flywheel.store import ExampleReader, make_engine
 from flywheel.subjects import subject_key
 from tests.integration.worker_settings import worker_settings
+from tests.serving import uvicorn_serving
 
 from .conftest import consume
 from .test_feedback_worker import Traffic, joined, start, wait_for
@@ -51,20 +49,8 @@ def served(subject_settings: Settings) -> Iterator[tuple[str, Settings]]:
     holder = ModelHolder()
     holder.swap(ServedModel.prepare(s.model_name, loaded.version, loaded.spec, loaded.module))
     app = create_app(ServiceConfig.of(s), holder=holder)
-    port = free_port()
-    server = GracefulServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, name="test-subjects", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), 120, "the service")
-        assert server.started, "the service did not start"
-        yield f"http://127.0.0.1:{port}", s
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with uvicorn_serving(app, "test-subjects") as url:
+        yield url, s
 
 
 def _stored_text(url: str) -> str:
