@@ -686,7 +686,8 @@ def live_report(
                 ),
                 "label_delay": delay_stats(
                     _delays(session, model_name, v, since, now, sample),
-                    None if max_delay is None else max(0.0, float(max_delay)),
+                    # to the ms: SQLite's julianday() is a double of days (~50 us off)
+                    None if max_delay is None else max(0.0, round(float(max_delay), 3)),
                 ),
                 "served": s.served,
                 "served_labelled": s.labelled,
