@@ -9,7 +9,7 @@ training rows. Around `NOW` (window: the last 24 h):
   ago (younger than the p90 delay, 2,700 s: pending);
 * v2, a shadow, scored the first 20 of v1's labelled predictions (largest probability 0.9)
   and was right on 10: over-confident, its CBPE on the labelled is 0.9 against 0.5;
-* v3 answered 50 predictions an hour ago, none labelled, with shifted inputs (amount + 3,
+* v3 answered 300 predictions an hour ago, none labelled, with shifted inputs (amount + 3,
   country always DE) and largest probability 0.7: what CBPE and PSI are for;
 * outside the window or of another model (must not count): a v1 outcome labelled 30 h ago,
   a prediction of model `other`.
@@ -85,7 +85,7 @@ def fill(database_url: str, now: datetime = NOW) -> None:
     write_trusted_set(
         database_url, MODEL, schema(), (x, ["a"] * 1000), (x[:10], ["a"] * 10)
     )
-    amounts = rng.normal(size=100)
+    amounts = rng.normal(size=400)
     rows: list = []
     for i in range(40):
         pid = f"p1-{i}"
@@ -113,9 +113,9 @@ def fill(database_url: str, now: datetime = NOW) -> None:
             )
             lab = t + timedelta(seconds=100 * (i + 1))
             rows.append(_outcome(pid, "2", False, i % 2 == 0, 0.9, t, lab))
-    for i in range(50):
+    for i in range(300):
         t = now - timedelta(hours=1)
-        rows.append(_prediction(f"p3-{i}", "3", [amounts[50 + i] + 3.0, 1], 0.7, t))
+        rows.append(_prediction(f"p3-{i}", "3", [amounts[100 + i] + 3.0, 1], 0.7, t))
     old = now - timedelta(hours=31)
     rows.append(_prediction("p-old", "1", [0.0, 1], 0.8, old))
     rows.append(_outcome("p-old", "1", True, False, 0.8, old, old + timedelta(hours=1)))

@@ -34,6 +34,7 @@ from flywheel.review.decisions import (
 )
 from flywheel.review.holdouts import LabelledSet, recent_holdout, score_doc, trusted_holdout
 from flywheel.review.monitoring import (
+    MIN_PSI_ROWS,
     PSI_ALERT,
     PSI_WATCH,
     Reference,
@@ -80,6 +81,7 @@ from flywheel.review.versions import (
 )
 
 __all__ = [
+    "MIN_PSI_ROWS",
     "PSI_ALERT",
     "PSI_WATCH",
     "Reference",
