@@ -35,8 +35,8 @@ from flywheel.service.metrics import (
     ServiceMetrics,
 )
 from flywheel.service.model_follower import ModelFollower
-from flywheel.service.monitor_metrics import LiveMonitor, MonitorCollector
 from flywheel.service.model_holder import ModelHolder, ServedModel
+from flywheel.service.monitor_metrics import LiveMonitor, MonitorCollector
 from flywheel.service.openapi import install_champion_openapi
 from flywheel.service.ratelimit import RateLimit, RateLimits
 from flywheel.service.routes import admin, corrections, health, metrics, model, predict, review, v2

@@ -146,8 +146,7 @@ _GAUGES = (
     ),
     (
         "flywheel_live_unlabelled_share",
-        "Share of the predictions the version answered or scored in the window without a "
-        "label yet",
+        "Share of the predictions the version answered or scored in the window without a label yet",
         "unlabelled_share",
     ),
     (

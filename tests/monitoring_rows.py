@@ -82,9 +82,7 @@ def fill(database_url: str, now: datetime = NOW) -> None:
 
     rng = np.random.default_rng(7)
     x = np.column_stack([rng.normal(size=1000), rng.integers(1, 3, size=1000)]).astype(np.float32)
-    write_trusted_set(
-        database_url, MODEL, schema(), (x, ["a"] * 1000), (x[:10], ["a"] * 10)
-    )
+    write_trusted_set(database_url, MODEL, schema(), (x, ["a"] * 1000), (x[:10], ["a"] * 10))
     amounts = rng.normal(size=400)
     rows: list = []
     for i in range(40):

@@ -97,15 +97,18 @@ def _print(doc: dict[str, Any]) -> None:
             psi,
         )
     print_table(console, table)
-    drifted = Table(title=f"input drift (PSI against the trusted data; "
-                    f"≥ {doc['psi_thresholds']['moderate']} moderate, "
-                    f"≥ {doc['psi_thresholds']['major']} major)")
+    drifted = Table(
+        title=f"input drift (PSI against the trusted data; "
+        f"≥ {doc['psi_thresholds']['moderate']} moderate, "
+        f"≥ {doc['psi_thresholds']['major']} major)"
+    )
     for col in ("version", "feature", "kind", "PSI", "reading"):
         drifted.add_column(col, justify="right" if col == "PSI" else "left")
     for v in doc["versions"]:
         for f in v["drift"]["features"]:
             if f["psi"] is not None and f["level"] != "stable":
-                drifted.add_row(f"v{v['version']}", f["name"], f["kind"], _num(f["psi"]), f["level"])
+                cells = (f["name"], f["kind"], _num(f["psi"]), f["level"])
+                drifted.add_row(f"v{v['version']}", *cells)
     if drifted.row_count:
         print_table(console, drifted)
     notes = {v["drift"]["note"] for v in doc["versions"] if v["drift"]["note"]}
@@ -113,10 +116,19 @@ def _print(doc: dict[str, Any]) -> None:
         console.print(f"note: {note}", highlight=False, markup=False)
     if doc["segment"] is None:
         return
-    seg = Table(title=f"per segment of {doc['segment']} (the newest {doc['sample']} rows "
-                "per version)")
-    for col in ("version", "segment", "rows", "labels", "accuracy [95 % CI]", "CBPE labelled",
-                "CBPE unlabelled", "unlabelled"):
+    seg = Table(
+        title=f"per segment of {doc['segment']} (the newest {doc['sample']} rows per version)"
+    )
+    for col in (
+        "version",
+        "segment",
+        "rows",
+        "labels",
+        "accuracy [95 % CI]",
+        "CBPE labelled",
+        "CBPE unlabelled",
+        "unlabelled",
+    ):
         seg.add_column(col, justify="left" if col in ("version", "segment") else "right")
     for v in doc["versions"]:
         for s in v.get("segments", []):

@@ -181,9 +181,7 @@ def binned_shares(values: np.ndarray, edges: Sequence[float]) -> list[float]:
     return (counts / len(values)).tolist()
 
 
-def category_shares(
-    reference: np.ndarray, recent: np.ndarray
-) -> tuple[list[float], list[float]]:
+def category_shares(reference: np.ndarray, recent: np.ndarray) -> tuple[list[float], list[float]]:
     """Shares of each category (value) in the reference and the recent column, over the
     union of the categories either holds."""
     import numpy as np
@@ -289,9 +287,7 @@ class Reference:
         """
         import numpy as np
 
-        features = tuple(
-            FeatureInfo(f.name, f.kind, tuple(f.vocabulary)) for f in schema.inputs
-        )
+        features = tuple(FeatureInfo(f.name, f.kind, tuple(f.vocabulary)) for f in schema.inputs)
         quartiles: dict[int, list[float]] = {}
         if x is not None and len(x):
             for i, f in enumerate(features):

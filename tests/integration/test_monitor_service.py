@@ -69,9 +69,7 @@ def test_the_gauges_come_from_the_background_refresh(tmp_path, list_event_log, d
     assert samples[("flywheel_live_monitor_refreshed_timestamp_seconds", ())] > 0
 
 
-def test_monitoring_off_leaves_the_gauges_out_and_the_page_still_reads(
-    tmp_path, list_event_log
-):
+def test_monitoring_off_leaves_the_gauges_out_and_the_page_still_reads(tmp_path, list_event_log):
     with _client(tmp_path, list_event_log, live_monitor_interval_s=0) as client:
         assert "flywheel_live_" not in client.get("/metrics").text
         doc = client.get("/v1/review/monitor", params={"hours": 24, "buckets": 12}).json()

@@ -32,7 +32,11 @@ def test_the_report_counts_labels_delays_unlabelled_cbpe_and_drift_per_version(s
     assert list(v) == ["1", "2", "3"]
     # answered predictions labelled in the window: v1's 30 (the one labelled 30 h ago is out)
     assert doc["label_delay"] == {
-        "n": 30, "p50_s": 1500.0, "p90_s": 2700.0, "p99_s": 3000.0, "max_s": 3000.0
+        "n": 30,
+        "p50_s": 1500.0,
+        "p90_s": 2700.0,
+        "p99_s": 3000.0,
+        "max_s": 3000.0,
     }
     one = v["1"]
     assert (one["labelled"], one["answered_labelled"], one["correct"]) == (30, 30, 24)

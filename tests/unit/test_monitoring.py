@@ -50,7 +50,11 @@ def test_delay_percentiles_are_nearest_rank_values():
     stats = delay_stats(delays[::-1])
     assert stats == {"n": 100, "p50_s": 50.0, "p90_s": 90.0, "p99_s": 99.0, "max_s": 100.0}
     assert delay_stats([], None) == {
-        "n": 0, "p50_s": None, "p90_s": None, "p99_s": None, "max_s": None
+        "n": 0,
+        "p50_s": None,
+        "p90_s": None,
+        "p99_s": None,
+        "max_s": None,
     }
     assert delay_stats([5.0], 7.5)["max_s"] == 7.5  # the exact max from SQL wins
     assert nearest_rank([3.0], 0.99) == 3.0
@@ -87,14 +91,24 @@ def test_psi_is_zero_for_identical_inputs_and_large_for_shifted_ones():
     with pytest.raises(ValueError):
         psi([0.5, 0.5], [1.0])
     assert [drift_level(v) for v in (None, 0.05, 0.1, 0.3)] == [
-        "unknown", "stable", "moderate", "major"
+        "unknown",
+        "stable",
+        "moderate",
+        "major",
     ]
 
 
 @pytest.mark.parametrize(
     "text,seconds",
-    [("24h", 86400.0), ("30m", 1800.0), ("7d", 604800.0), ("2w", 1209600.0), ("90", 90.0),
-     ("1.5h", 5400.0), (" 10 S", 10.0)],
+    [
+        ("24h", 86400.0),
+        ("30m", 1800.0),
+        ("7d", 604800.0),
+        ("2w", 1209600.0),
+        ("90", 90.0),
+        ("1.5h", 5400.0),
+        (" 10 S", 10.0),
+    ],
 )
 def test_window_syntax(text, seconds):
     assert parse_window(text) == seconds
