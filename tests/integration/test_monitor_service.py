@@ -82,3 +82,21 @@ def test_monitoring_off_leaves_the_gauges_out_and_the_page_still_reads(tmp_path,
         bad = client.get("/v1/review/monitor", params={"segment": "colour"})
         assert bad.status_code == 422 and "no such feature" in bad.json()["detail"]
         assert client.get("/v1/review/monitor", params={"hours": 0}).status_code == 422
+
+
+def test_a_failed_refresh_is_counted_and_keeps_the_scrape_working(tmp_path):
+    from sqlalchemy import create_engine
+
+    from flywheel.service.monitor_metrics import LiveMonitor, MonitorCollector
+    from flywheel.settings import GateSettings
+
+    # a database without the store's tables: every query fails
+    engine = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    monitor = LiveMonitor(lambda: (engine, None), MODEL, GateSettings())
+    assert monitor.refresh() is False
+    assert monitor.failures == 1 and monitor.report is None
+    assert monitor.note.startswith("live monitoring failed: ")
+    families = {f.name: f for f in MonitorCollector(monitor).collect()}
+    assert list(families) == ["flywheel_live_monitor_failures"]
+    assert families["flywheel_live_monitor_failures"].samples[0].value == 1
+    engine.dispose()
