@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 import pytest
 from typer.testing import CliRunner
 
-from flywheel.cli import _register, app
+import flywheel.cli.monitor  # noqa: F401  (the command registers on import)
+from flywheel.cli import app
 from flywheel.settings import Settings, prepare_home
 from flywheel.store import upgrade
 from tests.monitoring_rows import MODEL, fill
 
-_register()
 runner = CliRunner()
 
 
