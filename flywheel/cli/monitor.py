@@ -82,8 +82,9 @@ def _print(doc: dict[str, Any]) -> None:
             if drift["max_psi"] is None
             else f"{drift['max_psi']:.3f} {drift['max_feature']} ({drift['level']})"
         )
+        roles = [r for r in v["served_as"] if r != "answered"]
         table.add_row(
-            f"v{v['version']}",
+            f"v{v['version']}" + (f" ({', '.join(roles)})" if roles else ""),
             str(v["labelled"]),
             _interval(v),
             _num(v["log_loss"]),

@@ -7,6 +7,8 @@ Per version, over a window (default the last 24 h, `FLYWHEEL_LIVE_MONITOR_WINDOW
   Wilson 95 % interval, and their mean log-loss;
 * **label delay** (`labelled_at - predicted_at`): p50 / p90 / p99 over the newest labelled
   outcomes (at most `sample` of them) and the exact maximum;
+* **served as**: "answered" when it answered predictions, and the roles it scored under
+  (shadow, guard, champion beside a canary), from the `scores` of the window;
 * **unlabelled share** of what the version served or scored in the window (`predictions`
   it answered plus `scores` it gave), and the **missing share**: the same among the
   predictions old enough that a label was due (older than the window's p90 label delay);
@@ -332,6 +334,8 @@ class _Served:
     labelled: int = 0
     due: int = 0
     due_labelled: int = 0
+    # how it met traffic: "answered" (its own predictions), and the roles of its scores
+    served_as: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -386,6 +390,15 @@ def _served_counts(
             acc.labelled += int(lab)
             acc.due += int(d)
             acc.due_labelled += int(dl)
+            if table is Prediction:
+                acc.served_as.add("answered")
+    roles = (
+        select(Score.model_version, Score.role)
+        .where(Score.model_name == model_name, Score.created_at >= since, Score.created_at <= now)
+        .group_by(Score.model_version, Score.role)
+    )
+    for v, role in session.execute(roles):
+        out[str(v)].served_as.add(str(role))
     return out
 
 
@@ -698,6 +711,7 @@ def live_report(
                     # to the ms: SQLite's julianday() is a double of days (~50 us off)
                     None if max_delay is None else max(0.0, round(float(max_delay), 3)),
                 ),
+                "served_as": sorted(s.served_as),
                 "served": s.served,
                 "served_labelled": s.labelled,
                 "unlabelled_share": (s.served - s.labelled) / s.served if s.served else None,

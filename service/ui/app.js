@@ -343,8 +343,9 @@ function renderLive(doc) {
       : `${pct(v.accuracy)} [${pct(v.accuracy_low)}, ${pct(v.accuracy_high)}]`;
     const d = v.drift;
     const psi = d.max_psi === null ? "—" : `${num(d.max_psi)} ${d.max_feature} (${d.level})`;
+    const roles = (v.served_as || []).filter((r) => r !== "answered");
     body.append(el("tr", { "data-version": v.version },
-      el("td", { text: "v" + v.version }),
+      el("td", { text: "v" + v.version + (roles.length ? ` (${roles.join(", ")})` : "") }),
       el("td", { class: "num", text: v.labelled }),
       el("td", { class: "num", text: ci }),
       el("td", { class: "num", text: num(v.cbpe_labelled) }),

@@ -53,6 +53,7 @@ def test_table_with_a_segment(home):
     assert "live accuracy per version" in out
     assert "80.0 % [62.7 %, 90.5 %]" in out  # v1: 24 of 30, Wilson 95 %
     assert "amount (major)" in out  # v3's shifted inputs
+    assert "v2 (shadow)" in out
     assert "per segment of country" in out and "DE" in out and "FR" in out
 
 

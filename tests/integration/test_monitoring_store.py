@@ -30,6 +30,7 @@ def test_the_report_counts_labels_delays_unlabelled_cbpe_and_drift_per_version(s
     doc = live_report(store, MODEL, window_s=86400, now=NOW, sample=1000)
     v = {d["version"]: d for d in doc["versions"]}
     assert list(v) == ["1", "2", "3"]
+    assert [v[k]["served_as"] for k in v] == [["answered"], ["shadow"], ["answered"]]
     # answered predictions labelled in the window: v1's 30 (the one labelled 30 h ago is out)
     assert doc["label_delay"] == {
         "n": 30,
