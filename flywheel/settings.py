@@ -757,6 +757,27 @@ class _GateFields(_Fields):
     live_judge_interval_s: float = Field(
         10.0, gt=0, le=86_400, description="How often live decisions are re-examined."
     )
+    live_monitor_window_s: float = Field(
+        86_400.0,
+        ge=60,
+        le=366 * 86_400,
+        description="Window of live monitoring (`flywheel monitor`, the `flywheel_live_*` "
+        "gauges of /metrics): labels and predictions of the last this many seconds.",
+    )
+    live_monitor_interval_s: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="How often the service refreshes its `flywheel_live_*` gauges from the "
+        "store, in a background thread (0: never; the gauges are then absent).",
+    )
+    live_monitor_sample: int = Field(
+        5000,
+        ge=100,
+        le=1_000_000,
+        description="Most rows live monitoring reads per version for label delays, CBPE, "
+        "input drift (PSI) and segments, and trusted rows for the drift reference.",
+    )
 
 
 class _LearnerFields(_Fields):

@@ -36,6 +36,7 @@ from flywheel.service.metrics import (
 )
 from flywheel.service.model_follower import ModelFollower
 from flywheel.service.model_holder import ModelHolder, ServedModel
+from flywheel.service.monitor_metrics import LiveMonitor, MonitorCollector
 from flywheel.service.openapi import install_champion_openapi
 from flywheel.service.ratelimit import RateLimit, RateLimits
 from flywheel.service.routes import admin, corrections, health, metrics, model, predict, review, v2
@@ -119,6 +120,8 @@ def create_app(
         thread.start()
         return thread
 
+    # live-monitoring gauges, refreshed off the scrape path (docs/monitoring.md)
+    monitor = LiveMonitor(state.store, config.registry.model_name, config.gate)
     keys = None
     if config.access.auth == "on":
         from flywheel.store import KeyBook
@@ -184,10 +187,12 @@ def create_app(
         from flywheel.gc_freeze import freeze_after_startup
 
         freeze_after_startup()  # full GC passes skip startup objects (docs/serving.md)
+        monitor.start()
         try:
             yield
         finally:
             stopping.set()
+            monitor.stop()
             if loader is not None:
                 loader.join(10.0)
             if state.follower is not None:
@@ -230,6 +235,7 @@ def create_app(
     m.registry.register(FollowerCollector(lambda: state.follower.stats if state.follower else None))
     m.registry.register(DependencyCollector(state.dependencies, lambda: state.event_log))
     m.registry.register(TrustCollector(trust))
+    m.registry.register(MonitorCollector(monitor))
     # dynamic batching (docs/serving.md): one forward pass for concurrent requests
     if config.service.dynamic_batching:
         state.batcher = PredictBatcher(config.service)

@@ -117,6 +117,7 @@ def register_commands() -> None:
         keys,  # flywheel keys init | show: the key that signs promotions
         learn,
         models,
+        monitor,  # flywheel monitor: live accuracy, label delay, CBPE, drift per version
         privacy,  # flywheel privacy report
         serve,
         status,  # flywheel status: every part's health, lag, spools, learners

@@ -12,7 +12,10 @@ and the browser (`/ui` and `/v1/review/...` in the service), so both show the sa
 * `store_views`: what the training store says (the data behind a version, the error mix,
   hourly accuracy, ε per source from the privacy ledger);
 * `decisions`: approve / reject with auto-promotion off;
-* `card`: a model card (markdown and plots).
+* `card`: a model card (markdown and plots);
+* `monitoring`: delayed-label monitoring of live traffic (`flywheel monitor`, `/metrics`,
+  `/ui`): live accuracy with its interval, label delay, unlabelled share, CBPE, input
+  drift (PSI against the trusted data) per version and segment, from the store only.
 
 Functions that read the registry take the process's one `Registry` (built where the process
 starts: the CLI command, the service), never build their own. Importing this package is cheap
@@ -30,6 +33,23 @@ from flywheel.review.decisions import (
     reject,
 )
 from flywheel.review.holdouts import LabelledSet, recent_holdout, score_doc, trusted_holdout
+from flywheel.review.monitoring import (
+    MIN_PSI_ROWS,
+    PSI_ALERT,
+    PSI_WATCH,
+    Reference,
+    cbpe,
+    delay_stats,
+    drift_level,
+    feature_psi,
+    live_report,
+    live_timeline,
+    load_reference,
+    nearest_rank,
+    parse_window,
+    psi,
+    wilson,
+)
 from flywheel.review.store_views import (
     accuracy_timeline,
     data_counts,
@@ -61,6 +81,21 @@ from flywheel.review.versions import (
 )
 
 __all__ = [
+    "MIN_PSI_ROWS",
+    "PSI_ALERT",
+    "PSI_WATCH",
+    "Reference",
+    "cbpe",
+    "delay_stats",
+    "drift_level",
+    "feature_psi",
+    "live_report",
+    "live_timeline",
+    "load_reference",
+    "nearest_rank",
+    "parse_window",
+    "psi",
+    "wilson",
     "ALL_TIME_HOURS",
     "APPROVED",
     "LINEAGE_KEYS",

@@ -39,6 +39,8 @@ from flywheel.review import (
     error_mix,
     gate_numbers,
     gate_passed,
+    live_report,
+    live_timeline,
     privacy_ledger,
     registry_docs,
     review_of,
@@ -266,6 +268,31 @@ def errors(state: State, hours: float = Query(24.0, gt=0, le=24 * 366)) -> dict[
         "versions": report["versions"],
         "points": timeline["points"],
     }
+
+
+@router.get("/monitor")
+def monitor(
+    state: State,
+    hours: float = Query(24.0, gt=0, le=24 * 366),
+    buckets: int = Query(24, ge=1, le=200),
+    segment: str | None = Query(None, max_length=200),
+) -> dict[str, Any]:
+    """Live monitoring from the store (`flywheel.review.live_report`): per version live
+    accuracy with its 95 % interval, label delay, unlabelled share, CBPE and input drift,
+    and the accuracy timeline in `buckets` spans (docs/monitoring.md). Bounded: at most
+    FLYWHEEL_LIVE_MONITOR_SAMPLE rows read per version."""
+    engine, why = state.store()
+    window_s = max(1.0, hours * 3600)
+    if engine is None:
+        return {"available": False, "note": why, "report": None, "timeline": None}
+    name = state.config.registry.model_name
+    sample = state.config.gate.live_monitor_sample
+    try:
+        report = live_report(engine, name, window_s=window_s, segment=segment, sample=sample)
+    except ValueError as exc:  # an unknown segment feature
+        raise BadRequest(str(exc), 422) from None
+    timeline = live_timeline(engine, name, window_s=window_s, buckets=buckets)
+    return {"available": True, "note": None, "report": report, "timeline": timeline}
 
 
 @router.get("/privacy", responses=REGISTRY_DOWN)

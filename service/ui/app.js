@@ -325,6 +325,74 @@ function drawAccuracy(points) {
   chart.append(svg("text", { x: w - pad.r - 90, y: h - 6 }, when(hours[hours.length - 1])));
 }
 
+// ---- live monitoring ----------------------------------------------------------------------
+
+const secs = (v) => (v === null || v === undefined ? "—"
+  : v >= 86400 ? (v / 86400).toFixed(1) + " d" : v >= 3600 ? (v / 3600).toFixed(1) + " h"
+  : v >= 60 ? (v / 60).toFixed(1) + " min" : v.toFixed(0) + " s");
+
+function renderLive(doc) {
+  const note = $("#live-note");
+  note.hidden = doc.available;
+  note.textContent = doc.available ? "" : `No live data: ${doc.note}`;
+  const body = $("#live tbody");
+  body.replaceChildren();
+  const versions = doc.report ? doc.report.versions : [];
+  for (const v of versions) {
+    const ci = v.accuracy === null ? "—"
+      : `${pct(v.accuracy)} [${pct(v.accuracy_low)}, ${pct(v.accuracy_high)}]`;
+    const d = v.drift;
+    const psi = d.max_psi === null ? "—" : `${num(d.max_psi)} ${d.max_feature} (${d.level})`;
+    const roles = (v.served_as || []).filter((r) => r !== "answered");
+    body.append(el("tr", { "data-version": v.version },
+      el("td", { text: "v" + v.version + (roles.length ? ` (${roles.join(", ")})` : "") }),
+      el("td", { class: "num", text: v.labelled }),
+      el("td", { class: "num", text: ci }),
+      el("td", { class: "num", text: num(v.cbpe_labelled) }),
+      el("td", { class: "num", text: `${secs(v.label_delay.p50_s)} / ${secs(v.label_delay.p90_s)}` }),
+      el("td", { class: "num", text: pct(v.unlabelled_share) }),
+      el("td", { class: "num", text: pct(v.missing_share) }),
+      el("td", { class: "num", text: num(v.cbpe_unlabelled) }),
+      el("td", { text: psi })));
+  }
+  drawLive(doc.timeline ? doc.timeline.points : []);
+}
+
+function drawLive(points) {
+  const chart = $("#live-chart");
+  const w = 1000, h = 220, pad = { l: 40, r: 90, t: 10, b: 24 };
+  const y = frame(chart, w, h, pad, 0, 1, [0, 0.5, 1], (t) => t.toFixed(1));
+  const spans = [...new Set(points.map((p) => p.start))].sort();
+  if (!spans.length) {
+    chart.append(svg("text", { x: w / 2 - 80, y: h / 2 }, "no labels in this window"));
+    return;
+  }
+  const step = (w - pad.l - pad.r) / Math.max(1, spans.length - 1);
+  const x = (s) => pad.l + (spans.length === 1 ? (w - pad.l - pad.r) / 2 : step * spans.indexOf(s));
+  const byVersion = {};
+  for (const p of points) (byVersion[p.version] ||= []).push(p);
+  Object.keys(byVersion).sort((a, b) => a - b).forEach((version, k) => {
+    const color = COLORS[k % COLORS.length];
+    const ps = byVersion[version];
+    const band = ps.map((p) => `${x(p.start)},${y(p.accuracy_high)}`)
+      .concat(ps.slice().reverse().map((p) => `${x(p.start)},${y(p.accuracy_low)}`));
+    chart.append(svg("polygon", { points: band.join(" "), fill: color, opacity: 0.12 }));
+    chart.append(svg("polyline", { points: ps.map((p) => `${x(p.start)},${y(p.accuracy)}`).join(" "),
+      fill: "none", stroke: color, "stroke-width": 2 }));
+    chart.append(svg("polyline", { points: ps.map((p) => `${x(p.start)},${y(p.cbpe)}`).join(" "),
+      fill: "none", stroke: color, "stroke-width": 1.5, "stroke-dasharray": "5 4" }));
+    for (const p of ps) {
+      const dot = svg("circle", { cx: x(p.start), cy: y(p.accuracy), r: 3, fill: color });
+      dot.append(svg("title", {}, `v${version} ${when(p.start)}: ${pct(p.accuracy)} ` +
+        `[${pct(p.accuracy_low)}, ${pct(p.accuracy_high)}] of ${p.labelled}, CBPE ${num(p.cbpe)}`));
+      chart.append(dot);
+    }
+    chart.append(svg("text", { x: w - pad.r + 8, y: pad.t + 14 * (k + 1), fill: color }, "v" + version));
+  });
+  chart.append(svg("text", { x: pad.l, y: h - 6 }, when(spans[0])));
+  chart.append(svg("text", { x: w - pad.r - 90, y: h - 6 }, when(spans[spans.length - 1])));
+}
+
 // ---- privacy ------------------------------------------------------------------------------
 
 function renderPrivacy(doc) {
@@ -381,6 +449,7 @@ async function refresh() {
     getJSON(API + "/pending").then(renderPending),
     getJSON(API + "/errors?hours=" + encodeURIComponent(hours)).then(renderErrors),
     getJSON(API + "/privacy").then(renderPrivacy),
+    getJSON(API + "/monitor?hours=" + encodeURIComponent(hours)).then(renderLive),
     getJSON("/v1/model").then((m) => {
       $("#serving").textContent = `serving v${m.version} (loaded ${when(m.loaded_at)})`;
     }).catch(() => { $("#serving").textContent = "no model loaded yet"; }),
