@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from datetime import UTC, datetime
 
 import pytest
-import uvicorn
 
-from flywheel.broker import free_port
 from flywheel.modelspec import ModelSpec, build_model
-from flywheel.service import GracefulServer, ModelHolder, ServedModel, ServiceConfig, create_app
+from flywheel.service import ModelHolder, ServedModel, ServiceConfig, create_app
 from flywheel.settings import Settings, prepare_home
 from flywheel.store import upgrade
 from tests.deadlines import deadline
 from tests.monitoring_rows import MODEL, fill
+from tests.serving import uvicorn_serving
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,41 +49,26 @@ def test_the_page_draws_live_accuracy_with_its_interval_and_cbpe(tmp_path, list_
     holder = ModelHolder()
     holder.swap(ServedModel.prepare(MODEL, "1", SPEC, build_model(SPEC)))
     app = create_app(ServiceConfig.of(settings), holder=holder, event_log=list_event_log())
-    port = free_port()
-    server = GracefulServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, name="test-monitor-ui", daemon=True)
-    thread.start()
-    try:
-        end = time.monotonic() + deadline(60)
-        while not server.started and thread.is_alive():
-            assert time.monotonic() < end, "the service did not start"
-            time.sleep(0.05)
-        assert server.started
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1800})
-                errors: list[str] = []
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.goto(f"http://127.0.0.1:{port}/ui/", wait_until="domcontentloaded")
-                page.wait_for_selector("body[data-loaded=true]", timeout=deadline(30_000))
-                rows = page.locator("#live tbody tr")
-                assert rows.count() == 3
-                v1 = page.locator("#live tbody tr[data-version='1']").inner_text()
-                assert "80.0 % [62.7 %, 90.5 %]" in v1
-                v3 = page.locator("#live tbody tr[data-version='3']").inner_text()
-                assert "0.700" in v3 and "(major)" in v3  # CBPE, and its shifted inputs
-                chart = page.locator("#live-chart")
-                assert chart.locator("polygon").count() == 2  # v1 and v2 have labels
-                assert chart.locator("polyline").count() == 4  # accuracy and CBPE each
-                assert chart.locator("circle").count() >= 2
-                assert "NaN" not in chart.inner_html()
-                assert page.locator("#live-note").is_hidden()
-                assert errors == [], errors  # no script error on the page
-            finally:
-                browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with uvicorn_serving(app, "test-monitor-ui", 60) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{url}/ui/", wait_until="domcontentloaded")
+            page.wait_for_selector("body[data-loaded=true]", timeout=deadline(30_000))
+            rows = page.locator("#live tbody tr")
+            assert rows.count() == 3
+            v1 = page.locator("#live tbody tr[data-version='1']").inner_text()
+            assert "80.0 % [62.7 %, 90.5 %]" in v1
+            v3 = page.locator("#live tbody tr[data-version='3']").inner_text()
+            assert "0.700" in v3 and "(major)" in v3  # CBPE, and its shifted inputs
+            chart = page.locator("#live-chart")
+            assert chart.locator("polygon").count() == 2  # v1 and v2 have labels
+            assert chart.locator("polyline").count() == 4  # accuracy and CBPE each
+            assert chart.locator("circle").count() >= 2
+            assert "NaN" not in chart.inner_html()
+            assert page.locator("#live-note").is_hidden()
+            assert errors == [], errors  # no script error on the page
+        finally:
+            browser.close()
