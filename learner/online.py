@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from flywheel.learner.example_source import ExampleSource, StoredExample, as_arr
 from flywheel.learner.exclusion import STATE_KEY as EXCLUDED_STATE
 from flywheel.learner.gate import GateResult, evaluate_gate
 from flywheel.learner.lease import LeaseKeeper, StepAbandoned
+from flywheel.learner.live import LiveJudge, LiveVerdict
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
@@ -114,6 +116,17 @@ class OnlineLearner:
         self.dependencies = DependencyStatus(("store", "registry"))
         self._policy = Backoff.of(config.retry)
         self._failures = 0
+        # live decisions (issue 28) run in the lineage's leased process, every
+        # FLYWHEEL_LIVE_JUDGE_INTERVAL_S, and move nothing without the lease
+        self.judge = LiveJudge(
+            config.gate,
+            config.kafka,
+            registry,
+            self.source.engine,
+            actor="flywheel-learner",
+            before_write=self._lease_check,
+        )
+        self._judged_at: float | None = None
 
     # ---- start and recovery -------------------------------------------------------------
     def start(self) -> None:
@@ -627,7 +640,30 @@ class OnlineLearner:
             actor="flywheel-learner",
             registry=self.registry,
             gate=summary,
+            guard=self.config.gate.live_guard,
         )
+
+    # ---- live decisions -----------------------------------------------------------------
+    def _lease_check(self) -> None:
+        self.lease.fence().check()  # the registry is outside the store: fail closed
+
+    def judge_if_due(self, now: float | None = None) -> list[LiveVerdict] | None:
+        """Run the live judge (learner/live.py) if FLYWHEEL_LIVE_JUDGE_INTERVAL_S has passed
+        since it last ran; its verdicts, or None when it was not due. A failure other than
+        a lost lease is logged and waits for the next interval: live decisions never stop
+        the learner."""
+        now = time.monotonic() if now is None else now
+        interval = self.config.gate.live_judge_interval_s
+        if self._judged_at is not None and now - self._judged_at < interval:
+            return None
+        self._judged_at = now
+        try:
+            return self.judge.step()
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            log.warning("live judge failed (next try in %.0f s): %s", interval, exc)
+            return None
 
     # ---- loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -658,6 +694,12 @@ class OnlineLearner:
                     stop.wait(self.failure_pause(exc))
                     continue
                 self.recovered()
+                try:
+                    self.judge_if_due()
+                except LeaseLost as exc:
+                    log.warning("learner %s goes back to standby: %s", self.lineage, exc)
+                    self.lease.drop()
+                    continue
                 if candidate is None:
                     stop.wait(self.config.learner.learn_poll_s)
         finally:
