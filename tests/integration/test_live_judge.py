@@ -139,3 +139,33 @@ def test_a_worse_champion_is_rolled_back_on_live_evidence(settings: Settings, mo
 
     # decided once: a second step records nothing new (the guard is gone)
     assert LiveJudge(settings.gate, settings.kafka, registry, engine).step() == []
+
+
+def test_the_leased_learner_runs_the_judge_every_interval(settings: Settings):
+    """`OnlineLearner.judge_if_due`: the judge acts under the learner's lease, once per
+    FLYWHEEL_LIVE_JUDGE_INTERVAL_S; without the lease it moves nothing."""
+    from flywheel.learner import LearnerConfig, OnlineLearner
+    from flywheel.store import LeaseLost
+
+    upgrade(settings.resolved_database_url)
+    engine = open_store(settings.resolved_database_url)
+    registry = Registry.of(settings)
+    v1 = _publish(registry, "")
+    registry.set_champion(v1)
+    v2 = _publish(registry, v1)
+    registry.set_role(v2, "shadow", reason="try it", actor="ops")
+    _outcomes(engine, registry.name, guard=v2, champion=v1)  # the shadow is better
+    learner = OnlineLearner(LearnerConfig.of(settings), registry)
+    with pytest.raises(LeaseLost):  # not holding the lineage's lease: nothing moves
+        learner.judge_if_due(now=0.0)
+    assert registry.roles() == {"champion": v1, "shadow": v2}
+    assert learner.lease.try_take()
+    try:
+        assert learner.judge_if_due(now=0.5) is None  # the failed try counted: not due yet
+        interval = settings.live_judge_interval_s
+        (verdict,) = learner.judge_if_due(now=interval + 0.1) or []
+        assert (verdict.role, verdict.action) == ("shadow", "promoted")
+        assert registry.roles() == {"champion": v2, "guard": v1}  # FLYWHEEL_LIVE_GUARD
+        assert registry.info(v2, with_run=False).tags["promoted_by"] == "flywheel-learner"
+    finally:
+        learner.lease.release()
