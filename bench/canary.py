@@ -153,8 +153,8 @@ def main(
     aa_runs: list[tuple[int | None, str | None]] = []
     gate = {"promote": [0, 0], "rollback": [0, 0], "aa": [0, 0]}  # passes at min, window
     models: list[dict[str, Any]] = []
-    per_seed_aa = -(-aa_trials // len(seed_list))
-    for seed in seed_list:
+    for k, seed in enumerate(seed_list):
+        per_seed_aa = aa_trials // len(seed_list) + (k < aa_trials % len(seed_list))
         x_old, y_old = _concept(OLD_VARIANT, TRAIN_ROWS, seed)
         x_new, y_new = _concept(NEW_VARIANT, TRAIN_ROWS, seed + 1)
         old = warm_model(x_old, y_old, 2, setup, seed)

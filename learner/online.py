@@ -54,7 +54,7 @@ LEDGER_TAG = "learner_ledger_row"  # the privacy ledger row the version is named
 
 @dataclass(frozen=True)
 class Candidate:
-    version: ModelVersion
+    version: ModelVersion | None  # None: rejected and not registered (gate_register_failed)
     parent_version: ModelVersion
     gate: GateResult
     promoted: bool
@@ -574,22 +574,27 @@ class OnlineLearner:
             **(privacy.params() if privacy else {"dp": False}),
         }
         self._between_steps()  # the last point where a stop leaves nothing published
-        self.lease.fence().check()  # MLflow is outside the store: fail closed right before
-        version = self.registry.publish(
-            self._spec, module, tags=tags, params=params, metrics=metrics
-        )
-        if privacy is not None and self._private is not None:
-            self._private.published(privacy, version, fence=self.lease.fence())
+        # FLYWHEEL_GATE_REGISTER_FAILED=false: a rejected candidate is not registered (a
+        # private one always is: the privacy ledger names the version its budget went to)
+        version: ModelVersion | None = None
+        if gate.passed or g.gate_register_failed or privacy is not None:
+            self.lease.fence().check()  # MLflow is outside the store: fail closed right before
+            version = self.registry.publish(
+                self._spec, module, tags=tags, params=params, metrics=metrics
+            )
+            if privacy is not None and self._private is not None:
+                self._private.published(privacy, version, fence=self.lease.fence())
         promoted = False
-        if gate.passed and g.auto_promote:
+        if version is not None and gate.passed and g.auto_promote:
             self._promote(version, summary)
             promoted, champion = True, version
             self._champion_cache = (version, copy.deepcopy(module))
-        elif gate.passed:
+        elif version is not None and gate.passed:
             self.registry.set_tags(version, {"review": "pending"})
         self._state.update(
             update=update,
-            working_version=version,
+            # not registered: a restart resumes from the last registered version
+            working_version=version or self._state.get("working_version"),
             champion_seen=champion,
             cursor=cursor.to_dict(),
             elastic=self._trainer.elastic.state(),
@@ -599,7 +604,9 @@ class OnlineLearner:
         self.source.save_state(
             self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
         )
-        self._cursor, self._working = cursor, version
+        self._cursor = cursor
+        if version is not None:  # else the line goes on in memory from the last registered
+            self._working = version
         dp_numbers = None
         if privacy is not None and privacy.plan is not None:
             dp_numbers = {
@@ -618,7 +625,7 @@ class OnlineLearner:
         self.stats.history.append(candidate)
         log.info(
             "candidate v%s from v%s on %d examples (lr %.4g): %s%s",
-            version,
+            version or "(not registered)",
             parent,
             len(used),
             lr,
