@@ -14,6 +14,10 @@ newer learner holds it, and the lease is checked right before each write outside
 store (MLflow publish, alias move); a learner that lost it publishes nothing and goes back
 to standby. A stop (SIGTERM) is checked between gradient steps: the step is abandoned,
 nothing of it is published, and the lease is let go.
+
+The same leased process runs the live judge (learner/live.py) every
+FLYWHEEL_LIVE_JUDGE_INTERVAL_S between steps: shadow, canary and guard pairs decided on live
+paired traffic, each move behind the same lease check.
 """
 
 from __future__ import annotations
