@@ -105,6 +105,12 @@ def test_a_worse_champion_is_rolled_back_on_live_evidence(settings: Settings, mo
         15,
     )
     assert registry.roles() == {"champion": v2, "guard": v1}
+    result = CliRunner().invoke(app, ["models", "judge"])  # piped: tab-separated rows
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith("guard\t"))
+    assert row.split("\t")[1:5] == [f"v{v1}", f"v{v2}", "300", "60 / 15"], row
+    assert row.split("\t")[-2:] == ["rolled_back", "none"], row
+    assert "read only" in result.stdout
 
     (verdict,) = LiveJudge(settings.gate, settings.kafka, registry, engine).step()
 
