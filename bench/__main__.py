@@ -31,6 +31,7 @@ BENCHMARKS = (
     "startup",
     "storage",
     "faults",
+    "canary",
 )
 
 app = typer.Typer(

@@ -58,7 +58,7 @@ def run_loop(home: Path, requests: int, rate: float, follow_events: bool) -> dic
         history = list(learner.stats.history)
         learned = learned_examples(s)
     fresh = freshness(
-        result.trace, learned, [(c.version, c.last_id) for c in history if c.promoted]
+        result.trace, learned, [(c.version, c.last_id) for c in history if c.promoted and c.version]
     )
     fresh.sort()
     return {

@@ -13,7 +13,7 @@ import logging
 from flywheel.events import ModelEvent, utcnow
 from flywheel.kafka_security import kafka_python_options
 from flywheel.registry import ModelVersion, Registry
-from flywheel.settings import KafkaSettings
+from flywheel.settings import GUARD_ALIAS, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,19 @@ def promote(
     actor: str | None = None,
     notify: bool = True,
     gate: str | None = None,
+    guard: bool = False,
 ) -> ModelEvent:
     """Make `version` the champion and announce it on `kafka`'s model-events topic.
 
     The promotion is signed (flywheel.signing): on `gate`, the passed gate result the
     caller computed itself (the learner, the federated server), or else as `actor`'s
     approval for `reason` (a reviewer, `flywheel models promote`).
+
+    `guard=True` (the learner and the live judge pass FLYWHEEL_LIVE_GUARD): the champion
+    this replaces becomes the `guard` (issue 28), scored beside the new one on live
+    traffic so that the live judge (learner/live.py) rolls back a new champion worse than
+    it. A guard that cannot be set (no signing key for it, a registry error) is logged,
+    not raised: the promotion itself has happened.
 
     `notify=False` leaves the announcement to the caller, who then learns from
     `announce`'s result whether services were told (the CLI reports it). `registry` is the
@@ -59,7 +66,40 @@ def promote(
     if notify:
         announce(kafka, event)
     log.info("promoted %s v%s (was v%s): %s", registry.name, version, previous, reason)
+    if guard and previous is not None and previous != version:
+        _set_guard(kafka, registry, previous, version, actor=actor, notify=notify)
     return event
+
+
+def _set_guard(
+    kafka: KafkaSettings,
+    registry: Registry,
+    previous: ModelVersion,
+    version: ModelVersion,
+    *,
+    actor: str,
+    notify: bool,
+) -> None:
+    reason = f"replaced as champion by v{version}: guards it on live traffic"
+    try:
+        was = registry.set_role(previous, GUARD_ALIAS, reason=reason, actor=actor)
+    except Exception as exc:  # the promotion stands; the new champion goes unguarded
+        log.warning("v%s could not become the guard of v%s: %s", previous, version, exc)
+        return
+    if notify:
+        announce(
+            kafka,
+            ModelEvent(
+                kind="role_changed",
+                model_name=registry.name,
+                version=previous,
+                previous_version=was,
+                reason=reason,
+                actor=actor,
+                timestamp=utcnow(),
+                role=GUARD_ALIAS,
+            ),
+        )
 
 
 def rollback(

@@ -733,6 +733,11 @@ class _GateFields(_Fields):
         description="When recent data contradicts the trusted holdout (z ≥ 3 both ways): "
         "follow waives the trusted check, hold keeps it binding.",
     )
+    gate_register_failed: bool = Field(
+        True,
+        description="Register candidates that fail the gate too (for the record); false: "
+        "only passed ones (private candidates always: the ledger names their version).",
+    )
     live_shadow_share: float = Field(
         0.1,
         ge=0,
@@ -1137,7 +1142,7 @@ class FeedbackSettings(_FeedbackFields):
 
 class GateSettings(_GateFields):
     """`auto_promote`, `gate_tolerance`, `gate_recent_holdout`, `gate_min_holdout`,
-    `gate_concept_change`, and live evaluation: `live_*`."""
+    `gate_concept_change`, `gate_register_failed`, and live evaluation: `live_*`."""
 
     model_config = _GROUP_CONFIG
 

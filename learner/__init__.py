@@ -31,11 +31,16 @@ from flywheel.learner.init import (
     write_demo_csv,
 )
 from flywheel.learner.lease import LeaseKeeper, StepAbandoned
+from flywheel.learner.live import JUDGED_ROLES, LiveJudge, LiveVerdict, judge_counts
 from flywheel.learner.online import Candidate, LearnerStats, OnlineLearner
 from flywheel.learner.seed_model import default_spec, ensure_champion, train_seed_model
 from flywheel.learner.trainer import OnlineTrainer, Reservoir, TrainerConfig, UpdateStats
 
 __all__ = [
+    "JUDGED_ROLES",
+    "LiveJudge",
+    "LiveVerdict",
+    "judge_counts",
     "SPLIT_RULE",
     "UNKNOWN",
     "BackgroundConfig",

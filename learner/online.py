@@ -14,6 +14,10 @@ newer learner holds it, and the lease is checked right before each write outside
 store (MLflow publish, alias move); a learner that lost it publishes nothing and goes back
 to standby. A stop (SIGTERM) is checked between gradient steps: the step is abandoned,
 nothing of it is published, and the lease is let go.
+
+The same leased process runs the live judge (learner/live.py) every
+FLYWHEEL_LIVE_JUDGE_INTERVAL_S between steps: shadow, canary and guard pairs decided on live
+paired traffic, each move behind the same lease check.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +41,7 @@ from flywheel.learner.example_source import ExampleSource, StoredExample, as_arr
 from flywheel.learner.exclusion import STATE_KEY as EXCLUDED_STATE
 from flywheel.learner.gate import GateResult, evaluate_gate
 from flywheel.learner.lease import LeaseKeeper, StepAbandoned
+from flywheel.learner.live import LiveJudge, LiveVerdict
 from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
@@ -52,7 +58,7 @@ LEDGER_TAG = "learner_ledger_row"  # the privacy ledger row the version is named
 
 @dataclass(frozen=True)
 class Candidate:
-    version: ModelVersion
+    version: ModelVersion | None  # None: rejected and not registered (gate_register_failed)
     parent_version: ModelVersion
     gate: GateResult
     promoted: bool
@@ -114,6 +120,17 @@ class OnlineLearner:
         self.dependencies = DependencyStatus(("store", "registry"))
         self._policy = Backoff.of(config.retry)
         self._failures = 0
+        # live decisions (issue 28) run in the lineage's leased process, every
+        # FLYWHEEL_LIVE_JUDGE_INTERVAL_S, and move nothing without the lease
+        self.judge = LiveJudge(
+            config.gate,
+            config.kafka,
+            registry,
+            self.source.engine,
+            actor="flywheel-learner",
+            before_write=self._lease_check,
+        )
+        self._judged_at: float | None = None
 
     # ---- start and recovery -------------------------------------------------------------
     def start(self) -> None:
@@ -561,22 +578,27 @@ class OnlineLearner:
             **(privacy.params() if privacy else {"dp": False}),
         }
         self._between_steps()  # the last point where a stop leaves nothing published
-        self.lease.fence().check()  # MLflow is outside the store: fail closed right before
-        version = self.registry.publish(
-            self._spec, module, tags=tags, params=params, metrics=metrics
-        )
-        if privacy is not None and self._private is not None:
-            self._private.published(privacy, version, fence=self.lease.fence())
+        # FLYWHEEL_GATE_REGISTER_FAILED=false: a rejected candidate is not registered (a
+        # private one always is: the privacy ledger names the version its budget went to)
+        version: ModelVersion | None = None
+        if gate.passed or g.gate_register_failed or privacy is not None:
+            self.lease.fence().check()  # MLflow is outside the store: fail closed right before
+            version = self.registry.publish(
+                self._spec, module, tags=tags, params=params, metrics=metrics
+            )
+            if privacy is not None and self._private is not None:
+                self._private.published(privacy, version, fence=self.lease.fence())
         promoted = False
-        if gate.passed and g.auto_promote:
+        if version is not None and gate.passed and g.auto_promote:
             self._promote(version, summary)
             promoted, champion = True, version
             self._champion_cache = (version, copy.deepcopy(module))
-        elif gate.passed:
+        elif version is not None and gate.passed:
             self.registry.set_tags(version, {"review": "pending"})
         self._state.update(
             update=update,
-            working_version=version,
+            # not registered: a restart resumes from the last registered version
+            working_version=version or self._state.get("working_version"),
             champion_seen=champion,
             cursor=cursor.to_dict(),
             elastic=self._trainer.elastic.state(),
@@ -586,7 +608,9 @@ class OnlineLearner:
         self.source.save_state(
             self.lineage, self._state, cursor.watermark, fence=self.lease.fence()
         )
-        self._cursor, self._working = cursor, version
+        self._cursor = cursor
+        if version is not None:  # else the line goes on in memory from the last registered
+            self._working = version
         dp_numbers = None
         if privacy is not None and privacy.plan is not None:
             dp_numbers = {
@@ -605,7 +629,7 @@ class OnlineLearner:
         self.stats.history.append(candidate)
         log.info(
             "candidate v%s from v%s on %d examples (lr %.4g): %s%s",
-            version,
+            version or "(not registered)",
             parent,
             len(used),
             lr,
@@ -627,7 +651,30 @@ class OnlineLearner:
             actor="flywheel-learner",
             registry=self.registry,
             gate=summary,
+            guard=self.config.gate.live_guard,
         )
+
+    # ---- live decisions -----------------------------------------------------------------
+    def _lease_check(self) -> None:
+        self.lease.fence().check()  # the registry is outside the store: fail closed
+
+    def judge_if_due(self, now: float | None = None) -> list[LiveVerdict] | None:
+        """Run the live judge (learner/live.py) if FLYWHEEL_LIVE_JUDGE_INTERVAL_S has passed
+        since it last ran; its verdicts, or None when it was not due. A failure other than
+        a lost lease is logged and waits for the next interval: live decisions never stop
+        the learner."""
+        now = time.monotonic() if now is None else now
+        interval = self.config.gate.live_judge_interval_s
+        if self._judged_at is not None and now - self._judged_at < interval:
+            return None
+        self._judged_at = now
+        try:
+            return self.judge.step()
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            log.warning("live judge failed (next try in %.0f s): %s", interval, exc)
+            return None
 
     # ---- loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -658,6 +705,12 @@ class OnlineLearner:
                     stop.wait(self.failure_pause(exc))
                     continue
                 self.recovered()
+                try:
+                    self.judge_if_due()
+                except LeaseLost as exc:
+                    log.warning("learner %s goes back to standby: %s", self.lineage, exc)
+                    self.lease.drop()
+                    continue
                 if candidate is None:
                     stop.wait(self.config.learner.learn_poll_s)
         finally:

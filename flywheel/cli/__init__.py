@@ -114,6 +114,7 @@ def register_commands() -> None:
         fed,  # flywheel fed superlink | server | client | register | demo
         feedback,
         init,  # flywheel init: a data set file -> trusted set, schema, v1
+        judge,  # flywheel models judge: live pairs' evidence and verdicts (issue 28)
         keys,  # flywheel keys init | show: the key that signs promotions
         learn,
         models,

@@ -146,7 +146,9 @@ def demo(
         for c in history
     ]
     fresh = freshness(
-        result.trace, learned_examples(s), [(c.version, c.last_id) for c in history if c.promoted]
+        result.trace,
+        learned_examples(s),
+        [(c.version, c.last_id) for c in history if c.promoted and c.version],
     )
     summary = summarize(
         result.trace, candidates=candidates, fresh=fresh, elapsed_s=result.elapsed_s

@@ -89,7 +89,8 @@ def learn(
             typer.echo(
                 f"no candidate: fewer than {settings.learn_batch} new trainable examples"
                 if candidate is None
-                else f"v{candidate.version} from v{candidate.parent_version}: "
+                else f"{'v' + candidate.version if candidate.version else 'not registered'}"
+                f" from v{candidate.parent_version}: "
                 f"{candidate.gate.summary()}{' (promoted)' if candidate.promoted else ''}"
             )
             return

@@ -784,6 +784,7 @@ class FederatedRun:
                 actor=ACTOR,
                 registry=self.registry,
                 gate=gate.summary(),
+                guard=s.gate.live_guard,  # the replaced champion guards it (issue 28)
             )
             summary.promoted = True
         elif gate.passed:
