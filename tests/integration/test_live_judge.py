@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flywheel.broker import read_topic
-from flywheel.cli import _register, app
+from flywheel.cli import app, register_commands
 from flywheel.events import ModelEvent
 from flywheel.learner import LiveJudge
 from flywheel.modelspec import ModelSpec, build_model
@@ -23,7 +23,7 @@ from flywheel.settings import Settings
 from flywheel.store import Outcome, open_store, session_factory, upgrade
 
 pytestmark = pytest.mark.integration
-_register()
+register_commands()
 
 
 def _publish(registry: Registry, parent: str) -> ModelVersion:
