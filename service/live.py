@@ -20,7 +20,9 @@ client.
 
 The decisions are hashes, not draws, so a test (or an operator) can tell which requests
 a share selects: `in_share(text, share)` is blake2b of the text, read as a number in
-[0, 1). About 0.4 us per row on the path (`bench serve --compare shadow`).
+[0, 1): about 1 us per row on the path. At the default 10 % share a shadow cost 0.96x
+throughput and 0.98x p99 against the champion alone (`bench serve --compare shadow`,
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,14 +46,41 @@ from flywheel.service.model_holder import ServedModel, ServedSet
 from flywheel.service.spool import Record
 from flywheel.settings import GateSettings
 
-__all__ = ["ROUTING_HEADER", "SCORE_QUEUE", "LivePlan", "LiveRouter", "in_share", "score_payload"]
+__all__ = [
+    "ROUTING_HEADER",
+    "SCORE_LINGER_S",
+    "SCORE_QUEUE",
+    "LivePlan",
+    "LiveRouter",
+    "in_share",
+    "score_payload",
+]
 
 log = logging.getLogger(__name__)
 ROUTING_HEADER = "x-flywheel-routing-key"  # HTTP headers are case-insensitive
 # requests waiting to be scored off the path; beyond it their rows are dropped (counted):
 # ~1 s of sampled traffic at 10,000 requests/s and the default 10 % share
 SCORE_QUEUE = 1024
+# how long the scoring thread waits for more requests' rows before a forward pass: one pass
+# (and one wake-up taking the GIL from the request loop) per ~20 per second instead of one
+# per sampled request; the event log's sender lingers for the same reason
+SCORE_LINGER_S = 0.05
 _SCALE = float(2**64)
+
+
+def _merged(jobs: list[_Job]) -> list[_Job]:
+    """Jobs with the same scorers (the same models in the same roles) as one job."""
+    groups: dict[tuple[tuple[str, int], ...], list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple((r, id(m)) for r, m in job.scorers), []).append(job)
+    out = []
+    for same in groups.values():
+        if len(same) == 1:
+            out.append(same[0])
+        else:
+            ids = [i for job in same for i in job.ids]
+            out.append(_Job(np.concatenate([job.x for job in same]), ids, same[0].scorers))
+    return out
 
 
 def in_share(text: str, share: float) -> bool:
@@ -143,6 +172,7 @@ class LiveRouter:
         event_log: Callable[[], EventLog | None],
         *,
         max_pending: int = SCORE_QUEUE,
+        linger_s: float = SCORE_LINGER_S,
     ) -> None:
         self.shadow_share = gate.live_shadow_share
         self.canary_share = gate.live_canary_share
@@ -150,6 +180,8 @@ class LiveRouter:
         self._event_log = event_log
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self.linger_s = linger_s
         self.scores = Counter(
             "flywheel_live_scores",
             "Scores logged to the scores topic by versions that did not answer, by role "
@@ -216,6 +248,7 @@ class LiveRouter:
         """Score what is queued, then stop (before the event log closes, so it is logged)."""
         if self._thread is None:
             return
+        self._closing.set()  # no more lingering: score what is queued now
         try:
             self._queue.put(None, timeout=timeout_s)
         except queue.Full:
@@ -235,16 +268,27 @@ class LiveRouter:
         return done.wait(timeout_s)
 
     def _run(self) -> None:
+        """Take a job, linger `linger_s` so the jobs of the next requests join it, then
+        score them all in one forward pass per scorer."""
         while True:
-            job = self._queue.get()
+            jobs = [self._queue.get()]
+            if jobs[0] is not None and self.linger_s:
+                self._closing.wait(self.linger_s)
+            while True:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if job is None:
-                    return
-                self.score(job)
-            except Exception:  # never let the thread die: one job's rows are lost
+                for job in _merged([j for j in jobs if j is not None]):
+                    self.score(job)
+            except Exception:  # never let the thread die: these jobs' rows are lost
                 log.exception("live scoring failed")
             finally:
-                self._queue.task_done()
+                for _ in jobs:
+                    self._queue.task_done()
+            if any(j is None for j in jobs):
+                return
 
     def score(self, job: _Job) -> None:
         """Each scorer's probabilities for the job's rows, logged as ScoreEvents."""
@@ -272,4 +316,8 @@ class LiveRouter:
             if n_ok < n:
                 self.dropped.labels(model.version, role, "not_finite").inc(n - n_ok)
         if records and event_log is not None:
-            event_log.log_many(records)
+            # as a durable write, not `log_many`: a record nobody waits for, first in the
+            # sender's queue, makes the sender linger (50 ms) before its flush, and every
+            # durable prediction that arrived meanwhile waited with it (p99 ~60 ms, 0.53x
+            # throughput in `bench serve --compare shadow`). Nobody waits on the future.
+            event_log.log_durable(records)
