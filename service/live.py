@@ -214,8 +214,9 @@ class LiveRouter:
                 if key is not None
                 else random.random() < self.canary_share
             )
-            if hit:
-                return LivePlan(canary, served.scorers(), served.champion)
+            if hit:  # a version never scores a prediction it answered itself
+                scorers = [(r, m) for r, m in served.scorers() if m.version != canary.version]
+                return LivePlan(canary, scorers, served.champion)
         return LivePlan(served.champion, served.scorers())
 
     def after(self, plan: LivePlan, x: np.ndarray, predictions: list[dict[str, Any]]) -> None:

@@ -153,8 +153,14 @@ class ServedSet:
         return self.shadow is None and self.canary is None and self.guard is None
 
     def scorers(self) -> list[tuple[str, ServedModel]]:
-        """(role, model) of the versions that score sampled requests off the path."""
-        return [(r, m) for r, m in (("shadow", self.shadow), ("guard", self.guard)) if m]
+        """(role, model) of the versions that score sampled requests off the path: the
+        shadow and the guard, once per version (two aliases may name the same one: it
+        scores once, as the shadow)."""
+        out: list[tuple[str, ServedModel]] = []
+        for role, model in (("shadow", self.shadow), ("guard", self.guard)):
+            if model is not None and all(m.version != model.version for _, m in out):
+                out.append((role, model))
+        return out
 
     def with_champion(self, model: ServedModel) -> ServedSet:
         """This set with `model` as champion; a role held by `model`'s version is dropped."""

@@ -84,6 +84,20 @@ def test_without_a_routing_key_each_request_draws():
     assert [(role, m.version) for role, m in plan.scorers] == [("shadow", "3"), ("guard", "4")]
 
 
+def test_a_version_scores_each_prediction_once_and_never_one_it_answered():
+    one, two, three = model("1"), model("2"), model("3")
+    # the same version as shadow and guard: it scores once, as the shadow
+    assert [(r, m.version) for r, m in ServedSet(one, shadow=two, guard=two).scorers()] == [
+        ("shadow", "2")
+    ]
+    # the canary is also the shadow: on the requests it answers it does not score itself
+    served = ServedSet(one, canary=two, shadow=two, guard=three)
+    plan = router(live_canary_share=1.0).route(served, {ROUTING_HEADER: "k"})
+    assert plan.answering is two and [(r, m.version) for r, m in plan.scorers] == [("guard", "3")]
+    plan = router(live_canary_share=0.0).route(served, {ROUTING_HEADER: "k"})
+    assert plan.answering is one and [m.version for _, m in plan.scorers] == ["2", "3"]
+
+
 # --- the served set -----------------------------------------------------------------------------
 
 
