@@ -212,7 +212,10 @@ class ModelFollower:
             return None
         self.status.up("registry")
         swapped = self._follow_champion(registry, wanted.get(CHAMPION_ALIAS))
-        self._follow_roles(registry, wanted)
+        # no champion named: the registry did not really answer (`Registry.roles()` reads a
+        # failed MLflow call as no aliases at all), so the roles held stay as they are
+        if CHAMPION_ALIAS in wanted:
+            self._follow_roles(registry, wanted)
         return swapped
 
     def _follow_champion(

@@ -171,3 +171,18 @@ def test_a_role_of_another_input_width_is_refused(tmp_path):
     f.check()
     assert held(holder) == {"champion": "1"} and f.stats.refused == 1
     assert "reads 4 inputs, the champion 3" in (f.stats.last_error or "")
+
+
+def test_an_answer_without_a_champion_keeps_the_roles(tmp_path):
+    """`Registry.roles()` reads a failed MLflow call as no aliases: that must not unload
+    the shadow and the canary during a registry outage."""
+    reg = RolesRegistry(champion="1", shadow="2", canary="3")
+    holder = serving("1")
+    f = follower(tmp_path, reg, holder)
+    f.check()
+    reg.aliases = {}
+    f.check()
+    assert held(holder) == {"champion": "1", "shadow": "2", "canary": "3"}
+    reg.aliases = {"champion": "1", "canary": "3"}  # back, the shadow gone meanwhile
+    f.check()
+    assert held(holder) == {"champion": "1", "canary": "3"}
