@@ -14,7 +14,12 @@ import torch
 from typer.testing import CliRunner
 
 from flywheel.broker import ensure_topics, read_topic
-from flywheel.cli import _register, app
+from flywheel.cli import app
+
+try:  # the public name on main (flywheel.cli.register_commands) ...
+    from flywheel.cli import register_commands  # type: ignore[attr-defined]
+except ImportError:  # ... the private one on this branch's base: drop once merged
+    from flywheel.cli import _register as register_commands
 from flywheel.events import ModelEvent, PredictionEvent, ScoreEvent
 from flywheel.learner import default_spec
 from flywheel.modelspec import build_model
@@ -28,7 +33,7 @@ from .conftest import consume
 from .test_hot_swap import ROWS, SWAP_S, TAGS, publish_variant, serving, wait_for
 
 pytestmark = pytest.mark.integration
-_register()
+register_commands()
 SHARE = 0.5  # both shares: about half the keys and half the rows, so both sides show
 
 

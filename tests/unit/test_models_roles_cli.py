@@ -14,14 +14,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from flywheel.cli import _register, app
+from flywheel.cli import app
+
+try:  # the public name on main (flywheel.cli.register_commands) ...
+    from flywheel.cli import register_commands  # type: ignore[attr-defined]
+except ImportError:  # ... the private one on this branch's base: drop once merged
+    from flywheel.cli import _register as register_commands
 from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import default_actor
 from flywheel.registry import Registry
 from flywheel.settings import Settings, prepare_home
 from flywheel.signing import default_key_paths, load_public_keys, verify
 
-_register()
+register_commands()
 runner = CliRunner()
 
 
