@@ -323,9 +323,7 @@ def log_metrics(port: int) -> dict[str, float]:
         name, _, value = line.partition(" ")
         if name in wanted:
             out[wanted[name]] = float(value)
-        elif name.startswith(
-            ("flywheel_live_scores_total{", "flywheel_live_scores_dropped_total{")
-        ):
+        elif name.startswith(("flywheel_scores_logged_total{", "flywheel_scores_dropped_total{")):
             key = "live_dropped" if "dropped" in name else "live_scores"  # summed over labels
             out[key] = out.get(key, 0.0) + float(value)
     return out

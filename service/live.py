@@ -183,14 +183,14 @@ class LiveRouter:
         self._closing = threading.Event()
         self.linger_s = linger_s
         self.scores = Counter(
-            "flywheel_live_scores",
+            "flywheel_scores_logged",
             "Scores logged to the scores topic by versions that did not answer, by role "
             "(shadow, guard; champion beside a canary)",
             ["model_version", "role"],
             registry=registry,
         )
         self.dropped = Counter(
-            "flywheel_live_scores_dropped",
+            "flywheel_scores_dropped",
             "Rows a shadow, guard or paired champion did not score: the scoring queue was "
             "full (queue_full), its output was not finite, or it failed (error)",
             ["model_version", "role", "reason"],

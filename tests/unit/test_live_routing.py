@@ -211,7 +211,7 @@ def test_the_response_does_not_wait_for_a_slow_shadow(app_with):
     assert [p.id for p in preds] == ids and {p.model_version for p in preds} == {"1"}
     assert sorted(s.prediction_id for s in scores) == sorted(ids)
     assert {(s.model_version, s.role) for s in scores} == {("2", "shadow")}
-    assert metric(client, "flywheel_live_scores_total", model_version="2", role="shadow") == 5
+    assert metric(client, "flywheel_scores_logged_total", model_version="2", role="shadow") == 5
 
 
 def test_a_full_scoring_queue_drops_and_counts_never_blocks(list_event_log):
@@ -238,8 +238,7 @@ def test_a_full_scoring_queue_drops_and_counts_never_blocks(list_event_log):
             request(2)  # returns at once although nothing is scored
         text = generate_latest(metrics).decode()
         assert (
-            'flywheel_live_scores_dropped_total{model_version="2",reason="queue_full",'
-            'role="shadow"} 4.0'
+            'flywheel_scores_dropped_total{model_version="2",reason="queue_full",role="shadow"} 4.0'
         ) in text
         slow.gate.set()
         assert live.wait_idle(10) and log.wait_idle(10)
@@ -341,6 +340,6 @@ def test_a_champion_alone_logs_no_scores(app_with):
             "loaded_at": client.get("/v1/model").json()["loaded_at"],
         }
     }
-    assert b"flywheel_live_scores_total{" not in generate_latest(
+    assert b"flywheel_scores_logged_total{" not in generate_latest(
         client.app.state.service.metrics.registry
     )
