@@ -13,8 +13,15 @@ and weights (its `Encode` layer included), so `POST /v1/predict` takes the raw v
 the schema encodes named rows to, pre-encoded by the client. It is the baseline of
 `bench serve --compare named`: the same forward pass, without named rows.
 
+`--live ROLE` (repeatable: shadow, canary, guard) serves, beside the champion, a variant
+of the same module (its weights moved by seeded noise, so it answers differently) in each
+role, at the default shares (FLYWHEEL_LIVE_*_SHARE), its scores logged to
+`--scores-topic`. It is the measured side of `bench serve --compare shadow`; the canary
+bench can use `--live canary` the same way.
+
     python -m bench._server --model DIR --port P --logging on|off --bootstrap H:P --home DIR
-        [--durability fast|durable] [--corrections-topic T]
+        [--durability fast|durable] [--corrections-topic T] [--live ROLE ...]
+        [--scores-topic T]
 """
 
 from __future__ import annotations
@@ -106,12 +113,16 @@ def build_app(
     vectors: bool = False,
     durability: str = "durable",
     corrections_topic: str | None = None,
+    live: tuple[str, ...] = (),
+    scores_topic: str | None = None,
 ):
-    """The app exactly as production wires it, but with a model from a local folder."""
+    """The app exactly as production wires it, but with a model from a local folder (and
+    a variant of it in each `live` role)."""
     from flywheel.artifacts import load_model
     from flywheel.service import (
         ModelHolder,
         ServedModel,
+        ServedSet,
         ServiceConfig,
         create_app,
         kafka_event_log,
@@ -123,6 +134,8 @@ def build_app(
         overrides["topic_predictions"] = topic
     if corrections_topic:
         overrides["topic_corrections"] = corrections_topic
+    if scores_topic:
+        overrides["topic_scores"] = scores_topic
     overrides["prediction_durability"] = durability
     settings = Settings(**overrides)  # type: ignore[arg-type]
     prepare_home(settings)
@@ -130,7 +143,12 @@ def build_app(
     if vectors:  # the same module; the service sees no schema, so it takes raw vectors
         spec = spec.model_copy(update={"schema_": None})
     holder = ModelHolder()
-    holder.swap(ServedModel.prepare(MODEL_NAME, MODEL_VERSION, spec, module))
+    champion = ServedModel.prepare(MODEL_NAME, MODEL_VERSION, spec, module)
+    roles = {
+        role: ServedModel.prepare(MODEL_NAME, str(i), spec, _variant(module, seed=i))
+        for i, role in enumerate(live, start=2)
+    }
+    holder.swap_set(ServedSet(champion, **roles))
     event_log = (
         kafka_event_log(settings.kafka, settings.event_log, settings.state)
         if logging_on
@@ -139,6 +157,21 @@ def build_app(
     if logging_on and durability == "fast":
         event_log = cast("EventLog", QueuedOnlyEventLog(event_log))
     return create_app(ServiceConfig.of(settings), holder=holder, event_log=event_log)
+
+
+def _variant(module, seed: int):
+    """A copy of `module` with every weight moved by seeded noise (another version)."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         "(the service); fast: once they are queued (the behaviour before issue 27)",
     )
     p.add_argument("--corrections-topic", help="corrections topic (default: the settings')")
+    p.add_argument(
+        "--live",
+        action="append",
+        choices=("shadow", "canary", "guard"),
+        default=[],
+        help="also serve a variant of the model in this role (repeatable)",
+    )
+    p.add_argument("--scores-topic", help="scores topic (default: the settings')")
     args = p.parse_args(argv)
     if args.logging == "on" and not args.bootstrap:
         p.error("--logging on needs --bootstrap")
@@ -181,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         args.vectors,
         args.durability,
         args.corrections_topic,
+        tuple(args.live),
+        args.scores_topic,
     )
     uvicorn.run(
         app, host="127.0.0.1", port=args.port, workers=1, access_log=False, log_level="warning"

@@ -28,6 +28,12 @@ and once with FLYWHEEL_AUTH=on (`keys`): every request carries an app key, check
 middleware against the key cache (`flywheel.service.auth`); the store behind it is the
 server's SQLite file. Every other mode runs with FLYWHEEL_AUTH=off (`_child_env`).
 
+`--compare shadow` (issue 28): logging on both sides, once with the champion alone and
+once (`shadow`) with a shadow beside it (`bench._server --live shadow`, another version's
+weights) at the default FLYWHEEL_LIVE_SHADOW_SHARE (10 %): the sampled requests are
+scored by the shadow on the service's background thread and each score is logged to a
+scores topic of its own, read back after the round. Target: throughput at least 0.9x.
+
 `--compare ratelimit`: keys on and logging off on both sides (`keys` as above), once
 without rate limits and once (`limited`) with FLYWHEEL_RATE_PREDICT set far above the load
 (10^9 requests/s, never hit): every request takes a token from its app's bucket
@@ -98,6 +104,14 @@ DURABLE_MEANS = (
 LIMITED_MEANS = (
     "limited = keys, plus FLYWHEEL_RATE_PREDICT=1e9 (a token bucket per app, never empty)"
 )
+# issue 28: shadow scoring at the default share against the champion alone
+SHADOW_THROUGHPUT_TARGET = 0.9  # rps_shadow / rps_champion must be at least this
+CHAMPION_MEANS = "champion = the champion alone, logging on"
+SHADOW_MEANS = (
+    "shadow = the champion plus a shadow (another version) scoring the default 10 % of "
+    "requests off the request path, its scores logged to Kafka"
+)
+SCORES_PREFIX = "bench.scores"
 RATELIMIT_LIMIT = "1000000000"  # requests/s: far above any load here, never refused
 # issue 26: app keys on against off
 AUTH_THROUGHPUT_TARGET = 0.95  # rps_keys / rps_open must be at least this
@@ -109,6 +123,7 @@ COMPARISONS = {  # --compare: (baseline mode, measured mode)
     "predictions": ("fast", "durable"),
     "auth": ("open", "keys"),
     "ratelimit": ("keys", "limited"),
+    "shadow": ("champion", "shadow"),
 }
 TARGETS = {  # --compare: (throughput ratio at least, p99 ratio at most or None: reported)
     "logging": (THROUGHPUT_TARGET, P99_TARGET),
@@ -118,6 +133,7 @@ TARGETS = {  # --compare: (throughput ratio at least, p99 ratio at most or None:
     "auth": (AUTH_THROUGHPUT_TARGET, AUTH_P99_TARGET),
     # issue 26: rate limits on (not hit) against off, keys on both sides
     "ratelimit": (AUTH_THROUGHPUT_TARGET, AUTH_P99_TARGET),
+    "shadow": (SHADOW_THROUGHPUT_TARGET, None),
 }
 PATHS = {"corrections": "/v1/corrections"}  # the POST endpoint, /v1/predict if not here
 UNLOGGED = ("off", "open", "keys", "limited")  # modes whose server discards its records
@@ -148,6 +164,7 @@ class Run:
     backlog_at_end: int | None = None  # records not yet acknowledged when the load stopped
     drain_s: float | None = None
     log_stats: dict[str, float] = field(default_factory=dict)
+    scores_logged: int | None = None  # --compare shadow: records on the scores topic
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -191,6 +208,7 @@ def start_server(
     cpus: set[int] | None = None,
     vectors: bool = False,
     corrections_topic: str | None = None,
+    scores_topic: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """In its own session, so that stopping it reaches every process it may have started.
     `mode` is off (no logging), on, vector (on, the model served without its schema),
@@ -218,6 +236,8 @@ def start_server(
         cmd += ["--durability", mode]
     if corrections_topic:
         cmd += ["--corrections-topic", corrections_topic]
+    if mode == "shadow":
+        cmd += ["--live", "shadow", "--scores-topic", str(scores_topic)]
     env = _child_env() | ({"FLYWHEEL_AUTH": "on"} if mode in ("keys", "limited") else {})
     if mode == "limited":
         env["FLYWHEEL_RATE_PREDICT"] = RATELIMIT_LIMIT
@@ -303,6 +323,9 @@ def log_metrics(port: int) -> dict[str, float]:
         name, _, value = line.partition(" ")
         if name in wanted:
             out[wanted[name]] = float(value)
+        elif name.startswith(("flywheel_scores_logged_total{", "flywheel_scores_dropped_total{")):
+            key = "live_dropped" if "dropped" in name else "live_scores"  # summed over labels
+            out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
@@ -547,6 +570,9 @@ def one_round(
     topic = f"{prefix}.{mode}.{rnd}" if mode not in UNLOGGED else None
     if topic and bootstrap:
         ensure_topics(bootstrap, [topic], partitions=3)
+    scores_topic = f"{SCORES_PREFIX}.{mode}.{rnd}" if mode == "shadow" else None
+    if scores_topic and bootstrap:
+        ensure_topics(bootstrap, [scores_topic], partitions=3)
     port = free_port(HOST)
     log_path = work / f"server-{mode}-{rnd}.log"
     keyed = mode in ("keys", "limited")
@@ -562,6 +588,7 @@ def one_round(
         server_cpus,
         vectors=mode == "vector",
         corrections_topic=topic if corrections else None,
+        scores_topic=scores_topic,
     )
     try:
         ready_s = wait_ready(proc, port, log_path)
@@ -593,10 +620,14 @@ def one_round(
         run.events_logged, run.events_unique, run.events_with_row = count_events(
             bootstrap, topic, at_least=load["ok_total"]
         )
+    if scores_topic and bootstrap:
+        scored = int(run.log_stats.get("live_scores", 0))
+        run.scores_logged = count_events(bootstrap, scores_topic, at_least=scored)[0]
     say(
         f"round {rnd} {mode:>6}: {load['rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms, "
         f"p99 {load['p99_ms']:.2f} ms, errors {load['errors']}, non-200 {load['non_200']}"
         + (f", events {run.events_logged}/{load['ok_total']}" if topic else "")
+        + (f", shadow scores {run.scores_logged}" if scores_topic else "")
     )
     return run
 
@@ -674,6 +705,18 @@ def summarize(runs: list[Run], compare: str = "logging") -> dict[str, Any]:
         # named mode: every event carries its named row, vector events none
         "events_rows_match": all(r.events_with_row == r.events_logged for r in named_runs)
         and all(not r.events_with_row for r in logged_runs if r.mode != "named"),
+        # --compare shadow: scores on the topic, as counted by the server, and dropped
+        "shadow_scores": {
+            "logged": sum(r.scores_logged or 0 for r in runs if r.mode == "shadow"),
+            "counted": sum(r.log_stats.get("live_scores", 0) for r in runs if r.mode == "shadow"),
+            "dropped": sum(r.log_stats.get("live_dropped", 0) for r in runs if r.mode == "shadow"),
+            "share_of_predictions": (
+                sum(r.scores_logged or 0 for r in runs if r.mode == "shadow")
+                / max(1, sum(r.load["ok_total"] for r in runs if r.mode == "shadow"))
+            ),
+        }
+        if compare == "shadow"
+        else None,
     }
 
 
@@ -693,6 +736,7 @@ def render(doc: dict[str, Any]) -> None:
         "predictions": "answered once durable vs once queued",
         "auth": "app keys on vs off, logging off",
         "ratelimit": "rate limits on (not hit) vs off, keys on, logging off",
+        "shadow": "a shadow scoring 10 % of requests off the path vs the champion alone",
     }[s["compare"]]
     endpoint = PATHS.get(s["compare"], "/v1/predict")
     table = Table(
@@ -758,6 +802,13 @@ def render(doc: dict[str, Any]) -> None:
     if s["compare"] == "named":
         rows = "[green]match[/]" if s["events_rows_match"] else "[red]MISMATCH[/]"
         console.print(f"named events carry their row, vector events none  {rows}")
+    if s["compare"] == "shadow":
+        sh = s["shadow_scores"]
+        console.print(
+            f"shadow scores on the scores topic {sh['logged']} (server counted "
+            f"{sh['counted']:.0f}, dropped {sh['dropped']:.0f}): "
+            f"{sh['share_of_predictions']:.1%} of the shadow runs' predictions"
+        )
     on_runs = [r for r in doc["runs"] if r["topic"]]
     backlog = ", ".join(f"{r['backlog_at_end']} ({r['drain_s']:.2f}s)" for r in on_runs)
     console.print(f"unacknowledged at end of load (drain time): {backlog}")
@@ -766,6 +817,7 @@ def render(doc: dict[str, Any]) -> None:
         "named": f"{VECTOR_MEANS}; {NAMED_MEANS}; both with {ON_MEANS.removeprefix('on = ')}",
         "auth": f"{OPEN_MEANS}; {KEYS_MEANS}",
         "ratelimit": f"{KEYS_MEANS}; {LIMITED_MEANS}",
+        "shadow": f"{CHAMPION_MEANS}; {SHADOW_MEANS}",
     }.get(s["compare"], f"{FAST_MEANS}; {DURABLE_MEANS}")
     console.print(f"[dim]{means}.[/]")
     console.print(
@@ -792,14 +844,16 @@ def main(
         "with 8 numeric and 4 categorical features; corrections, predictions: that "
         "endpoint answered once its records are durable vs once they are queued; auth: app "
         "keys on vs off (logging off); ratelimit: per-app rate limits on (never hit) vs "
-        "off (keys on, logging off).",
+        "off (keys on, logging off); shadow: a shadow scoring the default 10 % of requests "
+        "off the path vs the champion alone (logging on).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Requests/s and p50/p99 latency of POST /v1/predict: Kafka logging on vs off, or
     named rows vs vectors (`--compare named`), or answered once durable vs once queued
     (`--compare corrections`, on POST /v1/corrections, or `--compare predictions`), or app
-    keys on vs off (`--compare auth`), or rate limits on vs off (`--compare ratelimit`)."""
+    keys on vs off (`--compare auth`), or rate limits on vs off (`--compare ratelimit`), or
+    a shadow beside the champion vs the champion alone (`--compare shadow`)."""
     from flywheel.broker import EmbeddedBroker
 
     if compare not in COMPARISONS:
@@ -861,12 +915,13 @@ def main(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if compare in ("logging", "auth", "ratelimit"):
+    if compare in ("logging", "auth", "ratelimit", "shadow"):
         request = "POST /v1/predict, 1 instance of 8 float features, keep-alive HTTP/1.1"
         modes = {
             "logging": {"off": OFF_MEANS, "on": ON_MEANS},
             "auth": {"open": OPEN_MEANS, "keys": KEYS_MEANS},
             "ratelimit": {"keys": KEYS_MEANS, "limited": LIMITED_MEANS},
+            "shadow": {"champion": CHAMPION_MEANS, "shadow": SHADOW_MEANS, "logging": ON_MEANS},
         }[compare]
         model_info = {"model_accuracy": model["accuracy"]}
     elif compare in ("corrections", "predictions"):

@@ -1,4 +1,5 @@
-"""Moving the `champion` alias and telling the services about it.
+"""Moving the `champion` alias (and the live roles: shadow, canary, guard) and telling
+the services about it.
 
 The alias move is the source of truth; the event on `flywheel.model-events` only makes
 followers react at once. If the event cannot be sent, services still find the change
@@ -12,7 +13,7 @@ import logging
 
 from flywheel.events import ModelEvent, utcnow
 from flywheel.kafka_security import kafka_python_options
-from flywheel.registry import ModelVersion, Registry
+from flywheel.registry import ModelVersion, Registry, RegistryError
 from flywheel.settings import GUARD_ALIAS, KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,77 @@ def rollback(
     if notify:
         announce(kafka, event)
     log.info("rolled %s back from v%s to v%s: %s", registry.name, current, target, reason)
+    return event
+
+
+def set_role(
+    kafka: KafkaSettings,
+    version: ModelVersion,
+    role: str,
+    *,
+    reason: str,
+    registry: Registry,
+    actor: str | None = None,
+    notify: bool = True,
+    gate: str | None = None,
+) -> ModelEvent:
+    """Make `version` the `role` (`shadow`, `canary` or `guard`) and announce it
+    (`ModelEvent(kind="role_changed", role=role)`), signed as `promote` signs.
+
+    Refused (`RegistryError`): an unknown version or role, and the champion itself (it
+    would only be compared with itself). `previous_version` is who held the role."""
+    actor = actor or default_actor()
+    champion = registry.champion_version()
+    if champion is not None and version == champion:
+        raise RegistryError(
+            f"{registry.name} v{version} is the champion; it cannot also be the {role} "
+            "(a live role is compared with the champion)"
+        )
+    previous = registry.set_role(version, role, reason=reason, actor=actor, gate=gate)
+    event = ModelEvent(
+        kind="role_changed",
+        model_name=registry.name,
+        version=version,
+        previous_version=previous,
+        reason=reason,
+        actor=actor,
+        timestamp=utcnow(),
+        role=role,
+    )
+    if notify:
+        announce(kafka, event)
+    log.info("%s v%s is the %s (was v%s): %s", registry.name, version, role, previous, reason)
+    return event
+
+
+def clear_role(
+    kafka: KafkaSettings,
+    role: str,
+    *,
+    reason: str,
+    registry: Registry,
+    actor: str | None = None,
+    notify: bool = True,
+) -> ModelEvent | None:
+    """Nobody holds `role` any more; announce it (`version` "none", `previous_version` who
+    held it). None, and nothing announced, when nobody held it."""
+    actor = actor or default_actor()
+    previous = registry.clear_role(role, reason=reason, actor=actor)
+    if previous is None:
+        return None
+    event = ModelEvent(
+        kind="role_changed",
+        model_name=registry.name,
+        version="none",
+        previous_version=previous,
+        reason=reason,
+        actor=actor,
+        timestamp=utcnow(),
+        role=role,
+    )
+    if notify:
+        announce(kafka, event)
+    log.info("%s v%s is no longer the %s: %s", registry.name, previous, role, reason)
     return event
 
 

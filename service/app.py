@@ -26,6 +26,7 @@ from flywheel.service.batching import BatchCollector, PredictBatcher
 from flywheel.service.config import ServiceConfig
 from flywheel.service.errors import BodySizeLimit, install_error_handlers
 from flywheel.service.event_log import EventLog
+from flywheel.service.live import LiveRouter
 from flywheel.service.loading import load_champion
 from flywheel.service.metrics import (
     DependencyCollector,
@@ -182,6 +183,7 @@ def create_app(
         el = state.event_log
         if not el.running:
             el.start()
+        live.start()
         if follow and loader is None:  # after the first load, so startup never races it
             start_following()
         from flywheel.gc_freeze import freeze_after_startup
@@ -199,6 +201,7 @@ def create_app(
                 state.follower.stop()
             if keys is not None:
                 keys.close()
+            live.close()  # what it holds is scored and logged before the log closes
             el.close()
             log.info("event log closed: %s", el.stats)
 
@@ -240,6 +243,10 @@ def create_app(
     if config.service.dynamic_batching:
         state.batcher = PredictBatcher(config.service)
         m.registry.register(BatchCollector(state.batcher))
+    # shadows, canaries and guards beside the champion (docs/serving.md#shadows-and-canaries)
+    live = state.live = LiveRouter(
+        config.gate, config.kafka.topic_scores, m.registry, lambda: state.event_log
+    )
     app.state.service = state
     # the hot routes' own route objects go straight into the app's routing table: an
     # included router is matched through one more level (FastAPI 0.138), ~7 us a request

@@ -19,6 +19,15 @@ schema where there was none or the reverse) is not swapped in: clients send rows
 served schema, and the new model would read them as something else (another vocabulary
 maps the same category to another code). The follower logs why, once per version, and
 keeps serving; a new lineage with a new schema is served by restarting the service.
+
+The follower also holds the live roles (issue 28): the versions the `shadow`, `canary`
+and `guard` aliases name (`Registry.roles()`, read in the same registry call as the
+champion). Each is loaded, warmed and trust-checked exactly as the champion is, on the
+same wake-ups, and must read the champion's rows (the same feature schema and input
+width) or it is refused, logged once. A role whose alias is gone, or that names the
+champion itself, is unloaded. Champion and roles are swapped in as one `ServedSet`
+(`ModelHolder.swap_set`), so a request sees one consistent set. A registry without
+`roles()` (a plain `ChampionSource`) is followed for its champion only.
 """
 
 from __future__ import annotations
@@ -32,8 +41,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from flywheel.events import ModelEvent
 from flywheel.retry import DependencyStatus
-from flywheel.service.model_holder import ModelHolder, ServedModel
-from flywheel.settings import KafkaSettings, RegistrySettings, ServiceSettings
+from flywheel.service.model_holder import ModelHolder, ServedModel, ServedSet
+from flywheel.settings import (
+    CHAMPION_ALIAS,
+    LIVE_ROLES,
+    KafkaSettings,
+    RegistrySettings,
+    ServiceSettings,
+)
 
 if TYPE_CHECKING:
     from flywheel.modelspec import AnySpec
@@ -67,6 +82,8 @@ class FollowerStats:
     events_malformed: int = 0
     last_swap_s: float = 0.0  # load + warm time of the last swap
     last_error: str | None = None
+    roles_loaded: int = 0  # shadow, canary or guard versions loaded and swapped in
+    roles_unloaded: int = 0  # roles dropped: alias gone, moved, or now the champion
 
 
 class ModelFollower:
@@ -102,6 +119,7 @@ class ModelFollower:
         self.trust = trust
         self._registry: ChampionSource | None = None
         self._refused: ModelVersion | None = None  # the version refused last (logged once)
+        self._role_refused: dict[str, ModelVersion] = {}  # per role, as `_refused`
         self._listen = bool(kafka.kafka_bootstrap) if listen is None else listen
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -171,7 +189,8 @@ class ModelFollower:
             next_poll = time.monotonic() + self.followed.registry_poll_s
 
     def check(self) -> ModelVersion | None:
-        """Swap to the champion if it is not the served version; returns the version swapped in.
+        """Swap to the champion if it is not the served version, then bring the live roles
+        in line with their aliases; returns the champion version swapped in.
 
         Called on the worker thread only, so two triggers can never load twice at once.
         """
@@ -180,7 +199,7 @@ class ModelFollower:
             if self._registry is None:
                 self._registry = self._registry_factory()
             registry = self._registry
-            target = registry.champion_version()
+            wanted = _wanted(registry)
         except Exception as exc:
             self.stats.registry_errors += 1
             self.stats.last_error = f"registry: {exc}"
@@ -192,6 +211,16 @@ class ModelFollower:
             )
             return None
         self.status.up("registry")
+        swapped = self._follow_champion(registry, wanted.get(CHAMPION_ALIAS))
+        # no champion named: the registry did not really answer (`Registry.roles()` reads a
+        # failed MLflow call as no aliases at all), so the roles held stay as they are
+        if CHAMPION_ALIAS in wanted:
+            self._follow_roles(registry, wanted)
+        return swapped
+
+    def _follow_champion(
+        self, registry: ChampionSource, target: ModelVersion | None
+    ) -> ModelVersion | None:
         served = self._served_version()
         if target is None or target == served or target == self._refused:
             return None
@@ -248,6 +277,82 @@ class ModelFollower:
             self.stats.last_swap_s * 1000,
         )
         return loaded.version
+
+    # -- the live roles: shadow, canary, guard ------------------------------------------------
+    def _follow_roles(self, registry: ChampionSource, wanted: dict[str, ModelVersion]) -> None:
+        """Load each role the aliases name that is not held yet, drop the ones no alias
+        names any more, and swap the result in as one set (only if anything changed)."""
+        if not self.holder.ready:
+            return
+        current = self.holder.served_set()
+        champion = current.champion
+        held = current.roles()
+        roles: dict[str, ServedModel] = {}
+        changed = False
+        for role in LIVE_ROLES:
+            target, had = wanted.get(role), held.get(role)
+            if had is not None and had.version == target:
+                roles[role] = had
+                continue
+            model = None
+            if target is not None and target != champion.version:
+                if target != self._role_refused.get(role):
+                    model = self._load_role(registry, role, target, champion)
+                elif had is None:
+                    continue  # refused before and logged: nothing to do
+            if model is not None:
+                roles[role] = model
+                changed = True
+                self.stats.roles_loaded += 1
+            if had is not None:
+                changed = True
+                if model is None:
+                    self.stats.roles_unloaded += 1
+                    log.info("%s v%s is no longer the %s: unloaded", had.name, had.version, role)
+        if changed:
+            self.holder.swap_set(ServedSet(champion, **roles))
+
+    def _load_role(
+        self, registry: ChampionSource, role: str, target: ModelVersion, champion: ServedModel
+    ) -> ServedModel | None:
+        """`target` loaded, warmed and verified as the champion is, or None (logged)."""
+        start = time.perf_counter()
+        try:
+            loaded = registry.load(target)
+            model = ServedModel.prepare(
+                loaded.name, loaded.version, loaded.spec, loaded.module, self.precision
+            )
+        except Exception as exc:
+            self.stats.failures += 1
+            self.stats.last_error = f"{role} v{target}: {exc}"
+            log.exception(
+                "could not load %s v%s as the %s; retrying at the next poll (in %.0fs)",
+                self.followed.model_name,
+                target,
+                role,
+                self.followed.registry_poll_s,
+            )
+            return None
+        why = self.trust.refusal(loaded) if self.trust is not None else None
+        if why is None:
+            why = _schema_change(champion, model)
+        if why is None and model.spec.input_dim != champion.spec.input_dim:
+            why = f"it reads {model.spec.input_dim} inputs, the champion {champion.spec.input_dim}"
+        if why is not None:
+            self.stats.refused += 1
+            self._role_refused[role] = target
+            self.stats.last_error = f"{role} v{target}: {why}"
+            log.error("not running %s v%s as the %s: %s", model.name, target, role, why)
+            return None
+        log.info(
+            "running %s v%s as the %s beside champion v%s (load + warm %.0f ms)",
+            model.name,
+            target,
+            role,
+            champion.version,
+            (time.perf_counter() - start) * 1000,
+        )
+        return model
 
     @staticmethod
     def _moved_since(registry: ChampionSource, version: ModelVersion) -> bool:
@@ -344,6 +449,16 @@ class ModelFollower:
         self.stats.events_followed += 1
         log.info("model event: %s v%s (%s)", event.kind, event.version, event.reason or "-")
         self.trigger()
+
+
+def _wanted(registry: ChampionSource) -> dict[str, ModelVersion]:
+    """Role -> version as the registry names them now (`champion` included when held): one
+    `roles()` call where the source has it, else its champion only."""
+    roles = getattr(registry, "roles", None)
+    if callable(roles):
+        return dict(roles())
+    champion = registry.champion_version()
+    return {} if champion is None else {CHAMPION_ALIAS: champion}
 
 
 def _close(consumer: Any) -> None:

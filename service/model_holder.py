@@ -1,7 +1,9 @@
-"""The served model and its atomic swap.
+"""The served models and their atomic swap.
 
-A request takes one `ServedModel` snapshot and uses it to the end, so a swap never
-mixes versions inside a request, and the response names the version that produced it.
+A request takes one `ServedSet` snapshot (the champion and the shadow, canary and guard
+held beside it, issue 28) and uses it to the end, so a swap never mixes versions inside a
+request, and the response names the version that produced it. `ModelHolder.current()`
+is the snapshot's champion, for callers that only ever serve one model.
 """
 
 from __future__ import annotations
@@ -112,23 +114,103 @@ class ServedModel:
         return [f.name for f in schema.inputs if f.kind != "numeric"] if schema else []
 
 
+@dataclass(frozen=True)
+class ServedSet:
+    """What the service runs at one moment: the champion, and each live role it holds.
+
+    Immutable and swapped whole (`ModelHolder.swap_set`), so a request that took one sees
+    the champion and the roles of the same moment. A role is never the champion's own
+    version (it would only score against itself). `roles()` lists the held ones.
+
+    >>> from flywheel.modelspec import ModelSpec, build_model
+    >>> spec = ModelSpec(input_dim=2, hidden=[2], labels=["a", "b"])
+    >>> one = ServedModel.prepare("m", "1", spec, build_model(spec))
+    >>> two = ServedModel.prepare("m", "2", spec, build_model(spec))
+    >>> s = ServedSet(one, shadow=two)
+    >>> {role: m.version for role, m in s.roles().items()}, s.plain
+    ({'shadow': '2'}, False)
+    """
+
+    champion: ServedModel
+    shadow: ServedModel | None = None
+    canary: ServedModel | None = None
+    guard: ServedModel | None = None
+
+    def __post_init__(self) -> None:
+        for role, model in self.roles().items():
+            if model.version == self.champion.version:
+                raise ValueError(f"v{model.version} is the champion; it cannot be the {role}")
+
+    def roles(self) -> dict[str, ServedModel]:
+        """The live roles held (shadow, canary, guard) -> their models."""
+        held = (("shadow", self.shadow), ("canary", self.canary), ("guard", self.guard))
+        return {role: model for role, model in held if model is not None}
+
+    @property
+    def plain(self) -> bool:
+        """Only the champion: the request path has nothing to route or score (the usual case,
+        checked first on every request)."""
+        return self.shadow is None and self.canary is None and self.guard is None
+
+    def scorers(self) -> list[tuple[str, ServedModel]]:
+        """(role, model) of the versions that score sampled requests off the path: the
+        shadow and the guard, once per version (two aliases may name the same one: it
+        scores once, as the shadow)."""
+        out: list[tuple[str, ServedModel]] = []
+        for role, model in (("shadow", self.shadow), ("guard", self.guard)):
+            if model is not None and all(m.version != model.version for _, m in out):
+                out.append((role, model))
+        return out
+
+    def with_champion(self, model: ServedModel) -> ServedSet:
+        """This set with `model` as champion; a role held by `model`'s version is dropped."""
+        kept = {r: m for r, m in self.roles().items() if m.version != model.version}
+        return ServedSet(model, **kept)
+
+
 class ModelHolder:
+    """The current `ServedSet`, swapped atomically; `current()` is its champion.
+
+    >>> from flywheel.modelspec import ModelSpec, build_model
+    >>> spec = ModelSpec(input_dim=2, hidden=[2], labels=["a", "b"])
+    >>> holder = ModelHolder()
+    >>> holder.swap(ServedModel.prepare("m", "1", spec, build_model(spec))) is None
+    True
+    >>> holder.current().version, holder.served_set().plain
+    ('1', True)
+    """
+
     def __init__(self) -> None:
-        self._current: ServedModel | None = None
+        self._set: ServedSet | None = None
         self._lock = threading.Lock()
 
     def current(self) -> ServedModel:
-        model = self._current
-        if model is None:
+        served = self._set
+        if served is None:
             raise ModelNotReady("no model loaded yet")
-        return model
+        return served.champion
+
+    def served_set(self) -> ServedSet:
+        """The champion and the roles held with it, as one snapshot."""
+        served = self._set
+        if served is None:
+            raise ModelNotReady("no model loaded yet")
+        return served
 
     @property
     def ready(self) -> bool:
-        return self._current is not None
+        return self._set is not None
 
     def swap(self, model: ServedModel) -> ServedModel | None:
-        """Make `model` the one new requests use; returns the one it replaced."""
+        """Make `model` the champion new requests use, keeping the roles held (but one
+        `model` itself held); returns the champion it replaced."""
         with self._lock:
-            previous, self._current = self._current, model
+            previous = self._set
+            self._set = ServedSet(model) if previous is None else previous.with_champion(model)
+        return previous.champion if previous is not None else None
+
+    def swap_set(self, served: ServedSet) -> ServedSet | None:
+        """Make `served` what new requests use; returns the set it replaced."""
+        with self._lock:
+            previous, self._set = self._set, served
         return previous

@@ -99,6 +99,15 @@ class CorrectionsAccepted(BaseModel):
     accepted: int
 
 
+class RoleInfo(BaseModel):
+    version: str
+    share: float = Field(
+        description="champion, canary: share of routing keys it answers; shadow, guard: "
+        "share of requests it scores off the request path (FLYWHEEL_LIVE_*_SHARE)."
+    )
+    loaded_at: datetime
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -118,6 +127,11 @@ class ModelInfo(BaseModel):
         None,
         description="The feature schema: what a named row may hold. Null for a model "
         "that takes only vectors of `input_dim` numbers.",
+    )
+    roles: dict[str, RoleInfo] = Field(
+        default_factory=dict,
+        description="What the service runs (issue 28): `champion` and each live role held "
+        "(`shadow`, `canary`, `guard`), with its version and share.",
     )
 
 

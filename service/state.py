@@ -19,9 +19,10 @@ from flywheel.service.batching import PredictBatcher
 from flywheel.service.config import ServiceConfig
 from flywheel.service.errors import BadRequest
 from flywheel.service.event_log import EventLog
+from flywheel.service.live import LiveRouter
 from flywheel.service.metrics import ServiceMetrics
 from flywheel.service.model_follower import ModelFollower
-from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel
+from flywheel.service.model_holder import ModelHolder, ModelNotReady, ServedModel, ServedSet
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ServiceState:
     event_log: EventLog | None = None
     follower: ModelFollower | None = None
     batcher: PredictBatcher | None = None
+    # shadows, canaries and guards (flywheel.service.live); None: the champion answers all
+    live: LiveRouter | None = None
     # what /readyz and flywheel_dependency_up report: the registry (first load, follower)
     dependencies: DependencyStatus = field(
         default_factory=lambda: DependencyStatus(("registry", "kafka"))
@@ -52,6 +55,13 @@ class ServiceState:
         before the body is validated, and a bad body must stay a 4xx about the body."""
         try:
             return self.holder.current()
+        except ModelNotReady as exc:
+            raise BadRequest("no model loaded yet; retry shortly", 503) from exc
+
+    def served_set(self) -> ServedSet:
+        """The champion and the live roles held with it, as one snapshot (503 as `served`)."""
+        try:
+            return self.holder.served_set()
         except ModelNotReady as exc:
             raise BadRequest("no model loaded yet; retry shortly", 503) from exc
 

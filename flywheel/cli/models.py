@@ -1,4 +1,5 @@
-"""`flywheel models`: review, promote and roll back the versions in the model registry.
+"""`flywheel models`: review, promote and roll back the versions in the model registry, and
+run candidates beside the champion (`shadow`, `canary`; docs/serving.md).
 
 MLOps engineers decide here what the service serves, so the output says plainly which
 version is champion, where each one came from (source, parent, examples, privacy spent) and
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 models_app = typer.Typer(
     name="models",
     no_args_is_help=True,
-    help="Review model versions (metrics, privacy spent, lineage), promote and roll back.",
+    help="Review model versions (metrics, privacy spent, lineage), promote and roll back, "
+    "shadow and canary.",
 )
 app.add_typer(models_app, name="models")
 
@@ -495,6 +497,106 @@ def rollback(
     )
 
 
+def _optional_version_arg(value: str | None) -> str | None:
+    return None if value is None else _version_arg(value)
+
+
+def _role_command(role: str, version: str | None, stop: bool, reason: str, as_json: bool) -> None:
+    """Make VERSION the `role`, or (--stop) end the role; announce it as a promotion is."""
+    from flywheel import promotion
+
+    if version is None and not stop:
+        raise typer.BadParameter(f"give the VERSION to run as the {role}, or --stop")
+    settings = settings_or_exit()
+    with _registry_errors(settings):
+        registry = _open(settings)
+        held = registry.role_version(role)
+        if stop:
+            if version is not None and held != version:
+                now = f"v{held}" if held is not None else "nobody"
+                _fail(f"{registry.name} v{version} is not the {role} ({now} is); nothing changed")
+            event = promotion.clear_role(
+                settings.kafka, role, reason=reason, registry=registry, notify=False
+            )
+            if event is None:
+                _unchanged(registry.name, None, f"{registry.name} has no {role}", as_json)
+                return
+            message = (
+                f"{event.model_name} v{event.previous_version} is no longer the {role}; "
+                f"by {event.actor}: {event.reason}"
+            )
+        else:
+            assert version is not None
+            target = registry.info(_version(version), with_run=False)  # unknown: an error
+            if held == target.version:
+                message = f"{registry.name} v{version} is already the {role}"
+                _unchanged(registry.name, version, message, as_json)
+                return
+            event = promotion.set_role(
+                settings.kafka, target.version, role, reason=reason, registry=registry, notify=False
+            )
+            was = f"v{event.previous_version}" if event.previous_version else f"no {role}"
+            message = (
+                f"{event.model_name} v{event.version} is the {role} (was {was}); "
+                f"by {event.actor}: {event.reason}"
+            )
+    _report_move(settings, event, message, as_json)
+
+
+def _unchanged(model_name: str, version: str | None, message: str, as_json: bool) -> None:
+    message = f"{message}; nothing changed"
+    if as_json:
+        _json_out(
+            {"changed": False, "model_name": model_name, "version": version} | {"message": message}
+        )
+    else:
+        typer.echo(message)
+
+
+_ROLE_VERSION = typer.Argument(
+    None,
+    callback=_optional_version_arg,
+    metavar="[VERSION]",
+    help="Version number (3 or v3); with --stop, optional (checked to be the one running).",
+)
+
+
+@models_app.command()
+def shadow(
+    version: str | None = _ROLE_VERSION,
+    stop: bool = typer.Option(False, "--stop", help="Stop running the shadow."),
+    reason: str = typer.Option(
+        "manual shadow",
+        "--reason",
+        "-r",
+        callback=_reason_arg,
+        help="Recorded on the version and in the model event.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
+) -> None:
+    """Run VERSION as the shadow (alias `shadow`): it scores a share of requests off the
+    request path (FLYWHEEL_LIVE_SHADOW_SHARE); clients never see its answers."""
+    _role_command("shadow", version, stop, reason, as_json)
+
+
+@models_app.command()
+def canary(
+    version: str | None = _ROLE_VERSION,
+    stop: bool = typer.Option(False, "--stop", help="Stop running the canary."),
+    reason: str = typer.Option(
+        "manual canary",
+        "--reason",
+        "-r",
+        callback=_reason_arg,
+        help="Recorded on the version and in the model event.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object) and nothing else."),
+) -> None:
+    """Run VERSION as the canary (alias `canary`): it answers a share of routing keys
+    (FLYWHEEL_LIVE_CANARY_SHARE; header X-Flywheel-Routing-Key), the champion the rest."""
+    _role_command("canary", version, stop, reason, as_json)
+
+
 def _report_move(settings: Settings, event: ModelEvent, message: str, as_json: bool) -> None:
     """Announce a promotion or rollback and say what happened: two lines, or one JSON object
     (the event's fields, `changed`, `announced` and both messages)."""
@@ -517,8 +619,9 @@ def _announce(settings: Settings, event: ModelEvent) -> tuple[bool | None, str]:
     that means for the services."""
     from flywheel.promotion import announce
 
+    what = "the change" if event.version == "none" else f"v{event.version}"
     polling = (
-        f"services pick up v{event.version} when they next poll the registry "
+        f"services pick up {what} when they next poll the registry "
         f"(every {settings.registry_poll_s:g} s)"
     )
     if not settings.kafka_bootstrap:

@@ -47,6 +47,8 @@ DEFAULT_BATCH_SIZE = 256
 DEFAULT_CORRECTIONS_BATCH_SIZE = 1000
 DEFAULT_TIMEOUT_S = 10.0
 USER_AGENT = "flywheel-client/1"
+# the header the service routes a canary by (docs/contracts.md; flywheel.service.ROUTING_HEADER)
+ROUTING_HEADER = "x-flywheel-routing-key"
 
 Request = tuple[str, str, Any]  # method, path, JSON body (None: no body)
 Plan = Generator[Request, Any, Any]
@@ -97,6 +99,7 @@ class _Base:
         max_backoff: float,
         batch_size: int,
         corrections_batch_size: int,
+        routing_key: str | None = None,
     ) -> None:
         try:
             url = httpx.URL(base_url) if isinstance(base_url, str) else None
@@ -122,6 +125,20 @@ class _Base:
         self.headers = {"user-agent": USER_AGENT, "accept": "application/json"}
         if api_key is not None:
             self.headers["authorization"] = f"Bearer {api_key}"
+        if routing_key is not None:
+            # while a canary runs, every prediction of this client is answered by the same
+            # version (docs/serving.md#shadows-and-canaries): one client per user or tenant
+            if (
+                not isinstance(routing_key, str)
+                or not 0 < len(routing_key) <= 256
+                or not routing_key.isprintable()
+                or routing_key != routing_key.strip()
+            ):
+                raise ValueError(
+                    "routing_key must be 1-256 printable characters without leading or "
+                    f"trailing spaces; got {routing_key!r}"
+                )
+            self.headers[ROUTING_HEADER] = routing_key
         # what a 413 taught us about the server's limits, for the next calls
         self._limits: dict[str, int] = {}
 
@@ -313,7 +330,10 @@ class Client(_Base):
     service's certificate: True (the system's CAs), the path of a CA bundle (a service
     whose certificate your own CA signed: FLYWHEEL_TLS_CERTFILE), an `ssl.SSLContext` (for
     mutual TLS, one with `load_cert_chain(client_cert, client_key)` called), or False (no
-    check: never in production).
+    check: never in production). `routing_key` is sent as `X-Flywheel-Routing-Key` with
+    every request: while a canary runs, the service answers all of this client's
+    predictions with the same version (one client per user or tenant; without it each
+    request is routed at random; docs/serving.md#shadows-and-canaries).
 
     >>> import httpx
     >>> def service(request):
@@ -339,6 +359,7 @@ class Client(_Base):
         max_backoff: float = 10.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         corrections_batch_size: int = DEFAULT_CORRECTIONS_BATCH_SIZE,
+        routing_key: str | None = None,
         transport: httpx.BaseTransport | None = None,
         verify: Verify = True,
         sleep: Callable[[float], None] = time.sleep,
@@ -352,6 +373,7 @@ class Client(_Base):
             max_backoff=max_backoff,
             batch_size=batch_size,
             corrections_batch_size=corrections_batch_size,
+            routing_key=routing_key,
         )
         self._sleep = sleep
         self._http = httpx.Client(
@@ -449,6 +471,7 @@ class AsyncClient(_Base):
         max_backoff: float = 10.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         corrections_batch_size: int = DEFAULT_CORRECTIONS_BATCH_SIZE,
+        routing_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         verify: Verify = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -462,6 +485,7 @@ class AsyncClient(_Base):
             max_backoff=max_backoff,
             batch_size=batch_size,
             corrections_batch_size=corrections_batch_size,
+            routing_key=routing_key,
         )
         self._sleep = sleep
         self._http = httpx.AsyncClient(

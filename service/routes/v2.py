@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from flywheel.service.errors import BadRequest
+from flywheel.service.live import LivePlan
 from flywheel.service.model_holder import ServedModel
 from flywheel.service.prediction import (
     check_batch,
@@ -154,6 +155,7 @@ async def infer(
     Kafka as on `POST /v1/predict`."""
     state = state_of(request)
     start = time.perf_counter()
+    served = state.served_set()
     model = _model(state, name, version)
     wanted = _wanted_outputs(body, model)
     inputs = body.inputs
@@ -170,6 +172,11 @@ async def infer(
         predictions = await predict_and_log(
             state, model, x, start=start, vectors=vectors, where="row"
         )
+    live = state.live
+    if live is not None and not served.plain and served.champion is model:
+        # the champion answers here (a canary answers /v1/predict only); shadows and
+        # guards score a share of the rows off the path, as on /v1/predict
+        live.after(LivePlan(model, served.scorers()), x, predictions)
     n, labels = len(predictions), model.spec.labels
     tensors = {
         "probabilities": lambda: {
