@@ -90,6 +90,9 @@ def test_a_worse_champion_is_rolled_back_on_live_evidence(settings: Settings, mo
     # the reviewer's view first: read only, nothing moves
     for key in [k for k in os.environ if k.startswith("FLYWHEEL_")]:
         monkeypatch.delenv(key)
+    # piped output is tab-separated unless COLUMNS asks for a table (flywheel.cli.tables);
+    # another test in this process may have left it set
+    monkeypatch.delenv("COLUMNS", raising=False)
     for key, value in {
         "HOME": str(settings.home),
         "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
