@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from flywheel.events import CorrectionEvent, PredictionEvent, utcnow
+from flywheel.events import CorrectionEvent, PredictionEvent, ScoreEvent, utcnow
+from flywheel.feedback.attribution import Attributed, attribute
 from flywheel.feedback.consumer import Partition
 from flywheel.feedback.deadletter import DeadLetterWriter
 from flywheel.feedback.join import StoredBatch, claim_joins, expire_corrections, store_and_join
@@ -48,7 +49,7 @@ from flywheel.store import (
 )
 
 log = logging.getLogger(__name__)
-Event = PredictionEvent | CorrectionEvent
+Event = PredictionEvent | CorrectionEvent | ScoreEvent
 T = TypeVar("T")
 MAINTENANCE_TRY_S = 300.0  # how often a worker asks the store whether maintenance is due
 
@@ -61,6 +62,8 @@ class WorkerStats:
     corrections: int = 0
     joined: int = 0
     pending: int = 0  # corrections stored to wait for their prediction (joined later)
+    scores: int = 0  # ScoreEvents stored (flywheel.feedback.attribution)
+    outcomes: int = 0  # outcomes rows written (one per labelled prediction and version)
     examples: int = 0
     dead_letters: int = 0
     expired: int = 0
@@ -89,10 +92,15 @@ class Batch:
 
 
 def by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[CorrectionEvent]]:
+    """The predictions and the corrections (what the join takes; scores: `scores_of`)."""
     return (
         [e for e in events if isinstance(e, PredictionEvent)],
         [e for e in events if isinstance(e, CorrectionEvent)],
     )
+
+
+def scores_of(events: list[Event]) -> list[ScoreEvent]:
+    return [e for e in events if isinstance(e, ScoreEvent)]
 
 
 def _not_erased(session: Session, events: list[Event]) -> list[Event]:
@@ -190,7 +198,7 @@ class StoreWriter:
         """Write, join and analyze `events` in one transaction, following `plan` if there
         is one; what it stored goes to `results`, unusable pairs come back."""
 
-        def work(session: Session) -> tuple[StoredBatch, int, list[Rejected]]:
+        def work(session: Session) -> tuple[StoredBatch, int, list[Rejected], Attributed]:
             now = utcnow()
             kept, use = _not_erased(session, events), plan
             if len(kept) < len(events):
@@ -202,16 +210,21 @@ class StoreWriter:
                 with self._step(WorkerStep.STORE_JOIN):
                     stored = store_and_join(session, *by_kind(kept), now, self.cache.get)
                 applied = Applied(stored, self.analysis.prepare(stored.pairs))
+            with self._step(WorkerStep.STORE_JOIN):  # the outcomes of what it joined
+                attributed = attribute(session, scores_of(kept), applied.stored.pairs)
+            applied.stored.conflicts += attributed.conflicts
             examples, unusable, outcomes = self._examples(session, applied)
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
-            return applied.stored, examples, unusable
+            return applied.stored, examples, unusable, attributed
 
         try:
-            stored, examples, unusable = self.in_transaction(work)
+            stored, examples, unusable, attributed = self.in_transaction(work)
         except NotNew:  # a replayed batch: rolled back; the general path skips what is there
             plan = None
-            stored, examples, unusable = self.in_transaction(work)
+            stored, examples, unusable, attributed = self.in_transaction(work)
         results.append(stored)
+        self.stats.scores += attributed.new_scores
+        self.stats.outcomes += attributed.outcomes
         self.stats.predictions += len(stored.new_predictions)
         self.stats.corrections += stored.new_corrections
         self.stats.joined += len(stored.pairs)
@@ -289,9 +302,10 @@ class StoreWriter:
         now = utcnow()
         cutoff = now - timedelta(seconds=self.feedback.correction_expiry_s)
 
-        def work(session: Session) -> tuple[StoredBatch, int, int, int, list[Rejected]]:
+        def work(session: Session) -> tuple[StoredBatch, int, int, int, list[Rejected], int]:
             pairs = claim_joins(session, None, now)
             expired = expire_corrections(session, cutoff)
+            attributed = attribute(session, [], pairs)
             applied = Applied(StoredBatch(pairs=pairs), self.analysis.prepare(pairs))
             examples, unusable, outcomes = self._examples(session, applied)
             released = (
@@ -300,10 +314,10 @@ class StoreWriter:
                 else 0
             )
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
-            return applied.stored, examples, released, expired, unusable
+            return applied.stored, examples, released, expired, unusable, attributed.outcomes
 
         try:
-            stored, examples, released, expired, unusable = self.in_transaction(work)
+            stored, examples, released, expired, unusable, credited = self.in_transaction(work)
         except Exception as exc:  # a pair the analysis cannot handle: keep consuming, retry later
             if _store_fault(exc):
                 raise
@@ -311,6 +325,7 @@ class StoreWriter:
             log.exception("sweep failed; the pending joins stay pending and are retried")
             return []
         self._dead_letter(unusable)
+        self.stats.outcomes += credited
         self.stats.joined += len(stored.pairs)
         self.stats.examples += examples
         self.stats.released += released

@@ -1,0 +1,256 @@
+"""Live attribution (issue 28): crediting each labelled prediction to every version that
+scored it, exactly once per (prediction, version), whatever order the events come in.
+
+A prediction is scored by the version that answered it (its `predictions` row) and by
+the versions the service asked beside it off the request path (`scores` rows, from
+`ScoreEvent`s on `flywheel.scores`: a shadow, a guard, or the champion beside a canary).
+When the first correction of a prediction joins it, each of those versions gets one
+`outcomes` row: was it right, the probability it gave the true label, its log loss.
+
+All of it runs inside the worker's batch transaction (and the sweep's), after the join,
+so an outcome is written exactly when its correction is joined -- by the one transaction
+that joined it (`flywheel.feedback.join`) -- or when a score arrives for a prediction
+that is labelled already:
+
+1. the batch's scores are inserted (a redelivery is skipped; a score whose (prediction,
+   version) the store holds with other content is dead-lettered);
+2. the first joined correction of each prediction (oldest first, as the join orders
+   them) writes the answering version's outcome, insert-ignoring on the key: a
+   prediction whose answering outcome comes back new is labelled *now*; one whose
+   outcome was there (a second correction, a replay) is not, and nothing else is
+   written for it -- a later correction never adds or changes an outcome, whatever
+   its label;
+3. the stored scores of the predictions labelled now get their outcomes, with that
+   correction's label and time (the scores of step 1 included);
+4. a new score of a prediction labelled earlier gets its outcome from the answering
+   outcome's label and time (the first correction's).
+
+Every write is an insert that skips existing keys, in the transaction that also
+commits the Kafka-side work, so a replayed batch writes nothing new and the two arrival
+orders (score first, correction first) end in the same rows.
+
+Costs per batch with corrections: one INSERT of the answering outcomes (COPY on
+PostgreSQL for 64+ rows) and one indexed read of their scores; per batch with scores,
+one INSERT of them and one read of the answering outcomes of their predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from flywheel.events import ScoreEvent
+from flywheel.feedback.join import CHUNK, JoinedPair
+from flywheel.feedback.messages import duplicate_reason
+from flywheel.store import Outcome, Score, insert_ignoring_duplicates, insert_returning_new
+
+MIN_P = 1e-15  # log loss of a probability of 0 is capped at -ln(1e-15) ~ 34.5
+
+
+@dataclass
+class Attributed:
+    """What one transaction's attribution wrote."""
+
+    new_scores: int = 0
+    outcomes: int = 0  # rows written, answering and scoring versions together
+    # scores whose (prediction, version) the store holds with other content, and why
+    conflicts: list[tuple[ScoreEvent, str]] = field(default_factory=list)
+
+
+def outcome_row(
+    prediction_id: str,
+    model_name: str,
+    model_version: str,
+    *,
+    answered: bool,
+    probabilities: dict[str, float],
+    predicted: str,
+    true_label: str,
+    predicted_at: datetime,
+    labelled_at: datetime,
+) -> dict[str, Any]:
+    """One version's outcome on a labelled prediction.
+
+    >>> from datetime import UTC, datetime
+    >>> t = datetime(2026, 1, 1, tzinfo=UTC)
+    >>> r = outcome_row("p1", "m", "2", answered=False, probabilities={"a": 0.25, "b": 0.75},
+    ...     predicted="b", true_label="a", predicted_at=t, labelled_at=t)
+    >>> r["correct"], r["p_true"], round(r["log_loss"], 4), r["confidence"]
+    (False, 0.25, 1.3863, 0.75)
+    """
+    p_true = float(probabilities.get(true_label, 0.0))
+    return {
+        "prediction_id": prediction_id,
+        "model_version": model_version,
+        "model_name": model_name,
+        "answered": answered,
+        "label": true_label,
+        "predicted": predicted,
+        "correct": predicted == true_label,
+        "p_true": p_true,
+        "log_loss": -math.log(max(p_true, MIN_P)),
+        "confidence": float(max(probabilities.values(), default=0.0)),
+        "predicted_at": predicted_at,
+        "labelled_at": labelled_at,
+    }
+
+
+def score_row(e: ScoreEvent) -> dict[str, Any]:
+    return {
+        "prediction_id": e.prediction_id,
+        "model_version": e.model_version,
+        "model_name": e.model_name,
+        "role": e.role,
+        "probabilities": e.probabilities,
+        "label": e.label,
+        "created_at": e.timestamp,
+    }
+
+
+def attribute(
+    session: Session, scores: Sequence[ScoreEvent], pairs: Sequence[JoinedPair]
+) -> Attributed:
+    """Store `scores` and write the outcomes that `pairs` (the corrections this
+    transaction joined, oldest first) and the new scores make due (see the module).
+
+    >>> from datetime import UTC, datetime
+    >>> from sqlalchemy import create_engine
+    >>> from flywheel.store.models import Base, Outcome, Score
+    >>> engine = create_engine("sqlite://")
+    >>> Base.metadata.create_all(engine, tables=[Outcome.__table__, Score.__table__])
+    >>> t = datetime(2026, 1, 1, tzinfo=UTC)
+    >>> shadow = ScoreEvent(prediction_id="p1", model_name="m", model_version="2",
+    ...     role="shadow", probabilities={"a": 0.9, "b": 0.1}, label="a", timestamp=t)
+    >>> pair = JoinedPair("c1", "p1", "a", None, t, "m", "1", [0.0], {"a": 0.4, "b": 0.6},
+    ...     "b", None, t)
+    >>> with Session(engine) as s:
+    ...     first = attribute(s, [shadow], [pair])
+    ...     again = attribute(s, [shadow], [pair])  # a replay
+    ...     sorted((o.model_version, o.answered, o.correct) for o in s.scalars(select(Outcome)))
+    [('1', True, False), ('2', False, True)]
+    >>> first.outcomes, again.outcomes, again.new_scores
+    (2, 0, 0)
+    """
+    out = Attributed()
+    new_scores = _store_scores(session, scores, out)
+    first: dict[str, JoinedPair] = {}
+    for pair in pairs:  # oldest first: the first correction of each prediction
+        first.setdefault(pair.prediction_id, pair)
+    answering = [
+        outcome_row(
+            p.prediction_id,
+            p.model_name,
+            p.model_version,
+            answered=True,
+            probabilities=p.probabilities,
+            predicted=p.predicted,
+            true_label=p.true_label,
+            # always set by the join; a pair made by hand without it: the correction's time
+            predicted_at=p.predicted_at or p.corrected_at,
+            labelled_at=p.corrected_at,
+        )
+        for p in first.values()
+    ]
+    labelled_now = {k[0] for k in insert_returning_new(session, Outcome, answering)}
+    out.outcomes += len(labelled_now)
+    rows: list[dict[str, Any]] = []
+    if labelled_now:
+        for s in _stored_scores(session, labelled_now):
+            p = first[s.prediction_id]
+            rows.append(_scored(s, p.true_label, p.corrected_at))
+    earlier = {e.prediction_id for e in new_scores} - labelled_now
+    if earlier:
+        labels = _answering_labels(session, earlier)
+        for e in new_scores:
+            if e.prediction_id in labels:
+                label, at = labels[e.prediction_id]
+                rows.append(_scored(e, label, at))
+    if rows:
+        out.outcomes += insert_ignoring_duplicates(session, Outcome, rows)
+    return out
+
+
+def _scored(s: Score | ScoreEvent, true_label: str, labelled_at: datetime) -> dict[str, Any]:
+    return outcome_row(
+        s.prediction_id,
+        s.model_name,
+        s.model_version,
+        answered=False,
+        probabilities=s.probabilities,
+        predicted=s.label,
+        true_label=true_label,
+        predicted_at=s.created_at if isinstance(s, Score) else s.timestamp,
+        labelled_at=labelled_at,
+    )
+
+
+def _store_scores(
+    session: Session, scores: Sequence[ScoreEvent], out: Attributed
+) -> list[ScoreEvent]:
+    """Insert the scores (first of each key); the new ones come back, and the others
+    whose stored content differs go to `out.conflicts`."""
+    if not scores:
+        return []
+    unique: dict[tuple[str, str], ScoreEvent] = {}
+    for e in scores:
+        unique.setdefault((e.prediction_id, e.model_version), e)
+    created = set(insert_returning_new(session, Score, [score_row(e) for e in unique.values()]))
+    out.new_scores = len(created)
+    old = [e for k, e in unique.items() if k not in created]
+    if old:
+        stored = {
+            (s.prediction_id, s.model_version): s
+            for s in _stored_scores(session, {e.prediction_id for e in old})
+        }
+        for e in old:
+            s = stored.get((e.prediction_id, e.model_version))
+            if s is None:
+                continue
+            first = {
+                "model_name": s.model_name,
+                "role": s.role,
+                "probabilities": s.probabilities,
+                "label": s.label,
+                "timestamp": s.created_at,
+            }
+            why = duplicate_reason(e, first, "is stored already")
+            if why is not None:
+                out.conflicts.append((e, why))
+    return [e for k, e in unique.items() if k in created]
+
+
+def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:
+    wanted = sorted(ids)
+    for i in range(0, len(wanted), CHUNK):
+        yield wanted[i : i + CHUNK]
+
+
+def _stored_scores(session: Session, prediction_ids: Iterable[str]) -> list[Score]:
+    """The scores rows of these predictions (the primary key's first column: an index
+    range scan each)."""
+    out: list[Score] = []
+    for chunk in _chunks(prediction_ids):
+        out += session.scalars(select(Score).where(Score.prediction_id.in_(chunk)))
+    return out
+
+
+def _answering_labels(
+    session: Session, prediction_ids: Iterable[str]
+) -> dict[str, tuple[str, datetime]]:
+    """The true label and labelling time of each prediction that is labelled already: its
+    answering version's outcome (the first joined correction's)."""
+    out: dict[str, tuple[str, datetime]] = {}
+    for chunk in _chunks(prediction_ids):
+        for pid, label, at in session.execute(
+            select(Outcome.prediction_id, Outcome.label, Outcome.labelled_at).where(
+                Outcome.prediction_id.in_(chunk), Outcome.answered.is_(True)
+            )
+        ):
+            out[pid] = (label, at)
+    return out
