@@ -45,6 +45,7 @@ def settings(tmp_path: Path, broker: EmbeddedBroker, topics_suffix: str) -> Sett
         topic_corrections=f"corrections-{topics_suffix}",
         topic_model_events=f"model-events-{topics_suffix}",
         topic_deadletter=f"deadletter-{topics_suffix}",
+        topic_scores=f"scores-{topics_suffix}",
         seed_examples=1000,
         spool_retry_s=0.2,
         spool_fsync=False,
