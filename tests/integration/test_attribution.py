@@ -357,3 +357,51 @@ def test_many_predictions_take_the_bulk_paths(store):
     assert sum(o.correct for o in got.values() if o.answered) == 75
     assert all(o.correct for o in got.values() if not o.answered)
     assert store.scores() == 150 and store.stats.outcomes == 300
+
+
+def test_erasing_a_subject_deletes_the_outcomes_and_scores_of_its_predictions(store):
+    from flywheel.store import erase_subject
+
+    alice, bob = "a" * 64, "b" * 64
+    store.write(*(prediction(p) for p in ("p1", "p2", "p3")))
+    store.write(*(score(p) for p in ("p1", "p2", "p3")))
+    store.write(
+        correction("p1").model_copy(update={"subject": alice}),
+        correction("p2").model_copy(update={"subject": bob}),
+        correction("p3"),
+    )
+    assert len(store.outcomes()) == 6
+    with session_factory(store.engine).begin() as session:
+        receipt = erase_subject(session, alice, "test", T0)
+    assert receipt.deleted["outcomes"] == 2 and receipt.deleted["scores"] == 1
+    assert {k[0] for k in store.outcomes()} == {"p2", "p3"}
+    assert store.scores() == 2
+    with session_factory(store.engine).begin() as session:
+        again = erase_subject(session, alice, "test", T0)
+    assert again.deleted["outcomes"] == again.deleted["scores"] == 0
+
+
+def test_retention_keeps_scores_with_predictions_and_outcomes_with_corrections(store):
+    from flywheel.store import RetentionPolicy, apply_retention
+
+    store.write(prediction("old", at=T0), score("old", at=T0))
+    store.write(correction("old", minutes=1))
+    later = T0 + timedelta(days=2)
+    store.write(prediction("new", at=later), score("new", at=later))
+    store.write(correction("new").model_copy(update={"timestamp": later}))
+    policy = RetentionPolicy(
+        predictions_s=86_400.0,  # a day: the old prediction and its score go
+        corrections_s=3 * 86_400.0,  # three days: every outcome stays
+        examples_s=1e9,
+        error_counts_s=1e9,
+        usage_s=1e9,
+        partitions_ahead=0,
+    )
+    now = later + timedelta(hours=1)
+    report = apply_retention(session_factory(store.engine), policy, now)
+    assert report.removed["scores"] == 1 and report.removed["outcomes"] == 0
+    assert store.scores() == 1 and len(store.outcomes()) == 4
+    shorter = RetentionPolicy(**{**policy.__dict__, "corrections_s": 86_400.0})
+    report = apply_retention(session_factory(store.engine), shorter, now)
+    assert report.removed["outcomes"] == 2
+    assert {k[0] for k in store.outcomes()} == {"new"}
