@@ -105,7 +105,7 @@ class Store:
     def __init__(self, url: str, plan: bool) -> None:
         upgrade(url)
         self.engine = make_engine(url)
-        settings = Settings()
+        settings = Settings(retention_every_s=0.0)  # no maintenance: the rows are months old
         observer = WorkerObserver()
         analysis = TimedAnalysis(NoExamples(), observer)  # type: ignore[arg-type]
         self.cache = PredictionCache(1000)
