@@ -203,16 +203,17 @@ class StoreWriter:
             kept, use = _not_erased(session, events), plan
             if len(kept) < len(events):
                 use = None  # the plan holds the erased corrections: the general path
-            if use is not None:
-                with self._step(WorkerStep.STORE_JOIN):
+            applied: Applied | None = None
+            with self._step(WorkerStep.STORE_JOIN):  # and the outcomes of what it joined
+                if use is not None:
                     applied = apply(session, use, self.analysis, now)
-            else:
-                with self._step(WorkerStep.STORE_JOIN):
+                    stored = applied.stored
+                else:
                     stored = store_and_join(session, *by_kind(kept), now, self.cache.get)
+                attributed = attribute(session, scores_of(kept), stored.pairs)
+            stored.conflicts += attributed.conflicts
+            if applied is None:
                 applied = Applied(stored, self.analysis.prepare(stored.pairs))
-            with self._step(WorkerStep.STORE_JOIN):  # the outcomes of what it joined
-                attributed = attribute(session, scores_of(kept), applied.stored.pairs)
-            applied.stored.conflicts += attributed.conflicts
             examples, unusable, outcomes = self._examples(session, applied)
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
             return applied.stored, examples, unusable, attributed
