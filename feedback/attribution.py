@@ -69,6 +69,9 @@ class Attributed:
 
     new_scores: int = 0
     outcomes: int = 0  # rows written, answering and scoring versions together
+    # predictions of new scores that were not labelled as this transaction saw the store
+    # (`recheck` looks again: a concurrent transaction may have been labelling them)
+    unlabelled: set[str] = field(default_factory=set)
     # scores whose (prediction, version) the store holds with other content, and why
     conflicts: list[tuple[ScoreEvent, str]] = field(default_factory=list)
 
@@ -166,9 +169,51 @@ def attribute(
             if e.prediction_id in labels:
                 label, at = labels[e.prediction_id]
                 rows.append(_scored(e, label, at))
+        out.unlabelled = earlier - set(labels)
     if rows:
         out.outcomes += insert_ignoring_duplicates(session, Outcome, rows)
     return out
+
+
+def recheck(session: Session, prediction_ids: Iterable[str]) -> tuple[set[str], int]:
+    """Credit the stored scores of predictions that are labelled now but were not when
+    their scores were stored: (the predictions found labelled, outcome rows written).
+
+    Closes the one gap of `attribute`: a transaction storing a score and another, on
+    another worker, labelling its prediction at the same moment each miss the other's
+    uncommitted row (READ COMMITTED), and the score's outcome is written by neither. The
+    worker that stored the score looks again from its sweep once both have committed
+    (`StoreWriter`: for RECHECK_S after the score), with the first correction's label
+    from the answering outcome, as `attribute` would have. Insert-ignore: a score that
+    was credited meanwhile is left as it is.
+
+    >>> from datetime import UTC, datetime
+    >>> from sqlalchemy import create_engine
+    >>> from flywheel.store.models import Base, Outcome, Score
+    >>> engine = create_engine("sqlite://")
+    >>> Base.metadata.create_all(engine, tables=[Outcome.__table__, Score.__table__])
+    >>> t = datetime(2026, 1, 1, tzinfo=UTC)
+    >>> shadow = ScoreEvent(prediction_id="p1", model_name="m", model_version="2",
+    ...     role="shadow", probabilities={"a": 0.9, "b": 0.1}, label="a", timestamp=t)
+    >>> with Session(engine) as s:
+    ...     attribute(s, [shadow], []).unlabelled  # not labelled yet
+    ...     recheck(s, {"p1"})  # still not
+    ...     # another worker labels p1, not seeing the score (its row was not committed)
+    ...     s.add(Outcome(**outcome_row("p1", "m", "1", answered=True, probabilities={"a": 1.0},
+    ...         predicted="a", true_label="a", predicted_at=t, labelled_at=t)))
+    ...     recheck(s, {"p1"})
+    {'p1'}
+    (set(), 0)
+    ({'p1'}, 1)
+    """
+    labels = _answering_labels(session, prediction_ids)
+    if not labels:
+        return set(), 0
+    rows = []
+    for score in _stored_scores(session, labels):
+        label, at = labels[score.prediction_id]
+        rows.append(_scored(score, label, at))
+    return set(labels), insert_ignoring_duplicates(session, Outcome, rows)
 
 
 def _answering_columns(pairs: list[JoinedPair]) -> dict[str, list[Any]]:
@@ -310,13 +355,30 @@ def _stored_scores(session: Session, prediction_ids: Iterable[str]) -> list[Scor
     return out
 
 
+_LABELS_PG = (
+    "SELECT prediction_id, label, labelled_at FROM outcomes"
+    " WHERE prediction_id = ANY(%(ids)s) AND answered"
+)
+
+
 def _answering_labels(
     session: Session, prediction_ids: Iterable[str]
 ) -> dict[str, tuple[str, datetime]]:
     """The true label and labelling time of each prediction that is labelled already: its
-    answering version's outcome (the first joined correction's)."""
+    answering version's outcome (the first joined correction's). PostgreSQL: one
+    statement, the ids as one array parameter (see `_stored_scores`)."""
+    wanted = sorted(set(prediction_ids))
+    if not wanted:
+        return {}
+    if session.get_bind().dialect.name == "postgresql":
+        cursor = driver_connection(session).cursor()
+        try:
+            cursor.execute(_LABELS_PG, {"ids": wanted}, prepare=False)
+            return {r[0]: (r[1], r[2].astimezone(UTC)) for r in cursor.fetchall()}
+        finally:
+            cursor.close()
     out: dict[str, tuple[str, datetime]] = {}
-    for chunk in _chunks(prediction_ids):
+    for chunk in _chunks(wanted):
         for pid, label, at in session.execute(
             select(Outcome.prediction_id, Outcome.label, Outcome.labelled_at).where(
                 Outcome.prediction_id.in_(chunk), Outcome.answered.is_(True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,7 +28,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from flywheel.events import CorrectionEvent, PredictionEvent, ScoreEvent, utcnow
-from flywheel.feedback.attribution import Attributed, attribute
+from flywheel.feedback.attribution import Attributed, attribute, recheck
 from flywheel.feedback.consumer import Partition
 from flywheel.feedback.deadletter import DeadLetterWriter
 from flywheel.feedback.join import StoredBatch, claim_joins, expire_corrections, store_and_join
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 Event = PredictionEvent | CorrectionEvent | ScoreEvent
 T = TypeVar("T")
 MAINTENANCE_TRY_S = 300.0  # how often a worker asks the store whether maintenance is due
+# how long the sweeps look again at a score whose prediction was not labelled when it was
+# stored (flywheel.feedback.attribution.recheck). The gap it closes is two transactions'
+# last tries overlapping (a try that fails is redone, and the redo sees the other's rows),
+# so a few seconds; a minute is plenty.
+RECHECK_S = 60.0
+RECHECK_MAX = 100_000  # predictions remembered for that; the oldest are dropped first
 
 
 @dataclass
@@ -173,6 +179,8 @@ class StoreWriter:
         self.retention = RetentionPolicy.of(feedback)
         self._owner = default_owner()
         self._next_maintenance = 0.0  # the first sweep asks
+        # predictions of scores stored before their label, by when to stop looking again
+        self._unlabelled: OrderedDict[str, float] = OrderedDict()
 
     def store_batch(self, batch: Batch) -> None:
         """Write one polled batch: whole if the store takes it, else record by record."""
@@ -224,6 +232,7 @@ class StoreWriter:
             plan = None
             stored, examples, unusable, attributed = self.in_transaction(work)
         results.append(stored)
+        self._remember_unlabelled(attributed.unlabelled)
         self.stats.scores += attributed.new_scores
         self.stats.outcomes += attributed.outcomes
         self.stats.predictions += len(stored.new_predictions)
@@ -303,10 +312,15 @@ class StoreWriter:
         now = utcnow()
         cutoff = now - timedelta(seconds=self.feedback.correction_expiry_s)
 
-        def work(session: Session) -> tuple[StoredBatch, int, int, int, list[Rejected], int]:
+        waiting = list(self._unlabelled)
+
+        def work(
+            session: Session,
+        ) -> tuple[StoredBatch, int, int, int, list[Rejected], tuple[int, set[str]]]:
             pairs = claim_joins(session, None, now)
             expired = expire_corrections(session, cutoff)
             attributed = attribute(session, [], pairs)
+            labelled, rechecked = recheck(session, waiting) if waiting else (set(), 0)
             applied = Applied(StoredBatch(pairs=pairs), self.analysis.prepare(pairs))
             examples, unusable, outcomes = self._examples(session, applied)
             released = (
@@ -315,10 +329,13 @@ class StoreWriter:
                 else 0
             )
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
-            return applied.stored, examples, released, expired, unusable, attributed.outcomes
+            credited = (attributed.outcomes + rechecked, labelled)
+            return applied.stored, examples, released, expired, unusable, credited
 
         try:
-            stored, examples, released, expired, unusable, credited = self.in_transaction(work)
+            stored, examples, released, expired, unusable, (credited, found) = self.in_transaction(
+                work
+            )
         except Exception as exc:  # a pair the analysis cannot handle: keep consuming, retry later
             if _store_fault(exc):
                 raise
@@ -326,6 +343,7 @@ class StoreWriter:
             log.exception("sweep failed; the pending joins stay pending and are retried")
             return []
         self._dead_letter(unusable)
+        self._forget_labelled(found)
         self.stats.outcomes += credited
         self.stats.joined += len(stored.pairs)
         self.stats.examples += examples
@@ -334,6 +352,30 @@ class StoreWriter:
         if not final:
             self.maybe_maintain()
         return [stored]
+
+    def _remember_unlabelled(self, prediction_ids: set[str]) -> None:
+        """Predictions whose new scores found no label: the sweeps look again for a while
+        (`attribution.recheck`)."""
+        if not prediction_ids:
+            return
+        until = time.monotonic() + RECHECK_S
+        for pid in prediction_ids:
+            self._unlabelled[pid] = until
+            self._unlabelled.move_to_end(pid)
+        while len(self._unlabelled) > RECHECK_MAX:
+            self._unlabelled.popitem(last=False)
+
+    def _forget_labelled(self, labelled: set[str]) -> None:
+        """Stop looking at the predictions found labelled, and at those looked at long
+        enough (oldest first: the dict is in the order they were remembered)."""
+        for pid in labelled:
+            self._unlabelled.pop(pid, None)
+        now = time.monotonic()
+        while self._unlabelled:
+            pid, until = next(iter(self._unlabelled.items()))
+            if until > now:
+                break
+            del self._unlabelled[pid]
 
     def maybe_maintain(self) -> None:
         """Run the store's maintenance (`flywheel.store.retention`) if it is this worker's

@@ -405,3 +405,42 @@ def test_retention_keeps_scores_with_predictions_and_outcomes_with_corrections(s
     report = apply_retention(session_factory(store.engine), shorter, now)
     assert report.removed["outcomes"] == 2
     assert {k[0] for k in store.outcomes()} == {"new"}
+
+
+def test_a_score_stored_while_another_worker_labels_its_prediction_is_credited_by_the_sweep(
+    store,
+):
+    """Two workers' transactions at the same moment: one stores a score, the other joins
+    the prediction's correction; neither sees the other's row, so neither writes the
+    score's outcome. The worker that stored the score looks again from its sweep."""
+    from flywheel.feedback.attribution import outcome_row
+
+    store.write(prediction("p1"))
+    store.write(score("p1"))  # not labelled as this transaction sees the store
+    labelled = T0 + timedelta(minutes=1)
+    with session_factory(store.engine).begin() as session:  # the other worker's join
+        insert_ignoring_duplicates(
+            session,
+            Outcome,
+            [
+                outcome_row(
+                    "p1",
+                    "m",
+                    "1",
+                    answered=True,
+                    probabilities={"no": 0.3, "yes": 0.7},
+                    predicted="yes",
+                    true_label="no",
+                    predicted_at=T0,
+                    labelled_at=labelled,
+                )
+            ],
+        )
+    assert set(store.outcomes()) == {("p1", "1")}
+    store.writer.sweep()
+    credited = store.outcomes()["p1", "2"]
+    assert (credited.label, credited.labelled_at, credited.answered) == ("no", labelled, False)
+    assert credited.correct is True and credited.p_true == pytest.approx(0.8)
+    assert store.stats.outcomes == 1  # the sweep's row; the other worker wrote the first
+    store.writer.sweep()  # nothing more to look at, nothing written again
+    assert store.stats.outcomes == 1 and len(store.outcomes()) == 2
