@@ -23,7 +23,10 @@ that is labelled already:
 3. the stored scores of the predictions labelled now get their outcomes, with that
    correction's label and time (the scores of step 1 included);
 4. a new score of a prediction labelled earlier gets its outcome from the answering
-   outcome's label and time (the first correction's).
+   outcome's label and time (the first correction's);
+5. a new score whose prediction is not labelled yet is looked at again by the worker's
+   sweeps for a while (`recheck`), in case another worker was labelling it at the same
+   moment, unseen.
 
 Every write is an insert that skips existing keys, in the transaction that also
 commits the Kafka-side work, so a replayed batch writes nothing new and the two arrival
