@@ -535,6 +535,7 @@ def verify(settings: Settings, n: int) -> dict[str, Any]:
         Correction,
         CounterexampleUsage,
         Example,
+        Outcome,
         Prediction,
         make_engine,
     )
@@ -566,6 +567,7 @@ def verify(settings: Settings, n: int) -> dict[str, Any]:
             )
             rows = conn.execute(examples).all()
             counted = scalar(select(func.sum(CounterexampleUsage.count)))
+            outcomes = scalar(select(func.count()).select_from(Outcome))
     finally:
         engine.dispose()
     corr = [r for r in rows if r[0] == "correction"]
@@ -590,6 +592,8 @@ def verify(settings: Settings, n: int) -> dict[str, Any]:
         "counterexamples": (n_cx, expected_cx),
         "counterexamples in the budget's counts": (counted, n_cx),
         "duplicate dedup keys": (sum(r[3] - r[4] for r in rows), 0),
+        # live attribution (issue 28): the answering version's, one per joined correction
+        "outcomes credited": (outcomes, n),
     }
     return {
         "checks": {k: {"value": v, "expected": e, "ok": v == e} for k, (v, e) in checks.items()},

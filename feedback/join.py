@@ -21,7 +21,7 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from flywheel.events import CorrectionEvent, PredictionEvent
+from flywheel.events import CorrectionEvent, PredictionEvent, ScoreEvent
 from flywheel.feedback.messages import CONTENT, duplicate_reason
 from flywheel.feedback.prediction_cache import KnownPrediction
 from flywheel.store import (
@@ -53,6 +53,7 @@ class JoinedPair(NamedTuple):
     probabilities: dict[str, float]
     predicted: str
     subject: str | None = None  # the data subject's keyed hash (flywheel.subjects)
+    predicted_at: datetime | None = None  # the prediction's timestamp (its outcome's)
 
 
 @dataclass
@@ -65,7 +66,9 @@ class StoredBatch:
     pairs: list[JoinedPair] = field(default_factory=list)  # joined by this transaction
     pending: list[CorrectionEvent] = field(default_factory=list)  # stored as pending
     # events whose id the store holds with other content, and why (dead-lettered)
-    conflicts: list[tuple[PredictionEvent | CorrectionEvent, str]] = field(default_factory=list)
+    conflicts: list[tuple[PredictionEvent | CorrectionEvent | ScoreEvent, str]] = field(
+        default_factory=list
+    )
 
 
 def store_and_join(
@@ -212,6 +215,7 @@ def pair_of(
         p.probabilities,
         p.label,
         subject,
+        p.predicted_at,
     )
 
 
@@ -269,9 +273,10 @@ def _stored_content(session: Session, kind: type, ids: list[str]) -> dict[str, d
 # partitioned by day, an ordered Append over the partitions' (id, created_at) keys, newest
 # first, that stops at the first hit, instead of probing every partition for every id.
 _LOOKUP_PG = (
-    "SELECT p.id, p.model_name, p.model_version, p.features, p.probabilities, p.label"
-    " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid) CROSS JOIN LATERAL"
-    " (SELECT id, model_name, model_version, features, probabilities, label FROM predictions"
+    "SELECT p.id, p.model_name, p.model_version, p.features, p.probabilities, p.label,"
+    " p.created_at FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid) CROSS JOIN"
+    " LATERAL (SELECT id, model_name, model_version, features, probabilities, label,"
+    " created_at FROM predictions"
     " WHERE id = i.pid ORDER BY created_at DESC LIMIT 1) AS p"
 )
 
@@ -303,6 +308,7 @@ def lookup_predictions(session: Session, ids: Iterable[str]) -> dict[str, KnownP
                 Prediction.features,
                 Prediction.probabilities,
                 Prediction.label,
+                Prediction.created_at,
             ).where(Prediction.id.in_(chunk))
         ):
             out[row[0]] = KnownPrediction(*row[1:])
@@ -367,6 +373,7 @@ def claim_joins(
             Prediction.probabilities,
             Prediction.label,
             Correction.subject,
+            Prediction.created_at,
         )
         .join(Prediction, Prediction.id == Correction.prediction_id)
         .where(Correction.status == CorrectionStatus.PENDING.value)
@@ -401,7 +408,7 @@ _CLAIM_PG = (
     " FROM jsonb_array_elements_text(CAST(%(ids)s AS JSONB)) AS i(pid), predictions AS p"
     f" WHERE c.prediction_id = i.pid AND p.id = c.prediction_id AND c.status = '{_PENDING}'"
     " RETURNING c.id, c.prediction_id, c.label, c.source, c.created_at, p.model_name,"
-    " p.model_version, p.features, p.probabilities, p.label, c.subject"
+    " p.model_version, p.features, p.probabilities, p.label, c.subject, p.created_at"
 )
 
 
@@ -426,7 +433,18 @@ def _claim_postgresql(session: Session, ids: list[str], now: datetime) -> list[J
         cursor.close()
     pairs = [
         JoinedPair(
-            r[0], r[1], r[2], r[3], r[4].astimezone(UTC), r[5], r[6], r[7], r[8], r[9], r[10]
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4].astimezone(UTC),
+            r[5],
+            r[6],
+            r[7],
+            r[8],
+            r[9],
+            r[10],
+            r[11].astimezone(UTC),
         )
         for r in rows
     ]

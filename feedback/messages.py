@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from flywheel.events import NO_NUL, CorrectionEvent, PredictionEvent
+from flywheel.events import NO_NUL, CorrectionEvent, PredictionEvent, ScoreEvent
 from flywheel.subjects import SUBJECT_KEY_PATTERN
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "content_of",
     "decode",
     "duplicate_reason",
+    "identity",
 ]
 
 MAX_REASON = 1000
@@ -28,7 +29,14 @@ MAX_REASON = 1000
 _VALIDATE_JSON = {
     PredictionEvent: PredictionEvent.__pydantic_validator__.validate_json,
     CorrectionEvent: CorrectionEvent.__pydantic_validator__.validate_json,
+    ScoreEvent: ScoreEvent.__pydantic_validator__.validate_json,
 }
+_MODELS: dict[str, type[PredictionEvent] | type[CorrectionEvent] | type[ScoreEvent]] = {
+    "prediction": PredictionEvent,
+    "correction": CorrectionEvent,
+    "score": ScoreEvent,
+}
+Decoded = PredictionEvent | CorrectionEvent | ScoreEvent
 
 
 @dataclass(frozen=True)
@@ -75,32 +83,43 @@ CONTENT: dict[type, tuple[str, ...]] = {
         "latency_ms",
     ),
     CorrectionEvent: ("prediction_id", "label", "source", "subject"),
+    # a score is identified by (prediction, version): see `identity`
+    ScoreEvent: ("model_name", "role", "probabilities", "label", "timestamp"),
 }
 
 
-def content_of(event: PredictionEvent | CorrectionEvent) -> dict[str, Any]:
+def identity(event: Decoded) -> str:
+    """What the store keys an event by: its id; a score's prediction id and version (a
+    version scores a prediction once), joined by a NUL, which neither may hold."""
+    if isinstance(event, ScoreEvent):
+        return f"{event.prediction_id}\x00{event.model_version}"
+    return event.id
+
+
+def content_of(event: Decoded) -> dict[str, Any]:
     return {f: getattr(event, f) for f in CONTENT[type(event)]}
 
 
-def duplicate_reason(
-    event: PredictionEvent | CorrectionEvent, first: Mapping[str, Any], where: str
-) -> str | None:
+def duplicate_reason(event: Decoded, first: Mapping[str, Any], where: str) -> str | None:
     """Why `event` cannot be stored beside `first` (the content of the event with its id
     that came first, or that the store holds), or None when it is a plain redelivery."""
     differ = [f for f in CONTENT[type(event)] if getattr(event, f) != first[f]]
     if not differ:
         return None
-    kind = "prediction" if isinstance(event, PredictionEvent) else "correction"
-    return (
-        f"duplicate: {kind} id {event.id!r} {where} with a different "
-        f"{', '.join(differ)}; the first is kept"
-    )[:MAX_REASON]
+    if isinstance(event, ScoreEvent):
+        what = f"score of prediction {event.prediction_id!r} by version {event.model_version!r}"
+    else:
+        kind = "prediction" if isinstance(event, PredictionEvent) else "correction"
+        what = f"{kind} id {event.id!r}"
+    return (f"duplicate: {what} {where} with a different {', '.join(differ)}; the first is kept")[
+        :MAX_REASON
+    ]
 
 
 def decode(
     kind: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
-) -> PredictionEvent | CorrectionEvent | Rejected:
-    """Validate one record of `kind` ("prediction" or "correction").
+) -> Decoded | Rejected:
+    """Validate one record of `kind` ("prediction", "correction" or "score").
 
     The key must be the prediction id the value names: a wrong key would put the record on
     a partition its partner never reaches, and silently break the join.
@@ -110,7 +129,7 @@ def decode(
     """
     if value is None:
         return Rejected(topic, partition, offset, key, value, "empty value (tombstone)")
-    model = PredictionEvent if kind == "prediction" else CorrectionEvent
+    model = _MODELS[kind]
     try:
         event = _VALIDATE_JSON[model](value)
     except ValidationError:
@@ -126,7 +145,7 @@ def decode(
             value,
             "unsupported schema_version None (this worker reads 1)",
         )
-    expected_key = event.id if kind == "prediction" else event.prediction_id
+    expected_key = event.id if isinstance(event, PredictionEvent) else event.prediction_id
     if key is None or key != expected_key.encode():
         return Rejected(
             topic,
@@ -159,7 +178,9 @@ def _in_utc_range(stamp: datetime) -> bool:
     return True
 
 
-def _why_invalid(model: type[PredictionEvent] | type[CorrectionEvent], value: bytes) -> str:
+def _why_invalid(
+    model: type[PredictionEvent] | type[CorrectionEvent] | type[ScoreEvent], value: bytes
+) -> str:
     """The reason a record failed validation, in the order a reader would check it."""
     try:
         doc = orjson.loads(value)

@@ -11,6 +11,7 @@ correction, a restarted worker) reads the store; the cache is never the only cop
 from __future__ import annotations
 
 from collections import OrderedDict
+from datetime import datetime
 from typing import NamedTuple
 
 from flywheel.events import PredictionEvent
@@ -24,11 +25,17 @@ class KnownPrediction(NamedTuple):
     features: list[float]
     probabilities: dict[str, float]
     label: str
+    predicted_at: datetime | None = None  # the prediction's timestamp (its outcome's)
 
     @classmethod
     def of(cls, event: PredictionEvent) -> KnownPrediction:
         return cls(
-            event.model_name, event.model_version, event.features, event.probabilities, event.label
+            event.model_name,
+            event.model_version,
+            event.features,
+            event.probabilities,
+            event.label,
+            event.timestamp,
         )
 
 

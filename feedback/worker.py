@@ -32,7 +32,13 @@ from sqlalchemy import Engine
 from flywheel.feedback.consumer import KafkaBatchConsumer, Partition
 from flywheel.feedback.deadletter import DeadLetterWriter
 from flywheel.feedback.join import StoredBatch
-from flywheel.feedback.messages import Rejected, content_of, decode, duplicate_reason
+from flywheel.feedback.messages import (
+    Rejected,
+    content_of,
+    decode,
+    duplicate_reason,
+    identity,
+)
 from flywheel.feedback.observer import STORE_THREAD, TimedAnalysis, WorkerObserver, WorkerStep
 from flywheel.feedback.plan import Analysis, Plan, Planner
 from flywheel.feedback.prediction_cache import PredictionCache
@@ -88,7 +94,11 @@ class FeedbackWorker:
         self._sweep_every_s = sweep_every_s
         self._next_sweep = 0.0
         self._client_id = client_id
-        self._kinds = {kafka.topic_predictions: "prediction", kafka.topic_corrections: "correction"}
+        self._kinds = {
+            kafka.topic_predictions: "prediction",
+            kafka.topic_corrections: "correction",
+            kafka.topic_scores: "score",  # flywheel.feedback.attribution
+        }
         self.stats = WorkerStats()
         self.cache = PredictionCache(feedback.feedback_prediction_cache)
         # the consumer thread's only; rows are encoded for COPY where the store takes it
@@ -313,7 +323,7 @@ class FeedbackWorker:
         events: list[tuple[Any, Event]] = []
         rejected: list[Rejected] = []
         kinds, keys = self._kinds, self.keys
-        first: dict[tuple[type, str], Event] = {}
+        first: dict[tuple[type, str], Event] = {}  # by `identity`
         for m in messages:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             kind = kinds[topic]
@@ -339,7 +349,7 @@ class FeedbackWorker:
             if isinstance(event, Rejected):
                 rejected.append(event)
                 continue
-            earlier = first.setdefault((type(event), event.id), event)
+            earlier = first.setdefault((type(event), identity(event)), event)
             if earlier is not event:  # the store keeps the first; a redelivery is skipped
                 why = duplicate_reason(event, content_of(earlier), "came earlier in the batch")
                 if why is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from flywheel.events import CorrectionEvent, PredictionEvent, utcnow
+from flywheel.events import CorrectionEvent, PredictionEvent, ScoreEvent, utcnow
+from flywheel.feedback.attribution import Attributed, attribute, recheck
 from flywheel.feedback.consumer import Partition
 from flywheel.feedback.deadletter import DeadLetterWriter
 from flywheel.feedback.join import StoredBatch, claim_joins, expire_corrections, store_and_join
@@ -48,9 +49,15 @@ from flywheel.store import (
 )
 
 log = logging.getLogger(__name__)
-Event = PredictionEvent | CorrectionEvent
+Event = PredictionEvent | CorrectionEvent | ScoreEvent
 T = TypeVar("T")
 MAINTENANCE_TRY_S = 300.0  # how often a worker asks the store whether maintenance is due
+# how long the sweeps look again at a score whose prediction was not labelled when it was
+# stored (flywheel.feedback.attribution.recheck). The gap it closes is two transactions'
+# last tries overlapping (a try that fails is redone, and the redo sees the other's rows),
+# so a few seconds; a minute is plenty.
+RECHECK_S = 60.0
+RECHECK_MAX = 100_000  # predictions remembered for that; the oldest are dropped first
 
 
 @dataclass
@@ -61,6 +68,8 @@ class WorkerStats:
     corrections: int = 0
     joined: int = 0
     pending: int = 0  # corrections stored to wait for their prediction (joined later)
+    scores: int = 0  # ScoreEvents stored (flywheel.feedback.attribution)
+    outcomes: int = 0  # outcomes rows written (one per labelled prediction and version)
     examples: int = 0
     dead_letters: int = 0
     expired: int = 0
@@ -89,10 +98,15 @@ class Batch:
 
 
 def by_kind(events: list[Event]) -> tuple[list[PredictionEvent], list[CorrectionEvent]]:
+    """The predictions and the corrections (what the join takes; scores: `scores_of`)."""
     return (
         [e for e in events if isinstance(e, PredictionEvent)],
         [e for e in events if isinstance(e, CorrectionEvent)],
     )
+
+
+def scores_of(events: list[Event]) -> list[ScoreEvent]:
+    return [e for e in events if isinstance(e, ScoreEvent)]
 
 
 def _not_erased(session: Session, events: list[Event]) -> list[Event]:
@@ -165,6 +179,8 @@ class StoreWriter:
         self.retention = RetentionPolicy.of(feedback)
         self._owner = default_owner()
         self._next_maintenance = 0.0  # the first sweep asks
+        # predictions of scores stored before their label, by when to stop looking again
+        self._unlabelled: OrderedDict[str, float] = OrderedDict()
 
     def store_batch(self, batch: Batch) -> None:
         """Write one polled batch: whole if the store takes it, else record by record."""
@@ -190,28 +206,35 @@ class StoreWriter:
         """Write, join and analyze `events` in one transaction, following `plan` if there
         is one; what it stored goes to `results`, unusable pairs come back."""
 
-        def work(session: Session) -> tuple[StoredBatch, int, list[Rejected]]:
+        def work(session: Session) -> tuple[StoredBatch, int, list[Rejected], Attributed]:
             now = utcnow()
             kept, use = _not_erased(session, events), plan
             if len(kept) < len(events):
                 use = None  # the plan holds the erased corrections: the general path
-            if use is not None:
-                with self._step(WorkerStep.STORE_JOIN):
+            applied: Applied | None = None
+            with self._step(WorkerStep.STORE_JOIN):  # and the outcomes of what it joined
+                if use is not None:
                     applied = apply(session, use, self.analysis, now)
-            else:
-                with self._step(WorkerStep.STORE_JOIN):
+                    stored = applied.stored
+                else:
                     stored = store_and_join(session, *by_kind(kept), now, self.cache.get)
+                attributed = attribute(session, scores_of(kept), stored.pairs)
+            stored.conflicts += attributed.conflicts
+            if applied is None:
                 applied = Applied(stored, self.analysis.prepare(stored.pairs))
             examples, unusable, outcomes = self._examples(session, applied)
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
-            return applied.stored, examples, unusable
+            return applied.stored, examples, unusable, attributed
 
         try:
-            stored, examples, unusable = self.in_transaction(work)
+            stored, examples, unusable, attributed = self.in_transaction(work)
         except NotNew:  # a replayed batch: rolled back; the general path skips what is there
             plan = None
-            stored, examples, unusable = self.in_transaction(work)
+            stored, examples, unusable, attributed = self.in_transaction(work)
         results.append(stored)
+        self._remember_unlabelled(attributed.unlabelled)
+        self.stats.scores += attributed.new_scores
+        self.stats.outcomes += attributed.outcomes
         self.stats.predictions += len(stored.new_predictions)
         self.stats.corrections += stored.new_corrections
         self.stats.joined += len(stored.pairs)
@@ -289,9 +312,15 @@ class StoreWriter:
         now = utcnow()
         cutoff = now - timedelta(seconds=self.feedback.correction_expiry_s)
 
-        def work(session: Session) -> tuple[StoredBatch, int, int, int, list[Rejected]]:
+        waiting = list(self._unlabelled)
+
+        def work(
+            session: Session,
+        ) -> tuple[StoredBatch, int, int, int, list[Rejected], tuple[int, set[str]]]:
             pairs = claim_joins(session, None, now)
             expired = expire_corrections(session, cutoff)
+            attributed = attribute(session, [], pairs)
+            labelled, rechecked = recheck(session, waiting) if waiting else (set(), 0)
             applied = Applied(StoredBatch(pairs=pairs), self.analysis.prepare(pairs))
             examples, unusable, outcomes = self._examples(session, applied)
             released = (
@@ -300,10 +329,13 @@ class StoreWriter:
                 else 0
             )
             self.analysis.count(session, outcomes)  # last: see ExampleBuilder.count
-            return applied.stored, examples, released, expired, unusable
+            credited = (attributed.outcomes + rechecked, labelled)
+            return applied.stored, examples, released, expired, unusable, credited
 
         try:
-            stored, examples, released, expired, unusable = self.in_transaction(work)
+            stored, examples, released, expired, unusable, (credited, found) = self.in_transaction(
+                work
+            )
         except Exception as exc:  # a pair the analysis cannot handle: keep consuming, retry later
             if _store_fault(exc):
                 raise
@@ -311,6 +343,8 @@ class StoreWriter:
             log.exception("sweep failed; the pending joins stay pending and are retried")
             return []
         self._dead_letter(unusable)
+        self._forget_labelled(found)
+        self.stats.outcomes += credited
         self.stats.joined += len(stored.pairs)
         self.stats.examples += examples
         self.stats.released += released
@@ -318,6 +352,30 @@ class StoreWriter:
         if not final:
             self.maybe_maintain()
         return [stored]
+
+    def _remember_unlabelled(self, prediction_ids: set[str]) -> None:
+        """Predictions whose new scores found no label: the sweeps look again for a while
+        (`attribution.recheck`)."""
+        if not prediction_ids:
+            return
+        until = time.monotonic() + RECHECK_S
+        for pid in prediction_ids:
+            self._unlabelled[pid] = until
+            self._unlabelled.move_to_end(pid)
+        while len(self._unlabelled) > RECHECK_MAX:
+            self._unlabelled.popitem(last=False)
+
+    def _forget_labelled(self, labelled: set[str]) -> None:
+        """Stop looking at the predictions found labelled, and at those looked at long
+        enough (oldest first: the dict is in the order they were remembered)."""
+        for pid in labelled:
+            self._unlabelled.pop(pid, None)
+        now = time.monotonic()
+        while self._unlabelled:
+            pid, until = next(iter(self._unlabelled.items()))
+            if until > now:
+                break
+            del self._unlabelled[pid]
 
     def maybe_maintain(self) -> None:
         """Run the store's maintenance (`flywheel.store.retention`) if it is this worker's

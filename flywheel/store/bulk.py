@@ -27,7 +27,7 @@ from types import NoneType
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Table, TypeDecorator, text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Table, TypeDecorator, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import OperationalError
@@ -81,22 +81,25 @@ def insert_returning_new(
     session: Session, model: type[Base], rows: Iterable[Mapping[str, Any]]
 ) -> list[Any]:
     """Insert `rows`, skipping any that hit a unique key; return the primary keys of the
-    new ones (a single-column key; given in the rows, or COPY cannot report them). Who
-    inserted a row is who owns it: two workers, or a worker and its own replay, cannot
-    both see the same key come back."""
+    new ones (given in the rows, or COPY cannot report them; a key of several columns as
+    a tuple of them, in the key's order). Who inserted a row is who owns it: two workers,
+    or a worker and its own replay, cannot both see the same key come back."""
     rows = list(rows)
     if not rows:
         return []
     table = _table(model)
     pk = _primary_key(table)
     if _dialect(session) == "postgresql":
-        if pk.key in rows[0] and _copy(session, table, rows) is not None:
+        if all(c.key in rows[0] for c in pk) and _copy(session, table, rows) is not None:
             ROWS_BY_PATH["copy"] += len(rows)
-            return [r[pk.key] for r in rows]
-        fast = _columnar_insert(table, rows, returning=pk.name)
+            if len(pk) == 1:
+                return [r[pk[0].key] for r in rows]
+            return [tuple(r[c.key] for c in pk) for r in rows]
+        fast = _columnar_insert(table, rows, returning=[c.name for c in pk])
         if fast is not None:
             sql, params = fast
-            new = list(session.scalars(text(sql), params))
+            result = session.execute(text(sql), params)
+            new = [r[0] for r in result] if len(pk) == 1 else [tuple(r) for r in result]
             ROWS_BY_PATH["columnar"] += len(new)
             return new
     new = _general_insert(session, table, rows)
@@ -119,17 +122,20 @@ def _dialect(session: Session) -> str:
     return dialect
 
 
-def _primary_key(table: Table) -> Any:
-    [pk] = table.primary_key.columns
-    return pk
+def _primary_key(table: Table) -> list[Any]:
+    return list(table.primary_key.columns)
 
 
 def _general_insert(session: Session, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     """SQLAlchemy's INSERT ... ON CONFLICT DO NOTHING RETURNING pk: every type, every
-    error worded; what the fast paths fall back to."""
+    error worded; what the fast paths fall back to. A key of several columns comes back
+    as tuples."""
     insert = postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
-    stmt = insert(table).on_conflict_do_nothing().returning(_primary_key(table))
-    return list(session.scalars(stmt, rows))
+    pk = _primary_key(table)
+    stmt = insert(table).on_conflict_do_nothing().returning(*pk)
+    if len(pk) == 1:
+        return list(session.scalars(stmt, rows))
+    return [tuple(r) for r in session.execute(stmt, rows)]
 
 
 # -- column values the fast paths can send --------------------------------------------------
@@ -256,6 +262,11 @@ def _column(col: Any, values: list[Any]) -> _Column | None:
             return None
         col_type = col_type.impl_instance
     sql_type = col_type.compile(dialect=_PG)
+    if isinstance(col_type, Boolean):  # COPY's and a CAST's text: t / f
+        if not _types(values) <= {bool, NoneType}:
+            return None
+        texts = [None if v is None else "tf"[not v] for v in values]
+        return _Column(name, texts, "text", "BOOLEAN")
     if isinstance(col_type, JSON):
         if col_type.none_as_null and None in values:
             return None
@@ -416,7 +427,7 @@ def _copy_lines(session: Session, encoded: CopyRows) -> int | None:
 
 
 def _columnar_insert(
-    table: Table, rows: list[Mapping[str, Any]], returning: str | None = None
+    table: Table, rows: list[Mapping[str, Any]], returning: list[str] | None = None
 ) -> tuple[str, dict[str, str]] | None:
     """`INSERT ... SELECT` from ONE jsonb parameter holding an array per column (`ROWS
     FROM` zips the columns back into rows, in order), skipping duplicates."""
@@ -448,7 +459,7 @@ def _columnar_insert(
         f"ROWS FROM ({', '.join(sources)}) AS t({', '.join(doc)}) ON CONFLICT DO NOTHING"
     )
     if returning:
-        sql += f" RETURNING {_PG.identifier_preparer.quote(returning)}"
+        sql += " RETURNING " + ", ".join(_PG.identifier_preparer.quote(r) for r in returning)
     return sql, {"doc": text_doc}
 
 

@@ -9,7 +9,11 @@
   request, features included, even when a correction without a subject points to it too;
 - `examples` whose `privacy_unit` is `subject:<hash>` (indexed): the examples made from the
   subject's corrections and the counterexamples derived from them, which carry the same
-  unit (`flywheel.feedback.examples`).
+  unit (`flywheel.feedback.examples`);
+- `scores` and `outcomes` of those predictions (issue 28, by the primary key's first
+  column): other versions' answers to the subject's request, and every version's result
+  on the subject's label. The live decisions lose those labels; they never need a
+  particular one.
 
 Left as they are, on purpose: `counterexample_usage` (per source app and minute counts, no
 data about anyone; lowering them would let an app win back poisoning budget by asking for
@@ -42,7 +46,14 @@ from typing import Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from flywheel.store.models import Correction, ErasureReceipt, Example, Prediction
+from flywheel.store.models import (
+    Correction,
+    ErasureReceipt,
+    Example,
+    Outcome,
+    Prediction,
+    Score,
+)
 from flywheel.store.retention import delete_rows
 from flywheel.subjects import SUBJECT_KEY_PATTERN, privacy_unit
 
@@ -54,7 +65,7 @@ __all__ = [
     "non_dp_versions",
 ]
 
-ERASED_TABLES = ("corrections", "predictions", "examples")
+ERASED_TABLES = ("corrections", "predictions", "examples", "scores", "outcomes")
 CHUNK = 900  # ids per IN (...) list: well under every database's parameter limit
 _RANGE = re.compile(r"^ids (\d+)\.\.(\d+)\b")
 
@@ -113,6 +124,11 @@ def erase_subject(session: Session, subject: str, requested_by: str, now: dateti
         for i in range(0, len(predictions), CHUNK)
     )
     deleted["examples"] = delete_rows(session, Example, Example.privacy_unit == unit)
+    for name, model in (("scores", Score), ("outcomes", Outcome)):
+        deleted[name] = sum(
+            delete_rows(session, model, model.prediction_id.in_(predictions[i : i + CHUNK]))
+            for i in range(0, len(predictions), CHUNK)
+        )
     receipt = ErasureReceipt(
         subject=subject,
         erased_at=now,

@@ -11,6 +11,11 @@ Each table has a stated retention (defaults and the storage they imply: docs/con
   correction is never deleted (it expires first: `corrections_s` must exceed the expiry).
   A correction's row is what makes a redelivery of it a no-op, so this must outlast the
   corrections topic's retention on the broker (docs/contracts.md says so).
+- `scores` (issue 28): with the predictions they score, `predictions_s` after their own
+  timestamp -- a score is read again only when its prediction's correction joins, which
+  cannot happen once the prediction is gone.
+- `outcomes` (issue 28): with the corrections that labelled them, `corrections_s` after
+  `labelled_at` (the live decisions and the monitor read recent outcomes only).
 - `examples`: the ones born from traffic (every origin but `seed`) `examples_s` after they
   were written; the trusted set's `seed` rows stay while the lineage does.
 - `error_counts`: hourly counters `error_counts_s` after their hour (the reports' and the
@@ -53,7 +58,9 @@ from flywheel.store.models import (
     Example,
     LearnerLease,
     Origin,
+    Outcome,
     Prediction,
+    Score,
 )
 from flywheel.store.partitions import (
     PARTITIONED,
@@ -155,6 +162,8 @@ def apply_retention(
         report.removed["predictions"] = rows
     done = (CorrectionStatus.JOINED.value, CorrectionStatus.EXPIRED.value)
     steps: list[tuple[str, type[Base], list[ColumnElement[bool]]]] = [
+        ("scores", Score, [Score.created_at < cutoff]),
+        ("outcomes", Outcome, [Outcome.labelled_at < _ago(now, policy.corrections_s)]),
         (
             "corrections",
             Correction,

@@ -169,13 +169,25 @@ def test_forget_removes_every_row_of_one_subject_and_no_other(filled):
 
     receipt = _forget(s, ALICE)
     assert receipt["subject"] == alice and receipt["repeated"] is False
-    assert receipt["deleted"] == {"corrections": 40, "predictions": 40, "examples": len(alices)}
+    assert receipt["deleted"] == {
+        "corrections": 40,
+        "predictions": 40,
+        "examples": len(alices),
+        "scores": 0,
+        "outcomes": 40,  # the answering version's, one per labelled prediction (issue 28)
+    }
     assert receipt["first_example_id"] == min(alices)
     assert receipt["non_dp_versions"] == []  # only the seed champion: not trained on traffic
 
     after = _rows(url)
     gone = {t: before[t] - after.get(t, set()) for t in before}
-    assert {t for t, rows in gone.items() if rows} == {"corrections", "predictions", "examples"}
+    assert {t for t, rows in gone.items() if rows} == {
+        "corrections",
+        "predictions",
+        "examples",
+        "outcomes",
+    }
+    assert {json.loads(r[0]) for r in gone["outcomes"]} == pids
     assert all(not (after[t] - before[t]) for t in before if t not in KEPT_BY_DESIGN)
     assert len(gone["corrections"]) == 40 and len(gone["predictions"]) == 40
     assert len(gone["examples"]) == len(alices)
@@ -191,7 +203,13 @@ def test_forget_removes_every_row_of_one_subject_and_no_other(filled):
 
     # idempotent: a second request deletes nothing and says so, with a receipt of its own
     again = _forget(s, ALICE)
-    assert again["deleted"] == {"corrections": 0, "predictions": 0, "examples": 0}
+    assert again["deleted"] == {
+        "corrections": 0,
+        "predictions": 0,
+        "examples": 0,
+        "scores": 0,
+        "outcomes": 0,
+    }
     assert again["repeated"] is True and again["first_example_id"] == min(alices)
     assert len(_rows(url)["erasure_receipts"]) == 2
 
@@ -200,7 +218,7 @@ def test_forget_removes_every_row_of_one_subject_and_no_other(filled):
     assert not _select(url, "SELECT id FROM corrections WHERE subject = :s", s=alice)
     assert not _select(url, "SELECT id FROM examples WHERE privacy_unit = :u", u=unit)
     replayed = _rows(url)
-    for table in ("corrections", "examples", "counterexample_usage", "error_counts"):
+    for table in ("corrections", "examples", "counterexample_usage", "error_counts", "outcomes"):
         assert replayed[table] == after[table], table
     # her predictions' features are on the predictions topic until its retention drops
     # them (docs/privacy.md): the replay stores them again, linked to no subject

@@ -249,7 +249,7 @@ def test_two_workers_in_one_group_share_partitions_without_duplicates(fb_setting
         # its share already stored by the other one (a rebalance takes seconds)
         everything = {
             (t, p)
-            for t in (s.topic_predictions, s.topic_corrections)
+            for t in (s.topic_predictions, s.topic_corrections, s.topic_scores)
             for p in range(s.topic_partitions)
         }
         wait_for(
@@ -426,7 +426,11 @@ def test_an_observer_sees_the_assignment_and_every_step(fb_settings):
     finally:
         stop.set()
         thread.join(30)
-    assert assigned and {t for t, _ in assigned[0]} == {s.topic_predictions, s.topic_corrections}
+    assert assigned and {t for t, _ in assigned[0]} == {
+        s.topic_predictions,
+        s.topic_corrections,
+        s.topic_scores,  # live attribution (issue 28)
+    }
     steps = set(seen)
     for step in ("poll", "decode", "commit offsets"):
         assert (step, "consumer") in steps, step

@@ -176,7 +176,13 @@ def test_forget_erases_one_subject_and_answers_the_receipt(client, tmp_path, app
     assert answer.status_code == 200, answer.text
     doc = answer.json()
     assert doc["subject"] == subject_key(RAW, KEY) and RAW not in answer.text
-    assert doc["deleted"] == {"corrections": 1, "predictions": 1, "examples": 1}
+    assert doc["deleted"] == {
+        "corrections": 1,
+        "predictions": 1,
+        "examples": 1,
+        "scores": 0,
+        "outcomes": 0,
+    }
     assert doc["requested_by"] == "app:tests" and doc["repeated"] is False
     assert _counts(tmp_path) == (1, 1, 1, 1)
     engine = _engine(tmp_path)
@@ -184,7 +190,13 @@ def test_forget_erases_one_subject_and_answers_the_receipt(client, tmp_path, app
         assert session.scalars(select(Correction.subject)).all() == [subject_key(OTHER, KEY)]
     engine.dispose()
     again = client.post(FORGET, json={"subject": RAW}, headers=app_key.headers).json()
-    assert again["deleted"] == {"corrections": 0, "predictions": 0, "examples": 0}
+    assert again["deleted"] == {
+        "corrections": 0,
+        "predictions": 0,
+        "examples": 0,
+        "scores": 0,
+        "outcomes": 0,
+    }
     assert again["repeated"] is True and again["receipt"] != doc["receipt"]
     assert _counts(tmp_path) == (1, 1, 1, 2)
 
