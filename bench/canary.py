@@ -25,8 +25,12 @@ needs, and how often it decides right at each, side by side.
 
 Labels are paired labels for the live test: a shadow or guard is paired on
 FLYWHEEL_LIVE_SHADOW_SHARE (0.1) of requests, so the corrections it needs are the paired
-labels / 0.1; the JSON gives both. The throughput of scoring shadows on the request path
-is the serving benchmark's (live-serve); this one reports the statistics only.
+labels / 0.1; the JSON gives both.
+
+The cost of a shadow to `/v1/predict` is measured in the same run by the serving benchmark
+(`bench serve --compare shadow`, started as its own process: a fresh server per round,
+the champion alone against champion + shadow at the default share), its summary in
+`shadow_throughput` (target: ≥ 0.9× the champion alone); `--no-shadow-throughput` skips it.
 """
 
 from __future__ import annotations
@@ -134,6 +138,11 @@ def main(
     aa_trials: int = typer.Option(1000, min=1, help="A/A trials in all."),
     labels: int = typer.Option(20_000, min=100, help="Paired labels each trial may read."),
     look: int = typer.Option(50, min=1, help="Paired labels between two reads."),
+    shadow_throughput: bool = typer.Option(
+        True, help="Also measure a shadow's cost to /v1/predict (bench serve --compare shadow)."
+    ),
+    serve_duration: float = typer.Option(6.0, min=1, help="Seconds per serving round."),
+    serve_rounds: int = typer.Option(3, min=1, help="Serving rounds per side."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
     """Labels to promote a better candidate and roll back a worse champion, live
@@ -267,6 +276,9 @@ def main(
             "gate_false_pass_at_min": gate["aa"][0] / aa_n,
             "gate_false_pass_at_window": gate["aa"][1] / aa_n,
         },
+        "shadow_throughput": (
+            _shadow_throughput(serve_duration, serve_rounds) if shadow_throughput else None
+        ),
         "seconds": time.perf_counter() - started,
     }
     doc = document("canary", machine(), fields)
@@ -287,4 +299,32 @@ def main(
         f"A/A: {false}/{aa_n} decided ({rate:.3f}, alpha {alpha}); the gate passes "
         f"{a['gate_false_pass_at_min']:.2f} / {a['gate_false_pass_at_window']:.2f}",
     ]
+    t = fields["shadow_throughput"]
+    if t is not None:
+        lines.append(
+            f"shadow at share {share}: throughput {t['throughput_ratio']:.2f}x the champion "
+            f"alone (target >= {t['target']}), p99 {t['p99_ratio']:.2f}x"
+        )
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _shadow_throughput(duration_s: float, rounds: int) -> dict[str, Any]:
+    """`bench serve --compare shadow`'s summary, run as its own process (it pins and
+    starts servers of its own)."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "bench", "serve", "--compare", "shadow", "--json"]
+    argv += ["--duration", str(duration_s), "--rounds", str(rounds)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench serve --compare shadow failed: {out.stderr[-2000:]}")
+    summary = json.loads(out.stdout)["summary"]
+    ratio = float(summary["throughput_ratio"])
+    return {
+        "command": " ".join(argv[1:]),
+        "throughput_ratio": ratio,
+        "p99_ratio": float(summary["p99_ratio"]),
+        "target": 0.9,
+        "met": ratio >= 0.9,
+        "summary": summary,
+    }

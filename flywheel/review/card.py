@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,8 @@ def _card_markdown(f: dict[str, Any], plots: list[str]) -> str:
             f"| rolled back | by {_md(tags.get('rolled_back_by'))} at "
             f"{_md(tags['rolled_back_at'])}: {_md(tags.get('rollback_reason'))} |"
         )
+    if tags.get("live_decision"):
+        lines.append(f"| live decision | {_md(_live_decision(tags))} |")
 
     chain = f["lineage"]
     names = [f"v{h['version']}" + (" (missing)" if h["missing"] else "") for h in chain]
@@ -368,3 +371,33 @@ def _card_plots(f: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
+
+
+def _live_decision(tags: dict[str, str]) -> str:
+    """The live judge's verdict on this version (tags `live_decision`, `live_evidence`,
+    learner/live.py) in one line: what it decided and what that rests on. `held` is a
+    verdict recorded but not acted on (auto-promotion off): the reviewer's to act on.
+
+    >>> _live_decision({"live_decision": "held", "live_evidence": '{"pair": "shadow:4:3",'
+    ...     ' "decision": "candidate", "labels": 420, "candidate_only_right": 61,'
+    ...     ' "champion_only_right": 30, "accuracy_difference": 0.0738,'
+    ...     ' "log_evidence": 3.4, "threshold": 3.0, "alpha": 0.05}'})
+    ... # doctest: +NORMALIZE_WHITESPACE
+    'held (shadow:4:3): candidate better on 420 paired labels (alone right 61 vs 30,
+    accuracy +0.074); log evidence 3.40 >= 3.00 (alpha 0.05)'
+    """
+    try:
+        ev = json.loads(tags.get("live_evidence") or "{}")
+    except ValueError:
+        ev = {}
+    if not isinstance(ev, dict) or "labels" not in ev:
+        return tags["live_decision"]
+    pair = f" ({ev['pair']})" if ev.get("pair") else ""
+    return (
+        f"{tags['live_decision']}{pair}: {ev.get('decision') or 'no'} better on "
+        f"{ev['labels']} paired labels (alone right {ev.get('candidate_only_right')} vs "
+        f"{ev.get('champion_only_right')}, "
+        f"accuracy {float(ev.get('accuracy_difference', 0)):+.3f}); "
+        f"log evidence {float(ev.get('log_evidence', 0)):.2f} >= "
+        f"{float(ev.get('threshold', 0)):.2f} (alpha {ev.get('alpha')})"
+    )

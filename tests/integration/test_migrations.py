@@ -51,6 +51,8 @@ TABLES = {
     "apps",
     "app_keys",
     "erasure_receipts",
+    "scores",
+    "outcomes",
 }
 
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 def test_bench_canary_json_has_each_arm(run_bench):
     doc = run_bench(
-        "canary", "--seeds", "1", "--trials", "4", "--aa-trials", "6", "--labels", "2000"
+        "canary",
+        "--seeds",
+        "1",
+        "--trials",
+        "4",
+        "--aa-trials",
+        "6",
+        "--labels",
+        "2000",
+        "--no-shadow-throughput",
     )
     assert doc["benchmark"] == "canary"
     assert {"machine", "config", "models", "promote", "rollback", "aa", "date"} <= doc.keys()
@@ -21,3 +30,4 @@ def test_bench_canary_json_has_each_arm(run_bench):
     aa = doc["aa"]
     assert aa["trials"] == 6 and 0 <= aa["false_decisions"] <= 6
     assert aa["alpha"] == doc["config"]["alpha"] == 0.05
+    assert doc["shadow_throughput"] is None  # measured by bench serve's own smoke test
