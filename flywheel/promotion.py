@@ -83,24 +83,12 @@ def _set_guard(
 ) -> None:
     reason = f"replaced as champion by v{version}: guards it on live traffic"
     try:
-        was = registry.set_role(previous, GUARD_ALIAS, reason=reason, actor=actor)
+        set_role(
+            kafka, previous, GUARD_ALIAS, reason=reason, registry=registry, actor=actor,
+            notify=notify,
+        )  # fmt: skip
     except Exception as exc:  # the promotion stands; the new champion goes unguarded
         log.warning("v%s could not become the guard of v%s: %s", previous, version, exc)
-        return
-    if notify:
-        announce(
-            kafka,
-            ModelEvent(
-                kind="role_changed",
-                model_name=registry.name,
-                version=previous,
-                previous_version=was,
-                reason=reason,
-                actor=actor,
-                timestamp=utcnow(),
-                role=GUARD_ALIAS,
-            ),
-        )
 
 
 def rollback(

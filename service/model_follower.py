@@ -225,22 +225,10 @@ class ModelFollower:
         if target is None or target == served or target == self._refused:
             return None
         start = time.perf_counter()
-        try:
-            loaded = registry.load(target)
-            model = ServedModel.prepare(
-                loaded.name, loaded.version, loaded.spec, loaded.module, self.precision
-            )
-        except Exception as exc:
-            self.stats.failures += 1
-            self.stats.last_error = f"v{target}: {exc}"
-            log.exception(
-                "could not load %s v%s; still serving v%s, retrying at the next poll (in %.0fs)",
-                self.followed.model_name,
-                target,
-                served,
-                self.followed.registry_poll_s,
-            )
+        fetched = self._fetch(registry, target, "", f"still serving v{served}")
+        if fetched is None:
             return None
+        loaded, model = fetched
         untrusted = self.trust.refusal(loaded) if self.trust is not None else None
         if untrusted is not None:  # logged and counted (once per version) by the check
             self.stats.refused += 1
@@ -312,11 +300,12 @@ class ModelFollower:
         if changed:
             self.holder.swap_set(ServedSet(champion, **roles))
 
-    def _load_role(
-        self, registry: ChampionSource, role: str, target: ModelVersion, champion: ServedModel
-    ) -> ServedModel | None:
-        """`target` loaded, warmed and verified as the champion is, or None (logged)."""
-        start = time.perf_counter()
+    def _fetch(
+        self, registry: ChampionSource, target: ModelVersion, prefix: str, context: str
+    ) -> tuple[LoadedVersion, ServedModel] | None:
+        """`target` downloaded, built and warmed; None after a failure, counted, kept as
+        `last_error` (`prefix` before it: the role, if any) and logged with `context`
+        (what the service does meanwhile); the next poll tries again."""
         try:
             loaded = registry.load(target)
             model = ServedModel.prepare(
@@ -324,15 +313,26 @@ class ModelFollower:
             )
         except Exception as exc:
             self.stats.failures += 1
-            self.stats.last_error = f"{role} v{target}: {exc}"
+            self.stats.last_error = f"{prefix}v{target}: {exc}"
             log.exception(
-                "could not load %s v%s as the %s; retrying at the next poll (in %.0fs)",
+                "could not load %s v%s (%s); retrying at the next poll (in %.0fs)",
                 self.followed.model_name,
                 target,
-                role,
+                context,
                 self.followed.registry_poll_s,
             )
             return None
+        return loaded, model
+
+    def _load_role(
+        self, registry: ChampionSource, role: str, target: ModelVersion, champion: ServedModel
+    ) -> ServedModel | None:
+        """`target` loaded, warmed and verified as the champion is, or None (logged)."""
+        start = time.perf_counter()
+        fetched = self._fetch(registry, target, f"{role} ", f"as the {role}")
+        if fetched is None:
+            return None
+        loaded, model = fetched
         why = self.trust.refusal(loaded) if self.trust is not None else None
         if why is None:
             why = _schema_change(champion, model)
