@@ -77,7 +77,7 @@ def _kafka(settings: Settings, timeout_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"bootstrap": k.kafka_bootstrap, "group": group, "partitions": []}
     if not k.kafka_bootstrap:
         return out | {"error": "FLYWHEEL_KAFKA_BOOTSTRAP is not set"}
-    topics = [k.topic_predictions, k.topic_corrections]
+    topics = [k.topic_predictions, k.topic_corrections, k.topic_scores]
     try:
         lags = consumer_lag(
             k.kafka_bootstrap, group, topics, timeout_s, security=kafka_python_options(k)

@@ -229,7 +229,7 @@ class Watch:
         from flywheel.broker import BrokerError, consumer_lag
 
         k = self.settings.kafka
-        topics = [k.topic_predictions, k.topic_corrections]
+        topics = [k.topic_predictions, k.topic_corrections, k.topic_scores]
         while not self.stop.is_set():
             for i, port in enumerate(self.layout.ports):
                 try:

@@ -90,6 +90,7 @@ def _worker_env(settings, url: str, group: str, **extra: str) -> dict[str, str]:
         "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
         "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
         "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_TOPIC_SCORES": settings.topic_scores,
         "FLYWHEEL_SEED_EXAMPLES": str(settings.seed_examples),
         "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
         "FLYWHEEL_FEEDBACK_MAX_RECORDS": "50",

@@ -38,6 +38,7 @@ def serve_env(settings: Settings, bootstrap: str, **extra: str) -> dict[str, str
         "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
         "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
         "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_TOPIC_SCORES": settings.topic_scores,
         "FLYWHEEL_SEED_EXAMPLES": "1000",
         "FLYWHEEL_SPOOL_RETRY_S": "0.2",
         "FLYWHEEL_AUTH": "off",  # keys are test_apps.py's concern: these are about the 202

@@ -48,6 +48,7 @@ def env_for(s: Settings, url: str, group: str) -> dict[str, str]:
         "FLYWHEEL_TOPIC_CORRECTIONS": s.topic_corrections,
         "FLYWHEEL_TOPIC_MODEL_EVENTS": s.topic_model_events,
         "FLYWHEEL_TOPIC_DEADLETTER": s.topic_deadletter,
+        "FLYWHEEL_TOPIC_SCORES": s.topic_scores,
         "FLYWHEEL_SEED_EXAMPLES": str(s.seed_examples),
         "FLYWHEEL_FEEDBACK_SESSION_TIMEOUT_MS": "6000",
         "FLYWHEEL_FEEDBACK_MAX_RECORDS": "10",  # many small transactions to die inside

@@ -74,6 +74,7 @@ def test_serve_against_an_external_broker(settings, tmp_path):
         "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
         "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
         "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_TOPIC_SCORES": settings.topic_scores,
         "FLYWHEEL_SEED_EXAMPLES": "1000",
         # the fixture's generous delivery timeout: exactly-once is asserted below
         "FLYWHEEL_KAFKA_TIMEOUT_S": str(settings.kafka_timeout_s),

@@ -42,6 +42,7 @@ def running(settings: Settings, monkeypatch) -> Iterator[tuple[str, Settings]]:
         "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
         "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
         "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_TOPIC_SCORES": settings.topic_scores,
         "FLYWHEEL_SEED_EXAMPLES": str(settings.seed_examples),
     }
     for key, value in env.items():
@@ -96,8 +97,8 @@ def test_status_reports_every_part_and_the_feedback_lag(running):
     assert svc["kafka_connected"] is True and svc["spooled_records"] == 0
     assert doc["store"]["current"] and doc["store"]["revision"] == doc["store"]["head"]
     parts = doc["kafka"]["partitions"]
-    assert {p["topic"] for p in parts} == {s.topic_predictions, s.topic_corrections}
-    assert len(parts) == 2 * s.topic_partitions
+    assert {p["topic"] for p in parts} == {s.topic_predictions, s.topic_corrections, s.topic_scores}
+    assert len(parts) == 3 * s.topic_partitions  # predictions, corrections, scores
     assert ends == len(ids)  # each prediction once (Tansu under-reports ends: read to them)
     assert all(p["committed"] is None and p["lag"] == p["end"] for p in parts)  # nobody read
     assert doc["kafka"]["lag_total"] == len(ids) and doc["caught_up"]

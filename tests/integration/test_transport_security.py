@@ -117,6 +117,7 @@ def _env(settings, **tls: Path) -> dict[str, str]:
         "FLYWHEEL_TOPIC_CORRECTIONS": settings.topic_corrections,
         "FLYWHEEL_TOPIC_MODEL_EVENTS": settings.topic_model_events,
         "FLYWHEEL_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "FLYWHEEL_TOPIC_SCORES": settings.topic_scores,
         "FLYWHEEL_SEED_EXAMPLES": "1000",
         "FLYWHEEL_AUTH": "off",  # app keys are test_apps.py's concern: these are about TLS
         **{f"FLYWHEEL_{k.upper()}": str(v) for k, v in tls.items()},
