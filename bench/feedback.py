@@ -903,6 +903,7 @@ def main(
                 topic_corrections=f"bench.corrections.{suffix}",
                 topic_model_events=f"bench.model-events.{suffix}",
                 topic_deadletter=f"bench.deadletter.{suffix}",
+                topic_scores=f"bench.scores.{suffix}",
                 feedback_max_records=max_records,
                 # the generator produces unsigned corrections straight to Kafka: the
                 # pipeline is measured without the signature check (docs/security.md)

@@ -51,5 +51,6 @@ def test_bench_feedback_times_a_group_of_worker_processes(run_bench_process):
     members = worker["members"]
     assert len(members) == 2 and sum(m["joined"] for m in members) == 600
     owned = [tuple(p) for m in members for p in m["partitions"]]
-    assert len(owned) == len(set(owned)) == 8  # 4 partitions of 2 topics, each owned once
+    # 4 partitions of 3 topics (predictions, corrections, scores), each owned once
+    assert len(owned) == len(set(owned)) == 12
     assert all(m["process_cpu_s"] > 0 for m in members)

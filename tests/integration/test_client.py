@@ -45,6 +45,7 @@ def service(broker: EmbeddedBroker, tmp_path_factory) -> Iterator[tuple[str, Set
         topic_corrections=f"corrections-{suffix}",
         topic_model_events=f"model-events-{suffix}",
         topic_deadletter=f"deadletter-{suffix}",
+        topic_scores=f"scores-{suffix}",
         seed_examples=1000,
         kafka_timeout_s=10.0,
         max_batch=4,

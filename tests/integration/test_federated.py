@@ -65,6 +65,7 @@ def fed(tmp_path_factory, broker):
         topic_corrections=f"fc-{suffix}",
         topic_model_events=f"fm-{suffix}",
         topic_deadletter=f"fd-{suffix}",
+        topic_scores=f"fs-{suffix}",
         registry_poll_s=1.0,
         kafka_timeout_s=2.0,
     )

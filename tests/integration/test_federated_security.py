@@ -319,9 +319,9 @@ def test_plaintext_off_loopback_is_refused_by_every_fed_command(tmp_path, pki, m
     """The CLI, not just the command builders (unit-tested): exit 2 before anything starts."""
     from typer.testing import CliRunner
 
-    from flywheel.cli import _register, app
+    from flywheel.cli import app, register_commands
 
-    _register()
+    register_commands()
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FLYWHEEL_FED_SUPERLINK", "10.0.0.5:9093")
     for args in (
