@@ -16,30 +16,18 @@ from flywheel.broker import read_topic
 from flywheel.cli import app, register_commands
 from flywheel.events import ModelEvent
 from flywheel.learner import LiveJudge
-from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import promote
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import Settings
 from flywheel.store import Outcome, open_store, session_factory, upgrade
+from tests.versions import publish_version
 
 pytestmark = pytest.mark.integration
 register_commands()
 
 
 def _publish(registry: Registry, parent: str) -> ModelVersion:
-    spec = ModelSpec(input_dim=2, hidden=[2], labels=["a", "b"])
-    return registry.publish(
-        spec,
-        build_model(spec),
-        tags={
-            "parent_version": parent,
-            "source": "online" if parent else "manual",
-            "examples": "[0,10)",
-            "epsilon": "none",
-            "delta": "none",
-            "gate": "passed: test",
-        },
-    )
+    return publish_version(registry, parent, gate="passed: test")
 
 
 def _outcomes(engine, model: str, guard: str, champion: str) -> None:

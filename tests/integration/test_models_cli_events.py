@@ -10,29 +10,17 @@ from typer.testing import CliRunner
 from flywheel.broker import read_topic
 from flywheel.cli import app, register_commands
 from flywheel.events import ModelEvent
-from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import default_actor
-from flywheel.registry import Registry
+from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import Settings
+from tests.versions import publish_version
 
 pytestmark = pytest.mark.integration
 register_commands()
 
 
-def _publish(registry: Registry, parent: str) -> str:
-    spec = ModelSpec(input_dim=2, hidden=[2], labels=["a", "b"])
-    return registry.publish(
-        spec,
-        build_model(spec),
-        tags={
-            "parent_version": parent,
-            "source": "online" if parent else "manual",
-            "examples": "[0,10)",
-            "epsilon": "none",
-            "delta": "none",
-            "gate": "test",
-        },
-    )
+def _publish(registry: Registry, parent: str) -> ModelVersion:
+    return publish_version(registry, parent)
 
 
 def test_promote_and_rollback_publish_model_events(settings: Settings, monkeypatch):

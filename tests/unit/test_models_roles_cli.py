@@ -15,30 +15,18 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from flywheel.cli import app, register_commands
-from flywheel.modelspec import ModelSpec, build_model
 from flywheel.promotion import default_actor
-from flywheel.registry import Registry
+from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import Settings, prepare_home
 from flywheel.signing import default_key_paths, load_public_keys, verify
+from tests.versions import publish_version
 
 register_commands()
 runner = CliRunner()
 
 
-def _publish(registry: Registry, parent: str) -> str:
-    spec = ModelSpec(input_dim=3, hidden=[4], labels=["a", "b"])
-    return registry.publish(
-        spec,
-        build_model(spec),
-        tags={
-            "parent_version": parent,
-            "source": "online" if parent else "manual",
-            "examples": "[0,10)",
-            "epsilon": "none",
-            "delta": "none",
-            "gate": "test",
-        },
-    )
+def _publish(registry: Registry, parent: str) -> ModelVersion:
+    return publish_version(registry, parent, input_dim=3, hidden=4)
 
 
 @pytest.fixture(scope="module")
