@@ -79,6 +79,12 @@ class Attributed:
     conflicts: list[tuple[ScoreEvent, str]] = field(default_factory=list)
 
 
+def log_loss(p_true: float) -> float:
+    """The log loss of the probability a version gave the true label, capped at
+    -ln(MIN_P) for a probability of 0 (the `outcomes.log_loss` column)."""
+    return -math.log(max(p_true, MIN_P))
+
+
 def outcome_row(
     prediction_id: str,
     model_name: str,
@@ -110,7 +116,7 @@ def outcome_row(
         "predicted": predicted,
         "correct": predicted == true_label,
         "p_true": p_true,
-        "log_loss": -math.log(max(p_true, MIN_P)),
+        "log_loss": log_loss(p_true),
         "confidence": float(max(probabilities.values(), default=0.0)),
         "predicted_at": predicted_at,
         "labelled_at": labelled_at,
@@ -232,7 +238,7 @@ def _answering_columns(pairs: list[JoinedPair]) -> dict[str, list[Any]]:
         "predicted": [p.predicted for p in pairs],
         "correct": [p.predicted == p.true_label for p in pairs],
         "p_true": p_true,
-        "log_loss": [-math.log(max(x, MIN_P)) for x in p_true],
+        "log_loss": [log_loss(x) for x in p_true],
         "confidence": [float(max(p.probabilities.values(), default=0.0)) for p in pairs],
         # always set by the join; a pair made by hand without it: the correction's time
         "predicted_at": [p.predicted_at or p.corrected_at for p in pairs],
