@@ -189,6 +189,7 @@ def run_one(
                 "round": r.round,
                 "reference": r.trust_reference,
                 "ratio": r.trust_reference_ratio,
+                "sites": r.sites,  # node ids; the attacker is the last (`sites`)
                 "scores": r.trust_scores,
             }
             for r in summary.rounds
