@@ -15,7 +15,8 @@ the reference's norm against the median norm of the sites' (clipped) updates:
   --world drifted`, where the trusted set is the world before the sites' drift: ‖g0‖ =
   0.014 against 1.2–1.6 for the sites (ratio ≈ 0.01), every cosine ≤ 0, and before
   this fallback the served model never moved (0.367 on the union's holdout, against
-  0.740 for FedAvg). The round then falls back to a robust reference, the
+  0.740 for FedAvg at 5 rounds; with it, 0.595 at 5 rounds and 0.640 at 10, FedAvg 0.799).
+  The round then falls back to a robust reference, the
   coordinate-wise median of the replies, each site rescaled to the median site norm,
   and says so (`last_reference = "median"`, a warning, the round's record). That keeps
   the sign-flip guarantee against a minority of sites, not FLTrust's against a
@@ -24,7 +25,8 @@ the reference's norm against the median norm of the sites' (clipped) updates:
   refused (`NoAgreement`, which `server.FederatedRun` records as a dropped round with
   the cosines), not released as a round that changed nothing.
 
-Privacy: the output is base plus a convex combination of vectors of norm ‖g0‖ ≤ C, so two
+Privacy: the output is base plus a convex combination of vectors of norm ‖g0‖ ≤ C (or,
+with the median fallback, the sites' median norm, ≤ C by the server's bounds), so two
 outputs that differ in one site are at most 2C apart: against the wrapper's noise std
 σ·C/K the effective noise multiplier is σ/(2K) (`strategy.effective_noise`). The reference
 reads public rows only (`server.FederatedRun` refuses `fltrust` with a private trusted
@@ -47,7 +49,7 @@ __all__ = ["MIN_REFERENCE_RATIO", "FLTrust", "NoAgreement", "trust_scores"]
 log = logging.getLogger(__name__)
 # Below this fraction of the sites' median update norm, the trusted reference is
 # uninformative and the round uses the replies' coordinate-wise median as its reference.
-# Measured (bench fedrobust, 5 rounds, docs/benchmarks.md): 0.008-0.009 in round 1 with
+# Measured (bench fedrobust, 5 and 10 rounds, docs/benchmarks.md): 0.008-0.009 in round 1 with
 # the pre-drift trusted set the champion fits (--world drifted); 1.0-2.1 in every round
 # with a 100-row root set from the sites' world (--world same). 0.1 is a decade from both.
 MIN_REFERENCE_RATIO = 0.1
