@@ -46,6 +46,7 @@ from flywheel.learner.federated.bounds import (
     sent_arrays,
 )
 from flywheel.learner.federated.config import FederatedConfig
+from flywheel.learner.federated.fltrust import FLTrust, NoAgreement
 from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.records import (
     METRICS,
@@ -174,6 +175,12 @@ class RoundRecord:
     overhead_s: float
     base_version: str
     global_recent_accuracy: float = math.nan  # of this round's global model itself
+    # fltrust only: what the sites were scored against ("trusted", or "median" when the
+    # trusted reference was uninformative, see `fltrust`), its norm over the sites' median
+    # update norm, and each site's trust score (in the order of `sites`)
+    trust_reference: str = ""
+    trust_reference_ratio: float = math.nan
+    trust_scores: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -343,7 +350,6 @@ def reference_update(
     """FLTrust's reference: the global model trained on public trusted rows (no DP: public
     data), the same steps, rate and clip as a site, handed to the inner `FLTrust`."""
     from flywheel.learner.federated.bounds import sent_arrays
-    from flywheel.learner.federated.fltrust import FLTrust
     from flywheel.learner.federated.local import SiteData, train_locally
 
     inner = getattr(strategy, "strategy", strategy)  # inside Flower's DP wrapper
@@ -633,6 +639,9 @@ class FederatedRun:
                 np.random.seed(o.noise_seed * 10_007 + rnd)
             try:  # only usable replies: one error would make Flower drop the whole round
                 arrays, metrics = strategy.aggregate_train(rnd, ok)
+            except NoAgreement as exc:  # fltrust: an informative reference nobody agrees with
+                summary.drop(rnd, str(exc))
+                continue
             except Exception as exc:  # e.g. Flower's server-side clip of a zero update
                 summary.drop(rnd, f"aggregation failed ({exc})")
                 continue
@@ -674,6 +683,11 @@ class FederatedRun:
                 base,
                 accuracy(module, recent) if len(recent) else math.nan,
             )
+            inner = getattr(strategy, "strategy", strategy)  # inside Flower's DP wrapper
+            if isinstance(inner, FLTrust):
+                record.trust_reference = inner.last_reference
+                record.trust_reference_ratio = inner.last_reference_ratio
+                record.trust_scores = list(inner.last_scores)
             summary.rounds.append(record)
             summary.epsilon = eps_lineage
             log.info(
