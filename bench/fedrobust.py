@@ -184,6 +184,7 @@ def run_one(
         "last2": float(np.mean(acc[-2:])) if acc else float("nan"),
         "refused": len(summary.refused),
         "dropped": len(summary.dropped),
+        "quarantined": summary.quarantined,
         "trust": [
             {
                 "round": r.round,

@@ -1054,6 +1054,15 @@ class _FederatedFields(_Fields):
         description="Trainable examples a site needs to train a round (it refuses with "
         "fewer; the server refuses a reply counting fewer).",
     )
+    fed_quarantine_rounds: int = Field(
+        3,
+        ge=0,
+        le=10_000,
+        description="With --strategy fltrust: a site whose update gets trust 0 (it points "
+        "away from the reference) in this many aggregated rounds in a row is quarantined: "
+        "not asked again in the run, and named in the run's summary, the version's tag "
+        "fed_quarantined, its model card and the review page (0: never).",
+    )
     fed_backoff_max_rounds: int = Field(
         16,
         ge=0,

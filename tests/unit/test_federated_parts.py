@@ -570,3 +570,23 @@ def test_fltrust_refuses_a_round_no_site_agrees_with_an_informative_reference():
     with pytest.raises(NoAgreement, match=r"trusted reference \(cosines -1.00, -1.00"):
         inner.aggregate_train(1, [_w([-0.1] * 6), _w([-0.2] * 6)])
     assert inner.last_reference == "trusted" and inner.last_scores == [0.0, 0.0]
+
+
+def test_a_site_fltrust_keeps_at_zero_is_quarantined_and_a_positive_score_resets_it():
+    from flywheel.learner.federated.server import Quarantine
+
+    q = Quarantine(rounds=3)
+    site = "site:{}".format
+    q.update(1, {1: 0.0, 2: 0.3, 3: 0.0}, site)
+    q.update(2, {1: 0.0, 2: 0.0, 3: 0.2}, site)  # 3 scored: its run starts over
+    assert q.eligible([1, 2, 3], 3) == [1, 2, 3] and not q.quarantined
+    q.update(3, {1: 0.0, 2: 0.0, 3: 0.0}, site)
+    assert q.eligible([1, 2, 3], 4) == [2, 3]
+    assert q.quarantined == [{"site": "site:1", "round": 3, "zero_rounds": [1, 2, 3]}]
+    q.update(4, {2: 0.0, 3: 0.0}, site)  # 2: three in a row now; 1 is named once only
+    assert q.eligible([1, 2, 3], 5) == [3]
+    assert [x["site"] for x in q.quarantined] == ["site:1", "site:2"]
+    never = Quarantine(rounds=0)
+    for rnd in range(1, 10):
+        never.update(rnd, {1: 0.0}, site)
+    assert never.eligible([1], 10) == [1] and not never.quarantined
