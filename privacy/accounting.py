@@ -226,7 +226,7 @@ def noise_for_budget(
 
     Cached per parameter set (a pure function of them): Opacus' bisection runs its
     accountant some 20 times, 5.3 s for the product's defaults (ε 3, δ 1e-5, q 0.5, 16
-    steps) on an idle Xeon core, paid by every `DPConfig.mechanism` call, i.e. every
+    steps) on a 2-core EPYC at load ~1–5, paid by every `DPConfig.mechanism` call: every
     learner start, every benchmark arm and every federated site. The σ it returns is not
     trusted on its own either way: `plan_update` accounts every update with it again.
     """

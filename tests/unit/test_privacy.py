@@ -38,7 +38,7 @@ def test_our_epsilon_matches_dp_accounting_within_one_percent(mechanisms, accoun
 
 
 def test_noise_is_calibrated_once_per_parameter_set_and_still_fits_the_budget():
-    """Calibration is Opacus' bisection, seconds per call (7.6 s for the defaults, idle):
+    """Calibration is Opacus' bisection, seconds per call (5–9 s for the defaults):
     a second `DPConfig` with the same parameters (a learner restart, another benchmark arm)
     reuses it; a σ found once still spends at most the budget over `source_updates`."""
     config = DPConfig.from_settings(PrivacySettings(privacy_epsilon=2.75))  # unused elsewhere
