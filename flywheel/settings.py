@@ -832,7 +832,8 @@ class _LearnerFields(_Fields):
         True,
         description="On a drift warning, train a background model on the examples since "
         "the warning only, and let it replace the learner's line when it beats it on the "
-        "rows that came after (non-private updates; see learner/background.py).",
+        "rows that came after (non-private and DP-SGD updates; under DP it trains in the "
+        "line's own private steps, jointly clipped; see learner/background.py).",
     )
     learn_poll_s: float = Field(
         1.0, gt=0, le=3600, description="Learner checks for new examples this often."
