@@ -57,7 +57,7 @@ def plan_update(
     history = ledger.histories(lineage, sources, since)
     allowed, excluded = {}, {}
     # sources with the same past spend the same: one accounting per distinct past (in the
-    # demo an update has ~150 sources and 1-3 distinct pasts; 150 calls took 0.12 s)
+    # demo an update has 38-179 sources and 1-3 distinct pasts: 0.12 s a step before)
     after_of: dict[tuple[Mechanism, ...], tuple[float, float | None]] = {}
     for source in sources:
         past = tuple(history.get(source, []))
