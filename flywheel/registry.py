@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -276,10 +277,7 @@ class Registry:
         )
         run_id = run.info.run_id
         try:
-            for k, v in (params or {}).items():
-                self.client.log_param(run_id, k, v)
-            for k, v in (metrics or {}).items():
-                self.client.log_metric(run_id, k, float(v))
+            self._log_batch(run_id, params or {}, metrics or {})
             with tempfile.TemporaryDirectory(prefix="flywheel-publish-") as tmp:
                 from flywheel.artifacts import save_model
 
@@ -297,6 +295,22 @@ class Registry:
             tags={k: str(v) for k, v in tags.items()},
         )
         return ModelVersion(str(mv.version))
+
+    def _log_batch(self, run_id: str, params: dict[str, object], metrics: dict[str, float]) -> None:
+        """Params and metrics in one `log_batch` per 100 params (MLflow's limit per call)
+        instead of one write each: a DP candidate has ~23 params and ~18 metrics, and each
+        single write was a store transaction: 319 ms against 1678 ms per such publish, side
+        by side on one SQLite store (2026-12-07, 2 cores at load ~9; docs/privacy.md)."""
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        # values as log_param / log_metric would store them
+        param_rows = [Param(k, str(v)) for k, v in params.items()]
+        metric_rows = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, max(len(param_rows), len(metric_rows), 1), 100):
+            chunk_p, chunk_m = param_rows[i : i + 100], metric_rows[i : i + 100]
+            if chunk_p or chunk_m:
+                self.client.log_batch(run_id, metrics=chunk_m, params=chunk_p)
 
     def delete_version(self, version: ModelVersion) -> None:
         """Remove a registered version (its run and artifacts stay, for the record): how

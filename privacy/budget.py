@@ -56,13 +56,19 @@ def plan_update(
         )
     history = ledger.histories(lineage, sources, since)
     allowed, excluded = {}, {}
+    # sources with the same past spend the same: one accounting per distinct past (in the
+    # demo an update has 38-179 sources and 1-3 distinct pasts: 0.12 s a step before)
+    after_of: dict[tuple[Mechanism, ...], tuple[float, float | None]] = {}
     for source in sources:
-        past = history.get(source, [])
-        after = epsilon([*past, mechanism], delta, accountant)
-        if after <= budget:
+        past = tuple(history.get(source, []))
+        if past not in after_of:
+            after = epsilon([*past, mechanism], delta, accountant)
+            after_of[past] = (after, None if after <= budget else epsilon(past, delta, accountant))
+        after, before = after_of[past]
+        if before is None:
             allowed[source] = after
         else:
-            excluded[source] = epsilon(past, delta, accountant)
+            excluded[source] = before
     if not allowed:
         raise BudgetRefused(
             f"refused: all {len(sources)} sources of this update have spent their budget "

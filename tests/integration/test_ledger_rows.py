@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel.privacy import PrivacyLedger, epsilon
+from flywheel.privacy import Mechanism, PrivacyLedger, epsilon, plan_update
 from flywheel.store import make_engine
 from flywheel.store import upgrade as upgrade_store
 
@@ -183,3 +183,19 @@ def test_0011_reads_old_rows_as_dp_sgd_and_a_downgrade_keeps_the_kinds(bare_url)
     kinds = [e.mechanism_kind for e in PrivacyLedger(engine).entries()]
     assert kinds == ["dp-sgd", "tree"]
     engine.dispose()
+
+
+def test_plan_update_gives_each_source_what_its_own_past_spends(db_url):
+    """`plan_update` accounts once per distinct past (an update's ~150 sources share 1-3):
+    sources with no past, one update and two must still each get their own ε, and only
+    the one whose next update would pass the budget is left out, at its ε so far."""
+    ledger = PrivacyLedger(make_engine(db_url))
+    m = Mechanism(0.5, 1.5, 8)  # what `_entry` records
+    ledger.record(_entry(1, 1.0), {"source:a": (1, 1.0), "source:b": (1, 1.0)})
+    ledger.record(_entry(2, 1.4), {"source:a": (1, 1.4)})
+    one, two = epsilon([m], 1e-5), epsilon([m, m], 1e-5)
+    sources = {"source:a": 1, "source:b": 1, "source:c": 1, "source:d": 2}
+    plan = plan_update(ledger, LINEAGE, sources, m, budget=two + 1e-9, delta=1e-5, accountant="rdp")
+    assert plan.excluded == {"source:a": two}
+    assert plan.allowed == {"source:b": two, "source:c": one, "source:d": one}
+    assert plan.epsilon_update == one and plan.epsilon_lineage >= two

@@ -46,3 +46,27 @@ def test_publish_refuses_missing_tags(reg_settings):
     spec = default_spec()
     with pytest.raises(ValueError, match="needs tags"):
         Registry.of(reg_settings).publish(spec, build_model(spec), tags={"source": "online"})
+
+
+def test_publish_writes_every_param_and_metric_as_single_writes_would(reg_settings):
+    """Params and metrics go in batches of 100 (one store write each, not one per key):
+    a run with more than 100 params and a NaN metric (a DP candidate without a recent
+    holdout) reads back exactly: params as text, metrics as floats."""
+    import math
+
+    from flywheel.learner import default_spec
+    from flywheel.modelspec import build_model
+
+    spec = default_spec()
+    params: dict[str, object] = {f"p{i:03d}": i for i in range(130)}
+    params |= {"dp": True, "dp_noise_multiplier": 3.251953, "none": None}
+    metrics = {"recent_accuracy": 0.75, "nonprivate_recent_accuracy": math.nan, "lr": 0.01}
+    registry = Registry.of(reg_settings)
+    tags = {"parent_version": "", "source": "manual", "examples": "[0,1)"}
+    tags |= {"epsilon": "none", "delta": "none", "gate": "test"}
+    version = registry.publish(spec, build_model(spec), tags=tags, params=params, metrics=metrics)
+    info = registry.info(version)
+    assert info.params == {k: str(v) for k, v in params.items()}
+    assert set(info.metrics) == set(metrics)
+    assert info.metrics["recent_accuracy"] == 0.75 and info.metrics["lr"] == 0.01
+    assert math.isnan(info.metrics["nonprivate_recent_accuracy"])

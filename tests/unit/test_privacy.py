@@ -37,6 +37,22 @@ def test_our_epsilon_matches_dp_accounting_within_one_percent(mechanisms, accoun
     assert abs(ours - google) / google < 0.01, (ours, google)
 
 
+def test_noise_is_calibrated_once_per_parameter_set_and_still_fits_the_budget():
+    """Calibration is Opacus' bisection, seconds per call (5–9 s for the defaults):
+    a second `DPConfig` with the same parameters (a learner restart, another benchmark arm)
+    reuses it; a σ found once still spends at most the budget over `source_updates`."""
+    config = DPConfig.from_settings(PrivacySettings(privacy_epsilon=2.75))  # unused elsewhere
+    before = noise_for_budget.cache_info()
+    first = config.mechanism(3)
+    again = DPConfig.from_settings(PrivacySettings(privacy_epsilon=2.75)).mechanism(3)
+    after = noise_for_budget.cache_info()
+    assert first == again
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    spent = epsilon([first] * config.source_updates, config.delta)
+    assert spent <= config.epsilon
+    assert dp_accounting_epsilon([first] * config.source_updates, config.delta) <= 1.01 * 2.75
+
+
 TREE_LEDGERS = [
     [Mechanism(1.0, 2.0, 1000, "tree")],  # STACK.md: ε ≈ 8.08
     [Mechanism(1.0, 4.224, 8, "tree")] * 2,  # the product's default: two updates, ε 3
