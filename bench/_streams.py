@@ -331,9 +331,8 @@ def warm_model(
     """A fresh model fitted on the warm-up rows, as `train_seed_model` fits the seed model:
     `spec`'s (a schema's default spec, over raw vectors), else an MLP of `setup.hidden`."""
     import torch
-    from torch import nn
 
-    from flywheel.modelspec import ModelSpec, build_module, fit_input_scaling
+    from flywheel.modelspec import ModelSpec, build_module, fit_input_scaling, training_losses
 
     torch.manual_seed(seed)
     if spec is None:
@@ -350,7 +349,7 @@ def warm_model(
     for _ in range(setup.warm_epochs):
         for idx in torch.randperm(len(xt), generator=gen).split(setup.warm_batch):
             opt.zero_grad()
-            nn.functional.cross_entropy(module(xt[idx]), yt[idx]).backward()
+            training_losses(module, xt[idx], yt[idx]).mean().backward()
             opt.step()
     module.eval()
     return module

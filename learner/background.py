@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flywheel.modelspec import training_losses
+
 __all__ = ["BackgroundConfig", "BackgroundLine"]
 
 
@@ -177,7 +179,7 @@ class BackgroundLine:
         self.module.train()
         for _ in range(self.steps):
             self.optimizer.zero_grad(set_to_none=True)
-            losses = nn.functional.cross_entropy(self.module(bx), by, reduction="none")
+            losses = training_losses(self.module, bx, by)
             ((losses * bw).sum() / bw.sum()).backward()
             self.optimizer.step()
         self.module.eval()
