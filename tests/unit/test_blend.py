@@ -83,3 +83,21 @@ def test_update_scores_new_rows_before_training_on_them() -> None:
     stats = trainer.update(x.numpy(), y.numpy())
     assert blend.errors.tolist() == expected
     assert stats.loss_after < stats.loss_before  # both heads trained on their own loss
+
+
+def test_serving_skips_a_head_far_behind() -> None:
+    torch.manual_seed(0)
+    blend = build_module(default_spec(SCHEMA))
+    assert isinstance(blend, Blend)
+    x, _ = rows(50, 3)
+    fit_input_scaling(blend, x)
+    blend.eval()
+    with torch.no_grad():
+        blend.errors.copy_(torch.tensor([0.0, 20.0]))
+        assert torch.equal(blend(x), blend.mlp(x).log_softmax(1))
+        blend.errors.copy_(torch.tensor([20.0, 0.0]))
+        assert torch.equal(blend(x), blend.linear(x).log_softmax(1))
+        blend.errors.copy_(torch.tensor([3.0, 0.0]))  # close: both heads, mixed
+        mlp, lin = blend.mlp(x).softmax(1), blend.linear(x).softmax(1)
+        w = torch.softmax(torch.tensor([-3.0, 0.0]), 0)
+        assert torch.allclose(blend(x).exp(), w[0] * mlp + w[1] * lin, atol=1e-6)
