@@ -97,6 +97,7 @@ def run_pair(
     delta: float,
     mechanisms: tuple[str, ...] = MECHANISMS,
     ftrl_lr: float | None = None,
+    dp_background: bool = True,
 ) -> dict[str, Any]:
     """Prequential correctness of the non-private arm and one DP arm per mechanism on
     `stream` (each its own ledger lineage), and what each DP arm spent."""
@@ -132,7 +133,9 @@ def run_pair(
     plain.remember(xw, yw)  # learner._refill: a pool under 100 rows gets the seed rows
     dps = {}
     for mech, privacy in privacies.items():
-        dp_cfg = dataclasses.replace(plain_cfg, lr=privacy.privacy_learn_lr, max_lr=None)
+        dp_cfg = plain_cfg.private(privacy.privacy_learn_lr, mech)  # as learner/online.py
+        if not dp_background:
+            dp_cfg = dataclasses.replace(dp_cfg, background=None)
         dps[mech] = OnlineTrainer(
             copy.deepcopy(module), dp_cfg, input_dim=x.shape[1], seed=seed, novelty=novelty
         )
@@ -223,6 +226,7 @@ def run_defaults(
     epsilon: float,
     delta: float,
     ftrl_lr: float | None = None,
+    dp_background: bool = True,
 ) -> list[dict[str, Any]]:
     """Per stream: mean prequential accuracy over the seeds of the non-private arm and of
     each DP mechanism at the same ε, and their gaps; "dp" and "gap_points" are the
@@ -235,7 +239,17 @@ def run_defaults(
         runs = []
         for seed in range(1, seeds + 1):
             stream = stream_of(name, samples, seed)
-            runs.append(run_pair(stream, warmup, seed, epsilon, delta, ftrl_lr=ftrl_lr))
+            runs.append(
+                run_pair(
+                    stream,
+                    warmup,
+                    seed,
+                    epsilon,
+                    delta,
+                    ftrl_lr=ftrl_lr,
+                    dp_background=dp_background,
+                )
+            )
         plain_acc = float(np.mean([r["plain"].mean() for r in runs]))
         arms = {}
         for mech in MECHANISMS:

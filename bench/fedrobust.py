@@ -10,6 +10,18 @@ the last two rounds). One attacker at a time, the last site:
 * `signflip`: its update negated;
 * `stale`: it replies, every round, with the model it returned in the first round.
 
+Two worlds (`--world`), as the platform's trusted set relates to the sites' data:
+
+* `drifted` (the demo's platform): the trusted set is the synthetic problem the champion
+  was trained on, the world *before* the drift the sites' data show;
+* `same` (the FLTrust paper's setting): after the champion is made, the platform's trusted
+  set is replaced by a small root set (`--root-rows`, 100 as in Cao et al. 2021, and as
+  many holdout rows) drawn from the sites' drifted world (`partition.root_set`); the
+  champion stays the pre-drift one, so every run starts where the `drifted` ones do.
+
+The trusted set is public in both, so the sites' public replay (FLYWHEEL_FED_PUBLIC_REPLAY)
+draws from it too: the two worlds' tables differ for every strategy, not only `fltrust`.
+
 Each strategy (`fedavg`, `trimmed`, `median`, `fltrust`) runs without an attacker and with
 each one; the table gives the points lost against its own no-attack run. Targets (issue
 31): `fltrust` loses ≤ 2 points to any one attacker, and without an attacker is within 1
@@ -28,6 +40,60 @@ import typer
 
 ATTACKS = ("none", "labelflip", "scale", "signflip", "stale")
 STRATEGIES = ("fedavg", "trimmed", "median", "fltrust")
+WORLDS = ("drifted", "same")
+ROOT_SOURCE = "bench:fedrobust root set of the drifted world"
+
+
+def use_root_set(platform: object, rows: int, seed: int) -> None:
+    """Make the platform's champion (the pre-drift synthetic problem, through `flywheel
+    init`), then replace its lineage's trusted set by `rows` train and `rows` holdout
+    rows of the sites' drifted world, public, under the champion's schema."""
+    import dataclasses
+    import hashlib
+
+    from flywheel.learner.federated.partition import root_set
+    from flywheel.learner.seed_model import ensure_champion
+    from flywheel.registry import Registry
+    from flywheel.settings import Settings
+    from flywheel.store import (
+        Split,
+        delete_trusted,
+        make_engine,
+        session_factory,
+        trusted_info,
+        write_trusted_info,
+        write_trusted_rows,
+    )
+
+    assert isinstance(platform, Settings)
+    registry = Registry.of(platform)
+    ensure_champion(platform.trusted, registry)
+    x, y = root_set(2 * rows, seed=seed)
+    engine = make_engine(platform.resolved_database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            info = trusted_info(session, registry.name)
+            if info is None:
+                raise RuntimeError(f"no trusted set for {registry.name} after init")
+            names = info.schema.labels
+            labels = [names[int(i)] for i in y]
+            delete_trusted(session, registry.name)
+            write_trusted_info(
+                session,
+                dataclasses.replace(
+                    info,
+                    fingerprint=hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
+                    public=True,
+                    rows_train=rows,
+                    rows_holdout=rows,
+                    label_counts={n: int((y == i).sum()) for i, n in enumerate(names)},
+                    source=ROOT_SOURCE,
+                ),
+            )
+            write_trusted_rows(session, registry.name, Split.TRAIN, 0, x[:rows], labels[:rows])
+            write_trusted_rows(session, registry.name, Split.HOLDOUT, 0, x[rows:], labels[rows:])
+    finally:
+        engine.dispose()
 
 
 def _attacker_app(kind: str, site: object):  # noqa: ANN202  (a ClientApp)
@@ -59,7 +125,16 @@ def _attacker_app(kind: str, site: object):  # noqa: ANN202  (a ClientApp)
 
 
 def run_one(
-    root: Path, strategy: str, attack: str, *, sites: int, rounds: int, steps: int, seed: int
+    root: Path,
+    strategy: str,
+    attack: str,
+    *,
+    sites: int,
+    rounds: int,
+    steps: int,
+    seed: int,
+    world: str = "drifted",
+    root_rows: int = 100,
 ) -> dict:
     import numpy as np
 
@@ -79,6 +154,8 @@ def run_one(
     platform, homes = build_homes(
         root, sites, part, rounds=rounds, privacy_epsilon=8.0, fed_local_steps=steps
     )
+    if world == "same":
+        use_root_set(platform, root_rows, seed)
     site_list = [
         Site.of(s.model_copy(update={"fed_site_noise_seed": k})) for k, s in enumerate(homes)
     ]
@@ -107,6 +184,18 @@ def run_one(
         "last2": float(np.mean(acc[-2:])) if acc else float("nan"),
         "refused": len(summary.refused),
         "dropped": len(summary.dropped),
+        "quarantined": summary.quarantined,
+        "trust": [
+            {
+                "round": r.round,
+                "reference": r.trust_reference,
+                "ratio": r.trust_reference_ratio,
+                "sites": r.sites,  # node ids; the attacker is the last (`sites`)
+                "scores": r.trust_scores,
+            }
+            for r in summary.rounds
+            if r.trust_reference
+        ],
     }
 
 
@@ -117,6 +206,12 @@ def main(
     seed: int = typer.Option(7, help="Partition and noise seed."),
     strategies: str = typer.Option(",".join(STRATEGIES), help="Comma-separated."),
     attacks: str = typer.Option(",".join(ATTACKS), help="Comma-separated; 'none' first."),
+    world: str = typer.Option(
+        "drifted", help="The trusted set: 'drifted' (pre-drift world) or 'same' (a root set)."
+    ),
+    root_rows: int = typer.Option(
+        100, "--root-rows", min=10, max=10_000, help="Root set rows with --world same."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Union-holdout accuracy of each strategy with no attacker and with each attacker."""
@@ -125,7 +220,7 @@ def main(
     from bench.harness import quiet_loggers
 
     with quiet_loggers({"flwr": logging.WARNING, "flywheel": logging.ERROR}):
-        _run(sites, rounds, local_steps, seed, strategies, attacks, json_out)
+        _run(sites, rounds, local_steps, seed, strategies, attacks, world, root_rows, json_out)
 
 
 def _run(
@@ -135,6 +230,8 @@ def _run(
     seed: int,
     strategies: str,
     attacks: str,
+    world: str,
+    root_rows: int,
     json_out: bool,
 ) -> None:
     from bench._streams import one_thread
@@ -145,6 +242,10 @@ def _run(
     kinds = [a for a in attacks.split(",") if a]
     if kinds[0] != "none" or any(a not in ATTACKS for a in kinds):
         raise typer.BadParameter(f"attacks: 'none' first, then any of {ATTACKS[1:]}")
+    if world not in WORLDS:
+        raise typer.BadParameter(f"world must be one of {WORLDS}, got {world!r}")
+    if not names or any(s not in STRATEGIES for s in names):
+        raise typer.BadParameter(f"strategies: one or more of {STRATEGIES}")
     results: dict[str, dict[str, dict]] = {}
     for strategy in names:
         results[strategy] = {}
@@ -158,6 +259,8 @@ def _run(
                     rounds=rounds,
                     steps=local_steps,
                     seed=seed,
+                    world=world,
+                    root_rows=root_rows,
                 )
     lost = {
         s: {a: 100 * (r["none"]["last2"] - r[a]["last2"]) for a in kinds[1:]}
@@ -171,6 +274,8 @@ def _run(
             "rounds": rounds,
             "local_steps": local_steps,
             "seed": seed,
+            "world": world,
+            "root_rows": root_rows if world == "same" else 0,
             "clipping": "server",
             "seconds": time.perf_counter() - started,
             "results": results,
@@ -185,7 +290,9 @@ def _run(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"union-holdout accuracy (mean of the last 2 of {rounds} rounds)")
+    table = Table(
+        title=f"union-holdout accuracy (mean of the last 2 of {rounds} rounds), {world} world"
+    )
     table.add_column("strategy")
     for a in kinds:
         table.add_column(a if a == "none" else f"{a} (lost)")

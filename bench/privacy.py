@@ -226,6 +226,11 @@ def main(
     warmup: int = typer.Option(
         500, "--warmup", min=50, help="--defaults: first rows, the public trusted set."
     ),
+    dp_background: bool = typer.Option(
+        True,
+        "--dp-background/--no-dp-background",
+        help="--defaults: the DP-SGD arm's background line (the product's default: on).",
+    ),
 ) -> None:
     """Accuracy with DP (ε=3) next to the same learner without DP; DP update throughput."""
     from rich.console import Console
@@ -237,7 +242,9 @@ def main(
     from flywheel.settings import PrivacySettings
 
     if defaults:
-        run_product_defaults(scenarios, samples, warmup, seeds, epsilon, delta, json_out)
+        run_product_defaults(
+            scenarios, samples, warmup, seeds, epsilon, delta, json_out, dp_background
+        )
         return
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
@@ -346,6 +353,7 @@ def run_product_defaults(
     epsilon: float,
     delta: float,
     json_out: bool,
+    dp_background: bool = True,
 ) -> None:
     """`--defaults`: every stream of `bench._dp_defaults` unless `scenarios` names some."""
     from rich.console import Console
@@ -364,7 +372,9 @@ def run_product_defaults(
         raise typer.BadParameter("--warmup must be at most half of --samples")
     with one_thread():
         info = machine()
-        results = run_defaults(names, samples, warmup, seeds, epsilon, delta)
+        results = run_defaults(
+            names, samples, warmup, seeds, epsilon, delta, dp_background=dp_background
+        )
     doc = document(
         "privacy-defaults",
         info,
@@ -374,6 +384,7 @@ def run_product_defaults(
             "seeds": seeds,
             "epsilon": epsilon,
             "delta": delta,
+            "dp_background": dp_background,
             "streams": results,
             "default_mechanism": results[0]["mechanism"],
             **verdict(results),

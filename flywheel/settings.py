@@ -832,7 +832,8 @@ class _LearnerFields(_Fields):
         True,
         description="On a drift warning, train a background model on the examples since "
         "the warning only, and let it replace the learner's line when it beats it on the "
-        "rows that came after (non-private updates; see learner/background.py).",
+        "rows that came after (non-private and DP-SGD updates; under DP it trains in the "
+        "line's own private steps, jointly clipped; see learner/background.py).",
     )
     learn_poll_s: float = Field(
         1.0, gt=0, le=3600, description="Learner checks for new examples this often."
@@ -1052,6 +1053,15 @@ class _FederatedFields(_Fields):
         le=10_000_000,
         description="Trainable examples a site needs to train a round (it refuses with "
         "fewer; the server refuses a reply counting fewer).",
+    )
+    fed_quarantine_rounds: int = Field(
+        3,
+        ge=0,
+        le=10_000,
+        description="With --strategy fltrust: a site whose update gets trust 0 (it points "
+        "away from the reference) in this many aggregated rounds in a row is quarantined: "
+        "not asked again in the run, and named in the run's summary, the version's tag "
+        "fed_quarantined, its model card and the review page (0: never).",
     )
     fed_backoff_max_rounds: int = Field(
         16,

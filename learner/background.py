@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.modelspec import training_losses
+from flywheel.modelspec import Blend, training_losses
 
 __all__ = ["BackgroundConfig", "BackgroundLine"]
 
@@ -65,6 +65,7 @@ class BackgroundConfig:
     max_rows: int = 3000  # dropped if it has not won after this many
     z: float = 2.0  # McNemar z the background must reach on the paired rows
     window: int = 1000  # trains on at most this many rows since the warning
+    head_only: bool = False  # start from the line with only its output layer fresh
 
     def __post_init__(self) -> None:
         checks = {
@@ -79,27 +80,50 @@ class BackgroundConfig:
             raise ValueError(f"BackgroundConfig needs {', '.join(bad)}: got {self}")
 
 
+def _fresh_head(module: nn.Module) -> nn.Module:
+    """A copy of `module` with only its last layer that has parameters re-initialised (a
+    `Blend`: each head's, and its mixture weights start over)."""
+    clone = copy.deepcopy(module)
+    nets = [clone.mlp, clone.linear] if isinstance(clone, Blend) else [clone]
+    for net in nets:
+        last = [m for m in net.modules() if callable(getattr(m, "reset_parameters", None))]
+        if last:
+            last[-1].reset_parameters()  # type: ignore[operator]
+    if isinstance(clone, Blend):
+        clone.errors.zero_()
+    return clone
+
+
 def _fresh(module: nn.Module) -> nn.Module:
     """A copy of `module` with every layer that has parameters re-initialised, except the
-    first (input scaling: `Standardize` has buffers only, `Encode` keeps its embeddings)."""
+    first (input scaling: `Standardize` has buffers only, `Encode` keeps its embeddings);
+    a `Blend`: each head so, and its mixture weights start over."""
     clone = copy.deepcopy(module)
-    children = list(clone.children())
-    for layer in clone.modules():
-        if children and layer is children[0]:
-            continue
-        reset = getattr(layer, "reset_parameters", None)
-        if callable(reset) and layer is not clone:
-            reset()
+    for net in [clone.mlp, clone.linear] if isinstance(clone, Blend) else [clone]:
+        children = list(net.children())
+        for layer in net.modules():
+            if children and layer is children[0]:
+                continue
+            reset = getattr(layer, "reset_parameters", None)
+            if callable(reset) and layer is not net:
+                reset()
+    if isinstance(clone, Blend):
+        clone.errors.zero_()
     return clone
 
 
 class BackgroundLine:
     """One background model at a time, its training window and its paired score."""
 
-    def __init__(self, config: BackgroundConfig, *, input_dim: int, lr: float, steps: int) -> None:
+    def __init__(
+        self, config: BackgroundConfig, *, input_dim: int, lr: float, steps: int, seed: int = 0
+    ) -> None:
         from river.drift import ADWIN
 
         self.config = config
+        # fresh weights come from the line's own generator, not torch's global one: two
+        # learners in one process (a benchmark's arms) stay independent of each other
+        self._seeds = np.random.default_rng(seed)
         self.input_dim = input_dim
         self.lr = lr
         self.steps = steps
@@ -135,7 +159,9 @@ class BackgroundLine:
 
     def start(self, foreground: nn.Module) -> None:
         """Start a background line from `foreground`'s architecture (fresh weights)."""
-        self.module = _fresh(foreground)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self._seeds.integers(0, 2**31 - 1)))
+            self.module = (_fresh_head if self.config.head_only else _fresh)(foreground)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
         self.started += 1
         self._reset_window()
@@ -168,13 +194,18 @@ class BackgroundLine:
     def expired(self) -> bool:
         return self.rows >= self.config.max_rows and not self.wins()
 
-    def train(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
-        """Add the new rows to the window since the warning and fit it for `steps` steps."""
-        assert self.module is not None and self.optimizer is not None
+    def remember(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
+        """Add rows to the window since the warning without fitting it (under DP the line
+        trains in the private update's own steps; the window is what it hands over)."""
         keep = self.config.window
         self.x = np.concatenate([self.x, np.asarray(x, np.float32)])[-keep:]
         self.y = np.concatenate([self.y, np.asarray(y, np.int64)])[-keep:]
         self.w = np.concatenate([self.w, np.asarray(w, np.float32)])[-keep:]
+
+    def train(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
+        """Add the new rows to the window since the warning and fit it for `steps` steps."""
+        assert self.module is not None and self.optimizer is not None
+        self.remember(x, y, w)
         bx, by, bw = (torch.from_numpy(a) for a in (self.x, self.y, self.w))
         self.module.train()
         for _ in range(self.steps):

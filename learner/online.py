@@ -23,7 +23,6 @@ paired traffic, each move behind the same lease check.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import threading
@@ -232,12 +231,10 @@ class OnlineLearner:
             )
             self._private.excluded.restore(self._state.get(EXCLUDED_STATE))
             self._shadow = trainer
-            # DP steps are bounded by clipping and tuned with their own base rate (noise
-            # needs more): FLYWHEEL_LEARN_MAX_LR caps the non-private rate only
-            # no background line under DP: it would be a second private use of every
-            # example, which the budget does not plan for (docs/learner.md)
-            dp_config = dataclasses.replace(
-                trainer.config, lr=c.privacy.privacy_learn_lr, max_lr=None, background=None
+            # DP steps: their own base rate; a background line under DP-SGD only, trained
+            # in the line's own steps (jointly clipped: no second use of any example)
+            dp_config = trainer.config.private(
+                c.privacy.privacy_learn_lr, c.privacy.privacy_mechanism
             )
             trainer = OnlineTrainer(
                 loaded.module,

@@ -311,7 +311,7 @@ class PrivateStep:
         index = {s: i for i, s in enumerate(sorted({r.contributor for r in rows}))}
         sources = np.asarray([index[r.contributor] for r in rows], np.int64)
         assert outcome.plan is not None
-        return trainer.update_private(
+        stats = trainer.update_private(
             x,
             y,
             w,
@@ -319,9 +319,17 @@ class PrivateStep:
             outcome.plan.mechanism,
             max_grad_norm=self.config.max_grad_norm,
             engine=outcome.engine,
-            new=sum(1 for r in rows if r.id not in outcome.reused_ids),
             ftrl_lr=self.config.ftrl_lr,
-        ).lr
+            fresh=np.asarray([r.id not in outcome.reused_ids for r in rows], bool),
+        )
+        win = trainer.background.last_win if trainer.background else None
+        if stats.replaced and win is not None:
+            log.info(
+                "a background model trained (with DP) since a drift warning replaced the "
+                "line: it beat it on %d new rows at McNemar z %.1f",
+                *win,
+            )
+        return stats.lr
 
     def published(
         self, outcome: PrivacyOutcome, version: str, *, fence: Lease | None = None

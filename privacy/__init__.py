@@ -19,7 +19,13 @@ from flywheel.privacy.accounting import (
 from flywheel.privacy.budget import BudgetPlan, BudgetRefused, plan_update
 from flywheel.privacy.config import DPConfig
 from flywheel.privacy.dp_ftrl import ftrl_update
-from flywheel.privacy.dp_sgd import DPStepStats, PrivateBatch, dp_update, resolve_engine
+from flywheel.privacy.dp_sgd import (
+    Companion,
+    DPStepStats,
+    PrivateBatch,
+    dp_update,
+    resolve_engine,
+)
 from flywheel.privacy.ledger import EXCLUDED_STATE_KEY, LedgerEntry, PrivacyLedger, SourceSpend
 from flywheel.privacy.metrics import (
     EPSILON,
@@ -43,6 +49,7 @@ __all__ = [
     "BudgetPlan",
     "BudgetPolicy",
     "BudgetRefused",
+    "Companion",
     "DPConfig",
     "DPStepStats",
     "LedgerEntry",

@@ -10,6 +10,13 @@ Poisson-subsampled Gaussian mechanism per source, which `accounting` composes.
 Public rows (the platform's own seed data, `public=True`) join every step unsampled and
 are not accounted: they carry no one's private data.
 
+A `Companion` (the learner's background line, learner/background.py) trains in the same
+steps at no extra privacy cost: each example's gradient is taken for both models at once,
+the concatenation is clipped to C as one vector and the one noise draw covers both, so a
+source still moves the released sum by at most C and the step is the same
+Poisson-subsampled Gaussian mechanism the accountant composes. The price is signal, not ε:
+the two models share each example's norm C.
+
 Two engines compute the clipped sum: "opacus" takes per-example gradients from Opacus'
 `GradSampleModule` (hooks); "fused" uses `flywheel.kernels.clip_and_accumulate`, which
 never materialises them. Noise is always added here, by one code path, so no engine can
@@ -58,6 +65,45 @@ class PrivateBatch:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A second model trained in the same DP steps, jointly clipped (see the module docstring).
+
+    `rows` says which of the batch's rows it learns from (the background line: the private
+    rows since its warning; public rows of the old concept are left out); its gradient on the
+    others is zero, which the joint clip and the noise cover all the same.
+
+    >>> import numpy as np, torch
+    >>> from torch import nn
+    >>> m, c = nn.Linear(2, 2), nn.Linear(2, 2)
+    >>> batch = PrivateBatch(
+    ...     x=np.ones((4, 2), np.float32), y=np.array([0, 1, 0, 1]),
+    ...     weight=np.ones(4, np.float32), sources=np.arange(4), public=np.zeros(4, bool))
+    >>> before = c.weight.detach().clone()
+    >>> _ = dp_update(
+    ...     m, torch.optim.SGD(m.parameters(), lr=0.1), batch, steps=1, sample_rate=1.0,
+    ...     noise_multiplier=0.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
+    ...     companion=Companion(c, torch.optim.SGD(c.parameters(), lr=0.1), np.ones(4, bool)))
+    >>> bool((c.weight != before).any())
+    True
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    rows: np.ndarray  # bool, one per batch row
+
+
+class _Joint(nn.Module):
+    """Both models' logits side by side, so one per-example gradient covers both."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first(x), self.second(x)], dim=1)
+
+
+@dataclass(frozen=True)
 class DPStepStats:
     steps: int
     sampled_sources: float  # mean per step
@@ -89,17 +135,28 @@ def dp_update(
     generator: torch.Generator,
     engine: Engine = "auto",
     between_steps: Callable[[], None] | None = None,
+    companion: Companion | None = None,
 ) -> DPStepStats:
     """`steps` DP-SGD steps on `batch`; the caller accounts (sample_rate, σ, steps).
 
     `between_steps` is called before each step; what it raises abandons the update (the
     learner's stop and lost lease: the module is then half-trained and must be thrown away).
+    `companion` trains a second model in the same steps at the same privacy cost (jointly
+    clipped; Opacus computes the per-example gradients then).
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if noise_multiplier < 0 or max_grad_norm <= 0:
         raise ValueError("noise_multiplier must be >= 0 and max_grad_norm > 0")
-    engine_name = resolve_engine(engine, module)
+    outer = module
+    mask: torch.Tensor | None = None
+    if companion is not None:
+        if len(companion.rows) != len(batch.y):
+            raise ValueError("a companion's rows must mark every row of the batch")
+        outer = _Joint(module, companion.module)
+        mask = torch.from_numpy(np.asarray(companion.rows, bool))
+        engine = "opacus"  # the fused kernel clips one plain model
+    engine_name = resolve_engine(engine, outer)
     x = torch.from_numpy(np.asarray(batch.x, np.float32))
     y = torch.from_numpy(np.asarray(batch.y, np.int64))
     w = torch.from_numpy(np.asarray(batch.weight, np.float32))
@@ -112,7 +169,8 @@ def dp_update(
         per_source.index_add_(0, src[~public], torch.ones(int((~public).sum())))
     scale = torch.where(public, w, w / per_source[src.clamp_min(0)].clamp_min(1))
     expected = sample_rate * len(private_ids) + int(public.sum())
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in outer.parameters() if p.requires_grad]
+    optimizers = [optimizer] if companion is None else [optimizer, companion.optimizer]
     # Every step: (Σ_i w_i·clip(∇ℓ_i) + N(0, σ²C²)) / E, computed as Σ_i (w_i/E)·clip(∇ℓ_i)
     # + N(0, σ²C²/E²): one draw for every parameter into one buffer, and the fused kernel
     # adds the clipped sum straight onto it (no further pass over the parameters).
@@ -127,7 +185,7 @@ def dp_update(
         else:
             noise.zero_()
 
-    module.train()
+    outer.train()
     sampled_total, clipped, counted, loss_sum = 0, 0, 0, 0.0
     for _ in range(steps):
         if between_steps is not None:
@@ -144,13 +202,14 @@ def dp_update(
         if len(rows):
             try:
                 norms, loss = clipped_sum(
-                    module,
+                    outer,
                     params,
                     x[rows],
                     y[rows],
                     scale[rows] / divisor,
                     max_grad_norm,
                     engine_name,
+                    second_rows=None if mask is None else mask[rows],
                 )
             except ValueError as exc:
                 # a refusal only the run can reveal (a Linear called twice, a sequence
@@ -181,9 +240,10 @@ def dp_update(
             loss_sum += loss
         if not onto_noise:  # Opacus set fresh grads
             torch._foreach_add_([_grad(p) for p in params], noise_views)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    module.eval()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    outer.eval()
     return DPStepStats(
         steps, sampled_total / steps, clipped / max(counted, 1), loss_sum / steps, engine_name
     )
@@ -197,10 +257,16 @@ def clipped_sum(
     scale: torch.Tensor,
     max_grad_norm: float,
     engine: str,
+    second_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Σ_i scale_i · clip_C(∇ℓ_i) into p.grad (fused: added to the grads there, the noise;
-    opacus: set); returns per-example norms and the mean loss."""
+    opacus: set); returns per-example norms and the mean loss.
+
+    `second_rows` (a `_Joint` module, Opacus only): ℓ_i is the first model's loss plus,
+    where it is True, the second's; the norm clipped is that of both gradients together."""
     if engine == "fused":
+        if second_rows is not None:
+            raise ValueError("the fused kernel clips one model; a companion needs Opacus")
         from flywheel.kernels import clip_and_accumulate
 
         norms, loss = clip_and_accumulate(
@@ -209,7 +275,7 @@ def clipped_sum(
         return norms, loss
     if engine != "opacus":
         raise ValueError(f"unknown DP engine {engine!r}; expected opacus, fused or auto")
-    return _opacus_clipped_sum(module, params, x, y, scale, max_grad_norm)
+    return _opacus_clipped_sum(module, params, x, y, scale, max_grad_norm, second_rows)
 
 
 def _opacus_clipped_sum(
@@ -219,6 +285,7 @@ def _opacus_clipped_sum(
     y: torch.Tensor,
     scale: torch.Tensor,
     max_grad_norm: float,
+    second_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     from opacus import GradSampleModule
 
@@ -227,10 +294,18 @@ def _opacus_clipped_sum(
         for p in params:
             p.grad = None
             _drop_grad_sample(p)
-        losses = nn.functional.cross_entropy(gsm(x), y, reduction="none")
+        out = gsm(x)
+        if second_rows is None:
+            losses = nn.functional.cross_entropy(out, y, reduction="none")
+            total = losses
+        else:  # a _Joint: the first model's logits, then the second's
+            k = out.shape[1] // 2
+            losses = nn.functional.cross_entropy(out[:, :k], y, reduction="none")
+            second = nn.functional.cross_entropy(out[:, k:], y, reduction="none")
+            total = losses + second * second_rows.to(second.dtype)
         with warnings.catch_warnings():  # inputs need no grad: Opacus' hooks still fire right
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses.sum().backward()
+            total.sum().backward()
         grads = [_grad_sample(p).reshape(len(y), -1) for p in params]
         norms = torch.cat(grads, dim=1).norm(dim=1)
         factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale

@@ -14,7 +14,8 @@ instead of one each. While a request waits, the sender does not linger 50 ms; it
 only while records keep arriving (`_gather`): sending at once made batches of ~7 records
 at 16 clients and cost ~45 us more server CPU a request than answering once queued
 (`bench serve --compare corrections`); gathering makes ~13.5 records a flush at 16
-clients, ~29 at 64 (`flywheel_log_batches_total`; docs/benchmarks.md). An
+clients, ~29 at 64 (`flywheel_log_batches_total`; docs/benchmarks.md). A durable
+record queued while the sender lingers behind fast ones ends that linger (`_linger`). An
 async caller (`log_durable_async`) is woken through one `call_soon_threadsafe` per batch
 for all of its requests on that loop.
 """
@@ -96,6 +97,8 @@ class EventLog:
         self._durable_linger_s = durable_linger_s
         self._next_retry = 0.0
         self._stop = threading.Event()
+        # ends the sender's fast linger early: set by a durable request and by close()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flywheel-event-log", daemon=True)
         self.stats = EventLogStats()
         self.connected = False
@@ -157,6 +160,8 @@ class EventLog:
             self._enqueued += queued
             if future is not None and queued:
                 self._waiters.append((first, self._enqueued, future))
+        if future is not None and queued:
+            self._wake.set()  # a fast batch's linger must not hold a waiting request
         if queued < len(records):
             rest = records[queued:]
             self.spool.append(rest)
@@ -180,6 +185,7 @@ class EventLog:
     def close(self, timeout_s: float | None = None) -> None:
         """Deliver or spool everything queued, then stop. Nothing stays only in memory."""
         self._stop.set()
+        self._wake.set()
         if self._thread.ident is not None:  # started (a never-started log just spools)
             self._thread.join(timeout_s if timeout_s is not None else self._timeout_s * 3)
         leftover = self._drain(limit=None)
@@ -212,12 +218,24 @@ class EventLog:
                 if self._waiters:  # a request waits for this batch: group commit
                     self._gather(limit)
                 elif self._linger_s and (limit is None or self._queue.qsize() < limit):
-                    self._stop.wait(self._linger_s)
+                    self._linger(limit)
             while limit is None or len(batch) < limit:
                 batch.append(self._queue.get_nowait())
         except queue.Empty:
             pass
         return batch
+
+    def _linger(self, limit: int | None) -> None:
+        """Wait `linger_s` for fast records to join the batch, but end at once when a
+        durable request queues a record (or the log closes): lingering 50 ms behind a
+        fast record made a durable answer wait those 50 ms: durable requests/s beside
+        one fast record every 5 ms were 0.55x those alone, p99 ~57 ms; 0.85-0.95x with
+        this (`python -m bench._mixed_linger`, docs/benchmarks.md)."""
+        self._wake.clear()
+        if not (self._waiters or self._stop.is_set()):  # either may precede the clear
+            self._wake.wait(self._linger_s)
+        if self._waiters:  # a request waits on this batch now: group commit
+            self._gather(limit)
 
     def _gather(self, limit: int | None) -> None:
         """Linger for requests that wait on this batch only while more keep arriving:

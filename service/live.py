@@ -320,5 +320,6 @@ class LiveRouter:
             # as a durable write, not `log_many`: a record nobody waits for, first in the
             # sender's queue, makes the sender linger (50 ms) before its flush, and every
             # durable prediction that arrived meanwhile waited with it (p99 ~60 ms, 0.53x
-            # throughput in `bench serve --compare shadow`). Nobody waits on the future.
+            # throughput in `bench serve --compare shadow`; since fixed in the event log,
+            # `EventLog._linger`, not re-measured with `log_many`). Nobody waits on the future.
             event_log.log_durable(records)

@@ -173,9 +173,13 @@ def _console() -> Console:
 
 
 def _short_status(doc: dict[str, Any]) -> str:
+    """★ champion, former, ... and the live roles the version holds (`models list`)."""
     if doc["champion"]:
-        return "★ champion"
-    return {"candidate": "", "former champion": "former"}.get(doc["status"], doc["status"])
+        status = "★ champion"
+    else:
+        status = {"candidate": "", "former champion": "former"}.get(doc["status"], doc["status"])
+    roles = " ".join(doc.get("roles") or [])
+    return f"{status} · {roles}" if status and roles else status or roles
 
 
 def _number(value: float | None) -> str:
@@ -361,7 +365,8 @@ def list_versions(
     limit: int = typer.Option(20, "--limit", "-n", min=0, help="Newest N versions; 0: all."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (a list) and nothing else."),
 ) -> None:
-    """Versions, newest first: champion, source, parent, examples, epsilon, accuracy, gate."""
+    """Versions, newest first: champion and live roles (shadow, canary, guard), source,
+    parent, examples, epsilon, accuracy, gate."""
     settings = settings_or_exit()
     with _registry_errors(settings):
         registry = _open(settings)
@@ -371,7 +376,12 @@ def list_versions(
         shown = [
             registry.info(v.version, with_run=True) for v in (listed[:limit] if limit else listed)
         ]
-    docs = [_as_dict(info, history) for info in shown]
+        held = registry.roles()  # one read: shadow, canary, guard (issue 28)
+    docs = [
+        _as_dict(info, history)
+        | {"roles": sorted(r for r, v in held.items() if v == info.version and r != "champion")}
+        for info in shown
+    ]
     hint = (
         f"no versions of {registry.name!r} in {mask_credentials(settings.resolved_mlflow_uri)} "
         "yet: `flywheel serve` or `flywheel demo` trains and registers a seed model on "

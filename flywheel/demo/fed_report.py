@@ -93,6 +93,15 @@ def markdown(s: dict[str, Any]) -> str:
         for i, site in enumerate(sites):
             counts = ", ".join(str(c) for c in site.get("label_counts") or [])
             lines.append(f"| {i} | {site.get('examples')} | {counts} |")
+    quarantined = s.get("quarantined") or []
+    if quarantined:
+        lines += ["", "## Quarantined sites", ""]
+        lines += [
+            f"- {q.get('site')} after round {q.get('round')}: trust 0 in rounds "
+            f"{', '.join(str(r) for r in q.get('zero_rounds') or [])} (its update pointed away "
+            "from the reference); not asked again"
+            for q in quarantined
+        ]
     refused, dropped = s.get("refused") or [], s.get("dropped") or []
     if refused or dropped:
         lines += ["", "## Refused replies and dropped rounds", ""]

@@ -141,6 +141,11 @@ def _card_markdown(f: dict[str, Any], plots: list[str]) -> str:
         )
     if tags.get("live_decision"):
         lines.append(f"| live decision | {_md(_live_decision(tags))} |")
+    if tags.get("fed_quarantined"):
+        lines.append(
+            f"| quarantined sites | {_md(tags['fed_quarantined'])} (FLTrust gave their "
+            "updates no weight, rounds in a row; not asked again in that run) |"
+        )
 
     chain = f["lineage"]
     names = [f"v{h['version']}" + (" (missing)" if h["missing"] else "") for h in chain]

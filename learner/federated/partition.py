@@ -106,3 +106,14 @@ def fill_site_store(
             )
     finally:
         engine.dispose()
+
+
+def root_set(n: int, *, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """`n` rows of the same drift concept as `make_partition(seed=seed)`'s sites, drawn
+    with their own sample seed (no row shared with a site or the holdout): the small
+    trusted "root data set" a platform labels itself in the FLTrust paper's setting
+    (Cao et al. 2021 use 100 rows), for a trusted set from the sites' current world."""
+    if n < 1:
+        raise ValueError(f"a root set needs at least one row, got {n}")
+    x, names = drift_concept(seed).sample(n, sample_seed=5000 + seed)
+    return x, np.asarray([LABELS.index(name) for name in names], np.int64)

@@ -30,7 +30,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +46,7 @@ from flywheel.learner.federated.bounds import (
     sent_arrays,
 )
 from flywheel.learner.federated.config import FederatedConfig
+from flywheel.learner.federated.fltrust import FLTrust, NoAgreement
 from flywheel.learner.federated.postprocess import ServerOptimizer
 from flywheel.learner.federated.records import (
     METRICS,
@@ -174,6 +175,12 @@ class RoundRecord:
     overhead_s: float
     base_version: str
     global_recent_accuracy: float = math.nan  # of this round's global model itself
+    # fltrust only: what the sites were scored against ("trusted", or "median" when the
+    # trusted reference was uninformative, see `fltrust`), its norm over the sites' median
+    # update norm, and each site's trust score (in the order of `sites`)
+    trust_reference: str = ""
+    trust_reference_ratio: float = math.nan
+    trust_scores: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -195,6 +202,8 @@ class RunSummary:
     # what a site attempted, and why a round changed nothing
     refused: list[dict[str, object]] = field(default_factory=list)
     dropped: list[dict[str, object]] = field(default_factory=list)
+    # fltrust: sites quarantined for trust 0 in rounds in a row ({site, round, zero_rounds})
+    quarantined: list[dict[str, object]] = field(default_factory=list)
 
     def drop(self, rnd: int, why: str) -> None:
         """Round `rnd` changes nothing: logged, and listed in the summary."""
@@ -241,6 +250,55 @@ class Backoff:
             if skip:
                 self.until[n] = rnd + skip
                 log.info("site %s failed %d round(s) in a row: skipped %d round(s)", n, k, skip)
+
+
+class Quarantine:
+    """Sites FLTrust keeps giving no weight: trust 0 (an update pointing away from the
+    reference) in `rounds` aggregated rounds in a row puts a site out for the rest of the
+    run (0: never). Only aggregated rounds count: a round nobody agreed with (refused as
+    `NoAgreement`) says nothing about one site. Its weight was already 0 each time; the
+    quarantine stops asking it (its data and budget are not spent on a reply that counts
+    for nothing) and names it, so an operator can look at that site.
+
+    >>> q = Quarantine(2)
+    >>> q.update(1, {7: 0.0, 8: 0.4}, lambda n: f"site:{n}")
+    >>> q.eligible([7, 8], 2)
+    [7, 8]
+    >>> q.update(2, {7: 0.0, 8: 0.0}, lambda n: f"site:{n}")
+    >>> q.eligible([7, 8], 3), [x["site"] for x in q.quarantined]
+    ([8], ['site:7'])
+    """
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self.zeros: dict[int, list[int]] = {}  # node -> rounds in a row it scored 0
+        self.out: set[int] = set()
+        self.quarantined: list[dict[str, object]] = []  # {site, round, zero_rounds}
+
+    def eligible(self, nodes: Iterable[int], rnd: int) -> list[int]:
+        """The `nodes` round `rnd` may ask."""
+        return [n for n in nodes if n not in self.out]
+
+    def update(self, rnd: int, scores: Mapping[int, float], site: Callable[[int], str]) -> None:
+        """After aggregated round `rnd`: each scored node's trust."""
+        if not self.rounds:
+            return
+        for node, score in scores.items():
+            if score > 0:
+                self.zeros.pop(node, None)
+                continue
+            run = self.zeros.setdefault(node, [])
+            run.append(rnd)
+            if len(run) >= self.rounds and node not in self.out:
+                self.out.add(node)
+                self.quarantined.append({"site": site(node), "round": rnd, "zero_rounds": run})
+                log.warning(
+                    "site %s quarantined after round %d: trust 0 in rounds %s (its update "
+                    "pointed away from the reference each time); not asked again this run",
+                    site(node),
+                    rnd,
+                    ", ".join(map(str, run)),
+                )
 
 
 class FastGrid(Grid):
@@ -343,7 +401,6 @@ def reference_update(
     """FLTrust's reference: the global model trained on public trusted rows (no DP: public
     data), the same steps, rate and clip as a site, handed to the inner `FLTrust`."""
     from flywheel.learner.federated.bounds import sent_arrays
-    from flywheel.learner.federated.fltrust import FLTrust
     from flywheel.learner.federated.local import SiteData, train_locally
 
     inner = getattr(strategy, "strategy", strategy)  # inside Flower's DP wrapper
@@ -403,6 +460,7 @@ class FederatedRun:
         self.lineage = f"{config.registry.model_name}:federated"
         self.rng = random.Random(options.seed)
         self.backoff = Backoff(config.federated.fed_backoff_max_rounds)
+        self.quarantine = Quarantine(config.federated.fed_quarantine_rounds)
 
     def source(self, node: int) -> str:
         """The ledger source of a site. With node auth (`FLYWHEEL_FED_NODE_AUTH`, set by
@@ -512,9 +570,11 @@ class FederatedRun:
                 log.info("round %d starts from champion v%s (moved from v%s)", rnd, now, seen)
                 module, base, seen = self.registry.load(now).module, now, now
                 server_opt.reset()
-            nodes = self.backoff.eligible(self._wait_for_sites(grid), rnd)
+            nodes = self.quarantine.eligible(
+                self.backoff.eligible(self._wait_for_sites(grid), rnd), rnd
+            )
             if not nodes:
-                summary.drop(rnd, "every connected site is backing off")
+                summary.drop(rnd, "every connected site is backing off or quarantined")
                 continue
             sampled = sorted(self.rng.sample(nodes, min(o.clients, len(nodes))))
             mech = client_mechanism(o.strategy, o.noise_multiplier, len(sampled))
@@ -633,6 +693,9 @@ class FederatedRun:
                 np.random.seed(o.noise_seed * 10_007 + rnd)
             try:  # only usable replies: one error would make Flower drop the whole round
                 arrays, metrics = strategy.aggregate_train(rnd, ok)
+            except NoAgreement as exc:  # fltrust: an informative reference nobody agrees with
+                summary.drop(rnd, str(exc))
+                continue
             except Exception as exc:  # e.g. Flower's server-side clip of a zero update
                 summary.drop(rnd, f"aggregation failed ({exc})")
                 continue
@@ -674,6 +737,15 @@ class FederatedRun:
                 base,
                 accuracy(module, recent) if len(recent) else math.nan,
             )
+            inner = getattr(strategy, "strategy", strategy)  # inside Flower's DP wrapper
+            if isinstance(inner, FLTrust):
+                record.trust_reference = inner.last_reference
+                record.trust_reference_ratio = inner.last_reference_ratio
+                record.trust_scores = list(inner.last_scores)
+                self.quarantine.update(
+                    rnd, dict(zip(record.sites, record.trust_scores, strict=True)), self.source
+                )
+                summary.quarantined = list(self.quarantine.quarantined)
             summary.rounds.append(record)
             summary.epsilon = eps_lineage
             log.info(
@@ -745,6 +817,8 @@ class FederatedRun:
             else "node id (no node auth: a restarted site counts again)",
             "fed_updates": ",".join(str(u) for u, _ in updates),
         }
+        if summary.quarantined:  # fltrust: sites its trust kept at 0, rounds in a row
+            tags["fed_quarantined"] = ",".join(str(q["site"]) for q in summary.quarantined)
         params = {
             "fed_strategy": o.strategy,
             "fed_dp_clipping": o.clipping,

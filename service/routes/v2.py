@@ -15,6 +15,11 @@ named row included. Outputs: `probabilities` `[n, k]` FP32 (columns in the order
 to send corrections for. Errors are `{"error": "..."}`: 400 for a bad request, 404 for a
 model or version this service does not serve, 413 over `FLYWHEEL_MAX_BATCH`, 503 before a
 model is loaded (`flywheel.service.errors`).
+
+Live evaluation (docs/serving.md) as on `/v1/predict`: without a version in the path, a
+held canary answers its share of routing keys (`X-Flywheel-Routing-Key`, else a draw) and
+`model_version` names it; with the champion's version in the path, the champion answers.
+Shadows and guards score a share of the rows off the path either way.
 """
 
 from __future__ import annotations
@@ -157,6 +162,17 @@ async def infer(
     start = time.perf_counter()
     served = state.served_set()
     model = _model(state, name, version)
+    live = state.live
+    plan = None
+    if live is not None and not served.plain and served.champion is model:
+        # as on /v1/predict: without a version in the path a canary may answer (routing
+        # key, else a draw); shadows and guards score a share of the rows off the path
+        plan = (
+            live.route(served, request.headers)
+            if version is None
+            else LivePlan(model, served.scorers())
+        )
+        model = plan.answering
     wanted = _wanted_outputs(body, model)
     inputs = body.inputs
     schema = model.schema
@@ -172,11 +188,8 @@ async def infer(
         predictions = await predict_and_log(
             state, model, x, start=start, vectors=vectors, where="row"
         )
-    live = state.live
-    if live is not None and not served.plain and served.champion is model:
-        # the champion answers here (a canary answers /v1/predict only); shadows and
-        # guards score a share of the rows off the path, as on /v1/predict
-        live.after(LivePlan(model, served.scorers()), x, predictions)
+    if plan is not None:
+        live.after(plan, x, predictions)  # type: ignore[union-attr]
     n, labels = len(predictions), model.spec.labels
     tensors = {
         "probabilities": lambda: {

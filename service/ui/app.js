@@ -161,7 +161,9 @@ function renderVersions(doc) {
     body.append(el("tr", { class: cls, "data-version": v.version },
       el("td", { text: "v" + v.version }),
       el("td", { text: v.champion ? "★ champion" : v.status }),
-      el("td", { text: v.source || "" }),
+      el("td", { text: (v.source || "") +
+        (v.tags && v.tags.fed_quarantined ? ` · quarantined: ${v.tags.fed_quarantined}` : ""),
+        class: v.tags && v.tags.fed_quarantined ? "quarantined" : "" }),
       el("td", { text: v.parent_version ? "v" + v.parent_version : "—" }),
       el("td", { text: v.examples || "" }),
       el("td", { class: "num", text: v.epsilon || "" }),

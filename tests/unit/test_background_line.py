@@ -102,3 +102,124 @@ def test_the_setting_turns_the_background_line_on_and_off():
     on = TrainerConfig.from_settings(load_settings().learner)
     off = TrainerConfig.from_settings(load_settings(learn_background=False).learner)
     assert on.background == BackgroundConfig() and off.background is None
+
+
+# -- under DP-SGD: the background trains in the line's own steps, jointly clipped ---------
+
+
+def _private_batch(n: int, rng: np.random.Generator):
+    from flywheel.privacy import PrivateBatch
+
+    x, y = _rows(n, rng, flipped=False)
+    x *= 50  # big inputs: every per-example gradient is far over the clip norm
+    return PrivateBatch(
+        x=x, y=y, weight=np.ones(n, np.float32), sources=np.arange(n), public=np.zeros(n, bool)
+    )
+
+
+def _moves(before: list[torch.Tensor], module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat(
+        [(p.detach() - b).flatten() for b, p in zip(before, module.parameters(), strict=True)]
+    )
+
+
+def test_a_companion_is_clipped_with_the_line_as_one_vector():
+    """One example, no noise, plain SGD at rate 1: the step is its clipped gradient. The two
+    models' moves together have norm C (the privacy bound), each alone less."""
+    from flywheel.privacy import Companion, dp_update
+
+    torch.manual_seed(0)
+    line = build_model(ModelSpec(input_dim=2, hidden=[8], labels=["a", "b"]))
+    second = build_model(ModelSpec(input_dim=2, hidden=[8], labels=["a", "b"]))
+    batch = _private_batch(1, np.random.default_rng(0))
+    before = [[p.detach().clone() for p in m.parameters()] for m in (line, second)]
+    dp_update(
+        line,
+        torch.optim.SGD(line.parameters(), lr=1.0),
+        batch,
+        steps=1,
+        sample_rate=1.0,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(0),
+        companion=Companion(second, torch.optim.SGD(second.parameters(), lr=1.0), np.ones(1, bool)),
+    )
+    a, b = _moves(before[0], line), _moves(before[1], second)
+    assert float(torch.cat([a, b]).norm()) == pytest.approx(1.0, rel=1e-3)
+    assert 0.05 < float(a.norm()) < 0.999 and 0.05 < float(b.norm()) < 0.999
+
+
+def test_a_companion_learns_only_the_rows_it_is_given():
+    from flywheel.privacy import Companion, dp_update
+
+    line = build_model(ModelSpec(input_dim=2, hidden=[8], labels=["a", "b"]))
+    second = build_model(ModelSpec(input_dim=2, hidden=[8], labels=["a", "b"]))
+    batch = _private_batch(8, np.random.default_rng(1))
+    before = [p.detach().clone() for p in second.parameters()]
+    common = {
+        "steps": 2,
+        "sample_rate": 1.0,
+        "noise_multiplier": 0.0,
+        "max_grad_norm": 1.0,
+        "generator": torch.Generator().manual_seed(0),
+    }
+    opt = torch.optim.SGD(second.parameters(), lr=1.0)
+    dp_update(
+        line, torch.optim.SGD(line.parameters(), lr=1.0), batch, **common,
+        companion=Companion(second, opt, np.zeros(8, bool)),
+    )  # fmt: skip
+    assert float(_moves(before, second).norm()) == 0.0
+    with pytest.raises(ValueError, match="mark every row"):
+        dp_update(
+            line, torch.optim.SGD(line.parameters(), lr=1.0), batch, **common,
+            companion=Companion(second, opt, np.zeros(3, bool)),
+        )  # fmt: skip
+
+
+def test_under_dp_sgd_a_background_replaces_the_line_after_a_label_reversal():
+    """The learner's DP path (`update_private`) with the background line: it starts on the
+    warning, learns in the private steps, and takes over; the window it hands over is the
+    new rows it was scored on."""
+    from flywheel.privacy import Mechanism
+
+    rng = np.random.default_rng(1)
+    trainer = _trainer(BackgroundConfig())
+    mechanism = Mechanism(1.0, 0.3, 4)  # a little noise: the test is about the wiring
+
+    def run(batches: int, flipped: bool) -> list:
+        stats = []
+        for _ in range(batches):
+            x, y = _rows(100, rng, flipped)
+            trainer.observe_errors((trainer.predict(x) != y).tolist())
+            stats.append(
+                trainer.update_private(
+                    x, y, np.ones(100, np.float32), np.arange(100), mechanism, max_grad_norm=1.0
+                )
+            )
+        return stats
+
+    assert not any(s.replaced for s in run(15, flipped=False))
+    assert trainer.background is not None and trainer.background.started == 0
+    foreground = trainer.module
+    after = run(30, flipped=True)
+    assert trainer.background.started >= 1
+    assert any(s.replaced for s in after) and trainer.module is not foreground
+    x, y = _rows(2000, np.random.default_rng(99), flipped=True)
+    assert float((trainer.predict(x) == y).mean()) > 0.85
+
+
+def test_under_dp_a_background_is_scored_only_on_rows_no_model_has_seen():
+    from flywheel.privacy import Mechanism
+
+    rng = np.random.default_rng(2)
+    trainer = _trainer(BackgroundConfig())
+    assert trainer.background is not None
+    trainer.background.start(trainer.module)
+    x, y = _rows(100, rng, flipped=False)
+    fresh = np.zeros(100, bool)
+    fresh[:30] = True  # 70 rows are reused from an earlier update
+    trainer.update_private(
+        x, y, np.ones(100, np.float32), np.arange(100), Mechanism(1.0, 0.5, 2),
+        max_grad_norm=1.0, fresh=fresh,
+    )  # fmt: skip
+    assert trainer.background.rows == 30 and len(trainer.background.y) == 30

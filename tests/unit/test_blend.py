@@ -101,3 +101,22 @@ def test_serving_skips_a_head_far_behind() -> None:
         mlp, lin = blend.mlp(x).softmax(1), blend.linear(x).softmax(1)
         w = torch.softmax(torch.tensor([-3.0, 0.0]), 0)
         assert torch.allclose(blend(x).exp(), w[0] * mlp + w[1] * lin, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_background_line_from_a_blend_starts_both_heads_and_weights_over(head_only: bool) -> None:
+    from flywheel.learner.background import BackgroundConfig, BackgroundLine
+
+    torch.manual_seed(0)
+    blend = build_module(default_spec(SCHEMA))
+    assert isinstance(blend, Blend)
+    blend.errors.copy_(torch.tensor([5.0, 0.0]))
+    line = BackgroundLine(BackgroundConfig(head_only=head_only), input_dim=3, lr=0.01, steps=2)
+    line.start(blend)
+    fresh = line.module
+    assert isinstance(fresh, Blend) and fresh.errors.tolist() == [0.0, 0.0]
+    assert blend.errors.tolist() == [5.0, 0.0]  # the foreground keeps its own
+    for old, new in ((blend.mlp[-1], fresh.mlp[-1]), (blend.linear[-1], fresh.linear[-1])):
+        assert not torch.equal(old.weight, new.weight)  # each head's output layer redrawn
+    hidden_same = torch.equal(blend.mlp[1].weight, fresh.mlp[1].weight)
+    assert hidden_same == head_only  # head_only keeps the hidden layers

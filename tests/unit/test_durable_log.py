@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import wait
 
 import pytest
@@ -113,6 +114,25 @@ def test_a_durable_request_does_not_wait_for_the_linger(tmp_path):
     log = make_log(tmp_path, s, linger_s=30.0).start()
     log.log_durable(records("now", 2)).result(WAIT_S / 3)
     assert s["delivered"] == ["now-0", "now-1"]
+    log.close(timeout_s=5)
+
+
+def test_a_durable_request_behind_a_lingering_fast_record_is_sent_at_once(tmp_path):
+    """A fast record (`log_many`) starts the sender's linger (30 s here, 50 ms by
+    default); a durable request queued during it ends the linger: its future completes
+    in well under the linger, with the fast record in the same send."""
+    s = shared()
+    log = make_log(tmp_path, s, linger_s=30.0).start()
+    log.log_many(records("fast", 1))
+    deadline = time.monotonic() + WAIT_S
+    while log.queue_depth and time.monotonic() < deadline:  # the sender took it ...
+        time.sleep(0.001)
+    time.sleep(0.2)  # ... and lingers now
+    assert s["sends"] == 0
+    started = time.monotonic()
+    log.log_durable(records("durable", 1)).result(5.0)  # raises TimeoutError if it lingers
+    assert time.monotonic() - started < 5.0
+    assert s["delivered"] == ["fast-0", "durable-0"] and s["sends"] == 1
     log.close(timeout_s=5)
 
 

@@ -34,6 +34,7 @@ def _summary() -> dict:
     run.start_version, run.version, run.promoted, run.gate = "1", "4", True, "passed"
     run.epsilon, run.delta = 1.1, 1e-5
     run.refused.append({"round": 2, "site": 1, "why": "update norm 9e6 over the clip"})
+    run.quarantined.append({"site": "site:2", "round": 3, "zero_rounds": [1, 2, 3]})
     # what run_demo returns: the summary as written to summary.json, plus the sites
     doc = json.loads(json.dumps(run.to_dict(), default=str))
     doc["sites"] = [{"examples": 300, "label_counts": [200, 90, 10]}] * 3
@@ -54,6 +55,8 @@ def test_report_has_the_plot_and_a_readable_summary(tmp_path: Path) -> None:
     assert "![accuracy per round](accuracy.png)" in md
     assert "| 0 | 300 | 200, 90, 10 |" in md
     assert "round 2, site 1: update norm 9e6 over the clip" in md
+    assert "## Quarantined sites" in md
+    assert "- site:2 after round 3: trust 0 in rounds 1, 2, 3" in md
 
 
 def test_a_run_that_registered_nothing_says_so(tmp_path: Path) -> None:

@@ -523,7 +523,70 @@ def test_fltrust_weighs_sites_by_agreement_and_rescales_them_to_the_reference():
     # both agreeing sites count at the reference's norm, the flipped one not at all
     assert np.allclose(out["w"], 0.2, atol=1e-6)
     assert inner.last_scores == pytest.approx([1.0, 1.0, 0.0])
+    assert inner.last_reference == "trusted"
     assert out["n"].dtype == np.int64
     assert trust_scores([np.zeros(3)], np.ones(3)).tolist() == [0.0]
     # sensitivity 2C over the wrapper's σC/K
     assert client_mechanism("fltrust", 1.0, 3).noise_multiplier == pytest.approx(1 / 6)
+
+
+def _w(values: list[float]) -> Message:
+    w = torch.tensor(values, dtype=torch.float32).reshape(2, 3)
+    return _reply({"w": w, "n": torch.zeros(1, dtype=torch.int64)}, GOOD_METRICS)
+
+
+def test_fltrust_with_an_uninformative_reference_scores_against_the_replies_median():
+    """A trusted set the model already fits gives a reference of norm ~0.01 of the sites'
+    pointing away from all of them (bench fedrobust --world drifted): scored against it,
+    every site got 0 and the model never moved. It falls back to the replies' median and
+    says so; the sign-flipped minority still counts for nothing."""
+    from flywheel.learner.federated.fltrust import FLTrust
+
+    inner = build_strategy("fltrust", sites=3, clip=2.0, noise_multiplier=0.0).strategy
+    assert isinstance(inner, FLTrust)
+    base = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    inner.set_reference(base, {"w": np.full((2, 3), -0.001, np.float32), "n": base["n"]})
+    honest = [_w([0.1] * 6), _w([0.2, 0.1, 0.1, 0.1, 0.1, 0.1])]
+    arrays, _ = inner.aggregate_train(1, [*honest, _w([-0.1] * 6)])
+    out = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))["w"]
+    # the honest sites' direction, at the sites' median norm (0.1·√6), never above it
+    assert (out > 0.05).all()
+    assert float(np.linalg.norm(out)) == pytest.approx(0.1 * 6**0.5, rel=0.02)
+    assert inner.last_scores[0] > 0.9 and inner.last_scores[1] > 0.9
+    assert inner.last_scores[2] == 0.0
+    assert inner.last_reference == "median"
+    assert inner.last_reference_ratio == pytest.approx(0.001 / 0.1, rel=1e-3)
+
+
+def test_fltrust_refuses_a_round_no_site_agrees_with_an_informative_reference():
+    """An informative reference (norm like the sites') that every site points away from:
+    the round is refused with the cosines, not released as a round that changed nothing."""
+    from flywheel.learner.federated.fltrust import FLTrust, NoAgreement
+
+    inner = build_strategy("fltrust", sites=2, clip=2.0, noise_multiplier=0.0).strategy
+    assert isinstance(inner, FLTrust)
+    base = {"w": np.zeros((2, 3), np.float32), "n": np.zeros(1, np.int64)}
+    inner.set_reference(base, {"w": np.full((2, 3), 0.1, np.float32), "n": base["n"]})
+    with pytest.raises(NoAgreement, match=r"trusted reference \(cosines -1.00, -1.00"):
+        inner.aggregate_train(1, [_w([-0.1] * 6), _w([-0.2] * 6)])
+    assert inner.last_reference == "trusted" and inner.last_scores == [0.0, 0.0]
+
+
+def test_a_site_fltrust_keeps_at_zero_is_quarantined_and_a_positive_score_resets_it():
+    from flywheel.learner.federated.server import Quarantine
+
+    q = Quarantine(rounds=3)
+    site = "site:{}".format
+    q.update(1, {1: 0.0, 2: 0.3, 3: 0.0}, site)
+    q.update(2, {1: 0.0, 2: 0.0, 3: 0.2}, site)  # 3 scored: its run starts over
+    assert q.eligible([1, 2, 3], 3) == [1, 2, 3] and not q.quarantined
+    q.update(3, {1: 0.0, 2: 0.0, 3: 0.0}, site)
+    assert q.eligible([1, 2, 3], 4) == [2, 3]
+    assert q.quarantined == [{"site": "site:1", "round": 3, "zero_rounds": [1, 2, 3]}]
+    q.update(4, {2: 0.0, 3: 0.0}, site)  # 2: three in a row now; 1 is named once only
+    assert q.eligible([1, 2, 3], 5) == [3]
+    assert [x["site"] for x in q.quarantined] == ["site:1", "site:2"]
+    never = Quarantine(rounds=0)
+    for rnd in range(1, 10):
+        never.update(rnd, {1: 0.0}, site)
+    assert never.eligible([1], 10) == [1] and not never.quarantined

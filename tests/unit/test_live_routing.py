@@ -343,3 +343,29 @@ def test_a_champion_alone_logs_no_scores(app_with):
     assert b"flywheel_scores_logged_total{" not in generate_latest(
         client.app.state.service.metrics.registry
     )
+
+
+def test_on_v2_infer_the_canary_answers_its_keys_unless_the_path_names_a_version(app_with):
+    client = app_with(
+        ServedSet(model("1"), canary=model("2")), live_canary_share=0.5, live_shadow_share=0.0
+    )
+    body = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": ROWS[:2]}]}
+    answered: dict[str, str] = {}
+    for i in range(20):
+        key = f"k{i}"
+        r = client.post("/v2/models/m/infer", json=body, headers={ROUTING_HEADER: key})
+        assert r.status_code == 200, r.text
+        version = r.json()["model_version"]
+        assert version == ("2" if in_share(key, 0.5) else "1")
+        ids = next(o for o in r.json()["outputs"] if o["name"] == "prediction_id")["data"]
+        answered.update(dict.fromkeys(ids, version))
+        pinned = client.post(
+            "/v2/models/m/versions/1/infer", json=body, headers={ROUTING_HEADER: key}
+        )
+        assert pinned.status_code == 200 and pinned.json()["model_version"] == "1"
+    assert set(answered.values()) == {"1", "2"}
+    preds, scores = flushed(client)
+    canary_ids = {i for i, v in answered.items() if v == "2"}
+    assert {p.id: p.model_version for p in preds if p.id in answered} == answered
+    assert {s.prediction_id for s in scores} == canary_ids  # the champion scored each
+    assert {(s.model_version, s.role) for s in scores} == {("1", "champion")}

@@ -530,3 +530,14 @@ def test_ui_with_a_tracking_server_starts_nothing(home, monkeypatch):
     result = runner.invoke(app, ["ui"])
     assert result.exit_code == 0, result.output
     assert "http://user:***@mlflow:5000" in result.stdout and "pw" not in result.stdout
+
+
+def test_card_names_the_sites_a_federated_run_quarantined(home):
+    registry = registry_at(home)
+    registry.client.set_model_version_tag(registry.name, "2", "fed_quarantined", "site:3,site:7")
+    result = models("card", "2")
+    assert result.exit_code == 0, result.output
+    md = (home / "cards" / "v2" / "model-card-v2.md").read_text()
+    assert "| quarantined sites | site:3,site:7 (FLTrust gave their updates no weight" in md
+    assert models("card", "1").exit_code == 0
+    assert "quarantined sites" not in (home / "cards" / "v1" / "model-card-v1.md").read_text()

@@ -141,3 +141,18 @@ def test_setting_the_role_it_already_holds_changes_nothing(home):
     assert result.exit_code == 0, result.output
     assert "v2 is already the shadow; nothing changed" in result.stdout
     assert registry_at(home).info("2", with_run=False).tags == before
+
+
+def test_models_list_marks_the_roles_each_version_holds(home):
+    assert models("shadow", "2").exit_code == 0
+    assert models("canary", "3").exit_code == 0
+    result = models("list", "--json")
+    assert result.exit_code == 0, result.output
+    roles = {d["version"]: d["roles"] for d in json.loads(result.stdout)}
+    assert roles == {"1": [], "2": ["shadow"], "3": ["canary"]}
+    table = models("list").stdout
+    rows = {v: next(line for line in table.splitlines() if f" {v} " in line) for v in ("v2", "v3")}
+    assert "shadow" in rows["v2"] and "canary" in rows["v3"] and "shadow" not in rows["v3"]
+    assert models("shadow", "--stop").exit_code == 0
+    roles = {d["version"]: d["roles"] for d in json.loads(models("list", "--json").stdout)}
+    assert roles["2"] == []
