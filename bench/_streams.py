@@ -246,7 +246,8 @@ def make_dataset_stream(
     classes = sorted({label_text(v) for v in table[info.label].to_pylist()})
     schema, _ = infer_schema([table.slice(0, warmup)], label=info.label)
     schema = schema.model_copy(update={"labels": classes})  # a class the warm-up lacks
-    spec = default_spec(schema)
+    # the default spec with its linear head (opt-in until `flywheel demo` passes with it)
+    spec = default_spec(schema).model_copy(update={"linear_head": True})
     if hidden is not None:
         spec = spec.model_copy(update={"hidden": list(hidden)})
     x = schema.encode_table(table).x

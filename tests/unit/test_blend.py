@@ -32,6 +32,10 @@ SCHEMA = FeatureSchema(
 )
 
 
+def blended() -> ModelSpec:
+    return default_spec(SCHEMA).model_copy(update={"linear_head": True})
+
+
 def rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(seed)
     x = np.column_stack([rng.normal(size=(n, 2)), rng.integers(0, 3, n)]).astype(np.float32)
@@ -39,7 +43,8 @@ def rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_default_spec_blends_and_round_trips() -> None:
-    spec = default_spec(SCHEMA)
+    assert not default_spec(SCHEMA).linear_head  # opt-in for now (flywheel demo)
+    spec = blended()
     assert spec.linear_head and spec.embedding_dim == 8
     assert spec_doc(spec)["linear_head"] is True
     assert parse_spec(spec_doc(spec)) == spec
@@ -50,7 +55,7 @@ def test_default_spec_blends_and_round_trips() -> None:
 
 def test_mixture_follows_the_heads_mistakes() -> None:
     torch.manual_seed(0)
-    blend = build_module(default_spec(SCHEMA))
+    blend = build_module(blended())
     assert isinstance(blend, Blend)
     x, y = rows(200, 1)
     fit_input_scaling(blend, x)
@@ -66,14 +71,14 @@ def test_mixture_follows_the_heads_mistakes() -> None:
     both = ce(mlp, y, reduction="none") + ce(lin, y, reduction="none")
     assert torch.allclose(training_losses(blend, x, y), both, atol=1e-6)
     # the weights travel with the state_dict
-    again = build_module(parse_spec(spec_doc(default_spec(SCHEMA))))
+    again = build_module(parse_spec(spec_doc(blended())))
     again.load_state_dict(blend.state_dict())
     assert torch.equal(again(x), blend(x))
 
 
 def test_update_scores_new_rows_before_training_on_them() -> None:
     torch.manual_seed(0)
-    blend = build_module(default_spec(SCHEMA))
+    blend = build_module(blended())
     x, y = rows(100, 2)
     fit_input_scaling(blend, x)
     blend.eval()
@@ -87,7 +92,7 @@ def test_update_scores_new_rows_before_training_on_them() -> None:
 
 def test_serving_skips_a_head_far_behind() -> None:
     torch.manual_seed(0)
-    blend = build_module(default_spec(SCHEMA))
+    blend = build_module(blended())
     assert isinstance(blend, Blend)
     x, _ = rows(50, 3)
     fit_input_scaling(blend, x)
@@ -108,7 +113,7 @@ def test_background_line_from_a_blend_starts_both_heads_and_weights_over(head_on
     from flywheel.learner.background import BackgroundConfig, BackgroundLine
 
     torch.manual_seed(0)
-    blend = build_module(default_spec(SCHEMA))
+    blend = build_module(blended())
     assert isinstance(blend, Blend)
     blend.errors.copy_(torch.tensor([5.0, 0.0]))
     line = BackgroundLine(BackgroundConfig(head_only=head_only), input_dim=3, lr=0.01, steps=2)
