@@ -246,7 +246,8 @@ def make_dataset_stream(
     classes = sorted({label_text(v) for v in table[info.label].to_pylist()})
     schema, _ = infer_schema([table.slice(0, warmup)], label=info.label)
     schema = schema.model_copy(update={"labels": classes})  # a class the warm-up lacks
-    spec = default_spec(schema)
+    # the default spec with its linear head (opt-in until `flywheel demo` passes with it)
+    spec = default_spec(schema).model_copy(update={"linear_head": True})
     if hidden is not None:
         spec = spec.model_copy(update={"hidden": list(hidden)})
     x = schema.encode_table(table).x
@@ -331,9 +332,8 @@ def warm_model(
     """A fresh model fitted on the warm-up rows, as `train_seed_model` fits the seed model:
     `spec`'s (a schema's default spec, over raw vectors), else an MLP of `setup.hidden`."""
     import torch
-    from torch import nn
 
-    from flywheel.modelspec import ModelSpec, build_module, fit_input_scaling
+    from flywheel.modelspec import ModelSpec, build_module, fit_input_scaling, training_losses
 
     torch.manual_seed(seed)
     if spec is None:
@@ -350,7 +350,7 @@ def warm_model(
     for _ in range(setup.warm_epochs):
         for idx in torch.randperm(len(xt), generator=gen).split(setup.warm_batch):
             opt.zero_grad()
-            nn.functional.cross_entropy(module(xt[idx]), yt[idx]).backward()
+            training_losses(module, xt[idx], yt[idx]).mean().backward()
             opt.step()
     module.eval()
     return module

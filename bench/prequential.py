@@ -11,7 +11,10 @@ and missing features), each seed a different order of its rows:
   mistakes), `observe_inputs`, `update` (train);
   on a data set, "ours" is the model `flywheel init` would make: the default spec of the
   schema inferred from the warm-up rows (an embedding + MLP when there are categorical
-  features, else an MLP of two 64-wide layers), over the schema's raw vectors;
+  features, else an MLP of two 64-wide layers), with `linear_head` on (a logistic
+  regression beside it, the two mixed by their prequential mistakes:
+  `flywheel.modelspec.Blend`; opt-in for `flywheel init` for now), over the schema's
+  raw vectors;
 * river, one example at a time: `predict_one` then `learn_one` (standard prequential),
   with river's defaults: LogisticRegression behind a StandardScaler (as river's docs
   recommend; on a data set, numeric columns scaled and categorical ones one-hot encoded,

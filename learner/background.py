@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flywheel.modelspec import Blend, training_losses
+
 __all__ = ["BackgroundConfig", "BackgroundLine"]
 
 
@@ -79,25 +81,34 @@ class BackgroundConfig:
 
 
 def _fresh_head(module: nn.Module) -> nn.Module:
-    """A copy of `module` with only its last layer that has parameters re-initialised."""
+    """A copy of `module` with only its last layer that has parameters re-initialised (a
+    `Blend`: each head's, and its mixture weights start over)."""
     clone = copy.deepcopy(module)
-    last = [m for m in clone.modules() if callable(getattr(m, "reset_parameters", None))]
-    if last:
-        last[-1].reset_parameters()  # type: ignore[operator]
+    nets = [clone.mlp, clone.linear] if isinstance(clone, Blend) else [clone]
+    for net in nets:
+        last = [m for m in net.modules() if callable(getattr(m, "reset_parameters", None))]
+        if last:
+            last[-1].reset_parameters()  # type: ignore[operator]
+    if isinstance(clone, Blend):
+        clone.errors.zero_()
     return clone
 
 
 def _fresh(module: nn.Module) -> nn.Module:
     """A copy of `module` with every layer that has parameters re-initialised, except the
-    first (input scaling: `Standardize` has buffers only, `Encode` keeps its embeddings)."""
+    first (input scaling: `Standardize` has buffers only, `Encode` keeps its embeddings);
+    a `Blend`: each head so, and its mixture weights start over."""
     clone = copy.deepcopy(module)
-    children = list(clone.children())
-    for layer in clone.modules():
-        if children and layer is children[0]:
-            continue
-        reset = getattr(layer, "reset_parameters", None)
-        if callable(reset) and layer is not clone:
-            reset()
+    for net in [clone.mlp, clone.linear] if isinstance(clone, Blend) else [clone]:
+        children = list(net.children())
+        for layer in net.modules():
+            if children and layer is children[0]:
+                continue
+            reset = getattr(layer, "reset_parameters", None)
+            if callable(reset) and layer is not net:
+                reset()
+    if isinstance(clone, Blend):
+        clone.errors.zero_()
     return clone
 
 
@@ -199,7 +210,7 @@ class BackgroundLine:
         self.module.train()
         for _ in range(self.steps):
             self.optimizer.zero_grad(set_to_none=True)
-            losses = nn.functional.cross_entropy(self.module(bx), by, reduction="none")
+            losses = training_losses(self.module, bx, by)
             ((losses * bw).sum() / bw.sum()).backward()
             self.optimizer.step()
         self.module.eval()

@@ -13,7 +13,7 @@ from torch import nn
 
 from flywheel.learner.evaluation import Holdout
 from flywheel.learner.evaluation import accuracy as holdout_accuracy
-from flywheel.modelspec import ModelSpec, Standardize, build_model
+from flywheel.modelspec import ModelSpec, Standardize, build_sequential
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import TrustedSettings
 from flywheel.store import seed_data
@@ -36,7 +36,7 @@ def train_seed_model(
     torch.manual_seed(trusted.seed)
     x_tr, y_tr, x_ho, y_ho = seed_data(trusted)
     spec = default_spec()
-    module = build_model(spec)
+    module = build_sequential(spec)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     standardize = module[0]
     assert isinstance(standardize, Standardize)  # build_model puts it first, always

@@ -25,6 +25,7 @@ from torch import nn
 
 from flywheel.learner.background import BackgroundConfig, BackgroundLine
 from flywheel.learner.elastic import ElasticRate
+from flywheel.modelspec import Blend, training_losses
 from flywheel.privacy import Companion, Mechanism, PrivateBatch, dp_update, ftrl_update
 from flywheel.settings import LearnerSettings
 
@@ -400,6 +401,8 @@ class OnlineTrainer:
             )
         cfg = self.config
         replaced = self._background_turn(x, y)
+        if isinstance(self.module, Blend):  # prequential: the new rows are not trained on yet
+            self.module.score(torch.from_numpy(x), torch.from_numpy(y))
         boosted = cfg.elastic and self.elastic.boosted
         multiplier = self.elastic.multiplier if cfg.elastic else 1.0
         k = int(round(cfg.replay * len(y)))
@@ -434,7 +437,7 @@ class OnlineTrainer:
             if self.between_steps is not None:
                 self.between_steps()
             self.optimizer.zero_grad(set_to_none=True)
-            losses = nn.functional.cross_entropy(self.module(bx), by, reduction="none")
+            losses = training_losses(self.module, bx, by)
             loss = (losses * bw).sum() / bw.sum()
             loss.backward()
             self.optimizer.step()

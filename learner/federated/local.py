@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from torch import nn
 
 from flywheel.learner.trainer import dp_engine
+from flywheel.modelspec import training_losses
 from flywheel.privacy import Mechanism, PrivateBatch, dp_update
 
 
@@ -156,7 +157,7 @@ def train_locally(
         loss = 0.0
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            out = (nn.functional.cross_entropy(module(x), y, reduction="none") * w).sum() / w.sum()
+            out = (training_losses(module, x, y) * w).sum() / w.sum()
             out.backward()
             optimizer.step()
             loss = float(out.detach())

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -55,7 +56,7 @@ from flywheel.learner.init.progress import Meter
 from flywheel.learner.init.sample import Reservoir
 from flywheel.learner.init.source import DataFile
 from flywheel.learner.init.split import SPLIT_RULE, Splitter
-from flywheel.modelspec import AnySpec, default_spec, parse_model_arg
+from flywheel.modelspec import AnySpec, Blend, default_spec, parse_model_arg
 from flywheel.registry import ModelVersion, Registry
 from flywheel.settings import PrivacySettings, Settings, StateSettings, TrustedSettings, gather
 from flywheel.signing import Approval
@@ -452,6 +453,9 @@ class _Run:
         module, epochs = training.train(
             spec, x_train, y_train, seed=seed, factories=self.registry.factories
         )
+        if isinstance(module, Blend) and len(y_eval):
+            # the mixture's first weights: each head's mistakes on rows it never saw
+            module.score(torch.from_numpy(x_eval), torch.from_numpy(np.asarray(y_eval, np.int64)))
         train_acc = accuracy(module, Holdout(x_train, y_train))
         holdout_acc = accuracy(module, Holdout(x_eval, y_eval))
         t = self._lap("train", t)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.modelspec import AnySpec, CascadeSpec, FactoryError, build_module
+from flywheel.modelspec import AnySpec, CascadeSpec, FactoryError, build_module, training_losses
 
 LR = 1e-2
 BATCH = 256
@@ -104,13 +104,12 @@ def _train(
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     epochs = epochs_for(len(xt)) if epochs is None else epochs
     opt = torch.optim.Adam(module.parameters(), lr=LR)
-    loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     module.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(xt), generator=gen).split(BATCH):
             opt.zero_grad()
-            loss_fn(module(xt[idx]), yt[idx]).backward()
+            training_losses(module, xt[idx], yt[idx]).mean().backward()
             opt.step()
     module.eval()
     return module, epochs

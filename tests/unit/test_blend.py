@@ -1,0 +1,127 @@
+"""The default spec's Blend: an MLP and a logistic regression mixed by their prequential
+mistakes (flywheel.modelspec.Blend, docs/benchmarks.md `## prequential --datasets`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flywheel.features import Feature, FeatureSchema
+from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
+from flywheel.modelspec import (
+    Blend,
+    ModelSpec,
+    build_module,
+    default_spec,
+    fit_input_scaling,
+    parse_spec,
+    spec_doc,
+    training_losses,
+)
+
+SCHEMA = FeatureSchema(
+    label="y",
+    labels=["a", "b", "c"],
+    features=[
+        Feature(name="amount", kind="numeric", mean=0.0, std=1.0),
+        Feature(name="size", kind="numeric", mean=0.0, std=1.0),
+        Feature(name="country", kind="categorical", vocabulary=["DE", "FR", "IT"]),
+    ],
+)
+
+
+def blended() -> ModelSpec:
+    return default_spec(SCHEMA).model_copy(update={"linear_head": True})
+
+
+def rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    x = np.column_stack([rng.normal(size=(n, 2)), rng.integers(0, 3, n)]).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(rng.integers(0, 3, n))
+
+
+def test_default_spec_blends_and_round_trips() -> None:
+    assert not default_spec(SCHEMA).linear_head  # opt-in for now (flywheel demo)
+    spec = blended()
+    assert spec.linear_head and spec.embedding_dim == 8
+    assert spec_doc(spec)["linear_head"] is True
+    assert parse_spec(spec_doc(spec)) == spec
+    assert "linear_head" not in spec_doc(spec.model_copy(update={"linear_head": False}))
+    with pytest.raises(ValueError, match="linear_head needs hidden layers"):
+        ModelSpec(input_dim=3, hidden=[], labels=SCHEMA.labels, schema=SCHEMA, linear_head=True)
+
+
+def test_mixture_follows_the_heads_mistakes() -> None:
+    torch.manual_seed(0)
+    blend = build_module(blended())
+    assert isinstance(blend, Blend)
+    x, y = rows(200, 1)
+    fit_input_scaling(blend, x)
+    blend.eval()
+    mlp, lin = blend.mlp(x), blend.linear(x)
+    blend.score(x, y)
+    wrong = [int((mlp.argmax(1) != y).sum()), int((lin.argmax(1) != y).sum())]
+    assert blend.errors.tolist() == wrong
+    w = torch.softmax(-torch.tensor(wrong, dtype=torch.float32), 0)
+    mixed = w[0] * mlp.softmax(1) + w[1] * lin.softmax(1)
+    assert torch.allclose(blend(x).exp(), mixed, atol=1e-6)
+    ce = nn.functional.cross_entropy
+    both = ce(mlp, y, reduction="none") + ce(lin, y, reduction="none")
+    assert torch.allclose(training_losses(blend, x, y), both, atol=1e-6)
+    # the weights travel with the state_dict
+    again = build_module(parse_spec(spec_doc(blended())))
+    again.load_state_dict(blend.state_dict())
+    assert torch.equal(again(x), blend(x))
+
+
+def test_update_scores_new_rows_before_training_on_them() -> None:
+    torch.manual_seed(0)
+    blend = build_module(blended())
+    x, y = rows(100, 2)
+    fit_input_scaling(blend, x)
+    blend.eval()
+    with torch.no_grad():
+        expected = [int((head.argmax(1) != y).sum()) for head in blend.heads(x)]
+    trainer = OnlineTrainer(blend, TrainerConfig(steps=4, replay=0.0), input_dim=3)
+    stats = trainer.update(x.numpy(), y.numpy())
+    assert blend.errors.tolist() == expected
+    assert stats.loss_after < stats.loss_before  # both heads trained on their own loss
+
+
+def test_serving_skips_a_head_far_behind() -> None:
+    torch.manual_seed(0)
+    blend = build_module(blended())
+    assert isinstance(blend, Blend)
+    x, _ = rows(50, 3)
+    fit_input_scaling(blend, x)
+    blend.eval()
+    with torch.no_grad():
+        blend.errors.copy_(torch.tensor([0.0, 20.0]))
+        assert torch.equal(blend(x), blend.mlp(x).log_softmax(1))
+        blend.errors.copy_(torch.tensor([20.0, 0.0]))
+        assert torch.equal(blend(x), blend.linear(x).log_softmax(1))
+        blend.errors.copy_(torch.tensor([3.0, 0.0]))  # close: both heads, mixed
+        mlp, lin = blend.mlp(x).softmax(1), blend.linear(x).softmax(1)
+        w = torch.softmax(torch.tensor([-3.0, 0.0]), 0)
+        assert torch.allclose(blend(x).exp(), w[0] * mlp + w[1] * lin, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_background_line_from_a_blend_starts_both_heads_and_weights_over(head_only: bool) -> None:
+    from flywheel.learner.background import BackgroundConfig, BackgroundLine
+
+    torch.manual_seed(0)
+    blend = build_module(blended())
+    assert isinstance(blend, Blend)
+    blend.errors.copy_(torch.tensor([5.0, 0.0]))
+    line = BackgroundLine(BackgroundConfig(head_only=head_only), input_dim=3, lr=0.01, steps=2)
+    line.start(blend)
+    fresh = line.module
+    assert isinstance(fresh, Blend) and fresh.errors.tolist() == [0.0, 0.0]
+    assert blend.errors.tolist() == [5.0, 0.0]  # the foreground keeps its own
+    for old, new in ((blend.mlp[-1], fresh.mlp[-1]), (blend.linear[-1], fresh.linear[-1])):
+        assert not torch.equal(old.weight, new.weight)  # each head's output layer redrawn
+    hidden_same = torch.equal(blend.mlp[1].weight, fresh.mlp[1].weight)
+    assert hidden_same == head_only  # head_only keeps the hidden layers
