@@ -220,12 +220,14 @@ def make_dataset_stream(
     shuffle: bool = True,
     drift_at: float | None = None,
     hidden: tuple[int, ...] | None = None,
+    linear_head: bool = False,
 ) -> Stream:
     """A real data set as a stream: in the order of `seed` (a permutation of the set's
     fixed order; `shuffle=False` keeps that order), its first `samples` rows, with its
     stated drift after fraction `drift_at`. Our model's schema is inferred from the first
     `warmup` rows (as `flywheel init` infers it from the user's file), the class list from
-    all rows; `hidden` overrides the default spec's hidden layers."""
+    all rows; `hidden` overrides the default spec's hidden layers; `linear_head` adds the
+    opt-in logistic head (`flywheel.modelspec.Blend`)."""
     import pyarrow as pa
 
     from flywheel.demo import DATASETS, load
@@ -246,8 +248,9 @@ def make_dataset_stream(
     classes = sorted({label_text(v) for v in table[info.label].to_pylist()})
     schema, _ = infer_schema([table.slice(0, warmup)], label=info.label)
     schema = schema.model_copy(update={"labels": classes})  # a class the warm-up lacks
-    # the default spec with its linear head (opt-in until `flywheel demo` passes with it)
-    spec = default_spec(schema).model_copy(update={"linear_head": True})
+    spec = default_spec(schema)  # what `flywheel init` makes
+    if linear_head:  # opt-in until `flywheel demo` passes with it
+        spec = spec.model_copy(update={"linear_head": True})
     if hidden is not None:
         spec = spec.model_copy(update={"hidden": list(hidden)})
     x = schema.encode_table(table).x

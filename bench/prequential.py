@@ -11,10 +11,9 @@ and missing features), each seed a different order of its rows:
   mistakes), `observe_inputs`, `update` (train);
   on a data set, "ours" is the model `flywheel init` would make: the default spec of the
   schema inferred from the warm-up rows (an embedding + MLP when there are categorical
-  features, else an MLP of two 64-wide layers), with `linear_head` on (a logistic
-  regression beside it, the two mixed by their prequential mistakes:
-  `flywheel.modelspec.Blend`; opt-in for `flywheel init` for now), over the schema's
-  raw vectors;
+  features, else an MLP of two 64-wide layers), over the schema's raw vectors; with
+  `--linear-head`, a logistic regression beside it, the two mixed by their prequential
+  mistakes (`flywheel.modelspec.Blend`, opt-in for `flywheel init`);
 * river, one example at a time: `predict_one` then `learn_one` (standard prequential),
   with river's defaults: LogisticRegression behind a StandardScaler (as river's docs
   recommend; on a data set, numeric columns scaled and categorical ones one-hot encoded,
@@ -275,6 +274,12 @@ def main(
     steps: int | None = typer.Option(None, help="TrainerConfig.steps (default 16)."),
     replay: float | None = typer.Option(None, help="TrainerConfig.replay (default 0)."),
     elastic: bool = typer.Option(True, "--elastic/--fixed-lr", help="TrainerConfig.elastic."),
+    linear_head: bool = typer.Option(
+        False,
+        "--linear-head",
+        help="--datasets: ours with the opt-in logistic head beside the MLP (a Blend; "
+        "`--model mlp:linear_head=true`), not `flywheel init`'s default.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Prequential accuracy on river's SEA, Hyperplane and Agrawal, or on real data sets
@@ -337,6 +342,7 @@ def main(
                         shuffle=not keep_order,
                         drift_at=drift_at,
                         hidden=parse_ints(hidden) if hidden is not None else None,
+                        linear_head=linear_head,
                     )
                 n = len(stream)
                 run: dict[str, Any] = {"seed": sd, "accuracy": {}, "seconds": {}, "segments": {}}
@@ -414,8 +420,10 @@ def main(
                     f"warm-up, which also seeds the replay pool",
                     "protocol": "per batch of N: predict (test), observe_errors, "
                     "observe_inputs, update (train)",
-                    "datasets": "default_spec(schema inferred from the warm-up rows) over "
-                    "schema.encode_table(rows)",
+                    "datasets": "default_spec(schema inferred from the warm-up rows)"
+                    + (" with linear_head (a Blend)" if linear_head else "")
+                    + " over schema.encode_table(rows)",
+                    "linear_head": linear_head,
                 },
                 "baselines": {
                     "logreg": "StandardScaler() | LogisticRegression(); on data sets "
