@@ -33,7 +33,7 @@ from flywheel.modelspec import (
     Cascade,
     CascadeSpec,
     ModelSpec,
-    build_model,
+    build_sequential,
     fit_input_scaling,
 )
 
@@ -141,7 +141,7 @@ def train_mlp(
     """Fit the input scaling on the training rows, then Adam on cross-entropy (as the
     seed model)."""
     torch.manual_seed(seed)
-    module = build_model(spec)
+    module = build_sequential(spec)
     xt = torch.from_numpy(np.asarray(x, np.float32))
     yt = torch.from_numpy(np.asarray(y, np.int64))
     fit_input_scaling(module, xt)
