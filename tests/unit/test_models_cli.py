@@ -197,7 +197,8 @@ def test_list_json_has_stable_keys_and_nothing_else_on_stdout(home):
     assert result.exit_code == 0, result.output
     docs = json.loads(result.stdout)
     assert [d["version"] for d in docs] == ["4", "3", "2", "1"]
-    assert all(set(d) == JSON_KEYS for d in docs)
+    assert all(set(d) == JSON_KEYS | {"roles"} for d in docs)  # list: the live roles too
+    assert all(d["roles"] == [] for d in docs)  # none held here
     by = {d["version"]: d for d in docs}
     assert [v for v, d in by.items() if d["champion"]] == ["4"]
     assert {v: d["status"] for v, d in by.items()} == {
