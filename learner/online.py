@@ -443,13 +443,7 @@ class OnlineLearner:
             if len(y):
                 stats = trainer.update(x, y, w)
                 lr = stats.lr
-                win = trainer.background.last_win if trainer.background else None
-                if stats.replaced and win is not None:
-                    log.info(
-                        "a background model trained since a drift warning replaced the "
-                        "line: it beat it on %d new rows at McNemar z %.1f",
-                        *win,
-                    )
+                trainer.log_replacement(stats)
         return lr
 
     def _sync_base(self) -> ModelVersion:

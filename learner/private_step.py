@@ -322,13 +322,7 @@ class PrivateStep:
             ftrl_lr=self.config.ftrl_lr,
             fresh=np.asarray([r.id not in outcome.reused_ids for r in rows], bool),
         )
-        win = trainer.background.last_win if trainer.background else None
-        if stats.replaced and win is not None:
-            log.info(
-                "a background model trained (with DP) since a drift warning replaced the "
-                "line: it beat it on %d new rows at McNemar z %.1f",
-                *win,
-            )
+        trainer.log_replacement(stats, private=True)
         return stats.lr
 
     def published(

@@ -14,6 +14,7 @@ examples since the change, because the old pool would keep teaching the old conc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from flywheel.learner.elastic import ElasticRate
 from flywheel.modelspec import Blend, training_losses
 from flywheel.privacy import Companion, Mechanism, PrivateBatch, dp_update, ftrl_update
 from flywheel.settings import LearnerSettings
+
+log = logging.getLogger(__name__)
 
 DPEngine = Literal["opacus", "fused", "auto"]
 # Share of the usual public replay (`replay` rows per new one) a DP update keeps after an
@@ -322,8 +325,7 @@ class OnlineTrainer:
         unseen = np.ones(len(y), bool) if fresh is None else np.asarray(fresh, bool)
         if len(unseen) != len(y):
             raise ValueError(f"fresh must mark all {len(y)} rows, got {len(unseen)}")
-        n_new = int(unseen.sum()) if new is None and fresh is not None else new
-        n_fresh = len(y) if n_new is None else n_new
+        n_fresh = int(unseen.sum()) if new is None else new
         if not 0 <= n_fresh <= len(y):
             raise ValueError(f"new must be in [0, {len(y)}], got {new}")
         replaced = False
@@ -474,6 +476,17 @@ class OnlineTrainer:
         self.since_change.add(wx, wy, ww)
         self.reservoir.add(wx, wy, ww)
         return True
+
+    def log_replacement(self, stats: UpdateStats, *, private: bool = False) -> None:
+        """Say so when a background line replaced the line before this update (`stats`)."""
+        win = self.background.last_win if self.background else None
+        if stats.replaced and win is not None:
+            log.info(
+                "a background model trained%s since a drift warning replaced the line: it "
+                "beat it on %d new rows at McNemar z %.1f",
+                " (with DP)" if private else "",
+                *win,
+            )
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
