@@ -220,14 +220,14 @@ def make_dataset_stream(
     shuffle: bool = True,
     drift_at: float | None = None,
     hidden: tuple[int, ...] | None = None,
-    linear_head: bool = False,
+    linear_head: bool = True,
 ) -> Stream:
     """A real data set as a stream: in the order of `seed` (a permutation of the set's
     fixed order; `shuffle=False` keeps that order), its first `samples` rows, with its
     stated drift after fraction `drift_at`. Our model's schema is inferred from the first
     `warmup` rows (as `flywheel init` infers it from the user's file), the class list from
-    all rows; `hidden` overrides the default spec's hidden layers; `linear_head` adds the
-    opt-in logistic head (`flywheel.modelspec.Blend`)."""
+    all rows; `hidden` overrides the default spec's hidden layers; `linear_head` False
+    drops the default spec's logistic head (`flywheel.modelspec.Blend`)."""
     import pyarrow as pa
 
     from flywheel.demo import DATASETS, load
@@ -249,8 +249,7 @@ def make_dataset_stream(
     schema, _ = infer_schema([table.slice(0, warmup)], label=info.label)
     schema = schema.model_copy(update={"labels": classes})  # a class the warm-up lacks
     spec = default_spec(schema)  # what `flywheel init` makes
-    if linear_head:  # opt-in until `flywheel demo` passes with it
-        spec = spec.model_copy(update={"linear_head": True})
+    spec = spec.model_copy(update={"linear_head": linear_head})
     if hidden is not None:
         spec = spec.model_copy(update={"hidden": list(hidden)})
     x = schema.encode_table(table).x

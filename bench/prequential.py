@@ -11,9 +11,9 @@ and missing features), each seed a different order of its rows:
   mistakes), `observe_inputs`, `update` (train);
   on a data set, "ours" is the model `flywheel init` would make: the default spec of the
   schema inferred from the warm-up rows (an embedding + MLP when there are categorical
-  features, else an MLP of two 64-wide layers), over the schema's raw vectors; with
-  `--linear-head`, a logistic regression beside it, the two mixed by their prequential
-  mistakes (`flywheel.modelspec.Blend`, opt-in for `flywheel init`);
+  features, else an MLP of two 64-wide layers, and a logistic regression beside it, the
+  two mixed by their prequential mistakes: `flywheel.modelspec.Blend`), over the schema's
+  raw vectors; `--no-linear-head` measures the MLP alone;
 * river, one example at a time: `predict_one` then `learn_one` (standard prequential),
   with river's defaults: LogisticRegression behind a StandardScaler (as river's docs
   recommend; on a data set, numeric columns scaled and categorical ones one-hot encoded,
@@ -275,10 +275,10 @@ def main(
     replay: float | None = typer.Option(None, help="TrainerConfig.replay (default 0)."),
     elastic: bool = typer.Option(True, "--elastic/--fixed-lr", help="TrainerConfig.elastic."),
     linear_head: bool = typer.Option(
-        False,
-        "--linear-head",
-        help="--datasets: ours with the opt-in logistic head beside the MLP (a Blend; "
-        "`--model mlp:linear_head=true`), not `flywheel init`'s default.",
+        True,
+        "--linear-head/--no-linear-head",
+        help="--datasets: ours with the logistic head beside the MLP (a Blend, "
+        "`flywheel init`'s default), or the MLP alone (`--model mlp`).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:

@@ -347,9 +347,11 @@ class OnlineTrainer:
         lr = self.elastic.step() if self.config.elastic else self.config.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # a Blend trains (and serves) only the head it favours: see `Blend.commit`
+        target = self.module.commit() if isinstance(self.module, Blend) else self.module
         if mechanism.kind == "tree":
             ftrl_update(
-                self.module,
+                target,
                 batch,
                 leaves=mechanism.steps,
                 noise_multiplier=mechanism.noise_multiplier,
@@ -367,10 +369,11 @@ class OnlineTrainer:
             assert bg.module is not None and bg.optimizer is not None
             # it learns the private rows (since its warning), never the public old concept
             rows = np.concatenate([np.ones(len(y), bool), np.zeros(len(py), bool)])
-            companion = Companion(bg.module, bg.optimizer, rows)
+            line = bg.module.commit() if isinstance(bg.module, Blend) else bg.module
+            companion = Companion(line, bg.optimizer, rows)
             bg.remember(x[unseen], y[unseen], np.minimum(np.asarray(w, np.float32)[unseen], 1.0))
         stats = dp_update(
-            self.module,
+            target,
             self.optimizer,
             batch,
             steps=mechanism.steps,

@@ -33,7 +33,7 @@ SCHEMA = FeatureSchema(
 
 
 def blended() -> ModelSpec:
-    return default_spec(SCHEMA).model_copy(update={"linear_head": True})
+    return default_spec(SCHEMA)
 
 
 def rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +43,7 @@ def rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_default_spec_blends_and_round_trips() -> None:
-    assert not default_spec(SCHEMA).linear_head  # opt-in for now (flywheel demo)
-    spec = blended()
+    spec = default_spec(SCHEMA)  # what `flywheel init` makes
     assert spec.linear_head and spec.embedding_dim == 8
     assert spec_doc(spec)["linear_head"] is True
     assert parse_spec(spec_doc(spec)) == spec
@@ -125,3 +124,45 @@ def test_background_line_from_a_blend_starts_both_heads_and_weights_over(head_on
         assert not torch.equal(old.weight, new.weight)  # each head's output layer redrawn
     hidden_same = torch.equal(blend.mlp[1].weight, fresh.mlp[1].weight)
     assert hidden_same == head_only  # head_only keeps the hidden layers
+
+
+@pytest.mark.parametrize(
+    ("errors", "kept"), [([0.0, 0.0], "mlp"), ([2.0, 9.0], "mlp"), ([9.0, 2.0], "linear")]
+)
+@pytest.mark.parametrize("kind", ["dp-sgd", "tree"])
+def test_a_dp_update_trains_and_serves_only_the_favoured_head(
+    errors: list[float], kept: str, kind: str
+) -> None:
+    """A DP update clips and noises one head, the one the blend favours (the MLP on a
+    tie); the blend then serves it alone, and the private labels set no mixture weight
+    (`Blend.commit`): the other head is untouched and `SKIP_ERRORS` behind."""
+    from flywheel.modelspec import SKIP_ERRORS
+    from flywheel.privacy import Mechanism
+
+    torch.manual_seed(0)
+    blend = build_module(blended())
+    assert isinstance(blend, Blend)
+    x, y = rows(100, 4)
+    fit_input_scaling(blend, x)
+    blend.eval()
+    blend.errors.copy_(torch.tensor(errors))
+    trained, other = (blend.mlp, blend.linear) if kept == "mlp" else (blend.linear, blend.mlp)
+    before = {n: p.detach().clone() for n, p in blend.named_parameters()}
+    trainer = OnlineTrainer(blend, TrainerConfig(steps=2, replay=0.0), input_dim=3)
+    mechanism = Mechanism(1.0 if kind == "tree" else 0.5, 1.0, 4, kind=kind)
+    trainer.update_private(
+        x.numpy(),
+        y.numpy(),
+        np.ones(100, np.float32),
+        np.arange(100),
+        mechanism,
+        max_grad_norm=1.0,
+    )
+    moved = {n for n, p in blend.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {f"{kept}.{n}" for n, _ in trained.named_parameters()}
+    behind = max(max(errors), min(errors) + SKIP_ERRORS)
+    expected = [min(errors), behind] if kept == "mlp" else [behind, min(errors)]
+    assert blend.errors.tolist() == expected
+    with torch.no_grad():
+        assert torch.equal(blend(x), trained(x).log_softmax(1))
+    assert other is not trained
