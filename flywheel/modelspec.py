@@ -261,7 +261,8 @@ class Blend(nn.Module):
     (Hedge, one unit per mistake), where `errors` counts each head's mistakes on rows it
     had not been trained on yet (`score`, which `OnlineTrainer.update` calls on every new
     batch, and `flywheel init` on its holdout). Each head trains on its own loss
-    (`training_losses`), so the head that is behind keeps learning.
+    (`training_losses`), so the head that is behind keeps learning. A DP update trains
+    and serves the favoured head alone (`commit`).
 
     Why: on small, noisy data an MLP fits noise a linear model does not (solar_flare,
     `bench prequential --datasets`, seeds 1-3 and 7-9: MLP 80.34 %, logistic one-hot
@@ -332,7 +333,11 @@ class Blend(nn.Module):
         only: all of the clip budget and none of the noise goes to a head that is not
         served, and the mixture never needs the private labels (which DP updates do not
         score). The choice reads only `errors`, counted before (init's trusted holdout,
-        non-private updates): post-processing, no privacy cost.
+        non-private updates): post-processing, no privacy cost. Measured on
+        tests/integration/test_demo.py (DP on, the blend the default, load 3-6): without
+        it 3 of 6 runs failed, each after a background line, whose weights start at 50/50,
+        replaced the line and stayed half its weak linear head (trusted 0.60 against the
+        champion's 0.96); with it 6 of 6 passed.
 
         >>> from flywheel.features import Feature, FeatureSchema
         >>> schema = FeatureSchema(label="y", labels=["a", "b"], features=[

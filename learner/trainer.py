@@ -317,6 +317,12 @@ class OnlineTrainer:
         A running background line (DP-SGD only) is scored on the rows no model has seen
         (`fresh`, a mask; None: all) and trains in the same steps as the line, jointly
         clipped (`flywheel.privacy.Companion`): no use of any example beyond the line's own.
+
+        A `Blend` (the default spec), and a background line's, is committed first to the
+        head it favours (`Blend.commit`): only that head is clipped, noised and trained,
+        and the blend serves it alone. DP updates never score the heads (that would read the
+        private labels outside the accounting), so a line's blend, whose weights start over
+        at 50/50, would otherwise serve half its weaker head for good.
         """
         x = np.asarray(x, np.float32)
         y = np.asarray(y, np.int64)

@@ -64,7 +64,7 @@ def test_datasets_run_every_learner_on_the_same_drifted_stream(bench_app):
     assert penguins["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
     assert phishing["ours_spec"]["family"] == "mlp" and phishing["categorical"] == []
     assert penguins["accuracy"]["ours"] > 0.6  # well above a 3-class guess, drift included
-    assert doc["config"]["ours"]["linear_head"] is False  # the default model, as init makes it
+    assert doc["config"]["ours"]["linear_head"] is True  # the default model, as init makes it
 
 
 def test_unknown_data_set_is_refused_with_the_choices(bench_app):
