@@ -177,10 +177,17 @@ class RoundRecord:
     global_recent_accuracy: float = math.nan  # of this round's global model itself
     # fltrust only: what the sites were scored against ("trusted", or "median" when the
     # trusted reference was uninformative, see `fltrust`), its norm over the sites' median
-    # update norm, and each site's trust score (in the order of `sites`)
+    # update norm, and each site's trust score (in the order of `sites`), with the site
+    # named as the ledger and the quarantine name it (`FederatedRun.source`)
     trust_reference: str = ""
     trust_reference_ratio: float = math.nan
     trust_scores: list[float] = field(default_factory=list)
+    trust_sites: list[str] = field(default_factory=list)
+
+    def trust(self) -> dict[str, float]:
+        """Each scored site's trust this round, by site name (empty for a round that
+        scored nobody: a strategy other than fltrust)."""
+        return dict(zip(self.trust_sites, self.trust_scores, strict=True))
 
 
 @dataclass
@@ -217,6 +224,8 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        for record, row in zip(self.rounds, out["rounds"], strict=True):
+            row["trust"] = record.trust()  # {site: score}, what the report tables show
         out["overhead_per_round_s"] = self.overhead_per_round
         out["final_recent_accuracy"] = self.rounds[-1].recent_accuracy if self.rounds else None
         return out
@@ -742,6 +751,7 @@ class FederatedRun:
                 record.trust_reference = inner.last_reference
                 record.trust_reference_ratio = inner.last_reference_ratio
                 record.trust_scores = list(inner.last_scores)
+                record.trust_sites = [self.source(n) for n in record.sites]
                 self.quarantine.update(
                     rnd, dict(zip(record.sites, record.trust_scores, strict=True)), self.source
                 )
