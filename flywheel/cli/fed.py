@@ -116,7 +116,10 @@ def server(
     clipping: str | None = typer.Option(None, help="DP wrapper: client | server."),
     noise: float | None = typer.Option(None, min=0.0, help="Central noise multiplier σ."),
     server_momentum: float | None = typer.Option(
-        None, min=0.0, max=0.99, help="Server momentum on the released updates (default 0)."
+        None,
+        min=0.0,
+        max=0.99,
+        help="Server momentum on the released updates (default 0; fltrust 0.5).",
     ),
     average_last: int | None = typer.Option(
         None,

@@ -52,6 +52,31 @@ def test_server_momentum_accumulates_released_updates():
         ServerOptimizer(["w"], momentum=1.0)
 
 
+def test_fltrust_steps_half_way_with_momentum_unless_told_otherwise(tmp_path):
+    """FLTrust's release always moves the model by the reference's norm, so its global
+    models alternated round to round (bench fedrobust --world same, seed 7: 0.512-0.880
+    on the union holdout in rounds 4-10); its default server step is 0.5 with momentum
+    0.5. The other strategies keep the release itself; a run's options still win."""
+    from flywheel.learner.federated.server import RunOptions
+
+    s = Settings(home=tmp_path)
+
+    def options(**kw: object) -> RunOptions:
+        return RunOptions.from_settings(s.federated, s.trusted, **kw)
+
+    assert options(strategy="fltrust").server_step() == (0.5, 0.5)
+    for name in ("fedavg", "trimmed", "median"):
+        assert options(strategy=name).server_step() == (1.0, 0.0)
+    assert options(strategy="fltrust", server_momentum=0.0).server_step() == (0.5, 0.0)
+    assert options(strategy="fltrust", server_lr=1.0, server_momentum=0.0).server_step() == (
+        1.0,
+        0.0,
+    )
+    assert options(strategy="fedavg", server_momentum=0.9).server_step() == (1.0, 0.9)
+    opt = options(strategy="fltrust").server_optimizer(["w"])
+    assert (opt.lr, opt.momentum) == (0.5, 0.5)
+
+
 def test_dirichlet_split_covers_every_row_once_and_skews_labels():
     y = np.repeat(np.arange(3), 400)
     parts = dirichlet_split(y, 3, 0.5, np.random.default_rng(0))
