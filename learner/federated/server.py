@@ -294,10 +294,11 @@ class Quarantine:
     caught (after round 3-7 in seeds 7-11). Not solved: late in a run honest scores are
     0.00-0.06, and a 0 among them is noise (an honest site was quarantined in 2 of 25
     runs, seeds 8 and 10). Requiring the others to score over chance (2/√d, 0.028 here)
-    stopped that but also let a label-flipping site go on that was quarantined before
-    (seed 10: 0.837 instead of 0.875), so it is not done. Its weight was already 0 each
-    time; the quarantine stops asking it (its data and budget are not spent on a reply
-    that counts for nothing) and names it, so an operator can look at that site.
+    stopped that but also let a label flipper (seed 10: 0.837 instead of 0.875) and a
+    sign flipper (seed 9) go on that were quarantined before, so it is not done. Its
+    weight was already 0 each time; the quarantine stops asking it (its data and budget
+    are not spent on a reply that counts for nothing) and names it, so an operator can
+    look at that site.
 
     >>> q = Quarantine(2)
     >>> q.update(1, {7: 0.0, 8: 0.4, 9: 0.2}, lambda n: f"site:{n}")
