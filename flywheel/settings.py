@@ -1059,7 +1059,8 @@ class _FederatedFields(_Fields):
         ge=0,
         le=10_000,
         description="With --strategy fltrust: a site whose update gets trust 0 (it points "
-        "away from the reference) in this many aggregated rounds in a row is quarantined: "
+        "away from the reference) in this many aggregated rounds in a row, in each of which "
+        "most other sites scored above 0, is quarantined: "
         "not asked again in the run, and named in the run's summary, the version's tag "
         "fed_quarantined, its model card and the review page (0: never).",
     )

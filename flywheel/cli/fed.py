@@ -116,7 +116,10 @@ def server(
     clipping: str | None = typer.Option(None, help="DP wrapper: client | server."),
     noise: float | None = typer.Option(None, min=0.0, help="Central noise multiplier σ."),
     server_momentum: float | None = typer.Option(
-        None, min=0.0, max=0.99, help="Server momentum on the released updates (default 0)."
+        None,
+        min=0.0,
+        max=0.99,
+        help="Server momentum on the released updates (default 0; fltrust 0.5).",
     ),
     average_last: int | None = typer.Option(
         None,
@@ -336,6 +339,7 @@ def demo(
     of the changed world) with real processes; writes REPORT/summary.json, summary.md and
     accuracy.png (per round: accuracy on the sites' and the trusted holdouts, client ε)."""
     from flywheel.demo import write_fed_report
+    from flywheel.demo.fed_report import round_trust
     from flywheel.learner.federated import run_demo
 
     settings_or_exit()
@@ -345,11 +349,18 @@ def demo(
         typer.echo(json.dumps(summary, default=str))
     else:
         for r in summary["rounds"]:
+            trust = round_trust(r)  # fltrust only
             typer.echo(
                 f"round {r['round']}: accuracy {r['recent_accuracy']:.3f} (union holdout),"
                 f" trusted {r['trusted_accuracy']:.3f}, client ε {r['epsilon_round']:.3g}"
                 f" (cumulative {r['epsilon_cumulative']:.3g}), overhead "
                 f"{r['overhead_s']:.2f} s"
+                + (
+                    f"; trust ({r['trust_reference']} reference): "
+                    + ", ".join(f"{site} {v:.2f}" for site, v in trust.items())
+                    if trust
+                    else ""
+                )
             )
         typer.echo(
             f"registered v{summary['version']} ({summary['gate']})"

@@ -55,6 +55,41 @@ def plot_rounds(summary: dict[str, Any], path: Path) -> None:
         )
 
 
+def round_trust(r: dict[str, Any]) -> dict[str, float]:
+    """One round's trust scores by site: the summary's `trust` ({site: score}), or, in a
+    summary written before it had one, `trust_scores` paired with the node ids in `sites`."""
+    trust = r.get("trust")
+    if trust:
+        return {str(k): float(v) for k, v in trust.items()}
+    scores = r.get("trust_scores") or []
+    return {str(n): float(v) for n, v in zip(r.get("sites") or [], scores, strict=False)}
+
+
+def trust_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """fltrust: per round, what the sites were scored against, that reference's norm over
+    the sites' median update norm, and each site's score (none for other strategies)."""
+    scored = [r for r in rounds if round_trust(r)]
+    if not scored:
+        return []
+    lines = [
+        "",
+        "## Trust per round",
+        "",
+        "Each site's FLTrust score, ReLU(cos) of its update with the reference (0: no weight).",
+        "",
+        "| round | reference | reference norm / sites' median | trust by site |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in scored:
+        ratio = _number(r.get("trust_reference_ratio"))
+        scores = ", ".join(f"{site} {v:.2f}" for site, v in round_trust(r).items())
+        lines.append(
+            f"| {r['round']} | {r.get('trust_reference') or 'n/a'} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {scores} |"
+        )
+    return lines
+
+
 def markdown(s: dict[str, Any]) -> str:
     rounds = s.get("rounds") or []
     version = s.get("version")
@@ -93,6 +128,7 @@ def markdown(s: dict[str, Any]) -> str:
         for i, site in enumerate(sites):
             counts = ", ".join(str(c) for c in site.get("label_counts") or [])
             lines.append(f"| {i} | {site.get('examples')} | {counts} |")
+    lines += trust_lines(rounds)
     quarantined = s.get("quarantined") or []
     if quarantined:
         lines += ["", "## Quarantined sites", ""]

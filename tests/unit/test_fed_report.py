@@ -35,6 +35,13 @@ def _summary() -> dict:
     run.epsilon, run.delta = 1.1, 1e-5
     run.refused.append({"round": 2, "site": 1, "why": "update norm 9e6 over the clip"})
     run.quarantined.append({"site": "site:2", "round": 3, "zero_rounds": [1, 2, 3]})
+    # fltrust's record of rounds 1 and 2 (round 3 scored nobody: no global model)
+    for record, ref, ratio, scores in (
+        (run.rounds[0], "trusted", 1.25, [0.31, 0.0, 0.12]),
+        (run.rounds[1], "median", 0.04, [0.2, 0.05, 0.0]),
+    ):
+        record.trust_reference, record.trust_reference_ratio = ref, ratio
+        record.trust_scores, record.trust_sites = scores, ["site:0", "site:1", "site:2"]
     # what run_demo returns: the summary as written to summary.json, plus the sites
     doc = json.loads(json.dumps(run.to_dict(), default=str))
     doc["sites"] = [{"examples": 300, "label_counts": [200, 90, 10]}] * 3
@@ -57,6 +64,43 @@ def test_report_has_the_plot_and_a_readable_summary(tmp_path: Path) -> None:
     assert "round 2, site 1: update norm 9e6 over the clip" in md
     assert "## Quarantined sites" in md
     assert "- site:2 after round 3: trust 0 in rounds 1, 2, 3" in md
+
+
+def test_report_shows_each_rounds_trust_scores(tmp_path: Path) -> None:
+    """fltrust's per-round trust (reference, its norm ratio, each site's score) was in the
+    round records but in neither summary.md nor the JSON's readable form: a site scored 0
+    round after round could only be found by pairing `trust_scores` with node ids."""
+    doc = _summary()
+    assert [r["trust"] for r in doc["rounds"]] == [
+        {"site:0": 0.31, "site:1": 0.0, "site:2": 0.12},
+        {"site:0": 0.2, "site:1": 0.05, "site:2": 0.0},
+        {},
+    ]
+    write_fed_report(tmp_path, doc)
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Trust per round" in md
+    assert "| 1 | trusted | 1.25 | site:0 0.31, site:1 0.00, site:2 0.12 |" in md
+    assert "| 2 | median | 0.04 | site:0 0.20, site:1 0.05, site:2 0.00 |" in md
+    assert "| 3 | " not in md.split("## Trust per round")[1].split("##")[0]
+
+
+def test_an_older_summary_pairs_trust_scores_with_node_ids(tmp_path: Path) -> None:
+    """A summary.json written before rounds carried `trust` still shows its scores."""
+    doc = _summary()
+    for r in doc["rounds"]:
+        del r["trust"], r["trust_sites"]
+    write_fed_report(tmp_path, doc)
+    assert (
+        "| 1 | trusted | 1.25 | 0 0.31, 1 0.00, 2 0.12 |" in (tmp_path / "summary.md").read_text()
+    )
+
+
+def test_other_strategies_have_no_trust_section(tmp_path: Path) -> None:
+    doc = _summary()
+    for r in doc["rounds"]:
+        r["trust"], r["trust_scores"] = {}, []
+    write_fed_report(tmp_path, doc)
+    assert "Trust per round" not in (tmp_path / "summary.md").read_text()
 
 
 def test_a_run_that_registered_nothing_says_so(tmp_path: Path) -> None:

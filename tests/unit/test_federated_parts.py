@@ -52,6 +52,31 @@ def test_server_momentum_accumulates_released_updates():
         ServerOptimizer(["w"], momentum=1.0)
 
 
+def test_fltrust_steps_half_way_with_momentum_unless_told_otherwise(tmp_path):
+    """FLTrust's release always moves the model by the reference's norm, so its global
+    models alternated round to round (bench fedrobust --world same, seed 7: 0.512-0.880
+    on the union holdout in rounds 4-10); its default server step is 0.5 with momentum
+    0.5. The other strategies keep the release itself; a run's options still win."""
+    from flywheel.learner.federated.server import RunOptions
+
+    s = Settings(home=tmp_path)
+
+    def options(**kw: object) -> RunOptions:
+        return RunOptions.from_settings(s.federated, s.trusted, **kw)
+
+    assert options(strategy="fltrust").server_step() == (0.5, 0.5)
+    for name in ("fedavg", "trimmed", "median"):
+        assert options(strategy=name).server_step() == (1.0, 0.0)
+    assert options(strategy="fltrust", server_momentum=0.0).server_step() == (0.5, 0.0)
+    assert options(strategy="fltrust", server_lr=1.0, server_momentum=0.0).server_step() == (
+        1.0,
+        0.0,
+    )
+    assert options(strategy="fedavg", server_momentum=0.9).server_step() == (1.0, 0.9)
+    opt = options(strategy="fltrust").server_optimizer(["w"])
+    assert (opt.lr, opt.momentum) == (0.5, 0.5)
+
+
 def test_dirichlet_split_covers_every_row_once_and_skews_labels():
     y = np.repeat(np.arange(3), 400)
     parts = dirichlet_split(y, 3, 0.5, np.random.default_rng(0))
@@ -577,15 +602,39 @@ def test_a_site_fltrust_keeps_at_zero_is_quarantined_and_a_positive_score_resets
 
     q = Quarantine(rounds=3)
     site = "site:{}".format
-    q.update(1, {1: 0.0, 2: 0.3, 3: 0.0}, site)
-    q.update(2, {1: 0.0, 2: 0.0, 3: 0.2}, site)  # 3 scored: its run starts over
-    assert q.eligible([1, 2, 3], 3) == [1, 2, 3] and not q.quarantined
-    q.update(3, {1: 0.0, 2: 0.0, 3: 0.0}, site)
-    assert q.eligible([1, 2, 3], 4) == [2, 3]
+    q.update(1, {1: 0.0, 2: 0.3, 3: 0.1, 4: 0.2}, site)
+    q.update(2, {1: 0.0, 2: 0.2, 3: 0.0, 4: 0.1}, site)  # 3 counts one zero
+    q.update(3, {1: 0.0, 2: 0.1, 3: 0.2, 4: 0.3}, site)  # 3 scored: its run starts over
+    assert q.eligible([1, 2, 3, 4], 4) == [2, 3, 4]
     assert q.quarantined == [{"site": "site:1", "round": 3, "zero_rounds": [1, 2, 3]}]
-    q.update(4, {2: 0.0, 3: 0.0}, site)  # 2: three in a row now; 1 is named once only
-    assert q.eligible([1, 2, 3], 5) == [3]
-    assert [x["site"] for x in q.quarantined] == ["site:1", "site:2"]
+    for rnd in (4, 5, 6):  # 3 keeps scoring 0 while 2 and 4 agree; 1 is named once only
+        q.update(rnd, {2: 0.1, 3: 0.0, 4: 0.2}, site)
+    assert q.eligible([1, 2, 3, 4], 7) == [2, 4]
+    assert [x["site"] for x in q.quarantined] == ["site:1", "site:3"]
+
+
+def test_rounds_where_most_sites_score_zero_count_against_nobody():
+    """Measured (bench fedrobust --world same, seed 7, server step and momentum 0.5, 4
+    honest sites): rounds scored (0, 0, 0, 0.03) and (0.01, 0, 0, 0) three times in a row
+    quarantined 2 of the 4 honest sites when every zero counted. Such a round says the
+    reference disagreed with the federation: it neither counts nor resets a run."""
+    from flywheel.learner.federated.server import Quarantine
+
+    q = Quarantine(rounds=2)
+    site = "site:{}".format
+    q.update(1, {1: 0.0, 2: 0.2, 3: 0.1, 4: 0.3}, site)  # 1: one zero while others agree
+    for rnd in (2, 3, 4):
+        q.update(rnd, {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.03}, site)  # half or more at 0
+    q.update(5, {1: 0.0, 2: 0.0, 3: 0.1, 4: 0.0}, site)
+    assert q.eligible([1, 2, 3, 4], 6) == [1, 2, 3, 4] and not q.quarantined
+    q.update(6, {1: 0.0, 2: 0.1, 3: 0.2, 4: 0.0}, site)  # 2 of 3 others agree: counts
+    assert q.quarantined == [{"site": "site:1", "round": 6, "zero_rounds": [1, 6]}]
+
+
+def test_quarantine_off():
+    from flywheel.learner.federated.server import Quarantine
+
+    site = "site:{}".format
     never = Quarantine(rounds=0)
     for rnd in range(1, 10):
         never.update(rnd, {1: 0.0}, site)
