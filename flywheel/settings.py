@@ -929,6 +929,12 @@ class _PrivacyFields(_Fields):
     privacy_learn_lr: float = Field(
         0.01, gt=0, le=10, description="Base learning rate of DP updates (noise needs more)."
     )
+    privacy_unit_batch: bool = Field(
+        True,
+        description="A DP update waits for FLYWHEEL_LEARN_BATCH privacy units instead of "
+        "rows (or 4x that many rows, whichever comes first): DP-SGD's signal grows with "
+        "units, not rows.",
+    )
     privacy_accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
     privacy_engine: Literal["auto", "opacus", "fused"] = Field(
         "auto", description="Per-example clipping: fused kernel, Opacus, or auto."

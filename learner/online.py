@@ -41,7 +41,7 @@ from flywheel.learner.exclusion import STATE_KEY as EXCLUDED_STATE
 from flywheel.learner.gate import GateResult, evaluate_gate
 from flywheel.learner.lease import LeaseKeeper, StepAbandoned
 from flywheel.learner.live import LiveJudge, LiveVerdict
-from flywheel.learner.private_step import PrivacyOutcome, PrivateStep
+from flywheel.learner.private_step import UNIT_WAIT_ROWS, PrivacyOutcome, PrivateStep, unit_prefix
 from flywheel.learner.seed_model import ensure_champion
 from flywheel.learner.trainer import OnlineTrainer, TrainerConfig
 from flywheel.registry import ModelVersion, Registry, parse_version
@@ -384,10 +384,14 @@ class OnlineLearner:
         rows = self.source.read_new(cursor, n * MAX_CHUNKS_PER_CANDIDATE * 4)
         released, forget = self.source.released(cursor)
         trainable = released + [r for r in rows if r.trainable]
-        chunks = min(len(trainable) // n, MAX_CHUNKS_PER_CANDIDATE)
-        if chunks == 0:
+        if self._private is not None and self.config.privacy.privacy_unit_batch:
+            # a DP update waits for N privacy units, not N rows (docs/privacy.md)
+            end = unit_prefix(trainable, n, UNIT_WAIT_ROWS * n, MAX_CHUNKS_PER_CANDIDATE)
+        else:
+            end = min(len(trainable) // n, MAX_CHUNKS_PER_CANDIDATE) * n
+        if end == 0:
             return None
-        used = trainable[: chunks * n]
+        used = trainable[:end]
         released_used = {r.id for r in used[: len(released)]}  # released come first
         new_ids = [r.id for r in used[len(released) :]]
         last_used = max(new_ids) if new_ids else -1

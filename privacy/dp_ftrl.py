@@ -3,8 +3,9 @@
 The update's rows are used once, in arrival order: its private sources are split into
 `steps` consecutive leaves (every row of a source in the same leaf), and the public rows
 spread over the leaves the same way. At leaf t the model is at θ_t; each private
-example's gradient there is clipped to C and scaled by its weight over n (n = that
-source's examples in the update), so one source moves its leaf's sum by at most C, once.
+example's gradient there is clipped to C and scaled by its weight over max(1, that
+source's summed weights in the update) (`dp_sgd.source_scale`), so one source moves its
+leaf's sum by at most C, once.
 
 The prefix sums S_t = g_1 + … + g_t are released through a binary tree: every dyadic
 block of leaves [k·2^l, (k+1)·2^l) gets one Gaussian draw of std σC, and the noisy S_t
@@ -30,7 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.privacy.dp_sgd import DPStepStats, Engine, PrivateBatch, clipped_sum, resolve_engine
+from flywheel.privacy.dp_sgd import (
+    DPStepStats,
+    Engine,
+    PrivateBatch,
+    clipped_sum,
+    resolve_engine,
+    source_scale,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +123,7 @@ def ftrl_update(
     w = torch.from_numpy(np.asarray(batch.weight, np.float32))
     public = torch.from_numpy(np.asarray(batch.public, bool))
     src = torch.from_numpy(np.asarray(batch.sources, np.int64))
-    per_source = torch.zeros(int(src.max().item()) + 1 if len(src) else 0)
-    if int((~public).sum()):
-        per_source.index_add_(0, src[~public], torch.ones(int((~public).sum())))
-    scale = torch.where(public, w, w / per_source[src.clamp_min(0)].clamp_min(1))
+    scale = source_scale(w, src, public)
     units = batch.n_sources + int(public.sum())  # a source adds at most 1 (times C) to a sum
     divisor = max(units / leaves, 1.0)
     noise = TreeNoise(len(start), noise_multiplier * max_grad_norm, generator)

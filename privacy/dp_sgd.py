@@ -2,9 +2,9 @@
 
 The privacy unit is the *source* (the client id on a correction; an example without one
 is its own source). Each step samples every source independently with probability q,
-clips each sampled example's gradient to C and scales it by 1/n (n = that source's
-examples in the update) times its weight (≤ 1), so one source moves the summed gradient
-by at most C; Gaussian noise of std σ·C is added to the sum. That is exactly the
+clips each sampled example's gradient to C and scales it by its weight (≤ 1) over
+max(1, the sum of that source's weights in the update), so one source moves the summed
+gradient by at most C; Gaussian noise of std σ·C is added to the sum. That is exactly the
 Poisson-subsampled Gaussian mechanism per source, which `accounting` composes.
 
 Public rows (the platform's own seed data, `public=True`) join every step unsampled and
@@ -112,6 +112,29 @@ class DPStepStats:
     engine: str
 
 
+def source_scale(w: torch.Tensor, src: torch.Tensor, public: torch.Tensor) -> torch.Tensor:
+    """Each row's factor on its clipped gradient: a public row its weight; a private row
+    its weight over max(1, the summed weights of its source's rows in the update), so one
+    source's clipped contribution sums to at most C and keeps its rows' relative weights.
+
+    Over the weight sum, not the row count: a correction (weight 1) with six derived
+    counterexamples (0.5 each) used to add at most 4/7 C of the C its unit is accounted
+    for; now the full C (the demo's units carry ~6 rows, `docs/privacy.md`). A source whose
+    weights sum to under 1 is not scaled up.
+
+    >>> w = torch.tensor([1.0, 0.5, 0.5, 1.0, 0.25, 1.0])
+    >>> src = torch.tensor([0, 0, 0, 1, 2, -1])
+    >>> pub = torch.tensor([False, False, False, False, False, True])
+    >>> source_scale(w, src, pub).tolist()
+    [0.5, 0.25, 0.25, 1.0, 0.25, 1.0]
+    """
+    private = ~public
+    per_source = torch.zeros(int(src.max().item()) + 1 if len(src) else 0)
+    if bool(private.any()):
+        per_source.index_add_(0, src[private], w[private].to(per_source.dtype))
+    return torch.where(public, w, w / per_source[src.clamp_min(0)].clamp_min(1.0))
+
+
 def resolve_engine(engine: Engine, module: nn.Module) -> str:
     """ "auto" takes the fused kernel when it supports every layer, else Opacus."""
     if engine != "auto":
@@ -163,11 +186,7 @@ def dp_update(
     public = torch.from_numpy(np.asarray(batch.public, bool))
     src = torch.from_numpy(np.asarray(batch.sources, np.int64))
     private_ids = torch.unique(src[~public])
-    # 1/n per source, so one source's clipped contribution sums to at most C
-    per_source = torch.zeros(int(src.max().item()) + 1 if len(src) else 0)
-    if len(private_ids):
-        per_source.index_add_(0, src[~public], torch.ones(int((~public).sum())))
-    scale = torch.where(public, w, w / per_source[src.clamp_min(0)].clamp_min(1))
+    scale = source_scale(w, src, public)
     expected = sample_rate * len(private_ids) + int(public.sum())
     params = [p for p in outer.parameters() if p.requires_grad]
     optimizers = [optimizer] if companion is None else [optimizer, companion.optimizer]

@@ -50,6 +50,9 @@ def _settings(settings: Settings, url: str, **extra: object) -> Settings:
             "learn_cursor_grace_s": 0.0,
             "gate_min_holdout": 5,
             "privacy_enabled": True,
+            # updates of 50 rows, as these tests count them (35 privacy units each), not the
+            # 50 units a DP update waits for by default
+            "privacy_unit_batch": False,
             "learn_lease_s": LEASE_S,
             "learn_lease_renew_s": RENEW_S,
             **extra,
@@ -106,6 +109,7 @@ def _env(s: Settings, **extra: str) -> dict[str, str]:
         "learn_lease_renew_s",
         "privacy_source_updates",
         "privacy_max_per_source",
+        "privacy_unit_batch",
     ):
         env[f"FLYWHEEL_{name.upper()}"] = str(getattr(s, name))
     env["FLYWHEEL_LEARN_POLL_S"] = "0.2"

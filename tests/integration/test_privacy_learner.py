@@ -92,8 +92,8 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
     add(db_url, 50, 0)
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     first = learner.step()
-    add(db_url, 40, 100)
     add(db_url, 10, 200, source="heavy")  # one source with 10 examples in update 2
+    add(db_url, 49, 100)  # with "heavy", the 50 privacy units a DP update waits for
     second = learner.step()
     assert first is not None and second is not None
     ledger = PrivacyLedger(make_engine(db_url))
@@ -110,7 +110,7 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
         assert entry.epsilon_update == pytest.approx(
             epsilon([entry.mechanism], entry.delta, entry.accountant), rel=1e-9
         )
-    assert entries[1].sources == 40 + 1  # "heavy" is one source, however many examples
+    assert entries[1].sources == 49 + 1  # "heavy" is one source, however many examples
     heavy = next(sp for sp in ledger.sources(learner.lineage) if sp.source == "source:heavy")
     assert heavy.examples == 10 and heavy.updates == 1
     # the report shows the same versions and numbers
@@ -125,7 +125,7 @@ def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db
     doc = json.loads(out.stdout)
     assert [v["version"] for v in doc["versions"]] == [first.version, second.version]
     assert doc["epsilon_spent"] == pytest.approx(entries[-1].epsilon_lineage)
-    assert doc["sources_total"] == 50 + 41
+    assert doc["sources_total"] == 50 + 50
     assert (tmp_path / "eps.png").stat().st_size > 1000
 
 
@@ -194,24 +194,50 @@ def test_an_update_over_budget_is_refused_before_any_training(settings, sqlite_u
 def test_sources_out_of_budget_are_left_out_and_capped_per_update(settings, pg_url):
     s = _settings(settings, pg_url, privacy_source_updates=1, privacy_max_per_source=4)
     add(pg_url, 10, 10_000, split="holdout")
-    add(pg_url, 44, 0)
     add(pg_url, 6, 300, source="big")  # 6 examples, capped to 4
+    add(pg_url, 49, 0)  # with "big": the 50 privacy units a DP update waits for
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
     assert learner.step() is not None
     ledger = PrivacyLedger(make_engine(pg_url))
     (entry,) = ledger.entries(learner.lineage)
-    assert entry.capped_examples == 2 and entry.examples == 44 + 4
+    assert entry.capped_examples == 2 and entry.examples == 49 + 4
     # a second update with "big" again: one update is all a source may join here
-    add(pg_url, 45, 400)
     add(pg_url, 5, 500, source="big")
+    add(pg_url, 49, 400)
     assert learner.step() is not None
     second = ledger.entries(learner.lineage)[1]
-    assert second.excluded_examples == 4 and second.examples == 45
+    assert second.excluded_examples == 4 and second.examples == 49
     spent = {sp.source: sp for sp in ledger.sources(learner.lineage)}
     assert spent["source:big"].updates == 1
     assert max(sp.epsilon for sp in spent.values()) <= s.privacy_epsilon + 1e-9
     assert np.isclose(second.epsilon_lineage, max(sp.epsilon for sp in spent.values()))
+
+
+def test_a_dp_update_waits_for_privacy_units_not_rows_and_no_longer_than_its_cap(
+    settings, sqlite_url
+):
+    """FLYWHEEL_LEARN_BATCH counts privacy units under DP: 60 rows from 6 units wait (DP-SGD
+    clips one gradient per unit, so 6 units are 6 signals against the same noise), 104 rows
+    holding 50 units train; 4 busy units fill 4 x 50 rows and train anyway (capped wait)."""
+    s = _settings(settings, sqlite_url)
+    add(sqlite_url, 10, 10_000, split="holdout")
+    for k in range(6):
+        add(sqlite_url, 10, 100 * k, source=f"heavy-{k}")
+    learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
+    assert learner.step() is None  # 60 rows, 6 units: waits
+    add(sqlite_url, 44, 1_000)
+    assert learner.step() is not None
+    ledger = PrivacyLedger(make_engine(sqlite_url))
+    (entry,) = ledger.entries(learner.lineage)
+    assert (entry.sources, entry.examples) == (50, 104)
+    for k in range(4):
+        add(sqlite_url, 50, 2_000 + 100 * k, source=f"busy-{k}")
+    assert learner.step() is not None  # 200 rows from 4 units: the wait is capped
+    second = ledger.entries(learner.lineage)[1]
+    per_unit = s.privacy_max_per_source
+    assert (second.sources, second.examples) == (4, 4 * per_unit)
+    assert second.capped_examples == 200 - 4 * per_unit
 
 
 def test_flywheel_learn_logs_the_refusal_and_counts_it_on_metrics(settings, sqlite_url):

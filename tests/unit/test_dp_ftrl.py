@@ -103,7 +103,8 @@ def _ftrl(module, batch, *, leaves, sigma, seed, lr=0.1, engine="opacus"):
 
 @pytest.mark.parametrize("engine", ["opacus", "fused"])
 def test_one_leaf_without_noise_is_one_clipped_gradient_step_per_source(engine):
-    """σ = 0, one leaf: θ_0 − lr·Σ_i (w_i/n_s)·clip(∇ℓ_i) / (sources + public rows)."""
+    """σ = 0, one leaf: θ_0 − lr·Σ_i (w_i/max(1, W_s))·clip(∇ℓ_i) / (sources + public rows),
+    W_s the summed weights of row i's source."""
     batch = _batch(np.repeat(np.arange(6), 3), public=4)
     module, ref = _model(), _model()
     _ftrl(module, batch, leaves=1, sigma=0.0, seed=0, engine=engine)
@@ -116,7 +117,7 @@ def test_one_leaf_without_noise_is_one_clipped_gradient_step_per_source(engine):
         norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
         factor = min(1.0, 0.5 / (norm + 1e-6)) * float(batch.weight[i])
         if not batch.public[i]:
-            factor /= 3
+            factor /= max(1.0, float(batch.weight[batch.sources == batch.sources[i]].sum()))
         for t, g in zip(total, grads, strict=True):
             t += factor * g
     with torch.no_grad():

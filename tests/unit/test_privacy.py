@@ -151,10 +151,14 @@ def test_two_seeds_from_one_state_give_different_models():
 
 
 def _reference_clipped_sgd(module, batch, clip, lr):
-    """Per-example gradients one by one, clipped, scaled by weight / examples of the source."""
+    """Per-example gradients one by one, clipped, scaled by weight / max(1, the source's
+    summed weights)."""
     x, y = torch.from_numpy(batch.x), torch.from_numpy(batch.y)
     total = [torch.zeros_like(p) for p in module.parameters()]
-    counts = {s: int((batch.sources == s).sum()) for s in set(batch.sources.tolist())}
+    counts = {
+        s: max(1.0, float(batch.weight[batch.sources == s].sum()))
+        for s in set(batch.sources.tolist())
+    }
     for i in range(len(y)):
         module.zero_grad()
         nn.functional.cross_entropy(module(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
@@ -183,6 +187,29 @@ def test_sigma_zero_is_clipped_sgd_with_one_clip_norm_per_source(engine):
     assert stats.engine == engine
     assert torch.allclose(_params(ours), _params(ref), atol=1e-5)
     assert 0 < stats.clipped_share <= 1  # x*3 inputs: most gradients exceed C=0.5
+
+
+@pytest.mark.parametrize("engine", ["opacus", "fused"])
+def test_a_unit_with_derived_rows_moves_the_sum_by_its_full_clip_norm_and_no_more(engine):
+    """A correction (weight 1) and six derived counterexamples (0.5 each) of one unit, all
+    the same row so every clipped gradient is the same vector g, |g| = C: the unit adds
+    (1 + 6·0.5)/max(1, 4)·g = g, its full C. Scaled by the row count (as before) it added
+    4/7 of it; a sum would add 4·C, beyond what the unit is accounted for."""
+    x = np.repeat(np.random.default_rng(0).normal(size=(1, 5)).astype(np.float32) * 3, 7, 0)
+    batch = PrivateBatch(
+        x,
+        np.zeros(7, np.int64),
+        np.asarray([1.0] + [0.5] * 6, np.float32),
+        np.zeros(7, np.int64),
+        np.zeros(7, bool),
+    )
+    one = PrivateBatch(x[:1], batch.y[:1], batch.weight[:1], batch.sources[:1], batch.public[:1])
+    a, b, start = _model(), _model(), _params(_model())
+    _step(a, batch, 0.0, seed=0, engine=engine)
+    _step(b, one, 0.0, seed=0, engine=engine)  # one row, weight 1: exactly C·lr (clipped)
+    moved, single = _params(a) - start, _params(b) - start
+    assert float(single.norm()) == pytest.approx(0.1 * 0.5, rel=1e-3)
+    torch.testing.assert_close(moved, single, atol=1e-6, rtol=1e-4)
 
 
 def test_poisson_sampling_changes_the_batch_from_step_to_step():
