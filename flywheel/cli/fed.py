@@ -338,8 +338,7 @@ def demo(
     """A loopback federation (one SuperLink, K sites with Dirichlet(0.5) label-skewed data
     of the changed world) with real processes; writes REPORT/summary.json, summary.md and
     accuracy.png (per round: accuracy on the sites' and the trusted holdouts, client ε)."""
-    from flywheel.demo import write_fed_report
-    from flywheel.demo.fed_report import round_trust
+    from flywheel.demo import round_trust, write_fed_report
     from flywheel.learner.federated import run_demo
 
     settings_or_exit()

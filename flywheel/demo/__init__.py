@@ -13,7 +13,7 @@ Application code, not a contract: nothing in a component imports it.
 """
 
 from flywheel.demo.datasets import DATASETS, DatasetInfo, Drift, load, write_csv
-from flywheel.demo.fed_report import write_fed_report
+from flywheel.demo.fed_report import round_trust, write_fed_report
 from flywheel.demo.files import (
     TRUSTED_SHARE,
     DemoData,
@@ -80,6 +80,7 @@ __all__ = [
     "synthetic_files",
     "wait_joined",
     "write_csv",
+    "round_trust",
     "write_fed_report",
     "write_report",
 ]
