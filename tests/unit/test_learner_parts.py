@@ -71,7 +71,8 @@ def test_gate_passes_only_better_on_recent_and_within_tolerance_on_trusted():
 def test_gate_keeps_the_trusted_check_when_recent_data_does_not_contradict_it():
     """A candidate that forgot trusted rows is refused under "follow" too when it lost far
     more of them than the champion lost on recent data (forgetting, not a change), or when
-    its win on recent rows is within chance (McNemar z < 3)."""
+    its win on recent rows is within chance (McNemar z < 3); the rejection's reason names
+    the test that held the waiver back, with its numbers."""
     n = 200
     x = np.eye(n, dtype=np.float32)  # row i is the one-hot of i: a table lookup decides
     y = np.zeros(n, np.int64)
@@ -88,6 +89,8 @@ def test_gate_keeps_the_trusted_check_when_recent_data_does_not_contradict_it():
     r = evaluate_gate(forgetful, champion, trusted=trusted, recent=recent, tolerance=0.02,
                       min_recent=10)  # fmt: skip
     assert not r.passed and not r.concept_change and "trusted" in r.reason
+    assert "no concept change: the candidate is right on 0.500 of trusted rows" in r.reason
+    assert r.reason.endswith("it forgot)")  # the waiver's third test, named in the reason
     # a champion wrong on 40 % of recent rows: a change; a candidate that fixes 4 of them
     # (and breaks 1) is no evidence that it has learned the new concept
     champion = table(set(range(100, 180)))
@@ -95,6 +98,9 @@ def test_gate_keeps_the_trusted_check_when_recent_data_does_not_contradict_it():
     r = evaluate_gate(lucky, champion, trusted=trusted, recent=recent, tolerance=0.02,
                       min_recent=10)  # fmt: skip
     assert not r.passed and not r.concept_change
+    # McNemar (4 - 1) / sqrt(5) = 1.3 held the waiver back, and the reason says so
+    assert "no concept change: the candidate fixes 4 of its recent errors for 1 new" in r.reason
+    assert "z=1.3 < 3" in r.reason
     # the same champion, and a candidate that learned the new concept: followed
     learned = table(set(range(30)) | {190})
     r = evaluate_gate(learned, champion, trusted=trusted, recent=recent, tolerance=0.02,
