@@ -22,9 +22,11 @@ refused) — and under the `follow` policy
 decision's reason and flagged (`concept_change`) for the reviewer. `hold` keeps the trusted
 holdout binding whatever recent data says (an operator re-seeds it with `flywheel init`).
 At z = 3 a chance result passes about once in 700 decisions per test; on penguins'
-Adelie/Chinstrap swap (trusted n = 21) it fires within the first few candidates after the
-swap, and never before it (`tests/unit/test_learner_parts.py`). A rejection on the trusted
-holdout names the waiver's test that failed, with its numbers (`weigh_concept_change`).
+Adelie/Chinstrap swap (trusted n = 21) it fired within the first few candidates after the
+swap, and never before it (seen in the penguins demo when the waiver was written; no test
+times it: `tests/unit/test_learner_parts.py` checks each rule on constructed tables). A
+rejection on the trusted holdout names the waiver's test that failed, with its numbers
+(`weigh_concept_change`).
 
 z stays 3, not 2.5 (2026-12-07, `flywheel demo --requests 3000 --rate 100`, 10 runs, 38
 waiver checks): right after the drift the recent holdout is 22-59 rows, mostly from before
