@@ -11,7 +11,7 @@ uses too: a row whose label the model cannot output counts as wrong.
 
 When the two questions contradict each other, the world has changed where the trusted set
 lives (a label reversal, a remap): no model can be right on both, and a gate that always
-binds on the trusted holdout keeps the old concept served for good. `concept_change` says
+binds on the trusted holdout keeps the old concept served for good. `weigh_concept_change` says
 when the evidence for that is strong — the champion is worse on recent data than on the
 trusted holdout by more than the tolerance, at `CONCEPT_Z` standard errors (a two-proportion
 z-test); the candidate beats it on the same recent rows at `CONCEPT_Z` too (McNemar's test:
@@ -120,13 +120,35 @@ def weigh_concept_change(
     z: float = CONCEPT_Z,
     candidate_trusted: Score | None = None,
 ) -> tuple[bool, str]:
-    """(holds, why): `concept_change`'s three conditions, and in words either the evidence
-    for a change of concept or the first condition that failed, with its numbers (the gate
-    puts it in a rejection's reason, so a reviewer sees which test held the waiver back).
+    """(holds, why): whether recent data contradicts the trusted set, and in words either
+    the evidence for a change of concept or the first condition that failed, with its
+    numbers (the gate puts it in a rejection's reason, so a reviewer sees which test held
+    the waiver back).
+
+    All must hold: the champion is less accurate on recent rows than on the trusted
+    holdout by more than `tolerance`, at `z` standard errors of the difference (pooled
+    two-proportion test); the candidate beats the champion on the same recent rows at
+    `z` (McNemar: (b - c) / sqrt(b + c) over the rows only one of them gets right); and,
+    given `candidate_trusted`, the candidate loses on the trusted holdout no more than the
+    champion lost on recent data (within `tolerance` and two standard errors): what a
+    change of concept costs on old rows, and not a candidate that merely forgot them.
 
     >>> import numpy as np
     >>> def s(right, n):
     ...     return Score(n, right, 0, right / n, 0.0, np.zeros(n, np.int64), np.zeros((n, 2)))
+    >>> y = np.zeros(100, np.int64)
+    >>> champ, cand = s(40, 100), s(90, 100)
+    >>> champ.predicted[40:] = 1  # the champion misses 60 rows; the candidate misses 10
+    >>> cand.predicted[90:] = 1
+    >>> holds, why = weigh_concept_change(s(50, 50), champ, cand, y, tolerance=0.02)
+    >>> holds
+    True
+    >>> for part in why.split(" and "):
+    ...     print(part)
+    the champion is right on 0.400 of recent rows against 1.000 of trusted ones (z=7.1)
+    the candidate fixes 50 of its recent errors for 0 new ones (z=7.1)
+    >>> weigh_concept_change(s(21, 50), champ, cand, y, tolerance=0.02)[0]  # no gap
+    False
     >>> y = np.zeros(40, np.int64)
     >>> champ, cand = s(30, 40), s(34, 40)
     >>> champ.predicted[30:] = 1  # the champion misses 10 recent rows; the candidate 6 of them
@@ -166,52 +188,6 @@ def weigh_concept_change(
                 f"{r.accuracy:.3f} on recent ones beyond the tolerance: it forgot"
             )
     return True, f"{drop} and {fixes} (z={mcnemar_z:.1f})"
-
-
-def concept_change(
-    champion_trusted: Score,
-    champion_recent: Score,
-    candidate_recent: Score,
-    recent_y: np.ndarray,
-    tolerance: float,
-    z: float = CONCEPT_Z,
-    candidate_trusted: Score | None = None,
-) -> str | None:
-    """Why recent data contradicts the trusted set, or None where the evidence is weak.
-
-    All must hold: the champion is less accurate on recent rows than on the trusted
-    holdout by more than `tolerance`, at `z` standard errors of the difference (pooled
-    two-proportion test); the candidate beats the champion on the same recent rows at
-    `z` (McNemar: (b - c) / sqrt(b + c) over the rows only one of them gets right); and,
-    given `candidate_trusted`, the candidate loses on the trusted holdout no more than the
-    champion lost on recent data (within `tolerance` and two standard errors): what a
-    change of concept costs on old rows, and not a candidate that merely forgot them.
-    (`weigh_concept_change` also says which condition failed.)
-
-    >>> import numpy as np
-    >>> def s(right, n):
-    ...     return Score(n, right, 0, right / n, 0.0, np.zeros(n, np.int64), np.zeros((n, 2)))
-    >>> y = np.zeros(100, np.int64)
-    >>> champ, cand = s(40, 100), s(90, 100)
-    >>> champ.predicted[40:] = 1  # the champion misses 60 rows; the candidate misses 10
-    >>> cand.predicted[90:] = 1
-    >>> for part in concept_change(s(50, 50), champ, cand, y, tolerance=0.02).split(" and "):
-    ...     print(part)
-    the champion is right on 0.400 of recent rows against 1.000 of trusted ones (z=7.1)
-    the candidate fixes 50 of its recent errors for 0 new ones (z=7.1)
-    >>> concept_change(s(21, 50), champ, cand, y, tolerance=0.02) is None  # no gap
-    True
-    """
-    holds, why = weigh_concept_change(
-        champion_trusted,
-        champion_recent,
-        candidate_recent,
-        recent_y,
-        tolerance,
-        z,
-        candidate_trusted,
-    )
-    return why if holds else None
 
 
 def _quant_fields(candidate: nn.Module, trusted: Holdout, precision: str) -> dict:

@@ -864,11 +864,12 @@ class FederatedRun:
         }
         if summary.quarantined:  # fltrust: sites its trust kept at 0, rounds in a row
             tags["fed_quarantined"] = ",".join(str(q["site"]) for q in summary.quarantined)
+        server_lr, server_momentum = o.server_step()
         params = {
             "fed_strategy": o.strategy,
             "fed_dp_clipping": o.clipping,
-            "fed_server_lr": o.server_step()[0],
-            "fed_server_momentum": o.server_step()[1],
+            "fed_server_lr": server_lr,
+            "fed_server_momentum": server_momentum,
             "fed_average_last": o.averaged_rounds(),
             "fed_noise_multiplier": o.noise_multiplier,
             "fed_clip_norm": o.clip,
