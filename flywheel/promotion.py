@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+from typing import Literal
 
 from flywheel.events import ModelEvent, utcnow
 from flywheel.kafka_security import kafka_python_options
@@ -24,6 +25,34 @@ def default_actor() -> str:
         return getpass.getuser()
     except Exception:  # no user database entry (containers)
         return "unknown"
+
+
+def _announced(
+    kafka: KafkaSettings,
+    registry: Registry,
+    *,
+    kind: Literal["promoted", "rolled_back", "role_changed"],
+    version: ModelVersion | str,
+    previous: ModelVersion | None,
+    reason: str,
+    actor: str,
+    notify: bool,
+    role: str | None = None,
+) -> ModelEvent:
+    """The model event of one registry move, announced unless the caller will (`notify`)."""
+    event = ModelEvent(
+        kind=kind,
+        model_name=registry.name,
+        version=version,
+        previous_version=previous,
+        reason=reason,
+        actor=actor,
+        timestamp=utcnow(),
+        role=role,
+    )
+    if notify:
+        announce(kafka, event)
+    return event
 
 
 def promote(
@@ -55,17 +84,10 @@ def promote(
     """
     actor = actor or default_actor()
     previous = registry.promote(version, reason=reason, actor=actor, gate=gate)
-    event = ModelEvent(
-        kind="promoted",
-        model_name=registry.name,
-        version=version,
-        previous_version=previous,
-        reason=reason,
-        actor=actor,
-        timestamp=utcnow(),
-    )
-    if notify:
-        announce(kafka, event)
+    event = _announced(
+        kafka, registry, kind="promoted", version=version, previous=previous,
+        reason=reason, actor=actor, notify=notify,
+    )  # fmt: skip
     log.info("promoted %s v%s (was v%s): %s", registry.name, version, previous, reason)
     if guard and previous is not None and previous != version:
         _set_guard(kafka, registry, previous, version, actor=actor, notify=notify)
@@ -102,17 +124,10 @@ def rollback(
     """Move the champion back to the previous one and announce it (see `promote`)."""
     actor = actor or default_actor()
     current, target = registry.rollback(reason=reason, actor=actor)
-    event = ModelEvent(
-        kind="rolled_back",
-        model_name=registry.name,
-        version=target,
-        previous_version=current,
-        reason=reason,
-        actor=actor,
-        timestamp=utcnow(),
-    )
-    if notify:
-        announce(kafka, event)
+    event = _announced(
+        kafka, registry, kind="rolled_back", version=target, previous=current,
+        reason=reason, actor=actor, notify=notify,
+    )  # fmt: skip
     log.info("rolled %s back from v%s to v%s: %s", registry.name, current, target, reason)
     return event
 
@@ -141,18 +156,10 @@ def set_role(
             "(a live role is compared with the champion)"
         )
     previous = registry.set_role(version, role, reason=reason, actor=actor, gate=gate)
-    event = ModelEvent(
-        kind="role_changed",
-        model_name=registry.name,
-        version=version,
-        previous_version=previous,
-        reason=reason,
-        actor=actor,
-        timestamp=utcnow(),
-        role=role,
-    )
-    if notify:
-        announce(kafka, event)
+    event = _announced(
+        kafka, registry, kind="role_changed", version=version, previous=previous,
+        reason=reason, actor=actor, notify=notify, role=role,
+    )  # fmt: skip
     log.info("%s v%s is the %s (was v%s): %s", registry.name, version, role, previous, reason)
     return event
 
@@ -172,18 +179,10 @@ def clear_role(
     previous = registry.clear_role(role, reason=reason, actor=actor)
     if previous is None:
         return None
-    event = ModelEvent(
-        kind="role_changed",
-        model_name=registry.name,
-        version="none",
-        previous_version=previous,
-        reason=reason,
-        actor=actor,
-        timestamp=utcnow(),
-        role=role,
-    )
-    if notify:
-        announce(kafka, event)
+    event = _announced(
+        kafka, registry, kind="role_changed", version="none", previous=previous,
+        reason=reason, actor=actor, notify=notify, role=role,
+    )  # fmt: skip
     log.info("%s v%s is no longer the %s: %s", registry.name, previous, role, reason)
     return event
 
