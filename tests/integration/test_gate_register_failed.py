@@ -9,37 +9,11 @@ import pytest
 from flywheel.learner import LearnerConfig, OnlineLearner, ensure_champion
 from flywheel.registry import Registry
 from flywheel.settings import Settings
-from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
 from flywheel.store import upgrade as upgrade_store
-from flywheel.streams import drift_concept
+from tests.examples import add_drift_examples
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
-
-
-def _add_examples(url: str, n: int, start: int) -> None:
-    x, labels = drift_concept(7).sample(n, sample_seed=start)
-    engine = make_engine(url)
-    with session_factory(engine).begin() as session:
-        insert_ignoring_duplicates(
-            session,
-            Example,
-            [
-                {
-                    "dedup_key": f"t:{start + i}",
-                    "origin": "correction",
-                    "features": row.tolist(),
-                    "label": label,
-                    "weight": 1.0,
-                    "split": "train",
-                    "source": f"user-{start + i}",
-                    "parent_prediction_id": f"p{start + i}",
-                    "error_type": "confident",
-                }
-                for i, (row, label) in enumerate(zip(x, labels, strict=True))
-            ],
-        )
-    engine.dispose()
 
 
 @pytest.mark.parametrize("register_failed", [False, True])
@@ -63,9 +37,9 @@ def test_rejected_candidates_are_registered_only_when_asked(settings: Settings, 
     learner = OnlineLearner(LearnerConfig.of(s), registry)
     learner.start()
     try:
-        _add_examples(url, 50, 0)
+        add_drift_examples(url, 50, 0)
         first = learner.step()
-        _add_examples(url, 50, 1000)
+        add_drift_examples(url, 50, 1000)
         second = learner.step()
     finally:
         learner.lease.release()

@@ -9,7 +9,6 @@ step in progress: nothing of it is published and the lease is let go at once.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,16 +24,13 @@ from flywheel.privacy import PrivacyLedger, epsilon
 from flywheel.registry import Registry
 from flywheel.settings import Settings
 from flywheel.store import (
-    Example,
     LeaseLost,
     LeaseTable,
-    insert_ignoring_duplicates,
     make_engine,
-    session_factory,
 )
 from flywheel.store import upgrade as upgrade_store
-from flywheel.streams import drift_concept
 from tests.deadlines import deadline
+from tests.examples import LEARNER_ENV, add_drift_examples, learner_env
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
@@ -64,57 +60,20 @@ def _settings(settings: Settings, url: str, **extra: object) -> Settings:
     return s
 
 
-def add(url: str, n: int, start: int, *, split: str = "train") -> None:
+def add_recurring(url: str, n: int, start: int, *, split: str = "train") -> None:
     """n examples; even ones from 20 recurring sources (they run into the budget), odd ones
     each from a source of its own."""
-    x, labels = drift_concept(7).sample(n, sample_seed=start)
-    engine = make_engine(url)
-    with session_factory(engine).begin() as session:
-        insert_ignoring_duplicates(
-            session,
-            Example,
-            [
-                {
-                    "dedup_key": f"t:{start + i}",
-                    "origin": "correction",
-                    "features": row.tolist(),
-                    "label": label,
-                    "weight": 1.0,
-                    "split": split,
-                    "source": f"user-{i % 20}" if i % 2 == 0 else f"solo-{start + i}",
-                    "parent_prediction_id": f"p{start + i}",
-                    "error_type": "confident",
-                }
-                for i, (row, label) in enumerate(zip(x, labels, strict=True))
-            ],
-        )
-    engine.dispose()
+    add_drift_examples(
+        url, n, start, split=split,
+        source=lambda i: f"user-{i % 20}" if i % 2 == 0 else f"solo-{start + i}",
+    )  # fmt: skip
 
 
 def _env(s: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    for name in (
-        "home",
-        "kafka_bootstrap",
-        "database_url",
-        "topic_predictions",
-        "topic_corrections",
-        "topic_model_events",
-        "topic_deadletter",
-        "seed_examples",
-        "learn_batch",
-        "learn_cursor_grace_s",
-        "gate_min_holdout",
-        "learn_lease_s",
-        "learn_lease_renew_s",
-        "privacy_source_updates",
-        "privacy_max_per_source",
-        "privacy_unit_batch",
-    ):
-        env[f"FLYWHEEL_{name.upper()}"] = str(getattr(s, name))
-    env["FLYWHEEL_LEARN_POLL_S"] = "0.2"
-    env.update(extra)
-    return env
+    return learner_env(
+        s, (*LEARNER_ENV, "privacy_source_updates", "privacy_max_per_source", "privacy_unit_batch"),
+        **extra,
+    )  # fmt: skip
 
 
 def _start(s: Settings, log: Path, **extra: str) -> subprocess.Popen:
@@ -186,8 +145,8 @@ def test_a_second_learner_stands_by_and_takes_over_when_the_first_is_killed(
 ):
     s = _settings(settings, pg_url, privacy_source_updates=3, privacy_max_per_source=2)
     lineage = f"{s.model_name}:online"
-    add(pg_url, 30, 100_000, split="holdout")
-    add(pg_url, 100, 0)
+    add_recurring(pg_url, 30, 100_000, split="holdout")
+    add_recurring(pg_url, 100, 0)
     lease_engine = make_engine(pg_url)
     table = LeaseTable(lease_engine, ttl_s=LEASE_S)
     watch = CursorWatch(pg_url, lineage)
@@ -199,7 +158,7 @@ def test_a_second_learner_stands_by_and_takes_over_when_the_first_is_killed(
     def feed() -> None:  # examples keep arriving, as from the feedback worker
         start = 1_000
         while not feeding.wait(0.7):
-            add(pg_url, 50, start)
+            add_recurring(pg_url, 50, start)
             start += 50
 
     feeder = threading.Thread(target=feed, daemon=True)
@@ -269,8 +228,8 @@ def test_sigterm_abandons_a_step_in_progress_and_lets_the_lease_go(settings, pg_
     # 1000 gradient steps per update: a step lasts long enough to be stopped in the middle
     s = _settings(settings, pg_url, learn_steps=1000)
     lineage = f"{s.model_name}:online"
-    add(pg_url, 30, 100_000, split="holdout")
-    add(pg_url, 50, 0)
+    add_recurring(pg_url, 30, 100_000, split="holdout")
+    add_recurring(pg_url, 50, 0)
     ledger = PrivacyLedger(make_engine(pg_url))
     table = LeaseTable(make_engine(pg_url), ttl_s=LEASE_S)
     log = tmp_path / "learn.log"
@@ -315,7 +274,7 @@ def test_sigterm_abandons_a_step_in_progress_and_lets_the_lease_go(settings, pg_
 
 def test_a_second_in_process_learner_cannot_step_while_the_first_runs(settings, sqlite_url):
     s = _settings(settings, sqlite_url, privacy_enabled=False)
-    add(sqlite_url, 30, 100_000, split="holdout")
+    add_recurring(sqlite_url, 30, 100_000, split="holdout")
     first = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     stop = threading.Event()
     runner = threading.Thread(target=first.run, args=(stop,), daemon=True)
@@ -324,7 +283,7 @@ def test_a_second_in_process_learner_cannot_step_while_the_first_runs(settings, 
         table = LeaseTable(make_engine(sqlite_url), ttl_s=LEASE_S)
         _wait(lambda: first.lease.held, 60, "the first holds the lease")
         second = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
-        add(sqlite_url, 50, 0)
+        add_recurring(sqlite_url, 50, 0)
         t0 = time.monotonic()
         with pytest.raises(LeaseLost, match="one learner per lineage"):
             second.step()  # waits as a standby, about twice the lease, then gives up
@@ -348,14 +307,14 @@ def test_two_in_process_learners_taking_turns_never_train_an_example_twice(setti
     under a new token and reads the state again, so the turns continue one line of
     versions, on SQLite."""
     s = _settings(settings, sqlite_url, learn_lease_s=1.0, learn_lease_renew_s=0.2)
-    add(sqlite_url, 30, 100_000, split="holdout")
+    add_recurring(sqlite_url, 30, 100_000, split="holdout")
     a = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     b = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     ledger = PrivacyLedger(make_engine(sqlite_url))
     reader_engine = make_engine(sqlite_url)
     tokens, cursors, candidates = [], [], []
     for turn, learner in enumerate([a, b, a, b]):
-        add(sqlite_url, 50, 1_000 * (turn + 1))
+        add_recurring(sqlite_url, 50, 1_000 * (turn + 1))
         time.sleep(1.2)  # the other one's lease runs out (it does not renew in between)
         candidate = learner.step()
         assert candidate is not None, f"turn {turn}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,10 +15,10 @@ from sqlalchemy import text, update
 from flywheel.learner import LearnerConfig, OnlineLearner, ensure_champion
 from flywheel.registry import Registry
 from flywheel.settings import Settings
-from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
+from flywheel.store import Example, make_engine, session_factory
 from flywheel.store import upgrade as upgrade_store
-from flywheel.streams import drift_concept
 from tests.deadlines import deadline
+from tests.examples import add_drift_examples, learner_env
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
@@ -42,31 +41,6 @@ def s(settings: Settings, pg_url: str) -> Settings:
     return s
 
 
-def add_examples(url: str, n: int, start: int, split: str = "train") -> None:
-    x, labels = drift_concept(7).sample(n, sample_seed=start)
-    engine = make_engine(url)
-    with session_factory(engine).begin() as session:
-        insert_ignoring_duplicates(
-            session,
-            Example,
-            [
-                {
-                    "dedup_key": f"t:{start + i}",
-                    "origin": "correction",
-                    "features": row.tolist(),
-                    "label": label,
-                    "weight": 1.0,
-                    "split": split,
-                    "source": f"user-{start + i}",
-                    "parent_prediction_id": f"p{start + i}",
-                    "error_type": "confident",
-                }
-                for i, (row, label) in enumerate(zip(x, labels, strict=True))
-            ],
-        )
-    engine.dispose()
-
-
 def trained_ranges(s: Settings) -> list[tuple[int, int]]:
     """(first, last) example id of every online candidate, oldest first."""
     out = []
@@ -76,33 +50,11 @@ def trained_ranges(s: Settings) -> list[tuple[int, int]]:
     return out
 
 
-def env_for(s: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    for name in (
-        "home",
-        "kafka_bootstrap",
-        "database_url",
-        "topic_predictions",
-        "topic_corrections",
-        "topic_model_events",
-        "topic_deadletter",
-        "seed_examples",
-        "learn_batch",
-        "learn_cursor_grace_s",
-        "gate_min_holdout",
-        "learn_lease_s",
-        "learn_lease_renew_s",
-    ):
-        env[f"FLYWHEEL_{name.upper()}"] = str(getattr(s, name))
-    env["FLYWHEEL_LEARN_POLL_S"] = "0.2"
-    return env
-
-
 def test_killed_learner_resumes_at_its_cursor_without_retraining(s):
-    add_examples(s.database_url, 120, 0)
-    add_examples(s.database_url, 30, 10_000, split="holdout")
+    add_drift_examples(s.database_url, 120, 0)
+    add_drift_examples(s.database_url, 30, 10_000, split="holdout")
     proc = subprocess.Popen(
-        [FLYWHEEL, "learn"], env=env_for(s), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [FLYWHEEL, "learn"], env=learner_env(s), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         until = time.monotonic() + deadline(90)
@@ -115,10 +67,10 @@ def test_killed_learner_resumes_at_its_cursor_without_retraining(s):
     finally:
         if proc.poll() is None:
             proc.kill()
-    add_examples(s.database_url, 100, 20_000)
+    add_drift_examples(s.database_url, 100, 20_000)
     r = subprocess.run(
         [FLYWHEEL, "learn", "--once"],
-        env=env_for(s),
+        env=learner_env(s),
         capture_output=True,
         text=True,
         timeout=deadline(120),
@@ -151,7 +103,7 @@ def _ids(url: str, split: str) -> list[int]:
 
 
 def test_a_crash_between_registering_and_saving_the_cursor_adopts_the_version(s, monkeypatch):
-    add_examples(s.database_url, 50, 0)
+    add_drift_examples(s.database_url, 50, 0)
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
 
@@ -163,7 +115,7 @@ def test_a_crash_between_registering_and_saving_the_cursor_adopts_the_version(s,
         learner.step()
     [registered] = trained_ranges(s)
     monkeypatch.undo()
-    add_examples(s.database_url, 50, 5000)
+    add_drift_examples(s.database_url, 50, 5000)
     again = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     candidate = again.step()
     assert candidate is not None and candidate.first_id > registered[1]
@@ -183,8 +135,8 @@ def test_examples_committed_late_and_released_from_quarantine_are_not_skipped(s)
             "VALUES ('late', 'correction', '[0,0,0,0,0,0,0,0]', 'class_0', 1.0, 'train')"
         )
     )
-    add_examples(s.database_url, 1, 0)
-    add_examples(s.database_url, 1, 1, split="quarantine")
+    add_drift_examples(s.database_url, 1, 0)
+    add_drift_examples(s.database_url, 1, 1, split="quarantine")
     first = learner.step()
     tx.commit()
     slow.close()
@@ -205,8 +157,8 @@ def test_released_examples_beyond_one_batch_wait_for_the_next_update(s):
     s = s.model_copy(update={"learn_batch": 2, "learn_cursor_grace_s": 60.0})
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
-    add_examples(s.database_url, 3, 0, split="quarantine")
-    add_examples(s.database_url, 2, 100)
+    add_drift_examples(s.database_url, 3, 0, split="quarantine")
+    add_drift_examples(s.database_url, 2, 100)
     first = learner.step()
     assert first.examples == 2  # the two train rows; the three are held
     engine = make_engine(s.database_url)
@@ -215,7 +167,7 @@ def test_released_examples_beyond_one_batch_wait_for_the_next_update(s):
     engine.dispose()
     two_released = learner.step()
     assert two_released.examples == 2 and learner.step() is None  # one released left over
-    add_examples(s.database_url, 1, 200)
+    add_drift_examples(s.database_url, 1, 200)
     last = learner.step()
     assert last is not None and last.examples == 2
     # the left-over released example (ids below the first train rows') is in it
@@ -246,8 +198,8 @@ def test_a_restart_after_an_error_drift_replays_only_examples_since_it(s, error_
     from flywheel.learner.cursor import CursorState
 
     s = s.model_copy(update={"privacy_enabled": False})
-    add_examples(s.database_url, 100, 0)
-    add_examples(s.database_url, 100, 30_000)
+    add_drift_examples(s.database_url, 100, 0)
+    add_drift_examples(s.database_url, 100, 30_000)
     ids = _ids(s.database_url, "train")
     cut = ids[100]
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))

@@ -18,10 +18,10 @@ from flywheel.learner import LearnerConfig, OnlineLearner, ensure_champion
 from flywheel.privacy import PrivacyLedger, epsilon
 from flywheel.registry import Registry
 from flywheel.settings import Settings
-from flywheel.store import Example, insert_ignoring_duplicates, make_engine, session_factory
+from flywheel.store import make_engine
 from flywheel.store import upgrade as upgrade_store
-from flywheel.streams import drift_concept
 from tests.deadlines import deadline
+from tests.examples import add_drift_examples
 from tests.trusted import write_synthetic_trusted
 
 pytestmark = pytest.mark.integration
@@ -50,32 +50,6 @@ def _settings(settings: Settings, url: str, **extra: object) -> Settings:
     return s
 
 
-def add(url: str, n: int, start: int, *, split: str = "train", source: str | None = None) -> None:
-    """n drift-concept examples; each from its own source unless `source` is given."""
-    x, labels = drift_concept(7).sample(n, sample_seed=start)
-    engine = make_engine(url)
-    with session_factory(engine).begin() as session:
-        insert_ignoring_duplicates(
-            session,
-            Example,
-            [
-                {
-                    "dedup_key": f"t:{start + i}",
-                    "origin": "correction",
-                    "features": row.tolist(),
-                    "label": label,
-                    "weight": 1.0,
-                    "split": split,
-                    "source": source or f"user-{start + i}",
-                    "parent_prediction_id": f"p{start + i}",
-                    "error_type": "confident",
-                }
-                for i, (row, label) in enumerate(zip(x, labels, strict=True))
-            ],
-        )
-    engine.dispose()
-
-
 def _env(s: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update(
@@ -88,12 +62,12 @@ def _env(s: Settings) -> dict[str, str]:
 
 def test_every_version_carries_the_epsilon_its_ledger_entry_records(settings, db_url, tmp_path):
     s = _settings(settings, db_url)
-    add(db_url, 30, 10_000, split="holdout")
-    add(db_url, 50, 0)
+    add_drift_examples(db_url, 30, 10_000, split="holdout")
+    add_drift_examples(db_url, 50, 0)
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     first = learner.step()
-    add(db_url, 10, 200, source="heavy")  # one source with 10 examples in update 2
-    add(db_url, 49, 100)  # with "heavy", the 50 privacy units a DP update waits for
+    add_drift_examples(db_url, 10, 200, source="heavy")  # one source with 10 examples in update 2
+    add_drift_examples(db_url, 49, 100)  # with "heavy", the 50 privacy units a DP update waits for
     second = learner.step()
     assert first is not None and second is not None
     ledger = PrivacyLedger(make_engine(db_url))
@@ -135,8 +109,8 @@ def test_dp_ftrl_versions_carry_their_tree_and_the_cost_of_privacy(settings, sql
     name the mechanism and compare it with the same run without DP, and the privacy
     report shows the tree."""
     s = _settings(settings, sqlite_url, privacy_mechanism="dp-ftrl")
-    add(sqlite_url, 30, 10_000, split="holdout")
-    add(sqlite_url, 50, 0)
+    add_drift_examples(sqlite_url, 30, 10_000, split="holdout")
+    add_drift_examples(sqlite_url, 50, 0)
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     first = learner.step()
     assert first is not None and first.privacy is not None
@@ -175,8 +149,8 @@ def test_dp_ftrl_versions_carry_their_tree_and_the_cost_of_privacy(settings, sql
 
 def test_an_update_over_budget_is_refused_before_any_training(settings, sqlite_url, caplog):
     s = _settings(settings, sqlite_url, privacy_noise_multiplier=0.05)  # one update: ε >> 3
-    add(sqlite_url, 10, 10_000, split="holdout")
-    add(sqlite_url, 60, 0)
+    add_drift_examples(sqlite_url, 10, 10_000, split="holdout")
+    add_drift_examples(sqlite_url, 60, 0)
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
     before = [p.detach().clone() for p in learner._trainer.module.parameters()]
@@ -193,9 +167,9 @@ def test_an_update_over_budget_is_refused_before_any_training(settings, sqlite_u
 
 def test_sources_out_of_budget_are_left_out_and_capped_per_update(settings, pg_url):
     s = _settings(settings, pg_url, privacy_source_updates=1, privacy_max_per_source=4)
-    add(pg_url, 10, 10_000, split="holdout")
-    add(pg_url, 6, 300, source="big")  # 6 examples, capped to 4
-    add(pg_url, 49, 0)  # with "big": the 50 privacy units a DP update waits for
+    add_drift_examples(pg_url, 10, 10_000, split="holdout")
+    add_drift_examples(pg_url, 6, 300, source="big")  # 6 examples, capped to 4
+    add_drift_examples(pg_url, 49, 0)  # with "big": the 50 privacy units a DP update waits for
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     learner.start()
     assert learner.step() is not None
@@ -203,8 +177,8 @@ def test_sources_out_of_budget_are_left_out_and_capped_per_update(settings, pg_u
     (entry,) = ledger.entries(learner.lineage)
     assert entry.capped_examples == 2 and entry.examples == 49 + 4
     # a second update with "big" again: one update is all a source may join here
-    add(pg_url, 5, 500, source="big")
-    add(pg_url, 49, 400)
+    add_drift_examples(pg_url, 5, 500, source="big")
+    add_drift_examples(pg_url, 49, 400)
     assert learner.step() is not None
     second = ledger.entries(learner.lineage)[1]
     assert second.excluded_examples == 4 and second.examples == 49
@@ -221,18 +195,18 @@ def test_a_dp_update_waits_for_privacy_units_not_rows_and_no_longer_than_its_cap
     clips one gradient per unit, so 6 units are 6 signals against the same noise), 104 rows
     holding 50 units train; 4 busy units fill 4 x 50 rows and train anyway (capped wait)."""
     s = _settings(settings, sqlite_url)
-    add(sqlite_url, 10, 10_000, split="holdout")
+    add_drift_examples(sqlite_url, 10, 10_000, split="holdout")
     for k in range(6):
-        add(sqlite_url, 10, 100 * k, source=f"heavy-{k}")
+        add_drift_examples(sqlite_url, 10, 100 * k, source=f"heavy-{k}")
     learner = OnlineLearner(LearnerConfig.of(s), Registry.of(s))
     assert learner.step() is None  # 60 rows, 6 units: waits
-    add(sqlite_url, 44, 1_000)
+    add_drift_examples(sqlite_url, 44, 1_000)
     assert learner.step() is not None
     ledger = PrivacyLedger(make_engine(sqlite_url))
     (entry,) = ledger.entries(learner.lineage)
     assert (entry.sources, entry.examples) == (50, 104)
     for k in range(4):
-        add(sqlite_url, 50, 2_000 + 100 * k, source=f"busy-{k}")
+        add_drift_examples(sqlite_url, 50, 2_000 + 100 * k, source=f"busy-{k}")
     assert learner.step() is not None  # 200 rows from 4 units: the wait is capped
     second = ledger.entries(learner.lineage)[1]
     per_unit = s.privacy_max_per_source
@@ -247,7 +221,7 @@ def test_flywheel_learn_logs_the_refusal_and_counts_it_on_metrics(settings, sqli
     import httpx
 
     s = _settings(settings, sqlite_url)
-    add(sqlite_url, 60, 0)
+    add_drift_examples(sqlite_url, 60, 0)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
