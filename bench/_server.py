@@ -149,16 +149,8 @@ def build_app(
         for i, role in enumerate(live, start=2)
     }
     holder.swap_set(ServedSet(champion, **roles))
-    import os
-
-    loop_linger = os.environ.get("BENCH_LOOP_LINGER_MS")  # candidate: produce from the loop
     event_log = (
-        kafka_event_log(
-            settings.kafka,
-            settings.event_log,
-            settings.state,
-            float(loop_linger) if loop_linger else None,
-        )
+        kafka_event_log(settings.kafka, settings.event_log, settings.state)
         if logging_on
         else cast("EventLog", DiscardEventLog())
     )

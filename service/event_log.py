@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from flywheel.chatter import outage_over
-from flywheel.service.loop_sender import AsyncSink, LoopSender
 from flywheel.service.spool import Record, Spool
 
 __all__ = ["EventLog", "EventLogStats", "NotDurable", "Sink"]
@@ -86,7 +85,6 @@ class EventLog:
         retry_s: float = 1.0,
         linger_s: float = 0.0,
         durable_linger_s: float = 0.0,
-        loop_sink_factory: Callable[[], AsyncSink] | None = None,
     ) -> None:
         self._sink_factory = sink_factory
         self._sink: Sink | None = None
@@ -111,19 +109,6 @@ class EventLog:
         self._handled = 0
         self._waiters: deque[tuple[int, int, Waiter]] = deque()
         self._lost: list[tuple[int, int]] = []
-        # durable records produced from the event loop itself (`LoopSender`), when given
-        self._loop_sender = (
-            LoopSender(
-                loop_sink_factory,
-                self._spool_refused,
-                self.stats,
-                _finish,
-                NotDurable,
-                retry_s=retry_s,
-            )
-            if loop_sink_factory is not None
-            else None
-        )
 
     # -- request path -------------------------------------------------------------------
     def log(self, topic: str, key: str, value: bytes) -> None:
@@ -147,23 +132,9 @@ class EventLog:
         """`log_durable` for the running event loop: an asyncio future it can await,
         completed on that loop (one wake-up per sender batch for all its requests)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        sender = self._loop_sender
-        if (
-            sender is not None
-            and self.connected
-            and not self.spool.pending  # replay first: new records queue behind the spool
-            and sender.submit(records, future)
-        ):
-            return future
         if not self._enqueue(records, future):
             future.set_result(None)
         return future
-
-    def _spool_refused(self, records: list[Record]) -> None:
-        """What Kafka refused on the loop sender's producer goes to the spool, replayed
-        by the sender thread."""
-        self.spool.append(records)
-        self.stats.spooled += len(records)
 
     def spool_directly(self, records: list[Record]) -> None:
         """Append `records` to the spool now (fsynced as the spool is set): what a request
@@ -203,26 +174,16 @@ class EventLog:
         return self._queue.qsize()
 
     @property
-    def loop_producing(self) -> bool:
-        """Whether durable requests on an event loop are produced from that loop now
-        (`LoopSender`), rather than queued for the sender thread."""
-        return self._loop_sender is not None and self._loop_sender.available and self.connected
-
-    @property
     def running(self) -> bool:
         return self._thread.is_alive()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> EventLog:
         self._thread.start()
-        if self._loop_sender is not None:
-            self._loop_sender.start()
         return self
 
     def close(self, timeout_s: float | None = None) -> None:
         """Deliver or spool everything queued, then stop. Nothing stays only in memory."""
-        if self._loop_sender is not None:  # its refused records spool before the spool closes
-            self._loop_sender.close(timeout_s if timeout_s is not None else self._timeout_s)
         self._stop.set()
         self._wake.set()
         if self._thread.ident is not None:  # started (a never-started log just spools)
@@ -238,11 +199,7 @@ class EventLog:
         """True once the queue is empty, nothing is in flight and the spool is empty."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if (
-                self._queue.unfinished_tasks == 0
-                and self.spool.pending == 0
-                and (self._loop_sender is None or self._loop_sender.in_flight == 0)
-            ):
+            if self._queue.unfinished_tasks == 0 and self.spool.pending == 0:
                 return True
             time.sleep(0.02)
         return False
@@ -455,14 +412,7 @@ def _finish(outcomes: list[Outcome]) -> None:
             by_loop.setdefault(future.get_loop(), []).append((future, error))
         else:
             _complete(future, error)
-    try:
-        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:  # the sender thread: no loop of its own
-        running = None
     for loop, items in by_loop.items():
-        if loop is running:  # called on that loop (the loop sender): no hand-off needed
-            _complete_all(items)
-            continue
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(_complete_all, items)
 

@@ -73,30 +73,6 @@ class KafkaSink:
         self._producer.flush(timeout_s)
         return acked
 
-    # -- the loop sender's side (flywheel.service.loop_sender.AsyncSink) ---------------------
-    def produce(self, record: Record, on_delivery: Callable[[object, object], None]) -> None:
-        """Queue one record for librdkafka's threads; `on_delivery(err, msg)` runs inside a
-        later `poll()`. Raises BufferError when librdkafka's queue is full."""
-        self._producer.produce(
-            record.topic,
-            value=record.value,
-            key=record.key,
-            headers=list(record.headers) or None,
-            on_delivery=on_delivery,
-        )
-
-    def poll(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for delivery reports and run their callbacks."""
-        return int(self._producer.poll(timeout_s))
-
-    def in_flight(self) -> int:
-        """Records produced whose delivery report has not been served yet."""
-        return len(self._producer)
-
-    def abort(self) -> None:
-        """Purge everything queued or in flight: each is reported failed on the next poll."""
-        self._producer.purge(in_queue=True, in_flight=True)
-
     def close(self) -> None:
         """Drop what is still queued: the event log has spooled it and will resend it."""
         try:

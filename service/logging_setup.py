@@ -12,10 +12,7 @@ from flywheel.settings import EventLogSettings, KafkaSettings, StateSettings
 
 
 def kafka_event_log(
-    kafka: KafkaSettings,
-    event_log: EventLogSettings,
-    state: StateSettings,
-    loop_linger_ms: float | None = None,
+    kafka: KafkaSettings, event_log: EventLogSettings, state: StateSettings
 ) -> EventLog:
     """Sends to `kafka`, batched and bounded as `event_log` says, spooled under `state`'s home."""
     if not kafka.kafka_bootstrap:
@@ -34,12 +31,4 @@ def kafka_event_log(
         retry_s=event_log.spool_retry_s,
         linger_s=event_log.log_linger_ms / 1000.0,
         durable_linger_s=event_log.durable_linger_ms / 1000.0,
-        loop_sink_factory=None
-        if loop_linger_ms is None
-        else partial(
-            KafkaSink,
-            kafka.kafka_bootstrap,
-            kafka.kafka_timeout_s,
-            **(confluent_options(kafka) | {"linger.ms": loop_linger_ms}),
-        ),
     )
