@@ -325,6 +325,15 @@ class Blend(nn.Module):
             wrong = self.heads(x).argmax(2) != y[None]
             self.errors.add_(wrong.sum(1).to(self.errors.dtype))
 
+    def favoured(self) -> nn.Sequential:
+        """The head with fewer mistakes so far (the MLP on a tie); `errors` is not changed.
+
+        For federated DP training (`learner/federated/local.py`), which trains this head
+        alone but cannot commit: the site's update is the difference of the whole state,
+        `errors` included, so committing there would put a jump of `SKIP_ERRORS` into the
+        update the site clips and the server averages."""
+        return self.linear if bool(self.errors[1] < self.errors[0]) else self.mlp
+
     def commit(self) -> nn.Sequential:
         """Settle on the head with fewer mistakes (the MLP on a tie) and return it: the
         other is put `SKIP_ERRORS` mistakes behind, so the blend serves this head alone.
@@ -348,7 +357,7 @@ class Blend(nn.Module):
         >>> blend.commit() is blend.linear, blend.errors.tolist()
         (True, [17.0, 3.0])
         """
-        keep = int(self.errors[1] < self.errors[0])
+        keep = int(self.favoured() is self.linear)
         with torch.no_grad():
             floor = self.errors[keep] + SKIP_ERRORS
             self.errors[1 - keep] = torch.maximum(self.errors[1 - keep], floor)

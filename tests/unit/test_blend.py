@@ -166,3 +166,44 @@ def test_a_dp_update_trains_and_serves_only_the_favoured_head(
     with torch.no_grad():
         assert torch.equal(blend(x), trained(x).log_softmax(1))
     assert other is not trained
+
+
+@pytest.mark.parametrize(("errors", "kept"), [([2.0, 9.0], "mlp"), ([9.0, 2.0], "linear")])
+def test_federated_dp_training_trains_only_the_favoured_head(
+    errors: list[float], kept: str
+) -> None:
+    """A site's DP training of a Blend trains the head the blend favours alone (as a
+    central DP update does, `Blend.commit`), so all of the clip goes to it; the mixture
+    weights are part of the update the server averages, so the site leaves them as they
+    came. Without DP a site trains both heads, as the online learner does."""
+    from flywheel.learner.federated.local import SiteData, train_locally
+    from flywheel.privacy import Mechanism
+
+    torch.manual_seed(0)
+    blend = build_module(blended())
+    assert isinstance(blend, Blend)
+    x, y = rows(100, 6)
+    fit_input_scaling(blend, x)
+    blend.eval()
+    blend.errors.copy_(torch.tensor(errors))
+    assert blend.favoured() is (blend.mlp if kept == "mlp" else blend.linear)
+    data = SiteData(
+        x=x.numpy(),
+        y=y.numpy(),
+        w=np.ones(100, np.float32),
+        sources=np.arange(100),
+        contributors=tuple(f"u{i}" for i in range(100)),
+    )
+    before = {n: p.detach().clone() for n, p in blend.named_parameters()}
+    common = {"steps": 2, "lr": 0.05, "clip": 100.0, "max_grad_norm": 1.0, "seed": 0}
+    train_locally(blend, data, mechanism=Mechanism(0.5, 1.0, 4), **common)
+    moved = {n.split(".")[0] for n, p in blend.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {kept}
+    assert blend.errors.tolist() == errors  # not committed: the update carries no jump
+    plain = build_module(blended())
+    fit_input_scaling(plain, x)
+    plain.errors.copy_(torch.tensor(errors))
+    start = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    train_locally(plain, data, mechanism=None, **common)
+    moved = {n.split(".")[0] for n, p in plain.named_parameters() if not torch.equal(p, start[n])}
+    assert moved == {"mlp", "linear"}
