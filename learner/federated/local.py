@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from torch import nn
 
 from flywheel.learner.trainer import dp_engine
-from flywheel.modelspec import training_losses
+from flywheel.modelspec import Blend, training_losses
 from flywheel.privacy import Mechanism, PrivateBatch, dp_update
 
 
@@ -118,10 +118,15 @@ def train_locally(
     """
     started = time.perf_counter()
     base = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    # Under DP a Blend trains only the head it favours (`Blend.favoured`), as central DP
+    # updates do (`Blend.commit`): all of the per-example clip, and of the update's clip
+    # below, goes to that head and none of the noise to the other. Its mixture weights
+    # stay as they came (they are part of the update the server averages).
+    trained = module.favoured() if mechanism is not None and isinstance(module, Blend) else module
     # plain SGD: Adam would scale DP noise up to full-size steps on every coordinate, and
     # the server clips the update's norm, so noise would crowd the signal out
     optimizer = torch.optim.SGD(
-        [p for p in module.parameters() if p.requires_grad], lr=lr, momentum=0.9
+        [p for p in trained.parameters() if p.requires_grad], lr=lr, momentum=0.9
     )
     generator = torch.Generator().manual_seed(seed)
     px, py = (
@@ -138,7 +143,7 @@ def train_locally(
             public=np.concatenate([np.zeros(len(data), bool), np.ones(len(py), bool)]),
         )
         stats = dp_update(
-            module,
+            trained,
             optimizer,
             batch,
             steps=mechanism.steps,
