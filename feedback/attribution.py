@@ -293,25 +293,30 @@ def _store_scores(
     out.new_scores = len(created)
     old = [e for k, e in unique.items() if k not in created]
     if old:
-        stored = {
-            (s.prediction_id, s.model_version): s
-            for s in _stored_scores(session, {e.prediction_id for e in old})
-        }
+        stored = stored_score_contents(session, old)
         for e in old:
-            s = stored.get((e.prediction_id, e.model_version))
-            if s is None:
-                continue
-            first = {
-                "model_name": s.model_name,
-                "role": s.role,
-                "probabilities": s.probabilities,
-                "label": s.label,
-                "timestamp": s.created_at,
-            }
-            why = duplicate_reason(e, first, "is stored already")
+            first = stored.get((e.prediction_id, e.model_version))
+            why = None if first is None else duplicate_reason(e, first, "is stored already")
             if why is not None:
                 out.conflicts.append((e, why))
     return [e for k, e in unique.items() if k in created]
+
+
+def stored_score_contents(
+    session: Session, scores: Sequence[ScoreEvent]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """What the store holds of each of these scores, by (prediction id, version) and
+    `CONTENT`'s field names; a score it does not hold is absent."""
+    return {
+        (s.prediction_id, s.model_version): {
+            "model_name": s.model_name,
+            "role": s.role,
+            "probabilities": s.probabilities,
+            "label": s.label,
+            "timestamp": s.created_at,
+        }
+        for s in _stored_scores(session, {e.prediction_id for e in scores})
+    }
 
 
 def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:

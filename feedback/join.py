@@ -240,6 +240,19 @@ def conflicts_with_store(
     return out
 
 
+def stored_contents(
+    session: Session, events: Sequence[PredictionEvent | CorrectionEvent]
+) -> dict[str, dict[str, Any]]:
+    """What the store holds under each event's id, by `CONTENT`'s field names; an id it
+    does not hold is absent. One read per kind, only for these ids."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in (PredictionEvent, CorrectionEvent):
+        ids = [e.id for e in events if isinstance(e, kind)]
+        if ids:
+            out.update(_stored_content(session, kind, ids))
+    return out
+
+
 def _stored_content(session: Session, kind: type, ids: list[str]) -> dict[str, dict[str, Any]]:
     """What the store holds of each id, by `CONTENT`'s field names."""
     if kind is PredictionEvent:

@@ -322,6 +322,7 @@ class FeedbackWorker:
     def _decode_and_prepare(self, messages: list[Any], offsets: dict[Partition, int]) -> Batch:
         events: list[tuple[Any, Event]] = []
         rejected: list[Rejected] = []
+        doubtful: list[tuple[Rejected, Event]] = []
         kinds, keys = self._kinds, self.keys
         first: dict[tuple[type, str], Event] = {}  # by `identity`
         for m in messages:
@@ -352,11 +353,12 @@ class FeedbackWorker:
             earlier = first.setdefault((type(event), identity(event)), event)
             if earlier is not event:  # the store keeps the first; a redelivery is skipped
                 why = duplicate_reason(event, content_of(earlier), "came earlier in the batch")
-                if why is not None:
-                    rejected.append(Rejected(topic, partition, offset, m.key(), m.value(), why))
+                if why is not None:  # unless the store already held it: see `Batch.doubtful`
+                    letter = Rejected(topic, partition, offset, m.key(), m.value(), why)
+                    doubtful.append((letter, event))
                     continue
             events.append((m, event))
-        batch = Batch(events, rejected, offsets, len(messages))
+        batch = Batch(events, rejected, offsets, len(messages), doubtful=doubtful)
         batch.plan = self._prepare([e for _, e in events], batch)
         return batch
 

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from flywheel.events import CorrectionEvent, PredictionEvent, ScoreEvent
 from flywheel.feedback.join import JoinedPair
-from flywheel.feedback.messages import Rejected
+from flywheel.feedback.messages import Rejected, content_of, duplicate_reason
 from flywheel.feedback.observer import TimedAnalysis, WorkerObserver
 from flywheel.feedback.plan import Planner
 from flywheel.feedback.prediction_cache import PredictionCache
@@ -122,12 +122,21 @@ class Store:
         )
         self.offset = 0
 
-    def write(self, *events: Any) -> Batch:
+    def write(self, *events: Any, doubtful: tuple[tuple[Any, Any], ...] = ()) -> Batch:
+        """Store `events` as one batch; `doubtful`: (event, the batch's earlier one with its
+        identity) pairs the consumer thread held back, as `Batch.doubtful`."""
         messages = []
         for e in events:
             messages.append((Message(e, self.offset), e))
             self.offset += 1
-        batch = Batch(messages, [], {}, len(messages))
+        held = []
+        for e, earlier in doubtful:
+            why = duplicate_reason(e, content_of(earlier), "came earlier in the batch")
+            assert why is not None
+            m = Message(e, self.offset)
+            held.append((Rejected(m.topic(), 0, m.offset(), m.key(), m.value(), why), e))
+            self.offset += 1
+        batch = Batch(messages, [], {}, len(messages), doubtful=held)
         if self.planner is not None:
             batch.plan = self.planner.prepare(*by_kind(list(events)), batch)
         self.writer.store_batch(batch)
@@ -290,6 +299,27 @@ def test_a_conflicting_redelivered_score_is_dead_lettered(store):
     assert "probabilities" in letter.reason
     store.write(correction("p1"))
     assert store.outcomes()["p1", "2"].p_true == pytest.approx(0.2)  # the first is kept
+
+
+def test_a_redelivery_behind_a_conflicting_copy_in_its_batch_is_not_dead_lettered(store):
+    """The original stored by an earlier batch; then a conflicting copy and a plain
+    redelivery of the original share a batch, the copy first. Only the copy is a conflict:
+    the redelivery is what the store holds. Before, the consumer thread judged it against
+    the copy and dead-lettered it (seen once in CI, test_attribution_worker)."""
+    store.write(prediction("p1"), score("p1", p_yes=0.2), correction("p1", label="yes"))
+    copy, again = score("p1", p_yes=0.9), score("p1", p_yes=0.2)
+    other, resent = correction("p1", label="no"), correction("p1", label="yes")
+    store.write(copy, other, doubtful=((again, copy), (resent, other)))
+    reasons = sorted(letter.reason for letter in store.letters.sent)
+    assert len(reasons) == 2, reasons  # the copy and the other correction, nothing else
+    assert all("is stored already" in r for r in reasons), reasons
+    assert store.outcomes()["p1", "2"].p_true == pytest.approx(0.2)  # the first is kept
+    # a held-back event that differs from what the store holds keeps its letter: here the
+    # batch's first (p2 at 0.2) is what got stored
+    first, later = score("p2", p_yes=0.2), score("p2", p_yes=0.6)
+    store.write(prediction("p2"), first, doubtful=((later, first),))
+    [letter] = store.letters.sent[2:]
+    assert "came earlier in the batch" in letter.reason and "probabilities" in letter.reason
 
 
 def test_a_second_correction_with_another_label_changes_nothing(store):
