@@ -24,7 +24,9 @@ pytestmark = pytest.mark.integration
 
 def test_after_a_drift_a_promoted_version_is_served_and_beats_the_frozen_model(settings, pg_url):
     s = settings.model_copy(update={"database_url": pg_url, "port": 0})
-    config = DemoConfig(requests=3600, rate=120.0, batch=6, drift_at=0.25)
+    # the demo's default rate: at 120/s on a loaded CI machine the DP learner published too
+    # few candidates before the end (0.45 after the drift, once in CI; docs/privacy.md)
+    config = DemoConfig(requests=3600, rate=60.0, batch=6, drift_at=0.25)
     with embedded_stack(s) as s:
         registry = Registry.of(s)
         initial = registry.champion_version()
